@@ -1,0 +1,30 @@
+"""ds4mlx: DeepSeek V4 Flash on Apple Silicon with MLX.
+
+Importing the package stays light: heavy modules load on first use.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": ("ds4mlx.loader", "load"),
+    "ModelConfig": ("ds4mlx.config", "ModelConfig"),
+    "generate": ("ds4mlx.generate", "generate"),
+    "stream_generate": ("ds4mlx.generate", "stream_generate"),
+    "encode_messages": ("ds4mlx.chat", "encode_messages"),
+    "parse_completion": ("ds4mlx.chat", "parse_completion"),
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ds4mlx' has no attribute {name!r}")

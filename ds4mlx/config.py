@@ -1,0 +1,176 @@
+"""Model configuration, built from an HF ``config.json`` dict (GGUF metadata is mapped to one).
+
+Every field that shapes the graph is read from the file; library defaults (transformers,
+mlx-lm) are wrong for Flash (layer pattern, RoPE regime), so nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or inconsistent; the message names the key."""
+
+
+ATTENTION_RATIOS = (0, 4, 128)
+
+# Keys the graph cannot be built without.
+_REQUIRED = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+    "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window",
+    "compress_ratios", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "num_hash_layers",
+)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+    qk_rope_head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    sliding_window: int
+    compress_ratios: list[int]
+    n_routed_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    num_hash_layers: int
+    n_shared_experts: int = 1
+    num_key_value_heads: int = 1
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_scaling: dict[str, Any] | None = None
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
+    scoring_func: str = "sqrtsoftplus"
+    norm_topk_prob: bool = True
+    num_nextn_predict_layers: int = 0
+    max_position_embeddings: int = 1048576
+    bos_token_id: int = 0
+    eos_token_id: int | list[int] = 1
+    tie_word_embeddings: bool = False
+    # Routed experts per token actually used (file value unless overridden).
+    experts_per_token: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], *, experts_per_token: int | None = None,
+                source: str = "config.json") -> "ModelConfig":
+        model_type = d.get("model_type")
+        if model_type != "deepseek_v4":
+            raise ConfigError(
+                f"{source}: model_type is {model_type!r}, expected 'deepseek_v4' "
+                "(DeepSeek V4 Flash)"
+            )
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ConfigError(f"{source}: missing keys {missing}")
+        known = {f.name for f in fields(cls)} - {"extra", "experts_per_token"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        cfg = cls(**kwargs, extra=extra)
+        cfg.compress_ratios = [int(r) for r in cfg.compress_ratios]
+        cfg.experts_per_token = cfg.num_experts_per_tok
+        cfg.validate(source)
+        if experts_per_token is not None:
+            cfg.set_experts_per_token(experts_per_token, source)
+        return cfg
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **kw) -> "ModelConfig":
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no config.json in the model directory")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON ({e})") from None
+        return cls.from_hf(d, source=str(p), **kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "experts_per_token")}
+        d.update(self.extra)
+        d["model_type"] = "deepseek_v4"
+        return d
+
+    # ---------------------------------------------------------------- checks
+    def validate(self, source: str = "config") -> None:
+        def bad(key: str, why: str):
+            raise ConfigError(f"{source}: {key} {why}")
+
+        n_total = self.num_hidden_layers + self.num_nextn_predict_layers
+        if len(self.compress_ratios) < self.num_hidden_layers:
+            bad("compress_ratios", f"has {len(self.compress_ratios)} entries for "
+                f"{self.num_hidden_layers} layers")
+        if len(self.compress_ratios) < n_total:
+            # MTP layers are sliding-window only.
+            self.compress_ratios = self.compress_ratios + [0] * (n_total - len(self.compress_ratios))
+        for r in self.compress_ratios:
+            if r not in ATTENTION_RATIOS:
+                bad("compress_ratios", f"contains {r}; supported ratios are {ATTENTION_RATIOS}")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
+            bad("qk_rope_head_dim", f"= {self.qk_rope_head_dim} does not fit head_dim {self.head_dim}")
+        if self.num_attention_heads % self.o_groups:
+            bad("o_groups", f"= {self.o_groups} does not divide num_attention_heads")
+        if self.num_key_value_heads != 1:
+            bad("num_key_value_heads", "must be 1 (one shared KV head)")
+        if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+            bad("num_experts_per_tok", f"= {self.num_experts_per_tok} outside 1..{self.n_routed_experts}")
+        if self.scoring_func != "sqrtsoftplus":
+            bad("scoring_func", f"= {self.scoring_func!r}; only 'sqrtsoftplus' is supported")
+        if any(r > 0 for r in self.compress_ratios) and self.rope_scaling is None:
+            # Compressed layers use YaRN; a config without it would silently change the graph.
+            bad("rope_scaling", "is missing but compressed layers need the YaRN parameters")
+        if self.hc_mult < 1:
+            bad("hc_mult", "must be positive")
+
+    def set_experts_per_token(self, k: int, source: str = "config") -> None:
+        """Route to ``k`` experts. Hash layers then use the first k columns of ``tid2eid``,
+        which only has ``num_experts_per_tok`` columns, so k may not exceed the file's value
+        when the model has hash layers."""
+        k = int(k)
+        limit = self.num_experts_per_tok if self.num_hash_layers > 0 else self.n_routed_experts
+        if not 1 <= k <= limit:
+            raise ConfigError(
+                f"{source}: experts_per_token={k} not allowed; must be 1..{limit} "
+                f"(num_experts_per_tok={self.num_experts_per_tok}, tid2eid width of the hash layers)"
+            )
+        self.experts_per_token = k
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def num_mtp_layers(self) -> int:
+        return self.num_nextn_predict_layers
+
+    def ratio(self, layer: int) -> int:
+        return self.compress_ratios[layer]
+
+    def is_hash_layer(self, layer: int) -> bool:
+        # MTP blocks sit at ids >= num_hidden_layers and are never hashed.
+        return layer < min(self.num_hash_layers, self.num_hidden_layers)
+
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)

@@ -1,0 +1,177 @@
+"""Attention of DeepSeek V4: Q-LoRA queries against one shared 512-dim KV head (K = V).
+
+Each query attends, in one softmax with a per-head sink, to the raw KV rows of the last
+``sliding_window`` positions (itself included) and, in compressed layers, to compressed
+rows: all visible ones at ratio 128, the indexer's top-k at ratio 4. The RoPE part of the
+output is rotated back, then a grouped low-rank projection (wo_a per group, wo_b) mixes heads.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from ..state import LayerCache
+from . import qat
+from .compressor import Compressor, Indexer
+from .rope import apply_rope, layer_frequencies
+
+# Bound on the float32 score elements materialised per query block.
+_SCORE_BUDGET = 1 << 26
+
+
+def grouped_linear(layer: nn.Module, x: mx.array, groups: int) -> mx.array:
+    """Block-diagonal projection: group g of ``x`` [..., G, in] meets rows g·R..(g+1)·R of ``layer``."""
+    if hasattr(layer, "grouped"):
+        return layer.grouped(x, groups)
+    if isinstance(layer, nn.QuantizedLinear):
+        out_rows = layer.weight.shape[0] // groups
+        parts = []
+        for g in range(groups):
+            rows = slice(g * out_rows, (g + 1) * out_rows)
+            biases = None if layer.get("biases") is None else layer.biases[rows]
+            parts.append(mx.quantized_matmul(
+                x[..., g, :], layer.weight[rows], layer.scales[rows], biases,
+                transpose=True, group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+            ))
+        return mx.stack(parts, axis=-2)
+    w = layer.weight.reshape(groups, -1, layer.weight.shape[-1])  # [G, R, in]
+    return (mx.expand_dims(x, -2) @ mx.swapaxes(w, -1, -2)).squeeze(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.config = config
+        self.ratio = config.ratio(layer)
+        self.n_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.rope_dims = config.qk_rope_head_dim
+        self.window = config.sliding_window
+        self.groups = config.o_groups
+        self.eps = config.rms_norm_eps
+        d = config.hidden_size
+        self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False)
+        self.q_norm = nn.RMSNorm(config.q_lora_rank, eps=self.eps)
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(d, self.head_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
+        self.wo_a = nn.Linear(self.n_heads * self.head_dim // self.groups,
+                              self.groups * config.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(self.groups * config.o_lora_rank, d, bias=False)
+        self.attn_sink = mx.zeros((self.n_heads,))
+        if self.ratio:
+            self.compressor = Compressor(config, self.ratio, self.head_dim)
+        if self.ratio == 4:
+            self.indexer = Indexer(config, self.ratio)
+        self._freqs = layer_frequencies(config, self.ratio)
+        self.qat_rounding = True
+
+    # ------------------------------------------------------------------ rounding switches
+    def _kv_rounding(self):
+        if not self.qat_rounding:
+            return None
+        return lambda rows: qat.kv_fp8(rows, self.rope_dims)
+
+    def _index_rounding(self):
+        return qat.hadamard_fp4 if self.qat_rounding else None
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
+        b, s, _ = x.shape
+        p0 = cache.offset
+        positions = mx.arange(p0, p0 + s)
+        freqs = self._freqs
+
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim).astype(mx.float32)
+        q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
+        q = apply_rope(q, positions[:, None], freqs)
+
+        kv = self.kv_norm(self.wkv(x))
+        kv = apply_rope(kv, positions, freqs)
+        if self.qat_rounding:
+            kv = qat.kv_fp8(kv, self.rope_dims)
+
+        # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones.
+        n_prev = 0 if cache.window is None else cache.window.shape[1]
+        keys = kv if cache.window is None else mx.concatenate([cache.window, kv], axis=1)
+        cache.window = keys[:, -(self.window - 1):] if self.window > 1 else keys[:, :0]
+
+        comp = None
+        index_q = index_w = index_keys = None
+        if self.ratio:
+            self.compressor(x, p0, cache.compressor, freqs, self._kv_rounding())
+            comp = cache.compressor.rows
+        if self.ratio == 4:
+            self.indexer.compressor(x, p0, cache.indexer, freqs, self._index_rounding())
+            index_keys = cache.indexer.rows
+            if index_keys is not None:
+                index_q, index_w = self.indexer.queries(x, qr, positions, freqs, self._index_rounding())
+
+        n_comp = 0 if comp is None else comp.shape[1]
+        per_query = self.n_heads * (self.window + s) + self.n_heads * min(n_comp, self.config.index_topk) \
+            + self.config.index_n_heads * n_comp
+        block = max(1, min(s, _SCORE_BUDGET // max(per_query, 1)))
+        outs = []
+        for s0 in range(0, s, block):
+            s1 = min(s, s0 + block)
+            sl = slice(s0, s1)
+            outs.append(self._attend(
+                q[:, sl], positions[sl], p0 + s0, keys, p0 - n_prev, comp,
+                None if index_q is None else (index_q[:, sl], index_w[:, sl], index_keys),
+            ))
+        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+
+        o = apply_rope(o, positions[:, None], freqs, inverse=True)
+        o = o.astype(x.dtype).reshape(b, s, self.groups, -1)
+        u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
+        cache.offset = p0 + s
+        return self.wo_b(u)
+
+    def _attend(self, q, positions, t0: int, keys, key_start: int, comp, index):
+        """Queries q [B, s, H, d] at positions t0.. → outputs [B, s, H, d] float32."""
+        b, s, h, d = q.shape
+        scale = self.config.softmax_scale
+        t1 = t0 + s
+        # Raw window: keys at positions t-window+1 .. t.
+        j0 = max(0, t0 - self.window + 1 - key_start)
+        j1 = t1 - key_start
+        kw = keys[:, j0:j1].astype(mx.float32)
+        kpos = mx.arange(key_start + j0, key_start + j1)
+        rel = positions[:, None] - kpos[None, :]
+        wmask = (rel >= 0) & (rel < self.window)  # [s, Lw]
+        qf = q.reshape(b, s * h, d)
+        sw = (qf @ kw.swapaxes(-1, -2)).reshape(b, s, h, -1) * scale
+        sw = mx.where(wmask[:, None, :], sw, -mx.inf)
+        parts = [sw]
+
+        kc = None
+        if comp is not None and comp.shape[1] > 0:
+            if index is None:  # ratio 128: every visible row
+                kc = comp.astype(mx.float32)
+                sc = (qf @ kc.swapaxes(-1, -2)).reshape(b, s, h, -1) * scale
+                cmask = mx.arange(kc.shape[1])[None, :] < ((positions + 1) // self.ratio)[:, None]
+                sc = mx.where(cmask[:, None, :], sc, -mx.inf)
+            else:  # ratio 4: the indexer's choice per query
+                iq, iw, ikeys = index
+                idx, valid = self.indexer.select(iq, iw, ikeys, positions)
+                kc = mx.take_along_axis(
+                    mx.expand_dims(comp, 1), idx[..., None], axis=2
+                ).astype(mx.float32)  # [B, s, K, d]
+                sc = (q @ kc.swapaxes(-1, -2)) * scale  # [B, s, H, K]
+                sc = mx.where(valid[:, :, None, :], sc, -mx.inf)
+            parts.append(sc)
+
+        sink = mx.broadcast_to(self.attn_sink.astype(mx.float32)[:, None], (b, s, h, 1))
+        probs = mx.softmax(mx.concatenate(parts + [sink], axis=-1), axis=-1, precise=True)
+        lw = sw.shape[-1]
+        out = (probs[..., :lw].reshape(b, s * h, lw) @ kw).reshape(b, s, h, d)
+        if kc is not None:
+            pc = probs[..., lw:-1]
+            if kc.ndim == 3:
+                out = out + (pc.reshape(b, s * h, -1) @ kc).reshape(b, s, h, d)
+            else:
+                out = out + pc @ kc
+        return out

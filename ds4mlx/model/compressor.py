@@ -1,0 +1,132 @@
+"""Compressed attention rows (ratio 4 with overlapping windows, ratio 128) and the
+Lightning Indexer that picks, per query, the compressed rows a ratio-4 layer attends to.
+
+A compressor turns every ``r`` consecutive tokens into one row: per channel, a softmax over
+the tokens' gate scores (plus a learned bias per position mod r) weights their projected
+values. At ratio 4 each row pools 8 slots: the first halves of the previous window's tokens
+and the second halves of its own. Rows are normalised, rotated at position ``w·r`` and
+rounded like the raw KV. Row ``w`` becomes visible to the token that closes its window.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from ..state import CompressorState
+from .rope import apply_rope
+
+
+class Compressor(nn.Module):
+    def __init__(self, config: ModelConfig, ratio: int, dim: int):
+        super().__init__()
+        self.ratio = ratio
+        self.dim = dim
+        self.overlap = ratio == 4
+        width = (2 if self.overlap else 1) * dim
+        self.wkv = nn.Linear(config.hidden_size, width, bias=False)
+        self.wgate = nn.Linear(config.hidden_size, width, bias=False)
+        self.ape = mx.zeros((ratio, width))
+        self.norm = nn.RMSNorm(dim, eps=config.rms_norm_eps)
+
+    def __call__(
+        self,
+        x: mx.array,
+        offset: int,
+        state: CompressorState,
+        freqs: mx.array,
+        rounding: Callable[[mx.array], mx.array] | None,
+    ) -> None:
+        """Feed tokens at positions offset.. of ``x`` [B, S, D]; closed rows go to ``state``."""
+        r, dd = self.ratio, self.dim
+        b, s, _ = x.shape
+        xf = x.astype(mx.float32)
+        kv = self.wkv(xf).astype(mx.float32)
+        pos = mx.arange(offset, offset + s)
+        score = self.wgate(xf).astype(mx.float32) + self.ape.astype(mx.float32)[pos % r]
+        if state.pending_kv is not None:
+            kv = mx.concatenate([state.pending_kv, kv], axis=1)
+            score = mx.concatenate([state.pending_score, score], axis=1)
+        start = offset - (0 if state.pending_kv is None else state.pending_kv.shape[1])
+        n_win = kv.shape[1] // r
+        used = n_win * r
+        state.pending_kv, state.pending_score = kv[:, used:], score[:, used:]
+        if n_win == 0:
+            return
+        kv = kv[:, :used].reshape(b, n_win, r, -1)
+        score = score[:, :used].reshape(b, n_win, r, -1)
+        if self.overlap:
+            kv, score = self._overlap_slots(kv, score, state)
+        weights = mx.softmax(score, axis=2, precise=True)
+        rows = mx.sum(weights * kv, axis=2)  # [B, n_win, dd] f32
+        rows = self.norm(rows.astype(x.dtype))
+        first = start // r
+        rows = apply_rope(rows, (mx.arange(first, first + n_win) * r), freqs)
+        if rounding is not None:
+            rows = rounding(rows)
+        state.append_rows(rows)
+
+    def _overlap_slots(self, kv, score, state: CompressorState):
+        """[B, W, 4, 2·dd] → 8 slots per window: previous window's first halves, own second halves."""
+        dd = self.dim
+        b, n_win, r, _ = kv.shape
+        if state.prev_kv is None:
+            prev_kv0 = mx.zeros((b, 1, r, dd), dtype=mx.float32)
+            prev_score0 = mx.full((b, 1, r, dd), -mx.inf, dtype=mx.float32)
+        else:
+            prev_kv0, prev_score0 = state.prev_kv[:, None], state.prev_score[:, None]
+        prev_kv = mx.concatenate([prev_kv0, kv[:, :-1, :, :dd]], axis=1)
+        prev_score = mx.concatenate([prev_score0, score[:, :-1, :, :dd]], axis=1)
+        state.prev_kv, state.prev_score = kv[:, -1, :, :dd], score[:, -1, :, :dd]
+        kv = mx.concatenate([prev_kv, kv[..., dd:]], axis=2)
+        score = mx.concatenate([prev_score, score[..., dd:]], axis=2)
+        return kv, score
+
+
+class Indexer(nn.Module):
+    """Lightning Indexer: I(t, s) = Σ_h w_h(t) · ReLU(q_h(t) · k_s), keys from its own compressor."""
+
+    def __init__(self, config: ModelConfig, ratio: int):
+        super().__init__()
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.topk = config.index_topk
+        self.ratio = ratio
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(config, ratio, self.head_dim)
+        self.scale = self.head_dim**-0.5 * self.n_heads**-0.5
+
+    def queries(
+        self, x: mx.array, qr: mx.array, positions: mx.array, freqs: mx.array,
+        rounding: Callable[[mx.array], mx.array] | None,
+    ) -> tuple[mx.array, mx.array]:
+        """Per-token indexer queries [B, S, h, dI] and head weights [B, S, h] (float32)."""
+        b, s, _ = qr.shape
+        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
+        q = apply_rope(q, positions[:, None], freqs)
+        if rounding is not None:
+            q = rounding(q)
+        w = self.weights_proj(x).astype(mx.float32) * self.scale
+        return q.astype(mx.float32), w
+
+    def select(
+        self, q: mx.array, w: mx.array, keys: mx.array, positions: mx.array
+    ) -> tuple[mx.array, mx.array]:
+        """Top-k visible keys per query → (indices [B, S, K] int32, valid [B, S, K] bool)."""
+        n = keys.shape[1]
+        visible = mx.arange(n)[None, :] < ((positions + 1) // self.ratio)[:, None]  # [S, n]
+        k = min(self.topk, n)
+        if n <= self.topk:
+            idx = mx.broadcast_to(mx.arange(n, dtype=mx.int32), (*q.shape[:2], n))
+            return idx, mx.broadcast_to(visible, idx.shape)
+        # [B, S, h, n] → [B, S, n]
+        scores = mx.maximum(q @ mx.expand_dims(keys.astype(mx.float32), 1).swapaxes(-1, -2), 0.0)
+        scores = mx.sum(scores * w[..., None], axis=2)
+        scores = mx.where(visible, scores, -mx.inf)
+        idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+        valid = idx < ((positions + 1) // self.ratio)[:, None]
+        return idx, valid

@@ -1,0 +1,68 @@
+"""Manifold-constrained hyper-connections: ``hc_mult`` residual streams per token.
+
+HC pre collapses the streams into one sublayer input and derives the mixing weights;
+HC post expands the sublayer output back; HC head collapses before the final norm.
+Everything here is float32: 20 Sinkhorn rounds with eps 1e-6 do not survive bf16.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def _mixes(h: mx.array, fn: mx.array, norm_eps: float) -> mx.array:
+    """Unweighted RMSNorm of the flattened streams, then the mixing projection."""
+    flat = h.reshape(*h.shape[:-2], -1).astype(mx.float32)
+    inv = mx.rsqrt(mx.mean(mx.square(flat), axis=-1, keepdims=True) + norm_eps)
+    return (flat @ fn.astype(mx.float32).T) * inv
+
+
+def sinkhorn(logits: mx.array, iters: int, eps: float) -> mx.array:
+    """Doubly-stochastic projection of [..., M, M] logits.
+
+    The row softmax is the first row step; every round ends on a column normalisation.
+    """
+    c = mx.softmax(logits, axis=-1, precise=True) + eps
+    c = c / (mx.sum(c, axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (mx.sum(c, axis=-1, keepdims=True) + eps)
+        c = c / (mx.sum(c, axis=-2, keepdims=True) + eps)
+    return c
+
+
+def hc_pre(
+    h: mx.array,
+    fn: mx.array,
+    base: mx.array,
+    scale: mx.array,
+    *,
+    iters: int,
+    eps: float,
+    norm_eps: float,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Collapse streams ``h`` [..., M, D] → (x [..., D] float32, post [..., M], comb [..., M, M])."""
+    m = h.shape[-2]
+    mixes = _mixes(h, fn, norm_eps)
+    base = base.astype(mx.float32)
+    scale = scale.astype(mx.float32)
+    pre = mx.sigmoid(mixes[..., :m] * scale[0] + base[:m]) + eps
+    post = 2.0 * mx.sigmoid(mixes[..., m : 2 * m] * scale[1] + base[m : 2 * m])
+    comb_logits = mixes[..., 2 * m :] * scale[2] + base[2 * m :]
+    comb = sinkhorn(comb_logits.reshape(*comb_logits.shape[:-1], m, m), iters, eps)
+    x = mx.sum(pre[..., None] * h.astype(mx.float32), axis=-2)
+    return x, post, comb
+
+
+def hc_post(y: mx.array, h: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """h_new[k] = post_k · y + Σ_i comb[i, k] · h[i]  (comb transposed: it is not symmetric)."""
+    mixed = mx.swapaxes(comb, -1, -2) @ h.astype(mx.float32)
+    return post[..., None] * y.astype(mx.float32)[..., None, :] + mixed
+
+
+def hc_head(
+    h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, eps: float, norm_eps: float
+) -> mx.array:
+    """Final weighted collapse of the streams (no post, no Sinkhorn) → [..., D] float32."""
+    mixes = _mixes(h, fn, norm_eps)
+    pre = mx.sigmoid(mixes * scale.astype(mx.float32)[0] + base.astype(mx.float32)) + eps
+    return mx.sum(pre[..., None] * h.astype(mx.float32), axis=-2)

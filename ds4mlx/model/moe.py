@@ -1,0 +1,127 @@
+"""Mixture of experts: sqrtsoftplus router (or hash routing), routed experts, shared expert."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from ..config import ModelConfig
+
+# Above this many (token, expert) pairs, sort them by expert so gathers read each expert once.
+_SORT_THRESHOLD = 64
+
+
+def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    """SiLU(min(g, limit)) · clip(u, ±limit), in float32 (routed and shared experts alike)."""
+    gate = gate.astype(mx.float32)
+    up = up.astype(mx.float32)
+    if limit:
+        gate = mx.minimum(gate, limit)
+        up = mx.clip(up, -limit, limit)
+    return nn.silu(gate) * up
+
+
+class Gate(nn.Module):
+    """Router: scores = sqrt(softplus(W·x)) in float32; the bias only chooses experts."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.weight = mx.zeros((config.n_routed_experts, config.hidden_size))
+        self.is_hash = config.is_hash_layer(layer)
+        if self.is_hash:
+            self.tid2eid = mx.zeros((config.vocab_size, config.num_experts_per_tok), dtype=mx.int32)
+        else:
+            self.bias = mx.zeros((config.n_routed_experts,))
+        self.top_k = config.experts_per_token
+        self.scale = config.routed_scaling_factor
+        self.renormalize = config.norm_topk_prob
+
+    def __call__(self, x: mx.array, token_ids: mx.array | None) -> tuple[mx.array, mx.array]:
+        """x [N, D], token_ids [N] → (expert indices [N, k] uint32, weights [N, k] float32)."""
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        scores = mx.sqrt(mx.logaddexp(logits, 0.0))
+        k = self.top_k
+        if self.is_hash:
+            if token_ids is None:
+                raise ValueError("hash-routed layer needs the token ids")
+            idx = self.tid2eid[token_ids][:, :k]
+        else:
+            biased = scores + self.bias.astype(mx.float32)
+            idx = mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k]
+        idx = idx.astype(mx.uint32)
+        w = mx.take_along_axis(scores, idx, axis=-1)
+        if self.renormalize:
+            w = w / mx.sum(w, axis=-1, keepdims=True)
+        return idx, w * self.scale
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts of one layer; w1 = gate, w3 = up, w2 = down, stacked [E, out, in]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.w1 = SwitchLinear(d, f, e, bias=False)
+        self.w3 = SwitchLinear(d, f, e, bias=False)
+        self.w2 = SwitchLinear(f, d, e, bias=False)
+        self.limit = config.swiglu_limit
+
+    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        """x [N, D], idx/weights [N, k] → Σ_j weights_j · down_j(mid_j), [N, D]."""
+        n, k = idx.shape
+        xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, D]
+        do_sort = idx.size >= _SORT_THRESHOLD
+        inv_order = None
+        if do_sort:
+            flat = idx.flatten()
+            order = mx.argsort(flat)
+            inv_order = mx.argsort(order)
+            xe = xe.reshape(n, -1)[order // k][:, None, :]  # [N·k, 1, D]
+            sel = flat[order]
+        else:
+            sel = idx
+        g = self.w1(xe, sel, sorted_indices=do_sort)
+        u = self.w3(xe, sel, sorted_indices=do_sort)
+        mid = clamped_swiglu(g, u, self.limit)
+        # The official graph applies the route weight before the down projection.
+        if do_sort:
+            mid = mid * weights.flatten()[order][:, None, None]
+        else:
+            mid = mid * weights[..., None, None]
+        mid = mid.astype(x.dtype)
+        y = self.w2(mid, sel, sorted_indices=do_sort)
+        if do_sort:
+            y = y[inv_order].reshape(n, k, -1)
+        else:
+            y = y.squeeze(-2)
+        return mx.sum(y.astype(mx.float32), axis=-2).astype(x.dtype)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.moe_intermediate_size * config.n_shared_experts
+        self.w1 = nn.Linear(d, f, bias=False)
+        self.w3 = nn.Linear(d, f, bias=False)
+        self.w2 = nn.Linear(f, d, bias=False)
+        self.limit = config.swiglu_limit
+
+    def __call__(self, x: mx.array) -> mx.array:
+        mid = clamped_swiglu(self.w1(x), self.w3(x), self.limit)
+        return self.w2(mid.astype(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.gate = Gate(config, layer)
+        self.experts = RoutedExperts(config)
+        self.shared_experts = SharedExpert(config)
+
+    def __call__(self, x: mx.array, token_ids: mx.array) -> mx.array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        idx, w = self.gate(flat, token_ids.reshape(-1))
+        y = self.experts(flat, idx, w) + self.shared_experts(flat)
+        return y.reshape(shape)

@@ -1,0 +1,88 @@
+"""Quantisation-aware rounding that is part of the official V4 graph.
+
+- KV rows (raw and compressed): the non-RoPE dims take an FP8 e4m3 round trip in blocks of
+  64 with power-of-two scales.
+- Indexer q and keys: a Hadamard rotation, then an FP4 e2m1 round trip in blocks of 32 with
+  power-of-two scales.
+Both are switched by the model's ``qat_rounding`` flag; references such as transformers omit
+them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+FP8_BLOCK = 64
+FP4_BLOCK = 32
+
+
+def pow2_ceil(x: mx.array) -> mx.array:
+    """2^ceil(log2(x)) for positive normal float32 x, exactly (from the bits, no log)."""
+    bits = x.astype(mx.float32).view(mx.uint32)
+    exp = (bits >> 23) & 0xFF
+    exp = exp + ((bits & 0x7FFFFF) != 0).astype(mx.uint32)
+    return (exp << 23).view(mx.float32)
+
+
+def _block_scales(x: mx.array, block: int, qmax: float, floor: float) -> tuple[mx.array, mx.array]:
+    xb = x.astype(mx.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = mx.maximum(mx.max(mx.abs(xb), axis=-1, keepdims=True), floor)
+    return xb, pow2_ceil(amax / qmax)
+
+
+def fp8_roundtrip(x: mx.array, block: int = FP8_BLOCK) -> mx.array:
+    """e4m3 round trip (round to nearest even, saturating at ±448) per block of ``block``."""
+    xb, scale = _block_scales(x, block, FP8_MAX, 1e-4)
+    q = mx.clip(xb / scale, -FP8_MAX, FP8_MAX)
+    q = mx.from_fp8(mx.to_fp8(q), dtype=mx.float32)
+    return (q * scale).reshape(x.shape).astype(x.dtype)
+
+
+# e2m1 magnitudes and the midpoints between them; ties go to the even code, which means
+# rounding up exactly at 0.75, 1.75 and 3.5 and down at 0.25, 1.25, 2.5 and 5.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
+              (2.5, False), (3.5, True), (5.0, False))
+
+
+def round_e2m1(x: mx.array) -> mx.array:
+    """Round float32 values (already scaled into ±6) to the nearest e2m1 value, ties to even."""
+    mag = mx.abs(x)
+    code = mx.zeros(x.shape, dtype=mx.int32)
+    for mid, up_on_tie in _MIDPOINTS:
+        code = code + ((mag >= mid) if up_on_tie else (mag > mid)).astype(mx.int32)
+    values = mx.array(E2M1_VALUES, dtype=mx.float32)[code]
+    return mx.where(x < 0, -values, values)
+
+
+def fp4_roundtrip(x: mx.array, block: int = FP4_BLOCK) -> mx.array:
+    """e2m1 round trip per block of ``block`` with scale 2^ceil(log2(amax/6))."""
+    xb, scale = _block_scales(x, block, FP4_MAX, FP4_MAX * 2.0**-126)
+    q = round_e2m1(mx.clip(xb / scale, -FP4_MAX, FP4_MAX))
+    return (q * scale).reshape(x.shape).astype(x.dtype)
+
+
+def hadamard_matrix(n: int) -> mx.array:
+    """Orthonormal Sylvester Hadamard matrix of order n (a power of two)."""
+    if n & (n - 1):
+        raise ValueError(f"Hadamard order {n} is not a power of two")
+    h = mx.array([[1.0]])
+    while h.shape[0] < n:
+        h = mx.concatenate([mx.concatenate([h, h], 1), mx.concatenate([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def hadamard_fp4(x: mx.array) -> mx.array:
+    """The indexer's rounding: Hadamard rotation of the whole last axis, then FP4 round trip."""
+    h = hadamard_matrix(x.shape[-1])
+    return fp4_roundtrip(x.astype(mx.float32) @ h).astype(x.dtype)
+
+
+def kv_fp8(kv: mx.array, rope_dims: int) -> mx.array:
+    """FP8 round trip of the non-RoPE dims of KV rows; the RoPE dims stay untouched."""
+    nope = kv.shape[-1] - rope_dims
+    return mx.concatenate([fp8_roundtrip(kv[..., :nope]), kv[..., nope:]], axis=-1)

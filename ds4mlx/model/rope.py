@@ -1,0 +1,70 @@
+"""THE RoPE rule of DeepSeek V4.
+
+- Only the last ``rope_dims`` features of a vector rotate (the first ones carry no position).
+- Pairs are interleaved: (2k, 2k+1).
+- Sliding-window layers (ratio 0, and MTP) use base ``rope_theta`` without YaRN; compressed
+  layers (ratio 4/128: q, kv, attention output, compressed rows, indexer) use
+  ``compress_rope_theta`` with YaRN frequency interpolation and no magnitude factor.
+- The attention output is rotated back with the conjugate (inverse) rotation.
+Angles are ``position · frequency`` in float32, as in the official and HF graphs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from ..config import ModelConfig
+
+
+def rope_frequencies(
+    dims: int, base: float, yarn: dict | None = None
+) -> mx.array:
+    """Inverse frequencies f_k (k < dims/2), with YaRN interpolation when ``yarn`` is given."""
+    k = mx.arange(0, dims, 2, dtype=mx.float32)
+    freqs = 1.0 / (base ** (k / dims))
+    if not yarn:
+        return freqs
+    factor = float(yarn["factor"])
+    orig = float(yarn["original_max_position_embeddings"])
+    beta_fast = float(yarn.get("beta_fast", 32))
+    beta_slow = float(yarn.get("beta_slow", 1))
+
+    def correction_dim(rotations: float) -> float:
+        return dims * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo = max(math.floor(correction_dim(beta_fast)), 0)
+    hi = min(math.ceil(correction_dim(beta_slow)), dims - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - lo) / (hi - lo), 0.0, 1.0)
+    keep = 1.0 - ramp  # 1: keep the original frequency, 0: fully interpolated
+    return freqs / factor * (1.0 - keep) + freqs * keep
+
+
+def layer_frequencies(config: ModelConfig, ratio: int) -> mx.array:
+    if ratio == 0:
+        return rope_frequencies(config.qk_rope_head_dim, config.rope_theta)
+    return rope_frequencies(config.qk_rope_head_dim, config.compress_rope_theta, config.rope_scaling)
+
+
+def apply_rope(
+    x: mx.array, positions: mx.array, freqs: mx.array, *, inverse: bool = False
+) -> mx.array:
+    """Rotate the last ``2·len(freqs)`` features of ``x`` [..., D].
+
+    ``positions`` holds absolute positions broadcastable to ``x.shape[:-1]`` (e.g. [S] for
+    [B, S, D], [S, 1] for [B, S, H, D]). Math in float32, result in ``x.dtype``.
+    """
+    rd = 2 * freqs.shape[0]
+    angles = positions.astype(mx.float32)[..., None] * freqs
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    if inverse:
+        sin = -sin
+    rot = x[..., -rd:].astype(mx.float32)
+    pairs = rot.reshape(*rot.shape[:-1], rd // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    out = out.reshape(*out.shape[:-2], rd).astype(x.dtype)
+    return mx.concatenate([x[..., :-rd], out], axis=-1)

@@ -1,0 +1,156 @@
+"""DeepSeek V4 Flash: embedding, hyper-connected blocks (attention + MoE), head, MTP."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..config import ModelConfig
+from ..state import LayerCache
+from .attention import Attention
+from .hyper import hc_head, hc_post, hc_pre
+from .moe import MoE
+
+
+def _hc_params(config: ModelConfig) -> tuple[tuple[int, int], tuple[int], tuple[int]]:
+    m = config.hc_mult
+    mix = (2 + m) * m
+    return (mix, m * config.hidden_size), (mix,), (3,)
+
+
+class Block(nn.Module):
+    """One decoder layer: h ← HC(attention), then h ← HC(MoE), over ``hc_mult`` streams."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.config = config
+        fn, base, scale = _hc_params(config)
+        self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = mx.zeros(fn), mx.zeros(base), mx.ones(scale)
+        self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mx.zeros(fn), mx.zeros(base), mx.ones(scale)
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = Attention(config, layer)
+        self.ffn = MoE(config, layer)
+
+    def _pre(self, h, fn, base, scale):
+        c = self.config
+        return hc_pre(h, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.rms_norm_eps)
+
+    def __call__(self, h: mx.array, token_ids: mx.array, cache: LayerCache, dtype) -> mx.array:
+        x, post, comb = self._pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
+        y = self.attn(self.attn_norm(x.astype(dtype)), cache)
+        h = hc_post(y, h, post, comb)
+        x, post, comb = self._pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
+        y = self.ffn(self.ffn_norm(x.astype(dtype)), token_ids)
+        return hc_post(y, h, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction: combines the main model's final streams at position p with the
+    embedding of token p+1 and runs one sliding-window block to predict token p+2."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__(config, layer)
+        d, m = config.hidden_size, config.hc_mult
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.enorm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        self.hnorm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = mx.zeros((m, m * d)), mx.zeros((m,)), mx.ones((1,))
+
+
+# Parameters that stay float32 whatever the activation dtype (the official graph keeps them so).
+_FLOAT32_PARTS = ("hc_", "attn_sink", ".ape", "compressor.wkv", "compressor.wgate", "ffn.gate.")
+
+
+def keeps_float32(path: str) -> bool:
+    return any(p in path for p in _FLOAT32_PARTS)
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig, *, dtype: mx.Dtype = mx.float32, qat_rounding: bool = True):
+        super().__init__()
+        self.config = config
+        self.model_type = "deepseek_v4"
+        c = config
+        m, d = c.hc_mult, c.hidden_size
+        self.embed = nn.Embedding(c.vocab_size, d)
+        self.layers = [Block(c, i) for i in range(c.num_hidden_layers)]
+        self.norm = nn.RMSNorm(d, eps=c.rms_norm_eps)
+        self.head = nn.Linear(d, c.vocab_size, bias=False)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = mx.zeros((m, m * d)), mx.zeros((m,)), mx.ones((1,))
+        self.mtp = [MTPBlock(c, c.num_hidden_layers + j) for j in range(c.num_nextn_predict_layers)]
+        self.dtype = dtype
+        self.set_qat_rounding(qat_rounding)
+        self._cast_parameters(dtype)
+
+    # ------------------------------------------------------------------ setup
+    def _cast_parameters(self, dtype: mx.Dtype) -> None:
+        params = [
+            (k, v if not mx.issubdtype(v.dtype, mx.floating) else v.astype(mx.float32 if keeps_float32(k) else dtype))
+            for k, v in tree_flatten(self.parameters())
+        ]
+        self.update(tree_unflatten(params))
+
+    def set_qat_rounding(self, on: bool) -> None:
+        """Switch the official graph's FP8 (KV) and Hadamard+FP4 (indexer) rounding."""
+        self.qat_rounding = bool(on)
+        for blk in list(self.layers) + list(self.mtp):
+            blk.attn.qat_rounding = self.qat_rounding
+
+    def set_experts_per_token(self, k: int) -> None:
+        self.config.set_experts_per_token(k)
+        for blk in list(self.layers) + list(self.mtp):
+            blk.ffn.gate.top_k = self.config.experts_per_token
+
+    def make_cache(self) -> list[LayerCache]:
+        """Fresh decode state: one entry per main layer, then one per MTP block."""
+        c = self.config
+        return [LayerCache(c.ratio(i)) for i in range(c.num_hidden_layers + c.num_nextn_predict_layers)]
+
+    # ------------------------------------------------------------------ forward
+    def hidden_streams(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
+        """Final HC streams [B, S, hc_mult, D] (float32), before the head collapse."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if cache is None:
+            cache = self.make_cache()
+        e = self.embed(tokens).astype(mx.float32)
+        h = mx.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.config.hc_mult, e.shape[-1]))
+        for blk, c in zip(self.layers, cache):
+            h = blk(h, tokens, c, self.dtype)
+        return h
+
+    def head_logits(self, h: mx.array, fn, base, scale, norm: nn.RMSNorm) -> mx.array:
+        c = self.config
+        y = hc_head(h, fn, base, scale, eps=c.hc_eps, norm_eps=c.rms_norm_eps)
+        y = norm(y.astype(self.dtype))
+        return self.head(y).astype(mx.float32)
+
+    def __call__(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
+        """tokens [B, S] → logits [B, S, vocab] float32 (mlx-lm's model protocol)."""
+        h = self.hidden_streams(tokens, cache)
+        return self.head_logits(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
+
+    def mtp_logits(self, h: mx.array, next_tokens: mx.array, cache: list[LayerCache] | None = None,
+                   index: int = 0) -> mx.array:
+        """Draft logits for position p+2 from the main streams ``h`` at p and token p+1.
+
+        ``cache`` is the model's cache (the MTP entry follows the main layers); its offset must
+        equal the main layers' offset before this call's tokens.
+        """
+        if not self.mtp:
+            raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+        blk = self.mtp[index]
+        c = self.config
+        if cache is None:
+            cache = self.make_cache()
+        layer_cache = cache[c.num_hidden_layers + index]
+        if next_tokens.ndim == 1:
+            next_tokens = next_tokens[None]
+        e = blk.enorm(self.embed(next_tokens).astype(self.dtype))
+        z = blk.e_proj(e)[:, :, None, :] + blk.h_proj(blk.hnorm(h.astype(self.dtype)))
+        z = blk(z.astype(mx.float32), next_tokens, layer_cache, self.dtype)
+        return self.head_logits(z, blk.hc_head_fn, blk.hc_head_base, blk.hc_head_scale, blk.norm)
