@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from .. import kernels
 from ..config import ModelConfig
 
 # Above this many (token, expert) pairs, sort them by expert so gathers read each expert once.
@@ -69,6 +70,9 @@ class RoutedExperts(nn.Module):
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         """x [N, D], idx/weights [N, k] → Σ_j weights_j · down_j(mid_j), [N, D]."""
+        fused = kernels.moe_experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit)
+        if fused is not None:  # Metal (or emulated) kernels on the packed blocks
+            return fused
         n, k = idx.shape
         xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, D]
         do_sort = idx.size >= _SORT_THRESHOLD

@@ -9,7 +9,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..config import ModelConfig
 from ..state import LayerCache
 from .attention import Attention
-from .hyper import hc_head, hc_post, hc_pre
+from .. import kernels
+from .hyper import hc_head, hc_post
 from .moe import MoE
 
 
@@ -35,7 +36,7 @@ class Block(nn.Module):
 
     def _pre(self, h, fn, base, scale):
         c = self.config
-        return hc_pre(h, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.rms_norm_eps)
+        return kernels.hc_pre(h, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.rms_norm_eps)
 
     def __call__(self, h: mx.array, token_ids: mx.array, cache: LayerCache, dtype) -> mx.array:
         x, post, comb = self._pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)

@@ -1,0 +1,513 @@
+"""Metal kernels (``metal/*.metal`` through ``mx.fast.metal_kernel``), each beside its MLX-ops twin.
+
+``DS4MLX_KERNELS`` picks the path of every entry point: ``metal`` (the GPU kernels), ``ops``
+(the twins: MLX ops with the same semantics) or ``emulate`` (the same Metal sources compiled as
+C++ and run on the CPU by :mod:`ds4mlx.kernel_emu`, so the Metal path runs on Linux). Default:
+``metal`` when Metal is available, else ``ops``.
+
+Quantized expert weights ``w`` are either native GGUF blocks, ``uint8 [E, rows, row_bytes]``
+with ``fmt`` one of ``Q8_0``, ``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4``, or, for ``fmt="MXFP4"``,
+the pair ``(weight uint32 [E, rows, K/8], scales uint8 [E, rows, K/32])`` of MLX's ``mxfp4``
+mode (official FP4 experts, and GGUF MXFP4 after its nibble reorder).
+
+Entry points (kernel | ops twin): :func:`dequantize`, :func:`moe_gate_up`, :func:`moe_down`,
+:func:`gather_qmm_native`, :func:`hc_pre`; call sites for the model's modules:
+:func:`moe_experts`, :func:`gguf_switch_matmul`, :func:`gguf_matmul` (``None`` = use your ops).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import mlx.core as mx
+
+QuantWeight = Union[mx.array, tuple]
+
+BACKENDS = ("metal", "ops", "emulate")
+KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")
+# Layout ids of metal/quant.h (DS4_*); MXFP4 has two layouts.
+_LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
+_MLX_MXFP4, _GGUF_MXFP4 = 4, 5
+MX_GROUP = 32  # MLX mxfp4 group (one E8M0 scale per 32 weights)
+
+# Up to this many (token, expert) pairs the MoE runs the decode kernels (simdgroups stride over
+# each weight row); above it, the expert-grouped tiled kernel.
+DECODE_MAX_PAIRS = 32
+_DECODE_ROWS_PER_TG = 8  # DS4_ROWS * DS4_SIMDGROUPS in metal/moe.metal
+_TILE, _TILE_THREADS = 32, 128  # DS4_BM = DS4_BN, DS4_TG
+_HC_THREADS = 256  # DS4_HC_TG in metal/hc.metal
+
+
+class KernelInputError(ValueError):
+    """An argument of a kernel entry point has the wrong dtype or shape (names it)."""
+
+
+def backend() -> str:
+    """The path kernels take now, from ``DS4MLX_KERNELS`` (read on every call)."""
+    choice = os.environ.get("DS4MLX_KERNELS", "").strip().lower()
+    if not choice:
+        return "metal" if mx.metal.is_available() else "ops"
+    if choice not in BACKENDS:
+        raise ValueError(f"DS4MLX_KERNELS={choice!r}: expected one of {', '.join(BACKENDS)}")
+    if choice == "metal" and not mx.metal.is_available():
+        raise ValueError("DS4MLX_KERNELS=metal, but Metal is not available on this machine")
+    return choice
+
+
+# ----------------------------------------------------------------------------- sources
+def _metal_dir() -> Path:
+    from .kernel_emu import METAL_DIR
+
+    return METAL_DIR
+
+
+def _iq2xxs_grid_define() -> str:
+    from .quant.gguf import iq2_xxs
+
+    codes = ", ".join(f"0x{int(c):04x}" for c in iq2_xxs.GRID_CODES)
+    return f"#define DS4_IQ2XXS_GRID {codes}\n"
+
+
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
+_SECTION = re.compile(r"^// @kernel (\w+)\s*$", re.M)
+
+
+def _inline_includes(text: str, seen: set[str]) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return _inline_includes((_metal_dir() / name).read_text(), seen)
+
+    return _INCLUDE.sub(sub, text).replace("#pragma once", "")
+
+
+@functools.cache
+def metal_source(file: str) -> tuple[str, dict[str, str]]:
+    """``metal/<file>`` -> (header, {kernel name: body}). Includes are inlined (metal_kernel
+    compiles one string) and the header starts with the tables defined from Python."""
+    text = _inline_includes((_metal_dir() / file).read_text(), set())
+    parts = _SECTION.split(text)
+    header = _iq2xxs_grid_define() + parts[0]
+    return header, {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+@functools.cache
+def _kernel(path: str, file: str, name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
+    header, bodies = metal_source(file)
+    make = mx.fast.metal_kernel
+    if path == "emulate":
+        from . import kernel_emu
+
+        make = kernel_emu.metal_kernel
+    return make(name=f"ds4_{name}", input_names=list(inputs), output_names=list(outputs),
+                source=bodies[name], header=header)
+
+
+def _run(file: str, name: str, inputs: dict, outputs: dict, *, grid, threadgroup, template):
+    """Launch kernel ``name`` of ``metal/<file>`` on the metal or emulate path."""
+    kernel = _kernel(backend(), file, name, tuple(inputs), tuple(outputs))
+    return kernel(inputs=list(inputs.values()), output_shapes=[s for s, _ in outputs.values()],
+                  output_dtypes=[d for _, d in outputs.values()], grid=grid,
+                  threadgroup=threadgroup, template=template)
+
+
+def _device_array(a: mx.array) -> mx.array:
+    # mx.fast.metal_kernel passes inputs under 8 elements in the `constant` address space; the
+    # kernels hand weight pointers to helpers that take `device` pointers, so pad those.
+    return a if a.size >= 8 else mx.pad(a.reshape(-1), (0, 8 - a.size))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- weights
+@dataclass(frozen=True)
+class Packed:
+    """A quantized weight as the kernels read it."""
+
+    fmt: str  # format name
+    layout: int  # DS4_* id of metal/quant.h
+    q: mx.array  # packed bytes, uint8 [..., rows, row_bytes]
+    s: mx.array  # MLX mxfp4 scales [..., rows, K/32], else a dummy
+    k: int  # inputs per row
+
+
+def unpack_weight(w: QuantWeight, fmt: str, name: str = "w") -> Packed:
+    """Check a quantized weight and describe its layout; ``name`` labels errors."""
+    key = fmt.upper()
+    if key not in KERNEL_FORMATS:
+        raise KernelInputError(f"{name}: format {fmt!r} has no kernel; expected one of "
+                               f"{', '.join(KERNEL_FORMATS)}")
+    if key == "MXFP4" and isinstance(w, (tuple, list)):
+        if len(w) != 2:
+            raise KernelInputError(f"{name}: MLX mxfp4 weights are a (weight, scales) pair")
+        q, s = w
+        if q.dtype != mx.uint32 or s.dtype != mx.uint8 or q.shape[:-1] != s.shape[:-1]:
+            raise KernelInputError(
+                f"{name}: mxfp4 expects uint32 weight and uint8 scales with equal leading dims, "
+                f"got {q.dtype}{tuple(q.shape)} and {s.dtype}{tuple(s.shape)}")
+        k = q.shape[-1] * 8
+        if s.shape[-1] * MX_GROUP != k:
+            raise KernelInputError(f"{name}: {s.shape[-1]} scales per row do not fit {k} inputs")
+        return Packed(key, _MLX_MXFP4, mx.view(q, mx.uint8), s, k)
+    if not isinstance(w, mx.array) or w.dtype != mx.uint8 or w.ndim < 2:
+        raise KernelInputError(f"{name}: {key} weights must be uint8 blocks [..., rows, row_bytes]")
+    mod = _gguf_format(key)
+    if w.shape[-1] % mod.BLOCK_BYTES:
+        raise KernelInputError(f"{name}: a row of {w.shape[-1]} bytes is not a whole number of "
+                               f"{key} blocks ({mod.BLOCK_BYTES} bytes)")
+    layout = _GGUF_MXFP4 if key == "MXFP4" else _LAYOUT[key]
+    return Packed(key, layout, w, _no_scales(),
+                  w.shape[-1] // mod.BLOCK_BYTES * mod.BLOCK_SIZE)
+
+
+@functools.cache
+def _no_scales() -> mx.array:
+    # the scales input of GGUF layouts (unused); made once, so no fill runs per call
+    dummy = mx.zeros((8,), dtype=mx.uint8)
+    mx.eval(dummy)
+    return dummy
+
+
+def _gguf_format(name: str):
+    from .quant.gguf import get
+
+    return get(name)
+
+
+def _experts(p: Packed, name: str) -> tuple[int, int]:
+    if p.q.ndim != 3:
+        raise KernelInputError(f"{name}: expected experts [E, rows, ·], got shape {tuple(p.q.shape)}")
+    return p.q.shape[0], p.q.shape[1]
+
+
+def _check_ids(ids: mx.array, n_experts: int, name: str = "indices") -> None:
+    # Emulation only (it syncs anyway): an expert id out of range would make the kernel read
+    # outside the weights, a crash on the CPU; the GPU paths do not pay for this check.
+    if backend() == "emulate" and ids.size:
+        lo, hi = int(mx.min(ids)), int(mx.max(ids))
+        if lo < 0 or hi >= n_experts:
+            raise KernelInputError(f"{name}: expert ids {lo}..{hi} out of range [0, {n_experts})")
+
+
+def _routes(indices: mx.array, n: int, name: str = "indices") -> int:
+    if indices.ndim != 2 or indices.shape[0] != n or indices.shape[1] < 1:
+        raise KernelInputError(f"{name}: expected [{n}, k] with k >= 1, got {tuple(indices.shape)}")
+    return indices.shape[1]
+
+
+# ----------------------------------------------------------------------------- dequantize
+def dequantize_ops(w: QuantWeight, fmt: str) -> mx.array:
+    """Float32 rows ``[..., rows, K]`` with MLX ops: the format's own dequantizer for GGUF
+    blocks, ``mx.dequantize`` for MLX mxfp4."""
+    p = unpack_weight(w, fmt)
+    if p.layout == _MLX_MXFP4:
+        return mx.dequantize(w[0], w[1], group_size=MX_GROUP, bits=4, mode="mxfp4",
+                             dtype=mx.float32)
+    return _gguf_format(p.fmt).dequantize(w)
+
+
+def dequantize(w: QuantWeight, fmt: str) -> mx.array:
+    """Float32 rows ``[..., rows, K]`` of a quantized weight (kernel ``dequant_rows``)."""
+    if backend() == "ops":
+        return dequantize_ops(w, fmt)
+    p = unpack_weight(w, fmt)
+    lead = p.q.shape[:-1]
+    rows = 1
+    for n in lead:
+        rows *= n
+    s = p.s.reshape(rows, -1) if p.layout == _MLX_MXFP4 else p.s
+    (out,) = _run("moe.metal", "dequant_rows",
+                  {"w": _device_array(p.q.reshape(rows, -1)), "s": _device_array(s), "K": p.k},
+                  {"out": ((rows, p.k), mx.float32)},
+                  grid=(p.k // 8, rows, 1), threadgroup=(min(p.k // 8, 256), 1, 1),
+                  template=[("FMT", p.layout)])
+    return out.reshape(*lead, p.k)
+
+
+# ----------------------------------------------------------------------------- MoE, ops twins
+# Bound on the float32 bytes of dequantized experts the grouped ops path holds at once.
+_OPS_DEQUANT_BUDGET = 256 << 20
+
+
+def _expert_rows_ops(rows: mx.array, w: QuantWeight, fmt: str, eid: mx.array) -> mx.array:
+    """``[P, out]`` float32: expert ``eid[p]`` applied to ``rows[p]`` (``[P, K]``).
+
+    Dequantizes only experts in use: for a few pairs the selected experts' rows; for many, each
+    expert in use once (a bounded chunk of experts at a time), then one sorted ``gather_mm``.
+    """
+    rows = rows.astype(mx.float32)
+    eid = eid.astype(mx.uint32)
+    p = unpack_weight(w, fmt)
+    if p.layout == _MLX_MXFP4:
+        out = mx.gather_qmm(rows[:, None, :], w[0], w[1], rhs_indices=eid, transpose=True,
+                            group_size=MX_GROUP, bits=4, mode="mxfp4")
+        return out[:, 0, :]
+    if rows.shape[0] <= DECODE_MAX_PAIRS:
+        return (dequantize_ops(w[eid], fmt) @ rows[:, :, None])[..., 0]
+    import numpy as np
+
+    e_np = np.array(eid)
+    order = np.argsort(e_np, kind="stable")
+    sorted_e = e_np[order]
+    used = np.unique(sorted_e)
+    chunk = max(1, _OPS_DEQUANT_BUDGET // (w.shape[1] * p.k * 4))
+    parts = []
+    for c in range(0, len(used), chunk):
+        ids = used[c:c + chunk]
+        lo = np.searchsorted(sorted_e, ids[0], side="left")
+        hi = np.searchsorted(sorted_e, ids[-1], side="right")
+        dense = mx.swapaxes(dequantize_ops(w[mx.array(ids)], fmt), -1, -2)  # [c, K, out]
+        local = np.searchsorted(ids, sorted_e[lo:hi]).astype(np.uint32)
+        part = mx.gather_mm(rows[mx.array(order[lo:hi])][:, None, :], dense,
+                            rhs_indices=mx.array(local), sorted_indices=True)
+        parts.append(part[:, 0, :])
+        mx.eval(parts[-1])  # free this chunk's dequantized experts before the next
+    return mx.concatenate(parts, axis=0)[mx.array(np.argsort(order).astype(np.uint32))]
+
+
+def gather_qmm_native_ops(x: mx.array, w: QuantWeight, fmt: str, indices: mx.array) -> mx.array:
+    """Ops twin of :func:`gather_qmm_native`."""
+    n, k = indices.shape
+    rows = mx.repeat(x, k, axis=0)  # pair p = token * k + slot reads x[token]
+    return _expert_rows_ops(rows, w, fmt, indices.reshape(-1)).reshape(n, k, -1)
+
+
+def moe_gate_up_ops(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices: mx.array,
+                    limit: float | None) -> mx.array:
+    """Ops twin of :func:`moe_gate_up`."""
+    from .model.moe import clamped_swiglu
+
+    g = gather_qmm_native_ops(x, w1, fmt, indices)
+    u = gather_qmm_native_ops(x, w3, fmt, indices)
+    return clamped_swiglu(g, u, limit or 0.0)
+
+
+def moe_down_ops(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weights: mx.array,
+                 out_dtype: mx.Dtype = mx.float32) -> mx.array:
+    """Ops twin of :func:`moe_down`."""
+    n, k, f = mid.shape
+    y = _expert_rows_ops(mid.reshape(n * k, f), w2, fmt, indices.reshape(-1)).reshape(n, k, -1)
+    return mx.sum(weights.astype(mx.float32)[..., None] * y, axis=1).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------- MoE, kernels
+def _sort_pairs(idx: mx.array) -> tuple[mx.array, mx.array]:
+    """(order, expert of each sorted pair): pairs grouped by expert, without a host sync."""
+    order = mx.argsort(idx).astype(mx.uint32)
+    return order, idx[order]
+
+
+def _matmul_sorted(x: mx.array, xrow: mx.array, order: mx.array, eid: mx.array, w1: Packed,
+                   w3: Packed | None, n_out: int, limit: float | None) -> mx.array:
+    """Kernel ``moe_matmul_sorted``: ``[P, n_out]`` float32, rows in original pair order."""
+    p = eid.shape[0]
+    gate_up = w3 is not None
+    w3 = w3 or w1
+    (out,) = _run("moe.metal", "moe_matmul_sorted",
+                  {"x": x, "xrow": xrow, "order": order, "eid": eid, "w1": w1.q,
+                   "s1": _device_array(w1.s), "w3": w3.q, "s3": _device_array(w3.s), "P": p,
+                   "NOUT": n_out, "K": w1.k, "limit": float(limit or 0.0)},
+                  {"out": ((p, n_out), mx.float32)},
+                  grid=(_ceil_div(n_out, _TILE) * _TILE_THREADS, _ceil_div(p, _TILE), 1),
+                  threadgroup=(_TILE_THREADS, 1, 1),
+                  template=[("T", x.dtype), ("FMT", w1.layout), ("GATE_UP", gate_up)])
+    return out
+
+
+def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices: mx.array,
+                limit: float | None) -> mx.array:
+    """``mid [N, k, F]`` float32: for each token's selected experts ``e``,
+    ``silu(min(W1[e]·x, limit)) · clip(W3[e]·x, ±limit)`` (no clamp when ``limit`` is 0/None),
+    straight from the packed weights.
+
+    x: ``[N, K]``; w1, w3: gate and up experts ``[E, F, ·]`` in ``fmt``; indices: ``[N, k]``.
+    Few pairs: kernel ``moe_gate_up_decode``; many: ``moe_matmul_sorted`` (expert-grouped tiles).
+    """
+    if x.ndim != 2:
+        raise KernelInputError(f"x: expected [N, K], got shape {tuple(x.shape)}")
+    p1, p3 = unpack_weight(w1, fmt, "w1"), unpack_weight(w3, fmt, "w3")
+    _, f = _experts(p1, "w1")
+    if p3.q.shape != p1.q.shape or p3.layout != p1.layout:
+        raise KernelInputError(f"w3: shape {tuple(p3.q.shape)} differs from w1 {tuple(p1.q.shape)}")
+    if x.shape[1] != p1.k:
+        raise KernelInputError(f"x: {x.shape[1]} features, but the experts take {p1.k}")
+    n = x.shape[0]
+    k = _routes(indices, n)
+    if backend() == "ops":
+        return moe_gate_up_ops(x, w1, w3, fmt, indices, limit)
+    _check_ids(indices, p1.q.shape[0])
+    idx = indices.astype(mx.uint32).reshape(-1)
+    if n * k > DECODE_MAX_PAIRS:
+        order, eid = _sort_pairs(idx)
+        return _matmul_sorted(x, order // k, order, eid, p1, p3, f, limit).reshape(n, k, f)
+    (mid,) = _run("moe.metal", "moe_gate_up_decode",
+                  {"x": x, "w1": p1.q, "s1": _device_array(p1.s), "w3": p3.q,
+                   "s3": _device_array(p3.s), "idx": idx, "F": f, "K": p1.k, "k": k,
+                   "limit": float(limit or 0.0)},
+                  {"mid": ((n * k, f), mx.float32)},
+                  grid=(_ceil_div(f, _DECODE_ROWS_PER_TG) * 64, n * k, 1), threadgroup=(64, 1, 1),
+                  template=[("T", x.dtype), ("FMT", p1.layout)])
+    return mid.reshape(n, k, f)
+
+
+def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weights: mx.array,
+             out_dtype: mx.Dtype = mx.float32) -> mx.array:
+    """``y [N, D]`` = Σ_j weights[:, j] · W2[indices[:, j]] · mid[:, j], accumulated in float32.
+
+    mid: ``[N, k, F]`` (from :func:`moe_gate_up`); w2: down experts ``[E, D, ·]`` in ``fmt``;
+    indices, weights: ``[N, k]`` (route weights, already scaled). Few pairs: kernel
+    ``moe_down_decode`` (route weights and the sum over k in the kernel); many: the tiled kernel,
+    then the weighted sum.
+    """
+    if mid.ndim != 3:
+        raise KernelInputError(f"mid: expected [N, k, F], got shape {tuple(mid.shape)}")
+    n, k, f = mid.shape
+    p2 = unpack_weight(w2, fmt, "w2")
+    _, d = _experts(p2, "w2")
+    if p2.k != f:
+        raise KernelInputError(f"mid: {f} features, but the down experts take {p2.k}")
+    if _routes(indices, n) != k or weights.shape != indices.shape:
+        raise KernelInputError(f"indices/weights: expected [{n}, {k}], got "
+                               f"{tuple(indices.shape)} and {tuple(weights.shape)}")
+    if backend() == "ops":
+        return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype)
+    _check_ids(indices, p2.q.shape[0])
+    idx = indices.astype(mx.uint32).reshape(-1)
+    rw = weights.astype(mx.float32).reshape(-1)
+    rows = mid.astype(mx.float32).reshape(n * k, f)
+    if n * k > DECODE_MAX_PAIRS:
+        order, eid = _sort_pairs(idx)
+        out = _matmul_sorted(rows, order, order, eid, p2, None, d, None)
+        return mx.sum(rw.reshape(n, k, 1) * out.reshape(n, k, d), axis=1).astype(out_dtype)
+    (y,) = _run("moe.metal", "moe_down_decode",
+                {"mid": rows, "w2": p2.q, "s2": _device_array(p2.s), "idx": idx, "rw": rw,
+                 "D": d, "F": f, "k": k},
+                {"y": ((n, d), out_dtype)},
+                grid=(_ceil_div(d, _DECODE_ROWS_PER_TG) * 64, n, 1), threadgroup=(64, 1, 1),
+                template=[("FMT", p2.layout), ("OutT", out_dtype)])
+    return y
+
+
+def gather_qmm_native(x: mx.array, w: QuantWeight, fmt: str, indices: mx.array) -> mx.array:
+    """``[N, k, out]`` float32: ``W[indices[n, j]] · x[n]`` for packed experts ``w [E, out, ·]``
+    (kernel ``moe_matmul_sorted``, for prefill and any other many-pair product)."""
+    if x.ndim != 2:
+        raise KernelInputError(f"x: expected [N, K], got shape {tuple(x.shape)}")
+    p = unpack_weight(w, fmt)
+    _, n_out = _experts(p, "w")
+    if x.shape[1] != p.k:
+        raise KernelInputError(f"x: {x.shape[1]} features, but the experts take {p.k}")
+    n = x.shape[0]
+    k = _routes(indices, n)
+    if backend() == "ops":
+        return gather_qmm_native_ops(x, w, fmt, indices)
+    _check_ids(indices, p.q.shape[0])
+    order, eid = _sort_pairs(indices.astype(mx.uint32).reshape(-1))
+    return _matmul_sorted(x, order // k, order, eid, p, None, n_out, None).reshape(n, k, n_out)
+
+
+# ----------------------------------------------------------------------------- model call sites
+def _module_weight(module: Any) -> tuple[QuantWeight, str] | None:
+    """(weight, fmt) of an expert projection the kernels can read, else None."""
+    type_name = getattr(module, "type_name", None)  # GGUFSwitchLinear
+    if type_name is not None:
+        return (module.weight, type_name) if type_name.upper() in KERNEL_FORMATS else None
+    if getattr(module, "mode", None) == "mxfp4":  # mlx-lm QuantizedSwitchLinear, mode mxfp4
+        return (module.weight, module.scales), "MXFP4"
+    return None
+
+
+def moe_experts(x: mx.array, indices: mx.array, weights: mx.array, w1: Any, w3: Any, w2: Any,
+                limit: float | None) -> mx.array | None:
+    """Routed experts of one layer through the fused kernels: x ``[N, D]``, indices / weights
+    ``[N, k]`` -> ``[N, D]`` in x's dtype. Gate and up must share a format; down may differ
+    (ds4 q2 files: IQ2_XXS gate/up, Q2_K down). ``None`` (use the modules) on the ops path or
+    when a projection is not quantized in a kernel format."""
+    if backend() == "ops":
+        return None
+    gate, up, down = (_module_weight(m) for m in (w1, w3, w2))
+    if gate is None or up is None or down is None or gate[1].upper() != up[1].upper():
+        return None
+    mid = moe_gate_up(x, gate[0], up[0], gate[1], indices, limit)
+    return moe_down(mid, down[0], down[1], indices, weights, out_dtype=x.dtype)
+
+
+def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt: str,
+                       input_dims: int, output_dims: int,
+                       sorted_indices: bool = False) -> mx.array | None:
+    """Call site of ``GGUFSwitchLinear`` (switch-linear protocol): x ``[..., M, in]``, indices
+    broadcast against x's batch dims -> ``[..., M, out]`` in x's dtype; None on the ops path."""
+    if backend() == "ops" or fmt.upper() not in KERNEL_FORMATS:
+        return None
+    p = unpack_weight(weight, fmt, "weight")
+    _check_ids(indices, p.q.shape[0])
+    batch = tuple(mx.broadcast_shapes(tuple(x.shape[:-2]), tuple(indices.shape)))
+    m = x.shape[-2]
+    rows = mx.broadcast_to(x, (*batch, m, input_dims)).reshape(-1, input_dims)
+    eid = mx.repeat(mx.broadcast_to(indices, batch).reshape(-1).astype(mx.uint32), m)
+    order, eid_sorted = _sort_pairs(eid)
+    out = _matmul_sorted(rows, order, order, eid_sorted, p, None, output_dims, None)
+    return out.reshape(*batch, m, output_dims).astype(x.dtype)
+
+
+def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
+                output_dims: int) -> mx.array | None:
+    """Call site of ``GGUFLinear``: ``x @ W.T`` for GGUF blocks ``[out, bytes]`` (one expert of
+    the tiled kernel); None on the ops path."""
+    if backend() == "ops" or fmt.upper() not in KERNEL_FORMATS:
+        return None
+    p = unpack_weight(weight[None], fmt, "weight")
+    rows = x.reshape(-1, input_dims)
+    n = rows.shape[0]
+    order = mx.arange(n, dtype=mx.uint32)
+    out = _matmul_sorted(rows, order, order, mx.zeros((n,), dtype=mx.uint32), p, None,
+                         output_dims, None)
+    return out.reshape(*x.shape[:-1], output_dims).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- hyper-connections
+def hc_pre_ops(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters: int,
+               eps: float, norm_eps: float) -> tuple[mx.array, mx.array, mx.array]:
+    """Ops twin of :func:`hc_pre`: the model's own HC pre (:func:`ds4mlx.model.hyper.hc_pre`)."""
+    from .model.hyper import hc_pre as reference
+
+    return reference(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
+
+
+def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters: int, eps: float,
+           norm_eps: float) -> tuple[mx.array, mx.array, mx.array]:
+    """Fused HC pre: streams ``h [..., M, D]`` -> (x ``[..., D]``, post ``[..., M]``, comb
+    ``[..., M, M]``), float32, in one kernel (RMS, mixing projection ``fn [2M+M², M·D]``,
+    sigmoid / softmax, ``iters`` Sinkhorn rounds, weighted collapse)."""
+    if h.ndim < 2:
+        raise KernelInputError(f"h: expected [..., M, D], got shape {tuple(h.shape)}")
+    m, d = h.shape[-2], h.shape[-1]
+    mix = 2 * m + m * m
+    if tuple(fn.shape) != (mix, m * d) or tuple(base.shape) != (mix,) or tuple(scale.shape) != (3,):
+        raise KernelInputError(
+            f"hc_pre: with {m} streams of {d}, fn must be {(mix, m * d)}, base ({mix},), scale "
+            f"(3,); got {tuple(fn.shape)}, {tuple(base.shape)}, {tuple(scale.shape)}")
+    if backend() == "ops":
+        return hc_pre_ops(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
+    lead = h.shape[:-2]
+    n = 1
+    for s in lead:
+        n *= s
+    x, post, comb = _run(
+        "hc.metal", "hc_pre",
+        {"h": h.reshape(n, m * d), "fn": fn, "base": base.astype(mx.float32),
+         "scale": scale.astype(mx.float32), "D": d, "iters": int(iters), "eps": float(eps),
+         "norm_eps": float(norm_eps)},
+        {"x": ((n, d), mx.float32), "post": ((n, m), mx.float32), "comb": ((n, m * m), mx.float32)},
+        grid=(_HC_THREADS, n, 1), threadgroup=(_HC_THREADS, 1, 1),
+        template=[("T", h.dtype), ("FT", fn.dtype), ("M", m)])
+    return x.reshape(*lead, d), post.reshape(*lead, m), comb.reshape(*lead, m, m)

@@ -1,0 +1,402 @@
+// CPU runtime for emulated Metal kernels: runs every thread of a dispatch, one fiber per lane of
+// a threadgroup, so threadgroup_barrier and the simd collectives synchronise like on the GPU.
+//
+// A threadgroup runs on one OS thread: its lanes are fibers scheduled round-robin; a lane runs
+// until it reaches a barrier or a simd collective, or returns. A simdgroup (32 consecutive lanes)
+// is released from a collective once all its live lanes wait there (lanes that returned are
+// inactive, as on the GPU); the threadgroup is released from a barrier once all lanes wait there.
+// Anything else (lanes waiting at different collectives, a barrier that some lanes skipped) is a
+// divergence and is reported as an error. Threadgroups are spread over a few OS threads;
+// threadgroup memory is per OS thread (see metal_compat.h).
+#pragma once
+
+// Only C headers: every kernel compiles this file, and the C++ standard headers would double
+// the compile time.
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#if !defined(__x86_64__) && !defined(MTLEMU_UCONTEXT)
+#define MTLEMU_UCONTEXT 1
+#endif
+#ifdef MTLEMU_UCONTEXT
+#include <ucontext.h>
+#endif
+
+namespace metal {
+template <typename T, int N> struct vec;
+}
+
+namespace mtlemu {
+
+typedef metal::vec<unsigned, 3> uint3_t;
+
+// Everything a kernel may ask for through the attributes mx.fast.metal_kernel generates.
+struct LaneIds {
+  uint3_t thread_position_in_grid, thread_position_in_threadgroup, threadgroup_position_in_grid;
+  uint3_t threads_per_threadgroup, threadgroups_per_grid, threads_per_grid;
+  uint3_t dispatch_threads_per_threadgroup, grid_origin, grid_size;
+  unsigned thread_index_in_threadgroup, thread_index_in_simdgroup, simdgroup_index_in_threadgroup;
+  unsigned simdgroups_per_threadgroup, threads_per_simdgroup, thread_execution_width;
+  unsigned thread_index_in_quadgroup, quadgroup_index_in_threadgroup, quadgroups_per_threadgroup;
+  unsigned dispatch_simdgroups_per_threadgroup, dispatch_quadgroups_per_threadgroup;
+};
+
+enum { OP_BARRIER = 1, OP_SUM, OP_MAX, OP_MIN, OP_SHUFFLE };
+enum LaneState { READY, WAIT_TG, WAIT_SIMD, DONE };
+
+// ------------------------------------------------------------------------------ contexts
+#ifdef MTLEMU_UCONTEXT
+struct Ctx { ucontext_t uc; };
+inline void ctx_switch(Ctx& from, Ctx& to) { swapcontext(&from.uc, &to.uc); }
+inline void ctx_make(Ctx& c, char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#else
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *from and
+// continues on `to` (a stack prepared by ctx_make or saved by an earlier switch).
+extern "C" void mtlemu_switch(void** from, void* to);
+asm(R"(
+.text
+.globl mtlemu_switch
+.hidden mtlemu_switch
+.type mtlemu_switch,@function
+mtlemu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size mtlemu_switch,.-mtlemu_switch
+)");
+struct Ctx { void* sp; };
+inline void ctx_switch(Ctx& from, Ctx& to) { mtlemu_switch(&from.sp, to.sp); }
+inline void ctx_make(Ctx& c, char* stack, size_t size, void (*entry)()) {
+  uintptr_t top = (uintptr_t(stack) + size) & ~uintptr_t(15);
+  void** sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;                          // fake return address: entry starts 16n+8 aligned
+  *--sp = reinterpret_cast<void*>(entry);  // popped by `ret`
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;
+  c.sp = sp;
+}
+#endif
+
+// ------------------------------------------------------------------------------ scheduler
+struct Slot { alignas(16) unsigned char bytes[32]; };
+
+struct Lane {
+  Ctx ctx;
+  LaneState state;
+  int op;
+  LaneIds ids;
+};
+
+typedef void (*KernelFn)(void* args, const LaneIds& ids);
+
+struct Group {
+  Ctx sched;
+  Lane* lanes = nullptr;
+  char** stacks = nullptr;
+  Slot* slots = nullptr;
+  Slot* snapshot = nullptr;
+  uint32_t* snapshot_mask = nullptr;
+  int capacity = 0;  // lanes with a stack
+  size_t stack_size = 0;
+  int n = 0, current = 0;
+  KernelFn fn = nullptr;
+  void* args = nullptr;
+  char error[256] = {0};
+
+  ~Group() {
+    for (int i = 0; i < capacity; ++i) munmap(stacks[i], stack_size + size_t(getpagesize()));
+    free(lanes);
+    free(stacks);
+    free(slots);
+    free(snapshot);
+    free(snapshot_mask);
+  }
+};
+
+inline thread_local Group* tls_group = nullptr;
+
+[[noreturn]] inline void fiber_main() {
+  Group* g = tls_group;
+  Lane& lane = g->lanes[g->current];
+  g->fn(g->args, lane.ids);
+  lane.state = DONE;
+  ctx_switch(lane.ctx, g->sched);
+  __builtin_unreachable();
+}
+
+inline void fail(Group* g, const char* msg) {
+  if (!g->error[0]) snprintf(g->error, sizeof g->error, "%s", msg);
+}
+
+// Parks the current lane in `state` until the scheduler releases it.
+inline void park(LaneState state, int op) {
+  Group* g = tls_group;
+  Lane& lane = g->lanes[g->current];
+  lane.state = state;
+  lane.op = op;
+  ctx_switch(lane.ctx, g->sched);
+}
+
+inline void threadgroup_barrier() { park(WAIT_TG, OP_BARRIER); }
+
+template <typename T> struct SimdView {
+  const T* values;  // one per lane of the simdgroup (valid where mask has the bit)
+  uint32_t mask;    // lanes taking part
+  unsigned lane;    // the caller's lane
+};
+
+// Publishes `v`, waits for the simdgroup's live lanes, returns what every lane published.
+template <typename T> inline SimdView<T> simd_exchange(T v, int op) {
+  static_assert(sizeof(T) <= sizeof(Slot), "simd value too large");
+  Group* g = tls_group;
+  int i = g->current;
+  memcpy(g->slots[i].bytes, &v, sizeof(T));
+  park(WAIT_SIMD, op);
+  g = tls_group;
+  int base = i & ~31;
+  static thread_local T values[32];
+  for (int j = 0; j < 32 && base + j < g->n; ++j)
+    memcpy(&values[j], g->snapshot[base + j].bytes, sizeof(T));
+  return SimdView<T>{values, g->snapshot_mask[i >> 5], unsigned(i & 31)};
+}
+
+inline bool release_simdgroups(Group& g) {
+  bool released = false;
+  for (int s = 0; s * 32 < g.n; ++s) {
+    int lo = s * 32, hi = lo + 32 < g.n ? lo + 32 : g.n;
+    int live = 0, waiting = 0, op = -1;
+    bool same = true;
+    for (int i = lo; i < hi; ++i) {
+      if (g.lanes[i].state == DONE) continue;
+      ++live;
+      if (g.lanes[i].state == WAIT_SIMD) {
+        ++waiting;
+        if (op >= 0 && g.lanes[i].op != op) same = false;
+        op = g.lanes[i].op;
+      }
+    }
+    if (live == 0 || waiting != live) continue;
+    if (!same) {
+      fail(&g, "divergence: lanes of one simdgroup reached different simd collectives");
+      return false;
+    }
+    uint32_t mask = 0;
+    for (int i = lo; i < hi; ++i)
+      if (g.lanes[i].state == WAIT_SIMD) {
+        mask |= 1u << (i - lo);
+        g.snapshot[i] = g.slots[i];
+        g.lanes[i].state = READY;
+      }
+    g.snapshot_mask[s] = mask;
+    released = true;
+  }
+  return released;
+}
+
+// Runs one threadgroup to completion; false (and g.error) on divergence.
+inline bool run_group(Group& g) {
+  for (int i = 0; i < g.n; ++i) {
+    g.lanes[i].state = READY;
+    ctx_make(g.lanes[i].ctx, g.stacks[i] + getpagesize(), g.stack_size, fiber_main);
+  }
+  for (;;) {
+    for (int i = 0; i < g.n; ++i) {
+      if (g.lanes[i].state != READY) continue;
+      g.current = i;
+      ctx_switch(g.sched, g.lanes[i].ctx);
+    }
+    if (g.error[0]) return false;
+    if (release_simdgroups(g)) continue;
+    if (g.error[0]) return false;
+    int done = 0, at_barrier = 0;
+    for (int i = 0; i < g.n; ++i) {
+      done += g.lanes[i].state == DONE;
+      at_barrier += g.lanes[i].state == WAIT_TG;
+    }
+    if (done == g.n) return true;
+    if (at_barrier == g.n) {
+      for (int i = 0; i < g.n; ++i) g.lanes[i].state = READY;
+      continue;
+    }
+    char msg[160];
+    snprintf(msg, sizeof msg,
+                  "divergence: %d of %d lanes wait at threadgroup_barrier, %d returned, the others "
+                  "wait at a simd collective",
+                  at_barrier, g.n, done);
+    fail(&g, msg);
+    return false;
+  }
+}
+
+inline void setup_group(Group& g, int max_lanes, size_t stack_size) {
+  g.stack_size = stack_size;
+  g.lanes = static_cast<Lane*>(calloc(size_t(max_lanes), sizeof(Lane)));
+  g.stacks = static_cast<char**>(calloc(size_t(max_lanes), sizeof(char*)));
+  g.slots = static_cast<Slot*>(calloc(size_t(max_lanes), sizeof(Slot)));
+  g.snapshot = static_cast<Slot*>(calloc(size_t(max_lanes), sizeof(Slot)));
+  g.snapshot_mask = static_cast<uint32_t*>(calloc(size_t(max_lanes + 31) / 32, sizeof(uint32_t)));
+  if (!g.lanes || !g.stacks || !g.slots || !g.snapshot || !g.snapshot_mask) {
+    fail(&g, "out of memory for the lanes of a threadgroup");
+    return;
+  }
+  size_t page = size_t(getpagesize());
+  for (int i = 0; i < max_lanes; ++i) {
+    void* p = mmap(nullptr, stack_size + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
+    if (p == MAP_FAILED) {
+      fail(&g, "could not map a fiber stack");
+      return;
+    }
+    mprotect(p, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    g.stacks[i] = static_cast<char*>(p);
+    g.capacity = i + 1;
+  }
+}
+
+inline unsigned div_up(unsigned a, unsigned b) { return (a + b - 1) / b; }
+
+struct Launch {
+  KernelFn fn;
+  void* args;
+  unsigned grid[3], tg[3], groups[3];
+  long long total_groups;
+  int max_lanes;
+  size_t stack_size;
+  long long next;  // next threadgroup to run (atomic)
+  int failed;      // atomic flag
+};
+
+struct Worker {
+  Launch* launch;
+  Group group;
+};
+
+inline void run_worker(Worker& w) {
+  Launch& L = *w.launch;
+  Group& g = w.group;
+  setup_group(g, L.max_lanes, L.stack_size);
+  if (g.error[0]) {
+    __atomic_store_n(&L.failed, 1, __ATOMIC_SEQ_CST);
+    return;
+  }
+  g.fn = L.fn;
+  g.args = L.args;
+  tls_group = &g;
+  const unsigned* grid = L.grid;
+  const unsigned* tg = L.tg;
+  const unsigned* groups = L.groups;
+  for (;;) {
+    long long id = __atomic_fetch_add(&L.next, 1, __ATOMIC_SEQ_CST);
+    if (id >= L.total_groups || __atomic_load_n(&L.failed, __ATOMIC_SEQ_CST)) break;
+    unsigned gp[3] = {unsigned(id % groups[0]), unsigned((id / groups[0]) % groups[1]),
+                      unsigned(id / ((long long)groups[0] * groups[1]))};
+    unsigned size[3];
+    for (int d = 0; d < 3; ++d) {
+      unsigned origin = gp[d] * tg[d];
+      size[d] = grid[d] - origin < tg[d] ? grid[d] - origin : tg[d];
+    }
+    g.n = int(size[0] * size[1] * size[2]);
+    unsigned n_simd = div_up(unsigned(g.n), 32);
+    int i = 0;
+    for (unsigned z = 0; z < size[2]; ++z)
+      for (unsigned y = 0; y < size[1]; ++y)
+        for (unsigned x = 0; x < size[0]; ++x, ++i) {
+          LaneIds& t = g.lanes[i].ids;
+          t.thread_position_in_threadgroup = uint3_t(x, y, z);
+          t.threadgroup_position_in_grid = uint3_t(gp[0], gp[1], gp[2]);
+          t.thread_position_in_grid =
+              uint3_t(gp[0] * tg[0] + x, gp[1] * tg[1] + y, gp[2] * tg[2] + z);
+          t.threads_per_threadgroup = uint3_t(size[0], size[1], size[2]);
+          t.dispatch_threads_per_threadgroup = uint3_t(tg[0], tg[1], tg[2]);
+          t.threadgroups_per_grid = uint3_t(groups[0], groups[1], groups[2]);
+          t.threads_per_grid = uint3_t(grid[0], grid[1], grid[2]);
+          t.grid_size = t.threads_per_grid;
+          t.grid_origin = uint3_t(0u, 0u, 0u);
+          t.thread_index_in_threadgroup = unsigned(i);
+          t.thread_index_in_simdgroup = unsigned(i) % 32;
+          t.simdgroup_index_in_threadgroup = unsigned(i) / 32;
+          t.simdgroups_per_threadgroup = n_simd;
+          t.dispatch_simdgroups_per_threadgroup = div_up(unsigned(L.max_lanes), 32);
+          t.threads_per_simdgroup = 32;
+          t.thread_execution_width = 32;
+          t.thread_index_in_quadgroup = unsigned(i) % 4;
+          t.quadgroup_index_in_threadgroup = unsigned(i) / 4;
+          t.quadgroups_per_threadgroup = div_up(unsigned(g.n), 4);
+          t.dispatch_quadgroups_per_threadgroup = div_up(unsigned(L.max_lanes), 4);
+        }
+    if (!run_group(g)) {
+      __atomic_store_n(&L.failed, 1, __ATOMIC_SEQ_CST);
+      break;
+    }
+  }
+  tls_group = nullptr;
+}
+
+inline void* worker_main(void* w) {
+  run_worker(*static_cast<Worker*>(w));
+  return nullptr;
+}
+
+// Dispatches grid[3] threads in threadgroups of tg[3] (clamped to the grid, as MLX does; edge
+// threadgroups are partial, as with dispatchThreads). Returns 0, or 1 with `err` filled.
+inline int launch(KernelFn fn, void* args, const long long* grid_in, const long long* tg_in,
+                  int workers, long long stack_size, char* err, int errlen) {
+  Launch L = {};
+  L.fn = fn;
+  L.args = args;
+  for (int d = 0; d < 3; ++d) {
+    L.grid[d] = unsigned(grid_in[d]);
+    L.tg[d] = unsigned(tg_in[d] < grid_in[d] ? tg_in[d] : grid_in[d]);
+    if (L.tg[d] == 0) L.tg[d] = 1;
+    L.groups[d] = L.grid[d] ? div_up(L.grid[d], L.tg[d]) : 0;
+  }
+  L.total_groups = (long long)L.groups[0] * L.groups[1] * L.groups[2];
+  L.max_lanes = int(L.tg[0] * L.tg[1] * L.tg[2]);
+  L.stack_size = size_t(stack_size);
+  if (L.total_groups == 0) return 0;
+  if (workers < 1) workers = 1;
+  if (workers > L.total_groups) workers = int(L.total_groups);
+
+  Worker* ws = new Worker[workers];
+  pthread_t* threads = new pthread_t[workers];
+  for (int w = 0; w < workers; ++w) ws[w].launch = &L;
+  int started = 0;
+  for (int w = 1; w < workers; ++w, ++started)
+    if (pthread_create(&threads[w], nullptr, worker_main, &ws[w]) != 0) break;
+  run_worker(ws[0]);  // the calling thread is worker 0
+  for (int w = 1; w <= started; ++w) pthread_join(threads[w], nullptr);
+  int rc = L.failed ? 1 : 0;
+  for (int w = 0; w < workers; ++w)
+    if (ws[w].group.error[0]) {
+      snprintf(err, size_t(errlen), "%s", ws[w].group.error);
+      rc = 1;
+      break;
+    }
+  delete[] ws;
+  delete[] threads;
+  return rc;
+}
+
+}  // namespace mtlemu

@@ -1,0 +1,293 @@
+// C++ stand-in for the subset of the Metal Shading Language our kernels use, so the same
+// kernel sources compile with g++ and run on the CPU (ds4mlx/kernel_emu.py).
+//
+// The subset: address-space qualifiers (device, constant, thread, threadgroup), scalar types
+// incl. half and bfloat, 2/3/4-vectors, as_type, the math functions below, simd_sum / simd_max /
+// simd_min / simd_shuffle* / simd_broadcast / simd_prefix_*_sum, threadgroup_barrier and
+// simdgroup_barrier. Declare threadgroup arrays on a line of their own
+// (`threadgroup float tile[64];`): the harness turns those into storage shared by the lanes of
+// a threadgroup. Every lane of a threadgroup runs as a fiber (metal/emu_runtime.h), so barriers
+// and simd collectives synchronise exactly as on the GPU, and divergent barriers are reported.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+
+namespace metal {
+
+typedef unsigned int uint;
+typedef unsigned short ushort;
+typedef unsigned char uchar;
+typedef uint64_t ulong;
+typedef _Float16 half;
+
+// ------------------------------------------------------------------------------- bfloat
+// Storage is the upper 16 bits of a float32; float -> bfloat rounds to nearest even.
+// bfloat op bfloat gives bfloat (computed in float, rounded once, as on the GPU); mixed
+// operations go through the implicit conversion to float.
+struct bfloat {
+  uint16_t bits_;
+  bfloat() = default;
+  template <typename U, typename = typename std::enable_if<std::is_arithmetic<U>::value>::type>
+  bfloat(U v) : bits_(from_float(static_cast<float>(v))) {}
+  bfloat(half v) : bits_(from_float(static_cast<float>(v))) {}
+  operator float() const {
+    uint32_t u = uint32_t(bits_) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  static uint16_t from_float(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+  }
+};
+#define DS4EMU_BF_OP(op)                                                                  \
+  template <typename A, typename B,                                                       \
+            typename = typename std::enable_if<std::is_same<A, bfloat>::value &&          \
+                                               std::is_same<B, bfloat>::value>::type>     \
+  inline bfloat operator op(A a, B b) { return bfloat(float(a) op float(b)); }
+DS4EMU_BF_OP(+)
+DS4EMU_BF_OP(-)
+DS4EMU_BF_OP(*)
+DS4EMU_BF_OP(/)
+#undef DS4EMU_BF_OP
+inline bfloat operator-(bfloat a) { return bfloat(-float(a)); }
+template <typename U> inline bfloat& operator+=(bfloat& a, U b) { return a = bfloat(float(a) + float(b)); }
+template <typename U> inline bfloat& operator-=(bfloat& a, U b) { return a = bfloat(float(a) - float(b)); }
+template <typename U> inline bfloat& operator*=(bfloat& a, U b) { return a = bfloat(float(a) * float(b)); }
+template <typename U> inline bfloat& operator/=(bfloat& a, U b) { return a = bfloat(float(a) / float(b)); }
+
+// ------------------------------------------------------------------------------- vectors
+template <typename T, int N> struct vec;
+template <typename T> struct vec<T, 2> {
+  T x, y;
+  vec() = default;
+  vec(T s) : x(s), y(s) {}
+  vec(T a, T b) : x(a), y(b) {}
+  template <typename U> explicit vec(const vec<U, 2>& o) : x(T(o.x)), y(T(o.y)) {}
+  T& operator[](int i) { return (&x)[i]; }
+  const T& operator[](int i) const { return (&x)[i]; }
+};
+template <typename T> struct vec<T, 3> {
+  T x, y, z;
+  vec() = default;
+  vec(T s) : x(s), y(s), z(s) {}
+  vec(T a, T b, T c) : x(a), y(b), z(c) {}
+  template <typename U> explicit vec(const vec<U, 3>& o) : x(T(o.x)), y(T(o.y)), z(T(o.z)) {}
+  T& operator[](int i) { return (&x)[i]; }
+  const T& operator[](int i) const { return (&x)[i]; }
+};
+template <typename T> struct vec<T, 4> {
+  T x, y, z, w;
+  vec() = default;
+  vec(T s) : x(s), y(s), z(s), w(s) {}
+  vec(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}
+  template <typename U>
+  explicit vec(const vec<U, 4>& o) : x(T(o.x)), y(T(o.y)), z(T(o.z)), w(T(o.w)) {}
+  T& operator[](int i) { return (&x)[i]; }
+  const T& operator[](int i) const { return (&x)[i]; }
+};
+#define DS4EMU_VEC_OP(op)                                                                  \
+  template <typename T, int N> inline vec<T, N> operator op(vec<T, N> a, const vec<T, N>& b) { \
+    for (int i = 0; i < N; ++i) a[i] = a[i] op b[i];                                       \
+    return a;                                                                              \
+  }                                                                                        \
+  template <typename T, int N> inline vec<T, N> operator op(vec<T, N> a, T b) {            \
+    for (int i = 0; i < N; ++i) a[i] = a[i] op b;                                          \
+    return a;                                                                              \
+  }                                                                                        \
+  template <typename T, int N> inline vec<T, N> operator op(T a, vec<T, N> b) {            \
+    for (int i = 0; i < N; ++i) b[i] = a op b[i];                                          \
+    return b;                                                                              \
+  }                                                                                        \
+  template <typename T, int N, typename U>                                                 \
+  inline vec<T, N>& operator op##=(vec<T, N>& a, const U& b) { return a = a op b; }
+DS4EMU_VEC_OP(+)
+DS4EMU_VEC_OP(-)
+DS4EMU_VEC_OP(*)
+DS4EMU_VEC_OP(/)
+#undef DS4EMU_VEC_OP
+template <typename T, int N> inline T dot(const vec<T, N>& a, const vec<T, N>& b) {
+  T s = a[0] * b[0];
+  for (int i = 1; i < N; ++i) s += a[i] * b[i];
+  return s;
+}
+
+#define DS4EMU_VEC_TYPES(T, name) \
+  typedef vec<T, 2> name##2;      \
+  typedef vec<T, 3> name##3;      \
+  typedef vec<T, 4> name##4;
+DS4EMU_VEC_TYPES(float, float)
+DS4EMU_VEC_TYPES(half, half)
+DS4EMU_VEC_TYPES(bfloat, bfloat)
+DS4EMU_VEC_TYPES(int, int)
+DS4EMU_VEC_TYPES(uint, uint)
+DS4EMU_VEC_TYPES(short, short)
+DS4EMU_VEC_TYPES(ushort, ushort)
+DS4EMU_VEC_TYPES(char, char)
+DS4EMU_VEC_TYPES(uchar, uchar)
+#undef DS4EMU_VEC_TYPES
+
+}  // namespace metal
+
+#include "emu_runtime.h"  // before the macros below: they would break <thread>
+
+#define device
+#define constant
+#define thread
+#define threadgroup
+#define METAL_FUNC inline
+
+namespace metal {
+
+// ------------------------------------------------------------------------------- as_type
+template <typename To, typename From> inline To as_type(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "as_type needs types of the same size");
+  To out;
+  memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
+// ------------------------------------------------------------------------------- math
+// Float math in float32 (half/bfloat arguments are widened and the result narrowed back).
+#define DS4EMU_MATH1(name, impl)                                                  \
+  inline float name(float x) { return impl(x); }                                 \
+  inline half name(half x) { return half(impl(float(x))); }                      \
+  inline bfloat name(bfloat x) { return bfloat(impl(float(x))); }
+inline float rsqrt_f(float x) { return 1.0f / __builtin_sqrtf(x); }
+DS4EMU_MATH1(exp, __builtin_expf)
+DS4EMU_MATH1(exp2, __builtin_exp2f)
+DS4EMU_MATH1(log, __builtin_logf)
+DS4EMU_MATH1(log2, __builtin_log2f)
+DS4EMU_MATH1(sqrt, __builtin_sqrtf)
+DS4EMU_MATH1(rsqrt, rsqrt_f)
+DS4EMU_MATH1(tanh, __builtin_tanhf)
+DS4EMU_MATH1(floor, __builtin_floorf)
+DS4EMU_MATH1(ceil, __builtin_ceilf)
+DS4EMU_MATH1(round, __builtin_roundf)
+DS4EMU_MATH1(rint, __builtin_rintf)
+DS4EMU_MATH1(trunc, __builtin_truncf)
+DS4EMU_MATH1(fabs, __builtin_fabsf)
+DS4EMU_MATH1(sin, __builtin_sinf)
+DS4EMU_MATH1(cos, __builtin_cosf)
+#undef DS4EMU_MATH1
+inline float abs(float x) { return __builtin_fabsf(x); }
+inline half abs(half x) { return half(__builtin_fabsf(float(x))); }
+inline int abs(int x) { return x < 0 ? -x : x; }
+inline float pow(float a, float b) { return __builtin_powf(a, b); }
+inline float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+inline bool isnan(float x) { return __builtin_isnan(x); }
+inline bool isinf(float x) { return __builtin_isinf(x); }
+inline bool isfinite(float x) { return __builtin_isfinite(x); }
+// Metal's min/max/clamp for floats are fmin/fmax-like (a NaN operand yields the other one).
+inline float min(float a, float b) { return __builtin_fminf(a, b); }
+inline float max(float a, float b) { return __builtin_fmaxf(a, b); }
+inline half min(half a, half b) { return half(__builtin_fminf(float(a), float(b))); }
+inline half max(half a, half b) { return half(__builtin_fmaxf(float(a), float(b))); }
+template <typename T, typename = typename std::enable_if<std::is_integral<T>::value>::type>
+inline T min(T a, T b) { return b < a ? b : a; }
+template <typename T, typename = typename std::enable_if<std::is_integral<T>::value>::type>
+inline T max(T a, T b) { return a < b ? b : a; }
+inline float clamp(float x, float lo, float hi) { return min(max(x, lo), hi); }
+template <typename T, typename = typename std::enable_if<std::is_integral<T>::value>::type>
+inline T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
+template <typename T> inline T select(T a, T b, bool c) { return c ? b : a; }
+inline float mix(float a, float b, float t) { return a + (b - a) * t; }
+inline float sign(float x) { return x > 0 ? 1.0f : (x < 0 ? -1.0f : 0.0f); }
+inline uint popcount(uint x) { return uint(__builtin_popcount(x)); }
+inline uint popcount(ushort x) { return uint(__builtin_popcount(uint(x))); }
+inline uint popcount(uchar x) { return uint(__builtin_popcount(uint(x))); }
+
+// metal::precise:: and metal::fast:: variants: same functions here (the CPU has one libm).
+namespace precise {
+using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt;
+using metal::rsqrt; using metal::tanh; using metal::pow; using metal::sin; using metal::cos;
+}  // namespace precise
+namespace fast {
+using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt;
+using metal::rsqrt; using metal::tanh; using metal::pow; using metal::sin; using metal::cos;
+}  // namespace fast
+
+// ------------------------------------------------------------------------------- sync
+enum class mem_flags : unsigned { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(unsigned(a) | unsigned(b)); }
+inline void threadgroup_barrier(mem_flags) { mtlemu::threadgroup_barrier(); }
+inline void simdgroup_barrier(mem_flags) { mtlemu::simd_exchange<int>(0, mtlemu::OP_BARRIER); }
+
+// ------------------------------------------------------------------------------- simd
+// Reductions combine the active lanes pairwise (lanes i and i^16, then ^8, ..., ^1), the
+// butterfly order a GPU reduction uses; inactive lanes (returned) contribute nothing.
+template <typename T, typename F> inline T simd_reduce(T v, int op, F combine) {
+  const mtlemu::SimdView<T> s = mtlemu::simd_exchange<T>(v, op);
+  T vals[32];
+  bool have[32];
+  for (int i = 0; i < 32; ++i) {
+    have[i] = (s.mask >> i) & 1u;
+    if (have[i]) vals[i] = s.values[i];
+  }
+  for (int step = 16; step >= 1; step >>= 1)
+    for (int i = 0; i < step; ++i) {
+      int j = i + step;
+      if (have[i] && have[j]) vals[i] = combine(vals[i], vals[j]);
+      else if (have[j]) { vals[i] = vals[j]; have[i] = true; }
+    }
+  return vals[0];
+}
+template <typename T> inline T simd_sum(T v) {
+  return simd_reduce(v, mtlemu::OP_SUM, [](T a, T b) { return T(a + b); });
+}
+template <typename T> inline T simd_max(T v) {
+  return simd_reduce(v, mtlemu::OP_MAX, [](T a, T b) { return max(a, b); });
+}
+template <typename T> inline T simd_min(T v) {
+  return simd_reduce(v, mtlemu::OP_MIN, [](T a, T b) { return min(a, b); });
+}
+template <typename T, typename F> inline T simd_pick(T v, int op, F src_of) {
+  const mtlemu::SimdView<T> s = mtlemu::simd_exchange<T>(v, op);
+  int src = src_of(int(s.lane));
+  if (src < 0 || src >= 32 || !((s.mask >> src) & 1u)) return v;  // undefined on the GPU
+  return s.values[src];
+}
+template <typename T> inline T simd_shuffle(T v, ushort lane) {
+  return simd_pick(v, mtlemu::OP_SHUFFLE, [lane](int) { return int(lane); });
+}
+template <typename T> inline T simd_broadcast(T v, ushort lane) {
+  return simd_pick(v, mtlemu::OP_SHUFFLE, [lane](int) { return int(lane); });
+}
+template <typename T> inline T simd_broadcast_first(T v) {
+  const mtlemu::SimdView<T> s = mtlemu::simd_exchange<T>(v, mtlemu::OP_SHUFFLE);
+  return s.values[__builtin_ctz(s.mask)];
+}
+template <typename T> inline T simd_shuffle_xor(T v, ushort m) {
+  return simd_pick(v, mtlemu::OP_SHUFFLE, [m](int i) { return i ^ int(m); });
+}
+template <typename T> inline T simd_shuffle_down(T v, ushort d) {
+  return simd_pick(v, mtlemu::OP_SHUFFLE, [d](int i) { return i + int(d); });
+}
+template <typename T> inline T simd_shuffle_up(T v, ushort d) {
+  return simd_pick(v, mtlemu::OP_SHUFFLE, [d](int i) { return i - int(d); });
+}
+template <typename T> inline T simd_prefix_exclusive_sum(T v) {
+  const mtlemu::SimdView<T> s = mtlemu::simd_exchange<T>(v, mtlemu::OP_SUM);
+  T acc = T(0);
+  for (uint i = 0; i < s.lane; ++i)
+    if ((s.mask >> i) & 1u) acc = T(acc + s.values[i]);
+  return acc;
+}
+template <typename T> inline T simd_prefix_inclusive_sum(T v) {
+  return T(simd_prefix_exclusive_sum(v) + v);
+}
+inline bool simd_any(bool v) { return simd_max<int>(v ? 1 : 0) != 0; }
+inline bool simd_all(bool v) { return simd_min<int>(v ? 1 : 0) != 0; }
+
+}  // namespace metal
+
+using namespace metal;
+typedef metal::half float16_t;
+typedef metal::bfloat bfloat16_t;

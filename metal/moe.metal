@@ -1,0 +1,204 @@
+// Routed-expert kernels on packed weights (any QFmt), loaded by ds4mlx/kernels.py.
+//
+// Each `// @kernel NAME` section is the body of one mx.fast.metal_kernel; the text above the
+// first section is the header shared by all of them. Template parameters: T (activation dtype),
+// FMT (a DS4_* format id), OutT (output dtype) where noted. Weights are [E, rows, row_bytes]
+// packed bytes `w` plus, for MXFP4, [E, rows, scale_bytes] scales `s` (a dummy otherwise).
+// Sizes come in as 0-d int inputs; k (experts per token) is one of them, never a constant.
+#include "quant.h"
+
+// Decode: a simdgroup computes DS4_ROWS output rows of one (token, expert) pair; its lanes
+// stride over the row 8 elements at a time.
+#define DS4_ROWS 4
+#define DS4_SIMDGROUPS 2
+
+METAL_FUNC float ds4_dot8(thread const float* a, thread const float* b) {
+  float s = 0.0f;
+  for (int i = 0; i < 8; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// silu(min(g, limit)) * clip(u, -limit, limit); limit <= 0 means no clamp.
+METAL_FUNC float ds4_swiglu(float g, float u, float limit) {
+  if (limit > 0.0f) {
+    g = min(g, limit);
+    u = clamp(u, -limit, limit);
+  }
+  return g * (1.0f / (1.0f + metal::exp(-g))) * u;
+}
+
+// Prefill: a threadgroup of DS4_TG threads computes a DS4_BM x DS4_BN tile of outputs for
+// DS4_BM expert-sorted (token, expert) pairs, K in steps of DS4_BK, dequantizing each weight
+// tile into threadgroup memory once for all the pairs of the tile that use that expert.
+#define DS4_BM 32
+#define DS4_BN 32
+#define DS4_BK 32
+#define DS4_TG 128
+
+// @kernel dequant_rows
+// Dequantize rows: w [R, row_bytes] (+ s [R, scale_bytes]) -> out [R, K] float32.
+// Grid (K/8, R): one thread per 8 elements.
+uint piece = thread_position_in_grid.x;
+uint row = thread_position_in_grid.y;
+if (piece * 8 >= uint(K)) return;
+float v[8];
+QFmt<FMT>::load8(w + row * QFmt<FMT>::row_bytes(K), s + row * QFmt<FMT>::scale_bytes(K),
+                 piece * 8, v);
+for (int i = 0; i < 8; ++i) out[row * uint(K) + piece * 8 + i] = v[i];
+
+// @kernel moe_gate_up_decode
+// x [N, K] (T), w1/w3 [E, F, .] with scales s1/s3, idx [N * k] uint32 (pair p = token * k +
+// slot) -> mid [N * k, F] float32 = swiglu(W1[e] x, W3[e] x).
+// Grid (ceil(F / (ROWS * SIMDGROUPS)) * 32 * SIMDGROUPS, N * k), threadgroup (64, 1, 1).
+uint pair = threadgroup_position_in_grid.y;
+uint lane = thread_index_in_simdgroup;
+uint row0 = (threadgroup_position_in_grid.x * DS4_SIMDGROUPS + simdgroup_index_in_threadgroup) *
+            DS4_ROWS;
+uint tok = pair / uint(k);
+uint e = idx[pair];
+uint rb = QFmt<FMT>::row_bytes(K);
+uint sb = QFmt<FMT>::scale_bytes(K);
+float g[DS4_ROWS];
+float u[DS4_ROWS];
+for (int r = 0; r < DS4_ROWS; ++r) {
+  g[r] = 0.0f;
+  u[r] = 0.0f;
+}
+for (uint c = lane * 8; c < uint(K); c += 32 * 8) {
+  float xv[8];
+  for (int i = 0; i < 8; ++i) xv[i] = float(x[tok * uint(K) + c + i]);
+  for (int r = 0; r < DS4_ROWS; ++r) {
+    uint row = row0 + r;
+    if (row >= uint(F)) break;
+    ulong wrow = ulong(e) * uint(F) + row;
+    float wv[8];
+    QFmt<FMT>::load8(w1 + wrow * rb, s1 + wrow * sb, c, wv);
+    g[r] += ds4_dot8(wv, xv);
+    QFmt<FMT>::load8(w3 + wrow * rb, s3 + wrow * sb, c, wv);
+    u[r] += ds4_dot8(wv, xv);
+  }
+}
+for (int r = 0; r < DS4_ROWS; ++r) {
+  float gs = simd_sum(g[r]);
+  float us = simd_sum(u[r]);
+  uint row = row0 + r;
+  if (lane == 0 && row < uint(F)) mid[pair * uint(F) + row] = ds4_swiglu(gs, us, limit);
+}
+
+// @kernel moe_down_decode
+// mid [N * k, F] float32, w2 [E, D, .] with scales s2, idx/rw [N * k] (uint32 / float32)
+// -> y [N, D] (OutT) = sum_j rw_j * W2[e_j] mid_j, accumulated in float32 in slot order.
+// Grid (ceil(D / (ROWS * SIMDGROUPS)) * 32 * SIMDGROUPS, N), threadgroup (64, 1, 1).
+uint tok = threadgroup_position_in_grid.y;
+uint lane = thread_index_in_simdgroup;
+uint row0 = (threadgroup_position_in_grid.x * DS4_SIMDGROUPS + simdgroup_index_in_threadgroup) *
+            DS4_ROWS;
+uint rb = QFmt<FMT>::row_bytes(F);
+uint sb = QFmt<FMT>::scale_bytes(F);
+float acc[DS4_ROWS];
+for (int r = 0; r < DS4_ROWS; ++r) acc[r] = 0.0f;
+for (uint j = 0; j < uint(k); ++j) {
+  uint pair = tok * uint(k) + j;
+  uint e = idx[pair];
+  float part[DS4_ROWS];
+  for (int r = 0; r < DS4_ROWS; ++r) part[r] = 0.0f;
+  for (uint c = lane * 8; c < uint(F); c += 32 * 8) {
+    float mv[8];
+    for (int i = 0; i < 8; ++i) mv[i] = mid[pair * uint(F) + c + i];
+    for (int r = 0; r < DS4_ROWS; ++r) {
+      uint row = row0 + r;
+      if (row >= uint(D)) break;
+      ulong wrow = ulong(e) * uint(D) + row;
+      float wv[8];
+      QFmt<FMT>::load8(w2 + wrow * rb, s2 + wrow * sb, c, wv);
+      part[r] += ds4_dot8(wv, mv);
+    }
+  }
+  float weight = rw[pair];
+  for (int r = 0; r < DS4_ROWS; ++r) acc[r] += weight * simd_sum(part[r]);
+}
+for (int r = 0; r < DS4_ROWS; ++r) {
+  uint row = row0 + r;
+  if (lane == 0 && row < uint(D)) y[tok * uint(D) + row] = OutT(acc[r]);
+}
+
+// @kernel moe_matmul_sorted
+// Expert-grouped tiled matmul for many (token, expert) pairs. Pairs are sorted by expert:
+// sorted pair p uses expert eid[p], input row x[xrow[p]] and writes output row order[p].
+// GATE_UP: out = swiglu(W1[e] x, W3[e] x) (limit as in moe_gate_up_decode); otherwise
+// out = W1[e] x. x [*, K] (T), w1/w3 [E, NOUT, .] -> out [P, NOUT] float32.
+// Grid (ceil(NOUT / BN) * TG, ceil(P / BM)), threadgroup (TG, 1, 1). Each thread owns a 2 x 4
+// block of the BM x BN tile; runs of equal experts inside the tile are processed one after the
+// other (rows outside the run are skipped), so a tile may mix experts.
+threadgroup float xs[DS4_BM * (DS4_BK + 1)];
+threadgroup float ws1[DS4_BN * (DS4_BK + 1)];
+threadgroup float ws3[DS4_BN * (DS4_BK + 1)];
+uint t = thread_index_in_threadgroup;
+uint p0 = threadgroup_position_in_grid.y * DS4_BM;
+uint n0 = threadgroup_position_in_grid.x * DS4_BN;
+uint pend = min(p0 + DS4_BM, uint(P));
+uint tm = t / 8;                // output rows 2tm, 2tm + 1 of the tile
+uint tn = t % 8;                // output columns 4tn .. 4tn + 3
+uint lr = t / 4;                // tile row this thread loads
+uint lc = (t % 4) * 8;          // first of the 8 columns it loads
+uint rb = QFmt<FMT>::row_bytes(K);
+uint sb = QFmt<FMT>::scale_bytes(K);
+float acc1[2][4];
+float acc3[2][4];
+for (int i = 0; i < 2; ++i)
+  for (int j = 0; j < 4; ++j) {
+    acc1[i][j] = 0.0f;
+    acc3[i][j] = 0.0f;
+  }
+uint p = p0;
+while (p < pend) {
+  uint e = eid[p];
+  uint q = p + 1;
+  while (q < pend && eid[q] == e) ++q;
+  for (uint kb = 0; kb < uint(K); kb += DS4_BK) {
+    uint pr = p0 + lr;
+    for (int i = 0; i < 8; ++i)
+      xs[lr * (DS4_BK + 1) + lc + i] =
+          (pr >= p && pr < q) ? float(x[ulong(xrow[pr]) * uint(K) + kb + lc + i]) : 0.0f;
+    uint nr = n0 + lr;
+    float v[8];
+    if (nr < uint(NOUT)) {
+      ulong wrow = ulong(e) * uint(NOUT) + nr;
+      QFmt<FMT>::load8(w1 + wrow * rb, s1 + wrow * sb, kb + lc, v);
+      for (int i = 0; i < 8; ++i) ws1[lr * (DS4_BK + 1) + lc + i] = v[i];
+      if (GATE_UP) {
+        QFmt<FMT>::load8(w3 + wrow * rb, s3 + wrow * sb, kb + lc, v);
+        for (int i = 0; i < 8; ++i) ws3[lr * (DS4_BK + 1) + lc + i] = v[i];
+      }
+    } else {
+      for (int i = 0; i < 8; ++i) {
+        ws1[lr * (DS4_BK + 1) + lc + i] = 0.0f;
+        ws3[lr * (DS4_BK + 1) + lc + i] = 0.0f;
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int i = 0; i < 2; ++i) {
+      uint row = p0 + 2 * tm + i;
+      if (row < p || row >= q) continue;
+      for (uint kk = 0; kk < DS4_BK; ++kk) {
+        float xv = xs[(2 * tm + i) * (DS4_BK + 1) + kk];
+        for (int j = 0; j < 4; ++j) {
+          acc1[i][j] += xv * ws1[(4 * tn + j) * (DS4_BK + 1) + kk];
+          if (GATE_UP) acc3[i][j] += xv * ws3[(4 * tn + j) * (DS4_BK + 1) + kk];
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  p = q;
+}
+for (int i = 0; i < 2; ++i) {
+  uint row = p0 + 2 * tm + i;
+  if (row >= pend) continue;
+  for (int j = 0; j < 4; ++j) {
+    uint col = n0 + 4 * tn + j;
+    if (col >= uint(NOUT)) continue;
+    out[ulong(order[row]) * uint(NOUT) + col] =
+        GATE_UP ? ds4_swiglu(acc1[i][j], acc3[i][j], limit) : acc1[i][j];
+  }
+}

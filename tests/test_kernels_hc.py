@@ -1,0 +1,72 @@
+"""Fused hyper-connection pre kernel (metal/hc.metal) against the model's HC pre in MLX ops
+(ds4mlx/model/hyper.py), under the CPU emulator and, on a Mac, on the GPU."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from ds4mlx import kernel_emu, kernels
+from ds4mlx.model import hyper
+
+PATHS = [
+    pytest.param("emulate", marks=pytest.mark.skipif(kernel_emu.compiler() is None,
+                                                     reason="no C++ compiler for the emulator")),
+    pytest.param("metal", marks=[pytest.mark.mac, pytest.mark.skipif(
+        not mx.metal.is_available(), reason="needs a Metal GPU")]),
+]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("DS4MLX_KERNELS", request.param)
+    return request.param
+
+
+def hc_inputs(lead, m, d, seed, h_dtype=mx.float32, fn_dtype=mx.float32):
+    rng = np.random.default_rng(seed)
+    mix = 2 * m + m * m
+    h = mx.array(rng.standard_normal((*lead, m, d)).astype(np.float32)).astype(h_dtype)
+    fn = mx.array((rng.standard_normal((mix, m * d)) / np.sqrt(m * d)).astype(np.float32))
+    base = mx.array(rng.uniform(-1, 1, mix).astype(np.float32))
+    scale = mx.array(rng.uniform(0.5, 3.0, 3).astype(np.float32))
+    return h, fn.astype(fn_dtype), base, scale
+
+
+def assert_close(got, ref, rel=1e-5):
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err <= rel, f"relative error {err:.3g} > {rel}"
+
+
+@pytest.mark.parametrize("lead,m,d", [((3,), 4, 200), ((2, 3), 4, 300), ((5,), 2, 77),
+                                      ((1,), 3, 64), ((2,), 1, 40), ((1,), 4, 4096)])
+def test_hc_pre_matches_ops(path, lead, m, d):
+    h, fn, base, scale = hc_inputs(lead, m, d, seed=d)
+    got = kernels.hc_pre(h, fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6)
+    ref = hyper.hc_pre(h, fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6)
+    for g, r in zip(got, ref):
+        assert_close(g, r)
+    comb = np.asarray(got[2])
+    np.testing.assert_allclose(comb.sum(axis=-2), 1.0, atol=1e-5)  # columns end normalised
+
+
+@pytest.mark.parametrize("h_dtype,fn_dtype", [(mx.bfloat16, mx.float16), (mx.float16, mx.float32)])
+@pytest.mark.parametrize("iters", [1, 3])
+def test_hc_pre_dtypes_and_iterations(path, h_dtype, fn_dtype, iters):
+    h, fn, base, scale = hc_inputs((4,), 4, 96, seed=iters, h_dtype=h_dtype, fn_dtype=fn_dtype)
+    got = kernels.hc_pre(h, fn, base, scale, iters=iters, eps=1e-3, norm_eps=1e-5)
+    ref = hyper.hc_pre(h, fn, base, scale, iters=iters, eps=1e-3, norm_eps=1e-5)
+    for g, r in zip(got, ref):
+        assert_close(g, r)
+
+
+def test_hc_pre_rejects_mismatched_shapes(monkeypatch):
+    monkeypatch.setenv("DS4MLX_KERNELS", "ops")
+    h, fn, base, scale = hc_inputs((2,), 4, 32, seed=0)
+    with pytest.raises(kernels.KernelInputError, match="fn must be"):
+        kernels.hc_pre(h, fn[:, :-1], base, scale, iters=20, eps=1e-6, norm_eps=1e-6)
+    with pytest.raises(kernels.KernelInputError, match="h: expected"):
+        kernels.hc_pre(h[0, 0, 0], fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6)
