@@ -10,13 +10,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": ("ds4mlx.loader", "load"),
     "ModelConfig": ("ds4mlx.config", "ModelConfig"),
-    "generate": ("ds4mlx.generate", "generate"),
-    "stream_generate": ("ds4mlx.generate", "stream_generate"),
     "encode_messages": ("ds4mlx.chat", "encode_messages"),
     "parse_completion": ("ds4mlx.chat", "parse_completion"),
 }
 
-__all__ = list(_LAZY)
+# Eager, because the submodule ds4mlx.generate has the function's name: once anything imports
+# the submodule, the package attribute would be the module and ds4mlx.generate(...) would fail.
+# It only imports mlx.core/mlx.nn (a few ms).
+from .generate import generate, stream_generate  # noqa: E402
+
+__all__ = list(_LAZY) + ["generate", "stream_generate"]
 
 
 def __getattr__(name: str):

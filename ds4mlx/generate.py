@@ -1,0 +1,279 @@
+"""Text generation: mlx-lm's token loop (``generate_step``) with DeepSeek V4's conventions.
+
+``stream_generate`` yields one ``GenerationResponse`` per generated token: the new text, the
+token, running statistics, and whether the text is reasoning (between ``<think>`` and
+``</think>``; the markers themselves are not part of ``text``). A ``prompt_cache`` carries the
+decode state across calls, so a conversation only ever prefills its new tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# DeepSeek's recommended sampling for V4 (temperature 1, top-p 1) with ds4's min-p floor.
+DEFAULT_TEMP = 1.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = 0
+DEFAULT_MIN_P = 0.05
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_PREFILL_STEP = 2048
+
+Prompt = Union[str, Sequence[int], mx.array]
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit in the context (the message gives both lengths)."""
+
+
+@dataclass
+class GenerationResponse:
+    """One generated token, field for field mlx-lm's ``GenerationResponse`` plus two fields.
+
+    ``prompt_tokens`` counts the tokens prefilled by this call (not earlier turns in the cache);
+    ``context_tokens`` counts every token in the decode state after this one; ``reasoning``
+    says whether ``text`` belongs to the reasoning rather than the answer.
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+    reasoning: bool = False
+    context_tokens: int = 0
+
+
+def cache_offset(cache: Optional[list]) -> int:
+    """Tokens already held by a decode state (0 for None or a fresh one)."""
+    return 0 if not cache else int(cache[0].offset)
+
+
+def chat_prompt(
+    tokenizer: Any,
+    prompt: str,
+    *,
+    system: Optional[str] = None,
+    thinking: bool = True,
+    reasoning_effort: Optional[str] = None,
+    context: Optional[list[dict]] = None,
+) -> list[int]:
+    """Token ids of one user turn in DeepSeek V4's chat format, ending with the assistant
+    prefix (``<think>`` when thinking, ``</think>`` otherwise). ``context`` holds the earlier
+    messages already in the decode state: only the new turn is rendered."""
+    from .chat import encode_messages
+
+    messages = [{"role": "user", "content": prompt}]
+    if system and not context:
+        messages.insert(0, {"role": "system", "content": system})
+    text = encode_messages(
+        messages, "thinking" if thinking else "chat", reasoning_effort, context=context or None
+    )
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def make_sampling(
+    *,
+    temp: float = DEFAULT_TEMP,
+    top_p: float = DEFAULT_TOP_P,
+    top_k: int = DEFAULT_TOP_K,
+    min_p: float = DEFAULT_MIN_P,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+) -> tuple[Callable[[mx.array], mx.array], list]:
+    """mlx-lm's sampler and logits processors for these settings (``temp=0``: greedy)."""
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    if temp < 0:
+        raise ValueError(f"temp must be >= 0, got {temp}")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    processors = make_logits_processors(
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+    )
+    return sampler, processors
+
+
+def _prompt_ids(tokenizer: Any, prompt: Prompt, fresh: bool) -> list[int]:
+    if isinstance(prompt, str):
+        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if fresh and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)  # V4 adds no BOS itself, but a sequence must start with it
+        return ids
+    if isinstance(prompt, mx.array):
+        return [int(t) for t in prompt.reshape(-1).tolist()]
+    return [int(t) for t in prompt]
+
+
+def think_ids(tokenizer: Any) -> tuple[Optional[int], Optional[int]]:
+    try:
+        if getattr(tokenizer, "has_thinking", False):
+            return tokenizer.think_start_id, tokenizer.think_end_id
+    except ValueError:  # multi-token markers: not DeepSeek's
+        pass
+    return None, None
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: Prompt,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temp: float = DEFAULT_TEMP,
+    top_p: float = DEFAULT_TOP_P,
+    top_k: int = DEFAULT_TOP_K,
+    min_p: float = DEFAULT_MIN_P,
+    repetition_penalty: Optional[float] = None,
+    seed: Optional[int] = None,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[list] = None,
+    prompt_cache: Optional[list] = None,
+    max_context: Optional[int] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+) -> Iterator[GenerationResponse]:
+    """Generate from ``prompt`` (text taken verbatim, token ids, or an ``mx.array``).
+
+    A text prompt gets BOS in front when the decode state is empty and it has none; build chat
+    prompts with ``chat_prompt``. ``sampler``/``logits_processors`` (mlx-lm callables) replace
+    the ones made from ``temp``/``top_p``/``top_k``/``min_p``/``repetition_penalty``.
+    ``prompt_cache`` (from ``model.make_cache()``) is extended in place: afterwards it holds
+    the prompt and every generated token including a final EOS. ``max_context`` bounds prompt
+    plus generation (default: the model's ``max_position_embeddings``); a prompt that does not
+    fit raises ``ContextLengthError``, a generation that reaches it ends with "length".
+    """
+    from mlx_lm.generate import generate_step, generation_stream, wired_limit
+
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    if prompt_cache is None:
+        prompt_cache = model.make_cache()
+    start = cache_offset(prompt_cache)
+    ids = _prompt_ids(tokenizer, prompt, fresh=start == 0)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_context is not None:
+        limit = max_context if limit is None else min(limit, max_context)
+    if limit is not None:
+        room = limit - start - len(ids)
+        if room < 1:
+            held = f" after {start} tokens already in context" if start else ""
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens{held}, more than the context of {limit} tokens allows "
+                "(raise --ctx or shorten the prompt)"
+            )
+        max_tokens = min(max_tokens, room)
+    if sampler is None or logits_processors is None:
+        made_sampler, made_processors = make_sampling(
+            temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty
+        )
+        sampler = sampler or made_sampler
+        logits_processors = made_processors if logits_processors is None else logits_processors
+    if seed is not None:
+        mx.random.seed(seed)
+
+    think_start, think_end = think_ids(tokenizer)
+    eos_ids = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+    reasoning = think_start is not None and ids[-1] == think_start
+    detokenizer = tokenizer.detokenizer
+    steps = generate_step(
+        mx.array(ids),
+        model,
+        generation_stream,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors or None,
+        prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size,
+        prompt_progress_callback=prompt_progress_callback,
+    )
+
+    def response(text, token, logprobs, n, finish=None, channel=None):
+        return GenerationResponse(
+            text=text,
+            token=token,
+            logprobs=logprobs,
+            from_draft=False,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            reasoning=reasoning if channel is None else channel,
+            context_tokens=start + len(ids) + n,
+        )
+
+    mx.reset_peak_memory()
+    prompt_tps = 0.0
+    with wired_limit(model, [generation_stream]):
+        tic = time.perf_counter()
+        n = 0
+        for n, (token, logprobs) in enumerate(steps, start=1):
+            if n == 1:
+                prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
+                tic = time.perf_counter()
+            if token in eos_ids:
+                detokenizer.finalize()
+                yield response(detokenizer.last_segment, token, logprobs, n, "stop")
+                return
+            if token in (think_start, think_end):
+                # flush the channel that ends here, then start the other one afresh
+                detokenizer.finalize()
+                text, channel = detokenizer.last_segment, reasoning
+                detokenizer.reset()
+                reasoning = token == think_start
+            else:
+                detokenizer.add_token(token)
+                text, channel = None, None
+            if n == max_tokens:
+                detokenizer.finalize()
+                yield response((text or "") + detokenizer.last_segment, token, logprobs, n, "length", channel)
+                return
+            yield response(detokenizer.last_segment if text is None else text, token, logprobs, n, None, channel)
+
+
+def generate(model: nn.Module, tokenizer: Any, prompt: Prompt, *, verbose: bool = False, **kwargs) -> str:
+    """The completion as the model wrote it (without EOS): reasoning, if any, is closed by
+    ``</think>``, so ``ds4mlx.parse_completion`` splits it. Keyword arguments are those of
+    ``stream_generate``."""
+    think_start, think_end = think_ids(tokenizer)
+    markers = {think_start: getattr(tokenizer, "think_start", None), think_end: getattr(tokenizer, "think_end", None)}
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        text += response.text
+        if response.token in markers and response.finish_reason != "stop":
+            text += markers[response.token] or ""
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose and response is not None:
+        print()
+        print(format_stats(response))
+    return text
+
+
+def format_stats(response: GenerationResponse) -> str:
+    """One line: prompt tokens and prefill speed, generated tokens and speed, peak memory."""
+    return (
+        f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
+        f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
+        f"Peak memory: {response.peak_memory:.2f} GB"
+    )

@@ -1,0 +1,474 @@
+"""DeepSeek V4 GGUF files (antirez/ds4 and upstream llama.cpp ``deepseek4``) -> model, and back.
+
+* ``hf_config_from_gguf``: the ``deepseek4.*`` metadata (gguf_layouts.md §1.2) as an HF-style
+  config dict; the routed top-k is ``deepseek4.expert_used_count``, checked against the width of
+  the hash tables (``ffn_gate_tid2eid``, ne ``[k, vocab]``), which may be wider (cut to k), never
+  narrower.
+* ``load_gguf``: every tensor is dispatched on its own GGML type (files mix types per layer):
+  float types load as float; Q8_0 projections become MLX affine 8-bit (exact) and MXFP4 ones MLX
+  ``mxfp4`` (exact); other block types stay as native GGUF blocks in ``GGUFLinear`` /
+  ``GGUFSwitchLinear`` (routed experts are never dequantized in memory). Quantized tensors that
+  are not projections (embedding, router, HC mixers, ...) are dequantized exactly to float.
+* ``write_gguf``: a GGUF with this metadata and given tensors, via gguf-py's ``GGUFWriter``,
+  written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from ..quant import gguf as qgguf
+from ..quant.gguf import mxfp4, q8_0
+from ..quant.gguf.layers import gguf_kind
+from ..quant.layers import MXFP4, WeightFormat, affine, apply_formats
+from .gguf_file import PLAIN_DTYPES, GGUFError, GGUFFile, TensorInfo, open_gguf
+from .names import QUANTIZED_WEIGHTS, UnknownTensorName, internal_to_gguf
+
+ARCH = "deepseek4"
+T = GGMLQuantizationType
+_FLOAT_TYPES = {T.F32: mx.float32, T.F16: mx.float16, T.BF16: mx.bfloat16}
+_INT_TYPES = (T.I8, T.I16, T.I32, T.I64)
+TID2EID = "ffn_gate_tid2eid.weight"
+SQRTSOFTPLUS = 4  # llama.cpp's expert_gating_func enum value
+
+# (metadata key under "deepseek4.", HF config key, GGUF type); the first block is required
+_REQUIRED_KEYS = [
+    ("block_count", "num_hidden_layers", "u32"),
+    ("embedding_length", "hidden_size", "u32"),
+    ("vocab_size", "vocab_size", "u32"),
+    ("attention.head_count", "num_attention_heads", "u32"),
+    ("attention.key_length", "head_dim", "u32"),
+    ("rope.dimension_count", "qk_rope_head_dim", "u32"),
+    ("attention.q_lora_rank", "q_lora_rank", "u32"),
+    ("attention.output_group_count", "o_groups", "u32"),
+    ("attention.output_lora_rank", "o_lora_rank", "u32"),
+    ("attention.sliding_window", "sliding_window", "u32"),
+    ("attention.compress_ratios", "compress_ratios", "i32[]"),
+    ("expert_count", "n_routed_experts", "u32"),
+    ("expert_feed_forward_length", "moe_intermediate_size", "u32"),
+    ("hash_layer_count", "num_hash_layers", "u32"),
+]
+_OPTIONAL_KEYS = [
+    ("context_length", "max_position_embeddings", "u32"),
+    ("attention.head_count_kv", "num_key_value_heads", "u32"),
+    ("expert_shared_count", "n_shared_experts", "u32"),
+    ("attention.indexer.head_count", "index_n_heads", "u32"),
+    ("attention.indexer.key_length", "index_head_dim", "u32"),
+    ("attention.indexer.top_k", "index_topk", "u32"),
+    ("hyper_connection.count", "hc_mult", "u32"),
+    ("hyper_connection.sinkhorn_iterations", "hc_sinkhorn_iters", "u32"),
+    ("hyper_connection.epsilon", "hc_eps", "f32"),
+    ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "f32"),
+    ("rope.freq_base", "rope_theta", "f32"),
+    ("attention.compress_rope_freq_base", "compress_rope_theta", "f32"),
+    ("expert_weights_scale", "routed_scaling_factor", "f32"),
+    ("expert_weights_norm", "norm_topk_prob", "bool"),
+]
+_ROPE_KEYS = [  # rope.scaling.* -> HF rope_scaling
+    ("rope.scaling.factor", "factor", "f32"),
+    ("rope.scaling.original_context_length", "original_max_position_embeddings", "u32"),
+    ("rope.scaling.yarn_beta_fast", "beta_fast", "f32"),
+    ("rope.scaling.yarn_beta_slow", "beta_slow", "f32"),
+]
+
+
+# --------------------------------------------------------------------------- metadata -> config
+def _number(value: Any, key: str, source: str, integer: bool) -> int | float:
+    if isinstance(value, (bool, str, list, np.ndarray)):
+        raise GGUFError(f"{source}: metadata {key!r} is {value!r}, expected a number")
+    if integer:
+        if float(value) != int(value) or value < 0:
+            raise GGUFError(f"{source}: metadata {key!r} is {value!r}, expected a count")
+        return int(value)
+    # f32 metadata: keep the shortest decimal that rounds to it (1e-6, not 9.99999997e-07)
+    return float(str(np.float32(value))) if isinstance(value, float) else float(value)
+
+
+def _read_key(fields: Mapping[str, Any], key: str, kind: str, source: str):
+    value = fields[key]
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise GGUFError(f"{source}: metadata {key!r} is {value!r}, expected a bool")
+        return value
+    if kind == "i32[]":
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
+            raise GGUFError(f"{source}: metadata {key!r} is {value!r}, expected an integer array")
+        return [int(v) for v in value]
+    return _number(value, key, source, integer=kind == "u32")
+
+
+def hf_config_from_gguf(gf: GGUFFile, *, tensors: Mapping[str, TensorInfo] | None = None) -> dict[str, Any]:
+    """The HF ``config.json`` dict described by a DeepSeek V4 GGUF's metadata."""
+    source, f = str(gf.path), gf.fields
+    arch = gf.architecture
+    if arch != ARCH:
+        raise GGUFError(
+            f"{source}: general.architecture is {arch!r}, expected {ARCH!r} (DeepSeek V4 Flash)"
+        )
+    p = ARCH + "."
+    missing = [p + k for k, _, _ in _REQUIRED_KEYS if p + k not in f]
+    if missing:
+        raise GGUFError(f"{source}: metadata key {missing[0]!r} is missing"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    d: dict[str, Any] = {"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"]}
+    for key, hf_key, kind in _REQUIRED_KEYS + _OPTIONAL_KEYS:
+        if p + key in f:
+            d[hf_key] = _read_key(f, p + key, kind, source)
+    if p + "attention.value_length" in f:
+        v = _read_key(f, p + "attention.value_length", "u32", source)
+        if v != d["head_dim"]:
+            raise GGUFError(f"{source}: {p}attention.value_length = {v} differs from key_length "
+                            f"{d['head_dim']} (K and V share one head here)")
+    clamp = f.get(p + "swiglu_clamp_exp")
+    if clamp is not None:
+        values = np.atleast_1d(np.asarray(clamp, dtype=np.float64))
+        if values.size == 0 or np.any(values != values[0]):
+            raise GGUFError(f"{source}: {p}swiglu_clamp_exp must hold one value for every layer")
+        d["swiglu_limit"] = _number(float(np.float32(values[0])), p + "swiglu_clamp_exp", source, False)
+    gating = f.get(p + "expert_gating_func")
+    if gating is not None and gating != SQRTSOFTPLUS:
+        raise GGUFError(f"{source}: {p}expert_gating_func = {gating!r}; DeepSeek V4 uses "
+                        f"sqrtsoftplus ({SQRTSOFTPLUS})")
+    if any(p + k in f for k, _, _ in _ROPE_KEYS):
+        kind = f.get(p + "rope.scaling.type", "yarn")
+        if kind != "yarn":
+            raise GGUFError(f"{source}: {p}rope.scaling.type is {kind!r}, expected 'yarn'")
+        d["rope_scaling"] = {"type": "yarn"}
+        for key, hf_key, kind in _ROPE_KEYS:
+            if p + key not in f:
+                raise GGUFError(f"{source}: metadata key {p + key!r} is missing (YaRN needs it)")
+            d["rope_scaling"][hf_key] = _read_key(f, p + key, kind, source)
+    for kind in ("bos", "eos"):
+        key = f"tokenizer.ggml.{kind}_token_id"
+        if key in f:
+            d[f"{kind}_token_id"] = _number(f[key], key, source, True)
+
+    # top-k: the metadata value, checked against the hash tables' width (ne[0])
+    tensors = gf.tensors if tensors is None else tensors
+    widths = {n: t.ne[0] for n, t in tensors.items() if n.endswith(TID2EID) and t.ne}
+    k = f.get(p + "expert_used_count")
+    if k is None:
+        if not widths:
+            raise GGUFError(f"{source}: metadata key {p}expert_used_count is missing")
+        k = min(widths.values())
+    k = _number(k, p + "expert_used_count", source, True)
+    for name, width in widths.items():
+        if width < k:
+            raise GGUFError(
+                f"{source}: {p}expert_used_count = {k} but tensor {name!r} holds only {width} "
+                f"expert ids per token"
+            )
+    d["num_experts_per_tok"] = k
+    d["num_nextn_predict_layers"] = 0  # MTP lives in a separate file (load_gguf's mtp_path)
+    return d
+
+
+def gguf_metadata(config: Mapping[str, Any]) -> list[tuple[str, Any, GGUFValueType]]:
+    """``(key, value, type)`` of the ``deepseek4.*`` metadata for an HF config dict (or a
+    ``ModelConfig``, via ``to_hf``), in the types llama.cpp's converter writes."""
+    if hasattr(config, "to_hf"):
+        config = config.to_hf()
+    p = ARCH + "."
+    kinds = {"u32": GGUFValueType.UINT32, "f32": GGUFValueType.FLOAT32, "bool": GGUFValueType.BOOL,
+             "i32[]": GGUFValueType.ARRAY}
+    out = []
+    for key, hf_key, kind in _REQUIRED_KEYS + _OPTIONAL_KEYS:
+        if hf_key in config:
+            out.append((p + key, config[hf_key], kinds[kind]))
+    out.append((p + "attention.value_length", config["head_dim"], GGUFValueType.UINT32))
+    out.append((p + "expert_used_count", config["num_experts_per_tok"], GGUFValueType.UINT32))
+    out.append((p + "expert_gating_func", SQRTSOFTPLUS, GGUFValueType.UINT32))
+    if "swiglu_limit" in config:
+        out.append((p + "swiglu_clamp_exp", [float(config["swiglu_limit"])] * config["num_hidden_layers"],
+                    GGUFValueType.ARRAY))
+    rope = config.get("rope_scaling")
+    if rope:
+        out.append((p + "rope.scaling.type", rope.get("type", "yarn"), GGUFValueType.STRING))
+        for key, hf_key, kind in _ROPE_KEYS:
+            out.append((p + key, rope[hf_key], kinds[kind]))
+    return out
+
+
+# --------------------------------------------------------------------------- tensors -> model
+def _projection_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> module of every float projection (Linear / SwitchLinear)."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, SwitchLinear))}
+
+
+def _quantizable(path: str) -> bool:
+    """Projections that may be held packed: those the official checkpoint quantizes, and the head
+    (the model calls these modules; other Linears are read as float)."""
+    if path == "head":
+        return True
+    m = re.match(r"^(?:layers|mtp)\.\d+\.(.+)$", path)
+    return m is not None and m.group(1) + ".weight" in QUANTIZED_WEIGHTS
+
+
+# Tensors are copied out of the map in pieces of about this many bytes, each piece's file pages
+# released right after, into MLX arrays allocated once at their final size.
+_PIECE_BYTES = 64 << 20
+
+
+def _new_buffer(shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[mx.array, np.ndarray]:
+    """A fresh evaluated MLX array and a writable byte view of its memory. Filling it through
+    the view avoids a second full-size copy; the array is new and referenced only here."""
+    a = mx.zeros(shape, dtype=dtype)
+    mx.eval(a)
+    return a, np.asarray(memoryview(a)).reshape(-1).view(np.uint8)
+
+
+def _read(gf: GGUFFile, info: TensorInfo) -> mx.array:
+    """A tensor's stored bytes as an MLX array (plain types in their dtype and logical shape,
+    BF16 as bfloat16; block types as uint8 ``[..., row_bytes]``)."""
+    src = gf.array(info.name)
+    dtype = mx.bfloat16 if info.ggml_type == T.BF16 else mx.uint8
+    flat = src.reshape(-1).view(np.uint8)
+    out, dst = _new_buffer((flat.size,), mx.uint8)
+    for start in range(0, flat.size, _PIECE_BYTES):
+        stop = min(flat.size, start + _PIECE_BYTES)
+        dst[start:stop] = flat[start:stop]
+        gf.release(info.offset + start, stop - start)
+    if dtype == mx.uint8 and src.dtype != np.uint8:
+        dtype = {np.dtype("<f4"): mx.float32, np.dtype("<f2"): mx.float16,
+                 np.dtype("<i4"): mx.int32}[src.dtype]
+    return mx.view(out, dtype).reshape(src.shape)
+
+
+def _converted(gf: GGUFFile, info: TensorInfo, fn) -> list[mx.array]:
+    """``fn`` (MLX bytes rows -> tuple of arrays with one row each) applied to the tensor's rows
+    in pieces, the outputs gathered in arrays allocated once: bounded transient memory."""
+    src = gf.array(info.name)
+    rows = src.reshape(-1, src.shape[-1]) if src.ndim else src.reshape(1, -1)
+    step = max(1, _PIECE_BYTES // max(1, rows.shape[1]))
+    outs: list[tuple[mx.array, np.ndarray]] = []
+    for r in range(0, rows.shape[0], step):
+        pieces = fn(mx.array(rows[r:r + step]))
+        mx.eval(pieces)
+        if not outs:
+            outs = [_new_buffer((rows.shape[0], *p.shape[1:]), p.dtype) for p in pieces]
+        for (_, dst), p in zip(outs, pieces):
+            raw = np.asarray(memoryview(p)).reshape(-1).view(np.uint8)
+            at = r * (raw.size // p.shape[0])  # bytes per output row × first row
+            dst[at:at + raw.size] = raw
+        gf.release(info.offset + r * rows.shape[1], min(step, rows.shape[0] - r) * rows.shape[1])
+    return [a.reshape(*src.shape[:-1], *a.shape[1:]) for a, _ in outs]
+
+
+def _float_array(gf: GGUFFile, info: TensorInfo) -> mx.array:
+    """An unquantized or exactly dequantized tensor as an MLX array (ints as int32)."""
+    qtype = T(info.ggml_type)
+    if qtype in _FLOAT_TYPES or qtype == T.I32:
+        return _read(gf, info)
+    if qtype in _INT_TYPES:
+        raw = gf.array(info.name)
+        if raw.size and (raw.min() < np.iinfo(np.int32).min or raw.max() > np.iinfo(np.int32).max):
+            raise GGUFError(f"{gf.path}: tensor {info.name!r} holds values outside int32")
+        return mx.array(raw.astype(np.int32))
+    if qtype in PLAIN_DTYPES:  # F64
+        return mx.array(gf.array(info.name).astype(np.float32))
+    fmt = qgguf.by_type(info.ggml_type, f"{gf.path}: {info.name}")
+    (values,) = _converted(gf, info, lambda b: (fmt.dequantize(b),))
+    return values.reshape(info.shape)
+
+
+def _load_tensor(gf: GGUFFile, info: TensorInfo, path: str, module: str | None,
+                 weights: dict[str, mx.array], formats: dict[str, WeightFormat]) -> None:
+    """Put one GGUF tensor into ``weights`` (and its module's format into ``formats``)."""
+    qtype = info.ggml_type
+    packed = module is not None and qtype not in _FLOAT_TYPES and qtype not in _INT_TYPES
+    if not packed:
+        weights[path] = _float_array(gf, info)
+        return
+    fmt = qgguf.by_type(qtype, f"{gf.path}: {info.name}")  # the clear error for unsupported types
+    if fmt is q8_0:
+        d = gf.array(info.name).reshape(-1, q8_0.BLOCK_BYTES)[:, :2].view("<f2")
+        scale_dtype = mx.float16 if q8_0.fits_fp16(d) else mx.float32
+        gf.release(info.offset, info.nbytes)
+        w, s, b = _converted(gf, info, lambda x: q8_0.to_mlx_affine8(x, scale_dtype))
+        weights.update({path: w, module + ".scales": s, module + ".biases": b})
+        formats[module] = affine(8, 32)
+    elif fmt is mxfp4:
+        w, s = _converted(gf, info, mxfp4.to_mlx_mxfp4)
+        weights.update({path: w, module + ".scales": s})
+        formats[module] = MXFP4
+    else:
+        weights[path] = _read(gf, info)
+        formats[module] = WeightFormat(gguf_kind(fmt.NAME), None, fmt.BLOCK_SIZE)
+
+
+def _check_expert_ids(gf: GGUFFile, info: TensorInfo, table: mx.array, n_experts: int) -> None:
+    lo, hi = mx.min(table).item(), mx.max(table).item()
+    if lo < 0 or hi >= n_experts:
+        raise GGUFError(f"{gf.path}: tensor {info.name!r} holds expert ids {lo}..{hi}, "
+                        f"outside 0..{n_experts - 1}")
+
+
+def _check_shape(gf: GGUFFile, info: TensorInfo, expected: tuple[int, ...], path: str) -> None:
+    got = info.shape
+    if path.endswith(".tid2eid"):
+        ok = len(got) == 2 and got[0] == expected[0] and got[1] >= expected[1]
+    else:
+        ok = got == tuple(expected)
+    if not ok:
+        raise GGUFError(
+            f"{gf.path}: tensor {info.name!r} has shape {list(got)} (ne {list(info.ne)}), "
+            f"expected {list(expected)} for this model's metadata"
+        )
+
+
+def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
+              qat_rounding: bool = True, dtype: mx.Dtype | None = None,
+              mtp_path: str | os.PathLike | None = None):
+    """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
+
+    ``mtp_path``: optional separate GGUF with the ``mtp.{j}.*`` tensors (ds4's MTP file); the
+    MTP block then shares the main file's embedding and head.
+    """
+    from ..config import ModelConfig
+    from ..loader import _load_into, default_dtype
+    from ..model.transformer import Model
+
+    dtype = default_dtype() if dtype is None else dtype
+    files = [open_gguf(path)]
+    try:
+        gf = files[0]
+        by_name: dict[str, tuple[GGUFFile, TensorInfo]] = {n: (gf, t) for n, t in gf.tensors.items()}
+        hf = hf_config_from_gguf(gf)
+        if mtp_path is not None:
+            files.append(open_gguf(mtp_path))
+            mtp_ids = sorted({int(m.group(1)) for n in files[1].tensors
+                              if (m := re.match(r"^mtp\.(\d+)\.", n))})
+            if not mtp_ids:
+                raise GGUFError(f"{files[1].path}: no mtp.* tensors in the MTP file")
+            hf["num_nextn_predict_layers"] = len(mtp_ids)
+            by_name.update({n: (files[1], t) for n, t in files[1].tensors.items() if n.startswith("mtp.")})
+        config = ModelConfig.from_hf(hf, experts_per_token=experts_per_token, source=str(gf.path))
+        model = Model(config, dtype=dtype, qat_rounding=qat_rounding)
+        projections = _projection_modules(model)
+        weights: dict[str, mx.array] = {}
+        formats: dict[str, WeightFormat] = {}
+        for param, target in tree_flatten(model.parameters()):
+            try:
+                name = internal_to_gguf(param)
+            except UnknownTensorName as e:
+                raise GGUFError(f"{gf.path}: the model needs {param!r}, which has no GGUF name ({e})") from None
+            if name not in by_name:
+                where = files[-1].path if param.startswith("mtp.") else gf.path
+                raise GGUFError(f"{where}: tensor {name!r} is missing (needed for {param})")
+            src, info = by_name[name]
+            _check_shape(src, info, tuple(target.shape), param)
+            module = param[: -len(".weight")] if param.endswith(".weight") else None
+            if module not in projections or not _quantizable(module):
+                module = None
+            _load_tensor(src, info, param, module, weights, formats)
+            if param.endswith(".tid2eid"):
+                _check_expert_ids(src, info, weights[param], config.n_routed_experts)
+        apply_formats(model, formats)
+        _load_into(model, weights, set(formats), str(gf.path))
+        model.eval()
+        tokenizer = _tokenizer(gf)
+    finally:
+        for f in files:
+            f.close()
+    return model, tokenizer
+
+
+def _tokenizer(gf: GGUFFile):
+    if "tokenizer.ggml.model" not in gf.fields and "tokenizer.huggingface.json" not in gf.fields:
+        return None
+    from ..tokenizer import tokenizer_from_gguf_fields
+
+    fields = {k: v for k, v in gf.fields.items() if k.startswith("tokenizer.")}
+    return tokenizer_from_gguf_fields(fields, source=str(gf.path))
+
+
+# --------------------------------------------------------------------------- writer
+def _logical_shape(name: str, array: np.ndarray, qtype: T) -> tuple[int, ...]:
+    """Value shape of ``array`` stored as ``qtype`` (packed uint8 rows count as their values)."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    if qtype in _INT_TYPES or array.dtype != np.uint8 or block == 1:
+        return tuple(array.shape)
+    if array.ndim == 0 or array.shape[-1] % nbytes:
+        raise GGUFError(f"{name}: uint8 array of shape {array.shape} is not packed {qtype.name} rows")
+    return (*array.shape[:-1], array.shape[-1] // nbytes * block)
+
+
+def _tensor_bytes(name: str, array: np.ndarray, qtype: T) -> np.ndarray:
+    """What the file stores for ``array`` as ``qtype``: uint8 arrays for block types are taken
+    as packed bytes (any type gguf-py knows); values are quantized with our quantizers."""
+    if qtype in _INT_TYPES:
+        return np.ascontiguousarray(array, dtype=PLAIN_DTYPES[qtype])
+    if array.dtype == np.uint8 and qtype not in PLAIN_DTYPES:
+        return np.ascontiguousarray(array)
+    fmt = qgguf.by_type(int(qtype), name)
+    quantize = getattr(fmt, "quantize", None)
+    if quantize is None:
+        raise GGUFError(f"{name}: ds4mlx has no quantizer for {fmt.NAME}; pass packed uint8 bytes")
+    return quantize(np.asarray(array, dtype=np.float32))
+
+
+def write_gguf(path: str | os.PathLike, config: Any,
+               tensors: Mapping[str, tuple[np.ndarray, int]],
+               tokenizer_fields: Mapping[str, Any] | None = None, *, name: str = "DeepSeek-V4-Flash",
+               extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None) -> Path:
+    """Write a ``deepseek4`` GGUF: metadata from ``config`` (HF dict or ``ModelConfig``),
+    ``tensors`` as ``{gguf name: (array, GGML type)}`` in the given order (float values are
+    quantized to the type; uint8 arrays for block types are packed bytes), and optional
+    ``tokenizer.ggml.*`` fields (``ds4mlx.tokenizer.gguf_tokenizer_fields``).
+
+    Tensors are packed and written one at a time, so memory holds one packed tensor beyond the
+    caller's arrays. The file appears under ``path`` only once complete.
+    """
+    from gguf import GGML_QUANT_SIZES, GGUFWriter
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(str(tmp), ARCH)
+    try:
+        writer.add_name(name)
+        for key, value, vtype in gguf_metadata(config):
+            if vtype == GGUFValueType.ARRAY:
+                writer.add_array(key, list(value))
+            else:
+                writer.add_key_value(key, value, vtype)
+        for key, (value, vtype) in (extra_metadata or {}).items():
+            writer.add_key_value(key, value, vtype)
+        if tokenizer_fields:
+            from ..tokenizer import add_tokenizer_to_gguf
+
+            add_tokenizer_to_gguf(writer, dict(tokenizer_fields))
+        plan = []
+        for tname, (array, qtype) in tensors.items():
+            qtype, array = T(int(qtype)), np.asarray(array)
+            shape = _logical_shape(tname, array, qtype)
+            block, nbytes = GGML_QUANT_SIZES[qtype]
+            if shape and shape[-1] % block:
+                raise GGUFError(f"{tname}: rows of {shape[-1]} values do not fill {qtype.name} blocks of {block}")
+            size = int(np.prod(shape, dtype=np.int64)) // block * nbytes
+            # a non-uint8 dtype makes the writer take ``shape`` as the value shape
+            writer.add_tensor_info(tname, shape, np.dtype(np.float32), size, raw_dtype=qtype)
+            plan.append((tname, array, qtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tname, array, qtype in plan:
+            writer.write_tensor_data(_tensor_bytes(tname, array, qtype))
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,278 @@
+"""Official-format checkpoint directories (sharded safetensors + index) -> tensors for the model.
+
+``open_hf_checkpoint`` checks everything that can be checked from headers alone — config,
+index, shards, names, dtypes and shapes against the config — before any weight byte is read.
+``HFCheckpoint.load_weights`` then reads one tensor at a time from the memory maps and returns
+per internal parameter path either a float ``mx.array`` (BF16/F16/F32 as stored; the loader
+casts) or the packed arrays of an exact MLX ``mxfp8``/``mxfp4`` view, with a ``WeightFormat``
+per quantised module. Routed experts are stacked per layer and projection. FP8/FP4 weights are
+never dequantised.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat
+from ..quant.mx import FP8_BLOCK, MX_GROUP, fp4_to_mxfp4, fp8_to_mxfp8, stack_fp4_to_mxfp4
+from .names import TensorSpec, UnknownTensorName, hf_to_internal, official_layout
+from .safetensors import SafetensorsFile
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+INT_DTYPES = ("I64", "I32")
+_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+
+
+class CheckpointError(ValueError):
+    """An official-format directory is inconsistent; the message names the file, tensor or key."""
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a directory, checked to be DeepSeek V4."""
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no config.json in the model directory")
+    try:
+        config = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: invalid JSON ({e})") from None
+    if config.get("model_type") != "deepseek_v4":
+        raise CheckpointError(
+            f"{p}: model_type is {config.get('model_type')!r}, expected 'deepseek_v4' (DeepSeek V4 Flash)"
+        )
+    return config
+
+
+@dataclass
+class Entry:
+    """One logical weight: its stored tensor(s) and how it will be held."""
+
+    name: str  # official weight name
+    shard: str
+    fmt: WeightFormat
+    scale_shard: str | None = None
+
+
+@dataclass
+class HFCheckpoint:
+    path: Path
+    config: dict[str, Any]
+    weight_map: dict[str, str]  # official name -> shard file name
+    entries: dict[str, Entry]  # official weight name -> entry (scales folded in)
+    has_mtp: bool
+    _files: dict[str, SafetensorsFile] = field(default_factory=dict, repr=False)
+
+    def file(self, shard: str) -> SafetensorsFile:
+        return self._files[shard]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    # ---------------------------------------------------------------- reading
+    def _np(self, name: str) -> np.ndarray:
+        return self._files[self.weight_map[name]].tensor_np(name)
+
+    def _mx(self, name: str):
+        return self._files[self.weight_map[name]].tensor_mx(name)
+
+    def _packed(self, entry: Entry, weight: np.ndarray, scale: np.ndarray):
+        if entry.fmt == MXFP8:
+            return fp8_to_mxfp8(weight, scale, entry.name)
+        return fp4_to_mxfp4(weight, scale, entry.name)
+
+    def load_weights(self, *, include_mtp: bool = True) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
+        """``({internal path: mx.array}, {module path: WeightFormat})``, one tensor read at a time."""
+        import mlx.core as mx
+
+        weights: dict[str, Any] = {}
+        formats: dict[str, WeightFormat] = {}
+        experts: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+        for name, entry in self.entries.items():
+            if not include_mtp and name.startswith("mtp."):
+                continue
+            m = _EXPERT.match(name)
+            if m:
+                experts[(m.group(1), m.group(3))].append(entry)
+                continue
+            path = hf_to_internal(name).path
+            if entry.fmt == FLOAT:
+                array = self._mx(name)
+                if name.endswith(".tid2eid"):
+                    array = self._check_tid2eid(name, array)
+                weights[path] = array
+            else:
+                module = path[: -len(".weight")]
+                w, s = self._packed(entry, self._np(name), self._np(_scale_name(name)))
+                weights[path], weights[module + ".scales"] = w, s
+                formats[module] = entry.fmt
+        for (prefix, proj), group in experts.items():
+            module = f"{prefix}.{proj}"
+            group.sort(key=lambda e: int(_EXPERT.match(e.name).group(2)))
+            fmt = group[0].fmt
+            if fmt == MXFP4:
+                w, s = stack_fp4_to_mxfp4(
+                    [self._np(e.name) for e in group], [self._np(_scale_name(e.name)) for e in group], module
+                )
+            elif fmt == MXFP8:
+                pairs = [fp8_to_mxfp8(self._np(e.name), self._np(_scale_name(e.name)), e.name) for e in group]
+                w, s = mx.stack([p[0] for p in pairs]), mx.stack([p[1] for p in pairs])
+                del pairs
+            else:
+                w, s = mx.stack([self._mx(e.name) for e in group]), None
+            weights[module + ".weight"] = w
+            if s is not None:
+                weights[module + ".scales"] = s
+                formats[module] = fmt
+            mx.eval(w if s is None else (w, s))  # materialise now, so the per-expert sources can go
+        return weights, formats
+
+    def _check_tid2eid(self, name: str, array):
+        import mlx.core as mx
+
+        n_experts = int(self.config["n_routed_experts"])
+        lo, hi = mx.min(array).item(), mx.max(array).item()
+        if lo < 0 or hi >= n_experts:
+            raise CheckpointError(
+                f"{self.path / self.weight_map[name]}: {name} holds expert ids {lo}..{hi}, "
+                f"outside 0..{n_experts - 1}"
+            )
+        return array
+
+
+def _scale_name(weight_name: str) -> str:
+    return weight_name[: -len(".weight")] + ".scale"
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text())
+            weight_map = data["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map is not an object")
+        return dict(weight_map)
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return {name: SINGLE_FILE for name in SafetensorsFile(single).keys()}
+    raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+
+
+def _classify(spec: TensorSpec, files, weight_map, path: Path) -> Entry:
+    """Check one expected weight's dtype/shape (and scale) and choose how it is held."""
+    name = spec.name
+    shard = weight_map[name]
+    info = files[shard].info(name)
+    where = f"{path / shard}: {name}"
+
+    def expect(shape, found, what=name):
+        if tuple(found) != tuple(shape):
+            raise CheckpointError(f"{path / weight_map[what]}: {what} has shape {tuple(found)}, expected {tuple(shape)}")
+
+    scale_name = _scale_name(name) if name.endswith(".weight") else None
+    has_scale = scale_name is not None and scale_name in weight_map
+    if spec.storage in ("fp8", "fp4") and has_scale:
+        scale = files[weight_map[scale_name]].info(scale_name)
+        if scale.dtype != "F8_E8M0":
+            raise CheckpointError(f"{path / weight_map[scale_name]}: {scale_name} has dtype {scale.dtype}, expected F8_E8M0")
+        out_dim, in_dim = spec.shape
+        if info.dtype == "F8_E4M3":
+            expect(spec.shape, info.shape)
+            expect((-(-out_dim // FP8_BLOCK), -(-in_dim // FP8_BLOCK)), scale.shape, scale_name)
+            if in_dim % MX_GROUP:
+                raise CheckpointError(f"{where}: input dimension {in_dim} is not a multiple of {MX_GROUP}")
+            return Entry(name, shard, MXFP8, weight_map[scale_name])
+        if info.dtype in ("I8", "U8"):
+            expect((out_dim, in_dim // 2), info.shape)
+            expect((out_dim, in_dim // MX_GROUP), scale.shape, scale_name)
+            return Entry(name, shard, MXFP4, weight_map[scale_name])
+        raise CheckpointError(f"{where}: dtype {info.dtype} with a .scale tensor; expected F8_E4M3 or I8")
+    if spec.storage == "i64":
+        if info.dtype not in INT_DTYPES:
+            raise CheckpointError(f"{where}: dtype {info.dtype}, expected one of {INT_DTYPES}")
+        vocab, k = spec.shape
+        if len(info.shape) != 2 or info.shape[0] != vocab or info.shape[1] < k:
+            raise CheckpointError(
+                f"{where}: shape {info.shape}, expected ({vocab}, ≥{k}) "
+                f"(a row of num_experts_per_tok={k} expert ids per token)"
+            )
+        return Entry(name, shard, FLOAT)
+    if info.dtype not in FLOAT_DTYPES:
+        hint = " (a quantised weight without its .scale tensor?)" if spec.storage in ("fp8", "fp4") else ""
+        raise CheckpointError(f"{where}: dtype {info.dtype}, expected one of {FLOAT_DTYPES}{hint}")
+    expect(spec.shape, info.shape)
+    return Entry(name, shard, FLOAT)
+
+
+def open_hf_checkpoint(path: str | Path) -> HFCheckpoint:
+    """Open and validate an official-format directory from its headers."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    config = read_config(path)
+    weight_map = _read_index(path)
+
+    files: dict[str, SafetensorsFile] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            example = next(n for n, s in weight_map.items() if s == shard)
+            raise FileNotFoundError(f"{path / shard}: shard listed in the index (e.g. for {example}) is missing")
+        files[shard] = SafetensorsFile(path / shard)
+    for name, shard in weight_map.items():
+        if name not in files[shard]:
+            raise CheckpointError(f"{path / shard}: the index lists tensor {name!r} in this shard, but it is not there")
+
+    for name in weight_map:
+        try:
+            hf_to_internal(name)
+        except UnknownTensorName as e:
+            raise CheckpointError(f"{path / weight_map[name]}: {e}") from None
+
+    layout = official_layout(config)
+    has_mtp = any(n.startswith("mtp.") for n in weight_map)
+    if not has_mtp:  # converted without the MTP block: load the main model only
+        layout = {n: s for n, s in layout.items() if not n.startswith("mtp.")}
+    expected = set(layout)
+    expected |= {s.scale_name for s in layout.values() if s.scale_name and s.scale_name in weight_map}
+    missing = [n for n in layout if n not in weight_map]
+    if missing:
+        raise CheckpointError(
+            f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    unexpected = sorted(set(weight_map) - expected)
+    if unexpected:
+        raise CheckpointError(
+            f"{path / weight_map[unexpected[0]]}: tensor {unexpected[0]!r} does not belong to a model with this "
+            f"config.json" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
+
+    entries = {n: _classify(spec, files, weight_map, path) for n, spec in layout.items()}
+    _check_expert_formats(entries, path)
+    return HFCheckpoint(path, config, weight_map, entries, has_mtp, files)
+
+
+def _check_expert_formats(entries: dict[str, Entry], path: Path) -> None:
+    seen: dict[tuple[str, str], Entry] = {}
+    for name, entry in entries.items():
+        m = _EXPERT.match(name)
+        if not m:
+            continue
+        first = seen.setdefault((m.group(1), m.group(3)), entry)
+        if first.fmt != entry.fmt:
+            raise CheckpointError(
+                f"{path / entry.shard}: {name} is stored as {entry.fmt}, but {first.name} as {first.fmt}; "
+                "experts of one projection must share a format"
+            )

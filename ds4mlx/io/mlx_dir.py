@@ -1,0 +1,327 @@
+"""Our converted MLX directories (written by ``ds4mlx convert --to mlx``): layout, reader, writer.
+
+A directory holds ``model-0000K-of-0000N.safetensors`` shards, ``model.safetensors.index.json``
+and a ``config.json`` (the HF config with ``num_experts_per_tok`` as converted). Tensors carry the
+model's internal parameter paths (``io/names.py``): routed experts stacked per layer and
+projection, packed weights as MLX stores them (``weight`` uint32, ``scales``, and ``biases`` for
+affine). ``config["quantization"]`` records the format of every packed module in mlx-lm's
+style (``{path: {"mode", "bits", "group_size"}}``); unlisted projections are float.
+``config["ds4mlx"]`` marks the directory as ours (``is_mlx_dir``).
+
+``open_mlx_dir`` checks the whole directory from headers alone against the layout the config
+implies, then ``MLXDirCheckpoint.load_weights`` returns exactly what the official reader returns:
+``({internal path: mx.array}, {module path: WeightFormat})``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..quant.layers import WeightFormat
+from .names import hf_to_internal, official_layout
+from .safetensors import DTYPES, SafetensorsFile
+
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+FORMAT_KEY = "ds4mlx"
+FORMAT_NAME = "mlx-dir"
+FORMAT_VERSION = 1
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+INT_DTYPES = ("I64", "I32")
+PACKED_DTYPES = {"mxfp8": "U8", "mxfp4": "U8"}  # scale dtype of the mx modes; affine: float
+
+
+class MLXDirError(ValueError):
+    """A converted MLX directory is inconsistent; the message names the file, tensor or key."""
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def is_mlx_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory written by ``ds4mlx convert --to mlx``."""
+    p = Path(path) / CONFIG_FILE
+    if not p.is_file():
+        return False
+    try:
+        return isinstance(json.loads(p.read_text()).get(FORMAT_KEY), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def format_entry(fmt: WeightFormat) -> dict[str, Any]:
+    return {"mode": fmt.kind, "bits": fmt.bits, "group_size": fmt.group_size}
+
+
+# --------------------------------------------------------------------------- expected layout
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One tensor the directory must hold: internal name, shape, allowed dtypes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    min_last: bool = False  # tid2eid: last dim may be wider than the shape says
+
+
+def expected_layout(config: dict[str, Any], formats: dict[str, WeightFormat],
+                    *, include_mtp: bool = True) -> dict[str, Expected]:
+    """Every internal tensor for this config and module formats, in file order.
+
+    Float weights keep their logical shape; a packed module of format ``f`` holds ``weight``
+    uint32 ``[..., out, in·bits/32]`` and ``scales`` ``[..., out, in/group]`` (+ ``biases`` for
+    affine). Stacked experts have a leading ``n_routed_experts`` dimension.
+    """
+    layout: dict[str, Expected] = {}
+    n_experts = int(config["n_routed_experts"])
+    for name, spec in official_layout(config).items():
+        if name.startswith("mtp.") and not include_mtp:
+            continue
+        path, expert = hf_to_internal(name)
+        if expert not in (None, 0):
+            continue  # one stacked tensor per projection
+        lead = (n_experts,) if expert is not None else ()
+        module = path[: -len(".weight")] if path.endswith(".weight") else None
+        fmt = formats.get(module) if module else None
+        if fmt is None:
+            if spec.storage == "i64":
+                layout[path] = Expected(path, spec.shape, INT_DTYPES, min_last=True)
+            else:
+                layout[path] = Expected(path, lead + spec.shape, FLOAT_DTYPES)
+            continue
+        out_dim, in_dim = spec.shape
+        if not fmt.bits or not fmt.group_size or in_dim % fmt.group_size or (in_dim * fmt.bits) % 32:
+            raise MLXDirError(f"{module}: format {fmt} does not fit input dimension {in_dim}")
+        scale_dtypes = (PACKED_DTYPES[fmt.kind],) if fmt.kind in PACKED_DTYPES else FLOAT_DTYPES
+        layout[path] = Expected(path, lead + (out_dim, in_dim * fmt.bits // 32), ("U32",))
+        s_shape = lead + (out_dim, in_dim // fmt.group_size)
+        layout[module + ".scales"] = Expected(module + ".scales", s_shape, scale_dtypes)
+        if fmt.kind == "affine":
+            layout[module + ".biases"] = Expected(module + ".biases", s_shape, FLOAT_DTYPES)
+    return layout
+
+
+def read_formats(config: dict[str, Any], source: str) -> dict[str, WeightFormat]:
+    quant = config.get("quantization")
+    if not isinstance(quant, dict):
+        raise MLXDirError(f"{source}: 'quantization' is missing or not an object")
+    formats = {}
+    for path, entry in quant.items():
+        if not isinstance(entry, dict):
+            continue  # mlx-lm's top-level defaults (bits, group_size, mode)
+        try:
+            formats[path] = WeightFormat(str(entry["mode"]), int(entry["bits"]), int(entry["group_size"]))
+        except (KeyError, TypeError, ValueError):
+            raise MLXDirError(f"{source}: quantization[{path!r}] needs mode, bits and group_size") from None
+    return formats
+
+
+# --------------------------------------------------------------------------- reader
+
+
+@dataclass
+class MLXDirCheckpoint:
+    path: Path
+    config: dict[str, Any]
+    weight_map: dict[str, str]  # internal name -> shard
+    formats: dict[str, WeightFormat]
+    has_mtp: bool
+    _files: dict[str, SafetensorsFile] = field(default_factory=dict, repr=False)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def load_weights(self, *, include_mtp: bool = True) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
+        """``({internal path: mx.array}, {module path: WeightFormat})``, one tensor at a time."""
+        weights = {}
+        for name, shard in self.weight_map.items():
+            if name.startswith("mtp.") and not include_mtp:
+                continue
+            weights[name] = self._files[shard].tensor_mx(name)
+            if name.endswith(".tid2eid"):
+                self._check_tid2eid(name, weights[name])
+        formats = {p: f for p, f in self.formats.items() if include_mtp or not p.startswith("mtp.")}
+        return weights, formats
+
+    def _check_tid2eid(self, name: str, array) -> None:
+        import mlx.core as mx
+
+        n = int(self.config["n_routed_experts"])
+        lo, hi = mx.min(array).item(), mx.max(array).item()
+        if lo < 0 or hi >= n:
+            raise MLXDirError(f"{self.path / self.weight_map[name]}: {name} holds expert ids {lo}..{hi}, outside 0..{n - 1}")
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path) / CONFIG_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no config.json in the MLX directory")
+    try:
+        config = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MLXDirError(f"{p}: invalid JSON ({e})") from None
+    if config.get("model_type") != "deepseek_v4":
+        raise MLXDirError(f"{p}: model_type is {config.get('model_type')!r}, expected 'deepseek_v4'")
+    marker = config.get(FORMAT_KEY)
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+        raise MLXDirError(f"{p}: not a ds4mlx MLX directory (no {FORMAT_KEY!r} marker)")
+    if int(marker.get("version", 0)) > FORMAT_VERSION:
+        raise MLXDirError(f"{p}: format version {marker.get('version')} is newer than this ds4mlx ({FORMAT_VERSION})")
+    return config
+
+
+def open_mlx_dir(path: str | os.PathLike) -> MLXDirCheckpoint:
+    """Open and validate a converted MLX directory from its headers."""
+    path = Path(path)
+    config = read_config(path)
+    formats = read_formats(config, str(path / CONFIG_FILE))
+    index = path / INDEX_FILE
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: index missing from the MLX directory")
+    try:
+        weight_map = dict(json.loads(index.read_text())["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise MLXDirError(f"{index}: not a safetensors index ({e!r})") from None
+
+    files: dict[str, SafetensorsFile] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            example = next(n for n, s in weight_map.items() if s == shard)
+            raise FileNotFoundError(f"{path / shard}: shard listed in the index (e.g. for {example}) is missing")
+        files[shard] = SafetensorsFile(path / shard)
+
+    has_mtp = any(n.startswith("mtp.") for n in weight_map)
+    try:
+        expected = expected_layout(config, formats, include_mtp=has_mtp)
+    except (KeyError, ValueError) as e:
+        raise MLXDirError(f"{path / CONFIG_FILE}: {e}") from None
+    missing = [n for n in expected if n not in weight_map]
+    if missing:
+        raise MLXDirError(f"{path}: tensor {missing[0]!r} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(weight_map) - set(expected))
+    if extra:
+        raise MLXDirError(f"{path / weight_map[extra[0]]}: tensor {extra[0]!r} does not belong to this config")
+    k = int(config["num_experts_per_tok"])
+    for name, exp in expected.items():
+        shard = weight_map[name]
+        if name not in files[shard]:
+            raise MLXDirError(f"{path / shard}: the index lists tensor {name!r} in this shard, but it is not there")
+        info = files[shard].info(name)
+        where = f"{path / shard}: {name}"
+        if info.dtype not in exp.dtypes:
+            raise MLXDirError(f"{where}: dtype {info.dtype}, expected one of {exp.dtypes}")
+        shape_ok = (len(info.shape) == len(exp.shape) and info.shape[:-1] == exp.shape[:-1]
+                    and info.shape[-1] >= k) if exp.min_last else info.shape == exp.shape
+        if not shape_ok:
+            want = f"({exp.shape[0]}, ≥{k})" if exp.min_last else str(exp.shape)
+            raise MLXDirError(f"{where}: shape {info.shape}, expected {want}")
+    return MLXDirCheckpoint(path, config, weight_map, formats, has_mtp, files)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def safetensors_header(entries: Iterable[tuple[str, str, tuple[int, ...]]],
+                       metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The header bytes (length prefix included, padded to 8) and each tensor's (start, end)
+    relative to the data section, for ``(name, dtype, shape)`` in file order."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "mlx"})}
+    spans: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        spans[name] = (offset, offset + nbytes)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, spans
+
+
+def write_bytes(f, data: memoryview) -> None:
+    """All output goes through here (one place to observe or simulate write failures)."""
+    f.write(data)
+
+
+class ShardWriter:
+    """Stream one safetensors file whose header is known up front: tensors arrive in file order
+    as byte chunks; each tensor's CRC-32 is kept for the verification pass."""
+
+    def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header, self.spans = safetensors_header(entries, metadata)
+        self.order = [name for name, _, _ in entries]
+        self.crc: dict[str, int] = {}
+        self._next = 0
+        self._f = open(self.path, "wb")
+        write_bytes(self._f, memoryview(header))
+
+    @property
+    def nbytes(self) -> int:
+        return max((end for _, end in self.spans.values()), default=0)
+
+    def write_tensor(self, name: str, chunks: Iterable[np.ndarray]) -> int:
+        """Write one tensor from its byte chunks; returns the bytes written."""
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            raise MLXDirError(f"{self.path}: tensor {name!r} written out of order")
+        start, end = self.spans[name]
+        crc, done = 0, 0
+        for chunk in chunks:
+            buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+            if done + len(buf) > end - start:
+                raise MLXDirError(f"{self.path}: tensor {name!r} got more than its {end - start} bytes")
+            write_bytes(self._f, buf)
+            crc = zlib.crc32(buf, crc)
+            done += len(buf)
+        if done != end - start:
+            raise MLXDirError(f"{self.path}: tensor {name!r} got {done} bytes, expected {end - start}")
+        self.crc[name] = crc
+        self._next += 1
+        return done
+
+    def finish(self) -> dict[str, int]:
+        if self._next != len(self.order):
+            raise MLXDirError(f"{self.path}: tensor {self.order[self._next]!r} was never written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self.crc
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+
+
+def file_crcs(path: str | os.PathLike, names: Iterable[str], chunk_bytes: int = 64 << 20) -> dict[str, int]:
+    """CRC-32 of each named tensor's bytes as stored on disk (read in bounded chunks)."""
+    st = SafetensorsFile(path)
+    buf = bytearray(chunk_bytes)
+    out = {}
+    with open(path, "rb") as f:
+        for name in names:
+            info = st.info(name)
+            f.seek(info.start)
+            crc, left = 0, info.nbytes
+            while left:
+                n = f.readinto(memoryview(buf)[: min(left, chunk_bytes)])
+                if not n:
+                    raise MLXDirError(f"{path}: file ends inside tensor {name!r}")
+                crc = zlib.crc32(memoryview(buf)[:n], crc)
+                left -= n
+            out[name] = crc
+    return out

@@ -1,0 +1,170 @@
+"""``load(path_or_repo)`` -> ``(model, tokenizer)`` for every supported source.
+
+Sources: a local official-format directory (sharded safetensors + index, or one
+``model.safetensors``), our converted MLX directory (``io/mlx_dir.py``), a ``.gguf`` file (``ds4mlx.io.gguf``), ``"demo"`` (the built-in synthetic
+demo checkpoint), or a Hugging Face repo id (downloaded with ``huggingface_hub``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .io.hf import CheckpointError, open_hf_checkpoint
+from .quant.layers import apply_formats
+
+DEMO = "demo"
+_HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model could not be found locally or downloaded; the message names it."""
+
+
+def default_dtype() -> mx.Dtype:
+    """bfloat16 on Apple GPUs, float32 on CPU (MLX's CPU quantized matmuls accumulate in the
+    output dtype, and ``gather_mm`` is float32-only there)."""
+    try:
+        return mx.bfloat16 if mx.metal.is_available() else mx.float32
+    except AttributeError:  # MLX builds without the metal module
+        return mx.float32
+
+
+def load(
+    path_or_repo: str | os.PathLike,
+    *,
+    experts_per_token: int | None = None,
+    qat_rounding: bool = True,
+    dtype: mx.Dtype | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none)."""
+    dtype = default_dtype() if dtype is None else dtype
+    source = str(path_or_repo)
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path}: GGUF file not found")
+        return _load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype)
+    if not path.exists() and source == DEMO:
+        from .demo import demo_path  # checkpoint + tokenizer, cached
+
+        path = demo_path()
+    elif not path.exists():
+        path = _download(source)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
+    model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype)
+    return model, _load_tokenizer(path, model.config.vocab_size)
+
+
+def open_checkpoint(path: Path):
+    """Our converted MLX directory or an official-format one; both give
+    ``config``, ``has_mtp``, ``load_weights(include_mtp=...)`` and ``close()``."""
+    try:
+        from .io.mlx_dir import is_mlx_dir, open_mlx_dir
+    except ImportError:
+        return open_hf_checkpoint(path)
+    return open_mlx_dir(path) if is_mlx_dir(path) else open_hf_checkpoint(path)
+
+
+def load_dir(
+    path: str | os.PathLike,
+    *,
+    experts_per_token: int | None = None,
+    qat_rounding: bool = True,
+    dtype: mx.Dtype = mx.float32,
+) -> nn.Module:
+    """Build the model for a checkpoint directory and load its weights (strict)."""
+    from .config import ModelConfig
+    from .model.transformer import Model
+
+    path = Path(path)
+    checkpoint = open_checkpoint(path)
+    try:
+        config = ModelConfig.from_hf(
+            checkpoint.config, experts_per_token=experts_per_token, source=str(path / "config.json")
+        )
+        if not checkpoint.has_mtp:
+            config.num_nextn_predict_layers = 0  # converted without MTP: the main model only
+        model = Model(config, dtype=dtype, qat_rounding=qat_rounding)
+        weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0)
+    finally:
+        checkpoint.close()
+    apply_formats(model, formats)
+    _load_into(model, weights, set(formats), str(path))
+    model.eval()
+    return model
+
+
+def _load_into(model: nn.Module, weights: dict[str, mx.array], packed_modules: set[str], source: str) -> None:
+    """Cast float tensors to the dtype of the model's parameter at that path (the model decides
+    what stays float32), keep packed arrays as stored, then load strictly."""
+    params = dict(tree_flatten(model.parameters()))
+    for path in list(weights):
+        target = params.get(path)
+        if target is None or path.rpartition(".")[0] in packed_modules:
+            continue  # unknown paths are reported by the strict load below
+        array = weights[path]
+        if array.ndim == 2 and path.endswith(".tid2eid") and array.shape[1] > target.shape[1]:
+            array = array[:, : target.shape[1]]  # a wider hash table than the model's width
+        if array.dtype != target.dtype:
+            array = array.astype(target.dtype)
+            mx.eval(array)  # one tensor at a time: the stored copy is released right away
+        weights[path] = array
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: the checkpoint does not match the model: {e}") from None
+
+
+def _load_gguf(path: Path, **kwargs) -> tuple[nn.Module, Any]:
+    try:
+        from .io.gguf import load_gguf
+    except ImportError as e:
+        raise ModelNotFoundError(f"{path}: GGUF loading is unavailable in this installation ({e})") from None
+    return load_gguf(path, **kwargs)
+
+
+def _download(repo_id: str) -> Path:
+    """A Hugging Face repo id -> local snapshot (the cache first, then the network)."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{repo_id}: no such file or directory, and not a Hugging Face repo id")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelNotFoundError(f"{repo_id}: not a local path, and huggingface_hub is not installed") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HF_PATTERNS, local_files_only=True))
+    except Exception:
+        pass  # not cached: try the network
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HF_PATTERNS))
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"{repo_id}: not a local path, and downloading it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}). Offline? Download it first or pass a local directory."
+        ) from None
+
+
+def _load_tokenizer(path: Path, vocab_size: int):
+    try:
+        from .tokenizer import load_tokenizer
+    except ImportError:
+        return None
+    try:
+        tokenizer = load_tokenizer(path)
+    except FileNotFoundError:  # a checkpoint without tokenizer files (e.g. the tiny ones)
+        return None
+    n_ids = len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else 0
+    if n_ids > vocab_size:
+        # e.g. a tiny test checkpoint next to the published 129 280-id tokenizer: its ids would
+        # index past the embedding, so offer no tokenizer rather than a wrong one
+        warnings.warn(f"{path}: the tokenizer has {n_ids} ids but the model only {vocab_size}; no tokenizer loaded")
+        return None
+    return tokenizer

@@ -1,0 +1,73 @@
+"""GGUF tensor types: one block layout per module, each with an exact MLX-ops dequantizer.
+
+Every format exposes ``NAME``, ``GGML_TYPE``, ``BLOCK_SIZE`` (weights per block),
+``BLOCK_BYTES``, ``dequantize(blocks: mx.array) -> mx.array`` (uint8
+``[..., n_blocks*BLOCK_BYTES]`` -> float32 ``[..., n_blocks*BLOCK_SIZE]``, bit-identical to
+``gguf.quants.dequantize``) and, where conversion writes the type, a numpy
+``quantize(x, weights=None)``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType, SimpleNamespace
+
+from gguf import GGMLQuantizationType
+
+from . import iq2_xxs, mxfp4, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
+from .floats import BF16, F16, F32
+
+Format = ModuleType | SimpleNamespace
+
+FORMATS: dict[str, Format] = {
+    f.NAME: f for f in (F32, F16, BF16, q8_0, q4_k, q2_k, q3_k, q5_k, q6_k, iq2_xxs, mxfp4)
+}
+_BY_TYPE: dict[int, Format] = {f.GGML_TYPE: f for f in FORMATS.values()}
+
+
+class UnsupportedQuantType(ValueError):
+    """A tensor's GGML type has no block format here; the message names tensor and type."""
+
+    def __init__(self, ggml_type: int | str, tensor: str | None = None):
+        self.ggml_type = ggml_type
+        self.tensor = tensor
+        if isinstance(ggml_type, str):
+            label = ggml_type
+        else:
+            try:
+                label = f"{GGMLQuantizationType(ggml_type).name} ({int(ggml_type)})"
+            except ValueError:
+                label = f"unknown type id {ggml_type}"
+        where = f"tensor {tensor!r}" if tensor else "tensor"
+        super().__init__(
+            f"{where} has GGML type {label}, which ds4mlx cannot read; "
+            f"supported: {', '.join(FORMATS)}"
+        )
+
+
+def by_type(ggml_type: int, tensor: str | None = None) -> Format:
+    """The format of GGML type id ``ggml_type``; ``tensor`` only names it in the error."""
+    fmt = _BY_TYPE.get(int(ggml_type))
+    if fmt is None:
+        raise UnsupportedQuantType(int(ggml_type), tensor)
+    return fmt
+
+
+def get(name: str, tensor: str | None = None) -> Format:
+    """The format called ``name`` (``"Q4_K"``; case-insensitive)."""
+    fmt = FORMATS.get(name.upper())
+    if fmt is None:
+        raise UnsupportedQuantType(name.upper(), tensor)
+    return fmt
+
+
+def row_bytes(fmt: Format, n: int, tensor: str | None = None) -> int:
+    """Bytes of a row of ``n`` weights in ``fmt``."""
+    if n % fmt.BLOCK_SIZE:
+        raise ValueError(
+            f"{tensor or 'tensor'}: row length {n} is not a multiple of the {fmt.NAME} block "
+            f"size {fmt.BLOCK_SIZE}"
+        )
+    return n // fmt.BLOCK_SIZE * fmt.BLOCK_BYTES
+
+
+__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "row_bytes"]

@@ -1,0 +1,194 @@
+"""Helpers shared by the GGUF block formats: byte slicing in MLX, fp16 fields, and the
+least-squares scale/min search used by the K-quant quantizers.
+
+All dequantizers take raw bytes ``uint8 [..., n_blocks * BLOCK_BYTES]`` and work on the view
+``[..., n_blocks, BLOCK_BYTES]``. Arithmetic is float32 and follows the order of the reference
+formula of each format, so results are bit-identical to ``gguf.quants.dequantize``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+
+class BlockShapeError(ValueError):
+    """A byte row or value row does not hold a whole number of blocks."""
+
+
+# ----------------------------------------------------------------------------- MLX side
+def as_blocks(blocks: mx.array, block_bytes: int, name: str) -> mx.array:
+    """``uint8 [..., n * block_bytes]`` -> ``[..., n, block_bytes]``."""
+    if blocks.dtype != mx.uint8:
+        raise BlockShapeError(f"{name}: expected uint8 bytes, got {blocks.dtype}")
+    if blocks.ndim == 0 or blocks.shape[-1] % block_bytes:
+        raise BlockShapeError(
+            f"{name}: last dimension {blocks.shape[-1] if blocks.ndim else None} is not a "
+            f"multiple of the block size {block_bytes} bytes"
+        )
+    return blocks.reshape(*blocks.shape[:-1], blocks.shape[-1] // block_bytes, block_bytes)
+
+
+def flat_values(values: mx.array) -> mx.array:
+    """Merge the last two dimensions: ``[..., a, b]`` -> ``[..., a·b]``."""
+    return values.reshape(*values.shape[:-2], -1) if values.ndim >= 2 else values
+
+
+def field_f16(b: mx.array, start: int) -> mx.array:
+    """The little-endian fp16 at byte ``start`` of each block, as float32 ``[..., n, 1]``."""
+    return mx.view(b[..., start:start + 2], mx.float16).astype(mx.float32)
+
+
+def bits(x: mx.array, shift: int | mx.array, mask: int) -> mx.array:
+    """``(x >> shift) & mask`` for unsigned integer arrays."""
+    return mx.bitwise_and(mx.right_shift(x, shift), mask)
+
+
+# ----------------------------------------------------------------------------- numpy side
+def np_blocks(x: np.ndarray, block_size: int, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """float ``[..., n]`` -> float32 ``[n_total_blocks, block_size]`` and the leading shape."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0 or x.shape[-1] % block_size:
+        raise BlockShapeError(
+            f"{name}: row length {x.shape[-1] if x.ndim else None} is not a multiple of {block_size}"
+        )
+    return x.reshape(-1, block_size), x.shape[:-1]
+
+
+def np_importance(weights: np.ndarray | None, x_shape: tuple[int, ...], block_size: int,
+                  name: str) -> np.ndarray | None:
+    """Importance weights broadcast to ``x`` (e.g. an imatrix of shape ``[n]``), as blocks."""
+    if weights is None:
+        return None
+    w = np.broadcast_to(np.asarray(weights, dtype=np.float32), x_shape)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"{name}: importance weights must be finite and non-negative")
+    return np.ascontiguousarray(w).reshape(-1, block_size)
+
+
+def np_out(packed: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
+    """``uint8 [n_total_blocks, block_bytes]`` -> ``[..., n_blocks * block_bytes]``."""
+    return np.ascontiguousarray(packed, dtype=np.uint8).reshape(*lead, -1)
+
+
+def np_f16_bytes(v: np.ndarray) -> np.ndarray:
+    """float32 ``[N]`` -> fp16 little-endian bytes ``[N, 2]``."""
+    return np.ascontiguousarray(v, dtype="<f2").reshape(-1, 1).view(np.uint8)
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties away from zero (C ``roundf``, what ggml's ``nearest_int`` mimics)."""
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                  nstep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``x ≈ scale·q − m`` with integer ``q ∈ [0, nmax]``, ``scale ≥ 0``, ``m ≥ 0``, per row.
+
+    ``x``, ``w``: float32 ``[N, n]`` (values and their error weights). Starting from the min/max
+    fit, the inverse scale is swept over ``(nmax + rmin + rdelta·i) / (max − min)`` for
+    ``i = 0..nstep``; for each candidate the codes are rounded and (scale, min) re-fit by weighted
+    least squares, and the candidate with the lowest weighted squared error wins. Rows whose
+    minimum is positive are fit with ``m = 0``.
+    Returns ``scale [N]`` and ``m [N]`` (the amount subtracted, ≥ 0).
+    """
+    x = x.astype(np.float32, copy=False)
+    lo = np.minimum(x.min(axis=1), 0.0)
+    hi = x.max(axis=1)
+    span = hi - lo
+    flat = span <= 0
+    span = np.where(flat, 1.0, span)
+
+    # candidate inverse scales: the plain min/max fit first, then the sweep
+    steps = np.concatenate([[float(nmax)], nmax + rmin + rdelta * np.arange(nstep + 1)])
+    iscale = (steps[:, None] / span[None, :]).astype(np.float32)  # [C, N]
+    # x − lo ≥ 0, so rounding half away from zero is floor(v + 0.5)
+    q = np.floor(iscale[..., None] * (x[None] - lo[None, :, None]) + np.float32(0.5))
+    np.clip(q, 0, nmax, out=q)
+
+    # weighted sums per candidate and row (in float64 from here: the error below is a
+    # difference of them)
+    wq = w[None] * q
+    sw = w.sum(axis=1).astype(np.float64)[None]
+    sx = (w * x).sum(axis=1).astype(np.float64)[None]
+    sxx = (w * x * x).sum(axis=1).astype(np.float64)[None]
+    sl = wq.sum(axis=-1).astype(np.float64)
+    sl2 = (wq * q).sum(axis=-1).astype(np.float64)
+    sxl = (wq * x[None]).sum(axis=-1).astype(np.float64)
+    # least squares for x ≈ scale·q + b (b = −m)
+    det = sw * sl2 - sl * sl
+    ok = det > 0
+    safe = np.where(ok, det, 1.0)
+    scale = np.where(ok, (sw * sxl - sx * sl) / safe, 0.0)
+    b = np.where(ok, (sl2 * sx - sl * sxl) / safe, 0.0)
+    # m must be ≥ 0 (b ≤ 0): otherwise refit the scale alone through the origin
+    pos = b > 0
+    scale = np.where(pos, np.where(sl2 > 0, sxl / np.where(sl2 > 0, sl2, 1.0), 0.0), scale)
+    b = np.where(pos, 0.0, b)
+    # the first candidate keeps the plain min/max fit as a fallback
+    scale[0] = 1.0 / iscale[0]
+    b[0] = lo
+    scale = np.maximum(scale, 0.0)
+    # Σ w (scale·q + b − x)², expanded
+    err = (scale * scale * sl2 + b * b * sw + sxx + 2 * scale * b * sl
+           - 2 * scale * sxl - 2 * b * sx)
+    best = np.argmin(err, axis=0)
+    rows = np.arange(x.shape[0])
+    scale, m = scale[best, rows], -b[best, rows]
+    scale = np.where(flat, 0.0, scale).astype(np.float32)
+    m = np.where(flat, -lo, m).astype(np.float32)
+    return scale, m
+
+
+def requantize_codes(x: np.ndarray, scale: np.ndarray, m: np.ndarray, nmax: int) -> np.ndarray:
+    """Codes ``q = round((x + m) / scale)`` clipped to ``[0, nmax]`` (0 where ``scale`` is 0)."""
+    safe = np.where(scale > 0, scale, 1.0)
+    q = round_half_away((x + m[..., None]) / safe[..., None])
+    return np.where(scale[..., None] > 0, np.clip(q, 0, nmax), 0).astype(np.uint8)
+
+
+def kquant_weights(sub: np.ndarray, xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    """Error weight of each element of K-quant sub-blocks ``sub [N, n_sub, len]`` (``xb [N, 256]``).
+
+    Without importance data the weight grows with ``|x|`` (large weights matter more to a
+    matmul); with it, ``qw·sqrt(σ² + x²)`` where σ² is twice the block's mean square.
+    """
+    if qw is None:
+        return np.sqrt((sub * sub).mean(axis=-1, keepdims=True)) + np.abs(sub)
+    sigma2 = 2.0 * (xb * xb).mean(axis=-1)[:, None, None]
+    return qw.reshape(sub.shape) * np.sqrt(sigma2 + sub * sub)
+
+
+def refit_super_scales(x: np.ndarray, w: np.ndarray, q: np.ndarray, ls: np.ndarray, lm: np.ndarray,
+                       d: np.ndarray, dmin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Re-fit the fp16 super-scales of a K-quant with the codes and sub-block scales fixed.
+
+    Model ``x[b, j, i] ≈ d[b]·ls[b, j]·q[b, j, i] − dmin[b]·lm[b, j]``; the weighted least-squares
+    ``(d, dmin)`` (rounded to fp16) replace the current ones only where they lower the error.
+    """
+    a = ls[:, :, None] * q.astype(np.float32)
+    c = np.broadcast_to(lm[:, :, None].astype(np.float32), x.shape)
+    saa = (w * a * a).sum(axis=(1, 2))
+    scc = (w * c * c).sum(axis=(1, 2))
+    sac = (w * a * c).sum(axis=(1, 2))
+    sax = (w * a * x).sum(axis=(1, 2))
+    scx = (w * c * x).sum(axis=(1, 2))
+    # normal equations of x ≈ d·a − e·c
+    det = saa * scc - sac * sac
+    ok = det > 1e-30 * np.maximum(saa * scc, 1e-30)
+    safe = np.where(ok, det, 1.0)
+    nd = (sax * scc - scx * sac) / safe
+    ne = (sax * sac - scx * saa) / safe
+    # no mins in use: fit d alone
+    only_d = ~ok & (saa > 0)
+    nd = np.where(only_d, sax / np.where(saa > 0, saa, 1.0), nd)
+    ne = np.where(only_d, dmin, ne)
+    nd = np.clip(nd, 0, 65504.0).astype(np.float16).astype(np.float32)
+    ne = np.clip(ne, 0, 65504.0).astype(np.float16).astype(np.float32)
+
+    def err(dd, ee):
+        r = dd[:, None, None] * a - ee[:, None, None] * c - x
+        return (w * r * r).sum(axis=(1, 2))
+
+    better = (ok | only_d) & (err(nd, ne) < err(d, dmin))
+    return np.where(better, nd, d), np.where(better, ne, dmin)

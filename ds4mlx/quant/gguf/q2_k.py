@@ -1,0 +1,80 @@
+"""GGUF Q2_K (type 10): 256 weights in 84 bytes, 16 sub-blocks of 16.
+
+Layout of one block::
+
+    bytes 0..15    scales  u8[16]: low nibble = scale, high nibble = min of sub-block i
+    bytes 16..79   qs      256 × 2-bit codes
+    bytes 80..81   d       fp16 super-scale
+    bytes 82..83   dmin    fp16 super-min
+
+Sub-block i (elements 16i..16i+15) has ``x = (d·(s_i & 15))·q − dmin·(s_i >> 4)``, q ∈ 0..3.
+Codes: for half h (128 elements, bytes ``qs[32h .. 32h+31]``) and shift s ∈ {0, 1, 2, 3},
+element ``128h + 32s + l`` (l < 32) is ``(qs[32h + l] >> 2s) & 3``.
+
+All products are exact in float32; only the final subtraction rounds, as in the reference.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .common import (as_blocks, bits, field_f16, fit_scale_min, flat_values, kquant_weights, np_blocks,
+                     np_f16_bytes, np_importance, np_out, refit_super_scales, requantize_codes,
+                     round_half_away)
+
+NAME = "Q2_K"
+GGML_TYPE = int(GGMLQuantizationType.Q2_K)
+BLOCK_SIZE = 256
+BLOCK_BYTES = 84
+
+_SUB = 16
+_CHUNK_BLOCKS = 4096
+
+
+def dequantize(blocks: mx.array) -> mx.array:
+    b = as_blocks(blocks, BLOCK_BYTES, NAME)
+    d, dmin = field_f16(b, 80), field_f16(b, 82)
+    s = b[..., 0:16]
+    dl = (d * mx.bitwise_and(s, 15).astype(mx.float32))[..., None]  # [..., n, 16, 1]
+    ml = (dmin * mx.right_shift(s, 4).astype(mx.float32))[..., None]
+    qs = b[..., 16:80].reshape(*b.shape[:-1], 2, 1, 32)
+    q = bits(qs, mx.array([0, 2, 4, 6], dtype=mx.uint8).reshape(4, 1), 3)  # [..., n, 2, 4, 32]
+    q = q.reshape(*b.shape[:-1], 16, _SUB).astype(mx.float32)
+    return flat_values(flat_values(dl * q - ml))
+
+
+def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    n = xb.shape[0]
+    sub = xb.reshape(n, 16, _SUB)
+    w = kquant_weights(sub, xb, qw)
+    scale, m = fit_scale_min(sub.reshape(-1, _SUB), w.reshape(-1, _SUB), 3, -0.5, 0.1, 15)
+    scale, m = scale.reshape(n, 16), m.reshape(n, 16)
+    d = (scale.max(axis=1) / 15.0).astype(np.float16).astype(np.float32)
+    dmin = (m.max(axis=1) / 15.0).astype(np.float16).astype(np.float32)
+    ls = np.clip(round_half_away(scale / np.where(d > 0, d, 1.0)[:, None]), 0, 15)
+    lm = np.clip(round_half_away(m / np.where(dmin > 0, dmin, 1.0)[:, None]), 0, 15)
+    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, 3)
+    d, dmin = refit_super_scales(sub, w, q, ls, lm, d, dmin)
+    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, 3)
+    q = q.reshape(n, 2, 4, 32)
+    qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    scales = (ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)).astype(np.uint8)
+    return np.concatenate([scales, qs.reshape(n, 64), np_f16_bytes(d), np_f16_bytes(dmin)], axis=1)
+
+
+def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``[..., n]`` (n a multiple of 256) -> Q2_K bytes.
+
+    Per 16-element sub-block a weighted least-squares (scale, min) search over candidate
+    inverse scales, then 4-bit sub-block scales and mins against fp16 super-scales, which are
+    re-fit once the codes are known. ``weights``: optional importance, broadcast to ``x``.
+    """
+    xb, lead = np_blocks(x, BLOCK_SIZE, NAME)
+    qw = np_importance(weights, np.shape(x), BLOCK_SIZE, NAME)
+    out = [
+        _quantize_chunk(xb[i:i + _CHUNK_BLOCKS], None if qw is None else qw[i:i + _CHUNK_BLOCKS])
+        for i in range(0, xb.shape[0], _CHUNK_BLOCKS)
+    ]
+    return np_out(np.concatenate(out, axis=0), lead)

@@ -1,0 +1,74 @@
+"""GGUF Q8_0 (type 8): 32 weights in 34 bytes.
+
+Layout of one block::
+
+    bytes 0..1   d   fp16 scale
+    bytes 2..33  qs  int8[32]
+
+Value ``x[j] = d · qs[j]``. The scale fits fp16 exactly and the product has at most 19
+significant bits, so the float32 result is exact.
+
+MLX view (exact): affine 8-bit, group 32, with unsigned codes ``q + 128`` (= ``q XOR 0x80``),
+``scale = d`` and ``bias = −128·d``. Both fit fp16 exactly unless ``|d| > 511.75`` (then
+``−128·d`` overflows fp16), in which case the view uses float32 scales and biases.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .common import as_blocks, field_f16, flat_values, np_blocks, np_f16_bytes, np_out, round_half_away
+
+NAME = "Q8_0"
+GGML_TYPE = int(GGMLQuantizationType.Q8_0)
+BLOCK_SIZE = 32
+BLOCK_BYTES = 34
+
+_FP16_MAX = 65504.0
+
+
+def dequantize(blocks: mx.array) -> mx.array:
+    b = as_blocks(blocks, BLOCK_BYTES, NAME)
+    d = field_f16(b, 0)
+    qs = mx.view(b[..., 2:], mx.int8).astype(mx.float32)
+    return flat_values(qs * d)
+
+
+def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``[..., n]`` -> Q8_0 bytes. ``d = amax/127`` rounded to fp16, codes rounded
+    against the stored ``d`` (so the fp16 rounding of the scale is not compounded).
+    ``weights`` is accepted for a uniform signature; 8-bit codes do not need it."""
+    xb, lead = np_blocks(x, BLOCK_SIZE, NAME)
+    d = np.minimum(np.abs(xb).max(axis=1) / 127.0, _FP16_MAX).astype(np.float16).astype(np.float32)
+    safe = np.where(d > 0, d, 1.0)
+    q = np.where(d[:, None] > 0, np.clip(round_half_away(xb / safe[:, None]), -127, 127), 0)
+    packed = np.concatenate([np_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
+    return np_out(packed, lead)
+
+
+def to_mlx_affine8(blocks: mx.array, scale_dtype: mx.Dtype | None = None
+                   ) -> tuple[mx.array, mx.array, mx.array]:
+    """Q8_0 bytes ``[..., n_blocks*34]`` -> MLX affine (bits 8, group 32) ``(w, scales, biases)``.
+
+    ``w`` is uint32 ``[..., n_blocks*8]`` (four codes per word, element 0 in the low byte);
+    ``scales``/``biases`` are ``[..., n_blocks]`` in ``scale_dtype``: by default float16, or
+    float32 when some ``|d|`` is too large for ``−128·d`` to fit fp16 (see :func:`fits_fp16`).
+    ``mx.dequantize`` of the result equals :func:`dequantize` exactly when evaluated with float32
+    scales (fp16 arithmetic itself rounds ``d·(q+128)``).
+    """
+    b = as_blocks(blocks, BLOCK_BYTES, NAME)
+    codes = mx.bitwise_xor(b[..., 2:], mx.array(0x80, dtype=mx.uint8))
+    w = mx.view(codes, mx.uint32).reshape(*b.shape[:-2], -1)
+    d16 = mx.view(b[..., 0:2], mx.float16).reshape(*b.shape[:-1])
+    if scale_dtype is None:
+        scale_dtype = mx.float16 if fits_fp16(d16) else mx.float32
+    scales = d16.astype(scale_dtype)
+    biases = scales * mx.array(-128.0, dtype=scale_dtype)
+    return w, scales, biases
+
+
+def fits_fp16(d: mx.array | np.ndarray) -> bool:
+    """Whether the affine view of blocks with fp16 scales ``d`` can keep fp16 scales/biases."""
+    return float(np.max(np.abs(np.asarray(d, dtype=np.float32)), initial=0.0)) * 128.0 <= _FP16_MAX

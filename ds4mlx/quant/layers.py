@@ -1,0 +1,168 @@
+"""Swap the model's float projections for the modules of their stored format, before loading.
+
+The model is built with ``nn.Linear(bias=False)`` for every projection and mlx-lm's
+``SwitchLinear`` (weight ``[E, out, in]``) for routed experts. A checkpoint reader reports a
+``WeightFormat`` per module path; ``apply_formats`` replaces each module by one whose parameters
+have exactly the shapes of the packed arrays, so ``model.load_weights(..., strict=True)`` then
+takes the file's bytes unchanged:
+
+* ``mxfp8`` / ``mxfp4`` / ``affine`` → ``nn.QuantizedLinear`` / ``QuantizedSwitchLinear``
+  with that ``mode`` (weights uint32, scales uint8 for the mx modes, float for affine + biases);
+* ``float`` → the module is left as built.
+
+Extension point: other layouts (GGUF-native blocks in ``ds4mlx/quant/gguf/``) call
+``register_format(kind, linear=..., switch=...)`` with builders
+``linear(input_dims, output_dims, fmt) -> nn.Module`` and
+``switch(input_dims, output_dims, num_experts, fmt) -> nn.Module``; the switch module must follow
+the switch-linear call protocol ``proj(x, indices, sorted_indices=False)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+
+class FormatError(ValueError):
+    """A format cannot be applied to a module; the message names the module path."""
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one projection's weight is stored in memory."""
+
+    kind: str  # "float" | "mxfp8" | "mxfp4" | "affine" | a registered kind
+    bits: int | None = None
+    group_size: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "float":
+            return "float"
+        return f"{self.kind}(bits={self.bits}, group_size={self.group_size})"
+
+
+FLOAT = WeightFormat("float")
+MXFP8 = WeightFormat("mxfp8", 8, 32)
+MXFP4 = WeightFormat("mxfp4", 4, 32)
+
+
+def affine(bits: int, group_size: int) -> WeightFormat:
+    return WeightFormat("affine", bits, group_size)
+
+
+LinearBuilder = Callable[[int, int, WeightFormat], nn.Module]
+SwitchBuilder = Callable[[int, int, int, WeightFormat], nn.Module]
+
+
+def _packed_shapes(input_dims: int, output_dims: int, fmt: WeightFormat, lead: tuple[int, ...] = ()):
+    bits, group = fmt.bits, fmt.group_size
+    if not bits or not group:
+        raise FormatError(f"{fmt.kind} needs bits and group_size, got {fmt}")
+    if input_dims % group or (input_dims * bits) % 32:
+        raise FormatError(f"input dimension {input_dims} does not split into {fmt} groups")
+    return lead + (output_dims, input_dims * bits // 32), lead + (output_dims, input_dims // group)
+
+
+def _init_packed(module: nn.Module, input_dims: int, output_dims: int, fmt: WeightFormat, lead=()) -> None:
+    """Zero placeholders of the packed shapes (no random init to quantize: loading replaces them)."""
+    w_shape, s_shape = _packed_shapes(input_dims, output_dims, fmt, lead)
+    module.group_size, module.bits, module.mode = fmt.group_size, fmt.bits, fmt.kind
+    module.weight = mx.zeros(w_shape, dtype=mx.uint32)
+    if fmt.kind == "affine":
+        module.scales = mx.zeros(s_shape, dtype=mx.float32)
+        module.biases = mx.zeros(s_shape, dtype=mx.float32)
+    else:
+        module.scales = mx.zeros(s_shape, dtype=mx.uint8)
+        module.biases = None
+    module.freeze()
+
+
+def quantized_linear(input_dims: int, output_dims: int, fmt: WeightFormat) -> nn.QuantizedLinear:
+    m = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
+    nn.Module.__init__(m)
+    _init_packed(m, input_dims, output_dims, fmt)
+    return m
+
+
+def quantized_switch_linear(input_dims: int, output_dims: int, num_experts: int, fmt: WeightFormat) -> QuantizedSwitchLinear:
+    m = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
+    nn.Module.__init__(m)
+    m.global_scale = None
+    _init_packed(m, input_dims, output_dims, fmt, (num_experts,))
+    return m
+
+
+_LINEAR: dict[str, LinearBuilder] = {k: quantized_linear for k in ("mxfp8", "mxfp4", "affine")}
+_SWITCH: dict[str, SwitchBuilder] = {k: quantized_switch_linear for k in ("mxfp8", "mxfp4", "affine")}
+
+
+def register_format(kind: str, *, linear: LinearBuilder | None = None, switch: SwitchBuilder | None = None) -> None:
+    """Make a new storage kind available to ``apply_formats`` (e.g. GGUF-native blocks)."""
+    if kind == "float":
+        raise ValueError("'float' is built in")
+    if linear is not None:
+        _LINEAR[kind] = linear
+    if switch is not None:
+        _SWITCH[kind] = switch
+
+
+def _float_dims(module: nn.Module, path: str) -> tuple[int, int, int | None]:
+    """(input_dims, output_dims, num_experts or None) of a float projection."""
+    if isinstance(module, SwitchLinear):
+        e, out_dim, in_dim = module.weight.shape
+        return in_dim, out_dim, e
+    if isinstance(module, nn.Linear):
+        if "bias" in module:
+            raise FormatError(f"{path}: projections with a bias are not supported")
+        out_dim, in_dim = module.weight.shape
+        return in_dim, out_dim, None
+    raise FormatError(f"{path}: {type(module).__name__} is not a float nn.Linear / SwitchLinear projection")
+
+
+def _locate(model: nn.Module, path: str):
+    """(parent container, key, module) for a dotted module path; lists are indexed by int."""
+    parent, node = None, model
+    key: str | int = ""
+    for part in path.split("."):
+        parent = node
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise FormatError(f"{path}: no module at {part!r}")
+            key = int(part)
+            node = node[key]
+        elif isinstance(node, dict) and part in node:
+            key = part
+            node = node[part]
+        else:
+            raise FormatError(f"{path}: the model has no module {part!r} there")
+    return parent, key, node
+
+
+def make_module(module: nn.Module, fmt: WeightFormat, path: str = "") -> nn.Module:
+    """The module of format ``fmt`` with the dimensions of the float ``module``."""
+    in_dim, out_dim, experts = _float_dims(module, path)
+    if fmt.kind == "float":
+        return module
+    builders = _LINEAR if experts is None else _SWITCH
+    if fmt.kind not in builders:
+        raise FormatError(f"{path}: unknown weight format {fmt.kind!r} (known: {sorted(builders)})")
+    try:
+        if experts is None:
+            return builders[fmt.kind](in_dim, out_dim, fmt)
+        return builders[fmt.kind](in_dim, out_dim, experts, fmt)
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
+
+
+def apply_formats(model: nn.Module, formats: Mapping[str, WeightFormat]) -> nn.Module:
+    """Replace the module at each path (``layers.0.attn.wq_a``) by the module of its format."""
+    for path, fmt in formats.items():
+        parent, key, module = _locate(model, path)
+        new = make_module(module, fmt, path)
+        if new is not module:
+            parent[key] = new
+    return model

@@ -1,0 +1,205 @@
+"""The official checkpoint's quantised formats and their exact MLX views.
+
+Official DeepSeek V4 Flash weights (checkpoint_format.md §2.6):
+
+* dense FP8: E4M3 codes ``q[out, in]`` (uint8) and one E8M0 scale byte per 128×128 block,
+  ``s[ceil(out/128), ceil(in/128)]``: ``W[r, c] = e4m3(q[r, c]) · 2^(s[r//128, c//128] − 127)``;
+* routed-expert FP4: two E2M1 codes per byte ``p[out, in/2]`` (low nibble = even column) and one
+  E8M0 byte per 32 inputs of a row, ``s[out, in/32]``: ``W[r, c] = e2m1(code[r, c]) · 2^(s[r, c//32] − 127)``.
+
+MLX's ``mxfp8`` / ``mxfp4`` modes (group 32, uint8 E8M0 scales) hold exactly these codes, so the
+conversion copies the bytes: the codes are reinterpreted as uint32 words and, for FP8, each block
+scale is repeated over its 128 rows and four 32-column groups. The numpy dequantizers below are
+written from the format definition and are the reference the MLX views are tested against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FP8_BLOCK = 128  # official dense block: 128 × 128
+MX_GROUP = 32  # MLX mxfp4/mxfp8 group size, and the official FP4 scale group
+
+
+class QuantFormatError(ValueError):
+    """Packed weight and scale arrays do not fit the format."""
+
+
+def _e4m3_table() -> np.ndarray:
+    # bit 7 sign, bits 6..3 exponent (bias 7), bits 2..0 mantissa; no infinities; 0x7F/0xFF NaN
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exp = (codes >> 3) & 0xF
+    man = codes & 0x7
+    value = np.where(exp == 0, man * 2.0**-9, (1.0 + man / 8.0) * np.exp2(exp - 7.0))
+    value = sign * value
+    value[(codes & 0x7F) == 0x7F] = np.nan
+    return value.astype(np.float32)
+
+
+E4M3_TABLE: np.ndarray = _e4m3_table()
+E4M3_FINITE_CODES: np.ndarray = np.array([c for c in range(256) if (c & 0x7F) != 0x7F], dtype=np.uint8)
+E4M3_MAX = 448.0
+
+# E2M1 code -> value; code 8 is −0
+E2M1_TABLE: np.ndarray = np.array(
+    [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32
+)
+
+
+def e4m3_to_float(codes: np.ndarray) -> np.ndarray:
+    return E4M3_TABLE[np.asarray(codes, dtype=np.uint8)]
+
+
+def e2m1_to_float(codes: np.ndarray) -> np.ndarray:
+    return E2M1_TABLE[np.asarray(codes, dtype=np.uint8) & 0xF]
+
+
+def e8m0_to_float(scale: np.ndarray) -> np.ndarray:
+    """UE8M0 byte b -> 2^(b − 127), built bit by bit (b = 0 is the subnormal 2^-127, b = 255 NaN)."""
+    b = np.asarray(scale, dtype=np.uint8).astype(np.uint32)
+    bits = np.where(b == 0, np.uint32(0x00400000), b << np.uint32(23))
+    bits = np.where(b == 255, np.uint32(0x7FC00000), bits)
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def e4m3_encode(x: np.ndarray) -> np.ndarray:
+    """Nearest finite E4M3 code of each value (saturating at ±448; ties to the lower magnitude)."""
+    x = np.asarray(x, dtype=np.float32)
+    positive = np.arange(0x7F, dtype=np.uint8)  # codes 0x00..0x7E: 0 … 448, increasing
+    grid = E4M3_TABLE[positive]
+    mag = np.minimum(np.abs(x), E4M3_MAX)
+    hi = np.clip(np.searchsorted(grid, mag, side="left"), 0, len(grid) - 1)
+    lo = np.maximum(hi - 1, 0)
+    pick = np.where(np.abs(grid[hi] - mag) < np.abs(mag - grid[lo]), hi, lo)
+    return (positive[pick] | np.where(np.signbit(x), 0x80, 0).astype(np.uint8)).astype(np.uint8)
+
+
+def e2m1_encode(x: np.ndarray) -> np.ndarray:
+    """Nearest E2M1 code (0..15) of each value (saturating at ±6)."""
+    x = np.asarray(x, dtype=np.float32)
+    grid = E2M1_TABLE[:8]
+    mag = np.minimum(np.abs(x), 6.0)
+    idx = np.argmin(np.abs(mag[..., None] - grid), axis=-1).astype(np.uint8)
+    return idx | np.where(np.signbit(x) & (idx != 0), 8, 0).astype(np.uint8)
+
+
+def pack_fp4(codes: np.ndarray) -> np.ndarray:
+    """E2M1 codes ``[..., in]`` -> official packed bytes ``[..., in/2]`` as int8 (low nibble = even column)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.shape[-1] % 2:
+        raise QuantFormatError(f"FP4 packing needs an even row length, got {codes.shape[-1]}")
+    packed = (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
+    return packed.astype(np.uint8).view(np.int8)
+
+
+def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+    """Official packed bytes ``[..., in/2]`` -> E2M1 codes ``[..., in]`` (uint8)."""
+    p = np.asarray(packed).view(np.uint8)
+    codes = np.empty(p.shape[:-1] + (2 * p.shape[-1],), dtype=np.uint8)
+    codes[..., 0::2] = p & 0xF
+    codes[..., 1::2] = p >> 4
+    return codes
+
+
+# --- reference dequantizers (numpy, from the format definition) -----------------------------
+
+
+def _check_fp8(weight: np.ndarray, scale: np.ndarray, name: str) -> tuple[int, int]:
+    if weight.ndim != 2:
+        raise QuantFormatError(f"{name}: FP8 weight must be 2-D, got shape {weight.shape}")
+    out_dim, in_dim = weight.shape
+    want = (-(-out_dim // FP8_BLOCK), -(-in_dim // FP8_BLOCK))
+    if tuple(scale.shape) != want:
+        raise QuantFormatError(
+            f"{name}: FP8 scale shape {tuple(scale.shape)} does not match weight {weight.shape} "
+            f"(expected {want} for {FP8_BLOCK}×{FP8_BLOCK} blocks)"
+        )
+    return out_dim, in_dim
+
+
+def _check_fp4(weight: np.ndarray, scale: np.ndarray, name: str) -> None:
+    if weight.ndim < 2 or weight.shape[:-1] != scale.shape[:-1] or scale.shape[-1] * 16 != weight.shape[-1]:
+        raise QuantFormatError(
+            f"{name}: FP4 weight {weight.shape} (two codes per byte) and scale {scale.shape} "
+            f"(one per {MX_GROUP} inputs) do not match"
+        )
+
+
+def dequant_fp8_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight") -> np.ndarray:
+    """``W[r, c] = e4m3(q[r, c]) · e8m0(s[r // 128, c // 128])`` in float32."""
+    weight, scale = np.asarray(weight), np.asarray(scale)
+    out_dim, in_dim = _check_fp8(weight, scale, name)
+    s = e8m0_to_float(scale)
+    s_full = s[np.arange(out_dim)[:, None] // FP8_BLOCK, np.arange(in_dim)[None, :] // FP8_BLOCK]
+    return e4m3_to_float(weight.view(np.uint8)) * s_full
+
+
+def dequant_fp4_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight") -> np.ndarray:
+    """``W[..., r, c] = e2m1(code[..., r, c]) · e8m0(s[..., r, c // 32])`` in float32."""
+    weight, scale = np.asarray(weight), np.asarray(scale)
+    _check_fp4(weight, scale, name)
+    values = e2m1_to_float(unpack_fp4(weight))
+    return values * np.repeat(e8m0_to_float(scale), MX_GROUP, axis=-1)
+
+
+# --- exact MLX views -----------------------------------------------------------------------
+
+
+def fp8_to_mxfp8(weight: np.ndarray, scale: np.ndarray, name: str = "weight"):
+    """Official FP8 (E4M3 ``[out, in]`` + E8M0 128×128 blocks) -> MLX ``mxfp8`` (group 32).
+
+    Returns ``(w, scales)`` as mx arrays: ``w`` uint32 ``[out, in/4]`` (the same bytes) and
+    ``scales`` uint8 ``[out, in/32]`` with ``scales[r, g] = s[r // 128, 32·g // 128]``.
+    Ragged block grids (dims not multiples of 128) follow the ceil rule; the input dimension must
+    be a multiple of 32, MLX's group size.
+    """
+    import mlx.core as mx
+
+    weight, scale = np.asarray(weight), np.asarray(scale)
+    out_dim, in_dim = _check_fp8(weight, scale, name)
+    if in_dim % MX_GROUP:
+        raise QuantFormatError(
+            f"{name}: FP8 input dimension {in_dim} is not a multiple of {MX_GROUP}; "
+            "it has no exact mxfp8 form"
+        )
+    w = np.ascontiguousarray(weight).view(np.uint8).view(np.uint32)
+    rows = np.arange(out_dim) // FP8_BLOCK
+    cols = (np.arange(in_dim // MX_GROUP) * MX_GROUP) // FP8_BLOCK
+    scales = np.asarray(scale, dtype=np.uint8)[rows[:, None], cols[None, :]]
+    return mx.array(w), mx.array(scales)
+
+
+def fp4_to_mxfp4(weight: np.ndarray, scale: np.ndarray, name: str = "weight"):
+    """Official FP4 (I8 ``[..., out, in/2]`` + E8M0 ``[..., out, in/32]``) -> MLX ``mxfp4`` (group 32).
+
+    Returns ``(w, scales)`` as mx arrays: ``w`` uint32 ``[..., out, in/8]`` (the same bytes: MLX
+    also keeps element 2k in the low nibble of byte k) and ``scales`` uint8, unchanged.
+    """
+    import mlx.core as mx
+
+    weight, scale = np.asarray(weight), np.asarray(scale)
+    _check_fp4(weight, scale, name)
+    w = np.ascontiguousarray(weight).view(np.uint8).view(np.uint32)
+    return mx.array(w), mx.array(np.asarray(scale, dtype=np.uint8))
+
+
+def stack_fp4_to_mxfp4(weights: list[np.ndarray], scales: list[np.ndarray], name: str = "experts"):
+    """Per-expert official FP4 tensors -> one stacked ``mxfp4`` pair ``[E, out, in/8]``, ``[E, out, in/32]``.
+
+    Fills a single preallocated buffer so peak memory is one copy of the stacked bytes.
+    """
+    import mlx.core as mx
+
+    for e, (w, s) in enumerate(zip(weights, scales)):
+        _check_fp4(np.asarray(w), np.asarray(s), f"{name}[{e}]")
+    if not weights:
+        raise QuantFormatError(f"{name}: no experts to stack")
+    if len({np.shape(w) for w in weights}) != 1 or len({np.shape(s) for s in scales}) != 1:
+        raise QuantFormatError(f"{name}: experts have different shapes")
+    w_out = np.empty((len(weights),) + np.shape(weights[0]), dtype=np.uint8)
+    s_out = np.empty((len(scales),) + np.shape(scales[0]), dtype=np.uint8)
+    for e, (w, s) in enumerate(zip(weights, scales)):
+        w_out[e] = np.asarray(w).view(np.uint8)
+        s_out[e] = s
+    return mx.array(w_out.view(np.uint32)), mx.array(s_out)

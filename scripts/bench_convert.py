@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Benchmark ``ds4mlx convert`` on a multi-GB synthetic checkpoint in the official format.
+
+    python scripts/bench_convert.py [--size-gb 3] [--to mlx|gguf] [--preset mxfp4] [--workdir DIR]
+
+Writes an official-format checkpoint (FP8 dense + 128×128 E8M0 scales, packed FP4 experts +
+E8M0 per 32, BF16/F32 rest, sharded with an index) of about ``--size-gb`` GB, streamed shard by
+shard, then runs the conversion in a child process and reports its wall time, throughput (source
+GB/s and output GB/s) and peak resident memory (the child's ``VmHWM``), next to the size of
+the largest output tensor. The page cache is dropped first when the system allows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ds4mlx.io.mlx_dir import ShardWriter  # noqa: E402
+from ds4mlx.io.names import official_layout  # noqa: E402
+from ds4mlx.io.safetensors import DTYPES, bf16_bits  # noqa: E402
+from ds4mlx.synthetic import INDEX_FILE, tiny_config  # noqa: E402
+
+SHARD_BYTES = 1 << 30
+
+
+def bench_config(num_layers: int) -> dict:
+    """Flash's structure at reduced width: 1024 hidden, 128 experts of 1024, 32k vocab."""
+    return tiny_config(num_layers=num_layers, vocab_size=32768, hidden_size=1024, num_attention_heads=8,
+                       q_lora_rank=512, o_groups=4, o_lora_rank=256, index_n_heads=16,
+                       n_routed_experts=128, moe_intermediate_size=1024, sliding_window=128)
+
+
+def entries(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, stored shape) of every tensor, in file order."""
+    out = []
+    for name, spec in official_layout(config).items():
+        if spec.storage == "fp8":
+            out += [(name, "F8_E4M3", spec.shape), (spec.scale_name, "F8_E8M0", spec.scale_shape)]
+        elif spec.storage == "fp4":
+            out += [(name, "I8", spec.stored_shape), (spec.scale_name, "F8_E8M0", spec.scale_shape)]
+        elif spec.storage == "i64":
+            out.append((name, "I64", spec.shape))
+        else:
+            out.append((name, "BF16" if spec.storage == "bf16" else "F32", spec.shape))
+    return out
+
+
+def nbytes(dtype: str, shape) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+
+
+def values(rng: np.random.Generator, name: str, dtype: str, shape, n_experts: int) -> np.ndarray:
+    if dtype == "F8_E4M3":
+        codes = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0  # no NaN codes
+        return codes
+    if dtype == "F8_E8M0":
+        return rng.integers(118, 128, size=shape, dtype=np.uint8)
+    if dtype == "I8":
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    if dtype == "I64":
+        return np.argsort(rng.random((shape[0], n_experts), dtype=np.float32), axis=1)[:, : shape[1]].astype(np.int64)
+    x = rng.standard_normal(shape, dtype=np.float32) * (0.1 if name.endswith("_fn") else 0.02)
+    if name.endswith("norm.weight") or name.endswith("_scale"):
+        x += 1.0
+    return bf16_bits(x) if dtype == "BF16" else x
+
+
+def write_source(path: Path, config: dict, seed: int = 0) -> int:
+    """Stream the checkpoint shard by shard; returns its size in bytes."""
+    path.mkdir(parents=True)
+    items = entries(config)
+    shards, size = [[]], 0
+    for e in items:
+        if shards[-1] and size + nbytes(e[1], e[2]) > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes(e[1], e[2])
+    rng = np.random.default_rng(seed)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards, 1):
+        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        w = ShardWriter(path / name, shard, {"format": "pt"})
+        for t, dtype, shape in shard:
+            w.write_tensor(t, [values(rng, t, dtype, shape, config["n_routed_experts"])])
+            weight_map[t] = name
+        w.finish()
+        total += w.nbytes
+    (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return total
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size-gb", type=float, default=3.0, help="approximate source size")
+    p.add_argument("--to", choices=("mlx", "gguf"), default="mlx")
+    p.add_argument("--preset", default=None, help="GGUF preset (default mxfp4 for the benchmark)")
+    p.add_argument("--expert-bits", type=int, default=None)
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--keep", action="store_true", help="keep the files")
+    args = p.parse_args(argv)
+
+    per_layer = sum(nbytes(d, s) for n, d, s in entries(bench_config(1)) if n.startswith("layers.0."))
+    fixed = sum(nbytes(d, s) for _, d, s in entries(bench_config(1))) - per_layer
+    layers = max(4, math.ceil((args.size_gb * 1e9 - fixed) / (per_layer * 1.0)))
+    config = bench_config(layers)
+    work = Path(tempfile.mkdtemp(prefix="ds4mlx-bench-", dir=args.workdir))
+    try:
+        t0 = time.time()
+        src_bytes = write_source(work / "src", config)
+        print(f"source: {layers} layers + MTP, {src_bytes / 1e9:.2f} GB, written in {time.time() - t0:.1f} s")
+        out = work / ("out.gguf" if args.to == "gguf" else "out")
+        preset = args.preset or ("mxfp4" if args.to == "gguf" else None)
+        call = ("import time; from ds4mlx.convert import convert; t = time.time(); "
+                f"convert({str(work / 'src')!r}, {str(out)!r}, to={args.to!r}, preset={preset!r}, "
+                f"expert_bits={args.expert_bits!r}, progress=False); "
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+                "print(time.time() - t, int(hwm) * 1024)")
+        cold = drop_caches()
+        t0 = time.time()
+        run = subprocess.run([sys.executable, "-c", call], check=True, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        total_seconds = time.time() - t0
+        seconds, rss = (float(x) for x in run.stdout.split()[-2:])
+        base = subprocess.run([sys.executable, "-c", "import ds4mlx.convert, mlx.core, gguf; "
+                               "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"],
+                              check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        base_rss = int(base.stdout) * 1024
+        out_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
+        largest = max(nbytes(d, s) for n, d, s in entries(config) if ".experts." in n) * config["n_routed_experts"]
+        print(f"convert --to {args.to}{f' --preset {preset}' if preset else ''}"
+              f"{f' --expert-bits {args.expert_bits}' if args.expert_bits else ''}: {seconds:.1f} s "
+              f"({'cold' if cold else 'warm'} page cache; {total_seconds:.1f} s with Python start-up and imports)")
+        print(f"throughput: {src_bytes / seconds / 1e9:.2f} GB/s of source, {out_bytes / seconds / 1e9:.2f} GB/s "
+              f"of output ({out_bytes / 1e9:.2f} GB, incl. write + verification re-read)")
+        print(f"peak RSS: {rss / 2**20:.0f} MiB (imports alone: {base_rss / 2**20:.0f} MiB; "
+              f"largest output tensor {largest / 2**20:.0f} MiB; source {src_bytes / 2**20:.0f} MiB)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+if __name__ == "__main__":
+    main()
