@@ -1,8 +1,9 @@
 """``load(path_or_repo)`` -> ``(model, tokenizer)`` for every supported source.
 
 Sources: a local official-format directory (sharded safetensors + index, or one
-``model.safetensors``), our converted MLX directory (``io/mlx_dir.py``), a ``.gguf`` file (``ds4mlx.io.gguf``), ``"demo"`` (the built-in synthetic
-demo checkpoint), or a Hugging Face repo id (downloaded with ``huggingface_hub``).
+``model.safetensors``), our converted MLX directory (``io/mlx_dir.py``), a ``.gguf`` file
+(``ds4mlx.io.gguf``), ``"demo"`` (the built-in synthetic demo model), or a Hugging Face repo
+id (downloaded with ``huggingface_hub``).
 """
 
 from __future__ import annotations
@@ -163,8 +164,9 @@ def _load_tokenizer(path: Path, vocab_size: int):
         return None
     n_ids = len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else 0
     if n_ids > vocab_size:
-        # e.g. a tiny test checkpoint next to the published 129 280-id tokenizer: its ids would
-        # index past the embedding, so offer no tokenizer rather than a wrong one
-        warnings.warn(f"{path}: the tokenizer has {n_ids} ids but the model only {vocab_size}; no tokenizer loaded")
+        # Its ids would index past the embedding: offer no tokenizer rather than a wrong one.
+        # Silent when it is the published fallback next to a small test checkpoint.
+        if (path / "tokenizer.json").is_file():
+            warnings.warn(f"{path}: tokenizer.json has {n_ids} ids but the model only {vocab_size}; not loaded")
         return None
     return tokenizer

@@ -36,7 +36,6 @@ def _read(ckpt: Path, name: str) -> np.ndarray:
 
 
 def _float_value(ckpt: Path, name: str) -> np.ndarray:
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     a = _read(ckpt, name)
     return bf16_to_float32(a) if a.dtype == np.uint16 else a
 
@@ -44,6 +43,8 @@ def _float_value(ckpt: Path, name: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def loaded(tiny_ckpt):
     model, tokenizer = ds4mlx.load(tiny_ckpt, dtype=mx.float32)
+    # no tokenizer.json, and the published 129 280-id tokenizer would overflow vocab 1024
+    assert tokenizer is None
     return model
 
 

@@ -18,7 +18,7 @@ import pytest
 from safetensors import safe_open
 
 from ds4mlx.quant.mx import dequant_fp8_np
-from ds4mlx.synthetic import demo_model_path, make_4expert, write_tiny_checkpoint
+from ds4mlx.synthetic import demo_model_path, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
