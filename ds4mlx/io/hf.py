@@ -59,6 +59,7 @@ class Entry:
     name: str  # official weight name
     shard: str
     fmt: WeightFormat
+    scale_shard: str | None = None
 
 
 @dataclass
@@ -192,11 +193,11 @@ def _classify(spec: TensorSpec, files, weight_map, path: Path) -> Entry:
             expect((-(-out_dim // FP8_BLOCK), -(-in_dim // FP8_BLOCK)), scale.shape, scale_name)
             if in_dim % MX_GROUP:
                 raise CheckpointError(f"{where}: input dimension {in_dim} is not a multiple of {MX_GROUP}")
-            return Entry(name, shard, MXFP8)
+            return Entry(name, shard, MXFP8, weight_map[scale_name])
         if info.dtype in ("I8", "U8"):
             expect((out_dim, in_dim // 2), info.shape)
             expect((out_dim, in_dim // MX_GROUP), scale.shape, scale_name)
-            return Entry(name, shard, MXFP4)
+            return Entry(name, shard, MXFP4, weight_map[scale_name])
         raise CheckpointError(f"{where}: dtype {info.dtype} with a .scale tensor; expected F8_E4M3 or I8")
     if spec.storage == "i64":
         if info.dtype not in INT_DTYPES:
