@@ -449,10 +449,6 @@ def convert(
 
     if to not in ("mlx", "gguf"):
         raise UsageProblem(f"--to must be mlx or gguf, got {to!r}")
-    if source == "demo" and not Path(source).exists():
-        from .demo import demo_path
-
-        source = str(demo_path())
     path = run_convert(source, output, to=to, preset=preset, experts_per_token=experts_per_token,
                        expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size,
                        include_mtp=mtp, resume=resume, progress=True)

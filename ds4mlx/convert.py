@@ -64,15 +64,13 @@ class OutputExistsError(ConvertError):
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A local official-format directory, or a Hugging Face repo id (through the hub cache)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ConvertError(f"{path}: the source must be a model directory (or a Hugging Face repo id)")
-    from .loader import _download
+    """A local official-format directory, ``demo``, or a Hugging Face repo id (through the hub cache)."""
+    from .loader import resolve_model_path
 
-    return _download(str(source))
+    path = resolve_model_path(source)
+    if not path.is_dir():
+        raise ConvertError(f"{path}: the source must be a model directory (or a Hugging Face repo id)")
+    return path
 
 
 def read_tensor(ckpt: HFCheckpoint, name: str) -> np.ndarray:

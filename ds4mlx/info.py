@@ -74,21 +74,9 @@ def _weight_of(name: str) -> str:
 
 def resolve_model(source: str | os.PathLike) -> Path:
     """A model argument (directory, ``.gguf``, ``demo`` or Hugging Face repo id) -> local path."""
-    from .loader import DEMO, ModelNotFoundError
+    from .loader import resolve_model_path
 
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.exists():
-        return path
-    if text == DEMO:
-        from .demo import demo_path
-
-        return demo_path()
-    if text.endswith(".gguf"):
-        raise ModelNotFoundError(f"{path}: GGUF file not found")
-    from .loader import _download
-
-    return _download(text)
+    return resolve_model_path(source)
 
 
 _OFFICIAL_LABELS = {"mxfp8": "FP8 E4M3, E8M0 /128x128", "mxfp4": "FP4 E2M1, E8M0 /32"}

@@ -46,22 +46,30 @@ def load(
 ) -> tuple[nn.Module, Any]:
     """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none)."""
     dtype = default_dtype() if dtype is None else dtype
-    source = str(path_or_repo)
-    path = Path(source).expanduser()
-    if source.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelNotFoundError(f"{path}: GGUF file not found")
+    path = resolve_model_path(path_or_repo)
+    if path.suffix == ".gguf":
         return _load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype)
-    if not path.exists() and source == DEMO:
-        from .demo import demo_path  # checkpoint + tokenizer, cached
-
-        path = demo_path()
-    elif not path.exists():
-        path = _download(source)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
     model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype)
     return model, _load_tokenizer(path, model.config.vocab_size)
+
+
+def resolve_model_path(source: str | os.PathLike) -> Path:
+    """A model argument -> a local path: an existing file or directory, ``"demo"`` (the built-in
+    demo model, generated on first use), or a Hugging Face repo id (the hub cache first, then
+    the network)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if text == DEMO:
+        from .demo import demo_path  # checkpoint + tokenizer, cached
+
+        return demo_path()
+    if text.endswith(".gguf"):
+        raise ModelNotFoundError(f"{path}: GGUF file not found")
+    return _download(text)
 
 
 def open_checkpoint(path: Path):
@@ -98,12 +106,12 @@ def load_dir(
     finally:
         checkpoint.close()
     apply_formats(model, formats)
-    _load_into(model, weights, set(formats), str(path))
+    load_into(model, weights, set(formats), str(path))
     model.eval()
     return model
 
 
-def _load_into(model: nn.Module, weights: dict[str, mx.array], packed_modules: set[str], source: str) -> None:
+def load_into(model: nn.Module, weights: dict[str, mx.array], packed_modules: set[str], source: str) -> None:
     """Cast float tensors to the dtype of the model's parameter at that path (the model decides
     what stays float32), keep packed arrays as stored, then load strictly."""
     params = dict(tree_flatten(model.parameters()))

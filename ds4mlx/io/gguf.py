@@ -335,7 +335,7 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
     MTP block then shares the main file's embedding and head.
     """
     from ..config import ModelConfig
-    from ..loader import _load_into, default_dtype
+    from ..loader import default_dtype, load_into
     from ..model.transformer import Model
 
     dtype = default_dtype() if dtype is None else dtype
@@ -374,7 +374,7 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
             if param.endswith(".tid2eid"):
                 _check_expert_ids(src, info, weights[param], config.n_routed_experts)
         apply_formats(model, formats)
-        _load_into(model, weights, set(formats), str(gf.path))
+        load_into(model, weights, set(formats), str(gf.path))
         model.eval()
         tokenizer = _tokenizer(gf)
     finally:

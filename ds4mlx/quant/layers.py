@@ -147,6 +147,8 @@ def make_module(module: nn.Module, fmt: WeightFormat, path: str = "") -> nn.Modu
     in_dim, out_dim, experts = _float_dims(module, path)
     if fmt.kind == "float":
         return module
+    if fmt.kind.startswith("gguf.") and fmt.kind not in _LINEAR:
+        import ds4mlx.quant.gguf.layers  # noqa: F401  (registers the GGUF-native kinds)
     builders = _LINEAR if experts is None else _SWITCH
     if fmt.kind not in builders:
         raise FormatError(f"{path}: unknown weight format {fmt.kind!r} (known: {sorted(builders)})")
