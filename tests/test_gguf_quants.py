@@ -161,7 +161,7 @@ def test_float_types_bit_exact(name):
 # --- quantizers --------------------------------------------------------------------------------
 
 # RMS relative error on N(0, 1) data, 16 × 4096 values, seed 0 (measured: Q8_0 0.00537,
-# Q4_K 0.0717, Q2_K 0.274, IQ2_XXS 0.335, MXFP4 0.1121); the bounds sit a little above.
+# Q4_K 0.0719, Q2_K 0.2754, IQ2_XXS 0.3364, MXFP4 0.1121); the bounds sit a little above.
 ERROR_BOUNDS = {"Q8_0": 0.0056, "Q4_K": 0.075, "Q2_K": 0.285, "IQ2_XXS": 0.345, "MXFP4": 0.115}
 
 

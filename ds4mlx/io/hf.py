@@ -23,7 +23,7 @@ import numpy as np
 from ..quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat
 from ..quant.mx import FP8_BLOCK, MX_GROUP, fp4_to_mxfp4, fp8_to_mxfp8, stack_fp4_to_mxfp4
 from .names import TensorSpec, UnknownTensorName, hf_to_internal, official_layout
-from .safetensors import SafetensorsFile
+from .safetensors import SafetensorsFile, open_shards
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -224,12 +224,7 @@ def open_hf_checkpoint(path: str | Path) -> HFCheckpoint:
     config = read_config(path)
     weight_map = _read_index(path)
 
-    files: dict[str, SafetensorsFile] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (path / shard).is_file():
-            example = next(n for n, s in weight_map.items() if s == shard)
-            raise FileNotFoundError(f"{path / shard}: shard listed in the index (e.g. for {example}) is missing")
-        files[shard] = SafetensorsFile(path / shard)
+    files = open_shards(path, weight_map)
     for name, shard in weight_map.items():
         if name not in files[shard]:
             raise CheckpointError(f"{path / shard}: the index lists tensor {name!r} in this shard, but it is not there")

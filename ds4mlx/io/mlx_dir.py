@@ -27,7 +27,7 @@ import numpy as np
 
 from ..quant.layers import WeightFormat
 from .names import hf_to_internal, official_layout
-from .safetensors import DTYPES, SafetensorsFile
+from .safetensors import DTYPES, SafetensorsFile, open_shards
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -195,12 +195,7 @@ def open_mlx_dir(path: str | os.PathLike) -> MLXDirCheckpoint:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise MLXDirError(f"{index}: not a safetensors index ({e!r})") from None
 
-    files: dict[str, SafetensorsFile] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (path / shard).is_file():
-            example = next(n for n, s in weight_map.items() if s == shard)
-            raise FileNotFoundError(f"{path / shard}: shard listed in the index (e.g. for {example}) is missing")
-        files[shard] = SafetensorsFile(path / shard)
+    files = open_shards(path, weight_map)
 
     has_mtp = any(n.startswith("mtp.") for n in weight_map)
     try:

@@ -200,6 +200,17 @@ class SafetensorsFile:
         self.close()
 
 
+def open_shards(directory: Path, weight_map: dict[str, str]) -> dict[str, SafetensorsFile]:
+    """Open every shard an index names; a missing shard is named with a tensor it should hold."""
+    files: dict[str, SafetensorsFile] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (directory / shard).is_file():
+            example = next(n for n, s in weight_map.items() if s == shard)
+            raise FileNotFoundError(f"{directory / shard}: shard listed in the index (e.g. for {example}) is missing")
+        files[shard] = SafetensorsFile(directory / shard)
+    return files
+
+
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)

@@ -81,41 +81,18 @@ def round_half_away(v: np.ndarray) -> np.ndarray:
     return np.sign(v) * np.floor(np.abs(v) + 0.5)
 
 
-def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                  nstep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``x ≈ scale·q − m`` with integer ``q ∈ [0, nmax]``, ``scale ≥ 0``, ``m ≥ 0``, per row.
+def _lsq_scale_min(q: np.ndarray, w: np.ndarray, wx: np.ndarray, sw: np.ndarray, sx: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least squares ``x ≈ scale·q + b`` with ``b ≤ 0`` for codes ``q [C, N, n]``.
 
-    ``x``, ``w``: float32 ``[N, n]`` (values and their error weights). Starting from the min/max
-    fit, the inverse scale is swept over ``(nmax + rmin + rdelta·i) / (max − min)`` for
-    ``i = 0..nstep``; for each candidate the codes are rounded and (scale, min) re-fit by weighted
-    least squares, and the candidate with the lowest weighted squared error wins. Rows whose
-    minimum is positive are fit with ``m = 0``.
-    Returns ``scale [N]`` and ``m [N]`` (the amount subtracted, ≥ 0).
+    ``w``, ``wx``: the weights and ``w·x``, ``[N, n]``; ``sw``, ``sx``: their row sums.
+    Returns ``scale``, ``b`` and the error without its constant ``Σ w x²``, each ``[C, N]`` float64.
+    The big sums are float32 ``einsum`` passes; the small per-row algebra is float64 because the
+    error is a difference of these sums.
     """
-    x = x.astype(np.float32, copy=False)
-    lo = np.minimum(x.min(axis=1), 0.0)
-    hi = x.max(axis=1)
-    span = hi - lo
-    flat = span <= 0
-    span = np.where(flat, 1.0, span)
-
-    # candidate inverse scales: the plain min/max fit first, then the sweep
-    steps = np.concatenate([[float(nmax)], nmax + rmin + rdelta * np.arange(nstep + 1)])
-    iscale = (steps[:, None] / span[None, :]).astype(np.float32)  # [C, N]
-    # x − lo ≥ 0, so rounding half away from zero is floor(v + 0.5)
-    q = np.floor(iscale[..., None] * (x[None] - lo[None, :, None]) + np.float32(0.5))
-    np.clip(q, 0, nmax, out=q)
-
-    # weighted sums per candidate and row (in float64 from here: the error below is a
-    # difference of them)
-    wq = w[None] * q
-    sw = w.sum(axis=1).astype(np.float64)[None]
-    sx = (w * x).sum(axis=1).astype(np.float64)[None]
-    sxx = (w * x * x).sum(axis=1).astype(np.float64)[None]
-    sl = wq.sum(axis=-1).astype(np.float64)
-    sl2 = (wq * q).sum(axis=-1).astype(np.float64)
-    sxl = (wq * x[None]).sum(axis=-1).astype(np.float64)
-    # least squares for x ≈ scale·q + b (b = −m)
+    sl = np.einsum("cnk,nk->cn", q, w).astype(np.float64)
+    sxl = np.einsum("cnk,nk->cn", q, wx).astype(np.float64)
+    sl2 = np.einsum("cnk,nk->cn", q * q, w).astype(np.float64)
     det = sw * sl2 - sl * sl
     ok = det > 0
     safe = np.where(ok, det, 1.0)
@@ -125,26 +102,86 @@ def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: 
     pos = b > 0
     scale = np.where(pos, np.where(sl2 > 0, sxl / np.where(sl2 > 0, sl2, 1.0), 0.0), scale)
     b = np.where(pos, 0.0, b)
-    # the first candidate keeps the plain min/max fit as a fallback
-    scale[0] = 1.0 / iscale[0]
-    b[0] = lo
     scale = np.maximum(scale, 0.0)
-    # Σ w (scale·q + b − x)², expanded
-    err = (scale * scale * sl2 + b * b * sw + sxx + 2 * scale * b * sl
-           - 2 * scale * sxl - 2 * b * sx)
+    # Σ w (scale·q + b − x)² − Σ w x², expanded
+    err = scale * scale * sl2 + b * b * sw + 2 * scale * b * sl - 2 * scale * sxl - 2 * b * sx
+    return scale, b, err
+
+
+def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                  nstep: int, refine: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``x ≈ scale·q − m`` with integer ``q ∈ [0, nmax]``, ``scale ≥ 0``, ``m ≥ 0``, per row.
+
+    ``x``, ``w``: float32 ``[N, n]`` (values and their error weights). Starting from the min/max
+    fit, the inverse scale is swept over ``(nmax + rmin + rdelta·i) / (max − min)`` for
+    ``i = 0..nstep``; for each candidate the codes are rounded and (scale, min) re-fit by weighted
+    least squares, and the candidate with the lowest weighted squared error wins. The winner is
+    then polished by ``refine`` rounds of "re-round the codes, re-fit", each kept only where it
+    lowers the error (a coarse sweep plus polishing matches a fine sweep at a fraction of the
+    cost). Rows whose minimum is positive are fit with ``m = 0``.
+    Returns ``scale [N]`` and ``m [N]`` (the amount subtracted, ≥ 0).
+    """
+    x = x.astype(np.float32, copy=False)
+    w = w.astype(np.float32, copy=False)
+    lo = np.minimum(x.min(axis=1), 0.0)
+    hi = x.max(axis=1)
+    span = hi - lo
+    flat = span <= 0
+    span = np.where(flat, 1.0, span)
+    sw = w.sum(axis=1, dtype=np.float64)
+    wx = w * x
+    sx = wx.sum(axis=1, dtype=np.float64)
+
+    # candidate inverse scales: the plain min/max fit first, then the sweep
+    steps = np.concatenate([[float(nmax)], nmax + rmin + rdelta * np.arange(nstep + 1)])
+    iscale = (steps[:, None] / span[None, :]).astype(np.float32)  # [C, N]
+    # x − lo ≥ 0; rint's ties-to-even only differs from ggml's rounding on exact ties, which
+    # does not matter for choosing a candidate (the final codes are rounded by requantize_codes)
+    q = np.multiply(iscale[..., None], (x - lo[:, None])[None])
+    np.rint(q, out=q)
+    np.clip(q, 0, nmax, out=q)
+    scale, b, err = _lsq_scale_min(q, w, wx, sw, sx)
+    # the first candidate keeps the plain min/max fit as a fallback
+    scale[0] = span / nmax
+    b[0] = lo
+    err[0] = _lsq_err(q[0], w, wx, sw, sx, scale[0], b[0])
     best = np.argmin(err, axis=0)
     rows = np.arange(x.shape[0])
-    scale, m = scale[best, rows], -b[best, rows]
+    scale, b, err = scale[best, rows], b[best, rows], err[best, rows]
+
+    for _ in range(refine):
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.subtract(x, b[:, None].astype(np.float32))
+        q /= safe[:, None]
+        np.rint(q, out=q)
+        np.clip(q, 0, nmax, out=q)
+        ns, nb, ne = (v[0] for v in _lsq_scale_min(q[None], w, wx, sw, sx))
+        better = (ne < err) & (scale > 0)
+        scale, b, err = np.where(better, ns, scale), np.where(better, nb, b), np.where(better, ne, err)
+
     scale = np.where(flat, 0.0, scale).astype(np.float32)
-    m = np.where(flat, -lo, m).astype(np.float32)
+    m = np.where(flat, -lo, -b).astype(np.float32)
     return scale, m
+
+
+def _lsq_err(q, w, wx, sw, sx, scale, b) -> np.ndarray:
+    """``Σ w (scale·q + b − x)² − Σ w x²`` per row for codes ``q [N, n]`` and given (scale, b)."""
+    sl = np.einsum("nk,nk->n", q, w).astype(np.float64)
+    sxl = np.einsum("nk,nk->n", q, wx).astype(np.float64)
+    sl2 = np.einsum("nk,nk->n", q * q, w).astype(np.float64)
+    return scale * scale * sl2 + b * b * sw + 2 * scale * b * sl - 2 * scale * sxl - 2 * b * sx
 
 
 def requantize_codes(x: np.ndarray, scale: np.ndarray, m: np.ndarray, nmax: int) -> np.ndarray:
     """Codes ``q = round((x + m) / scale)`` clipped to ``[0, nmax]`` (0 where ``scale`` is 0)."""
-    safe = np.where(scale > 0, scale, 1.0)
-    q = round_half_away((x + m[..., None]) / safe[..., None])
-    return np.where(scale[..., None] > 0, np.clip(q, 0, nmax), 0).astype(np.uint8)
+    inv = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0).astype(np.float32)
+    # below zero everything clips to 0, so floor(v + 0.5) rounds half away from zero here
+    q = np.add(x, m[..., None].astype(np.float32))
+    q *= inv[..., None]
+    q += np.float32(0.5)
+    np.floor(q, out=q)
+    np.clip(q, 0, nmax, out=q)
+    return q.astype(np.uint8)
 
 
 def kquant_weights(sub: np.ndarray, xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -166,13 +203,21 @@ def refit_super_scales(x: np.ndarray, w: np.ndarray, q: np.ndarray, ls: np.ndarr
     Model ``x[b, j, i] ≈ d[b]·ls[b, j]·q[b, j, i] − dmin[b]·lm[b, j]``; the weighted least-squares
     ``(d, dmin)`` (rounded to fp16) replace the current ones only where they lower the error.
     """
-    a = ls[:, :, None] * q.astype(np.float32)
-    c = np.broadcast_to(lm[:, :, None].astype(np.float32), x.shape)
-    saa = (w * a * a).sum(axis=(1, 2))
-    scc = (w * c * c).sum(axis=(1, 2))
-    sac = (w * a * c).sum(axis=(1, 2))
-    sax = (w * a * x).sum(axis=(1, 2))
-    scx = (w * c * x).sum(axis=(1, 2))
+    # per sub-block sums, then the sub-block scales fold in on the small arrays
+    qf = q.astype(np.float32)
+    wq = w * qf
+    s_q = wq.sum(axis=2, dtype=np.float64)  # Σ w q
+    s_qq = np.einsum("bji,bji->bj", wq, qf).astype(np.float64)  # Σ w q²
+    s_qx = np.einsum("bji,bji->bj", wq, x).astype(np.float64)  # Σ w q x
+    s_w = w.sum(axis=2, dtype=np.float64)
+    s_x = np.einsum("bji,bji->bj", w, x).astype(np.float64)
+    s_xx = np.einsum("bji,bji,bji->b", w, x, x).astype(np.float64)
+    ls, lm = ls.astype(np.float64), lm.astype(np.float64)
+    saa = (ls * ls * s_qq).sum(axis=1)
+    scc = (lm * lm * s_w).sum(axis=1)
+    sac = (ls * lm * s_q).sum(axis=1)
+    sax = (ls * s_qx).sum(axis=1)
+    scx = (lm * s_x).sum(axis=1)
     # normal equations of x ≈ d·a − e·c
     det = saa * scc - sac * sac
     ok = det > 1e-30 * np.maximum(saa * scc, 1e-30)
@@ -186,9 +231,10 @@ def refit_super_scales(x: np.ndarray, w: np.ndarray, q: np.ndarray, ls: np.ndarr
     nd = np.clip(nd, 0, 65504.0).astype(np.float16).astype(np.float32)
     ne = np.clip(ne, 0, 65504.0).astype(np.float16).astype(np.float32)
 
-    def err(dd, ee):
-        r = dd[:, None, None] * a - ee[:, None, None] * c - x
-        return (w * r * r).sum(axis=(1, 2))
+    def err(dd, ee):  # Σ w (d·a − e·c − x)², expanded
+        dd, ee = dd.astype(np.float64), ee.astype(np.float64)
+        return (dd * dd * saa + ee * ee * scc + s_xx - 2 * dd * ee * sac - 2 * dd * sax
+                + 2 * ee * scx)
 
     better = (ok | only_d) & (err(nd, ne) < err(d, dmin))
     return np.where(better, nd, d), np.where(better, ne, dmin)

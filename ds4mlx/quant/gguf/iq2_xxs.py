@@ -93,27 +93,31 @@ def dequantize(blocks: mx.array) -> mx.array:
 
 
 # ----------------------------------------------------------------------------- quantizer
-_CHUNK_BLOCKS = 128
+_CHUNK_BLOCKS = 256  # blocks per numpy batch: keeps the [runs, 256] cost tables in cache
 # group scale candidates, as multiples of amax/43: around "amax on the top level", plus amax on
 # the middle and bottom levels (flat groups)
-_SCALE_STEPS = np.concatenate([np.linspace(0.7, 1.35, 8), [43 / 25, 43 / 8]]).astype(np.float32)
-_SUPER_STEPS = np.array([1.0, 0.95, 0.9], dtype=np.float32)  # super-scale candidates
-_GRID_T = np.ascontiguousarray(GRID.T)  # [8, 256]
-_GRID2_T = np.ascontiguousarray((GRID * GRID).T)
+_SCALE_STEPS = np.array([0.8, 1.0, 1.2, 43 / 25, 43 / 8], dtype=np.float32)
+_SUPER_STEPS = np.array([1.0, 0.95], dtype=np.float32)  # super-scale candidates
+_REFINE = 2  # least-squares refinements of the group scales
+# cost of entry e for a run at scale s: Σ_j w_j (s·g_ej − y_j)² − Σ w y² = [−2·w·y, s·w] @ _COST_T
+_COST_T = np.ascontiguousarray(np.concatenate([GRID.T, (GRID * GRID).T], axis=0))  # [16, 256]
 
 
-def _best_entries(a2: np.ndarray, b: np.ndarray, s: np.ndarray, buf: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Per run, the grid entry minimising ``Σ w (s·g − y)² = s·(s·B − 2A) + const`` at scale ``s``.
+def _candidate_entries(y: np.ndarray, w: np.ndarray, s0: np.ndarray) -> np.ndarray:
+    """Per run, the best grid entry at each scale ``s0·f`` (f in ``_SCALE_STEPS``): ``[n, 8, 4, F]``.
 
-    ``a2`` (= 2A), ``b``, ``buf`` (scratch): ``[n, 8, 4, 256]``; ``s``: ``[n, 8]`` (one scale per
-    group, ≥ 0). Returns the entry ``[n, 8, 4]`` and the cost ``[n, 8, 4]`` (without the constant).
+    Searching all 256 entries is the expensive part, so it happens only here, one matrix product
+    and one argmin per scale; everything after chooses among these few entries.
     """
-    s = s[..., None, None].astype(np.float32)
-    np.multiply(b, s, out=buf)
-    np.subtract(buf, a2, out=buf)
-    idx = np.argmin(buf, axis=-1)
-    return idx, s[..., 0] * np.take_along_axis(buf, idx[..., None], axis=-1)[..., 0]
+    runs = y.shape[:3]
+    lhs = np.empty((*runs, 16), dtype=np.float32)
+    lhs[..., :8] = -2.0 * w * y
+    out = []
+    for f in _SCALE_STEPS:
+        lhs[..., 8:] = w * (s0 * f)[..., None, None]
+        cost = lhs.reshape(-1, 16) @ _COST_T  # [runs, 256]
+        out.append(np.argmin(cost, axis=-1).reshape(runs))
+    return np.stack(out, axis=-1)
 
 
 def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -135,47 +139,46 @@ def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     y = np.where(flip, -np.abs(x), np.abs(x))
     mask = (neg.astype(np.uint32) << np.arange(8, dtype=np.uint32)).sum(axis=-1)  # [n, 8, 4]
 
-    a2 = (2.0 * w * y) @ _GRID_T  # 2 Σ_j w_j y_j g_j   [n, 8, 4, 256]
-    b = w @ _GRID2_T  # Σ_j w_j g_j²
-    buf = np.empty_like(b)
-
-    # group scale: coarse sweep, then two least-squares refinements
+    # the few entries worth considering per run, and their sums A = Σ w y g, B = Σ w g²
     s0 = y.max(axis=(2, 3)) / 43.0  # [n, 8]
-    best_s = np.zeros_like(s0)
-    best_cost = np.full(s0.shape, np.inf, dtype=np.float32)
-    for f in _SCALE_STEPS:
-        s = s0 * f
-        _, cost = _best_entries(a2, b, s, buf)
-        cost = cost.sum(axis=-1)
-        better = cost < best_cost
-        best_s = np.where(better, s, best_s)
-        best_cost = np.where(better, cost, best_cost)
-    s = best_s
-    for _ in range(2):
-        idx, _ = _best_entries(a2, b, s, buf)
-        sa = 0.5 * np.take_along_axis(a2, idx[..., None], axis=-1)[..., 0].sum(axis=-1)
-        sb = np.take_along_axis(b, idx[..., None], axis=-1)[..., 0].sum(axis=-1)
+    cand = _candidate_entries(y, w, s0)  # [n, 8, 4, F]
+    g = GRID[cand]  # [n, 8, 4, F, 8]
+    ca = np.einsum("rgkj,rgkfj->rgkf", w * y, g)
+    cb = np.einsum("rgkj,rgkfj->rgkf", w, g * g)
+
+    def best(s):  # per run, the candidate with the lowest cost s²B − 2sA at group scale s [n, 8]
+        c = s[..., None, None] * (s[..., None, None] * cb - 2.0 * ca)
+        k = np.argmin(c, axis=-1)
+        return k, np.take_along_axis(c, k[..., None], axis=-1)[..., 0]
+
+    # group scale: the best of the sweep, then least-squares refinements
+    costs = np.stack([best(s0 * f)[1].sum(axis=-1) for f in _SCALE_STEPS])  # [F, n, 8]
+    s = s0 * _SCALE_STEPS[np.argmin(costs, axis=0)]
+    for _ in range(_REFINE):
+        k, _ = best(s)
+        sa = np.take_along_axis(ca, k[..., None], axis=-1)[..., 0].sum(axis=-1)
+        sb = np.take_along_axis(cb, k[..., None], axis=-1)[..., 0].sum(axis=-1)
         s = np.where(sb > 0, np.maximum(sa, 0.0) / np.where(sb > 0, sb, 1.0), 0.0)
 
     # super-scale D (fp16) and 4-bit group scales: s ≈ D·(2ls+1)/8; keep the best D candidate
     dmax = s.max(axis=1) * 8.0 / 31.0
-    best = None
+    best_d = None
     for f in _SUPER_STEPS:
         dd = (dmax * f).astype(np.float16).astype(np.float32)
         safe = np.where(dd > 0, dd, 1.0)[:, None]
         ls = np.clip(np.floor((8.0 * s / safe - 1.0) / 2.0 + 0.5), 0, 15)
-        sq = dd[:, None] * (2.0 * ls + 1.0) / 8.0
-        idx, cost = _best_entries(a2, b, sq, buf)
+        k, cost = best(dd[:, None] * (2.0 * ls + 1.0) / 8.0)
         total = cost.sum(axis=(1, 2))
-        if best is None:
-            best = [total, dd, ls, idx]
+        if best_d is None:
+            best_d = [total, dd, ls, k]
         else:
-            better = total < best[0]
-            best[0] = np.where(better, total, best[0])
-            best[1] = np.where(better, dd, best[1])
-            best[2] = np.where(better[:, None], ls, best[2])
-            best[3] = np.where(better[:, None, None], idx, best[3])
-    _, dd, ls, idx = best
+            better = total < best_d[0]
+            best_d[0] = np.where(better, total, best_d[0])
+            best_d[1] = np.where(better, dd, best_d[1])
+            best_d[2] = np.where(better[:, None], ls, best_d[2])
+            best_d[3] = np.where(better[:, None, None], k, best_d[3])
+    _, dd, ls, k = best_d
+    idx = np.take_along_axis(cand, k[..., None], axis=-1)[..., 0]
 
     words_a = (idx.astype(np.uint32) << (8 * np.arange(4, dtype=np.uint32))).sum(axis=-1)
     sign7 = (mask & 127).astype(np.uint32)
@@ -189,7 +192,8 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
 
     Per run of 8 the signs are fixed first (parity-corrected), then each group's scale is
     searched over a sweep and refined by least squares, choosing for every run the codebook
-    entry with the lowest weighted error at that scale; finally the fp16 super-scale and the
+    entry with the lowest weighted error at that scale (among the entries that win a full
+    256-entry search at one of the sweep scales); finally the fp16 super-scale and the
     4-bit group scales are chosen among a few candidates by total error.
     ``weights``: optional importance, broadcast to ``x`` (e.g. an imatrix ``[n]``).
     """

@@ -30,7 +30,7 @@ BLOCK_SIZE = 256
 BLOCK_BYTES = 84
 
 _SUB = 16
-_CHUNK_BLOCKS = 4096
+_CHUNK_BLOCKS = 512
 
 
 def dequantize(blocks: mx.array) -> mx.array:
@@ -49,7 +49,7 @@ def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     n = xb.shape[0]
     sub = xb.reshape(n, 16, _SUB)
     w = kquant_weights(sub, xb, qw)
-    scale, m = fit_scale_min(sub.reshape(-1, _SUB), w.reshape(-1, _SUB), 3, -0.5, 0.1, 15)
+    scale, m = fit_scale_min(sub.reshape(-1, _SUB), w.reshape(-1, _SUB), 3, -0.5, 0.5, 2)
     scale, m = scale.reshape(n, 16), m.reshape(n, 16)
     d = (scale.max(axis=1) / 15.0).astype(np.float16).astype(np.float32)
     dmin = (m.max(axis=1) / 15.0).astype(np.float16).astype(np.float32)

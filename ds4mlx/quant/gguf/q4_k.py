@@ -33,7 +33,7 @@ BLOCK_SIZE = 256
 BLOCK_BYTES = 144
 
 _SUB = 32  # sub-block length
-_CHUNK_BLOCKS = 4096  # super-blocks per numpy batch in the quantizer (bounds memory)
+_CHUNK_BLOCKS = 512  # super-blocks per numpy batch in the quantizer (bounds memory)
 
 
 def unpack_scale_min(s: mx.array) -> tuple[mx.array, mx.array]:
@@ -76,7 +76,7 @@ def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     n = xb.shape[0]
     sub = xb.reshape(n, 8, _SUB)
     w = kquant_weights(sub, xb, qw)
-    scale, m = fit_scale_min(sub.reshape(-1, _SUB), w.reshape(-1, _SUB), 15, -1.0, 0.1, 20)
+    scale, m = fit_scale_min(sub.reshape(-1, _SUB), w.reshape(-1, _SUB), 15, -1.0, 0.5, 4)
     scale, m = scale.reshape(n, 8), m.reshape(n, 8)
     d = (scale.max(axis=1) / 63.0).astype(np.float16).astype(np.float32)
     dmin = (m.max(axis=1) / 63.0).astype(np.float16).astype(np.float32)
