@@ -4,6 +4,7 @@ built from gguf-py's own reader and dequantizer, for files mixing every block ty
 fail with errors naming the file and the key or tensor at fault."""
 
 import json
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,10 +20,11 @@ import ds4mlx
 from ds4mlx.config import ModelConfig
 from ds4mlx.io.gguf import GGUFError, hf_config_from_gguf, load_gguf, write_gguf
 from ds4mlx.io.gguf_file import open_gguf
-from ds4mlx.io.names import gguf_to_internal, internal_to_gguf
+from ds4mlx.io.names import gguf_to_internal, hf_to_internal, internal_to_gguf, official_layout
 from ds4mlx.model.transformer import Model
 from ds4mlx.quant.gguf import UnsupportedQuantType
 from ds4mlx.quant.gguf.layers import GGUFLinear, GGUFSwitchLinear
+from ds4mlx.synthetic import tiny_config
 
 TOKENS = mx.array([[5, 17, 900, 3, 42, 42, 7, 1000, 64, 11, 300, 2]])
 
@@ -104,17 +106,28 @@ def _write(tmp_path, name, config, weights, recipe, **kw):
     return path, mtp
 
 
-def _reference_model(config: dict, main, mtp) -> Model:
-    """A float model whose weights are gguf-py's reading and dequantization of the files."""
-    cfg = ModelConfig.from_hf({**config, "num_nextn_predict_layers": 1})
-    model = Model(cfg, dtype=mx.float32, qat_rounding=False)
-    loaded = []
-    for path in (main, mtp):
+def _reference_model(config: dict, main, mtp=None, *, qat_rounding: bool = False) -> Model:
+    """A float model whose weights are gguf-py's reading and dequantization of the files. Hash
+    tables are cut to the config's top-k columns (the published 4Expert recipe); a router bias on
+    a hash layer (which llama.cpp allows) is dropped: hash layers route by token id only."""
+    cfg = ModelConfig.from_hf({**config, "num_nextn_predict_layers": 0 if mtp is None else 1})
+    model = Model(cfg, dtype=mx.float32, qat_rounding=qat_rounding)
+    k, loaded = config["num_experts_per_tok"], []
+    for path in (main,) if mtp is None else (main, mtp):
         for t in GGUFReader(str(path)).tensors:
+            name = gguf_to_internal(t.name)
+            m = re.fullmatch(r"layers\.(\d+)\.ffn\.gate\.bias", name)
+            if m and int(m.group(1)) < config["num_hash_layers"]:
+                continue
             data = t.data if t.tensor_type in (T.F32, T.I32) else gq.dequantize(t.data, t.tensor_type)
-            loaded.append((gguf_to_internal(t.name), mx.array(np.asarray(data).reshape(tuple(reversed(t.shape.tolist()))))))
+            data = np.asarray(data).reshape(tuple(reversed(t.shape.tolist())))
+            loaded.append((name, mx.array(data[:, :k] if name.endswith(".tid2eid") else data)))
     model.load_weights(loaded, strict=True)
     return model
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # --- round trips ---------------------------------------------------------------------------------
@@ -182,6 +195,161 @@ def test_4expert_metadata_and_override(tmp_path, hf_config, weights, tiny_ckpt_4
     main6, _ = _write(tmp_path, "k6.gguf", hf_config, weights, _recipe_f32)
     model6, _ = load_gguf(main6, experts_per_token=4, qat_rounding=False, dtype=mx.float32)
     np.testing.assert_allclose(np.array(model6(TOKENS)), np.array(model4(TOKENS)), rtol=1e-5, atol=1e-5)
+
+
+# --- both namings: an upstream llama.cpp-style file; top-4 and top-6 ----------------------------
+
+# official storage of every tensor (by internal path without the layer prefix)
+_STORAGE = {re.sub(r"^(layers|mtp)\.\d+\.", "", hf_to_internal(s.name).path): s.storage
+            for s in official_layout(tiny_config()).values()}
+
+
+def _recipe_upstream(path, value):
+    """Types of a stock llama.cpp ``deepseek4`` conversion (gguf_layouts.md §3.2): MXFP4 experts,
+    FP8-origin projections Q8_0 (or BF16), 2-D BF16 kept BF16, F32 kept F32 (HC fn, ape), 1-D as
+    F32, an F32 router."""
+    storage = _STORAGE[re.sub(r"^(layers|mtp)\.\d+\.", "", path)]
+    if storage == "i64":
+        return T.I32
+    if storage == "fp4":
+        return T.MXFP4
+    if storage == "fp8":
+        return T.BF16 if path.startswith("layers.3.") else T.Q8_0
+    if path.endswith("ffn.gate.weight") or storage == "f32" or value.ndim == 1:
+        return T.F32
+    return T.BF16
+
+
+_UPSTREAM_KVS = {  # keys only upstream files carry; the loader must pass over them
+    "deepseek4.swiglu_clamp_shexp": ([10.0] * tiny_config()["num_hidden_layers"], GGUFValueType.ARRAY),
+    "deepseek4.nextn_predict_layers": (1, GGUFValueType.UINT32),
+    "general.sampling.top_k": (20, GGUFValueType.INT32),
+    "general.sampling.temp": (0.6, GGUFValueType.FLOAT32),
+    "general.sampling.top_p": (0.95, GGUFValueType.FLOAT32),
+    "general.file_type": (38, GGUFValueType.UINT32),
+    "general.quantization_version": (2, GGUFValueType.UINT32),
+    "tokenizer.chat_template": ("{% for m in messages %}{{ m.content }}{% endfor %}", GGUFValueType.STRING),
+}
+
+
+@pytest.mark.parametrize("k", [6, 4])
+def test_upstream_style_file(tmp_path, hf_config, weights, k):
+    config = {**hf_config, "num_experts_per_tok": k}
+    tensors = _gguf_tensors(weights, _recipe_upstream, mtp=False)
+    for i in range(hf_config["num_hash_layers"]):
+        table = tensors[f"blk.{i}.ffn_gate_tid2eid.weight"][0]
+        tensors[f"blk.{i}.ffn_gate_tid2eid.weight"] = (table[:, :k], T.I32)  # {n_expert_used, n_vocab}
+        # optional on hash layers in llama.cpp; large, so that using it would reroute tokens
+        bias = np.random.default_rng(i).normal(0, 5, hf_config["n_routed_experts"]).astype(np.float32)
+        tensors[f"blk.{i}.exp_probs_b.bias"] = (bias, T.F32)
+    main = write_gguf(tmp_path / "up.gguf", config, tensors, extra_metadata=_UPSTREAM_KVS)
+    with open_gguf(main) as gf:  # the file is what an upstream conversion looks like
+        assert len(gf.fields["deepseek4.attention.compress_ratios"]) == hf_config["num_hidden_layers"] + 1
+        assert gf.tensors["blk.0.ffn_gate_exps.weight"].ggml_type == T.MXFP4
+        assert gf.tensors["blk.0.exp_probs_b.bias"].ggml_type == T.F32
+        assert gf.tensors["blk.3.ffn_gate_inp.weight"].ggml_type == T.F32
+        assert gf.tensors["blk.1.hc_attn_fn.weight"].ggml_type == T.F32
+        assert gf.tensors["token_embd.weight"].ggml_type == T.BF16
+    model, tokenizer = load_gguf(main, qat_rounding=False, dtype=mx.float32)
+    assert tokenizer is None and model.config.experts_per_token == k
+    assert isinstance(model.layers[0].ffn.experts.w1, QuantizedSwitchLinear)
+    assert model.layers[0].ffn.experts.w1.mode == "mxfp4"
+    ref = _reference_model(config, main)
+    toks = mx.array(_long_tokens(60))
+    ours, want = np.array(model(toks)), np.array(ref(toks))
+    assert rel_err(ours, want) <= 1e-4
+    np.testing.assert_array_equal(ours.argmax(-1), want.argmax(-1))
+    # the hash-layer bias is really ignored: the same file without it gives the same logits
+    for i in range(hf_config["num_hash_layers"]):
+        del tensors[f"blk.{i}.exp_probs_b.bias"]
+    plain_file = write_gguf(tmp_path / "plain.gguf", config, tensors)
+    plain, _ = load_gguf(plain_file, qat_rounding=False, dtype=mx.float32)
+    np.testing.assert_array_equal(np.array(plain(toks)), ours)
+
+
+def test_quantized_top4_matches_reference(hf_config, mixed_files):
+    # the 6-expert mixed file run top-4 is the 4Expert model of the same quantized weights
+    main, mtp = mixed_files
+    model, _ = load_gguf(main, experts_per_token=4, qat_rounding=False, dtype=mx.float32, mtp_path=mtp)
+    ref = _reference_model({**hf_config, "num_experts_per_tok": 4}, main, mtp)
+    ours, want = np.array(model(TOKENS)), np.array(ref(TOKENS))
+    assert rel_err(ours, want) <= 1e-4
+    np.testing.assert_array_equal(ours.argmax(-1), want.argmax(-1))
+    six, _ = load_gguf(main, qat_rounding=False, dtype=mx.float32)
+    assert rel_err(np.array(six(TOKENS)), ours) > 1e-3  # top-k really changed
+
+
+# --- prefill, chunked prefill and decode over a long sequence ------------------------------------
+
+LONG = 150  # crosses the window (16), a ratio-128 boundary, and 37 ratio-4 rows (index top-k 4)
+
+
+def _long_tokens(n: int = LONG) -> np.ndarray:
+    return np.random.default_rng(11).integers(2, 1024, size=(1, n))
+
+
+def _run_split(model, toks: np.ndarray, size: int) -> np.ndarray:
+    cache, outs = model.make_cache(), []
+    for i in range(0, toks.shape[1], size):
+        outs.append(np.array(model(mx.array(toks[:, i:i + size]), cache=cache)))
+    return np.concatenate(outs, axis=1)
+
+
+def _recipe_q2(path, value):
+    """ds4's q2 file (gguf_layouts.md §2.4): IQ2_XXS gate/up and Q2_K down experts, Q8_0
+    projections and head, F16 embedding/router/HC/compressor/indexer, F32 1-D, I32 tables."""
+    if value.dtype.kind in "iu":
+        return T.I32
+    if ".ffn.experts." in path:
+        return T.Q2_K if path.endswith("w2.weight") else T.IQ2_XXS
+    if path == "head.weight" or (_STORAGE[re.sub(r"^(layers|mtp)\.\d+\.", "", path)] == "fp8"
+                                 and "indexer" not in path):
+        return T.Q8_0
+    return T.F16 if value.ndim >= 2 else T.F32
+
+
+@pytest.fixture(scope="module")
+def q2_files(tmp_path_factory, hf_config, weights):
+    return _write(tmp_path_factory.mktemp("q2"), "q2.gguf", hf_config, weights, _recipe_q2)
+
+
+@pytest.fixture(scope="module", params=["mixed", "q2"])
+def long_prefill(request, hf_config):
+    """(files, tokens, one-call logits of the GGUF model and of gguf-py's float model), rounding off."""
+    main, mtp = request.getfixturevalue(request.param + "_files")
+    model, _ = load_gguf(main, qat_rounding=False, dtype=mx.float32)
+    toks = _long_tokens()
+    full = np.array(model(mx.array(toks)))
+    ref = np.array(_reference_model(hf_config, main)(mx.array(toks)))
+    return model, (main, mtp), toks, full, ref
+
+
+def test_long_prefill_matches_reference(long_prefill):
+    model, _, _, full, ref = long_prefill
+    if isinstance(model.layers[0].ffn.experts.w1, GGUFSwitchLinear):
+        assert model.layers[0].ffn.experts.w1.type_name in ("Q4_K", "IQ2_XXS")
+    assert rel_err(full, ref) <= 1e-4
+    np.testing.assert_array_equal(full.argmax(-1), ref.argmax(-1))
+    assert len(np.unique(ref.argmax(-1))) > 10  # not a degenerate comparison
+
+
+@pytest.mark.parametrize("size", [5, 1])
+def test_chunked_prefill_and_decode_equal_prefill(long_prefill, size):
+    model, _, toks, full, _ = long_prefill
+    assert rel_err(_run_split(model, toks, size), full) <= 1e-5
+
+
+def test_decode_with_rounding_on(q2_files, hf_config):
+    main, _ = q2_files
+    model, _ = load_gguf(main, qat_rounding=True, dtype=mx.float32)
+    toks = _long_tokens()
+    full = np.array(model(mx.array(toks)))
+    decode = _run_split(model, toks, 1)
+    assert (decode.argmax(-1) == full.argmax(-1)).mean() >= 0.99
+    ref = np.array(_reference_model(hf_config, main, qat_rounding=True)(mx.array(toks)))
+    assert (full.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+    model.set_qat_rounding(False)  # the rounding is really on: it moves the logits
+    assert rel_err(np.array(model(mx.array(toks))), full) > 1e-4
 
 
 def test_write_is_atomic(tmp_path, hf_config, weights):
