@@ -238,3 +238,38 @@ def refit_super_scales(x: np.ndarray, w: np.ndarray, q: np.ndarray, ls: np.ndarr
 
     better = (ok | only_d) & (err(nd, ne) < err(d, dmin))
     return np.where(better, nd, d), np.where(better, ne, dmin)
+
+
+def quantize_in_chunks(x: np.ndarray, weights: np.ndarray | None, block_size: int, name: str,
+                       chunk_blocks: int, quantize_chunk) -> np.ndarray:
+    """Run ``quantize_chunk(blocks, importance)`` over batches of ``chunk_blocks`` blocks of ``x``
+    (bounds the temporaries) and reassemble the bytes with ``x``'s leading shape."""
+    xb, lead = np_blocks(x, block_size, name)
+    qw = np_importance(weights, np.shape(x), block_size, name)
+    out = [
+        quantize_chunk(xb[i:i + chunk_blocks], None if qw is None else qw[i:i + chunk_blocks])
+        for i in range(0, xb.shape[0], chunk_blocks)
+    ]
+    return np_out(np.concatenate(out, axis=0), lead)
+
+
+def kquant_fit(xb: np.ndarray, qw: np.ndarray | None, sub_size: int, nmax: int, lmax: int,
+               search: tuple[float, float, int]):
+    """The K-quant recipe shared by Q2_K and Q4_K for super-blocks ``xb [n, 256]``:
+    per sub-block a weighted least-squares (scale, min), both coded in ``lmax`` steps of fp16
+    super-scales (d, dmin), which are re-fit once the codes are known.
+    Returns (d, dmin, ls, lm, q) with codes q ``[n, subs, sub_size]`` in 0..nmax."""
+    n = xb.shape[0]
+    sub = xb.reshape(n, -1, sub_size)
+    subs = sub.shape[1]
+    w = kquant_weights(sub, xb, qw)
+    scale, m = fit_scale_min(sub.reshape(-1, sub_size), w.reshape(-1, sub_size), nmax, *search)
+    scale, m = scale.reshape(n, subs), m.reshape(n, subs)
+    d = (scale.max(axis=1) / lmax).astype(np.float16).astype(np.float32)
+    dmin = (m.max(axis=1) / lmax).astype(np.float16).astype(np.float32)
+    ls = np.clip(round_half_away(scale / np.where(d > 0, d, 1.0)[:, None]), 0, lmax)
+    lm = np.clip(round_half_away(m / np.where(dmin > 0, dmin, 1.0)[:, None]), 0, lmax)
+    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, nmax)
+    d, dmin = refit_super_scales(sub, w, q, ls, lm, d, dmin)
+    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, nmax)
+    return d, dmin, ls, lm, q

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .common import as_blocks, field_f16, flat_values, np_blocks, np_f16_bytes, np_importance, np_out
+from .common import as_blocks, field_f16, flat_values, np_f16_bytes, quantize_in_chunks
 
 NAME = "IQ2_XXS"
 GGML_TYPE = int(GGMLQuantizationType.IQ2_XXS)
@@ -197,10 +197,4 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     4-bit group scales are chosen among a few candidates by total error.
     ``weights``: optional importance, broadcast to ``x`` (e.g. an imatrix ``[n]``).
     """
-    xb, lead = np_blocks(x, BLOCK_SIZE, NAME)
-    qw = np_importance(weights, np.shape(x), BLOCK_SIZE, NAME)
-    out = [
-        _quantize_chunk(xb[i:i + _CHUNK_BLOCKS], None if qw is None else qw[i:i + _CHUNK_BLOCKS])
-        for i in range(0, xb.shape[0], _CHUNK_BLOCKS)
-    ]
-    return np_out(np.concatenate(out, axis=0), lead)
+    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk)

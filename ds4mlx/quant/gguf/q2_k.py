@@ -20,9 +20,7 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .common import (as_blocks, bits, field_f16, fit_scale_min, flat_values, kquant_weights, np_blocks,
-                     np_f16_bytes, np_importance, np_out, refit_super_scales, requantize_codes,
-                     round_half_away)
+from .common import as_blocks, bits, field_f16, flat_values, kquant_fit, np_f16_bytes, quantize_in_chunks
 
 NAME = "Q2_K"
 GGML_TYPE = int(GGMLQuantizationType.Q2_K)
@@ -47,17 +45,7 @@ def dequantize(blocks: mx.array) -> mx.array:
 
 def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     n = xb.shape[0]
-    sub = xb.reshape(n, 16, _SUB)
-    w = kquant_weights(sub, xb, qw)
-    scale, m = fit_scale_min(sub.reshape(-1, _SUB), w.reshape(-1, _SUB), 3, -0.5, 0.5, 2)
-    scale, m = scale.reshape(n, 16), m.reshape(n, 16)
-    d = (scale.max(axis=1) / 15.0).astype(np.float16).astype(np.float32)
-    dmin = (m.max(axis=1) / 15.0).astype(np.float16).astype(np.float32)
-    ls = np.clip(round_half_away(scale / np.where(d > 0, d, 1.0)[:, None]), 0, 15)
-    lm = np.clip(round_half_away(m / np.where(dmin > 0, dmin, 1.0)[:, None]), 0, 15)
-    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, 3)
-    d, dmin = refit_super_scales(sub, w, q, ls, lm, d, dmin)
-    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, 3)
+    d, dmin, ls, lm, q = kquant_fit(xb, qw, _SUB, 3, 15, (-0.5, 0.5, 2))
     q = q.reshape(n, 2, 4, 32)
     qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
     scales = (ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)).astype(np.uint8)
@@ -71,10 +59,4 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     inverse scales, then 4-bit sub-block scales and mins against fp16 super-scales, which are
     re-fit once the codes are known. ``weights``: optional importance, broadcast to ``x``.
     """
-    xb, lead = np_blocks(x, BLOCK_SIZE, NAME)
-    qw = np_importance(weights, np.shape(x), BLOCK_SIZE, NAME)
-    out = [
-        _quantize_chunk(xb[i:i + _CHUNK_BLOCKS], None if qw is None else qw[i:i + _CHUNK_BLOCKS])
-        for i in range(0, xb.shape[0], _CHUNK_BLOCKS)
-    ]
-    return np_out(np.concatenate(out, axis=0), lead)
+    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk)
