@@ -6,7 +6,6 @@ mlx-lm) are wrong for Flash (layer pattern, RoPE regime), so nothing falls back 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -96,14 +95,9 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path, **kw) -> "ModelConfig":
-        p = Path(path) / "config.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no config.json in the model directory")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: invalid JSON ({e})") from None
-        return cls.from_hf(d, source=str(p), **kw)
+        from .io.hf import read_config  # the one reader of a directory's config.json
+
+        return cls.from_hf(read_config(path), source=str(Path(path) / "config.json"), **kw)
 
     def to_hf(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "experts_per_token")}

@@ -19,9 +19,8 @@ with tensors it does not use.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 

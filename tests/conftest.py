@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny official-format checkpoints, written once per test session."""
+"""Shared fixtures, built once per test session: tiny official-format checkpoints and the demo model."""
 
 from __future__ import annotations
 
+import os
+
+import mlx.core as mx
 import pytest
 
 from ds4mlx.synthetic import make_4expert, write_tiny_checkpoint
@@ -17,3 +20,27 @@ def tiny_ckpt(tmp_path_factory):
 def tiny_ckpt_4expert(tiny_ckpt, tmp_path_factory):
     """``tiny_ckpt`` rewritten as its 4Expert variant (k = 4, tid2eid cut to 4 columns)."""
     return make_4expert(tiny_ckpt, tmp_path_factory.mktemp("ckpt4") / "tiny-4expert", k=4)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The demo model, built once into a session cache that ``--model demo`` also finds
+    (``DS4MLX_CACHE`` points there for the session)."""
+    cache = tmp_path_factory.getbasetemp() / "ds4mlx-cache"
+    old = os.environ.get("DS4MLX_CACHE")
+    os.environ["DS4MLX_CACHE"] = str(cache)
+    from ds4mlx.demo import demo_path
+
+    yield demo_path()
+    if old is None:
+        os.environ.pop("DS4MLX_CACHE", None)
+    else:
+        os.environ["DS4MLX_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def demo(demo_dir):
+    """``(model, tokenizer)`` of the demo model in float32."""
+    from ds4mlx import load
+
+    return load(demo_dir, dtype=mx.float32)

@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import pytest
-from demo_fixtures import demo, demo_dir  # noqa: F401  (fixtures)
 
 from ds4mlx import chat
 from ds4mlx.cli import main

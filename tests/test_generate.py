@@ -7,7 +7,6 @@ import json
 
 import mlx.core as mx
 import pytest
-from demo_fixtures import demo, demo_dir  # noqa: F401  (fixtures)
 
 from ds4mlx import chat
 from ds4mlx.generate import (

@@ -41,7 +41,7 @@ class Compressor(nn.Module):
         rounding: Callable[[mx.array], mx.array] | None,
     ) -> None:
         """Feed tokens at positions offset.. of ``x`` [B, S, D]; closed rows go to ``state``."""
-        r, dd = self.ratio, self.dim
+        r = self.ratio
         b, s, _ = x.shape
         xf = x.astype(mx.float32)
         kv = self.wkv(xf).astype(mx.float32)
