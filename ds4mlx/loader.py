@@ -43,15 +43,20 @@ def load(
     experts_per_token: int | None = None,
     qat_rounding: bool = True,
     dtype: mx.Dtype | None = None,
+    mtp: bool = False,
 ) -> tuple[nn.Module, Any]:
-    """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none)."""
+    """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none).
+
+    ``mtp=True`` also loads the multi-token-prediction block (about 3.5 GB for Flash), which
+    only a speculative drafter uses; by default it stays on disk.
+    """
     dtype = default_dtype() if dtype is None else dtype
     path = resolve_model_path(path_or_repo)
     if path.suffix == ".gguf":
         return _load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
-    model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype)
+    model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp)
     return model, _load_tokenizer(path, model.config.vocab_size)
 
 
@@ -88,6 +93,7 @@ def load_dir(
     experts_per_token: int | None = None,
     qat_rounding: bool = True,
     dtype: mx.Dtype = mx.float32,
+    mtp: bool = False,
 ) -> nn.Module:
     """Build the model for a checkpoint directory and load its weights (strict)."""
     from .config import ModelConfig
@@ -99,8 +105,8 @@ def load_dir(
         config = ModelConfig.from_hf(
             checkpoint.config, experts_per_token=experts_per_token, source=str(path / "config.json")
         )
-        if not checkpoint.has_mtp:
-            config.num_nextn_predict_layers = 0  # converted without MTP: the main model only
+        if not (mtp and checkpoint.has_mtp):
+            config.num_nextn_predict_layers = 0  # the main model only
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding)
         weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0)
     finally:

@@ -12,7 +12,7 @@ import copy
 
 import mlx.core as mx
 
-_GROW = 256  # compressed-row buffers grow by this many rows at a time
+_GROW = 256  # compressed-row buffers start at this many rows and grow by half each time
 
 
 class CompressorState:
@@ -35,7 +35,9 @@ class CompressorState:
         if n == 0:
             return
         if self._rows is None or self.n_rows + n > self._rows.shape[1]:
-            cap = ((self.n_rows + n + _GROW - 1) // _GROW) * _GROW
+            need = self.n_rows + n
+            cap = max(need, _GROW, 0 if self._rows is None else self._rows.shape[1] * 3 // 2)
+            cap = ((cap + _GROW - 1) // _GROW) * _GROW
             grown = mx.zeros((new.shape[0], cap, new.shape[2]), dtype=new.dtype)
             if self.n_rows:
                 grown[:, : self.n_rows] = self._rows[:, : self.n_rows]

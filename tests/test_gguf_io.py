@@ -48,7 +48,7 @@ def _float_weights(model: nn.Module) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_ckpt):
-    model, _ = ds4mlx.load(tiny_ckpt, qat_rounding=False, dtype=mx.float32)
+    model, _ = ds4mlx.load(tiny_ckpt, qat_rounding=False, dtype=mx.float32, mtp=True)
     return model
 
 

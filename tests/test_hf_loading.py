@@ -42,10 +42,18 @@ def _float_value(ckpt: Path, name: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_ckpt):
-    model, tokenizer = ds4mlx.load(tiny_ckpt, dtype=mx.float32)
+    model, tokenizer = ds4mlx.load(tiny_ckpt, dtype=mx.float32, mtp=True)
     # no tokenizer.json, and the published 129 280-id tokenizer would overflow vocab 1024
     assert tokenizer is None
     return model
+
+
+def test_mtp_block_loads_on_request(tiny_ckpt, loaded):
+    main_only, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32)
+    assert not main_only.mtp and main_only.config.num_nextn_predict_layers == 0
+    assert loaded.mtp and loaded.config.num_nextn_predict_layers == 1
+    tokens = mx.array([[3, 7, 11, 500, 2]])
+    assert mx.array_equal(main_only(tokens), loaded(tokens)).item()
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -40,7 +40,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def model6(tiny_ckpt):
-    model, _ = ds4mlx.load(tiny_ckpt, qat_rounding=False, dtype=mx.float32)
+    model, _ = ds4mlx.load(tiny_ckpt, qat_rounding=False, dtype=mx.float32, mtp=True)
     return model
 
 
@@ -157,6 +157,8 @@ def test_mtp_block_is_callable_and_split_invariant(model6):
     nxt = mx.array(toks[:, 1:])
     whole = np.array(model6.mtp_logits(h, nxt, cache))
     assert whole.shape == (1, 59, model6.config.vocab_size) and np.isfinite(whole).all()
+    with pytest.raises(ValueError, match="MTP cache"):
+        model6.mtp_logits(h, nxt, cache)  # would run past the main layers
     cache2 = model6.make_cache()
     h2 = model6.hidden_streams(mx.array(toks[:, :-1]), cache2)
     parts = [np.array(model6.mtp_logits(h2[:, i:i + 20], nxt[:, i:i + 20], cache2)) for i in range(0, 59, 20)]

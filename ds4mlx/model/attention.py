@@ -97,7 +97,7 @@ class Attention(nn.Module):
         # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones.
         n_prev = 0 if cache.window is None else cache.window.shape[1]
         keys = kv if cache.window is None else mx.concatenate([cache.window, kv], axis=1)
-        cache.window = keys[:, -(self.window - 1):] if self.window > 1 else keys[:, :0]
+        cache.window = mx.contiguous(keys[:, -(self.window - 1):] if self.window > 1 else keys[:, :0])
 
         comp = None
         index_q = index_w = index_keys = None
@@ -110,9 +110,18 @@ class Attention(nn.Module):
             if index_keys is not None:
                 index_q, index_w = self.indexer.queries(x, qr, positions, freqs, self._index_rounding())
 
+        # Cast the compressed rows and indexer keys once per call, not once per query block.
+        if comp is not None:
+            comp = comp.astype(mx.float32)
+        if index_keys is not None:
+            index_keys = index_keys.astype(mx.float32)
         n_comp = 0 if comp is None else comp.shape[1]
-        per_query = self.n_heads * (self.window + s) + self.n_heads * min(n_comp, self.config.index_topk) \
-            + self.config.index_n_heads * n_comp
+        picked = min(n_comp, self.config.index_topk) if self.ratio == 4 else n_comp
+        per_query = (
+            self.n_heads * (self.window + min(s, 512) + picked)  # window band + compressed scores
+            + (self.head_dim * picked if self.ratio == 4 else 0)  # gathered rows per query
+            + self.config.index_n_heads * n_comp  # indexer scores
+        )
         block = max(1, min(s, _SCORE_BUDGET // max(per_query, 1)))
         outs = []
         for s0 in range(0, s, block):
@@ -150,16 +159,14 @@ class Attention(nn.Module):
         kc = None
         if comp is not None and comp.shape[1] > 0:
             if index is None:  # ratio 128: every visible row
-                kc = comp.astype(mx.float32)
+                kc = comp
                 sc = (qf @ kc.swapaxes(-1, -2)).reshape(b, s, h, -1) * scale
                 cmask = mx.arange(kc.shape[1])[None, :] < ((positions + 1) // self.ratio)[:, None]
                 sc = mx.where(cmask[:, None, :], sc, -mx.inf)
             else:  # ratio 4: the indexer's choice per query
                 iq, iw, ikeys = index
                 idx, valid = self.indexer.select(iq, iw, ikeys, positions)
-                kc = mx.take_along_axis(
-                    mx.expand_dims(comp, 1), idx[..., None], axis=2
-                ).astype(mx.float32)  # [B, s, K, d]
+                kc = mx.take_along_axis(mx.expand_dims(comp, 1), idx[..., None], axis=2)  # [B, s, K, d]
                 sc = (q @ kc.swapaxes(-1, -2)) * scale  # [B, s, H, K]
                 sc = mx.where(valid[:, :, None, :], sc, -mx.inf)
             parts.append(sc)

@@ -53,7 +53,8 @@ class Compressor(nn.Module):
         start = offset - (0 if state.pending_kv is None else state.pending_kv.shape[1])
         n_win = kv.shape[1] // r
         used = n_win * r
-        state.pending_kv, state.pending_score = kv[:, used:], score[:, used:]
+        # Carried tails are copied so they do not keep the whole chunk's buffers alive.
+        state.pending_kv, state.pending_score = mx.contiguous(kv[:, used:]), mx.contiguous(score[:, used:])
         if n_win == 0:
             return
         kv = kv[:, :used].reshape(b, n_win, r, -1)
@@ -80,7 +81,7 @@ class Compressor(nn.Module):
             prev_kv0, prev_score0 = state.prev_kv[:, None], state.prev_score[:, None]
         prev_kv = mx.concatenate([prev_kv0, kv[:, :-1, :, :dd]], axis=1)
         prev_score = mx.concatenate([prev_score0, score[:, :-1, :, :dd]], axis=1)
-        state.prev_kv, state.prev_score = kv[:, -1, :, :dd], score[:, -1, :, :dd]
+        state.prev_kv, state.prev_score = mx.contiguous(kv[:, -1, :, :dd]), mx.contiguous(score[:, -1, :, :dd])
         kv = mx.concatenate([prev_kv, kv[..., dd:]], axis=2)
         score = mx.concatenate([prev_score, score[..., dd:]], axis=2)
         return kv, score
@@ -116,7 +117,7 @@ class Indexer(nn.Module):
     def select(
         self, q: mx.array, w: mx.array, keys: mx.array, positions: mx.array
     ) -> tuple[mx.array, mx.array]:
-        """Top-k visible keys per query → (indices [B, S, K] int32, valid [B, S, K] bool)."""
+        """Top-k visible float32 ``keys`` per query → (indices [B, S, K] int32, valid [B, S, K] bool)."""
         n = keys.shape[1]
         visible = mx.arange(n)[None, :] < ((positions + 1) // self.ratio)[:, None]  # [S, n]
         k = min(self.topk, n)
@@ -124,7 +125,7 @@ class Indexer(nn.Module):
             idx = mx.broadcast_to(mx.arange(n, dtype=mx.int32), (*q.shape[:2], n))
             return idx, mx.broadcast_to(visible, idx.shape)
         # [B, S, h, n] → [B, S, n]
-        scores = mx.maximum(q @ mx.expand_dims(keys.astype(mx.float32), 1).swapaxes(-1, -2), 0.0)
+        scores = mx.maximum(q @ mx.expand_dims(keys, 1).swapaxes(-1, -2), 0.0)
         scores = mx.sum(scores * w[..., None], axis=2)
         scores = mx.where(visible, scores, -mx.inf)
         idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)

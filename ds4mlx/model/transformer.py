@@ -139,16 +139,25 @@ class Model(nn.Module):
                    index: int = 0) -> mx.array:
         """Draft logits for position p+2 from the main streams ``h`` at p and token p+1.
 
-        ``cache`` is the model's cache (the MTP entry follows the main layers); its offset must
-        equal the main layers' offset before this call's tokens.
+        ``cache`` is the model's cache (the MTP entry follows the main layers). The MTP block
+        keeps its own position: feed it the streams of every position in order, as the main
+        layers produce them; ``cache=None`` runs it on positions 0.. with a fresh state.
         """
         if not self.mtp:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
         blk = self.mtp[index]
         c = self.config
-        if cache is None:
+        fresh = cache is None
+        if fresh:
             cache = self.make_cache()
         layer_cache = cache[c.num_hidden_layers + index]
+        n = next_tokens.shape[-1]
+        if not fresh and layer_cache.offset + n > cache[0].offset:
+            # The MTP block pairs h at position p with token p+1; it cannot run ahead of the main layers.
+            raise ValueError(
+                f"MTP cache at position {layer_cache.offset} + {n} tokens runs past the main layers "
+                f"({cache[0].offset}); feed the MTP block the streams of every position, in order"
+            )
         if next_tokens.ndim == 1:
             next_tokens = next_tokens[None]
         e = blk.enorm(self.embed(next_tokens).astype(self.dtype))
