@@ -3,6 +3,7 @@
 HC pre collapses the streams into one sublayer input and derives the mixing weights;
 HC post expands the sublayer output back; HC head collapses before the final norm.
 Everything here is float32: 20 Sinkhorn rounds with eps 1e-6 do not survive bf16.
+The steps are compiled: uncompiled, one HC pre launches ~140 tiny kernels, 86 times a token.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def sinkhorn(logits: mx.array, iters: int, eps: float) -> mx.array:
     return c
 
 
+@mx.compile
 def hc_pre(
     h: mx.array,
     fn: mx.array,
@@ -53,12 +55,14 @@ def hc_pre(
     return x, post, comb
 
 
+@mx.compile
 def hc_post(y: mx.array, h: mx.array, post: mx.array, comb: mx.array) -> mx.array:
     """h_new[k] = post_k · y + Σ_i comb[i, k] · h[i]  (comb transposed: it is not symmetric)."""
     mixed = mx.swapaxes(comb, -1, -2) @ h.astype(mx.float32)
     return post[..., None] * y.astype(mx.float32)[..., None, :] + mixed
 
 
+@mx.compile
 def hc_head(
     h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, eps: float, norm_eps: float
 ) -> mx.array:

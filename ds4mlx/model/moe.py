@@ -13,6 +13,7 @@ from ..config import ModelConfig
 _SORT_THRESHOLD = 64
 
 
+@mx.compile
 def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
     """SiLU(min(g, limit)) · clip(u, ±limit), in float32 (routed and shared experts alike)."""
     gate = gate.astype(mx.float32)

@@ -5,7 +5,7 @@
 - Indexer q and keys: a Hadamard rotation, then an FP4 e2m1 round trip in blocks of 32 with
   power-of-two scales.
 Both are switched by the model's ``qat_rounding`` flag; references such as transformers omit
-them.
+them. The functions are compiled: each is dozens of element-wise ops on a few rows.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def _block_scales(x: mx.array, block: int, qmax: float, floor: float) -> tuple[m
     return xb, pow2_ceil(amax / qmax)
 
 
+@mx.compile
 def fp8_roundtrip(x: mx.array, block: int = FP8_BLOCK) -> mx.array:
     """e4m3 round trip (round to nearest even, saturating at ±448) per block of ``block``."""
     xb, scale = _block_scales(x, block, FP8_MAX, 1e-4)
@@ -49,6 +50,7 @@ _MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
               (2.5, False), (3.5, True), (5.0, False))
 
 
+@mx.compile
 def round_e2m1(x: mx.array) -> mx.array:
     """Round float32 values (already scaled into ±6) to the nearest e2m1 value, ties to even."""
     mag = mx.abs(x)
@@ -59,6 +61,7 @@ def round_e2m1(x: mx.array) -> mx.array:
     return mx.where(x < 0, -values, values)
 
 
+@mx.compile
 def fp4_roundtrip(x: mx.array, block: int = FP4_BLOCK) -> mx.array:
     """e2m1 round trip per block of ``block`` with scale 2^ceil(log2(amax/6))."""
     xb, scale = _block_scales(x, block, FP4_MAX, FP4_MAX * 2.0**-126)
@@ -76,12 +79,14 @@ def hadamard_matrix(n: int) -> mx.array:
     return h / math.sqrt(n)
 
 
+@mx.compile
 def hadamard_fp4(x: mx.array) -> mx.array:
     """The indexer's rounding: Hadamard rotation of the whole last axis, then FP4 round trip."""
     h = hadamard_matrix(x.shape[-1])
     return fp4_roundtrip(x.astype(mx.float32) @ h).astype(x.dtype)
 
 
+@mx.compile
 def kv_fp8(kv: mx.array, rope_dims: int) -> mx.array:
     """FP8 round trip of the non-RoPE dims of KV rows; the RoPE dims stay untouched."""
     nope = kv.shape[-1] - rope_dims

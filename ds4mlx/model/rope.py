@@ -7,6 +7,7 @@
   ``compress_rope_theta`` with YaRN frequency interpolation and no magnitude factor.
 - The attention output is rotated back with the conjugate (inverse) rotation.
 Angles are ``position · frequency`` in float32, as in the official and HF graphs.
+The rotation is compiled into one kernel per shape (it runs several times per layer).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def layer_frequencies(config: ModelConfig, ratio: int) -> mx.array:
     return rope_frequencies(config.qk_rope_head_dim, config.compress_rope_theta, config.rope_scaling)
 
 
+@mx.compile
 def apply_rope(
     x: mx.array, positions: mx.array, freqs: mx.array, *, inverse: bool = False
 ) -> mx.array:
