@@ -128,6 +128,8 @@ class Model(nn.Module):
         c = self.config
         y = hc_head(h, fn, base, scale, eps=c.hc_eps, norm_eps=c.rms_norm_eps)
         y = norm(y.astype(self.dtype))
+        # The official head is float32; with a bf16 head the logits are rounded to bf16 before
+        # this cast (a float32 copy of a 1 GB head per token would cost more than it gives).
         return self.head(y).astype(mx.float32)
 
     def __call__(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
