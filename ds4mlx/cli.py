@@ -443,6 +443,9 @@ def convert(
     group_size: Annotated[int, typer.Option("--group-size", help="Affine group size.")] = 64,
     mtp: Annotated[bool, typer.Option("--mtp/--no-mtp", help="Keep the MTP block.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted MLX conversion.")] = False,
+    jobs: Annotated[Optional[int], typer.Option(
+        "--jobs", "-j", min=1, show_default=False,
+        help="GGUF: quantization worker processes (default: all cores).")] = None,
 ) -> None:
     """Convert official safetensors to an MLX directory (lossless by default) or a GGUF file."""
     from .convert import convert as run_convert
@@ -451,7 +454,7 @@ def convert(
         raise UsageProblem(f"--to must be mlx or gguf, got {to!r}")
     path = run_convert(source, output, to=to, preset=preset, experts_per_token=experts_per_token,
                        expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size,
-                       include_mtp=mtp, resume=resume, progress=True)
+                       include_mtp=mtp, resume=resume, progress=True, jobs=jobs)
     _status(f"written {path}")
 
 

@@ -40,7 +40,7 @@ from .io.hf import HFCheckpoint, open_hf_checkpoint
 from .io.names import hf_to_internal, official_layout
 from .io.safetensors import DTYPES, SafetensorsFile
 from .quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat, affine
-from .quant.mx import dequant_fp4_np, dequant_fp8_np, fp8_to_mxfp8
+from .quant.mx import FP8_BLOCK, dequant_fp4_np, dequant_fp8_np, fp8_to_mxfp8
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -73,13 +73,37 @@ def resolve_source(source: str | os.PathLike) -> Path:
     return path
 
 
-def read_tensor(ckpt: HFCheckpoint, name: str) -> np.ndarray:
-    """The stored bits of one source tensor, read into a fresh array (F8/BF16 as unsigned ints)."""
+@dataclass(frozen=True)
+class Stored:
+    """Where one source tensor's bytes live: enough to read it in another process."""
+
+    path: Path
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def stored(ckpt: HFCheckpoint, name: str) -> Stored:
     shard = ckpt.weight_map[name]
     info = ckpt.file(shard).info(name)
-    dtype = DTYPES[info.dtype]
-    count = info.nbytes // dtype.itemsize
-    return np.fromfile(ckpt.path / shard, dtype=dtype, count=count, offset=info.start).reshape(info.shape)
+    return Stored(ckpt.path / shard, info.start, info.dtype, tuple(info.shape))
+
+
+def read_stored(s: Stored, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """The stored bits of a tensor (or of its rows ``[r0, r1)``) read into a fresh array."""
+    dtype = DTYPES[s.dtype]
+    if rows is None:
+        count = int(np.prod(s.shape, dtype=np.int64))
+        return np.fromfile(s.path, dtype=dtype, count=count, offset=s.offset).reshape(s.shape)
+    r0, r1 = rows
+    row = int(np.prod(s.shape[1:], dtype=np.int64))
+    return np.fromfile(s.path, dtype=dtype, count=(r1 - r0) * row,
+                       offset=s.offset + r0 * row * dtype.itemsize).reshape((r1 - r0,) + s.shape[1:])
+
+
+def read_tensor(ckpt: HFCheckpoint, name: str) -> np.ndarray:
+    """The stored bits of one source tensor, read into a fresh array (F8/BF16 as unsigned ints)."""
+    return read_stored(stored(ckpt, name))
 
 
 def _scale_name(weight_name: str) -> str:
@@ -124,12 +148,23 @@ def logical_weights(ckpt: HFCheckpoint, *, include_mtp: bool = True) -> list[Log
 
 def dequantize(ckpt: HFCheckpoint, lw: Logical, name: str) -> np.ndarray:
     """float32 values of one source weight (exact: FP8/FP4 codes times power-of-two scales)."""
-    raw = read_tensor(ckpt, name)
-    if lw.fmt == MXFP8:
-        return dequant_fp8_np(raw, read_tensor(ckpt, _scale_name(name)), name)
-    if lw.fmt == MXFP4:
-        return dequant_fp4_np(raw, read_tensor(ckpt, _scale_name(name)), name)
-    return float_values(raw, lw.dtype)
+    scale = stored(ckpt, _scale_name(name)) if lw.fmt in (MXFP8, MXFP4) else None
+    return dequantize_stored(lw.fmt, stored(ckpt, name), scale, name)
+
+
+def dequantize_stored(fmt: WeightFormat, weight: Stored, scale: Stored | None, name: str,
+                      rows: tuple[int, int] | None = None) -> np.ndarray:
+    """``dequantize`` from file locations, optionally of rows ``[r0, r1)`` only (``r0`` a
+    multiple of the FP8 scale block, 128, for FP8 weights)."""
+    raw = read_stored(weight, rows)
+    if fmt == MXFP8:
+        if rows is not None and rows[0] % FP8_BLOCK:
+            raise ValueError(f"{name}: FP8 rows must start on a {FP8_BLOCK}-row scale block, got {rows[0]}")
+        srows = None if rows is None else (rows[0] // FP8_BLOCK, -(-rows[1] // FP8_BLOCK))
+        return dequant_fp8_np(raw, read_stored(scale, srows), name)
+    if fmt == MXFP4:
+        return dequant_fp4_np(raw, read_stored(scale, rows), name)
+    return float_values(raw, weight.dtype)
 
 
 def float_values(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -564,6 +599,7 @@ def convert(
     resume: bool = False,
     progress: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    jobs: int | None = None,
 ) -> Path:
     """Convert an official-format checkpoint (directory or Hugging Face repo id).
 
@@ -572,8 +608,13 @@ def convert(
     i.e. attention and shared experts, as affine) ask for less. ``to="gguf"``: one ``.gguf``
     file in the ``deepseek4`` layout, types from ``preset`` (``ds4-q4``, ``ds4-q2``, ``mxfp4``).
     ``experts_per_token=K`` writes the K-expert variant (hash tables cut to K columns).
+    ``jobs``: GGUF quantization worker processes (default ``os.cpu_count()``; 1 quantizes in
+    this process); the file is byte-identical whatever the count. Workers are spawned, so a
+    script calling this needs the usual ``if __name__ == "__main__":`` guard.
     Returns the output path.
     """
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ConvertError(f"--jobs must be a positive integer, got {jobs!r}")
     src = resolve_source(source)
     output = Path(output).expanduser()
     ckpt = open_hf_checkpoint(src)
@@ -587,6 +628,6 @@ def convert(
             raise ConvertError("--resume continues MLX conversions only; a GGUF is written in one pass")
         from .convert_gguf import convert_gguf
 
-        return convert_gguf(ckpt, str(source), output, opts, progress=progress)
+        return convert_gguf(ckpt, str(source), output, opts, progress=progress, jobs=jobs or os.cpu_count() or 1)
     finally:
         ckpt.close()

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Benchmark ``ds4mlx convert`` on a multi-GB synthetic checkpoint in the official format.
 
-    python scripts/bench_convert.py [--size-gb 3] [--to mlx|gguf] [--preset mxfp4] [--workdir DIR]
+    python scripts/bench_convert.py [--size-gb 3] [--to mlx|gguf] [--preset mxfp4] [--jobs N]
+                                    [--experts 128] [--workdir DIR]
 
 Writes an official-format checkpoint (FP8 dense + 128×128 E8M0 scales, packed FP4 experts +
 E8M0 per 32, BF16/F32 rest, sharded with an index) of about ``--size-gb`` GB, streamed shard by
 shard, then runs the conversion in a child process and reports its wall time, throughput (source
-GB/s and output GB/s) and peak resident memory (the child's ``VmHWM``), next to the size of
-the largest output tensor. The page cache is dropped first when the system allows it.
+GB/s and output GB/s) and peak resident memory (the child's ``VmHWM``, and the largest of its
+GGUF quantization workers), next to the size of the largest output tensor.
+The page cache is dropped first when the system allows it. A quantization-heavy run that shows
+how ``--jobs`` scales: ``--to gguf --preset ds4-q4 --size-gb 0.1 --experts 32 --jobs 1`` (then 2).
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ from ds4mlx.synthetic import INDEX_FILE, tiny_config  # noqa: E402
 SHARD_BYTES = 1 << 30
 
 
-def bench_config(num_layers: int) -> dict:
-    """Flash's structure at reduced width: 1024 hidden, 128 experts of 1024, 32k vocab."""
+def bench_config(num_layers: int, n_experts: int = 128) -> dict:
+    """Flash's structure at reduced width: 1024 hidden, ``n_experts`` experts of 1024, 32k vocab."""
     return tiny_config(num_layers=num_layers, vocab_size=32768, hidden_size=1024, num_attention_heads=8,
                        q_lora_rank=512, o_groups=4, o_lora_rank=256, index_n_heads=16,
-                       n_routed_experts=128, moe_intermediate_size=1024, sliding_window=128)
+                       n_routed_experts=n_experts, moe_intermediate_size=1024, sliding_window=128)
 
 
 def entries(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -119,14 +122,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--to", choices=("mlx", "gguf"), default="mlx")
     p.add_argument("--preset", default=None, help="GGUF preset (default mxfp4 for the benchmark)")
     p.add_argument("--expert-bits", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=None, help="GGUF quantization workers (default: all cores)")
+    p.add_argument("--experts", type=int, default=128, help="routed experts per layer (at least 8)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the files")
     args = p.parse_args(argv)
 
-    per_layer = sum(nbytes(d, s) for n, d, s in entries(bench_config(1)) if n.startswith("layers.0."))
-    fixed = sum(nbytes(d, s) for _, d, s in entries(bench_config(1))) - per_layer
+    one = entries(bench_config(1, args.experts))
+    per_layer = sum(nbytes(d, s) for n, d, s in one if n.startswith("layers.0."))
+    fixed = sum(nbytes(d, s) for _, d, s in one) - per_layer
     layers = max(4, math.ceil((args.size_gb * 1e9 - fixed) / (per_layer * 1.0)))
-    config = bench_config(layers)
+    config = bench_config(layers, args.experts)
     work = Path(tempfile.mkdtemp(prefix="ds4mlx-bench-", dir=args.workdir))
     try:
         t0 = time.time()
@@ -136,15 +142,16 @@ def main(argv: list[str] | None = None) -> None:
         preset = args.preset or ("mxfp4" if args.to == "gguf" else None)
         call = ("import time; from ds4mlx.convert import convert; t = time.time(); "
                 f"convert({str(work / 'src')!r}, {str(out)!r}, to={args.to!r}, preset={preset!r}, "
-                f"expert_bits={args.expert_bits!r}, progress=False); "
+                f"expert_bits={args.expert_bits!r}, jobs={args.jobs!r}, progress=False); "
                 "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-                "print(time.time() - t, int(hwm) * 1024)")
+                "import resource; kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+                "print(time.time() - t, int(hwm) * 1024, kids * 1024)")
         cold = drop_caches()
         t0 = time.time()
         run = subprocess.run([sys.executable, "-c", call], check=True, capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[1])
         total_seconds = time.time() - t0
-        seconds, rss = (float(x) for x in run.stdout.split()[-2:])
+        seconds, rss, worker_rss = (float(x) for x in run.stdout.split()[-3:])
         base = subprocess.run([sys.executable, "-c", "import ds4mlx.convert, mlx.core, gguf; "
                                "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"],
                               check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -152,12 +159,15 @@ def main(argv: list[str] | None = None) -> None:
         out_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
         largest = max(nbytes(d, s) for n, d, s in entries(config) if ".experts." in n) * config["n_routed_experts"]
         print(f"convert --to {args.to}{f' --preset {preset}' if preset else ''}"
-              f"{f' --expert-bits {args.expert_bits}' if args.expert_bits else ''}: {seconds:.1f} s "
+              f"{f' --expert-bits {args.expert_bits}' if args.expert_bits else ''}"
+              f"{f' --jobs {args.jobs}' if args.jobs else ''}: {seconds:.1f} s "
               f"({'cold' if cold else 'warm'} page cache; {total_seconds:.1f} s with Python start-up and imports)")
         print(f"throughput: {src_bytes / seconds / 1e9:.2f} GB/s of source, {out_bytes / seconds / 1e9:.2f} GB/s "
               f"of output ({out_bytes / 1e9:.2f} GB, incl. write + verification re-read)")
         print(f"peak RSS: {rss / 2**20:.0f} MiB (imports alone: {base_rss / 2**20:.0f} MiB; "
-              f"largest output tensor {largest / 2**20:.0f} MiB; source {src_bytes / 2**20:.0f} MiB)")
+              f"largest output tensor {largest / 2**20:.0f} MiB; source {src_bytes / 2**20:.0f} MiB)"
+              + (f"; quantization worker peak RSS {worker_rss / 2**20:.0f} MiB each at most"
+                 if worker_rss and args.jobs != 1 else ""))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -87,7 +87,7 @@ def mlx_out(tiny_ckpt, tmp_path_factory):
 
 
 def test_mlx_output_loads_bit_identical(tiny_ckpt, mlx_out, src_logits):
-    model, _ = ds4mlx.load(mlx_out, dtype=mx.float32)
+    model, _ = ds4mlx.load(mlx_out, dtype=mx.float32, mtp=True)
     assert np.array_equal(_logits(model), src_logits[True])
     assert model.config.num_nextn_predict_layers == 1 and model.mtp  # MTP kept
     assert not (mlx_out.parent / (mlx_out.name + ".partial")).exists()
@@ -317,6 +317,48 @@ def test_gguf_logits(tiny_ckpt, ggufs, src_logits):
     # 0.33 / 0.50 (q2): random tiny weights, all requantization error compounding over 5 layers
     assert dist["ds4-q4"][0] < 0.12 and dist["ds4-q4"][1] >= 0.75
     assert dist["ds4-q2"][0] < 0.45 and dist["ds4-q2"][1] >= 0.3
+
+
+def test_gguf_jobs_byte_identical(tiny_ckpt, ggufs, tmp_path, monkeypatch):
+    """Worker processes and row chunking change nothing: jobs=1 (this process, whole tensors)
+    and jobs=2 (two workers, dense tensors in 128-row chunks) write the same bytes."""
+    from ds4mlx import convert_gguf
+    from ds4mlx.io.hf import open_hf_checkpoint
+
+    one = convert(tiny_ckpt, tmp_path / "one.gguf", to="gguf", preset="ds4-q2", progress=False, jobs=1)
+    monkeypatch.setattr(convert_gguf, "CHUNK_WEIGHTS", 1)
+    ckpt = open_hf_checkpoint(tiny_ckpt)
+    try:
+        units = convert_gguf.gguf_plan(ckpt, convert_gguf.Options("gguf", "ds4-q2", None, None, None, 64, False))
+    finally:
+        ckpt.close()
+    chunked = [u.tensors[0][0] for u in units if len(u.items) > 1 and u.items[0].rows is not None]
+    assert "output.weight" in chunked and any(u.items[0].heavy for u in units if u.tensors[0][0] in chunked)
+    two = convert(tiny_ckpt, tmp_path / "two.gguf", to="gguf", preset="ds4-q2", progress=False, jobs=2)
+    assert one.read_bytes() == two.read_bytes() == ggufs["ds4-q2"].read_bytes()
+
+
+def test_run_items_keeps_order_and_bounds_lookahead():
+    from ds4mlx.convert_gguf import run_items
+
+    pulled = []
+
+    def items():
+        for i in range(50):
+            pulled.append(i)
+            yield lambda i=i: np.full(3, i)
+
+    stream = run_items(items(), jobs=3)
+    first = next(stream)
+    assert first[0] == 0 and len(pulled) <= 2 * 3 + 1  # a bounded window, not the whole plan
+    assert [int(a[0]) for a in stream] == list(range(1, 50))
+
+
+def test_jobs_must_be_positive(tiny_ckpt, tmp_path):
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ConvertError, match="--jobs"):
+            convert(tiny_ckpt, tmp_path / "j.gguf", to="gguf", preset="ds4-q4", progress=False, jobs=bad)
+    assert not (tmp_path / "j.gguf").exists()
 
 
 def test_gguf_experts_per_token(tiny_ckpt, tiny_ckpt_4expert, tmp_path):
