@@ -24,7 +24,6 @@ from typing import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 
 class FormatError(ValueError):
@@ -88,7 +87,11 @@ def quantized_linear(input_dims: int, output_dims: int, fmt: WeightFormat) -> nn
     return m
 
 
-def quantized_switch_linear(input_dims: int, output_dims: int, num_experts: int, fmt: WeightFormat) -> QuantizedSwitchLinear:
+def quantized_switch_linear(input_dims: int, output_dims: int, num_experts: int, fmt: WeightFormat) -> nn.Module:
+    # mlx_lm is imported here, not at module level: importing it pulls in transformers, which
+    # readers and conversion workers that only need formats should not pay for.
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
     m = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
     nn.Module.__init__(m)
     m.global_scale = None
@@ -112,6 +115,8 @@ def register_format(kind: str, *, linear: LinearBuilder | None = None, switch: S
 
 def _float_dims(module: nn.Module, path: str) -> tuple[int, int, int | None]:
     """(input_dims, output_dims, num_experts or None) of a float projection."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
     if isinstance(module, SwitchLinear):
         e, out_dim, in_dim = module.weight.shape
         return in_dim, out_dim, e
