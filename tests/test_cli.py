@@ -109,7 +109,8 @@ def test_generate_raw_prompt_file_and_thinking(demo, tmp_path, capsys, monkeypat
         assert out == "\n" and "[reasoning]" in err
 
 
-def test_generate_ctrl_c_stops_cleanly(demo, capsys, monkeypatch):
+def interrupt_at_sample(monkeypatch, n: int) -> None:
+    """Send SIGINT (Ctrl-C) while the n-th token of the session is being sampled."""
     gen = importlib.import_module("ds4mlx.generate")  # the module (ds4mlx.generate is the function)
     real = gen.make_sampling
     calls = []
@@ -119,13 +120,17 @@ def test_generate_ctrl_c_stops_cleanly(demo, capsys, monkeypatch):
 
         def sample(logprobs):
             calls.append(1)
-            if len(calls) == 3:
+            if len(calls) == n:
                 os.kill(os.getpid(), signal.SIGINT)
             return sampler(logprobs)
 
         return sample, processors
 
     monkeypatch.setattr(gen, "make_sampling", interrupting_sampling)
+
+
+def test_generate_ctrl_c_stops_cleanly(demo, capsys, monkeypatch):
+    interrupt_at_sample(monkeypatch, 3)
     code, out, err = run(capsys, monkeypatch, "generate", "-m", "demo", "-p", "Hello", "--no-think",
                          "--max-tokens", "50")
     assert code == 130
@@ -160,23 +165,8 @@ def test_chat_two_turns_reuse_the_state(demo, capsys, monkeypatch):
 
 
 def test_chat_commands_and_ctrl_c(demo, capsys, monkeypatch):
-    gen = importlib.import_module("ds4mlx.generate")
     model, tok = demo
-    real = gen.make_sampling
-    calls = []
-
-    def interrupting_sampling(**kw):
-        sampler, processors = real(**kw)
-
-        def sample(logprobs):
-            calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGINT)  # during the first answer only
-            return sampler(logprobs)
-
-        return sample, processors
-
-    monkeypatch.setattr(gen, "make_sampling", interrupting_sampling)
+    interrupt_at_sample(monkeypatch, 2)  # during the first answer only
     stdin = "Hi\n/think\nMore\n/reset\n/bogus\nHi\n"
     code, out, err = run(capsys, monkeypatch, "chat", "-m", "demo", "--no-think", "--temp", "0",
                          "--max-tokens", "20", stdin=stdin)
