@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": ("ds4mlx.loader", "load"),
     "ModelConfig": ("ds4mlx.config", "ModelConfig"),
-    "encode_messages": ("ds4mlx.chat", "encode_messages"),
-    "parse_completion": ("ds4mlx.chat", "parse_completion"),
+    "encode_messages": ("ds4mlx.encoding", "encode_messages"),
+    "parse_completion": ("ds4mlx.encoding", "parse_completion"),
 }
 
 # Eager, because the submodule ds4mlx.generate has the function's name: once anything imports

@@ -270,7 +270,7 @@ class _ChatSession:
         self.close_ids: list[int] = []  # closes an answer cut short, before the next turn
 
     def turn(self, text: str, printer: _Printer, interrupt: _GracefulInterrupt):
-        from .chat import EOS, THINK_END
+        from .encoding import EOS, THINK_END
         from .generate import chat_prompt, stream_generate, think_ids
 
         user = {"role": "user", "content": text}

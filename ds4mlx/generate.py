@@ -70,7 +70,7 @@ def chat_prompt(
     """Token ids of one user turn in DeepSeek V4's chat format, ending with the assistant
     prefix (``<think>`` when thinking, ``</think>`` otherwise). ``context`` holds the earlier
     messages already in the decode state: only the new turn is rendered."""
-    from .chat import encode_messages
+    from .encoding import encode_messages
 
     messages = [{"role": "user", "content": prompt}]
     if system and not context:

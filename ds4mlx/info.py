@@ -137,7 +137,7 @@ def _mlx_tensors(path: Path) -> tuple[dict, list[Tensor], str]:
 def _gguf_tensors(path: Path) -> tuple[dict, list[Tensor], str]:
     from .io.gguf import hf_config_from_gguf
     from .io.gguf_file import open_gguf
-    from .io.names import UnknownTensorName, gguf_to_internal
+    from .names import UnknownTensorName, gguf_to_internal
 
     with open_gguf(path) as gf:
         config = hf_config_from_gguf(gf)
@@ -190,7 +190,7 @@ def state_nbytes(config: Any, n_tokens: int, dtype_bytes: int = 2) -> int:
 
 def logical_params(config_dict: dict) -> dict[str, int]:
     """Parameters per kind as the official layout defines them (packing and scales aside)."""
-    from .io.names import official_layout
+    from .names import official_layout
 
     counts: dict[str, int] = defaultdict(int)
     for name, spec in official_layout(config_dict).items():

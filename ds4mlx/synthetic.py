@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .io.names import TensorSpec, official_layout
+from .names import TensorSpec, official_layout
 from .io.safetensors import SafetensorsFile, bf16_bits, write_safetensors
 from .quant.mx import e2m1_encode, e4m3_encode, pack_fp4
 

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds4mlx.io.mlx_dir import ShardWriter  # noqa: E402
-from ds4mlx.io.names import official_layout  # noqa: E402
+from ds4mlx.names import official_layout  # noqa: E402
 from ds4mlx.io.safetensors import DTYPES, bf16_bits  # noqa: E402
 from ds4mlx.synthetic import INDEX_FILE, tiny_config  # noqa: E402
 

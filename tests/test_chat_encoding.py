@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4mlx.chat import DSMLError, apply_chat_template, encode_messages, parse_completion
+from ds4mlx.encoding import DSMLError, apply_chat_template, encode_messages, parse_completion
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "encoding"
 

@@ -23,7 +23,7 @@ import ds4mlx
 from ds4mlx.convert import ConvertError, OutputExistsError, convert
 from ds4mlx.io import mlx_dir
 from ds4mlx.io.hf import CheckpointError
-from ds4mlx.io.names import internal_to_hf
+from ds4mlx.names import internal_to_hf
 from ds4mlx.loader import ModelNotFoundError, load_dir
 from ds4mlx.quant.mx import dequant_fp4_np, dequant_fp8_np
 
@@ -268,7 +268,7 @@ def test_gguf_tensors_dequantize_to_the_source(tiny_ckpt, ggufs, preset):
     gguf = pytest.importorskip("gguf")
     from gguf.quants import dequantize
 
-    from ds4mlx.io.names import gguf_to_internal
+    from ds4mlx.names import gguf_to_internal
 
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     src = _tensors(tiny_ckpt)
@@ -322,7 +322,7 @@ def test_gguf_logits(tiny_ckpt, ggufs, src_logits):
 def test_gguf_jobs_byte_identical(tiny_ckpt, ggufs, tmp_path, monkeypatch):
     """Worker processes and row chunking change nothing: jobs=1 (this process, whole tensors)
     and jobs=2 (two workers, dense tensors in 128-row chunks) write the same bytes."""
-    from ds4mlx import convert_gguf
+    from ds4mlx.convert import gguf as convert_gguf
     from ds4mlx.io.hf import open_hf_checkpoint
 
     one = convert(tiny_ckpt, tmp_path / "one.gguf", to="gguf", preset="ds4-q2", progress=False, jobs=1)
@@ -339,7 +339,7 @@ def test_gguf_jobs_byte_identical(tiny_ckpt, ggufs, tmp_path, monkeypatch):
 
 
 def test_run_items_keeps_order_and_bounds_lookahead():
-    from ds4mlx.convert_gguf import run_items
+    from ds4mlx.convert.gguf import run_items
 
     pulled = []
 

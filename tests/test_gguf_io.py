@@ -20,7 +20,7 @@ import ds4mlx
 from ds4mlx.config import ModelConfig
 from ds4mlx.io.gguf import GGUFError, hf_config_from_gguf, load_gguf, write_gguf
 from ds4mlx.io.gguf_file import open_gguf
-from ds4mlx.io.names import gguf_to_internal, hf_to_internal, internal_to_gguf, official_layout
+from ds4mlx.names import gguf_to_internal, hf_to_internal, internal_to_gguf, official_layout
 from ds4mlx.model.transformer import Model
 from ds4mlx.quant.gguf import UnsupportedQuantType
 from ds4mlx.quant.gguf.layers import GGUFLinear, GGUFSwitchLinear

@@ -16,7 +16,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 import ds4mlx
 from ds4mlx.config import ConfigError
 from ds4mlx.io.hf import CheckpointError, open_hf_checkpoint
-from ds4mlx.io.names import UnknownTensorName, gguf_to_internal, hf_to_internal, internal_to_gguf, internal_to_hf
+from ds4mlx.names import UnknownTensorName, gguf_to_internal, hf_to_internal, internal_to_gguf, internal_to_hf
 from ds4mlx.io.safetensors import SafetensorsError, SafetensorsFile, bf16_to_float32, write_safetensors
 from ds4mlx.loader import ModelNotFoundError
 from ds4mlx.quant.layers import MXFP4, MXFP8, FormatError, WeightFormat, apply_formats, affine

@@ -1,4 +1,4 @@
-"""The Metal emulation harness itself (ds4mlx/kernel_emu.py), on small kernels.
+"""The Metal emulation harness itself (ds4mlx/kernels/emu.py), on small kernels.
 
 Each kernel runs through the emulator and, on a Mac, through ``mx.fast.metal_kernel`` too; the
 expectations come from numpy / MLX ops or from the definition of the operation.
@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ds4mlx import kernel_emu
-from ds4mlx.kernel_emu import KernelEmulationError
+from ds4mlx.kernels import emu as kernel_emu
+from ds4mlx.kernels.emu import KernelEmulationError
 
 HAS_CXX = kernel_emu.compiler() is not None
 needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the Metal emulator")

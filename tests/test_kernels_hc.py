@@ -7,7 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ds4mlx import kernel_emu, kernels
+from ds4mlx import kernels
+from ds4mlx.kernels import emu as kernel_emu
 from ds4mlx.model import hyper
 
 PATHS = [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ds4mlx import tokenizer as tk
-from ds4mlx.chat import encode_messages
+from ds4mlx.encoding import encode_messages
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "api_prompts"
 

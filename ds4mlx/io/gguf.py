@@ -32,7 +32,7 @@ from ..quant.gguf import mxfp4, q8_0
 from ..quant.gguf.layers import gguf_kind
 from ..quant.layers import MXFP4, WeightFormat, affine, apply_formats
 from .gguf_file import PLAIN_DTYPES, GGUFError, GGUFFile, TensorInfo, open_gguf
-from .names import QUANTIZED_WEIGHTS, UnknownTensorName, internal_to_gguf
+from ..names import QUANTIZED_WEIGHTS, UnknownTensorName, internal_to_gguf
 
 ARCH = "deepseek4"
 T = GGMLQuantizationType

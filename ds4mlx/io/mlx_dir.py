@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..quant.layers import WeightFormat
-from .names import hf_to_internal, official_layout
+from ..names import hf_to_internal, official_layout
 from .safetensors import DTYPES, SafetensorsFile, open_shards
 
 INDEX_FILE = "model.safetensors.index.json"

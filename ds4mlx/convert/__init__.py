@@ -17,7 +17,7 @@ The pipeline streams one logical weight at a time:
 MLX output (``io/mlx_dir.py``) is lossless by default: FP4 experts as ``mxfp4`` and FP8 dense
 weights as ``mxfp8`` with the original bytes (``quant/mx.py``), the rest as stored. GGUF output
 uses the ``deepseek4`` tensor names of ds4 and llama.cpp with a preset type table
-(``convert_gguf.py``).
+(``convert/gguf.py``).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .io import mlx_dir
-from .io.hf import HFCheckpoint, open_hf_checkpoint
-from .io.names import hf_to_internal, official_layout
-from .io.safetensors import DTYPES, SafetensorsFile
-from .quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat, affine
-from .quant.mx import FP8_BLOCK, dequant_fp4_np, dequant_fp8_np, fp8_to_mxfp8
+from ..io import mlx_dir
+from ..io.hf import HFCheckpoint, open_hf_checkpoint
+from ..names import hf_to_internal, official_layout
+from ..io.safetensors import DTYPES, SafetensorsFile
+from ..quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat, affine
+from ..quant.mx import FP8_BLOCK, dequant_fp4_np, dequant_fp8_np, fp8_to_mxfp8
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -65,7 +65,7 @@ class OutputExistsError(ConvertError):
 
 def resolve_source(source: str | os.PathLike) -> Path:
     """A local official-format directory, ``demo``, or a Hugging Face repo id (through the hub cache)."""
-    from .loader import resolve_model_path
+    from ..loader import resolve_model_path
 
     path = resolve_model_path(source)
     if not path.is_dir():
@@ -464,7 +464,7 @@ def mlx_config(ckpt: HFCheckpoint, opts: Options, formats: dict[str, WeightForma
     quant: dict[str, Any] = {"group_size": expert_fmt.group_size, "bits": expert_fmt.bits, "mode": expert_fmt.kind}
     quant.update({p: mlx_dir.format_entry(f) for p, f in formats.items()})
     config["quantization"] = quant
-    from . import __version__
+    from .. import __version__
 
     config[mlx_dir.FORMAT_KEY] = {
         "format": mlx_dir.FORMAT_NAME, "version": mlx_dir.FORMAT_VERSION, "ds4mlx_version": __version__,
@@ -626,7 +626,7 @@ def convert(
                                max_shard_bytes=max_shard_bytes)
         if resume:
             raise ConvertError("--resume continues MLX conversions only; a GGUF is written in one pass")
-        from .convert_gguf import convert_gguf
+        from .gguf import convert_gguf
 
         return convert_gguf(ckpt, str(source), output, opts, progress=progress, jobs=jobs or os.cpu_count() or 1)
     finally:

@@ -2,7 +2,7 @@
 
 ``DS4MLX_KERNELS`` picks the path of every entry point: ``metal`` (the GPU kernels), ``ops``
 (the twins: MLX ops with the same semantics) or ``emulate`` (the same Metal sources compiled as
-C++ and run on the CPU by :mod:`ds4mlx.kernel_emu`, so the Metal path runs on Linux). Default:
+C++ and run on the CPU by :mod:`ds4mlx.kernels.emu`, so the Metal path runs on Linux). Default:
 ``metal`` when Metal is available, else ``ops``.
 
 Quantized expert weights ``w`` are either native GGUF blocks, ``uint8 [E, rows, row_bytes]``
@@ -61,13 +61,13 @@ def backend() -> str:
 
 # ----------------------------------------------------------------------------- sources
 def _metal_dir() -> Path:
-    from .kernel_emu import METAL_DIR
+    from .emu import METAL_DIR
 
     return METAL_DIR
 
 
 def _iq2xxs_grid_define() -> str:
-    from .quant.gguf import iq2_xxs
+    from ..quant.gguf import iq2_xxs
 
     codes = ", ".join(f"0x{int(c):04x}" for c in iq2_xxs.GRID_CODES)
     return f"#define DS4_IQ2XXS_GRID {codes}\n"
@@ -103,7 +103,7 @@ def _kernel(path: str, file: str, name: str, inputs: tuple[str, ...], outputs: t
     header, bodies = metal_source(file)
     make = mx.fast.metal_kernel
     if path == "emulate":
-        from . import kernel_emu
+        from . import emu as kernel_emu
 
         make = kernel_emu.metal_kernel
     return make(name=f"ds4_{name}", input_names=list(inputs), output_names=list(outputs),
@@ -178,7 +178,7 @@ def _no_scales() -> mx.array:
 
 
 def _gguf_format(name: str):
-    from .quant.gguf import get
+    from ..quant.gguf import get
 
     return get(name)
 
@@ -284,7 +284,7 @@ def gather_qmm_native_ops(x: mx.array, w: QuantWeight, fmt: str, indices: mx.arr
 def moe_gate_up_ops(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices: mx.array,
                     limit: float | None) -> mx.array:
     """Ops twin of :func:`moe_gate_up`."""
-    from .model.moe import clamped_swiglu
+    from ..model.moe import clamped_swiglu
 
     g = gather_qmm_native_ops(x, w1, fmt, indices)
     u = gather_qmm_native_ops(x, w3, fmt, indices)
@@ -478,7 +478,7 @@ def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
 def hc_pre_ops(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters: int,
                eps: float, norm_eps: float) -> tuple[mx.array, mx.array, mx.array]:
     """Ops twin of :func:`hc_pre`: the model's own HC pre (:func:`ds4mlx.model.hyper.hc_pre`)."""
-    from .model.hyper import hc_pre as reference
+    from ..model.hyper import hc_pre as reference
 
     return reference(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
 

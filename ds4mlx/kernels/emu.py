@@ -38,11 +38,7 @@ class KernelEmulationError(RuntimeError):
     """The emulated kernel could not be compiled or run (names the kernel)."""
 
 
-METAL_DIR = Path(__file__).resolve().parent.parent / "metal"
-if not (METAL_DIR / "metal_compat.h").exists():  # installed: the sources ship as ds4mlx.metal
-    import ds4mlx.metal as _metal_pkg
-
-    METAL_DIR = Path(list(_metal_pkg.__path__)[0])
+METAL_DIR = Path(__file__).resolve().parent / "metal"  # the sources ship inside this package
 
 MAX_THREADS_PER_THREADGROUP = 1024
 _CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-w", "-fno-strict-aliasing",

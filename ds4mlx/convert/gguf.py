@@ -31,14 +31,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .convert import (ConvertError, Logical, Options, Progress, Stored, Unit, check_free_space, check_output,
+from . import (ConvertError, Logical, Options, Progress, Stored, Unit, check_free_space, check_output,
                       dequantize_stored, disk_full_error, hash_table, logical_weights, read_stored,
                       source_nbytes, stored, _scale_name)
-from .io.hf import HFCheckpoint
-from .io.names import internal_to_gguf
-from .quant import gguf as gguf_quants
-from .quant.gguf import mxfp4 as gguf_mxfp4
-from .quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat
+from ..io.hf import HFCheckpoint
+from ..names import internal_to_gguf
+from ..quant import gguf as gguf_quants
+from ..quant.gguf import mxfp4 as gguf_mxfp4
+from ..quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat
 
 PRESETS = ("ds4-q4", "ds4-q2", "mxfp4")
 DEFAULT_PRESET = "ds4-q4"
@@ -271,7 +271,7 @@ def tokenizer_fields(source: Path) -> dict[str, Any] | None:
         warnings.warn(f"{source}: no tokenizer.json, so the GGUF carries no tokenizer "
                       "(ds4 and llama.cpp need one; ds4mlx falls back to the published V4 tokenizer)")
         return None
-    from .tokenizer import gguf_tokenizer_fields
+    from ..tokenizer import gguf_tokenizer_fields
 
     return gguf_tokenizer_fields(path)
 
@@ -286,7 +286,7 @@ def write_stream(path: Path, config: dict[str, Any], units: list[GGUFUnit], toke
     for the verification pass."""
     import zlib
 
-    from .io.mlx_dir import write_bytes
+    from ..io.mlx_dir import write_bytes
 
     writer = metadata_writer(path, config, tokenizer)
     crcs = {}
@@ -326,7 +326,7 @@ def metadata_writer(path: Path, config: dict[str, Any], tokenizer: dict[str, Any
     """A ``gguf.GGUFWriter`` holding the ``deepseek4`` metadata of ``io/gguf.py`` and the tokenizer."""
     from gguf import GGUFValueType, GGUFWriter
 
-    from .io.gguf import ARCH, gguf_metadata
+    from ..io.gguf import ARCH, gguf_metadata
 
     writer = GGUFWriter(str(path), ARCH)
     writer.add_name("DeepSeek-V4-Flash")
@@ -336,7 +336,7 @@ def metadata_writer(path: Path, config: dict[str, Any], tokenizer: dict[str, Any
         else:
             writer.add_key_value(key, value, vtype)
     if tokenizer:
-        from .tokenizer import add_tokenizer_to_gguf
+        from ..tokenizer import add_tokenizer_to_gguf
 
         add_tokenizer_to_gguf(writer, tokenizer)
     return writer
@@ -352,7 +352,7 @@ def verify_gguf(path: Path, units: list[Unit], crcs: dict[str, int]) -> None:
     """Re-read the file: every tensor with the planned type and shape, and the bytes written."""
     import zlib
 
-    from .io.gguf_file import open_gguf
+    from ..io.gguf_file import open_gguf
 
     with open_gguf(path) as g:
         planned = {name: (qtype, shape) for u in units for name, qtype, shape in u.tensors}
