@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import chat
+from . import encoding
 
 # Bump when the tokenizer recipe changes, so cached demo directories are rebuilt (the corpus
 # is part of the version too).
@@ -23,7 +23,7 @@ DEMO_VOCAB_SIZE = 1024  # = synthetic.DEMO_PROFILE["vocab_size"]
 
 # The V4 vocabulary's named special tokens (checkpoint_format.md §4.1); the first three carry
 # HF's ``special`` flag, the others are ordinary added tokens there too.
-SPECIAL_TOKENS = (chat.BOS, chat.EOS, "<｜▁pad▁｜>")
+SPECIAL_TOKENS = (encoding.BOS, encoding.EOS, "<｜▁pad▁｜>")
 NAMED_TOKENS = (
     "<｜fim▁hole｜>", "<｜fim▁begin｜>", "<｜fim▁end｜>",
     chat.USER, chat.ASSISTANT, "<|EOT|>",
@@ -104,9 +104,9 @@ def _tokenizer_config() -> dict:
     return {
         "add_bos_token": False,
         "add_eos_token": False,
-        "bos_token": chat.BOS,
-        "eos_token": chat.EOS,
-        "pad_token": chat.EOS,
+        "bos_token": encoding.BOS,
+        "eos_token": encoding.EOS,
+        "pad_token": encoding.EOS,
         "clean_up_tokenization_spaces": False,
         "legacy": True,
         "model_max_length": 4096,

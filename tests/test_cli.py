@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from ds4mlx import chat
+from ds4mlx import encoding
 from ds4mlx.cli import main
 
 GEN_STATS = re.compile(r"Prompt: (\d+) tokens, .*\| Generation: (\d+) tokens, .*\| Peak memory: .* \| (.+)$", re.M)
@@ -50,7 +50,7 @@ def mlx_lm_greedy(model, tok, ids, n):
 
 
 def no_think_turn(text, first=True):
-    return (chat.BOS if first else "") + chat.USER + text + chat.ASSISTANT + chat.THINK_END
+    return (encoding.BOS if first else "") + encoding.USER + text + encoding.ASSISTANT + encoding.THINK_END
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -102,7 +102,7 @@ def test_generate_raw_prompt_file_and_thinking(demo, tmp_path, capsys, monkeypat
     code, out, err = run(capsys, monkeypatch, "generate", "-m", "demo", "-p", "Hi", "--system", "Be brief.",
                          "--temp", "0", "--max-tokens", "4")
     assert code == 0, err
-    ids = encode(tok, chat.BOS + "Be brief." + chat.USER + "Hi" + chat.ASSISTANT + chat.THINK_START)
+    ids = encode(tok, encoding.BOS + "Be brief." + encoding.USER + "Hi" + encoding.ASSISTANT + encoding.THINK_START)
     assert int(GEN_STATS.search(err).group(1)) == len(ids)
     _, tokens, _ = mlx_lm_greedy(model, tok, ids, 4)
     if tok.think_end_id not in tokens:  # all reasoning: it goes to stderr, stdout stays empty
@@ -175,12 +175,12 @@ def test_chat_commands_and_ctrl_c(demo, capsys, monkeypatch):
     assert len(turns) == 3
     assert turns[0][3] == "interrupted" and turns[0][1] < 20
     # the cut answer is closed with EOS, then the thinking turn is rendered after it
-    new2 = [tok.eos_token_id] + encode(tok, chat.USER + "More" + chat.ASSISTANT + chat.THINK_START)
+    new2 = [tok.eos_token_id] + encode(tok, encoding.USER + "More" + encoding.ASSISTANT + encoding.THINK_START)
     assert turns[1][0] == len(new2)
     assert turns[1][2] == turns[0][2] + turns[1][0] + turns[1][1]
     assert "[thinking on]" in err and "[new conversation]" in err and "unknown command" in err
     # after /reset the conversation starts afresh (BOS, and thinking is still on)
-    ids = encode(tok, chat.BOS + chat.USER + "Hi" + chat.ASSISTANT + chat.THINK_START)
+    ids = encode(tok, encoding.BOS + encoding.USER + "Hi" + encoding.ASSISTANT + encoding.THINK_START)
     assert turns[2][0] == len(ids) and turns[2][2] == len(ids) + turns[2][1]
 
 

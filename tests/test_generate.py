@@ -8,7 +8,7 @@ import json
 import mlx.core as mx
 import pytest
 
-from ds4mlx import chat
+from ds4mlx import encoding
 from ds4mlx.generate import (
     ContextLengthError,
     chat_prompt,
@@ -48,7 +48,7 @@ def test_demo_model_is_complete_and_cached(demo_dir):
     config = json.loads((demo_dir / "config.json").read_text())
     tok = load_tokenizer(demo_dir)
     assert len(tok) == config["vocab_size"] == DEMO_VOCAB_SIZE
-    for special in (chat.BOS, chat.EOS, chat.USER, chat.ASSISTANT, chat.THINK_START, chat.THINK_END, chat.DSML):
+    for special in (encoding.BOS, encoding.EOS, encoding.USER, encoding.ASSISTANT, encoding.THINK_START, encoding.THINK_END, encoding.DSML):
         assert len(tok.encode(special, add_special_tokens=False)) == 1, special
     assert tok.bos_token_id == config["bos_token_id"] and tok.eos_token_id == config["eos_token_id"]
     text = "Hello, wörld! 3.14 — 漢字 \n\tdef f(): return 0"
@@ -93,7 +93,7 @@ def test_text_prompt_gets_bos_once(demo):
     model, tok = demo
     first = next(iter(stream_generate(model, tok, "Hello", max_tokens=1, temp=0.0)))
     assert first.prompt_tokens == 1 + len(tok.encode("Hello", add_special_tokens=False))
-    first = next(iter(stream_generate(model, tok, chat.BOS + "Hello", max_tokens=1, temp=0.0)))
+    first = next(iter(stream_generate(model, tok, encoding.BOS + "Hello", max_tokens=1, temp=0.0)))
     assert first.prompt_tokens == 1 + len(tok.encode("Hello", add_special_tokens=False))
 
 
@@ -163,7 +163,7 @@ def test_reasoning_and_answer_are_separated(demo):
 
     text = generate(model, tok, ids, max_tokens=50, sampler=_Script(script))
     assert text == tok.decode(reasoning_ids + [tok.think_end_id] + answer_ids)
-    parsed = chat.parse_completion(text, "thinking")
+    parsed = encoding.parse_completion(text, "thinking")
     assert parsed["reasoning_content"] == tok.decode(reasoning_ids)
     assert parsed["content"] == tok.decode(answer_ids)
 
