@@ -26,10 +26,10 @@ DEMO_VOCAB_SIZE = 1024  # = synthetic.DEMO_PROFILE["vocab_size"]
 SPECIAL_TOKENS = (encoding.BOS, encoding.EOS, "<｜▁pad▁｜>")
 NAMED_TOKENS = (
     "<｜fim▁hole｜>", "<｜fim▁begin｜>", "<｜fim▁end｜>",
-    chat.USER, chat.ASSISTANT, "<|EOT|>",
-    chat.THINK_START, chat.THINK_END, chat.DSML,
-    "<｜begin▁sys｜>", "<｜end▁sys｜>", chat.LATEST_REMINDER,
-    *chat.TASK_TOKENS.values(),
+    encoding.USER, encoding.ASSISTANT, "<|EOT|>",
+    encoding.THINK_START, encoding.THINK_END, encoding.DSML,
+    "<｜begin▁sys｜>", "<｜end▁sys｜>", encoding.LATEST_REMINDER,
+    *encoding.TASK_TOKENS.values(),
 )
 
 _CORPUS = """\

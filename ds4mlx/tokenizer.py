@@ -85,10 +85,10 @@ def _wrap(tokenizer, source: str, bos: str, eos: str, pad: str, max_length: int)
         hf,
         DeepSeekDetokenizer,
         eos_token_ids=[hf.eos_token_id],
-        chat_template=chat.apply_chat_template,
-        tool_call_start=chat.TOOL_CALLS_START,
-        tool_call_end=chat.TOOL_CALLS_END,
-        tool_parser=chat.mlx_tool_parser,
+        chat_template=encoding.apply_chat_template,
+        tool_call_start=encoding.TOOL_CALLS_START,
+        tool_call_end=encoding.TOOL_CALLS_END,
+        tool_parser=encoding.mlx_tool_parser,
     )
 
 
