@@ -7,8 +7,7 @@ mlx-lm) are wrong for Flash (layer pattern, RoPE regime), so nothing falls back 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 
@@ -27,8 +26,11 @@ _REQUIRED = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
+    """Immutable once built: ``from_hf`` validates and returns the finished config. The routed
+    top-k actually used at run time lives on the model (``Model.experts_per_token``)."""
+
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -39,7 +41,7 @@ class ModelConfig:
     o_groups: int
     o_lora_rank: int
     sliding_window: int
-    compress_ratios: list[int]
+    compress_ratios: tuple[int, ...]
     n_routed_experts: int
     num_experts_per_tok: int
     moe_intermediate_size: int
@@ -65,14 +67,11 @@ class ModelConfig:
     bos_token_id: int = 0
     eos_token_id: int | list[int] = 1
     tie_word_embeddings: bool = False
-    # Routed experts per token actually used (file value unless overridden).
-    experts_per_token: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_hf(cls, d: dict[str, Any], *, experts_per_token: int | None = None,
-                source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, d: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
         model_type = d.get("model_type")
         if model_type != "deepseek_v4":
             raise ConfigError(
@@ -82,31 +81,23 @@ class ModelConfig:
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise ConfigError(f"{source}: missing keys {missing}")
-        known = {f.name for f in fields(cls)} - {"extra", "experts_per_token"}
+        known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
-        cfg = cls(**kwargs, extra=extra)
-        cfg.compress_ratios = [int(r) for r in cfg.compress_ratios]
-        cfg.experts_per_token = cfg.num_experts_per_tok
-        cfg.validate(source)
-        if experts_per_token is not None:
-            cfg.set_experts_per_token(experts_per_token, source)
-        return cfg
-
-    @classmethod
-    def from_dir(cls, path: str | Path, **kw) -> "ModelConfig":
-        from .io.hf import read_config  # the one reader of a directory's config.json
-
-        return cls.from_hf(read_config(path), source=str(Path(path) / "config.json"), **kw)
+        kwargs["compress_ratios"] = tuple(int(r) for r in kwargs["compress_ratios"])
+        return cls(**kwargs, extra=extra).validate(source)
 
     def to_hf(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "experts_per_token")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        d["compress_ratios"] = list(self.compress_ratios)
         d.update(self.extra)
         d["model_type"] = "deepseek_v4"
         return d
 
     # ---------------------------------------------------------------- checks
-    def validate(self, source: str = "config") -> None:
+    def validate(self, source: str = "config") -> "ModelConfig":
+        """The checked config: a copy with ``compress_ratios`` padded for the MTP layers (which
+        are sliding-window only); raises ``ConfigError`` naming the key at fault."""
         def bad(key: str, why: str):
             raise ConfigError(f"{source}: {key} {why}")
 
@@ -114,10 +105,8 @@ class ModelConfig:
         if len(self.compress_ratios) < self.num_hidden_layers:
             bad("compress_ratios", f"has {len(self.compress_ratios)} entries for "
                 f"{self.num_hidden_layers} layers")
-        if len(self.compress_ratios) < n_total:
-            # MTP layers are sliding-window only.
-            self.compress_ratios = self.compress_ratios + [0] * (n_total - len(self.compress_ratios))
-        for r in self.compress_ratios:
+        ratios = tuple(self.compress_ratios) + (0,) * max(0, n_total - len(self.compress_ratios))
+        for r in ratios:
             if r not in ATTENTION_RATIOS:
                 bad("compress_ratios", f"contains {r}; supported ratios are {ATTENTION_RATIOS}")
         if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
@@ -130,16 +119,19 @@ class ModelConfig:
             bad("num_experts_per_tok", f"= {self.num_experts_per_tok} outside 1..{self.n_routed_experts}")
         if self.scoring_func != "sqrtsoftplus":
             bad("scoring_func", f"= {self.scoring_func!r}; only 'sqrtsoftplus' is supported")
-        if any(r > 0 for r in self.compress_ratios) and self.rope_scaling is None:
+        if any(r > 0 for r in ratios) and self.rope_scaling is None:
             # Compressed layers use YaRN; a config without it would silently change the graph.
             bad("rope_scaling", "is missing but compressed layers need the YaRN parameters")
         if self.hc_mult < 1:
             bad("hc_mult", "must be positive")
+        return self if ratios == self.compress_ratios else replace(self, compress_ratios=ratios)
 
-    def set_experts_per_token(self, k: int, source: str = "config") -> None:
-        """Route to ``k`` experts. Hash layers then use the first k columns of ``tid2eid``,
-        which only has ``num_experts_per_tok`` columns, so k may not exceed the file's value
-        when the model has hash layers."""
+    def check_experts_per_token(self, k: int | None, source: str = "config") -> int:
+        """The routed top-k to run: the file's ``num_experts_per_tok`` when ``k`` is None. Hash
+        layers use the first k columns of ``tid2eid``, which only has ``num_experts_per_tok``
+        columns, so k may not exceed the file's value when the model has hash layers."""
+        if k is None:
+            return self.num_experts_per_tok
         k = int(k)
         limit = self.num_experts_per_tok if self.num_hash_layers > 0 else self.n_routed_experts
         if not 1 <= k <= limit:
@@ -147,23 +139,15 @@ class ModelConfig:
                 f"{source}: experts_per_token={k} not allowed; must be 1..{limit} "
                 f"(num_experts_per_tok={self.num_experts_per_tok}, tid2eid width of the hash layers)"
             )
-        self.experts_per_token = k
+        return k
 
     # ---------------------------------------------------------------- derived
-    @property
-    def num_mtp_layers(self) -> int:
-        return self.num_nextn_predict_layers
-
     def ratio(self, layer: int) -> int:
         return self.compress_ratios[layer]
 
     def is_hash_layer(self, layer: int) -> bool:
         # MTP blocks sit at ids >= num_hidden_layers and are never hashed.
         return layer < min(self.num_hash_layers, self.num_hidden_layers)
-
-    @property
-    def nope_head_dim(self) -> int:
-        return self.head_dim - self.qk_rope_head_dim
 
     @property
     def softmax_scale(self) -> float:

@@ -238,7 +238,8 @@ def describe(
 
     path = resolve_model(source)
     config_dict, tensors, fmt = read_tensors(path)
-    config = ModelConfig.from_hf(config_dict, experts_per_token=experts_per_token, source=str(path))
+    config = ModelConfig.from_hf(config_dict, source=str(path))
+    k_used = config.check_experts_per_token(experts_per_token, str(path))
     if dtype_bytes is None:
         from .loader import default_dtype
 
@@ -261,7 +262,6 @@ def describe(
     }
     total_params = sum(params.values())
     routed = params.get("routed experts", 0)
-    k_used = config.experts_per_token
     active = total_params - routed - params.get("MTP block", 0) + routed * k_used // config.n_routed_experts
     weight_bytes = sum(t.nbytes for t in tensors)
     state = state_nbytes(config, ctx, dtype_bytes)

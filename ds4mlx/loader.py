@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from .config import ModelConfig
 from .io.hf import CheckpointError, open_hf_checkpoint
-from .quant.layers import apply_formats
+from .io.mlx_dir import is_mlx_dir, open_mlx_dir
+from .layers import apply_formats
+from .model.transformer import Model
 
 DEMO = "demo"
 _HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -53,7 +59,7 @@ def load(
     dtype = default_dtype() if dtype is None else dtype
     path = resolve_model_path(path_or_repo)
     if path.suffix == ".gguf":
-        return _load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype)
+        return load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
     model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp)
@@ -80,10 +86,6 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
 def open_checkpoint(path: Path):
     """Our converted MLX directory or an official-format one; both give
     ``config``, ``has_mtp``, ``load_weights(include_mtp=...)`` and ``close()``."""
-    try:
-        from .io.mlx_dir import is_mlx_dir, open_mlx_dir
-    except ImportError:
-        return open_hf_checkpoint(path)
     return open_mlx_dir(path) if is_mlx_dir(path) else open_hf_checkpoint(path)
 
 
@@ -96,18 +98,15 @@ def load_dir(
     mtp: bool = False,
 ) -> nn.Module:
     """Build the model for a checkpoint directory and load its weights (strict)."""
-    from .config import ModelConfig
-    from .model.transformer import Model
-
     path = Path(path)
     checkpoint = open_checkpoint(path)
     try:
-        config = ModelConfig.from_hf(
-            checkpoint.config, experts_per_token=experts_per_token, source=str(path / "config.json")
-        )
+        source = str(path / "config.json")
+        config = ModelConfig.from_hf(checkpoint.config, source=source)
+        k = config.check_experts_per_token(experts_per_token, source)
         if not (mtp and checkpoint.has_mtp):
-            config.num_nextn_predict_layers = 0  # the main model only
-        model = Model(config, dtype=dtype, qat_rounding=qat_rounding)
+            config = replace(config, num_nextn_predict_layers=0)  # the main model only
+        model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
         weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0)
     finally:
         checkpoint.close()
@@ -138,12 +137,42 @@ def load_into(model: nn.Module, weights: dict[str, mx.array], packed_modules: se
         raise CheckpointError(f"{source}: the checkpoint does not match the model: {e}") from None
 
 
-def _load_gguf(path: Path, **kwargs) -> tuple[nn.Module, Any]:
+def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
+              qat_rounding: bool = True, dtype: mx.Dtype | None = None,
+              mtp_path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
+
+    ``mtp_path``: optional separate GGUF with the ``mtp.{j}.*`` tensors (ds4's MTP file); the
+    MTP block then shares the main file's embedding and head.
+    """
+    from .io.gguf import open_gguf_checkpoint
+
+    dtype = default_dtype() if dtype is None else dtype
+    checkpoint = open_gguf_checkpoint(path, mtp_path)
     try:
-        from .io.gguf import load_gguf
-    except ImportError as e:
-        raise ModelNotFoundError(f"{path}: GGUF loading is unavailable in this installation ({e})") from None
-    return load_gguf(path, **kwargs)
+        source = str(checkpoint.path)
+        config = ModelConfig.from_hf(checkpoint.config, source=source)
+        k = config.check_experts_per_token(experts_per_token, source)
+        model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
+        params = {p: tuple(v.shape) for p, v in tree_flatten(model.parameters())}
+        weights, formats = checkpoint.load_weights(params, projection_modules(model))
+        apply_formats(model, formats)
+        load_into(model, weights, set(formats), source)
+        model.eval()
+        fields = checkpoint.tokenizer_fields()
+        tokenizer = None
+        if fields is not None:
+            from .tokenizer import tokenizer_from_gguf_fields
+
+            tokenizer = tokenizer_from_gguf_fields(fields, source=source)
+    finally:
+        checkpoint.close()
+    return model, tokenizer
+
+
+def projection_modules(model: nn.Module) -> set[str]:
+    """Module paths of every float projection (Linear / SwitchLinear) of the model."""
+    return {p for p, m in model.named_modules() if isinstance(m, (nn.Linear, SwitchLinear))}
 
 
 def _download(repo_id: str) -> Path:
@@ -168,10 +197,8 @@ def _download(repo_id: str) -> Path:
 
 
 def _load_tokenizer(path: Path, vocab_size: int):
-    try:
-        from .tokenizer import load_tokenizer
-    except ImportError:
-        return None
+    from .tokenizer import load_tokenizer
+
     try:
         tokenizer = load_tokenizer(path)
     except FileNotFoundError:  # a checkpoint without tokenizer files (e.g. the tiny ones)

@@ -87,7 +87,7 @@ def write_file(path: Path, layers: int, experts: str) -> None:
 def child_load(path: str) -> None:
     import mlx.core as mx
 
-    from ds4mlx.io.gguf import load_gguf
+    from ds4mlx.loader import load_gguf
 
     start = time.perf_counter()
     model, _ = load_gguf(path, dtype=mx.float32)

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds4mlx import kernels  # noqa: E402
-from ds4mlx.model import hyper  # noqa: E402
+from ds4mlx import ops as hyper  # noqa: E402
 from ds4mlx.quant.gguf import get  # noqa: E402
 
 D, F, E, HC, LAYERS = 4096, 2048, 256, 4, 43

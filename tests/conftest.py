@@ -7,7 +7,17 @@ import os
 import mlx.core as mx
 import pytest
 
+from ds4mlx import kernels
 from ds4mlx.synthetic import make_4expert, write_tiny_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _kernel_backend():
+    """Every test starts and ends with the backend the environment chooses (``kernels`` picks
+    it once; tests that switch call ``kernels.set_backend``)."""
+    kernels.set_backend()
+    yield
+    kernels.set_backend()
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,12 @@
 """ModelConfig: values come from the file, bad values are named."""
 
+import dataclasses
 import json
 
 import pytest
 
 from ds4mlx.config import ConfigError, ModelConfig
+from ds4mlx.io.hf import read_config
 
 FLASH = {
     "model_type": "deepseek_v4", "vocab_size": 129280, "hidden_size": 4096, "num_hidden_layers": 43,
@@ -24,18 +26,27 @@ def test_flash_schedule():
     c = ModelConfig.from_hf(FLASH)
     assert [c.ratio(i) for i in (0, 1, 2, 3, 41, 42, 43)] == [0, 0, 4, 128, 128, 4, 0]
     assert [c.is_hash_layer(i) for i in (0, 2, 3, 43)] == [True, True, False, False]
-    assert c.experts_per_token == 6 and c.extra["quantization_config"] == {"fmt": "e4m3"}
+    assert c.check_experts_per_token(None) == 6 and c.extra["quantization_config"] == {"fmt": "e4m3"}
 
 
 def test_override_and_limits():
-    c = ModelConfig.from_hf(FLASH, experts_per_token=4)
-    assert c.experts_per_token == 4 and c.num_experts_per_tok == 6
+    c = ModelConfig.from_hf(FLASH)
+    assert c.check_experts_per_token(4) == 4 and c.num_experts_per_tok == 6
     with pytest.raises(ConfigError, match="experts_per_token=7"):
-        ModelConfig.from_hf(FLASH, experts_per_token=7)
+        c.check_experts_per_token(7)
     with pytest.raises(ConfigError, match="experts_per_token=0"):
-        ModelConfig.from_hf(FLASH, experts_per_token=0)
+        c.check_experts_per_token(0)
     # Without hash layers the table width does not bind.
-    assert ModelConfig.from_hf({**FLASH, "num_hash_layers": 0}, experts_per_token=8).experts_per_token == 8
+    assert ModelConfig.from_hf({**FLASH, "num_hash_layers": 0}).check_experts_per_token(8) == 8
+
+
+def test_config_is_immutable():
+    src = {**FLASH, "compress_ratios": FLASH["compress_ratios"][:43]}  # no entry for the MTP layer
+    c = ModelConfig.from_hf(src)
+    assert len(c.compress_ratios) == 44 and c.compress_ratios[43] == 0  # MTP slot padded, in a copy
+    assert len(src["compress_ratios"]) == 43 and c.to_hf()["compress_ratios"] == list(c.compress_ratios)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.num_experts_per_tok = 4
 
 
 @pytest.mark.parametrize("change, key", [
@@ -56,6 +67,6 @@ def test_missing_key_named(tmp_path):
     del d["num_hash_layers"]
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="num_hash_layers"):
-        ModelConfig.from_dir(tmp_path)
+        ModelConfig.from_hf(read_config(tmp_path))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        ModelConfig.from_dir(tmp_path / "nowhere")
+        read_config(tmp_path / "nowhere")

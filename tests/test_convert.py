@@ -304,7 +304,7 @@ def test_ds4_presets_match_ds4_layout(tiny_ckpt, ggufs, preset, gate, down):
 
 
 def test_gguf_logits(tiny_ckpt, ggufs, src_logits):
-    from ds4mlx.io.gguf import load_gguf
+    from ds4mlx.loader import load_gguf
 
     ref = src_logits[False]  # rounding off: the float graph on the exact weights
     dist = {}

@@ -1,8 +1,6 @@
 """GGUF-native projections: results against float matmuls on gguf-py-dequantized weights, and
 the ops fallback touches only the experts a call selects."""
 
-import types
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -11,9 +9,11 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gq
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from ds4mlx import kernels
 from ds4mlx.quant import gguf as fmts
-from ds4mlx.quant.gguf import layers as gl
-from ds4mlx.quant.layers import WeightFormat, apply_formats
+from ds4mlx.layers import gguf as gl
+from ds4mlx.layers import apply_formats
+from ds4mlx.quant.formats import WeightFormat, gguf_kind
 
 E, OUT, IN = 8, 16, 256
 
@@ -93,7 +93,7 @@ def test_switch_ops_grouped_path_bounded_and_exact(monkeypatch):
     idx = rng.integers(0, E, size=(7, 6)).astype(np.uint32)
     ref = np.einsum("nd,nkod->nko", x, w_ref[idx])
     calls = _spy(monkeypatch, "Q2_K")
-    monkeypatch.setattr(gl, "DEQUANT_BUDGET", 2 * 4 * OUT * IN)  # two experts per step
+    monkeypatch.setattr(kernels, "DEQUANT_BUDGET", 2 * 4 * OUT * IN)  # two experts per step
     y = np.array(layer(mx.array(x)[:, None, None, :], mx.array(idx)))[:, :, 0]
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     assert max(calls) <= 2 and sum(calls) == len(np.unique(idx))
@@ -117,7 +117,7 @@ def test_linear_matches_float_matmul(name, monkeypatch):
     x = rng.standard_normal((2, 3, IN)).astype(np.float32)
     ref = x @ _ref_weights(name, blocks).T
     np.testing.assert_allclose(np.array(layer(mx.array(x))), ref, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(gl, "DEQUANT_BUDGET", 4 * IN * 5)  # 5 output rows per step
+    monkeypatch.setattr(kernels, "DEQUANT_BUDGET", 4 * IN * 5)  # 5 output rows per step
     np.testing.assert_allclose(np.array(layer(mx.array(x))), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -130,23 +130,26 @@ def test_from_blocks_checks_shape():
                                   GGMLQuantizationType.IQ1_S, IN, "attn_q_a")
 
 
-def test_kernel_hook_is_used_when_it_answers(monkeypatch):
+def test_layers_hand_the_product_to_kernels(monkeypatch):
+    # kernels is the one place that picks kernel or ops; the modules only pass their blocks on
     seen = {}
 
     def gguf_switch_matmul(x, w, indices, *, fmt, input_dims, output_dims, sorted_indices):
         seen.update(fmt=fmt, dims=(input_dims, output_dims), sorted=sorted_indices)
         return mx.full((1, 1, 1, output_dims), 7.0)
 
-    fake = types.SimpleNamespace(gguf_switch_matmul=gguf_switch_matmul,
-                                 gguf_matmul=lambda *a, **k: None)
-    monkeypatch.setattr(gl, "_kernels_module", fake)
+    def gguf_matmul(x, w, *, fmt, input_dims, output_dims):
+        seen.update(dense=(fmt, input_dims, output_dims))
+        return mx.full((1, output_dims), 3.0)
+
+    monkeypatch.setattr(kernels, "gguf_switch_matmul", gguf_switch_matmul)
+    monkeypatch.setattr(kernels, "gguf_matmul", gguf_matmul)
     layer = gl.GGUFSwitchLinear(IN, OUT, E, "IQ2_XXS")
     y = layer(mx.ones((1, 1, 1, IN)), mx.array([[1]], dtype=mx.uint32))
-    assert seen == {"fmt": "IQ2_XXS", "dims": (IN, OUT), "sorted": False}
-    assert np.all(np.array(y) == 7.0)
-    # a kernel that declines (None) falls back to the ops path
     lin = gl.GGUFLinear(IN, OUT, "Q8_0")
-    assert np.all(np.array(lin(mx.ones((1, IN)))) == 0.0)
+    assert np.all(np.array(lin(mx.ones((1, IN)))) == 3.0)
+    assert seen == {"fmt": "IQ2_XXS", "dims": (IN, OUT), "sorted": False, "dense": ("Q8_0", IN, OUT)}
+    assert np.all(np.array(y) == 7.0)
 
 
 def test_apply_formats_builds_gguf_modules():
@@ -156,8 +159,8 @@ def test_apply_formats_builds_gguf_modules():
             self.proj = nn.Linear(IN, OUT, bias=False)
             self.experts = SwitchLinear(IN, OUT, E, bias=False)
 
-    model = apply_formats(Tiny(), {"proj": WeightFormat(gl.gguf_kind("q8_0")),
-                                   "experts": WeightFormat(gl.gguf_kind("IQ2_XXS"))})
+    model = apply_formats(Tiny(), {"proj": WeightFormat(gguf_kind("q8_0")),
+                                   "experts": WeightFormat(gguf_kind("IQ2_XXS"))})
     assert isinstance(model.proj, gl.GGUFLinear) and model.proj.type_name == "Q8_0"
     assert isinstance(model.experts, gl.GGUFSwitchLinear)
     blocks = _blocks("IQ2_XXS", (E, OUT), IN, 8)

@@ -15,11 +15,12 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 import ds4mlx
 from ds4mlx.config import ConfigError
-from ds4mlx.io.hf import CheckpointError, open_hf_checkpoint
+from ds4mlx.io.hf import CheckpointError, open_hf_checkpoint, read_config
 from ds4mlx.names import UnknownTensorName, gguf_to_internal, hf_to_internal, internal_to_gguf, internal_to_hf
 from ds4mlx.io.safetensors import SafetensorsError, SafetensorsFile, bf16_to_float32, write_safetensors
 from ds4mlx.loader import ModelNotFoundError
-from ds4mlx.quant.layers import MXFP4, MXFP8, FormatError, WeightFormat, apply_formats, affine
+from ds4mlx.layers import FormatError, apply_formats
+from ds4mlx.quant.formats import MXFP4, MXFP8, WeightFormat, affine
 from ds4mlx.quant.mx import dequant_fp4_np, dequant_fp8_np
 
 
@@ -145,7 +146,7 @@ def test_forward_and_quantized_projection(loaded, tiny_ckpt):
 
 def test_4expert_checkpoint_and_override(tiny_ckpt, tiny_ckpt_4expert):
     four, _ = ds4mlx.load(tiny_ckpt_4expert, dtype=mx.float32)
-    assert four.config.experts_per_token == 4 and four.layers[0].ffn.gate.tid2eid.shape == (1024, 4)
+    assert four.experts_per_token == 4 and four.layers[0].ffn.gate.tid2eid.shape == (1024, 4)
     six_as_four, _ = ds4mlx.load(tiny_ckpt, experts_per_token=4, dtype=mx.float32)
     tokens = mx.array([[5, 77, 901, 12, 5, 400, 33]])
     assert np.array_equal(np.array(four(tokens)), np.array(six_as_four(tokens)))
@@ -193,7 +194,7 @@ def test_apply_formats_errors_name_the_module(tiny_ckpt):
     from ds4mlx.config import ModelConfig
     from ds4mlx.model.transformer import Model
 
-    model = Model(ModelConfig.from_dir(tiny_ckpt))
+    model = Model(ModelConfig.from_hf(read_config(tiny_ckpt)))
     with pytest.raises(FormatError, match="layers.0.attn_norm"):
         apply_formats(model, {"layers.0.attn_norm": MXFP8})
     with pytest.raises(FormatError, match="layers.9"):

@@ -1,5 +1,5 @@
 """Fused hyper-connection pre kernel (metal/hc.metal) against the model's HC pre in MLX ops
-(ds4mlx/model/hyper.py), under the CPU emulator and, on a Mac, on the GPU."""
+(ds4mlx/ops.py), under the CPU emulator and, on a Mac, on the GPU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from ds4mlx import kernels
 from ds4mlx.kernels import emu as kernel_emu
-from ds4mlx.model import hyper
+from ds4mlx import ops as hyper
 
 PATHS = [
     pytest.param("emulate", marks=pytest.mark.skipif(kernel_emu.compiler() is None,
@@ -22,6 +22,7 @@ PATHS = [
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     monkeypatch.setenv("DS4MLX_KERNELS", request.param)
+    kernels.set_backend()
     return request.param
 
 
@@ -66,6 +67,7 @@ def test_hc_pre_dtypes_and_iterations(path, h_dtype, fn_dtype, iters):
 
 def test_hc_pre_rejects_mismatched_shapes(monkeypatch):
     monkeypatch.setenv("DS4MLX_KERNELS", "ops")
+    kernels.set_backend()
     h, fn, base, scale = hc_inputs((2,), 4, 32, seed=0)
     with pytest.raises(kernels.KernelInputError, match="fn must be"):
         kernels.hc_pre(h, fn[:, :-1], base, scale, iters=20, eps=1e-6, norm_eps=1e-6)

@@ -31,6 +31,7 @@ REL = 1e-5
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     monkeypatch.setenv("DS4MLX_KERNELS", request.param)
+    kernels.set_backend()
     return request.param
 
 
@@ -187,7 +188,7 @@ def test_no_clamp_without_limit(path, mode):
 
 
 def test_switch_linear_call_site_matches_gguf_layer_ops(path):
-    from ds4mlx.quant.gguf.layers import GGUFLinear, GGUFSwitchLinear
+    from ds4mlx.layers.gguf import GGUFLinear, GGUFSwitchLinear
 
     fmt, e, f, k_in = "Q2_K", 6, 19, 256
     w = random_experts(fmt, e, f, k_in, seed=26)
@@ -196,7 +197,7 @@ def test_switch_linear_call_site_matches_gguf_layer_ops(path):
     idx = routes(5, 4, e, seed=28)
     got = layer(x, idx)  # goes through kernels.gguf_switch_matmul on this path
     assert got.shape == (5, 4, 1, f)
-    assert_close(got, layer._ops(x, idx, False))
+    assert_close(got, kernels.switch_matmul_ops(x, w, fmt, idx))
     dense = GGUFLinear.from_blocks(w[1], get(fmt).GGML_TYPE, k_in)
     xs = x[:, 0, 0, :]
     assert_close(dense(xs), xs @ kernels.dequantize_ops(w[1], fmt).T)
@@ -205,7 +206,7 @@ def test_switch_linear_call_site_matches_gguf_layer_ops(path):
 def test_moe_experts_call_site(path):
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-    from ds4mlx.quant.gguf.layers import GGUFSwitchLinear
+    from ds4mlx.layers.gguf import GGUFSwitchLinear
 
     e, f, d, n, k = 6, 256, 256, 3, 4
     idx = routes(n, k, e, seed=29)
@@ -238,6 +239,7 @@ def test_moe_experts_call_site(path):
 
 def test_ops_path_never_touches_the_kernels(monkeypatch):
     monkeypatch.setenv("DS4MLX_KERNELS", "ops")
+    kernels.set_backend()
 
     def boom(*args, **kwargs):
         raise AssertionError("kernel launched on the ops path")
@@ -255,6 +257,7 @@ def test_emulation_rejects_out_of_range_experts(monkeypatch):
     if kernel_emu.compiler() is None:
         pytest.skip("no C++ compiler for the emulator")
     monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    kernels.set_backend()
     w = random_experts("Q8_0", 3, 8, 64, seed=46)
     x = inputs_for(w, "Q8_0", 2, 64, seed=47)
     bad = mx.array([[0, 3], [1, 2]], dtype=mx.uint32)
@@ -265,13 +268,36 @@ def test_emulation_rejects_out_of_range_experts(monkeypatch):
 def test_backend_choice(monkeypatch):
     monkeypatch.setenv("DS4MLX_KERNELS", "cuda")
     with pytest.raises(ValueError, match="DS4MLX_KERNELS='cuda'"):
-        kernels.backend()
+        kernels.set_backend()
     monkeypatch.delenv("DS4MLX_KERNELS")
-    assert kernels.backend() == ("metal" if mx.metal.is_available() else "ops")
+    gpu = mx.metal.is_available() and mx.default_device().type == mx.DeviceType.gpu
+    assert kernels.set_backend() == ("metal" if gpu else "ops")
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    assert kernels.backend() == ("metal" if gpu else "ops")  # chosen once, until set_backend
     if not mx.metal.is_available():
         monkeypatch.setenv("DS4MLX_KERNELS", "metal")
         with pytest.raises(ValueError, match="Metal is not available"):
-            kernels.backend()
+            kernels.set_backend()
+
+
+def test_disabled_variant_takes_the_ops_twin(monkeypatch):
+    monkeypatch.setattr(kernels, "_backend", "emulate")
+    monkeypatch.setattr(kernels, "_disabled", {})
+    assert kernels.serves("Q4_K") and not kernels.serves("Q6_K")
+    kernels.disable("q4_k", "self-test mismatch")
+    assert not kernels.serves("Q4_K") and kernels.disabled() == {"Q4_K": "self-test mismatch"}
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a disabled kernel was launched")
+
+    monkeypatch.setattr(kernels, "_run", boom)
+    w = random_experts("Q4_K", 3, 8, 256, seed=40)
+    x = inputs_for(w, "Q4_K", 2, 256, seed=41)
+    idx = routes(2, 2, 3, seed=42)
+    assert_close(kernels.moe_gate_up(x, w, w, "Q4_K", idx, 10.0),
+                 kernels.moe_gate_up_ops(x, w, w, "Q4_K", idx, 10.0))
+    kernels.enable("Q4_K")
+    assert kernels.serves("Q4_K")
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -286,6 +312,7 @@ def test_backend_choice(monkeypatch):
 ])
 def test_bad_inputs_name_the_argument(monkeypatch, bad, match):
     monkeypatch.setenv("DS4MLX_KERNELS", "ops")
+    kernels.set_backend()
     w = random_experts("Q4_K", 3, 8, 512, seed=43)
     x = inputs_for(w, "Q4_K", 2, 512, seed=44)
     with pytest.raises(kernels.KernelInputError, match=match):
@@ -312,7 +339,7 @@ def expert_files(tmp_path_factory):
 def test_tiny_model_metal_path_equals_ops(path, expert_files, preset, k, monkeypatch):
     """Prefill (9 tokens: the expert-grouped kernels), then decode steps of 1 and 2 tokens (the
     decode kernels): the Metal path (emulated on Linux) gives the ops path's logits."""
-    from ds4mlx.io.gguf import load_gguf
+    from ds4mlx.loader import load_gguf
 
     model, _ = load_gguf(expert_files[preset], dtype=mx.float32, qat_rounding=False,
                          experts_per_token=k)
@@ -326,6 +353,7 @@ def test_tiny_model_metal_path_equals_ops(path, expert_files, preset, k, monkeyp
 
     def logits(backend: str) -> mx.array:
         monkeypatch.setenv("DS4MLX_KERNELS", backend)
+        kernels.set_backend()
         cache = model.make_cache()
         steps = [model(tokens[:, a:b], cache=cache) for a, b in ((0, 9), (9, 10), (10, 12))]
         out = mx.concatenate(steps, axis=1)

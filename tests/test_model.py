@@ -139,7 +139,7 @@ def test_snapshot_restores_state(model6, full6):
 # ---------------------------------------------------------------- routing
 def test_override_equals_4expert_checkpoint(tiny_ckpt, model4):
     model, _ = ds4mlx.load(tiny_ckpt, experts_per_token=4, qat_rounding=False, dtype=mx.float32)
-    assert model.config.experts_per_token == 4 and model.config.num_experts_per_tok == 6
+    assert model.experts_per_token == 4 and model.config.num_experts_per_tok == 6
     toks = tokens(160, seed=4)
     np.testing.assert_array_equal(np.array(model(mx.array(toks))), np.array(model4(mx.array(toks))))
 

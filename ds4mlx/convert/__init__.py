@@ -39,7 +39,7 @@ from ..io import mlx_dir
 from ..io.hf import HFCheckpoint, open_hf_checkpoint
 from ..names import hf_to_internal, official_layout
 from ..io.safetensors import DTYPES, SafetensorsFile
-from ..quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat, affine
+from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine
 from ..quant.mx import FP8_BLOCK, dequant_fp4_np, dequant_fp8_np, fp8_to_mxfp8
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size

@@ -38,7 +38,7 @@ from ..io.hf import HFCheckpoint
 from ..names import internal_to_gguf
 from ..quant import gguf as gguf_quants
 from ..quant.gguf import mxfp4 as gguf_mxfp4
-from ..quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat
+from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
 
 PRESETS = ("ds4-q4", "ds4-q2", "mxfp4")
 DEFAULT_PRESET = "ds4-q4"

@@ -1,10 +1,11 @@
-"""DeepSeek V4 GGUF files (antirez/ds4 and upstream llama.cpp ``deepseek4``) -> model, and back.
+"""DeepSeek V4 GGUF files (antirez/ds4 and upstream llama.cpp ``deepseek4``) -> config and tensors, and back.
 
 * ``hf_config_from_gguf``: the ``deepseek4.*`` metadata (gguf_layouts.md §1.2) as an HF-style
   config dict; the routed top-k is ``deepseek4.expert_used_count``, checked against the width of
   the hash tables (``ffn_gate_tid2eid``, ne ``[k, vocab]``), which may be wider (cut to k), never
   narrower.
-* ``load_gguf``: every tensor is dispatched on its own GGML type (files mix types per layer):
+* ``open_gguf_checkpoint(...).load_weights``: the tensors a model asks for (``ds4mlx.loader``
+  builds the model and assembles). Every tensor is dispatched on its own GGML type (files mix types per layer):
   float types load as float; Q8_0 projections become MLX affine 8-bit (exact) and MXFP4 ones MLX
   ``mxfp4`` (exact); other block types stay as native GGUF blocks in ``GGUFLinear`` /
   ``GGUFSwitchLinear`` (routed experts are never dequantized in memory). Quantized tensors that
@@ -17,20 +18,17 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
-from mlx.utils import tree_flatten
-from mlx_lm.models.switch_layers import SwitchLinear
 
 from ..quant import gguf as qgguf
+from ..quant.formats import MXFP4, WeightFormat, affine, gguf_kind
 from ..quant.gguf import mxfp4, q8_0
-from ..quant.gguf.layers import gguf_kind
-from ..quant.layers import MXFP4, WeightFormat, affine, apply_formats
 from .gguf_file import PLAIN_DTYPES, GGUFError, GGUFFile, TensorInfo, open_gguf
 from ..names import QUANTIZED_WEIGHTS, UnknownTensorName, internal_to_gguf
 
@@ -199,12 +197,7 @@ def gguf_metadata(config: Mapping[str, Any]) -> list[tuple[str, Any, GGUFValueTy
     return out
 
 
-# --------------------------------------------------------------------------- tensors -> model
-def _projection_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> module of every float projection (Linear / SwitchLinear)."""
-    return {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, SwitchLinear))}
-
-
+# --------------------------------------------------------------------------- tensors
 def _quantizable(path: str) -> bool:
     """Projections that may be held packed: those the official checkpoint quantizes, and the head
     (the model calls these modules; other Linears are read as float)."""
@@ -326,23 +319,68 @@ def _check_shape(gf: GGUFFile, info: TensorInfo, expected: tuple[int, ...], path
         )
 
 
-def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
-              qat_rounding: bool = True, dtype: mx.Dtype | None = None,
-              mtp_path: str | os.PathLike | None = None):
-    """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
+@dataclass
+class GGUFCheckpoint:
+    """An open DeepSeek V4 GGUF (plus optionally ds4's separate MTP file): its HF-style
+    ``config`` from the metadata, and ``load_weights`` for the tensors a model asks for."""
 
-    ``mtp_path``: optional separate GGUF with the ``mtp.{j}.*`` tensors (ds4's MTP file); the
-    MTP block then shares the main file's embedding and head.
-    """
-    from ..config import ModelConfig
-    from ..loader import default_dtype, load_into
-    from ..model.transformer import Model
+    path: Path
+    config: dict[str, Any]
+    files: list[GGUFFile]
+    by_name: dict[str, tuple[GGUFFile, TensorInfo]]
 
-    dtype = default_dtype() if dtype is None else dtype
+    @property
+    def has_mtp(self) -> bool:
+        return len(self.files) > 1
+
+    def load_weights(self, params: Mapping[str, tuple[int, ...]], projections: set[str]
+                     ) -> tuple[dict[str, mx.array], dict[str, WeightFormat]]:
+        """``({internal path: array}, {module path: WeightFormat})`` for the model parameters
+        ``params`` (path -> shape). Modules in ``projections`` (the model's float projections)
+        may stay packed; every other quantized tensor is dequantized exactly to float."""
+        gf = self.files[0]
+        n_experts = int(self.config["n_routed_experts"])
+        weights: dict[str, mx.array] = {}
+        formats: dict[str, WeightFormat] = {}
+        for param, shape in params.items():
+            try:
+                name = internal_to_gguf(param)
+            except UnknownTensorName as e:
+                raise GGUFError(f"{gf.path}: the model needs {param!r}, which has no GGUF name ({e})") from None
+            if name not in self.by_name:
+                where = self.files[-1].path if param.startswith("mtp.") else gf.path
+                raise GGUFError(f"{where}: tensor {name!r} is missing (needed for {param})")
+            src, info = self.by_name[name]
+            _check_shape(src, info, tuple(shape), param)
+            module = param[: -len(".weight")] if param.endswith(".weight") else None
+            if module not in projections or not _quantizable(module):
+                module = None
+            _load_tensor(src, info, param, module, weights, formats)
+            if param.endswith(".tid2eid"):
+                _check_expert_ids(src, info, weights[param], n_experts)
+        return weights, formats
+
+    def tokenizer_fields(self) -> dict[str, Any] | None:
+        """The ``tokenizer.*`` metadata, or None when the file carries no tokenizer."""
+        f = self.files[0].fields
+        if "tokenizer.ggml.model" not in f and "tokenizer.huggingface.json" not in f:
+            return None
+        return {k: v for k, v in f.items() if k.startswith("tokenizer.")}
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def open_gguf_checkpoint(path: str | os.PathLike,
+                         mtp_path: str | os.PathLike | None = None) -> GGUFCheckpoint:
+    """Open a DeepSeek V4 GGUF and read its config. ``mtp_path``: optional separate GGUF with
+    the ``mtp.{j}.*`` tensors (ds4's MTP file); the MTP block then shares the main file's
+    embedding and head."""
     files = [open_gguf(path)]
     try:
         gf = files[0]
-        by_name: dict[str, tuple[GGUFFile, TensorInfo]] = {n: (gf, t) for n, t in gf.tensors.items()}
+        by_name = {n: (gf, t) for n, t in gf.tensors.items()}
         hf = hf_config_from_gguf(gf)
         if mtp_path is not None:
             files.append(open_gguf(mtp_path))
@@ -352,44 +390,11 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
                 raise GGUFError(f"{files[1].path}: no mtp.* tensors in the MTP file")
             hf["num_nextn_predict_layers"] = len(mtp_ids)
             by_name.update({n: (files[1], t) for n, t in files[1].tensors.items() if n.startswith("mtp.")})
-        config = ModelConfig.from_hf(hf, experts_per_token=experts_per_token, source=str(gf.path))
-        model = Model(config, dtype=dtype, qat_rounding=qat_rounding)
-        projections = _projection_modules(model)
-        weights: dict[str, mx.array] = {}
-        formats: dict[str, WeightFormat] = {}
-        for param, target in tree_flatten(model.parameters()):
-            try:
-                name = internal_to_gguf(param)
-            except UnknownTensorName as e:
-                raise GGUFError(f"{gf.path}: the model needs {param!r}, which has no GGUF name ({e})") from None
-            if name not in by_name:
-                where = files[-1].path if param.startswith("mtp.") else gf.path
-                raise GGUFError(f"{where}: tensor {name!r} is missing (needed for {param})")
-            src, info = by_name[name]
-            _check_shape(src, info, tuple(target.shape), param)
-            module = param[: -len(".weight")] if param.endswith(".weight") else None
-            if module not in projections or not _quantizable(module):
-                module = None
-            _load_tensor(src, info, param, module, weights, formats)
-            if param.endswith(".tid2eid"):
-                _check_expert_ids(src, info, weights[param], config.n_routed_experts)
-        apply_formats(model, formats)
-        load_into(model, weights, set(formats), str(gf.path))
-        model.eval()
-        tokenizer = _tokenizer(gf)
-    finally:
+    except BaseException:
         for f in files:
             f.close()
-    return model, tokenizer
-
-
-def _tokenizer(gf: GGUFFile):
-    if "tokenizer.ggml.model" not in gf.fields and "tokenizer.huggingface.json" not in gf.fields:
-        return None
-    from ..tokenizer import tokenizer_from_gguf_fields
-
-    fields = {k: v for k, v in gf.fields.items() if k.startswith("tokenizer.")}
-    return tokenizer_from_gguf_fields(fields, source=str(gf.path))
+        raise
+    return GGUFCheckpoint(gf.path, hf, files, by_name)
 
 
 # --------------------------------------------------------------------------- writer

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..quant.layers import FLOAT, MXFP4, MXFP8, WeightFormat
+from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
 from ..quant.mx import FP8_BLOCK, MX_GROUP, fp4_to_mxfp4, fp8_to_mxfp8, stack_fp4_to_mxfp4
 from ..names import TensorSpec, UnknownTensorName, hf_to_internal, official_layout
 from .safetensors import SafetensorsFile, open_shards

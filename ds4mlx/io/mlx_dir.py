@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..quant.layers import WeightFormat
+from ..quant.formats import WeightFormat
 from ..names import hf_to_internal, official_layout
 from .safetensors import DTYPES, SafetensorsFile, open_shards
 

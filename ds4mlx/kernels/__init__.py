@@ -1,9 +1,12 @@
 """Metal kernels (``metal/*.metal`` through ``mx.fast.metal_kernel``), each beside its MLX-ops twin.
 
-``DS4MLX_KERNELS`` picks the path of every entry point: ``metal`` (the GPU kernels), ``ops``
-(the twins: MLX ops with the same semantics) or ``emulate`` (the same Metal sources compiled as
-C++ and run on the CPU by :mod:`ds4mlx.kernels.emu`, so the Metal path runs on Linux). Default:
-``metal`` when Metal is available, else ``ops``.
+The backend is chosen once, on first use, from ``DS4MLX_KERNELS`` and the default device:
+``metal`` (the GPU kernels), ``ops`` (the twins: MLX ops with the same semantics) or ``emulate``
+(the same Metal sources compiled as C++ and run on the CPU by :mod:`ds4mlx.kernels.emu`, so the
+Metal path runs on Linux). Default: ``metal`` when Metal is available and the default device is
+the GPU, else ``ops``. :func:`set_backend` chooses again (tests, benchmarks). Single kernel
+variants (a format's kernels, ``hc_pre``) can be switched off with :func:`disable`; the ops
+twin then serves them.
 
 Quantized expert weights ``w`` are either native GGUF blocks, ``uint8 [E, rows, row_bytes]``
 with ``fmt`` one of ``Q8_0``, ``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4``, or, for ``fmt="MXFP4"``,
@@ -12,7 +15,9 @@ mode (official FP4 experts, and GGUF MXFP4 after its nibble reorder).
 
 Entry points (kernel | ops twin): :func:`dequantize`, :func:`moe_gate_up`, :func:`moe_down`,
 :func:`gather_qmm_native`, :func:`hc_pre`; call sites for the model's modules:
-:func:`moe_experts`, :func:`gguf_switch_matmul`, :func:`gguf_matmul` (``None`` = use your ops).
+:func:`moe_experts` (``None`` = run the expert modules), :func:`gguf_switch_matmul`,
+:func:`gguf_matmul` (kernel or ops, whichever :func:`serves` says). This package is the one
+place that decides whether a kernel serves a call.
 """
 
 from __future__ import annotations
@@ -25,11 +30,18 @@ from pathlib import Path
 from typing import Any, Union
 
 import mlx.core as mx
+import numpy as np
+
+from .. import ops as _ops
+from ..quant import gguf as _formats
+from ..quant.gguf import iq2_xxs as _iq2_xxs
 
 QuantWeight = Union[mx.array, tuple]
 
 BACKENDS = ("metal", "ops", "emulate")
 KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")
+HC_PRE = "hc_pre"  # the variant name of the fused HC pre kernel
+METAL_DIR = Path(__file__).with_name("metal")
 # Layout ids of metal/quant.h (DS4_*); MXFP4 has two layouts.
 _LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
 _MLX_MXFP4, _GGUF_MXFP4 = 4, 5
@@ -41,17 +53,24 @@ DECODE_MAX_PAIRS = 32
 _DECODE_ROWS_PER_TG = 8  # DS4_ROWS * DS4_SIMDGROUPS in metal/moe.metal
 _TILE, _TILE_THREADS = 32, 128  # DS4_BM = DS4_BN, DS4_TG
 _HC_THREADS = 256  # DS4_HC_TG in metal/hc.metal
+# Bound on the float32 bytes of dequantized weights one ops step holds at once.
+DEQUANT_BUDGET = 256 << 20
 
 
 class KernelInputError(ValueError):
     """An argument of a kernel entry point has the wrong dtype or shape (names it)."""
 
 
-def backend() -> str:
-    """The path kernels take now, from ``DS4MLX_KERNELS`` (read on every call)."""
-    choice = os.environ.get("DS4MLX_KERNELS", "").strip().lower()
+# ----------------------------------------------------------------------------- backend
+_backend: str | None = None
+_disabled: dict[str, str] = {}
+
+
+def _choose(choice: str) -> str:
+    choice = choice.strip().lower()
     if not choice:
-        return "metal" if mx.metal.is_available() else "ops"
+        gpu = mx.default_device().type == mx.DeviceType.gpu
+        return "metal" if mx.metal.is_available() and gpu else "ops"
     if choice not in BACKENDS:
         raise ValueError(f"DS4MLX_KERNELS={choice!r}: expected one of {', '.join(BACKENDS)}")
     if choice == "metal" and not mx.metal.is_available():
@@ -59,17 +78,54 @@ def backend() -> str:
     return choice
 
 
+def backend() -> str:
+    """The path kernels take: chosen on first use from ``DS4MLX_KERNELS`` and the default device."""
+    global _backend
+    if _backend is None:
+        _backend = _choose(os.environ.get("DS4MLX_KERNELS", ""))
+    return _backend
+
+
+def set_backend(name: str | None = None) -> str:
+    """Choose the backend again: ``name`` (one of ``BACKENDS``), or from the environment and the
+    default device when None. Returns the backend now in use."""
+    global _backend
+    _backend = _choose(os.environ.get("DS4MLX_KERNELS", "") if name is None else name)
+    return _backend
+
+
+def disable(variant: str, reason: str) -> None:
+    """Stop using the kernels of ``variant`` (a format of ``KERNEL_FORMATS`` or ``HC_PRE``); its
+    ops twin serves those calls from now on. ``reason`` is kept for :func:`disabled`."""
+    _disabled[variant.upper() if variant != HC_PRE else variant] = reason
+
+
+def enable(variant: str) -> None:
+    _disabled.pop(variant.upper() if variant != HC_PRE else variant, None)
+
+
+def enabled(variant: str) -> bool:
+    return (variant.upper() if variant != HC_PRE else variant) not in _disabled
+
+
+def disabled() -> dict[str, str]:
+    """Variant -> reason of every kernel variant switched off."""
+    return dict(_disabled)
+
+
+def serves(fmt: str) -> bool:
+    """Whether a kernel serves calls on weights of format ``fmt`` (or ``HC_PRE``): the one
+    decision between kernel and ops twin."""
+    if backend() == "ops":
+        return False
+    if fmt == HC_PRE:
+        return enabled(HC_PRE)
+    return fmt.upper() in KERNEL_FORMATS and enabled(fmt)
+
+
 # ----------------------------------------------------------------------------- sources
-def _metal_dir() -> Path:
-    from .emu import METAL_DIR
-
-    return METAL_DIR
-
-
 def _iq2xxs_grid_define() -> str:
-    from ..quant.gguf import iq2_xxs
-
-    codes = ", ".join(f"0x{int(c):04x}" for c in iq2_xxs.GRID_CODES)
+    codes = ", ".join(f"0x{int(c):04x}" for c in _iq2_xxs.GRID_CODES)
     return f"#define DS4_IQ2XXS_GRID {codes}\n"
 
 
@@ -83,7 +139,7 @@ def _inline_includes(text: str, seen: set[str]) -> str:
         if name in seen:
             return ""
         seen.add(name)
-        return _inline_includes((_metal_dir() / name).read_text(), seen)
+        return _inline_includes((METAL_DIR / name).read_text(), seen)
 
     return _INCLUDE.sub(sub, text).replace("#pragma once", "")
 
@@ -92,7 +148,7 @@ def _inline_includes(text: str, seen: set[str]) -> str:
 def metal_source(file: str) -> tuple[str, dict[str, str]]:
     """``metal/<file>`` -> (header, {kernel name: body}). Includes are inlined (metal_kernel
     compiles one string) and the header starts with the tables defined from Python."""
-    text = _inline_includes((_metal_dir() / file).read_text(), set())
+    text = _inline_includes((METAL_DIR / file).read_text(), set())
     parts = _SECTION.split(text)
     header = _iq2xxs_grid_define() + parts[0]
     return header, {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
@@ -178,9 +234,7 @@ def _no_scales() -> mx.array:
 
 
 def _gguf_format(name: str):
-    from ..quant.gguf import get
-
-    return get(name)
+    return _formats.get(name)
 
 
 def _experts(p: Packed, name: str) -> tuple[int, int]:
@@ -217,7 +271,7 @@ def dequantize_ops(w: QuantWeight, fmt: str) -> mx.array:
 
 def dequantize(w: QuantWeight, fmt: str) -> mx.array:
     """Float32 rows ``[..., rows, K]`` of a quantized weight (kernel ``dequant_rows``)."""
-    if backend() == "ops":
+    if not serves(fmt):
         return dequantize_ops(w, fmt)
     p = unpack_weight(w, fmt)
     lead = p.q.shape[:-1]
@@ -234,44 +288,77 @@ def dequantize(w: QuantWeight, fmt: str) -> mx.array:
 
 
 # ----------------------------------------------------------------------------- MoE, ops twins
-# Bound on the float32 bytes of dequantized experts the grouped ops path holds at once.
-_OPS_DEQUANT_BUDGET = 256 << 20
+def switch_matmul_ops(x: mx.array, w: mx.array, fmt: str, indices: mx.array,
+                      sorted_indices: bool = False) -> mx.array:
+    """The ops path of packed GGUF experts ``w [E, out, bytes]`` under the switch-linear protocol:
+    x ``[..., M, in]``, indices broadcast against x's batch dims -> float32 ``[..., M, out]``.
+
+    Dequantizes only the experts ``indices`` names in this call, a bounded number at a time
+    (``DEQUANT_BUDGET``), never all of them.
+    """
+    fmod = _gguf_format(fmt)
+    n_experts, output_dims = w.shape[0], w.shape[1]
+    input_dims = w.shape[-1] // fmod.BLOCK_BYTES * fmod.BLOCK_SIZE
+    xf = x.astype(mx.float32)
+    idx = np.array(indices).astype(np.int64)  # host copy: which experts this call touches
+    if idx.size and (idx.min() < 0 or idx.max() >= n_experts):
+        raise IndexError(f"expert index out of range [0, {n_experts}): {idx.min()}..{idx.max()}")
+    used = np.unique(idx)
+    if used.size == 0:
+        batch = np.broadcast_shapes(tuple(xf.shape[:-2]), idx.shape)
+        return mx.zeros((*batch, xf.shape[-2], output_dims), dtype=mx.float32)
+    group = max(1, DEQUANT_BUDGET // (4 * output_dims * input_dims))
+    if len(used) <= group:
+        # one step: the used experts only, indices renumbered into that stack
+        local = np.zeros(n_experts, dtype=np.uint32)
+        local[used] = np.arange(len(used), dtype=np.uint32)
+        dense = fmod.dequantize(w[mx.array(used.astype(np.uint32))])
+        return mx.gather_mm(xf, dense.swapaxes(-1, -2), rhs_indices=mx.array(local[idx]),
+                            sorted_indices=sorted_indices)
+    # Many experts: sort the (row, expert) pairs by expert and run `group` experts at a time.
+    batch = np.broadcast_shapes(tuple(xf.shape[:-2]), idx.shape)
+    m = xf.shape[-2]
+    x_rows = mx.broadcast_to(xf, (*batch, m, input_dims)).reshape(-1, m, input_dims)
+    flat = np.broadcast_to(idx, batch).reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    sorted_e = flat[order]
+    parts = []
+    for g in range(0, len(used), group):
+        experts = used[g:g + group]
+        lo = np.searchsorted(sorted_e, experts[0], side="left")
+        hi = np.searchsorted(sorted_e, experts[-1], side="right")
+        local = np.searchsorted(experts, sorted_e[lo:hi]).astype(np.uint32)
+        dense = fmod.dequantize(w[mx.array(experts.astype(np.uint32))])
+        rows = x_rows[mx.array(order[lo:hi].astype(np.uint32))]
+        parts.append(mx.gather_mm(rows, dense.swapaxes(-1, -2), rhs_indices=mx.array(local),
+                                  sorted_indices=True))
+        mx.eval(parts[-1])  # free this group's dequantized weights before the next
+    y = mx.concatenate(parts, axis=0)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return y[mx.array(inverse.astype(np.uint32))].reshape(*batch, m, output_dims)
+
+
+def matmul_ops(x: mx.array, w: mx.array, fmt: str) -> mx.array:
+    """The ops path of a dense GGUF projection ``w [out, bytes]``: float32 ``x @ W.T``,
+    dequantized in output-row chunks of at most ``DEQUANT_BUDGET`` bytes."""
+    fmod = _gguf_format(fmt)
+    input_dims = w.shape[-1] // fmod.BLOCK_BYTES * fmod.BLOCK_SIZE
+    xf = x.astype(mx.float32)
+    step = max(1, DEQUANT_BUDGET // (4 * input_dims))  # output rows per step
+    parts = [xf @ fmod.dequantize(w[r:r + step]).T for r in range(0, w.shape[0], step)]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
 def _expert_rows_ops(rows: mx.array, w: QuantWeight, fmt: str, eid: mx.array) -> mx.array:
-    """``[P, out]`` float32: expert ``eid[p]`` applied to ``rows[p]`` (``[P, K]``).
-
-    Dequantizes only experts in use: for a few pairs the selected experts' rows; for many, each
-    expert in use once (a bounded chunk of experts at a time), then one sorted ``gather_mm``.
-    """
-    rows = rows.astype(mx.float32)
-    eid = eid.astype(mx.uint32)
+    """``[P, out]`` float32: expert ``eid[p]`` applied to ``rows[p]`` (``[P, K]``)."""
     p = unpack_weight(w, fmt)
     if p.layout == _MLX_MXFP4:
-        out = mx.gather_qmm(rows[:, None, :], w[0], w[1], rhs_indices=eid, transpose=True,
+        out = mx.gather_qmm(rows.astype(mx.float32)[:, None, :], w[0], w[1],
+                            rhs_indices=eid.astype(mx.uint32), transpose=True,
                             group_size=MX_GROUP, bits=4, mode="mxfp4")
         return out[:, 0, :]
-    if rows.shape[0] <= DECODE_MAX_PAIRS:
-        return (dequantize_ops(w[eid], fmt) @ rows[:, :, None])[..., 0]
-    import numpy as np
-
-    e_np = np.array(eid)
-    order = np.argsort(e_np, kind="stable")
-    sorted_e = e_np[order]
-    used = np.unique(sorted_e)
-    chunk = max(1, _OPS_DEQUANT_BUDGET // (w.shape[1] * p.k * 4))
-    parts = []
-    for c in range(0, len(used), chunk):
-        ids = used[c:c + chunk]
-        lo = np.searchsorted(sorted_e, ids[0], side="left")
-        hi = np.searchsorted(sorted_e, ids[-1], side="right")
-        dense = mx.swapaxes(dequantize_ops(w[mx.array(ids)], fmt), -1, -2)  # [c, K, out]
-        local = np.searchsorted(ids, sorted_e[lo:hi]).astype(np.uint32)
-        part = mx.gather_mm(rows[mx.array(order[lo:hi])][:, None, :], dense,
-                            rhs_indices=mx.array(local), sorted_indices=True)
-        parts.append(part[:, 0, :])
-        mx.eval(parts[-1])  # free this chunk's dequantized experts before the next
-    return mx.concatenate(parts, axis=0)[mx.array(np.argsort(order).astype(np.uint32))]
+    return switch_matmul_ops(rows[:, None, :], w, p.fmt, eid)[:, 0, :]
 
 
 def gather_qmm_native_ops(x: mx.array, w: QuantWeight, fmt: str, indices: mx.array) -> mx.array:
@@ -284,11 +371,9 @@ def gather_qmm_native_ops(x: mx.array, w: QuantWeight, fmt: str, indices: mx.arr
 def moe_gate_up_ops(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices: mx.array,
                     limit: float | None) -> mx.array:
     """Ops twin of :func:`moe_gate_up`."""
-    from ..model.moe import clamped_swiglu
-
     g = gather_qmm_native_ops(x, w1, fmt, indices)
     u = gather_qmm_native_ops(x, w3, fmt, indices)
-    return clamped_swiglu(g, u, limit or 0.0)
+    return _ops.clamped_swiglu(g, u, limit or 0.0)
 
 
 def moe_down_ops(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weights: mx.array,
@@ -342,7 +427,7 @@ def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices
         raise KernelInputError(f"x: {x.shape[1]} features, but the experts take {p1.k}")
     n = x.shape[0]
     k = _routes(indices, n)
-    if backend() == "ops":
+    if not serves(fmt):
         return moe_gate_up_ops(x, w1, w3, fmt, indices, limit)
     _check_ids(indices, p1.q.shape[0])
     idx = indices.astype(mx.uint32).reshape(-1)
@@ -378,7 +463,7 @@ def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weight
     if _routes(indices, n) != k or weights.shape != indices.shape:
         raise KernelInputError(f"indices/weights: expected [{n}, {k}], got "
                                f"{tuple(indices.shape)} and {tuple(weights.shape)}")
-    if backend() == "ops":
+    if not serves(fmt):
         return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype)
     _check_ids(indices, p2.q.shape[0])
     idx = indices.astype(mx.uint32).reshape(-1)
@@ -408,7 +493,7 @@ def gather_qmm_native(x: mx.array, w: QuantWeight, fmt: str, indices: mx.array) 
         raise KernelInputError(f"x: {x.shape[1]} features, but the experts take {p.k}")
     n = x.shape[0]
     k = _routes(indices, n)
-    if backend() == "ops":
+    if not serves(fmt):
         return gather_qmm_native_ops(x, w, fmt, indices)
     _check_ids(indices, p.q.shape[0])
     order, eid = _sort_pairs(indices.astype(mx.uint32).reshape(-1))
@@ -430,24 +515,23 @@ def moe_experts(x: mx.array, indices: mx.array, weights: mx.array, w1: Any, w3: 
                 limit: float | None) -> mx.array | None:
     """Routed experts of one layer through the fused kernels: x ``[N, D]``, indices / weights
     ``[N, k]`` -> ``[N, D]`` in x's dtype. Gate and up must share a format; down may differ
-    (ds4 q2 files: IQ2_XXS gate/up, Q2_K down). ``None`` (use the modules) on the ops path or
-    when a projection is not quantized in a kernel format."""
-    if backend() == "ops":
-        return None
+    (ds4 q2 files: IQ2_XXS gate/up, Q2_K down). ``None`` (run the expert modules, which ask
+    :func:`gguf_switch_matmul` per projection) unless kernels serve all three projections."""
     gate, up, down = (_module_weight(m) for m in (w1, w3, w2))
     if gate is None or up is None or down is None or gate[1].upper() != up[1].upper():
+        return None
+    if not (serves(gate[1]) and serves(down[1])):
         return None
     mid = moe_gate_up(x, gate[0], up[0], gate[1], indices, limit)
     return moe_down(mid, down[0], down[1], indices, weights, out_dtype=x.dtype)
 
 
 def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt: str,
-                       input_dims: int, output_dims: int,
-                       sorted_indices: bool = False) -> mx.array | None:
+                       input_dims: int, output_dims: int, sorted_indices: bool = False) -> mx.array:
     """Call site of ``GGUFSwitchLinear`` (switch-linear protocol): x ``[..., M, in]``, indices
-    broadcast against x's batch dims -> ``[..., M, out]`` in x's dtype; None on the ops path."""
-    if backend() == "ops" or fmt.upper() not in KERNEL_FORMATS:
-        return None
+    broadcast against x's batch dims -> ``[..., M, out]`` in x's dtype (kernel or ops path)."""
+    if not serves(fmt):
+        return switch_matmul_ops(x, weight, fmt, indices, sorted_indices).astype(x.dtype)
     p = unpack_weight(weight, fmt, "weight")
     _check_ids(indices, p.q.shape[0])
     batch = tuple(mx.broadcast_shapes(tuple(x.shape[:-2]), tuple(indices.shape)))
@@ -460,11 +544,11 @@ def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt:
 
 
 def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
-                output_dims: int) -> mx.array | None:
-    """Call site of ``GGUFLinear``: ``x @ W.T`` for GGUF blocks ``[out, bytes]`` (one expert of
-    the tiled kernel); None on the ops path."""
-    if backend() == "ops" or fmt.upper() not in KERNEL_FORMATS:
-        return None
+                output_dims: int) -> mx.array:
+    """Call site of ``GGUFLinear``: ``x @ W.T`` for GGUF blocks ``[out, bytes]`` in x's dtype
+    (one expert of the tiled kernel, or the ops path)."""
+    if not serves(fmt):
+        return matmul_ops(x, weight, fmt).astype(x.dtype)
     p = unpack_weight(weight[None], fmt, "weight")
     rows = x.reshape(-1, input_dims)
     n = rows.shape[0]
@@ -477,10 +561,8 @@ def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
 # ----------------------------------------------------------------------------- hyper-connections
 def hc_pre_ops(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters: int,
                eps: float, norm_eps: float) -> tuple[mx.array, mx.array, mx.array]:
-    """Ops twin of :func:`hc_pre`: the model's own HC pre (:func:`ds4mlx.model.hyper.hc_pre`)."""
-    from ..model.hyper import hc_pre as reference
-
-    return reference(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
+    """Ops twin of :func:`hc_pre`: the model's own HC pre (:func:`ds4mlx.ops.hc_pre`)."""
+    return _ops.hc_pre(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
 
 
 def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters: int, eps: float,
@@ -496,7 +578,7 @@ def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters:
         raise KernelInputError(
             f"hc_pre: with {m} streams of {d}, fn must be {(mix, m * d)}, base ({mix},), scale "
             f"(3,); got {tuple(fn.shape)}, {tuple(base.shape)}, {tuple(scale.shape)}")
-    if backend() == "ops":
+    if not serves(HC_PRE):
         return hc_pre_ops(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
     lead = h.shape[:-2]
     n = 1

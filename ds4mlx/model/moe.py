@@ -8,20 +8,10 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 from .. import kernels
 from ..config import ModelConfig
+from ..ops import clamped_swiglu
 
 # Above this many (token, expert) pairs, sort them by expert so gathers read each expert once.
 _SORT_THRESHOLD = 64
-
-
-@mx.compile
-def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
-    """SiLU(min(g, limit)) · clip(u, ±limit), in float32 (routed and shared experts alike)."""
-    gate = gate.astype(mx.float32)
-    up = up.astype(mx.float32)
-    if limit:
-        gate = mx.minimum(gate, limit)
-        up = mx.clip(up, -limit, limit)
-    return nn.silu(gate) * up
 
 
 class Gate(nn.Module):
@@ -35,7 +25,7 @@ class Gate(nn.Module):
             self.tid2eid = mx.zeros((config.vocab_size, config.num_experts_per_tok), dtype=mx.int32)
         else:
             self.bias = mx.zeros((config.n_routed_experts,))
-        self.top_k = config.experts_per_token
+        self.top_k = config.num_experts_per_tok  # the model sets the run-time top-k
         self.scale = config.routed_scaling_factor
         self.renormalize = config.norm_topk_prob
 

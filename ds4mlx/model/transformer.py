@@ -10,7 +10,7 @@ from ..config import ModelConfig
 from ..state import LayerCache
 from .attention import Attention
 from .. import kernels
-from .hyper import hc_head, hc_post
+from ..ops import hc_head, hc_post
 from .moe import MoE
 
 
@@ -71,7 +71,8 @@ def keeps_float32(path: str) -> bool:
 
 
 class Model(nn.Module):
-    def __init__(self, config: ModelConfig, *, dtype: mx.Dtype = mx.float32, qat_rounding: bool = True):
+    def __init__(self, config: ModelConfig, *, dtype: mx.Dtype = mx.float32, qat_rounding: bool = True,
+                 experts_per_token: int | None = None):
         super().__init__()
         self.config = config
         self.model_type = "deepseek_v4"
@@ -85,6 +86,7 @@ class Model(nn.Module):
         self.mtp = [MTPBlock(c, c.num_hidden_layers + j) for j in range(c.num_nextn_predict_layers)]
         self.dtype = dtype
         self.set_qat_rounding(qat_rounding)
+        self.set_experts_per_token(experts_per_token)
         self._cast_parameters(dtype)
 
     # ------------------------------------------------------------------ setup
@@ -101,10 +103,12 @@ class Model(nn.Module):
         for blk in list(self.layers) + list(self.mtp):
             blk.attn.qat_rounding = self.qat_rounding
 
-    def set_experts_per_token(self, k: int) -> None:
-        self.config.set_experts_per_token(k)
+    def set_experts_per_token(self, k: int | None, source: str = "config") -> None:
+        """Route to ``k`` experts per token (None: the file's ``num_experts_per_tok``); the
+        shared config is not touched."""
+        self.experts_per_token = self.config.check_experts_per_token(k, source)
         for blk in list(self.layers) + list(self.mtp):
-            blk.ffn.gate.top_k = self.config.experts_per_token
+            blk.ffn.gate.top_k = self.experts_per_token
 
     def make_cache(self) -> list[LayerCache]:
         """Fresh decode state: one entry per main layer, then one per MTP block."""

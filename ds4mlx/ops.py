@@ -1,6 +1,7 @@
-"""Manifold-constrained hyper-connections: ``hc_mult`` residual streams per token.
+"""Element-wise pieces shared by the model and the kernels' ops twins (below both).
 
-HC pre collapses the streams into one sublayer input and derives the mixing weights;
+Clamped SwiGLU of the experts, and the manifold-constrained hyper-connections (``hc_mult``
+residual streams per token): HC pre collapses the streams into one sublayer input and derives the mixing weights;
 HC post expands the sublayer output back; HC head collapses before the final norm.
 Everything here is float32: 20 Sinkhorn rounds with eps 1e-6 do not survive bf16.
 The steps are compiled: uncompiled, one HC pre launches ~140 tiny kernels, 86 times a token.
@@ -9,6 +10,18 @@ The steps are compiled: uncompiled, one HC pre launches ~140 tiny kernels, 86 ti
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
+
+
+@mx.compile
+def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    """SiLU(min(g, limit)) · clip(u, ±limit), in float32 (routed and shared experts alike)."""
+    gate = gate.astype(mx.float32)
+    up = up.astype(mx.float32)
+    if limit:
+        gate = mx.minimum(gate, limit)
+        up = mx.clip(up, -limit, limit)
+    return nn.silu(gate) * up
 
 
 def _mixes(h: mx.array, fn: mx.array, norm_eps: float) -> mx.array:

@@ -10,8 +10,8 @@ takes the file's bytes unchanged:
   with that ``mode`` (weights uint32, scales uint8 for the mx modes, float for affine + biases);
 * ``float`` → the module is left as built.
 
-Extension point: other layouts (GGUF-native blocks in ``ds4mlx/quant/gguf/``) call
-``register_format(kind, linear=..., switch=...)`` with builders
+GGUF-native blocks (``gguf.<TYPE>``) build the modules of :mod:`ds4mlx.layers.gguf`.
+Extension point: other layouts call ``register_format(kind, linear=..., switch=...)`` with builders
 ``linear(input_dims, output_dims, fmt) -> nn.Module`` and
 ``switch(input_dims, output_dims, num_experts, fmt) -> nn.Module``; the switch module must follow
 the switch-linear call protocol ``proj(x, indices, sorted_indices=False)``.
@@ -19,38 +19,17 @@ the switch-linear call protocol ``proj(x, indices, sorted_indices=False)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..quant.formats import WeightFormat, gguf_kind
+from . import gguf as _gguf
+
 
 class FormatError(ValueError):
     """A format cannot be applied to a module; the message names the module path."""
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """How one projection's weight is stored in memory."""
-
-    kind: str  # "float" | "mxfp8" | "mxfp4" | "affine" | a registered kind
-    bits: int | None = None
-    group_size: int | None = None
-
-    def __str__(self) -> str:
-        if self.kind == "float":
-            return "float"
-        return f"{self.kind}(bits={self.bits}, group_size={self.group_size})"
-
-
-FLOAT = WeightFormat("float")
-MXFP8 = WeightFormat("mxfp8", 8, 32)
-MXFP4 = WeightFormat("mxfp4", 4, 32)
-
-
-def affine(bits: int, group_size: int) -> WeightFormat:
-    return WeightFormat("affine", bits, group_size)
 
 
 LinearBuilder = Callable[[int, int, WeightFormat], nn.Module]
@@ -101,6 +80,9 @@ def quantized_switch_linear(input_dims: int, output_dims: int, num_experts: int,
 
 _LINEAR: dict[str, LinearBuilder] = {k: quantized_linear for k in ("mxfp8", "mxfp4", "affine")}
 _SWITCH: dict[str, SwitchBuilder] = {k: quantized_switch_linear for k in ("mxfp8", "mxfp4", "affine")}
+for _name in _gguf.BLOCK_TYPES:
+    _LINEAR[gguf_kind(_name)] = lambda i, o, f, name=_name: _gguf.GGUFLinear(i, o, name)
+    _SWITCH[gguf_kind(_name)] = lambda i, o, e, f, name=_name: _gguf.GGUFSwitchLinear(i, o, e, name)
 
 
 def register_format(kind: str, *, linear: LinearBuilder | None = None, switch: SwitchBuilder | None = None) -> None:
@@ -152,8 +134,6 @@ def make_module(module: nn.Module, fmt: WeightFormat, path: str = "") -> nn.Modu
     in_dim, out_dim, experts = _float_dims(module, path)
     if fmt.kind == "float":
         return module
-    if fmt.kind.startswith("gguf.") and fmt.kind not in _LINEAR:
-        import ds4mlx.quant.gguf.layers  # noqa: F401  (registers the GGUF-native kinds)
     builders = _LINEAR if experts is None else _SWITCH
     if fmt.kind not in builders:
         raise FormatError(f"{path}: unknown weight format {fmt.kind!r} (known: {sorted(builders)})")
