@@ -102,6 +102,13 @@ EXPERT_PROJECTIONS = ("w1", "w2", "w3")  # gate, down, up
 _PREFIX = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
 _GGUF_PREFIX = re.compile(r"^(blk|mtp)\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
+# A whole official routed-expert weight name: (``layers.3.ffn.experts``, expert, projection).
+EXPERT_WEIGHT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+
+
+def scale_name(weight_name: str) -> str:
+    """The official name of a packed weight's E8M0 scale: ``X.weight`` -> ``X.scale``."""
+    return weight_name[: -len(".weight")] + ".scale"
 
 
 class InternalName(NamedTuple):
@@ -201,7 +208,7 @@ class TensorSpec:
     def scale_name(self) -> str | None:
         if self.storage not in ("fp8", "fp4"):
             return None
-        return self.name[: -len(".weight")] + ".scale"
+        return scale_name(self.name)
 
     @property
     def scale_shape(self) -> tuple[int, ...] | None:

@@ -138,13 +138,15 @@ def build_files(out: Path) -> dict[str, Path]:
     return files
 
 
-def tree_hash(path: Path) -> str:
+def tree_hash(path: Path, base: Path) -> str:
+    """Hash of a file or folder's bytes, with the build folder's path (recorded as
+    ``converted_from`` in MLX configs) written as ``<base>``."""
     h = hashlib.sha256()
     for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
         if f.name.startswith(".") or f.suffix == ".lock":
             continue
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        h.update(f.read_bytes().replace(str(base).encode(), b"<base>"))
     return h.hexdigest()
 
 
@@ -206,7 +208,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.mode == "record":
         files = build_files(args.files)
-        hashes = {k: tree_hash(p) for k, p in files.items()}
+        hashes = {k: tree_hash(p, args.files) for k, p in files.items()}
         (args.files / "manifest.json").write_text(json.dumps(
             {"files": {k: str(p) for k, p in files.items()}, "hashes": hashes}, indent=1))
         logits = run_backends(files)
@@ -220,7 +222,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = build_files(Path(tmp) / "fresh")
         for k, p in fresh.items():
-            if tree_hash(p) != manifest["hashes"][k]:
+            if tree_hash(p, Path(tmp) / "fresh") != manifest["hashes"][k]:
                 bad.append(f"file {k}: rebuilt bytes differ from the recorded ones")
     logits = run_backends(files)
     with np.load(args.npz) as before:

@@ -31,14 +31,15 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import (ConvertError, Logical, Options, Progress, Stored, Unit, check_free_space, check_output,
-                      dequantize_stored, disk_full_error, hash_table, logical_weights, read_stored,
-                      source_nbytes, stored, _scale_name)
 from ..io.hf import HFCheckpoint
-from ..names import internal_to_gguf
+from ..names import internal_to_gguf, scale_name
 from ..quant import gguf as gguf_quants
 from ..quant.gguf import mxfp4 as gguf_mxfp4
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
+from .options import ConvertError, Options
+from .output import Progress, check_free_space, check_output, disk_full_error
+from .plan import (Logical, Stored, Unit, dequantize_stored, hash_table, logical_weights, read_stored,
+                   source_nbytes, stored)
 
 PRESETS = ("ds4-q4", "ds4-q2", "mxfp4")
 DEFAULT_PRESET = "ds4-q4"
@@ -178,7 +179,7 @@ def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None) -> GG
         nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row
 
         def job(src: str, rows: tuple[int, int] | None = None) -> EncodeJob:
-            scale = stored(ckpt, _scale_name(src)) if lw.fmt in (MXFP8, MXFP4) else None
+            scale = stored(ckpt, scale_name(src)) if lw.fmt in (MXFP8, MXFP4) else None
             return EncodeJob(qtype, lw.fmt, stored(ckpt, src), scale, src, rows)
 
         if lw.experts or len(lw.shape) < 2:

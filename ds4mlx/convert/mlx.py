@@ -1,0 +1,306 @@
+"""MLX-directory output of ``ds4mlx convert`` (``io/mlx_dir.py``), written shard by shard with a
+journal, so ``resume=True`` continues after the last finished shard.
+
+Lossless by default: FP4 experts as ``mxfp4`` and FP8 dense weights as ``mxfp8`` with the
+original bytes (``quant/mx.py``), the rest as stored; ``expert_bits`` / ``dense_bits`` ask for
+MLX affine quantization instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..io import mlx_dir
+from ..io.hf import HFCheckpoint
+from ..io.safetensors import DTYPES, SafetensorsFile
+from ..names import scale_name
+from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine
+from ..quant.mx import fp8_to_mxfp8
+from .options import ConvertError, Options
+from .output import Progress, check_free_space, check_output, disk_full_error
+from .plan import Logical, Unit, dequantize, hash_table, logical_weights, read_tensor, source_nbytes
+
+DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
+STATE_FILE = ".ds4mlx-convert.json"
+_WEIGHT_FILES = (".safetensors",)
+_SKIP_FILES = ("config.json", mlx_dir.INDEX_FILE)
+
+
+def source_fingerprint(ckpt: HFCheckpoint) -> str:
+    h = hashlib.sha256()
+    h.update((ckpt.path / "config.json").read_bytes())
+    h.update(json.dumps(ckpt.weight_map, sort_keys=True).encode())
+    for shard in sorted(set(ckpt.weight_map.values())):
+        st = (ckpt.path / shard).stat()
+        h.update(f"{shard}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def copy_side_files(source: Path, dest: Path) -> list[str]:
+    """Tokenizer, generation config, license and the like: top-level files that are not weights."""
+    copied = []
+    for f in sorted(source.iterdir()):
+        if f.is_file() and f.name not in _SKIP_FILES and not f.name.endswith(_WEIGHT_FILES):
+            shutil.copy2(f, dest / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int | None = None) -> Iterator[Any]:
+    """``map(fn, items)`` on a few threads (numpy releases the GIL), in order, with at most
+    ``workers + 1`` results alive at once so memory stays bounded."""
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _st_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+
+
+def _mx_affine(values: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 ``[out, in]`` -> MLX affine ``(w uint32, scales bf16 bits, biases bf16 bits)``."""
+    import mlx.core as mx
+
+    w, s, b = mx.quantize(mx.array(values).astype(mx.bfloat16), group_size=fmt.group_size, bits=fmt.bits)
+    return np.array(w), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))
+
+
+def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | None) -> tuple[Unit, WeightFormat]:
+    """The MLX-directory unit of one logical weight (``target``: FLOAT keeps the source's form)."""
+    lead = (len(lw.names),) if lw.experts else ()
+    src_bytes = source_nbytes(ckpt, lw.names)
+    module = lw.module
+
+    if lw.fmt == FLOAT and target == FLOAT:  # as stored (tid2eid possibly cut)
+        if lw.path.endswith(".tid2eid"):
+            shape = (lw.shape[0], k if k is not None else ckpt.file(ckpt.weight_map[lw.names[0]]).info(lw.names[0]).shape[1])
+            produce = lambda: iter([(lw.path, [hash_table(ckpt, lw.names[0], k)])])  # noqa: E731
+        else:
+            shape = lead + lw.shape
+            produce = lambda: iter([(lw.path, (read_tensor(ckpt, n) for n in lw.names))])  # noqa: E731
+        t = [(lw.path, lw.dtype, shape)]
+        return Unit(t, produce, src_bytes, _st_nbytes(lw.dtype, shape)), FLOAT
+
+    out_dim, in_dim = lw.shape
+    if target == lw.fmt and target in (MXFP8, MXFP4):  # lossless: the same codes and scale bytes
+        fmt = target
+    elif target.kind == "affine":
+        fmt = target
+    else:
+        raise ConvertError(f"{lw.path}: cannot convert {lw.fmt} to {target}")
+    w_shape = lead + (out_dim, in_dim * fmt.bits // 32)
+    s_shape = lead + (out_dim, in_dim // fmt.group_size)
+    s_dtype = "U8" if fmt.kind in ("mxfp8", "mxfp4") else "BF16"
+    tensors = [(module + ".weight", "U32", w_shape), (module + ".scales", s_dtype, s_shape)]
+    if fmt.kind == "affine":
+        tensors.append((module + ".biases", "BF16", s_shape))
+    nbytes = sum(_st_nbytes(d, s) for _, d, s in tensors)
+
+    def packed(name: str) -> tuple[np.ndarray, ...]:
+        if fmt == MXFP4:  # official FP4 bytes are already MLX mxfp4 (quant/mx.fp4_to_mxfp4)
+            return read_tensor(ckpt, name).view(np.uint8), read_tensor(ckpt, scale_name(name))
+        if fmt == MXFP8:
+            w, s = fp8_to_mxfp8(read_tensor(ckpt, name), read_tensor(ckpt, scale_name(name)), name)
+            return np.array(w), np.array(s)
+        return _mx_affine(dequantize(ckpt, lw, name), fmt)
+
+    def produce():
+        if fmt == MXFP4:  # weights then scales, straight from the source (reads run ahead of writes)
+            yield tensors[0][0], ordered_map(lambda n: read_tensor(ckpt, n).view(np.uint8), lw.names)
+            yield tensors[1][0], ordered_map(lambda n: read_tensor(ckpt, scale_name(n)), lw.names)
+            return
+        stash: list[tuple[np.ndarray, ...]] = []
+
+        def weights():
+            for n in lw.names:
+                w, *rest = packed(n)
+                stash.append(tuple(rest))
+                yield w
+
+        yield tensors[0][0], weights()
+        for i, (name, _, _) in enumerate(tensors[1:]):
+            yield name, (r[i] for r in stash)
+
+    return Unit(tensors, produce, src_bytes, nbytes), fmt
+
+
+def mlx_plan(ckpt: HFCheckpoint, opts: Options) -> tuple[list[Unit], dict[str, WeightFormat]]:
+    units, formats = [], {}
+    for lw in logical_weights(ckpt, include_mtp=opts.include_mtp):
+        target = lw.fmt
+        if lw.experts and opts.expert_bits is not None:
+            target = affine(opts.expert_bits, opts.group_size)
+        elif not lw.experts and lw.fmt != FLOAT and opts.dense_bits is not None:
+            target = affine(opts.dense_bits, opts.group_size)
+        if target.kind == "affine" and lw.shape[-1] % target.group_size:
+            raise ConvertError(f"{lw.path}: input dimension {lw.shape[-1]} is not a multiple of --group-size {target.group_size}")
+        unit, fmt = mlx_unit(ckpt, lw, target, opts.experts_per_token)
+        units.append(unit)
+        if fmt != FLOAT:
+            formats[lw.module] = fmt
+    return units, formats
+
+
+def plan_shards(units: list[Unit], max_bytes: int) -> list[list[Unit]]:
+    shards: list[list[Unit]] = [[]]
+    size = 0
+    for u in units:
+        if shards[-1] and size + u.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(u)
+        size += u.nbytes
+    return shards
+
+
+def mlx_config(ckpt: HFCheckpoint, opts: Options, formats: dict[str, WeightFormat], source: str) -> dict[str, Any]:
+    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}  # no longer HF FP8 layout
+    if opts.experts_per_token is not None:
+        config["num_experts_per_tok"] = opts.experts_per_token
+    if not (opts.include_mtp and ckpt.has_mtp):
+        config["num_nextn_predict_layers"] = 0
+    expert_fmt = next((f for p, f in formats.items() if ".ffn.experts." in p), MXFP4)
+    quant: dict[str, Any] = {"group_size": expert_fmt.group_size, "bits": expert_fmt.bits, "mode": expert_fmt.kind}
+    quant.update({p: mlx_dir.format_entry(f) for p, f in formats.items()})
+    config["quantization"] = quant
+    from .. import __version__
+
+    config[mlx_dir.FORMAT_KEY] = {
+        "format": mlx_dir.FORMAT_NAME, "version": mlx_dir.FORMAT_VERSION, "ds4mlx_version": __version__,
+        "converted_from": source, "options": opts.as_dict(),
+    }
+    return config
+
+
+def _save_state(partial: Path, state: dict) -> None:
+    tmp = partial / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, partial / STATE_FILE)
+
+
+def _load_state(partial: Path, plan_id: str) -> dict:
+    path = partial / STATE_FILE
+    if not path.is_file():
+        raise ConvertError(f"{partial}: no conversion journal ({STATE_FILE}); delete the directory and start again")
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: unreadable journal ({e}); delete {partial} and start again") from None
+    if state.get("plan_id") != plan_id:
+        raise ConvertError(
+            f"{partial}: was started from a different source or with different options; "
+            "rerun with the same ones, or delete it and start again"
+        )
+    return state
+
+
+def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *, resume: bool,
+                progress: bool, max_shard_bytes: int) -> Path:
+    partial = check_output(ckpt.path, output, resume=resume, is_dir=True)
+    units, formats = mlx_plan(ckpt, opts)
+    shards = plan_shards(units, max_shard_bytes)
+    names = [mlx_dir.shard_name(i + 1, len(shards)) for i in range(len(shards))]
+    plan = [[t for u in s for t in u.tensors] for s in shards]
+    plan_id = hashlib.sha256(json.dumps([source_fingerprint(ckpt), opts.as_dict(), plan]).encode()).hexdigest()
+
+    state = {"plan_id": plan_id, "done": {}}
+    if resume and partial.exists():
+        state = _load_state(partial, plan_id)
+        for shard in list(state["done"]):  # a finished shard must still be there, whole
+            entries = plan[names.index(shard)]
+            header, _ = mlx_dir.safetensors_header(entries)
+            f = partial / shard
+            if not f.is_file() or f.stat().st_size != len(header) + sum(_st_nbytes(d, s) for _, d, s in entries):
+                del state["done"][shard]
+        for f in partial.iterdir():  # anything else is from the unfinished shard
+            if f.name not in state["done"] and f.name != STATE_FILE:
+                f.unlink() if f.is_file() else shutil.rmtree(f)
+    else:
+        partial.mkdir()
+        _save_state(partial, state)
+
+    total = sum(u.nbytes for u in units)
+    done = sum(u.nbytes for s, n in zip(shards, names) if n in state["done"] for u in s)
+    check_free_space(partial, total - done)
+    bar = Progress(total, done, f"convert → {output.name}", progress)
+    writer = None
+    try:
+        for shard_units, name, entries in zip(shards, names, plan):
+            if name in state["done"]:
+                continue
+            writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries)
+            for u in shard_units:
+                for tensor, chunks in u.produce():
+                    writer.write_tensor(tensor, bar.track(chunks))
+            crcs = writer.finish()
+            os.replace(writer.path, partial / name)
+            writer = None
+            state["done"][name] = crcs
+            _save_state(partial, state)
+    except BaseException as exc:
+        if writer is not None:
+            writer.abort()
+        bar.close()
+        if not state["done"]:
+            shutil.rmtree(partial, ignore_errors=True)
+            where = "nothing was kept"
+        else:
+            where = f"{len(state['done'])} of {len(shards)} shards are kept in {partial}: rerun with --resume to continue, or delete it"
+        if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
+            raise ConvertError(f"{err}; {where}") from exc
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"\nconversion interrupted; {where}", file=sys.stderr)
+        raise
+    bar.close()
+
+    verify_mlx(partial, names, plan, state["done"])
+    weight_map = {t: n for n, entries in zip(names, plan) for t, _, _ in entries}
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (partial / mlx_dir.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    copy_side_files(ckpt.path, partial)
+    (partial / "config.json").write_text(json.dumps(mlx_config(ckpt, opts, formats, source), indent=2) + "\n")
+    mlx_dir.open_mlx_dir(partial).close()  # the reader accepts what we wrote
+    (partial / STATE_FILE).unlink()
+    if output.is_dir():
+        output.rmdir()
+    os.replace(partial, output)
+    return output
+
+
+def verify_mlx(partial: Path, names: list[str], plan: list[list[tuple]], crcs: dict[str, dict[str, int]]) -> None:
+    """Re-read every shard: header as planned, each tensor's bytes as written."""
+    for name, entries in zip(names, plan):
+        path = partial / name
+        with SafetensorsFile(path) as st:
+            got = [(n, st.info(n).dtype, st.info(n).shape) for n in st.keys()]
+        if sorted(got) != sorted((n, d, tuple(s)) for n, d, s in entries):
+            raise ConvertError(f"{path}: verification failed: the header does not match the plan")
+        on_disk = mlx_dir.file_crcs(path, [n for n, _, _ in entries])
+        for tensor, crc in crcs[name].items():
+            if on_disk.get(tensor) != crc:
+                raise ConvertError(f"{path}: verification failed: tensor {tensor!r} differs from what was written")

@@ -1,0 +1,159 @@
+"""The source side of a conversion: official tensors as file locations, logical weights
+(a dense tensor, or one projection of all routed experts) and the output ``Unit``s they become.
+
+Tensors are read with plain file reads (no long-lived memory map), so a worker process can
+read its own piece and resident memory stays bounded by the largest unit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..io.hf import HFCheckpoint
+from ..io.safetensors import DTYPES
+from ..names import EXPERT_WEIGHT, hf_to_internal, official_layout, scale_name
+from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
+from ..quant.mx import FP8_BLOCK, dequant_fp4_np, dequant_fp8_np
+from .options import ConvertError
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local official-format directory, ``demo``, or a Hugging Face repo id (through the hub cache)."""
+    from ..loader import resolve_model_path
+
+    path = resolve_model_path(source)
+    if not path.is_dir():
+        raise ConvertError(f"{path}: the source must be a model directory (or a Hugging Face repo id)")
+    return path
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one source tensor's bytes live: enough to read it in another process."""
+
+    path: Path
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def stored(ckpt: HFCheckpoint, name: str) -> Stored:
+    shard = ckpt.weight_map[name]
+    info = ckpt.file(shard).info(name)
+    return Stored(ckpt.path / shard, info.start, info.dtype, tuple(info.shape))
+
+
+def read_stored(s: Stored, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """The stored bits of a tensor (or of its rows ``[r0, r1)``) read into a fresh array."""
+    dtype = DTYPES[s.dtype]
+    if rows is None:
+        count = int(np.prod(s.shape, dtype=np.int64))
+        return np.fromfile(s.path, dtype=dtype, count=count, offset=s.offset).reshape(s.shape)
+    r0, r1 = rows
+    row = int(np.prod(s.shape[1:], dtype=np.int64))
+    return np.fromfile(s.path, dtype=dtype, count=(r1 - r0) * row,
+                       offset=s.offset + r0 * row * dtype.itemsize).reshape((r1 - r0,) + s.shape[1:])
+
+
+def read_tensor(ckpt: HFCheckpoint, name: str) -> np.ndarray:
+    """The stored bits of one source tensor, read into a fresh array (F8/BF16 as unsigned ints)."""
+    return read_stored(stored(ckpt, name))
+
+
+@dataclass
+class Logical:
+    """One logical weight of the source: a dense tensor, or one projection of all experts."""
+
+    path: str  # internal path (``layers.3.ffn.experts.w1.weight`` for stacked experts)
+    names: list[str]  # official names (one per expert for experts)
+    fmt: WeightFormat  # as held by the official reader: FLOAT | MXFP8 | MXFP4
+    dtype: str  # stored dtype of the weight
+    shape: tuple[int, ...]  # logical shape of one weight ([out, in] unpacked)
+    experts: bool
+
+    @property
+    def module(self) -> str:
+        return self.path[: -len(".weight")]
+
+
+def logical_weights(ckpt: HFCheckpoint, *, include_mtp: bool = True) -> list[Logical]:
+    """The source's logical weights in file-layout order, experts grouped per projection."""
+    layout = official_layout(ckpt.config)
+    groups: dict[str, Logical] = {}
+    for name, entry in ckpt.entries.items():
+        if name.startswith("mtp.") and not include_mtp:
+            continue
+        info = ckpt.file(entry.shard).info(name)
+        m = EXPERT_WEIGHT.match(name)
+        path = f"{m.group(1)}.{m.group(3)}.weight" if m else hf_to_internal(name).path
+        if path not in groups:
+            shape = layout[name].shape if name in layout else info.shape
+            groups[path] = Logical(path, [], entry.fmt, info.dtype, tuple(shape), m is not None)
+        groups[path].names.append(name)
+    for g in groups.values():
+        if g.experts:
+            g.names.sort(key=lambda n: int(EXPERT_WEIGHT.match(n).group(2)))
+    return list(groups.values())
+
+
+def dequantize(ckpt: HFCheckpoint, lw: Logical, name: str) -> np.ndarray:
+    """float32 values of one source weight (exact: FP8/FP4 codes times power-of-two scales)."""
+    scale = stored(ckpt, scale_name(name)) if lw.fmt in (MXFP8, MXFP4) else None
+    return dequantize_stored(lw.fmt, stored(ckpt, name), scale, name)
+
+
+def dequantize_stored(fmt: WeightFormat, weight: Stored, scale: Stored | None, name: str,
+                      rows: tuple[int, int] | None = None) -> np.ndarray:
+    """``dequantize`` from file locations, optionally of rows ``[r0, r1)`` only (``r0`` a
+    multiple of the FP8 scale block, 128, for FP8 weights)."""
+    raw = read_stored(weight, rows)
+    if fmt == MXFP8:
+        if rows is not None and rows[0] % FP8_BLOCK:
+            raise ValueError(f"{name}: FP8 rows must start on a {FP8_BLOCK}-row scale block, got {rows[0]}")
+        srows = None if rows is None else (rows[0] // FP8_BLOCK, -(-rows[1] // FP8_BLOCK))
+        return dequant_fp8_np(raw, read_stored(scale, srows), name)
+    if fmt == MXFP4:
+        return dequant_fp4_np(raw, read_stored(scale, rows), name)
+    return float_values(raw, weight.dtype)
+
+
+def float_values(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def source_nbytes(ckpt: HFCheckpoint, names: Iterable[str]) -> int:
+    total = 0
+    for name in names:
+        for n in (name, scale_name(name)):
+            if n in ckpt.weight_map:
+                total += ckpt.file(ckpt.weight_map[n]).info(n).nbytes
+    return total
+
+
+def hash_table(ckpt: HFCheckpoint, name: str, k: int | None) -> np.ndarray:
+    """``tid2eid`` as stored, cut to its first ``k`` columns (the 4Expert recipe), range-checked."""
+    table = read_tensor(ckpt, name)
+    n_experts = int(ckpt.config["n_routed_experts"])
+    if table.size and (table.min() < 0 or table.max() >= n_experts):
+        raise ConvertError(
+            f"{ckpt.path / ckpt.weight_map[name]}: {name} holds expert ids {table.min()}..{table.max()}, "
+            f"outside 0..{n_experts - 1}"
+        )
+    return np.ascontiguousarray(table[:, :k]) if k is not None else table
+
+
+@dataclass
+class Unit:
+    """Output tensors produced together: ``produce()`` yields ``(name, chunks)`` in ``tensors`` order."""
+
+    tensors: list[tuple[str, str, tuple[int, ...]]]  # (name, dtype, shape)
+    produce: Callable[[], Iterator[tuple[str, Iterable[np.ndarray]]]]
+    source_bytes: int
+    nbytes: int
