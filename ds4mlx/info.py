@@ -9,17 +9,17 @@ weights as stored (ds4mlx keeps the file's bytes) plus the decode state.
 from __future__ import annotations
 
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .names import is_routed_expert
+
 KINDS = (
     "embedding", "attention", "compressor", "indexer", "router", "routed experts",
     "shared expert", "hyper-connections", "norms", "output head", "MTP block",
 )
-_EXPERT_NAME = re.compile(r"\.ffn\.experts\.")
 _SCALE_SUFFIXES = (".scale", ".scales", ".biases")
 
 
@@ -43,7 +43,7 @@ def tensor_kind(name: str) -> str:
         return "output head"
     if name == "norm.weight":
         return "norms"
-    if _EXPERT_NAME.search(name):
+    if is_routed_expert(name):
         return "routed experts"
     if ".ffn.shared_experts." in name:
         return "shared expert"

@@ -27,76 +27,82 @@ class UnknownTensorName(ValueError):
 GGUF_FLAVORS = ("ds4", "llama.cpp")
 
 # --- the table ------------------------------------------------------------------------------
-# (official suffix, GGUF suffix, storage, presence)
+# (official suffix, GGUF suffix, storage, presence, ds4 type); globals have no presence
 # storage: fp8 = E4M3 weight + 128×128 E8M0 ``.scale``; fp4 = packed E2M1 ``I8`` + E8M0 per 32;
 #          bf16 / f32 / i64 = the official dtype of an unquantised tensor.
 # presence: all | compress (ratio > 0) | index (ratio == 4) | hash | score | mtp (MTP extras)
+# ds4 type: the GGML type antirez/ds4 validates for the tensor in its q2/q4 files (routed experts
+#           vary by preset: None; MTP extras are not in the main file: None)
 
 _GLOBAL = [
-    ("embed.weight", "token_embd.weight", "bf16"),
-    ("head.weight", "output.weight", "bf16"),
-    ("norm.weight", "output_norm.weight", "bf16"),
-    ("hc_head_fn", "output_hc_fn.weight", "f32"),
-    ("hc_head_base", "output_hc_base.weight", "f32"),
-    ("hc_head_scale", "output_hc_scale.weight", "f32"),
+    ("embed.weight", "token_embd.weight", "bf16", "F16"),
+    ("head.weight", "output.weight", "bf16", "Q8_0"),
+    ("norm.weight", "output_norm.weight", "bf16", "F32"),
+    ("hc_head_fn", "output_hc_fn.weight", "f32", "F16"),
+    ("hc_head_base", "output_hc_base.weight", "f32", "F32"),
+    ("hc_head_scale", "output_hc_scale.weight", "f32", "F32"),
 ]
 
 _BLOCK = [
-    ("hc_attn_fn", "hc_attn_fn.weight", "f32", "all"),
-    ("hc_attn_base", "hc_attn_base.weight", "f32", "all"),
-    ("hc_attn_scale", "hc_attn_scale.weight", "f32", "all"),
-    ("hc_ffn_fn", "hc_ffn_fn.weight", "f32", "all"),
-    ("hc_ffn_base", "hc_ffn_base.weight", "f32", "all"),
-    ("hc_ffn_scale", "hc_ffn_scale.weight", "f32", "all"),
-    ("attn_norm.weight", "attn_norm.weight", "bf16", "all"),
-    ("ffn_norm.weight", "ffn_norm.weight", "bf16", "all"),
-    ("attn.attn_sink", "attn_sinks.weight", "f32", "all"),
-    ("attn.wq_a.weight", "attn_q_a.weight", "fp8", "all"),
-    ("attn.q_norm.weight", "attn_q_a_norm.weight", "bf16", "all"),
-    ("attn.wq_b.weight", "attn_q_b.weight", "fp8", "all"),
-    ("attn.wkv.weight", "attn_kv.weight", "fp8", "all"),
-    ("attn.kv_norm.weight", "attn_kv_a_norm.weight", "bf16", "all"),
-    ("attn.wo_a.weight", "attn_output_a.weight", "fp8", "all"),
-    ("attn.wo_b.weight", "attn_output_b.weight", "fp8", "all"),
-    ("attn.compressor.ape", "attn_compressor_ape.weight", "f32", "compress"),
-    ("attn.compressor.wkv.weight", "attn_compressor_kv.weight", "bf16", "compress"),
-    ("attn.compressor.wgate.weight", "attn_compressor_gate.weight", "bf16", "compress"),
-    ("attn.compressor.norm.weight", "attn_compressor_norm.weight", "bf16", "compress"),
-    ("attn.indexer.wq_b.weight", "indexer.attn_q_b.weight", "fp8", "index"),
-    ("attn.indexer.weights_proj.weight", "indexer.proj.weight", "bf16", "index"),
-    ("attn.indexer.compressor.ape", "indexer_compressor_ape.weight", "f32", "index"),
-    ("attn.indexer.compressor.wkv.weight", "indexer_compressor_kv.weight", "bf16", "index"),
-    ("attn.indexer.compressor.wgate.weight", "indexer_compressor_gate.weight", "bf16", "index"),
-    ("attn.indexer.compressor.norm.weight", "indexer_compressor_norm.weight", "bf16", "index"),
-    ("ffn.gate.weight", "ffn_gate_inp.weight", "bf16", "all"),
-    ("ffn.gate.bias", "exp_probs_b.bias", "f32", "score"),
-    ("ffn.gate.tid2eid", "ffn_gate_tid2eid.weight", "i64", "hash"),
-    ("ffn.experts.w1.weight", "ffn_gate_exps.weight", "fp4", "all"),
-    ("ffn.experts.w3.weight", "ffn_up_exps.weight", "fp4", "all"),
-    ("ffn.experts.w2.weight", "ffn_down_exps.weight", "fp4", "all"),
-    ("ffn.shared_experts.w1.weight", "ffn_gate_shexp.weight", "fp8", "all"),
-    ("ffn.shared_experts.w3.weight", "ffn_up_shexp.weight", "fp8", "all"),
-    ("ffn.shared_experts.w2.weight", "ffn_down_shexp.weight", "fp8", "all"),
+    ("hc_attn_fn", "hc_attn_fn.weight", "f32", "all", "F16"),
+    ("hc_attn_base", "hc_attn_base.weight", "f32", "all", "F32"),
+    ("hc_attn_scale", "hc_attn_scale.weight", "f32", "all", "F32"),
+    ("hc_ffn_fn", "hc_ffn_fn.weight", "f32", "all", "F16"),
+    ("hc_ffn_base", "hc_ffn_base.weight", "f32", "all", "F32"),
+    ("hc_ffn_scale", "hc_ffn_scale.weight", "f32", "all", "F32"),
+    ("attn_norm.weight", "attn_norm.weight", "bf16", "all", "F32"),
+    ("ffn_norm.weight", "ffn_norm.weight", "bf16", "all", "F32"),
+    ("attn.attn_sink", "attn_sinks.weight", "f32", "all", "F32"),
+    ("attn.wq_a.weight", "attn_q_a.weight", "fp8", "all", "Q8_0"),
+    ("attn.q_norm.weight", "attn_q_a_norm.weight", "bf16", "all", "F32"),
+    ("attn.wq_b.weight", "attn_q_b.weight", "fp8", "all", "Q8_0"),
+    ("attn.wkv.weight", "attn_kv.weight", "fp8", "all", "Q8_0"),
+    ("attn.kv_norm.weight", "attn_kv_a_norm.weight", "bf16", "all", "F32"),
+    ("attn.wo_a.weight", "attn_output_a.weight", "fp8", "all", "Q8_0"),
+    ("attn.wo_b.weight", "attn_output_b.weight", "fp8", "all", "Q8_0"),
+    ("attn.compressor.ape", "attn_compressor_ape.weight", "f32", "compress", "F16"),
+    ("attn.compressor.wkv.weight", "attn_compressor_kv.weight", "bf16", "compress", "F16"),
+    ("attn.compressor.wgate.weight", "attn_compressor_gate.weight", "bf16", "compress", "F16"),
+    ("attn.compressor.norm.weight", "attn_compressor_norm.weight", "bf16", "compress", "F32"),
+    ("attn.indexer.wq_b.weight", "indexer.attn_q_b.weight", "fp8", "index", "F16"),
+    ("attn.indexer.weights_proj.weight", "indexer.proj.weight", "bf16", "index", "F16"),
+    ("attn.indexer.compressor.ape", "indexer_compressor_ape.weight", "f32", "index", "F16"),
+    ("attn.indexer.compressor.wkv.weight", "indexer_compressor_kv.weight", "bf16", "index", "F16"),
+    ("attn.indexer.compressor.wgate.weight", "indexer_compressor_gate.weight", "bf16", "index", "F16"),
+    ("attn.indexer.compressor.norm.weight", "indexer_compressor_norm.weight", "bf16", "index", "F32"),
+    ("ffn.gate.weight", "ffn_gate_inp.weight", "bf16", "all", "F16"),
+    ("ffn.gate.bias", "exp_probs_b.bias", "f32", "score", "F32"),
+    ("ffn.gate.tid2eid", "ffn_gate_tid2eid.weight", "i64", "hash", "I32"),
+    ("ffn.experts.w1.weight", "ffn_gate_exps.weight", "fp4", "all", None),
+    ("ffn.experts.w3.weight", "ffn_up_exps.weight", "fp4", "all", None),
+    ("ffn.experts.w2.weight", "ffn_down_exps.weight", "fp4", "all", None),
+    ("ffn.shared_experts.w1.weight", "ffn_gate_shexp.weight", "fp8", "all", "Q8_0"),
+    ("ffn.shared_experts.w3.weight", "ffn_up_shexp.weight", "fp8", "all", "Q8_0"),
+    ("ffn.shared_experts.w2.weight", "ffn_down_shexp.weight", "fp8", "all", "Q8_0"),
     # MTP extras (ds4's MTP GGUF keeps the official suffixes)
-    ("e_proj.weight", "e_proj.weight", "fp8", "mtp"),
-    ("h_proj.weight", "h_proj.weight", "fp8", "mtp"),
-    ("enorm.weight", "enorm.weight", "bf16", "mtp"),
-    ("hnorm.weight", "hnorm.weight", "bf16", "mtp"),
-    ("norm.weight", "norm.weight", "bf16", "mtp"),
-    ("hc_head_fn", "hc_head_fn.weight", "f32", "mtp"),
-    ("hc_head_base", "hc_head_base.weight", "f32", "mtp"),
-    ("hc_head_scale", "hc_head_scale.weight", "f32", "mtp"),
+    ("e_proj.weight", "e_proj.weight", "fp8", "mtp", None),
+    ("h_proj.weight", "h_proj.weight", "fp8", "mtp", None),
+    ("enorm.weight", "enorm.weight", "bf16", "mtp", None),
+    ("hnorm.weight", "hnorm.weight", "bf16", "mtp", None),
+    ("norm.weight", "norm.weight", "bf16", "mtp", None),
+    ("hc_head_fn", "hc_head_fn.weight", "f32", "mtp", None),
+    ("hc_head_base", "hc_head_base.weight", "f32", "mtp", None),
+    ("hc_head_scale", "hc_head_scale.weight", "f32", "mtp", None),
 ]
 
-_GLOBAL_TO_GGUF = {o: g for o, g, _ in _GLOBAL}
-_GLOBAL_FROM_GGUF = {g: o for o, g, _ in _GLOBAL}
-_LAYER_TO_GGUF = {o: g for o, g, _, p in _BLOCK if p != "mtp"}
-_LAYER_FROM_GGUF = {g: o for o, g, _, p in _BLOCK if p != "mtp"}
-_MTP_TO_GGUF = {o: g for o, g, _, _ in _BLOCK}
-_MTP_FROM_GGUF = {g: o for o, g, _, _ in _BLOCK}
+_GLOBAL_TO_GGUF = {o: g for o, g, _, _ in _GLOBAL}
+_GLOBAL_FROM_GGUF = {g: o for o, g, _, _ in _GLOBAL}
+_LAYER_TO_GGUF = {o: g for o, g, _, p, _ in _BLOCK if p != "mtp"}
+_LAYER_FROM_GGUF = {g: o for o, g, _, p, _ in _BLOCK if p != "mtp"}
+_MTP_TO_GGUF = {o: g for o, g, _, _, _ in _BLOCK}
+_MTP_FROM_GGUF = {g: o for o, g, _, _, _ in _BLOCK}
+
+# ds4's GGML type of every non-expert tensor of the main file, by GGUF name (globals) or suffix
+# after ``blk.N.`` (block tensors).
+DS4_GGUF_TYPES = {g: t for o, g, _, t in _GLOBAL if t} | {g: t for o, g, _, p, t in _BLOCK if t}
 
 # Projections stored as packed weight + scale in official files (and thus quantisable modules).
-QUANTIZED_WEIGHTS = frozenset(o for o, _, s, _ in _BLOCK if s in ("fp8", "fp4"))
+QUANTIZED_WEIGHTS = frozenset(o for o, _, s, _, _ in _BLOCK if s in ("fp8", "fp4"))
 EXPERT_PROJECTIONS = ("w1", "w2", "w3")  # gate, down, up
 
 _PREFIX = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
@@ -104,6 +110,17 @@ _GGUF_PREFIX = re.compile(r"^(blk|mtp)\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
 # A whole official routed-expert weight name: (``layers.3.ffn.experts``, expert, projection).
 EXPERT_WEIGHT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+
+
+def block_suffix(name: str) -> str | None:
+    """The part of an official or internal name after ``layers.N.`` / ``mtp.N.`` (None outside blocks)."""
+    m = _PREFIX.match(name)
+    return m.group(3) if m else None
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether an official or internal name belongs to the routed experts (not the shared one)."""
+    return ".ffn.experts." in name
 
 
 def scale_name(weight_name: str) -> str:
@@ -198,26 +215,11 @@ class TensorSpec:
     storage: str  # fp8 | fp4 | bf16 | f32 | i64 (the official dtype)
 
     @property
-    def stored_shape(self) -> tuple[int, ...]:
-        """Shape of the ``.weight`` bytes on disk (FP4 packs two columns per byte)."""
-        if self.storage == "fp4":
-            return self.shape[:-1] + (self.shape[-1] // 2,)
-        return self.shape
-
-    @property
     def scale_name(self) -> str | None:
+        """The ``.scale`` tensor of a packed weight (its shape: ``quant.mx.official_shapes``)."""
         if self.storage not in ("fp8", "fp4"):
             return None
         return scale_name(self.name)
-
-    @property
-    def scale_shape(self) -> tuple[int, ...] | None:
-        out_dim, in_dim = self.shape
-        if self.storage == "fp8":
-            return (-(-out_dim // 128), -(-in_dim // 128))
-        if self.storage == "fp4":
-            return (out_dim, in_dim // 32)
-        return None
 
 
 def _cfg(config: Mapping[str, Any], key: str, default: Any = None):
@@ -284,7 +286,7 @@ def official_layout(config: Mapping[str, Any]) -> dict[str, TensorSpec]:
     def add(name: str, shape: tuple[int, ...], storage: str) -> None:
         layout[name] = TensorSpec(name, tuple(int(s) for s in shape), storage)
 
-    globals_ = {o: s for o, _, s in _GLOBAL}
+    globals_ = {o: s for o, _, s, _ in _GLOBAL}
     shapes0 = {"embed.weight": (V, H), "head.weight": (V, H), "norm.weight": (H,),
                "hc_head_fn": (hc, hc * H), "hc_head_base": (hc,), "hc_head_scale": (1,)}
     add("embed.weight", shapes0["embed.weight"], globals_["embed.weight"])
@@ -298,7 +300,7 @@ def official_layout(config: Mapping[str, Any]) -> dict[str, TensorSpec]:
             "all": True, "compress": r > 0, "index": r == 4,
             "hash": layer < n_hash and not mtp, "score": not (layer < n_hash and not mtp), "mtp": mtp,
         }
-        for suffix, _, storage, where in _BLOCK:
+        for suffix, _, storage, where, _ in _BLOCK:
             if not present[where]:
                 continue
             if suffix.startswith("ffn.experts."):

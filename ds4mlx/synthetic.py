@@ -27,8 +27,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from .names import TensorSpec, official_layout
-from .io.safetensors import SafetensorsFile, bf16_bits, write_safetensors
-from .quant.mx import e2m1_encode, e4m3_encode, pack_fp4
+from .io.safetensors import SafetensorsFile, write_safetensors
+from .quant.codecs import FP8_WEIGHT_BLOCK, MX_GROUP, bf16_encode, e2m1_encode, e4m3_encode, e8m0_decode
+from .quant.mx import fp8_scale_shape, pack_fp4
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -140,10 +141,10 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 def _fp8(rng: np.random.Generator, shape: tuple[int, int], std: float) -> tuple[np.ndarray, np.ndarray]:
     """E4M3 codes ≈ N(0, std²) with a different E8M0 byte per 128×128 block."""
     out_dim, in_dim = shape
-    grid = (-(-out_dim // 128), -(-in_dim // 128))
     base = 127 + round(math.log2(std / 8.0))  # typical |code value| ≈ 8: fine mantissa use
-    scale = (base + rng.integers(-1, 2, size=grid)).astype(np.uint8)
-    s_full = np.exp2(scale.astype(np.float32) - 127)[np.arange(out_dim)[:, None] // 128, np.arange(in_dim)[None, :] // 128]
+    scale = (base + rng.integers(-1, 2, size=fp8_scale_shape(out_dim, in_dim))).astype(np.uint8)
+    s_full = e8m0_decode(scale)[np.arange(out_dim)[:, None] // FP8_WEIGHT_BLOCK,
+                                np.arange(in_dim)[None, :] // FP8_WEIGHT_BLOCK]
     codes = e4m3_encode(rng.standard_normal(shape, dtype=np.float32) * std / s_full)
     return codes, scale
 
@@ -152,8 +153,8 @@ def _fp4(rng: np.random.Generator, shape: tuple[int, int], std: float) -> tuple[
     """Packed E2M1 codes ≈ N(0, std²) with a different E8M0 byte per (row, 32 inputs)."""
     out_dim, in_dim = shape
     base = 127 + round(math.log2(std / 1.5))
-    scale = (base + rng.integers(-1, 2, size=(out_dim, in_dim // 32))).astype(np.uint8)
-    s_full = np.repeat(np.exp2(scale.astype(np.float32) - 127), 32, axis=-1)
+    scale = (base + rng.integers(-1, 2, size=(out_dim, in_dim // MX_GROUP))).astype(np.uint8)
+    s_full = np.repeat(e8m0_decode(scale), MX_GROUP, axis=-1)
     codes = e2m1_encode(rng.standard_normal(shape, dtype=np.float32) * std / s_full)
     return pack_fp4(codes), scale
 
@@ -205,7 +206,7 @@ def checkpoint_tensors(config: dict[str, Any], seed: int = 0) -> Iterator[tuple[
             mean, std = _float_std(name, spec)
             values = (mean + std * rng.standard_normal(spec.shape)).astype(np.float32)
             if spec.storage == "bf16":
-                yield name, "BF16", bf16_bits(values)
+                yield name, "BF16", bf16_encode(values)
             else:
                 yield name, "F32", values
 

@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds4mlx.io.mlx_dir import ShardWriter  # noqa: E402
 from ds4mlx.names import official_layout  # noqa: E402
-from ds4mlx.io.safetensors import DTYPES, bf16_bits  # noqa: E402
+from ds4mlx.io.safetensors import DTYPES  # noqa: E402
+from ds4mlx.quant.codecs import bf16_encode  # noqa: E402
+from ds4mlx.quant.mx import official_shapes  # noqa: E402
 from ds4mlx.synthetic import INDEX_FILE, tiny_config  # noqa: E402
 
 SHARD_BYTES = 1 << 30
@@ -49,10 +51,10 @@ def entries(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype, stored shape) of every tensor, in file order."""
     out = []
     for name, spec in official_layout(config).items():
-        if spec.storage == "fp8":
-            out += [(name, "F8_E4M3", spec.shape), (spec.scale_name, "F8_E8M0", spec.scale_shape)]
-        elif spec.storage == "fp4":
-            out += [(name, "I8", spec.stored_shape), (spec.scale_name, "F8_E8M0", spec.scale_shape)]
+        stored_shape, scale_shape = official_shapes(spec.storage, spec.shape)
+        if spec.storage in ("fp8", "fp4"):
+            out += [(name, "F8_E4M3" if spec.storage == "fp8" else "I8", stored_shape),
+                    (spec.scale_name, "F8_E8M0", scale_shape)]
         elif spec.storage == "i64":
             out.append((name, "I64", spec.shape))
         else:
@@ -78,7 +80,7 @@ def values(rng: np.random.Generator, name: str, dtype: str, shape, n_experts: in
     x = rng.standard_normal(shape, dtype=np.float32) * (0.1 if name.endswith("_fn") else 0.02)
     if name.endswith("norm.weight") or name.endswith("_scale"):
         x += 1.0
-    return bf16_bits(x) if dtype == "BF16" else x
+    return bf16_encode(x) if dtype == "BF16" else x
 
 
 def write_source(path: Path, config: dict, seed: int = 0) -> int:

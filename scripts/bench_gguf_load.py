@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from ds4mlx.io.gguf import write_gguf  # noqa: E402
+from ds4mlx.convert.gguf_writer import write_gguf  # noqa: E402
 from ds4mlx.names import internal_to_gguf  # noqa: E402
 from ds4mlx.quant import gguf as fmts  # noqa: E402
 from ds4mlx.synthetic import tiny_config  # noqa: E402

@@ -18,7 +18,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 import ds4mlx
 from ds4mlx.config import ModelConfig
-from ds4mlx.io.gguf import GGUFError, hf_config_from_gguf, write_gguf
+from ds4mlx.convert.gguf_writer import write_gguf
+from ds4mlx.io.gguf import GGUFError, hf_config_from_gguf
 from ds4mlx.loader import load_gguf
 from ds4mlx.io.gguf_file import open_gguf
 from ds4mlx.names import gguf_to_internal, hf_to_internal, internal_to_gguf, official_layout

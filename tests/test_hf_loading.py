@@ -17,7 +17,8 @@ import ds4mlx
 from ds4mlx.config import ConfigError
 from ds4mlx.io.hf import CheckpointError, open_hf_checkpoint, read_config
 from ds4mlx.names import UnknownTensorName, gguf_to_internal, hf_to_internal, internal_to_gguf, internal_to_hf
-from ds4mlx.io.safetensors import SafetensorsError, SafetensorsFile, bf16_to_float32, write_safetensors
+from ds4mlx.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
+from ds4mlx.quant.codecs import bf16_decode
 from ds4mlx.loader import ModelNotFoundError
 from ds4mlx.layers import FormatError, apply_formats
 from ds4mlx.quant.formats import MXFP4, MXFP8, WeightFormat, affine
@@ -38,7 +39,7 @@ def _read(ckpt: Path, name: str) -> np.ndarray:
 
 def _float_value(ckpt: Path, name: str) -> np.ndarray:
     a = _read(ckpt, name)
-    return bf16_to_float32(a) if a.dtype == np.uint16 else a
+    return bf16_decode(a) if a.dtype == np.uint16 else a
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_fp8_ties_go_to_even():
 
 
 def test_fp4_roundtrip_matches_definition():
-    grid = np.array(qat.E2M1_VALUES)
+    grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)  # the e2m1 magnitudes
     codes = np.concatenate([np.arange(8), np.arange(8) + 8])
     vals = np.concatenate([grid, -grid])
     rng = np.random.default_rng(1)

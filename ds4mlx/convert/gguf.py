@@ -1,11 +1,12 @@
-"""GGUF output of ``ds4mlx convert``: the preset type tables and the streaming GGUF writer.
+"""GGUF output of ``ds4mlx convert``: the preset type tables and the encode jobs (the file is
+written by ``gguf_writer``).
 
 Tensor names and shapes are the ``deepseek4`` layout that antirez's ds4 and llama.cpp share
-(``io/names.py``; gguf_layouts.md §2–3). Presets choose the GGML type of every tensor:
+(``names.py``, which also holds ds4's type of each tensor). Presets choose the GGML type of
+every tensor:
 
-* ``ds4-q4`` / ``ds4-q2`` — exactly the types ds4 validates (``weights_validate_layout``,
-  gguf_layouts.md §2.2–2.3): Q8_0 attention projections, shared experts and head; F16 embedding,
-  router, HC mixers, compressor and indexer (incl. the FP8 indexer ``wq_b``); F32 1-D tensors;
+* ``ds4-q4`` / ``ds4-q2`` — exactly the types ds4 validates (``weights_validate_layout``):
+  Q8_0 attention projections, shared experts and head; F16 embedding, router, HC mixers, compressor and indexer (incl. the FP8 indexer ``wq_b``); F32 1-D tensors;
   I32 hash tables; routed experts Q4_K (q4) or IQ2_XXS gate/up + Q2_K down (q2). IQ2_XXS uses
   ds4's importance without an imatrix: Σ row² per input column of each expert.
 * ``mxfp4`` — lossless: experts repacked to GGML MXFP4 (same codes and E8M0 bytes), FP8
@@ -32,10 +33,13 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from ..io.hf import HFCheckpoint
-from ..names import internal_to_gguf, scale_name
+from ..io.gguf_file import GGUFError
+from ..names import DS4_GGUF_TYPES, internal_to_gguf, scale_name
 from ..quant import gguf as gguf_quants
 from ..quant.gguf import mxfp4 as gguf_mxfp4
+from ..quant.codecs import FP8_WEIGHT_BLOCK, bf16_decode
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
+from .gguf_writer import TensorEntry, stream_gguf
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error
 from .plan import (Logical, Stored, Unit, dequantize_stored, hash_table, logical_weights, read_stored,
@@ -50,26 +54,6 @@ EXPERT_TYPES = {
     "mxfp4": {"w1": "MXFP4", "w3": "MXFP4", "w2": "MXFP4"},
 }
 
-# ds4's type for every non-expert tensor, by GGUF name (the suffix after ``blk.N.``).
-DS4_TYPES = {
-    "token_embd.weight": "F16", "output.weight": "Q8_0", "output_norm.weight": "F32",
-    "output_hc_fn.weight": "F16", "output_hc_base.weight": "F32", "output_hc_scale.weight": "F32",
-    "hc_attn_fn.weight": "F16", "hc_attn_scale.weight": "F32", "hc_attn_base.weight": "F32",
-    "hc_ffn_fn.weight": "F16", "hc_ffn_scale.weight": "F32", "hc_ffn_base.weight": "F32",
-    "attn_norm.weight": "F32", "ffn_norm.weight": "F32",
-    "attn_q_a.weight": "Q8_0", "attn_q_a_norm.weight": "F32", "attn_q_b.weight": "Q8_0",
-    "attn_kv.weight": "Q8_0", "attn_kv_a_norm.weight": "F32", "attn_sinks.weight": "F32",
-    "attn_output_a.weight": "Q8_0", "attn_output_b.weight": "Q8_0",
-    "attn_compressor_ape.weight": "F16", "attn_compressor_kv.weight": "F16",
-    "attn_compressor_gate.weight": "F16", "attn_compressor_norm.weight": "F32",
-    "indexer.attn_q_b.weight": "F16", "indexer.proj.weight": "F16",
-    "indexer_compressor_ape.weight": "F16", "indexer_compressor_kv.weight": "F16",
-    "indexer_compressor_gate.weight": "F16", "indexer_compressor_norm.weight": "F32",
-    "ffn_gate_inp.weight": "F16", "exp_probs_b.bias": "F32", "ffn_gate_tid2eid.weight": "I32",
-    "ffn_gate_shexp.weight": "Q8_0", "ffn_up_shexp.weight": "Q8_0", "ffn_down_shexp.weight": "Q8_0",
-}
-
-
 def _suffix(gguf_name: str) -> str:
     parts = gguf_name.split(".", 2)
     return parts[2] if parts[0] == "blk" else gguf_name
@@ -80,7 +64,7 @@ def tensor_type(preset: str, lw: Logical, gguf_name: str) -> str:
     if lw.experts:
         return EXPERT_TYPES[preset][lw.path.split(".")[-2]]
     if preset != "mxfp4":
-        return DS4_TYPES[_suffix(gguf_name)]
+        return DS4_GGUF_TYPES[_suffix(gguf_name)]
     if lw.path.endswith(".tid2eid"):
         return "I32"
     if len(lw.shape) == 1:
@@ -92,7 +76,7 @@ def tensor_type(preset: str, lw: Logical, gguf_name: str) -> str:
 
 def _exact_bf16(values: np.ndarray, name: str) -> np.ndarray:
     bits = gguf_quants.BF16.quantize(values)
-    back = (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(values.shape)
+    back = bf16_decode(bits.view(np.uint16)).reshape(values.shape)
     if not np.array_equal(back, values):
         raise ConvertError(f"{name}: FP8 values are not exact in BF16 (scale out of range); use another preset")
     return bits
@@ -103,7 +87,7 @@ CHEAP_TYPES = ("I32", "F32", "F16", "BF16", "MXFP4")
 # Dense tensors are encoded in row chunks of about this many weights (experts: one per job), so
 # large ones (the head, the embedding) spread over the workers and never sit whole in memory.
 CHUNK_WEIGHTS = 1 << 23
-ROW_ALIGN = 128  # chunks start on an FP8 scale block
+ROW_ALIGN = FP8_WEIGHT_BLOCK  # chunks start on an FP8 scale block
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
@@ -282,71 +266,18 @@ def tokenizer_fields(source: Path) -> dict[str, Any] | None:
 
 def write_stream(path: Path, config: dict[str, Any], units: list[GGUFUnit], tokenizer: dict[str, Any] | None,
                  bar: Progress, jobs: int = 1) -> dict[str, int]:
-    """Write the GGUF header from the plan, then each tensor's bytes as they are produced
-    (by ``jobs`` worker processes, in plan order). Returns the CRC-32 of every tensor's data
-    for the verification pass."""
-    import zlib
-
-    from ..io.mlx_dir import write_bytes
-
-    writer = metadata_writer(path, config, tokenizer)
-    crcs = {}
+    """Write the GGUF from the plan, each tensor's bytes as they are produced (by ``jobs``
+    worker processes, in plan order). Returns the CRC-32 of every tensor's data for the
+    verification pass."""
+    entries = [TensorEntry(name, qtype, tuple(shape), u.nbytes) for u in units for name, qtype, shape in u.tensors]
     encoded = run_items((item for u in units for item in u.items), jobs)
+    data = (bar.track(islice(encoded, len(u.items))) for u in units for _ in u.tensors)
     try:
-        for u in units:
-            for name, qtype, shape in u.tensors:
-                writer.add_tensor_info(name, shape, np.dtype(np.float32), u.nbytes,
-                                       raw_dtype=gguf_type_id(qtype))
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        f = writer.fout[0]
-        for u in units:
-            for name, _, _ in u.tensors:
-                chunks = islice(encoded, len(u.items))
-                write_bytes(f, memoryview(b"\0" * (-f.tell() % writer.data_alignment)))
-                crc, done = 0, 0
-                for chunk in bar.track(chunks):
-                    buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
-                    write_bytes(f, buf)
-                    crc = zlib.crc32(buf, crc)
-                    done += len(buf)
-                if done != u.nbytes:
-                    raise ConvertError(f"{path}: tensor {name!r} produced {done} bytes, expected {u.nbytes}")
-                crcs[name] = crc
-        write_bytes(f, memoryview(b"\0" * (-f.tell() % writer.data_alignment)))
-        f.flush()
-        os.fsync(f.fileno())
+        return stream_gguf(path, config, entries, data, tokenizer=tokenizer)
+    except GGUFError as e:
+        raise ConvertError(str(e)) from None
     finally:
         encoded.close()  # stops the workers now, also on errors
-        writer.close()
-    return crcs
-
-
-def metadata_writer(path: Path, config: dict[str, Any], tokenizer: dict[str, Any] | None):
-    """A ``gguf.GGUFWriter`` holding the ``deepseek4`` metadata of ``io/gguf.py`` and the tokenizer."""
-    from gguf import GGUFValueType, GGUFWriter
-
-    from ..io.gguf import ARCH, gguf_metadata
-
-    writer = GGUFWriter(str(path), ARCH)
-    writer.add_name("DeepSeek-V4-Flash")
-    for key, value, vtype in gguf_metadata(config):
-        if vtype == GGUFValueType.ARRAY:
-            writer.add_array(key, list(value))
-        else:
-            writer.add_key_value(key, value, vtype)
-    if tokenizer:
-        from ..tokenizer import add_tokenizer_to_gguf
-
-        add_tokenizer_to_gguf(writer, tokenizer)
-    return writer
-
-
-def gguf_type_id(qtype: str) -> int:
-    from gguf import GGMLQuantizationType
-
-    return int(GGMLQuantizationType[qtype])
 
 
 def verify_gguf(path: Path, units: list[Unit], crcs: dict[str, int]) -> None:

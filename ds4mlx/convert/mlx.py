@@ -21,8 +21,8 @@ import numpy as np
 from ..io import mlx_dir
 from ..io.hf import HFCheckpoint
 from ..io.safetensors import DTYPES, SafetensorsFile
-from ..names import scale_name
-from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine
+from ..names import is_routed_expert, scale_name
+from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_shapes
 from ..quant.mx import fp8_to_mxfp8
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error
@@ -106,15 +106,13 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
         t = [(lw.path, lw.dtype, shape)]
         return Unit(t, produce, src_bytes, _st_nbytes(lw.dtype, shape)), FLOAT
 
-    out_dim, in_dim = lw.shape
     if target == lw.fmt and target in (MXFP8, MXFP4):  # lossless: the same codes and scale bytes
         fmt = target
     elif target.kind == "affine":
         fmt = target
     else:
         raise ConvertError(f"{lw.path}: cannot convert {lw.fmt} to {target}")
-    w_shape = lead + (out_dim, in_dim * fmt.bits // 32)
-    s_shape = lead + (out_dim, in_dim // fmt.group_size)
+    w_shape, s_shape = packed_shapes(fmt, lead + lw.shape)
     s_dtype = "U8" if fmt.kind in ("mxfp8", "mxfp4") else "BF16"
     tensors = [(module + ".weight", "U32", w_shape), (module + ".scales", s_dtype, s_shape)]
     if fmt.kind == "affine":
@@ -184,7 +182,7 @@ def mlx_config(ckpt: HFCheckpoint, opts: Options, formats: dict[str, WeightForma
         config["num_experts_per_tok"] = opts.experts_per_token
     if not (opts.include_mtp and ckpt.has_mtp):
         config["num_nextn_predict_layers"] = 0
-    expert_fmt = next((f for p, f in formats.items() if ".ffn.experts." in p), MXFP4)
+    expert_fmt = next((f for p, f in formats.items() if is_routed_expert(p)), MXFP4)
     quant: dict[str, Any] = {"group_size": expert_fmt.group_size, "bits": expert_fmt.bits, "mode": expert_fmt.kind}
     quant.update({p: mlx_dir.format_entry(f) for p, f in formats.items()})
     config["quantization"] = quant

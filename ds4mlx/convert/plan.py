@@ -14,11 +14,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..io.checks import check_expert_ids
 from ..io.hf import HFCheckpoint
 from ..io.safetensors import DTYPES
 from ..names import EXPERT_WEIGHT, hf_to_internal, official_layout, scale_name
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
-from ..quant.mx import FP8_BLOCK, dequant_fp4_np, dequant_fp8_np
+from ..quant.codecs import FP8_WEIGHT_BLOCK, bf16_decode
+from ..quant.mx import dequant_fp4_np, dequant_fp8_np
 from .options import ConvertError
 
 
@@ -113,9 +115,9 @@ def dequantize_stored(fmt: WeightFormat, weight: Stored, scale: Stored | None, n
     multiple of the FP8 scale block, 128, for FP8 weights)."""
     raw = read_stored(weight, rows)
     if fmt == MXFP8:
-        if rows is not None and rows[0] % FP8_BLOCK:
-            raise ValueError(f"{name}: FP8 rows must start on a {FP8_BLOCK}-row scale block, got {rows[0]}")
-        srows = None if rows is None else (rows[0] // FP8_BLOCK, -(-rows[1] // FP8_BLOCK))
+        if rows is not None and rows[0] % FP8_WEIGHT_BLOCK:
+            raise ValueError(f"{name}: FP8 rows must start on a {FP8_WEIGHT_BLOCK}-row scale block, got {rows[0]}")
+        srows = None if rows is None else (rows[0] // FP8_WEIGHT_BLOCK, -(-rows[1] // FP8_WEIGHT_BLOCK))
         return dequant_fp8_np(raw, read_stored(scale, srows), name)
     if fmt == MXFP4:
         return dequant_fp4_np(raw, read_stored(scale, rows), name)
@@ -123,9 +125,7 @@ def dequantize_stored(fmt: WeightFormat, weight: Stored, scale: Stored | None, n
 
 
 def float_values(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
+    return bf16_decode(raw) if dtype == "BF16" else raw.astype(np.float32)
 
 
 def source_nbytes(ckpt: HFCheckpoint, names: Iterable[str]) -> int:
@@ -140,12 +140,8 @@ def source_nbytes(ckpt: HFCheckpoint, names: Iterable[str]) -> int:
 def hash_table(ckpt: HFCheckpoint, name: str, k: int | None) -> np.ndarray:
     """``tid2eid`` as stored, cut to its first ``k`` columns (the 4Expert recipe), range-checked."""
     table = read_tensor(ckpt, name)
-    n_experts = int(ckpt.config["n_routed_experts"])
-    if table.size and (table.min() < 0 or table.max() >= n_experts):
-        raise ConvertError(
-            f"{ckpt.path / ckpt.weight_map[name]}: {name} holds expert ids {table.min()}..{table.max()}, "
-            f"outside 0..{n_experts - 1}"
-        )
+    check_expert_ids(table, int(ckpt.config["n_routed_experts"]), f"{ckpt.path / ckpt.weight_map[name]}: {name}",
+                     ConvertError)
     return np.ascontiguousarray(table[:, :k]) if k is not None else table
 
 

@@ -1,6 +1,6 @@
-"""DeepSeek V4 GGUF files (antirez/ds4 and upstream llama.cpp ``deepseek4``) -> config and tensors, and back.
+"""DeepSeek V4 GGUF files (antirez/ds4 and upstream llama.cpp ``deepseek4``) -> config and tensors.
 
-* ``hf_config_from_gguf``: the ``deepseek4.*`` metadata (gguf_layouts.md §1.2) as an HF-style
+* ``hf_config_from_gguf``: the ``deepseek4.*`` metadata as an HF-style
   config dict; the routed top-k is ``deepseek4.expert_used_count``, checked against the width of
   the hash tables (``ffn_gate_tid2eid``, ne ``[k, vocab]``), which may be wider (cut to k), never
   narrower.
@@ -10,8 +10,7 @@
   ``mxfp4`` (exact); other block types stay as native GGUF blocks in ``GGUFLinear`` /
   ``GGUFSwitchLinear`` (routed experts are never dequantized in memory). Quantized tensors that
   are not projections (embedding, router, HC mixers, ...) are dequantized exactly to float.
-* ``write_gguf``: a GGUF with this metadata and given tensors, via gguf-py's ``GGUFWriter``,
-  written under a temporary name and renamed when complete.
+* ``gguf_metadata``: the same keys from a config, for the writer (``convert/gguf_writer.py``).
 """
 
 from __future__ import annotations
@@ -24,60 +23,71 @@ from typing import Any, Mapping
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType, Keys
 
 from ..quant import gguf as qgguf
 from ..quant.formats import MXFP4, WeightFormat, affine, gguf_kind
 from ..quant.gguf import mxfp4, q8_0
-from .gguf_file import PLAIN_DTYPES, GGUFError, GGUFFile, TensorInfo, open_gguf
-from ..names import QUANTIZED_WEIGHTS, UnknownTensorName, internal_to_gguf
+from .checks import check_expert_ids, hash_table_fits
+from .gguf_file import INT_TYPES, PLAIN_DTYPES, GGUFError, GGUFFile, TensorInfo, open_gguf
+from ..names import QUANTIZED_WEIGHTS, UnknownTensorName, block_suffix, internal_to_gguf
 
 ARCH = "deepseek4"
 T = GGMLQuantizationType
 _FLOAT_TYPES = {T.F32: mx.float32, T.F16: mx.float16, T.BF16: mx.bfloat16}
-_INT_TYPES = (T.I8, T.I16, T.I32, T.I64)
 TID2EID = "ffn_gate_tid2eid.weight"
 SQRTSOFTPLUS = 4  # llama.cpp's expert_gating_func enum value
 
-# (metadata key under "deepseek4.", HF config key, GGUF type); the first block is required
+
+def _key(template: str) -> str:
+    return template.format(arch=ARCH)
+
+
+# (metadata key, HF config key, GGUF type); the first block is required. Keys come from
+# gguf-py's ``Keys`` where it has them; the rest are ds4's ``deepseek4.*`` additions.
 _REQUIRED_KEYS = [
-    ("block_count", "num_hidden_layers", "u32"),
-    ("embedding_length", "hidden_size", "u32"),
-    ("vocab_size", "vocab_size", "u32"),
-    ("attention.head_count", "num_attention_heads", "u32"),
-    ("attention.key_length", "head_dim", "u32"),
-    ("rope.dimension_count", "qk_rope_head_dim", "u32"),
-    ("attention.q_lora_rank", "q_lora_rank", "u32"),
-    ("attention.output_group_count", "o_groups", "u32"),
-    ("attention.output_lora_rank", "o_lora_rank", "u32"),
-    ("attention.sliding_window", "sliding_window", "u32"),
-    ("attention.compress_ratios", "compress_ratios", "i32[]"),
-    ("expert_count", "n_routed_experts", "u32"),
-    ("expert_feed_forward_length", "moe_intermediate_size", "u32"),
-    ("hash_layer_count", "num_hash_layers", "u32"),
+    (_key(Keys.LLM.BLOCK_COUNT), "num_hidden_layers", "u32"),
+    (_key(Keys.LLM.EMBEDDING_LENGTH), "hidden_size", "u32"),
+    (_key(Keys.LLM.VOCAB_SIZE), "vocab_size", "u32"),
+    (_key(Keys.Attention.HEAD_COUNT), "num_attention_heads", "u32"),
+    (_key(Keys.Attention.KEY_LENGTH), "head_dim", "u32"),
+    (_key(Keys.Rope.DIMENSION_COUNT), "qk_rope_head_dim", "u32"),
+    (_key(Keys.Attention.Q_LORA_RANK), "q_lora_rank", "u32"),
+    (_key("{arch}.attention.output_group_count"), "o_groups", "u32"),
+    (_key("{arch}.attention.output_lora_rank"), "o_lora_rank", "u32"),
+    (_key(Keys.Attention.SLIDING_WINDOW), "sliding_window", "u32"),
+    (_key("{arch}.attention.compress_ratios"), "compress_ratios", "i32[]"),
+    (_key(Keys.LLM.EXPERT_COUNT), "n_routed_experts", "u32"),
+    (_key(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH), "moe_intermediate_size", "u32"),
+    (_key("{arch}.hash_layer_count"), "num_hash_layers", "u32"),
 ]
 _OPTIONAL_KEYS = [
-    ("context_length", "max_position_embeddings", "u32"),
-    ("attention.head_count_kv", "num_key_value_heads", "u32"),
-    ("expert_shared_count", "n_shared_experts", "u32"),
-    ("attention.indexer.head_count", "index_n_heads", "u32"),
-    ("attention.indexer.key_length", "index_head_dim", "u32"),
-    ("attention.indexer.top_k", "index_topk", "u32"),
-    ("hyper_connection.count", "hc_mult", "u32"),
-    ("hyper_connection.sinkhorn_iterations", "hc_sinkhorn_iters", "u32"),
-    ("hyper_connection.epsilon", "hc_eps", "f32"),
-    ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "f32"),
-    ("rope.freq_base", "rope_theta", "f32"),
-    ("attention.compress_rope_freq_base", "compress_rope_theta", "f32"),
-    ("expert_weights_scale", "routed_scaling_factor", "f32"),
-    ("expert_weights_norm", "norm_topk_prob", "bool"),
+    (_key(Keys.LLM.CONTEXT_LENGTH), "max_position_embeddings", "u32"),
+    (_key(Keys.Attention.HEAD_COUNT_KV), "num_key_value_heads", "u32"),
+    (_key(Keys.LLM.EXPERT_SHARED_COUNT), "n_shared_experts", "u32"),
+    (_key("{arch}.attention.indexer.head_count"), "index_n_heads", "u32"),
+    (_key("{arch}.attention.indexer.key_length"), "index_head_dim", "u32"),
+    (_key("{arch}.attention.indexer.top_k"), "index_topk", "u32"),
+    (_key("{arch}.hyper_connection.count"), "hc_mult", "u32"),
+    (_key("{arch}.hyper_connection.sinkhorn_iterations"), "hc_sinkhorn_iters", "u32"),
+    (_key("{arch}.hyper_connection.epsilon"), "hc_eps", "f32"),
+    (_key(Keys.Attention.LAYERNORM_RMS_EPS), "rms_norm_eps", "f32"),
+    (_key(Keys.Rope.FREQ_BASE), "rope_theta", "f32"),
+    (_key("{arch}.attention.compress_rope_freq_base"), "compress_rope_theta", "f32"),
+    (_key(Keys.LLM.EXPERT_WEIGHTS_SCALE), "routed_scaling_factor", "f32"),
+    (_key(Keys.LLM.EXPERT_WEIGHTS_NORM), "norm_topk_prob", "bool"),
 ]
 _ROPE_KEYS = [  # rope.scaling.* -> HF rope_scaling
-    ("rope.scaling.factor", "factor", "f32"),
-    ("rope.scaling.original_context_length", "original_max_position_embeddings", "u32"),
-    ("rope.scaling.yarn_beta_fast", "beta_fast", "f32"),
-    ("rope.scaling.yarn_beta_slow", "beta_slow", "f32"),
+    (_key(Keys.Rope.SCALING_FACTOR), "factor", "f32"),
+    (_key(Keys.Rope.SCALING_ORIG_CTX_LEN), "original_max_position_embeddings", "u32"),
+    (_key(Keys.Rope.SCALING_YARN_BETA_FAST), "beta_fast", "f32"),
+    (_key(Keys.Rope.SCALING_YARN_BETA_SLOW), "beta_slow", "f32"),
 ]
+VALUE_LENGTH = _key(Keys.Attention.VALUE_LENGTH)
+EXPERT_USED_COUNT = _key(Keys.LLM.EXPERT_USED_COUNT)
+EXPERT_GATING_FUNC = _key(Keys.LLM.EXPERT_GATING_FUNC)
+SWIGLU_CLAMP_EXP = _key(Keys.LLM.SWIGLU_CLAMP_EXP)
+ROPE_SCALING_TYPE = _key(Keys.Rope.SCALING_TYPE)
 
 
 # --------------------------------------------------------------------------- metadata -> config
@@ -111,59 +121,57 @@ def hf_config_from_gguf(gf: GGUFFile, *, tensors: Mapping[str, TensorInfo] | Non
     arch = gf.architecture
     if arch != ARCH:
         raise GGUFError(
-            f"{source}: general.architecture is {arch!r}, expected {ARCH!r} (DeepSeek V4 Flash)"
+            f"{source}: {Keys.General.ARCHITECTURE} is {arch!r}, expected {ARCH!r} (DeepSeek V4 Flash)"
         )
-    p = ARCH + "."
-    missing = [p + k for k, _, _ in _REQUIRED_KEYS if p + k not in f]
+    missing = [k for k, _, _ in _REQUIRED_KEYS if k not in f]
     if missing:
         raise GGUFError(f"{source}: metadata key {missing[0]!r} is missing"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     d: dict[str, Any] = {"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"]}
     for key, hf_key, kind in _REQUIRED_KEYS + _OPTIONAL_KEYS:
-        if p + key in f:
-            d[hf_key] = _read_key(f, p + key, kind, source)
-    if p + "attention.value_length" in f:
-        v = _read_key(f, p + "attention.value_length", "u32", source)
+        if key in f:
+            d[hf_key] = _read_key(f, key, kind, source)
+    if VALUE_LENGTH in f:
+        v = _read_key(f, VALUE_LENGTH, "u32", source)
         if v != d["head_dim"]:
-            raise GGUFError(f"{source}: {p}attention.value_length = {v} differs from key_length "
+            raise GGUFError(f"{source}: {VALUE_LENGTH} = {v} differs from key_length "
                             f"{d['head_dim']} (K and V share one head here)")
-    clamp = f.get(p + "swiglu_clamp_exp")
+    clamp = f.get(SWIGLU_CLAMP_EXP)
     if clamp is not None:
         values = np.atleast_1d(np.asarray(clamp, dtype=np.float64))
         if values.size == 0 or np.any(values != values[0]):
-            raise GGUFError(f"{source}: {p}swiglu_clamp_exp must hold one value for every layer")
-        d["swiglu_limit"] = _number(float(np.float32(values[0])), p + "swiglu_clamp_exp", source, False)
-    gating = f.get(p + "expert_gating_func")
+            raise GGUFError(f"{source}: {SWIGLU_CLAMP_EXP} must hold one value for every layer")
+        d["swiglu_limit"] = _number(float(np.float32(values[0])), SWIGLU_CLAMP_EXP, source, False)
+    gating = f.get(EXPERT_GATING_FUNC)
     if gating is not None and gating != SQRTSOFTPLUS:
-        raise GGUFError(f"{source}: {p}expert_gating_func = {gating!r}; DeepSeek V4 uses "
+        raise GGUFError(f"{source}: {EXPERT_GATING_FUNC} = {gating!r}; DeepSeek V4 uses "
                         f"sqrtsoftplus ({SQRTSOFTPLUS})")
-    if any(p + k in f for k, _, _ in _ROPE_KEYS):
-        kind = f.get(p + "rope.scaling.type", "yarn")
+    if any(k in f for k, _, _ in _ROPE_KEYS):
+        kind = f.get(ROPE_SCALING_TYPE, "yarn")
         if kind != "yarn":
-            raise GGUFError(f"{source}: {p}rope.scaling.type is {kind!r}, expected 'yarn'")
+            raise GGUFError(f"{source}: {ROPE_SCALING_TYPE} is {kind!r}, expected 'yarn'")
         d["rope_scaling"] = {"type": "yarn"}
         for key, hf_key, kind in _ROPE_KEYS:
-            if p + key not in f:
-                raise GGUFError(f"{source}: metadata key {p + key!r} is missing (YaRN needs it)")
-            d["rope_scaling"][hf_key] = _read_key(f, p + key, kind, source)
-    for kind in ("bos", "eos"):
-        key = f"tokenizer.ggml.{kind}_token_id"
+            if key not in f:
+                raise GGUFError(f"{source}: metadata key {key!r} is missing (YaRN needs it)")
+            d["rope_scaling"][hf_key] = _read_key(f, key, kind, source)
+    for hf_key, key in (("bos_token_id", Keys.Tokenizer.BOS_ID), ("eos_token_id", Keys.Tokenizer.EOS_ID)):
         if key in f:
-            d[f"{kind}_token_id"] = _number(f[key], key, source, True)
+            d[hf_key] = _number(f[key], key, source, True)
 
     # top-k: the metadata value, checked against the hash tables' width (ne[0])
     tensors = gf.tensors if tensors is None else tensors
     widths = {n: t.ne[0] for n, t in tensors.items() if n.endswith(TID2EID) and t.ne}
-    k = f.get(p + "expert_used_count")
+    k = f.get(EXPERT_USED_COUNT)
     if k is None:
         if not widths:
-            raise GGUFError(f"{source}: metadata key {p}expert_used_count is missing")
+            raise GGUFError(f"{source}: metadata key {EXPERT_USED_COUNT} is missing")
         k = min(widths.values())
-    k = _number(k, p + "expert_used_count", source, True)
+    k = _number(k, EXPERT_USED_COUNT, source, True)
     for name, width in widths.items():
         if width < k:
             raise GGUFError(
-                f"{source}: {p}expert_used_count = {k} but tensor {name!r} holds only {width} "
+                f"{source}: {EXPERT_USED_COUNT} = {k} but tensor {name!r} holds only {width} "
                 f"expert ids per token"
             )
     d["num_experts_per_tok"] = k
@@ -176,24 +184,23 @@ def gguf_metadata(config: Mapping[str, Any]) -> list[tuple[str, Any, GGUFValueTy
     ``ModelConfig``, via ``to_hf``), in the types llama.cpp's converter writes."""
     if hasattr(config, "to_hf"):
         config = config.to_hf()
-    p = ARCH + "."
     kinds = {"u32": GGUFValueType.UINT32, "f32": GGUFValueType.FLOAT32, "bool": GGUFValueType.BOOL,
              "i32[]": GGUFValueType.ARRAY}
     out = []
     for key, hf_key, kind in _REQUIRED_KEYS + _OPTIONAL_KEYS:
         if hf_key in config:
-            out.append((p + key, config[hf_key], kinds[kind]))
-    out.append((p + "attention.value_length", config["head_dim"], GGUFValueType.UINT32))
-    out.append((p + "expert_used_count", config["num_experts_per_tok"], GGUFValueType.UINT32))
-    out.append((p + "expert_gating_func", SQRTSOFTPLUS, GGUFValueType.UINT32))
+            out.append((key, config[hf_key], kinds[kind]))
+    out.append((VALUE_LENGTH, config["head_dim"], GGUFValueType.UINT32))
+    out.append((EXPERT_USED_COUNT, config["num_experts_per_tok"], GGUFValueType.UINT32))
+    out.append((EXPERT_GATING_FUNC, SQRTSOFTPLUS, GGUFValueType.UINT32))
     if "swiglu_limit" in config:
-        out.append((p + "swiglu_clamp_exp", [float(config["swiglu_limit"])] * config["num_hidden_layers"],
+        out.append((SWIGLU_CLAMP_EXP, [float(config["swiglu_limit"])] * config["num_hidden_layers"],
                     GGUFValueType.ARRAY))
     rope = config.get("rope_scaling")
     if rope:
-        out.append((p + "rope.scaling.type", rope.get("type", "yarn"), GGUFValueType.STRING))
+        out.append((ROPE_SCALING_TYPE, rope.get("type", "yarn"), GGUFValueType.STRING))
         for key, hf_key, kind in _ROPE_KEYS:
-            out.append((p + key, rope[hf_key], kinds[kind]))
+            out.append((key, rope[hf_key], kinds[kind]))
     return out
 
 
@@ -203,8 +210,8 @@ def _quantizable(path: str) -> bool:
     (the model calls these modules; other Linears are read as float)."""
     if path == "head":
         return True
-    m = re.match(r"^(?:layers|mtp)\.\d+\.(.+)$", path)
-    return m is not None and m.group(1) + ".weight" in QUANTIZED_WEIGHTS
+    suffix = block_suffix(path)
+    return suffix is not None and suffix + ".weight" in QUANTIZED_WEIGHTS
 
 
 # Tensors are copied out of the map in pieces of about this many bytes, each piece's file pages
@@ -262,7 +269,7 @@ def _float_array(gf: GGUFFile, info: TensorInfo) -> mx.array:
     qtype = T(info.ggml_type)
     if qtype in _FLOAT_TYPES or qtype == T.I32:
         return _read(gf, info)
-    if qtype in _INT_TYPES:
+    if qtype in INT_TYPES:
         raw = gf.array(info.name)
         if raw.size and (raw.min() < np.iinfo(np.int32).min or raw.max() > np.iinfo(np.int32).max):
             raise GGUFError(f"{gf.path}: tensor {info.name!r} holds values outside int32")
@@ -278,7 +285,7 @@ def _load_tensor(gf: GGUFFile, info: TensorInfo, path: str, module: str | None,
                  weights: dict[str, mx.array], formats: dict[str, WeightFormat]) -> None:
     """Put one GGUF tensor into ``weights`` (and its module's format into ``formats``)."""
     qtype = info.ggml_type
-    packed = module is not None and qtype not in _FLOAT_TYPES and qtype not in _INT_TYPES
+    packed = module is not None and qtype not in _FLOAT_TYPES and qtype not in INT_TYPES
     if not packed:
         weights[path] = _float_array(gf, info)
         return
@@ -299,17 +306,10 @@ def _load_tensor(gf: GGUFFile, info: TensorInfo, path: str, module: str | None,
         formats[module] = WeightFormat(gguf_kind(fmt.NAME), None, fmt.BLOCK_SIZE)
 
 
-def _check_expert_ids(gf: GGUFFile, info: TensorInfo, table: mx.array, n_experts: int) -> None:
-    lo, hi = mx.min(table).item(), mx.max(table).item()
-    if lo < 0 or hi >= n_experts:
-        raise GGUFError(f"{gf.path}: tensor {info.name!r} holds expert ids {lo}..{hi}, "
-                        f"outside 0..{n_experts - 1}")
-
-
 def _check_shape(gf: GGUFFile, info: TensorInfo, expected: tuple[int, ...], path: str) -> None:
     got = info.shape
     if path.endswith(".tid2eid"):
-        ok = len(got) == 2 and got[0] == expected[0] and got[1] >= expected[1]
+        ok = hash_table_fits(got, *expected)
     else:
         ok = got == tuple(expected)
     if not ok:
@@ -357,13 +357,13 @@ class GGUFCheckpoint:
                 module = None
             _load_tensor(src, info, param, module, weights, formats)
             if param.endswith(".tid2eid"):
-                _check_expert_ids(src, info, weights[param], n_experts)
+                check_expert_ids(weights[param], n_experts, f"{src.path}: tensor {info.name!r}", GGUFError)
         return weights, formats
 
     def tokenizer_fields(self) -> dict[str, Any] | None:
         """The ``tokenizer.*`` metadata, or None when the file carries no tokenizer."""
         f = self.files[0].fields
-        if "tokenizer.ggml.model" not in f and "tokenizer.huggingface.json" not in f:
+        if Keys.Tokenizer.MODEL not in f and Keys.Tokenizer.HF_JSON not in f:
             return None
         return {k: v for k, v in f.items() if k.startswith("tokenizer.")}
 
@@ -395,85 +395,3 @@ def open_gguf_checkpoint(path: str | os.PathLike,
             f.close()
         raise
     return GGUFCheckpoint(gf.path, hf, files, by_name)
-
-
-# --------------------------------------------------------------------------- writer
-def _logical_shape(name: str, array: np.ndarray, qtype: T) -> tuple[int, ...]:
-    """Value shape of ``array`` stored as ``qtype`` (packed uint8 rows count as their values)."""
-    from gguf import GGML_QUANT_SIZES
-
-    block, nbytes = GGML_QUANT_SIZES[qtype]
-    if qtype in _INT_TYPES or array.dtype != np.uint8 or block == 1:
-        return tuple(array.shape)
-    if array.ndim == 0 or array.shape[-1] % nbytes:
-        raise GGUFError(f"{name}: uint8 array of shape {array.shape} is not packed {qtype.name} rows")
-    return (*array.shape[:-1], array.shape[-1] // nbytes * block)
-
-
-def _tensor_bytes(name: str, array: np.ndarray, qtype: T) -> np.ndarray:
-    """What the file stores for ``array`` as ``qtype``: uint8 arrays for block types are taken
-    as packed bytes (any type gguf-py knows); values are quantized with our quantizers."""
-    if qtype in _INT_TYPES:
-        return np.ascontiguousarray(array, dtype=PLAIN_DTYPES[qtype])
-    if array.dtype == np.uint8 and qtype not in PLAIN_DTYPES:
-        return np.ascontiguousarray(array)
-    fmt = qgguf.by_type(int(qtype), name)
-    quantize = getattr(fmt, "quantize", None)
-    if quantize is None:
-        raise GGUFError(f"{name}: ds4mlx has no quantizer for {fmt.NAME}; pass packed uint8 bytes")
-    return quantize(np.asarray(array, dtype=np.float32))
-
-
-def write_gguf(path: str | os.PathLike, config: Any,
-               tensors: Mapping[str, tuple[np.ndarray, int]],
-               tokenizer_fields: Mapping[str, Any] | None = None, *, name: str = "DeepSeek-V4-Flash",
-               extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None) -> Path:
-    """Write a ``deepseek4`` GGUF: metadata from ``config`` (HF dict or ``ModelConfig``),
-    ``tensors`` as ``{gguf name: (array, GGML type)}`` in the given order (float values are
-    quantized to the type; uint8 arrays for block types are packed bytes), and optional
-    ``tokenizer.ggml.*`` fields (``ds4mlx.tokenizer.gguf_tokenizer_fields``).
-
-    Tensors are packed and written one at a time, so memory holds one packed tensor beyond the
-    caller's arrays. The file appears under ``path`` only once complete.
-    """
-    from gguf import GGML_QUANT_SIZES, GGUFWriter
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(str(tmp), ARCH)
-    try:
-        writer.add_name(name)
-        for key, value, vtype in gguf_metadata(config):
-            if vtype == GGUFValueType.ARRAY:
-                writer.add_array(key, list(value))
-            else:
-                writer.add_key_value(key, value, vtype)
-        for key, (value, vtype) in (extra_metadata or {}).items():
-            writer.add_key_value(key, value, vtype)
-        if tokenizer_fields:
-            from ..tokenizer import add_tokenizer_to_gguf
-
-            add_tokenizer_to_gguf(writer, dict(tokenizer_fields))
-        plan = []
-        for tname, (array, qtype) in tensors.items():
-            qtype, array = T(int(qtype)), np.asarray(array)
-            shape = _logical_shape(tname, array, qtype)
-            block, nbytes = GGML_QUANT_SIZES[qtype]
-            if shape and shape[-1] % block:
-                raise GGUFError(f"{tname}: rows of {shape[-1]} values do not fill {qtype.name} blocks of {block}")
-            size = int(np.prod(shape, dtype=np.int64)) // block * nbytes
-            # a non-uint8 dtype makes the writer take ``shape`` as the value shape
-            writer.add_tensor_info(tname, shape, np.dtype(np.float32), size, raw_dtype=qtype)
-            plan.append((tname, array, qtype))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for tname, array, qtype in plan:
-            writer.write_tensor_data(_tensor_bytes(tname, array, qtype))
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

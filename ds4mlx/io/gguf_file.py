@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -40,6 +40,7 @@ PLAIN_DTYPES = {
     GGMLQuantizationType.I8: "<i1", GGMLQuantizationType.I16: "<i2", GGMLQuantizationType.I32: "<i4",
     GGMLQuantizationType.I64: "<i8", GGMLQuantizationType.BF16: "<u2",
 }
+INT_TYPES = (GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32, GGMLQuantizationType.I64)
 
 
 class GGUFError(ValueError):
@@ -168,8 +169,8 @@ class GGUFFile:
             key = c.string()
             c.what = f"metadata key {key!r}"
             self.fields[key], self.field_types[key] = c.value(c.scalar("<I"))
-        alignment = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
-        if self.field_types.get("general.alignment", GGUFValueType.UINT32) != GGUFValueType.UINT32 \
+        alignment = self.fields.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
+        if self.field_types.get(Keys.General.ALIGNMENT, GGUFValueType.UINT32) != GGUFValueType.UINT32 \
                 or not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
             raise GGUFError(f"{self.path}: general.alignment must be a u32 multiple of 8, got {alignment!r}")
         self.alignment = alignment
@@ -201,7 +202,7 @@ class GGUFFile:
     # ------------------------------------------------------------------ access
     @property
     def architecture(self) -> str | None:
-        return self.fields.get("general.architecture")
+        return self.fields.get(Keys.General.ARCHITECTURE)
 
     def info(self, name: str) -> TensorInfo:
         if name not in self.tensors:

@@ -12,7 +12,6 @@ never dequantised.
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from ..names import EXPERT_WEIGHT, TensorSpec, UnknownTensorName, hf_to_internal, official_layout, scale_name
+from ..quant.codecs import MX_GROUP
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
-from ..quant.mx import FP8_BLOCK, MX_GROUP, fp4_to_mxfp4, fp8_to_mxfp8, stack_fp4_to_mxfp4
-from ..names import TensorSpec, UnknownTensorName, hf_to_internal, official_layout
-from .safetensors import SafetensorsFile, open_shards
+from ..quant.mx import fp4_to_mxfp4, fp8_to_mxfp8, official_shapes, stack_fp4_to_mxfp4
+from .checks import check_expert_ids, hash_table_fits
+from .safetensors import FLOAT_DTYPES, INT_DTYPES, SafetensorsFile, open_shards
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-FLOAT_DTYPES = ("BF16", "F16", "F32")
-INT_DTYPES = ("I64", "I32")
-_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
 
 
 class CheckpointError(ValueError):
@@ -100,7 +98,7 @@ class HFCheckpoint:
         for name, entry in self.entries.items():
             if not include_mtp and name.startswith("mtp."):
                 continue
-            m = _EXPERT.match(name)
+            m = EXPERT_WEIGHT.match(name)
             if m:
                 experts[(m.group(1), m.group(3))].append(entry)
                 continue
@@ -108,23 +106,24 @@ class HFCheckpoint:
             if entry.fmt == FLOAT:
                 array = self._mx(name)
                 if name.endswith(".tid2eid"):
-                    array = self._check_tid2eid(name, array)
+                    check_expert_ids(array, int(self.config["n_routed_experts"]),
+                                     f"{self.path / self.weight_map[name]}: {name}", CheckpointError)
                 weights[path] = array
             else:
                 module = path[: -len(".weight")]
-                w, s = self._packed(entry, self._np(name), self._np(_scale_name(name)))
+                w, s = self._packed(entry, self._np(name), self._np(scale_name(name)))
                 weights[path], weights[module + ".scales"] = w, s
                 formats[module] = entry.fmt
         for (prefix, proj), group in experts.items():
             module = f"{prefix}.{proj}"
-            group.sort(key=lambda e: int(_EXPERT.match(e.name).group(2)))
+            group.sort(key=lambda e: int(EXPERT_WEIGHT.match(e.name).group(2)))
             fmt = group[0].fmt
             if fmt == MXFP4:
                 w, s = stack_fp4_to_mxfp4(
-                    [self._np(e.name) for e in group], [self._np(_scale_name(e.name)) for e in group], module
+                    [self._np(e.name) for e in group], [self._np(scale_name(e.name)) for e in group], module
                 )
             elif fmt == MXFP8:
-                pairs = [fp8_to_mxfp8(self._np(e.name), self._np(_scale_name(e.name)), e.name) for e in group]
+                pairs = [fp8_to_mxfp8(self._np(e.name), self._np(scale_name(e.name)), e.name) for e in group]
                 w, s = mx.stack([p[0] for p in pairs]), mx.stack([p[1] for p in pairs])
                 del pairs
             else:
@@ -136,21 +135,6 @@ class HFCheckpoint:
             mx.eval(w if s is None else (w, s))  # materialise now, so the per-expert sources can go
         return weights, formats
 
-    def _check_tid2eid(self, name: str, array):
-        import mlx.core as mx
-
-        n_experts = int(self.config["n_routed_experts"])
-        lo, hi = mx.min(array).item(), mx.max(array).item()
-        if lo < 0 or hi >= n_experts:
-            raise CheckpointError(
-                f"{self.path / self.weight_map[name]}: {name} holds expert ids {lo}..{hi}, "
-                f"outside 0..{n_experts - 1}"
-            )
-        return array
-
-
-def _scale_name(weight_name: str) -> str:
-    return weight_name[: -len(".weight")] + ".scale"
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -181,29 +165,29 @@ def _classify(spec: TensorSpec, files, weight_map, path: Path) -> Entry:
         if tuple(found) != tuple(shape):
             raise CheckpointError(f"{path / weight_map[what]}: {what} has shape {tuple(found)}, expected {tuple(shape)}")
 
-    scale_name = _scale_name(name) if name.endswith(".weight") else None
-    has_scale = scale_name is not None and scale_name in weight_map
-    if spec.storage in ("fp8", "fp4") and has_scale:
-        scale = files[weight_map[scale_name]].info(scale_name)
-        if scale.dtype != "F8_E8M0":
-            raise CheckpointError(f"{path / weight_map[scale_name]}: {scale_name} has dtype {scale.dtype}, expected F8_E8M0")
+    scale = scale_name(name) if name.endswith(".weight") else None
+    if spec.storage in ("fp8", "fp4") and scale is not None and scale in weight_map:
+        scale_info = files[weight_map[scale]].info(scale)
+        if scale_info.dtype != "F8_E8M0":
+            raise CheckpointError(f"{path / weight_map[scale]}: {scale} has dtype {scale_info.dtype}, expected F8_E8M0")
         out_dim, in_dim = spec.shape
         if info.dtype == "F8_E4M3":
             expect(spec.shape, info.shape)
-            expect((-(-out_dim // FP8_BLOCK), -(-in_dim // FP8_BLOCK)), scale.shape, scale_name)
+            expect(official_shapes("fp8", spec.shape)[1], scale_info.shape, scale)
             if in_dim % MX_GROUP:
                 raise CheckpointError(f"{where}: input dimension {in_dim} is not a multiple of {MX_GROUP}")
-            return Entry(name, shard, MXFP8, weight_map[scale_name])
+            return Entry(name, shard, MXFP8, weight_map[scale])
         if info.dtype in ("I8", "U8"):
-            expect((out_dim, in_dim // 2), info.shape)
-            expect((out_dim, in_dim // MX_GROUP), scale.shape, scale_name)
-            return Entry(name, shard, MXFP4, weight_map[scale_name])
+            stored_shape, scale_shape = official_shapes("fp4", spec.shape)
+            expect(stored_shape, info.shape)
+            expect(scale_shape, scale_info.shape, scale)
+            return Entry(name, shard, MXFP4, weight_map[scale])
         raise CheckpointError(f"{where}: dtype {info.dtype} with a .scale tensor; expected F8_E4M3 or I8")
     if spec.storage == "i64":
         if info.dtype not in INT_DTYPES:
             raise CheckpointError(f"{where}: dtype {info.dtype}, expected one of {INT_DTYPES}")
         vocab, k = spec.shape
-        if len(info.shape) != 2 or info.shape[0] != vocab or info.shape[1] < k:
+        if not hash_table_fits(info.shape, vocab, k):
             raise CheckpointError(
                 f"{where}: shape {info.shape}, expected ({vocab}, ≥{k}) "
                 f"(a row of num_experts_per_tok={k} expert ids per token)"
@@ -262,7 +246,7 @@ def open_hf_checkpoint(path: str | Path) -> HFCheckpoint:
 def _check_expert_formats(entries: dict[str, Entry], path: Path) -> None:
     seen: dict[tuple[str, str], Entry] = {}
     for name, entry in entries.items():
-        m = _EXPERT.match(name)
+        m = EXPERT_WEIGHT.match(name)
         if not m:
             continue
         first = seen.setdefault((m.group(1), m.group(3)), entry)

@@ -25,17 +25,16 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..quant.formats import WeightFormat
+from ..quant.formats import WeightFormat, packed_shapes
 from ..names import hf_to_internal, official_layout
-from .safetensors import DTYPES, SafetensorsFile, open_shards
+from .checks import check_expert_ids, hash_table_fits
+from .safetensors import DTYPES, FLOAT_DTYPES, INT_DTYPES, SafetensorsFile, open_shards
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 FORMAT_KEY = "ds4mlx"
 FORMAT_NAME = "mlx-dir"
 FORMAT_VERSION = 1
-FLOAT_DTYPES = ("BF16", "F16", "F32")
-INT_DTYPES = ("I64", "I32")
 PACKED_DTYPES = {"mxfp8": "U8", "mxfp4": "U8"}  # scale dtype of the mx modes; affine: float
 
 
@@ -100,12 +99,12 @@ def expected_layout(config: dict[str, Any], formats: dict[str, WeightFormat],
             else:
                 layout[path] = Expected(path, lead + spec.shape, FLOAT_DTYPES)
             continue
-        out_dim, in_dim = spec.shape
-        if not fmt.bits or not fmt.group_size or in_dim % fmt.group_size or (in_dim * fmt.bits) % 32:
-            raise MLXDirError(f"{module}: format {fmt} does not fit input dimension {in_dim}")
+        try:
+            w_shape, s_shape = packed_shapes(fmt, lead + spec.shape)
+        except ValueError as e:
+            raise MLXDirError(f"{module}: {e}") from None
         scale_dtypes = (PACKED_DTYPES[fmt.kind],) if fmt.kind in PACKED_DTYPES else FLOAT_DTYPES
-        layout[path] = Expected(path, lead + (out_dim, in_dim * fmt.bits // 32), ("U32",))
-        s_shape = lead + (out_dim, in_dim // fmt.group_size)
+        layout[path] = Expected(path, w_shape, ("U32",))
         layout[module + ".scales"] = Expected(module + ".scales", s_shape, scale_dtypes)
         if fmt.kind == "affine":
             layout[module + ".biases"] = Expected(module + ".biases", s_shape, FLOAT_DTYPES)
@@ -151,17 +150,11 @@ class MLXDirCheckpoint:
                 continue
             weights[name] = self._files[shard].tensor_mx(name)
             if name.endswith(".tid2eid"):
-                self._check_tid2eid(name, weights[name])
+                check_expert_ids(weights[name], int(self.config["n_routed_experts"]),
+                                 f"{self.path / self.weight_map[name]}: {name}", MLXDirError)
         formats = {p: f for p, f in self.formats.items() if include_mtp or not p.startswith("mtp.")}
         return weights, formats
 
-    def _check_tid2eid(self, name: str, array) -> None:
-        import mlx.core as mx
-
-        n = int(self.config["n_routed_experts"])
-        lo, hi = mx.min(array).item(), mx.max(array).item()
-        if lo < 0 or hi >= n:
-            raise MLXDirError(f"{self.path / self.weight_map[name]}: {name} holds expert ids {lo}..{hi}, outside 0..{n - 1}")
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -217,8 +210,7 @@ def open_mlx_dir(path: str | os.PathLike) -> MLXDirCheckpoint:
         where = f"{path / shard}: {name}"
         if info.dtype not in exp.dtypes:
             raise MLXDirError(f"{where}: dtype {info.dtype}, expected one of {exp.dtypes}")
-        shape_ok = (len(info.shape) == len(exp.shape) and info.shape[:-1] == exp.shape[:-1]
-                    and info.shape[-1] >= k) if exp.min_last else info.shape == exp.shape
+        shape_ok = hash_table_fits(info.shape, exp.shape[0], k) if exp.min_last else info.shape == exp.shape
         if not shape_ok:
             want = f"({exp.shape[0]}, ≥{k})" if exp.min_last else str(exp.shape)
             raise MLXDirError(f"{where}: shape {info.shape}, expected {want}")

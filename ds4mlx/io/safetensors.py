@@ -6,7 +6,7 @@ data blob (offsets relative to the blob, row-major, little-endian).
 
 numpy has no FP8 or bfloat16 dtypes, so those are read as their raw bits: ``F8_E4M3`` and
 ``F8_E8M0`` as ``uint8``, ``BF16`` as ``uint16`` (``tensor_mx`` turns the latter into
-``mx.bfloat16``). Arrays from ``tensor_np`` are read-only views of the memory map: nothing is
+``mx.bfloat16``; ``quant/codecs.py`` encodes and decodes the bits). Arrays from ``tensor_np`` are read-only views of the memory map: nothing is
 copied until MLX needs its own buffer.
 """
 
@@ -57,6 +57,10 @@ _NUMPY_TO_ST = {
     np.dtype("int64"): "I64",
     np.dtype("float64"): "F64",
 }
+
+# The dtypes a checkpoint may store an unquantised float tensor in, and a hash table in.
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+INT_DTYPES = ("I64", "I32")
 
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
 
@@ -209,18 +213,6 @@ def open_shards(directory: Path, weight_map: dict[str, str]) -> dict[str, Safete
             raise FileNotFoundError(f"{directory / shard}: shard listed in the index (e.g. for {example}) is missing")
         files[shard] = SafetensorsFile(directory / shard)
     return files
-
-
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return bits.astype(np.uint16)
-
-
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32 (exact)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 # --- writer -------------------------------------------------------------------------------

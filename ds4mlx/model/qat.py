@@ -14,10 +14,7 @@ import math
 
 import mlx.core as mx
 
-FP8_MAX = 448.0
-FP4_MAX = 6.0
-FP8_BLOCK = 64
-FP4_BLOCK = 32
+from ..quant.codecs import E2M1_MAX, E4M3_MAX, FP8_ACT_BLOCK, MX_GROUP, e2m1_round_mx
 
 
 def pow2_ceil(x: mx.array) -> mx.array:
@@ -35,37 +32,19 @@ def _block_scales(x: mx.array, block: int, qmax: float, floor: float) -> tuple[m
 
 
 @mx.compile
-def fp8_roundtrip(x: mx.array, block: int = FP8_BLOCK) -> mx.array:
+def fp8_roundtrip(x: mx.array, block: int = FP8_ACT_BLOCK) -> mx.array:
     """e4m3 round trip (round to nearest even, saturating at ±448) per block of ``block``."""
-    xb, scale = _block_scales(x, block, FP8_MAX, 1e-4)
-    q = mx.clip(xb / scale, -FP8_MAX, FP8_MAX)
+    xb, scale = _block_scales(x, block, E4M3_MAX, 1e-4)
+    q = mx.clip(xb / scale, -E4M3_MAX, E4M3_MAX)
     q = mx.from_fp8(mx.to_fp8(q), dtype=mx.float32)
     return (q * scale).reshape(x.shape).astype(x.dtype)
 
 
-# e2m1 magnitudes and the midpoints between them; ties go to the even code, which means
-# rounding up exactly at 0.75, 1.75 and 3.5 and down at 0.25, 1.25, 2.5 and 5.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
-              (2.5, False), (3.5, True), (5.0, False))
-
-
 @mx.compile
-def round_e2m1(x: mx.array) -> mx.array:
-    """Round float32 values (already scaled into ±6) to the nearest e2m1 value, ties to even."""
-    mag = mx.abs(x)
-    code = mx.zeros(x.shape, dtype=mx.int32)
-    for mid, up_on_tie in _MIDPOINTS:
-        code = code + ((mag >= mid) if up_on_tie else (mag > mid)).astype(mx.int32)
-    values = mx.array(E2M1_VALUES, dtype=mx.float32)[code]
-    return mx.where(x < 0, -values, values)
-
-
-@mx.compile
-def fp4_roundtrip(x: mx.array, block: int = FP4_BLOCK) -> mx.array:
-    """e2m1 round trip per block of ``block`` with scale 2^ceil(log2(amax/6))."""
-    xb, scale = _block_scales(x, block, FP4_MAX, FP4_MAX * 2.0**-126)
-    q = round_e2m1(mx.clip(xb / scale, -FP4_MAX, FP4_MAX))
+def fp4_roundtrip(x: mx.array, block: int = MX_GROUP) -> mx.array:
+    """e2m1 round trip (ties to even) per block of ``block`` with scale 2^ceil(log2(amax/6))."""
+    xb, scale = _block_scales(x, block, E2M1_MAX, E2M1_MAX * 2.0**-126)
+    q = e2m1_round_mx(mx.clip(xb / scale, -E2M1_MAX, E2M1_MAX))
     return (q * scale).reshape(x.shape).astype(x.dtype)
 
 

@@ -30,6 +30,16 @@ def affine(bits: int, group_size: int) -> WeightFormat:
     return WeightFormat("affine", bits, group_size)
 
 
+def packed_shapes(fmt: WeightFormat, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(weight, scales)`` shapes of a weight of logical ``shape`` ``[..., out, in]`` packed in
+    an MLX mode (``mxfp8``, ``mxfp4``, ``affine``): uint32 words ``[..., out, in·bits/32]`` and
+    one scale (and bias) per group ``[..., out, in/group]``."""
+    *lead, in_dim = shape
+    if not fmt.bits or not fmt.group_size or in_dim % fmt.group_size or (in_dim * fmt.bits) % 32:
+        raise ValueError(f"format {fmt} does not fit input dimension {in_dim}")
+    return (*lead, in_dim * fmt.bits // 32), (*lead, in_dim // fmt.group_size)
+
+
 def gguf_kind(type_name: str) -> str:
     """The ``WeightFormat.kind`` of GGUF-native blocks of ``type_name`` (``"gguf.Q4_K"``)."""
     return GGUF_PREFIX + type_name.upper()

@@ -1,6 +1,6 @@
 """The official checkpoint's quantised formats and their exact MLX views.
 
-Official DeepSeek V4 Flash weights (checkpoint_format.md §2.6):
+Official DeepSeek V4 Flash weights (the bit rules of the codes are in ``codecs.py``):
 
 * dense FP8: E4M3 codes ``q[out, in]`` (uint8) and one E8M0 scale byte per 128×128 block,
   ``s[ceil(out/128), ceil(in/128)]``: ``W[r, c] = e4m3(q[r, c]) · 2^(s[r//128, c//128] − 127)``;
@@ -17,71 +17,27 @@ from __future__ import annotations
 
 import numpy as np
 
-FP8_BLOCK = 128  # official dense block: 128 × 128
-MX_GROUP = 32  # MLX mxfp4/mxfp8 group size, and the official FP4 scale group
+from .codecs import FP8_WEIGHT_BLOCK, MX_GROUP, e2m1_decode, e4m3_decode, e8m0_decode
 
 
 class QuantFormatError(ValueError):
     """Packed weight and scale arrays do not fit the format."""
 
 
-def _e4m3_table() -> np.ndarray:
-    # bit 7 sign, bits 6..3 exponent (bias 7), bits 2..0 mantissa; no infinities; 0x7F/0xFF NaN
-    codes = np.arange(256)
-    sign = np.where(codes & 0x80, -1.0, 1.0)
-    exp = (codes >> 3) & 0xF
-    man = codes & 0x7
-    value = np.where(exp == 0, man * 2.0**-9, (1.0 + man / 8.0) * np.exp2(exp - 7.0))
-    value = sign * value
-    value[(codes & 0x7F) == 0x7F] = np.nan
-    return value.astype(np.float32)
+def fp8_scale_shape(out_dim: int, in_dim: int) -> tuple[int, int]:
+    """Shape of the E8M0 block scales of an FP8 ``[out, in]`` weight (ragged edges round up)."""
+    return (-(-out_dim // FP8_WEIGHT_BLOCK), -(-in_dim // FP8_WEIGHT_BLOCK))
 
 
-E4M3_TABLE: np.ndarray = _e4m3_table()
-E4M3_FINITE_CODES: np.ndarray = np.array([c for c in range(256) if (c & 0x7F) != 0x7F], dtype=np.uint8)
-E4M3_MAX = 448.0
-
-# E2M1 code -> value; code 8 is −0
-E2M1_TABLE: np.ndarray = np.array(
-    [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32
-)
-
-
-def e4m3_to_float(codes: np.ndarray) -> np.ndarray:
-    return E4M3_TABLE[np.asarray(codes, dtype=np.uint8)]
-
-
-def e2m1_to_float(codes: np.ndarray) -> np.ndarray:
-    return E2M1_TABLE[np.asarray(codes, dtype=np.uint8) & 0xF]
-
-
-def e8m0_to_float(scale: np.ndarray) -> np.ndarray:
-    """UE8M0 byte b -> 2^(b − 127), built bit by bit (b = 0 is the subnormal 2^-127, b = 255 NaN)."""
-    b = np.asarray(scale, dtype=np.uint8).astype(np.uint32)
-    bits = np.where(b == 0, np.uint32(0x00400000), b << np.uint32(23))
-    bits = np.where(b == 255, np.uint32(0x7FC00000), bits)
-    return bits.astype(np.uint32).view(np.float32)
-
-
-def e4m3_encode(x: np.ndarray) -> np.ndarray:
-    """Nearest finite E4M3 code of each value (saturating at ±448; ties to the lower magnitude)."""
-    x = np.asarray(x, dtype=np.float32)
-    positive = np.arange(0x7F, dtype=np.uint8)  # codes 0x00..0x7E: 0 … 448, increasing
-    grid = E4M3_TABLE[positive]
-    mag = np.minimum(np.abs(x), E4M3_MAX)
-    hi = np.clip(np.searchsorted(grid, mag, side="left"), 0, len(grid) - 1)
-    lo = np.maximum(hi - 1, 0)
-    pick = np.where(np.abs(grid[hi] - mag) < np.abs(mag - grid[lo]), hi, lo)
-    return (positive[pick] | np.where(np.signbit(x), 0x80, 0).astype(np.uint8)).astype(np.uint8)
-
-
-def e2m1_encode(x: np.ndarray) -> np.ndarray:
-    """Nearest E2M1 code (0..15) of each value (saturating at ±6)."""
-    x = np.asarray(x, dtype=np.float32)
-    grid = E2M1_TABLE[:8]
-    mag = np.minimum(np.abs(x), 6.0)
-    idx = np.argmin(np.abs(mag[..., None] - grid), axis=-1).astype(np.uint8)
-    return idx | np.where(np.signbit(x) & (idx != 0), 8, 0).astype(np.uint8)
+def official_shapes(storage: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """``(stored weight shape, scale shape or None)`` of a tensor of logical ``shape`` held as
+    ``storage`` (``fp8``, ``fp4``, or an unquantised dtype) in an official checkpoint."""
+    shape = tuple(shape)
+    if storage == "fp8":
+        return shape, fp8_scale_shape(*shape)
+    if storage == "fp4":  # two codes per byte, one scale per 32 inputs
+        return shape[:-1] + (shape[-1] // 2,), shape[:-1] + (shape[-1] // MX_GROUP,)
+    return shape, None
 
 
 def pack_fp4(codes: np.ndarray) -> np.ndarray:
@@ -109,11 +65,11 @@ def _check_fp8(weight: np.ndarray, scale: np.ndarray, name: str) -> tuple[int, i
     if weight.ndim != 2:
         raise QuantFormatError(f"{name}: FP8 weight must be 2-D, got shape {weight.shape}")
     out_dim, in_dim = weight.shape
-    want = (-(-out_dim // FP8_BLOCK), -(-in_dim // FP8_BLOCK))
+    want = fp8_scale_shape(out_dim, in_dim)
     if tuple(scale.shape) != want:
         raise QuantFormatError(
             f"{name}: FP8 scale shape {tuple(scale.shape)} does not match weight {weight.shape} "
-            f"(expected {want} for {FP8_BLOCK}×{FP8_BLOCK} blocks)"
+            f"(expected {want} for {FP8_WEIGHT_BLOCK}×{FP8_WEIGHT_BLOCK} blocks)"
         )
     return out_dim, in_dim
 
@@ -130,17 +86,17 @@ def dequant_fp8_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight") 
     """``W[r, c] = e4m3(q[r, c]) · e8m0(s[r // 128, c // 128])`` in float32."""
     weight, scale = np.asarray(weight), np.asarray(scale)
     out_dim, in_dim = _check_fp8(weight, scale, name)
-    s = e8m0_to_float(scale)
-    s_full = s[np.arange(out_dim)[:, None] // FP8_BLOCK, np.arange(in_dim)[None, :] // FP8_BLOCK]
-    return e4m3_to_float(weight.view(np.uint8)) * s_full
+    s = e8m0_decode(scale)
+    s_full = s[np.arange(out_dim)[:, None] // FP8_WEIGHT_BLOCK, np.arange(in_dim)[None, :] // FP8_WEIGHT_BLOCK]
+    return e4m3_decode(weight.view(np.uint8)) * s_full
 
 
 def dequant_fp4_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight") -> np.ndarray:
     """``W[..., r, c] = e2m1(code[..., r, c]) · e8m0(s[..., r, c // 32])`` in float32."""
     weight, scale = np.asarray(weight), np.asarray(scale)
     _check_fp4(weight, scale, name)
-    values = e2m1_to_float(unpack_fp4(weight))
-    return values * np.repeat(e8m0_to_float(scale), MX_GROUP, axis=-1)
+    values = e2m1_decode(unpack_fp4(weight))
+    return values * np.repeat(e8m0_decode(scale), MX_GROUP, axis=-1)
 
 
 # --- exact MLX views -----------------------------------------------------------------------
@@ -164,8 +120,8 @@ def fp8_to_mxfp8(weight: np.ndarray, scale: np.ndarray, name: str = "weight"):
             "it has no exact mxfp8 form"
         )
     w = np.ascontiguousarray(weight).view(np.uint8).view(np.uint32)
-    rows = np.arange(out_dim) // FP8_BLOCK
-    cols = (np.arange(in_dim // MX_GROUP) * MX_GROUP) // FP8_BLOCK
+    rows = np.arange(out_dim) // FP8_WEIGHT_BLOCK
+    cols = (np.arange(in_dim // MX_GROUP) * MX_GROUP) // FP8_WEIGHT_BLOCK
     scales = np.asarray(scale, dtype=np.uint8)[rows[:, None], cols[None, :]]
     return mx.array(w), mx.array(scales)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from types import ModuleType, SimpleNamespace
 
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_xxs, mxfp4, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
 from .floats import BF16, F16, F32
@@ -60,14 +60,20 @@ def get(name: str, tensor: str | None = None) -> Format:
     return fmt
 
 
-def row_bytes(fmt: Format, n: int, tensor: str | None = None) -> int:
-    """Bytes of a row of ``n`` weights in ``fmt``."""
-    if n % fmt.BLOCK_SIZE:
+def row_bytes(fmt: Format | str | int, n: int, tensor: str | None = None) -> int:
+    """Bytes of a row of ``n`` weights in ``fmt`` (a format here, or any GGML type gguf-py knows
+    by name or id), from gguf-py's ``GGML_QUANT_SIZES``."""
+    if isinstance(fmt, (str, int)):
+        qtype = GGMLQuantizationType[fmt.upper()] if isinstance(fmt, str) else GGMLQuantizationType(fmt)
+        name, (block, nbytes) = qtype.name, GGML_QUANT_SIZES[qtype]
+    else:
+        name, block, nbytes = fmt.NAME, fmt.BLOCK_SIZE, fmt.BLOCK_BYTES
+    if n % block:
         raise ValueError(
-            f"{tensor or 'tensor'}: row length {n} is not a multiple of the {fmt.NAME} block "
-            f"size {fmt.BLOCK_SIZE}"
+            f"{tensor or 'tensor'}: row length {n} is not a multiple of the {name} block "
+            f"size {block}"
         )
-    return n // fmt.BLOCK_SIZE * fmt.BLOCK_BYTES
+    return n // block * nbytes
 
 
 __all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "row_bytes"]

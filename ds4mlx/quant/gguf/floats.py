@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ..codecs import bf16_decode_mx, bf16_encode
 from .common import as_blocks
 
 
@@ -27,10 +28,8 @@ def _dequantize_f16(blocks: mx.array) -> mx.array:
 
 
 def _dequantize_bf16(blocks: mx.array) -> mx.array:
-    # bf16 is the top half of an f32: shifting the bits keeps every value (and NaN payload) exact
     b = as_blocks(blocks, 2, "BF16")
-    half = mx.view(b, mx.uint16).reshape(*b.shape[:-1]).astype(mx.uint32)
-    return mx.view(mx.left_shift(half, 16), mx.float32)
+    return bf16_decode_mx(mx.view(b, mx.uint16).reshape(*b.shape[:-1]))
 
 
 def _quantize_f32(x: np.ndarray) -> np.ndarray:
@@ -44,21 +43,18 @@ def _quantize_f16(x: np.ndarray) -> np.ndarray:
 
 
 def _quantize_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bytes, round to nearest even; NaN stays a quiet NaN."""
-    u = np.ascontiguousarray(x, dtype="<f4").view(np.uint32).astype(np.uint64)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    half = np.where(nan, (u >> 16) | 0x40, rounded).astype("<u2")
+    half = bf16_encode(x)
     return half.view(np.uint8).reshape(*half.shape[:-1], -1)
 
 
-def _format(name: str, ggml_type: int, nbytes: int, dequantize, quantize) -> SimpleNamespace:
+def _format(name: str, ggml_type: GGMLQuantizationType, dequantize, quantize) -> SimpleNamespace:
+    block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
     return SimpleNamespace(
-        NAME=name, GGML_TYPE=int(ggml_type), BLOCK_SIZE=1, BLOCK_BYTES=nbytes,
+        NAME=name, GGML_TYPE=int(ggml_type), BLOCK_SIZE=block_size, BLOCK_BYTES=block_bytes,
         dequantize=dequantize, quantize=quantize,
     )
 
 
-F32 = _format("F32", GGMLQuantizationType.F32, 4, _dequantize_f32, _quantize_f32)
-F16 = _format("F16", GGMLQuantizationType.F16, 2, _dequantize_f16, _quantize_f16)
-BF16 = _format("BF16", GGMLQuantizationType.BF16, 2, _dequantize_bf16, _quantize_bf16)
+F32 = _format("F32", GGMLQuantizationType.F32, _dequantize_f32, _quantize_f32)
+F16 = _format("F16", GGMLQuantizationType.F16, _dequantize_f16, _quantize_f16)
+BF16 = _format("BF16", GGMLQuantizationType.BF16, _dequantize_bf16, _quantize_bf16)

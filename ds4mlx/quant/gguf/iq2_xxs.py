@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .common import as_blocks, field_f16, flat_values, np_f16_bytes, quantize_in_chunks
 
 NAME = "IQ2_XXS"
 GGML_TYPE = int(GGMLQuantizationType.IQ2_XXS)
-BLOCK_SIZE = 256
-BLOCK_BYTES = 66
+BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS]  # weights, bytes per block
 
 # The 256 codebook vectors: entry i packs eight levels, 2 bits each (element j at bits 2j),
 # level 0, 1, 2 standing for the values 8, 25, 43 (ggml's iq2xxs_grid).

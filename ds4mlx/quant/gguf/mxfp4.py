@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ..codecs import E2M1_TABLE, e2m1_encode
 from .common import as_blocks, flat_values, np_blocks, np_importance, np_out
 
 NAME = "MXFP4"
 GGML_TYPE = int(GGMLQuantizationType.MXFP4)
-BLOCK_SIZE = 32
-BLOCK_BYTES = 17
+BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.MXFP4]  # weights, bytes per block
 
 # E2M1 code -> twice its value (code 8 is −0, stored as +0 like ggml)
-KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
-E2M1_MAGNITUDES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)
+KVALUES = (2 * E2M1_TABLE + 0.0).astype(np.float32)
 
 _KVALUES_MX = mx.array(KVALUES)
 
@@ -89,15 +88,9 @@ def from_pairs(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def _encode(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest E2M1 code of each value (saturating at ±6) and the coded value."""
-    mag = np.minimum(np.abs(v), 6.0)
-    mid = (E2M1_MAGNITUDES[1:] + E2M1_MAGNITUDES[:-1]) / 2  # decision points between codes
-    k = np.searchsorted(mid, mag, side="left")  # a tie lands on the lower code here...
-    tie = mag == mid[np.minimum(k, len(mid) - 1)]
-    k = np.where(tie & (k % 2 == 1), k + 1, k)  # ...and goes to the even code, as in RNE
-    neg = (v < 0) & (k > 0)
-    codes = (k | (neg.astype(k.dtype) << 3)).astype(np.uint8)
-    return codes, np.where(neg, -E2M1_MAGNITUDES[k], E2M1_MAGNITUDES[k])
+    """Nearest E2M1 code of each value (``codecs.e2m1_encode``) and the coded value."""
+    codes = e2m1_encode(v)
+    return codes, E2M1_TABLE[codes]
 
 
 def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:

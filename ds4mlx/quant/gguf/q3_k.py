@@ -17,14 +17,13 @@ top two bits of ``sc_{j}, sc_{j+4}, sc_{j+8}, sc_{j+12}`` at bit offsets 0, 2, 4
 from __future__ import annotations
 
 import mlx.core as mx
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .common import as_blocks, bits, field_f16, flat_values
 
 NAME = "Q3_K"
 GGML_TYPE = int(GGMLQuantizationType.Q3_K)
-BLOCK_SIZE = 256
-BLOCK_BYTES = 110
+BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K]  # weights, bytes per block
 
 
 def dequantize(blocks: mx.array) -> mx.array:

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .common import as_blocks, bits, field_f16, flat_values, kquant_fit, np_f16_bytes, quantize_in_chunks
 
 NAME = "Q4_K"
 GGML_TYPE = int(GGMLQuantizationType.Q4_K)
-BLOCK_SIZE = 256
-BLOCK_BYTES = 144
+BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]  # weights, bytes per block
 
 _SUB = 32  # sub-block length
 _CHUNK_BLOCKS = 512  # super-blocks per numpy batch in the quantizer (bounds memory)

@@ -15,15 +15,14 @@ Sub-block j: ``x = (d·sc_j)·q − dmin·m_j`` with ``q = lo | hi << 4``; for `
 from __future__ import annotations
 
 import mlx.core as mx
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .common import as_blocks, bits, field_f16, flat_values
 from .q4_k import unpack_scale_min
 
 NAME = "Q5_K"
 GGML_TYPE = int(GGMLQuantizationType.Q5_K)
-BLOCK_SIZE = 256
-BLOCK_BYTES = 176
+BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]  # weights, bytes per block
 
 
 def dequantize(blocks: mx.array) -> mx.array:

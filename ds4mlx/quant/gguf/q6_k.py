@@ -16,14 +16,13 @@ All products are exact in float32 (at most 24 significant bits).
 from __future__ import annotations
 
 import mlx.core as mx
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .common import as_blocks, bits, field_f16, flat_values
 
 NAME = "Q6_K"
 GGML_TYPE = int(GGMLQuantizationType.Q6_K)
-BLOCK_SIZE = 256
-BLOCK_BYTES = 210
+BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]  # weights, bytes per block
 
 
 def dequantize(blocks: mx.array) -> mx.array:

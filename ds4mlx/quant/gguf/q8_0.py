@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .common import as_blocks, field_f16, flat_values, np_blocks, np_f16_bytes, np_out, round_half_away
 
 NAME = "Q8_0"
 GGML_TYPE = int(GGMLQuantizationType.Q8_0)
-BLOCK_SIZE = 32
-BLOCK_BYTES = 34
+BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]  # weights, bytes per block
 
 _FP16_MAX = 65504.0
 
