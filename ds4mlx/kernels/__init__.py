@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+import gguf
 import mlx.core as mx
 import numpy as np
 
@@ -42,7 +43,7 @@ BACKENDS = ("metal", "ops", "emulate")
 KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")
 HC_PRE = "hc_pre"  # the variant name of the fused HC pre kernel
 METAL_DIR = Path(__file__).with_name("metal")
-# Layout ids of metal/quant.h (DS4_*); MXFP4 has two layouts.
+# Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
 _LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
 _MLX_MXFP4, _GGUF_MXFP4 = 4, 5
 MX_GROUP = 32  # MLX mxfp4 group (one E8M0 scale per 32 weights)
@@ -50,9 +51,12 @@ MX_GROUP = 32  # MLX mxfp4 group (one E8M0 scale per 32 weights)
 # Up to this many (token, expert) pairs the MoE runs the decode kernels (simdgroups stride over
 # each weight row); above it, the expert-grouped tiled kernel.
 DECODE_MAX_PAIRS = 32
-_DECODE_ROWS_PER_TG = 8  # DS4_ROWS * DS4_SIMDGROUPS in metal/moe.metal
-_TILE, _TILE_THREADS = 32, 128  # DS4_BM = DS4_BN, DS4_TG
-_HC_THREADS = 256  # DS4_HC_TG in metal/hc.metal
+# Tile sizes: defined into the Metal sources from here (see _defines), so grid and kernel agree.
+_DECODE_ROWS, _DECODE_SIMDGROUPS = 4, 2  # output rows per simdgroup, simdgroups per threadgroup
+_DECODE_ROWS_PER_TG = _DECODE_ROWS * _DECODE_SIMDGROUPS
+_DECODE_THREADS = 32 * _DECODE_SIMDGROUPS
+_TILE, _TILE_K, _TILE_THREADS = 32, 32, 128  # pairs = outputs per tile, K step, threads
+_HC_THREADS = 256  # threads per token of hc_pre
 # Bound on the float32 bytes of dequantized weights one ops step holds at once.
 DEQUANT_BUDGET = 256 << 20
 
@@ -129,6 +133,19 @@ def _iq2xxs_grid_define() -> str:
     return f"#define DS4_IQ2XXS_GRID {codes}\n"
 
 
+def _defines() -> str:
+    """The constants the Metal sources share with this module: layout ids, block geometry of
+    each GGUF format (gguf.GGML_QUANT_SIZES) and tile sizes."""
+    values = {f"DS4_{name}": v for name, v in _LAYOUT.items()}
+    values.update(DS4_MXFP4=_MLX_MXFP4, DS4_MXFP4_GGUF=_GGUF_MXFP4)
+    for name in KERNEL_FORMATS:
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+        values[f"DS4_{name}_BLOCK"], values[f"DS4_{name}_BYTES"] = block, nbytes
+    values.update(DS4_ROWS=_DECODE_ROWS, DS4_SIMDGROUPS=_DECODE_SIMDGROUPS, DS4_BM=_TILE,
+                  DS4_BN=_TILE, DS4_BK=_TILE_K, DS4_TG=_TILE_THREADS, DS4_HC_TG=_HC_THREADS)
+    return "".join(f"#define {k} {v}\n" for k, v in values.items())
+
+
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 _SECTION = re.compile(r"^// @kernel (\w+)\s*$", re.M)
 
@@ -150,7 +167,7 @@ def metal_source(file: str) -> tuple[str, dict[str, str]]:
     compiles one string) and the header starts with the tables defined from Python."""
     text = _inline_includes((METAL_DIR / file).read_text(), set())
     parts = _SECTION.split(text)
-    header = _iq2xxs_grid_define() + parts[0]
+    header = _defines() + _iq2xxs_grid_define() + parts[0]
     return header, {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
 
 
@@ -244,8 +261,9 @@ def _experts(p: Packed, name: str) -> tuple[int, int]:
 
 
 def _check_ids(ids: mx.array, n_experts: int, name: str = "indices") -> None:
-    # Emulation only (it syncs anyway): an expert id out of range would make the kernel read
-    # outside the weights, a crash on the CPU; the GPU paths do not pay for this check.
+    # Emulation checks before launch (it syncs anyway). On the GPU the kernels get E and turn a
+    # pair with an out-of-range id into NaN outputs instead of reading past the weights (no
+    # host sync per layer); the non-finite result is then reported, never sampled from.
     if backend() == "emulate" and ids.size:
         lo, hi = int(mx.min(ids)), int(mx.max(ids))
         if lo < 0 or hi >= n_experts:
@@ -400,7 +418,7 @@ def _matmul_sorted(x: mx.array, xrow: mx.array, order: mx.array, eid: mx.array, 
     (out,) = _run("moe.metal", "moe_matmul_sorted",
                   {"x": x, "xrow": xrow, "order": order, "eid": eid, "w1": w1.q,
                    "s1": _device_array(w1.s), "w3": w3.q, "s3": _device_array(w3.s), "P": p,
-                   "NOUT": n_out, "K": w1.k, "limit": float(limit or 0.0)},
+                   "NOUT": n_out, "K": w1.k, "E": w1.q.shape[0], "limit": float(limit or 0.0)},
                   {"out": ((p, n_out), mx.float32)},
                   grid=(_ceil_div(n_out, _TILE) * _TILE_THREADS, _ceil_div(p, _TILE), 1),
                   threadgroup=(_TILE_THREADS, 1, 1),
@@ -437,9 +455,10 @@ def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices
     (mid,) = _run("moe.metal", "moe_gate_up_decode",
                   {"x": x, "w1": p1.q, "s1": _device_array(p1.s), "w3": p3.q,
                    "s3": _device_array(p3.s), "idx": idx, "F": f, "K": p1.k, "k": k,
-                   "limit": float(limit or 0.0)},
+                   "E": p1.q.shape[0], "limit": float(limit or 0.0)},
                   {"mid": ((n * k, f), mx.float32)},
-                  grid=(_ceil_div(f, _DECODE_ROWS_PER_TG) * 64, n * k, 1), threadgroup=(64, 1, 1),
+                  grid=(_ceil_div(f, _DECODE_ROWS_PER_TG) * _DECODE_THREADS, n * k, 1),
+                  threadgroup=(_DECODE_THREADS, 1, 1),
                   template=[("T", x.dtype), ("FMT", p1.layout)])
     return mid.reshape(n, k, f)
 
@@ -475,9 +494,10 @@ def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weight
         return mx.sum(rw.reshape(n, k, 1) * out.reshape(n, k, d), axis=1).astype(out_dtype)
     (y,) = _run("moe.metal", "moe_down_decode",
                 {"mid": rows, "w2": p2.q, "s2": _device_array(p2.s), "idx": idx, "rw": rw,
-                 "D": d, "F": f, "k": k},
+                 "D": d, "F": f, "k": k, "E": p2.q.shape[0]},
                 {"y": ((n, d), out_dtype)},
-                grid=(_ceil_div(d, _DECODE_ROWS_PER_TG) * 64, n, 1), threadgroup=(64, 1, 1),
+                grid=(_ceil_div(d, _DECODE_ROWS_PER_TG) * _DECODE_THREADS, n, 1),
+                threadgroup=(_DECODE_THREADS, 1, 1),
                 template=[("FMT", p2.layout), ("OutT", out_dtype)])
     return y
 

@@ -11,7 +11,24 @@ the GPU (``metal/emu_runtime.h``). Compiled libraries are cached by source hash 
 ``$DS4MLX_EMU_CACHE`` (default ``~/.cache/ds4mlx/metal-emu``). ``$DS4MLX_EMU_THREADS`` sets how
 many OS threads share the threadgroups, ``$DS4MLX_EMU_CXXFLAGS`` adds compiler flags.
 
-Deviations from the GPU, on purpose: inputs are always passed row-contiguous (``_strides`` then
+Stricter than the GPU, so that what Metal would refuse or break fails here first:
+
+- address spaces: before the build, clang (``$DS4MLX_EMU_CLANG``, default ``clang-16``)
+  compiles the same translation unit with the qualifiers as clang address spaces, and the
+  parameters as MLX declares them (inputs of fewer than 8 elements are ``constant``, the others
+  ``device``; outputs ``device``), so a mismatch is a compile error (skipped, with one warning,
+  when there is no clang);
+- ``-pedantic-errors``: variable-length arrays and other GNU extensions are refused;
+- threadgroup memory is capped at Metal's 32 KB and filled with 0xFF bytes at the start of every
+  threadgroup (metal/emu_runtime.h);
+- lane order: the first launch of each compiled kernel runs every threadgroup with its lanes
+  forward, reversed and shuffled, and the outputs must be byte-identical (a missing barrier
+  shows up as a difference); ``$DS4MLX_EMU_ORDERS`` = ``every`` checks every launch, ``off``
+  none;
+- fast math: ``fast::`` and unqualified transcendental functions are off by up to 4 ulp
+  (metal/metal_compat.h), ``precise::`` is libm.
+
+Other deviations, on purpose: inputs are always passed row-contiguous (``_strides`` then
 describe that layout), outputs not covered by ``init_value`` start as all-ones bytes (NaN for
 floats) so a kernel that forgets to write an element is caught, and atomic outputs are not
 supported.
@@ -26,6 +43,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,8 +59,12 @@ class KernelEmulationError(RuntimeError):
 METAL_DIR = Path(__file__).resolve().parent / "metal"  # the sources ship inside this package
 
 MAX_THREADS_PER_THREADGROUP = 1024
-_CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-w", "-fno-strict-aliasing",
-              "-fwrapv", "-ffp-contract=off"]
+_CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-pedantic-errors",
+              "-fno-strict-aliasing", "-fwrapv", "-ffp-contract=off"]
+_SYNTAX_FLAGS = ["-std=c++17", "-fsyntax-only", "-pedantic-errors", "-Wno-unused-value",
+                 "-DMTLEMU_ADDRESS_SPACES", "-x", "c++"]
+MAX_CONSTANT_ARRAY_SIZE = 8  # MLX passes inputs of fewer elements in the `constant` space
+ORDERS = {"forward": 0, "reversed": 1, "shuffled": 2}  # ORDER_* of metal/emu_runtime.h
 
 # (name, type) of every attribute mx.fast.metal_kernel adds when the body mentions it, in MLX order.
 _ATTRIBUTES = [
@@ -84,12 +106,13 @@ _DTYPES = {
     mx.uint64: (np.uint64, "uint64_t"),
 }
 
-# A threadgroup variable declared on a line of its own becomes storage shared by the lanes of the
-# threadgroup (per OS thread, which runs one threadgroup at a time); every other `threadgroup`
-# (pointer and parameter qualifiers) is dropped by the compat header's empty macro.
+# A threadgroup variable declared on a line of its own becomes a reference into the threadgroup
+# arena (metal/emu_runtime.h: shared by the lanes, 32 KB, poisoned per threadgroup); every other
+# `threadgroup` (pointer and parameter qualifiers) stays, a macro of the compat header.
 _TG_LINE = re.compile(r"(?m)^([ \t]*)threadgroup\b")
 _TG_TYPE = r"(?:const\s+)?[A-Za-z_][\w:<>, ]*?"
-_TG_DECL = re.compile(rf"threadgroup\s+({_TG_TYPE}\s+[A-Za-z_]\w*\s*(?:\[[^;]*\])?\s*;)")
+_TG_DECL = re.compile(
+    rf"threadgroup\s+({_TG_TYPE})\s+([A-Za-z_]\w*)\s*((?:\[[^;\]]*\]\s*)*);")
 _TG_QUALIFIER = re.compile(rf"threadgroup\s+{_TG_TYPE}\s*[*&]")
 
 
@@ -105,8 +128,11 @@ def translate_source(text: str) -> str:
             line = text[start:text.find("\n", start)]
             raise KernelEmulationError(f"unsupported threadgroup declaration: {line!r} (declare "
                                        "one variable per line: `threadgroup T name[N];`)")
+        ctype, name, dims = decl.group(1), decl.group(2), decl.group(3).strip()
+        t = f"ds4tg_{name}_t"
         out.append(text[pos:start])
-        out.append("static thread_local " + decl.group(1))
+        out.append(f"typedef threadgroup {ctype} {t}{dims}; {t}& {name} = "
+                   f"*({t}*)mtlemu::tg_alloc(sizeof({t}), alignof({t}));")
         pos = decl.end()
     out.append(text[pos:])
     return "".join(out)
@@ -168,8 +194,44 @@ def compiler() -> str | None:
     return shutil.which(cxx)
 
 
+def syntax_compiler() -> str | None:
+    """The clang of the address-space pass ($DS4MLX_EMU_CLANG, clang-16 or clang), or None."""
+    for name in (os.environ.get("DS4MLX_EMU_CLANG"), "clang-16", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
 _LIBS: dict[str, ctypes.CDLL] = {}
 _LOCK = threading.Lock()
+_ORDER_CHECKED: set[str] = set()
+_warned_no_clang = False
+
+
+def check_address_spaces(cpp: str, name: str) -> None:
+    """Compile ``cpp`` with the address-space qualifiers as clang address spaces (syntax only;
+    a pass is remembered in the cache by source hash). Raises KernelEmulationError on a
+    mismatch; without clang, warns once and returns."""
+    global _warned_no_clang
+    clang = syntax_compiler()
+    if clang is None:
+        if not _warned_no_clang:
+            _warned_no_clang = True
+            print("ds4mlx: no clang found; the emulator skips its address-space check "
+                  "(install clang-16 or set DS4MLX_EMU_CLANG)", file=sys.stderr)
+        return
+    digest = hashlib.sha256("\0".join([cpp, _runtime_text(), clang]).encode()).hexdigest()[:32]
+    mark = _cache_dir() / f"{name}-{digest}.as-ok"
+    if mark.exists():
+        return
+    cmd = [clang, *_SYNTAX_FLAGS, "-I", str(METAL_DIR), "-"]
+    proc = subprocess.run(cmd, input=cpp, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        raise KernelEmulationError(
+            f"{name}: the kernel does not compile under Metal's rules (clang with address "
+            f"spaces, -pedantic-errors):\n" + "\n".join(errors[:8] or [proc.stderr[-2000:]]))
+    mark.write_bytes(b"")
 
 
 def _cxx_flags() -> list[str]:
@@ -210,8 +272,8 @@ def load_library(cpp: str, name: str) -> ctypes.CDLL:
         lib.ds4emu_launch.restype = ctypes.c_int
         lib.ds4emu_launch.argtypes = [
             ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong),
-            ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_longlong, ctypes.c_char_p,
-            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_longlong, ctypes.c_int,
+            ctypes.c_char_p, ctypes.c_int,
         ]
         _LIBS[digest] = lib
         return lib
@@ -242,31 +304,35 @@ class EmulatedKernel:
     def cpp_source(self, inputs: Sequence[mx.array], output_dtypes: Sequence[mx.Dtype],
                    template: Sequence[tuple[str, Any]]) -> str:
         """The C++ translation unit for one call signature."""
+        # Parameters as MLX declares them: `constant` for inputs of fewer than 8 elements and the
+        # shape extras, `device` otherwise (C-style casts: they may change the address space).
         params, args = [], []
         slot = 0
         for name, arr, (has_shape, has_strides, has_ndim) in zip(
                 self.input_names, inputs, self.shape_infos):
             ctype = _dtype_info(arr.dtype, f"{self.name} input {name}")[1]
+            space = "constant" if arr.size < MAX_CONSTANT_ARRAY_SIZE else "device"
             if arr.ndim == 0:
-                params.append(f"const {ctype}& {name}")
-                args.append(f"*static_cast<const {ctype}*>(p[{slot}])")
+                params.append(f"const {space} {ctype}& {name}")
+                args.append(f"*(const {space} {ctype}*)p[{slot}]")
             else:
-                params.append(f"const {ctype}* {name}")
-                args.append(f"static_cast<const {ctype}*>(p[{slot}])")
+                params.append(f"const {space} {ctype}* {name}")
+                args.append(f"(const {space} {ctype}*)p[{slot}]")
             slot += 1
             if arr.ndim > 0:
                 for present, decl, cast in (
-                        (has_shape, f"const int* {name}_shape", "static_cast<const int*>"),
-                        (has_strides, f"const int64_t* {name}_strides", "static_cast<const int64_t*>"),
-                        (has_ndim, f"const int& {name}_ndim", "*static_cast<const int*>")):
+                        (has_shape, f"const constant int* {name}_shape", "(const constant int*)"),
+                        (has_strides, f"const constant int64_t* {name}_strides",
+                         "(const constant int64_t*)"),
+                        (has_ndim, f"const constant int& {name}_ndim", "*(const constant int*)")):
                     if present:
                         params.append(decl)
-                        args.append(f"{cast}(p[{slot}])")
+                        args.append(f"{cast}p[{slot}]")
                         slot += 1
         for name, dtype in zip(self.output_names, output_dtypes):
             ctype = _dtype_info(dtype, f"{self.name} output {name}")[1]
-            params.append(f"{ctype}* {name}")
-            args.append(f"static_cast<{ctype}*>(p[{slot}])")
+            params.append(f"device {ctype}* {name}")
+            args.append(f"(device {ctype}*)p[{slot}]")
             slot += 1
         for attr, atype in self.attributes:
             params.append(f"{atype} {attr}")
@@ -287,8 +353,9 @@ class EmulatedKernel:
         lines.append("}  // namespace")
         lines.append(
             'extern "C" int ds4emu_launch(void** args, const long long* grid, const long long* tg,'
-            " int workers, long long stack, char* err, int errlen) {\n"
-            "  return mtlemu::launch(lane_entry, args, grid, tg, workers, stack, err, errlen);\n}\n"
+            " int workers, long long stack, int order, char* err, int errlen) {\n"
+            "  return mtlemu::launch(lane_entry, args, grid, tg, workers, stack, order, err, errlen);"
+            "\n}\n"
         )
         return "\n".join(lines)
 
@@ -315,7 +382,9 @@ class EmulatedKernel:
         cpp = self.cpp_source(arrays, output_dtypes, list(template or []))
         if verbose:
             print(f"Generated C++ for `{name}`:\n{cpp}")
-        lib = load_library(cpp, re.sub(r"\W", "_", name))
+        cname = re.sub(r"\W", "_", name)
+        check_address_spaces(cpp, cname)
+        lib = load_library(cpp, cname)
 
         keep: list[np.ndarray] = []
         for arr, (has_shape, has_strides, has_ndim) in zip(arrays, self.shape_infos):
@@ -329,28 +398,55 @@ class EmulatedKernel:
                     keep.append(np.ascontiguousarray(strides, dtype=np.int64))
                 if has_ndim:
                     keep.append(np.array(arr.ndim, dtype=np.int32))
-        outs = []
-        for shape, dtype in zip(output_shapes, output_dtypes):
-            np_dtype = _dtype_info(dtype, f"{name} output")[0]
-            if init_value is None:
-                buf = np.empty(tuple(shape), dtype=np_dtype)
-                buf.view(np.uint8)[...] = 0xFF
-            else:
-                buf = _to_numpy(mx.full(tuple(shape), init_value, dtype=dtype), np_dtype)
-            outs.append(np.ascontiguousarray(buf))
-        ptrs = (ctypes.c_void_p * (len(keep) + len(outs)))(
-            *[b.ctypes.data for b in keep], *[b.ctypes.data for b in outs])
-        err = ctypes.create_string_buffer(512)
-        rc = lib.ds4emu_launch(ptrs, (ctypes.c_longlong * 3)(*grid),
-                               (ctypes.c_longlong * 3)(*threadgroup), _workers(),
-                               _stack_size(), err, len(err))
-        if rc != 0:
-            raise KernelEmulationError(f"{name}: {err.value.decode(errors='replace')}")
+        def launch(order: str) -> list[np.ndarray]:
+            outs = []
+            for shape, dtype in zip(output_shapes, output_dtypes):
+                np_dtype = _dtype_info(dtype, f"{name} output")[0]
+                if init_value is None:
+                    buf = np.empty(tuple(shape), dtype=np_dtype)
+                    buf.view(np.uint8)[...] = 0xFF
+                else:
+                    buf = _to_numpy(mx.full(tuple(shape), init_value, dtype=dtype), np_dtype)
+                outs.append(np.ascontiguousarray(buf))
+            ptrs = (ctypes.c_void_p * (len(keep) + len(outs)))(
+                *[b.ctypes.data for b in keep], *[b.ctypes.data for b in outs])
+            err = ctypes.create_string_buffer(512)
+            rc = lib.ds4emu_launch(ptrs, (ctypes.c_longlong * 3)(*grid),
+                                   (ctypes.c_longlong * 3)(*threadgroup), _workers(),
+                                   _stack_size(), ORDERS[order], err, len(err))
+            if rc != 0:
+                raise KernelEmulationError(f"{name}: {err.value.decode(errors='replace')}")
+            return outs
+
+        outs = launch("forward")
+        if _check_orders(cpp):
+            for order in ("reversed", "shuffled"):
+                for out_name, a, b in zip(self.output_names, outs, launch(order)):
+                    if a.tobytes() != b.tobytes():
+                        raise KernelEmulationError(
+                            f"{name}: output {out_name} depends on the order the lanes run in "
+                            f"(forward vs {order}); a threadgroup_barrier is probably missing")
         results = []
         for buf, dtype in zip(outs, output_dtypes):
             out = mx.array(buf)
             results.append(out.view(mx.bfloat16) if dtype == mx.bfloat16 else out)
         return results
+
+
+def _check_orders(cpp: str) -> bool:
+    """Whether this launch runs in every lane order: the first of each compiled kernel (or every
+    one / none, as $DS4MLX_EMU_ORDERS says)."""
+    mode = os.environ.get("DS4MLX_EMU_ORDERS", "first").strip().lower()
+    if mode == "off":
+        return False
+    if mode == "every":
+        return True
+    key = hashlib.sha256(cpp.encode()).hexdigest()
+    with _LOCK:
+        if key in _ORDER_CHECKED:
+            return False
+        _ORDER_CHECKED.add(key)
+        return True
 
 
 def _workers() -> int:

@@ -6,8 +6,13 @@
 // is released from a collective once all its live lanes wait there (lanes that returned are
 // inactive, as on the GPU); the threadgroup is released from a barrier once all lanes wait there.
 // Anything else (lanes waiting at different collectives, a barrier that some lanes skipped) is a
-// divergence and is reported as an error. Threadgroups are spread over a few OS threads;
-// threadgroup memory is per OS thread (see metal_compat.h).
+// divergence and is reported as an error. Threadgroups are spread over a few OS threads.
+//
+// Stricter than the GPU on purpose: threadgroup memory is an arena of Metal's 32 KB limit per
+// OS thread, filled with 0xFF bytes at the start of every threadgroup (a GPU does not zero it),
+// and the lanes of a threadgroup can be scheduled forward, reversed or shuffled (the harness
+// compares the results, so a kernel that depends on lane order, e.g. a missing barrier after a
+// lane-0 write, is caught).
 #pragma once
 
 // Only C headers: every kernel compiles this file, and the C++ standard headers would double
@@ -106,8 +111,13 @@ struct Lane {
   Ctx ctx;
   LaneState state;
   int op;
+  size_t tg_used;  // threadgroup bytes this lane's declarations have claimed so far
   LaneIds ids;
 };
+
+// Metal's threadgroup memory limit (MTLDevice.maxThreadgroupMemoryLength on Apple GPUs).
+enum { TG_LIMIT = 32768 };
+enum { ORDER_FORWARD = 0, ORDER_REVERSE = 1, ORDER_SHUFFLE = 2 };
 
 typedef void (*KernelFn)(void* args, const LaneIds& ids);
 
@@ -121,6 +131,9 @@ struct Group {
   int capacity = 0;  // lanes with a stack
   size_t stack_size = 0;
   int n = 0, current = 0;
+  int* order = nullptr;          // lane scheduling order of the current threadgroup
+  unsigned char* arena = nullptr;  // threadgroup memory, TG_LIMIT bytes
+  size_t arena_high = 0;           // bytes any threadgroup has claimed (poisoned each time)
   KernelFn fn = nullptr;
   void* args = nullptr;
   char error[256] = {0};
@@ -132,6 +145,8 @@ struct Group {
     free(slots);
     free(snapshot);
     free(snapshot_mask);
+    free(order);
+    free(arena);
   }
 };
 
@@ -160,6 +175,28 @@ inline void park(LaneState state, int op) {
 }
 
 inline void threadgroup_barrier() { park(WAIT_TG, OP_BARRIER); }
+
+// Storage of one `threadgroup` declaration: every lane runs the same declarations in the same
+// order, so the k-th one gets the same offset in every lane. Past TG_LIMIT the launch fails
+// (Metal refuses such a pipeline) and the lane stops before it can touch the memory.
+inline void* tg_alloc(size_t size, size_t align) {
+  Group* g = tls_group;
+  Lane& lane = g->lanes[g->current];
+  size_t at = (lane.tg_used + align - 1) & ~(align - 1);
+  if (at + size > size_t(TG_LIMIT)) {
+    char msg[200];
+    snprintf(msg, sizeof msg,
+             "threadgroup memory: the declarations need %zu bytes, over Metal's %d-byte limit",
+             at + size, int(TG_LIMIT));
+    fail(g, msg);
+    lane.state = DONE;
+    ctx_switch(lane.ctx, g->sched);
+    __builtin_unreachable();
+  }
+  lane.tg_used = at + size;
+  if (lane.tg_used > g->arena_high) g->arena_high = lane.tg_used;
+  return g->arena + at;
+}
 
 template <typename T> struct SimdView {
   const T* values;  // one per lane of the simdgroup (valid where mask has the bit)
@@ -217,12 +254,15 @@ inline bool release_simdgroups(Group& g) {
 
 // Runs one threadgroup to completion; false (and g.error) on divergence.
 inline bool run_group(Group& g) {
+  memset(g.arena, 0xFF, g.arena_high);  // what an earlier threadgroup left is garbage
   for (int i = 0; i < g.n; ++i) {
     g.lanes[i].state = READY;
+    g.lanes[i].tg_used = 0;
     ctx_make(g.lanes[i].ctx, g.stacks[i] + getpagesize(), g.stack_size, fiber_main);
   }
   for (;;) {
-    for (int i = 0; i < g.n; ++i) {
+    for (int o = 0; o < g.n; ++o) {
+      int i = g.order[o];
       if (g.lanes[i].state != READY) continue;
       g.current = i;
       ctx_switch(g.sched, g.lanes[i].ctx);
@@ -257,7 +297,11 @@ inline void setup_group(Group& g, int max_lanes, size_t stack_size) {
   g.slots = static_cast<Slot*>(calloc(size_t(max_lanes), sizeof(Slot)));
   g.snapshot = static_cast<Slot*>(calloc(size_t(max_lanes), sizeof(Slot)));
   g.snapshot_mask = static_cast<uint32_t*>(calloc(size_t(max_lanes + 31) / 32, sizeof(uint32_t)));
-  if (!g.lanes || !g.stacks || !g.slots || !g.snapshot || !g.snapshot_mask) {
+  g.order = static_cast<int*>(calloc(size_t(max_lanes), sizeof(int)));
+  g.arena = static_cast<unsigned char*>(aligned_alloc(64, TG_LIMIT));
+  if (g.arena) memset(g.arena, 0xFF, TG_LIMIT);
+  if (!g.lanes || !g.stacks || !g.slots || !g.snapshot || !g.snapshot_mask || !g.order ||
+      !g.arena) {
     fail(&g, "out of memory for the lanes of a threadgroup");
     return;
   }
@@ -277,6 +321,23 @@ inline void setup_group(Group& g, int max_lanes, size_t stack_size) {
 
 inline unsigned div_up(unsigned a, unsigned b) { return (a + b - 1) / b; }
 
+// Lane scheduling order of threadgroup `id`: forward, reversed, or a permutation that depends
+// on the threadgroup (xorshift Fisher-Yates, the same on every run).
+inline void set_order(int* order, int n, int kind, long long id) {
+  for (int i = 0; i < n; ++i) order[i] = kind == ORDER_REVERSE ? n - 1 - i : i;
+  if (kind != ORDER_SHUFFLE) return;
+  uint64_t s = 0x9E3779B97F4A7C15ull ^ uint64_t(id + 1) * 0xBF58476D1CE4E5B9ull;
+  for (int i = n - 1; i > 0; --i) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    int j = int(s % uint64_t(i + 1));
+    int tmp = order[i];
+    order[i] = order[j];
+    order[j] = tmp;
+  }
+}
+
 struct Launch {
   KernelFn fn;
   void* args;
@@ -284,6 +345,7 @@ struct Launch {
   long long total_groups;
   int max_lanes;
   size_t stack_size;
+  int order;       // ORDER_*
   long long next;  // next threadgroup to run (atomic)
   int failed;      // atomic flag
 };
@@ -346,6 +408,7 @@ inline void run_worker(Worker& w) {
           t.quadgroups_per_threadgroup = div_up(unsigned(g.n), 4);
           t.dispatch_quadgroups_per_threadgroup = div_up(unsigned(L.max_lanes), 4);
         }
+    set_order(g.order, g.n, L.order, id);
     if (!run_group(g)) {
       __atomic_store_n(&L.failed, 1, __ATOMIC_SEQ_CST);
       break;
@@ -362,8 +425,9 @@ inline void* worker_main(void* w) {
 // Dispatches grid[3] threads in threadgroups of tg[3] (clamped to the grid, as MLX does; edge
 // threadgroups are partial, as with dispatchThreads). Returns 0, or 1 with `err` filled.
 inline int launch(KernelFn fn, void* args, const long long* grid_in, const long long* tg_in,
-                  int workers, long long stack_size, char* err, int errlen) {
+                  int workers, long long stack_size, int order, char* err, int errlen) {
   Launch L = {};
+  L.order = order;
   L.fn = fn;
   L.args = args;
   for (int d = 0; d < 3; ++d) {

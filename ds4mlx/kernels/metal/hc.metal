@@ -3,11 +3,12 @@
 // float32 and the weighted collapse of the streams. 86 calls per token are launch-bound as ops.
 //
 // Each `// @kernel NAME` section is the body of one mx.fast.metal_kernel (see moe.metal).
+// DS4_HC_TG (threads per token) is defined from Python, which sizes the grid with it. The
+// transcendental functions are precise::, so the mixing weights match the ops twin.
 
-#define DS4_HC_TG 256
 #define DS4_HC_SIMDGROUPS (DS4_HC_TG / 32)
 
-METAL_FUNC float ds4_sigmoid(float x) { return 1.0f / (1.0f + metal::exp(-x)); }
+METAL_FUNC float ds4_sigmoid(float x) { return 1.0f / (1.0f + precise::exp(-x)); }
 
 // @kernel hc_pre
 // h [N, M * D] (T: M streams of D per token), fn [MIX, M * D] (FT), base [MIX], scale [3]
@@ -43,10 +44,10 @@ if (t == 0) {
     tot[j] = 0.0f;
     for (int s = 0; s < DS4_HC_SIMDGROUPS; ++s) tot[j] += part[s * (MIX + 1) + j];
   }
-  float inv = metal::rsqrt(tot[MIX] / float(md) + norm_eps);
+  float inv = precise::rsqrt(tot[MIX] / float(md) + norm_eps);
   for (int i = 0; i < M; ++i) {
     pre_w[i] = ds4_sigmoid(tot[i] * inv * scale[0] + base[i]) + eps;
-    post[tok * M + i] = 2.0f * ds4_sigmoid(tot[M + i] * inv * scale[1] + base[M + i]);
+    post[ulong(tok) * M + i] = 2.0f * ds4_sigmoid(tot[M + i] * inv * scale[1] + base[M + i]);
   }
   // comb: row softmax (+ eps) and a column normalisation, then iters - 1 rounds of row and
   // column normalisation
@@ -59,7 +60,7 @@ if (t == 0) {
     }
     float sum = 0.0f;
     for (int j = 0; j < M; ++j) {
-      c[i * M + j] = metal::exp(c[i * M + j] - mx);
+      c[i * M + j] = precise::exp(c[i * M + j] - mx);
       sum += c[i * M + j];
     }
     for (int j = 0; j < M; ++j) c[i * M + j] = c[i * M + j] / sum + eps;
@@ -78,12 +79,12 @@ if (t == 0) {
       for (int i = 0; i < M; ++i) c[i * M + j] = c[i * M + j] / (sum + eps);
     }
   }
-  for (int i = 0; i < M * M; ++i) comb[tok * M * M + i] = c[i];
+  for (int i = 0; i < M * M; ++i) comb[ulong(tok) * M * M + i] = c[i];
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
 for (uint d = t; d < uint(D); d += DS4_HC_TG) {
   float s = 0.0f;
-  for (int i = 0; i < M; ++i) s += pre_w[i] * float(h[base_h + uint(i) * uint(D) + d]);
+  for (int i = 0; i < M; ++i) s += pre_w[i] * float(h[base_h + ulong(i) * uint(D) + d]);
   x[ulong(tok) * uint(D) + d] = s;
 }

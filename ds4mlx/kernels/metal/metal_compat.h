@@ -1,13 +1,25 @@
 // C++ stand-in for the subset of the Metal Shading Language our kernels use, so the same
-// kernel sources compile with g++ and run on the CPU (ds4mlx/kernel_emu.py).
+// kernel sources compile with g++ and run on the CPU (ds4mlx/kernels/emu.py).
 //
 // The subset: address-space qualifiers (device, constant, thread, threadgroup), scalar types
 // incl. half and bfloat, 2/3/4-vectors, as_type, the math functions below, simd_sum / simd_max /
 // simd_min / simd_shuffle* / simd_broadcast / simd_prefix_*_sum, threadgroup_barrier and
-// simdgroup_barrier. Declare threadgroup arrays on a line of their own
-// (`threadgroup float tile[64];`): the harness turns those into storage shared by the lanes of
-// a threadgroup. Every lane of a threadgroup runs as a fiber (metal/emu_runtime.h), so barriers
-// and simd collectives synchronise exactly as on the GPU, and divergent barriers are reported.
+// simdgroup_barrier. Declare threadgroup arrays at kernel scope on a line of their own
+// (`threadgroup float tile[64];`): the harness turns those into storage in the threadgroup
+// arena of emu_runtime.h (32 KB, poisoned per threadgroup). Every lane of a threadgroup runs as
+// a fiber, so barriers and simd collectives synchronise exactly as on the GPU, and divergent
+// barriers are reported.
+//
+// Address spaces: the build (g++) defines the qualifiers away; the syntax pass of emu.py
+// compiles the same text with clang and -DMTLEMU_ADDRESS_SPACES, where they are clang address
+// spaces, so a pointer handed to a helper of another address space (a `constant` input where a
+// `device` pointer is expected, a threadgroup array where a `thread` pointer is) fails to
+// compile as it does in Metal.
+//
+// Math: precise:: is the host libm (correctly rounded or nearly); fast:: and the unqualified
+// functions return the libm result moved by up to MTLEMU_FAST_ULP ulp (a deterministic function
+// of the argument), the error Metal's fast math may add. MLX compiles with fast math off today,
+// but a kernel whose result must not move belongs on precise:: rather than on a compile option.
 #pragma once
 
 #include <stdint.h>
@@ -24,6 +36,11 @@ typedef uint64_t ulong;
 typedef _Float16 half;
 
 // ------------------------------------------------------------------------------- bfloat
+#ifdef MTLEMU_ADDRESS_SPACES
+// The syntax pass only type-checks: clang's scalar __bf16 stands in, since a class type cannot be
+// read through an address-space pointer without address-space-qualified members.
+typedef __bf16 bfloat;
+#else
 // Storage is the upper 16 bits of a float32; float -> bfloat rounds to nearest even.
 // bfloat op bfloat gives bfloat (computed in float, rounded once, as on the GPU); mixed
 // operations go through the implicit conversion to float.
@@ -62,6 +79,7 @@ template <typename U> inline bfloat& operator+=(bfloat& a, U b) { return a = bfl
 template <typename U> inline bfloat& operator-=(bfloat& a, U b) { return a = bfloat(float(a) - float(b)); }
 template <typename U> inline bfloat& operator*=(bfloat& a, U b) { return a = bfloat(float(a) * float(b)); }
 template <typename U> inline bfloat& operator/=(bfloat& a, U b) { return a = bfloat(float(a) / float(b)); }
+#endif
 
 // ------------------------------------------------------------------------------- vectors
 template <typename T, int N> struct vec;
@@ -138,10 +156,16 @@ DS4EMU_VEC_TYPES(uchar, uchar)
 
 #include "emu_runtime.h"  // before the macros below: they would break <thread>
 
+#ifdef MTLEMU_ADDRESS_SPACES
+#define device __attribute__((address_space(1)))
+#define constant __attribute__((address_space(2)))
+#define threadgroup __attribute__((address_space(3)))
+#else
 #define device
 #define constant
-#define thread
 #define threadgroup
+#endif
+#define thread
 #define METAL_FUNC inline
 
 namespace metal {
@@ -155,32 +179,71 @@ template <typename To, typename From> inline To as_type(const From& v) {
 }
 
 // ------------------------------------------------------------------------------- math
+#ifndef MTLEMU_FAST_ULP
+#define MTLEMU_FAST_ULP 4
+#endif
+// libm's result moved by -MTLEMU_FAST_ULP..+MTLEMU_FAST_ULP ulp, chosen by a hash of the
+// argument's bits (0 for exact zeros, infinities and NaNs, which fast math keeps).
+inline float fast_perturb(float r, float x) {
+  uint32_t rb, xb;
+  memcpy(&rb, &r, 4);
+  memcpy(&xb, &x, 4);
+  if ((rb & 0x7fffffffu) == 0 || (rb & 0x7f800000u) == 0x7f800000u) return r;
+  uint32_t h = xb * 0x9E3779B1u;
+  h ^= h >> 15;
+  h *= 0x85EBCA77u;
+  h ^= h >> 13;
+  int steps = int(h % uint32_t(2 * MTLEMU_FAST_ULP + 1)) - MTLEMU_FAST_ULP;
+  uint32_t mag = rb & 0x7fffffffu;
+  int64_t moved = int64_t(mag) + steps;
+  if (moved < 1) moved = 1;
+  if (moved >= 0x7f800000) moved = 0x7f7fffff;
+  rb = (rb & 0x80000000u) | uint32_t(moved);
+  memcpy(&r, &rb, 4);
+  return r;
+}
+inline float rsqrt_exact(float x) { return 1.0f / __builtin_sqrtf(x); }
+
 // Float math in float32 (half/bfloat arguments are widened and the result narrowed back).
-#define DS4EMU_MATH1(name, impl)                                                  \
-  inline float name(float x) { return impl(x); }                                 \
-  inline half name(half x) { return half(impl(float(x))); }                      \
-  inline bfloat name(bfloat x) { return bfloat(impl(float(x))); }
-inline float rsqrt_f(float x) { return 1.0f / __builtin_sqrtf(x); }
-DS4EMU_MATH1(exp, __builtin_expf)
-DS4EMU_MATH1(exp2, __builtin_exp2f)
-DS4EMU_MATH1(log, __builtin_logf)
-DS4EMU_MATH1(log2, __builtin_log2f)
-DS4EMU_MATH1(sqrt, __builtin_sqrtf)
-DS4EMU_MATH1(rsqrt, rsqrt_f)
-DS4EMU_MATH1(tanh, __builtin_tanhf)
-DS4EMU_MATH1(floor, __builtin_floorf)
-DS4EMU_MATH1(ceil, __builtin_ceilf)
-DS4EMU_MATH1(round, __builtin_roundf)
-DS4EMU_MATH1(rint, __builtin_rintf)
-DS4EMU_MATH1(trunc, __builtin_truncf)
-DS4EMU_MATH1(fabs, __builtin_fabsf)
-DS4EMU_MATH1(sin, __builtin_sinf)
-DS4EMU_MATH1(cos, __builtin_cosf)
+#define DS4EMU_MATH1(name, impl, wrap)                                            \
+  inline float name(float x) { return wrap(impl(x), x); }                        \
+  inline half name(half x) { return half(wrap(impl(float(x)), float(x))); }      \
+  inline bfloat name(bfloat x) { return bfloat(wrap(impl(float(x)), float(x))); }
+#define DS4EMU_EXACT(r, x) (r)
+#define DS4EMU_TRANSCENDENTALS(wrap)              \
+  DS4EMU_MATH1(exp, __builtin_expf, wrap)         \
+  DS4EMU_MATH1(exp2, __builtin_exp2f, wrap)       \
+  DS4EMU_MATH1(log, __builtin_logf, wrap)         \
+  DS4EMU_MATH1(log2, __builtin_log2f, wrap)       \
+  DS4EMU_MATH1(sqrt, __builtin_sqrtf, wrap)       \
+  DS4EMU_MATH1(rsqrt, rsqrt_exact, wrap)          \
+  DS4EMU_MATH1(tanh, __builtin_tanhf, wrap)       \
+  DS4EMU_MATH1(sin, __builtin_sinf, wrap)         \
+  DS4EMU_MATH1(cos, __builtin_cosf, wrap)         \
+  inline float pow(float a, float b) { return wrap(__builtin_powf(a, b), a * 3.0f + b); }
+namespace precise {
+DS4EMU_TRANSCENDENTALS(DS4EMU_EXACT)
+}  // namespace precise
+namespace fast {
+DS4EMU_TRANSCENDENTALS(fast_perturb)
+}  // namespace fast
+using fast::exp; using fast::exp2; using fast::log; using fast::log2; using fast::sqrt;
+using fast::rsqrt; using fast::tanh; using fast::sin; using fast::cos; using fast::pow;
+#undef DS4EMU_TRANSCENDENTALS
+#undef DS4EMU_EXACT
+#define DS4EMU_EXACT(r, x) (r)
+// Exact in Metal as well (no rounding error to model).
+DS4EMU_MATH1(floor, __builtin_floorf, DS4EMU_EXACT)
+DS4EMU_MATH1(ceil, __builtin_ceilf, DS4EMU_EXACT)
+DS4EMU_MATH1(round, __builtin_roundf, DS4EMU_EXACT)
+DS4EMU_MATH1(rint, __builtin_rintf, DS4EMU_EXACT)
+DS4EMU_MATH1(trunc, __builtin_truncf, DS4EMU_EXACT)
+DS4EMU_MATH1(fabs, __builtin_fabsf, DS4EMU_EXACT)
+#undef DS4EMU_EXACT
 #undef DS4EMU_MATH1
 inline float abs(float x) { return __builtin_fabsf(x); }
 inline half abs(half x) { return half(__builtin_fabsf(float(x))); }
 inline int abs(int x) { return x < 0 ? -x : x; }
-inline float pow(float a, float b) { return __builtin_powf(a, b); }
 inline float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline bool isnan(float x) { return __builtin_isnan(x); }
 inline bool isinf(float x) { return __builtin_isinf(x); }
@@ -203,16 +266,6 @@ inline float sign(float x) { return x > 0 ? 1.0f : (x < 0 ? -1.0f : 0.0f); }
 inline uint popcount(uint x) { return uint(__builtin_popcount(x)); }
 inline uint popcount(ushort x) { return uint(__builtin_popcount(uint(x))); }
 inline uint popcount(uchar x) { return uint(__builtin_popcount(uint(x))); }
-
-// metal::precise:: and metal::fast:: variants: same functions here (the CPU has one libm).
-namespace precise {
-using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt;
-using metal::rsqrt; using metal::tanh; using metal::pow; using metal::sin; using metal::cos;
-}  // namespace precise
-namespace fast {
-using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt;
-using metal::rsqrt; using metal::tanh; using metal::pow; using metal::sin; using metal::cos;
-}  // namespace fast
 
 // ------------------------------------------------------------------------------- sync
 enum class mem_flags : unsigned { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };

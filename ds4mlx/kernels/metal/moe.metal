@@ -1,16 +1,20 @@
-// Routed-expert kernels on packed weights (any QFmt), loaded by ds4mlx/kernels.py.
+// Routed-expert kernels on packed weights (any QFmt), loaded by ds4mlx/kernels/__init__.py.
 //
 // Each `// @kernel NAME` section is the body of one mx.fast.metal_kernel; the text above the
 // first section is the header shared by all of them. Template parameters: T (activation dtype),
 // FMT (a DS4_* format id), OutT (output dtype) where noted. Weights are [E, rows, row_bytes]
 // packed bytes `w` plus, for MXFP4, [E, rows, scale_bytes] scales `s` (a dummy otherwise).
-// Sizes come in as 0-d int inputs; k (experts per token) is one of them, never a constant.
+// Sizes come in as 0-d int inputs; k (experts per token) is one of them, never a constant, and
+// E (experts in the weights) bounds the expert ids: a pair whose id is out of range reads no
+// weights and writes NaN, so a bad id cannot read past the weights and cannot pass unnoticed.
+// Tile sizes (DS4_ROWS, DS4_SIMDGROUPS, DS4_BM, DS4_BN, DS4_BK, DS4_TG) are defined from
+// Python, which sizes the grids with the same values.
 #include "quant.h"
 
 // Decode: a simdgroup computes DS4_ROWS output rows of one (token, expert) pair; its lanes
 // stride over the row 8 elements at a time.
-#define DS4_ROWS 4
-#define DS4_SIMDGROUPS 2
+
+METAL_FUNC float ds4_nan() { return as_type<float>(0x7fc00000u); }
 
 METAL_FUNC float ds4_dot8(thread const float* a, thread const float* b) {
   float s = 0.0f;
@@ -24,16 +28,12 @@ METAL_FUNC float ds4_swiglu(float g, float u, float limit) {
     g = min(g, limit);
     u = clamp(u, -limit, limit);
   }
-  return g * (1.0f / (1.0f + metal::exp(-g))) * u;
+  return g * (1.0f / (1.0f + precise::exp(-g))) * u;  // precise: must match the ops twin
 }
 
 // Prefill: a threadgroup of DS4_TG threads computes a DS4_BM x DS4_BN tile of outputs for
 // DS4_BM expert-sorted (token, expert) pairs, K in steps of DS4_BK, dequantizing each weight
 // tile into threadgroup memory once for all the pairs of the tile that use that expert.
-#define DS4_BM 32
-#define DS4_BN 32
-#define DS4_BK 32
-#define DS4_TG 128
 
 // @kernel dequant_rows
 // Dequantize rows: w [R, row_bytes] (+ s [R, scale_bytes]) -> out [R, K] float32.
@@ -42,9 +42,9 @@ uint piece = thread_position_in_grid.x;
 uint row = thread_position_in_grid.y;
 if (piece * 8 >= uint(K)) return;
 float v[8];
-QFmt<FMT>::load8(w + row * QFmt<FMT>::row_bytes(K), s + row * QFmt<FMT>::scale_bytes(K),
-                 piece * 8, v);
-for (int i = 0; i < 8; ++i) out[row * uint(K) + piece * 8 + i] = v[i];
+QFmt<FMT>::load8(w + ulong(row) * QFmt<FMT>::row_bytes(K),
+                 s + ulong(row) * QFmt<FMT>::scale_bytes(K), piece * 8, v);
+for (int i = 0; i < 8; ++i) out[ulong(row) * uint(K) + piece * 8 + i] = v[i];
 
 // @kernel moe_gate_up_decode
 // x [N, K] (T), w1/w3 [E, F, .] with scales s1/s3, idx [N * k] uint32 (pair p = token * k +
@@ -56,8 +56,13 @@ uint row0 = (threadgroup_position_in_grid.x * DS4_SIMDGROUPS + simdgroup_index_i
             DS4_ROWS;
 uint tok = pair / uint(k);
 uint e = idx[pair];
-uint rb = QFmt<FMT>::row_bytes(K);
-uint sb = QFmt<FMT>::scale_bytes(K);
+if (e >= uint(E)) {  // the same for the whole threadgroup: no lane is left at a collective
+  for (int r = 0; r < DS4_ROWS; ++r)
+    if (lane == 0 && row0 + r < uint(F)) mid[ulong(pair) * uint(F) + row0 + r] = ds4_nan();
+  return;
+}
+ulong rb = QFmt<FMT>::row_bytes(K);
+ulong sb = QFmt<FMT>::scale_bytes(K);
 float g[DS4_ROWS];
 float u[DS4_ROWS];
 for (int r = 0; r < DS4_ROWS; ++r) {
@@ -66,7 +71,7 @@ for (int r = 0; r < DS4_ROWS; ++r) {
 }
 for (uint c = lane * 8; c < uint(K); c += 32 * 8) {
   float xv[8];
-  for (int i = 0; i < 8; ++i) xv[i] = float(x[tok * uint(K) + c + i]);
+  for (int i = 0; i < 8; ++i) xv[i] = float(x[ulong(tok) * uint(K) + c + i]);
   for (int r = 0; r < DS4_ROWS; ++r) {
     uint row = row0 + r;
     if (row >= uint(F)) break;
@@ -82,7 +87,7 @@ for (int r = 0; r < DS4_ROWS; ++r) {
   float gs = simd_sum(g[r]);
   float us = simd_sum(u[r]);
   uint row = row0 + r;
-  if (lane == 0 && row < uint(F)) mid[pair * uint(F) + row] = ds4_swiglu(gs, us, limit);
+  if (lane == 0 && row < uint(F)) mid[ulong(pair) * uint(F) + row] = ds4_swiglu(gs, us, limit);
 }
 
 // @kernel moe_down_decode
@@ -93,18 +98,23 @@ uint tok = threadgroup_position_in_grid.y;
 uint lane = thread_index_in_simdgroup;
 uint row0 = (threadgroup_position_in_grid.x * DS4_SIMDGROUPS + simdgroup_index_in_threadgroup) *
             DS4_ROWS;
-uint rb = QFmt<FMT>::row_bytes(F);
-uint sb = QFmt<FMT>::scale_bytes(F);
+ulong rb = QFmt<FMT>::row_bytes(F);
+ulong sb = QFmt<FMT>::scale_bytes(F);
 float acc[DS4_ROWS];
 for (int r = 0; r < DS4_ROWS; ++r) acc[r] = 0.0f;
+bool bad_id = false;
 for (uint j = 0; j < uint(k); ++j) {
   uint pair = tok * uint(k) + j;
   uint e = idx[pair];
+  if (e >= uint(E)) {  // uniform over the threadgroup (one token)
+    bad_id = true;
+    continue;
+  }
   float part[DS4_ROWS];
   for (int r = 0; r < DS4_ROWS; ++r) part[r] = 0.0f;
   for (uint c = lane * 8; c < uint(F); c += 32 * 8) {
     float mv[8];
-    for (int i = 0; i < 8; ++i) mv[i] = mid[pair * uint(F) + c + i];
+    for (int i = 0; i < 8; ++i) mv[i] = mid[ulong(pair) * uint(F) + c + i];
     for (int r = 0; r < DS4_ROWS; ++r) {
       uint row = row0 + r;
       if (row >= uint(D)) break;
@@ -119,7 +129,7 @@ for (uint j = 0; j < uint(k); ++j) {
 }
 for (int r = 0; r < DS4_ROWS; ++r) {
   uint row = row0 + r;
-  if (lane == 0 && row < uint(D)) y[tok * uint(D) + row] = OutT(acc[r]);
+  if (lane == 0 && row < uint(D)) y[ulong(tok) * uint(D) + row] = OutT(bad_id ? ds4_nan() : acc[r]);
 }
 
 // @kernel moe_matmul_sorted
@@ -141,10 +151,11 @@ uint tm = t / 8;                // output rows 2tm, 2tm + 1 of the tile
 uint tn = t % 8;                // output columns 4tn .. 4tn + 3
 uint lr = t / 4;                // tile row this thread loads
 uint lc = (t % 4) * 8;          // first of the 8 columns it loads
-uint rb = QFmt<FMT>::row_bytes(K);
-uint sb = QFmt<FMT>::scale_bytes(K);
+ulong rb = QFmt<FMT>::row_bytes(K);
+ulong sb = QFmt<FMT>::scale_bytes(K);
 float acc1[2][4];
 float acc3[2][4];
+bool bad_id[2] = {false, false};
 for (int i = 0; i < 2; ++i)
   for (int j = 0; j < 4; ++j) {
     acc1[i][j] = 0.0f;
@@ -155,6 +166,14 @@ while (p < pend) {
   uint e = eid[p];
   uint q = p + 1;
   while (q < pend && eid[q] == e) ++q;
+  if (e >= uint(E)) {  // the run is the same for every thread: skip it, flag its rows
+    for (int i = 0; i < 2; ++i) {
+      uint row = p0 + 2 * tm + i;
+      if (row >= p && row < q) bad_id[i] = true;
+    }
+    p = q;
+    continue;
+  }
   for (uint kb = 0; kb < uint(K); kb += DS4_BK) {
     uint pr = p0 + lr;
     for (int i = 0; i < 8; ++i)
@@ -198,7 +217,7 @@ for (int i = 0; i < 2; ++i) {
   for (int j = 0; j < 4; ++j) {
     uint col = n0 + 4 * tn + j;
     if (col >= uint(NOUT)) continue;
-    out[ulong(order[row]) * uint(NOUT) + col] =
-        GATE_UP ? ds4_swiglu(acc1[i][j], acc3[i][j], limit) : acc1[i][j];
+    float v = GATE_UP ? ds4_swiglu(acc1[i][j], acc3[i][j], limit) : acc1[i][j];
+    out[ulong(order[row]) * uint(NOUT) + col] = bad_id[i] ? ds4_nan() : v;
   }
 }

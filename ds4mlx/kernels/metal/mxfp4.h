@@ -8,8 +8,8 @@ constant float ds4_e2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 template <> struct QFmt<DS4_MXFP4> {
-  static uint row_bytes(uint k) { return k / 2; }
-  static uint scale_bytes(uint k) { return k / 32; }
+  static ulong row_bytes(uint k) { return ulong(k / 2); }
+  static ulong scale_bytes(uint k) { return ulong(k / 32); }
   static void load8(const device uint8_t* w, const device uint8_t* s, uint e, thread float* v) {
     uint word = ((const device uint*)w)[e / 8];
     uint sb = s[e / 32];

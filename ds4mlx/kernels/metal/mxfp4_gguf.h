@@ -8,13 +8,13 @@ constant float ds4_e2m1_doubled[16] = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 6.0f, 8.0f,
                                        0.0f, -1.0f, -2.0f, -3.0f, -4.0f, -6.0f, -8.0f, -12.0f};
 
 template <> struct QFmt<DS4_MXFP4_GGUF> {
-  static uint row_bytes(uint k) { return k / 32 * 17; }
-  static uint scale_bytes(uint) { return 0; }
+  static ulong row_bytes(uint k) { return ulong(k / DS4_MXFP4_BLOCK) * DS4_MXFP4_BYTES; }
+  static ulong scale_bytes(uint) { return 0; }
   static void load8(const device uint8_t* w, const device uint8_t*, uint e, thread float* v) {
-    const device uint8_t* b = w + (e / 32) * 17;
+    const device uint8_t* b = w + (e / DS4_MXFP4_BLOCK) * DS4_MXFP4_BYTES;
     uint sb = b[0];
     float d = as_type<float>(sb < 2 ? (0x00200000u << sb) : ((sb - 1) << 23));
-    uint j = e % 32;
+    uint j = e % DS4_MXFP4_BLOCK;
     const device uint8_t* q = b + 1 + j % 16;
     uint shift = j < 16 ? 0 : 4;
     for (int i = 0; i < 8; ++i) v[i] = d * ds4_e2m1_doubled[(q[i] >> shift) & 15];

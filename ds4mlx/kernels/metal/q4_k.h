@@ -5,11 +5,11 @@
 #pragma once
 
 template <> struct QFmt<DS4_Q4_K> {
-  static uint row_bytes(uint k) { return k / 256 * 144; }
-  static uint scale_bytes(uint) { return 0; }
+  static ulong row_bytes(uint k) { return ulong(k / DS4_Q4_K_BLOCK) * DS4_Q4_K_BYTES; }
+  static ulong scale_bytes(uint) { return 0; }
   static void load8(const device uint8_t* w, const device uint8_t*, uint e, thread float* v) {
-    const device uint8_t* b = w + (e / 256) * 144;
-    uint r = e % 256;
+    const device uint8_t* b = w + (e / DS4_Q4_K_BLOCK) * DS4_Q4_K_BYTES;
+    uint r = e % DS4_Q4_K_BLOCK;
     uint j = r / 32;
     const device uint8_t* s = b + 4;
     uint sc, m;

@@ -2,12 +2,12 @@
 #pragma once
 
 template <> struct QFmt<DS4_Q8_0> {
-  static uint row_bytes(uint k) { return k / 32 * 34; }
-  static uint scale_bytes(uint) { return 0; }
+  static ulong row_bytes(uint k) { return ulong(k / DS4_Q8_0_BLOCK) * DS4_Q8_0_BYTES; }
+  static ulong scale_bytes(uint) { return 0; }
   static void load8(const device uint8_t* w, const device uint8_t*, uint e, thread float* v) {
-    const device uint8_t* b = w + (e / 32) * 34;
+    const device uint8_t* b = w + (e / DS4_Q8_0_BLOCK) * DS4_Q8_0_BYTES;
     float d = ds4_half_at(b);
-    const device int8_t* q = (const device int8_t*)(b + 2 + e % 32);
+    const device int8_t* q = (const device int8_t*)(b + 2 + e % DS4_Q8_0_BLOCK);
     for (int i = 0; i < 8; ++i) v[i] = float(q[i]) * d;
   }
 };

@@ -6,14 +6,13 @@
 // `scale_bytes(K)` E8M0 scales in a separate array). `load8(w, s, e, v)` dequantizes elements
 // e..e+7 (e a multiple of 8) of the row starting at w (scales at s) into v, in float32, with
 // the same arithmetic as the MLX-ops dequantizer, so the values are bit-identical.
+//
+// Defined from Python (ds4mlx/kernels/__init__.py, the one home of each value): the layout ids
+// DS4_Q8_0, DS4_Q4_K, DS4_Q2_K, DS4_IQ2_XXS, DS4_MXFP4 (MLX mxfp4: uint32 codes + separate
+// E8M0 scales), DS4_MXFP4_GGUF (GGUF MXFP4 blocks), and per GGUF format DS4_<F>_BLOCK weights
+// in DS4_<F>_BYTES bytes (gguf.GGML_QUANT_SIZES). Row offsets are 64-bit: a stack of experts
+// passes 2^32 bytes.
 #pragma once
-
-#define DS4_Q8_0 0
-#define DS4_Q4_K 1
-#define DS4_Q2_K 2
-#define DS4_IQ2_XXS 3
-#define DS4_MXFP4 4       // MLX mxfp4: uint32 codes + separate E8M0 scales
-#define DS4_MXFP4_GGUF 5  // GGUF MXFP4 blocks
 
 template <int F> struct QFmt;
 
