@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import check_hf_values
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
 from ..quant.mx import FP8_BLOCK, MX_GROUP, fp4_to_mxfp4, fp8_to_mxfp8, stack_fp4_to_mxfp4
 from ..names import TensorSpec, UnknownTensorName, hf_to_internal, official_layout
@@ -45,10 +46,15 @@ def read_config(path: str | Path) -> dict[str, Any]:
         config = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{p}: not UTF-8 text ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{p}: the configuration is a JSON {type(config).__name__}, expected an object")
     if config.get("model_type") != "deepseek_v4":
         raise CheckpointError(
             f"{p}: model_type is {config.get('model_type')!r}, expected 'deepseek_v4' (DeepSeek V4 Flash)"
         )
+    check_hf_values(config, str(p))  # before the layout is derived from the values
     return config
 
 
