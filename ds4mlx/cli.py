@@ -21,7 +21,9 @@ import typer
 
 # Sampling defaults are the Python API's (DeepSeek's temperature 1 / top-p 1, ds4's min-p 0.05);
 # ds4mlx.generate only imports mlx.core, which is quick.
+from .console import restore_interrupts
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
+from .generate import check_sampling, check_text
 
 DEFAULT_CHAT_MAX_TOKENS = 4096
 DEFAULT_CTX = 32768
@@ -101,8 +103,10 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if prompt is None and prompt_file is None:
         raise UsageProblem("no prompt: give --prompt TEXT, --prompt - (standard input) or --prompt-file FILE")
     if prompt == "-" or str(prompt_file) == "-":
-        text = sys.stdin.read()
+        what = "the prompt on standard input"
+        text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     elif prompt_file is not None:
+        what = f"{prompt_file}: the prompt file"
         try:
             text = prompt_file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -112,10 +116,29 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
         except FileNotFoundError:
             raise FileNotFoundError(f"{prompt_file}: prompt file not found") from None
     else:
-        text = prompt
+        what, text = "--prompt", prompt
+    check_text(text, what)
     if not text.strip():
         raise UsageProblem("the prompt is empty")
     return text
+
+
+def _check_settings(system: Optional[str], **sampling) -> None:
+    """Bad values fail here, before a model that may take minutes to load."""
+    check_sampling(**sampling)
+    if system is not None:
+        check_text(system, "--system")
+
+
+def _note_context_cap(loaded, ctx: int) -> int:
+    """The context actually available; says so when the model's maximum cuts a given --ctx."""
+    from .generate import context_limit
+
+    limit, capped = context_limit(loaded, ctx)
+    if capped and ctx != DEFAULT_CTX:
+        _status(f"note: --ctx {ctx} is more than this model's maximum context (max_position_embeddings = "
+                f"{limit}); using {limit}")
+    return limit
 
 
 def _check_thinking(think: Optional[bool], think_max: bool, ctx: int) -> None:
@@ -227,10 +250,12 @@ def generate(
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
     text = _read_prompt(prompt, prompt_file)
+    _check_settings(system, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     _check_thinking(think, think_max, ctx)
     if raw and (system is not None or think is not None or think_max):
         raise UsageProblem("--raw sends the prompt verbatim: --system, --think/--no-think and --think-max do not apply")
     loaded, tokenizer = _load(model, experts_per_token)
+    _note_context_cap(loaded, ctx)
     from .generate import chat_prompt, format_stats, stream_generate
 
     ids = text if raw else chat_prompt(
@@ -318,10 +343,14 @@ def chat(
     ctx: CtxOpt = DEFAULT_CTX,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
-    from .generate import ContextLengthError
+    from .generate import ContextLengthError, PromptError
 
+    _check_settings(system, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     _check_thinking(think, think_max, ctx)
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches check_text, which names it
+        sys.stdin.reconfigure(errors="surrogateescape")
     loaded, tokenizer = _load(model, experts_per_token)
+    ctx = _note_context_cap(loaded, ctx)
     if seed is not None:
         import mlx.core as mx
 
@@ -361,6 +390,11 @@ def chat(
                 last = session.turn(text, printer, interrupt)
             except ContextLengthError as e:
                 _status(f"error: {e}; /reset starts a new conversation")
+                continue
+            except PromptError as e:
+                if not interactive:
+                    raise  # a script's input: stop with the error
+                _status(f"error: {e}")
                 continue
             except KeyboardInterrupt:
                 print(flush=True)
@@ -477,6 +511,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = os.environ.get("DS4MLX_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
     try:
+        restore_interrupts()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
         rv = command.main(args=argv, prog_name="ds4mlx", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except KeyboardInterrupt:

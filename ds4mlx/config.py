@@ -25,6 +25,78 @@ _REQUIRED = (
     "num_hash_layers",
 )
 
+# What each scalar key must hold (checked before anything is built from it, so a bad value is
+# reported as the key and value, never as an error deep inside the model code).
+_POSITIVE_INT = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+    "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window",
+    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "num_key_value_heads",
+    "hc_mult", "index_n_heads", "index_head_dim", "index_topk", "max_position_embeddings",
+)
+_NONNEGATIVE_INT = ("num_hash_layers", "n_shared_experts", "hc_sinkhorn_iters", "num_nextn_predict_layers",
+                    "bos_token_id")
+_POSITIVE_FLOAT = ("hc_eps", "rms_norm_eps", "rope_theta", "compress_rope_theta", "routed_scaling_factor",
+                   "swiglu_limit")
+_BOOL = ("norm_topk_prob", "tie_word_embeddings")
+_ROPE_SCALING_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_hf_values(d: Any, source: str = "config.json", names: dict[str, str] | None = None) -> None:
+    """Raise ``ConfigError`` naming the key and value when a config dict holds a value of the
+    wrong type or range (null, a string for a number, a negative count or eps, ...).
+    ``names`` maps config keys to how the source spells them (GGUF metadata keys)."""
+    names = names or {}
+
+    def bad(key: str, value: Any, expected: str):
+        raise ConfigError(f"{source}: {names.get(key, key)} is {value!r}, expected {expected}")
+
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: the configuration is a JSON {type(d).__name__}, expected an object")
+    for key in _POSITIVE_INT:
+        if key in d and not (_is_int(d[key]) and d[key] > 0):
+            bad(key, d[key], "a positive integer")
+    for key in _NONNEGATIVE_INT:
+        if key in d and not (_is_int(d[key]) and d[key] >= 0):
+            bad(key, d[key], "an integer >= 0")
+    for key in _POSITIVE_FLOAT:
+        if key in d and not (_is_number(d[key]) and d[key] > 0):
+            bad(key, d[key], "a positive finite number")
+    for key in _BOOL:
+        if key in d and not isinstance(d[key], bool):
+            bad(key, d[key], "true or false")
+    if "scoring_func" in d and not isinstance(d["scoring_func"], str):
+        bad("scoring_func", d["scoring_func"], "a string")
+    ratios = d.get("compress_ratios")
+    if "compress_ratios" in d and not (isinstance(ratios, list) and all(_is_int(r) for r in ratios)):
+        bad("compress_ratios", ratios, "a list of integers")
+    eos = d.get("eos_token_id")
+    if "eos_token_id" in d and not (
+        (_is_int(eos) and eos >= 0) or (isinstance(eos, list) and eos and all(_is_int(e) and e >= 0 for e in eos))
+    ):
+        bad("eos_token_id", eos, "a token id or a list of token ids")
+    vocab = d.get("vocab_size")
+    if _is_int(vocab):
+        for key in ("bos_token_id", "eos_token_id"):
+            ids = d.get(key)
+            for i in ids if isinstance(ids, list) else [ids]:
+                if _is_int(i) and i >= vocab:
+                    bad(key, ids, f"ids below vocab_size {vocab}")
+    rope = d.get("rope_scaling")
+    if rope is not None:
+        if not isinstance(rope, dict):
+            bad("rope_scaling", rope, "an object (or null)")
+        for key in _ROPE_SCALING_NUMBERS:
+            if key in rope and not (_is_number(rope[key]) and rope[key] > 0):
+                bad(f"rope_scaling.{key}", rope[key], "a positive finite number")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -71,7 +143,11 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_hf(cls, d: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, d: dict[str, Any], *, source: str = "config.json",
+                names: dict[str, str] | None = None) -> "ModelConfig":
+        """``names``: how the source spells the keys (GGUF metadata keys), for the messages."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: the configuration is a JSON {type(d).__name__}, expected an object")
         model_type = d.get("model_type")
         if model_type != "deepseek_v4":
             raise ConfigError(
@@ -80,12 +156,13 @@ class ModelConfig:
             )
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
-            raise ConfigError(f"{source}: missing keys {missing}")
+            raise ConfigError(f"{source}: missing keys {[(names or {}).get(k, k) for k in missing]}")
+        check_hf_values(d, source, names)
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
         kwargs["compress_ratios"] = tuple(int(r) for r in kwargs["compress_ratios"])
-        return cls(**kwargs, extra=extra).validate(source)
+        return cls(**kwargs, extra=extra).validate(source, names)
 
     def to_hf(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
@@ -95,11 +172,11 @@ class ModelConfig:
         return d
 
     # ---------------------------------------------------------------- checks
-    def validate(self, source: str = "config") -> "ModelConfig":
+    def validate(self, source: str = "config", names: dict[str, str] | None = None) -> "ModelConfig":
         """The checked config: a copy with ``compress_ratios`` padded for the MTP layers (which
         are sliding-window only); raises ``ConfigError`` naming the key at fault."""
         def bad(key: str, why: str):
-            raise ConfigError(f"{source}: {key} {why}")
+            raise ConfigError(f"{source}: {(names or {}).get(key, key)} {why}")
 
         n_total = self.num_hidden_layers + self.num_nextn_predict_layers
         if len(self.compress_ratios) < self.num_hidden_layers:

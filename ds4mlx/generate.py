@@ -8,12 +8,15 @@ decode state across calls, so a conversation only ever prefills its new tokens.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
-import mlx.core as mx
-import mlx.nn as nn
+if TYPE_CHECKING:  # MLX loads on first use, so ``import ds4mlx`` (and the CLI's start) stay light
+    import mlx.core as mx
+    import mlx.nn as nn
 
 # DeepSeek's recommended sampling for V4 (temperature 1, top-p 1) with ds4's min-p floor.
 DEFAULT_TEMP = 1.0
@@ -23,11 +26,75 @@ DEFAULT_MIN_P = 0.05
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_PREFILL_STEP = 2048
 
-Prompt = Union[str, Sequence[int], mx.array]
+Prompt = Union[str, Sequence[int], "mx.array"]
+MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 
 
 class ContextLengthError(ValueError):
     """The prompt does not fit in the context (the message gives both lengths)."""
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be given to the model (bad text, token ids outside the vocabulary)."""
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN/Inf logits: nothing sampled from them would mean anything."""
+
+
+def check_text(text: str, what: str = "the prompt") -> str:
+    """``text`` if it is valid Unicode that UTF-8 can carry, else ``PromptError`` saying where.
+    Undecodable bytes arrive as lone surrogates (Python's ``surrogateescape`` for argv and a
+    non-UTF-8 locale's stdin); the tokenizer could only fail on them obscurely."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        if 0xDC80 <= ch <= 0xDCFF:
+            why = f"invalid UTF-8 byte 0x{ch - 0xDC00:02x}"
+        else:
+            why = f"a lone surrogate U+{ch:04X}"
+        raise PromptError(f"{what} is not valid UTF-8 text: {why} at character {e.start}") from None
+
+
+def check_sampling(
+    *,
+    temp: float = DEFAULT_TEMP,
+    top_p: float = DEFAULT_TOP_P,
+    top_k: int = DEFAULT_TOP_K,
+    min_p: float = DEFAULT_MIN_P,
+    seed: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+) -> None:
+    """``ValueError`` naming the first setting out of range (NaN and infinity included)."""
+    def number(v) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if not (number(temp) and temp >= 0):
+        raise ValueError(f"temp must be a finite number >= 0, got {temp}")
+    if not (number(top_p) and 0 <= top_p <= 1):
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if not (number(min_p) and 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if not (integer(top_k) and top_k >= 0):
+        raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
+    if seed is not None and not (integer(seed) and 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+    if max_tokens is not None and not (integer(max_tokens) and max_tokens >= 1):
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+
+
+def context_limit(model: Any, max_context: Optional[int] = None) -> tuple[Optional[int], bool]:
+    """``(tokens the context may hold, whether the model's max_position_embeddings cut
+    max_context down)``."""
+    model_max = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_context is None or model_max is None:
+        return (model_max if max_context is None else max_context), False
+    return min(model_max, max_context), max_context > model_max
 
 
 @dataclass
@@ -72,6 +139,9 @@ def chat_prompt(
     messages already in the decode state: only the new turn is rendered."""
     from .encoding import encode_messages
 
+    check_text(prompt)
+    if system is not None:
+        check_text(system, "the system prompt")
     messages = [{"role": "user", "content": prompt}]
     if system and not context:
         messages.insert(0, {"role": "system", "content": system})
@@ -89,18 +159,11 @@ def make_sampling(
     min_p: float = DEFAULT_MIN_P,
     repetition_penalty: Optional[float] = None,
     repetition_context_size: int = 20,
-) -> tuple[Callable[[mx.array], mx.array], list]:
+) -> tuple[Callable[["mx.array"], "mx.array"], list]:
     """mlx-lm's sampler and logits processors for these settings (``temp=0``: greedy)."""
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    if temp < 0:
-        raise ValueError(f"temp must be >= 0, got {temp}")
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    check_sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
@@ -108,16 +171,30 @@ def make_sampling(
     return sampler, processors
 
 
-def _prompt_ids(tokenizer: Any, prompt: Prompt, fresh: bool) -> list[int]:
+def _prompt_ids(tokenizer: Any, prompt: Prompt, fresh: bool, vocab_size: Optional[int]) -> list[int]:
+    import mlx.core as mx
+
     if isinstance(prompt, str):
-        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        ids = list(tokenizer.encode(check_text(prompt), add_special_tokens=False))
         bos = getattr(tokenizer, "bos_token_id", None)
         if fresh and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)  # V4 adds no BOS itself, but a sequence must start with it
-        return ids
-    if isinstance(prompt, mx.array):
-        return [int(t) for t in prompt.reshape(-1).tolist()]
-    return [int(t) for t in prompt]
+    else:
+        if isinstance(prompt, mx.array):
+            if not mx.issubdtype(prompt.dtype, mx.integer):
+                raise PromptError(f"token ids must be integers, got an array of {prompt.dtype}")
+            prompt = prompt.reshape(-1).tolist()
+        ids = list(prompt)
+        for i, t in enumerate(ids):
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                raise PromptError(f"token id {t!r} at position {i} is not an integer")
+        ids = [int(t) for t in ids]
+    # an id past the embedding table would read outside it (a crash, not an error)
+    for i, t in enumerate(ids):
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            top = f"0..{vocab_size - 1}" if vocab_size is not None else "ids >= 0"
+            raise PromptError(f"token id {t} at position {i} is outside the model's vocabulary ({top})")
+    return ids
 
 
 def think_ids(tokenizer: Any) -> tuple[Optional[int], Optional[int]]:
@@ -130,7 +207,7 @@ def think_ids(tokenizer: Any) -> tuple[Optional[int], Optional[int]]:
 
 
 def stream_generate(
-    model: nn.Module,
+    model: "nn.Module",
     tokenizer: Any,
     prompt: Prompt,
     *,
@@ -141,7 +218,7 @@ def stream_generate(
     min_p: float = DEFAULT_MIN_P,
     repetition_penalty: Optional[float] = None,
     seed: Optional[int] = None,
-    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    sampler: Optional[Callable[["mx.array"], "mx.array"]] = None,
     logits_processors: Optional[list] = None,
     prompt_cache: Optional[list] = None,
     max_context: Optional[int] = None,
@@ -158,26 +235,30 @@ def stream_generate(
     plus generation (default: the model's ``max_position_embeddings``); a prompt that does not
     fit raises ``ContextLengthError``, a generation that reaches it ends with "length".
     """
+    import mlx.core as mx
     from mlx_lm.generate import generate_step, generation_stream, wired_limit
 
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    check_sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     if prompt_cache is None:
         prompt_cache = model.make_cache()
     start = cache_offset(prompt_cache)
-    ids = _prompt_ids(tokenizer, prompt, fresh=start == 0)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    ids = _prompt_ids(tokenizer, prompt, fresh=start == 0, vocab_size=vocab_size)
     if not ids:
         raise ValueError("the prompt is empty")
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_context is not None:
-        limit = max_context if limit is None else min(limit, max_context)
+    limit, _ = context_limit(model, max_context)
     if limit is not None:
         room = limit - start - len(ids)
         if room < 1:
             held = f" after {start} tokens already in context" if start else ""
+            model_max = getattr(model.config, "max_position_embeddings", None)
+            advice = ("shorten the prompt: the model's maximum context (max_position_embeddings) is "
+                      f"{model_max} tokens" if limit == model_max else
+                      "raise --ctx or shorten the prompt" + (f"; the model allows at most {model_max}"
+                                                             if model_max is not None else ""))
             raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens{held}, more than the context of {limit} tokens allows "
-                "(raise --ctx or shorten the prompt)"
+                f"({advice})"
             )
         max_tokens = min(max_tokens, room)
     if sampler is None or logits_processors is None:
@@ -227,6 +308,12 @@ def stream_generate(
         tic = time.perf_counter()
         n = 0
         for n, (token, logprobs) in enumerate(steps, start=1):
+            # NaN/Inf logits (damaged weights, an overflow) sample noise: stop before any text
+            if not mx.all(mx.isfinite(logprobs)).item():
+                raise NonFiniteLogitsError(
+                    f"the model produced NaN or Inf logits at generated token {n}; the weights "
+                    "are damaged or the computation overflowed (generation stopped)"
+                )
             if n == 1:
                 prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
                 tic = time.perf_counter()
@@ -250,7 +337,7 @@ def stream_generate(
             yield response(detokenizer.last_segment if text is None else text, token, logprobs, n, None, channel)
 
 
-def generate(model: nn.Module, tokenizer: Any, prompt: Prompt, *, verbose: bool = False, **kwargs) -> str:
+def generate(model: "nn.Module", tokenizer: Any, prompt: Prompt, *, verbose: bool = False, **kwargs) -> str:
     """The completion as the model wrote it (without EOS): reasoning, if any, is closed by
     ``</think>``, so ``ds4mlx.parse_completion`` splits it. Keyword arguments are those of
     ``stream_generate``."""

@@ -34,6 +34,10 @@ class ModelNotFoundError(FileNotFoundError):
     """The model could not be found locally or downloaded; the message names it."""
 
 
+class NonFiniteWeightError(ValueError):
+    """A weight holds NaN or Inf; the message names the file and tensor."""
+
+
 def default_dtype() -> mx.Dtype:
     """bfloat16 on Apple GPUs, float32 on CPU (MLX's CPU quantized matmuls accumulate in the
     output dtype, and ``gather_mm`` is float32-only there)."""
@@ -50,19 +54,23 @@ def load(
     qat_rounding: bool = True,
     dtype: mx.Dtype | None = None,
     mtp: bool = False,
+    check_finite: bool = True,
 ) -> tuple[nn.Module, Any]:
     """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none).
 
     ``mtp=True`` also loads the multi-token-prediction block (about 3.5 GB for Flash), which
-    only a speculative drafter uses; by default it stays on disk.
+    only a speculative drafter uses; by default it stays on disk. ``check_finite`` refuses
+    weights holding NaN/Inf (one pass over each tensor as it loads; scripts/finite_check_cost.py).
     """
     dtype = default_dtype() if dtype is None else dtype
     path = resolve_model_path(path_or_repo)
     if path.suffix == ".gguf":
-        return load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype)
+        return load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype,
+                         check_finite=check_finite)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
-    model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp)
+    model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp,
+                     check_finite=check_finite)
     return model, _load_tokenizer(path, model.config.vocab_size)
 
 
@@ -96,6 +104,7 @@ def load_dir(
     qat_rounding: bool = True,
     dtype: mx.Dtype = mx.float32,
     mtp: bool = False,
+    check_finite: bool = True,
 ) -> nn.Module:
     """Build the model for a checkpoint directory and load its weights (strict)."""
     path = Path(path)
@@ -111,18 +120,22 @@ def load_dir(
     finally:
         checkpoint.close()
     apply_formats(model, formats)
-    load_into(model, weights, set(formats), str(path))
+    load_into(model, weights, formats, str(path), check_finite=check_finite)
     model.eval()
     return model
 
 
-def load_into(model: nn.Module, weights: dict[str, mx.array], packed_modules: set[str], source: str) -> None:
+def load_into(model: nn.Module, weights: dict[str, mx.array], formats: dict[str, Any], source: str,
+              *, check_finite: bool = True) -> None:
     """Cast float tensors to the dtype of the model's parameter at that path (the model decides
-    what stays float32), keep packed arrays as stored, then load strictly."""
+    what stays float32), keep packed arrays as stored (``formats``: module -> WeightFormat),
+    refuse NaN/Inf (``check_finite``), then load strictly."""
     params = dict(tree_flatten(model.parameters()))
     for path in list(weights):
+        if check_finite:
+            _check_finite(path, weights[path], formats.get(path.rpartition(".")[0]), source)
         target = params.get(path)
-        if target is None or path.rpartition(".")[0] in packed_modules:
+        if target is None or path.rpartition(".")[0] in formats:
             continue  # unknown paths are reported by the strict load below
         array = weights[path]
         if array.ndim == 2 and path.endswith(".tid2eid") and array.shape[1] > target.shape[1]:
@@ -137,27 +150,61 @@ def load_into(model: nn.Module, weights: dict[str, mx.array], packed_modules: se
         raise CheckpointError(f"{source}: the checkpoint does not match the model: {e}") from None
 
 
+def _non_finite_count(array: mx.array, fmt: Any, leaf: str) -> int:
+    """How many NaN/Inf values ``array`` holds, read in its stored form: float arrays directly,
+    E8M0 scales (0xFF is NaN) and FP8 E4M3 codes (S.1111.111 is NaN) of the MX formats by their
+    bits. GGUF block types are checked at the first logits instead (their scales sit inside
+    the blocks)."""
+    if mx.issubdtype(array.dtype, mx.floating):
+        return int(mx.sum(~mx.isfinite(array)).item())
+    kind = getattr(fmt, "kind", None)
+    if kind in ("mxfp8", "mxfp4") and leaf == "scales":
+        return int(mx.sum(array.view(mx.uint8) == 0xFF).item())
+    if kind == "mxfp8" and leaf == "weight":
+        return int(mx.sum((array.view(mx.uint8) & 0x7F) == 0x7F).item())
+    return 0
+
+
+def _check_finite(path: str, array: mx.array, fmt: Any, source: str) -> None:
+    leaf = path.rpartition(".")[2]
+    bad = _non_finite_count(array, fmt, leaf)
+    if not bad:
+        return
+    name = path
+    try:
+        from .names import internal_to_gguf, internal_to_hf
+
+        if source.endswith(".gguf"):
+            name = internal_to_gguf(path)
+        elif not is_mlx_dir(source):
+            name = internal_to_hf(path)
+    except Exception:  # stacked experts, packed parts: the internal path names them
+        pass
+    raise NonFiniteWeightError(f"{source}: tensor {name!r} holds {bad} NaN or Inf values "
+                               f"(of {array.size}); the file is damaged")
+
+
 def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
               qat_rounding: bool = True, dtype: mx.Dtype | None = None,
-              mtp_path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+              mtp_path: str | os.PathLike | None = None, check_finite: bool = True) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
 
     ``mtp_path``: optional separate GGUF with the ``mtp.{j}.*`` tensors (ds4's MTP file); the
     MTP block then shares the main file's embedding and head.
     """
-    from .io.gguf import open_gguf_checkpoint
+    from .io.gguf import GGUF_KEY_NAMES, open_gguf_checkpoint
 
     dtype = default_dtype() if dtype is None else dtype
     checkpoint = open_gguf_checkpoint(path, mtp_path)
     try:
         source = str(checkpoint.path)
-        config = ModelConfig.from_hf(checkpoint.config, source=source)
+        config = ModelConfig.from_hf(checkpoint.config, source=source, names=GGUF_KEY_NAMES)
         k = config.check_experts_per_token(experts_per_token, source)
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
         params = {p: tuple(v.shape) for p, v in tree_flatten(model.parameters())}
         weights, formats = checkpoint.load_weights(params, projection_modules(model))
         apply_formats(model, formats)
-        load_into(model, weights, set(formats), source)
+        load_into(model, weights, formats, source, check_finite=check_finite)
         model.eval()
         fields = checkpoint.tokenizer_fields()
         tokenizer = None

@@ -180,10 +180,89 @@ def _looks_special(token: str) -> bool:
     )
 
 
+# Placeholders for Unicode property classes (\p{..}), which Python's re cannot parse: code
+# points of plane 16's private use area, which no pattern of a tokenizer would spell; one per
+# property (and negation) for the whole process, so two patterns compare property by property.
+_PROPERTY_BASE = 0x10F000
+_PROPERTIES: dict[tuple[str, str], int] = {}
+
+
+def _python_spelling(pattern: str) -> str:
+    r"""``pattern`` with each ``\p{X}``/``\pX``/``\P{X}`` replaced by a private-use character
+    standing for it (other escapes are left for the parser)."""
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch != "\\" or i + 1 == len(pattern):
+            out.append(ch)
+            i += 1
+            continue
+        nxt = pattern[i + 1]
+        if nxt in "pP":
+            if pattern.startswith("{", i + 2):
+                end = pattern.index("}", i + 2)  # ValueError: unbalanced, not a V4 pattern
+                name, i = pattern[i + 3:end], end + 1
+            else:
+                name, i = pattern[i + 2:i + 3], i + 3
+            key = (nxt, name.replace(" ", "").replace("_", "").lower())
+            out.append(chr(_PROPERTY_BASE + _PROPERTIES.setdefault(key, len(_PROPERTIES))))
+            continue
+        out.append(pattern[i:i + 2])
+        i += 2
+    return "".join(out)
+
+
+def _canonical(node: Any) -> Any:
+    """A parse tree as nested tuples, with the members of character classes sorted (their
+    order does not change what the class matches)."""
+    try:
+        from re import _parser as sre_parse  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_parse
+
+    if isinstance(node, sre_parse.SubPattern):
+        return tuple(_canonical(item) for item in node.data)
+    if isinstance(node, (list, tuple)):
+        items = tuple(_canonical(item) for item in node)
+        if items and all(isinstance(i, tuple) and len(i) == 2 and str(i[0]) in _CLASS_OPS for i in items):
+            return tuple(sorted(items, key=repr))
+        return items
+    return str(node) if not isinstance(node, (int, str)) else node
+
+
+_CLASS_OPS = {"LITERAL", "RANGE", "CATEGORY", "NEGATE", "NOT_LITERAL"}
+
+
+def pattern_meaning(pattern: str) -> Any:
+    """What a pre-tokenizer regex matches, independent of its spelling: its parse tree with
+    escapes resolved (``\\r`` and a literal CR, ``\\"`` and ``"`` are the same literal).
+    None when the pattern cannot be parsed here (then only the exact string is accepted).
+    tokenizers (Oniguruma) offers no way to compare patterns, so Python's parser does it."""
+    try:
+        from re import _parser as sre_parse
+    except ImportError:  # pragma: no cover
+        import sre_parse
+    try:
+        return _canonical(sre_parse.parse(_python_spelling(pattern)))
+    except Exception:  # re.error, an unbalanced brace: no meaning we can compare
+        return None
+
+
+_V4_MEANINGS = tuple(pattern_meaning(p) for p in PRETOKENIZER_REGEXES)
+
+
+def _same_pretokenizer(patterns: tuple) -> bool:
+    if patterns == PRETOKENIZER_REGEXES:
+        return True
+    if len(patterns) != len(PRETOKENIZER_REGEXES) or not all(isinstance(p, str) for p in patterns):
+        return False
+    return all(m is not None and m == pattern_meaning(p) for m, p in zip(_V4_MEANINGS, patterns))
+
+
 def _check_pretokenizer(pre: Any, source: str) -> None:
     splits = (pre or {}).get("pretokenizers", [])
     patterns = tuple(s.get("pattern", {}).get("Regex") for s in splits if s.get("type") == "Split")
-    if patterns != PRETOKENIZER_REGEXES:
+    if not _same_pretokenizer(patterns):
         raise TokenizerFormatError(
             f"{source}: pre-tokenizer is not DeepSeek V4's (splits {patterns!r}); "
             f"a GGUF could not name it {GGUF_PRE_NAMES[0]!r}"

@@ -77,6 +77,12 @@ _OPTIONAL_KEYS = [
     (_key(Keys.LLM.EXPERT_WEIGHTS_SCALE), "routed_scaling_factor", "f32"),
     (_key(Keys.LLM.EXPERT_WEIGHTS_NORM), "norm_topk_prob", "bool"),
 ]
+# HF config key -> the GGUF metadata key it comes from (config errors name the file's key)
+GGUF_KEY_NAMES = {hf: f"{ARCH}.{key}" for key, hf, _ in _REQUIRED_KEYS + _OPTIONAL_KEYS}
+GGUF_KEY_NAMES["num_experts_per_tok"] = f"{ARCH}.expert_used_count"
+GGUF_KEY_NAMES["swiglu_limit"] = f"{ARCH}.swiglu_clamp_exp"
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
 _ROPE_KEYS = [  # rope.scaling.* -> HF rope_scaling
     (_key(Keys.Rope.SCALING_FACTOR), "factor", "f32"),
     (_key(Keys.Rope.SCALING_ORIG_CTX_LEN), "original_max_position_embeddings", "u32"),
@@ -174,9 +180,30 @@ def hf_config_from_gguf(gf: GGUFFile, *, tensors: Mapping[str, TensorInfo] | Non
                 f"{source}: {EXPERT_USED_COUNT} = {k} but tensor {name!r} holds only {width} "
                 f"expert ids per token"
             )
+    if k < 1:
+        raise GGUFError(f"{source}: {p}expert_used_count is {k}, expected at least 1 routed expert per token")
     d["num_experts_per_tok"] = k
+    _check_block_count(source, d["num_hidden_layers"], tensors)
     d["num_nextn_predict_layers"] = 0  # MTP lives in a separate file (load_gguf's mtp_path)
     return d
+
+
+def _check_block_count(source: str, block_count: int, tensors: Mapping[str, TensorInfo]) -> None:
+    """The layers the tensors hold must be exactly ``block_count``: a smaller count would
+    silently drop layers, a larger one fail later on a missing tensor."""
+    present = sorted({int(m.group(1)) for n in tensors if (m := _BLOCK.match(n))})
+    if present and present != list(range(block_count)):
+        held = f"blk.{present[0]}..blk.{present[-1]}" if present == list(range(present[0], present[-1] + 1)) \
+            else f"{len(present)} layers ({present[0]}..{present[-1]}, with gaps)"
+        raise GGUFError(f"{source}: {ARCH}.block_count is {block_count}, but the tensors hold layers {held}")
+
+
+def _check_tokenizer_size(source: str, fields: Mapping[str, Any], vocab_size: int) -> None:
+    """A token id at or past ``vocab_size`` would index past the embedding table."""
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > vocab_size:
+        raise GGUFError(f"{source}: tokenizer.ggml.tokens has {len(tokens)} tokens but {ARCH}.vocab_size "
+                        f"is {vocab_size}: ids {vocab_size}..{len(tokens) - 1} have no embedding")
 
 
 def gguf_metadata(config: Mapping[str, Any]) -> list[tuple[str, Any, GGUFValueType]]:

@@ -191,6 +191,9 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: tensor {name!r} appears twice")
             info = TensorInfo(name, ggml_type, ne, self.data_offset + offset)
             nbytes = info.nbytes
+            if nbytes is None:  # its size is unknown, so nothing after it could be trusted
+                raise GGUFError(f"{self.path}: tensor {name!r} has GGML type id {ggml_type}, "
+                                "which is not a known GGML type")
             if nbytes is not None and info.offset + nbytes > len(self._map):
                 raise GGUFError(
                     f"{self.path}: data of tensor {name!r} ({info.type_name}, {nbytes} bytes at "

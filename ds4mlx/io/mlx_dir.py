@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ..config import check_hf_values
 from ..quant.formats import WeightFormat, packed_shapes
 from ..names import hf_to_internal, official_layout
 from .checks import check_expert_ids, hash_table_fits
@@ -165,6 +166,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MLXDirError(f"{p}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise MLXDirError(f"{p}: the configuration is a JSON {type(config).__name__}, expected an object")
     if config.get("model_type") != "deepseek_v4":
         raise MLXDirError(f"{p}: model_type is {config.get('model_type')!r}, expected 'deepseek_v4'")
     marker = config.get(FORMAT_KEY)
@@ -172,6 +175,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise MLXDirError(f"{p}: not a ds4mlx MLX directory (no {FORMAT_KEY!r} marker)")
     if int(marker.get("version", 0)) > FORMAT_VERSION:
         raise MLXDirError(f"{p}: format version {marker.get('version')} is newer than this ds4mlx ({FORMAT_VERSION})")
+    check_hf_values(config, str(p))  # before the layout is derived from the values
     return config
 
 

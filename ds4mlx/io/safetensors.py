@@ -113,6 +113,7 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
             self.tensors[name] = self._parse_entry(name, entry, data_start, blob_size)
+        self._check_overlaps(data_start)
         self._mmap: mmap.mmap | None = None
 
     def _parse_entry(self, name: str, entry, data_start: int, blob_size: int) -> TensorInfo:
@@ -141,6 +142,16 @@ class SafetensorsFile:
                 f"{blob_size} bytes (truncated file?)"
             )
         return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+    def _check_overlaps(self, data_start: int) -> None:
+        """Two tensors sharing bytes would silently alias each other's data."""
+        spans = sorted((t.start, t.end, t.name) for t in self.tensors.values() if t.end > t.start)
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise SafetensorsError(
+                    f"{self.path}: tensor {b!r} starts at byte {start_b - data_start} of the data section, "
+                    f"inside tensor {a!r} (data_offsets overlap)"
+                )
 
     # --- access -------------------------------------------------------------------------
 

@@ -1,0 +1,39 @@
+"""The ``ds4mlx`` console entry point: quiet on Ctrl-C from its first line.
+
+Importing the CLI (typer; MLX and the rest inside the commands) takes a noticeable fraction of a
+second, and a Ctrl-C during an import would print a traceback from the import machinery. Until
+``cli.main`` is running (it hands SIGINT back to Python's KeyboardInterrupt, on which the
+commands' cleanup relies), SIGINT ends the process at once with status 130, as a shell reports
+an interrupted command. Nothing needs cleaning up that early.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Optional
+
+
+def _quit_early(signum, frame) -> None:
+    os.write(2, b"\n")
+    os._exit(130)
+
+
+def restore_interrupts() -> None:
+    """Python's own SIGINT handling again, if the early one is still installed."""
+    if signal.getsignal(signal.SIGINT) is _quit_early:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console-script entry point; returns the exit status."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored by the caller
+        signal.signal(signal.SIGINT, _quit_early)
+    from .cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
