@@ -39,6 +39,22 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            typer.echo(f"ds4mlx {version('ds4mlx')}")
+        except PackageNotFoundError:
+            typer.echo("ds4mlx (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """DeepSeek V4 Flash on Apple Silicon with MLX."""
+
+
 class UsageProblem(ValueError):
     """Flags that cannot work together, or a missing input."""
 
@@ -48,14 +64,14 @@ class UsageProblem(ValueError):
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", show_default=False,
     help="A local directory or .gguf file, a Hugging Face repo id, or 'demo' (a tiny built-in model).")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate per answer.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate per answer.")]
 TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature (0: greedy).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off).")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0: off).")]
 MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0,
                                         help="Drop tokens below this fraction of the top probability.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "--system-prompt", help="System prompt.")]
 ThinkOpt = Annotated[Optional[bool], typer.Option(
     "--think/--no-think", show_default=False, help="Reason before answering (default) or answer directly.")]
 ThinkMaxOpt = Annotated[bool, typer.Option(
@@ -245,7 +261,7 @@ def generate(
     think: ThinkOpt = None,
     think_max: ThinkMaxOpt = False,
     experts_per_token: ExpertsOpt = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt verbatim, without the chat template.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", "--ignore-chat-template", help="Send the prompt verbatim, without the chat template.")] = False,
     ctx: CtxOpt = DEFAULT_CTX,
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
