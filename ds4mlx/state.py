@@ -97,3 +97,115 @@ def cache_nbytes(cache: list[LayerCache]) -> int:
 
 def snapshot(cache: list[LayerCache]) -> list[LayerCache]:
     return [c.snapshot() for c in cache]
+
+
+# --------------------------------------------------------------------------- rollback journal
+# Speculative decoding forwards guessed tokens and keeps only an accepted prefix. ``mark`` notes
+# the state's references (arrays are immutable; row buffers are only appended to), and while a
+# mark is open the layers record what each call wrote (``record_*``, called by attention and the
+# compressor), so ``restore`` can put a layer back at any position between the mark and now
+# without running the model again.
+
+
+class _CompressorMark:
+    def __init__(self, c: CompressorState) -> None:
+        self.pending_kv, self.pending_score = c.pending_kv, c.pending_score
+        self.prev_kv, self.prev_score = c.prev_kv, c.prev_score
+        self.n_rows = c.n_rows
+        self.calls: list[tuple[int, mx.array, mx.array]] = []  # (first position, kv, score)
+
+
+class LayerMark:
+    """A layer's state at one position plus what the calls after it wrote."""
+
+    def __init__(self, cache: LayerCache) -> None:
+        self.offset = cache.offset
+        self.window = cache.window
+        self.new_kv: list[mx.array] = []  # raw KV rows of each call since the mark
+        self.keep = 0  # window rows a layer keeps (sliding_window - 1)
+        self.compressor = None if cache.compressor is None else _CompressorMark(cache.compressor)
+        self.indexer = None if cache.indexer is None else _CompressorMark(cache.indexer)
+
+
+def mark(caches: list[LayerCache]) -> list[LayerMark]:
+    """Open a mark on every layer; it stays open until ``restore`` or ``release``."""
+    marks = []
+    for c in caches:
+        m = LayerMark(c)
+        c._mark = m
+        for name in ("compressor", "indexer"):
+            if getattr(c, name) is not None:
+                getattr(c, name)._mark = getattr(m, name)
+        marks.append(m)
+    return marks
+
+
+def release(caches: list[LayerCache]) -> None:
+    """Close the marks and keep the state as it is."""
+    for c in caches:
+        c._mark = None
+        for s in (c.compressor, c.indexer):
+            if s is not None:
+                s._mark = None
+
+
+def record_window(cache: LayerCache, kv: mx.array, keep: int) -> None:
+    """Attention wrote the raw KV rows ``kv`` of its call (keeping ``keep`` window rows)."""
+    m = getattr(cache, "_mark", None)
+    if m is not None:
+        m.new_kv.append(kv)
+        m.keep = keep
+
+
+def record_compressor(state: CompressorState, start: int, kv: mx.array, score: mx.array) -> None:
+    """The compressor saw per-token ``kv``/``score`` rows for positions ``start..`` (its carried
+    unfinished window followed by the call's tokens)."""
+    m = getattr(state, "_mark", None)
+    if m is not None:
+        m.calls.append((start, kv, score))
+
+
+def _rows_at(m: _CompressorMark, a: int, b: int) -> tuple[mx.array, mx.array]:
+    """Recorded kv/score rows of positions a..b-1."""
+    for start, kv, score in reversed(m.calls):
+        if start <= a and b <= start + kv.shape[1]:
+            return kv[:, a - start : b - start], score[:, a - start : b - start]
+    raise ValueError(f"positions {a}..{b} were not recorded since the mark")
+
+
+def _restore_compressor(s: CompressorState, m: _CompressorMark, ratio: int, was: int, position: int) -> None:
+    if position == was:
+        s.pending_kv, s.pending_score, s.prev_kv, s.prev_score = m.pending_kv, m.pending_score, m.prev_kv, m.prev_score
+        s.n_rows = m.n_rows
+        return
+    closed = position // ratio
+    kv, score = _rows_at(m, closed * ratio, position)
+    s.pending_kv, s.pending_score = mx.contiguous(kv), mx.contiguous(score)
+    if ratio == 4:
+        if closed == was // ratio:
+            s.prev_kv, s.prev_score = m.prev_kv, m.prev_score
+        else:  # the first halves of the last window closed before ``position``
+            kv, score = _rows_at(m, (closed - 1) * ratio, closed * ratio)
+            dd = kv.shape[-1] // 2
+            s.prev_kv, s.prev_score = mx.contiguous(kv[..., :dd]), mx.contiguous(score[..., :dd])
+    s.n_rows = closed  # closed rows never change; later ones are overwritten when re-appended
+
+
+def restore(caches: list[LayerCache], marks: list[LayerMark], position: int) -> None:
+    """Put every layer back at ``position`` (the mark's position up to the current one), as if
+    only the tokens before it had been processed, and close the marks."""
+    for c, m in zip(caches, marks):
+        if not m.offset <= position <= c.offset:
+            raise ValueError(f"cannot restore to position {position}: the mark is at {m.offset} "
+                             f"and the state at {c.offset}")
+        if position == m.offset:
+            c.window = m.window
+        else:
+            new = mx.concatenate(m.new_kv, axis=1)[:, : position - m.offset]
+            keys = new if m.window is None else mx.concatenate([m.window, new], axis=1)
+            c.window = mx.contiguous(keys[:, -m.keep:] if m.keep > 0 else keys[:, :0])
+        for s, sm in ((c.compressor, m.compressor), (c.indexer, m.indexer)):
+            if s is not None:
+                _restore_compressor(s, sm, c.ratio, m.offset, position)
+        c.offset = position
+    release(caches)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..state import LayerCache
+from ..state import LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
 from .rope import apply_rope, layer_frequencies
@@ -98,6 +98,7 @@ class Attention(nn.Module):
         n_prev = 0 if cache.window is None else cache.window.shape[1]
         keys = kv if cache.window is None else mx.concatenate([cache.window, kv], axis=1)
         cache.window = mx.contiguous(keys[:, -(self.window - 1):] if self.window > 1 else keys[:, :0])
+        record_window(cache, kv, self.window - 1)  # for a speculative rollback
 
         comp = None
         index_q = index_w = index_keys = None

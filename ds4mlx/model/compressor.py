@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..state import CompressorState
+from ..state import CompressorState, record_compressor
 from .rope import apply_rope
 
 
@@ -51,6 +51,7 @@ class Compressor(nn.Module):
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             score = mx.concatenate([state.pending_score, score], axis=1)
         start = offset - (0 if state.pending_kv is None else state.pending_kv.shape[1])
+        record_compressor(state, start, kv, score)  # for a speculative rollback
         n_win = kv.shape[1] // r
         used = n_win * r
         # Carried tails are copied so they do not keep the whole chunk's buffers alive.

@@ -138,8 +138,7 @@ class Model(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         """tokens [B, S] → logits [B, S, vocab] float32 (mlx-lm's model protocol)."""
-        h = self.hidden_streams(tokens, cache)
-        return self.head_logits(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
+        return self.main_head(self.hidden_streams(tokens, cache))
 
     def mtp_logits(self, h: mx.array, next_tokens: mx.array, cache: list[LayerCache] | None = None,
                    index: int = 0) -> mx.array:
@@ -151,7 +150,6 @@ class Model(nn.Module):
         """
         if not self.mtp:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
-        blk = self.mtp[index]
         c = self.config
         fresh = cache is None
         if fresh:
@@ -164,9 +162,24 @@ class Model(nn.Module):
                 f"MTP cache at position {layer_cache.offset} + {n} tokens runs past the main layers "
                 f"({cache[0].offset}); feed the MTP block the streams of every position, in order"
             )
+        z = self.mtp_streams(h, next_tokens, layer_cache, index)
+        return self.mtp_head(z, index)
+
+    def mtp_streams(self, h: mx.array, next_tokens: mx.array, layer_cache: LayerCache, index: int = 0) -> mx.array:
+        """The MTP block's output streams [B, S, hc_mult, D] for streams ``h`` and the tokens that
+        follow them, at the block's own position (no check: a drafter runs it ahead)."""
+        blk = self.mtp[index]
         if next_tokens.ndim == 1:
             next_tokens = next_tokens[None]
         e = blk.enorm(self.embed(next_tokens).astype(self.dtype))
         z = blk.e_proj(e)[:, :, None, :] + blk.h_proj(blk.hnorm(h.astype(self.dtype)))
-        z = blk(z.astype(mx.float32), next_tokens, layer_cache, self.dtype)
+        return blk(z.astype(mx.float32), next_tokens, layer_cache, self.dtype)
+
+    def mtp_head(self, z: mx.array, index: int = 0) -> mx.array:
+        """Logits of the MTP block's streams ``z`` (its own HC head and norm, the shared head)."""
+        blk = self.mtp[index]
         return self.head_logits(z, blk.hc_head_fn, blk.hc_head_base, blk.hc_head_scale, blk.norm)
+
+    def main_head(self, h: mx.array) -> mx.array:
+        """Logits of the main model's final streams ``h``."""
+        return self.head_logits(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
