@@ -15,13 +15,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
 # Sampling defaults are the Python API's (DeepSeek's temperature 1 / top-p 1, ds4's min-p 0.05);
 # ds4mlx.generate only imports mlx.core, which is quick.
-from .console import restore_interrupts
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
 from .generate import check_sampling, check_text
 
@@ -522,12 +521,14 @@ def _is_usage_error(e: BaseException) -> bool:
     return hasattr(e, "format_message") and hasattr(e, "exit_code")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Console-script entry point; returns the exit status."""
+def main(argv: Optional[list[str]] = None, ready: Optional[Callable[[], None]] = None) -> int:
+    """Run the command line ``argv``; returns the exit status. ``ready`` is called once the
+    handlers below are in place (the console entry point hands SIGINT back to Python there)."""
     debug = os.environ.get("DS4MLX_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
     try:
-        restore_interrupts()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
+        if ready is not None:
+            ready()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
         rv = command.main(args=argv, prog_name="ds4mlx", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except KeyboardInterrupt:
