@@ -35,6 +35,7 @@ import numpy as np
 
 from .. import ops as _ops
 from ..quant import gguf as _formats
+from ..quant.codecs import MX_GROUP  # MLX mxfp4 group (one E8M0 scale per 32 weights)
 from ..quant.gguf import iq2_xxs as _iq2_xxs
 
 QuantWeight = Union[mx.array, tuple]
@@ -46,7 +47,6 @@ METAL_DIR = Path(__file__).with_name("metal")
 # Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
 _LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
 _MLX_MXFP4, _GGUF_MXFP4 = 4, 5
-MX_GROUP = 32  # MLX mxfp4 group (one E8M0 scale per 32 weights)
 
 # Up to this many (token, expert) pairs the MoE runs the decode kernels (simdgroups stride over
 # each weight row); above it, the expert-grouped tiled kernel.
