@@ -21,7 +21,7 @@ from . import encoding
 _RECIPE = 1
 DEMO_VOCAB_SIZE = 1024  # = synthetic.DEMO_PROFILE["vocab_size"]
 
-# The V4 vocabulary's named special tokens (checkpoint_format.md §4.1); the first three carry
+# The V4 vocabulary's named special tokens (the published tokenizer.json); the first three carry
 # HF's ``special`` flag, the others are ordinary added tokens there too.
 SPECIAL_TOKENS = (encoding.BOS, encoding.EOS, "<｜▁pad▁｜>")
 NAMED_TOKENS = (

@@ -135,6 +135,8 @@ def _mlx_tensors(path: Path) -> tuple[dict, list[Tensor], str]:
 
 
 def _gguf_tensors(path: Path) -> tuple[dict, list[Tensor], str]:
+    from gguf import Keys
+
     from .io.gguf import hf_config_from_gguf
     from .io.gguf_file import open_gguf
     from .names import UnknownTensorName, gguf_to_internal
@@ -148,7 +150,7 @@ def _gguf_tensors(path: Path) -> tuple[dict, list[Tensor], str]:
             except UnknownTensorName:
                 internal = name
             tensors.append(Tensor(internal, tensor_kind(internal), info.type_name, info.nbytes or 0))
-        label = gf.fields.get("general.name")
+        label = gf.fields.get(Keys.General.NAME)
     return config, tensors, "GGUF deepseek4" + (f" ({label})" if isinstance(label, str) and label else "")
 
 

@@ -27,12 +27,14 @@ LAYER_OF = {
     "ds4mlx.names": "leaf",
     "ds4mlx.state": "leaf",
     "ds4mlx.encoding": "leaf",
+    "ds4mlx.progress": "leaf",
     "ds4mlx.quant": "quant",
     "ds4mlx.ops": "ops",
     "ds4mlx.kernels": "kernels",
     "ds4mlx.layers": "layers",
     "ds4mlx.model": "model",
     "ds4mlx.io": "io",
+    "ds4mlx.hub": "io",  # finds / downloads checkpoint files for the readers
     "ds4mlx.tokenizer": "tokenizer",
     "ds4mlx.synthetic": "synthetic",
     "ds4mlx.demo": "synthetic",
@@ -42,6 +44,9 @@ LAYER_OF = {
     "ds4mlx.speculative": "app",
     "ds4mlx.bench": "app",
     "ds4mlx.info": "app",
+    "ds4mlx.selftest": "app",
+    "ds4mlx.prompt_cache": "app",
+    "ds4mlx.server": "app",
     "ds4mlx.cli": "cli",
     "ds4mlx.console": "cli",
     "ds4mlx.__main__": "cli",
@@ -62,9 +67,10 @@ MAY_IMPORT = {
     "synthetic": {"leaf", "quant", "io", "tokenizer"},
     "loader": {"leaf", "quant", "layers", "model", "io", "tokenizer", "synthetic"},
     "convert": {"leaf", "quant", "io", "tokenizer", "loader"},
-    "app": {"leaf", "quant", "io", "tokenizer", "loader", "model", "convert"},
-    "cli": {"leaf", "quant", "io", "tokenizer", "loader", "convert", "app", "cli"},
 }
+# the applications on top may use any layer below them; the CLI also the applications
+MAY_IMPORT["app"] = set(MAY_IMPORT) - {"app", "cli"}
+MAY_IMPORT["cli"] = set(MAY_IMPORT) - {"cli"}
 
 
 # ----------------------------------------------------------------------------- the graph

@@ -41,9 +41,9 @@ from ..quant.codecs import FP8_WEIGHT_BLOCK, bf16_decode
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
 from .gguf_writer import TensorEntry, stream_gguf
 from .options import ConvertError, Options
-from .output import Progress, check_free_space, check_output, disk_full_error
-from .plan import (Logical, Stored, Unit, dequantize_stored, hash_table, logical_weights, read_stored,
-                   source_nbytes, stored)
+from .output import Progress, check_free_space, check_output, disk_full_error, publish
+from .plan import (Logical, Stored, Unit, dequantize_stored, hash_table, hash_table_shape,
+                   logical_weights, read_stored, source_nbytes, stored)
 
 PRESETS = ("ds4-q4", "ds4-q2", "mxfp4")
 DEFAULT_PRESET = "ds4-q4"
@@ -150,8 +150,7 @@ def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None) -> GG
     fmt = gguf_quants.get(qtype, name) if qtype != "I32" else None
     lead = (len(lw.names),) if lw.experts else ()
     if lw.path.endswith(".tid2eid"):
-        width = ckpt.file(ckpt.weight_map[lw.names[0]]).info(lw.names[0]).shape[1]
-        shape = (lw.shape[0], k if k is not None else width)
+        shape = hash_table_shape(ckpt, lw.names[0], k)
         nbytes = 4 * shape[0] * shape[1]
         items = [lambda: hash_table(ckpt, lw.names[0], k).astype("<i4")]
     else:
@@ -323,7 +322,4 @@ def convert_gguf(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *
         if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
             raise err from exc
         raise
-    if output.is_dir():
-        output.rmdir()
-    os.replace(partial, output)
-    return output
+    return publish(partial, output)

@@ -77,10 +77,6 @@ _OPTIONAL_KEYS = [
     (_key(Keys.LLM.EXPERT_WEIGHTS_SCALE), "routed_scaling_factor", "f32"),
     (_key(Keys.LLM.EXPERT_WEIGHTS_NORM), "norm_topk_prob", "bool"),
 ]
-# HF config key -> the GGUF metadata key it comes from (config errors name the file's key)
-GGUF_KEY_NAMES = {hf: f"{ARCH}.{key}" for key, hf, _ in _REQUIRED_KEYS + _OPTIONAL_KEYS}
-GGUF_KEY_NAMES["num_experts_per_tok"] = f"{ARCH}.expert_used_count"
-GGUF_KEY_NAMES["swiglu_limit"] = f"{ARCH}.swiglu_clamp_exp"
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 _ROPE_KEYS = [  # rope.scaling.* -> HF rope_scaling
@@ -94,6 +90,11 @@ EXPERT_USED_COUNT = _key(Keys.LLM.EXPERT_USED_COUNT)
 EXPERT_GATING_FUNC = _key(Keys.LLM.EXPERT_GATING_FUNC)
 SWIGLU_CLAMP_EXP = _key(Keys.LLM.SWIGLU_CLAMP_EXP)
 ROPE_SCALING_TYPE = _key(Keys.Rope.SCALING_TYPE)
+BLOCK_COUNT = _key(Keys.LLM.BLOCK_COUNT)
+VOCAB_SIZE = _key(Keys.LLM.VOCAB_SIZE)
+# HF config key -> the GGUF metadata key it comes from (config errors name the file's key)
+GGUF_KEY_NAMES = {hf: key for key, hf, _ in _REQUIRED_KEYS + _OPTIONAL_KEYS}
+GGUF_KEY_NAMES.update(num_experts_per_tok=EXPERT_USED_COUNT, swiglu_limit=SWIGLU_CLAMP_EXP)
 
 
 # --------------------------------------------------------------------------- metadata -> config
@@ -195,14 +196,14 @@ def _check_block_count(source: str, block_count: int, tensors: Mapping[str, Tens
     if present and present != list(range(block_count)):
         held = f"blk.{present[0]}..blk.{present[-1]}" if present == list(range(present[0], present[-1] + 1)) \
             else f"{len(present)} layers ({present[0]}..{present[-1]}, with gaps)"
-        raise GGUFError(f"{source}: {ARCH}.block_count is {block_count}, but the tensors hold layers {held}")
+        raise GGUFError(f"{source}: {BLOCK_COUNT} is {block_count}, but the tensors hold layers {held}")
 
 
 def _check_tokenizer_size(source: str, fields: Mapping[str, Any], vocab_size: int) -> None:
     """A token id at or past ``vocab_size`` would index past the embedding table."""
-    tokens = fields.get("tokenizer.ggml.tokens")
+    tokens = fields.get(Keys.Tokenizer.LIST)
     if isinstance(tokens, list) and len(tokens) > vocab_size:
-        raise GGUFError(f"{source}: tokenizer.ggml.tokens has {len(tokens)} tokens but {ARCH}.vocab_size "
+        raise GGUFError(f"{source}: {Keys.Tokenizer.LIST} has {len(tokens)} tokens but {VOCAB_SIZE} "
                         f"is {vocab_size}: ids {vocab_size}..{len(tokens) - 1} have no embedding")
 
 

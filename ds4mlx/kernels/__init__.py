@@ -233,13 +233,12 @@ def unpack_weight(w: QuantWeight, fmt: str, name: str = "w") -> Packed:
         return Packed(key, _MLX_MXFP4, mx.view(q, mx.uint8), s, k)
     if not isinstance(w, mx.array) or w.dtype != mx.uint8 or w.ndim < 2:
         raise KernelInputError(f"{name}: {key} weights must be uint8 blocks [..., rows, row_bytes]")
-    mod = _gguf_format(key)
-    if w.shape[-1] % mod.BLOCK_BYTES:
-        raise KernelInputError(f"{name}: a row of {w.shape[-1]} bytes is not a whole number of "
-                               f"{key} blocks ({mod.BLOCK_BYTES} bytes)")
+    try:
+        k = _formats.row_weights(_gguf_format(key), w.shape[-1], name)
+    except ValueError as e:
+        raise KernelInputError(str(e)) from None
     layout = _GGUF_MXFP4 if key == "MXFP4" else _LAYOUT[key]
-    return Packed(key, layout, w, _no_scales(),
-                  w.shape[-1] // mod.BLOCK_BYTES * mod.BLOCK_SIZE)
+    return Packed(key, layout, w, _no_scales(), k)
 
 
 @functools.cache
@@ -316,7 +315,7 @@ def switch_matmul_ops(x: mx.array, w: mx.array, fmt: str, indices: mx.array,
     """
     fmod = _gguf_format(fmt)
     n_experts, output_dims = w.shape[0], w.shape[1]
-    input_dims = w.shape[-1] // fmod.BLOCK_BYTES * fmod.BLOCK_SIZE
+    input_dims = _formats.row_weights(fmod, w.shape[-1])
     xf = x.astype(mx.float32)
     idx = np.array(indices).astype(np.int64)  # host copy: which experts this call touches
     if idx.size and (idx.min() < 0 or idx.max() >= n_experts):
@@ -361,7 +360,7 @@ def matmul_ops(x: mx.array, w: mx.array, fmt: str) -> mx.array:
     """The ops path of a dense GGUF projection ``w [out, bytes]``: float32 ``x @ W.T``,
     dequantized in output-row chunks of at most ``DEQUANT_BUDGET`` bytes."""
     fmod = _gguf_format(fmt)
-    input_dims = w.shape[-1] // fmod.BLOCK_BYTES * fmod.BLOCK_SIZE
+    input_dims = _formats.row_weights(fmod, w.shape[-1])
     xf = x.astype(mx.float32)
     step = max(1, DEQUANT_BUDGET // (4 * input_dims))  # output rows per step
     parts = [xf @ fmod.dequantize(w[r:r + step]).T for r in range(0, w.shape[0], step)]
