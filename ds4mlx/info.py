@@ -287,20 +287,21 @@ def describe(
     }
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+def _scaled(n: float, units: tuple[str, ...], sep: str) -> str:
+    """``n`` in the largest unit (steps of 1000) that keeps it under 1000; whole in the first."""
+    for i, unit in enumerate(units[:-1]):
+        if abs(n) < 1000:
+            return f"{n:.0f}{sep}{unit}" if i == 0 else f"{n:.2f}{sep}{unit}"
         n /= 1000
-    return f"{n:.2f} TB"
+    return f"{n:.2f}{sep}{units[-1]}"
+
+
+def human_bytes(n: float) -> str:
+    return _scaled(n, ("B", "KB", "MB", "GB", "TB"), " ")
 
 
 def human_count(n: float) -> str:
-    for unit in ("", "K", "M", "B"):
-        if abs(n) < 1000 or unit == "B":
-            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
-        n /= 1000
-    return f"{n:.2f}B"
+    return _scaled(n, ("", "K", "M", "B"), "")
 
 
 def format_info(d: dict[str, Any]) -> str:

@@ -316,16 +316,29 @@ def gguf_tokenizer_fields(tokenizer_json_path: Union[str, Path]) -> dict[str, An
 
 def add_tokenizer_to_gguf(writer, fields: dict[str, Any]) -> None:
     """Write ``gguf_tokenizer_fields`` output into a ``gguf.GGUFWriter`` (llama.cpp's types)."""
-    writer.add_tokenizer_model(fields[_K.MODEL])
-    writer.add_tokenizer_pre(fields[_K.PRE])
-    writer.add_token_list(fields[_K.LIST])
-    writer.add_token_types(fields[_K.TOKEN_TYPE])
-    writer.add_token_merges(fields[_K.MERGES])
-    writer.add_bos_token_id(fields[_K.BOS_ID])
-    writer.add_eos_token_id(fields[_K.EOS_ID])
-    writer.add_pad_token_id(fields[_K.PAD_ID])
-    writer.add_add_bos_token(fields[_K.ADD_BOS])
-    writer.add_add_eos_token(fields[_K.ADD_EOS])
+    # gguf-py's writer method for each key gives it the GGUF type llama.cpp expects
+    adders = {_K.MODEL: writer.add_tokenizer_model, _K.PRE: writer.add_tokenizer_pre,
+              _K.LIST: writer.add_token_list, _K.TOKEN_TYPE: writer.add_token_types,
+              _K.MERGES: writer.add_token_merges, _K.BOS_ID: writer.add_bos_token_id,
+              _K.EOS_ID: writer.add_eos_token_id, _K.PAD_ID: writer.add_pad_token_id,
+              _K.ADD_BOS: writer.add_add_bos_token, _K.ADD_EOS: writer.add_add_eos_token}
+    for key, add in adders.items():
+        add(fields[key])
+
+
+def v4_byte_level_bpe(model):
+    """A ``tokenizers.Tokenizer`` on the BPE ``model`` with V4's pipeline: the pre-tokenizer
+    regexes, then byte-level symbols (no prefix space); byte-level decoding."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRETOKENIZER_REGEXES]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
 
 
 def _value(fields: dict[str, Any], key: str, source: str, required: bool = True) -> Any:
@@ -343,8 +356,7 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any], source: str = "GGUF"):
     Byte-level BPE from ``tokens`` (index = id) and ``merges`` (index = rank), the V4
     pre-tokenizer, and CONTROL / USER_DEFINED tokens as added tokens (special = CONTROL).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import processors
+    from tokenizers import AddedToken, Tokenizer, models
 
     hf_json = _value(fields, _K.HF_JSON, source, required=False)
     if hf_json:
@@ -377,13 +389,7 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any], source: str = "GGUF"):
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise TokenizerFormatError(f"{source}: {_K.LIST} holds duplicate strings")
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRETOKENIZER_REGEXES]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = v4_byte_level_bpe(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tokenizer.add_tokens(
         [
             AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
