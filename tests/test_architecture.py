@@ -246,6 +246,30 @@ def test_the_graph_sees_the_known_edges(graph):
     assert "ds4mlx.quant.gguf.iq2_xxs" in graph["ds4mlx.kernels"]  # from ..quant.gguf import x
 
 
+def test_own_modules_are_never_optional():
+    # an ``except ImportError`` around the package's own imports would hide a broken module
+    modules = package_modules(PACKAGE_DIR, PACKAGE)
+    found = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Try):
+                continue
+            caught = {getattr(h.type, "id", None) for h in node.handlers} | {
+                getattr(e, "id", None) for h in node.handlers if isinstance(h.type, ast.Tuple)
+                for e in h.type.elts}
+            if not caught & {"ImportError", "ModuleNotFoundError"}:
+                continue
+            body = ast.Module(body=node.body, type_ignores=[])
+            for inner in ast.walk(body):
+                own = (isinstance(inner, ast.ImportFrom)
+                       and (inner.level or (inner.module or "").split(".")[0] == PACKAGE)) or (
+                    isinstance(inner, ast.Import)
+                    and any(a.name.split(".")[0] == PACKAGE for a in inner.names))
+                if own:
+                    found.append(f"{name}:{inner.lineno}")
+    assert found == []
+
+
 # ----------------------------------------------------------------------------- the checker itself
 def _write_package(root: Path, files: dict[str, str]) -> Path:
     pkg = root / "pkg"
