@@ -1,4 +1,4 @@
-"""The ``ds4mlx`` command: generate, chat, info, bench, convert.
+"""The ``ds4mlx`` command: generate, chat, info, bench, convert, selftest.
 
 Flags follow mlx-lm (``--model``, ``--prompt``, ``--max-tokens``, ``--temp``, ``--top-p``,
 ``--min-p``, ``--seed``). Heavy modules are imported inside the commands, so ``--help`` is
@@ -506,6 +506,15 @@ def convert(
                        expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size,
                        include_mtp=mtp, resume=resume, progress=True, jobs=jobs)
     _status(f"written {path}")
+
+
+@app.command()
+def selftest(model: Annotated[str, typer.Option("--model", "-m", help="Model whose kernels to check.")] = "demo") -> None:
+    """Check every kernel variant the model dispatches against its ops twin on this device."""
+    from .selftest import run_selftest
+
+    if not run_selftest(model):
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- entry point
