@@ -87,7 +87,7 @@ def run_selftest(source: str, out: TextIO | None = None) -> bool:
             total += 1
             err = f"{r.rel_error:.2e}" if r.error is None else "-"
             status = "" if r.ok else "  FAIL " + (r.error or f"(tolerance {r.tolerance:g})")
-            print(f"{r.kernel:<26} {spec.variant:<10} {check._dtype_name(spec.dtype):<9} "
+            print(f"{r.kernel:<26} {spec.variant:<10} {check.dtype_name(spec.dtype):<9} "
                   f"{r.inputs:<28} {err:>11} {r.seconds:>7.3f}s{status}", file=out, flush=True)
         bad = [r for r in results if not r.ok]
         failed += bad

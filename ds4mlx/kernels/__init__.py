@@ -116,8 +116,6 @@ def enabled(variant: str) -> bool:
 def disabled() -> dict[str, str]:
     """Variant -> reason of every kernel variant switched off (by :func:`disable` or by the
     first-use check)."""
-    from . import check
-
     return {**_disabled, **check.failures()}
 
 
@@ -128,8 +126,6 @@ def serves(fmt: str) -> bool:
         return False
     if fmt != HC_PRE and fmt.upper() not in KERNEL_FORMATS:
         return False
-    from . import check
-
     return enabled(fmt) or check.forcing()
 
 
@@ -140,8 +136,6 @@ def variant_name(p: "Packed") -> str:
 
 def _first_use_ok(variant: str, dtype: mx.Dtype, **dims: int) -> bool:
     """The first-use check of ``variant`` at ``dtype`` (kernels/check.py); True once passed."""
-    from . import check
-
     return check.passes(variant, dtype, **dims)
 
 
@@ -634,3 +628,6 @@ def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters:
         grid=(_HC_THREADS, n, 1), threadgroup=(_HC_THREADS, 1, 1),
         template=[("T", h.dtype), ("FT", fn.dtype), ("M", m)])
     return x.reshape(*lead, d), post.reshape(*lead, m), comb.reshape(*lead, m, m)
+
+
+from . import check  # noqa: E402  (uses this module's names at call time only)
