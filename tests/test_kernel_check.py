@@ -58,25 +58,26 @@ def warnings_in(text: str) -> list[str]:
     return [line for line in text.splitlines() if "warning" in line]
 
 
-def q4k_experts(e=5, rows=16, k=256, seed=0):
-    return check.random_experts("Q4_K", e, rows, k, seed)
+def mx_experts(seed: int, e: int = 8, rows: int = 16, k: int = 256):
+    # the demo model's layout and dims (top-6 of 8): the checks share compiled kernels
+    return check.random_experts(check.MLX_PAIR, e, rows, k, seed)
 
 
 def test_wrong_result_is_switched_off_once_and_ops_serves(first_use, monkeypatch, capfd):
     break_kernel(monkeypatch, "moe.metal", "moe_gate_up_decode", GATE_UP_WRITE,
                  GATE_UP_WRITE.replace("= ds4_swiglu", "= 1.5f * ds4_swiglu"))
-    w1, w3 = q4k_experts(seed=1), q4k_experts(seed=2)
+    w1, w3 = mx_experts(seed=1), mx_experts(seed=2)
     x = mx.array(np.random.default_rng(3).standard_normal((2, 256)).astype(np.float32))
-    idx = mx.array([[0, 4], [2, 2]], dtype=mx.uint32)
+    idx = mx.array([[0, 4, 1, 7, 3, 3], [2, 2, 5, 6, 0, 1]], dtype=mx.uint32)
     for _ in range(2):  # the second call reuses the verdict: no second warning
-        got = kernels.moe_gate_up(x, w1, w3, "Q4_K", idx, 10.0)
-        assert mx.array_equal(got, kernels.moe_gate_up_ops(x, w1, w3, "Q4_K", idx, 10.0)).item()
+        got = kernels.moe_gate_up(x, w1, w3, "MXFP4", idx, 10.0)
+        assert mx.array_equal(got, kernels.moe_gate_up_ops(x, w1, w3, "MXFP4", idx, 10.0)).item()
     lines = warnings_in(capfd.readouterr().err)
     assert len(lines) == 1, lines
-    assert "kernel Q4_K (float32) switched off" in lines[0]
+    assert "kernel MXFP4-mlx (float32) switched off" in lines[0]
     assert "moe_gate_up_decode" in lines[0] and "ops path" in lines[0]
-    assert "Q4_K (float32)" in kernels.disabled()
-    assert not list(first_use.glob("kernel-checks/Q4_K-*"))  # a failure is not recorded
+    assert "MXFP4-mlx (float32)" in kernels.disabled()
+    assert not list(first_use.glob("kernel-checks/MXFP4-mlx-*"))  # a failure is not recorded
     # other variants are unaffected: hc_pre still runs its kernel (and passes its check)
     h = mx.array(np.random.default_rng(4).standard_normal((2, 4, 64)).astype(np.float32))
     fn = mx.array(np.random.default_rng(5).standard_normal((24, 256)).astype(np.float32) * 0.05)
@@ -104,15 +105,15 @@ def test_a_pass_is_recorded_and_later_runs_skip_the_check(first_use, monkeypatch
     real = check.run_spec
     monkeypatch.setattr(check, "run_spec", lambda spec: calls.append(spec) or real(spec))
     rng = np.random.default_rng(7)
-    h = mx.array(rng.standard_normal((1, 2, 40)).astype(np.float32))
-    fn = mx.array(rng.standard_normal((8, 80)).astype(np.float32) * 0.1)
+    h = mx.array(rng.standard_normal((1, 4, 40)).astype(np.float32))
+    fn = mx.array(rng.standard_normal((24, 160)).astype(np.float32) * 0.1)
 
     def hc():
-        return kernels.hc_pre(h, fn, mx.zeros((8,)), mx.ones((3,)), iters=2, eps=1e-6,
+        return kernels.hc_pre(h, fn, mx.zeros((24,)), mx.ones((3,)), iters=2, eps=1e-6,
                               norm_eps=1e-6)
 
     hc(), hc()
-    assert len(calls) == 1 and calls[0].hc_mult == 2
+    assert len(calls) == 1 and calls[0].hc_mult == 4
     assert len(list(first_use.glob("kernel-checks/hc_pre-float32-*.json"))) == 1
     check.reset()  # as a new process would start: the record on disk answers
     hc()
