@@ -67,10 +67,15 @@ def _resident_bytes(name: str, kind: str, fmt: str, nbytes: int, dtype_bytes: in
     width = 4 if keeps_float32(name) else dtype_bytes
     if fmt in _FLOAT_BYTES:
         return nbytes // _FLOAT_BYTES[fmt] * width
-    if kind in _DEQUANTIZED_KINDS and fmt in gguf.GGMLQuantizationType.__members__:
+    if fmt in gguf.GGMLQuantizationType.__members__:
         block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt]]
-        return nbytes // block_bytes * block * width
-    return nbytes  # packed (FP8/FP4 as MLX mxfp8/mxfp4, GGUF blocks, affine) or integer tables
+        if kind in _DEQUANTIZED_KINDS:
+            return nbytes // block_bytes * block * width
+        if fmt == "Q8_0":  # loads as MLX affine 8-bit: 32 codes + fp16 scale and bias per block
+            return nbytes // block_bytes * (block + 4)
+    if fmt.startswith("FP8"):  # official 128x128 scales become mxfp8's one byte per 32 weights
+        return nbytes + nbytes // 32
+    return nbytes  # packed as stored (FP4 as mxfp4, GGUF blocks, affine) or integer tables
 
 
 def estimate(source: Any, *, ctx: int, dtype: Optional[mx.Dtype] = None, mtp: bool = False) -> Estimate:

@@ -18,11 +18,14 @@ def test_estimate_matches_the_loaded_model(demo, demo_dir):
     model, _ = demo  # float32
     loaded = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     est = memory.estimate(demo_dir, ctx=4096, dtype=mx.float32)
-    assert abs(est.weights - loaded) <= 0.02 * loaded, (est.weights, loaded)
+    assert abs(est.weights - loaded) <= 0.01 * loaded, (est.weights, loaded)
     assert est.state > 0 and est.ctx == 4096
-    # bfloat16 halves the float tensors that are not kept in float32, packed ones stay
+    # bfloat16 (a Mac's default): float tensors halve unless the model keeps them float32
+    half_model = loader.load(demo_dir, dtype=mx.bfloat16)[0]
+    half_loaded = sum(v.nbytes for _, v in tree_flatten(half_model.parameters()))
     half = memory.estimate(demo_dir, ctx=4096, dtype=mx.bfloat16)
-    assert 0.4 * est.weights < half.weights < est.weights
+    assert abs(half.weights - half_loaded) <= 0.01 * half_loaded, (half.weights, half_loaded)
+    assert half.weights < est.weights
 
 
 @pytest.fixture
