@@ -177,3 +177,42 @@ def test_demo_model_with_a_broken_kernel_gives_the_ops_path_logits(demo, first_u
     assert len(lines) == 1 and "kernel MXFP4-mlx (float32) switched off" in lines[0], lines
     # hc_pre passed its check and still runs as a kernel: equal up to float32 rounding
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def q2_gguf(tmp_path_factory):
+    """A 2-layer tiny checkpoint as a q2-style GGUF (IQ2_XXS gate/up, Q2_K down, Q8_0 rest)."""
+    from ds4mlx.convert import convert
+    from ds4mlx.synthetic import write_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("selftest-q2")
+    ckpt = write_tiny_checkpoint(d / "ckpt", seed=5, num_layers=2, num_hash_layers=1, mtp=False)
+    return convert(ckpt, d / "q2.gguf", to="gguf", preset="ds4-q2", progress=False)
+
+
+@pytest.mark.parametrize("which", ["demo", pytest.param("q2", marks=pytest.mark.slow)])
+def test_selftest_lists_what_the_model_dispatches(which, demo_dir, request, monkeypatch):
+    """The variants selftest derives from the headers are exactly those a forward pass asks
+    the first-use check about (prefill and decode)."""
+    from ds4mlx import load
+    from ds4mlx.selftest import model_specs
+
+    source = demo_dir if which == "demo" else request.getfixturevalue("q2_gguf")
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    kernels.set_backend()
+    asked = set()
+
+    def spy(variant, dtype, **dims):
+        asked.add((variant, dtype))
+        return False  # the ops twins serve: no kernel needs compiling here
+
+    monkeypatch.setattr(check, "passes", spy)
+    model, _ = load(source)
+    cache = model.make_cache()
+    tokens = mx.array([[3, 50, 7, 900, 12, 4, 4, 8, 100]])
+    for a, b in ((0, 8), (8, 9)):  # a prefill chunk (tiled kernels) and one decode step
+        mx.eval(model(tokens[:, a:b], cache=cache))
+    listed = {(s.variant, s.dtype) for s in model_specs(str(source))}
+    assert asked and listed == asked
+    if which == "q2":
+        assert {v for v, _ in listed} == {"IQ2_XXS", "Q2_K", "hc_pre"}
