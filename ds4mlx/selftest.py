@@ -76,7 +76,9 @@ def run_selftest(source: str, out: TextIO | None = None) -> bool:
         if emu.compiler() is None:
             raise OSError("no Metal GPU and no C++ compiler for the kernel emulator (install g++)")
     kernels.set_backend(backend)
-    where = "Metal GPU" if backend == "metal" else "CPU emulator"
+    where = "CPU emulator"
+    if backend == "metal":
+        where = f"Metal GPU ({mx.device_info().get('device_name', 'unknown')}, MLX {mx.__version__})"
     print(f"ds4mlx selftest: {source} on the {where} ({len(specs)} variants)", file=out)
     print(f"{'kernel':<26} {'format':<10} {'dtype':<9} {'inputs':<28} {'max rel err':>11} "
           f"{'time':>8}", file=out)
