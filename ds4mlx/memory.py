@@ -144,6 +144,7 @@ def check_memory(source: Any, *, ctx: int, force: bool = False, dtype: Optional[
         level, message = found
         if level == "refuse" and not force:
             raise MemoryLimitError(f"{message}, or pass --ignore-memory-limit")
-        warn(f"warning: {message}" + (" (loading anyway: --ignore-memory-limit)" if level == "refuse" else ""))
+        anyway = " (loading anyway: --ignore-memory-limit)" if level == "refuse" else ""
+        warn(f"warning: {message}{anyway}")
     set_limits(est, mem)
     return est

@@ -121,7 +121,8 @@ def disabled() -> dict[str, str]:
 
 def serves(fmt: str) -> bool:
     """Whether a kernel serves calls on weights of format ``fmt`` (or ``HC_PRE``): the one
-    decision between kernel and ops twin, with :func:`_first_use_ok` for the call's variant."""
+    decision between kernel and ops twin (the entry points then ask :func:`_first_use_ok`
+    whether the call's variant passed its first-use check)."""
     if backend() == "ops":
         return False
     if fmt != HC_PRE and fmt.upper() not in KERNEL_FORMATS:
