@@ -154,6 +154,23 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     assert "all 10 kernel checks passed" in out
 
 
+def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    assert main(["selftest", "--model", str(demo_dir)]) == 0  # records into $DS4MLX_CACHE
+    monkeypatch.setenv("DS4MLX_KERNEL_CHECK", "on")
+    check.reset()
+    calls = []
+    monkeypatch.setattr(check, "run_spec", lambda spec: calls.append(spec) or [])
+    found = []
+    real = check.recorded
+    monkeypatch.setattr(check, "recorded", lambda spec: found.append(spec.variant) or real(spec))
+    kernels.set_backend()
+    mx.eval(demo[0](mx.array([[5, 17, 300]])))
+    assert sorted(found) == ["MXFP4-mlx", "hc_pre"]  # both variants looked up their record
+    assert calls == [] and kernels.disabled() == {}
+    check.reset()
+
+
 def test_selftest_fails_on_a_broken_kernel(demo_dir, monkeypatch, capsys):
     monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
     write = "y[ulong(tok) * uint(D) + row] = OutT(bad_id ? ds4_nan() : acc[r]);"
