@@ -45,6 +45,7 @@ LAYER_OF = {
     "ds4mlx.bench": "app",
     "ds4mlx.info": "app",
     "ds4mlx.selftest": "app",
+    "ds4mlx.memory": "app",
     "ds4mlx.prompt_cache": "app",
     "ds4mlx.server": "app",
     "ds4mlx.cli": "cli",
@@ -52,6 +53,14 @@ LAYER_OF = {
     "ds4mlx.__main__": "cli",
     "ds4mlx": "cli",  # the package root re-exports load / generate for the user
 }
+
+# Cycles accepted, each with its reason; any other cycle fails. A package and its own submodule
+# only: a cycle between layers or between sibling modules is never accepted.
+ALLOWED_CYCLES = [
+    # the backend asks the first-use check whether a variant may serve; the check runs the
+    # kernels of the package against their twins: one unit in two files
+    {"ds4mlx.kernels", "ds4mlx.kernels.check"},
+]
 
 # What each layer may import directly (besides itself); the order of docs/architecture.md:
 # codecs (quant) -> ops -> kernels -> layers -> model; io readers below the loader; CLI on top.
@@ -212,11 +221,17 @@ def test_every_module_has_a_layer(graph):
 
 
 def test_no_import_cycles(graph):
-    assert find_cycles(graph) == []
+    assert [c for c in find_cycles(graph) if set(c) not in ALLOWED_CYCLES] == []
 
 
 def test_imports_follow_the_layer_order(graph):
     assert layer_violations(graph) == []
+
+
+def test_allowed_cycles_are_a_package_and_its_own_submodules():
+    for cycle in ALLOWED_CYCLES:
+        package = min(cycle, key=len)
+        assert all(m == package or m.rpartition(".")[0] == package for m in cycle), cycle
 
 
 def test_layer_order_is_acyclic():
