@@ -1,6 +1,7 @@
 """The faster GGUF quantizers give the same bytes as the previous numpy implementation
-(``tests/gguf_quant_reference.py``) on random inputs, with and without importance weights, and
-the IQ2_XXS search gives the same bytes with its C kernel and with the numpy fallback."""
+(``tests/gguf_quant_reference.py``) on random inputs, with and without importance weights (the
+reference set to llama.cpp's importance weighting, which the package now follows), and the
+IQ2_XXS search gives the same bytes with its C kernel and with the numpy fallback."""
 
 import numpy as np
 import pytest
@@ -24,8 +25,16 @@ def _inputs(seed: int, rows: int, cols: int) -> list[tuple[np.ndarray, np.ndarra
     return [(x, None), (heavy, None), (x, imp), (heavy, imp * imp)]
 
 
+LLAMA_CPP_SIGMA_FACTOR = {"Q4_K": 2.0, "Q2_K": 1.0, "IQ2_XXS": 1.0}  # σ² = factor · mean(x²)
+
+
+@pytest.fixture
+def llama_cpp_weighting(monkeypatch):
+    monkeypatch.setattr(reference, "SIGMA_FACTOR", LLAMA_CPP_SIGMA_FACTOR)
+
+
 @pytest.mark.parametrize("name", list(reference.QUANTIZE))
-def test_same_bytes_as_reference(name):
+def test_same_bytes_as_reference(name, llama_cpp_weighting):
     for seed in (0, 1):
         for x, imp in _inputs(seed, 24, 2048):
             new = fmts.get(name).quantize(x, weights=imp)
@@ -51,7 +60,7 @@ def _check_near_ties(x, imp, new, old):
     assert np.all(imp[cols] < 1e-3 * imp.mean()), imp[cols].max()
 
 
-def test_iq2_xxs_native_and_numpy_search_agree(monkeypatch):
+def test_iq2_xxs_native_and_numpy_search_agree(monkeypatch, llama_cpp_weighting):
     assert native.load("iq2_search") is not None or pytest.skip("no C compiler here")
     x, imp = _inputs(2, 16, 2048)[2]
     imp = imp + 0.05  # no near-zero importance, so no near-ties (see _check_near_ties)
@@ -78,3 +87,27 @@ def test_e2m1_encode_same_as_reference():
     x = np.concatenate([special, (rng.standard_normal(100_000) * 3).astype(np.float32)])
     assert np.array_equal(codecs.e2m1_encode(x), reference.e2m1_encode(x))
     assert np.array_equal(codecs.e2m1_encode(x[:700].reshape(-1, 7)), reference.e2m1_encode(x[:700].reshape(-1, 7)))
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CPP_SIGMA_FACTOR))
+def test_importance_weighting_is_llama_cpp_s(name, monkeypatch):
+    # the element error weights handed to the search are qw·sqrt(σ² + x²), σ² = factor·mean(x²)
+    # over the super-block (ggml-quants.c, quantize_row_{q4_K,q2_K,iq2_xxs}_impl)
+    from ds4mlx.quant.gguf import common
+
+    seen = []
+    real = common.importance_weights
+    monkeypatch.setattr(common, "importance_weights", lambda *a: seen.append(a[3]) or real(*a))
+    module = fmts.get(name)
+    if name == "IQ2_XXS":
+        monkeypatch.setattr(module, "importance_weights", common.importance_weights)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 512), dtype=np.float32)
+    qw = rng.random(512, dtype=np.float32)
+    module.quantize(x, weights=qw)
+    assert seen and set(seen) == {LLAMA_CPP_SIGMA_FACTOR[name]}
+    xb = x.reshape(-1, 256)
+    w = real(xb, xb, np.broadcast_to(qw, x.shape).reshape(-1, 256), LLAMA_CPP_SIGMA_FACTOR[name])
+    sigma2 = LLAMA_CPP_SIGMA_FACTOR[name] * (xb.astype(np.float64) ** 2).sum(axis=1, keepdims=True) / 256
+    want = np.broadcast_to(qw, x.shape).reshape(-1, 256) * np.sqrt(sigma2 + xb.astype(np.float64) ** 2)
+    np.testing.assert_allclose(w, want, rtol=1e-6)

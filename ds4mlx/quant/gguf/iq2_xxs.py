@@ -24,7 +24,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import native
-from .common import as_blocks, field_f16, flat_values, np_f16_bytes, quantize_in_chunks
+from .common import as_blocks, field_f16, flat_values, importance_weights, np_f16_bytes, quantize_in_chunks
 
 NAME = "IQ2_XXS"
 GGML_TYPE = int(GGMLQuantizationType.IQ2_XXS)
@@ -166,9 +166,8 @@ def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     x = xb.reshape(n, 8, 4, 8)
     if qw is None:
         w = np.sqrt((x * x).mean(axis=(2, 3), keepdims=True)) + np.abs(x)
-    else:
-        sigma2 = 2.0 * (xb * xb).mean(axis=-1)[:, None, None, None]
-        w = qw.reshape(x.shape) * np.sqrt(sigma2 + x * x)
+    else:  # llama.cpp's IQ2_XXS weighting: σ² is the block's mean square
+        w = importance_weights(x, xb, qw, 1.0)
 
     # Signs: the mask must have even parity, so in an odd run the element that costs least
     # (smallest w·x²) keeps the wrong sign; in the mask's frame its target is −|x|.
