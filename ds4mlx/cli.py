@@ -496,6 +496,9 @@ def convert(
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, show_default=False,
         help="GGUF: quantization worker processes (default: all cores).")] = None,
+    imatrix: Annotated[Optional[Path], typer.Option(
+        "--imatrix", show_default=False,
+        help="GGUF: llama.cpp importance matrix (.gguf or legacy .dat) for Q4_K/Q2_K/IQ2_XXS.")] = None,
 ) -> None:
     """Convert official safetensors to an MLX directory (lossless by default) or a GGUF file."""
     from .convert import convert as run_convert
@@ -504,7 +507,7 @@ def convert(
         raise UsageProblem(f"--to must be mlx or gguf, got {to!r}")
     path = run_convert(source, output, to=to, preset=preset, experts_per_token=experts_per_token,
                        expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size,
-                       include_mtp=mtp, resume=resume, progress=True, jobs=jobs)
+                       include_mtp=mtp, resume=resume, progress=True, jobs=jobs, imatrix=imatrix)
     _status(f"written {path}")
 
 
