@@ -235,6 +235,7 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     entry with the lowest weighted error at that scale (among the entries that win a full
     256-entry search at one of the sweep scales); finally the fp16 super-scale and the
     4-bit group scales are chosen among a few candidates by total error.
-    ``weights``: optional importance, broadcast to ``x`` (e.g. an imatrix ``[n]``).
+    ``weights``: optional importance, broadcast to ``x`` (e.g. an imatrix ``[n]``), weighted
+    as llama.cpp does (``qw·sqrt(mean(x²) + x²)`` per element).
     """
     return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk)
