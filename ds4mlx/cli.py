@@ -1,4 +1,4 @@
-"""The ``ds4mlx`` command: generate, chat, info, bench, convert, imatrix.
+"""The ``ds4mlx`` command: generate, chat, info, bench, convert, imatrix, selftest.
 
 Flags follow mlx-lm (``--model``, ``--prompt``, ``--max-tokens``, ``--temp``, ``--top-p``,
 ``--min-p``, ``--seed``). Heavy modules are imported inside the commands, so ``--help`` is
@@ -80,15 +80,20 @@ ExpertsOpt = Annotated[Optional[int], typer.Option(
     "--experts-per-token", min=1, show_default=False,
     help="Routed experts per token (default: the file's value; 4 runs the 4Expert variant).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", min=1, help="Context length: prompt plus generated tokens.")]
+MemoryOpt = Annotated[bool, typer.Option(
+    "--ignore-memory-limit", help="Load even when the memory check says the model will not fit.")]
 
 
 def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True):
+def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True,
+          ctx: int = DEFAULT_CTX, ignore_memory_limit: bool = False):
     from .loader import load
+    from .memory import check_memory
 
+    check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=_status)  # before any weight is read
     _status(f"Loading {model} ...")
     loaded, tokenizer = load(model, experts_per_token=experts_per_token)
     if tokenizer is None and need_tokenizer:
@@ -263,6 +268,7 @@ def generate(
     experts_per_token: ExpertsOpt = None,
     raw: Annotated[bool, typer.Option("--raw", "--ignore-chat-template", help="Send the prompt verbatim, without the chat template.")] = False,
     ctx: CtxOpt = DEFAULT_CTX,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
     text = _read_prompt(prompt, prompt_file)
@@ -270,7 +276,7 @@ def generate(
     _check_thinking(think, think_max, ctx)
     if raw and (system is not None or think is not None or think_max):
         raise UsageProblem("--raw sends the prompt verbatim: --system, --think/--no-think and --think-max do not apply")
-    loaded, tokenizer = _load(model, experts_per_token)
+    loaded, tokenizer = _load(model, experts_per_token, ctx=ctx, ignore_memory_limit=ignore_memory_limit)
     _note_context_cap(loaded, ctx)
     from .generate import chat_prompt, format_stats, stream_generate
 
@@ -357,6 +363,7 @@ def chat(
     think_max: ThinkMaxOpt = False,
     experts_per_token: ExpertsOpt = None,
     ctx: CtxOpt = DEFAULT_CTX,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
     from .generate import ContextLengthError, PromptError
@@ -365,7 +372,7 @@ def chat(
     _check_thinking(think, think_max, ctx)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches check_text, which names it
         sys.stdin.reconfigure(errors="surrogateescape")
-    loaded, tokenizer = _load(model, experts_per_token)
+    loaded, tokenizer = _load(model, experts_per_token, ctx=ctx, ignore_memory_limit=ignore_memory_limit)
     ctx = _note_context_cap(loaded, ctx)
     if seed is not None:
         import mlx.core as mx
@@ -458,12 +465,14 @@ def bench(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write the CSV here (default: stdout).")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Save a PNG plot (needs matplotlib).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """Prefill and generation tokens/s at growing context frontiers (ds4-bench style)."""
     from .bench import format_row, parse_contexts, plot, run_bench, write_csv
 
     frontiers = parse_contexts(contexts)
-    loaded, _ = _load(model, experts_per_token, need_tokenizer=False)
+    loaded, _ = _load(model, experts_per_token, need_tokenizer=False, ctx=max(frontiers) + gen_tokens,
+                      ignore_memory_limit=ignore_memory_limit)
     rows = list(run_bench(loaded, frontiers, gen_tokens=gen_tokens, prefill_step=prefill_step, seed=seed,
                           on_row=lambda row: _status(format_row(row))))
     if csv_path is None:
@@ -527,6 +536,15 @@ def imatrix(
     path = run_imatrix(model, text, output, chunk_size=chunk_size, max_chunks=chunks,
                        experts_per_token=experts_per_token)
     _status(f"written {path}")
+
+
+@app.command()
+def selftest(model: Annotated[str, typer.Option("--model", "-m", help="Model whose kernels to check.")] = "demo") -> None:
+    """Check every kernel variant the model dispatches against its ops twin on this device."""
+    from .selftest import run_selftest
+
+    if not run_selftest(model):
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- entry point
