@@ -46,6 +46,14 @@ def test_same_bytes_as_reference(name, llama_cpp_weighting):
                 assert np.array_equal(new, old), (name, seed, imp is not None, int((new != old).sum()))
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q2_K"])
+def test_same_bytes_across_batches(name):
+    # 1100 super-blocks: several of the quantizers' batches (and a partial one), where the
+    # reference batches differently
+    x = np.random.default_rng(6).standard_normal((275, 1024), dtype=np.float32) * 0.02
+    assert np.array_equal(fmts.get(name).quantize(x), reference.QUANTIZE[name](x))
+
+
 def _check_near_ties(x, imp, new, old):
     """IQ2_XXS with importance: codebook entries that differ only in elements of (near-)zero
     importance cost the same to within float rounding, and the old matrix-product search broke

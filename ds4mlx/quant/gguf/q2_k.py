@@ -27,7 +27,7 @@ GGML_TYPE = int(GGMLQuantizationType.Q2_K)
 BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K]  # weights, bytes per block
 
 _SUB = 16
-_CHUNK_BLOCKS = 512
+_CHUNK_BLOCKS = 256  # as Q4_K
 
 
 def dequantize(blocks: mx.array) -> mx.array:
