@@ -1,4 +1,4 @@
-"""The ``ds4mlx`` command: generate, chat, info, bench, convert, selftest.
+"""The ``ds4mlx`` command: generate, chat, info, bench, convert, imatrix, selftest.
 
 Flags follow mlx-lm (``--model``, ``--prompt``, ``--max-tokens``, ``--temp``, ``--top-p``,
 ``--min-p``, ``--seed``). Heavy modules are imported inside the commands, so ``--help`` is
@@ -504,6 +504,9 @@ def convert(
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, show_default=False,
         help="GGUF: quantization worker processes (default: all cores).")] = None,
+    imatrix: Annotated[Optional[Path], typer.Option(
+        "--imatrix", show_default=False,
+        help="GGUF: llama.cpp importance matrix (.gguf or legacy .dat) for Q4_K/Q2_K/IQ2_XXS.")] = None,
 ) -> None:
     """Convert official safetensors to an MLX directory (lossless by default) or a GGUF file."""
     from .convert import convert as run_convert
@@ -512,7 +515,25 @@ def convert(
         raise UsageProblem(f"--to must be mlx or gguf, got {to!r}")
     path = run_convert(source, output, to=to, preset=preset, experts_per_token=experts_per_token,
                        expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size,
-                       include_mtp=mtp, resume=resume, progress=True, jobs=jobs)
+                       include_mtp=mtp, resume=resume, progress=True, jobs=jobs, imatrix=imatrix)
+    _status(f"written {path}")
+
+
+@app.command()
+def imatrix(
+    model: ModelOpt,
+    text: Annotated[Path, typer.Option("--text", "-f", show_default=False, help="Calibration text file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output GGUF imatrix.")] = Path("imatrix.gguf"),
+    chunk_size: Annotated[int, typer.Option("--chunk-size", "-c", min=2, help="Tokens per chunk.")] = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, show_default=False,
+                                                  help="Process at most this many chunks.")] = None,
+    experts_per_token: ExpertsOpt = None,
+) -> None:
+    """Compute a llama.cpp importance matrix (for convert --imatrix) over calibration text."""
+    from .imatrix import run_imatrix
+
+    path = run_imatrix(model, text, output, chunk_size=chunk_size, max_chunks=chunks,
+                       experts_per_token=experts_per_token)
     _status(f"written {path}")
 
 
