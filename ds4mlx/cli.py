@@ -80,17 +80,68 @@ ExpertsOpt = Annotated[Optional[int], typer.Option(
     "--experts-per-token", min=1, show_default=False,
     help="Routed experts per token (default: the file's value; 4 runs the 4Expert variant).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", min=1, help="Context length: prompt plus generated tokens.")]
+GGUFFileOpt = Annotated[Optional[str], typer.Option(
+    "--gguf-file", show_default=False,
+    help="One .gguf file of the --model Hub repo (or directory), as llama.cpp's --hf-file; "
+         "--model REPO:FILE.gguf says the same.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also show the model's path and shape, load time and the formatted prompt.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="Only the answer: no progress, reasoning or statistics (mlx-lm's --verbose False).")]
+
+
+class _Output:
+    """How much goes to stderr: ``quiet`` (errors only), normal, or ``verbose``."""
+
+    quiet = False
+    verbose = False
+
+
+def _set_output(verbose: bool, quiet: bool) -> None:
+    if verbose and quiet:
+        raise UsageProblem("--verbose and --quiet cannot be combined")
+    _Output.verbose, _Output.quiet = verbose, quiet
 
 
 def _status(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if not _Output.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _detail(message: str) -> None:
+    if _Output.verbose:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _model_source(model: str, gguf_file: Optional[str]) -> str:
+    """``--model`` plus ``--gguf-file``: a file in a local directory, else ``REPO:FILE``."""
+    if gguf_file is None:
+        return model
+    if ":" in model and model.endswith(".gguf"):
+        raise UsageProblem("give the GGUF file either as --model REPO:FILE or with --gguf-file, not both")
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser() / gguf_file)
+    from .hub import gguf_file as hub_gguf_file
+
+    return str(hub_gguf_file(model, gguf_file))
 
 
 def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True):
+    import time
+
     from .loader import load
 
     _status(f"Loading {model} ...")
+    start = time.perf_counter()
     loaded, tokenizer = load(model, experts_per_token=experts_per_token)
+    if _Output.verbose:
+        import mlx.core as mx
+
+        c = loaded.config
+        _detail(f"loaded {model} in {time.perf_counter() - start:.1f} s: {c.num_hidden_layers} layers, "
+                f"hidden {c.hidden_size}, {c.n_routed_experts} routed experts ({loaded.experts_per_token} per "
+                f"token), vocab {c.vocab_size}, max context {c.max_position_embeddings}; "
+                f"{mx.get_active_memory() / 1e9:.2f} GB in memory; device {mx.default_device()}")
     if tokenizer is None and need_tokenizer:
         raise FileNotFoundError(
             f"{model}: no usable tokenizer (put the model's tokenizer.json beside the weights, "
@@ -99,9 +150,17 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     return loaded, tokenizer
 
 
+def _show_prompt(tokenizer, ids) -> None:
+    """--verbose: the prompt exactly as the model reads it (chat format included)."""
+    if _Output.verbose:
+        text = ids if isinstance(ids, str) else tokenizer.decode(ids)
+        n = "" if isinstance(ids, str) else f" ({len(ids)} tokens)"
+        _detail(f"prompt{n}:\n{text}\n---")
+
+
 def _prefill_progress():
     """A progress line for long prefills on a terminal (None elsewhere)."""
-    if not sys.stderr.isatty():
+    if _Output.quiet or not sys.stderr.isatty():
         return None
 
     def show(done: int, total: int) -> None:
@@ -183,6 +242,8 @@ class _Printer:
         return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if tty else text
 
     def write(self, text: str, reasoning: bool) -> None:
+        if reasoning and _Output.quiet:
+            return  # --quiet: the answer only
         if reasoning and not self.reasoning:
             self._start_reasoning()
         elif self.reasoning and not reasoning:
@@ -263,14 +324,18 @@ def generate(
     experts_per_token: ExpertsOpt = None,
     raw: Annotated[bool, typer.Option("--raw", "--ignore-chat-template", help="Send the prompt verbatim, without the chat template.")] = False,
     ctx: CtxOpt = DEFAULT_CTX,
+    gguf_file: GGUFFileOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
+    _set_output(verbose, quiet)
     text = _read_prompt(prompt, prompt_file)
     _check_settings(system, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     _check_thinking(think, think_max, ctx)
     if raw and (system is not None or think is not None or think_max):
         raise UsageProblem("--raw sends the prompt verbatim: --system, --think/--no-think and --think-max do not apply")
-    loaded, tokenizer = _load(model, experts_per_token)
+    loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token)
     _note_context_cap(loaded, ctx)
     from .generate import chat_prompt, format_stats, stream_generate
 
@@ -278,6 +343,7 @@ def generate(
         tokenizer, text, system=system, thinking=think is not False,
         reasoning_effort="max" if think_max else None,
     )
+    _show_prompt(tokenizer, ids)
     responses = stream_generate(
         loaded, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
         min_p=min_p, seed=seed, max_context=ctx, prompt_progress_callback=_prefill_progress(),
@@ -317,6 +383,7 @@ class _ChatSession:
         user = {"role": "user", "content": text}
         new = chat_prompt(self.tokenizer, text, system=self.system, thinking=self.thinking,
                           reasoning_effort=self.reasoning_effort, context=self.history)
+        _show_prompt(self.tokenizer, new)
         responses = stream_generate(self.model, self.tokenizer, self.close_ids + new, prompt_cache=self.cache,
                                     max_context=self.ctx, prompt_progress_callback=_prefill_progress(),
                                     **self.sampling)
@@ -357,15 +424,19 @@ def chat(
     think_max: ThinkMaxOpt = False,
     experts_per_token: ExpertsOpt = None,
     ctx: CtxOpt = DEFAULT_CTX,
+    gguf_file: GGUFFileOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
     from .generate import ContextLengthError, PromptError
 
+    _set_output(verbose, quiet)
     _check_settings(system, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     _check_thinking(think, think_max, ctx)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches check_text, which names it
         sys.stdin.reconfigure(errors="surrogateescape")
-    loaded, tokenizer = _load(model, experts_per_token)
+    loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token)
     ctx = _note_context_cap(loaded, ctx)
     if seed is not None:
         import mlx.core as mx
@@ -435,11 +506,12 @@ def info(
     ctx: CtxOpt = DEFAULT_CTX,
     experts_per_token: ExpertsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    gguf_file: GGUFFileOpt = None,
 ) -> None:
     """Format, quantisation per tensor kind, top-k, layer schedule, sizes, memory at --ctx."""
     from .info import describe, format_info
 
-    report = describe(model, ctx=ctx, experts_per_token=experts_per_token)
+    report = describe(_model_source(model, gguf_file), ctx=ctx, experts_per_token=experts_per_token)
     if as_json:
         import json
 
@@ -458,12 +530,13 @@ def bench(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write the CSV here (default: stdout).")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Save a PNG plot (needs matplotlib).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
+    gguf_file: GGUFFileOpt = None,
 ) -> None:
     """Prefill and generation tokens/s at growing context frontiers (ds4-bench style)."""
     from .bench import format_row, parse_contexts, plot, run_bench, write_csv
 
     frontiers = parse_contexts(contexts)
-    loaded, _ = _load(model, experts_per_token, need_tokenizer=False)
+    loaded, _ = _load(_model_source(model, gguf_file), experts_per_token, need_tokenizer=False)
     rows = list(run_bench(loaded, frontiers, gen_tokens=gen_tokens, prefill_step=prefill_step, seed=seed,
                           on_row=lambda row: _status(format_row(row))))
     if csv_path is None:
@@ -526,6 +599,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Console-script entry point; returns the exit status."""
     debug = os.environ.get("DS4MLX_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
+    _set_output(verbose=False, quiet=False)  # per command (main may run several in one process)
     try:
         restore_interrupts()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
         rv = command.main(args=argv, prog_name="ds4mlx", standalone_mode=False)

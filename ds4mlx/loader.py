@@ -2,8 +2,8 @@
 
 Sources: a local official-format directory (sharded safetensors + index, or one
 ``model.safetensors``), our converted MLX directory (``io/mlx_dir.py``), a ``.gguf`` file
-(``ds4mlx.io.gguf``), ``"demo"`` (the built-in synthetic demo model), or a Hugging Face repo
-id (downloaded with ``huggingface_hub``).
+(``ds4mlx.io.gguf``), ``"demo"`` (the built-in synthetic demo model), a Hugging Face repo
+id, or one GGUF of a repo as ``REPO:FILE.gguf`` (both fetched by ``ds4mlx.hub``).
 """
 
 from __future__ import annotations
@@ -21,17 +21,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .config import ModelConfig
+from .hub import ModelNotFoundError, gguf_file, snapshot, split_gguf_ref
 from .io.hf import CheckpointError, open_hf_checkpoint
 from .io.mlx_dir import is_mlx_dir, open_mlx_dir
 from .layers import apply_formats
 from .model.transformer import Model
 
 DEMO = "demo"
-_HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model could not be found locally or downloaded; the message names it."""
 
 
 class NonFiniteWeightError(ValueError):
@@ -76,8 +72,8 @@ def load(
 
 def resolve_model_path(source: str | os.PathLike) -> Path:
     """A model argument -> a local path: an existing file or directory, ``"demo"`` (the built-in
-    demo model, generated on first use), or a Hugging Face repo id (the hub cache first, then
-    the network)."""
+    demo model, generated on first use), a Hugging Face repo id, or ``REPO:FILE.gguf`` (one GGUF
+    of a repo); Hub names go through the huggingface_hub cache first, then the network."""
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
@@ -86,9 +82,12 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
         from .demo import demo_path  # checkpoint + tokenizer, cached
 
         return demo_path()
+    ref = split_gguf_ref(text)
+    if ref is not None:  # REPO:FILE.gguf
+        return gguf_file(*ref)
     if text.endswith(".gguf"):
         raise ModelNotFoundError(f"{path}: GGUF file not found")
-    return _download(text)
+    return snapshot(text)
 
 
 def open_checkpoint(path: Path):
@@ -220,27 +219,6 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
 def projection_modules(model: nn.Module) -> set[str]:
     """Module paths of every float projection (Linear / SwitchLinear) of the model."""
     return {p for p, m in model.named_modules() if isinstance(m, (nn.Linear, SwitchLinear))}
-
-
-def _download(repo_id: str) -> Path:
-    """A Hugging Face repo id -> local snapshot (the cache first, then the network)."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"{repo_id}: no such file or directory, and not a Hugging Face repo id")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ModelNotFoundError(f"{repo_id}: not a local path, and huggingface_hub is not installed") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HF_PATTERNS, local_files_only=True))
-    except Exception:
-        pass  # not cached: try the network
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HF_PATTERNS))
-    except Exception as e:
-        raise ModelNotFoundError(
-            f"{repo_id}: not a local path, and downloading it from the Hugging Face Hub failed "
-            f"({type(e).__name__}: {e}). Offline? Download it first or pass a local directory."
-        ) from None
 
 
 def _load_tokenizer(path: Path, vocab_size: int):
