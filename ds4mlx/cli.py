@@ -130,10 +130,24 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     import time
 
     from .loader import load
+    from .progress import LoadProgress, is_terminal
 
-    _status(f"Loading {model} ...")
+    drawn = not _Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
+    if drawn:
+        sys.stderr.write(f"Loading {model} ...")
+        sys.stderr.flush()
+    else:
+        _status(f"Loading {model} ...")
+    progress = LoadProgress(model) if drawn else None
     start = time.perf_counter()
-    loaded, tokenizer = load(model, experts_per_token=experts_per_token)
+    try:
+        loaded, tokenizer = load(model, experts_per_token=experts_per_token, progress=progress)
+    except BaseException:
+        if progress is not None:
+            progress.line.finish("")  # wipe the half-drawn line before the error
+        raise
+    if progress is not None:
+        progress.finish()
     if _Output.verbose:
         import mlx.core as mx
 
@@ -160,16 +174,9 @@ def _show_prompt(tokenizer, ids) -> None:
 
 def _prefill_progress():
     """A progress line for long prefills on a terminal (None elsewhere)."""
-    if _Output.quiet or not sys.stderr.isatty():
-        return None
+    from .progress import PrefillProgress, is_terminal
 
-    def show(done: int, total: int) -> None:
-        if total < 4096:
-            return
-        sys.stderr.write("\r\x1b[K" if done >= total else f"\rprefill {done}/{total} tokens")
-        sys.stderr.flush()
-
-    return show
+    return PrefillProgress() if not _Output.quiet and is_terminal() else None
 
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:

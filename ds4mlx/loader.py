@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,22 +51,25 @@ def load(
     dtype: mx.Dtype | None = None,
     mtp: bool = False,
     check_finite: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none).
 
     ``mtp=True`` also loads the multi-token-prediction block (about 3.5 GB for Flash), which
     only a speculative drafter uses; by default it stays on disk. ``check_finite`` refuses
     weights holding NaN/Inf (one pass over each tensor as it loads; scripts/finite_check_cost.py).
+    ``progress(bytes read, bytes to read)`` is called as the weights are read
+    (``ds4mlx.progress.LoadProgress`` draws it).
     """
     dtype = default_dtype() if dtype is None else dtype
     path = resolve_model_path(path_or_repo)
     if path.suffix == ".gguf":
         return load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype,
-                         check_finite=check_finite)
+                         check_finite=check_finite, progress=progress)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
     model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp,
-                     check_finite=check_finite)
+                     check_finite=check_finite, progress=progress)
     return model, _load_tokenizer(path, model.config.vocab_size)
 
 
@@ -104,6 +107,7 @@ def load_dir(
     dtype: mx.Dtype = mx.float32,
     mtp: bool = False,
     check_finite: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
     """Build the model for a checkpoint directory and load its weights (strict)."""
     path = Path(path)
@@ -115,7 +119,8 @@ def load_dir(
         if not (mtp and checkpoint.has_mtp):
             config = replace(config, num_nextn_predict_layers=0)  # the main model only
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
-        weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0)
+        weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0,
+                                                   progress=progress)
     finally:
         checkpoint.close()
     apply_formats(model, formats)
@@ -185,7 +190,8 @@ def _check_finite(path: str, array: mx.array, fmt: Any, source: str) -> None:
 
 def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
               qat_rounding: bool = True, dtype: mx.Dtype | None = None,
-              mtp_path: str | os.PathLike | None = None, check_finite: bool = True) -> tuple[nn.Module, Any]:
+              mtp_path: str | os.PathLike | None = None, check_finite: bool = True,
+              progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
 
     ``mtp_path``: optional separate GGUF with the ``mtp.{j}.*`` tensors (ds4's MTP file); the
@@ -201,7 +207,7 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
         k = config.check_experts_per_token(experts_per_token, source)
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
         params = {p: tuple(v.shape) for p, v in tree_flatten(model.parameters())}
-        weights, formats = checkpoint.load_weights(params, projection_modules(model))
+        weights, formats = checkpoint.load_weights(params, projection_modules(model), progress)
         apply_formats(model, formats)
         load_into(model, weights, formats, source, check_finite=check_finite)
         model.eval()
