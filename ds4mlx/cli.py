@@ -128,8 +128,9 @@ def _model_source(model: str, gguf_file: Optional[str]) -> str:
 
 def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True):
     import time
+    import warnings
 
-    from .loader import load
+    from .loader import TokenizerMismatchWarning, load
     from .progress import LoadProgress, is_terminal
 
     drawn = not _Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
@@ -141,13 +142,21 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     progress = LoadProgress(model) if drawn else None
     start = time.perf_counter()
     try:
-        loaded, tokenizer = load(model, experts_per_token=experts_per_token, progress=progress)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded, tokenizer = load(model, experts_per_token=experts_per_token, progress=progress)
     except BaseException:
         if progress is not None:
             progress.line.finish("")  # wipe the half-drawn line before the error
         raise
     if progress is not None:
         progress.finish()
+    mismatch = [w for w in caught if issubclass(w.category, TokenizerMismatchWarning)]
+    for w in caught:
+        if not (w in mismatch and need_tokenizer):
+            _status(f"note: {_one_line(w.message)}")
+    if tokenizer is None and need_tokenizer and mismatch:
+        raise ValueError(str(mismatch[0].message).replace("; not loaded", ""))
     if _Output.verbose:
         import mlx.core as mx
 
@@ -240,8 +249,11 @@ class _Printer:
     """Answer text to stdout, reasoning to stderr (dimmed on a terminal)."""
 
     def __init__(self) -> None:
+        from .terminal import use_color
+
         self.reasoning = False
         self.tty_out, self.tty_err = sys.stdout.isatty(), sys.stderr.isatty()
+        self.dim = use_color(sys.stderr)  # NO_COLOR: the plain markers, as off a terminal
 
     @staticmethod
     def _clean(text: str, tty: bool) -> str:
@@ -263,12 +275,12 @@ class _Printer:
 
     def _start_reasoning(self) -> None:
         self.reasoning = True
-        sys.stderr.write("\x1b[2m" if self.tty_err else "[reasoning]\n")
+        sys.stderr.write("\x1b[2m" if self.dim else "[reasoning]\n")
 
     def end_reasoning(self) -> None:
         if self.reasoning:
             self.reasoning = False
-            sys.stderr.write("\x1b[0m\n" if self.tty_err else "\n[/reasoning]\n")
+            sys.stderr.write("\x1b[0m\n" if self.dim else "\n[/reasoning]\n")
             sys.stderr.flush()
 
 
@@ -436,8 +448,6 @@ def chat(
     quiet: QuietOpt = False,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
-    from .generate import ContextLengthError, PromptError
-
     _set_output(verbose, quiet)
     _check_settings(system, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     _check_thinking(think, think_max, ctx)
@@ -454,14 +464,24 @@ def chat(
                            reasoning_effort="max" if think_max else None, ctx=ctx, sampling=sampling)
     interactive = sys.stdin.isatty()
     if interactive:
+        from .terminal import ChatPrompt
+
         _status(f"Chat with {model}. {_CHAT_HELP}")
+        reader = ChatPrompt(status=_status)
+    try:
+        _chat_loop(session, interactive, reader.read if interactive else lambda: sys.stdin.readline() or None, ctx)
+    finally:
+        if interactive:
+            reader.save()
+
+
+def _chat_loop(session: "_ChatSession", interactive: bool, read_line, ctx: int) -> None:
+    from .generate import ContextLengthError, PromptError
+
     while True:
-        try:
-            line = input(">> ") if interactive else sys.stdin.readline()
-        except (EOFError, KeyboardInterrupt):
-            break
-        if not interactive and not line:
-            break  # end of input
+        line = read_line()
+        if line is None:
+            break  # Ctrl-D, Ctrl-C twice, or the end of a script's input
         text = line.strip()
         if not text:
             continue
@@ -519,6 +539,9 @@ def info(
     from .info import describe, format_info
 
     report = describe(_model_source(model, gguf_file), ctx=ctx, experts_per_token=experts_per_token)
+    if ctx > report["max_context"]:
+        _status(f"warning: --ctx {ctx} is more than this model's maximum context (max_position_embeddings = "
+                f"{report['max_context']}); generate and chat would use {report['max_context']}")
     if as_json:
         import json
 
@@ -591,8 +614,17 @@ def convert(
 # ----------------------------------------------------------------------------- entry point
 
 
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (ours or a library's) as one line, without Python's file and source line."""
+    print(f"ds4mlx: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
 def _fail(message: str, code: int = 1) -> int:
-    message = " ".join(str(message).split())  # one line, whatever the exception held
+    message = _one_line(message)  # one line, whatever the exception held
     print(f"ds4mlx: error: {message}", file=sys.stderr, flush=True)
     return code
 
@@ -602,10 +634,43 @@ def _is_usage_error(e: BaseException) -> bool:
     return hasattr(e, "format_message") and hasattr(e, "exit_code")
 
 
+class _OutputClosed(Exception):
+    """stdout's reader went away (``| head``)."""
+
+
+def _pipe_safe(callback):
+    """``callback`` with a closed output pipe turned into ``_OutputClosed`` (typer would answer
+    a BrokenPipeError with exit status 1)."""
+    import functools
+
+    if callback is None or getattr(callback, "_pipe_safe", False):
+        return callback
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except BrokenPipeError:
+            raise _OutputClosed from None
+
+    run._pipe_safe = True
+    return run
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Console-script entry point; returns the exit status."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(argv)
+
+
+def _run(argv: Optional[list[str]]) -> int:
     debug = os.environ.get("DS4MLX_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
+    for sub in getattr(command, "commands", {}).values():
+        sub.callback = _pipe_safe(sub.callback)
     _set_output(verbose=False, quiet=False)  # per command (main may run several in one process)
     try:
         restore_interrupts()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
@@ -614,6 +679,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except _OutputClosed:  # the reader of our output left (| head): done, as Unix tools are
+        from .terminal import silence_stdout
+
+        silence_stdout()
+        return 0
     except Exception as e:
         if type(e).__name__ == "NoArgsIsHelpError":
             return 0  # the help was printed

