@@ -61,21 +61,56 @@ def test_mlx_lm_load_generates_like_ds4mlx(converted, kind):
 
 @pytest.mark.slow
 def test_mlx_lm_generate_command(converted):
-    """The real ``mlx_lm generate`` command on a converted directory prints ds4mlx's greedy answer."""
+    """The real ``mlx_lm generate`` command on a converted directory, with the directory's chat
+    template, prints ds4mlx's greedy answer to the same question."""
     path = converted["lossless"]
-    bos = json.loads((path / "tokenizer_config.json").read_text())["bos_token"]
-    bos = bos["content"] if isinstance(bos, dict) else bos
-    prompt = bos + "Hello there"  # the same ids for both: ds4mlx --raw adds a BOS only when missing
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     theirs = subprocess.run(
         [sys.executable, "-m", "mlx_lm", "generate", "--model", str(path), "--trust-remote-code",
-         "--prompt", prompt, "--max-tokens", "10", "--ignore-chat-template", "--temp", "0", "--verbose", "False"],
+         "--prompt", "Hello there", "--max-tokens", "10", "--temp", "0", "--verbose", "False",
+         "--chat-template-config", '{"enable_thinking": false}'],
         capture_output=True, text=True, env=env, timeout=300)
     assert theirs.returncode == 0, theirs.stderr
     ours = subprocess.run(
-        [sys.executable, "-m", "ds4mlx", "generate", "--model", str(path), "--raw", "--prompt", prompt,
+        [sys.executable, "-m", "ds4mlx", "generate", "--model", str(path), "--prompt", "Hello there", "--no-think",
          "--max-tokens", "10", "--temp", "0", "--quiet"],
         capture_output=True, text=True, env=env, timeout=300)
     assert ours.returncode == 0, ours.stderr
     # the same tokens; mlx-lm's streaming detokenizer drops the first token's leading space
     assert theirs.stdout.strip() and theirs.stdout.strip() == ours.stdout.strip()
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4", "reasoning_content": "Add them."},
+     {"role": "user", "content": "And 3+3?"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "d", "reasoning_content": "r"}],
+]
+
+
+@pytest.mark.parametrize("options", [
+    {"add_generation_prompt": True},
+    {"add_generation_prompt": True, "enable_thinking": False},
+    {"add_generation_prompt": False},
+    {"add_generation_prompt": True, "reasoning_effort": "max"},
+])
+def test_chat_template_renders_like_the_encoder(converted, options):
+    """The directory's Jinja chat template (what transformers and so mlx-lm apply) gives the
+    prompt ds4mlx's port of DeepSeek's encoder gives, for plain conversations."""
+    from transformers import AutoTokenizer
+
+    from ds4mlx.encoding import apply_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(str(converted["lossless"]))
+    assert tokenizer.chat_template
+    for messages in CONVERSATIONS:
+        if messages[-1]["role"] == "assistant" and options.get("add_generation_prompt"):
+            continue
+        assert tokenizer.apply_chat_template(messages, tokenize=False, **options) == \
+            apply_chat_template(messages, **options), messages
+    with pytest.raises(Exception, match="ds4mlx"):
+        tokenizer.apply_chat_template(CONVERSATIONS[0], tools=[{"type": "function", "function": {"name": "f"}}],
+                                      tokenize=False)
