@@ -114,3 +114,44 @@ def test_chat_template_renders_like_the_encoder(converted, options):
     with pytest.raises(Exception, match="ds4mlx"):
         tokenizer.apply_chat_template(CONVERSATIONS[0], tools=[{"type": "function", "function": {"name": "f"}}],
                                       tokenize=False)
+
+
+@pytest.mark.slow
+def test_mlx_lm_server(converted):
+    """``mlx_lm server`` on a converted directory answers an OpenAI chat request (the real openai
+    client) with ds4mlx's greedy answer."""
+    import socket
+    import time
+
+    openai = pytest.importorskip("openai")
+    from ds4mlx import load
+    from ds4mlx.generate import chat_prompt, stream_generate
+
+    path = converted["lossless"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--trust-remote-code",
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # until the server listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-2000:]
+                time.sleep(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=180)
+        reply = client.chat.completions.create(
+            model="default_model", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    model, tokenizer = load(path, dtype=mx.float32)
+    ids = chat_prompt(tokenizer, "Hello", thinking=False)
+    ours = "".join(r.text for r in stream_generate(model, tokenizer, ids, max_tokens=8, temp=0.0))
+    assert reply.choices[0].message.content.strip() == ours.strip() and ours.strip()
