@@ -1,4 +1,4 @@
-"""The ``ds4mlx`` command: generate, chat, info, bench, convert.
+"""The ``ds4mlx`` command: generate, chat, info, bench, convert, selftest.
 
 Flags follow mlx-lm (``--model``, ``--prompt``, ``--max-tokens``, ``--temp``, ``--top-p``,
 ``--min-p``, ``--seed``). Heavy modules are imported inside the commands, so ``--help`` is
@@ -80,6 +80,8 @@ ExpertsOpt = Annotated[Optional[int], typer.Option(
     "--experts-per-token", min=1, show_default=False,
     help="Routed experts per token (default: the file's value; 4 runs the 4Expert variant).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", min=1, help="Context length: prompt plus generated tokens.")]
+MemoryOpt = Annotated[bool, typer.Option(
+    "--ignore-memory-limit", help="Load even when the memory check says the model will not fit.")]
 GGUFFileOpt = Annotated[Optional[str], typer.Option(
     "--gguf-file", show_default=False,
     help="One .gguf file of the --model Hub repo (or directory), as llama.cpp's --hf-file; "
@@ -121,24 +123,31 @@ def _detail(message: str) -> None:
 
 
 def _model_source(model: str, gguf_file: Optional[str]) -> str:
-    """``--model`` plus ``--gguf-file``: a file in a local directory, else ``REPO:FILE``."""
+    """``--model`` plus ``--gguf-file`` (a file in a local directory or a Hub repo), or
+    ``--model REPO:FILE.gguf``: Hub files are fetched here, once, for the memory check and the load."""
+    from .hub import gguf_file as hub_gguf_file
+    from .hub import split_gguf_ref
+
     if gguf_file is None:
-        return model
+        ref = split_gguf_ref(model)
+        return model if ref is None or Path(model).expanduser().exists() else str(hub_gguf_file(*ref))
     if ":" in model and model.endswith(".gguf"):
         raise UsageProblem("give the GGUF file either as --model REPO:FILE or with --gguf-file, not both")
     if Path(model).expanduser().is_dir():
         return str(Path(model).expanduser() / gguf_file)
-    from .hub import gguf_file as hub_gguf_file
-
     return str(hub_gguf_file(model, gguf_file))
 
 
-def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True):
+def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True,
+          ctx: int = DEFAULT_CTX, ignore_memory_limit: bool = False):
     import time
     import warnings
 
     from .loader import TokenizerMismatchWarning, load
+    from .memory import check_memory
     from .progress import LoadProgress, is_terminal
+
+    check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=_status)  # before any weight is read
 
     drawn = not _Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
     if drawn:
@@ -353,6 +362,7 @@ def generate(
     gguf_file: GGUFFileOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
     _set_output(verbose, quiet)
@@ -361,7 +371,8 @@ def generate(
     _check_thinking(think, think_max, ctx)
     if raw and (system is not None or think is not None or think_max):
         raise UsageProblem("--raw sends the prompt verbatim: --system, --think/--no-think and --think-max do not apply")
-    loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token)
+    loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token, ctx=ctx,
+                              ignore_memory_limit=ignore_memory_limit)
     _note_context_cap(loaded, ctx)
     from .generate import chat_prompt, format_stats, stream_generate
 
@@ -453,6 +464,7 @@ def chat(
     gguf_file: GGUFFileOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
     _set_output(verbose, quiet)
@@ -460,7 +472,8 @@ def chat(
     _check_thinking(think, think_max, ctx)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches check_text, which names it
         sys.stdin.reconfigure(errors="surrogateescape")
-    loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token)
+    loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token, ctx=ctx,
+                              ignore_memory_limit=ignore_memory_limit)
     ctx = _note_context_cap(loaded, ctx)
     if seed is not None:
         import mlx.core as mx
@@ -568,12 +581,15 @@ def bench(
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Save a PNG plot (needs matplotlib).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
     gguf_file: GGUFFileOpt = None,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """Prefill and generation tokens/s at growing context frontiers (ds4-bench style)."""
     from .bench import format_row, parse_contexts, plot, run_bench, write_csv
 
     frontiers = parse_contexts(contexts)
-    loaded, _ = _load(_model_source(model, gguf_file), experts_per_token, need_tokenizer=False)
+    loaded, _ = _load(_model_source(model, gguf_file), experts_per_token, need_tokenizer=False,
+                      ctx=max(frontiers) + gen_tokens,
+                      ignore_memory_limit=ignore_memory_limit)
     rows = list(run_bench(loaded, frontiers, gen_tokens=gen_tokens, prefill_step=prefill_step, seed=seed,
                           on_row=lambda row: _status(format_row(row))))
     if csv_path is None:
@@ -616,6 +632,15 @@ def convert(
                        expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size,
                        include_mtp=mtp, resume=resume, progress=True, jobs=jobs)
     _status(f"written {path}")
+
+
+@app.command()
+def selftest(model: Annotated[str, typer.Option("--model", "-m", help="Model whose kernels to check.")] = "demo") -> None:
+    """Check every kernel variant the model dispatches against its ops twin on this device."""
+    from .selftest import run_selftest
+
+    if not run_selftest(model):
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- entry point

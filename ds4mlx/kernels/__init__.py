@@ -6,7 +6,8 @@ The backend is chosen once, on first use, from ``DS4MLX_KERNELS`` and the defaul
 Metal path runs on Linux). Default: ``metal`` when Metal is available and the default device is
 the GPU, else ``ops``. :func:`set_backend` chooses again (tests, benchmarks). Single kernel
 variants (a format's kernels, ``hc_pre``) can be switched off with :func:`disable`; the ops
-twin then serves them.
+twin then serves them. Each variant is checked against its twin on first use in a process
+(:mod:`ds4mlx.kernels.check`, ``DS4MLX_KERNEL_CHECK``); one that fails is switched off likewise.
 
 Quantized expert weights ``w`` are either native GGUF blocks, ``uint8 [E, rows, row_bytes]``
 with ``fmt`` one of ``Q8_0``, ``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4``, or, for ``fmt="MXFP4"``,
@@ -113,18 +114,30 @@ def enabled(variant: str) -> bool:
 
 
 def disabled() -> dict[str, str]:
-    """Variant -> reason of every kernel variant switched off."""
-    return dict(_disabled)
+    """Variant -> reason of every kernel variant switched off (by :func:`disable` or by the
+    first-use check)."""
+    return {**_disabled, **check.failures()}
 
 
 def serves(fmt: str) -> bool:
     """Whether a kernel serves calls on weights of format ``fmt`` (or ``HC_PRE``): the one
-    decision between kernel and ops twin."""
+    decision between kernel and ops twin (the entry points then ask :func:`_first_use_ok`
+    whether the call's variant passed its first-use check)."""
     if backend() == "ops":
         return False
-    if fmt == HC_PRE:
-        return enabled(HC_PRE)
-    return fmt.upper() in KERNEL_FORMATS and enabled(fmt)
+    if fmt != HC_PRE and fmt.upper() not in KERNEL_FORMATS:
+        return False
+    return enabled(fmt) or check.forcing()
+
+
+def variant_name(p: "Packed") -> str:
+    """The check's name of a weight layout: the format, ``MXFP4-mlx`` for MLX mxfp4 pairs."""
+    return "MXFP4-mlx" if p.layout == _MLX_MXFP4 else p.fmt
+
+
+def _first_use_ok(variant: str, dtype: mx.Dtype, **dims: int) -> bool:
+    """The first-use check of ``variant`` at ``dtype`` (kernels/check.py); True once passed."""
+    return check.passes(variant, dtype, **dims)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -289,9 +302,9 @@ def dequantize_ops(w: QuantWeight, fmt: str) -> mx.array:
 
 def dequantize(w: QuantWeight, fmt: str) -> mx.array:
     """Float32 rows ``[..., rows, K]`` of a quantized weight (kernel ``dequant_rows``)."""
-    if not serves(fmt):
-        return dequantize_ops(w, fmt)
     p = unpack_weight(w, fmt)
+    if not (serves(fmt) and _first_use_ok(variant_name(p), mx.float32)):
+        return dequantize_ops(w, fmt)
     lead = p.q.shape[:-1]
     rows = 1
     for n in lead:
@@ -445,7 +458,8 @@ def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices
         raise KernelInputError(f"x: {x.shape[1]} features, but the experts take {p1.k}")
     n = x.shape[0]
     k = _routes(indices, n)
-    if not serves(fmt):
+    if not (serves(fmt) and _first_use_ok(variant_name(p1), x.dtype, experts_per_token=k,
+                                          n_experts=p1.q.shape[0])):
         return moe_gate_up_ops(x, w1, w3, fmt, indices, limit)
     _check_ids(indices, p1.q.shape[0])
     idx = indices.astype(mx.uint32).reshape(-1)
@@ -482,7 +496,8 @@ def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weight
     if _routes(indices, n) != k or weights.shape != indices.shape:
         raise KernelInputError(f"indices/weights: expected [{n}, {k}], got "
                                f"{tuple(indices.shape)} and {tuple(weights.shape)}")
-    if not serves(fmt):
+    if not (serves(fmt) and _first_use_ok(variant_name(p2), out_dtype, experts_per_token=k,
+                                          n_experts=p2.q.shape[0])):
         return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype)
     _check_ids(indices, p2.q.shape[0])
     idx = indices.astype(mx.uint32).reshape(-1)
@@ -513,7 +528,8 @@ def gather_qmm_native(x: mx.array, w: QuantWeight, fmt: str, indices: mx.array) 
         raise KernelInputError(f"x: {x.shape[1]} features, but the experts take {p.k}")
     n = x.shape[0]
     k = _routes(indices, n)
-    if not serves(fmt):
+    if not (serves(fmt) and _first_use_ok(variant_name(p), x.dtype, experts_per_token=k,
+                                          n_experts=p.q.shape[0])):
         return gather_qmm_native_ops(x, w, fmt, indices)
     _check_ids(indices, p.q.shape[0])
     order, eid = _sort_pairs(indices.astype(mx.uint32).reshape(-1))
@@ -550,9 +566,9 @@ def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt:
                        input_dims: int, output_dims: int, sorted_indices: bool = False) -> mx.array:
     """Call site of ``GGUFSwitchLinear`` (switch-linear protocol): x ``[..., M, in]``, indices
     broadcast against x's batch dims -> ``[..., M, out]`` in x's dtype (kernel or ops path)."""
-    if not serves(fmt):
+    p = unpack_weight(weight, fmt, "weight") if serves(fmt) else None
+    if p is None or not _first_use_ok(variant_name(p), x.dtype, n_experts=p.q.shape[0]):
         return switch_matmul_ops(x, weight, fmt, indices, sorted_indices).astype(x.dtype)
-    p = unpack_weight(weight, fmt, "weight")
     _check_ids(indices, p.q.shape[0])
     batch = tuple(mx.broadcast_shapes(tuple(x.shape[:-2]), tuple(indices.shape)))
     m = x.shape[-2]
@@ -567,9 +583,9 @@ def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
                 output_dims: int) -> mx.array:
     """Call site of ``GGUFLinear``: ``x @ W.T`` for GGUF blocks ``[out, bytes]`` in x's dtype
     (one expert of the tiled kernel, or the ops path)."""
-    if not serves(fmt):
+    p = unpack_weight(weight[None], fmt, "weight") if serves(fmt) else None
+    if p is None or not _first_use_ok(variant_name(p), x.dtype):
         return matmul_ops(x, weight, fmt).astype(x.dtype)
-    p = unpack_weight(weight[None], fmt, "weight")
     rows = x.reshape(-1, input_dims)
     n = rows.shape[0]
     order = mx.arange(n, dtype=mx.uint32)
@@ -598,7 +614,7 @@ def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters:
         raise KernelInputError(
             f"hc_pre: with {m} streams of {d}, fn must be {(mix, m * d)}, base ({mix},), scale "
             f"(3,); got {tuple(fn.shape)}, {tuple(base.shape)}, {tuple(scale.shape)}")
-    if not serves(HC_PRE):
+    if not (serves(HC_PRE) and _first_use_ok(HC_PRE, h.dtype, hc_mult=m)):
         return hc_pre_ops(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
     lead = h.shape[:-2]
     n = 1
@@ -613,3 +629,6 @@ def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters:
         grid=(_HC_THREADS, n, 1), threadgroup=(_HC_THREADS, 1, 1),
         template=[("T", h.dtype), ("FT", fn.dtype), ("M", m)])
     return x.reshape(*lead, d), post.reshape(*lead, m), comb.reshape(*lead, m, m)
+
+
+from . import check  # noqa: E402  (uses this module's names at call time only)
