@@ -274,6 +274,7 @@ def describe(
         "mtp_layers": config.num_nextn_predict_layers if has_mtp else 0,
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
+        "max_context": config.max_position_embeddings,
         "routed_experts": config.n_routed_experts,
         "shared_experts": config.n_shared_experts,
         "experts_per_token": {"file": config.num_experts_per_tok, "used": k_used,
@@ -318,6 +319,7 @@ def format_info(d: dict[str, Any]) -> str:
         f"Shape       {d['layers']} layers{mtp}, hidden {d['hidden_size']}, vocab {d['vocab_size']}, "
         f"{d['routed_experts']} routed + {d['shared_experts']} shared experts",
         f"Top-k       {topk}",
+        f"Context     up to {d['max_context']} tokens (max_position_embeddings)",
         f"Layers      {sched}",
         f"            hash-routed: {s['hash_routed_layers']}; sliding window {s['sliding_window']}",
         f"Parameters  {human_count(d['params']['total'])} total, "

@@ -188,6 +188,9 @@ def mlx_config(ckpt: HFCheckpoint, opts: Options, formats: dict[str, WeightForma
     quant.update({p: mlx_dir.format_entry(f) for p, f in formats.items()})
     config["quantization"] = quant
     from .. import __version__
+    from ..mlx_lm_model import MODEL_FILE
+
+    config["model_file"] = MODEL_FILE  # mlx-lm's tools build the model from it (trust_remote_code)
 
     config[mlx_dir.FORMAT_KEY] = {
         "format": mlx_dir.FORMAT_NAME, "version": mlx_dir.FORMAT_VERSION, "ds4mlx_version": __version__,
@@ -282,6 +285,9 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (partial / mlx_dir.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     copy_side_files(ckpt.path, partial)
+    from ..mlx_lm_model import write_model_file
+
+    write_model_file(partial)
     (partial / "config.json").write_text(json.dumps(mlx_config(ckpt, opts, formats, source), indent=2) + "\n")
     mlx_dir.open_mlx_dir(partial).close()  # the reader accepts what we wrote
     (partial / STATE_FILE).unlink()

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import mlx.core as mx
 import numpy as np
@@ -347,6 +347,13 @@ def _check_shape(gf: GGUFFile, info: TensorInfo, expected: tuple[int, ...], path
         )
 
 
+def _gguf_name_or_none(param: str) -> str | None:
+    try:
+        return internal_to_gguf(param)
+    except UnknownTensorName:
+        return None  # load_weights names the failure
+
+
 @dataclass
 class GGUFCheckpoint:
     """An open DeepSeek V4 GGUF (plus optionally ds4's separate MTP file): its HF-style
@@ -361,15 +368,20 @@ class GGUFCheckpoint:
     def has_mtp(self) -> bool:
         return len(self.files) > 1
 
-    def load_weights(self, params: Mapping[str, tuple[int, ...]], projections: set[str]
+    def load_weights(self, params: Mapping[str, tuple[int, ...]], projections: set[str],
+                     progress: Callable[[int, int], None] | None = None,
                      ) -> tuple[dict[str, mx.array], dict[str, WeightFormat]]:
         """``({internal path: array}, {module path: WeightFormat})`` for the model parameters
         ``params`` (path -> shape). Modules in ``projections`` (the model's float projections)
-        may stay packed; every other quantized tensor is dequantized exactly to float."""
+        may stay packed; every other quantized tensor is dequantized exactly to float.
+        ``progress(bytes read, bytes to read)`` is called after each tensor."""
         gf = self.files[0]
         n_experts = int(self.config["n_routed_experts"])
         weights: dict[str, mx.array] = {}
         formats: dict[str, WeightFormat] = {}
+        total = sum(self.by_name[n][1].nbytes or 0 for p in params
+                    if (n := _gguf_name_or_none(p)) in self.by_name) if progress else 0
+        done = 0
         for param, shape in params.items():
             try:
                 name = internal_to_gguf(param)
@@ -386,6 +398,9 @@ class GGUFCheckpoint:
             _load_tensor(src, info, param, module, weights, formats)
             if param.endswith(".tid2eid"):
                 check_expert_ids(weights[param], n_experts, f"{src.path}: tensor {info.name!r}", GGUFError)
+            if progress is not None:
+                done += info.nbytes or 0
+                progress(done, total)
         return weights, formats
 
     def tokenizer_fields(self) -> dict[str, Any] | None:
