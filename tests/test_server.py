@@ -151,6 +151,7 @@ def _script(tok, text: str) -> None:
     SCRIPT[:] = ids_of(tok, text) + [tok.eos_token_id]
 
 
+@pytest.mark.slow
 def test_openai_tool_call_round_trip(demo, oai):
     model, tok = demo
     call = {"function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 2})}}
@@ -184,14 +185,16 @@ def test_openai_tool_call_round_trip(demo, oai):
     assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens + r.usage.completion_tokens - 1
 
 
+@pytest.mark.slow
 def test_forced_tool_choice_opens_a_tool_call(demo, oai):
     _, tok = demo
-    choice = {"type": "function", "function": {"name": "get_weather"}}
-    r = oai.chat.completions.create(model="demo", messages=MESSAGES, tools=TOOLS, tool_choice=choice, max_tokens=12,
-                                    temperature=0, extra_body={"thinking": {"type": "disabled"}})
     forced = '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    r = oai.chat.completions.create(model="demo", messages=MESSAGES, tools=TOOLS, tool_choice=choice,
+                                    max_tokens=len(ids_of(tok, forced)) + 1, temperature=0,
+                                    extra_body={"thinking": {"type": "disabled"}})
     # the demo model writes noise after the forced opening, so the block stays unparsed text
-    assert (r.choices[0].message.content or "").startswith(forced.strip("\n"))
+    assert (r.choices[0].message.content or "").startswith(forced)
 
 
 def test_prompt_longer_than_ctx_is_refused(oai):
@@ -238,6 +241,7 @@ def test_anthropic_second_turn_reads_cache(demo, anth):
     assert m2.usage.cache_read_input_tokens >= m1.usage.input_tokens + m1.usage.cache_read_input_tokens - 1
 
 
+@pytest.mark.slow
 def test_anthropic_tool_use_round_trip(demo, anth):
     _, tok = demo
     tools = [{"name": "get_weather", "description": "Weather of a city",
