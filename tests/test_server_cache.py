@@ -3,6 +3,7 @@ longest-prefix reuse, snapshots on disk across a restart, damaged or foreign fil
 
 from __future__ import annotations
 
+import json
 import logging
 
 import mlx.core as mx
@@ -113,3 +114,60 @@ def test_disk_cache_survives_restart_and_skips_bad_files(demo, tmp_path, caplog)
         third, cached = _ask(srv, question)
     assert third == first and cached == 0
     assert any("skipping" in r.getMessage() for r in caplog.records)
+
+
+def test_disk_bound_drops_least_recently_used_files(demo, tmp_path):
+    model, _ = demo
+    states = {n: _prefilled(model, IDS[:n]) for n in (20, 40, 60)}
+    sizes = {}
+    for n, state in states.items():
+        save_prompt_cache(tmp_path / f"probe{n}.safetensors", state, {"fingerprint": "", "tokens": json.dumps(IDS[:n])})
+        sizes[n] = (tmp_path / f"probe{n}.safetensors").stat().st_size
+    bound = sizes[40] + sizes[60]
+    disk = tmp_path / "cache"
+    pc = PrefixCache(1 << 30, directory=disk, max_disk_bytes=bound)
+    for n in (20, 40, 60):
+        pc.store(IDS[:n], states[n])
+    files = list(disk.glob("*.safetensors"))
+    kept = sorted(len(json.loads(read_metadata(f)["tokens"])) for f in files)
+    assert sum(f.stat().st_size for f in files) <= bound
+    assert kept == [40, 60]  # the oldest file went; its snapshot is still in memory
+    assert pc.lookup(IDS[:21])[0] == 20
+
+
+@pytest.mark.slow
+def test_serve_command_answers_and_stops(demo_dir, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "ds4mlx", "serve", "--model", "demo", "--port", str(port), "--ctx", "1024",
+           "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert list((tmp_path / "cache").glob("*.safetensors"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
