@@ -43,6 +43,11 @@ def test_file_round_trip_continues_like_the_live_state(demo, tmp_path):
     arrays, flat = mx.load(str(path), return_metadata=True)
     assert flat["1.0"] == "LayerCache" and flat["0.note"] == "hello" and "0.2" in arrays
     assert read_metadata(path)["note"] == "hello"
+    # mlx-lm's own helpers see an untrimmable state of the right size
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    assert not can_trim_prompt_cache(loaded) and trim_prompt_cache(loaded, 3) == 0
+    assert loaded[0].nbytes == live[0].nbytes > 0 and loaded[0].size() == len(IDS)
     want = generate(model, tok, [5, 6, 7], temp=0.0, max_tokens=4, prompt_cache=live)
     assert generate(model, tok, [5, 6, 7], temp=0.0, max_tokens=4, prompt_cache=loaded) == want
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
