@@ -197,6 +197,16 @@ def test_forced_tool_choice_opens_a_tool_call(demo, oai):
     assert (r.choices[0].message.content or "").startswith(forced)
 
 
+def test_response_format_is_rendered_on_the_system_prompt(demo, oai):
+    _, tok = demo
+    schema = {"name": "answer", "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    r = oai.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=1, temperature=0,
+                                    response_format={"type": "json_schema", "json_schema": schema})
+    rendered = [{**MESSAGES[0], "response_format": schema}, MESSAGES[1]]
+    assert r.usage.prompt_tokens == len(ids_of(tok, encoding.encode_messages(rendered)))
+    assert r.usage.prompt_tokens > len(ids_of(tok, encoding.encode_messages(MESSAGES)))
+
+
 def test_prompt_longer_than_ctx_is_refused(oai):
     long = "one two three " * 600
     with pytest.raises(openai.BadRequestError) as e:
@@ -301,6 +311,7 @@ BAD_OPENAI = [
       "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
     ({"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "yaml"}}, "response_format.type"),
 ]
 BAD_ANTHROPIC = [
     ({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),

@@ -135,6 +135,24 @@ def check_tools(body: dict) -> tuple[Optional[list[dict]], str]:
     return tools, forced_tool_text(name)
 
 
+def with_response_format(body: dict, messages: list[dict]) -> list[dict]:
+    """``response_format`` goes on the first system message, as the official encoder takes it."""
+    fmt = params.get(body, "response_format", dict)
+    kind = None if fmt is None else fmt.get("type")
+    if kind in (None, "text"):
+        return messages
+    if kind == "json_object":
+        schema = {"type": "json_object"}
+    elif kind == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+        schema = fmt["json_schema"]
+    else:
+        raise APIError("'response_format.type' must be text, json_object or json_schema (with a "
+                       f"'json_schema' object), got {kind!r}", "response_format.type")
+    if messages[0]["role"] == "system":
+        return [{**messages[0], "response_format": schema}] + messages[1:]
+    return [{"role": "system", "content": "", "response_format": schema}] + messages
+
+
 def sampling(body: dict, engine: Engine) -> dict:
     n = params.integer(body, "n", 1, 1)
     if n != 1:
@@ -169,7 +187,7 @@ def chat_completions(engine: Engine, model_id: str):
     async def handler(request: Request):
         body = await read_json(request)
         params.get(body, "model", str)
-        messages = check_messages(body)
+        messages = with_response_format(body, check_messages(body))
         mode, effort = thinking_settings(body)
         tools, forced = check_tools(body)
         settings = sampling(body, engine)
