@@ -133,6 +133,8 @@ def test_disk_bound_drops_least_recently_used_files(demo, tmp_path):
     pc = PrefixCache(1 << 30, directory=disk, max_disk_bytes=bound)
     for n in (20, 40, 60):
         pc.store(IDS[:n], states[n])
+    assert not list(disk.glob("*.safetensors"))  # written after the answer, by flush
+    pc.flush()
     files = list(disk.glob("*.safetensors"))
     kept = sorted(len(json.loads(read_metadata(f)["tokens"])) for f in files)
     assert sum(f.stat().st_size for f in files) <= bound

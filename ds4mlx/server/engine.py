@@ -166,6 +166,8 @@ class Engine:
             self.last = result
             self.jobs_done += 1
             emit("done", result)
+            if self.prefix_cache is not None:
+                self.prefix_cache.flush()
         except Exception as e:  # reported to the client; the worker keeps serving
             if not isinstance(e, ValueError):
                 log.exception("generation failed")

@@ -68,6 +68,7 @@ class PrefixCache:
         self.directory = None if directory is None else Path(directory)
         self._entries: "OrderedDict[tuple[int, ...], _Entry]" = OrderedDict()  # oldest first
         self._lock = threading.Lock()
+        self._unwritten: list[_Entry] = []
         self.hits = self.misses = self.loaded_from_disk = 0
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -106,10 +107,19 @@ class PrefixCache:
         snap = snapshot(state)
         entry = _Entry(key, cache_nbytes(snap), state=snap)
         if self.directory is not None:
-            self._write(entry)
+            self._unwritten.append(entry)  # written by ``flush``, after the answer has gone out
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
+            self._evict()
+
+    def flush(self) -> None:
+        """Write the snapshots stored since the last call to the directory."""
+        pending, self._unwritten = self._unwritten, []
+        for entry in pending:
+            if entry.state is not None and self._entries.get(entry.tokens) is entry:
+                self._write(entry)
+        with self._lock:
             self._evict()
 
     @property
