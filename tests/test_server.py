@@ -117,6 +117,16 @@ def test_second_turn_reuses_prefix_and_matches_fresh_prefill(demo, oai):
     assert cached >= r1.usage.prompt_tokens - 1 and cached < r2.usage.prompt_tokens
 
 
+def test_seeded_sampling_equals_generate(demo, oai):
+    model, tok = demo
+    ids = ids_of(tok, encoding.encode_messages(MESSAGES, "chat"))
+    want = encoding.parse_completion(generate(model, tok, ids, temp=0.9, top_p=0.95, seed=7, max_tokens=N), "chat")
+    for _ in range(2):
+        r = oai.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=N, temperature=0.9, top_p=0.95,
+                                        seed=7, extra_body={"thinking": {"type": "disabled"}})
+        assert r.choices[0].message.content == want["content"]
+
+
 def test_stop_string_cuts_the_answer(demo, oai):
     extra = {"thinking": {"type": "disabled"}}
     full = reference(demo, MESSAGES, "chat")["content"]
