@@ -1,4 +1,4 @@
-"""The ``ds4mlx`` command: generate, chat, info, bench, convert, imatrix, selftest.
+"""The ``ds4mlx`` command: generate, chat, info, bench, convert, imatrix, selftest, serve.
 
 Flags follow mlx-lm (``--model``, ``--prompt``, ``--max-tokens``, ``--temp``, ``--top-p``,
 ``--min-p``, ``--seed``). Heavy modules are imported inside the commands, so ``--help`` is
@@ -661,6 +661,32 @@ def selftest(model: Annotated[str, typer.Option("--model", "-m", help="Model who
 
     if not run_selftest(model):
         raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(
+    model: ModelOpt,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8080,
+    ctx: CtxOpt = DEFAULT_CTX,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache-dir", help="Also keep prefix-cache snapshots here, across restarts.")] = None,
+    cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0,
+                                            help="Memory for prefix-cache snapshots (0: no prefix cache).")] = 8.0,
+    disk_gb: Annotated[float, typer.Option("--cache-disk-gb", min=0.0, help="Disk for --cache-dir snapshots.")] = 32.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1,
+                                            help="Default answer length when a request gives none.")] = DEFAULT_CHAT_MAX_TOKENS,
+    experts_per_token: ExpertsOpt = None,
+) -> None:
+    """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
+    from .server import serve as run_server
+
+    _status(f"Loading {model} ...")
+    run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
+               disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token, default_max_tokens=max_tokens)
 
 
 # ----------------------------------------------------------------------------- entry point
