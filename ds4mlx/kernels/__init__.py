@@ -42,6 +42,9 @@ QuantWeight = Union[mx.array, tuple]
 BACKENDS = ("metal", "ops", "emulate")
 KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")
 HC_PRE = "hc_pre"  # the variant name of the fused HC pre kernel
+ATTENTION = "attention"  # fused decode attention (kernels/attention.py)
+INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
+NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER)  # kernel variants that are not weight formats
 METAL_DIR = Path(__file__).with_name("metal")
 # Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
 _LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
@@ -57,6 +60,8 @@ _DECODE_ROWS_PER_TG = _DECODE_ROWS * _DECODE_SIMDGROUPS
 _DECODE_THREADS = 32 * _DECODE_SIMDGROUPS
 _TILE, _TILE_K, _TILE_THREADS = 32, 32, 128  # pairs = outputs per tile, K step, threads
 _HC_THREADS = 256  # threads per token of hc_pre
+ATTN_SIMDGROUPS = 4  # simdgroups per (token, head) of attn_decode; they split the keys
+INDEX_THREADS = 256  # threads per threadgroup of the indexer score kernel
 # Bound on the float32 bytes of dequantized weights one ops step holds at once.
 DEQUANT_BUDGET = 256 << 20
 
@@ -99,17 +104,22 @@ def set_backend(name: str | None = None) -> str:
 
 
 def disable(variant: str, reason: str) -> None:
-    """Stop using the kernels of ``variant`` (a format of ``KERNEL_FORMATS`` or ``HC_PRE``); its
-    ops twin serves those calls from now on. ``reason`` is kept for :func:`disabled`."""
-    _disabled[variant.upper() if variant != HC_PRE else variant] = reason
+    """Stop using the kernels of ``variant`` (a format of ``KERNEL_FORMATS`` or one of
+    ``NAMED_VARIANTS``); its ops twin serves those calls from now on. ``reason`` is kept for
+    :func:`disabled`."""
+    _disabled[_variant_key(variant)] = reason
+
+
+def _variant_key(variant: str) -> str:
+    return variant if variant in NAMED_VARIANTS else variant.upper()
 
 
 def enable(variant: str) -> None:
-    _disabled.pop(variant.upper() if variant != HC_PRE else variant, None)
+    _disabled.pop(_variant_key(variant), None)
 
 
 def enabled(variant: str) -> bool:
-    return (variant.upper() if variant != HC_PRE else variant) not in _disabled
+    return _variant_key(variant) not in _disabled
 
 
 def disabled() -> dict[str, str]:
@@ -118,12 +128,12 @@ def disabled() -> dict[str, str]:
 
 
 def serves(fmt: str) -> bool:
-    """Whether a kernel serves calls on weights of format ``fmt`` (or ``HC_PRE``): the one
-    decision between kernel and ops twin."""
+    """Whether a kernel serves calls on weights of format ``fmt`` (or a named variant such as
+    ``HC_PRE``): the one decision between kernel and ops twin."""
     if backend() == "ops":
         return False
-    if fmt == HC_PRE:
-        return enabled(HC_PRE)
+    if fmt in NAMED_VARIANTS:
+        return enabled(fmt)
     return fmt.upper() in KERNEL_FORMATS and enabled(fmt)
 
 
@@ -142,7 +152,8 @@ def _defines() -> str:
         block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
         values[f"DS4_{name}_BLOCK"], values[f"DS4_{name}_BYTES"] = block, nbytes
     values.update(DS4_ROWS=_DECODE_ROWS, DS4_SIMDGROUPS=_DECODE_SIMDGROUPS, DS4_BM=_TILE,
-                  DS4_BN=_TILE, DS4_BK=_TILE_K, DS4_TG=_TILE_THREADS, DS4_HC_TG=_HC_THREADS)
+                  DS4_BN=_TILE, DS4_BK=_TILE_K, DS4_TG=_TILE_THREADS, DS4_HC_TG=_HC_THREADS,
+                  DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS)
     return "".join(f"#define {k} {v}\n" for k, v in values.items())
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from ..config import ModelConfig
+from ..kernels import attention as fused
 from ..state import LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
@@ -19,6 +21,8 @@ from .rope import apply_rope, layer_frequencies
 
 # Bound on the float32 score elements materialised per query block.
 _SCORE_BUDGET = 1 << 26
+# Calls of up to this many tokens (decode, speculative verification) take the fused kernels.
+FUSED_MAX_TOKENS = 8
 
 
 def grouped_linear(layer: nn.Module, x: mx.array, groups: int) -> mx.array:
@@ -111,6 +115,36 @@ class Attention(nn.Module):
             if index_keys is not None:
                 index_q, index_w = self.indexer.queries(x, qr, positions, freqs, self._index_rounding())
 
+        if s <= FUSED_MAX_TOKENS and kernels.serves(kernels.ATTENTION):
+            o = self._attend_fused(q, p0, keys, n_prev, cache, index_q, index_w, index_keys)
+        else:
+            o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
+                                    index_keys)
+
+        o = apply_rope(o, positions[:, None], freqs, inverse=True)
+        o = o.astype(x.dtype).reshape(b, s, self.groups, -1)
+        u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
+        cache.offset = p0 + s
+        return self.wo_b(u)
+
+    def _attend_fused(self, q, p0: int, keys, n_prev: int, cache: LayerCache, index_q, index_w,
+                      index_keys):
+        """A few queries through the fused kernels: rows read in storage, one softmax."""
+        s = q.shape[1]
+        bounds = fused.query_bounds(p0, s, p0 - n_prev, self.window, self.ratio)
+        comp = idx = None
+        if self.ratio:
+            comp = cache.compressor.buffer
+            n_comp = cache.compressor.n_rows
+            if self.ratio == 4 and n_comp > self.config.index_topk:
+                idx = self.indexer.pick(index_q, index_w, index_keys, bounds[:, 2])
+        return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
+                                      self.config.softmax_scale)
+
+    def _attend_blocks(self, q, positions, p0: int, keys, n_prev: int, comp, index_q, index_w,
+                       index_keys):
+        """Any number of queries through MLX ops, in blocks that bound the score memory."""
+        b, s = q.shape[:2]
         # Cast the compressed rows and indexer keys once per call, not once per query block.
         if comp is not None:
             comp = comp.astype(mx.float32)
@@ -132,13 +166,7 @@ class Attention(nn.Module):
                 q[:, sl], positions[sl], p0 + s0, keys, p0 - n_prev, comp,
                 None if index_q is None else (index_q[:, sl], index_w[:, sl], index_keys),
             ))
-        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
-
-        o = apply_rope(o, positions[:, None], freqs, inverse=True)
-        o = o.astype(x.dtype).reshape(b, s, self.groups, -1)
-        u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
-        cache.offset = p0 + s
-        return self.wo_b(u)
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
     def _attend(self, q, positions, t0: int, keys, key_start: int, comp, index):
         """Queries q [B, s, H, d] at positions t0.. → outputs [B, s, H, d] float32."""

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from ..kernels import attention as fused
 from ..state import CompressorState, record_compressor
 from .rope import apply_rope
 
@@ -114,6 +115,12 @@ class Indexer(nn.Module):
             q = rounding(q)
         w = self.weights_proj(x).astype(mx.float32) * self.scale
         return q.astype(mx.float32), w
+
+    def pick(self, q: mx.array, w: mx.array, keys: mx.array, n_vis) -> mx.array:
+        """Top-k keys per query for the fused decode path: int32 [B, S, K], -1 where a query
+        sees fewer than K keys. ``keys`` stay in storage; ``n_vis`` [S]: keys each query sees."""
+        scores = fused.indexer_scores(q, w, keys, mx.array(n_vis))
+        return fused.indexer_topk(scores, self.topk)
 
     def select(
         self, q: mx.array, w: mx.array, keys: mx.array, positions: mx.array
