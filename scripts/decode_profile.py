@@ -61,7 +61,7 @@ RECIPES = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K"), "mxfp4": ("MXFP4",
 HEAD_LAUNCHES = 4
 DEVICES = {"m3_ultra": 819e9, "m3_max": 400e9}
 VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "AsStrided",
-         "View", "StopGradient", "Depends"}
+         "View", "StopGradient", "Depends", "Flatten", "Unflatten"}
 _NODE = re.compile(r'\{ (\d+) \[label ="([^"]+)"')
 # Byte offsets of the float16 scale fields of each block format, set to a small value so
 # random blocks decode to finite weights.
@@ -180,7 +180,8 @@ class Recorder:
         return outs
 
 
-def count_step(blk: Block, cache: LayerCache, dtype, path: str) -> tuple[int, dict[str, int]]:
+def count_step(blk: Block, cache: LayerCache, dtype, path: str,
+               histogram: dict[str, int] | None = None) -> tuple[int, dict[str, int]]:
     """(launches, {launch site: count}) of one decoded token through ``blk`` on ``path``."""
     h = mx.array(np.random.default_rng(1).standard_normal((1, 1, 4, blk.config.hidden_size),
                                                           dtype=np.float32))
@@ -206,6 +207,10 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str) -> tuple[int, di
         nodes = graph_nodes(out, *cache.state, *recorder.inputs)
     finally:
         kernels._run, kernels.backend, kernels.switch_matmul_ops = saved
+    if histogram is not None:  # primitive -> count of the graph left between the launches
+        for prim in nodes.values():
+            if prim.split()[0] not in VIEWS:
+                histogram[prim.split()[0]] = histogram.get(prim.split()[0], 0) + 1
     sites: dict[str, int] = {}
     for name in recorder.launches:
         sites[name] = sites.get(name, 0) + 1
@@ -295,12 +300,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeat", type=int, default=2, help="ops-path timings (best of)")
     parser.add_argument("--no-time", action="store_true", help="skip the ops-path CPU timing")
+    parser.add_argument("--primitives", action="store_true",
+                        help="print the MLX primitives left on the Metal path, per layer")
     parser.add_argument("--launch-us", type=float, default=5.0, help="assumed cost per launch")
     args = parser.parse_args()
     dtype = getattr(mx, args.dtype)
     b = dtype.size
     config = flash_config(args.experts, args.top_k)
-    fused = set(getattr(kernels, "DECODE_VARIANTS", ()))
+    fused = {v for v in ("attention", "indexer") if v in getattr(kernels, "NAMED_VARIANTS", ())}
     print(f"Flash decode step per layer, {args.dtype} activations, top-{args.top_k}; fused "
           f"decode kernels present: {sorted(fused) or 'none'}")
     print(f"{'ratio':>5} {'fmt':>6} {'ctx':>7} {'launch metal':>12} {'ops':>5} {'MiB read':>9} "
@@ -312,7 +319,9 @@ def main() -> None:
             weights, copies = weight_bytes(blk, config, recipe, args.top_k)
             for n in args.contexts:
                 cache = synth_state(config, ratio, n, dtype, seed=n)
-                metal, sites = count_step(blk, cache.snapshot(), dtype, "metal")
+                count_step(blk, cache.snapshot(), dtype, "metal")  # traces mx.compile functions
+                prims: dict[str, int] = {}
+                metal, sites = count_step(blk, cache.snapshot(), dtype, "metal", prims)
                 ops, _ = count_step(blk, cache.snapshot(), dtype, "ops")
                 sb = state_bytes(config, ratio, n, b, fused)
                 ops_sb = state_bytes(config, ratio, n, b, set())
@@ -325,6 +334,8 @@ def main() -> None:
                 print(f"{ratio:>5} {recipe:>6} {n:>7} {metal:>12} {ops:>5} {read / 2**20:>9.1f} "
                       f"{minimum / 2**20:>8.1f} {read / minimum:>6.3f} {ops_read / minimum:>9.3f} "
                       f"{ms:>10.1f}  {sites}", flush=True)
+                if args.primitives:
+                    print("        primitives:", dict(sorted(prims.items(), key=lambda kv: -kv[1])))
             del blk
     # whole model
     kinds = default_compress_ratios(FLASH_LAYERS, 0)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import (ATTENTION, ATTN_SIMDGROUPS, INDEX_THREADS, INDEXER, KernelInputError, _ceil_div,
-               _run, serves)
+from .. import kernels as _kernels  # launches go through _kernels._run (one launch site)
+from . import ATTENTION, ATTN_SIMDGROUPS, INDEX_THREADS, INDEXER, KernelInputError, _ceil_div, serves
 
 _INDEX_HEAD_GROUPS = 8  # HG of indexer_scores
 
@@ -106,7 +106,7 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
     k = idx.shape[2] if indexed else 0
     if not has_comp:
         bounds = bounds * np.array([1, 1, 0], np.int32)  # no compressed row to see
-    (out,) = _run("attention.metal", "attn_decode",
+    (out,) = _kernels._run("attention.metal", "attn_decode",
                   {"q": q.astype(mx.float32), "kw": kw, "comp": comp,
                    "idx": idx.astype(mx.int32) if indexed else mx.zeros((8,), mx.int32),
                    "bounds": mx.array(bounds), "sink": sink.astype(mx.float32), "scale": float(scale),
@@ -140,7 +140,7 @@ def indexer_scores(q: mx.array, w: mx.array, keys: mx.array, n_vis: mx.array) ->
     b, s, h, hd = q.shape
     nk = keys.shape[1]
     kt = INDEX_THREADS // _INDEX_HEAD_GROUPS
-    (scores,) = _run("attention.metal", "indexer_scores",
+    (scores,) = _kernels._run("attention.metal", "indexer_scores",
                      {"q": q.astype(mx.float32), "w": w.astype(mx.float32), "keys": keys,
                       "n_vis": n_vis.astype(mx.int32), "S": s, "NK": nk},
                      {"scores": ((b, s, nk), mx.float32)},
@@ -172,7 +172,7 @@ def indexer_topk(scores: mx.array, k: int) -> mx.array:
     rows = 1
     for x in lead:
         rows *= x
-    (idx,) = _run("attention.metal", "indexer_topk",
+    (idx,) = _kernels._run("attention.metal", "indexer_topk",
                   {"scores": scores.astype(mx.float32).reshape(rows, n), "N": n},
                   {"idx": ((rows, k), mx.int32)},
                   grid=(INDEX_THREADS, rows, 1), threadgroup=(INDEX_THREADS, 1, 1),
