@@ -173,3 +173,51 @@ def test_bad_shapes_are_named():
         fused.decode_attention(q, kw, comp, idx, bounds, sink[:1], scale)
     with pytest.raises(kernels.KernelInputError, match="k=0"):
         fused.indexer_topk(mx.zeros((2, 5)), 0)
+
+
+# ----------------------------------------------------------------------------- rows
+def model_rows(x, pos, freqs, *, norm, weight, eps, fp8, inverse, out_dtype, rope_dims):
+    """The model's ops for the same steps (attention.py before the fused kernel)."""
+    from ds4mlx.model import qat
+    from ds4mlx.model.rope import apply_rope
+
+    positions = mx.array(np.asarray(pos))
+    if norm == fused.NORM_PLAIN:
+        x = x.astype(out_dtype)
+        x = x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps)
+    elif norm == fused.NORM_WEIGHTED:
+        x = mx.fast.rms_norm(x, weight, eps)
+    x = apply_rope(x, positions, freqs, inverse=inverse)
+    if fp8:
+        x = qat.kv_fp8(x, rope_dims)
+    return x.astype(out_dtype)
+
+
+@pytest.mark.parametrize("shape,d,rd,norm,fp8,inverse,dtype,out_dtype", [
+    ((2, 3, 4), 128, 64, fused.NORM_PLAIN, False, False, mx.float32, mx.float32),   # q
+    ((1, 2, 2), 128, 64, fused.NORM_PLAIN, False, False, mx.bfloat16, mx.float32),  # bf16 q
+    ((2, 3), 128, 64, fused.NORM_WEIGHTED, True, False, mx.float32, mx.float32),    # kv
+    ((1, 5), 512, 64, fused.NORM_WEIGHTED, True, False, mx.float32, mx.float32),    # Flash kv
+    ((1, 2, 3), 128, 64, fused.NORM_NONE, False, True, mx.float32, mx.float32),     # output
+])
+def test_rope_rows_match_model_ops(path, shape, d, rd, norm, fp8, inverse, dtype, out_dtype):
+    from ds4mlx.model.rope import rope_frequencies
+
+    rng = np.random.default_rng(d + len(shape))
+    x = mx.array((rng.standard_normal((*shape, d)) * 3).astype(np.float32)).astype(dtype)
+    weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32))
+    freqs = rope_frequencies(rd, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
+    p0 = 70000
+    pos = np.arange(p0, p0 + shape[1])[None, :] if len(shape) == 2 else \
+        np.arange(p0, p0 + shape[1])[None, :, None]
+    got = np.asarray(fused.rope_rows(x, pos, freqs, norm=norm, weight=weight, eps=1e-6, fp8=fp8,
+                                     inverse=inverse, out_dtype=out_dtype))
+    ref = np.asarray(model_rows(x, pos if len(shape) == 2 else pos[0], freqs, norm=norm,
+                                weight=weight, eps=1e-6, fp8=fp8, inverse=inverse,
+                                out_dtype=out_dtype, rope_dims=rd))
+    err = np.abs(got - ref)
+    if fp8:  # a value on an FP8 rounding edge may land one e4m3 step apart: count those
+        step = np.abs(ref) / 8 + 1e-30
+        assert (err > 1e-5 * np.abs(ref).max()).mean() < 1e-3 and (err <= step * 1.01).all()
+    else:
+        assert err.max() <= 1e-5 * np.abs(ref).max()

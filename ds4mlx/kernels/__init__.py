@@ -44,7 +44,8 @@ KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")
 HC_PRE = "hc_pre"  # the variant name of the fused HC pre kernel
 ATTENTION = "attention"  # fused decode attention (kernels/attention.py)
 INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
-NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER)  # kernel variants that are not weight formats
+ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
+NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS)  # variants that are not weight formats
 METAL_DIR = Path(__file__).with_name("metal")
 # Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
 _LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}

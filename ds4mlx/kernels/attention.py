@@ -1,7 +1,9 @@
 """Fused decode attention and Lightning Indexer kernels (``metal/attention.metal``), each beside
 its MLX-ops twin.
 
-Entry points (kernel | ops twin): :func:`decode_attention` (window rows + compressed rows +
+Entry points (kernel | ops twin): :func:`rope_rows` (RMS, RoPE and FP8 rounding of attention
+rows; its twin is the model's own ops, :meth:`ds4mlx.model.attention.Attention.rows`),
+:func:`decode_attention` (window rows + compressed rows +
 sink, one pass, one online softmax, KV read in its storage dtype), :func:`indexer_scores`
 (Σ_h w_h·ReLU(q_h·k) over the indexer keys in storage, invisible keys -inf) and
 :func:`indexer_topk` (the top-k of each score row as ascending indices). Whether the kernel
@@ -16,7 +18,8 @@ import mlx.core as mx
 import numpy as np
 
 from .. import kernels as _kernels  # launches go through _kernels._run (one launch site)
-from . import ATTENTION, ATTN_SIMDGROUPS, INDEX_THREADS, INDEXER, KernelInputError, _ceil_div, serves
+from . import (ATTENTION, ATTN_SIMDGROUPS, INDEX_THREADS, INDEXER, ROPE_ROWS, KernelInputError,
+               _ceil_div, _device_array, serves)
 
 _INDEX_HEAD_GROUPS = 8  # HG of indexer_scores
 
@@ -178,3 +181,46 @@ def indexer_topk(scores: mx.array, k: int) -> mx.array:
                   grid=(INDEX_THREADS, rows, 1), threadgroup=(INDEX_THREADS, 1, 1),
                   template=[("TOPK", k)])
     return idx.reshape(*lead, k)
+
+
+# ----------------------------------------------------------------------------- rows
+NORM_NONE, NORM_PLAIN, NORM_WEIGHTED = 0, 1, 2
+FP8_BLOCK = 64
+
+
+def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM_NONE,
+              weight: mx.array | None = None, eps: float = 0.0, fp8: bool = False,
+              inverse: bool = False, out_dtype: mx.Dtype | None = None) -> mx.array:
+    """Kernel ``rope_rows`` on rows ``x [..., D]``: RMS normalisation (``norm``: none, plain or
+    times ``weight [D]``), RoPE of the last ``2·len(freqs)`` features at positions ``pos``
+    (host ints, one per row, broadcast to ``x.shape[:-1]``; ``inverse`` rotates back), then,
+    with ``fp8``, the e4m3 round trip of the other features in blocks of 64. Each step's result
+    is rounded to ``out_dtype`` (default x's dtype), as when the steps run as ops."""
+    d = x.shape[-1]
+    rd = 2 * freqs.shape[0]
+    out_dtype = out_dtype or x.dtype
+    dpl = d // 32
+    if d % 32 or dpl % 2 or (d - rd) % dpl or not 0 < rd <= d:
+        raise KernelInputError(f"rope_rows: {d} features with {rd} rotated do not split into "
+                               "32 lanes of whole pairs")
+    if fp8 and ((d - rd) % FP8_BLOCK or FP8_BLOCK % dpl):
+        raise KernelInputError(f"rope_rows: {d - rd} rounded features are not whole FP8 "
+                               f"blocks of {FP8_BLOCK} over 32 lanes")
+    if norm == NORM_WEIGHTED and (weight is None or tuple(weight.shape) != (d,)):
+        raise KernelInputError(f"rope_rows: the norm weight must be ({d},)")
+    if not serves(ROPE_ROWS):
+        raise KernelInputError("rope_rows: no kernel serves this call (the caller runs its ops)")
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead)) if lead else 1
+    pos = np.broadcast_to(np.asarray(pos, dtype=np.int32), lead).reshape(rows)
+    w = weight if norm == NORM_WEIGHTED else mx.zeros((8,), dtype=mx.float32)
+    (out,) = _kernels._run("rows.metal", "rope_rows",
+                           {"x": x.reshape(rows, d), "w": _device_array(w),
+                            "pos": _device_array(mx.array(pos)),
+                            "freqs": _device_array(freqs.astype(mx.float32)), "eps": float(eps)},
+                           {"out": ((rows, d), out_dtype)},
+                           grid=(32, rows, 1), threadgroup=(32, 1, 1),
+                           template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype),
+                                     ("NORM", int(norm)), ("FP8", bool(fp8)),
+                                     ("INV", bool(inverse)), ("D", d), ("RD", rd)])
+    return out.reshape(*lead, d)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .. import kernels
 from ..config import ModelConfig
@@ -88,15 +89,24 @@ class Attention(nn.Module):
         positions = mx.arange(p0, p0 + s)
         freqs = self._freqs
 
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim).astype(mx.float32)
-        q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
-        q = apply_rope(q, positions[:, None], freqs)
+        fused_rows = kernels.serves(kernels.ROPE_ROWS)
+        row_pos = np.arange(p0, p0 + s)[None, :]  # host positions of the fused row kernel
 
-        kv = self.kv_norm(self.wkv(x))
-        kv = apply_rope(kv, positions, freqs)
-        if self.qat_rounding:
-            kv = qat.kv_fp8(kv, self.rope_dims)
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
+        if fused_rows:
+            q = fused.rope_rows(q, row_pos[..., None], freqs, norm=fused.NORM_PLAIN,
+                                eps=self.eps, out_dtype=mx.float32)
+            kv = fused.rope_rows(self.wkv(x), row_pos, freqs, norm=fused.NORM_WEIGHTED,
+                                 weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
+        else:
+            q = q.astype(mx.float32)
+            q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
+            q = apply_rope(q, positions[:, None], freqs)
+            kv = self.kv_norm(self.wkv(x))
+            kv = apply_rope(kv, positions, freqs)
+            if self.qat_rounding:
+                kv = qat.kv_fp8(kv, self.rope_dims)
 
         # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones.
         n_prev = 0 if cache.window is None else cache.window.shape[1]
@@ -121,8 +131,11 @@ class Attention(nn.Module):
             o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
                                     index_keys)
 
-        o = apply_rope(o, positions[:, None], freqs, inverse=True)
-        o = o.astype(x.dtype).reshape(b, s, self.groups, -1)
+        if fused_rows:
+            o = fused.rope_rows(o, row_pos[..., None], freqs, inverse=True, out_dtype=x.dtype)
+        else:
+            o = apply_rope(o, positions[:, None], freqs, inverse=True).astype(x.dtype)
+        o = o.reshape(b, s, self.groups, -1)
         u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
         cache.offset = p0 + s
         return self.wo_b(u)
