@@ -57,6 +57,7 @@ from ds4mlx.synthetic import default_compress_ratios, tiny_config  # noqa: E402
 
 FLASH_EXPERTS, FLASH_LAYERS, FLASH_VOCAB = 256, 43, 129280
 RECIPES = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K"), "mxfp4": ("MXFP4", "MXFP4")}
+DECODE_VARIANTS = ("attention", "indexer", "rope_rows")  # the kernels a before/after compares
 # embedding gather, HC head (one compiled function), final RMSNorm, head matmul
 HEAD_LAUNCHES = 4
 DEVICES = {"m3_ultra": 819e9, "m3_max": 400e9}
@@ -307,11 +308,12 @@ def main() -> None:
     dtype = getattr(mx, args.dtype)
     b = dtype.size
     config = flash_config(args.experts, args.top_k)
-    fused = {v for v in ("attention", "indexer") if v in getattr(kernels, "NAMED_VARIANTS", ())}
-    print(f"Flash decode step per layer, {args.dtype} activations, top-{args.top_k}; fused "
-          f"decode kernels present: {sorted(fused) or 'none'}")
-    print(f"{'ratio':>5} {'fmt':>6} {'ctx':>7} {'launch metal':>12} {'ops':>5} {'MiB read':>9} "
-          f"{'min':>8} {'x min':>6} {'ops x min':>9} {'ops CPU ms':>10}  kernel launches")
+    decode_variants = [v for v in DECODE_VARIANTS if v in getattr(kernels, "NAMED_VARIANTS", ())]
+    print(f"Flash decode step per layer, {args.dtype} activations, top-{args.top_k}. Metal "
+          f"path 'before': the decode kernels {decode_variants} switched off; 'after': on.")
+    print(f"{'ratio':>5} {'fmt':>6} {'ctx':>7} {'launches before':>15} {'after':>5} {'ops':>4} "
+          f"{'MiB before':>10} {'after':>7} {'min':>7} {'x min before':>12} {'after':>6} "
+          f"{'ops CPU ms':>10}  kernel launches (after)")
     rows = []
     for recipe in args.formats:
         for layer, ratio in enumerate((0, 4, 128)):
@@ -319,20 +321,30 @@ def main() -> None:
             weights, copies = weight_bytes(blk, config, recipe, args.top_k)
             for n in args.contexts:
                 cache = synth_state(config, ratio, n, dtype, seed=n)
+                for v in decode_variants:
+                    kernels.disable(v, "decode_profile: the path before the decode kernels")
                 count_step(blk, cache.snapshot(), dtype, "metal")  # traces mx.compile functions
+                before, _ = count_step(blk, cache.snapshot(), dtype, "metal")
+                for v in decode_variants:
+                    kernels.enable(v)
+                count_step(blk, cache.snapshot(), dtype, "metal")
                 prims: dict[str, int] = {}
-                metal, sites = count_step(blk, cache.snapshot(), dtype, "metal", prims)
+                after, sites = count_step(blk, cache.snapshot(), dtype, "metal", prims)
                 ops, _ = count_step(blk, cache.snapshot(), dtype, "ops")
-                sb = state_bytes(config, ratio, n, b, fused)
-                ops_sb = state_bytes(config, ratio, n, b, set())
-                read, minimum = weights + sb["path"], weights + sb["min"]
-                ops_read = weights + copies + ops_sb["path"]
+                fused = {"attention", "indexer"} & set(decode_variants)
+                sb_after = state_bytes(config, ratio, n, b, fused)
+                sb_before = state_bytes(config, ratio, n, b, set())
+                minimum = weights + sb_after["min"]
+                read_before, read_after = weights + sb_before["path"], weights + sb_after["path"]
                 ms = float("nan") if args.no_time else 1e3 * time_ops_step(blk, cache, dtype,
                                                                           args.repeat)
-                rows.append(dict(ratio=ratio, fmt=recipe, ctx=n, launches=metal, ops_launches=ops,
-                                 bytes=read, min=minimum, ops_bytes=ops_read, cpu_ms=ms))
-                print(f"{ratio:>5} {recipe:>6} {n:>7} {metal:>12} {ops:>5} {read / 2**20:>9.1f} "
-                      f"{minimum / 2**20:>8.1f} {read / minimum:>6.3f} {ops_read / minimum:>9.3f} "
+                rows.append(dict(ratio=ratio, fmt=recipe, ctx=n, before=before, launches=after,
+                                 ops_launches=ops, bytes_before=read_before, bytes=read_after,
+                                 min=minimum, ops_bytes=read_before + copies, cpu_ms=ms))
+                mib = 2.0**20
+                print(f"{ratio:>5} {recipe:>6} {n:>7} {before:>15} {after:>5} {ops:>4} "
+                      f"{read_before / mib:>10.1f} {read_after / mib:>7.1f} {minimum / mib:>7.1f} "
+                      f"{read_before / minimum:>12.3f} {read_after / minimum:>6.3f} "
                       f"{ms:>10.1f}  {sites}", flush=True)
                 if args.primitives:
                     print("        primitives:", dict(sorted(prims.items(), key=lambda kv: -kv[1])))
@@ -347,14 +359,16 @@ def main() -> None:
     for recipe in args.formats:
         for n in args.contexts:
             sel = {r["ratio"]: r for r in rows if r["fmt"] == recipe and r["ctx"] == n}
-            launches = sum(per_kind[r] * sel[r]["launches"] for r in per_kind) + HEAD_LAUNCHES
-            nbytes = sum(per_kind[r] * sel[r]["bytes"] for r in per_kind) + head
-            tps = {dev: 1.0 / (nbytes / bw + launches * args.launch_us * 1e-6)
-                   for dev, bw in DEVICES.items()}
-            summary[(recipe, n)] = dict(launches=launches, bytes=nbytes, **tps)
-            print(f"  {recipe:>6} ctx {n:>7}: {launches:>6} launches, {nbytes / 2**30:6.2f} GiB, "
-                  f"M3 Ultra {tps['m3_ultra']:5.1f} t/s, M3 Max {tps['m3_max']:5.1f} t/s "
-                  f"(bandwidth only: {819e9 / nbytes:5.1f} / {400e9 / nbytes:5.1f})")
+            for when, lk, bk in (("before", "before", "bytes_before"), ("after", "launches", "bytes")):
+                launches = sum(per_kind[r] * sel[r][lk] for r in per_kind) + HEAD_LAUNCHES
+                nbytes = sum(per_kind[r] * sel[r][bk] for r in per_kind) + head
+                tps = {dev: 1.0 / (nbytes / bw + launches * args.launch_us * 1e-6)
+                       for dev, bw in DEVICES.items()}
+                summary[(when, recipe, n)] = dict(launches=launches, bytes=nbytes, **tps)
+                print(f"  {when:>6} {recipe:>6} ctx {n:>7}: {launches:>6} launches, "
+                      f"{nbytes / 2**30:6.2f} GiB, M3 Ultra {tps['m3_ultra']:5.1f} t/s, M3 Max "
+                      f"{tps['m3_max']:5.1f} t/s (bandwidth only: {819e9 / nbytes:5.1f} / "
+                      f"{400e9 / nbytes:5.1f})")
 
     def over_min(ctx):
         sel = [r["bytes"] / r["min"] for r in rows if r["ctx"] == ctx]
@@ -362,19 +376,25 @@ def main() -> None:
 
     def ctx_ratio():
         lo, hi = min(args.contexts), max(args.contexts)
-        vals = [summary[(f, hi)]["bytes"] / summary[(f, lo)]["bytes"] for f in args.formats]
+        vals = [summary[("after", f, hi)]["bytes"] / summary[("after", f, lo)]["bytes"]
+                for f in args.formats]
         return round(max(vals), 4)
 
     worst = max(rows, key=lambda r: r["launches"])
     result = {
         "launches_per_layer_max": worst["launches"],
         "launches_per_layer_max_at": f"ratio {worst['ratio']} {worst['fmt']} ctx {worst['ctx']}",
+        "launches_per_layer_max_before": max(r["before"] for r in rows),
         "ops_launches_per_layer_max": max(r["ops_launches"] for r in rows),
         "bytes_over_min_2k": over_min(2048),
         "bytes_over_min_32k": over_min(32768),
         "bytes_128k_over_2k": ctx_ratio() if {2048, 131072} <= set(args.contexts) else None,
-        "tokens_per_s_m3_ultra": round(min(s["m3_ultra"] for s in summary.values()), 2),
-        "tokens_per_s_m3_max": round(min(s["m3_max"] for s in summary.values()), 2),
+        "tokens_per_s_m3_ultra": round(min(s["m3_ultra"] for k, s in summary.items()
+                                           if k[0] == "after"), 2),
+        "tokens_per_s_m3_max": round(min(s["m3_max"] for k, s in summary.items()
+                                         if k[0] == "after"), 2),
+        "tokens_per_s_m3_ultra_before": round(min(s["m3_ultra"] for k, s in summary.items()
+                                                  if k[0] == "before"), 2),
         "launch_us": args.launch_us,
     }
     print(json.dumps(result))

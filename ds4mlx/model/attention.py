@@ -123,7 +123,8 @@ class Attention(nn.Module):
             self.indexer.compressor(x, p0, cache.indexer, freqs, self._index_rounding())
             index_keys = cache.indexer.rows
             if index_keys is not None:
-                index_q, index_w = self.indexer.queries(x, qr, positions, freqs, self._index_rounding())
+                index_q, index_w = self.indexer.queries(x, qr, positions, freqs,
+                                                        self._index_rounding(), p0)
 
         if s <= FUSED_MAX_TOKENS and kernels.serves(kernels.ATTENTION):
             o = self._attend_fused(q, p0, keys, n_prev, cache, index_q, index_w, index_keys)

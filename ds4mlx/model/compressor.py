@@ -14,7 +14,9 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from .. import kernels
 from ..config import ModelConfig
 from ..kernels import attention as fused
 from ..state import CompressorState, record_compressor
@@ -105,12 +107,16 @@ class Indexer(nn.Module):
 
     def queries(
         self, x: mx.array, qr: mx.array, positions: mx.array, freqs: mx.array,
-        rounding: Callable[[mx.array], mx.array] | None,
+        rounding: Callable[[mx.array], mx.array] | None, p0: int | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """Per-token indexer queries [B, S, h, dI] and head weights [B, S, h] (float32)."""
+        """Per-token indexer queries [B, S, h, dI] and head weights [B, S, h] (float32).
+        ``p0``: the first position as an int, which lets the fused row kernel rotate q."""
         b, s, _ = qr.shape
         q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
-        q = apply_rope(q, positions[:, None], freqs)
+        if p0 is not None and kernels.serves(kernels.ROPE_ROWS):
+            q = fused.rope_rows(q, np.arange(p0, p0 + s)[None, :, None], freqs)
+        else:
+            q = apply_rope(q, positions[:, None], freqs)
         if rounding is not None:
             q = rounding(q)
         w = self.weights_proj(x).astype(mx.float32) * self.scale
