@@ -221,3 +221,16 @@ def test_rope_rows_match_model_ops(path, shape, d, rd, norm, fp8, inverse, dtype
         assert (err > 1e-5 * np.abs(ref).max()).mean() < 1e-3 and (err <= step * 1.01).all()
     else:
         assert err.max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.slow
+def test_indexer_real_width(path):
+    """Flash's indexer: 64 heads x 128 over 3000 bf16 keys (12k tokens), then its top-512."""
+    args = indexer_case(1, 1, 64, 128, 3000, [2990], mx.bfloat16, seed=11)
+    got = np.asarray(fused.indexer_scores(*args))
+    ref = on_ops(fused.indexer_scores_ops, *args)
+    seen = np.isfinite(ref)
+    assert np.array_equal(seen, np.isfinite(got))
+    assert np.abs(got[seen] - ref[seen]).max() <= 1e-5 * np.abs(ref[seen]).max()
+    picks = np.asarray(fused.indexer_topk(mx.array(ref), 512))
+    np.testing.assert_array_equal(picks, numpy_topk(ref, 512))
