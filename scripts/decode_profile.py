@@ -301,6 +301,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeat", type=int, default=2, help="ops-path timings (best of)")
     parser.add_argument("--no-time", action="store_true", help="skip the ops-path CPU timing")
+    parser.add_argument("--no-ops", action="store_true",
+                        help="skip the ops path (its launch count evaluates the layer up to the "
+                             "router on the CPU) and its timing")
     parser.add_argument("--primitives", action="store_true",
                         help="print the MLX primitives left on the Metal path, per layer")
     parser.add_argument("--launch-us", type=float, default=5.0, help="assumed cost per launch")
@@ -330,13 +333,13 @@ def main() -> None:
                 count_step(blk, cache.snapshot(), dtype, "metal")
                 prims: dict[str, int] = {}
                 after, sites = count_step(blk, cache.snapshot(), dtype, "metal", prims)
-                ops, _ = count_step(blk, cache.snapshot(), dtype, "ops")
+                ops = -1 if args.no_ops else count_step(blk, cache.snapshot(), dtype, "ops")[0]
                 fused = {"attention", "indexer"} & set(decode_variants)
                 sb_after = state_bytes(config, ratio, n, b, fused)
                 sb_before = state_bytes(config, ratio, n, b, set())
                 minimum = weights + sb_after["min"]
                 read_before, read_after = weights + sb_before["path"], weights + sb_after["path"]
-                ms = float("nan") if args.no_time else 1e3 * time_ops_step(blk, cache, dtype,
+                ms = float("nan") if args.no_time or args.no_ops else 1e3 * time_ops_step(blk, cache, dtype,
                                                                           args.repeat)
                 rows.append(dict(ratio=ratio, fmt=recipe, ctx=n, before=before, launches=after,
                                  ops_launches=ops, bytes_before=read_before, bytes=read_after,

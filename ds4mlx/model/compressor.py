@@ -48,8 +48,8 @@ class Compressor(nn.Module):
         b, s, _ = x.shape
         xf = x.astype(mx.float32)
         kv = self.wkv(xf).astype(mx.float32)
-        pos = mx.arange(offset, offset + s)
-        score = self.wgate(xf).astype(mx.float32) + self.ape.astype(mx.float32)[pos % r]
+        slot = mx.array(np.arange(offset, offset + s) % r)  # position mod r, from the host
+        score = self.wgate(xf).astype(mx.float32) + self.ape.astype(mx.float32)[slot]
         if state.pending_kv is not None:
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             score = mx.concatenate([state.pending_score, score], axis=1)
