@@ -57,7 +57,7 @@ from ds4mlx.synthetic import default_compress_ratios, tiny_config  # noqa: E402
 
 FLASH_EXPERTS, FLASH_LAYERS, FLASH_VOCAB = 256, 43, 129280
 RECIPES = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K"), "mxfp4": ("MXFP4", "MXFP4")}
-DECODE_VARIANTS = ("attention", "indexer", "rope_rows")  # the kernels a before/after compares
+DECODE_VARIANTS = ("attention", "indexer", "rope_rows", "router")  # the kernels a before/after compares
 # embedding gather, HC head (one compiled function), final RMSNorm, head matmul
 HEAD_LAUNCHES = 4
 DEVICES = {"m3_ultra": 819e9, "m3_max": 400e9}

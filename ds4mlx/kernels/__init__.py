@@ -45,7 +45,8 @@ HC_PRE = "hc_pre"  # the variant name of the fused HC pre kernel
 ATTENTION = "attention"  # fused decode attention (kernels/attention.py)
 INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
 ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
-NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS)  # variants that are not weight formats
+ROUTER = "router"  # fused MoE router selection (kernels/router.py)
+NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER)  # not weight formats
 METAL_DIR = Path(__file__).with_name("metal")
 # Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
 _LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
@@ -63,6 +64,7 @@ _TILE, _TILE_K, _TILE_THREADS = 32, 32, 128  # pairs = outputs per tile, K step,
 _HC_THREADS = 256  # threads per token of hc_pre
 ATTN_SIMDGROUPS = 4  # simdgroups per (token, head) of attn_decode; they split the keys
 INDEX_THREADS = 256  # threads per threadgroup of the indexer score kernel
+ROUTER_THREADS = 256  # threads per token of router_topk
 # Bound on the float32 bytes of dequantized weights one ops step holds at once.
 DEQUANT_BUDGET = 256 << 20
 
@@ -154,7 +156,8 @@ def _defines() -> str:
         values[f"DS4_{name}_BLOCK"], values[f"DS4_{name}_BYTES"] = block, nbytes
     values.update(DS4_ROWS=_DECODE_ROWS, DS4_SIMDGROUPS=_DECODE_SIMDGROUPS, DS4_BM=_TILE,
                   DS4_BN=_TILE, DS4_BK=_TILE_K, DS4_TG=_TILE_THREADS, DS4_HC_TG=_HC_THREADS,
-                  DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS)
+                  DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS,
+                  DS4_ROUTER_TG=ROUTER_THREADS)
     return "".join(f"#define {k} {v}\n" for k, v in values.items())
 
 
