@@ -10,7 +10,8 @@ length (window rows, compressed rows, indexer keys, unfinished compressor window
 state costs no prefill. For every layer it reports, for one decoded token:
 
 * launches on the Metal path, counted exactly so: every launch site of ``ds4mlx.kernels``
-  (``_run`` is replaced by a recorder that returns placeholder outputs), plus every MLX
+  (``_run`` is replaced by a recorder that returns placeholder outputs) and every
+  ``mx.fast.rms_norm`` (one kernel on the GPU, a dozen fallback ops on the CPU), plus every MLX
   primitive left in the lazy graph of the step's outputs (the new streams and the new decode
   state) that runs a kernel: views (reshape, slice, broadcast, transpose, ...) excluded, and a
   compiled (``mx.compile``) function counts as one. Nothing is evaluated for this count.
@@ -121,7 +122,8 @@ def build_layer(config: ModelConfig, layer: int, recipe: str, dtype, seed: int) 
     ex.w1 = random_experts(gate_fmt, e, f, d, rng)
     ex.w3 = random_experts(gate_fmt, e, f, d, rng)
     ex.w2 = random_experts(down_fmt, e, d, f, rng)
-    mx.eval(blk.parameters())
+    # RoPE frequencies are computed once, on the first call; the count starts after that
+    mx.eval(blk.parameters(), blk.attn._freqs)
     return blk
 
 
@@ -198,7 +200,18 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
         mx.eval(x, indices)
         return original_switch(x, w, fmt, indices, sorted_indices)
 
+    rms_norm = mx.fast.rms_norm
+
+    def one_rms_norm(x, weight, eps, **kw):
+        # one launch on the GPU; on the CPU MLX expands it into its fallback ops
+        recorder.launches.append("rms_norm")
+        recorder.inputs += [x] + ([weight] if weight is not None else [])
+        out = mx.zeros(x.shape, dtype=x.dtype)
+        mx.eval(out)
+        return out
+
     try:
+        mx.fast.rms_norm = one_rms_norm
         if path == "metal":
             kernels._run, kernels.backend = recorder, lambda: "metal"
         else:
@@ -208,6 +221,7 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
         nodes = graph_nodes(out, *cache.state, *recorder.inputs)
     finally:
         kernels._run, kernels.backend, kernels.switch_matmul_ops = saved
+        mx.fast.rms_norm = rms_norm
     if histogram is not None:  # primitive -> count of the graph left between the launches
         for prim in nodes.values():
             if prim.split()[0] not in VIEWS:

@@ -14,6 +14,8 @@ they cost no launch.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import numpy as np
 
@@ -22,6 +24,14 @@ from . import (ATTENTION, ATTN_SIMDGROUPS, INDEX_THREADS, INDEXER, ROPE_ROWS, Ke
                _ceil_div, _device_array, serves)
 
 _INDEX_HEAD_GROUPS = 8  # HG of indexer_scores
+
+
+@functools.cache
+def _dummy(dtype: mx.Dtype) -> mx.array:
+    # an input a kernel variant does not read; made once, so no fill runs per call
+    a = mx.zeros((8,), dtype=dtype)
+    mx.eval(a)
+    return a
 
 
 def query_bounds(p0: int, s: int, key_start: int, window: int, ratio: int) -> np.ndarray:
@@ -102,7 +112,7 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
         return decode_attention_ops(q, kw, comp, idx, bounds, sink, scale)
     has_comp = comp is not None and comp.shape[1] > 0
     if not has_comp:
-        comp, idx = mx.zeros((b, 1, d), dtype=kw.dtype), None
+        comp, idx = kw, None  # never read: no query sees a compressed row
     if comp.dtype != kw.dtype:
         comp = comp.astype(kw.dtype)
     indexed = idx is not None
@@ -111,7 +121,7 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
         bounds = bounds * np.array([1, 1, 0], np.int32)  # no compressed row to see
     (out,) = _kernels._run("attention.metal", "attn_decode",
                   {"q": q.astype(mx.float32), "kw": kw, "comp": comp,
-                   "idx": idx.astype(mx.int32) if indexed else mx.zeros((8,), mx.int32),
+                   "idx": idx.astype(mx.int32) if indexed else _dummy(mx.int32),
                    "bounds": mx.array(bounds), "sink": sink.astype(mx.float32), "scale": float(scale),
                    "S": s, "H": h, "LW": kw.shape[1], "NC": comp.shape[1], "K": k},
                   {"out": ((b, s, h, d), mx.float32)},
@@ -213,10 +223,11 @@ def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM
     lead = x.shape[:-1]
     rows = int(np.prod(lead)) if lead else 1
     pos = np.broadcast_to(np.asarray(pos, dtype=np.int32), lead).reshape(rows)
-    w = weight if norm == NORM_WEIGHTED else mx.zeros((8,), dtype=mx.float32)
+    w = weight if norm == NORM_WEIGHTED else _dummy(mx.float32)
+    pos = np.pad(pos, (0, max(0, 8 - rows)))  # padded here, not by a launch
     (out,) = _kernels._run("rows.metal", "rope_rows",
                            {"x": x.reshape(rows, d), "w": _device_array(w),
-                            "pos": _device_array(mx.array(pos)),
+                            "pos": mx.array(pos),
                             "freqs": _device_array(freqs.astype(mx.float32)), "eps": float(eps)},
                            {"out": ((rows, d), out_dtype)},
                            grid=(32, rows, 1), threadgroup=(32, 1, 1),
