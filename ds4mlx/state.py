@@ -30,6 +30,12 @@ class CompressorState:
     def rows(self) -> mx.array | None:
         return None if self._rows is None else self._rows[:, : self.n_rows]
 
+    @property
+    def buffer(self) -> mx.array | None:
+        """The whole row buffer (rows past ``n_rows`` are stale): for kernels that bound their
+        own reads, so no slice of it is copied."""
+        return self._rows
+
     def append_rows(self, new: mx.array) -> None:
         n = new.shape[1]
         if n == 0:

@@ -44,6 +44,11 @@ QuantWeight = Union[mx.array, tuple]
 BACKENDS = ("metal", "ops", "emulate")
 KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")
 HC_PRE = "hc_pre"  # the variant name of the fused HC pre kernel
+ATTENTION = "attention"  # fused decode attention (kernels/attention.py)
+INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
+ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
+ROUTER = "router"  # fused MoE router selection (kernels/router.py)
+NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER)  # not weight formats
 METAL_DIR = Path(__file__).with_name("metal")
 # Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
 _LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
@@ -58,6 +63,9 @@ _DECODE_ROWS_PER_TG = _DECODE_ROWS * _DECODE_SIMDGROUPS
 _DECODE_THREADS = 32 * _DECODE_SIMDGROUPS
 _TILE, _TILE_K, _TILE_THREADS = 32, 32, 128  # pairs = outputs per tile, K step, threads
 _HC_THREADS = 256  # threads per token of hc_pre
+ATTN_SIMDGROUPS = 4  # simdgroups per (token, head) of attn_decode; they split the keys
+INDEX_THREADS = 256  # threads per threadgroup of the indexer score kernel
+ROUTER_THREADS = 256  # threads per token of router_topk
 # Bound on the float32 bytes of dequantized weights one ops step holds at once.
 DEQUANT_BUDGET = 256 << 20
 
@@ -100,17 +108,22 @@ def set_backend(name: str | None = None) -> str:
 
 
 def disable(variant: str, reason: str) -> None:
-    """Stop using the kernels of ``variant`` (a format of ``KERNEL_FORMATS`` or ``HC_PRE``); its
-    ops twin serves those calls from now on. ``reason`` is kept for :func:`disabled`."""
-    _disabled[variant.upper() if variant != HC_PRE else variant] = reason
+    """Stop using the kernels of ``variant`` (a format of ``KERNEL_FORMATS`` or one of
+    ``NAMED_VARIANTS``); its ops twin serves those calls from now on. ``reason`` is kept for
+    :func:`disabled`."""
+    _disabled[_variant_key(variant)] = reason
+
+
+def _variant_key(variant: str) -> str:
+    return variant if variant in NAMED_VARIANTS else variant.upper()
 
 
 def enable(variant: str) -> None:
-    _disabled.pop(variant.upper() if variant != HC_PRE else variant, None)
+    _disabled.pop(_variant_key(variant), None)
 
 
 def enabled(variant: str) -> bool:
-    return (variant.upper() if variant != HC_PRE else variant) not in _disabled
+    return _variant_key(variant) not in _disabled
 
 
 def disabled() -> dict[str, str]:
@@ -120,12 +133,12 @@ def disabled() -> dict[str, str]:
 
 
 def serves(fmt: str) -> bool:
-    """Whether a kernel serves calls on weights of format ``fmt`` (or ``HC_PRE``): the one
-    decision between kernel and ops twin (the entry points then ask :func:`_first_use_ok`
-    whether the call's variant passed its first-use check)."""
+    """Whether a kernel serves calls on weights of format ``fmt`` (or a named variant such as
+    ``HC_PRE``): the one decision between kernel and ops twin (the entry points then ask
+    :func:`_first_use_ok` whether the call's variant passed its first-use check)."""
     if backend() == "ops":
         return False
-    if fmt != HC_PRE and fmt.upper() not in KERNEL_FORMATS:
+    if fmt not in NAMED_VARIANTS and fmt.upper() not in KERNEL_FORMATS:
         return False
     return enabled(fmt) or check.forcing()
 
@@ -155,7 +168,9 @@ def _defines() -> str:
         block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
         values[f"DS4_{name}_BLOCK"], values[f"DS4_{name}_BYTES"] = block, nbytes
     values.update(DS4_ROWS=_DECODE_ROWS, DS4_SIMDGROUPS=_DECODE_SIMDGROUPS, DS4_BM=_TILE,
-                  DS4_BN=_TILE, DS4_BK=_TILE_K, DS4_TG=_TILE_THREADS, DS4_HC_TG=_HC_THREADS)
+                  DS4_BN=_TILE, DS4_BK=_TILE_K, DS4_TG=_TILE_THREADS, DS4_HC_TG=_HC_THREADS,
+                  DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS,
+                  DS4_ROUTER_TG=ROUTER_THREADS)
     return "".join(f"#define {k} {v}\n" for k, v in values.items())
 
 
