@@ -23,7 +23,7 @@ import typer
 # ds4mlx.generate only imports mlx.core, which is quick.
 from .console import restore_interrupts
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
-from .generate import check_sampling, check_text
+from .generate import DEFAULT_DRAFT_TOKENS, check_sampling, check_text
 
 DEFAULT_CHAT_MAX_TOKENS = 4096
 DEFAULT_CTX = 32768
@@ -80,17 +80,29 @@ ExpertsOpt = Annotated[Optional[int], typer.Option(
     "--experts-per-token", min=1, show_default=False,
     help="Routed experts per token (default: the file's value; 4 runs the 4Expert variant).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", min=1, help="Context length: prompt plus generated tokens.")]
+DraftOpt = Annotated[Optional[str], typer.Option(
+    "--draft", show_default=False, help="Speculative decoding: 'mtp' drafts with the model's MTP block.")]
+NumDraftOpt = Annotated[int, typer.Option("--num-draft-tokens", min=1, max=3, help="Drafts per verify forward.")]
+MtpGgufOpt = Annotated[Optional[Path], typer.Option(
+    "--mtp-gguf", show_default=False, help="ds4's separate MTP GGUF (default: found beside the .gguf model).")]
 
 
 def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True):
+def _check_draft(draft: Optional[str]) -> None:
+    if draft is not None and draft != "mtp":
+        raise UsageProblem(f"--draft {draft!r}: the known drafter is 'mtp'")
+
+
+def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True,
+          draft: Optional[str] = None, mtp_gguf: Optional[Path] = None):
     from .loader import load
 
+    _check_draft(draft)
     _status(f"Loading {model} ...")
-    loaded, tokenizer = load(model, experts_per_token=experts_per_token)
+    loaded, tokenizer = load(model, experts_per_token=experts_per_token, mtp=draft == "mtp", mtp_path=mtp_gguf)
     if tokenizer is None and need_tokenizer:
         raise FileNotFoundError(
             f"{model}: no usable tokenizer (put the model's tokenizer.json beside the weights, "
@@ -263,6 +275,9 @@ def generate(
     experts_per_token: ExpertsOpt = None,
     raw: Annotated[bool, typer.Option("--raw", "--ignore-chat-template", help="Send the prompt verbatim, without the chat template.")] = False,
     ctx: CtxOpt = DEFAULT_CTX,
+    draft: DraftOpt = None,
+    num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
+    mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
     text = _read_prompt(prompt, prompt_file)
@@ -270,7 +285,8 @@ def generate(
     _check_thinking(think, think_max, ctx)
     if raw and (system is not None or think is not None or think_max):
         raise UsageProblem("--raw sends the prompt verbatim: --system, --think/--no-think and --think-max do not apply")
-    loaded, tokenizer = _load(model, experts_per_token)
+    _check_draft(draft)
+    loaded, tokenizer = _load(model, experts_per_token, draft=draft, mtp_gguf=mtp_gguf)
     _note_context_cap(loaded, ctx)
     from .generate import chat_prompt, format_stats, stream_generate
 
@@ -281,6 +297,7 @@ def generate(
     responses = stream_generate(
         loaded, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
         min_p=min_p, seed=seed, max_context=ctx, prompt_progress_callback=_prefill_progress(),
+        draft=draft, num_draft_tokens=num_draft_tokens,
     )
     with _GracefulInterrupt() as interrupt:
         last, _, _ = _stream(responses, _Printer(), interrupt)
@@ -357,6 +374,9 @@ def chat(
     think_max: ThinkMaxOpt = False,
     experts_per_token: ExpertsOpt = None,
     ctx: CtxOpt = DEFAULT_CTX,
+    draft: DraftOpt = None,
+    num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
+    mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
     from .generate import ContextLengthError, PromptError
@@ -365,13 +385,15 @@ def chat(
     _check_thinking(think, think_max, ctx)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches check_text, which names it
         sys.stdin.reconfigure(errors="surrogateescape")
-    loaded, tokenizer = _load(model, experts_per_token)
+    _check_draft(draft)
+    loaded, tokenizer = _load(model, experts_per_token, draft=draft, mtp_gguf=mtp_gguf)
     ctx = _note_context_cap(loaded, ctx)
     if seed is not None:
         import mlx.core as mx
 
         mx.random.seed(seed)
-    sampling = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    sampling = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                    draft=draft, num_draft_tokens=num_draft_tokens)
     session = _ChatSession(loaded, tokenizer, system=system, thinking=think is not False,
                            reasoning_effort="max" if think_max else None, ctx=ctx, sampling=sampling)
     interactive = sys.stdin.isatty()
@@ -422,7 +444,8 @@ def chat(
             _status(
                 f"[prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
                 f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
-                f"context {last.context_tokens}/{ctx} | peak {last.peak_memory:.2f} GB | {why}]"
+                f"context {last.context_tokens}/{ctx} | peak {last.peak_memory:.2f} GB | {why}"
+                + (f" | {last.draft_stats.format()}]" if last.draft_stats is not None else "]")
             )
 
 
@@ -458,13 +481,17 @@ def bench(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write the CSV here (default: stdout).")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Save a PNG plot (needs matplotlib).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
+    draft: DraftOpt = None,
+    num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
+    mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """Prefill and generation tokens/s at growing context frontiers (ds4-bench style)."""
     from .bench import format_row, parse_contexts, plot, run_bench, write_csv
 
     frontiers = parse_contexts(contexts)
-    loaded, _ = _load(model, experts_per_token, need_tokenizer=False)
+    loaded, _ = _load(model, experts_per_token, need_tokenizer=False, draft=draft, mtp_gguf=mtp_gguf)
     rows = list(run_bench(loaded, frontiers, gen_tokens=gen_tokens, prefill_step=prefill_step, seed=seed,
+                          draft=draft, num_draft_tokens=num_draft_tokens,
                           on_row=lambda row: _status(format_row(row))))
     if csv_path is None:
         write_csv(rows, sys.stdout)

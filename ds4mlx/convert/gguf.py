@@ -56,7 +56,7 @@ EXPERT_TYPES = {
 
 def _suffix(gguf_name: str) -> str:
     parts = gguf_name.split(".", 2)
-    return parts[2] if parts[0] == "blk" else gguf_name
+    return parts[2] if parts[0] in ("blk", "mtp") else gguf_name
 
 
 def tensor_type(preset: str, lw: Logical, gguf_name: str) -> str:
@@ -231,12 +231,18 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
             os.environ.pop(k, None)
 
 
-def gguf_plan(ckpt: HFCheckpoint, opts: Options) -> list[GGUFUnit]:
+def gguf_plan(ckpt: HFCheckpoint, opts: Options, *, mtp: bool = False) -> list[GGUFUnit]:
+    """The main file's tensors, or with ``mtp`` those of ds4's separate MTP file (``mtp.*``)."""
     preset = opts.preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise ConvertError(f"--preset must be one of {PRESETS}, got {preset!r}")
     return [gguf_unit(ckpt, lw, preset, opts.experts_per_token)
-            for lw in logical_weights(ckpt, include_mtp=False)]
+            for lw in logical_weights(ckpt, include_mtp=mtp) if lw.path.startswith("mtp.") == mtp]
+
+
+def mtp_gguf_path(output: Path) -> Path:
+    """Where the MTP block of ``output`` goes: ``<stem>-MTP.gguf`` beside it (``load`` finds it)."""
+    return output.with_name(f"{output.stem}-MTP.gguf")
 
 
 def gguf_config(ckpt: HFCheckpoint, opts: Options) -> dict[str, Any]:
@@ -304,26 +310,32 @@ def verify_gguf(path: Path, units: list[Unit], crcs: dict[str, int]) -> None:
 
 def convert_gguf(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *, progress: bool,
                  jobs: int = 1) -> Path:
+    """Write ``output`` and, when the source has an MTP block and ``include_mtp``, ds4's
+    separate MTP file beside it (``mtp_gguf_path``); both appear only once both are verified."""
     if output.suffix != ".gguf":
         raise ConvertError(f"{output}: a GGUF output path must end in .gguf")
-    partial = check_output(ckpt.path, output, resume=False, is_dir=False)
-    units = gguf_plan(ckpt, opts)
+    files = [(output, gguf_plan(ckpt, opts), tokenizer_fields(ckpt.path))]
+    if opts.include_mtp and ckpt.has_mtp:
+        files.append((mtp_gguf_path(output), gguf_plan(ckpt, opts, mtp=True), None))
+    partials = [check_output(ckpt.path, out, resume=False, is_dir=False) for out, _, _ in files]
     config = gguf_config(ckpt, opts)
-    tokenizer = tokenizer_fields(ckpt.path)
-    total = sum(u.nbytes for u in units)
-    check_free_space(output.parent, total)
-    bar = Progress(total, 0, f"convert → {output.name}", progress)
+    check_free_space(output.parent, sum(u.nbytes for _, units, _ in files for u in units))
     try:
-        crcs = write_stream(partial, config, units, tokenizer, bar, jobs)
-        bar.close()
-        verify_gguf(partial, units, crcs)
+        for (out, units, tokenizer), partial in zip(files, partials):
+            bar = Progress(sum(u.nbytes for u in units), 0, f"convert → {out.name}", progress)
+            try:
+                crcs = write_stream(partial, config, units, tokenizer, bar, jobs)
+            finally:
+                bar.close()
+            verify_gguf(partial, units, crcs)
     except BaseException as exc:
-        bar.close()
-        partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (err := disk_full_error(exc, partials[0])):
             raise err from exc
         raise
-    if output.is_dir():
-        output.rmdir()
-    os.replace(partial, output)
+    for (out, _, _), partial in zip(files, partials):
+        if out.is_dir():
+            out.rmdir()
+        os.replace(partial, out)
     return output

@@ -358,7 +358,7 @@ class GGUFCheckpoint:
 
     @property
     def has_mtp(self) -> bool:
-        return len(self.files) > 1
+        return int(self.config.get("num_nextn_predict_layers", 0)) > 0
 
     def load_weights(self, params: Mapping[str, tuple[int, ...]], projections: set[str]
                      ) -> tuple[dict[str, mx.array], dict[str, WeightFormat]]:
@@ -375,7 +375,7 @@ class GGUFCheckpoint:
             except UnknownTensorName as e:
                 raise GGUFError(f"{gf.path}: the model needs {param!r}, which has no GGUF name ({e})") from None
             if name not in self.by_name:
-                where = self.files[-1].path if param.startswith("mtp.") else gf.path
+                where = self.files[-1].path if param.startswith("mtp.") else gf.path  # the MTP file, if any
                 raise GGUFError(f"{where}: tensor {name!r} is missing (needed for {param})")
             src, info = self.by_name[name]
             _check_shape(src, info, tuple(shape), param)
@@ -399,23 +399,27 @@ class GGUFCheckpoint:
             f.close()
 
 
-def open_gguf_checkpoint(path: str | os.PathLike,
-                         mtp_path: str | os.PathLike | None = None) -> GGUFCheckpoint:
-    """Open a DeepSeek V4 GGUF and read its config. ``mtp_path``: optional separate GGUF with
-    the ``mtp.{j}.*`` tensors (ds4's MTP file); the MTP block then shares the main file's
-    embedding and head."""
+def _mtp_blocks(gf: GGUFFile) -> int:
+    return len({int(m.group(1)) for n in gf.tensors if (m := re.match(r"^mtp\.(\d+)\.", n))})
+
+
+def open_gguf_checkpoint(path: str | os.PathLike, mtp_path: str | os.PathLike | None = None,
+                         *, mtp: bool = False) -> GGUFCheckpoint:
+    """Open a DeepSeek V4 GGUF and read its config. With ``mtp`` the MTP block comes from the
+    file's own ``mtp.{j}.*`` tensors when it has them, else from ``mtp_path`` (ds4's separate
+    MTP file; given alone it is used too); it shares the main file's embedding and head."""
     files = [open_gguf(path)]
     try:
         gf = files[0]
         by_name = {n: (gf, t) for n, t in gf.tensors.items()}
         hf = hf_config_from_gguf(gf)
-        if mtp_path is not None:
+        if (mtp or mtp_path is not None) and _mtp_blocks(gf):
+            hf["num_nextn_predict_layers"] = _mtp_blocks(gf)  # the block travels in the main file
+        elif mtp_path is not None:
             files.append(open_gguf(mtp_path))
-            mtp_ids = sorted({int(m.group(1)) for n in files[1].tensors
-                              if (m := re.match(r"^mtp\.(\d+)\.", n))})
-            if not mtp_ids:
+            if not _mtp_blocks(files[1]):
                 raise GGUFError(f"{files[1].path}: no mtp.* tensors in the MTP file")
-            hf["num_nextn_predict_layers"] = len(mtp_ids)
+            hf["num_nextn_predict_layers"] = _mtp_blocks(files[1])
             by_name.update({n: (files[1], t) for n, t in files[1].tensors.items() if n.startswith("mtp.")})
     except BaseException:
         for f in files:
