@@ -269,3 +269,120 @@ def test_greedy_with_drafts_equals_greedy_across_seams(sources, source, k, n):
         out, stats = speculative(model, PROMPT, drafter, n, LONG)
         assert out == ref, f"{type(drafter).__name__}: first difference at {next(i for i, (a, b) in enumerate(zip(out, ref)) if a != b)}"
         assert stats.forwards < LONG or isinstance(drafter, MTPDrafter)
+
+
+# --------------------------------------------------------------------------- sampling through the loop
+
+
+class _Markov:
+    """A stand-in model on 3 tokens whose next-token distribution is a row of ``P`` (the main
+    model) or ``Q`` (its MTP block): sampled sequences have an exactly known distribution.
+    Its one layer keeps a window of token rows through the journal like attention does."""
+
+    def __init__(self, p: np.ndarray, q: np.ndarray):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(num_hidden_layers=1, sliding_window=4, vocab_size=p.shape[0])
+        self.p, self.q = mx.log(mx.array(p)), mx.log(mx.array(q))
+        self.mtp = [None]
+
+    def make_cache(self):
+        from ds4mlx.state import LayerCache
+
+        return [LayerCache(0), LayerCache(0)]
+
+    def _advance(self, tokens, cache):
+        from ds4mlx.state import record_window
+
+        rows = tokens.astype(mx.float32)[..., None]  # [1, s, 1]
+        keys = rows if cache.window is None else mx.concatenate([cache.window, rows], axis=1)
+        cache.window = keys[:, -3:]
+        record_window(cache, rows, 3)
+        cache.offset += tokens.shape[1]
+        return tokens[..., None, None]  # "streams": the token itself
+
+    def hidden_streams(self, tokens, cache):
+        return self._advance(tokens, cache[0])
+
+    def main_head(self, h):
+        return self.p[h[..., 0, 0]]
+
+    def mtp_streams(self, h, next_tokens, layer_cache, index=0):
+        return self._advance(next_tokens.reshape(1, -1), layer_cache)
+
+    def mtp_head(self, z, index=0):
+        return self.q[z[..., 0, 0]]
+
+
+def test_sampled_sequences_with_drafts_follow_the_target():
+    # Three tokens after the prompt, two MTP drafts per forward: the joint distribution of the
+    # sequence must be P's chain, not Q's (they differ by far more than the 5-sigma bounds).
+    rng = np.random.default_rng(6)
+    p = rng.dirichlet(np.ones(3) * 0.7, size=3).astype(np.float32)
+    q = rng.dirichlet(np.ones(3) * 0.7, size=3).astype(np.float32)
+    model = _Markov(p, q)
+    n = 3000
+    mx.random.seed(6)
+    counts = np.zeros((3, 3, 3))
+    accepted = 0
+    for _ in range(n):
+        stats = SpeculativeStats()
+        out = [t for t, _, _ in speculative_generate_step(mx.array([1]), model, MTPDrafter(), num_draft_tokens=2,
+                                                           max_tokens=3, sampling=Sampling(temp=1.0), stats=stats)]
+        counts[tuple(out)] += 1
+        accepted += stats.accepted
+    exact = p[1][:, None, None] * p[:, :, None] * p[None, :, :]  # P(x1) P(x2|x1) P(x3|x2)
+    bound = 5 * np.sqrt(exact * (1 - exact) / n) + 1e-3
+    assert np.all(np.abs(counts / n - exact) < bound), np.max(np.abs(counts / n - exact) / bound)
+    assert 0 < accepted < 2 * n  # drafts were both accepted and rejected
+
+
+# --------------------------------------------------------------------------- API and CLI
+
+
+def test_stream_generate_and_cli_with_drafts(demo_dir, capsys, monkeypatch):
+    import csv
+    import io
+
+    import ds4mlx
+    from ds4mlx.cli import main
+
+    model, tok = load(demo_dir, dtype=mx.float32, mtp=True)
+    plain = list(ds4mlx.stream_generate(model, tok, "Hello", max_tokens=20, temp=0))
+    drafted = list(ds4mlx.stream_generate(model, tok, "Hello", max_tokens=20, temp=0, draft="mtp", num_draft_tokens=3))
+    assert [r.token for r in drafted] == [r.token for r in plain]
+    stats = drafted[-1].draft_stats
+    assert plain[-1].draft_stats is None and stats.drafted > 0
+    assert sum(r.from_draft for r in drafted) == stats.accepted
+    assert ds4mlx.generate(model, tok, "Hello", max_tokens=20, temp=0, draft="mtp") == \
+        ds4mlx.generate(model, tok, "Hello", max_tokens=20, temp=0)
+    with pytest.raises(ValueError, match="sampler"):
+        next(ds4mlx.stream_generate(model, tok, "Hi", sampler=lambda x: mx.argmax(x, -1), draft="mtp"))
+    main_only, _ = load(demo_dir, dtype=mx.float32)
+    with pytest.raises(ValueError, match="mtp=True"):
+        next(ds4mlx.stream_generate(main_only, tok, "Hi", draft="mtp"))
+
+    args = ["generate", "-m", "demo", "-p", "Hello", "--no-think", "--temp", "0", "-n", "16"]
+    assert main(args) == 0
+    out, _ = capsys.readouterr()
+    assert main(args + ["--draft", "mtp", "--num-draft-tokens", "2"]) == 0
+    out2, err2 = capsys.readouterr()
+    assert out2 == out and "tokens per verify forward" in err2
+    assert main(args + ["--draft", "mtp", "--num-draft-tokens", "4"]) != 0  # 1..3
+    capsys.readouterr()
+
+    # chat: the drafter goes on from where the last turn left it
+    chat = ["chat", "-m", "demo", "--no-think", "--temp", "0", "-n", "6"]
+    outs = []
+    for extra in ([], ["--draft", "mtp", "--num-draft-tokens", "1"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAnd again\n"))
+        assert main(chat + extra) == 0
+        out, err = capsys.readouterr()
+        outs.append(out)
+    assert outs[0] == outs[1] and err.count("tokens per verify forward") == 2
+
+    assert main(["bench", "-m", "demo", "--contexts", "24", "--gen-tokens", "6", "--draft", "mtp"]) == 0
+    out, err = capsys.readouterr()
+    row = next(csv.DictReader(io.StringIO(out)))
+    assert int(row["draft_tokens"]) == 2 and 1 <= int(row["gen_forwards"]) <= 6 and int(row["context"]) == 24
+    assert "tokens per forward" in err
