@@ -233,7 +233,9 @@ def test_greedy_with_mtp_drafts_equals_greedy(seams_model):
     assert stats.tokens == 24 - 1 and stats.drafted > 0
 
 
-# The long matrix: every load source, top-6 and top-4, 1-3 drafts, MTP and noisy forced drafts.
+# The long matrix: every load source, top-6 and top-4, 1-3 drafts each at least once, MTP and
+# noisy forced drafts (rejections at every depth). The GGUF carries the MTP block in ds4's
+# companion file beside it.
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +246,7 @@ def sources(seams_ckpt, tmp_path_factory):
     return {
         "official": seams_ckpt,
         "mlx": convert(seams_ckpt, d / "mlx", progress=False),
-        "gguf": convert(seams_ckpt, d / "tiny.gguf", to="gguf", preset="mxfp4", progress=False, jobs=1),
+        "gguf": convert(seams_ckpt, d / "tiny.gguf", to="gguf", preset="ds4-q4", progress=False, jobs=1),
     }
 
 
@@ -252,20 +254,15 @@ _refs: dict = {}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source,k,n", [
-    ("official", 6, 1), ("official", 6, 2), ("official", 6, 3),
-    ("official", 4, 2), ("mlx", 6, 3), ("mlx", 4, 1), ("gguf", 6, 1), ("gguf", 4, 3),
-])
+@pytest.mark.parametrize("source,k,n", [("official", 6, 3), ("official", 4, 1), ("mlx", 6, 2), ("gguf", 4, 2)])
 def test_greedy_with_drafts_equals_greedy_across_seams(sources, source, k, n):
     kwargs = dict(dtype=mx.float32, experts_per_token=k, mtp=True)
     model, _ = load(sources[source], **kwargs)
     if (source, k) not in _refs:
         _refs[source, k] = greedy(model, PROMPT, LONG)
     ref = _refs[source, k]
-    drafters = [ForcedDrafter(noisy(ref, 3 + n))]
-    if model.mtp:
-        drafters.append(MTPDrafter())
-    for drafter in drafters:
+    assert model.mtp
+    for drafter in (ForcedDrafter(noisy(ref, 3 + n)), MTPDrafter()):
         out, stats = speculative(model, PROMPT, drafter, n, LONG)
         assert out == ref, f"{type(drafter).__name__}: first difference at {next(i for i, (a, b) in enumerate(zip(out, ref)) if a != b)}"
         assert stats.forwards < LONG or isinstance(drafter, MTPDrafter)
