@@ -518,7 +518,7 @@ def convert(
     dense_bits: Annotated[Optional[int], typer.Option(
         "--dense-bits", help="MLX: FP8 projections as affine N-bit.")] = None,
     group_size: Annotated[int, typer.Option("--group-size", help="Affine group size.")] = 64,
-    mtp: Annotated[bool, typer.Option("--mtp/--no-mtp", help="Keep the MTP block.")] = True,
+    mtp: Annotated[bool, typer.Option("--mtp/--no-mtp", help="Keep the MTP block (GGUF: in ds4's separate NAME-MTP.gguf).")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted MLX conversion.")] = False,
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, show_default=False,

@@ -159,3 +159,9 @@ def test_cli_draft_without_an_mtp_block_is_one_line(ggufs, tmp_path, capsys):
     code = main(["generate", "-m", str(lone), "-p", "hi", "--draft", "eagle"])
     err = capsys.readouterr().err
     assert code != 0 and "'mtp'" in err and "Traceback" not in err
+    # the flag gives the MTP file (bench needs no tokenizer, which this GGUF lacks)
+    code = main(["bench", "-m", str(lone), "--contexts", "8", "--gen-tokens", "3", "--draft", "mtp",
+                 "--mtp-gguf", str(ggufs["ds4-q4"].with_name("ds4-q4-MTP.gguf"))])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "tokens per forward" in err and "draft_acceptance" in out
