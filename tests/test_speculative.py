@@ -353,6 +353,10 @@ def test_stream_generate_and_cli_with_drafts(demo_dir, capsys, monkeypatch):
     assert sum(r.from_draft for r in drafted) == stats.accepted
     assert ds4mlx.generate(model, tok, "Hello", max_tokens=20, temp=0, draft="mtp") == \
         ds4mlx.generate(model, tok, "Hello", max_tokens=20, temp=0)
+    # logits processors (mlx-lm's repetition penalty) see the same history with drafts
+    kw = dict(max_tokens=16, temp=0, repetition_penalty=1.5)
+    assert [r.token for r in ds4mlx.stream_generate(model, tok, "Hello", draft="mtp", **kw)] == \
+        [r.token for r in ds4mlx.stream_generate(model, tok, "Hello", **kw)]
     with pytest.raises(ValueError, match="sampler"):
         next(ds4mlx.stream_generate(model, tok, "Hi", sampler=lambda x: mx.argmax(x, -1), draft="mtp"))
     main_only, _ = load(demo_dir, dtype=mx.float32)
