@@ -1,6 +1,7 @@
 """The MTP block from every source: official and MLX directories, ds4's separate MTP GGUF
-(written by ``convert``, found beside the main file or given with ``--mtp-gguf``) and a GGUF
-that carries the block itself.
+(written by ``convert``, found beside the main file or given with ``--mtp-gguf``), a GGUF
+that carries the block itself, and llama.cpp's layout of it (a trailing ``blk.N`` layer with
+``nextn.*`` extras, as its DeepSeek V4 support names them).
 
 References: ds4's MTP tensor table (``mtp_weights_bind``/``mtp_weights_validate_layout``,
 transcribed in shared/research/gguf_layouts.md §2.5) read back with gguf-py's ``GGUFReader``,
@@ -147,6 +148,49 @@ def test_gguf_carrying_the_block_itself(ckpt, official_mtp, tmp_path):
     finally:
         hf.close()
     model, _ = load(tmp_path / "one.gguf", dtype=mx.float32, mtp=True)
+    assert rel(mtp_logits(model), official_mtp) < 1e-3
+
+
+def test_llama_cpp_layout_of_the_block(ckpt, official_mtp, tmp_path):
+    # llama.cpp keeps the block as a trailing layer blk.{n_layer}: layer names plus nextn.*
+    # extras, block_count = n_layer + 1 and deepseek4.nextn_predict_layers = 1.
+    import dataclasses
+    from itertools import islice
+
+    from gguf import GGUFValueType
+
+    from ds4mlx.convert.gguf import gguf_config, gguf_plan, run_items
+    from ds4mlx.convert.gguf_writer import TensorEntry, stream_gguf
+    from ds4mlx.convert.options import Options
+    from ds4mlx.io.hf import open_hf_checkpoint
+
+    extras = {"e_proj": "nextn.e_proj", "h_proj": "nextn.h_proj", "enorm": "nextn.enorm",
+              "hnorm": "nextn.hnorm", "norm": "nextn.shared_head_norm", "hc_head_fn": "nextn.hc_head_fn",
+              "hc_head_base": "nextn.hc_head_base", "hc_head_scale": "nextn.hc_head_scale"}
+
+    def llama_name(name):
+        rest = name[len("mtp.0."):]
+        base, _, leaf = rest.rpartition(".")
+        return f"blk.3.{extras.get(base, base)}.{leaf}"
+
+    hf = open_hf_checkpoint(ckpt)
+    try:
+        opts = Options("gguf", "mxfp4", None, None, None, 64, True)
+        mtp_units = [dataclasses.replace(u, tensors=[(llama_name(n), q, sh) for n, q, sh in u.tensors])
+                     for u in gguf_plan(hf, opts, mtp=True)]
+        units = gguf_plan(hf, opts) + mtp_units
+        config = {**gguf_config(hf, opts), "num_hidden_layers": 4}
+        entries = [TensorEntry(n, q, tuple(sh), u.nbytes) for u in units for n, q, sh in u.tensors]
+        encoded = run_items((i for u in units for i in u.items), 1)
+        data = (list(islice(encoded, len(u.items))) for u in units for _ in u.tensors)
+        stream_gguf(tmp_path / "llama.gguf", config, entries, data,
+                    extra_metadata={"deepseek4.nextn_predict_layers": (1, GGUFValueType.UINT32)})
+    finally:
+        hf.close()
+    assert "blk.3.nextn.shared_head_norm.weight" in {t.name for t in GGUFReader(tmp_path / "llama.gguf").tensors}
+    plain, _ = load(tmp_path / "llama.gguf", dtype=mx.float32)
+    assert plain.config.num_hidden_layers == 3 and not plain.mtp
+    model, _ = load(tmp_path / "llama.gguf", dtype=mx.float32, mtp=True)
     assert rel(mtp_logits(model), official_mtp) < 1e-3
 
 
