@@ -22,7 +22,7 @@ import typer
 # Sampling defaults are the Python API's (DeepSeek's temperature 1 / top-p 1, ds4's min-p 0.05);
 # ds4mlx.generate only imports mlx.core, which is quick.
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
-from .generate import check_sampling, check_text
+from .generate import DEFAULT_DRAFT_TOKENS, check_sampling, check_text
 
 DEFAULT_CHAT_MAX_TOKENS = 4096
 DEFAULT_CTX = 32768
@@ -109,6 +109,11 @@ def _set_output(verbose: bool, quiet: bool) -> None:
             disable_progress_bars()
         except ImportError:
             pass
+DraftOpt = Annotated[Optional[str], typer.Option(
+    "--draft", show_default=False, help="Speculative decoding: 'mtp' drafts with the model's MTP block.")]
+NumDraftOpt = Annotated[int, typer.Option("--num-draft-tokens", min=1, max=3, help="Drafts per verify forward.")]
+MtpGgufOpt = Annotated[Optional[Path], typer.Option(
+    "--mtp-gguf", show_default=False, help="ds4's separate MTP GGUF (default: found beside the .gguf model).")]
 
 
 def _status(message: str) -> None:
@@ -137,8 +142,14 @@ def _model_source(model: str, gguf_file: Optional[str]) -> str:
     return str(hub_gguf_file(model, gguf_file))
 
 
+def _check_draft(draft: Optional[str]) -> None:
+    if draft is not None and draft != "mtp":
+        raise UsageProblem(f"--draft {draft!r}: the known drafter is 'mtp'")
+
+
 def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True,
-          ctx: int = DEFAULT_CTX, ignore_memory_limit: bool = False):
+          ctx: int = DEFAULT_CTX, ignore_memory_limit: bool = False,
+          draft: Optional[str] = None, mtp_gguf: Optional[Path] = None):
     import time
     import warnings
 
@@ -146,6 +157,7 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     from .memory import check_memory
     from .progress import LoadProgress, is_terminal
 
+    _check_draft(draft)
     check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=_status)  # before any weight is read
 
     drawn = not _Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
@@ -159,7 +171,8 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loaded, tokenizer = load(model, experts_per_token=experts_per_token, progress=progress)
+            loaded, tokenizer = load(model, experts_per_token=experts_per_token, progress=progress,
+                                     mtp=draft == "mtp", mtp_path=mtp_gguf)
     except BaseException:
         if progress is not None:
             progress.line.finish("")  # wipe the half-drawn line before the error
@@ -362,6 +375,9 @@ def generate(
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
     ignore_memory_limit: MemoryOpt = False,
+    draft: DraftOpt = None,
+    num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
+    mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
     _set_output(verbose, quiet)
@@ -370,8 +386,10 @@ def generate(
     _check_thinking(think, think_max, ctx)
     if raw and (system is not None or think is not None or think_max):
         raise UsageProblem("--raw sends the prompt verbatim: --system, --think/--no-think and --think-max do not apply")
+    _check_draft(draft)
     loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token, ctx=ctx,
-                              ignore_memory_limit=ignore_memory_limit)
+                              ignore_memory_limit=ignore_memory_limit,
+                              draft=draft, mtp_gguf=mtp_gguf)
     _note_context_cap(loaded, ctx)
     from .generate import chat_prompt, format_stats, stream_generate
 
@@ -383,6 +401,7 @@ def generate(
     responses = stream_generate(
         loaded, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
         min_p=min_p, seed=seed, max_context=ctx, prompt_progress_callback=_prefill_progress(),
+        draft=draft, num_draft_tokens=num_draft_tokens,
     )
     with _GracefulInterrupt() as interrupt:
         last, _, _ = _stream(responses, _Printer(), interrupt)
@@ -464,6 +483,9 @@ def chat(
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
     ignore_memory_limit: MemoryOpt = False,
+    draft: DraftOpt = None,
+    num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
+    mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
     _set_output(verbose, quiet)
@@ -471,14 +493,17 @@ def chat(
     _check_thinking(think, think_max, ctx)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches check_text, which names it
         sys.stdin.reconfigure(errors="surrogateescape")
+    _check_draft(draft)
     loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token, ctx=ctx,
-                              ignore_memory_limit=ignore_memory_limit)
+                              ignore_memory_limit=ignore_memory_limit,
+                              draft=draft, mtp_gguf=mtp_gguf)
     ctx = _note_context_cap(loaded, ctx)
     if seed is not None:
         import mlx.core as mx
 
         mx.random.seed(seed)
-    sampling = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    sampling = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                    draft=draft, num_draft_tokens=num_draft_tokens)
     session = _ChatSession(loaded, tokenizer, system=system, thinking=think is not False,
                            reasoning_effort="max" if think_max else None, ctx=ctx, sampling=sampling)
     interactive = sys.stdin.isatty()
@@ -539,7 +564,8 @@ def _chat_loop(session: "_ChatSession", interactive: bool, read_line, ctx: int) 
             _status(
                 f"[prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
                 f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
-                f"context {last.context_tokens}/{ctx} | peak {last.peak_memory:.2f} GB | {why}]"
+                f"context {last.context_tokens}/{ctx} | peak {last.peak_memory:.2f} GB | {why}"
+                + (f" | {last.draft_stats.format()}]" if last.draft_stats is not None else "]")
             )
 
 
@@ -581,6 +607,9 @@ def bench(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
     gguf_file: GGUFFileOpt = None,
     ignore_memory_limit: MemoryOpt = False,
+    draft: DraftOpt = None,
+    num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
+    mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """Prefill and generation tokens/s at growing context frontiers (ds4-bench style)."""
     from .bench import format_row, parse_contexts, plot, run_bench, write_csv
@@ -588,8 +617,9 @@ def bench(
     frontiers = parse_contexts(contexts)
     loaded, _ = _load(_model_source(model, gguf_file), experts_per_token, need_tokenizer=False,
                       ctx=max(frontiers) + gen_tokens,
-                      ignore_memory_limit=ignore_memory_limit)
+                      ignore_memory_limit=ignore_memory_limit, draft=draft, mtp_gguf=mtp_gguf)
     rows = list(run_bench(loaded, frontiers, gen_tokens=gen_tokens, prefill_step=prefill_step, seed=seed,
+                          draft=draft, num_draft_tokens=num_draft_tokens,
                           on_row=lambda row: _status(format_row(row))))
     if csv_path is None:
         write_csv(rows, sys.stdout)
@@ -616,7 +646,7 @@ def convert(
     dense_bits: Annotated[Optional[int], typer.Option(
         "--dense-bits", help="MLX: FP8 projections as affine N-bit.")] = None,
     group_size: Annotated[int, typer.Option("--group-size", help="Affine group size.")] = 64,
-    mtp: Annotated[bool, typer.Option("--mtp/--no-mtp", help="Keep the MTP block.")] = True,
+    mtp: Annotated[bool, typer.Option("--mtp/--no-mtp", help="Keep the MTP block (GGUF: in ds4's separate NAME-MTP.gguf).")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted MLX conversion.")] = False,
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, show_default=False,

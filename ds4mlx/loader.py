@@ -55,22 +55,36 @@ def load(
     qat_rounding: bool = True,
     dtype: mx.Dtype | None = None,
     mtp: bool = False,
+    mtp_path: str | os.PathLike | None = None,
     check_finite: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none).
 
     ``mtp=True`` also loads the multi-token-prediction block (about 3.5 GB for Flash), which
+<<<<<<< HEAD
     only a speculative drafter uses; by default it stays on disk. ``check_finite`` refuses
     weights holding NaN/Inf (one pass over each tensor as it loads; scripts/finite_check_cost.py).
     ``progress(bytes read, bytes to read)`` is called as the weights are read
     (``ds4mlx.progress.LoadProgress`` draws it).
+=======
+    only a speculative drafter uses; by default it stays on disk. A GGUF takes it from its own
+    ``mtp.*`` tensors, from ``mtp_path`` (ds4's separate MTP GGUF), or from that file found
+    beside it (``find_mtp_gguf``). ``check_finite`` refuses weights holding NaN/Inf (one pass
+    over each tensor as it loads; scripts/finite_check_cost.py).
+>>>>>>> mtp
     """
     dtype = default_dtype() if dtype is None else dtype
     path = resolve_model_path(path_or_repo)
+    if mtp_path is not None and path.suffix != ".gguf":
+        raise ValueError(f"{mtp_path}: a separate MTP file goes with a .gguf model; {path} carries its own")
     if path.suffix == ".gguf":
         return load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype,
+<<<<<<< HEAD
                          check_finite=check_finite, progress=progress)
+=======
+                         mtp=mtp or mtp_path is not None, mtp_path=mtp_path, check_finite=check_finite)
+>>>>>>> mtp
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
     model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp,
@@ -194,18 +208,30 @@ def _check_finite(path: str, array: mx.array, fmt: Any, source: str) -> None:
 
 
 def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
+<<<<<<< HEAD
               qat_rounding: bool = True, dtype: mx.Dtype | None = None,
               mtp_path: str | os.PathLike | None = None, check_finite: bool = True,
               progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, Any]:
+=======
+              qat_rounding: bool = True, dtype: mx.Dtype | None = None, mtp: bool = False,
+              mtp_path: str | os.PathLike | None = None, check_finite: bool = True) -> tuple[nn.Module, Any]:
+>>>>>>> mtp
     """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
 
-    ``mtp_path``: optional separate GGUF with the ``mtp.{j}.*`` tensors (ds4's MTP file); the
-    MTP block then shares the main file's embedding and head.
+    ``mtp=True`` loads the MTP block: the file's own ``mtp.{j}.*`` tensors if it has them, else
+    ``mtp_path`` or the MTP GGUF beside it (ds4 keeps the block in a separate file); the block
+    shares the main file's embedding and head. Asked for and found nowhere: ``GGUFError``.
     """
-    from .io.gguf import GGUF_KEY_NAMES, open_gguf_checkpoint
+    from .io.gguf import GGUF_KEY_NAMES, GGUFError, open_gguf_checkpoint
 
     dtype = default_dtype() if dtype is None else dtype
-    checkpoint = open_gguf_checkpoint(path, mtp_path)
+    if mtp and mtp_path is None:
+        mtp_path = find_mtp_gguf(path)
+    checkpoint = open_gguf_checkpoint(path, mtp_path, mtp=mtp)
+    if mtp and not checkpoint.has_mtp:
+        checkpoint.close()
+        raise GGUFError(f"{path}: no MTP block: the file has no mtp.* tensors and no MTP GGUF was found "
+                        f"beside it (give it with --mtp-gguf FILE)")
     try:
         source = str(checkpoint.path)
         config = ModelConfig.from_hf(checkpoint.config, source=source, names=GGUF_KEY_NAMES)
@@ -225,6 +251,19 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
     finally:
         checkpoint.close()
     return model, tokenizer
+
+
+def find_mtp_gguf(path: str | os.PathLike) -> Path | None:
+    """ds4's separate MTP GGUF beside the main file: ``<stem>-MTP.gguf`` (what ``ds4mlx convert``
+    writes), else the one other ``.gguf`` in the folder whose name says MTP (the published
+    ``DeepSeek-V4-Flash-MTP-Q4K-Q8_0-F32.gguf``); None if there is none or it is ambiguous."""
+    path = Path(path)
+    own = path.with_name(f"{path.stem}-MTP.gguf")
+    if own.is_file():
+        return own
+    others = [p for p in path.parent.glob("*.gguf")
+              if p != path and "mtp" in p.stem.lower() and "mtp" not in path.stem.lower()]
+    return others[0] if len(others) == 1 else None
 
 
 def projection_modules(model: nn.Module) -> set[str]:

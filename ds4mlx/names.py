@@ -79,15 +79,15 @@ _BLOCK = [
     ("ffn.shared_experts.w1.weight", "ffn_gate_shexp.weight", "fp8", "all", "Q8_0"),
     ("ffn.shared_experts.w3.weight", "ffn_up_shexp.weight", "fp8", "all", "Q8_0"),
     ("ffn.shared_experts.w2.weight", "ffn_down_shexp.weight", "fp8", "all", "Q8_0"),
-    # MTP extras (ds4's MTP GGUF keeps the official suffixes)
-    ("e_proj.weight", "e_proj.weight", "fp8", "mtp", None),
-    ("h_proj.weight", "h_proj.weight", "fp8", "mtp", None),
-    ("enorm.weight", "enorm.weight", "bf16", "mtp", None),
-    ("hnorm.weight", "hnorm.weight", "bf16", "mtp", None),
-    ("norm.weight", "norm.weight", "bf16", "mtp", None),
-    ("hc_head_fn", "hc_head_fn.weight", "f32", "mtp", None),
-    ("hc_head_base", "hc_head_base.weight", "f32", "mtp", None),
-    ("hc_head_scale", "hc_head_scale.weight", "f32", "mtp", None),
+    # MTP extras (ds4's MTP GGUF keeps the official suffixes; types of ds4's mtp_weights_bind)
+    ("e_proj.weight", "e_proj.weight", "fp8", "mtp", "Q8_0"),
+    ("h_proj.weight", "h_proj.weight", "fp8", "mtp", "Q8_0"),
+    ("enorm.weight", "enorm.weight", "bf16", "mtp", "F32"),
+    ("hnorm.weight", "hnorm.weight", "bf16", "mtp", "F32"),
+    ("norm.weight", "norm.weight", "bf16", "mtp", "F32"),
+    ("hc_head_fn", "hc_head_fn.weight", "f32", "mtp", "F32"),
+    ("hc_head_base", "hc_head_base.weight", "f32", "mtp", "F32"),
+    ("hc_head_scale", "hc_head_scale.weight", "f32", "mtp", "F32"),
 ]
 
 _GLOBAL_TO_GGUF = {o: g for o, g, _, _ in _GLOBAL}

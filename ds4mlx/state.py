@@ -28,7 +28,8 @@ class CompressorState:
 
     @property
     def rows(self) -> mx.array | None:
-        return None if self._rows is None else self._rows[:, : self.n_rows]
+        # None until a row exists, also after a rollback to before the first one
+        return None if self._rows is None or self.n_rows == 0 else self._rows[:, : self.n_rows]
 
     @property
     def buffer(self) -> mx.array | None:

@@ -58,7 +58,7 @@ EXPERT_TYPES = {
 
 def _suffix(gguf_name: str) -> str:
     parts = gguf_name.split(".", 2)
-    return parts[2] if parts[0] == "blk" else gguf_name
+    return parts[2] if parts[0] in ("blk", "mtp") else gguf_name
 
 
 def tensor_type(preset: str, lw: Logical, gguf_name: str) -> str:
@@ -250,13 +250,15 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
             os.environ.pop(k, None)
 
 
-def gguf_plan(ckpt: HFCheckpoint, opts: Options, imatrix: Imatrix | None = None) -> list[GGUFUnit]:
+def gguf_plan(ckpt: HFCheckpoint, opts: Options, imatrix: Imatrix | None = None, *,
+              mtp: bool = False) -> list[GGUFUnit]:
+    """The main file's tensors, or with ``mtp`` those of ds4's separate MTP file (``mtp.*``)."""
     preset = opts.preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise ConvertError(f"--preset must be one of {PRESETS}, got {preset!r}")
     units = [gguf_unit(ckpt, lw, preset, opts.experts_per_token, imatrix)
-             for lw in logical_weights(ckpt, include_mtp=False)]
-    if imatrix is not None:
+             for lw in logical_weights(ckpt, include_mtp=mtp) if lw.path.startswith("mtp.") == mtp]
+    if imatrix is not None and not mtp:
         check_imatrix_coverage(imatrix, units, preset)
     return units
 
@@ -289,6 +291,11 @@ def imatrix_metadata(imatrix: Imatrix, units: list[GGUFUnit]) -> dict[str, tuple
     if imatrix.datasets:
         meta["quantize.imatrix.dataset"] = (str(imatrix.datasets[-1]), GGUFValueType.STRING)
     return meta
+
+
+def mtp_gguf_path(output: Path) -> Path:
+    """Where the MTP block of ``output`` goes: ``<stem>-MTP.gguf`` beside it (``load`` finds it)."""
+    return output.with_name(f"{output.stem}-MTP.gguf")
 
 
 def gguf_config(ckpt: HFCheckpoint, opts: Options) -> dict[str, Any]:
@@ -357,24 +364,31 @@ def verify_gguf(path: Path, units: list[Unit], crcs: dict[str, int]) -> None:
 
 def convert_gguf(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *, progress: bool,
                  jobs: int = 1, imatrix: Imatrix | None = None) -> Path:
+    """Write ``output`` and, when the source has an MTP block and ``include_mtp``, ds4's
+    separate MTP file beside it (``mtp_gguf_path``); both appear only once both are verified."""
     if output.suffix != ".gguf":
         raise ConvertError(f"{output}: a GGUF output path must end in .gguf")
-    units = gguf_plan(ckpt, opts, imatrix)
-    partial = check_output(ckpt.path, output, resume=False, is_dir=False)
+    files = [(output, gguf_plan(ckpt, opts, imatrix), tokenizer_fields(ckpt.path))]
+    if opts.include_mtp and ckpt.has_mtp:
+        files.append((mtp_gguf_path(output), gguf_plan(ckpt, opts, imatrix, mtp=True), None))
+    partials = [check_output(ckpt.path, out, resume=False, is_dir=False) for out, _, _ in files]
     config = gguf_config(ckpt, opts)
-    tokenizer = tokenizer_fields(ckpt.path)
-    total = sum(u.nbytes for u in units)
-    check_free_space(output.parent, total)
-    bar = Progress(total, 0, f"convert → {output.name}", progress)
+    check_free_space(output.parent, sum(u.nbytes for _, units, _ in files for u in units))
     try:
-        meta = imatrix_metadata(imatrix, units) if imatrix is not None else None
-        crcs = write_stream(partial, config, units, tokenizer, bar, jobs, meta)
-        bar.close()
-        verify_gguf(partial, units, crcs)
+        for (out, units, tokenizer), partial in zip(files, partials):
+            meta = imatrix_metadata(imatrix, units) if imatrix is not None else None
+            bar = Progress(sum(u.nbytes for u in units), 0, f"convert → {out.name}", progress)
+            try:
+                crcs = write_stream(partial, config, units, tokenizer, bar, jobs, meta)
+            finally:
+                bar.close()
+            verify_gguf(partial, units, crcs)
     except BaseException as exc:
-        bar.close()
-        partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (err := disk_full_error(exc, partials[0])):
             raise err from exc
         raise
-    return publish(partial, output)
+    for (out, _, _), partial in zip(files, partials):
+        publish(partial, out)
+    return output
