@@ -10,6 +10,7 @@ imported to build it, so a module that fails to import cannot hide an edge.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,44 @@ def test_the_graph_sees_the_known_edges(graph):
     assert "ds4mlx.kernels.emu" in graph["ds4mlx.kernels"]  # imported inside _kernel()
     assert "ds4mlx.loader" in graph["ds4mlx"]  # the lazy importlib table of __init__
     assert "ds4mlx.quant.gguf.iq2_xxs" in graph["ds4mlx.kernels"]  # from ..quant.gguf import x
+
+
+def _documented(doc: str) -> tuple[set[str], list[str], list[str]]:
+    """(files, folders, patterns) the module table of docs/architecture.md names; a bare file
+    name in a cell sits in the folder of the cell's first path (`ds4mlx/server/app.py`, `params.py`)."""
+    files, folders, patterns = set(), [], []
+    for line in doc.splitlines():
+        if not line.startswith("| `ds4mlx"):
+            continue
+        folder = ""
+        for token in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            token = token.split(" ")[0]
+            if token.startswith(PACKAGE + "/"):
+                folder = token.rpartition("/")[0]
+            else:
+                token = f"{folder}/{token}"
+            if token.endswith("/"):
+                folders.append(token)
+            elif "<" in token or "*" in token:
+                patterns.append(re.escape(token).replace(re.escape("<type>"), r"\w+")
+                                .replace(re.escape("*"), r"[^/]+"))
+            else:
+                files.add(token)
+    return files, folders, patterns
+
+
+def test_every_module_has_a_row_in_the_docs():
+    files, folders, patterns = _documented((PACKAGE_DIR.parent / "docs/architecture.md").read_text())
+    missing = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        rel = path.relative_to(PACKAGE_DIR.parent).as_posix()
+        if path.name == "__init__.py" and not path.read_text().strip():
+            continue  # an empty package marker
+        if rel in files or any(rel.startswith(f) for f in folders) or any(
+                re.fullmatch(p, rel) for p in patterns):
+            continue
+        missing.append(rel)
+    assert missing == [], "add a row to docs/architecture.md for each"
 
 
 def test_own_modules_are_never_optional():
