@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import ops as _ops
 from ..quant import gguf as _formats
-from ..quant.codecs import MX_GROUP  # MLX mxfp4 group (one E8M0 scale per 32 weights)
+from ..quant.codecs import E4M3_MAX, FP8_ACT_BLOCK, MX_GROUP
 from ..quant.gguf import iq2_xxs as _iq2_xxs
 
 QuantWeight = Union[mx.array, tuple]
@@ -171,6 +171,8 @@ def _defines() -> str:
                   DS4_BN=_TILE, DS4_BK=_TILE_K, DS4_TG=_TILE_THREADS, DS4_HC_TG=_HC_THREADS,
                   DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS,
                   DS4_ROUTER_TG=ROUTER_THREADS)
+    # the QAT FP8 round trip's block and range (quant/codecs.py), for metal/rows.metal
+    values.update(DS4_FP8_BLOCK=FP8_ACT_BLOCK, DS4_E4M3_MAX=f"{E4M3_MAX:.1f}f")
     return "".join(f"#define {k} {v}\n" for k, v in values.items())
 
 

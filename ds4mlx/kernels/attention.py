@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import kernels as _kernels  # launches go through _kernels._run (one launch site)
+from ..quant.codecs import FP8_ACT_BLOCK
 from . import (ATTENTION, ATTN_SIMDGROUPS, INDEX_THREADS, INDEXER, ROPE_ROWS, KernelInputError,
                _ceil_div, _device_array, serves)
 
@@ -195,7 +196,7 @@ def indexer_topk(scores: mx.array, k: int) -> mx.array:
 
 # ----------------------------------------------------------------------------- rows
 NORM_NONE, NORM_PLAIN, NORM_WEIGHTED = 0, 1, 2
-FP8_BLOCK = 64
+FP8_BLOCK = FP8_ACT_BLOCK  # the QAT FP8 round trip's block, as rows.metal gets it
 
 
 def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM_NONE,
