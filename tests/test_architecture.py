@@ -53,6 +53,8 @@ LAYER_OF = {
     "ds4mlx.prompt_cache": "app",
     "ds4mlx.server": "app",
     "ds4mlx.cli": "cli",
+    "ds4mlx.cli_output": "cli",
+    "ds4mlx.chat_session": "cli",
     "ds4mlx.console": "cli",
     "ds4mlx.__main__": "cli",
     "ds4mlx": "cli",  # the package root re-exports load / generate for the user
