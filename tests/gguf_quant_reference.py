@@ -1,10 +1,7 @@
 """The numpy GGUF quantizers as they were before the faster versions in ``ds4mlx.quant.gguf``
 (commit 647e5a9), kept verbatim as the reference the new ones must match byte for byte
 (``tests/test_gguf_quant_speed.py``) and as the "before" side of ``scripts/bench_quantizers.py``.
-Only the packing helpers, which did not change, are imported from the package. One edit: the
-σ² factor of the importance weighting (2 everywhere before) is read from ``SIGMA_FACTOR``, so the
-tests can hold the same searches to llama.cpp's factors (1 for Q2_K and IQ2_XXS), which the
-package now uses.
+Only the packing helpers, which did not change, are imported from the package.
 """
 
 from __future__ import annotations
@@ -16,8 +13,6 @@ from ds4mlx.quant.gguf.common import np_blocks, np_f16_bytes, np_importance, np_
 from ds4mlx.quant.gguf.iq2_xxs import GRID
 from ds4mlx.quant.gguf.q4_k import pack_scale_min
 
-
-SIGMA_FACTOR = {"Q4_K": 2.0, "Q2_K": 2.0, "IQ2_XXS": 2.0}
 
 # ----------------------------------------------------------------------------- common.py
 def round_half_away(v: np.ndarray) -> np.ndarray:
@@ -128,7 +123,7 @@ def requantize_codes(x: np.ndarray, scale: np.ndarray, m: np.ndarray, nmax: int)
     return q.astype(np.uint8)
 
 
-def kquant_weights(sub: np.ndarray, xb: np.ndarray, qw: np.ndarray | None, name: str) -> np.ndarray:
+def kquant_weights(sub: np.ndarray, xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """Error weight of each element of K-quant sub-blocks ``sub [N, n_sub, len]`` (``xb [N, 256]``).
 
     Without importance data the weight grows with ``|x|`` (large weights matter more to a
@@ -136,7 +131,7 @@ def kquant_weights(sub: np.ndarray, xb: np.ndarray, qw: np.ndarray | None, name:
     """
     if qw is None:
         return np.sqrt((sub * sub).mean(axis=-1, keepdims=True)) + np.abs(sub)
-    sigma2 = SIGMA_FACTOR[name] * (xb * xb).mean(axis=-1)[:, None, None]
+    sigma2 = 2.0 * (xb * xb).mean(axis=-1)[:, None, None]
     return qw.reshape(sub.shape) * np.sqrt(sigma2 + sub * sub)
 
 
@@ -206,7 +201,7 @@ def kquant_fit(xb: np.ndarray, qw: np.ndarray | None, sub_size: int, nmax: int, 
     n = xb.shape[0]
     sub = xb.reshape(n, -1, sub_size)
     subs = sub.shape[1]
-    w = kquant_weights(sub, xb, qw, "Q4_K" if sub_size == 32 else "Q2_K")
+    w = kquant_weights(sub, xb, qw)
     scale, m = fit_scale_min(sub.reshape(-1, sub_size), w.reshape(-1, sub_size), nmax, *search)
     scale, m = scale.reshape(n, subs), m.reshape(n, subs)
     d = (scale.max(axis=1) / lmax).astype(np.float16).astype(np.float32)
@@ -278,7 +273,7 @@ def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     if qw is None:
         w = np.sqrt((x * x).mean(axis=(2, 3), keepdims=True)) + np.abs(x)
     else:
-        sigma2 = SIGMA_FACTOR["IQ2_XXS"] * (xb * xb).mean(axis=-1)[:, None, None, None]
+        sigma2 = 2.0 * (xb * xb).mean(axis=-1)[:, None, None, None]
         w = qw.reshape(x.shape) * np.sqrt(sigma2 + x * x)
 
     # Signs: the mask must have even parity, so in an odd run the element that costs least

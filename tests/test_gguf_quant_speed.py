@@ -1,7 +1,7 @@
 """The faster GGUF quantizers give the same bytes as the previous numpy implementation
-(``tests/gguf_quant_reference.py``) on random inputs, with and without importance weights (the
-reference set to llama.cpp's importance weighting, which the package now follows), and the
-IQ2_XXS search gives the same bytes with its C kernel and with the numpy fallback."""
+(``tests/gguf_quant_reference.py``) on random inputs, with and without importance weights, the
+IQ2_XXS search gives the same bytes with its C kernel and with the numpy fallback, and the
+importance weighting's σ² factor is the one with the lower weighted error."""
 
 import numpy as np
 import pytest
@@ -25,16 +25,8 @@ def _inputs(seed: int, rows: int, cols: int) -> list[tuple[np.ndarray, np.ndarra
     return [(x, None), (heavy, None), (x, imp), (heavy, imp * imp)]
 
 
-LLAMA_CPP_SIGMA_FACTOR = {"Q4_K": 2.0, "Q2_K": 1.0, "IQ2_XXS": 1.0}  # σ² = factor · mean(x²)
-
-
-@pytest.fixture
-def llama_cpp_weighting(monkeypatch):
-    monkeypatch.setattr(reference, "SIGMA_FACTOR", LLAMA_CPP_SIGMA_FACTOR)
-
-
 @pytest.mark.parametrize("name", list(reference.QUANTIZE))
-def test_same_bytes_as_reference(name, llama_cpp_weighting):
+def test_same_bytes_as_reference(name):
     for seed in (0, 1):
         for x, imp in _inputs(seed, 24, 2048):
             new = fmts.get(name).quantize(x, weights=imp)
@@ -68,7 +60,7 @@ def _check_near_ties(x, imp, new, old):
     assert np.all(imp[cols] < 1e-3 * imp.mean()), imp[cols].max()
 
 
-def test_iq2_xxs_native_and_numpy_search_agree(monkeypatch, llama_cpp_weighting):
+def test_iq2_xxs_native_and_numpy_search_agree(monkeypatch):
     assert native.load("iq2_search") is not None or pytest.skip("no C compiler here")
     x, imp = _inputs(2, 16, 2048)[2]
     imp = imp + 0.05  # no near-zero importance, so no near-ties (see _check_near_ties)
@@ -97,25 +89,35 @@ def test_e2m1_encode_same_as_reference():
     assert np.array_equal(codecs.e2m1_encode(x[:700].reshape(-1, 7)), reference.e2m1_encode(x[:700].reshape(-1, 7)))
 
 
-@pytest.mark.parametrize("name", list(LLAMA_CPP_SIGMA_FACTOR))
-def test_importance_weighting_is_llama_cpp_s(name, monkeypatch):
-    # the element error weights handed to the search are qw·sqrt(σ² + x²), σ² = factor·mean(x²)
-    # over the super-block (ggml-quants.c, quantize_row_{q4_K,q2_K,iq2_xxs}_impl)
-    from ds4mlx.quant.gguf import common
+@pytest.mark.parametrize("name", ["Q4_K", "Q2_K", "IQ2_XXS"])
+def test_importance_weighting_factor(name, monkeypatch, capsys):
+    """Error weights qw·sqrt(f·mean(x²) + x²) (ggml-quants.c, quantize_row_*_impl): llama.cpp
+    takes f = 2 for Q4_K and f = 1 for Q2_K and IQ2_XXS; f = 2 gives our searches the lower
+    importance-weighted error on skewed statistics for all three."""
+    from ds4mlx.quant.gguf import common, iq2_xxs
 
-    seen = []
-    real = common.importance_weights
-    monkeypatch.setattr(common, "importance_weights", lambda *a: seen.append(a[3]) or real(*a))
-    module = fmts.get(name)
-    if name == "IQ2_XXS":
-        monkeypatch.setattr(module, "importance_weights", common.importance_weights)
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 512), dtype=np.float32)
-    qw = rng.random(512, dtype=np.float32)
-    module.quantize(x, weights=qw)
-    assert seen and set(seen) == {LLAMA_CPP_SIGMA_FACTOR[name]}
-    xb = x.reshape(-1, 256)
-    w = real(xb, xb, np.broadcast_to(qw, x.shape).reshape(-1, 256), LLAMA_CPP_SIGMA_FACTOR[name])
-    sigma2 = LLAMA_CPP_SIGMA_FACTOR[name] * (xb.astype(np.float64) ** 2).sum(axis=1, keepdims=True) / 256
-    want = np.broadcast_to(qw, x.shape).reshape(-1, 256) * np.sqrt(sigma2 + xb.astype(np.float64) ** 2)
-    np.testing.assert_allclose(w, want, rtol=1e-6)
+    w = (rng.standard_t(4, size=(48, 2048)) * 0.02).astype(np.float32)
+    act2 = rng.lognormal(0.0, 1.5, size=2048).astype(np.float32)
+    act2[rng.choice(2048, 32, replace=False)] *= 100.0
+    qtype = GGMLQuantizationType[name]
+    real = common.importance_weights
+    seen, errs = [], {}
+    for factor in (1.0, 2.0):
+        def weights(x, xb, qw, sigma_factor=2.0, factor=factor):
+            seen.append(sigma_factor)
+            return real(x, xb, qw, factor)
+
+        monkeypatch.setattr(common, "importance_weights", weights)
+        monkeypatch.setattr(iq2_xxs, "importance_weights", weights)
+        y = gq.dequantize(fmts.get(name).quantize(w, weights=act2), qtype)
+        errs[factor] = float(((y.astype(np.float64) - w) ** 2 * act2).sum())
+    assert set(seen) == {2.0}  # what the package uses
+    with capsys.disabled():
+        print(f"\n{name}: importance-weighted error, σ² factor 1: {errs[1.0]:.4g}, factor 2: {errs[2.0]:.4g}")
+    assert errs[2.0] <= errs[1.0]
+    # and the weights are the formula, computed independently
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    qw = rng.random((2, 256)).astype(np.float32)
+    want = qw * np.sqrt(2 * (x.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + x.astype(np.float64) ** 2)
+    np.testing.assert_allclose(real(x, x, qw), want, rtol=1e-6)

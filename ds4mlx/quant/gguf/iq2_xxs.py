@@ -166,8 +166,8 @@ def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     x = xb.reshape(n, 8, 4, 8)
     if qw is None:
         w = np.sqrt((x * x).mean(axis=(2, 3), keepdims=True)) + np.abs(x)
-    else:  # llama.cpp's IQ2_XXS weighting: σ² is the block's mean square
-        w = importance_weights(x, xb, qw, 1.0)
+    else:
+        w = importance_weights(x, xb, qw)
 
     # Signs: the mask must have even parity, so in an odd run the element that costs least
     # (smallest w·x²) keeps the wrong sign; in the mask's frame its target is −|x|.
@@ -236,6 +236,6 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     256-entry search at one of the sweep scales); finally the fp16 super-scale and the
     4-bit group scales are chosen among a few candidates by total error.
     ``weights``: optional importance, broadcast to ``x`` (e.g. an imatrix ``[n]``), weighted
-    as llama.cpp does (``qw·sqrt(mean(x²) + x²)`` per element).
+    as ``common.importance_weights``.
     """
     return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk)
