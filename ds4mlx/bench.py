@@ -33,6 +33,13 @@ class BenchRow:
     gen_tps: float
     state_bytes: int  # decode state after the prefill
     peak_memory_gb: float
+    gen_forwards: int = 0  # forward passes of the generation (verify forwards with drafts)
+    draft_tokens: int = 0  # drafts per verify forward (0: no drafts)
+    draft_acceptance: float = 0.0  # accepted / proposed drafts
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.gen_tokens / self.gen_forwards if self.gen_forwards else 0.0
 
 
 CSV_FIELDS = tuple(f.name for f in fields(BenchRow))
@@ -64,9 +71,13 @@ def run_bench(
     gen_tokens: int = DEFAULT_GEN_TOKENS,
     prefill_step: int = 2048,
     seed: int = 0,
+    draft: Optional[str] = None,
+    num_draft_tokens: int = 2,
     on_row: Optional[Callable[[BenchRow], None]] = None,
 ) -> Iterator[BenchRow]:
-    """Measure at each frontier; frontiers must leave room for the generated tokens."""
+    """Measure at each frontier; frontiers must leave room for the generated tokens.
+    ``draft="mtp"``: greedy speculative generation (``ds4mlx.speculative``), which also counts
+    verify forwards and accepted drafts."""
     from .state import cache_nbytes
 
     if gen_tokens < 1 or prefill_step < 1:
@@ -78,7 +89,7 @@ def run_bench(
         if b is not None and b < a + gen_tokens + 1:
             raise ValueError(f"context {b} is too close to {a}: each frontier must exceed the previous one "
                              f"by more than --gen-tokens ({gen_tokens})")
-    if contexts[-1] + gen_tokens > limit:
+    if contexts[-1] + gen_tokens + (1 if draft else 0) > limit:
         raise ValueError(f"context {contexts[-1]} + {gen_tokens} generated tokens exceeds the model's "
                          f"max_position_embeddings ({limit})")
     rng = np.random.default_rng(seed)
@@ -88,6 +99,13 @@ def run_bench(
         tokens = mx.array(rng.integers(0, config.vocab_size, size=(1, n)), dtype=mx.int32)
         mx.eval(tokens)
         mx.reset_peak_memory()
+        if draft is not None:
+            row = _speculative_row(model, cache, tokens[0], gen_tokens, prefill_step, draft, num_draft_tokens)
+            pos = cache[0].offset
+            if on_row is not None:
+                on_row(row)
+            yield row
+            continue
         tic = time.perf_counter()
         for start in range(0, n, prefill_step):
             logits = model(tokens[:, start : start + prefill_step], cache=cache)
@@ -109,11 +127,40 @@ def run_bench(
         row = BenchRow(
             context=ctx, prefill_tokens=n, prefill_s=prefill_s, prefill_tps=n / prefill_s,
             gen_tokens=gen_tokens, gen_s=gen_s, gen_tps=gen_tokens / gen_s,
-            state_bytes=state_bytes, peak_memory_gb=mx.get_peak_memory() / 1e9,
+            state_bytes=state_bytes, peak_memory_gb=mx.get_peak_memory() / 1e9, gen_forwards=gen_tokens,
         )
         if on_row is not None:
             on_row(row)
         yield row
+
+
+def _speculative_row(model: nn.Module, cache: list, tokens: mx.array, gen_tokens: int, prefill_step: int,
+                     draft: str, num_draft_tokens: int) -> BenchRow:
+    """One frontier through the speculative loop: its prefill (the drafter sees it too) up to
+    the first token, then ``gen_tokens`` more tokens greedily with drafts."""
+    from .speculative import SpeculativeStats, make_drafter, speculative_generate_step
+    from .state import cache_nbytes
+
+    stats = SpeculativeStats()
+    steps = speculative_generate_step(tokens, model, make_drafter(draft), num_draft_tokens=num_draft_tokens,
+                                      max_tokens=gen_tokens + 1, prompt_cache=cache,
+                                      prefill_step_size=prefill_step, stats=stats)
+    tic = time.perf_counter()
+    next(steps)  # the prefill's token
+    prefill_s = time.perf_counter() - tic
+    state_bytes = cache_nbytes(cache)
+    tic = time.perf_counter()
+    for _, _ in zip(range(gen_tokens), steps):
+        pass
+    gen_s = time.perf_counter() - tic  # up to the last token; closing feeds it to the state
+    steps.close()
+    n = tokens.shape[0]
+    return BenchRow(
+        context=cache[0].offset - gen_tokens - 1, prefill_tokens=n, prefill_s=prefill_s,
+        prefill_tps=n / prefill_s, gen_tokens=gen_tokens, gen_s=gen_s, gen_tps=gen_tokens / gen_s,
+        state_bytes=state_bytes, peak_memory_gb=mx.get_peak_memory() / 1e9, gen_forwards=stats.forwards,
+        draft_tokens=num_draft_tokens, draft_acceptance=stats.acceptance_rate,
+    )
 
 
 def write_csv(rows: Sequence[BenchRow], out: TextIO) -> None:
@@ -140,6 +187,7 @@ def plot(rows: Sequence[BenchRow], path: str | Path, title: str = "ds4mlx bench"
                               (axes[1], [r.gen_tps for r in rows], "generation tokens/s")):
         ax.plot(ctx, values, marker="o")
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)  # rates read as ratios: an axis from zero does not exaggerate a dip
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
@@ -153,4 +201,6 @@ def plot(rows: Sequence[BenchRow], path: str | Path, title: str = "ds4mlx bench"
 def format_row(row: BenchRow) -> str:
     return (f"context {row.context:>7}: prefill {row.prefill_tps:8.1f} tokens/s ({row.prefill_tokens} tokens), "
             f"generation {row.gen_tps:6.1f} tokens/s, state {row.state_bytes / 1e6:.1f} MB, "
-            f"peak {row.peak_memory_gb:.2f} GB")
+            f"peak {row.peak_memory_gb:.2f} GB"
+            + (f", {row.tokens_per_forward:.2f} tokens per forward ({100 * row.draft_acceptance:.0f}% of drafts)"
+               if row.draft_tokens else ""))

@@ -25,6 +25,7 @@ DEFAULT_TOP_K = 0
 DEFAULT_MIN_P = 0.05
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_PREFILL_STEP = 2048
+DEFAULT_DRAFT_TOKENS = 2
 
 Prompt = Union[str, Sequence[int], "mx.array"]
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
@@ -103,7 +104,8 @@ class GenerationResponse:
 
     ``prompt_tokens`` counts the tokens prefilled by this call (not earlier turns in the cache);
     ``context_tokens`` counts every token in the decode state after this one; ``reasoning``
-    says whether ``text`` belongs to the reasoning rather than the answer.
+    says whether ``text`` belongs to the reasoning rather than the answer; with drafts,
+    ``draft_stats`` counts verify forwards and accepted drafts.
     """
 
     text: str
@@ -118,6 +120,7 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
     reasoning: bool = False
     context_tokens: int = 0
+    draft_stats: Optional[Any] = None  # SpeculativeStats of the generation so far (drafts only)
 
 
 def cache_offset(cache: Optional[list]) -> int:
@@ -224,6 +227,8 @@ def stream_generate(
     max_context: Optional[int] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    draft: Optional[Any] = None,
+    num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``prompt`` (text taken verbatim, token ids, or an ``mx.array``).
 
@@ -234,6 +239,9 @@ def stream_generate(
     the prompt and every generated token including a final EOS. ``max_context`` bounds prompt
     plus generation (default: the model's ``max_position_embeddings``); a prompt that does not
     fit raises ``ContextLengthError``, a generation that reaches it ends with "length".
+    ``draft="mtp"`` decodes speculatively with the model's MTP block (load with ``mtp=True``),
+    ``num_draft_tokens`` (1-3) drafts per verify forward: greedy output is the same token for
+    token, sampled output follows the same distribution (a custom ``sampler`` cannot be used).
     """
     import mlx.core as mx
     from mlx_lm.generate import generate_step, generation_stream, wired_limit
@@ -261,6 +269,7 @@ def stream_generate(
                 f"({advice})"
             )
         max_tokens = min(max_tokens, room)
+    custom_sampler = sampler is not None
     if sampler is None or logits_processors is None:
         made_sampler, made_processors = make_sampling(
             temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty
@@ -274,24 +283,39 @@ def stream_generate(
     eos_ids = set(getattr(tokenizer, "eos_token_ids", ()) or ())
     reasoning = think_start is not None and ids[-1] == think_start
     detokenizer = tokenizer.detokenizer
-    steps = generate_step(
-        mx.array(ids),
-        model,
-        generation_stream,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=logits_processors or None,
-        prompt_cache=prompt_cache,
-        prefill_step_size=prefill_step_size,
-        prompt_progress_callback=prompt_progress_callback,
-    )
+    stats = None
+    if draft is None:
+        steps = ((t, lp, False) for t, lp in generate_step(
+            mx.array(ids),
+            model,
+            generation_stream,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=logits_processors or None,
+            prompt_cache=prompt_cache,
+            prefill_step_size=prefill_step_size,
+            prompt_progress_callback=prompt_progress_callback,
+        ))
+    else:
+        from .speculative import Sampling, SpeculativeStats, make_drafter, speculative_generate_step
+
+        if custom_sampler:
+            raise ValueError("speculative decoding needs the sampling distribution: give temp/top_p/top_k/"
+                             "min_p instead of a sampler")
+        stats = SpeculativeStats()
+        steps = speculative_generate_step(
+            mx.array(ids, dtype=mx.int32), model, make_drafter(draft), num_draft_tokens=num_draft_tokens,
+            max_tokens=max_tokens, sampling=Sampling(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k),
+            logits_processors=logits_processors or None, prompt_cache=prompt_cache,
+            prefill_step_size=prefill_step_size, prompt_progress_callback=prompt_progress_callback, stats=stats,
+        )
 
     def response(text, token, logprobs, n, finish=None, channel=None):
         return GenerationResponse(
             text=text,
             token=token,
             logprobs=logprobs,
-            from_draft=False,
+            from_draft=from_draft,
             prompt_tokens=len(ids),
             prompt_tps=prompt_tps,
             generation_tokens=n,
@@ -300,6 +324,7 @@ def stream_generate(
             finish_reason=finish,
             reasoning=reasoning if channel is None else channel,
             context_tokens=start + len(ids) + n,
+            draft_stats=stats,
         )
 
     mx.reset_peak_memory()
@@ -307,7 +332,7 @@ def stream_generate(
     with wired_limit(model, [generation_stream]):
         tic = time.perf_counter()
         n = 0
-        for n, (token, logprobs) in enumerate(steps, start=1):
+        for n, (token, logprobs, from_draft) in enumerate(steps, start=1):
             # NaN/Inf logits (damaged weights, an overflow) sample noise: stop before any text
             if not mx.all(mx.isfinite(logprobs)).item():
                 raise NonFiniteLogitsError(
@@ -358,9 +383,13 @@ def generate(model: "nn.Module", tokenizer: Any, prompt: Prompt, *, verbose: boo
 
 
 def format_stats(response: GenerationResponse) -> str:
-    """One line: prompt tokens and prefill speed, generated tokens and speed, peak memory."""
-    return (
+    """One line: prompt tokens and prefill speed, generated tokens and speed, peak memory, and
+    with drafts their acceptance and tokens per verify forward."""
+    line = (
         f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
         f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
         f"Peak memory: {response.peak_memory:.2f} GB"
     )
+    if response.draft_stats is not None:
+        line += f" | {response.draft_stats.format()}"
+    return line

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import mlx.core as mx
 import numpy as np
@@ -77,10 +77,6 @@ _OPTIONAL_KEYS = [
     (_key(Keys.LLM.EXPERT_WEIGHTS_SCALE), "routed_scaling_factor", "f32"),
     (_key(Keys.LLM.EXPERT_WEIGHTS_NORM), "norm_topk_prob", "bool"),
 ]
-# HF config key -> the GGUF metadata key it comes from (config errors name the file's key)
-GGUF_KEY_NAMES = {hf: f"{ARCH}.{key}" for key, hf, _ in _REQUIRED_KEYS + _OPTIONAL_KEYS}
-GGUF_KEY_NAMES["num_experts_per_tok"] = f"{ARCH}.expert_used_count"
-GGUF_KEY_NAMES["swiglu_limit"] = f"{ARCH}.swiglu_clamp_exp"
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 _ROPE_KEYS = [  # rope.scaling.* -> HF rope_scaling
@@ -94,6 +90,11 @@ EXPERT_USED_COUNT = _key(Keys.LLM.EXPERT_USED_COUNT)
 EXPERT_GATING_FUNC = _key(Keys.LLM.EXPERT_GATING_FUNC)
 SWIGLU_CLAMP_EXP = _key(Keys.LLM.SWIGLU_CLAMP_EXP)
 ROPE_SCALING_TYPE = _key(Keys.Rope.SCALING_TYPE)
+BLOCK_COUNT = _key(Keys.LLM.BLOCK_COUNT)
+VOCAB_SIZE = _key(Keys.LLM.VOCAB_SIZE)
+# HF config key -> the GGUF metadata key it comes from (config errors name the file's key)
+GGUF_KEY_NAMES = {hf: key for key, hf, _ in _REQUIRED_KEYS + _OPTIONAL_KEYS}
+GGUF_KEY_NAMES.update(num_experts_per_tok=EXPERT_USED_COUNT, swiglu_limit=SWIGLU_CLAMP_EXP)
 
 
 # --------------------------------------------------------------------------- metadata -> config
@@ -184,8 +185,43 @@ def hf_config_from_gguf(gf: GGUFFile, *, tensors: Mapping[str, TensorInfo] | Non
         raise GGUFError(f"{source}: {p}expert_used_count is {k}, expected at least 1 routed expert per token")
     d["num_experts_per_tok"] = k
     _check_block_count(source, d["num_hidden_layers"], tensors)
-    d["num_nextn_predict_layers"] = 0  # MTP lives in a separate file (load_gguf's mtp_path)
+    # llama.cpp counts its MTP layers (blk.{n_layer}.nextn.*) in block_count
+    d["num_hidden_layers"] -= _llama_cpp_nextn(f, tensors, d["num_hidden_layers"])
+    d["num_nextn_predict_layers"] = 0  # loaded only when asked for (open_gguf_checkpoint's mtp)
     return d
+
+
+# llama.cpp keeps the MTP block as trailing layers blk.{n_layer + j}: the usual layer names plus
+# these under ``nextn.`` (ds4 keeps the official suffixes under mtp.{j}.).
+_NEXTN_SUFFIXES = {
+    "nextn.e_proj.weight": "e_proj.weight", "nextn.h_proj.weight": "h_proj.weight",
+    "nextn.enorm.weight": "enorm.weight", "nextn.hnorm.weight": "hnorm.weight",
+    "nextn.shared_head_norm.weight": "norm.weight", "nextn.hc_head_fn.weight": "hc_head_fn.weight",
+    "nextn.hc_head_base.weight": "hc_head_base.weight", "nextn.hc_head_scale.weight": "hc_head_scale.weight",
+}
+NEXTN_LAYERS = f"{ARCH}.nextn_predict_layers"
+
+
+def _llama_cpp_nextn(fields: Mapping[str, Any], tensors: Mapping[str, TensorInfo], block_count: int) -> int:
+    """How many of the ``block_count`` layers are llama.cpp's MTP layers (0 for ds4's files)."""
+    n = fields.get(NEXTN_LAYERS)
+    n = int(n) if isinstance(n, (int, np.integer)) else 0
+    if not 0 < n < block_count:
+        return 0
+    ok = all(f"blk.{block_count - n + j}.nextn.e_proj.weight" in tensors for j in range(n))
+    return n if ok else 0
+
+
+def mtp_tensors(gf: GGUFFile, n_layers: int) -> dict[str, TensorInfo]:
+    """The MTP block's tensors of a file under ds4's names (``mtp.{j}.*``): its own ``mtp.*``
+    tensors, or llama.cpp's trailing layers ``blk.{n_layers + j}.*`` renamed."""
+    out = {n: t for n, t in gf.tensors.items() if n.startswith("mtp.")}
+    for name, info in gf.tensors.items():
+        m = _BLOCK.match(name)
+        if m and int(m.group(1)) >= n_layers:
+            suffix = name[m.end():]
+            out[f"mtp.{int(m.group(1)) - n_layers}.{_NEXTN_SUFFIXES.get(suffix, suffix)}"] = info
+    return out
 
 
 def _check_block_count(source: str, block_count: int, tensors: Mapping[str, TensorInfo]) -> None:
@@ -195,14 +231,14 @@ def _check_block_count(source: str, block_count: int, tensors: Mapping[str, Tens
     if present and present != list(range(block_count)):
         held = f"blk.{present[0]}..blk.{present[-1]}" if present == list(range(present[0], present[-1] + 1)) \
             else f"{len(present)} layers ({present[0]}..{present[-1]}, with gaps)"
-        raise GGUFError(f"{source}: {ARCH}.block_count is {block_count}, but the tensors hold layers {held}")
+        raise GGUFError(f"{source}: {BLOCK_COUNT} is {block_count}, but the tensors hold layers {held}")
 
 
 def _check_tokenizer_size(source: str, fields: Mapping[str, Any], vocab_size: int) -> None:
     """A token id at or past ``vocab_size`` would index past the embedding table."""
-    tokens = fields.get("tokenizer.ggml.tokens")
+    tokens = fields.get(Keys.Tokenizer.LIST)
     if isinstance(tokens, list) and len(tokens) > vocab_size:
-        raise GGUFError(f"{source}: tokenizer.ggml.tokens has {len(tokens)} tokens but {ARCH}.vocab_size "
+        raise GGUFError(f"{source}: {Keys.Tokenizer.LIST} has {len(tokens)} tokens but {VOCAB_SIZE} "
                         f"is {vocab_size}: ids {vocab_size}..{len(tokens) - 1} have no embedding")
 
 
@@ -346,6 +382,13 @@ def _check_shape(gf: GGUFFile, info: TensorInfo, expected: tuple[int, ...], path
         )
 
 
+def _gguf_name_or_none(param: str) -> str | None:
+    try:
+        return internal_to_gguf(param)
+    except UnknownTensorName:
+        return None  # load_weights names the failure
+
+
 @dataclass
 class GGUFCheckpoint:
     """An open DeepSeek V4 GGUF (plus optionally ds4's separate MTP file): its HF-style
@@ -358,24 +401,29 @@ class GGUFCheckpoint:
 
     @property
     def has_mtp(self) -> bool:
-        return len(self.files) > 1
+        return int(self.config.get("num_nextn_predict_layers", 0)) > 0
 
-    def load_weights(self, params: Mapping[str, tuple[int, ...]], projections: set[str]
+    def load_weights(self, params: Mapping[str, tuple[int, ...]], projections: set[str],
+                     progress: Callable[[int, int], None] | None = None,
                      ) -> tuple[dict[str, mx.array], dict[str, WeightFormat]]:
         """``({internal path: array}, {module path: WeightFormat})`` for the model parameters
         ``params`` (path -> shape). Modules in ``projections`` (the model's float projections)
-        may stay packed; every other quantized tensor is dequantized exactly to float."""
+        may stay packed; every other quantized tensor is dequantized exactly to float.
+        ``progress(bytes read, bytes to read)`` is called after each tensor."""
         gf = self.files[0]
         n_experts = int(self.config["n_routed_experts"])
         weights: dict[str, mx.array] = {}
         formats: dict[str, WeightFormat] = {}
+        total = sum(self.by_name[n][1].nbytes or 0 for p in params
+                    if (n := _gguf_name_or_none(p)) in self.by_name) if progress else 0
+        done = 0
         for param, shape in params.items():
             try:
                 name = internal_to_gguf(param)
             except UnknownTensorName as e:
                 raise GGUFError(f"{gf.path}: the model needs {param!r}, which has no GGUF name ({e})") from None
             if name not in self.by_name:
-                where = self.files[-1].path if param.startswith("mtp.") else gf.path
+                where = self.files[-1].path if param.startswith("mtp.") else gf.path  # the MTP file, if any
                 raise GGUFError(f"{where}: tensor {name!r} is missing (needed for {param})")
             src, info = self.by_name[name]
             _check_shape(src, info, tuple(shape), param)
@@ -385,6 +433,9 @@ class GGUFCheckpoint:
             _load_tensor(src, info, param, module, weights, formats)
             if param.endswith(".tid2eid"):
                 check_expert_ids(weights[param], n_experts, f"{src.path}: tensor {info.name!r}", GGUFError)
+            if progress is not None:
+                done += info.nbytes or 0
+                progress(done, total)
         return weights, formats
 
     def tokenizer_fields(self) -> dict[str, Any] | None:
@@ -399,24 +450,33 @@ class GGUFCheckpoint:
             f.close()
 
 
-def open_gguf_checkpoint(path: str | os.PathLike,
-                         mtp_path: str | os.PathLike | None = None) -> GGUFCheckpoint:
-    """Open a DeepSeek V4 GGUF and read its config. ``mtp_path``: optional separate GGUF with
-    the ``mtp.{j}.*`` tensors (ds4's MTP file); the MTP block then shares the main file's
-    embedding and head."""
+def _mtp_blocks(tensors: Mapping[str, TensorInfo]) -> int:
+    return len({int(m.group(1)) for n in tensors if (m := re.match(r"^mtp\.(\d+)\.", n))})
+
+
+def open_gguf_checkpoint(path: str | os.PathLike, mtp_path: str | os.PathLike | None = None,
+                         *, mtp: bool = False) -> GGUFCheckpoint:
+    """Open a DeepSeek V4 GGUF and read its config. With ``mtp`` the MTP block comes from the
+    file's own ``mtp.{j}.*`` tensors when it has them, else from ``mtp_path`` (ds4's separate
+    MTP file; given alone it is used too); it shares the main file's embedding and head."""
     files = [open_gguf(path)]
     try:
         gf = files[0]
         by_name = {n: (gf, t) for n, t in gf.tensors.items()}
         hf = hf_config_from_gguf(gf)
-        if mtp_path is not None:
+        own = mtp_tensors(gf, hf["num_hidden_layers"])
+        if (mtp or mtp_path is not None) and own:  # the block travels in the main file
+            hf["num_nextn_predict_layers"] = _mtp_blocks(own)
+            by_name.update({n: (gf, t) for n, t in own.items()})
+        elif mtp_path is not None:
             files.append(open_gguf(mtp_path))
-            mtp_ids = sorted({int(m.group(1)) for n in files[1].tensors
-                              if (m := re.match(r"^mtp\.(\d+)\.", n))})
-            if not mtp_ids:
-                raise GGUFError(f"{files[1].path}: no mtp.* tensors in the MTP file")
-            hf["num_nextn_predict_layers"] = len(mtp_ids)
-            by_name.update({n: (files[1], t) for n, t in files[1].tensors.items() if n.startswith("mtp.")})
+            first = [int(m.group(1)) for n in files[1].tensors
+                     if (m := _BLOCK.match(n)) and n.endswith(".nextn.e_proj.weight")]
+            extra = mtp_tensors(files[1], min(first) if first else 1 << 30)  # a sidecar's first MTP layer
+            if not extra:
+                raise GGUFError(f"{files[1].path}: no MTP tensors (mtp.* or blk.N.nextn.*) in the MTP file")
+            hf["num_nextn_predict_layers"] = _mtp_blocks(extra)
+            by_name.update({n: (files[1], t) for n, t in extra.items()})
     except BaseException:
         for f in files:
             f.close()
