@@ -58,7 +58,8 @@ from ds4mlx.synthetic import default_compress_ratios, tiny_config  # noqa: E402
 
 FLASH_EXPERTS, FLASH_LAYERS, FLASH_VOCAB = 256, 43, 129280
 RECIPES = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K"), "mxfp4": ("MXFP4", "MXFP4")}
-DECODE_VARIANTS = ("attention", "indexer", "rope_rows", "router")  # the kernels a before/after compares
+# the kernels the before/after columns switch
+DECODE_VARIANTS = ("attention", "indexer", "rope_rows", "router")
 # embedding gather, HC head (one compiled function), final RMSNorm, head matmul
 HEAD_LAUNCHES = 4
 DEVICES = {"m3_ultra": 819e9, "m3_max": 400e9}
@@ -353,8 +354,8 @@ def main() -> None:
                 sb_before = state_bytes(config, ratio, n, b, set())
                 minimum = weights + sb_after["min"]
                 read_before, read_after = weights + sb_before["path"], weights + sb_after["path"]
-                ms = float("nan") if args.no_time or args.no_ops else 1e3 * time_ops_step(blk, cache, dtype,
-                                                                          args.repeat)
+                timed = not (args.no_time or args.no_ops)
+                ms = 1e3 * time_ops_step(blk, cache, dtype, args.repeat) if timed else float("nan")
                 rows.append(dict(ratio=ratio, fmt=recipe, ctx=n, before=before, launches=after,
                                  ops_launches=ops, bytes_before=read_before, bytes=read_after,
                                  min=minimum, ops_bytes=read_before + copies, cpu_ms=ms))
@@ -376,7 +377,8 @@ def main() -> None:
     for recipe in args.formats:
         for n in args.contexts:
             sel = {r["ratio"]: r for r in rows if r["fmt"] == recipe and r["ctx"] == n}
-            for when, lk, bk in (("before", "before", "bytes_before"), ("after", "launches", "bytes")):
+            for when, lk, bk in (("before", "before", "bytes_before"),
+                                 ("after", "launches", "bytes")):
                 launches = sum(per_kind[r] * sel[r][lk] for r in per_kind) + HEAD_LAUNCHES
                 nbytes = sum(per_kind[r] * sel[r][bk] for r in per_kind) + head
                 tps = {dev: 1.0 / (nbytes / bw + launches * args.launch_us * 1e-6)

@@ -74,3 +74,35 @@ def test_fused_decode_equals_ops(model, name):
     assert len(calls) == len(model.layers) * sum(1 for n in sizes if n <= 8)
     assert rel_err(got, ref) <= 1e-5
     assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+
+
+def _profile_module():
+    """scripts/decode_profile.py, which builds Flash-shaped layers with random weights."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "decode_profile.py"
+    spec = importlib.util.spec_from_file_location("decode_profile", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio,recipe", [(4, "q4")])
+def test_real_shape_layer_emulated_equals_ops(ratio, recipe):
+    """One Flash-width layer (64 heads x 512, window 128, indexer top-512 of 600 rows, Q4_K
+    experts) decoding one token: the emulated Metal path against the ops path."""
+    prof = _profile_module()
+    config = prof.flash_config(n_experts=8, top_k=6)
+    layer = {0: 0, 4: 1, 128: 2}[ratio]
+    blk = prof.build_layer(config, layer, recipe, mx.float32, seed=layer)
+    blk.attn.qat_rounding = False
+    cache = prof.synth_state(config, ratio, 2400, mx.float32, seed=1)
+    h = mx.array(np.random.default_rng(3).standard_normal((1, 1, 4, 4096)).astype(np.float32))
+    toks = mx.array([[7]])
+    outs = {}
+    for backend in ("ops", "emulate"):
+        c = cache.snapshot()
+        outs[backend] = on(backend, lambda: np.array(blk(h, toks, c, mx.float32)))
+    assert rel_err(outs["emulate"], outs["ops"]) <= 1e-4

@@ -206,7 +206,8 @@ def test_rope_rows_match_model_ops(path, shape, d, rd, norm, fp8, inverse, dtype
     rng = np.random.default_rng(d + len(shape))
     x = mx.array((rng.standard_normal((*shape, d)) * 3).astype(np.float32)).astype(dtype)
     weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32))
-    freqs = rope_frequencies(rd, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
+    yarn = {"factor": 16, "original_max_position_embeddings": 65536}
+    freqs = rope_frequencies(rd, 160000.0, yarn)
     p0 = 70000
     pos = np.arange(p0, p0 + shape[1])[None, :] if len(shape) == 2 else \
         np.arange(p0, p0 + shape[1])[None, :, None]
