@@ -2,8 +2,8 @@
 
 Sources: a local official-format directory (sharded safetensors + index, or one
 ``model.safetensors``), our converted MLX directory (``io/mlx_dir.py``), a ``.gguf`` file
-(``ds4mlx.io.gguf``), ``"demo"`` (the built-in synthetic demo model), or a Hugging Face repo
-id (downloaded with ``huggingface_hub``).
+(``ds4mlx.io.gguf``), ``"demo"`` (the built-in synthetic demo model), a Hugging Face repo
+id, or one GGUF of a repo as ``REPO:FILE.gguf`` (both fetched by ``ds4mlx.hub``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,17 +21,18 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .config import ModelConfig
+from .hub import ModelNotFoundError, gguf_file, snapshot, split_gguf_ref
 from .io.hf import CheckpointError, open_hf_checkpoint
 from .io.mlx_dir import is_mlx_dir, open_mlx_dir
 from .layers import apply_formats
 from .model.transformer import Model
 
 DEMO = "demo"
-_HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """The model could not be found locally or downloaded; the message names it."""
+class TokenizerMismatchWarning(UserWarning):
+    """The tokenizer beside the weights has more ids than the model's vocabulary, so it was not
+    loaded (``load`` returns no tokenizer); the CLI gives this as the reason."""
 
 
 class NonFiniteWeightError(ValueError):
@@ -56,14 +57,22 @@ def load(
     mtp: bool = False,
     mtp_path: str | os.PathLike | None = None,
     check_finite: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none).
 
     ``mtp=True`` also loads the multi-token-prediction block (about 3.5 GB for Flash), which
+<<<<<<< HEAD
+    only a speculative drafter uses; by default it stays on disk. ``check_finite`` refuses
+    weights holding NaN/Inf (one pass over each tensor as it loads; scripts/finite_check_cost.py).
+    ``progress(bytes read, bytes to read)`` is called as the weights are read
+    (``ds4mlx.progress.LoadProgress`` draws it).
+=======
     only a speculative drafter uses; by default it stays on disk. A GGUF takes it from its own
     ``mtp.*`` tensors, from ``mtp_path`` (ds4's separate MTP GGUF), or from that file found
     beside it (``find_mtp_gguf``). ``check_finite`` refuses weights holding NaN/Inf (one pass
     over each tensor as it loads; scripts/finite_check_cost.py).
+>>>>>>> mtp
     """
     dtype = default_dtype() if dtype is None else dtype
     path = resolve_model_path(path_or_repo)
@@ -71,18 +80,22 @@ def load(
         raise ValueError(f"{mtp_path}: a separate MTP file goes with a .gguf model; {path} carries its own")
     if path.suffix == ".gguf":
         return load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype,
+<<<<<<< HEAD
+                         check_finite=check_finite, progress=progress)
+=======
                          mtp=mtp or mtp_path is not None, mtp_path=mtp_path, check_finite=check_finite)
+>>>>>>> mtp
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
     model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp,
-                     check_finite=check_finite)
+                     check_finite=check_finite, progress=progress)
     return model, _load_tokenizer(path, model.config.vocab_size)
 
 
 def resolve_model_path(source: str | os.PathLike) -> Path:
     """A model argument -> a local path: an existing file or directory, ``"demo"`` (the built-in
-    demo model, generated on first use), or a Hugging Face repo id (the hub cache first, then
-    the network)."""
+    demo model, generated on first use), a Hugging Face repo id, or ``REPO:FILE.gguf`` (one GGUF
+    of a repo); Hub names go through the huggingface_hub cache first, then the network."""
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
@@ -91,9 +104,12 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
         from .demo import demo_path  # checkpoint + tokenizer, cached
 
         return demo_path()
+    ref = split_gguf_ref(text)
+    if ref is not None:  # REPO:FILE.gguf
+        return gguf_file(*ref)
     if text.endswith(".gguf"):
         raise ModelNotFoundError(f"{path}: GGUF file not found")
-    return _download(text)
+    return snapshot(text)
 
 
 def open_checkpoint(path: Path):
@@ -110,6 +126,7 @@ def load_dir(
     dtype: mx.Dtype = mx.float32,
     mtp: bool = False,
     check_finite: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
     """Build the model for a checkpoint directory and load its weights (strict)."""
     path = Path(path)
@@ -121,7 +138,8 @@ def load_dir(
         if not (mtp and checkpoint.has_mtp):
             config = replace(config, num_nextn_predict_layers=0)  # the main model only
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
-        weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0)
+        weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0,
+                                                   progress=progress)
     finally:
         checkpoint.close()
     apply_formats(model, formats)
@@ -190,8 +208,14 @@ def _check_finite(path: str, array: mx.array, fmt: Any, source: str) -> None:
 
 
 def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
+<<<<<<< HEAD
+              qat_rounding: bool = True, dtype: mx.Dtype | None = None,
+              mtp_path: str | os.PathLike | None = None, check_finite: bool = True,
+              progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, Any]:
+=======
               qat_rounding: bool = True, dtype: mx.Dtype | None = None, mtp: bool = False,
               mtp_path: str | os.PathLike | None = None, check_finite: bool = True) -> tuple[nn.Module, Any]:
+>>>>>>> mtp
     """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
 
     ``mtp=True`` loads the MTP block: the file's own ``mtp.{j}.*`` tensors if it has them, else
@@ -214,7 +238,7 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
         k = config.check_experts_per_token(experts_per_token, source)
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
         params = {p: tuple(v.shape) for p, v in tree_flatten(model.parameters())}
-        weights, formats = checkpoint.load_weights(params, projection_modules(model))
+        weights, formats = checkpoint.load_weights(params, projection_modules(model), progress)
         apply_formats(model, formats)
         load_into(model, weights, formats, source, check_finite=check_finite)
         model.eval()
@@ -247,27 +271,6 @@ def projection_modules(model: nn.Module) -> set[str]:
     return {p for p, m in model.named_modules() if isinstance(m, (nn.Linear, SwitchLinear))}
 
 
-def _download(repo_id: str) -> Path:
-    """A Hugging Face repo id -> local snapshot (the cache first, then the network)."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"{repo_id}: no such file or directory, and not a Hugging Face repo id")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ModelNotFoundError(f"{repo_id}: not a local path, and huggingface_hub is not installed") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HF_PATTERNS, local_files_only=True))
-    except Exception:
-        pass  # not cached: try the network
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HF_PATTERNS))
-    except Exception as e:
-        raise ModelNotFoundError(
-            f"{repo_id}: not a local path, and downloading it from the Hugging Face Hub failed "
-            f"({type(e).__name__}: {e}). Offline? Download it first or pass a local directory."
-        ) from None
-
-
 def _load_tokenizer(path: Path, vocab_size: int):
     from .tokenizer import load_tokenizer
 
@@ -280,6 +283,8 @@ def _load_tokenizer(path: Path, vocab_size: int):
         # Its ids would index past the embedding: offer no tokenizer rather than a wrong one.
         # Silent when it is the published fallback next to a small test checkpoint.
         if (path / "tokenizer.json").is_file():
-            warnings.warn(f"{path}: tokenizer.json has {n_ids} ids but the model only {vocab_size}; not loaded")
+            warnings.warn(f"{path / 'tokenizer.json'}: the tokenizer has {n_ids} token ids but the model's "
+                          f"vocab_size is {vocab_size}, so it does not belong to these weights; not loaded",
+                          TokenizerMismatchWarning, stacklevel=2)
         return None
     return tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -28,6 +29,15 @@ def check_output(source: Path, output: Path, *, resume: bool, is_dir: bool) -> P
         raise OutputExistsError(f"{partial}: left by an interrupted conversion; {hint}")
     output.parent.mkdir(parents=True, exist_ok=True)
     return partial
+
+
+def publish(partial: Path, output: Path) -> Path:
+    """Move the finished ``partial`` into place (replacing the empty directory ``check_output``
+    allowed there) in one rename, so ``output`` is never half-written."""
+    if output.is_dir():
+        output.rmdir()
+    os.replace(partial, output)
+    return output
 
 
 def check_free_space(where: Path, needed: int) -> None:

@@ -76,4 +76,12 @@ def row_bytes(fmt: Format | str | int, n: int, tensor: str | None = None) -> int
     return n // block * nbytes
 
 
-__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "row_bytes"]
+def row_weights(fmt: Format, nbytes: int, tensor: str | None = None) -> int:
+    """Weights in a row of ``nbytes`` bytes of ``fmt``: the inverse of :func:`row_bytes`."""
+    if nbytes % fmt.BLOCK_BYTES:
+        raise ValueError(f"{tensor or 'tensor'}: a row of {nbytes} bytes is not a whole number "
+                         f"of {fmt.NAME} blocks ({fmt.BLOCK_BYTES} bytes)")
+    return nbytes // fmt.BLOCK_BYTES * fmt.BLOCK_SIZE
+
+
+__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "row_bytes", "row_weights"]
