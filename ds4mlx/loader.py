@@ -62,17 +62,12 @@ def load(
     """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none).
 
     ``mtp=True`` also loads the multi-token-prediction block (about 3.5 GB for Flash), which
-<<<<<<< HEAD
-    only a speculative drafter uses; by default it stays on disk. ``check_finite`` refuses
-    weights holding NaN/Inf (one pass over each tensor as it loads; scripts/finite_check_cost.py).
-    ``progress(bytes read, bytes to read)`` is called as the weights are read
-    (``ds4mlx.progress.LoadProgress`` draws it).
-=======
     only a speculative drafter uses; by default it stays on disk. A GGUF takes it from its own
     ``mtp.*`` tensors, from ``mtp_path`` (ds4's separate MTP GGUF), or from that file found
     beside it (``find_mtp_gguf``). ``check_finite`` refuses weights holding NaN/Inf (one pass
     over each tensor as it loads; scripts/finite_check_cost.py).
->>>>>>> mtp
+    ``progress(bytes read, bytes to read)`` is called as the weights are read
+    (``ds4mlx.progress.LoadProgress`` draws it).
     """
     dtype = default_dtype() if dtype is None else dtype
     path = resolve_model_path(path_or_repo)
@@ -80,11 +75,8 @@ def load(
         raise ValueError(f"{mtp_path}: a separate MTP file goes with a .gguf model; {path} carries its own")
     if path.suffix == ".gguf":
         return load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype,
-<<<<<<< HEAD
-                         check_finite=check_finite, progress=progress)
-=======
-                         mtp=mtp or mtp_path is not None, mtp_path=mtp_path, check_finite=check_finite)
->>>>>>> mtp
+                         mtp=mtp or mtp_path is not None, mtp_path=mtp_path, check_finite=check_finite,
+                         progress=progress)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
     model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp,
@@ -208,14 +200,9 @@ def _check_finite(path: str, array: mx.array, fmt: Any, source: str) -> None:
 
 
 def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
-<<<<<<< HEAD
-              qat_rounding: bool = True, dtype: mx.Dtype | None = None,
+              qat_rounding: bool = True, dtype: mx.Dtype | None = None, mtp: bool = False,
               mtp_path: str | os.PathLike | None = None, check_finite: bool = True,
               progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, Any]:
-=======
-              qat_rounding: bool = True, dtype: mx.Dtype | None = None, mtp: bool = False,
-              mtp_path: str | os.PathLike | None = None, check_finite: bool = True) -> tuple[nn.Module, Any]:
->>>>>>> mtp
     """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
 
     ``mtp=True`` loads the MTP block: the file's own ``mtp.{j}.*`` tensors if it has them, else
