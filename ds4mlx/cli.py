@@ -485,13 +485,18 @@ def serve(
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1,
                                             help="Default answer length when a request gives none.")] = DEFAULT_CHAT_MAX_TOKENS,
     experts_per_token: ExpertsOpt = None,
+    draft: DraftOpt = None,
+    num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
+    mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
     from .server import serve as run_server
 
+    _check_draft(draft)
     status(f"Loading {model} ...")
     run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
-               disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token, default_max_tokens=max_tokens)
+               disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token, default_max_tokens=max_tokens,
+               draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf)
 
 
 # ----------------------------------------------------------------------------- entry point

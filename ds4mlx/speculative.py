@@ -172,7 +172,8 @@ class MTPDrafter:
         self.layer = cache[n_layers + self.index]
         self.main = cache[0]
         held = getattr(self.layer, "draft_pending", None)
-        self.streams, self.next_tokens = held if held is not None else (None, [])
+        # a copy: the held list may be shared with a snapshot of this state (a prefix cache)
+        self.streams, self.next_tokens = (held[0], list(held[1])) if held is not None else (None, [])
         if self.layer.offset + self._n_streams() != self.main.offset:
             # The block missed positions (e.g. earlier turns decoded without drafts): restart it
             # here; its window fills again within sliding_window tokens.

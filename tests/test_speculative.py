@@ -387,3 +387,19 @@ def test_stream_generate_and_cli_with_drafts(demo_dir, capsys, monkeypatch):
     row = next(csv.DictReader(io.StringIO(out)))
     assert int(row["draft_tokens"]) == 2 and 1 <= int(row["gen_forwards"]) <= 6 and int(row["context"]) == 24
     assert "tokens per forward" in err
+
+
+def test_server_with_drafts_answers_as_without(demo_dir):
+    # Greedy completions through the OpenAI API with MTP drafts equal ds4mlx.generate without;
+    # the second request starts from the prefix cache's snapshot of the first one's prompt.
+    openai = pytest.importorskip("openai")
+    import ds4mlx
+    from ds4mlx.server import BackgroundServer, build_app
+
+    model, tok = load(demo_dir, dtype=mx.float32, mtp=True)
+    app = build_app(model, tok, model_id="demo", ctx=1024, draft="mtp", num_draft_tokens=2)
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for prompt in ("The quick brown fox", "The quick brown fox jumps"):
+            r = client.completions.create(model="demo", prompt=prompt, max_tokens=8, temperature=0)
+            assert r.choices[0].text == ds4mlx.generate(model, tok, prompt, temp=0.0, max_tokens=8)

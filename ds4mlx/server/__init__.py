@@ -20,8 +20,9 @@ DEFAULT_DISK_BYTES = 32 << 30
 def build_app(model: Any, tokenizer: Any, *, model_id: str = "ds4mlx", ctx: Optional[int] = None,
               cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: Optional[str | os.PathLike] = None,
               disk_bytes: int = DEFAULT_DISK_BYTES, processors: Optional[Callable] = None,
-              default_max_tokens: int = 4096):
-    """The Starlette app serving ``model``; ``cache_bytes=0`` turns the prefix cache off."""
+              default_max_tokens: int = 4096, draft: Optional[str] = None, num_draft_tokens: int = 2):
+    """The Starlette app serving ``model``; ``cache_bytes=0`` turns the prefix cache off;
+    ``draft="mtp"`` decodes speculatively with the model's MTP block (loaded with ``mtp=True``)."""
     from .app import create_app
     from .engine import Engine
     from .prefix_cache import PrefixCache, model_fingerprint
@@ -31,25 +32,26 @@ def build_app(model: Any, tokenizer: Any, *, model_id: str = "ds4mlx", ctx: Opti
         cache = PrefixCache(cache_bytes, directory=cache_dir, max_disk_bytes=disk_bytes,
                             fingerprint=model_fingerprint(model), layout=[c.ratio for c in model.make_cache()])
     engine = Engine(model, tokenizer, ctx=ctx, prefix_cache=cache, processors=processors,
-                    default_max_tokens=default_max_tokens)
+                    default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens)
     return create_app(engine, model_id)
 
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, ctx: Optional[int] = None,
           cache_dir: Optional[Path] = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
           disk_bytes: int = DEFAULT_DISK_BYTES, experts_per_token: Optional[int] = None,
-          default_max_tokens: int = 4096, log_level: str = "info") -> None:
+          default_max_tokens: int = 4096, log_level: str = "info", draft: Optional[str] = None,
+          num_draft_tokens: int = 2, mtp_path: Optional[Path] = None) -> None:
     import uvicorn
 
     from ..loader import load
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    model, tokenizer = load(model_path, experts_per_token=experts_per_token)
+    model, tokenizer = load(model_path, experts_per_token=experts_per_token, mtp=draft == "mtp", mtp_path=mtp_path)
     if tokenizer is None:
         raise FileNotFoundError(f"{model_path}: no usable tokenizer (the server needs one)")
     app = build_app(model, tokenizer, model_id=Path(str(model_path)).name or str(model_path), ctx=ctx,
                     cache_bytes=cache_bytes, cache_dir=cache_dir, disk_bytes=disk_bytes,
-                    default_max_tokens=default_max_tokens)
+                    default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:

@@ -126,8 +126,10 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, *, ctx: Optional[int] = None,
                  prefix_cache: Optional[PrefixCache] = None, prefill_step: int = DEFAULT_PREFILL_STEP,
-                 processors: Optional[Callable[[Job, int], list]] = None, default_max_tokens: int = 4096) -> None:
+                 processors: Optional[Callable[[Job, int], list]] = None, default_max_tokens: int = 4096,
+                 draft: Optional[str] = None, num_draft_tokens: int = 2) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.draft, self.num_draft_tokens = draft, num_draft_tokens  # speculative decoding (ds4mlx.speculative)
         self.default_max_tokens = default_max_tokens
         self.ctx, _ = context_limit(model, ctx)
         self.prefix_cache = prefix_cache
@@ -213,7 +215,7 @@ class Engine:
             self.model, self.tokenizer, rest, max_tokens=job.max_tokens, temp=job.temp, top_p=job.top_p,
             top_k=job.top_k, min_p=job.min_p, seed=job.seed, prompt_cache=cache, max_context=self.ctx,
             prefill_step_size=self.prefill_step,
-            logits_processors=processors or None,
+            logits_processors=processors or None, draft=self.draft, num_draft_tokens=self.num_draft_tokens,
         )
         try:
             for r in responses:
