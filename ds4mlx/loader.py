@@ -25,6 +25,7 @@ from .io.hf import CheckpointError, open_hf_checkpoint
 from .io.mlx_dir import is_mlx_dir, open_mlx_dir
 from .layers import apply_formats
 from .model.transformer import Model
+from .quant.formats import GGUF_PREFIX
 
 DEMO = "demo"
 _HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -150,38 +151,59 @@ def load_into(model: nn.Module, weights: dict[str, mx.array], formats: dict[str,
         raise CheckpointError(f"{source}: the checkpoint does not match the model: {e}") from None
 
 
-def _non_finite_count(array: mx.array, fmt: Any, leaf: str) -> int:
-    """How many NaN/Inf values ``array`` holds, read in its stored form: float arrays directly,
-    E8M0 scales (0xFF is NaN) and FP8 E4M3 codes (S.1111.111 is NaN) of the MX formats by their
-    bits. GGUF block types are checked at the first logits instead (their scales sit inside
-    the blocks)."""
+def _non_finite(array: mx.array, fmt: Any, leaf: str) -> mx.array | None:
+    """Where ``array`` holds NaN/Inf, read in its stored form (bool, leading axes kept; None
+    when the form cannot hold them): float arrays directly, E8M0 scales (0xFF is NaN) and FP8
+    E4M3 codes (S.1111.111 is NaN) of the MX formats, and GGUF blocks by their fp16 scales."""
     if mx.issubdtype(array.dtype, mx.floating):
-        return int(mx.sum(~mx.isfinite(array)).item())
-    kind = getattr(fmt, "kind", None)
+        return ~mx.isfinite(array)
+    kind = getattr(fmt, "kind", None) or ""
     if kind in ("mxfp8", "mxfp4") and leaf == "scales":
-        return int(mx.sum(array.view(mx.uint8) == 0xFF).item())
+        return array.view(mx.uint8) == 0xFF
     if kind == "mxfp8" and leaf == "weight":
-        return int(mx.sum((array.view(mx.uint8) & 0x7F) == 0x7F).item())
-    return 0
+        return (array.view(mx.uint8) & 0x7F) == 0x7F
+    if kind.startswith(GGUF_PREFIX) and leaf == "weight":
+        from .quant import gguf as gguf_quants
+
+        return gguf_quants.non_finite_scales(gguf_quants.get(kind[len(GGUF_PREFIX):]), array.view(mx.uint8))
+    return None
+
+
+def _source_name(path: str, source: str, expert: int | None) -> str:
+    """How the source file names the tensor at internal ``path`` (packed parts by their weight)."""
+    from .names import internal_to_gguf, internal_to_hf
+
+    module, _, leaf = path.rpartition(".")
+    try:
+        if source.endswith(".gguf"):
+            return internal_to_gguf(module + ".weight" if leaf in ("scales", "biases") else path)
+        if is_mlx_dir(source):
+            return path
+        if expert is not None:  # official checkpoints store every expert on its own
+            head, _, proj = module.rpartition(".")
+            path = f"{head}.{expert}.{proj}.{leaf}"
+        return internal_to_hf(path)
+    except Exception:  # a name the maps do not know: the internal path still says which
+        return path
 
 
 def _check_finite(path: str, array: mx.array, fmt: Any, source: str) -> None:
     leaf = path.rpartition(".")[2]
-    bad = _non_finite_count(array, fmt, leaf)
+    mask = _non_finite(array, fmt, leaf)
+    if mask is None:
+        return
+    bad = int(mx.sum(mask).item())
     if not bad:
         return
-    name = path
-    try:
-        from .names import internal_to_gguf, internal_to_hf
-
-        if source.endswith(".gguf"):
-            name = internal_to_gguf(path)
-        elif not is_mlx_dir(source):
-            name = internal_to_hf(path)
-    except Exception:  # stacked experts, packed parts: the internal path names them
-        pass
-    raise NonFiniteWeightError(f"{source}: tensor {name!r} holds {bad} NaN or Inf values "
-                               f"(of {array.size}); the file is damaged")
+    expert = None
+    if ".experts." in path and mask.ndim == 3:  # stacked experts: say which one
+        expert = int(mx.argmax(mx.any(mask.reshape(mask.shape[0], -1), axis=1)).item())
+    name = _source_name(path, source, expert)
+    what = "blocks with a NaN or Inf scale" if array.dtype == mx.uint8 and fmt is not None and \
+        getattr(fmt, "kind", "").startswith(GGUF_PREFIX) else "NaN or Inf values"
+    where = f" (expert {expert})" if expert is not None and f".{expert}." not in name else ""
+    raise NonFiniteWeightError(f"{source}: tensor {name!r}{where} holds {bad} {what} (of {mask.size}); "
+                               "the file is damaged")
 
 
 def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,

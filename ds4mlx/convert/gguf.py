@@ -248,7 +248,7 @@ def gguf_config(ckpt: HFCheckpoint, opts: Options) -> dict[str, Any]:
     return config
 
 
-def tokenizer_fields(source: Path) -> dict[str, Any] | None:
+def tokenizer_fields(source: Path, vocab_size: int | None = None) -> dict[str, Any] | None:
     path = source / "tokenizer.json"
     if not path.is_file():
         import warnings
@@ -258,7 +258,11 @@ def tokenizer_fields(source: Path) -> dict[str, Any] | None:
         return None
     from ..tokenizer import gguf_tokenizer_fields
 
-    return gguf_tokenizer_fields(path)
+    fields = gguf_tokenizer_fields(path)
+    if vocab_size is not None and len(fields["tokenizer.ggml.tokens"]) > vocab_size:
+        raise ConvertError(f"{path}: the tokenizer has {len(fields['tokenizer.ggml.tokens'])} tokens but config.json's "
+                           f"vocab_size is {vocab_size}: ids {vocab_size} and up would have no embedding")
+    return fields
 
 
 # --------------------------------------------------------------------------- writing
@@ -309,7 +313,7 @@ def convert_gguf(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *
     partial = check_output(ckpt.path, output, resume=False, is_dir=False)
     units = gguf_plan(ckpt, opts)
     config = gguf_config(ckpt, opts)
-    tokenizer = tokenizer_fields(ckpt.path)
+    tokenizer = tokenizer_fields(ckpt.path, ckpt.config.get("vocab_size"))
     total = sum(u.nbytes for u in units)
     check_free_space(output.parent, total)
     bar = Progress(total, 0, f"convert → {output.name}", progress)

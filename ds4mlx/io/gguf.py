@@ -181,7 +181,7 @@ def hf_config_from_gguf(gf: GGUFFile, *, tensors: Mapping[str, TensorInfo] | Non
                 f"expert ids per token"
             )
     if k < 1:
-        raise GGUFError(f"{source}: {p}expert_used_count is {k}, expected at least 1 routed expert per token")
+        raise GGUFError(f"{source}: {EXPERT_USED_COUNT} is {k}, expected at least 1 routed expert per token")
     d["num_experts_per_tok"] = k
     _check_block_count(source, d["num_hidden_layers"], tensors)
     d["num_nextn_predict_layers"] = 0  # MTP lives in a separate file (load_gguf's mtp_path)
@@ -409,6 +409,7 @@ def open_gguf_checkpoint(path: str | os.PathLike,
         gf = files[0]
         by_name = {n: (gf, t) for n, t in gf.tensors.items()}
         hf = hf_config_from_gguf(gf)
+        _check_tokenizer_size(str(gf.path), gf.fields, hf["vocab_size"])
         if mtp_path is not None:
             files.append(open_gguf(mtp_path))
             mtp_ids = sorted({int(m.group(1)) for n in files[1].tensors

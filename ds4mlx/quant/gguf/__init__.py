@@ -77,3 +77,17 @@ def row_bytes(fmt: Format | str | int, n: int, tensor: str | None = None) -> int
 
 
 __all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "row_bytes"]
+
+
+def non_finite_scales(fmt: Format, blocks: "mx.array") -> "mx.array":
+    """Whether each block of ``blocks`` (uint8 ``[..., n_blocks*BLOCK_BYTES]``) has a NaN or
+    Inf fp16 scale (exponent bits all ones): such a block decodes to NaN/Inf whatever its codes.
+    Formats without ``SCALE_FIELDS`` give all False. Result: bool ``[..., n_blocks]``."""
+    import mlx.core as mx
+
+    b = blocks.reshape(*blocks.shape[:-1], -1, fmt.BLOCK_BYTES)
+    bad = mx.zeros(b.shape[:-1], dtype=mx.bool_)
+    for at in getattr(fmt, "SCALE_FIELDS", ()):
+        high = b[..., at + 1]  # little-endian: the exponent sits in bits 2..6 of the high byte
+        bad = bad | (mx.bitwise_and(high, 0x7C) == 0x7C)
+    return bad
