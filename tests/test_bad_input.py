@@ -505,3 +505,109 @@ def test_ctrl_c_at_any_moment_of_the_start():
         assert code == 130, (delay, err)
         assert "Traceback" not in err and "error" not in err, (delay, err)
     assert reached >= len(delays) - 3
+
+
+# ----------------------------------------------------------------------------- stray processes
+
+
+def _wait_for(condition, timeout: float = 90.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _convert_jobs_2(src: Path, out: Path) -> subprocess.Popen:
+    return cli_process("convert", src, out, "--to", "gguf", "--preset", "ds4-q4", "--jobs", "2")
+
+
+def _workers_writing(proc: subprocess.Popen, partial: Path) -> None:
+    _wait_for(lambda: len(session_members(proc.pid)) >= 4 and partial.is_file()
+              and partial.stat().st_size > 1 << 20, what="workers writing")
+
+
+@pytest.mark.slow
+def test_killed_gguf_conversion_leaves_nothing_running(demo_dir, tmp_path):
+    """``convert --jobs 2`` killed by SIGKILL (the out-of-memory killer's signal) while its
+    workers work: no worker or resource tracker survives (the pipes close, so a caller waiting
+    on them returns). The partial file stays, and does not block the rerun, which SIGTERM then
+    stops: with its cleanup, the partial file and lock removed, exit status 143."""
+    before = tree_digest(demo_dir)
+    out, partial = tmp_path / "out.gguf", tmp_path / "out.gguf.partial"
+    proc = _convert_jobs_2(demo_dir, out)
+    _workers_writing(proc, partial)
+    proc.send_signal(signal.SIGKILL)
+    code, out_text, err = finish(proc, timeout=60)  # would time out if a survivor held the pipes
+    assert code == -signal.SIGKILL
+    assert_none_left(proc.pid)
+    assert partial.exists() and not out.exists()
+
+    proc = _convert_jobs_2(demo_dir, out)
+    _workers_writing(proc, partial)
+    proc.send_signal(signal.SIGTERM)
+    code, out_text, err = finish(proc, timeout=60)
+    assert_none_left(proc.pid)
+    assert code == 143, err
+    assert f"note: removing {partial}, left by an interrupted conversion" in err
+    assert "Traceback" not in err and err.rstrip().endswith("ds4mlx: terminated"), err
+    assert sorted(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    assert tree_digest(demo_dir) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_workers_start(demo_dir, tmp_path):
+    """Ctrl-C as a terminal sends it (to the whole foreground group, workers included) while
+    the workers start: exit 130, no traceback from any process, nothing left."""
+    out = tmp_path / "out.gguf"
+    proc = _convert_jobs_2(demo_dir, out)
+    _wait_for(lambda: len(session_members(proc.pid)) >= 3, what="worker processes")
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out_text, err = finish(proc, timeout=60)
+    assert_none_left(proc.pid)
+    assert code == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert sorted(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_running_conversion_is_not_disturbed(demo_dir, tmp_path, capsys, monkeypatch):
+    """The lock of a live conversion refuses a second one on the same output; the partial
+    file stays the owner's."""
+    from ds4mlx.convert.output import PartialLock
+
+    out = tmp_path / "out.gguf"
+    partial = tmp_path / "out.gguf.partial"
+    partial.write_bytes(b"being written")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from ds4mlx.convert.output import PartialLock\n"
+        "PartialLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)"), str(partial)],
+        env=env(), stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        one_line(*run(capsys, monkeypatch, "convert", demo_dir, out, "--to", "gguf"),
+                 str(partial), f"process {holder.pid}")
+        assert partial.read_bytes() == b"being written" and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = PartialLock(partial)  # the holder is gone: its lock went with it
+    lock.acquire()
+    lock.release()
+
+
+def test_killed_demo_build_leaves_no_temporary(tmp_path):
+    from ds4mlx.synthetic import demo_model_path
+
+    cache = tmp_path / "cache"
+    profile = dict(num_layers=2, num_hash_layers=1, mtp=False, n_routed_experts=4, experts_per_token=2)
+    script = ("import sys; from ds4mlx.synthetic import demo_model_path\n"
+              f"demo_model_path(sys.argv[1], **{profile!r})")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(cache)], env=env(), start_new_session=True)
+    _wait_for(lambda: any(cache.glob(".demo-tmp-*")), what="the demo build")
+    proc.kill()
+    proc.wait()
+    assert list(cache.glob(".demo-tmp-*"))
+    live = cache / f".demo-tmp-{os.getpid()}-building"  # a build still running here: kept
+    live.mkdir()
+    path = demo_model_path(cache, **profile)
+    assert (path / "model.safetensors.index.json").is_file()
+    assert sorted(cache.glob(".demo-tmp-*")) == [live]

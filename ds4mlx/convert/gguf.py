@@ -181,10 +181,66 @@ def run_item(item: EncodeJob | Callable[[], np.ndarray]) -> np.ndarray:
     return encode(item) if isinstance(item, EncodeJob) else item()
 
 
-def _ignore_sigint() -> None:  # Ctrl-C is the writing process's to handle: it stops the pool
+def _watch_parent(parent: int) -> None:
+    """Worker initializer: leave Ctrl-C to the writing process (it stops the pool), and end
+    with the parent, whatever kills it. A worker blocks on a queue whose write end it holds
+    itself, so without this it would outlive a SIGKILLed parent (the out-of-memory killer's
+    signal) forever, holding the caller's pipes open."""
     import signal
+    import sys
+    import threading
+    import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):  # the kernel kills us with the parent
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:  # macOS has no PDEATHSIG: poll (an orphan is re-parented)
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died while this worker started
+        os._exit(1)
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+class _SpawnQuietly:
+    """SIGINT blocked while the pool and its workers are started: a blocked signal stays
+    pending here (so a Ctrl-C then interrupts as soon as the spawn returns), and the mask is
+    inherited through exec, so a worker cannot die of it with a traceback from its imports
+    (they take a second); its initializer ignores SIGINT for good."""
+
+    def __enter__(self):
+        import signal
+
+        self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
+
+
+def _stop_pool(pool, finished: bool) -> None:
+    """Shut the pool down: after the last item, waiting for the workers; on an error or an
+    interruption at once, terminating running jobs (``concurrent.futures`` can only wait for them)."""
+    if finished:
+        pool.shutdown(wait=True)
+        return
+    pool.shutdown(wait=False, cancel_futures=True)
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.join(5)
 
 
 def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) -> Iterator[np.ndarray]:
@@ -212,21 +268,24 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     def resolve(x):
         return x.result() if isinstance(x, Future) else run_item(x)
 
+    finished = False
     try:
         for item in items:
             if isinstance(item, EncodeJob) and item.heavy:
-                if pool is None:  # spawn: forking a process that holds MLX/Metal state is unsafe
-                    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                               initializer=_ignore_sigint)
-                item = pool.submit(encode, item)
+                with _SpawnQuietly():  # creating the pool and a submit may start processes
+                    if pool is None:  # spawn: forking a process that holds MLX/Metal state is unsafe
+                        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                   initializer=_watch_parent, initargs=(os.getpid(),))
+                    item = pool.submit(encode, item)
             pending.append(item)
             if len(pending) > window:
                 yield resolve(pending.popleft())
         while pending:
             yield resolve(pending.popleft())
+        finished = True
     finally:
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            _stop_pool(pool, finished)
         for k in unset:
             os.environ.pop(k, None)
 
@@ -310,24 +369,27 @@ def convert_gguf(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *
                  jobs: int = 1) -> Path:
     if output.suffix != ".gguf":
         raise ConvertError(f"{output}: a GGUF output path must end in .gguf")
-    partial = check_output(ckpt.path, output, resume=False, is_dir=False)
-    units = gguf_plan(ckpt, opts)
-    config = gguf_config(ckpt, opts)
-    tokenizer = tokenizer_fields(ckpt.path, ckpt.config.get("vocab_size"))
-    total = sum(u.nbytes for u in units)
-    check_free_space(output.parent, total)
-    bar = Progress(total, 0, f"convert → {output.name}", progress)
+    partial, lock = check_output(ckpt.path, output, resume=False, is_dir=False)
     try:
-        crcs = write_stream(partial, config, units, tokenizer, bar, jobs)
-        bar.close()
-        verify_gguf(partial, units, crcs)
-    except BaseException as exc:
-        bar.close()
-        partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
-            raise err from exc
-        raise
-    if output.is_dir():
-        output.rmdir()
-    os.replace(partial, output)
-    return output
+        units = gguf_plan(ckpt, opts)
+        config = gguf_config(ckpt, opts)
+        tokenizer = tokenizer_fields(ckpt.path, ckpt.config.get("vocab_size"))
+        total = sum(u.nbytes for u in units)
+        check_free_space(output.parent, total)
+        bar = Progress(total, 0, f"convert → {output.name}", progress)
+        try:
+            crcs = write_stream(partial, config, units, tokenizer, bar, jobs)
+            bar.close()
+            verify_gguf(partial, units, crcs)
+        except BaseException as exc:
+            bar.close()
+            partial.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
+                raise err from exc
+            raise
+        if output.is_dir():
+            output.rmdir()
+        os.replace(partial, output)
+        return output
+    finally:
+        lock.release()
