@@ -201,23 +201,34 @@ def gguf_poke(path: Path, tensor: str, at: int, data: bytes) -> None:
         f.write(data)
 
 
-def gguf_with_tokens(good: Path, dst: Path, extra: int) -> Path:
-    """``good`` rewritten by the project's GGUF writer with ``extra`` more tokenizer tokens
-    than the model's vocabulary (the embedding and head keep ``vocab_size`` rows)."""
+def gguf_rewrite(good: Path, dst: Path, *, extra_tokens: int = 0, retype: dict[str, str] | None = None) -> Path:
+    """``good`` rewritten by the project's GGUF writer: ``extra_tokens`` more tokenizer tokens
+    than the model's vocabulary (the embedding and head keep ``vocab_size`` rows), and the
+    tensors of ``retype`` re-quantized to another block type (``{name: "Q4_K"}``)."""
+    from gguf import quants as gq
+
     from ds4mlx.convert.gguf_writer import stream_gguf, tensor_entry
     from ds4mlx.io.gguf import hf_config_from_gguf
     from ds4mlx.io.gguf_file import open_gguf
+    from ds4mlx.quant import gguf as qgguf
 
+    retype = retype or {}
     with open_gguf(good) as g:
         config = hf_config_from_gguf(g)
         fields = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in g.fields.items()
                   if k.startswith("tokenizer.")}
-        n = len(fields["tokenizer.ggml.tokens"])
-        fields["tokenizer.ggml.tokens"] = list(fields["tokenizer.ggml.tokens"]) + [f"[EXTRA{i}]" for i in range(extra)]
-        fields["tokenizer.ggml.token_type"] = list(fields["tokenizer.ggml.token_type"]) + [1] * extra
-        assert n == config["vocab_size"]
-        entries = [tensor_entry(name, info.type_name, info.shape) for name, info in g.tensors.items()]
-        data = [[np.array(g.array(name))] for name in g.tensors]
+        assert len(fields["tokenizer.ggml.tokens"]) == config["vocab_size"]
+        fields["tokenizer.ggml.tokens"] += [f"[EXTRA{i}]" for i in range(extra_tokens)]
+        fields["tokenizer.ggml.token_type"] += [1] * extra_tokens
+        entries, data = [], []
+        for name, info in g.tensors.items():
+            array = np.array(g.array(name))
+            qtype = info.type_name
+            if name in retype:
+                values = gq.dequantize(array, info.ggml_type).reshape(info.shape)
+                qtype, array = retype[name], qgguf.get(retype[name]).quantize(values)
+            entries.append(tensor_entry(name, qtype, info.shape))
+            data.append([array])
     stream_gguf(dst, config, entries, data, tokenizer=fields)
     return dst
 
@@ -322,10 +333,48 @@ def test_damaged_gguf(damage, needles, good_gguf, tmp_path, capsys, monkeypatch)
     assert tree_digest(path) == before
 
 
+def test_nan_scale_in_a_packed_gguf_block(good_gguf, tmp_path, capsys, monkeypatch):
+    """GGUF block types the model keeps packed (K-quants, IQ2_XXS) are checked by their fp16
+    block scales at load."""
+    from ds4mlx.quant.gguf import q4_k
+
+    name = "blk.3.ffn_gate_exps.weight"
+    path = gguf_rewrite(good_gguf, tmp_path / "q4k.gguf", retype={name: "Q4_K"})
+    rows = 256  # moe_intermediate_size: one Q4_K block per row of 256 inputs
+    gguf_poke(path, name, 2 * rows * q4_k.BLOCK_BYTES + 1, b"\x7c")  # expert 2, block 0: d = Inf/NaN
+    before = tree_digest(path)
+    one_line(*run(capsys, monkeypatch, "generate", "-m", path, "-p", "hi", "--max-tokens", "2"),
+             str(path), repr(name), "expert 2", "1 blocks with a NaN or Inf scale")
+    assert tree_digest(path) == before
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "Q8_0"])
+def test_block_scale_check_agrees_with_gguf_py(qtype):
+    """A block is flagged exactly when gguf-py's dequantization of it holds NaN or Inf."""
+    import mlx.core as mx
+    from gguf import GGMLQuantizationType
+    from gguf import quants as gq
+
+    from ds4mlx.quant import gguf as qgguf
+
+    fmt = qgguf.get(qtype)
+    n_blocks = 512
+    blocks = np.random.default_rng(1).integers(0, 256, (n_blocks, fmt.BLOCK_BYTES), dtype=np.uint8)
+    for at in fmt.SCALE_FIELDS:  # keep most scales small and finite, break a known few
+        blocks[:, at + 1] &= 0x3B
+        blocks[at::17, at + 1] = 0x7C | (blocks[at::17, at + 1] & 0x83)
+    with np.errstate(all="ignore"):
+        values = gq.dequantize(blocks, GGMLQuantizationType[qtype]).reshape(n_blocks, -1)
+    expected = ~np.isfinite(values).all(axis=1)
+    got = np.array(qgguf.non_finite_scales(fmt, mx.array(blocks.reshape(1, -1)))).reshape(-1)
+    assert expected.any() and not expected.all()
+    assert np.array_equal(got, expected)
+
+
 def test_gguf_tokenizer_larger_than_vocabulary(good_gguf, demo_dir, tmp_path, capsys, monkeypatch):
     import ds4mlx
 
-    path = gguf_with_tokens(good_gguf, tmp_path / "big-vocab.gguf", extra=6)
+    path = gguf_rewrite(good_gguf, tmp_path / "big-vocab.gguf", extra_tokens=6)
     needles = ["big-vocab.gguf", "tokenizer.ggml.tokens has 1030 tokens", "vocab_size is 1024"]
     one_line(*run(capsys, monkeypatch, "generate", "-m", path, "-p", "hi"), *needles)
     with pytest.raises(ValueError, match="1030 tokens"):
