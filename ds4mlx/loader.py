@@ -131,10 +131,10 @@ def load_into(model: nn.Module, weights: dict[str, mx.array], formats: dict[str,
     """Cast float tensors to the dtype of the model's parameter at that path (the model decides
     what stays float32), keep packed arrays as stored (``formats``: module -> WeightFormat),
     refuse NaN/Inf (``check_finite``), then load strictly."""
+    if check_finite:
+        check_all_finite(weights, formats, source)
     params = dict(tree_flatten(model.parameters()))
     for path in list(weights):
-        if check_finite:
-            _check_finite(path, weights[path], formats.get(path.rpartition(".")[0]), source)
         target = params.get(path)
         if target is None or path.rpartition(".")[0] in formats:
             continue  # unknown paths are reported by the strict load below
@@ -187,20 +187,35 @@ def _source_name(path: str, source: str, expert: int | None) -> str:
         return path
 
 
-def _check_finite(path: str, array: mx.array, fmt: Any, source: str) -> None:
-    leaf = path.rpartition(".")[2]
-    mask = _non_finite(array, fmt, leaf)
-    if mask is None:
-        return
-    bad = int(mx.sum(mask).item())
-    if not bad:
-        return
+_FINITE_BATCH = 64  # tensors whose counts are evaluated together: few synchronisations, bounded temporaries
+
+
+def check_all_finite(weights: dict[str, mx.array], formats: dict[str, Any], source: str) -> None:
+    """``NonFiniteWeightError`` naming the first tensor (in load order) that holds NaN/Inf, as
+    its file names it. One pass over what each stored form can hold NaN in; the counts of a
+    batch of tensors are evaluated together (scripts/finite_check_cost.py measures it)."""
+    items = list(weights.items())
+    for start in range(0, len(items), _FINITE_BATCH):
+        counts = []
+        for path, array in items[start:start + _FINITE_BATCH]:
+            fmt = formats.get(path.rpartition(".")[0])
+            mask = _non_finite(array, fmt, path.rpartition(".")[2])
+            if mask is not None:
+                counts.append((path, array, fmt, mx.sum(mask)))
+        mx.eval([c for *_, c in counts])
+        for path, array, fmt, count in counts:
+            if count.item():
+                _report_non_finite(path, array, fmt, source, int(count.item()))
+
+
+def _report_non_finite(path: str, array: mx.array, fmt: Any, source: str, bad: int) -> None:
+    mask = _non_finite(array, fmt, path.rpartition(".")[2])
     expert = None
     if ".experts." in path and mask.ndim == 3:  # stacked experts: say which one
         expert = int(mx.argmax(mx.any(mask.reshape(mask.shape[0], -1), axis=1)).item())
     name = _source_name(path, source, expert)
-    what = "blocks with a NaN or Inf scale" if array.dtype == mx.uint8 and fmt is not None and \
-        getattr(fmt, "kind", "").startswith(GGUF_PREFIX) else "NaN or Inf values"
+    packed = array.dtype == mx.uint8 and getattr(fmt, "kind", "").startswith(GGUF_PREFIX)
+    what = "blocks with a NaN or Inf scale" if packed else "NaN or Inf values"
     where = f" (expert {expert})" if expert is not None and f".{expert}." not in name else ""
     raise NonFiniteWeightError(f"{source}: tensor {name!r}{where} holds {bad} {what} (of {mask.size}); "
                                "the file is damaged")
