@@ -291,6 +291,24 @@ def test_non_finite_weights_refused_at_load(tensor, at, data, named, demo_dir, t
     assert tree_digest(model) == before, line
 
 
+def test_nan_logits_stop_before_any_text(demo_dir, tmp_path):
+    """With the load check off, damaged weights still never become text: generation stops at
+    the first NaN logits."""
+    import mlx.core as mx
+
+    import ds4mlx
+    from ds4mlx.generate import NonFiniteLogitsError
+
+    model = model_copy(demo_dir, tmp_path / "m", real=(shard_of(demo_dir, "norm.weight").name,))
+    poke(model, "norm.weight", 0, NAN_BF16)
+    loaded, tokenizer = ds4mlx.load(model, dtype=mx.float32, check_finite=False)
+    texts = []
+    with pytest.raises(NonFiniteLogitsError, match="NaN or Inf logits at generated token 1"):
+        for response in ds4mlx.stream_generate(loaded, tokenizer, "hi", max_tokens=3):
+            texts.append(response.text)
+    assert texts == []
+
+
 def test_overlapping_safetensors_offsets(demo_dir, tmp_path, capsys, monkeypatch):
     a, b = "layers.0.hc_attn_fn", "layers.0.hc_attn_base"
     model = model_copy(demo_dir, tmp_path / "m", real=(shard_of(demo_dir, a).name,))
@@ -527,6 +545,24 @@ def test_disk_full_names_the_path(to, demo_dir, tmp_path, capsys, monkeypatch):
     one_line(*run(capsys, monkeypatch, "convert", demo_dir, out, *extra), str(partial), "disk full")
     assert not out.exists()
     assert not partial.exists() or not (partial / "config.json").exists()
+    assert tree_digest(demo_dir) == before
+
+
+@pytest.mark.slow
+def test_file_size_limit_while_writing_an_mlx_dir(demo_dir, tmp_path):
+    """A real write failure (``ulimit -f``: EFBIG from the kernel, no monkeypatching) names the
+    output path; nothing that looks complete is left."""
+    import resource
+
+    limit = 4 << 20
+    out = tmp_path / "out"
+    before = tree_digest(demo_dir)
+    proc = cli_process("convert", demo_dir, out,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    code, out_text, err = finish(proc)
+    assert code != -signal.SIGXFSZ
+    one_line(code, out_text, err, f"{out}.partial", "largest file", "nothing was kept")
+    assert sorted(tmp_path.iterdir()) == []
     assert tree_digest(demo_dir) == before
 
 

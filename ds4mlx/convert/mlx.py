@@ -280,9 +280,15 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         verify_mlx(partial, names, plan, state["done"])
         weight_map = {t: n for n, entries in zip(names, plan) for t, _, _ in entries}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (partial / mlx_dir.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        copy_side_files(ckpt.path, partial)
-        (partial / "config.json").write_text(json.dumps(mlx_config(ckpt, opts, formats, source), indent=2) + "\n")
+        try:
+            (partial / mlx_dir.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            copy_side_files(ckpt.path, partial)
+            (partial / "config.json").write_text(json.dumps(mlx_config(ckpt, opts, formats, source), indent=2) + "\n")
+        except OSError as exc:
+            if err := disk_full_error(exc, partial):
+                raise ConvertError(f"{err}; all {len(shards)} shards are kept in {partial}: rerun with --resume "
+                                   "to finish, or delete it") from exc
+            raise
         mlx_dir.open_mlx_dir(partial).close()  # the reader accepts what we wrote
         (partial / STATE_FILE).unlink()
         if output.is_dir():

@@ -95,8 +95,13 @@ def check_free_space(where: Path, needed: int) -> None:
 
 
 def disk_full_error(exc: OSError, target: Path) -> ConvertError | None:
+    """The error to report for ``exc`` raised while writing ``target`` when the file system ran
+    out of room (a write error carries no file name of its own), else None."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ConvertError(f"{target}: disk full while writing the output ({exc.strerror or exc})")
+    if exc.errno == errno.EFBIG:
+        return ConvertError(f"{target}: the output outgrew the largest file allowed here (file system or "
+                            f"ulimit -f) ({exc.strerror or exc})")
     return None
 
 
