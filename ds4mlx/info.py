@@ -238,7 +238,10 @@ def describe(
 
     path = resolve_model(source)
     config_dict, tensors, fmt = read_tensors(path)
-    config = ModelConfig.from_hf(config_dict, source=str(path))
+    names = None
+    if fmt.startswith("GGUF"):  # errors name the file's own metadata keys
+        from .io.gguf import GGUF_KEY_NAMES as names
+    config = ModelConfig.from_hf(config_dict, source=str(path), names=names)
     k_used = config.check_experts_per_token(experts_per_token, str(path))
     if dtype_bytes is None:
         from .loader import default_dtype

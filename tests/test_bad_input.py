@@ -337,17 +337,23 @@ GGUF_CASES = [
     (lambda p: gguf_poke(p, "blk.1.ffn_norm.weight", 8, INF_F32), ["'blk.1.ffn_norm.weight'", "NaN or Inf"]),
     (lambda p: gguf_poke(p, "token_embd.weight", 512, NAN_BF16), ["'token_embd.weight'", "NaN or Inf"]),
     (_mxfp4_scale_nan, ["blk.3.ffn_down_exps", "NaN or Inf"]),
+    (lambda p: gguf_set(p, "deepseek4.attention.layer_norm_rms_epsilon", math.nan),
+     ["deepseek4.attention.layer_norm_rms_epsilon is NaN"]),
+    (lambda p: gguf_set(p, "deepseek4.context_length", 0), ["deepseek4.context_length is 0"]),
 ]
 
 
 @pytest.mark.parametrize("damage,needles", GGUF_CASES,
-                         ids=["block_count", "expert_used_count", "type_id", "inf_f32", "nan_bf16", "nan_mxfp4"])
+                         ids=["block_count", "expert_used_count", "type_id", "inf_f32", "nan_bf16", "nan_mxfp4",
+                              "nan_eps", "zero_context"])
 def test_damaged_gguf(damage, needles, good_gguf, tmp_path, capsys, monkeypatch):
     path = gguf_copy(good_gguf, tmp_path / GGUF_NAME)
     damage(path)
     before = tree_digest(path)
     one_line(*run(capsys, monkeypatch, "generate", "-m", path, "-p", "hi", "--max-tokens", "2"),
              str(path), *needles)
+    if "NaN or Inf" not in needles:  # metadata and tables: info (which reads no weights) refuses too
+        one_line(*run(capsys, monkeypatch, "info", path), str(path), *needles)
     assert tree_digest(path) == before
 
 
@@ -442,6 +448,7 @@ SETTING_CASES = [
     (["--min-p", "nan"], "--min-p"),
     (["--seed", "-1"], "seed must be an integer in 0..18446744073709551615, got -1"),
     (["--seed", str(2**64)], "seed"),
+    (["--ctx", "0"], "--ctx"),
     (["--system", "be \udcff"], "--system is not valid UTF-8 text: invalid UTF-8 byte 0xff"),
 ]
 

@@ -78,7 +78,7 @@ _OPTIONAL_KEYS = [
     (_key(Keys.LLM.EXPERT_WEIGHTS_NORM), "norm_topk_prob", "bool"),
 ]
 # HF config key -> the GGUF metadata key it comes from (config errors name the file's key)
-GGUF_KEY_NAMES = {hf: f"{ARCH}.{key}" for key, hf, _ in _REQUIRED_KEYS + _OPTIONAL_KEYS}
+GGUF_KEY_NAMES = {hf: key for key, hf, _ in _REQUIRED_KEYS + _OPTIONAL_KEYS}
 GGUF_KEY_NAMES["num_experts_per_tok"] = f"{ARCH}.expert_used_count"
 GGUF_KEY_NAMES["swiglu_limit"] = f"{ARCH}.swiglu_clamp_exp"
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
