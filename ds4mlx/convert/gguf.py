@@ -235,8 +235,8 @@ def _stop_pool(pool, finished: bool) -> None:
     if finished:
         pool.shutdown(wait=True)
         return
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
     pool.shutdown(wait=False, cancel_futures=True)
-    processes = list((getattr(pool, "_processes", None) or {}).values())
     for p in processes:
         p.terminate()
     for p in processes:
