@@ -601,6 +601,26 @@ def test_ctrl_c_at_any_moment_of_the_start():
     assert reached >= 3
 
 
+def test_sigterm_while_generating_is_a_clean_exit():
+    """``kill PID`` while the model loads or generates: exit 143 with one line, no traceback."""
+    import threading
+
+    proc = cli_process("generate", "-m", "demo", "-p", "hi", "--max-tokens", "4000", "--temp", "0")
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    _wait_for(lambda: any(b"Loading demo" in line for line in lines), what="the model loading")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    reader.join(10)
+    proc.stdout.close()
+    err = b"".join(lines).decode()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and err.rstrip().endswith("ds4mlx: terminated"), err
+    assert_none_left(proc.pid)
+
+
 # ----------------------------------------------------------------------------- stray processes
 
 
