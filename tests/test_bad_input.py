@@ -291,6 +291,25 @@ def test_non_finite_weights_refused_at_load(tensor, at, data, named, demo_dir, t
     assert tree_digest(model) == before, line
 
 
+@pytest.mark.parametrize("to,tensor,at,data", [
+    ("mlx", "layers.1.attn_norm.weight", 6, NAN_BF16),
+    ("gguf", "layers.4.ffn.experts.5.w2.scale", 9, b"\xff"),  # read by a worker process (--jobs 2)
+])
+def test_convert_refuses_non_finite_source(to, tensor, at, data, demo_dir, tmp_path, capsys, monkeypatch):
+    model = model_copy(demo_dir, tmp_path / "m", real=(shard_of(demo_dir, tensor).name,))
+    poke(model, tensor, at, data)
+    before = tree_digest(model)
+    out = tmp_path / ("out.gguf" if to == "gguf" else "out")
+    extra = ["--to", "gguf", "--preset", "ds4-q4", "--jobs", "2"] if to == "gguf" else []
+    one_line(*run(capsys, monkeypatch, "convert", model, out, *extra), shard_of(model, tensor).name,
+             repr(tensor), "NaN or Inf")
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert tree_digest(model) == before
+    import multiprocessing
+
+    assert not multiprocessing.active_children()  # the workers were stopped with the error
+
+
 def test_nan_logits_stop_before_any_text(demo_dir, tmp_path):
     """With the load check off, damaged weights still never become text: generation stops at
     the first NaN logits."""
