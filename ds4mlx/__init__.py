@@ -12,6 +12,8 @@ _LAZY = {
     "ModelConfig": ("ds4mlx.config", "ModelConfig"),
     "encode_messages": ("ds4mlx.encoding", "encode_messages"),
     "parse_completion": ("ds4mlx.encoding", "parse_completion"),
+    "save_prompt_cache": ("ds4mlx.prompt_cache", "save_prompt_cache"),
+    "load_prompt_cache": ("ds4mlx.prompt_cache", "load_prompt_cache"),
 }
 
 # Eager, because the submodule ds4mlx.generate has the function's name: once anything imports

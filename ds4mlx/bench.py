@@ -140,6 +140,7 @@ def plot(rows: Sequence[BenchRow], path: str | Path, title: str = "ds4mlx bench"
                               (axes[1], [r.gen_tps for r in rows], "generation tokens/s")):
         ax.plot(ctx, values, marker="o")
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)  # rates read as ratios: an axis from zero does not exaggerate a dip
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)

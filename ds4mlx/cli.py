@@ -1,4 +1,4 @@
-"""The ``ds4mlx`` command: generate, chat, info, bench, convert.
+"""The ``ds4mlx`` command: generate, chat, info, bench, convert, imatrix, selftest, serve.
 
 Flags follow mlx-lm (``--model``, ``--prompt``, ``--max-tokens``, ``--temp``, ``--top-p``,
 ``--min-p``, ``--seed``). Heavy modules are imported inside the commands, so ``--help`` is
@@ -15,13 +15,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
 # Sampling defaults are the Python API's (DeepSeek's temperature 1 / top-p 1, ds4's min-p 0.05);
 # ds4mlx.generate only imports mlx.core, which is quick.
-from .console import restore_interrupts
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
 from .generate import check_sampling, check_text
 
@@ -80,17 +79,107 @@ ExpertsOpt = Annotated[Optional[int], typer.Option(
     "--experts-per-token", min=1, show_default=False,
     help="Routed experts per token (default: the file's value; 4 runs the 4Expert variant).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", min=1, help="Context length: prompt plus generated tokens.")]
+MemoryOpt = Annotated[bool, typer.Option(
+    "--ignore-memory-limit", help="Load even when the memory check says the model will not fit.")]
+GGUFFileOpt = Annotated[Optional[str], typer.Option(
+    "--gguf-file", show_default=False,
+    help="One .gguf file of the --model Hub repo (or directory), as llama.cpp's --hf-file; "
+         "--model REPO:FILE.gguf says the same.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also show the model's path and shape, load time and the formatted prompt.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="Only the answer: no progress, reasoning or statistics (mlx-lm's --verbose False).")]
+
+
+class _Output:
+    """How much goes to stderr: ``quiet`` (errors only), normal, or ``verbose``."""
+
+    quiet = False
+    verbose = False
+
+
+def _set_output(verbose: bool, quiet: bool) -> None:
+    if verbose and quiet:
+        raise UsageProblem("--verbose and --quiet cannot be combined")
+    _Output.verbose, _Output.quiet = verbose, quiet
+    if quiet:
+        try:  # Hub downloads draw tqdm bars of their own
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:
+            pass
 
 
 def _status(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if not _Output.quiet:
+        print(message, file=sys.stderr, flush=True)
 
 
-def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True):
-    from .loader import load
+def _detail(message: str) -> None:
+    if _Output.verbose:
+        print(message, file=sys.stderr, flush=True)
 
-    _status(f"Loading {model} ...")
-    loaded, tokenizer = load(model, experts_per_token=experts_per_token)
+
+def _model_source(model: str, gguf_file: Optional[str]) -> str:
+    """``--model`` plus ``--gguf-file`` (a file in a local directory or a Hub repo), or
+    ``--model REPO:FILE.gguf``: Hub files are fetched here, once, for the memory check and the load."""
+    from .hub import gguf_file as hub_gguf_file
+    from .hub import split_gguf_ref
+
+    if gguf_file is None:
+        ref = split_gguf_ref(model)
+        return model if ref is None or Path(model).expanduser().exists() else str(hub_gguf_file(*ref))
+    if ":" in model and model.endswith(".gguf"):
+        raise UsageProblem("give the GGUF file either as --model REPO:FILE or with --gguf-file, not both")
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser() / gguf_file)
+    return str(hub_gguf_file(model, gguf_file))
+
+
+def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True,
+          ctx: int = DEFAULT_CTX, ignore_memory_limit: bool = False):
+    import time
+    import warnings
+
+    from .loader import TokenizerMismatchWarning, load
+    from .memory import check_memory
+    from .progress import LoadProgress, is_terminal
+
+    check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=_status)  # before any weight is read
+
+    drawn = not _Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
+    if drawn:
+        sys.stderr.write(f"Loading {model} ...")
+        sys.stderr.flush()
+    else:
+        _status(f"Loading {model} ...")
+    progress = LoadProgress(model) if drawn else None
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded, tokenizer = load(model, experts_per_token=experts_per_token, progress=progress)
+    except BaseException:
+        if progress is not None:
+            progress.line.finish("")  # wipe the half-drawn line before the error
+        raise
+    if progress is not None:
+        progress.finish()
+    mismatch = [w for w in caught if issubclass(w.category, TokenizerMismatchWarning)]
+    for w in caught:
+        if not (w in mismatch and need_tokenizer):
+            _status(f"note: {_one_line(w.message)}")
+    if tokenizer is None and need_tokenizer and mismatch:
+        raise ValueError(str(mismatch[0].message).replace("; not loaded", ""))
+    if _Output.verbose:
+        import mlx.core as mx
+
+        c = loaded.config
+        _detail(f"loaded {model} in {time.perf_counter() - start:.1f} s: {c.num_hidden_layers} layers, "
+                f"hidden {c.hidden_size}, {c.n_routed_experts} routed experts ({loaded.experts_per_token} per "
+                f"token), vocab {c.vocab_size}, max context {c.max_position_embeddings}; "
+                f"{mx.get_active_memory() / 1e9:.2f} GB in memory; device {mx.default_device()}")
     if tokenizer is None and need_tokenizer:
         raise FileNotFoundError(
             f"{model}: no usable tokenizer (put the model's tokenizer.json beside the weights, "
@@ -99,18 +188,19 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     return loaded, tokenizer
 
 
+def _show_prompt(tokenizer, ids) -> None:
+    """--verbose: the prompt exactly as the model reads it (chat format included)."""
+    if _Output.verbose:
+        text = ids if isinstance(ids, str) else tokenizer.decode(ids)
+        n = "" if isinstance(ids, str) else f" ({len(ids)} tokens)"
+        _detail(f"prompt{n}:\n{text}\n---")
+
+
 def _prefill_progress():
     """A progress line for long prefills on a terminal (None elsewhere)."""
-    if not sys.stderr.isatty():
-        return None
+    from .progress import PrefillProgress, is_terminal
 
-    def show(done: int, total: int) -> None:
-        if total < 4096:
-            return
-        sys.stderr.write("\r\x1b[K" if done >= total else f"\rprefill {done}/{total} tokens")
-        sys.stderr.flush()
-
-    return show
+    return PrefillProgress() if not _Output.quiet and is_terminal() else None
 
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -174,8 +264,11 @@ class _Printer:
     """Answer text to stdout, reasoning to stderr (dimmed on a terminal)."""
 
     def __init__(self) -> None:
+        from .terminal import use_color
+
         self.reasoning = False
         self.tty_out, self.tty_err = sys.stdout.isatty(), sys.stderr.isatty()
+        self.dim = use_color(sys.stderr)  # NO_COLOR: the plain markers, as off a terminal
 
     @staticmethod
     def _clean(text: str, tty: bool) -> str:
@@ -183,6 +276,8 @@ class _Printer:
         return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if tty else text
 
     def write(self, text: str, reasoning: bool) -> None:
+        if reasoning and _Output.quiet:
+            return  # --quiet: the answer only
         if reasoning and not self.reasoning:
             self._start_reasoning()
         elif self.reasoning and not reasoning:
@@ -195,12 +290,12 @@ class _Printer:
 
     def _start_reasoning(self) -> None:
         self.reasoning = True
-        sys.stderr.write("\x1b[2m" if self.tty_err else "[reasoning]\n")
+        sys.stderr.write("\x1b[2m" if self.dim else "[reasoning]\n")
 
     def end_reasoning(self) -> None:
         if self.reasoning:
             self.reasoning = False
-            sys.stderr.write("\x1b[0m\n" if self.tty_err else "\n[/reasoning]\n")
+            sys.stderr.write("\x1b[0m\n" if self.dim else "\n[/reasoning]\n")
             sys.stderr.flush()
 
 
@@ -263,14 +358,20 @@ def generate(
     experts_per_token: ExpertsOpt = None,
     raw: Annotated[bool, typer.Option("--raw", "--ignore-chat-template", help="Send the prompt verbatim, without the chat template.")] = False,
     ctx: CtxOpt = DEFAULT_CTX,
+    gguf_file: GGUFFileOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
+    _set_output(verbose, quiet)
     text = _read_prompt(prompt, prompt_file)
     _check_settings(system, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     _check_thinking(think, think_max, ctx)
     if raw and (system is not None or think is not None or think_max):
         raise UsageProblem("--raw sends the prompt verbatim: --system, --think/--no-think and --think-max do not apply")
-    loaded, tokenizer = _load(model, experts_per_token)
+    loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token, ctx=ctx,
+                              ignore_memory_limit=ignore_memory_limit)
     _note_context_cap(loaded, ctx)
     from .generate import chat_prompt, format_stats, stream_generate
 
@@ -278,6 +379,7 @@ def generate(
         tokenizer, text, system=system, thinking=think is not False,
         reasoning_effort="max" if think_max else None,
     )
+    _show_prompt(tokenizer, ids)
     responses = stream_generate(
         loaded, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
         min_p=min_p, seed=seed, max_context=ctx, prompt_progress_callback=_prefill_progress(),
@@ -317,6 +419,7 @@ class _ChatSession:
         user = {"role": "user", "content": text}
         new = chat_prompt(self.tokenizer, text, system=self.system, thinking=self.thinking,
                           reasoning_effort=self.reasoning_effort, context=self.history)
+        _show_prompt(self.tokenizer, new)
         responses = stream_generate(self.model, self.tokenizer, self.close_ids + new, prompt_cache=self.cache,
                                     max_context=self.ctx, prompt_progress_callback=_prefill_progress(),
                                     **self.sampling)
@@ -357,15 +460,19 @@ def chat(
     think_max: ThinkMaxOpt = False,
     experts_per_token: ExpertsOpt = None,
     ctx: CtxOpt = DEFAULT_CTX,
+    gguf_file: GGUFFileOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
-    from .generate import ContextLengthError, PromptError
-
+    _set_output(verbose, quiet)
     _check_settings(system, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     _check_thinking(think, think_max, ctx)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches check_text, which names it
         sys.stdin.reconfigure(errors="surrogateescape")
-    loaded, tokenizer = _load(model, experts_per_token)
+    loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token, ctx=ctx,
+                              ignore_memory_limit=ignore_memory_limit)
     ctx = _note_context_cap(loaded, ctx)
     if seed is not None:
         import mlx.core as mx
@@ -376,14 +483,24 @@ def chat(
                            reasoning_effort="max" if think_max else None, ctx=ctx, sampling=sampling)
     interactive = sys.stdin.isatty()
     if interactive:
+        from .terminal import ChatPrompt
+
         _status(f"Chat with {model}. {_CHAT_HELP}")
+        reader = ChatPrompt(status=_status)
+    try:
+        _chat_loop(session, interactive, reader.read if interactive else lambda: sys.stdin.readline() or None, ctx)
+    finally:
+        if interactive:
+            reader.save()
+
+
+def _chat_loop(session: "_ChatSession", interactive: bool, read_line, ctx: int) -> None:
+    from .generate import ContextLengthError, PromptError
+
     while True:
-        try:
-            line = input(">> ") if interactive else sys.stdin.readline()
-        except (EOFError, KeyboardInterrupt):
-            break
-        if not interactive and not line:
-            break  # end of input
+        line = read_line()
+        if line is None:
+            break  # Ctrl-D, Ctrl-C twice, or the end of a script's input
         text = line.strip()
         if not text:
             continue
@@ -435,11 +552,15 @@ def info(
     ctx: CtxOpt = DEFAULT_CTX,
     experts_per_token: ExpertsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    gguf_file: GGUFFileOpt = None,
 ) -> None:
     """Format, quantisation per tensor kind, top-k, layer schedule, sizes, memory at --ctx."""
     from .info import describe, format_info
 
-    report = describe(model, ctx=ctx, experts_per_token=experts_per_token)
+    report = describe(_model_source(model, gguf_file), ctx=ctx, experts_per_token=experts_per_token)
+    if ctx > report["max_context"]:
+        _status(f"warning: --ctx {ctx} is more than this model's maximum context (max_position_embeddings = "
+                f"{report['max_context']}); generate and chat would use {report['max_context']}")
     if as_json:
         import json
 
@@ -458,12 +579,16 @@ def bench(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write the CSV here (default: stdout).")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Save a PNG plot (needs matplotlib).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
+    gguf_file: GGUFFileOpt = None,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """Prefill and generation tokens/s at growing context frontiers (ds4-bench style)."""
     from .bench import format_row, parse_contexts, plot, run_bench, write_csv
 
     frontiers = parse_contexts(contexts)
-    loaded, _ = _load(model, experts_per_token, need_tokenizer=False)
+    loaded, _ = _load(_model_source(model, gguf_file), experts_per_token, need_tokenizer=False,
+                      ctx=max(frontiers) + gen_tokens,
+                      ignore_memory_limit=ignore_memory_limit)
     rows = list(run_bench(loaded, frontiers, gen_tokens=gen_tokens, prefill_step=prefill_step, seed=seed,
                           on_row=lambda row: _status(format_row(row))))
     if csv_path is None:
@@ -496,6 +621,9 @@ def convert(
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, show_default=False,
         help="GGUF: quantization worker processes (default: all cores).")] = None,
+    imatrix: Annotated[Optional[Path], typer.Option(
+        "--imatrix", show_default=False,
+        help="GGUF: llama.cpp importance matrix (.gguf or legacy .dat) for Q4_K/Q2_K/IQ2_XXS.")] = None,
 ) -> None:
     """Convert official safetensors to an MLX directory (lossless by default) or a GGUF file."""
     from .convert import convert as run_convert
@@ -504,15 +632,77 @@ def convert(
         raise UsageProblem(f"--to must be mlx or gguf, got {to!r}")
     path = run_convert(source, output, to=to, preset=preset, experts_per_token=experts_per_token,
                        expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size,
-                       include_mtp=mtp, resume=resume, progress=True, jobs=jobs)
+                       include_mtp=mtp, resume=resume, progress=True, jobs=jobs, imatrix=imatrix)
     _status(f"written {path}")
+
+
+@app.command()
+def imatrix(
+    model: ModelOpt,
+    text: Annotated[Path, typer.Option("--text", "-f", show_default=False, help="Calibration text file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output GGUF imatrix.")] = Path("imatrix.gguf"),
+    chunk_size: Annotated[int, typer.Option("--chunk-size", "-c", min=2, help="Tokens per chunk.")] = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, show_default=False,
+                                                  help="Process at most this many chunks.")] = None,
+    experts_per_token: ExpertsOpt = None,
+) -> None:
+    """Compute a llama.cpp importance matrix (for convert --imatrix) over calibration text."""
+    from .imatrix import run_imatrix
+
+    path = run_imatrix(model, text, output, chunk_size=chunk_size, max_chunks=chunks,
+                       experts_per_token=experts_per_token)
+    _status(f"written {path}")
+
+
+@app.command()
+def selftest(model: Annotated[str, typer.Option("--model", "-m", help="Model whose kernels to check.")] = "demo") -> None:
+    """Check every kernel variant the model dispatches against its ops twin on this device."""
+    from .selftest import run_selftest
+
+    if not run_selftest(model):
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(
+    model: ModelOpt,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8080,
+    ctx: CtxOpt = DEFAULT_CTX,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache-dir", help="Also keep prefix-cache snapshots here, across restarts.")] = None,
+    cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0,
+                                            help="Memory for prefix-cache snapshots (0: no prefix cache).")] = 8.0,
+    disk_gb: Annotated[float, typer.Option("--cache-disk-gb", min=0.0, help="Disk for --cache-dir snapshots.")] = 32.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1,
+                                            help="Default answer length when a request gives none.")] = DEFAULT_CHAT_MAX_TOKENS,
+    experts_per_token: ExpertsOpt = None,
+) -> None:
+    """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
+    from .server import serve as run_server
+
+    _status(f"Loading {model} ...")
+    run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
+               disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token, default_max_tokens=max_tokens)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (ours or a library's) as one line, without Python's file and source line."""
+    print(f"ds4mlx: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
 def _fail(message: str, code: int = 1) -> int:
-    message = " ".join(str(message).split())  # one line, whatever the exception held
+    message = _one_line(message)  # one line, whatever the exception held
     print(f"ds4mlx: error: {message}", file=sys.stderr, flush=True)
     return code
 
@@ -522,17 +712,58 @@ def _is_usage_error(e: BaseException) -> bool:
     return hasattr(e, "format_message") and hasattr(e, "exit_code")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Console-script entry point; returns the exit status."""
+class _OutputClosed(Exception):
+    """stdout's reader went away (``| head``)."""
+
+
+def _pipe_safe(callback):
+    """``callback`` with a closed output pipe turned into ``_OutputClosed`` (typer would answer
+    a BrokenPipeError with exit status 1)."""
+    import functools
+
+    if callback is None or getattr(callback, "_pipe_safe", False):
+        return callback
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except BrokenPipeError:
+            raise _OutputClosed from None
+
+    run._pipe_safe = True
+    return run
+
+
+def main(argv: Optional[list[str]] = None, ready: Optional[Callable[[], None]] = None) -> int:
+    """Run the command line ``argv``; returns the exit status. ``ready`` is called once the
+    handlers below are in place (the console entry point hands SIGINT back to Python there)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(argv, ready)
+
+
+def _run(argv: Optional[list[str]], ready: Optional[Callable[[], None]]) -> int:
     debug = os.environ.get("DS4MLX_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
+    for sub in getattr(command, "commands", {}).values():
+        sub.callback = _pipe_safe(sub.callback)
+    _set_output(verbose=False, quiet=False)  # per command (main may run several in one process)
     try:
-        restore_interrupts()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
+        if ready is not None:
+            ready()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
         rv = command.main(args=argv, prog_name="ds4mlx", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except _OutputClosed:  # the reader of our output left (| head): done, as Unix tools are
+        from .terminal import silence_stdout
+
+        silence_stdout()
+        return 0
     except Exception as e:
         if type(e).__name__ == "NoArgsIsHelpError":
             return 0  # the help was printed

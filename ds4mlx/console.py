@@ -2,9 +2,9 @@
 
 Importing the CLI (typer; MLX and the rest inside the commands) takes a noticeable fraction of a
 second, and a Ctrl-C during an import would print a traceback from the import machinery. Until
-``cli.main`` is running (it hands SIGINT back to Python's KeyboardInterrupt, on which the
-commands' cleanup relies), SIGINT ends the process at once with status 130, as a shell reports
-an interrupted command. Nothing needs cleaning up that early.
+``cli.main`` is running (it calls ``restore_interrupts`` back, which hands SIGINT to Python's
+KeyboardInterrupt, on which the commands' cleanup relies), SIGINT ends the process at once with
+status 130, as a shell reports an interrupted command. Nothing needs cleaning up that early.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        return cli_main(argv)
+        return cli_main(argv, ready=restore_interrupts)
     except Terminated as e:
         print("ds4mlx: terminated", file=sys.stderr, flush=True)
         return e.code

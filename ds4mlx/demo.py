@@ -21,7 +21,7 @@ from . import encoding
 _RECIPE = 1
 DEMO_VOCAB_SIZE = 1024  # = synthetic.DEMO_PROFILE["vocab_size"]
 
-# The V4 vocabulary's named special tokens (checkpoint_format.md §4.1); the first three carry
+# The V4 vocabulary's named special tokens (the published tokenizer.json); the first three carry
 # HF's ``special`` flag, the others are ordinary added tokens there too.
 SPECIAL_TOKENS = (encoding.BOS, encoding.EOS, "<｜▁pad▁｜>")
 NAMED_TOKENS = (
@@ -72,17 +72,11 @@ def _train_tokenizer():
     """Byte-level BPE with the V4 pre-tokenizer: ids 0–2 = BOS, EOS, pad (as in V4), then the
     256 byte symbols and merges, the named tokens at the top, padded with V4's placeholder
     tokens to exactly ``DEMO_VOCAB_SIZE`` ids."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, models, pre_tokenizers, trainers
 
-    from .tokenizer import PRETOKENIZER_REGEXES
+    from .tokenizer import v4_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRETOKENIZER_REGEXES]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = v4_byte_level_bpe(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=DEMO_VOCAB_SIZE - len(NAMED_TOKENS),
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],

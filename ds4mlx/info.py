@@ -135,6 +135,8 @@ def _mlx_tensors(path: Path) -> tuple[dict, list[Tensor], str]:
 
 
 def _gguf_tensors(path: Path) -> tuple[dict, list[Tensor], str]:
+    from gguf import Keys
+
     from .io.gguf import hf_config_from_gguf
     from .io.gguf_file import open_gguf
     from .names import UnknownTensorName, gguf_to_internal
@@ -148,7 +150,7 @@ def _gguf_tensors(path: Path) -> tuple[dict, list[Tensor], str]:
             except UnknownTensorName:
                 internal = name
             tensors.append(Tensor(internal, tensor_kind(internal), info.type_name, info.nbytes or 0))
-        label = gf.fields.get("general.name")
+        label = gf.fields.get(Keys.General.NAME)
     return config, tensors, "GGUF deepseek4" + (f" ({label})" if isinstance(label, str) and label else "")
 
 
@@ -275,6 +277,7 @@ def describe(
         "mtp_layers": config.num_nextn_predict_layers if has_mtp else 0,
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
+        "max_context": config.max_position_embeddings,
         "routed_experts": config.n_routed_experts,
         "shared_experts": config.n_shared_experts,
         "experts_per_token": {"file": config.num_experts_per_tok, "used": k_used,
@@ -288,20 +291,21 @@ def describe(
     }
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+def _scaled(n: float, units: tuple[str, ...], sep: str) -> str:
+    """``n`` in the largest unit (steps of 1000) that keeps it under 1000; whole in the first."""
+    for i, unit in enumerate(units[:-1]):
+        if abs(n) < 1000:
+            return f"{n:.0f}{sep}{unit}" if i == 0 else f"{n:.2f}{sep}{unit}"
         n /= 1000
-    return f"{n:.2f} TB"
+    return f"{n:.2f}{sep}{units[-1]}"
+
+
+def human_bytes(n: float) -> str:
+    return _scaled(n, ("B", "KB", "MB", "GB", "TB"), " ")
 
 
 def human_count(n: float) -> str:
-    for unit in ("", "K", "M", "B"):
-        if abs(n) < 1000 or unit == "B":
-            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
-        n /= 1000
-    return f"{n:.2f}B"
+    return _scaled(n, ("", "K", "M", "B"), "")
 
 
 def format_info(d: dict[str, Any]) -> str:
@@ -318,6 +322,7 @@ def format_info(d: dict[str, Any]) -> str:
         f"Shape       {d['layers']} layers{mtp}, hidden {d['hidden_size']}, vocab {d['vocab_size']}, "
         f"{d['routed_experts']} routed + {d['shared_experts']} shared experts",
         f"Top-k       {topk}",
+        f"Context     up to {d['max_context']} tokens (max_position_embeddings)",
         f"Layers      {sched}",
         f"            hash-routed: {s['hash_routed_layers']}; sliding window {s['sliding_window']}",
         f"Parameters  {human_count(d['params']['total'])} total, "

@@ -2,8 +2,8 @@
 
 Sources: a local official-format directory (sharded safetensors + index, or one
 ``model.safetensors``), our converted MLX directory (``io/mlx_dir.py``), a ``.gguf`` file
-(``ds4mlx.io.gguf``), ``"demo"`` (the built-in synthetic demo model), or a Hugging Face repo
-id (downloaded with ``huggingface_hub``).
+(``ds4mlx.io.gguf``), ``"demo"`` (the built-in synthetic demo model), a Hugging Face repo
+id, or one GGUF of a repo as ``REPO:FILE.gguf`` (both fetched by ``ds4mlx.hub``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .config import ModelConfig
+from .hub import ModelNotFoundError, gguf_file, snapshot, split_gguf_ref
 from .io.hf import CheckpointError, open_hf_checkpoint
 from .io.mlx_dir import is_mlx_dir, open_mlx_dir
 from .layers import apply_formats
@@ -28,11 +29,11 @@ from .model.transformer import Model
 from .quant.formats import GGUF_PREFIX
 
 DEMO = "demo"
-_HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """The model could not be found locally or downloaded; the message names it."""
+class TokenizerMismatchWarning(UserWarning):
+    """The tokenizer beside the weights has more ids than the model's vocabulary, so it was not
+    loaded (``load`` returns no tokenizer); the CLI gives this as the reason."""
 
 
 class NonFiniteWeightError(ValueError):
@@ -56,29 +57,32 @@ def load(
     dtype: mx.Dtype | None = None,
     mtp: bool = False,
     check_finite: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none).
 
     ``mtp=True`` also loads the multi-token-prediction block (about 3.5 GB for Flash), which
     only a speculative drafter uses; by default it stays on disk. ``check_finite`` refuses
     weights holding NaN/Inf (one pass over each tensor as it loads; scripts/finite_check_cost.py).
+    ``progress(bytes read, bytes to read)`` is called as the weights are read
+    (``ds4mlx.progress.LoadProgress`` draws it).
     """
     dtype = default_dtype() if dtype is None else dtype
     path = resolve_model_path(path_or_repo)
     if path.suffix == ".gguf":
         return load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype,
-                         check_finite=check_finite)
+                         check_finite=check_finite, progress=progress)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
     model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp,
-                     check_finite=check_finite)
+                     check_finite=check_finite, progress=progress)
     return model, _load_tokenizer(path, model.config.vocab_size)
 
 
 def resolve_model_path(source: str | os.PathLike) -> Path:
     """A model argument -> a local path: an existing file or directory, ``"demo"`` (the built-in
-    demo model, generated on first use), or a Hugging Face repo id (the hub cache first, then
-    the network)."""
+    demo model, generated on first use), a Hugging Face repo id, or ``REPO:FILE.gguf`` (one GGUF
+    of a repo); Hub names go through the huggingface_hub cache first, then the network."""
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
@@ -87,9 +91,12 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
         from .demo import demo_path  # checkpoint + tokenizer, cached
 
         return demo_path()
+    ref = split_gguf_ref(text)
+    if ref is not None:  # REPO:FILE.gguf
+        return gguf_file(*ref)
     if text.endswith(".gguf"):
         raise ModelNotFoundError(f"{path}: GGUF file not found")
-    return _download(text)
+    return snapshot(text)
 
 
 def open_checkpoint(path: Path):
@@ -106,6 +113,7 @@ def load_dir(
     dtype: mx.Dtype = mx.float32,
     mtp: bool = False,
     check_finite: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
     """Build the model for a checkpoint directory and load its weights (strict)."""
     path = Path(path)
@@ -117,7 +125,8 @@ def load_dir(
         if not (mtp and checkpoint.has_mtp):
             config = replace(config, num_nextn_predict_layers=0)  # the main model only
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
-        weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0)
+        weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0,
+                                                   progress=progress)
     finally:
         checkpoint.close()
     apply_formats(model, formats)
@@ -223,7 +232,8 @@ def _report_non_finite(path: str, array: mx.array, fmt: Any, source: str, bad: i
 
 def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
               qat_rounding: bool = True, dtype: mx.Dtype | None = None,
-              mtp_path: str | os.PathLike | None = None, check_finite: bool = True) -> tuple[nn.Module, Any]:
+              mtp_path: str | os.PathLike | None = None, check_finite: bool = True,
+              progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
 
     ``mtp_path``: optional separate GGUF with the ``mtp.{j}.*`` tensors (ds4's MTP file); the
@@ -239,7 +249,7 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
         k = config.check_experts_per_token(experts_per_token, source)
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
         params = {p: tuple(v.shape) for p, v in tree_flatten(model.parameters())}
-        weights, formats = checkpoint.load_weights(params, projection_modules(model))
+        weights, formats = checkpoint.load_weights(params, projection_modules(model), progress)
         apply_formats(model, formats)
         load_into(model, weights, formats, source, check_finite=check_finite)
         model.eval()
@@ -259,27 +269,6 @@ def projection_modules(model: nn.Module) -> set[str]:
     return {p for p, m in model.named_modules() if isinstance(m, (nn.Linear, SwitchLinear))}
 
 
-def _download(repo_id: str) -> Path:
-    """A Hugging Face repo id -> local snapshot (the cache first, then the network)."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"{repo_id}: no such file or directory, and not a Hugging Face repo id")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ModelNotFoundError(f"{repo_id}: not a local path, and huggingface_hub is not installed") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HF_PATTERNS, local_files_only=True))
-    except Exception:
-        pass  # not cached: try the network
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HF_PATTERNS))
-    except Exception as e:
-        raise ModelNotFoundError(
-            f"{repo_id}: not a local path, and downloading it from the Hugging Face Hub failed "
-            f"({type(e).__name__}: {e}). Offline? Download it first or pass a local directory."
-        ) from None
-
-
 def _load_tokenizer(path: Path, vocab_size: int):
     from .tokenizer import load_tokenizer
 
@@ -292,6 +281,8 @@ def _load_tokenizer(path: Path, vocab_size: int):
         # Its ids would index past the embedding: offer no tokenizer rather than a wrong one.
         # Silent when it is the published fallback next to a small test checkpoint.
         if (path / "tokenizer.json").is_file():
-            warnings.warn(f"{path}: tokenizer.json has {n_ids} ids but the model only {vocab_size}; not loaded")
+            warnings.warn(f"{path / 'tokenizer.json'}: the tokenizer has {n_ids} token ids but the model's "
+                          f"vocab_size is {vocab_size}, so it does not belong to these weights; not loaded",
+                          TokenizerMismatchWarning, stacklevel=2)
         return None
     return tokenizer

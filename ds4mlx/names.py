@@ -5,8 +5,8 @@
 * Internal (``Model`` parameter paths): the official names, with routed experts stacked per
   layer and projection (``layers.{i}.ffn.experts.w1.weight`` is ``[E, out, in]``, expert e is
   row e) and the quantisation scales of packed weights under ``.scales`` (MLX's name).
-* GGUF (antirez/ds4 and upstream llama.cpp ``deepseek4``, which use the same names;
-  gguf_layouts.md §2–3): ``token_embd.weight``, ``blk.{i}.attn_q_a.weight``,
+* GGUF (antirez/ds4 and upstream llama.cpp ``deepseek4``, which use the same names):
+  ``token_embd.weight``, ``blk.{i}.attn_q_a.weight``,
   ``blk.{i}.ffn_gate_exps.weight`` (experts stacked), ``mtp.{j}.attn_q_a.weight``, …
 
 The same table also knows which tensors an official checkpoint holds for a given config and
@@ -174,33 +174,35 @@ def internal_to_hf(path: str, expert: int | None = None) -> str:
     return name
 
 
-def internal_to_gguf(path: str, flavor: str = "ds4") -> str:
-    """Internal path -> GGUF tensor name. Both flavors name tensors identically (gguf_layouts.md
-    §3.1); upstream llama.cpp's MTP sidecar naming is undocumented, so MTP follows ds4."""
-    if flavor not in GGUF_FLAVORS:
-        raise ValueError(f"unknown GGUF flavor {flavor!r} (known: {GGUF_FLAVORS})")
-    if path in _GLOBAL_TO_GGUF:
-        return _GLOBAL_TO_GGUF[path]
-    m = _PREFIX.match(path)
+def _rename_block(name: str, pattern: re.Pattern, block: str, layer: dict, mtp: dict) -> str | None:
+    """``<kind>.N.<suffix>`` -> ``<block or mtp>.N.<table[suffix]>`` (None when not a block name)."""
+    m = pattern.match(name)
     if m:
         kind, idx, suffix = m.groups()
-        table = _MTP_TO_GGUF if kind == "mtp" else _LAYER_TO_GGUF
+        table = mtp if kind == "mtp" else layer
         if suffix in table:
-            return f"{'blk' if kind == 'layers' else 'mtp'}.{idx}.{table[suffix]}"
-    raise UnknownTensorName(f"no GGUF name for internal tensor {path!r}")
+            return f"{'mtp' if kind == 'mtp' else block}.{idx}.{table[suffix]}"
+    return None
+
+
+def internal_to_gguf(path: str, flavor: str = "ds4") -> str:
+    """Internal path -> GGUF tensor name. Both flavors name tensors identically; upstream
+    llama.cpp's MTP sidecar naming is undocumented, so MTP follows ds4."""
+    if flavor not in GGUF_FLAVORS:
+        raise ValueError(f"unknown GGUF flavor {flavor!r} (known: {GGUF_FLAVORS})")
+    name = _GLOBAL_TO_GGUF.get(path) or _rename_block(path, _PREFIX, "blk", _LAYER_TO_GGUF, _MTP_TO_GGUF)
+    if name is None:
+        raise UnknownTensorName(f"no GGUF name for internal tensor {path!r}")
+    return name
 
 
 def gguf_to_internal(name: str) -> str:
     """GGUF tensor name (ds4 or llama.cpp flavor) -> internal path."""
-    if name in _GLOBAL_FROM_GGUF:
-        return _GLOBAL_FROM_GGUF[name]
-    m = _GGUF_PREFIX.match(name)
-    if m:
-        kind, idx, suffix = m.groups()
-        table = _MTP_FROM_GGUF if kind == "mtp" else _LAYER_FROM_GGUF
-        if suffix in table:
-            return f"{'layers' if kind == 'blk' else 'mtp'}.{idx}.{table[suffix]}"
-    raise UnknownTensorName(f"unknown DeepSeek V4 GGUF tensor name {name!r}")
+    path = _GLOBAL_FROM_GGUF.get(name) or _rename_block(name, _GGUF_PREFIX, "layers",
+                                                        _LAYER_FROM_GGUF, _MTP_FROM_GGUF)
+    if path is None:
+        raise UnknownTensorName(f"unknown DeepSeek V4 GGUF tensor name {name!r}")
+    return path
 
 
 # --- the official layout for a config ------------------------------------------------------

@@ -30,6 +30,12 @@ class CompressorState:
     def rows(self) -> mx.array | None:
         return None if self._rows is None else self._rows[:, : self.n_rows]
 
+    @property
+    def buffer(self) -> mx.array | None:
+        """The whole row buffer (rows past ``n_rows`` are stale): for kernels that bound their
+        own reads, so no slice of it is copied."""
+        return self._rows
+
     def append_rows(self, new: mx.array) -> None:
         n = new.shape[1]
         if n == 0:
@@ -60,22 +66,55 @@ class LayerCache:
         self.compressor = CompressorState() if ratio > 0 else None
         self.indexer = CompressorState() if ratio == 4 else None
 
-    # mlx-lm's generation loop evaluates ``c.state`` of every cache entry.
+    # ---- mlx-lm's cache protocol: its generation loop evaluates ``c.state``, and its prompt-cache
+    # file stores ``state`` (arrays, ints, None) and rebuilds the entry with ``from_state``.
     @property
-    def state(self) -> list[mx.array]:
-        out = [] if self.window is None else [self.window]
+    def state(self) -> list:
+        """``[ratio, offset, window, compressor fields, indexer fields]``; absent parts are None."""
+        out = [self.ratio, self.offset, self.window]
         for c in (self.compressor, self.indexer):
-            if c is not None:
-                out += c.arrays()
+            out += _FIELDS_NONE if c is None else [getattr(c, f) for f in _FIELDS[:-1]] + [c.rows]
         return out
 
+    @state.setter
+    def state(self, v: list) -> None:
+        if len(v) != 3 + 2 * len(_FIELDS):
+            raise ValueError(f"LayerCache state has {len(v)} entries, expected {3 + 2 * len(_FIELDS)}")
+        ratio, offset, window = v[:3]
+        if not (isinstance(ratio, int) and ratio in (0, 4, 128)) or not (isinstance(offset, int) and offset >= 0):
+            raise ValueError(f"LayerCache state: bad ratio {ratio!r} or offset {offset!r}")
+        self.ratio, self.offset, self.window = ratio, offset, window
+        self.compressor = _compressor_from(v[3 : 3 + len(_FIELDS)]) if ratio > 0 else None
+        self.indexer = _compressor_from(v[3 + len(_FIELDS) :]) if ratio == 4 else None
+
+    @property
+    def meta_state(self) -> tuple[str, ...]:
+        # Older mlx-lm versions keep scalars here; ours travel in ``state`` (as mlx-lm now does).
+        return (str(self.ratio), str(self.offset))
+
+    @meta_state.setter
+    def meta_state(self, v: tuple[str, ...]) -> None:
+        self.ratio, self.offset = int(v[0]), int(v[1])
+
+    @classmethod
+    def from_state(cls, state: list, meta_state: tuple[str, ...] | None = None) -> "LayerCache":
+        obj = cls.__new__(cls)
+        obj.state = state
+        return obj
+
     def is_trimmable(self) -> bool:
-        # Compressed rows and the compressor's rolling state cannot be rewound.
+        # Compressed rows and the compressor's rolling state cannot be rewound: take snapshots.
         return False
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    def size(self) -> int:
+        return self.offset
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
+        return sum(a.nbytes for a in self.state if isinstance(a, mx.array))
 
     def snapshot(self) -> "LayerCache":
         """A copy that later calls on ``self`` do not change (arrays are immutable)."""
@@ -89,6 +128,19 @@ class LayerCache:
                     c2._rows = mx.array(c._rows[:, : c.n_rows])
                 setattr(snap, name, c2)
         return snap
+
+
+_FIELDS = ("pending_kv", "pending_score", "prev_kv", "prev_score", "rows")
+_FIELDS_NONE = [None] * len(_FIELDS)
+
+
+def _compressor_from(values: list) -> CompressorState:
+    c = CompressorState()
+    c.pending_kv, c.pending_score, c.prev_kv, c.prev_score, rows = values
+    if rows is not None and rows.ndim != 3:
+        raise ValueError(f"compressor rows must be [B, n, d], got shape {rows.shape}")
+    c._rows, c.n_rows = rows, 0 if rows is None else rows.shape[1]
+    return c
 
 
 def cache_nbytes(cache: list[LayerCache]) -> int:

@@ -2,7 +2,7 @@
 
 The files *are* the ground truth: FP8 weights are E4M3 codes with E8M0 128×128 block scales,
 routed experts are packed E2M1 (``I8``) with E8M0 scales per 32 inputs, everything else is
-BF16/F32/I64 as in the official release (checkpoint_format.md §2, §6). Every tensor is drawn
+BF16/F32/I64 as in the official release (deepseek-ai/DeepSeek-V4-Flash). Every tensor is drawn
 from its own generator seeded by (seed, name), so a checkpoint is a pure function of its
 parameters, and value scales keep activations O(1) through the layers and the logits spread
 out (not softmax-saturated).

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from gguf import Keys
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
 from . import encoding
@@ -36,7 +37,7 @@ GGUF_PRE_NAMES = ("joyai-llm", "deepseek-v3")
 # GGUF token types (gguf.TokenType).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
-_KEY = "tokenizer.ggml."
+_K = Keys.Tokenizer  # the tokenizer.* metadata keys, spelled by gguf-py
 
 
 class TokenizerNotFoundError(FileNotFoundError):
@@ -297,33 +298,47 @@ def gguf_tokenizer_fields(tokenizer_json_path: Union[str, Path]) -> dict[str, An
     config = _read_config(path)
     ids = {t: i for i, t in enumerate(tokens)}
     fields: dict[str, Any] = {
-        _KEY + "model": "gpt2",
-        _KEY + "pre": GGUF_PRE_NAMES[0],
-        _KEY + "tokens": tokens,
-        _KEY + "token_type": types,
-        _KEY + "merges": merges,
+        _K.MODEL: "gpt2",
+        _K.PRE: GGUF_PRE_NAMES[0],
+        _K.LIST: tokens,
+        _K.TOKEN_TYPE: types,
+        _K.MERGES: merges,
     }
-    for kind, token in zip(("bos", "eos", "padding"), _special_strings(config)):
+    for kind, key, token in zip(("bos", "eos", "padding"), (_K.BOS_ID, _K.EOS_ID, _K.PAD_ID),
+                                _special_strings(config)):
         if token not in ids:
             raise TokenizerFormatError(f"{path}: {kind} token {token!r} is not in the vocabulary")
-        fields[f"{_KEY}{kind}_token_id"] = ids[token]
-    for kind in ("bos", "eos"):
-        fields[f"{_KEY}add_{kind}_token"] = bool(config.get(f"add_{kind}_token", False))
+        fields[key] = ids[token]
+    for kind, key in (("bos", _K.ADD_BOS), ("eos", _K.ADD_EOS)):
+        fields[key] = bool(config.get(f"add_{kind}_token", False))
     return fields
 
 
 def add_tokenizer_to_gguf(writer, fields: dict[str, Any]) -> None:
     """Write ``gguf_tokenizer_fields`` output into a ``gguf.GGUFWriter`` (llama.cpp's types)."""
-    writer.add_tokenizer_model(fields[_KEY + "model"])
-    writer.add_tokenizer_pre(fields[_KEY + "pre"])
-    writer.add_token_list(fields[_KEY + "tokens"])
-    writer.add_token_types(fields[_KEY + "token_type"])
-    writer.add_token_merges(fields[_KEY + "merges"])
-    writer.add_bos_token_id(fields[_KEY + "bos_token_id"])
-    writer.add_eos_token_id(fields[_KEY + "eos_token_id"])
-    writer.add_pad_token_id(fields[_KEY + "padding_token_id"])
-    writer.add_add_bos_token(fields[_KEY + "add_bos_token"])
-    writer.add_add_eos_token(fields[_KEY + "add_eos_token"])
+    # gguf-py's writer method for each key gives it the GGUF type llama.cpp expects
+    adders = {_K.MODEL: writer.add_tokenizer_model, _K.PRE: writer.add_tokenizer_pre,
+              _K.LIST: writer.add_token_list, _K.TOKEN_TYPE: writer.add_token_types,
+              _K.MERGES: writer.add_token_merges, _K.BOS_ID: writer.add_bos_token_id,
+              _K.EOS_ID: writer.add_eos_token_id, _K.PAD_ID: writer.add_pad_token_id,
+              _K.ADD_BOS: writer.add_add_bos_token, _K.ADD_EOS: writer.add_add_eos_token}
+    for key, add in adders.items():
+        add(fields[key])
+
+
+def v4_byte_level_bpe(model):
+    """A ``tokenizers.Tokenizer`` on the BPE ``model`` with V4's pipeline: the pre-tokenizer
+    regexes, then byte-level symbols (no prefix space); byte-level decoding."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRETOKENIZER_REGEXES]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
 
 
 def _value(fields: dict[str, Any], key: str, source: str, required: bool = True) -> Any:
@@ -341,47 +356,40 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any], source: str = "GGUF"):
     Byte-level BPE from ``tokens`` (index = id) and ``merges`` (index = rank), the V4
     pre-tokenizer, and CONTROL / USER_DEFINED tokens as added tokens (special = CONTROL).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import processors
+    from tokenizers import AddedToken, Tokenizer, models
 
-    hf_json = _value(fields, "tokenizer.huggingface.json", source, required=False)
+    hf_json = _value(fields, _K.HF_JSON, source, required=False)
     if hf_json:
         return _wrap(Tokenizer.from_str(hf_json), source, encoding.BOS, encoding.EOS, encoding.EOS, 1 << 20)
 
-    model = _value(fields, _KEY + "model", source)
+    model = _value(fields, _K.MODEL, source)
     if model != "gpt2":
-        raise TokenizerFormatError(f"{source}: {_KEY}model is {model!r}, expected 'gpt2'")
-    pre = _value(fields, _KEY + "pre", source)
+        raise TokenizerFormatError(f"{source}: {_K.MODEL} is {model!r}, expected 'gpt2'")
+    pre = _value(fields, _K.PRE, source)
     if pre not in GGUF_PRE_NAMES:
         raise TokenizerFormatError(
-            f"{source}: {_KEY}pre is {pre!r}, expected one of {GGUF_PRE_NAMES}"
+            f"{source}: {_K.PRE} is {pre!r}, expected one of {GGUF_PRE_NAMES}"
         )
-    tokens = list(_value(fields, _KEY + "tokens", source))
-    types = _value(fields, _KEY + "token_type", source, required=False)
+    tokens = list(_value(fields, _K.LIST, source))
+    types = _value(fields, _K.TOKEN_TYPE, source, required=False)
     types = [int(t) for t in types] if types is not None else [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise TokenizerFormatError(
-            f"{source}: {_KEY}token_type has {len(types)} entries for {len(tokens)} tokens"
+            f"{source}: {_K.TOKEN_TYPE} has {len(types)} entries for {len(tokens)} tokens"
         )
     merges = []
-    for rank, merge in enumerate(_value(fields, _KEY + "merges", source)):
+    for rank, merge in enumerate(_value(fields, _K.MERGES, source)):
         pair = merge.split(" ")
         if len(pair) != 2:
-            raise TokenizerFormatError(f"{source}: {_KEY}merges[{rank}] is not 'a b': {merge!r}")
+            raise TokenizerFormatError(f"{source}: {_K.MERGES}[{rank}] is not 'a b': {merge!r}")
         merges.append(tuple(pair))
 
     # Every id sits in the BPE vocab so added tokens keep their ids; added strings are
     # never produced by merges, so the extra entries change no encoding.
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise TokenizerFormatError(f"{source}: {_KEY}tokens holds duplicate strings")
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRETOKENIZER_REGEXES]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+        raise TokenizerFormatError(f"{source}: {_K.LIST} holds duplicate strings")
+    tokenizer = v4_byte_level_bpe(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tokenizer.add_tokens(
         [
             AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)

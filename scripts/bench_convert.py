@@ -118,6 +118,11 @@ def drop_caches() -> bool:
         return False
 
 
+def rate(bytes_per_s: float) -> str:
+    """GB/s, or MB/s below 0.1 GB/s (quantizing conversions on few cores)."""
+    return f"{bytes_per_s / 1e9:.2f} GB/s" if bytes_per_s >= 1e8 else f"{bytes_per_s / 1e6:.2f} MB/s"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-gb", type=float, default=3.0, help="approximate source size")
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{f' --expert-bits {args.expert_bits}' if args.expert_bits else ''}"
               f"{f' --jobs {args.jobs}' if args.jobs else ''}: {seconds:.1f} s "
               f"({'cold' if cold else 'warm'} page cache; {total_seconds:.1f} s with Python start-up and imports)")
-        print(f"throughput: {src_bytes / seconds / 1e9:.2f} GB/s of source, {out_bytes / seconds / 1e9:.2f} GB/s "
+        print(f"throughput: {rate(src_bytes / seconds)} of source, {rate(out_bytes / seconds)} "
               f"of output ({out_bytes / 1e9:.2f} GB, incl. write + verification re-read)")
         print(f"peak RSS: {rss / 2**20:.0f} MiB (imports alone: {base_rss / 2**20:.0f} MiB; "
               f"largest output tensor {largest / 2**20:.0f} MiB; source {src_bytes / 2**20:.0f} MiB)"

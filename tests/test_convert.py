@@ -133,8 +133,9 @@ def test_mlx_config_records_formats(tiny_ckpt, mlx_out):
     assert len([p for p in q if isinstance(q[p], dict)]) == 6 * 11 + 2 + 2  # 8 FP8 + 3 expert modules per block
     assert config["num_experts_per_tok"] == 6 and "quantization_config" not in config
     assert config["ds4mlx"]["format"] == "mlx-dir"
-    assert {k: v for k, v in config.items() if k not in ("quantization", "ds4mlx")} == \
+    assert {k: v for k, v in config.items() if k not in ("quantization", "ds4mlx", "model_file")} == \
         {k: v for k, v in source.items() if k != "quantization_config"}
+    assert (mlx_out / config["model_file"]).is_file()  # mlx-lm's entry point (tests/test_mlx_lm_compat.py)
     assert (mlx_out / "generation_config.json").read_bytes() == (tiny_ckpt / "generation_config.json").read_bytes()
 
 

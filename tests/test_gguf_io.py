@@ -449,6 +449,20 @@ def test_wrong_architecture_and_missing_key(tmp_path):
         load_gguf(tmp_path / "nokeys.gguf")
 
 
+def test_config_errors_name_the_metadata_key(tmp_path, hf_config, weights):
+    # the message spells the key as the file does (gguf.Keys + ds4's deepseek4.* additions)
+    bad = {**hf_config, "o_groups": 3}  # does not divide num_attention_heads
+    write_gguf(tmp_path / "g.gguf", bad, _gguf_tensors(weights, _recipe_f32, mtp=False))
+    with pytest.raises(ValueError, match=r"g\.gguf: deepseek4\.attention\.output_group_count = 3 "
+                                         r"does not divide"):
+        load_gguf(tmp_path / "g.gguf")
+    bad = {**hf_config, "rms_norm_eps": -1.0}
+    write_gguf(tmp_path / "e.gguf", bad, _gguf_tensors(weights, _recipe_f32, mtp=False))
+    with pytest.raises(ValueError, match=r"e\.gguf: deepseek4\.attention\.layer_norm_rms_epsilon "
+                                         r"is -1\.0"):
+        load_gguf(tmp_path / "e.gguf")
+
+
 def test_tokenizer_from_gguf_metadata(tmp_path, hf_config, weights):
     tok = pytest.importorskip("ds4mlx.tokenizer")
     try:

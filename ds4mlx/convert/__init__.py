@@ -52,6 +52,7 @@ def convert(
     progress: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     jobs: int | None = None,
+    imatrix: str | os.PathLike | None = None,
 ) -> Path:
     """Convert an official-format checkpoint (directory or Hugging Face repo id).
 
@@ -63,6 +64,8 @@ def convert(
     ``jobs``: GGUF quantization worker processes (default ``os.cpu_count()``; 1 quantizes in
     this process); the file is byte-identical whatever the count. Workers are spawned, so a
     script calling this needs the usual ``if __name__ == "__main__":`` guard.
+    ``imatrix``: a llama.cpp importance matrix (GGUF or legacy ``.dat``) weighting the Q4_K,
+    Q2_K and IQ2_XXS quantization error, per expert where it has per-expert entries.
     Returns the output path.
     """
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
@@ -74,12 +77,23 @@ def convert(
         opts = Options(to, preset, experts_per_token, expert_bits, dense_bits, group_size, include_mtp)
         check_options(ckpt, opts)
         if to == "mlx":
+            if imatrix is not None:
+                raise ConvertError("--imatrix weights GGUF quantization; MLX output does not use one")
             return convert_mlx(ckpt, str(source), output, opts, resume=resume, progress=progress,
                                max_shard_bytes=max_shard_bytes)
         if resume:
             raise ConvertError("--resume continues MLX conversions only; a GGUF is written in one pass")
         from .gguf import convert_gguf
 
-        return convert_gguf(ckpt, str(source), output, opts, progress=progress, jobs=jobs or os.cpu_count() or 1)
+        im = None
+        if imatrix is not None:
+            from ..io.imatrix import ImatrixError, read_imatrix
+
+            try:
+                im = read_imatrix(imatrix)
+            except ImatrixError as e:
+                raise ConvertError(str(e)) from None
+        return convert_gguf(ckpt, str(source), output, opts, progress=progress, jobs=jobs or os.cpu_count() or 1,
+                            imatrix=im)
     finally:
         ckpt.close()

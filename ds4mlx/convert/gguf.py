@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+from gguf import GGUFValueType
 
 from ..io.hf import HFCheckpoint
 from ..io.gguf_file import GGUFError
+from ..io.imatrix import Imatrix, ImatrixError, expert_importance
 from ..names import DS4_GGUF_TYPES, internal_to_gguf, scale_name
 from ..quant import gguf as gguf_quants
 from ..quant.gguf import mxfp4 as gguf_mxfp4
@@ -41,9 +43,9 @@ from ..quant.codecs import FP8_WEIGHT_BLOCK, bf16_decode
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
 from .gguf_writer import TensorEntry, stream_gguf
 from .options import ConvertError, Options
-from .output import Progress, check_free_space, check_output, disk_full_error
-from .plan import (Logical, Stored, Unit, dequantize_stored, hash_table, logical_weights, read_stored,
-                   source_nbytes, stored)
+from .output import Progress, check_free_space, check_output, disk_full_error, publish
+from .plan import (Logical, Stored, Unit, dequantize_stored, hash_table, hash_table_shape,
+                   logical_weights, read_stored, source_nbytes, stored)
 
 PRESETS = ("ds4-q4", "ds4-q2", "mxfp4")
 DEFAULT_PRESET = "ds4-q4"
@@ -82,6 +84,8 @@ def _exact_bf16(values: np.ndarray, name: str) -> np.ndarray:
     return bits
 
 
+# Types whose quantizer weights its error by an importance matrix (llama.cpp's quant_weights).
+IMATRIX_TYPES = ("Q4_K", "Q2_K", "IQ2_XXS")
 # Output types cheap enough to produce in the writing process (no quantization search).
 CHEAP_TYPES = ("I32", "F32", "F16", "BF16", "MXFP4")
 # Dense tensors are encoded in row chunks of about this many weights (experts: one per job), so
@@ -102,6 +106,7 @@ class EncodeJob:
     scale: Stored | None
     name: str  # official source name, for errors
     rows: tuple[int, int] | None = None  # all rows when None
+    importance: np.ndarray | None = field(default=None, compare=False)  # imatrix row [n_in]
 
     @property
     def heavy(self) -> bool:
@@ -120,6 +125,8 @@ def encode(job: EncodeJob) -> np.ndarray:
     if job.qtype == "BF16":
         return _exact_bf16(values, job.name)
     fmt = gguf_quants.get(job.qtype, job.name)
+    if job.importance is not None:
+        return fmt.quantize(values, weights=job.importance)
     if job.qtype == "IQ2_XXS":  # ds4's importance without an imatrix: Σ row² per column (whole matrix)
         if job.rows is not None:
             raise ValueError(f"{job.name}: IQ2_XXS importance needs the whole matrix, not rows {job.rows}")
@@ -141,17 +148,27 @@ class GGUFUnit(Unit):
     tables) zero-argument callables run in the writing process."""
 
     items: list[EncodeJob | Callable[[], np.ndarray]] = field(default_factory=list)
+    wants_imatrix: bool = False  # an imatrix was given and the type uses one
+    has_imatrix: bool = False  # ... and it has an entry for this tensor
 
 
-def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None) -> GGUFUnit:
-    """The GGUF unit of one logical weight: one tensor of ``tensor_type`` in numpy shape order."""
+def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None,
+              imatrix: Imatrix | None = None) -> GGUFUnit:
+    """The GGUF unit of one logical weight: one tensor of ``tensor_type`` in numpy shape order,
+    quantized with its ``imatrix`` entry (per expert) where the type uses one."""
     name = internal_to_gguf(lw.path)
     qtype = tensor_type(preset, lw, name)
+    importance = None
+    if imatrix is not None and qtype in IMATRIX_TYPES:
+        n_mat = len(lw.names) if lw.experts else 1
+        try:
+            importance = expert_importance(imatrix, name, n_mat, int(lw.shape[-1]))
+        except ImatrixError as e:
+            raise ConvertError(str(e)) from None
     fmt = gguf_quants.get(qtype, name) if qtype != "I32" else None
     lead = (len(lw.names),) if lw.experts else ()
     if lw.path.endswith(".tid2eid"):
-        width = ckpt.file(ckpt.weight_map[lw.names[0]]).info(lw.names[0]).shape[1]
-        shape = (lw.shape[0], k if k is not None else width)
+        shape = hash_table_shape(ckpt, lw.names[0], k)
         nbytes = 4 * shape[0] * shape[1]
         items = [lambda: hash_table(ckpt, lw.names[0], k).astype("<i4")]
     else:
@@ -162,19 +179,21 @@ def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None) -> GG
             raise ConvertError(f"{e} (preset {preset})") from None
         nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row
 
-        def job(src: str, rows: tuple[int, int] | None = None) -> EncodeJob:
+        def job(src: str, rows: tuple[int, int] | None = None, i: int = 0) -> EncodeJob:
             scale = stored(ckpt, scale_name(src)) if lw.fmt in (MXFP8, MXFP4) else None
-            return EncodeJob(qtype, lw.fmt, stored(ckpt, src), scale, src, rows)
+            imp = None if importance is None else np.ascontiguousarray(importance[i])
+            return EncodeJob(qtype, lw.fmt, stored(ckpt, src), scale, src, rows, imp)
 
         if lw.experts or len(lw.shape) < 2:
-            items = [job(n) for n in lw.names]
+            items = [job(n, i=i) for i, n in enumerate(lw.names)]
         else:
             items = [job(lw.names[0], r) for r in row_chunks(lw.shape[0], int(np.prod(lw.shape[1:])))]
 
     def produce():
         yield name, map(run_item, items)
 
-    return GGUFUnit([(name, qtype, shape)], produce, source_nbytes(ckpt, lw.names), nbytes, items)
+    return GGUFUnit([(name, qtype, shape)], produce, source_nbytes(ckpt, lw.names), nbytes, items,
+                    imatrix is not None and qtype in IMATRIX_TYPES, importance is not None)
 
 
 def run_item(item: EncodeJob | Callable[[], np.ndarray]) -> np.ndarray:
@@ -290,12 +309,45 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
             os.environ.pop(k, None)
 
 
-def gguf_plan(ckpt: HFCheckpoint, opts: Options) -> list[GGUFUnit]:
+def gguf_plan(ckpt: HFCheckpoint, opts: Options, imatrix: Imatrix | None = None) -> list[GGUFUnit]:
     preset = opts.preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise ConvertError(f"--preset must be one of {PRESETS}, got {preset!r}")
-    return [gguf_unit(ckpt, lw, preset, opts.experts_per_token)
-            for lw in logical_weights(ckpt, include_mtp=False)]
+    units = [gguf_unit(ckpt, lw, preset, opts.experts_per_token, imatrix)
+             for lw in logical_weights(ckpt, include_mtp=False)]
+    if imatrix is not None:
+        check_imatrix_coverage(imatrix, units, preset)
+    return units
+
+
+def check_imatrix_coverage(imatrix: Imatrix, units: list[GGUFUnit], preset: str) -> None:
+    """Refuse an imatrix that names none of the tensors it would weight (another model's, or a
+    preset without such types); warn about the tensors it leaves out, which keep the default."""
+    wanting = [u.tensors[0][0] for u in units if u.wants_imatrix]
+    missing = [u.tensors[0][0] for u in units if u.wants_imatrix and not u.has_imatrix]
+    if not wanting:
+        raise ConvertError(f"--imatrix: preset {preset} has no tensor of the types an imatrix weights "
+                           f"({', '.join(IMATRIX_TYPES)}); drop --imatrix or use ds4-q4 / ds4-q2")
+    if len(missing) == len(wanting):
+        raise ConvertError(f"{imatrix.path}: no imatrix entry matches a tensor of this model "
+                           f"(e.g. {wanting[0]!r}; the file has e.g. {next(iter(imatrix.entries))!r})")
+    if missing:
+        import warnings
+
+        warnings.warn(f"{imatrix.path}: no entry for {len(missing)} of {len(wanting)} tensors "
+                      f"(e.g. {missing[0]!r}); those are quantized without an imatrix")
+
+
+def imatrix_metadata(imatrix: Imatrix, units: list[GGUFUnit]) -> dict[str, tuple[Any, GGUFValueType]]:
+    """The keys llama-quantize records about the imatrix it used."""
+    meta = {
+        "quantize.imatrix.file": (str(imatrix.path.name), GGUFValueType.STRING),
+        "quantize.imatrix.entries_count": (sum(u.has_imatrix for u in units), GGUFValueType.INT32),
+        "quantize.imatrix.chunks_count": (int(imatrix.chunk_count), GGUFValueType.INT32),
+    }
+    if imatrix.datasets:
+        meta["quantize.imatrix.dataset"] = (str(imatrix.datasets[-1]), GGUFValueType.STRING)
+    return meta
 
 
 def gguf_config(ckpt: HFCheckpoint, opts: Options) -> dict[str, Any]:
@@ -328,7 +380,8 @@ def tokenizer_fields(source: Path, vocab_size: int | None = None) -> dict[str, A
 
 
 def write_stream(path: Path, config: dict[str, Any], units: list[GGUFUnit], tokenizer: dict[str, Any] | None,
-                 bar: Progress, jobs: int = 1) -> dict[str, int]:
+                 bar: Progress, jobs: int = 1,
+                 extra_metadata: dict[str, tuple[Any, GGUFValueType]] | None = None) -> dict[str, int]:
     """Write the GGUF from the plan, each tensor's bytes as they are produced (by ``jobs``
     worker processes, in plan order). Returns the CRC-32 of every tensor's data for the
     verification pass."""
@@ -336,7 +389,7 @@ def write_stream(path: Path, config: dict[str, Any], units: list[GGUFUnit], toke
     encoded = run_items((item for u in units for item in u.items), jobs)
     data = (bar.track(islice(encoded, len(u.items))) for u in units for _ in u.tensors)
     try:
-        return stream_gguf(path, config, entries, data, tokenizer=tokenizer)
+        return stream_gguf(path, config, entries, data, tokenizer=tokenizer, extra_metadata=extra_metadata)
     except GGUFError as e:
         raise ConvertError(str(e)) from None
     finally:
@@ -366,19 +419,20 @@ def verify_gguf(path: Path, units: list[Unit], crcs: dict[str, int]) -> None:
 
 
 def convert_gguf(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *, progress: bool,
-                 jobs: int = 1) -> Path:
+                 jobs: int = 1, imatrix: Imatrix | None = None) -> Path:
     if output.suffix != ".gguf":
         raise ConvertError(f"{output}: a GGUF output path must end in .gguf")
+    units = gguf_plan(ckpt, opts, imatrix)
     partial, lock = check_output(ckpt.path, output, resume=False, is_dir=False)
     try:
-        units = gguf_plan(ckpt, opts)
         config = gguf_config(ckpt, opts)
         tokenizer = tokenizer_fields(ckpt.path, ckpt.config.get("vocab_size"))
         total = sum(u.nbytes for u in units)
         check_free_space(output.parent, total)
         bar = Progress(total, 0, f"convert → {output.name}", progress)
         try:
-            crcs = write_stream(partial, config, units, tokenizer, bar, jobs)
+            meta = imatrix_metadata(imatrix, units) if imatrix is not None else None
+            crcs = write_stream(partial, config, units, tokenizer, bar, jobs, meta)
             bar.close()
             verify_gguf(partial, units, crcs)
         except BaseException as exc:
@@ -387,9 +441,6 @@ def convert_gguf(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *
             if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
                 raise err from exc
             raise
-        if output.is_dir():
-            output.rmdir()
-        os.replace(partial, output)
-        return output
+        return publish(partial, output)
     finally:
         lock.release()

@@ -25,8 +25,9 @@ from ..names import is_routed_expert, scale_name
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_shapes
 from ..quant.mx import fp8_to_mxfp8
 from .options import ConvertError, Options
-from .output import Progress, check_free_space, check_output, disk_full_error
-from .plan import Logical, Unit, dequantize, hash_table, logical_weights, read_tensor, source_nbytes
+from .output import Progress, check_free_space, check_output, disk_full_error, publish
+from .plan import (Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights, read_tensor,
+                   source_nbytes)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -98,7 +99,7 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
 
     if lw.fmt == FLOAT and target == FLOAT:  # as stored (tid2eid possibly cut)
         if lw.path.endswith(".tid2eid"):
-            shape = (lw.shape[0], k if k is not None else ckpt.file(ckpt.weight_map[lw.names[0]]).info(lw.names[0]).shape[1])
+            shape = hash_table_shape(ckpt, lw.names[0], k)
             produce = lambda: iter([(lw.path, [hash_table(ckpt, lw.names[0], k)])])  # noqa: E731
         else:
             shape = lead + lw.shape
@@ -187,6 +188,9 @@ def mlx_config(ckpt: HFCheckpoint, opts: Options, formats: dict[str, WeightForma
     quant.update({p: mlx_dir.format_entry(f) for p, f in formats.items()})
     config["quantization"] = quant
     from .. import __version__
+    from ..mlx_lm_model import MODEL_FILE
+
+    config["model_file"] = MODEL_FILE  # mlx-lm's tools build the model from it (trust_remote_code)
 
     config[mlx_dir.FORMAT_KEY] = {
         "format": mlx_dir.FORMAT_NAME, "version": mlx_dir.FORMAT_VERSION, "ds4mlx_version": __version__,
@@ -283,6 +287,9 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         try:
             (partial / mlx_dir.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             copy_side_files(ckpt.path, partial)
+            from ..mlx_lm_model import write_model_file
+
+            write_model_file(partial)
             (partial / "config.json").write_text(json.dumps(mlx_config(ckpt, opts, formats, source), indent=2) + "\n")
         except OSError as exc:
             if err := disk_full_error(exc, partial):
@@ -291,10 +298,7 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
             raise
         mlx_dir.open_mlx_dir(partial).close()  # the reader accepts what we wrote
         (partial / STATE_FILE).unlink()
-        if output.is_dir():
-            output.rmdir()
-        os.replace(partial, output)
-        return output
+        return publish(partial, output)
     finally:
         lock.release()
 

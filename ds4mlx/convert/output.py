@@ -86,6 +86,15 @@ def check_output(source: Path, output: Path, *, resume: bool, is_dir: bool) -> t
     return partial, lock
 
 
+def publish(partial: Path, output: Path) -> Path:
+    """Move the finished ``partial`` into place (replacing the empty directory ``check_output``
+    allowed there) in one rename, so ``output`` is never half-written."""
+    if output.is_dir():
+        output.rmdir()
+    os.replace(partial, output)
+    return output
+
+
 def check_free_space(where: Path, needed: int) -> None:
     free = shutil.disk_usage(where).free
     if needed > free:

@@ -160,6 +160,12 @@ def source_nbytes(ckpt: HFCheckpoint, names: Iterable[str]) -> int:
     return total
 
 
+def hash_table_shape(ckpt: HFCheckpoint, name: str, k: int | None) -> tuple[int, int]:
+    """Shape :func:`hash_table` returns: ``[vocab, k]``, or as stored when ``k`` is None."""
+    vocab, width = ckpt.file(ckpt.weight_map[name]).info(name).shape
+    return vocab, width if k is None else k
+
+
 def hash_table(ckpt: HFCheckpoint, name: str, k: int | None) -> np.ndarray:
     """``tid2eid`` as stored, cut to its first ``k`` columns (the 4Expert recipe), range-checked."""
     table = read_tensor(ckpt, name)

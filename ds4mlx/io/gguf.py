@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import mlx.core as mx
 import numpy as np
@@ -77,10 +77,6 @@ _OPTIONAL_KEYS = [
     (_key(Keys.LLM.EXPERT_WEIGHTS_SCALE), "routed_scaling_factor", "f32"),
     (_key(Keys.LLM.EXPERT_WEIGHTS_NORM), "norm_topk_prob", "bool"),
 ]
-# HF config key -> the GGUF metadata key it comes from (config errors name the file's key)
-GGUF_KEY_NAMES = {hf: key for key, hf, _ in _REQUIRED_KEYS + _OPTIONAL_KEYS}
-GGUF_KEY_NAMES["num_experts_per_tok"] = f"{ARCH}.expert_used_count"
-GGUF_KEY_NAMES["swiglu_limit"] = f"{ARCH}.swiglu_clamp_exp"
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 _ROPE_KEYS = [  # rope.scaling.* -> HF rope_scaling
@@ -94,6 +90,11 @@ EXPERT_USED_COUNT = _key(Keys.LLM.EXPERT_USED_COUNT)
 EXPERT_GATING_FUNC = _key(Keys.LLM.EXPERT_GATING_FUNC)
 SWIGLU_CLAMP_EXP = _key(Keys.LLM.SWIGLU_CLAMP_EXP)
 ROPE_SCALING_TYPE = _key(Keys.Rope.SCALING_TYPE)
+BLOCK_COUNT = _key(Keys.LLM.BLOCK_COUNT)
+VOCAB_SIZE = _key(Keys.LLM.VOCAB_SIZE)
+# HF config key -> the GGUF metadata key it comes from (config errors name the file's key)
+GGUF_KEY_NAMES = {hf: key for key, hf, _ in _REQUIRED_KEYS + _OPTIONAL_KEYS}
+GGUF_KEY_NAMES.update(num_experts_per_tok=EXPERT_USED_COUNT, swiglu_limit=SWIGLU_CLAMP_EXP)
 
 
 # --------------------------------------------------------------------------- metadata -> config
@@ -195,14 +196,14 @@ def _check_block_count(source: str, block_count: int, tensors: Mapping[str, Tens
     if present and present != list(range(block_count)):
         held = f"blk.{present[0]}..blk.{present[-1]}" if present == list(range(present[0], present[-1] + 1)) \
             else f"{len(present)} layers ({present[0]}..{present[-1]}, with gaps)"
-        raise GGUFError(f"{source}: {ARCH}.block_count is {block_count}, but the tensors hold layers {held}")
+        raise GGUFError(f"{source}: {BLOCK_COUNT} is {block_count}, but the tensors hold layers {held}")
 
 
 def _check_tokenizer_size(source: str, fields: Mapping[str, Any], vocab_size: int) -> None:
     """A token id at or past ``vocab_size`` would index past the embedding table."""
-    tokens = fields.get("tokenizer.ggml.tokens")
+    tokens = fields.get(Keys.Tokenizer.LIST)
     if isinstance(tokens, list) and len(tokens) > vocab_size:
-        raise GGUFError(f"{source}: tokenizer.ggml.tokens has {len(tokens)} tokens but {ARCH}.vocab_size "
+        raise GGUFError(f"{source}: {Keys.Tokenizer.LIST} has {len(tokens)} tokens but {VOCAB_SIZE} "
                         f"is {vocab_size}: ids {vocab_size}..{len(tokens) - 1} have no embedding")
 
 
@@ -346,6 +347,13 @@ def _check_shape(gf: GGUFFile, info: TensorInfo, expected: tuple[int, ...], path
         )
 
 
+def _gguf_name_or_none(param: str) -> str | None:
+    try:
+        return internal_to_gguf(param)
+    except UnknownTensorName:
+        return None  # load_weights names the failure
+
+
 @dataclass
 class GGUFCheckpoint:
     """An open DeepSeek V4 GGUF (plus optionally ds4's separate MTP file): its HF-style
@@ -360,15 +368,20 @@ class GGUFCheckpoint:
     def has_mtp(self) -> bool:
         return len(self.files) > 1
 
-    def load_weights(self, params: Mapping[str, tuple[int, ...]], projections: set[str]
+    def load_weights(self, params: Mapping[str, tuple[int, ...]], projections: set[str],
+                     progress: Callable[[int, int], None] | None = None,
                      ) -> tuple[dict[str, mx.array], dict[str, WeightFormat]]:
         """``({internal path: array}, {module path: WeightFormat})`` for the model parameters
         ``params`` (path -> shape). Modules in ``projections`` (the model's float projections)
-        may stay packed; every other quantized tensor is dequantized exactly to float."""
+        may stay packed; every other quantized tensor is dequantized exactly to float.
+        ``progress(bytes read, bytes to read)`` is called after each tensor."""
         gf = self.files[0]
         n_experts = int(self.config["n_routed_experts"])
         weights: dict[str, mx.array] = {}
         formats: dict[str, WeightFormat] = {}
+        total = sum(self.by_name[n][1].nbytes or 0 for p in params
+                    if (n := _gguf_name_or_none(p)) in self.by_name) if progress else 0
+        done = 0
         for param, shape in params.items():
             try:
                 name = internal_to_gguf(param)
@@ -385,6 +398,9 @@ class GGUFCheckpoint:
             _load_tensor(src, info, param, module, weights, formats)
             if param.endswith(".tid2eid"):
                 check_expert_ids(weights[param], n_experts, f"{src.path}: tensor {info.name!r}", GGUFError)
+            if progress is not None:
+                done += info.nbytes or 0
+                progress(done, total)
         return weights, formats
 
     def tokenizer_fields(self) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -94,16 +94,31 @@ class HFCheckpoint:
             return fp8_to_mxfp8(weight, scale, entry.name)
         return fp4_to_mxfp4(weight, scale, entry.name)
 
-    def load_weights(self, *, include_mtp: bool = True) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
-        """``({internal path: mx.array}, {module path: WeightFormat})``, one tensor read at a time."""
+    def _nbytes(self, entry: Entry) -> int:
+        """Stored bytes of a weight and its scale."""
+        names = [entry.name] if entry.fmt == FLOAT else [entry.name, scale_name(entry.name)]
+        return sum(self._files[self.weight_map[n]].info(n).nbytes for n in names)
+
+    def load_weights(self, *, include_mtp: bool = True, progress: Callable[[int, int], None] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
+        """``({internal path: mx.array}, {module path: WeightFormat})``, one tensor read at a time;
+        ``progress(bytes read, bytes to read)`` after each weight (each layer's experts at once)."""
         import mlx.core as mx
 
         weights: dict[str, Any] = {}
         formats: dict[str, WeightFormat] = {}
         experts: dict[tuple[str, str], list[Entry]] = defaultdict(list)
-        for name, entry in self.entries.items():
-            if not include_mtp and name.startswith("mtp."):
-                continue
+        entries = {n: e for n, e in self.entries.items() if include_mtp or not n.startswith("mtp.")}
+        total = sum(self._nbytes(e) for e in entries.values()) if progress else 0
+        done = 0
+
+        def advance(group) -> None:
+            nonlocal done
+            if progress is not None:
+                done += sum(self._nbytes(e) for e in group)
+                progress(done, total)
+
+        for name, entry in entries.items():
             m = EXPERT_WEIGHT.match(name)
             if m:
                 experts[(m.group(1), m.group(3))].append(entry)
@@ -120,6 +135,7 @@ class HFCheckpoint:
                 w, s = self._packed(entry, self._np(name), self._np(scale_name(name)))
                 weights[path], weights[module + ".scales"] = w, s
                 formats[module] = entry.fmt
+            advance([entry])
         for (prefix, proj), group in experts.items():
             module = f"{prefix}.{proj}"
             group.sort(key=lambda e: int(EXPERT_WEIGHT.match(e.name).group(2)))
@@ -139,6 +155,7 @@ class HFCheckpoint:
                 weights[module + ".scales"] = s
                 formats[module] = fmt
             mx.eval(w if s is None else (w, s))  # materialise now, so the per-expert sources can go
+            advance(group)
         return weights, formats
 
 

@@ -21,7 +21,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -143,13 +143,20 @@ class MLXDirCheckpoint:
         for f in self._files.values():
             f.close()
 
-    def load_weights(self, *, include_mtp: bool = True) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
-        """``({internal path: mx.array}, {module path: WeightFormat})``, one tensor at a time."""
+    def load_weights(self, *, include_mtp: bool = True, progress: Callable[[int, int], None] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
+        """``({internal path: mx.array}, {module path: WeightFormat})``, one tensor at a time;
+        ``progress(bytes read, bytes to read)`` after each."""
+        names = [n for n in self.weight_map if include_mtp or not n.startswith("mtp.")]
+        total = sum(self._files[self.weight_map[n]].info(n).nbytes for n in names)
+        done = 0
         weights = {}
-        for name, shard in self.weight_map.items():
-            if name.startswith("mtp.") and not include_mtp:
-                continue
+        for name in names:
+            shard = self.weight_map[name]
             weights[name] = self._files[shard].tensor_mx(name)
+            if progress is not None:
+                done += self._files[shard].info(name).nbytes
+                progress(done, total)
             if name.endswith(".tid2eid"):
                 check_expert_ids(weights[name], int(self.config["n_routed_experts"]),
                                  f"{self.path / self.weight_map[name]}: {name}", MLXDirError)

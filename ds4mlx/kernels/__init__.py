@@ -6,7 +6,8 @@ The backend is chosen once, on first use, from ``DS4MLX_KERNELS`` and the defaul
 Metal path runs on Linux). Default: ``metal`` when Metal is available and the default device is
 the GPU, else ``ops``. :func:`set_backend` chooses again (tests, benchmarks). Single kernel
 variants (a format's kernels, ``hc_pre``) can be switched off with :func:`disable`; the ops
-twin then serves them.
+twin then serves them. Each variant is checked against its twin on first use in a process
+(:mod:`ds4mlx.kernels.check`, ``DS4MLX_KERNEL_CHECK``); one that fails is switched off likewise.
 
 Quantized expert weights ``w`` are either native GGUF blocks, ``uint8 [E, rows, row_bytes]``
 with ``fmt`` one of ``Q8_0``, ``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4``, or, for ``fmt="MXFP4"``,
@@ -35,6 +36,7 @@ import numpy as np
 
 from .. import ops as _ops
 from ..quant import gguf as _formats
+from ..quant.codecs import MX_GROUP  # MLX mxfp4 group (one E8M0 scale per 32 weights)
 from ..quant.gguf import iq2_xxs as _iq2_xxs
 
 QuantWeight = Union[mx.array, tuple]
@@ -42,11 +44,15 @@ QuantWeight = Union[mx.array, tuple]
 BACKENDS = ("metal", "ops", "emulate")
 KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")
 HC_PRE = "hc_pre"  # the variant name of the fused HC pre kernel
+ATTENTION = "attention"  # fused decode attention (kernels/attention.py)
+INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
+ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
+ROUTER = "router"  # fused MoE router selection (kernels/router.py)
+NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER)  # not weight formats
 METAL_DIR = Path(__file__).with_name("metal")
 # Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
 _LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
 _MLX_MXFP4, _GGUF_MXFP4 = 4, 5
-MX_GROUP = 32  # MLX mxfp4 group (one E8M0 scale per 32 weights)
 
 # Up to this many (token, expert) pairs the MoE runs the decode kernels (simdgroups stride over
 # each weight row); above it, the expert-grouped tiled kernel.
@@ -57,6 +63,9 @@ _DECODE_ROWS_PER_TG = _DECODE_ROWS * _DECODE_SIMDGROUPS
 _DECODE_THREADS = 32 * _DECODE_SIMDGROUPS
 _TILE, _TILE_K, _TILE_THREADS = 32, 32, 128  # pairs = outputs per tile, K step, threads
 _HC_THREADS = 256  # threads per token of hc_pre
+ATTN_SIMDGROUPS = 4  # simdgroups per (token, head) of attn_decode; they split the keys
+INDEX_THREADS = 256  # threads per threadgroup of the indexer score kernel
+ROUTER_THREADS = 256  # threads per token of router_topk
 # Bound on the float32 bytes of dequantized weights one ops step holds at once.
 DEQUANT_BUDGET = 256 << 20
 
@@ -99,32 +108,49 @@ def set_backend(name: str | None = None) -> str:
 
 
 def disable(variant: str, reason: str) -> None:
-    """Stop using the kernels of ``variant`` (a format of ``KERNEL_FORMATS`` or ``HC_PRE``); its
-    ops twin serves those calls from now on. ``reason`` is kept for :func:`disabled`."""
-    _disabled[variant.upper() if variant != HC_PRE else variant] = reason
+    """Stop using the kernels of ``variant`` (a format of ``KERNEL_FORMATS`` or one of
+    ``NAMED_VARIANTS``); its ops twin serves those calls from now on. ``reason`` is kept for
+    :func:`disabled`."""
+    _disabled[_variant_key(variant)] = reason
+
+
+def _variant_key(variant: str) -> str:
+    return variant if variant in NAMED_VARIANTS else variant.upper()
 
 
 def enable(variant: str) -> None:
-    _disabled.pop(variant.upper() if variant != HC_PRE else variant, None)
+    _disabled.pop(_variant_key(variant), None)
 
 
 def enabled(variant: str) -> bool:
-    return (variant.upper() if variant != HC_PRE else variant) not in _disabled
+    return _variant_key(variant) not in _disabled
 
 
 def disabled() -> dict[str, str]:
-    """Variant -> reason of every kernel variant switched off."""
-    return dict(_disabled)
+    """Variant -> reason of every kernel variant switched off (by :func:`disable` or by the
+    first-use check)."""
+    return {**_disabled, **check.failures()}
 
 
 def serves(fmt: str) -> bool:
-    """Whether a kernel serves calls on weights of format ``fmt`` (or ``HC_PRE``): the one
-    decision between kernel and ops twin."""
+    """Whether a kernel serves calls on weights of format ``fmt`` (or a named variant such as
+    ``HC_PRE``): the one decision between kernel and ops twin (the entry points then ask
+    :func:`_first_use_ok` whether the call's variant passed its first-use check)."""
     if backend() == "ops":
         return False
-    if fmt == HC_PRE:
-        return enabled(HC_PRE)
-    return fmt.upper() in KERNEL_FORMATS and enabled(fmt)
+    if fmt not in NAMED_VARIANTS and fmt.upper() not in KERNEL_FORMATS:
+        return False
+    return enabled(fmt) or check.forcing()
+
+
+def variant_name(p: "Packed") -> str:
+    """The check's name of a weight layout: the format, ``MXFP4-mlx`` for MLX mxfp4 pairs."""
+    return "MXFP4-mlx" if p.layout == _MLX_MXFP4 else p.fmt
+
+
+def _first_use_ok(variant: str, dtype: mx.Dtype, **dims: int) -> bool:
+    """The first-use check of ``variant`` at ``dtype`` (kernels/check.py); True once passed."""
+    return check.passes(variant, dtype, **dims)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -142,7 +168,9 @@ def _defines() -> str:
         block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
         values[f"DS4_{name}_BLOCK"], values[f"DS4_{name}_BYTES"] = block, nbytes
     values.update(DS4_ROWS=_DECODE_ROWS, DS4_SIMDGROUPS=_DECODE_SIMDGROUPS, DS4_BM=_TILE,
-                  DS4_BN=_TILE, DS4_BK=_TILE_K, DS4_TG=_TILE_THREADS, DS4_HC_TG=_HC_THREADS)
+                  DS4_BN=_TILE, DS4_BK=_TILE_K, DS4_TG=_TILE_THREADS, DS4_HC_TG=_HC_THREADS,
+                  DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS,
+                  DS4_ROUTER_TG=ROUTER_THREADS)
     return "".join(f"#define {k} {v}\n" for k, v in values.items())
 
 
@@ -233,13 +261,12 @@ def unpack_weight(w: QuantWeight, fmt: str, name: str = "w") -> Packed:
         return Packed(key, _MLX_MXFP4, mx.view(q, mx.uint8), s, k)
     if not isinstance(w, mx.array) or w.dtype != mx.uint8 or w.ndim < 2:
         raise KernelInputError(f"{name}: {key} weights must be uint8 blocks [..., rows, row_bytes]")
-    mod = _gguf_format(key)
-    if w.shape[-1] % mod.BLOCK_BYTES:
-        raise KernelInputError(f"{name}: a row of {w.shape[-1]} bytes is not a whole number of "
-                               f"{key} blocks ({mod.BLOCK_BYTES} bytes)")
+    try:
+        k = _formats.row_weights(_gguf_format(key), w.shape[-1], name)
+    except ValueError as e:
+        raise KernelInputError(str(e)) from None
     layout = _GGUF_MXFP4 if key == "MXFP4" else _LAYOUT[key]
-    return Packed(key, layout, w, _no_scales(),
-                  w.shape[-1] // mod.BLOCK_BYTES * mod.BLOCK_SIZE)
+    return Packed(key, layout, w, _no_scales(), k)
 
 
 @functools.cache
@@ -289,9 +316,9 @@ def dequantize_ops(w: QuantWeight, fmt: str) -> mx.array:
 
 def dequantize(w: QuantWeight, fmt: str) -> mx.array:
     """Float32 rows ``[..., rows, K]`` of a quantized weight (kernel ``dequant_rows``)."""
-    if not serves(fmt):
-        return dequantize_ops(w, fmt)
     p = unpack_weight(w, fmt)
+    if not (serves(fmt) and _first_use_ok(variant_name(p), mx.float32)):
+        return dequantize_ops(w, fmt)
     lead = p.q.shape[:-1]
     rows = 1
     for n in lead:
@@ -316,7 +343,7 @@ def switch_matmul_ops(x: mx.array, w: mx.array, fmt: str, indices: mx.array,
     """
     fmod = _gguf_format(fmt)
     n_experts, output_dims = w.shape[0], w.shape[1]
-    input_dims = w.shape[-1] // fmod.BLOCK_BYTES * fmod.BLOCK_SIZE
+    input_dims = _formats.row_weights(fmod, w.shape[-1])
     xf = x.astype(mx.float32)
     idx = np.array(indices).astype(np.int64)  # host copy: which experts this call touches
     if idx.size and (idx.min() < 0 or idx.max() >= n_experts):
@@ -361,7 +388,7 @@ def matmul_ops(x: mx.array, w: mx.array, fmt: str) -> mx.array:
     """The ops path of a dense GGUF projection ``w [out, bytes]``: float32 ``x @ W.T``,
     dequantized in output-row chunks of at most ``DEQUANT_BUDGET`` bytes."""
     fmod = _gguf_format(fmt)
-    input_dims = w.shape[-1] // fmod.BLOCK_BYTES * fmod.BLOCK_SIZE
+    input_dims = _formats.row_weights(fmod, w.shape[-1])
     xf = x.astype(mx.float32)
     step = max(1, DEQUANT_BUDGET // (4 * input_dims))  # output rows per step
     parts = [xf @ fmod.dequantize(w[r:r + step]).T for r in range(0, w.shape[0], step)]
@@ -445,7 +472,8 @@ def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices
         raise KernelInputError(f"x: {x.shape[1]} features, but the experts take {p1.k}")
     n = x.shape[0]
     k = _routes(indices, n)
-    if not serves(fmt):
+    if not (serves(fmt) and _first_use_ok(variant_name(p1), x.dtype, experts_per_token=k,
+                                          n_experts=p1.q.shape[0])):
         return moe_gate_up_ops(x, w1, w3, fmt, indices, limit)
     _check_ids(indices, p1.q.shape[0])
     idx = indices.astype(mx.uint32).reshape(-1)
@@ -482,7 +510,8 @@ def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weight
     if _routes(indices, n) != k or weights.shape != indices.shape:
         raise KernelInputError(f"indices/weights: expected [{n}, {k}], got "
                                f"{tuple(indices.shape)} and {tuple(weights.shape)}")
-    if not serves(fmt):
+    if not (serves(fmt) and _first_use_ok(variant_name(p2), out_dtype, experts_per_token=k,
+                                          n_experts=p2.q.shape[0])):
         return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype)
     _check_ids(indices, p2.q.shape[0])
     idx = indices.astype(mx.uint32).reshape(-1)
@@ -513,7 +542,8 @@ def gather_qmm_native(x: mx.array, w: QuantWeight, fmt: str, indices: mx.array) 
         raise KernelInputError(f"x: {x.shape[1]} features, but the experts take {p.k}")
     n = x.shape[0]
     k = _routes(indices, n)
-    if not serves(fmt):
+    if not (serves(fmt) and _first_use_ok(variant_name(p), x.dtype, experts_per_token=k,
+                                          n_experts=p.q.shape[0])):
         return gather_qmm_native_ops(x, w, fmt, indices)
     _check_ids(indices, p.q.shape[0])
     order, eid = _sort_pairs(indices.astype(mx.uint32).reshape(-1))
@@ -550,9 +580,9 @@ def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt:
                        input_dims: int, output_dims: int, sorted_indices: bool = False) -> mx.array:
     """Call site of ``GGUFSwitchLinear`` (switch-linear protocol): x ``[..., M, in]``, indices
     broadcast against x's batch dims -> ``[..., M, out]`` in x's dtype (kernel or ops path)."""
-    if not serves(fmt):
+    p = unpack_weight(weight, fmt, "weight") if serves(fmt) else None
+    if p is None or not _first_use_ok(variant_name(p), x.dtype, n_experts=p.q.shape[0]):
         return switch_matmul_ops(x, weight, fmt, indices, sorted_indices).astype(x.dtype)
-    p = unpack_weight(weight, fmt, "weight")
     _check_ids(indices, p.q.shape[0])
     batch = tuple(mx.broadcast_shapes(tuple(x.shape[:-2]), tuple(indices.shape)))
     m = x.shape[-2]
@@ -567,9 +597,9 @@ def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
                 output_dims: int) -> mx.array:
     """Call site of ``GGUFLinear``: ``x @ W.T`` for GGUF blocks ``[out, bytes]`` in x's dtype
     (one expert of the tiled kernel, or the ops path)."""
-    if not serves(fmt):
+    p = unpack_weight(weight[None], fmt, "weight") if serves(fmt) else None
+    if p is None or not _first_use_ok(variant_name(p), x.dtype):
         return matmul_ops(x, weight, fmt).astype(x.dtype)
-    p = unpack_weight(weight[None], fmt, "weight")
     rows = x.reshape(-1, input_dims)
     n = rows.shape[0]
     order = mx.arange(n, dtype=mx.uint32)
@@ -598,7 +628,7 @@ def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters:
         raise KernelInputError(
             f"hc_pre: with {m} streams of {d}, fn must be {(mix, m * d)}, base ({mix},), scale "
             f"(3,); got {tuple(fn.shape)}, {tuple(base.shape)}, {tuple(scale.shape)}")
-    if not serves(HC_PRE):
+    if not (serves(HC_PRE) and _first_use_ok(HC_PRE, h.dtype, hc_mult=m)):
         return hc_pre_ops(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
     lead = h.shape[:-2]
     n = 1
@@ -613,3 +643,6 @@ def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters:
         grid=(_HC_THREADS, n, 1), threadgroup=(_HC_THREADS, 1, 1),
         template=[("T", h.dtype), ("FT", fn.dtype), ("M", m)])
     return x.reshape(*lead, d), post.reshape(*lead, m), comb.reshape(*lead, m, m)
+
+
+from . import check  # noqa: E402  (uses this module's names at call time only)

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..quant.formats import WeightFormat, gguf_kind
+from ..quant.formats import WeightFormat, gguf_kind, packed_shapes
 from . import gguf as _gguf
 
 
@@ -36,18 +36,12 @@ LinearBuilder = Callable[[int, int, WeightFormat], nn.Module]
 SwitchBuilder = Callable[[int, int, int, WeightFormat], nn.Module]
 
 
-def _packed_shapes(input_dims: int, output_dims: int, fmt: WeightFormat, lead: tuple[int, ...] = ()):
-    bits, group = fmt.bits, fmt.group_size
-    if not bits or not group:
-        raise FormatError(f"{fmt.kind} needs bits and group_size, got {fmt}")
-    if input_dims % group or (input_dims * bits) % 32:
-        raise FormatError(f"input dimension {input_dims} does not split into {fmt} groups")
-    return lead + (output_dims, input_dims * bits // 32), lead + (output_dims, input_dims // group)
-
-
 def _init_packed(module: nn.Module, input_dims: int, output_dims: int, fmt: WeightFormat, lead=()) -> None:
     """Zero placeholders of the packed shapes (no random init to quantize: loading replaces them)."""
-    w_shape, s_shape = _packed_shapes(input_dims, output_dims, fmt, lead)
+    try:
+        w_shape, s_shape = packed_shapes(fmt, (*lead, output_dims, input_dims))
+    except ValueError as e:
+        raise FormatError(str(e)) from None
     module.group_size, module.bits, module.mode = fmt.group_size, fmt.bits, fmt.kind
     module.weight = mx.zeros(w_shape, dtype=mx.uint32)
     if fmt.kind == "affine":

@@ -31,6 +31,21 @@ class _GGUFBlocks(nn.Module):
         """The block-format module of this weight (``ds4mlx.quant.gguf.<type>``)."""
         return get(self.type_name)
 
+    @classmethod
+    def from_blocks(cls, blocks: mx.array, ggml_type: int, input_dims: int,
+                    name: str | None = None):
+        """The module holding ``blocks`` (uint8 ``[out, bytes]``, or ``[E, out, bytes]`` for
+        experts) of GGML type ``ggml_type``; ``name`` labels errors."""
+        fmt = by_type(ggml_type, name)
+        lead = tuple(blocks.shape[:-1])  # (out,) or (E, out)
+        if len(lead) != (2 if cls is GGUFSwitchLinear else 1):
+            raise ValueError(f"{name or 'tensor'}: blocks of shape {tuple(blocks.shape)} do not "
+                             f"fit {cls.__name__}")
+        m = cls(input_dims, *lead[::-1], fmt.NAME)  # (input_dims, out[, E], type)
+        _check_bytes(blocks, m.weight.shape, name)
+        m.weight = blocks
+        return m
+
 
 class GGUFLinear(_GGUFBlocks):
     """``y = x @ W.T`` with ``W`` held as GGUF blocks of type ``type_name``."""
@@ -41,15 +56,6 @@ class GGUFLinear(_GGUFBlocks):
         self.input_dims, self.output_dims = input_dims, output_dims
         self.weight = mx.zeros((output_dims, row_bytes(get(type_name), input_dims)), dtype=mx.uint8)
         self.freeze()
-
-    @classmethod
-    def from_blocks(cls, blocks: mx.array, ggml_type: int, input_dims: int,
-                    name: str | None = None) -> "GGUFLinear":
-        fmt = by_type(ggml_type, name)
-        m = cls(input_dims, blocks.shape[0], fmt.NAME)
-        _check_bytes(blocks, m.weight.shape, name)
-        m.weight = blocks
-        return m
 
     def __call__(self, x: mx.array) -> mx.array:
         return self._matmul(x, self.weight)
@@ -76,19 +82,6 @@ class GGUFSwitchLinear(_GGUFBlocks):
         nbytes = row_bytes(get(type_name), input_dims)
         self.weight = mx.zeros((num_experts, output_dims, nbytes), dtype=mx.uint8)
         self.freeze()
-
-    @classmethod
-    def from_blocks(cls, blocks: mx.array, ggml_type: int, input_dims: int,
-                    name: str | None = None) -> "GGUFSwitchLinear":
-        fmt = by_type(ggml_type, name)
-        m = cls(input_dims, blocks.shape[1], blocks.shape[0], fmt.NAME)
-        _check_bytes(blocks, m.weight.shape, name)
-        m.weight = blocks
-        return m
-
-    def dequantize_experts(self, experts: mx.array) -> mx.array:
-        """float32 ``[len(experts), out, in]`` for the expert ids ``experts``."""
-        return self.fmt.dequantize(self.weight[experts])
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return kernels.gguf_switch_matmul(x, self.weight, indices, fmt=self.type_name,

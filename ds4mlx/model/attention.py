@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from .. import kernels
 from ..config import ModelConfig
+from ..kernels import attention as fused
 from ..state import LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
@@ -19,6 +22,8 @@ from .rope import apply_rope, layer_frequencies
 
 # Bound on the float32 score elements materialised per query block.
 _SCORE_BUDGET = 1 << 26
+# Calls of up to this many tokens (decode, speculative verification) take the fused kernels.
+FUSED_MAX_TOKENS = 8
 
 
 def grouped_linear(layer: nn.Module, x: mx.array, groups: int) -> mx.array:
@@ -84,15 +89,24 @@ class Attention(nn.Module):
         positions = mx.arange(p0, p0 + s)
         freqs = self._freqs
 
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim).astype(mx.float32)
-        q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
-        q = apply_rope(q, positions[:, None], freqs)
+        fused_rows = kernels.serves(kernels.ROPE_ROWS)
+        row_pos = np.arange(p0, p0 + s)[None, :]  # host positions of the fused row kernel
 
-        kv = self.kv_norm(self.wkv(x))
-        kv = apply_rope(kv, positions, freqs)
-        if self.qat_rounding:
-            kv = qat.kv_fp8(kv, self.rope_dims)
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
+        if fused_rows:
+            q = fused.rope_rows(q, row_pos[..., None], freqs, norm=fused.NORM_PLAIN,
+                                eps=self.eps, out_dtype=mx.float32)
+            kv = fused.rope_rows(self.wkv(x), row_pos, freqs, norm=fused.NORM_WEIGHTED,
+                                 weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
+        else:
+            q = q.astype(mx.float32)
+            q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
+            q = apply_rope(q, positions[:, None], freqs)
+            kv = self.kv_norm(self.wkv(x))
+            kv = apply_rope(kv, positions, freqs)
+            if self.qat_rounding:
+                kv = qat.kv_fp8(kv, self.rope_dims)
 
         # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones.
         n_prev = 0 if cache.window is None else cache.window.shape[1]
@@ -109,8 +123,42 @@ class Attention(nn.Module):
             self.indexer.compressor(x, p0, cache.indexer, freqs, self._index_rounding())
             index_keys = cache.indexer.rows
             if index_keys is not None:
-                index_q, index_w = self.indexer.queries(x, qr, positions, freqs, self._index_rounding())
+                index_q, index_w = self.indexer.queries(x, qr, positions, freqs,
+                                                        self._index_rounding(), p0)
 
+        if s <= FUSED_MAX_TOKENS and kernels.serves(kernels.ATTENTION):
+            o = self._attend_fused(q, p0, keys, n_prev, cache, index_q, index_w, index_keys)
+        else:
+            o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
+                                    index_keys)
+
+        if fused_rows:
+            o = fused.rope_rows(o, row_pos[..., None], freqs, inverse=True, out_dtype=x.dtype)
+        else:
+            o = apply_rope(o, positions[:, None], freqs, inverse=True).astype(x.dtype)
+        o = o.reshape(b, s, self.groups, -1)
+        u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
+        cache.offset = p0 + s
+        return self.wo_b(u)
+
+    def _attend_fused(self, q, p0: int, keys, n_prev: int, cache: LayerCache, index_q, index_w,
+                      index_keys):
+        """A few queries through the fused kernels: rows read in storage, one softmax."""
+        s = q.shape[1]
+        bounds = fused.query_bounds(p0, s, p0 - n_prev, self.window, self.ratio)
+        comp = idx = None
+        if self.ratio:
+            comp = cache.compressor.buffer
+            n_comp = cache.compressor.n_rows
+            if self.ratio == 4 and n_comp > self.config.index_topk:
+                idx = self.indexer.pick(index_q, index_w, index_keys, bounds[:, 2])
+        return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
+                                      self.config.softmax_scale)
+
+    def _attend_blocks(self, q, positions, p0: int, keys, n_prev: int, comp, index_q, index_w,
+                       index_keys):
+        """Any number of queries through MLX ops, in blocks that bound the score memory."""
+        b, s = q.shape[:2]
         # Cast the compressed rows and indexer keys once per call, not once per query block.
         if comp is not None:
             comp = comp.astype(mx.float32)
@@ -132,13 +180,7 @@ class Attention(nn.Module):
                 q[:, sl], positions[sl], p0 + s0, keys, p0 - n_prev, comp,
                 None if index_q is None else (index_q[:, sl], index_w[:, sl], index_keys),
             ))
-        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
-
-        o = apply_rope(o, positions[:, None], freqs, inverse=True)
-        o = o.astype(x.dtype).reshape(b, s, self.groups, -1)
-        u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
-        cache.offset = p0 + s
-        return self.wo_b(u)
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
     def _attend(self, q, positions, t0: int, keys, key_start: int, comp, index):
         """Queries q [B, s, H, d] at positions t0.. → outputs [B, s, H, d] float32."""

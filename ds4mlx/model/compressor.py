@@ -14,8 +14,11 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from .. import kernels
 from ..config import ModelConfig
+from ..kernels import attention as fused
 from ..state import CompressorState, record_compressor
 from .rope import apply_rope
 
@@ -45,8 +48,8 @@ class Compressor(nn.Module):
         b, s, _ = x.shape
         xf = x.astype(mx.float32)
         kv = self.wkv(xf).astype(mx.float32)
-        pos = mx.arange(offset, offset + s)
-        score = self.wgate(xf).astype(mx.float32) + self.ape.astype(mx.float32)[pos % r]
+        slot = mx.array(np.arange(offset, offset + s) % r)  # position mod r, from the host
+        score = self.wgate(xf).astype(mx.float32) + self.ape.astype(mx.float32)[slot]
         if state.pending_kv is not None:
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             score = mx.concatenate([state.pending_score, score], axis=1)
@@ -104,16 +107,26 @@ class Indexer(nn.Module):
 
     def queries(
         self, x: mx.array, qr: mx.array, positions: mx.array, freqs: mx.array,
-        rounding: Callable[[mx.array], mx.array] | None,
+        rounding: Callable[[mx.array], mx.array] | None, p0: int | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """Per-token indexer queries [B, S, h, dI] and head weights [B, S, h] (float32)."""
+        """Per-token indexer queries [B, S, h, dI] and head weights [B, S, h] (float32).
+        ``p0``: the first position as an int, which lets the fused row kernel rotate q."""
         b, s, _ = qr.shape
         q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
-        q = apply_rope(q, positions[:, None], freqs)
+        if p0 is not None and kernels.serves(kernels.ROPE_ROWS):
+            q = fused.rope_rows(q, np.arange(p0, p0 + s)[None, :, None], freqs)
+        else:
+            q = apply_rope(q, positions[:, None], freqs)
         if rounding is not None:
             q = rounding(q)
         w = self.weights_proj(x).astype(mx.float32) * self.scale
         return q.astype(mx.float32), w
+
+    def pick(self, q: mx.array, w: mx.array, keys: mx.array, n_vis) -> mx.array:
+        """Top-k keys per query for the fused decode path: int32 [B, S, K], -1 where a query
+        sees fewer than K keys. ``keys`` stay in storage; ``n_vis`` [S]: keys each query sees."""
+        scores = fused.indexer_scores(q, w, keys, mx.array(n_vis))
+        return fused.indexer_topk(scores, self.topk)
 
     def select(
         self, q: mx.array, w: mx.array, keys: mx.array, positions: mx.array

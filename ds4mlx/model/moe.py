@@ -7,6 +7,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .. import kernels
+from ..kernels.router import router_topk
 from ..config import ModelConfig
 from ..ops import clamped_swiglu
 
@@ -32,8 +33,10 @@ class Gate(nn.Module):
     def __call__(self, x: mx.array, token_ids: mx.array | None) -> tuple[mx.array, mx.array]:
         """x [N, D], token_ids [N] → (expert indices [N, k] uint32, weights [N, k] float32)."""
         logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        scores = mx.sqrt(mx.logaddexp(logits, 0.0))
         k = self.top_k
+        if not self.is_hash and kernels.serves(kernels.ROUTER):
+            return router_topk(logits, self.bias, k, self.renormalize, self.scale)
+        scores = mx.sqrt(mx.logaddexp(logits, 0.0))
         if self.is_hash:
             if token_ids is None:
                 raise ValueError("hash-routed layer needs the token ids")

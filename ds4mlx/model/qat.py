@@ -10,6 +10,7 @@ them. The functions are compiled: each is dozens of element-wise ops on a few ro
 
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
@@ -58,10 +59,17 @@ def hadamard_matrix(n: int) -> mx.array:
     return h / math.sqrt(n)
 
 
-@mx.compile
+@functools.cache
+def _hadamard_constant(n: int) -> mx.array:
+    # built once per order: inline, its 3·log2(n) concatenations ran on every call
+    h = hadamard_matrix(n)
+    mx.eval(h)
+    return h
+
+
 def hadamard_fp4(x: mx.array) -> mx.array:
     """The indexer's rounding: Hadamard rotation of the whole last axis, then FP4 round trip."""
-    h = hadamard_matrix(x.shape[-1])
+    h = _hadamard_constant(x.shape[-1])
     return fp4_roundtrip(x.astype(mx.float32) @ h).astype(x.dtype)
 
 

@@ -119,8 +119,18 @@ def e2m1_encode(x: np.ndarray) -> np.ndarray:
     that round to zero take code 0 (+0) whatever their sign, as ggml and DeepSeek's packers do;
     NaN has no code and saturates."""
     x = np.asarray(x, dtype=np.float32)
-    k = _nearest_even(E2M1_MAGNITUDES, np.minimum(np.abs(x), E2M1_MAX)).astype(np.uint8)
-    return k | np.where((x < 0) & (k > 0), 8, 0).astype(np.uint8)
+    mag = np.minimum(np.abs(x), np.float32(E2M1_MAX))
+    # k = 7 − (number of midpoints the magnitude stays below): one comparison per midpoint, ``<``
+    # where a tie rounds up, ``<=`` where it rounds down (NaN compares false everywhere: 7)
+    below = np.empty(mag.shape, dtype=bool)
+    k = np.full(mag.shape, 7, dtype=np.uint8)
+    for mid, tie_up in _E2M1_MIDPOINTS:
+        (np.less if tie_up else np.less_equal)(mag, np.float32(mid), out=below)
+        np.subtract(k, below, out=k, casting="unsafe")
+    neg = np.less(x, 0, out=below)
+    neg &= k > 0
+    k |= neg.view(np.uint8) << 3
+    return k
 
 
 # The midpoints between E2M1 magnitudes, each with whether a tie there rounds up (to the even

@@ -76,7 +76,12 @@ def row_bytes(fmt: Format | str | int, n: int, tensor: str | None = None) -> int
     return n // block * nbytes
 
 
-__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "row_bytes"]
+def row_weights(fmt: Format, nbytes: int, tensor: str | None = None) -> int:
+    """Weights in a row of ``nbytes`` bytes of ``fmt``: the inverse of :func:`row_bytes`."""
+    if nbytes % fmt.BLOCK_BYTES:
+        raise ValueError(f"{tensor or 'tensor'}: a row of {nbytes} bytes is not a whole number "
+                         f"of {fmt.NAME} blocks ({fmt.BLOCK_BYTES} bytes)")
+    return nbytes // fmt.BLOCK_BYTES * fmt.BLOCK_SIZE
 
 
 def non_finite_scales(fmt: Format, blocks: "mx.array") -> "mx.array":
@@ -91,3 +96,6 @@ def non_finite_scales(fmt: Format, blocks: "mx.array") -> "mx.array":
         high = b[..., at + 1]  # little-endian: the exponent sits in bits 2..6 of the high byte
         bad = bad | (mx.bitwise_and(high, 0x7C) == 0x7C)
     return bad
+
+
+__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "non_finite_scales", "row_bytes", "row_weights"]

@@ -184,16 +184,27 @@ def requantize_codes(x: np.ndarray, scale: np.ndarray, m: np.ndarray, nmax: int)
     return q.astype(np.uint8)
 
 
-def kquant_weights(sub: np.ndarray, xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+def importance_weights(x: np.ndarray, xb: np.ndarray, qw: np.ndarray, sigma_factor: float) -> np.ndarray:
+    """Error weight of each element of ``x`` (any view of super-blocks ``xb [N, 256]``) given the
+    importance ``qw`` (an imatrix row, same shape as ``x``): ``qw·sqrt(σ² + x²)`` with σ² the
+    block's mean square times ``sigma_factor``, as llama.cpp's quantizers weight their
+    ``quant_weights`` (factor 2 for Q4_K, 1 for Q2_K and IQ2_XXS)."""
+    sigma2 = (xb * xb).mean(axis=-1)
+    if sigma_factor != 1.0:
+        sigma2 = sigma_factor * sigma2
+    return qw.reshape(x.shape) * np.sqrt(sigma2.reshape(-1, *(1,) * (x.ndim - 1)) + x * x)
+
+
+def kquant_weights(sub: np.ndarray, xb: np.ndarray, qw: np.ndarray | None,
+                   sigma_factor: float = 2.0) -> np.ndarray:
     """Error weight of each element of K-quant sub-blocks ``sub [N, n_sub, len]`` (``xb [N, 256]``).
 
     Without importance data the weight grows with ``|x|`` (large weights matter more to a
-    matmul); with it, ``qw·sqrt(σ² + x²)`` where σ² is twice the block's mean square.
+    matmul); with it, :func:`importance_weights`.
     """
     if qw is None:
         return np.sqrt((sub * sub).mean(axis=-1, keepdims=True)) + np.abs(sub)
-    sigma2 = 2.0 * (xb * xb).mean(axis=-1)[:, None, None]
-    return qw.reshape(sub.shape) * np.sqrt(sigma2 + sub * sub)
+    return importance_weights(sub, xb, qw, sigma_factor)
 
 
 def refit_super_scales(x: np.ndarray, w: np.ndarray, q: np.ndarray, ls: np.ndarray, lm: np.ndarray,
@@ -254,7 +265,7 @@ def quantize_in_chunks(x: np.ndarray, weights: np.ndarray | None, block_size: in
 
 
 def kquant_fit(xb: np.ndarray, qw: np.ndarray | None, sub_size: int, nmax: int, lmax: int,
-               search: tuple[float, float, int]):
+               search: tuple[float, float, int], sigma_factor: float = 2.0):
     """The K-quant recipe shared by Q2_K and Q4_K for super-blocks ``xb [n, 256]``:
     per sub-block a weighted least-squares (scale, min), both coded in ``lmax`` steps of fp16
     super-scales (d, dmin), which are re-fit once the codes are known.
@@ -262,7 +273,7 @@ def kquant_fit(xb: np.ndarray, qw: np.ndarray | None, sub_size: int, nmax: int, 
     n = xb.shape[0]
     sub = xb.reshape(n, -1, sub_size)
     subs = sub.shape[1]
-    w = kquant_weights(sub, xb, qw)
+    w = kquant_weights(sub, xb, qw, sigma_factor)
     scale, m = fit_scale_min(sub.reshape(-1, sub_size), w.reshape(-1, sub_size), nmax, *search)
     scale, m = scale.reshape(n, subs), m.reshape(n, subs)
     d = (scale.max(axis=1) / lmax).astype(np.float16).astype(np.float32)

@@ -102,7 +102,6 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """
     xb, lead = np_blocks(x, BLOCK_SIZE, NAME)
     qw = np_importance(weights, np.shape(x), BLOCK_SIZE, NAME)
-    w = np.ones_like(xb) if qw is None else qw
     amax = np.abs(xb).max(axis=1)
     with np.errstate(divide="ignore"):
         e0 = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - 2 + 127, 0)
@@ -113,7 +112,10 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         e = np.clip(e0 + de, 0, 254)
         scale = np.exp2(e - 127.0)
         codes, coded = _encode(xb / scale[:, None])
-        err = (w * (coded * scale[:, None] - xb) ** 2).sum(axis=1)
+        err = (coded * scale[:, None] - xb) ** 2
+        if qw is not None:  # (without weights no multiply by ones: the same sums)
+            err *= qw
+        err = err.sum(axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_codes = np.where(better[:, None], codes, best_codes)

@@ -28,7 +28,7 @@ BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K]  # weights
 SCALE_FIELDS = (80, 82)  # byte offsets of the block's fp16 scales (the load-time finite check reads them)
 
 _SUB = 16
-_CHUNK_BLOCKS = 512
+_CHUNK_BLOCKS = 256  # as Q4_K
 
 
 def dequantize(blocks: mx.array) -> mx.array:
@@ -45,7 +45,7 @@ def dequantize(blocks: mx.array) -> mx.array:
 
 def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     n = xb.shape[0]
-    d, dmin, ls, lm, q = kquant_fit(xb, qw, _SUB, 3, 15, (-0.5, 0.5, 2))
+    d, dmin, ls, lm, q = kquant_fit(xb, qw, _SUB, 3, 15, (-0.5, 0.5, 2), sigma_factor=1.0)
     q = q.reshape(n, 2, 4, 32)
     qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
     scales = (ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)).astype(np.uint8)

@@ -31,7 +31,7 @@ BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]  # weights
 SCALE_FIELDS = (0, 2)  # byte offsets of the block's fp16 scales (the load-time finite check reads them)
 
 _SUB = 32  # sub-block length
-_CHUNK_BLOCKS = 512  # super-blocks per numpy batch in the quantizer (bounds memory)
+_CHUNK_BLOCKS = 256  # super-blocks per numpy batch: bounds memory; measured fastest (512: 1.3x slower)
 
 
 def unpack_scale_min(s: mx.array) -> tuple[mx.array, mx.array]:

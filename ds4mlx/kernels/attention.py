@@ -1,0 +1,237 @@
+"""Fused decode attention and Lightning Indexer kernels (``metal/attention.metal``), each beside
+its MLX-ops twin.
+
+Entry points (kernel | ops twin): :func:`rope_rows` (RMS, RoPE and FP8 rounding of attention
+rows; its twin is the model's own ops, :meth:`ds4mlx.model.attention.Attention.rows`),
+:func:`decode_attention` (window rows + compressed rows +
+sink, one pass, one online softmax, KV read in its storage dtype), :func:`indexer_scores`
+(Σ_h w_h·ReLU(q_h·k) over the indexer keys in storage, invisible keys -inf) and
+:func:`indexer_topk` (the top-k of each score row as ascending indices). Whether the kernel
+serves a call is :func:`ds4mlx.kernels.serves` of the variant ``ATTENTION`` / ``INDEXER``.
+The per-query bounds are computed on the host from Python ints (:func:`query_bounds`), so
+they cost no launch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+import numpy as np
+
+from .. import kernels as _kernels  # launches go through _kernels._run (one launch site)
+from . import (ATTENTION, ATTN_SIMDGROUPS, INDEX_THREADS, INDEXER, ROPE_ROWS, KernelInputError,
+               _ceil_div, _device_array, serves)
+
+_INDEX_HEAD_GROUPS = 8  # HG of indexer_scores
+
+
+@functools.cache
+def _dummy(dtype: mx.Dtype) -> mx.array:
+    # an input a kernel variant does not read; made once, so no fill runs per call
+    a = mx.zeros((8,), dtype=dtype)
+    mx.eval(a)
+    return a
+
+
+def query_bounds(p0: int, s: int, key_start: int, window: int, ratio: int) -> np.ndarray:
+    """Host int32 ``[s, 3]`` for the queries at positions p0..p0+s-1: first and end row of their
+    window in a key buffer whose row 0 is position ``key_start``, and how many compressed rows
+    each can see (``(p + 1) // ratio``; 0 without compression)."""
+    p = np.arange(p0, p0 + s, dtype=np.int64)
+    lo = np.maximum(p - window + 1 - key_start, 0)
+    hi = p + 1 - key_start
+    vis = (p + 1) // ratio if ratio else np.zeros_like(p)
+    return np.stack([lo, hi, vis], axis=1).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- attention
+def decode_attention_ops(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.array | None,
+                         bounds: np.ndarray, sink: mx.array, scale: float) -> mx.array:
+    """Ops twin of :func:`decode_attention`: scores of every row, masks, one softmax with the
+    sink, then the weighted rows, in float32."""
+    b, s, h, d = q.shape
+    bounds = mx.array(bounds)
+    lo, hi, vis = bounds[:, 0:1], bounds[:, 1:2], bounds[:, 2:3]
+    kwf = kw.astype(mx.float32)
+    j = mx.arange(kw.shape[1])[None, :]
+    sw = (q.reshape(b, s * h, d) @ kwf.swapaxes(-1, -2)).reshape(b, s, h, -1) * scale
+    sw = mx.where(((j >= lo) & (j < hi))[:, None, :], sw, -mx.inf)
+    parts, rows = [sw], None
+    if comp is not None and comp.shape[1] > 0:
+        cf = comp.astype(mx.float32)
+        if idx is None:
+            rows = cf
+            sc = (q.reshape(b, s * h, d) @ cf.swapaxes(-1, -2)).reshape(b, s, h, -1) * scale
+            seen = mx.arange(cf.shape[1])[None, :] < vis
+            sc = mx.where(seen[:, None, :], sc, -mx.inf)
+        else:
+            safe = mx.clip(idx, 0, cf.shape[1] - 1)
+            rows = mx.take_along_axis(cf[:, None], safe[..., None], axis=2)  # [B, S, K, d]
+            sc = (q @ rows.swapaxes(-1, -2)) * scale
+            seen = (idx >= 0) & (idx < vis[None])
+            sc = mx.where(seen[:, :, None, :], sc, -mx.inf)
+        parts.append(sc)
+    sinks = mx.broadcast_to(sink.astype(mx.float32)[:, None], (b, s, h, 1))
+    probs = mx.softmax(mx.concatenate(parts + [sinks], axis=-1), axis=-1, precise=True)
+    lw = kw.shape[1]
+    out = (probs[..., :lw].reshape(b, s * h, lw) @ kwf).reshape(b, s, h, d)
+    if rows is not None:
+        pc = probs[..., lw:-1]
+        out = out + ((pc.reshape(b, s * h, -1) @ rows).reshape(b, s, h, d) if idx is None
+                     else pc @ rows)
+    return out
+
+
+def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.array | None,
+                     bounds: np.ndarray, sink: mx.array, scale: float) -> mx.array:
+    """Attention of a few queries over their window rows, compressed rows and sink, in one
+    softmax: ``[B, S, H, D]`` float32.
+
+    q: ``[B, S, H, D]`` float32; kw: ``[B, LW, D]`` window rows (any float dtype, read as
+    stored); comp: ``[B, NC, D]`` compressed rows or None (rows past what a query sees are
+    never read, so a grown buffer can be passed whole); idx: ``[B, S, K]`` int32 picks into
+    comp (None: every visible row); bounds: ``[S, 3]`` from :func:`query_bounds`; sink ``[H]``.
+    """
+    if q.ndim != 4 or kw.ndim != 3 or kw.shape[0] != q.shape[0] or kw.shape[2] != q.shape[3]:
+        raise KernelInputError(f"decode_attention: q {tuple(q.shape)} and kw {tuple(kw.shape)} "
+                               "must be [B, S, H, D] and [B, LW, D]")
+    b, s, h, d = q.shape
+    bounds = np.asarray(bounds, dtype=np.int32)
+    if tuple(bounds.shape) != (s, 3) or tuple(sink.shape) != (h,):
+        raise KernelInputError(f"decode_attention: bounds must be ({s}, 3) and sink ({h},), got "
+                               f"{tuple(bounds.shape)} and {tuple(sink.shape)}")
+    if comp is not None and (comp.ndim != 3 or comp.shape[0] != b or comp.shape[2] != d):
+        raise KernelInputError(f"decode_attention: comp must be [{b}, NC, {d}], got "
+                               f"{tuple(comp.shape)}")
+    if idx is not None and (comp is None or idx.shape[:2] != (b, s)):
+        raise KernelInputError(f"decode_attention: idx must be [{b}, {s}, K] with comp rows")
+    if d % 32:
+        raise KernelInputError(f"decode_attention: head dim {d} is not a multiple of 32")
+    if not serves(ATTENTION):
+        return decode_attention_ops(q, kw, comp, idx, bounds, sink, scale)
+    has_comp = comp is not None and comp.shape[1] > 0
+    if not has_comp:
+        comp, idx = kw, None  # never read: no query sees a compressed row
+    if comp.dtype != kw.dtype:
+        comp = comp.astype(kw.dtype)
+    indexed = idx is not None
+    k = idx.shape[2] if indexed else 0
+    if not has_comp:
+        bounds = bounds * np.array([1, 1, 0], np.int32)  # no compressed row to see
+    (out,) = _kernels._run("attention.metal", "attn_decode",
+                  {"q": q.astype(mx.float32), "kw": kw, "comp": comp,
+                   "idx": idx.astype(mx.int32) if indexed else _dummy(mx.int32),
+                   "bounds": mx.array(bounds), "sink": sink.astype(mx.float32), "scale": float(scale),
+                   "S": s, "H": h, "LW": kw.shape[1], "NC": comp.shape[1], "K": k},
+                  {"out": ((b, s, h, d), mx.float32)},
+                  grid=(32 * ATTN_SIMDGROUPS, h, b * s), threadgroup=(32 * ATTN_SIMDGROUPS, 1, 1),
+                  template=[("T", kw.dtype), ("D", d), ("INDEXED", indexed)])
+    return out
+
+
+# ----------------------------------------------------------------------------- indexer
+def indexer_scores_ops(q: mx.array, w: mx.array, keys: mx.array, n_vis: mx.array) -> mx.array:
+    """Ops twin of :func:`indexer_scores`."""
+    dots = q @ mx.expand_dims(keys.astype(mx.float32), 1).swapaxes(-1, -2)  # [B, S, H, NK]
+    scores = mx.sum(mx.maximum(dots, 0.0) * w[..., None], axis=2)
+    seen = mx.arange(keys.shape[1])[None, :] < n_vis[:, None]
+    return mx.where(seen, scores, -mx.inf)
+
+
+def indexer_scores(q: mx.array, w: mx.array, keys: mx.array, n_vis: mx.array) -> mx.array:
+    """Lightning Indexer scores ``[B, S, NK]`` float32: Σ_h w_h·ReLU(q_h·k_n) for the keys a
+    query sees (``n < n_vis[s]``), -inf for the others. q ``[B, S, H, HD]`` and w ``[B, S, H]``
+    float32; keys ``[B, NK, HD]`` read in their storage dtype; n_vis ``[S]`` int32."""
+    if q.ndim != 4 or w.shape != q.shape[:3] or keys.ndim != 3 or keys.shape[2] != q.shape[3] \
+            or keys.shape[0] != q.shape[0] or tuple(n_vis.shape) != (q.shape[1],):
+        raise KernelInputError(
+            f"indexer_scores: q {tuple(q.shape)}, w {tuple(w.shape)}, keys {tuple(keys.shape)}, "
+            f"n_vis {tuple(n_vis.shape)} must be [B, S, H, HD], [B, S, H], [B, NK, HD], [S]")
+    if not serves(INDEXER):
+        return indexer_scores_ops(q, w, keys, n_vis)
+    b, s, h, hd = q.shape
+    nk = keys.shape[1]
+    kt = INDEX_THREADS // _INDEX_HEAD_GROUPS
+    (scores,) = _kernels._run("attention.metal", "indexer_scores",
+                     {"q": q.astype(mx.float32), "w": w.astype(mx.float32), "keys": keys,
+                      "n_vis": n_vis.astype(mx.int32), "S": s, "NK": nk},
+                     {"scores": ((b, s, nk), mx.float32)},
+                     grid=(INDEX_THREADS * _ceil_div(nk, kt), b * s, 1),
+                     threadgroup=(INDEX_THREADS, 1, 1),
+                     template=[("T", keys.dtype), ("H", h), ("HD", hd)])
+    return scores
+
+
+def indexer_topk_ops(scores: mx.array, k: int) -> mx.array:
+    """Ops twin of :func:`indexer_topk` (argpartition, then ascending; -1 for -inf picks)."""
+    part = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+    finite = mx.take_along_axis(scores, part, axis=-1) > -mx.inf
+    n = scores.shape[-1]
+    ordered = mx.sort(mx.where(finite, part, n), axis=-1)
+    return mx.where(ordered < n, ordered, -1)
+
+
+def indexer_topk(scores: mx.array, k: int) -> mx.array:
+    """The ``k`` largest finite scores of each row of ``scores [..., N]`` (float32) as int32
+    indices ``[..., k]`` in ascending order, -1 where a row has fewer than ``k`` finite scores.
+    Ties at the k-th value keep the lowest indices (the twin may break them otherwise)."""
+    n = scores.shape[-1]
+    if not 1 <= k <= n:
+        raise KernelInputError(f"indexer_topk: k={k} must be in 1..{n}")
+    if not serves(INDEXER):
+        return indexer_topk_ops(scores, k)
+    lead = scores.shape[:-1]
+    rows = 1
+    for x in lead:
+        rows *= x
+    (idx,) = _kernels._run("attention.metal", "indexer_topk",
+                  {"scores": scores.astype(mx.float32).reshape(rows, n), "N": n},
+                  {"idx": ((rows, k), mx.int32)},
+                  grid=(INDEX_THREADS, rows, 1), threadgroup=(INDEX_THREADS, 1, 1),
+                  template=[("TOPK", k)])
+    return idx.reshape(*lead, k)
+
+
+# ----------------------------------------------------------------------------- rows
+NORM_NONE, NORM_PLAIN, NORM_WEIGHTED = 0, 1, 2
+FP8_BLOCK = 64
+
+
+def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM_NONE,
+              weight: mx.array | None = None, eps: float = 0.0, fp8: bool = False,
+              inverse: bool = False, out_dtype: mx.Dtype | None = None) -> mx.array:
+    """Kernel ``rope_rows`` on rows ``x [..., D]``: RMS normalisation (``norm``: none, plain or
+    times ``weight [D]``), RoPE of the last ``2·len(freqs)`` features at positions ``pos``
+    (host ints, one per row, broadcast to ``x.shape[:-1]``; ``inverse`` rotates back), then,
+    with ``fp8``, the e4m3 round trip of the other features in blocks of 64. Each step's result
+    is rounded to ``out_dtype`` (default x's dtype), as when the steps run as ops."""
+    d = x.shape[-1]
+    rd = 2 * freqs.shape[0]
+    out_dtype = out_dtype or x.dtype
+    dpl = d // 32
+    if d % 32 or dpl % 2 or (d - rd) % dpl or not 0 < rd <= d:
+        raise KernelInputError(f"rope_rows: {d} features with {rd} rotated do not split into "
+                               "32 lanes of whole pairs")
+    if fp8 and ((d - rd) % FP8_BLOCK or FP8_BLOCK % dpl):
+        raise KernelInputError(f"rope_rows: {d - rd} rounded features are not whole FP8 "
+                               f"blocks of {FP8_BLOCK} over 32 lanes")
+    if norm == NORM_WEIGHTED and (weight is None or tuple(weight.shape) != (d,)):
+        raise KernelInputError(f"rope_rows: the norm weight must be ({d},)")
+    if not serves(ROPE_ROWS):
+        raise KernelInputError("rope_rows: no kernel serves this call (the caller runs its ops)")
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead)) if lead else 1
+    pos = np.broadcast_to(np.asarray(pos, dtype=np.int32), lead).reshape(rows)
+    w = weight if norm == NORM_WEIGHTED else _dummy(mx.float32)
+    pos = np.pad(pos, (0, max(0, 8 - rows)))  # padded here, not by a launch
+    (out,) = _kernels._run("rows.metal", "rope_rows",
+                           {"x": x.reshape(rows, d), "w": _device_array(w),
+                            "pos": mx.array(pos),
+                            "freqs": _device_array(freqs.astype(mx.float32)), "eps": float(eps)},
+                           {"out": ((rows, d), out_dtype)},
+                           grid=(32, rows, 1), threadgroup=(32, 1, 1),
+                           template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype),
+                                     ("NORM", int(norm)), ("FP8", bool(fp8)),
+                                     ("INV", bool(inverse)), ("D", d), ("RD", rd)])
+    return out.reshape(*lead, d)

@@ -1,0 +1,371 @@
+"""Kernel variants checked against their ops twins: ``ds4mlx selftest`` and the first-use check.
+
+A *variant* is the kernels of one weight layout (``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4`` GGUF
+blocks, ``MXFP4-mlx`` pairs, ...) at one activation dtype, or ``hc_pre``. Checking it runs each of
+its kernels (:func:`cases`: dequantize, the decode kernels with ids in ``constant`` and in
+``device`` memory, the tiled kernel for gate/up, down and plain products, the dense call site) on
+small random inputs, forced onto the kernel path, and compares with the ops twin.
+
+First use: the first call that would dispatch a variant in a process checks it (unless a pass is
+already recorded on disk under ``$DS4MLX_CACHE/kernel-checks`` for the same sources, backend,
+device, MLX version and dims). A variant that fails to compile or disagrees is switched off for
+the process with one warning line on stderr, and its ops twin serves its calls.
+``DS4MLX_KERNEL_CHECK``: ``on`` (default), ``off`` (no check; the test suite runs so, since it
+compares kernels with twins itself) or ``fresh`` (ignore recorded passes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from .. import kernels as K
+
+CHECK_VERSION = 2  # bump when the cases change, so recorded passes are redone
+MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
+# Max relative error allowed (max |kernel - twin| / max |twin|). float32: the kernels use Metal's
+# fast exp/sigmoid (a few ulp) and another summation order, ~1e-6 in practice; a wrong layout
+# or index is off by far more than 1e-4. Half dtypes: one rounding of the output (bf16 ulp 2^-8).
+TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 2e-2}
+_K_IN, _ROWS, _DOWN_ROWS, _HC_D = 256, 20, 37, 200  # small dims, off the kernels' tile sizes
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One variant and the model dims that decide its kernels' inputs."""
+
+    variant: str  # weight layout name, MLX_PAIR or kernels.HC_PRE
+    dtype: mx.Dtype = mx.float32  # activation dtype
+    experts_per_token: int = 6
+    n_experts: int = 8
+    hc_mult: int = 4
+
+    def label(self) -> str:
+        return f"{self.variant} ({dtype_name(self.dtype)})"
+
+
+@dataclass
+class Result:
+    kernel: str
+    spec: Spec
+    inputs: str  # what the case exercises, e.g. "1 token, ids in constant"
+    rel_error: float = float("nan")
+    seconds: float = 0.0
+    error: str | None = None  # compile or launch failure (first line)
+    tolerance: float = field(default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.rel_error <= self.tolerance
+
+    def why(self) -> str:
+        if self.error is not None:
+            return f"{self.kernel} failed: {self.error}"
+        return f"{self.kernel} ({self.inputs}) is off by {self.rel_error:.3g} > {self.tolerance:g}"
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str
+    inputs: str
+    run: Callable[[], tuple[list[mx.array], list[mx.array]]]  # -> (kernel outputs, twin outputs)
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+# ----------------------------------------------------------------------------- inputs
+def random_experts(variant: str, e: int, rows: int, k: int, seed: int):
+    """Experts ``[e, rows, ·]`` of ``k`` inputs: random weights quantized by the format's own
+    quantizer (``quant/gguf``) or ``mx.quantize`` for MLX mxfp4."""
+    x = np.random.default_rng(seed).standard_normal((e, rows, k)).astype(np.float32) * 0.02
+    if variant == MLX_PAIR:
+        w, s = mx.quantize(mx.array(x), group_size=K.MX_GROUP, bits=4, mode="mxfp4")
+        return w, s
+    blocks = K._gguf_format(variant).quantize(x.reshape(e * rows, k))
+    return mx.array(blocks.reshape(e, rows, -1))
+
+
+def _fmt(variant: str) -> str:
+    return "MXFP4" if variant == MLX_PAIR else variant
+
+
+def _acts(shape: tuple[int, ...], seed: int, dtype: mx.Dtype, scale: float = 1.0) -> mx.array:
+    a = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale
+    return mx.array(a).astype(dtype)
+
+
+def _routes(n: int, k: int, e: int, seed: int) -> mx.array:
+    ids = np.random.default_rng(seed).integers(0, e, (n, k))
+    if k > 1:
+        ids[0, 1] = ids[0, 0]  # one token picks an expert twice
+    return mx.array(ids.astype(np.uint32))
+
+
+def _placement(n_ids: int) -> str:
+    return "constant" if n_ids < 8 else "device"  # MLX's rule for small inputs
+
+
+def cases(spec: Spec) -> list[Case]:
+    """The kernel calls that make up ``spec``'s check."""
+    if spec.variant == K.HC_PRE:
+        return _hc_cases(spec)
+    return _moe_cases(spec)
+
+
+def _moe_cases(spec: Spec) -> list[Case]:
+    v, fmt, dt = spec.variant, _fmt(spec.variant), spec.dtype
+    # E only bounds the ids; a few experts keep the quantizing quick (IQ2_XXS: ~1 ms a row)
+    k, e = spec.experts_per_token, min(max(spec.n_experts, 2), 8)
+    w1, w3 = random_experts(v, e, _ROWS, _K_IN, 1), random_experts(v, e, _ROWS, _K_IN, 2)
+    w2 = random_experts(v, e, _DOWN_ROWS, _K_IN, 3)
+    # x scaled so that W·x is O(1) to O(10): the SwiGLU clamp (limit 10) bites sometimes
+    x_scale = 8.0 / (0.02 * _K_IN ** 0.5)
+    # Decode: one token with fewer than 8 ids (MLX passes them in `constant`; k is a runtime
+    # argument, so the model's own k need not be below 8 for this to test its kernels), then
+    # enough tokens for 8 or more ids (`device`); tiled: more pairs than the decode kernels take.
+    few, many = max(2, -(-8 // k)), K.DECODE_MAX_PAIRS // k + 1
+
+    def gate_up(n: int, kn: int) -> Callable:
+        def run():
+            x, idx = _acts((n, _K_IN), 10 + n, dt, x_scale), _routes(n, kn, e, 20 + n)
+            return ([K.moe_gate_up(x, w1, w3, fmt, idx, 10.0)],
+                    [K.moe_gate_up_ops(x, w1, w3, fmt, idx, 10.0)])
+        return run
+
+    def down(n: int, kn: int) -> Callable:
+        def run():
+            mid, idx = _acts((n, kn, _K_IN), 30 + n, mx.float32, 4.0), _routes(n, kn, e, 40 + n)
+            rw = mx.array(np.random.default_rng(n).uniform(0.1, 1.5, (n, kn)).astype(np.float32))
+            return ([K.moe_down(mid, w2, fmt, idx, rw, out_dtype=dt)],
+                    [K.moe_down_ops(mid, w2, fmt, idx, rw, out_dtype=dt)])
+        return run
+
+    def plain(n: int) -> Callable:
+        def run():
+            x, idx = _acts((n, _K_IN), 50 + n, dt, x_scale), _routes(n, k, e, 60 + n)
+            return [K.gather_qmm_native(x, w1, fmt, idx)], [K.gather_qmm_native_ops(x, w1, fmt, idx)]
+        return run
+
+    def dequant():
+        return [K.dequantize(w1, fmt)], [K.dequantize_ops(w1, fmt)]
+
+    out = [Case("dequant_rows", "-", dequant)]
+    for n, kn in ((1, min(k, 7)), (few, k)):
+        where = f"{n} token{'s' * (n > 1)}, ids in {_placement(n * kn)}"
+        out.append(Case("moe_gate_up_decode", where, gate_up(n, kn)))
+        out.append(Case("moe_down_decode", where, down(n, kn)))
+    tiled = f"{many} tokens, {many * k} pairs"
+    out += [Case("moe_matmul_sorted gate/up", tiled, gate_up(many, k)),
+            Case("moe_matmul_sorted down", tiled, down(many, k)),
+            Case("moe_matmul_sorted", tiled, plain(many))]
+    if v != MLX_PAIR:  # dense GGUF projections (GGUFLinear): one expert of the tiled kernel
+        dense = w1[0]
+        for n in (1, 9):
+            def run(n=n):
+                x = _acts((n, _K_IN), 70 + n, dt, x_scale)
+                return ([K.gguf_matmul(x, dense, fmt=fmt, input_dims=_K_IN, output_dims=_ROWS)],
+                        [K.matmul_ops(x, dense, fmt).astype(dt)])
+            out.append(Case("gguf_matmul", f"{n} row{'s' * (n > 1)}, ids in {_placement(n)}", run))
+    return out
+
+
+def _hc_cases(spec: Spec) -> list[Case]:
+    m, d = spec.hc_mult, _HC_D
+    mix = 2 * m + m * m
+    rng = np.random.default_rng(7)
+    fn = mx.array((rng.standard_normal((mix, m * d)) / np.sqrt(m * d)).astype(np.float32))
+    base = mx.array(rng.uniform(-1, 1, mix).astype(np.float32))
+    scale = mx.array(rng.uniform(0.5, 3.0, 3).astype(np.float32))
+    args = dict(iters=20, eps=1e-6, norm_eps=1e-6)
+
+    def run_for(n: int) -> Callable:
+        def run():
+            h = _acts((n, m, d), 80 + n, spec.dtype)
+            return (list(K.hc_pre(h, fn, base, scale, **args)),
+                    list(K.hc_pre_ops(h, fn, base, scale, **args)))
+        return run
+
+    return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}", run_for(n)) for n in (1, 3)]
+
+
+# ----------------------------------------------------------------------------- running
+_local = threading.local()
+
+
+def forcing() -> bool:
+    """Whether this thread runs a check: kernels then serve even a variant switched off."""
+    return getattr(_local, "forcing", False)
+
+
+@contextmanager
+def _forced() -> Iterator[None]:
+    was = forcing()
+    _local.forcing = True
+    try:
+        yield
+    finally:
+        _local.forcing = was
+
+
+def rel_error(got: list[mx.array], ref: list[mx.array]) -> float:
+    worst = 0.0
+    for g, r in zip(got, ref, strict=True):
+        g, r = np.asarray(g.astype(mx.float32)), np.asarray(r.astype(mx.float32))
+        if g.shape != r.shape or not np.isfinite(g).all():
+            return float("inf")
+        worst = max(worst, float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)))
+    return worst
+
+
+def run_case(case: Case, spec: Spec) -> Result:
+    res = Result(case.kernel, spec, case.inputs, tolerance=TOLERANCE.get(spec.dtype, 2e-2))
+    with _forced():
+        start = time.perf_counter()
+        try:
+            got, ref = case.run()
+            mx.eval(got, ref)
+            res.seconds = time.perf_counter() - start
+            res.rel_error = rel_error(got, ref)
+        except Exception as e:  # a compile or launch failure of the kernel: the check's answer
+            res.seconds = time.perf_counter() - start
+            lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [""]
+            first = next((s for s in lines[1:] if "error:" in s), "")  # the compiler's first
+            res.error = f"{type(e).__name__}: {lines[0]} {first}".strip()[:400]
+    return res
+
+
+def run_spec(spec: Spec) -> list[Result]:
+    """Every case of ``spec`` on the current backend (which must not be ``ops``)."""
+    if K.backend() == "ops":
+        raise ValueError("the kernel backend is 'ops': there are no kernels to check")
+    return [run_case(c, spec) for c in cases(spec)]
+
+
+# ----------------------------------------------------------------------------- records
+def _device() -> str:
+    if K.backend() == "metal":
+        info = mx.device_info()
+        return f"metal {info.get('device_name', '')} {info.get('architecture', '')}"
+    from . import emu
+
+    return f"emulate {emu.compiler()} {' '.join(emu._cxx_flags())} {emu.syntax_compiler()}"
+
+
+def _sources() -> str:
+    parts = []
+    for file in ("moe.metal", "hc.metal"):
+        header, bodies = K.metal_source(file)
+        parts += [header, *(f"{n}\n{b}" for n, b in sorted(bodies.items()))]
+    if K.backend() == "emulate":
+        from . import emu
+
+        parts.append(emu._runtime_text())
+    return "\0".join(parts)
+
+
+def record_key(spec: Spec) -> str:
+    """Hash of what a pass depends on: kernel sources, backend and device, MLX, the variant and
+    dtype, and for ``hc_pre`` the stream count (a template argument). The MoE cases cover both
+    placements of the ids whatever k, so a pass holds for every k and E."""
+    dims = str(spec.hc_mult) if spec.variant == K.HC_PRE else ""
+    what = [str(CHECK_VERSION), K.backend(), _device(), mx.__version__, _sources(), spec.variant,
+            dtype_name(spec.dtype), dims, str(K.DECODE_MAX_PAIRS)]
+    return hashlib.sha256("\0".join(what).encode()).hexdigest()[:32]
+
+
+def records_dir() -> Path:
+    root = os.environ.get("DS4MLX_CACHE") or Path.home() / ".cache" / "ds4mlx"
+    return Path(root) / "kernel-checks"
+
+
+def _record_path(spec: Spec) -> Path:
+    return records_dir() / f"{spec.variant}-{dtype_name(spec.dtype)}-{record_key(spec)}.json"
+
+
+def recorded(spec: Spec) -> bool:
+    return _record_path(spec).is_file()
+
+
+def record(spec: Spec, results: list[Result]) -> None:
+    """Remember that ``spec`` passed (best effort: an unwritable cache only costs a re-check)."""
+    path = _record_path(spec)
+    body = {"variant": spec.variant, "dtype": dtype_name(spec.dtype), "mlx": mx.__version__,
+            "backend": K.backend(), "results": [
+                {"kernel": r.kernel, "inputs": r.inputs, "rel_error": r.rel_error,
+                 "seconds": round(r.seconds, 4)} for r in results]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(body, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------- first use
+_verdicts: dict[tuple[str, mx.Dtype], bool] = {}
+_failures: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+def mode() -> str:
+    value = os.environ.get("DS4MLX_KERNEL_CHECK", "on").strip().lower() or "on"
+    if value not in ("on", "off", "fresh"):
+        raise ValueError(f"DS4MLX_KERNEL_CHECK={value!r}: expected on, off or fresh")
+    return value
+
+
+def passes(variant: str, dtype: mx.Dtype, **dims: int) -> bool:
+    """Whether the kernels of ``variant`` may serve a call in ``dtype``: checked on the first
+    call of the process (``dims``: ``experts_per_token``, ``n_experts``, ``hc_mult`` of that
+    call), remembered for the process, and a pass recorded on disk."""
+    if forcing():
+        return True
+    verdict = _verdicts.get((variant, dtype))
+    if verdict is not None:
+        return verdict
+    if mode() == "off":
+        return True
+    with _lock:
+        if (variant, dtype) not in _verdicts:
+            _verdicts[(variant, dtype)] = _first_use(Spec(variant, dtype, **dims))
+        return _verdicts[(variant, dtype)]
+
+
+def _first_use(spec: Spec) -> bool:
+    if mode() != "fresh" and recorded(spec):
+        return True
+    results = run_spec(spec)
+    bad = [r for r in results if not r.ok]
+    if not bad:
+        record(spec, results)
+        return True
+    _failures[spec.label()] = bad[0].why()
+    print(f"ds4mlx: warning: kernel {spec.label()} switched off for this process, the ops path "
+          f"serves it instead ({bad[0].why()})", file=sys.stderr, flush=True)
+    return False
+
+
+def failures() -> dict[str, str]:
+    """Variant label -> reason, for each variant the first-use check switched off."""
+    return dict(_failures)
+
+
+def reset() -> None:
+    """Forget this process's verdicts (the records on disk stay)."""
+    with _lock:
+        _verdicts.clear()
+        _failures.clear()

@@ -1,0 +1,87 @@
+// Per-row steps of the attention fused in one kernel (ds4mlx/model/rope.py rotate_rows is the
+// call site and runs the ops twin): RMS normalisation (plain, or with a weight), the RoPE
+// rotation of the last RD features (interleaved pairs, angle = position * frequency, or its
+// inverse) and the FP8 e4m3 round trip of the other features in blocks of 64 with
+// power-of-two scales (ds4mlx/model/qat.py). As ops these are some 30 launches per call.
+//
+// Each `// @kernel NAME` section is the body of one mx.fast.metal_kernel (see moe.metal).
+// Between the steps the value is rounded to OutT, as the ops twin stores each step's result
+// in the output dtype. cos / sin / rsqrt are precise::, so the values match the twin.
+
+#define DS4_FP8_BLOCK 64
+#define DS4_E4M3_MAX 448.0f
+
+// e4m3 round trip of |v| <= 448: nearest even on 3 mantissa bits (subnormals step 2^-9).
+METAL_FUNC float ds4_e4m3(float v) {
+  float a = min(fabs(v), DS4_E4M3_MAX);
+  float r;
+  if (a >= 0.015625f) {  // 2^-6, the smallest normal
+    uint u = as_type<uint>(a);
+    u = (u + 0x7ffffu + ((u >> 20) & 1u)) & 0xfff00000u;
+    r = min(as_type<float>(u), DS4_E4M3_MAX);
+  } else {
+    r = rint(a * 512.0f) / 512.0f;
+  }
+  return v < 0.0f ? -r : r;
+}
+
+// 2^ceil(log2(x)) of a positive normal float, from the bits.
+METAL_FUNC float ds4_pow2_ceil(float x) {
+  uint u = as_type<uint>(x);
+  uint e = ((u >> 23) & 0xffu) + ((u & 0x7fffffu) != 0u ? 1u : 0u);
+  return as_type<float>(e << 23);
+}
+
+// @kernel rope_rows
+// x [R, D] (T), w [D] (WT, read when NORM == 2), pos [R] int32, freqs [RD / 2] float32
+// -> out [R, D] (OutT). NORM: 0 none, 1 plain RMS, 2 RMS times w; FP8: round the first D - RD
+// features; INV: inverse rotation. Grid (32, R), threadgroup (32, 1, 1): a simdgroup per row,
+// lane l owns the D / 32 features from l * D / 32 (whole RoPE pairs, whole FP8 blocks' parts).
+const int DPL = D / 32;
+const int LPB = DS4_FP8_BLOCK / DPL;  // lanes per FP8 block
+threadgroup float lane_max[32];
+uint row = threadgroup_position_in_grid.y;
+uint lane = thread_index_in_simdgroup;
+ulong base = ulong(row) * uint(D) + lane * uint(DPL);
+float v[DPL];
+for (int j = 0; j < DPL; ++j) v[j] = float(x[base + j]);
+if (NORM > 0) {
+  float ss = 0.0f;
+  for (int j = 0; j < DPL; ++j) ss += v[j] * v[j];
+  float inv = precise::rsqrt(simd_sum(ss) / float(D) + eps);
+  for (int j = 0; j < DPL; ++j) {
+    float y = v[j] * inv;
+    if (NORM == 2) y *= float(w[lane * uint(DPL) + j]);
+    v[j] = float(OutT(y));
+  }
+}
+int first = int(lane) * DPL;
+if (first >= D - RD) {  // RoPE lane
+  float p = float(pos[row]);
+  for (int j = 0; j < DPL; j += 2) {
+    int k = (first + j - (D - RD)) / 2;
+    float angle = p * freqs[k];
+    float c = precise::cos(angle), sn = precise::sin(angle);
+    if (INV) sn = -sn;
+    float x0 = v[j], x1 = v[j + 1];
+    v[j] = float(OutT(x0 * c - x1 * sn));
+    v[j + 1] = float(OutT(x0 * sn + x1 * c));
+  }
+}
+if (FP8) {
+  float amax = 0.0f;
+  for (int j = 0; j < DPL; ++j) amax = max(amax, fabs(v[j]));
+  lane_max[lane] = amax;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (first < D - RD) {
+    uint lead = lane / uint(LPB) * uint(LPB);
+    float bmax = 0.0f;
+    for (int g = 0; g < LPB; ++g) bmax = max(bmax, lane_max[lead + g]);
+    float scale = ds4_pow2_ceil(max(bmax, 1e-4f) / DS4_E4M3_MAX);
+    for (int j = 0; j < DPL; ++j) {
+      float q = clamp(v[j] / scale, -DS4_E4M3_MAX, DS4_E4M3_MAX);
+      v[j] = float(OutT(ds4_e4m3(q) * scale));
+    }
+  }
+}
+for (int j = 0; j < DPL; ++j) out[base + j] = OutT(v[j]);

@@ -1,0 +1,68 @@
+"""Small C kernels for the quantizers' hot loops, compiled on first use with the system C
+compiler (``$CC`` or ``cc``) and cached by source hash in ``$DS4MLX_QUANT_CACHE`` (default
+``~/.cache/ds4mlx/quant``). Without a compiler, or with ``DS4MLX_QUANT_NATIVE=0``, :func:`load`
+returns None and the quantizers use their numpy path (same choices, slower).
+
+numpy has no fused "matrix product then argmin" and MLX on the CPU is slower still for these
+shapes (measured), hence a few lines of C rather than a dependency.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99"]
+_LIBS: dict[str, ctypes.CDLL | None] = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DS4MLX_QUANT_CACHE")
+    path = Path(root) if root else Path.home() / ".cache" / "ds4mlx" / "quant"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    path = Path(tempfile.gettempdir()) / f"ds4mlx-quant-{os.getuid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build(name: str) -> ctypes.CDLL | None:
+    if os.environ.get("DS4MLX_QUANT_NATIVE", "1") == "0":
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None
+    source = (HERE / f"{name}.c").read_bytes()
+    digest = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:24]
+    lib = _cache_dir() / f"{name}-{digest}.so"
+    if not lib.exists():
+        # build beside the target and rename: worker processes may build at the same time
+        tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
+        try:
+            subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(HERE / f"{name}.c")], check=True,
+                           capture_output=True, timeout=120)
+            os.replace(tmp, lib)
+        except (OSError, subprocess.SubprocessError):
+            tmp.unlink(missing_ok=True)
+            return None
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError:
+        return None
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library ``native/<name>.c`` (built once per process), or None."""
+    if name not in _LIBS:
+        _LIBS[name] = _build(name)
+    return _LIBS[name]

@@ -1,0 +1,100 @@
+/* The IQ2_XXS codebook search (ds4mlx/quant/gguf/iq2_xxs.py): for each run of 8 weights, the
+ * codebook entry e of least cost
+ *
+ *     cost[e] = sum_j a[j] * g[e][j] + b[j] * g[e][j]^2,   g[e][j] in levels[0..2],
+ *
+ * with a = lhs[0..7], b = lhs[8..15] (the linear and quadratic parts of the weighted squared
+ * error). numpy does this as a [runs, 16] x [16, 256] matrix product and an argmin over the
+ * [runs, 256] table in memory. Here the cost is split by element: the sums over elements 0..3
+ * and over 4..7 for each of their 81 level patterns are built once, and each entry's cost is one
+ * sum of two of them (lo[e], hi[e] name its patterns). Runs go 8 at a time through GCC/Clang
+ * vector types. The sums round differently from the matrix product, so only costs equal to
+ * within float rounding can choose differently. Ties go to the lowest index, as with argmin. */
+#include <stdint.h>
+#include <string.h>
+
+#define W 4 /* runs side by side: one 128-bit vector (SSE2, NEON) */
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+
+/* h[p] for the 81 level patterns p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3 */
+static void half_sums(const vf t[8][3], int j0, vf h[81]) {
+    for (int p = 0; p < 81; p++)
+        h[p] = ((t[j0][p % 3] + t[j0 + 1][p / 3 % 3]) + t[j0 + 2][p / 9 % 3]) + t[j0 + 3][p / 27];
+}
+
+/* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */
+static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const float *levels,
+                   const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
+    for (int64_t k0 = 0; k0 < n_rows; k0 += W) {
+        const int m = n_rows - k0 < W ? (int)(n_rows - k0) : W;
+        float a[16][W];
+        for (int i = 0; i < W; i++)
+            for (int j = 0; j < 16; j++) a[j][i] = lhs[rows[k0 + (i < m ? i : 0)] * 16 + j];
+        vf t[8][3], h_lo[81], h_hi[81];
+        for (int j = 0; j < 8; j++) {
+            vf aj, bj;
+            memcpy(&aj, a[j], sizeof aj);
+            memcpy(&bj, a[8 + j], sizeof bj);
+            for (int l = 0; l < 3; l++) t[j][l] = aj * levels[l] + bj * (levels[l] * levels[l]);
+        }
+        half_sums(t, 0, h_lo);
+        half_sums(t, 4, h_hi);
+        vf best = h_lo[lo[0]] + h_hi[hi[0]];
+        vi idx = {0};
+        for (int32_t e = 1; e < 256; e++) {
+            const vf c = h_lo[lo[e]] + h_hi[hi[e]];
+            const vi take = c < best;
+            best = (vf)(((vi)c & take) | ((vi)best & ~take));
+            idx = (((vi){0} + e) & take) | (idx & ~take);
+        }
+        for (int i = 0; i < m; i++) out[rows[k0 + i] * stride] = idx[i];
+    }
+}
+
+/* lhs [n_runs][16] given: the best entry of every run */
+void iq2_best_entries(const float *lhs, int64_t n_runs, const float *levels, const int32_t *lo,
+                      const int32_t *hi, int64_t *out) {
+    int64_t rows[256];
+    for (int64_t r0 = 0; r0 < n_runs; r0 += 256) {
+        const int64_t n = n_runs - r0 < 256 ? n_runs - r0 : 256;
+        for (int64_t k = 0; k < n; k++) rows[k] = r0 + k;
+        search(lhs, rows, n, levels, lo, hi, out, 1);
+    }
+}
+
+/* The candidates of _candidate_entries: for runs y, w [n_runs][8] (|x| and error weights) with
+ * group scale s[r], the best entry at each scale s[r] * steps[f], out [n_runs][n_steps]. Where
+ * each element's nearest level (all weights positive, scale positive) forms a grid entry
+ * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. */
+void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_runs,
+                    const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
+                    const int32_t *hi, const int64_t *entry_of_pattern, float *lhs, int64_t *rows,
+                    int64_t *out) {
+    const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
+    for (int64_t f = 0; f < n_steps; f++) {
+        int64_t n_search = 0;
+        for (int64_t r = 0; r < n_runs; r++) {
+            const float *yr = y + 8 * r, *wr = w + 8 * r;
+            const float sr = s[r] * steps[f];
+            int positive = sr > 0;
+            int64_t pattern = 0, pow3 = 1;
+            for (int j = 0; j < 8; j++, pow3 *= 3) {
+                positive &= wr[j] > 0;
+                pattern += pow3 * ((yr[j] > sr * mid0) + (yr[j] > sr * mid1));
+            }
+            const int64_t entry = entry_of_pattern[pattern];
+            if (positive && entry >= 0) {
+                out[r * n_steps + f] = entry;
+                continue;
+            }
+            float *a = lhs + 16 * r;
+            for (int j = 0; j < 8; j++) {
+                a[j] = -2.0f * wr[j] * yr[j];
+                a[8 + j] = wr[j] * sr;
+            }
+            rows[n_search++] = r;
+        }
+        search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
+    }
+}

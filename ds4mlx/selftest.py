@@ -1,0 +1,104 @@
+"""``ds4mlx selftest``: every kernel variant a model would dispatch, against its ops twin, here.
+
+The variants come from the checkpoint's headers alone (``info.read_tensors``, no weights read):
+the layout of the routed experts and of any dense projection kept as GGUF blocks, at the
+activation dtype of this machine (``loader.default_dtype``), and ``hc_pre``. Each runs the
+cases of :mod:`ds4mlx.kernels.check` (the same ones the first-use check runs) on the Metal GPU,
+or under the CPU emulator where there is none. Passes are recorded, so the first-use check of
+later runs skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import TextIO
+
+import mlx.core as mx
+
+from . import kernels
+from .kernels import check
+
+# Official and MLX-directory labels of MLX mxfp4 experts (info.py); GGUF MXFP4 loads as such too.
+_MX_PAIR_LABELS = ("FP4 E2M1, E8M0 /32", "mxfp4 (E2M1, E8M0 /32)", "MXFP4")
+# GGUF types that stay native blocks once loaded (Q8_0 becomes MLX affine 8-bit: io/gguf.py).
+_NATIVE_GGUF = tuple(f for f in kernels.KERNEL_FORMATS if f not in ("Q8_0", "MXFP4"))
+# Tensors the loader never keeps as projections: dequantized or float when quantized.
+_NOT_PROJECTIONS = ("embedding", "router", "hyper-connections", "norms", "MTP block")
+
+
+def model_specs(source: str) -> list[check.Spec]:
+    """The variants ``source`` dispatches on this machine (routed experts, GGUF dense, hc_pre)."""
+    from .config import ModelConfig
+    from .info import read_tensors, resolve_model
+    from .loader import default_dtype
+
+    path = resolve_model(source)
+    config_dict, tensors, _ = read_tensors(path)
+    config = ModelConfig.from_hf(config_dict, source=str(path))
+    variants: list[str] = []
+    for t in tensors:
+        if t.kind in _NOT_PROJECTIONS:
+            continue
+        if t.kind == "routed experts" and t.fmt in _MX_PAIR_LABELS:
+            name = check.MLX_PAIR
+        elif t.fmt in _NATIVE_GGUF:
+            name = t.fmt
+        else:
+            continue
+        if name not in variants:
+            variants.append(name)
+    dims = dict(experts_per_token=config.num_experts_per_tok, n_experts=config.n_routed_experts,
+                hc_mult=config.hc_mult)
+    dtype = default_dtype()
+    specs = [check.Spec(v, dtype, **dims) for v in variants]
+    return specs + [check.Spec(kernels.HC_PRE, mx.float32, **dims)]  # HC streams are float32
+
+
+def kernel_backend() -> str:
+    """The kernels to test: ``DS4MLX_KERNELS`` when it names metal or emulate, else the GPU
+    when Metal is there, else the emulator."""
+    wanted = os.environ.get("DS4MLX_KERNELS", "").strip().lower()
+    if wanted in ("metal", "emulate"):
+        return wanted
+    return "metal" if mx.metal.is_available() else "emulate"
+
+
+def run_selftest(source: str, out: TextIO | None = None) -> bool:
+    """Check every variant of ``source``, print one row per kernel call; True when all pass."""
+    out = sys.stdout if out is None else out
+    specs = model_specs(source)
+    backend = kernel_backend()
+    if backend == "emulate":
+        from .kernels import emu
+
+        if emu.compiler() is None:
+            raise OSError("no Metal GPU and no C++ compiler for the kernel emulator (install g++)")
+    kernels.set_backend(backend)
+    where = "CPU emulator"
+    if backend == "metal":
+        where = f"Metal GPU ({mx.device_info().get('device_name', 'unknown')}, MLX {mx.__version__})"
+    print(f"ds4mlx selftest: {source} on the {where} ({len(specs)} variants)", file=out)
+    print(f"{'kernel':<26} {'format':<10} {'dtype':<9} {'inputs':<28} {'max rel err':>11} "
+          f"{'time':>8}", file=out)
+    start, failed, total = time.perf_counter(), [], 0
+    for spec in specs:
+        results = check.run_spec(spec)
+        for r in results:
+            total += 1
+            err = f"{r.rel_error:.2e}" if r.error is None else "-"
+            status = "" if r.ok else "  FAIL " + (r.error or f"(tolerance {r.tolerance:g})")
+            print(f"{r.kernel:<26} {spec.variant:<10} {check.dtype_name(spec.dtype):<9} "
+                  f"{r.inputs:<28} {err:>11} {r.seconds:>7.3f}s{status}", file=out, flush=True)
+        bad = [r for r in results if not r.ok]
+        failed += bad
+        if not bad:
+            check.record(spec, results)
+    seconds = time.perf_counter() - start
+    if failed:
+        print(f"{len(failed)} of {total} kernel checks FAILED in {seconds:.1f} s; the first-use "
+              "check would switch those variants off (the ops path serves them)", file=out)
+        return False
+    print(f"all {total} kernel checks passed in {seconds:.1f} s", file=out)
+    return True

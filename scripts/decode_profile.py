@@ -1,0 +1,421 @@
+"""Launches and bytes of one decoded token, per layer, at the real DeepSeek V4 Flash shapes.
+
+One decoder layer of each kind (ratio 0, 4, 128) at Flash's widths (hidden 4096, 64 heads x 512,
+q_lora 1024, o_groups 8 x o_lora 1024, indexer 64 x 128 with top-512, window 128, experts of
+2048, hc_mult 4) with random weights: dense projections in the activation dtype (bf16 by
+default), routed experts in one format (q2 = IQ2_XXS gate/up + Q2_K down, q4 = Q4_K,
+mxfp4 = MLX mxfp4). Only ``--experts`` experts are built (a decode token reads only the k it
+routes to); byte figures use Flash's 256. The decode state is synthesised at each context
+length (window rows, compressed rows, indexer keys, unfinished compressor windows), so a 128k
+state costs no prefill. For every layer it reports, for one decoded token:
+
+* launches on the Metal path, counted exactly so: every launch site of ``ds4mlx.kernels``
+  (``_run`` is replaced by a recorder that returns placeholder outputs) and every
+  ``mx.fast.rms_norm`` (one kernel on the GPU, a dozen fallback ops on the CPU), plus every MLX
+  primitive left in the lazy graph of the step's outputs (the new streams and the new decode
+  state) that runs a kernel: views (reshape, slice, broadcast, transpose, ...) excluded, and a
+  compiled (``mx.compile``) function counts as one. Nothing is evaluated for this count.
+* the same count on the ops path (the kernels' MLX twins); its host syncs (the GGUF experts'
+  twin reads the routed ids) are counted as graph cuts, each segment once;
+* bytes read: weights (each parameter the layer reads, the router matrix for all 256 experts,
+  k routed experts in their packed format) plus the decode state the path reads, itemised from
+  the code (the float32 copies the ops path makes are counted as written once and read by each
+  op that reads them); the minimum reads every weight and the state it needs once, in storage;
+* CPU time of the ops path (one evaluated step, best of ``--repeat``).
+
+Then the whole 43-layer model (2 ratio-0, 21 ratio-4, 20 ratio-128 layers, head and embedding)
+and a bandwidth model: time per token = bytes / bandwidth + launches x ``--launch-us``.
+The last line is one JSON object.
+
+Usage: python scripts/decode_profile.py [--formats q2 q4 mxfp4] [--contexts 2048 32768 131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ds4mlx import kernels  # noqa: E402
+from ds4mlx.config import ModelConfig  # noqa: E402
+from ds4mlx.layers.gguf import GGUFSwitchLinear  # noqa: E402
+from ds4mlx.model.transformer import Block, keeps_float32  # noqa: E402
+from ds4mlx.quant.gguf import get as gguf_format  # noqa: E402
+from ds4mlx.state import LayerCache  # noqa: E402
+from ds4mlx.synthetic import default_compress_ratios, tiny_config  # noqa: E402
+
+FLASH_EXPERTS, FLASH_LAYERS, FLASH_VOCAB = 256, 43, 129280
+RECIPES = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K"), "mxfp4": ("MXFP4", "MXFP4")}
+DECODE_VARIANTS = ("attention", "indexer", "rope_rows", "router")  # the kernels a before/after compares
+# embedding gather, HC head (one compiled function), final RMSNorm, head matmul
+HEAD_LAUNCHES = 4
+DEVICES = {"m3_ultra": 819e9, "m3_max": 400e9}
+VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "AsStrided",
+         "View", "StopGradient", "Depends", "Flatten", "Unflatten"}
+_NODE = re.compile(r'\{ (\d+) \[label ="([^"]+)"')
+# Byte offsets of the float16 scale fields of each block format, set to a small value so
+# random blocks decode to finite weights.
+_SCALE_FIELDS = {"IQ2_XXS": (0,), "Q2_K": (80, 82), "Q4_K": (0, 2)}
+
+
+def flash_config(n_experts: int, top_k: int) -> ModelConfig:
+    hf = tiny_config(num_layers=3, compress_ratios=[0, 4, 128], mtp=False, hidden_size=4096,
+                     num_attention_heads=64, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024,
+                     o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128,
+                     index_topk=512, sliding_window=128, n_routed_experts=n_experts,
+                     moe_intermediate_size=2048, num_hash_layers=0, experts_per_token=top_k,
+                     max_position_embeddings=1 << 20)
+    return ModelConfig.from_hf(hf)
+
+
+# ----------------------------------------------------------------------------- layer
+def random_experts(fmt: str, n: int, rows: int, k_in: int, rng: np.random.Generator) -> nn.Module:
+    if fmt == "MXFP4":
+        w = mx.array(rng.standard_normal((n, rows, k_in), dtype=np.float32) / np.sqrt(k_in))
+        q, s = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")[:2]
+        from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+        m = QuantizedSwitchLinear(k_in, rows, n, bias=False, group_size=32, bits=4, mode="mxfp4")
+        m.weight, m.scales = q, s
+        return m
+    mod = gguf_format(fmt)
+    nbytes = k_in // mod.BLOCK_SIZE * mod.BLOCK_BYTES
+    blocks = rng.integers(0, 256, size=(n, rows, k_in // mod.BLOCK_SIZE, mod.BLOCK_BYTES),
+                          dtype=np.uint8)
+    half = np.frombuffer(np.float16(0.01 / np.sqrt(k_in)).tobytes(), np.uint8)
+    for off in _SCALE_FIELDS[fmt]:
+        blocks[..., off:off + 2] = half
+    m = GGUFSwitchLinear(k_in, rows, n, fmt)
+    m.weight = mx.array(blocks.reshape(n, rows, nbytes))
+    return m
+
+
+def build_layer(config: ModelConfig, layer: int, recipe: str, dtype, seed: int) -> Block:
+    rng = np.random.default_rng(seed)
+    blk = Block(config, layer)
+    params = []
+    for name, v in tree_flatten(blk.parameters()):
+        if "norm" in name and v.ndim == 1:
+            a = np.ones(v.shape, np.float32)
+        elif "hc_" in name and name.endswith("scale"):
+            a = np.ones(v.shape, np.float32)
+        else:
+            fan = v.shape[-1] if v.ndim > 1 else 1
+            a = rng.standard_normal(v.shape, dtype=np.float32) / np.sqrt(fan)
+        params.append((name, mx.array(a).astype(mx.float32 if keeps_float32(name) else dtype)))
+    blk.update(tree_unflatten(params))
+    gate_fmt, down_fmt = RECIPES[recipe]
+    ex = blk.ffn.experts
+    e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+    ex.w1 = random_experts(gate_fmt, e, f, d, rng)
+    ex.w3 = random_experts(gate_fmt, e, f, d, rng)
+    ex.w2 = random_experts(down_fmt, e, d, f, rng)
+    # RoPE frequencies are computed once, on the first call; the count starts after that
+    mx.eval(blk.parameters(), blk.attn._freqs)
+    return blk
+
+
+def synth_state(config: ModelConfig, ratio: int, n_tokens: int, dtype, seed: int) -> LayerCache:
+    """The decode state of one layer after ``n_tokens`` tokens (random contents)."""
+    rng = np.random.default_rng(seed)
+
+    def rand(shape, dt=mx.float32):
+        return mx.array(rng.standard_normal(shape, dtype=np.float32)).astype(dt)
+
+    d = config.head_dim
+    cache = LayerCache(ratio)
+    cache.offset = n_tokens
+    cache.window = rand((1, min(n_tokens, config.sliding_window - 1), d), dtype)
+    parts = [(cache.compressor, d)] if ratio else []
+    if ratio == 4:
+        parts.append((cache.indexer, config.index_head_dim))
+    for state, dd in parts:
+        width = (2 if ratio == 4 else 1) * dd
+        pend = n_tokens % ratio
+        state.pending_kv, state.pending_score = rand((1, pend, width)), rand((1, pend, width))
+        if ratio == 4:
+            state.prev_kv, state.prev_score = rand((1, 4, dd)), rand((1, 4, dd))
+        state.append_rows(rand((1, n_tokens // ratio, dd), dtype))
+    mx.eval(cache.state)
+    return cache
+
+
+# ----------------------------------------------------------------------------- counting
+def graph_nodes(*arrays: mx.array) -> dict[str, str]:
+    """{node id: primitive} of the lazy graph producing ``arrays`` (evaluated arrays are leaves)."""
+    arrays = [a for a in arrays if isinstance(a, mx.array)]
+    if not arrays:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "g.dot")
+        mx.export_to_dot(path, *arrays)
+        return dict(_NODE.findall(Path(path).read_text()))
+
+
+def kernel_nodes(nodes: dict[str, str]) -> int:
+    return sum(1 for prim in nodes.values() if prim.split()[0] not in VIEWS)
+
+
+class Recorder:
+    """Stands in for ``kernels._run``: records each launch and returns leaf placeholders."""
+
+    def __init__(self):
+        self.launches: list[str] = []
+        self.inputs: list[mx.array] = []
+
+    def __call__(self, file, name, inputs, outputs, *, grid, threadgroup, template):
+        self.launches.append(name)
+        self.inputs += [a for a in inputs.values() if isinstance(a, mx.array)]
+        outs = [mx.zeros(shape, dtype=dtype) for shape, dtype in outputs.values()]
+        mx.eval(outs)
+        return outs
+
+
+def count_step(blk: Block, cache: LayerCache, dtype, path: str,
+               histogram: dict[str, int] | None = None) -> tuple[int, dict[str, int]]:
+    """(launches, {launch site: count}) of one decoded token through ``blk`` on ``path``."""
+    h = mx.array(np.random.default_rng(1).standard_normal((1, 1, 4, blk.config.hidden_size),
+                                                          dtype=np.float32))
+    toks = mx.array([[7]])
+    mx.eval(h, toks)
+    recorder = Recorder()
+    segments = [0]
+    saved = kernels._run, kernels.backend, kernels.switch_matmul_ops
+    original_switch = kernels.switch_matmul_ops
+
+    def cut_then_switch(x, w, fmt, indices, sorted_indices=False):
+        segments[0] += kernel_nodes(graph_nodes(x, indices))  # the twin syncs on the ids here
+        mx.eval(x, indices)
+        return original_switch(x, w, fmt, indices, sorted_indices)
+
+    rms_norm = mx.fast.rms_norm
+
+    def one_rms_norm(x, weight, eps, **kw):
+        # one launch on the GPU; on the CPU MLX expands it into its fallback ops
+        recorder.launches.append("rms_norm")
+        recorder.inputs += [x] + ([weight] if weight is not None else [])
+        out = mx.zeros(x.shape, dtype=x.dtype)
+        mx.eval(out)
+        return out
+
+    try:
+        mx.fast.rms_norm = one_rms_norm
+        if path == "metal":
+            kernels._run, kernels.backend = recorder, lambda: "metal"
+        else:
+            kernels.backend = lambda: "ops"
+            kernels.switch_matmul_ops = cut_then_switch
+        out = blk(h, toks, cache, dtype)
+        nodes = graph_nodes(out, *cache.state, *recorder.inputs)
+    finally:
+        kernels._run, kernels.backend, kernels.switch_matmul_ops = saved
+        mx.fast.rms_norm = rms_norm
+    if histogram is not None:  # primitive -> count of the graph left between the launches
+        for prim in nodes.values():
+            if prim.split()[0] not in VIEWS:
+                histogram[prim.split()[0]] = histogram.get(prim.split()[0], 0) + 1
+    sites: dict[str, int] = {}
+    for name in recorder.launches:
+        sites[name] = sites.get(name, 0) + 1
+    return len(recorder.launches) + kernel_nodes(nodes) + segments[0], sites
+
+
+def time_ops_step(blk: Block, cache: LayerCache, dtype, repeat: int) -> float:
+    h = mx.array(np.random.default_rng(2).standard_normal((1, 1, 4, blk.config.hidden_size),
+                                                          dtype=np.float32))
+    best = float("inf")
+    chosen = kernels.backend()
+    kernels.set_backend("ops")
+    try:
+        for _ in range(repeat):
+            c = cache.snapshot()
+            t0 = time.perf_counter()
+            out = blk(h, mx.array([[7]]), c, dtype)
+            mx.eval(out, c.state)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        kernels.set_backend(chosen)
+    return best
+
+
+# ----------------------------------------------------------------------------- bytes
+def expert_bytes(fmt: str, rows: int, k_in: int) -> int:
+    if fmt == "MXFP4":
+        return rows * (k_in // 2 + k_in // 32)
+    mod = gguf_format(fmt)
+    return rows * k_in // mod.BLOCK_SIZE * mod.BLOCK_BYTES
+
+
+def weight_bytes(blk: Block, config: ModelConfig, recipe: str, top_k: int) -> tuple[int, int]:
+    """(weights every path reads, float32 expert copies the ops twins write and read)."""
+    dense = 0
+    for name, v in tree_flatten(blk.parameters()):
+        if ".experts." in name:
+            continue
+        dense += v.nbytes * (FLASH_EXPERTS // config.n_routed_experts
+                             if name.startswith("ffn.gate.") else 1)
+    gate_fmt, down_fmt = RECIPES[recipe]
+    d, f = config.hidden_size, config.moe_intermediate_size
+    routed = top_k * (2 * expert_bytes(gate_fmt, f, d) + expert_bytes(down_fmt, d, f))
+    copies = 0 if gate_fmt == "MXFP4" else top_k * 3 * f * d * 4 * 2
+    return dense + routed, copies
+
+
+def state_bytes(config: ModelConfig, ratio: int, n: int, b: int, fused: set[str]) -> dict[str, int]:
+    """Bytes of decode state one token reads: the minimum and the path's own (itemised from
+    attention.py / compressor.py; ``fused`` names the kernels that serve the path)."""
+    d, di, w = config.head_dim, config.index_head_dim, config.sliding_window
+    win = (w - 1) * d * b  # carried window rows
+    comp = n // ratio * d * b if ratio else 0
+    picked = min(config.index_topk, n // 4) * d * b if ratio == 4 else 0
+    keys = n // 4 * di * b if ratio == 4 else 0
+    heads = config.index_n_heads
+    minimum = win + (picked + keys if ratio == 4 else comp)
+    # window: concatenate (read), contiguous slice of the new window (read)
+    path = 2 * win
+    if "attention" in fused:
+        path += win  # the kernel reads the window once, in storage
+        path += picked if ratio == 4 else comp
+    else:
+        f32 = 4 // b  # float32 copy per stored byte
+        path += win + 2 * win * f32  # cast, then scores and values read the float32 copy
+        if ratio == 128:
+            path += comp + 2 * comp * f32
+        if ratio == 4:
+            path += comp  # every row cast to float32 per call (written, then gathered from)
+            path += 3 * picked * 4 // b  # gather reads, scores and values read the gathered copy
+    if ratio == 4:
+        if "indexer" in fused:
+            path += keys
+        else:
+            scores = heads * (n // 4) * 4
+            path += keys + keys * 4 // b + 3 * scores + 2 * (n // 4) * 4  # cast, ReLU·w·Σ, top-k
+    return {"min": minimum, "path": path}
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--contexts", nargs="+", type=int, default=[2048, 32768, 131072])
+    parser.add_argument("--experts", type=int, default=8, help="experts built per layer")
+    parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--repeat", type=int, default=2, help="ops-path timings (best of)")
+    parser.add_argument("--no-time", action="store_true", help="skip the ops-path CPU timing")
+    parser.add_argument("--no-ops", action="store_true",
+                        help="skip the ops path (its launch count evaluates the layer up to the "
+                             "router on the CPU) and its timing")
+    parser.add_argument("--primitives", action="store_true",
+                        help="print the MLX primitives left on the Metal path, per layer")
+    parser.add_argument("--launch-us", type=float, default=5.0, help="assumed cost per launch")
+    args = parser.parse_args()
+    dtype = getattr(mx, args.dtype)
+    b = dtype.size
+    config = flash_config(args.experts, args.top_k)
+    decode_variants = [v for v in DECODE_VARIANTS if v in getattr(kernels, "NAMED_VARIANTS", ())]
+    print(f"Flash decode step per layer, {args.dtype} activations, top-{args.top_k}. Metal "
+          f"path 'before': the decode kernels {decode_variants} switched off; 'after': on.")
+    print(f"{'ratio':>5} {'fmt':>6} {'ctx':>7} {'launches before':>15} {'after':>5} {'ops':>4} "
+          f"{'MiB before':>10} {'after':>7} {'min':>7} {'x min before':>12} {'after':>6} "
+          f"{'ops CPU ms':>10}  kernel launches (after)")
+    rows = []
+    for recipe in args.formats:
+        for layer, ratio in enumerate((0, 4, 128)):
+            blk = build_layer(config, layer, recipe, dtype, seed=layer)
+            weights, copies = weight_bytes(blk, config, recipe, args.top_k)
+            for n in args.contexts:
+                cache = synth_state(config, ratio, n, dtype, seed=n)
+                for v in decode_variants:
+                    kernels.disable(v, "decode_profile: the path before the decode kernels")
+                count_step(blk, cache.snapshot(), dtype, "metal")  # traces mx.compile functions
+                before, _ = count_step(blk, cache.snapshot(), dtype, "metal")
+                for v in decode_variants:
+                    kernels.enable(v)
+                count_step(blk, cache.snapshot(), dtype, "metal")
+                prims: dict[str, int] = {}
+                after, sites = count_step(blk, cache.snapshot(), dtype, "metal", prims)
+                ops = -1 if args.no_ops else count_step(blk, cache.snapshot(), dtype, "ops")[0]
+                fused = {"attention", "indexer"} & set(decode_variants)
+                sb_after = state_bytes(config, ratio, n, b, fused)
+                sb_before = state_bytes(config, ratio, n, b, set())
+                minimum = weights + sb_after["min"]
+                read_before, read_after = weights + sb_before["path"], weights + sb_after["path"]
+                ms = float("nan") if args.no_time or args.no_ops else 1e3 * time_ops_step(blk, cache, dtype,
+                                                                          args.repeat)
+                rows.append(dict(ratio=ratio, fmt=recipe, ctx=n, before=before, launches=after,
+                                 ops_launches=ops, bytes_before=read_before, bytes=read_after,
+                                 min=minimum, ops_bytes=read_before + copies, cpu_ms=ms))
+                mib = 2.0**20
+                print(f"{ratio:>5} {recipe:>6} {n:>7} {before:>15} {after:>5} {ops:>4} "
+                      f"{read_before / mib:>10.1f} {read_after / mib:>7.1f} {minimum / mib:>7.1f} "
+                      f"{read_before / minimum:>12.3f} {read_after / minimum:>6.3f} "
+                      f"{ms:>10.1f}  {sites}", flush=True)
+                if args.primitives:
+                    print("        primitives:", dict(sorted(prims.items(), key=lambda kv: -kv[1])))
+            del blk
+    # whole model
+    kinds = default_compress_ratios(FLASH_LAYERS, 0)
+    per_kind = {r: kinds.count(r) for r in (0, 4, 128)}
+    head = FLASH_VOCAB * config.hidden_size * b + config.hidden_size * b + 4 * 4 * 4096 * 4
+    summary = {}
+    print(f"\nWhole model ({FLASH_LAYERS} layers: {per_kind}), head {head / 2**20:.0f} MiB, "
+          f"{args.launch_us:g} us per launch:")
+    for recipe in args.formats:
+        for n in args.contexts:
+            sel = {r["ratio"]: r for r in rows if r["fmt"] == recipe and r["ctx"] == n}
+            for when, lk, bk in (("before", "before", "bytes_before"), ("after", "launches", "bytes")):
+                launches = sum(per_kind[r] * sel[r][lk] for r in per_kind) + HEAD_LAUNCHES
+                nbytes = sum(per_kind[r] * sel[r][bk] for r in per_kind) + head
+                tps = {dev: 1.0 / (nbytes / bw + launches * args.launch_us * 1e-6)
+                       for dev, bw in DEVICES.items()}
+                summary[(when, recipe, n)] = dict(launches=launches, bytes=nbytes, **tps)
+                print(f"  {when:>6} {recipe:>6} ctx {n:>7}: {launches:>6} launches, "
+                      f"{nbytes / 2**30:6.2f} GiB, M3 Ultra {tps['m3_ultra']:5.1f} t/s, M3 Max "
+                      f"{tps['m3_max']:5.1f} t/s (bandwidth only: {819e9 / nbytes:5.1f} / "
+                      f"{400e9 / nbytes:5.1f})")
+
+    def over_min(ctx):
+        sel = [r["bytes"] / r["min"] for r in rows if r["ctx"] == ctx]
+        return round(max(sel), 4) if sel else None
+
+    def ctx_ratio():
+        lo, hi = min(args.contexts), max(args.contexts)
+        vals = [summary[("after", f, hi)]["bytes"] / summary[("after", f, lo)]["bytes"]
+                for f in args.formats]
+        return round(max(vals), 4)
+
+    worst = max(rows, key=lambda r: r["launches"])
+    result = {
+        "launches_per_layer_max": worst["launches"],
+        "launches_per_layer_max_at": f"ratio {worst['ratio']} {worst['fmt']} ctx {worst['ctx']}",
+        "launches_per_layer_max_before": max(r["before"] for r in rows),
+        "ops_launches_per_layer_max": max(r["ops_launches"] for r in rows),
+        "bytes_over_min_2k": over_min(2048),
+        "bytes_over_min_32k": over_min(32768),
+        "bytes_128k_over_2k": ctx_ratio() if {2048, 131072} <= set(args.contexts) else None,
+        "tokens_per_s_m3_ultra": round(min(s["m3_ultra"] for k, s in summary.items()
+                                           if k[0] == "after"), 2),
+        "tokens_per_s_m3_max": round(min(s["m3_max"] for k, s in summary.items()
+                                         if k[0] == "after"), 2),
+        "tokens_per_s_m3_ultra_before": round(min(s["m3_ultra"] for k, s in summary.items()
+                                                  if k[0] == "before"), 2),
+        "launch_us": args.launch_us,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Fused decode attention and Lightning Indexer kernels (metal/attention.metal) against their
+ops twins and numpy, under the CPU emulator and, on a Mac, on the GPU."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from ds4mlx import kernels
+from ds4mlx.kernels import attention as fused
+from ds4mlx.kernels import emu as kernel_emu
+
+PATHS = [
+    pytest.param("emulate", marks=pytest.mark.skipif(kernel_emu.compiler() is None,
+                                                     reason="no C++ compiler for the emulator")),
+    pytest.param("metal", marks=[pytest.mark.mac, pytest.mark.skipif(
+        not mx.metal.is_available(), reason="needs a Metal GPU")]),
+]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("DS4MLX_KERNELS", request.param)
+    kernels.set_backend()
+    return request.param
+
+
+def on_ops(fn, *args, **kw):
+    chosen = kernels.backend()
+    kernels.set_backend("ops")
+    try:
+        return np.asarray(fn(*args, **kw))
+    finally:
+        kernels.set_backend(chosen)
+
+
+def rel_err(got, ref) -> float:
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def attention_case(b, s, h, d, p0, window, ratio, n_rows, topk, dtype, seed):
+    """Inputs as the model builds them at positions p0..p0+s-1 (window buffer holds the
+    previous min(p0, window-1) rows, then the new ones)."""
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, scale=1.0):
+        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+    n_prev = min(p0, window - 1)
+    q = rand(b, s, h, d)
+    kw = rand(b, n_prev + s, d, scale=0.2).astype(dtype)
+    comp = rand(b, n_rows, d, scale=0.2).astype(dtype) if ratio else None
+    idx = None
+    if ratio == 4 and n_rows > topk:
+        picks = np.stack([rng.permutation(n_rows)[:topk] for _ in range(b * s)]).reshape(b, s, topk)
+        picks[..., 0] = -1  # a padded slot is never read
+        idx = mx.array(picks.astype(np.int32))
+    bounds = fused.query_bounds(p0, s, p0 - n_prev, window, ratio)
+    sink = rand(h)
+    return q, kw, comp, idx, bounds, sink, d ** -0.5
+
+
+CASES = [  # b, s, h, d, p0, window, ratio, compressed rows, top-k, dtype
+    (1, 1, 2, 64, 0, 16, 0, 0, 4, mx.float32),             # first token, window only
+    (1, 1, 4, 128, 40, 16, 0, 0, 4, mx.bfloat16),          # full window, bf16 rows
+    (2, 3, 2, 64, 14, 16, 0, 0, 4, mx.float32),            # crosses the window's edge
+    (1, 1, 2, 64, 255, 16, 128, 2, 4, mx.float32),         # ratio 128, both rows visible
+    (1, 3, 3, 96, 253, 16, 128, 2, 4, mx.bfloat16),        # ratio 128 seam: row 1 appears
+    (1, 2, 2, 64, 10, 16, 4, 3, 8, mx.float32),            # ratio 4, every row (no picks)
+    (2, 2, 2, 64, 70, 16, 4, 18, 4, mx.bfloat16),          # ratio 4, indexer picks
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}d{c[3]}p{c[4]}r{c[6]}")
+def test_decode_attention_matches_twin(path, case):
+    args = attention_case(*case, seed=case[4])
+    got = fused.decode_attention(*args)
+    ref = on_ops(fused.decode_attention_ops, *args)
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_decode_attention_twin_equals_dense_softmax():
+    """The twin against a plain numpy softmax over the rows each query may see."""
+    q, kw, comp, idx, bounds, sink, scale = attention_case(1, 2, 2, 32, 70, 16, 4, 18, 4,
+                                                           mx.float32, seed=3)
+    got = on_ops(fused.decode_attention_ops, q, kw, comp, idx, bounds, sink, scale)
+    qn, kwn, cn, ix, sk = (np.asarray(a, dtype=np.float64) for a in (q, kw, comp, idx, sink))
+    for s in range(2):
+        lo, hi, vis = bounds[s]
+        rows = [kwn[0, j] for j in range(lo, hi)]
+        rows += [cn[0, int(c)] for c in ix[0, s] if 0 <= c < vis]
+        keys = np.stack(rows)
+        for h in range(2):
+            logits = np.append(keys @ qn[0, s, h] * scale, sk[h])
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            np.testing.assert_allclose(got[0, s, h], p[:-1] @ keys, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_decode_attention_real_width(path):
+    """Flash's widths: 64 heads x 512, window 128, 512 picked rows of 600 (bf16 rows)."""
+    args = attention_case(1, 1, 64, 512, 2400, 128, 4, 600, 512, mx.bfloat16, seed=7)
+    got = fused.decode_attention(*args)
+    ref = on_ops(fused.decode_attention_ops, *args)
+    assert rel_err(got, ref) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- indexer
+def indexer_case(b, s, h, hd, nk, n_vis, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q = mx.array(rng.standard_normal((b, s, h, hd)).astype(np.float32))
+    w = mx.array(rng.standard_normal((b, s, h)).astype(np.float32))
+    keys = mx.array(rng.standard_normal((b, nk, hd)).astype(np.float32)).astype(dtype)
+    return q, w, keys, mx.array(np.array(n_vis, dtype=np.int32))
+
+
+@pytest.mark.parametrize("b,s,h,hd,nk,n_vis,dtype", [
+    (1, 1, 16, 32, 40, [40], mx.float32),
+    (2, 3, 16, 64, 70, [67, 68, 70], mx.bfloat16),
+    (1, 2, 12, 32, 33, [0, 5], mx.float32),           # heads not a multiple of the groups
+])
+def test_indexer_scores_match_twin(path, b, s, h, hd, nk, n_vis, dtype):
+    args = indexer_case(b, s, h, hd, nk, n_vis, dtype, seed=nk)
+    got = np.asarray(fused.indexer_scores(*args))
+    ref = on_ops(fused.indexer_scores_ops, *args)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+    seen = np.isfinite(ref)
+    if seen.any():
+        assert np.abs(got[seen] - ref[seen]).max() <= 1e-5 * np.abs(ref[seen]).max()
+
+
+def numpy_topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Ascending indices of the k largest finite scores per row (ties: lowest index), -1 pad."""
+    out = np.full(scores.shape[:-1] + (k,), -1, dtype=np.int32)
+    for r in np.ndindex(scores.shape[:-1]):
+        row = scores[r]
+        order = np.argsort(-row, kind="stable")
+        pick = np.sort([i for i in order[:k] if np.isfinite(row[i])])
+        out[r][:len(pick)] = pick
+    return out
+
+
+@pytest.mark.parametrize("rows,n,k", [(3, 50, 8), (2, 600, 512), (4, 9, 9)])
+def test_indexer_topk_matches_numpy(path, rows, n, k):
+    rng = np.random.default_rng(n)
+    scores = rng.standard_normal((rows, n)).astype(np.float32)
+    scores[0, n // 2:] = -np.inf       # a row with fewer visible keys
+    scores[-1, :3] = np.float32(7.0)   # ties at the top
+    scores[1, 1:4] = -0.0               # zeros of both signs
+    scores[1, 4:6] = 0.0
+    got = np.asarray(fused.indexer_topk(mx.array(scores), k))
+    np.testing.assert_array_equal(got, numpy_topk(scores, k))
+    twin = on_ops(fused.indexer_topk, mx.array(scores), k)
+    np.testing.assert_array_equal(twin[1:], got[1:])  # the twin pads the -inf row the same way
+    np.testing.assert_array_equal(twin[0], got[0])
+
+
+def test_indexer_topk_ties_keep_lowest_indices(path):
+    scores = np.zeros((1, 40), np.float32)
+    scores[0, [5, 30]] = 1.0
+    got = np.asarray(fused.indexer_topk(mx.array(scores), 6))
+    np.testing.assert_array_equal(got[0], [0, 1, 2, 3, 5, 30])
+
+
+def test_bad_shapes_are_named():
+    q, kw, comp, idx, bounds, sink, scale = attention_case(1, 1, 2, 64, 3, 16, 0, 0, 4,
+                                                           mx.float32, seed=0)
+    with pytest.raises(kernels.KernelInputError, match="sink"):
+        fused.decode_attention(q, kw, comp, idx, bounds, sink[:1], scale)
+    with pytest.raises(kernels.KernelInputError, match="k=0"):
+        fused.indexer_topk(mx.zeros((2, 5)), 0)
+
+
+# ----------------------------------------------------------------------------- rows
+def model_rows(x, pos, freqs, *, norm, weight, eps, fp8, inverse, out_dtype, rope_dims):
+    """The model's ops for the same steps (attention.py before the fused kernel)."""
+    from ds4mlx.model import qat
+    from ds4mlx.model.rope import apply_rope
+
+    positions = mx.array(np.asarray(pos))
+    if norm == fused.NORM_PLAIN:
+        x = x.astype(out_dtype)
+        x = x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps)
+    elif norm == fused.NORM_WEIGHTED:
+        x = mx.fast.rms_norm(x, weight, eps)
+    x = apply_rope(x, positions, freqs, inverse=inverse)
+    if fp8:
+        x = qat.kv_fp8(x, rope_dims)
+    return x.astype(out_dtype)
+
+
+@pytest.mark.parametrize("shape,d,rd,norm,fp8,inverse,dtype,out_dtype", [
+    ((2, 3, 4), 128, 64, fused.NORM_PLAIN, False, False, mx.float32, mx.float32),   # q
+    ((1, 2, 2), 128, 64, fused.NORM_PLAIN, False, False, mx.bfloat16, mx.float32),  # bf16 q
+    ((2, 3), 128, 64, fused.NORM_WEIGHTED, True, False, mx.float32, mx.float32),    # kv
+    ((1, 5), 512, 64, fused.NORM_WEIGHTED, True, False, mx.float32, mx.float32),    # Flash kv
+    ((1, 2, 3), 128, 64, fused.NORM_NONE, False, True, mx.float32, mx.float32),     # output
+])
+def test_rope_rows_match_model_ops(path, shape, d, rd, norm, fp8, inverse, dtype, out_dtype):
+    from ds4mlx.model.rope import rope_frequencies
+
+    rng = np.random.default_rng(d + len(shape))
+    x = mx.array((rng.standard_normal((*shape, d)) * 3).astype(np.float32)).astype(dtype)
+    weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32))
+    freqs = rope_frequencies(rd, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
+    p0 = 70000
+    pos = np.arange(p0, p0 + shape[1])[None, :] if len(shape) == 2 else \
+        np.arange(p0, p0 + shape[1])[None, :, None]
+    got = np.asarray(fused.rope_rows(x, pos, freqs, norm=norm, weight=weight, eps=1e-6, fp8=fp8,
+                                     inverse=inverse, out_dtype=out_dtype))
+    ref = np.asarray(model_rows(x, pos if len(shape) == 2 else pos[0], freqs, norm=norm,
+                                weight=weight, eps=1e-6, fp8=fp8, inverse=inverse,
+                                out_dtype=out_dtype, rope_dims=rd))
+    err = np.abs(got - ref)
+    if fp8:  # a value on an FP8 rounding edge may land one e4m3 step apart: count those
+        step = np.abs(ref) / 8 + 1e-30
+        assert (err > 1e-5 * np.abs(ref).max()).mean() < 1e-3 and (err <= step * 1.01).all()
+    else:
+        assert err.max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.slow
+def test_indexer_real_width(path):
+    """Flash's indexer: 64 heads x 128 over 3000 bf16 keys (12k tokens), then its top-512."""
+    args = indexer_case(1, 1, 64, 128, 3000, [2990], mx.bfloat16, seed=11)
+    got = np.asarray(fused.indexer_scores(*args))
+    ref = on_ops(fused.indexer_scores_ops, *args)
+    seen = np.isfinite(ref)
+    assert np.array_equal(seen, np.isfinite(got))
+    assert np.abs(got[seen] - ref[seen]).max() <= 1e-5 * np.abs(ref[seen]).max()
+    picks = np.asarray(fused.indexer_topk(mx.array(ref), 512))
+    np.testing.assert_array_equal(picks, numpy_topk(ref, 512))

@@ -1,0 +1,240 @@
+"""``ds4mlx selftest`` and the first-use check (ds4mlx/kernels/check.py), under the emulator.
+
+A kernel source is broken on purpose (a wrong result, or code that does not compile); the
+check must name it, switch it off with one warning line, and the ops twin must then serve it.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from ds4mlx import kernels
+from ds4mlx.cli import main
+from ds4mlx.kernels import check
+from ds4mlx.kernels import emu as kernel_emu
+
+NO_CXX = pytest.mark.skipif(kernel_emu.compiler() is None, reason="no C++ compiler")
+PATHS = [
+    pytest.param("emulate", marks=NO_CXX),
+    pytest.param("metal", marks=[pytest.mark.mac, pytest.mark.skipif(
+        not mx.metal.is_available(), reason="needs a Metal GPU")]),
+]
+
+GATE_UP_WRITE = "mid[ulong(pair) * uint(F) + row] = ds4_swiglu(gs, us, limit);"
+HC_WRITE = "x[ulong(tok) * uint(D) + d] = s;"
+
+
+@pytest.fixture(params=PATHS)
+def first_use(request, monkeypatch, tmp_path):
+    """Kernels (emulated, or on the GPU) with the first-use check on, records in a fresh cache."""
+    monkeypatch.setenv("DS4MLX_KERNELS", request.param)
+    monkeypatch.setenv("DS4MLX_KERNEL_CHECK", "on")
+    monkeypatch.setenv("DS4MLX_CACHE", str(tmp_path))
+    kernels.set_backend()
+    check.reset()
+    yield tmp_path
+    check.reset()
+
+
+def break_kernel(monkeypatch, file: str, kernel: str, old: str, new: str) -> None:
+    """Serve ``kernel`` of ``metal/<file>`` with ``old`` replaced by ``new`` from now on."""
+    real = kernels.metal_source
+
+    def patched(name: str):
+        header, bodies = real(name)
+        if name == file:
+            assert old in bodies[kernel]
+            bodies = {**bodies, kernel: bodies[kernel].replace(old, new)}
+        return header, bodies
+
+    kernels._kernel.cache_clear()
+    monkeypatch.setattr(kernels, "metal_source", patched)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernels():
+    yield
+    kernels._kernel.cache_clear()  # no broken kernel outlives its test
+
+
+def warnings_in(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "warning" in line]
+
+
+def mx_experts(seed: int, e: int = 8, rows: int = 16, k: int = 256):
+    # the demo model's layout and dims (top-6 of 8): the checks share compiled kernels
+    return check.random_experts(check.MLX_PAIR, e, rows, k, seed)
+
+
+def test_wrong_result_is_switched_off_once_and_ops_serves(first_use, monkeypatch, capfd):
+    break_kernel(monkeypatch, "moe.metal", "moe_gate_up_decode", GATE_UP_WRITE,
+                 GATE_UP_WRITE.replace("= ds4_swiglu", "= 1.5f * ds4_swiglu"))
+    w1, w3 = mx_experts(seed=1), mx_experts(seed=2)
+    x = mx.array(np.random.default_rng(3).standard_normal((2, 256)).astype(np.float32))
+    idx = mx.array([[0, 4, 1, 7, 3, 3], [2, 2, 5, 6, 0, 1]], dtype=mx.uint32)
+    for _ in range(2):  # the second call reuses the verdict: no second warning
+        got = kernels.moe_gate_up(x, w1, w3, "MXFP4", idx, 10.0)
+        assert mx.array_equal(got, kernels.moe_gate_up_ops(x, w1, w3, "MXFP4", idx, 10.0)).item()
+    lines = warnings_in(capfd.readouterr().err)
+    assert len(lines) == 1, lines
+    assert "kernel MXFP4-mlx (float32) switched off" in lines[0]
+    assert "moe_gate_up_decode" in lines[0] and "ops path" in lines[0]
+    assert "MXFP4-mlx (float32)" in kernels.disabled()
+    assert not list(first_use.glob("kernel-checks/MXFP4-mlx-*"))  # a failure is not recorded
+    # other variants are unaffected: hc_pre still runs its kernel (and passes its check)
+    h = mx.array(np.random.default_rng(4).standard_normal((2, 4, 64)).astype(np.float32))
+    fn = mx.array(np.random.default_rng(5).standard_normal((24, 256)).astype(np.float32) * 0.05)
+    kernels.hc_pre(h, fn, mx.zeros((24,)), mx.ones((3,)), iters=3, eps=1e-6, norm_eps=1e-6)
+    assert list(first_use.glob("kernel-checks/hc_pre-float32-*.json"))
+
+
+def test_compile_failure_is_switched_off_and_ops_serves(first_use, monkeypatch, capfd):
+    break_kernel(monkeypatch, "hc.metal", "hc_pre", HC_WRITE, "float vla[D]; " + HC_WRITE)
+    rng = np.random.default_rng(6)
+    h = mx.array(rng.standard_normal((3, 4, 64)).astype(np.float32))
+    fn = mx.array(rng.standard_normal((24, 256)).astype(np.float32) * 0.05)
+    args = (h, fn, mx.array(rng.uniform(-1, 1, 24).astype(np.float32)), mx.ones((3,)))
+    got = kernels.hc_pre(*args, iters=3, eps=1e-6, norm_eps=1e-6)
+    ref = kernels.hc_pre_ops(*args, iters=3, eps=1e-6, norm_eps=1e-6)
+    assert all(mx.array_equal(g, r).item() for g, r in zip(got, ref))
+    lines = warnings_in(capfd.readouterr().err)
+    assert len(lines) == 1, lines
+    assert "kernel hc_pre (float32) switched off" in lines[0] and "hc_pre failed" in lines[0]
+    if kernels.backend() == "emulate":
+        assert "KernelEmulationError" in lines[0] and "does not compile" in lines[0]
+
+
+def test_a_pass_is_recorded_and_later_runs_skip_the_check(first_use, monkeypatch):
+    calls = []
+    real = check.run_spec
+    monkeypatch.setattr(check, "run_spec", lambda spec: calls.append(spec) or real(spec))
+    rng = np.random.default_rng(7)
+    h = mx.array(rng.standard_normal((1, 4, 40)).astype(np.float32))
+    fn = mx.array(rng.standard_normal((24, 160)).astype(np.float32) * 0.1)
+
+    def hc():
+        return kernels.hc_pre(h, fn, mx.zeros((24,)), mx.ones((3,)), iters=2, eps=1e-6,
+                              norm_eps=1e-6)
+
+    hc(), hc()
+    assert len(calls) == 1 and calls[0].hc_mult == 4
+    assert len(list(first_use.glob("kernel-checks/hc_pre-float32-*.json"))) == 1
+    check.reset()  # as a new process would start: the record on disk answers
+    hc()
+    assert len(calls) == 1
+    check.reset()
+    monkeypatch.setenv("DS4MLX_KERNEL_CHECK", "fresh")
+    hc()
+    assert len(calls) == 2
+    # changed kernel sources are checked again, whatever is recorded
+    check.reset()
+    monkeypatch.setenv("DS4MLX_KERNEL_CHECK", "on")
+    break_kernel(monkeypatch, "hc.metal", "hc_pre", HC_WRITE, HC_WRITE + " // edited")
+    hc()
+    assert len(calls) == 3
+    check.reset()
+    monkeypatch.setenv("DS4MLX_KERNEL_CHECK", "off")
+    hc()
+    assert len(calls) == 3
+
+
+def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    assert main(["selftest", "--model", str(demo_dir)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    kernels_seen = {(r[0], r[1]) for r in rows if len(r) > 2}
+    # the demo model's experts are MLX mxfp4: every MoE kernel with them, and the HC kernel
+    for name in ("dequant_rows", "moe_gate_up_decode", "moe_down_decode", "moe_matmul_sorted"):
+        assert (name, "MXFP4-mlx") in kernels_seen, out
+    assert ("hc_pre", "hc_pre") in kernels_seen
+    assert "ids in constant" in out and "ids in device" in out  # both placements of the ids
+    assert "all 10 kernel checks passed" in out
+
+
+def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    assert main(["selftest", "--model", str(demo_dir)]) == 0  # records into $DS4MLX_CACHE
+    monkeypatch.setenv("DS4MLX_KERNEL_CHECK", "on")
+    check.reset()
+    calls = []
+    monkeypatch.setattr(check, "run_spec", lambda spec: calls.append(spec) or [])
+    found = []
+    real = check.recorded
+    monkeypatch.setattr(check, "recorded", lambda spec: found.append(spec.variant) or real(spec))
+    kernels.set_backend()
+    mx.eval(demo[0](mx.array([[5, 17, 300]])))
+    assert sorted(found) == ["MXFP4-mlx", "hc_pre"]  # both variants looked up their record
+    assert calls == [] and kernels.disabled() == {}
+    check.reset()
+
+
+def test_selftest_fails_on_a_broken_kernel(demo_dir, monkeypatch, capsys):
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    write = "y[ulong(tok) * uint(D) + row] = OutT(bad_id ? ds4_nan() : acc[r]);"
+    break_kernel(monkeypatch, "moe.metal", "moe_down_decode", write,
+                 write.replace("acc[r]", "acc[0]"))
+    assert main(["selftest", "--model", str(demo_dir)]) == 1
+    out = capsys.readouterr().out
+    failing = [line for line in out.splitlines() if "FAIL" in line and "checks" not in line]
+    assert failing and all(line.startswith("moe_down_decode") for line in failing), out
+    assert "kernel checks FAILED" in out
+
+
+def test_demo_model_with_a_broken_kernel_gives_the_ops_path_logits(demo, first_use, monkeypatch,
+                                                                   capfd):
+    model, _ = demo
+    tokens = mx.array([[5, 17, 300, 2, 999]])
+    path = kernels.backend()
+    kernels.set_backend("ops")
+    ref = model(tokens)
+    mx.eval(ref)
+    kernels.set_backend(path)
+    break_kernel(monkeypatch, "moe.metal", "moe_gate_up_decode", GATE_UP_WRITE,
+                 GATE_UP_WRITE.replace("= ds4_swiglu", "= 1.5f * ds4_swiglu"))
+    got = model(tokens)
+    lines = warnings_in(capfd.readouterr().err)
+    assert len(lines) == 1 and "kernel MXFP4-mlx (float32) switched off" in lines[0], lines
+    # hc_pre passed its check and still runs as a kernel: equal up to float32 rounding
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def q2_gguf(tmp_path_factory):
+    """A 2-layer tiny checkpoint as a q2-style GGUF (IQ2_XXS gate/up, Q2_K down, Q8_0 rest)."""
+    from ds4mlx.convert import convert
+    from ds4mlx.synthetic import write_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("selftest-q2")
+    ckpt = write_tiny_checkpoint(d / "ckpt", seed=5, num_layers=2, num_hash_layers=1, mtp=False)
+    return convert(ckpt, d / "q2.gguf", to="gguf", preset="ds4-q2", progress=False)
+
+
+@pytest.mark.parametrize("which", ["demo", pytest.param("q2", marks=pytest.mark.slow)])
+def test_selftest_lists_what_the_model_dispatches(which, demo_dir, request, monkeypatch):
+    """The variants selftest derives from the headers are exactly those a forward pass asks
+    the first-use check about (prefill and decode)."""
+    from ds4mlx import load
+    from ds4mlx.selftest import model_specs
+
+    source = demo_dir if which == "demo" else request.getfixturevalue("q2_gguf")
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    kernels.set_backend()
+    asked = set()
+
+    def spy(variant, dtype, **dims):
+        asked.add((variant, dtype))
+        return False  # the ops twins serve: no kernel needs compiling here
+
+    monkeypatch.setattr(check, "passes", spy)
+    model, _ = load(source)
+    cache = model.make_cache()
+    tokens = mx.array([[3, 50, 7, 900, 12, 4, 4, 8, 100]])
+    for a, b in ((0, 8), (8, 9)):  # a prefill chunk (tiled kernels) and one decode step
+        mx.eval(model(tokens[:, a:b], cache=cache))
+    listed = {(s.variant, s.dtype) for s in model_specs(str(source))}
+    assert asked and listed == asked
+    if which == "q2":
+        assert {v for v, _ in listed} == {"IQ2_XXS", "Q2_K", "hc_pre"}
