@@ -12,9 +12,12 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .names import is_routed_expert
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 KINDS = (
     "embedding", "attention", "compressor", "indexer", "router", "routed experts",

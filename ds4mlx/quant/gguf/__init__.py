@@ -10,11 +10,15 @@ Every format exposes ``NAME``, ``GGML_TYPE``, ``BLOCK_SIZE`` (weights per block)
 from __future__ import annotations
 
 from types import ModuleType, SimpleNamespace
+from typing import TYPE_CHECKING
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_xxs, mxfp4, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
 from .floats import BF16, F16, F32
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 Format = ModuleType | SimpleNamespace
 
