@@ -89,7 +89,7 @@ def test_killed_gguf_conversion_leaves_nothing_running(demo_dir, tmp_path):
     proc = _convert_jobs_2(demo_dir, out)
     _workers_writing(proc, partial)
     proc.send_signal(signal.SIGKILL)
-    code, out_text, err = finish(proc, timeout=60)  # would time out if a survivor held the pipes
+    code, out_text, err = finish(proc, timeout=180)  # would time out if a survivor held the pipes
     assert code == -signal.SIGKILL
     assert_none_left(proc.pid)
     assert partial.exists() and not out.exists()
@@ -97,7 +97,7 @@ def test_killed_gguf_conversion_leaves_nothing_running(demo_dir, tmp_path):
     proc = _convert_jobs_2(demo_dir, out)
     _workers_writing(proc, partial)
     proc.send_signal(signal.SIGTERM)
-    code, out_text, err = finish(proc, timeout=60)
+    code, out_text, err = finish(proc, timeout=180)
     assert_none_left(proc.pid)
     assert code == 143, err
     assert f"note: removing {partial}, left by an interrupted conversion" in err
@@ -114,7 +114,7 @@ def test_ctrl_c_while_workers_start(demo_dir, tmp_path):
     proc = _convert_jobs_2(demo_dir, out)
     wait_for(lambda: len(session_members(proc.pid)) >= 3, what="worker processes")
     os.killpg(proc.pid, signal.SIGINT)
-    code, out_text, err = finish(proc, timeout=60)
+    code, out_text, err = finish(proc, timeout=180)
     assert_none_left(proc.pid)
     assert code == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
