@@ -6,6 +6,7 @@ mlx-lm) are wrong for Flash (layer pattern, RoPE regime), so nothing falls back 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -49,6 +50,20 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def json_kind(value: Any) -> str:
+    """How JSON spells the kind of a parsed value ("null", "an array", ...), for messages."""
+    kinds = {type(None): "null", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}
+    return kinds.get(type(value), "a number")
+
+
+def _shown(value: Any) -> str:
+    """A config value as the file spells it (JSON), so ``null`` and ``"5"`` read as written."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def check_hf_values(d: Any, source: str = "config.json", names: dict[str, str] | None = None) -> None:
     """Raise ``ConfigError`` naming the key and value when a config dict holds a value of the
     wrong type or range (null, a string for a number, a negative count or eps, ...).
@@ -56,10 +71,10 @@ def check_hf_values(d: Any, source: str = "config.json", names: dict[str, str] |
     names = names or {}
 
     def bad(key: str, value: Any, expected: str):
-        raise ConfigError(f"{source}: {names.get(key, key)} is {value!r}, expected {expected}")
+        raise ConfigError(f"{source}: {names.get(key, key)} is {_shown(value)}, expected {expected}")
 
     if not isinstance(d, dict):
-        raise ConfigError(f"{source}: the configuration is a JSON {type(d).__name__}, expected an object")
+        raise ConfigError(f"{source}: the configuration is {json_kind(d)}, expected a JSON object")
     for key in _POSITIVE_INT:
         if key in d and not (_is_int(d[key]) and d[key] > 0):
             bad(key, d[key], "a positive integer")
@@ -147,7 +162,7 @@ class ModelConfig:
                 names: dict[str, str] | None = None) -> "ModelConfig":
         """``names``: how the source spells the keys (GGUF metadata keys), for the messages."""
         if not isinstance(d, dict):
-            raise ConfigError(f"{source}: the configuration is a JSON {type(d).__name__}, expected an object")
+            raise ConfigError(f"{source}: the configuration is {json_kind(d)}, expected a JSON object")
         model_type = d.get("model_type")
         if model_type != "deepseek_v4":
             raise ConfigError(

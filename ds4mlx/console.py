@@ -20,6 +20,17 @@ def _quit_early(signum, frame) -> None:
     os._exit(130)
 
 
+class Terminated(SystemExit):
+    """SIGTERM (``kill``, a job controller) as an exception, so the running command cleans up
+    (a conversion removes its ``.partial`` output, worker processes stop) and the process
+    exits with 143, as a shell reports a terminated command."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated(128 + signal.SIGTERM)
+
+
 def restore_interrupts() -> None:
     """Python's own SIGINT handling again, if the early one is still installed."""
     if signal.getsignal(signal.SIGINT) is _quit_early:
@@ -32,7 +43,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         signal.signal(signal.SIGINT, _quit_early)
     from .cli import main as cli_main
 
-    return cli_main(argv, ready=restore_interrupts)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return cli_main(argv, ready=restore_interrupts)
+    except Terminated as e:
+        print("ds4mlx: terminated", file=sys.stderr, flush=True)
+        return e.code
 
 
 if __name__ == "__main__":

@@ -111,7 +111,11 @@ def _tokenizer_config() -> dict:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    from .synthetic import remove_stale_temps
+
+    prefix = f".{path.name}.tmp-"
+    remove_stale_temps(path.parent, prefix)  # left by a build that was killed
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -12,9 +12,12 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .names import is_routed_expert
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 KINDS = (
     "embedding", "attention", "compressor", "indexer", "router", "routed experts",
@@ -231,16 +234,25 @@ def layer_schedule(config: Any) -> dict[str, Any]:
     }
 
 
+def checked_config(config_dict: dict[str, Any], path: Path, fmt: str) -> "ModelConfig":
+    """The ``ModelConfig`` of what ``read_tensors`` returned; errors name the file's own keys
+    (a GGUF's metadata keys)."""
+    from .config import ModelConfig
+
+    names = None
+    if fmt.startswith("GGUF"):
+        from .io.gguf import GGUF_KEY_NAMES as names
+    return ModelConfig.from_hf(config_dict, source=str(path), names=names)
+
+
 def describe(
     source: str | os.PathLike, *, ctx: int = 32768, experts_per_token: Optional[int] = None,
     dtype_bytes: Optional[int] = None,
 ) -> dict[str, Any]:
     """Everything ``ds4mlx info`` prints, as a dict (``--json``)."""
-    from .config import ModelConfig
-
     path = resolve_model(source)
     config_dict, tensors, fmt = read_tensors(path)
-    config = ModelConfig.from_hf(config_dict, source=str(path))
+    config = checked_config(config_dict, path, fmt)
     k_used = config.check_experts_per_token(experts_per_token, str(path))
     if dtype_bytes is None:
         from .loader import default_dtype

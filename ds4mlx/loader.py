@@ -26,6 +26,7 @@ from .io.hf import CheckpointError, open_hf_checkpoint
 from .io.mlx_dir import is_mlx_dir, open_mlx_dir
 from .layers import apply_formats
 from .model.transformer import Model
+from .quant.formats import GGUF_PREFIX
 
 DEMO = "demo"
 
@@ -145,10 +146,10 @@ def load_into(model: nn.Module, weights: dict[str, mx.array], formats: dict[str,
     """Cast float tensors to the dtype of the model's parameter at that path (the model decides
     what stays float32), keep packed arrays as stored (``formats``: module -> WeightFormat),
     refuse NaN/Inf (``check_finite``), then load strictly."""
+    if check_finite:
+        check_all_finite(weights, formats, source)
     params = dict(tree_flatten(model.parameters()))
     for path in list(weights):
-        if check_finite:
-            _check_finite(path, weights[path], formats.get(path.rpartition(".")[0]), source)
         target = params.get(path)
         if target is None or path.rpartition(".")[0] in formats:
             continue  # unknown paths are reported by the strict load below
@@ -165,38 +166,74 @@ def load_into(model: nn.Module, weights: dict[str, mx.array], formats: dict[str,
         raise CheckpointError(f"{source}: the checkpoint does not match the model: {e}") from None
 
 
-def _non_finite_count(array: mx.array, fmt: Any, leaf: str) -> int:
-    """How many NaN/Inf values ``array`` holds, read in its stored form: float arrays directly,
-    E8M0 scales (0xFF is NaN) and FP8 E4M3 codes (S.1111.111 is NaN) of the MX formats by their
-    bits. GGUF block types are checked at the first logits instead (their scales sit inside
-    the blocks)."""
+def _non_finite(array: mx.array, fmt: Any, leaf: str) -> mx.array | None:
+    """Where ``array`` holds NaN/Inf, read in its stored form (bool, leading axes kept; None
+    when the form cannot hold them): float arrays directly, E8M0 scales (0xFF is NaN) and FP8
+    E4M3 codes (S.1111.111 is NaN) of the MX formats, and GGUF blocks by their fp16 scales."""
     if mx.issubdtype(array.dtype, mx.floating):
-        return int(mx.sum(~mx.isfinite(array)).item())
-    kind = getattr(fmt, "kind", None)
+        return ~mx.isfinite(array)
+    kind = getattr(fmt, "kind", None) or ""
     if kind in ("mxfp8", "mxfp4") and leaf == "scales":
-        return int(mx.sum(array.view(mx.uint8) == 0xFF).item())
+        return array.view(mx.uint8) == 0xFF
     if kind == "mxfp8" and leaf == "weight":
-        return int(mx.sum((array.view(mx.uint8) & 0x7F) == 0x7F).item())
-    return 0
+        return (array.view(mx.uint8) & 0x7F) == 0x7F
+    if kind.startswith(GGUF_PREFIX) and leaf == "weight":
+        from .quant import gguf as gguf_quants
+
+        return gguf_quants.non_finite_scales(gguf_quants.get(kind[len(GGUF_PREFIX):]), array.view(mx.uint8))
+    return None
 
 
-def _check_finite(path: str, array: mx.array, fmt: Any, source: str) -> None:
-    leaf = path.rpartition(".")[2]
-    bad = _non_finite_count(array, fmt, leaf)
-    if not bad:
-        return
-    name = path
+def _source_name(path: str, source: str, expert: int | None) -> str:
+    """How the source file names the tensor at internal ``path`` (packed parts by their weight)."""
+    from .names import internal_to_gguf, internal_to_hf
+
+    module, _, leaf = path.rpartition(".")
     try:
-        from .names import internal_to_gguf, internal_to_hf
-
         if source.endswith(".gguf"):
-            name = internal_to_gguf(path)
-        elif not is_mlx_dir(source):
-            name = internal_to_hf(path)
-    except Exception:  # stacked experts, packed parts: the internal path names them
-        pass
-    raise NonFiniteWeightError(f"{source}: tensor {name!r} holds {bad} NaN or Inf values "
-                               f"(of {array.size}); the file is damaged")
+            return internal_to_gguf(module + ".weight" if leaf in ("scales", "biases") else path)
+        if is_mlx_dir(source):
+            return path
+        if expert is not None:  # official checkpoints store every expert on its own
+            head, _, proj = module.rpartition(".")
+            path = f"{head}.{expert}.{proj}.{leaf}"
+        return internal_to_hf(path)
+    except Exception:  # a name the maps do not know: the internal path still says which
+        return path
+
+
+_FINITE_BATCH = 64  # tensors whose counts are evaluated together: few synchronisations, bounded temporaries
+
+
+def check_all_finite(weights: dict[str, mx.array], formats: dict[str, Any], source: str) -> None:
+    """``NonFiniteWeightError`` naming the first tensor (in load order) that holds NaN/Inf, as
+    its file names it. One pass over what each stored form can hold NaN in; the counts of a
+    batch of tensors are evaluated together (scripts/finite_check_cost.py measures it)."""
+    items = list(weights.items())
+    for start in range(0, len(items), _FINITE_BATCH):
+        counts = []
+        for path, array in items[start:start + _FINITE_BATCH]:
+            fmt = formats.get(path.rpartition(".")[0])
+            mask = _non_finite(array, fmt, path.rpartition(".")[2])
+            if mask is not None:
+                counts.append((path, array, fmt, mx.sum(mask)))
+        mx.eval([c for *_, c in counts])
+        for path, array, fmt, count in counts:
+            if count.item():
+                _report_non_finite(path, array, fmt, source, int(count.item()))
+
+
+def _report_non_finite(path: str, array: mx.array, fmt: Any, source: str, bad: int) -> None:
+    mask = _non_finite(array, fmt, path.rpartition(".")[2])
+    expert = None
+    if ".experts." in path and mask.ndim == 3:  # stacked experts: say which one
+        expert = int(mx.argmax(mx.any(mask.reshape(mask.shape[0], -1), axis=1)).item())
+    name = _source_name(path, source, expert)
+    packed = array.dtype == mx.uint8 and getattr(fmt, "kind", "").startswith(GGUF_PREFIX)
+    what = "blocks with a NaN or Inf scale" if packed else "NaN or Inf values"
+    where = f" (expert {expert})" if expert is not None and f".{expert}." not in name else ""
+    raise NonFiniteWeightError(f"{source}: tensor {name!r}{where} holds {bad} {what} (of {mask.size}); "
+                               "the file is damaged")
 
 
 def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,

@@ -81,13 +81,12 @@ def _resident_bytes(name: str, kind: str, fmt: str, nbytes: int, dtype_bytes: in
 def estimate(source: Any, *, ctx: int, dtype: Optional[mx.Dtype] = None, mtp: bool = False) -> Estimate:
     """Bytes ``source`` will take once loaded, with the decode state of ``ctx`` tokens (capped
     at the model's ``max_position_embeddings``); reads headers only."""
-    from .config import ModelConfig
-    from .info import read_tensors, resolve_model, state_nbytes
+    from .info import checked_config, read_tensors, resolve_model, state_nbytes
     from .loader import default_dtype
 
     path = resolve_model(source)
-    config_dict, tensors, _ = read_tensors(path)
-    config = ModelConfig.from_hf(config_dict, source=str(path))
+    config_dict, tensors, fmt = read_tensors(path)
+    config = checked_config(config_dict, path, fmt)
     dtype_bytes = (default_dtype() if dtype is None else dtype).size
     weights = sum(_resident_bytes(t.name, t.kind, t.fmt, t.nbytes, dtype_bytes)
                   for t in tensors if mtp or t.kind != "MTP block")

@@ -30,13 +30,12 @@ _NOT_PROJECTIONS = ("embedding", "router", "hyper-connections", "norms", "MTP bl
 
 def model_specs(source: str) -> list[check.Spec]:
     """The variants ``source`` dispatches on this machine (routed experts, GGUF dense, hc_pre)."""
-    from .config import ModelConfig
-    from .info import read_tensors, resolve_model
+    from .info import checked_config, read_tensors, resolve_model
     from .loader import default_dtype
 
     path = resolve_model(source)
-    config_dict, tensors, _ = read_tensors(path)
-    config = ModelConfig.from_hf(config_dict, source=str(path))
+    config_dict, tensors, fmt = read_tensors(path)
+    config = checked_config(config_dict, path, fmt)
     variants: list[str] = []
     for t in tensors:
         if t.kind in _NOT_PROJECTIONS:

@@ -319,6 +319,25 @@ def make_4expert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, k: int 
 DEMO_PROFILE: dict[str, Any] = {"seed": 1234, "vocab_size": 1024}
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path, prefix: str) -> None:
+    """Remove ``PREFIX{pid}-*`` temporaries in ``directory`` whose creating process is gone (a
+    build killed before its final rename); those of running builds are left alone."""
+    for p in directory.glob(prefix + "*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def demo_model_path(cache_dir: str | os.PathLike | None = None, **profile: Any) -> Path:
     """A small demo checkpoint, generated once into the cache (``$DS4MLX_CACHE`` or
     ``~/.cache/ds4mlx``) via a temporary directory and an atomic rename."""
@@ -329,7 +348,8 @@ def demo_model_path(cache_dir: str | os.PathLike | None = None, **profile: Any) 
     if (target / INDEX_FILE).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-tmp-", dir=root))
+    remove_stale_temps(root, ".demo-tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".demo-tmp-{os.getpid()}-", dir=root))
     try:
         write_tiny_checkpoint(tmp, **params)
         try:

@@ -200,10 +200,66 @@ def run_item(item: EncodeJob | Callable[[], np.ndarray]) -> np.ndarray:
     return encode(item) if isinstance(item, EncodeJob) else item()
 
 
-def _ignore_sigint() -> None:  # Ctrl-C is the writing process's to handle: it stops the pool
+def _watch_parent(parent: int) -> None:
+    """Worker initializer: leave Ctrl-C to the writing process (it stops the pool), and end
+    with the parent, whatever kills it. A worker blocks on a queue whose write end it holds
+    itself, so without this it would outlive a SIGKILLed parent (the out-of-memory killer's
+    signal) forever, holding the caller's pipes open."""
     import signal
+    import sys
+    import threading
+    import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):  # the kernel kills us with the parent
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:  # macOS has no PDEATHSIG: poll (an orphan is re-parented)
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died while this worker started
+        os._exit(1)
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+class _SpawnQuietly:
+    """SIGINT blocked while the pool and its workers are started: a blocked signal stays
+    pending here (so a Ctrl-C then interrupts as soon as the spawn returns), and the mask is
+    inherited through exec, so a worker cannot die of it with a traceback from its imports
+    (they take a second); its initializer ignores SIGINT for good."""
+
+    def __enter__(self):
+        import signal
+
+        self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
+
+
+def _stop_pool(pool, finished: bool) -> None:
+    """Shut the pool down: after the last item, waiting for the workers; on an error or an
+    interruption at once, terminating running jobs (``concurrent.futures`` can only wait for them)."""
+    if finished:
+        pool.shutdown(wait=True)
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.join(5)
 
 
 def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) -> Iterator[np.ndarray]:
@@ -231,21 +287,24 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     def resolve(x):
         return x.result() if isinstance(x, Future) else run_item(x)
 
+    finished = False
     try:
         for item in items:
             if isinstance(item, EncodeJob) and item.heavy:
-                if pool is None:  # spawn: forking a process that holds MLX/Metal state is unsafe
-                    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                               initializer=_ignore_sigint)
-                item = pool.submit(encode, item)
+                with _SpawnQuietly():  # creating the pool and a submit may start processes
+                    if pool is None:  # spawn: forking a process that holds MLX/Metal state is unsafe
+                        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                   initializer=_watch_parent, initargs=(os.getpid(),))
+                    item = pool.submit(encode, item)
             pending.append(item)
             if len(pending) > window:
                 yield resolve(pending.popleft())
         while pending:
             yield resolve(pending.popleft())
+        finished = True
     finally:
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            _stop_pool(pool, finished)
         for k in unset:
             os.environ.pop(k, None)
 
@@ -307,7 +366,7 @@ def gguf_config(ckpt: HFCheckpoint, opts: Options) -> dict[str, Any]:
     return config
 
 
-def tokenizer_fields(source: Path) -> dict[str, Any] | None:
+def tokenizer_fields(source: Path, vocab_size: int | None = None) -> dict[str, Any] | None:
     path = source / "tokenizer.json"
     if not path.is_file():
         import warnings
@@ -317,7 +376,11 @@ def tokenizer_fields(source: Path) -> dict[str, Any] | None:
         return None
     from ..tokenizer import gguf_tokenizer_fields
 
-    return gguf_tokenizer_fields(path)
+    fields = gguf_tokenizer_fields(path)
+    if vocab_size is not None and len(fields["tokenizer.ggml.tokens"]) > vocab_size:
+        raise ConvertError(f"{path}: the tokenizer has {len(fields['tokenizer.ggml.tokens'])} tokens but config.json's "
+                           f"vocab_size is {vocab_size}: ids {vocab_size} and up would have no embedding")
+    return fields
 
 
 # --------------------------------------------------------------------------- writing
@@ -368,27 +431,34 @@ def convert_gguf(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *
     separate MTP file beside it (``mtp_gguf_path``); both appear only once both are verified."""
     if output.suffix != ".gguf":
         raise ConvertError(f"{output}: a GGUF output path must end in .gguf")
-    files = [(output, gguf_plan(ckpt, opts, imatrix), tokenizer_fields(ckpt.path))]
+    files = [(output, gguf_plan(ckpt, opts, imatrix), tokenizer_fields(ckpt.path, ckpt.config.get("vocab_size")))]
     if opts.include_mtp and ckpt.has_mtp:
         files.append((mtp_gguf_path(output), gguf_plan(ckpt, opts, imatrix, mtp=True), None))
-    partials = [check_output(ckpt.path, out, resume=False, is_dir=False) for out, _, _ in files]
-    config = gguf_config(ckpt, opts)
-    check_free_space(output.parent, sum(u.nbytes for _, units, _ in files for u in units))
+    owned = []  # (partial, lock) of each output
     try:
-        for (out, units, tokenizer), partial in zip(files, partials):
-            meta = imatrix_metadata(imatrix, units) if imatrix is not None else None
-            bar = Progress(sum(u.nbytes for u in units), 0, f"convert → {out.name}", progress)
-            try:
-                crcs = write_stream(partial, config, units, tokenizer, bar, jobs, meta)
-            finally:
-                bar.close()
-            verify_gguf(partial, units, crcs)
-    except BaseException as exc:
-        for partial in partials:
-            partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and (err := disk_full_error(exc, partials[0])):
-            raise err from exc
-        raise
-    for (out, _, _), partial in zip(files, partials):
-        publish(partial, out)
-    return output
+        for out, _, _ in files:
+            owned.append(check_output(ckpt.path, out, resume=False, is_dir=False))
+        partials = [partial for partial, _ in owned]
+        config = gguf_config(ckpt, opts)
+        check_free_space(output.parent, sum(u.nbytes for _, units, _ in files for u in units))
+        try:
+            for (out, units, tokenizer), partial in zip(files, partials):
+                meta = imatrix_metadata(imatrix, units) if imatrix is not None else None
+                bar = Progress(sum(u.nbytes for u in units), 0, f"convert → {out.name}", progress)
+                try:
+                    crcs = write_stream(partial, config, units, tokenizer, bar, jobs, meta)
+                finally:
+                    bar.close()
+                verify_gguf(partial, units, crcs)
+        except BaseException as exc:
+            for partial in partials:
+                partial.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and (err := disk_full_error(exc, partials[0])):
+                raise err from exc
+            raise
+        for (out, _, _), partial in zip(files, partials):
+            publish(partial, out)
+        return output
+    finally:
+        for _, lock in owned:
+            lock.release()

@@ -223,75 +223,84 @@ def _load_state(partial: Path, plan_id: str) -> dict:
 
 def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *, resume: bool,
                 progress: bool, max_shard_bytes: int) -> Path:
-    partial = check_output(ckpt.path, output, resume=resume, is_dir=True)
-    units, formats = mlx_plan(ckpt, opts)
-    shards = plan_shards(units, max_shard_bytes)
-    names = [mlx_dir.shard_name(i + 1, len(shards)) for i in range(len(shards))]
-    plan = [[t for u in s for t in u.tensors] for s in shards]
-    plan_id = hashlib.sha256(json.dumps([source_fingerprint(ckpt), opts.as_dict(), plan]).encode()).hexdigest()
-
-    state = {"plan_id": plan_id, "done": {}}
-    if resume and partial.exists():
-        state = _load_state(partial, plan_id)
-        for shard in list(state["done"]):  # a finished shard must still be there, whole
-            entries = plan[names.index(shard)]
-            header, _ = mlx_dir.safetensors_header(entries)
-            f = partial / shard
-            if not f.is_file() or f.stat().st_size != len(header) + sum(_st_nbytes(d, s) for _, d, s in entries):
-                del state["done"][shard]
-        for f in partial.iterdir():  # anything else is from the unfinished shard
-            if f.name not in state["done"] and f.name != STATE_FILE:
-                f.unlink() if f.is_file() else shutil.rmtree(f)
-    else:
-        partial.mkdir()
-        _save_state(partial, state)
-
-    total = sum(u.nbytes for u in units)
-    done = sum(u.nbytes for s, n in zip(shards, names) if n in state["done"] for u in s)
-    check_free_space(partial, total - done)
-    bar = Progress(total, done, f"convert → {output.name}", progress)
-    writer = None
+    partial, lock = check_output(ckpt.path, output, resume=resume, is_dir=True)
     try:
-        for shard_units, name, entries in zip(shards, names, plan):
-            if name in state["done"]:
-                continue
-            writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries)
-            for u in shard_units:
-                for tensor, chunks in u.produce():
-                    writer.write_tensor(tensor, bar.track(chunks))
-            crcs = writer.finish()
-            os.replace(writer.path, partial / name)
-            writer = None
-            state["done"][name] = crcs
-            _save_state(partial, state)
-    except BaseException as exc:
-        if writer is not None:
-            writer.abort()
-        bar.close()
-        if not state["done"]:
-            shutil.rmtree(partial, ignore_errors=True)
-            where = "nothing was kept"
+        units, formats = mlx_plan(ckpt, opts)
+        shards = plan_shards(units, max_shard_bytes)
+        names = [mlx_dir.shard_name(i + 1, len(shards)) for i in range(len(shards))]
+        plan = [[t for u in s for t in u.tensors] for s in shards]
+        plan_id = hashlib.sha256(json.dumps([source_fingerprint(ckpt), opts.as_dict(), plan]).encode()).hexdigest()
+
+        state = {"plan_id": plan_id, "done": {}}
+        if resume and partial.exists():
+            state = _load_state(partial, plan_id)
+            for shard in list(state["done"]):  # a finished shard must still be there, whole
+                entries = plan[names.index(shard)]
+                header, _ = mlx_dir.safetensors_header(entries)
+                f = partial / shard
+                if not f.is_file() or f.stat().st_size != len(header) + sum(_st_nbytes(d, s) for _, d, s in entries):
+                    del state["done"][shard]
+            for f in partial.iterdir():  # anything else is from the unfinished shard
+                if f.name not in state["done"] and f.name != STATE_FILE:
+                    f.unlink() if f.is_file() else shutil.rmtree(f)
         else:
-            where = f"{len(state['done'])} of {len(shards)} shards are kept in {partial}: rerun with --resume to continue, or delete it"
-        if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
-            raise ConvertError(f"{err}; {where}") from exc
-        if isinstance(exc, KeyboardInterrupt):
-            print(f"\nconversion interrupted; {where}", file=sys.stderr)
-        raise
-    bar.close()
+            partial.mkdir()
+            _save_state(partial, state)
 
-    verify_mlx(partial, names, plan, state["done"])
-    weight_map = {t: n for n, entries in zip(names, plan) for t, _, _ in entries}
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (partial / mlx_dir.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    copy_side_files(ckpt.path, partial)
-    from ..mlx_lm_model import write_model_file
+        total = sum(u.nbytes for u in units)
+        done = sum(u.nbytes for s, n in zip(shards, names) if n in state["done"] for u in s)
+        check_free_space(partial, total - done)
+        bar = Progress(total, done, f"convert → {output.name}", progress)
+        writer = None
+        try:
+            for shard_units, name, entries in zip(shards, names, plan):
+                if name in state["done"]:
+                    continue
+                writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries)
+                for u in shard_units:
+                    for tensor, chunks in u.produce():
+                        writer.write_tensor(tensor, bar.track(chunks))
+                crcs = writer.finish()
+                os.replace(writer.path, partial / name)
+                writer = None
+                state["done"][name] = crcs
+                _save_state(partial, state)
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort()
+            bar.close()
+            if not state["done"]:
+                shutil.rmtree(partial, ignore_errors=True)
+                where = "nothing was kept"
+            else:
+                where = f"{len(state['done'])} of {len(shards)} shards are kept in {partial}: rerun with --resume to continue, or delete it"
+            if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
+                raise ConvertError(f"{err}; {where}") from exc
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, SIGTERM (console.Terminated)
+                print(f"\nconversion interrupted; {where}", file=sys.stderr)
+            raise
+        bar.close()
 
-    write_model_file(partial)
-    (partial / "config.json").write_text(json.dumps(mlx_config(ckpt, opts, formats, source), indent=2) + "\n")
-    mlx_dir.open_mlx_dir(partial).close()  # the reader accepts what we wrote
-    (partial / STATE_FILE).unlink()
-    return publish(partial, output)
+        verify_mlx(partial, names, plan, state["done"])
+        weight_map = {t: n for n, entries in zip(names, plan) for t, _, _ in entries}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        try:
+            (partial / mlx_dir.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            copy_side_files(ckpt.path, partial)
+            from ..mlx_lm_model import write_model_file
+
+            write_model_file(partial)
+            (partial / "config.json").write_text(json.dumps(mlx_config(ckpt, opts, formats, source), indent=2) + "\n")
+        except OSError as exc:
+            if err := disk_full_error(exc, partial):
+                raise ConvertError(f"{err}; all {len(shards)} shards are kept in {partial}: rerun with --resume "
+                                   "to finish, or delete it") from exc
+            raise
+        mlx_dir.open_mlx_dir(partial).close()  # the reader accepts what we wrote
+        (partial / STATE_FILE).unlink()
+        return publish(partial, output)
+    finally:
+        lock.release()
 
 
 def verify_mlx(partial: Path, names: list[str], plan: list[list[tuple]], crcs: dict[str, dict[str, int]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -15,20 +16,74 @@ from .options import ConvertError, OutputExistsError
 PARTIAL_SUFFIX = ".partial"
 
 
-def check_output(source: Path, output: Path, *, resume: bool, is_dir: bool) -> Path:
-    """Refuse outputs that exist or sit inside the source; return the partial path."""
+LOCK_SUFFIX = ".lock"
+
+
+class PartialLock:
+    """Ownership of ``OUTPUT.partial``: an exclusive ``flock`` on ``OUTPUT.partial.lock`` (which
+    holds the owner's pid), held for the whole conversion. The kernel drops it when the owner
+    dies, however it dies, so a ``.partial`` whose lock is free was left by a killed run."""
+
+    def __init__(self, partial: Path):
+        self.path = partial.with_name(partial.name + LOCK_SUFFIX)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputExistsError(
+                    f"{self.path.with_suffix('')}: another conversion (process {owner}) is writing it; "
+                    "wait for it to finish or stop it") from None
+            try:  # the file we locked must still be the one at the path (not one a finishing owner removed)
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiting run then retries on a new file
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_output(source: Path, output: Path, *, resume: bool, is_dir: bool) -> tuple[Path, PartialLock]:
+    """Refuse outputs that exist or sit inside the source, claim the partial path; return it
+    and its lock (the caller releases it). A partial file left by a killed GGUF run is
+    replaced; a partial MLX directory is continued with ``resume`` or refused."""
     src, out = source.resolve(), output.resolve()
     if out == src or src in out.parents:
         raise ConvertError(f"{output}: the output may not be inside the source directory {source} (the source is left untouched)")
     if output.exists() or output.is_symlink():
         if not output.is_dir() or any(output.iterdir()):
             raise OutputExistsError(f"{output}: output already exists and is not an empty directory; choose another path or remove it")
-    partial = output.with_name(output.name + PARTIAL_SUFFIX)
-    if partial.exists() and not resume:
-        hint = "pass --resume to continue it, or delete it" if is_dir else "delete it"
-        raise OutputExistsError(f"{partial}: left by an interrupted conversion; {hint}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    return partial
+    partial = output.with_name(output.name + PARTIAL_SUFFIX)
+    lock = PartialLock(partial)
+    lock.acquire()
+    try:
+        if partial.exists() and not resume:
+            if is_dir or not partial.is_file():
+                raise OutputExistsError(f"{partial}: left by an interrupted conversion; pass --resume to continue it, "
+                                        "or delete it")
+            print(f"note: removing {partial}, left by an interrupted conversion", file=sys.stderr)
+            partial.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return partial, lock
 
 
 def publish(partial: Path, output: Path) -> Path:
@@ -49,8 +104,13 @@ def check_free_space(where: Path, needed: int) -> None:
 
 
 def disk_full_error(exc: OSError, target: Path) -> ConvertError | None:
+    """The error to report for ``exc`` raised while writing ``target`` when the file system ran
+    out of room (a write error carries no file name of its own), else None."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ConvertError(f"{target}: disk full while writing the output ({exc.strerror or exc})")
+    if exc.errno == errno.EFBIG:
+        return ConvertError(f"{target}: the output outgrew the largest file allowed here (file system or "
+                            f"ulimit -f) ({exc.strerror or exc})")
     return None
 
 

@@ -42,12 +42,32 @@ class Stored:
     offset: int
     dtype: str
     shape: tuple[int, ...]
+    name: str = ""  # the official name, for messages
 
 
 def stored(ckpt: HFCheckpoint, name: str) -> Stored:
     shard = ckpt.weight_map[name]
     info = ckpt.file(shard).info(name)
-    return Stored(ckpt.path / shard, info.start, info.dtype, tuple(info.shape))
+    return Stored(ckpt.path / shard, info.start, info.dtype, tuple(info.shape), name)
+
+
+# Which stored bit patterns are NaN/Inf, per safetensors dtype (the dtypes read as unsigned ints)
+_NON_FINITE_BITS = {"BF16": (0x7F80, 0x7F80), "F8_E4M3": (0x7F, 0x7F), "F8_E8M0": (0xFF, 0xFF),
+                    "F8_E5M2": (0x7C, 0x7C)}
+
+
+def _check_finite(s: Stored, raw: np.ndarray) -> None:
+    """A source tensor holding NaN/Inf would be converted into a file that cannot work: stop
+    here, naming it, before anything looks written (one vectorised pass per read)."""
+    if s.dtype in _NON_FINITE_BITS:
+        mask, bits = _NON_FINITE_BITS[s.dtype]
+        bad = int(np.count_nonzero((raw & mask) == bits))
+    elif s.dtype in ("F16", "F32", "F64"):
+        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+    else:
+        return
+    if bad:
+        raise ConvertError(f"{s.path}: tensor {s.name!r} holds {bad} NaN or Inf values; the source is damaged")
 
 
 def read_stored(s: Stored, rows: tuple[int, int] | None = None) -> np.ndarray:
@@ -55,11 +75,14 @@ def read_stored(s: Stored, rows: tuple[int, int] | None = None) -> np.ndarray:
     dtype = DTYPES[s.dtype]
     if rows is None:
         count = int(np.prod(s.shape, dtype=np.int64))
-        return np.fromfile(s.path, dtype=dtype, count=count, offset=s.offset).reshape(s.shape)
-    r0, r1 = rows
-    row = int(np.prod(s.shape[1:], dtype=np.int64))
-    return np.fromfile(s.path, dtype=dtype, count=(r1 - r0) * row,
-                       offset=s.offset + r0 * row * dtype.itemsize).reshape((r1 - r0,) + s.shape[1:])
+        raw = np.fromfile(s.path, dtype=dtype, count=count, offset=s.offset).reshape(s.shape)
+    else:
+        r0, r1 = rows
+        row = int(np.prod(s.shape[1:], dtype=np.int64))
+        raw = np.fromfile(s.path, dtype=dtype, count=(r1 - r0) * row,
+                          offset=s.offset + r0 * row * dtype.itemsize).reshape((r1 - r0,) + s.shape[1:])
+    _check_finite(s, raw)
+    return raw
 
 
 def read_tensor(ckpt: HFCheckpoint, name: str) -> np.ndarray:

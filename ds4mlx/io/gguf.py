@@ -182,7 +182,7 @@ def hf_config_from_gguf(gf: GGUFFile, *, tensors: Mapping[str, TensorInfo] | Non
                 f"expert ids per token"
             )
     if k < 1:
-        raise GGUFError(f"{source}: {p}expert_used_count is {k}, expected at least 1 routed expert per token")
+        raise GGUFError(f"{source}: {EXPERT_USED_COUNT} is {k}, expected at least 1 routed expert per token")
     d["num_experts_per_tok"] = k
     _check_block_count(source, d["num_hidden_layers"], tensors)
     # llama.cpp counts its MTP layers (blk.{n_layer}.nextn.*) in block_count
@@ -464,6 +464,7 @@ def open_gguf_checkpoint(path: str | os.PathLike, mtp_path: str | os.PathLike | 
         gf = files[0]
         by_name = {n: (gf, t) for n, t in gf.tensors.items()}
         hf = hf_config_from_gguf(gf)
+        _check_tokenizer_size(str(gf.path), gf.fields, hf["vocab_size"])
         own = mtp_tensors(gf, hf["num_hidden_layers"])
         if (mtp or mtp_path is not None) and own:  # the block travels in the main file
             hf["num_nextn_predict_layers"] = _mtp_blocks(own)

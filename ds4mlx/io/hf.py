@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import check_hf_values
+from ..config import check_hf_values, json_kind
 from ..names import EXPERT_WEIGHT, TensorSpec, UnknownTensorName, hf_to_internal, official_layout, scale_name
 from ..quant.codecs import MX_GROUP
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
@@ -47,7 +47,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{p}: not UTF-8 text ({e})") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{p}: the configuration is a JSON {type(config).__name__}, expected an object")
+        raise CheckpointError(f"{p}: the configuration is {json_kind(config)}, expected a JSON object")
     if config.get("model_type") != "deepseek_v4":
         raise CheckpointError(
             f"{p}: model_type is {config.get('model_type')!r}, expected 'deepseek_v4' (DeepSeek V4 Flash)"

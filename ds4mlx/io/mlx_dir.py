@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..config import check_hf_values
+from ..config import check_hf_values, json_kind
 from ..quant.formats import WeightFormat, packed_shapes
 from ..names import hf_to_internal, official_layout
 from .checks import check_expert_ids, hash_table_fits
@@ -174,7 +174,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MLXDirError(f"{p}: invalid JSON ({e})") from None
     if not isinstance(config, dict):
-        raise MLXDirError(f"{p}: the configuration is a JSON {type(config).__name__}, expected an object")
+        raise MLXDirError(f"{p}: the configuration is {json_kind(config)}, expected a JSON object")
     if config.get("model_type") != "deepseek_v4":
         raise MLXDirError(f"{p}: model_type is {config.get('model_type')!r}, expected 'deepseek_v4'")
     marker = config.get(FORMAT_KEY)

@@ -10,11 +10,15 @@ Every format exposes ``NAME``, ``GGML_TYPE``, ``BLOCK_SIZE`` (weights per block)
 from __future__ import annotations
 
 from types import ModuleType, SimpleNamespace
+from typing import TYPE_CHECKING
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_xxs, mxfp4, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
 from .floats import BF16, F16, F32
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 Format = ModuleType | SimpleNamespace
 
@@ -84,4 +88,18 @@ def row_weights(fmt: Format, nbytes: int, tensor: str | None = None) -> int:
     return nbytes // fmt.BLOCK_BYTES * fmt.BLOCK_SIZE
 
 
-__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "row_bytes", "row_weights"]
+def non_finite_scales(fmt: Format, blocks: "mx.array") -> "mx.array":
+    """Whether each block of ``blocks`` (uint8 ``[..., n_blocks*BLOCK_BYTES]``) has a NaN or
+    Inf fp16 scale (exponent bits all ones): such a block decodes to NaN/Inf whatever its codes.
+    Formats without ``SCALE_FIELDS`` give all False. Result: bool ``[..., n_blocks]``."""
+    import mlx.core as mx
+
+    b = blocks.reshape(*blocks.shape[:-1], -1, fmt.BLOCK_BYTES)
+    bad = mx.zeros(b.shape[:-1], dtype=mx.bool_)
+    for at in getattr(fmt, "SCALE_FIELDS", ()):
+        high = b[..., at + 1]  # little-endian: the exponent sits in bits 2..6 of the high byte
+        bad = bad | (mx.bitwise_and(high, 0x7C) == 0x7C)
+    return bad
+
+
+__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "non_finite_scales", "row_bytes", "row_weights"]

@@ -29,6 +29,7 @@ from .common import as_blocks, field_f16, flat_values, importance_weights, np_f1
 NAME = "IQ2_XXS"
 GGML_TYPE = int(GGMLQuantizationType.IQ2_XXS)
 BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS]  # weights, bytes per block
+SCALE_FIELDS = (0,)  # byte offsets of the block's fp16 scales (the load-time finite check reads them)
 
 # The 256 codebook vectors: entry i packs eight levels, 2 bits each (element j at bits 2j),
 # level 0, 1, 2 standing for the values 8, 25, 43 (ggml's iq2xxs_grid).

@@ -25,6 +25,7 @@ from .common import as_blocks, bits, field_f16, flat_values, kquant_fit, np_f16_
 NAME = "Q2_K"
 GGML_TYPE = int(GGMLQuantizationType.Q2_K)
 BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K]  # weights, bytes per block
+SCALE_FIELDS = (80, 82)  # byte offsets of the block's fp16 scales (the load-time finite check reads them)
 
 _SUB = 16
 _CHUNK_BLOCKS = 256  # as Q4_K

@@ -28,6 +28,7 @@ from .common import as_blocks, bits, field_f16, flat_values, kquant_fit, np_f16_
 NAME = "Q4_K"
 GGML_TYPE = int(GGMLQuantizationType.Q4_K)
 BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]  # weights, bytes per block
+SCALE_FIELDS = (0, 2)  # byte offsets of the block's fp16 scales (the load-time finite check reads them)
 
 _SUB = 32  # sub-block length
 _CHUNK_BLOCKS = 256  # super-blocks per numpy batch: bounds memory; measured fastest (512: 1.3x slower)

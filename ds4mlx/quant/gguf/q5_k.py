@@ -23,6 +23,7 @@ from .q4_k import unpack_scale_min
 NAME = "Q5_K"
 GGML_TYPE = int(GGMLQuantizationType.Q5_K)
 BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]  # weights, bytes per block
+SCALE_FIELDS = (0, 2)  # byte offsets of the block's fp16 scales (the load-time finite check reads them)
 
 
 def dequantize(blocks: mx.array) -> mx.array:

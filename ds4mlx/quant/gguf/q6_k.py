@@ -23,6 +23,7 @@ from .common import as_blocks, bits, field_f16, flat_values
 NAME = "Q6_K"
 GGML_TYPE = int(GGMLQuantizationType.Q6_K)
 BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]  # weights, bytes per block
+SCALE_FIELDS = (208,)  # byte offsets of the block's fp16 scales (the load-time finite check reads them)
 
 
 def dequantize(blocks: mx.array) -> mx.array:

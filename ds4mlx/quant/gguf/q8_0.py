@@ -24,6 +24,7 @@ from .common import as_blocks, field_f16, flat_values, np_blocks, np_f16_bytes, 
 NAME = "Q8_0"
 GGML_TYPE = int(GGMLQuantizationType.Q8_0)
 BLOCK_SIZE, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]  # weights, bytes per block
+SCALE_FIELDS = (0,)  # byte offsets of the block's fp16 scales (the load-time finite check reads them)
 
 _FP16_MAX = 65504.0
 

@@ -1,0 +1,165 @@
+"""Interruptions and stray processes: Ctrl-C at any moment of the start, SIGTERM while working
+(cleanup, exit 143), SIGKILL of a conversion (its workers and resource tracker end with it, the
+partial file does not block the rerun), a live conversion's output left alone, a killed demo
+build's temporary removed by the next run."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from damage import (assert_none_left, cli_process, env, finish, one_line, run, session_members, tree_digest,
+                    wait_for)
+
+
+# ----------------------------------------------------------------------------- interruptions
+
+
+def test_ctrl_c_at_any_moment_of_the_start():
+    """SIGINT at growing delays after start: a quiet exit 130 each time once ds4mlx's entry
+    point (``console.main``) runs. A signal that lands earlier, while the interpreter starts
+    (``site``'s .pth files, runpy, the package's own import: 0.1-0.7 s on a loaded machine),
+    ends in Python's own report, which no entry point can intercept; those are told apart by
+    the traceback, which then holds no frame of ``console.main``, and counted out."""
+    reached = 0
+    delays = (0.05, 0.2, 0.4, 0.7, 1.0, 1.4, 2.0)
+    for delay in delays:
+        proc = cli_process("generate", "-m", "demo", "-p", "hi", "--max-tokens", "400")
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        code, out, err = finish(proc)
+        assert_none_left(proc.pid)
+        started = re.search(r'console\.py", line \d+, in main', err) or "cli.py" in err
+        if code in (1, -signal.SIGINT) and not started:
+            continue  # the interpreter's own start, before the entry point
+        reached += 1
+        assert code == 130, (delay, err)
+        assert "Traceback" not in err and "error" not in err, (delay, err)
+    assert reached >= 3
+
+
+def test_sigterm_while_generating_is_a_clean_exit():
+    """``kill PID`` while the model loads or generates: exit 143 with one line, no traceback."""
+    import threading
+
+    proc = cli_process("generate", "-m", "demo", "-p", "hi", "--max-tokens", "4000", "--temp", "0")
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    wait_for(lambda: any(b"Loading demo" in line for line in lines), what="the model loading")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    reader.join(10)
+    proc.stdout.close()
+    err = b"".join(lines).decode()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and err.rstrip().endswith("ds4mlx: terminated"), err
+    assert_none_left(proc.pid)
+
+
+# ----------------------------------------------------------------------------- stray processes
+
+
+
+def _convert_jobs_2(src: Path, out: Path) -> subprocess.Popen:
+    return cli_process("convert", src, out, "--to", "gguf", "--preset", "ds4-q4", "--jobs", "2")
+
+
+def _workers_writing(proc: subprocess.Popen, partial: Path) -> None:
+    wait_for(lambda: len(session_members(proc.pid)) >= 4 and partial.is_file()
+              and partial.stat().st_size > 1 << 20, what="workers writing")
+
+
+@pytest.mark.slow
+def test_killed_gguf_conversion_leaves_nothing_running(demo_dir, tmp_path):
+    """``convert --jobs 2`` killed by SIGKILL (the out-of-memory killer's signal) while its
+    workers work: no worker or resource tracker survives (the pipes close, so a caller waiting
+    on them returns). The partial file stays, and does not block the rerun, which SIGTERM then
+    stops: with its cleanup, the partial file and lock removed, exit status 143."""
+    before = tree_digest(demo_dir)
+    out, partial = tmp_path / "out.gguf", tmp_path / "out.gguf.partial"
+    proc = _convert_jobs_2(demo_dir, out)
+    _workers_writing(proc, partial)
+    proc.send_signal(signal.SIGKILL)
+    code, out_text, err = finish(proc, timeout=180)  # would time out if a survivor held the pipes
+    assert code == -signal.SIGKILL
+    assert_none_left(proc.pid)
+    assert partial.exists() and not out.exists()
+
+    proc = _convert_jobs_2(demo_dir, out)
+    _workers_writing(proc, partial)
+    proc.send_signal(signal.SIGTERM)
+    code, out_text, err = finish(proc, timeout=180)
+    assert_none_left(proc.pid)
+    assert code == 143, err
+    assert f"note: removing {partial}, left by an interrupted conversion" in err
+    assert "Traceback" not in err and err.rstrip().endswith("ds4mlx: terminated"), err
+    assert sorted(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    assert tree_digest(demo_dir) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_workers_start(demo_dir, tmp_path):
+    """Ctrl-C as a terminal sends it (to the whole foreground group, workers included) while
+    the workers start: exit 130, no traceback from any process, nothing left."""
+    out = tmp_path / "out.gguf"
+    proc = _convert_jobs_2(demo_dir, out)
+    wait_for(lambda: len(session_members(proc.pid)) >= 3, what="worker processes")
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out_text, err = finish(proc, timeout=180)
+    assert_none_left(proc.pid)
+    assert code == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert sorted(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_running_conversion_is_not_disturbed(demo_dir, tmp_path, capsys, monkeypatch):
+    """The lock of a live conversion refuses a second one on the same output; the partial
+    file stays the owner's."""
+    from ds4mlx.convert.output import PartialLock
+
+    out = tmp_path / "out.gguf"
+    partial = tmp_path / "out.gguf.partial"
+    partial.write_bytes(b"being written")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from ds4mlx.convert.output import PartialLock\n"
+        "PartialLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)"), str(partial)],
+        env=env(), stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        one_line(*run(capsys, monkeypatch, "convert", demo_dir, out, "--to", "gguf"),
+                 str(partial), f"process {holder.pid}")
+        assert partial.read_bytes() == b"being written" and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = PartialLock(partial)  # the holder is gone: its lock went with it
+    lock.acquire()
+    lock.release()
+
+
+def test_killed_demo_build_leaves_no_temporary(tmp_path):
+    from ds4mlx.synthetic import demo_model_path
+
+    cache = tmp_path / "cache"
+    profile = dict(num_layers=2, num_hash_layers=1, mtp=False, n_routed_experts=4, experts_per_token=2)
+    script = ("import sys; from ds4mlx.synthetic import demo_model_path\n"
+              f"demo_model_path(sys.argv[1], **{profile!r})")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(cache)], env=env(), start_new_session=True)
+    wait_for(lambda: any(cache.glob(".demo-tmp-*")), what="the demo build")
+    proc.kill()
+    proc.wait()
+    assert list(cache.glob(".demo-tmp-*"))
+    live = cache / f".demo-tmp-{os.getpid()}-building"  # a build still running here: kept
+    live.mkdir()
+    path = demo_model_path(cache, **profile)
+    assert (path / "model.safetensors.index.json").is_file()
+    assert sorted(cache.glob(".demo-tmp-*")) == [live]
