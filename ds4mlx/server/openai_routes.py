@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from .. import encoding
 from ..generate import DEFAULT_MIN_P, check_text
 from . import params
-from .app import check_prompt, job_events, read_json, run_job, sse
+from .common import check_prompt, job_events, read_json, run_job, sse
 from .channels import ChannelSplitter, finish_reason_openai
 from .engine import Engine, Job, Result, tokenize_with_boundaries
 from .params import APIError
