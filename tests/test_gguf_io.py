@@ -463,8 +463,13 @@ def test_config_errors_name_the_metadata_key(tmp_path, hf_config, weights):
         load_gguf(tmp_path / "e.gguf")
 
 
-def test_tokenizer_from_gguf_metadata(tmp_path, hf_config, weights):
+def test_tokenizer_from_gguf_metadata(tmp_path, hf_config, weights, monkeypatch):
     tok = pytest.importorskip("ds4mlx.tokenizer")
+    # V4's 129280-token tokenizer on the 1024-token tiny model: the load refuses that pairing
+    # (tests/test_bad_input.py), so the size check is set aside to test the metadata round trip
+    import ds4mlx.io.gguf as gguf_reader
+
+    monkeypatch.setattr(gguf_reader, "_check_tokenizer_size", lambda *args: None)
     try:
         fields = tok.gguf_tokenizer_fields(tok.published_tokenizer_path())
     except tok.TokenizerNotFoundError:
