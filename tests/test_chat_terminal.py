@@ -106,6 +106,7 @@ def test_chat_line_editing_history_and_ctrl_c(demo_dir):
     term.expect(">> ", 7)
     term.send("\x03")
     term.expect(LEAVE_HINT, 2)
+    term.expect(">> ", 8)  # back at the prompt (a Ctrl-C sent earlier can land before input() runs)
     term.send("\x03")
     assert term.wait() == 0
     out = term.seen.decode("utf-8", "replace")
