@@ -9,21 +9,8 @@ import pytest
 
 from ds4mlx import kernels
 from ds4mlx.kernels import attention as fused
-from ds4mlx.kernels import emu as kernel_emu
 
-PATHS = [
-    pytest.param("emulate", marks=pytest.mark.skipif(kernel_emu.compiler() is None,
-                                                     reason="no C++ compiler for the emulator")),
-    pytest.param("metal", marks=[pytest.mark.mac, pytest.mark.skipif(
-        not mx.metal.is_available(), reason="needs a Metal GPU")]),
-]
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("DS4MLX_KERNELS", request.param)
-    kernels.set_backend()
-    return request.param
+from kernel_paths import path  # noqa: F401 (the kernel-path fixture the tests take)
 
 
 def on_ops(fn, *args, **kw):
