@@ -11,6 +11,11 @@ GB/s and output GB/s) and peak resident memory (the child's ``VmHWM``, and the l
 GGUF quantization workers), next to the size of the largest output tensor.
 The page cache is dropped first when the system allows it. A quantization-heavy run that shows
 how ``--jobs`` scales: ``--to gguf --preset ds4-q4 --size-gb 0.1 --experts 32 --jobs 1`` (then 2).
+``--baseline DIR`` runs the same conversion of the same source with another checkout of ds4mlx
+(e.g. main) right after, and prints both and their ratio (on a shared machine, figures taken
+minutes apart are not comparable). With ``--to mlx`` the disk's write speed is measured in the
+same run (a file of ``--disk-gb`` GB written and fsynced) and the conversion's output rate is
+reported as a fraction of it.
 """
 
 from __future__ import annotations
@@ -123,6 +128,41 @@ def rate(bytes_per_s: float) -> str:
     return f"{bytes_per_s / 1e9:.2f} GB/s" if bytes_per_s >= 1e8 else f"{bytes_per_s / 1e6:.2f} MB/s"
 
 
+def disk_write_speed(directory: Path, size_gb: float) -> float:
+    """Bytes/s of a large sequential write to ``directory``, fsync included (what a
+    conversion's output can reach at best)."""
+    path = directory / "disk-speed.bin"
+    block = np.random.default_rng(1).integers(0, 256, 1 << 24, dtype=np.uint8).tobytes()  # 16 MiB
+    n = max(1, int(size_gb * 1e9) // len(block))
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(n):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t
+    path.unlink()
+    return n * len(block) / seconds
+
+
+def run_convert(root: Path, src: Path, out: Path, args, preset: str | None) -> tuple[float, float, float, float]:
+    """(seconds inside convert, seconds with start-up, peak RSS, largest worker RSS) of one
+    conversion in a child process running the ds4mlx checkout at ``root``."""
+    call = ("import time; from ds4mlx.convert import convert; t = time.time(); "
+            f"convert({str(src)!r}, {str(out)!r}, to={args.to!r}, preset={preset!r}, "
+            f"expert_bits={args.expert_bits!r}, jobs={args.jobs!r}, progress=False); "
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "import resource; kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+            "print(time.time() - t, int(hwm) * 1024, kids * 1024)")
+    drop_caches()
+    env = dict(os.environ, PYTHONPATH=str(root))
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-c", call], check=True, capture_output=True, text=True, cwd=root, env=env)
+    total = time.time() - t0
+    seconds, rss, worker_rss = (float(x) for x in run.stdout.split()[-3:])
+    return seconds, total, rss, worker_rss
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-gb", type=float, default=3.0, help="approximate source size")
@@ -133,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts", type=int, default=128, help="routed experts per layer (at least 8)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the files")
+    p.add_argument("--baseline", type=Path, default=None, help="another ds4mlx checkout to run side by side")
+    p.add_argument("--disk-gb", type=float, default=2.0, help="size of the disk write-speed test file")
     args = p.parse_args(argv)
 
     one = entries(bench_config(1, args.experts))
@@ -147,21 +189,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"source: {layers} layers + MTP, {src_bytes / 1e9:.2f} GB, written in {time.time() - t0:.1f} s")
         out = work / ("out.gguf" if args.to == "gguf" else "out")
         preset = args.preset or ("mxfp4" if args.to == "gguf" else None)
-        call = ("import time; from ds4mlx.convert import convert; t = time.time(); "
-                f"convert({str(work / 'src')!r}, {str(out)!r}, to={args.to!r}, preset={preset!r}, "
-                f"expert_bits={args.expert_bits!r}, jobs={args.jobs!r}, progress=False); "
-                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-                "import resource; kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
-                "print(time.time() - t, int(hwm) * 1024, kids * 1024)")
+        root = Path(__file__).resolve().parents[1]
         cold = drop_caches()
-        t0 = time.time()
-        run = subprocess.run([sys.executable, "-c", call], check=True, capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1])
-        total_seconds = time.time() - t0
-        seconds, rss, worker_rss = (float(x) for x in run.stdout.split()[-3:])
+        seconds, total_seconds, rss, worker_rss = run_convert(root, work / "src", out, args, preset)
         base = subprocess.run([sys.executable, "-c", "import ds4mlx.convert, mlx.core, gguf; "
                                "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"],
-                              check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                              check=True, capture_output=True, text=True, cwd=root)
         base_rss = int(base.stdout) * 1024
         out_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
         largest = max(nbytes(d, s) for n, d, s in entries(config) if ".experts." in n) * config["n_routed_experts"]
@@ -174,7 +207,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"peak RSS: {rss / 2**20:.0f} MiB (imports alone: {base_rss / 2**20:.0f} MiB; "
               f"largest output tensor {largest / 2**20:.0f} MiB; source {src_bytes / 2**20:.0f} MiB)"
               + (f"; quantization worker peak RSS {worker_rss / 2**20:.0f} MiB each at most"
-                 if worker_rss and args.jobs != 1 else ""))
+                 if worker_rss and args.to == "gguf" and args.jobs != 1 else ""))
+        if args.to == "mlx":
+            disk = disk_write_speed(work, args.disk_gb)
+            print(f"disk write speed (sequential, fsync): {rate(disk)}; conversion output at "
+                  f"{out_bytes / seconds / disk:.2f}x of it")
+        if args.baseline is not None:
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+            b_seconds, b_total, b_rss, _ = run_convert(args.baseline.resolve(), work / "src", out, args, preset)
+            print(f"baseline {args.baseline}: {b_seconds:.1f} s ({b_total:.1f} s with start-up), "
+                  f"{rate(src_bytes / b_seconds)} of source, {rate(out_bytes / b_seconds)} of output, "
+                  f"peak RSS {b_rss / 2**20:.0f} MiB; this checkout is {b_seconds / seconds:.2f}x "
+                  f"({b_total / total_seconds:.2f}x with start-up)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

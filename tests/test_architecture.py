@@ -42,6 +42,7 @@ LAYER_OF = {
     "ds4mlx.demo": "synthetic",
     "ds4mlx.loader": "loader",
     "ds4mlx.mlx_lm_model": "loader",  # mlx-lm's way into the model, for converted directories
+    "ds4mlx.mlx_lm_files": "loader",  # the files of that way in, written without importing the model
     "ds4mlx.convert": "convert",
     "ds4mlx.generate": "app",
     "ds4mlx.speculative": "app",

@@ -25,7 +25,7 @@ from ..names import is_routed_expert, scale_name
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_shapes
 from ..quant.mx import fp8_to_mxfp8
 from .options import ConvertError, Options
-from .output import Progress, check_free_space, check_output, disk_full_error, publish
+from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
 from .plan import (Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights, read_tensor,
                    source_nbytes)
 
@@ -188,7 +188,7 @@ def mlx_config(ckpt: HFCheckpoint, opts: Options, formats: dict[str, WeightForma
     quant.update({p: mlx_dir.format_entry(f) for p, f in formats.items()})
     config["quantization"] = quant
     from .. import __version__
-    from ..mlx_lm_model import MODEL_FILE
+    from ..mlx_lm_files import MODEL_FILE
 
     config["model_file"] = MODEL_FILE  # mlx-lm's tools build the model from it (trust_remote_code)
 
@@ -259,7 +259,7 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
                 writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries)
                 for u in shard_units:
                     for tensor, chunks in u.produce():
-                        writer.write_tensor(tensor, bar.track(chunks))
+                        writer.write_tensor(tensor, bar.track(read_ahead(chunks)))
                 crcs = writer.finish()
                 os.replace(writer.path, partial / name)
                 writer = None
@@ -287,7 +287,7 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         try:
             (partial / mlx_dir.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             copy_side_files(ckpt.path, partial)
-            from ..mlx_lm_model import write_model_file
+            from ..mlx_lm_files import write_model_file
 
             write_model_file(partial)
             (partial / "config.json").write_text(json.dumps(mlx_config(ckpt, opts, formats, source), indent=2) + "\n")

@@ -137,3 +137,47 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def read_ahead(chunks: Iterable[np.ndarray], depth: int = 2) -> Iterator[np.ndarray]:
+    """``chunks`` produced on a thread, up to ``depth`` ahead of the consumer: reading and
+    converting the next tensor overlaps writing this one (file reads, writes, CRCs and numpy
+    release the GIL), so the slower side sets the pace. The producer's errors are raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run() -> None:
+        try:
+            for c in chunks:
+                if not put((c, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # handed to the consumer
+            put((end, e))
+
+    thread = threading.Thread(target=run, name="convert-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            c, err = q.get()
+            if c is end:
+                if err is not None:
+                    raise err
+                return
+            yield c
+    finally:
+        stop.set()
+        thread.join()
