@@ -148,6 +148,34 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
     return Unit(tensors, produce, src_bytes, nbytes), fmt
 
 
+def tensor_chunks(units: list[Unit]) -> Iterator[tuple[str, np.ndarray | None]]:
+    """The units' tensors as one stream: ``(tensor, None)`` opens a tensor, ``(tensor, chunk)``
+    follow. One stream (read ahead on a thread) keeps reading across tensor boundaries."""
+    for u in units:
+        for tensor, chunks in u.produce():
+            yield tensor, None
+            for c in chunks:
+                yield tensor, c
+
+
+def split_tensors(stream: Iterator[tuple[str, np.ndarray | None]]) -> Iterator[tuple[str, Iterator[np.ndarray]]]:
+    """:func:`tensor_chunks`' stream back to ``(tensor, chunks)``; each ``chunks`` must be
+    consumed before the next pair is taken."""
+    head = next(stream, None)
+    while head is not None:
+        tensor, head = head[0], None
+
+        def chunks() -> Iterator[np.ndarray]:
+            nonlocal head
+            for item in stream:
+                if item[1] is None:
+                    head = item
+                    return
+                yield item[1]
+
+        yield tensor, chunks()
+
+
 def mlx_plan(ckpt: HFCheckpoint, opts: Options) -> tuple[list[Unit], dict[str, WeightFormat]]:
     units, formats = [], {}
     for lw in logical_weights(ckpt, include_mtp=opts.include_mtp):
@@ -223,6 +251,7 @@ def _load_state(partial: Path, plan_id: str) -> dict:
 
 def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *, resume: bool,
                 progress: bool, max_shard_bytes: int) -> Path:
+    verifier = None
     partial, lock = check_output(ckpt.path, output, resume=resume, is_dir=True)
     try:
         units, formats = mlx_plan(ckpt, opts)
@@ -252,19 +281,25 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         check_free_space(partial, total - done)
         bar = Progress(total, done, f"convert → {output.name}", progress)
         writer = None
+        # each finished shard is re-read and checked on a thread while the next one is written
+        from concurrent.futures import ThreadPoolExecutor
+
+        verifier = ThreadPoolExecutor(1, thread_name_prefix="convert-verify")
+        checks = [verifier.submit(verify_shard, partial / n, e, state["done"][n])
+                  for n, e in zip(names, plan) if n in state["done"]]
         try:
             for shard_units, name, entries in zip(shards, names, plan):
                 if name in state["done"]:
                     continue
                 writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries)
-                for u in shard_units:
-                    for tensor, chunks in u.produce():
-                        writer.write_tensor(tensor, bar.track(read_ahead(chunks)))
+                for tensor, chunks in split_tensors(read_ahead(tensor_chunks(shard_units), depth=4)):
+                    writer.write_tensor(tensor, bar.track(chunks))
                 crcs = writer.finish()
                 os.replace(writer.path, partial / name)
                 writer = None
                 state["done"][name] = crcs
                 _save_state(partial, state)
+                checks.append(verifier.submit(verify_shard, partial / name, entries, crcs))
         except BaseException as exc:
             if writer is not None:
                 writer.abort()
@@ -281,7 +316,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
             raise
         bar.close()
 
-        verify_mlx(partial, names, plan, state["done"])
+        for check in checks:
+            check.result()
         weight_map = {t: n for n, entries in zip(names, plan) for t, _, _ in entries}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         try:
@@ -300,18 +336,18 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         (partial / STATE_FILE).unlink()
         return publish(partial, output)
     finally:
+        if verifier is not None:
+            verifier.shutdown(wait=True, cancel_futures=True)
         lock.release()
 
 
-def verify_mlx(partial: Path, names: list[str], plan: list[list[tuple]], crcs: dict[str, dict[str, int]]) -> None:
-    """Re-read every shard: header as planned, each tensor's bytes as written."""
-    for name, entries in zip(names, plan):
-        path = partial / name
-        with SafetensorsFile(path) as st:
-            got = [(n, st.info(n).dtype, st.info(n).shape) for n in st.keys()]
-        if sorted(got) != sorted((n, d, tuple(s)) for n, d, s in entries):
-            raise ConvertError(f"{path}: verification failed: the header does not match the plan")
-        on_disk = mlx_dir.file_crcs(path, [n for n, _, _ in entries])
-        for tensor, crc in crcs[name].items():
-            if on_disk.get(tensor) != crc:
-                raise ConvertError(f"{path}: verification failed: tensor {tensor!r} differs from what was written")
+def verify_shard(path: Path, entries: list[tuple], crcs: dict[str, int]) -> None:
+    """Re-read one shard: header as planned, each tensor's bytes as written."""
+    with SafetensorsFile(path) as st:
+        got = [(n, st.info(n).dtype, st.info(n).shape) for n in st.keys()]
+    if sorted(got) != sorted((n, d, tuple(s)) for n, d, s in entries):
+        raise ConvertError(f"{path}: verification failed: the header does not match the plan")
+    on_disk = mlx_dir.file_crcs(path, [n for n, _, _ in entries])
+    for tensor, crc in crcs.items():
+        if on_disk.get(tensor) != crc:
+            raise ConvertError(f"{path}: verification failed: tensor {tensor!r} differs from what was written")
