@@ -20,6 +20,7 @@ import numpy as np
 
 from ..io import mlx_dir
 from ..io.hf import HFCheckpoint
+from ..io.json_file import read_json_object
 from ..io.safetensors import DTYPES, SafetensorsFile
 from ..names import is_routed_expert, scale_name
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_shapes
@@ -238,9 +239,9 @@ def _load_state(partial: Path, plan_id: str) -> dict:
     if not path.is_file():
         raise ConvertError(f"{partial}: no conversion journal ({STATE_FILE}); delete the directory and start again")
     try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: unreadable journal ({e}); delete {partial} and start again") from None
+        state = read_json_object(path, ConvertError, "the journal")
+    except ConvertError as e:
+        raise ConvertError(f"{e}; delete {partial} and start again") from None
     if state.get("plan_id") != plan_id:
         raise ConvertError(
             f"{partial}: was started from a different source or with different options; "

@@ -11,7 +11,6 @@ never dequantised.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +18,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import check_hf_values, json_kind
+from ..config import check_hf_values
 from ..names import EXPERT_WEIGHT, TensorSpec, UnknownTensorName, hf_to_internal, official_layout, scale_name
 from ..quant.codecs import MX_GROUP
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
 from ..quant.mx import fp4_to_mxfp4, fp8_to_mxfp8, official_shapes, stack_fp4_to_mxfp4
 from .checks import check_expert_ids, hash_table_fits
+from .json_file import read_json_object, read_weight_map
 from .safetensors import FLOAT_DTYPES, INT_DTYPES, SafetensorsFile, open_shards
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,14 +40,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     p = Path(path) / "config.json"
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no config.json in the model directory")
-    try:
-        config = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: invalid JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{p}: not UTF-8 text ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{p}: the configuration is {json_kind(config)}, expected a JSON object")
+    config = read_json_object(p, CheckpointError, "the configuration")
     if config.get("model_type") != "deepseek_v4":
         raise CheckpointError(
             f"{p}: model_type is {config.get('model_type')!r}, expected 'deepseek_v4' (DeepSeek V4 Flash)"
@@ -163,14 +156,7 @@ class HFCheckpoint:
 def _read_index(path: Path) -> dict[str, str]:
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            data = json.loads(index.read_text())
-            weight_map = data["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: weight_map is not an object")
-        return dict(weight_map)
+        return read_weight_map(index, CheckpointError)
     single = path / SINGLE_FILE
     if single.is_file():
         return {name: SINGLE_FILE for name in SafetensorsFile(single).keys()}

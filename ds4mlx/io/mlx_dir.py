@@ -25,10 +25,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..config import check_hf_values, json_kind
+from ..config import check_hf_values
 from ..quant.formats import WeightFormat, packed_shapes
 from ..names import hf_to_internal, official_layout
 from .checks import check_expert_ids, hash_table_fits
+from .json_file import read_json_object, read_weight_map
 from .safetensors import DTYPES, FLOAT_DTYPES, INT_DTYPES, SafetensorsFile, open_shards
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -169,12 +170,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path) / CONFIG_FILE
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no config.json in the MLX directory")
-    try:
-        config = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MLXDirError(f"{p}: invalid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise MLXDirError(f"{p}: the configuration is {json_kind(config)}, expected a JSON object")
+    config = read_json_object(p, MLXDirError, "the configuration")
     if config.get("model_type") != "deepseek_v4":
         raise MLXDirError(f"{p}: model_type is {config.get('model_type')!r}, expected 'deepseek_v4'")
     marker = config.get(FORMAT_KEY)
@@ -194,10 +190,7 @@ def open_mlx_dir(path: str | os.PathLike) -> MLXDirCheckpoint:
     index = path / INDEX_FILE
     if not index.is_file():
         raise FileNotFoundError(f"{index}: index missing from the MLX directory")
-    try:
-        weight_map = dict(json.loads(index.read_text())["weight_map"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise MLXDirError(f"{index}: not a safetensors index ({e!r})") from None
+    weight_map = read_weight_map(index, MLXDirError)
 
     files = open_shards(path, weight_map)
 
