@@ -170,7 +170,7 @@ def kernel_nodes(nodes: dict[str, str]) -> int:
 
 
 class Recorder:
-    """Stands in for ``kernels._run``: records each launch and returns leaf placeholders."""
+    """Stands in for ``kernels.dispatch.run``: records each launch and returns leaf placeholders."""
 
     def __init__(self):
         self.launches: list[str] = []
@@ -193,8 +193,8 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
     mx.eval(h, toks)
     recorder = Recorder()
     segments = [0]
-    saved = kernels._run, kernels.backend, kernels.switch_matmul_ops
-    original_switch = kernels.switch_matmul_ops
+    saved = kernels.dispatch.run, kernels.dispatch.backend, kernels.moe.switch_matmul_ops
+    original_switch = kernels.moe.switch_matmul_ops
 
     def cut_then_switch(x, w, fmt, indices, sorted_indices=False):
         segments[0] += kernel_nodes(graph_nodes(x, indices))  # the twin syncs on the ids here
@@ -218,14 +218,14 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
         os.environ["DS4MLX_KERNEL_CHECK"] = "off"
         mx.fast.rms_norm = one_rms_norm
         if path == "metal":
-            kernels._run, kernels.backend = recorder, lambda: "metal"
+            kernels.dispatch.run, kernels.dispatch.backend = recorder, lambda: "metal"
         else:
-            kernels.backend = lambda: "ops"
-            kernels.switch_matmul_ops = cut_then_switch
+            kernels.dispatch.backend = lambda: "ops"
+            kernels.moe.switch_matmul_ops = cut_then_switch
         out = blk(h, toks, cache, dtype)
         nodes = graph_nodes(out, *cache.state, *recorder.inputs)
     finally:
-        kernels._run, kernels.backend, kernels.switch_matmul_ops = saved
+        kernels.dispatch.run, kernels.dispatch.backend, kernels.moe.switch_matmul_ops = saved
         mx.fast.rms_norm = rms_norm
         if check_mode is None:
             os.environ.pop("DS4MLX_KERNEL_CHECK", None)
@@ -245,7 +245,7 @@ def time_ops_step(blk: Block, cache: LayerCache, dtype, repeat: int) -> float:
     h = mx.array(np.random.default_rng(2).standard_normal((1, 1, 4, blk.config.hidden_size),
                                                           dtype=np.float32))
     best = float("inf")
-    chosen = kernels.backend()
+    chosen = kernels.dispatch.backend()
     kernels.set_backend("ops")
     try:
         for _ in range(repeat):

@@ -71,7 +71,7 @@ def leaves(w) -> list[mx.array]:
 
 
 class KernelRecorder:
-    """Stands in for kernels._run: records launches, returns leaf arrays of the output shapes."""
+    """Stands in for kernels.dispatch.run: records launches, returns leaf arrays of the output shapes."""
 
     def __init__(self):
         self.launches: list[str] = []
@@ -103,13 +103,13 @@ def moe_layer(gate_fmt: str, down_fmt: str, k: int) -> dict[str, float]:
     ops_dispatch = count([y_ops], base)
 
     recorder = KernelRecorder()
-    run, chosen = kernels._run, kernels.backend
-    kernels._run, kernels.backend = recorder, lambda: "metal"
+    run, chosen = kernels.dispatch.run, kernels.dispatch.backend
+    kernels.dispatch.run, kernels.dispatch.backend = recorder, lambda: "metal"
     try:
         mid = kernels.moe_gate_up(x, w1, w3, gate_fmt, idx, 10.0)
         y_metal = kernels.moe_down(mid, w2, down_fmt, idx, rw)
     finally:
-        kernels._run, kernels.backend = run, chosen
+        kernels.dispatch.run, kernels.dispatch.backend = run, chosen
     metal_dispatch = len(recorder.launches) + count([y_metal, *recorder.inputs], base)
 
     packed = k * (2 * expert_bytes(gate_fmt, F, D) + expert_bytes(down_fmt, D, F))
@@ -128,12 +128,12 @@ def hc_pre() -> tuple[int, int]:
     ops = hyper.hc_pre(h, fn, base_, scale, iters=20, eps=1e-6, norm_eps=1e-6)
     ops_dispatch = count(list(ops), [h, fn, base_, scale])
     recorder = KernelRecorder()
-    run, chosen = kernels._run, kernels.backend
-    kernels._run, kernels.backend = recorder, lambda: "metal"
+    run, chosen = kernels.dispatch.run, kernels.dispatch.backend
+    kernels.dispatch.run, kernels.dispatch.backend = recorder, lambda: "metal"
     try:
         out = kernels.hc_pre(h, fn, base_, scale, iters=20, eps=1e-6, norm_eps=1e-6)
     finally:
-        kernels._run, kernels.backend = run, chosen
+        kernels.dispatch.run, kernels.dispatch.backend = run, chosen
     metal_dispatch = len(recorder.launches) + count([*out, *recorder.inputs], [h, fn, base_, scale])
     return metal_dispatch, ops_dispatch
 

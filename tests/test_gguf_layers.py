@@ -93,7 +93,7 @@ def test_switch_ops_grouped_path_bounded_and_exact(monkeypatch):
     idx = rng.integers(0, E, size=(7, 6)).astype(np.uint32)
     ref = np.einsum("nd,nkod->nko", x, w_ref[idx])
     calls = _spy(monkeypatch, "Q2_K")
-    monkeypatch.setattr(kernels, "DEQUANT_BUDGET", 2 * 4 * OUT * IN)  # two experts per step
+    monkeypatch.setattr(kernels.moe, "DEQUANT_BUDGET", 2 * 4 * OUT * IN)  # two experts per step
     y = np.array(layer(mx.array(x)[:, None, None, :], mx.array(idx)))[:, :, 0]
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     assert max(calls) <= 2 and sum(calls) == len(np.unique(idx))
@@ -117,7 +117,7 @@ def test_linear_matches_float_matmul(name, monkeypatch):
     x = rng.standard_normal((2, 3, IN)).astype(np.float32)
     ref = x @ _ref_weights(name, blocks).T
     np.testing.assert_allclose(np.array(layer(mx.array(x))), ref, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(kernels, "DEQUANT_BUDGET", 4 * IN * 5)  # 5 output rows per step
+    monkeypatch.setattr(kernels.moe, "DEQUANT_BUDGET", 4 * IN * 5)  # 5 output rows per step
     np.testing.assert_allclose(np.array(layer(mx.array(x))), ref, rtol=1e-5, atol=1e-5)
 
 

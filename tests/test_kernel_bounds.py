@@ -31,9 +31,9 @@ def test_out_of_range_id_is_refused_before_launch(emulate):
 
 @pytest.mark.parametrize("pairs", ["decode", "prefill"])
 def test_kernels_flag_out_of_range_ids_with_nan(emulate, monkeypatch, pairs):
-    monkeypatch.setattr(kernels, "_check_ids", lambda *a, **k: None)  # what the GPU path skips
+    monkeypatch.setattr(kernels.moe, "_check_ids", lambda *a, **k: None)  # what the GPU path skips
     if pairs == "prefill":
-        monkeypatch.setattr(kernels, "DECODE_MAX_PAIRS", 0)
+        monkeypatch.setattr(kernels.moe, "DECODE_MAX_PAIRS", 0)
     w1, w3 = random_experts("Q8_0", E, F, K_IN, seed=2), random_experts("Q8_0", E, F, K_IN, seed=3)
     w2 = random_experts("Q8_0", E, 20, 32, seed=4)
     x = inputs_for(w1, "Q8_0", 3, K_IN, seed=5)

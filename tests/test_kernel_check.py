@@ -40,7 +40,7 @@ def first_use(request, monkeypatch, tmp_path):
 
 def break_kernel(monkeypatch, file: str, kernel: str, old: str, new: str) -> None:
     """Serve ``kernel`` of ``metal/<file>`` with ``old`` replaced by ``new`` from now on."""
-    real = kernels.metal_source
+    real = kernels.source.metal_source
 
     def patched(name: str):
         header, bodies = real(name)
@@ -49,14 +49,14 @@ def break_kernel(monkeypatch, file: str, kernel: str, old: str, new: str) -> Non
             bodies = {**bodies, kernel: bodies[kernel].replace(old, new)}
         return header, bodies
 
-    kernels._kernel.cache_clear()
-    monkeypatch.setattr(kernels, "metal_source", patched)
+    kernels.dispatch.compiled.cache_clear()
+    monkeypatch.setattr(kernels.source, "metal_source", patched)
 
 
 @pytest.fixture(autouse=True)
 def _fresh_kernels():
     yield
-    kernels._kernel.cache_clear()  # no broken kernel outlives its test
+    kernels.dispatch.compiled.cache_clear()  # no broken kernel outlives its test
 
 
 def warnings_in(text: str) -> list[str]:

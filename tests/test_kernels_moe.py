@@ -97,7 +97,7 @@ def assert_close(got: mx.array, ref: mx.array, rel: float = REL):
 def mode(request, monkeypatch):
     """Which kernel a call of a few pairs takes: the decode kernels or the tiled ones."""
     if request.param == "prefill":
-        monkeypatch.setattr(kernels, "DECODE_MAX_PAIRS", 0)
+        monkeypatch.setattr(kernels.moe, "DECODE_MAX_PAIRS", 0)
     return request.param
 
 
@@ -151,7 +151,7 @@ def test_prefill_many_tokens(path, fmt):
     idx = routes(n, k, e, seed=14)
     rw = mx.array(np.random.default_rng(15).uniform(0.1, 1.5, (n, k)).astype(np.float32))
     name = fmt_name(fmt)
-    assert n * k > kernels.DECODE_MAX_PAIRS
+    assert n * k > kernels.moe.DECODE_MAX_PAIRS
     mid = kernels.moe_gate_up(x, w1, w3, name, idx, 10.0)
     assert_close(mid, kernels.moe_gate_up_ops(x, w1, w3, name, idx, 10.0))
     y = kernels.moe_down(mid, w2, name, idx, rw, out_dtype=mx.float32)
@@ -244,7 +244,7 @@ def test_ops_path_never_touches_the_kernels(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("kernel launched on the ops path")
 
-    monkeypatch.setattr(kernels, "_run", boom)
+    monkeypatch.setattr(kernels.dispatch, "run", boom)
     w = random_experts("Q4_K", 3, 8, 256, seed=40)
     x = inputs_for(w, "Q4_K", 2, 256, seed=41)
     idx = routes(2, 2, 3, seed=42)
@@ -281,8 +281,8 @@ def test_backend_choice(monkeypatch):
 
 
 def test_disabled_variant_takes_the_ops_twin(monkeypatch):
-    monkeypatch.setattr(kernels, "_backend", "emulate")
-    monkeypatch.setattr(kernels, "_disabled", {})
+    monkeypatch.setattr(kernels.dispatch, "_backend", "emulate")
+    monkeypatch.setattr(kernels.dispatch, "_disabled", {})
     assert kernels.serves("Q4_K") and not kernels.serves("Q6_K")
     kernels.disable("q4_k", "self-test mismatch")
     assert not kernels.serves("Q4_K") and kernels.disabled() == {"Q4_K": "self-test mismatch"}
@@ -290,7 +290,7 @@ def test_disabled_variant_takes_the_ops_twin(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a disabled kernel was launched")
 
-    monkeypatch.setattr(kernels, "_run", boom)
+    monkeypatch.setattr(kernels.dispatch, "run", boom)
     w = random_experts("Q4_K", 3, 8, 256, seed=40)
     x = inputs_for(w, "Q4_K", 2, 256, seed=41)
     idx = routes(2, 2, 3, seed=42)
@@ -345,7 +345,7 @@ def test_tiny_model_metal_path_equals_ops(path, expert_files, preset, k, monkeyp
                          experts_per_token=k)
     tokens = mx.array(np.random.default_rng(k).integers(2, 1000, (1, 12)))
     launches = []
-    run = kernels._run
+    run = kernels.dispatch.run
 
     def counted(*args, **kwargs):
         launches.append(args[1])
@@ -361,7 +361,7 @@ def test_tiny_model_metal_path_equals_ops(path, expert_files, preset, k, monkeyp
         return out
 
     ref = logits("ops")
-    monkeypatch.setattr(kernels, "_run", counted)
+    monkeypatch.setattr(kernels.dispatch, "run", counted)
     got = logits(path)
     assert launches, "the model never reached a kernel"
     assert_close(got, ref)

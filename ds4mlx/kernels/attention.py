@@ -19,10 +19,10 @@ import functools
 import mlx.core as mx
 import numpy as np
 
-from .. import kernels as _kernels  # launches go through _kernels._run (one launch site)
 from ..quant.codecs import FP8_ACT_BLOCK
-from . import (ATTENTION, ATTN_SIMDGROUPS, INDEX_THREADS, INDEXER, ROPE_ROWS, KernelInputError,
-               _ceil_div, _device_array, serves)
+from . import dispatch
+from .dispatch import ATTENTION, INDEXER, ROPE_ROWS, KernelInputError, ceil_div, device_array
+from .source import ATTN_SIMDGROUPS, INDEX_THREADS
 
 _INDEX_HEAD_GROUPS = 8  # HG of indexer_scores
 
@@ -109,7 +109,7 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
         raise KernelInputError(f"decode_attention: idx must be [{b}, {s}, K] with comp rows")
     if d % 32:
         raise KernelInputError(f"decode_attention: head dim {d} is not a multiple of 32")
-    if not serves(ATTENTION):
+    if not dispatch.serves(ATTENTION):
         return decode_attention_ops(q, kw, comp, idx, bounds, sink, scale)
     has_comp = comp is not None and comp.shape[1] > 0
     if not has_comp:
@@ -120,15 +120,15 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
     k = idx.shape[2] if indexed else 0
     if not has_comp:
         bounds = bounds * np.array([1, 1, 0], np.int32)  # no compressed row to see
-    (out,) = _kernels._run("attention.metal", "attn_decode",
-                  {"q": q.astype(mx.float32), "kw": kw, "comp": comp,
-                   "idx": idx.astype(mx.int32) if indexed else _dummy(mx.int32),
-                   "bounds": mx.array(bounds), "sink": sink.astype(mx.float32),
-                   "scale": float(scale),
-                   "S": s, "H": h, "LW": kw.shape[1], "NC": comp.shape[1], "K": k},
-                  {"out": ((b, s, h, d), mx.float32)},
-                  grid=(32 * ATTN_SIMDGROUPS, h, b * s), threadgroup=(32 * ATTN_SIMDGROUPS, 1, 1),
-                  template=[("T", kw.dtype), ("D", d), ("INDEXED", indexed)])
+    (out,) = dispatch.run("attention.metal", "attn_decode",
+                 {"q": q.astype(mx.float32), "kw": kw, "comp": comp,
+                  "idx": idx.astype(mx.int32) if indexed else _dummy(mx.int32),
+                  "bounds": mx.array(bounds), "sink": sink.astype(mx.float32),
+                  "scale": float(scale),
+                  "S": s, "H": h, "LW": kw.shape[1], "NC": comp.shape[1], "K": k},
+                 {"out": ((b, s, h, d), mx.float32)},
+                 grid=(32 * ATTN_SIMDGROUPS, h, b * s), threadgroup=(32 * ATTN_SIMDGROUPS, 1, 1),
+                 template=[("T", kw.dtype), ("D", d), ("INDEXED", indexed)])
     return out
 
 
@@ -150,18 +150,18 @@ def indexer_scores(q: mx.array, w: mx.array, keys: mx.array, n_vis: mx.array) ->
         raise KernelInputError(
             f"indexer_scores: q {tuple(q.shape)}, w {tuple(w.shape)}, keys {tuple(keys.shape)}, "
             f"n_vis {tuple(n_vis.shape)} must be [B, S, H, HD], [B, S, H], [B, NK, HD], [S]")
-    if not serves(INDEXER):
+    if not dispatch.serves(INDEXER):
         return indexer_scores_ops(q, w, keys, n_vis)
     b, s, h, hd = q.shape
     nk = keys.shape[1]
     kt = INDEX_THREADS // _INDEX_HEAD_GROUPS
-    (scores,) = _kernels._run("attention.metal", "indexer_scores",
-                     {"q": q.astype(mx.float32), "w": w.astype(mx.float32), "keys": keys,
-                      "n_vis": n_vis.astype(mx.int32), "S": s, "NK": nk},
-                     {"scores": ((b, s, nk), mx.float32)},
-                     grid=(INDEX_THREADS * _ceil_div(nk, kt), b * s, 1),
-                     threadgroup=(INDEX_THREADS, 1, 1),
-                     template=[("T", keys.dtype), ("H", h), ("HD", hd)])
+    (scores,) = dispatch.run("attention.metal", "indexer_scores",
+                    {"q": q.astype(mx.float32), "w": w.astype(mx.float32), "keys": keys,
+                     "n_vis": n_vis.astype(mx.int32), "S": s, "NK": nk},
+                    {"scores": ((b, s, nk), mx.float32)},
+                    grid=(INDEX_THREADS * ceil_div(nk, kt), b * s, 1),
+                    threadgroup=(INDEX_THREADS, 1, 1),
+                    template=[("T", keys.dtype), ("H", h), ("HD", hd)])
     return scores
 
 
@@ -181,17 +181,17 @@ def indexer_topk(scores: mx.array, k: int) -> mx.array:
     n = scores.shape[-1]
     if not 1 <= k <= n:
         raise KernelInputError(f"indexer_topk: k={k} must be in 1..{n}")
-    if not serves(INDEXER):
+    if not dispatch.serves(INDEXER):
         return indexer_topk_ops(scores, k)
     lead = scores.shape[:-1]
     rows = 1
     for x in lead:
         rows *= x
-    (idx,) = _kernels._run("attention.metal", "indexer_topk",
-                  {"scores": scores.astype(mx.float32).reshape(rows, n), "N": n},
-                  {"idx": ((rows, k), mx.int32)},
-                  grid=(INDEX_THREADS, rows, 1), threadgroup=(INDEX_THREADS, 1, 1),
-                  template=[("TOPK", k)])
+    (idx,) = dispatch.run("attention.metal", "indexer_topk",
+                 {"scores": scores.astype(mx.float32).reshape(rows, n), "N": n},
+                 {"idx": ((rows, k), mx.int32)},
+                 grid=(INDEX_THREADS, rows, 1), threadgroup=(INDEX_THREADS, 1, 1),
+                 template=[("TOPK", k)])
     return idx.reshape(*lead, k)
 
 
@@ -220,20 +220,20 @@ def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM
                                f"blocks of {FP8_BLOCK} over 32 lanes")
     if norm == NORM_WEIGHTED and (weight is None or tuple(weight.shape) != (d,)):
         raise KernelInputError(f"rope_rows: the norm weight must be ({d},)")
-    if not serves(ROPE_ROWS):
+    if not dispatch.serves(ROPE_ROWS):
         raise KernelInputError("rope_rows: no kernel serves this call (the caller runs its ops)")
     lead = x.shape[:-1]
     rows = int(np.prod(lead)) if lead else 1
     pos = np.broadcast_to(np.asarray(pos, dtype=np.int32), lead).reshape(rows)
     w = weight if norm == NORM_WEIGHTED else _dummy(mx.float32)
     pos = np.pad(pos, (0, max(0, 8 - rows)))  # padded here, not by a launch
-    (out,) = _kernels._run("rows.metal", "rope_rows",
-                           {"x": x.reshape(rows, d), "w": _device_array(w),
-                            "pos": mx.array(pos),
-                            "freqs": _device_array(freqs.astype(mx.float32)), "eps": float(eps)},
-                           {"out": ((rows, d), out_dtype)},
-                           grid=(32, rows, 1), threadgroup=(32, 1, 1),
-                           template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype),
-                                     ("NORM", int(norm)), ("FP8", bool(fp8)),
-                                     ("INV", bool(inverse)), ("D", d), ("RD", rd)])
+    (out,) = dispatch.run("rows.metal", "rope_rows",
+                          {"x": x.reshape(rows, d), "w": device_array(w),
+                           "pos": mx.array(pos),
+                           "freqs": device_array(freqs.astype(mx.float32)), "eps": float(eps)},
+                          {"out": ((rows, d), out_dtype)},
+                          grid=(32, rows, 1), threadgroup=(32, 1, 1),
+                          template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype),
+                                    ("NORM", int(norm)), ("FP8", bool(fp8)),
+                                    ("INV", bool(inverse)), ("D", d), ("RD", rd)])
     return out.reshape(*lead, d)

@@ -30,7 +30,9 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .. import kernels as K
+from ..quant import gguf as gguf_formats
+from ..quant.codecs import MX_GROUP
+from . import dispatch, hyper, moe, source
 
 CHECK_VERSION = 2  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
@@ -92,9 +94,9 @@ def random_experts(variant: str, e: int, rows: int, k: int, seed: int):
     quantizer (``quant/gguf``) or ``mx.quantize`` for MLX mxfp4."""
     x = np.random.default_rng(seed).standard_normal((e, rows, k)).astype(np.float32) * 0.02
     if variant == MLX_PAIR:
-        w, s = mx.quantize(mx.array(x), group_size=K.MX_GROUP, bits=4, mode="mxfp4")
+        w, s = mx.quantize(mx.array(x), group_size=MX_GROUP, bits=4, mode="mxfp4")
         return w, s
-    blocks = K._gguf_format(variant).quantize(x.reshape(e * rows, k))
+    blocks = gguf_formats.get(variant).quantize(x.reshape(e * rows, k))
     return mx.array(blocks.reshape(e, rows, -1))
 
 
@@ -120,7 +122,7 @@ def _placement(n_ids: int) -> str:
 
 def cases(spec: Spec) -> list[Case]:
     """The kernel calls that make up ``spec``'s check."""
-    if spec.variant == K.HC_PRE:
+    if spec.variant == dispatch.HC_PRE:
         return _hc_cases(spec)
     return _moe_cases(spec)
 
@@ -136,31 +138,31 @@ def _moe_cases(spec: Spec) -> list[Case]:
     # Decode: one token with fewer than 8 ids (MLX passes them in `constant`; k is a runtime
     # argument, so the model's own k need not be below 8 for this to test its kernels), then
     # enough tokens for 8 or more ids (`device`); tiled: more pairs than the decode kernels take.
-    few, many = max(2, -(-8 // k)), K.DECODE_MAX_PAIRS // k + 1
+    few, many = max(2, -(-8 // k)), moe.DECODE_MAX_PAIRS // k + 1
 
     def gate_up(n: int, kn: int) -> Callable:
         def run():
             x, idx = _acts((n, _K_IN), 10 + n, dt, x_scale), _routes(n, kn, e, 20 + n)
-            return ([K.moe_gate_up(x, w1, w3, fmt, idx, 10.0)],
-                    [K.moe_gate_up_ops(x, w1, w3, fmt, idx, 10.0)])
+            return ([moe.moe_gate_up(x, w1, w3, fmt, idx, 10.0)],
+                    [moe.moe_gate_up_ops(x, w1, w3, fmt, idx, 10.0)])
         return run
 
     def down(n: int, kn: int) -> Callable:
         def run():
             mid, idx = _acts((n, kn, _K_IN), 30 + n, mx.float32, 4.0), _routes(n, kn, e, 40 + n)
             rw = mx.array(np.random.default_rng(n).uniform(0.1, 1.5, (n, kn)).astype(np.float32))
-            return ([K.moe_down(mid, w2, fmt, idx, rw, out_dtype=dt)],
-                    [K.moe_down_ops(mid, w2, fmt, idx, rw, out_dtype=dt)])
+            return ([moe.moe_down(mid, w2, fmt, idx, rw, out_dtype=dt)],
+                    [moe.moe_down_ops(mid, w2, fmt, idx, rw, out_dtype=dt)])
         return run
 
     def plain(n: int) -> Callable:
         def run():
             x, idx = _acts((n, _K_IN), 50 + n, dt, x_scale), _routes(n, k, e, 60 + n)
-            return [K.gather_qmm_native(x, w1, fmt, idx)], [K.gather_qmm_native_ops(x, w1, fmt, idx)]
+            return [moe.gather_qmm_native(x, w1, fmt, idx)], [moe.gather_qmm_native_ops(x, w1, fmt, idx)]
         return run
 
     def dequant():
-        return [K.dequantize(w1, fmt)], [K.dequantize_ops(w1, fmt)]
+        return [moe.dequantize(w1, fmt)], [moe.dequantize_ops(w1, fmt)]
 
     out = [Case("dequant_rows", "-", dequant)]
     for n, kn in ((1, min(k, 7)), (few, k)):
@@ -176,8 +178,8 @@ def _moe_cases(spec: Spec) -> list[Case]:
         for n in (1, 9):
             def run(n=n):
                 x = _acts((n, _K_IN), 70 + n, dt, x_scale)
-                return ([K.gguf_matmul(x, dense, fmt=fmt, input_dims=_K_IN, output_dims=_ROWS)],
-                        [K.matmul_ops(x, dense, fmt).astype(dt)])
+                return ([moe.gguf_matmul(x, dense, fmt=fmt, input_dims=_K_IN, output_dims=_ROWS)],
+                        [moe.matmul_ops(x, dense, fmt).astype(dt)])
             out.append(Case("gguf_matmul", f"{n} row{'s' * (n > 1)}, ids in {_placement(n)}", run))
     return out
 
@@ -194,8 +196,8 @@ def _hc_cases(spec: Spec) -> list[Case]:
     def run_for(n: int) -> Callable:
         def run():
             h = _acts((n, m, d), 80 + n, spec.dtype)
-            return (list(K.hc_pre(h, fn, base, scale, **args)),
-                    list(K.hc_pre_ops(h, fn, base, scale, **args)))
+            return (list(hyper.hc_pre(h, fn, base, scale, **args)),
+                    list(hyper.hc_pre_ops(h, fn, base, scale, **args)))
         return run
 
     return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}", run_for(n)) for n in (1, 3)]
@@ -249,14 +251,14 @@ def run_case(case: Case, spec: Spec) -> Result:
 
 def run_spec(spec: Spec) -> list[Result]:
     """Every case of ``spec`` on the current backend (which must not be ``ops``)."""
-    if K.backend() == "ops":
+    if dispatch.backend() == "ops":
         raise ValueError("the kernel backend is 'ops': there are no kernels to check")
     return [run_case(c, spec) for c in cases(spec)]
 
 
 # ----------------------------------------------------------------------------- records
 def _device() -> str:
-    if K.backend() == "metal":
+    if dispatch.backend() == "metal":
         info = mx.device_info()
         return f"metal {info.get('device_name', '')} {info.get('architecture', '')}"
     from . import emu
@@ -267,9 +269,9 @@ def _device() -> str:
 def _sources() -> str:
     parts = []
     for file in ("moe.metal", "hc.metal"):
-        header, bodies = K.metal_source(file)
+        header, bodies = source.metal_source(file)
         parts += [header, *(f"{n}\n{b}" for n, b in sorted(bodies.items()))]
-    if K.backend() == "emulate":
+    if dispatch.backend() == "emulate":
         from . import emu
 
         parts.append(emu._runtime_text())
@@ -280,9 +282,9 @@ def record_key(spec: Spec) -> str:
     """Hash of what a pass depends on: kernel sources, backend and device, MLX, the variant and
     dtype, and for ``hc_pre`` the stream count (a template argument). The MoE cases cover both
     placements of the ids whatever k, so a pass holds for every k and E."""
-    dims = str(spec.hc_mult) if spec.variant == K.HC_PRE else ""
-    what = [str(CHECK_VERSION), K.backend(), _device(), mx.__version__, _sources(), spec.variant,
-            dtype_name(spec.dtype), dims, str(K.DECODE_MAX_PAIRS)]
+    dims = str(spec.hc_mult) if spec.variant == dispatch.HC_PRE else ""
+    what = [str(CHECK_VERSION), dispatch.backend(), _device(), mx.__version__, _sources(), spec.variant,
+            dtype_name(spec.dtype), dims, str(moe.DECODE_MAX_PAIRS)]
     return hashlib.sha256("\0".join(what).encode()).hexdigest()[:32]
 
 
@@ -303,7 +305,7 @@ def record(spec: Spec, results: list[Result]) -> None:
     """Remember that ``spec`` passed (best effort: an unwritable cache only costs a re-check)."""
     path = _record_path(spec)
     body = {"variant": spec.variant, "dtype": dtype_name(spec.dtype), "mlx": mx.__version__,
-            "backend": K.backend(), "results": [
+            "backend": dispatch.backend(), "results": [
                 {"kernel": r.kernel, "inputs": r.inputs, "rel_error": r.rel_error,
                  "seconds": round(r.seconds, 4)} for r in results]}
     try:
@@ -369,3 +371,6 @@ def reset() -> None:
     with _lock:
         _verdicts.clear()
         _failures.clear()
+
+
+dispatch.install_check(sys.modules[__name__])

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .. import kernels as _kernels  # launches go through _kernels._run (one launch site)
-from . import ROUTER, ROUTER_THREADS, KernelInputError, serves
+from . import dispatch
+from .dispatch import ROUTER, KernelInputError
+from .source import ROUTER_THREADS
 
 
 def router_topk_ops(logits: mx.array, bias: mx.array, k: int, renormalize: bool,
@@ -37,12 +38,12 @@ def router_topk(logits: mx.array, bias: mx.array, k: int, renormalize: bool,
     n, e = logits.shape
     if not 1 <= k <= e:
         raise KernelInputError(f"router_topk: k={k} must be in 1..{e}")
-    if not serves(ROUTER):
+    if not dispatch.serves(ROUTER):
         return router_topk_ops(logits, bias, k, renormalize, scale)
-    idx, w = _kernels._run("router.metal", "router_topk",
-                           {"logits": logits.astype(mx.float32),
-                            "bias": bias.astype(mx.float32), "scale": float(scale)},
-                           {"idx": ((n, k), mx.uint32), "w": ((n, k), mx.float32)},
-                           grid=(ROUTER_THREADS, n, 1), threadgroup=(ROUTER_THREADS, 1, 1),
-                           template=[("E", e), ("K", k), ("RENORM", bool(renormalize))])
+    idx, w = dispatch.run("router.metal", "router_topk",
+                          {"logits": logits.astype(mx.float32),
+                           "bias": bias.astype(mx.float32), "scale": float(scale)},
+                          {"idx": ((n, k), mx.uint32), "w": ((n, k), mx.float32)},
+                          grid=(ROUTER_THREADS, n, 1), threadgroup=(ROUTER_THREADS, 1, 1),
+                          template=[("E", e), ("K", k), ("RENORM", bool(renormalize))])
     return idx, w

@@ -8,7 +8,7 @@
 // Between the steps the value is rounded to OutT, as the ops twin stores each step's result
 // in the output dtype. cos / sin / rsqrt are precise::, so the values match the twin.
 
-// DS4_FP8_BLOCK (64) and DS4_E4M3_MAX (448) are defined from quant/codecs.py by kernels._defines.
+// DS4_FP8_BLOCK (64) and DS4_E4M3_MAX (448) are defined from quant/codecs.py by kernels/source.py.
 
 // e4m3 round trip of |v| <= 448: nearest even on 3 mantissa bits (subnormals step 2^-9).
 METAL_FUNC float ds4_e4m3(float v) {

@@ -1,0 +1,422 @@
+"""MoE expert kernels (``metal/moe.metal``) beside their MLX-ops twins, and the call sites the
+model's expert and GGUF linear modules use.
+
+Quantized expert weights ``w`` are either native GGUF blocks, ``uint8 [E, rows, row_bytes]``
+with ``fmt`` one of ``Q8_0``, ``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4``, or, for ``fmt="MXFP4"``,
+the pair ``(weight uint32 [E, rows, K/8], scales uint8 [E, rows, K/32])`` of MLX's ``mxfp4``
+mode (official FP4 experts, and GGUF MXFP4 after its nibble reorder).
+
+Entry points (kernel | ops twin): :func:`dequantize`, :func:`moe_gate_up`, :func:`moe_down`,
+:func:`gather_qmm_native`; call sites: :func:`moe_experts` (``None`` = run the expert
+modules), :func:`gguf_switch_matmul`, :func:`gguf_matmul` (kernel or ops, whichever
+:func:`ds4mlx.kernels.dispatch.serves` says).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .. import ops as _ops
+from ..quant import gguf as _formats
+from ..quant.codecs import MX_GROUP
+from . import dispatch
+from .dispatch import KERNEL_FORMATS, KernelInputError, ceil_div, device_array
+from .source import (DECODE_ROWS_PER_TG, DECODE_THREADS, GGUF_MXFP4, LAYOUT, MLX_MXFP4, TILE,
+                     TILE_THREADS)
+
+QuantWeight = Union[mx.array, tuple]
+
+# Up to this many (token, expert) pairs the MoE runs the decode kernels (simdgroups stride over
+# each weight row); above it, the expert-grouped tiled kernel.
+DECODE_MAX_PAIRS = 32
+# Bound on the float32 bytes of dequantized weights one ops step holds at once.
+DEQUANT_BUDGET = 256 << 20
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A quantized weight as the kernels read it."""
+
+    fmt: str  # format name
+    layout: int  # DS4_* id of metal/quant.h
+    q: mx.array  # packed bytes, uint8 [..., rows, row_bytes]
+    s: mx.array  # MLX mxfp4 scales [..., rows, K/32], else a dummy
+    k: int  # inputs per row
+
+
+def variant_name(p: Packed) -> str:
+    """The check's name of a weight layout: the format, ``MXFP4-mlx`` for MLX mxfp4 pairs."""
+    return "MXFP4-mlx" if p.layout == MLX_MXFP4 else p.fmt
+
+
+def unpack_weight(w: QuantWeight, fmt: str, name: str = "w") -> Packed:
+    """Check a quantized weight and describe its layout; ``name`` labels errors."""
+    key = fmt.upper()
+    if key not in KERNEL_FORMATS:
+        raise KernelInputError(f"{name}: format {fmt!r} has no kernel; expected one of "
+                               f"{', '.join(KERNEL_FORMATS)}")
+    if key == "MXFP4" and isinstance(w, (tuple, list)):
+        if len(w) != 2:
+            raise KernelInputError(f"{name}: MLX mxfp4 weights are a (weight, scales) pair")
+        q, s = w
+        if q.dtype != mx.uint32 or s.dtype != mx.uint8 or q.shape[:-1] != s.shape[:-1]:
+            raise KernelInputError(
+                f"{name}: mxfp4 expects uint32 weight and uint8 scales with equal leading dims, "
+                f"got {q.dtype}{tuple(q.shape)} and {s.dtype}{tuple(s.shape)}")
+        k = q.shape[-1] * 8
+        if s.shape[-1] * MX_GROUP != k:
+            raise KernelInputError(f"{name}: {s.shape[-1]} scales per row do not fit {k} inputs")
+        return Packed(key, MLX_MXFP4, mx.view(q, mx.uint8), s, k)
+    if not isinstance(w, mx.array) or w.dtype != mx.uint8 or w.ndim < 2:
+        raise KernelInputError(f"{name}: {key} weights must be uint8 blocks [..., rows, row_bytes]")
+    try:
+        k = _formats.row_weights(_gguf_format(key), w.shape[-1], name)
+    except ValueError as e:
+        raise KernelInputError(str(e)) from None
+    layout = GGUF_MXFP4 if key == "MXFP4" else LAYOUT[key]
+    return Packed(key, layout, w, _no_scales(), k)
+
+
+@functools.cache
+def _no_scales() -> mx.array:
+    # the scales input of GGUF layouts (unused); made once, so no fill runs per call
+    dummy = mx.zeros((8,), dtype=mx.uint8)
+    mx.eval(dummy)
+    return dummy
+
+
+def _gguf_format(name: str):
+    return _formats.get(name)
+
+
+def _check_experts(p: Packed, name: str, x: mx.array, x_name: str,
+                   indices: mx.array) -> tuple[int, int]:
+    """(rows per expert, k) of one expert product, checked: experts ``[E, rows, ·]`` taking x's
+    last dim, ``indices [N, k]`` for x's N tokens; x is ``[N, K]``, or mid ``[N, k, F]``."""
+    shape = "[N, k, F]" if x_name == "mid" else "[N, K]"
+    if x.ndim != shape.count(",") + 1:
+        raise KernelInputError(f"{x_name}: expected {shape}, got shape {tuple(x.shape)}")
+    if p.q.ndim != 3:
+        raise KernelInputError(f"{name}: expected experts [E, rows, ·], got shape "
+                               f"{tuple(p.q.shape)}")
+    if x.shape[-1] != p.k:
+        raise KernelInputError(f"{x_name}: {x.shape[-1]} features, but the experts take {p.k}")
+    n = x.shape[0]
+    if indices.ndim != 2 or indices.shape[0] != n or indices.shape[1] < 1 or (
+            x.ndim == 3 and indices.shape[1] != x.shape[1]):
+        raise KernelInputError(f"indices: expected [{n}, k] with k >= 1 (k of {x_name}), got "
+                               f"{tuple(indices.shape)}")
+    return p.q.shape[1], indices.shape[1]
+
+
+def _kernel_serves(fmt: str, p: Packed, dtype: mx.Dtype, indices: mx.array) -> bool:
+    """Whether the kernel serves this expert product: the format is on and its variant passed
+    the first-use check at these dims; then the expert ids are checked (on emulation)."""
+    if not (dispatch.serves(fmt) and dispatch.first_use_ok(
+            variant_name(p), dtype, experts_per_token=indices.shape[1], n_experts=p.q.shape[0])):
+        return False
+    _check_ids(indices, p.q.shape[0])
+    return True
+
+
+def _check_ids(ids: mx.array, n_experts: int, name: str = "indices") -> None:
+    # Emulation checks before launch (it syncs anyway). On the GPU the kernels get E and turn a
+    # pair with an out-of-range id into NaN outputs instead of reading past the weights (no
+    # host sync per layer); the non-finite result is then reported, never sampled from.
+    if dispatch.backend() == "emulate" and ids.size:
+        lo, hi = int(mx.min(ids)), int(mx.max(ids))
+        if lo < 0 or hi >= n_experts:
+            raise KernelInputError(f"{name}: expert ids {lo}..{hi} out of range [0, {n_experts})")
+
+
+# ----------------------------------------------------------------------------- dequantize
+def dequantize_ops(w: QuantWeight, fmt: str) -> mx.array:
+    """Float32 rows ``[..., rows, K]`` with MLX ops: the format's own dequantizer for GGUF
+    blocks, ``mx.dequantize`` for MLX mxfp4."""
+    p = unpack_weight(w, fmt)
+    if p.layout == MLX_MXFP4:
+        return mx.dequantize(w[0], w[1], group_size=MX_GROUP, bits=4, mode="mxfp4",
+                             dtype=mx.float32)
+    return _gguf_format(p.fmt).dequantize(w)
+
+
+def dequantize(w: QuantWeight, fmt: str) -> mx.array:
+    """Float32 rows ``[..., rows, K]`` of a quantized weight (kernel ``dequant_rows``)."""
+    p = unpack_weight(w, fmt)
+    if not (dispatch.serves(fmt) and dispatch.first_use_ok(variant_name(p), mx.float32)):
+        return dequantize_ops(w, fmt)
+    lead = p.q.shape[:-1]
+    rows = 1
+    for n in lead:
+        rows *= n
+    s = p.s.reshape(rows, -1) if p.layout == MLX_MXFP4 else p.s
+    (out,) = dispatch.run("moe.metal", "dequant_rows",
+                          {"w": device_array(p.q.reshape(rows, -1)), "s": device_array(s),
+                           "K": p.k},
+                          {"out": ((rows, p.k), mx.float32)},
+                          grid=(p.k // 8, rows, 1), threadgroup=(min(p.k // 8, 256), 1, 1),
+                          template=[("FMT", p.layout)])
+    return out.reshape(*lead, p.k)
+
+
+# ----------------------------------------------------------------------------- MoE, ops twins
+def switch_matmul_ops(x: mx.array, w: mx.array, fmt: str, indices: mx.array,
+                      sorted_indices: bool = False) -> mx.array:
+    """The ops path of packed GGUF experts ``w [E, out, bytes]`` under the switch-linear protocol:
+    x ``[..., M, in]``, indices broadcast against x's batch dims -> float32 ``[..., M, out]``.
+
+    Dequantizes only the experts ``indices`` names in this call, a bounded number at a time
+    (``DEQUANT_BUDGET``), never all of them.
+    """
+    fmod = _gguf_format(fmt)
+    n_experts, output_dims = w.shape[0], w.shape[1]
+    input_dims = _formats.row_weights(fmod, w.shape[-1])
+    xf = x.astype(mx.float32)
+    idx = np.array(indices).astype(np.int64)  # host copy: which experts this call touches
+    if idx.size and (idx.min() < 0 or idx.max() >= n_experts):
+        raise IndexError(f"expert index out of range [0, {n_experts}): {idx.min()}..{idx.max()}")
+    used = np.unique(idx)
+    if used.size == 0:
+        batch = np.broadcast_shapes(tuple(xf.shape[:-2]), idx.shape)
+        return mx.zeros((*batch, xf.shape[-2], output_dims), dtype=mx.float32)
+    group = max(1, DEQUANT_BUDGET // (4 * output_dims * input_dims))
+    if len(used) <= group:
+        # one step: the used experts only, indices renumbered into that stack
+        local = np.zeros(n_experts, dtype=np.uint32)
+        local[used] = np.arange(len(used), dtype=np.uint32)
+        dense = fmod.dequantize(w[mx.array(used.astype(np.uint32))])
+        return mx.gather_mm(xf, dense.swapaxes(-1, -2), rhs_indices=mx.array(local[idx]),
+                            sorted_indices=sorted_indices)
+    # Many experts: sort the (row, expert) pairs by expert and run `group` experts at a time.
+    batch = np.broadcast_shapes(tuple(xf.shape[:-2]), idx.shape)
+    m = xf.shape[-2]
+    x_rows = mx.broadcast_to(xf, (*batch, m, input_dims)).reshape(-1, m, input_dims)
+    flat = np.broadcast_to(idx, batch).reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    sorted_e = flat[order]
+    parts = []
+    for g in range(0, len(used), group):
+        experts = used[g:g + group]
+        lo = np.searchsorted(sorted_e, experts[0], side="left")
+        hi = np.searchsorted(sorted_e, experts[-1], side="right")
+        local = np.searchsorted(experts, sorted_e[lo:hi]).astype(np.uint32)
+        dense = fmod.dequantize(w[mx.array(experts.astype(np.uint32))])
+        rows = x_rows[mx.array(order[lo:hi].astype(np.uint32))]
+        parts.append(mx.gather_mm(rows, dense.swapaxes(-1, -2), rhs_indices=mx.array(local),
+                                  sorted_indices=True))
+        mx.eval(parts[-1])  # free this group's dequantized weights before the next
+    y = mx.concatenate(parts, axis=0)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return y[mx.array(inverse.astype(np.uint32))].reshape(*batch, m, output_dims)
+
+
+def matmul_ops(x: mx.array, w: mx.array, fmt: str) -> mx.array:
+    """The ops path of a dense GGUF projection ``w [out, bytes]``: float32 ``x @ W.T``,
+    dequantized in output-row chunks of at most ``DEQUANT_BUDGET`` bytes."""
+    fmod = _gguf_format(fmt)
+    input_dims = _formats.row_weights(fmod, w.shape[-1])
+    xf = x.astype(mx.float32)
+    step = max(1, DEQUANT_BUDGET // (4 * input_dims))  # output rows per step
+    parts = [xf @ fmod.dequantize(w[r:r + step]).T for r in range(0, w.shape[0], step)]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def _expert_rows_ops(rows: mx.array, w: QuantWeight, fmt: str, eid: mx.array) -> mx.array:
+    """``[P, out]`` float32: expert ``eid[p]`` applied to ``rows[p]`` (``[P, K]``)."""
+    p = unpack_weight(w, fmt)
+    if p.layout == MLX_MXFP4:
+        out = mx.gather_qmm(rows.astype(mx.float32)[:, None, :], w[0], w[1],
+                            rhs_indices=eid.astype(mx.uint32), transpose=True,
+                            group_size=MX_GROUP, bits=4, mode="mxfp4")
+        return out[:, 0, :]
+    return switch_matmul_ops(rows[:, None, :], w, p.fmt, eid)[:, 0, :]
+
+
+def gather_qmm_native_ops(x: mx.array, w: QuantWeight, fmt: str, indices: mx.array) -> mx.array:
+    """Ops twin of :func:`gather_qmm_native`."""
+    n, k = indices.shape
+    rows = mx.repeat(x, k, axis=0)  # pair p = token * k + slot reads x[token]
+    return _expert_rows_ops(rows, w, fmt, indices.reshape(-1)).reshape(n, k, -1)
+
+
+def moe_gate_up_ops(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices: mx.array,
+                    limit: float | None) -> mx.array:
+    """Ops twin of :func:`moe_gate_up`."""
+    g = gather_qmm_native_ops(x, w1, fmt, indices)
+    u = gather_qmm_native_ops(x, w3, fmt, indices)
+    return _ops.clamped_swiglu(g, u, limit or 0.0)
+
+
+def moe_down_ops(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weights: mx.array,
+                 out_dtype: mx.Dtype = mx.float32) -> mx.array:
+    """Ops twin of :func:`moe_down`."""
+    n, k, f = mid.shape
+    y = _expert_rows_ops(mid.reshape(n * k, f), w2, fmt, indices.reshape(-1)).reshape(n, k, -1)
+    return mx.sum(weights.astype(mx.float32)[..., None] * y, axis=1).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------- MoE, kernels
+def _sort_pairs(idx: mx.array) -> tuple[mx.array, mx.array]:
+    """(order, expert of each sorted pair): pairs grouped by expert, without a host sync."""
+    order = mx.argsort(idx).astype(mx.uint32)
+    return order, idx[order]
+
+
+def _matmul_sorted(x: mx.array, xrow: mx.array, order: mx.array, eid: mx.array, w1: Packed,
+                   w3: Packed | None, n_out: int, limit: float | None) -> mx.array:
+    """Kernel ``moe_matmul_sorted``: ``[P, n_out]`` float32, rows in original pair order."""
+    p = eid.shape[0]
+    gate_up = w3 is not None
+    w3 = w3 or w1
+    (out,) = dispatch.run("moe.metal", "moe_matmul_sorted",
+                          {"x": x, "xrow": xrow, "order": order, "eid": eid, "w1": w1.q,
+                           "s1": device_array(w1.s), "w3": w3.q, "s3": device_array(w3.s),
+                           "P": p, "NOUT": n_out, "K": w1.k, "E": w1.q.shape[0],
+                           "limit": float(limit or 0.0)},
+                          {"out": ((p, n_out), mx.float32)},
+                          grid=(ceil_div(n_out, TILE) * TILE_THREADS, ceil_div(p, TILE), 1),
+                          threadgroup=(TILE_THREADS, 1, 1),
+                          template=[("T", x.dtype), ("FMT", w1.layout), ("GATE_UP", gate_up)])
+    return out
+
+
+def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices: mx.array,
+                limit: float | None) -> mx.array:
+    """``mid [N, k, F]`` float32: for each token's selected experts ``e``,
+    ``silu(min(W1[e]·x, limit)) · clip(W3[e]·x, ±limit)`` (no clamp when ``limit`` is 0/None),
+    straight from the packed weights.
+
+    x: ``[N, K]``; w1, w3: gate and up experts ``[E, F, ·]`` in ``fmt``; indices: ``[N, k]``.
+    Few pairs: kernel ``moe_gate_up_decode``; many: ``moe_matmul_sorted`` (expert-grouped tiles).
+    """
+    p1, p3 = unpack_weight(w1, fmt, "w1"), unpack_weight(w3, fmt, "w3")
+    f, k = _check_experts(p1, "w1", x, "x", indices)
+    if p3.q.shape != p1.q.shape or p3.layout != p1.layout:
+        raise KernelInputError(f"w3: shape {tuple(p3.q.shape)} differs from w1 {tuple(p1.q.shape)}")
+    if not _kernel_serves(fmt, p1, x.dtype, indices):
+        return moe_gate_up_ops(x, w1, w3, fmt, indices, limit)
+    n = x.shape[0]
+    idx = indices.astype(mx.uint32).reshape(-1)
+    if n * k > DECODE_MAX_PAIRS:
+        order, eid = _sort_pairs(idx)
+        return _matmul_sorted(x, order // k, order, eid, p1, p3, f, limit).reshape(n, k, f)
+    (mid,) = dispatch.run("moe.metal", "moe_gate_up_decode",
+                          {"x": x, "w1": p1.q, "s1": device_array(p1.s), "w3": p3.q,
+                           "s3": device_array(p3.s), "idx": idx, "F": f, "K": p1.k, "k": k,
+                           "E": p1.q.shape[0], "limit": float(limit or 0.0)},
+                          {"mid": ((n * k, f), mx.float32)},
+                          grid=(ceil_div(f, DECODE_ROWS_PER_TG) * DECODE_THREADS, n * k, 1),
+                          threadgroup=(DECODE_THREADS, 1, 1),
+                          template=[("T", x.dtype), ("FMT", p1.layout)])
+    return mid.reshape(n, k, f)
+
+
+def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weights: mx.array,
+             out_dtype: mx.Dtype = mx.float32) -> mx.array:
+    """``y [N, D]`` = Σ_j weights[:, j] · W2[indices[:, j]] · mid[:, j], accumulated in float32.
+
+    mid: ``[N, k, F]`` (from :func:`moe_gate_up`); w2: down experts ``[E, D, ·]`` in ``fmt``;
+    indices, weights: ``[N, k]`` (route weights, already scaled). Few pairs: kernel
+    ``moe_down_decode`` (route weights and the sum over k in the kernel); many: the tiled kernel,
+    then the weighted sum.
+    """
+    p2 = unpack_weight(w2, fmt, "w2")
+    d, k = _check_experts(p2, "w2", mid, "mid", indices)
+    if weights.shape != indices.shape:
+        raise KernelInputError(f"weights: expected the shape of indices {tuple(indices.shape)}, "
+                               f"got {tuple(weights.shape)}")
+    if not _kernel_serves(fmt, p2, out_dtype, indices):
+        return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype)
+    n, _, f = mid.shape
+    idx = indices.astype(mx.uint32).reshape(-1)
+    rw = weights.astype(mx.float32).reshape(-1)
+    rows = mid.astype(mx.float32).reshape(n * k, f)
+    if n * k > DECODE_MAX_PAIRS:
+        order, eid = _sort_pairs(idx)
+        out = _matmul_sorted(rows, order, order, eid, p2, None, d, None)
+        return mx.sum(rw.reshape(n, k, 1) * out.reshape(n, k, d), axis=1).astype(out_dtype)
+    (y,) = dispatch.run("moe.metal", "moe_down_decode",
+                        {"mid": rows, "w2": p2.q, "s2": device_array(p2.s), "idx": idx, "rw": rw,
+                         "D": d, "F": f, "k": k, "E": p2.q.shape[0]},
+                        {"y": ((n, d), out_dtype)},
+                        grid=(ceil_div(d, DECODE_ROWS_PER_TG) * DECODE_THREADS, n, 1),
+                        threadgroup=(DECODE_THREADS, 1, 1),
+                        template=[("FMT", p2.layout), ("OutT", out_dtype)])
+    return y
+
+
+def gather_qmm_native(x: mx.array, w: QuantWeight, fmt: str, indices: mx.array) -> mx.array:
+    """``[N, k, out]`` float32: ``W[indices[n, j]] · x[n]`` for packed experts ``w [E, out, ·]``
+    (kernel ``moe_matmul_sorted``, for prefill and any other many-pair product)."""
+    p = unpack_weight(w, fmt)
+    n_out, k = _check_experts(p, "w", x, "x", indices)
+    if not _kernel_serves(fmt, p, x.dtype, indices):
+        return gather_qmm_native_ops(x, w, fmt, indices)
+    n = x.shape[0]
+    order, eid = _sort_pairs(indices.astype(mx.uint32).reshape(-1))
+    return _matmul_sorted(x, order // k, order, eid, p, None, n_out, None).reshape(n, k, n_out)
+
+
+# ----------------------------------------------------------------------------- model call sites
+def _module_weight(module: Any) -> tuple[QuantWeight, str] | None:
+    """(weight, fmt) of an expert projection the kernels can read, else None."""
+    type_name = getattr(module, "type_name", None)  # GGUFSwitchLinear
+    if type_name is not None:
+        return (module.weight, type_name) if type_name.upper() in KERNEL_FORMATS else None
+    if getattr(module, "mode", None) == "mxfp4":  # mlx-lm QuantizedSwitchLinear, mode mxfp4
+        return (module.weight, module.scales), "MXFP4"
+    return None
+
+
+def moe_experts(x: mx.array, indices: mx.array, weights: mx.array, w1: Any, w3: Any, w2: Any,
+                limit: float | None) -> mx.array | None:
+    """Routed experts of one layer through the fused kernels: x ``[N, D]``, indices / weights
+    ``[N, k]`` -> ``[N, D]`` in x's dtype. Gate and up must share a format; down may differ
+    (ds4 q2 files: IQ2_XXS gate/up, Q2_K down). ``None`` (run the expert modules, which ask
+    :func:`gguf_switch_matmul` per projection) unless kernels serve all three projections."""
+    gate, up, down = (_module_weight(m) for m in (w1, w3, w2))
+    if gate is None or up is None or down is None or gate[1].upper() != up[1].upper():
+        return None
+    if not (dispatch.serves(gate[1]) and dispatch.serves(down[1])):
+        return None
+    mid = moe_gate_up(x, gate[0], up[0], gate[1], indices, limit)
+    return moe_down(mid, down[0], down[1], indices, weights, out_dtype=x.dtype)
+
+
+def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt: str,
+                       input_dims: int, output_dims: int, sorted_indices: bool = False) -> mx.array:
+    """Call site of ``GGUFSwitchLinear`` (switch-linear protocol): x ``[..., M, in]``, indices
+    broadcast against x's batch dims -> ``[..., M, out]`` in x's dtype (kernel or ops path)."""
+    p = unpack_weight(weight, fmt, "weight") if dispatch.serves(fmt) else None
+    if p is None or not dispatch.first_use_ok(variant_name(p), x.dtype, n_experts=p.q.shape[0]):
+        return switch_matmul_ops(x, weight, fmt, indices, sorted_indices).astype(x.dtype)
+    _check_ids(indices, p.q.shape[0])
+    batch = tuple(mx.broadcast_shapes(tuple(x.shape[:-2]), tuple(indices.shape)))
+    m = x.shape[-2]
+    rows = mx.broadcast_to(x, (*batch, m, input_dims)).reshape(-1, input_dims)
+    eid = mx.repeat(mx.broadcast_to(indices, batch).reshape(-1).astype(mx.uint32), m)
+    order, eid_sorted = _sort_pairs(eid)
+    out = _matmul_sorted(rows, order, order, eid_sorted, p, None, output_dims, None)
+    return out.reshape(*batch, m, output_dims).astype(x.dtype)
+
+
+def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
+                output_dims: int) -> mx.array:
+    """Call site of ``GGUFLinear``: ``x @ W.T`` for GGUF blocks ``[out, bytes]`` in x's dtype
+    (one expert of the tiled kernel, or the ops path)."""
+    p = unpack_weight(weight[None], fmt, "weight") if dispatch.serves(fmt) else None
+    if p is None or not dispatch.first_use_ok(variant_name(p), x.dtype):
+        return matmul_ops(x, weight, fmt).astype(x.dtype)
+    rows = x.reshape(-1, input_dims)
+    n = rows.shape[0]
+    order = mx.arange(n, dtype=mx.uint32)
+    out = _matmul_sorted(rows, order, order, mx.zeros((n,), dtype=mx.uint32), p, None,
+                         output_dims, None)
+    return out.reshape(*x.shape[:-1], output_dims).astype(x.dtype)
+

@@ -1,0 +1,81 @@
+"""The Metal sources as ``mx.fast.metal_kernel`` compiles them: ``metal/<file>`` with its includes
+inlined, split into kernel bodies at ``// @kernel NAME`` lines, under a header that defines the
+constants the sources share with Python (layout ids, GGUF block geometry, tile and threadgroup
+sizes, the IQ2_XXS grid, the FP8 rounding block). Grids are computed from the same constants, so
+a kernel and its launch cannot disagree on a tile size.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import gguf
+
+from ..quant.codecs import E4M3_MAX, FP8_ACT_BLOCK
+from ..quant.gguf import iq2_xxs as _iq2_xxs
+
+METAL_DIR = Path(__file__).with_name("metal")
+KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")  # GGUF block formats with kernels
+# Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
+LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
+MLX_MXFP4, GGUF_MXFP4 = 4, 5
+# Tile sizes: defined into the Metal sources from here (see defines), so grid and kernel agree.
+DECODE_ROWS, DECODE_SIMDGROUPS = 4, 2  # output rows per simdgroup, simdgroups per threadgroup
+DECODE_ROWS_PER_TG = DECODE_ROWS * DECODE_SIMDGROUPS
+DECODE_THREADS = 32 * DECODE_SIMDGROUPS
+TILE, TILE_K, TILE_THREADS = 32, 32, 128  # pairs = outputs per tile, K step, threads
+HC_THREADS = 256  # threads per token of hc_pre
+ATTN_SIMDGROUPS = 4  # simdgroups per (token, head) of attn_decode; they split the keys
+INDEX_THREADS = 256  # threads per threadgroup of the indexer score kernel
+ROUTER_THREADS = 256  # threads per token of router_topk
+
+
+def _iq2xxs_grid_define() -> str:
+    codes = ", ".join(f"0x{int(c):04x}" for c in _iq2_xxs.GRID_CODES)
+    return f"#define DS4_IQ2XXS_GRID {codes}\n"
+
+
+def defines() -> str:
+    """The constants the Metal sources share with this module: layout ids, block geometry of
+    each GGUF format (gguf.GGML_QUANT_SIZES) and tile sizes."""
+    values = {f"DS4_{name}": v for name, v in LAYOUT.items()}
+    values.update(DS4_MXFP4=MLX_MXFP4, DS4_MXFP4_GGUF=GGUF_MXFP4)
+    for name in KERNEL_FORMATS:
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+        values[f"DS4_{name}_BLOCK"], values[f"DS4_{name}_BYTES"] = block, nbytes
+    values.update(DS4_ROWS=DECODE_ROWS, DS4_SIMDGROUPS=DECODE_SIMDGROUPS, DS4_BM=TILE,
+                  DS4_BN=TILE, DS4_BK=TILE_K, DS4_TG=TILE_THREADS, DS4_HC_TG=HC_THREADS,
+                  DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS,
+                  DS4_ROUTER_TG=ROUTER_THREADS)
+    # the QAT FP8 round trip's block and range (quant/codecs.py), for metal/rows.metal
+    values.update(DS4_FP8_BLOCK=FP8_ACT_BLOCK, DS4_E4M3_MAX=f"{E4M3_MAX:.1f}f")
+    return "".join(f"#define {k} {v}\n" for k, v in values.items())
+
+
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
+_SECTION = re.compile(r"^// @kernel (\w+)\s*$", re.M)
+
+
+def _inline_includes(text: str, seen: set[str]) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return _inline_includes((METAL_DIR / name).read_text(), seen)
+
+    return _INCLUDE.sub(sub, text).replace("#pragma once", "")
+
+
+@functools.cache
+def metal_source(file: str) -> tuple[str, dict[str, str]]:
+    """``metal/<file>`` -> (header, {kernel name: body}). Includes are inlined (metal_kernel
+    compiles one string) and the header starts with the tables defined from Python."""
+    text = _inline_includes((METAL_DIR / file).read_text(), set())
+    parts = _SECTION.split(text)
+    header = defines() + _iq2xxs_grid_define() + parts[0]
+    return header, {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
