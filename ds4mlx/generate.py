@@ -393,3 +393,44 @@ def format_stats(response: GenerationResponse) -> str:
     if response.draft_stats is not None:
         line += f" | {response.draft_stats.format()}"
     return line
+
+
+def batch_generate(
+    model: "nn.Module",
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    prompt_caches: Optional[list[list]] = None,
+    max_tokens: Union[int, list[int]] = 128,
+    verbose: bool = False,
+    return_prompt_caches: bool = False,
+    return_token_ids: bool = False,
+    return_logprobs: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Decode several prompts together (mlx-lm's ``batch_generate``: same arguments, its
+    ``BatchResponse``; keyword arguments go to its ``BatchGenerator``). Each weight is read once
+    per step for the whole batch, and each sequence keeps its own position, so a sequence gets
+    the tokens it gets alone. A prompt may also be text (taken verbatim, BOS in front as in
+    ``generate``) or an ``mx.array``; ids are checked against the vocabulary first. The
+    returned prompt caches are per-sequence ``model.make_cache()`` lists."""
+    from mlx_lm.generate import batch_generate as _batch_generate
+
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    caches = list(prompt_caches) if prompt_caches is not None else [None] * len(prompts)
+    if len(caches) != len(prompts):
+        raise ValueError(f"{len(caches)} prompt caches for {len(prompts)} prompts")
+    ids = [_prompt_ids(tokenizer, p, fresh=cache_offset(c) == 0, vocab_size=vocab_size)
+           for p, c in zip(prompts, caches)]
+    for i, p in enumerate(ids):
+        if not p:
+            raise PromptError(f"prompt {i} is empty")
+    if isinstance(max_tokens, numbers.Integral):
+        check_sampling(max_tokens=int(max_tokens))
+    else:
+        if len(max_tokens) != len(ids):
+            raise ValueError(f"{len(max_tokens)} max_tokens for {len(ids)} prompts")
+        for m in max_tokens:
+            check_sampling(max_tokens=m)
+    return _batch_generate(model, tokenizer, ids, prompt_caches=prompt_caches, max_tokens=max_tokens,
+                           verbose=verbose, return_prompt_caches=return_prompt_caches,
+                           return_token_ids=return_token_ids, return_logprobs=return_logprobs, **kwargs)

@@ -15,7 +15,7 @@ import numpy as np
 from .. import kernels
 from ..config import ModelConfig
 from ..kernels import attention as fused
-from ..state import LayerCache, record_window
+from ..state import BatchLayerCache, LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
 from .rope import apply_rope, layer_frequencies
@@ -83,8 +83,54 @@ class Attention(nn.Module):
         return qat.hadamard_fp4 if self.qat_rounding else None
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache | BatchLayerCache) -> mx.array:
+        if isinstance(cache, BatchLayerCache):
+            return self._call_batch(x, cache)
+        o = self._positional(self._project(x), cache, x.dtype)
+        return self._output(o)
+
+    def _call_batch(self, x: mx.array, cache: BatchLayerCache) -> mx.array:
+        """Sequences at their own positions: the projections run on the whole batch (each weight
+        read once), the position-dependent part runs per sequence on its real tokens."""
         b, s, _ = x.shape
+        if b != len(cache.caches):
+            raise ValueError(f"batch of {b} sequences for a cache of {len(cache.caches)}")
+        p = self._project(x)
+        outs = []
+        for i, (c, (a, n)) in enumerate(zip(cache.caches, cache.spans(s))):
+            if n == 0:
+                outs.append(mx.zeros((1, s, self.n_heads, self.head_dim), dtype=x.dtype))
+                continue
+            o = self._positional(p.rows(i, a, a + n), c, x.dtype)
+            if n < s:  # padding positions of mlx-lm's padded prompts: never read
+                o = mx.pad(o, [(0, 0), (a, s - a - n), (0, 0), (0, 0)])
+            outs.append(o)
+        return self._output(outs[0] if b == 1 else mx.concatenate(outs, axis=0))
+
+    def _project(self, x: mx.array) -> "_Projected":
+        """Every matmul on the layer input that does not depend on the position."""
+        b, s, _ = x.shape
+        p = _Projected()
+        p.qr = self.q_norm(self.wq_a(x))
+        p.q = self.wq_b(p.qr).reshape(b, s, self.n_heads, self.head_dim)
+        p.kv = self.wkv(x)
+        if self.ratio:
+            p.comp = self.compressor.project(x)
+        if self.ratio == 4:
+            p.index_comp = self.indexer.compressor.project(x)
+            p.index_q = self.indexer.project_queries(x, p.qr)
+        return p
+
+    def _output(self, o: mx.array) -> mx.array:
+        b, s = o.shape[:2]
+        o = o.reshape(b, s, self.groups, -1)
+        u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
+        return self.wo_b(u)
+
+    def _positional(self, p: "_Projected", cache: LayerCache, dtype: mx.Dtype) -> mx.array:
+        """Rotation, the carried state and the attention of one sequence's projected tokens at
+        positions cache.offset.. → outputs [B, s, H, d] in ``dtype``, rotated back."""
+        b, s = p.q.shape[:2]
         p0 = cache.offset
         positions = mx.arange(p0, p0 + s)
         freqs = self._freqs
@@ -92,18 +138,16 @@ class Attention(nn.Module):
         fused_rows = kernels.serves(kernels.ROPE_ROWS)
         row_pos = np.arange(p0, p0 + s)[None, :]  # host positions of the fused row kernel
 
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
         if fused_rows:
-            q = fused.rope_rows(q, row_pos[..., None], freqs, norm=fused.NORM_PLAIN,
+            q = fused.rope_rows(p.q, row_pos[..., None], freqs, norm=fused.NORM_PLAIN,
                                 eps=self.eps, out_dtype=mx.float32)
-            kv = fused.rope_rows(self.wkv(x), row_pos, freqs, norm=fused.NORM_WEIGHTED,
+            kv = fused.rope_rows(p.kv, row_pos, freqs, norm=fused.NORM_WEIGHTED,
                                  weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
         else:
-            q = q.astype(mx.float32)
+            q = p.q.astype(mx.float32)
             q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
             q = apply_rope(q, positions[:, None], freqs)
-            kv = self.kv_norm(self.wkv(x))
+            kv = self.kv_norm(p.kv)
             kv = apply_rope(kv, positions, freqs)
             if self.qat_rounding:
                 kv = qat.kv_fp8(kv, self.rope_dims)
@@ -117,14 +161,16 @@ class Attention(nn.Module):
         comp = None
         index_q = index_w = index_keys = None
         if self.ratio:
-            self.compressor(x, p0, cache.compressor, freqs, self._kv_rounding())
+            self.compressor.absorb(*p.comp, p0, cache.compressor, freqs, self._kv_rounding(), dtype)
             comp = cache.compressor.rows
         if self.ratio == 4:
-            self.indexer.compressor(x, p0, cache.indexer, freqs, self._index_rounding())
+            self.indexer.compressor.absorb(*p.index_comp, p0, cache.indexer, freqs,
+                                           self._index_rounding(), dtype)
             index_keys = cache.indexer.rows
             if index_keys is not None:
-                index_q, index_w = self.indexer.queries(x, qr, positions, freqs,
-                                                        self._index_rounding(), p0)
+                index_w = p.index_q[1]
+                index_q = self.indexer.rotate_queries(p.index_q[0], positions, freqs,
+                                                      self._index_rounding(), p0)
 
         if s <= FUSED_MAX_TOKENS and kernels.serves(kernels.ATTENTION):
             o = self._attend_fused(q, p0, keys, n_prev, cache, index_q, index_w, index_keys)
@@ -133,13 +179,11 @@ class Attention(nn.Module):
                                     index_keys)
 
         if fused_rows:
-            o = fused.rope_rows(o, row_pos[..., None], freqs, inverse=True, out_dtype=x.dtype)
+            o = fused.rope_rows(o, row_pos[..., None], freqs, inverse=True, out_dtype=dtype)
         else:
-            o = apply_rope(o, positions[:, None], freqs, inverse=True).astype(x.dtype)
-        o = o.reshape(b, s, self.groups, -1)
-        u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
+            o = apply_rope(o, positions[:, None], freqs, inverse=True).astype(dtype)
         cache.offset = p0 + s
-        return self.wo_b(u)
+        return o
 
     def _attend_fused(self, q, p0: int, keys, n_prev: int, cache: LayerCache, index_q, index_w,
                       index_keys):
@@ -224,4 +268,25 @@ class Attention(nn.Module):
                 out = out + (pc.reshape(b, s * h, -1) @ kc).reshape(b, s, h, d)
             else:
                 out = out + pc @ kc
+        return out
+
+
+class _Projected:
+    """The position-free projections of one call's tokens (see :meth:`Attention._project`)."""
+
+    qr: mx.array
+    q: mx.array
+    kv: mx.array
+    comp: tuple[mx.array, mx.array] | None = None
+    index_comp: tuple[mx.array, mx.array] | None = None
+    index_q: tuple[mx.array, mx.array] | None = None
+
+    def rows(self, i: int, a: int, b: int) -> "_Projected":
+        """Sequence ``i``, tokens a..b-1."""
+        out = _Projected()
+        for name, v in vars(self).items():
+            if isinstance(v, tuple):
+                setattr(out, name, tuple(t[i : i + 1, a:b] for t in v))
+            else:
+                setattr(out, name, v[i : i + 1, a:b])
         return out
