@@ -69,8 +69,12 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("source,k", [("official", 6), ("official", 4), ("mlx", 6), ("mlx", 4),
-                                      ("gguf", 6), ("gguf", 4)])
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("source,k", [("official", 6), pytest.param("official", 4, marks=_SLOW),
+                                      pytest.param("mlx", 6, marks=_SLOW), ("mlx", 4),
+                                      pytest.param("gguf", 6, marks=_SLOW), ("gguf", 4)])
 def test_every_sequence_of_a_batch_decodes_as_alone(sources, source, k):
     model, _ = load(sources[source], dtype=mx.float32, experts_per_token=k)
     refs = [alone(model, p, n) for p, (_, n) in zip(PROMPTS, PLAN)]
