@@ -229,6 +229,7 @@ def stream_generate(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     draft: Optional[Any] = None,
     num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    steps: Optional[Callable[[list[int], Callable, Optional[list]], Iterator[tuple[int, "mx.array"]]]] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``prompt`` (text taken verbatim, token ids, or an ``mx.array``).
 
@@ -242,6 +243,8 @@ def stream_generate(
     ``draft="mtp"`` decodes speculatively with the model's MTP block (load with ``mtp=True``),
     ``num_draft_tokens`` (1-3) drafts per verify forward: greedy output is the same token for
     token, sampled output follows the same distribution (a custom ``sampler`` cannot be used).
+    ``steps(ids, sampler, logits_processors)``, if given, yields the (token, logprobs) pairs in
+    place of mlx-lm's ``generate_step`` (the server's batched decoder runs the forwards).
     """
     import mlx.core as mx
     from mlx_lm.generate import generate_step, generation_stream, wired_limit
@@ -284,7 +287,11 @@ def stream_generate(
     reasoning = think_start is not None and ids[-1] == think_start
     detokenizer = tokenizer.detokenizer
     stats = None
-    if draft is None:
+    if steps is not None:
+        if draft is not None:
+            raise ValueError("steps and draft cannot be combined")
+        steps = ((t, lp, False) for t, lp in steps(ids, sampler, logits_processors or None))
+    elif draft is None:
         steps = ((t, lp, False) for t, lp in generate_step(
             mx.array(ids),
             model,
