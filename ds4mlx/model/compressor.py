@@ -123,31 +123,23 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config, ratio, self.head_dim)
         self.scale = self.head_dim**-0.5 * self.n_heads**-0.5
 
-    def queries(
-        self, x: mx.array, qr: mx.array, positions: mx.array, freqs: mx.array,
-        rounding: Callable[[mx.array], mx.array] | None, p0: int | None = None,
-    ) -> tuple[mx.array, mx.array]:
-        """Per-token indexer queries [B, S, h, dI] and head weights [B, S, h] (float32).
-        ``p0``: the first position as an int, which lets the fused row kernel rotate q."""
-        q, w = self.project_queries(x, qr)
-        return self.rotate_queries(q, positions, freqs, rounding, p0), w
-
     def project_queries(self, x: mx.array, qr: mx.array) -> tuple[mx.array, mx.array]:
-        """The position-free part of :meth:`queries`: q [B, S, h, dI] before RoPE, weights [B, S, h]."""
+        """Indexer queries [B, S, h, dI] before RoPE (see :meth:`rotate_queries`) and head weights
+        [B, S, h] float32."""
         b, s, _ = qr.shape
         q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
         return q, self.weights_proj(x).astype(mx.float32) * self.scale
 
     def rotate_queries(
-        self, q: mx.array, positions: mx.array, freqs: mx.array,
-        rounding: Callable[[mx.array], mx.array] | None, p0: int | None = None,
+        self, q: mx.array, pos: np.ndarray, freqs: mx.array,
+        rounding: Callable[[mx.array], mx.array] | None,
     ) -> mx.array:
-        """RoPE (and the rounding) of projected queries at ``positions`` (first one ``p0``)."""
-        s = q.shape[1]
-        if p0 is not None and kernels.serves(kernels.ROPE_ROWS):
-            q = fused.rope_rows(q, np.arange(p0, p0 + s)[None, :, None], freqs)
+        """RoPE (and the rounding) of projected queries [B, S, h, dI] at host positions ``pos``
+        [B, S] → float32."""
+        if kernels.serves(kernels.ROPE_ROWS):
+            q = fused.rope_rows(q, pos[..., None], freqs)
         else:
-            q = apply_rope(q, positions[:, None], freqs)
+            q = apply_rope(q, mx.array(pos)[..., None], freqs)
         if rounding is not None:
             q = rounding(q)
         return q.astype(mx.float32)
