@@ -19,9 +19,9 @@ _LAZY = {
 # Eager, because the submodule ds4mlx.generate has the function's name: once anything imports
 # the submodule, the package attribute would be the module and ds4mlx.generate(...) would fail.
 # It only imports mlx.core/mlx.nn (a few ms).
-from .generate import generate, stream_generate  # noqa: E402
+from .generate import batch_generate, generate, stream_generate  # noqa: E402
 
-__all__ = list(_LAZY) + ["generate", "stream_generate"]
+__all__ = list(_LAZY) + ["batch_generate", "generate", "stream_generate"]
 
 
 def __getattr__(name: str):

@@ -229,6 +229,7 @@ def stream_generate(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     draft: Optional[Any] = None,
     num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    steps: Optional[Callable[[list[int], Callable, Optional[list]], Iterator[tuple[int, "mx.array"]]]] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``prompt`` (text taken verbatim, token ids, or an ``mx.array``).
 
@@ -242,6 +243,8 @@ def stream_generate(
     ``draft="mtp"`` decodes speculatively with the model's MTP block (load with ``mtp=True``),
     ``num_draft_tokens`` (1-3) drafts per verify forward: greedy output is the same token for
     token, sampled output follows the same distribution (a custom ``sampler`` cannot be used).
+    ``steps(ids, sampler, logits_processors)``, if given, yields the (token, logprobs) pairs in
+    place of mlx-lm's ``generate_step`` (the server's batched decoder runs the forwards).
     """
     import mlx.core as mx
     from mlx_lm.generate import generate_step, generation_stream, wired_limit
@@ -284,7 +287,11 @@ def stream_generate(
     reasoning = think_start is not None and ids[-1] == think_start
     detokenizer = tokenizer.detokenizer
     stats = None
-    if draft is None:
+    if steps is not None:
+        if draft is not None:
+            raise ValueError("steps and draft cannot be combined")
+        steps = ((t, lp, False) for t, lp in steps(ids, sampler, logits_processors or None))
+    elif draft is None:
         steps = ((t, lp, False) for t, lp in generate_step(
             mx.array(ids),
             model,
@@ -393,3 +400,44 @@ def format_stats(response: GenerationResponse) -> str:
     if response.draft_stats is not None:
         line += f" | {response.draft_stats.format()}"
     return line
+
+
+def batch_generate(
+    model: "nn.Module",
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    prompt_caches: Optional[list[list]] = None,
+    max_tokens: Union[int, list[int]] = 128,
+    verbose: bool = False,
+    return_prompt_caches: bool = False,
+    return_token_ids: bool = False,
+    return_logprobs: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Decode several prompts together (mlx-lm's ``batch_generate``: same arguments, its
+    ``BatchResponse``; keyword arguments go to its ``BatchGenerator``). Each weight is read once
+    per step for the whole batch, and each sequence keeps its own position, so a sequence gets
+    the tokens it gets alone. A prompt may also be text (taken verbatim, BOS in front as in
+    ``generate``) or an ``mx.array``; ids are checked against the vocabulary first. The
+    returned prompt caches are per-sequence ``model.make_cache()`` lists."""
+    from mlx_lm.generate import batch_generate as _batch_generate
+
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    caches = list(prompt_caches) if prompt_caches is not None else [None] * len(prompts)
+    if len(caches) != len(prompts):
+        raise ValueError(f"{len(caches)} prompt caches for {len(prompts)} prompts")
+    ids = [_prompt_ids(tokenizer, p, fresh=cache_offset(c) == 0, vocab_size=vocab_size)
+           for p, c in zip(prompts, caches)]
+    for i, p in enumerate(ids):
+        if not p:
+            raise PromptError(f"prompt {i} is empty")
+    if isinstance(max_tokens, numbers.Integral):
+        check_sampling(max_tokens=int(max_tokens))
+    else:
+        if len(max_tokens) != len(ids):
+            raise ValueError(f"{len(max_tokens)} max_tokens for {len(ids)} prompts")
+        for m in max_tokens:
+            check_sampling(max_tokens=m)
+    return _batch_generate(model, tokenizer, ids, prompt_caches=prompt_caches, max_tokens=max_tokens,
+                           verbose=verbose, return_prompt_caches=return_prompt_caches,
+                           return_token_ids=return_token_ids, return_logprobs=return_logprobs, **kwargs)

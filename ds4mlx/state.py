@@ -117,9 +117,16 @@ class LayerCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state if isinstance(a, mx.array))
 
+    @classmethod
+    def merge(cls, caches: list["LayerCache"]) -> "BatchLayerCache":
+        """mlx-lm's batch protocol: one batch state from per-sequence ones (copied, so the
+        originals stay as they are)."""
+        return BatchLayerCache([c.snapshot() for c in caches])
+
     def snapshot(self) -> "LayerCache":
         """A copy that later calls on ``self`` do not change (arrays are immutable)."""
         snap = copy.copy(self)
+        snap._mark = None
         for name in ("compressor", "indexer"):
             c = getattr(self, name)
             if c is not None:
@@ -129,6 +136,108 @@ class LayerCache:
                     c2._rows = mx.array(c._rows[:, : c.n_rows])
                 setattr(snap, name, c2)
         return snap
+
+
+class BatchLayerCache:
+    """One layer's state for a batch of sequences, each at its own position: a LayerCache per
+    sequence (own window, compressor phase, compressed and indexer rows). Attention runs the
+    projections on the whole batch and the rest per sequence (see ``Attention._call_batch``).
+
+    This is mlx-lm's batch cache protocol (``merge`` / ``extend`` / ``filter`` / ``extract`` /
+    ``prepare`` / ``finalize``), which its ``BatchGenerator`` drives: prompts of different
+    lengths arrive right-padded (``prepare(lengths=...)``: each sequence takes only its first
+    ``lengths[i]`` tokens) or left-padded (``prepare(left_padding=...)``: each skips as many)."""
+
+    def __init__(self, caches: list[LayerCache]) -> None:
+        self.caches = list(caches)
+        self._skip: list[int] | None = None  # left padding still to skip, per sequence
+        self._take: list[int] | None = None  # real tokens still to come, per sequence
+
+    # ---- the tokens of a call each sequence takes
+    def spans(self, s: int) -> list[tuple[int, int]]:
+        """(first, count) of the real tokens of each sequence in a call of ``s`` tokens; the
+        counts of the padded input left are advanced."""
+        out = []
+        for i in range(len(self.caches)):
+            a = 0 if self._skip is None else min(self._skip[i], s)
+            n = s - a if self._take is None else min(s - a, self._take[i])
+            if self._skip is not None:
+                self._skip[i] -= a
+            if self._take is not None:
+                self._take[i] -= n
+            out.append((a, n))
+        return out
+
+    def prepare(self, *, left_padding=None, lengths=None, right_padding=None) -> None:
+        if left_padding is not None:
+            self._skip = [int(v) for v in _ints(left_padding)]
+        if lengths is not None:
+            self._take = [int(v) for v in _ints(lengths)]
+
+    def finalize(self) -> None:
+        # The padded tokens were never taken in: nothing to move.
+        self._skip = self._take = None
+
+    # ---- membership
+    @classmethod
+    def merge(cls, caches: list) -> "BatchLayerCache":
+        parts = []
+        for c in caches:
+            parts += [s.snapshot() for s in c.caches] if isinstance(c, BatchLayerCache) else [c.snapshot()]
+        return cls(parts)
+
+    def extend(self, other: "BatchLayerCache") -> None:
+        n, m = len(self.caches), len(other.caches)
+        self._skip = _join(self._skip, other._skip, n, m, 0)
+        self._take = _join(self._take, other._take, n, m, _ALL)
+        self.caches += other.caches
+
+    def filter(self, batch_indices) -> None:
+        keep = [int(i) for i in _ints(batch_indices)]
+        self.caches = [self.caches[i] for i in keep]
+        for name in ("_skip", "_take"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, [v[i] for i in keep])
+
+    def extract(self, idx: int) -> LayerCache:
+        """Sequence ``idx``'s own state (a copy), as a one-sequence decode would have it."""
+        return self.caches[idx].snapshot()
+
+    # ---- what mlx-lm's loops read
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for c in self.caches for a in c.state if isinstance(a, mx.array)]
+
+    @property
+    def offset(self) -> mx.array:
+        return mx.array([c.offset for c in self.caches])
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    def empty(self) -> bool:
+        return all(c.empty() for c in self.caches)
+
+    def size(self) -> int:
+        return max((c.offset for c in self.caches), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+
+_ALL = 1 << 62  # "every token" in a per-sequence count
+
+
+def _join(a: list[int] | None, b: list[int] | None, n: int, m: int, fill: int) -> list[int] | None:
+    if a is None and b is None:
+        return None
+    return (a if a is not None else [fill] * n) + (b if b is not None else [fill] * m)
+
+
+def _ints(v) -> list:
+    return v.tolist() if isinstance(v, mx.array) else list(v)
 
 
 _FIELDS = ("pending_kv", "pending_score", "prev_kv", "prev_score", "rows")

@@ -15,7 +15,7 @@ import numpy as np
 from .. import kernels
 from ..config import ModelConfig
 from ..kernels import attention as fused
-from ..state import LayerCache, record_window
+from ..state import BatchLayerCache, LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
 from .rope import apply_rope, layer_frequencies
@@ -83,30 +83,102 @@ class Attention(nn.Module):
         return qat.hadamard_fp4 if self.qat_rounding else None
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache | BatchLayerCache) -> mx.array:
+        if isinstance(cache, BatchLayerCache):
+            return self._call_batch(x, cache)
+        o = self._positional(self._project(x), cache, x.dtype)
+        return self._output(o)
+
+    def _call_batch(self, x: mx.array, cache: BatchLayerCache) -> mx.array:
+        """Sequences at their own positions: the projections and the rotations run on the whole
+        batch (each weight read once), the carried state and the attention per sequence on its
+        real tokens."""
         b, s, _ = x.shape
-        p0 = cache.offset
-        positions = mx.arange(p0, p0 + s)
+        if b != len(cache.caches):
+            raise ValueError(f"batch of {b} sequences for a cache of {len(cache.caches)}")
+        spans = cache.spans(s)
+        # host positions of every token (padding gets any: its rows are never read)
+        pos = np.stack([np.arange(c.offset - a, c.offset - a + s) for c, (a, _) in zip(cache.caches, spans)])
+        p = self._project(x)
+        q, kv, index_q = self._rotate(p, pos)
+        outs = []
+        for i, (c, (a, n)) in enumerate(zip(cache.caches, spans)):
+            if n == 0:
+                outs.append(mx.zeros((1, s, self.n_heads, self.head_dim), dtype=mx.float32))
+                continue
+            rows = slice(a, a + n)
+            o = self._attend_state(q[i:i + 1, rows], kv[i:i + 1, rows], p.rows(i, a, a + n),
+                                   None if index_q is None else index_q[i:i + 1, rows], c, x.dtype)
+            if n < s:
+                o = mx.pad(o, [(0, 0), (a, s - a - n), (0, 0), (0, 0)])
+            outs.append(o)
+        o = outs[0] if b == 1 else mx.concatenate(outs, axis=0)
+        return self._output(self._unrotate(o, pos, x.dtype))
+
+    def _project(self, x: mx.array) -> "_Projected":
+        """Every matmul on the layer input that does not depend on the position."""
+        b, s, _ = x.shape
+        p = _Projected()
+        p.qr = self.q_norm(self.wq_a(x))
+        p.q = self.wq_b(p.qr).reshape(b, s, self.n_heads, self.head_dim)
+        p.kv = self.wkv(x)
+        if self.ratio:
+            p.comp = self.compressor.project(x)
+        if self.ratio == 4:
+            p.index_comp = self.indexer.compressor.project(x)
+            p.index_q = self.indexer.project_queries(x, p.qr)
+        return p
+
+    def _output(self, o: mx.array) -> mx.array:
+        b, s = o.shape[:2]
+        o = o.reshape(b, s, self.groups, -1)
+        u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
+        return self.wo_b(u)
+
+    def _positional(self, p: "_Projected", cache: LayerCache, dtype: mx.Dtype) -> mx.array:
+        """Rotation, the carried state and the attention of one sequence's projected tokens at
+        positions cache.offset.. → outputs [B, s, H, d] in ``dtype``, rotated back."""
+        s = p.q.shape[1]
+        pos = np.arange(cache.offset, cache.offset + s)[None, :]  # host positions
+        q, kv, index_q = self._rotate(p, pos)
+        o = self._attend_state(q, kv, p, index_q, cache, dtype)
+        return self._unrotate(o, pos, dtype)
+
+    def _rotate(self, p: "_Projected", pos: np.ndarray):
+        """Normalised, rotated (and rounded) queries and KV rows, and indexer queries, of tokens
+        at host positions ``pos`` [B, s]."""
         freqs = self._freqs
-
-        fused_rows = kernels.serves(kernels.ROPE_ROWS)
-        row_pos = np.arange(p0, p0 + s)[None, :]  # host positions of the fused row kernel
-
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
-        if fused_rows:
-            q = fused.rope_rows(q, row_pos[..., None], freqs, norm=fused.NORM_PLAIN,
+        if kernels.serves(kernels.ROPE_ROWS):
+            q = fused.rope_rows(p.q, pos[..., None], freqs, norm=fused.NORM_PLAIN,
                                 eps=self.eps, out_dtype=mx.float32)
-            kv = fused.rope_rows(self.wkv(x), row_pos, freqs, norm=fused.NORM_WEIGHTED,
+            kv = fused.rope_rows(p.kv, pos, freqs, norm=fused.NORM_WEIGHTED,
                                  weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
         else:
-            q = q.astype(mx.float32)
+            positions = mx.array(pos)
+            q = p.q.astype(mx.float32)
             q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
-            q = apply_rope(q, positions[:, None], freqs)
-            kv = self.kv_norm(self.wkv(x))
+            q = apply_rope(q, positions[..., None], freqs)
+            kv = self.kv_norm(p.kv)
             kv = apply_rope(kv, positions, freqs)
             if self.qat_rounding:
                 kv = qat.kv_fp8(kv, self.rope_dims)
+        index_q = None
+        if self.ratio == 4:  # lazy: computed only where a sequence has indexer keys
+            index_q = self.indexer.rotate_queries(p.index_q[0], pos, freqs, self._index_rounding())
+        return q, kv, index_q
+
+    def _unrotate(self, o: mx.array, pos: np.ndarray, dtype: mx.Dtype) -> mx.array:
+        if kernels.serves(kernels.ROPE_ROWS):
+            return fused.rope_rows(o, pos[..., None], self._freqs, inverse=True, out_dtype=dtype)
+        return apply_rope(o, mx.array(pos)[..., None], self._freqs, inverse=True).astype(dtype)
+
+    def _attend_state(self, q, kv, p: "_Projected", index_q, cache: LayerCache, dtype: mx.Dtype):
+        """One sequence's rotated tokens at positions cache.offset..: window, compressors,
+        indexer, attention → outputs [1, s, H, d] float32 (not rotated back)."""
+        s = q.shape[1]
+        p0 = cache.offset
+        positions = mx.arange(p0, p0 + s)
+        freqs = self._freqs
 
         # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones.
         n_prev = 0 if cache.window is None else cache.window.shape[1]
@@ -115,31 +187,25 @@ class Attention(nn.Module):
         record_window(cache, kv, self.window - 1)  # for a speculative rollback
 
         comp = None
-        index_q = index_w = index_keys = None
+        index_w = index_keys = None
         if self.ratio:
-            self.compressor(x, p0, cache.compressor, freqs, self._kv_rounding())
+            self.compressor.absorb(*p.comp, p0, cache.compressor, freqs, self._kv_rounding(), dtype)
             comp = cache.compressor.rows
         if self.ratio == 4:
-            self.indexer.compressor(x, p0, cache.indexer, freqs, self._index_rounding())
+            self.indexer.compressor.absorb(*p.index_comp, p0, cache.indexer, freqs,
+                                           self._index_rounding(), dtype)
             index_keys = cache.indexer.rows
-            if index_keys is not None:
-                index_q, index_w = self.indexer.queries(x, qr, positions, freqs,
-                                                        self._index_rounding(), p0)
+            index_w = p.index_q[1]
+            if index_keys is None:
+                index_q = index_w = None
 
         if s <= FUSED_MAX_TOKENS and kernels.serves(kernels.ATTENTION):
             o = self._attend_fused(q, p0, keys, n_prev, cache, index_q, index_w, index_keys)
         else:
             o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
                                     index_keys)
-
-        if fused_rows:
-            o = fused.rope_rows(o, row_pos[..., None], freqs, inverse=True, out_dtype=x.dtype)
-        else:
-            o = apply_rope(o, positions[:, None], freqs, inverse=True).astype(x.dtype)
-        o = o.reshape(b, s, self.groups, -1)
-        u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
         cache.offset = p0 + s
-        return self.wo_b(u)
+        return o
 
     def _attend_fused(self, q, p0: int, keys, n_prev: int, cache: LayerCache, index_q, index_w,
                       index_keys):
@@ -224,4 +290,25 @@ class Attention(nn.Module):
                 out = out + (pc.reshape(b, s * h, -1) @ kc).reshape(b, s, h, d)
             else:
                 out = out + pc @ kc
+        return out
+
+
+class _Projected:
+    """The position-free projections of one call's tokens (see :meth:`Attention._project`)."""
+
+    qr: mx.array
+    q: mx.array
+    kv: mx.array
+    comp: tuple[mx.array, mx.array] | None = None
+    index_comp: tuple[mx.array, mx.array] | None = None
+    index_q: tuple[mx.array, mx.array] | None = None
+
+    def rows(self, i: int, a: int, b: int) -> "_Projected":
+        """Sequence ``i``, tokens a..b-1."""
+        out = _Projected()
+        for name, v in vars(self).items():
+            if isinstance(v, tuple):
+                setattr(out, name, tuple(t[i : i + 1, a:b] for t in v))
+            else:
+                setattr(out, name, v[i : i + 1, a:b])
         return out

@@ -44,12 +44,30 @@ class Compressor(nn.Module):
         rounding: Callable[[mx.array], mx.array] | None,
     ) -> None:
         """Feed tokens at positions offset.. of ``x`` [B, S, D]; closed rows go to ``state``."""
-        r = self.ratio
-        b, s, _ = x.shape
+        kv, gate = self.project(x)
+        self.absorb(kv, gate, offset, state, freqs, rounding, x.dtype)
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Per-token values and gate scores [B, S, width] float32 (no position in them yet): a
+        batch of sequences at different positions shares this matmul."""
         xf = x.astype(mx.float32)
-        kv = self.wkv(xf).astype(mx.float32)
+        return self.wkv(xf).astype(mx.float32), self.wgate(xf).astype(mx.float32)
+
+    def absorb(
+        self,
+        kv: mx.array,
+        gate: mx.array,
+        offset: int,
+        state: CompressorState,
+        freqs: mx.array,
+        rounding: Callable[[mx.array], mx.array] | None,
+        dtype: mx.Dtype,
+    ) -> None:
+        """Take the projected tokens of positions offset.. into ``state``; rows in ``dtype``."""
+        r = self.ratio
+        b, s, _ = kv.shape
         slot = mx.array(np.arange(offset, offset + s) % r)  # position mod r, from the host
-        score = self.wgate(xf).astype(mx.float32) + self.ape.astype(mx.float32)[slot]
+        score = gate + self.ape.astype(mx.float32)[slot]
         if state.pending_kv is not None:
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             score = mx.concatenate([state.pending_score, score], axis=1)
@@ -67,7 +85,7 @@ class Compressor(nn.Module):
             kv, score = self._overlap_slots(kv, score, state)
         weights = mx.softmax(score, axis=2, precise=True)
         rows = mx.sum(weights * kv, axis=2)  # [B, n_win, dd] f32
-        rows = self.norm(rows.astype(x.dtype))
+        rows = self.norm(rows.astype(dtype))
         first = start // r
         rows = apply_rope(rows, (mx.arange(first, first + n_win) * r), freqs)
         if rounding is not None:
@@ -105,22 +123,26 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config, ratio, self.head_dim)
         self.scale = self.head_dim**-0.5 * self.n_heads**-0.5
 
-    def queries(
-        self, x: mx.array, qr: mx.array, positions: mx.array, freqs: mx.array,
-        rounding: Callable[[mx.array], mx.array] | None, p0: int | None = None,
-    ) -> tuple[mx.array, mx.array]:
-        """Per-token indexer queries [B, S, h, dI] and head weights [B, S, h] (float32).
-        ``p0``: the first position as an int, which lets the fused row kernel rotate q."""
+    def project_queries(self, x: mx.array, qr: mx.array) -> tuple[mx.array, mx.array]:
+        """Indexer queries [B, S, h, dI] before RoPE (see :meth:`rotate_queries`) and head weights
+        [B, S, h] float32."""
         b, s, _ = qr.shape
         q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
-        if p0 is not None and kernels.serves(kernels.ROPE_ROWS):
-            q = fused.rope_rows(q, np.arange(p0, p0 + s)[None, :, None], freqs)
+        return q, self.weights_proj(x).astype(mx.float32) * self.scale
+
+    def rotate_queries(
+        self, q: mx.array, pos: np.ndarray, freqs: mx.array,
+        rounding: Callable[[mx.array], mx.array] | None,
+    ) -> mx.array:
+        """RoPE (and the rounding) of projected queries [B, S, h, dI] at host positions ``pos``
+        [B, S] → float32."""
+        if kernels.serves(kernels.ROPE_ROWS):
+            q = fused.rope_rows(q, pos[..., None], freqs)
         else:
-            q = apply_rope(q, positions[:, None], freqs)
+            q = apply_rope(q, mx.array(pos)[..., None], freqs)
         if rounding is not None:
             q = rounding(q)
-        w = self.weights_proj(x).astype(mx.float32) * self.scale
-        return q.astype(mx.float32), w
+        return q.astype(mx.float32)
 
     def pick(self, q: mx.array, w: mx.array, keys: mx.array, n_vis) -> mx.array:
         """Top-k keys per query for the fused decode path: int32 [B, S, K], -1 where a query

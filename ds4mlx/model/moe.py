@@ -12,6 +12,8 @@ from ..config import ModelConfig
 from ..ops import clamped_swiglu
 
 # Above this many (token, expert) pairs, sort them by expert so gathers read each expert once.
+# Any call of more than one token sorts too (a batch decode step, a speculative verify): tokens
+# that chose one expert then share its read; a one-token step picks k distinct experts anyway.
 _SORT_THRESHOLD = 64
 
 
@@ -69,7 +71,7 @@ class RoutedExperts(nn.Module):
             return fused
         n, k = idx.shape
         xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, D]
-        do_sort = idx.size >= _SORT_THRESHOLD
+        do_sort = n > 1 or idx.size >= _SORT_THRESHOLD
         inv_order = None
         if do_sort:
             flat = idx.flatten()

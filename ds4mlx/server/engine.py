@@ -1,7 +1,11 @@
-"""The model worker: one thread runs every generation, one request at a time, in arrival order.
+"""The model worker: one thread runs every generation, in arrival order.
 
 Routes hand a ``Job`` to ``Engine.submit`` and read its events from an asyncio queue. Only the
-worker thread touches the model and decode states, so no two forwards ever share a state. The
+worker thread touches the model and decode states, so no two forwards ever share a state.
+Concurrent requests are decoded together (up to ``max_batch``): each prompt is prefilled alone,
+then every decode step runs one forward for all running requests, each at its own position
+(``ds4mlx.state.BatchLayerCache``), and each samples from its own row; a seeded request or
+speculative decoding runs alone (a shared random stream would not repeat its samples). The
 prompt is prefilled segment by segment up to its reuse points (message boundaries), with a
 snapshot at each, so a later request that shares the prefix starts from there; the cut points
 depend only on the prompt, so a cached and an uncached run of one prompt compute the same thing.
@@ -13,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -127,7 +132,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, ctx: Optional[int] = None,
                  prefix_cache: Optional[PrefixCache] = None, prefill_step: int = DEFAULT_PREFILL_STEP,
                  processors: Optional[Callable[[Job, int], list]] = None, default_max_tokens: int = 4096,
-                 draft: Optional[str] = None, num_draft_tokens: int = 2) -> None:
+                 draft: Optional[str] = None, num_draft_tokens: int = 2, max_batch: int = 8) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.draft, self.num_draft_tokens = draft, num_draft_tokens  # speculative decoding (ds4mlx.speculative)
         self.default_max_tokens = default_max_tokens
@@ -140,6 +145,9 @@ class Engine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds4mlx-model")
         self.last: Optional[Result] = None  # the most recent finished job (for tests and logs)
         self.jobs_done = 0
+        self.max_batch = max_batch  # requests decoded together
+        self.most_together = 0  # the largest batch a decode step has run (for tests and logs)
+        self._waiting: deque = deque()  # (job, emit) not started yet
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -158,22 +166,120 @@ class Engine:
             except RuntimeError:  # the server's loop has closed: nobody is listening
                 job.cancel.set()
 
-        self._pool.submit(self._run_safely, job, emit)
+        self._waiting.append((job, emit))
+        self._pool.submit(self._serve)
         return queue
 
     # ------------------------------------------------------------------ worker side
-    def _run_safely(self, job: Job, emit: Callable[[str, Any], None]) -> None:
+    def _serve(self) -> None:
+        """Run every waiting job: new ones join the running batch between decode steps. (Each
+        submit queues one call; a call that finds nothing waiting returns at once.)"""
+        active: list[_Live] = []
+        while self._waiting or active:
+            while self._waiting and len(active) < max(self.max_batch, 1):
+                job, emit = self._waiting[0]
+                alone = self.max_batch <= 1 or self.draft is not None or job.seed is not None
+                if alone and active:
+                    break  # after the running batch
+                self._waiting.popleft()
+                if alone:
+                    self._run_safely(job, emit)
+                else:
+                    live = self._start(job, emit)
+                    if live is not None:
+                        active.append(live)
+            if active:
+                self._decode_step(active)
+                active = [live for live in active if not live.done]
+
+    def _start(self, job: Job, emit: Callable[[str, Any], None]) -> Optional["_Live"]:
+        """Prefill ``job`` alone and take its first token; None if it is over already."""
         try:
-            result = self._run(job, emit)
-            self.last = result
-            self.jobs_done += 1
-            emit("done", result)
-            if self.prefix_cache is not None:
-                self.prefix_cache.flush()
+            live = self._begin(job, emit)
+            if live is None:
+                return None
+            live.responses = self._responses(live, steps=self._steps(live))
+            self._advance(live)
+            return None if live.done else live
+        except Exception as e:
+            self._fail(e, emit)
+            return None
+
+    def _steps(self, live: "_Live") -> Callable:
+        """The (token, logprobs) source of one batched job: its prompt runs alone, then each
+        step's logits come from the batch forward (``live.logits``)."""
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        def steps(ids: list[int], sampler: Callable, processors: Optional[list]):
+            if len(ids) > 1:
+                self._prefill(live.cache, ids[:-1])
+            with mx.stream(generation_stream):
+                logits = self.model(mx.array([ids[-1:]]), live.cache)[:, -1]
+            history = mx.array(ids)
+            while True:
+                with mx.stream(generation_stream):
+                    for p in processors or ():
+                        logits = p(history, logits)
+                    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+                    y = sampler(logprobs)
+                    mx.eval(y, logprobs)
+                live.next_input = int(y.item())
+                if processors:
+                    history = mx.concatenate([history, y.reshape(-1).astype(history.dtype)])
+                yield live.next_input, logprobs[0]
+                logits = live.logits
+
+        return steps
+
+    def _decode_step(self, active: list["_Live"]) -> None:
+        """One forward for every running job (each at its own position), then each takes its token."""
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        from ..state import BatchLayerCache
+
+        try:
+            caches = [BatchLayerCache([live.cache[i] for live in active]) for i in range(len(active[0].cache))]
+            with mx.stream(generation_stream):
+                logits = self.model(mx.array([[live.next_input] for live in active]), caches)[:, -1]
+            self.most_together = max(self.most_together, len(active))
+        except Exception as e:  # every running job gets the error; the worker keeps serving
+            for live in active:
+                live.done = True
+                live.responses.close()
+                self._fail(e, live.emit)
+            return
+        for i, live in enumerate(active):
+            live.logits = logits[i:i + 1]
+            try:
+                self._advance(live)
+            except Exception as e:
+                live.done = True
+                self._fail(e, live.emit)
+
+    def _fail(self, e: Exception, emit: Callable[[str, Any], None]) -> None:
+        if not isinstance(e, ValueError):
+            log.exception("generation failed")
+        emit("error", e)
+
+    def _run_safely(self, job: Job, emit: Callable[[str, Any], None]) -> None:
+        """One job alone, start to end (mlx-lm's ``generate_step`` pipelines its steps)."""
+        try:
+            live = self._begin(job, emit)
+            if live is not None:
+                live.responses = self._responses(live)
+                while not live.done:
+                    self._advance(live)
         except Exception as e:  # reported to the client; the worker keeps serving
-            if not isinstance(e, ValueError):
-                log.exception("generation failed")
-            emit("error", e)
+            self._fail(e, emit)
+
+    def _done(self, result: Result, emit: Callable[[str, Any], None]) -> None:
+        self.last = result
+        self.jobs_done += 1
+        emit("done", result)
+        if self.prefix_cache is not None:
+            self.prefix_cache.flush()
 
     def _prefill(self, cache: list, ids: list[int]) -> None:
         import mlx.core as mx
@@ -184,16 +290,18 @@ class Engine:
                 self.model(mx.array([ids[i:i + self.prefill_step]]), cache)
                 mx.eval([c.state for c in cache])
 
-    def _run(self, job: Job, emit: Callable[[str, Any], None]) -> Result:
-        import mlx.core as mx
-
-        tic = time.perf_counter()
+    def _begin(self, job: Job, emit: Callable[[str, Any], None]) -> Optional["_Live"]:
+        """The prefix cache's state and the prompt up to its last reuse point; None (and the
+        job answered) if it was cancelled before it started."""
         ids = job.ids
         if job.cancel.is_set():
-            return Result("", "cancelled", len(ids), 0, 0)
+            self._done(Result("", "cancelled", len(ids), 0, 0), emit)
+            return None
+        live = _Live(job, emit, time.perf_counter())
         cached, cache = (0, None) if self.prefix_cache is None else self.prefix_cache.lookup(ids)
         if cache is None:
             cache = self.model.make_cache()
+        live.cached, live.cache = cached, cache
         emit("start", cached)
         pos = cached
         for b in job.boundaries:
@@ -202,55 +310,75 @@ class Engine:
                 pos = b
                 if self.prefix_cache is not None:
                     self.prefix_cache.store(ids[:b], cache)
+        live.rest = ids[pos:]
+        return live
 
-        rest = ids[pos:]
+    def _responses(self, live: "_Live", steps: Optional[Callable] = None):
+        job, rest = live.job, live.rest
         processors = []
         if job.force_content:
             processors.append(ForceContent(job.force_content, len(rest), self.think_end if job.thinking else None))
         if self.processors is not None:
             processors += self.processors(job, len(rest))
-        markers = {self.think_start: encoding.THINK_START, self.think_end: encoding.THINK_END}
-        text, emitted, tokens, finish, stop_seq, prefill_s = "", 0, [], "length", None, 0.0
-        responses = stream_generate(
+        return stream_generate(
             self.model, self.tokenizer, rest, max_tokens=job.max_tokens, temp=job.temp, top_p=job.top_p,
-            top_k=job.top_k, min_p=job.min_p, seed=job.seed, prompt_cache=cache, max_context=self.ctx,
+            top_k=job.top_k, min_p=job.min_p, seed=job.seed, prompt_cache=live.cache, max_context=self.ctx,
             prefill_step_size=self.prefill_step,
-            logits_processors=processors or None, draft=self.draft, num_draft_tokens=self.num_draft_tokens,
+            logits_processors=processors or None, draft=None if steps is not None else self.draft,
+            num_draft_tokens=self.num_draft_tokens, steps=steps,
         )
+
+    def _advance(self, live: "_Live") -> None:
+        """Take the job's next response: text out, or the end (stop, length, cancel)."""
+        job = live.job
+        markers = {self.think_start: encoding.THINK_START, self.think_end: encoding.THINK_END}
         try:
-            for r in responses:
-                if not tokens:
-                    prefill_s = time.perf_counter() - tic
-                tokens.append(r.token)
-                text += r.text
-                if r.token in markers and r.finish_reason != "stop":
-                    text += markers[r.token]
-                content_at = self._content_start(text, job.thinking)
-                hit = _find_stop(text, content_at, job.stop)
-                if hit is not None:
-                    at, stop_seq = hit
-                    text, finish = text[:at], "stop_sequence"
-                    break
-                if r.finish_reason is not None:
-                    finish = r.finish_reason
-                    break
-                if job.cancel.is_set():
-                    finish = "cancelled"
-                    break
-                safe = len(text) - _held_back(text, content_at, job.stop)
-                if safe > emitted:
-                    emit("text", text[emitted:safe])
-                    emitted = safe
-        finally:
-            responses.close()
-        if len(text) > emitted:
-            emit("text", text[emitted:])
+            r = next(live.responses)
+        except StopIteration:
+            r = None
+        except BaseException:
+            live.done = True
+            live.responses.close()
+            raise
+        if r is not None:
+            if not live.tokens:
+                live.prefill_s = time.perf_counter() - live.tic
+            live.tokens.append(r.token)
+            live.text += r.text
+            if r.token in markers and r.finish_reason != "stop":
+                live.text += markers[r.token]
+            content_at = self._content_start(live.text, job.thinking)
+            hit = _find_stop(live.text, content_at, job.stop)
+            if hit is not None:
+                at, live.stop_seq = hit
+                live.text, live.finish = live.text[:at], "stop_sequence"
+            elif r.finish_reason is not None:
+                live.finish = r.finish_reason
+            elif job.cancel.is_set():
+                live.finish = "cancelled"
+            else:
+                safe = len(live.text) - _held_back(live.text, content_at, job.stop)
+                if safe > live.emitted:
+                    live.emit("text", live.text[live.emitted:safe])
+                    live.emitted = safe
+                return
+        self._end(live)
+
+    def _end(self, live: "_Live") -> None:
+        import mlx.core as mx
+
+        live.done = True
+        live.responses.close()
+        ids, tokens, cache = live.job.ids, live.tokens, live.cache
+        if len(live.text) > live.emitted:
+            live.emit("text", live.text[live.emitted:])
         if self.prefix_cache is not None:
             held = int(cache[0].offset)
             if held <= len(ids) + len(tokens):
                 mx.eval([c.state for c in cache])
                 self.prefix_cache.store((ids + tokens)[:held], cache)
-        return Result(text, finish, len(ids), cached, len(tokens), stop_seq, prefill_s, time.perf_counter() - tic)
+        self._done(Result(live.text, live.finish, len(ids), live.cached, len(tokens), live.stop_seq,
+                          live.prefill_s, time.perf_counter() - live.tic), live.emit)
 
     @staticmethod
     def _content_start(text: str, thinking: bool) -> Optional[int]:
@@ -259,6 +387,28 @@ class Engine:
             return 0
         end = text.find(encoding.THINK_END)
         return None if end < 0 else end + len(encoding.THINK_END)
+
+
+@dataclass
+class _Live:
+    """A job between its start and its end."""
+
+    job: Job
+    emit: Callable[[str, Any], None]
+    tic: float
+    cache: list = field(default_factory=list)
+    cached: int = 0
+    rest: list[int] = field(default_factory=list)
+    responses: Any = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish: str = "length"
+    stop_seq: Optional[str] = None
+    prefill_s: float = 0.0
+    next_input: int = 0  # the token the next batch step feeds
+    logits: Any = None  # this job's row of the last batch step
+    done: bool = False
 
 
 def _find_stop(text: str, start: Optional[int], stops: list[str]) -> Optional[tuple[int, str]]:
