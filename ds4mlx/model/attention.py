@@ -89,7 +89,7 @@ class Attention(nn.Module):
         positions = mx.arange(p0, p0 + s)
         freqs = self._freqs
 
-        fused_rows = kernels.serves(kernels.ROPE_ROWS)
+        fused_rows = fused.rope_rows_serves(x.dtype, self.head_dim, self.rope_dims)
         row_pos = np.arange(p0, p0 + s)[None, :]  # host positions of the fused row kernel
 
         qr = self.q_norm(self.wq_a(x))

@@ -16,7 +16,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import kernels
 from ..config import ModelConfig
 from ..kernels import attention as fused
 from ..state import CompressorState, record_compressor
@@ -113,7 +112,7 @@ class Indexer(nn.Module):
         ``p0``: the first position as an int, which lets the fused row kernel rotate q."""
         b, s, _ = qr.shape
         q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
-        if p0 is not None and kernels.serves(kernels.ROPE_ROWS):
+        if p0 is not None and fused.rope_rows_serves(qr.dtype, self.head_dim, 2 * freqs.shape[0]):
             q = fused.rope_rows(q, np.arange(p0, p0 + s)[None, :, None], freqs)
         else:
             q = apply_rope(q, positions[:, None], freqs)
