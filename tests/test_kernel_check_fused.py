@@ -97,7 +97,9 @@ def test_broken_fused_kernel_is_switched_off_and_its_twin_serves(first_use, monk
     assert f"kernel {LABEL[kernel]} switched off" in lines[0] and "ops path" in lines[0], lines
     assert kernel in lines[0]
     if how == "compile":
-        assert f"{kernel} failed" in lines[0] and "does not compile" in lines[0], lines
+        assert f"{kernel} failed" in lines[0], lines
+        if kernels.backend() == "emulate":  # Metal's compiler words it otherwise
+            assert "KernelEmulationError" in lines[0] and "does not compile" in lines[0], lines
     else:
         assert "is off by" in lines[0], lines
     assert LABEL[kernel] in kernels.disabled()

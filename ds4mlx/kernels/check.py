@@ -40,9 +40,11 @@ from . import attention, dispatch, hyper, moe, router, source
 
 CHECK_VERSION = 3  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
-# Max relative error allowed (max |kernel - twin| / max |twin|). float32: the kernels use Metal's
-# fast exp/sigmoid (a few ulp) and another summation order, ~1e-6 in practice; a wrong layout
-# or index is off by far more than 1e-4. Half dtypes: one rounding of the output (bf16 ulp 2^-8).
+# Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
+# outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
+# rsqrt, sin and cos (Metal's fast ones are a few ulp off), so what differs is the summation
+# order, ~1e-6 in practice; a wrong layout or index is off by far more than 1e-4. Half dtypes:
+# one rounding of the output (bf16 ulp 2^-8). FP8-rounded rows: see _fp8_edges.
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 2e-2}
 _K_IN, _ROWS, _DOWN_ROWS, _HC_D = 256, 20, 37, 200  # small dims, off the kernels' tile sizes
 _HEADS, _KEYS = 3, 37  # attention / indexer heads and keys of the checks (run-time sizes)
