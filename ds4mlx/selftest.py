@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from . import kernels
 from .kernels import check
+from .model.rope import rows_ops
 
 # Official and MLX-directory labels of MLX mxfp4 experts (info.py); GGUF MXFP4 loads as such too.
 _MX_PAIR_LABELS = ("FP4 E2M1, E8M0 /32", "mxfp4 (E2M1, E8M0 /32)", "MXFP4")
@@ -100,6 +101,7 @@ def run_selftest(source: str, out: TextIO | None = None) -> bool:
         if emu.compiler() is None:
             raise OSError("no Metal GPU and no C++ compiler for the kernel emulator (install g++)")
     kernels.set_backend(backend)
+    check.install_twin(kernels.ROPE_ROWS, rows_ops)  # as importing the model does
     where = "CPU emulator"
     if backend == "metal":
         where = f"Metal GPU ({mx.device_info().get('device_name', 'unknown')}, MLX {mx.__version__})"

@@ -15,6 +15,7 @@ from ds4mlx.cli import main
 from ds4mlx.kernels import attention as fused
 from ds4mlx.kernels import check
 from ds4mlx.kernels.router import router_topk, router_topk_ops
+from ds4mlx.model.rope import rows_ops
 
 import test_kernel_check as _base
 
@@ -170,3 +171,20 @@ def test_selftest_fails_naming_the_broken_fused_kernel(demo_dir, monkeypatch, ca
         assert all("does not compile" in line for line in failing), out
     assert "kernel checks FAILED" in out
     check.reset()
+
+
+@pytest.mark.parametrize("spec", [
+    check.Spec("rope_rows", mx.bfloat16, head_dim=128, rope_dims=64),
+    pytest.param(check.Spec("attention", mx.bfloat16, head_dim=128), marks=pytest.mark.slow),
+    pytest.param(check.Spec("indexer", mx.bfloat16, index_heads=16, index_head_dim=128),
+                 marks=pytest.mark.slow),
+], ids=lambda s: s.label())
+def test_fused_checks_pass_in_bfloat16(spec, monkeypatch):
+    """A Mac runs the model in bfloat16: a correct kernel must pass its check there too (the
+    row kernel rounds RMS x weight once where the ops round twice, so its FP8-rounded values
+    may land one e4m3 step apart now and then)."""
+    assert check._twins[kernels.ROPE_ROWS] is rows_ops  # the model installed its own ops
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    kernels.set_backend()
+    results = check.run_spec(spec)
+    assert results and all(r.ok for r in results), [r.why() for r in results if not r.ok]

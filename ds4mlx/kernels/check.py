@@ -328,7 +328,7 @@ def _rope_cases(spec: Spec) -> list[Case]:
                       out_dtype=out_dtype)
             got = attention.rope_rows(x, pos, freqs, **kw)
             ref = twin(x, pos, freqs, rope_dims=rd, **kw)
-            return [_fp8_edges(got, ref) if fp8 else got], [ref]
+            return [_fp8_edges(got, ref, dt) if fp8 else got], [ref]
         return run
 
     out = [Case("rope_rows", f"q: 3 tokens x {_HEADS} heads, RMS",
@@ -342,16 +342,18 @@ def _rope_cases(spec: Spec) -> list[Case]:
     return out
 
 
-def _fp8_edges(got: mx.array, ref: mx.array) -> mx.array:
+def _fp8_edges(got: mx.array, ref: mx.array, dtype: mx.Dtype) -> mx.array:
     """``got`` with the values that sit one e4m3 step from ``ref`` taken from ``ref``, when they
-    are few (under 1%): a value on an FP8 rounding edge lands on either side when its input
-    differs in the last bit (another summation order of the RMS). More of them is an error."""
+    are few: a value on an FP8 rounding edge lands on either side when its input differs in the
+    last bit (another summation order of the RMS; in bfloat16, one rounding of RMS x weight where
+    the ops round twice: about 1.5% of the values of random rows). More of them is an error."""
     g, r = np.asarray(got.astype(mx.float32)), np.asarray(ref.astype(mx.float32))
     if g.shape != r.shape:
         return got
-    off = np.abs(g - r) > 1e-5 * max(float(np.abs(r).max()), 1e-30)
-    edge = off & (np.abs(g - r) <= np.abs(r) / 8 * 1.01)
-    if off.sum() != edge.sum() or edge.mean() >= 0.01:
+    diff = np.abs(g - r)
+    off = diff > TOLERANCE.get(dtype, 2e-2) * max(float(np.abs(r).max()), 1e-30)
+    edge = off & (diff <= np.abs(r) / 8 * 1.01)
+    if off.sum() != edge.sum() or edge.mean() > (0.01 if dtype == mx.float32 else 0.05):
         return got
     return mx.array(np.where(edge, r, g)).astype(got.dtype)
 
