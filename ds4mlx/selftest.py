@@ -2,7 +2,10 @@
 
 The variants come from the checkpoint's headers alone (``info.read_tensors``, no weights read):
 the layout of the routed experts and of any dense projection kept as GGUF blocks, at the
-activation dtype of this machine (``loader.default_dtype``), and ``hc_pre``. Each runs the
+activation dtype of this machine (``loader.default_dtype``), and the fused kernels every
+DeepSeek V4 model dispatches at its config's dims (``hc_pre``, decode ``attention``,
+``rope_rows`` at each row width, the ``indexer`` where a layer compresses by 4, the ``router``
+where a layer is not hash-routed). Each runs the
 cases of :mod:`ds4mlx.kernels.check` (the same ones the first-use check runs) on the Metal GPU,
 or under the CPU emulator where there is none. Passes are recorded, so the first-use check of
 later runs skips them.
@@ -19,6 +22,7 @@ import mlx.core as mx
 
 from . import kernels
 from .kernels import check
+from .model.rope import rows_ops
 
 # Official and MLX-directory labels of MLX mxfp4 experts (info.py); GGUF MXFP4 loads as such too.
 _MX_PAIR_LABELS = ("FP4 E2M1, E8M0 /32", "mxfp4 (E2M1, E8M0 /32)", "MXFP4")
@@ -29,7 +33,8 @@ _NOT_PROJECTIONS = ("embedding", "router", "hyper-connections", "norms", "MTP bl
 
 
 def model_specs(source: str) -> list[check.Spec]:
-    """The variants ``source`` dispatches on this machine (routed experts, GGUF dense, hc_pre)."""
+    """The variants ``source`` dispatches on this machine (routed experts, GGUF dense, the
+    fused kernels)."""
     from .info import checked_config, read_tensors, resolve_model
     from .loader import default_dtype
 
@@ -52,7 +57,28 @@ def model_specs(source: str) -> list[check.Spec]:
                 hc_mult=config.hc_mult)
     dtype = default_dtype()
     specs = [check.Spec(v, dtype, **dims) for v in variants]
-    return specs + [check.Spec(kernels.HC_PRE, mx.float32, **dims)]  # HC streams are float32
+    return specs + _fused_specs(config, dtype, dims)
+
+
+def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
+    """The fused kernels' variants, with the dims each entry point asks its check with."""
+    main = range(config.num_hidden_layers)
+    indexed = any(config.ratio(i) == 4 for i in main)
+    spec = check.Spec
+    out = [spec(kernels.HC_PRE, mx.float32, **dims),  # HC streams are float32
+           spec(kernels.ATTENTION, dtype, head_dim=config.head_dim)]  # KV rows in dtype
+    widths = [config.head_dim] + ([config.index_head_dim] if indexed else [])
+    out += [spec(kernels.ROPE_ROWS, dtype, head_dim=w, rope_dims=config.qk_rope_head_dim)
+            for w in dict.fromkeys(widths)]
+    if indexed:
+        out += [spec(kernels.INDEXER, dtype, index_heads=config.index_n_heads,
+                     index_head_dim=config.index_head_dim),
+                spec(kernels.INDEXER, mx.float32, index_topk=config.index_topk)]
+    if any(not config.is_hash_layer(i) for i in main) or config.num_nextn_predict_layers:
+        out.append(spec(kernels.ROUTER, mx.float32, n_experts=config.n_routed_experts,
+                        experts_per_token=config.num_experts_per_tok,
+                        renormalize=int(config.norm_topk_prob)))
+    return out
 
 
 def kernel_backend() -> str:
@@ -75,21 +101,24 @@ def run_selftest(source: str, out: TextIO | None = None) -> bool:
         if emu.compiler() is None:
             raise OSError("no Metal GPU and no C++ compiler for the kernel emulator (install g++)")
     kernels.set_backend(backend)
+    check.install_twin(kernels.ROPE_ROWS, rows_ops)  # as importing the model does
     where = "CPU emulator"
     if backend == "metal":
         where = f"Metal GPU ({mx.device_info().get('device_name', 'unknown')}, MLX {mx.__version__})"
     print(f"ds4mlx selftest: {source} on the {where} ({len(specs)} variants)", file=out)
-    print(f"{'kernel':<26} {'format':<10} {'dtype':<9} {'inputs':<28} {'max rel err':>11} "
+    print(f"{'kernel':<26} {'format':<10} {'dtype':<9} {'inputs':<30} {'max rel err':>11} "
           f"{'time':>8}", file=out)
     start, failed, total = time.perf_counter(), [], 0
     for spec in specs:
+        if spec.dims_text():
+            print(f"{spec.label()}:", file=out)
         results = check.run_spec(spec)
         for r in results:
             total += 1
             err = f"{r.rel_error:.2e}" if r.error is None else "-"
             status = "" if r.ok else "  FAIL " + (r.error or f"(tolerance {r.tolerance:g})")
             print(f"{r.kernel:<26} {spec.variant:<10} {check.dtype_name(spec.dtype):<9} "
-                  f"{r.inputs:<28} {err:>11} {r.seconds:>7.3f}s{status}", file=out, flush=True)
+                  f"{r.inputs:<30} {err:>11} {r.seconds:>7.3f}s{status}", file=out, flush=True)
         bad = [r for r in results if not r.ok]
         failed += bad
         if not bad:

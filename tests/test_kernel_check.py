@@ -101,7 +101,8 @@ def test_compile_failure_is_switched_off_and_ops_serves(first_use, monkeypatch, 
     assert all(mx.array_equal(g, r).item() for g, r in zip(got, ref))
     lines = warnings_in(capfd.readouterr().err)
     assert len(lines) == 1, lines
-    assert "kernel hc_pre (float32) switched off" in lines[0] and "hc_pre failed" in lines[0]
+    assert "kernel hc_pre (float32, hc_mult=4) switched off" in lines[0]
+    assert "hc_pre failed" in lines[0]
     if kernels.backend() == "emulate":
         assert "KernelEmulationError" in lines[0] and "does not compile" in lines[0]
 
@@ -109,7 +110,7 @@ def test_compile_failure_is_switched_off_and_ops_serves(first_use, monkeypatch, 
 def test_a_pass_is_recorded_and_later_runs_skip_the_check(first_use, monkeypatch):
     calls = []
     real = check.run_spec
-    monkeypatch.setattr(check, "run_spec", lambda spec: calls.append(spec) or real(spec))
+    monkeypatch.setattr(check, "run_spec", lambda spec, **kw: calls.append(spec) or real(spec, **kw))
     rng = np.random.default_rng(7)
     h = mx.array(rng.standard_normal((1, 4, 40)).astype(np.float32))
     fn = mx.array(rng.standard_normal((24, 160)).astype(np.float32) * 0.1)
@@ -151,7 +152,12 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
         assert (name, "MXFP4-mlx") in kernels_seen, out
     assert ("hc_pre", "hc_pre") in kernels_seen
     assert "ids in constant" in out and "ids in device" in out  # both placements of the ids
-    assert "all 10 kernel checks passed" in out
+    # and the fused kernels at the demo's dims
+    for name, variant in (("attn_decode", "attention"), ("rope_rows", "rope_rows"),
+                          ("indexer_scores", "indexer"), ("indexer_topk", "indexer"),
+                          ("router_topk", "router")):
+        assert (name, variant) in kernels_seen, out
+    assert "all 22 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):
@@ -160,13 +166,20 @@ def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch,
     monkeypatch.setenv("DS4MLX_KERNEL_CHECK", "on")
     check.reset()
     calls = []
-    monkeypatch.setattr(check, "run_spec", lambda spec: calls.append(spec) or [])
+    monkeypatch.setattr(check, "run_spec", lambda spec, **kw: calls.append(spec) or [])
     found = []
     real = check.recorded
     monkeypatch.setattr(check, "recorded", lambda spec: found.append(spec.variant) or real(spec))
     kernels.set_backend()
-    mx.eval(demo[0](mx.array([[5, 17, 300]])))
-    assert sorted(found) == ["MXFP4-mlx", "hc_pre"]  # both variants looked up their record
+    model = demo[0]
+    cache = model.make_cache()
+    tokens = mx.array([[5, 17, 300, 2, 999, 4, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987,
+                        7, 9, 11, 3, 1]])
+    for a, b in ((0, 21), (21, 22)):  # a prefill and a decode step that picks compressed rows
+        mx.eval(model(tokens[:, a:b], cache=cache))
+    # every variant looked up its record
+    assert sorted(found) == ["MXFP4-mlx", "attention", "hc_pre", "indexer", "indexer",
+                             "rope_rows", "router"], found
     assert calls == [] and kernels.disabled() == {}
     check.reset()
 
@@ -225,16 +238,22 @@ def test_selftest_lists_what_the_model_dispatches(which, demo_dir, request, monk
     asked = set()
 
     def spy(variant, dtype, **dims):
-        asked.add((variant, dtype))
+        # what the check keys its verdict by: the variant, dtype and template dims
+        asked.add((variant, dtype, check.Spec(variant, dtype, **dims).key()))
         return False  # the ops twins serve: no kernel needs compiling here
 
     monkeypatch.setattr(check, "passes", spy)
     model, _ = load(source)
     cache = model.make_cache()
-    tokens = mx.array([[3, 50, 7, 900, 12, 4, 4, 8, 100]])
-    for a, b in ((0, 8), (8, 9)):  # a prefill chunk (tiled kernels) and one decode step
+    tokens = mx.array([[3, 50, 7, 900, 12, 4, 4, 8, 100, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                        16, 17, 18]])
+    # a prefill (tiled kernels), then decode steps: the fused attention and row kernels, and
+    # the indexer once a query sees more compressed rows than its top-k
+    for a, b in ((0, 21), (21, 22), (22, 23)):
         mx.eval(model(tokens[:, a:b], cache=cache))
-    listed = {(s.variant, s.dtype) for s in model_specs(str(source))}
+    listed = {(s.variant, s.dtype, s.key()) for s in model_specs(str(source))}
     assert asked and listed == asked
-    if which == "q2":
-        assert {v for v, _ in listed} == {"IQ2_XXS", "Q2_K", "hc_pre"}
+    fused = {"hc_pre", "attention", "rope_rows", "router"}
+    # the demo has ratio-4 layers (indexer); the 2-layer checkpoint's are ratio 0 and 128
+    expected = {"IQ2_XXS", "Q2_K"} if which == "q2" else {"MXFP4-mlx", "indexer"}
+    assert {v for v, _, _ in listed} == expected | fused

@@ -109,7 +109,7 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
         raise KernelInputError(f"decode_attention: idx must be [{b}, {s}, K] with comp rows")
     if d % 32:
         raise KernelInputError(f"decode_attention: head dim {d} is not a multiple of 32")
-    if not dispatch.serves(ATTENTION):
+    if not (dispatch.serves(ATTENTION) and dispatch.first_use_ok(ATTENTION, kw.dtype, head_dim=d)):
         return decode_attention_ops(q, kw, comp, idx, bounds, sink, scale)
     has_comp = comp is not None and comp.shape[1] > 0
     if not has_comp:
@@ -150,7 +150,8 @@ def indexer_scores(q: mx.array, w: mx.array, keys: mx.array, n_vis: mx.array) ->
         raise KernelInputError(
             f"indexer_scores: q {tuple(q.shape)}, w {tuple(w.shape)}, keys {tuple(keys.shape)}, "
             f"n_vis {tuple(n_vis.shape)} must be [B, S, H, HD], [B, S, H], [B, NK, HD], [S]")
-    if not dispatch.serves(INDEXER):
+    if not (dispatch.serves(INDEXER) and dispatch.first_use_ok(
+            INDEXER, keys.dtype, index_heads=q.shape[2], index_head_dim=q.shape[3])):
         return indexer_scores_ops(q, w, keys, n_vis)
     b, s, h, hd = q.shape
     nk = keys.shape[1]
@@ -181,7 +182,7 @@ def indexer_topk(scores: mx.array, k: int) -> mx.array:
     n = scores.shape[-1]
     if not 1 <= k <= n:
         raise KernelInputError(f"indexer_topk: k={k} must be in 1..{n}")
-    if not dispatch.serves(INDEXER):
+    if not (dispatch.serves(INDEXER) and dispatch.first_use_ok(INDEXER, mx.float32, index_topk=k)):
         return indexer_topk_ops(scores, k)
     lead = scores.shape[:-1]
     rows = 1
@@ -198,6 +199,14 @@ def indexer_topk(scores: mx.array, k: int) -> mx.array:
 # ----------------------------------------------------------------------------- rows
 NORM_NONE, NORM_PLAIN, NORM_WEIGHTED = 0, 1, 2
 FP8_BLOCK = FP8_ACT_BLOCK  # the QAT FP8 round trip's block, as rows.metal gets it
+
+
+def rope_rows_serves(dtype: mx.Dtype, d: int, rope_dims: int) -> bool:
+    """Whether :func:`rope_rows` serves rows of ``d`` features (``rope_dims`` rotated) for a
+    model running in ``dtype``: the variant is on and passed its first-use check. The caller
+    asks, since the twin is its own ops (it runs them when this is False)."""
+    return dispatch.serves(ROPE_ROWS) and dispatch.first_use_ok(ROPE_ROWS, dtype, head_dim=d,
+                                                                rope_dims=rope_dims)
 
 
 def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM_NONE,

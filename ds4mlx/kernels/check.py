@@ -1,10 +1,14 @@
 """Kernel variants checked against their ops twins: ``ds4mlx selftest`` and the first-use check.
 
 A *variant* is the kernels of one weight layout (``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4`` GGUF
-blocks, ``MXFP4-mlx`` pairs, ...) at one activation dtype, or ``hc_pre``. Checking it runs each of
-its kernels (:func:`cases`: dequantize, the decode kernels with ids in ``constant`` and in
-``device`` memory, the tiled kernel for gate/up, down and plain products, the dense call site) on
-small random inputs, forced onto the kernel path, and compares with the ops twin.
+blocks, ``MXFP4-mlx`` pairs, ...) at one activation dtype, or a named fused kernel (``hc_pre``,
+``attention``, ``indexer``, ``rope_rows``, ``router``) at one dtype and the model dims that are
+its template arguments (:data:`KEY_DIMS`). Checking it runs each of its kernels (:func:`cases`:
+for a layout, dequantize, the decode kernels with ids in ``constant`` and in ``device`` memory,
+the tiled kernel for gate/up, down and plain products, the dense call site; for a fused kernel,
+its call shapes) on small random inputs, forced onto the kernel path, and compares with the ops
+twin. Sizes the kernel takes at run time (heads, rows, tokens) are small and off the tile sizes;
+the template dims are the model's, so the instance checked is the one that serves.
 
 First use: the first call that would dispatch a variant in a process checks it (unless a pass is
 already recorded on disk under ``$DS4MLX_CACHE/kernel-checks`` for the same sources, backend,
@@ -32,29 +36,57 @@ import numpy as np
 
 from ..quant import gguf as gguf_formats
 from ..quant.codecs import MX_GROUP
-from . import dispatch, hyper, moe, source
+from . import attention, dispatch, hyper, moe, router, source
 
-CHECK_VERSION = 2  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 3  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
-# Max relative error allowed (max |kernel - twin| / max |twin|). float32: the kernels use Metal's
-# fast exp/sigmoid (a few ulp) and another summation order, ~1e-6 in practice; a wrong layout
-# or index is off by far more than 1e-4. Half dtypes: one rounding of the output (bf16 ulp 2^-8).
+# Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
+# outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
+# rsqrt, sin and cos (Metal's fast ones are a few ulp off), so what differs is the summation
+# order, ~1e-6 in practice; a wrong layout or index is off by far more than 1e-4. Half dtypes:
+# one rounding of the output (bf16 ulp 2^-8). FP8-rounded rows: see _fp8_edges.
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 2e-2}
 _K_IN, _ROWS, _DOWN_ROWS, _HC_D = 256, 20, 37, 200  # small dims, off the kernels' tile sizes
+_HEADS, _KEYS = 3, 37  # attention / indexer heads and keys of the checks (run-time sizes)
+# The dims that are template arguments of each named variant's kernels: they make the verdict
+# and the record key (run-time sizes such as the context length do not, so no re-check per
+# token). The indexer's two kernels are checked apart: scores by heads and head dim at the key
+# dtype, top-k by k on float32 scores (each entry point knows only its own dims).
+KEY_DIMS: dict[str, tuple[str, ...]] = {
+    dispatch.HC_PRE: ("hc_mult",),
+    dispatch.ATTENTION: ("head_dim",),
+    dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk"),
+    dispatch.ROPE_ROWS: ("head_dim", "rope_dims"),
+    dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
+}
 
 
 @dataclass(frozen=True)
 class Spec:
     """One variant and the model dims that decide its kernels' inputs."""
 
-    variant: str  # weight layout name, MLX_PAIR or kernels.HC_PRE
-    dtype: mx.Dtype = mx.float32  # activation dtype
+    variant: str  # weight layout name, MLX_PAIR or one of dispatch.NAMED_VARIANTS
+    dtype: mx.Dtype = mx.float32  # activation dtype (attention: of the KV rows; indexer: keys)
     experts_per_token: int = 6
     n_experts: int = 8
     hc_mult: int = 4
+    renormalize: int = 1  # router: norm_topk_prob
+    head_dim: int | None = None  # attention; rope_rows: features per row
+    rope_dims: int | None = None  # rope_rows: rotated features
+    index_heads: int | None = None  # indexer scores
+    index_head_dim: int | None = None  # indexer scores
+    index_topk: int | None = None  # indexer top-k
+
+    def key(self) -> tuple[int | None, ...]:
+        return tuple(getattr(self, f) for f in KEY_DIMS.get(self.variant, ()))
+
+    def dims_text(self) -> str:
+        return ", ".join(f"{f}={getattr(self, f)}" for f in KEY_DIMS.get(self.variant, ())
+                         if getattr(self, f) is not None)
 
     def label(self) -> str:
-        return f"{self.variant} ({dtype_name(self.dtype)})"
+        dims = self.dims_text()
+        return f"{self.variant} ({dtype_name(self.dtype)}{', ' + dims if dims else ''})"
 
 
 @dataclass
@@ -122,9 +154,10 @@ def _placement(n_ids: int) -> str:
 
 def cases(spec: Spec) -> list[Case]:
     """The kernel calls that make up ``spec``'s check."""
-    if spec.variant == dispatch.HC_PRE:
-        return _hc_cases(spec)
-    return _moe_cases(spec)
+    named = {dispatch.HC_PRE: _hc_cases, dispatch.ATTENTION: _attention_cases,
+             dispatch.INDEXER: _indexer_cases, dispatch.ROPE_ROWS: _rope_cases,
+             dispatch.ROUTER: _router_cases}
+    return named.get(spec.variant, _moe_cases)(spec)
 
 
 def _moe_cases(spec: Spec) -> list[Case]:
@@ -203,6 +236,150 @@ def _hc_cases(spec: Spec) -> list[Case]:
     return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}", run_for(n)) for n in (1, 3)]
 
 
+def _attention_cases(spec: Spec) -> list[Case]:
+    d, dt = spec.head_dim or 64, spec.dtype
+
+    def run_for(b: int, s: int, p0: int, ratio: int, n_rows: int, k: int) -> Callable:
+        def run():
+            rng = np.random.default_rng(p0 + s)
+            window = 16
+            n_prev = min(p0, window - 1)
+
+            def rand(*shape, scale=1.0):
+                return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+            q, kw = rand(b, s, _HEADS, d), rand(b, n_prev + s, d, scale=0.2).astype(dt)
+            comp = rand(b, n_rows, d, scale=0.2).astype(dt) if ratio else None
+            idx = None
+            if k:
+                picks = np.stack([rng.permutation(n_rows)[:k] for _ in range(b * s)])
+                picks = picks.reshape(b, s, k)
+                picks[..., 0] = -1  # a padded slot is never read
+                idx = mx.array(picks.astype(np.int32))
+            bounds = attention.query_bounds(p0, s, p0 - n_prev, window, ratio)
+            args = (q, kw, comp, idx, bounds, rand(_HEADS), d ** -0.5)
+            return [attention.decode_attention(*args)], [attention.decode_attention_ops(*args)]
+        return run
+
+    # the buffers hold more compressed rows than the queries see, as a grown buffer does
+    return [Case("attn_decode", "1 query, window rows", run_for(1, 1, 5, 0, 0, 0)),
+            Case("attn_decode", f"3 queries, {_HEADS} heads, ratio 128", run_for(1, 3, 300, 128, 5, 0)),
+            Case("attn_decode", "2x2 queries, 5 of 19 picked", run_for(2, 2, 70, 4, 19, 5))]
+
+
+def _indexer_cases(spec: Spec) -> list[Case]:
+    out = []
+    if spec.index_heads and spec.index_head_dim:
+        h, hd = spec.index_heads, spec.index_head_dim
+
+        def scores(s: int, n_vis: list[int]) -> Callable:
+            def run():
+                rng = np.random.default_rng(s)
+                q = mx.array(rng.standard_normal((1, s, h, hd)).astype(np.float32))
+                w = mx.array(rng.standard_normal((1, s, h)).astype(np.float32))
+                keys = mx.array(rng.standard_normal((1, _KEYS, hd)).astype(np.float32))
+                args = (q, w, keys.astype(spec.dtype), mx.array(np.array(n_vis, np.int32)))
+                return [attention.indexer_scores(*args)], [attention.indexer_scores_ops(*args)]
+            return run
+
+        out += [Case("indexer_scores", f"1 query, {_KEYS} keys", scores(1, [_KEYS])),
+                Case("indexer_scores", f"3 queries, {_KEYS} keys", scores(3, [30, 0, _KEYS]))]
+    if spec.index_topk:
+        k = spec.index_topk
+
+        def topk():
+            n = k + _KEYS
+            rng = np.random.default_rng(k)
+            sc = rng.permutation(3 * n).astype(np.float32).reshape(3, n) / n - 1.5  # no ties
+            sc[0, max(1, k - 2):] = -np.inf  # a query that sees fewer than k keys
+            sc = mx.array(sc)
+            return [attention.indexer_topk(sc, k)], [attention.indexer_topk_ops(sc, k)]
+
+        out.append(Case("indexer_topk", f"3 rows of {k + _KEYS}, k={k}", topk))
+    return out
+
+
+_twins: dict[str, Callable] = {}
+
+
+def install_twin(variant: str, twin: Callable) -> None:
+    """Give the check the ops twin of a kernel whose twin lives above the kernels: for
+    ``rope_rows`` the model's own ops (installed by ds4mlx.model.rope when it is imported)."""
+    _twins[variant] = twin
+
+
+def _rope_cases(spec: Spec) -> list[Case]:
+    d, rd, dt = spec.head_dim or 128, spec.rope_dims or 64, spec.dtype
+    fp8 = (d - rd) % attention.FP8_BLOCK == 0 and attention.FP8_BLOCK % (d // 32) == 0
+    freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+    p0 = 70001  # far positions: an angle's rounding shows
+
+    def run_for(shape: tuple[int, ...], norm: int, fp8: bool, inverse: bool, x_dtype: mx.Dtype,
+                out_dtype: mx.Dtype) -> Callable:
+        def run():
+            twin = _twins.get(dispatch.ROPE_ROWS)
+            if twin is None:
+                raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
+            rng = np.random.default_rng(len(shape) + norm)
+            x = mx.array((rng.standard_normal((*shape, d)) * 3).astype(np.float32)).astype(x_dtype)
+            weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
+            pos = np.arange(p0, p0 + shape[1]).reshape(1, -1, *([1] * (len(shape) - 2)))
+            kw = dict(norm=norm, weight=weight, eps=1e-6, fp8=fp8, inverse=inverse,
+                      out_dtype=out_dtype)
+            got = attention.rope_rows(x, pos, freqs, **kw)
+            ref = twin(x, pos, freqs, rope_dims=rd, **kw)
+            return [_fp8_edges(got, ref, dt) if fp8 else got], [ref]
+        return run
+
+    out = [Case("rope_rows", f"q: 3 tokens x {_HEADS} heads, RMS",
+                run_for((1, 3, _HEADS), attention.NORM_PLAIN, False, False, dt, mx.float32)),
+           Case("rope_rows", "kv: 3 rows, weighted RMS" + ", FP8" * fp8,
+                run_for((1, 3), attention.NORM_WEIGHTED, fp8, False, dt, dt)),
+           Case("rope_rows", f"output: 3 x {_HEADS}, inverse",
+                run_for((1, 3, _HEADS), attention.NORM_NONE, False, True, mx.float32, dt)),
+           Case("rope_rows", f"indexer q: 3 x {_HEADS}",
+                run_for((1, 3, _HEADS), attention.NORM_NONE, False, False, dt, dt))]
+    return out
+
+
+def _fp8_edges(got: mx.array, ref: mx.array, dtype: mx.Dtype) -> mx.array:
+    """``got`` with the values that sit one e4m3 step from ``ref`` taken from ``ref``, when they
+    are few: a value on an FP8 rounding edge lands on either side when its input differs in the
+    last bit (another summation order of the RMS; in bfloat16, one rounding of RMS x weight where
+    the ops round twice: about 1.5% of the values of random rows). More of them is an error."""
+    g, r = np.asarray(got.astype(mx.float32)), np.asarray(ref.astype(mx.float32))
+    if g.shape != r.shape:
+        return got
+    diff = np.abs(g - r)
+    off = diff > TOLERANCE.get(dtype, 2e-2) * max(float(np.abs(r).max()), 1e-30)
+    edge = off & (diff <= np.abs(r) / 8 * 1.01)
+    if off.sum() != edge.sum() or edge.mean() > (0.01 if dtype == mx.float32 else 0.05):
+        return got
+    return mx.array(np.where(edge, r, g)).astype(got.dtype)
+
+
+def _router_cases(spec: Spec) -> list[Case]:
+    e, k = spec.n_experts, min(spec.experts_per_token, spec.n_experts)
+
+    def run_for(n: int) -> Callable:
+        def run():
+            rng = np.random.default_rng(n)
+            logits = mx.array((rng.standard_normal((n, e)) * 4).astype(np.float32))
+            bias = mx.array((rng.standard_normal(e) * 0.1).astype(np.float32))
+            args = (logits, bias, k, bool(spec.renormalize), 1.5)
+            # the kernel lists experts by score, the twin in argpartition's order: sort by id
+            return _by_id(*router.router_topk(*args)), _by_id(*router.router_topk_ops(*args))
+        return run
+
+    return [Case("router_topk", f"{n} token{'s' * (n > 1)}, top-{k} of {e}", run_for(n))
+            for n in (1, 3)]
+
+
+def _by_id(idx: mx.array, w: mx.array) -> list[mx.array]:
+    order = mx.argsort(idx, axis=-1)
+    return [mx.take_along_axis(idx, order, axis=-1), mx.take_along_axis(w, order, axis=-1)]
+
+
 # ----------------------------------------------------------------------------- running
 _local = threading.local()
 
@@ -223,12 +400,22 @@ def _forced() -> Iterator[None]:
 
 
 def rel_error(got: list[mx.array], ref: list[mx.array]) -> float:
+    """max |got - ref| / max |ref| over the finite values; inf when a shape differs, a value is
+    NaN or an infinity is not the twin's, or an integer output (indices) is not the twin's."""
     worst = 0.0
     for g, r in zip(got, ref, strict=True):
+        exact = mx.issubdtype(r.dtype, mx.integer)
         g, r = np.asarray(g.astype(mx.float32)), np.asarray(r.astype(mx.float32))
-        if g.shape != r.shape or not np.isfinite(g).all():
+        if g.shape != r.shape or np.isnan(g).any() or np.isnan(r).any():
             return float("inf")
-        worst = max(worst, float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)))
+        finite = np.isfinite(r)
+        if not np.array_equal(np.isfinite(g), finite) or (g[~finite] != r[~finite]).any():
+            return float("inf")
+        if exact and not np.array_equal(g, r):
+            return float("inf")
+        if finite.any():
+            err = np.abs(g[finite] - r[finite]).max() / max(np.abs(r[finite]).max(), 1e-30)
+            worst = max(worst, float(err))
     return worst
 
 
@@ -249,11 +436,17 @@ def run_case(case: Case, spec: Spec) -> Result:
     return res
 
 
-def run_spec(spec: Spec) -> list[Result]:
-    """Every case of ``spec`` on the current backend (which must not be ``ops``)."""
+def run_spec(spec: Spec, *, stop_at_failure: bool = False) -> list[Result]:
+    """Every case of ``spec`` on the current backend (which must not be ``ops``); with
+    ``stop_at_failure``, up to the first that fails (the first-use check needs no more)."""
     if dispatch.backend() == "ops":
         raise ValueError("the kernel backend is 'ops': there are no kernels to check")
-    return [run_case(c, spec) for c in cases(spec)]
+    results = []
+    for c in cases(spec):
+        results.append(run_case(c, spec))
+        if stop_at_failure and not results[-1].ok:
+            break
+    return results
 
 
 # ----------------------------------------------------------------------------- records
@@ -268,7 +461,7 @@ def _device() -> str:
 
 def _sources() -> str:
     parts = []
-    for file in ("moe.metal", "hc.metal"):
+    for file in sorted(p.name for p in source.METAL_DIR.glob("*.metal")):
         header, bodies = source.metal_source(file)
         parts += [header, *(f"{n}\n{b}" for n, b in sorted(bodies.items()))]
     if dispatch.backend() == "emulate":
@@ -279,10 +472,10 @@ def _sources() -> str:
 
 
 def record_key(spec: Spec) -> str:
-    """Hash of what a pass depends on: kernel sources, backend and device, MLX, the variant and
-    dtype, and for ``hc_pre`` the stream count (a template argument). The MoE cases cover both
-    placements of the ids whatever k, so a pass holds for every k and E."""
-    dims = str(spec.hc_mult) if spec.variant == dispatch.HC_PRE else ""
+    """Hash of what a pass depends on: every kernel source, backend and device, MLX, the
+    variant and dtype, and a named variant's template dims (:data:`KEY_DIMS`). The MoE cases
+    cover both placements of the ids whatever k, so a pass holds for every k and E."""
+    dims = spec.dims_text()
     what = [str(CHECK_VERSION), dispatch.backend(), _device(), mx.__version__, _sources(), spec.variant,
             dtype_name(spec.dtype), dims, str(moe.DECODE_MAX_PAIRS)]
     return hashlib.sha256("\0".join(what).encode()).hexdigest()[:32]
@@ -318,7 +511,7 @@ def record(spec: Spec, results: list[Result]) -> None:
 
 
 # ----------------------------------------------------------------------------- first use
-_verdicts: dict[tuple[str, mx.Dtype], bool] = {}
+_verdicts: dict[tuple, bool] = {}
 _failures: dict[str, str] = {}
 _lock = threading.Lock()
 
@@ -332,25 +525,26 @@ def mode() -> str:
 
 def passes(variant: str, dtype: mx.Dtype, **dims: int) -> bool:
     """Whether the kernels of ``variant`` may serve a call in ``dtype``: checked on the first
-    call of the process (``dims``: ``experts_per_token``, ``n_experts``, ``hc_mult`` of that
-    call), remembered for the process, and a pass recorded on disk."""
+    call of the process (``dims``: the fields of :class:`Spec` that call knows), remembered
+    for the process per template dims (:data:`KEY_DIMS`), and a pass recorded on disk."""
     if forcing():
         return True
-    verdict = _verdicts.get((variant, dtype))
+    key = (variant, dtype, *(dims.get(f) for f in KEY_DIMS.get(variant, ())))
+    verdict = _verdicts.get(key)
     if verdict is not None:
         return verdict
     if mode() == "off":
         return True
     with _lock:
-        if (variant, dtype) not in _verdicts:
-            _verdicts[(variant, dtype)] = _first_use(Spec(variant, dtype, **dims))
-        return _verdicts[(variant, dtype)]
+        if key not in _verdicts:
+            _verdicts[key] = _first_use(Spec(variant, dtype, **dims))
+        return _verdicts[key]
 
 
 def _first_use(spec: Spec) -> bool:
     if mode() != "fresh" and recorded(spec):
         return True
-    results = run_spec(spec)
+    results = run_spec(spec, stop_at_failure=True)
     bad = [r for r in results if not r.ok]
     if not bad:
         record(spec, results)

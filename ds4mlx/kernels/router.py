@@ -38,7 +38,8 @@ def router_topk(logits: mx.array, bias: mx.array, k: int, renormalize: bool,
     n, e = logits.shape
     if not 1 <= k <= e:
         raise KernelInputError(f"router_topk: k={k} must be in 1..{e}")
-    if not dispatch.serves(ROUTER):
+    if not (dispatch.serves(ROUTER) and dispatch.first_use_ok(
+            ROUTER, mx.float32, n_experts=e, experts_per_token=k, renormalize=int(renormalize))):
         return router_topk_ops(logits, bias, k, renormalize, scale)
     idx, w = dispatch.run("router.metal", "router_topk",
                           {"logits": logits.astype(mx.float32),

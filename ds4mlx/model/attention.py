@@ -148,7 +148,7 @@ class Attention(nn.Module):
         """Normalised, rotated (and rounded) queries and KV rows, and indexer queries, of tokens
         at host positions ``pos`` [B, s]."""
         freqs = self._freqs
-        if kernels.serves(kernels.ROPE_ROWS):
+        if fused.rope_rows_serves(p.kv.dtype, self.head_dim, self.rope_dims):
             q = fused.rope_rows(p.q, pos[..., None], freqs, norm=fused.NORM_PLAIN,
                                 eps=self.eps, out_dtype=mx.float32)
             kv = fused.rope_rows(p.kv, pos, freqs, norm=fused.NORM_WEIGHTED,
@@ -168,7 +168,7 @@ class Attention(nn.Module):
         return q, kv, index_q
 
     def _unrotate(self, o: mx.array, pos: np.ndarray, dtype: mx.Dtype) -> mx.array:
-        if kernels.serves(kernels.ROPE_ROWS):
+        if fused.rope_rows_serves(dtype, self.head_dim, self.rope_dims):
             return fused.rope_rows(o, pos[..., None], self._freqs, inverse=True, out_dtype=dtype)
         return apply_rope(o, mx.array(pos)[..., None], self._freqs, inverse=True).astype(dtype)
 

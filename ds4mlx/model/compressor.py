@@ -16,7 +16,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import kernels
 from ..config import ModelConfig
 from ..kernels import attention as fused
 from ..state import CompressorState, record_compressor
@@ -136,7 +135,7 @@ class Indexer(nn.Module):
     ) -> mx.array:
         """RoPE (and the rounding) of projected queries [B, S, h, dI] at host positions ``pos``
         [B, S] → float32."""
-        if kernels.serves(kernels.ROPE_ROWS):
+        if fused.rope_rows_serves(q.dtype, self.head_dim, 2 * freqs.shape[0]):
             q = fused.rope_rows(q, pos[..., None], freqs)
         else:
             q = apply_rope(q, mx.array(pos)[..., None], freqs)

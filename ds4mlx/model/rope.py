@@ -15,8 +15,12 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from ..config import ModelConfig
+from ..kernels import attention as _fused
+from ..kernels import check as _check
+from .qat import kv_fp8
 
 
 def rope_frequencies(
@@ -70,3 +74,25 @@ def apply_rope(
     out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     out = out.reshape(*out.shape[:-2], rd).astype(x.dtype)
     return mx.concatenate([x[..., :-rd], out], axis=-1)
+
+
+def rows_ops(x: mx.array, pos, freqs: mx.array, *, norm: int, weight: mx.array | None,
+             eps: float, fp8: bool, inverse: bool, out_dtype: mx.Dtype,
+             rope_dims: int) -> mx.array:
+    """The model's ops for the steps of the fused row kernel (``kernels.attention.rope_rows``,
+    same arguments): RMS (plain in ``out_dtype``, or ``mx.fast.rms_norm`` with ``weight``),
+    RoPE at host positions ``pos``, then the QAT FP8 round trip of the non-RoPE features. The
+    kernel's first-use check compares with this (installed below)."""
+    positions = mx.array(np.asarray(pos))
+    if norm == _fused.NORM_PLAIN:
+        x = x.astype(out_dtype)
+        x = x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps)
+    elif norm == _fused.NORM_WEIGHTED:
+        x = mx.fast.rms_norm(x, weight, eps)
+    x = apply_rope(x, positions, freqs, inverse=inverse)
+    if fp8:
+        x = kv_fp8(x, rope_dims)
+    return x.astype(out_dtype)
+
+
+_check.install_twin(_fused.ROPE_ROWS, rows_ops)
