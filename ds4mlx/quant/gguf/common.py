@@ -152,21 +152,6 @@ def _search_scale_min(x, w, wx, lo, span, sw, sx, nmax: int, steps: np.ndarray, 
     return scale, b
 
 
-def _native_scale_min(lib, x, w, wx, lo, span, sw, sx, nmax: int, steps: np.ndarray, refine: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """The same search in C (``native/kquant_search.c``), bit for bit."""
-    n_rows, n = x.shape
-    f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (x, w, wx, lo, span)]
-    f64 = [np.ascontiguousarray(a, dtype=np.float64) for a in (sw, sx, steps)]
-    scale, b = np.empty(n_rows), np.empty(n_rows)
-    lib.kquant_fit_scale_min(*(native.ptr(a) for a in f32), *(native.ptr(a, ctypes.c_double) for a in f64[:2]),
-                             ctypes.c_int64(n_rows), ctypes.c_int32(n), ctypes.c_int32(nmax),
-                             native.ptr(f64[2], ctypes.c_double), ctypes.c_int32(len(steps)),
-                             ctypes.c_int32(refine), native.ptr(scale, ctypes.c_double),
-                             native.ptr(b, ctypes.c_double))
-    return scale, b
-
-
 def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
                   nstep: int, refine: int = 2, lib=None) -> tuple[np.ndarray, np.ndarray]:
     """Best ``x ≈ scale·q − m`` with integer ``q ∈ [0, nmax]``, ``scale ≥ 0``, ``m ≥ 0``, per row.
@@ -181,18 +166,21 @@ def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: 
     Returns ``scale [N]`` and ``m [N]`` (the amount subtracted, ≥ 0). ``lib``: the compiled
     ``kquant_search`` (same bits, faster), or None for numpy.
     """
-    x = x.astype(np.float32, copy=False)
-    w = w.astype(np.float32, copy=False)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    # candidate inverse scales: the plain min/max fit first, then the sweep
+    steps = np.concatenate([[float(nmax)], nmax + rmin + rdelta * np.arange(nstep + 1)])
+    if lib is not None:  # the same search in C (native/kquant_search.c), bit for bit
+        scale, m = np.empty(x.shape[0], dtype=np.float32), np.empty(x.shape[0], dtype=np.float32)
+        lib.kquant_fit_scale_min(native.ptr(x), native.ptr(w), ctypes.c_int64(x.shape[0]),
+                                 ctypes.c_int32(x.shape[1]), ctypes.c_int32(nmax),
+                                 native.ptr(steps, ctypes.c_double), ctypes.c_int32(len(steps)),
+                                 ctypes.c_int32(refine), native.ptr(scale), native.ptr(m))
+        return scale, m
     wx, lo, span, sw, sx = _fit_inputs(x, w)
     flat = span <= 0
     span = np.where(flat, 1.0, span)
-
-    # candidate inverse scales: the plain min/max fit first, then the sweep
-    steps = np.concatenate([[float(nmax)], nmax + rmin + rdelta * np.arange(nstep + 1)])
-    if lib is None:
-        scale, b = _search_scale_min(x, w, wx, lo, span, sw, sx, nmax, steps, refine)
-    else:
-        scale, b = _native_scale_min(lib, x, w, wx, lo, span, sw, sx, nmax, steps, refine)
+    scale, b = _search_scale_min(x, w, wx, lo, span, sw, sx, nmax, steps, refine)
     scale = np.where(flat, 0.0, scale).astype(np.float32)
     m = np.where(flat, -lo, -b).astype(np.float32)
     return scale, m

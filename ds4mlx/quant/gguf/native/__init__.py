@@ -86,6 +86,7 @@ def load_checked(name: str, check: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL
     return _CHECKED[name]
 
 
-def ptr(a, kind=ctypes.c_float):
-    """A ctypes pointer to the data of the contiguous numpy array ``a``."""
-    return a.ctypes.data_as(ctypes.POINTER(kind))
+def ptr(a, kind=None) -> ctypes.c_void_p:
+    """The address of the data of the contiguous numpy array ``a``, as a C pointer argument
+    (``kind`` only documents the element type at the call)."""
+    return ctypes.c_void_p(a.ctypes.data)

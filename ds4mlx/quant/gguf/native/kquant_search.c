@@ -115,58 +115,6 @@ static inline int less(double a, double best) { /* argmin order: the first NaN w
     return !isnan(best) && (a < best || isnan(a));
 }
 
-/* x, w, wx [n_rows][n]; lo, span (float32, span 1 for flat rows), sw, sx (float64) per row;
- * steps [n_steps] the inverse-scale numerators after the plain min/max candidate (steps[0] is
- * nmax itself). Writes scale, b [n_rows] (float64, before the flat-row fix-up). */
-void kquant_fit_scale_min(const float *x, const float *w, const float *wx, const float *lo,
-                          const float *span, const double *sw, const double *sx, int64_t n_rows,
-                          int32_t n, int32_t nmax_i, const double *steps, int32_t n_steps,
-                          int32_t refine, double *scale_out, double *b_out) {
-    const float nmax = (float)nmax_i;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float *xr = x + r * n, *wr = w + r * n, *wxr = wx + r * n;
-        const float l = lo[r], sp = span[r];
-        double sl, sxl, sl2, best_scale = 0, best_b = 0, best_err = 0;
-        float dx[256];
-        for (int k = 0; k < n; k++) dx[k] = xr[k] - l;
-        for (int32_t c = 0; c < n_steps; c++) {
-            const float is = (float)(steps[c] / (double)sp);
-            const v4 vis = {is, is, is, is};
-#define SWEEP_CODE(k) v_clip(v_rint(vis * vload(dx + (k))), nmax)
-            CODE_SUMS(SWEEP_CODE, wr, wxr, n, sl, sxl, sl2);
-            double scale, b, err;
-            if (c == 0) { /* the plain min/max fit */
-                scale = (double)(sp / nmax);
-                b = (double)l;
-                err = lsq_err(scale, b, sl, sxl, sl2, sw[r], sx[r]);
-            } else {
-                lsq(sl, sxl, sl2, sw[r], sx[r], &scale, &b, &err);
-            }
-            if (c == 0 || less(err, best_err)) {
-                best_scale = scale;
-                best_b = b;
-                best_err = err;
-            }
-        }
-        for (int32_t i = 0; i < refine; i++) {
-            const float safe = (float)(best_scale > 0 ? best_scale : 1.0);
-            const float bf = (float)best_b;
-            const v4 vsafe = {safe, safe, safe, safe}, vb = {bf, bf, bf, bf};
-#define REFINE_CODE(k) v_clip(v_rint((vload(xr + (k)) - vb) / vsafe), nmax)
-            CODE_SUMS(REFINE_CODE, wr, wxr, n, sl, sxl, sl2);
-            double scale, b, err;
-            lsq(sl, sxl, sl2, sw[r], sx[r], &scale, &b, &err);
-            if (err < best_err && best_scale > 0) {
-                best_scale = scale;
-                best_b = b;
-                best_err = err;
-            }
-        }
-        scale_out[r] = best_scale;
-        b_out[r] = best_b;
-    }
-}
-
 /* numpy's pairwise sum of n <= 128 values (8 accumulators, then a tree), in float32 or float64 */
 static inline float pairwise_f32(const float *a, int n) {
     float r[8];
@@ -188,6 +136,68 @@ static inline double pairwise_f64(const float *a, int n) {
     double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
     for (; i < n; i++) res += (double)a[i];
     return res;
+}
+
+/* x, w [n_rows][n] (n a multiple of 16, at most 128); steps [n_steps] the inverse-scale
+ * numerators, the plain min/max candidate's (nmax) first. Writes each row's scale and m. */
+void kquant_fit_scale_min(const float *x, const float *w, int64_t n_rows, int32_t n, int32_t nmax_i,
+                          const double *steps, int32_t n_steps, int32_t refine, float *scale_out,
+                          float *m_out) {
+    const float nmax = (float)nmax_i;
+    float wxr[128];
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x + r * n, *wr = w + r * n;
+        float mn = xr[0], mx = xr[0];
+        for (int k = 0; k < n; k++) {
+            wxr[k] = wr[k] * xr[k];
+            mn = xr[k] < mn ? xr[k] : mn;
+            mx = xr[k] > mx ? xr[k] : mx;
+        }
+        /* np.minimum(min, 0.0) is +0 for a zero minimum of either sign; a zero span of either
+         * sign is a flat row */
+        const float l = mn < 0 ? mn : 0.0f, span = mx - l;
+        const int flat = span <= 0;
+        const float sp = flat ? 1.0f : span;
+        const double swr = pairwise_f64(wr, n), sxr = pairwise_f64(wxr, n);
+        double sl, sxl, sl2, best_scale = 0, best_b = 0, best_err = 0;
+        float dx[128];
+        for (int k = 0; k < n; k++) dx[k] = xr[k] - l;
+        for (int32_t c = 0; c < n_steps; c++) {
+            const float is = (float)(steps[c] / (double)sp);
+            const v4 vis = {is, is, is, is};
+#define SWEEP_CODE(k) v_clip(v_rint(vis * vload(dx + (k))), nmax)
+            CODE_SUMS(SWEEP_CODE, wr, wxr, n, sl, sxl, sl2);
+            double scale, b, err;
+            if (c == 0) { /* the plain min/max fit */
+                scale = (double)(sp / nmax);
+                b = (double)l;
+                err = lsq_err(scale, b, sl, sxl, sl2, swr, sxr);
+            } else {
+                lsq(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
+            }
+            if (c == 0 || less(err, best_err)) {
+                best_scale = scale;
+                best_b = b;
+                best_err = err;
+            }
+        }
+        for (int32_t i = 0; i < refine; i++) {
+            const float safe = (float)(best_scale > 0 ? best_scale : 1.0);
+            const float bf = (float)best_b;
+            const v4 vsafe = {safe, safe, safe, safe}, vb = {bf, bf, bf, bf};
+#define REFINE_CODE(k) v_clip(v_rint((vload(xr + (k)) - vb) / vsafe), nmax)
+            CODE_SUMS(REFINE_CODE, wr, wxr, n, sl, sxl, sl2);
+            double scale, b, err;
+            lsq(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
+            if (err < best_err && best_scale > 0) {
+                best_scale = scale;
+                best_b = b;
+                best_err = err;
+            }
+        }
+        scale_out[r] = flat ? 0.0f : (float)best_scale;
+        m_out[r] = flat ? -l : (float)(-best_b);
+    }
 }
 
 /* common.kquant_weights without importance: w = sqrt(mean(x²)) + |x| per sub-block of n (8..128) */
