@@ -13,9 +13,9 @@ The page cache is dropped first when the system allows it. A quantization-heavy 
 how ``--jobs`` scales: ``--to gguf --preset ds4-q4 --size-gb 0.1 --experts 32 --jobs 1`` (then 2).
 ``--baseline DIR`` runs the same conversion of the same source with another checkout of ds4mlx
 (e.g. main) right after, and prints both and their ratio (on a shared machine, figures taken
-minutes apart are not comparable). With ``--to mlx`` the disk's write speed is measured in the
-same run (a file of ``--disk-gb`` GB written and fsynced) and the conversion's output rate is
-reported as a fraction of it.
+minutes apart are not comparable). The disk's write speed is measured in the same run (a file
+of ``--disk-gb`` GB written and fsynced) and each conversion's output rate is reported as a
+fraction of it.
 """
 
 from __future__ import annotations
@@ -208,15 +208,15 @@ def main(argv: list[str] | None = None) -> None:
               f"largest output tensor {largest / 2**20:.0f} MiB; source {src_bytes / 2**20:.0f} MiB)"
               + (f"; quantization worker peak RSS {worker_rss / 2**20:.0f} MiB each at most"
                  if worker_rss and args.to == "gguf" and args.jobs != 1 else ""))
-        if args.to == "mlx":
-            disk = disk_write_speed(work, args.disk_gb)
-            print(f"disk write speed (sequential, fsync): {rate(disk)}; conversion output at "
-                  f"{out_bytes / seconds / disk:.2f}x of it")
+        disk = disk_write_speed(work, args.disk_gb)
+        print(f"disk write speed (sequential, fsync): {rate(disk)}; conversion output at "
+              f"{out_bytes / seconds / disk:.2f}x of it")
         if args.baseline is not None:
             shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
             b_seconds, b_total, b_rss, _ = run_convert(args.baseline.resolve(), work / "src", out, args, preset)
             print(f"baseline {args.baseline}: {b_seconds:.1f} s ({b_total:.1f} s with start-up), "
-                  f"{rate(src_bytes / b_seconds)} of source, {rate(out_bytes / b_seconds)} of output, "
+                  f"{rate(src_bytes / b_seconds)} of source, {rate(out_bytes / b_seconds)} of output "
+                  f"({out_bytes / b_seconds / disk:.2f}x of the disk), "
                   f"peak RSS {b_rss / 2**20:.0f} MiB; this checkout is {b_seconds / seconds:.2f}x "
                   f"({b_total / total_seconds:.2f}x with start-up)")
     finally:

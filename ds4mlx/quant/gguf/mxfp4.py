@@ -82,9 +82,14 @@ def from_pairs(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
         )
     lead = packed.shape[:-1]
     pb = packed.reshape(-1, 16)
-    codes = np.stack([pb & 15, pb >> 4], axis=-1).reshape(-1, 32)
-    qs = codes[:, :16] | (codes[:, 16:] << 4)
-    return np_out(np.concatenate([scales.reshape(-1, 1), qs], axis=1), lead)
+    # packed byte i holds elements 2i (low) and 2i+1; GGUF byte j holds elements j and j+16:
+    # so GGUF byte 2i = low nibbles of bytes i and 8+i, byte 2i+1 = their high nibbles
+    a, b = pb[:, :8], pb[:, 8:]
+    out = np.empty((pb.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    out[:, 0] = scales.reshape(-1)
+    np.bitwise_or(a & 15, b << 4, out=out[:, 1::2])
+    np.bitwise_or(a >> 4, b & 0xF0, out=out[:, 2::2])
+    return out.reshape(*lead, -1)
 
 
 def _encode(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

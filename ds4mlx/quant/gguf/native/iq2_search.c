@@ -13,44 +13,64 @@
 #include <stdint.h>
 #include <string.h>
 
-#define W 4 /* runs side by side: one 128-bit vector (SSE2, NEON) */
-typedef float vf __attribute__((vector_size(4 * W)));
-typedef int32_t vi __attribute__((vector_size(4 * W)));
+/* The search over W runs side by side (each lane one run, so the lane count does not change a
+ * result): 4 lanes in one 128-bit vector (SSE2, NEON), and on x86 8 lanes with AVX2 where the
+ * CPU has it (chosen at run time). */
+#define DEFINE_SEARCH(SUFFIX, W, ATTR)                                                          \
+    typedef float vf##SUFFIX __attribute__((vector_size(4 * W)));                              \
+    typedef int32_t vi##SUFFIX __attribute__((vector_size(4 * W)));                            \
+    /* h[p] for the 81 level patterns p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3 */     \
+    ATTR static void half_sums##SUFFIX(const vf##SUFFIX t[8][3], int j0, vf##SUFFIX h[81]) {   \
+        for (int p = 0; p < 81; p++)                                                           \
+            h[p] = ((t[j0][p % 3] + t[j0 + 1][p / 3 % 3]) + t[j0 + 2][p / 9 % 3]) +            \
+                   t[j0 + 3][p / 27];                                                          \
+    }                                                                                          \
+    /* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */ \
+    ATTR static void search##SUFFIX(const float *lhs, const int64_t *rows, int64_t n_rows,     \
+                                    const float *levels, const int32_t *lo, const int32_t *hi, \
+                                    int64_t *out, int64_t stride) {                            \
+        typedef vf##SUFFIX vf;                                                                 \
+        typedef vi##SUFFIX vi;                                                                 \
+        for (int64_t k0 = 0; k0 < n_rows; k0 += W) {                                           \
+            const int m = n_rows - k0 < W ? (int)(n_rows - k0) : W;                            \
+            float a[16][W];                                                                    \
+            for (int i = 0; i < W; i++)                                                        \
+                for (int j = 0; j < 16; j++) a[j][i] = lhs[rows[k0 + (i < m ? i : 0)] * 16 + j]; \
+            vf t[8][3], h_lo[81], h_hi[81];                                                    \
+            for (int j = 0; j < 8; j++) {                                                      \
+                vf aj, bj;                                                                     \
+                memcpy(&aj, a[j], sizeof aj);                                                  \
+                memcpy(&bj, a[8 + j], sizeof bj);                                              \
+                for (int l = 0; l < 3; l++) t[j][l] = aj * levels[l] + bj * (levels[l] * levels[l]); \
+            }                                                                                  \
+            half_sums##SUFFIX(t, 0, h_lo);                                                     \
+            half_sums##SUFFIX(t, 4, h_hi);                                                     \
+            vf best = h_lo[lo[0]] + h_hi[hi[0]];                                               \
+            vi idx = {0};                                                                      \
+            for (int32_t e = 1; e < 256; e++) {                                                \
+                const vf c = h_lo[lo[e]] + h_hi[hi[e]];                                        \
+                const vi take = c < best;                                                      \
+                best = (vf)(((vi)c & take) | ((vi)best & ~take));                              \
+                idx = (((vi){0} + e) & take) | (idx & ~take);                                  \
+            }                                                                                  \
+            for (int i = 0; i < m; i++) out[rows[k0 + i] * stride] = idx[i];                   \
+        }                                                                                      \
+    }
 
-/* h[p] for the 81 level patterns p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3 */
-static void half_sums(const vf t[8][3], int j0, vf h[81]) {
-    for (int p = 0; p < 81; p++)
-        h[p] = ((t[j0][p % 3] + t[j0 + 1][p / 3 % 3]) + t[j0 + 2][p / 9 % 3]) + t[j0 + 3][p / 27];
-}
+DEFINE_SEARCH(4, 4, )
 
-/* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */
+#if defined(__x86_64__) && defined(__GNUC__)
+DEFINE_SEARCH(8, 8, __attribute__((target("avx2"))))
+
 static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const float *levels,
                    const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
-    for (int64_t k0 = 0; k0 < n_rows; k0 += W) {
-        const int m = n_rows - k0 < W ? (int)(n_rows - k0) : W;
-        float a[16][W];
-        for (int i = 0; i < W; i++)
-            for (int j = 0; j < 16; j++) a[j][i] = lhs[rows[k0 + (i < m ? i : 0)] * 16 + j];
-        vf t[8][3], h_lo[81], h_hi[81];
-        for (int j = 0; j < 8; j++) {
-            vf aj, bj;
-            memcpy(&aj, a[j], sizeof aj);
-            memcpy(&bj, a[8 + j], sizeof bj);
-            for (int l = 0; l < 3; l++) t[j][l] = aj * levels[l] + bj * (levels[l] * levels[l]);
-        }
-        half_sums(t, 0, h_lo);
-        half_sums(t, 4, h_hi);
-        vf best = h_lo[lo[0]] + h_hi[hi[0]];
-        vi idx = {0};
-        for (int32_t e = 1; e < 256; e++) {
-            const vf c = h_lo[lo[e]] + h_hi[hi[e]];
-            const vi take = c < best;
-            best = (vf)(((vi)c & take) | ((vi)best & ~take));
-            idx = (((vi){0} + e) & take) | (idx & ~take);
-        }
-        for (int i = 0; i < m; i++) out[rows[k0 + i] * stride] = idx[i];
-    }
+    static int avx2 = -1;
+    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2");
+    (avx2 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
 }
+#else
+#define search search4
+#endif
 
 /* lhs [n_runs][16] given: the best entry of every run */
 void iq2_best_entries(const float *lhs, int64_t n_runs, const float *levels, const int32_t *lo,
