@@ -92,6 +92,20 @@ def test_kquant_native_and_numpy_agree(name, monkeypatch):
         assert np.array_equal(with_c, without), (name, weights is not None, int((with_c != without).sum()))
 
 
+def test_mxfp4_repack_native_and_numpy_agree(monkeypatch):
+    from ds4mlx.quant.gguf import mxfp4
+
+    assert native.load("mxfp4_repack") is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(4)
+    packed = rng.integers(0, 256, (3, 40, 64), dtype=np.uint8)
+    scales = rng.integers(0, 256, (3, 40, 4), dtype=np.uint8)
+    with_c = mxfp4.from_pairs(packed, scales)
+    monkeypatch.setitem(native._LIBS, "mxfp4_repack", None)
+    without = mxfp4.from_pairs(packed, scales)
+    assert with_c.shape == without.shape == (3, 40, 4 * 17)
+    assert np.array_equal(with_c, without)
+
+
 def test_native_kernel_that_disagrees_is_not_used(monkeypatch):
     monkeypatch.delitem(native._CHECKED, "kquant_search", raising=False)
     with pytest.warns(UserWarning, match="does not match the numpy path"):
