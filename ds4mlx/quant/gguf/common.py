@@ -326,8 +326,12 @@ def kquant_fit(xb: np.ndarray, qw: np.ndarray | None, sub_size: int, nmax: int, 
     Returns (d, dmin, ls, lm, q) with codes q ``[n, subs, sub_size]`` in 0..nmax.
     The hot loops run in C (``native/kquant_search.c``, the same bits) where it builds and
     passes its check against this numpy path."""
-    lib = native.load_checked("kquant_search", _check_native)
-    return _kquant_fit(xb, qw, sub_size, nmax, lmax, search, sigma_factor, lib)
+    return _kquant_fit(xb, qw, sub_size, nmax, lmax, search, sigma_factor, kquant_native())
+
+
+def kquant_native():
+    """The compiled K-quant loops, or None where they do not build or fail their check."""
+    return native.load_checked("kquant_search", _check_native)
 
 
 def _kquant_fit(xb, qw, sub_size: int, nmax: int, lmax: int, search, sigma_factor: float, lib):

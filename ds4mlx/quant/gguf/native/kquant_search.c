@@ -59,23 +59,25 @@ static inline v4 v_clip(v4 q, float nmax) {
     return (v4)(((vi)q & ~over) | ((vi)top & over));
 }
 
-/* the three einsum sums of codes q against w and wx, the codes made 16 at a time by code(k) */
-#define CODE_SUMS(code, w, wx, n, sl, sxl, sl2)                                                 \
-    do {                                                                                       \
-        v4 a_l = {0, 0, 0, 0}, a_xl = a_l, a_l2 = a_l;                                         \
-        for (int k = 0; k < (n); k += 16) {                                                    \
-            const v4 q0 = code(k), q1 = code(k + 4), q2 = code(k + 8), q3 = code(k + 12);      \
-            a_l = vmuladd(q0, vload(w + k), vmuladd(q1, vload(w + k + 4),                      \
-                  vmuladd(q2, vload(w + k + 8), vmuladd(q3, vload(w + k + 12), a_l))));        \
-            a_xl = vmuladd(q0, vload(wx + k), vmuladd(q1, vload(wx + k + 4),                   \
-                   vmuladd(q2, vload(wx + k + 8), vmuladd(q3, vload(wx + k + 12), a_xl))));    \
-            a_l2 = vmuladd(q0 * q0, vload(w + k), vmuladd(q1 * q1, vload(w + k + 4),           \
-                   vmuladd(q2 * q2, vload(w + k + 8), vmuladd(q3 * q3, vload(w + k + 12), a_l2)))); \
-        }                                                                                      \
-        sl = 0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3]));                                   \
-        sxl = 0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3]));                              \
-        sl2 = 0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3]));                              \
-    } while (0)
+static inline void vstore(float *p, v4 v) { memcpy(p, &v, sizeof v); }
+
+/* the three einsum sums Σ q·w, Σ q·wx, Σ q²·w (numpy's order: see dot) */
+static inline void code_sums(const float *q, const float *w, const float *wx, int n, double *sl,
+                             double *sxl, double *sl2) {
+    v4 a_l = {0, 0, 0, 0}, a_xl = a_l, a_l2 = a_l;
+    for (int k = 0; k < n; k += 16) {
+        const v4 q0 = vload(q + k), q1 = vload(q + k + 4), q2 = vload(q + k + 8), q3 = vload(q + k + 12);
+        a_l = vmuladd(q0, vload(w + k), vmuladd(q1, vload(w + k + 4),
+              vmuladd(q2, vload(w + k + 8), vmuladd(q3, vload(w + k + 12), a_l))));
+        a_xl = vmuladd(q0, vload(wx + k), vmuladd(q1, vload(wx + k + 4),
+               vmuladd(q2, vload(wx + k + 8), vmuladd(q3, vload(wx + k + 12), a_xl))));
+        a_l2 = vmuladd(q0 * q0, vload(w + k), vmuladd(q1 * q1, vload(w + k + 4),
+               vmuladd(q2 * q2, vload(w + k + 8), vmuladd(q3 * q3, vload(w + k + 12), a_l2))));
+    }
+    *sl = 0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3]));
+    *sxl = 0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3]));
+    *sl2 = 0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3]));
+}
 
 /* numpy's float32 einsum of a row pair: Σ a[k]·b[k] */
 static inline float dot(const float *a, const float *b, int n) {
@@ -159,19 +161,28 @@ void kquant_fit_scale_min(const float *x, const float *w, int64_t n_rows, int32_
         const int flat = span <= 0;
         const float sp = flat ? 1.0f : span;
         const double swr = pairwise_f64(wr, n), sxr = pairwise_f64(wxr, n);
-        double sl, sxl, sl2, best_scale = 0, best_b = 0, best_err = 0;
-        float dx[128];
+        double sl, sxl, sl2, sl0 = 0, sxl0 = 0, sl20 = 0, best_scale = 0, best_b = 0, best_err = 0;
+        /* the winner's codes, and whether its (scale, b) is the least-squares fit of them */
+        float dx[128], q[128], q0[128], best_q[128];
+        int best_lsq = 0;
         for (int k = 0; k < n; k++) dx[k] = xr[k] - l;
         for (int32_t c = 0; c < n_steps; c++) {
-            const float is = (float)(steps[c] / (double)sp);
-            const v4 vis = {is, is, is, is};
-#define SWEEP_CODE(k) v_clip(v_rint(vis * vload(dx + (k))), nmax)
-            CODE_SUMS(SWEEP_CODE, wr, wxr, n, sl, sxl, sl2);
+            if (c > 0 && steps[c] == steps[0]) { /* the min/max candidate's codes again */
+                memcpy(q, q0, sizeof(float) * n);
+                sl = sl0, sxl = sxl0, sl2 = sl20;
+            } else {
+                const float is = (float)(steps[c] / (double)sp);
+                const v4 vis = {is, is, is, is};
+                for (int k = 0; k < n; k += 4) vstore(q + k, v_clip(v_rint(vis * vload(dx + k)), nmax));
+                code_sums(q, wr, wxr, n, &sl, &sxl, &sl2);
+            }
             double scale, b, err;
             if (c == 0) { /* the plain min/max fit */
                 scale = (double)(sp / nmax);
                 b = (double)l;
                 err = lsq_err(scale, b, sl, sxl, sl2, swr, sxr);
+                memcpy(q0, q, sizeof(float) * n);
+                sl0 = sl, sxl0 = sxl, sl20 = sl2;
             } else {
                 lsq(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
             }
@@ -179,21 +190,28 @@ void kquant_fit_scale_min(const float *x, const float *w, int64_t n_rows, int32_
                 best_scale = scale;
                 best_b = b;
                 best_err = err;
+                best_lsq = c > 0;
+                memcpy(best_q, q, sizeof(float) * n);
             }
         }
-        for (int32_t i = 0; i < refine; i++) {
-            const float safe = (float)(best_scale > 0 ? best_scale : 1.0);
+        /* Polish: a round that does not improve leaves the winner as it was, so every later
+         * round would repeat it: stop there (the same result as running them all). Likewise
+         * when the winner's codes come out again and it is their least-squares fit already. */
+        for (int32_t i = 0; i < refine && best_scale > 0; i++) {
+            const float safe = (float)best_scale;
             const float bf = (float)best_b;
             const v4 vsafe = {safe, safe, safe, safe}, vb = {bf, bf, bf, bf};
-#define REFINE_CODE(k) v_clip(v_rint((vload(xr + (k)) - vb) / vsafe), nmax)
-            CODE_SUMS(REFINE_CODE, wr, wxr, n, sl, sxl, sl2);
+            for (int k = 0; k < n; k += 4) vstore(q + k, v_clip(v_rint((vload(xr + k) - vb) / vsafe), nmax));
+            if (best_lsq && memcmp(q, best_q, sizeof(float) * n) == 0) break;
+            code_sums(q, wr, wxr, n, &sl, &sxl, &sl2);
             double scale, b, err;
             lsq(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
-            if (err < best_err && best_scale > 0) {
-                best_scale = scale;
-                best_b = b;
-                best_err = err;
-            }
+            if (!(err < best_err)) break;
+            best_scale = scale;
+            best_b = b;
+            best_err = err;
+            best_lsq = 1;
+            memcpy(best_q, q, sizeof(float) * n);
         }
         scale_out[r] = flat ? 0.0f : (float)best_scale;
         m_out[r] = flat ? -l : (float)(-best_b);
@@ -222,7 +240,8 @@ void kquant_requantize(const float *x, const float *m, const float *inv, int64_t
             const v4 v = (vload(x + r * n + k) + mr) * ir + half;
             v4 t = v_rint(v);
             t = v_clip(t - (v4)((vi)one & (t > v)), nmax); /* floor */
-            for (int i = 0; i < 4; i++) q[r * n + k + i] = t[i] == t[i] ? (uint8_t)t[i] : 0;
+            const vi c = __builtin_convertvector((v4)((vi)t & (t == t)), vi); /* NaN: 0 */
+            for (int i = 0; i < 4; i++) q[r * n + k + i] = (uint8_t)c[i];
         }
     }
 }
