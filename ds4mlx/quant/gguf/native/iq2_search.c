@@ -118,3 +118,55 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
         search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
     }
 }
+
+/* The rest of iq2_xxs._quantize_chunk's hot loops, bit for bit its numpy (checked at first use,
+ * see iq2_xxs._check_native). numpy's float32 einsum over 8 elements: 4 lanes, elements
+ * j and j+4 in lane j (multiply and add, fused on arm64 as numpy's NEON code does), lane sums
+ * (l0 + l1) + (l2 + l3). */
+#if defined(__aarch64__)
+#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define MULADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+static inline float dot8(const float *a, const float *b) {
+    float t[4];
+    for (int i = 0; i < 4; i++) t[i] = MULADD(a[i + 4], b[i + 4], MULADD(a[i], b[i], 0.0f));
+    return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
+}
+
+/* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] */
+void iq2_candidate_sums(const float *wy, const float *w, const int64_t *cand, const float *grid,
+                        int64_t n_runs, int64_t n_cand, float *ca, float *cb) {
+    for (int64_t r = 0; r < n_runs; r++) {
+        for (int64_t f = 0; f < n_cand; f++) {
+            const float *g = grid + 8 * cand[r * n_cand + f];
+            float g2[8];
+            for (int j = 0; j < 8; j++) g2[j] = g[j] * g[j];
+            ca[r * n_cand + f] = dot8(wy + 8 * r, g);
+            cb[r * n_cand + f] = dot8(w + 8 * r, g2);
+        }
+    }
+}
+
+/* For each group (scale s[g], runs_per_group runs) and run, the candidate of least cost
+ * s·(s·cb − 2·ca) (argmin: the first minimum, or the first NaN) and that cost. */
+void iq2_best(const float *s, const float *ca, const float *cb, int64_t n_groups, int64_t runs_per_group,
+              int64_t n_cand, int64_t *k_out, float *cost_out) {
+    for (int64_t gi = 0; gi < n_groups; gi++) {
+        const float sg = s[gi];
+        for (int64_t r = gi * runs_per_group; r < (gi + 1) * runs_per_group; r++) {
+            int64_t best = 0;
+            float best_c = 0;
+            for (int64_t f = 0; f < n_cand; f++) {
+                const float c = sg * (sg * cb[r * n_cand + f] - 2.0f * ca[r * n_cand + f]);
+                if (f == 0 || (best_c == best_c && (c < best_c || c != c))) {
+                    best = f;
+                    best_c = c;
+                }
+            }
+            k_out[r] = best;
+            cost_out[r] = best_c;
+        }
+    }
+}
