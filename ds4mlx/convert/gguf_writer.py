@@ -59,7 +59,6 @@ def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Itera
     iterable of chunks, concatenated). Returns every tensor's CRC-32."""
     writer = GGUFWriter(str(path), ARCH)
     chunks = iter(data)
-    writeback = None
     try:
         writer.add_name(name)
         for key, value, vtype in gguf_metadata(config):
@@ -79,7 +78,6 @@ def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Itera
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         f = writer.fout[0]
-        writeback = mlx_dir.Writeback(f)
         crcs = {}
         for e in entries:
             _padding(f, writer.data_alignment)
@@ -87,7 +85,6 @@ def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Itera
             for chunk in next(chunks):
                 buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
                 mlx_dir.write_bytes(f, buf)
-                writeback.wrote(len(buf))
                 crc = zlib.crc32(buf, crc)
                 done += len(buf)
             if done != e.nbytes:
@@ -95,11 +92,8 @@ def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Itera
             crcs[e.name] = crc
             _padding(f, writer.data_alignment)
         f.flush()
-        writeback.close()
         os.fsync(f.fileno())
     finally:
-        if writeback is not None:
-            writeback.close()
         if hasattr(chunks, "close"):
             chunks.close()  # a generator that feeds worker processes stops them now, also on errors
         writer.close()

@@ -246,38 +246,6 @@ def write_bytes(f, data: memoryview) -> None:
     f.write(data)
 
 
-class Writeback:
-    """Pushes a file's written data to the disk as it grows: every ``every`` bytes one
-    ``fdatasync`` on a thread (when the last one is done). Without it the kernel may hold a whole
-    shard in dirty pages until the final fsync, and the disk idles while the converter computes
-    and then the converter waits for the disk. Errors are left to that final fsync."""
-
-    def __init__(self, f, every: int = 256 << 20):
-        self.fd, self.every, self.pending, self.thread = f.fileno(), every, 0, None
-
-    def wrote(self, nbytes: int) -> None:
-        self.pending += nbytes
-        if self.pending >= self.every and (self.thread is None or not self.thread.is_alive()):
-            import threading
-
-            self.pending = 0
-            self.thread = threading.Thread(target=_datasync, args=(self.fd,), name="writeback", daemon=True)
-            self.thread.start()
-
-    def close(self) -> None:
-        """Wait for the running sync (before the file is synced or closed)."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-
-
-def _datasync(fd: int) -> None:
-    try:
-        getattr(os, "fdatasync", os.fsync)(fd)
-    except OSError:
-        pass
-
-
 class ShardWriter:
     """Stream one safetensors file whose header is known up front: tensors arrive in file order
     as byte chunks; each tensor's CRC-32 is kept for the verification pass."""
@@ -290,7 +258,6 @@ class ShardWriter:
         self.crc: dict[str, int] = {}
         self._next = 0
         self._f = open(self.path, "wb")
-        self._writeback = Writeback(self._f)
         write_bytes(self._f, memoryview(header))
 
     @property
@@ -308,7 +275,6 @@ class ShardWriter:
             if done + len(buf) > end - start:
                 raise MLXDirError(f"{self.path}: tensor {name!r} got more than its {end - start} bytes")
             write_bytes(self._f, buf)
-            self._writeback.wrote(len(buf))
             crc = zlib.crc32(buf, crc)
             done += len(buf)
         if done != end - start:
@@ -321,14 +287,12 @@ class ShardWriter:
         if self._next != len(self.order):
             raise MLXDirError(f"{self.path}: tensor {self.order[self._next]!r} was never written")
         self._f.flush()
-        self._writeback.close()
         os.fsync(self._f.fileno())
         self._f.close()
         return self.crc
 
     def abort(self) -> None:
         try:
-            self._writeback.close()
             self._f.close()
         finally:
             self.path.unlink(missing_ok=True)
