@@ -12,10 +12,10 @@ GGUF quantization workers), next to the size of the largest output tensor.
 The page cache is dropped first when the system allows it. A quantization-heavy run that shows
 how ``--jobs`` scales: ``--to gguf --preset ds4-q4 --size-gb 0.1 --experts 32 --jobs 1`` (then 2).
 ``--baseline DIR`` runs the same conversion of the same source with another checkout of ds4mlx
-(e.g. main) right after, and prints both and their ratio (on a shared machine, figures taken
-minutes apart are not comparable). With ``--to mlx`` the disk's write speed is measured in the
-same run (a file of ``--disk-gb`` GB written and fsynced) and the conversion's output rate is
-reported as a fraction of it.
+(e.g. main) right after, prints both and their ratio (on a shared machine, figures taken
+minutes apart are not comparable) and whether the two outputs are byte-identical. The disk's write speed is measured in the same run (a file
+of ``--disk-gb`` GB written and fsynced) and each conversion's output rate is reported as a
+fraction of it.
 """
 
 from __future__ import annotations
@@ -145,6 +145,17 @@ def disk_write_speed(directory: Path, size_gb: float) -> float:
     return n * len(block) / seconds
 
 
+def same_output(a: Path, b: Path) -> bool:
+    """Whether two conversion outputs (a file, or a directory of files) hold the same bytes."""
+    import filecmp
+
+    if a.is_file():
+        return filecmp.cmp(a, b, shallow=False)
+    names = sorted(f.name for f in a.iterdir())
+    return names == sorted(f.name for f in b.iterdir()) and all(
+        filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
 def run_convert(root: Path, src: Path, out: Path, args, preset: str | None) -> tuple[float, float, float, float]:
     """(seconds inside convert, seconds with start-up, peak RSS, largest worker RSS) of one
     conversion in a child process running the ds4mlx checkout at ``root``."""
@@ -208,15 +219,16 @@ def main(argv: list[str] | None = None) -> None:
               f"largest output tensor {largest / 2**20:.0f} MiB; source {src_bytes / 2**20:.0f} MiB)"
               + (f"; quantization worker peak RSS {worker_rss / 2**20:.0f} MiB each at most"
                  if worker_rss and args.to == "gguf" and args.jobs != 1 else ""))
-        if args.to == "mlx":
-            disk = disk_write_speed(work, args.disk_gb)
-            print(f"disk write speed (sequential, fsync): {rate(disk)}; conversion output at "
-                  f"{out_bytes / seconds / disk:.2f}x of it")
+        disk = disk_write_speed(work, args.disk_gb)
+        print(f"disk write speed (sequential, fsync): {rate(disk)}; conversion output at "
+              f"{out_bytes / seconds / disk:.2f}x of it")
         if args.baseline is not None:
-            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-            b_seconds, b_total, b_rss, _ = run_convert(args.baseline.resolve(), work / "src", out, args, preset)
+            b_out = out.with_name("baseline-" + out.name)
+            b_seconds, b_total, b_rss, _ = run_convert(args.baseline.resolve(), work / "src", b_out, args, preset)
+            print(f"outputs byte-identical to the baseline's: {same_output(out, b_out)}")
             print(f"baseline {args.baseline}: {b_seconds:.1f} s ({b_total:.1f} s with start-up), "
-                  f"{rate(src_bytes / b_seconds)} of source, {rate(out_bytes / b_seconds)} of output, "
+                  f"{rate(src_bytes / b_seconds)} of source, {rate(out_bytes / b_seconds)} of output "
+                  f"({out_bytes / b_seconds / disk:.2f}x of the disk), "
                   f"peak RSS {b_rss / 2**20:.0f} MiB; this checkout is {b_seconds / seconds:.2f}x "
                   f"({b_total / total_seconds:.2f}x with start-up)")
     finally:

@@ -11,7 +11,7 @@ from gguf import quants as gq
 import gguf_quant_reference as reference
 from ds4mlx.quant import codecs
 from ds4mlx.quant import gguf as fmts
-from ds4mlx.quant.gguf import native
+from ds4mlx.quant.gguf import common, native
 
 
 def _inputs(seed: int, rows: int, cols: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -69,6 +69,51 @@ def test_iq2_xxs_native_and_numpy_search_agree(monkeypatch):
     without = fmts.get("IQ2_XXS").quantize(x, weights=imp)
     assert np.array_equal(with_c, without)
     assert np.array_equal(with_c, reference.quantize_iq2_xxs(x, weights=imp))
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q2_K"])
+def test_kquant_native_and_numpy_agree(name, monkeypatch):
+    # the C loops (native/kquant_search.c) against the numpy path on inputs unlike the load-time
+    # check's: wide dynamic range, all-positive and all-negative rows, exact zeros, imatrix
+    lib = native.load_checked("kquant_search", common._check_native)
+    assert lib is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((40, 1024)) * np.exp(rng.standard_normal((40, 1))) * 0.02).astype(np.float32)
+    x[2] = np.abs(x[2])
+    x[3] = -np.abs(x[3])
+    x[4, ::3] = 0.0
+    imp = rng.gamma(0.3, size=1024).astype(np.float32)
+    imp[::7] = 0.0
+    for weights in (None, imp):
+        with_c = fmts.get(name).quantize(x, weights=weights)
+        monkeypatch.setitem(native._CHECKED, "kquant_search", None)
+        without = fmts.get(name).quantize(x, weights=weights)
+        monkeypatch.setitem(native._CHECKED, "kquant_search", lib)
+        assert np.array_equal(with_c, without), (name, weights is not None, int((with_c != without).sum()))
+
+
+def test_mxfp4_repack_native_and_numpy_agree(monkeypatch):
+    from ds4mlx.quant.gguf import mxfp4
+
+    assert native.load("mxfp4_repack") is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(4)
+    packed = rng.integers(0, 256, (3, 40, 64), dtype=np.uint8)
+    scales = rng.integers(0, 256, (3, 40, 4), dtype=np.uint8)
+    with_c = mxfp4.from_pairs(packed, scales)
+    monkeypatch.setitem(native._LIBS, "mxfp4_repack", None)
+    without = mxfp4.from_pairs(packed, scales)
+    assert with_c.shape == without.shape == (3, 40, 4 * 17)
+    assert np.array_equal(with_c, without)
+
+
+def test_native_kernel_that_disagrees_is_not_used(monkeypatch):
+    monkeypatch.delitem(native._CHECKED, "kquant_search", raising=False)
+    with pytest.warns(UserWarning, match="does not match the numpy path"):
+        lib = native.load_checked("kquant_search", lambda lib: False)
+    assert lib is None or native.load("kquant_search") is None
+    monkeypatch.delitem(native._CHECKED, "kquant_search")
+    x = np.random.default_rng(3).standard_normal((4, 512), dtype=np.float32)
+    assert np.array_equal(fmts.get("Q4_K").quantize(x), reference.QUANTIZE["Q4_K"](x))
 
 
 def test_native_build_can_be_turned_off(monkeypatch):

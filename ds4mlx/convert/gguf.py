@@ -77,6 +77,9 @@ def tensor_type(preset: str, lw: Logical, gguf_name: str) -> str:
 
 
 def _exact_bf16(values: np.ndarray, name: str) -> np.ndarray:
+    u = np.ascontiguousarray(values, dtype="<f4").view(np.uint32)
+    if not np.any(u & 0xFFFF):  # exact in BF16: the top halves are the BF16 bits (what rounding gives)
+        return (u >> 16).astype("<u2").view(np.uint8).reshape(*values.shape[:-1], -1)
     bits = gguf_quants.BF16.quantize(values)
     back = bf16_decode(bits.view(np.uint16)).reshape(values.shape)
     if not np.array_equal(back, values):
@@ -266,7 +269,8 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     """Every item's array, in order. With ``jobs > 1`` the heavy ``EncodeJob``s run on that many
     worker processes (threads do not scale: the quantizers are many small numpy ops under the
     GIL, measured 1.5x for Q4_K and 0.9x for IQ2_XXS on 2 threads), queued at most ``2 * jobs`` items ahead of the writer, so memory stays bounded and the
-    workers stay busy across tensor boundaries; cheap items run here when the writer reaches them.
+    workers stay busy across tensor boundaries; cheap ``EncodeJob``s (reads and repacks) run on
+    ``jobs`` threads in the same window, overlapping the writer; hash tables run here.
     """
     if jobs <= 1:
         yield from map(run_item, items)
@@ -275,8 +279,10 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     from collections import deque
     from concurrent.futures import Future, ProcessPoolExecutor
 
+    from concurrent.futures import ThreadPoolExecutor
+
     window = 2 * jobs
-    pool = None
+    pool = threads = None
     pending: deque = deque()
     # Workers inherit the environment when spawned (on demand, during the run): unless the user
     # set them, cap each one's BLAS threads to its share of the cores, or the IQ2_XXS search's
@@ -296,6 +302,10 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
                         pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                    initializer=_watch_parent, initargs=(os.getpid(),))
                     item = pool.submit(encode, item)
+            elif isinstance(item, EncodeJob):  # reads and repacks: threads (the GIL is released
+                if threads is None:  # in file reads and large numpy ops), ahead of the writer
+                    threads = ThreadPoolExecutor(jobs, thread_name_prefix="ds4mlx-encode")
+                item = threads.submit(encode, item)
             pending.append(item)
             if len(pending) > window:
                 yield resolve(pending.popleft())
@@ -303,6 +313,8 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
             yield resolve(pending.popleft())
         finished = True
     finally:
+        if threads is not None:
+            threads.shutdown(wait=True, cancel_futures=True)
         if pool is not None:
             _stop_pool(pool, finished)
         for k in unset:

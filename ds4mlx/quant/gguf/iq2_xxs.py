@@ -162,6 +162,57 @@ def _candidate_entries(y: np.ndarray, w: np.ndarray, s0: np.ndarray) -> np.ndarr
     return out.reshape(*runs, -1)
 
 
+def _candidate_sums(wy: np.ndarray, w: np.ndarray, cand: np.ndarray, lib=None) -> tuple[np.ndarray, np.ndarray]:
+    """For runs ``[..., 8]`` and their candidate entries ``cand [..., F]``: A = Σ w·y·g and
+    B = Σ w·g² of each candidate ``g``, ``[..., F]`` float32."""
+    if lib is None:
+        g = GRID[cand]  # [..., F, 8]
+        return (np.einsum("rgkj,rgkfj->rgkf", wy, g), np.einsum("rgkj,rgkfj->rgkf", w, g * g))
+    wy, w = (np.ascontiguousarray(a, dtype=np.float32) for a in (wy, w))
+    cand = np.ascontiguousarray(cand, dtype=np.int64)
+    ca, cb = np.empty(cand.shape, dtype=np.float32), np.empty(cand.shape, dtype=np.float32)
+    lib.iq2_candidate_sums(native.ptr(wy), native.ptr(w), native.ptr(cand), native.ptr(GRID),
+                           ctypes.c_int64(cand.size // cand.shape[-1]), ctypes.c_int64(cand.shape[-1]),
+                           native.ptr(ca), native.ptr(cb))
+    return ca, cb
+
+
+def _best(s: np.ndarray, ca: np.ndarray, cb: np.ndarray, lib=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per run, the candidate of least cost s²B − 2sA at group scale ``s [n, 8]`` (``ca``,
+    ``cb [n, 8, 4, F]``): its index and cost, ``[n, 8, 4]``."""
+    if lib is None:
+        c = s[..., None, None] * (s[..., None, None] * cb - 2.0 * ca)
+        k = np.argmin(c, axis=-1)
+        return k, np.take_along_axis(c, k[..., None], axis=-1)[..., 0]
+    s = np.ascontiguousarray(s, dtype=np.float32)
+    k, cost = np.empty(ca.shape[:-1], dtype=np.int64), np.empty(ca.shape[:-1], dtype=np.float32)
+    lib.iq2_best(native.ptr(s), native.ptr(ca), native.ptr(cb), ctypes.c_int64(s.size),
+                 ctypes.c_int64(ca.shape[-2]), ctypes.c_int64(ca.shape[-1]), native.ptr(k), native.ptr(cost))
+    return k, cost
+
+
+def _native():
+    """The compiled IQ2_XXS loops, or None. Their candidate sums and choices are checked against
+    numpy's (bit for bit) before first use."""
+    if native.load("iq2_search") is None:  # (also when a caller has switched it off)
+        return None
+    return native.load_checked("iq2_search", _check_native)
+
+
+def _check_native(lib) -> bool:
+    rng = np.random.default_rng(0)
+    y = np.abs(rng.standard_t(3, size=(48, 8, 4, 8))).astype(np.float32) * 0.01
+    w = rng.gamma(0.5, size=y.shape).astype(np.float32)
+    w[::5] = 0.0
+    cand = rng.integers(0, 256, size=(48, 8, 4, len(_SCALE_STEPS)))
+    want, got = _candidate_sums(w * y, w, cand), _candidate_sums(w * y, w, cand, lib)
+    if not all(np.array_equal(a, b) for a, b in zip(want, got)):
+        return False
+    s = (y.max(axis=(2, 3)) / 43.0).astype(np.float32)
+    s[0, :2] = 0.0
+    return all(np.array_equal(a, b) for a, b in zip(_best(s, *want), _best(s, *want, lib)))
+
+
 def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     n = xb.shape[0]
     x = xb.reshape(n, 8, 4, 8)
@@ -183,14 +234,11 @@ def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     # the few entries worth considering per run, and their sums A = Σ w y g, B = Σ w g²
     s0 = y.max(axis=(2, 3)) / 43.0  # [n, 8]
     cand = _candidate_entries(y, w, s0)  # [n, 8, 4, F]
-    g = GRID[cand]  # [n, 8, 4, F, 8]
-    ca = np.einsum("rgkj,rgkfj->rgkf", w * y, g)
-    cb = np.einsum("rgkj,rgkfj->rgkf", w, g * g)
+    lib = _native()
+    ca, cb = _candidate_sums(w * y, w, cand, lib)
 
     def best(s):  # per run, the candidate with the lowest cost s²B − 2sA at group scale s [n, 8]
-        c = s[..., None, None] * (s[..., None, None] * cb - 2.0 * ca)
-        k = np.argmin(c, axis=-1)
-        return k, np.take_along_axis(c, k[..., None], axis=-1)[..., 0]
+        return _best(s, ca, cb, lib)
 
     # group scale: the best of the sweep, then least-squares refinements
     costs = np.stack([best(s0 * f)[1].sum(axis=-1) for f in _SCALE_STEPS])  # [F, n, 8]

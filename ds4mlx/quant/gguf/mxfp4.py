@@ -17,11 +17,14 @@ nibble order differs (MLX and the official checkpoint pack pairs: low nibble = e
 
 from __future__ import annotations
 
+import ctypes
+
 import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..codecs import E2M1_TABLE, e2m1_encode
+from . import native
 from .common import as_blocks, flat_values, np_blocks, np_importance, np_out
 
 NAME = "MXFP4"
@@ -81,10 +84,35 @@ def from_pairs(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
             f"MXFP4: {packed.shape[-1]} packed bytes per row do not match {scales.shape[-1]} scales"
         )
     lead = packed.shape[:-1]
-    pb = packed.reshape(-1, 16)
-    codes = np.stack([pb & 15, pb >> 4], axis=-1).reshape(-1, 32)
-    qs = codes[:, :16] | (codes[:, 16:] << 4)
-    return np_out(np.concatenate([scales.reshape(-1, 1), qs], axis=1), lead)
+    lib = native.load("mxfp4_repack")
+    if lib is not None:
+        src, sc = np.ascontiguousarray(packed), np.ascontiguousarray(scales)
+        out = np.empty((*lead, sc.shape[-1] * BLOCK_BYTES), dtype=np.uint8)
+        lib.mxfp4_from_pairs(native.ptr(src), native.ptr(sc), ctypes.c_int64(sc.size), native.ptr(out))
+        return out
+    # packed byte i holds elements 2i (low nibble) and 2i+1; GGUF byte j holds elements j and
+    # j+16. So with a, b the first and second 8 packed bytes of a block, GGUF byte 2i holds the
+    # low nibbles of a_i, b_i and byte 2i+1 their high nibbles. Done on 64-bit words (8 bytes
+    # at once, long loops) and written through a packed 17-byte record view.
+    words = np.ascontiguousarray(packed).reshape(-1, 16).view("<u8")
+    a, b = words[:, 0], words[:, 1]
+    even = (a & _LOW) | ((b & _LOW) << np.uint64(4))
+    odd = ((a >> np.uint64(4)) & _LOW) | (b & _HIGH)
+    out = np.empty(words.shape[0], dtype=_BLOCK)
+    out["e"] = scales.reshape(-1)
+    out["lo"] = _spread(even & _M32) | (_spread(odd & _M32) << np.uint64(8))
+    out["hi"] = _spread(even >> np.uint64(32)) | (_spread(odd >> np.uint64(32)) << np.uint64(8))
+    return out.view(np.uint8).reshape(*lead, -1)
+
+
+_LOW, _HIGH, _M32 = np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(0xF0F0F0F0F0F0F0F0), np.uint64(0xFFFFFFFF)
+_BLOCK = np.dtype([("e", "u1"), ("lo", "<u8"), ("hi", "<u8")])  # one GGUF block, unaligned
+
+
+def _spread(x: np.ndarray) -> np.ndarray:
+    """The 4 low bytes of each word to bytes 0, 2, 4, 6 (zeros between)."""
+    x = (x | (x << np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
+    return (x | (x << np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
 
 
 def _encode(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

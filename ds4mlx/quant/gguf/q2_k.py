@@ -20,7 +20,8 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .common import as_blocks, bits, field_f16, flat_values, kquant_fit, np_f16_bytes, quantize_in_chunks
+from .common import (as_blocks, bits, field_f16, flat_values, kquant_fit, kquant_native, np_f16_bytes,
+                     quantize_in_chunks)
 
 NAME = "Q2_K"
 GGML_TYPE = int(GGMLQuantizationType.Q2_K)
@@ -29,6 +30,7 @@ SCALE_FIELDS = (80, 82)  # byte offsets of the block's fp16 scales (the load-tim
 
 _SUB = 16
 _CHUNK_BLOCKS = 256  # as Q4_K
+_NATIVE_CHUNK_BLOCKS = 1024  # as Q4_K
 
 
 def dequantize(blocks: mx.array) -> mx.array:
@@ -59,4 +61,5 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     inverse scales, then 4-bit sub-block scales and mins against fp16 super-scales, which are
     re-fit once the codes are known. ``weights``: optional importance, broadcast to ``x``.
     """
-    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk)
+    chunk = _CHUNK_BLOCKS if kquant_native() is None else _NATIVE_CHUNK_BLOCKS
+    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, chunk, _quantize_chunk)

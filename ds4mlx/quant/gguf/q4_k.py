@@ -23,7 +23,8 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .common import as_blocks, bits, field_f16, flat_values, kquant_fit, np_f16_bytes, quantize_in_chunks
+from .common import (as_blocks, bits, field_f16, flat_values, kquant_fit, kquant_native, np_f16_bytes,
+                     quantize_in_chunks)
 
 NAME = "Q4_K"
 GGML_TYPE = int(GGMLQuantizationType.Q4_K)
@@ -32,6 +33,8 @@ SCALE_FIELDS = (0, 2)  # byte offsets of the block's fp16 scales (the load-time 
 
 _SUB = 32  # sub-block length
 _CHUNK_BLOCKS = 256  # super-blocks per numpy batch: bounds memory; measured fastest (512: 1.3x slower)
+_NATIVE_CHUNK_BLOCKS = 1024  # with the C loops the batch's arrays are small and Python's
+# per-batch overhead is what is left to save (measured 1.2x faster than 256)
 
 
 def unpack_scale_min(s: mx.array) -> tuple[mx.array, mx.array]:
@@ -87,4 +90,5 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     fp16 super-scales, which are re-fit once the codes are known. ``weights`` (optional,
     broadcast to ``x``, e.g. an imatrix ``[n]``) says how much each element's error counts.
     """
-    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk)
+    chunk = _CHUNK_BLOCKS if kquant_native() is None else _NATIVE_CHUNK_BLOCKS
+    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, chunk, _quantize_chunk)

@@ -16,10 +16,13 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
-_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99"]
+# no contraction into fused multiply-adds: the kernels repeat numpy's rounding step by step
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off"]
 _LIBS: dict[str, ctypes.CDLL | None] = {}
+_CHECKED: dict[str, ctypes.CDLL | None] = {}
 
 
 def _cache_dir() -> Path:
@@ -66,3 +69,24 @@ def load(name: str) -> ctypes.CDLL | None:
     if name not in _LIBS:
         _LIBS[name] = _build(name)
     return _LIBS[name]
+
+
+def load_checked(name: str, check: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | None:
+    """:func:`load`, and the library only if ``check(lib)`` (it compares the kernel with the
+    numpy path it replaces) holds, once per process; otherwise None, with a warning."""
+    if name not in _CHECKED:
+        lib = load(name)
+        if lib is not None and not check(lib):
+            import warnings
+
+            warnings.warn(f"ds4mlx: the compiled {name} kernel does not match the numpy path on this "
+                          "platform; using numpy (slower)")
+            lib = None
+        _CHECKED[name] = lib
+    return _CHECKED[name]
+
+
+def ptr(a, kind=None) -> ctypes.c_void_p:
+    """The address of the data of the contiguous numpy array ``a``, as a C pointer argument
+    (``kind`` only documents the element type at the call)."""
+    return ctypes.c_void_p(a.ctypes.data)
