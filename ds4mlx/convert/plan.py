@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from ..io.checks import check_expert_ids
 from ..io.hf import HFCheckpoint
 from ..io.safetensors import DTYPES
 from ..names import EXPERT_WEIGHT, hf_to_internal, official_layout, scale_name
-from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
+from ..quant.formats import MXFP4, MXFP8, WeightFormat
 from ..quant.codecs import FP8_WEIGHT_BLOCK, bf16_decode
 from ..quant.mx import dequant_fp4_np, dequant_fp8_np
 from .options import ConvertError
