@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .. import encoding
-from ..generate import DEFAULT_MIN_P, DEFAULT_PREFILL_STEP, context_limit, stream_generate, think_ids
+from ..generate import (DEFAULT_MIN_P, DEFAULT_PREFILL_STEP, context_limit, make_sampling, stream_generate,
+                        think_ids)
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("ds4mlx.server")
@@ -193,47 +194,61 @@ class Engine:
                 active = [live for live in active if not live.done]
 
     def _start(self, job: Job, emit: Callable[[str, Any], None]) -> Optional["_Live"]:
-        """Prefill ``job`` alone and take its first token; None if it is over already."""
+        """Prefill ``job`` alone and sample its first token (not taken yet: the first batch step
+        feeds it, then the job takes it); None if it is over already."""
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
         try:
             live = self._begin(job, emit)
             if live is None:
                 return None
-            live.responses = self._responses(live, steps=self._steps(live))
-            self._advance(live)
-            return None if live.done else live
+            processors = self._processors(live)
+            # the sampler and processors stream_generate makes from the same settings
+            sampler, made = make_sampling(temp=job.temp, top_p=job.top_p, top_k=job.top_k, min_p=job.min_p)
+            live.sampler, live.processors = sampler, processors or made
+            live.responses = self._responses(live, processors, steps=self._steps(live))
+            rest = live.rest
+            if self.ctx is not None and len(job.ids) >= self.ctx or not rest:
+                self._advance(live)  # stream_generate refuses it before any prefill
+                return None if live.done else live
+            if len(rest) > 1:
+                self._prefill(live.cache, rest[:-1])
+            live.history = mx.array(rest)
+            with mx.stream(generation_stream):
+                logits = self.model(mx.array([rest[-1:]]), live.cache)[:, -1]
+                live.y, live.lp = self._sample(live, logits)
+            mx.async_eval(live.y, live.lp)
+            return live
         except Exception as e:
             self._fail(e, emit)
             return None
 
-    def _steps(self, live: "_Live") -> Callable:
-        """The (token, logprobs) source of one batched job: its prompt runs alone, then each
-        step's logits come from the batch forward (``live.logits``)."""
+    @staticmethod
+    def _sample(live: "_Live", logits):
+        """mlx-lm's ``generate_step`` sampling: processors on the history, log-softmax, sampler."""
         import mlx.core as mx
-        from mlx_lm.generate import generation_stream
+
+        for p in live.processors:
+            logits = p(live.history, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return live.sampler(logprobs), logprobs
+
+    @staticmethod
+    def _steps(live: "_Live") -> Callable:
+        """The (token, logprobs) source of one batched job: each time the job is advanced it
+        takes the token the batch step just fed (sampled the step before)."""
 
         def steps(ids: list[int], sampler: Callable, processors: Optional[list]):
-            if len(ids) > 1:
-                self._prefill(live.cache, ids[:-1])
-            with mx.stream(generation_stream):
-                logits = self.model(mx.array([ids[-1:]]), live.cache)[:, -1]
-            history = mx.array(ids)
             while True:
-                with mx.stream(generation_stream):
-                    for p in processors or ():
-                        logits = p(history, logits)
-                    logprobs = logits - mx.logsumexp(logits, keepdims=True)
-                    y = sampler(logprobs)
-                    mx.eval(y, logprobs)
-                live.next_input = int(y.item())
-                if processors:
-                    history = mx.concatenate([history, y.reshape(-1).astype(history.dtype)])
-                yield live.next_input, logprobs[0]
-                logits = live.logits
+                yield int(live.y.item()), live.lp[0]
 
         return steps
 
     def _decode_step(self, active: list["_Live"]) -> None:
-        """One forward for every running job (each at its own position), then each takes its token."""
+        """One forward for every running job (each at its own position) with the tokens sampled
+        the step before, the next tokens sampled lazily, then each job takes the fed token while
+        the forward runs (mlx-lm's ``generate_step`` pipelines its steps the same way)."""
         import mlx.core as mx
         from mlx_lm.generate import generation_stream
 
@@ -242,7 +257,14 @@ class Engine:
         try:
             caches = [BatchLayerCache([live.cache[i] for live in active]) for i in range(len(active[0].cache))]
             with mx.stream(generation_stream):
-                logits = self.model(mx.array([[live.next_input] for live in active]), caches)[:, -1]
+                inputs = mx.concatenate([live.y.reshape(1, 1).astype(mx.int32) for live in active])
+                logits = self.model(inputs, caches)[:, -1]
+                sampled = []
+                for i, live in enumerate(active):
+                    if live.processors:
+                        live.history = mx.concatenate([live.history, live.y.reshape(-1).astype(live.history.dtype)])
+                    sampled.append(self._sample(live, logits[i:i + 1]))
+            mx.async_eval(sampled)
             self.most_together = max(self.most_together, len(active))
         except Exception as e:  # every running job gets the error; the worker keeps serving
             for live in active:
@@ -250,13 +272,13 @@ class Engine:
                 live.responses.close()
                 self._fail(e, live.emit)
             return
-        for i, live in enumerate(active):
-            live.logits = logits[i:i + 1]
+        for live, nxt in zip(active, sampled):
             try:
                 self._advance(live)
             except Exception as e:
                 live.done = True
                 self._fail(e, live.emit)
+            live.y, live.lp = nxt
 
     def _fail(self, e: Exception, emit: Callable[[str, Any], None]) -> None:
         if not isinstance(e, ValueError):
@@ -268,7 +290,7 @@ class Engine:
         try:
             live = self._begin(job, emit)
             if live is not None:
-                live.responses = self._responses(live)
+                live.responses = self._responses(live, self._processors(live))
                 while not live.done:
                     self._advance(live)
         except Exception as e:  # reported to the client; the worker keeps serving
@@ -313,13 +335,17 @@ class Engine:
         live.rest = ids[pos:]
         return live
 
-    def _responses(self, live: "_Live", steps: Optional[Callable] = None):
+    def _processors(self, live: "_Live") -> list:
         job, rest = live.job, live.rest
         processors = []
         if job.force_content:
             processors.append(ForceContent(job.force_content, len(rest), self.think_end if job.thinking else None))
         if self.processors is not None:
             processors += self.processors(job, len(rest))
+        return processors
+
+    def _responses(self, live: "_Live", processors: list, steps: Optional[Callable] = None):
+        job, rest = live.job, live.rest
         return stream_generate(
             self.model, self.tokenizer, rest, max_tokens=job.max_tokens, temp=job.temp, top_p=job.top_p,
             top_k=job.top_k, min_p=job.min_p, seed=job.seed, prompt_cache=live.cache, max_context=self.ctx,
@@ -406,8 +432,11 @@ class _Live:
     finish: str = "length"
     stop_seq: Optional[str] = None
     prefill_s: float = 0.0
-    next_input: int = 0  # the token the next batch step feeds
-    logits: Any = None  # this job's row of the last batch step
+    sampler: Any = None
+    processors: list = field(default_factory=list)
+    history: Any = None  # the tokens the processors see (mlx-lm's generate_step: prompt rest + fed)
+    y: Any = None  # the token the next batch step feeds (sampled, maybe not evaluated yet)
+    lp: Any = None  # its log-probabilities
     done: bool = False
 
 
