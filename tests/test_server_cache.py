@@ -143,7 +143,9 @@ def test_disk_bound_drops_least_recently_used_files(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_command_answers_and_stops(demo_dir, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_serve_command_answers_and_stops(demo_dir, tmp_path, stop):
+    # Ctrl-C and a service manager's SIGTERM both stop it cleanly: status 0, no abort at exit
     import os
     import signal
     import socket
@@ -171,8 +173,9 @@ def test_serve_command_answers_and_stops(demo_dir, tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         assert proc.wait(60) == 0
+        assert "terminate called" not in proc.stdout.read()
         assert list((tmp_path / "cache").glob("*.safetensors"))
     finally:
         if proc.poll() is None:

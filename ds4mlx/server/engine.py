@@ -10,10 +10,12 @@ depend only on the prompt, so a cached and an uncached run of one prompt compute
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -107,6 +109,27 @@ def tokenize_with_boundaries(tokenizer: Any, text: str) -> tuple[list[int], list
     return ids, bounds[:-1]
 
 
+def _release_thread_state() -> None:
+    """Drop this thread's MLX state while the interpreter still runs. MLX keeps a compiled-
+    function cache and a random key per thread, holding Python objects; left to the thread's
+    exit, their native destructors take the GIL after ``join`` has returned. If the interpreter
+    is finalizing by then, Python ends the thread with pthread_exit inside that destructor and
+    the process aborts ("terminate called without an active exception")."""
+    import mlx.core as mx
+
+    mx.clear_streams()
+
+
+_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines() -> None:
+    """Engines still open at exit: stop their workers before the interpreter finalizes."""
+    for engine in list(_engines):
+        engine.close()
+
+
 def _materialize(model: Any) -> None:
     """Evaluate every array the model holds, private ones (RoPE tables) included. MLX streams
     belong to a thread: an array still lazy from the loading thread cannot be evaluated on the
@@ -137,12 +160,27 @@ class Engine:
         self.processors = processors  # extra logits processors per job (scripted outputs, constraints)
         self.think_start, self.think_end = think_ids(tokenizer)
         _materialize(model)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds4mlx-model")
         self.last: Optional[Result] = None  # the most recent finished job (for tests and logs)
         self.jobs_done = 0
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._closed = False
+        self._running: Optional[Job] = None
+        # daemon: an engine nobody closed must not keep the process alive (see _close_engines)
+        self._worker = threading.Thread(target=self._work, name="ds4mlx-model", daemon=True)
+        self._worker.start()
+        _engines.add(self)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Cancel the queued and running jobs and wait for the worker thread to end, so no MLX
+        work outlives the server."""
+        if self._closed:
+            return
+        self._closed = True
+        running = self._running
+        if running is not None:
+            running.cancel.set()
+        self._jobs.put(None)
+        self._worker.join()
 
     # ------------------------------------------------------------------ async side
     def submit(self, job: Job) -> "asyncio.Queue":
@@ -150,18 +188,32 @@ class Engine:
         tokens), ("text", delta)..., then ("done", Result) or ("error", exception). Setting
         ``job.cancel`` stops it within a token (or before it starts)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()
 
         def emit(kind: str, value: Any) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
             except RuntimeError:  # the server's loop has closed: nobody is listening
                 job.cancel.set()
 
-        self._pool.submit(self._run_safely, job, emit)
-        return queue
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        self._jobs.put((job, emit))
+        return events
 
     # ------------------------------------------------------------------ worker side
+    def _work(self) -> None:
+        try:
+            while (item := self._jobs.get()) is not None:
+                job, emit = item
+                self._running = job  # before the check: close() either sees it or is seen
+                if self._closed:
+                    job.cancel.set()
+                self._run_safely(job, emit)
+                self._running = None
+        finally:
+            _release_thread_state()
+
     def _run_safely(self, job: Job, emit: Callable[[str, Any], None]) -> None:
         try:
             result = self._run(job, emit)
@@ -197,6 +249,8 @@ class Engine:
         emit("start", cached)
         pos = cached
         for b in job.boundaries:
+            if job.cancel.is_set():  # a long prompt: the client may leave before its first token
+                return Result("", "cancelled", len(ids), cached, 0)
             if pos < b < len(ids):
                 self._prefill(cache, ids[pos:b])
                 pos = b
