@@ -54,6 +54,7 @@ class Result:
     stop_sequence: Optional[str] = None
     prefill_s: float = 0.0
     total_s: float = 0.0
+    draft_stats: Optional[Any] = None  # SpeculativeStats with --draft
 
 
 class ForceContent:
@@ -231,10 +232,23 @@ class Engine:
         import mlx.core as mx
         from mlx_lm.generate import generation_stream
 
+        drafter = None
+        if self.draft is not None:  # the drafter sees every position, as in a one-piece prefill
+            from ..speculative import make_drafter
+
+            drafter = make_drafter(self.draft)
+            drafter.begin(self.model, cache)
         with mx.stream(generation_stream):
             for i in range(0, len(ids), self.prefill_step):
-                self.model(mx.array([ids[i:i + self.prefill_step]]), cache)
+                chunk = mx.array([ids[i:i + self.prefill_step]])
+                if drafter is None:
+                    self.model(chunk, cache)
+                else:
+                    position = cache[0].offset
+                    drafter.observe(self.model.hidden_streams(chunk, cache), chunk, position)
                 mx.eval([c.state for c in cache])
+        if drafter is not None:
+            drafter.end()
 
     def _run(self, job: Job, emit: Callable[[str, Any], None]) -> Result:
         import mlx.core as mx
@@ -265,6 +279,7 @@ class Engine:
             processors += self.processors(job, len(rest))
         markers = {self.think_start: encoding.THINK_START, self.think_end: encoding.THINK_END}
         text, emitted, tokens, finish, stop_seq, prefill_s = "", 0, [], "length", None, 0.0
+        draft_stats = None
         responses = stream_generate(
             self.model, self.tokenizer, rest, max_tokens=job.max_tokens, temp=job.temp, top_p=job.top_p,
             top_k=job.top_k, min_p=job.min_p, seed=job.seed, prompt_cache=cache, max_context=self.ctx,
@@ -276,6 +291,7 @@ class Engine:
                 if not tokens:
                     prefill_s = time.perf_counter() - tic
                 tokens.append(r.token)
+                draft_stats = r.draft_stats
                 text += r.text
                 if r.token in markers and r.finish_reason != "stop":
                     text += markers[r.token]
@@ -304,7 +320,8 @@ class Engine:
             if held <= len(ids) + len(tokens):
                 mx.eval([c.state for c in cache])
                 self.prefix_cache.store((ids + tokens)[:held], cache)
-        return Result(text, finish, len(ids), cached, len(tokens), stop_seq, prefill_s, time.perf_counter() - tic)
+        return Result(text, finish, len(ids), cached, len(tokens), stop_seq, prefill_s, time.perf_counter() - tic,
+                      draft_stats)
 
     @staticmethod
     def _content_start(text: str, thinking: bool) -> Optional[int]:
