@@ -41,6 +41,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     thinking: bool = False  # the prompt opened a reasoning block: stops apply after </think>
     force_content: list[int] = field(default_factory=list)  # tokens the answer must start with
+    think_budget: Optional[int] = None  # reasoning tokens before </think> is forced (Anthropic budget_tokens)
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -76,6 +77,22 @@ class ForceContent:
             return logits
         want = self.tokens[len(generated)]
         return mx.where(mx.arange(logits.shape[-1]) == want, 0.0, _FORCE_LOW).astype(logits.dtype)[None]
+
+
+class ThinkBudget:
+    """mlx-lm logits processor: after ``budget`` reasoning tokens without ``</think>``, the next
+    token is ``</think>`` (the answer follows)."""
+
+    def __init__(self, budget: int, passed: int, think_end: int) -> None:
+        self.budget, self.passed, self.think_end = budget, passed, think_end
+
+    def __call__(self, history, logits):
+        import mlx.core as mx
+
+        generated = history.tolist()[self.passed:]
+        if len(generated) < self.budget or self.think_end in generated:
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) == self.think_end, 0.0, _FORCE_LOW).astype(logits.dtype)[None]
 
 
 def split_points(text: str) -> list[int]:
@@ -275,6 +292,8 @@ class Engine:
         processors = []
         if job.force_content:
             processors.append(ForceContent(job.force_content, len(rest), self.think_end if job.thinking else None))
+        if job.thinking and job.think_budget is not None and self.think_end is not None:
+            processors.append(ThinkBudget(job.think_budget, len(rest), self.think_end))
         if self.processors is not None:
             processors += self.processors(job, len(rest))
         markers = {self.think_start: encoding.THINK_START, self.think_end: encoding.THINK_END}

@@ -1,14 +1,19 @@
-"""What the server does not implement gets a 400 naming the field, never an answer that
-silently ignores it (log probabilities, several choices, images, penalties, echo/suffix); the
-fields' no-op values are accepted, and the server keeps serving."""
+"""Request fields: what the server does not implement gets a 400 naming the field, never an
+answer that silently ignores it (log probabilities, several choices, images, penalties,
+echo/suffix), while the fields' no-op values are accepted; the fields it does take are obeyed
+(``max_completion_tokens``, Anthropic's ``thinking.budget_tokens``), and Anthropic streams come
+in Anthropic's event order."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
+from ds4mlx import encoding
+from ds4mlx.generate import generate
 from ds4mlx.server import BackgroundServer, build_app
 
+anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")
 
 USER = [{"role": "user", "content": "hi"}]
@@ -67,3 +72,47 @@ def test_no_op_values_of_those_fields_are_accepted(server):
     assert r.usage.completion_tokens == 1 and r.choices[0].logprobs is None
     c = client.completions.create(model="demo", prompt="hi", max_tokens=1, temperature=0, echo=False, best_of=1)
     assert c.usage.completion_tokens == 1
+
+
+def test_max_completion_tokens_bounds_the_answer(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model="demo", messages=USER, max_completion_tokens=3, max_tokens=9,
+                                       temperature=0, extra_body={"thinking": {"type": "disabled"}})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_anthropic_thinking_budget_ends_reasoning_and_stream_order(demo, server):
+    model, tok = demo
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+    question = [{"role": "user", "content": "Why is the sky blue?"}]
+    ids = list(tok.encode(encoding.encode_messages(question, "thinking"), add_special_tokens=False))
+    free = encoding.parse_completion(generate(model, tok, ids, temp=0.0, max_tokens=8), "thinking")
+    first2 = encoding.parse_completion(generate(model, tok, ids, temp=0.0, max_tokens=2), "thinking")
+    assert encoding.THINK_END not in generate(model, tok, ids, temp=0.0, max_tokens=2)
+    kwargs = dict(model="demo", max_tokens=8, messages=question, thinking={"type": "enabled", "budget_tokens": 2},
+                  extra_body={"temperature": 0})
+    m = client.messages.create(**kwargs)
+    [thinking] = [b.thinking for b in m.content if b.type == "thinking"]
+    # the first two reasoning tokens are the free run's; then </think> and the answer
+    assert thinking == first2["reasoning_content"] != free["reasoning_content"]
+    assert m.usage.output_tokens == 8
+    with client.messages.stream(**kwargs) as stream:
+        kinds = [(e.type, getattr(getattr(e, "content_block", None), "type", None)) for e in stream]
+        final = stream.get_final_message()
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in m.content]
+    # message_start, ping, then each block as start, deltas, stop; message_delta; message_stop
+    names = [k for k, _ in kinds if k in ("message_start", "content_block_start", "content_block_delta",
+                                          "content_block_stop", "message_delta", "message_stop")]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    blocks, open_block = [], False
+    for k, block in kinds:
+        if k == "content_block_start":
+            assert not open_block
+            open_block = True
+            blocks.append(block)
+        elif k == "content_block_delta":
+            assert open_block
+        elif k == "content_block_stop":
+            assert open_block
+            open_block = False
+    assert not open_block and blocks[0] == "thinking"
