@@ -490,13 +490,22 @@ def serve(
     mtp_gguf: MtpGgufOpt = None,
 ) -> None:
     """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
+    import signal
+
     from .server import serve as run_server
 
     _check_draft(draft)
     status(f"Loading {model} ...")
-    run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
-               disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token, default_max_tokens=max_tokens,
-               draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf)
+    try:
+        run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
+                   disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token,
+                   default_max_tokens=max_tokens, draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf)
+    except SystemExit as e:  # console.Terminated: SIGTERM, raised once uvicorn has shut down
+        if e.code != 128 + signal.SIGTERM:
+            raise
+        # SIGTERM is how service managers stop a server; it shut down gracefully and the
+        # engine is closed: a clean stop (Ctrl-C also ends with status 0)
+        status("ds4mlx serve: stopped")
 
 
 # ----------------------------------------------------------------------------- entry point

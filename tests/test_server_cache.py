@@ -143,7 +143,9 @@ def test_disk_bound_drops_least_recently_used_files(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_command_answers_and_stops(demo_dir, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_serve_command_answers_and_stops(demo_dir, tmp_path, stop):
+    # Ctrl-C and a service manager's SIGTERM both stop it cleanly: status 0, no abort at exit
     import os
     import signal
     import socket
@@ -171,10 +173,54 @@ def test_serve_command_answers_and_stops(demo_dir, tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         assert proc.wait(60) == 0
+        assert "terminate called" not in proc.stdout.read()
         assert list((tmp_path / "cache").glob("*.safetensors"))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_mtp_drafter_sees_the_segmented_prefill(demo_dir):
+    # The engine prefills a chat prompt segment by segment (snapshots at message boundaries);
+    # with --draft mtp the MTP block must still see every position, as it does in one
+    # stream_generate over the whole prompt: same answer, same drafts, same MTP window.
+    import asyncio
+
+    from ds4mlx import encoding, load
+    from ds4mlx.generate import stream_generate
+    from ds4mlx.server.engine import Engine, Job, tokenize_with_boundaries
+
+    model, tok = load(demo_dir, dtype=mx.float32, mtp=True)
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Name three colours."}]
+    ids, bounds = tokenize_with_boundaries(tok, encoding.encode_messages(messages, "chat"))
+    assert len(bounds) >= 2 and bounds[-1] > len(ids) - 8  # most of the prompt goes in segments
+
+    ref_cache = model.make_cache()
+    ref = list(stream_generate(model, tok, ids, temp=0.0, max_tokens=6, draft="mtp", num_draft_tokens=2,
+                               prompt_cache=ref_cache))
+    engine = Engine(model, tok, ctx=512, prefix_cache=PrefixCache(1 << 30), draft="mtp", num_draft_tokens=2)
+
+    async def run():
+        events = engine.submit(Job(ids, bounds, max_tokens=6, temp=0.0))
+        while True:
+            kind, value = await events.get()
+            if kind in ("done", "error"):
+                return value
+
+    try:
+        result = asyncio.run(run())
+    finally:
+        engine.close()
+    assert not isinstance(result, Exception), result
+    assert result.text == "".join(r.text for r in ref) and result.completion_tokens == len(ref)
+    want, got = ref[-1].draft_stats, result.draft_stats
+    assert (got.forwards, got.drafted, got.accepted) == (want.forwards, want.drafted, want.accepted)
+    n = model.config.num_hidden_layers
+    held, end = engine.prefix_cache.lookup(ids + [r.token for r in ref] + [0])
+    assert held == ref_cache[0].offset and end[n].offset == ref_cache[n].offset
+    assert end[n].window.shape == ref_cache[n].window.shape
+    assert mx.allclose(end[n].window, ref_cache[n].window, atol=1e-4).item()

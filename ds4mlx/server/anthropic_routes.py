@@ -144,16 +144,16 @@ def convert_tools(body: dict) -> tuple[Optional[list[dict]], str]:
     return converted or None, forced_tool_text(None) if kind == "any" else ""
 
 
-def thinking_mode(body: dict) -> str:
+def thinking_mode(body: dict) -> tuple[str, Optional[int]]:
+    """``(mode, reasoning budget in tokens)``; the budget ends reasoning with a forced ``</think>``."""
     thinking = params.get(body, "thinking", dict)
     if thinking is None:
-        return "chat"
+        return "chat", None
     kind = thinking.get("type")
     if kind not in ("enabled", "adaptive", "disabled"):
         raise APIError(f"'thinking.type' must be enabled or disabled, got {kind!r}", "thinking.type")
-    if kind == "enabled":
-        params.integer(thinking, "budget_tokens", None, 1, where="thinking.")
-    return "chat" if kind == "disabled" else "thinking"
+    budget = params.integer(thinking, "budget_tokens", None, 1, where="thinking.") if kind == "enabled" else None
+    return ("chat", None) if kind == "disabled" else ("thinking", budget)
 
 
 def _stop_reason(result: Result, calls: list) -> str:
@@ -181,7 +181,7 @@ def messages(engine: Engine, model_id: str):
             raise APIError("missing required field 'max_tokens'", "max_tokens")
         msgs = convert_messages(body)
         tools, forced = convert_tools(body)
-        mode = thinking_mode(body)
+        mode, budget = thinking_mode(body)
         settings = dict(max_tokens=max_tokens, temp=params.number(body, "temperature", 1.0, 0.0, 1.0),
                         top_p=params.number(body, "top_p", 1.0, 0.0, 1.0), top_k=params.integer(body, "top_k", 0, 0),
                         min_p=DEFAULT_MIN_P, stop=params.stop_list(body, "stop_sequences"))
@@ -193,7 +193,7 @@ def messages(engine: Engine, model_id: str):
         ids, bounds = tokenize_with_boundaries(engine.tokenizer, text)
         check_prompt(engine, ids, "messages")
         force_ids = list(engine.tokenizer.encode(forced, add_special_tokens=False)) if forced else []
-        job = Job(ids, bounds, thinking=mode == "thinking", force_content=force_ids, **settings)
+        job = Job(ids, bounds, thinking=mode == "thinking", force_content=force_ids, think_budget=budget, **settings)
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         shell = {"id": mid, "type": "message", "role": "assistant", "model": model or model_id}
 

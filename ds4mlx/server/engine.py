@@ -14,11 +14,13 @@ depend only on the prompt, so a cached and an uncached run of one prompt compute
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import queue
 import threading
 import time
+import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -45,6 +47,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     thinking: bool = False  # the prompt opened a reasoning block: stops apply after </think>
     force_content: list[int] = field(default_factory=list)  # tokens the answer must start with
+    think_budget: Optional[int] = None  # reasoning tokens before </think> is forced (Anthropic budget_tokens)
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -58,6 +61,7 @@ class Result:
     stop_sequence: Optional[str] = None
     prefill_s: float = 0.0
     total_s: float = 0.0
+    draft_stats: Optional[Any] = None  # SpeculativeStats with --draft
 
 
 class ForceContent:
@@ -79,6 +83,22 @@ class ForceContent:
             return logits
         want = self.tokens[len(generated)]
         return mx.where(mx.arange(logits.shape[-1]) == want, 0.0, _FORCE_LOW).astype(logits.dtype)[None]
+
+
+class ThinkBudget:
+    """mlx-lm logits processor: after ``budget`` reasoning tokens without ``</think>``, the next
+    token is ``</think>`` (the answer follows)."""
+
+    def __init__(self, budget: int, passed: int, think_end: int) -> None:
+        self.budget, self.passed, self.think_end = budget, passed, think_end
+
+    def __call__(self, history, logits):
+        import mlx.core as mx
+
+        generated = history.tolist()[self.passed:]
+        if len(generated) < self.budget or self.think_end in generated:
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) == self.think_end, 0.0, _FORCE_LOW).astype(logits.dtype)[None]
 
 
 def split_points(text: str) -> list[int]:
@@ -113,6 +133,27 @@ def tokenize_with_boundaries(tokenizer: Any, text: str) -> tuple[list[int], list
     return ids, bounds[:-1]
 
 
+def _release_thread_state() -> None:
+    """Drop this thread's MLX state while the interpreter still runs. MLX keeps a compiled-
+    function cache and a random key per thread, holding Python objects; left to the thread's
+    exit, their native destructors take the GIL after ``join`` has returned. If the interpreter
+    is finalizing by then, Python ends the thread with pthread_exit inside that destructor and
+    the process aborts ("terminate called without an active exception")."""
+    import mlx.core as mx
+
+    mx.clear_streams()
+
+
+_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines() -> None:
+    """Engines still open at exit: stop their workers before the interpreter finalizes."""
+    for engine in list(_engines):
+        engine.close()
+
+
 def _materialize(model: Any) -> None:
     """Evaluate every array the model holds, private ones (RoPE tables) included. MLX streams
     belong to a thread: an array still lazy from the loading thread cannot be evaluated on the
@@ -143,15 +184,29 @@ class Engine:
         self.processors = processors  # extra logits processors per job (scripted outputs, constraints)
         self.think_start, self.think_end = think_ids(tokenizer)
         _materialize(model)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds4mlx-model")
         self.last: Optional[Result] = None  # the most recent finished job (for tests and logs)
         self.jobs_done = 0
         self.max_batch = max_batch  # requests decoded together
         self.most_together = 0  # the largest batch a decode step has run (for tests and logs)
         self._waiting: deque = deque()  # (job, emit) not started yet
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._closed = False
+        self._running: list[Job] = []  # the jobs the worker runs now (close cancels them)
+        # daemon: an engine nobody closed must not keep the process alive (see _close_engines)
+        self._worker = threading.Thread(target=self._work, name="ds4mlx-model", daemon=True)
+        self._worker.start()
+        _engines.add(self)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Cancel the queued and running jobs and wait for the worker thread to end, so no MLX
+        work outlives the server."""
+        if self._closed:
+            return
+        self._closed = True
+        for job in list(self._running):
+            job.cancel.set()
+        self._jobs.put(None)
+        self._worker.join()
 
     # ------------------------------------------------------------------ async side
     def submit(self, job: Job) -> "asyncio.Queue":
@@ -159,39 +214,67 @@ class Engine:
         tokens), ("text", delta)..., then ("done", Result) or ("error", exception). Setting
         ``job.cancel`` stops it within a token (or before it starts)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()
 
         def emit(kind: str, value: Any) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
             except RuntimeError:  # the server's loop has closed: nobody is listening
                 job.cancel.set()
 
-        self._waiting.append((job, emit))
-        self._pool.submit(self._serve)
-        return queue
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        self._jobs.put((job, emit))
+        return events
 
     # ------------------------------------------------------------------ worker side
-    def _serve(self) -> None:
-        """Run every waiting job: new ones join the running batch between decode steps. (Each
-        submit queues one call; a call that finds nothing waiting returns at once.)"""
-        active: list[_Live] = []
-        while self._waiting or active:
-            while self._waiting and len(active) < max(self.max_batch, 1):
-                job, emit = self._waiting[0]
-                alone = self.max_batch <= 1 or self.draft is not None or job.seed is not None
-                if alone and active:
-                    break  # after the running batch
-                self._waiting.popleft()
-                if alone:
-                    self._run_safely(job, emit)
-                else:
-                    live = self._start(job, emit)
-                    if live is not None:
-                        active.append(live)
-            if active:
-                self._decode_step(active)
-                active = [live for live in active if not live.done]
+    def _work(self) -> None:
+        """The worker thread: jobs in arrival order; new ones join the running batch between
+        decode steps. Once closed, every job left is cancelled (each ends within a step)."""
+        try:
+            active: list[_Live] = []
+            open_ = True
+            while open_ or self._waiting or active:
+                if open_:
+                    open_ = self._take_submitted(block=not (self._waiting or active))
+                if self._closed:
+                    for job in [live.job for live in active] + [job for job, _ in self._waiting]:
+                        job.cancel.set()
+                while self._waiting and len(active) < max(self.max_batch, 1):
+                    job, emit = self._waiting[0]
+                    alone = self.max_batch <= 1 or self.draft is not None or job.seed is not None
+                    if alone and active:
+                        break  # after the running batch
+                    self._waiting.popleft()
+                    self._running = [live.job for live in active] + [job]
+                    if self._closed:  # after the line above: close() either sees it or is seen
+                        job.cancel.set()
+                    if alone:
+                        self._run_safely(job, emit)
+                    else:
+                        live = self._start(job, emit)
+                        if live is not None:
+                            active.append(live)
+                if active:
+                    self._running = [live.job for live in active]
+                    self._decode_step(active)
+                    active = [live for live in active if not live.done]
+                self._running = [live.job for live in active]
+        finally:
+            _release_thread_state()
+
+    def _take_submitted(self, block: bool) -> bool:
+        """Move the submitted jobs to the waiting line, waiting for one if ``block``; False once
+        the engine is closing (its sentinel came)."""
+        while True:
+            try:
+                item = self._jobs.get(block=block)
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            self._waiting.append(item)
+            block = False
 
     def _start(self, job: Job, emit: Callable[[str, Any], None]) -> Optional["_Live"]:
         """Prefill ``job`` alone and sample its first token (not taken yet: the first batch step
@@ -307,10 +390,23 @@ class Engine:
         import mlx.core as mx
         from mlx_lm.generate import generation_stream
 
+        drafter = None
+        if self.draft is not None:  # the drafter sees every position, as in a one-piece prefill
+            from ..speculative import make_drafter
+
+            drafter = make_drafter(self.draft)
+            drafter.begin(self.model, cache)
         with mx.stream(generation_stream):
             for i in range(0, len(ids), self.prefill_step):
-                self.model(mx.array([ids[i:i + self.prefill_step]]), cache)
+                chunk = mx.array([ids[i:i + self.prefill_step]])
+                if drafter is None:
+                    self.model(chunk, cache)
+                else:
+                    position = cache[0].offset
+                    drafter.observe(self.model.hidden_streams(chunk, cache), chunk, position)
                 mx.eval([c.state for c in cache])
+        if drafter is not None:
+            drafter.end()
 
     def _begin(self, job: Job, emit: Callable[[str, Any], None]) -> Optional["_Live"]:
         """The prefix cache's state and the prompt up to its last reuse point; None (and the
@@ -327,6 +423,9 @@ class Engine:
         emit("start", cached)
         pos = cached
         for b in job.boundaries:
+            if job.cancel.is_set():  # a long prompt: the client may leave before its first token
+                self._done(Result("", "cancelled", len(ids), cached, 0), emit)
+                return None
             if pos < b < len(ids):
                 self._prefill(cache, ids[pos:b])
                 pos = b
@@ -340,6 +439,8 @@ class Engine:
         processors = []
         if job.force_content:
             processors.append(ForceContent(job.force_content, len(rest), self.think_end if job.thinking else None))
+        if job.thinking and job.think_budget is not None and self.think_end is not None:
+            processors.append(ThinkBudget(job.think_budget, len(rest), self.think_end))
         if self.processors is not None:
             processors += self.processors(job, len(rest))
         return processors
@@ -370,6 +471,7 @@ class Engine:
             if not live.tokens:
                 live.prefill_s = time.perf_counter() - live.tic
             live.tokens.append(r.token)
+            live.draft_stats = r.draft_stats
             live.text += r.text
             if r.token in markers and r.finish_reason != "stop":
                 live.text += markers[r.token]
@@ -404,7 +506,7 @@ class Engine:
                 mx.eval([c.state for c in cache])
                 self.prefix_cache.store((ids + tokens)[:held], cache)
         self._done(Result(live.text, live.finish, len(ids), live.cached, len(tokens), live.stop_seq,
-                          live.prefill_s, time.perf_counter() - live.tic), live.emit)
+                          live.prefill_s, time.perf_counter() - live.tic, live.draft_stats), live.emit)
 
     @staticmethod
     def _content_start(text: str, thinking: bool) -> Optional[int]:
@@ -432,6 +534,7 @@ class _Live:
     finish: str = "length"
     stop_seq: Optional[str] = None
     prefill_s: float = 0.0
+    draft_stats: Any = None
     sampler: Any = None
     processors: list = field(default_factory=list)
     history: Any = None  # the tokens the processors see (mlx-lm's generate_step: prompt rest + fed)

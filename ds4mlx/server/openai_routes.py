@@ -42,7 +42,10 @@ def _check_content(value: Any, where: str, required: bool) -> None:
     for j, part in enumerate(value):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise APIError(f"'{where}[{j}]' must be a content part object with a 'type'", f"{where}[{j}]")
-        if part["type"] == "text" and not isinstance(part.get("text"), str):
+        if part["type"] != "text":
+            raise APIError(f"'{where}[{j}].type' {part['type']!r} is not supported by ds4mlx serve (text parts "
+                           "only: the model reads no images, audio or files)", f"{where}[{j}].type")
+        if not isinstance(part.get("text"), str):
             raise APIError(f"'{where}[{j}].text' must be a string", f"{where}[{j}].text")
 
 
@@ -157,6 +160,9 @@ def sampling(body: dict, engine: Engine) -> dict:
     n = params.integer(body, "n", 1, 1)
     if n != 1:
         raise APIError("'n' must be 1 (one choice per request)", "n")
+    params.refuse(body, ("logprobs", "top_logprobs"), "no log probabilities are returned")
+    params.refuse(body, ("logit_bias", "presence_penalty", "frequency_penalty"), "sampling takes temperature, "
+                  "top_p, top_k, min_p and seed")
     max_tokens = params.integer(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = params.integer(body, "max_tokens", None, 1)
@@ -190,6 +196,8 @@ def chat_completions(engine: Engine, model_id: str):
         messages = with_response_format(body, check_messages(body))
         mode, effort = thinking_settings(body)
         tools, forced = check_tools(body)
+        params.refuse(body, ("audio",), "text output only")
+        params.refuse(body, ("modalities",), "text output only", allowed=(None, ["text"]))
         settings = sampling(body, engine)
         stream, include_usage = _stream_flags(body)
         try:
@@ -282,6 +290,8 @@ def completions(engine: Engine, model_id: str):
         check_prompt(engine, ids, "prompt")
         if body.get("max_tokens") is None:
             body = {**body, "max_tokens": 16}  # OpenAI's default for this endpoint
+        params.refuse(body, ("echo", "suffix"), "the completion is the generated text only")
+        params.refuse(body, ("best_of",), "one generation per request", allowed=(None, 1))
         settings = sampling(body, engine)
         stream, include_usage = _stream_flags(body)
         job = Job(ids, bounds, **settings)

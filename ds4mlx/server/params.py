@@ -74,3 +74,13 @@ def stop_list(body: dict, key: str, limit: int = 16) -> list[str]:
         if not isinstance(s, str) or not s:
             raise APIError(f"'{key}[{i}]' must be a non-empty string", f"{key}[{i}]")
     return stops
+
+
+def refuse(body: dict, keys: tuple[str, ...], what: str, where: str = "", allowed: tuple = (None, False, 0, 0.0, "", [], {})
+           ) -> None:
+    """Fields this server does not implement: fine when absent or at a value that asks for
+    nothing (``allowed``), otherwise a 400 naming the field rather than an answer that ignores it."""
+    for key in keys:
+        value = body.get(key)
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            raise APIError(f"'{where}{key}' is not supported by ds4mlx serve ({what})", f"{where}{key}")
