@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -36,41 +38,64 @@ def passes(model, tokens: list[int]) -> dict[str, np.ndarray]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("model")
     p.add_argument("out", type=Path)
-    p.add_argument("--split", default=None)
-    p.add_argument("--experts", type=int, default=None)
+    p.add_argument("--job", action="append", default=[],
+                   help="NAME=MODEL[,EXPERTS[,SPLIT]]: save NAME-{prefill,chunked,decode}.npy (SPLIT as 2+3)")
+    p.add_argument("--cli", default=None, help="a ds4mlx command line (after the jobs); rank 0's stdout to cli.txt")
     p.add_argument("--mode", choices=("logits", "hang", "bench"), default="logits")
     p.add_argument("--tokens", type=int, default=32)
     a = p.parse_args()
-    model, _ = distributed.load(a.model, layers_split=a.split, experts_per_token=a.experts, dtype=mx.float32)
-    rank = model.stage.rank
+    rank = distributed.world().rank()
     (a.out / f"pid-{rank}").write_text(str(os.getpid()))
-    (a.out / f"stage-{rank}").write_text(f"{model.stage.first} {model.stage.stop}")
-    if a.mode == "logits":
-        results = passes(model, TOKENS)
-        if rank == 0:
-            for name, value in results.items():
-                np.save(a.out / f"{name}.npy", value)
-    elif a.mode == "hang":  # decode until killed from outside
-        cache, tok = model.make_cache(), mx.array([[5]])
-        (a.out / f"running-{rank}").write_text("1")
-        while True:
-            tok = mx.argmax(model(tok, cache)[:, -1:], axis=-1)
-    else:  # bench: greedy decode speed and bytes sent per token
-        cache, tok = model.make_cache(), mx.array([[5]])
-        mx.eval(model(mx.array(TOKENS)[None], cache))
-        sent0, tic = model.sent_bytes, time.perf_counter()
-        for _ in range(a.tokens):
-            tok = mx.argmax(model(tok, cache)[:, -1:], axis=-1)
-            mx.eval(tok)
-        dt = time.perf_counter() - tic
-        import resource
+    for job in a.job:
+        name, _, spec = job.partition("=")
+        model_path, experts, split = (spec.split(",") + ["", ""])[:3]
+        model, _ = distributed.load(model_path, layers_split=split.replace("+", ",") or None,
+                                    experts_per_token=int(experts) if experts else None, dtype=mx.float32)
+        (a.out / f"{name}-stage-{rank}").write_text(f"{model.stage.first} {model.stage.stop}")
+        if a.mode == "logits":
+            results = passes(model, TOKENS)
+            if rank == 0:
+                for part, value in results.items():
+                    np.save(a.out / f"{name}-{part}.npy", value)
+        elif a.mode == "hang":
+            hang(model, a.out)
+        else:
+            bench(model, a.out / f"{name}-bench-{rank}.txt", a.tokens)
+    if a.cli:
+        from ds4mlx.cli import main as cli_main
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        params = sum(v.nbytes for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
-        (a.out / f"bench-{rank}.txt").write_text(
-            f"{a.tokens / dt} {(model.sent_bytes - sent0) / a.tokens} {rss} {params}")
+        if rank == 0:
+            sys.stdout = open(a.out / "cli.txt", "w")
+        code = cli_main(shlex.split(a.cli))
+        sys.stdout.flush()
+        (a.out / f"cli-rc-{rank}").write_text(str(code))
+
+
+def hang(model, out: Path) -> None:
+    """Decode until killed from outside (the kill tests)."""
+    cache, tok = model.make_cache(), mx.array([[5]])
+    (out / f"running-{model.stage.rank}").write_text("1")
+    while True:
+        tok = mx.argmax(model(tok, cache)[:, -1:], axis=-1)
+
+
+def bench(model, out: Path, n: int) -> None:
+    """Greedy decode speed, bytes this rank sends per token, peak RSS, bytes of its weights."""
+    import resource
+
+    from mlx.utils import tree_flatten
+
+    cache, tok = model.make_cache(), mx.array([[5]])
+    mx.eval(model(mx.array(TOKENS)[None], cache))
+    sent, tic = model.sent_bytes, time.perf_counter()
+    for _ in range(n):
+        tok = mx.argmax(model(tok, cache)[:, -1:], axis=-1)
+        mx.eval(tok)
+    dt = time.perf_counter() - tic
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    out.write_text(f"{n / dt} {(model.sent_bytes - sent) / n} {rss} {weights}")
 
 
 if __name__ == "__main__":
