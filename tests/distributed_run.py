@@ -41,7 +41,8 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--job", action="append", default=[],
                    help="NAME=MODEL[,EXPERTS[,SPLIT]]: save NAME-{prefill,chunked,decode}.npy (SPLIT as 2+3)")
-    p.add_argument("--cli", default=None, help="a ds4mlx command line (after the jobs); rank 0's stdout to cli.txt")
+    p.add_argument("--cli", action="append", default=[],
+                   help="a ds4mlx command line, run after the jobs; rank 0's stdout to cli-I.txt")
     p.add_argument("--mode", choices=("logits", "hang", "bench"), default="logits")
     p.add_argument("--tokens", type=int, default=32)
     a = p.parse_args()
@@ -62,14 +63,16 @@ def main() -> None:
             hang(model, a.out)
         else:
             bench(model, a.out / f"{name}-bench-{rank}.txt", a.tokens)
-    if a.cli:
+    for i, command in enumerate(a.cli):
         from ds4mlx.cli import main as cli_main
 
+        stdout = sys.stdout
         if rank == 0:
-            sys.stdout = open(a.out / "cli.txt", "w")
-        code = cli_main(shlex.split(a.cli))
+            sys.stdout = open(a.out / f"cli-{i}.txt", "w")
+        code = cli_main(shlex.split(command))
         sys.stdout.flush()
-        (a.out / f"cli-rc-{rank}").write_text(str(code))
+        sys.stdout = stdout
+        (a.out / f"cli-rc-{i}-{rank}").write_text(str(code))
 
 
 def hang(model, out: Path) -> None:

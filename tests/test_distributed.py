@@ -35,6 +35,7 @@ RUNNER = Path(__file__).with_name("distributed_run.py")
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 LAUNCH_TIMEOUT = 600  # the loaded CI machine imports slowly; a healthy launch ends well before
 TOL = 1e-6
+CHAT_INPUT = "hello\n/reset\nhi\n/quit\n"
 
 
 def _free_port_base(n: int) -> int:
@@ -73,10 +74,10 @@ def _env(**extra) -> dict[str, str]:
     return env
 
 
-def launch(n: int, out: Path, args: list[str], **env) -> subprocess.CompletedProcess:
+def launch(n: int, out: Path, args: list[str], stdin: str = "", **env) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     return subprocess.run(_launch_cmd(n, [str(out), *args]), env=_env(**env), capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT, cwd=out)
+                          timeout=LAUNCH_TIMEOUT, cwd=out, input=stdin)
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -128,10 +129,13 @@ def _check(out: Path, name: str, reference: dict[str, np.ndarray]) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tiny_ckpt, tiny_gguf, demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
-    cli = f"generate -m {demo_dir} -p 'hello there' --temp 0 -n 12 --no-think -q"
+    cli = [f"generate -m {demo_dir} -p 'hello there' --temp 0 -n 12 --no-think -q",
+           f"chat -m {demo_dir} --temp 0 -n 6 --no-think -q"]
+    # mlx.launch copies its standard input to every rank (but never closes theirs: hence /quit)
     r = launch(2, out, ["--job", f"hf6={tiny_ckpt}", "--job", f"hf4={tiny_ckpt},4",
-                        "--job", f"gguf6={tiny_gguf}", "--job", f"gguf4={tiny_gguf},4,3+2", "--cli", cli])
-    assert r.returncode == 0 and (out / "cli-rc-1").exists(), r.stdout + r.stderr
+                        "--job", f"gguf6={tiny_gguf}", "--job", f"gguf4={tiny_gguf},4,3+2",
+                        "--cli", cli[0], "--cli", cli[1]], stdin=CHAT_INPUT)
+    assert r.returncode == 0 and (out / "cli-rc-1-1").exists(), r.stdout + r.stderr
     return out, cli
 
 
@@ -191,13 +195,14 @@ def test_two_ranks_logits_match_one_process(two_ranks, tiny_ckpt, tiny_gguf):
     _check(out, "gguf4", _reference(tiny_gguf, 4))
 
 
-def test_two_ranks_cli_greedy_text_matches_one_process(two_ranks, demo_dir):
+@pytest.mark.parametrize("i", [0, 1], ids=["generate", "chat"])
+def test_two_ranks_cli_greedy_text_matches_one_process(two_ranks, i):
     out, cli = two_ranks
-    one = subprocess.run([sys.executable, "-m", "ds4mlx", *shlex.split(cli)], env=_env(), capture_output=True,
-                         text=True, timeout=LAUNCH_TIMEOUT, cwd=out)
+    one = subprocess.run([sys.executable, "-m", "ds4mlx", *shlex.split(cli[i])], env=_env(), capture_output=True,
+                         text=True, timeout=LAUNCH_TIMEOUT, cwd=out, input=CHAT_INPUT)
     assert one.returncode == 0, one.stderr
-    assert one.stdout.strip() and (out / "cli.txt").read_text() == one.stdout
-    assert (out / "cli-rc-0").read_text() == (out / "cli-rc-1").read_text() == "0"
+    assert one.stdout.strip() and (out / f"cli-{i}.txt").read_text() == one.stdout
+    assert (out / f"cli-rc-{i}-0").read_text() == (out / f"cli-rc-{i}-1").read_text() == "0"
 
 
 @pytest.mark.slow
