@@ -89,6 +89,9 @@ QuietOpt = Annotated[bool, typer.Option(
 DraftOpt = Annotated[Optional[str], typer.Option(
     "--draft", show_default=False, help="Speculative decoding: 'mtp' drafts with the model's MTP block.")]
 NumDraftOpt = Annotated[int, typer.Option("--num-draft-tokens", min=1, max=3, help="Drafts per verify forward.")]
+LayersSplitOpt = Annotated[Optional[str], typer.Option(
+    "--layers-split", show_default=False,
+    help="Under mlx.launch: layers per process, e.g. 3,2 (default: balanced by bytes).")]
 MtpGgufOpt = Annotated[Optional[Path], typer.Option(
     "--mtp-gguf", show_default=False, help="ds4's separate MTP GGUF (default: found beside the .gguf model).")]
 
@@ -116,16 +119,29 @@ def _check_draft(draft: Optional[str]) -> None:
 
 def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True,
           ctx: int = DEFAULT_CTX, ignore_memory_limit: bool = False,
-          draft: Optional[str] = None, mtp_gguf: Optional[Path] = None):
+          draft: Optional[str] = None, mtp_gguf: Optional[Path] = None, layers_split: Optional[str] = None):
+    import functools
     import time
     import warnings
 
+    from . import distributed
     from .loader import TokenizerMismatchWarning, load
     from .memory import check_memory
     from .progress import LoadProgress, is_terminal
 
     _check_draft(draft)
-    check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=status)  # before any weight is read
+    split = distributed.launched()
+    if layers_split is not None and not split:
+        raise UsageProblem("--layers-split splits the model over the processes of mlx.launch; start with "
+                           "mlx.launch -n 2 ... (see docs/distributed.md)")
+    load_model = load
+    if split:
+        distributed.silence_other_ranks()
+        if not distributed.is_output_rank():
+            set_output(verbose=False, quiet=True)
+        load_model = functools.partial(distributed.load, layers_split=layers_split, status=detail)
+    else:  # a split model is checked per rank by its share, which the memory check does not know
+        check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=status)  # before any weight is read
 
     drawn = not Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
     if drawn:
@@ -138,7 +154,7 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loaded, tokenizer = load(model, experts_per_token=experts_per_token, progress=progress,
+            loaded, tokenizer = load_model(model, experts_per_token=experts_per_token, progress=progress,
                                      mtp=draft == "mtp", mtp_path=mtp_gguf)
     except BaseException:
         if progress is not None:
@@ -249,6 +265,7 @@ def generate(
     draft: DraftOpt = None,
     num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
     mtp_gguf: MtpGgufOpt = None,
+    layers_split: LayersSplitOpt = None,
 ) -> None:
     """Generate an answer to one prompt, streamed to stdout."""
     set_output(verbose, quiet)
@@ -260,7 +277,7 @@ def generate(
     _check_draft(draft)
     loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token, ctx=ctx,
                               ignore_memory_limit=ignore_memory_limit,
-                              draft=draft, mtp_gguf=mtp_gguf)
+                              draft=draft, mtp_gguf=mtp_gguf, layers_split=layers_split)
     _note_context_cap(loaded, ctx)
     from .generate import chat_prompt, format_stats, stream_generate
 
@@ -309,6 +326,7 @@ def chat(
     draft: DraftOpt = None,
     num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
     mtp_gguf: MtpGgufOpt = None,
+    layers_split: LayersSplitOpt = None,
 ) -> None:
     """Multi-turn chat that keeps the decode state between turns. Ctrl-C stops an answer."""
     from .chat_session import CHAT_HELP, ChatSession, chat_loop
@@ -321,7 +339,7 @@ def chat(
     _check_draft(draft)
     loaded, tokenizer = _load(_model_source(model, gguf_file), experts_per_token, ctx=ctx,
                               ignore_memory_limit=ignore_memory_limit,
-                              draft=draft, mtp_gguf=mtp_gguf)
+                              draft=draft, mtp_gguf=mtp_gguf, layers_split=layers_split)
     ctx = _note_context_cap(loaded, ctx)
     if seed is not None:
         import mlx.core as mx

@@ -27,6 +27,7 @@ from .io.mlx_dir import is_mlx_dir, open_mlx_dir
 from .layers import apply_formats
 from .model.transformer import Model
 from .quant.formats import GGUF_PREFIX
+from .stage import Stage
 
 DEMO = "demo"
 
@@ -59,6 +60,7 @@ def load(
     mtp_path: str | os.PathLike | None = None,
     check_finite: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    stage: Stage | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load DeepSeek V4 Flash and its tokenizer (None when the source ships none).
 
@@ -68,7 +70,8 @@ def load(
     beside it (``find_mtp_gguf``). ``check_finite`` refuses weights holding NaN/Inf (one pass
     over each tensor as it loads; scripts/finite_check_cost.py).
     ``progress(bytes read, bytes to read)`` is called as the weights are read
-    (``ds4mlx.progress.LoadProgress`` draws it).
+    (``ds4mlx.progress.LoadProgress`` draws it). ``stage``: build and read only that pipeline
+    stage's layers (and the embedding / head where it holds them); ``ds4mlx.distributed`` runs it.
     """
     dtype = default_dtype() if dtype is None else dtype
     path = resolve_model_path(path_or_repo)
@@ -77,11 +80,11 @@ def load(
     if path.suffix == ".gguf":
         return load_gguf(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype,
                          mtp=mtp or mtp_path is not None, mtp_path=mtp_path, check_finite=check_finite,
-                         progress=progress)
+                         progress=progress, stage=stage)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: expected a model directory or a .gguf file")
     model = load_dir(path, experts_per_token=experts_per_token, qat_rounding=qat_rounding, dtype=dtype, mtp=mtp,
-                     check_finite=check_finite, progress=progress)
+                     check_finite=check_finite, progress=progress, stage=stage)
     return model, _load_tokenizer(path, model.config.vocab_size)
 
 
@@ -120,8 +123,10 @@ def load_dir(
     mtp: bool = False,
     check_finite: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    stage: Stage | None = None,
 ) -> nn.Module:
-    """Build the model for a checkpoint directory and load its weights (strict)."""
+    """Build the model for a checkpoint directory and load its weights (strict); with ``stage``,
+    only that stage's part of the model and of the files."""
     path = Path(path)
     checkpoint = open_checkpoint(path)
     try:
@@ -131,8 +136,10 @@ def load_dir(
         if not (mtp and checkpoint.has_mtp):
             config = replace(config, num_nextn_predict_layers=0)  # the main model only
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
+        if stage is not None:
+            keep_stage(model, stage)
         weights, formats = checkpoint.load_weights(include_mtp=config.num_nextn_predict_layers > 0,
-                                                   progress=progress)
+                                                   progress=progress, keep=None if stage is None else stage.holds)
     finally:
         checkpoint.close()
     apply_formats(model, formats)
@@ -239,7 +246,8 @@ def _report_non_finite(path: str, array: mx.array, fmt: Any, source: str, bad: i
 def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
               qat_rounding: bool = True, dtype: mx.Dtype | None = None, mtp: bool = False,
               mtp_path: str | os.PathLike | None = None, check_finite: bool = True,
-              progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, Any]:
+              progress: Callable[[int, int], None] | None = None, stage: Stage | None = None,
+              ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a DeepSeek V4 GGUF (tokenizer None if the file has none).
 
     ``mtp=True`` loads the MTP block: the file's own ``mtp.{j}.*`` tensors if it has them, else
@@ -261,6 +269,8 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
         config = ModelConfig.from_hf(checkpoint.config, source=source, names=GGUF_KEY_NAMES)
         k = config.check_experts_per_token(experts_per_token, source)
         model = Model(config, dtype=dtype, qat_rounding=qat_rounding, experts_per_token=k)
+        if stage is not None:
+            keep_stage(model, stage)
         params = {p: tuple(v.shape) for p, v in tree_flatten(model.parameters())}
         weights, formats = checkpoint.load_weights(params, projection_modules(model), progress)
         apply_formats(model, formats)
@@ -275,6 +285,25 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
     finally:
         checkpoint.close()
     return model, tokenizer
+
+
+def keep_stage(model: nn.Module, stage: Stage) -> None:
+    """Drop what ``stage`` does not hold from a model not yet loaded (its parameters are still
+    unevaluated zeros, so nothing was allocated): other layers become empty modules (indices
+    keep their meaning), the embedding / head parts go where the stage lacks them."""
+    if stage.num_layers != len(model.layers):
+        raise ValueError(f"{stage.describe()} splits {stage.num_layers} layers, the model has {len(model.layers)}")
+    for i in range(len(model.layers)):
+        if not stage.holds_layer(i):
+            model.layers[i] = nn.Module()
+    for j in range(len(model.mtp)):  # the drafter's block is not split
+        model.mtp[j] = nn.Module()
+    for name in ("embed", "norm", "head"):
+        if not stage.holds(name + ".weight"):
+            setattr(model, name, nn.Module())
+    for name in ("hc_head_fn", "hc_head_base", "hc_head_scale"):
+        if not stage.holds(name):
+            model.pop(name)
 
 
 def find_mtp_gguf(path: str | os.PathLike) -> Path | None:

@@ -92,16 +92,18 @@ class HFCheckpoint:
         names = [entry.name] if entry.fmt == FLOAT else [entry.name, scale_name(entry.name)]
         return sum(self._files[self.weight_map[n]].info(n).nbytes for n in names)
 
-    def load_weights(self, *, include_mtp: bool = True, progress: Callable[[int, int], None] | None = None
-                     ) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
+    def load_weights(self, *, include_mtp: bool = True, progress: Callable[[int, int], None] | None = None,
+                     keep: Callable[[str], bool] | None = None) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
         """``({internal path: mx.array}, {module path: WeightFormat})``, one tensor read at a time;
-        ``progress(bytes read, bytes to read)`` after each weight (each layer's experts at once)."""
+        ``progress(bytes read, bytes to read)`` after each weight (each layer's experts at once).
+        ``keep(name)``: read only the weights it accepts (one pipeline stage's share)."""
         import mlx.core as mx
 
         weights: dict[str, Any] = {}
         formats: dict[str, WeightFormat] = {}
         experts: dict[tuple[str, str], list[Entry]] = defaultdict(list)
-        entries = {n: e for n, e in self.entries.items() if include_mtp or not n.startswith("mtp.")}
+        entries = {n: e for n, e in self.entries.items()
+                   if (include_mtp or not n.startswith("mtp.")) and (keep is None or keep(n))}
         total = sum(self._nbytes(e) for e in entries.values()) if progress else 0
         done = 0
 

@@ -144,11 +144,13 @@ class MLXDirCheckpoint:
         for f in self._files.values():
             f.close()
 
-    def load_weights(self, *, include_mtp: bool = True, progress: Callable[[int, int], None] | None = None
-                     ) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
+    def load_weights(self, *, include_mtp: bool = True, progress: Callable[[int, int], None] | None = None,
+                     keep: Callable[[str], bool] | None = None) -> tuple[dict[str, Any], dict[str, WeightFormat]]:
         """``({internal path: mx.array}, {module path: WeightFormat})``, one tensor at a time;
-        ``progress(bytes read, bytes to read)`` after each."""
-        names = [n for n in self.weight_map if include_mtp or not n.startswith("mtp.")]
+        ``progress(bytes read, bytes to read)`` after each. ``keep(name)``: read only the
+        tensors it accepts (one pipeline stage's share)."""
+        names = [n for n in self.weight_map
+                 if (include_mtp or not n.startswith("mtp.")) and (keep is None or keep(n))]
         total = sum(self._files[self.weight_map[n]].info(n).nbytes for n in names)
         done = 0
         weights = {}
@@ -161,7 +163,8 @@ class MLXDirCheckpoint:
             if name.endswith(".tid2eid"):
                 check_expert_ids(weights[name], int(self.config["n_routed_experts"]),
                                  f"{self.path / self.weight_map[name]}: {name}", MLXDirError)
-        formats = {p: f for p, f in self.formats.items() if include_mtp or not p.startswith("mtp.")}
+        formats = {p: f for p, f in self.formats.items()
+                   if (include_mtp or not p.startswith("mtp.")) and (keep is None or keep(p + ".weight"))}
         return weights, formats
 
 

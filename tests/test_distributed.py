@@ -1,0 +1,292 @@
+"""The model split by layers over ``mlx.launch -n N --backend ring --hosts 127.0.0.1`` processes
+(tests/distributed_run.py): logits equal to one process's for prefill, chunked prefill and
+decode (official-format and GGUF checkpoints, top-6 and top-4, 2 and 3 ranks), the CLI's greedy
+text equal to one process's, and a rank that dies or hangs ending the run with an error on the
+others within 30 s. Each launch does several checks; the comparisons run here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+import ds4mlx
+from distributed_run import TOKENS, passes
+from ds4mlx.convert.gguf_writer import write_gguf
+from ds4mlx.names import internal_to_gguf
+from ds4mlx.stage import SplitError, Stage, balanced_split, parse_split
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = Path(__file__).with_name("distributed_run.py")
+LAUNCH = Path(sys.executable).with_name("mlx.launch")
+LAUNCH_TIMEOUT = 600  # the loaded CI machine imports slowly; a healthy launch ends well before
+TOL = 1e-6
+CHAT_INPUT = "hello\n/reset\nhi\n/quit\n"
+
+
+def _free_port_base(n: int) -> int:
+    """A base port with ``n`` free ports after it (the ring listens on base + rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65536:
+            continue
+        try:
+            socks = []
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def _launch_cmd(n: int, args: list[str]) -> list[str]:
+    launcher = [str(LAUNCH)] if LAUNCH.exists() else [sys.executable, "-c",
+                                                      "from mlx._distributed_utils.launch import main; main()"]
+    return launcher + ["-n", str(n), "--backend", "ring", "--hosts", "127.0.0.1",
+                       "--starting-port", str(_free_port_base(n)), "--", sys.executable, str(RUNNER), *args]
+
+
+def _env(**extra) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra)
+    env.setdefault("DS4MLX_KERNEL_CHECK", "off")
+    return env
+
+
+def launch(n: int, out: Path, args: list[str], stdin: str = "", **env) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(_launch_cmd(n, [str(out), *args]), env=_env(**env), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, cwd=out, input=stdin)
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint as a GGUF: experts and a few projections in Q8_0 (packed modules), the
+    rest F32."""
+    model, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32)
+    config = json.loads((tiny_ckpt / "config.json").read_text())
+    modules = dict(model.named_modules())
+    tensors = {}
+    for path, value in tree_flatten(model.parameters()):
+        if path.startswith("mtp.") or path.endswith(".scales"):
+            continue
+        mod = modules[path.rpartition(".")[0]]
+        if isinstance(mod, (nn.QuantizedLinear, QuantizedSwitchLinear)):
+            value = mx.dequantize(mod.weight, mod.scales, mod.get("biases"), group_size=mod.group_size,
+                                  bits=mod.bits, mode=mod.mode, dtype=mx.float32)
+        value = np.array(value)
+        if value.dtype.kind in "iu":
+            qtype = T.I32
+            value = value.astype(np.int32)
+        elif ".ffn.experts." in path or path.endswith(("wq_b.weight", "wo_b.weight")):
+            qtype = T.Q8_0
+        else:
+            qtype = T.F32
+        tensors[internal_to_gguf(path)] = (value, qtype)
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", config, tensors)
+
+
+def _reference(path, k=None) -> dict[str, np.ndarray]:
+    model, _ = ds4mlx.load(path, experts_per_token=k, dtype=mx.float32)
+    return passes(model, TOKENS)
+
+
+def _check(out: Path, name: str, reference: dict[str, np.ndarray]) -> None:
+    for part, want in reference.items():
+        got = np.load(out / f"{name}-{part}.npy")
+        assert got.shape == want.shape, (name, part)
+        assert rel(got, want) <= TOL, (name, part, rel(got, want))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_ckpt, tiny_gguf, demo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two")
+    cli = [f"generate -m {demo_dir} -p 'hello there' --temp 0 -n 12 --no-think -q",
+           f"chat -m {demo_dir} --temp 0 -n 6 --no-think -q"]
+    # mlx.launch copies its standard input to every rank (but never closes theirs: hence /quit)
+    r = launch(2, out, ["--job", f"hf6={tiny_ckpt}", "--job", f"hf4={tiny_ckpt},4",
+                        "--job", f"gguf6={tiny_gguf}", "--job", f"gguf4={tiny_gguf},4,3+2",
+                        "--cli", cli[0], "--cli", cli[1]], stdin=CHAT_INPUT)
+    assert r.returncode == 0 and (out / "cli-rc-1-1").exists(), r.stdout + r.stderr
+    return out, cli
+
+
+# ----------------------------------------------------------------------------- the split itself
+
+
+def test_balanced_split_is_the_best_contiguous_split():
+    import itertools
+
+    sizes = [7, 1, 1, 9, 3, 3, 2]
+    for n in (1, 2, 3, 4):
+        got = balanced_split(sizes, n, embed_bytes=4, head_bytes=5)
+        cost = lambda b: max(sum(sizes[a:c]) + 4 * (i == 0) + 5 * (i == len(b) - 2)  # noqa: E731
+                             for i, (a, c) in enumerate(zip(b, b[1:])))
+        best = min(cost([0, *cuts, len(sizes)]) for cuts in itertools.combinations(range(1, len(sizes)), n - 1))
+        assert cost([s.first for s in got] + [len(sizes)]) == best
+        assert [s.stop for s in got][-1] == len(sizes) and all(s.stop > s.first for s in got)
+
+
+def test_split_option_errors():
+    assert [(s.first, s.stop) for s in parse_split("3,2", 5, 2)] == [(0, 3), (3, 5)]
+    for text, size in (("3,3", 2), ("5,0", 2), ("3,2", 3), ("a,b", 2)):
+        with pytest.raises(SplitError, match=text.replace("+", r"\+")):
+            parse_split(text, 5, size)
+
+
+def test_stages_read_disjoint_shares_of_the_file(tiny_ckpt):
+    """Each stage's model holds exactly its layers (+ embedding / head) and together they hold
+    the one-process model's parameters, value for value."""
+    full, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32)
+    whole = dict(tree_flatten(full.parameters()))
+    seen: dict[str, mx.array] = {}
+    for stage in (Stage(0, 3, 0, 2, 5), Stage(1, 3, 2, 4, 5), Stage(2, 3, 4, 5, 5)):
+        part, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32, stage=stage)
+        params = dict(tree_flatten(part.parameters()))
+        layers = {int(p.split(".")[1]) for p in params if p.startswith("layers.")}
+        assert layers == set(range(stage.first, stage.stop))
+        assert ("embed.weight" in params) == (stage.rank == 0)
+        assert ("head.weight" in params) == ("hc_head_fn" in params) == (stage.rank == 2)
+        assert not set(params) & set(seen)
+        seen.update(params)
+    assert set(seen) == {p for p in whole if not p.startswith("mtp.")}
+    for p, v in seen.items():
+        assert mx.array_equal(v, whole[p]).item(), p
+
+
+# ----------------------------------------------------------------------------- launched
+
+
+def test_two_ranks_logits_match_one_process(two_ranks, tiny_ckpt, tiny_gguf):
+    out, _ = two_ranks
+    assert (out / "hf6-stage-0").read_text() != "0 5"  # really split
+    assert (out / "gguf4-stage-0").read_text() == "0 3"  # --layers-split 3,2
+    _check(out, "hf6", _reference(tiny_ckpt))
+    _check(out, "hf4", _reference(tiny_ckpt, 4))
+    _check(out, "gguf6", _reference(tiny_gguf))
+    _check(out, "gguf4", _reference(tiny_gguf, 4))
+
+
+@pytest.mark.parametrize("i", [0, 1], ids=["generate", "chat"])
+def test_two_ranks_cli_greedy_text_matches_one_process(two_ranks, i):
+    out, cli = two_ranks
+    one = subprocess.run([sys.executable, "-m", "ds4mlx", *shlex.split(cli[i])], env=_env(), capture_output=True,
+                         text=True, timeout=LAUNCH_TIMEOUT, cwd=out, input=CHAT_INPUT)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.strip() and (out / f"cli-{i}.txt").read_text() == one.stdout
+    assert (out / f"cli-rc-{i}-0").read_text() == (out / f"cli-rc-{i}-1").read_text() == "0"
+
+
+@pytest.mark.slow
+def test_three_ranks_on_five_layers(tiny_ckpt, tiny_gguf, tmp_path):
+    r = launch(3, tmp_path, ["--job", f"hf6={tiny_ckpt}", "--job", f"gguf4={tiny_gguf},4"])
+    assert r.returncode == 0 and (tmp_path / "gguf4-decode.npy").exists(), r.stdout + r.stderr
+    stages = [tuple(map(int, (tmp_path / f"hf6-stage-{i}").read_text().split())) for i in range(3)]
+    assert stages[0][0] == 0 and stages[-1][1] == 5 and all(a[1] == b[0] for a, b in zip(stages, stages[1:]))
+    _check(tmp_path, "hf6", _reference(tiny_ckpt))
+    _check(tmp_path, "gguf4", _reference(tiny_gguf, 4))
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, limit: float) -> None:
+    end = time.monotonic() + limit
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, f"{path.name} did not appear"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _start_hanging(out: Path, model: Path, **env) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(_launch_cmd(2, [str(out), "--mode", "hang", "--job", f"m={model}"]), env=_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out,
+                            start_new_session=True)
+
+
+def test_killed_rank_stops_the_other_within_30s(tiny_ckpt, tmp_path):
+    proc = _start_hanging(tmp_path, tiny_ckpt)
+    try:
+        _wait_for(tmp_path / "running-0", proc, LAUNCH_TIMEOUT)
+        _wait_for(tmp_path / "running-1", proc, 60)
+        pids = [int((tmp_path / f"pid-{r}").read_text()) for r in (0, 1)]
+        time.sleep(1)  # decoding
+        os.kill(pids[1], signal.SIGKILL)
+        tic = time.monotonic()
+        while _alive(pids[0]) and time.monotonic() - tic < 30:
+            time.sleep(0.1)
+        assert not _alive(pids[0]), "rank 0 still runs 30 s after rank 1 was killed"
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # mlx.launch ends the other ranks, or rank 0 sees the connection go first
+    assert "rank 1 exited with code -9" in err or "DistributedError" in err, err
+
+
+@pytest.mark.slow
+def test_hung_rank_stops_the_other_by_the_watchdog(tiny_ckpt, tmp_path):
+    proc = _start_hanging(tmp_path, tiny_ckpt, DS4MLX_DIST_TIMEOUT="3")
+    pids = []
+    try:
+        _wait_for(tmp_path / "running-0", proc, LAUNCH_TIMEOUT)
+        _wait_for(tmp_path / "running-1", proc, 60)
+        pids = [int((tmp_path / f"pid-{r}").read_text()) for r in (0, 1)]
+        time.sleep(1)
+        os.kill(pids[1], signal.SIGSTOP)  # alive, connection open, never answers
+        tic = time.monotonic()
+        while _alive(pids[0]) and time.monotonic() - tic < 30:
+            time.sleep(0.1)
+        waited = time.monotonic() - tic
+        assert not _alive(pids[0]), "rank 0 still waits 30 s after rank 1 stopped answering"
+        os.kill(pids[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "ds4mlx: error: rank 0:" in err and "no answer in 3 s" in err, err
+    assert waited < 15
