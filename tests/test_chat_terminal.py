@@ -59,6 +59,26 @@ class Terminal:
     def send(self, data: str) -> None:
         os.write(self.fd, data.encode())
 
+    def interrupt(self) -> None:
+        """Ctrl-C once the child waits for a key. Its prompt is written just before readline's
+        select(): a SIGINT landing in between is only noticed with the next key (Python checks
+        signals when select is interrupted), so wait until the child sleeps in it (Linux /proc;
+        elsewhere a pause)."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                wchan = Path(f"/proc/{self.pid}/wchan").read_text()
+                state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                wchan = state = ""
+            if wchan in ("", "0"):  # no /proc, or its wait channels hidden
+                time.sleep(0.5)
+                break
+            if state == "S" and ("select" in wchan or "poll" in wchan):
+                break
+            time.sleep(0.01)
+        self.send("\x03")
+
     def wait(self) -> int:
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
@@ -98,16 +118,16 @@ def test_chat_line_editing_history_and_ctrl_c(demo_dir):
     term.send("\x1b[A\x1b[A\r")  # up arrow twice: the edited line from history
     term.expect("[thinking off]", 2)
     term.expect(">> ", 5)
-    term.send("\x03")  # Ctrl-C at the prompt: a hint, not the end
+    term.interrupt()  # Ctrl-C at the prompt: a hint, not the end
     term.expect(LEAVE_HINT)
     term.expect(">> ", 6)
     term.send("/think\r")  # anything else in between: the next Ctrl-C is a first one again
     term.expect("[thinking on]", 2)
     term.expect(">> ", 7)
-    term.send("\x03")
+    term.interrupt()
     term.expect(LEAVE_HINT, 2)
-    term.expect(">> ", 8)  # back at the prompt (a Ctrl-C sent earlier can land before input() runs)
-    term.send("\x03")
+    term.expect(">> ", 8)  # back at the prompt
+    term.interrupt()
     assert term.wait() == 0
     out = term.seen.decode("utf-8", "replace")
     assert "Traceback" not in out and "Warning" not in out
@@ -121,6 +141,7 @@ def test_chat_no_color(demo_dir):
     term.expect(">> ")
     term.send("hello\r")
     term.expect("[prompt ")
+    term.expect(">> ", 2)  # readline reads again: a Ctrl-D typed before that would be lost
     term.send("\x04")  # Ctrl-D leaves
     assert term.wait() == 0
     assert b"[reasoning]" in term.seen and b"\x1b[2m" not in term.seen and b"\x1b[0m" not in term.seen

@@ -289,10 +289,21 @@ def _long_tokens(n: int = LONG) -> np.ndarray:
     return np.random.default_rng(11).integers(2, 1024, size=(1, n))
 
 
-def _run_split(model, toks: np.ndarray, size: int) -> np.ndarray:
-    cache, outs = model.make_cache(), []
-    for i in range(0, toks.shape[1], size):
-        outs.append(np.array(model(mx.array(toks[:, i:i + size]), cache=cache)))
+# Single-token decode steps where the state crosses a seam, one call in between: the first
+# window (16), the first ratio-4 rows and the indexer's top-k (more than 4 rows from position
+# 20), and the ratio-128 boundary.
+DECODE_AT_SEAMS = [1] * 24 + [96] + [1] * 16 + [LONG - 136]
+
+
+def _run_split(model, toks: np.ndarray, size: int | list[int]) -> np.ndarray:
+    """Logits from calls of ``size`` tokens each (or of the given sizes), one state."""
+    n = toks.shape[1]
+    sizes = [min(size, n - i) for i in range(0, n, size)] if isinstance(size, int) else size
+    assert sum(sizes) == n
+    cache, outs, i = model.make_cache(), [], 0
+    for k in sizes:
+        outs.append(np.array(model(mx.array(toks[:, i:i + k]), cache=cache)))
+        i += k
     return np.concatenate(outs, axis=1)
 
 
@@ -345,7 +356,7 @@ def test_decode_with_rounding_on(q2_files, hf_config):
     model, _ = load_gguf(main, qat_rounding=True, dtype=mx.float32)
     toks = _long_tokens()
     full = np.array(model(mx.array(toks)))
-    decode = _run_split(model, toks, 1)
+    decode = _run_split(model, toks, DECODE_AT_SEAMS)
     assert (decode.argmax(-1) == full.argmax(-1)).mean() >= 0.99
     ref = np.array(_reference_model(hf_config, main, qat_rounding=True)(mx.array(toks)))
     assert (full.argmax(-1) == ref.argmax(-1)).mean() >= 0.99

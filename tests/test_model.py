@@ -30,6 +30,12 @@ def run_split(model, toks: np.ndarray, sizes) -> np.ndarray:
     return np.concatenate(outs, axis=1)
 
 
+# Single-token decode steps where the state crosses a seam, one call in between: the first
+# window (16), the first ratio-4 rows and the indexer's top-k (more than 4 rows from position
+# 20), and both ratio-128 boundaries.
+DECODE_AT_SEAMS = [1] * 24 + [96] + [1] * 16 + [112] + [1] * 16 + [SEQ - 264]
+
+
 def chunks_of(total: int, size: int) -> list[int]:
     return [min(size, total - i) for i in range(0, total, size)]
 
@@ -95,7 +101,7 @@ def test_decode_with_rounding_on(tiny_ckpt):
     model, _ = ds4mlx.load(tiny_ckpt, qat_rounding=True, dtype=mx.float32)
     toks = tokens(SEQ, seed=3)
     full = np.array(model(mx.array(toks)))
-    decode = run_split(model, toks, [1] * SEQ)
+    decode = run_split(model, toks, DECODE_AT_SEAMS)
     chunked = run_split(model, toks, chunks_of(SEQ, 5))
     assert (decode.argmax(-1) == full.argmax(-1)).mean() >= 0.99
     assert (chunked.argmax(-1) == full.argmax(-1)).mean() >= 0.99

@@ -237,11 +237,15 @@ class _SpawnQuietly:
     """SIGINT blocked while the pool and its workers are started: a blocked signal stays
     pending here (so a Ctrl-C then interrupts as soon as the spawn returns), and the mask is
     inherited through exec, so a worker cannot die of it with a traceback from its imports
-    (they take a second); its initializer ignores SIGINT for good."""
+    (they take a second); its initializer ignores SIGINT for good. The resource tracker is
+    started first: starting it unblocks SIGINT (``multiprocessing`` blocks it around that spawn,
+    then unblocks rather than restores), which would let the workers start unprotected."""
 
     def __enter__(self):
         import signal
+        from multiprocessing import resource_tracker
 
+        resource_tracker.ensure_running()
         self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         return self
 
