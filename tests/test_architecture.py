@@ -57,6 +57,7 @@ LAYER_OF = {
     "ds4mlx.distributed": "app",
     "ds4mlx.cli": "cli",
     "ds4mlx.cli_output": "cli",
+    "ds4mlx.cli_options": "cli",
     "ds4mlx.chat_session": "cli",
     "ds4mlx.console": "cli",
     "ds4mlx.__main__": "cli",
