@@ -234,25 +234,39 @@ def _watch_parent(parent: int) -> None:
 
 
 class _SpawnQuietly:
-    """SIGINT blocked while the pool and its workers are started: a blocked signal stays
-    pending here (so a Ctrl-C then interrupts as soon as the spawn returns), and the mask is
-    inherited through exec, so a worker cannot die of it with a traceback from its imports
-    (they take a second); its initializer ignores SIGINT for good. The resource tracker is
-    started first: starting it unblocks SIGINT (``multiprocessing`` blocks it around that spawn,
-    then unblocks rather than restores), which would let the workers start unprotected."""
+    """SIGINT blocked while the pool and its workers are started: the mask is inherited through
+    exec, so a worker cannot die of it with a traceback from its imports (they take a second);
+    its initializer ignores SIGINT for good. The resource tracker is started first: starting it
+    unblocks SIGINT (``multiprocessing`` blocks it around that spawn, then unblocks rather than
+    restores). The block covers this thread only, and another thread may take the signal, so
+    Python's handler is deferred too: a Ctrl-C then interrupts once the spawn is complete,
+    never between a worker's start and the data it waits for."""
 
     def __enter__(self):
         import signal
+        import threading
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
+        self.hit = None
+        self.handler = signal.getsignal(signal.SIGINT)
+        self.deferring = callable(self.handler) and threading.current_thread() is threading.main_thread()
+        if self.deferring:
+            signal.signal(signal.SIGINT, self._defer)
         self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         return self
+
+    def _defer(self, signum, frame) -> None:
+        self.hit = (signum, frame)
 
     def __exit__(self, *exc) -> None:
         import signal
 
         signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
+        if self.deferring:
+            signal.signal(signal.SIGINT, self.handler)
+            if self.hit is not None:
+                self.handler(*self.hit)
 
 
 def _stop_pool(pool, finished: bool) -> None:
