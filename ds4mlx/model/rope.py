@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from ..config import ModelConfig
 
@@ -70,3 +71,11 @@ def apply_rope(
     out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     out = out.reshape(*out.shape[:-2], rd).astype(x.dtype)
     return mx.concatenate([x[..., :-rd], out], axis=-1)
+
+
+def host_positions(pos: np.ndarray) -> mx.array:
+    """Host positions [B, S] as an int32 array: one sequence's as ``arange`` [S] (the graph a
+    one-sequence call has always had), a batch's as [B, S]."""
+    if pos.shape[0] == 1:
+        return mx.arange(int(pos[0, 0]), int(pos[0, 0]) + pos.shape[1])
+    return mx.array(pos.astype(np.int32))
