@@ -18,7 +18,7 @@ from ..kernels import attention as fused
 from ..state import BatchLayerCache, LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
-from .rope import apply_rope, layer_frequencies
+from .rope import apply_rope, host_positions, layer_frequencies
 
 # Bound on the float32 score elements materialised per query block.
 _SCORE_BUDGET = 1 << 26
@@ -100,7 +100,8 @@ class Attention(nn.Module):
         # host positions of every token (padding gets any: its rows are never read)
         pos = np.stack([np.arange(c.offset - a, c.offset - a + s) for c, (a, _) in zip(cache.caches, spans)])
         p = self._project(x)
-        q, kv, index_q = self._rotate(p, pos)
+        positions = host_positions(pos)
+        q, kv, index_q = self._rotate(p, pos, positions)
         outs = []
         for i, (c, (a, n)) in enumerate(zip(cache.caches, spans)):
             if n == 0:
@@ -113,7 +114,7 @@ class Attention(nn.Module):
                 o = mx.pad(o, [(0, 0), (a, s - a - n), (0, 0), (0, 0)])
             outs.append(o)
         o = outs[0] if b == 1 else mx.concatenate(outs, axis=0)
-        return self._output(self._unrotate(o, pos, x.dtype))
+        return self._output(self._unrotate(o, pos, positions, x.dtype))
 
     def _project(self, x: mx.array) -> "_Projected":
         """Every matmul on the layer input that does not depend on the position."""
@@ -140,13 +141,14 @@ class Attention(nn.Module):
         positions cache.offset.. → outputs [B, s, H, d] in ``dtype``, rotated back."""
         s = p.q.shape[1]
         pos = np.arange(cache.offset, cache.offset + s)[None, :]  # host positions
-        q, kv, index_q = self._rotate(p, pos)
-        o = self._attend_state(q, kv, p, index_q, cache, dtype)
-        return self._unrotate(o, pos, dtype)
+        positions = host_positions(pos)
+        q, kv, index_q = self._rotate(p, pos, positions)
+        o = self._attend_state(q, kv, p, index_q, cache, dtype, positions)
+        return self._unrotate(o, pos, positions, dtype)
 
-    def _rotate(self, p: "_Projected", pos: np.ndarray):
+    def _rotate(self, p: "_Projected", pos: np.ndarray, positions: mx.array):
         """Normalised, rotated (and rounded) queries and KV rows, and indexer queries, of tokens
-        at host positions ``pos`` [B, s]."""
+        at host positions ``pos`` [B, s] (``positions``: the same as ``host_positions``)."""
         freqs = self._freqs
         if fused.rope_rows_serves(p.kv.dtype, self.head_dim, self.rope_dims):
             q = fused.rope_rows(p.q, pos[..., None], freqs, norm=fused.NORM_PLAIN,
@@ -154,7 +156,6 @@ class Attention(nn.Module):
             kv = fused.rope_rows(p.kv, pos, freqs, norm=fused.NORM_WEIGHTED,
                                  weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
         else:
-            positions = mx.array(pos)
             q = p.q.astype(mx.float32)
             q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
             q = apply_rope(q, positions[..., None], freqs)
@@ -164,20 +165,23 @@ class Attention(nn.Module):
                 kv = qat.kv_fp8(kv, self.rope_dims)
         index_q = None
         if self.ratio == 4:  # lazy: computed only where a sequence has indexer keys
-            index_q = self.indexer.rotate_queries(p.index_q[0], pos, freqs, self._index_rounding())
+            index_q = self.indexer.rotate_queries(p.index_q[0], pos, positions, freqs,
+                                                  self._index_rounding())
         return q, kv, index_q
 
-    def _unrotate(self, o: mx.array, pos: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    def _unrotate(self, o: mx.array, pos: np.ndarray, positions: mx.array, dtype: mx.Dtype) -> mx.array:
         if fused.rope_rows_serves(dtype, self.head_dim, self.rope_dims):
             return fused.rope_rows(o, pos[..., None], self._freqs, inverse=True, out_dtype=dtype)
-        return apply_rope(o, mx.array(pos)[..., None], self._freqs, inverse=True).astype(dtype)
+        return apply_rope(o, positions[..., None], self._freqs, inverse=True).astype(dtype)
 
-    def _attend_state(self, q, kv, p: "_Projected", index_q, cache: LayerCache, dtype: mx.Dtype):
+    def _attend_state(self, q, kv, p: "_Projected", index_q, cache: LayerCache, dtype: mx.Dtype,
+                      positions: mx.array | None = None):
         """One sequence's rotated tokens at positions cache.offset..: window, compressors,
         indexer, attention → outputs [1, s, H, d] float32 (not rotated back)."""
         s = q.shape[1]
         p0 = cache.offset
-        positions = mx.arange(p0, p0 + s)
+        if positions is None:
+            positions = mx.arange(p0, p0 + s)
         freqs = self._freqs
 
         # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones.

@@ -130,15 +130,15 @@ class Indexer(nn.Module):
         return q, self.weights_proj(x).astype(mx.float32) * self.scale
 
     def rotate_queries(
-        self, q: mx.array, pos: np.ndarray, freqs: mx.array,
+        self, q: mx.array, pos: np.ndarray, positions: mx.array, freqs: mx.array,
         rounding: Callable[[mx.array], mx.array] | None,
     ) -> mx.array:
         """RoPE (and the rounding) of projected queries [B, S, h, dI] at host positions ``pos``
-        [B, S] → float32."""
+        [B, S] (``positions``: the same as ``rope.host_positions``) → float32."""
         if fused.rope_rows_serves(q.dtype, self.head_dim, 2 * freqs.shape[0]):
             q = fused.rope_rows(q, pos[..., None], freqs)
         else:
-            q = apply_rope(q, mx.array(pos)[..., None], freqs)
+            q = apply_rope(q, positions[..., None], freqs)
         if rounding is not None:
             q = rounding(q)
         return q.astype(mx.float32)

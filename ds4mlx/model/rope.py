@@ -96,3 +96,11 @@ def rows_ops(x: mx.array, pos, freqs: mx.array, *, norm: int, weight: mx.array |
 
 
 _check.install_twin(_fused.ROPE_ROWS, rows_ops)
+
+
+def host_positions(pos: np.ndarray) -> mx.array:
+    """Host positions [B, S] as an int32 array: one sequence's as ``arange`` [S] (the graph a
+    one-sequence call has always had), a batch's as [B, S]."""
+    if pos.shape[0] == 1:
+        return mx.arange(int(pos[0, 0]), int(pos[0, 0]) + pos.shape[1])
+    return mx.array(pos.astype(np.int32))
