@@ -75,7 +75,7 @@ MAY_IMPORT = {
     "quant": {"leaf"},
     "ops": {"leaf"},
     "kernels": {"leaf", "quant", "ops"},
-    "layers": {"leaf", "quant", "kernels"},
+    "layers": {"leaf", "quant", "ops", "kernels"},
     "model": {"leaf", "quant", "ops", "kernels", "layers"},
     "io": {"leaf", "quant"},
     "tokenizer": {"leaf"},

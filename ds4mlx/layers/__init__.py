@@ -6,7 +6,8 @@ The model is built with ``nn.Linear(bias=False)`` for every projection and mlx-l
 have exactly the shapes of the packed arrays, so ``model.load_weights(..., strict=True)`` then
 takes the file's bytes unchanged:
 
-* ``mxfp8`` / ``mxfp4`` / ``affine`` → ``nn.QuantizedLinear`` / ``QuantizedSwitchLinear``
+* ``mxfp8`` / ``mxfp4`` / ``affine`` → :class:`QuantizedLinear` (``nn.QuantizedLinear`` whose
+  product is ``ops.quantized_matmul``, which picks the faster CPU path) / ``QuantizedSwitchLinear``
   with that ``mode`` (weights uint32, scales uint8 for the mx modes, float for affine + biases);
 * ``float`` → the module is left as built.
 
@@ -24,6 +25,7 @@ from typing import Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import ops
 from ..quant.formats import WeightFormat, gguf_kind, packed_shapes
 from . import gguf as _gguf
 
@@ -53,8 +55,30 @@ def _init_packed(module: nn.Module, input_dims: int, output_dims: int, fmt: Weig
     module.freeze()
 
 
-def quantized_linear(input_dims: int, output_dims: int, fmt: WeightFormat) -> nn.QuantizedLinear:
-    m = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
+class QuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` (same parameters) whose product is :func:`ds4mlx.ops.quantized_matmul`."""
+
+    def _matmul(self, x: mx.array, rows: slice | None = None) -> mx.array:
+        w, scales, biases = self["weight"], self["scales"], self.get("biases")
+        if rows is not None:
+            w, scales = w[rows], scales[rows]
+            biases = None if biases is None else biases[rows]
+        return ops.quantized_matmul(x, w, scales, biases, group_size=self.group_size, bits=self.bits,
+                                    mode=self.mode)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._matmul(x)
+
+    def grouped(self, x: mx.array, groups: int) -> mx.array:
+        """Block-diagonal use (the attention's grouped ``wo_a``): group g of ``x [..., G, in]``
+        meets output rows ``g·R .. (g+1)·R``; returns ``[..., G, R]``."""
+        r = self["weight"].shape[0] // groups
+        return mx.stack([self._matmul(x[..., g, :], slice(g * r, (g + 1) * r)) for g in range(groups)],
+                        axis=-2)
+
+
+def quantized_linear(input_dims: int, output_dims: int, fmt: WeightFormat) -> QuantizedLinear:
+    m = QuantizedLinear.__new__(QuantizedLinear)
     nn.Module.__init__(m)
     _init_packed(m, input_dims, output_dims, fmt)
     return m

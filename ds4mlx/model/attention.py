@@ -15,6 +15,7 @@ import numpy as np
 from .. import kernels
 from ..config import ModelConfig
 from ..kernels import attention as fused
+from ..ops import RMSNorm
 from ..state import BatchLayerCache, LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
@@ -58,10 +59,10 @@ class Attention(nn.Module):
         self.eps = config.rms_norm_eps
         d = config.hidden_size
         self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False)
-        self.q_norm = nn.RMSNorm(config.q_lora_rank, eps=self.eps)
+        self.q_norm = RMSNorm(config.q_lora_rank, eps=self.eps)
         self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wkv = nn.Linear(d, self.head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
+        self.kv_norm = RMSNorm(self.head_dim, eps=self.eps)
         self.wo_a = nn.Linear(self.n_heads * self.head_dim // self.groups,
                               self.groups * config.o_lora_rank, bias=False)
         self.wo_b = nn.Linear(self.groups * config.o_lora_rank, d, bias=False)

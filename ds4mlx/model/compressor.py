@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..kernels import attention as fused
+from ..ops import RMSNorm
 from ..state import CompressorState, record_compressor
 from .rope import apply_rope
 
@@ -32,7 +33,7 @@ class Compressor(nn.Module):
         self.wkv = nn.Linear(config.hidden_size, width, bias=False)
         self.wgate = nn.Linear(config.hidden_size, width, bias=False)
         self.ape = mx.zeros((ratio, width))
-        self.norm = nn.RMSNorm(dim, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(dim, eps=config.rms_norm_eps)
 
     def __call__(
         self,

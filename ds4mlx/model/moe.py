@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
@@ -34,23 +36,49 @@ class Gate(nn.Module):
 
     def __call__(self, x: mx.array, token_ids: mx.array | None) -> tuple[mx.array, mx.array]:
         """x [N, D], token_ids [N] → (expert indices [N, k] uint32, weights [N, k] float32)."""
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
         k = self.top_k
-        if not self.is_hash and kernels.serves(kernels.ROUTER):
-            return router_topk(logits, self.bias, k, self.renormalize, self.scale)
-        scores = mx.sqrt(mx.logaddexp(logits, 0.0))
         if self.is_hash:
             if token_ids is None:
                 raise ValueError("hash-routed layer needs the token ids")
-            idx = self.tid2eid[token_ids][:, :k]
-        else:
-            biased = scores + self.bias.astype(mx.float32)
-            idx = mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k]
-        idx = idx.astype(mx.uint32)
-        w = mx.take_along_axis(scores, idx, axis=-1)
-        if self.renormalize:
-            w = w / mx.sum(w, axis=-1, keepdims=True)
-        return idx, w * self.scale
+            return _hash_route(x, self.weight, self.tid2eid[token_ids][:, :k], self.renormalize, self.scale)
+        if kernels.serves(kernels.ROUTER):
+            logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+            return router_topk(logits, self.bias, k, self.renormalize, self.scale)
+        return _biased_route(x, self.weight, self.bias, k, self.renormalize, self.scale)
+
+
+def _weights(scores: mx.array, idx: mx.array, renormalize: bool, scale: float) -> mx.array:
+    w = mx.take_along_axis(scores, idx, axis=-1)
+    if renormalize:
+        w = w / mx.sum(w, axis=-1, keepdims=True)
+    return w * scale
+
+
+def _scores(x: mx.array, weight: mx.array) -> mx.array:
+    """sqrt(softplus(W·x)) in float32."""
+    logits = x.astype(mx.float32) @ weight.astype(mx.float32).T
+    return mx.sqrt(mx.logaddexp(logits, 0.0))
+
+
+# The router's steps compiled as one graph each (a decode step runs them once per layer).
+@mx.compile
+def _biased_route(x, weight, bias, k: int, renormalize: bool, scale: float):
+    scores = _scores(x, weight)
+    biased = scores + bias.astype(mx.float32)
+    idx = mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k].astype(mx.uint32)
+    return idx, _weights(scores, idx, renormalize, scale)
+
+
+@mx.compile
+def _hash_route(x, weight, idx, renormalize: bool, scale: float):
+    idx = idx.astype(mx.uint32)
+    return idx, _weights(_scores(x, weight), idx, renormalize, scale)
+
+
+@functools.cache
+def _weighted_swiglu(dtype: mx.Dtype):
+    """Clamped SwiGLU times the route weight, cast to the down projection's input: one kernel."""
+    return mx.compile(lambda gate, up, w, limit: (clamped_swiglu(gate, up, limit) * w).astype(dtype))
 
 
 class RoutedExperts(nn.Module):
@@ -83,13 +111,9 @@ class RoutedExperts(nn.Module):
             sel = idx
         g = self.w1(xe, sel, sorted_indices=do_sort)
         u = self.w3(xe, sel, sorted_indices=do_sort)
-        mid = clamped_swiglu(g, u, self.limit)
         # The official graph applies the route weight before the down projection.
-        if do_sort:
-            mid = mid * weights.flatten()[order][:, None, None]
-        else:
-            mid = mid * weights[..., None, None]
-        mid = mid.astype(x.dtype)
+        w = weights.flatten()[order][:, None, None] if do_sort else weights[..., None, None]
+        mid = _weighted_swiglu(x.dtype)(g, u, w, self.limit)
         y = self.w2(mid, sel, sorted_indices=do_sort)
         if do_sort:
             y = y[inv_order].reshape(n, k, -1)

@@ -10,7 +10,7 @@ from ..config import ModelConfig
 from ..state import LayerCache
 from .attention import Attention
 from .. import kernels
-from ..ops import hc_head, hc_post
+from ..ops import RMSNorm, hc_head, hc_post
 from .moe import MoE
 
 
@@ -29,8 +29,8 @@ class Block(nn.Module):
         fn, base, scale = _hc_params(config)
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = mx.zeros(fn), mx.zeros(base), mx.ones(scale)
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mx.zeros(fn), mx.zeros(base), mx.ones(scale)
-        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.ffn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attn = Attention(config, layer)
         self.ffn = MoE(config, layer)
 
@@ -56,9 +56,9 @@ class MTPBlock(Block):
         d, m = config.hidden_size, config.hc_mult
         self.e_proj = nn.Linear(d, d, bias=False)
         self.h_proj = nn.Linear(d, d, bias=False)
-        self.enorm = nn.RMSNorm(d, eps=config.rms_norm_eps)
-        self.hnorm = nn.RMSNorm(d, eps=config.rms_norm_eps)
-        self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        self.enorm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(d, eps=config.rms_norm_eps)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = mx.zeros((m, m * d)), mx.zeros((m,)), mx.ones((1,))
 
 
@@ -80,7 +80,7 @@ class Model(nn.Module):
         m, d = c.hc_mult, c.hidden_size
         self.embed = nn.Embedding(c.vocab_size, d)
         self.layers = [Block(c, i) for i in range(c.num_hidden_layers)]
-        self.norm = nn.RMSNorm(d, eps=c.rms_norm_eps)
+        self.norm = RMSNorm(d, eps=c.rms_norm_eps)
         self.head = nn.Linear(d, c.vocab_size, bias=False)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = mx.zeros((m, m * d)), mx.zeros((m,)), mx.ones((1,))
         self.mtp = [MTPBlock(c, c.num_hidden_layers + j) for j in range(c.num_nextn_predict_layers)]
