@@ -237,6 +237,36 @@ def test_moe_experts_call_site(path):
     assert kernels.moe_experts(x, idx, rw, *floats, 10.0) is None
 
 
+def test_call_site_groups_several_tokens_by_expert(path, monkeypatch):
+    """A batch step or a speculative verify (several tokens, few pairs) reads each chosen expert
+    once: the expert-grouped tiles, not the decode kernels (a weight row per pair); one token
+    takes the decode kernels. Both equal the ops twin."""
+    from ds4mlx.layers.gguf import GGUFSwitchLinear
+
+    e, f, d, k = 6, 256, 256, 4
+    shapes = [(f, d), (f, d), (d, f)]
+    w = [random_experts("Q4_K", e, o, i, seed=50 + j) for j, (o, i) in enumerate(shapes)]
+    mods = [GGUFSwitchLinear.from_blocks(m, get("Q4_K").GGML_TYPE, 256) for m in w]
+    launched = []
+    run = kernels.dispatch.run
+
+    def counted(*args, **kwargs):
+        launched.append(args[1])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.dispatch, "run", counted)
+    for n, want in ((3, {"moe_matmul_sorted"}), (1, {"moe_gate_up_decode", "moe_down_decode"})):
+        assert n * k <= kernels.moe.DECODE_MAX_PAIRS  # few pairs: the size alone would not group
+        idx = mx.array(np.tile(np.arange(k, dtype=np.uint32), (n, 1)))  # all tokens: experts 0..k-1
+        rw = mx.array(np.random.default_rng(n).uniform(0.1, 1.5, (n, k)).astype(np.float32))
+        x = inputs_for(w[0], "Q4_K", n, d, seed=60 + n)
+        launched.clear()
+        got = kernels.moe_experts(x, idx, rw, *mods, 10.0)
+        mid = kernels.moe_gate_up_ops(x, w[0], w[1], "Q4_K", idx, 10.0)
+        assert_close(got, kernels.moe_down_ops(mid, w[2], "Q4_K", idx, rw))
+        assert set(launched) == want, (n, launched)
+
+
 def test_ops_path_never_touches_the_kernels(monkeypatch):
     monkeypatch.setenv("DS4MLX_KERNELS", "ops")
     kernels.set_backend()
@@ -337,8 +367,9 @@ def expert_files(tmp_path_factory):
 @pytest.mark.parametrize("k", [6, 4])
 @pytest.mark.parametrize("preset", ["ds4-q2", "ds4-q4", "mxfp4"])
 def test_tiny_model_metal_path_equals_ops(path, expert_files, preset, k, monkeypatch):
-    """Prefill (9 tokens: the expert-grouped kernels), then decode steps of 1 and 2 tokens (the
-    decode kernels): the Metal path (emulated on Linux) gives the ops path's logits."""
+    """Prefill (9 tokens), then decode steps of 1 token (the decode kernels) and 2 tokens (the
+    expert-grouped kernels, as a batch step): the Metal path (emulated on Linux) gives the ops
+    path's logits."""
     from ds4mlx.loader import load_gguf
 
     model, _ = load_gguf(expert_files[preset], dtype=mx.float32, qat_rounding=False,

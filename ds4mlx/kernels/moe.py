@@ -262,6 +262,12 @@ def moe_down_ops(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, we
 
 
 # ----------------------------------------------------------------------------- MoE, kernels
+def _grouped(grouped: bool | None, pairs: int) -> bool:
+    """Whether an expert product takes the expert-grouped tiles (else the decode kernels, which
+    read a weight row per pair): asked for, or more pairs than the decode kernels take."""
+    return pairs > DECODE_MAX_PAIRS if grouped is None else grouped
+
+
 def _sort_pairs(idx: mx.array) -> tuple[mx.array, mx.array]:
     """(order, expert of each sorted pair): pairs grouped by expert, without a host sync."""
     order = mx.argsort(idx).astype(mx.uint32)
@@ -287,13 +293,14 @@ def _matmul_sorted(x: mx.array, xrow: mx.array, order: mx.array, eid: mx.array, 
 
 
 def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices: mx.array,
-                limit: float | None) -> mx.array:
+                limit: float | None, grouped: bool | None = None) -> mx.array:
     """``mid [N, k, F]`` float32: for each token's selected experts ``e``,
     ``silu(min(W1[e]·x, limit)) · clip(W3[e]·x, ±limit)`` (no clamp when ``limit`` is 0/None),
     straight from the packed weights.
 
     x: ``[N, K]``; w1, w3: gate and up experts ``[E, F, ·]`` in ``fmt``; indices: ``[N, k]``.
-    Few pairs: kernel ``moe_gate_up_decode``; many: ``moe_matmul_sorted`` (expert-grouped tiles).
+    Few pairs: kernel ``moe_gate_up_decode``; many, or ``grouped``: ``moe_matmul_sorted``
+    (expert-grouped tiles: tokens that chose one expert share its read).
     """
     p1, p3 = unpack_weight(w1, fmt, "w1"), unpack_weight(w3, fmt, "w3")
     f, k = _check_experts(p1, "w1", x, "x", indices)
@@ -303,7 +310,7 @@ def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices
         return moe_gate_up_ops(x, w1, w3, fmt, indices, limit)
     n = x.shape[0]
     idx = indices.astype(mx.uint32).reshape(-1)
-    if n * k > DECODE_MAX_PAIRS:
+    if _grouped(grouped, n * k):
         order, eid = _sort_pairs(idx)
         return _matmul_sorted(x, order // k, order, eid, p1, p3, f, limit).reshape(n, k, f)
     (mid,) = dispatch.run("moe.metal", "moe_gate_up_decode",
@@ -318,13 +325,13 @@ def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices
 
 
 def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weights: mx.array,
-             out_dtype: mx.Dtype = mx.float32) -> mx.array:
+             out_dtype: mx.Dtype = mx.float32, grouped: bool | None = None) -> mx.array:
     """``y [N, D]`` = Σ_j weights[:, j] · W2[indices[:, j]] · mid[:, j], accumulated in float32.
 
     mid: ``[N, k, F]`` (from :func:`moe_gate_up`); w2: down experts ``[E, D, ·]`` in ``fmt``;
     indices, weights: ``[N, k]`` (route weights, already scaled). Few pairs: kernel
-    ``moe_down_decode`` (route weights and the sum over k in the kernel); many: the tiled kernel,
-    then the weighted sum.
+    ``moe_down_decode`` (route weights and the sum over k in the kernel); many, or ``grouped``:
+    the tiled kernel, then the weighted sum.
     """
     p2 = unpack_weight(w2, fmt, "w2")
     d, k = _check_experts(p2, "w2", mid, "mid", indices)
@@ -337,7 +344,7 @@ def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weight
     idx = indices.astype(mx.uint32).reshape(-1)
     rw = weights.astype(mx.float32).reshape(-1)
     rows = mid.astype(mx.float32).reshape(n * k, f)
-    if n * k > DECODE_MAX_PAIRS:
+    if _grouped(grouped, n * k):
         order, eid = _sort_pairs(idx)
         out = _matmul_sorted(rows, order, order, eid, p2, None, d, None)
         return mx.sum(rw.reshape(n, k, 1) * out.reshape(n, k, d), axis=1).astype(out_dtype)
@@ -379,14 +386,19 @@ def moe_experts(x: mx.array, indices: mx.array, weights: mx.array, w1: Any, w3: 
     """Routed experts of one layer through the fused kernels: x ``[N, D]``, indices / weights
     ``[N, k]`` -> ``[N, D]`` in x's dtype. Gate and up must share a format; down may differ
     (ds4 q2 files: IQ2_XXS gate/up, Q2_K down). ``None`` (run the expert modules, which ask
-    :func:`gguf_switch_matmul` per projection) unless kernels serve all three projections."""
+    :func:`gguf_switch_matmul` per projection) unless kernels serve all three projections.
+
+    A call of several tokens (a batch decode step, a speculative verify) takes the expert-grouped
+    tiles, so each chosen expert is read once for all the tokens that chose it; one token's k
+    experts are distinct, and it takes the decode kernels."""
     gate, up, down = (_module_weight(m) for m in (w1, w3, w2))
     if gate is None or up is None or down is None or gate[1].upper() != up[1].upper():
         return None
     if not (dispatch.serves(gate[1]) and dispatch.serves(down[1])):
         return None
-    mid = moe_gate_up(x, gate[0], up[0], gate[1], indices, limit)
-    return moe_down(mid, down[0], down[1], indices, weights, out_dtype=x.dtype)
+    grouped = x.shape[0] > 1 or None
+    mid = moe_gate_up(x, gate[0], up[0], gate[1], indices, limit, grouped)
+    return moe_down(mid, down[0], down[1], indices, weights, out_dtype=x.dtype, grouped=grouped)
 
 
 def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt: str,
