@@ -18,6 +18,7 @@ from ..kernels import attention as fused
 from ..state import LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
+from .merged import MergedLinear
 from .rope import apply_rope, layer_frequencies
 
 # Bound on the float32 score elements materialised per query block.
@@ -71,6 +72,7 @@ class Attention(nn.Module):
         if self.ratio == 4:
             self.indexer = Indexer(config, self.ratio)
         self._freqs = layer_frequencies(config, self.ratio)
+        self._proj: _Projections | None = None
         self.qat_rounding = True
 
     # ------------------------------------------------------------------ rounding switches
@@ -82,53 +84,78 @@ class Attention(nn.Module):
     def _index_rounding(self):
         return qat.hadamard_fp4 if self.qat_rounding else None
 
+    # ------------------------------------------------------------------ merged projections
+    def merge_projections(self) -> "_Projections":
+        """The projections that read one input, merged (built on first use, again after the
+        weights were replaced): x -> wq_a | wkv | indexer head weights; x (float32) -> both
+        compressors' wkv | wgate with the APE as per-slot bias rows; qr -> wq_b | indexer wq_b."""
+        p = self._proj
+        if p is not None and p.current(self):
+            return p
+        self._proj = p = _Projections(self)
+        return p
+
     # ------------------------------------------------------------------ forward
     def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         b, s, _ = x.shape
         p0 = cache.offset
         positions = mx.arange(p0, p0 + s)
         freqs = self._freqs
+        proj = self.merge_projections()
+        fused_attn = s <= FUSED_MAX_TOKENS and kernels.serves(kernels.ATTENTION)
+        # The indexer's queries are needed once a query sees more rows than it picks (the ops
+        # path builds them anyway: unused, they are never evaluated).
+        indexed = self.ratio == 4 and (not fused_attn
+                                       or (p0 + s) // self.ratio > self.config.index_topk)
 
         fused_rows = kernels.serves(kernels.ROPE_ROWS)
         row_pos = np.arange(p0, p0 + s)[None, :]  # host positions of the fused row kernel
 
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
+        xo = proj.x(x, parts=3 if indexed else 2)
+        qr = self.q_norm(xo[0])
+        qo = proj.q(qr, parts=2 if indexed else 1)
+        q = qo[0].reshape(b, s, self.n_heads, self.head_dim)
         if fused_rows:
             q = fused.rope_rows(q, row_pos[..., None], freqs, norm=fused.NORM_PLAIN,
                                 eps=self.eps, out_dtype=mx.float32)
-            kv = fused.rope_rows(self.wkv(x), row_pos, freqs, norm=fused.NORM_WEIGHTED,
+            kv = fused.rope_rows(xo[1], row_pos, freqs, norm=fused.NORM_WEIGHTED,
                                  weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
         else:
             q = q.astype(mx.float32)
             q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
             q = apply_rope(q, positions[:, None], freqs)
-            kv = self.kv_norm(self.wkv(x))
+            kv = self.kv_norm(xo[1])
             kv = apply_rope(kv, positions, freqs)
             if self.qat_rounding:
                 kv = qat.kv_fp8(kv, self.rope_dims)
 
-        # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones.
+        # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones
+        # (rows row0.. of ``keys``; a decode step writes its row into the carried buffer).
         n_prev = 0 if cache.window is None else cache.window.shape[1]
-        keys = kv if cache.window is None else mx.concatenate([cache.window, kv], axis=1)
-        cache.window = mx.contiguous(keys[:, -(self.window - 1):] if self.window > 1 else keys[:, :0])
+        keys, row0 = cache.push_window(kv, self.window - 1)
         record_window(cache, kv, self.window - 1)  # for a speculative rollback
 
         comp = None
         index_q = index_w = index_keys = None
         if self.ratio:
-            self.compressor(x, p0, cache.compressor, freqs, self._kv_rounding())
+            ks = proj.compressed(x, p0)
+            o = proj.comp.offsets()
+            self.compressor.step(ks[..., o[0]:o[2]], p0, cache.compressor, freqs,
+                                 self._kv_rounding(), x.dtype)
             comp = cache.compressor.rows
         if self.ratio == 4:
-            self.indexer.compressor(x, p0, cache.indexer, freqs, self._index_rounding())
+            self.indexer.compressor.step(ks[..., o[2]:o[4]], p0, cache.indexer, freqs,
+                                         self._index_rounding(), x.dtype)
             index_keys = cache.indexer.rows
-            if index_keys is not None:
+            if index_keys is not None and indexed:
                 index_q, index_w = self.indexer.queries(x, qr, positions, freqs,
-                                                        self._index_rounding(), p0)
+                                                        self._index_rounding(), p0,
+                                                        q_proj=qo[1], w_proj=xo[2])
 
-        if s <= FUSED_MAX_TOKENS and kernels.serves(kernels.ATTENTION):
-            o = self._attend_fused(q, p0, keys, n_prev, cache, index_q, index_w, index_keys)
+        if fused_attn:
+            o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys)
         else:
+            keys = keys[:, row0:row0 + n_prev + s]
             o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
                                     index_keys)
 
@@ -141,11 +168,12 @@ class Attention(nn.Module):
         cache.offset = p0 + s
         return self.wo_b(u)
 
-    def _attend_fused(self, q, p0: int, keys, n_prev: int, cache: LayerCache, index_q, index_w,
-                      index_keys):
-        """A few queries through the fused kernels: rows read in storage, one softmax."""
+    def _attend_fused(self, q, p0: int, keys, row0: int, n_prev: int, cache: LayerCache, index_q,
+                      index_w, index_keys):
+        """A few queries through the fused kernels: rows read in storage, one softmax (the
+        window rows are read in place: row ``row0`` of ``keys`` is position p0 - n_prev)."""
         s = q.shape[1]
-        bounds = fused.query_bounds(p0, s, p0 - n_prev, self.window, self.ratio)
+        bounds = fused.query_bounds(p0, s, p0 - n_prev - row0, self.window, self.ratio)
         comp = idx = None
         if self.ratio:
             comp = cache.compressor.buffer
@@ -225,3 +253,42 @@ class Attention(nn.Module):
             else:
                 out = out + pc @ kc
         return out
+
+
+class _Projections:
+    """The merged projections of one attention layer (:meth:`Attention.merge_projections`)."""
+
+    def __init__(self, attn: Attention):
+        idx = attn.indexer if attn.ratio == 4 else None
+        self.x = MergedLinear([attn.wq_a, attn.wkv] + ([idx.weights_proj] if idx else []))
+        self.q = MergedLinear([attn.wq_b] + ([idx.wq_b] if idx else []))
+        self.comp = self.table = None
+        self.apes: tuple = ()
+        if attn.ratio:
+            comps = [attn.compressor] + ([idx.compressor] if idx else [])
+            self.comp = MergedLinear([m for c in comps for m in (c.wkv, c.wgate)])
+            self.apes = tuple(c.ape for c in comps)
+            # per slot (position mod r): 0 for the kv rows, the APE for the score rows
+            self.table = mx.concatenate([t for c in comps for t in (
+                mx.zeros((attn.ratio, c.wkv.weight.shape[0]), mx.float32),
+                c.ape.astype(mx.float32))], axis=1)
+            mx.eval(self.table)
+        self.ratio = attn.ratio
+
+    def current(self, attn: Attention) -> bool:
+        comps = [] if not attn.ratio else [attn.compressor] + (
+            [attn.indexer.compressor] if attn.ratio == 4 else [])
+        return (self.x.current() and self.q.current()
+                and (self.comp is None or self.comp.current())
+                and all(c.ape is a for c, a in zip(comps, self.apes)))
+
+    def compressed(self, x: mx.array, p0: int) -> mx.array:
+        """Both compressors' kv | score rows ``[B, S, ...]`` float32 of the tokens at p0.. of
+        ``x``, the APE of each token's slot added in the same launch."""
+        s = x.shape[1]
+        first = p0 % self.ratio
+        if first + s <= self.ratio:
+            bias = self.table[first:first + s]  # a view: no gather
+        else:
+            bias = self.table[mx.array(np.arange(p0, p0 + s) % self.ratio)]
+        return self.comp.product(x.astype(mx.float32), bias=bias)

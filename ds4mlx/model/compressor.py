@@ -43,31 +43,62 @@ class Compressor(nn.Module):
         freqs: mx.array,
         rounding: Callable[[mx.array], mx.array] | None,
     ) -> None:
-        """Feed tokens at positions offset.. of ``x`` [B, S, D]; closed rows go to ``state``."""
-        r = self.ratio
-        b, s, _ = x.shape
+        """Feed tokens at positions offset.. of ``x`` [B, S, D]; closed rows go to ``state``.
+        (The attention runs both compressors' projections as one matmul and calls :meth:`step`.)"""
+        s = x.shape[1]
         xf = x.astype(mx.float32)
+        slot = mx.array(np.arange(offset, offset + s) % self.ratio)  # position mod r, from the host
         kv = self.wkv(xf).astype(mx.float32)
-        slot = mx.array(np.arange(offset, offset + s) % r)  # position mod r, from the host
         score = self.wgate(xf).astype(mx.float32) + self.ape.astype(mx.float32)[slot]
-        if state.pending_kv is not None:
-            kv = mx.concatenate([state.pending_kv, kv], axis=1)
-            score = mx.concatenate([state.pending_score, score], axis=1)
-        start = offset - (0 if state.pending_kv is None else state.pending_kv.shape[1])
-        record_compressor(state, start, kv, score)  # for a speculative rollback
-        n_win = kv.shape[1] // r
-        used = n_win * r
-        # Carried tails are copied so they do not keep the whole chunk's buffers alive.
-        state.pending_kv, state.pending_score = mx.contiguous(kv[:, used:]), mx.contiguous(score[:, used:])
-        if n_win == 0:
-            return
-        kv = kv[:, :used].reshape(b, n_win, r, -1)
-        score = score[:, :used].reshape(b, n_win, r, -1)
+        self.step(mx.concatenate([kv, score], axis=-1), offset, state, freqs, rounding, x.dtype)
+
+    def step(
+        self,
+        ks: mx.array,
+        offset: int,
+        state: CompressorState,
+        freqs: mx.array,
+        rounding: Callable[[mx.array], mx.array] | None,
+        dtype: mx.Dtype,
+    ) -> None:
+        """Feed the projected rows ``ks`` [B, S, kv | score] (float32, APE added to the score)
+        of the tokens at positions offset..; closed rows, in ``dtype``, go to ``state``."""
+        r = self.ratio
+        b, s, width2 = ks.shape
+        width = width2 // 2
+        if not state.ratio:
+            state.ratio = r
+        buf, n = state.pending_buffer(b, width) if s < 2 * r else (None, 0)
+        if buf is not None and n + s <= r:
+            # a decode step: the token's row is written into the window's buffer in place
+            buf = mx.slice_update(buf, ks, mx.array([0, n, 0]), (0, 1, 2))
+            start, n = offset - n, n + s
+            record_compressor(state, start, buf[:, :n, :width], buf[:, :n, width:])
+            state.set_pending_buffer(buf, n % r)
+            if n < r:
+                return
+            n_win = 1
+            kv, score = buf[:, None, :, :width], buf[:, None, :, width:]
+        else:
+            kv, score = ks[..., :width], ks[..., width:]
+            if state.pending_kv is not None:
+                kv = mx.concatenate([state.pending_kv, kv], axis=1)
+                score = mx.concatenate([state.pending_score, score], axis=1)
+            start = offset - (0 if state.pending_kv is None else state.pending_kv.shape[1])
+            record_compressor(state, start, kv, score)  # for a speculative rollback
+            n_win = kv.shape[1] // r
+            used = n_win * r
+            # Carried tails are copied so they do not keep the whole chunk's buffers alive.
+            state.pending_kv, state.pending_score = mx.contiguous(kv[:, used:]), mx.contiguous(score[:, used:])
+            if n_win == 0:
+                return
+            kv = kv[:, :used].reshape(b, n_win, r, -1)
+            score = score[:, :used].reshape(b, n_win, r, -1)
         if self.overlap:
             kv, score = self._overlap_slots(kv, score, state)
         weights = mx.softmax(score, axis=2, precise=True)
         rows = mx.sum(weights * kv, axis=2)  # [B, n_win, dd] f32
-        rows = self.norm(rows.astype(x.dtype))
+        rows = self.norm(rows.astype(dtype))
         first = start // r
         rows = apply_rope(rows, (mx.arange(first, first + n_win) * r), freqs)
         if rounding is not None:
@@ -108,18 +139,20 @@ class Indexer(nn.Module):
     def queries(
         self, x: mx.array, qr: mx.array, positions: mx.array, freqs: mx.array,
         rounding: Callable[[mx.array], mx.array] | None, p0: int | None = None,
+        q_proj: mx.array | None = None, w_proj: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Per-token indexer queries [B, S, h, dI] and head weights [B, S, h] (float32).
-        ``p0``: the first position as an int, which lets the fused row kernel rotate q."""
+        ``p0``: the first position as an int, which lets the fused row kernel rotate q;
+        ``q_proj`` / ``w_proj``: ``wq_b(qr)`` / ``weights_proj(x)`` when already computed."""
         b, s, _ = qr.shape
-        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
+        q = (self.wq_b(qr) if q_proj is None else q_proj).reshape(b, s, self.n_heads, self.head_dim)
         if p0 is not None and kernels.serves(kernels.ROPE_ROWS):
             q = fused.rope_rows(q, np.arange(p0, p0 + s)[None, :, None], freqs)
         else:
             q = apply_rope(q, positions[:, None], freqs)
         if rounding is not None:
             q = rounding(q)
-        w = self.weights_proj(x).astype(mx.float32) * self.scale
+        w = (self.weights_proj(x) if w_proj is None else w_proj).astype(mx.float32) * self.scale
         return q.astype(mx.float32), w
 
     def pick(self, q: mx.array, w: mx.array, keys: mx.array, n_vis) -> mx.array:
