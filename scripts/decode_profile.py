@@ -190,7 +190,8 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
     h = mx.array(np.random.default_rng(1).standard_normal((1, 1, 4, blk.config.hidden_size),
                                                           dtype=np.float32))
     toks = mx.array([[7]])
-    mx.eval(h, toks)
+    # the state as a decode step finds it: evaluated (a snapshot's row copy is not the step's)
+    mx.eval(h, toks, [a for a in cache.state if isinstance(a, mx.array)])
     recorder = Recorder()
     segments = [0]
     saved = kernels.dispatch.run, kernels.dispatch.backend, kernels.moe.switch_matmul_ops
@@ -292,8 +293,8 @@ def state_bytes(config: ModelConfig, ratio: int, n: int, b: int, fused: set[str]
     keys = n // 4 * di * b if ratio == 4 else 0
     heads = config.index_n_heads
     minimum = win + (picked + keys if ratio == 4 else comp)
-    # window: concatenate (read), contiguous slice of the new window (read)
-    path = 2 * win
+    # window: the new row is written into the carried buffer in place (state.push_window)
+    path = 0
     if "attention" in fused:
         path += win  # the kernel reads the window once, in storage
         path += picked if ratio == 4 else comp
