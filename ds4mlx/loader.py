@@ -144,6 +144,7 @@ def load_dir(
         checkpoint.close()
     apply_formats(model, formats)
     load_into(model, weights, formats, str(path), check_finite=check_finite)
+    model.merge_projections()
     model.eval()
     return model
 
@@ -275,6 +276,7 @@ def load_gguf(path: str | os.PathLike, *, experts_per_token: int | None = None,
         weights, formats = checkpoint.load_weights(params, projection_modules(model), progress)
         apply_formats(model, formats)
         load_into(model, weights, formats, source, check_finite=check_finite)
+        model.merge_projections()
         model.eval()
         fields = checkpoint.tokenizer_fields()
         tokenizer = None

@@ -22,12 +22,18 @@ import mlx.nn as nn
 _DEQUANTIZE_ROWS = {"mxfp8": 4}
 
 
+def on_cpu() -> bool:
+    """Whether MLX runs on the CPU, where the paths below differ from the GPU's (the decode
+    profile stands in for it to count the GPU's graph on Linux)."""
+    return mx.default_device() == mx.cpu
+
+
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None = None, *,
                      group_size: int, bits: int, mode: str) -> mx.array:
     """``x @ dequantize(w).T`` (``mx.quantized_matmul`` with ``transpose=True``), choosing on the
     CPU between the quantized kernel and dequantize-then-matmul by the number of rows of ``x``."""
     rows = _DEQUANTIZE_ROWS.get(mode)
-    if rows is not None and x.size >= rows * x.shape[-1] and mx.default_device() == mx.cpu:
+    if rows is not None and x.size >= rows * x.shape[-1] and on_cpu():
         wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode,
                            dtype=mx.float32)
         return (x.astype(mx.float32) @ wd.T).astype(x.dtype)
@@ -48,7 +54,7 @@ class RMSNorm(nn.RMSNorm):
     primitives per call; this compiled twin of the same formula launches 3."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() == mx.cpu:
+        if on_cpu():
             return _rms_norm(x, self.weight, self.eps)
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
@@ -114,9 +120,16 @@ def hc_pre(
 
 @mx.compile
 def hc_post(y: mx.array, h: mx.array, post: mx.array, comb: mx.array) -> mx.array:
-    """h_new[k] = post_k · y + Σ_i comb[i, k] · h[i]  (comb transposed: it is not symmetric)."""
-    mixed = mx.swapaxes(comb, -1, -2) @ h.astype(mx.float32)
-    return post[..., None] * y.astype(mx.float32)[..., None, :] + mixed
+    """h_new[k] = post_k · y + Σ_i comb[i, k] · h[i]  (comb transposed: it is not symmetric).
+    The M-term sum is written element-wise (an M x M matmul would be a launch of its own) and
+    y is cast after the broadcast view, so the whole step compiles into one kernel."""
+    m = h.shape[-2]
+    hf = h.astype(mx.float32)
+    out = post[..., None] * y[..., None, :].astype(mx.float32)
+    mixed = comb[..., 0, :, None] * hf[..., 0:1, :]
+    for i in range(1, m):
+        mixed = mixed + comb[..., i, :, None] * hf[..., i:i + 1, :]
+    return out + mixed
 
 
 @mx.compile

@@ -37,7 +37,9 @@ def state_digest(cache: list[LayerCache]) -> str:
     h = hashlib.sha256()
     for key, value in tree_flatten([c.state for c in cache]):
         if isinstance(value, mx.array):
-            raw = value if value.size == 0 else value.view(mx.uint8)
+            # state arrays may be views of the decode buffers (state.py): hash their row-major bytes
+            raw = value if value.size == 0 else mx.contiguous(value).view(mx.uint8)
+            mx.eval(raw)
             h.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
             h.update(memoryview(raw) if value.size else b"")
         else:

@@ -13,18 +13,80 @@ import copy
 import mlx.core as mx
 
 _GROW = 256  # compressed-row buffers start at this many rows and grow by half each time
+_WINDOW_ROOM = 256  # rows a window buffer has past its carried rows (then it is compacted)
 
 
 class CompressorState:
     """Carried state of one compressor: unfinished window, last window's overlap half, rows."""
 
-    def __init__(self) -> None:
-        self.pending_kv: mx.array | None = None     # [B, n, c·dd] f32, APE already added to score
-        self.pending_score: mx.array | None = None
+    def __init__(self, ratio: int = 0) -> None:
+        self.ratio = ratio  # 0: not known (the buffer of the unfinished window waits for it)
+        # The unfinished window [B, n, c·dd] f32 (APE already added to score) is kept as one
+        # buffer [B, ratio, kv | score] that a decode step writes a row of (``n_pending`` rows
+        # used); set from outside, kv and score wait apart until the buffer is built.
+        self._pend: mx.array | None = None
+        self.n_pending = 0
+        self._loose_kv: mx.array | None = None
+        self._loose_score: mx.array | None = None
         self.prev_kv: mx.array | None = None        # [B, r, dd] f32 (ratio 4 only)
         self.prev_score: mx.array | None = None
         self._rows: mx.array | None = None          # [B, capacity, dd]
         self.n_rows = 0
+
+    @property
+    def pending_kv(self) -> mx.array | None:
+        buf = self._pending_buffer()
+        return self._loose_kv if buf is None else buf[:, : self.n_pending, : buf.shape[2] // 2]
+
+    @pending_kv.setter
+    def pending_kv(self, v: mx.array | None) -> None:
+        self._unbuffer()
+        self._loose_kv = v
+
+    @property
+    def pending_score(self) -> mx.array | None:
+        buf = self._pending_buffer()
+        return self._loose_score if buf is None else buf[:, : self.n_pending, buf.shape[2] // 2 :]
+
+    @pending_score.setter
+    def pending_score(self, v: mx.array | None) -> None:
+        self._unbuffer()
+        self._loose_score = v
+
+    def _unbuffer(self) -> None:
+        if self._pend is not None:
+            buf, n, w = self._pend, self.n_pending, self._pend.shape[2] // 2
+            self._loose_kv, self._loose_score = buf[:, :n, :w], buf[:, :n, w:]
+            self._pend = None
+
+    def _pending_buffer(self) -> mx.array | None:
+        """The unfinished window's buffer, built from what was set once the ratio is known."""
+        kv, score = self._loose_kv, self._loose_score
+        if self._pend is None and self.ratio and kv is not None and score is not None \
+                and kv.shape == score.shape and kv.shape[1] <= self.ratio:
+            b, n, w = kv.shape
+            rows = mx.concatenate([kv, score], axis=2).astype(mx.float32)
+            if n < self.ratio:
+                rows = mx.concatenate([rows, mx.zeros((b, self.ratio - n, 2 * w), mx.float32)], axis=1)
+            self._pend, self.n_pending = rows, n
+            self._loose_kv = self._loose_score = None
+        return self._pend
+
+    def pending_buffer(self, b: int, width: int) -> tuple[mx.array, int]:
+        """(the buffer ``[B, ratio, 2·width]`` of the unfinished window, rows used); a fresh
+        one when nothing is pending yet."""
+        buf = self._pending_buffer()
+        if buf is None or tuple(buf.shape) != (b, self.ratio, 2 * width):
+            if self.pending_kv is not None and self.pending_kv.shape[1]:
+                raise ValueError(f"compressor state: pending rows {tuple(self.pending_kv.shape)} "
+                                 f"do not fit a buffer of {self.ratio} x {2 * width}")
+            self._pend, self.n_pending = mx.zeros((b, self.ratio, 2 * width), mx.float32), 0
+            self._loose_kv = self._loose_score = None
+        return self._pend, self.n_pending
+
+    def set_pending_buffer(self, buf: mx.array, n: int) -> None:
+        self._pend, self.n_pending = buf, n
+        self._loose_kv = self._loose_score = None
 
     @property
     def rows(self) -> mx.array | None:
@@ -63,9 +125,46 @@ class LayerCache:
     def __init__(self, ratio: int) -> None:
         self.ratio = ratio
         self.offset = 0
-        self.window: mx.array | None = None  # [B, ≤ sliding_window-1, head_dim]
-        self.compressor = CompressorState() if ratio > 0 else None
-        self.indexer = CompressorState() if ratio == 4 else None
+        # The carried raw rows [B, ≤ sliding_window-1, head_dim] are rows lo..end of a buffer
+        # with room for more: a decode step writes its row in place (``push_window``).
+        self._win: mx.array | None = None
+        self._win_lo = self._win_end = 0
+        self.compressor = CompressorState(ratio) if ratio > 0 else None
+        self.indexer = CompressorState(ratio) if ratio == 4 else None
+
+    @property
+    def window(self) -> mx.array | None:
+        return None if self._win is None else self._win[:, self._win_lo : self._win_end]
+
+    @window.setter
+    def window(self, v: mx.array | None) -> None:
+        self._win, self._win_lo, self._win_end = None, 0, 0
+        if v is not None:
+            b, n, d = v.shape
+            self._win = mx.concatenate([v, mx.zeros((b, _WINDOW_ROOM, d), v.dtype)], axis=1)
+            self._win_end = n
+
+    def push_window(self, kv: mx.array, keep: int) -> tuple[mx.array, int]:
+        """Append the call's raw rows ``kv [B, s, d]`` and keep the last ``keep`` rows.
+        Returns (keys, row): rows row.. of ``keys`` are the carried rows, then ``kv`` (keys may
+        hold more rows past them: readers bound their reads)."""
+        b, s, d = kv.shape
+        buf, lo, end = self._win, self._win_lo, self._win_end
+        if buf is not None and s <= _WINDOW_ROOM and end + s <= buf.shape[1] \
+                and buf.shape[0] == b and buf.shape[2] == d:
+            keys = mx.slice_update(buf, kv.astype(buf.dtype), mx.array([0, end, 0]), (0, 1, 2))
+            self._win, self._win_end = keys, end + s
+            self._win_lo = max(lo, end + s - keep)
+            return keys, lo
+        prev = self.window
+        if prev is not None and prev.dtype != kv.dtype:
+            prev = prev.astype(kv.dtype)
+        keys = kv if prev is None else mx.concatenate([prev, kv], axis=1)
+        n = keys.shape[1]
+        kept = keys[:, n - min(keep, n):]
+        self._win = mx.concatenate([kept, mx.zeros((b, _WINDOW_ROOM, d), kv.dtype)], axis=1)
+        self._win_lo, self._win_end = 0, kept.shape[1]
+        return keys, 0
 
     # ---- mlx-lm's cache protocol: its generation loop evaluates ``c.state``, and its prompt-cache
     # file stores ``state`` (arrays, ints, None) and rebuilds the entry with ``from_state``.
@@ -85,8 +184,8 @@ class LayerCache:
         if not (isinstance(ratio, int) and ratio in (0, 4, 128)) or not (isinstance(offset, int) and offset >= 0):
             raise ValueError(f"LayerCache state: bad ratio {ratio!r} or offset {offset!r}")
         self.ratio, self.offset, self.window = ratio, offset, window
-        self.compressor = _compressor_from(v[3 : 3 + len(_FIELDS)]) if ratio > 0 else None
-        self.indexer = _compressor_from(v[3 + len(_FIELDS) :]) if ratio == 4 else None
+        self.compressor = _compressor_from(v[3 : 3 + len(_FIELDS)], ratio) if ratio > 0 else None
+        self.indexer = _compressor_from(v[3 + len(_FIELDS) :], ratio) if ratio == 4 else None
 
     @property
     def meta_state(self) -> tuple[str, ...]:
@@ -244,8 +343,8 @@ _FIELDS = ("pending_kv", "pending_score", "prev_kv", "prev_score", "rows")
 _FIELDS_NONE = [None] * len(_FIELDS)
 
 
-def _compressor_from(values: list) -> CompressorState:
-    c = CompressorState()
+def _compressor_from(values: list, ratio: int = 0) -> CompressorState:
+    c = CompressorState(ratio)
     c.pending_kv, c.pending_score, c.prev_kv, c.prev_score, rows = values
     if rows is not None and rows.ndim != 3:
         raise ValueError(f"compressor rows must be [B, n, d], got shape {rows.shape}")

@@ -48,7 +48,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ds4mlx import kernels  # noqa: E402
+from ds4mlx import kernels, ops  # noqa: E402
 from ds4mlx.config import ModelConfig  # noqa: E402
 from ds4mlx.layers.gguf import GGUFSwitchLinear  # noqa: E402
 from ds4mlx.model.transformer import Block, keeps_float32  # noqa: E402
@@ -190,10 +190,11 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
     h = mx.array(np.random.default_rng(1).standard_normal((1, 1, 4, blk.config.hidden_size),
                                                           dtype=np.float32))
     toks = mx.array([[7]])
-    mx.eval(h, toks)
+    # the state as a decode step finds it: evaluated (a snapshot's row copy is not the step's)
+    mx.eval(h, toks, [a for a in cache.state if isinstance(a, mx.array)])
     recorder = Recorder()
     segments = [0]
-    saved = kernels.dispatch.run, kernels.dispatch.backend, kernels.moe.switch_matmul_ops
+    saved = kernels.dispatch.run, kernels.dispatch.backend, kernels.moe.switch_matmul_ops, ops.on_cpu
     original_switch = kernels.moe.switch_matmul_ops
 
     def cut_then_switch(x, w, fmt, indices, sorted_indices=False):
@@ -219,13 +220,14 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
         mx.fast.rms_norm = one_rms_norm
         if path == "metal":
             kernels.dispatch.run, kernels.dispatch.backend = recorder, lambda: "metal"
+            ops.on_cpu = lambda: False  # the GPU's graph (one rms_norm, quantized matmuls)
         else:
             kernels.dispatch.backend = lambda: "ops"
             kernels.moe.switch_matmul_ops = cut_then_switch
         out = blk(h, toks, cache, dtype)
         nodes = graph_nodes(out, *cache.state, *recorder.inputs)
     finally:
-        kernels.dispatch.run, kernels.dispatch.backend, kernels.moe.switch_matmul_ops = saved
+        kernels.dispatch.run, kernels.dispatch.backend, kernels.moe.switch_matmul_ops, ops.on_cpu = saved
         mx.fast.rms_norm = rms_norm
         if check_mode is None:
             os.environ.pop("DS4MLX_KERNEL_CHECK", None)
@@ -292,8 +294,8 @@ def state_bytes(config: ModelConfig, ratio: int, n: int, b: int, fused: set[str]
     keys = n // 4 * di * b if ratio == 4 else 0
     heads = config.index_n_heads
     minimum = win + (picked + keys if ratio == 4 else comp)
-    # window: concatenate (read), contiguous slice of the new window (read)
-    path = 2 * win
+    # window: the new row is written into the carried buffer in place (state.push_window)
+    path = 0
     if "attention" in fused:
         path += win  # the kernel reads the window once, in storage
         path += picked if ratio == 4 else comp

@@ -52,6 +52,22 @@ def test_hc_pre_dtypes_and_iterations(path, h_dtype, fn_dtype, iters):
         assert_close(g, r)
 
 
+@pytest.mark.parametrize("out_dtype", [mx.bfloat16, mx.float16])
+def test_hc_pre_writes_x_in_the_activation_dtype(path, out_dtype):
+    """x comes back rounded once to the sublayer's dtype: the float32 sum, then the cast."""
+    h, fn, base, scale = hc_inputs((3,), 4, 256, seed=11)
+    got = kernels.hc_pre(h, fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6,
+                         out_dtype=out_dtype)
+    ref = hyper.hc_pre(h, fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6)
+    assert got[0].dtype == out_dtype
+    assert_close(got[0].astype(mx.float32), ref[0], rel=1e-2)  # one rounding to 8 or 11 bits
+    # the same rounding as casting the float32 x: equal but where the sum sits on a tie
+    same = np.asarray(got[0].astype(mx.float32)) == np.asarray(ref[0].astype(out_dtype).astype(mx.float32))
+    assert same.mean() > 0.99
+    for g, r in zip(got[1:], ref[1:]):
+        assert_close(g, r)
+
+
 def test_hc_pre_rejects_mismatched_shapes(monkeypatch):
     monkeypatch.setenv("DS4MLX_KERNELS", "ops")
     kernels.set_backend()

@@ -19,6 +19,7 @@ from ..ops import RMSNorm
 from ..state import BatchLayerCache, LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
+from .merged import MergedLinear
 from .rope import apply_rope, host_positions, layer_frequencies
 
 # Bound on the float32 score elements materialised per query block.
@@ -72,6 +73,7 @@ class Attention(nn.Module):
         if self.ratio == 4:
             self.indexer = Indexer(config, self.ratio)
         self._freqs = layer_frequencies(config, self.ratio)
+        self._proj: _Projections | None = None
         self.qat_rounding = True
 
     # ------------------------------------------------------------------ rounding switches
@@ -83,12 +85,37 @@ class Attention(nn.Module):
     def _index_rounding(self):
         return qat.hadamard_fp4 if self.qat_rounding else None
 
+    # ------------------------------------------------------------------ merged projections
+    def merge_projections(self) -> "_Projections":
+        """The projections that read one input, merged (built on first use, again after the
+        weights were replaced): x -> wq_a | wkv | indexer head weights; x (float32) -> both
+        compressors' wkv | wgate with the APE as per-slot bias rows; qr -> wq_b | indexer wq_b."""
+        p = self._proj
+        if p is not None and p.current(self):
+            return p
+        self._proj = p = _Projections(self)
+        return p
+
+    def _fused_attention(self, s: int) -> bool:
+        return s <= FUSED_MAX_TOKENS and kernels.serves(kernels.ATTENTION)
+
+    def _indexed(self, s: int, offsets: list[int]) -> bool:
+        """Whether a call of ``s`` tokens at these start positions needs the indexer's queries:
+        once a query sees more compressed rows than it picks (the ops path builds them anyway:
+        unused, they are never evaluated)."""
+        if self.ratio != 4:
+            return False
+        return not self._fused_attention(s) or any(
+            (p0 + s) // self.ratio > self.config.index_topk for p0 in offsets)
+
     # ------------------------------------------------------------------ forward
     def __call__(self, x: mx.array, cache: LayerCache | BatchLayerCache) -> mx.array:
         if isinstance(cache, BatchLayerCache):
             return self._call_batch(x, cache)
-        o = self._positional(self._project(x), cache, x.dtype)
-        return self._output(o)
+        s = x.shape[1]
+        pos = np.arange(cache.offset, cache.offset + s)[None, :]  # host positions
+        p = self._project(x, pos, self._indexed(s, [cache.offset]))
+        return self._output(self._positional(p, pos, cache, x.dtype))
 
     def _call_batch(self, x: mx.array, cache: BatchLayerCache) -> mx.array:
         """Sequences at their own positions: the projections and the rotations run on the whole
@@ -100,7 +127,7 @@ class Attention(nn.Module):
         spans = cache.spans(s)
         # host positions of every token (padding gets any: its rows are never read)
         pos = np.stack([np.arange(c.offset - a, c.offset - a + s) for c, (a, _) in zip(cache.caches, spans)])
-        p = self._project(x)
+        p = self._project(x, pos, self._indexed(s, [c.offset for c in cache.caches]))
         positions = host_positions(pos)
         q, kv, index_q = self._rotate(p, pos, positions)
         outs = []
@@ -117,18 +144,26 @@ class Attention(nn.Module):
         o = outs[0] if b == 1 else mx.concatenate(outs, axis=0)
         return self._output(self._unrotate(o, pos, positions, x.dtype))
 
-    def _project(self, x: mx.array) -> "_Projected":
-        """Every matmul on the layer input that does not depend on the position."""
+    def _project(self, x: mx.array, pos: np.ndarray, indexed: bool) -> "_Projected":
+        """Every matmul on the layer input, merged where they share an input (the compressors'
+        APE, the one positional part, rides along as a per-slot bias of host positions ``pos``
+        [B, s]); the indexer's queries only if ``indexed``."""
         b, s, _ = x.shape
+        proj = self.merge_projections()
         p = _Projected()
-        p.qr = self.q_norm(self.wq_a(x))
-        p.q = self.wq_b(p.qr).reshape(b, s, self.n_heads, self.head_dim)
-        p.kv = self.wkv(x)
+        xo = proj.x(x, parts=3 if indexed else 2)
+        p.qr = self.q_norm(xo[0])
+        qo = proj.q(p.qr, parts=2 if indexed else 1)
+        p.q = qo[0].reshape(b, s, self.n_heads, self.head_dim)
+        p.kv = xo[1]
         if self.ratio:
-            p.comp = self.compressor.project(x)
-        if self.ratio == 4:
-            p.index_comp = self.indexer.compressor.project(x)
-            p.index_q = self.indexer.project_queries(x, p.qr)
+            ks = proj.compressed(x, pos)
+            o = proj.comp.offsets()
+            p.comp = ks[..., o[0]:o[2]]
+            if self.ratio == 4:
+                p.index_comp = ks[..., o[2]:o[4]]
+        if indexed:
+            p.index_q = self.indexer.project_queries(p.qr, qo[1], xo[2])
         return p
 
     def _output(self, o: mx.array) -> mx.array:
@@ -137,11 +172,10 @@ class Attention(nn.Module):
         u = grouped_linear(self.wo_a, o, self.groups).reshape(b, s, -1)
         return self.wo_b(u)
 
-    def _positional(self, p: "_Projected", cache: LayerCache, dtype: mx.Dtype) -> mx.array:
+    def _positional(self, p: "_Projected", pos: np.ndarray, cache: LayerCache,
+                    dtype: mx.Dtype) -> mx.array:
         """Rotation, the carried state and the attention of one sequence's projected tokens at
-        positions cache.offset.. → outputs [B, s, H, d] in ``dtype``, rotated back."""
-        s = p.q.shape[1]
-        pos = np.arange(cache.offset, cache.offset + s)[None, :]  # host positions
+        host positions ``pos`` (cache.offset..) → outputs [B, s, H, d] in ``dtype``, rotated back."""
         positions = host_positions(pos)
         q, kv, index_q = self._rotate(p, pos, positions)
         o = self._attend_state(q, kv, p, index_q, cache, dtype, positions)
@@ -165,7 +199,7 @@ class Attention(nn.Module):
             if self.qat_rounding:
                 kv = qat.kv_fp8(kv, self.rope_dims)
         index_q = None
-        if self.ratio == 4:  # lazy: computed only where a sequence has indexer keys
+        if p.index_q is not None:  # lazy: computed only where a sequence has indexer keys
             index_q = self.indexer.rotate_queries(p.index_q[0], pos, positions, freqs,
                                                   self._index_rounding())
         return q, kv, index_q
@@ -185,38 +219,41 @@ class Attention(nn.Module):
             positions = mx.arange(p0, p0 + s)
         freqs = self._freqs
 
-        # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones.
+        # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones
+        # (rows row0.. of ``keys``; a decode step writes its row into the carried buffer).
         n_prev = 0 if cache.window is None else cache.window.shape[1]
-        keys = kv if cache.window is None else mx.concatenate([cache.window, kv], axis=1)
-        cache.window = mx.contiguous(keys[:, -(self.window - 1):] if self.window > 1 else keys[:, :0])
+        keys, row0 = cache.push_window(kv, self.window - 1)
         record_window(cache, kv, self.window - 1)  # for a speculative rollback
 
         comp = None
         index_w = index_keys = None
         if self.ratio:
-            self.compressor.absorb(*p.comp, p0, cache.compressor, freqs, self._kv_rounding(), dtype)
+            self.compressor.step(p.comp, p0, cache.compressor, freqs, self._kv_rounding(), dtype)
             comp = cache.compressor.rows
         if self.ratio == 4:
-            self.indexer.compressor.absorb(*p.index_comp, p0, cache.indexer, freqs,
-                                           self._index_rounding(), dtype)
+            self.indexer.compressor.step(p.index_comp, p0, cache.indexer, freqs,
+                                         self._index_rounding(), dtype)
             index_keys = cache.indexer.rows
-            index_w = p.index_q[1]
-            if index_keys is None:
-                index_q = index_w = None
+            if index_keys is None or p.index_q is None:
+                index_q = None
+            else:
+                index_w = p.index_q[1]
 
-        if s <= FUSED_MAX_TOKENS and kernels.serves(kernels.ATTENTION):
-            o = self._attend_fused(q, p0, keys, n_prev, cache, index_q, index_w, index_keys)
+        if self._fused_attention(s):
+            o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys)
         else:
+            keys = keys[:, row0:row0 + n_prev + s]
             o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
                                     index_keys)
         cache.offset = p0 + s
         return o
 
-    def _attend_fused(self, q, p0: int, keys, n_prev: int, cache: LayerCache, index_q, index_w,
-                      index_keys):
-        """A few queries through the fused kernels: rows read in storage, one softmax."""
+    def _attend_fused(self, q, p0: int, keys, row0: int, n_prev: int, cache: LayerCache, index_q,
+                      index_w, index_keys):
+        """A few queries through the fused kernels: rows read in storage, one softmax (the
+        window rows are read in place: row ``row0`` of ``keys`` is position p0 - n_prev)."""
         s = q.shape[1]
-        bounds = fused.query_bounds(p0, s, p0 - n_prev, self.window, self.ratio)
+        bounds = fused.query_bounds(p0, s, p0 - n_prev - row0, self.window, self.ratio)
         comp = idx = None
         if self.ratio:
             comp = cache.compressor.buffer
@@ -304,9 +341,9 @@ class _Projected:
     qr: mx.array
     q: mx.array
     kv: mx.array
-    comp: tuple[mx.array, mx.array] | None = None
-    index_comp: tuple[mx.array, mx.array] | None = None
-    index_q: tuple[mx.array, mx.array] | None = None
+    comp: mx.array | None = None  # the compressor's kv | score rows (APE added), float32
+    index_comp: mx.array | None = None  # the indexer compressor's
+    index_q: tuple[mx.array, mx.array] | None = None  # indexer queries (not rotated), head weights
 
     def rows(self, i: int, a: int, b: int) -> "_Projected":
         """Sequence ``i``, tokens a..b-1."""
@@ -317,3 +354,43 @@ class _Projected:
             else:
                 setattr(out, name, v[i : i + 1, a:b])
         return out
+
+
+class _Projections:
+    """The merged projections of one attention layer (:meth:`Attention.merge_projections`)."""
+
+    def __init__(self, attn: Attention):
+        idx = attn.indexer if attn.ratio == 4 else None
+        self.x = MergedLinear([attn.wq_a, attn.wkv] + ([idx.weights_proj] if idx else []))
+        self.q = MergedLinear([attn.wq_b] + ([idx.wq_b] if idx else []))
+        self.comp = self.table = None
+        self.apes: tuple = ()
+        if attn.ratio:
+            comps = [attn.compressor] + ([idx.compressor] if idx else [])
+            self.comp = MergedLinear([m for c in comps for m in (c.wkv, c.wgate)])
+            self.apes = tuple(c.ape for c in comps)
+            # per slot (position mod r): 0 for the kv rows, the APE for the score rows
+            self.table = mx.concatenate([t for c in comps for t in (
+                mx.zeros((attn.ratio, c.wkv.weight.shape[0]), mx.float32),
+                c.ape.astype(mx.float32))], axis=1)
+            mx.eval(self.table)
+        self.ratio = attn.ratio
+
+    def current(self, attn: Attention) -> bool:
+        comps = [] if not attn.ratio else [attn.compressor] + (
+            [attn.indexer.compressor] if attn.ratio == 4 else [])
+        return (self.x.current() and self.q.current()
+                and (self.comp is None or self.comp.current())
+                and all(c.ape is a for c, a in zip(comps, self.apes)))
+
+    def compressed(self, x: mx.array, pos: np.ndarray) -> mx.array:
+        """Both compressors' kv | score rows ``[B, S, ...]`` float32 of ``x``'s tokens at host
+        positions ``pos`` [B, S], the APE of each token's slot added in the same launch."""
+        s = x.shape[1]
+        first = int(pos[0, 0]) % self.ratio
+        if pos.shape[0] == 1 and first + s <= self.ratio:
+            bias = self.table[first:first + s]  # a view: no gather
+        else:  # [S, ...] for one sequence, [B, S, ...] for a batch at its own positions
+            slots = pos[0] if pos.shape[0] == 1 else pos
+            bias = self.table[mx.array(slots % self.ratio)]
+        return self.comp.product(x.astype(mx.float32), bias=bias)

@@ -43,44 +43,57 @@ class Compressor(nn.Module):
         freqs: mx.array,
         rounding: Callable[[mx.array], mx.array] | None,
     ) -> None:
-        """Feed tokens at positions offset.. of ``x`` [B, S, D]; closed rows go to ``state``."""
-        kv, gate = self.project(x)
-        self.absorb(kv, gate, offset, state, freqs, rounding, x.dtype)
-
-    def project(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """Per-token values and gate scores [B, S, width] float32 (no position in them yet): a
-        batch of sequences at different positions shares this matmul."""
+        """Feed tokens at positions offset.. of ``x`` [B, S, D]; closed rows go to ``state``.
+        (The attention runs both compressors' projections as one matmul and calls :meth:`step`.)"""
+        s = x.shape[1]
         xf = x.astype(mx.float32)
-        return self.wkv(xf).astype(mx.float32), self.wgate(xf).astype(mx.float32)
+        slot = mx.array(np.arange(offset, offset + s) % self.ratio)  # position mod r, from the host
+        kv = self.wkv(xf).astype(mx.float32)
+        score = self.wgate(xf).astype(mx.float32) + self.ape.astype(mx.float32)[slot]
+        self.step(mx.concatenate([kv, score], axis=-1), offset, state, freqs, rounding, x.dtype)
 
-    def absorb(
+    def step(
         self,
-        kv: mx.array,
-        gate: mx.array,
+        ks: mx.array,
         offset: int,
         state: CompressorState,
         freqs: mx.array,
         rounding: Callable[[mx.array], mx.array] | None,
         dtype: mx.Dtype,
     ) -> None:
-        """Take the projected tokens of positions offset.. into ``state``; rows in ``dtype``."""
+        """Feed the projected rows ``ks`` [B, S, kv | score] (float32, APE added to the score)
+        of the tokens at positions offset..; closed rows, in ``dtype``, go to ``state``."""
         r = self.ratio
-        b, s, _ = kv.shape
-        slot = mx.array(np.arange(offset, offset + s) % r)  # position mod r, from the host
-        score = gate + self.ape.astype(mx.float32)[slot]
-        if state.pending_kv is not None:
-            kv = mx.concatenate([state.pending_kv, kv], axis=1)
-            score = mx.concatenate([state.pending_score, score], axis=1)
-        start = offset - (0 if state.pending_kv is None else state.pending_kv.shape[1])
-        record_compressor(state, start, kv, score)  # for a speculative rollback
-        n_win = kv.shape[1] // r
-        used = n_win * r
-        # Carried tails are copied so they do not keep the whole chunk's buffers alive.
-        state.pending_kv, state.pending_score = mx.contiguous(kv[:, used:]), mx.contiguous(score[:, used:])
-        if n_win == 0:
-            return
-        kv = kv[:, :used].reshape(b, n_win, r, -1)
-        score = score[:, :used].reshape(b, n_win, r, -1)
+        b, s, width2 = ks.shape
+        width = width2 // 2
+        if not state.ratio:
+            state.ratio = r
+        buf, n = state.pending_buffer(b, width) if s < 2 * r else (None, 0)
+        if buf is not None and n + s <= r:
+            # a decode step: the token's row is written into the window's buffer in place
+            buf = mx.slice_update(buf, ks, mx.array([0, n, 0]), (0, 1, 2))
+            start, n = offset - n, n + s
+            record_compressor(state, start, buf[:, :n, :width], buf[:, :n, width:])
+            state.set_pending_buffer(buf, n % r)
+            if n < r:
+                return
+            n_win = 1
+            kv, score = buf[:, None, :, :width], buf[:, None, :, width:]
+        else:
+            kv, score = ks[..., :width], ks[..., width:]
+            if state.pending_kv is not None:
+                kv = mx.concatenate([state.pending_kv, kv], axis=1)
+                score = mx.concatenate([state.pending_score, score], axis=1)
+            start = offset - (0 if state.pending_kv is None else state.pending_kv.shape[1])
+            record_compressor(state, start, kv, score)  # for a speculative rollback
+            n_win = kv.shape[1] // r
+            used = n_win * r
+            # Carried tails are copied so they do not keep the whole chunk's buffers alive.
+            state.pending_kv, state.pending_score = mx.contiguous(kv[:, used:]), mx.contiguous(score[:, used:])
+            if n_win == 0:
+                return
+            kv = kv[:, :used].reshape(b, n_win, r, -1)
+            score = score[:, :used].reshape(b, n_win, r, -1)
         if self.overlap:
             kv, score = self._overlap_slots(kv, score, state)
         weights = mx.softmax(score, axis=2, precise=True)
@@ -123,12 +136,14 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config, ratio, self.head_dim)
         self.scale = self.head_dim**-0.5 * self.n_heads**-0.5
 
-    def project_queries(self, x: mx.array, qr: mx.array) -> tuple[mx.array, mx.array]:
+    def project_queries(self, qr: mx.array, q_proj: mx.array,
+                        w_proj: mx.array) -> tuple[mx.array, mx.array]:
         """Indexer queries [B, S, h, dI] before RoPE (see :meth:`rotate_queries`) and head weights
-        [B, S, h] float32."""
+        [B, S, h] float32, from ``wq_b(qr)`` and ``weights_proj(x)`` (the attention's merged
+        projections computed them)."""
         b, s, _ = qr.shape
-        q = self.wq_b(qr).reshape(b, s, self.n_heads, self.head_dim)
-        return q, self.weights_proj(x).astype(mx.float32) * self.scale
+        q = q_proj.reshape(b, s, self.n_heads, self.head_dim)
+        return q, w_proj.astype(mx.float32) * self.scale
 
     def rotate_queries(
         self, q: mx.array, pos: np.ndarray, positions: mx.array, freqs: mx.array,

@@ -12,6 +12,7 @@ from .. import kernels
 from ..kernels.router import router_topk
 from ..config import ModelConfig
 from ..ops import clamped_swiglu
+from .merged import MergedLinear
 
 # Above this many (token, expert) pairs, sort them by expert so gathers read each expert once.
 # Any call of more than one token sorts too (a batch decode step, a speculative verify): tokens
@@ -122,6 +123,12 @@ class RoutedExperts(nn.Module):
         return mx.sum(y.astype(mx.float32), axis=-2).astype(x.dtype)
 
 
+@functools.cache
+def _swiglu_as(dtype: mx.Dtype):
+    """Clamped SwiGLU, then the cast to the down projection's input dtype, in one kernel."""
+    return mx.compile(lambda gate, up, limit: clamped_swiglu(gate, up, limit).astype(dtype))
+
+
 class SharedExpert(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -131,9 +138,17 @@ class SharedExpert(nn.Module):
         self.w2 = nn.Linear(f, d, bias=False)
         self.limit = config.swiglu_limit
 
+        self._w13: MergedLinear | None = None
+
+    def merge_projections(self) -> MergedLinear:
+        """Gate and up as one matmul (built on first use, again after the weights changed)."""
+        if self._w13 is None or not self._w13.current():
+            self._w13 = MergedLinear([self.w1, self.w3])
+        return self._w13
+
     def __call__(self, x: mx.array) -> mx.array:
-        mid = clamped_swiglu(self.w1(x), self.w3(x), self.limit)
-        return self.w2(mid.astype(x.dtype))
+        gate, up = self.merge_projections()(x)
+        return self.w2(_swiglu_as(x.dtype)(gate, up, self.limit))
 
 
 class MoE(nn.Module):

@@ -34,16 +34,17 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.ffn = MoE(config, layer)
 
-    def _pre(self, h, fn, base, scale):
+    def _pre(self, h, fn, base, scale, dtype):
         c = self.config
-        return kernels.hc_pre(h, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.rms_norm_eps)
+        return kernels.hc_pre(h, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps,
+                              norm_eps=c.rms_norm_eps, out_dtype=dtype)
 
     def __call__(self, h: mx.array, token_ids: mx.array, cache: LayerCache, dtype) -> mx.array:
-        x, post, comb = self._pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
-        y = self.attn(self.attn_norm(x.astype(dtype)), cache)
+        x, post, comb = self._pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, dtype)
+        y = self.attn(self.attn_norm(x), cache)
         h = hc_post(y, h, post, comb)
-        x, post, comb = self._pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
-        y = self.ffn(self.ffn_norm(x.astype(dtype)), token_ids)
+        x, post, comb = self._pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, dtype)
+        y = self.ffn(self.ffn_norm(x), token_ids)
         return hc_post(y, h, post, comb)
 
 
@@ -96,6 +97,13 @@ class Model(nn.Module):
             for k, v in tree_flatten(self.parameters())
         ]
         self.update(tree_unflatten(params))
+
+    def merge_projections(self) -> None:
+        """Merge the projections that read one input (attention, shared expert) now, not on the
+        first call (model/merged.py; the layers rebuild a merge whose weights were replaced)."""
+        for blk in list(self.layers) + list(self.mtp):
+            blk.attn.merge_projections()
+            blk.ffn.shared_experts.merge_projections()
 
     def set_qat_rounding(self, on: bool) -> None:
         """Switch the official graph's FP8 (KV) and Hadamard+FP4 (indexer) rounding."""

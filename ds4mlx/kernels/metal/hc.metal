@@ -12,7 +12,8 @@ METAL_FUNC float ds4_sigmoid(float x) { return 1.0f / (1.0f + precise::exp(-x));
 
 // @kernel hc_pre
 // h [N, M * D] (T: M streams of D per token), fn [MIX, M * D] (FT), base [MIX], scale [3]
-// (float32), MIX = 2M + M^2 -> x [N, D], post [N, M], comb [N, M * M] (float32).
+// (float32), MIX = 2M + M^2 -> x [N, D] (XT: rounded once, as a cast after the sum), post [N, M],
+// comb [N, M * M] (float32).
 // Grid (TG, N), threadgroup (TG, 1, 1): one threadgroup per token.
 const int MIX = 2 * M + M * M;
 threadgroup float part[DS4_HC_SIMDGROUPS * (2 * M + M * M + 1)];
@@ -86,5 +87,5 @@ threadgroup_barrier(mem_flags::mem_threadgroup);
 for (uint d = t; d < uint(D); d += DS4_HC_TG) {
   float s = 0.0f;
   for (int i = 0; i < M; ++i) s += pre_w[i] * float(h[base_h + ulong(i) * uint(D) + d]);
-  x[ulong(tok) * uint(D) + d] = s;
+  x[ulong(tok) * uint(D) + d] = XT(s);
 }

@@ -1,0 +1,128 @@
+"""Projections that read the same input, merged into one matmul.
+
+A decode step is bounded by launches as much as by bytes: the attention's ``wq_a``, ``wkv`` and
+indexer head weights all read the layer input, the two compressors' ``wkv``/``wgate`` read it
+in float32, the shared expert's gate and up read the FFN input. :class:`MergedLinear`
+concatenates the rows of such projections once (the modules keep views of the merged weight, so
+nothing is held twice) and returns each part's output as a view of one product. A prefix of the
+parts can be asked for alone (rows not needed are not read). Projections that cannot share a
+matmul (other dtypes, quantization parameters or formats) run one by one, as before.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import ops
+from ..layers.gguf import GGUFLinear
+
+
+def _kind(m: nn.Module) -> tuple | None:
+    """What must agree for two projections to share a matmul (None: never merged)."""
+    if "bias" in m:
+        return None
+    if type(m) is nn.Linear:
+        return ("dense", m.weight.dtype, m.weight.shape[1])
+    if isinstance(m, nn.QuantizedLinear):  # ours (layers.QuantizedLinear) and mlx's
+        return ("quantized", m.group_size, m.bits, m.mode, m.weight.shape[1], m.get("biases") is None)
+    if type(m) is GGUFLinear:
+        return ("gguf", m.type_name, m.input_dims)
+    return None
+
+
+_LEAVES = ("weight", "scales", "biases")
+
+
+class MergedLinear:
+    """``modules`` (projections of one input, in the order a prefix is asked for) as one matmul.
+
+    ``bias_rows`` (optional, float ``[n, sum of out rows]``): a row of it is added to the
+    product in the same launch (``mx.addmm``, dense weights only)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = list(modules)
+        self.sizes = [self._rows(m) for m in self.modules]
+        kinds = {_kind(m) for m in self.modules}
+        self.merged = len(self.modules) > 1 and None not in kinds and len(kinds) == 1
+        self._views: list[tuple] = []
+        if self.merged:
+            self._merge()
+
+    @staticmethod
+    def _rows(m: nn.Module) -> int:
+        return m.output_dims if isinstance(m, GGUFLinear) else m.weight.shape[0]
+
+    def _merge(self) -> None:
+        first = self.modules[0]
+        leaves = [k for k in _LEAVES if first.get(k) is not None]
+        whole = {k: mx.concatenate([m[k] for m in self.modules], axis=0) for k in leaves}
+        mx.eval(list(whole.values()))
+        self.whole = whole
+        # the modules read views of the merged arrays: the separate copies are released
+        start = 0
+        for m, n in zip(self.modules, self.sizes):
+            for k in leaves:
+                m[k] = whole[k][start:start + n]
+            start += n
+        self._views = [tuple(m[k] for k in leaves) for m in self.modules]
+        self.kind = _kind(first)
+
+    def current(self) -> bool:
+        """False once a module's weights were replaced (a reload): the merge is stale."""
+        if not self.merged:
+            return True
+        leaves = [k for k in _LEAVES if k in self.whole]
+        return all(all(m.get(k) is v for k, v in zip(leaves, views))
+                   for m, views in zip(self.modules, self._views))
+
+    def __call__(self, x: mx.array, parts: int | None = None,
+                 bias: mx.array | None = None) -> list[mx.array]:
+        """The outputs of the first ``parts`` modules (all by default) for input ``x``;
+        ``bias`` (broadcast to the product's leading shape, the width of all parts) is added."""
+        parts = len(self.modules) if parts is None else parts
+        if not self.merged or parts == 1:
+            outs = [m(x) for m in self.modules[:parts]]
+            if bias is not None:
+                outs = [o + b for o, b in zip(outs, self._split(bias, parts))]
+            return outs
+        return self._split(self.product(x, parts, bias), parts)
+
+    def product(self, x: mx.array, parts: int | None = None,
+                bias: mx.array | None = None) -> mx.array:
+        """The outputs of the first ``parts`` modules side by side ``[..., rows]`` (one matmul
+        when merged)."""
+        parts = len(self.modules) if parts is None else parts
+        if not self.merged:
+            return mx.concatenate(self(x, parts, bias), axis=-1)
+        rows = sum(self.sizes[:parts])
+        w = self.whole
+        kind = self.kind[0]
+        if kind == "dense":
+            wt = w["weight"][:rows].T
+            y = x @ wt if bias is None else mx.addmm(bias[..., :rows], x, wt)
+            bias = None
+        elif kind == "quantized":
+            q = self.modules[0]
+            y = ops.quantized_matmul(x, w["weight"][:rows], w["scales"][:rows],
+                                     None if "biases" not in w else w["biases"][:rows],
+                                     group_size=q.group_size, bits=q.bits, mode=q.mode)
+        else:
+            y = self.modules[0]._matmul(x, w["weight"][:rows])
+        if bias is not None:
+            y = y + bias[..., :rows]
+        return y
+
+    def offsets(self) -> list[int]:
+        """Where each part starts in :meth:`product`'s last axis (and the end)."""
+        out = [0]
+        for n in self.sizes:
+            out.append(out[-1] + n)
+        return out
+
+    def _split(self, y: mx.array, parts: int) -> list[mx.array]:
+        outs, start = [], 0
+        for n in self.sizes[:parts]:
+            outs.append(y[..., start:start + n])
+            start += n
+        return outs
