@@ -58,3 +58,28 @@ def demo(demo_dir):
     from ds4mlx import load
 
     return load(demo_dir, dtype=mx.float32)
+
+
+# A checkpoint whose seams come early (window 8, top-k 4, ratio 4 and 128 in three layers), and
+# its MLX-dir and GGUF conversions: the batched and speculative decodes cross them all.
+SEAMS = dict(num_layers=3, compress_ratios=[0, 4, 128, 0], num_hash_layers=1, sliding_window=8,
+             index_topk=4)
+
+
+@pytest.fixture(scope="session")
+def seams_ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("seams") / "tiny", seed=3, **SEAMS)
+
+
+@pytest.fixture(scope="session")
+def seams_sources(seams_ckpt, tmp_path_factory):
+    """Load source -> the seams checkpoint in it (official dir, MLX dir, ds4-q4 GGUF)."""
+    from ds4mlx.convert import convert
+
+    d = tmp_path_factory.mktemp("seams-converted")
+    return {
+        "official": seams_ckpt,
+        "mlx": convert(seams_ckpt, d / "mlx", progress=False),
+        "gguf": convert(seams_ckpt, d / "tiny.gguf", to="gguf", preset="ds4-q4", progress=False,
+                        jobs=1),
+    }

@@ -49,17 +49,9 @@ def _lsq_scale_min(q: np.ndarray, w: np.ndarray, wx: np.ndarray, sw: np.ndarray,
 
 def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
                   nstep: int, refine: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``x ≈ scale·q − m`` with integer ``q ∈ [0, nmax]``, ``scale ≥ 0``, ``m ≥ 0``, per row.
-
-    ``x``, ``w``: float32 ``[N, n]`` (values and their error weights). Starting from the min/max
-    fit, the inverse scale is swept over ``(nmax + rmin + rdelta·i) / (max − min)`` for
-    ``i = 0..nstep``; for each candidate the codes are rounded and (scale, min) re-fit by weighted
-    least squares, and the candidate with the lowest weighted squared error wins. The winner is
-    then polished by ``refine`` rounds of "re-round the codes, re-fit", each kept only where it
-    lowers the error (a coarse sweep plus polishing matches a fine sweep at a fraction of the
-    cost). Rows whose minimum is positive are fit with ``m = 0``.
-    Returns ``scale [N]`` and ``m [N]`` (the amount subtracted, ≥ 0).
-    """
+    """The numpy (scale, min) search that ``ds4mlx.quant.gguf.common.fit_scale_min`` keeps bit
+    for bit (its docstring states the search); kept here as the reference its C kernel and its
+    vectorised form are checked against."""
     x = x.astype(np.float32, copy=False)
     w = w.astype(np.float32, copy=False)
     lo = np.minimum(x.min(axis=1), 0.0)

@@ -21,9 +21,7 @@ from mlx_lm.generate import batch_generate as mlx_lm_batch_generate
 import ds4mlx
 from ds4mlx import load
 from ds4mlx.state import BatchLayerCache, LayerCache
-from ds4mlx.synthetic import write_tiny_checkpoint
 
-SEAMS = dict(num_layers=3, compress_ratios=[0, 4, 128, 0], num_hash_layers=1, sliding_window=8, index_topk=4)
 # (prompt length, decode steps): window at position 8, top-k at 20, ratio 128 at 128
 PLAN = [(3, 7), (122, 8), (16, 6), (126, 4), (13, 9), (1, 3)]
 
@@ -33,23 +31,6 @@ def prompt(n: int, seed: int) -> list[int]:
 
 
 PROMPTS = [prompt(n, i) for i, (n, _) in enumerate(PLAN)]
-
-
-@pytest.fixture(scope="module")
-def seams_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("seams") / "tiny", seed=3, **SEAMS)
-
-
-@pytest.fixture(scope="module")
-def sources(seams_ckpt, tmp_path_factory):
-    from ds4mlx.convert import convert
-
-    d = tmp_path_factory.mktemp("seams-converted")
-    return {
-        "official": seams_ckpt,
-        "mlx": convert(seams_ckpt, d / "mlx", progress=False),
-        "gguf": convert(seams_ckpt, d / "tiny.gguf", to="gguf", preset="ds4-q4", progress=False, jobs=1),
-    }
 
 
 def alone(model, ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray], list[LayerCache]]:
@@ -70,8 +51,8 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("source,k", [("official", 6), ("official", 4), ("mlx", 6), ("gguf", 4)])
-def test_every_sequence_of_a_batch_decodes_as_alone(sources, source, k):
-    model, _ = load(sources[source], dtype=mx.float32, experts_per_token=k)
+def test_every_sequence_of_a_batch_decodes_as_alone(seams_sources, source, k):
+    model, _ = load(seams_sources[source], dtype=mx.float32, experts_per_token=k)
     refs = [alone(model, p, n) for p, (_, n) in zip(PROMPTS, PLAN)]
 
     gen = BatchGenerator(model, max_tokens=1, sampler=lambda lp: mx.argmax(lp, -1),

@@ -317,3 +317,18 @@ def test_unresolvable_sources(tmp_path, monkeypatch):
         ds4mlx.load("no-such-org/no-such-model")
     with pytest.raises(ModelNotFoundError, match="no/such/dir"):
         ds4mlx.load("no/such/dir")
+
+
+def test_released_pages_read_back_the_same(tmp_path):
+    """A tensor's mapped pages dropped after its copy (the loader does so, to keep a load's peak
+    memory the model's) read back from the file unchanged, its neighbours too."""
+    rng = np.random.default_rng(3)
+    arrays = {f"t{i}": rng.standard_normal((37, 111 + i)).astype(np.float32) for i in range(4)}
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, {n: ("F32", a) for n, a in arrays.items()})
+    with SafetensorsFile(path) as st:
+        views = {n: st.tensor_np(n) for n in arrays}
+        for n in arrays:
+            st.release(n)
+        for n, a in arrays.items():
+            assert np.array_equal(views[n], a) and np.array_equal(st.tensor_np(n), a)

@@ -163,21 +163,12 @@ def test_bad_shapes_are_named():
 
 
 # ----------------------------------------------------------------------------- rows
-def model_rows(x, pos, freqs, *, norm, weight, eps, fp8, inverse, out_dtype, rope_dims):
-    """The model's ops for the same steps (attention.py before the fused kernel)."""
-    from ds4mlx.model import qat
-    from ds4mlx.model.rope import apply_rope
+def model_rows(x, pos, freqs, **kw):
+    """The model's ops for the same steps (``rope.rows_ops``, what attention.py runs without the
+    fused kernel)."""
+    from ds4mlx.model.rope import rows_ops
 
-    positions = mx.array(np.asarray(pos))
-    if norm == fused.NORM_PLAIN:
-        x = x.astype(out_dtype)
-        x = x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps)
-    elif norm == fused.NORM_WEIGHTED:
-        x = mx.fast.rms_norm(x, weight, eps)
-    x = apply_rope(x, positions, freqs, inverse=inverse)
-    if fp8:
-        x = qat.kv_fp8(x, rope_dims)
-    return x.astype(out_dtype)
+    return rows_ops(x, pos, freqs, **kw)
 
 
 @pytest.mark.parametrize("shape,d,rd,norm,fp8,inverse,dtype,out_dtype", [

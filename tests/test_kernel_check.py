@@ -23,7 +23,7 @@ PATHS = [
 ]
 
 GATE_UP_WRITE = "mid[ulong(pair) * uint(F) + row] = ds4_swiglu(gs, us, limit);"
-HC_WRITE = "x[ulong(tok) * uint(D) + d] = s;"
+HC_WRITE = "x[ulong(tok) * uint(D) + d] = XT(s);"
 
 
 @pytest.fixture(params=PATHS)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,11 @@ def test_mlx_lm_load_generates_like_ds4mlx(converted, kind):
     ids = [our_tokenizer.bos_token_id] + their_tokenizer.encode("Hello there", add_special_tokens=False)
     tokens = greedy_ds4mlx(ours, our_tokenizer, ids, 12)
     assert greedy_mlx_lm(theirs, ids, 12) == tokens
-    assert mx.array_equal(theirs(mx.array([ids])), ours(mx.array([ids])))
+    # On the CPU ours dequantizes the mxfp8 projections of several rows once and multiplies in
+    # float32 (ops.quantized_matmul); mlx-lm's nn.QuantizedLinear multiplies quantized: the
+    # same values summed in another order.
+    a, b = np.asarray(theirs(mx.array([ids]))), np.asarray(ours(mx.array([ids])))
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 @pytest.mark.slow

@@ -22,17 +22,10 @@ from ds4mlx import load
 from ds4mlx.speculative import (ForcedDrafter, MTPDrafter, Sampling, SpeculativeStats, accept_drafts,
                                 speculative_generate_step)
 from ds4mlx.state import mark, restore, snapshot
-from ds4mlx.synthetic import write_tiny_checkpoint
 
 PROMPT = list(range(5, 15))
 LONG = 300  # generated tokens in the seam-crossing runs
 MTP_LONG = 140  # ... with MTP drafts: positions 10..150
-SEAMS = dict(num_layers=3, compress_ratios=[0, 4, 128, 0], num_hash_layers=1, sliding_window=8, index_topk=4)
-
-
-@pytest.fixture(scope="module")
-def seams_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("seams") / "tiny", seed=3, **SEAMS)
 
 
 @pytest.fixture(scope="module")
@@ -242,26 +235,14 @@ def test_greedy_with_mtp_drafts_equals_greedy(seams_model):
 # companion file beside it.
 
 
-@pytest.fixture(scope="module")
-def sources(seams_ckpt, tmp_path_factory):
-    from ds4mlx.convert import convert
-
-    d = tmp_path_factory.mktemp("seams-converted")
-    return {
-        "official": seams_ckpt,
-        "mlx": convert(seams_ckpt, d / "mlx", progress=False),
-        "gguf": convert(seams_ckpt, d / "tiny.gguf", to="gguf", preset="ds4-q4", progress=False, jobs=1),
-    }
-
-
 _refs: dict = {}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source,k,n", [("official", 6, 3), ("official", 4, 1), ("mlx", 6, 2), ("gguf", 4, 2)])
-def test_greedy_with_drafts_equals_greedy_across_seams(sources, source, k, n):
+def test_greedy_with_drafts_equals_greedy_across_seams(seams_sources, source, k, n):
     kwargs = dict(dtype=mx.float32, experts_per_token=k, mtp=True)
-    model, _ = load(sources[source], **kwargs)
+    model, _ = load(seams_sources[source], **kwargs)
     if (source, k) not in _refs:
         _refs[source, k] = greedy(model, PROMPT, LONG)
     ref = _refs[source, k]

@@ -82,6 +82,13 @@ class HFCheckpoint:
     def _mx(self, name: str):
         return self._files[self.weight_map[name]].tensor_mx(name)
 
+    def _release(self, entries: list[Entry]) -> None:
+        """Drop the mapped pages of weights (and scales) already copied out (see
+        ``SafetensorsFile.release``): the load's peak memory stays the model's, not file + model."""
+        for e in entries:
+            for n in [e.name] if e.fmt == FLOAT else [e.name, scale_name(e.name)]:
+                self._files[self.weight_map[n]].release(n)
+
     def _packed(self, entry: Entry, weight: np.ndarray, scale: np.ndarray):
         if entry.fmt == MXFP8:
             return fp8_to_mxfp8(weight, scale, entry.name)
@@ -130,6 +137,8 @@ class HFCheckpoint:
                 w, s = self._packed(entry, self._np(name), self._np(scale_name(name)))
                 weights[path], weights[module + ".scales"] = w, s
                 formats[module] = entry.fmt
+                mx.eval(w, s)  # copied out of the map, so its pages can go
+            self._release([entry])
             advance([entry])
         for (prefix, proj), group in experts.items():
             module = f"{prefix}.{proj}"
@@ -150,6 +159,7 @@ class HFCheckpoint:
                 weights[module + ".scales"] = s
                 formats[module] = fmt
             mx.eval(w if s is None else (w, s))  # materialise now, so the per-expert sources can go
+            self._release(group)
             advance(group)
         return weights, formats
 

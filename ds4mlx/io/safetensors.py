@@ -200,6 +200,22 @@ class SafetensorsFile:
             a = a.view(mx.bfloat16)
         return a
 
+    def release(self, name: str) -> None:
+        """Drop the pages of tensor ``name`` from this process's memory (after its copy was
+        taken): the map is read-only, so a later read faults them in from the file again. Without
+        it the pages a load touched stay resident until the file is closed, and a load's peak
+        memory is the file plus the model instead of the model."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if self._mmap is None or advice is None:
+            return
+        info = self.info(name)
+        start = info.start - info.start % mmap.PAGESIZE
+        if info.end > start:
+            try:
+                self._mmap.madvise(advice, start, info.end - start)
+            except (OSError, ValueError):  # advice only: the load is correct either way
+                pass
+
     def close(self) -> None:
         if self._mmap is not None:
             try:

@@ -360,27 +360,35 @@ class _Projections:
     """The merged projections of one attention layer (:meth:`Attention.merge_projections`)."""
 
     def __init__(self, attn: Attention):
-        idx = attn.indexer if attn.ratio == 4 else None
-        self.x = MergedLinear([attn.wq_a, attn.wkv] + ([idx.weights_proj] if idx else []))
-        self.q = MergedLinear([attn.wq_b] + ([idx.wq_b] if idx else []))
+        x, q, comp, comps = self._groups(attn)
+        self.x, self.q = MergedLinear(x), MergedLinear(q)
         self.comp = self.table = None
         self.apes: tuple = ()
         if attn.ratio:
-            comps = [attn.compressor] + ([idx.compressor] if idx else [])
-            self.comp = MergedLinear([m for c in comps for m in (c.wkv, c.wgate)])
+            self.comp = MergedLinear(comp)
             self.apes = tuple(c.ape for c in comps)
             # per slot (position mod r): 0 for the kv rows, the APE for the score rows
             self.table = mx.concatenate([t for c in comps for t in (
-                mx.zeros((attn.ratio, c.wkv.weight.shape[0]), mx.float32),
-                c.ape.astype(mx.float32))], axis=1)
+                mx.zeros(c.ape.shape, mx.float32), c.ape.astype(mx.float32))], axis=1)
             mx.eval(self.table)
         self.ratio = attn.ratio
 
+    @staticmethod
+    def _groups(attn: Attention) -> tuple[list, list, list, list]:
+        """The modules of each merge: x -> wq_a | wkv | indexer weights; qr -> wq_b | indexer
+        wq_b; x -> the compressors' wkv | wgate; and the compressors."""
+        idx = attn.indexer if attn.ratio == 4 else None
+        comps = [] if not attn.ratio else [attn.compressor] + ([idx.compressor] if idx else [])
+        return ([attn.wq_a, attn.wkv] + ([idx.weights_proj] if idx else []),
+                [attn.wq_b] + ([idx.wq_b] if idx else []),
+                [m for c in comps for m in (c.wkv, c.wgate)], comps)
+
     def current(self, attn: Attention) -> bool:
-        comps = [] if not attn.ratio else [attn.compressor] + (
-            [attn.indexer.compressor] if attn.ratio == 4 else [])
-        return (self.x.current() and self.q.current()
-                and (self.comp is None or self.comp.current())
+        """Whether the merge still stands for ``attn``: the same modules (none replaced, e.g. by
+        the imatrix recorder's wrappers), their weights and the APEs unchanged."""
+        x, q, comp, comps = self._groups(attn)
+        return (self.x.holds(x) and self.q.holds(q)
+                and (self.comp is None or self.comp.holds(comp))
                 and all(c.ape is a for c, a in zip(comps, self.apes)))
 
     def compressed(self, x: mx.array, pos: np.ndarray) -> mx.array:

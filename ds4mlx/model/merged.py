@@ -42,9 +42,11 @@ class MergedLinear:
 
     def __init__(self, modules: list[nn.Module]):
         self.modules = list(modules)
-        self.sizes = [self._rows(m) for m in self.modules]
         kinds = {_kind(m) for m in self.modules}
         self.merged = len(self.modules) > 1 and None not in kinds and len(kinds) == 1
+        # rows of each part: from the weights when merged, else from the outputs of a call (a
+        # module that is not a plain projection, e.g. the imatrix recorder, need not say them)
+        self.sizes = [self._rows(m) for m in self.modules] if self.merged else []
         self._views: list[tuple] = []
         if self.merged:
             self._merge()
@@ -68,6 +70,11 @@ class MergedLinear:
         self._views = [tuple(m[k] for k in leaves) for m in self.modules]
         self.kind = _kind(first)
 
+    def holds(self, modules: list[nn.Module]) -> bool:
+        """Whether this merge is of exactly ``modules`` (none replaced) and still current."""
+        return (len(modules) == len(self.modules) and all(a is b for a, b in zip(modules, self.modules))
+                and self.current())
+
     def current(self) -> bool:
         """False once a module's weights were replaced (a reload): the merge is stale."""
         if not self.merged:
@@ -83,6 +90,8 @@ class MergedLinear:
         parts = len(self.modules) if parts is None else parts
         if not self.merged or parts == 1:
             outs = [m(x) for m in self.modules[:parts]]
+            if len(outs) > len(self.sizes):
+                self.sizes = [o.shape[-1] for o in outs]
             if bias is not None:
                 outs = [o + b for o, b in zip(outs, self._split(bias, parts))]
             return outs
@@ -114,7 +123,8 @@ class MergedLinear:
         return y
 
     def offsets(self) -> list[int]:
-        """Where each part starts in :meth:`product`'s last axis (and the end)."""
+        """Where each part starts in :meth:`product`'s last axis (and the end); unmerged, known
+        once a product of all parts was taken."""
         out = [0]
         for n in self.sizes:
             out.append(out[-1] + n)

@@ -142,7 +142,7 @@ class SharedExpert(nn.Module):
 
     def merge_projections(self) -> MergedLinear:
         """Gate and up as one matmul (built on first use, again after the weights changed)."""
-        if self._w13 is None or not self._w13.current():
+        if self._w13 is None or not self._w13.holds([self.w1, self.w3]):
             self._w13 = MergedLinear([self.w1, self.w3])
         return self._w13
 

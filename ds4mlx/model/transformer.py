@@ -100,8 +100,11 @@ class Model(nn.Module):
 
     def merge_projections(self) -> None:
         """Merge the projections that read one input (attention, shared expert) now, not on the
-        first call (model/merged.py; the layers rebuild a merge whose weights were replaced)."""
+        first call (model/merged.py; the layers rebuild a merge whose weights were replaced).
+        Blocks another pipeline stage holds (empty modules, ``loader.keep_stage``) are skipped."""
         for blk in list(self.layers) + list(self.mtp):
+            if not isinstance(blk, Block):
+                continue
             blk.attn.merge_projections()
             blk.ffn.shared_experts.merge_projections()
 
