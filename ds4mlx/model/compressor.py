@@ -35,23 +35,6 @@ class Compressor(nn.Module):
         self.ape = mx.zeros((ratio, width))
         self.norm = RMSNorm(dim, eps=config.rms_norm_eps)
 
-    def __call__(
-        self,
-        x: mx.array,
-        offset: int,
-        state: CompressorState,
-        freqs: mx.array,
-        rounding: Callable[[mx.array], mx.array] | None,
-    ) -> None:
-        """Feed tokens at positions offset.. of ``x`` [B, S, D]; closed rows go to ``state``.
-        (The attention runs both compressors' projections as one matmul and calls :meth:`step`.)"""
-        s = x.shape[1]
-        xf = x.astype(mx.float32)
-        slot = mx.array(np.arange(offset, offset + s) % self.ratio)  # position mod r, from the host
-        kv = self.wkv(xf).astype(mx.float32)
-        score = self.wgate(xf).astype(mx.float32) + self.ape.astype(mx.float32)[slot]
-        self.step(mx.concatenate([kv, score], axis=-1), offset, state, freqs, rounding, x.dtype)
-
     def step(
         self,
         ks: mx.array,
@@ -61,8 +44,9 @@ class Compressor(nn.Module):
         rounding: Callable[[mx.array], mx.array] | None,
         dtype: mx.Dtype,
     ) -> None:
-        """Feed the projected rows ``ks`` [B, S, kv | score] (float32, APE added to the score)
-        of the tokens at positions offset..; closed rows, in ``dtype``, go to ``state``."""
+        """Feed the projected rows ``ks`` [B, S, kv | score] (float32, APE added to the score;
+        the attention's merged projection makes them) of the tokens at positions offset..;
+        closed rows, in ``dtype``, go to ``state``."""
         r = self.ratio
         b, s, width2 = ks.shape
         width = width2 // 2
