@@ -83,3 +83,39 @@ def seams_sources(seams_ckpt, tmp_path_factory):
         "gguf": convert(seams_ckpt, d / "tiny.gguf", to="gguf", preset="ds4-q4", progress=False,
                         jobs=1),
     }
+
+
+def _leftovers() -> list[str]:
+    """Threads and child processes still running once every test and fixture has finished."""
+    import sys
+    import threading
+    import traceback
+
+    frames = sys._current_frames()
+    found = []
+    for t in threading.enumerate():
+        if t is threading.main_thread():
+            continue
+        stack = "".join(traceback.format_stack(frames[t.ident])[-4:]) if t.ident in frames else ""
+        found.append(f"thread {t.name!r} (daemon={t.daemon}):\n{stack}")
+    try:
+        kids = (f"/proc/self/task/{task}/children" for task in os.listdir("/proc/self/task"))
+        for pid in {p for path in kids for p in open(path).read().split()}:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            if "multiprocessing.resource_tracker" not in cmd:  # ends with this process
+                found.append(f"process {pid}: {cmd[:200]}")
+    except OSError:
+        pass
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite must leave nothing running: a thread still alive here is joined (or left in
+    native code) while the interpreter finalizes, and a child process can hold CI's pipes."""
+    left = _leftovers()
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        write = reporter.write_line if reporter else print
+        write(f"still running after the last test ({len(left)}):")
+        for item in left:
+            write("  " + item)
