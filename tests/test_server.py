@@ -9,7 +9,6 @@ import threading
 import time
 
 import httpx
-import mlx.core as mx
 import pytest
 
 from ds4mlx import encoding
