@@ -467,6 +467,8 @@ def serve(
     draft: DraftOpt = None,
     num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
     mtp_gguf: MtpGgufOpt = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help=(
+        "Requests decoded together (1: one at a time, in arrival order)."))] = 8,
 ) -> None:
     """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
     import signal
@@ -478,7 +480,8 @@ def serve(
     try:
         run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
                    disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token,
-                   default_max_tokens=max_tokens, draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf)
+                   default_max_tokens=max_tokens, draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf,
+                   max_batch=max_batch)
     except SystemExit as e:  # console.Terminated: SIGTERM, raised once uvicorn has shut down
         if e.code != 128 + signal.SIGTERM:
             raise
