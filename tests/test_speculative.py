@@ -24,7 +24,7 @@ from ds4mlx.speculative import (ForcedDrafter, MTPDrafter, Sampling, Speculative
 from ds4mlx.state import mark, restore, snapshot
 
 PROMPT = list(range(5, 15))
-LONG = 300  # generated tokens in the seam-crossing runs
+LONG = 160  # generated tokens in the seam-crossing runs: positions 10..170 (window 8, ratio 4 past top-k 4, ratio 128)
 MTP_LONG = 140  # ... with MTP drafts: positions 10..150
 
 
