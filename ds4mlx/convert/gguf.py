@@ -276,11 +276,22 @@ def _stop_pool(pool, finished: bool) -> None:
         pool.shutdown(wait=True)
         return
     processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
+    calls, results = getattr(pool, "_call_queue", None), getattr(pool, "_result_queue", None)
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
         p.terminate()
     for p in processes:
         p.join(5)
+    # A worker ended while sending its result leaves part of a message in the result pipe; the
+    # pool's manager thread then waits for the rest forever, and the interpreter's exit joins
+    # that thread (a SIGTERMed convert hung so after "terminated"). The workers are gone, so
+    # closing this process's own write end puts the pipe at EOF and the thread ends; likewise
+    # the call queue's feeder must not be waited for (no worker reads that pipe any more).
+    if calls is not None:
+        calls.cancel_join_thread()
+    writer = getattr(results, "_writer", None)
+    if writer is not None and all(not p.is_alive() for p in processes):
+        writer.close()
 
 
 def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) -> Iterator[np.ndarray]:
