@@ -45,8 +45,9 @@ def _build(name: str) -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         return None
-    source = (HERE / f"{name}.c").read_bytes()
-    digest = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:24]
+    # the headers beside the sources are part of every build's identity
+    sources = [(HERE / f"{name}.c").read_bytes()] + [h.read_bytes() for h in sorted(HERE.glob("*.h"))]
+    digest = hashlib.sha256(b"\0".join([*sources, cc.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:24]
     lib = _cache_dir() / f"{name}-{digest}.so"
     if not lib.exists():
         # build beside the target and rename: worker processes may build at the same time
