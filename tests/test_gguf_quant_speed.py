@@ -87,6 +87,7 @@ def test_kquant_native_and_numpy_agree(name, monkeypatch):
     for weights in (None, imp):
         with_c = fmts.get(name).quantize(x, weights=weights)
         monkeypatch.setitem(native._CHECKED, "kquant_search", None)
+    monkeypatch.setitem(native._CHECKED, "iq2_search", None)
         without = fmts.get(name).quantize(x, weights=weights)
         monkeypatch.setitem(native._CHECKED, "kquant_search", lib)
         assert np.array_equal(with_c, without), (name, weights is not None, int((with_c != without).sum()))
@@ -179,6 +180,7 @@ def test_importance_weighting_factor(name, monkeypatch, capsys):
     seen, errs = [], {}
     # the numpy recipes (the compiled ones give their bytes, checked above) call the weights here
     monkeypatch.setitem(native._CHECKED, "kquant_search", None)
+    monkeypatch.setitem(native._CHECKED, "iq2_search", None)
     for factor in (1.0, 2.0):
         def weights(x, xb, qw, sigma_factor=2.0, factor=factor):
             seen.append(sigma_factor)

@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "npyops.h"
+
 typedef float v4 __attribute__((vector_size(16)));
 
 #if defined(__aarch64__)
@@ -117,18 +119,7 @@ static inline int less(double a, double best) { /* argmin order: the first NaN w
     return !isnan(best) && (a < best || isnan(a));
 }
 
-/* numpy's pairwise sum of n <= 128 values (8 accumulators, then a tree), in float32 or float64 */
-static inline float pairwise_f32(const float *a, int n) {
-    float r[8];
-    for (int j = 0; j < 8; j++) r[j] = a[j];
-    int i = 8;
-    for (; i < n - n % 8; i += 8)
-        for (int j = 0; j < 8; j++) r[j] += a[i + j];
-    float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; i++) res += a[i];
-    return 0.0f + res; /* the reduction starts from +0: a sum of -0s is +0 */
-}
-
+/* numpy's pairwise sum (npyops.h) in float64, of float32 values */
 static inline double pairwise_f64(const float *a, int n) {
     double r[8];
     for (int j = 0; j < 8; j++) r[j] = a[j];
@@ -274,7 +265,6 @@ static void kquant_refit_sums(const float *x, const float *w, const uint8_t *q, 
  * The whole per-block recipe of common.kquant_fit and the packing of q4_k / q2_k, one
  * super-block of 256 at a time, every step the numpy path's operation in its order. */
 
-#include "half.h"
 
 /* numpy's pairwise float64 sum of 8 <= n <= 128 values (see pairwise_f32) */
 static inline double pairwise_d(const double *a, int n) {

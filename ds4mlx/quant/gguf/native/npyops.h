@@ -1,7 +1,8 @@
-/* fp16 conversions as numpy does them (round to nearest even, subnormals, overflow to
- * infinity, NaN payloads as npy_floatbits_to_halfbits), and floor/rint without libm. */
-#ifndef DS4MLX_HALF_H
-#define DS4MLX_HALF_H
+/* numpy's elementary operations in C, bit for bit: fp16 conversions (round to nearest even,
+ * subnormals, overflow to infinity, NaN payloads as npy_floatbits_to_halfbits), rint and floor
+ * without libm, and the pairwise sum of its float reductions. */
+#ifndef DS4MLX_NPYOPS_H
+#define DS4MLX_NPYOPS_H
 #include <stdint.h>
 #include <string.h>
 
@@ -83,5 +84,22 @@ static inline float f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+}
+/* numpy's pairwise float32 sum of n <= 128 values (8 accumulators, then a tree; under 8 one
+ * after the other), which a reduction adds to its start value +0 (so a sum of -0s is +0) */
+static inline float pairwise_f32(const float *a, int n) {
+    if (n < 8) {
+        float res = 0.0f;
+        for (int i = 0; i < n; i++) res += a[i];
+        return 0.0f + res;
+    }
+    float r[8];
+    for (int j = 0; j < 8; j++) r[j] = a[j];
+    int i = 8;
+    for (; i < n - n % 8; i += 8)
+        for (int j = 0; j < 8; j++) r[j] += a[i + j];
+    float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; i++) res += a[i];
+    return 0.0f + res;
 }
 #endif
