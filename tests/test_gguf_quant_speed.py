@@ -87,7 +87,6 @@ def test_kquant_native_and_numpy_agree(name, monkeypatch):
     for weights in (None, imp):
         with_c = fmts.get(name).quantize(x, weights=weights)
         monkeypatch.setitem(native._CHECKED, "kquant_search", None)
-    monkeypatch.setitem(native._CHECKED, "iq2_search", None)
         without = fmts.get(name).quantize(x, weights=weights)
         monkeypatch.setitem(native._CHECKED, "kquant_search", lib)
         assert np.array_equal(with_c, without), (name, weights is not None, int((with_c != without).sum()))
@@ -120,6 +119,26 @@ def test_kquant_native_edge_cases(name):
             with np.errstate(all="ignore"):
                 want = reference.QUANTIZE[name](x, weights=weights)
             assert np.array_equal(got, want), (name, float(np.abs(x).max()), weights is not None)
+
+
+def test_iq2_xxs_native_edge_cases():
+    # the compiled recipe against the numpy one with the same candidate search (so near-ties
+    # break alike), and without importance against the reference
+    from ds4mlx.quant.gguf import iq2_xxs
+
+    lib = iq2_xxs._native()
+    assert lib is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(13)
+    for x in _edge_blocks(rng)[::2]:
+        imp = rng.gamma(0.3, size=x.shape).astype(np.float32) * (rng.random(x.shape) < 0.8)
+        for weights in (None, imp, imp * np.float32(1e-12), imp * np.float32(1e12)):
+            got = iq2_xxs.quantize(x, weights=weights)
+            with np.errstate(all="ignore"):
+                want = iq2_xxs.numpy_chunk(x, weights, lib)
+            assert np.array_equal(got, want), (float(np.abs(x).max()), weights is not None)
+        if np.abs(x).max() > 1e-12:  # (below, every cost underflows to 0: a tie of all entries,
+            # which the reference's argmin and the nearest-pattern shortcut break differently)
+            assert np.array_equal(iq2_xxs.quantize(x), reference.quantize_iq2_xxs(x))
 
 
 def test_mxfp4_repack_native_and_numpy_agree(monkeypatch):
