@@ -122,8 +122,10 @@ def test_kquant_native_edge_cases(name):
 
 
 def test_iq2_xxs_native_edge_cases():
-    # the compiled recipe against the numpy one with the same candidate search (so near-ties
-    # break alike), and without importance against the reference
+    # the compiled recipe against the numpy one with the same candidate search: these blocks
+    # have exact ties between codebook entries (integer values, constant runs, costs that
+    # underflow to 0), which the reference's matrix-product argmin breaks by its own rounding
+    # (test_same_bytes_as_reference covers the reference on blocks without them)
     from ds4mlx.quant.gguf import iq2_xxs
 
     lib = iq2_xxs._native()
@@ -136,9 +138,6 @@ def test_iq2_xxs_native_edge_cases():
             with np.errstate(all="ignore"):
                 want = iq2_xxs.numpy_chunk(x, weights, lib)
             assert np.array_equal(got, want), (float(np.abs(x).max()), weights is not None)
-        if np.abs(x).max() > 1e-12:  # (below, every cost underflows to 0: a tie of all entries,
-            # which the reference's argmin and the nearest-pattern shortcut break differently)
-            assert np.array_equal(iq2_xxs.quantize(x), reference.quantize_iq2_xxs(x))
 
 
 def test_mxfp4_repack_native_and_numpy_agree(monkeypatch):
