@@ -175,15 +175,22 @@ static inline float sum4(const float *a, int stride) { /* a reduction over 4: on
     return 0.0f + (((0.0f + a[0]) + a[stride]) + a[2 * stride]) + a[3 * stride];
 }
 
-/* per run of a block, the candidate f of least cost s·(s·cb − 2·ca) at its group's scale s[g] */
-static void best_at(const float *s, const float *ca, const float *cb, int n_cand, int *k, float *cost) {
+/* per run of a block, the candidate f of least cost s·(s·cb − 2·ca) at its group's scale s[g]
+ * (np.argmin: the first minimum, or the first NaN); ca, cb [n_cand][32], runs side by side */
+static void best_at(const float *s, const float *ca, const float *cb, int n_cand, int32_t *k, float *cost) {
+    float sr[32];
+    for (int r = 0; r < 32; r++) sr[r] = s[r / 4];
     for (int r = 0; r < 32; r++) {
-        const float sg = s[r / 4];
-        float c[8] = {0};
-        for (int f = 0; f < n_cand; f++) c[f] = sg * (sg * cb[r * n_cand + f] - 2.0f * ca[r * n_cand + f]);
-        k[r] = argmin_first(c, n_cand, 1);
-        cost[r] = c[k[r]];
+        cost[r] = sr[r] * (sr[r] * cb[r] - 2.0f * ca[r]);
+        k[r] = 0;
     }
+    for (int f = 1; f < n_cand; f++)
+        for (int r = 0; r < 32; r++) {
+            const float v = sr[r] * (sr[r] * cb[32 * f + r] - 2.0f * ca[32 * f + r]);
+            const int take = (cost[r] == cost[r]) & ((v < cost[r]) | (v != v));
+            cost[r] = take ? v : cost[r];
+            k[r] = take ? f : k[r];
+        }
 }
 
 /* error weights, signs (parity-corrected), targets y and the group scales s0 of one block */
@@ -241,10 +248,12 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
         for (int i = 0; i < nb; i++) {
             const float *wb = w + 256 * i, *yb = y + 256 * i, *sb0 = s0 + 8 * i;
             const int64_t *cb_idx = cand + 32 * n_steps * i;
-            float wy[256], ca[32 * 8], cb[32 * 8], cost[32], costs[8][8], s[8], sc[8];
-            int k[32];
+            float wy[256], ca_r[32 * 8], cb_r[32 * 8], ca[8 * 32], cb[8 * 32], cost[32], costs[8][8], s[8], sc[8];
+            int32_t k[32];
             for (int j = 0; j < 256; j++) wy[j] = wb[j] * yb[j];
-            iq2_candidate_sums(wy, wb, cb_idx, grid, 32, n_steps, ca, cb);
+            iq2_candidate_sums(wy, wb, cb_idx, grid, 32, n_steps, ca_r, cb_r);
+            for (int r = 0; r < 32; r++)
+                for (int f = 0; f < n_steps; f++) ca[32 * f + r] = ca_r[r * n_steps + f], cb[32 * f + r] = cb_r[r * n_steps + f];
             /* group scale: the best of the sweep, then least-squares refinements */
             for (int f = 0; f < n_steps; f++) {
                 for (int g = 0; g < 8; g++) sc[g] = sb0[g] * steps[f];
@@ -258,7 +267,7 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
                     float ta[4], tb[4];
                     for (int u = 0; u < 4; u++) {
                         const int r = 4 * g + u;
-                        ta[u] = ca[r * n_steps + k[r]], tb[u] = cb[r * n_steps + k[r]];
+                        ta[u] = ca[32 * k[r] + r], tb[u] = cb[32 * k[r] + r];
                     }
                     const float sa = sum4(ta, 1), sbb = sum4(tb, 1);
                     const float pos = sa > 0 ? sa : (sa != sa ? sa : 0.0f); /* np.maximum(sa, 0) */
@@ -268,7 +277,7 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
             /* super-scale D (fp16) and 4-bit group scales: s ≈ D·(2ls+1)/8; the best D candidate */
             const float dmax = max_nan(s, 8) * 8.0f / 31.0f;
             float best_total = 0, best_dd = 0, best_ls[8], ls[8];
-            int best_k[32];
+            int32_t best_k[32];
             for (int u = 0; u < n_super; u++) {
                 const float dd = f16_to_f32(f32_to_f16(dmax * super_steps[u]));
                 const float safe = dd > 0 ? dd : 1.0f;
