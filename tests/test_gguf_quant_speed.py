@@ -140,6 +140,19 @@ def test_iq2_xxs_native_edge_cases():
             assert np.array_equal(got, want), (float(np.abs(x).max()), weights is not None)
 
 
+def test_q8_0_native_and_numpy_agree():
+    from ds4mlx.quant.gguf import q8_0
+
+    lib = q8_0._native()
+    assert lib is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(14)
+    for x in _edge_blocks(rng):
+        x = x.reshape(-1, 32)
+        x[3] = rng.integers(-8, 9, 32) * np.float32(0.5)  # ties of the rounding
+        x[4, 0] = 9e6  # saturating scale
+        assert np.array_equal(q8_0._compiled_blocks(lib, x), q8_0._numpy_blocks(x))
+
+
 def test_mxfp4_repack_native_and_numpy_agree(monkeypatch):
     from ds4mlx.quant.gguf import mxfp4
 
