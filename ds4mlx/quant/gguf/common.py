@@ -316,6 +316,9 @@ def kquant_fit(xb: np.ndarray, qw: np.ndarray | None, sub_size: int, nmax: int, 
 
 
 KQUANT_KINDS = {"Q4_K": (4, 144), "Q2_K": (2, 84)}  # the C kernel's kind, bytes per block
+# name -> (numpy recipe and packing of super-blocks, search): what the compiled recipe is checked
+# against; q4_k and q2_k register themselves (they import this module, not the other way)
+KQUANT_NUMPY: dict = {}
 
 
 def kquant_blocks(lib, name: str, xb: np.ndarray, qw: np.ndarray | None, search: tuple[float, float, int],
@@ -344,8 +347,6 @@ def _check_native(lib) -> bool:
     """Whether the C recipe gives the numpy path's bytes on a few hundred random super-blocks of
     both K-quants, with and without importance: a compiler or platform that rounds
     differently is caught here, and numpy is used instead."""
-    from . import q2_k, q4_k  # (they import this module)
-
     rng = np.random.default_rng(0)
     xb = (rng.standard_t(3, size=(96, 256)) * 0.01).astype(np.float32)
     xb[:8] = np.abs(xb[:8])  # blocks with positive minima
@@ -355,8 +356,8 @@ def _check_native(lib) -> bool:
     xb[11] *= 1e-6  # subnormal super-scales
     qw = rng.gamma(0.5, size=(96, 256)).astype(np.float32)
     qw[:, ::13] = 0.0
-    for fmt in (q4_k, q2_k):
+    for name, (numpy_chunk, search) in KQUANT_NUMPY.items():
         for imp in (None, qw):
-            if not np.array_equal(fmt.numpy_chunk(xb, imp), kquant_blocks(lib, fmt.NAME, xb, imp, fmt.SEARCH)):
+            if not np.array_equal(numpy_chunk(xb, imp), kquant_blocks(lib, name, xb, imp, search)):
                 return False
-    return True
+    return bool(KQUANT_NUMPY)

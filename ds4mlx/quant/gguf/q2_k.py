@@ -20,8 +20,8 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .common import (as_blocks, bits, field_f16, flat_values, kquant_blocks, kquant_fit, kquant_native,
-                     np_f16_bytes, quantize_in_chunks)
+from .common import (KQUANT_NUMPY, as_blocks, bits, field_f16, flat_values, kquant_blocks, kquant_fit,
+                     kquant_native, np_f16_bytes, quantize_in_chunks)
 
 NAME = "Q2_K"
 GGML_TYPE = int(GGMLQuantizationType.Q2_K)
@@ -54,6 +54,10 @@ def numpy_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
     scales = (ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)).astype(np.uint8)
     return np.concatenate([scales, qs.reshape(n, 64), np_f16_bytes(d), np_f16_bytes(dmin)], axis=1)
+
+
+
+KQUANT_NUMPY[NAME] = (numpy_chunk, SEARCH)
 
 
 def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:

@@ -23,8 +23,8 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .common import (as_blocks, bits, field_f16, flat_values, kquant_blocks, kquant_fit, kquant_native,
-                     np_f16_bytes, quantize_in_chunks)
+from .common import (KQUANT_NUMPY, as_blocks, bits, field_f16, flat_values, kquant_blocks, kquant_fit,
+                     kquant_native, np_f16_bytes, quantize_in_chunks)
 
 NAME = "Q4_K"
 GGML_TYPE = int(GGMLQuantizationType.Q4_K)
@@ -82,6 +82,10 @@ def numpy_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     qs = qs[:, :, 0, :] | (qs[:, :, 1, :] << 4)
     return np.concatenate([np_f16_bytes(d), np_f16_bytes(dmin), pack_scale_min(ls, lm),
                            qs.reshape(n, 128)], axis=1)
+
+
+
+KQUANT_NUMPY[NAME] = (numpy_chunk, SEARCH)
 
 
 def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
