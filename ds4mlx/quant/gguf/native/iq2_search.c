@@ -88,31 +88,36 @@ static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const 
  * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. */
 void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_runs,
                     const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
-                    const int32_t *hi, const int64_t *entry_of_pattern, float *lhs, int64_t *rows,
+                    const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows,
                     int64_t *out) {
     const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
+    /* branch-free: whether a run needs the search is data, and mispredicted it costs more than
+     * the pattern itself */
     for (int64_t f = 0; f < n_steps; f++) {
         int64_t n_search = 0;
         for (int64_t r = 0; r < n_runs; r++) {
             const float *yr = y + 8 * r, *wr = w + 8 * r;
-            const float sr = s[r] * steps[f];
+            const float sr = s[r] * steps[f], t0 = sr * mid0, t1 = sr * mid1;
             int positive = sr > 0;
-            int64_t pattern = 0, pow3 = 1;
+            int32_t pattern = 0, pow3 = 1;
             for (int j = 0; j < 8; j++, pow3 *= 3) {
                 positive &= wr[j] > 0;
-                pattern += pow3 * ((yr[j] > sr * mid0) + (yr[j] > sr * mid1));
+                pattern += pow3 * ((yr[j] > t0) + (yr[j] > t1));
             }
-            const int64_t entry = entry_of_pattern[pattern];
-            if (positive && entry >= 0) {
-                out[r * n_steps + f] = entry;
-                continue;
-            }
+            const int64_t entry = entry_of_pattern[pattern];  /* (int16: the table stays in L1) */
+            out[r * n_steps + f] = entry;
+            rows[n_search] = r;
+            n_search += !(positive & (entry >= 0));
+        }
+        for (int64_t k = 0; k < n_search; k++) {
+            const int64_t r = rows[k];
+            const float *yr = y + 8 * r, *wr = w + 8 * r;
+            const float sr = s[r] * steps[f];
             float *a = lhs + 16 * r;
             for (int j = 0; j < 8; j++) {
                 a[j] = -2.0f * wr[j] * yr[j];
                 a[8 + j] = wr[j] * sr;
             }
-            rows[n_search++] = r;
         }
         search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
     }
@@ -231,7 +236,7 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
 /* xb [n_blocks][256], optional importance qw (same shape) -> IQ2_XXS blocks (66 bytes) in out */
 void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const float *steps, int32_t n_steps,
                   const float *super_steps, int32_t n_super, int32_t refine, const float *levels,
-                  const int32_t *lo, const int32_t *hi, const int64_t *entry_of_pattern, const float *grid,
+                  const int32_t *lo, const int32_t *hi, const int16_t *entry_of_pattern, const float *grid,
                   uint8_t *out) {
     float w[IQ2_BATCH * 256], y[IQ2_BATCH * 256], s0[IQ2_BATCH * 8], s_run[IQ2_BATCH * 32];
     float lhs[IQ2_BATCH * 32 * 16];
