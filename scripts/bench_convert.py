@@ -156,22 +156,25 @@ def same_output(a: Path, b: Path) -> bool:
         filecmp.cmp(a / n, b / n, shallow=False) for n in names)
 
 
-def run_convert(root: Path, src: Path, out: Path, args, preset: str | None) -> tuple[float, float, float, float]:
-    """(seconds inside convert, seconds with start-up, peak RSS, largest worker RSS) of one
-    conversion in a child process running the ds4mlx checkout at ``root``."""
+def run_convert(root: Path, src: Path, out: Path, args, preset: str | None
+                ) -> tuple[float, float, float, float, float]:
+    """(seconds inside convert, seconds with start-up, peak RSS, largest worker RSS, CPU seconds
+    of the process and its workers, start-up included) of one conversion in a child process
+    running the ds4mlx checkout at ``root``."""
     call = ("import time; from ds4mlx.convert import convert; t = time.time(); "
             f"convert({str(src)!r}, {str(out)!r}, to={args.to!r}, preset={preset!r}, "
             f"expert_bits={args.expert_bits!r}, jobs={args.jobs!r}, progress=False); "
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-            "import resource; kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
-            "print(time.time() - t, int(hwm) * 1024, kids * 1024)")
+            "import resource; me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)); "
+            "cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime; "
+            "print(time.time() - t, int(hwm) * 1024, kids.ru_maxrss * 1024, cpu)")
     drop_caches()
     env = dict(os.environ, PYTHONPATH=str(root))
     t0 = time.time()
     run = subprocess.run([sys.executable, "-c", call], check=True, capture_output=True, text=True, cwd=root, env=env)
     total = time.time() - t0
-    seconds, rss, worker_rss = (float(x) for x in run.stdout.split()[-3:])
-    return seconds, total, rss, worker_rss
+    seconds, rss, worker_rss, cpu = (float(x) for x in run.stdout.split()[-4:])
+    return seconds, total, rss, worker_rss, cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         preset = args.preset or ("mxfp4" if args.to == "gguf" else None)
         root = Path(__file__).resolve().parents[1]
         cold = drop_caches()
-        seconds, total_seconds, rss, worker_rss = run_convert(root, work / "src", out, args, preset)
+        seconds, total_seconds, rss, worker_rss, cpu = run_convert(root, work / "src", out, args, preset)
         base = subprocess.run([sys.executable, "-c", "import ds4mlx.convert, mlx.core, gguf; "
                                "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"],
                               check=True, capture_output=True, text=True, cwd=root)
@@ -215,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
               f"({'cold' if cold else 'warm'} page cache; {total_seconds:.1f} s with Python start-up and imports)")
         print(f"throughput: {rate(src_bytes / seconds)} of source, {rate(out_bytes / seconds)} "
               f"of output ({out_bytes / 1e9:.2f} GB, incl. write + verification re-read)")
+        print(f"CPU time: {cpu:.1f} s, workers included ({rate(src_bytes / cpu)} of source per CPU-second; "
+              "on a shared machine the steadier figure)")
         print(f"peak RSS: {rss / 2**20:.0f} MiB (imports alone: {base_rss / 2**20:.0f} MiB; "
               f"largest output tensor {largest / 2**20:.0f} MiB; source {src_bytes / 2**20:.0f} MiB)"
               + (f"; quantization worker peak RSS {worker_rss / 2**20:.0f} MiB each at most"
@@ -224,13 +229,13 @@ def main(argv: list[str] | None = None) -> None:
               f"{out_bytes / seconds / disk:.2f}x of it")
         if args.baseline is not None:
             b_out = out.with_name("baseline-" + out.name)
-            b_seconds, b_total, b_rss, _ = run_convert(args.baseline.resolve(), work / "src", b_out, args, preset)
+            b_seconds, b_total, b_rss, _, b_cpu = run_convert(args.baseline.resolve(), work / "src", b_out, args, preset)
             print(f"outputs byte-identical to the baseline's: {same_output(out, b_out)}")
             print(f"baseline {args.baseline}: {b_seconds:.1f} s ({b_total:.1f} s with start-up), "
                   f"{rate(src_bytes / b_seconds)} of source, {rate(out_bytes / b_seconds)} of output "
                   f"({out_bytes / b_seconds / disk:.2f}x of the disk), "
-                  f"peak RSS {b_rss / 2**20:.0f} MiB; this checkout is {b_seconds / seconds:.2f}x "
-                  f"({b_total / total_seconds:.2f}x with start-up)")
+                  f"peak RSS {b_rss / 2**20:.0f} MiB, CPU {b_cpu:.1f} s; this checkout is {b_seconds / seconds:.2f}x "
+                  f"({b_total / total_seconds:.2f}x with start-up; {b_cpu / cpu:.2f}x by CPU time)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Weights/s per core of each GGUF quantizer: today's (``ds4mlx.quant.gguf``) next to the
 previous numpy implementation (``tests/gguf_quant_reference.py``), on the same Gaussian weights,
-in one process with one BLAS thread, old and new interleaved (best of ``--repeat``) so that a
-busy machine slows both alike. Also checks that both give the same bytes.
+in one process with one BLAS thread, old and new interleaved (best of ``--repeat``), timed in
+this process's CPU time, so that a busy machine (other processes on the cores) affects the
+figures little. Also checks that both give the same bytes.
 
     python scripts/bench_quantizers.py [--rows 128] [--cols 4096] [--repeat 3]
 """
@@ -32,9 +33,9 @@ TYPES = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")
 def best_time(fn, x, repeat: int) -> tuple[float, np.ndarray]:
     out, best = None, float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = time.process_time()
         out = fn(x)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, time.process_time() - t)
     return best, out
 
 

@@ -92,6 +92,67 @@ def test_kquant_native_and_numpy_agree(name, monkeypatch):
         assert np.array_equal(with_c, without), (name, weights is not None, int((with_c != without).sum()))
 
 
+def _edge_blocks(rng) -> list[np.ndarray]:
+    """Super-blocks [64, 256] that reach the recipes' corner cases: zeros, constant and sparse
+    blocks, one-signed blocks, integer values (rounding ties), and magnitudes from subnormal
+    (sums that underflow to -0) to fp16-overflowing super-scales."""
+    out = []
+    for scale in (1e-24, 1e-6, 0.02, 3.0, 1e6):
+        for kind in range(5):
+            x = [rng.standard_normal((64, 256)), np.abs(rng.standard_normal((64, 256))),
+                 -np.abs(rng.standard_t(2, (64, 256))), rng.integers(-3, 4, (64, 256)).astype(float),
+                 rng.standard_normal((64, 256)) * (rng.random((64, 256)) < 0.1)][kind]
+            x = (x * scale).astype(np.float32)
+            x[0], x[1], x[2, ::2] = 0.0, x[1, 0], 0.0
+            out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q2_K"])
+def test_kquant_native_edge_cases(name):
+    assert common.kquant_native() is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(12)
+    for x in _edge_blocks(rng):
+        imp = rng.gamma(0.3, size=x.shape).astype(np.float32) * (rng.random(x.shape) < 0.8)
+        for weights in (None, imp, imp * np.float32(1e-12), imp * np.float32(1e12)):
+            got = fmts.get(name).quantize(x, weights=weights)
+            with np.errstate(all="ignore"):
+                want = reference.QUANTIZE[name](x, weights=weights)
+            assert np.array_equal(got, want), (name, float(np.abs(x).max()), weights is not None)
+
+
+def test_iq2_xxs_native_edge_cases():
+    # the compiled recipe against the numpy one with the same candidate search: these blocks
+    # have exact ties between codebook entries (integer values, constant runs, costs that
+    # underflow to 0), which the reference's matrix-product argmin breaks by its own rounding
+    # (test_same_bytes_as_reference covers the reference on blocks without them)
+    from ds4mlx.quant.gguf import iq2_xxs
+
+    lib = iq2_xxs._native()
+    assert lib is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(13)
+    for x in _edge_blocks(rng)[::2]:
+        imp = rng.gamma(0.3, size=x.shape).astype(np.float32) * (rng.random(x.shape) < 0.8)
+        for weights in (None, imp, imp * np.float32(1e-12), imp * np.float32(1e12)):
+            got = iq2_xxs.quantize(x, weights=weights)
+            with np.errstate(all="ignore"):
+                want = iq2_xxs.numpy_chunk(x, weights, lib)
+            assert np.array_equal(got, want), (float(np.abs(x).max()), weights is not None)
+
+
+def test_q8_0_native_and_numpy_agree():
+    from ds4mlx.quant.gguf import q8_0
+
+    lib = q8_0._native()
+    assert lib is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(14)
+    for x in _edge_blocks(rng):
+        x = x.reshape(-1, 32)
+        x[3] = rng.integers(-8, 9, 32) * np.float32(0.5)  # ties of the rounding
+        x[4, 0] = 9e6  # saturating scale
+        assert np.array_equal(q8_0._compiled_blocks(lib, x), q8_0._numpy_blocks(x))
+
+
 def test_mxfp4_repack_native_and_numpy_agree(monkeypatch):
     from ds4mlx.quant.gguf import mxfp4
 
@@ -148,6 +209,9 @@ def test_importance_weighting_factor(name, monkeypatch, capsys):
     qtype = GGMLQuantizationType[name]
     real = common.importance_weights
     seen, errs = [], {}
+    # the numpy recipes (the compiled ones give their bytes, checked above) call the weights here
+    monkeypatch.setitem(native._CHECKED, "kquant_search", None)
+    monkeypatch.setitem(native._CHECKED, "iq2_search", None)
     for factor in (1.0, 2.0):
         def weights(x, xb, qw, sigma_factor=2.0, factor=factor):
             seen.append(sigma_factor)

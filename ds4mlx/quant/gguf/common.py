@@ -152,8 +152,14 @@ def _search_scale_min(x, w, wx, lo, span, sw, sx, nmax: int, steps: np.ndarray, 
     return scale, b
 
 
+def search_steps(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
+    """The candidate inverse-scale numerators of :func:`fit_scale_min`: the plain min/max fit
+    first, then the sweep (float64)."""
+    return np.concatenate([[float(nmax)], nmax + rmin + rdelta * np.arange(nstep + 1)])
+
+
 def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                  nstep: int, refine: int = 2, lib=None) -> tuple[np.ndarray, np.ndarray]:
+                  nstep: int, refine: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Best ``x ≈ scale·q − m`` with integer ``q ∈ [0, nmax]``, ``scale ≥ 0``, ``m ≥ 0``, per row.
 
     ``x``, ``w``: float32 ``[N, n]`` (values and their error weights). Starting from the min/max
@@ -163,20 +169,11 @@ def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: 
     then polished by ``refine`` rounds of "re-round the codes, re-fit", each kept only where it
     lowers the error (a coarse sweep plus polishing matches a fine sweep at a fraction of the
     cost). Rows whose minimum is positive are fit with ``m = 0``.
-    Returns ``scale [N]`` and ``m [N]`` (the amount subtracted, ≥ 0). ``lib``: the compiled
-    ``kquant_search`` (same bits, faster), or None for numpy.
+    Returns ``scale [N]`` and ``m [N]`` (the amount subtracted, ≥ 0).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.ascontiguousarray(w, dtype=np.float32)
-    # candidate inverse scales: the plain min/max fit first, then the sweep
-    steps = np.concatenate([[float(nmax)], nmax + rmin + rdelta * np.arange(nstep + 1)])
-    if lib is not None:  # the same search in C (native/kquant_search.c), bit for bit
-        scale, m = np.empty(x.shape[0], dtype=np.float32), np.empty(x.shape[0], dtype=np.float32)
-        lib.kquant_fit_scale_min(native.ptr(x), native.ptr(w), ctypes.c_int64(x.shape[0]),
-                                 ctypes.c_int32(x.shape[1]), ctypes.c_int32(nmax),
-                                 native.ptr(steps, ctypes.c_double), ctypes.c_int32(len(steps)),
-                                 ctypes.c_int32(refine), native.ptr(scale), native.ptr(m))
-        return scale, m
+    steps = search_steps(nmax, rmin, rdelta, nstep)
     wx, lo, span, sw, sx = _fit_inputs(x, w)
     flat = span <= 0
     span = np.where(flat, 1.0, span)
@@ -194,17 +191,9 @@ def _lsq_err(q, w, wx, sw, sx, scale, b) -> np.ndarray:
     return scale * scale * sl2 + b * b * sw + 2 * scale * b * sl - 2 * scale * sxl - 2 * b * sx
 
 
-def requantize_codes(x: np.ndarray, scale: np.ndarray, m: np.ndarray, nmax: int, lib=None) -> np.ndarray:
+def requantize_codes(x: np.ndarray, scale: np.ndarray, m: np.ndarray, nmax: int) -> np.ndarray:
     """Codes ``q = round((x + m) / scale)`` clipped to ``[0, nmax]`` (0 where ``scale`` is 0)."""
     inv = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0).astype(np.float32)
-    if lib is not None:
-        xc = np.ascontiguousarray(x, dtype=np.float32)
-        mc = np.ascontiguousarray(m, dtype=np.float32)
-        q = np.empty(x.shape, dtype=np.uint8)
-        lib.kquant_requantize(native.ptr(xc), native.ptr(mc), native.ptr(np.ascontiguousarray(inv)),
-                              ctypes.c_int64(mc.size), ctypes.c_int32(x.shape[-1]), ctypes.c_int32(nmax),
-                              native.ptr(q, ctypes.c_uint8))
-        return q
     # below zero everything clips to 0, so floor(v + 0.5) rounds half away from zero here
     q = np.add(x, m[..., None].astype(np.float32))
     q *= inv[..., None]
@@ -228,35 +217,20 @@ def importance_weights(x: np.ndarray, xb: np.ndarray, qw: np.ndarray, sigma_fact
 
 
 def kquant_weights(sub: np.ndarray, xb: np.ndarray, qw: np.ndarray | None,
-                   sigma_factor: float = 2.0, lib=None) -> np.ndarray:
+                   sigma_factor: float = 2.0) -> np.ndarray:
     """Error weight of each element of K-quant sub-blocks ``sub [N, n_sub, len]`` (``xb [N, 256]``).
 
     Without importance data the weight grows with ``|x|`` (large weights matter more to a
     matmul); with it, :func:`importance_weights`.
     """
-    if qw is None and lib is not None:
-        xc = np.ascontiguousarray(sub, dtype=np.float32)
-        w = np.empty_like(xc)
-        lib.kquant_plain_weights(native.ptr(xc), ctypes.c_int64(xc.size // xc.shape[-1]),
-                                 ctypes.c_int32(xc.shape[-1]), native.ptr(w))
-        return w
     if qw is None:
         return np.sqrt((sub * sub).mean(axis=-1, keepdims=True)) + np.abs(sub)
     return importance_weights(sub, xb, qw, sigma_factor)
 
 
-def _refit_sums(x: np.ndarray, w: np.ndarray, q: np.ndarray, lib=None) -> tuple[np.ndarray, ...]:
+def _refit_sums(x: np.ndarray, w: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per sub-block Σ w q, Σ w q², Σ w q x, Σ w, Σ w x (``[N, subs]``) and per block Σ w x²
     (``[N]``), float64, for ``x``, ``w``, ``q`` ``[N, subs, n]``."""
-    if lib is not None:
-        xc, wc = (np.ascontiguousarray(a, dtype=np.float32) for a in (x, w))
-        qc = np.ascontiguousarray(q, dtype=np.uint8)
-        n_blocks, subs, n = x.shape
-        out = [np.empty((n_blocks, subs)) for _ in range(5)] + [np.empty(n_blocks)]
-        lib.kquant_refit_sums(native.ptr(xc), native.ptr(wc), native.ptr(qc, ctypes.c_uint8),
-                              ctypes.c_int64(n_blocks), ctypes.c_int32(subs), ctypes.c_int32(n),
-                              *(native.ptr(a, ctypes.c_double) for a in out))
-        return tuple(out)
     qf = q.astype(np.float32)
     wq = w * qf
     s_q = wq.sum(axis=2, dtype=np.float64)  # Σ w q
@@ -269,14 +243,14 @@ def _refit_sums(x: np.ndarray, w: np.ndarray, q: np.ndarray, lib=None) -> tuple[
 
 
 def refit_super_scales(x: np.ndarray, w: np.ndarray, q: np.ndarray, ls: np.ndarray, lm: np.ndarray,
-                       d: np.ndarray, dmin: np.ndarray, lib=None) -> tuple[np.ndarray, np.ndarray]:
+                       d: np.ndarray, dmin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Re-fit the fp16 super-scales of a K-quant with the codes and sub-block scales fixed.
 
     Model ``x[b, j, i] ≈ d[b]·ls[b, j]·q[b, j, i] − dmin[b]·lm[b, j]``; the weighted least-squares
     ``(d, dmin)`` (rounded to fp16) replace the current ones only where they lower the error.
     """
     # per sub-block sums, then the sub-block scales fold in on the small arrays
-    s_q, s_qq, s_qx, s_w, s_x, s_xx = _refit_sums(x, w, q, lib)
+    s_q, s_qq, s_qx, s_w, s_x, s_xx = _refit_sums(x, w, q)
     ls, lm = ls.astype(np.float64), lm.astype(np.float64)
     saa = (ls * ls * s_qq).sum(axis=1)
     scc = (lm * lm * s_w).sum(axis=1)
@@ -320,56 +294,70 @@ def quantize_in_chunks(x: np.ndarray, weights: np.ndarray | None, block_size: in
 
 def kquant_fit(xb: np.ndarray, qw: np.ndarray | None, sub_size: int, nmax: int, lmax: int,
                search: tuple[float, float, int], sigma_factor: float = 2.0):
-    """The K-quant recipe shared by Q2_K and Q4_K for super-blocks ``xb [n, 256]``:
+    """The K-quant recipe shared by Q2_K and Q4_K for super-blocks ``xb [n, 256]``, in numpy:
     per sub-block a weighted least-squares (scale, min), both coded in ``lmax`` steps of fp16
     super-scales (d, dmin), which are re-fit once the codes are known.
     Returns (d, dmin, ls, lm, q) with codes q ``[n, subs, sub_size]`` in 0..nmax.
-    The hot loops run in C (``native/kquant_search.c``, the same bits) where it builds and
-    passes its check against this numpy path."""
-    return _kquant_fit(xb, qw, sub_size, nmax, lmax, search, sigma_factor, kquant_native())
-
-
-def kquant_native():
-    """The compiled K-quant loops, or None where they do not build or fail their check."""
-    return native.load_checked("kquant_search", _check_native)
-
-
-def _kquant_fit(xb, qw, sub_size: int, nmax: int, lmax: int, search, sigma_factor: float, lib):
+    :func:`kquant_blocks` is the same recipe, packing included, in C."""
     n = xb.shape[0]
     sub = xb.reshape(n, -1, sub_size)
     subs = sub.shape[1]
-    w = kquant_weights(sub, xb, qw, sigma_factor, lib)
-    scale, m = fit_scale_min(sub.reshape(-1, sub_size), w.reshape(-1, sub_size), nmax, *search, lib=lib)
+    w = kquant_weights(sub, xb, qw, sigma_factor)
+    scale, m = fit_scale_min(sub.reshape(-1, sub_size), w.reshape(-1, sub_size), nmax, *search)
     scale, m = scale.reshape(n, subs), m.reshape(n, subs)
     d = (scale.max(axis=1) / lmax).astype(np.float16).astype(np.float32)
     dmin = (m.max(axis=1) / lmax).astype(np.float16).astype(np.float32)
     ls = np.clip(round_half_away(scale / np.where(d > 0, d, 1.0)[:, None]), 0, lmax)
     lm = np.clip(round_half_away(m / np.where(dmin > 0, dmin, 1.0)[:, None]), 0, lmax)
-    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, nmax, lib)
-    d, dmin = refit_super_scales(sub, w, q, ls, lm, d, dmin, lib)
-    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, nmax, lib)
+    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, nmax)
+    d, dmin = refit_super_scales(sub, w, q, ls, lm, d, dmin)
+    q = requantize_codes(sub, d[:, None] * ls, dmin[:, None] * lm, nmax)
     return d, dmin, ls, lm, q
 
 
-# (sub_size, nmax, lmax, search) of Q4_K and Q2_K, for the check below
-_KQUANT_RECIPES = ((32, 15, 63, (-1.0, 0.5, 4)), (16, 3, 15, (-0.5, 0.5, 2)))
+KQUANT_KINDS = {"Q4_K": (4, 144), "Q2_K": (2, 84)}  # the C kernel's kind, bytes per block
+# name -> (numpy recipe and packing of super-blocks, search): what the compiled recipe is checked
+# against; q4_k and q2_k register themselves (they import this module, not the other way)
+KQUANT_NUMPY: dict = {}
+
+
+def kquant_blocks(lib, name: str, xb: np.ndarray, qw: np.ndarray | None, search: tuple[float, float, int],
+                  refine: int = 2, sigma_factor: float = 2.0) -> np.ndarray:
+    """Super-blocks ``xb [n, 256]`` (importance ``qw`` the same shape, or None) to ``name``'s
+    (Q4_K or Q2_K) bytes ``[n, block_bytes]`` by the compiled ``kquant_search`` library: the
+    numpy recipe (:func:`kquant_fit` and the format's packing) one block at a time, bit for bit."""
+    kind, block_bytes = KQUANT_KINDS[name]
+    nmax = 15 if kind == 4 else 3
+    xc = np.ascontiguousarray(xb, dtype=np.float32)
+    qc = None if qw is None else np.ascontiguousarray(qw, dtype=np.float32)
+    steps = search_steps(nmax, *search)
+    out = np.empty((xc.shape[0], block_bytes), dtype=np.uint8)
+    lib.kquant_quantize(native.ptr(xc), None if qc is None else native.ptr(qc), ctypes.c_int64(xc.shape[0]),
+                        ctypes.c_int32(kind), native.ptr(steps), ctypes.c_int32(len(steps)), ctypes.c_int32(refine),
+                        ctypes.c_float(sigma_factor), native.ptr(out))
+    return out
+
+
+def kquant_native():
+    """The compiled K-quant library, or None where it does not build or fails its check."""
+    return native.load_checked("kquant_search", _check_native)
 
 
 def _check_native(lib) -> bool:
-    """Whether the C loops give the numpy path's bits for the whole recipe on a few hundred
-    random super-blocks of both K-quants, with and without importance: a compiler or platform
-    that rounds differently is caught here, and numpy is used instead."""
+    """Whether the C recipe gives the numpy path's bytes on a few hundred random super-blocks of
+    both K-quants, with and without importance: a compiler or platform that rounds
+    differently is caught here, and numpy is used instead."""
     rng = np.random.default_rng(0)
     xb = (rng.standard_t(3, size=(96, 256)) * 0.01).astype(np.float32)
     xb[:8] = np.abs(xb[:8])  # blocks with positive minima
     xb[8, :40] = 0.0  # flat sub-blocks
     xb[9] = 0.0
+    xb[10] *= 1e5  # fp16 overflow of the super-scale
+    xb[11] *= 1e-6  # subnormal super-scales
     qw = rng.gamma(0.5, size=(96, 256)).astype(np.float32)
     qw[:, ::13] = 0.0
-    for sub_size, nmax, lmax, search in _KQUANT_RECIPES:
+    for name, (numpy_chunk, search) in KQUANT_NUMPY.items():
         for imp in (None, qw):
-            want = _kquant_fit(xb, imp, sub_size, nmax, lmax, search, 2.0, None)
-            got = _kquant_fit(xb, imp, sub_size, nmax, lmax, search, 2.0, lib)
-            if not all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(want, got)):
+            if not np.array_equal(numpy_chunk(xb, imp), kquant_blocks(lib, name, xb, imp, search)):
                 return False
-    return True
+    return bool(KQUANT_NUMPY)

@@ -97,6 +97,7 @@ def dequantize(blocks: mx.array) -> mx.array:
 
 # ----------------------------------------------------------------------------- quantizer
 _CHUNK_BLOCKS = 256  # blocks per numpy batch: keeps the [runs, 256] cost tables in cache
+_NATIVE_CHUNK_BLOCKS = 4096  # the compiled recipe keeps no batch-sized temporaries
 # group scale candidates, as multiples of amax/43: around "amax on the top level", plus amax on
 # the middle and bottom levels (flat groups)
 _SCALE_STEPS = np.array([0.8, 1.0, 1.2, 43 / 25, 43 / 8], dtype=np.float32)
@@ -114,6 +115,7 @@ _LO_PATTERN = (_PATTERN_OF_ENTRY % 81).astype(np.int32)
 _HI_PATTERN = (_PATTERN_OF_ENTRY // 81).astype(np.int32)
 _ENTRY_OF_PATTERN = np.full(3 ** 8, -1, dtype=np.int64)
 _ENTRY_OF_PATTERN[_PATTERN_OF_ENTRY] = np.arange(256)
+_ENTRY_OF_PATTERN_16 = _ENTRY_OF_PATTERN.astype(np.int16)  # the C search's copy: 13 kB, in L1
 # y nearer to the middle level than to the bottom (top) one when y > s·16.5 (s·34)
 _MIDPOINTS = ((GRID_LEVELS[:-1] + GRID_LEVELS[1:]) / 2).astype(np.float32)
 
@@ -122,7 +124,7 @@ def _ptr(a: np.ndarray, kind=ctypes.c_float):
     return a.ctypes.data_as(ctypes.POINTER(kind))
 
 
-def _candidate_entries(y: np.ndarray, w: np.ndarray, s0: np.ndarray) -> np.ndarray:
+def _candidate_entries(y: np.ndarray, w: np.ndarray, s0: np.ndarray, lib=None) -> np.ndarray:
     """Per run, the best grid entry at each scale ``s0·f`` (f in ``_SCALE_STEPS``): ``[n, 8, 4, F]``.
 
     The cost is a sum over elements, so where every element's nearest level (and all weights
@@ -138,13 +140,12 @@ def _candidate_entries(y: np.ndarray, w: np.ndarray, s0: np.ndarray) -> np.ndarr
     s_run = np.repeat(np.asarray(s0, dtype=np.float32).reshape(-1), 4)  # each run's group scale
     n = yf.shape[0]
     out = np.empty((n, len(_SCALE_STEPS)), dtype=np.int64)
-    lib = native.load("iq2_search")
     if lib is not None:
         lhs, rows = np.empty((n, 16), dtype=np.float32), np.empty(n, dtype=np.int64)
         lib.iq2_candidates(_ptr(yf), _ptr(wf), _ptr(s_run), ctypes.c_int64(n), _ptr(_SCALE_STEPS),
                            ctypes.c_int64(len(_SCALE_STEPS)), _ptr(GRID_LEVELS),
                            _ptr(_LO_PATTERN, ctypes.c_int32), _ptr(_HI_PATTERN, ctypes.c_int32),
-                           _ptr(_ENTRY_OF_PATTERN, ctypes.c_int64), _ptr(lhs), _ptr(rows, ctypes.c_int64),
+                           _ptr(_ENTRY_OF_PATTERN_16, ctypes.c_int16), _ptr(lhs), _ptr(rows, ctypes.c_int64),
                            _ptr(out, ctypes.c_int64))
         return out.reshape(*runs, -1)
     wy = -2.0 * wf * yf
@@ -162,38 +163,24 @@ def _candidate_entries(y: np.ndarray, w: np.ndarray, s0: np.ndarray) -> np.ndarr
     return out.reshape(*runs, -1)
 
 
-def _candidate_sums(wy: np.ndarray, w: np.ndarray, cand: np.ndarray, lib=None) -> tuple[np.ndarray, np.ndarray]:
+def _candidate_sums(wy: np.ndarray, w: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For runs ``[..., 8]`` and their candidate entries ``cand [..., F]``: A = Σ w·y·g and
     B = Σ w·g² of each candidate ``g``, ``[..., F]`` float32."""
-    if lib is None:
-        g = GRID[cand]  # [..., F, 8]
-        return (np.einsum("rgkj,rgkfj->rgkf", wy, g), np.einsum("rgkj,rgkfj->rgkf", w, g * g))
-    wy, w = (np.ascontiguousarray(a, dtype=np.float32) for a in (wy, w))
-    cand = np.ascontiguousarray(cand, dtype=np.int64)
-    ca, cb = np.empty(cand.shape, dtype=np.float32), np.empty(cand.shape, dtype=np.float32)
-    lib.iq2_candidate_sums(native.ptr(wy), native.ptr(w), native.ptr(cand), native.ptr(GRID),
-                           ctypes.c_int64(cand.size // cand.shape[-1]), ctypes.c_int64(cand.shape[-1]),
-                           native.ptr(ca), native.ptr(cb))
-    return ca, cb
+    g = GRID[cand]  # [..., F, 8]
+    return (np.einsum("rgkj,rgkfj->rgkf", wy, g), np.einsum("rgkj,rgkfj->rgkf", w, g * g))
 
 
-def _best(s: np.ndarray, ca: np.ndarray, cb: np.ndarray, lib=None) -> tuple[np.ndarray, np.ndarray]:
+def _best(s: np.ndarray, ca: np.ndarray, cb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per run, the candidate of least cost s²B − 2sA at group scale ``s [n, 8]`` (``ca``,
     ``cb [n, 8, 4, F]``): its index and cost, ``[n, 8, 4]``."""
-    if lib is None:
-        c = s[..., None, None] * (s[..., None, None] * cb - 2.0 * ca)
-        k = np.argmin(c, axis=-1)
-        return k, np.take_along_axis(c, k[..., None], axis=-1)[..., 0]
-    s = np.ascontiguousarray(s, dtype=np.float32)
-    k, cost = np.empty(ca.shape[:-1], dtype=np.int64), np.empty(ca.shape[:-1], dtype=np.float32)
-    lib.iq2_best(native.ptr(s), native.ptr(ca), native.ptr(cb), ctypes.c_int64(s.size),
-                 ctypes.c_int64(ca.shape[-2]), ctypes.c_int64(ca.shape[-1]), native.ptr(k), native.ptr(cost))
-    return k, cost
+    c = s[..., None, None] * (s[..., None, None] * cb - 2.0 * ca)
+    k = np.argmin(c, axis=-1)
+    return k, np.take_along_axis(c, k[..., None], axis=-1)[..., 0]
 
 
 def _native():
-    """The compiled IQ2_XXS loops, or None. Their candidate sums and choices are checked against
-    numpy's (bit for bit) before first use."""
+    """The compiled IQ2_XXS recipe, or None. Checked against the numpy recipe (bit for bit, with
+    the same candidate search) before first use."""
     if native.load("iq2_search") is None:  # (also when a caller has switched it off)
         return None
     return native.load_checked("iq2_search", _check_native)
@@ -201,19 +188,35 @@ def _native():
 
 def _check_native(lib) -> bool:
     rng = np.random.default_rng(0)
-    y = np.abs(rng.standard_t(3, size=(48, 8, 4, 8))).astype(np.float32) * 0.01
-    w = rng.gamma(0.5, size=y.shape).astype(np.float32)
-    w[::5] = 0.0
-    cand = rng.integers(0, 256, size=(48, 8, 4, len(_SCALE_STEPS)))
-    want, got = _candidate_sums(w * y, w, cand), _candidate_sums(w * y, w, cand, lib)
-    if not all(np.array_equal(a, b) for a, b in zip(want, got)):
-        return False
-    s = (y.max(axis=(2, 3)) / 43.0).astype(np.float32)
-    s[0, :2] = 0.0
-    return all(np.array_equal(a, b) for a, b in zip(_best(s, *want), _best(s, *want, lib)))
+    xb = (rng.standard_t(3, size=(48, 256)) * 0.01).astype(np.float32)
+    xb[0] = 0.0
+    xb[1, ::3] = 0.0
+    xb[2] *= 1e6  # the fp16 super-scale overflows
+    xb[3] *= 1e-7  # subnormal super-scales
+    qw = rng.gamma(0.5, size=xb.shape).astype(np.float32) + 0.05
+    return all(np.array_equal(numpy_chunk(xb, imp, lib), _compiled_chunk(lib, xb, imp)) for imp in (None, qw))
+
+
+def _compiled_chunk(lib, xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    xc = np.ascontiguousarray(xb, dtype=np.float32)
+    qc = None if qw is None else np.ascontiguousarray(qw, dtype=np.float32)
+    out = np.empty((xc.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    lib.iq2_quantize(native.ptr(xc), None if qc is None else native.ptr(qc), ctypes.c_int64(xc.shape[0]),
+                     _ptr(_SCALE_STEPS), ctypes.c_int32(len(_SCALE_STEPS)), _ptr(_SUPER_STEPS),
+                     ctypes.c_int32(len(_SUPER_STEPS)), ctypes.c_int32(_REFINE), _ptr(GRID_LEVELS),
+                     _ptr(_LO_PATTERN, ctypes.c_int32), _ptr(_HI_PATTERN, ctypes.c_int32),
+                     _ptr(_ENTRY_OF_PATTERN_16, ctypes.c_int16), _ptr(GRID), native.ptr(out))
+    return out
 
 
 def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    lib = _native()
+    return numpy_chunk(xb, qw, native.load("iq2_search")) if lib is None else _compiled_chunk(lib, xb, qw)
+
+
+def numpy_chunk(xb: np.ndarray, qw: np.ndarray | None, search_lib=None) -> np.ndarray:
+    """The numpy recipe for super-blocks ``xb [n, 256]`` (the compiled one's reference); the
+    256-entry search in C when ``search_lib`` is the compiled library."""
     n = xb.shape[0]
     x = xb.reshape(n, 8, 4, 8)
     if qw is None:
@@ -233,13 +236,11 @@ def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 
     # the few entries worth considering per run, and their sums A = Σ w y g, B = Σ w g²
     s0 = y.max(axis=(2, 3)) / 43.0  # [n, 8]
-    cand = _candidate_entries(y, w, s0)  # [n, 8, 4, F]
-    lib = _native()
-    ca, cb = _candidate_sums(w * y, w, cand, lib)
+    cand = _candidate_entries(y, w, s0, search_lib)  # [n, 8, 4, F]
+    ca, cb = _candidate_sums(w * y, w, cand)
 
     def best(s):  # per run, the candidate with the lowest cost s²B − 2sA at group scale s [n, 8]
-        return _best(s, ca, cb, lib)
-
+        return _best(s, ca, cb)
     # group scale: the best of the sweep, then least-squares refinements
     costs = np.stack([best(s0 * f)[1].sum(axis=-1) for f in _SCALE_STEPS])  # [F, n, 8]
     s = s0 * _SCALE_STEPS[np.argmin(costs, axis=0)]
@@ -287,4 +288,5 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     ``weights``: optional importance, broadcast to ``x`` (e.g. an imatrix ``[n]``), weighted
     as ``common.importance_weights``.
     """
-    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk)
+    chunk = _CHUNK_BLOCKS if _native() is None else _NATIVE_CHUNK_BLOCKS
+    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, chunk, _quantize_chunk)

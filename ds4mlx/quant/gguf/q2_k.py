@@ -20,8 +20,8 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .common import (as_blocks, bits, field_f16, flat_values, kquant_fit, kquant_native, np_f16_bytes,
-                     quantize_in_chunks)
+from .common import (KQUANT_NUMPY, as_blocks, bits, field_f16, flat_values, kquant_blocks, kquant_fit,
+                     kquant_native, np_f16_bytes, quantize_in_chunks)
 
 NAME = "Q2_K"
 GGML_TYPE = int(GGMLQuantizationType.Q2_K)
@@ -30,7 +30,8 @@ SCALE_FIELDS = (80, 82)  # byte offsets of the block's fp16 scales (the load-tim
 
 _SUB = 16
 _CHUNK_BLOCKS = 256  # as Q4_K
-_NATIVE_CHUNK_BLOCKS = 1024  # as Q4_K
+_NATIVE_CHUNK_BLOCKS = 4096  # as Q4_K
+SEARCH = (-0.5, 0.5, 2)  # (rmin, rdelta, nstep) of the inverse-scale sweep
 
 
 def dequantize(blocks: mx.array) -> mx.array:
@@ -45,13 +46,18 @@ def dequantize(blocks: mx.array) -> mx.array:
     return flat_values(flat_values(dl * q - ml))
 
 
-def _quantize_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+def numpy_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    """The numpy recipe and packing of super-blocks ``xb [n, 256]`` (the compiled one's reference)."""
     n = xb.shape[0]
-    d, dmin, ls, lm, q = kquant_fit(xb, qw, _SUB, 3, 15, (-0.5, 0.5, 2))
+    d, dmin, ls, lm, q = kquant_fit(xb, qw, _SUB, 3, 15, SEARCH)
     q = q.reshape(n, 2, 4, 32)
     qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
     scales = (ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)).astype(np.uint8)
     return np.concatenate([scales, qs.reshape(n, 64), np_f16_bytes(d), np_f16_bytes(dmin)], axis=1)
+
+
+
+KQUANT_NUMPY[NAME] = (numpy_chunk, SEARCH)
 
 
 def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -61,5 +67,8 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     inverse scales, then 4-bit sub-block scales and mins against fp16 super-scales, which are
     re-fit once the codes are known. ``weights``: optional importance, broadcast to ``x``.
     """
-    chunk = _CHUNK_BLOCKS if kquant_native() is None else _NATIVE_CHUNK_BLOCKS
-    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, chunk, _quantize_chunk)
+    lib = kquant_native()
+    if lib is None:
+        return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, numpy_chunk)
+    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _NATIVE_CHUNK_BLOCKS,
+                              lambda xb, qw: kquant_blocks(lib, NAME, xb, qw, SEARCH))

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from . import native
 from .common import as_blocks, field_f16, flat_values, np_blocks, np_f16_bytes, np_out, round_half_away
 
 NAME = "Q8_0"
@@ -41,11 +42,39 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     against the stored ``d`` (so the fp16 rounding of the scale is not compounded).
     ``weights`` is accepted for a uniform signature; 8-bit codes do not need it."""
     xb, lead = np_blocks(x, BLOCK_SIZE, NAME)
+    lib = _native()
+    return np_out(_numpy_blocks(xb) if lib is None else _compiled_blocks(lib, xb), lead)
+
+
+def _numpy_blocks(xb: np.ndarray) -> np.ndarray:
     d = np.minimum(np.abs(xb).max(axis=1) / 127.0, _FP16_MAX).astype(np.float16).astype(np.float32)
     safe = np.where(d > 0, d, 1.0)
     q = np.where(d[:, None] > 0, np.clip(round_half_away(xb / safe[:, None]), -127, 127), 0)
-    packed = np.concatenate([np_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
-    return np_out(packed, lead)
+    return np.concatenate([np_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
+
+
+def _compiled_blocks(lib, xb: np.ndarray) -> np.ndarray:
+    import ctypes
+
+    xc = np.ascontiguousarray(xb, dtype=np.float32)
+    out = np.empty((xc.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    lib.q8_0_quantize(native.ptr(xc), ctypes.c_int64(xc.shape[0]), native.ptr(out))
+    return out
+
+
+def _native():
+    """The compiled Q8_0 quantizer (``native/q8_0.c``), or None; checked against numpy first."""
+    return native.load_checked("q8_0", _check_native)
+
+
+def _check_native(lib) -> bool:
+    rng = np.random.default_rng(0)
+    xb = (rng.standard_t(3, size=(64, 32)) * 0.02).astype(np.float32)
+    xb[0] = 0.0
+    xb[1] = rng.integers(-4, 5, 32) * 0.5  # exact halves: rounding ties
+    xb[2] *= 1e9  # the scale saturates at 65504
+    xb[3] *= 1e-6  # subnormal scales
+    return np.array_equal(_numpy_blocks(xb), _compiled_blocks(lib, xb))
 
 
 def to_mlx_affine8(blocks: mx.array, scale_dtype: mx.Dtype | None = None

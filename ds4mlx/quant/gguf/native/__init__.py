@@ -21,6 +21,9 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 # no contraction into fused multiply-adds: the kernels repeat numpy's rounding step by step
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off"]
+# tuned for this CPU where the compiler can (1.3x for the K-quants, measured), else generic; the
+# build is cached per CPU (see _cpu_identity), and every library is checked against numpy anyway
+_TUNE = (["-march=native"], [])
 _LIBS: dict[str, ctypes.CDLL | None] = {}
 _CHECKED: dict[str, ctypes.CDLL | None] = {}
 
@@ -39,24 +42,42 @@ def _cache_dir() -> Path:
     return path
 
 
+def _cpu_identity() -> bytes:
+    """What a ``-march=native`` build depends on: the machine and its CPU's features."""
+    import platform
+
+    ident = f"{platform.machine()} {platform.processor()}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            ident += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return ident.encode()
+
+
 def _build(name: str) -> ctypes.CDLL | None:
     if os.environ.get("DS4MLX_QUANT_NATIVE", "1") == "0":
         return None
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         return None
-    source = (HERE / f"{name}.c").read_bytes()
-    digest = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:24]
+    # the headers beside the sources are part of every build's identity
+    sources = [(HERE / f"{name}.c").read_bytes()] + [h.read_bytes() for h in sorted(HERE.glob("*.h"))]
+    digest = hashlib.sha256(b"\0".join([*sources, cc.encode(), " ".join(_FLAGS).encode(),
+                                         _cpu_identity()])).hexdigest()[:24]
     lib = _cache_dir() / f"{name}-{digest}.so"
     if not lib.exists():
         # build beside the target and rename: worker processes may build at the same time
         tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
-        try:
-            subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(HERE / f"{name}.c")], check=True,
-                           capture_output=True, timeout=120)
-            os.replace(tmp, lib)
-        except (OSError, subprocess.SubprocessError):
-            tmp.unlink(missing_ok=True)
+        for tune in _TUNE:
+            try:
+                subprocess.run([cc, *_FLAGS, *tune, "-o", str(tmp), str(HERE / f"{name}.c")], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(tmp, lib)
+                break
+            except (OSError, subprocess.SubprocessError):
+                tmp.unlink(missing_ok=True)
+        else:
             return None
     try:
         return ctypes.CDLL(str(lib))

@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "npyops.h"
+
 typedef float v4 __attribute__((vector_size(16)));
 
 #if defined(__aarch64__)
@@ -117,18 +119,7 @@ static inline int less(double a, double best) { /* argmin order: the first NaN w
     return !isnan(best) && (a < best || isnan(a));
 }
 
-/* numpy's pairwise sum of n <= 128 values (8 accumulators, then a tree), in float32 or float64 */
-static inline float pairwise_f32(const float *a, int n) {
-    float r[8];
-    for (int j = 0; j < 8; j++) r[j] = a[j];
-    int i = 8;
-    for (; i < n - n % 8; i += 8)
-        for (int j = 0; j < 8; j++) r[j] += a[i + j];
-    float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; i++) res += a[i];
-    return res;
-}
-
+/* numpy's pairwise sum (npyops.h) in float64, of float32 values */
 static inline double pairwise_f64(const float *a, int n) {
     double r[8];
     for (int j = 0; j < 8; j++) r[j] = a[j];
@@ -137,18 +128,15 @@ static inline double pairwise_f64(const float *a, int n) {
         for (int j = 0; j < 8; j++) r[j] += (double)a[i + j];
     double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
     for (; i < n; i++) res += (double)a[i];
-    return res;
+    return 0.0 + res;
 }
 
-/* x, w [n_rows][n] (n a multiple of 16, at most 128); steps [n_steps] the inverse-scale
- * numerators, the plain min/max candidate's (nmax) first. Writes each row's scale and m. */
-void kquant_fit_scale_min(const float *x, const float *w, int64_t n_rows, int32_t n, int32_t nmax_i,
-                          const double *steps, int32_t n_steps, int32_t refine, float *scale_out,
-                          float *m_out) {
-    const float nmax = (float)nmax_i;
+/* One row x, w [n] (n a multiple of 16, at most 128) of common.fit_scale_min; steps [n_steps]
+ * the inverse-scale numerators, the plain min/max candidate's (nmax) first. */
+static void fit_row(const float *xr, const float *wr, int32_t n, float nmax, const double *steps,
+                    int32_t n_steps, int32_t refine, float *scale_out, float *m_out) {
     float wxr[128];
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float *xr = x + r * n, *wr = w + r * n;
+    {
         float mn = xr[0], mx = xr[0];
         for (int k = 0; k < n; k++) {
             wxr[k] = wr[k] * xr[k];
@@ -213,13 +201,13 @@ void kquant_fit_scale_min(const float *x, const float *w, int64_t n_rows, int32_
             best_lsq = 1;
             memcpy(best_q, q, sizeof(float) * n);
         }
-        scale_out[r] = flat ? 0.0f : (float)best_scale;
-        m_out[r] = flat ? -l : (float)(-best_b);
+        *scale_out = flat ? 0.0f : (float)best_scale;
+        *m_out = flat ? -l : (float)(-best_b);
     }
 }
 
 /* common.kquant_weights without importance: w = sqrt(mean(x²)) + |x| per sub-block of n (8..128) */
-void kquant_plain_weights(const float *x, int64_t n_rows, int32_t n, float *w) {
+static void kquant_plain_weights(const float *x, int64_t n_rows, int32_t n, float *w) {
     float sq[128];
     for (int64_t r = 0; r < n_rows; r++) {
         const float *xr = x + r * n;
@@ -230,8 +218,8 @@ void kquant_plain_weights(const float *x, int64_t n_rows, int32_t n, float *w) {
 }
 
 /* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n */
-void kquant_requantize(const float *x, const float *m, const float *inv, int64_t n_rows, int32_t n,
-                       int32_t nmax_i, uint8_t *q) {
+static void kquant_requantize(const float *x, const float *m, const float *inv, int64_t n_rows, int32_t n,
+                              int32_t nmax_i, uint8_t *q) {
     const float nmax = (float)nmax_i;
     const v4 half = {0.5f, 0.5f, 0.5f, 0.5f}, one = {1, 1, 1, 1};
     for (int64_t r = 0; r < n_rows; r++) {
@@ -249,9 +237,9 @@ void kquant_requantize(const float *x, const float *m, const float *inv, int64_t
 /* The sums of common.refit_super_scales for blocks of subs sub-blocks of n: per sub-block
  * Σ w q, Σ w q², Σ w q x, Σ w, Σ w x, and per block Σ w x² (numpy's three-operand einsum:
  * one float32 accumulator, element by element). */
-void kquant_refit_sums(const float *x, const float *w, const uint8_t *q, int64_t n_blocks,
-                       int32_t subs, int32_t n, double *s_q, double *s_qq, double *s_qx,
-                       double *s_w, double *s_x, double *s_xx) {
+static void kquant_refit_sums(const float *x, const float *w, const uint8_t *q, int64_t n_blocks,
+                              int32_t subs, int32_t n, double *s_q, double *s_qq, double *s_qx,
+                              double *s_w, double *s_x, double *s_xx) {
     float qf[128], wq[128];
     for (int64_t b = 0; b < n_blocks; b++) {
         float acc = 0.0f;
@@ -270,5 +258,148 @@ void kquant_refit_sums(const float *x, const float *w, const uint8_t *q, int64_t
             s_x[b * subs + j] = dot(wr, xr, n);
         }
         s_xx[b] = 0.0f + acc;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The whole per-block recipe of common.kquant_fit and the packing of q4_k / q2_k, one
+ * super-block of 256 at a time, every step the numpy path's operation in its order. */
+
+
+/* numpy's pairwise float64 sum of 8 <= n <= 128 values (see pairwise_f32) */
+static inline double pairwise_d(const double *a, int n) {
+    double r[8];
+    for (int j = 0; j < 8; j++) r[j] = a[j];
+    int i = 8;
+    for (; i < n - n % 8; i += 8)
+        for (int j = 0; j < 8; j++) r[j] += a[i + j];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; i++) res += a[i];
+    return 0.0 + res;
+}
+
+/* np.clip(v, 0, top): -0 and NaN pass through */
+static inline float clip_f(float v, float top) { return v < 0 ? 0.0f : (v > top ? top : v); }
+static inline double clip_d(double v, double top) { return v < 0 ? 0.0 : (v > top ? top : v); }
+
+/* round_half_away: sign(v)·floor(|v| + 0.5) */
+static inline float round_half_away(float v) {
+    const float sign = v > 0 ? 1.0f : (v < 0 ? -1.0f : (v == 0 ? 0.0f : v));
+    return sign * floor_f(__builtin_fabsf(v) + 0.5f);
+}
+
+static inline float max_f(const float *a, int n) { /* np.max: NaN propagates */
+    float m = a[0];
+    for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
+    return m;
+}
+
+/* common.importance_weights for one super-block: qw·sqrt(f·mean(x²) + x²) */
+static void importance_block(const float *x, const float *qw, float sigma_factor, float *w) {
+    float sq[256];
+    for (int k = 0; k < 256; k++) sq[k] = x[k] * x[k];
+    const float mean = (0.0f + (pairwise_f32(sq, 128) + pairwise_f32(sq + 128, 128))) / 256.0f;
+    const float sigma2 = sigma_factor == 1.0f ? mean : sigma_factor * mean;
+    for (int k = 0; k < 256; k++) w[k] = qw[k] * __builtin_sqrtf(sigma2 + x[k] * x[k]);
+}
+
+/* common.refit_super_scales for one block: the new (d, dmin) where they lower the error */
+static void refit_super(const float *x, const float *w, const uint8_t *q, const float *ls,
+                        const float *lm, int32_t subs, int32_t sub, float *d, float *dmin) {
+    double s_q[16], s_qq[16], s_qx[16], s_w[16], s_x[16], s_xx, t[5][16];
+    kquant_refit_sums(x, w, q, 1, subs, sub, s_q, s_qq, s_qx, s_w, s_x, &s_xx);
+    for (int j = 0; j < subs; j++) {
+        const double a = ls[j], c = lm[j];
+        t[0][j] = a * a * s_qq[j];
+        t[1][j] = c * c * s_w[j];
+        t[2][j] = a * c * s_q[j];
+        t[3][j] = a * s_qx[j];
+        t[4][j] = c * s_x[j];
+    }
+    const double saa = pairwise_d(t[0], subs), scc = pairwise_d(t[1], subs), sac = pairwise_d(t[2], subs);
+    const double sax = pairwise_d(t[3], subs), scx = pairwise_d(t[4], subs);
+    const double det = saa * scc - sac * sac;
+    const double p = saa * scc, floor_ = (p != p || p >= 1e-30) ? p : 1e-30; /* np.maximum */
+    const int ok = det > 1e-30 * floor_;
+    const double safe = ok ? det : 1.0;
+    double nd = (sax * scc - scx * sac) / safe, ne = (sax * sac - scx * saa) / safe;
+    const int only_d = !ok && saa > 0;
+    if (only_d) {
+        nd = sax / saa;
+        ne = *dmin;
+    }
+    const float ndf = f16_to_f32(f64_to_f16(clip_d(nd, 65504.0)));
+    const float nef = f16_to_f32(f64_to_f16(clip_d(ne, 65504.0)));
+#define ERR(dd, ee) ((dd) * (dd) * saa + (ee) * (ee) * scc + s_xx - 2 * (dd) * (ee) * sac - 2 * (dd) * sax + 2 * (ee) * scx)
+    const double dn = ndf, en = nef, d0 = *d, e0 = *dmin;
+    if ((ok || only_d) && ERR(dn, en) < ERR(d0, e0)) {
+        *d = ndf;
+        *dmin = nef;
+    }
+#undef ERR
+}
+
+/* the codes of one block for (d, dmin) and the sub-block levels ls, lm */
+static void block_codes(const float *x, float d, float dmin, const float *ls, const float *lm,
+                        int32_t subs, int32_t sub, int32_t nmax, uint8_t *q) {
+    float mm[16], inv[16];
+    for (int j = 0; j < subs; j++) {
+        const float sc = d * ls[j];
+        mm[j] = dmin * lm[j];
+        inv[j] = sc > 0 ? 1.0f / sc : 0.0f;
+    }
+    kquant_requantize(x, mm, inv, subs, sub, nmax, q);
+}
+
+/* xb [n_blocks][256] and optional importance qw (same shape) -> Q4_K (kind 4: sub-blocks of 32,
+ * codes 0..15, 6-bit levels) or Q2_K (kind 2: 16, 0..3, 4-bit) blocks in out. */
+void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t kind,
+                     const double *steps, int32_t n_steps, int32_t refine, float sigma_factor,
+                     uint8_t *out) {
+    const int32_t sub = kind == 4 ? 32 : 16, subs = 256 / sub, nmax = kind == 4 ? 15 : 3;
+    const float lmax = kind == 4 ? 63.0f : 15.0f;
+    const int64_t block_bytes = kind == 4 ? 144 : 84;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const float *x = xb + 256 * b;
+        uint8_t *o = out + block_bytes * b;
+        float w[256], scale[16], m[16], ls[16], lm[16];
+        uint8_t q[256];
+        if (qw != NULL)
+            importance_block(x, qw + 256 * b, sigma_factor, w);
+        else
+            kquant_plain_weights(x, subs, sub, w);
+        for (int j = 0; j < subs; j++)
+            fit_row(x + sub * j, w + sub * j, sub, (float)nmax, steps, n_steps, refine, scale + j, m + j);
+        float d = f16_to_f32(f32_to_f16(max_f(scale, subs) / lmax));
+        float dmin = f16_to_f32(f32_to_f16(max_f(m, subs) / lmax));
+        const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
+        for (int j = 0; j < subs; j++) {
+            ls[j] = clip_f(round_half_away(scale[j] / dsafe), lmax);
+            lm[j] = clip_f(round_half_away(m[j] / msafe), lmax);
+        }
+        block_codes(x, d, dmin, ls, lm, subs, sub, nmax, q);
+        refit_super(x, w, q, ls, lm, subs, sub, &d, &dmin);
+        block_codes(x, d, dmin, ls, lm, subs, sub, nmax, q);
+        const uint16_t hd = f32_to_f16(d), hm = f32_to_f16(dmin);
+        if (kind == 4) {
+            uint8_t sc[8], mn[8];
+            for (int j = 0; j < 8; j++) sc[j] = (uint8_t)(int)ls[j], mn[j] = (uint8_t)(int)lm[j];
+            o[0] = hd & 255, o[1] = hd >> 8, o[2] = hm & 255, o[3] = hm >> 8;
+            for (int j = 0; j < 4; j++) {
+                o[4 + j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+                o[8 + j] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
+                o[12 + j] = (sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4);
+            }
+            for (int c = 0; c < 4; c++)
+                for (int l = 0; l < 32; l++) o[16 + 32 * c + l] = q[64 * c + l] | (q[64 * c + 32 + l] << 4);
+        } else {
+            for (int j = 0; j < 16; j++) o[j] = (uint8_t)(int)ls[j] | ((uint8_t)(int)lm[j] << 4);
+            for (int h = 0; h < 2; h++)
+                for (int l = 0; l < 32; l++) {
+                    const uint8_t *qh = q + 128 * h + l;
+                    o[16 + 32 * h + l] = qh[0] | (qh[32] << 2) | (qh[64] << 4) | (qh[96] << 6);
+                }
+            o[80] = hd & 255, o[81] = hd >> 8, o[82] = hm & 255, o[83] = hm >> 8;
+        }
     }
 }
