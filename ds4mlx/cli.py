@@ -78,6 +78,14 @@ def _check_draft(draft: Optional[str]) -> None:
         raise UsageProblem(f"--draft {draft!r}: the known drafter is 'mtp'")
 
 
+def _check_split(layers_split: Optional[str]) -> None:
+    from .distributed import launched
+
+    if layers_split is not None and not launched():
+        raise UsageProblem("--layers-split splits the model over the processes of mlx.launch; start with "
+                           "mlx.launch -n 2 ... (see docs/distributed.md)")
+
+
 def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True,
           ctx: int = DEFAULT_CTX, ignore_memory_limit: bool = False,
           draft: Optional[str] = None, mtp_gguf: Optional[Path] = None, layers_split: Optional[str] = None):
@@ -91,10 +99,8 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     from .progress import LoadProgress, is_terminal
 
     _check_draft(draft)
+    _check_split(layers_split)
     split = distributed.launched()
-    if layers_split is not None and not split:
-        raise UsageProblem("--layers-split splits the model over the processes of mlx.launch; start with "
-                           "mlx.launch -n 2 ... (see docs/distributed.md)")
     load_model = load
     if split:
         distributed.silence_other_ranks()
@@ -467,18 +473,26 @@ def serve(
     draft: DraftOpt = None,
     num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
     mtp_gguf: MtpGgufOpt = None,
+    layers_split: LayersSplitOpt = None,
 ) -> None:
     """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
     import signal
 
+    from . import distributed
     from .server import serve as run_server
 
     _check_draft(draft)
+    _check_split(layers_split)
+    if distributed.launched():  # rank 0 serves; the others run its forwards, silently
+        distributed.silence_other_ranks()
+        if not distributed.is_output_rank():
+            set_output(verbose=False, quiet=True)
     status(f"Loading {model} ...")
     try:
         run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
                    disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token,
-                   default_max_tokens=max_tokens, draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf)
+                   default_max_tokens=max_tokens, draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf,
+                   layers_split=layers_split)
     except SystemExit as e:  # console.Terminated: SIGTERM, raised once uvicorn has shut down
         if e.code != 128 + signal.SIGTERM:
             raise

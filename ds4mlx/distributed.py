@@ -21,6 +21,7 @@ import re
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -29,12 +30,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .stage import Stage, SplitError, balanced_split, parse_split
+from .state import BatchLayerCache, LayerCache
 
 DEFAULT_TIMEOUT = 30.0  # seconds a rank waits for another during a forward pass
 DEFAULT_LOAD_TIMEOUT = 1800.0  # seconds the ranks wait for each other to finish loading
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
-__all__ = ["DistributedError", "PipelineModel", "SplitError", "launched", "load", "plan", "world"]
+__all__ = ["DistributedError", "PipelineModel", "RemoteLayer", "SplitError", "launched", "load", "plan", "world"]
 
 
 class DistributedError(RuntimeError):
@@ -58,6 +60,10 @@ def is_output_rank() -> bool:
     """True for the process that writes output: rank 0, or the only one."""
     group = world() if launched() else None
     return group is None or group.rank() == 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _timeout(name: str, default: float) -> float:
@@ -119,9 +125,12 @@ class _Watchdog:
         threading.Thread(target=self._watch, name="ds4mlx-watchdog", daemon=True).start()
 
     @contextmanager
-    def guard(self, what: str, timeout: float) -> Iterator[None]:
+    def guard(self, what: str, timeout: Optional[float]) -> Iterator[None]:
+        """``timeout`` None: no deadline (a served model's ranks wait for the next request),
+        but a lost connection still raises ``DistributedError``."""
         with self._lock:
-            self._deadline, self._what, self._timeout = time.monotonic() + timeout, what, timeout
+            self._deadline = None if timeout is None else time.monotonic() + timeout
+            self._what, self._timeout = what, timeout or 0.0
         try:
             yield
         except RuntimeError as e:  # the ring / JACCL backends: a peer closed its connection
@@ -157,6 +166,7 @@ class PipelineModel(nn.Module):
         self._watchdog = _Watchdog(stage.rank)
         self.sent_bytes = 0  # streams and logits this rank has sent (the benchmark reads it)
         self.model_type = getattr(model, "model_type", "deepseek_v4")
+        self._leader: Optional[_Leader] = None  # rank 0 of a served model (``lead``)
 
     # -- what callers read from a model
     @property
@@ -193,10 +203,11 @@ class PipelineModel(nn.Module):
             self.model.layers[i].attn.qat_rounding = self.model.qat_rounding
 
     def make_cache(self) -> list:
-        c = self.config
-        from .state import LayerCache
-
-        return [LayerCache(c.ratio(i)) for i in range(c.num_hidden_layers)]
+        """A state entry per layer; when leading (served), ``RemoteLayer``s for the layers other
+        ranks run."""
+        c, lead = self.config, self._leader
+        return [LayerCache(c.ratio(i)) if lead is None or self.stage.holds_layer(i) else RemoteLayer(c.ratio(i), lead)
+                for i in range(c.num_hidden_layers)]
 
     # -- communication, each wait under the watchdog
     def _eval(self, what: str, *arrays) -> None:
@@ -214,16 +225,24 @@ class PipelineModel(nn.Module):
         return out
 
     # -- forward
-    def hidden_streams(self, tokens: mx.array, cache: Optional[list] = None) -> Optional[mx.array]:
+    def hidden_streams(self, tokens: mx.array, cache: Optional[list] = None, *,
+                       all_logits: bool = False) -> Optional[mx.array]:
         """This rank's share of the pass: the final streams on the last rank (None elsewhere)."""
         if tokens.ndim == 1:
             tokens = tokens[None]
         if cache is None:
             cache = self.make_cache()
-        m, s = self.model, self.stage
         # The tokens depend on the last step's logits (a collective): settle them first, so the
         # collectives run in the same order on every rank.
         self._eval("waiting for the last step's logits", tokens)
+        if self._leader is not None:
+            batched = isinstance(cache[0], BatchLayerCache)
+            self._announce(_FORWARD, tokens, cache, (_BATCHED if batched else 0) | (_ALL_LOGITS if all_logits else 0))
+        with self._in_step():
+            return self._run_stage(tokens, cache)
+
+    def _run_stage(self, tokens: mx.array, cache: list) -> Optional[mx.array]:
+        m, s = self.model, self.stage
         shape = (*tokens.shape, self.config.hc_mult, self.config.hidden_size)
         if s.embeds:
             e = m.embed(tokens).astype(mx.float32)
@@ -233,29 +252,207 @@ class PipelineModel(nn.Module):
         for i in self.own_layers():
             h = m.layers[i](h, tokens, cache[i], m.dtype)
         for i, c in enumerate(cache):
-            if not s.holds_layer(i):
-                c.offset += tokens.shape[1]  # positions advance on every rank alike
+            if not s.holds_layer(i):  # positions advance on every rank alike
+                for row in c.caches if isinstance(c, BatchLayerCache) else [c]:
+                    row.offset += tokens.shape[1]
         if not s.heads:
             self._send(h, s.rank + 1)  # evaluates this rank's layers (and the receive) now
             return None
         self._eval(f"waiting for rank {s.rank - 1}" if s.rank else "running the layers", h)
         return h
 
-    def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: Optional[list] = None, *, all_logits: bool = False) -> mx.array:
         """tokens [B, S] → logits [B, S, vocab] float32, the same on every rank. The last
-        position's logits are shared at once (under the watchdog); the others only when the
-        caller evaluates them (a prefill chunk's are usually dropped unread)."""
+        position's logits are shared at once (under the watchdog); the others with
+        ``all_logits``, or else when the caller evaluates them (every rank runs the same
+        program, so each does). When leading, the other ranks cannot know what rank 0 reads:
+        without ``all_logits`` those positions are NaN, which the generation loops refuse."""
         if tokens.ndim == 1:
             tokens = tokens[None]
-        h = self.hidden_streams(tokens, cache)
+        h = self.hidden_streams(tokens, cache, all_logits=all_logits)
         B, S = tokens.shape
         V = self.config.vocab_size
-        logits = self.model.main_head(h) if h is not None else mx.zeros((B, S, V), mx.float32)
-        last = self._share(logits[:, -1:])
-        self._eval("sharing the logits", last)
-        if S == 1:
-            return last
-        return mx.concatenate([self._share(logits[:, :-1]), last], axis=1)
+        with self._in_step():
+            logits = self.model.main_head(h) if h is not None else mx.zeros((B, S, V), mx.float32)
+            last = self._share(logits[:, -1:])
+            self._eval("sharing the logits", last)
+            if S == 1:
+                return last
+            if all_logits:
+                rest = self._share(logits[:, :-1])
+                self._eval("sharing the logits", rest)
+            elif self._leader is not None:
+                rest = mx.broadcast_to(mx.array(float("nan")), (B, S - 1, V))
+            else:
+                rest = self._share(logits[:, :-1])
+            return mx.concatenate([rest, last], axis=1)
+
+    @contextmanager
+    def _in_step(self) -> Iterator[None]:
+        """Once rank 0 has announced a forward, the other ranks run it whatever happens here: a
+        failure on rank 0 now would leave them out of step, so it ends the process."""
+        if self._leader is None:
+            yield
+            return
+        try:
+            yield
+        except Exception as e:
+            os.write(2, f"ds4mlx: error: rank 0: {_one_line(e)}; the other ranks are out of step, stopping\n".encode())
+            os._exit(1)
+
+    # -- served mode (see the section below)
+    def lead(self) -> None:
+        """Rank 0 of a served model (``ds4mlx serve``): from now on each forward is announced to
+        the other ranks, which run it in ``follow``; ``make_cache`` gives ``RemoteLayer``s for
+        the layers they run. ``release_followers`` lets them go."""
+        if self.stage.rank != 0:
+            raise DistributedError(f"rank {self.stage.rank}: only rank 0 leads; the other ranks follow")
+        self._leader = _Leader()
+
+    def release_followers(self) -> None:
+        """Rank 0 of a served model: the other ranks return from ``follow`` (once; later calls
+        do nothing)."""
+        if self._leader is not None and not self._leader.released:
+            self._leader.released = True
+            self._announce(_QUIT)
+
+    def _announce(self, op: int, tokens: Optional[mx.array] = None, cache: Optional[list] = None,
+                  flags: int = 0) -> None:
+        lead, L = self._leader, self.config.num_hidden_layers
+        B, S = (0, 0) if tokens is None else tokens.shape
+        handles = [] if cache is None else self._handles(cache, B)
+        copies, drops = lead.drain()
+        header = [op, B, S, flags, len(copies), len(drops)]
+        payload = ([] if tokens is None else tokens.reshape(-1).tolist()) + handles
+        payload += [h for pair in copies for h in pair] + drops
+        assert len(payload) == B * S + B * L * (cache is not None) + 2 * len(copies) + len(drops)
+        with self._in_step():
+            self._exchange(header, "announcing the next step", self.timeout)
+            if payload:
+                self._exchange(payload, "announcing the next step", self.timeout)
+
+    def _handles(self, cache: list, rows: int) -> list[int]:
+        """Row by row, the handle of each layer another rank runs (0 for rank 0's own)."""
+        L = self.config.num_hidden_layers
+        out = [0] * (rows * L)
+        for i in range(L):
+            if self.stage.holds_layer(i):
+                continue
+            c = cache[i]
+            parts = c.caches if isinstance(c, BatchLayerCache) else [c]
+            if len(parts) != rows or not all(isinstance(p, RemoteLayer) for p in parts):
+                raise ValueError(f"layer {i}'s decode state is not one this split model made (make_cache): "
+                                 "rank 0 cannot name it to the rank that runs the layer")
+            for j, p in enumerate(parts):
+                out[j * L + i] = p.handle
+        return out
+
+    def _exchange(self, values, what: str, timeout: Optional[float]) -> list[int]:
+        """Rank 0's int32 ``values`` on every rank: the others pass their count and add zeros."""
+        if isinstance(values, int):
+            x = mx.zeros((values,), mx.int32)
+        else:
+            x = mx.array(values, dtype=mx.int32)
+        with self._watchdog.guard(what, timeout):
+            out = mx.distributed.all_sum(x, group=self.group)
+            mx.eval(out)
+        return out.tolist()
+
+    def follow(self) -> None:
+        """Ranks other than 0 of a served model: run each forward rank 0 announces, on this
+        rank's states of the rows it names, until rank 0 lets go (``release_followers``)."""
+        if self.stage.rank == 0:
+            raise DistributedError("rank 0 leads a served model; the other ranks follow")
+        c, L = self.config, self.config.num_hidden_layers
+        states: dict[int, LayerCache] = {}  # handle -> this rank's state of one layer of one row
+        while True:
+            op, B, S, flags, n_copies, n_drops = self._exchange(_HEADER, "waiting for rank 0's next step", None)
+            n = B * S + B * L * (op == _FORWARD) + 2 * n_copies + n_drops
+            payload = self._exchange(n, "reading rank 0's next step", self.timeout) if n else []
+            tokens, payload = payload[: B * S], payload[B * S:]
+            handles, payload = (payload[: B * L], payload[B * L:]) if op == _FORWARD else ([], payload)
+            for src, dst in zip(payload[: 2 * n_copies: 2], payload[1: 2 * n_copies: 2]):
+                if src in states:  # a handle never forwarded is a fresh state: nothing to copy
+                    states[dst] = states[src].snapshot()
+            for h in payload[2 * n_copies:]:
+                states.pop(h, None)
+            if op == _QUIT:
+                return
+            if op != _FORWARD:
+                raise DistributedError(f"rank {self.stage.rank}: unknown step {op} from rank 0")
+            cache = []
+            for i in range(L):
+                if self.stage.holds_layer(i):
+                    rows = []
+                    for j in range(B):
+                        h = handles[j * L + i]
+                        if h not in states:
+                            states[h] = LayerCache(c.ratio(i))
+                        rows.append(states[h])
+                else:
+                    rows = [LayerCache(c.ratio(i)) for _ in range(B)]  # positions only, dropped after
+                cache.append(BatchLayerCache(rows) if flags & _BATCHED else rows[0])
+            self(mx.array(tokens, dtype=mx.int32).reshape(B, S), cache, all_logits=bool(flags & _ALL_LOGITS))
+            mx.eval([cache[i].state for i in self.own_layers()])
+
+
+# ----------------------------------------------------------------------------- served mode
+# ``ds4mlx serve`` runs the HTTP server on rank 0 only, so the other ranks cannot run the same
+# program: rank 0 announces each forward (``PipelineModel.lead``) and they run it (``follow``).
+# An announcement is two ``all_sum``s of int32 (the other ranks add zeros): a header, then the
+# tokens, the handle naming each row's state of every layer another rank runs, and the state
+# copies and drops since the last announcement. Rank 0 keeps a ``RemoteLayer`` for each layer
+# it does not run: it counts positions, and its handle names the owner's state of that layer.
+# Copying one (a prefix-cache snapshot) or dropping it (garbage collection) is queued and sent
+# with the next announcement, before the forward, so the other ranks' states follow rank 0's.
+
+_QUIT, _FORWARD = 0, 1
+_BATCHED, _ALL_LOGITS = 1, 2
+_HEADER = 6  # op, rows, tokens per row, flags, copies, drops
+
+
+class _Leader:
+    """Rank 0's side of the announcements: handles, and the copies and drops not yet sent."""
+
+    def __init__(self) -> None:
+        self.next_handle = 1
+        self.copies: deque = deque()
+        self.drops: deque = deque()  # appended by garbage collection, from any thread
+        self.released = False
+
+    def new_handle(self) -> int:
+        h = self.next_handle
+        self.next_handle = h + 1 if h < 2**31 - 1 else 1
+        return h
+
+    def drain(self) -> tuple[list[tuple[int, int]], list[int]]:
+        copies, drops = [], []
+        while self.copies:
+            copies.append(self.copies.popleft())
+        while self.drops:
+            drops.append(self.drops.popleft())
+        return copies, drops
+
+
+class RemoteLayer(LayerCache):
+    """Rank 0's stand-in, in a served model, for a layer another rank runs: it counts
+    positions like every layer of a split model, and ``handle`` names the state the owning rank
+    keeps of it. A snapshot is a new handle whose state the owner copies."""
+
+    def __init__(self, ratio: int, leader: _Leader) -> None:
+        super().__init__(ratio)
+        self.leader, self.handle = leader, leader.new_handle()
+
+    def snapshot(self) -> "RemoteLayer":
+        snap = RemoteLayer(self.ratio, self.leader)
+        snap.offset = self.offset
+        self.leader.copies.append((self.handle, snap.handle))
+        return snap
+
+    def __del__(self) -> None:
+        leader = getattr(self, "leader", None)
+        if leader is not None:
+            leader.drops.append(self.handle)
 
 
 # ----------------------------------------------------------------------------- loading

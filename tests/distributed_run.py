@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--job", action="append", default=[],
                    help="NAME=MODEL[,EXPERTS[,SPLIT]]: save NAME-{prefill,chunked,decode}.npy (SPLIT as 2+3)")
     p.add_argument("--cli", action="append", default=[],
-                   help="a ds4mlx command line, run after the jobs; rank 0's stdout to cli-I.txt")
+                   help="a ds4mlx command line (serve too), run after the jobs; rank 0's stdout to cli-I.txt")
     p.add_argument("--mode", choices=("logits", "hang", "bench"), default="logits")
     p.add_argument("--tokens", type=int, default=32)
     a = p.parse_args()
@@ -64,12 +64,12 @@ def main() -> None:
         else:
             bench(model, a.out / f"{name}-bench-{rank}.txt", a.tokens)
     for i, command in enumerate(a.cli):
-        from ds4mlx.cli import main as cli_main
+        from ds4mlx.console import main as console_main  # SIGTERM as `ds4mlx` takes it (a served model's stop)
 
         stdout = sys.stdout
         if rank == 0:
             sys.stdout = open(a.out / f"cli-{i}.txt", "w")
-        code = cli_main(shlex.split(command))
+        code = console_main(shlex.split(command))
         sys.stdout.flush()
         sys.stdout = stdout
         (a.out / f"cli-rc-{i}-{rank}").write_text(str(code))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -80,6 +82,58 @@ def launch(n: int, out: Path, args: list[str], stdin: str = "", **env) -> subpro
                           timeout=LAUNCH_TIMEOUT, cwd=out, input=stdin)
 
 
+def start(n: int, out: Path, args: list[str], stdin: str = "", **env) -> subprocess.Popen:
+    """A launch left running, its output in OUT/launch.out and launch.err (no pipe to fill)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "launch.in").write_text(stdin)
+    with open(out / "launch.in") as i, open(out / "launch.out", "w") as o, open(out / "launch.err", "w") as e:
+        return subprocess.Popen(_launch_cmd(n, [str(out), *args]), env=_env(**env), stdin=i, stdout=o, stderr=e,
+                                text=True, cwd=out, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Whatever is left of a launch (a failed test's), killed and reaped."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def _server_url(out: Path, proc: subprocess.Popen, limit: float) -> str:
+    """The address rank 0's server listens on (``--port 0``: read from uvicorn's start line)."""
+    end = time.monotonic() + limit
+    while True:
+        found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", (out / "launch.err").read_text())
+        if found:
+            return found.group(1)
+        assert proc.poll() is None, (out / "launch.err").read_text()
+        assert time.monotonic() < end, "the server did not start"
+        time.sleep(0.2)
+
+
+def serve_requests(url: str) -> dict:
+    """What a client sees: a greedy answer, a second turn that resumes from the prefix cache,
+    two requests at once (one batched decode step runs both) and a seeded sampled one (it runs
+    alone, through mlx-lm's loop)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120, max_retries=0)
+    off = {"thinking": {"type": "disabled"}}
+    turn1 = [{"role": "user", "content": "Write a short poem about the sea."}]
+    r1 = client.chat.completions.create(model="m", messages=turn1, max_tokens=12, temperature=0, extra_body=off)
+    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "Thank you. One more?"}]
+    r2 = client.chat.completions.create(model="m", messages=turn2, max_tokens=12, temperature=0, extra_body=off)
+    with ThreadPoolExecutor(2) as pool:
+        both = [pool.submit(client.completions.create, model="m", prompt=p, max_tokens=10, temperature=0)
+                for p in ("The sea is", "Once upon a time there was")]
+        batch = [f.result().choices[0].text for f in both]
+    seeded = client.chat.completions.create(model="m", messages=turn1, max_tokens=10, temperature=0.9, top_p=0.95,
+                                            seed=7, extra_body=off)
+    return {"turn1": r1.choices[0].message.content, "turn2": r2.choices[0].message.content,
+            "cached": r2.usage.prompt_tokens_details.cached_tokens, "prompt1": r1.usage.prompt_tokens,
+            "batch": batch, "seeded": seeded.choices[0].message.content}
+
+
 def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
@@ -128,15 +182,25 @@ def _check(out: Path, name: str, reference: dict[str, np.ndarray]) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_ckpt, tiny_gguf, demo_dir, tmp_path_factory):
+    """One 2-rank launch: the logits jobs, then generate, chat and a server (its answers taken
+    here, then stopped with SIGTERM to rank 0, which lets rank 1 go)."""
     out = tmp_path_factory.mktemp("two")
     cli = [f"generate -m {demo_dir} -p 'hello there' --temp 0 -n 12 --no-think -q",
-           f"chat -m {demo_dir} --temp 0 -n 6 --no-think -q"]
+           f"chat -m {demo_dir} --temp 0 -n 6 --no-think -q",
+           f"serve -m {demo_dir} --port 0 --cache-gb 1"]
     # mlx.launch copies its standard input to every rank (but never closes theirs: hence /quit)
-    r = launch(2, out, ["--job", f"hf6={tiny_ckpt}", "--job", f"hf4={tiny_ckpt},4",
-                        "--job", f"gguf6={tiny_gguf}", "--job", f"gguf4={tiny_gguf},4,3+2",
-                        "--cli", cli[0], "--cli", cli[1]], stdin=CHAT_INPUT)
-    assert r.returncode == 0 and (out / "cli-rc-1-1").exists(), r.stdout + r.stderr
-    return out, cli
+    proc = start(2, out, ["--job", f"hf6={tiny_ckpt}", "--job", f"hf4={tiny_ckpt},4",
+                          "--job", f"gguf6={tiny_gguf}", "--job", f"gguf4={tiny_gguf},4,3+2",
+                          *[a for c in cli for a in ("--cli", c)]], stdin=CHAT_INPUT)
+    try:
+        answers = serve_requests(_server_url(out, proc, LAUNCH_TIMEOUT))
+        os.kill(int((out / "pid-0").read_text()), signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        _stop(proc)
+    err = (out / "launch.err").read_text()
+    assert proc.returncode == 0 and (out / "cli-rc-2-1").exists(), err
+    return out, cli, answers
 
 
 # ----------------------------------------------------------------------------- the split itself
@@ -186,7 +250,7 @@ def test_stages_read_disjoint_shares_of_the_file(tiny_ckpt):
 
 
 def test_two_ranks_logits_match_one_process(two_ranks, tiny_ckpt, tiny_gguf):
-    out, _ = two_ranks
+    out, _, _ = two_ranks
     assert (out / "hf6-stage-0").read_text() != "0 5"  # really split
     assert (out / "gguf4-stage-0").read_text() == "0 3"  # --layers-split 3,2
     _check(out, "hf6", _reference(tiny_ckpt))
@@ -197,12 +261,27 @@ def test_two_ranks_logits_match_one_process(two_ranks, tiny_ckpt, tiny_gguf):
 
 @pytest.mark.parametrize("i", [0, 1], ids=["generate", "chat"])
 def test_two_ranks_cli_greedy_text_matches_one_process(two_ranks, i):
-    out, cli = two_ranks
+    out, cli, _ = two_ranks
     one = subprocess.run([sys.executable, "-m", "ds4mlx", *shlex.split(cli[i])], env=_env(), capture_output=True,
                          text=True, timeout=LAUNCH_TIMEOUT, cwd=out, input=CHAT_INPUT)
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip() and (out / f"cli-{i}.txt").read_text() == one.stdout
     assert (out / f"cli-rc-{i}-0").read_text() == (out / f"cli-rc-{i}-1").read_text() == "0"
+
+
+def test_two_ranks_server_answers_like_one_process(two_ranks, demo_dir):
+    """Rank 0 serves, rank 1 runs every forward it announces (prefill segments, batched decode
+    steps, prefix-cache snapshots of its own layers): a client sees what one process answers."""
+    from ds4mlx.server import BackgroundServer, build_app
+
+    out, _, split = two_ranks
+    model, tokenizer = ds4mlx.load(demo_dir)  # as `ds4mlx serve` loads it
+    with BackgroundServer(build_app(model, tokenizer, cache_bytes=1 << 30)) as server:
+        alone = serve_requests(server.url)
+    assert split == alone
+    assert split["turn1"] and split["prompt1"] - 1 <= split["cached"]  # the second turn resumed
+    assert (out / "cli-rc-2-0").read_text() == (out / "cli-rc-2-1").read_text() == "0"
+    assert "Uvicorn running" in (out / "launch.err").read_text()
 
 
 @pytest.mark.slow
