@@ -107,8 +107,9 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
         if not distributed.is_output_rank():
             set_output(verbose=False, quiet=True)
         load_model = functools.partial(distributed.load, layers_split=layers_split, status=detail)
-    else:  # a split model is checked per rank by its share, which the memory check does not know
-        check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=status)  # before any weight is read
+    # before any weight is read; a split model's rank checks its own share
+    check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=status,
+                 stage=distributed.this_stage(model, layers_split) if split else None)
 
     drawn = not Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
     if drawn:

@@ -16,6 +16,8 @@ A rank that fails or disappears stops the others: a lost connection surfaces as
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import re
 import sys
@@ -35,6 +37,7 @@ from .state import BatchLayerCache, LayerCache
 DEFAULT_TIMEOUT = 30.0  # seconds a rank waits for another during a forward pass
 DEFAULT_LOAD_TIMEOUT = 1800.0  # seconds the ranks wait for each other to finish loading
 _LAYER = re.compile(r"^layers\.(\d+)\.")
+log = logging.getLogger("ds4mlx.distributed")
 
 __all__ = ["DistributedError", "PipelineModel", "RemoteLayer", "SplitError", "launched", "load", "plan", "world"]
 
@@ -312,9 +315,12 @@ class PipelineModel(nn.Module):
     def release_followers(self) -> None:
         """Rank 0 of a served model: the other ranks return from ``follow`` (once; later calls
         do nothing)."""
-        if self._leader is not None and not self._leader.released:
-            self._leader.released = True
+        lead = self._leader
+        if lead is not None and not lead.released:
+            lead.released = True
+            gc.collect()  # states only a reference cycle still holds: their drops go with the last step
             self._announce(_QUIT)
+            log.info("rank 0: letting the other ranks go; %d states of their layers live", len(lead.live))
 
     def _announce(self, op: int, tokens: Optional[mx.array] = None, cache: Optional[list] = None,
                   flags: int = 0) -> None:
@@ -377,6 +383,7 @@ class PipelineModel(nn.Module):
             for h in payload[2 * n_copies:]:
                 states.pop(h, None)
             if op == _QUIT:
+                log.info("rank %d: let go by rank 0, holding %d states", self.stage.rank, len(states))
                 return
             if op != _FORWARD:
                 raise DistributedError(f"rank {self.stage.rank}: unknown step {op} from rank 0")
@@ -418,11 +425,13 @@ class _Leader:
         self.next_handle = 1
         self.copies: deque = deque()
         self.drops: deque = deque()  # appended by garbage collection, from any thread
+        self.live: set[int] = set()  # handles made and not yet dropped (the followers hold at most these)
         self.released = False
 
     def new_handle(self) -> int:
         h = self.next_handle
         self.next_handle = h + 1 if h < 2**31 - 1 else 1
+        self.live.add(h)
         return h
 
     def drain(self) -> tuple[list[tuple[int, int]], list[int]]:
@@ -431,6 +440,7 @@ class _Leader:
             copies.append(self.copies.popleft())
         while self.drops:
             drops.append(self.drops.popleft())
+        self.live.difference_update(drops)
         return copies, drops
 
 
@@ -458,6 +468,16 @@ class RemoteLayer(LayerCache):
 # ----------------------------------------------------------------------------- loading
 
 
+def this_stage(path_or_repo, layers_split: Optional[str] = None, group=None) -> Stage:
+    """This process's stage of the split (its layers): what it reads and what memory it needs."""
+    from .loader import resolve_model_path
+
+    group = group or world()
+    if group is None:
+        raise DistributedError("ds4mlx.distributed: this process runs alone; start it with mlx.launch -n N")
+    return plan(resolve_model_path(path_or_repo), group.size(), layers_split)[group.rank()]
+
+
 def load(path_or_repo, *, layers_split: Optional[str] = None, group=None, timeout: Optional[float] = None,
          status: Optional[Callable[[str], None]] = None, **kwargs: Any) -> tuple[PipelineModel, Any]:
     """``(PipelineModel, tokenizer)`` for this rank of ``group`` (default: every process of
@@ -470,11 +490,9 @@ def load(path_or_repo, *, layers_split: Optional[str] = None, group=None, timeou
     kwargs.pop("mtp", None)
     kwargs.pop("mtp_path", None)
     group = group or world()
-    if group is None:
-        raise DistributedError("ds4mlx.distributed.load: this process runs alone; start it with mlx.launch -n N")
     timeout = _timeout("DS4MLX_DIST_TIMEOUT", DEFAULT_TIMEOUT) if timeout is None else timeout
     path = resolve_model_path(path_or_repo)
-    stage = plan(path, group.size(), layers_split)[group.rank()]
+    stage = this_stage(path, layers_split, group)
     if status is not None:
         status(f"{stage.describe()}")
     model, tokenizer = load_one(path, stage=stage, **kwargs)

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 import ds4mlx
+from ds4mlx import memory
 from distributed_run import TOKENS, passes
 from ds4mlx.convert.gguf_writer import write_gguf
 from ds4mlx.names import internal_to_gguf
@@ -228,13 +229,19 @@ def test_split_option_errors():
 
 def test_stages_read_disjoint_shares_of_the_file(tiny_ckpt):
     """Each stage's model holds exactly its layers (+ embedding / head) and together they hold
-    the one-process model's parameters, value for value."""
+    the one-process model's parameters, value for value; the memory check's estimate of each
+    stage is what it loads, and the stages' decode states add up to the whole one's."""
     full, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32)
     whole = dict(tree_flatten(full.parameters()))
     seen: dict[str, mx.array] = {}
+    states = 0
     for stage in (Stage(0, 3, 0, 2, 5), Stage(1, 3, 2, 4, 5), Stage(2, 3, 4, 5, 5)):
         part, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32, stage=stage)
         params = dict(tree_flatten(part.parameters()))
+        est = memory.estimate(tiny_ckpt, ctx=4096, dtype=mx.float32, stage=stage)
+        loaded = sum(v.nbytes for v in params.values())
+        assert abs(est.weights - loaded) <= 0.01 * loaded, (stage, est.weights, loaded)
+        states += est.state
         layers = {int(p.split(".")[1]) for p in params if p.startswith("layers.")}
         assert layers == set(range(stage.first, stage.stop))
         assert ("embed.weight" in params) == (stage.rank == 0)
@@ -244,6 +251,28 @@ def test_stages_read_disjoint_shares_of_the_file(tiny_ckpt):
     assert set(seen) == {p for p in whole if not p.startswith("mtp.")}
     for p, v in seen.items():
         assert mx.array_equal(v, whole[p]).item(), p
+    assert states == memory.estimate(tiny_ckpt, ctx=4096, dtype=mx.float32).state > 0
+
+
+def test_memory_check_refuses_a_rank_by_its_share(demo_dir, monkeypatch, capfd):
+    """Under mlx.launch each rank checks its own share, before reading a weight, and says so."""
+    from ds4mlx import distributed, loader
+    from ds4mlx.cli import main
+
+    stage = Stage(1, 2, 3, 5, 5)
+    share = memory.estimate(demo_dir, ctx=4096, stage=stage).total
+    assert share < memory.estimate(demo_dir, ctx=4096).total
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    monkeypatch.setattr(distributed, "this_stage", lambda *a: stage)
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("the loader was reached"))
+    monkeypatch.setattr(memory, "device_memory", lambda: memory.DeviceMemory(share - 1, None))
+    assert main(["generate", "-m", str(demo_dir), "-p", "hi", "--ctx", "4096"]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ds4mlx: error: rank 1/2: layers 3-4, head of "), err
+    monkeypatch.setattr(memory, "device_memory", lambda: memory.DeviceMemory(share + (1 << 20), None))
+    monkeypatch.setattr(distributed, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("stopped at the load")))
+    assert main(["generate", "-m", str(demo_dir), "-p", "hi", "--ctx", "4096"]) == 1
+    assert "stopped at the load" in capfd.readouterr().err  # its share fits: it goes on to load
 
 
 # ----------------------------------------------------------------------------- launched
