@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .stage import Stage, SplitError, balanced_split, parse_split
+from .stage import Stage, SplitError, balanced_split, parse_split, set_process_split, stages
 from .state import BatchLayerCache, LayerCache
 
 DEFAULT_TIMEOUT = 30.0  # seconds a rank waits for another during a forward pass
@@ -478,6 +478,14 @@ def this_stage(path_or_repo, layers_split: Optional[str] = None, group=None) -> 
     return plan(resolve_model_path(path_or_repo), group.size(), layers_split)[group.rank()]
 
 
+def _counts(stage: Stage, group) -> list[Stage]:
+    """Every rank's stage, from each one's layer count (one all_sum at load)."""
+    counts = mx.zeros((stage.size,), mx.int32).at[stage.rank].add(stage.stop - stage.first)
+    counts = mx.distributed.all_sum(counts, group=group)
+    mx.eval(counts)
+    return stages(counts.tolist(), stage.num_layers)
+
+
 def load(path_or_repo, *, layers_split: Optional[str] = None, group=None, timeout: Optional[float] = None,
          status: Optional[Callable[[str], None]] = None, **kwargs: Any) -> tuple[PipelineModel, Any]:
     """``(PipelineModel, tokenizer)`` for this rank of ``group`` (default: every process of
@@ -503,6 +511,7 @@ def load(path_or_repo, *, layers_split: Optional[str] = None, group=None, timeou
             "DS4MLX_DIST_LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT)):
         seed = mx.distributed.all_sum(seed, group=group)
         mx.eval(seed)
+        set_process_split(_counts(stage, group), stage.rank)  # the same on every rank, whoever computed it
     mx.random.seed(int(seed.item()))
     return pipeline, tokenizer
 

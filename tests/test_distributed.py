@@ -31,6 +31,7 @@ from ds4mlx import memory
 from distributed_run import TOKENS, passes
 from ds4mlx.convert.gguf_writer import write_gguf
 from ds4mlx.names import internal_to_gguf
+from ds4mlx.prompt_cache import PromptCacheError
 from ds4mlx.stage import SplitError, Stage, balanced_split, parse_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,13 +187,17 @@ def two_ranks(tiny_ckpt, tiny_gguf, demo_dir, tmp_path_factory):
     """One 2-rank launch: the logits jobs, then generate, chat and a server (its answers taken
     here, then stopped with SIGTERM to rank 0, which lets rank 1 go)."""
     out = tmp_path_factory.mktemp("two")
+    model, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32)
+    one = model.make_cache()
+    model(mx.array(TOKENS)[None], one)
+    ds4mlx.save_prompt_cache(out / "one.safetensors", one)  # a one-process state, which the ranks refuse
     cli = [f"generate -m {demo_dir} -p 'hello there' --temp 0 -n 12 --no-think -q",
            f"chat -m {demo_dir} --temp 0 -n 6 --no-think -q",
            f"serve -m {demo_dir} --port 0 --cache-gb 1"]
     # mlx.launch copies its standard input to every rank (but never closes theirs: hence /quit)
     proc = start(2, out, ["--job", f"hf6={tiny_ckpt}", "--job", f"hf4={tiny_ckpt},4",
                           "--job", f"gguf6={tiny_gguf}", "--job", f"gguf4={tiny_gguf},4,3+2",
-                          *[a for c in cli for a in ("--cli", c)]], stdin=CHAT_INPUT)
+                          "--cache-job", str(tiny_ckpt), *[a for c in cli for a in ("--cli", c)]], stdin=CHAT_INPUT)
     try:
         answers = serve_requests(_server_url(out, proc, LAUNCH_TIMEOUT))
         os.kill(int((out / "pid-0").read_text()), signal.SIGTERM)
@@ -296,6 +301,28 @@ def test_two_ranks_cli_greedy_text_matches_one_process(two_ranks, i):
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip() and (out / f"cli-{i}.txt").read_text() == one.stdout
     assert (out / f"cli-rc-{i}-0").read_text() == (out / f"cli-rc-{i}-1").read_text() == "0"
+
+
+def test_two_ranks_prompt_cache_files(two_ranks, tiny_ckpt):
+    """Each rank saves its own layers' state to its own file; loaded back, the decode goes on as
+    one process's; a one-process file, or a file of another split, is refused with one line."""
+    out, _, _ = two_ranks
+    want = _reference(tiny_ckpt)["decode"]
+    assert rel(np.load(out / "state-decode.npy"), want) <= TOL
+    assert (out / "state.safetensors").exists() and (out / "state.rank1.safetensors").exists()
+    for rank in (0, 1):
+        one = (out / f"refused-one-{rank}.txt").read_text()
+        if rank == 0:
+            assert one.endswith("saved by one process, but this run is 2 processes with --layers-split 3,2; "
+                                "load it with the same split"), one
+        else:  # its own file is not there
+            assert "one.rank1.safetensors: no such file: rank 1 of 2 processes" in one, one
+        split = (out / f"refused-split-{rank}.txt").read_text()
+        assert split.endswith("saved by 2 processes with --layers-split 3,2, but this run is 2 processes with "
+                              "--layers-split 2,3; load it with the same split"), split
+    with pytest.raises(PromptCacheError, match="saved by 2 processes with --layers-split 3,2, "
+                       "but this run is one process"):
+        ds4mlx.load_prompt_cache(out / "state.safetensors")
 
 
 def test_two_ranks_server_answers_like_one_process(two_ranks, demo_dir):
