@@ -17,6 +17,7 @@ A rank that fails or disappears stops the others: a lost connection surfaces as
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import re
@@ -323,19 +324,95 @@ class PipelineModel(nn.Module):
             log.info("rank 0: letting the other ranks go; %d states of their layers live", len(lead.live))
 
     def _announce(self, op: int, tokens: Optional[mx.array] = None, cache: Optional[list] = None,
-                  flags: int = 0) -> None:
+                  flags: int = 0, text: str = "") -> None:
+        """One step to the other ranks: a forward of ``tokens`` on ``cache``'s rows, or a file
+        (``text``: its path and metadata) of ``cache``'s one row to save, load or delete."""
         lead, L = self._leader, self.config.num_hidden_layers
-        B, S = (0, 0) if tokens is None else tokens.shape
+        B, S = (0 if cache is None else 1, 0) if tokens is None else tokens.shape
         handles = [] if cache is None else self._handles(cache, B)
+        raw = list(text.encode())
         copies, drops = lead.drain()
-        header = [op, B, S, flags, len(copies), len(drops)]
+        header = [op, B, S, flags, len(copies), len(drops), len(raw)]
         payload = ([] if tokens is None else tokens.reshape(-1).tolist()) + handles
-        payload += [h for pair in copies for h in pair] + drops
-        assert len(payload) == B * S + B * L * (cache is not None) + 2 * len(copies) + len(drops)
+        payload += [h for pair in copies for h in pair] + drops + raw
+        assert len(payload) == B * S + B * L + 2 * len(copies) + len(drops) + len(raw)
         with self._in_step():
             self._exchange(header, "announcing the next step", self.timeout)
             if payload:
                 self._exchange(payload, "announcing the next step", self.timeout)
+
+    def _failures(self, failed: bool) -> int:
+        """How many ranks failed the file step just announced (each says, rank 0 too)."""
+        with self._in_step():
+            return self._exchange([int(failed)], "waiting for the other ranks' files", self.timeout)[0]
+
+    # -- a served model's prefix-cache files: each rank its own layers' (``prompt_cache.rank_file``)
+    def save_state(self, path: Path, cache: list, metadata: Optional[dict] = None) -> None:
+        """``save_prompt_cache`` on every rank: rank 0's file, then the others' (or none)."""
+        from .prompt_cache import save_prompt_cache
+
+        # another rank's layer: only its position in rank 0's file (its state goes to that rank's)
+        save_prompt_cache(path, [_positions(c) if isinstance(c, RemoteLayer) else c for c in cache], metadata)
+        if self._leader is None:
+            return
+        self._announce(_SAVE, cache=cache, text=json.dumps([str(path), metadata or {}]))
+        failed = self._failures(False)
+        if failed:
+            Path(path).unlink(missing_ok=True)
+            raise OSError(f"{path}: {failed} of the other ranks could not write their file (see their warnings)")
+
+    def load_state(self, path: Path, return_metadata: bool = False):
+        """``load_prompt_cache`` on every rank: each loads its own file (the split is checked);
+        rank 0's state names the others' by ``RemoteLayer`` handles."""
+        from .prompt_cache import PromptCacheError, load_prompt_cache
+
+        state, meta = load_prompt_cache(path, return_metadata=True)
+        if self._leader is not None:
+            for i, c in enumerate(state):
+                if not self.stage.holds_layer(i):
+                    state[i] = RemoteLayer(c.ratio, self._leader)
+                    state[i].offset = c.offset  # the owner loads its state in its own file
+            self._announce(_LOAD, cache=state, text=json.dumps([str(path), _without_digest(meta)]))
+            failed = self._failures(False)
+            if failed:
+                raise PromptCacheError(f"{path}: {failed} of the other ranks could not load their file "
+                                       "(see their warnings)")
+        return (state, meta) if return_metadata else state
+
+    def delete_state(self, path: Path) -> None:
+        """Every rank's file of a saved state, removed."""
+        Path(path).unlink(missing_ok=True)
+        if self._leader is not None:
+            self._announce(_DELETE, text=json.dumps([str(path), {}]))
+
+    def _follow_file(self, op: int, states: dict, handles: list[int], text: str) -> None:
+        from .prompt_cache import PromptCacheError, load_prompt_cache, rank_file, save_prompt_cache
+
+        path, meta = json.loads(text)
+        mine = rank_file(path, self.stage.rank)
+        if op == _DELETE:
+            mine.unlink(missing_ok=True)
+            return
+        failed = False
+        try:
+            if op == _SAVE:
+                held = [states.get(handles[i]) for i in self.own_layers()]
+                offset = max((c.offset for c in held if c is not None), default=0)
+                cache = []
+                for i in range(len(handles)):
+                    c = states.get(handles[i]) if self.stage.holds_layer(i) else None
+                    cache.append(_positions(LayerCache(self.config.ratio(i)), offset) if c is None else c)
+                save_prompt_cache(path, cache, meta)
+            else:
+                state, got = load_prompt_cache(path, return_metadata=True)
+                if _without_digest(got) != meta or len(state) != len(handles):
+                    raise PromptCacheError(f"{mine}: not the state of rank 0's file (its metadata differs)")
+                for i in self.own_layers():
+                    states[handles[i]] = state[i]
+        except (OSError, ValueError) as e:  # PromptCacheError is a ValueError
+            log.warning("rank %d: %s", self.stage.rank, _one_line(e))
+            failed = True
+        self._failures(failed)
 
     def _handles(self, cache: list, rows: int) -> list[int]:
         """Row by row, the handle of each layer another rank runs (0 for rank 0's own)."""
@@ -372,19 +449,23 @@ class PipelineModel(nn.Module):
         c, L = self.config, self.config.num_hidden_layers
         states: dict[int, LayerCache] = {}  # handle -> this rank's state of one layer of one row
         while True:
-            op, B, S, flags, n_copies, n_drops = self._exchange(_HEADER, "waiting for rank 0's next step", None)
-            n = B * S + B * L * (op == _FORWARD) + 2 * n_copies + n_drops
+            op, B, S, flags, n_copies, n_drops, n_text = self._exchange(_HEADER, "waiting for rank 0's next step",
+                                                                         None)
+            n = B * S + B * L + 2 * n_copies + n_drops + n_text
             payload = self._exchange(n, "reading rank 0's next step", self.timeout) if n else []
             tokens, payload = payload[: B * S], payload[B * S:]
-            handles, payload = (payload[: B * L], payload[B * L:]) if op == _FORWARD else ([], payload)
+            handles, payload = payload[: B * L], payload[B * L:]
             for src, dst in zip(payload[: 2 * n_copies: 2], payload[1: 2 * n_copies: 2]):
                 if src in states:  # a handle never forwarded is a fresh state: nothing to copy
                     states[dst] = states[src].snapshot()
-            for h in payload[2 * n_copies:]:
+            for h in payload[2 * n_copies: 2 * n_copies + n_drops]:
                 states.pop(h, None)
             if op == _QUIT:
                 log.info("rank %d: let go by rank 0, holding %d states", self.stage.rank, len(states))
                 return
+            if op in (_SAVE, _LOAD, _DELETE):
+                self._follow_file(op, states, handles, bytes(payload[2 * n_copies + n_drops:]).decode())
+                continue
             if op != _FORWARD:
                 raise DistributedError(f"rank {self.stage.rank}: unknown step {op} from rank 0")
             cache = []
@@ -413,9 +494,20 @@ class PipelineModel(nn.Module):
 # Copying one (a prefix-cache snapshot) or dropping it (garbage collection) is queued and sent
 # with the next announcement, before the forward, so the other ranks' states follow rank 0's.
 
-_QUIT, _FORWARD = 0, 1
+_QUIT, _FORWARD, _SAVE, _LOAD, _DELETE = range(5)
 _BATCHED, _ALL_LOGITS = 1, 2
-_HEADER = 6  # op, rows, tokens per row, flags, copies, drops
+_HEADER = 7  # op, rows, tokens per row, flags, copies, drops, bytes of text
+
+
+def _positions(c: LayerCache, offset: Optional[int] = None) -> LayerCache:
+    """A state with no arrays, at ``c``'s position (or ``offset``)."""
+    out = LayerCache(c.ratio)
+    out.offset = c.offset if offset is None else offset
+    return out
+
+
+def _without_digest(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "digest"}  # each rank's file has its own digest
 
 
 class _Leader:

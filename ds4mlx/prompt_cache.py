@@ -8,8 +8,8 @@ here reads the same layout with our classes. Writes go to a temporary file renam
 so a reader never sees half a file.
 
 A model split by layers over ``mlx.launch`` (``ds4mlx.distributed``) saves one file per rank,
-each with its own layers' state: rank 0's is the named file, rank r's ``NAME.rankR.safetensors``
-beside it (on that rank's machine). Each records the split (``layers_split``), and a load by a
+each with its own layers' state: rank 0's is the named file, rank r's ``rankR/NAME`` beside it
+(on that rank's machine). Each records the split (``layers_split``), and a load by a
 run with another split, or by one process, is refused.
 """
 
@@ -54,9 +54,10 @@ def state_digest(cache: list[LayerCache]) -> str:
 
 
 def rank_file(file_name: str | os.PathLike, rank: int) -> Path:
-    """Rank ``rank``'s file of a state saved by a split model (rank 0's is the named file)."""
+    """Rank ``rank``'s file of a state saved by a split model: rank 0's is the named file, the
+    others' are in a folder beside it (``rank1/NAME``), so a folder of states lists rank 0's."""
     path = Path(file_name)
-    return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+    return path if rank == 0 else path.parent / f"rank{rank}" / path.name
 
 
 def _who(split: Optional[str]) -> str:
@@ -84,6 +85,7 @@ def save_prompt_cache(file_name: str | os.PathLike, cache: list[Any], metadata: 
     split = process_split()
     if split is not None:
         path, meta["layers_split"] = rank_file(path, split.rank), split.text
+        path.parent.mkdir(exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
@@ -125,7 +127,7 @@ def load_prompt_cache(file_name: str | os.PathLike, return_metadata: bool = Fals
         path = rank_file(path, split.rank)
         if split.rank and not path.exists():
             raise PromptCacheError(f"{path}: no such file: rank {split.rank} of {split.describe()} reads its "
-                                   f"own layers' file, which a save by the same split writes beside {file_name}")
+                                   f"own layers' file, which a save of {file_name} by the same split writes")
     _check_split(path, read_metadata(path).get("layers_split"), split)
     try:
         arrays, flat = mx.load(str(path), return_metadata=True)

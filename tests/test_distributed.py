@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,16 +101,35 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
 
 
-def _server_url(out: Path, proc: subprocess.Popen, limit: float) -> str:
-    """The address rank 0's server listens on (``--port 0``: read from uvicorn's start line)."""
+def _server_url(out: Path, proc: subprocess.Popen, limit: float, nth: int = 1) -> str:
+    """The address rank 0's ``nth`` server listens on (``--port 0``: from uvicorn's start line)."""
     end = time.monotonic() + limit
     while True:
-        found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", (out / "launch.err").read_text())
-        if found:
-            return found.group(1)
+        found = re.findall(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", (out / "launch.err").read_text())
+        if len(found) >= nth:
+            return found[nth - 1]
         assert proc.poll() is None, (out / "launch.err").read_text()
         assert time.monotonic() < end, "the server did not start"
         time.sleep(0.2)
+
+
+TURN1 = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def second_turn(client, answer: str):
+    turn2 = TURN1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Thank you. One more?"}]
+    return client.chat.completions.create(model="m", messages=turn2, max_tokens=12, temperature=0,
+                                          extra_body={"thinking": {"type": "disabled"}})
+
+
+def after_restart(url: str, answer: str) -> dict:
+    """The second turn again, on a server restarted over the same --cache-dir."""
+    import openai
+
+    r2 = second_turn(openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120, max_retries=0), answer)
+    health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())
+    return {"turn2": r2.choices[0].message.content, "cached": r2.usage.prompt_tokens_details.cached_tokens,
+            "loaded_from_disk": health["prefix_cache"]["loaded_from_disk"]}
 
 
 def serve_requests(url: str) -> dict:
@@ -120,16 +140,13 @@ def serve_requests(url: str) -> dict:
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120, max_retries=0)
     off = {"thinking": {"type": "disabled"}}
-    turn1 = [{"role": "user", "content": "Write a short poem about the sea."}]
-    r1 = client.chat.completions.create(model="m", messages=turn1, max_tokens=12, temperature=0, extra_body=off)
-    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
-                     {"role": "user", "content": "Thank you. One more?"}]
-    r2 = client.chat.completions.create(model="m", messages=turn2, max_tokens=12, temperature=0, extra_body=off)
+    r1 = client.chat.completions.create(model="m", messages=TURN1, max_tokens=12, temperature=0, extra_body=off)
+    r2 = second_turn(client, r1.choices[0].message.content)
     with ThreadPoolExecutor(2) as pool:
         both = [pool.submit(client.completions.create, model="m", prompt=p, max_tokens=10, temperature=0)
                 for p in ("The sea is", "Once upon a time there was")]
         batch = [f.result().choices[0].text for f in both]
-    seeded = client.chat.completions.create(model="m", messages=turn1, max_tokens=10, temperature=0.9, top_p=0.95,
+    seeded = client.chat.completions.create(model="m", messages=TURN1, max_tokens=10, temperature=0.9, top_p=0.95,
                                             seed=7, extra_body=off)
     return {"turn1": r1.choices[0].message.content, "turn2": r2.choices[0].message.content,
             "cached": r2.usage.prompt_tokens_details.cached_tokens, "prompt1": r1.usage.prompt_tokens,
@@ -193,7 +210,8 @@ def two_ranks(tiny_ckpt, tiny_gguf, demo_dir, tmp_path_factory):
     ds4mlx.save_prompt_cache(out / "one.safetensors", one)  # a one-process state, which the ranks refuse
     cli = [f"generate -m {demo_dir} -p 'hello there' --temp 0 -n 12 --no-think -q",
            f"chat -m {demo_dir} --temp 0 -n 6 --no-think -q",
-           f"serve -m {demo_dir} --port 0 --cache-gb 1"]
+           f"serve -m {demo_dir} --port 0 --cache-gb 1 --cache-dir {out / 'prefixes'}",
+           f"serve -m {demo_dir} --port 0 --cache-gb 1 --cache-dir {out / 'prefixes'}"]  # restarted
     # mlx.launch copies its standard input to every rank (but never closes theirs: hence /quit)
     proc = start(2, out, ["--job", f"hf6={tiny_ckpt}", "--job", f"hf4={tiny_ckpt},4",
                           "--job", f"gguf6={tiny_gguf}", "--job", f"gguf4={tiny_gguf},4,3+2",
@@ -201,11 +219,13 @@ def two_ranks(tiny_ckpt, tiny_gguf, demo_dir, tmp_path_factory):
     try:
         answers = serve_requests(_server_url(out, proc, LAUNCH_TIMEOUT))
         os.kill(int((out / "pid-0").read_text()), signal.SIGTERM)
+        answers["restarted"] = after_restart(_server_url(out, proc, 120, nth=2), answers["turn1"])
+        os.kill(int((out / "pid-0").read_text()), signal.SIGTERM)
         proc.wait(60)
     finally:
         _stop(proc)
     err = (out / "launch.err").read_text()
-    assert proc.returncode == 0 and (out / "cli-rc-2-1").exists(), err
+    assert proc.returncode == 0 and (out / "cli-rc-3-1").exists(), err
     return out, cli, answers
 
 
@@ -309,14 +329,14 @@ def test_two_ranks_prompt_cache_files(two_ranks, tiny_ckpt):
     out, _, _ = two_ranks
     want = _reference(tiny_ckpt)["decode"]
     assert rel(np.load(out / "state-decode.npy"), want) <= TOL
-    assert (out / "state.safetensors").exists() and (out / "state.rank1.safetensors").exists()
+    assert (out / "state.safetensors").exists() and (out / "rank1" / "state.safetensors").exists()
     for rank in (0, 1):
         one = (out / f"refused-one-{rank}.txt").read_text()
         if rank == 0:
             assert one.endswith("saved by one process, but this run is 2 processes with --layers-split 3,2; "
                                 "load it with the same split"), one
         else:  # its own file is not there
-            assert "one.rank1.safetensors: no such file: rank 1 of 2 processes" in one, one
+            assert "rank1/one.safetensors: no such file: rank 1 of 2 processes" in one, one
         split = (out / f"refused-split-{rank}.txt").read_text()
         assert split.endswith("saved by 2 processes with --layers-split 3,2, but this run is 2 processes with "
                               "--layers-split 2,3; load it with the same split"), split
@@ -331,13 +351,31 @@ def test_two_ranks_server_answers_like_one_process(two_ranks, demo_dir):
     from ds4mlx.server import BackgroundServer, build_app
 
     out, _, split = two_ranks
+    split = dict(split)
+    restarted = split.pop("restarted")
     model, tokenizer = ds4mlx.load(demo_dir)  # as `ds4mlx serve` loads it
     with BackgroundServer(build_app(model, tokenizer, cache_bytes=1 << 30)) as server:
         alone = serve_requests(server.url)
     assert split == alone
     assert split["turn1"] and split["prompt1"] - 1 <= split["cached"]  # the second turn resumed
-    assert (out / "cli-rc-2-0").read_text() == (out / "cli-rc-2-1").read_text() == "0"
-    assert "Uvicorn running" in (out / "launch.err").read_text()
+    for i in (2, 3):
+        assert (out / f"cli-rc-{i}-0").read_text() == (out / f"cli-rc-{i}-1").read_text() == "0"
+    # rank 1 let go holding exactly the states rank 0 still names (the dropped ones freed)
+    err = (out / "launch.err").read_text()
+    live = re.findall(r"rank 0: letting the other ranks go; (\d+) states", err)
+    held = re.findall(r"rank 1: let go by rank 0, holding (\d+) states", err)
+    assert len(live) == 2 and live == held and int(live[0]) > 0, err
+
+
+def test_two_ranks_server_prefix_files_survive_a_restart(two_ranks):
+    """--cache-dir under mlx.launch: each rank writes its own layers' file of every snapshot;
+    restarted, the server resumes the second turn from them, as it did from memory."""
+    out, _, split = two_ranks
+    ranks0 = sorted(p.name for p in (out / "prefixes").glob("*.safetensors"))
+    assert ranks0 and ranks0 == sorted(p.name for p in (out / "prefixes" / "rank1").iterdir())
+    assert split["restarted"]["loaded_from_disk"] >= 1
+    # the first run's snapshot at the end of the second prompt's reuse points is on disk now
+    assert split["restarted"]["turn2"] == split["turn2"] and split["restarted"]["cached"] > split["cached"]
 
 
 @pytest.mark.slow

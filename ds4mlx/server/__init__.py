@@ -30,8 +30,10 @@ def build_app(model: Any, tokenizer: Any, *, model_id: str = "ds4mlx", ctx: Opti
 
     cache = None
     if cache_bytes > 0 or cache_dir is not None:
+        split = hasattr(model, "save_state")  # ds4mlx.distributed: each rank keeps its own layers' files
         cache = PrefixCache(cache_bytes, directory=cache_dir, max_disk_bytes=disk_bytes,
-                            fingerprint=model_fingerprint(model), layout=[c.ratio for c in model.make_cache()])
+                            fingerprint=model_fingerprint(model), layout=[c.ratio for c in model.make_cache()],
+                            **({"files": model} if split else {}))
     engine = Engine(model, tokenizer, ctx=ctx, prefix_cache=cache, processors=processors,
                     default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens)
     return create_app(engine, model_id)
