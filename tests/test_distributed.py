@@ -352,7 +352,7 @@ def test_two_ranks_server_answers_like_one_process(two_ranks, demo_dir):
 
     out, _, split = two_ranks
     split = dict(split)
-    restarted = split.pop("restarted")
+    split.pop("restarted")  # its own test below
     model, tokenizer = ds4mlx.load(demo_dir)  # as `ds4mlx serve` loads it
     with BackgroundServer(build_app(model, tokenizer, cache_bytes=1 << 30)) as server:
         alone = serve_requests(server.url)
