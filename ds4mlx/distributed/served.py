@@ -1,11 +1,12 @@
-"""The served mode of a split model. ``ds4mlx serve`` runs the HTTP server on rank 0 only, so the other ranks cannot run the same
-program: rank 0 announces each forward (``PipelineModel.lead``) and they run it (``follow``).
-An announcement is two ``all_sum``s of int32 (the other ranks add zeros): a header, then the
-tokens, the handle naming each row's state of every layer another rank runs, and the state
-copies and drops since the last announcement. Rank 0 keeps a ``RemoteLayer`` for each layer
-it does not run: it counts positions, and its handle names the owner's state of that layer.
-Copying one (a prefix-cache snapshot) or dropping it (garbage collection) is queued and sent
-with the next announcement, before the forward, so the other ranks' states follow rank 0's.
+"""The served mode of a split model. ``ds4mlx serve`` runs the HTTP server on rank 0 only, so the
+other ranks cannot run the same program: rank 0 announces each forward (``PipelineModel.lead``)
+and they run it (``follow``). An announcement is one ``all_sum`` of 1024 int32 (the other ranks
+add zeros; a second one for what does not fit): a header, then the tokens, the handle naming
+each row's state of every layer another rank runs, and the state copies and drops since the last
+announcement. Rank 0 keeps a ``RemoteLayer`` for each layer it does not run: it counts
+positions, and its handle names the owner's state of that layer. Copying one (a prefix-cache
+snapshot) or dropping it (garbage collection) is queued and sent with the next announcement,
+before the forward, so the other ranks' states follow rank 0's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger("ds4mlx.distributed")
 _QUIT, _FORWARD, _SAVE, _LOAD, _DELETE = range(5)
 _BATCHED, _ALL_LOGITS = 1, 2
 _HEADER = 7  # op, rows, tokens per row, flags, copies, drops, bytes of text
+_BLOCK = 1024  # int32s of the first all_sum: most steps fit (8 rows of Flash: 7 + 8 + 8 × 43), the rest follow
 
 
 def _positions(c: LayerCache, offset: Optional[int] = None) -> LayerCache:
@@ -124,9 +126,11 @@ class Served:
         payload += [h for pair in copies for h in pair] + drops + raw
         assert len(payload) == B * S + B * L + 2 * len(copies) + len(drops) + len(raw)
         with self._in_step():
-            self._exchange(header, "announcing the next step", self.timeout)
-            if payload:
-                self._exchange(payload, "announcing the next step", self.timeout)
+            message = header + payload
+            first = message[:_BLOCK] + [0] * max(_BLOCK - len(message), 0)
+            self._exchange(first, "announcing the next step", self.timeout)
+            if len(message) > _BLOCK:
+                self._exchange(message[_BLOCK:], "announcing the next step", self.timeout)
 
     def _failures(self, failed: bool) -> int:
         """How many ranks failed the file step just announced (each says, rank 0 too)."""
@@ -236,10 +240,12 @@ class Served:
         c, L = self.config, self.config.num_hidden_layers
         states: dict[int, LayerCache] = {}  # handle -> this rank's state of one layer of one row
         while True:
-            op, B, S, flags, n_copies, n_drops, n_text = self._exchange(_HEADER, "waiting for rank 0's next step",
-                                                                         None)
+            first = self._exchange(_BLOCK, "waiting for rank 0's next step", None)
+            op, B, S, flags, n_copies, n_drops, n_text = first[:_HEADER]
             n = B * S + B * L + 2 * n_copies + n_drops + n_text
-            payload = self._exchange(n, "reading rank 0's next step", self.timeout) if n else []
+            payload = first[_HEADER:_HEADER + n]
+            if _HEADER + n > _BLOCK:
+                payload += self._exchange(_HEADER + n - _BLOCK, "reading rank 0's next step", self.timeout)
             tokens, payload = payload[: B * S], payload[B * S:]
             handles, payload = payload[: B * L], payload[B * L:]
             for src, dst in zip(payload[: 2 * n_copies: 2], payload[1: 2 * n_copies: 2]):
