@@ -10,6 +10,7 @@ statistics go to stderr, so ``ds4mlx generate ... > answer.txt`` keeps just the 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -21,7 +22,7 @@ import typer
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
 from .generate import DEFAULT_DRAFT_TOKENS, check_sampling, check_text
 from .cli_output import UsageProblem, detail, prefill_progress, set_output, show_prompt, status
-from .cli_output import GracefulInterrupt, Output, Printer, stream_responses
+from .cli_output import GracefulInterrupt, Output, Printer, forget_interrupts, interrupt, stream_responses
 from .cli_options import (ModelOpt, MaxTokensOpt, TempOpt, TopPOpt, TopKOpt, MinPOpt, SeedOpt,
                           SystemOpt, ThinkOpt, ThinkMaxOpt, ExpertsOpt, CtxOpt, MemoryOpt,
                           GGUFFileOpt, VerboseOpt, QuietOpt, DraftOpt, NumDraftOpt,
@@ -78,12 +79,19 @@ def _check_draft(draft: Optional[str]) -> None:
         raise UsageProblem(f"--draft {draft!r}: the known drafter is 'mtp'")
 
 
-def _check_split(layers_split: Optional[str]) -> None:
-    from .distributed import launched
+def _split(layers_split: Optional[str]) -> bool:
+    """Whether this process is a rank of mlx.launch (only rank 0 then writes output)."""
+    from . import distributed
 
-    if layers_split is not None and not launched():
-        raise UsageProblem("--layers-split splits the model over the processes of mlx.launch; start with "
-                           "mlx.launch -n 2 ... (see docs/distributed.md)")
+    if not distributed.launched():
+        if layers_split is not None:
+            raise UsageProblem("--layers-split splits the model over the processes of mlx.launch; start with "
+                               "mlx.launch -n 2 ... (see docs/distributed.md)")
+        return False
+    distributed.silence_other_ranks()
+    if not distributed.is_output_rank():
+        set_output(verbose=False, quiet=True)
+    return True
 
 
 def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True,
@@ -99,14 +107,8 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     from .progress import LoadProgress, is_terminal
 
     _check_draft(draft)
-    _check_split(layers_split)
-    split = distributed.launched()
-    load_model = load
-    if split:
-        distributed.silence_other_ranks()
-        if not distributed.is_output_rank():
-            set_output(verbose=False, quiet=True)
-        load_model = functools.partial(distributed.load, layers_split=layers_split, status=detail)
+    split = _split(layers_split)
+    load_model = functools.partial(distributed.load, layers_split=layers_split, status=detail) if split else load
     # before any weight is read; a split model's rank checks its own share
     check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=status,
                  stage=distributed.this_stage(model, layers_split) if split else None)
@@ -474,26 +476,23 @@ def serve(
     draft: DraftOpt = None,
     num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
     mtp_gguf: MtpGgufOpt = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help=(
+        "Requests decoded together (1: one at a time, in arrival order)."))] = 8,
     layers_split: LayersSplitOpt = None,
 ) -> None:
     """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
     import signal
 
-    from . import distributed
     from .server import serve as run_server
 
     _check_draft(draft)
-    _check_split(layers_split)
-    if distributed.launched():  # rank 0 serves; the others run its forwards, silently
-        distributed.silence_other_ranks()
-        if not distributed.is_output_rank():
-            set_output(verbose=False, quiet=True)
+    _split(layers_split)  # rank 0 serves; the others run its forwards, silently
     status(f"Loading {model} ...")
     try:
         run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
                    disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token,
                    default_max_tokens=max_tokens, draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf,
-                   layers_split=layers_split)
+                   max_batch=max_batch, layers_split=layers_split)
     except SystemExit as e:  # console.Terminated: SIGTERM, raised once uvicorn has shut down
         if e.code != 128 + signal.SIGTERM:
             raise
@@ -565,8 +564,11 @@ def _run(argv: Optional[list[str]], ready: Optional[Callable[[], None]]) -> int:
         sub.callback = _pipe_safe(sub.callback)
     set_output(verbose=False, quiet=False)  # per command (main may run several in one process)
     try:
-        if ready is not None:
+        forget_interrupts()
+        if ready is not None:  # the console entry point: this process is the command's own
             ready()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, interrupt)  # remembered, should a finalizer drop it
         rv = command.main(args=argv, prog_name="ds4mlx", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except KeyboardInterrupt:
