@@ -1,8 +1,10 @@
 """The model split by layers over ``mlx.launch -n N --backend ring --hosts 127.0.0.1`` processes
 (tests/distributed_run.py): logits equal to one process's for prefill, chunked prefill and
 decode (official-format and GGUF checkpoints, top-6 and top-4, 2 and 3 ranks), the CLI's greedy
-text equal to one process's, and a rank that dies or hangs ending the run with an error on the
-others within 30 s. Each launch does several checks; the comparisons run here."""
+text and a split server's answers (prefix cache in memory and on disk) equal to one process's,
+prompt-cache files per rank (another split refused), the memory check per rank, and a rank that
+dies or hangs ending the run with an error on the others within 30 s. Each launch does several
+checks; the comparisons run here."""
 
 from __future__ import annotations
 
@@ -463,3 +465,13 @@ def test_hung_rank_stops_the_other_by_the_watchdog(tiny_ckpt, tmp_path):
             proc.wait()
     assert "ds4mlx: error: rank 0:" in err and "no answer in 3 s" in err, err
     assert waited < 15
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_layers_split_needs_the_launcher(demo_dir, command, capfd):
+    from ds4mlx.cli import main
+
+    extra = ["-p", "hi"] if command == "generate" else []
+    assert main([command, "-m", str(demo_dir), "--layers-split", "3,2", *extra]) != 0
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--layers-split splits the model over the processes of mlx.launch" in err[0], err
