@@ -79,6 +79,21 @@ def _check_draft(draft: Optional[str]) -> None:
         raise UsageProblem(f"--draft {draft!r}: the known drafter is 'mtp'")
 
 
+def _split(layers_split: Optional[str]) -> bool:
+    """Whether this process is a rank of mlx.launch (only rank 0 then writes output)."""
+    from . import distributed
+
+    if not distributed.launched():
+        if layers_split is not None:
+            raise UsageProblem("--layers-split splits the model over the processes of mlx.launch; start with "
+                               "mlx.launch -n 2 ... (see docs/distributed.md)")
+        return False
+    distributed.silence_other_ranks()
+    if not distributed.is_output_rank():
+        set_output(verbose=False, quiet=True)
+    return True
+
+
 def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool = True,
           ctx: int = DEFAULT_CTX, ignore_memory_limit: bool = False,
           draft: Optional[str] = None, mtp_gguf: Optional[Path] = None, layers_split: Optional[str] = None):
@@ -92,18 +107,11 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     from .progress import LoadProgress, is_terminal
 
     _check_draft(draft)
-    split = distributed.launched()
-    if layers_split is not None and not split:
-        raise UsageProblem("--layers-split splits the model over the processes of mlx.launch; start with "
-                           "mlx.launch -n 2 ... (see docs/distributed.md)")
-    load_model = load
-    if split:
-        distributed.silence_other_ranks()
-        if not distributed.is_output_rank():
-            set_output(verbose=False, quiet=True)
-        load_model = functools.partial(distributed.load, layers_split=layers_split, status=detail)
-    else:  # a split model is checked per rank by its share, which the memory check does not know
-        check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=status)  # before any weight is read
+    split = _split(layers_split)
+    load_model = functools.partial(distributed.load, layers_split=layers_split, status=detail) if split else load
+    # before any weight is read; a split model's rank checks its own share
+    check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=status,
+                 stage=distributed.this_stage(model, layers_split) if split else None)
 
     drawn = not Output.quiet and is_terminal()  # on a terminal the progress line replaces this one
     if drawn:
@@ -470,6 +478,7 @@ def serve(
     mtp_gguf: MtpGgufOpt = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help=(
         "Requests decoded together (1: one at a time, in arrival order)."))] = 8,
+    layers_split: LayersSplitOpt = None,
 ) -> None:
     """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
     import signal
@@ -477,12 +486,13 @@ def serve(
     from .server import serve as run_server
 
     _check_draft(draft)
+    _split(layers_split)  # rank 0 serves; the others run its forwards, silently
     status(f"Loading {model} ...")
     try:
         run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
                    disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token,
                    default_max_tokens=max_tokens, draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf,
-                   max_batch=max_batch)
+                   max_batch=max_batch, layers_split=layers_split)
     except SystemExit as e:  # console.Terminated: SIGTERM, raised once uvicorn has shut down
         if e.code != 128 + signal.SIGTERM:
             raise

@@ -12,7 +12,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from .names import is_routed_expert
 
@@ -171,15 +171,16 @@ def read_tensors(path: Path) -> tuple[dict, list[Tensor], str]:
 # ----------------------------------------------------------------------------- accounting
 
 
-def state_nbytes(config: Any, n_tokens: int, dtype_bytes: int = 2) -> int:
+def state_nbytes(config: Any, n_tokens: int, dtype_bytes: int = 2, layers: Optional[Iterable[int]] = None) -> int:
     """Bytes of the decode state after ``n_tokens`` (``state.py``'s layout, main layers only):
     the window's last ``sliding_window - 1`` raw KV rows; per compressor one row per ``ratio``
     tokens (activation dtype), the unfinished window's KV and scores and, at ratio 4, the last
-    window's overlap half (float32); at ratio 4 the indexer's compressor likewise."""
+    window's overlap half (float32); at ratio 4 the indexer's compressor likewise. ``layers``:
+    only those (a pipeline stage's)."""
     n = int(n_tokens)
     d, di = config.head_dim, config.index_head_dim
     total = 0
-    for layer in range(config.num_hidden_layers):
+    for layer in range(config.num_hidden_layers) if layers is None else layers:
         r = config.ratio(layer)
         total += min(n, max(config.sliding_window - 1, 0)) * d * dtype_bytes
         for dim, present in ((d, r > 0), (di, r == 4)):

@@ -17,10 +17,13 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import gguf
 import mlx.core as mx
+
+if TYPE_CHECKING:
+    from .stage import Stage
 
 GIB, MIB = 1 << 30, 1 << 20
 WORKING_MARGIN = GIB  # activations of a prefill chunk, the sampler, MLX's scratch buffers
@@ -78,9 +81,11 @@ def _resident_bytes(name: str, kind: str, fmt: str, nbytes: int, dtype_bytes: in
     return nbytes  # packed as stored (FP4 as mxfp4, GGUF blocks, affine) or integer tables
 
 
-def estimate(source: Any, *, ctx: int, dtype: Optional[mx.Dtype] = None, mtp: bool = False) -> Estimate:
+def estimate(source: Any, *, ctx: int, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
+             stage: Optional["Stage"] = None) -> Estimate:
     """Bytes ``source`` will take once loaded, with the decode state of ``ctx`` tokens (capped
-    at the model's ``max_position_embeddings``); reads headers only."""
+    at the model's ``max_position_embeddings``); reads headers only. ``stage``: only the share
+    of one process of a model split by layers (``ds4mlx.distributed``)."""
     from .info import checked_config, read_tensors, resolve_model, state_nbytes
     from .loader import default_dtype
 
@@ -89,9 +94,10 @@ def estimate(source: Any, *, ctx: int, dtype: Optional[mx.Dtype] = None, mtp: bo
     config = checked_config(config_dict, path, fmt)
     dtype_bytes = (default_dtype() if dtype is None else dtype).size
     weights = sum(_resident_bytes(t.name, t.kind, t.fmt, t.nbytes, dtype_bytes)
-                  for t in tensors if mtp or t.kind != "MTP block")
+                  for t in tensors if (mtp or t.kind != "MTP block") and (stage is None or stage.holds(t.name)))
     ctx = min(int(ctx), config.max_position_embeddings)
-    return Estimate(weights, state_nbytes(config, ctx, dtype_bytes), ctx)
+    layers = None if stage is None else range(stage.first, stage.stop)
+    return Estimate(weights, state_nbytes(config, ctx, dtype_bytes, layers), ctx)
 
 
 def _gb(n: int) -> str:
@@ -133,12 +139,14 @@ def set_limits(est: Estimate, mem: DeviceMemory) -> None:
 
 
 def check_memory(source: Any, *, ctx: int, force: bool = False, dtype: Optional[mx.Dtype] = None,
-                 mtp: bool = False, warn: Callable[[str], None] | None = None) -> Estimate:
-    """Estimate, compare with this machine, refuse (unless ``force``) or warn, set the limits."""
+                 mtp: bool = False, warn: Callable[[str], None] | None = None,
+                 stage: Optional["Stage"] = None) -> Estimate:
+    """Estimate, compare with this machine, refuse (unless ``force``) or warn, set the limits;
+    with ``stage``, for this process's share of a split model."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    est = estimate(source, ctx=ctx, dtype=dtype, mtp=mtp)
+    est = estimate(source, ctx=ctx, dtype=dtype, mtp=mtp, stage=stage)
     mem = device_memory()
-    found = verdict(est, mem, what=str(source))
+    found = verdict(est, mem, what=str(source) if stage is None else f"{stage.describe()} of {source}")
     if found is not None:
         level, message = found
         if level == "refuse" and not force:

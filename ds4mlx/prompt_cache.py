@@ -6,6 +6,11 @@ class names, scalar markers])``. mlx-lm's own ``load_prompt_cache`` rebuilds eac
 ``globals()[class name]`` of its module, so it cannot know ``LayerCache``; ``load_prompt_cache``
 here reads the same layout with our classes. Writes go to a temporary file renamed into place,
 so a reader never sees half a file.
+
+A model split by layers over ``mlx.launch`` (``ds4mlx.distributed``) saves one file per rank,
+each with its own layers' state: rank 0's is the named file, rank r's ``rankR/NAME`` beside it
+(on that rank's machine). Each records the split (``layers_split``), and a load by a
+run with another split, or by one process, is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .stage import ProcessSplit, process_split
 from .state import LayerCache
 
 CLASSES = {"LayerCache": LayerCache}
@@ -47,9 +53,28 @@ def state_digest(cache: list[LayerCache]) -> str:
     return h.hexdigest()
 
 
+def rank_file(file_name: str | os.PathLike, rank: int) -> Path:
+    """Rank ``rank``'s file of a state saved by a split model: rank 0's is the named file, the
+    others' are in a folder beside it (``rank1/NAME``), so a folder of states lists rank 0's."""
+    path = Path(file_name)
+    return path if rank == 0 else path.parent / f"rank{rank}" / path.name
+
+
+def _who(split: Optional[str]) -> str:
+    return "one process" if not split else ProcessSplit(0, tuple(map(int, split.split(",")))).describe()
+
+
+def _check_split(path: Path, written: Optional[str], split: Optional[ProcessSplit]) -> None:
+    current = None if split is None else split.text
+    if written != current:
+        raise PromptCacheError(f"{path}: saved by {_who(written)}, but this run is {_who(current)}; "
+                               "load it with the same split")
+
+
 def save_prompt_cache(file_name: str | os.PathLike, cache: list[Any], metadata: Optional[dict[str, str]] = None) -> None:
     """Write ``cache`` (a list of ``LayerCache``) and string ``metadata`` to ``file_name``
-    atomically, adding ``format`` and the state's ``digest`` to the metadata."""
+    atomically, adding ``format`` and the state's ``digest`` to the metadata (and, for a rank
+    of a split model, the split, to its own file: ``rank_file``)."""
     from mlx_lm.models.cache import save_prompt_cache as mlx_save
 
     path = Path(file_name)
@@ -57,6 +82,10 @@ def save_prompt_cache(file_name: str | os.PathLike, cache: list[Any], metadata: 
         raise ValueError(f"{path}: a prompt-cache file name must end with .safetensors")
     mx.eval([c.state for c in cache])
     meta = {**(metadata or {}), "format": FORMAT, "digest": state_digest(cache)}
+    split = process_split()
+    if split is not None:
+        path, meta["layers_split"] = rank_file(path, split.rank), split.text
+        path.parent.mkdir(exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
@@ -91,8 +120,15 @@ def read_metadata(file_name: str | os.PathLike) -> dict[str, str]:
 
 def load_prompt_cache(file_name: str | os.PathLike, return_metadata: bool = False):
     """Read a file written by ``save_prompt_cache``; the state's digest is checked, so a damaged
-    file raises ``PromptCacheError`` instead of giving a wrong state."""
-    path = Path(file_name)
+    file raises ``PromptCacheError`` instead of giving a wrong state, and so is the split (a rank
+    of a split model reads its own file)."""
+    path, split = Path(file_name), process_split()
+    if split is not None:
+        path = rank_file(path, split.rank)
+        if split.rank and not path.exists():
+            raise PromptCacheError(f"{path}: no such file: rank {split.rank} of {split.describe()} reads its "
+                                   f"own layers' file, which a save of {file_name} by the same split writes")
+    _check_split(path, read_metadata(path).get("layers_split"), split)
     try:
         arrays, flat = mx.load(str(path), return_metadata=True)
     except (OSError, ValueError, RuntimeError) as e:

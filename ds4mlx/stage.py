@@ -109,3 +109,32 @@ def balanced_split(layer_bytes: Sequence[int], size: int, *, embed_bytes: int = 
         bounds.append(i - cut[r][i])
         i = cut[r][i]
     return stages(bounds[::-1], n)
+
+
+@dataclass(frozen=True)
+class ProcessSplit:
+    """The split this process is one rank of, for what outlives a run (prompt-cache files):
+    set by ``ds4mlx.distributed.load``."""
+
+    rank: int
+    counts: tuple[int, ...]  # layers per rank
+
+    @property
+    def text(self) -> str:
+        return ",".join(map(str, self.counts))
+
+    def describe(self) -> str:
+        return f"{len(self.counts)} processes with --layers-split {self.text}"
+
+
+_process_split: ProcessSplit | None = None
+
+
+def set_process_split(stage_list: Sequence[Stage], rank: int) -> None:
+    global _process_split
+    _process_split = ProcessSplit(rank, tuple(s.stop - s.first for s in stage_list))
+
+
+def process_split() -> ProcessSplit | None:
+    """This process's split, or None when it holds the whole model."""
+    return _process_split

@@ -8,6 +8,10 @@ streams between two ranks are ``hc_mult × hidden × 4`` bytes per token; the lo
 adds ``2 (n-1)/n × vocab × 4`` per rank.
 
     python scripts/bench_distributed.py [--model DIR|FILE.gguf] [--tokens 32]
+
+``--serve``: ``ds4mlx serve`` alone and under the launcher on the demo model (it has a
+tokenizer): decode tokens/s of one request and of four at once (completion tokens over wall
+time, the prompt's prefill included), and each rank's peak RSS.
 """
 
 from __future__ import annotations
@@ -93,6 +97,78 @@ def run(ranks: int, model: str, out: Path, n: int) -> list[dict]:
     return [json.loads(p.read_text()) for p in found]
 
 
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def _servers(tag: str) -> dict[int, int]:
+    """``{rank: pid}`` of the ``ds4mlx serve`` processes started with DS4MLX_BENCH_TAG=tag."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:4] == [b"-m", b"ds4mlx", b"serve"] and f"DS4MLX_BENCH_TAG={tag}".encode() in env:
+            out[next((int(e.split(b"=")[1]) for e in env if e.startswith(b"MLX_RANK=")), 0)] = int(d.name)
+    return out
+
+
+def _peak_rss(pid: int) -> int:
+    m = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(m.group(1)) * 1024 if m else 0
+
+
+def serve_bench(ranks: int, model: str, out: Path, n: int) -> dict:
+    """Tokens/s of the server (one request, then four at once) and each rank's peak RSS."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    out.mkdir(parents=True)
+    tag = f"{os.getpid()}-{ranks}"
+    cmd = [sys.executable, "-m", "ds4mlx", "serve", "-m", model, "--port", "0", "--cache-gb", "0"]
+    if ranks > 1:
+        cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(ranks), "--backend", "ring",
+               "--hosts", "127.0.0.1", "--", *cmd]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               DS4MLX_BENCH_TAG=tag)
+    err = open(out / "err.txt", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        end = time.monotonic() + 600
+        while not (m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", (out / "err.txt").read_text())):
+            if proc.poll() is not None or time.monotonic() > end:
+                sys.exit(f"bench_distributed: the server did not start: {(out / 'err.txt').read_text()[-500:]}")
+            time.sleep(0.2)
+        url = m.group(1) + "/v1/completions"
+
+        def ask(prompt: str) -> int:
+            body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0}
+            return _post(url, body)["usage"]["completion_tokens"]
+
+        ask("warm up")
+        tic = time.perf_counter()
+        one = ask("The sea is") / (time.perf_counter() - tic)
+        tic = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            four = sum(pool.map(ask, ["The sea is", "Once upon a time", "Why is the sky", "A list of"]))
+        four /= time.perf_counter() - tic
+        servers = _servers(tag)
+        rss = {rank: _peak_rss(pid) for rank, pid in servers.items()}
+        os.kill(servers[0], signal.SIGTERM)  # rank 0 (or the only process) stops the others
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return {"one": one, "four": four, "rss": rss}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the tiny checkpoint, written to a temporary folder")
@@ -100,10 +176,19 @@ def main() -> None:
     p.add_argument("--ranks", default="1,2,3")
     p.add_argument("--wide", action="store_true", help="a wider tiny checkpoint (hidden 1024, 32 experts), "
                    "whose weights outweigh the interpreter's memory")
+    p.add_argument("--serve", action="store_true", help="the server's tokens/s and peak RSS per rank (1 and 2 ranks)")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker is not None:
         return worker(a.model, a.worker, a.tokens)
+    if a.serve:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"{'ranks':>5} {'tok/s one':>9} {'tok/s four':>10}  peak RSS MB by rank")
+            for ranks in map(int, a.ranks.replace("1,2,3", "1,2").split(",")):
+                r = serve_bench(ranks, a.model or "demo", Path(tmp) / f"s{ranks}", a.tokens)
+                rss = ", ".join(f"{k}: {v / 1e6:.0f}" for k, v in sorted(r["rss"].items()))
+                print(f"{ranks:>5} {r['one']:>9.1f} {r['four']:>10.1f}  {rss}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model
         if model is None:

@@ -42,7 +42,10 @@ def main() -> None:
     p.add_argument("--job", action="append", default=[],
                    help="NAME=MODEL[,EXPERTS[,SPLIT]]: save NAME-{prefill,chunked,decode}.npy (SPLIT as 2+3)")
     p.add_argument("--cli", action="append", default=[],
-                   help="a ds4mlx command line, run after the jobs; rank 0's stdout to cli-I.txt")
+                   help="a ds4mlx command line (serve too), run after the jobs; rank 0's stdout to cli-I.txt")
+    p.add_argument("--cache-job", metavar="MODEL", help="decode with the state saved and loaded on the way "
+                   "(state-decode.npy), then load OUT/one.safetensors (one process's) and, split 2,3, the saved "
+                   "state: refused-{one,split}-RANK.txt")
     p.add_argument("--mode", choices=("logits", "hang", "bench"), default="logits")
     p.add_argument("--tokens", type=int, default=32)
     a = p.parse_args()
@@ -63,16 +66,46 @@ def main() -> None:
             hang(model, a.out)
         else:
             bench(model, a.out / f"{name}-bench-{rank}.txt", a.tokens)
+    if a.cache_job:
+        cache_job(a.cache_job, a.out, rank)
     for i, command in enumerate(a.cli):
-        from ds4mlx.cli import main as cli_main
+        from ds4mlx.console import main as console_main  # SIGTERM as `ds4mlx` takes it (a served model's stop)
 
         stdout = sys.stdout
         if rank == 0:
             sys.stdout = open(a.out / f"cli-{i}.txt", "w")
-        code = cli_main(shlex.split(command))
+        code = console_main(shlex.split(command))
         sys.stdout.flush()
         sys.stdout = stdout
         (a.out / f"cli-rc-{i}-{rank}").write_text(str(code))
+
+
+def cache_job(model_path: str, out: Path, rank: int) -> None:
+    """``passes``'s decode, the state saved after the prefill and the steps run on it loaded
+    back; then the loads a split must refuse."""
+    from ds4mlx import load_prompt_cache, save_prompt_cache
+    from ds4mlx.prompt_cache import PromptCacheError
+
+    model, _ = distributed.load(model_path, dtype=mx.float32)
+    ids, n = mx.array(TOKENS)[None], len(TOKENS) - DECODE
+    cache = model.make_cache()
+    steps = [model(ids[:, :n], cache)[:, -1:]]
+    save_prompt_cache(out / "state.safetensors", cache, {"tokens": str(n)})
+    cache, meta = load_prompt_cache(out / "state.safetensors", return_metadata=True)
+    assert meta["tokens"] == str(n) and cache[0].offset == n
+    steps += [model(ids[:, i:i + 1], cache) for i in range(n, len(TOKENS))]
+    steps = np.array(mx.concatenate(steps, axis=1))  # on every rank: the prefill's other logits are shared lazily
+    if rank == 0:
+        np.save(out / "state-decode.npy", steps)
+    for name, split in (("one", None), ("split", "2,3")):
+        if split:
+            distributed.load(model_path, dtype=mx.float32, layers_split=split)
+        try:
+            load_prompt_cache(out / ("one.safetensors" if name == "one" else "state.safetensors"))
+            message = "loaded"
+        except PromptCacheError as e:
+            message = str(e)
+        (out / f"refused-{name}-{rank}.txt").write_text(message)
 
 
 def hang(model, out: Path) -> None:

@@ -1,19 +1,24 @@
 """The model split by layers over ``mlx.launch -n N --backend ring --hosts 127.0.0.1`` processes
 (tests/distributed_run.py): logits equal to one process's for prefill, chunked prefill and
 decode (official-format and GGUF checkpoints, top-6 and top-4, 2 and 3 ranks), the CLI's greedy
-text equal to one process's, and a rank that dies or hangs ending the run with an error on the
-others within 30 s. Each launch does several checks; the comparisons run here."""
+text and a split server's answers (prefix cache in memory and on disk) equal to one process's,
+prompt-cache files per rank (another split refused), the memory check per rank, and a rank that
+dies or hangs ending the run with an error on the others within 30 s. Each launch does several
+checks; the comparisons run here."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,9 +30,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 import ds4mlx
+from ds4mlx import memory
 from distributed_run import TOKENS, passes
 from ds4mlx.convert.gguf_writer import write_gguf
 from ds4mlx.names import internal_to_gguf
+from ds4mlx.prompt_cache import PromptCacheError
 from ds4mlx.stage import SplitError, Stage, balanced_split, parse_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +87,74 @@ def launch(n: int, out: Path, args: list[str], stdin: str = "", **env) -> subpro
                           timeout=LAUNCH_TIMEOUT, cwd=out, input=stdin)
 
 
+def start(n: int, out: Path, args: list[str], stdin: str = "", **env) -> subprocess.Popen:
+    """A launch left running, its output in OUT/launch.out and launch.err (no pipe to fill)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "launch.in").write_text(stdin)
+    with open(out / "launch.in") as i, open(out / "launch.out", "w") as o, open(out / "launch.err", "w") as e:
+        return subprocess.Popen(_launch_cmd(n, [str(out), *args]), env=_env(**env), stdin=i, stdout=o, stderr=e,
+                                text=True, cwd=out, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Whatever is left of a launch (a failed test's), killed and reaped."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def _server_url(out: Path, proc: subprocess.Popen, limit: float, nth: int = 1) -> str:
+    """The address rank 0's ``nth`` server listens on (``--port 0``: from uvicorn's start line)."""
+    end = time.monotonic() + limit
+    while True:
+        found = re.findall(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", (out / "launch.err").read_text())
+        if len(found) >= nth:
+            return found[nth - 1]
+        assert proc.poll() is None, (out / "launch.err").read_text()
+        assert time.monotonic() < end, "the server did not start"
+        time.sleep(0.2)
+
+
+TURN1 = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def second_turn(client, answer: str):
+    turn2 = TURN1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Thank you. One more?"}]
+    return client.chat.completions.create(model="m", messages=turn2, max_tokens=12, temperature=0,
+                                          extra_body={"thinking": {"type": "disabled"}})
+
+
+def after_restart(url: str, answer: str) -> dict:
+    """The second turn again, on a server restarted over the same --cache-dir."""
+    import openai
+
+    r2 = second_turn(openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120, max_retries=0), answer)
+    health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())
+    return {"turn2": r2.choices[0].message.content, "cached": r2.usage.prompt_tokens_details.cached_tokens,
+            "loaded_from_disk": health["prefix_cache"]["loaded_from_disk"]}
+
+
+def serve_requests(url: str) -> dict:
+    """What a client sees: a greedy answer, a second turn that resumes from the prefix cache,
+    two requests at once (one batched decode step runs both) and a seeded sampled one (it runs
+    alone, through mlx-lm's loop)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120, max_retries=0)
+    off = {"thinking": {"type": "disabled"}}
+    r1 = client.chat.completions.create(model="m", messages=TURN1, max_tokens=12, temperature=0, extra_body=off)
+    r2 = second_turn(client, r1.choices[0].message.content)
+    with ThreadPoolExecutor(2) as pool:
+        both = [pool.submit(client.completions.create, model="m", prompt=p, max_tokens=10, temperature=0)
+                for p in ("The sea is", "Once upon a time there was")]
+        batch = [f.result().choices[0].text for f in both]
+    seeded = client.chat.completions.create(model="m", messages=TURN1, max_tokens=10, temperature=0.9, top_p=0.95,
+                                            seed=7, extra_body=off)
+    return {"turn1": r1.choices[0].message.content, "turn2": r2.choices[0].message.content,
+            "cached": r2.usage.prompt_tokens_details.cached_tokens, "prompt1": r1.usage.prompt_tokens,
+            "batch": batch, "seeded": seeded.choices[0].message.content}
+
+
 def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
@@ -128,15 +203,32 @@ def _check(out: Path, name: str, reference: dict[str, np.ndarray]) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_ckpt, tiny_gguf, demo_dir, tmp_path_factory):
+    """One 2-rank launch: the logits jobs, then generate, chat and a server (its answers taken
+    here, then stopped with SIGTERM to rank 0, which lets rank 1 go)."""
     out = tmp_path_factory.mktemp("two")
+    model, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32)
+    one = model.make_cache()
+    model(mx.array(TOKENS)[None], one)
+    ds4mlx.save_prompt_cache(out / "one.safetensors", one)  # a one-process state, which the ranks refuse
     cli = [f"generate -m {demo_dir} -p 'hello there' --temp 0 -n 12 --no-think -q",
-           f"chat -m {demo_dir} --temp 0 -n 6 --no-think -q"]
+           f"chat -m {demo_dir} --temp 0 -n 6 --no-think -q",
+           f"serve -m {demo_dir} --port 0 --cache-gb 1 --cache-dir {out / 'prefixes'}",
+           f"serve -m {demo_dir} --port 0 --cache-gb 1 --cache-dir {out / 'prefixes'}"]  # restarted
     # mlx.launch copies its standard input to every rank (but never closes theirs: hence /quit)
-    r = launch(2, out, ["--job", f"hf6={tiny_ckpt}", "--job", f"hf4={tiny_ckpt},4",
-                        "--job", f"gguf6={tiny_gguf}", "--job", f"gguf4={tiny_gguf},4,3+2",
-                        "--cli", cli[0], "--cli", cli[1]], stdin=CHAT_INPUT)
-    assert r.returncode == 0 and (out / "cli-rc-1-1").exists(), r.stdout + r.stderr
-    return out, cli
+    proc = start(2, out, ["--job", f"hf6={tiny_ckpt}", "--job", f"hf4={tiny_ckpt},4",
+                          "--job", f"gguf6={tiny_gguf}", "--job", f"gguf4={tiny_gguf},4,3+2",
+                          "--cache-job", str(tiny_ckpt), *[a for c in cli for a in ("--cli", c)]], stdin=CHAT_INPUT)
+    try:
+        answers = serve_requests(_server_url(out, proc, LAUNCH_TIMEOUT))
+        os.kill(int((out / "pid-0").read_text()), signal.SIGTERM)
+        answers["restarted"] = after_restart(_server_url(out, proc, 120, nth=2), answers["turn1"])
+        os.kill(int((out / "pid-0").read_text()), signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        _stop(proc)
+    err = (out / "launch.err").read_text()
+    assert proc.returncode == 0 and (out / "cli-rc-3-1").exists(), err
+    return out, cli, answers
 
 
 # ----------------------------------------------------------------------------- the split itself
@@ -164,13 +256,19 @@ def test_split_option_errors():
 
 def test_stages_read_disjoint_shares_of_the_file(tiny_ckpt):
     """Each stage's model holds exactly its layers (+ embedding / head) and together they hold
-    the one-process model's parameters, value for value."""
+    the one-process model's parameters, value for value; the memory check's estimate of each
+    stage is what it loads, and the stages' decode states add up to the whole one's."""
     full, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32)
     whole = dict(tree_flatten(full.parameters()))
     seen: dict[str, mx.array] = {}
+    states = 0
     for stage in (Stage(0, 3, 0, 2, 5), Stage(1, 3, 2, 4, 5), Stage(2, 3, 4, 5, 5)):
         part, _ = ds4mlx.load(tiny_ckpt, dtype=mx.float32, stage=stage)
         params = dict(tree_flatten(part.parameters()))
+        est = memory.estimate(tiny_ckpt, ctx=4096, dtype=mx.float32, stage=stage)
+        loaded = sum(v.nbytes for v in params.values())
+        assert abs(est.weights - loaded) <= 0.01 * loaded, (stage, est.weights, loaded)
+        states += est.state
         layers = {int(p.split(".")[1]) for p in params if p.startswith("layers.")}
         assert layers == set(range(stage.first, stage.stop))
         assert ("embed.weight" in params) == (stage.rank == 0)
@@ -180,13 +278,35 @@ def test_stages_read_disjoint_shares_of_the_file(tiny_ckpt):
     assert set(seen) == {p for p in whole if not p.startswith("mtp.")}
     for p, v in seen.items():
         assert mx.array_equal(v, whole[p]).item(), p
+    assert states == memory.estimate(tiny_ckpt, ctx=4096, dtype=mx.float32).state > 0
+
+
+def test_memory_check_refuses_a_rank_by_its_share(demo_dir, monkeypatch, capfd):
+    """Under mlx.launch each rank checks its own share, before reading a weight, and says so."""
+    from ds4mlx import distributed, loader
+    from ds4mlx.cli import main
+
+    stage = Stage(1, 2, 3, 5, 5)
+    share = memory.estimate(demo_dir, ctx=4096, stage=stage).total
+    assert share < memory.estimate(demo_dir, ctx=4096).total
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    monkeypatch.setattr(distributed, "this_stage", lambda *a: stage)
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("the loader was reached"))
+    monkeypatch.setattr(memory, "device_memory", lambda: memory.DeviceMemory(share - 1, None))
+    assert main(["generate", "-m", str(demo_dir), "-p", "hi", "--ctx", "4096"]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ds4mlx: error: rank 1/2: layers 3-4, head of "), err
+    monkeypatch.setattr(memory, "device_memory", lambda: memory.DeviceMemory(share + (1 << 20), None))
+    monkeypatch.setattr(distributed, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("stopped at the load")))
+    assert main(["generate", "-m", str(demo_dir), "-p", "hi", "--ctx", "4096"]) == 1
+    assert "stopped at the load" in capfd.readouterr().err  # its share fits: it goes on to load
 
 
 # ----------------------------------------------------------------------------- launched
 
 
 def test_two_ranks_logits_match_one_process(two_ranks, tiny_ckpt, tiny_gguf):
-    out, _ = two_ranks
+    out, _, _ = two_ranks
     assert (out / "hf6-stage-0").read_text() != "0 5"  # really split
     assert (out / "gguf4-stage-0").read_text() == "0 3"  # --layers-split 3,2
     _check(out, "hf6", _reference(tiny_ckpt))
@@ -197,12 +317,67 @@ def test_two_ranks_logits_match_one_process(two_ranks, tiny_ckpt, tiny_gguf):
 
 @pytest.mark.parametrize("i", [0, 1], ids=["generate", "chat"])
 def test_two_ranks_cli_greedy_text_matches_one_process(two_ranks, i):
-    out, cli = two_ranks
+    out, cli, _ = two_ranks
     one = subprocess.run([sys.executable, "-m", "ds4mlx", *shlex.split(cli[i])], env=_env(), capture_output=True,
                          text=True, timeout=LAUNCH_TIMEOUT, cwd=out, input=CHAT_INPUT)
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip() and (out / f"cli-{i}.txt").read_text() == one.stdout
     assert (out / f"cli-rc-{i}-0").read_text() == (out / f"cli-rc-{i}-1").read_text() == "0"
+
+
+def test_two_ranks_prompt_cache_files(two_ranks, tiny_ckpt):
+    """Each rank saves its own layers' state to its own file; loaded back, the decode goes on as
+    one process's; a one-process file, or a file of another split, is refused with one line."""
+    out, _, _ = two_ranks
+    want = _reference(tiny_ckpt)["decode"]
+    assert rel(np.load(out / "state-decode.npy"), want) <= TOL
+    assert (out / "state.safetensors").exists() and (out / "rank1" / "state.safetensors").exists()
+    for rank in (0, 1):
+        one = (out / f"refused-one-{rank}.txt").read_text()
+        if rank == 0:
+            assert one.endswith("saved by one process, but this run is 2 processes with --layers-split 3,2; "
+                                "load it with the same split"), one
+        else:  # its own file is not there
+            assert "rank1/one.safetensors: no such file: rank 1 of 2 processes" in one, one
+        split = (out / f"refused-split-{rank}.txt").read_text()
+        assert split.endswith("saved by 2 processes with --layers-split 3,2, but this run is 2 processes with "
+                              "--layers-split 2,3; load it with the same split"), split
+    with pytest.raises(PromptCacheError, match="saved by 2 processes with --layers-split 3,2, "
+                       "but this run is one process"):
+        ds4mlx.load_prompt_cache(out / "state.safetensors")
+
+
+def test_two_ranks_server_answers_like_one_process(two_ranks, demo_dir):
+    """Rank 0 serves, rank 1 runs every forward it announces (prefill segments, batched decode
+    steps, prefix-cache snapshots of its own layers): a client sees what one process answers."""
+    from ds4mlx.server import BackgroundServer, build_app
+
+    out, _, split = two_ranks
+    split = dict(split)
+    split.pop("restarted")  # its own test below
+    model, tokenizer = ds4mlx.load(demo_dir)  # as `ds4mlx serve` loads it
+    with BackgroundServer(build_app(model, tokenizer, cache_bytes=1 << 30)) as server:
+        alone = serve_requests(server.url)
+    assert split == alone
+    assert split["turn1"] and split["prompt1"] - 1 <= split["cached"]  # the second turn resumed
+    for i in (2, 3):
+        assert (out / f"cli-rc-{i}-0").read_text() == (out / f"cli-rc-{i}-1").read_text() == "0"
+    # rank 1 let go holding exactly the states rank 0 still names (the dropped ones freed)
+    err = (out / "launch.err").read_text()
+    live = re.findall(r"rank 0: letting the other ranks go; (\d+) states", err)
+    held = re.findall(r"rank 1: let go by rank 0, holding (\d+) states", err)
+    assert len(live) == 2 and live == held and int(live[0]) > 0, err
+
+
+def test_two_ranks_server_prefix_files_survive_a_restart(two_ranks):
+    """--cache-dir under mlx.launch: each rank writes its own layers' file of every snapshot;
+    restarted, the server resumes the second turn from them, as it did from memory."""
+    out, _, split = two_ranks
+    ranks0 = sorted(p.name for p in (out / "prefixes").glob("*.safetensors"))
+    assert ranks0 and ranks0 == sorted(p.name for p in (out / "prefixes" / "rank1").iterdir())
+    assert split["restarted"]["loaded_from_disk"] >= 1
+    # the first run's snapshot at the end of the second prompt's reuse points is on disk now
+    assert split["restarted"]["turn2"] == split["turn2"] and split["restarted"]["cached"] > split["cached"]
 
 
 @pytest.mark.slow
@@ -290,3 +465,13 @@ def test_hung_rank_stops_the_other_by_the_watchdog(tiny_ckpt, tmp_path):
             proc.wait()
     assert "ds4mlx: error: rank 0:" in err and "no answer in 3 s" in err, err
     assert waited < 15
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_layers_split_needs_the_launcher(demo_dir, command, capfd):
+    from ds4mlx.cli import main
+
+    extra = ["-p", "hi"] if command == "generate" else []
+    assert main([command, "-m", str(demo_dir), "--layers-split", "3,2", *extra]) != 0
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--layers-split splits the model over the processes of mlx.launch" in err[0], err

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -31,8 +32,10 @@ def build_app(model: Any, tokenizer: Any, *, model_id: str = "ds4mlx", ctx: Opti
 
     cache = None
     if cache_bytes > 0 or cache_dir is not None:
+        split = hasattr(model, "save_state")  # ds4mlx.distributed: each rank keeps its own layers' files
         cache = PrefixCache(cache_bytes, directory=cache_dir, max_disk_bytes=disk_bytes,
-                            fingerprint=model_fingerprint(model), layout=[c.ratio for c in model.make_cache()])
+                            fingerprint=model_fingerprint(model), layout=[c.ratio for c in model.make_cache()],
+                            **({"files": model} if split else {}))
     engine = Engine(model, tokenizer, ctx=ctx, prefix_cache=cache, processors=processors,
                     default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens,
                     max_batch=max_batch)
@@ -43,27 +46,43 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, ctx: Op
           cache_dir: Optional[Path] = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
           disk_bytes: int = DEFAULT_DISK_BYTES, experts_per_token: Optional[int] = None,
           default_max_tokens: int = 4096, log_level: str = "info", draft: Optional[str] = None,
-          num_draft_tokens: int = 2, mtp_path: Optional[Path] = None, max_batch: int = 8) -> None:
+          num_draft_tokens: int = 2, mtp_path: Optional[Path] = None, max_batch: int = 8,
+          layers_split: Optional[str] = None) -> None:
+    """Load and serve until stopped. Under ``mlx.launch`` the model is split by layers
+    (``ds4mlx.distributed``): rank 0 serves and the other ranks run the forwards it announces."""
     import uvicorn
 
+    from .. import distributed
     from ..loader import load
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    model, tokenizer = load(model_path, experts_per_token=experts_per_token, mtp=draft == "mtp", mtp_path=mtp_path)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{model_path}: no usable tokenizer (the server needs one)")
-    app = build_app(model, tokenizer, model_id=Path(str(model_path)).name or str(model_path), ctx=ctx,
-                    cache_bytes=cache_bytes, cache_dir=cache_dir, disk_bytes=disk_bytes,
-                    default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens,
-                    max_batch=max_batch)
-    engine = app.state.engine
-    logging.getLogger("ds4mlx.server").info(
-        "context %d tokens; up to %d request%s decoded together%s", engine.ctx, max_batch, "s" * (max_batch > 1),
-        f"; speculative ({draft}, {num_draft_tokens} draft tokens)" if draft else "")
+    split = distributed.launched()
+    load_model = functools.partial(distributed.load, layers_split=layers_split) if split else load
+    model, tokenizer = load_model(model_path, experts_per_token=experts_per_token, mtp=draft == "mtp",
+                                  mtp_path=mtp_path)
+    if split and not distributed.is_output_rank():
+        model.follow()
+        return
+    if split:
+        model.lead()
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{model_path}: no usable tokenizer (the server needs one)")
+        app = build_app(model, tokenizer, model_id=Path(str(model_path)).name or str(model_path), ctx=ctx,
+                        cache_bytes=cache_bytes, cache_dir=cache_dir, disk_bytes=disk_bytes,
+                        default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens,
+                        max_batch=max_batch)
+        engine = app.state.engine
+        logging.getLogger("ds4mlx.server").info(
+            "context %d tokens; up to %d request%s decoded together%s", engine.ctx, max_batch, "s" * (max_batch > 1),
+            f"; speculative ({draft}, {num_draft_tokens} draft tokens)" if draft else "")
+        try:
+            uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        finally:
+            engine.close()
     finally:
-        app.state.engine.close()
+        if split:
+            model.release_followers()  # the engine's worker did, unless the server never started
 
 
 class BackgroundServer:

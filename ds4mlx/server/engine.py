@@ -261,6 +261,9 @@ class Engine:
                     active = [live for live in active if not live.done]
                 self._running = [live.job for live in active]
         finally:
+            release = getattr(self.model, "release_followers", None)  # a model split over mlx.launch
+            if release is not None:
+                release()
             _release_thread_state()
 
     def _take_submitted(self, block: bool) -> bool:

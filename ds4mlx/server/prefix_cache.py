@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..prompt_cache import FORMAT, PromptCacheError, load_prompt_cache, read_metadata, save_prompt_cache
 from ..state import LayerCache, cache_nbytes, snapshot
@@ -56,11 +56,25 @@ class _Entry:
     used: float = field(default_factory=time.time)
 
 
+class StateFiles:
+    """How snapshots reach the disk: the prompt-cache files (a model split over mlx.launch gives
+    its own, which keep each rank's layers in that rank's file)."""
+
+    save_state = staticmethod(save_prompt_cache)
+    load_state = staticmethod(load_prompt_cache)
+
+    @staticmethod
+    def delete_state(path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+
 class PrefixCache:
     """Snapshots in memory (``max_bytes``) and, with ``directory``, on disk (``max_disk_bytes``)."""
 
     def __init__(self, max_bytes: int, *, directory: Optional[str | os.PathLike] = None,
-                 max_disk_bytes: int = 0, fingerprint: str = "", layout: Optional[list[int]] = None) -> None:
+                 max_disk_bytes: int = 0, fingerprint: str = "", layout: Optional[list[int]] = None,
+                 files: Any = StateFiles) -> None:
+        self.files = files
         self.max_bytes = max_bytes
         self.layout = layout  # compression ratio of each layer: a loaded state must match
         self.max_disk_bytes = max_disk_bytes
@@ -148,7 +162,7 @@ class PrefixCache:
                 break
             if e.path is not None:
                 disk -= e.disk_bytes
-                e.path.unlink(missing_ok=True)
+                self.files.delete_state(e.path)
                 e.path = None
                 if e.state is None:
                     del self._entries[e.tokens]
@@ -162,7 +176,7 @@ class PrefixCache:
         path = self._file_for(entry.tokens)
         meta = {"fingerprint": self.fingerprint, "tokens": json.dumps(list(entry.tokens))}
         try:
-            save_prompt_cache(path, entry.state, meta)
+            self.files.save_state(path, entry.state, meta)
         except OSError as e:
             log.warning("prefix cache: could not write %s (%s); kept in memory only", path, e)
             return
@@ -202,7 +216,7 @@ class PrefixCache:
 
     def _load(self, entry: _Entry) -> Optional[list[LayerCache]]:
         try:
-            state, meta = load_prompt_cache(entry.path, return_metadata=True)
+            state, meta = self.files.load_state(entry.path, return_metadata=True)
             if self._check_meta(entry.path, meta) != entry.tokens:
                 raise PromptCacheError(f"{entry.path}: token list changed since the directory was read")
             if self.layout is not None and [c.ratio for c in state] != list(self.layout):
