@@ -20,7 +20,7 @@ from ..state import BatchLayerCache, LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
 from .merged import MergedLinear
-from .rope import apply_rope, host_positions, layer_frequencies
+from .rope import apply_rope, host_positions, layer_frequencies, rope_tables, rotate
 
 # Bound on the float32 score elements materialised per query block.
 _SCORE_BUDGET = 1 << 26
@@ -191,13 +191,9 @@ class Attention(nn.Module):
             kv = fused.rope_rows(p.kv, pos, freqs, norm=fused.NORM_WEIGHTED,
                                  weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
         else:
-            q = p.q.astype(mx.float32)
-            q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
-            q = apply_rope(q, positions[..., None], freqs)
-            kv = self.kv_norm(p.kv)
-            kv = apply_rope(kv, positions, freqs)
-            if self.qat_rounding:
-                kv = qat.kv_fp8(kv, self.rope_dims)
+            q, kv = _rotate_ops(p.q, self.kv_norm(p.kv), positions,
+                                *rope_tables(freqs, self.head_dim), self.eps,
+                                self.rope_dims if self.qat_rounding else 0)
         index_q = None
         if p.index_q is not None:  # lazy: computed only where a sequence has indexer keys
             index_q = self.indexer.rotate_queries(p.index_q[0], pos, positions, freqs,
@@ -241,6 +237,8 @@ class Attention(nn.Module):
 
         if self._fused_attention(s):
             o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys)
+        elif s == 1:
+            o = self._attend_one(q, keys[:, row0:row0 + n_prev + 1], cache, index_q, index_w)
         else:
             keys = keys[:, row0:row0 + n_prev + s]
             o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
@@ -262,6 +260,20 @@ class Attention(nn.Module):
                 idx = self.indexer.pick(index_q, index_w, index_keys, bounds[:, 2])
         return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
                                       self.config.softmax_scale)
+
+    def _attend_one(self, q, keys, cache: LayerCache, index_q, index_w):
+        """One query (a decode step) through MLX ops, compiled whole at fixed shapes: the window
+        rows ``keys`` (all visible), the compressed and indexer row buffers whole (capacity, not
+        row count: no retrace as rows are added), the count of visible rows as an array."""
+        scale = self.config.softmax_scale
+        state = cache.compressor
+        if state is None or state.n_rows == 0:
+            return _one_window(q, keys, self.attn_sink, scale)
+        n = mx.array(state.n_rows, dtype=mx.int32)
+        if self.ratio == 4 and index_q is not None:
+            return _one_indexed(q, keys, self.attn_sink, state.buffer, n, index_q, index_w,
+                                cache.indexer.buffer, scale, self.config.index_topk)
+        return _one_all(q, keys, self.attn_sink, state.buffer, n, scale)
 
     def _attend_blocks(self, q, positions, p0: int, keys, n_prev: int, comp, index_q, index_w,
                        index_keys):
@@ -333,6 +345,77 @@ class Attention(nn.Module):
             else:
                 out = out + pc @ kc
         return out
+
+
+@mx.compile
+def _rotate_ops(q, kv, positions, per_feature, sign, eps: float, fp8_rope_dims: int):
+    """The ops path of Attention._rotate in one graph: the plain RMS and the rotation of the
+    queries, the rotation (and the FP8 round trip, when ``fp8_rope_dims``) of the normed KV."""
+    q = q.astype(mx.float32)
+    q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + eps)
+    q = rotate(q, positions[..., None], per_feature, sign)
+    kv = rotate(kv, positions, per_feature, sign)
+    return q, (qat.kv_fp8(kv, fp8_rope_dims) if fp8_rope_dims else kv)
+
+
+# ---------------------------------------------------------------------- one query, compiled
+# A decode step's attention on the ops path: the same scores, masks, softmax and sums as
+# Attention._attend for one query, as three compiled graphs (window only; every visible
+# compressed row; the indexer's top-k), each traced once per buffer capacity.
+
+def _one_softmax(parts: list, sink: mx.array) -> mx.array:
+    b, h = parts[0].shape[:2]
+    sink = mx.broadcast_to(sink.astype(mx.float32)[:, None], (b, h, 1))
+    return mx.softmax(mx.concatenate(parts + [sink], axis=-1), axis=-1, precise=True)
+
+
+def _one_window_scores(q: mx.array, kw: mx.array, scale: float):
+    b, _, h, d = q.shape
+    qf = q.reshape(b, h, d)
+    kw = kw.astype(mx.float32)
+    return qf, kw, (qf @ kw.swapaxes(-1, -2)) * scale
+
+
+@mx.compile
+def _one_window(q, kw, sink, scale: float):
+    qf, kw, sw = _one_window_scores(q, kw, scale)
+    return (_one_softmax([sw], sink)[..., :-1] @ kw)[:, None]
+
+
+def _one_rows(qf, kw, sw, sink, kc, sc, valid):
+    """Window scores ``sw`` [B, H, Lw] and compressed ones ``sc`` [B, H, K] (rows ``kc``
+    [B, K, d], ``valid`` [B or 1, 1, K]) in one softmax → [B, 1, H, d]."""
+    probs = _one_softmax([sw, mx.where(valid, sc, -mx.inf)], sink)
+    lw = sw.shape[-1]
+    return (probs[..., :lw] @ kw + probs[..., lw:-1] @ kc)[:, None]
+
+
+@mx.compile
+def _one_all(q, kw, sink, comp, n, scale: float):
+    """Ratio 128: every visible row of the buffer ``comp`` [B, C, d] (rows < ``n``)."""
+    qf, kw, sw = _one_window_scores(q, kw, scale)
+    kc = comp.astype(mx.float32)
+    visible = (mx.arange(kc.shape[1]) < n)[None, None]
+    return _one_rows(qf, kw, sw, sink, kc, (qf @ kc.swapaxes(-1, -2)) * scale, visible)
+
+
+@mx.compile
+def _one_indexed(q, kw, sink, comp, n, iq, iw, ikeys, scale: float, topk: int):
+    """Ratio 4: the Lightning Indexer's top-k of the visible rows (< ``n``) of the buffers
+    ``comp`` [B, C, d] and ``ikeys`` [B, C, dI]; queries iq [B, 1, h, dI], weights iw [B, 1, h]."""
+    qf, kw, sw = _one_window_scores(q, kw, scale)
+    kc = comp.astype(mx.float32)
+    c = kc.shape[1]
+    visible = mx.arange(c) < n
+    if c <= topk:  # every row is picked: no scores needed
+        sc = (qf @ kc.swapaxes(-1, -2)) * scale
+        return _one_rows(qf, kw, sw, sink, kc, sc, visible[None, None])
+    keys = mx.expand_dims(ikeys.astype(mx.float32), 1)
+    scores = mx.sum(mx.maximum(iq @ keys.swapaxes(-1, -2), 0.0) * iw[..., None], axis=2)  # [B, 1, C]
+    scores = mx.where(visible, scores, -mx.inf)
+    idx = mx.argpartition(-scores, kth=topk - 1, axis=-1)[..., :topk].astype(mx.int32)  # [B, 1, K]
+    kc = mx.take_along_axis(kc, idx[:, 0, :, None], axis=1)  # [B, K, d]
+    return _one_rows(qf, kw, sw, sink, kc, (qf @ kc.swapaxes(-1, -2)) * scale, idx < n)
 
 
 class _Projected:

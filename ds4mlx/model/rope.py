@@ -59,9 +59,10 @@ def layer_frequencies(config: ModelConfig, ratio: int) -> mx.array:
 _TABLES: dict[tuple[int, int], tuple[mx.array, mx.array, mx.array]] = {}
 
 
-def _tables(freqs: mx.array, dim: int) -> tuple[mx.array, mx.array]:
+def rope_tables(freqs: mx.array, dim: int) -> tuple[mx.array, mx.array]:
     """Per feature of a [dim] row: its frequency (f_k on both features of rotated pair k, 0 on
-    the features that do not rotate: cos 0 = 1, sin 0 = 0) and the sign its pair's sine takes."""
+    the features that do not rotate: cos 0 = 1, sin 0 = 0) and the sign its pair's sine takes
+    (built once per layer's frequencies and row width)."""
     entry = _TABLES.get((id(freqs), dim))
     if entry is None or entry[0] is not freqs:
         rd = 2 * freqs.shape[0]
@@ -74,8 +75,11 @@ def _tables(freqs: mx.array, dim: int) -> tuple[mx.array, mx.array]:
 
 
 @mx.compile
-def _rotate(x: mx.array, swapped: mx.array, positions: mx.array, per_feature: mx.array,
-            sign: mx.array, inverse: bool) -> mx.array:
+def rotate(x: mx.array, positions: mx.array, per_feature: mx.array, sign: mx.array,
+           inverse: bool = False) -> mx.array:
+    """:func:`apply_rope` with the tables of :func:`rope_tables` (for callers that compile it
+    into a larger graph): x·cos + swap(x)·(∓sin), swap exchanging each pair's two features."""
+    swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
     angles = positions[..., None].astype(mx.float32) * per_feature
     sin = mx.sin(angles) * (-sign if inverse else sign)
     return (x.astype(mx.float32) * mx.cos(angles) + swapped.astype(mx.float32) * sin).astype(x.dtype)
@@ -88,13 +92,10 @@ def apply_rope(
 
     ``positions`` holds absolute positions broadcastable to ``x.shape[:-1]`` (e.g. [S] for
     [B, S, D], [S, 1] for [B, S, H, D]). Math in float32, result in ``x.dtype``.
-    Written over the whole row as x·cos + swap(x)·(∓sin) (swap: each pair's two features
-    exchanged; non-rotating features see angle 0), so a call is one swap and one fused kernel
+    Written over the whole row (:func:`rotate`), so a call is one swap and one fused kernel
     rather than slices, a stack and a concatenation (the same products and sums: bitwise equal).
     """
-    per_feature, sign = _tables(freqs, x.shape[-1])
-    swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
-    return _rotate(x, swapped, positions, per_feature, sign, inverse)
+    return rotate(x, positions, *rope_tables(freqs, x.shape[-1]), inverse)
 
 
 def rows_ops(x: mx.array, pos, freqs: mx.array, *, norm: int, weight: mx.array | None,
