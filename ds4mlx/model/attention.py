@@ -8,6 +8,8 @@ output is rotated back, then a grouped low-rank projection (wo_a per group, wo_b
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -359,63 +361,69 @@ def _rotate_ops(q, kv, positions, per_feature, sign, eps: float, fp8_rope_dims: 
 
 
 # ---------------------------------------------------------------------- one query, compiled
-# A decode step's attention on the ops path: the same scores, masks, softmax and sums as
-# Attention._attend for one query, as three compiled graphs (window only; every visible
-# compressed row; the indexer's top-k), each traced once per buffer capacity.
+# A decode step's attention on the ops path: the same scores, masks and softmax as
+# Attention._attend for one query of one sequence, as three compiled graphs (window only; every
+# visible compressed row; the indexer's top-k), each traced once per buffer capacity. The keys
+# are joined once, with a zero row whose score column carries the sink, so one product gives
+# every score and one the output.
 
-def _one_softmax(parts: list, sink: mx.array) -> mx.array:
-    b, h = parts[0].shape[:2]
-    sink = mx.broadcast_to(sink.astype(mx.float32)[:, None], (b, h, 1))
-    return mx.softmax(mx.concatenate(parts + [sink], axis=-1), axis=-1, precise=True)
+@functools.cache
+def _columns(lw: int, k: int) -> mx.array:
+    """Per score column: -1 for the ``lw`` window keys, j for compressed key j, ``k`` for the
+    sink (numpy-built: a constant also inside a compiled trace). Parts of it: ``(0, n - 1)``
+    the rows 0..n-1, ``(lw, -1)`` the window's columns, ``(0, 0)`` a single 0."""
+    return mx.array(np.concatenate([np.full(lw, -1), np.arange(k + 1)]).astype(np.int32))
 
 
-def _one_window_scores(q: mx.array, kw: mx.array, scale: float):
-    b, _, h, d = q.shape
-    qf = q.reshape(b, h, d)
-    kw = kw.astype(mx.float32)
-    return qf, kw, (qf @ kw.swapaxes(-1, -2)) * scale
+def _one_out(q, keys, sink, valid, is_sink, scale: float):
+    """Scores of q [1, 1, H, d] against ``keys`` [L, d] (last row zero), masked by ``valid``
+    and with the sink in the ``is_sink`` column, through one softmax → [1, 1, H, d]."""
+    _, _, h, d = q.shape
+    scores = (q.reshape(h, d) @ keys.T) * scale
+    logits = mx.where(is_sink, sink.astype(mx.float32)[:, None], mx.where(valid, scores, -mx.inf))
+    return (mx.softmax(logits, axis=-1, precise=True) @ keys).reshape(1, 1, h, d)
+
+
+@functools.cache
+def _zero_row(d: int) -> mx.array:
+    return mx.array(np.zeros((1, d), np.float32))
+
+
+def _rows2(x: mx.array) -> mx.array:
+    """[1, L, d] → [L, d] float32."""
+    return x.reshape(x.shape[1:]).astype(mx.float32)
 
 
 @mx.compile
 def _one_window(q, kw, sink, scale: float):
-    qf, kw, sw = _one_window_scores(q, kw, scale)
-    return (_one_softmax([sw], sink)[..., :-1] @ kw)[:, None]
-
-
-def _one_rows(qf, kw, sw, sink, kc, sc, valid):
-    """Window scores ``sw`` [B, H, Lw] and compressed ones ``sc`` [B, H, K] (rows ``kc``
-    [B, K, d], ``valid`` [B or 1, 1, K]) in one softmax → [B, 1, H, d]."""
-    probs = _one_softmax([sw, mx.where(valid, sc, -mx.inf)], sink)
-    lw = sw.shape[-1]
-    return (probs[..., :lw] @ kw + probs[..., lw:-1] @ kc)[:, None]
+    cols = _columns(kw.shape[1], 0)
+    keys = mx.concatenate([_rows2(kw), _zero_row(kw.shape[-1])])
+    return _one_out(q, keys, sink, cols < 0, cols == 0, scale)
 
 
 @mx.compile
 def _one_all(q, kw, sink, comp, n, scale: float):
-    """Ratio 128: every visible row of the buffer ``comp`` [B, C, d] (rows < ``n``)."""
-    qf, kw, sw = _one_window_scores(q, kw, scale)
-    kc = comp.astype(mx.float32)
-    visible = (mx.arange(kc.shape[1]) < n)[None, None]
-    return _one_rows(qf, kw, sw, sink, kc, (qf @ kc.swapaxes(-1, -2)) * scale, visible)
+    """Ratio 128: every visible row of the buffer ``comp`` [1, C, d] (rows < ``n``)."""
+    c = comp.shape[1]
+    cols = _columns(kw.shape[1], c)
+    keys = mx.concatenate([_rows2(kw), _rows2(comp), _zero_row(kw.shape[-1])])
+    return _one_out(q, keys, sink, cols < n, cols == c, scale)
 
 
 @mx.compile
 def _one_indexed(q, kw, sink, comp, n, iq, iw, ikeys, scale: float, topk: int):
     """Ratio 4: the Lightning Indexer's top-k of the visible rows (< ``n``) of the buffers
-    ``comp`` [B, C, d] and ``ikeys`` [B, C, dI]; queries iq [B, 1, h, dI], weights iw [B, 1, h]."""
-    qf, kw, sw = _one_window_scores(q, kw, scale)
-    kc = comp.astype(mx.float32)
-    c = kc.shape[1]
-    visible = mx.arange(c) < n
+    ``comp`` [1, C, d] and ``ikeys`` [1, C, dI]; queries iq [1, 1, h, dI], weights iw [1, 1, h]."""
+    c = comp.shape[1]
     if c <= topk:  # every row is picked: no scores needed
-        sc = (qf @ kc.swapaxes(-1, -2)) * scale
-        return _one_rows(qf, kw, sw, sink, kc, sc, visible[None, None])
-    keys = mx.expand_dims(ikeys.astype(mx.float32), 1)
-    scores = mx.sum(mx.maximum(iq @ keys.swapaxes(-1, -2), 0.0) * iw[..., None], axis=2)  # [B, 1, C]
-    scores = mx.where(visible, scores, -mx.inf)
-    idx = mx.argpartition(-scores, kth=topk - 1, axis=-1)[..., :topk].astype(mx.int32)  # [B, 1, K]
-    kc = mx.take_along_axis(kc, idx[:, 0, :, None], axis=1)  # [B, K, d]
-    return _one_rows(qf, kw, sw, sink, kc, (qf @ kc.swapaxes(-1, -2)) * scale, idx < n)
+        return _one_all(q, kw, sink, comp, n, scale)
+    lw, h = kw.shape[1], iq.shape[2]
+    scores = iq.reshape(h, -1) @ _rows2(ikeys).T  # [h, C]
+    scores = (mx.maximum(scores, 0.0) * iw.reshape(h, 1)).sum(axis=0)  # [C]
+    idx = mx.argpartition(mx.where(_columns(0, c - 1) < n, -scores, mx.inf), kth=topk - 1)[:topk]
+    keys = mx.concatenate([_rows2(kw), mx.take(_rows2(comp), idx, axis=0), _zero_row(kw.shape[-1])])
+    picked = mx.concatenate([_columns(lw, -1), idx.astype(mx.int32), _columns(0, 0) + c])
+    return _one_out(q, keys, sink, picked < n, _columns(lw, topk) == topk, scale)
 
 
 class _Projected:
