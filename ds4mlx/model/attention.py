@@ -240,7 +240,7 @@ class Attention(nn.Module):
         if self._fused_attention(s):
             o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys)
         elif s == 1:
-            o = self._attend_one(q, keys[:, row0:row0 + n_prev + 1], cache, index_q, index_w)
+            o = self._attend_one(q, keys, row0, n_prev, cache, index_q, index_w)
         else:
             keys = keys[:, row0:row0 + n_prev + s]
             o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
@@ -263,19 +263,24 @@ class Attention(nn.Module):
         return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
                                       self.config.softmax_scale)
 
-    def _attend_one(self, q, keys, cache: LayerCache, index_q, index_w):
-        """One query (a decode step) through MLX ops, compiled whole at fixed shapes: the window
-        rows ``keys`` (all visible), the compressed and indexer row buffers whole (capacity, not
-        row count: no retrace as rows are added), the count of visible rows as an array."""
-        scale = self.config.softmax_scale
+    def _attend_one(self, q, keys, row0: int, n_prev: int, cache: LayerCache, index_q, index_w):
+        """One query (a decode step) through MLX ops, compiled whole at fixed shapes (no retrace
+        as the context grows): ``window`` rows of ``keys`` from ``row0`` (the first n_prev + 1
+        visible, the rest masked until the window fills), the compressed and indexer row buffers
+        whole (capacity, not row count), the counts of visible rows as arrays."""
+        scale, w = self.config.softmax_scale, self.window
+        kw = keys[:, row0:row0 + w]
+        if kw.shape[1] < w:  # a buffer just built holds only the visible rows
+            kw = mx.pad(kw, [(0, 0), (0, w - kw.shape[1]), (0, 0)])
+        nw = mx.array(n_prev + 1, dtype=mx.int32)
         state = cache.compressor
         if state is None or state.n_rows == 0:
-            return _one_window(q, keys, self.attn_sink, scale)
+            return _one_window(q, kw, nw, self.attn_sink, scale)
         n = mx.array(state.n_rows, dtype=mx.int32)
         if self.ratio == 4 and index_q is not None:
-            return _one_indexed(q, keys, self.attn_sink, state.buffer, n, index_q, index_w,
+            return _one_indexed(q, kw, nw, self.attn_sink, state.buffer, n, index_q, index_w,
                                 cache.indexer.buffer, scale, self.config.index_topk)
-        return _one_all(q, keys, self.attn_sink, state.buffer, n, scale)
+        return _one_all(q, kw, nw, self.attn_sink, state.buffer, n, scale)
 
     def _attend_blocks(self, q, positions, p0: int, keys, n_prev: int, comp, index_q, index_w,
                        index_keys):
@@ -369,10 +374,15 @@ def _rotate_ops(q, kv, positions, per_feature, sign, eps: float, fp8_rope_dims: 
 
 @functools.cache
 def _columns(lw: int, k: int) -> mx.array:
-    """Per score column: -1 for the ``lw`` window keys, j for compressed key j, ``k`` for the
-    sink (numpy-built: a constant also inside a compiled trace). Parts of it: ``(0, n - 1)``
-    the rows 0..n-1, ``(lw, -1)`` the window's columns, ``(0, 0)`` a single 0."""
-    return mx.array(np.concatenate([np.full(lw, -1), np.arange(k + 1)]).astype(np.int32))
+    """Per score column: j - lw for window key j, j for compressed key j, ``k`` for the sink
+    (numpy-built: a constant also inside a compiled trace). Parts of it: ``(0, n - 1)`` the rows
+    0..n-1, ``(lw, -1)`` the window's columns, ``(0, 0)`` a single 0."""
+    return mx.array(np.concatenate([np.arange(lw) - lw, np.arange(k + 1)]).astype(np.int32))
+
+
+def _visible(cols: mx.array, lw: int, nw: mx.array, n: mx.array | int) -> mx.array:
+    """The first ``nw`` of the ``lw`` window columns, compressed columns below ``n``."""
+    return mx.where(cols < 0, cols < nw - lw, cols < n)
 
 
 def _one_out(q, keys, sink, valid, is_sink, scale: float):
@@ -395,35 +405,36 @@ def _rows2(x: mx.array) -> mx.array:
 
 
 @mx.compile
-def _one_window(q, kw, sink, scale: float):
-    cols = _columns(kw.shape[1], 0)
+def _one_window(q, kw, nw, sink, scale: float):
+    lw = kw.shape[1]
+    cols = _columns(lw, 0)
     keys = mx.concatenate([_rows2(kw), _zero_row(kw.shape[-1])])
-    return _one_out(q, keys, sink, cols < 0, cols == 0, scale)
+    return _one_out(q, keys, sink, _visible(cols, lw, nw, 0), cols == 0, scale)
 
 
 @mx.compile
-def _one_all(q, kw, sink, comp, n, scale: float):
+def _one_all(q, kw, nw, sink, comp, n, scale: float):
     """Ratio 128: every visible row of the buffer ``comp`` [1, C, d] (rows < ``n``)."""
-    c = comp.shape[1]
-    cols = _columns(kw.shape[1], c)
+    lw, c = kw.shape[1], comp.shape[1]
+    cols = _columns(lw, c)
     keys = mx.concatenate([_rows2(kw), _rows2(comp), _zero_row(kw.shape[-1])])
-    return _one_out(q, keys, sink, cols < n, cols == c, scale)
+    return _one_out(q, keys, sink, _visible(cols, lw, nw, n), cols == c, scale)
 
 
 @mx.compile
-def _one_indexed(q, kw, sink, comp, n, iq, iw, ikeys, scale: float, topk: int):
+def _one_indexed(q, kw, nw, sink, comp, n, iq, iw, ikeys, scale: float, topk: int):
     """Ratio 4: the Lightning Indexer's top-k of the visible rows (< ``n``) of the buffers
     ``comp`` [1, C, d] and ``ikeys`` [1, C, dI]; queries iq [1, 1, h, dI], weights iw [1, 1, h]."""
     c = comp.shape[1]
     if c <= topk:  # every row is picked: no scores needed
-        return _one_all(q, kw, sink, comp, n, scale)
+        return _one_all(q, kw, nw, sink, comp, n, scale)
     lw, h = kw.shape[1], iq.shape[2]
     scores = iq.reshape(h, -1) @ _rows2(ikeys).T  # [h, C]
     scores = (mx.maximum(scores, 0.0) * iw.reshape(h, 1)).sum(axis=0)  # [C]
     idx = mx.argpartition(mx.where(_columns(0, c - 1) < n, -scores, mx.inf), kth=topk - 1)[:topk]
     keys = mx.concatenate([_rows2(kw), mx.take(_rows2(comp), idx, axis=0), _zero_row(kw.shape[-1])])
     picked = mx.concatenate([_columns(lw, -1), idx.astype(mx.int32), _columns(0, 0) + c])
-    return _one_out(q, keys, sink, picked < n, _columns(lw, topk) == topk, scale)
+    return _one_out(q, keys, sink, _visible(picked, lw, nw, n), _columns(lw, topk) == topk, scale)
 
 
 class _Projected:
