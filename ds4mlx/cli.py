@@ -10,6 +10,7 @@ statistics go to stderr, so ``ds4mlx generate ... > answer.txt`` keeps just the 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -21,7 +22,7 @@ import typer
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
 from .generate import DEFAULT_DRAFT_TOKENS, check_sampling, check_text
 from .cli_output import UsageProblem, detail, prefill_progress, set_output, show_prompt, status
-from .cli_output import GracefulInterrupt, Output, Printer, stream_responses
+from .cli_output import GracefulInterrupt, Output, Printer, forget_interrupts, interrupt, stream_responses
 from .cli_options import (ModelOpt, MaxTokensOpt, TempOpt, TopPOpt, TopKOpt, MinPOpt, SeedOpt,
                           SystemOpt, ThinkOpt, ThinkMaxOpt, ExpertsOpt, CtxOpt, MemoryOpt,
                           GGUFFileOpt, VerboseOpt, QuietOpt, DraftOpt, NumDraftOpt,
@@ -467,6 +468,8 @@ def serve(
     draft: DraftOpt = None,
     num_draft_tokens: NumDraftOpt = DEFAULT_DRAFT_TOKENS,
     mtp_gguf: MtpGgufOpt = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help=(
+        "Requests decoded together (1: one at a time, in arrival order)."))] = 8,
 ) -> None:
     """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
     import signal
@@ -478,7 +481,8 @@ def serve(
     try:
         run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),
                    disk_bytes=int(disk_gb * 2**30), experts_per_token=experts_per_token,
-                   default_max_tokens=max_tokens, draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf)
+                   default_max_tokens=max_tokens, draft=draft, num_draft_tokens=num_draft_tokens, mtp_path=mtp_gguf,
+                   max_batch=max_batch)
     except SystemExit as e:  # console.Terminated: SIGTERM, raised once uvicorn has shut down
         if e.code != 128 + signal.SIGTERM:
             raise
@@ -550,8 +554,11 @@ def _run(argv: Optional[list[str]], ready: Optional[Callable[[], None]]) -> int:
         sub.callback = _pipe_safe(sub.callback)
     set_output(verbose=False, quiet=False)  # per command (main may run several in one process)
     try:
-        if ready is not None:
+        forget_interrupts()
+        if ready is not None:  # the console entry point: this process is the command's own
             ready()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, interrupt)  # remembered, should a finalizer drop it
         rv = command.main(args=argv, prog_name="ds4mlx", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except KeyboardInterrupt:

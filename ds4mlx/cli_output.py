@@ -107,6 +107,26 @@ class Printer:
             sys.stderr.flush()
 
 
+_pending_interrupt = [False]
+
+
+def interrupt(signum, frame) -> None:
+    """SIGINT as KeyboardInterrupt, remembered: one raised while a finalizer (``__del__``) runs
+    is reported and dropped by Python, and the command would run on as if nothing happened;
+    the next checkpoint (``raise_pending_interrupt``) raises it again."""
+    _pending_interrupt[0] = True
+    raise KeyboardInterrupt
+
+
+def forget_interrupts() -> None:
+    _pending_interrupt[0] = False
+
+
+def raise_pending_interrupt() -> None:
+    if _pending_interrupt[0]:
+        raise KeyboardInterrupt
+
+
 class GracefulInterrupt:
     """First Ctrl-C asks the generation loop to stop after the current token; a second one
     interrupts at once (KeyboardInterrupt)."""
@@ -121,6 +141,7 @@ class GracefulInterrupt:
         self.hit = True
 
     def __enter__(self) -> "GracefulInterrupt":
+        raise_pending_interrupt()  # a Ctrl-C while loading that a finalizer swallowed
         self.hit = False
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)

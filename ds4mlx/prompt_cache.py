@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .state import LayerCache
 
 CLASSES = {"LayerCache": LayerCache}
-FORMAT = "ds4mlx-prompt-cache/1"  # bump when LayerCache.state changes meaning
+FORMAT = "ds4mlx-prompt-cache/2"  # bump when LayerCache.state changes meaning (2: the MTP drafter held)
 _HEADER_MAX = 64 << 20  # a safetensors header longer than this is not one of ours
 
 

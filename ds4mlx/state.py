@@ -170,22 +170,32 @@ class LayerCache:
     # file stores ``state`` (arrays, ints, None) and rebuilds the entry with ``from_state``.
     @property
     def state(self) -> list:
-        """``[ratio, offset, window, compressor fields, indexer fields]``; absent parts are None."""
+        """``[ratio, offset, window, compressor fields, indexer fields, held streams, held
+        tokens]``; absent parts are None. The last two are what an MTP drafter keeps on its
+        block's entry between calls (``draft_pending``: streams whose next token it has not
+        paired yet), so a saved conversation drafts on from where it was."""
         out = [self.ratio, self.offset, self.window]
         for c in (self.compressor, self.indexer):
             out += _FIELDS_NONE if c is None else [getattr(c, f) for f in _FIELDS[:-1]] + [c.rows]
-        return out
+        streams, tokens = getattr(self, "draft_pending", None) or (None, [])
+        return out + [streams, mx.concatenate(tokens) if tokens else None]
 
     @state.setter
     def state(self, v: list) -> None:
-        if len(v) != 3 + 2 * len(_FIELDS):
-            raise ValueError(f"LayerCache state has {len(v)} entries, expected {3 + 2 * len(_FIELDS)}")
+        if len(v) != _STATE_LEN:
+            raise ValueError(f"LayerCache state has {len(v)} entries, expected {_STATE_LEN}")
         ratio, offset, window = v[:3]
         if not (isinstance(ratio, int) and ratio in (0, 4, 128)) or not (isinstance(offset, int) and offset >= 0):
             raise ValueError(f"LayerCache state: bad ratio {ratio!r} or offset {offset!r}")
         self.ratio, self.offset, self.window = ratio, offset, window
-        self.compressor = _compressor_from(v[3 : 3 + len(_FIELDS)], ratio) if ratio > 0 else None
-        self.indexer = _compressor_from(v[3 + len(_FIELDS) :], ratio) if ratio == 4 else None
+        n = len(_FIELDS)
+        self.compressor = _compressor_from(v[3 : 3 + n], ratio) if ratio > 0 else None
+        self.indexer = _compressor_from(v[3 + n : 3 + 2 * n], ratio) if ratio == 4 else None
+        streams, tokens = v[3 + 2 * n:]
+        if streams is not None or tokens is not None:
+            self.draft_pending = (streams, [] if tokens is None else [tokens])
+        elif hasattr(self, "draft_pending"):
+            del self.draft_pending
 
     @property
     def meta_state(self) -> tuple[str, ...]:
@@ -341,6 +351,7 @@ def _ints(v) -> list:
 
 _FIELDS = ("pending_kv", "pending_score", "prev_kv", "prev_score", "rows")
 _FIELDS_NONE = [None] * len(_FIELDS)
+_STATE_LEN = 3 + 2 * len(_FIELDS) + 2  # ratio, offset, window, compressor, indexer, MTP drafter held
 
 
 def _compressor_from(values: list, ratio: int = 0) -> CompressorState:

@@ -83,3 +83,57 @@ def seams_sources(seams_ckpt, tmp_path_factory):
         "gguf": convert(seams_ckpt, d / "tiny.gguf", to="gguf", preset="ds4-q4", progress=False,
                         jobs=1),
     }
+
+
+def _leftovers() -> list[str]:
+    """Threads and child processes still running once every test and fixture has finished."""
+    import sys
+    import threading
+    import traceback
+
+    frames = sys._current_frames()
+    found = []
+    for t in threading.enumerate():
+        if t is threading.main_thread():
+            continue
+        stack = "".join(traceback.format_stack(frames[t.ident])[-4:]) if t.ident in frames else ""
+        found.append(f"thread {t.name!r} (daemon={t.daemon}):\n{stack}")
+    try:
+        kids = (f"/proc/self/task/{task}/children" for task in os.listdir("/proc/self/task"))
+        for pid in {p for path in kids for p in open(path).read().split()}:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            if "multiprocessing.resource_tracker" not in cmd:  # ends with this process
+                found.append(f"process {pid}: {cmd[:200]}")
+    except OSError:
+        pass
+    return found
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite must leave nothing running: a thread still alive here is joined (or left in
+    native code) while the interpreter finalizes, and a child process can hold CI's pipes."""
+    _EXIT_STATUS.append(int(exitstatus))
+    left = _leftovers()
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        write = reporter.write_line if reporter else print
+        write(f"still running after the last test ({len(left)}):")
+        for item in left:
+            write("  " + item)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with the session's status once pytest is done, without the interpreter's
+    finalization: after ~1000 tests it holds threads of MLX, uvicorn and the converters, whose
+    native destructors can block there. The exit paths users meet (serve, convert, chat, the
+    launcher) are each tested in a process of their own."""
+    if _EXIT_STATUS and os.environ.get("DS4MLX_TEST_FINALIZE") != "1":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])

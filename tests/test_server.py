@@ -9,7 +9,6 @@ import threading
 import time
 
 import httpx
-import mlx.core as mx
 import pytest
 
 from ds4mlx import encoding
@@ -193,6 +192,41 @@ def test_openai_tool_call_round_trip(demo, oai):
     assert r2.usage.prompt_tokens == ref["n_prompt"]
     assert (r2.choices[0].message.reasoning_content or "") == ref["reasoning_content"]
     assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens + r.usage.completion_tokens - 1
+
+
+def test_parallel_tool_calls_off_keeps_the_first_call(demo, oai, anth):
+    """A model that answers two calls: both by default, the first alone when the request turns
+    parallel calls off (OpenAI ``parallel_tool_calls``, Anthropic ``disable_parallel_tool_use``)."""
+    from ds4mlx.server.channels import ChannelSplitter
+
+    _, tok = demo
+    calls = [{"function": {"name": "a", "arguments": json.dumps({"x": 1})}}, {"function": {"name": "b", "arguments": "{}"}}]
+    text = "\n\n" + encoding.render_tool_calls(calls)
+    for limit, names in ((None, ["a", "b"]), (1, ["a"])):
+        splitter = ChannelSplitter(False, limit)
+        splitter.feed(text)
+        message = splitter.finish()[2]
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == \
+            [(c["function"]["name"], c["function"]["arguments"]) for c in calls if c["function"]["name"] in names]
+    # through both APIs (calls without arguments: the demo tokenizer spells DSML letter by letter)
+    _script(tok, "\n\n" + encoding.render_tool_calls([{"function": {"name": n, "arguments": "{}"}} for n in "ab"]))
+    try:
+        first = oai.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "go"}], max_tokens=100, temperature=0,
+            tools=[{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in "ab"],
+            parallel_tool_calls=False, extra_body={"thinking": {"type": "disabled"}}).choices[0]
+        m = anth.messages.create(model="demo", max_tokens=100, messages=[{"role": "user", "content": "go"}],
+                                 tools=[{"name": n, "input_schema": {"type": "object"}} for n in "ab"],
+                                 tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+                                 extra_body={"temperature": 0})
+    finally:
+        SCRIPT.clear()
+    assert first.finish_reason == "tool_calls" and [c.function.name for c in first.message.tool_calls] == ["a"]
+    assert m.stop_reason == "tool_use" and [b.name for b in m.content if b.type == "tool_use"] == ["a"]
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="demo", messages=[{"role": "user", "content": "go"}], max_tokens=1,
+                                    extra_body={"parallel_tool_calls": "no"})
+    assert "parallel_tool_calls" in str(e.value)
 
 
 @pytest.mark.slow

@@ -159,7 +159,7 @@ def test_serve_command_answers_and_stops(demo_dir, tmp_path, stop):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "ds4mlx", "serve", "--model", "demo", "--port", str(port), "--ctx", "1024",
-           "--cache-dir", str(tmp_path / "cache")]
+           "--cache-dir", str(tmp_path / "cache"), "--max-batch", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     try:
         deadline = time.time() + 240
@@ -175,7 +175,8 @@ def test_serve_command_answers_and_stops(demo_dir, tmp_path, stop):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         proc.send_signal(getattr(signal, stop))
         assert proc.wait(60) == 0
-        assert "terminate called" not in proc.stdout.read()
+        out = proc.stdout.read()
+        assert "terminate called" not in out and "context 1024 tokens; up to 2 requests decoded together" in out, out
         assert list((tmp_path / "cache").glob("*.safetensors"))
     finally:
         if proc.poll() is None:

@@ -24,7 +24,7 @@ from ds4mlx.speculative import (ForcedDrafter, MTPDrafter, Sampling, Speculative
 from ds4mlx.state import mark, restore, snapshot
 
 PROMPT = list(range(5, 15))
-LONG = 300  # generated tokens in the seam-crossing runs
+LONG = 160  # generated tokens in the seam-crossing runs: positions 10..170 (window 8, ratio 4 past top-k 4, ratio 128)
 MTP_LONG = 140  # ... with MTP drafts: positions 10..150
 
 
@@ -204,6 +204,28 @@ def test_generation_leaves_the_state_of_the_kept_tokens(seams_model):
         model.mtp_streams(streams[:, :k], mx.concatenate(waiting)[None], cache[n_main])
     _same(streams[:, k:], h[:, -1:], "held streams")
     assert_same_state(cache[n_main:], ref[n_main:], "MTP")
+
+
+def test_saved_state_keeps_what_the_drafter_holds(seams_model, tmp_path):
+    """A conversation saved to a prompt-cache file and loaded drafts on as the one kept in
+    memory: the streams the MTP drafter holds between calls travel in the file (without them
+    it would restart its block's window and draft other tokens)."""
+    from ds4mlx.prompt_cache import load_prompt_cache, save_prompt_cache
+
+    model = seams_model
+    n_main = model.config.num_hidden_layers
+    cache = model.make_cache()
+    speculative(model, PROMPT, MTPDrafter(), 2, 30, cache)
+    assert cache[n_main].draft_pending[0] is not None
+    save_prompt_cache(tmp_path / "turn.safetensors", cache)
+    loaded = load_prompt_cache(tmp_path / "turn.safetensors")
+    streams, tokens = cache[n_main].draft_pending
+    _same(loaded[n_main].draft_pending[0], streams, "held streams")
+    assert sum((t.tolist() for t in loaded[n_main].draft_pending[1]), []) == sum((t.tolist() for t in tokens), [])
+    turn = [7, 8, 9, 10]
+    kept, kept_stats = speculative(model, turn, MTPDrafter(), 2, 24, snapshot(cache))
+    again, again_stats = speculative(model, turn, MTPDrafter(), 2, 24, loaded)
+    assert again == kept and (again_stats.drafted, again_stats.accepted) == (kept_stats.drafted, kept_stats.accepted)
 
 
 # --------------------------------------------------------------------------- drafts vs no drafts

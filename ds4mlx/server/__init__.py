@@ -20,9 +20,11 @@ DEFAULT_DISK_BYTES = 32 << 30
 def build_app(model: Any, tokenizer: Any, *, model_id: str = "ds4mlx", ctx: Optional[int] = None,
               cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: Optional[str | os.PathLike] = None,
               disk_bytes: int = DEFAULT_DISK_BYTES, processors: Optional[Callable] = None,
-              default_max_tokens: int = 4096, draft: Optional[str] = None, num_draft_tokens: int = 2):
+              default_max_tokens: int = 4096, draft: Optional[str] = None, num_draft_tokens: int = 2,
+              max_batch: int = 8):
     """The Starlette app serving ``model``; ``cache_bytes=0`` turns the prefix cache off;
-    ``draft="mtp"`` decodes speculatively with the model's MTP block (loaded with ``mtp=True``)."""
+    ``draft="mtp"`` decodes speculatively with the model's MTP block (loaded with ``mtp=True``);
+    up to ``max_batch`` requests decode together (1: one at a time, in arrival order)."""
     from .app import create_app
     from .engine import Engine
     from .prefix_cache import PrefixCache, model_fingerprint
@@ -32,7 +34,8 @@ def build_app(model: Any, tokenizer: Any, *, model_id: str = "ds4mlx", ctx: Opti
         cache = PrefixCache(cache_bytes, directory=cache_dir, max_disk_bytes=disk_bytes,
                             fingerprint=model_fingerprint(model), layout=[c.ratio for c in model.make_cache()])
     engine = Engine(model, tokenizer, ctx=ctx, prefix_cache=cache, processors=processors,
-                    default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens)
+                    default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens,
+                    max_batch=max_batch)
     return create_app(engine, model_id)
 
 
@@ -40,7 +43,7 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, ctx: Op
           cache_dir: Optional[Path] = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
           disk_bytes: int = DEFAULT_DISK_BYTES, experts_per_token: Optional[int] = None,
           default_max_tokens: int = 4096, log_level: str = "info", draft: Optional[str] = None,
-          num_draft_tokens: int = 2, mtp_path: Optional[Path] = None) -> None:
+          num_draft_tokens: int = 2, mtp_path: Optional[Path] = None, max_batch: int = 8) -> None:
     import uvicorn
 
     from ..loader import load
@@ -51,7 +54,12 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, ctx: Op
         raise FileNotFoundError(f"{model_path}: no usable tokenizer (the server needs one)")
     app = build_app(model, tokenizer, model_id=Path(str(model_path)).name or str(model_path), ctx=ctx,
                     cache_bytes=cache_bytes, cache_dir=cache_dir, disk_bytes=disk_bytes,
-                    default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens)
+                    default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens,
+                    max_batch=max_batch)
+    engine = app.state.engine
+    logging.getLogger("ds4mlx.server").info(
+        "context %d tokens; up to %d request%s decoded together%s", engine.ctx, max_batch, "s" * (max_batch > 1),
+        f"; speculative ({draft}, {num_draft_tokens} draft tokens)" if draft else "")
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:

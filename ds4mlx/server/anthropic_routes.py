@@ -181,6 +181,8 @@ def messages(engine: Engine, model_id: str):
             raise APIError("missing required field 'max_tokens'", "max_tokens")
         msgs = convert_messages(body)
         tools, forced = convert_tools(body)
+        one_call = params.get(params.get(body, "tool_choice", dict) or {}, "disable_parallel_tool_use", bool,
+                              default=False, where="tool_choice.")
         mode, budget = thinking_mode(body)
         settings = dict(max_tokens=max_tokens, temp=params.number(body, "temperature", 1.0, 0.0, 1.0),
                         top_p=params.number(body, "top_p", 1.0, 0.0, 1.0), top_k=params.integer(body, "top_k", 0, 0),
@@ -199,7 +201,7 @@ def messages(engine: Engine, model_id: str):
 
         if not stream:
             result = await run_job(engine, job, request)
-            splitter = ChannelSplitter(mode == "thinking")
+            splitter = ChannelSplitter(mode == "thinking", 1 if one_call else None)
             splitter.feed(result.text)
             message = splitter.finish()[2]
             blocks = []
@@ -214,7 +216,7 @@ def messages(engine: Engine, model_id: str):
                                  "stop_sequence": result.stop_sequence, "usage": _usage(result)})
 
         async def events():
-            splitter, index, open_kind = ChannelSplitter(mode == "thinking"), -1, None
+            splitter, index, open_kind = ChannelSplitter(mode == "thinking", 1 if one_call else None), -1, None
 
             def start(kind: str):
                 nonlocal index, open_kind

@@ -26,8 +26,9 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 
 class ChannelSplitter:
-    def __init__(self, thinking: bool) -> None:
+    def __init__(self, thinking: bool, max_tool_calls: Optional[int] = None) -> None:
         self.thinking = thinking
+        self.max_tool_calls = max_tool_calls  # 1 when the request turns parallel tool calls off
         self.mode = "thinking" if thinking else "chat"
         self.text = ""
         self.sent_reasoning = ""
@@ -74,6 +75,8 @@ class ChannelSplitter:
     def finish(self) -> tuple[str, str, dict]:
         """The last deltas and the parsed message (``parse_completion``'s, tool calls included)."""
         message = encoding.parse_completion(self.text, self.mode)
+        if self.max_tool_calls is not None:  # the calls after the allowed ones are dropped unseen
+            message["tool_calls"] = message["tool_calls"][: self.max_tool_calls]
         reasoning, content = message["reasoning_content"], message["content"]
         if not (reasoning.startswith(self.sent_reasoning) and content.startswith(self.sent_content)):
             log.warning("streamed text differs from the parsed completion")

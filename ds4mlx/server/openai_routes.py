@@ -196,6 +196,7 @@ def chat_completions(engine: Engine, model_id: str):
         messages = with_response_format(body, check_messages(body))
         mode, effort = thinking_settings(body)
         tools, forced = check_tools(body)
+        one_call = params.get(body, "parallel_tool_calls", bool, default=True) is False
         params.refuse(body, ("audio",), "text output only")
         params.refuse(body, ("modalities",), "text output only", allowed=(None, ["text"]))
         settings = sampling(body, engine)
@@ -212,7 +213,7 @@ def chat_completions(engine: Engine, model_id: str):
 
         if not stream:
             result = await run_job(engine, job, request)
-            splitter = ChannelSplitter(mode == "thinking")
+            splitter = ChannelSplitter(mode == "thinking", 1 if one_call else None)
             splitter.feed(result.text)
             message = splitter.finish()[2]
             out = {"role": "assistant", "content": message["content"] or (None if message["tool_calls"] else ""),
@@ -231,7 +232,7 @@ def chat_completions(engine: Engine, model_id: str):
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
         async def events():
-            splitter = ChannelSplitter(mode == "thinking")
+            splitter = ChannelSplitter(mode == "thinking", 1 if one_call else None)
             yield chunk({"role": "assistant", "content": ""})
             try:
                 async for kind, value in job_events(engine, job):
