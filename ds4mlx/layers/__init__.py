@@ -76,8 +76,9 @@ class QuantizedLinear(nn.QuantizedLinear):
         if x.size == groups * x.shape[-1] and self.get("biases") is None and ops.on_cpu():
             # one row per group (a decode step): one batched product over [G, R, in] views
             w, scales = _grouped_views(self["weight"], self["scales"], groups)
-            return mx.quantized_matmul(x[..., None, :], w, scales, transpose=True, group_size=self.group_size,
-                                       bits=self.bits, mode=self.mode).squeeze(-2)
+            y = mx.quantized_matmul(x.reshape(groups, 1, -1), w, scales, transpose=True,
+                                    group_size=self.group_size, bits=self.bits, mode=self.mode)
+            return y.reshape(*x.shape[:-1], r)
         return mx.stack([self._matmul(x[..., g, :], slice(g * r, (g + 1) * r)) for g in range(groups)],
                         axis=-2)
 
