@@ -75,13 +75,14 @@ def test_grouped_projection_equals_per_group_modules():
 
 
 def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypatch):
-    """The compiled HC pre and router run their Python bodies only when MLX traces them: count
-    the calls of helpers their bodies call (looked up as module globals at trace time)."""
+    """The compiled HC pre, router, one-query attention and rotation run their Python bodies
+    only when MLX traces them: count the calls of helpers their bodies call (looked up as module
+    globals at trace time). The window fills, ratio-4 rows are added: no retrace."""
     from ds4mlx.loader import load
-    from ds4mlx.model import moe
+    from ds4mlx.model import attention, moe
 
     model, _ = load(str(tiny_ckpt), dtype=mx.float32)
-    traces = {"sinkhorn": 0, "router": 0}
+    traces = {"sinkhorn": 0, "router": 0, "attention": 0, "rotation": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -91,6 +92,8 @@ def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypat
 
     monkeypatch.setattr(ops, "sinkhorn", counted("sinkhorn", ops.sinkhorn))
     monkeypatch.setattr(moe, "_scores", counted("router", moe._scores))
+    monkeypatch.setattr(attention, "_one_out", counted("attention", attention._one_out))
+    monkeypatch.setattr(attention, "rotate", counted("rotation", attention.rotate))
     cache = model.make_cache()
     token = mx.argmax(model(mx.array([[5, 6, 7, 8, 9]]), cache=cache)[:, -1], axis=-1)
     for step in range(40):  # past several ratio-4 rows and the sliding window
@@ -103,4 +106,8 @@ def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypat
     ops.hc_pre(mx.ones((1, 3, 4, 8)), mx.ones((24, 32)), mx.zeros((24,)), mx.ones((3,)),
                iters=3, eps=1e-6, norm_eps=1e-6)
     moe._biased_route(mx.ones((3, 24)), mx.ones((5, 24)), mx.zeros((5,)), 2, True, 1.0)
-    assert traces["sinkhorn"] == warm["sinkhorn"] + 1 and traces["router"] == warm["router"] + 1
+    attention._one_window(mx.ones((1, 1, 3, 8)), mx.ones((1, 5, 8)), mx.array(5), mx.zeros((3,)), 0.5)
+    attention._rotate_ops(mx.ones((1, 3, 2, 8)), mx.ones((1, 3, 8)), mx.arange(3), mx.ones((8,)),
+                          mx.ones((8,)), 1e-6, 0)
+    assert traces == {**warm, "sinkhorn": warm["sinkhorn"] + 1, "router": warm["router"] + 1,
+                      "attention": warm["attention"] + 1, "rotation": warm["rotation"] + 2}

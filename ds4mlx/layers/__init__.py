@@ -73,8 +73,27 @@ class QuantizedLinear(nn.QuantizedLinear):
         """Block-diagonal use (the attention's grouped ``wo_a``): group g of ``x [..., G, in]``
         meets output rows ``g·R .. (g+1)·R``; returns ``[..., G, R]``."""
         r = self["weight"].shape[0] // groups
+        if x.size == groups * x.shape[-1] and self.get("biases") is None and ops.on_cpu():
+            # one row per group (a decode step): one batched product over [G, R, in] views
+            w, scales = _grouped_views(self["weight"], self["scales"], groups)
+            y = mx.quantized_matmul(x.reshape(groups, 1, -1), w, scales, transpose=True,
+                                    group_size=self.group_size, bits=self.bits, mode=self.mode)
+            return y.reshape(*x.shape[:-1], r)
         return mx.stack([self._matmul(x[..., g, :], slice(g * r, (g + 1) * r)) for g in range(groups)],
                         axis=-2)
+
+
+# id(weight) -> (weight, its [G, R, in] view, the scales' view): kept so the id is not reused
+_GROUPED: dict[int, tuple[mx.array, mx.array, mx.array]] = {}
+
+
+def _grouped_views(weight: mx.array, scales: mx.array, groups: int) -> tuple[mx.array, mx.array]:
+    entry = _GROUPED.get(id(weight))
+    if entry is None or entry[0] is not weight or entry[1].shape[0] != groups:
+        views = (weight.reshape(groups, -1, weight.shape[-1]), scales.reshape(groups, -1, scales.shape[-1]))
+        mx.eval(views)
+        entry = _GROUPED[id(weight)] = (weight, *views)
+    return entry[1], entry[2]
 
 
 def quantized_linear(input_dims: int, output_dims: int, fmt: WeightFormat) -> QuantizedLinear:

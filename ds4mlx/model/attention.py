@@ -8,6 +8,8 @@ output is rotated back, then a grouped low-rank projection (wo_a per group, wo_b
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -20,7 +22,7 @@ from ..state import BatchLayerCache, LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
 from .merged import MergedLinear
-from .rope import apply_rope, host_positions, layer_frequencies
+from .rope import apply_rope, host_positions, layer_frequencies, rope_tables, rotate
 
 # Bound on the float32 score elements materialised per query block.
 _SCORE_BUDGET = 1 << 26
@@ -191,13 +193,9 @@ class Attention(nn.Module):
             kv = fused.rope_rows(p.kv, pos, freqs, norm=fused.NORM_WEIGHTED,
                                  weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
         else:
-            q = p.q.astype(mx.float32)
-            q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
-            q = apply_rope(q, positions[..., None], freqs)
-            kv = self.kv_norm(p.kv)
-            kv = apply_rope(kv, positions, freqs)
-            if self.qat_rounding:
-                kv = qat.kv_fp8(kv, self.rope_dims)
+            q, kv = _rotate_ops(p.q, self.kv_norm(p.kv), positions,
+                                *rope_tables(freqs, self.head_dim), self.eps,
+                                self.rope_dims if self.qat_rounding else 0)
         index_q = None
         if p.index_q is not None:  # lazy: computed only where a sequence has indexer keys
             index_q = self.indexer.rotate_queries(p.index_q[0], pos, positions, freqs,
@@ -241,6 +239,8 @@ class Attention(nn.Module):
 
         if self._fused_attention(s):
             o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys)
+        elif s == 1:
+            o = self._attend_one(q, keys, row0, n_prev, cache, index_q, index_w)
         else:
             keys = keys[:, row0:row0 + n_prev + s]
             o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
@@ -262,6 +262,25 @@ class Attention(nn.Module):
                 idx = self.indexer.pick(index_q, index_w, index_keys, bounds[:, 2])
         return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
                                       self.config.softmax_scale)
+
+    def _attend_one(self, q, keys, row0: int, n_prev: int, cache: LayerCache, index_q, index_w):
+        """One query (a decode step) through MLX ops, compiled whole at fixed shapes (no retrace
+        as the context grows): ``window`` rows of ``keys`` from ``row0`` (the first n_prev + 1
+        visible, the rest masked until the window fills), the compressed and indexer row buffers
+        whole (capacity, not row count), the counts of visible rows as arrays."""
+        scale, w = self.config.softmax_scale, self.window
+        kw = keys[:, row0:row0 + w]
+        if kw.shape[1] < w:  # a buffer just built holds only the visible rows
+            kw = mx.pad(kw, [(0, 0), (0, w - kw.shape[1]), (0, 0)])
+        nw = mx.array(n_prev + 1, dtype=mx.int32)
+        state = cache.compressor
+        if state is None or state.n_rows == 0:
+            return _one_window(q, kw, nw, self.attn_sink, scale)
+        n = mx.array(state.n_rows, dtype=mx.int32)
+        if self.ratio == 4 and index_q is not None:
+            return _one_indexed(q, kw, nw, self.attn_sink, state.buffer, n, index_q, index_w,
+                                cache.indexer.buffer, scale, self.config.index_topk)
+        return _one_all(q, kw, nw, self.attn_sink, state.buffer, n, scale)
 
     def _attend_blocks(self, q, positions, p0: int, keys, n_prev: int, comp, index_q, index_w,
                        index_keys):
@@ -333,6 +352,89 @@ class Attention(nn.Module):
             else:
                 out = out + pc @ kc
         return out
+
+
+@mx.compile
+def _rotate_ops(q, kv, positions, per_feature, sign, eps: float, fp8_rope_dims: int):
+    """The ops path of Attention._rotate in one graph: the plain RMS and the rotation of the
+    queries, the rotation (and the FP8 round trip, when ``fp8_rope_dims``) of the normed KV."""
+    q = q.astype(mx.float32)
+    q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + eps)
+    q = rotate(q, positions[..., None], per_feature, sign)
+    kv = rotate(kv, positions, per_feature, sign)
+    return q, (qat.kv_fp8(kv, fp8_rope_dims) if fp8_rope_dims else kv)
+
+
+# ---------------------------------------------------------------------- one query, compiled
+# A decode step's attention on the ops path: the same scores, masks and softmax as
+# Attention._attend for one query of one sequence, as three compiled graphs (window only; every
+# visible compressed row; the indexer's top-k), each traced once per buffer capacity. The keys
+# are joined once, with a zero row whose score column carries the sink, so one product gives
+# every score and one the output.
+
+@functools.cache
+def _columns(lw: int, k: int) -> mx.array:
+    """Per score column: j - lw for window key j, j for compressed key j, ``k`` for the sink
+    (numpy-built: a constant also inside a compiled trace). Parts of it: ``(0, n - 1)`` the rows
+    0..n-1, ``(lw, -1)`` the window's columns, ``(0, 0)`` a single 0."""
+    return mx.array(np.concatenate([np.arange(lw) - lw, np.arange(k + 1)]).astype(np.int32))
+
+
+def _visible(cols: mx.array, lw: int, nw: mx.array, n: mx.array | int) -> mx.array:
+    """The first ``nw`` of the ``lw`` window columns, compressed columns below ``n``."""
+    return mx.where(cols < 0, cols < nw - lw, cols < n)
+
+
+def _one_out(q, keys, sink, valid, is_sink, scale: float):
+    """Scores of q [1, 1, H, d] against ``keys`` [L, d] (last row zero), masked by ``valid``
+    and with the sink in the ``is_sink`` column, through one softmax → [1, 1, H, d]."""
+    _, _, h, d = q.shape
+    scores = (q.reshape(h, d) @ keys.T) * scale
+    logits = mx.where(is_sink, sink.astype(mx.float32)[:, None], mx.where(valid, scores, -mx.inf))
+    return (mx.softmax(logits, axis=-1, precise=True) @ keys).reshape(1, 1, h, d)
+
+
+@functools.cache
+def _zero_row(d: int) -> mx.array:
+    return mx.array(np.zeros((1, d), np.float32))
+
+
+def _rows2(x: mx.array) -> mx.array:
+    """[1, L, d] → [L, d] float32."""
+    return x.reshape(x.shape[1:]).astype(mx.float32)
+
+
+@mx.compile
+def _one_window(q, kw, nw, sink, scale: float):
+    lw = kw.shape[1]
+    cols = _columns(lw, 0)
+    keys = mx.concatenate([_rows2(kw), _zero_row(kw.shape[-1])])
+    return _one_out(q, keys, sink, _visible(cols, lw, nw, 0), cols == 0, scale)
+
+
+@mx.compile
+def _one_all(q, kw, nw, sink, comp, n, scale: float):
+    """Ratio 128: every visible row of the buffer ``comp`` [1, C, d] (rows < ``n``)."""
+    lw, c = kw.shape[1], comp.shape[1]
+    cols = _columns(lw, c)
+    keys = mx.concatenate([_rows2(kw), _rows2(comp), _zero_row(kw.shape[-1])])
+    return _one_out(q, keys, sink, _visible(cols, lw, nw, n), cols == c, scale)
+
+
+@mx.compile
+def _one_indexed(q, kw, nw, sink, comp, n, iq, iw, ikeys, scale: float, topk: int):
+    """Ratio 4: the Lightning Indexer's top-k of the visible rows (< ``n``) of the buffers
+    ``comp`` [1, C, d] and ``ikeys`` [1, C, dI]; queries iq [1, 1, h, dI], weights iw [1, 1, h]."""
+    c = comp.shape[1]
+    if c <= topk:  # every row is picked: no scores needed
+        return _one_all(q, kw, nw, sink, comp, n, scale)
+    lw, h = kw.shape[1], iq.shape[2]
+    scores = iq.reshape(h, -1) @ _rows2(ikeys).T  # [h, C]
+    scores = (mx.maximum(scores, 0.0) * iw.reshape(h, 1)).sum(axis=0)  # [C]
+    idx = mx.argpartition(mx.where(_columns(0, c - 1) < n, -scores, mx.inf), kth=topk - 1)[:topk]
+    keys = mx.concatenate([_rows2(kw), mx.take(_rows2(comp), idx, axis=0), _zero_row(kw.shape[-1])])
+    picked = mx.concatenate([_columns(lw, -1), idx.astype(mx.int32), _columns(0, 0) + c])
+    return _one_out(q, keys, sink, _visible(picked, lw, nw, n), _columns(lw, topk) == topk, scale)
 
 
 class _Projected:

@@ -14,6 +14,7 @@ import functools
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from ..quant.codecs import E2M1_MAX, E4M3_MAX, FP8_ACT_BLOCK, MX_GROUP, e2m1_round_mx
 
@@ -77,4 +78,18 @@ def hadamard_fp4(x: mx.array) -> mx.array:
 def kv_fp8(kv: mx.array, rope_dims: int) -> mx.array:
     """FP8 round trip of the non-RoPE dims of KV rows; the RoPE dims stay untouched."""
     nope = kv.shape[-1] - rope_dims
-    return mx.concatenate([fp8_roundtrip(kv[..., :nope]), kv[..., nope:]], axis=-1)
+    if nope % FP8_ACT_BLOCK:
+        return mx.concatenate([fp8_roundtrip(kv[..., :nope]), kv[..., nope:]], axis=-1)
+    # whole blocks: round every block (each has its own scale) and keep the RoPE ones as they
+    # were, which spares slicing the row and joining it again
+    xb, scale = _block_scales(kv, FP8_ACT_BLOCK, E4M3_MAX, 1e-4)
+    q = mx.from_fp8(mx.to_fp8(mx.clip(xb / scale, -E4M3_MAX, E4M3_MAX)), dtype=mx.float32)
+    return mx.where(_rope_blocks(xb.shape[-2], nope // FP8_ACT_BLOCK), xb,
+                    q * scale).reshape(kv.shape).astype(kv.dtype)
+
+
+@functools.cache
+def _rope_blocks(blocks: int, nope_blocks: int) -> mx.array:
+    """[blocks, 1]: which blocks of a row hold RoPE dims (built from numpy: a constant, also
+    when first asked for inside a compiled trace)."""
+    return mx.array((np.arange(blocks) >= nope_blocks)[:, None])

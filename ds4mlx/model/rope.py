@@ -54,7 +54,37 @@ def layer_frequencies(config: ModelConfig, ratio: int) -> mx.array:
     return rope_frequencies(config.qk_rope_head_dim, config.compress_rope_theta, config.rope_scaling)
 
 
+# (id(freqs), dim) -> (freqs, per-feature frequency, per-feature sine sign); freqs is kept so its
+# id is not reused while the entry lives (one entry per layer's frequencies and row width)
+_TABLES: dict[tuple[int, int], tuple[mx.array, mx.array, mx.array]] = {}
+
+
+def rope_tables(freqs: mx.array, dim: int) -> tuple[mx.array, mx.array]:
+    """Per feature of a [dim] row: its frequency (f_k on both features of rotated pair k, 0 on
+    the features that do not rotate: cos 0 = 1, sin 0 = 0) and the sign its pair's sine takes
+    (built once per layer's frequencies and row width)."""
+    entry = _TABLES.get((id(freqs), dim))
+    if entry is None or entry[0] is not freqs:
+        rd = 2 * freqs.shape[0]
+        still = mx.zeros((dim - rd,), mx.float32)
+        per_feature = mx.concatenate([still, mx.repeat(freqs.astype(mx.float32), 2)])
+        sign = mx.concatenate([still, mx.tile(mx.array([-1.0, 1.0]), rd // 2)])
+        mx.eval(per_feature, sign)
+        entry = _TABLES[(id(freqs), dim)] = (freqs, per_feature, sign)
+    return entry[1], entry[2]
+
+
 @mx.compile
+def rotate(x: mx.array, positions: mx.array, per_feature: mx.array, sign: mx.array,
+           inverse: bool = False) -> mx.array:
+    """:func:`apply_rope` with the tables of :func:`rope_tables` (for callers that compile it
+    into a larger graph): x·cos + swap(x)·(∓sin), swap exchanging each pair's two features."""
+    swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+    angles = positions[..., None].astype(mx.float32) * per_feature
+    sin = mx.sin(angles) * (-sign if inverse else sign)
+    return (x.astype(mx.float32) * mx.cos(angles) + swapped.astype(mx.float32) * sin).astype(x.dtype)
+
+
 def apply_rope(
     x: mx.array, positions: mx.array, freqs: mx.array, *, inverse: bool = False
 ) -> mx.array:
@@ -62,18 +92,10 @@ def apply_rope(
 
     ``positions`` holds absolute positions broadcastable to ``x.shape[:-1]`` (e.g. [S] for
     [B, S, D], [S, 1] for [B, S, H, D]). Math in float32, result in ``x.dtype``.
+    Written over the whole row (:func:`rotate`), so a call is one swap and one fused kernel
+    rather than slices, a stack and a concatenation (the same products and sums: bitwise equal).
     """
-    rd = 2 * freqs.shape[0]
-    angles = positions.astype(mx.float32)[..., None] * freqs
-    cos, sin = mx.cos(angles), mx.sin(angles)
-    if inverse:
-        sin = -sin
-    rot = x[..., -rd:].astype(mx.float32)
-    pairs = rot.reshape(*rot.shape[:-1], rd // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-    out = out.reshape(*out.shape[:-2], rd).astype(x.dtype)
-    return mx.concatenate([x[..., :-rd], out], axis=-1)
+    return rotate(x, positions, *rope_tables(freqs, x.shape[-1]), inverse)
 
 
 def rows_ops(x: mx.array, pos, freqs: mx.array, *, norm: int, weight: mx.array | None,
