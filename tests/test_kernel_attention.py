@@ -213,3 +213,26 @@ def test_indexer_real_width(path):
     assert np.abs(got[seen] - ref[seen]).max() <= 1e-5 * np.abs(ref[seen]).max()
     picks = np.asarray(fused.indexer_topk(mx.array(ref), 512))
     np.testing.assert_array_equal(picks, numpy_topk(ref, 512))
+
+
+# ----------------------------------------------------------------------------- indexer queries
+@pytest.mark.parametrize("lead,d,fp4,dtype", [
+    ((1, 1, 4), 128, True, mx.bfloat16),   # one decode token, the QAT rounding
+    ((2, 3, 3), 128, False, mx.float32),   # a batch of a few tokens, no rounding
+    ((1, 2, 5), 64, True, mx.float32),     # two features a lane
+])
+def test_index_queries_match_model_ops(path, lead, d, fp4, dtype):
+    """Kernel index_q (RoPE, Hadamard + FP4, head-weight scale) against the model's own ops."""
+    from ds4mlx.model.compressor import index_queries_ops
+    from ds4mlx.model.rope import rope_frequencies
+
+    rng = np.random.default_rng(d + len(lead))
+    q = mx.array((rng.standard_normal((*lead, d)) * 2).astype(np.float32)).astype(dtype)
+    w = mx.array(rng.standard_normal(lead).astype(np.float32)).astype(dtype)
+    freqs = rope_frequencies(64, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
+    pos = np.arange(70000, 70000 + lead[1])[None, :].repeat(lead[0], 0)
+    got = fused.index_queries(q, w, pos, freqs, wscale=0.0625, fp4=fp4)
+    ref = index_queries_ops(q, w, pos, freqs, wscale=0.0625, fp4=fp4)
+    for g, r in zip(got, ref):
+        assert g.dtype == mx.float32 and g.shape == r.shape
+        assert rel_err(g, r) <= 1e-6

@@ -246,3 +246,41 @@ def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM
                                     ("NORM", int(norm)), ("FP8", bool(fp8)),
                                     ("INV", bool(inverse)), ("D", d), ("RD", rd)])
     return out.reshape(*lead, d)
+
+
+# ----------------------------------------------------------------------------- indexer queries
+def index_queries_serves(dtype: mx.Dtype, d: int, rope_dims: int) -> bool:
+    """Whether :func:`index_queries` serves queries of ``d`` features (``rope_dims`` rotated)
+    for a model in ``dtype``: the ``indexer`` variant is on and its queries passed their
+    first-use check. The caller asks, since the twin is its own ops (kernels/check.py gets them
+    through ``install_twin("index_q", ...)``)."""
+    fits = d >= 32 and d & (d - 1) == 0 and d <= 1024 and 0 < rope_dims <= d and rope_dims % 2 == 0
+    return fits and dispatch.serves(INDEXER) and dispatch.first_use_ok(
+        INDEXER, dtype, index_head_dim=d, rope_dims=rope_dims)
+
+
+def index_queries(q: mx.array, w: mx.array, pos: np.ndarray, freqs: mx.array, *,
+                  wscale: float, fp4: bool) -> tuple[mx.array, mx.array]:
+    """Kernel ``index_q``: the indexer's queries ``q [..., H, D]`` rotated at host positions
+    ``pos`` (one per token, broadcast to ``q.shape[:-2]``), with ``fp4`` the Hadamard + FP4
+    rounding, as float32; and the head weights ``w [..., H]`` times ``wscale`` in float32. One
+    launch for what the ops run as some 15."""
+    d, h = q.shape[-1], q.shape[-2]
+    rd = 2 * freqs.shape[0]
+    if tuple(w.shape) != tuple(q.shape[:-1]):
+        raise KernelInputError(f"index_queries: w {tuple(w.shape)} must be q's {tuple(q.shape[:-1])}")
+    if not index_queries_serves(q.dtype, d, rd):
+        raise KernelInputError("index_queries: no kernel serves this call (the caller runs its ops)")
+    lead = q.shape[:-1]
+    rows = int(np.prod(lead))
+    p = np.broadcast_to(np.asarray(pos, dtype=np.int32)[..., None], lead).reshape(rows)
+    p = np.pad(p, (0, max(0, 8 - rows)))
+    qo, wo = dispatch.run("rows.metal", "index_q",
+                          {"x": q.reshape(rows, d), "wr": device_array(w.reshape(rows)),
+                           "pos": mx.array(p), "freqs": device_array(freqs.astype(mx.float32)),
+                           "wscale": float(wscale)},
+                          {"q": ((rows, d), mx.float32), "w": ((rows,), mx.float32)},
+                          grid=(32, rows, 1), threadgroup=(32, 1, 1),
+                          template=[("T", q.dtype), ("WT", w.dtype), ("FP4", bool(fp4)),
+                                    ("D", d), ("RD", rd)])
+    return qo.reshape(q.shape), wo.reshape(lead)

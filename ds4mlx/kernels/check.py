@@ -55,7 +55,7 @@ _HEADS, _KEYS = 3, 37  # attention / indexer heads and keys of the checks (run-t
 KEY_DIMS: dict[str, tuple[str, ...]] = {
     dispatch.HC_PRE: ("hc_mult",),
     dispatch.ATTENTION: ("head_dim",),
-    dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk"),
+    dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk", "rope_dims"),
     dispatch.ROPE_ROWS: ("head_dim", "rope_dims"),
     dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
 }
@@ -72,7 +72,7 @@ class Spec:
     hc_mult: int = 4
     renormalize: int = 1  # router: norm_topk_prob
     head_dim: int | None = None  # attention; rope_rows: features per row
-    rope_dims: int | None = None  # rope_rows: rotated features
+    rope_dims: int | None = None  # rope_rows, indexer queries: rotated features
     index_heads: int | None = None  # indexer scores
     index_head_dim: int | None = None  # indexer scores
     index_topk: int | None = None  # indexer top-k
@@ -296,7 +296,31 @@ def _indexer_cases(spec: Spec) -> list[Case]:
             return [attention.indexer_topk(sc, k)], [attention.indexer_topk_ops(sc, k)]
 
         out.append(Case("indexer_topk", f"3 rows of {k + _KEYS}, k={k}", topk))
+    if spec.index_head_dim and spec.rope_dims:
+        out += _index_q_cases(spec)
     return out
+
+
+def _index_q_cases(spec: Spec) -> list[Case]:
+    d, rd, dt = spec.index_head_dim, spec.rope_dims, spec.dtype
+    freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+
+    def run_for(s: int, fp4: bool) -> Callable:
+        def run():
+            twin = _twins.get("index_q")
+            if twin is None:
+                raise RuntimeError("index_q: no ops twin installed (import ds4mlx.model)")
+            rng = np.random.default_rng(s)
+            q = _acts((1, s, _HEADS, d), 90 + s, dt, 2.0)
+            w = mx.array(rng.standard_normal((1, s, _HEADS)).astype(np.float32)).astype(dt)
+            pos = np.arange(70001, 70001 + s)[None]  # far positions: an angle's rounding shows
+            args = (q, w, pos, freqs)
+            kw = dict(wscale=0.125, fp4=fp4)
+            return list(attention.index_queries(*args, **kw)), list(twin(*args, **kw))
+        return run
+
+    return [Case("index_q", f"{s} tokens x {_HEADS} heads{', Hadamard + FP4' * fp4}",
+                 run_for(s, fp4)) for s, fp4 in ((1, True), (3, False))]
 
 
 _twins: dict[str, Callable] = {}

@@ -164,6 +164,7 @@ class Attention(nn.Module):
                 p.index_comp = ks[..., o[2]:o[4]]
         if indexed:
             p.index_q = self.indexer.project_queries(p.qr, qo[1], xo[2])
+            p.index_w = xo[2]
         return p
 
     def _output(self, o: mx.array) -> mx.array:
@@ -200,8 +201,15 @@ class Attention(nn.Module):
                 kv = qat.kv_fp8(kv, self.rope_dims)
         index_q = None
         if p.index_q is not None:  # lazy: computed only where a sequence has indexer keys
-            index_q = self.indexer.rotate_queries(p.index_q[0], pos, positions, freqs,
-                                                  self._index_rounding())
+            iq = p.index_q[0]
+            if fused.index_queries_serves(iq.dtype, iq.shape[-1], self.rope_dims):
+                # queries and head weights in one launch (the weights replace the ops' ones)
+                index_q, w = fused.index_queries(iq, p.index_w, pos, freqs,
+                                                 wscale=self.indexer.scale, fp4=self.qat_rounding)
+                p.index_q = (iq, w)
+            else:
+                index_q = self.indexer.rotate_queries(iq, pos, positions, freqs,
+                                                      self._index_rounding())
         return q, kv, index_q
 
     def _unrotate(self, o: mx.array, pos: np.ndarray, positions: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -344,6 +352,7 @@ class _Projected:
     comp: mx.array | None = None  # the compressor's kv | score rows (APE added), float32
     index_comp: mx.array | None = None  # the indexer compressor's
     index_q: tuple[mx.array, mx.array] | None = None  # indexer queries (not rotated), head weights
+    index_w: mx.array | None = None  # the indexer's head weights as projected (not scaled)
 
     def rows(self, i: int, a: int, b: int) -> "_Projected":
         """Sequence ``i``, tokens a..b-1."""
