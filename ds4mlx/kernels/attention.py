@@ -265,7 +265,7 @@ def index_queries(q: mx.array, w: mx.array, pos: np.ndarray, freqs: mx.array, *,
     ``pos`` (one per token, broadcast to ``q.shape[:-2]``), with ``fp4`` the Hadamard + FP4
     rounding, as float32; and the head weights ``w [..., H]`` times ``wscale`` in float32. One
     launch for what the ops run as some 15."""
-    d, h = q.shape[-1], q.shape[-2]
+    d = q.shape[-1]
     rd = 2 * freqs.shape[0]
     if tuple(w.shape) != tuple(q.shape[:-1]):
         raise KernelInputError(f"index_queries: w {tuple(w.shape)} must be q's {tuple(q.shape[:-1])}")
