@@ -226,14 +226,28 @@ def _hc_cases(spec: Spec) -> list[Case]:
     scale = mx.array(rng.uniform(0.5, 3.0, 3).astype(np.float32))
     args = dict(iters=20, eps=1e-6, norm_eps=1e-6)
 
-    def run_for(n: int) -> Callable:
+    from ..ops import RMSNorm  # the sublayer norm the fused variant applies
+
+    norm = RMSNorm(d, eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32))
+
+    def run_for(n: int, fused: bool) -> Callable:
         def run():
             h = _acts((n, m, d), 80 + n, spec.dtype)
-            return (list(hyper.hc_pre(h, fn, base, scale, **args)),
-                    list(hyper.hc_pre_ops(h, fn, base, scale, **args)))
+            kw = dict(args)
+            if fused:  # the previous sublayer's post and the next one's norm in the same kernel
+                norm.weight = norm.weight.astype(spec.dtype)
+                prev = (_acts((n, d), 90 + n, spec.dtype),
+                        mx.sigmoid(_acts((n, m), 91 + n, mx.float32)) * 2,
+                        mx.softmax(_acts((n, m, m), 92 + n, mx.float32), axis=-1))
+                kw.update(norm=norm, prev=prev, out_dtype=spec.dtype)
+            return (list(hyper.hc_pre(h, fn, base, scale, **kw)),
+                    list(hyper.hc_pre_ops(h, fn, base, scale, **kw)))
         return run
 
-    return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}", run_for(n)) for n in (1, 3)]
+    return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}"
+                 f"{', previous post and norm' * fused}", run_for(n, fused))
+            for n, fused in ((1, False), (3, False), (1, True), (2, True))]
 
 
 def _attention_cases(spec: Spec) -> list[Case]:

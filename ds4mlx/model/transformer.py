@@ -34,17 +34,19 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.ffn = MoE(config, layer)
 
-    def _pre(self, h, fn, base, scale, dtype):
+    def _pre(self, h, fn, base, scale, dtype, norm, prev=None):
+        # the sublayer's norm, and the previous sublayer's HC post, in the HC pre kernel
         c = self.config
         return kernels.hc_pre(h, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps,
-                              norm_eps=c.rms_norm_eps, out_dtype=dtype)
+                              norm_eps=c.rms_norm_eps, out_dtype=dtype, norm=norm, prev=prev)
 
     def __call__(self, h: mx.array, token_ids: mx.array, cache: LayerCache, dtype) -> mx.array:
-        x, post, comb = self._pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, dtype)
-        y = self.attn(self.attn_norm(x), cache)
-        h = hc_post(y, h, post, comb)
-        x, post, comb = self._pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, dtype)
-        y = self.ffn(self.ffn_norm(x), token_ids)
+        x, post, comb = self._pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, dtype,
+                                  self.attn_norm)
+        y = self.attn(x, cache)
+        x, post, comb, h = self._pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, dtype,
+                                     self.ffn_norm, prev=(y, post, comb))
+        y = self.ffn(x, token_ids)
         return hc_post(y, h, post, comb)
 
 
