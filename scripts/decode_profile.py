@@ -154,19 +154,22 @@ def synth_state(config: ModelConfig, ratio: int, n_tokens: int, dtype, seed: int
 
 
 # ----------------------------------------------------------------------------- counting
-def graph_nodes(*arrays: mx.array) -> dict[str, str]:
-    """{node id: primitive} of the lazy graph producing ``arrays`` (evaluated arrays are leaves)."""
+def graph_nodes(*arrays: mx.array) -> list[str]:
+    """The primitive of each node of the lazy graph producing ``arrays`` (evaluated arrays are
+    leaves). Counted per node statement, not per node id: the id is the primitive object's,
+    which a compiled function shares between its calls of one shape (two HC posts of a layer
+    are two launches)."""
     arrays = [a for a in arrays if isinstance(a, mx.array)]
     if not arrays:
-        return {}
+        return []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "g.dot")
         mx.export_to_dot(path, *arrays)
-        return dict(_NODE.findall(Path(path).read_text()))
+        return [prim for _, prim in _NODE.findall(Path(path).read_text())]
 
 
-def kernel_nodes(nodes: dict[str, str]) -> int:
-    return sum(1 for prim in nodes.values() if prim.split()[0] not in VIEWS)
+def kernel_nodes(nodes: list[str]) -> int:
+    return sum(1 for prim in nodes if prim.split()[0] not in VIEWS)
 
 
 class Recorder:
@@ -234,7 +237,7 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
         else:
             os.environ["DS4MLX_KERNEL_CHECK"] = check_mode
     if histogram is not None:  # primitive -> count of the graph left between the launches
-        for prim in nodes.values():
+        for prim in nodes:
             if prim.split()[0] not in VIEWS:
                 histogram[prim.split()[0]] = histogram.get(prim.split()[0], 0) + 1
     sites: dict[str, int] = {}
