@@ -236,3 +236,22 @@ def test_index_queries_match_model_ops(path, lead, d, fp4, dtype):
     for g, r in zip(got, ref):
         assert g.dtype == mx.float32 and g.shape == r.shape
         assert rel_err(g, r) <= 1e-6
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]],
+                         ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}d{c[3]}p{c[4]}r{c[6]}")
+def test_decode_attention_with_rope_matches_model_ops(path, case):
+    """The queries as projected in, RoPE (and its inverse on the output) in the kernel: against
+    the model's row ops around the twin."""
+    import ds4mlx.model.rope  # noqa: F401 (installs the row ops twin)
+    from ds4mlx.model.rope import rope_frequencies
+
+    q, kw, comp, idx, bounds, sink, scale = attention_case(*case, seed=case[4] + 1)
+    dtype = case[-1]
+    q = (q * 3).astype(dtype)
+    rope = (np.arange(case[4], case[4] + case[1]), rope_frequencies(32, 10000.0), 1e-6)
+    got = fused.decode_attention(q, kw, comp, idx, bounds, sink, scale, rope=rope, out_dtype=dtype)
+    ref = on_ops(lambda *a: fused.decode_attention_ops(*a, rope=rope, out_dtype=dtype)
+                 .astype(mx.float32), q, kw, comp, idx, bounds, sink, scale)
+    assert got.dtype == dtype
+    assert rel_err(np.asarray(got.astype(mx.float32)), ref) <= (1e-5 if dtype == mx.float32 else 8e-3)

@@ -47,10 +47,30 @@ def query_bounds(p0: int, s: int, key_start: int, window: int, ratio: int) -> np
 
 
 # ----------------------------------------------------------------------------- attention
+def _rows_twin():
+    from . import check  # above this module: it runs the kernels
+
+    twin = check.twin(ROPE_ROWS)
+    if twin is None:
+        raise RuntimeError("decode_attention: no ops twin of rope_rows installed (import ds4mlx.model)")
+    return twin
+
+
 def decode_attention_ops(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.array | None,
-                         bounds: np.ndarray, sink: mx.array, scale: float) -> mx.array:
+                         bounds: np.ndarray, sink: mx.array, scale: float, *,
+                         rope: tuple | None = None, out_dtype: mx.Dtype = mx.float32) -> mx.array:
     """Ops twin of :func:`decode_attention`: scores of every row, masks, one softmax with the
-    sink, then the weighted rows, in float32."""
+    sink, then the weighted rows, in float32 (with ``rope``, the model's row ops before and
+    after, as the model runs them without the fused kernel)."""
+    if rope is not None:
+        pos, freqs, eps = rope
+        rows, rd = _rows_twin(), 2 * freqs.shape[0]
+        pos = np.asarray(pos).reshape(-1, 1)
+        q = rows(q, pos, freqs, norm=NORM_PLAIN, weight=None, eps=eps, fp8=False, inverse=False,
+                 out_dtype=mx.float32, rope_dims=rd)
+        out = decode_attention_ops(q, kw, comp, idx, bounds, sink, scale)
+        return rows(out, pos, freqs, norm=NORM_NONE, weight=None, eps=0.0, fp8=False,
+                    inverse=True, out_dtype=out_dtype, rope_dims=rd)
     b, s, h, d = q.shape
     bounds = mx.array(bounds)
     lo, hi, vis = bounds[:, 0:1], bounds[:, 1:2], bounds[:, 2:3]
@@ -84,10 +104,23 @@ def decode_attention_ops(q: mx.array, kw: mx.array, comp: mx.array | None, idx: 
     return out
 
 
+def attention_rope_serves(dtype: mx.Dtype, d: int, rope_dims: int) -> bool:
+    """Whether :func:`decode_attention` with ``rope`` serves a model in ``dtype`` with heads of
+    ``d`` (``rope_dims`` rotated): the variant is on and passed its first-use check."""
+    fits = d % 32 == 0 and 0 < rope_dims <= d and (d - rope_dims) % 2 == 0 and rope_dims % 2 == 0
+    return fits and dispatch.serves(ATTENTION) and dispatch.first_use_ok(
+        ATTENTION, dtype, head_dim=d, rope_dims=rope_dims)
+
+
 def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.array | None,
-                     bounds: np.ndarray, sink: mx.array, scale: float) -> mx.array:
+                     bounds: np.ndarray, sink: mx.array, scale: float, *,
+                     rope: tuple | None = None, out_dtype: mx.Dtype = mx.float32) -> mx.array:
     """Attention of a few queries over their window rows, compressed rows and sink, in one
     softmax: ``[B, S, H, D]`` float32.
+
+    ``rope`` = (host positions ``[S]``, freqs, eps): q is the projection as it comes (any
+    float dtype); the kernel normalises (plain RMS) and rotates it, and rotates the output back
+    into ``out_dtype``: what :func:`rope_rows` does before and after, in the same launch.
 
     q: ``[B, S, H, D]`` float32; kw: ``[B, LW, D]`` window rows (any float dtype, read as
     stored); comp: ``[B, NC, D]`` compressed rows or None (rows past what a query sees are
@@ -109,8 +142,14 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
         raise KernelInputError(f"decode_attention: idx must be [{b}, {s}, K] with comp rows")
     if d % 32:
         raise KernelInputError(f"decode_attention: head dim {d} is not a multiple of 32")
-    if not (dispatch.serves(ATTENTION) and dispatch.first_use_ok(ATTENTION, kw.dtype, head_dim=d)):
-        return decode_attention_ops(q, kw, comp, idx, bounds, sink, scale)
+    rd = 0 if rope is None else 2 * rope[1].shape[0]
+    if rope is None:
+        ok = dispatch.serves(ATTENTION) and dispatch.first_use_ok(ATTENTION, kw.dtype, head_dim=d)
+    else:
+        ok = attention_rope_serves(kw.dtype, d, rd)
+    if not ok:
+        return decode_attention_ops(q, kw, comp, idx, bounds, sink, scale, rope=rope,
+                                    out_dtype=out_dtype)
     has_comp = comp is not None and comp.shape[1] > 0
     if not has_comp:
         comp, idx = kw, None  # never read: no query sees a compressed row
@@ -120,15 +159,22 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
     k = idx.shape[2] if indexed else 0
     if not has_comp:
         bounds = bounds * np.array([1, 1, 0], np.int32)  # no compressed row to see
+    if rope is None:
+        q, out_dtype = q.astype(mx.float32), mx.float32
+        pos, freqs, eps = _dummy(mx.int32), _dummy(mx.float32), 0.0
+    else:
+        pos = mx.array(np.pad(np.asarray(rope[0], np.int32).reshape(s), (0, max(0, 8 - s))))
+        freqs, eps = device_array(rope[1].astype(mx.float32)), float(rope[2])
     (out,) = dispatch.run("attention.metal", "attn_decode",
-                 {"q": q.astype(mx.float32), "kw": kw, "comp": comp,
+                 {"q": q, "kw": kw, "comp": comp,
                   "idx": idx.astype(mx.int32) if indexed else _dummy(mx.int32),
                   "bounds": mx.array(bounds), "sink": sink.astype(mx.float32),
-                  "scale": float(scale),
+                  "scale": float(scale), "pos": pos, "freqs": freqs, "eps": eps,
                   "S": s, "H": h, "LW": kw.shape[1], "NC": comp.shape[1], "K": k},
-                 {"out": ((b, s, h, d), mx.float32)},
+                 {"out": ((b, s, h, d), out_dtype)},
                  grid=(32 * ATTN_SIMDGROUPS, h, b * s), threadgroup=(32 * ATTN_SIMDGROUPS, 1, 1),
-                 template=[("T", kw.dtype), ("D", d), ("INDEXED", indexed)])
+                 template=[("T", kw.dtype), ("QT", q.dtype), ("OutT", out_dtype), ("D", d),
+                           ("INDEXED", indexed), ("ROPE", rope is not None), ("RD", rd)])
     return out
 
 

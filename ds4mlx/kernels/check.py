@@ -54,7 +54,7 @@ _HEADS, _KEYS = 3, 37  # attention / indexer heads and keys of the checks (run-t
 # dtype, top-k by k on float32 scores (each entry point knows only its own dims).
 KEY_DIMS: dict[str, tuple[str, ...]] = {
     dispatch.HC_PRE: ("hc_mult",),
-    dispatch.ATTENTION: ("head_dim",),
+    dispatch.ATTENTION: ("head_dim", "rope_dims"),
     dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk", "rope_dims"),
     dispatch.ROPE_ROWS: ("head_dim", "rope_dims"),
     dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
@@ -275,6 +275,32 @@ def _attention_cases(spec: Spec) -> list[Case]:
             return [attention.decode_attention(*args)], [attention.decode_attention_ops(*args)]
         return run
 
+    rd = spec.rope_dims
+    if rd:  # the projected queries in, RoPE and its inverse in the kernel, output in dtype
+        freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+
+        def roped(s: int, p0: int, ratio: int, n_rows: int, k: int) -> Callable:
+            def run():
+                rng = np.random.default_rng(p0 + s)
+                window, n_prev = 16, min(p0, 15)
+                q = mx.array((rng.standard_normal((1, s, _HEADS, d)) * 3).astype(np.float32))
+                kw = mx.array((rng.standard_normal((1, n_prev + s, d)) * 0.2).astype(np.float32))
+                comp = mx.array((rng.standard_normal((1, n_rows, d)) * 0.2).astype(np.float32))
+                idx = None
+                if k:
+                    idx = mx.array(np.stack([rng.permutation(n_rows)[:k] for _ in range(s)])
+                                   .reshape(1, s, k).astype(np.int32))
+                bounds = attention.query_bounds(p0, s, p0 - n_prev, window, ratio)
+                args = (q.astype(dt), kw.astype(dt), comp.astype(dt) if ratio else None, idx,
+                        bounds, mx.array(rng.standard_normal(_HEADS).astype(np.float32)), d ** -0.5)
+                kwargs = dict(rope=(np.arange(p0, p0 + s), freqs, 1e-6), out_dtype=dt)
+                return ([attention.decode_attention(*args, **kwargs)],
+                        [attention.decode_attention_ops(*args, **kwargs)])
+            return run
+
+        return [Case("attn_decode", f"1 query, RoPE of {rd} dims in and out",
+                     roped(1, 70001, 0, 0, 0)),
+                Case("attn_decode", "2 queries, ratio 4 picks, RoPE", roped(2, 70, 4, 19, 5))]
     # the buffers hold more compressed rows than the queries see, as a grown buffer does
     return [Case("attn_decode", "1 query, window rows", run_for(1, 1, 5, 0, 0, 0)),
             Case("attn_decode", f"3 queries, {_HEADS} heads, ratio 128", run_for(1, 3, 300, 128, 5, 0)),
@@ -344,6 +370,11 @@ def install_twin(variant: str, twin: Callable) -> None:
     """Give the check the ops twin of a kernel whose twin lives above the kernels: for
     ``rope_rows`` the model's own ops (installed by ds4mlx.model.rope when it is imported)."""
     _twins[variant] = twin
+
+
+def twin(name: str) -> Callable | None:
+    """The ops twin installed for ``name`` (:func:`install_twin`), or None."""
+    return _twins.get(name)
 
 
 def _rope_cases(spec: Spec) -> list[Case]:

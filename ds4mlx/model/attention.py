@@ -178,23 +178,34 @@ class Attention(nn.Module):
         """Rotation, the carried state and the attention of one sequence's projected tokens at
         host positions ``pos`` (cache.offset..) → outputs [B, s, H, d] in ``dtype``, rotated back."""
         positions = host_positions(pos)
-        q, kv, index_q = self._rotate(p, pos, positions)
-        o = self._attend_state(q, kv, p, index_q, cache, dtype, positions)
-        return self._unrotate(o, pos, positions, dtype)
+        # the fused attention kernel can take the queries as projected and rotate them, and its
+        # output, itself (two launches fewer)
+        roped = self._fused_attention(pos.shape[1]) and fused.attention_rope_serves(
+            dtype, self.head_dim, self.rope_dims)
+        q, kv, index_q = self._rotate(p, pos, positions, rotate_q=not roped)
+        o = self._attend_state(q, kv, p, index_q, cache, dtype, positions,
+                               rope=(pos[0], dtype) if roped else None)
+        return o if roped else self._unrotate(o, pos, positions, dtype)
 
-    def _rotate(self, p: "_Projected", pos: np.ndarray, positions: mx.array):
+    def _rotate(self, p: "_Projected", pos: np.ndarray, positions: mx.array, rotate_q: bool = True):
         """Normalised, rotated (and rounded) queries and KV rows, and indexer queries, of tokens
-        at host positions ``pos`` [B, s] (``positions``: the same as ``host_positions``)."""
+        at host positions ``pos`` [B, s] (``positions``: the same as ``host_positions``); the
+        queries as projected unless ``rotate_q``."""
         freqs = self._freqs
-        if fused.rope_rows_serves(p.kv.dtype, self.head_dim, self.rope_dims):
+        rows = fused.rope_rows_serves(p.kv.dtype, self.head_dim, self.rope_dims)
+        if not rotate_q:
+            q = p.q
+        elif rows:
             q = fused.rope_rows(p.q, pos[..., None], freqs, norm=fused.NORM_PLAIN,
                                 eps=self.eps, out_dtype=mx.float32)
-            kv = fused.rope_rows(p.kv, pos, freqs, norm=fused.NORM_WEIGHTED,
-                                 weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
         else:
             q = p.q.astype(mx.float32)
             q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
             q = apply_rope(q, positions[..., None], freqs)
+        if rows:
+            kv = fused.rope_rows(p.kv, pos, freqs, norm=fused.NORM_WEIGHTED,
+                                 weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
+        else:
             kv = self.kv_norm(p.kv)
             kv = apply_rope(kv, positions, freqs)
             if self.qat_rounding:
@@ -218,9 +229,11 @@ class Attention(nn.Module):
         return apply_rope(o, positions[..., None], self._freqs, inverse=True).astype(dtype)
 
     def _attend_state(self, q, kv, p: "_Projected", index_q, cache: LayerCache, dtype: mx.Dtype,
-                      positions: mx.array | None = None):
+                      positions: mx.array | None = None, rope: tuple | None = None):
         """One sequence's rotated tokens at positions cache.offset..: window, compressors,
-        indexer, attention → outputs [1, s, H, d] float32 (not rotated back)."""
+        indexer, attention → outputs [1, s, H, d] float32 (not rotated back). With ``rope`` =
+        (host positions [s], dtype) the queries come as projected and the fused kernel rotates
+        them and its output, which it returns in dtype."""
         s = q.shape[1]
         p0 = cache.offset
         if positions is None:
@@ -248,7 +261,8 @@ class Attention(nn.Module):
                 index_w = p.index_q[1]
 
         if self._fused_attention(s):
-            o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys)
+            o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys,
+                                   rope)
         else:
             keys = keys[:, row0:row0 + n_prev + s]
             o = self._attend_blocks(q, positions, p0, keys, n_prev, comp, index_q, index_w,
@@ -257,7 +271,7 @@ class Attention(nn.Module):
         return o
 
     def _attend_fused(self, q, p0: int, keys, row0: int, n_prev: int, cache: LayerCache, index_q,
-                      index_w, index_keys):
+                      index_w, index_keys, rope: tuple | None = None):
         """A few queries through the fused kernels: rows read in storage, one softmax (the
         window rows are read in place: row ``row0`` of ``keys`` is position p0 - n_prev)."""
         s = q.shape[1]
@@ -268,8 +282,12 @@ class Attention(nn.Module):
             n_comp = cache.compressor.n_rows
             if self.ratio == 4 and n_comp > self.config.index_topk:
                 idx = self.indexer.pick(index_q, index_w, index_keys, bounds[:, 2])
+        if rope is None:
+            return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
+                                          self.config.softmax_scale)
         return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
-                                      self.config.softmax_scale)
+                                      self.config.softmax_scale,
+                                      rope=(rope[0], self._freqs, self.eps), out_dtype=rope[1])
 
     def _attend_blocks(self, q, positions, p0: int, keys, n_prev: int, comp, index_q, index_w,
                        index_keys):
