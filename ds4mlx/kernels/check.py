@@ -240,13 +240,14 @@ def _hc_cases(spec: Spec) -> list[Case]:
                 prev = (_acts((n, d), 90 + n, spec.dtype),
                         mx.sigmoid(_acts((n, m), 91 + n, mx.float32)) * 2,
                         mx.softmax(_acts((n, m, m), 92 + n, mx.float32), axis=-1))
-                kw.update(norm=norm, prev=prev, out_dtype=spec.dtype)
+                kw.update(norm=norm, prev=prev, out_dtype=spec.dtype, also_f32=n == 1)
             return (list(hyper.hc_pre(h, fn, base, scale, **kw)),
                     list(hyper.hc_pre_ops(h, fn, base, scale, **kw)))
         return run
 
     return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}"
-                 f"{', previous post and norm' * fused}", run_for(n, fused))
+                 f"{', previous post and norm' * fused}{', float32 x' * (fused and n == 1)}",
+                 run_for(n, fused))
             for n, fused in ((1, False), (3, False), (1, True), (2, True))]
 
 

@@ -109,15 +109,17 @@ class Attention(nn.Module):
             (p0 + s) // self.ratio > self.config.index_topk for p0 in offsets)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x: mx.array, cache: LayerCache | BatchLayerCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache | BatchLayerCache,
+                 x32: mx.array | None = None) -> mx.array:
+        """``x32``: x in float32 where the caller has it (the compressors' input: no cast)."""
         if isinstance(cache, BatchLayerCache):
-            return self._call_batch(x, cache)
+            return self._call_batch(x, cache, x32)
         s = x.shape[1]
         pos = np.arange(cache.offset, cache.offset + s)[None, :]  # host positions
-        p = self._project(x, pos, self._indexed(s, [cache.offset]))
+        p = self._project(x, pos, self._indexed(s, [cache.offset]), x32)
         return self._output(self._positional(p, pos, cache, x.dtype))
 
-    def _call_batch(self, x: mx.array, cache: BatchLayerCache) -> mx.array:
+    def _call_batch(self, x: mx.array, cache: BatchLayerCache, x32: mx.array | None = None) -> mx.array:
         """Sequences at their own positions: the projections and the rotations run on the whole
         batch (each weight read once), the carried state and the attention per sequence on its
         real tokens."""
@@ -127,7 +129,7 @@ class Attention(nn.Module):
         spans = cache.spans(s)
         # host positions of every token (padding gets any: its rows are never read)
         pos = np.stack([np.arange(c.offset - a, c.offset - a + s) for c, (a, _) in zip(cache.caches, spans)])
-        p = self._project(x, pos, self._indexed(s, [c.offset for c in cache.caches]))
+        p = self._project(x, pos, self._indexed(s, [c.offset for c in cache.caches]), x32)
         positions = host_positions(pos)
         q, kv, index_q = self._rotate(p, pos, positions)
         outs = []
@@ -144,7 +146,8 @@ class Attention(nn.Module):
         o = outs[0] if b == 1 else mx.concatenate(outs, axis=0)
         return self._output(self._unrotate(o, pos, positions, x.dtype))
 
-    def _project(self, x: mx.array, pos: np.ndarray, indexed: bool) -> "_Projected":
+    def _project(self, x: mx.array, pos: np.ndarray, indexed: bool,
+                 x32: mx.array | None = None) -> "_Projected":
         """Every matmul on the layer input, merged where they share an input (the compressors'
         APE, the one positional part, rides along as a per-slot bias of host positions ``pos``
         [B, s]); the indexer's queries only if ``indexed``."""
@@ -157,7 +160,7 @@ class Attention(nn.Module):
         p.q = qo[0].reshape(b, s, self.n_heads, self.head_dim)
         p.kv = xo[1]
         if self.ratio:
-            ks = proj.compressed(x, pos)
+            ks = proj.compressed(x if x32 is None else x32, pos)
             o = proj.comp.offsets()
             p.comp = ks[..., o[0]:o[2]]
             if self.ratio == 4:

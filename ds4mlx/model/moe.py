@@ -158,9 +158,11 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(config)
         self.shared_experts = SharedExpert(config)
 
-    def __call__(self, x: mx.array, token_ids: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, token_ids: mx.array, x32: mx.array | None = None) -> mx.array:
+        """``x32``: x in float32 where the caller has it (the router's input: no cast)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        idx, w = self.gate(flat, token_ids.reshape(-1))
+        idx, w = self.gate(flat if x32 is None else x32.reshape(-1, shape[-1]),
+                           token_ids.reshape(-1))
         y = self.experts(flat, idx, w) + self.shared_experts(flat)
         return y.reshape(shape)

@@ -34,19 +34,26 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.ffn = MoE(config, layer)
 
-    def _pre(self, h, fn, base, scale, dtype, norm, prev=None):
-        # the sublayer's norm, and the previous sublayer's HC post, in the HC pre kernel
+    def _pre(self, h, fn, base, scale, dtype, norm, prev=None, also_f32=False):
+        # the sublayer's norm, the previous sublayer's HC post and the float32 copy of x the
+        # sublayer's float32 consumers take, in the HC pre kernel
         c = self.config
         return kernels.hc_pre(h, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps,
-                              norm_eps=c.rms_norm_eps, out_dtype=dtype, norm=norm, prev=prev)
+                              norm_eps=c.rms_norm_eps, out_dtype=dtype, norm=norm, prev=prev,
+                              also_f32=also_f32)
 
     def __call__(self, h: mx.array, token_ids: mx.array, cache: LayerCache, dtype) -> mx.array:
-        x, post, comb = self._pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, dtype,
-                                  self.attn_norm)
-        y = self.attn(x, cache)
-        x, post, comb, h = self._pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, dtype,
-                                     self.ffn_norm, prev=(y, post, comb))
-        y = self.ffn(x, token_ids)
+        if self.attn.ratio:  # the compressors read x in float32
+            x, post, comb, x32 = self._pre(h, self.hc_attn_fn, self.hc_attn_base,
+                                           self.hc_attn_scale, dtype, self.attn_norm, also_f32=True)
+        else:
+            x, post, comb = self._pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale,
+                                      dtype, self.attn_norm)
+            x32 = None
+        y = self.attn(x, cache, x32)
+        x, post, comb, h, x32 = self._pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale,
+                                          dtype, self.ffn_norm, prev=(y, post, comb), also_f32=True)
+        y = self.ffn(x, token_ids, x32)  # the router reads x in float32
         return hc_post(y, h, post, comb)
 
 

@@ -31,6 +31,8 @@ METAL_FUNC float ds4_sigmoid(float x) { return 1.0f / (1.0f + precise::exp(-x));
 // streams are written to hn [N, M * D] float32 (the residual of the next post).
 // NORMW: x is then RMS-normalised times nw [D] (WT) with x_eps, as the sublayer's RMSNorm
 // (each step rounded to XT, as mx.fast.rms_norm on the rounded x does).
+// XF: x is also written in float32 to xf [N, D] (for the sublayer's float32 consumers: the
+// router, the compressors), the cast that would be a launch of its own.
 // Grid (TG, N), threadgroup (TG, 1, 1): one threadgroup per token.
 const int MIX = 2 * M + M * M;
 threadgroup float part[DS4_HC_SIMDGROUPS * (2 * M + M * M + 1)];
@@ -121,6 +123,7 @@ for (uint d = t; d < uint(D); d += DS4_HC_TG) {
   }
   XT r = XT(s);
   x[ulong(tok) * uint(D) + d] = r;
+  if (XF && !NORMW) xf[ulong(tok) * uint(D) + d] = float(r);
   ss += float(r) * float(r);
 }
 if (NORMW) {
@@ -134,6 +137,8 @@ if (NORMW) {
   float inv = precise::rsqrt(tot / float(D) + x_eps);
   for (uint d = t; d < uint(D); d += DS4_HC_TG) {
     ulong at = ulong(tok) * uint(D) + d;
-    x[at] = XT(float(XT(float(x[at]) * inv)) * float(nw[d]));
+    XT r = XT(float(XT(float(x[at]) * inv)) * float(nw[d]));
+    x[at] = r;
+    if (XF) xf[at] = float(r);
   }
 }
