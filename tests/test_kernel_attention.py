@@ -255,3 +255,28 @@ def test_decode_attention_with_rope_matches_model_ops(path, case):
                  .astype(mx.float32), q, kw, comp, idx, bounds, sink, scale)
     assert got.dtype == dtype
     assert rel_err(np.asarray(got.astype(mx.float32)), ref) <= (1e-5 if dtype == mx.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_rope_rows_with_q_norm_rows(path, dtype):
+    """The kv rows and the q_norm rows of one projection in one launch: the kv rows as alone,
+    the q rows as ops.RMSNorm (mx.fast.rms_norm's rounding)."""
+    from ds4mlx.model.rope import rope_frequencies
+    from ds4mlx.ops import RMSNorm
+
+    rng = np.random.default_rng(4)
+    x = mx.array((rng.standard_normal((1, 3, 128)) * 3).astype(np.float32)).astype(dtype)
+    qr = mx.array((rng.standard_normal((1, 3, 96)) * 3).astype(np.float32)).astype(dtype)
+    weight = mx.array(rng.uniform(0.5, 1.5, 128).astype(np.float32)).astype(dtype)
+    norm = RMSNorm(96, eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, 96).astype(np.float32)).astype(dtype)
+    freqs = rope_frequencies(64, 10000.0)
+    pos = np.arange(500, 503)[None]
+    kw = dict(norm=fused.NORM_WEIGHTED, weight=weight, eps=1e-6)
+    kv, qn = fused.rope_rows(x, pos, freqs, q_norm=(qr, norm.weight), **kw)
+    alone = fused.rope_rows(x, pos, freqs, **kw)
+    np.testing.assert_array_equal(np.asarray(kv.astype(mx.float32)), np.asarray(alone.astype(mx.float32)))
+    ref = norm(qr)
+    assert qn.dtype == dtype
+    assert rel_err(np.asarray(qn.astype(mx.float32)), np.asarray(ref.astype(mx.float32))) <= \
+        (1e-6 if dtype == mx.float32 else 8e-3)

@@ -247,22 +247,30 @@ NORM_NONE, NORM_PLAIN, NORM_WEIGHTED = 0, 1, 2
 FP8_BLOCK = FP8_ACT_BLOCK  # the QAT FP8 round trip's block, as rows.metal gets it
 
 
-def rope_rows_serves(dtype: mx.Dtype, d: int, rope_dims: int) -> bool:
+def rope_rows_serves(dtype: mx.Dtype, d: int, rope_dims: int, q_rank: int | None = None) -> bool:
     """Whether :func:`rope_rows` serves rows of ``d`` features (``rope_dims`` rotated) for a
-    model running in ``dtype``: the variant is on and passed its first-use check. The caller
-    asks, since the twin is its own ops (it runs them when this is False)."""
-    return dispatch.serves(ROPE_ROWS) and dispatch.first_use_ok(ROPE_ROWS, dtype, head_dim=d,
-                                                                rope_dims=rope_dims)
+    model running in ``dtype`` (with ``q_rank``: and q_norm rows of that width alongside): the
+    variant is on and passed its first-use check. The caller asks, since the twin is its own
+    ops (it runs them when this is False)."""
+    if q_rank is not None and q_rank % 32:
+        return False
+    return dispatch.serves(ROPE_ROWS) and dispatch.first_use_ok(
+        ROPE_ROWS, dtype, head_dim=d, rope_dims=rope_dims, q_rank=q_rank)
 
 
 def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM_NONE,
               weight: mx.array | None = None, eps: float = 0.0, fp8: bool = False,
-              inverse: bool = False, out_dtype: mx.Dtype | None = None) -> mx.array:
+              inverse: bool = False, out_dtype: mx.Dtype | None = None,
+              q_norm: tuple[mx.array, mx.array] | None = None):
     """Kernel ``rope_rows`` on rows ``x [..., D]``: RMS normalisation (``norm``: none, plain or
     times ``weight [D]``), RoPE of the last ``2·len(freqs)`` features at positions ``pos``
     (host ints, one per row, broadcast to ``x.shape[:-1]``; ``inverse`` rotates back), then,
     with ``fp8``, the e4m3 round trip of the other features in blocks of 64. Each step's result
-    is rounded to ``out_dtype`` (default x's dtype), as when the steps run as ops."""
+    is rounded to ``out_dtype`` (default x's dtype), as when the steps run as ops.
+
+    ``q_norm`` = (rows ``[..., DQ]`` in x's dtype, weight ``[DQ]``): those rows RMS-normalised
+    (with ``eps``) in the same launch, as ``mx.fast.rms_norm``; then (out, normalised rows)
+    are returned (the attention's kv rows and its q_norm, both from one merged projection)."""
     d = x.shape[-1]
     rd = 2 * freqs.shape[0]
     out_dtype = out_dtype or x.dtype
@@ -282,16 +290,30 @@ def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM
     pos = np.broadcast_to(np.asarray(pos, dtype=np.int32), lead).reshape(rows)
     w = weight if norm == NORM_WEIGHTED else _dummy(mx.float32)
     pos = np.pad(pos, (0, max(0, 8 - rows)))  # padded here, not by a launch
-    (out,) = dispatch.run("rows.metal", "rope_rows",
-                          {"x": x.reshape(rows, d), "w": device_array(w),
-                           "pos": mx.array(pos),
-                           "freqs": device_array(freqs.astype(mx.float32)), "eps": float(eps)},
-                          {"out": ((rows, d), out_dtype)},
-                          grid=(32, rows, 1), threadgroup=(32, 1, 1),
-                          template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype),
-                                    ("NORM", int(norm)), ("FP8", bool(fp8)),
-                                    ("INV", bool(inverse)), ("D", d), ("RD", rd)])
-    return out.reshape(*lead, d)
+    if q_norm is None:
+        qr, wq, dq = _dummy(x.dtype), _dummy(w.dtype), 0
+    else:
+        qr, wq = q_norm[0], q_norm[1]
+        dq = qr.shape[-1]
+        if tuple(qr.shape[:-1]) != tuple(lead) or tuple(wq.shape) != (dq,) or dq % 32 \
+                or qr.dtype != x.dtype or wq.dtype != w.dtype:
+            raise KernelInputError(f"rope_rows: q_norm rows {tuple(qr.shape)} and weight "
+                                   f"{tuple(wq.shape)} must be [{', '.join(map(str, lead))}, DQ] "
+                                   "and [DQ], DQ a multiple of 32, in x's and the weight's dtypes")
+        qr = qr.reshape(rows, dq)
+    out, qn = dispatch.run("rows.metal", "rope_rows",
+                           {"x": x.reshape(rows, d), "w": device_array(w),
+                            "pos": mx.array(pos),
+                            "freqs": device_array(freqs.astype(mx.float32)), "eps": float(eps),
+                            "qr": qr, "wq": wq, "R": rows},
+                           {"out": ((rows, d), out_dtype), "qn": ((rows, dq) if dq else (1,), x.dtype)},
+                           grid=(32, rows * (2 if dq else 1), 1), threadgroup=(32, 1, 1),
+                           template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype),
+                                     ("NORM", int(norm)), ("FP8", bool(fp8)),
+                                     ("INV", bool(inverse)), ("D", d), ("RD", rd), ("DQ", dq)])
+    if q_norm is None:
+        return out.reshape(*lead, d)
+    return out.reshape(*lead, d), qn.reshape(*lead, dq)
 
 
 # ----------------------------------------------------------------------------- indexer queries

@@ -56,7 +56,7 @@ KEY_DIMS: dict[str, tuple[str, ...]] = {
     dispatch.HC_PRE: ("hc_mult",),
     dispatch.ATTENTION: ("head_dim", "rope_dims"),
     dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk", "rope_dims"),
-    dispatch.ROPE_ROWS: ("head_dim", "rope_dims"),
+    dispatch.ROPE_ROWS: ("head_dim", "rope_dims", "q_rank"),
     dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
 }
 
@@ -76,6 +76,7 @@ class Spec:
     index_heads: int | None = None  # indexer scores
     index_head_dim: int | None = None  # indexer scores
     index_topk: int | None = None  # indexer top-k
+    q_rank: int | None = None  # rope_rows: width of the q_norm rows it normalises alongside
 
     def key(self) -> tuple[int | None, ...]:
         return tuple(getattr(self, f) for f in KEY_DIMS.get(self.variant, ()))
@@ -409,6 +410,28 @@ def _rope_cases(spec: Spec) -> list[Case]:
                 run_for((1, 3, _HEADS), attention.NORM_NONE, False, True, mx.float32, dt)),
            Case("rope_rows", f"indexer q: 3 x {_HEADS}",
                 run_for((1, 3, _HEADS), attention.NORM_NONE, False, False, dt, dt))]
+    if spec.q_rank:
+        dq = spec.q_rank
+
+        def with_q_norm():
+            from ..ops import RMSNorm  # the q_norm the kernel runs alongside
+
+            twin = _twins.get(dispatch.ROPE_ROWS)
+            if twin is None:
+                raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
+            rng = np.random.default_rng(dq)
+            x = _acts((1, 2, d), 95, dt, 3.0)
+            qr = _acts((1, 2, dq), 96, dt, 3.0)
+            weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
+            norm = RMSNorm(dq, eps=1e-6)
+            norm.weight = mx.array(rng.uniform(0.5, 1.5, dq).astype(np.float32)).astype(dt)
+            pos = np.arange(p0, p0 + 2)[None]
+            kw = dict(norm=attention.NORM_WEIGHTED, weight=weight, eps=1e-6, fp8=False,
+                      inverse=False, out_dtype=dt)
+            got = attention.rope_rows(x, pos, freqs, q_norm=(qr, norm.weight), **kw)
+            return list(got), [twin(x, pos, freqs, rope_dims=rd, **kw), norm(qr)]
+
+        out.append(Case("rope_rows", f"kv: 2 rows, with q_norm rows of {dq}", with_q_norm))
     return out
 
 

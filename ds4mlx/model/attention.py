@@ -155,7 +155,15 @@ class Attention(nn.Module):
         proj = self.merge_projections()
         p = _Projected()
         xo = proj.x(x, parts=3 if indexed else 2)
-        p.qr = self.q_norm(xo[0])
+        wq, wk = self.q_norm.weight, self.kv_norm.weight
+        if (self.q_norm.eps == self.eps and wq.dtype == wk.dtype and xo[0].dtype == xo[1].dtype
+                and fused.rope_rows_serves(xo[1].dtype, self.head_dim, self.rope_dims, wq.shape[0])):
+            # the kv rows (RMS, RoPE, FP8) and the q_norm of the same projection in one launch
+            p.kv_rows, p.qr = fused.rope_rows(xo[1], pos, self._freqs, norm=fused.NORM_WEIGHTED,
+                                              weight=wk, eps=self.eps, fp8=self.qat_rounding,
+                                              q_norm=(xo[0], wq))
+        else:
+            p.qr = self.q_norm(xo[0])
         qo = proj.q(p.qr, parts=2 if indexed else 1)
         p.q = qo[0].reshape(b, s, self.n_heads, self.head_dim)
         p.kv = xo[1]
@@ -205,7 +213,9 @@ class Attention(nn.Module):
             q = p.q.astype(mx.float32)
             q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
             q = apply_rope(q, positions[..., None], freqs)
-        if rows:
+        if p.kv_rows is not None:  # rotated with the q_norm (see _project)
+            kv = p.kv_rows
+        elif rows:
             kv = fused.rope_rows(p.kv, pos, freqs, norm=fused.NORM_WEIGHTED,
                                  weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
         else:
@@ -374,6 +384,7 @@ class _Projected:
     index_comp: mx.array | None = None  # the indexer compressor's
     index_q: tuple[mx.array, mx.array] | None = None  # indexer queries (not rotated), head weights
     index_w: mx.array | None = None  # the indexer's head weights as projected (not scaled)
+    kv_rows: mx.array | None = None  # the kv rows normalised, rotated and rounded (fused path)
 
     def rows(self, i: int, a: int, b: int) -> "_Projected":
         """Sequence ``i``, tokens a..b-1."""

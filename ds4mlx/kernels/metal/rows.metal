@@ -54,11 +54,28 @@ METAL_FUNC float ds4_e2m1(float q) {
 // -> out [R, D] (OutT). NORM: 0 none, 1 plain RMS, 2 RMS times w; FP8: round the first D - RD
 // features; INV: inverse rotation. Grid (32, R), threadgroup (32, 1, 1): a simdgroup per row,
 // lane l owns the D / 32 features from l * D / 32 (whole RoPE pairs, whole FP8 blocks' parts).
+// DQ > 0: the grid has R more rows, the rows qr [R, DQ] (T) of another RMSNorm (times wq [DQ],
+// WT; eps), written to qn [R, DQ] (T) rounded twice as mx.fast.rms_norm does (the attention's
+// q_norm, in the launch of its kv rows).
 const int DPL = D / 32;
 const int LPB = DS4_FP8_BLOCK / DPL;  // lanes per FP8 block
 threadgroup float lane_max[32];
 uint row = threadgroup_position_in_grid.y;
 uint lane = thread_index_in_simdgroup;
+if (DQ > 0 && row >= uint(R)) {  // a whole threadgroup (one simdgroup) takes this branch
+  const int QPL = DQ > 0 ? DQ / 32 : 1;
+  ulong qb = ulong(row - uint(R)) * uint(DQ) + lane * uint(QPL);
+  float u[QPL];
+  float ss = 0.0f;
+  for (int j = 0; j < QPL; ++j) {
+    u[j] = float(qr[qb + j]);
+    ss += u[j] * u[j];
+  }
+  float inv = precise::rsqrt(simd_sum(ss) / float(DQ) + eps);
+  for (int j = 0; j < QPL; ++j)
+    qn[qb + j] = T(float(T(u[j] * inv)) * float(wq[lane * uint(QPL) + j]));
+  return;
+}
 ulong base = ulong(row) * uint(D) + lane * uint(DPL);
 float v[DPL];
 for (int j = 0; j < DPL; ++j) v[j] = float(x[base + j]);
