@@ -2,7 +2,7 @@
 
 A *variant* is the kernels of one weight layout (``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4`` GGUF
 blocks, ``MXFP4-mlx`` pairs, ...) at one activation dtype, or a named fused kernel (``hc_pre``,
-``attention``, ``indexer``, ``rope_rows``, ``router``) at one dtype and the model dims that are
+``attention``, ``indexer``, ``rope_rows``, ``router``, ``shared_down``) at one dtype and the model dims that are
 its template arguments (:data:`KEY_DIMS`). Checking it runs each of its kernels (:func:`cases`:
 for a layout, dequantize, the decode kernels with ids in ``constant`` and in ``device`` memory,
 the tiled kernel for gate/up, down and plain products, the dense call site; for a fused kernel,
@@ -58,6 +58,7 @@ KEY_DIMS: dict[str, tuple[str, ...]] = {
     dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk", "rope_dims"),
     dispatch.ROPE_ROWS: ("head_dim", "rope_dims", "q_rank"),
     dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
+    dispatch.SHARED_DOWN: (),  # every size is a run-time argument
 }
 
 
@@ -157,7 +158,7 @@ def cases(spec: Spec) -> list[Case]:
     """The kernel calls that make up ``spec``'s check."""
     named = {dispatch.HC_PRE: _hc_cases, dispatch.ATTENTION: _attention_cases,
              dispatch.INDEXER: _indexer_cases, dispatch.ROPE_ROWS: _rope_cases,
-             dispatch.ROUTER: _router_cases}
+             dispatch.ROUTER: _router_cases, dispatch.SHARED_DOWN: _shared_cases}
     return named.get(spec.variant, _moe_cases)(spec)
 
 
@@ -466,6 +467,22 @@ def _router_cases(spec: Spec) -> list[Case]:
 
     return [Case("router_topk", f"{n} token{'s' * (n > 1)}, top-{k} of {e}", run_for(n))
             for n in (1, 3)]
+
+
+def _shared_cases(spec: Spec) -> list[Case]:
+    dt, f = spec.dtype, _HC_D  # F off the lanes' stride, R off the rows per threadgroup
+
+    def run_for(n: int, limit: float) -> Callable:
+        def run():
+            gu = _acts((n, 2 * f), 100 + n, dt, 4.0)  # some beyond the clamp
+            w = _acts((_DOWN_ROWS, f), 101, dt, f ** -0.5)
+            add = _acts((n, _DOWN_ROWS), 102 + n, dt)
+            return ([moe.shared_down(gu, w, limit, add)],
+                    [moe.shared_down_ops(gu, w, limit, add)])
+        return run
+
+    return [Case("shared_down", f"{n} token{'s' * (n > 1)}, limit {limit:g}", run_for(n, limit))
+            for n, limit in ((1, 10.0), (3, 0.0), (moe.SHARED_MAX_TOKENS, 7.0))]
 
 
 def _by_id(idx: mx.array, w: mx.array) -> list[mx.array]:

@@ -29,7 +29,8 @@ ATTENTION = "attention"  # fused decode attention (kernels/attention.py)
 INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
 ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
 ROUTER = "router"  # fused MoE router selection (kernels/router.py)
-NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER)  # not weight formats
+SHARED_DOWN = "shared_down"  # shared expert's SwiGLU + down + routed sum (kernels/moe.py)
+NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER, SHARED_DOWN)  # not weight formats
 
 
 class KernelInputError(ValueError):
