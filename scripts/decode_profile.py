@@ -14,7 +14,10 @@ state costs no prefill. For every layer it reports, for one decoded token:
   ``mx.fast.rms_norm`` (one kernel on the GPU, a dozen fallback ops on the CPU), plus every MLX
   primitive left in the lazy graph of the step's outputs (the new streams and the new decode
   state) that runs a kernel: views (reshape, slice, broadcast, transpose, ...) excluded, and a
-  compiled (``mx.compile``) function counts as one. Nothing is evaluated for this count.
+  compiled (``mx.compile``) function counts as one. Nothing is evaluated for this count. The
+  layer runs as in the model's loop (``Block.deferred``): the previous layer's last HC post
+  comes in and runs in this layer's first HC pre, its own goes out to the next layer (the
+  last layer's is counted with the head).
 * the same count on the ops path (the kernels' MLX twins); its host syncs (the GGUF experts'
   twin reads the routed ids) are counted as graph cuts, each segment once;
 * bytes read: weights (each parameter the layer reads, the router matrix for all 256 experts,
@@ -60,8 +63,9 @@ FLASH_EXPERTS, FLASH_LAYERS, FLASH_VOCAB = 256, 43, 129280
 RECIPES = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K"), "mxfp4": ("MXFP4", "MXFP4")}
 # the kernels the before/after columns switch
 DECODE_VARIANTS = ("attention", "indexer", "rope_rows", "router")
-# embedding gather, HC head (one compiled function), final RMSNorm, head matmul
-HEAD_LAUNCHES = 4
+# embedding gather, the last layer's HC post, HC head (one compiled function), final RMSNorm,
+# head matmul
+HEAD_LAUNCHES = 5
 DEVICES = {"m3_ultra": 819e9, "m3_max": 400e9}
 VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "AsStrided",
          "View", "StopGradient", "Depends", "Flatten", "Unflatten"}
@@ -190,8 +194,8 @@ class Recorder:
 def count_step(blk: Block, cache: LayerCache, dtype, path: str,
                histogram: dict[str, int] | None = None) -> tuple[int, dict[str, int]]:
     """(launches, {launch site: count}) of one decoded token through ``blk`` on ``path``."""
-    h = mx.array(np.random.default_rng(1).standard_normal((1, 1, 4, blk.config.hidden_size),
-                                                          dtype=np.float32))
+    rng = np.random.default_rng(1)
+    h = mx.array(rng.standard_normal((1, 1, 4, blk.config.hidden_size), dtype=np.float32))
     toks = mx.array([[7]])
     # the state as a decode step finds it: evaluated (a snapshot's row copy is not the step's)
     mx.eval(h, toks, [a for a in cache.state if isinstance(a, mx.array)])
@@ -227,8 +231,14 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
         else:
             kernels.dispatch.backend = lambda: "ops"
             kernels.moe.switch_matmul_ops = cut_then_switch
-        out = blk(h, toks, cache, dtype)
-        nodes = graph_nodes(out, *cache.state, *recorder.inputs)
+        # as in the model's loop: the previous layer's last HC post comes in (run by this
+        # layer's HC pre kernel), this layer's goes out to the next
+        d = blk.config.hidden_size
+        pending = (mx.array(rng.standard_normal((1, 1, d), dtype=np.float32)).astype(dtype),
+                   mx.ones((1, 1, 4)), mx.full((1, 1, 4, 4), 0.25))
+        mx.eval(pending)
+        h, pending = blk.deferred(h, toks, cache, dtype, pending)
+        nodes = graph_nodes(h, *pending, *cache.state, *recorder.inputs)
     finally:
         kernels.dispatch.run, kernels.dispatch.backend, kernels.moe.switch_matmul_ops, ops.on_cpu = saved
         mx.fast.rms_norm = rms_norm
