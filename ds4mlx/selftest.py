@@ -57,7 +57,13 @@ def model_specs(source: str) -> list[check.Spec]:
                 hc_mult=config.hc_mult)
     dtype = default_dtype()
     specs = [check.Spec(v, dtype, **dims) for v in variants]
-    return specs + _fused_specs(config, dtype, dims)
+    fused = _fused_specs(config, dtype, dims)
+    # shared_down serves a dense (unquantized) shared-expert down projection only
+    dense = {"bfloat16", "float16", "float32", "bf16", "f16", "f32"}
+    if any(t.name.endswith("shared_experts.w2.weight") and str(t.fmt).lower() in dense
+           for t in tensors):
+        fused.append(check.Spec(kernels.SHARED_DOWN, dtype))
+    return specs + fused
 
 
 def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
@@ -70,8 +76,7 @@ def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
            spec(kernels.ATTENTION, dtype, head_dim=config.head_dim),  # KV rows in dtype
            spec(kernels.ATTENTION, dtype, head_dim=config.head_dim, rope_dims=rd),  # q RoPE in
            spec(kernels.ROPE_ROWS, dtype, head_dim=config.head_dim, rope_dims=rd,
-                q_rank=config.q_lora_rank),  # kv rows with the q_norm
-           spec(kernels.SHARED_DOWN, dtype)]
+                q_rank=config.q_lora_rank)]  # kv rows with the q_norm
     widths = [config.head_dim] + ([config.index_head_dim] if indexed else [])
     out += [spec(kernels.ROPE_ROWS, dtype, head_dim=w, rope_dims=rd)
             for w in dict.fromkeys(widths)]

@@ -48,9 +48,7 @@ def query_bounds(p0: int, s: int, key_start: int, window: int, ratio: int) -> np
 
 # ----------------------------------------------------------------------------- attention
 def _rows_twin():
-    from . import check  # above this module: it runs the kernels
-
-    twin = check.twin(ROPE_ROWS)
+    twin = dispatch.twin(ROPE_ROWS)  # the model's row ops (installed by ds4mlx.model.rope)
     if twin is None:
         raise RuntimeError("decode_attention: no ops twin of rope_rows installed (import ds4mlx.model)")
     return twin

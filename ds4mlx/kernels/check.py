@@ -366,18 +366,18 @@ def _index_q_cases(spec: Spec) -> list[Case]:
                  run_for(s, fp4)) for s, fp4 in ((1, True), (3, False))]
 
 
-_twins: dict[str, Callable] = {}
+_twins = dispatch._twins  # the twins that live above the kernels (dispatch.install_twin)
 
 
 def install_twin(variant: str, twin: Callable) -> None:
     """Give the check the ops twin of a kernel whose twin lives above the kernels: for
     ``rope_rows`` the model's own ops (installed by ds4mlx.model.rope when it is imported)."""
-    _twins[variant] = twin
+    dispatch.install_twin(variant, twin)
 
 
 def twin(name: str) -> Callable | None:
     """The ops twin installed for ``name`` (:func:`install_twin`), or None."""
-    return _twins.get(name)
+    return dispatch.twin(name)
 
 
 def _rope_cases(spec: Spec) -> list[Case]:

@@ -128,6 +128,21 @@ def install_check(check: FirstUseCheck) -> None:
     _check = check
 
 
+# ----------------------------------------------------------------------------- twins above
+# Ops twins that live above the kernels (the model's own ops, e.g. rope_rows'), installed by
+# the module that has them; the entry points and the first-use check look them up here.
+_twins: dict[str, object] = {}
+
+
+def install_twin(name: str, twin) -> None:
+    _twins[name] = twin
+
+
+def twin(name: str):
+    """The ops twin installed for ``name``, or None."""
+    return _twins.get(name)
+
+
 # ----------------------------------------------------------------------------- launch
 @functools.cache
 def compiled(path: str, file: str, name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
