@@ -179,7 +179,7 @@ def model_rows(x, pos, freqs, **kw):
     ((1, 2, 3), 128, 64, fused.NORM_NONE, False, True, mx.float32, mx.float32),     # output
 ])
 def test_rope_rows_match_model_ops(path, shape, d, rd, norm, fp8, inverse, dtype, out_dtype):
-    from ds4mlx.model.rope import rope_frequencies  # (importing it installs the row ops twin)
+    from ds4mlx.model.rope import rope_frequencies
 
     rng = np.random.default_rng(d + len(shape))
     x = mx.array((rng.standard_normal((*shape, d)) * 3).astype(np.float32)).astype(dtype)
@@ -224,7 +224,7 @@ def test_indexer_real_width(path):
 def test_index_queries_match_model_ops(path, lead, d, fp4, dtype):
     """Kernel index_q (RoPE, Hadamard + FP4, head-weight scale) against the model's own ops."""
     from ds4mlx.model.compressor import index_queries_ops
-    from ds4mlx.model.rope import rope_frequencies  # (importing it installs the row ops twin)
+    from ds4mlx.model.rope import rope_frequencies
 
     rng = np.random.default_rng(d + len(lead))
     q = mx.array((rng.standard_normal((*lead, d)) * 2).astype(np.float32)).astype(dtype)
@@ -260,7 +260,7 @@ def test_decode_attention_with_rope_matches_model_ops(path, case):
 def test_rope_rows_with_q_norm_rows(path, dtype):
     """The kv rows and the q_norm rows of one projection in one launch: the kv rows as alone,
     the q rows as ops.RMSNorm (mx.fast.rms_norm's rounding)."""
-    from ds4mlx.model.rope import rope_frequencies  # (importing it installs the row ops twin)
+    from ds4mlx.model.rope import rope_frequencies
     from ds4mlx.ops import RMSNorm
 
     rng = np.random.default_rng(4)
