@@ -57,7 +57,13 @@ def model_specs(source: str) -> list[check.Spec]:
                 hc_mult=config.hc_mult)
     dtype = default_dtype()
     specs = [check.Spec(v, dtype, **dims) for v in variants]
-    return specs + _fused_specs(config, dtype, dims)
+    fused = _fused_specs(config, dtype, dims)
+    # shared_down serves a dense (unquantized) shared-expert down projection only
+    dense = {"bfloat16", "float16", "float32", "bf16", "f16", "f32"}
+    if any(t.name.endswith("shared_experts.w2.weight") and str(t.fmt).lower() in dense
+           for t in tensors):
+        fused.append(check.Spec(kernels.SHARED_DOWN, dtype))
+    return specs + fused
 
 
 def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
@@ -65,15 +71,21 @@ def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
     main = range(config.num_hidden_layers)
     indexed = any(config.ratio(i) == 4 for i in main)
     spec = check.Spec
+    rd = config.qk_rope_head_dim
     out = [spec(kernels.HC_PRE, mx.float32, **dims),  # HC streams are float32
-           spec(kernels.ATTENTION, dtype, head_dim=config.head_dim)]  # KV rows in dtype
+           spec(kernels.ATTENTION, dtype, head_dim=config.head_dim),  # KV rows in dtype
+           spec(kernels.ATTENTION, dtype, head_dim=config.head_dim, rope_dims=rd),  # q RoPE in
+           spec(kernels.ROPE_ROWS, dtype, head_dim=config.head_dim, rope_dims=rd,
+                q_rank=config.q_lora_rank)]  # kv rows with the q_norm
     widths = [config.head_dim] + ([config.index_head_dim] if indexed else [])
-    out += [spec(kernels.ROPE_ROWS, dtype, head_dim=w, rope_dims=config.qk_rope_head_dim)
+    out += [spec(kernels.ROPE_ROWS, dtype, head_dim=w, rope_dims=rd)
             for w in dict.fromkeys(widths)]
     if indexed:
         out += [spec(kernels.INDEXER, dtype, index_heads=config.index_n_heads,
                      index_head_dim=config.index_head_dim),
-                spec(kernels.INDEXER, mx.float32, index_topk=config.index_topk)]
+                spec(kernels.INDEXER, mx.float32, index_topk=config.index_topk),
+                spec(kernels.INDEXER, dtype, index_head_dim=config.index_head_dim,
+                     rope_dims=rd)]  # the queries (kernel index_q)
     if any(not config.is_hash_layer(i) for i in main) or config.num_nextn_predict_layers:
         out.append(spec(kernels.ROUTER, mx.float32, n_experts=config.n_routed_experts,
                         experts_per_token=config.num_experts_per_tok,

@@ -14,7 +14,10 @@ state costs no prefill. For every layer it reports, for one decoded token:
   ``mx.fast.rms_norm`` (one kernel on the GPU, a dozen fallback ops on the CPU), plus every MLX
   primitive left in the lazy graph of the step's outputs (the new streams and the new decode
   state) that runs a kernel: views (reshape, slice, broadcast, transpose, ...) excluded, and a
-  compiled (``mx.compile``) function counts as one. Nothing is evaluated for this count.
+  compiled (``mx.compile``) function counts as one. Nothing is evaluated for this count. The
+  layer runs as in the model's loop (``Block.deferred``): the previous layer's last HC post
+  comes in and runs in this layer's first HC pre, its own goes out to the next layer (the
+  last layer's is counted with the head).
 * the same count on the ops path (the kernels' MLX twins); its host syncs (the GGUF experts'
   twin reads the routed ids) are counted as graph cuts, each segment once;
 * bytes read: weights (each parameter the layer reads, the router matrix for all 256 experts,
@@ -60,8 +63,9 @@ FLASH_EXPERTS, FLASH_LAYERS, FLASH_VOCAB = 256, 43, 129280
 RECIPES = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K"), "mxfp4": ("MXFP4", "MXFP4")}
 # the kernels the before/after columns switch
 DECODE_VARIANTS = ("attention", "indexer", "rope_rows", "router")
-# embedding gather, HC head (one compiled function), final RMSNorm, head matmul
-HEAD_LAUNCHES = 4
+# embedding gather, the last layer's HC post, HC head (one compiled function), final RMSNorm,
+# head matmul
+HEAD_LAUNCHES = 5
 DEVICES = {"m3_ultra": 819e9, "m3_max": 400e9}
 VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "AsStrided",
          "View", "StopGradient", "Depends", "Flatten", "Unflatten"}
@@ -154,19 +158,22 @@ def synth_state(config: ModelConfig, ratio: int, n_tokens: int, dtype, seed: int
 
 
 # ----------------------------------------------------------------------------- counting
-def graph_nodes(*arrays: mx.array) -> dict[str, str]:
-    """{node id: primitive} of the lazy graph producing ``arrays`` (evaluated arrays are leaves)."""
+def graph_nodes(*arrays: mx.array) -> list[str]:
+    """The primitive of each node of the lazy graph producing ``arrays`` (evaluated arrays are
+    leaves). Counted per node statement, not per node id: the id is the primitive object's,
+    which a compiled function shares between its calls of one shape (two HC posts of a layer
+    are two launches)."""
     arrays = [a for a in arrays if isinstance(a, mx.array)]
     if not arrays:
-        return {}
+        return []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "g.dot")
         mx.export_to_dot(path, *arrays)
-        return dict(_NODE.findall(Path(path).read_text()))
+        return [prim for _, prim in _NODE.findall(Path(path).read_text())]
 
 
-def kernel_nodes(nodes: dict[str, str]) -> int:
-    return sum(1 for prim in nodes.values() if prim.split()[0] not in VIEWS)
+def kernel_nodes(nodes: list[str]) -> int:
+    return sum(1 for prim in nodes if prim.split()[0] not in VIEWS)
 
 
 class Recorder:
@@ -187,8 +194,8 @@ class Recorder:
 def count_step(blk: Block, cache: LayerCache, dtype, path: str,
                histogram: dict[str, int] | None = None) -> tuple[int, dict[str, int]]:
     """(launches, {launch site: count}) of one decoded token through ``blk`` on ``path``."""
-    h = mx.array(np.random.default_rng(1).standard_normal((1, 1, 4, blk.config.hidden_size),
-                                                          dtype=np.float32))
+    rng = np.random.default_rng(1)
+    h = mx.array(rng.standard_normal((1, 1, 4, blk.config.hidden_size), dtype=np.float32))
     toks = mx.array([[7]])
     # the state as a decode step finds it: evaluated (a snapshot's row copy is not the step's)
     mx.eval(h, toks, [a for a in cache.state if isinstance(a, mx.array)])
@@ -224,8 +231,14 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
         else:
             kernels.dispatch.backend = lambda: "ops"
             kernels.moe.switch_matmul_ops = cut_then_switch
-        out = blk(h, toks, cache, dtype)
-        nodes = graph_nodes(out, *cache.state, *recorder.inputs)
+        # as in the model's loop: the previous layer's last HC post comes in (run by this
+        # layer's HC pre kernel), this layer's goes out to the next
+        d = blk.config.hidden_size
+        pending = (mx.array(rng.standard_normal((1, 1, d), dtype=np.float32)).astype(dtype),
+                   mx.ones((1, 1, 4)), mx.full((1, 1, 4, 4), 0.25))
+        mx.eval(pending)
+        h, pending = blk.deferred(h, toks, cache, dtype, pending)
+        nodes = graph_nodes(h, *pending, *cache.state, *recorder.inputs)
     finally:
         kernels.dispatch.run, kernels.dispatch.backend, kernels.moe.switch_matmul_ops, ops.on_cpu = saved
         mx.fast.rms_norm = rms_norm
@@ -234,7 +247,7 @@ def count_step(blk: Block, cache: LayerCache, dtype, path: str,
         else:
             os.environ["DS4MLX_KERNEL_CHECK"] = check_mode
     if histogram is not None:  # primitive -> count of the graph left between the launches
-        for prim in nodes.values():
+        for prim in nodes:
             if prim.split()[0] not in VIEWS:
                 histogram[prim.split()[0]] = histogram.get(prim.split()[0], 0) + 1
     sites: dict[str, int] = {}
@@ -321,6 +334,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--contexts", nargs="+", type=int, default=[2048, 32768, 131072])
+    parser.add_argument("--ratios", nargs="+", type=int, default=[0, 4, 128], choices=[0, 4, 128],
+                        help="layer kinds to measure (the whole-model figures need all three)")
     parser.add_argument("--experts", type=int, default=8, help="experts built per layer")
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -345,6 +360,8 @@ def main() -> None:
     rows = []
     for recipe in args.formats:
         for layer, ratio in enumerate((0, 4, 128)):
+            if ratio not in args.ratios:
+                continue
             blk = build_layer(config, layer, recipe, dtype, seed=layer)
             weights, copies = weight_bytes(blk, config, recipe, args.top_k)
             for n in args.contexts:
@@ -377,6 +394,11 @@ def main() -> None:
                 if args.primitives:
                     print("        primitives:", dict(sorted(prims.items(), key=lambda kv: -kv[1])))
             del blk
+    worst = max(rows, key=lambda r: r["launches"])
+    if set(args.ratios) != {0, 4, 128}:
+        print(json.dumps({"launches_per_layer_max": worst["launches"],
+                          "launches_per_layer_max_at": f"ratio {worst['ratio']} {worst['fmt']} ctx {worst['ctx']}"}))
+        return
     # whole model
     kinds = default_compress_ratios(FLASH_LAYERS, 0)
     per_kind = {r: kinds.count(r) for r in (0, 4, 128)}
@@ -409,7 +431,6 @@ def main() -> None:
                 for f in args.formats]
         return round(max(vals), 4)
 
-    worst = max(rows, key=lambda r: r["launches"])
     result = {
         "launches_per_layer_max": worst["launches"],
         "launches_per_layer_max_at": f"ratio {worst['ratio']} {worst['fmt']} ctx {worst['ctx']}",

@@ -213,3 +213,69 @@ def test_indexer_real_width(path):
     assert np.abs(got[seen] - ref[seen]).max() <= 1e-5 * np.abs(ref[seen]).max()
     picks = np.asarray(fused.indexer_topk(mx.array(ref), 512))
     np.testing.assert_array_equal(picks, numpy_topk(ref, 512))
+
+
+# ----------------------------------------------------------------------------- indexer queries
+@pytest.mark.parametrize("lead,d,fp4,dtype", [
+    ((1, 1, 4), 128, True, mx.bfloat16),   # one decode token, the QAT rounding
+    ((2, 3, 3), 128, False, mx.float32),   # a batch of a few tokens, no rounding
+    ((1, 2, 5), 64, True, mx.float32),     # two features a lane
+])
+def test_index_queries_match_model_ops(path, lead, d, fp4, dtype):
+    """Kernel index_q (RoPE, Hadamard + FP4, head-weight scale) against the model's own ops."""
+    from ds4mlx.model.compressor import index_queries_ops
+    from ds4mlx.model.rope import rope_frequencies
+
+    rng = np.random.default_rng(d + len(lead))
+    q = mx.array((rng.standard_normal((*lead, d)) * 2).astype(np.float32)).astype(dtype)
+    w = mx.array(rng.standard_normal(lead).astype(np.float32)).astype(dtype)
+    freqs = rope_frequencies(64, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
+    pos = np.arange(70000, 70000 + lead[1])[None, :].repeat(lead[0], 0)
+    got = fused.index_queries(q, w, pos, freqs, wscale=0.0625, fp4=fp4)
+    ref = index_queries_ops(q, w, pos, freqs, wscale=0.0625, fp4=fp4)
+    for g, r in zip(got, ref):
+        assert g.dtype == mx.float32 and g.shape == r.shape
+        assert rel_err(g, r) <= 1e-6
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]],
+                         ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}d{c[3]}p{c[4]}r{c[6]}")
+def test_decode_attention_with_rope_matches_model_ops(path, case):
+    """The queries as projected in, RoPE (and its inverse on the output) in the kernel: against
+    the model's row ops around the twin."""
+    from ds4mlx.model.rope import rope_frequencies  # (importing it installs the row ops twin)
+
+    q, kw, comp, idx, bounds, sink, scale = attention_case(*case, seed=case[4] + 1)
+    dtype = case[-1]
+    q = (q * 3).astype(dtype)
+    rope = (np.arange(case[4], case[4] + case[1]), rope_frequencies(32, 10000.0), 1e-6)
+    got = fused.decode_attention(q, kw, comp, idx, bounds, sink, scale, rope=rope, out_dtype=dtype)
+    ref = on_ops(lambda *a: fused.decode_attention_ops(*a, rope=rope, out_dtype=dtype)
+                 .astype(mx.float32), q, kw, comp, idx, bounds, sink, scale)
+    assert got.dtype == dtype
+    assert rel_err(np.asarray(got.astype(mx.float32)), ref) <= (1e-5 if dtype == mx.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_rope_rows_with_q_norm_rows(path, dtype):
+    """The kv rows and the q_norm rows of one projection in one launch: the kv rows as alone,
+    the q rows as ops.RMSNorm (mx.fast.rms_norm's rounding)."""
+    from ds4mlx.model.rope import rope_frequencies
+    from ds4mlx.ops import RMSNorm
+
+    rng = np.random.default_rng(4)
+    x = mx.array((rng.standard_normal((1, 3, 128)) * 3).astype(np.float32)).astype(dtype)
+    qr = mx.array((rng.standard_normal((1, 3, 96)) * 3).astype(np.float32)).astype(dtype)
+    weight = mx.array(rng.uniform(0.5, 1.5, 128).astype(np.float32)).astype(dtype)
+    norm = RMSNorm(96, eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, 96).astype(np.float32)).astype(dtype)
+    freqs = rope_frequencies(64, 10000.0)
+    pos = np.arange(500, 503)[None]
+    kw = dict(norm=fused.NORM_WEIGHTED, weight=weight, eps=1e-6)
+    kv, qn = fused.rope_rows(x, pos, freqs, q_norm=(qr, norm.weight), **kw)
+    alone = fused.rope_rows(x, pos, freqs, **kw)
+    np.testing.assert_array_equal(np.asarray(kv.astype(mx.float32)), np.asarray(alone.astype(mx.float32)))
+    ref = norm(qr)
+    assert qn.dtype == dtype
+    assert rel_err(np.asarray(qn.astype(mx.float32)), np.asarray(ref.astype(mx.float32))) <= \
+        (1e-6 if dtype == mx.float32 else 8e-3)

@@ -23,7 +23,7 @@ PATHS = [
 ]
 
 GATE_UP_WRITE = "mid[ulong(pair) * uint(F) + row] = ds4_swiglu(gs, us, limit);"
-HC_WRITE = "x[ulong(tok) * uint(D) + d] = XT(s);"
+HC_WRITE = "x[ulong(tok) * uint(D) + d] = r;"
 
 
 @pytest.fixture(params=PATHS)
@@ -155,9 +155,9 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     # and the fused kernels at the demo's dims
     for name, variant in (("attn_decode", "attention"), ("rope_rows", "rope_rows"),
                           ("indexer_scores", "indexer"), ("indexer_topk", "indexer"),
-                          ("router_topk", "router")):
+                          ("index_q", "indexer"), ("router_topk", "router")):
         assert (name, variant) in kernels_seen, out
-    assert "all 22 kernel checks passed" in out
+    assert "all 33 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):
@@ -178,8 +178,9 @@ def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch,
     for a, b in ((0, 21), (21, 22)):  # a prefill and a decode step that picks compressed rows
         mx.eval(model(tokens[:, a:b], cache=cache))
     # every variant looked up its record
-    assert sorted(found) == ["MXFP4-mlx", "attention", "hc_pre", "indexer", "indexer",
-                             "rope_rows", "router"], found
+    # indexer: scores, top-k, queries; rope_rows: alone (prefill) and with the q_norm rows
+    assert sorted(found) == ["MXFP4-mlx", "attention", "hc_pre", "indexer", "indexer", "indexer",
+                             "rope_rows", "rope_rows", "router"], found
     assert calls == [] and kernels.disabled() == {}
     check.reset()
 

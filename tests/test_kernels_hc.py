@@ -76,3 +76,27 @@ def test_hc_pre_rejects_mismatched_shapes(monkeypatch):
         kernels.hc_pre(h, fn[:, :-1], base, scale, iters=20, eps=1e-6, norm_eps=1e-6)
     with pytest.raises(kernels.KernelInputError, match="h: expected"):
         kernels.hc_pre(h[0, 0, 0], fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6)
+
+
+@pytest.mark.parametrize("lead,d,dtype", [((1,), 200, mx.float32), ((3,), 256, mx.bfloat16)])
+def test_hc_pre_runs_the_previous_post_and_the_norm(path, lead, d, dtype):
+    """One kernel for HC post (of the previous sublayer) + HC pre + the sublayer's RMSNorm, as
+    the model composes them in ops: ops.hc_post, ops.hc_pre, the cast, ops.RMSNorm."""
+    m = 4
+    h, fn, base, scale = hc_inputs(lead, m, d, seed=d)
+    rng = np.random.default_rng(d + 1)
+    y = mx.array(rng.standard_normal((*lead, d)).astype(np.float32)).astype(dtype)
+    post = mx.array(rng.uniform(0, 2, (*lead, m)).astype(np.float32))
+    comb = mx.softmax(mx.array(rng.standard_normal((*lead, m, m)).astype(np.float32)), axis=-1)
+    norm = hyper.RMSNorm(d, eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(dtype)
+    args = dict(iters=20, eps=1e-6, norm_eps=1e-6)
+    x, p2, c2, h2 = kernels.hc_pre(h, fn, base, scale, out_dtype=dtype, norm=norm,
+                                   prev=(y, post, comb), **args)
+    h_ref = hyper.hc_post(y, h, post, comb)
+    x_ref, p_ref, c_ref = hyper.hc_pre(h_ref, fn, base, scale, **args)
+    x_ref = norm(x_ref.astype(dtype))
+    assert x.dtype == dtype
+    assert_close(x.astype(mx.float32), x_ref.astype(mx.float32), rel=1e-5 if dtype == mx.float32 else 8e-3)
+    for g, r in ((p2, p_ref), (c2, c_ref), (h2, h_ref)):
+        assert_close(g, r)

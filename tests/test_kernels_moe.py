@@ -397,3 +397,38 @@ def test_tiny_model_metal_path_equals_ops(path, expert_files, preset, k, monkeyp
     assert launches, "the model never reached a kernel"
     assert_close(got, ref)
     assert mx.array_equal(got.argmax(-1), ref.argmax(-1)).item()
+
+
+@pytest.mark.parametrize("n,dtype,limit", [(1, mx.float32, 10.0), (5, mx.bfloat16, 0.0)])
+def test_shared_down_matches_the_shared_expert(path, n, dtype, limit):
+    """Kernel shared_down (SwiGLU, down projection, + the routed sum) against the model's
+    SharedExpert in ops, and the SwiGLU in numpy."""
+    from ds4mlx.model.moe import SharedExpert
+    from ds4mlx.synthetic import tiny_config
+    from ds4mlx.config import ModelConfig
+
+    config = ModelConfig.from_hf(tiny_config(moe_intermediate_size=96, hidden_size=80))
+    shared = SharedExpert(config)
+    shared.limit = limit
+    rng = np.random.default_rng(n)
+    for m in (shared.w1, shared.w3, shared.w2):
+        m.weight = mx.array((rng.standard_normal(m.weight.shape) * 0.3).astype(np.float32)).astype(dtype)
+    x = mx.array((rng.standard_normal((n, 80)) * 2).astype(np.float32)).astype(dtype)
+    add = mx.array(rng.standard_normal((n, 80)).astype(np.float32)).astype(dtype)
+    w13 = shared.merge_projections()
+    got = kernels.shared_down(w13.product(x), shared.w2.weight, limit, add)
+    chosen = kernels.backend()
+    kernels.set_backend("ops")
+    try:
+        ref = add + shared(x)
+    finally:
+        kernels.set_backend(chosen)
+    g, u = (np.asarray((x @ m.weight.T).astype(mx.float32)) for m in (shared.w1, shared.w3))
+    if limit:
+        g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
+    mid = g / (1 + np.exp(-g)) * u
+    numpy = np.asarray(add.astype(mx.float32)) + mid @ np.asarray(shared.w2.weight.astype(mx.float32)).T
+    got, ref = np.asarray(got.astype(mx.float32)), np.asarray(ref.astype(mx.float32))
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
+    assert np.abs(got - numpy).max() <= (1e-4 if dtype == mx.float32 else 3e-2) * np.abs(numpy).max()

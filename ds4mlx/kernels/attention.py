@@ -47,10 +47,28 @@ def query_bounds(p0: int, s: int, key_start: int, window: int, ratio: int) -> np
 
 
 # ----------------------------------------------------------------------------- attention
+def _rows_twin():
+    twin = dispatch.twin(ROPE_ROWS)  # the model's row ops (installed by ds4mlx.model.rope)
+    if twin is None:
+        raise RuntimeError("decode_attention: no ops twin of rope_rows installed (import ds4mlx.model)")
+    return twin
+
+
 def decode_attention_ops(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.array | None,
-                         bounds: np.ndarray, sink: mx.array, scale: float) -> mx.array:
+                         bounds: np.ndarray, sink: mx.array, scale: float, *,
+                         rope: tuple | None = None, out_dtype: mx.Dtype = mx.float32) -> mx.array:
     """Ops twin of :func:`decode_attention`: scores of every row, masks, one softmax with the
-    sink, then the weighted rows, in float32."""
+    sink, then the weighted rows, in float32 (with ``rope``, the model's row ops before and
+    after, as the model runs them without the fused kernel)."""
+    if rope is not None:
+        pos, freqs, eps = rope
+        rows, rd = _rows_twin(), 2 * freqs.shape[0]
+        pos = np.asarray(pos).reshape(-1, 1)
+        q = rows(q, pos, freqs, norm=NORM_PLAIN, weight=None, eps=eps, fp8=False, inverse=False,
+                 out_dtype=mx.float32, rope_dims=rd)
+        out = decode_attention_ops(q, kw, comp, idx, bounds, sink, scale)
+        return rows(out, pos, freqs, norm=NORM_NONE, weight=None, eps=0.0, fp8=False,
+                    inverse=True, out_dtype=out_dtype, rope_dims=rd)
     b, s, h, d = q.shape
     bounds = mx.array(bounds)
     lo, hi, vis = bounds[:, 0:1], bounds[:, 1:2], bounds[:, 2:3]
@@ -84,10 +102,23 @@ def decode_attention_ops(q: mx.array, kw: mx.array, comp: mx.array | None, idx: 
     return out
 
 
+def attention_rope_serves(dtype: mx.Dtype, d: int, rope_dims: int) -> bool:
+    """Whether :func:`decode_attention` with ``rope`` serves a model in ``dtype`` with heads of
+    ``d`` (``rope_dims`` rotated): the variant is on and passed its first-use check."""
+    fits = d % 32 == 0 and 0 < rope_dims <= d and (d - rope_dims) % 2 == 0 and rope_dims % 2 == 0
+    return fits and dispatch.serves(ATTENTION) and dispatch.first_use_ok(
+        ATTENTION, dtype, head_dim=d, rope_dims=rope_dims)
+
+
 def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.array | None,
-                     bounds: np.ndarray, sink: mx.array, scale: float) -> mx.array:
+                     bounds: np.ndarray, sink: mx.array, scale: float, *,
+                     rope: tuple | None = None, out_dtype: mx.Dtype = mx.float32) -> mx.array:
     """Attention of a few queries over their window rows, compressed rows and sink, in one
     softmax: ``[B, S, H, D]`` float32.
+
+    ``rope`` = (host positions ``[S]``, freqs, eps): q is the projection as it comes (any
+    float dtype); the kernel normalises (plain RMS) and rotates it, and rotates the output back
+    into ``out_dtype``: what :func:`rope_rows` does before and after, in the same launch.
 
     q: ``[B, S, H, D]`` float32; kw: ``[B, LW, D]`` window rows (any float dtype, read as
     stored); comp: ``[B, NC, D]`` compressed rows or None (rows past what a query sees are
@@ -109,8 +140,14 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
         raise KernelInputError(f"decode_attention: idx must be [{b}, {s}, K] with comp rows")
     if d % 32:
         raise KernelInputError(f"decode_attention: head dim {d} is not a multiple of 32")
-    if not (dispatch.serves(ATTENTION) and dispatch.first_use_ok(ATTENTION, kw.dtype, head_dim=d)):
-        return decode_attention_ops(q, kw, comp, idx, bounds, sink, scale)
+    rd = 0 if rope is None else 2 * rope[1].shape[0]
+    if rope is None:
+        ok = dispatch.serves(ATTENTION) and dispatch.first_use_ok(ATTENTION, kw.dtype, head_dim=d)
+    else:
+        ok = attention_rope_serves(kw.dtype, d, rd)
+    if not ok:
+        return decode_attention_ops(q, kw, comp, idx, bounds, sink, scale, rope=rope,
+                                    out_dtype=out_dtype)
     has_comp = comp is not None and comp.shape[1] > 0
     if not has_comp:
         comp, idx = kw, None  # never read: no query sees a compressed row
@@ -120,15 +157,22 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
     k = idx.shape[2] if indexed else 0
     if not has_comp:
         bounds = bounds * np.array([1, 1, 0], np.int32)  # no compressed row to see
+    if rope is None:
+        q, out_dtype = q.astype(mx.float32), mx.float32
+        pos, freqs, eps = _dummy(mx.int32), _dummy(mx.float32), 0.0
+    else:
+        pos = mx.array(np.pad(np.asarray(rope[0], np.int32).reshape(s), (0, max(0, 8 - s))))
+        freqs, eps = device_array(rope[1].astype(mx.float32)), float(rope[2])
     (out,) = dispatch.run("attention.metal", "attn_decode",
-                 {"q": q.astype(mx.float32), "kw": kw, "comp": comp,
+                 {"q": q, "kw": kw, "comp": comp,
                   "idx": idx.astype(mx.int32) if indexed else _dummy(mx.int32),
                   "bounds": mx.array(bounds), "sink": sink.astype(mx.float32),
-                  "scale": float(scale),
+                  "scale": float(scale), "pos": pos, "freqs": freqs, "eps": eps,
                   "S": s, "H": h, "LW": kw.shape[1], "NC": comp.shape[1], "K": k},
-                 {"out": ((b, s, h, d), mx.float32)},
+                 {"out": ((b, s, h, d), out_dtype)},
                  grid=(32 * ATTN_SIMDGROUPS, h, b * s), threadgroup=(32 * ATTN_SIMDGROUPS, 1, 1),
-                 template=[("T", kw.dtype), ("D", d), ("INDEXED", indexed)])
+                 template=[("T", kw.dtype), ("QT", q.dtype), ("OutT", out_dtype), ("D", d),
+                           ("INDEXED", indexed), ("ROPE", rope is not None), ("RD", rd)])
     return out
 
 
@@ -201,22 +245,30 @@ NORM_NONE, NORM_PLAIN, NORM_WEIGHTED = 0, 1, 2
 FP8_BLOCK = FP8_ACT_BLOCK  # the QAT FP8 round trip's block, as rows.metal gets it
 
 
-def rope_rows_serves(dtype: mx.Dtype, d: int, rope_dims: int) -> bool:
+def rope_rows_serves(dtype: mx.Dtype, d: int, rope_dims: int, q_rank: int | None = None) -> bool:
     """Whether :func:`rope_rows` serves rows of ``d`` features (``rope_dims`` rotated) for a
-    model running in ``dtype``: the variant is on and passed its first-use check. The caller
-    asks, since the twin is its own ops (it runs them when this is False)."""
-    return dispatch.serves(ROPE_ROWS) and dispatch.first_use_ok(ROPE_ROWS, dtype, head_dim=d,
-                                                                rope_dims=rope_dims)
+    model running in ``dtype`` (with ``q_rank``: and q_norm rows of that width alongside): the
+    variant is on and passed its first-use check. The caller asks, since the twin is its own
+    ops (it runs them when this is False)."""
+    if q_rank is not None and q_rank % 32:
+        return False
+    return dispatch.serves(ROPE_ROWS) and dispatch.first_use_ok(
+        ROPE_ROWS, dtype, head_dim=d, rope_dims=rope_dims, q_rank=q_rank)
 
 
 def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM_NONE,
               weight: mx.array | None = None, eps: float = 0.0, fp8: bool = False,
-              inverse: bool = False, out_dtype: mx.Dtype | None = None) -> mx.array:
+              inverse: bool = False, out_dtype: mx.Dtype | None = None,
+              q_norm: tuple[mx.array, mx.array] | None = None):
     """Kernel ``rope_rows`` on rows ``x [..., D]``: RMS normalisation (``norm``: none, plain or
     times ``weight [D]``), RoPE of the last ``2·len(freqs)`` features at positions ``pos``
     (host ints, one per row, broadcast to ``x.shape[:-1]``; ``inverse`` rotates back), then,
     with ``fp8``, the e4m3 round trip of the other features in blocks of 64. Each step's result
-    is rounded to ``out_dtype`` (default x's dtype), as when the steps run as ops."""
+    is rounded to ``out_dtype`` (default x's dtype), as when the steps run as ops.
+
+    ``q_norm`` = (rows ``[..., DQ]`` in x's dtype, weight ``[DQ]``): those rows RMS-normalised
+    (with ``eps``) in the same launch, as ``mx.fast.rms_norm``; then (out, normalised rows)
+    are returned (the attention's kv rows and its q_norm, both from one merged projection)."""
     d = x.shape[-1]
     rd = 2 * freqs.shape[0]
     out_dtype = out_dtype or x.dtype
@@ -236,13 +288,65 @@ def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM
     pos = np.broadcast_to(np.asarray(pos, dtype=np.int32), lead).reshape(rows)
     w = weight if norm == NORM_WEIGHTED else _dummy(mx.float32)
     pos = np.pad(pos, (0, max(0, 8 - rows)))  # padded here, not by a launch
-    (out,) = dispatch.run("rows.metal", "rope_rows",
-                          {"x": x.reshape(rows, d), "w": device_array(w),
-                           "pos": mx.array(pos),
-                           "freqs": device_array(freqs.astype(mx.float32)), "eps": float(eps)},
-                          {"out": ((rows, d), out_dtype)},
+    if q_norm is None:
+        qr, wq, dq = _dummy(x.dtype), _dummy(w.dtype), 0
+    else:
+        qr, wq = q_norm[0], q_norm[1]
+        dq = qr.shape[-1]
+        if tuple(qr.shape[:-1]) != tuple(lead) or tuple(wq.shape) != (dq,) or dq % 32 \
+                or qr.dtype != x.dtype or wq.dtype != w.dtype:
+            raise KernelInputError(f"rope_rows: q_norm rows {tuple(qr.shape)} and weight "
+                                   f"{tuple(wq.shape)} must be [{', '.join(map(str, lead))}, DQ] "
+                                   "and [DQ], DQ a multiple of 32, in x's and the weight's dtypes")
+        qr = qr.reshape(rows, dq)
+    out, qn = dispatch.run("rows.metal", "rope_rows",
+                           {"x": x.reshape(rows, d), "w": device_array(w),
+                            "pos": mx.array(pos),
+                            "freqs": device_array(freqs.astype(mx.float32)), "eps": float(eps),
+                            "qr": qr, "wq": wq, "R": rows},
+                           {"out": ((rows, d), out_dtype), "qn": ((rows, dq) if dq else (1,), x.dtype)},
+                           grid=(32, rows * (2 if dq else 1), 1), threadgroup=(32, 1, 1),
+                           template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype),
+                                     ("NORM", int(norm)), ("FP8", bool(fp8)),
+                                     ("INV", bool(inverse)), ("D", d), ("RD", rd), ("DQ", dq)])
+    if q_norm is None:
+        return out.reshape(*lead, d)
+    return out.reshape(*lead, d), qn.reshape(*lead, dq)
+
+
+# ----------------------------------------------------------------------------- indexer queries
+def index_queries_serves(dtype: mx.Dtype, d: int, rope_dims: int) -> bool:
+    """Whether :func:`index_queries` serves queries of ``d`` features (``rope_dims`` rotated)
+    for a model in ``dtype``: the ``indexer`` variant is on and its queries passed their
+    first-use check. The caller asks, since the twin is its own ops (kernels/check.py gets them
+    through ``install_twin("index_q", ...)``)."""
+    fits = d >= 32 and d & (d - 1) == 0 and d <= 1024 and 0 < rope_dims <= d and rope_dims % 2 == 0
+    return fits and dispatch.serves(INDEXER) and dispatch.first_use_ok(
+        INDEXER, dtype, index_head_dim=d, rope_dims=rope_dims)
+
+
+def index_queries(q: mx.array, w: mx.array, pos: np.ndarray, freqs: mx.array, *,
+                  wscale: float, fp4: bool) -> tuple[mx.array, mx.array]:
+    """Kernel ``index_q``: the indexer's queries ``q [..., H, D]`` rotated at host positions
+    ``pos`` (one per token, broadcast to ``q.shape[:-2]``), with ``fp4`` the Hadamard + FP4
+    rounding, as float32; and the head weights ``w [..., H]`` times ``wscale`` in float32. One
+    launch for what the ops run as some 15."""
+    d = q.shape[-1]
+    rd = 2 * freqs.shape[0]
+    if tuple(w.shape) != tuple(q.shape[:-1]):
+        raise KernelInputError(f"index_queries: w {tuple(w.shape)} must be q's {tuple(q.shape[:-1])}")
+    if not index_queries_serves(q.dtype, d, rd):
+        raise KernelInputError("index_queries: no kernel serves this call (the caller runs its ops)")
+    lead = q.shape[:-1]
+    rows = int(np.prod(lead))
+    p = np.broadcast_to(np.asarray(pos, dtype=np.int32)[..., None], lead).reshape(rows)
+    p = np.pad(p, (0, max(0, 8 - rows)))
+    qo, wo = dispatch.run("rows.metal", "index_q",
+                          {"x": q.reshape(rows, d), "wr": device_array(w.reshape(rows)),
+                           "pos": mx.array(p), "freqs": device_array(freqs.astype(mx.float32)),
+                           "wscale": float(wscale)},
+                          {"q": ((rows, d), mx.float32), "w": ((rows,), mx.float32)},
                           grid=(32, rows, 1), threadgroup=(32, 1, 1),
-                          template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype),
-                                    ("NORM", int(norm)), ("FP8", bool(fp8)),
-                                    ("INV", bool(inverse)), ("D", d), ("RD", rd)])
-    return out.reshape(*lead, d)
+                          template=[("T", q.dtype), ("WT", w.dtype), ("FP4", bool(fp4)),
+                                    ("D", d), ("RD", rd)])
+    return qo.reshape(q.shape), wo.reshape(lead)

@@ -2,7 +2,7 @@
 
 A *variant* is the kernels of one weight layout (``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4`` GGUF
 blocks, ``MXFP4-mlx`` pairs, ...) at one activation dtype, or a named fused kernel (``hc_pre``,
-``attention``, ``indexer``, ``rope_rows``, ``router``) at one dtype and the model dims that are
+``attention``, ``indexer``, ``rope_rows``, ``router``, ``shared_down``) at one dtype and the model dims that are
 its template arguments (:data:`KEY_DIMS`). Checking it runs each of its kernels (:func:`cases`:
 for a layout, dequantize, the decode kernels with ids in ``constant`` and in ``device`` memory,
 the tiled kernel for gate/up, down and plain products, the dense call site; for a fused kernel,
@@ -54,10 +54,11 @@ _HEADS, _KEYS = 3, 37  # attention / indexer heads and keys of the checks (run-t
 # dtype, top-k by k on float32 scores (each entry point knows only its own dims).
 KEY_DIMS: dict[str, tuple[str, ...]] = {
     dispatch.HC_PRE: ("hc_mult",),
-    dispatch.ATTENTION: ("head_dim",),
-    dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk"),
-    dispatch.ROPE_ROWS: ("head_dim", "rope_dims"),
+    dispatch.ATTENTION: ("head_dim", "rope_dims"),
+    dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk", "rope_dims"),
+    dispatch.ROPE_ROWS: ("head_dim", "rope_dims", "q_rank"),
     dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
+    dispatch.SHARED_DOWN: (),  # every size is a run-time argument
 }
 
 
@@ -72,10 +73,11 @@ class Spec:
     hc_mult: int = 4
     renormalize: int = 1  # router: norm_topk_prob
     head_dim: int | None = None  # attention; rope_rows: features per row
-    rope_dims: int | None = None  # rope_rows: rotated features
+    rope_dims: int | None = None  # rope_rows, indexer queries: rotated features
     index_heads: int | None = None  # indexer scores
     index_head_dim: int | None = None  # indexer scores
     index_topk: int | None = None  # indexer top-k
+    q_rank: int | None = None  # rope_rows: width of the q_norm rows it normalises alongside
 
     def key(self) -> tuple[int | None, ...]:
         return tuple(getattr(self, f) for f in KEY_DIMS.get(self.variant, ()))
@@ -156,7 +158,7 @@ def cases(spec: Spec) -> list[Case]:
     """The kernel calls that make up ``spec``'s check."""
     named = {dispatch.HC_PRE: _hc_cases, dispatch.ATTENTION: _attention_cases,
              dispatch.INDEXER: _indexer_cases, dispatch.ROPE_ROWS: _rope_cases,
-             dispatch.ROUTER: _router_cases}
+             dispatch.ROUTER: _router_cases, dispatch.SHARED_DOWN: _shared_cases}
     return named.get(spec.variant, _moe_cases)(spec)
 
 
@@ -226,14 +228,29 @@ def _hc_cases(spec: Spec) -> list[Case]:
     scale = mx.array(rng.uniform(0.5, 3.0, 3).astype(np.float32))
     args = dict(iters=20, eps=1e-6, norm_eps=1e-6)
 
-    def run_for(n: int) -> Callable:
+    from ..ops import RMSNorm  # the sublayer norm the fused variant applies
+
+    norm = RMSNorm(d, eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32))
+
+    def run_for(n: int, fused: bool) -> Callable:
         def run():
             h = _acts((n, m, d), 80 + n, spec.dtype)
-            return (list(hyper.hc_pre(h, fn, base, scale, **args)),
-                    list(hyper.hc_pre_ops(h, fn, base, scale, **args)))
+            kw = dict(args)
+            if fused:  # the previous sublayer's post and the next one's norm in the same kernel
+                norm.weight = norm.weight.astype(spec.dtype)
+                prev = (_acts((n, d), 90 + n, spec.dtype),
+                        mx.sigmoid(_acts((n, m), 91 + n, mx.float32)) * 2,
+                        mx.softmax(_acts((n, m, m), 92 + n, mx.float32), axis=-1))
+                kw.update(norm=norm, prev=prev, out_dtype=spec.dtype, also_f32=n == 1)
+            return (list(hyper.hc_pre(h, fn, base, scale, **kw)),
+                    list(hyper.hc_pre_ops(h, fn, base, scale, **kw)))
         return run
 
-    return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}", run_for(n)) for n in (1, 3)]
+    return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}"
+                 f"{', previous post and norm' * fused}{', float32 x' * (fused and n == 1)}",
+                 run_for(n, fused))
+            for n, fused in ((1, False), (3, False), (1, True), (2, True))]
 
 
 def _attention_cases(spec: Spec) -> list[Case]:
@@ -261,6 +278,32 @@ def _attention_cases(spec: Spec) -> list[Case]:
             return [attention.decode_attention(*args)], [attention.decode_attention_ops(*args)]
         return run
 
+    rd = spec.rope_dims
+    if rd:  # the projected queries in, RoPE and its inverse in the kernel, output in dtype
+        freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+
+        def roped(s: int, p0: int, ratio: int, n_rows: int, k: int) -> Callable:
+            def run():
+                rng = np.random.default_rng(p0 + s)
+                window, n_prev = 16, min(p0, 15)
+                q = mx.array((rng.standard_normal((1, s, _HEADS, d)) * 3).astype(np.float32))
+                kw = mx.array((rng.standard_normal((1, n_prev + s, d)) * 0.2).astype(np.float32))
+                comp = mx.array((rng.standard_normal((1, n_rows, d)) * 0.2).astype(np.float32))
+                idx = None
+                if k:
+                    idx = mx.array(np.stack([rng.permutation(n_rows)[:k] for _ in range(s)])
+                                   .reshape(1, s, k).astype(np.int32))
+                bounds = attention.query_bounds(p0, s, p0 - n_prev, window, ratio)
+                args = (q.astype(dt), kw.astype(dt), comp.astype(dt) if ratio else None, idx,
+                        bounds, mx.array(rng.standard_normal(_HEADS).astype(np.float32)), d ** -0.5)
+                kwargs = dict(rope=(np.arange(p0, p0 + s), freqs, 1e-6), out_dtype=dt)
+                return ([attention.decode_attention(*args, **kwargs)],
+                        [attention.decode_attention_ops(*args, **kwargs)])
+            return run
+
+        return [Case("attn_decode", f"1 query, RoPE of {rd} dims in and out",
+                     roped(1, 70001, 0, 0, 0)),
+                Case("attn_decode", "2 queries, ratio 4 picks, RoPE", roped(2, 70, 4, 19, 5))]
     # the buffers hold more compressed rows than the queries see, as a grown buffer does
     return [Case("attn_decode", "1 query, window rows", run_for(1, 1, 5, 0, 0, 0)),
             Case("attn_decode", f"3 queries, {_HEADS} heads, ratio 128", run_for(1, 3, 300, 128, 5, 0)),
@@ -296,16 +339,45 @@ def _indexer_cases(spec: Spec) -> list[Case]:
             return [attention.indexer_topk(sc, k)], [attention.indexer_topk_ops(sc, k)]
 
         out.append(Case("indexer_topk", f"3 rows of {k + _KEYS}, k={k}", topk))
+    if spec.index_head_dim and spec.rope_dims:
+        out += _index_q_cases(spec)
     return out
 
 
-_twins: dict[str, Callable] = {}
+def _index_q_cases(spec: Spec) -> list[Case]:
+    d, rd, dt = spec.index_head_dim, spec.rope_dims, spec.dtype
+    freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+
+    def run_for(s: int, fp4: bool) -> Callable:
+        def run():
+            twin = _twins.get("index_q")
+            if twin is None:
+                raise RuntimeError("index_q: no ops twin installed (import ds4mlx.model)")
+            rng = np.random.default_rng(s)
+            q = _acts((1, s, _HEADS, d), 90 + s, dt, 2.0)
+            w = mx.array(rng.standard_normal((1, s, _HEADS)).astype(np.float32)).astype(dt)
+            pos = np.arange(70001, 70001 + s)[None]  # far positions: an angle's rounding shows
+            args = (q, w, pos, freqs)
+            kw = dict(wscale=0.125, fp4=fp4)
+            return list(attention.index_queries(*args, **kw)), list(twin(*args, **kw))
+        return run
+
+    return [Case("index_q", f"{s} tokens x {_HEADS} heads{', Hadamard + FP4' * fp4}",
+                 run_for(s, fp4)) for s, fp4 in ((1, True), (3, False))]
+
+
+_twins = dispatch._twins  # the twins that live above the kernels (dispatch.install_twin)
 
 
 def install_twin(variant: str, twin: Callable) -> None:
     """Give the check the ops twin of a kernel whose twin lives above the kernels: for
     ``rope_rows`` the model's own ops (installed by ds4mlx.model.rope when it is imported)."""
-    _twins[variant] = twin
+    dispatch.install_twin(variant, twin)
+
+
+def twin(name: str) -> Callable | None:
+    """The ops twin installed for ``name`` (:func:`install_twin`), or None."""
+    return dispatch.twin(name)
 
 
 def _rope_cases(spec: Spec) -> list[Case]:
@@ -339,6 +411,28 @@ def _rope_cases(spec: Spec) -> list[Case]:
                 run_for((1, 3, _HEADS), attention.NORM_NONE, False, True, mx.float32, dt)),
            Case("rope_rows", f"indexer q: 3 x {_HEADS}",
                 run_for((1, 3, _HEADS), attention.NORM_NONE, False, False, dt, dt))]
+    if spec.q_rank:
+        dq = spec.q_rank
+
+        def with_q_norm():
+            from ..ops import RMSNorm  # the q_norm the kernel runs alongside
+
+            twin = _twins.get(dispatch.ROPE_ROWS)
+            if twin is None:
+                raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
+            rng = np.random.default_rng(dq)
+            x = _acts((1, 2, d), 95, dt, 3.0)
+            qr = _acts((1, 2, dq), 96, dt, 3.0)
+            weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
+            norm = RMSNorm(dq, eps=1e-6)
+            norm.weight = mx.array(rng.uniform(0.5, 1.5, dq).astype(np.float32)).astype(dt)
+            pos = np.arange(p0, p0 + 2)[None]
+            kw = dict(norm=attention.NORM_WEIGHTED, weight=weight, eps=1e-6, fp8=False,
+                      inverse=False, out_dtype=dt)
+            got = attention.rope_rows(x, pos, freqs, q_norm=(qr, norm.weight), **kw)
+            return list(got), [twin(x, pos, freqs, rope_dims=rd, **kw), norm(qr)]
+
+        out.append(Case("rope_rows", f"kv: 2 rows, with q_norm rows of {dq}", with_q_norm))
     return out
 
 
@@ -373,6 +467,22 @@ def _router_cases(spec: Spec) -> list[Case]:
 
     return [Case("router_topk", f"{n} token{'s' * (n > 1)}, top-{k} of {e}", run_for(n))
             for n in (1, 3)]
+
+
+def _shared_cases(spec: Spec) -> list[Case]:
+    dt, f = spec.dtype, _HC_D  # F off the lanes' stride, R off the rows per threadgroup
+
+    def run_for(n: int, limit: float) -> Callable:
+        def run():
+            gu = _acts((n, 2 * f), 100 + n, dt, 4.0)  # some beyond the clamp
+            w = _acts((_DOWN_ROWS, f), 101, dt, f ** -0.5)
+            add = _acts((n, _DOWN_ROWS), 102 + n, dt)
+            return ([moe.shared_down(gu, w, limit, add)],
+                    [moe.shared_down_ops(gu, w, limit, add)])
+        return run
+
+    return [Case("shared_down", f"{n} token{'s' * (n > 1)}, limit {limit:g}", run_for(n, limit))
+            for n, limit in ((1, 10.0), (3, 0.0), (moe.SHARED_MAX_TOKENS, 7.0))]
 
 
 def _by_id(idx: mx.array, w: mx.array) -> list[mx.array]:

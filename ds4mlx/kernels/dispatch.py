@@ -29,7 +29,8 @@ ATTENTION = "attention"  # fused decode attention (kernels/attention.py)
 INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
 ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
 ROUTER = "router"  # fused MoE router selection (kernels/router.py)
-NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER)  # not weight formats
+SHARED_DOWN = "shared_down"  # shared expert's SwiGLU + down + routed sum (kernels/moe.py)
+NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER, SHARED_DOWN)  # not weight formats
 
 
 class KernelInputError(ValueError):
@@ -125,6 +126,21 @@ _check: FirstUseCheck | None = None
 def install_check(check: FirstUseCheck) -> None:
     global _check
     _check = check
+
+
+# ----------------------------------------------------------------------------- twins above
+# Ops twins that live above the kernels (the model's own ops, e.g. rope_rows'), installed by
+# the module that has them; the entry points and the first-use check look them up here.
+_twins: dict[str, object] = {}
+
+
+def install_twin(name: str, twin) -> None:
+    _twins[name] = twin
+
+
+def twin(name: str):
+    """The ops twin installed for ``name``, or None."""
+    return _twins.get(name)
 
 
 # ----------------------------------------------------------------------------- launch

@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import mlx.core as mx
 
 from .. import ops as _ops
@@ -15,18 +18,36 @@ from .source import HC_THREADS
 
 def hc_pre_ops(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters: int,
                eps: float, norm_eps: float, out_dtype: mx.Dtype = mx.float32,
-               ) -> tuple[mx.array, mx.array, mx.array]:
-    """Ops twin of :func:`hc_pre`: the model's own HC pre (:func:`ds4mlx.ops.hc_pre`)."""
+               norm: Callable[[mx.array], mx.array] | None = None,
+               prev: tuple[mx.array, mx.array, mx.array] | None = None,
+               also_f32: bool = False) -> tuple[mx.array, ...]:
+    """Ops twin of :func:`hc_pre`: the previous sublayer's HC post, the model's own HC pre
+    (:func:`ds4mlx.ops.hc_pre`), the sublayer's norm and the float32 cast."""
+    if prev is not None:
+        h = _ops.hc_post(prev[0], h, prev[1], prev[2])
     x, post, comb = _ops.hc_pre(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
-    return x.astype(out_dtype), post, comb
+    x = x.astype(out_dtype)
+    if norm is not None:
+        x = norm(x)
+    return (x, post, comb) + ((h,) if prev is not None else ()) + \
+        ((x.astype(mx.float32),) if also_f32 else ())
 
 
 def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters: int, eps: float,
-           norm_eps: float, out_dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array, mx.array]:
+           norm_eps: float, out_dtype: mx.Dtype = mx.float32,
+           norm: Callable[[mx.array], mx.array] | None = None,
+           prev: tuple[mx.array, mx.array, mx.array] | None = None,
+           also_f32: bool = False) -> tuple[mx.array, ...]:
     """Fused HC pre: streams ``h [..., M, D]`` -> (x ``[..., D]`` in ``out_dtype`` (the
     sublayer's activation dtype: no cast launch after it), post ``[..., M]``, comb
     ``[..., M, M]`` float32), in one kernel (RMS, mixing projection ``fn [2M+M², M·D]``,
-    sigmoid / softmax, ``iters`` Sinkhorn rounds, weighted collapse)."""
+    sigmoid / softmax, ``iters`` Sinkhorn rounds, weighted collapse).
+
+    ``norm`` (an RMSNorm module: ``weight [D]``, ``eps``): x comes out normalised by it, as
+    the sublayer takes it. ``prev`` = (y ``[..., D]``, post, comb) of the previous sublayer:
+    ``h`` are the streams before it, whose HC post runs first in the same kernel; the new
+    streams ``[..., M, D]`` float32 are then returned too, as a fourth value. ``also_f32``:
+    x in float32 as well, last (for the sublayer's float32 consumers)."""
     if h.ndim < 2:
         raise KernelInputError(f"h: expected [..., M, D], got shape {tuple(h.shape)}")
     m, d = h.shape[-2], h.shape[-1]
@@ -35,19 +56,48 @@ def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters:
         raise KernelInputError(
             f"hc_pre: with {m} streams of {d}, fn must be {(mix, m * d)}, base ({mix},), scale "
             f"(3,); got {tuple(fn.shape)}, {tuple(base.shape)}, {tuple(scale.shape)}")
+    lead = h.shape[:-2]
+    if prev is not None and (tuple(prev[0].shape) != (*lead, d) or tuple(prev[1].shape) != (*lead, m)
+                             or tuple(prev[2].shape) != (*lead, m, m)):
+        raise KernelInputError(f"hc_pre: prev must be y {(*lead, d)}, post {(*lead, m)} and "
+                               f"comb {(*lead, m, m)}")
+    if norm is not None and tuple(norm.weight.shape) != (d,):
+        raise KernelInputError(f"hc_pre: the norm weight must be ({d},)")
     if not (dispatch.serves(HC_PRE) and dispatch.first_use_ok(HC_PRE, h.dtype, hc_mult=m)):
         return hc_pre_ops(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps,
-                          out_dtype=out_dtype)
-    lead = h.shape[:-2]
+                          out_dtype=out_dtype, norm=norm, prev=prev, also_f32=also_f32)
     n = 1
     for s in lead:
         n *= s
-    x, post, comb = dispatch.run(
+    f32 = mx.float32
+    if prev is None:
+        y, postp, combp = _dummy(f32), _dummy(f32), _dummy(f32)
+    else:
+        y = prev[0].reshape(n, d)
+        # read through a macro that takes any address space: no padding launch for post
+        postp, combp = prev[1].reshape(n * m).astype(f32), prev[2].reshape(n * m * m).astype(f32)
+    nw = _dummy(f32) if norm is None else dispatch.device_array(norm.weight)
+    x, post, comb, hn, xf = dispatch.run(
         "hc.metal", "hc_pre",
-        {"h": h.reshape(n, m * d), "fn": fn, "base": base.astype(mx.float32),
-         "scale": scale.astype(mx.float32), "D": d, "iters": int(iters), "eps": float(eps),
-         "norm_eps": float(norm_eps)},
-        {"x": ((n, d), out_dtype), "post": ((n, m), mx.float32), "comb": ((n, m * m), mx.float32)},
+        {"h": h.reshape(n, m * d), "fn": fn, "base": base.astype(f32),
+         "scale": scale.astype(f32), "y": y, "postp": postp, "combp": combp, "nw": nw,
+         "D": d, "iters": int(iters), "eps": float(eps), "norm_eps": float(norm_eps),
+         "x_eps": float(norm.eps) if norm is not None else 0.0},
+        {"x": ((n, d), out_dtype), "post": ((n, m), f32), "comb": ((n, m * m), f32),
+         "hn": ((n, m * d) if prev is not None else (1,), f32),
+         "xf": ((n, d) if also_f32 else (1,), f32)},
         grid=(HC_THREADS, n, 1), threadgroup=(HC_THREADS, 1, 1),
-        template=[("T", h.dtype), ("FT", fn.dtype), ("XT", out_dtype), ("M", m)])
-    return x.reshape(*lead, d), post.reshape(*lead, m), comb.reshape(*lead, m, m)
+        template=[("T", h.dtype), ("FT", fn.dtype), ("XT", out_dtype), ("YT", y.dtype),
+                  ("WT", nw.dtype), ("M", m), ("POST", prev is not None),
+                  ("NORMW", norm is not None), ("XF", bool(also_f32))])
+    out = (x.reshape(*lead, d), post.reshape(*lead, m), comb.reshape(*lead, m, m))
+    return out + ((hn.reshape(*lead, m, d),) if prev is not None else ()) + \
+        ((xf.reshape(*lead, d),) if also_f32 else ())
+
+
+@functools.cache
+def _dummy(dtype: mx.Dtype) -> mx.array:
+    # an input a kernel variant does not read; made once, so no fill runs per call
+    a = mx.zeros((8,), dtype=dtype)
+    mx.eval(a)
+    return a

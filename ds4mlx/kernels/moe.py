@@ -432,3 +432,43 @@ def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
                          output_dims, None)
     return out.reshape(*x.shape[:-1], output_dims).astype(x.dtype)
 
+
+
+# ----------------------------------------------------------------------------- shared expert
+SHARED_MAX_TOKENS = 8  # NT of shared_down: tokens per call (decode, a speculative verify)
+
+
+def shared_down_ops(gu: mx.array, w: mx.array, limit: float, add: mx.array) -> mx.array:
+    """Ops twin of :func:`shared_down`: SwiGLU of the merged gate | up product, cast to the
+    activation dtype, the dense down projection, plus the routed experts' sum."""
+    f = gu.shape[-1] // 2
+    mid = _ops.clamped_swiglu(gu[..., :f], gu[..., f:], limit).astype(add.dtype)
+    return add + mid @ w.T
+
+
+def shared_down_serves(w: mx.array, n: int, dtype: mx.Dtype) -> bool:
+    """Whether :func:`shared_down` serves ``n`` tokens against a dense down weight ``w``."""
+    return (n <= SHARED_MAX_TOKENS and w.ndim == 2 and mx.issubdtype(w.dtype, mx.floating)
+            and dispatch.serves(dispatch.SHARED_DOWN)
+            and dispatch.first_use_ok(dispatch.SHARED_DOWN, dtype))
+
+
+def shared_down(gu: mx.array, w: mx.array, limit: float, add: mx.array) -> mx.array:
+    """The shared expert's tail in one kernel: ``add + down(SwiGLU(gate, up))`` with ``gu``
+    ``[N, 2F]`` its merged gate | up product, ``w [R, F]`` the dense down weight, ``add [N, R]``
+    the routed experts' sum (its dtype is the activation dtype), N <= 8 tokens."""
+    n, f2 = gu.shape
+    r, f = w.shape
+    if f2 != 2 * f or tuple(add.shape) != (n, r):
+        raise KernelInputError(f"shared_down: gu {tuple(gu.shape)}, w {tuple(w.shape)} and add "
+                               f"{tuple(add.shape)} must be [N, 2F], [R, F], [N, R]")
+    if not shared_down_serves(w, n, add.dtype):
+        return shared_down_ops(gu, w, limit, add)
+    (out,) = dispatch.run("moe.metal", "shared_down",
+                          {"gu": gu, "w": w, "add": add, "limit": float(limit or 0.0),
+                           "N": n, "F": f, "R": r},
+                          {"out": ((n, r), add.dtype)},
+                          grid=(DECODE_THREADS, ceil_div(r, DECODE_ROWS_PER_TG), 1),
+                          threadgroup=(DECODE_THREADS, 1, 1),
+                          template=[("GT", gu.dtype), ("WT", w.dtype), ("T", add.dtype)])
+    return out

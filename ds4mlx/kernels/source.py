@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gguf
 
-from ..quant.codecs import E4M3_MAX, FP8_ACT_BLOCK
+from ..quant.codecs import E2M1_MAX, E4M3_MAX, FP8_ACT_BLOCK, MX_GROUP
 from ..quant.gguf import iq2_xxs as _iq2_xxs
 
 METAL_DIR = Path(__file__).with_name("metal")
@@ -51,6 +51,8 @@ def defines() -> str:
                   DS4_ROUTER_TG=ROUTER_THREADS)
     # the QAT FP8 round trip's block and range (quant/codecs.py), for metal/rows.metal
     values.update(DS4_FP8_BLOCK=FP8_ACT_BLOCK, DS4_E4M3_MAX=f"{E4M3_MAX:.1f}f")
+    # the indexer's Hadamard + FP4 rounding (model/qat.py hadamard_fp4), for index_q
+    values.update(DS4_MX_GROUP=MX_GROUP, DS4_E2M1_MAX=f"{E2M1_MAX:.1f}f")
     return "".join(f"#define {k} {v}\n" for k, v in values.items())
 
 

@@ -111,15 +111,17 @@ class Attention(nn.Module):
             (p0 + s) // self.ratio > self.config.index_topk for p0 in offsets)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x: mx.array, cache: LayerCache | BatchLayerCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache | BatchLayerCache,
+                 x32: mx.array | None = None) -> mx.array:
+        """``x32``: x in float32 where the caller has it (the compressors' input: no cast)."""
         if isinstance(cache, BatchLayerCache):
-            return self._call_batch(x, cache)
+            return self._call_batch(x, cache, x32)
         s = x.shape[1]
         pos = np.arange(cache.offset, cache.offset + s)[None, :]  # host positions
-        p = self._project(x, pos, self._indexed(s, [cache.offset]))
+        p = self._project(x, pos, self._indexed(s, [cache.offset]), x32)
         return self._output(self._positional(p, pos, cache, x.dtype))
 
-    def _call_batch(self, x: mx.array, cache: BatchLayerCache) -> mx.array:
+    def _call_batch(self, x: mx.array, cache: BatchLayerCache, x32: mx.array | None = None) -> mx.array:
         """Sequences at their own positions: the projections and the rotations run on the whole
         batch (each weight read once), the carried state and the attention per sequence on its
         real tokens."""
@@ -129,7 +131,7 @@ class Attention(nn.Module):
         spans = cache.spans(s)
         # host positions of every token (padding gets any: its rows are never read)
         pos = np.stack([np.arange(c.offset - a, c.offset - a + s) for c, (a, _) in zip(cache.caches, spans)])
-        p = self._project(x, pos, self._indexed(s, [c.offset for c in cache.caches]))
+        p = self._project(x, pos, self._indexed(s, [c.offset for c in cache.caches]), x32)
         positions = host_positions(pos)
         q, kv, index_q = self._rotate(p, pos, positions)
         outs = []
@@ -146,7 +148,8 @@ class Attention(nn.Module):
         o = outs[0] if b == 1 else mx.concatenate(outs, axis=0)
         return self._output(self._unrotate(o, pos, positions, x.dtype))
 
-    def _project(self, x: mx.array, pos: np.ndarray, indexed: bool) -> "_Projected":
+    def _project(self, x: mx.array, pos: np.ndarray, indexed: bool,
+                 x32: mx.array | None = None) -> "_Projected":
         """Every matmul on the layer input, merged where they share an input (the compressors'
         APE, the one positional part, rides along as a per-slot bias of host positions ``pos``
         [B, s]); the indexer's queries only if ``indexed``."""
@@ -154,18 +157,27 @@ class Attention(nn.Module):
         proj = self.merge_projections()
         p = _Projected()
         xo = proj.x(x, parts=3 if indexed else 2)
-        p.qr = self.q_norm(xo[0])
+        wq, wk = self.q_norm.weight, self.kv_norm.weight
+        if (self.q_norm.eps == self.eps and wq.dtype == wk.dtype and xo[0].dtype == xo[1].dtype
+                and fused.rope_rows_serves(xo[1].dtype, self.head_dim, self.rope_dims, wq.shape[0])):
+            # the kv rows (RMS, RoPE, FP8) and the q_norm of the same projection in one launch
+            p.kv_rows, p.qr = fused.rope_rows(xo[1], pos, self._freqs, norm=fused.NORM_WEIGHTED,
+                                              weight=wk, eps=self.eps, fp8=self.qat_rounding,
+                                              q_norm=(xo[0], wq))
+        else:
+            p.qr = self.q_norm(xo[0])
         qo = proj.q(p.qr, parts=2 if indexed else 1)
         p.q = qo[0].reshape(b, s, self.n_heads, self.head_dim)
         p.kv = xo[1]
         if self.ratio:
-            ks = proj.compressed(x, pos)
+            ks = proj.compressed(x if x32 is None else x32, pos)
             o = proj.comp.offsets()
             p.comp = ks[..., o[0]:o[2]]
             if self.ratio == 4:
                 p.index_comp = ks[..., o[2]:o[4]]
         if indexed:
             p.index_q = self.indexer.project_queries(p.qr, qo[1], xo[2])
+            p.index_w = xo[2]
         return p
 
     def _output(self, o: mx.array) -> mx.array:
@@ -179,27 +191,57 @@ class Attention(nn.Module):
         """Rotation, the carried state and the attention of one sequence's projected tokens at
         host positions ``pos`` (cache.offset..) → outputs [B, s, H, d] in ``dtype``, rotated back."""
         positions = host_positions(pos)
-        q, kv, index_q = self._rotate(p, pos, positions)
-        o = self._attend_state(q, kv, p, index_q, cache, dtype, positions)
-        return self._unrotate(o, pos, positions, dtype)
+        # the fused attention kernel can take the queries as projected and rotate them, and its
+        # output, itself (two launches fewer)
+        roped = self._fused_attention(pos.shape[1]) and fused.attention_rope_serves(
+            dtype, self.head_dim, self.rope_dims)
+        q, kv, index_q = self._rotate(p, pos, positions, rotate_q=not roped)
+        o = self._attend_state(q, kv, p, index_q, cache, dtype, positions,
+                               rope=(pos[0], dtype) if roped else None)
+        return o if roped else self._unrotate(o, pos, positions, dtype)
 
-    def _rotate(self, p: "_Projected", pos: np.ndarray, positions: mx.array):
+    def _rotate(self, p: "_Projected", pos: np.ndarray, positions: mx.array, rotate_q: bool = True):
         """Normalised, rotated (and rounded) queries and KV rows, and indexer queries, of tokens
-        at host positions ``pos`` [B, s] (``positions``: the same as ``host_positions``)."""
+        at host positions ``pos`` [B, s] (``positions``: the same as ``host_positions``); the
+        queries as projected unless ``rotate_q``."""
         freqs = self._freqs
-        if fused.rope_rows_serves(p.kv.dtype, self.head_dim, self.rope_dims):
+        rows = fused.rope_rows_serves(p.kv.dtype, self.head_dim, self.rope_dims)
+        ops_q = rotate_q and not rows  # the ops path rotates q with the KV rows in one graph
+        q = None
+        if not rotate_q:
+            q = p.q
+        elif rows:
             q = fused.rope_rows(p.q, pos[..., None], freqs, norm=fused.NORM_PLAIN,
                                 eps=self.eps, out_dtype=mx.float32)
+        if p.kv_rows is not None:  # rotated with the q_norm (see _project)
+            kv = p.kv_rows
+        elif rows:
             kv = fused.rope_rows(p.kv, pos, freqs, norm=fused.NORM_WEIGHTED,
                                  weight=self.kv_norm.weight, eps=self.eps, fp8=self.qat_rounding)
-        else:
+        elif ops_q:
             q, kv = _rotate_ops(p.q, self.kv_norm(p.kv), positions,
                                 *rope_tables(freqs, self.head_dim), self.eps,
                                 self.rope_dims if self.qat_rounding else 0)
+            ops_q = False
+        else:
+            kv = apply_rope(self.kv_norm(p.kv), positions, freqs)
+            if self.qat_rounding:
+                kv = qat.kv_fp8(kv, self.rope_dims)
+        if ops_q:
+            q = p.q.astype(mx.float32)
+            q = q * mx.rsqrt(mx.mean(mx.square(q), axis=-1, keepdims=True) + self.eps)
+            q = apply_rope(q, positions[..., None], freqs)
         index_q = None
         if p.index_q is not None:  # lazy: computed only where a sequence has indexer keys
-            index_q = self.indexer.rotate_queries(p.index_q[0], pos, positions, freqs,
-                                                  self._index_rounding())
+            iq = p.index_q[0]
+            if fused.index_queries_serves(iq.dtype, iq.shape[-1], self.rope_dims):
+                # queries and head weights in one launch (the weights replace the ops' ones)
+                index_q, w = fused.index_queries(iq, p.index_w, pos, freqs,
+                                                 wscale=self.indexer.scale, fp4=self.qat_rounding)
+                p.index_q = (iq, w)
+            else:
+                index_q = self.indexer.rotate_queries(iq, pos, positions, freqs,
+                                                      self._index_rounding())
         return q, kv, index_q
 
     def _unrotate(self, o: mx.array, pos: np.ndarray, positions: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -208,9 +250,11 @@ class Attention(nn.Module):
         return apply_rope(o, positions[..., None], self._freqs, inverse=True).astype(dtype)
 
     def _attend_state(self, q, kv, p: "_Projected", index_q, cache: LayerCache, dtype: mx.Dtype,
-                      positions: mx.array | None = None):
+                      positions: mx.array | None = None, rope: tuple | None = None):
         """One sequence's rotated tokens at positions cache.offset..: window, compressors,
-        indexer, attention → outputs [1, s, H, d] float32 (not rotated back)."""
+        indexer, attention → outputs [1, s, H, d] float32 (not rotated back). With ``rope`` =
+        (host positions [s], dtype) the queries come as projected and the fused kernel rotates
+        them and its output, which it returns in dtype."""
         s = q.shape[1]
         p0 = cache.offset
         if positions is None:
@@ -238,7 +282,8 @@ class Attention(nn.Module):
                 index_w = p.index_q[1]
 
         if self._fused_attention(s):
-            o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys)
+            o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys,
+                                   rope)
         elif s == 1:
             o = self._attend_one(q, keys, row0, n_prev, cache, index_q, index_w)
         else:
@@ -249,7 +294,7 @@ class Attention(nn.Module):
         return o
 
     def _attend_fused(self, q, p0: int, keys, row0: int, n_prev: int, cache: LayerCache, index_q,
-                      index_w, index_keys):
+                      index_w, index_keys, rope: tuple | None = None):
         """A few queries through the fused kernels: rows read in storage, one softmax (the
         window rows are read in place: row ``row0`` of ``keys`` is position p0 - n_prev)."""
         s = q.shape[1]
@@ -260,8 +305,12 @@ class Attention(nn.Module):
             n_comp = cache.compressor.n_rows
             if self.ratio == 4 and n_comp > self.config.index_topk:
                 idx = self.indexer.pick(index_q, index_w, index_keys, bounds[:, 2])
+        if rope is None:
+            return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
+                                          self.config.softmax_scale)
         return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
-                                      self.config.softmax_scale)
+                                      self.config.softmax_scale,
+                                      rope=(rope[0], self._freqs, self.eps), out_dtype=rope[1])
 
     def _attend_one(self, q, keys, row0: int, n_prev: int, cache: LayerCache, index_q, index_w):
         """One query (a decode step) through MLX ops, compiled whole at fixed shapes (no retrace
@@ -446,6 +495,8 @@ class _Projected:
     comp: mx.array | None = None  # the compressor's kv | score rows (APE added), float32
     index_comp: mx.array | None = None  # the indexer compressor's
     index_q: tuple[mx.array, mx.array] | None = None  # indexer queries (not rotated), head weights
+    index_w: mx.array | None = None  # the indexer's head weights as projected (not scaled)
+    kv_rows: mx.array | None = None  # the kv rows normalised, rotated and rounded (fused path)
 
     def rows(self, i: int, a: int, b: int) -> "_Projected":
         """Sequence ``i``, tokens a..b-1."""

@@ -18,8 +18,10 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..kernels import attention as fused
+from ..kernels import check as _check
 from ..ops import RMSNorm
 from ..state import CompressorState, record_compressor
+from .qat import hadamard_fp4
 from .rope import apply_rope
 
 
@@ -166,3 +168,18 @@ class Indexer(nn.Module):
         idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
         valid = idx < ((positions + 1) // self.ratio)[:, None]
         return idx, valid
+
+
+def index_queries_ops(q: mx.array, w: mx.array, pos, freqs: mx.array, *, wscale: float,
+                      fp4: bool) -> tuple[mx.array, mx.array]:
+    """The model's ops for kernel ``index_q`` (``kernels.attention.index_queries``, same
+    arguments): RoPE of the indexer queries at host positions ``pos`` (one per token), the
+    Hadamard + FP4 rounding with ``fp4``, float32; the head weights times ``wscale``."""
+    positions = mx.array(np.asarray(pos, dtype=np.int32))
+    q = apply_rope(q, positions[..., None], freqs)
+    if fp4:
+        q = hadamard_fp4(q)
+    return q.astype(mx.float32), w.astype(mx.float32) * wscale
+
+
+_check.install_twin("index_q", index_queries_ops)

@@ -176,9 +176,16 @@ class SharedExpert(nn.Module):
             self._w13 = MergedLinear([self.w1, self.w3])
         return self._w13
 
-    def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.merge_projections()(x)
-        return self.w2(_swiglu_as(x.dtype)(gate, up, self.limit))
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
+        """The shared expert of ``x [N, D]``, plus ``add`` (the routed experts' sum) if given."""
+        w13 = self.merge_projections()
+        if (add is not None and w13.merged and type(self.w2) is nn.Linear and "bias" not in self.w2
+                and kernels.shared_down_serves(self.w2.weight, x.shape[0], x.dtype)):
+            # SwiGLU, the down projection and the sum with the routed experts: one kernel
+            return kernels.shared_down(w13.product(x), self.w2.weight, self.limit, add)
+        gate, up = w13(x)
+        y = self.w2(_swiglu_as(x.dtype)(gate, up, self.limit))
+        return y if add is None else add + y
 
 
 class MoE(nn.Module):
@@ -188,9 +195,11 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(config)
         self.shared_experts = SharedExpert(config)
 
-    def __call__(self, x: mx.array, token_ids: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, token_ids: mx.array, x32: mx.array | None = None) -> mx.array:
+        """``x32``: x in float32 where the caller has it (the router's input: no cast)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        idx, w = self.gate(flat, token_ids.reshape(-1))
-        y = self.experts(flat, idx, w) + self.shared_experts(flat)
+        idx, w = self.gate(flat if x32 is None else x32.reshape(-1, shape[-1]),
+                           token_ids.reshape(-1))
+        y = self.shared_experts(flat, add=self.experts(flat, idx, w))
         return y.reshape(shape)

@@ -34,18 +34,38 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.ffn = MoE(config, layer)
 
-    def _pre(self, h, fn, base, scale, dtype):
+    def _pre(self, h, fn, base, scale, dtype, norm, prev=None, also_f32=False):
+        # the sublayer's norm, the previous sublayer's HC post and the float32 copy of x the
+        # sublayer's float32 consumers take, in the HC pre kernel
         c = self.config
         return kernels.hc_pre(h, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps,
-                              norm_eps=c.rms_norm_eps, out_dtype=dtype)
+                              norm_eps=c.rms_norm_eps, out_dtype=dtype, norm=norm, prev=prev,
+                              also_f32=also_f32)
 
     def __call__(self, h: mx.array, token_ids: mx.array, cache: LayerCache, dtype) -> mx.array:
-        x, post, comb = self._pre(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, dtype)
-        y = self.attn(self.attn_norm(x), cache)
-        h = hc_post(y, h, post, comb)
-        x, post, comb = self._pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, dtype)
-        y = self.ffn(self.ffn_norm(x), token_ids)
+        h, (y, post, comb) = self.deferred(h, token_ids, cache, dtype)
         return hc_post(y, h, post, comb)
+
+    def deferred(self, h: mx.array, token_ids: mx.array, cache: LayerCache, dtype,
+                 pending: tuple | None = None) -> tuple[mx.array, tuple]:
+        """The layer without its last HC post: (streams before it, (y, post, comb) of it), which
+        the next layer's HC pre kernel runs first (``pending``: the previous layer's). A stack
+        of layers ends with ``ops.hc_post(y, h, post, comb)``."""
+        prev = () if pending is None else (pending,)
+        if self.attn.ratio:  # the compressors read x in float32
+            x, post, comb, *h_new, x32 = self._pre(h, self.hc_attn_fn, self.hc_attn_base,
+                                                   self.hc_attn_scale, dtype, self.attn_norm,
+                                                   *prev, also_f32=True)
+        else:
+            x, post, comb, *h_new = self._pre(h, self.hc_attn_fn, self.hc_attn_base,
+                                              self.hc_attn_scale, dtype, self.attn_norm, *prev)
+            x32 = None
+        h = h_new[0] if h_new else h
+        y = self.attn(x, cache, x32)
+        x, post, comb, h, x32 = self._pre(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale,
+                                          dtype, self.ffn_norm, prev=(y, post, comb), also_f32=True)
+        y = self.ffn(x, token_ids, x32)  # the router reads x in float32
+        return h, (y, post, comb)
 
 
 class MTPBlock(Block):
@@ -135,9 +155,16 @@ class Model(nn.Module):
             cache = self.make_cache()
         e = self.embed(tokens).astype(mx.float32)
         h = mx.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.config.hc_mult, e.shape[-1]))
+        pending = None
         for blk, c in zip(self.layers, cache):
+            if isinstance(blk, Block):
+                # each layer's last HC post runs in the next layer's HC pre kernel
+                h, pending = blk.deferred(h, tokens, c, self.dtype, pending)
+                continue
+            if pending is not None:
+                h, pending = hc_post(pending[0], h, pending[1], pending[2]), None
             h = blk(h, tokens, c, self.dtype)
-        return h
+        return h if pending is None else hc_post(pending[0], h, pending[1], pending[2])
 
     def head_logits(self, h: mx.array, fn, base, scale, norm: nn.RMSNorm) -> mx.array:
         c = self.config

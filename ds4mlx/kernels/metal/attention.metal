@@ -23,8 +23,13 @@ METAL_FUNC uint ds4_order_key(float v) {
 // q [B, S, H, D] float32; kw [B, LW, D] (T): window rows of this call; comp [B, NC, D] (T):
 // compressed rows (a dummy when NC = 0); idx [B, S, K] int32: the indexer's picks (INDEXED);
 // bounds [S, 3] int32 per query: first and end window row, visible compressed rows; sink [H]
-// -> out [B, S, H, D] float32. Grid (TG, H, B * S), threadgroup (TG, 1, 1): one threadgroup
-// per (token, head); its simdgroups take every DS4_ATTN_SG-th key, each lane D / 32 dims.
+// -> out [B, S, H, D] (OutT). ROPE: q (QT) is the projection as it comes, normalised here (plain
+// RMS with eps) and rotated at pos [S] (int32; freqs [RD / 2] float32, interleaved pairs of the
+// last RD dims), both in float32 as rope_rows does; the output is rotated back, each rotated
+// value rounded to OutT (kernel rope_rows with INV). Without ROPE, q is float32 and OutT too.
+// Grid (TG, H, B * S), threadgroup (TG, 1, 1): one threadgroup per (token, head); its
+// simdgroups take every DS4_ATTN_SG-th key, each lane D / 32 dims (dims lane + 32 j: a RoPE
+// pair sits on two neighbouring lanes).
 const int DPL = D / 32;
 threadgroup float part_ml[2 * DS4_ATTN_SG];
 threadgroup float part_acc[DS4_ATTN_SG * D];
@@ -38,7 +43,23 @@ uint t = thread_index_in_threadgroup;
 
 float qv[DPL];
 ulong qbase = (ulong(bs) * uint(H) + head) * uint(D);
-for (int j = 0; j < DPL; ++j) qv[j] = q[qbase + lane + 32 * j];
+for (int j = 0; j < DPL; ++j) qv[j] = float(q[qbase + lane + 32 * j]);
+if (ROPE) {
+  float ss = 0.0f;
+  for (int j = 0; j < DPL; ++j) ss += qv[j] * qv[j];
+  float inv = precise::rsqrt(simd_sum(ss) / float(D) + eps);
+  float p = float(pos[s]);
+  for (int j = 0; j < DPL; ++j) {
+    qv[j] *= inv;
+    float other = simd_shuffle_xor(qv[j], ushort(1));  // the pair's other half
+    int dd = int(lane) + 32 * j;
+    if (dd >= D - RD) {
+      float angle = p * freqs[(dd - (D - RD)) / 2];
+      float c = precise::cos(angle), sn = precise::sin(angle);
+      qv[j] = (lane & 1u) ? other * sn + qv[j] * c : qv[j] * c - other * sn;
+    }
+  }
+}
 int w_lo = bounds[s * 3], w_hi = bounds[s * 3 + 1], n_vis = bounds[s * 3 + 2];
 int n_win = max(w_hi - w_lo, 0);
 int n_comp = INDEXED ? K : n_vis;
@@ -91,7 +112,16 @@ for (int g = 0; g < DS4_ATTN_SG; ++g) total += part_ml[2 * g + 1] * precise::exp
 for (uint d = t; d < uint(D); d += DS4_ATTN_TG) {
   float o = 0.0f;
   for (int g = 0; g < DS4_ATTN_SG; ++g) o += part_acc[g * uint(D) + d] * precise::exp(part_ml[2 * g] - top);
-  out[qbase + d] = o / total;
+  o = o / total;
+  if (ROPE) {  // D is a multiple of 32: every lane of a simdgroup runs this round
+    float other = simd_shuffle_xor(o, ushort(1));
+    if (int(d) >= D - RD) {
+      float angle = float(pos[s]) * freqs[(int(d) - (D - RD)) / 2];
+      float c = precise::cos(angle), sn = -precise::sin(angle);
+      o = (lane & 1u) ? float(OutT(other * sn + o * c)) : float(OutT(o * c - other * sn));
+    }
+  }
+  out[qbase + d] = OutT(o);
 }
 
 // @kernel indexer_scores

@@ -10,10 +10,29 @@
 
 METAL_FUNC float ds4_sigmoid(float x) { return 1.0f / (1.0f + precise::exp(-x)); }
 
+// Stream k of the previous sublayer's HC post at feature d: post_k * y + sum_i comb[i, k] * h_i,
+// summed in the order of the ops twin (ds4mlx/ops.py hc_post). A macro, so that any address
+// space of the arguments works (MLX passes inputs under 8 elements in `constant`).
+#define DS4_HC_POST(out, k, d)                                                             \
+  {                                                                                        \
+    float mixed_ = combp[ulong(tok) * M * M + uint(k)] * float(h[base_h + uint(d)]);       \
+    for (int i_ = 1; i_ < M; ++i_)                                                         \
+      mixed_ += combp[ulong(tok) * M * M + uint(i_ * M + (k))] *                           \
+                float(h[base_h + ulong(i_) * uint(D) + uint(d)]);                         \
+    out = postp[ulong(tok) * M + uint(k)] * float(y[ulong(tok) * uint(D) + uint(d)]) + mixed_; \
+  }
+
 // @kernel hc_pre
 // h [N, M * D] (T: M streams of D per token), fn [MIX, M * D] (FT), base [MIX], scale [3]
 // (float32), MIX = 2M + M^2 -> x [N, D] (XT: rounded once, as a cast after the sum), post [N, M],
 // comb [N, M * M] (float32).
+// POST: h holds the streams before the previous sublayer, whose HC post this kernel runs
+// first, from its output y [N, D] (YT) and postp [N, M], combp [N, M * M] (float32); the new
+// streams are written to hn [N, M * D] float32 (the residual of the next post).
+// NORMW: x is then RMS-normalised times nw [D] (WT) with x_eps, as the sublayer's RMSNorm
+// (each step rounded to XT, as mx.fast.rms_norm on the rounded x does).
+// XF: x is also written in float32 to xf [N, D] (for the sublayer's float32 consumers: the
+// router, the compressors), the cast that would be a launch of its own.
 // Grid (TG, N), threadgroup (TG, 1, 1): one threadgroup per token.
 const int MIX = 2 * M + M * M;
 threadgroup float part[DS4_HC_SIMDGROUPS * (2 * M + M * M + 1)];
@@ -29,7 +48,13 @@ ulong base_h = ulong(tok) * md;
 float acc[2 * M + M * M + 1];
 for (int j = 0; j <= MIX; ++j) acc[j] = 0.0f;
 for (uint i = t; i < md; i += DS4_HC_TG) {
-  float v = float(h[base_h + i]);
+  float v;
+  if (POST) {
+    DS4_HC_POST(v, i / uint(D), i % uint(D));
+    hn[base_h + i] = v;
+  } else {
+    v = float(h[base_h + i]);
+  }
   acc[MIX] += v * v;
   for (int j = 0; j < MIX; ++j) acc[j] += v * float(fn[ulong(j) * md + i]);
 }
@@ -84,8 +109,36 @@ if (t == 0) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
+float ss = 0.0f;
 for (uint d = t; d < uint(D); d += DS4_HC_TG) {
   float s = 0.0f;
-  for (int i = 0; i < M; ++i) s += pre_w[i] * float(h[base_h + ulong(i) * uint(D) + d]);
-  x[ulong(tok) * uint(D) + d] = XT(s);
+  for (int i = 0; i < M; ++i) {
+    float v;
+    if (POST) {
+      DS4_HC_POST(v, i, d);
+    } else {
+      v = float(h[base_h + ulong(i) * uint(D) + d]);
+    }
+    s += pre_w[i] * v;
+  }
+  XT r = XT(s);
+  x[ulong(tok) * uint(D) + d] = r;
+  if (XF && !NORMW) xf[ulong(tok) * uint(D) + d] = float(r);
+  ss += float(r) * float(r);
+}
+if (NORMW) {
+  // the row's sum of squares (partials of the simdgroups, summed in order), then x once more:
+  // each thread rereads only what it wrote
+  float sg_ss = simd_sum(ss);
+  if (lane == 0) part[sg] = sg_ss;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float tot = 0.0f;
+  for (int g = 0; g < DS4_HC_SIMDGROUPS; ++g) tot += part[g];
+  float inv = precise::rsqrt(tot / float(D) + x_eps);
+  for (uint d = t; d < uint(D); d += DS4_HC_TG) {
+    ulong at = ulong(tok) * uint(D) + d;
+    XT r = XT(float(XT(float(x[at]) * inv)) * float(nw[d]));
+    x[at] = r;
+    if (XF) xf[at] = float(r);
+  }
 }

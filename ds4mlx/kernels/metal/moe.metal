@@ -221,3 +221,37 @@ for (int i = 0; i < 2; ++i) {
     out[ulong(order[row]) * uint(NOUT) + col] = bad_id[i] ? ds4_nan() : v;
   }
 }
+
+// @kernel shared_down
+// The shared expert's down projection with the steps around it (ds4mlx/kernels/moe.py
+// shared_down_ops is the twin): gu [N, 2F] (GT) the merged gate | up product, mid = T(swiglu
+// (gate, up)) (the cast the ops make before the matmul), y = T(mid . w[r]) for w [R, F] (WT)
+// dense, out [N, R] (T) = T(add + y) with add [N, R] (T) the routed experts' sum.
+// Grid (32 * DS4_SIMDGROUPS, ceil(R / (DS4_ROWS * DS4_SIMDGROUPS))), threadgroup
+// (32 * DS4_SIMDGROUPS, 1, 1): a simdgroup computes DS4_ROWS rows for all N <= 8 tokens (each
+// weight read once), its lanes striding over F (the SwiGLU recomputed per simdgroup: a few
+// thousand values, no threadgroup memory).
+const int NT = 8;
+uint lane = thread_index_in_simdgroup;
+uint sg = simdgroup_index_in_threadgroup;
+uint r0 = (threadgroup_position_in_grid.y * DS4_SIMDGROUPS + sg) * DS4_ROWS;
+float acc[DS4_ROWS * NT];
+for (int i = 0; i < DS4_ROWS * NT; ++i) acc[i] = 0.0f;
+for (uint k = lane; k < uint(F); k += 32) {
+  float wv[DS4_ROWS];
+  for (int r = 0; r < DS4_ROWS; ++r)
+    wv[r] = r0 + uint(r) < uint(R) ? float(w[ulong(r0 + uint(r)) * uint(F) + k]) : 0.0f;
+  for (int n = 0; n < N; ++n) {
+    ulong at = ulong(n) * uint(2 * F) + k;
+    float m = float(T(ds4_swiglu(float(gu[at]), float(gu[at + uint(F)]), limit)));
+    for (int r = 0; r < DS4_ROWS; ++r) acc[r * NT + n] += m * wv[r];
+  }
+}
+for (int r = 0; r < DS4_ROWS; ++r)
+  for (int n = 0; n < N; ++n) {
+    float s = simd_sum(acc[r * NT + n]);
+    if (lane == 0 && r0 + uint(r) < uint(R)) {
+      ulong o = ulong(n) * uint(R) + r0 + uint(r);
+      out[o] = T(float(add[o]) + float(T(s)));
+    }
+  }
