@@ -95,7 +95,7 @@ class RoutedExperts(nn.Module):
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         """x [N, D], idx/weights [N, k] → Σ_j weights_j · down_j(mid_j), [N, D]."""
-        if kernels.backend() != "ops":  # under "ops" no kernel serves: skip the weight checks
+        if kernels.dispatch.backend() != "ops":  # under "ops" no kernel serves: skip the weight checks
             fused = kernels.moe_experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit)
             if fused is not None:  # Metal (or emulated) kernels on the packed blocks
                 return fused
