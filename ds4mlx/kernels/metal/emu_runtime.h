@@ -251,40 +251,46 @@ inline void check_tg_access(const void* p, size_t size, const char* what) {
 // collective of the whole simdgroup. All 32 lanes must reach it, from one call site with the same
 // uniform arguments (folded into `key` by the caller); a call by a subset of the lanes (a
 // divergent branch, lanes that returned, a simdgroup cut short by the threadgroup size) or with
-// arguments that differ between lanes is undefined on the GPU and an error here. Publishes `v`,
-// returns what every lane published.
+// arguments that differ between lanes is undefined on the GPU and an error here. Publishes `v`;
+// returns the simdgroup's 32 messages (matrix_payload reads lane j's), valid until the caller
+// reaches its next collective (the simdgroup cannot be released again before that).
+template <typename T> struct MatrixMsg {
+  uint64_t key;
+  T v;
+};
+template <typename T> inline const T& matrix_payload(const Slot* msgs, int j) {
+  return reinterpret_cast<const MatrixMsg<T>*>(msgs[j].bytes)->v;
+}
 template <typename T>
-inline const T* simd_matrix_exchange(const T& v, uint64_t key, int op, const char* what) {
-  struct Msg {
-    uint64_t key;
-    T v;
-  };
-  static_assert(sizeof(Msg) <= sizeof(Slot), "simdgroup matrix payload too large");
-  Msg m;
-  m.key = key;
-  m.v = v;
-  const SimdView<Msg> s = simd_exchange<Msg>(m, op);
-  int sg = tls_group->current >> 5;
+inline const Slot* simd_matrix_exchange(const T& v, uint64_t key, int op, const char* what) {
+  static_assert(sizeof(MatrixMsg<T>) <= sizeof(Slot), "simdgroup matrix payload too large");
+  Group* g = tls_group;
+  int i = g->current;
+  MatrixMsg<T>* mine = reinterpret_cast<MatrixMsg<T>*>(g->slots[i].bytes);
+  mine->key = key;
+  mine->v = v;
+  park(WAIT_SIMD, op);
+  g = tls_group;
+  int sg = i >> 5;
+  const Slot* msgs = g->snapshot + (i & ~31);
   char msg[240];
-  if (s.mask != 0xFFFFFFFFu) {
+  uint32_t mask = g->snapshot_mask[sg];
+  if (mask != 0xFFFFFFFFu) {
     snprintf(msg, sizeof msg,
              "%s: %d of the 32 lanes of simdgroup %d take part; a simdgroup-matrix operation "
              "needs all of them (no divergent branch, no lane that returned, a full simdgroup)",
-             what, __builtin_popcount(s.mask), sg);
+             what, __builtin_popcount(mask), sg);
     lane_abort(msg);
   }
-  static thread_local T values[32];
-  for (int j = 0; j < 32; ++j) {
-    if (s.values[j].key != key) {
-      snprintf(msg, sizeof msg,
-               "%s: the lanes of simdgroup %d reached it from different call sites or with "
-               "different arguments (pointer, elements_per_row, matrix_origin, transpose_matrix "
-               "must be the same in every lane)", what, sg);
-      lane_abort(msg);
-    }
-    values[j] = s.values[j].v;
+  // every lane compares its key with lane 0's: together the 32 lanes check them all
+  if (reinterpret_cast<const MatrixMsg<T>*>(msgs[0].bytes)->key != key) {
+    snprintf(msg, sizeof msg,
+             "%s: the lanes of simdgroup %d reached it from different call sites or with "
+             "different arguments (pointer, elements_per_row, matrix_origin, transpose_matrix "
+             "must be the same in every lane)", what, sg);
+    lane_abort(msg);
   }
-  return values;
+  return msgs;
 }
 
 inline bool release_simdgroups(Group& g) {

@@ -340,7 +340,7 @@ template <typename T> inline T simd_prefix_inclusive_sum(T v) {
 inline bool simd_any(bool v) { return simd_max<int>(v ? 1 : 0) != 0; }
 inline bool simd_all(bool v) { return simd_min<int>(v ? 1 : 0) != 0; }
 
-// ------------------------------------------------------------------------------- simdgroup matrices
+// ------------------------------------------------------------------------ simdgroup matrices
 // simdgroup_matrix<T, 8, 8> (simdgroup_float8x8, simdgroup_half8x8, simdgroup_bfloat8x8): one
 // 8 x 8 matrix spread over the 32 lanes of a simdgroup, two elements per lane: lane l holds row
 // (l / 4 & 4) + (l / 2) % 4, columns (l / 4 & 2) * 2 + (l % 2) * 2 and the next one (the Apple
@@ -374,8 +374,8 @@ template <typename T, int Cols, int Rows> struct simdgroup_matrix {
   explicit simdgroup_matrix(T dval) {
     unsigned l = mtlemu::simd_lane();
     int r = ds4emu_sgm_row(l), c = ds4emu_sgm_col(l);
-    e_[0] = r == c ? dval : T(0);
-    e_[1] = r == c + 1 ? dval : T(0);
+    e_[0] = r == c ? dval : T(0.0f);
+    e_[1] = r == c + 1 ? dval : T(0.0f);
   }
   thread vec<T, 2>& thread_elements() { return e_; }
   const thread vec<T, 2>& thread_elements() const { return e_; }
@@ -384,7 +384,7 @@ typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
 
-template <typename T, int Cols, int Rows>
+template <typename T, int Cols, int Rows = Cols>
 inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(T value) {
   simdgroup_matrix<T, Cols, Rows> m;
   m.e_ = vec<T, 2>(value);
@@ -464,17 +464,19 @@ template <typename T> struct ds4emu_sgm_operands {
 template <typename T>
 inline vec<T, 2> ds4emu_sgm_mma(const vec<T, 2>& a, const vec<T, 2>& b, const vec<T, 2>& c,
                                 bool accumulate, int line, const char* what) {
-  ds4emu_sgm_operands<T> mine = {a, b, c};
-  const ds4emu_sgm_operands<T>* all =
-      mtlemu::simd_matrix_exchange(mine, uint64_t(line), mtlemu::OP_MMA, what);
+  typedef ds4emu_sgm_operands<T> Ops;
+  const mtlemu::Slot* all = mtlemu::simd_matrix_exchange(Ops{a, b, c}, uint64_t(line),
+                                                         mtlemu::OP_MMA, what);
   unsigned l = mtlemu::simd_lane();
   int r = ds4emu_sgm_row(l), c0 = ds4emu_sgm_col(l);
   vec<T, 2> d;
   for (int j = 0; j < 2; ++j) {
     float acc = accumulate ? float(c[j]) : 0.0f;
-    for (int k = 0; k < 8; ++k)
-      acc += float(all[ds4emu_sgm_lane(r, k)].a[k & 1]) *
-             float(all[ds4emu_sgm_lane(k, c0 + j)].b[(c0 + j) & 1]);
+    for (int k = 0; k < 8; ++k) {
+      const Ops& row = mtlemu::matrix_payload<Ops>(all, int(ds4emu_sgm_lane(r, k)));
+      const Ops& col = mtlemu::matrix_payload<Ops>(all, int(ds4emu_sgm_lane(k, c0 + j)));
+      acc += float(row.a[k & 1]) * float(col.b[(c0 + j) & 1]);
+    }
     d[j] = T(acc);
   }
   return d;
