@@ -144,8 +144,9 @@ for (int r = 0; r < DS4_ROWS; ++r) {
 // 8 x 8 fragments (the weights transposed: W is [n][k], the product wants [k][n]) and
 // multiply-accumulate. Runs of equal experts inside the tile are processed one after the other
 // with fresh accumulators (x rows outside the run are staged as zeros, fragments without a row
-// of the run are skipped); at the end of a run the accumulators go through threadgroup memory
-// to the epilogue (SwiGLU, scatter to order[p]), which writes only the run's rows.
+// of the run or a column below NOUT are skipped); at the end of a run the accumulators go
+// through threadgroup memory to the epilogue (SwiGLU, scatter to order[p]), which writes only
+// the run's rows.
 const int LDK = DS4_BK + 4;  // row stride of the staged tiles (floats)
 const int LDN = DS4_BN + 4;  // row stride of the staged results
 const int FM = DS4_BM / 16;  // 8 x 8 fragments per simdgroup, down and across
@@ -183,7 +184,11 @@ while (p < pend) {
   }
   simdgroup_float8x8 acc1[FM][FN];
   simdgroup_float8x8 acc3[FM][FN];
-  bool live[FM];  // fragment row i holds a pair of the run: uniform over the simdgroup
+  // Fragments that can change: row i holds a pair of the run, column j an output below NOUT
+  // (uniform over the simdgroup, so a simdgroup skips the others as a whole).
+  bool live[FM];
+  bool cols[FN];
+  for (int j = 0; j < FN; ++j) cols[j] = n0 + sn + 8 * uint(j) < uint(NOUT);
   for (int i = 0; i < FM; ++i) {
     uint r0 = p0 + sm + 8 * uint(i);
     live[i] = r0 < q && r0 + 8 > p;
@@ -228,16 +233,18 @@ while (p < pend) {
       for (int i = 0; i < FM; ++i)
         if (live[i]) simdgroup_load(a[i], xs, LDK, ulong2(kk, sm + 8 * uint(i)));
       for (int j = 0; j < FN; ++j)
-        simdgroup_load(b[j], ws1, LDK, ulong2(kk, sn + 8 * uint(j)), true);
+        if (cols[j]) simdgroup_load(b[j], ws1, LDK, ulong2(kk, sn + 8 * uint(j)), true);
       for (int i = 0; i < FM; ++i)
         for (int j = 0; j < FN; ++j)
-          if (live[i]) simdgroup_multiply_accumulate(acc1[i][j], a[i], b[j], acc1[i][j]);
+          if (live[i] && cols[j])
+            simdgroup_multiply_accumulate(acc1[i][j], a[i], b[j], acc1[i][j]);
       if (GATE_UP) {
         for (int j = 0; j < FN; ++j)
-          simdgroup_load(b[j], ws3, LDK, ulong2(kk, sn + 8 * uint(j)), true);
+          if (cols[j]) simdgroup_load(b[j], ws3, LDK, ulong2(kk, sn + 8 * uint(j)), true);
         for (int i = 0; i < FM; ++i)
           for (int j = 0; j < FN; ++j)
-            if (live[i]) simdgroup_multiply_accumulate(acc3[i][j], a[i], b[j], acc3[i][j]);
+            if (live[i] && cols[j])
+              simdgroup_multiply_accumulate(acc3[i][j], a[i], b[j], acc3[i][j]);
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
