@@ -322,3 +322,62 @@ def test_threadgroup_declarations_are_translated():
     assert lines[2] == "threadgroup float* p = tile;"
     with pytest.raises(KernelEmulationError, match="unsupported threadgroup declaration"):
         kernel_emu.translate_source("threadgroup float a[2] = {1.0f, 2.0f};\n")
+
+
+# A [16, 8] (device) times B [8, 16] (staged in threadgroup memory), plus C: simdgroup s owns
+# rows 8s..8s+7 of the [16, 16] result, through matrix_origin; `tr` gets B[:, 8:].T through a
+# transposed load, `diag` the diagonal constructor, `lanes` the layout thread_elements() shows.
+SGM = """
+threadgroup T bs[8 * 16];
+uint t = thread_index_in_threadgroup;
+uint sg = simdgroup_index_in_threadgroup;
+uint lane = thread_index_in_simdgroup;
+for (uint i = t; i < 128; i += 64) bs[i] = b[i];
+threadgroup_barrier(mem_flags::mem_threadgroup);
+simdgroup_matrix<T, 8, 8> A;
+simdgroup_matrix<T, 8, 8> B;
+simdgroup_matrix<T, 8, 8> C;
+simdgroup_load(A, a, 8, ulong2(0, sg * 8));
+for (uint j = 0; j < 2; ++j) {
+  simdgroup_load(B, bs + j * 8, 16);
+  simdgroup_load(C, c, 16, ulong2(j * 8, sg * 8));
+  simdgroup_matrix<T, 8, 8> D;
+  if (sg == 0) simdgroup_multiply_accumulate(D, A, B, C);  // uniform over each simdgroup
+  else simdgroup_multiply(D, A, B);
+  simdgroup_store(D, out, 16, ulong2(j * 8, sg * 8));
+}
+simdgroup_load(B, bs, 16, ulong2(8, 0), true);
+simdgroup_store(B, tr, 8, ulong2(0, sg * 8));
+simdgroup_store(simdgroup_matrix<T, 8, 8>(T(2.0f)), diag, 16, ulong2(8, sg * 8), true);
+simdgroup_store(make_filled_simdgroup_matrix<T, 8, 8>(T(3.0f)), diag, 16, ulong2(0, sg * 8));
+simdgroup_load(A, a, 8, ulong2(0, 0));
+vec<T, 2> mine = A.thread_elements();
+lanes[t * 2] = float(mine[0]);
+lanes[t * 2 + 1] = float(mine[1]);
+"""
+
+
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.float16, 1e-2), (mx.bfloat16, 5e-2)])
+def test_simdgroup_matrices(make, dtype, tol):
+    k = make(name="emu_sgm", input_names=["a", "b", "c"],
+             output_names=["out", "tr", "diag", "lanes"], source=SGM)
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal(s).astype(np.float32) for s in ((16, 8), (8, 16), (16, 16)))
+    a, b, c = (np.asarray(mx.array(v).astype(dtype).astype(mx.float32)) for v in (a, b, c))
+    out, tr, diag, lanes = k(
+        inputs=[mx.array(v).astype(dtype) for v in (a, b, c)], template=[("T", dtype)],
+        grid=(64, 1, 1), threadgroup=(64, 1, 1),
+        output_shapes=[(16, 16), (16, 8), (16, 16), (128,)],
+        output_dtypes=[dtype, dtype, dtype, mx.float32])
+    ref = a @ b
+    ref[:8] += c[:8]  # simdgroup 0 accumulates C, simdgroup 1 does not
+    np.testing.assert_allclose(np.asarray(out.astype(mx.float32)), ref, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.asarray(tr.astype(mx.float32)), np.tile(b[:, 8:].T, (2, 1)))
+    block = np.concatenate([np.full((8, 8), 3.0), 2.0 * np.eye(8)], axis=1)
+    np.testing.assert_array_equal(np.asarray(diag.astype(mx.float32)), np.tile(block, (2, 1)))
+    # lane l holds row (l/4 & 4) + (l/2) % 4, columns (l/4 & 2) * 2 + (l % 2) * 2 and the next
+    lane = np.arange(32)
+    row = (lane // 4 & 4) + (lane // 2) % 4
+    col = (lane // 4 & 2) * 2 + (lane % 2) * 2
+    expect = np.stack([a[row, col], a[row, col + 1]], axis=1).reshape(-1)
+    np.testing.assert_array_equal(np.asarray(lanes), np.tile(expect, 2))

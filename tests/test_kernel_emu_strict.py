@@ -159,3 +159,111 @@ def test_fast_math_stays_within_4_ulp():
     assert ulps.max() == 4 and (ulps > 0).mean() > 0.5
     ref = np.exp(np.asarray(x).astype(np.float64))
     np.testing.assert_allclose(exact, ref, rtol=2e-7)
+
+
+# ------------------------------------------------------------------------- simdgroup matrices
+# x [64] as an 8 x 8 matrix, squared by each simdgroup, stored to out [S, 64]. BODY is the
+# multiply; the broken variants below break one of Metal's rules for simdgroup matrices.
+SGM = """
+threadgroup float xs[64];
+uint t = thread_index_in_threadgroup;
+uint lane = thread_index_in_simdgroup;
+if (t < 64) xs[t] = x[t];
+threadgroup_barrier(mem_flags::mem_threadgroup);
+simdgroup_float8x8 a;
+simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+LOAD
+BODY
+simdgroup_store(acc, out + simdgroup_index_in_threadgroup * 64, 8);
+"""
+SGM_LOAD = "simdgroup_load(a, xs, 8);"
+SGM_MMA = "simdgroup_multiply_accumulate(acc, a, a, acc);"
+
+
+def run_sgm(name: str, body: str = SGM_MMA, load: str = SGM_LOAD, *, tg: int = 64,
+            x: mx.array | None = None, header: str = ""):
+    x = mx.arange(64, dtype=mx.float32) / 64 if x is None else x
+    src = SGM.replace("LOAD", load).replace("BODY", body)
+    k = kernel_emu.metal_kernel(name=name, input_names=["x"], output_names=["out"], source=src,
+                                header=header)
+    n = (tg + 31) // 32 * 64
+    return k(inputs=[x], grid=(tg, 1, 1), threadgroup=(tg, 1, 1), output_shapes=[(n,)],
+             output_dtypes=[mx.float32])[0]
+
+
+def test_simdgroup_matrix_fixed_twin_passes():
+    m = np.arange(64, dtype=np.float32).reshape(8, 8) / 64
+    out = np.asarray(run_sgm("sgm_ok")).reshape(2, 8, 8)
+    np.testing.assert_allclose(out, np.stack([m @ m] * 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("body,match", [
+    # half the lanes multiply, the others go on to the store: lanes at different collectives
+    ("if (lane < 16) " + SGM_MMA, "different simd collectives"),
+    # both halves multiply, but from two call sites (a divergent branch on the GPU)
+    ("if (lane < 16) " + SGM_MMA + "\nelse " + SGM_MMA, "different call sites"),
+    # the lanes past 16 returned: the multiply runs on a partial simdgroup
+    ("if (lane >= 16) return;\n" + SGM_MMA, "16 of the 32 lanes of simdgroup 0 take part"),
+])
+def test_simdgroup_matrix_from_a_lane_subset_fails(body, match):
+    with pytest.raises(KernelEmulationError, match=f"sgm_subset: .*{match}"):
+        run_sgm("sgm_subset", body)
+
+
+def test_simdgroup_matrix_in_a_partial_simdgroup_fails():
+    # 48 threads: the second simdgroup has 16 lanes, short of what a matrix operation needs
+    with pytest.raises(KernelEmulationError,
+                       match="simdgroup_load: 16 of the 32 lanes of simdgroup 1 take part"):
+        run_sgm("sgm_partial", tg=48)
+
+
+def test_simdgroup_load_with_lane_dependent_arguments_fails():
+    with pytest.raises(KernelEmulationError, match="simdgroup_load: the lanes of simdgroup 0 "
+                       "reached it from different call sites or with different arguments"):
+        run_sgm("sgm_args", load="simdgroup_load(a, xs, 8, ulong2(0, 0), lane % 2 == 0);")
+    # the same transpose flag in every lane: a^T a^T
+    m = np.arange(64, dtype=np.float32).reshape(8, 8) / 64
+    out = np.asarray(run_sgm("sgm_args_ok", load="simdgroup_load(a, xs, 8, ulong2(0, 0), true);"))
+    np.testing.assert_allclose(out.reshape(2, 8, 8)[0], m.T @ m.T, rtol=1e-6)
+
+
+def test_simdgroup_load_past_the_threadgroup_array_fails():
+    # origin row 1 of an 8-row array: the last row lies past the declaration
+    with pytest.raises(KernelEmulationError, match="simdgroup_load: threadgroup access at byte "
+                       "256, past the 256 bytes"):
+        run_sgm("sgm_past", load="simdgroup_load(a, xs, 8, ulong2(0, 1));")
+
+
+@needs_clang
+@pytest.mark.parametrize("load,n", [
+    ("simdgroup_load(a, x, 8);", 4),  # 4 elements: MLX passes them `constant`
+    ("float loc[64];\nfor (int i = 0; i < 64; ++i) loc[i] = 0.0f;\nsimdgroup_load(a, loc, 8);", 64),
+    ("simdgroup_half8x8 h;\nsimdgroup_load(h, xs, 8);", 64),  # a half matrix from float memory
+])
+def test_simdgroup_load_from_a_space_or_type_metal_lacks_fails(load, n):
+    with pytest.raises(KernelEmulationError, match="sgm_space: the kernel does not compile.*\n"
+                       ".*no matching function for call to 'simdgroup_load'"):
+        run_sgm("sgm_space", load=load, x=mx.zeros((n,)))
+    ok = run_sgm("sgm_space_ok", load="simdgroup_load(a, x, 8);", x=mx.ones((64,)))  # device
+    assert (np.asarray(ok) == 8.0).all()
+
+
+def test_simdgroup_load_needs_a_barrier_after_other_simdgroups_write():
+    # Broken: the second simdgroup writes half of the tile and nothing orders that before the
+    # first simdgroup's load (the lane orders show it); the fixed twin has the barrier.
+    racy = SGM.replace("threadgroup_barrier(mem_flags::mem_threadgroup);\n", "")
+    k = kernel_emu.metal_kernel(name="sgm_racy", input_names=["x"], output_names=["out"],
+                                source=racy.replace("LOAD", SGM_LOAD).replace("BODY", SGM_MMA))
+    with pytest.raises(KernelEmulationError, match="sgm_racy: output out depends on the order"):
+        k(inputs=[mx.arange(64, dtype=mx.float32)], grid=(64, 1, 1), threadgroup=(64, 1, 1),
+          output_shapes=[(128,)], output_dtypes=[mx.float32])
+
+
+def test_unset_simdgroup_matrix_and_scalar_constructor_are_not_zero():
+    # An accumulator never set is garbage on the GPU (NaN here); `simdgroup_float8x8(0.5f)` is
+    # a diagonal matrix, not a filled one.
+    garbage = np.asarray(run_sgm("sgm_unset", body="simdgroup_float8x8 c;\n"
+                                 "simdgroup_multiply_accumulate(acc, a, a, c);"))
+    assert np.isnan(garbage).all()
+    diag = np.asarray(run_sgm("sgm_diag", body="acc = simdgroup_float8x8(0.5f);"))
+    np.testing.assert_array_equal(diag.reshape(2, 8, 8)[0], 0.5 * np.eye(8))

@@ -6,10 +6,11 @@ parameters, one parameter per input (by reference for 0-d inputs), ``_shape``/``
 ``_ndim`` extras when the body mentions them, the outputs, then the thread-position attributes
 the body mentions), compiles it with g++ against ``metal/metal_compat.h`` (a C++ stand-in for
 the subset of MSL we use), and runs every thread of the grid: each lane of a threadgroup is a
-fiber, so ``threadgroup_barrier`` and the simd collectives (32-wide simdgroups) synchronise as on
-the GPU (``metal/emu_runtime.h``). Compiled libraries are cached by source hash in
-``$DS4MLX_EMU_CACHE`` (default ``~/.cache/ds4mlx/metal-emu``). ``$DS4MLX_EMU_THREADS`` sets how
-many OS threads share the threadgroups, ``$DS4MLX_EMU_CXXFLAGS`` adds compiler flags.
+fiber, so ``threadgroup_barrier``, the simd collectives (32-wide simdgroups) and the simdgroup
+matrices synchronise as on the GPU (``metal/emu_runtime.h``). Compiled libraries are cached by
+source hash in ``$DS4MLX_EMU_CACHE`` (default ``~/.cache/ds4mlx/metal-emu``).
+``$DS4MLX_EMU_THREADS`` sets how many OS threads share the threadgroups, ``$DS4MLX_EMU_CXXFLAGS``
+adds compiler flags.
 
 Stricter than the GPU, so that what Metal would refuse or break fails here first:
 
@@ -26,7 +27,13 @@ Stricter than the GPU, so that what Metal would refuse or break fails here first
   shows up as a difference); ``$DS4MLX_EMU_ORDERS`` = ``every`` checks every launch, ``off``
   none;
 - fast math: ``fast::`` and unqualified transcendental functions are off by up to 4 ulp
-  (metal/metal_compat.h), ``precise::`` is libm.
+  (metal/metal_compat.h), ``precise::`` is libm;
+- simdgroup matrices (``simdgroup_float8x8`` etc., metal/metal_compat.h): 8 x 8 fragments spread
+  over the 32 lanes as on Apple GPUs; load, store and multiply are collectives that every lane
+  of a full simdgroup must reach from one call site with the same pointer, stride, origin and
+  transpose flag (else an error); loads and stores take only threadgroup or device pointers of
+  the matrix's element type, stay inside the threadgroup declarations, and touch memory when
+  each lane arrives (so a missing barrier shows in the lane orders); a matrix never set is NaN.
 
 Other deviations, on purpose: inputs are always passed row-contiguous (``_strides`` then
 describe that layout), outputs not covered by ``init_value`` start as all-ones bytes (NaN for

@@ -51,7 +51,7 @@ struct LaneIds {
   unsigned dispatch_simdgroups_per_threadgroup, dispatch_quadgroups_per_threadgroup;
 };
 
-enum { OP_BARRIER = 1, OP_SUM, OP_MAX, OP_MIN, OP_SHUFFLE };
+enum { OP_BARRIER = 1, OP_SUM, OP_MAX, OP_MIN, OP_SHUFFLE, OP_MLOAD, OP_MSTORE, OP_MMA };
 enum LaneState { READY, WAIT_TG, WAIT_SIMD, DONE };
 
 // ------------------------------------------------------------------------------ contexts
@@ -217,6 +217,80 @@ template <typename T> inline SimdView<T> simd_exchange(T v, int op) {
   for (int j = 0; j < 32 && base + j < g->n; ++j)
     memcpy(&values[j], g->snapshot[base + j].bytes, sizeof(T));
   return SimdView<T>{values, g->snapshot_mask[i >> 5], unsigned(i & 31)};
+}
+
+// Stops the calling lane and fails the launch with `msg` (the lane never resumes, so it cannot
+// go on with a wrong value).
+[[noreturn]] inline void lane_abort(const char* msg) {
+  Group* g = tls_group;
+  fail(g, msg);
+  Lane& lane = g->lanes[g->current];
+  lane.state = DONE;
+  ctx_switch(lane.ctx, g->sched);
+  __builtin_unreachable();
+}
+
+inline unsigned simd_lane() { return unsigned(tls_group->current & 31); }
+
+// Bounds of a threadgroup access: an address inside the arena must lie in what the kernel's
+// threadgroup declarations claimed (device and thread addresses are not checked here).
+inline void check_tg_access(const void* p, size_t size, const char* what) {
+  Group* g = tls_group;
+  const unsigned char* b = static_cast<const unsigned char*>(p);
+  if (b < g->arena || b >= g->arena + TG_LIMIT) return;
+  size_t at = size_t(b - g->arena);
+  if (at + size > g->lanes[g->current].tg_used) {
+    char msg[200];
+    snprintf(msg, sizeof msg, "%s: threadgroup access at byte %zu, past the %zu bytes the "
+             "threadgroup declarations hold", what, at, g->lanes[g->current].tg_used);
+    lane_abort(msg);
+  }
+}
+
+// One simdgroup-matrix operation (simdgroup_load / simdgroup_store / simdgroup_multiply*): a
+// collective of the whole simdgroup. All 32 lanes must reach it, from one call site with the same
+// uniform arguments (folded into `key` by the caller); a call by a subset of the lanes (a
+// divergent branch, lanes that returned, a simdgroup cut short by the threadgroup size) or with
+// arguments that differ between lanes is undefined on the GPU and an error here. Publishes `v`;
+// returns the simdgroup's 32 messages (matrix_payload reads lane j's), valid until the caller
+// reaches its next collective (the simdgroup cannot be released again before that).
+template <typename T> struct MatrixMsg {
+  uint64_t key;
+  T v;
+};
+template <typename T> inline const T& matrix_payload(const Slot* msgs, int j) {
+  return reinterpret_cast<const MatrixMsg<T>*>(msgs[j].bytes)->v;
+}
+template <typename T>
+inline const Slot* simd_matrix_exchange(const T& v, uint64_t key, int op, const char* what) {
+  static_assert(sizeof(MatrixMsg<T>) <= sizeof(Slot), "simdgroup matrix payload too large");
+  Group* g = tls_group;
+  int i = g->current;
+  MatrixMsg<T>* mine = reinterpret_cast<MatrixMsg<T>*>(g->slots[i].bytes);
+  mine->key = key;
+  mine->v = v;
+  park(WAIT_SIMD, op);
+  g = tls_group;
+  int sg = i >> 5;
+  const Slot* msgs = g->snapshot + (i & ~31);
+  char msg[240];
+  uint32_t mask = g->snapshot_mask[sg];
+  if (mask != 0xFFFFFFFFu) {
+    snprintf(msg, sizeof msg,
+             "%s: %d of the 32 lanes of simdgroup %d take part; a simdgroup-matrix operation "
+             "needs all of them (no divergent branch, no lane that returned, a full simdgroup)",
+             what, __builtin_popcount(mask), sg);
+    lane_abort(msg);
+  }
+  // every lane compares its key with lane 0's: together the 32 lanes check them all
+  if (reinterpret_cast<const MatrixMsg<T>*>(msgs[0].bytes)->key != key) {
+    snprintf(msg, sizeof msg,
+             "%s: the lanes of simdgroup %d reached it from different call sites or with "
+             "different arguments (pointer, elements_per_row, matrix_origin, transpose_matrix "
+             "must be the same in every lane)", what, sg);
+    lane_abort(msg);
+  }
+  return msgs;
 }
 
 inline bool release_simdgroups(Group& g) {

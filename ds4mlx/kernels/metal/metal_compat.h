@@ -3,12 +3,12 @@
 //
 // The subset: address-space qualifiers (device, constant, thread, threadgroup), scalar types
 // incl. half and bfloat, 2/3/4-vectors, as_type, the math functions below, simd_sum / simd_max /
-// simd_min / simd_shuffle* / simd_broadcast / simd_prefix_*_sum, threadgroup_barrier and
-// simdgroup_barrier. Declare threadgroup arrays at kernel scope on a line of their own
-// (`threadgroup float tile[64];`): the harness turns those into storage in the threadgroup
-// arena of emu_runtime.h (32 KB, poisoned per threadgroup). Every lane of a threadgroup runs as
-// a fiber, so barriers and simd collectives synchronise exactly as on the GPU, and divergent
-// barriers are reported.
+// simd_min / simd_shuffle* / simd_broadcast / simd_prefix_*_sum, threadgroup_barrier,
+// simdgroup_barrier and the 8 x 8 simdgroup matrices (load, store, multiply(_accumulate)).
+// Declare threadgroup arrays at kernel scope on a line of their own (`threadgroup float
+// tile[64];`): the harness turns those into storage in the threadgroup arena of emu_runtime.h
+// (32 KB, poisoned per threadgroup). Every lane of a threadgroup runs as a fiber, so barriers
+// and simd collectives synchronise exactly as on the GPU, and divergent barriers are reported.
 //
 // Address spaces: the build (g++) defines the qualifiers away; the syntax pass of emu.py
 // compiles the same text with clang and -DMTLEMU_ADDRESS_SPACES, where they are clang address
@@ -150,6 +150,7 @@ DS4EMU_VEC_TYPES(short, short)
 DS4EMU_VEC_TYPES(ushort, ushort)
 DS4EMU_VEC_TYPES(char, char)
 DS4EMU_VEC_TYPES(uchar, uchar)
+DS4EMU_VEC_TYPES(ulong, ulong)
 #undef DS4EMU_VEC_TYPES
 
 }  // namespace metal
@@ -338,6 +339,163 @@ template <typename T> inline T simd_prefix_inclusive_sum(T v) {
 }
 inline bool simd_any(bool v) { return simd_max<int>(v ? 1 : 0) != 0; }
 inline bool simd_all(bool v) { return simd_min<int>(v ? 1 : 0) != 0; }
+
+// ------------------------------------------------------------------------ simdgroup matrices
+// simdgroup_matrix<T, 8, 8> (simdgroup_float8x8, simdgroup_half8x8, simdgroup_bfloat8x8): one
+// 8 x 8 matrix spread over the 32 lanes of a simdgroup, two elements per lane: lane l holds row
+// (l / 4 & 4) + (l / 2) % 4, columns (l / 4 & 2) * 2 + (l % 2) * 2 and the next one (the Apple
+// GPU layout thread_elements() exposes; Metal calls the mapping unspecified). Load, store and
+// multiply are collectives of the whole simdgroup (mtlemu::simd_matrix_exchange: all 32 lanes,
+// one call site, uniform arguments, else an error). A lane reads (load) or writes (store) its
+// two elements when it reaches the call, as its own loads and stores would, so the memory it
+// touches must be ordered by barriers as for scalar code (the lane orders catch a missing one).
+// Only what Metal offers: 8 x 8, float / half / bfloat, one element type per operation (no
+// mixed-precision multiply), threadgroup or device pointers of the matrix's own element type.
+// A matrix that was never set holds NaN bytes (it is uninitialized on the GPU); the scalar
+// constructor makes a diagonal matrix, as Metal's does (make_filled_simdgroup_matrix fills).
+inline int ds4emu_sgm_row(unsigned l) { return int((l >> 2 & 4) + (l >> 1 & 3)); }
+inline int ds4emu_sgm_col(unsigned l) { return int((l >> 2 & 2) * 2 + (l & 1) * 2); }
+// lane holding element (r, c), the element being thread_elements()[c & 1]
+inline unsigned ds4emu_sgm_lane(int r, int c) {
+  return unsigned((r & 4) << 2 | (c & 4) << 1 | (r & 3) << 1 | (c >> 1 & 1));
+}
+inline uint64_t ds4emu_mix(uint64_t h, uint64_t v) {
+  h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+  return h * 0xBF58476D1CE4E5B9ull;
+}
+
+template <typename T, int Cols, int Rows> struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "Metal's simdgroup matrices are 8 x 8");
+  static_assert(std::is_same<T, float>::value || std::is_same<T, half>::value ||
+                    std::is_same<T, bfloat>::value,
+                "simdgroup matrices hold float, half or bfloat");
+  vec<T, 2> e_;
+  simdgroup_matrix() { memset(&e_, 0xFF, sizeof e_); }
+  explicit simdgroup_matrix(T dval) {
+    unsigned l = mtlemu::simd_lane();
+    int r = ds4emu_sgm_row(l), c = ds4emu_sgm_col(l);
+    e_[0] = r == c ? dval : T(0.0f);
+    e_[1] = r == c + 1 ? dval : T(0.0f);
+  }
+  thread vec<T, 2>& thread_elements() { return e_; }
+  const thread vec<T, 2>& thread_elements() const { return e_; }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <typename T, int Cols, int Rows = Cols>
+inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, Cols, Rows> m;
+  m.e_ = vec<T, 2>(value);
+  return m;
+}
+
+// Offset of element j (0, 1) of this lane's pair in a load / store with these arguments.
+inline ulong ds4emu_sgm_offset(int j, ulong elements_per_row, ulong2 origin, bool transpose) {
+  unsigned l = mtlemu::simd_lane();
+  ulong r = ulong(ds4emu_sgm_row(l)), c = ulong(ds4emu_sgm_col(l) + j);
+  return transpose ? (origin.y + c) * elements_per_row + origin.x + r
+                   : (origin.y + r) * elements_per_row + origin.x + c;
+}
+inline uint64_t ds4emu_sgm_key(const volatile void* p, ulong elements_per_row, ulong2 origin,
+                               bool transpose, int line) {
+  uint64_t h = ds4emu_mix(uint64_t(line), uint64_t(uintptr_t(p)));
+  h = ds4emu_mix(h, elements_per_row);
+  h = ds4emu_mix(h, origin.x);
+  h = ds4emu_mix(h, origin.y);
+  return ds4emu_mix(h, transpose ? 1 : 0);
+}
+#ifdef MTLEMU_ADDRESS_SPACES
+// type-checked only: the syntax pass never runs, so the bounds check can stay out of it
+#define DS4EMU_SGM_CHECK(p, n, what) ((void)0)
+#define DS4EMU_SGM_KEY(p, epr, o, t, line) uint64_t(line)
+#else
+#define DS4EMU_SGM_CHECK(p, n, what) mtlemu::check_tg_access(p, n, what)
+#define DS4EMU_SGM_KEY(p, epr, o, t, line) ds4emu_sgm_key(p, epr, o, t, line)
+#endif
+
+// simdgroup_load / simdgroup_store for one address space (the build erases address spaces, so
+// it has one overload; the syntax pass has one per space Metal allows: threadgroup, device).
+#define DS4EMU_SGM_MEMORY(SPACE)                                                               \
+  template <typename T, int Cols, int Rows>                                                    \
+  inline void simdgroup_load(thread simdgroup_matrix<T, Cols, Rows>& d, const SPACE T* src,    \
+                             ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0),  \
+                             bool transpose_matrix = false, int line_ = __builtin_LINE()) {    \
+    vec<T, 2> got;                                                                             \
+    for (int j = 0; j < 2; ++j) {                                                              \
+      const SPACE T* at =                                                                      \
+          src + ds4emu_sgm_offset(j, elements_per_row, matrix_origin, transpose_matrix);       \
+      DS4EMU_SGM_CHECK(at, sizeof(T), "simdgroup_load");                                       \
+      got[j] = *at;                                                                            \
+    }                                                                                          \
+    mtlemu::simd_matrix_exchange<int>(                                                         \
+        0, DS4EMU_SGM_KEY(src, elements_per_row, matrix_origin, transpose_matrix, line_),      \
+        mtlemu::OP_MLOAD, "simdgroup_load");                                                   \
+    d.e_ = got;                                                                                \
+  }                                                                                            \
+  template <typename T, int Cols, int Rows>                                                    \
+  inline void simdgroup_store(const thread simdgroup_matrix<T, Cols, Rows>& a, SPACE T* dst,   \
+                              ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0), \
+                              bool transpose_matrix = false, int line_ = __builtin_LINE()) {   \
+    for (int j = 0; j < 2; ++j) {                                                              \
+      SPACE T* at =                                                                            \
+          dst + ds4emu_sgm_offset(j, elements_per_row, matrix_origin, transpose_matrix);       \
+      DS4EMU_SGM_CHECK(at, sizeof(T), "simdgroup_store");                                      \
+      *at = a.e_[j];                                                                           \
+    }                                                                                          \
+    mtlemu::simd_matrix_exchange<int>(                                                         \
+        0, DS4EMU_SGM_KEY(dst, elements_per_row, matrix_origin, transpose_matrix, line_),      \
+        mtlemu::OP_MSTORE, "simdgroup_store");                                                 \
+  }
+#ifdef MTLEMU_ADDRESS_SPACES
+DS4EMU_SGM_MEMORY(threadgroup)
+DS4EMU_SGM_MEMORY(device)
+#else
+DS4EMU_SGM_MEMORY()
+#endif
+#undef DS4EMU_SGM_MEMORY
+
+template <typename T> struct ds4emu_sgm_operands {
+  vec<T, 2> a, b, c;
+};
+// d = a * b + c over the simdgroup: each lane gathers row r of a and its two columns of b from
+// the lanes holding them and sums in float32, in k order, rounding once to T.
+template <typename T>
+inline vec<T, 2> ds4emu_sgm_mma(const vec<T, 2>& a, const vec<T, 2>& b, const vec<T, 2>& c,
+                                bool accumulate, int line, const char* what) {
+  typedef ds4emu_sgm_operands<T> Ops;
+  const mtlemu::Slot* all = mtlemu::simd_matrix_exchange(Ops{a, b, c}, uint64_t(line),
+                                                         mtlemu::OP_MMA, what);
+  unsigned l = mtlemu::simd_lane();
+  int r = ds4emu_sgm_row(l), c0 = ds4emu_sgm_col(l);
+  vec<T, 2> d;
+  for (int j = 0; j < 2; ++j) {
+    float acc = accumulate ? float(c[j]) : 0.0f;
+    for (int k = 0; k < 8; ++k) {
+      const Ops& row = mtlemu::matrix_payload<Ops>(all, int(ds4emu_sgm_lane(r, k)));
+      const Ops& col = mtlemu::matrix_payload<Ops>(all, int(ds4emu_sgm_lane(k, c0 + j)));
+      acc += float(row.a[k & 1]) * float(col.b[(c0 + j) & 1]);
+    }
+    d[j] = T(acc);
+  }
+  return d;
+}
+template <typename T, int Cols, int Rows, int K>
+inline void simdgroup_multiply_accumulate(thread simdgroup_matrix<T, Cols, Rows>& d,
+                                          const thread simdgroup_matrix<T, K, Rows>& a,
+                                          const thread simdgroup_matrix<T, Cols, K>& b,
+                                          const thread simdgroup_matrix<T, Cols, Rows>& c,
+                                          int line_ = __builtin_LINE()) {
+  d.e_ = ds4emu_sgm_mma(a.e_, b.e_, c.e_, true, line_, "simdgroup_multiply_accumulate");
+}
+template <typename T, int Cols, int Rows, int K>
+inline void simdgroup_multiply(thread simdgroup_matrix<T, Cols, Rows>& d,
+                               const thread simdgroup_matrix<T, K, Rows>& a,
+                               const thread simdgroup_matrix<T, Cols, K>& b,
+                               int line_ = __builtin_LINE()) {
+  d.e_ = ds4emu_sgm_mma(a.e_, b.e_, b.e_, false, line_, "simdgroup_multiply");
+}
 
 }  // namespace metal
 

@@ -137,89 +137,135 @@ for (int r = 0; r < DS4_ROWS; ++r) {
 // sorted pair p uses expert eid[p], input row x[xrow[p]] and writes output row order[p].
 // GATE_UP: out = swiglu(W1[e] x, W3[e] x) (limit as in moe_gate_up_decode); otherwise
 // out = W1[e] x. x [*, K] (T), w1/w3 [E, NOUT, .] -> out [P, NOUT] float32.
-// Grid (ceil(NOUT / BN) * TG, ceil(P / BM)), threadgroup (TG, 1, 1). Each thread owns a 2 x 4
-// block of the BM x BN tile; runs of equal experts inside the tile are processed one after the
-// other (rows outside the run are skipped), so a tile may mix experts.
-threadgroup float xs[DS4_BM * (DS4_BK + 1)];
-threadgroup float ws1[DS4_BN * (DS4_BK + 1)];
-threadgroup float ws3[DS4_BN * (DS4_BK + 1)];
+// Grid (ceil(NOUT / BN) * TG, ceil(P / BM)), threadgroup (TG = 128, 1, 1): four simdgroups in
+// 2 x 2, each owning a (BM / 2) x (BN / 2) block of the BM x BN tile as 8 x 8 simdgroup
+// matrices (float32 accumulators). Per K step of BK the threads stage x (float32) and the
+// dequantized weights in threadgroup memory, once for the whole tile; the simdgroups then load
+// 8 x 8 fragments (the weights transposed: W is [n][k], the product wants [k][n]) and
+// multiply-accumulate. Runs of equal experts inside the tile are processed one after the other
+// with fresh accumulators (x rows outside the run are staged as zeros, fragments without a row
+// of the run or a column below NOUT are skipped); at the end of a run the accumulators go
+// through threadgroup memory to the epilogue (SwiGLU, scatter to order[p]), which writes only
+// the run's rows.
+const int LDK = DS4_BK + 4;  // row stride of the staged tiles (floats)
+const int LDN = DS4_BN + 4;  // row stride of the staged results
+const int FM = DS4_BM / 16;  // 8 x 8 fragments per simdgroup, down and across
+const int FN = DS4_BN / 16;
+static_assert(DS4_TG == 128 && DS4_BM % 16 == 0 && DS4_BN % 16 == 0 && DS4_BK % 8 == 0,
+              "moe_matmul_sorted: 2 x 2 simdgroups of 8 x 8 fragments");
+static_assert(4 * ((DS4_BM + 2 * DS4_BN) * LDK + 2 * DS4_BM * LDN) <= 32768,
+              "moe_matmul_sorted: threadgroup memory over 32 KB");
+threadgroup float xs[DS4_BM * LDK];
+threadgroup float ws1[DS4_BN * LDK];
+threadgroup float ws3[DS4_BN * LDK];
+threadgroup float c1s[DS4_BM * LDN];
+threadgroup float c3s[DS4_BM * LDN];
 uint t = thread_index_in_threadgroup;
+uint sg = simdgroup_index_in_threadgroup;
+uint sm = (sg / 2) * (DS4_BM / 2);  // this simdgroup's first tile row
+uint sn = (sg % 2) * (DS4_BN / 2);  // and first tile column
 uint p0 = threadgroup_position_in_grid.y * DS4_BM;
 uint n0 = threadgroup_position_in_grid.x * DS4_BN;
 uint pend = min(p0 + DS4_BM, uint(P));
-uint tm = t / 8;                // output rows 2tm, 2tm + 1 of the tile
-uint tn = t % 8;                // output columns 4tn .. 4tn + 3
-uint lr = t / 4;                // tile row this thread loads
-uint lc = (t % 4) * 8;          // first of the 8 columns it loads
 ulong rb = QFmt<FMT>::row_bytes(K);
 ulong sb = QFmt<FMT>::scale_bytes(K);
-float acc1[2][4];
-float acc3[2][4];
-bool bad_id[2] = {false, false};
-for (int i = 0; i < 2; ++i)
-  for (int j = 0; j < 4; ++j) {
-    acc1[i][j] = 0.0f;
-    acc3[i][j] = 0.0f;
-  }
 uint p = p0;
 while (p < pend) {
   uint e = eid[p];
   uint q = p + 1;
   while (q < pend && eid[q] == e) ++q;
-  if (e >= uint(E)) {  // the run is the same for every thread: skip it, flag its rows
-    for (int i = 0; i < 2; ++i) {
-      uint row = p0 + 2 * tm + i;
-      if (row >= p && row < q) bad_id[i] = true;
+  if (e >= uint(E)) {  // the run is the same for every thread: no weights read, NaN rows
+    for (uint i = t; i < (q - p) * DS4_BN; i += DS4_TG) {
+      uint col = n0 + i % DS4_BN;
+      if (col < uint(NOUT)) out[ulong(order[p + i / DS4_BN]) * uint(NOUT) + col] = ds4_nan();
     }
     p = q;
     continue;
   }
-  for (uint kb = 0; kb < uint(K); kb += DS4_BK) {
-    uint pr = p0 + lr;
-    for (int i = 0; i < 8; ++i)
-      xs[lr * (DS4_BK + 1) + lc + i] =
-          (pr >= p && pr < q) ? float(x[ulong(xrow[pr]) * uint(K) + kb + lc + i]) : 0.0f;
-    uint nr = n0 + lr;
-    float v[8];
-    if (nr < uint(NOUT)) {
-      ulong wrow = ulong(e) * uint(NOUT) + nr;
-      QFmt<FMT>::load8(w1 + wrow * rb, s1 + wrow * sb, kb + lc, v);
-      for (int i = 0; i < 8; ++i) ws1[lr * (DS4_BK + 1) + lc + i] = v[i];
-      if (GATE_UP) {
-        QFmt<FMT>::load8(w3 + wrow * rb, s3 + wrow * sb, kb + lc, v);
-        for (int i = 0; i < 8; ++i) ws3[lr * (DS4_BK + 1) + lc + i] = v[i];
-      }
-    } else {
-      for (int i = 0; i < 8; ++i) {
-        ws1[lr * (DS4_BK + 1) + lc + i] = 0.0f;
-        ws3[lr * (DS4_BK + 1) + lc + i] = 0.0f;
-      }
+  simdgroup_float8x8 acc1[FM][FN];
+  simdgroup_float8x8 acc3[FM][FN];
+  // Fragments that can change: row i holds a pair of the run, column j an output below NOUT
+  // (uniform over the simdgroup, so a simdgroup skips the others as a whole).
+  bool live[FM];
+  bool cols[FN];
+  for (int j = 0; j < FN; ++j) cols[j] = n0 + sn + 8 * uint(j) < uint(NOUT);
+  for (int i = 0; i < FM; ++i) {
+    uint r0 = p0 + sm + 8 * uint(i);
+    live[i] = r0 < q && r0 + 8 > p;
+    for (int j = 0; j < FN; ++j) {
+      acc1[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      acc3[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int i = 0; i < 2; ++i) {
-      uint row = p0 + 2 * tm + i;
-      if (row < p || row >= q) continue;
-      for (uint kk = 0; kk < DS4_BK; ++kk) {
-        float xv = xs[(2 * tm + i) * (DS4_BK + 1) + kk];
-        for (int j = 0; j < 4; ++j) {
-          acc1[i][j] += xv * ws1[(4 * tn + j) * (DS4_BK + 1) + kk];
-          if (GATE_UP) acc3[i][j] += xv * ws3[(4 * tn + j) * (DS4_BK + 1) + kk];
+  }
+  for (uint kb = 0; kb < uint(K); kb += DS4_BK) {
+    for (uint i = t; i < DS4_BM * (DS4_BK / 8); i += DS4_TG) {
+      uint r = i / (DS4_BK / 8);
+      uint c = (i % (DS4_BK / 8)) * 8;
+      uint pr = p0 + r;
+      bool in_run = pr >= p && pr < q;
+      ulong at = in_run ? ulong(xrow[pr]) * uint(K) + kb + c : 0;
+      for (int j = 0; j < 8; ++j) xs[r * LDK + c + j] = in_run ? float(x[at + j]) : 0.0f;
+    }
+    for (uint i = t; i < DS4_BN * (DS4_BK / 8); i += DS4_TG) {
+      uint r = i / (DS4_BK / 8);
+      uint c = (i % (DS4_BK / 8)) * 8;
+      uint nr = n0 + r;
+      float v[8];
+      if (nr < uint(NOUT)) {
+        ulong wrow = ulong(e) * uint(NOUT) + nr;
+        QFmt<FMT>::load8(w1 + wrow * rb, s1 + wrow * sb, kb + c, v);
+        for (int j = 0; j < 8; ++j) ws1[r * LDK + c + j] = v[j];
+        if (GATE_UP) {
+          QFmt<FMT>::load8(w3 + wrow * rb, s3 + wrow * sb, kb + c, v);
+          for (int j = 0; j < 8; ++j) ws3[r * LDK + c + j] = v[j];
+        }
+      } else {
+        for (int j = 0; j < 8; ++j) {
+          ws1[r * LDK + c + j] = 0.0f;
+          ws3[r * LDK + c + j] = 0.0f;
         }
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint kk = 0; kk < DS4_BK; kk += 8) {
+      simdgroup_float8x8 a[FM];
+      simdgroup_float8x8 b[FN];
+      for (int i = 0; i < FM; ++i)
+        if (live[i]) simdgroup_load(a[i], xs, LDK, ulong2(kk, sm + 8 * uint(i)));
+      for (int j = 0; j < FN; ++j)
+        if (cols[j]) simdgroup_load(b[j], ws1, LDK, ulong2(kk, sn + 8 * uint(j)), true);
+      for (int i = 0; i < FM; ++i)
+        for (int j = 0; j < FN; ++j)
+          if (live[i] && cols[j])
+            simdgroup_multiply_accumulate(acc1[i][j], a[i], b[j], acc1[i][j]);
+      if (GATE_UP) {
+        for (int j = 0; j < FN; ++j)
+          if (cols[j]) simdgroup_load(b[j], ws3, LDK, ulong2(kk, sn + 8 * uint(j)), true);
+        for (int i = 0; i < FM; ++i)
+          for (int j = 0; j < FN; ++j)
+            if (live[i] && cols[j])
+              simdgroup_multiply_accumulate(acc3[i][j], a[i], b[j], acc3[i][j]);
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  // The K loop's last barrier ordered the previous run's epilogue reads before these stores.
+  for (int i = 0; i < FM; ++i)
+    for (int j = 0; j < FN; ++j) {
+      ulong2 at = ulong2(sn + 8 * uint(j), sm + 8 * uint(i));
+      simdgroup_store(acc1[i][j], c1s, LDN, at);
+      if (GATE_UP) simdgroup_store(acc3[i][j], c3s, LDN, at);
+    }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint i = t; i < (q - p) * DS4_BN; i += DS4_TG) {
+    uint r = p - p0 + i / DS4_BN;
+    uint c = i % DS4_BN;
+    if (n0 + c >= uint(NOUT)) continue;
+    float g = c1s[r * LDN + c];
+    float v = GATE_UP ? ds4_swiglu(g, c3s[r * LDN + c], limit) : g;
+    out[ulong(order[p0 + r]) * uint(NOUT) + n0 + c] = v;
   }
   p = q;
-}
-for (int i = 0; i < 2; ++i) {
-  uint row = p0 + 2 * tm + i;
-  if (row >= pend) continue;
-  for (int j = 0; j < 4; ++j) {
-    uint col = n0 + 4 * tn + j;
-    if (col >= uint(NOUT)) continue;
-    float v = GATE_UP ? ds4_swiglu(acc1[i][j], acc3[i][j], limit) : acc1[i][j];
-    out[ulong(order[row]) * uint(NOUT) + col] = bad_id[i] ? ds4_nan() : v;
-  }
 }
 
 // @kernel shared_down
