@@ -187,9 +187,9 @@ def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch,
 
 def test_selftest_fails_on_a_broken_kernel(demo_dir, monkeypatch, capsys):
     monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
-    write = "y[ulong(tok) * uint(D) + row] = OutT(bad_id ? ds4_nan() : acc[r]);"
+    write = "y[ulong(tok) * uint(D) + row0 + t] = OutT(total);"
     break_kernel(monkeypatch, "moe.metal", "moe_down_decode", write,
-                 write.replace("acc[r]", "acc[0]"))
+                 write.replace("OutT(total)", "OutT(part[0])"))
     assert main(["selftest", "--model", str(demo_dir)]) == 1
     out = capsys.readouterr().out
     failing = [line for line in out.splitlines() if "FAIL" in line and "checks" not in line]
