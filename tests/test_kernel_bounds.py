@@ -51,3 +51,20 @@ def test_kernels_flag_out_of_range_ids_with_nan(emulate, monkeypatch, pairs):
     y_ref = np.asarray(kernels.moe_down_ops(rows, w2, "Q8_0", ok, mx.ones((3, 2))))
     assert np.isnan(y[1]).all()
     np.testing.assert_allclose(y[[0, 2]], y_ref[[0, 2]], rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range_id_with_the_shared_expert_is_nan(emulate, monkeypatch):
+    """The folded shared slot does not hide a bad routed id: the token's output is NaN."""
+    monkeypatch.setattr(kernels.moe, "_check_ids", lambda *a, **k: None)  # what the GPU path skips
+    f = 32  # the down projection's inputs: whole Q8_0 blocks
+    w1, w3 = random_experts("Q8_0", E, f, K_IN, seed=7), random_experts("Q8_0", E, f, K_IN, seed=8)
+    w2 = random_experts("Q8_0", E, 20, f, seed=9)
+    shared = kernels.Shared((random_experts("Q8_0", 1, 2 * f, K_IN, seed=10)[0], "Q8_0"),
+                            (random_experts("Q8_0", 1, 20, f, seed=11)[0], "Q8_0"))
+    x = inputs_for(w1, "Q8_0", 1, K_IN, seed=12)
+    idx = mx.array([[1, 9]], dtype=mx.uint32)
+    mid = kernels.moe_gate_up(x, w1, w3, "Q8_0", idx, None, False, shared)
+    got = np.asarray(mid)
+    assert np.isnan(got[0, 1]).all() and np.isfinite(got[0, [0, 2]]).all()
+    y = np.asarray(kernels.moe_down(mid, w2, "Q8_0", idx, mx.ones((1, 2)), mx.float32, False, shared))
+    assert np.isnan(y).all()

@@ -432,3 +432,80 @@ def test_shared_down_matches_the_shared_expert(path, n, dtype, limit):
     tol = 1e-5 if dtype == mx.float32 else 2e-2
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
     assert np.abs(got - numpy).max() <= (1e-4 if dtype == mx.float32 else 3e-2) * np.abs(numpy).max()
+
+
+def shared_weight(fmt: str, rows: int, k_in: int, seed: int, dtype=mx.float32) -> mx.array:
+    """A shared-expert weight [rows, k_in]: Q8_0 blocks, or float rows of ``fmt``."""
+    if fmt == "Q8_0":
+        return random_experts("Q8_0", 1, rows, k_in, seed)[0]
+    rng = np.random.default_rng(seed)
+    return mx.array((rng.standard_normal((rows, k_in)) * 0.05).astype(np.float32)).astype(dtype)
+
+
+@pytest.mark.parametrize("shared_fmt", ["float32", "Q8_0"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shared_expert_folded_into_the_decode_kernels(path, fmt, shared_fmt):
+    """The shared expert as slot k of moe_gate_up_decode / moe_down_decode, against the twins,
+    and its slot against numpy from the dequantized weights."""
+    e, f, k_in, d, k = 5, weight_k(fmt, 256, 96), weight_k(fmt, 256, 160), 37, 6
+    w1, w3 = random_experts(fmt, e, f, k_in, seed=40), random_experts(fmt, e, f, k_in, seed=41)
+    w2 = random_experts(fmt, e, d, f, seed=42)
+    shared = kernels.Shared((shared_weight(shared_fmt, 2 * f, k_in, 43), shared_fmt),
+                            (shared_weight(shared_fmt, d, f, 44), shared_fmt))
+    x = inputs_for(w1, fmt, 1, k_in, seed=45)
+    idx = routes(1, k, e, seed=46)
+    rw = mx.array(np.random.default_rng(47).uniform(0.1, 1.5, (1, k)).astype(np.float32))
+    mid = kernels.moe_gate_up(x, w1, w3, fmt_name(fmt), idx, 10.0, False, shared)
+    ref = kernels.moe_gate_up_ops(x, w1, w3, fmt_name(fmt), idx, 10.0, shared)
+    assert mid.shape == (1, k + 1, f)
+    assert_close(mid, ref)
+    assert_close(mid[:, :k], kernels.moe_gate_up_ops(x, w1, w3, fmt_name(fmt), idx, 10.0))
+    gu = np.asarray(kernels.moe.shared_dense(shared.gate_up))
+    g, u = np.split(np.asarray(x) @ gu.T, 2, axis=-1)
+    g, u = np.minimum(g, 10.0), np.clip(u, -10.0, 10.0)
+    own = g / (1 + np.exp(-g)) * u
+    assert np.abs(np.asarray(mid[:, k]) - own).max() <= 1e-5 * np.abs(own).max()
+    y = kernels.moe_down(ref, w2, fmt_name(fmt), idx, rw, mx.float32, False, shared)
+    assert_close(y, kernels.moe_down_ops(ref, w2, fmt_name(fmt), idx, rw, mx.float32, shared))
+    routed = np.asarray(kernels.moe_down_ops(ref[:, :k], w2, fmt_name(fmt), idx, rw))
+    numpy = routed + np.asarray(ref[:, k]) @ np.asarray(kernels.moe.shared_dense(shared.down)).T
+    assert np.abs(np.asarray(y) - numpy).max() <= 1e-5 * np.abs(numpy).max()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_folded_shared_expert_equals_the_modules(path, dtype, monkeypatch):
+    """MoE._folded (one decoded token: routed + shared experts in the two decode kernels, no
+    shared-expert launch) against the routed experts' call site plus the SharedExpert module."""
+    from ds4mlx.config import ModelConfig
+    from ds4mlx.layers.gguf import GGUFSwitchLinear
+    from ds4mlx.model.moe import MoE
+    from ds4mlx.synthetic import tiny_config
+
+    config = ModelConfig.from_hf(tiny_config(moe_intermediate_size=256, hidden_size=256,
+                                             n_routed_experts=6, experts_per_token=4))
+    moe = MoE(config, layer=5)
+    e = config.n_routed_experts
+    for name, t, rows, k_in, seed in (("w1", "IQ2_XXS", 256, 256, 50), ("w3", "IQ2_XXS", 256, 256, 51),
+                                      ("w2", "Q2_K", 256, 256, 52)):
+        setattr(moe.experts, name, GGUFSwitchLinear.from_blocks(
+            random_experts(t, e, rows, k_in, seed), get(t).GGML_TYPE, k_in))
+    rng = np.random.default_rng(53)
+    for m in (moe.shared_experts.w1, moe.shared_experts.w3, moe.shared_experts.w2):
+        m.weight = mx.array((rng.standard_normal(m.weight.shape) * 0.05).astype(np.float32)).astype(dtype)
+    x = mx.array(rng.standard_normal((1, 256)).astype(np.float32)).astype(dtype)
+    idx = mx.array([[0, 3, 5, 2]], dtype=mx.uint32)
+    w = mx.array([[0.4, 0.9, 1.2, 0.3]], dtype=mx.float32)
+    launches = []
+    run = kernels.dispatch.run
+
+    def counted(*args, **kwargs):
+        launches.append(args[1])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.dispatch, "run", counted)
+    got = moe._folded(x, idx, w)
+    assert got is not None and launches == ["moe_gate_up_decode", "moe_down_decode"]
+    ref = moe.shared_experts(x, add=moe.experts(x, idx, w))
+    assert_close(got, ref, 1e-5 if dtype == mx.float32 else 2e-2)
+    assert moe._folded(mx.concatenate([x, x]), mx.concatenate([idx, idx]),
+                       mx.concatenate([w, w])) is None  # two tokens: the grouped tiles

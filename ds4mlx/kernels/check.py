@@ -4,8 +4,9 @@ A *variant* is the kernels of one weight layout (``Q4_K``, ``Q2_K``, ``IQ2_XXS``
 blocks, ``MXFP4-mlx`` pairs, ...) at one activation dtype, or a named fused kernel (``hc_pre``,
 ``attention``, ``indexer``, ``rope_rows``, ``router``, ``shared_down``) at one dtype and the model dims that are
 its template arguments (:data:`KEY_DIMS`). Checking it runs each of its kernels (:func:`cases`:
-for a layout, dequantize, the decode kernels with ids in ``constant`` and in ``device`` memory,
-the tiled kernel for gate/up, down and plain products, the dense call site; for a fused kernel,
+for a layout, dequantize, the decode kernels with ids in ``constant`` and in ``device`` memory
+and with a shared expert folded in (each format it may take), the tiled kernel for gate/up,
+down and plain products, the dense call site (the matvec and the tiled kernel); for a fused kernel,
 its call shapes) on small random inputs, forced onto the kernel path, and compares with the ops
 twin. Sizes the kernel takes at run time (heads, rows, tokens) are small and off the tile sizes;
 the template dims are the model's, so the instance checked is the one that serves.
@@ -38,7 +39,7 @@ from ..quant import gguf as gguf_formats
 from ..quant.codecs import MX_GROUP
 from . import attention, dispatch, hyper, moe, router, source
 
-CHECK_VERSION = 3  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 4  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -208,14 +209,46 @@ def _moe_cases(spec: Spec) -> list[Case]:
     out += [Case("moe_matmul_sorted gate/up", tiled, gate_up(many, k)),
             Case("moe_matmul_sorted down", tiled, down(many, k)),
             Case("moe_matmul_sorted", tiled, plain(many))]
-    if v != MLX_PAIR:  # dense GGUF projections (GGUFLinear): one expert of the tiled kernel
+    out += _shared_fold_cases(v, fmt, dt, k, e, w1, w3, w2, x_scale)
+    if v != MLX_PAIR:  # dense GGUF projections (GGUFLinear): the matvec, or one expert tiled
         dense = w1[0]
-        for n in (1, 9):
+        for n in (1, 3, moe.MATVEC_TOKENS + 1):
             def run(n=n):
                 x = _acts((n, _K_IN), 70 + n, dt, x_scale)
                 return ([moe.gguf_matmul(x, dense, fmt=fmt, input_dims=_K_IN, output_dims=_ROWS)],
                         [moe.matmul_ops(x, dense, fmt).astype(dt)])
-            out.append(Case("gguf_matmul", f"{n} row{'s' * (n > 1)}, ids in {_placement(n)}", run))
+            kernel = "gguf_matvec" if n <= moe.MATVEC_TOKENS else "gguf_matmul (tiled)"
+            out.append(Case(kernel, f"{n} row{'s' * (n > 1)}", run))
+    return out
+
+
+def _shared_fold_cases(v: str, fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, w2,
+                       x_scale: float) -> list[Case]:
+    """The decode kernels with the shared expert as one more slot, in each format it may take
+    (moe.SHARED_FORMATS, and float rows in the activation dtype): one token, k ids."""
+    out = []
+    kn = min(k, 7)
+    for sf in (dtype_name(dt), *moe.SHARED_FORMATS):
+        def weight(rows: int, k_in: int, seed: int) -> mx.array:
+            if sf in moe.SHARED_FORMATS:
+                return random_experts(sf, 1, rows, k_in, seed)[0]
+            return _acts((rows, k_in), seed, dt, 0.02)
+
+        shared = moe.Shared((weight(2 * _ROWS, _K_IN, 110), sf), (weight(_DOWN_ROWS, _K_IN, 111), sf))
+
+        def gate_up(shared=shared):
+            x, idx = _acts((1, _K_IN), 112, dt, x_scale), _routes(1, kn, e, 113)
+            return ([moe.moe_gate_up(x, w1, w3, fmt, idx, 10.0, False, shared)],
+                    [moe.moe_gate_up_ops(x, w1, w3, fmt, idx, 10.0, shared)])
+
+        def down(shared=shared):
+            mid, idx = _acts((1, kn + 1, _K_IN), 114, mx.float32, 4.0), _routes(1, kn, e, 115)
+            rw = mx.array(np.random.default_rng(116).uniform(0.1, 1.5, (1, kn)).astype(np.float32))
+            return ([moe.moe_down(mid, w2, fmt, idx, rw, dt, False, shared)],
+                    [moe.moe_down_ops(mid, w2, fmt, idx, rw, dt, shared)])
+
+        out += [Case("moe_gate_up_decode + shared", f"shared {sf}, 1 token", gate_up),
+                Case("moe_down_decode + shared", f"shared {sf}, 1 token", down)]
     return out
 
 

@@ -6,10 +6,16 @@ with ``fmt`` one of ``Q8_0``, ``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4``, or, fo
 the pair ``(weight uint32 [E, rows, K/8], scales uint8 [E, rows, K/32])`` of MLX's ``mxfp4``
 mode (official FP4 experts, and GGUF MXFP4 after its nibble reorder).
 
+The decode kernels can also take the layer's shared expert (same input x) as one more slot of
+each token, in its own format (``SHARED_FORMATS``: float rows in the activation dtype, or
+Q8_0 blocks): its gate | up rows in ``moe_gate_up_decode``, its down rows summed at weight 1 in
+``moe_down_decode``, so a decode step runs no separate shared-expert launches.
+
 Entry points (kernel | ops twin): :func:`dequantize`, :func:`moe_gate_up`, :func:`moe_down`,
-:func:`gather_qmm_native`; call sites: :func:`moe_experts` (``None`` = run the expert
-modules), :func:`gguf_switch_matmul`, :func:`gguf_matmul` (kernel or ops, whichever
-:func:`ds4mlx.kernels.dispatch.serves` says).
+:func:`gather_qmm_native`, :func:`gguf_matvec` (| :func:`matmul_ops`); call sites:
+:func:`moe_experts` (``None`` = run the expert modules), :func:`moe_experts_shared` (``None``
+= the shared expert cannot be folded), :func:`gguf_switch_matmul`, :func:`gguf_matmul` (kernel
+or ops, whichever :func:`ds4mlx.kernels.dispatch.serves` says).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from ..quant import gguf as _formats
 from ..quant.codecs import MX_GROUP
 from . import dispatch
 from .dispatch import KERNEL_FORMATS, KernelInputError, ceil_div, device_array
-from .source import (DECODE_ROWS_PER_TG, DECODE_THREADS, GGUF_MXFP4, LAYOUT, MLX_MXFP4, TILE,
+from .source import (DECODE_ROWS, DECODE_ROWS_PER_TG, DECODE_THREADS, DENSE_LAYOUT,
+                     DOWN_SIMDGROUPS, GGUF_MXFP4, LAYOUT, MATVEC_TOKENS, MLX_MXFP4, TILE,
                      TILE_THREADS)
 
 QuantWeight = Union[mx.array, tuple]
@@ -92,6 +99,70 @@ def _no_scales() -> mx.array:
 
 def _gguf_format(name: str):
     return _formats.get(name)
+
+
+# GGUF formats a folded shared expert may take (besides float rows in the activation dtype):
+# the ones the first-use check runs the folded kernels with (kernels/check.py).
+SHARED_FORMATS = ("Q8_0",)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The layer's shared expert as the decode kernels take it: its gate | up rows ``[2F, K]``
+    and its down rows ``[D, F]``, each ``(weight, fmt)``: GGUF blocks ``uint8 [rows, bytes]``
+    with ``fmt`` a GGUF name, or float rows with ``fmt`` their dtype name (``"bfloat16"``)."""
+
+    gate_up: tuple[mx.array, str]
+    down: tuple[mx.array, str]
+
+
+def shared_packed(w: mx.array, fmt: str, name: str) -> Packed:
+    """A shared-expert weight (float rows or GGUF blocks ``[rows, ·]``) as the kernels read it."""
+    if fmt in DENSE_LAYOUT:
+        if w.ndim != 2 or dtype_name(w.dtype) != fmt:
+            raise KernelInputError(f"{name}: expected {fmt} rows [rows, K], got {w.dtype}"
+                                   f"{tuple(w.shape)}")
+        return Packed(fmt, DENSE_LAYOUT[fmt], mx.view(w, mx.uint8), _no_scales(), w.shape[1])
+    p = unpack_weight(w, fmt, name)
+    if p.layout == MLX_MXFP4 or p.q.ndim != 2:
+        raise KernelInputError(f"{name}: expected GGUF blocks [rows, bytes], got {tuple(p.q.shape)}")
+    return p
+
+
+def shared_dense(weight: tuple[mx.array, str]) -> mx.array:
+    """Float32 rows of a shared-expert weight ``(w, fmt)`` (the ops twins' dequantization)."""
+    w, fmt = weight
+    return w.astype(mx.float32) if fmt in DENSE_LAYOUT else dequantize_ops(w, fmt)
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def shared_folds(shared: Shared, dtype: mx.Dtype) -> bool:
+    """Whether the decode kernels take ``shared`` with activations in ``dtype``: each part in
+    float rows of that dtype or in one of ``SHARED_FORMATS`` (the pairs the first-use check
+    covers), K a multiple of the kernels' 32-wide pieces."""
+    for w, fmt in (shared.gate_up, shared.down):
+        if not (fmt == dtype_name(dtype) or fmt in SHARED_FORMATS) or w.ndim != 2:
+            return False
+        if fmt in DENSE_LAYOUT and (w.shape[1] % 32 or dtype_name(w.dtype) != fmt):
+            return False
+    return True
+
+
+def _check_shared(shared: Shared | None, part: str, rows: int, k_in: int,
+                  dtype: mx.Dtype) -> Packed | None:
+    """The Packed shared-expert weight of ``part`` (``gate_up`` [rows, k_in] or ``down``),
+    checked against the routed experts' dims."""
+    if shared is None:
+        return None
+    w, fmt = getattr(shared, part)
+    p = shared_packed(w, fmt, f"shared.{part}")
+    if p.q.shape[0] != rows or p.k != k_in:
+        raise KernelInputError(f"shared.{part}: expected [{rows}, {k_in}] weights, got "
+                               f"{p.q.shape[0]} rows of {p.k}")
+    return p
 
 
 def _check_experts(p: Packed, name: str, x: mx.array, x_name: str,
@@ -246,19 +317,30 @@ def gather_qmm_native_ops(x: mx.array, w: QuantWeight, fmt: str, indices: mx.arr
 
 
 def moe_gate_up_ops(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices: mx.array,
-                    limit: float | None) -> mx.array:
+                    limit: float | None, shared: Shared | None = None) -> mx.array:
     """Ops twin of :func:`moe_gate_up`."""
     g = gather_qmm_native_ops(x, w1, fmt, indices)
     u = gather_qmm_native_ops(x, w3, fmt, indices)
-    return _ops.clamped_swiglu(g, u, limit or 0.0)
+    mid = _ops.clamped_swiglu(g, u, limit or 0.0)
+    if shared is None:
+        return mid
+    gu = x.astype(mx.float32) @ shared_dense(shared.gate_up).T
+    f = gu.shape[-1] // 2
+    own = _ops.clamped_swiglu(gu[:, :f], gu[:, f:], limit or 0.0)
+    return mx.concatenate([mid, own[:, None, :]], axis=1)
 
 
 def moe_down_ops(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weights: mx.array,
-                 out_dtype: mx.Dtype = mx.float32) -> mx.array:
+                 out_dtype: mx.Dtype = mx.float32, shared: Shared | None = None) -> mx.array:
     """Ops twin of :func:`moe_down`."""
-    n, k, f = mid.shape
-    y = _expert_rows_ops(mid.reshape(n * k, f), w2, fmt, indices.reshape(-1)).reshape(n, k, -1)
-    return mx.sum(weights.astype(mx.float32)[..., None] * y, axis=1).astype(out_dtype)
+    n, k = indices.shape
+    f = mid.shape[-1]
+    rows = mid[:, :k].reshape(n * k, f)
+    y = _expert_rows_ops(rows, w2, fmt, indices.reshape(-1)).reshape(n, k, -1)
+    out = mx.sum(weights.astype(mx.float32)[..., None] * y, axis=1)
+    if shared is not None:
+        out = out + mid[:, k].astype(mx.float32) @ shared_dense(shared.down).T
+    return out.astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- MoE, kernels
@@ -292,69 +374,94 @@ def _matmul_sorted(x: mx.array, xrow: mx.array, order: mx.array, eid: mx.array, 
     return out
 
 
+def _decode_templates(p: Packed, shared: Packed | None) -> list:
+    return [("FMT", p.layout), ("SHARED", shared is not None),
+            ("SFMT", p.layout if shared is None else shared.layout)]
+
+
 def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices: mx.array,
-                limit: float | None, grouped: bool | None = None) -> mx.array:
+                limit: float | None, grouped: bool | None = None,
+                shared: Shared | None = None) -> mx.array:
     """``mid [N, k, F]`` float32: for each token's selected experts ``e``,
     ``silu(min(W1[e]·x, limit)) · clip(W3[e]·x, ±limit)`` (no clamp when ``limit`` is 0/None),
     straight from the packed weights.
 
     x: ``[N, K]``; w1, w3: gate and up experts ``[E, F, ·]`` in ``fmt``; indices: ``[N, k]``.
     Few pairs: kernel ``moe_gate_up_decode``; many, or ``grouped``: ``moe_matmul_sorted``
-    (expert-grouped tiles: tokens that chose one expert share its read).
+    (expert-grouped tiles: tokens that chose one expert share its read). ``shared`` (decode
+    only): the shared expert's SwiGLU comes along as slot k, ``mid [N, k + 1, F]``.
     """
     p1, p3 = unpack_weight(w1, fmt, "w1"), unpack_weight(w3, fmt, "w3")
     f, k = _check_experts(p1, "w1", x, "x", indices)
     if p3.q.shape != p1.q.shape or p3.layout != p1.layout:
         raise KernelInputError(f"w3: shape {tuple(p3.q.shape)} differs from w1 {tuple(p1.q.shape)}")
+    ps = _check_shared(shared, "gate_up", 2 * f, p1.k, x.dtype)
     if not _kernel_serves(fmt, p1, x.dtype, indices):
-        return moe_gate_up_ops(x, w1, w3, fmt, indices, limit)
+        return moe_gate_up_ops(x, w1, w3, fmt, indices, limit, shared)
     n = x.shape[0]
     idx = indices.astype(mx.uint32).reshape(-1)
     if _grouped(grouped, n * k):
+        if shared is not None:
+            raise KernelInputError("shared: the shared expert folds into the decode kernels only")
         order, eid = _sort_pairs(idx)
         return _matmul_sorted(x, order // k, order, eid, p1, p3, f, limit).reshape(n, k, f)
+    kk = k + (ps is not None)
+    ws = ps or p1
     (mid,) = dispatch.run("moe.metal", "moe_gate_up_decode",
                           {"x": x, "w1": p1.q, "s1": device_array(p1.s), "w3": p3.q,
-                           "s3": device_array(p3.s), "idx": idx, "F": f, "K": p1.k, "k": k,
+                           "s3": device_array(p3.s), "idx": idx, "ws": ws.q,
+                           "ss": device_array(ws.s), "F": f, "K": p1.k, "k": k,
                            "E": p1.q.shape[0], "limit": float(limit or 0.0)},
-                          {"mid": ((n * k, f), mx.float32)},
-                          grid=(ceil_div(f, DECODE_ROWS_PER_TG) * DECODE_THREADS, n * k, 1),
+                          {"mid": ((n * kk, f), mx.float32)},
+                          grid=(ceil_div(f, DECODE_ROWS_PER_TG) * DECODE_THREADS, n * kk, 1),
                           threadgroup=(DECODE_THREADS, 1, 1),
-                          template=[("T", x.dtype), ("FMT", p1.layout)])
-    return mid.reshape(n, k, f)
+                          template=[("T", x.dtype), *_decode_templates(p1, ps)])
+    return mid.reshape(n, kk, f)
 
 
 def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weights: mx.array,
-             out_dtype: mx.Dtype = mx.float32, grouped: bool | None = None) -> mx.array:
+             out_dtype: mx.Dtype = mx.float32, grouped: bool | None = None,
+             shared: Shared | None = None) -> mx.array:
     """``y [N, D]`` = Σ_j weights[:, j] · W2[indices[:, j]] · mid[:, j], accumulated in float32.
 
     mid: ``[N, k, F]`` (from :func:`moe_gate_up`); w2: down experts ``[E, D, ·]`` in ``fmt``;
     indices, weights: ``[N, k]`` (route weights, already scaled). Few pairs: kernel
     ``moe_down_decode`` (route weights and the sum over k in the kernel); many, or ``grouped``:
-    the tiled kernel, then the weighted sum.
+    the tiled kernel, then the weighted sum. ``shared`` (decode only): mid is ``[N, k + 1, F]``
+    and the shared expert's down projection of slot k is added at weight 1.
     """
     p2 = unpack_weight(w2, fmt, "w2")
-    d, k = _check_experts(p2, "w2", mid, "mid", indices)
+    k = indices.shape[1] if indices.ndim == 2 else 0
+    routed = mid[:, :k] if shared is not None and mid.ndim == 3 else mid
+    d, k = _check_experts(p2, "w2", routed, "mid", indices)
     if weights.shape != indices.shape:
         raise KernelInputError(f"weights: expected the shape of indices {tuple(indices.shape)}, "
                                f"got {tuple(weights.shape)}")
+    ps = _check_shared(shared, "down", d, p2.k, out_dtype)
+    if shared is not None and mid.shape[1] != k + 1:
+        raise KernelInputError(f"mid: expected [N, {k + 1}, F] with the shared slot, got "
+                               f"{tuple(mid.shape)}")
     if not _kernel_serves(fmt, p2, out_dtype, indices):
-        return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype)
-    n, _, f = mid.shape
+        return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype, shared)
+    n, kk, f = mid.shape
     idx = indices.astype(mx.uint32).reshape(-1)
     rw = weights.astype(mx.float32).reshape(-1)
-    rows = mid.astype(mx.float32).reshape(n * k, f)
+    rows = mid.astype(mx.float32).reshape(n * kk, f)
     if _grouped(grouped, n * k):
+        if shared is not None:
+            raise KernelInputError("shared: the shared expert folds into the decode kernels only")
         order, eid = _sort_pairs(idx)
         out = _matmul_sorted(rows, order, order, eid, p2, None, d, None)
         return mx.sum(rw.reshape(n, k, 1) * out.reshape(n, k, d), axis=1).astype(out_dtype)
+    ws = ps or p2
     (y,) = dispatch.run("moe.metal", "moe_down_decode",
                         {"mid": rows, "w2": p2.q, "s2": device_array(p2.s), "idx": idx, "rw": rw,
-                         "D": d, "F": f, "k": k, "E": p2.q.shape[0]},
+                         "ws": ws.q, "ss": device_array(ws.s), "D": d, "F": f, "k": k,
+                         "E": p2.q.shape[0]},
                         {"y": ((n, d), out_dtype)},
-                        grid=(ceil_div(d, DECODE_ROWS_PER_TG) * DECODE_THREADS, n, 1),
-                        threadgroup=(DECODE_THREADS, 1, 1),
-                        template=[("FMT", p2.layout), ("OutT", out_dtype)])
+                        grid=(ceil_div(d, DECODE_ROWS) * 32 * DOWN_SIMDGROUPS, n, 1),
+                        threadgroup=(32 * DOWN_SIMDGROUPS, 1, 1),
+                        template=[("OutT", out_dtype), *_decode_templates(p2, ps)])
     return y
 
 
@@ -401,6 +508,29 @@ def moe_experts(x: mx.array, indices: mx.array, weights: mx.array, w1: Any, w3: 
     return moe_down(mid, down[0], down[1], indices, weights, out_dtype=x.dtype, grouped=grouped)
 
 
+def moe_experts_shared(x: mx.array, indices: mx.array, weights: mx.array, w1: Any, w3: Any,
+                       w2: Any, limit: float | None, shared: Shared) -> mx.array | None:
+    """Routed experts plus the shared expert of one decoded token in the two decode kernels
+    (the shared expert one more slot of each, at weight 1): x ``[1, D]`` -> ``[1, D]`` in x's
+    dtype. ``None`` where that does not apply (several tokens, a projection or format the
+    kernels do not take, other dims): the caller runs the routed and shared experts apart."""
+    if x.shape[0] != 1 or indices.ndim != 2 or indices.shape[1] >= DECODE_MAX_PAIRS:
+        return None
+    gate, up, down = (_module_weight(m) for m in (w1, w3, w2))
+    if gate is None or up is None or down is None or gate[1].upper() != up[1].upper():
+        return None
+    if not (dispatch.serves(gate[1]) and dispatch.serves(down[1]) and shared_folds(shared, x.dtype)):
+        return None
+    p1, p2 = unpack_weight(gate[0], gate[1], "w1"), unpack_weight(down[0], down[1], "w2")
+    f, d = p1.q.shape[1], p2.q.shape[1]
+    ps13, ps2 = (shared_packed(*shared.gate_up, "shared.gate_up"),
+                 shared_packed(*shared.down, "shared.down"))
+    if (ps13.q.shape[0], ps13.k, ps2.q.shape[0], ps2.k, p2.k) != (2 * f, p1.k, d, f, f):
+        return None  # e.g. a shared expert wider than the routed ones
+    mid = moe_gate_up(x, gate[0], up[0], gate[1], indices, limit, False, shared)
+    return moe_down(mid, down[0], down[1], indices, weights, x.dtype, False, shared)
+
+
 def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt: str,
                        input_dims: int, output_dims: int, sorted_indices: bool = False) -> mx.array:
     """Call site of ``GGUFSwitchLinear`` (switch-linear protocol): x ``[..., M, in]``, indices
@@ -418,20 +548,36 @@ def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt:
     return out.reshape(*batch, m, output_dims).astype(x.dtype)
 
 
+def gguf_matvec(x: mx.array, p: Packed) -> mx.array:
+    """Kernel ``gguf_matvec``: ``[N, out]`` float32 = ``x @ W.T`` for x ``[N, K]`` with
+    N <= ``MATVEC_TOKENS`` and one weight ``p`` ``[1, out, ·]`` (ops twin: :func:`matmul_ops`)."""
+    n, r = x.shape[0], p.q.shape[1]
+    (out,) = dispatch.run("moe.metal", "gguf_matvec",
+                          {"x": x, "w": p.q[0], "s": device_array(p.s), "N": n, "K": p.k, "R": r},
+                          {"out": ((n, r), mx.float32)},
+                          grid=(DECODE_THREADS, ceil_div(r, DECODE_ROWS_PER_TG), 1),
+                          threadgroup=(DECODE_THREADS, 1, 1),
+                          template=[("T", x.dtype), ("FMT", p.layout)])
+    return out
+
+
 def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
                 output_dims: int) -> mx.array:
     """Call site of ``GGUFLinear``: ``x @ W.T`` for GGUF blocks ``[out, bytes]`` in x's dtype
-    (one expert of the tiled kernel, or the ops path)."""
+    (up to ``MATVEC_TOKENS`` rows: the matvec kernel; more: one expert of the tiled kernel; or
+    the ops path)."""
     p = unpack_weight(weight[None], fmt, "weight") if dispatch.serves(fmt) else None
     if p is None or not dispatch.first_use_ok(variant_name(p), x.dtype):
         return matmul_ops(x, weight, fmt).astype(x.dtype)
     rows = x.reshape(-1, input_dims)
     n = rows.shape[0]
-    order = mx.arange(n, dtype=mx.uint32)
-    out = _matmul_sorted(rows, order, order, mx.zeros((n,), dtype=mx.uint32), p, None,
-                         output_dims, None)
+    if n <= MATVEC_TOKENS:
+        out = gguf_matvec(rows, p)
+    else:
+        order = mx.arange(n, dtype=mx.uint32)
+        out = _matmul_sorted(rows, order, order, mx.zeros((n,), dtype=mx.uint32), p, None,
+                             output_dims, None)
     return out.reshape(*x.shape[:-1], output_dims).astype(x.dtype)
-
 
 
 # ----------------------------------------------------------------------------- shared expert

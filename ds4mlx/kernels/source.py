@@ -21,10 +21,16 @@ KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")  # GGUF block form
 # Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
 LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
 MLX_MXFP4, GGUF_MXFP4 = 4, 5
+# Float rows the decode kernels read beside packed experts (a folded shared expert)
+DENSE_LAYOUT = {"float32": 6, "float16": 7, "bfloat16": 8}
 # Tile sizes: defined into the Metal sources from here (see defines), so grid and kernel agree.
 DECODE_ROWS, DECODE_SIMDGROUPS = 4, 2  # output rows per simdgroup, simdgroups per threadgroup
 DECODE_ROWS_PER_TG = DECODE_ROWS * DECODE_SIMDGROUPS
 DECODE_THREADS = 32 * DECODE_SIMDGROUPS
+# moe_down_decode: simdgroups per threadgroup, sharing its DECODE_ROWS rows and splitting the
+# token's expert slots (4: six routed + the shared expert take two passes, not seven)
+DOWN_SIMDGROUPS = 4
+MATVEC_TOKENS = 8  # gguf_matvec: tokens per call (decode, a speculative verify)
 TILE, TILE_K, TILE_THREADS = 32, 32, 128  # pairs = outputs per tile, K step, threads
 HC_THREADS = 256  # threads per token of hc_pre
 ATTN_SIMDGROUPS = 4  # simdgroups per (token, head) of attn_decode; they split the keys
@@ -42,10 +48,13 @@ def defines() -> str:
     each GGUF format (gguf.GGML_QUANT_SIZES) and tile sizes."""
     values = {f"DS4_{name}": v for name, v in LAYOUT.items()}
     values.update(DS4_MXFP4=MLX_MXFP4, DS4_MXFP4_GGUF=GGUF_MXFP4)
+    values.update(DS4_F32=DENSE_LAYOUT["float32"], DS4_F16=DENSE_LAYOUT["float16"],
+                  DS4_BF16=DENSE_LAYOUT["bfloat16"])
     for name in KERNEL_FORMATS:
         block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
         values[f"DS4_{name}_BLOCK"], values[f"DS4_{name}_BYTES"] = block, nbytes
-    values.update(DS4_ROWS=DECODE_ROWS, DS4_SIMDGROUPS=DECODE_SIMDGROUPS, DS4_BM=TILE,
+    values.update(DS4_ROWS=DECODE_ROWS, DS4_SIMDGROUPS=DECODE_SIMDGROUPS,
+                  DS4_DOWN_SG=DOWN_SIMDGROUPS, DS4_MV_TOKENS=MATVEC_TOKENS, DS4_BM=TILE,
                   DS4_BN=TILE, DS4_BK=TILE_K, DS4_TG=TILE_THREADS, DS4_HC_TG=HC_THREADS,
                   DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS,
                   DS4_ROUTER_TG=ROUTER_THREADS)

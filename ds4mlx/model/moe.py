@@ -11,6 +11,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from .. import kernels
 from ..kernels.router import router_topk
 from ..config import ModelConfig
+from ..layers.gguf import GGUFLinear
 from ..ops import clamped_swiglu
 from .merged import MergedLinear
 
@@ -176,6 +177,23 @@ class SharedExpert(nn.Module):
             self._w13 = MergedLinear([self.w1, self.w3])
         return self._w13
 
+    def fold_weights(self) -> kernels.Shared | None:
+        """Its weights as the decode MoE kernels take them (gate | up merged, down), so that
+        one decoded token runs it inside the routed experts' launches; None when its
+        projections are not plain float or GGUF ones (quantized, biased, wrapped)."""
+        w13 = self.merge_projections()
+        if not w13.merged or w13.kind[0] not in ("dense", "gguf"):
+            return None
+        down = self.w2
+        if type(down) is nn.Linear and "bias" not in down:
+            dw = (down.weight, _dtype_name(down.weight.dtype))
+        elif type(down) is GGUFLinear:
+            dw = (down.weight, down.type_name)
+        else:
+            return None
+        gu = w13.whole["weight"]
+        return kernels.Shared((gu, _dtype_name(gu.dtype) if w13.kind[0] == "dense" else w13.kind[1]), dw)
+
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         """The shared expert of ``x [N, D]``, plus ``add`` (the routed experts' sum) if given."""
         w13 = self.merge_projections()
@@ -201,5 +219,24 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         idx, w = self.gate(flat if x32 is None else x32.reshape(-1, shape[-1]),
                            token_ids.reshape(-1))
+        folded = self._folded(flat, idx, w)
+        if folded is not None:
+            return folded.reshape(shape)
         y = self.shared_experts(flat, add=self.experts(flat, idx, w))
         return y.reshape(shape)
+
+    def _folded(self, x: mx.array, idx: mx.array, w: mx.array) -> mx.array | None:
+        """One decoded token: the shared expert as one more slot of the routed experts' decode
+        kernels (two launches for both); None where the kernels do not take it."""
+        routed, shared = self.experts, self.shared_experts
+        if x.shape[0] != 1 or kernels.dispatch.backend() == "ops" or routed.limit != shared.limit:
+            return None
+        weights = shared.fold_weights()
+        if weights is None:
+            return None
+        return kernels.moe_experts_shared(x, idx, w, routed.w1, routed.w3, routed.w2, routed.limit,
+                                          weights)
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]

@@ -2,17 +2,20 @@
 //
 // Each `// @kernel NAME` section is the body of one mx.fast.metal_kernel; the text above the
 // first section is the header shared by all of them. Template parameters: T (activation dtype),
-// FMT (a DS4_* format id), OutT (output dtype) where noted. Weights are [E, rows, row_bytes]
+// FMT (a DS4_* format id), OutT (output dtype) where noted; the decode kernels also take
+// SHARED (the layer's shared expert folded in as one more slot) and SFMT (its format). Weights
+// are [E, rows, row_bytes]
 // packed bytes `w` plus, for MXFP4, [E, rows, scale_bytes] scales `s` (a dummy otherwise).
 // Sizes come in as 0-d int inputs; k (experts per token) is one of them, never a constant, and
 // E (experts in the weights) bounds the expert ids: a pair whose id is out of range reads no
 // weights and writes NaN, so a bad id cannot read past the weights and cannot pass unnoticed.
-// Tile sizes (DS4_ROWS, DS4_SIMDGROUPS, DS4_BM, DS4_BN, DS4_BK, DS4_TG) are defined from
-// Python, which sizes the grids with the same values.
+// Tile sizes (DS4_ROWS, DS4_SIMDGROUPS, DS4_DOWN_SG, DS4_MV_TOKENS, DS4_BM, DS4_BN, DS4_BK,
+// DS4_TG) are defined from Python, which sizes the grids with the same values.
 #include "quant.h"
 
 // Decode: a simdgroup computes DS4_ROWS output rows of one (token, expert) pair; its lanes
-// stride over the row 8 elements at a time.
+// stride over the row 32 weights at a time (QFmt<F>::dot32, metal/quant.h). A format's lookup
+// table is copied into threadgroup memory at the start (QFmt<F>::fill_tab, then a barrier).
 
 METAL_FUNC float ds4_nan() { return as_type<float>(0x7fc00000u); }
 
@@ -20,6 +23,32 @@ METAL_FUNC float ds4_dot8(thread const float* a, thread const float* b) {
   float s = 0.0f;
   for (int i = 0; i < 8; ++i) s += a[i] * b[i];
   return s;
+}
+
+// acc[r] += W_a[ra + r] . x and, when NW = 2, acc[DS4_ROWS + r] += W_b[rb + r] . x for
+// r < nrows, over this lane's 32-wide pieces of x [K] (lane t of nt): the activations are
+// read and prepared once for all the rows.
+template <int F, int NW, typename XT>
+METAL_FUNC void ds4_dot_rows(const device XT* x, uint K, uint t, uint nt,
+                             const device uint8_t* wa, const device uint8_t* sa, ulong ra,
+                             const device uint8_t* wb, const device uint8_t* sb, ulong rb,
+                             uint nrows, threadgroup const uint* tab, thread float* acc) {
+  ulong rbytes = QFmt<F>::row_bytes(K);
+  ulong sbytes = QFmt<F>::scale_bytes(K);
+  for (uint c = t * 32; c < K; c += nt * 32) {
+    float xs[34];
+    for (int i = 0; i < 32; ++i) xs[i] = float(x[c + i]);
+    xs[32] = 0.0f;
+    xs[33] = 0.0f;
+    QFmt<F>::prep(c, xs);
+    for (uint r = 0; r < uint(DS4_ROWS); ++r) {
+      if (r >= nrows) break;
+      acc[r] += QFmt<F>::dot32(wa + (ra + r) * rbytes, sa + (ra + r) * sbytes, c, xs, tab);
+      if (NW == 2)
+        acc[DS4_ROWS + r] +=
+            QFmt<F>::dot32(wb + (rb + r) * rbytes, sb + (rb + r) * sbytes, c, xs, tab);
+    }
+  }
 }
 
 // silu(min(g, limit)) * clip(u, -limit, limit); limit <= 0 means no clamp.
@@ -47,90 +76,130 @@ QFmt<FMT>::load8(w + ulong(row) * QFmt<FMT>::row_bytes(K),
 for (int i = 0; i < 8; ++i) out[ulong(row) * uint(K) + piece * 8 + i] = v[i];
 
 // @kernel moe_gate_up_decode
-// x [N, K] (T), w1/w3 [E, F, .] with scales s1/s3, idx [N * k] uint32 (pair p = token * k +
-// slot) -> mid [N * k, F] float32 = swiglu(W1[e] x, W3[e] x).
-// Grid (ceil(F / (ROWS * SIMDGROUPS)) * 32 * SIMDGROUPS, N * k), threadgroup (64, 1, 1).
+// x [N, K] (T), w1/w3 [E, F, .] with scales s1/s3, idx [N * k] uint32; with SHARED, the shared
+// expert ws [2F, .] in format SFMT (gate rows, then up rows; scales ss) rides along as slot k of
+// each token. -> mid [N * kk, F] float32 = swiglu(W1 x, W3 x), kk = k + SHARED, pair
+// p = token * kk + slot. Grid (ceil(F / (ROWS * SIMDGROUPS)) * 32 * SIMDGROUPS, N * kk),
+// threadgroup (32 * SIMDGROUPS, 1, 1).
+threadgroup uint tab[QFmt<FMT>::TAB];
+threadgroup uint stab[(SHARED && SFMT != FMT) ? QFmt<SFMT>::TAB : 1];
+uint t = thread_index_in_threadgroup;
+QFmt<FMT>::fill_tab(tab, t, 32 * DS4_SIMDGROUPS);
+if (SHARED && SFMT != FMT) QFmt<SFMT>::fill_tab(stab, t, 32 * DS4_SIMDGROUPS);
+threadgroup_barrier(mem_flags::mem_threadgroup);
 uint pair = threadgroup_position_in_grid.y;
 uint lane = thread_index_in_simdgroup;
 uint row0 = (threadgroup_position_in_grid.x * DS4_SIMDGROUPS + simdgroup_index_in_threadgroup) *
             DS4_ROWS;
-uint tok = pair / uint(k);
-uint e = idx[pair];
-if (e >= uint(E)) {  // the same for the whole threadgroup: no lane is left at a collective
-  for (int r = 0; r < DS4_ROWS; ++r)
-    if (lane == 0 && row0 + r < uint(F)) mid[ulong(pair) * uint(F) + row0 + r] = ds4_nan();
-  return;
-}
-ulong rb = QFmt<FMT>::row_bytes(K);
-ulong sb = QFmt<FMT>::scale_bytes(K);
-float g[DS4_ROWS];
-float u[DS4_ROWS];
-for (int r = 0; r < DS4_ROWS; ++r) {
-  g[r] = 0.0f;
-  u[r] = 0.0f;
-}
-for (uint c = lane * 8; c < uint(K); c += 32 * 8) {
-  float xv[8];
-  for (int i = 0; i < 8; ++i) xv[i] = float(x[ulong(tok) * uint(K) + c + i]);
-  for (int r = 0; r < DS4_ROWS; ++r) {
-    uint row = row0 + r;
-    if (row >= uint(F)) break;
-    ulong wrow = ulong(e) * uint(F) + row;
-    float wv[8];
-    QFmt<FMT>::load8(w1 + wrow * rb, s1 + wrow * sb, c, wv);
-    g[r] += ds4_dot8(wv, xv);
-    QFmt<FMT>::load8(w3 + wrow * rb, s3 + wrow * sb, c, wv);
-    u[r] += ds4_dot8(wv, xv);
+uint nrows = row0 < uint(F) ? min(uint(DS4_ROWS), uint(F) - row0) : 0u;
+uint kk = uint(k) + (SHARED ? 1u : 0u);
+uint tok = pair / kk;
+uint slot = pair % kk;
+const device T* xt = x + ulong(tok) * uint(K);
+float acc[2 * DS4_ROWS];
+for (int r = 0; r < 2 * DS4_ROWS; ++r) acc[r] = 0.0f;
+bool bad_id = false;
+if (slot < uint(k)) {
+  uint e = idx[tok * uint(k) + slot];
+  if (e >= uint(E)) {  // the same for the whole threadgroup: reads nothing, writes NaN
+    bad_id = true;
+  } else {
+    ulong r0 = ulong(e) * uint(F) + row0;
+    ds4_dot_rows<FMT, 2>(xt, uint(K), lane, 32, w1, s1, r0, w3, s3, r0, nrows, tab, acc);
   }
+} else {
+  threadgroup const uint* sp = SFMT == FMT ? tab : stab;
+  ds4_dot_rows<SFMT, 2>(xt, uint(K), lane, 32, ws, ss, ulong(row0), ws, ss,
+                        ulong(F) + row0, nrows, sp, acc);
 }
 for (int r = 0; r < DS4_ROWS; ++r) {
-  float gs = simd_sum(g[r]);
-  float us = simd_sum(u[r]);
-  uint row = row0 + r;
-  if (lane == 0 && row < uint(F)) mid[ulong(pair) * uint(F) + row] = ds4_swiglu(gs, us, limit);
+  float gs = simd_sum(acc[r]);
+  float us = simd_sum(acc[DS4_ROWS + r]);
+  uint row = row0 + uint(r);
+  if (lane == 0 && uint(r) < nrows) {
+    if (bad_id) mid[ulong(pair) * uint(F) + row] = ds4_nan();
+    else mid[ulong(pair) * uint(F) + row] = ds4_swiglu(gs, us, limit);
+  }
 }
 
 // @kernel moe_down_decode
-// mid [N * k, F] float32, w2 [E, D, .] with scales s2, idx/rw [N * k] (uint32 / float32)
-// -> y [N, D] (OutT) = sum_j rw_j * W2[e_j] mid_j, accumulated in float32 in slot order.
-// Grid (ceil(D / (ROWS * SIMDGROUPS)) * 32 * SIMDGROUPS, N), threadgroup (64, 1, 1).
+// mid [N * kk, F] float32 (kk = k + SHARED), w2 [E, D, .] with scales s2, idx/rw [N * k]
+// (uint32 / float32); with SHARED, the shared expert's down ws [D, .] (SFMT, scales ss) takes
+// slot k at weight 1. -> y [N, D] (OutT) = sum_j rw_j * W2[e_j] mid_j (+ Ws mid_k), in float32.
+// Grid (ceil(D / ROWS) * 32 * DOWN_SG, N), threadgroup (32 * DOWN_SG, 1, 1): the DOWN_SG
+// simdgroups of a threadgroup share its ROWS rows and split the token's slots (simdgroup s
+// takes s, s + DOWN_SG, ...), so a token's k + 1 expert rows are read by that many simdgroups
+// at once instead of one after the other; the partial sums meet in threadgroup memory and are
+// added in simdgroup order (the twin sums over the slots in one mx.sum).
+threadgroup uint tab[QFmt<FMT>::TAB];
+threadgroup uint stab[(SHARED && SFMT != FMT) ? QFmt<SFMT>::TAB : 1];
+threadgroup float part[DS4_DOWN_SG * DS4_ROWS];
+uint t = thread_index_in_threadgroup;
+QFmt<FMT>::fill_tab(tab, t, 32 * DS4_DOWN_SG);
+if (SHARED && SFMT != FMT) QFmt<SFMT>::fill_tab(stab, t, 32 * DS4_DOWN_SG);
+threadgroup_barrier(mem_flags::mem_threadgroup);
 uint tok = threadgroup_position_in_grid.y;
 uint lane = thread_index_in_simdgroup;
-uint row0 = (threadgroup_position_in_grid.x * DS4_SIMDGROUPS + simdgroup_index_in_threadgroup) *
-            DS4_ROWS;
-ulong rb = QFmt<FMT>::row_bytes(F);
-ulong sb = QFmt<FMT>::scale_bytes(F);
+uint sg = simdgroup_index_in_threadgroup;
+uint row0 = threadgroup_position_in_grid.x * DS4_ROWS;
+uint nrows = row0 < uint(D) ? min(uint(DS4_ROWS), uint(D) - row0) : 0u;
+uint kk = uint(k) + (SHARED ? 1u : 0u);
 float acc[DS4_ROWS];
 for (int r = 0; r < DS4_ROWS; ++r) acc[r] = 0.0f;
-bool bad_id = false;
-for (uint j = 0; j < uint(k); ++j) {
-  uint pair = tok * uint(k) + j;
-  uint e = idx[pair];
-  if (e >= uint(E)) {  // uniform over the threadgroup (one token)
-    bad_id = true;
-    continue;
-  }
-  float part[DS4_ROWS];
-  for (int r = 0; r < DS4_ROWS; ++r) part[r] = 0.0f;
-  for (uint c = lane * 8; c < uint(F); c += 32 * 8) {
-    float mv[8];
-    for (int i = 0; i < 8; ++i) mv[i] = mid[ulong(pair) * uint(F) + c + i];
-    for (int r = 0; r < DS4_ROWS; ++r) {
-      uint row = row0 + r;
-      if (row >= uint(D)) break;
-      ulong wrow = ulong(e) * uint(D) + row;
-      float wv[8];
-      QFmt<FMT>::load8(w2 + wrow * rb, s2 + wrow * sb, c, wv);
-      part[r] += ds4_dot8(wv, mv);
+for (uint j = sg; j < kk; j += DS4_DOWN_SG) {  // uniform over the simdgroup
+  const device float* m = mid + ulong(tok * kk + j) * uint(F);
+  float dot[DS4_ROWS];
+  for (int r = 0; r < DS4_ROWS; ++r) dot[r] = 0.0f;
+  float weight = 1.0f;
+  if (j < uint(k)) {
+    uint e = idx[tok * uint(k) + j];
+    if (e >= uint(E)) {  // reads nothing; NaN carries into the sum
+      for (int r = 0; r < DS4_ROWS; ++r) acc[r] = ds4_nan();
+      continue;
     }
+    weight = rw[tok * uint(k) + j];
+    ds4_dot_rows<FMT, 1>(m, uint(F), lane, 32, w2, s2, ulong(e) * uint(D) + row0, w2, s2, 0,
+                         nrows, tab, dot);
+  } else {
+    threadgroup const uint* sp = SFMT == FMT ? tab : stab;
+    ds4_dot_rows<SFMT, 1>(m, uint(F), lane, 32, ws, ss, ulong(row0), ws, ss, 0, nrows, sp, dot);
   }
-  float weight = rw[pair];
-  for (int r = 0; r < DS4_ROWS; ++r) acc[r] += weight * simd_sum(part[r]);
+  for (int r = 0; r < DS4_ROWS; ++r) acc[r] += weight * simd_sum(dot[r]);
 }
-for (int r = 0; r < DS4_ROWS; ++r) {
-  uint row = row0 + r;
-  if (lane == 0 && row < uint(D)) y[ulong(tok) * uint(D) + row] = OutT(bad_id ? ds4_nan() : acc[r]);
+if (lane == 0)
+  for (int r = 0; r < DS4_ROWS; ++r) part[sg * DS4_ROWS + r] = acc[r];
+threadgroup_barrier(mem_flags::mem_threadgroup);
+if (t < nrows) {
+  float total = 0.0f;
+  for (uint s = 0; s < DS4_DOWN_SG; ++s) total += part[s * DS4_ROWS + t];
+  y[ulong(tok) * uint(D) + row0 + t] = OutT(total);
 }
+
+// @kernel gguf_matvec
+// A dense projection at decode (GGUFLinear, 1 to DS4_MV_TOKENS tokens): x [N, K] (T), w [R, .]
+// (FMT, scales s) -> out [N, R] float32. A simdgroup computes DS4_ROWS rows for all N tokens,
+// its lanes striding over K 32 weights at a time: each weight is read once from memory (the
+// other tokens' passes hit the cache), where the prefill tile kernel would compute 32 rows of
+// pairs for one token. Grid (32 * SIMDGROUPS, ceil(R / (ROWS * SIMDGROUPS))), threadgroup
+// (32 * SIMDGROUPS, 1, 1).
+threadgroup uint tab[QFmt<FMT>::TAB];
+uint t = thread_index_in_threadgroup;
+QFmt<FMT>::fill_tab(tab, t, 32 * DS4_SIMDGROUPS);
+threadgroup_barrier(mem_flags::mem_threadgroup);
+uint lane = thread_index_in_simdgroup;
+uint row0 = (threadgroup_position_in_grid.y * DS4_SIMDGROUPS + simdgroup_index_in_threadgroup) *
+            DS4_ROWS;
+uint nrows = row0 < uint(R) ? min(uint(DS4_ROWS), uint(R) - row0) : 0u;
+float acc[DS4_ROWS * DS4_MV_TOKENS];
+for (int i = 0; i < DS4_ROWS * DS4_MV_TOKENS; ++i) acc[i] = 0.0f;
+for (int n = 0; n < N; ++n)
+  ds4_dot_rows<FMT, 1>(x + ulong(n) * uint(K), uint(K), lane, 32, w, s, ulong(row0), w, s, 0,
+                       nrows, tab, acc + n * DS4_ROWS);
+for (int n = 0; n < N; ++n)
+  for (int r = 0; r < DS4_ROWS; ++r) {
+    float v = simd_sum(acc[n * DS4_ROWS + r]);
+    if (lane == 0 && uint(r) < nrows) out[ulong(n) * uint(R) + row0 + uint(r)] = v;
+  }
 
 // @kernel moe_matmul_sorted
 // Expert-grouped tiled matmul for many (token, expert) pairs. Pairs are sorted by expert:
