@@ -158,8 +158,10 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
                           ("index_q", "indexer"), ("router_topk", "router")):
         assert (name, variant) in kernels_seen, out
     # the MXFP4-mlx cases include the decode kernels with the shared expert folded in
-    assert any(line.startswith("moe_down_decode + shared   MXFP4-mlx") for line in out.splitlines()) \
-        or ("moe_down_decode", "+") in kernels_seen, out
+    for name in ("moe_gate_up_decode", "moe_down_decode"):
+        for shared in ("shared float32", "shared Q8_0"):
+            assert any(line.startswith(f"{name} + shared") and "MXFP4-mlx" in line
+                       and shared in line for line in out.splitlines()), (name, shared, out)
     assert "all 37 kernel checks passed" in out
 
 
