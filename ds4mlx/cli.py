@@ -479,14 +479,21 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help=(
         "Requests decoded together (1: one at a time, in arrival order)."))] = 8,
     layers_split: LayersSplitOpt = None,
+    ignore_memory_limit: MemoryOpt = False,
 ) -> None:
     """OpenAI (/v1/chat/completions, /v1/completions) and Anthropic (/v1/messages) APIs."""
     import signal
 
+    from . import distributed
+    from .memory import check_memory
     from .server import serve as run_server
 
     _check_draft(draft)
-    _split(layers_split)  # rank 0 serves; the others run its forwards, silently
+    split = _split(layers_split)  # rank 0 serves; the others run its forwards, silently
+    # before any weight is read: the weights, a state per request decoded together, the snapshots
+    check_memory(model, ctx=ctx, force=ignore_memory_limit, warn=status, mtp=draft == "mtp",
+                 stage=distributed.this_stage(model, layers_split) if split else None,
+                 sequences=max_batch, cache=int(cache_gb * 2**30))
     status(f"Loading {model} ...")
     try:
         run_server(model, host=host, port=port, ctx=ctx, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2**30),

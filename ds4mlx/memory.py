@@ -41,13 +41,15 @@ class MemoryLimitError(ValueError):
 @dataclass(frozen=True)
 class Estimate:
     weights: int
-    state: int
+    state: int  # every sequence's decode state at ``ctx``
     ctx: int
     margin: int = WORKING_MARGIN
+    sequences: int = 1  # decoded together (a server's batch)
+    cache: int = 0  # a server's in-memory prefix-cache snapshots, at their bound
 
     @property
     def total(self) -> int:
-        return self.weights + self.state + self.margin
+        return self.weights + self.state + self.cache + self.margin
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,11 @@ def _resident_bytes(name: str, kind: str, fmt: str, nbytes: int, dtype_bytes: in
 
 
 def estimate(source: Any, *, ctx: int, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
-             stage: Optional["Stage"] = None) -> Estimate:
+             stage: Optional["Stage"] = None, sequences: int = 1, cache: int = 0) -> Estimate:
     """Bytes ``source`` will take once loaded, with the decode state of ``ctx`` tokens (capped
     at the model's ``max_position_embeddings``); reads headers only. ``stage``: only the share
-    of one process of a model split by layers (``ds4mlx.distributed``)."""
+    of one process of a model split by layers (``ds4mlx.distributed``). A server adds the states
+    of the ``sequences`` it decodes together and its prefix ``cache`` bound."""
     from .info import checked_config, read_tensors, resolve_model, state_nbytes
     from .loader import default_dtype
 
@@ -97,7 +100,8 @@ def estimate(source: Any, *, ctx: int, dtype: Optional[mx.Dtype] = None, mtp: bo
                   for t in tensors if (mtp or t.kind != "MTP block") and (stage is None or stage.holds(t.name)))
     ctx = min(int(ctx), config.max_position_embeddings)
     layers = None if stage is None else range(stage.first, stage.stop)
-    return Estimate(weights, state_nbytes(config, ctx, dtype_bytes, layers), ctx)
+    state = sequences * state_nbytes(config, ctx, dtype_bytes, layers)
+    return Estimate(weights, state, ctx, sequences=sequences, cache=cache)
 
 
 def _gb(n: int) -> str:
@@ -109,11 +113,15 @@ def _gb(n: int) -> str:
 def verdict(est: Estimate, mem: DeviceMemory, what: str = "the model") -> tuple[str, str] | None:
     """``None`` when ``est`` fits comfortably, else ``(level, message)`` with level ``"refuse"``
     (it does not fit) or ``"warn"`` (close to the limit)."""
-    need = (f"{what} needs about {_gb(est.total)} (weights {_gb(est.weights)}, decode state at "
-            f"--ctx {est.ctx} {_gb(est.state)}, working margin {_gb(est.margin)})")
+    states = "decode state" if est.sequences == 1 else f"decode states of {est.sequences} requests"
+    cache = f", prefix cache {_gb(est.cache)} (--cache-gb)" if est.cache else ""
+    need = (f"{what} needs about {_gb(est.total)} (weights {_gb(est.weights)}, {states} at "
+            f"--ctx {est.ctx} {_gb(est.state)}{cache}, working margin {_gb(est.margin)})")
     usable = mem.physical - (MACOS_RESERVE if mem.working_set is not None else 0)
     if est.total > usable:
         shorter = " or a shorter --ctx" if est.state > est.total // 10 else ""
+        if est.cache > est.total // 10:
+            shorter += " or a smaller --cache-gb"
         return "refuse", (f"{need}, more than this machine's {_gb(mem.physical)} of memory can "
                           f"hold; use a smaller quantization{shorter}")
     if mem.working_set is not None and est.total > mem.working_set:
@@ -134,17 +142,18 @@ def set_limits(est: Estimate, mem: DeviceMemory) -> None:
     if mem.working_set is None or not mx.metal.is_available():
         return
     mx.set_wired_limit(mem.working_set)
-    headroom = max(mem.working_set - est.weights - est.state, 0)
+    headroom = max(mem.working_set - est.weights - est.state - est.cache, 0)
     mx.set_cache_limit(max(headroom, 256 * MIB))
 
 
 def check_memory(source: Any, *, ctx: int, force: bool = False, dtype: Optional[mx.Dtype] = None,
                  mtp: bool = False, warn: Callable[[str], None] | None = None,
-                 stage: Optional["Stage"] = None) -> Estimate:
+                 stage: Optional["Stage"] = None, sequences: int = 1, cache: int = 0) -> Estimate:
     """Estimate, compare with this machine, refuse (unless ``force``) or warn, set the limits;
-    with ``stage``, for this process's share of a split model."""
+    with ``stage``, for this process's share of a split model; ``sequences`` and ``cache`` as
+    in ``estimate``."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    est = estimate(source, ctx=ctx, dtype=dtype, mtp=mtp, stage=stage)
+    est = estimate(source, ctx=ctx, dtype=dtype, mtp=mtp, stage=stage, sequences=sequences, cache=cache)
     mem = device_memory()
     found = verdict(est, mem, what=str(source) if stage is None else f"{stage.describe()} of {source}")
     if found is not None:

@@ -103,3 +103,27 @@ def test_limits_set_for_the_run_on_metal(monkeypatch):
     calls.clear()
     memory.set_limits(est, memory.DeviceMemory(64 * GB, None))  # no Metal working set: untouched
     assert calls == {}
+
+
+def test_serve_counts_its_batch_and_prefix_cache_before_reading_weights(demo_dir, monkeypatch, capfd,
+                                                                       no_loading):
+    one = memory.estimate(demo_dir, ctx=4096)
+    served = memory.estimate(demo_dir, ctx=4096, sequences=4, cache=3 * memory.GIB)
+    # an independent sum: four of generate's states and the cache bound on top of its total
+    assert served.total == one.total + 3 * one.state + 3 * memory.GIB
+    # enough for generate, not for the server with its batch and snapshots
+    fake_device(monkeypatch, physical=one.total + 64 * GB, working_set=one.total + memory.GIB)
+    rc = main(["serve", "--model", str(demo_dir), "--ctx", "4096", "--max-batch", "4", "--cache-gb", "3",
+               "--port", "0"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 1 and not no_loading, err
+    assert len(err) == 1 and err[0].startswith("ds4mlx: error: "), err
+    assert "decode states of 4 requests" in err[0] and "prefix cache" in err[0]
+    mb = int(err[0].split("iogpu.wired_limit_mb=")[1].split("'")[0])
+    assert mb * memory.MIB >= served.total
+    # --ignore-memory-limit: on to the loader, with one warning
+    rc = main(["serve", "--model", str(demo_dir), "--ctx", "4096", "--max-batch", "4", "--cache-gb", "3",
+               "--port", "0", "--ignore-memory-limit"])
+    err = capfd.readouterr().err
+    assert rc == 1 and len(no_loading) == 1 and "stopped at the loader" in err
+    assert len([line for line in err.splitlines() if "loading anyway" in line]) == 1
