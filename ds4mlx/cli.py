@@ -23,6 +23,7 @@ from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_T
 from .generate import DEFAULT_DRAFT_TOKENS, check_sampling, check_text
 from .cli_output import UsageProblem, detail, prefill_progress, set_output, show_prompt, status
 from .cli_output import GracefulInterrupt, Output, Printer, forget_interrupts, interrupt, stream_responses
+from .cli_output import OutputClosed, fail, is_usage_error, one_line, pipe_safe, show_warning
 from .cli_options import (ModelOpt, MaxTokensOpt, TempOpt, TopPOpt, TopKOpt, MinPOpt, SeedOpt,
                           SystemOpt, ThinkOpt, ThinkMaxOpt, ExpertsOpt, CtxOpt, MemoryOpt,
                           GGUFFileOpt, VerboseOpt, QuietOpt, DraftOpt, NumDraftOpt,
@@ -135,7 +136,7 @@ def _load(model: str, experts_per_token: Optional[int], *, need_tokenizer: bool 
     mismatch = [w for w in caught if issubclass(w.category, TokenizerMismatchWarning)]
     for w in caught:
         if not (w in mismatch and need_tokenizer):
-            status(f"note: {_one_line(w.message)}")
+            status(f"note: {one_line(w.message)}")
     if tokenizer is None and need_tokenizer and mismatch:
         raise ValueError(str(mismatch[0].message).replace("; not loaded", ""))
     if Output.verbose:
@@ -511,56 +512,13 @@ def serve(
 # ----------------------------------------------------------------------------- entry point
 
 
-def _one_line(message) -> str:
-    return " ".join(str(message).split())
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings (ours or a library's) as one line, without Python's file and source line."""
-    print(f"ds4mlx: warning: {_one_line(message)}", file=sys.stderr, flush=True)
-
-
-def _fail(message: str, code: int = 1) -> int:
-    message = _one_line(message)  # one line, whatever the exception held
-    print(f"ds4mlx: error: {message}", file=sys.stderr, flush=True)
-    return code
-
-
-def _is_usage_error(e: BaseException) -> bool:
-    # click's UsageError family (typer vendors its own click since 0.22: match by shape)
-    return hasattr(e, "format_message") and hasattr(e, "exit_code")
-
-
-class _OutputClosed(Exception):
-    """stdout's reader went away (``| head``)."""
-
-
-def _pipe_safe(callback):
-    """``callback`` with a closed output pipe turned into ``_OutputClosed`` (typer would answer
-    a BrokenPipeError with exit status 1)."""
-    import functools
-
-    if callback is None or getattr(callback, "_pipe_safe", False):
-        return callback
-
-    @functools.wraps(callback)
-    def run(*args, **kwargs):
-        try:
-            return callback(*args, **kwargs)
-        except BrokenPipeError:
-            raise _OutputClosed from None
-
-    run._pipe_safe = True
-    return run
-
-
 def main(argv: Optional[list[str]] = None, ready: Optional[Callable[[], None]] = None) -> int:
     """Run the command line ``argv``; returns the exit status. ``ready`` is called once the
     handlers below are in place (the console entry point hands SIGINT back to Python there)."""
     import warnings
 
     with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+        warnings.showwarning = show_warning
         return _run(argv, ready)
 
 
@@ -568,7 +526,7 @@ def _run(argv: Optional[list[str]], ready: Optional[Callable[[], None]]) -> int:
     debug = os.environ.get("DS4MLX_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
     for sub in getattr(command, "commands", {}).values():
-        sub.callback = _pipe_safe(sub.callback)
+        sub.callback = pipe_safe(sub.callback)
     set_output(verbose=False, quiet=False)  # per command (main may run several in one process)
     try:
         forget_interrupts()
@@ -581,7 +539,7 @@ def _run(argv: Optional[list[str]], ready: Optional[Callable[[], None]]) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except _OutputClosed:  # the reader of our output left (| head): done, as Unix tools are
+    except OutputClosed:  # the reader of our output left (| head): done, as Unix tools are
         from .terminal import silence_stdout
 
         silence_stdout()
@@ -592,18 +550,18 @@ def _run(argv: Optional[list[str]], ready: Optional[Callable[[], None]]) -> int:
         if type(e).__name__ == "Abort":
             print(file=sys.stderr)
             return 130
-        if _is_usage_error(e):
+        if is_usage_error(e):
             ctx = getattr(e, "ctx", None)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            return _fail(f"{e.format_message()}{where}")
+            return fail(f"{e.format_message()}{where}")
         if debug:
             raise
         if isinstance(e, (ValueError, OSError, ImportError)):
-            return _fail(str(e) or type(e).__name__)
+            return fail(str(e) or type(e).__name__)
         if isinstance(e, KeyError):
-            return _fail(f"missing key {e}")
+            return fail(f"missing key {e}")
         # a bug rather than a user error: still one line unless debugging
-        return _fail(f"internal error: {type(e).__name__}: {e} (run with DS4MLX_DEBUG=1 for the traceback)")
+        return fail(f"internal error: {type(e).__name__}: {e} (run with DS4MLX_DEBUG=1 for the traceback)")
 
 
 if __name__ == "__main__":

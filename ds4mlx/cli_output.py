@@ -6,6 +6,8 @@
   ``NO_COLOR``); control bytes a model emits are escaped on a terminal.
 * ``GracefulInterrupt`` and ``stream_responses``: the first Ctrl-C ends an answer after the
   current token, a second one interrupts at once.
+* ``fail`` / ``show_warning``: errors and warnings as one line; ``pipe_safe``: a closed output
+  pipe (``| head``) as ``OutputClosed``, which the CLI ends with status 0.
 """
 
 from __future__ import annotations
@@ -165,3 +167,49 @@ def stream_responses(responses, printer: Printer, interrupt: GracefulInterrupt) 
     finally:
         printer.end_reasoning()
     return last, parts[True], parts[False]
+
+
+# ----------------------------------------------------------------------------- errors and pipes
+
+
+def one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (ours or a library's) as one line, without Python's file and source line."""
+    print(f"ds4mlx: warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def fail(message: str, code: int = 1) -> int:
+    message = one_line(message)  # one line, whatever the exception held
+    print(f"ds4mlx: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def is_usage_error(e: BaseException) -> bool:
+    # click's UsageError family (typer vendors its own click since 0.22: match by shape)
+    return hasattr(e, "format_message") and hasattr(e, "exit_code")
+
+
+class OutputClosed(Exception):
+    """stdout's reader went away (``| head``)."""
+
+
+def pipe_safe(callback):
+    """``callback`` with a closed output pipe turned into ``OutputClosed`` (typer would answer
+    a BrokenPipeError with exit status 1)."""
+    import functools
+
+    if callback is None or getattr(callback, "_pipe_safe", False):
+        return callback
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+    run._pipe_safe = True
+    return run
