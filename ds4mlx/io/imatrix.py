@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+import gguf
 import numpy as np
 
 GGUF_MAGIC = b"GGUF"
-KEY_DATASETS = "imatrix.datasets"
-KEY_CHUNK_COUNT = "imatrix.chunk_count"
-KEY_CHUNK_SIZE = "imatrix.chunk_size"
+KEY_DATASETS = gguf.Keys.IMatrix.DATASETS
+KEY_CHUNK_COUNT = gguf.Keys.IMatrix.CHUNK_COUNT
+KEY_CHUNK_SIZE = gguf.Keys.IMatrix.CHUNK_SIZE
 SUM2, COUNTS, SUM = ".in_sum2", ".counts", ".in_sum"
 
 
@@ -103,7 +104,7 @@ def _read_gguf(path: Path) -> Imatrix:
     except Exception as e:  # gguf-py raises ValueError, struct.error, ... on damaged files
         raise ImatrixError(f"{path}: not a readable GGUF imatrix ({e})") from None
     fields = reader.fields
-    kind = fields.get("general.type")
+    kind = fields.get(gguf.Keys.General.TYPE)
     if kind is None or kind.contents() != "imatrix":
         got = "none" if kind is None else repr(kind.contents())
         raise ImatrixError(f"{path}: general.type is {got}, not 'imatrix' (is this a model file?)")
