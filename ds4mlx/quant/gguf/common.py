@@ -12,6 +12,7 @@ import ctypes
 
 import mlx.core as mx
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import native
 
@@ -315,7 +316,9 @@ def kquant_fit(xb: np.ndarray, qw: np.ndarray | None, sub_size: int, nmax: int, 
     return d, dmin, ls, lm, q
 
 
-KQUANT_KINDS = {"Q4_K": (4, 144), "Q2_K": (2, 84)}  # the C kernel's kind, bytes per block
+# the C kernel's kind, and bytes per block (gguf-py's table)
+KQUANT_KINDS = {name: (kind, GGML_QUANT_SIZES[GGMLQuantizationType[name]][1])
+                for name, kind in (("Q4_K", 4), ("Q2_K", 2))}
 # name -> (numpy recipe and packing of super-blocks, search): what the compiled recipe is checked
 # against; q4_k and q2_k register themselves (they import this module, not the other way)
 KQUANT_NUMPY: dict = {}
