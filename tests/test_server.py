@@ -251,11 +251,18 @@ def test_response_format_is_rendered_on_the_system_prompt(demo, oai):
     assert r.usage.prompt_tokens > len(ids_of(tok, encoding.encode_messages(MESSAGES)))
 
 
-def test_prompt_longer_than_ctx_is_refused(oai):
+def test_prompt_longer_than_ctx_is_refused(oai, anth):
     long = "one two three " * 600
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model="demo", messages=[{"role": "user", "content": long}], max_tokens=2)
     assert f"{CTX} tokens" in str(e.value) and e.value.status_code == 400
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="demo", prompt=long, max_tokens=2)
+    assert f"{CTX} tokens" in str(e.value) and e.value.status_code == 400
+    with pytest.raises(anthropic.BadRequestError) as e:
+        anth.messages.create(model="demo", max_tokens=2, messages=[{"role": "user", "content": long}])
+    assert f"{CTX} tokens" in str(e.value) and e.value.status_code == 400
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
 
 
 # ----------------------------------------------------------------------------- Anthropic
@@ -408,7 +415,9 @@ def test_disconnect_cancels_generation(server, oai):
 
 
 @pytest.mark.slow
-def test_concurrent_clients_get_their_own_answers(demo, oai):
+def test_concurrent_clients_get_their_own_answers(demo, server, oai):
+    engine = server.app.state.engine
+    engine.most_together = 0
     prompts = [f"Question number {i}: how many days are there in a leap year?" for i in range(8)]
     extra = {"thinking": {"type": "disabled"}}
     want = {p: reference(demo, [{"role": "user", "content": p}], "chat", n=3)["content"] for p in prompts}
@@ -431,3 +440,47 @@ def test_concurrent_clients_get_their_own_answers(demo, oai):
     assert not errors
     for p in prompts:
         assert got[p] == [want[p]] * 5
+    assert engine.most_together > 1  # requests were decoded together
+
+
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_cancel_stops_within_a_token(demo, max_batch):
+    # The cancel is set from the model thread while token K is sampled (a logits processor),
+    # alone and in a batch: the job ends with at most one more token, not at max_tokens.
+    import asyncio
+
+    from ds4mlx.server.engine import Engine, Job
+
+    model, tok = demo
+    K = 5
+
+    class CancelAt:
+        def __init__(self, job):
+            self.job, self.calls = job, 0
+
+        def __call__(self, history, logits):
+            self.calls += 1
+            if self.calls == K:
+                self.job.cancel.set()
+            return logits
+
+    engine = Engine(model, tok, max_batch=max_batch, processors=lambda job, passed: [CancelAt(job)])
+
+    async def run():
+        jobs = [Job(ids_of(tok, f"Tell me a long story, number {i}."), max_tokens=200, temp=0.0) for i in range(2)]
+        queues = [engine.submit(job) for job in jobs]
+        results = []
+        for events in queues:
+            while (event := await events.get())[0] not in ("done", "error"):
+                pass
+            assert event[0] == "done", event
+            results.append(event[1])
+        return results
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine.close()
+    assert [r.finish_reason for r in results] == ["cancelled"] * 2
+    assert all(K - 1 <= r.completion_tokens <= K + 1 for r in results), [r.completion_tokens for r in results]
+    assert (engine.most_together == 2) if max_batch > 1 else engine.most_together == 0

@@ -145,12 +145,15 @@ def test_disk_bound_drops_least_recently_used_files(demo, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_serve_command_answers_and_stops(demo_dir, tmp_path, stop):
-    # Ctrl-C and a service manager's SIGTERM both stop it cleanly: status 0, no abort at exit
+    # Ctrl-C and a service manager's SIGTERM both stop it cleanly with requests in flight:
+    # status 0, no abort at exit, each open request answered (cancelled within a token, not
+    # waited out for uvicorn's 5 s graceful timeout and then cut off with a 500)
     import os
     import signal
     import socket
     import subprocess
     import sys
+    import threading
     import time
 
     import httpx
@@ -158,6 +161,7 @@ def test_serve_command_answers_and_stops(demo_dir, tmp_path, stop):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
     cmd = [sys.executable, "-m", "ds4mlx", "serve", "--model", "demo", "--port", str(port), "--ctx", "1024",
            "--cache-dir", str(tmp_path / "cache"), "--max-batch", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
@@ -170,13 +174,47 @@ def test_serve_command_answers_and_stops(demo_dir, tmp_path, stop):
             except httpx.HTTPError:
                 assert proc.poll() is None, proc.stdout.read()
                 time.sleep(0.5)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+        r = httpx.post(url, timeout=120, json={
             "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+        # three long requests in flight (two streamed, one not; one of them waits for the batch)
+        answers, streaming = {}, threading.Semaphore(0)
+
+        def client(i: int) -> None:
+            body = {"messages": [{"role": "user", "content": f"Story {i}"}], "max_tokens": 900,
+                    "temperature": 0, "stream": i < 2}
+            try:
+                if i < 2:
+                    with httpx.stream("POST", url, json=body, timeout=120) as r:
+                        lines = []
+                        for line in filter(None, r.iter_lines()):
+                            lines.append(line)
+                            if len(lines) == 3:
+                                streaming.release()
+                        answers[i] = (r.status_code, lines[-1] if lines else "")
+                else:
+                    r = httpx.post(url, json=body, timeout=120)
+                    answers[i] = (r.status_code, r.json()["choices"][0]["finish_reason"])
+            except httpx.HTTPError as e:
+                answers[i] = (0, repr(e))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(2):
+            assert streaming.acquire(timeout=120)
+        tic = time.time()
         proc.send_signal(getattr(signal, stop))
         assert proc.wait(60) == 0
+        took = time.time() - tic
+        for t in threads:
+            t.join(30)
         out = proc.stdout.read()
-        assert "terminate called" not in out and "context 1024 tokens; up to 2 requests decoded together" in out, out
+        assert "terminate called" not in out and "Traceback" not in out, out
+        assert "context 1024 tokens; up to 2 requests decoded together" in out, out
+        assert answers == {0: (200, "data: [DONE]"), 1: (200, "data: [DONE]"), 2: (200, "stop")}, (answers, out)
+        assert took < 4, f"the shutdown took {took:.1f} s: the open requests were waited out"
         assert list((tmp_path / "cache").glob("*.safetensors"))
     finally:
         if proc.poll() is None:

@@ -73,11 +73,26 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, ctx: Op
                         default_max_tokens=default_max_tokens, draft=draft, num_draft_tokens=num_draft_tokens,
                         max_batch=max_batch)
         engine = app.state.engine
+
+        class _StoppingServer(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                # SIGTERM or Ctrl-C also cancels the jobs: open streams end within a token, the
+                # shutdown does not wait them out (then cancel them mid-response)
+                super().handle_exit(sig, frame)
+                engine.stop_jobs()
+
         logging.getLogger("ds4mlx.server").info(
             "context %d tokens; up to %d request%s decoded together%s", engine.ctx, max_batch, "s" * (max_batch > 1),
             f"; speculative ({draft}, {num_draft_tokens} draft tokens)" if draft else "")
         try:
-            uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+            server = _StoppingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=5))
+            try:
+                server.run()
+            except KeyboardInterrupt:  # Ctrl-C, raised again once uvicorn has shut down: a clean stop
+                pass
+            if not server.started:  # the port was taken, say (uvicorn logged why)
+                raise SystemExit(3)
         finally:
             engine.close()
     finally:

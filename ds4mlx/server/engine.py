@@ -191,6 +191,7 @@ class Engine:
         self._waiting: deque = deque()  # (job, emit) not started yet
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
         self._closed = False
+        self._stopping = False  # shutting down: every job is cancelled (see stop_jobs)
         self._running: list[Job] = []  # the jobs the worker runs now (close cancels them)
         # daemon: an engine nobody closed must not keep the process alive (see _close_engines)
         self._worker = threading.Thread(target=self._work, name="ds4mlx-model", daemon=True)
@@ -207,6 +208,14 @@ class Engine:
             job.cancel.set()
         self._jobs.put(None)
         self._worker.join()
+
+    def stop_jobs(self) -> None:
+        """Cancel every running, queued and later job without waiting (safe in a signal handler):
+        a server shutting down ends its streams within a token instead of waiting them out."""
+        self._stopping = True
+        for job in list(self._running):
+            job.cancel.set()
+        self._jobs.put(())  # wakes an idle worker, which then cancels what is queued
 
     # ------------------------------------------------------------------ async side
     def submit(self, job: Job) -> "asyncio.Queue":
@@ -237,7 +246,7 @@ class Engine:
             while open_ or self._waiting or active:
                 if open_:
                     open_ = self._take_submitted(block=not (self._waiting or active))
-                if self._closed:
+                if self._closed or self._stopping:
                     for job in [live.job for live in active] + [job for job, _ in self._waiting]:
                         job.cancel.set()
                 while self._waiting and len(active) < max(self.max_batch, 1):
@@ -247,7 +256,7 @@ class Engine:
                         break  # after the running batch
                     self._waiting.popleft()
                     self._running = [live.job for live in active] + [job]
-                    if self._closed:  # after the line above: close() either sees it or is seen
+                    if self._closed or self._stopping:  # after the line above: close() sees it or is seen
                         job.cancel.set()
                     if alone:
                         self._run_safely(job, emit)
@@ -276,7 +285,8 @@ class Engine:
                 return True
             if item is None:
                 return False
-            self._waiting.append(item)
+            if item:  # () only wakes the worker (stop_jobs)
+                self._waiting.append(item)
             block = False
 
     def _start(self, job: Job, emit: Callable[[str, Any], None]) -> Optional["_Live"]:
