@@ -57,6 +57,8 @@ def main() -> None:
     with BackgroundServer(cached_app) as with_cache, BackgroundServer(plain_app) as without:
         clients = [openai.OpenAI(base_url=s.url + "/v1", api_key="-", timeout=3600, max_retries=0)
                    for s in (without, with_cache)]
+        for client in clients:  # warm-up, untimed and unrelated to the conversation: compile the steps
+            ttft(client, [{"role": "user", "content": "warm up"}], 2)
         messages = [{"role": "system", "content": "You are a careful coding assistant."}]
         for turn in range(1, args.turns + 1):
             words = " ".join(rng.choice(vocab) for _ in range(args.words))
