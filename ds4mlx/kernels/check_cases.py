@@ -1,0 +1,481 @@
+"""What the kernel check runs: the variants' specs, and per variant its cases on small random
+inputs, each pairing a kernel call (forced onto the kernel path by ``check``) with its ops twin.
+
+Split from ``check`` (which runs the cases, records passes and does the first-use check) so that
+each stays a readable size; ``check`` re-exports the names its users know it by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ..quant import gguf as gguf_formats
+from ..quant.codecs import MX_GROUP
+from . import attention, dispatch, hyper, moe, router
+
+CHECK_VERSION = 4  # bump when the cases change, so recorded passes are redone
+MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
+# Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
+# outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
+# rsqrt, sin and cos (Metal's fast ones are a few ulp off), so what differs is the summation
+# order, ~1e-6 in practice; a wrong layout or index is off by far more than 1e-4. Half dtypes:
+# one rounding of the output (bf16 ulp 2^-8). FP8-rounded rows: see _fp8_edges.
+TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 2e-2}
+_K_IN, _ROWS, _DOWN_ROWS, _HC_D = 256, 20, 37, 200  # small dims, off the kernels' tile sizes
+_HEADS, _KEYS = 3, 37  # attention / indexer heads and keys of the checks (run-time sizes)
+# The dims that are template arguments of each named variant's kernels: they make the verdict
+# and the record key (run-time sizes such as the context length do not, so no re-check per
+# token). The indexer's two kernels are checked apart: scores by heads and head dim at the key
+# dtype, top-k by k on float32 scores (each entry point knows only its own dims).
+KEY_DIMS: dict[str, tuple[str, ...]] = {
+    dispatch.HC_PRE: ("hc_mult",),
+    dispatch.ATTENTION: ("head_dim", "rope_dims"),
+    dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk", "rope_dims"),
+    dispatch.ROPE_ROWS: ("head_dim", "rope_dims", "q_rank"),
+    dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
+    dispatch.SHARED_DOWN: (),  # every size is a run-time argument
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One variant and the model dims that decide its kernels' inputs."""
+
+    variant: str  # weight layout name, MLX_PAIR or one of dispatch.NAMED_VARIANTS
+    dtype: mx.Dtype = mx.float32  # activation dtype (attention: of the KV rows; indexer: keys)
+    experts_per_token: int = 6
+    n_experts: int = 8
+    hc_mult: int = 4
+    renormalize: int = 1  # router: norm_topk_prob
+    head_dim: int | None = None  # attention; rope_rows: features per row
+    rope_dims: int | None = None  # rope_rows, indexer queries: rotated features
+    index_heads: int | None = None  # indexer scores
+    index_head_dim: int | None = None  # indexer scores
+    index_topk: int | None = None  # indexer top-k
+    q_rank: int | None = None  # rope_rows: width of the q_norm rows it normalises alongside
+
+    def key(self) -> tuple[int | None, ...]:
+        return tuple(getattr(self, f) for f in KEY_DIMS.get(self.variant, ()))
+
+    def dims_text(self) -> str:
+        return ", ".join(f"{f}={getattr(self, f)}" for f in KEY_DIMS.get(self.variant, ())
+                         if getattr(self, f) is not None)
+
+    def label(self) -> str:
+        dims = self.dims_text()
+        return f"{self.variant} ({dtype_name(self.dtype)}{', ' + dims if dims else ''})"
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str
+    inputs: str
+    run: Callable[[], tuple[list[mx.array], list[mx.array]]]  # -> (kernel outputs, twin outputs)
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+# ----------------------------------------------------------------------------- inputs
+def random_experts(variant: str, e: int, rows: int, k: int, seed: int):
+    """Experts ``[e, rows, ·]`` of ``k`` inputs: random weights quantized by the format's own
+    quantizer (``quant/gguf``) or ``mx.quantize`` for MLX mxfp4."""
+    x = np.random.default_rng(seed).standard_normal((e, rows, k)).astype(np.float32) * 0.02
+    if variant == MLX_PAIR:
+        w, s = mx.quantize(mx.array(x), group_size=MX_GROUP, bits=4, mode="mxfp4")
+        return w, s
+    blocks = gguf_formats.get(variant).quantize(x.reshape(e * rows, k))
+    return mx.array(blocks.reshape(e, rows, -1))
+
+
+def _fmt(variant: str) -> str:
+    return "MXFP4" if variant == MLX_PAIR else variant
+
+
+def _acts(shape: tuple[int, ...], seed: int, dtype: mx.Dtype, scale: float = 1.0) -> mx.array:
+    a = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale
+    return mx.array(a).astype(dtype)
+
+
+def _routes(n: int, k: int, e: int, seed: int) -> mx.array:
+    ids = np.random.default_rng(seed).integers(0, e, (n, k))
+    if k > 1:
+        ids[0, 1] = ids[0, 0]  # one token picks an expert twice
+    return mx.array(ids.astype(np.uint32))
+
+
+def _placement(n_ids: int) -> str:
+    return "constant" if n_ids < 8 else "device"  # MLX's rule for small inputs
+
+
+def cases(spec: Spec) -> list[Case]:
+    """The kernel calls that make up ``spec``'s check."""
+    named = {dispatch.HC_PRE: _hc_cases, dispatch.ATTENTION: _attention_cases,
+             dispatch.INDEXER: _indexer_cases, dispatch.ROPE_ROWS: _rope_cases,
+             dispatch.ROUTER: _router_cases, dispatch.SHARED_DOWN: _shared_cases}
+    return named.get(spec.variant, _moe_cases)(spec)
+
+
+def _moe_cases(spec: Spec) -> list[Case]:
+    v, fmt, dt = spec.variant, _fmt(spec.variant), spec.dtype
+    # E only bounds the ids; a few experts keep the quantizing quick (IQ2_XXS: ~1 ms a row)
+    k, e = spec.experts_per_token, min(max(spec.n_experts, 2), 8)
+    w1, w3 = random_experts(v, e, _ROWS, _K_IN, 1), random_experts(v, e, _ROWS, _K_IN, 2)
+    w2 = random_experts(v, e, _DOWN_ROWS, _K_IN, 3)
+    # x scaled so that W·x is O(1) to O(10): the SwiGLU clamp (limit 10) bites sometimes
+    x_scale = 8.0 / (0.02 * _K_IN ** 0.5)
+    # Decode: one token with fewer than 8 ids (MLX passes them in `constant`; k is a runtime
+    # argument, so the model's own k need not be below 8 for this to test its kernels), then
+    # enough tokens for 8 or more ids (`device`); tiled: more pairs than the decode kernels take.
+    few, many = max(2, -(-8 // k)), moe.DECODE_MAX_PAIRS // k + 1
+
+    def gate_up(n: int, kn: int) -> Callable:
+        def run():
+            x, idx = _acts((n, _K_IN), 10 + n, dt, x_scale), _routes(n, kn, e, 20 + n)
+            return ([moe.moe_gate_up(x, w1, w3, fmt, idx, 10.0)],
+                    [moe.moe_gate_up_ops(x, w1, w3, fmt, idx, 10.0)])
+        return run
+
+    def down(n: int, kn: int) -> Callable:
+        def run():
+            mid, idx = _acts((n, kn, _K_IN), 30 + n, mx.float32, 4.0), _routes(n, kn, e, 40 + n)
+            rw = mx.array(np.random.default_rng(n).uniform(0.1, 1.5, (n, kn)).astype(np.float32))
+            return ([moe.moe_down(mid, w2, fmt, idx, rw, out_dtype=dt)],
+                    [moe.moe_down_ops(mid, w2, fmt, idx, rw, out_dtype=dt)])
+        return run
+
+    def plain(n: int) -> Callable:
+        def run():
+            x, idx = _acts((n, _K_IN), 50 + n, dt, x_scale), _routes(n, k, e, 60 + n)
+            return [moe.gather_qmm_native(x, w1, fmt, idx)], [moe.gather_qmm_native_ops(x, w1, fmt, idx)]
+        return run
+
+    def dequant():
+        return [moe.dequantize(w1, fmt)], [moe.dequantize_ops(w1, fmt)]
+
+    out = [Case("dequant_rows", "-", dequant)]
+    for n, kn in ((1, min(k, 7)), (few, k)):
+        where = f"{n} token{'s' * (n > 1)}, ids in {_placement(n * kn)}"
+        out.append(Case("moe_gate_up_decode", where, gate_up(n, kn)))
+        out.append(Case("moe_down_decode", where, down(n, kn)))
+    tiled = f"{many} tokens, {many * k} pairs"
+    out += [Case("moe_matmul_sorted gate/up", tiled, gate_up(many, k)),
+            Case("moe_matmul_sorted down", tiled, down(many, k)),
+            Case("moe_matmul_sorted", tiled, plain(many))]
+    out += _shared_fold_cases(v, fmt, dt, k, e, w1, w3, w2, x_scale)
+    if v != MLX_PAIR:  # dense GGUF projections (GGUFLinear): the matvec, or one expert tiled
+        dense = w1[0]
+        for n in (1, 3, moe.MATVEC_TOKENS + 1):
+            def run(n=n):
+                x = _acts((n, _K_IN), 70 + n, dt, x_scale)
+                return ([moe.gguf_matmul(x, dense, fmt=fmt, input_dims=_K_IN, output_dims=_ROWS)],
+                        [moe.matmul_ops(x, dense, fmt).astype(dt)])
+            kernel = "gguf_matvec" if n <= moe.MATVEC_TOKENS else "gguf_matmul (tiled)"
+            out.append(Case(kernel, f"{n} row{'s' * (n > 1)}", run))
+    return out
+
+
+def _shared_fold_cases(v: str, fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, w2,
+                       x_scale: float) -> list[Case]:
+    """The decode kernels with the shared expert as one more slot, in each format it may take
+    (moe.SHARED_FORMATS, and float rows in the activation dtype): one token, k ids."""
+    out = []
+    kn = min(k, 7)
+    for sf in (dtype_name(dt), *moe.SHARED_FORMATS):
+        def weight(rows: int, k_in: int, seed: int) -> mx.array:
+            if sf in moe.SHARED_FORMATS:
+                return random_experts(sf, 1, rows, k_in, seed)[0]
+            return _acts((rows, k_in), seed, dt, 0.02)
+
+        shared = moe.Shared((weight(2 * _ROWS, _K_IN, 110), sf), (weight(_DOWN_ROWS, _K_IN, 111), sf))
+
+        def gate_up(shared=shared):
+            x, idx = _acts((1, _K_IN), 112, dt, x_scale), _routes(1, kn, e, 113)
+            return ([moe.moe_gate_up(x, w1, w3, fmt, idx, 10.0, False, shared)],
+                    [moe.moe_gate_up_ops(x, w1, w3, fmt, idx, 10.0, shared)])
+
+        def down(shared=shared):
+            mid, idx = _acts((1, kn + 1, _K_IN), 114, mx.float32, 4.0), _routes(1, kn, e, 115)
+            rw = mx.array(np.random.default_rng(116).uniform(0.1, 1.5, (1, kn)).astype(np.float32))
+            return ([moe.moe_down(mid, w2, fmt, idx, rw, dt, False, shared)],
+                    [moe.moe_down_ops(mid, w2, fmt, idx, rw, dt, shared)])
+
+        out += [Case("moe_gate_up_decode + shared", f"shared {sf}, 1 token", gate_up),
+                Case("moe_down_decode + shared", f"shared {sf}, 1 token", down)]
+    return out
+
+
+def _hc_cases(spec: Spec) -> list[Case]:
+    m, d = spec.hc_mult, _HC_D
+    mix = 2 * m + m * m
+    rng = np.random.default_rng(7)
+    fn = mx.array((rng.standard_normal((mix, m * d)) / np.sqrt(m * d)).astype(np.float32))
+    base = mx.array(rng.uniform(-1, 1, mix).astype(np.float32))
+    scale = mx.array(rng.uniform(0.5, 3.0, 3).astype(np.float32))
+    args = dict(iters=20, eps=1e-6, norm_eps=1e-6)
+
+    from ..ops import RMSNorm  # the sublayer norm the fused variant applies
+
+    norm = RMSNorm(d, eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32))
+
+    def run_for(n: int, fused: bool) -> Callable:
+        def run():
+            h = _acts((n, m, d), 80 + n, spec.dtype)
+            kw = dict(args)
+            if fused:  # the previous sublayer's post and the next one's norm in the same kernel
+                norm.weight = norm.weight.astype(spec.dtype)
+                prev = (_acts((n, d), 90 + n, spec.dtype),
+                        mx.sigmoid(_acts((n, m), 91 + n, mx.float32)) * 2,
+                        mx.softmax(_acts((n, m, m), 92 + n, mx.float32), axis=-1))
+                kw.update(norm=norm, prev=prev, out_dtype=spec.dtype, also_f32=n == 1)
+            return (list(hyper.hc_pre(h, fn, base, scale, **kw)),
+                    list(hyper.hc_pre_ops(h, fn, base, scale, **kw)))
+        return run
+
+    return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}"
+                 f"{', previous post and norm' * fused}{', float32 x' * (fused and n == 1)}",
+                 run_for(n, fused))
+            for n, fused in ((1, False), (3, False), (1, True), (2, True))]
+
+
+def _attention_cases(spec: Spec) -> list[Case]:
+    d, dt = spec.head_dim or 64, spec.dtype
+
+    def run_for(b: int, s: int, p0: int, ratio: int, n_rows: int, k: int) -> Callable:
+        def run():
+            rng = np.random.default_rng(p0 + s)
+            window = 16
+            n_prev = min(p0, window - 1)
+
+            def rand(*shape, scale=1.0):
+                return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+            q, kw = rand(b, s, _HEADS, d), rand(b, n_prev + s, d, scale=0.2).astype(dt)
+            comp = rand(b, n_rows, d, scale=0.2).astype(dt) if ratio else None
+            idx = None
+            if k:
+                picks = np.stack([rng.permutation(n_rows)[:k] for _ in range(b * s)])
+                picks = picks.reshape(b, s, k)
+                picks[..., 0] = -1  # a padded slot is never read
+                idx = mx.array(picks.astype(np.int32))
+            bounds = attention.query_bounds(p0, s, p0 - n_prev, window, ratio)
+            args = (q, kw, comp, idx, bounds, rand(_HEADS), d ** -0.5)
+            return [attention.decode_attention(*args)], [attention.decode_attention_ops(*args)]
+        return run
+
+    rd = spec.rope_dims
+    if rd:  # the projected queries in, RoPE and its inverse in the kernel, output in dtype
+        freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+
+        def roped(s: int, p0: int, ratio: int, n_rows: int, k: int) -> Callable:
+            def run():
+                rng = np.random.default_rng(p0 + s)
+                window, n_prev = 16, min(p0, 15)
+                q = mx.array((rng.standard_normal((1, s, _HEADS, d)) * 3).astype(np.float32))
+                kw = mx.array((rng.standard_normal((1, n_prev + s, d)) * 0.2).astype(np.float32))
+                comp = mx.array((rng.standard_normal((1, n_rows, d)) * 0.2).astype(np.float32))
+                idx = None
+                if k:
+                    idx = mx.array(np.stack([rng.permutation(n_rows)[:k] for _ in range(s)])
+                                   .reshape(1, s, k).astype(np.int32))
+                bounds = attention.query_bounds(p0, s, p0 - n_prev, window, ratio)
+                args = (q.astype(dt), kw.astype(dt), comp.astype(dt) if ratio else None, idx,
+                        bounds, mx.array(rng.standard_normal(_HEADS).astype(np.float32)), d ** -0.5)
+                kwargs = dict(rope=(np.arange(p0, p0 + s), freqs, 1e-6), out_dtype=dt)
+                return ([attention.decode_attention(*args, **kwargs)],
+                        [attention.decode_attention_ops(*args, **kwargs)])
+            return run
+
+        return [Case("attn_decode", f"1 query, RoPE of {rd} dims in and out",
+                     roped(1, 70001, 0, 0, 0)),
+                Case("attn_decode", "2 queries, ratio 4 picks, RoPE", roped(2, 70, 4, 19, 5))]
+    # the buffers hold more compressed rows than the queries see, as a grown buffer does
+    return [Case("attn_decode", "1 query, window rows", run_for(1, 1, 5, 0, 0, 0)),
+            Case("attn_decode", f"3 queries, {_HEADS} heads, ratio 128", run_for(1, 3, 300, 128, 5, 0)),
+            Case("attn_decode", "2x2 queries, 5 of 19 picked", run_for(2, 2, 70, 4, 19, 5))]
+
+
+def _indexer_cases(spec: Spec) -> list[Case]:
+    out = []
+    if spec.index_heads and spec.index_head_dim:
+        h, hd = spec.index_heads, spec.index_head_dim
+
+        def scores(s: int, n_vis: list[int]) -> Callable:
+            def run():
+                rng = np.random.default_rng(s)
+                q = mx.array(rng.standard_normal((1, s, h, hd)).astype(np.float32))
+                w = mx.array(rng.standard_normal((1, s, h)).astype(np.float32))
+                keys = mx.array(rng.standard_normal((1, _KEYS, hd)).astype(np.float32))
+                args = (q, w, keys.astype(spec.dtype), mx.array(np.array(n_vis, np.int32)))
+                return [attention.indexer_scores(*args)], [attention.indexer_scores_ops(*args)]
+            return run
+
+        out += [Case("indexer_scores", f"1 query, {_KEYS} keys", scores(1, [_KEYS])),
+                Case("indexer_scores", f"3 queries, {_KEYS} keys", scores(3, [30, 0, _KEYS]))]
+    if spec.index_topk:
+        k = spec.index_topk
+
+        def topk():
+            n = k + _KEYS
+            rng = np.random.default_rng(k)
+            sc = rng.permutation(3 * n).astype(np.float32).reshape(3, n) / n - 1.5  # no ties
+            sc[0, max(1, k - 2):] = -np.inf  # a query that sees fewer than k keys
+            sc = mx.array(sc)
+            return [attention.indexer_topk(sc, k)], [attention.indexer_topk_ops(sc, k)]
+
+        out.append(Case("indexer_topk", f"3 rows of {k + _KEYS}, k={k}", topk))
+    if spec.index_head_dim and spec.rope_dims:
+        out += _index_q_cases(spec)
+    return out
+
+
+def _index_q_cases(spec: Spec) -> list[Case]:
+    d, rd, dt = spec.index_head_dim, spec.rope_dims, spec.dtype
+    freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+
+    def run_for(s: int, fp4: bool) -> Callable:
+        def run():
+            twin = _twins.get("index_q")
+            if twin is None:
+                raise RuntimeError("index_q: no ops twin installed (import ds4mlx.model)")
+            rng = np.random.default_rng(s)
+            q = _acts((1, s, _HEADS, d), 90 + s, dt, 2.0)
+            w = mx.array(rng.standard_normal((1, s, _HEADS)).astype(np.float32)).astype(dt)
+            pos = np.arange(70001, 70001 + s)[None]  # far positions: an angle's rounding shows
+            args = (q, w, pos, freqs)
+            kw = dict(wscale=0.125, fp4=fp4)
+            return list(attention.index_queries(*args, **kw)), list(twin(*args, **kw))
+        return run
+
+    return [Case("index_q", f"{s} tokens x {_HEADS} heads{', Hadamard + FP4' * fp4}",
+                 run_for(s, fp4)) for s, fp4 in ((1, True), (3, False))]
+
+
+_twins = dispatch._twins  # the twins that live above the kernels (dispatch.install_twin)
+
+
+def install_twin(variant: str, twin: Callable) -> None:
+    """Give the check the ops twin of a kernel whose twin lives above the kernels: for
+    ``rope_rows`` the model's own ops (installed by ds4mlx.model.rope when it is imported)."""
+    dispatch.install_twin(variant, twin)
+
+
+def twin(name: str) -> Callable | None:
+    """The ops twin installed for ``name`` (:func:`install_twin`), or None."""
+    return dispatch.twin(name)
+
+
+def _rope_cases(spec: Spec) -> list[Case]:
+    d, rd, dt = spec.head_dim or 128, spec.rope_dims or 64, spec.dtype
+    fp8 = (d - rd) % attention.FP8_BLOCK == 0 and attention.FP8_BLOCK % (d // 32) == 0
+    freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+    p0 = 70001  # far positions: an angle's rounding shows
+
+    def run_for(shape: tuple[int, ...], norm: int, fp8: bool, inverse: bool, x_dtype: mx.Dtype,
+                out_dtype: mx.Dtype) -> Callable:
+        def run():
+            twin = _twins.get(dispatch.ROPE_ROWS)
+            if twin is None:
+                raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
+            rng = np.random.default_rng(len(shape) + norm)
+            x = mx.array((rng.standard_normal((*shape, d)) * 3).astype(np.float32)).astype(x_dtype)
+            weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
+            pos = np.arange(p0, p0 + shape[1]).reshape(1, -1, *([1] * (len(shape) - 2)))
+            kw = dict(norm=norm, weight=weight, eps=1e-6, fp8=fp8, inverse=inverse,
+                      out_dtype=out_dtype)
+            got = attention.rope_rows(x, pos, freqs, **kw)
+            ref = twin(x, pos, freqs, rope_dims=rd, **kw)
+            return [_fp8_edges(got, ref, dt) if fp8 else got], [ref]
+        return run
+
+    out = [Case("rope_rows", f"q: 3 tokens x {_HEADS} heads, RMS",
+                run_for((1, 3, _HEADS), attention.NORM_PLAIN, False, False, dt, mx.float32)),
+           Case("rope_rows", "kv: 3 rows, weighted RMS" + ", FP8" * fp8,
+                run_for((1, 3), attention.NORM_WEIGHTED, fp8, False, dt, dt)),
+           Case("rope_rows", f"output: 3 x {_HEADS}, inverse",
+                run_for((1, 3, _HEADS), attention.NORM_NONE, False, True, mx.float32, dt)),
+           Case("rope_rows", f"indexer q: 3 x {_HEADS}",
+                run_for((1, 3, _HEADS), attention.NORM_NONE, False, False, dt, dt))]
+    if spec.q_rank:
+        dq = spec.q_rank
+
+        def with_q_norm():
+            from ..ops import RMSNorm  # the q_norm the kernel runs alongside
+
+            twin = _twins.get(dispatch.ROPE_ROWS)
+            if twin is None:
+                raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
+            rng = np.random.default_rng(dq)
+            x = _acts((1, 2, d), 95, dt, 3.0)
+            qr = _acts((1, 2, dq), 96, dt, 3.0)
+            weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
+            norm = RMSNorm(dq, eps=1e-6)
+            norm.weight = mx.array(rng.uniform(0.5, 1.5, dq).astype(np.float32)).astype(dt)
+            pos = np.arange(p0, p0 + 2)[None]
+            kw = dict(norm=attention.NORM_WEIGHTED, weight=weight, eps=1e-6, fp8=False,
+                      inverse=False, out_dtype=dt)
+            got = attention.rope_rows(x, pos, freqs, q_norm=(qr, norm.weight), **kw)
+            return list(got), [twin(x, pos, freqs, rope_dims=rd, **kw), norm(qr)]
+
+        out.append(Case("rope_rows", f"kv: 2 rows, with q_norm rows of {dq}", with_q_norm))
+    return out
+
+
+def _fp8_edges(got: mx.array, ref: mx.array, dtype: mx.Dtype) -> mx.array:
+    """``got`` with the values that sit one e4m3 step from ``ref`` taken from ``ref``, when they
+    are few: a value on an FP8 rounding edge lands on either side when its input differs in the
+    last bit (another summation order of the RMS; in bfloat16, one rounding of RMS x weight where
+    the ops round twice: about 1.5% of the values of random rows). More of them is an error."""
+    g, r = np.asarray(got.astype(mx.float32)), np.asarray(ref.astype(mx.float32))
+    if g.shape != r.shape:
+        return got
+    diff = np.abs(g - r)
+    off = diff > TOLERANCE.get(dtype, 2e-2) * max(float(np.abs(r).max()), 1e-30)
+    edge = off & (diff <= np.abs(r) / 8 * 1.01)
+    if off.sum() != edge.sum() or edge.mean() > (0.01 if dtype == mx.float32 else 0.05):
+        return got
+    return mx.array(np.where(edge, r, g)).astype(got.dtype)
+
+
+def _router_cases(spec: Spec) -> list[Case]:
+    e, k = spec.n_experts, min(spec.experts_per_token, spec.n_experts)
+
+    def run_for(n: int) -> Callable:
+        def run():
+            rng = np.random.default_rng(n)
+            logits = mx.array((rng.standard_normal((n, e)) * 4).astype(np.float32))
+            bias = mx.array((rng.standard_normal(e) * 0.1).astype(np.float32))
+            args = (logits, bias, k, bool(spec.renormalize), 1.5)
+            # the kernel lists experts by score, the twin in argpartition's order: sort by id
+            return _by_id(*router.router_topk(*args)), _by_id(*router.router_topk_ops(*args))
+        return run
+
+    return [Case("router_topk", f"{n} token{'s' * (n > 1)}, top-{k} of {e}", run_for(n))
+            for n in (1, 3)]
+
+
+def _shared_cases(spec: Spec) -> list[Case]:
+    dt, f = spec.dtype, _HC_D  # F off the lanes' stride, R off the rows per threadgroup
+
+    def run_for(n: int, limit: float) -> Callable:
+        def run():
+            gu = _acts((n, 2 * f), 100 + n, dt, 4.0)  # some beyond the clamp
+            w = _acts((_DOWN_ROWS, f), 101, dt, f ** -0.5)
+            add = _acts((n, _DOWN_ROWS), 102 + n, dt)
+            return ([moe.shared_down(gu, w, limit, add)],
+                    [moe.shared_down_ops(gu, w, limit, add)])
+        return run
+
+    return [Case("shared_down", f"{n} token{'s' * (n > 1)}, limit {limit:g}", run_for(n, limit))
+            for n, limit in ((1, 10.0), (3, 0.0), (moe.SHARED_MAX_TOKENS, 7.0))]
+
+
+def _by_id(idx: mx.array, w: mx.array) -> list[mx.array]:
+    order = mx.argsort(idx, axis=-1)
+    return [mx.take_along_axis(idx, order, axis=-1), mx.take_along_axis(w, order, axis=-1)]
