@@ -28,13 +28,7 @@ template <> struct QFmt<DS4_Q2_K> : ds4_no_table {
     ds4_sum_into(xs, 0, 16, 32);
     ds4_sum_into(xs, 16, 16, 33);
     float f = float(1u << (2 * ((e % 128) / 32)));
-    float t = 1.0f / f;  // exact: a power of two
-    for (int i = 0; i < 32; i += 4) {
-      xs[i] *= t;
-      xs[i + 1] *= t * 0x1p-8f;
-      xs[i + 2] *= t * 0x1p-16f;
-      xs[i + 3] *= t * 0x1p-24f;
-    }
+    ds4_scale_byte_lanes(xs, 1.0f / f);  // exact: a power of two
   }
   static float dot32(const device uint8_t* w, const device uint8_t*, uint e,
                      thread const float* xs, threadgroup const uint*) {

@@ -40,12 +40,7 @@ template <> struct QFmt<DS4_Q4_K> : ds4_no_table {
   static void prep(uint e, thread float* xs) {
     ds4_sum_into(xs, 0, 32, 32);
     float hi = ((e % DS4_Q4_K_BLOCK) / 32) & 1 ? 0.0625f : 1.0f;
-    for (int i = 0; i < 32; i += 4) {
-      xs[i] *= hi;
-      xs[i + 1] *= hi * 0x1p-8f;
-      xs[i + 2] *= hi * 0x1p-16f;
-      xs[i + 3] *= hi * 0x1p-24f;
-    }
+    ds4_scale_byte_lanes(xs, hi);
   }
   static float dot32(const device uint8_t* w, const device uint8_t*, uint e,
                      thread const float* xs, threadgroup const uint*) {

@@ -57,6 +57,17 @@ METAL_FUNC void ds4_sum_into(thread float* xs, int from, int n, int at) {
   xs[at] = s;
 }
 
+// xs[i] *= f * 2^-(8 (i % 4)) for the 32 activations: a code masked in place inside a 32-bit
+// word keeps the power of two of its byte lane (and f that of its bits in the byte)
+METAL_FUNC void ds4_scale_byte_lanes(thread float* xs, float f) {
+  for (int i = 0; i < 32; i += 4) {
+    xs[i] *= f;
+    xs[i + 1] *= f * 0x1p-8f;
+    xs[i + 2] *= f * 0x1p-16f;
+    xs[i + 3] *= f * 0x1p-24f;
+  }
+}
+
 #include "q8_0.h"
 #include "q4_k.h"
 #include "q2_k.h"
