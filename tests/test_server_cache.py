@@ -213,7 +213,9 @@ def test_serve_command_answers_and_stops(demo_dir, tmp_path, stop):
         out = proc.stdout.read()
         assert "terminate called" not in out and "Traceback" not in out, out
         assert "context 1024 tokens; up to 2 requests decoded together" in out, out
-        assert answers == {0: (200, "data: [DONE]"), 1: (200, "data: [DONE]"), 2: (200, "stop")}, (answers, out)
+        # the whole request is answered: cut short ("stop"), or done before the signal under load
+        assert answers[0] == answers[1] == (200, "data: [DONE]"), (answers, out)
+        assert answers[2] in ((200, "stop"), (200, "length")), (answers, out)
         assert took < 4, f"the shutdown took {took:.1f} s: the open requests were waited out"
         assert list((tmp_path / "cache").glob("*.safetensors"))
     finally:
