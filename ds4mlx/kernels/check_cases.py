@@ -16,6 +16,7 @@ import numpy as np
 from ..quant import gguf as gguf_formats
 from ..quant.codecs import MX_GROUP
 from . import attention, dispatch, hyper, moe, router
+from .source import dtype_name
 
 CHECK_VERSION = 4  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
@@ -77,8 +78,6 @@ class Case:
     run: Callable[[], tuple[list[mx.array], list[mx.array]]]  # -> (kernel outputs, twin outputs)
 
 
-def dtype_name(dtype: mx.Dtype) -> str:
-    return str(dtype).rsplit(".", 1)[-1]
 
 
 # ----------------------------------------------------------------------------- inputs

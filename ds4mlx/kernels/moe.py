@@ -34,7 +34,7 @@ from . import dispatch
 from .dispatch import KERNEL_FORMATS, KernelInputError, ceil_div, device_array
 from .source import (DECODE_ROWS, DECODE_ROWS_PER_TG, DECODE_THREADS, DENSE_LAYOUT,
                      DOWN_SIMDGROUPS, GGUF_MXFP4, LAYOUT, MATVEC_TOKENS, MLX_MXFP4, TILE,
-                     TILE_THREADS)
+                     TILE_THREADS, dtype_name)
 
 QuantWeight = Union[mx.array, tuple]
 
@@ -133,10 +133,6 @@ def shared_dense(weight: tuple[mx.array, str]) -> mx.array:
     """Float32 rows of a shared-expert weight ``(w, fmt)`` (the ops twins' dequantization)."""
     w, fmt = weight
     return w.astype(mx.float32) if fmt in DENSE_LAYOUT else dequantize_ops(w, fmt)
-
-
-def dtype_name(dtype: mx.Dtype) -> str:
-    return str(dtype).rsplit(".", 1)[-1]
 
 
 def shared_folds(shared: Shared, dtype: mx.Dtype) -> bool:

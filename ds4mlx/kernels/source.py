@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import gguf
+import mlx.core as mx
 
 from ..quant.codecs import E2M1_MAX, E4M3_MAX, FP8_ACT_BLOCK, MX_GROUP
 from ..quant.gguf import iq2_xxs as _iq2_xxs
@@ -21,8 +22,14 @@ KERNEL_FORMATS = ("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4")  # GGUF block form
 # Layout ids (DS4_<name> in the Metal sources, defined from here); MXFP4 has two layouts.
 LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
 MLX_MXFP4, GGUF_MXFP4 = 4, 5
-# Float rows the decode kernels read beside packed experts (a folded shared expert)
+# Float rows the decode kernels read beside packed experts (a folded shared expert), by dtype_name
 DENSE_LAYOUT = {"float32": 6, "float16": 7, "bfloat16": 8}
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """``"bfloat16"`` for ``mx.bfloat16``: the name the layouts and the checks go by."""
+    return str(dtype).rsplit(".", 1)[-1]
+
 # Tile sizes: defined into the Metal sources from here (see defines), so grid and kernel agree.
 DECODE_ROWS, DECODE_SIMDGROUPS = 4, 2  # output rows per simdgroup, simdgroups per threadgroup
 DECODE_ROWS_PER_TG = DECODE_ROWS * DECODE_SIMDGROUPS

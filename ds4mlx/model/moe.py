@@ -10,6 +10,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .. import kernels
 from ..kernels.router import router_topk
+from ..kernels.source import dtype_name
 from ..config import ModelConfig
 from ..layers.gguf import GGUFLinear
 from ..ops import clamped_swiglu
@@ -186,13 +187,13 @@ class SharedExpert(nn.Module):
             return None
         down = self.w2
         if type(down) is nn.Linear and "bias" not in down:
-            dw = (down.weight, _dtype_name(down.weight.dtype))
+            dw = (down.weight, dtype_name(down.weight.dtype))
         elif type(down) is GGUFLinear:
             dw = (down.weight, down.type_name)
         else:
             return None
         gu = w13.whole["weight"]
-        return kernels.Shared((gu, _dtype_name(gu.dtype) if w13.kind[0] == "dense" else w13.kind[1]), dw)
+        return kernels.Shared((gu, dtype_name(gu.dtype) if w13.kind[0] == "dense" else w13.kind[1]), dw)
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         """The shared expert of ``x [N, D]``, plus ``add`` (the routed experts' sum) if given."""
@@ -236,7 +237,3 @@ class MoE(nn.Module):
             return None
         return kernels.moe_experts_shared(x, idx, w, routed.w1, routed.w3, routed.w2, routed.limit,
                                           weights)
-
-
-def _dtype_name(dtype: mx.Dtype) -> str:
-    return str(dtype).rsplit(".", 1)[-1]

@@ -19,12 +19,6 @@
 
 METAL_FUNC float ds4_nan() { return as_type<float>(0x7fc00000u); }
 
-METAL_FUNC float ds4_dot8(thread const float* a, thread const float* b) {
-  float s = 0.0f;
-  for (int i = 0; i < 8; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // acc[r] += W_a[ra + r] . x and, when NW = 2, acc[DS4_ROWS + r] += W_b[rb + r] . x for
 // r < nrows, over this lane's 32-wide pieces of x [K] (lane t of nt): the activations are
 // read and prepared once for all the rows.
