@@ -22,6 +22,17 @@ def on_ops(fn, *args, **kw):
         kernels.set_backend(chosen)
 
 
+def on_ops_pair(fn, *args):
+    chosen = kernels.backend()
+    kernels.set_backend("ops")
+    try:
+        a, b = fn(*args)
+        mx.eval(a, b)
+        return a, b
+    finally:
+        kernels.set_backend(chosen)
+
+
 def rel_err(got, ref) -> float:
     got, ref = np.asarray(got), np.asarray(ref)
     assert got.shape == ref.shape and np.isfinite(got).all()
@@ -67,6 +78,48 @@ def test_decode_attention_matches_twin(path, case):
     got = fused.decode_attention(*args)
     ref = on_ops(fused.decode_attention_ops, *args)
     assert rel_err(got, ref) <= 1e-5
+
+
+def write_case(case, seed, room=5):
+    """``attention_case`` with the call's rows apart: kw a buffer with the carried rows at
+    lo.. (stale rows before them), ``room`` rows past them, and knew the call's rows."""
+    q, kw, comp, idx, bounds, sink, scale = attention_case(*case, seed=seed)
+    b, s, d = kw.shape[0], case[1], kw.shape[2]
+    lo = 3 if min(case[4], case[5] - 1) == case[5] - 1 else 0  # rows dropped once it is full
+    carried, knew = kw[:, :kw.shape[1] - s], kw[:, kw.shape[1] - s:]
+    stale = mx.full((b, lo, d), 7.0).astype(kw.dtype)
+    buf = mx.concatenate([stale, carried, mx.full((b, s + room, d), 9.0).astype(kw.dtype)], 1)
+    bounds = fused.query_bounds(case[4], s, case[4] - carried.shape[1] - lo, case[5], case[6])
+    return (q, buf, comp, idx, bounds, sink, scale), knew, lo + carried.shape[1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}d{c[3]}p{c[4]}r{c[6]}")
+def test_decode_attention_writes_the_window(path, case):
+    """The call's rows read from knew and written into the buffer by the kernel: the same
+    output as with the rows in the buffer, the buffer the twin's (the last query's window
+    rows, zero elsewhere), and those rows the ones a plain write would have."""
+    args, knew, row = write_case(case, seed=case[4] + 2)
+    got, buf = fused.decode_attention(*args, write=(knew, row))
+    ref, ref_buf = on_ops_pair(lambda *a: fused.decode_attention_ops(*a, write=(knew, row)), *args)
+    ref, ref_buf = np.asarray(ref.astype(mx.float32)), np.asarray(ref_buf.astype(mx.float32))
+    assert rel_err(got, ref) <= 1e-5
+    plain = mx.slice_update(args[1], knew, mx.array([0, row, 0]), (0, 1, 2))
+    alone = on_ops(fused.decode_attention_ops, args[0], plain, *args[2:])
+    assert rel_err(got, alone) <= 1e-5
+    buf = np.asarray(buf.astype(mx.float32))
+    np.testing.assert_array_equal(buf, ref_buf)
+    lo, hi = args[4][-1, :2]
+    np.testing.assert_array_equal(buf[:, lo:hi], np.asarray(plain.astype(mx.float32))[:, lo:hi])
+    assert (buf[:, :lo] == 0).all() and (buf[:, hi:] == 0).all()
+    if case[1] == 1 and case[0] == 1:  # with RoPE in the kernel too
+        from ds4mlx.model.rope import rope_frequencies
+
+        rope = (np.arange(case[4], case[4] + 1), rope_frequencies(32, 10000.0), 1e-6)
+        got, buf = fused.decode_attention(*args, rope=rope, write=(knew, row))
+        ref, _ = on_ops_pair(lambda *a: fused.decode_attention_ops(*a, rope=rope, write=(knew, row)),
+                        *args)
+        assert rel_err(got, np.asarray(ref)) <= 1e-5
+        np.testing.assert_array_equal(np.asarray(buf.astype(mx.float32)), ref_buf)
 
 
 def test_decode_attention_twin_equals_dense_softmax():

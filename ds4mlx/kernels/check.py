@@ -38,7 +38,7 @@ from ..quant import gguf as gguf_formats
 from ..quant.codecs import MX_GROUP
 from . import attention, dispatch, hyper, moe, router, source
 
-CHECK_VERSION = 3  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 4  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -256,7 +256,8 @@ def _hc_cases(spec: Spec) -> list[Case]:
 def _attention_cases(spec: Spec) -> list[Case]:
     d, dt = spec.head_dim or 64, spec.dtype
 
-    def run_for(b: int, s: int, p0: int, ratio: int, n_rows: int, k: int) -> Callable:
+    def run_for(b: int, s: int, p0: int, ratio: int, n_rows: int, k: int,
+                write: bool = False) -> Callable:
         def run():
             rng = np.random.default_rng(p0 + s)
             window = 16
@@ -275,7 +276,13 @@ def _attention_cases(spec: Spec) -> list[Case]:
                 idx = mx.array(picks.astype(np.int32))
             bounds = attention.query_bounds(p0, s, p0 - n_prev, window, ratio)
             args = (q, kw, comp, idx, bounds, rand(_HEADS), d ** -0.5)
-            return [attention.decode_attention(*args)], [attention.decode_attention_ops(*args)]
+            if not write:
+                return [attention.decode_attention(*args)], [attention.decode_attention_ops(*args)]
+            # the call's rows apart, written by the kernel into a buffer with room past them
+            buf = mx.concatenate([kw[:, :n_prev], mx.ones((b, s + 3, d), dt)], axis=1)
+            w = (kw[:, n_prev:], n_prev)
+            return (list(attention.decode_attention(q, buf, *args[2:], write=w)),
+                    list(attention.decode_attention_ops(q, buf, *args[2:], write=w)))
         return run
 
     rd = spec.rope_dims
@@ -307,7 +314,9 @@ def _attention_cases(spec: Spec) -> list[Case]:
     # the buffers hold more compressed rows than the queries see, as a grown buffer does
     return [Case("attn_decode", "1 query, window rows", run_for(1, 1, 5, 0, 0, 0)),
             Case("attn_decode", f"3 queries, {_HEADS} heads, ratio 128", run_for(1, 3, 300, 128, 5, 0)),
-            Case("attn_decode", "2x2 queries, 5 of 19 picked", run_for(2, 2, 70, 4, 19, 5))]
+            Case("attn_decode", "2x2 queries, 5 of 19 picked", run_for(2, 2, 70, 4, 19, 5)),
+            Case("attn_decode", "2x2 queries, their rows written into the window",
+                 run_for(2, 2, 70, 4, 19, 5, write=True))]
 
 
 def _indexer_cases(spec: Spec) -> list[Case]:
