@@ -332,3 +332,60 @@ def test_rope_rows_with_q_norm_rows(path, dtype):
     assert qn.dtype == dtype
     assert rel_err(np.asarray(qn.astype(mx.float32)), np.asarray(ref.astype(mx.float32))) <= \
         (1e-6 if dtype == mx.float32 else 8e-3)
+
+
+# ----------------------------------------------------------------------------- compressor rows
+def comp_case(two: bool, k: int, n0: int, n1: int, r: int, seed: int):
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape):
+        return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+    w = rand(n0 + (n1 if two else 0), k) * k ** -0.5
+    bufs = [rand(1, r, n0)] + ([rand(1, r, n1)] if two else [])
+    return rand(1, 1, k), w, rand(w.shape[0]), bufs
+
+
+@pytest.mark.parametrize("two,k,n0,n1,r,n", [
+    (True, 70, 40, 24, 4, 0), (True, 300, 64, 16, 4, 3), (False, 129, 48, 0, 128, 77),
+])
+def test_compress_rows_match_twin(path, two, k, n0, n1, r, n):
+    """One token's compressor rows written into the windows' buffers: row n the product (plus
+    the bias), the other rows untouched, alone and in rope_rows' launch (against numpy too)."""
+    x, w, bias, bufs = comp_case(two, k, n0, n1, r, seed=k)
+    got = fused.compress_rows(x, w, bias, bufs, n)
+    chosen = kernels.backend()
+    kernels.set_backend("ops")
+    try:
+        ref = fused.compress_rows_ops(x, w, bias, bufs, n)
+        mx.eval(ref)
+    finally:
+        kernels.set_backend(chosen)
+    y = np.asarray(x).reshape(-1).astype(np.float64) @ np.asarray(w).T.astype(np.float64) + np.asarray(bias)
+    start = 0
+    for g, rf, b in zip(got, ref, bufs):
+        g, rf, b = np.asarray(g), np.asarray(rf), np.asarray(b)
+        width = b.shape[2]
+        assert rel_err(g, rf) <= 1e-5
+        np.testing.assert_array_equal(np.delete(g, n, axis=1), np.delete(b, n, axis=1))
+        np.testing.assert_allclose(g[0, n], y[start:start + width], rtol=1e-4, atol=1e-5)
+        start += width
+    from ds4mlx.model.rope import rope_frequencies
+
+    kv = mx.array(np.random.default_rng(1).standard_normal((1, 1, 64)).astype(np.float32))
+    args = dict(norm=fused.NORM_WEIGHTED, weight=mx.ones((64,)), eps=1e-6)
+    alone = fused.rope_rows(kv, np.array([[9]]), rope_frequencies(32, 10000.0), **args)
+    both = fused.rope_rows(kv, np.array([[9]]), rope_frequencies(32, 10000.0),
+                           comp=(x, w, bias, bufs, n), **args)
+    assert len(both) == 1 + len(bufs)
+    np.testing.assert_array_equal(np.asarray(both[0]), np.asarray(alone))
+    for g, c in zip(both[1:], got):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(c))
+
+
+def test_compress_rows_bad_shapes_are_named():
+    x, w, bias, bufs = comp_case(True, 70, 40, 24, 4, seed=0)
+    with pytest.raises(kernels.KernelInputError, match="compress_rows"):
+        fused.compress_rows(x, w[:50], bias, bufs, 0)
+    with pytest.raises(kernels.KernelInputError, match="compress_rows"):
+        fused.compress_rows(x, w, bias, bufs, 4)

@@ -155,9 +155,10 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     # and the fused kernels at the demo's dims
     for name, variant in (("attn_decode", "attention"), ("rope_rows", "rope_rows"),
                           ("indexer_scores", "indexer"), ("indexer_topk", "indexer"),
-                          ("index_q", "indexer"), ("router_topk", "router")):
+                          ("index_q", "indexer"), ("router_topk", "router"),
+                          ("comp_rows", "rope_rows")):
         assert (name, variant) in kernels_seen, out
-    assert "all 33 kernel checks passed" in out
+    assert "all 40 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):

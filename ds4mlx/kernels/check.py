@@ -442,6 +442,35 @@ def _rope_cases(spec: Spec) -> list[Case]:
             return list(got), [twin(x, pos, freqs, rope_dims=rd, **kw), norm(qr)]
 
         out.append(Case("rope_rows", f"kv: 2 rows, with q_norm rows of {dq}", with_q_norm))
+
+    def comp_args(two: bool) -> tuple:
+        # float32 compressor weights and buffers whatever the model's dtype (as the model keeps)
+        w = _acts((40 + (24 if two else 0), 70), 97, mx.float32, 70 ** -0.5)
+        bufs = [_acts((1, 4, 40), 98, mx.float32)] + ([_acts((1, 4, 24), 99, mx.float32)] if two else [])
+        return _acts((1, 1, 70), 100, mx.float32), w, _acts((w.shape[0],), 101, mx.float32), bufs, 2
+
+    def comp_alone(two: bool) -> Callable:
+        def run():
+            args = comp_args(two)
+            return attention.compress_rows(*args), attention.compress_rows_ops(*args)
+        return run
+
+    def comp_with_rows():
+        twin = _twins.get(dispatch.ROPE_ROWS)
+        if twin is None:
+            raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
+        x = _acts((1, 1, d), 102, dt, 3.0)
+        weight = mx.array(np.random.default_rng(d).uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
+        kw = dict(norm=attention.NORM_WEIGHTED, weight=weight, eps=1e-6, fp8=False, inverse=False,
+                  out_dtype=dt)
+        args = comp_args(True)
+        got = attention.rope_rows(x, np.array([[p0]]), freqs, comp=args, **kw)
+        return list(got), [twin(x, np.array([[p0]]), freqs, rope_dims=rd, **kw),
+                           *attention.compress_rows_ops(*args)]
+
+    out += [Case("comp_rows", "two compressors' rows of one token", comp_alone(True)),
+            Case("comp_rows", "one compressor's rows", comp_alone(False)),
+            Case("rope_rows", "kv: 1 row, with both compressors' rows", comp_with_rows)]
     return out
 
 
