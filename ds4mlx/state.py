@@ -149,12 +149,11 @@ class LayerCache:
         Returns (keys, row): rows row.. of ``keys`` are the carried rows, then ``kv`` (keys may
         hold more rows past them: readers bound their reads)."""
         b, s, d = kv.shape
-        buf, lo, end = self._win, self._win_lo, self._win_end
-        if buf is not None and s <= _WINDOW_ROOM and end + s <= buf.shape[1] \
-                and buf.shape[0] == b and buf.shape[2] == d:
+        slot = self.window_slot(kv)
+        if slot is not None:
+            buf, lo, end = slot
             keys = mx.slice_update(buf, kv.astype(buf.dtype), mx.array([0, end, 0]), (0, 1, 2))
-            self._win, self._win_end = keys, end + s
-            self._win_lo = max(lo, end + s - keep)
+            self.set_window(keys, s, keep)
             return keys, lo
         prev = self.window
         if prev is not None and prev.dtype != kv.dtype:
@@ -165,6 +164,23 @@ class LayerCache:
         self._win = mx.concatenate([kept, mx.zeros((b, _WINDOW_ROOM, d), kv.dtype)], axis=1)
         self._win_lo, self._win_end = 0, kept.shape[1]
         return keys, 0
+
+    def window_slot(self, kv: mx.array) -> tuple[mx.array, int, int] | None:
+        """(buffer, lo, end) when the call's rows ``kv [B, s, d]`` fit the buffer past its
+        carried rows lo..end (a kernel that writes them, e.g. the fused decode attention, then
+        hands the new buffer to :meth:`set_window`); None when the buffer must be rebuilt."""
+        b, s, d = kv.shape
+        buf, lo, end = self._win, self._win_lo, self._win_end
+        if buf is not None and s <= _WINDOW_ROOM and end + s <= buf.shape[1] \
+                and buf.shape[0] == b and buf.shape[2] == d:
+            return buf, lo, end
+        return None
+
+    def set_window(self, buf: mx.array, s: int, keep: int) -> None:
+        """The buffer of :meth:`window_slot` with the call's ``s`` rows written at ``end``: the
+        last ``keep`` rows are carried."""
+        self._win, self._win_end = buf, self._win_end + s
+        self._win_lo = max(self._win_lo, self._win_end - keep)
 
     # ---- mlx-lm's cache protocol: its generation loop evaluates ``c.state``, and its prompt-cache
     # file stores ``state`` (arrays, ints, None) and rebuilds the entry with ``from_state``.

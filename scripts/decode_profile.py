@@ -320,6 +320,11 @@ def state_bytes(config: ModelConfig, ratio: int, n: int, b: int, fused: set[str]
         if ratio == 4:
             path += comp  # every row cast to float32 per call (written, then gathered from)
             path += 3 * picked * 4 // b  # gather reads, scores and values read the gathered copy
+    if ratio and "rope_rows" in fused:
+        # kernel comp_rows copies the unfinished windows' float32 buffers (the ops write a row
+        # in place): [ratio, kv | score] per compressor
+        widths = [2 * (2 if ratio == 4 else 1) * d] + ([2 * 2 * di] if ratio == 4 else [])
+        path += ratio * sum(widths) * 4
     if ratio == 4:
         if "indexer" in fused:
             path += keys
@@ -376,7 +381,7 @@ def main() -> None:
                 prims: dict[str, int] = {}
                 after, sites = count_step(blk, cache.snapshot(), dtype, "metal", prims)
                 ops = -1 if args.no_ops else count_step(blk, cache.snapshot(), dtype, "ops")[0]
-                fused = {"attention", "indexer"} & set(decode_variants)
+                fused = {"attention", "indexer", "rope_rows"} & set(decode_variants)
                 sb_after = state_bytes(config, ratio, n, b, fused)
                 sb_before = state_bytes(config, ratio, n, b, set())
                 minimum = weights + sb_after["min"]

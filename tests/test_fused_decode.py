@@ -89,10 +89,12 @@ def _profile_module():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ratio,recipe", [(4, "q4")])
+@pytest.mark.parametrize("ratio,recipe", [(4, "q4"), (128, "q4"), (0, "q4")])
 def test_real_shape_layer_emulated_equals_ops(ratio, recipe):
     """One Flash-width layer (64 heads x 512, window 128, indexer top-512 of 600 rows, Q4_K
-    experts) decoding one token: the emulated Metal path against the ops path."""
+    experts) decoding one token: the emulated Metal path against the ops path, the output and
+    the state it leaves (the window rows and the compressors' unfinished windows, which the
+    fused kernels write)."""
     prof = _profile_module()
     config = prof.flash_config(n_experts=8, top_k=6)
     layer = {0: 0, 4: 1, 128: 2}[ratio]
@@ -101,8 +103,11 @@ def test_real_shape_layer_emulated_equals_ops(ratio, recipe):
     cache = prof.synth_state(config, ratio, 2400, mx.float32, seed=1)
     h = mx.array(np.random.default_rng(3).standard_normal((1, 1, 4, 4096)).astype(np.float32))
     toks = mx.array([[7]])
-    outs = {}
+    outs, states = {}, {}
     for backend in ("ops", "emulate"):
         c = cache.snapshot()
         outs[backend] = on(backend, lambda: np.array(blk(h, toks, c, mx.float32)))
+        states[backend] = [np.array(a) for a in c.state if isinstance(a, mx.array)]
     assert rel_err(outs["emulate"], outs["ops"]) <= 1e-4
+    for got, ref in zip(states["emulate"], states["ops"], strict=True):
+        assert got.shape == ref.shape and rel_err(got, ref) <= 1e-4

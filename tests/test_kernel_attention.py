@@ -22,6 +22,17 @@ def on_ops(fn, *args, **kw):
         kernels.set_backend(chosen)
 
 
+def on_ops_pair(fn, *args):
+    chosen = kernels.backend()
+    kernels.set_backend("ops")
+    try:
+        a, b = fn(*args)
+        mx.eval(a, b)
+        return a, b
+    finally:
+        kernels.set_backend(chosen)
+
+
 def rel_err(got, ref) -> float:
     got, ref = np.asarray(got), np.asarray(ref)
     assert got.shape == ref.shape and np.isfinite(got).all()
@@ -67,6 +78,48 @@ def test_decode_attention_matches_twin(path, case):
     got = fused.decode_attention(*args)
     ref = on_ops(fused.decode_attention_ops, *args)
     assert rel_err(got, ref) <= 1e-5
+
+
+def write_case(case, seed, room=5):
+    """``attention_case`` with the call's rows apart: kw a buffer with the carried rows at
+    lo.. (stale rows before them), ``room`` rows past them, and knew the call's rows."""
+    q, kw, comp, idx, bounds, sink, scale = attention_case(*case, seed=seed)
+    b, s, d = kw.shape[0], case[1], kw.shape[2]
+    lo = 3 if min(case[4], case[5] - 1) == case[5] - 1 else 0  # rows dropped once it is full
+    carried, knew = kw[:, :kw.shape[1] - s], kw[:, kw.shape[1] - s:]
+    stale = mx.full((b, lo, d), 7.0).astype(kw.dtype)
+    buf = mx.concatenate([stale, carried, mx.full((b, s + room, d), 9.0).astype(kw.dtype)], 1)
+    bounds = fused.query_bounds(case[4], s, case[4] - carried.shape[1] - lo, case[5], case[6])
+    return (q, buf, comp, idx, bounds, sink, scale), knew, lo + carried.shape[1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}d{c[3]}p{c[4]}r{c[6]}")
+def test_decode_attention_writes_the_window(path, case):
+    """The call's rows read from knew and written into the buffer by the kernel: the same
+    output as with the rows in the buffer, the buffer the twin's (the last query's window
+    rows, zero elsewhere), and those rows the ones a plain write would have."""
+    args, knew, row = write_case(case, seed=case[4] + 2)
+    got, buf = fused.decode_attention(*args, write=(knew, row))
+    ref, ref_buf = on_ops_pair(lambda *a: fused.decode_attention_ops(*a, write=(knew, row)), *args)
+    ref, ref_buf = np.asarray(ref.astype(mx.float32)), np.asarray(ref_buf.astype(mx.float32))
+    assert rel_err(got, ref) <= 1e-5
+    plain = mx.slice_update(args[1], knew, mx.array([0, row, 0]), (0, 1, 2))
+    alone = on_ops(fused.decode_attention_ops, args[0], plain, *args[2:])
+    assert rel_err(got, alone) <= 1e-5
+    buf = np.asarray(buf.astype(mx.float32))
+    np.testing.assert_array_equal(buf, ref_buf)
+    lo, hi = args[4][-1, :2]
+    np.testing.assert_array_equal(buf[:, lo:hi], np.asarray(plain.astype(mx.float32))[:, lo:hi])
+    assert (buf[:, :lo] == 0).all() and (buf[:, hi:] == 0).all()
+    if case[1] == 1 and case[0] == 1:  # with RoPE in the kernel too
+        from ds4mlx.model.rope import rope_frequencies
+
+        rope = (np.arange(case[4], case[4] + 1), rope_frequencies(32, 10000.0), 1e-6)
+        got, buf = fused.decode_attention(*args, rope=rope, write=(knew, row))
+        ref, _ = on_ops_pair(lambda *a: fused.decode_attention_ops(*a, rope=rope, write=(knew, row)),
+                        *args)
+        assert rel_err(got, np.asarray(ref)) <= 1e-5
+        np.testing.assert_array_equal(np.asarray(buf.astype(mx.float32)), ref_buf)
 
 
 def test_decode_attention_twin_equals_dense_softmax():
@@ -279,3 +332,60 @@ def test_rope_rows_with_q_norm_rows(path, dtype):
     assert qn.dtype == dtype
     assert rel_err(np.asarray(qn.astype(mx.float32)), np.asarray(ref.astype(mx.float32))) <= \
         (1e-6 if dtype == mx.float32 else 8e-3)
+
+
+# ----------------------------------------------------------------------------- compressor rows
+def comp_case(two: bool, k: int, n0: int, n1: int, r: int, seed: int):
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape):
+        return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+    w = rand(n0 + (n1 if two else 0), k) * k ** -0.5
+    bufs = [rand(1, r, n0)] + ([rand(1, r, n1)] if two else [])
+    return rand(1, 1, k), w, rand(w.shape[0]), bufs
+
+
+@pytest.mark.parametrize("two,k,n0,n1,r,n", [
+    (True, 70, 40, 24, 4, 0), (True, 300, 64, 16, 4, 3), (False, 129, 48, 0, 128, 77),
+])
+def test_compress_rows_match_twin(path, two, k, n0, n1, r, n):
+    """One token's compressor rows written into the windows' buffers: row n the product (plus
+    the bias), the other rows untouched, alone and in rope_rows' launch (against numpy too)."""
+    x, w, bias, bufs = comp_case(two, k, n0, n1, r, seed=k)
+    got = fused.compress_rows(x, w, bias, bufs, n)
+    chosen = kernels.backend()
+    kernels.set_backend("ops")
+    try:
+        ref = fused.compress_rows_ops(x, w, bias, bufs, n)
+        mx.eval(ref)
+    finally:
+        kernels.set_backend(chosen)
+    y = np.asarray(x).reshape(-1).astype(np.float64) @ np.asarray(w).T.astype(np.float64) + np.asarray(bias)
+    start = 0
+    for g, rf, b in zip(got, ref, bufs):
+        g, rf, b = np.asarray(g), np.asarray(rf), np.asarray(b)
+        width = b.shape[2]
+        assert rel_err(g, rf) <= 1e-5
+        np.testing.assert_array_equal(np.delete(g, n, axis=1), np.delete(b, n, axis=1))
+        np.testing.assert_allclose(g[0, n], y[start:start + width], rtol=1e-4, atol=1e-5)
+        start += width
+    from ds4mlx.model.rope import rope_frequencies
+
+    kv = mx.array(np.random.default_rng(1).standard_normal((1, 1, 64)).astype(np.float32))
+    args = dict(norm=fused.NORM_WEIGHTED, weight=mx.ones((64,)), eps=1e-6)
+    alone = fused.rope_rows(kv, np.array([[9]]), rope_frequencies(32, 10000.0), **args)
+    both = fused.rope_rows(kv, np.array([[9]]), rope_frequencies(32, 10000.0),
+                           comp=(x, w, bias, bufs, n), **args)
+    assert len(both) == 1 + len(bufs)
+    np.testing.assert_array_equal(np.asarray(both[0]), np.asarray(alone))
+    for g, c in zip(both[1:], got):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(c))
+
+
+def test_compress_rows_bad_shapes_are_named():
+    x, w, bias, bufs = comp_case(True, 70, 40, 24, 4, seed=0)
+    with pytest.raises(kernels.KernelInputError, match="compress_rows"):
+        fused.compress_rows(x, w[:50], bias, bufs, 0)
+    with pytest.raises(kernels.KernelInputError, match="compress_rows"):
+        fused.compress_rows(x, w, bias, bufs, 4)

@@ -155,14 +155,15 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     # and the fused kernels at the demo's dims
     for name, variant in (("attn_decode", "attention"), ("rope_rows", "rope_rows"),
                           ("indexer_scores", "indexer"), ("indexer_topk", "indexer"),
-                          ("index_q", "indexer"), ("router_topk", "router")):
+                          ("index_q", "indexer"), ("router_topk", "router"),
+                          ("comp_rows", "rope_rows")):
         assert (name, variant) in kernels_seen, out
     # the MXFP4-mlx cases include the decode kernels with the shared expert folded in
     for name in ("moe_gate_up_decode", "moe_down_decode"):
         for shared in ("shared float32", "shared Q8_0"):
             assert any(line.startswith(f"{name} + shared") and "MXFP4-mlx" in line
                        and shared in line for line in out.splitlines()), (name, shared, out)
-    assert "all 37 kernel checks passed" in out
+    assert "all 44 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):

@@ -56,10 +56,17 @@ def _rows_twin():
 
 def decode_attention_ops(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.array | None,
                          bounds: np.ndarray, sink: mx.array, scale: float, *,
-                         rope: tuple | None = None, out_dtype: mx.Dtype = mx.float32) -> mx.array:
+                         rope: tuple | None = None, out_dtype: mx.Dtype = mx.float32,
+                         write: tuple | None = None):
     """Ops twin of :func:`decode_attention`: scores of every row, masks, one softmax with the
     sink, then the weighted rows, in float32 (with ``rope``, the model's row ops before and
-    after, as the model runs them without the fused kernel)."""
+    after, as the model runs them without the fused kernel; with ``write``, the new rows
+    written into the window buffer first, and the new buffer returned too)."""
+    if write is not None:
+        kw = mx.slice_update(kw, write[0].astype(kw.dtype), mx.array([0, int(write[1]), 0]),
+                             (0, 1, 2))
+        return (decode_attention_ops(q, kw, comp, idx, bounds, sink, scale, rope=rope,
+                                     out_dtype=out_dtype), _kept(kw, np.asarray(bounds)[-1]))
     if rope is not None:
         pos, freqs, eps = rope
         rows, rd = _rows_twin(), 2 * freqs.shape[0]
@@ -102,6 +109,13 @@ def decode_attention_ops(q: mx.array, kw: mx.array, comp: mx.array | None, idx: 
     return out
 
 
+def _kept(kw: mx.array, last: np.ndarray) -> mx.array:
+    """The window buffer a call leaves: the last query's window rows (``last``: its bounds),
+    zero elsewhere (what kernel attn_decode's WRITE makes)."""
+    j = mx.arange(kw.shape[1])[None, :, None]
+    return mx.where((j >= int(last[0])) & (j < int(last[1])), kw, mx.zeros((), kw.dtype))
+
+
 def attention_rope_serves(dtype: mx.Dtype, d: int, rope_dims: int) -> bool:
     """Whether :func:`decode_attention` with ``rope`` serves a model in ``dtype`` with heads of
     ``d`` (``rope_dims`` rotated): the variant is on and passed its first-use check."""
@@ -112,7 +126,8 @@ def attention_rope_serves(dtype: mx.Dtype, d: int, rope_dims: int) -> bool:
 
 def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.array | None,
                      bounds: np.ndarray, sink: mx.array, scale: float, *,
-                     rope: tuple | None = None, out_dtype: mx.Dtype = mx.float32) -> mx.array:
+                     rope: tuple | None = None, out_dtype: mx.Dtype = mx.float32,
+                     write: tuple[mx.array, int] | None = None):
     """Attention of a few queries over their window rows, compressed rows and sink, in one
     softmax: ``[B, S, H, D]`` float32.
 
@@ -124,6 +139,11 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
     stored); comp: ``[B, NC, D]`` compressed rows or None (rows past what a query sees are
     never read, so a grown buffer can be passed whole); idx: ``[B, S, K]`` int32 picks into
     comp (None: every visible row); bounds: ``[S, 3]`` from :func:`query_bounds`; sink ``[H]``.
+
+    ``write`` = (knew ``[B, S, D]``, row): the call's own window rows, not yet in ``kw`` (its
+    buffer): the kernel reads them from knew as rows row.., and returns (out, the new buffer
+    ``[B, LW, D]``): the last query's window rows (knew written at row), zero elsewhere; the
+    state's window write is then no launch of its own.
     """
     if q.ndim != 4 or kw.ndim != 3 or kw.shape[0] != q.shape[0] or kw.shape[2] != q.shape[3]:
         raise KernelInputError(f"decode_attention: q {tuple(q.shape)} and kw {tuple(kw.shape)} "
@@ -145,9 +165,16 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
         ok = dispatch.serves(ATTENTION) and dispatch.first_use_ok(ATTENTION, kw.dtype, head_dim=d)
     else:
         ok = attention_rope_serves(kw.dtype, d, rd)
+    if write is not None:
+        knew, row = write[0], int(write[1])
+        if tuple(knew.shape) != (b, s, d) or not 0 <= row <= kw.shape[1] - s \
+                or int(bounds[-1, 1]) != row + s:
+            raise KernelInputError(f"decode_attention: write rows {tuple(knew.shape)} at row "
+                                   f"{row} must be [{b}, {s}, {d}], end the last query's window "
+                                   f"({int(bounds[-1, 1])}) and fit the {kw.shape[1]} rows of kw")
     if not ok:
         return decode_attention_ops(q, kw, comp, idx, bounds, sink, scale, rope=rope,
-                                    out_dtype=out_dtype)
+                                    out_dtype=out_dtype, write=write)
     has_comp = comp is not None and comp.shape[1] > 0
     if not has_comp:
         comp, idx = kw, None  # never read: no query sees a compressed row
@@ -163,17 +190,23 @@ def decode_attention(q: mx.array, kw: mx.array, comp: mx.array | None, idx: mx.a
     else:
         pos = mx.array(np.pad(np.asarray(rope[0], np.int32).reshape(s), (0, max(0, 8 - s))))
         freqs, eps = device_array(rope[1].astype(mx.float32)), float(rope[2])
-    (out,) = dispatch.run("attention.metal", "attn_decode",
+    if write is None:
+        knew, row, kwo = _dummy(kw.dtype), 0, (1,)
+    else:
+        knew, kwo = write[0].astype(kw.dtype), tuple(kw.shape)
+    out, kw_new = dispatch.run("attention.metal", "attn_decode",
                  {"q": q, "kw": kw, "comp": comp,
                   "idx": idx.astype(mx.int32) if indexed else _dummy(mx.int32),
                   "bounds": mx.array(bounds), "sink": sink.astype(mx.float32),
                   "scale": float(scale), "pos": pos, "freqs": freqs, "eps": eps,
-                  "S": s, "H": h, "LW": kw.shape[1], "NC": comp.shape[1], "K": k},
-                 {"out": ((b, s, h, d), out_dtype)},
+                  "S": s, "H": h, "LW": kw.shape[1], "NC": comp.shape[1], "K": k,
+                  "knew": knew, "NEWROW": row},
+                 {"out": ((b, s, h, d), out_dtype), "kwo": (kwo, kw.dtype)},
                  grid=(32 * ATTN_SIMDGROUPS, h, b * s), threadgroup=(32 * ATTN_SIMDGROUPS, 1, 1),
                  template=[("T", kw.dtype), ("QT", q.dtype), ("OutT", out_dtype), ("D", d),
-                           ("INDEXED", indexed), ("ROPE", rope is not None), ("RD", rd)])
-    return out
+                           ("INDEXED", indexed), ("ROPE", rope is not None), ("RD", rd),
+                           ("WRITE", write is not None)])
+    return out if write is None else (out, kw_new)
 
 
 # ----------------------------------------------------------------------------- indexer
@@ -259,7 +292,7 @@ def rope_rows_serves(dtype: mx.Dtype, d: int, rope_dims: int, q_rank: int | None
 def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM_NONE,
               weight: mx.array | None = None, eps: float = 0.0, fp8: bool = False,
               inverse: bool = False, out_dtype: mx.Dtype | None = None,
-              q_norm: tuple[mx.array, mx.array] | None = None):
+              q_norm: tuple[mx.array, mx.array] | None = None, comp: tuple | None = None):
     """Kernel ``rope_rows`` on rows ``x [..., D]``: RMS normalisation (``norm``: none, plain or
     times ``weight [D]``), RoPE of the last ``2·len(freqs)`` features at positions ``pos``
     (host ints, one per row, broadcast to ``x.shape[:-1]``; ``inverse`` rotates back), then,
@@ -268,7 +301,10 @@ def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM
 
     ``q_norm`` = (rows ``[..., DQ]`` in x's dtype, weight ``[DQ]``): those rows RMS-normalised
     (with ``eps``) in the same launch, as ``mx.fast.rms_norm``; then (out, normalised rows)
-    are returned (the attention's kv rows and its q_norm, both from one merged projection)."""
+    are returned (the attention's kv rows and its q_norm, both from one merged projection).
+
+    ``comp`` = the arguments of :func:`compress_rows` (x, w, bias, bufs, n): the layer's
+    compressor step in the same launch; its buffers come last in the returned tuple."""
     d = x.shape[-1]
     rd = 2 * freqs.shape[0]
     out_dtype = out_dtype or x.dtype
@@ -299,19 +335,32 @@ def rope_rows(x: mx.array, pos: np.ndarray, freqs: mx.array, *, norm: int = NORM
                                    f"{tuple(wq.shape)} must be [{', '.join(map(str, lead))}, DQ] "
                                    "and [DQ], DQ a multiple of 32, in x's and the weight's dtypes")
         qr = qr.reshape(rows, dq)
-    out, qn = dispatch.run("rows.metal", "rope_rows",
-                           {"x": x.reshape(rows, d), "w": device_array(w),
-                            "pos": mx.array(pos),
-                            "freqs": device_array(freqs.astype(mx.float32)), "eps": float(eps),
-                            "qr": qr, "wq": wq, "R": rows},
-                           {"out": ((rows, d), out_dtype), "qn": ((rows, dq) if dq else (1,), x.dtype)},
-                           grid=(32, rows * (2 if dq else 1), 1), threadgroup=(32, 1, 1),
-                           template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype),
-                                     ("NORM", int(norm)), ("FP8", bool(fp8)),
-                                     ("INV", bool(inverse)), ("D", d), ("RD", rd), ("DQ", dq)])
-    if q_norm is None:
-        return out.reshape(*lead, d)
-    return out.reshape(*lead, d), qn.reshape(*lead, dq)
+    f32 = _dummy(mx.float32)
+    if comp is None:
+        cin = {"cx": f32, "cw": f32, "cbias": f32, "cp0": f32, "cp1": f32, "CROW": 0, "CK": 0,
+               "CN0": 0, "CN1": 0, "CR": 0}  # never read
+        cout, features = [(1,), (1,)], 0
+    else:
+        _compress_args(*comp)
+        bufs = comp[3]
+        cin = _compress_inputs(*comp, "c")
+        cout = [tuple(bufs[0].shape), tuple(bufs[1].shape) if len(bufs) == 2 else (1,)]
+        features = comp[1].shape[0]
+    out, qn, co0, co1 = dispatch.run(
+        "rows.metal", "rope_rows",
+        {"x": x.reshape(rows, d), "w": device_array(w), "pos": mx.array(pos),
+         "freqs": device_array(freqs.astype(mx.float32)), "eps": float(eps),
+         "qr": qr, "wq": wq, "R": rows, **cin},
+        {"out": ((rows, d), out_dtype), "qn": ((rows, dq) if dq else (1,), x.dtype),
+         "co0": (cout[0], mx.float32), "co1": (cout[1], mx.float32)},
+        grid=(32, rows * (2 if dq else 1) + features, 1), threadgroup=(32, 1, 1),
+        template=[("T", x.dtype), ("WT", w.dtype), ("OutT", out_dtype), ("NORM", int(norm)),
+                  ("FP8", bool(fp8)), ("INV", bool(inverse)), ("D", d), ("RD", rd), ("DQ", dq),
+                  ("COMP", comp is not None)])
+    res = (out.reshape(*lead, d),) + (() if q_norm is None else (qn.reshape(*lead, dq),))
+    if comp is not None:
+        res += (co0, co1) if len(comp[3]) == 2 else (co0,)
+    return res[0] if len(res) == 1 else res
 
 
 # ----------------------------------------------------------------------------- indexer queries
@@ -350,3 +399,67 @@ def index_queries(q: mx.array, w: mx.array, pos: np.ndarray, freqs: mx.array, *,
                           template=[("T", q.dtype), ("WT", w.dtype), ("FP4", bool(fp4)),
                                     ("D", d), ("RD", rd)])
     return qo.reshape(q.shape), wo.reshape(lead)
+
+
+# ----------------------------------------------------------------------------- compressor rows
+_COMP_SG = 8  # SG of comp_rows: features per threadgroup
+
+
+def compress_rows_ops(x: mx.array, w: mx.array, bias: mx.array, bufs: list[mx.array],
+                      n: int) -> list[mx.array]:
+    """Ops twin of :func:`compress_rows`: the product with the bias (one ``addmm``, as the
+    model's merged projection), split over the buffers, each written at row ``n``."""
+    y = mx.addmm(bias.reshape(1, -1), x.reshape(1, -1).astype(mx.float32), w.T)
+    out, start = [], 0
+    for buf in bufs:
+        width = buf.shape[2]
+        part = y[:, start:start + width].reshape(1, 1, width)
+        out.append(mx.slice_update(buf, part, mx.array([0, n, 0]), (0, 1, 2)))
+        start += width
+    return out
+
+
+def compress_rows(x: mx.array, w: mx.array, bias: mx.array, bufs: list[mx.array],
+                  n: int) -> list[mx.array]:
+    """Kernel ``comp_rows``: one token's compressor rows, written into the unfinished windows'
+    buffers. x: the token's input (``K`` values, float32); w ``[N, K]`` float32: the merged kv |
+    score weights of one or two compressors; bias ``[N]`` float32 (the slot's APE row); bufs: one
+    or two buffers ``[1, R, Ni]`` float32 with ``sum(Ni) = N``. Returns the buffers with row
+    ``n`` = their part of ``x @ w.T + bias`` (the rest copied): the product and the writes in
+    one launch, for what the ops run as three. The caller asks :func:`rope_rows_serves` (the
+    rows kernels' variant) first."""
+    _compress_args(x, w, bias, bufs, n)
+    if not dispatch.serves(ROPE_ROWS):
+        raise KernelInputError("compress_rows: no kernel serves this call (the caller runs its ops)")
+    two = len(bufs) == 2
+    o0, o1 = dispatch.run("rows.metal", "comp_rows", _compress_inputs(x, w, bias, bufs, n, ""),
+                          {"o0": (tuple(bufs[0].shape), mx.float32),
+                           "o1": (tuple(bufs[1].shape) if two else (1,), mx.float32)},
+                          grid=(32 * _COMP_SG * ceil_div(w.shape[0], _COMP_SG), 1, 1),
+                          threadgroup=(32 * _COMP_SG, 1, 1), template=[])
+    return [o0, o1] if two else [o0]
+
+
+def _compress_inputs(x, w, bias, bufs, n: int, prefix: str) -> dict:
+    two = len(bufs) == 2
+    named = {"x": x.reshape(-1).astype(mx.float32), "w": w,
+             "bias": device_array(bias.astype(mx.float32)), "p0": bufs[0],
+             "p1": bufs[1] if two else _dummy(mx.float32), "n": int(n), "K": x.size,
+             "N0": bufs[0].shape[2], "N1": bufs[1].shape[2] if two else 0, "R": bufs[0].shape[1]}
+    if prefix:  # rope_rows' names: c-prefixed, the row upper case
+        named = {("CROW" if k == "n" else f"c{k}" if k.islower() else f"C{k}"): v
+                 for k, v in named.items()}
+    return named
+
+
+def _compress_args(x, w, bias, bufs, n: int) -> None:
+    k = x.size
+    widths = [b.shape[2] for b in bufs]
+    if not 1 <= len(bufs) <= 2 or w.ndim != 2 or tuple(w.shape) != (sum(widths), k) \
+            or tuple(bias.shape) != (w.shape[0],) or w.dtype != mx.float32 \
+            or any(b.ndim != 3 or b.shape[0] != 1 or b.shape[1] != bufs[0].shape[1]
+                   or b.dtype != mx.float32 for b in bufs) or not 0 <= n < bufs[0].shape[1]:
+        raise KernelInputError(
+            f"compress_rows: x of {k}, w {tuple(w.shape)} {w.dtype}, bias {tuple(bias.shape)}, "
+            f"buffers {[tuple(b.shape) for b in bufs]} at row {n}: need w [sum of widths, K] "
+            "float32, bias [N], one or two float32 buffers [1, R, width] and 0 <= n < R")

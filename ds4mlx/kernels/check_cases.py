@@ -18,7 +18,7 @@ from ..quant.codecs import MX_GROUP
 from . import attention, dispatch, hyper, moe, router
 from .source import dtype_name
 
-CHECK_VERSION = 4  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 5  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -246,7 +246,8 @@ def _hc_cases(spec: Spec) -> list[Case]:
 def _attention_cases(spec: Spec) -> list[Case]:
     d, dt = spec.head_dim or 64, spec.dtype
 
-    def run_for(b: int, s: int, p0: int, ratio: int, n_rows: int, k: int) -> Callable:
+    def run_for(b: int, s: int, p0: int, ratio: int, n_rows: int, k: int,
+                write: bool = False) -> Callable:
         def run():
             rng = np.random.default_rng(p0 + s)
             window = 16
@@ -265,7 +266,13 @@ def _attention_cases(spec: Spec) -> list[Case]:
                 idx = mx.array(picks.astype(np.int32))
             bounds = attention.query_bounds(p0, s, p0 - n_prev, window, ratio)
             args = (q, kw, comp, idx, bounds, rand(_HEADS), d ** -0.5)
-            return [attention.decode_attention(*args)], [attention.decode_attention_ops(*args)]
+            if not write:
+                return [attention.decode_attention(*args)], [attention.decode_attention_ops(*args)]
+            # the call's rows apart, written by the kernel into a buffer with room past them
+            buf = mx.concatenate([kw[:, :n_prev], mx.ones((b, s + 3, d), dt)], axis=1)
+            w = (kw[:, n_prev:], n_prev)
+            return (list(attention.decode_attention(q, buf, *args[2:], write=w)),
+                    list(attention.decode_attention_ops(q, buf, *args[2:], write=w)))
         return run
 
     rd = spec.rope_dims
@@ -297,7 +304,9 @@ def _attention_cases(spec: Spec) -> list[Case]:
     # the buffers hold more compressed rows than the queries see, as a grown buffer does
     return [Case("attn_decode", "1 query, window rows", run_for(1, 1, 5, 0, 0, 0)),
             Case("attn_decode", f"3 queries, {_HEADS} heads, ratio 128", run_for(1, 3, 300, 128, 5, 0)),
-            Case("attn_decode", "2x2 queries, 5 of 19 picked", run_for(2, 2, 70, 4, 19, 5))]
+            Case("attn_decode", "2x2 queries, 5 of 19 picked", run_for(2, 2, 70, 4, 19, 5)),
+            Case("attn_decode", "2x2 queries, their rows written into the window",
+                 run_for(2, 2, 70, 4, 19, 5, write=True))]
 
 
 def _indexer_cases(spec: Spec) -> list[Case]:
@@ -423,6 +432,35 @@ def _rope_cases(spec: Spec) -> list[Case]:
             return list(got), [twin(x, pos, freqs, rope_dims=rd, **kw), norm(qr)]
 
         out.append(Case("rope_rows", f"kv: 2 rows, with q_norm rows of {dq}", with_q_norm))
+
+    def comp_args(two: bool) -> tuple:
+        # float32 compressor weights and buffers whatever the model's dtype (as the model keeps)
+        w = _acts((40 + (24 if two else 0), 70), 97, mx.float32, 70 ** -0.5)
+        bufs = [_acts((1, 4, 40), 98, mx.float32)] + ([_acts((1, 4, 24), 99, mx.float32)] if two else [])
+        return _acts((1, 1, 70), 100, mx.float32), w, _acts((w.shape[0],), 101, mx.float32), bufs, 2
+
+    def comp_alone(two: bool) -> Callable:
+        def run():
+            args = comp_args(two)
+            return attention.compress_rows(*args), attention.compress_rows_ops(*args)
+        return run
+
+    def comp_with_rows():
+        twin = _twins.get(dispatch.ROPE_ROWS)
+        if twin is None:
+            raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
+        x = _acts((1, 1, d), 102, dt, 3.0)
+        weight = mx.array(np.random.default_rng(d).uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
+        kw = dict(norm=attention.NORM_WEIGHTED, weight=weight, eps=1e-6, fp8=False, inverse=False,
+                  out_dtype=dt)
+        args = comp_args(True)
+        got = attention.rope_rows(x, np.array([[p0]]), freqs, comp=args, **kw)
+        return list(got), [twin(x, np.array([[p0]]), freqs, rope_dims=rd, **kw),
+                           *attention.compress_rows_ops(*args)]
+
+    out += [Case("comp_rows", "two compressors' rows of one token", comp_alone(True)),
+            Case("comp_rows", "one compressor's rows", comp_alone(False)),
+            Case("rope_rows", "kv: 1 row, with both compressors' rows", comp_with_rows)]
     return out
 
 

@@ -118,7 +118,7 @@ class Attention(nn.Module):
             return self._call_batch(x, cache, x32)
         s = x.shape[1]
         pos = np.arange(cache.offset, cache.offset + s)[None, :]  # host positions
-        p = self._project(x, pos, self._indexed(s, [cache.offset]), x32)
+        p = self._project(x, pos, self._indexed(s, [cache.offset]), x32, cache)
         return self._output(self._positional(p, pos, cache, x.dtype))
 
     def _call_batch(self, x: mx.array, cache: BatchLayerCache, x32: mx.array | None = None) -> mx.array:
@@ -149,27 +149,34 @@ class Attention(nn.Module):
         return self._output(self._unrotate(o, pos, positions, x.dtype))
 
     def _project(self, x: mx.array, pos: np.ndarray, indexed: bool,
-                 x32: mx.array | None = None) -> "_Projected":
+                 x32: mx.array | None = None, cache: LayerCache | None = None) -> "_Projected":
         """Every matmul on the layer input, merged where they share an input (the compressors'
         APE, the one positional part, rides along as a per-slot bias of host positions ``pos``
-        [B, s]); the indexer's queries only if ``indexed``."""
+        [B, s]); the indexer's queries only if ``indexed``. With one sequence's ``cache``, a
+        decode token's compressor step runs in the launch of its kv rows (kernel rope_rows)."""
         b, s, _ = x.shape
         proj = self.merge_projections()
         p = _Projected()
+        if self.ratio and proj.fused_compressors(pos, self.head_dim, self.rope_dims, x.dtype):
+            p.comp_x = x if x32 is None else x32  # for kernel comp_rows, or rope_rows' COMP
         xo = proj.x(x, parts=3 if indexed else 2)
         wq, wk = self.q_norm.weight, self.kv_norm.weight
         if (self.q_norm.eps == self.eps and wq.dtype == wk.dtype and xo[0].dtype == xo[1].dtype
                 and fused.rope_rows_serves(xo[1].dtype, self.head_dim, self.rope_dims, wq.shape[0])):
             # the kv rows (RMS, RoPE, FP8) and the q_norm of the same projection in one launch
-            p.kv_rows, p.qr = fused.rope_rows(xo[1], pos, self._freqs, norm=fused.NORM_WEIGHTED,
-                                              weight=wk, eps=self.eps, fp8=self.qat_rounding,
-                                              q_norm=(xo[0], wq))
+            comp = None if p.comp_x is None or cache is None else self._compress_args(
+                p.comp_x, int(pos[0, 0]), cache)
+            p.kv_rows, p.qr, *written = fused.rope_rows(
+                xo[1], pos, self._freqs, norm=fused.NORM_WEIGHTED, weight=wk, eps=self.eps,
+                fp8=self.qat_rounding, q_norm=(xo[0], wq), comp=comp)
+            if comp is not None:
+                p.comp_written = written + [None] * (2 - len(written))
         else:
             p.qr = self.q_norm(xo[0])
         qo = proj.q(p.qr, parts=2 if indexed else 1)
         p.q = qo[0].reshape(b, s, self.n_heads, self.head_dim)
         p.kv = xo[1]
-        if self.ratio:
+        if self.ratio and p.comp_x is None:
             ks = proj.compressed(x if x32 is None else x32, pos)
             o = proj.comp.offsets()
             p.comp = ks[..., o[0]:o[2]]
@@ -264,26 +271,40 @@ class Attention(nn.Module):
         # Window keys: the carried rows of the previous ≤ window-1 positions, then the new ones
         # (rows row0.. of ``keys``; a decode step writes its row into the carried buffer).
         n_prev = 0 if cache.window is None else cache.window.shape[1]
-        keys, row0 = cache.push_window(kv, self.window - 1)
+        fused_attention = self._fused_attention(s)
+        # the fused kernel writes the rows into the buffer itself when they fit (no launch)
+        slot = cache.window_slot(kv) if fused_attention else None
+        if slot is not None:
+            keys, row0, write = slot[0], slot[1], (kv, slot[2])
+        else:
+            keys, row0 = cache.push_window(kv, self.window - 1)
+            write = None
         record_window(cache, kv, self.window - 1)  # for a speculative rollback
 
         comp = None
         index_w = index_keys = None
+        written = [None, None]
+        if p.comp_written is not None:  # done in rope_rows' launch
+            written = p.comp_written
+        elif p.comp_x is not None:
+            written = fused.compress_rows(*self._compress_args(p.comp_x, p0, cache))
+            written += [None] * (2 - len(written))
         if self.ratio:
-            self.compressor.step(p.comp, p0, cache.compressor, freqs, self._kv_rounding(), dtype)
+            self.compressor.step(p.comp, p0, cache.compressor, freqs, self._kv_rounding(), dtype,
+                                 written=written[0])
             comp = cache.compressor.rows
         if self.ratio == 4:
             self.indexer.compressor.step(p.index_comp, p0, cache.indexer, freqs,
-                                         self._index_rounding(), dtype)
+                                         self._index_rounding(), dtype, written=written[1])
             index_keys = cache.indexer.rows
             if index_keys is None or p.index_q is None:
                 index_q = None
             else:
                 index_w = p.index_q[1]
 
-        if self._fused_attention(s):
+        if fused_attention:
             o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys,
-                                   rope)
+                                   rope, write)
         elif s == 1:
             o = self._attend_one(q, keys, row0, n_prev, cache, index_q, index_w)
         else:
@@ -293,10 +314,34 @@ class Attention(nn.Module):
         cache.offset = p0 + s
         return o
 
+    def _compress_args(self, x32: mx.array, p0: int, cache: LayerCache) -> tuple:
+        """The arguments of kernel comp_rows (``kernels.attention.compress_rows``) for the token
+        at position ``p0``: its rows of the layer's compressors (both at ratio 4: one input),
+        written into their unfinished windows' buffers, which :meth:`Compressor.step` then takes
+        as ``written`` (instead of the ops' product and writes)."""
+        proj = self.merge_projections()
+        comps = [(self.compressor, cache.compressor)]
+        if self.ratio == 4:
+            comps.append((self.indexer.compressor, cache.indexer))
+        bufs = []
+        for comp, state in comps:
+            state.ratio = state.ratio or comp.ratio
+            buf, n = state.pending_buffer(1, comp.wkv.weight.shape[0])
+            bufs.append((buf, n))
+        if len({n for _, n in bufs}) != 1:  # the two windows are always at one slot
+            raise ValueError(f"compressor state: unfinished windows of {[n for _, n in bufs]} rows")
+        rows = proj.comp.offsets()[2 * len(bufs)]
+        w = proj.comp.whole["weight"]
+        return (x32, w if rows == w.shape[0] else w[:rows], proj.table[p0 % self.ratio, :rows],
+                [b for b, _ in bufs], bufs[0][1])
+
     def _attend_fused(self, q, p0: int, keys, row0: int, n_prev: int, cache: LayerCache, index_q,
-                      index_w, index_keys, rope: tuple | None = None):
+                      index_w, index_keys, rope: tuple | None = None,
+                      write: tuple | None = None):
         """A few queries through the fused kernels: rows read in storage, one softmax (the
-        window rows are read in place: row ``row0`` of ``keys`` is position p0 - n_prev)."""
+        window rows are read in place: row ``row0`` of ``keys`` is position p0 - n_prev; with
+        ``write`` = (rows, row), the call's rows are not in ``keys`` yet: the kernel reads them
+        and hands back the buffer with them, which becomes the cache's)."""
         s = q.shape[1]
         bounds = fused.query_bounds(p0, s, p0 - n_prev - row0, self.window, self.ratio)
         comp = idx = None
@@ -305,12 +350,14 @@ class Attention(nn.Module):
             n_comp = cache.compressor.n_rows
             if self.ratio == 4 and n_comp > self.config.index_topk:
                 idx = self.indexer.pick(index_q, index_w, index_keys, bounds[:, 2])
-        if rope is None:
-            return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
-                                          self.config.softmax_scale)
-        return fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
-                                      self.config.softmax_scale,
-                                      rope=(rope[0], self._freqs, self.eps), out_dtype=rope[1])
+        extra = {} if rope is None else dict(rope=(rope[0], self._freqs, self.eps),
+                                             out_dtype=rope[1])
+        o = fused.decode_attention(q, keys, comp, idx, bounds, self.attn_sink,
+                                   self.config.softmax_scale, write=write, **extra)
+        if write is None:
+            return o
+        cache.set_window(o[1], s, self.window - 1)
+        return o[0]
 
     def _attend_one(self, q, keys, row0: int, n_prev: int, cache: LayerCache, index_q, index_w):
         """One query (a decode step) through MLX ops, compiled whole at fixed shapes (no retrace
@@ -497,6 +544,8 @@ class _Projected:
     index_q: tuple[mx.array, mx.array] | None = None  # indexer queries (not rotated), head weights
     index_w: mx.array | None = None  # the indexer's head weights as projected (not scaled)
     kv_rows: mx.array | None = None  # the kv rows normalised, rotated and rounded (fused path)
+    comp_x: mx.array | None = None  # one token's compressor input, for kernel comp_rows
+    comp_written: list | None = None  # the compressors' buffers rope_rows wrote (COMP)
 
     def rows(self, i: int, a: int, b: int) -> "_Projected":
         """Sequence ``i``, tokens a..b-1."""
@@ -543,6 +592,15 @@ class _Projections:
         return (self.x.holds(x) and self.q.holds(q)
                 and (self.comp is None or self.comp.holds(comp))
                 and all(c.ape is a for c, a in zip(comps, self.apes)))
+
+    def fused_compressors(self, pos: np.ndarray, d: int, rope_dims: int, dtype: mx.Dtype) -> bool:
+        """Whether kernel comp_rows takes one token's compressor step (positions ``pos``, rows
+        of ``d`` features rotated on ``rope_dims``): one sequence's one token, dense float32
+        merged weights, and the rows kernels serve."""
+        if pos.shape != (1, 1) or not self.comp.merged or self.comp.kind[0] != "dense":
+            return False
+        w = self.comp.whole["weight"]
+        return w.dtype == mx.float32 and fused.rope_rows_serves(dtype, d, rope_dims)
 
     def compressed(self, x: mx.array, pos: np.ndarray) -> mx.array:
         """Both compressors' kv | score rows ``[B, S, ...]`` float32 of ``x``'s tokens at host

@@ -45,19 +45,25 @@ class Compressor(nn.Module):
         freqs: mx.array,
         rounding: Callable[[mx.array], mx.array] | None,
         dtype: mx.Dtype,
+        written: mx.array | None = None,
     ) -> None:
         """Feed the projected rows ``ks`` [B, S, kv | score] (float32, APE added to the score;
         the attention's merged projection makes them) of the tokens at positions offset..;
-        closed rows, in ``dtype``, go to ``state``."""
+        closed rows, in ``dtype``, go to ``state``. ``written``: instead of ``ks``, one token's
+        step already done, the window's buffer with its row (the attention's kernel comp_rows)."""
         r = self.ratio
-        b, s, width2 = ks.shape
+        if written is not None:
+            b, s, width2 = written.shape[0], 1, written.shape[2]
+        else:
+            b, s, width2 = ks.shape
         width = width2 // 2
         if not state.ratio:
             state.ratio = r
         buf, n = state.pending_buffer(b, width) if s < 2 * r else (None, 0)
         if buf is not None and n + s <= r:
             # a decode step: the token's row is written into the window's buffer in place
-            buf = mx.slice_update(buf, ks, mx.array([0, n, 0]), (0, 1, 2))
+            buf = written if written is not None else mx.slice_update(
+                buf, ks, mx.array([0, n, 0]), (0, 1, 2))
             start, n = offset - n, n + s
             record_compressor(state, start, buf[:, :n, :width], buf[:, :n, width:])
             state.set_pending_buffer(buf, n % r)

@@ -30,6 +30,10 @@ METAL_FUNC uint ds4_order_key(float v) {
 // Grid (TG, H, B * S), threadgroup (TG, 1, 1): one threadgroup per (token, head); its
 // simdgroups take every DS4_ATTN_SG-th key, each lane D / 32 dims (dims lane + 32 j: a RoPE
 // pair sits on two neighbouring lanes).
+// WRITE: the call's new window rows knew [B, S, D] (T) go to rows NEWROW.. of the window (read
+// from knew, not kw) and kwo [B, LW, D] is the new window buffer: the last query's window rows,
+// each written by the simdgroup that read it in one head's threadgroup (no extra read), every
+// other row zero (rows no later query reads). Without WRITE kwo is one element, zero.
 const int DPL = D / 32;
 threadgroup float part_ml[2 * DS4_ATTN_SG];
 threadgroup float part_acc[DS4_ATTN_SG * D];
@@ -81,9 +85,15 @@ for (int key = int(sg); key < n_win + n_comp; key += DS4_ATTN_SG) {
   }
   float kv[DPL];
   float dot = 0.0f;
+  bool fresh = WRITE && key < n_win && w_lo + key >= NEWROW;  // a row of this call: from knew
+  ulong nrow = fresh ? (ulong(b) * uint(S) + uint(w_lo + key - NEWROW)) * uint(D) : 0;
   for (int j = 0; j < DPL; ++j) {
-    kv[j] = key < n_win ? float(kw[row + lane + 32 * j]) : float(comp[row + lane + 32 * j]);
+    kv[j] = key >= n_win ? float(comp[row + lane + 32 * j])
+            : fresh ? float(knew[nrow + lane + 32 * j]) : float(kw[row + lane + 32 * j]);
     dot += qv[j] * kv[j];
+  }
+  if (WRITE && key < n_win && s == uint(S) - 1 && uint(key / DS4_ATTN_SG) % uint(H) == head) {
+    for (int j = 0; j < DPL; ++j) kwo[row + lane + 32 * j] = T(kv[j]);
   }
   float score = simd_sum(dot) * scale;
   if (score > m) {
@@ -123,6 +133,14 @@ for (uint d = t; d < uint(D); d += DS4_ATTN_TG) {
   }
   out[qbase + d] = OutT(o);
 }
+if (WRITE && s == uint(S) - 1) {  // the rows outside the last query's window: zero
+  ulong base = ulong(b) * uint(LW) * uint(D);
+  for (ulong e = ulong(head) * DS4_ATTN_TG + t; e < ulong(LW) * uint(D); e += ulong(H) * DS4_ATTN_TG) {
+    int r = int(e / uint(D));
+    if (r < w_lo || r >= w_hi) kwo[base + e] = T(0.0f);
+  }
+}
+if (!WRITE && bs == 0 && head == 0 && t == 0) kwo[0] = T(0.0f);
 
 // @kernel indexer_scores
 // Lightning Indexer scores I(t, n) = sum_h w_h(t) * ReLU(q_h(t) . k_n): q [B, S, H, HD]

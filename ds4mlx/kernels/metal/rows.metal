@@ -49,6 +49,33 @@ METAL_FUNC float ds4_e2m1(float q) {
   return q < 0.0f ? -r : r;
 }
 
+// Compressor rows (kernels comp_rows and rope_rows with COMP): feature f of x [K] . w[f] + bias[f]
+// (float32) by one simdgroup, written to row `row` of o0 [R, N0] (f < N0) or o1 [R, N1].
+METAL_FUNC void ds4_comp_feature(const device float* x, const device float* w,
+                                 const device float* bias, uint f, uint k_in, uint n0, uint n1,
+                                 uint row, device float* o0, device float* o1, uint lane) {
+  if (f >= n0 + n1) return;  // uniform over the simdgroup
+  ulong wrow = ulong(f) * k_in;
+  float acc = 0.0f;
+  for (uint k = lane; k < k_in; k += 32) acc += x[k] * w[wrow + k];
+  acc = simd_sum(acc) + bias[f];
+  if (lane == 0) {
+    if (f < n0) o0[ulong(row) * n0 + f] = acc;
+    else o1[ulong(row) * n1 + (f - n0)] = acc;
+  }
+}
+
+// The other rows of the buffers p0 [R, N0] and p1 [R, N1] (n1 = 0: none) copied: this thread's
+// share, elements first, first + stride, ...
+METAL_FUNC void ds4_comp_copy(const device float* p0, const device float* p1, device float* o0,
+                              device float* o1, uint n0, uint n1, uint r, uint row, ulong first,
+                              ulong stride) {
+  for (ulong e = first; e < ulong(r) * n0; e += stride)
+    if (e / n0 != row) o0[e] = p0[e];
+  for (ulong e = first; n1 > 0u && e < ulong(r) * n1; e += stride)
+    if (e / n1 != row) o1[e] = p1[e];
+}
+
 // @kernel rope_rows
 // x [R, D] (T), w [D] (WT, read when NORM == 2), pos [R] int32, freqs [RD / 2] float32
 // -> out [R, D] (OutT). NORM: 0 none, 1 plain RMS, 2 RMS times w; FP8: round the first D - RD
@@ -57,11 +84,26 @@ METAL_FUNC float ds4_e2m1(float q) {
 // DQ > 0: the grid has R more rows, the rows qr [R, DQ] (T) of another RMSNorm (times wq [DQ],
 // WT; eps), written to qn [R, DQ] (T) rounded twice as mx.fast.rms_norm does (the attention's
 // q_norm, in the launch of its kv rows).
+// COMP: the grid has CN0 + CN1 more rows, one compressor feature each (kernel comp_rows, whose
+// inputs and outputs carry a c prefix here): the layer's compressor step in this launch too.
 const int DPL = D / 32;
 const int LPB = DS4_FP8_BLOCK / DPL;  // lanes per FP8 block
 threadgroup float lane_max[32];
 uint row = threadgroup_position_in_grid.y;
 uint lane = thread_index_in_simdgroup;
+uint own = uint(R) * (DQ > 0 ? 2u : 1u);  // rows of the kv and q_norm roles
+if (!COMP && row == 0 && lane == 0) {
+  co0[0] = 0.0f;
+  co1[0] = 0.0f;
+}
+if (COMP && row >= own) {  // a compressor feature (a whole threadgroup)
+  uint cf = row - own, nf = uint(CN0 + CN1);
+  ds4_comp_feature(cx, cw, cbias, cf, uint(CK), uint(CN0), uint(CN1), uint(CROW), co0, co1, lane);
+  ds4_comp_copy(cp0, cp1, co0, co1, uint(CN0), uint(CN1), uint(CR), uint(CROW),
+                ulong(cf) * 32 + lane, ulong(nf) * 32);
+  if (CN1 == 0 && cf == 0 && lane == 0) co1[0] = 0.0f;
+  return;
+}
 if (DQ > 0 && row >= uint(R)) {  // a whole threadgroup (one simdgroup) takes this branch
   const int QPL = DQ > 0 ? DQ / 32 : 1;
   ulong qb = ulong(row - uint(R)) * uint(DQ) + lane * uint(QPL);
@@ -177,3 +219,21 @@ if (FP4) {
 }
 for (int j = 0; j < DPL; ++j) q[base + j] = v[j];
 if (lane == 0) w[row] = float(wr[row]) * wscale;
+
+// @kernel comp_rows
+// One token's step of a layer's compressors (ratio 4: the attention's and the indexer's, which
+// read the same input; ratio 128: the attention's): the float32 product of x [K] with the merged
+// kv | score weights w [N0 + N1, K] plus the slot's bias row [N0 + N1] (the APE on the score
+// rows), written as row n of the unfinished window's buffers: o0 = p0 [B=1, R, N0] with row n
+// the first N0 features, o1 = p1 [1, R, N1] with row n the other N1 (N1 = 0: o1 is one element,
+// zero). Grid (TG * ceil((N0 + N1) / SG), 1, 1), threadgroup (TG, 1, 1), TG = 32 * SG: simdgroup
+// g of threadgroup i takes feature i * SG + g (lanes stride K); every thread copies its share of
+// the buffers' other rows.
+const uint SG = 8;
+uint tg = threadgroup_position_in_grid.x;
+uint t = thread_index_in_threadgroup;
+ds4_comp_feature(x, w, bias, tg * SG + simdgroup_index_in_threadgroup, uint(K), uint(N0),
+                 uint(N1), uint(n), o0, o1, thread_index_in_simdgroup);
+ds4_comp_copy(p0, p1, o0, o1, uint(N0), uint(N1), uint(R), uint(n), ulong(tg) * 32 * SG + t,
+              ulong(threadgroups_per_grid.x) * 32 * SG);
+if (N1 == 0 && tg == 0 && t == 0) o1[0] = 0.0f;
