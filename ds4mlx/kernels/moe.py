@@ -115,6 +115,13 @@ class Shared:
     gate_up: tuple[mx.array, str]
     down: tuple[mx.array, str]
 
+    @functools.cached_property
+    def packed(self) -> tuple[Packed, Packed]:
+        """(gate | up, down) as the kernels read them, checked once per Shared (the model
+        builds one per layer)."""
+        return (shared_packed(*self.gate_up, "shared.gate_up"),
+                shared_packed(*self.down, "shared.down"))
+
 
 def shared_packed(w: mx.array, fmt: str, name: str) -> Packed:
     """A shared-expert weight (float rows or GGUF blocks ``[rows, ·]``) as the kernels read it."""
@@ -147,16 +154,14 @@ def shared_folds(shared: Shared, dtype: mx.Dtype) -> bool:
     return True
 
 
-def _check_shared(shared: Shared | None, part: str, rows: int, k_in: int,
-                  dtype: mx.Dtype) -> Packed | None:
-    """The Packed shared-expert weight of ``part`` (``gate_up`` [rows, k_in] or ``down``),
+def _check_shared(shared: Shared | None, part: int, rows: int, k_in: int) -> Packed | None:
+    """The Packed shared-expert weight of ``part`` (0: gate | up [rows, k_in], 1: down),
     checked against the routed experts' dims."""
     if shared is None:
         return None
-    w, fmt = getattr(shared, part)
-    p = shared_packed(w, fmt, f"shared.{part}")
+    p = shared.packed[part]
     if p.q.shape[0] != rows or p.k != k_in:
-        raise KernelInputError(f"shared.{part}: expected [{rows}, {k_in}] weights, got "
+        raise KernelInputError(f"shared.{('gate_up', 'down')[part]}: expected [{rows}, {k_in}] weights, got "
                                f"{p.q.shape[0]} rows of {p.k}")
     return p
 
@@ -387,17 +392,30 @@ def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices
     (expert-grouped tiles: tokens that chose one expert share its read). ``shared`` (decode
     only): the shared expert's SwiGLU comes along as slot k, ``mid [N, k + 1, F]``.
     """
-    p1, p3 = unpack_weight(w1, fmt, "w1"), unpack_weight(w3, fmt, "w3")
-    f, k = _check_experts(p1, "w1", x, "x", indices)
-    if p3.q.shape != p1.q.shape or p3.layout != p1.layout:
-        raise KernelInputError(f"w3: shape {tuple(p3.q.shape)} differs from w1 {tuple(p1.q.shape)}")
-    ps = _check_shared(shared, "gate_up", 2 * f, p1.k, x.dtype)
+    p1, p3, f = _gate_up_packed(x, w1, w3, fmt, indices)
+    ps = _check_shared(shared, 0, 2 * f, p1.k)
     if not _kernel_serves(fmt, p1, x.dtype, indices):
         return moe_gate_up_ops(x, w1, w3, fmt, indices, limit, shared)
-    n = x.shape[0]
+    return _gate_up_kernel(x, p1, p3, f, indices, limit, grouped, ps)
+
+
+def _gate_up_packed(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str,
+                    indices: mx.array) -> tuple[Packed, Packed, int]:
+    """Gate and up experts unpacked and checked against x and indices, and F."""
+    p1, p3 = unpack_weight(w1, fmt, "w1"), unpack_weight(w3, fmt, "w3")
+    f, _ = _check_experts(p1, "w1", x, "x", indices)
+    if p3.q.shape != p1.q.shape or p3.layout != p1.layout:
+        raise KernelInputError(f"w3: shape {tuple(p3.q.shape)} differs from w1 {tuple(p1.q.shape)}")
+    return p1, p3, f
+
+
+def _gate_up_kernel(x: mx.array, p1: Packed, p3: Packed, f: int, indices: mx.array,
+                    limit: float | None, grouped: bool | None, ps: Packed | None) -> mx.array:
+    """:func:`moe_gate_up` on checked weights (``ps``: the shared gate | up, or None)."""
+    n, k = indices.shape
     idx = indices.astype(mx.uint32).reshape(-1)
     if _grouped(grouped, n * k):
-        if shared is not None:
+        if ps is not None:
             raise KernelInputError("shared: the shared expert folds into the decode kernels only")
         order, eid = _sort_pairs(idx)
         return _matmul_sorted(x, order // k, order, eid, p1, p3, f, limit).reshape(n, k, f)
@@ -427,24 +445,39 @@ def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weight
     and the shared expert's down projection of slot k is added at weight 1.
     """
     p2 = unpack_weight(w2, fmt, "w2")
+    d = _check_down(mid, p2, indices, weights, shared is not None)
+    ps = _check_shared(shared, 1, d, p2.k)
+    if not _kernel_serves(fmt, p2, out_dtype, indices):
+        return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype, shared)
+    return _down_kernel(mid, p2, d, indices, weights, out_dtype, grouped, ps)
+
+
+def _check_down(mid: mx.array, p2: Packed, indices: mx.array, weights: mx.array,
+                shared_slot: bool) -> int:
+    """D of the down experts ``p2``, checked against mid (with the shared slot if asked),
+    indices and weights."""
     k = indices.shape[1] if indices.ndim == 2 else 0
-    routed = mid[:, :k] if shared is not None and mid.ndim == 3 else mid
+    routed = mid[:, :k] if shared_slot and mid.ndim == 3 else mid
     d, k = _check_experts(p2, "w2", routed, "mid", indices)
     if weights.shape != indices.shape:
         raise KernelInputError(f"weights: expected the shape of indices {tuple(indices.shape)}, "
                                f"got {tuple(weights.shape)}")
-    ps = _check_shared(shared, "down", d, p2.k, out_dtype)
-    if shared is not None and mid.shape[1] != k + 1:
+    if shared_slot and mid.shape[1] != k + 1:
         raise KernelInputError(f"mid: expected [N, {k + 1}, F] with the shared slot, got "
                                f"{tuple(mid.shape)}")
-    if not _kernel_serves(fmt, p2, out_dtype, indices):
-        return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype, shared)
+    return d
+
+
+def _down_kernel(mid: mx.array, p2: Packed, d: int, indices: mx.array, weights: mx.array,
+                 out_dtype: mx.Dtype, grouped: bool | None, ps: Packed | None) -> mx.array:
+    """:func:`moe_down` on checked weights (``ps``: the shared down rows, or None)."""
     n, kk, f = mid.shape
+    k = indices.shape[1]
     idx = indices.astype(mx.uint32).reshape(-1)
     rw = weights.astype(mx.float32).reshape(-1)
     rows = mid.astype(mx.float32).reshape(n * kk, f)
     if _grouped(grouped, n * k):
-        if shared is not None:
+        if ps is not None:
             raise KernelInputError("shared: the shared expert folds into the decode kernels only")
         order, eid = _sort_pairs(idx)
         out = _matmul_sorted(rows, order, order, eid, p2, None, d, None)
@@ -517,14 +550,20 @@ def moe_experts_shared(x: mx.array, indices: mx.array, weights: mx.array, w1: An
         return None
     if not (dispatch.serves(gate[1]) and dispatch.serves(down[1]) and shared_folds(shared, x.dtype)):
         return None
-    p1, p2 = unpack_weight(gate[0], gate[1], "w1"), unpack_weight(down[0], down[1], "w2")
-    f, d = p1.q.shape[1], p2.q.shape[1]
-    ps13, ps2 = (shared_packed(*shared.gate_up, "shared.gate_up"),
-                 shared_packed(*shared.down, "shared.down"))
+    # unpacked and checked once here (the shared expert's parts once per Shared), then the
+    # kernels without the entry points' checks
+    p1, p3, f = _gate_up_packed(x, gate[0], up[0], gate[1], indices)
+    p2 = unpack_weight(down[0], down[1], "w2")
+    d = p2.q.shape[1]
+    ps13, ps2 = shared.packed
     if (ps13.q.shape[0], ps13.k, ps2.q.shape[0], ps2.k, p2.k) != (2 * f, p1.k, d, f, f):
         return None  # e.g. a shared expert wider than the routed ones
-    mid = moe_gate_up(x, gate[0], up[0], gate[1], indices, limit, False, shared)
-    return moe_down(mid, down[0], down[1], indices, weights, x.dtype, False, shared)
+    if not (_kernel_serves(gate[1], p1, x.dtype, indices)
+            and _kernel_serves(down[1], p2, x.dtype, indices)):
+        return None  # the routed experts' call sites pick their own paths
+    mid = _gate_up_kernel(x, p1, p3, f, indices, limit, False, ps13)
+    _check_down(mid, p2, indices, weights, True)
+    return _down_kernel(mid, p2, d, indices, weights, x.dtype, False, ps2)
 
 
 def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt: str,
