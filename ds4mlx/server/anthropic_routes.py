@@ -91,29 +91,22 @@ def _assistant_message(content: Any, where: str) -> dict:
 
 
 def convert_messages(body: dict) -> list[dict]:
-    messages = params.get(body, "messages", list, required=True)
-    if not messages:
-        raise APIError("'messages' must not be empty", "messages")
+    messages = params.messages(body, ("user", "assistant"))
     out = []
     system = body.get("system")
     if system is not None and system != "":
         out.append({"role": "system", "content": _text_of(system, "system")})
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise APIError(f"'{where}' must be an object", where)
-        role = m.get("role")
-        if role not in ("user", "assistant"):
-            raise APIError(f"'{where}.role' must be user or assistant, got {role!r}", f"{where}.role")
+    for where, role, m in messages:
         if "content" not in m:
             raise APIError(f"missing required field '{where}.content'", f"{where}.content")
         if role == "user":
             out += _user_messages(m["content"], f"{where}.content")
         else:
             out.append(_assistant_message(m["content"], f"{where}.content"))
-    if messages[-1].get("role") != "user":
+    where, role, _ = messages[-1]
+    if role != "user":
         raise APIError("the last message must have role user (continuing an assistant turn is not supported)",
-                       f"messages[{len(messages) - 1}].role")
+                       f"{where}.role")
     return out
 
 
@@ -232,16 +225,12 @@ def messages(engine: Engine, model_id: str):
 
             def deltas(dr: str, dc: str):
                 out = []
-                if dr:
-                    if open_kind != "thinking":
-                        out += start("thinking")
-                    out.append(sse({"type": "content_block_delta", "index": index,
-                                    "delta": {"type": "thinking_delta", "thinking": dr}}, "content_block_delta"))
-                if dc:
-                    if open_kind != "text":
-                        out += start("text")
-                    out.append(sse({"type": "content_block_delta", "index": index,
-                                    "delta": {"type": "text_delta", "text": dc}}, "content_block_delta"))
+                for kind, part in (("thinking", dr), ("text", dc)):  # a thinking_delta, then a text_delta
+                    if part:
+                        if open_kind != kind:
+                            out += start(kind)
+                        out.append(sse({"type": "content_block_delta", "index": index,
+                                        "delta": {"type": f"{kind}_delta", kind: part}}, "content_block_delta"))
                 return out
 
             try:

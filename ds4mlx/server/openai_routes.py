@@ -50,17 +50,8 @@ def _check_content(value: Any, where: str, required: bool) -> None:
 
 
 def check_messages(body: dict) -> list[dict]:
-    messages = params.get(body, "messages", list, required=True)
-    if not messages:
-        raise APIError("'messages' must not be empty", "messages")
     out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise APIError(f"'{where}' must be an object", where)
-        role = m.get("role")
-        if role not in ROLES:
-            raise APIError(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
+    for where, role, m in params.messages(body, ROLES):
         _check_content(m.get("content"), f"{where}.content", required=role != "assistant")
         if role == "assistant":
             calls = params.get(m, "tool_calls", list, default=[], where=f"{where}.")
