@@ -16,12 +16,11 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .. import encoding
 from ..generate import DEFAULT_MIN_P, check_text
 from . import params
-from .common import check_prompt, job_events, read_json, run_job, sse
-from .channels import ChannelSplitter
-from .engine import Engine, Job, Result, tokenize_with_boundaries
+from .common import chat_job, job_events, read_json, run_job, sse
+from .channels import ChannelSplitter, parse_answer
+from .engine import Engine, Result
 from .openai_routes import forced_tool_text
 from .params import APIError
 
@@ -181,22 +180,13 @@ def messages(engine: Engine, model_id: str):
                         top_p=params.number(body, "top_p", 1.0, 0.0, 1.0), top_k=params.integer(body, "top_k", 0, 0),
                         min_p=DEFAULT_MIN_P, stop=params.stop_list(body, "stop_sequences"))
         stream = params.get(body, "stream", bool, default=False)
-        try:
-            text = encoding.encode_messages(msgs, mode, tools=tools)
-        except ValueError as e:
-            raise APIError(f"messages: {e}", "messages") from None
-        ids, bounds = tokenize_with_boundaries(engine.tokenizer, text)
-        check_prompt(engine, ids, "messages")
-        force_ids = list(engine.tokenizer.encode(forced, add_special_tokens=False)) if forced else []
-        job = Job(ids, bounds, thinking=mode == "thinking", force_content=force_ids, think_budget=budget, **settings)
+        job = chat_job(engine, msgs, mode, tools=tools, forced=forced, think_budget=budget, **settings)
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         shell = {"id": mid, "type": "message", "role": "assistant", "model": model or model_id}
 
         if not stream:
             result = await run_job(engine, job, request)
-            splitter = ChannelSplitter(mode == "thinking", 1 if one_call else None)
-            splitter.feed(result.text)
-            message = splitter.finish()[2]
+            message = parse_answer(result.text, mode == "thinking", 1 if one_call else None)
             blocks = []
             if message["reasoning_content"]:
                 blocks.append({"type": "thinking", "thinking": message["reasoning_content"], "signature": ""})
@@ -236,7 +226,7 @@ def messages(engine: Engine, model_id: str):
             try:
                 async for kind, value in job_events(engine, job):
                     if kind == "start":
-                        usage = {"input_tokens": len(ids) - value, "output_tokens": 0,
+                        usage = {"input_tokens": len(job.ids) - value, "output_tokens": 0,
                                  "cache_read_input_tokens": value, "cache_creation_input_tokens": 0}
                         yield sse({"type": "message_start", "message": {
                             **shell, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}},
