@@ -12,10 +12,10 @@ Q8_0 blocks): its gate | up rows in ``moe_gate_up_decode``, its down rows summed
 ``moe_down_decode``, so a decode step runs no separate shared-expert launches.
 
 Entry points (kernel | ops twin): :func:`dequantize`, :func:`moe_gate_up`, :func:`moe_down`,
-:func:`gather_qmm_native`, :func:`shared_down`; call sites: :func:`moe_experts` (``None`` =
-run the expert modules), :func:`moe_experts_shared` (``None`` = the shared expert cannot be
-folded), :func:`gguf_switch_matmul` (kernel or ops, whichever
-:func:`ds4mlx.kernels.dispatch.serves` says).
+:func:`gather_qmm_native`; call sites: :func:`moe_experts` (``None`` = run the expert
+modules), :func:`moe_experts_shared` (``None`` = the shared expert cannot be folded),
+:func:`gguf_switch_matmul` (kernel or ops, whichever :func:`ds4mlx.kernels.dispatch.serves`
+says).
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ def _check_shared(shared: Shared | None, part: int, rows: int, k_in: int) -> Pac
         return None
     p = shared.packed[part]
     if p.q.shape[0] != rows or p.k != k_in:
-        raise KernelInputError(f"shared.{('gate_up', 'down')[part]}: expected [{rows}, {k_in}] weights, got "
-                               f"{p.q.shape[0]} rows of {p.k}")
+        raise KernelInputError(f"shared.{('gate_up', 'down')[part]}: expected [{rows}, {k_in}] "
+                               f"weights, got {p.q.shape[0]} rows of {p.k}")
     return p
 
 
@@ -347,7 +347,7 @@ def _sort_pairs(idx: mx.array) -> tuple[mx.array, mx.array]:
 
 
 def matmul_sorted(x: mx.array, xrow: mx.array, order: mx.array, eid: mx.array, w1: Packed,
-                   w3: Packed | None, n_out: int, limit: float | None) -> mx.array:
+                  w3: Packed | None, n_out: int, limit: float | None) -> mx.array:
     """Kernel ``moe_matmul_sorted``: ``[P, n_out]`` float32, rows in original pair order (also
     a dense GGUF weight's many-row product, as one expert: :func:`.matvec.gguf_matmul`)."""
     p = eid.shape[0]
