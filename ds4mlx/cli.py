@@ -10,7 +10,6 @@ statistics go to stderr, so ``ds4mlx generate ... > answer.txt`` keeps just the 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -22,7 +21,7 @@ import typer
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
 from .generate import DEFAULT_DRAFT_TOKENS, check_sampling, check_text
 from .cli_output import UsageProblem, detail, prefill_progress, set_output, show_prompt, status
-from .cli_output import GracefulInterrupt, Output, Printer, forget_interrupts, interrupt, stream_responses
+from .cli_output import GracefulInterrupt, Output, Printer, forget_interrupts, stream_responses
 from .cli_output import OutputClosed, fail, is_usage_error, one_line, pipe_safe, show_warning
 from .cli_options import (ModelOpt, MaxTokensOpt, TempOpt, TopPOpt, TopKOpt, MinPOpt, SeedOpt,
                           SystemOpt, ThinkOpt, ThinkMaxOpt, ExpertsOpt, CtxOpt, MemoryOpt,
@@ -532,8 +531,6 @@ def _run(argv: Optional[list[str]], ready: Optional[Callable[[], None]]) -> int:
         forget_interrupts()
         if ready is not None:  # the console entry point: this process is the command's own
             ready()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                signal.signal(signal.SIGINT, interrupt)  # remembered, should a finalizer drop it
         rv = command.main(args=argv, prog_name="ds4mlx", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except KeyboardInterrupt:

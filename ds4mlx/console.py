@@ -2,7 +2,7 @@
 
 Importing the CLI (typer; MLX and the rest inside the commands) takes a noticeable fraction of a
 second, and a Ctrl-C during an import would print a traceback from the import machinery. Until
-``cli.main`` is running (it calls ``restore_interrupts`` back, which hands SIGINT to Python's
+``cli.main`` is running (it calls ``restore_interrupts`` back, which makes SIGINT a
 KeyboardInterrupt, on which the commands' cleanup relies), SIGINT ends the process at once with
 status 130, as a shell reports an interrupted command. Nothing needs cleaning up that early.
 """
@@ -32,9 +32,12 @@ def _terminate(signum, frame) -> None:
 
 
 def restore_interrupts() -> None:
-    """Python's own SIGINT handling again, if the early one is still installed."""
+    """SIGINT as a KeyboardInterrupt again, if the early handler is still installed: through
+    ``cli_output.interrupt``, which remembers one that a finalizer (``__del__``) dropped."""
     if signal.getsignal(signal.SIGINT) is _quit_early:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from .cli_output import interrupt
+
+        signal.signal(signal.SIGINT, interrupt)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

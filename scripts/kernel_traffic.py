@@ -17,6 +17,7 @@ Usage: python scripts/kernel_traffic.py [--k 6 4]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds4mlx import kernels  # noqa: E402
 from ds4mlx import ops as hyper  # noqa: E402
-from ds4mlx.quant.gguf import get  # noqa: E402
+from decode_profile import VIEWS, Recorder, expert_bytes  # noqa: E402  (this folder)
 
 D, F, E, HC, LAYERS = 4096, 2048, 256, 4, 43
 RECIPES = {  # name: (gate/up format, down format); "MXFP4" here is MLX's mxfp4 layout
@@ -38,8 +39,6 @@ RECIPES = {  # name: (gate/up format, down format); "MXFP4" here is MLX's mxfp4 
     "q4 (Q4_K)": ("Q4_K", "Q4_K"),
     "mxfp4 (official FP4 / GGUF MXFP4)": ("MXFP4", "MXFP4"),
 }
-VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "AsStrided",
-         "View", "StopGradient", "Copy"}
 _NODE = re.compile(r'\{ (\d+) \[label ="([^"]+)"')
 
 
@@ -49,13 +48,6 @@ def graph_nodes(*arrays: mx.array) -> dict[str, str]:
         path = os.path.join(tmp, "g.dot")
         mx.export_to_dot(path, *arrays)
         return dict(_NODE.findall(Path(path).read_text()))
-
-
-def expert_bytes(fmt: str, rows: int, k_in: int) -> int:
-    if fmt == "MXFP4":
-        return rows * (k_in // 2 + k_in // 32)
-    mod = get(fmt)
-    return rows * k_in // mod.BLOCK_SIZE * mod.BLOCK_BYTES
 
 
 def experts(fmt: str, rows: int, k_in: int):
@@ -70,18 +62,23 @@ def leaves(w) -> list[mx.array]:
     return list(w) if isinstance(w, tuple) else [w]
 
 
-class KernelRecorder:
-    """Stands in for kernels.dispatch.run: records launches, returns leaf arrays of the output shapes."""
-
-    def __init__(self):
-        self.launches: list[str] = []
-        self.inputs: list[mx.array] = []
-
-    def __call__(self, file, name, inputs, outputs, *, grid, threadgroup, template):
-        self.launches.append(name)
-        self.inputs += [a for a in inputs.values() if isinstance(a, mx.array)]
-        return [mx.array(np.zeros(shape, dtype=np.float32)).astype(dtype)
-                for shape, dtype in outputs.values()]
+@contextlib.contextmanager
+def on_metal():
+    """The Metal path with its launches recorded instead of run (``decode_profile.Recorder``),
+    the first-use check off: the recorder's placeholder outputs would fail it and switch every
+    kernel off for the process (the counts then were the ops path's)."""
+    recorder = Recorder()
+    saved = kernels.dispatch.run, kernels.dispatch.backend, os.environ.get("DS4MLX_KERNEL_CHECK")
+    kernels.dispatch.run, kernels.dispatch.backend = recorder, lambda: "metal"
+    os.environ["DS4MLX_KERNEL_CHECK"] = "off"
+    try:
+        yield recorder
+    finally:
+        kernels.dispatch.run, kernels.dispatch.backend, check = saved
+        if check is None:
+            os.environ.pop("DS4MLX_KERNEL_CHECK", None)
+        else:
+            os.environ["DS4MLX_KERNEL_CHECK"] = check
 
 
 def count(outputs: list[mx.array], base: list[mx.array]) -> int:
@@ -102,14 +99,9 @@ def moe_layer(gate_fmt: str, down_fmt: str, k: int) -> dict[str, float]:
     y_ops = kernels.moe_down_ops(mid, w2, down_fmt, idx, rw)
     ops_dispatch = count([y_ops], base)
 
-    recorder = KernelRecorder()
-    run, chosen = kernels.dispatch.run, kernels.dispatch.backend
-    kernels.dispatch.run, kernels.dispatch.backend = recorder, lambda: "metal"
-    try:
+    with on_metal() as recorder:
         mid = kernels.moe_gate_up(x, w1, w3, gate_fmt, idx, 10.0)
         y_metal = kernels.moe_down(mid, w2, down_fmt, idx, rw)
-    finally:
-        kernels.dispatch.run, kernels.dispatch.backend = run, chosen
     metal_dispatch = len(recorder.launches) + count([y_metal, *recorder.inputs], base)
 
     packed = k * (2 * expert_bytes(gate_fmt, F, D) + expert_bytes(down_fmt, D, F))
@@ -127,13 +119,8 @@ def hc_pre() -> tuple[int, int]:
     scale = mx.array(np.ones(3, np.float32))
     ops = hyper.hc_pre(h, fn, base_, scale, iters=20, eps=1e-6, norm_eps=1e-6)
     ops_dispatch = count(list(ops), [h, fn, base_, scale])
-    recorder = KernelRecorder()
-    run, chosen = kernels.dispatch.run, kernels.dispatch.backend
-    kernels.dispatch.run, kernels.dispatch.backend = recorder, lambda: "metal"
-    try:
+    with on_metal() as recorder:
         out = kernels.hc_pre(h, fn, base_, scale, iters=20, eps=1e-6, norm_eps=1e-6)
-    finally:
-        kernels.dispatch.run, kernels.dispatch.backend = run, chosen
     metal_dispatch = len(recorder.launches) + count([*out, *recorder.inputs], [h, fn, base_, scale])
     return metal_dispatch, ops_dispatch
 

@@ -476,9 +476,11 @@ def test_shared_expert_folded_into_the_decode_kernels(path, fmt, shared_fmt):
 def test_folded_shared_expert_equals_the_modules(path, dtype, monkeypatch):
     """MoE._folded (one decoded token: routed + shared experts in the two decode kernels, no
     shared-expert launch) against the routed experts' call site plus the SharedExpert module."""
+    import mlx.nn as nn
+
     from ds4mlx.config import ModelConfig
     from ds4mlx.layers.gguf import GGUFSwitchLinear
-    from ds4mlx.model.moe import MoE
+    from ds4mlx.model.moe import MoE, SharedExpert
     from ds4mlx.synthetic import tiny_config
 
     config = ModelConfig.from_hf(tiny_config(moe_intermediate_size=256, hidden_size=256,
@@ -492,20 +494,34 @@ def test_folded_shared_expert_equals_the_modules(path, dtype, monkeypatch):
     rng = np.random.default_rng(53)
     for m in (moe.shared_experts.w1, moe.shared_experts.w3, moe.shared_experts.w2):
         m.weight = mx.array((rng.standard_normal(m.weight.shape) * 0.05).astype(np.float32)).astype(dtype)
-    x = mx.array(rng.standard_normal((1, 256)).astype(np.float32)).astype(dtype)
-    idx = mx.array([[0, 3, 5, 2]], dtype=mx.uint32)
-    w = mx.array([[0.4, 0.9, 1.2, 0.3]], dtype=mx.float32)
-    launches = []
-    run = kernels.dispatch.run
+    launches, built, packed = [], [], []
 
-    def counted(*args, **kwargs):
-        launches.append(args[1])
-        return run(*args, **kwargs)
+    def counting(fn, calls, name=None):
+        def counted(*args, **kwargs):
+            calls.append(name or args[1])
+            return fn(*args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(kernels.dispatch, "run", counted)
-    got = moe._folded(x, idx, w)
-    assert got is not None and launches == ["moe_gate_up_decode", "moe_down_decode"]
-    ref = moe.shared_experts(x, add=moe.experts(x, idx, w))
-    assert_close(got, ref, 1e-5 if dtype == mx.float32 else 2e-2)
+    monkeypatch.setattr(kernels.dispatch, "run", counting(kernels.dispatch.run, launches))
+    monkeypatch.setattr(SharedExpert, "_build_fold", counting(SharedExpert._build_fold, built, "fold"))
+    monkeypatch.setattr(kernels.moe, "shared_packed", counting(kernels.moe.shared_packed, packed, "pack"))
+    # several decode steps: each runs the two decode kernels alone, and the shared expert's
+    # fold is built (and its weights packed and checked) on the first one only
+    for step, (idx, w) in enumerate([([0, 3, 5, 2], [0.4, 0.9, 1.2, 0.3]),
+                                     ([5, 1, 4, 0], [1.1, 0.2, 0.7, 0.5]),
+                                     ([2, 3, 0, 1], [0.3, 0.3, 0.8, 1.4])]):
+        x = mx.array(rng.standard_normal((1, 256)).astype(np.float32)).astype(dtype)
+        idx, w = mx.array([idx], dtype=mx.uint32), mx.array([w], dtype=mx.float32)
+        launches.clear()
+        got = moe._folded(x, idx, w)
+        assert got is not None and launches == ["moe_gate_up_decode", "moe_down_decode"], step
+        ref = moe.shared_experts(x, add=moe.experts(x, idx, w))
+        assert_close(got, ref, 1e-5 if dtype == mx.float32 else 2e-2)
+    assert built == ["fold"] and packed == ["pack", "pack"]
     assert moe._folded(mx.concatenate([x, x]), mx.concatenate([idx, idx]),
                        mx.concatenate([w, w])) is None  # two tokens: the grouped tiles
+    # a replaced projection (the imatrix recorder wraps them) is not served from the old fold
+    moe.shared_experts.w2 = nn.Linear(256, 256, bias=False)
+    moe.shared_experts.w2.weight = moe.shared_experts.w2.weight.astype(dtype)
+    assert moe.shared_experts.fold_weights().down[0] is moe.shared_experts.w2.weight
+    assert built == ["fold", "fold"]

@@ -4,7 +4,9 @@
   ``DS4MLX_KERNELS`` and the default device; variants switched off by hand or by the first-use
   check of :mod:`.check`) and the one launch site.
 - :mod:`.source`: the Metal sources with the constants they share with Python defined in.
-- :mod:`.moe`: dequantization, the routed-expert kernels and the GGUF linear call sites.
+- :mod:`.moe`: dequantization, the routed-expert kernels and the expert call sites.
+- :mod:`.matvec`: products of one weight: the dense GGUF projection (``GGUFLinear``'s call
+  site) and ``shared_down``.
 - :mod:`.hyper`: the fused hyper-connection pre.
 - :mod:`.attention`: decode attention, the Lightning Indexer, RMS + RoPE + FP8 rows.
 - :mod:`.router`: MoE router selection.
@@ -20,11 +22,11 @@ from .dispatch import (ATTENTION, BACKENDS, HC_PRE, INDEXER, KERNEL_FORMATS, NAM
                        ROPE_ROWS, ROUTER, SHARED_DOWN, KernelInputError, backend, disable,
                        disabled, enable, enabled, serves, set_backend)
 from .hyper import hc_pre, hc_pre_ops
+from .matvec import gguf_matmul, matmul_ops, shared_down, shared_down_ops, shared_down_serves
 from .moe import (Packed, QuantWeight, Shared, dequantize, dequantize_ops, gather_qmm_native,
-                  gather_qmm_native_ops, gguf_matmul, gguf_switch_matmul, matmul_ops, moe_down,
-                  moe_down_ops, moe_experts, moe_experts_shared, moe_gate_up, moe_gate_up_ops, shared_down,
-                  shared_down_ops, shared_down_serves, switch_matmul_ops, unpack_weight,
-                  variant_name)
+                  gather_qmm_native_ops, gguf_switch_matmul, moe_down, moe_down_ops, moe_experts,
+                  moe_experts_shared, moe_gate_up, moe_gate_up_ops, switch_matmul_ops,
+                  unpack_weight, variant_name)
 from . import check  # installs the first-use check in dispatch
 
 __all__ = [

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..quant import gguf as gguf_formats
 from ..quant.codecs import MX_GROUP
-from . import attention, dispatch, hyper, moe, router
+from . import attention, dispatch, hyper, matvec, moe, router
 from .source import dtype_name
 
 CHECK_VERSION = 5  # bump when the cases change, so recorded passes are redone
@@ -169,12 +169,12 @@ def _moe_cases(spec: Spec) -> list[Case]:
     out += _shared_fold_cases(v, fmt, dt, k, e, w1, w3, w2, x_scale)
     if v != MLX_PAIR:  # dense GGUF projections (GGUFLinear): the matvec, or one expert tiled
         dense = w1[0]
-        for n in (1, 3, moe.MATVEC_TOKENS + 1):
+        for n in (1, 3, matvec.MATVEC_TOKENS + 1):
             def run(n=n):
                 x = _acts((n, _K_IN), 70 + n, dt, x_scale)
-                return ([moe.gguf_matmul(x, dense, fmt=fmt, input_dims=_K_IN, output_dims=_ROWS)],
-                        [moe.matmul_ops(x, dense, fmt).astype(dt)])
-            kernel = "gguf_matvec" if n <= moe.MATVEC_TOKENS else "gguf_matmul (tiled)"
+                return ([matvec.gguf_matmul(x, dense, fmt=fmt, input_dims=_K_IN, output_dims=_ROWS)],
+                        [matvec.matmul_ops(x, dense, fmt).astype(dt)])
+            kernel = "gguf_matvec" if n <= matvec.MATVEC_TOKENS else "gguf_matmul (tiled)"
             out.append(Case(kernel, f"{n} row{'s' * (n > 1)}", run))
     return out
 
@@ -505,12 +505,12 @@ def _shared_cases(spec: Spec) -> list[Case]:
             gu = _acts((n, 2 * f), 100 + n, dt, 4.0)  # some beyond the clamp
             w = _acts((_DOWN_ROWS, f), 101, dt, f ** -0.5)
             add = _acts((n, _DOWN_ROWS), 102 + n, dt)
-            return ([moe.shared_down(gu, w, limit, add)],
-                    [moe.shared_down_ops(gu, w, limit, add)])
+            return ([matvec.shared_down(gu, w, limit, add)],
+                    [matvec.shared_down_ops(gu, w, limit, add)])
         return run
 
     return [Case("shared_down", f"{n} token{'s' * (n > 1)}, limit {limit:g}", run_for(n, limit))
-            for n, limit in ((1, 10.0), (3, 0.0), (moe.SHARED_MAX_TOKENS, 7.0))]
+            for n, limit in ((1, 10.0), (3, 0.0), (matvec.SHARED_MAX_TOKENS, 7.0))]
 
 
 def _by_id(idx: mx.array, w: mx.array) -> list[mx.array]:

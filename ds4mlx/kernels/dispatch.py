@@ -29,7 +29,7 @@ ATTENTION = "attention"  # fused decode attention (kernels/attention.py)
 INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
 ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
 ROUTER = "router"  # fused MoE router selection (kernels/router.py)
-SHARED_DOWN = "shared_down"  # shared expert's SwiGLU + down + routed sum (kernels/moe.py)
+SHARED_DOWN = "shared_down"  # shared expert's SwiGLU + down + routed sum (kernels/matvec.py)
 NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER, SHARED_DOWN)  # not weight formats
 
 

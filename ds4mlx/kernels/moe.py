@@ -1,5 +1,5 @@
 """MoE expert kernels (``metal/moe.metal``) beside their MLX-ops twins, and the call sites the
-model's expert and GGUF linear modules use.
+model's expert modules use (the dense GGUF projections' are in :mod:`.matvec`).
 
 Quantized expert weights ``w`` are either native GGUF blocks, ``uint8 [E, rows, row_bytes]``
 with ``fmt`` one of ``Q8_0``, ``Q4_K``, ``Q2_K``, ``IQ2_XXS``, ``MXFP4``, or, for ``fmt="MXFP4"``,
@@ -12,10 +12,10 @@ Q8_0 blocks): its gate | up rows in ``moe_gate_up_decode``, its down rows summed
 ``moe_down_decode``, so a decode step runs no separate shared-expert launches.
 
 Entry points (kernel | ops twin): :func:`dequantize`, :func:`moe_gate_up`, :func:`moe_down`,
-:func:`gather_qmm_native`, :func:`gguf_matvec` (| :func:`matmul_ops`); call sites:
-:func:`moe_experts` (``None`` = run the expert modules), :func:`moe_experts_shared` (``None``
-= the shared expert cannot be folded), :func:`gguf_switch_matmul`, :func:`gguf_matmul` (kernel
-or ops, whichever :func:`ds4mlx.kernels.dispatch.serves` says).
+:func:`gather_qmm_native`; call sites: :func:`moe_experts` (``None`` = run the expert
+modules), :func:`moe_experts_shared` (``None`` = the shared expert cannot be folded),
+:func:`gguf_switch_matmul` (kernel or ops, whichever :func:`ds4mlx.kernels.dispatch.serves`
+says).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from ..quant.codecs import MX_GROUP
 from . import dispatch
 from .dispatch import KERNEL_FORMATS, KernelInputError, ceil_div, device_array
 from .source import (DECODE_ROWS, DECODE_ROWS_PER_TG, DECODE_THREADS, DENSE_LAYOUT,
-                     DOWN_SIMDGROUPS, GGUF_MXFP4, LAYOUT, MATVEC_TOKENS, MLX_MXFP4, TILE,
-                     TILE_THREADS, dtype_name)
+                     DOWN_SIMDGROUPS, GGUF_MXFP4, LAYOUT, MLX_MXFP4, TILE, TILE_THREADS,
+                     dtype_name)
 
 QuantWeight = Union[mx.array, tuple]
 
@@ -115,6 +115,13 @@ class Shared:
     gate_up: tuple[mx.array, str]
     down: tuple[mx.array, str]
 
+    @functools.cached_property
+    def packed(self) -> tuple[Packed, Packed]:
+        """(gate | up, down) as the kernels read them, checked once per Shared (the model
+        builds one per layer)."""
+        return (shared_packed(*self.gate_up, "shared.gate_up"),
+                shared_packed(*self.down, "shared.down"))
+
 
 def shared_packed(w: mx.array, fmt: str, name: str) -> Packed:
     """A shared-expert weight (float rows or GGUF blocks ``[rows, ·]``) as the kernels read it."""
@@ -147,17 +154,15 @@ def shared_folds(shared: Shared, dtype: mx.Dtype) -> bool:
     return True
 
 
-def _check_shared(shared: Shared | None, part: str, rows: int, k_in: int,
-                  dtype: mx.Dtype) -> Packed | None:
-    """The Packed shared-expert weight of ``part`` (``gate_up`` [rows, k_in] or ``down``),
+def _check_shared(shared: Shared | None, part: int, rows: int, k_in: int) -> Packed | None:
+    """The Packed shared-expert weight of ``part`` (0: gate | up [rows, k_in], 1: down),
     checked against the routed experts' dims."""
     if shared is None:
         return None
-    w, fmt = getattr(shared, part)
-    p = shared_packed(w, fmt, f"shared.{part}")
+    p = shared.packed[part]
     if p.q.shape[0] != rows or p.k != k_in:
-        raise KernelInputError(f"shared.{part}: expected [{rows}, {k_in}] weights, got "
-                               f"{p.q.shape[0]} rows of {p.k}")
+        raise KernelInputError(f"shared.{('gate_up', 'down')[part]}: expected [{rows}, {k_in}] "
+                               f"weights, got {p.q.shape[0]} rows of {p.k}")
     return p
 
 
@@ -283,17 +288,6 @@ def switch_matmul_ops(x: mx.array, w: mx.array, fmt: str, indices: mx.array,
     return y[mx.array(inverse.astype(np.uint32))].reshape(*batch, m, output_dims)
 
 
-def matmul_ops(x: mx.array, w: mx.array, fmt: str) -> mx.array:
-    """The ops path of a dense GGUF projection ``w [out, bytes]``: float32 ``x @ W.T``,
-    dequantized in output-row chunks of at most ``DEQUANT_BUDGET`` bytes."""
-    fmod = _gguf_format(fmt)
-    input_dims = _formats.row_weights(fmod, w.shape[-1])
-    xf = x.astype(mx.float32)
-    step = max(1, DEQUANT_BUDGET // (4 * input_dims))  # output rows per step
-    parts = [xf @ fmod.dequantize(w[r:r + step]).T for r in range(0, w.shape[0], step)]
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
-
-
 def _expert_rows_ops(rows: mx.array, w: QuantWeight, fmt: str, eid: mx.array) -> mx.array:
     """``[P, out]`` float32: expert ``eid[p]`` applied to ``rows[p]`` (``[P, K]``)."""
     p = unpack_weight(w, fmt)
@@ -352,9 +346,10 @@ def _sort_pairs(idx: mx.array) -> tuple[mx.array, mx.array]:
     return order, idx[order]
 
 
-def _matmul_sorted(x: mx.array, xrow: mx.array, order: mx.array, eid: mx.array, w1: Packed,
-                   w3: Packed | None, n_out: int, limit: float | None) -> mx.array:
-    """Kernel ``moe_matmul_sorted``: ``[P, n_out]`` float32, rows in original pair order."""
+def matmul_sorted(x: mx.array, xrow: mx.array, order: mx.array, eid: mx.array, w1: Packed,
+                  w3: Packed | None, n_out: int, limit: float | None) -> mx.array:
+    """Kernel ``moe_matmul_sorted``: ``[P, n_out]`` float32, rows in original pair order (also
+    a dense GGUF weight's many-row product, as one expert: :func:`.matvec.gguf_matmul`)."""
     p = eid.shape[0]
     gate_up = w3 is not None
     w3 = w3 or w1
@@ -387,20 +382,33 @@ def moe_gate_up(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, indices
     (expert-grouped tiles: tokens that chose one expert share its read). ``shared`` (decode
     only): the shared expert's SwiGLU comes along as slot k, ``mid [N, k + 1, F]``.
     """
-    p1, p3 = unpack_weight(w1, fmt, "w1"), unpack_weight(w3, fmt, "w3")
-    f, k = _check_experts(p1, "w1", x, "x", indices)
-    if p3.q.shape != p1.q.shape or p3.layout != p1.layout:
-        raise KernelInputError(f"w3: shape {tuple(p3.q.shape)} differs from w1 {tuple(p1.q.shape)}")
-    ps = _check_shared(shared, "gate_up", 2 * f, p1.k, x.dtype)
+    p1, p3, f = _gate_up_packed(x, w1, w3, fmt, indices)
+    ps = _check_shared(shared, 0, 2 * f, p1.k)
     if not _kernel_serves(fmt, p1, x.dtype, indices):
         return moe_gate_up_ops(x, w1, w3, fmt, indices, limit, shared)
-    n = x.shape[0]
+    return _gate_up_kernel(x, p1, p3, f, indices, limit, grouped, ps)
+
+
+def _gate_up_packed(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str,
+                    indices: mx.array) -> tuple[Packed, Packed, int]:
+    """Gate and up experts unpacked and checked against x and indices, and F."""
+    p1, p3 = unpack_weight(w1, fmt, "w1"), unpack_weight(w3, fmt, "w3")
+    f, _ = _check_experts(p1, "w1", x, "x", indices)
+    if p3.q.shape != p1.q.shape or p3.layout != p1.layout:
+        raise KernelInputError(f"w3: shape {tuple(p3.q.shape)} differs from w1 {tuple(p1.q.shape)}")
+    return p1, p3, f
+
+
+def _gate_up_kernel(x: mx.array, p1: Packed, p3: Packed, f: int, indices: mx.array,
+                    limit: float | None, grouped: bool | None, ps: Packed | None) -> mx.array:
+    """:func:`moe_gate_up` on checked weights (``ps``: the shared gate | up, or None)."""
+    n, k = indices.shape
     idx = indices.astype(mx.uint32).reshape(-1)
     if _grouped(grouped, n * k):
-        if shared is not None:
+        if ps is not None:
             raise KernelInputError("shared: the shared expert folds into the decode kernels only")
         order, eid = _sort_pairs(idx)
-        return _matmul_sorted(x, order // k, order, eid, p1, p3, f, limit).reshape(n, k, f)
+        return matmul_sorted(x, order // k, order, eid, p1, p3, f, limit).reshape(n, k, f)
     kk = k + (ps is not None)
     ws = ps or p1
     (mid,) = dispatch.run("moe.metal", "moe_gate_up_decode",
@@ -427,27 +435,42 @@ def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weight
     and the shared expert's down projection of slot k is added at weight 1.
     """
     p2 = unpack_weight(w2, fmt, "w2")
+    d = _check_down(mid, p2, indices, weights, shared is not None)
+    ps = _check_shared(shared, 1, d, p2.k)
+    if not _kernel_serves(fmt, p2, out_dtype, indices):
+        return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype, shared)
+    return _down_kernel(mid, p2, d, indices, weights, out_dtype, grouped, ps)
+
+
+def _check_down(mid: mx.array, p2: Packed, indices: mx.array, weights: mx.array,
+                shared_slot: bool) -> int:
+    """D of the down experts ``p2``, checked against mid (with the shared slot if asked),
+    indices and weights."""
     k = indices.shape[1] if indices.ndim == 2 else 0
-    routed = mid[:, :k] if shared is not None and mid.ndim == 3 else mid
+    routed = mid[:, :k] if shared_slot and mid.ndim == 3 else mid
     d, k = _check_experts(p2, "w2", routed, "mid", indices)
     if weights.shape != indices.shape:
         raise KernelInputError(f"weights: expected the shape of indices {tuple(indices.shape)}, "
                                f"got {tuple(weights.shape)}")
-    ps = _check_shared(shared, "down", d, p2.k, out_dtype)
-    if shared is not None and mid.shape[1] != k + 1:
+    if shared_slot and mid.shape[1] != k + 1:
         raise KernelInputError(f"mid: expected [N, {k + 1}, F] with the shared slot, got "
                                f"{tuple(mid.shape)}")
-    if not _kernel_serves(fmt, p2, out_dtype, indices):
-        return moe_down_ops(mid, w2, fmt, indices, weights, out_dtype, shared)
+    return d
+
+
+def _down_kernel(mid: mx.array, p2: Packed, d: int, indices: mx.array, weights: mx.array,
+                 out_dtype: mx.Dtype, grouped: bool | None, ps: Packed | None) -> mx.array:
+    """:func:`moe_down` on checked weights (``ps``: the shared down rows, or None)."""
     n, kk, f = mid.shape
+    k = indices.shape[1]
     idx = indices.astype(mx.uint32).reshape(-1)
     rw = weights.astype(mx.float32).reshape(-1)
     rows = mid.astype(mx.float32).reshape(n * kk, f)
     if _grouped(grouped, n * k):
-        if shared is not None:
+        if ps is not None:
             raise KernelInputError("shared: the shared expert folds into the decode kernels only")
         order, eid = _sort_pairs(idx)
-        out = _matmul_sorted(rows, order, order, eid, p2, None, d, None)
+        out = matmul_sorted(rows, order, order, eid, p2, None, d, None)
         return mx.sum(rw.reshape(n, k, 1) * out.reshape(n, k, d), axis=1).astype(out_dtype)
     ws = ps or p2
     (y,) = dispatch.run("moe.metal", "moe_down_decode",
@@ -470,7 +493,7 @@ def gather_qmm_native(x: mx.array, w: QuantWeight, fmt: str, indices: mx.array) 
         return gather_qmm_native_ops(x, w, fmt, indices)
     n = x.shape[0]
     order, eid = _sort_pairs(indices.astype(mx.uint32).reshape(-1))
-    return _matmul_sorted(x, order // k, order, eid, p, None, n_out, None).reshape(n, k, n_out)
+    return matmul_sorted(x, order // k, order, eid, p, None, n_out, None).reshape(n, k, n_out)
 
 
 # ----------------------------------------------------------------------------- model call sites
@@ -517,14 +540,20 @@ def moe_experts_shared(x: mx.array, indices: mx.array, weights: mx.array, w1: An
         return None
     if not (dispatch.serves(gate[1]) and dispatch.serves(down[1]) and shared_folds(shared, x.dtype)):
         return None
-    p1, p2 = unpack_weight(gate[0], gate[1], "w1"), unpack_weight(down[0], down[1], "w2")
-    f, d = p1.q.shape[1], p2.q.shape[1]
-    ps13, ps2 = (shared_packed(*shared.gate_up, "shared.gate_up"),
-                 shared_packed(*shared.down, "shared.down"))
+    # unpacked and checked once here (the shared expert's parts once per Shared), then the
+    # kernels without the entry points' checks
+    p1, p3, f = _gate_up_packed(x, gate[0], up[0], gate[1], indices)
+    p2 = unpack_weight(down[0], down[1], "w2")
+    d = p2.q.shape[1]
+    ps13, ps2 = shared.packed
     if (ps13.q.shape[0], ps13.k, ps2.q.shape[0], ps2.k, p2.k) != (2 * f, p1.k, d, f, f):
         return None  # e.g. a shared expert wider than the routed ones
-    mid = moe_gate_up(x, gate[0], up[0], gate[1], indices, limit, False, shared)
-    return moe_down(mid, down[0], down[1], indices, weights, x.dtype, False, shared)
+    if not (_kernel_serves(gate[1], p1, x.dtype, indices)
+            and _kernel_serves(down[1], p2, x.dtype, indices)):
+        return None  # the routed experts' call sites pick their own paths
+    mid = _gate_up_kernel(x, p1, p3, f, indices, limit, False, ps13)
+    _check_down(mid, p2, indices, weights, True)
+    return _down_kernel(mid, p2, d, indices, weights, x.dtype, False, ps2)
 
 
 def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt: str,
@@ -540,77 +569,5 @@ def gguf_switch_matmul(x: mx.array, weight: mx.array, indices: mx.array, *, fmt:
     rows = mx.broadcast_to(x, (*batch, m, input_dims)).reshape(-1, input_dims)
     eid = mx.repeat(mx.broadcast_to(indices, batch).reshape(-1).astype(mx.uint32), m)
     order, eid_sorted = _sort_pairs(eid)
-    out = _matmul_sorted(rows, order, order, eid_sorted, p, None, output_dims, None)
+    out = matmul_sorted(rows, order, order, eid_sorted, p, None, output_dims, None)
     return out.reshape(*batch, m, output_dims).astype(x.dtype)
-
-
-def gguf_matvec(x: mx.array, p: Packed) -> mx.array:
-    """Kernel ``gguf_matvec``: ``[N, out]`` float32 = ``x @ W.T`` for x ``[N, K]`` with
-    N <= ``MATVEC_TOKENS`` and one weight ``p`` ``[1, out, ·]`` (ops twin: :func:`matmul_ops`)."""
-    n, r = x.shape[0], p.q.shape[1]
-    (out,) = dispatch.run("moe.metal", "gguf_matvec",
-                          {"x": x, "w": p.q[0], "s": device_array(p.s), "N": n, "K": p.k, "R": r},
-                          {"out": ((n, r), mx.float32)},
-                          grid=(DECODE_THREADS, ceil_div(r, DECODE_ROWS_PER_TG), 1),
-                          threadgroup=(DECODE_THREADS, 1, 1),
-                          template=[("T", x.dtype), ("FMT", p.layout)])
-    return out
-
-
-def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
-                output_dims: int) -> mx.array:
-    """Call site of ``GGUFLinear``: ``x @ W.T`` for GGUF blocks ``[out, bytes]`` in x's dtype
-    (up to ``MATVEC_TOKENS`` rows: the matvec kernel; more: one expert of the tiled kernel; or
-    the ops path)."""
-    p = unpack_weight(weight[None], fmt, "weight") if dispatch.serves(fmt) else None
-    if p is None or not dispatch.first_use_ok(variant_name(p), x.dtype):
-        return matmul_ops(x, weight, fmt).astype(x.dtype)
-    rows = x.reshape(-1, input_dims)
-    n = rows.shape[0]
-    if n <= MATVEC_TOKENS:
-        out = gguf_matvec(rows, p)
-    else:
-        order = mx.arange(n, dtype=mx.uint32)
-        out = _matmul_sorted(rows, order, order, mx.zeros((n,), dtype=mx.uint32), p, None,
-                             output_dims, None)
-    return out.reshape(*x.shape[:-1], output_dims).astype(x.dtype)
-
-
-# ----------------------------------------------------------------------------- shared expert
-SHARED_MAX_TOKENS = 8  # NT of shared_down: tokens per call (decode, a speculative verify)
-
-
-def shared_down_ops(gu: mx.array, w: mx.array, limit: float, add: mx.array) -> mx.array:
-    """Ops twin of :func:`shared_down`: SwiGLU of the merged gate | up product, cast to the
-    activation dtype, the dense down projection, plus the routed experts' sum."""
-    f = gu.shape[-1] // 2
-    mid = _ops.clamped_swiglu(gu[..., :f], gu[..., f:], limit).astype(add.dtype)
-    return add + mid @ w.T
-
-
-def shared_down_serves(w: mx.array, n: int, dtype: mx.Dtype) -> bool:
-    """Whether :func:`shared_down` serves ``n`` tokens against a dense down weight ``w``."""
-    return (n <= SHARED_MAX_TOKENS and w.ndim == 2 and mx.issubdtype(w.dtype, mx.floating)
-            and dispatch.serves(dispatch.SHARED_DOWN)
-            and dispatch.first_use_ok(dispatch.SHARED_DOWN, dtype))
-
-
-def shared_down(gu: mx.array, w: mx.array, limit: float, add: mx.array) -> mx.array:
-    """The shared expert's tail in one kernel: ``add + down(SwiGLU(gate, up))`` with ``gu``
-    ``[N, 2F]`` its merged gate | up product, ``w [R, F]`` the dense down weight, ``add [N, R]``
-    the routed experts' sum (its dtype is the activation dtype), N <= 8 tokens."""
-    n, f2 = gu.shape
-    r, f = w.shape
-    if f2 != 2 * f or tuple(add.shape) != (n, r):
-        raise KernelInputError(f"shared_down: gu {tuple(gu.shape)}, w {tuple(w.shape)} and add "
-                               f"{tuple(add.shape)} must be [N, 2F], [R, F], [N, R]")
-    if not shared_down_serves(w, n, add.dtype):
-        return shared_down_ops(gu, w, limit, add)
-    (out,) = dispatch.run("moe.metal", "shared_down",
-                          {"gu": gu, "w": w, "add": add, "limit": float(limit or 0.0),
-                           "N": n, "F": f, "R": r},
-                          {"out": ((n, r), add.dtype)},
-                          grid=(DECODE_THREADS, ceil_div(r, DECODE_ROWS_PER_TG), 1),
-                          threadgroup=(DECODE_THREADS, 1, 1),
-                          template=[("GT", gu.dtype), ("WT", w.dtype), ("T", add.dtype)])
-    return out

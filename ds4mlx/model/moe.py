@@ -171,6 +171,9 @@ class SharedExpert(nn.Module):
         self.limit = config.swiglu_limit
 
         self._w13: MergedLinear | None = None
+        # fold_weights' answer with the modules it was built from (a decode step asks per
+        # layer); set past nn.Module, which would take a tuple for a child
+        object.__setattr__(self, "_fold", ((), None))
 
     def merge_projections(self) -> MergedLinear:
         """Gate and up as one matmul (built on first use, again after the weights changed)."""
@@ -181,7 +184,18 @@ class SharedExpert(nn.Module):
     def fold_weights(self) -> kernels.Shared | None:
         """Its weights as the decode MoE kernels take them (gate | up merged, down), so that
         one decoded token runs it inside the routed experts' launches; None when its
-        projections are not plain float or GGUF ones (quantized, biased, wrapped)."""
+        projections are not plain float or GGUF ones (quantized, biased, wrapped).
+
+        Built once: the weights are fixed after load. Only replacing a projection module
+        (the imatrix recorder wraps them) builds it again."""
+        modules = (self.w1, self.w3, self.w2)
+        built, fold = self._fold
+        if len(built) != 3 or any(a is not b for a, b in zip(modules, built)):
+            fold = self._build_fold()
+            object.__setattr__(self, "_fold", (modules, fold))
+        return fold
+
+    def _build_fold(self) -> kernels.Shared | None:
         w13 = self.merge_projections()
         if not w13.merged or w13.kind[0] not in ("dense", "gguf"):
             return None

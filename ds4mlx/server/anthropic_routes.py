@@ -16,12 +16,11 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .. import encoding
 from ..generate import DEFAULT_MIN_P, check_text
 from . import params
-from .common import check_prompt, job_events, read_json, run_job, sse
-from .channels import ChannelSplitter
-from .engine import Engine, Job, Result, tokenize_with_boundaries
+from .common import chat_job, job_events, read_json, run_job, sse
+from .channels import ChannelSplitter, parse_answer
+from .engine import Engine, Result
 from .openai_routes import forced_tool_text
 from .params import APIError
 
@@ -91,29 +90,22 @@ def _assistant_message(content: Any, where: str) -> dict:
 
 
 def convert_messages(body: dict) -> list[dict]:
-    messages = params.get(body, "messages", list, required=True)
-    if not messages:
-        raise APIError("'messages' must not be empty", "messages")
+    messages = params.messages(body, ("user", "assistant"))
     out = []
     system = body.get("system")
     if system is not None and system != "":
         out.append({"role": "system", "content": _text_of(system, "system")})
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise APIError(f"'{where}' must be an object", where)
-        role = m.get("role")
-        if role not in ("user", "assistant"):
-            raise APIError(f"'{where}.role' must be user or assistant, got {role!r}", f"{where}.role")
+    for where, role, m in messages:
         if "content" not in m:
             raise APIError(f"missing required field '{where}.content'", f"{where}.content")
         if role == "user":
             out += _user_messages(m["content"], f"{where}.content")
         else:
             out.append(_assistant_message(m["content"], f"{where}.content"))
-    if messages[-1].get("role") != "user":
+    where, role, _ = messages[-1]
+    if role != "user":
         raise APIError("the last message must have role user (continuing an assistant turn is not supported)",
-                       f"messages[{len(messages) - 1}].role")
+                       f"{where}.role")
     return out
 
 
@@ -188,22 +180,13 @@ def messages(engine: Engine, model_id: str):
                         top_p=params.number(body, "top_p", 1.0, 0.0, 1.0), top_k=params.integer(body, "top_k", 0, 0),
                         min_p=DEFAULT_MIN_P, stop=params.stop_list(body, "stop_sequences"))
         stream = params.get(body, "stream", bool, default=False)
-        try:
-            text = encoding.encode_messages(msgs, mode, tools=tools)
-        except ValueError as e:
-            raise APIError(f"messages: {e}", "messages") from None
-        ids, bounds = tokenize_with_boundaries(engine.tokenizer, text)
-        check_prompt(engine, ids, "messages")
-        force_ids = list(engine.tokenizer.encode(forced, add_special_tokens=False)) if forced else []
-        job = Job(ids, bounds, thinking=mode == "thinking", force_content=force_ids, think_budget=budget, **settings)
+        job = chat_job(engine, msgs, mode, tools=tools, forced=forced, think_budget=budget, **settings)
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         shell = {"id": mid, "type": "message", "role": "assistant", "model": model or model_id}
 
         if not stream:
             result = await run_job(engine, job, request)
-            splitter = ChannelSplitter(mode == "thinking", 1 if one_call else None)
-            splitter.feed(result.text)
-            message = splitter.finish()[2]
+            message = parse_answer(result.text, mode == "thinking", 1 if one_call else None)
             blocks = []
             if message["reasoning_content"]:
                 blocks.append({"type": "thinking", "thinking": message["reasoning_content"], "signature": ""})
@@ -232,22 +215,18 @@ def messages(engine: Engine, model_id: str):
 
             def deltas(dr: str, dc: str):
                 out = []
-                if dr:
-                    if open_kind != "thinking":
-                        out += start("thinking")
-                    out.append(sse({"type": "content_block_delta", "index": index,
-                                    "delta": {"type": "thinking_delta", "thinking": dr}}, "content_block_delta"))
-                if dc:
-                    if open_kind != "text":
-                        out += start("text")
-                    out.append(sse({"type": "content_block_delta", "index": index,
-                                    "delta": {"type": "text_delta", "text": dc}}, "content_block_delta"))
+                for kind, part in (("thinking", dr), ("text", dc)):  # a thinking_delta, then a text_delta
+                    if part:
+                        if open_kind != kind:
+                            out += start(kind)
+                        out.append(sse({"type": "content_block_delta", "index": index,
+                                        "delta": {"type": f"{kind}_delta", kind: part}}, "content_block_delta"))
                 return out
 
             try:
                 async for kind, value in job_events(engine, job):
                     if kind == "start":
-                        usage = {"input_tokens": len(ids) - value, "output_tokens": 0,
+                        usage = {"input_tokens": len(job.ids) - value, "output_tokens": 0,
                                  "cache_read_input_tokens": value, "cache_creation_input_tokens": 0}
                         yield sse({"type": "message_start", "message": {
                             **shell, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}},

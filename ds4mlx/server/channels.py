@@ -84,6 +84,13 @@ class ChannelSplitter:
         return dr, dc, message
 
 
+def parse_answer(text: str, thinking: bool, max_tool_calls: Optional[int] = None) -> dict:
+    """A whole completion's message, as a stream of it ends with (non-streaming answers)."""
+    splitter = ChannelSplitter(thinking, max_tool_calls)
+    splitter.feed(text)
+    return splitter.finish()[2]
+
+
 def finish_reason_openai(result_finish: str, message: Optional[dict]) -> str:
     if message and message.get("tool_calls"):
         return "tool_calls"

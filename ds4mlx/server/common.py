@@ -10,8 +10,9 @@ from typing import Any, AsyncIterator, Optional
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from .. import encoding
 from ..generate import ContextLengthError, PromptError
-from .engine import Engine, Job, Result
+from .engine import Engine, Job, Result, tokenize_with_boundaries
 from .params import APIError
 
 log = logging.getLogger("ds4mlx.server")
@@ -48,6 +49,21 @@ def check_prompt(engine: Engine, ids: list[int], param: str) -> None:
     if engine.ctx is not None and len(ids) >= engine.ctx:
         raise APIError(f"the prompt has {len(ids)} tokens, more than the context limit of {engine.ctx} tokens "
                        "allows (server --ctx)", param)
+
+
+def chat_job(engine: Engine, messages: list[dict], mode: str, *, effort: Optional[str] = None,
+             tools: Optional[list[dict]] = None, forced: str = "", **settings: Any) -> Job:
+    """A chat request's job: ``messages`` rendered in ``mode`` (a failure names ``messages``),
+    tokenized with their reuse points and checked against the context; ``forced``: text the
+    answer must start with (a forced tool call); ``settings``: the rest of the Job's fields."""
+    try:
+        text = encoding.encode_messages(messages, mode, effort, tools=tools)
+    except ValueError as e:
+        raise APIError(f"messages: {e}", "messages") from None
+    ids, bounds = tokenize_with_boundaries(engine.tokenizer, text)
+    check_prompt(engine, ids, "messages")
+    force_ids = list(engine.tokenizer.encode(forced, add_special_tokens=False)) if forced else []
+    return Job(ids, bounds, thinking=mode == "thinking", force_content=force_ids, **settings)
 
 
 def _as_api_error(e: Exception) -> APIError:

@@ -209,6 +209,11 @@ class Engine:
         self._jobs.put(None)
         self._worker.join()
 
+    @property
+    def _cancelling_all(self) -> bool:
+        """Closed or shutting down: every job the worker holds or takes from now on is cancelled."""
+        return self._closed or self._stopping
+
     def stop_jobs(self) -> None:
         """Cancel every running, queued and later job without waiting (safe in a signal handler):
         a server shutting down ends its streams within a token instead of waiting them out."""
@@ -246,7 +251,7 @@ class Engine:
             while open_ or self._waiting or active:
                 if open_:
                     open_ = self._take_submitted(block=not (self._waiting or active))
-                if self._closed or self._stopping:
+                if self._cancelling_all:
                     for job in [live.job for live in active] + [job for job, _ in self._waiting]:
                         job.cancel.set()
                 while self._waiting and len(active) < max(self.max_batch, 1):
@@ -256,7 +261,7 @@ class Engine:
                         break  # after the running batch
                     self._waiting.popleft()
                     self._running = [live.job for live in active] + [job]
-                    if self._closed or self._stopping:  # after the line above: close() sees it or is seen
+                    if self._cancelling_all:  # after the line above: close() sees it or is seen
                         job.cancel.set()
                     if alone:
                         self._run_safely(job, emit)

@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse
 from .. import encoding
 from ..generate import DEFAULT_MIN_P, check_text
 from . import params
-from .common import check_prompt, job_events, read_json, run_job, sse
-from .channels import ChannelSplitter, finish_reason_openai
+from .common import chat_job, check_prompt, job_events, read_json, run_job, sse
+from .channels import ChannelSplitter, finish_reason_openai, parse_answer
 from .engine import Engine, Job, Result, tokenize_with_boundaries
 from .params import APIError
 
@@ -50,17 +50,8 @@ def _check_content(value: Any, where: str, required: bool) -> None:
 
 
 def check_messages(body: dict) -> list[dict]:
-    messages = params.get(body, "messages", list, required=True)
-    if not messages:
-        raise APIError("'messages' must not be empty", "messages")
     out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise APIError(f"'{where}' must be an object", where)
-        role = m.get("role")
-        if role not in ROLES:
-            raise APIError(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
+    for where, role, m in params.messages(body, ROLES):
         _check_content(m.get("content"), f"{where}.content", required=role != "assistant")
         if role == "assistant":
             calls = params.get(m, "tool_calls", list, default=[], where=f"{where}.")
@@ -201,21 +192,12 @@ def chat_completions(engine: Engine, model_id: str):
         params.refuse(body, ("modalities",), "text output only", allowed=(None, ["text"]))
         settings = sampling(body, engine)
         stream, include_usage = _stream_flags(body)
-        try:
-            text = encoding.encode_messages(messages, mode, effort, tools=tools)
-        except ValueError as e:
-            raise APIError(f"messages: {e}", "messages") from None
-        ids, bounds = tokenize_with_boundaries(engine.tokenizer, text)
-        check_prompt(engine, ids, "messages")
-        force_ids = list(engine.tokenizer.encode(forced, add_special_tokens=False)) if forced else []
-        job = Job(ids, bounds, thinking=mode == "thinking", force_content=force_ids, **settings)
+        job = chat_job(engine, messages, mode, effort=effort, tools=tools, forced=forced, **settings)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         if not stream:
             result = await run_job(engine, job, request)
-            splitter = ChannelSplitter(mode == "thinking", 1 if one_call else None)
-            splitter.feed(result.text)
-            message = splitter.finish()[2]
+            message = parse_answer(result.text, mode == "thinking", 1 if one_call else None)
             out = {"role": "assistant", "content": message["content"] or (None if message["tool_calls"] else ""),
                    "reasoning_content": message["reasoning_content"] or None}
             if message["tool_calls"]:

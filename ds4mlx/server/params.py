@@ -45,6 +45,25 @@ def get(body: dict, key: str, kind: type | tuple, *, required: bool = False, def
     return value
 
 
+def messages(body: dict, roles: tuple[str, ...]) -> list[tuple[str, str, dict]]:
+    """``body["messages"]``: a non-empty array of objects, each with a role of ``roles``; as
+    ``(where, role, message)`` with ``where`` the message's field path (``messages[3]``)."""
+    value = get(body, "messages", list, required=True)
+    if not value:
+        raise APIError("'messages' must not be empty", "messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(f"'{where}' must be an object", where)
+        role = m.get("role")
+        if role not in roles:
+            want = " or ".join(roles) if len(roles) == 2 else f"one of {', '.join(roles)}"
+            raise APIError(f"'{where}.role' must be {want}, got {role!r}", f"{where}.role")
+        out.append((where, role, m))
+    return out
+
+
 def number(body: dict, key: str, default: float, lo: float, hi: float, where: str = "") -> float:
     value = get(body, key, float, default=default, where=where)
     if not lo <= value <= hi:

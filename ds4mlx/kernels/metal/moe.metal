@@ -332,7 +332,7 @@ while (p < pend) {
 }
 
 // @kernel shared_down
-// The shared expert's down projection with the steps around it (ds4mlx/kernels/moe.py
+// The shared expert's down projection with the steps around it (ds4mlx/kernels/matvec.py
 // shared_down_ops is the twin): gu [N, 2F] (GT) the merged gate | up product, mid = T(swiglu
 // (gate, up)) (the cast the ops make before the matmul), y = T(mid . w[r]) for w [R, F] (WT)
 // dense, out [N, R] (T) = T(add + y) with add [N, R] (T) the routed experts' sum.
