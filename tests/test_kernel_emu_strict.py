@@ -329,13 +329,16 @@ def test_reading_other_threadgroups_results_without_the_counter_fails(monkeypatc
 
 def test_summing_parts_in_the_order_they_arrive_fails(monkeypatch):
     # Broken: the last threadgroup starts from its own part, so the float sum's order (and its
-    # rounding) depends on which one was last: 1e8 - 1e8 + 1 = 1, but 1 + 1e8 - 1e8 = 0.
+    # rounding) depends on which one was last: 1e8 - 1e8 + 1 = 1, but 1 + 1e8 - 1e8 = 0. (One
+    # OS thread: forward, the last is threadgroup 2; reversed, 0.)
+    monkeypatch.setenv("DS4MLX_EMU_THREADS", "1")
     monkeypatch.setenv("DS4MLX_EMU_GROUPS", "forward")
     x = np.zeros(3 * 32, np.float32)
     x[0], x[32], x[64] = 1e8, -1e8, 1.0
     x = mx.array(x)
     with pytest.raises(KernelEmulationError, match="grid_arrival: output out depends on the order"):
         run_grid("grid_arrival", x, order="(g + c) % groups")
+    monkeypatch.setenv("DS4MLX_EMU_THREADS", "2")
     monkeypatch.setenv("DS4MLX_EMU_GROUPS", "shuffled")
     assert np.asarray(run_grid("grid_fixed_order", x)).tolist() == [1.0]  # chunk order, exactly
 

@@ -24,13 +24,20 @@ METAL_FUNC float ds4_grid_get(device atomic_uint* at) {
 // Call from every thread of the threadgroup once its partials are written (ds4_grid_put):
 // true in every thread of the threadgroup that arrives last, which may then read all partials
 // (ds4_grid_get) and must call ds4_grid_reset. `flag`: one threadgroup uint of the kernel.
+// The fences are in the thread that counts (release before, acquire after: the C++ fence-fence
+// rule wants them in the thread of the atomic) and, around the barriers, in every thread that
+// wrote or will read partials.
 METAL_FUNC bool ds4_grid_last(device atomic_uint* counter, uint groups, uint t,
                               threadgroup uint* flag) {
   atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
-  threadgroup_barrier(mem_flags::mem_device);  // every thread's partials before the count
-  if (t == 0)
-    flag[0] = atomic_fetch_add_explicit(counter, 1u, memory_order_relaxed) == groups - 1 ? 1u : 0u;
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  if (t == 0) {
+    atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+    bool last = atomic_fetch_add_explicit(counter, 1u, memory_order_relaxed) == groups - 1;
+    if (last) atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+    flag[0] = last ? 1u : 0u;
+  }
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   bool last = flag[0] != 0;
   if (last) atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
   return last;
