@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from . import kernels
 from .kernels import check
+from .kernels.source import HC_CHUNK
 from .model.rope import rows_ops
 
 # Official and MLX-directory labels of MLX mxfp4 experts (info.py); GGUF MXFP4 loads as such too.
@@ -86,6 +87,8 @@ def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
                 spec(kernels.INDEXER, mx.float32, index_topk=config.index_topk),
                 spec(kernels.INDEXER, dtype, index_head_dim=config.index_head_dim,
                      rope_dims=rd)]  # the queries (kernel index_q)
+    if config.hc_mult * config.hidden_size > HC_CHUNK:  # hc_pre at decode asks for its grid form
+        out.append(spec(kernels.GRID_SYNC))
     if any(not config.is_hash_layer(i) for i in main) or config.num_nextn_predict_layers:
         out.append(spec(kernels.ROUTER, mx.float32, n_experts=config.n_routed_experts,
                         experts_per_token=config.num_experts_per_tok,

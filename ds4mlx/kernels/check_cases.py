@@ -27,6 +27,7 @@ MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF
 # one rounding of the output (bf16 ulp 2^-8). FP8-rounded rows: see _fp8_edges.
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 2e-2}
 _K_IN, _ROWS, _DOWN_ROWS, _HC_D = 256, 20, 37, 200  # small dims, off the kernels' tile sizes
+_HC_GRID_D = 1100  # hc_pre's grid form: 4 x 1100 = 8 chunks of HC_CHUNK and a partial ninth
 _HEADS, _KEYS = 3, 37  # attention / indexer heads and keys of the checks (run-time sizes)
 # The dims that are template arguments of each named variant's kernels: they make the verdict
 # and the record key (run-time sizes such as the context length do not, so no re-check per
@@ -43,7 +44,7 @@ KEY_DIMS: dict[str, tuple[str, ...]] = {
 }
 # Variants whose check covers their grid-synchronised form as well when dispatch.grid_sync()
 # allows it (their record key says which forms were checked).
-SYNC_USERS: tuple[str, ...] = ()
+SYNC_USERS: tuple[str, ...] = (dispatch.HC_PRE,)
 
 
 @dataclass(frozen=True)
@@ -215,37 +216,46 @@ def _shared_fold_cases(v: str, fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, w
 
 
 def _hc_cases(spec: Spec) -> list[Case]:
-    m, d = spec.hc_mult, _HC_D
+    m = spec.hc_mult
     mix = 2 * m + m * m
     rng = np.random.default_rng(7)
-    fn = mx.array((rng.standard_normal((mix, m * d)) / np.sqrt(m * d)).astype(np.float32))
+    args = dict(iters=20, eps=1e-6, norm_eps=1e-6)
     base = mx.array(rng.uniform(-1, 1, mix).astype(np.float32))
     scale = mx.array(rng.uniform(0.5, 3.0, 3).astype(np.float32))
-    args = dict(iters=20, eps=1e-6, norm_eps=1e-6)
 
     from ..ops import RMSNorm  # the sublayer norm the fused variant applies
 
-    norm = RMSNorm(d, eps=1e-6)
-    norm.weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32))
+    def weights(d: int) -> tuple[mx.array, RMSNorm]:
+        fn = mx.array((rng.standard_normal((mix, m * d)) / np.sqrt(m * d)).astype(np.float32))
+        norm = RMSNorm(d, eps=1e-6)
+        norm.weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(spec.dtype)
+        return fn, norm
 
-    def run_for(n: int, fused: bool) -> Callable:
+    one, split = weights(_HC_D), weights(_HC_GRID_D)
+
+    def run_for(n: int, fused: bool, grid: bool) -> Callable:
         def run():
+            fn, norm = split if grid else one
+            d = norm.weight.shape[0]
             h = _acts((n, m, d), 80 + n, spec.dtype)
             kw = dict(args)
             if fused:  # the previous sublayer's post and the next one's norm in the same kernel
-                norm.weight = norm.weight.astype(spec.dtype)
                 prev = (_acts((n, d), 90 + n, spec.dtype),
                         mx.sigmoid(_acts((n, m), 91 + n, mx.float32)) * 2,
                         mx.softmax(_acts((n, m, m), 92 + n, mx.float32), axis=-1))
                 kw.update(norm=norm, prev=prev, out_dtype=spec.dtype, also_f32=n == 1)
-            return (list(hyper.hc_pre(h, fn, base, scale, **kw)),
+            return (list(hyper.hc_pre(h, fn, base, scale, grid=grid, **kw)),
                     list(hyper.hc_pre_ops(h, fn, base, scale, **kw)))
         return run
 
+    # the grid form (several threadgroups per token, metal/grid.h) where it can serve
+    forms = [(n, fused, False) for n, fused in ((1, False), (3, False), (1, True), (2, True))]
+    if dispatch.grid_sync():
+        forms += [(n, fused, True) for n, fused in ((1, False), (1, True), (2, True))]
     return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}"
-                 f"{', previous post and norm' * fused}{', float32 x' * (fused and n == 1)}",
-                 run_for(n, fused))
-            for n, fused in ((1, False), (3, False), (1, True), (2, True))]
+                 f"{', previous post and norm' * fused}{', float32 x' * (fused and n == 1)}"
+                 f"{', split over threadgroups (grid form)' * grid}", run_for(n, fused, grid))
+            for n, fused, grid in forms]
 
 
 def _grid_cases(spec: Spec) -> list[Case]:
