@@ -125,6 +125,18 @@ def test_grid_sync_is_checked_once_and_switched_off_without_the_fence(first_use,
     assert not kernels.dispatch.grid_sync()  # no kernels, no grid form
 
 
+def test_counters_are_zeroed_slots_taken_in_turn():
+    d = kernels.dispatch
+    first = [d.counter("test_site", 3) for _ in range(d.COUNTER_SLOTS)]
+    assert all(c.dtype == mx.uint32 and c.size == 8 for c in first)  # >= 8: `device` space
+    assert not any(np.asarray(c).any() for c in first)
+    ptrs = {np.asarray(c).__array_interface__["data"][0] for c in first}
+    assert len(ptrs) == d.COUNTER_SLOTS  # consecutive launches never share a counter
+    again = np.asarray(d.counter("test_site", 3)).__array_interface__["data"][0]
+    assert again == np.asarray(first[0]).__array_interface__["data"][0]  # a full turn later
+    assert d.counter("test_site", 100).size >= 100  # grows for more rows
+
+
 def test_a_pass_is_recorded_and_later_runs_skip_the_check(first_use, monkeypatch):
     calls = []
     real = check.run_spec

@@ -259,7 +259,7 @@ def _hc_cases(spec: Spec) -> list[Case]:
 
 
 def _grid_cases(spec: Spec) -> list[Case]:
-    # several launches on one counter: a counter not put back breaks the next one
+    # several launches on one counter: a counter not put back breaks the next one there
     def run_for(shapes: tuple[tuple[int, int], ...]) -> Callable:
         def run():
             xs = [_acts(s, 60 + i, mx.float32) for i, s in enumerate(shapes)]
@@ -270,7 +270,10 @@ def _grid_cases(spec: Spec) -> list[Case]:
             return got, [grid.grid_sum_ops(x) for x in xs]
         return run
 
-    return [Case("grid_sum", "1 row of 16 threadgroups, twice", run_for(((1, 1024), (1, 1024)))),
+    # the call site's counter slots, each once, then the first again
+    again = ((1, 1024),) * (dispatch.COUNTER_SLOTS + 1)
+    return [Case("grid_sum", "1 row of 16 threadgroups, every counter slot and one more",
+                 run_for(again)),
             Case("grid_sum", "3 rows of 4 threadgroups (the last partial), then 1 of 1",
                  run_for(((3, 200), (1, 40))))]
 

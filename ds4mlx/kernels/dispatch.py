@@ -128,21 +128,29 @@ def grid_sync() -> bool:
 
 # Arrival counters of the grid-synchronised kernels, by call site. A persistent zeroed input
 # that the kernel's last threadgroup puts back to 0, rather than an output with init_value:
-# that would be a fill launch per call. MLX does not know the kernel writes it, so launches that
-# share one must be ordered by their data (each hc_pre reads what the previous layer produced).
-_counters: dict[str, mx.array] = {}
+# that would be a fill launch per call. MLX does not know the kernel writes it, and runs
+# launches with no data between them concurrently (no barrier), so two independent chains
+# evaluated together could meet on one counter: the calls of a key take COUNTER_SLOTS slots in
+# turn, and launches a full turn apart are ordered by the barriers of the work in between.
+COUNTER_SLOTS = 16
+_counters: dict[str, list[mx.array]] = {}
+_turns: dict[str, int] = {}
 
 
 def counter(key: str, n: int) -> mx.array:
     """A uint32 array of zeros, at least ``n`` long (and 8: shorter inputs would be passed in
-    the `constant` space, which a kernel cannot write), the same one for every call with ``key``
-    (one per call site): a kernel casts it to ``device atomic_uint*``, one counter per row."""
-    have = _counters.get(key)
-    if have is None or have.size < n:
-        have = mx.array(np.zeros(max(n, 8, 0 if have is None else 2 * have.size), np.uint32))
-        mx.eval(have)
-        _counters[key] = have
-    return have
+    the `constant` space, which a kernel cannot write), for one launch of the call site ``key``
+    (the next of its slots, views of one persistent buffer): a kernel casts it to
+    ``device atomic_uint*``, one counter per row, and leaves it zeroed."""
+    slots = _counters.get(key)
+    if slots is None or slots[0].size < n:
+        size = max(n, 8, 0 if slots is None else 2 * slots[0].size)
+        base = mx.array(np.zeros(size * COUNTER_SLOTS, np.uint32))
+        slots = [base[i * size:(i + 1) * size] for i in range(COUNTER_SLOTS)]
+        mx.eval(slots)
+        _counters[key] = slots
+    turn = _turns[key] = (_turns.get(key, -1) + 1) % COUNTER_SLOTS
+    return slots[turn]
 
 
 class FirstUseCheck(Protocol):
