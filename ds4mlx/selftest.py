@@ -88,7 +88,7 @@ def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
                 spec(kernels.INDEXER, dtype, index_head_dim=config.index_head_dim,
                      rope_dims=rd)]  # the queries (kernel index_q)
     if config.hc_mult * config.hidden_size > HC_CHUNK:  # hc_pre at decode asks for its grid form
-        out.append(spec(kernels.GRID_SYNC))
+        out += [spec(kernels.GRID_SYNC), spec(kernels.HC_PRE, mx.float32, grid=1, **dims)]
     if any(not config.is_hash_layer(i) for i in main) or config.num_nextn_predict_layers:
         out.append(spec(kernels.ROUTER, mx.float32, n_experts=config.n_routed_experts,
                         experts_per_token=config.num_experts_per_tok,

@@ -125,6 +125,51 @@ def test_grid_sync_is_checked_once_and_switched_off_without_the_fence(first_use,
     assert not kernels.dispatch.grid_sync()  # no kernels, no grid form
 
 
+GRID_TOTAL = "gtot[t] = s;"  # hc_pre's last threadgroup summing the chunks' partials (GRID only)
+
+
+@pytest.mark.parametrize("how", ["compile", "wrong"])
+def test_a_failing_grid_form_leaves_hc_pre_its_one_threadgroup_kernel(first_use, monkeypatch,
+                                                                       capfd, how):
+    """The probe passes, but hc_pre's grid form does not compile or disagrees (only the GRID=true
+    instance is broken): that form alone is switched off, with one warning, and the
+    one-threadgroup kernel, not the ops twin, serves the decode call."""
+    from ds4mlx.kernels.source import HC_THREADS
+
+    if how == "compile":
+        new = 'static_assert(!GRID, "the grid form does not build"); ' + GRID_TOTAL
+    else:
+        new = GRID_TOTAL.replace("= s", "= 1.5f * s")
+    break_kernel(monkeypatch, "hc.metal", "hc_pre", GRID_TOTAL, new)
+    launches = []
+    real = kernels.dispatch.run
+    monkeypatch.setattr(kernels.dispatch, "run", lambda *a, **kw: launches.append(
+        (a[1], kw["grid"], check.forcing())) or real(*a, **kw))
+    rng = np.random.default_rng(8)
+    m, d = 4, 300  # 3 chunks of HC_CHUNK: the grid form would serve one token
+    h = mx.array(rng.standard_normal((1, m, d)).astype(np.float32))
+    fn = mx.array(rng.standard_normal((24, m * d)).astype(np.float32) / np.sqrt(m * d))
+    args = (h, fn, mx.array(rng.uniform(-1, 1, 24).astype(np.float32)), mx.ones((3,)))
+    for _ in range(2):  # the second call reuses both verdicts: no second warning
+        got = kernels.hc_pre(*args, iters=3, eps=1e-6, norm_eps=1e-6)
+        ref = kernels.hc_pre_ops(*args, iters=3, eps=1e-6, norm_eps=1e-6)
+        for g, r in zip(got, ref, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+    served = [g for name, g, forced in launches if name == "hc_pre" and not forced]
+    assert served == [(HC_THREADS, 1, 1)] * 2, launches  # the kernel, in one threadgroup
+    # the check did try the grid form (its cases split a token over several threadgroups)
+    assert any(forced and g[0] > HC_THREADS for name, g, forced in launches if name == "hc_pre")
+    lines = warnings_in(capfd.readouterr().err)
+    assert len(lines) == 1, lines
+    assert "kernel hc_pre (float32, hc_mult=4, grid=1) switched off" in lines[0]
+    assert "its one-threadgroup form serves it instead" in lines[0] and "ops path" not in lines[0]
+    assert "grid form" in lines[0]  # the failing case, named
+    assert list(kernels.disabled()) == ["hc_pre (float32, hc_mult=4, grid=1)"]
+    assert kernels.dispatch.grid_sync()  # the probe passed: nothing else loses the grid form
+    # one pass recorded: the one-threadgroup form's (a failure is not recorded)
+    assert len(list(first_use.glob("kernel-checks/hc_pre-float32-*.json"))) == 1
+
+
 def test_counters_are_zeroed_slots_taken_in_turn():
     d = kernels.dispatch
     first = [d.counter("test_site", 3) for _ in range(d.COUNTER_SLOTS)]
@@ -219,8 +264,9 @@ def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch,
         mx.eval(model(tokens[:, a:b], cache=cache))
     # every variant looked up its record
     # indexer: scores, top-k, queries; rope_rows: alone (prefill) and with the q_norm rows
-    assert sorted(found) == ["MXFP4-mlx", "attention", "grid_sync", "hc_pre", "indexer", "indexer",
-                             "indexer", "rope_rows", "rope_rows", "router"], found
+    # hc_pre: the one-threadgroup form (prefill) and the grid form (decode), checked apart
+    assert sorted(found) == ["MXFP4-mlx", "attention", "grid_sync", "hc_pre", "hc_pre", "indexer",
+                             "indexer", "indexer", "rope_rows", "rope_rows", "router"], found
     assert calls == [] and kernels.disabled() == {}
     check.reset()
 
@@ -281,7 +327,9 @@ def test_selftest_lists_what_the_model_dispatches(which, demo_dir, request, monk
     def spy(variant, dtype, **dims):
         # what the check keys its verdict by: the variant, dtype and template dims
         asked.add((variant, dtype, check.Spec(variant, dtype, **dims).key()))
-        return False  # the ops twins serve: no kernel needs compiling here
+        # the ops twins serve: no kernel needs compiling here; grid_sync passes, so that the
+        # grid forms (which have their own checks) are asked about too
+        return variant == kernels.GRID_SYNC
 
     monkeypatch.setattr(check, "passes", spy)
     model, _ = load(source)

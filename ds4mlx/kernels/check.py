@@ -14,7 +14,8 @@ the template dims are the model's, so the instance checked is the one that serve
 First use: the first call that would dispatch a variant in a process checks it (unless a pass is
 already recorded on disk under ``$DS4MLX_CACHE/kernel-checks`` for the same sources, backend,
 device, MLX version and dims). A variant that fails to compile or disagrees is switched off for
-the process with one warning line on stderr, and its ops twin serves its calls.
+the process with one warning line on stderr, and its ops twin serves its calls (a kernel's
+grid-synchronised form, ``grid=1``, is checked apart: its one-threadgroup form serves then).
 ``DS4MLX_KERNEL_CHECK``: ``on`` (default), ``off`` (no check; the test suite runs so, since it
 compares kernels with twins itself) or ``fresh`` (ignore recorded passes).
 """
@@ -239,8 +240,8 @@ def _first_use(spec: Spec) -> bool:
         record(spec, results)
         return True
     _failures[spec.label()] = bad[0].why()
-    print(f"ds4mlx: warning: kernel {spec.label()} switched off for this process, the ops path "
-          f"serves it instead ({bad[0].why()})", file=sys.stderr, flush=True)
+    print(f"ds4mlx: warning: kernel {spec.label()} switched off for this process, "
+          f"{spec.fallback()} ({bad[0].why()})", file=sys.stderr, flush=True)
     return False
 
 

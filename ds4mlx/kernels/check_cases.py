@@ -18,7 +18,7 @@ from ..quant.codecs import MX_GROUP
 from . import attention, dispatch, grid, hyper, moe, router
 from .source import dtype_name
 
-CHECK_VERSION = 6  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 7  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -34,7 +34,7 @@ _HEADS, _KEYS = 3, 37  # attention / indexer heads and keys of the checks (run-t
 # token). The indexer's two kernels are checked apart: scores by heads and head dim at the key
 # dtype, top-k by k on float32 scores (each entry point knows only its own dims).
 KEY_DIMS: dict[str, tuple[str, ...]] = {
-    dispatch.HC_PRE: ("hc_mult",),
+    dispatch.HC_PRE: ("hc_mult", "grid"),
     dispatch.ATTENTION: ("head_dim", "rope_dims"),
     dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk", "rope_dims"),
     dispatch.ROPE_ROWS: ("head_dim", "rope_dims", "q_rank"),
@@ -43,7 +43,9 @@ KEY_DIMS: dict[str, tuple[str, ...]] = {
     dispatch.GRID_SYNC: (),  # the probe: whether the multi-threadgroup form works at all
 }
 # Variants whose check covers their grid-synchronised form as well when dispatch.grid_sync()
-# allows it (their record key says which forms were checked).
+# allows it (their record key says which forms were checked). A variant with the key dim
+# ``grid`` checks that form apart (grid=1, its own verdict): failing, it is switched off
+# alone and the one-threadgroup form (grid=None) serves.
 SYNC_USERS: tuple[str, ...] = (dispatch.HC_PRE,)
 
 
@@ -63,6 +65,7 @@ class Spec:
     index_head_dim: int | None = None  # indexer scores
     index_topk: int | None = None  # indexer top-k
     q_rank: int | None = None  # rope_rows: width of the q_norm rows it normalises alongside
+    grid: int | None = None  # hc_pre: 1 = its grid-synchronised form (checked apart)
 
     def key(self) -> tuple[int | None, ...]:
         return tuple(getattr(self, f) for f in KEY_DIMS.get(self.variant, ()))
@@ -74,6 +77,14 @@ class Spec:
     def label(self) -> str:
         dims = self.dims_text()
         return f"{self.variant} ({dtype_name(self.dtype)}{', ' + dims if dims else ''})"
+
+    def fallback(self) -> str:
+        """What serves this variant's calls once it is switched off."""
+        if self.variant == dispatch.GRID_SYNC:
+            return "the kernels keep their one-threadgroup forms"
+        if self.grid:
+            return "its one-threadgroup form serves it instead"
+        return "the ops path serves it instead"
 
 
 @dataclass(frozen=True)
@@ -248,10 +259,13 @@ def _hc_cases(spec: Spec) -> list[Case]:
                     list(hyper.hc_pre_ops(h, fn, base, scale, **kw)))
         return run
 
-    # the grid form (several threadgroups per token, metal/grid.h) where it can serve
-    forms = [(n, fused, False) for n, fused in ((1, False), (3, False), (1, True), (2, True))]
-    if dispatch.grid_sync():
-        forms += [(n, fused, True) for n, fused in ((1, False), (1, True), (2, True))]
+    # spec.grid: the grid form (several threadgroups per token, metal/grid.h), where it can
+    # serve; else the one-threadgroup form
+    if spec.grid:
+        calls = ((1, False), (1, True), (2, True)) if dispatch.grid_sync() else ()
+    else:
+        calls = ((1, False), (3, False), (1, True), (2, True))
+    forms = [(n, fused, bool(spec.grid)) for n, fused in calls]
     return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}"
                  f"{', previous post and norm' * fused}{', float32 x' * (fused and n == 1)}"
                  f"{', split over threadgroups (grid form)' * grid}", run_for(n, fused, grid))

@@ -53,8 +53,9 @@ def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters:
     ``h`` are the streams before it, whose HC post runs first in the same kernel; the new
     streams ``[..., M, D]`` float32 are then returned too, as a fourth value. ``also_f32``:
     x in float32 as well, last (for the sublayer's float32 consumers). ``grid``: the kernel's
-    form (None: the grid form up to ``GRID_TOKENS`` tokens when ``dispatch.grid_sync()``; the
-    check cases pick each form)."""
+    form (None: the grid form up to ``GRID_TOKENS`` tokens when ``dispatch.grid_sync()`` and
+    that form's first-use check (``grid=1``) pass, else the one-threadgroup form; the check
+    cases pick each form)."""
     if h.ndim < 2:
         raise KernelInputError(f"h: expected [..., M, D], got shape {tuple(h.shape)}")
     m, d = h.shape[-2], h.shape[-1]
@@ -75,9 +76,11 @@ def hc_pre(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, iters:
         n *= s
     groups = dispatch.ceil_div(m * d, HC_CHUNK)
     kernel = dispatch.serves(HC_PRE)
-    if kernel and grid is None:
-        grid = n <= GRID_TOKENS and groups > 1 and dispatch.grid_sync()
-    if not (kernel and dispatch.first_use_ok(HC_PRE, h.dtype, hc_mult=m)):
+    if kernel and grid is None:  # the grid form has its own check: failing, one threadgroup
+        grid = (n <= GRID_TOKENS and groups > 1 and dispatch.grid_sync()
+                and dispatch.first_use_ok(HC_PRE, h.dtype, hc_mult=m, grid=1))
+    form = {"grid": 1} if grid else {}
+    if not (kernel and dispatch.first_use_ok(HC_PRE, h.dtype, hc_mult=m, **form)):
         return hc_pre_ops(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps,
                           out_dtype=out_dtype, norm=norm, prev=prev, also_f32=also_f32)
     groups = groups if grid else 1
