@@ -170,6 +170,50 @@ def test_a_failing_grid_form_leaves_hc_pre_its_one_threadgroup_kernel(first_use,
     assert len(list(first_use.glob("kernel-checks/hc_pre-float32-*.json"))) == 1
 
 
+def _grid_selftest(demo_dir, monkeypatch) -> int:
+    """``ds4mlx selftest`` of the demo, on its hc_pre and grid_sync variants only (quick)."""
+    from ds4mlx import selftest
+
+    real = selftest.model_specs
+    monkeypatch.setattr(selftest, "model_specs", lambda source: [
+        s for s in real(source) if s.variant in (kernels.HC_PRE, kernels.GRID_SYNC)])
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    return main(["selftest", "--model", str(demo_dir)])
+
+
+@pytest.mark.parametrize("how", ["compile", "wrong"])
+def test_selftest_grid_sync_not_compiling_is_not_available_but_wrong_fails(
+        how, demo_dir, monkeypatch, capsys):
+    """macOS 14 (no Metal 3.2): the probe does not compile, a platform limit: selftest says what
+    it needs and that the kernels keep their one-threadgroup forms, and exits 0. A probe that
+    compiles and gives a wrong sum is a fault: FAIL, exit 1."""
+    new = "s = simd_sum(s); metal_3_1_has_no_fence();" if how == "compile" else \
+        "s = 1.5f * simd_sum(s);"
+    break_kernel(monkeypatch, "grid.metal", "grid_sum", "s = simd_sum(s);", new)
+    rc = _grid_selftest(demo_dir, monkeypatch)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    probe = [line for line in lines if line.startswith("grid_sum")]
+    assert len(probe) == 2, out
+    grid_rows = [line for line in lines if line.startswith("hc_pre") and "grid form" in line]
+    if how == "compile":
+        assert rc == 0, out
+        for line in probe:
+            assert "not available: " in line and "FAIL" not in line, line
+            assert "macOS 15 (Metal 3.2" in line and "keep their one-threadgroup forms" in line
+        assert "hc_pre (float32, hc_mult=4, grid=1): not checked, grid_sync is not available" in out
+        assert grid_rows == []  # nothing of the grid form is tried where it cannot build
+        assert "all 4 kernel checks passed" in out  # hc_pre's one-threadgroup form
+        assert "grid_sync is not available on this machine: the multi-threadgroup forms need " \
+               "macOS 15" in out
+        assert "FAIL" not in out
+    else:
+        assert rc == 1, out
+        assert all("FAIL" in line and "not available" not in line for line in probe), out
+        assert len(grid_rows) == 3 and not any("FAIL" in line for line in grid_rows)
+        assert "2 of 9 kernel checks FAILED" in out
+
+
 def test_counters_are_zeroed_slots_taken_in_turn():
     d = kernels.dispatch
     first = [d.counter("test_site", 3) for _ in range(d.COUNTER_SLOTS)]

@@ -47,6 +47,10 @@ __all__ = ["CHECK_VERSION", "KEY_DIMS", "MLX_PAIR", "TOLERANCE", "Case", "Spec",
            "recorded", "record", "records_dir", "mode", "passes", "failures", "reset"]
 
 
+# what a compile failure's message says: MLX's Metal backend, the emulator (kernels/emu.py)
+COMPILE_ERRORS = ("Unable to build metal library", "does not compile")
+
+
 @dataclass
 class Result:
     kernel: str
@@ -60,6 +64,12 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None and self.rel_error <= self.tolerance
+
+    @property
+    def compile_failed(self) -> bool:
+        """Whether the kernel failed to compile (Metal's or the emulator's compiler), as
+        opposed to running and disagreeing, or failing at launch."""
+        return self.error is not None and any(m in self.error for m in COMPILE_ERRORS)
 
     def why(self) -> str:
         if self.error is not None:
