@@ -107,10 +107,130 @@ def test_compile_failure_is_switched_off_and_ops_serves(first_use, monkeypatch, 
         assert "KernelEmulationError" in lines[0] and "does not compile" in lines[0]
 
 
+def test_grid_sync_is_checked_once_and_switched_off_without_the_fence(first_use, monkeypatch,
+                                                                       capfd):
+    # passes and is recorded on a kernel backend with the fence
+    assert kernels.dispatch.grid_sync() and kernels.dispatch.grid_sync()
+    assert len(list(first_use.glob("kernel-checks/grid_sync-float32-*.json"))) == 1
+    assert warnings_in(capfd.readouterr().err) == []
+    # as on a Mac before macOS 15 (Metal 3.1): no atomic_thread_fence, the probe cannot compile
+    check.reset()
+    break_kernel(monkeypatch, "grid.metal", "grid_sum", "s = simd_sum(s);",
+                 "s = simd_sum(s); metal_3_1_has_no_fence();")
+    assert not kernels.dispatch.grid_sync() and not kernels.dispatch.grid_sync()
+    lines = warnings_in(capfd.readouterr().err)
+    assert len(lines) == 1 and "kernel grid_sync (float32) switched off" in lines[0], lines
+    assert "grid_sum failed" in lines[0]
+    kernels.set_backend("ops")
+    assert not kernels.dispatch.grid_sync()  # no kernels, no grid form
+
+
+GRID_TOTAL = "gtot[t] = s;"  # hc_pre's last threadgroup summing the chunks' partials (GRID only)
+
+
+@pytest.mark.parametrize("how", ["compile", "wrong"])
+def test_a_failing_grid_form_leaves_hc_pre_its_one_threadgroup_kernel(first_use, monkeypatch,
+                                                                       capfd, how):
+    """The probe passes, but hc_pre's grid form does not compile or disagrees (only the GRID=true
+    instance is broken): that form alone is switched off, with one warning, and the
+    one-threadgroup kernel, not the ops twin, serves the decode call."""
+    from ds4mlx.kernels.source import HC_THREADS
+
+    if how == "compile":
+        new = 'static_assert(!GRID, "the grid form does not build"); ' + GRID_TOTAL
+    else:
+        new = GRID_TOTAL.replace("= s", "= 1.5f * s")
+    break_kernel(monkeypatch, "hc.metal", "hc_pre", GRID_TOTAL, new)
+    launches = []
+    real = kernels.dispatch.run
+    monkeypatch.setattr(kernels.dispatch, "run", lambda *a, **kw: launches.append(
+        (a[1], kw["grid"], check.forcing())) or real(*a, **kw))
+    rng = np.random.default_rng(8)
+    m, d = 4, 300  # 3 chunks of HC_CHUNK: the grid form would serve one token
+    h = mx.array(rng.standard_normal((1, m, d)).astype(np.float32))
+    fn = mx.array(rng.standard_normal((24, m * d)).astype(np.float32) / np.sqrt(m * d))
+    args = (h, fn, mx.array(rng.uniform(-1, 1, 24).astype(np.float32)), mx.ones((3,)))
+    for _ in range(2):  # the second call reuses both verdicts: no second warning
+        got = kernels.hc_pre(*args, iters=3, eps=1e-6, norm_eps=1e-6)
+        ref = kernels.hc_pre_ops(*args, iters=3, eps=1e-6, norm_eps=1e-6)
+        for g, r in zip(got, ref, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+    served = [g for name, g, forced in launches if name == "hc_pre" and not forced]
+    assert served == [(HC_THREADS, 1, 1)] * 2, launches  # the kernel, in one threadgroup
+    # the check did try the grid form (its cases split a token over several threadgroups)
+    assert any(forced and g[0] > HC_THREADS for name, g, forced in launches if name == "hc_pre")
+    lines = warnings_in(capfd.readouterr().err)
+    assert len(lines) == 1, lines
+    assert "kernel hc_pre (float32, hc_mult=4, grid=1) switched off" in lines[0]
+    assert "its one-threadgroup form serves it instead" in lines[0] and "ops path" not in lines[0]
+    assert "grid form" in lines[0]  # the failing case, named
+    assert list(kernels.disabled()) == ["hc_pre (float32, hc_mult=4, grid=1)"]
+    assert kernels.dispatch.grid_sync()  # the probe passed: nothing else loses the grid form
+    # one pass recorded: the one-threadgroup form's (a failure is not recorded)
+    assert len(list(first_use.glob("kernel-checks/hc_pre-float32-*.json"))) == 1
+
+
+def _grid_selftest(demo_dir, monkeypatch) -> int:
+    """``ds4mlx selftest`` of the demo, on its hc_pre and grid_sync variants only (quick)."""
+    from ds4mlx import selftest
+
+    real = selftest.model_specs
+    monkeypatch.setattr(selftest, "model_specs", lambda source: [
+        s for s in real(source) if s.variant in (kernels.HC_PRE, kernels.GRID_SYNC)])
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    return main(["selftest", "--model", str(demo_dir)])
+
+
+@pytest.mark.parametrize("how", ["compile", "wrong"])
+def test_selftest_grid_sync_not_compiling_is_not_available_but_wrong_fails(
+        how, demo_dir, monkeypatch, capsys):
+    """macOS 14 (no Metal 3.2): the probe does not compile, a platform limit: selftest says what
+    it needs and that the kernels keep their one-threadgroup forms, and exits 0. A probe that
+    compiles and gives a wrong sum is a fault: FAIL, exit 1."""
+    new = "s = simd_sum(s); metal_3_1_has_no_fence();" if how == "compile" else \
+        "s = 1.5f * simd_sum(s);"
+    break_kernel(monkeypatch, "grid.metal", "grid_sum", "s = simd_sum(s);", new)
+    rc = _grid_selftest(demo_dir, monkeypatch)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    probe = [line for line in lines if line.startswith("grid_sum")]
+    assert len(probe) == 2, out
+    grid_rows = [line for line in lines if line.startswith("hc_pre") and "grid form" in line]
+    if how == "compile":
+        assert rc == 0, out
+        for line in probe:
+            assert "not available: " in line and "FAIL" not in line, line
+            assert "macOS 15 (Metal 3.2" in line and "keep their one-threadgroup forms" in line
+        assert "hc_pre (float32, hc_mult=4, grid=1): not checked, grid_sync is not available" in out
+        assert grid_rows == []  # nothing of the grid form is tried where it cannot build
+        assert "all 4 kernel checks passed" in out  # hc_pre's one-threadgroup form
+        assert "grid_sync is not available on this machine: the multi-threadgroup forms need " \
+               "macOS 15" in out
+        assert "FAIL" not in out
+    else:
+        assert rc == 1, out
+        assert all("FAIL" in line and "not available" not in line for line in probe), out
+        assert len(grid_rows) == 3 and not any("FAIL" in line for line in grid_rows)
+        assert "2 of 9 kernel checks FAILED" in out
+
+
+def test_counters_are_zeroed_slots_taken_in_turn():
+    d = kernels.dispatch
+    first = [d.counter("test_site", 3) for _ in range(d.COUNTER_SLOTS)]
+    assert all(c.dtype == mx.uint32 and c.size == 8 for c in first)  # >= 8: `device` space
+    assert not any(np.asarray(c).any() for c in first)
+    ptrs = {np.asarray(c).__array_interface__["data"][0] for c in first}
+    assert len(ptrs) == d.COUNTER_SLOTS  # consecutive launches never share a counter
+    again = np.asarray(d.counter("test_site", 3)).__array_interface__["data"][0]
+    assert again == np.asarray(first[0]).__array_interface__["data"][0]  # a full turn later
+    assert d.counter("test_site", 100).size >= 100  # grows for more rows
+
+
 def test_a_pass_is_recorded_and_later_runs_skip_the_check(first_use, monkeypatch):
     calls = []
     real = check.run_spec
-    monkeypatch.setattr(check, "run_spec", lambda spec, **kw: calls.append(spec) or real(spec, **kw))
+    monkeypatch.setattr(check, "run_spec", lambda spec, **kw: (
+        spec.variant == "hc_pre" and calls.append(spec)) or real(spec, **kw))
     rng = np.random.default_rng(7)
     h = mx.array(rng.standard_normal((1, 4, 40)).astype(np.float32))
     fn = mx.array(rng.standard_normal((24, 160)).astype(np.float32) * 0.1)
@@ -151,6 +271,9 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     for name in ("dequant_rows", "moe_gate_up_decode", "moe_down_decode", "moe_matmul_sorted"):
         assert (name, "MXFP4-mlx") in kernels_seen, out
     assert ("hc_pre", "hc_pre") in kernels_seen
+    # the grid form's probe, and hc_pre in that form too (the emulator has the fence)
+    assert ("grid_sum", "grid_sync") in kernels_seen
+    assert any(line.startswith("hc_pre") and "grid form" in line for line in out.splitlines())
     assert "ids in constant" in out and "ids in device" in out  # both placements of the ids
     # and the fused kernels at the demo's dims
     for name, variant in (("attn_decode", "attention"), ("rope_rows", "rope_rows"),
@@ -163,7 +286,7 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
         for shared in ("shared float32", "shared Q8_0"):
             assert any(line.startswith(f"{name} + shared") and "MXFP4-mlx" in line
                        and shared in line for line in out.splitlines()), (name, shared, out)
-    assert "all 44 kernel checks passed" in out
+    assert "all 49 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):
@@ -185,8 +308,9 @@ def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch,
         mx.eval(model(tokens[:, a:b], cache=cache))
     # every variant looked up its record
     # indexer: scores, top-k, queries; rope_rows: alone (prefill) and with the q_norm rows
-    assert sorted(found) == ["MXFP4-mlx", "attention", "hc_pre", "indexer", "indexer", "indexer",
-                             "rope_rows", "rope_rows", "router"], found
+    # hc_pre: the one-threadgroup form (prefill) and the grid form (decode), checked apart
+    assert sorted(found) == ["MXFP4-mlx", "attention", "grid_sync", "hc_pre", "hc_pre", "indexer",
+                             "indexer", "indexer", "rope_rows", "rope_rows", "router"], found
     assert calls == [] and kernels.disabled() == {}
     check.reset()
 
@@ -247,7 +371,9 @@ def test_selftest_lists_what_the_model_dispatches(which, demo_dir, request, monk
     def spy(variant, dtype, **dims):
         # what the check keys its verdict by: the variant, dtype and template dims
         asked.add((variant, dtype, check.Spec(variant, dtype, **dims).key()))
-        return False  # the ops twins serve: no kernel needs compiling here
+        # the ops twins serve: no kernel needs compiling here; grid_sync passes, so that the
+        # grid forms (which have their own checks) are asked about too
+        return variant == kernels.GRID_SYNC
 
     monkeypatch.setattr(check, "passes", spy)
     model, _ = load(source)
@@ -260,7 +386,7 @@ def test_selftest_lists_what_the_model_dispatches(which, demo_dir, request, monk
         mx.eval(model(tokens[:, a:b], cache=cache))
     listed = {(s.variant, s.dtype, s.key()) for s in model_specs(str(source))}
     assert asked and listed == asked
-    fused = {"hc_pre", "attention", "rope_rows", "router"}
+    fused = {"hc_pre", "grid_sync", "attention", "rope_rows", "router"}
     # the demo has ratio-4 layers (indexer); the 2-layer checkpoint's are ratio 0 and 128
     expected = {"IQ2_XXS", "Q2_K"} if which == "q2" else {"MXFP4-mlx", "indexer"}
     assert {v for v, _, _ in listed} == expected | fused

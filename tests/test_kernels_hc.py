@@ -100,3 +100,65 @@ def test_hc_pre_runs_the_previous_post_and_the_norm(path, lead, d, dtype):
     assert_close(x.astype(mx.float32), x_ref.astype(mx.float32), rel=1e-5 if dtype == mx.float32 else 8e-3)
     for g, r in ((p2, p_ref), (c2, c_ref), (h2, h_ref)):
         assert_close(g, r)
+
+
+def prev_and_norm(lead, m, d, seed, dtype=mx.float32):
+    rng = np.random.default_rng(seed)
+    y = mx.array(rng.standard_normal((*lead, d)).astype(np.float32)).astype(dtype)
+    post = mx.array(rng.uniform(0, 2, (*lead, m)).astype(np.float32))
+    comb = mx.softmax(mx.array(rng.standard_normal((*lead, m, m)).astype(np.float32)), axis=-1)
+    norm = hyper.RMSNorm(d, eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(dtype)
+    return (y, post, comb), norm
+
+
+@pytest.mark.parametrize("lead,d", [((1,), 4096), ((3,), 1100), ((2,), 130)])
+@pytest.mark.parametrize("grid", [False, True])
+def test_hc_pre_both_forms_match_ops(path, lead, d, grid):
+    """The one-threadgroup form and the grid form (each token's M * D inputs split over
+    ceil(M * D / HC_CHUNK) threadgroups, the last one finishing: Flash's 4 x 4096 over 32, 1100
+    with a partial last chunk, 130 in a single chunk), post, norm and float32 x included."""
+    m = 4
+    h, fn, base, scale = hc_inputs(lead, m, d, seed=d + 3)
+    prev, norm = prev_and_norm(lead, m, d, seed=d + 4)
+    kw = dict(iters=20, eps=1e-6, norm_eps=1e-6, norm=norm, prev=prev, also_f32=True)
+    got = kernels.hc_pre(h, fn, base, scale, grid=grid, **kw)
+    ref = kernels.hc_pre_ops(h, fn, base, scale, **kw)
+    assert len(got) == len(ref) == 5
+    for g, r in zip(got, ref):
+        assert_close(g, r)
+    np.testing.assert_allclose(np.asarray(got[2]).sum(axis=-2), 1.0, atol=1e-5)
+
+
+def test_hc_pre_takes_the_grid_form_at_decode_where_grid_sync_allows(monkeypatch):
+    from ds4mlx.kernels import dispatch
+    from ds4mlx.kernels.hyper import GRID_TOKENS
+    from ds4mlx.kernels.source import HC_CHUNK, HC_THREADS
+
+    monkeypatch.setenv("DS4MLX_KERNELS", "emulate")
+    kernels.set_backend()
+    grids = []
+    real = dispatch.run
+    monkeypatch.setattr(dispatch, "run",
+                        lambda *a, **kw: grids.append(kw["grid"]) or real(*a, **kw))
+    m, d = 4, 1100
+    groups = -(-m * d // HC_CHUNK)
+
+    def call(n):
+        h, fn, base, scale = hc_inputs((n,), m, d, seed=n)
+        got = kernels.hc_pre(h, fn, base, scale, iters=3, eps=1e-6, norm_eps=1e-6)
+        ref = kernels.hc_pre_ops(h, fn, base, scale, iters=3, eps=1e-6, norm_eps=1e-6)
+        for g, r in zip(got, ref):
+            assert_close(g, r)
+        return grids.pop()
+
+    assert call(1) == (HC_THREADS * groups, 1, 1)  # decode: split over the threadgroups
+    assert call(GRID_TOKENS) == (HC_THREADS * groups, GRID_TOKENS, 1)
+    assert call(GRID_TOKENS + 1) == (HC_THREADS, GRID_TOKENS + 1, 1)  # enough tokens to fill
+    kernels.disable(kernels.GRID_SYNC, "test: as without Metal 3.2")
+    try:
+        assert call(1) == (HC_THREADS, 1, 1)  # the one-threadgroup form serves
+    finally:
+        kernels.enable(kernels.GRID_SYNC)
+    # the counters are back to 0 (the emulator checks that on every launch, too)
+    assert not any(np.asarray(c).any() for c in dispatch._counters["hc_pre"])

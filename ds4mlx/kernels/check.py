@@ -14,7 +14,8 @@ the template dims are the model's, so the instance checked is the one that serve
 First use: the first call that would dispatch a variant in a process checks it (unless a pass is
 already recorded on disk under ``$DS4MLX_CACHE/kernel-checks`` for the same sources, backend,
 device, MLX version and dims). A variant that fails to compile or disagrees is switched off for
-the process with one warning line on stderr, and its ops twin serves its calls.
+the process with one warning line on stderr, and its ops twin serves its calls (a kernel's
+grid-synchronised form, ``grid=1``, is checked apart: its one-threadgroup form serves then).
 ``DS4MLX_KERNEL_CHECK``: ``on`` (default), ``off`` (no check; the test suite runs so, since it
 compares kernels with twins itself) or ``fresh`` (ignore recorded passes).
 """
@@ -37,13 +38,17 @@ import numpy as np
 
 from . import dispatch, moe, source
 
-from .check_cases import (CHECK_VERSION, KEY_DIMS, MLX_PAIR, TOLERANCE, Case, Spec, _twins,
-                          cases, dtype_name, install_twin, random_experts, twin)
+from .check_cases import (CHECK_VERSION, KEY_DIMS, MLX_PAIR, SYNC_USERS, TOLERANCE, Case, Spec,
+                          _twins, cases, dtype_name, install_twin, random_experts, twin)
 
 # what the check's users reach through this module (the cases live in check_cases)
 __all__ = ["CHECK_VERSION", "KEY_DIMS", "MLX_PAIR", "TOLERANCE", "Case", "Spec", "Result", "_twins", "cases",
            "dtype_name", "install_twin", "random_experts", "twin", "forcing", "run_case", "run_spec",
            "recorded", "record", "records_dir", "mode", "passes", "failures", "reset"]
+
+
+# what a compile failure's message says: MLX's Metal backend, the emulator (kernels/emu.py)
+COMPILE_ERRORS = ("Unable to build metal library", "does not compile")
 
 
 @dataclass
@@ -59,6 +64,12 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None and self.rel_error <= self.tolerance
+
+    @property
+    def compile_failed(self) -> bool:
+        """Whether the kernel failed to compile (Metal's or the emulator's compiler), as
+        opposed to running and disagreeing, or failing at launch."""
+        return self.error is not None and any(m in self.error for m in COMPILE_ERRORS)
 
     def why(self) -> str:
         if self.error is not None:
@@ -163,6 +174,8 @@ def record_key(spec: Spec) -> str:
     variant and dtype, and a named variant's template dims (:data:`KEY_DIMS`). The MoE cases
     cover both placements of the ids whatever k, so a pass holds for every k and E."""
     dims = spec.dims_text()
+    if spec.variant in SYNC_USERS:  # their cases include the grid form only where it works
+        dims += f" grid_sync={dispatch.grid_sync()}"
     what = [str(CHECK_VERSION), dispatch.backend(), _device(), mx.__version__, _sources(), spec.variant,
             dtype_name(spec.dtype), dims, str(moe.DECODE_MAX_PAIRS)]
     return hashlib.sha256("\0".join(what).encode()).hexdigest()[:32]
@@ -200,7 +213,7 @@ def record(spec: Spec, results: list[Result]) -> None:
 # ----------------------------------------------------------------------------- first use
 _verdicts: dict[tuple, bool] = {}
 _failures: dict[str, str] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a variant's check may first ask GRID_SYNC's (grid_sync)
 
 
 def mode() -> str:
@@ -237,8 +250,8 @@ def _first_use(spec: Spec) -> bool:
         record(spec, results)
         return True
     _failures[spec.label()] = bad[0].why()
-    print(f"ds4mlx: warning: kernel {spec.label()} switched off for this process, the ops path "
-          f"serves it instead ({bad[0].why()})", file=sys.stderr, flush=True)
+    print(f"ds4mlx: warning: kernel {spec.label()} switched off for this process, "
+          f"{spec.fallback()} ({bad[0].why()})", file=sys.stderr, flush=True)
     return False
 
 

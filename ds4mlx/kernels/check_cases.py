@@ -15,10 +15,10 @@ import numpy as np
 
 from ..quant import gguf as gguf_formats
 from ..quant.codecs import MX_GROUP
-from . import attention, dispatch, hyper, matvec, moe, router
+from . import attention, dispatch, grid, hyper, matvec, moe, router
 from .source import dtype_name
 
-CHECK_VERSION = 5  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 7  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -27,19 +27,26 @@ MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF
 # one rounding of the output (bf16 ulp 2^-8). FP8-rounded rows: see _fp8_edges.
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 2e-2}
 _K_IN, _ROWS, _DOWN_ROWS, _HC_D = 256, 20, 37, 200  # small dims, off the kernels' tile sizes
+_HC_GRID_D = 1100  # hc_pre's grid form: 4 x 1100 = 8 chunks of HC_CHUNK and a partial ninth
 _HEADS, _KEYS = 3, 37  # attention / indexer heads and keys of the checks (run-time sizes)
 # The dims that are template arguments of each named variant's kernels: they make the verdict
 # and the record key (run-time sizes such as the context length do not, so no re-check per
 # token). The indexer's two kernels are checked apart: scores by heads and head dim at the key
 # dtype, top-k by k on float32 scores (each entry point knows only its own dims).
 KEY_DIMS: dict[str, tuple[str, ...]] = {
-    dispatch.HC_PRE: ("hc_mult",),
+    dispatch.HC_PRE: ("hc_mult", "grid"),
     dispatch.ATTENTION: ("head_dim", "rope_dims"),
     dispatch.INDEXER: ("index_heads", "index_head_dim", "index_topk", "rope_dims"),
     dispatch.ROPE_ROWS: ("head_dim", "rope_dims", "q_rank"),
     dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
     dispatch.SHARED_DOWN: (),  # every size is a run-time argument
+    dispatch.GRID_SYNC: (),  # the probe: whether the multi-threadgroup form works at all
 }
+# Variants whose check covers their grid-synchronised form as well when dispatch.grid_sync()
+# allows it (their record key says which forms were checked). A variant with the key dim
+# ``grid`` checks that form apart (grid=1, its own verdict): failing, it is switched off
+# alone and the one-threadgroup form (grid=None) serves.
+SYNC_USERS: tuple[str, ...] = (dispatch.HC_PRE,)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Spec:
     index_head_dim: int | None = None  # indexer scores
     index_topk: int | None = None  # indexer top-k
     q_rank: int | None = None  # rope_rows: width of the q_norm rows it normalises alongside
+    grid: int | None = None  # hc_pre: 1 = its grid-synchronised form (checked apart)
 
     def key(self) -> tuple[int | None, ...]:
         return tuple(getattr(self, f) for f in KEY_DIMS.get(self.variant, ()))
@@ -69,6 +77,14 @@ class Spec:
     def label(self) -> str:
         dims = self.dims_text()
         return f"{self.variant} ({dtype_name(self.dtype)}{', ' + dims if dims else ''})"
+
+    def fallback(self) -> str:
+        """What serves this variant's calls once it is switched off."""
+        if self.variant == dispatch.GRID_SYNC:
+            return "the kernels keep their one-threadgroup forms"
+        if self.grid:
+            return "its one-threadgroup form serves it instead"
+        return "the ops path serves it instead"
 
 
 @dataclass(frozen=True)
@@ -116,7 +132,8 @@ def cases(spec: Spec) -> list[Case]:
     """The kernel calls that make up ``spec``'s check."""
     named = {dispatch.HC_PRE: _hc_cases, dispatch.ATTENTION: _attention_cases,
              dispatch.INDEXER: _indexer_cases, dispatch.ROPE_ROWS: _rope_cases,
-             dispatch.ROUTER: _router_cases, dispatch.SHARED_DOWN: _shared_cases}
+             dispatch.ROUTER: _router_cases, dispatch.SHARED_DOWN: _shared_cases,
+             dispatch.GRID_SYNC: _grid_cases}
     return named.get(spec.variant, _moe_cases)(spec)
 
 
@@ -210,37 +227,69 @@ def _shared_fold_cases(v: str, fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, w
 
 
 def _hc_cases(spec: Spec) -> list[Case]:
-    m, d = spec.hc_mult, _HC_D
+    m = spec.hc_mult
     mix = 2 * m + m * m
     rng = np.random.default_rng(7)
-    fn = mx.array((rng.standard_normal((mix, m * d)) / np.sqrt(m * d)).astype(np.float32))
+    args = dict(iters=20, eps=1e-6, norm_eps=1e-6)
     base = mx.array(rng.uniform(-1, 1, mix).astype(np.float32))
     scale = mx.array(rng.uniform(0.5, 3.0, 3).astype(np.float32))
-    args = dict(iters=20, eps=1e-6, norm_eps=1e-6)
 
     from ..ops import RMSNorm  # the sublayer norm the fused variant applies
 
-    norm = RMSNorm(d, eps=1e-6)
-    norm.weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32))
+    def weights(d: int) -> tuple[mx.array, RMSNorm]:
+        fn = mx.array((rng.standard_normal((mix, m * d)) / np.sqrt(m * d)).astype(np.float32))
+        norm = RMSNorm(d, eps=1e-6)
+        norm.weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(spec.dtype)
+        return fn, norm
 
-    def run_for(n: int, fused: bool) -> Callable:
+    one, split = weights(_HC_D), weights(_HC_GRID_D)
+
+    def run_for(n: int, fused: bool, grid: bool) -> Callable:
         def run():
+            fn, norm = split if grid else one
+            d = norm.weight.shape[0]
             h = _acts((n, m, d), 80 + n, spec.dtype)
             kw = dict(args)
             if fused:  # the previous sublayer's post and the next one's norm in the same kernel
-                norm.weight = norm.weight.astype(spec.dtype)
                 prev = (_acts((n, d), 90 + n, spec.dtype),
                         mx.sigmoid(_acts((n, m), 91 + n, mx.float32)) * 2,
                         mx.softmax(_acts((n, m, m), 92 + n, mx.float32), axis=-1))
                 kw.update(norm=norm, prev=prev, out_dtype=spec.dtype, also_f32=n == 1)
-            return (list(hyper.hc_pre(h, fn, base, scale, **kw)),
+            return (list(hyper.hc_pre(h, fn, base, scale, grid=grid, **kw)),
                     list(hyper.hc_pre_ops(h, fn, base, scale, **kw)))
         return run
 
+    # spec.grid: the grid form (several threadgroups per token, metal/grid.h), where it can
+    # serve; else the one-threadgroup form
+    if spec.grid:
+        calls = ((1, False), (1, True), (2, True)) if dispatch.grid_sync() else ()
+    else:
+        calls = ((1, False), (3, False), (1, True), (2, True))
+    forms = [(n, fused, bool(spec.grid)) for n, fused in calls]
     return [Case("hc_pre", f"{n} token{'s' * (n > 1)}, M={m}"
-                 f"{', previous post and norm' * fused}{', float32 x' * (fused and n == 1)}",
-                 run_for(n, fused))
-            for n, fused in ((1, False), (3, False), (1, True), (2, True))]
+                 f"{', previous post and norm' * fused}{', float32 x' * (fused and n == 1)}"
+                 f"{', split over threadgroups (grid form)' * grid}", run_for(n, fused, grid))
+            for n, fused, grid in forms]
+
+
+def _grid_cases(spec: Spec) -> list[Case]:
+    # several launches on one counter: a counter not put back breaks the next one there
+    def run_for(shapes: tuple[tuple[int, int], ...]) -> Callable:
+        def run():
+            xs = [_acts(s, 60 + i, mx.float32) for i, s in enumerate(shapes)]
+            got = []
+            for x in xs:
+                got.append(grid.grid_sum(x))
+                mx.eval(got[-1])
+            return got, [grid.grid_sum_ops(x) for x in xs]
+        return run
+
+    # the call site's counter slots, each once, then the first again
+    again = ((1, 1024),) * (dispatch.COUNTER_SLOTS + 1)
+    return [Case("grid_sum", "1 row of 16 threadgroups, every counter slot and one more",
+                 run_for(again)),
+            Case("grid_sum", "3 rows of 4 threadgroups (the last partial), then 1 of 1",
+                 run_for(((3, 200), (1, 40))))]
 
 
 def _attention_cases(spec: Spec) -> list[Case]:

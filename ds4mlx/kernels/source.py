@@ -39,7 +39,10 @@ DECODE_THREADS = 32 * DECODE_SIMDGROUPS
 DOWN_SIMDGROUPS = 4
 MATVEC_TOKENS = 8  # gguf_matvec: tokens per call (decode, a speculative verify)
 TILE, TILE_K, TILE_THREADS = 32, 32, 128  # pairs = outputs per tile, K step, threads
-HC_THREADS = 256  # threads per token of hc_pre
+HC_THREADS = 256  # threads per threadgroup of hc_pre
+# hc_pre's grid form: inputs (of a token's M * D) per threadgroup; Flash's 4 x 4096 -> 32
+# threadgroups per token read the 1.5 MB float32 mixer, 3.2 KB of partials per token
+HC_CHUNK = 512
 ATTN_SIMDGROUPS = 4  # simdgroups per (token, head) of attn_decode; they split the keys
 INDEX_THREADS = 256  # threads per threadgroup of the indexer score kernel
 ROUTER_THREADS = 256  # threads per token of router_topk
@@ -63,7 +66,7 @@ def defines() -> str:
     values.update(DS4_ROWS=DECODE_ROWS, DS4_SIMDGROUPS=DECODE_SIMDGROUPS,
                   DS4_DOWN_SG=DOWN_SIMDGROUPS, DS4_MV_TOKENS=MATVEC_TOKENS, DS4_BM=TILE,
                   DS4_BN=TILE, DS4_BK=TILE_K, DS4_TG=TILE_THREADS, DS4_HC_TG=HC_THREADS,
-                  DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS,
+                  DS4_HC_CHUNK=HC_CHUNK, DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS,
                   DS4_ROUTER_TG=ROUTER_THREADS)
     # the QAT FP8 round trip's block and range (quant/codecs.py), for metal/rows.metal
     values.update(DS4_FP8_BLOCK=FP8_ACT_BLOCK, DS4_E4M3_MAX=f"{E4M3_MAX:.1f}f")

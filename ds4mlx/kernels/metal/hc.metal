@@ -3,8 +3,11 @@
 // float32 and the weighted collapse of the streams. 86 calls per token are launch-bound as ops.
 //
 // Each `// @kernel NAME` section is the body of one mx.fast.metal_kernel (see moe.metal).
-// DS4_HC_TG (threads per token) is defined from Python, which sizes the grid with it. The
-// transcendental functions are precise::, so the mixing weights match the ops twin.
+// DS4_HC_TG (threads per threadgroup) and DS4_HC_CHUNK (inputs per threadgroup of the grid
+// form) are defined from Python, which sizes the grid with them. The transcendental functions
+// are precise::, so the mixing weights match the ops twin.
+
+#include "grid.h"
 
 #define DS4_HC_SIMDGROUPS (DS4_HC_TG / 32)
 
@@ -33,21 +36,35 @@ METAL_FUNC float ds4_sigmoid(float x) { return 1.0f / (1.0f + precise::exp(-x));
 // (each step rounded to XT, as mx.fast.rms_norm on the rounded x does).
 // XF: x is also written in float32 to xf [N, D] (for the sublayer's float32 consumers: the
 // router, the compressors), the cast that would be a launch of its own.
-// Grid (TG, N), threadgroup (TG, 1, 1): one threadgroup per token.
+// Grid (TG, N), threadgroup (TG, 1, 1): one threadgroup per token, which reads all of fn.
+// GRID: grid (G * TG, N), G = ceil(M * D / DS4_HC_CHUNK) threadgroups per token (one launch, the
+// last-threadgroup pattern of metal/grid.h): threadgroup g takes inputs [g * CHUNK, (g + 1) *
+// CHUNK) of the token's M * D (their HC post, written to hn, their sum of squares and their
+// MIX dot products with fn's rows), writes those MIX + 1 partials to gpart [N, G, MIX + 1]
+// (float bits, uint32) and counts itself in on counter[tok] (a zeroed input, >= N long); the
+// last to arrive sums the partials in chunk order and alone goes on with the weights, the
+// collapse and the norm (recomputing the post from the inputs, as the one-threadgroup form
+// does), then puts counter[tok] back to 0.
 const int MIX = 2 * M + M * M;
+static_assert(2 * M + M * M < DS4_HC_TG, "one thread per partial");
 threadgroup float part[DS4_HC_SIMDGROUPS * (2 * M + M * M + 1)];
 threadgroup float pre_w[M];
+threadgroup float gtot[2 * M + M * M + 1];
+threadgroup uint last_flag[1];
 uint tok = threadgroup_position_in_grid.y;
 uint t = thread_index_in_threadgroup;
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
 uint md = uint(M) * uint(D);
 ulong base_h = ulong(tok) * md;
+uint chunk = GRID ? threadgroup_position_in_grid.x : 0u;
+uint lo = chunk * uint(DS4_HC_CHUNK);
+uint hi = GRID ? min(lo + uint(DS4_HC_CHUNK), md) : md;
 
 // sum of squares and the MIX dot products, strided over the threadgroup
 float acc[2 * M + M * M + 1];
 for (int j = 0; j <= MIX; ++j) acc[j] = 0.0f;
-for (uint i = t; i < md; i += DS4_HC_TG) {
+for (uint i = lo + t; i < hi; i += DS4_HC_TG) {
   float v;
   if (POST) {
     DS4_HC_POST(v, i / uint(D), i % uint(D));
@@ -64,11 +81,36 @@ for (int j = 0; j <= MIX; ++j) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
+if (GRID) {
+  // this chunk's partials (its simdgroups in order), then the last threadgroup sums the
+  // chunks' in chunk order
+  uint groups = threadgroups_per_grid.x;
+  device atomic_uint* cnt = (device atomic_uint*)counter + tok;
+  device atomic_uint* gp = (device atomic_uint*)gpart + ulong(tok) * groups * uint(MIX + 1);
+  if (t <= uint(MIX)) {
+    float s = 0.0f;
+    for (int g = 0; g < DS4_HC_SIMDGROUPS; ++g) s += part[g * (MIX + 1) + t];
+    ds4_grid_put(gp + ulong(chunk) * uint(MIX + 1) + t, s);
+  }
+  if (!ds4_grid_last(cnt, groups, t, last_flag)) return;
+  if (t <= uint(MIX)) {
+    float s = 0.0f;
+    for (uint c = 0; c < groups; ++c) s += ds4_grid_get(gp + ulong(c) * uint(MIX + 1) + t);
+    gtot[t] = s;
+  }
+  ds4_grid_reset(cnt, t);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
 if (t == 0) {
   float tot[2 * M + M * M + 1];
   for (int j = 0; j <= MIX; ++j) {
     tot[j] = 0.0f;
-    for (int s = 0; s < DS4_HC_SIMDGROUPS; ++s) tot[j] += part[s * (MIX + 1) + j];
+    if (GRID) {
+      tot[j] = gtot[j];
+    } else {
+      for (int s = 0; s < DS4_HC_SIMDGROUPS; ++s) tot[j] += part[s * (MIX + 1) + j];
+    }
   }
   float inv = precise::rsqrt(tot[MIX] / float(md) + norm_eps);
   for (int i = 0; i < M; ++i) {
