@@ -121,6 +121,16 @@ def test_grid_sync_is_checked_once_and_switched_off_without_the_fence(first_use,
     lines = warnings_in(capfd.readouterr().err)
     assert len(lines) == 1 and "kernel grid_sync (float32) switched off" in lines[0], lines
     assert "grid_sum failed" in lines[0]
+    # a platform limit, said once per machine: the next process falls back without a word,
+    # and a wrong result (a fault, not a limit) is never recorded as one
+    assert len(list(first_use.glob("kernel-checks/grid_sync-unavailable-*.json"))) == 1
+    check.reset()
+    assert not kernels.dispatch.grid_sync()
+    assert warnings_in(capfd.readouterr().err) == []
+    monkeypatch.setenv("DS4MLX_KERNEL_CHECK", "fresh")  # asked afresh: tried and said again
+    check.reset()
+    assert not kernels.dispatch.grid_sync()
+    assert len(warnings_in(capfd.readouterr().err)) == 1
     kernels.set_backend("ops")
     assert not kernels.dispatch.grid_sync()  # no kernels, no grid form
 

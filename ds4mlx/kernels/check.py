@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import sys
 import threading
 import time
@@ -194,6 +195,11 @@ def recorded(spec: Spec) -> bool:
     return _record_path(spec).is_file()
 
 
+def _unavailable_path(spec: Spec) -> Path:
+    # keyed by the OS release too: an upgrade (macOS 15 brings Metal 3.2) tries the probe again
+    return records_dir() / f"{spec.variant}-unavailable-{record_key(spec)}-{platform.release()}.json"
+
+
 def record(spec: Spec, results: list[Result]) -> None:
     """Remember that ``spec`` passed (best effort: an unwritable cache only costs a re-check)."""
     path = _record_path(spec)
@@ -201,6 +207,10 @@ def record(spec: Spec, results: list[Result]) -> None:
             "backend": dispatch.backend(), "results": [
                 {"kernel": r.kernel, "inputs": r.inputs, "rel_error": r.rel_error,
                  "seconds": round(r.seconds, 4)} for r in results]}
+    _write_record(path, body)
+
+
+def _write_record(path: Path, body: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -250,6 +260,13 @@ def _first_use(spec: Spec) -> bool:
         record(spec, results)
         return True
     _failures[spec.label()] = bad[0].why()
+    if spec.variant == dispatch.GRID_SYNC and bad[0].compile_failed:
+        # a platform limit (no Metal 3.2), not a fault: said once per machine, then recorded
+        # (best effort), so every later process falls back in silence
+        path = _unavailable_path(spec)
+        if path.is_file() and mode() != "fresh":
+            return False
+        _write_record(path, {"variant": spec.variant, "unavailable": bad[0].why()})
     print(f"ds4mlx: warning: kernel {spec.label()} switched off for this process, "
           f"{spec.fallback()} ({bad[0].why()})", file=sys.stderr, flush=True)
     return False
