@@ -9,7 +9,8 @@ The pipeline streams one logical weight at a time:
    map, so resident memory stays bounded by the largest unit), transforms them, and hands byte
    chunks to the writer; experts are read, transformed and written expert by expert;
 3. **verify** — every output tensor's CRC-32, taken while writing, is compared with a re-read of
-   the file, and the result is opened with the matching reader;
+   the file (MLX output: from disk, past the page cache, following the writer; ``io/direct.py``),
+   and the result is opened with the matching reader;
 4. **publish** — output lives under ``OUTPUT.partial`` until the final rename, so an interrupted
    run never leaves something that looks complete. MLX output is written shard by shard with a
    journal, so ``resume=True`` continues after the last finished shard.

@@ -57,8 +57,8 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int | None = None) -> Iterator[Any]:
-    """``map(fn, items)`` on a few threads (numpy releases the GIL), in order, with at most
-    ``workers + 1`` results alive at once so memory stays bounded."""
+    """``map(fn, items)`` on a few threads (numpy and file reads release the GIL), in order,
+    with at most ``workers + 1`` results alive at once so memory stays bounded."""
     workers = workers or min(4, os.cpu_count() or 1)
     if workers <= 1:
         yield from map(fn, items)
@@ -282,17 +282,18 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         check_free_space(partial, total - done)
         bar = Progress(total, done, f"convert → {output.name}", progress)
         writer = None
-        # each finished shard is re-read and checked on a thread while the next one is written
+        # every shard is re-read from disk and checked on a thread: a new one as it is written
         from concurrent.futures import ThreadPoolExecutor
 
-        verifier = ThreadPoolExecutor(1, thread_name_prefix="convert-verify")
+        verifier = ThreadPoolExecutor(2, thread_name_prefix="convert-verify")
         checks = [verifier.submit(verify_shard, partial / n, e, state["done"][n])
                   for n, e in zip(names, plan) if n in state["done"]]
         try:
             for shard_units, name, entries in zip(shards, names, plan):
                 if name in state["done"]:
                     continue
-                writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries)
+                writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries, verify=True)
+                checks.append(verifier.submit(verify_written, writer))  # follows the writer on disk
                 for tensor, chunks in split_tensors(read_ahead(tensor_chunks(shard_units), depth=4)):
                     writer.write_tensor(tensor, bar.track(chunks))
                 crcs = writer.finish()
@@ -300,7 +301,6 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
                 writer = None
                 state["done"][name] = crcs
                 _save_state(partial, state)
-                checks.append(verifier.submit(verify_shard, partial / name, entries, crcs))
         except BaseException as exc:
             if writer is not None:
                 writer.abort()
@@ -340,6 +340,15 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         if verifier is not None:
             verifier.shutdown(wait=True, cancel_futures=True)
         lock.release()
+
+
+def verify_written(writer: mlx_dir.ShardWriter) -> None:
+    """:meth:`ShardWriter.verify` (header as planned, each tensor's bytes as written, re-read
+    from disk while the writer goes on), failures as conversion errors."""
+    try:
+        writer.verify()
+    except mlx_dir.MLXDirError as e:
+        raise ConvertError(str(e)) from None
 
 
 def verify_shard(path: Path, entries: list[tuple], crcs: dict[str, int]) -> None:
