@@ -148,3 +148,32 @@ def test_shard_writer_verifies_what_reached_the_disk(tmp_path, mode):
     assert done and done[0] == crcs == {"a": zlib.crc32(a.tobytes()), "b": zlib.crc32(b.tobytes()), "c": 0}
     raw = Path(tmp_path / "s.safetensors").read_bytes()
     assert raw.endswith(a.tobytes() + b.tobytes())
+
+
+def test_read_pair_matches_separate_reads(tmp_path):
+    """A weight and its scale side by side (either order) come from one read; apart, from two;
+    either way the same arrays as reading each alone, and a NaN scale is refused by name."""
+    from ds4mlx.convert.options import ConvertError
+    from ds4mlx.convert.plan import Stored, read_pair, read_stored
+
+    rng = np.random.default_rng(1)
+    w = rng.integers(-128, 128, (6, 8), dtype=np.int8)
+    s = rng.integers(100, 130, (6, 1), dtype=np.uint8)
+    blob = b"\x01" * 13 + s.tobytes() + w.tobytes() + b"\x02" * 5 + s.tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(blob)
+    sw = Stored(path, 13 + s.nbytes, "I8", w.shape, "x.weight")
+    s_before = Stored(path, 13, "F8_E8M0", s.shape, "x.scale")
+    s_apart = Stored(path, 13 + s.nbytes + w.nbytes + 5, "F8_E8M0", s.shape, "x.scale")
+    for sc in (s_before, s_apart):
+        got_w, got_s = read_pair(sw, sc)
+        assert got_w.dtype == np.int8 and np.array_equal(got_w, w) and np.array_equal(got_w, read_stored(sw))
+        assert got_s.dtype == np.uint8 and np.array_equal(got_s, s) and np.array_equal(got_s, read_stored(sc))
+    bad = bytearray(blob)
+    bad[13 + 2] = 0xFF  # an E8M0 NaN in the scale
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ConvertError, match="'x.scale' holds 1 NaN"):
+        read_pair(sw, s_before)
+    path.write_bytes(blob[: 13 + s.nbytes + 10])  # cut inside the weight
+    with pytest.raises(ConvertError, match="'x.weight'.*truncated"):
+        read_pair(sw, s_before)

@@ -27,8 +27,8 @@ from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_sh
 from ..quant.mx import fp8_to_mxfp8
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
-from .plan import (Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights, read_tensor,
-                   source_nbytes)
+from .plan import (Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights, read_pair, read_tensor,
+                   source_nbytes, stored)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -131,8 +131,16 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
 
     def produce():
         if fmt == MXFP4:  # weights then scales, straight from the source (reads run ahead of writes)
-            yield tensors[0][0], ordered_map(lambda n: read_tensor(ckpt, n).view(np.uint8), lw.names)
-            yield tensors[1][0], ordered_map(lambda n: read_tensor(ckpt, scale_name(n)), lw.names)
+            scales: list[np.ndarray] = []  # each read with its weight, kept for the scales tensor
+
+            def weights() -> Iterator[np.ndarray]:
+                pair = lambda n: read_pair(stored(ckpt, n), stored(ckpt, scale_name(n)))  # noqa: E731
+                for w, s in ordered_map(pair, lw.names):
+                    scales.append(s)
+                    yield w.view(np.uint8)
+
+            yield tensors[0][0], weights()
+            yield tensors[1][0], iter(scales)
             return
         stash: list[tuple[np.ndarray, ...]] = []
 

@@ -89,6 +89,31 @@ def read_stored(s: Stored, rows: tuple[int, int] | None = None) -> np.ndarray:
     return raw
 
 
+def read_pair(a: Stored, b: Stored) -> tuple[np.ndarray, np.ndarray]:
+    """Two tensors' stored bits, in one read when they lie side by side in one file (a weight
+    and its scale: one sequential read instead of a large and a small one at a distance)."""
+    (lo, hi), (na, nb) = sorted((a, b), key=lambda t: t.offset), (_nbytes(a), _nbytes(b))
+    if lo.path != hi.path or lo.offset + _nbytes(lo) != hi.offset:
+        return read_stored(a), read_stored(b)
+    raw = _read_bytes(lo.path, lo.offset, na + nb)
+    out = []
+    for t, n in ((a, na), (b, nb)):
+        part = raw[t.offset - lo.offset: t.offset - lo.offset + n]
+        if len(part) != n:
+            raise ConvertError(f"{t.path}: file ends inside tensor {t.name!r}; the source is truncated")
+        out.append(part.view(DTYPES[t.dtype]).reshape(t.shape))
+        _check_finite(t, out[-1])
+    return out[0], out[1]
+
+
+def _read_bytes(path: Path, offset: int, count: int) -> np.ndarray:
+    return np.fromfile(path, dtype=np.uint8, count=count, offset=offset)
+
+
+def _nbytes(s: Stored) -> int:
+    return int(np.prod(s.shape, dtype=np.int64)) * DTYPES[s.dtype].itemsize
+
+
 def read_tensor(ckpt: HFCheckpoint, name: str) -> np.ndarray:
     """The stored bits of one source tensor, read into a fresh array (F8/BF16 as unsigned ints)."""
     return read_stored(stored(ckpt, name))
