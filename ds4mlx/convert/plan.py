@@ -107,7 +107,7 @@ def read_pair(a: Stored, b: Stored) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_bytes(path: Path, offset: int, count: int) -> np.ndarray:
-    return np.fromfile(path, dtype=np.uint8, count=count, offset=offset)
+    return np.fromfile(path, dtype=np.uint8, count=count, offset=offset)  # fewer at the end of the file
 
 
 def _nbytes(s: Stored) -> int:
