@@ -21,8 +21,9 @@ from ds4mlx.io import direct, mlx_dir
 @pytest.fixture(params=["direct", "buffered"])
 def mode(request, monkeypatch):
     monkeypatch.setattr(direct, "BUFFER_BYTES", 64 << 10)  # many buffers for a small file
-    if request.param == "buffered":  # as on macOS (no O_DIRECT)
+    if request.param == "buffered":  # as on macOS (no O_DIRECT, and no preadv before macOS 11)
         monkeypatch.setattr(direct, "_O_DIRECT", 0)
+        monkeypatch.setattr(direct, "_PREADV", False)
     return request.param
 
 

@@ -26,6 +26,7 @@ ALIGN = 4096  # offsets, lengths and addresses of direct transfers: a multiple o
 BUFFER_BYTES = 8 << 20  # one transfer: long sequential requests
 BUFFERS = 4  # staged output at most (memory stays at BUFFERS * BUFFER_BYTES)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_PREADV = hasattr(os, "preadv")
 
 
 def _open(path: str | os.PathLike, flags: int) -> tuple[int, bool]:
@@ -57,7 +58,11 @@ def _read_full(fd: int, view: memoryview, offset: int) -> int:
     """Read into ``view`` from ``offset`` until it is full or the file ends; the bytes read."""
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+        if _PREADV:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        else:  # no preadv (older macOS): the fd is this reader's own
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            n = os.readv(fd, [view[done:]])
         if n == 0:
             break
         done += n
