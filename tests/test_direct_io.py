@@ -178,3 +178,28 @@ def test_read_pair_matches_separate_reads(tmp_path):
     path.write_bytes(blob[: 13 + s.nbytes + 10])  # cut inside the weight
     with pytest.raises(ConvertError, match="'x.weight'.*truncated"):
         read_pair(sw, s_before)
+
+
+def test_buffer_pool_reuses_only_buffers_nothing_refers_to():
+    import gc
+    import sys
+
+    from ds4mlx.convert.plan import BufferPool
+
+    if not hasattr(sys, "getrefcount"):
+        pytest.skip("the pool needs reference counts")
+    pool = BufferPool(limit=2)
+    a = pool.take(1000)
+    part = a[10:20].view(np.uint16)  # a view of a view still holds the buffer
+    del a
+    b = pool.take(1000)
+    assert not np.shares_memory(b, part)
+    del b
+    c = pool.take(500)  # the second buffer is free again
+    assert not np.shares_memory(c, part)
+    del part
+    gc.collect()
+    d = pool.take(2000)  # both free: the first fits
+    assert np.shares_memory(d, pool.bufs[0]) or np.shares_memory(d, pool.bufs[1])
+    e, f = pool.take(10), pool.take(10)  # over the limit: fresh memory, not a buffer in use
+    assert not any(np.shares_memory(x, y) for x, y in ((d, e), (d, f), (e, f), (c, e), (c, f)))

@@ -27,8 +27,8 @@ from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_sh
 from ..quant.mx import fp8_to_mxfp8
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
-from .plan import (Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights, read_pair, read_tensor,
-                   source_nbytes, stored)
+from .plan import (BufferPool, Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights,
+                   read_pair, read_tensor, source_nbytes, stored)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -92,8 +92,10 @@ def _mx_affine(values: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.nd
     return np.array(w), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))
 
 
-def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | None) -> tuple[Unit, WeightFormat]:
-    """The MLX-directory unit of one logical weight (``target``: FLOAT keeps the source's form)."""
+def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | None,
+             pool: BufferPool | None = None) -> tuple[Unit, WeightFormat]:
+    """The MLX-directory unit of one logical weight (``target``: FLOAT keeps the source's form;
+    ``pool``: read buffers shared by the units of one conversion)."""
     lead = (len(lw.names),) if lw.experts else ()
     src_bytes = source_nbytes(ckpt, lw.names)
     module = lw.module
@@ -134,9 +136,9 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
             scales: list[np.ndarray] = []  # each read with its weight, kept for the scales tensor
 
             def weights() -> Iterator[np.ndarray]:
-                pair = lambda n: read_pair(stored(ckpt, n), stored(ckpt, scale_name(n)))  # noqa: E731
+                pair = lambda n: read_pair(stored(ckpt, n), stored(ckpt, scale_name(n)), pool)  # noqa: E731
                 for w, s in ordered_map(pair, lw.names):
-                    scales.append(s)
+                    scales.append(s.copy())  # small; lets the read buffer go round again
                     yield w.view(np.uint8)
 
             yield tensors[0][0], weights()
@@ -187,6 +189,7 @@ def split_tensors(stream: Iterator[tuple[str, np.ndarray | None]]) -> Iterator[t
 
 def mlx_plan(ckpt: HFCheckpoint, opts: Options) -> tuple[list[Unit], dict[str, WeightFormat]]:
     units, formats = [], {}
+    pool = BufferPool()  # one conversion's read buffers, gone with its units
     for lw in logical_weights(ckpt, include_mtp=opts.include_mtp):
         target = lw.fmt
         if lw.experts and opts.expert_bits is not None:
@@ -195,7 +198,7 @@ def mlx_plan(ckpt: HFCheckpoint, opts: Options) -> tuple[list[Unit], dict[str, W
             target = affine(opts.dense_bits, opts.group_size)
         if target.kind == "affine" and lw.shape[-1] % target.group_size:
             raise ConvertError(f"{lw.path}: input dimension {lw.shape[-1]} is not a multiple of --group-size {target.group_size}")
-        unit, fmt = mlx_unit(ckpt, lw, target, opts.experts_per_token)
+        unit, fmt = mlx_unit(ckpt, lw, target, opts.experts_per_token, pool)
         units.append(unit)
         if fmt != FLOAT:
             formats[lw.module] = fmt
