@@ -132,9 +132,10 @@ def test_span_crcs_against_slices(tmp_path, mode):
         short.result(path)
 
 
-def test_shard_writer_verifies_what_reached_the_disk(tmp_path, mode):
+@pytest.mark.parametrize("check", ["disk", "written"])
+def test_shard_writer_verifies_what_reached_the_disk(tmp_path, mode, check):
     entries = [("a", "U8", (70_000,)), ("b", "F32", (3, 5000)), ("c", "U8", (0,))]
-    w = mlx_dir.ShardWriter(tmp_path / "s.safetensors", entries, verify=True)
+    w = mlx_dir.ShardWriter(tmp_path / "s.safetensors", entries, verify=check)
     done: list = []
     t = threading.Thread(target=lambda: done.append(w.verify()))
     t.start()
@@ -203,3 +204,40 @@ def test_buffer_pool_reuses_only_buffers_nothing_refers_to():
     assert np.shares_memory(d, pool.bufs[0]) or np.shares_memory(d, pool.bufs[1])
     e, f = pool.take(10), pool.take(10)  # over the limit: fresh memory, not a buffer in use
     assert not any(np.shares_memory(x, y) for x, y in ((d, e), (d, f), (e, f), (c, e), (c, f)))
+
+
+def _flip_disk_writes(monkeypatch, at: int) -> None:
+    """Flip one byte of the ``at``-th piece on its way from the staging buffer to the disk."""
+    real, calls = os.pwrite, [0]
+
+    def pwrite(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == at:
+            import mmap
+
+            b = mmap.mmap(-1, len(data))  # page aligned, as a direct write needs
+            b[:] = bytes(data)
+            b[len(b) // 2] ^= 0xFF
+            return real(fd, b, offset)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct.os, "pwrite", pwrite)
+
+
+def test_convert_verify_disk_same_bytes_and_catches_a_bad_disk_write(tiny_ckpt, tmp_path, monkeypatch):
+    from ds4mlx.convert import ConvertError, convert
+
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 1 << 20)
+    a = convert(tiny_ckpt, tmp_path / "a", progress=False)
+    b = convert(tiny_ckpt, tmp_path / "b", progress=False, verify_disk=True)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for n in names:
+        if n != "config.json":  # records the options
+            assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    _flip_disk_writes(monkeypatch, 3)
+    with pytest.raises(ConvertError, match="verification failed: tensor"):
+        convert(tiny_ckpt, tmp_path / "c", progress=False, verify_disk=True)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ConvertError, match="--verify-disk checks MLX output"):
+        convert(tiny_ckpt, tmp_path / "d.gguf", to="gguf", preset="mxfp4", verify_disk=True, progress=False)

@@ -262,7 +262,8 @@ def _load_state(partial: Path, plan_id: str) -> dict:
 
 
 def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *, resume: bool,
-                progress: bool, max_shard_bytes: int) -> Path:
+                progress: bool, max_shard_bytes: int, verify: str = "written") -> Path:
+    """``verify``: how each new shard is checked, ``"written"`` or ``"disk"`` (``ShardWriter.verify``)."""
     verifier = None
     partial, lock = check_output(ckpt.path, output, resume=resume, is_dir=True)
     try:
@@ -293,7 +294,7 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         check_free_space(partial, total - done)
         bar = Progress(total, done, f"convert → {output.name}", progress)
         writer = None
-        # every shard is re-read from disk and checked on a thread: a new one as it is written
+        # every shard is checked on a thread: a kept one re-read from disk, a new one as it is written
         from concurrent.futures import ThreadPoolExecutor
 
         verifier = ThreadPoolExecutor(2, thread_name_prefix="convert-verify")
@@ -303,7 +304,7 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
             for shard_units, name, entries in zip(shards, names, plan):
                 if name in state["done"]:
                     continue
-                writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries, verify=True)
+                writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries, verify=verify)
                 checks.append(verifier.submit(verify_written, writer))  # follows the writer on disk
                 for tensor, chunks in split_tensors(read_ahead(tensor_chunks(shard_units), depth=4)):
                     writer.write_tensor(tensor, bar.track(chunks))
@@ -354,8 +355,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
 
 
 def verify_written(writer: mlx_dir.ShardWriter) -> None:
-    """:meth:`ShardWriter.verify` (header as planned, each tensor's bytes as written, re-read
-    from disk while the writer goes on), failures as conversion errors."""
+    """:meth:`ShardWriter.verify` (header as planned, each tensor's bytes as written), failures
+    as conversion errors."""
     try:
         writer.verify()
     except mlx_dir.MLXDirError as e:

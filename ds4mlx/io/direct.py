@@ -112,10 +112,12 @@ class DirectWriter:
     on. ``flush`` writes what is staged, the unaligned tail included, after which the file is
     complete and takes no more writes; ``close`` flushes and closes. A write error on the thread
     is raised by the next ``write``, ``flush`` or ``close``. ``wait_written`` lets a reader
-    follow the file as it reaches the disk."""
+    follow the file as it reaches the disk; ``on_written(offset, bytes)`` sees each piece, in
+    order, as it was handed to the disk."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, on_written: Callable[[int, memoryview], None] | None = None):
         self.name = str(path)
+        self._on_written = on_written  # (offset, bytes) of each piece once written, on the thread
         self._fd, self._direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self._free: queue.Queue = queue.Queue()
         for _ in range(BUFFERS):
@@ -140,10 +142,12 @@ class DirectWriter:
             item = self._todo.get()
             if item is None:
                 return
-            buf, length, offset = item
+            buf, length, real, offset = item
             try:
                 if self._error is None:
                     self._pwrite(memoryview(buf)[:length], offset)
+                    if self._on_written is not None:
+                        self._on_written(offset, memoryview(buf)[:real])
                     if length == BUFFER_BYTES:  # a padded tail is not the file's yet (cut at flush)
                         self._advance(offset + length, False)
             except BaseException as e:  # handed to the writer's caller
@@ -181,7 +185,7 @@ class DirectWriter:
             raise self._error
 
     def _hand_over(self, length: int) -> None:
-        self._todo.put((self._buf, length, self._offset))
+        self._todo.put((self._buf, length, self._fill, self._offset))
         self._offset += self._fill
         self._buf, self._fill = None, 0
 
