@@ -255,7 +255,8 @@ HEADER_SPAN = "\0header"  # the header among the spans a shard's verification re
 
 class ShardWriter:
     """Stream one safetensors file whose header is known up front: tensors arrive in file order
-    as byte chunks; each tensor's CRC-32 is kept for the verification pass."""
+    as byte chunks; each tensor's CRC-32 is kept for the verification (``verify``: ``"written"``
+    or ``"disk"``, see :meth:`verify`). The file is written past the page cache (``io/direct.py``)."""
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, *, verify: str | None = None):
