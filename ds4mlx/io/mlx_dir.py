@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +275,7 @@ class ShardWriter:
         self._crcs = SpanCRCs(spans) if verify else None
         # staged, written on a thread, past the page cache where possible
         self._f = DirectWriter(self.path, self._crcs.feed if verify == "written" else None)
+        self._lock = threading.Lock()
         # opened now: the file is renamed when done
         self._reader = None if not verify else open_read(self.path) if verify == "disk" else \
             (os.open(self.path, os.O_RDONLY), False)
@@ -313,8 +315,16 @@ class ShardWriter:
     def abort(self) -> None:
         try:
             self._f.discard()
+            reader = self._take_reader()  # unless a verification already has it (and closes it)
+            if reader is not None:
+                os.close(reader[0])
         finally:
             self.path.unlink(missing_ok=True)
+
+    def _take_reader(self) -> tuple[int, bool] | None:
+        with self._lock:
+            reader, self._reader = self._reader, None
+        return reader
 
     def verify(self) -> dict[str, int]:
         """Check the file against what was written (call once, on another thread; returns the
@@ -322,9 +332,9 @@ class ShardWriter:
         cache where possible), header and every tensor. ``verify="written"``: the bytes as handed
         to the disk, CRC'd on the writer's thread, and the header and size re-read from the file
         once it is finished: no second pass over the disk (a third of its traffic)."""
-        if self._reader is None:
-            raise MLXDirError(f"{self.path}: nothing to verify (open with verify=..., verify once)")
-        reader, self._reader = self._reader, None
+        reader = self._take_reader()
+        if reader is None:
+            raise MLXDirError(f"{self.path}: nothing to verify (open with verify=..., verify once; not after abort)")
         if self.verify_mode == "disk":
             for offset, chunk in scan(self.path, opened=reader, ready=self._f.wait_written):
                 self._crcs.feed(offset, chunk)
