@@ -305,7 +305,7 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
                 if name in state["done"]:
                     continue
                 writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries, verify=verify)
-                checks.append(verifier.submit(verify_written, writer))  # follows the writer on disk
+                checks.append(verifier.submit(verify_written, writer))  # done as the writer finishes
                 for tensor, chunks in split_tensors(read_ahead(tensor_chunks(shard_units), depth=4)):
                     writer.write_tensor(tensor, bar.track(chunks))
                 crcs = writer.finish()
