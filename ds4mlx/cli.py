@@ -411,6 +411,9 @@ def convert(
     group_size: Annotated[int, typer.Option("--group-size", help="Affine group size.")] = 64,
     mtp: Annotated[bool, typer.Option("--mtp/--no-mtp", help="Keep the MTP block (GGUF: in ds4's separate NAME-MTP.gguf).")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted MLX conversion.")] = False,
+    verify_disk: Annotated[bool, typer.Option(
+        "--verify-disk", help="MLX: re-read every shard from disk to check it (a third more disk traffic; "
+        "by default the bytes are checked as handed to the disk).")] = False,
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, show_default=False,
         help="GGUF: quantization worker processes (default: all cores).")] = None,
@@ -425,7 +428,8 @@ def convert(
         raise UsageProblem(f"--to must be mlx or gguf, got {to!r}")
     path = run_convert(source, output, to=to, preset=preset, experts_per_token=experts_per_token,
                        expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size,
-                       include_mtp=mtp, resume=resume, progress=True, jobs=jobs, imatrix=imatrix)
+                       include_mtp=mtp, resume=resume, progress=True, jobs=jobs, imatrix=imatrix,
+                       verify_disk=verify_disk)
     status(f"written {path}")
 
 

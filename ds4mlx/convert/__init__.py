@@ -9,7 +9,9 @@ The pipeline streams one logical weight at a time:
    map, so resident memory stays bounded by the largest unit), transforms them, and hands byte
    chunks to the writer; experts are read, transformed and written expert by expert;
 3. **verify** — every output tensor's CRC-32, taken while writing, is compared with a re-read of
-   the file, and the result is opened with the matching reader;
+   the file (MLX output: with the bytes as handed to the disk, past the page cache, plus each
+   shard's header and size read back; ``verify_disk`` re-reads every shard from disk while it is
+   written; ``io/direct.py``), and the result is opened with the matching reader;
 4. **publish** — output lives under ``OUTPUT.partial`` until the final rename, so an interrupted
    run never leaves something that looks complete. MLX output is written shard by shard with a
    journal, so ``resume=True`` continues after the last finished shard.
@@ -53,6 +55,7 @@ def convert(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     jobs: int | None = None,
     imatrix: str | os.PathLike | None = None,
+    verify_disk: bool = False,
 ) -> Path:
     """Convert an official-format checkpoint (directory or Hugging Face repo id).
 
@@ -66,7 +69,8 @@ def convert(
     script calling this needs the usual ``if __name__ == "__main__":`` guard.
     ``imatrix``: a llama.cpp importance matrix (GGUF or legacy ``.dat``) weighting the Q4_K,
     Q2_K and IQ2_XXS quantization error, per expert where it has per-expert entries.
-    Returns the output path.
+    ``verify_disk``: MLX output re-read from disk to be checked (past the page cache, a third
+    more disk traffic) rather than checked as handed to the disk. Returns the output path.
     """
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ConvertError(f"--jobs must be a positive integer, got {jobs!r}")
@@ -80,7 +84,9 @@ def convert(
             if imatrix is not None:
                 raise ConvertError("--imatrix weights GGUF quantization; MLX output does not use one")
             return convert_mlx(ckpt, str(source), output, opts, resume=resume, progress=progress,
-                               max_shard_bytes=max_shard_bytes)
+                               max_shard_bytes=max_shard_bytes, verify="disk" if verify_disk else "written")
+        if verify_disk:
+            raise ConvertError("--verify-disk checks MLX output; a GGUF is re-read by its own verification")
         if resume:
             raise ConvertError("--resume continues MLX conversions only; a GGUF is written in one pass")
         from .gguf import convert_gguf

@@ -27,8 +27,8 @@ from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_sh
 from ..quant.mx import fp8_to_mxfp8
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
-from .plan import (Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights, read_tensor,
-                   source_nbytes)
+from .plan import (BufferPool, Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights,
+                   read_pair, read_tensor, source_nbytes, stored)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -57,8 +57,8 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int | None = None) -> Iterator[Any]:
-    """``map(fn, items)`` on a few threads (numpy releases the GIL), in order, with at most
-    ``workers + 1`` results alive at once so memory stays bounded."""
+    """``map(fn, items)`` on a few threads (numpy and file reads release the GIL), in order,
+    with at most ``workers + 1`` results alive at once so memory stays bounded."""
     workers = workers or min(4, os.cpu_count() or 1)
     if workers <= 1:
         yield from map(fn, items)
@@ -92,8 +92,10 @@ def _mx_affine(values: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.nd
     return np.array(w), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))
 
 
-def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | None) -> tuple[Unit, WeightFormat]:
-    """The MLX-directory unit of one logical weight (``target``: FLOAT keeps the source's form)."""
+def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | None,
+             pool: BufferPool | None = None) -> tuple[Unit, WeightFormat]:
+    """The MLX-directory unit of one logical weight (``target``: FLOAT keeps the source's form;
+    ``pool``: read buffers shared by the units of one conversion)."""
     lead = (len(lw.names),) if lw.experts else ()
     src_bytes = source_nbytes(ckpt, lw.names)
     module = lw.module
@@ -131,8 +133,16 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
 
     def produce():
         if fmt == MXFP4:  # weights then scales, straight from the source (reads run ahead of writes)
-            yield tensors[0][0], ordered_map(lambda n: read_tensor(ckpt, n).view(np.uint8), lw.names)
-            yield tensors[1][0], ordered_map(lambda n: read_tensor(ckpt, scale_name(n)), lw.names)
+            scales: list[np.ndarray] = []  # each read with its weight, kept for the scales tensor
+
+            def weights() -> Iterator[np.ndarray]:
+                pair = lambda n: read_pair(stored(ckpt, n), stored(ckpt, scale_name(n)), pool)  # noqa: E731
+                for w, s in ordered_map(pair, lw.names):
+                    scales.append(s.copy())  # small; lets the read buffer go round again
+                    yield w.view(np.uint8)
+
+            yield tensors[0][0], weights()
+            yield tensors[1][0], iter(scales)
             return
         stash: list[tuple[np.ndarray, ...]] = []
 
@@ -179,6 +189,7 @@ def split_tensors(stream: Iterator[tuple[str, np.ndarray | None]]) -> Iterator[t
 
 def mlx_plan(ckpt: HFCheckpoint, opts: Options) -> tuple[list[Unit], dict[str, WeightFormat]]:
     units, formats = [], {}
+    pool = BufferPool()  # one conversion's read buffers, gone with its units
     for lw in logical_weights(ckpt, include_mtp=opts.include_mtp):
         target = lw.fmt
         if lw.experts and opts.expert_bits is not None:
@@ -187,7 +198,7 @@ def mlx_plan(ckpt: HFCheckpoint, opts: Options) -> tuple[list[Unit], dict[str, W
             target = affine(opts.dense_bits, opts.group_size)
         if target.kind == "affine" and lw.shape[-1] % target.group_size:
             raise ConvertError(f"{lw.path}: input dimension {lw.shape[-1]} is not a multiple of --group-size {target.group_size}")
-        unit, fmt = mlx_unit(ckpt, lw, target, opts.experts_per_token)
+        unit, fmt = mlx_unit(ckpt, lw, target, opts.experts_per_token, pool)
         units.append(unit)
         if fmt != FLOAT:
             formats[lw.module] = fmt
@@ -251,7 +262,8 @@ def _load_state(partial: Path, plan_id: str) -> dict:
 
 
 def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *, resume: bool,
-                progress: bool, max_shard_bytes: int) -> Path:
+                progress: bool, max_shard_bytes: int, verify: str = "written") -> Path:
+    """``verify``: how each new shard is checked, ``"written"`` or ``"disk"`` (``ShardWriter.verify``)."""
     verifier = None
     partial, lock = check_output(ckpt.path, output, resume=resume, is_dir=True)
     try:
@@ -282,17 +294,18 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         check_free_space(partial, total - done)
         bar = Progress(total, done, f"convert → {output.name}", progress)
         writer = None
-        # each finished shard is re-read and checked on a thread while the next one is written
+        # every shard is checked on a thread: a kept one re-read from disk, a new one as it is written
         from concurrent.futures import ThreadPoolExecutor
 
-        verifier = ThreadPoolExecutor(1, thread_name_prefix="convert-verify")
+        verifier = ThreadPoolExecutor(2, thread_name_prefix="convert-verify")
         checks = [verifier.submit(verify_shard, partial / n, e, state["done"][n])
                   for n, e in zip(names, plan) if n in state["done"]]
         try:
             for shard_units, name, entries in zip(shards, names, plan):
                 if name in state["done"]:
                     continue
-                writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries)
+                writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries, verify=verify)
+                checks.append(verifier.submit(verify_written, writer))  # done as the writer finishes
                 for tensor, chunks in split_tensors(read_ahead(tensor_chunks(shard_units), depth=4)):
                     writer.write_tensor(tensor, bar.track(chunks))
                 crcs = writer.finish()
@@ -300,7 +313,6 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
                 writer = None
                 state["done"][name] = crcs
                 _save_state(partial, state)
-                checks.append(verifier.submit(verify_shard, partial / name, entries, crcs))
         except BaseException as exc:
             if writer is not None:
                 writer.abort()
@@ -340,6 +352,15 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         if verifier is not None:
             verifier.shutdown(wait=True, cancel_futures=True)
         lock.release()
+
+
+def verify_written(writer: mlx_dir.ShardWriter) -> None:
+    """:meth:`ShardWriter.verify` (header as planned, each tensor's bytes as written), failures
+    as conversion errors."""
+    try:
+        writer.verify()
+    except mlx_dir.MLXDirError as e:
+        raise ConvertError(str(e)) from None
 
 
 def verify_shard(path: Path, entries: list[tuple], crcs: dict[str, int]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..config import check_hf_values
 from ..quant.formats import WeightFormat, packed_shapes
 from ..names import hf_to_internal, official_layout
 from .checks import check_expert_ids, hash_table_fits
+from .direct import DirectWriter, open_read, scan
 from .json_file import read_json_object, read_weight_map
 from .safetensors import DTYPES, FLOAT_DTYPES, INT_DTYPES, SafetensorsFile, open_shards
 
@@ -249,18 +251,34 @@ def write_bytes(f, data: memoryview) -> None:
     f.write(data)
 
 
+HEADER_SPAN = "\0header"  # the header among the spans a shard's verification reads (no tensor has this name)
+
+
 class ShardWriter:
     """Stream one safetensors file whose header is known up front: tensors arrive in file order
-    as byte chunks; each tensor's CRC-32 is kept for the verification pass."""
+    as byte chunks; each tensor's CRC-32 is kept for the verification (``verify``: ``"written"``
+    or ``"disk"``, see :meth:`verify`). The file is written past the page cache (``io/direct.py``)."""
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, *, verify: str | None = None):
         self.path = Path(path)
         header, self.spans = safetensors_header(entries, metadata)
+        self.header = header
         self.order = [name for name, _, _ in entries]
         self.crc: dict[str, int] = {}
         self._next = 0
-        self._f = open(self.path, "wb")
+        if verify not in (None, "disk", "written"):
+            raise ValueError(f"verify must be None, 'disk' or 'written', got {verify!r}")
+        self.verify_mode = verify
+        base = len(header)
+        spans = [(0, base, HEADER_SPAN)] + [(base + a, base + b, n) for n, (a, b) in self.spans.items()]
+        self._crcs = SpanCRCs(spans) if verify else None
+        # staged, written on a thread, past the page cache where possible
+        self._f = DirectWriter(self.path, self._crcs.feed if verify == "written" else None)
+        self._lock = threading.Lock()
+        # opened now: the file is renamed when done
+        self._reader = None if not verify else open_read(self.path) if verify == "disk" else \
+            (os.open(self.path, os.O_RDONLY), False)
         write_bytes(self._f, memoryview(header))
 
     @property
@@ -296,26 +314,91 @@ class ShardWriter:
 
     def abort(self) -> None:
         try:
-            self._f.close()
+            self._f.discard()
+            reader = self._take_reader()  # unless a verification already has it (and closes it)
+            if reader is not None:
+                os.close(reader[0])
         finally:
             self.path.unlink(missing_ok=True)
 
+    def _take_reader(self) -> tuple[int, bool] | None:
+        with self._lock:
+            reader, self._reader = self._reader, None
+        return reader
 
-def file_crcs(path: str | os.PathLike, names: Iterable[str], chunk_bytes: int = 64 << 20) -> dict[str, int]:
-    """CRC-32 of each named tensor's bytes as stored on disk (read in bounded chunks)."""
-    st = SafetensorsFile(path)
-    buf = bytearray(chunk_bytes)
-    out = {}
-    with open(path, "rb") as f:
-        for name in names:
-            info = st.info(name)
-            f.seek(info.start)
-            crc, left = 0, info.nbytes
-            while left:
-                n = f.readinto(memoryview(buf)[: min(left, chunk_bytes)])
-                if not n:
-                    raise MLXDirError(f"{path}: file ends inside tensor {name!r}")
-                crc = zlib.crc32(memoryview(buf)[:n], crc)
-                left -= n
-            out[name] = crc
-    return out
+    def verify(self) -> dict[str, int]:
+        """Check the file against what was written (call once, on another thread; returns the
+        CRCs checked). ``verify="disk"``: re-read from disk as the writer goes on (past the page
+        cache where possible), header and every tensor. ``verify="written"``: the bytes as handed
+        to the disk, CRC'd on the writer's thread, and the header and size re-read from the file
+        once it is finished: no second pass over the disk (a third of its traffic)."""
+        reader = self._take_reader()
+        if reader is None:
+            raise MLXDirError(f"{self.path}: nothing to verify (open with verify=..., verify once; not after abort)")
+        if self.verify_mode == "disk":
+            for offset, chunk in scan(self.path, opened=reader, ready=self._f.wait_written):
+                self._crcs.feed(offset, chunk)
+        else:
+            try:
+                self._f.wait_written(1 << 62)  # finished or given up
+                head = os.pread(reader[0], len(self.header), 0)
+                size = os.fstat(reader[0]).st_size
+            finally:
+                os.close(reader[0])
+        if not self._f.finished:  # given up; the writer's error is the one to report
+            raise MLXDirError(f"{self.path}: writing stopped before the file was finished")
+        if self.verify_mode == "written" and (head != self.header or size != self._crcs.end):
+            what = "the header does not match the plan" if head != self.header else \
+                f"the file holds {size} bytes, {self._crcs.end} were written"
+            raise MLXDirError(f"{self.path}: verification failed: {what}")
+        on_disk = dict(self._crcs.result(self.path))
+        if on_disk.pop(HEADER_SPAN) != zlib.crc32(self.header):
+            raise MLXDirError(f"{self.path}: verification failed: the header does not match the plan")
+        for tensor, crc in self.crc.items():
+            if on_disk.get(tensor) != crc:
+                raise MLXDirError(f"{self.path}: verification failed: tensor {tensor!r} differs from what was written")
+        return on_disk
+
+
+def file_crcs(path: str | os.PathLike, names: Iterable[str]) -> dict[str, int]:
+    """CRC-32 of each named tensor's bytes as stored on disk, from one sequential pass over the
+    file (direct reads where possible: the disk's bytes, not the page cache's)."""
+    with SafetensorsFile(path) as st:
+        crcs = SpanCRCs([(st.info(n).start, st.info(n).start + st.info(n).nbytes, n) for n in names])
+    for offset, chunk in scan(path):
+        crcs.feed(offset, chunk)
+    return crcs.result(path)
+
+
+class SpanCRCs:
+    """CRC-32 of named ``(start, end)`` byte spans of a file fed as ``(offset, chunk)`` in order."""
+
+    def __init__(self, spans: Iterable[tuple[int, int, str]]):
+        self.spans = sorted(spans)
+        self.crc = {n: 0 for _, _, n in self.spans}
+        self._k = 0  # first span not yet complete
+        self.end = 0  # bytes fed
+
+    def feed(self, offset: int, chunk) -> None:
+        if offset != self.end:
+            raise MLXDirError(f"bytes fed out of order: {offset}, expected {self.end}")
+        end = self.end = offset + len(chunk)
+        k, spans = self._k, self.spans
+        while k < len(spans) and spans[k][0] < end:
+            start, stop, name = spans[k]
+            lo, hi = max(start, offset), min(stop, end)
+            if hi > lo:
+                self.crc[name] = zlib.crc32(chunk[lo - offset: hi - offset], self.crc[name])
+            if stop > end:
+                break
+            k += 1
+        self._k = k
+
+    def result(self, path: str | os.PathLike) -> dict[str, int]:
+        """The CRCs once the whole file was fed (``path`` names it in the error otherwise)."""
+        k = self._k
+        while k < len(self.spans) and self.spans[k][1] <= self.end:  # empty tensors at the very end
+            k += 1
+        if k < len(self.spans):
+            raise MLXDirError(f"{path}: file ends inside tensor {self.spans[k][2]!r}")
+        return self.crc

@@ -1,0 +1,253 @@
+"""Bulk file I/O for conversions, past the page cache: a direct output file and whole-file scans.
+
+Written through the page cache the usual way (write everything, fsync at the end) a conversion
+leaves the disk idle until the kernel's dirty limits are reached, waits for all of it at the end,
+and every byte takes a fresh cache page (on a VM with free-page reporting a host fault per page).
+Measured on this project's Linux VM: 0.20-0.30 GB/s that way, 2.2 GB/s with ``O_DIRECT`` from a
+few reused buffers. ``DirectWriter`` stages the output in page-aligned 8 MiB buffers that a
+thread writes directly, so the disk is busy from the first byte and memory stays flat; ``scan``
+reads a file in order the same way (the verification re-reads what the disk holds, not the
+cache). Where ``O_DIRECT`` is missing (macOS) or refused (tmpfs, some network file systems),
+both fall back to ordinary buffered I/O: the same bytes, only slower.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import queue
+import threading
+from typing import Callable, Iterator
+
+import numpy as np
+
+ALIGN = 4096  # offsets, lengths and addresses of direct transfers: a multiple of any block size
+BUFFER_BYTES = 8 << 20  # one transfer: long sequential requests
+BUFFERS = 4  # staged output at most (memory stays at BUFFERS * BUFFER_BYTES)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_PREADV = hasattr(os, "preadv")
+
+
+def _open(path: str | os.PathLike, flags: int) -> tuple[int, bool]:
+    """An fd for ``path``, with ``O_DIRECT`` when the file system takes it; and whether it has."""
+    if _O_DIRECT:
+        try:
+            return os.open(path, flags | _O_DIRECT, 0o644), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # tmpfs and the like refuse the flag
+                raise
+    return os.open(path, flags, 0o644), False
+
+
+def _drop_direct(fd: int) -> None:
+    """Turn ``O_DIRECT`` off on an fd (a file system that took the flag but not a transfer)."""
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 array of ``nbytes`` whose address is a multiple of ``ALIGN``."""
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip: skip + nbytes]
+
+
+def _read_full(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from ``offset`` until it is full or the file ends; the bytes read."""
+    done = 0
+    while done < len(view):
+        if _PREADV:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        else:  # no preadv (older macOS): the fd is this reader's own
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            n = os.readv(fd, [view[done:]])
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def open_read(path: str | os.PathLike) -> tuple[int, bool]:
+    """A read fd for :func:`scan` (direct where possible), and whether it is direct."""
+    return _open(path, os.O_RDONLY)
+
+
+def scan(path: str | os.PathLike, chunk_bytes: int = BUFFER_BYTES, *, opened: tuple[int, bool] | None = None,
+         ready: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """The whole file as ``(offset, uint8 chunk)`` in order, read directly where possible into
+    two reused buffers (each chunk is valid until the next one is taken). ``opened``: an fd from
+    :func:`open_read` to read and close instead of opening ``path``; ``ready(end)`` is called
+    before reading up to ``end`` (to follow a file while it is written)."""
+    fd, direct = opened or open_read(path)
+    try:
+        bufs = [aligned_empty(chunk_bytes), aligned_empty(chunk_bytes)]
+        offset, k = 0, 0
+        while True:
+            buf = bufs[k % 2]
+            if ready is not None:
+                ready(offset + chunk_bytes)
+            try:
+                n = _read_full(fd, memoryview(buf), offset)
+            except OSError as e:
+                if not direct or e.errno != errno.EINVAL:
+                    raise
+                _drop_direct(fd)
+                direct = False
+                continue
+            if n:
+                yield offset, buf[:n]
+            if n < chunk_bytes:
+                return
+            offset += n
+            k += 1
+    finally:
+        os.close(fd)
+
+
+class DirectWriter:
+    """A write-only binary file for one long sequential write: ``write`` copies into page-aligned
+    staging buffers that a thread writes to disk (directly where possible) while the caller goes
+    on. ``flush`` writes what is staged, the unaligned tail included, after which the file is
+    complete and takes no more writes; ``close`` flushes and closes. A write error on the thread
+    is raised by the next ``write``, ``flush`` or ``close``. ``wait_written`` lets a reader
+    follow the file as it reaches the disk; ``on_written(offset, bytes)`` sees each piece, in
+    order, as it was handed to the disk."""
+
+    def __init__(self, path: str | os.PathLike, on_written: Callable[[int, memoryview], None] | None = None):
+        self.name = str(path)
+        self._on_written = on_written  # (offset, bytes) of each piece once written, on the thread
+        self._fd, self._direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(BUFFERS):
+            self._free.put(mmap.mmap(-1, BUFFER_BYTES))  # page aligned, reused: no fresh pages per write
+        self._todo: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._buf: mmap.mmap | None = None
+        self._fill = 0  # bytes staged in _buf
+        self._offset = 0  # file offset of _buf
+        self._done = False
+        self.finished = False  # flushed whole and cut to size
+        self._on_disk = 0  # bytes from the start known written (the tail counts once the file is finished)
+        self._over = False  # finished or given up: no more bytes will come
+        self._progress = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="direct-writer", daemon=True)
+        self._thread.start()
+
+    # --- the disk side (thread) ---
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            buf, length, real, offset = item
+            try:
+                if self._error is None:
+                    self._pwrite(memoryview(buf)[:length], offset)
+                    if self._on_written is not None:
+                        self._on_written(offset, memoryview(buf)[:real])
+                    if length == BUFFER_BYTES:  # a padded tail is not the file's yet (cut at flush)
+                        self._advance(offset + length, False)
+            except BaseException as e:  # handed to the writer's caller
+                self._error = e
+            finally:
+                self._free.put(buf)
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        while len(view):
+            try:
+                n = os.pwrite(self._fd, view, offset)
+            except OSError as e:
+                if not self._direct or e.errno != errno.EINVAL:
+                    raise
+                _drop_direct(self._fd)
+                self._direct = False
+                continue
+            view, offset = view[n:], offset + n
+
+    def _advance(self, on_disk: int, over: bool) -> None:
+        with self._progress:
+            self._on_disk = max(self._on_disk, on_disk)
+            self._over = self._over or over
+            self._progress.notify_all()
+
+    def wait_written(self, end: int) -> None:
+        """Block until the first ``end`` bytes are on disk, or the file is finished or given up."""
+        with self._progress:
+            self._progress.wait_for(lambda: self._on_disk >= end or self._over)
+
+    # --- the caller's side ---
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _hand_over(self, length: int) -> None:
+        self._todo.put((self._buf, length, self._fill, self._offset))
+        self._offset += self._fill
+        self._buf, self._fill = None, 0
+
+    def tell(self) -> int:
+        return self._offset + self._fill
+
+    def write(self, data) -> int:
+        self._check()
+        if self._done:
+            raise ValueError(f"{self.name}: write after the file was completed")
+        view = memoryview(data).cast("B")
+        n = len(view)
+        while len(view):
+            if self._buf is None:
+                self._buf = self._free.get()
+                self._check()
+            take = min(len(view), BUFFER_BYTES - self._fill)
+            self._buf[self._fill: self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == BUFFER_BYTES:
+                self._hand_over(BUFFER_BYTES)
+        return n
+
+    def flush(self) -> None:
+        """Write everything staged and wait for it: the file is then whole (and complete)."""
+        if not self._done:
+            self._done = True
+            size = self.tell()
+            if self._buf is not None and self._fill:
+                # a direct write covers whole blocks: pad the tail, then cut the file back to size
+                padded = -(-self._fill // ALIGN) * ALIGN if self._direct else self._fill
+                self._buf[self._fill: padded] = bytes(padded - self._fill)
+                self._hand_over(padded)
+            self._todo.put(None)
+            self._thread.join()
+            self._check()
+            os.ftruncate(self._fd, size)
+            self.finished = True
+            self._advance(size, True)
+        self._check()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        """Flush and close (on an error the fd is closed all the same and the error raised)."""
+        if self._fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Stop without writing what is staged and close (the caller removes the file)."""
+        self._done = True
+        if self._thread.is_alive():
+            self._error = self._error or OSError(errno.ECANCELED, f"{self.name}: write abandoned")
+            self._todo.put(None)
+            self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._advance(0, True)

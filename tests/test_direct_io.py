@@ -1,0 +1,243 @@
+"""io/direct.py: the conversion's output file and whole-file scans, direct and buffered.
+
+References are independent of the code under test: the bytes joined in memory, ``zlib.crc32``
+of slices, and the file read back with plain Python I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ds4mlx.io import direct, mlx_dir
+
+
+@pytest.fixture(params=["direct", "buffered"])
+def mode(request, monkeypatch):
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 64 << 10)  # many buffers for a small file
+    if request.param == "buffered":  # as on macOS (no O_DIRECT, and no preadv before macOS 11)
+        monkeypatch.setattr(direct, "_O_DIRECT", 0)
+        monkeypatch.setattr(direct, "_PREADV", False)
+    return request.param
+
+
+def _pieces(seed: int, total: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out, n = [], 0
+    while n < total:
+        k = int(rng.choice([0, 1, 7, 4096, 5000, 65536, 65537, 200_000]))
+        out.append(rng.integers(0, 256, k, dtype=np.uint8).tobytes())
+        n += k
+    return out
+
+
+@pytest.mark.parametrize("total", [0, 1, 4095, 65536, 1_000_003])
+def test_writer_writes_exactly_the_bytes(tmp_path, mode, total):
+    pieces = _pieces(total, total)
+    path = tmp_path / "out.bin"
+    w = direct.DirectWriter(path)
+    for p in pieces:
+        assert w.write(memoryview(p)) == len(p)
+    assert w.tell() == sum(map(len, pieces))
+    w.close()
+    assert w.finished
+    assert path.read_bytes() == b"".join(pieces)  # size cut back after the padded direct tail
+    with pytest.raises(ValueError, match="after the file was completed"):
+        w.write(b"x")
+
+
+def test_writer_falls_back_where_direct_io_is_refused(tmp_path, monkeypatch):
+    """A file system that takes O_DIRECT at open but refuses the transfer (EINVAL): buffered."""
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 64 << 10)
+    real, refused = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & direct._O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct.os, "pwrite", pwrite)
+    pieces = _pieces(3, 300_000)
+    w = direct.DirectWriter(tmp_path / "out.bin")
+    for p in pieces:
+        w.write(p)
+    w.close()
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(pieces)
+    assert refused == ([0] if direct._O_DIRECT else [])
+
+
+def test_write_error_surfaces_in_the_caller(tmp_path, mode, monkeypatch):
+    calls = [0]
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct.os, "pwrite", pwrite)
+    w = direct.DirectWriter(tmp_path / "out.bin")
+    with pytest.raises(OSError) as e:
+        for _ in range(64):
+            w.write(bytes(50_000))
+        w.flush()
+    assert e.value.errno == errno.ENOSPC
+    w.discard()
+    w.wait_written(1 << 40)  # a reader following the file is released, not left waiting
+
+
+def test_scan_follows_a_file_being_written(tmp_path, mode):
+    pieces = _pieces(5, 2_000_000)
+    data = b"".join(pieces)
+    path = tmp_path / "out.bin"
+    w = direct.DirectWriter(path)
+    reader = direct.open_read(path)
+    seen: list[tuple[int, bytes]] = []
+    t = threading.Thread(target=lambda: seen.extend(
+        (o, c.tobytes()) for o, c in direct.scan(path, 100 << 10, opened=reader, ready=w.wait_written)))
+    t.start()
+    for p in pieces:
+        w.write(p)
+    w.close()
+    t.join(30)
+    assert not t.is_alive()
+    assert [o for o, _ in seen] == list(range(0, len(data), 100 << 10))
+    assert b"".join(c for _, c in seen) == data
+
+
+def test_span_crcs_against_slices(tmp_path, mode):
+    data = np.random.default_rng(7).integers(0, 256, 700_001, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    cuts = [0, 8, 8, 100, 65536, 65537, 300_000, 700_001, 700_001]
+    spans = [(a, b, f"t{i}") for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    crcs = mlx_dir.SpanCRCs(spans)
+    for offset, chunk in direct.scan(path, 64 << 10):
+        crcs.feed(offset, chunk)
+    assert crcs.result(path) == {n: zlib.crc32(data[a:b]) for a, b, n in spans}
+    short = mlx_dir.SpanCRCs([(0, len(data) + 1, "long")])
+    for offset, chunk in direct.scan(path, 64 << 10):
+        short.feed(offset, chunk)
+    with pytest.raises(mlx_dir.MLXDirError, match="file ends inside tensor 'long'"):
+        short.result(path)
+
+
+@pytest.mark.parametrize("check", ["disk", "written"])
+def test_shard_writer_verifies_what_reached_the_disk(tmp_path, mode, check):
+    entries = [("a", "U8", (70_000,)), ("b", "F32", (3, 5000)), ("c", "U8", (0,))]
+    w = mlx_dir.ShardWriter(tmp_path / "s.safetensors", entries, verify=check)
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(w.verify()))
+    t.start()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, 70_000, dtype=np.uint8)
+    b = rng.standard_normal((3, 5000)).astype(np.float32)
+    w.write_tensor("a", [a[:1000], a[1000:]])
+    w.write_tensor("b", [b])
+    w.write_tensor("c", [])
+    crcs = w.finish()
+    t.join(30)
+    assert done and done[0] == crcs == {"a": zlib.crc32(a.tobytes()), "b": zlib.crc32(b.tobytes()), "c": 0}
+    raw = Path(tmp_path / "s.safetensors").read_bytes()
+    assert raw.endswith(a.tobytes() + b.tobytes())
+
+
+def test_read_pair_matches_separate_reads(tmp_path):
+    """A weight and its scale side by side (either order) come from one read; apart, from two;
+    either way the same arrays as reading each alone, and a NaN scale is refused by name."""
+    from ds4mlx.convert.options import ConvertError
+    from ds4mlx.convert.plan import Stored, read_pair, read_stored
+
+    rng = np.random.default_rng(1)
+    w = rng.integers(-128, 128, (6, 8), dtype=np.int8)
+    s = rng.integers(100, 130, (6, 1), dtype=np.uint8)
+    blob = b"\x01" * 13 + s.tobytes() + w.tobytes() + b"\x02" * 5 + s.tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(blob)
+    sw = Stored(path, 13 + s.nbytes, "I8", w.shape, "x.weight")
+    s_before = Stored(path, 13, "F8_E8M0", s.shape, "x.scale")
+    s_apart = Stored(path, 13 + s.nbytes + w.nbytes + 5, "F8_E8M0", s.shape, "x.scale")
+    for sc in (s_before, s_apart):
+        got_w, got_s = read_pair(sw, sc)
+        assert got_w.dtype == np.int8 and np.array_equal(got_w, w) and np.array_equal(got_w, read_stored(sw))
+        assert got_s.dtype == np.uint8 and np.array_equal(got_s, s) and np.array_equal(got_s, read_stored(sc))
+    bad = bytearray(blob)
+    bad[13 + 2] = 0xFF  # an E8M0 NaN in the scale
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ConvertError, match="'x.scale' holds 1 NaN"):
+        read_pair(sw, s_before)
+    path.write_bytes(blob[: 13 + s.nbytes + 10])  # cut inside the weight
+    with pytest.raises(ConvertError, match="'x.weight'.*truncated"):
+        read_pair(sw, s_before)
+
+
+def test_buffer_pool_reuses_only_buffers_nothing_refers_to():
+    import gc
+    import sys
+
+    from ds4mlx.convert.plan import BufferPool
+
+    if not hasattr(sys, "getrefcount"):
+        pytest.skip("the pool needs reference counts")
+    pool = BufferPool(limit=2)
+    a = pool.take(1000)
+    part = a[10:20].view(np.uint16)  # a view of a view still holds the buffer
+    del a
+    b = pool.take(1000)
+    assert not np.shares_memory(b, part)
+    del b
+    c = pool.take(500)  # the second buffer is free again
+    assert not np.shares_memory(c, part)
+    del part
+    gc.collect()
+    d = pool.take(2000)  # both free: the first fits
+    assert np.shares_memory(d, pool.bufs[0]) or np.shares_memory(d, pool.bufs[1])
+    e, f = pool.take(10), pool.take(10)  # over the limit: fresh memory, not a buffer in use
+    assert not any(np.shares_memory(x, y) for x, y in ((d, e), (d, f), (e, f), (c, e), (c, f)))
+
+
+def _flip_disk_writes(monkeypatch, at: int) -> None:
+    """Flip one byte of the ``at``-th piece on its way from the staging buffer to the disk."""
+    real, calls = os.pwrite, [0]
+
+    def pwrite(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == at:
+            import mmap
+
+            b = mmap.mmap(-1, len(data))  # page aligned, as a direct write needs
+            b[:] = bytes(data)
+            b[len(b) // 2] ^= 0xFF
+            return real(fd, b, offset)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct.os, "pwrite", pwrite)
+
+
+def test_convert_verify_disk_same_bytes_and_catches_a_bad_disk_write(tiny_ckpt, tmp_path, monkeypatch):
+    from ds4mlx.convert import ConvertError, convert
+
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 1 << 20)
+    a = convert(tiny_ckpt, tmp_path / "a", progress=False)
+    b = convert(tiny_ckpt, tmp_path / "b", progress=False, verify_disk=True)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for n in names:
+        if n != "config.json":  # records the options
+            assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    _flip_disk_writes(monkeypatch, 3)
+    with pytest.raises(ConvertError, match="verification failed: tensor"):
+        convert(tiny_ckpt, tmp_path / "c", progress=False, verify_disk=True)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ConvertError, match="--verify-disk checks MLX output"):
+        convert(tiny_ckpt, tmp_path / "d.gguf", to="gguf", preset="mxfp4", verify_disk=True, progress=False)
