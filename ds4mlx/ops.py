@@ -6,6 +6,7 @@ residual streams per token): HC pre collapses the streams into one sublayer inpu
 HC post expands the sublayer output back; HC head collapses before the final norm.
 Everything here is float32: 20 Sinkhorn rounds with eps 1e-6 do not survive bf16.
 The steps are compiled: uncompiled, one HC pre launches ~140 tiny kernels, 86 times a token.
+On the CPU the Sinkhorn rounds run in numpy on the host (see :func:`sinkhorn_host`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 # On the CPU, MLX's mxfp8 matmul decodes every E4M3 code per output row: from this many rows on,
@@ -96,7 +98,46 @@ def _scale_index(m: int) -> mx.array:
     return mx.array([0] * m + [1] * m + [2] * (m * m), dtype=mx.uint32)
 
 
+def sinkhorn_host(c: np.ndarray, iters: int, eps: float) -> np.ndarray:
+    """:func:`sinkhorn` after its softmax, in numpy float32 on the host: the same operations in
+    the same order, bit for bit (sums of M terms in index order, correctly rounded division).
+    On the CPU, MLX runs each of the 2·iters reductions and divisions of a few M×M matrices as
+    its own primitive (80 per HC pre, 40% of the tiny model's decode-step graph); numpy does a
+    round in a few microseconds. ``c``: row-softmaxed logits [..., M, M], overwritten."""
+    e = np.float32(eps)
+    c += e
+    c /= c.sum(axis=-2, keepdims=True) + e
+    for _ in range(iters - 1):
+        c /= c.sum(axis=-1, keepdims=True) + e
+        c /= c.sum(axis=-2, keepdims=True) + e
+    return c
+
+
+def _pre_parts(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, eps: float,
+               norm_eps: float) -> tuple[mx.array, mx.array, mx.array]:
+    """HC pre up to the comb logits: (x, post, comb logits [..., M, M])."""
+    m = h.shape[-2]
+    # the three scales and the base in one element-wise step over all mixes (not one per part)
+    z = _mixes(h, fn, norm_eps) * scale.astype(mx.float32)[_scale_index(m)] + base.astype(mx.float32)
+    pre = mx.sigmoid(z[..., :m]) + eps
+    post = 2.0 * mx.sigmoid(z[..., m : 2 * m])
+    x = mx.sum(pre[..., None] * h.astype(mx.float32), axis=-2)
+    return x, post, z[..., 2 * m :].reshape(*z.shape[:-1], m, m)
+
+
 @mx.compile
+def _hc_pre(h, fn, base, scale, *, iters: int, eps: float, norm_eps: float):
+    x, post, logits = _pre_parts(h, fn, base, scale, eps, norm_eps)
+    return x, post, sinkhorn(logits, iters, eps)
+
+
+@mx.compile
+def _hc_pre_softmax(h, fn, base, scale, *, eps: float, norm_eps: float):
+    # the CPU's part of HC pre: everything but the Sinkhorn rounds after the row softmax
+    x, post, logits = _pre_parts(h, fn, base, scale, eps, norm_eps)
+    return x, post, mx.softmax(logits, axis=-1, precise=True)
+
+
 def hc_pre(
     h: mx.array,
     fn: mx.array,
@@ -107,15 +148,13 @@ def hc_pre(
     eps: float,
     norm_eps: float,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """Collapse streams ``h`` [..., M, D] → (x [..., D] float32, post [..., M], comb [..., M, M])."""
-    m = h.shape[-2]
-    # the three scales and the base in one element-wise step over all mixes (not one per part)
-    z = _mixes(h, fn, norm_eps) * scale.astype(mx.float32)[_scale_index(m)] + base.astype(mx.float32)
-    pre = mx.sigmoid(z[..., :m]) + eps
-    post = 2.0 * mx.sigmoid(z[..., m : 2 * m])
-    comb = sinkhorn(z[..., 2 * m :].reshape(*z.shape[:-1], m, m), iters, eps)
-    x = mx.sum(pre[..., None] * h.astype(mx.float32), axis=-2)
-    return x, post, comb
+    """Collapse streams ``h`` [..., M, D] → (x [..., D] float32, post [..., M], comb [..., M, M]).
+    On the CPU the Sinkhorn rounds run on the host (:func:`sinkhorn_host`): this evaluates the
+    graph up to the comb logits."""
+    if not on_cpu():
+        return _hc_pre(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
+    x, post, c = _hc_pre_softmax(h, fn, base, scale, eps=eps, norm_eps=norm_eps)
+    return x, post, mx.array(sinkhorn_host(np.array(c), iters, eps))
 
 
 @mx.compile
