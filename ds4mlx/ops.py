@@ -30,10 +30,59 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+# On the CPU, MLX's mxfp8 matmul decodes every E4M3 code in scalar code: at one row it takes ~2.6x
+# a float32 matmul of the same weight. A projection holds a bfloat16 copy of its mxfp8 weight
+# instead (exact: a code times a power of two), made on first use, while the copies of the
+# process stay within this many bytes (past it: the quantized kernel, as without copies). The
+# routed experts never get one (they are the bulk of a model, and mxfp4's kernel is fast).
+CPU_COPY_BUDGET = 1 << 30
+_copy_bytes = 0
+
+
+class CpuCopy:
+    """The bfloat16 copy of one projection's mxfp8 weight on the CPU (see ``CPU_COPY_BUDGET``),
+    remade when the weight is replaced; ``get`` returns None where no copy serves."""
+
+    def __init__(self) -> None:
+        self._src: mx.array | None = None
+        self._dense: mx.array | None = None
+        self._bytes = 0
+
+    def get(self, w: mx.array, scales: mx.array, biases: mx.array | None, *, group_size: int,
+            bits: int, mode: str) -> mx.array | None:
+        if mode != "mxfp8" or not on_cpu():
+            return None
+        if self._src is w:
+            return self._dense
+        global _copy_bytes
+        self._release()
+        self._src = w  # also when over budget: not asked again for this weight
+        nbytes = w.size * (32 // bits) * 2
+        if _copy_bytes + nbytes <= CPU_COPY_BUDGET:
+            self._dense = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits,
+                                        mode=mode, dtype=mx.bfloat16)
+            mx.eval(self._dense)
+            self._bytes = nbytes
+            _copy_bytes += nbytes
+        return self._dense
+
+    def _release(self) -> None:
+        global _copy_bytes
+        _copy_bytes -= self._bytes
+        self._src = self._dense = None
+        self._bytes = 0
+
+    def __del__(self) -> None:
+        self._release()
+
+
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None = None, *,
-                     group_size: int, bits: int, mode: str) -> mx.array:
+                     group_size: int, bits: int, mode: str, dense: mx.array | None = None) -> mx.array:
     """``x @ dequantize(w).T`` (``mx.quantized_matmul`` with ``transpose=True``), choosing on the
-    CPU between the quantized kernel and dequantize-then-matmul by the number of rows of ``x``."""
+    CPU between the quantized kernel and dequantize-then-matmul by the number of rows of ``x``;
+    ``dense``: the weight's rows already dequantized (a :class:`CpuCopy`), used instead."""
+    if dense is not None:
+        return (x.astype(mx.float32) @ dense.T).astype(x.dtype)
     rows = _DEQUANTIZE_ROWS.get(mode)
     if rows is not None and x.size >= rows * x.shape[-1] and on_cpu():
         wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode,

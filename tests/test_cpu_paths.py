@@ -74,6 +74,39 @@ def test_hc_pre_host_sinkhorn_equals_mlx_rounds(lead, iters, eps):
     assert not np.allclose(comb, comb[..., :1, :1])  # not a degenerate (uniform) matrix
 
 
+def test_mxfp8_projection_cpu_copy(monkeypatch):
+    """On the CPU an mxfp8 projection computes on a bfloat16 copy of its weight: the copy is the
+    file's values exactly, made once, remade when the weight is replaced, not made past the
+    budget (the quantized kernel then), and its bytes are counted while it lives."""
+    fmt = WeightFormat("mxfp8", bits=8, group_size=32)
+    codes, blocks, w64 = _fp8_weight(256, 192)
+    m = quantized_linear(192, 256, fmt)
+    m.weight, m.scales = fp8_to_mxfp8(codes, blocks)
+    before = ops._copy_bytes
+    dense = m.cpu_copy()
+    assert dense is not None and dense.dtype == mx.bfloat16 and m.cpu_copy() is dense
+    np.testing.assert_array_equal(np.asarray(dense.astype(mx.float32)), w64.astype(np.float32))
+    assert ops._copy_bytes == before + 256 * 192 * 2
+    for rows in (1, 9):
+        x = mx.random.normal((rows, 192), key=mx.random.key(8))
+        ref = np.asarray(x, dtype=np.float64) @ w64.T
+        np.testing.assert_allclose(np.asarray(m(x)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    codes2, blocks2, w64b = _fp8_weight(256, 192, seed=2)
+    m.weight, m.scales = fp8_to_mxfp8(codes2, blocks2)  # a reload
+    x = mx.random.normal((1, 192), key=mx.random.key(9))
+    ref = np.asarray(x, dtype=np.float64) @ w64b.T
+    np.testing.assert_allclose(np.asarray(m(x)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert m.cpu_copy() is not dense and ops._copy_bytes == before + 256 * 192 * 2
+    del m, dense
+    assert ops._copy_bytes == before
+    monkeypatch.setattr(ops, "CPU_COPY_BUDGET", 0)
+    m = quantized_linear(192, 256, fmt)
+    m.weight, m.scales = fp8_to_mxfp8(codes, blocks)
+    assert m.cpu_copy() is None and ops._copy_bytes == before
+    ref = np.asarray(x, dtype=np.float64) @ w64.T
+    np.testing.assert_allclose(np.asarray(m(x)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_grouped_projection_equals_per_group_modules():
     groups, in_dim, rows = 2, 128, 96
     codes, blocks, _ = _fp8_weight(groups * rows, in_dim, seed=1)
