@@ -31,7 +31,7 @@ def on_cpu() -> bool:
 
 
 # On the CPU, MLX's mxfp8 matmul decodes every E4M3 code in scalar code: at one row it takes ~2.6x
-# a float32 matmul of the same weight. A projection holds a bfloat16 copy of its mxfp8 weight
+# a float32 matmul of the same weight. A projection holds a float32 copy of its mxfp8 weight
 # instead (exact: a code times a power of two), made on first use, while the copies of the
 # process stay within this many bytes (past it: the quantized kernel, as without copies). The
 # routed experts never get one (they are the bulk of a model, and mxfp4's kernel is fast).
@@ -40,7 +40,7 @@ _copy_bytes = 0
 
 
 class CpuCopy:
-    """The bfloat16 copy of one projection's mxfp8 weight on the CPU (see ``CPU_COPY_BUDGET``),
+    """The float32 copy of one projection's mxfp8 weight on the CPU (see ``CPU_COPY_BUDGET``),
     remade when the weight is replaced; ``get`` returns None where no copy serves."""
 
     def __init__(self) -> None:
@@ -57,10 +57,10 @@ class CpuCopy:
         global _copy_bytes
         self._release()
         self._src = w  # also when over budget: not asked again for this weight
-        nbytes = w.size * (32 // bits) * 2
+        nbytes = w.size * (32 // bits) * 4
         if _copy_bytes + nbytes <= CPU_COPY_BUDGET:
             self._dense = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits,
-                                        mode=mode, dtype=mx.bfloat16)
+                                        mode=mode, dtype=mx.float32)
             mx.eval(self._dense)
             self._bytes = nbytes
             _copy_bytes += nbytes

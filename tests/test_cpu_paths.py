@@ -75,7 +75,7 @@ def test_hc_pre_host_sinkhorn_equals_mlx_rounds(lead, iters, eps):
 
 
 def test_mxfp8_projection_cpu_copy(monkeypatch):
-    """On the CPU an mxfp8 projection computes on a bfloat16 copy of its weight: the copy is the
+    """On the CPU an mxfp8 projection computes on a float32 copy of its weight: the copy is the
     file's values exactly, made once, remade when the weight is replaced, not made past the
     budget (the quantized kernel then), and its bytes are counted while it lives."""
     fmt = WeightFormat("mxfp8", bits=8, group_size=32)
@@ -84,9 +84,9 @@ def test_mxfp8_projection_cpu_copy(monkeypatch):
     m.weight, m.scales = fp8_to_mxfp8(codes, blocks)
     before = ops._copy_bytes
     dense = m.cpu_copy()
-    assert dense is not None and dense.dtype == mx.bfloat16 and m.cpu_copy() is dense
-    np.testing.assert_array_equal(np.asarray(dense.astype(mx.float32)), w64.astype(np.float32))
-    assert ops._copy_bytes == before + 256 * 192 * 2
+    assert dense is not None and dense.dtype == mx.float32 and m.cpu_copy() is dense
+    np.testing.assert_array_equal(np.asarray(dense), w64.astype(np.float32))
+    assert ops._copy_bytes == before + 256 * 192 * 4
     for rows in (1, 9):
         x = mx.random.normal((rows, 192), key=mx.random.key(8))
         ref = np.asarray(x, dtype=np.float64) @ w64.T
@@ -96,7 +96,7 @@ def test_mxfp8_projection_cpu_copy(monkeypatch):
     x = mx.random.normal((1, 192), key=mx.random.key(9))
     ref = np.asarray(x, dtype=np.float64) @ w64b.T
     np.testing.assert_allclose(np.asarray(m(x)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    assert m.cpu_copy() is not dense and ops._copy_bytes == before + 256 * 192 * 2
+    assert m.cpu_copy() is not dense and ops._copy_bytes == before + 256 * 192 * 4
     del m, dense
     assert ops._copy_bytes == before
     monkeypatch.setattr(ops, "CPU_COPY_BUDGET", 0)

@@ -60,7 +60,7 @@ class QuantizedLinear(nn.QuantizedLinear):
     (on the CPU, on the weight's :class:`ds4mlx.ops.CpuCopy` where it has one)."""
 
     def cpu_copy(self) -> mx.array | None:
-        """The weight dequantized (bfloat16), on the CPU within ``ops.CPU_COPY_BUDGET``; else None."""
+        """The weight dequantized (float32), on the CPU within ``ops.CPU_COPY_BUDGET``; else None."""
         copy = getattr(self, "_cpu_copy", None)
         if copy is None:
             copy = self._cpu_copy = ops.CpuCopy()
