@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import kernels
+from .. import kernels, ops
 from ..config import ModelConfig
 from ..kernels import attention as fused
 from ..ops import RMSNorm
@@ -26,6 +26,8 @@ from .rope import apply_rope, host_positions, layer_frequencies, rope_tables, ro
 
 # Bound on the float32 score elements materialised per query block.
 _SCORE_BUDGET = 1 << 26
+# Fewest queries per block on the CPU (see Attention._attend_blocks).
+_CPU_BLOCK = 32
 # Calls of up to this many tokens (decode, speculative verification) take the fused kernels.
 FUSED_MAX_TOKENS = 8
 
@@ -348,6 +350,11 @@ class Attention(nn.Module):
             + self.config.index_n_heads * n_comp  # indexer scores
         )
         block = max(1, min(s, _SCORE_BUDGET // max(per_query, 1)))
+        if ops.on_cpu():
+            # each block scores its queries against block + window - 1 raw rows: on the CPU,
+            # where the products are the cost, blocks near the window's size skip most of the
+            # masked band (not on the GPU, where a block's launches cost more than its flops)
+            block = min(block, max(_CPU_BLOCK, 2 * self.window))
         outs = []
         for s0 in range(0, s, block):
             s1 = min(s, s0 + block)
