@@ -383,7 +383,10 @@ class Attention(nn.Module):
         parts = [sw]
 
         kc = None
-        if comp is not None and comp.shape[1] > 0:
+        # only the rows the block's last query sees (row w is visible from position (w+1)·r - 1)
+        n_vis = 0 if comp is None else min(comp.shape[1], t1 // self.ratio)
+        if n_vis > 0:
+            comp = comp[:, :n_vis]
             if index is None:  # ratio 128: every visible row
                 kc = comp
                 sc = (qf @ kc.swapaxes(-1, -2)).reshape(b, s, h, -1) * scale
@@ -391,7 +394,7 @@ class Attention(nn.Module):
                 sc = mx.where(cmask[:, None, :], sc, -mx.inf)
             else:  # ratio 4: the indexer's choice per query
                 iq, iw, ikeys = index
-                idx, valid = self.indexer.select(iq, iw, ikeys, positions)
+                idx, valid = self.indexer.select(iq, iw, ikeys[:, :n_vis], positions)
                 kc = mx.take_along_axis(mx.expand_dims(comp, 1), idx[..., None], axis=2)  # [B, s, K, d]
                 sc = (q @ kc.swapaxes(-1, -2)) * scale  # [B, s, H, K]
                 sc = mx.where(valid[:, :, None, :], sc, -mx.inf)
