@@ -318,7 +318,8 @@ class Attention(nn.Module):
         """One query (a decode step) through MLX ops, compiled whole at fixed shapes (no retrace
         as the context grows): ``window`` rows of ``keys`` from ``row0`` (the first n_prev + 1
         visible, the rest masked until the window fills), the compressed and indexer row buffers
-        whole (capacity, not row count), the counts of visible rows as arrays."""
+        in power-of-two prefixes (:func:`_rows_prefix`, not row count), the counts of visible
+        rows as arrays."""
         scale, w = self.config.softmax_scale, self.window
         kw = keys[:, row0:row0 + w]
         if kw.shape[1] < w:  # a buffer just built holds only the visible rows
@@ -328,10 +329,12 @@ class Attention(nn.Module):
         if state is None or state.n_rows == 0:
             return _one_window(q, kw, nw, self.attn_sink, scale)
         n = mx.array(state.n_rows, dtype=mx.int32)
+        comp = _rows_prefix(state.buffer, state.n_rows)
         if self.ratio == 4 and index_q is not None:
-            return _one_indexed(q, kw, nw, self.attn_sink, state.buffer, n, index_q, index_w,
-                                cache.indexer.buffer, scale, self.config.index_topk)
-        return _one_all(q, kw, nw, self.attn_sink, state.buffer, n, scale)
+            return _one_indexed(q, kw, nw, self.attn_sink, comp, n, index_q, index_w,
+                                _rows_prefix(cache.indexer.buffer, state.n_rows), scale,
+                                self.config.index_topk)
+        return _one_all(q, kw, nw, self.attn_sink, comp, n, scale)
 
     def _attend_blocks(self, q, positions, p0: int, keys, n_prev: int, comp, index_q, index_w,
                        index_keys):
@@ -430,6 +433,14 @@ def _rotate_ops(q, kv, positions, per_feature, sign, eps: float, fp8_rope_dims: 
 # visible compressed row; the indexer's top-k), each traced once per buffer capacity. The keys
 # are joined once, with a zero row whose score column carries the sink, so one product gives
 # every score and one the output.
+
+def _rows_prefix(buffer: mx.array, n: int) -> mx.array:
+    """The first rows of a row buffer [B, capacity, d] holding ``n`` used rows: a power of two
+    of them (at least 64), so a compiled step retraces once per doubling of the context and
+    scores at most twice the rows in use (not the whole capacity)."""
+    rows = max(64, 1 << max(n - 1, 0).bit_length())
+    return buffer if rows >= buffer.shape[1] else buffer[:, :rows]
+
 
 @functools.cache
 def _columns(lw: int, k: int) -> mx.array:
