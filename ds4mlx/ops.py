@@ -92,11 +92,27 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
                                mode=mode)
 
 
+def _one_row(x: mx.array) -> bool:
+    # a decode step's shapes, where a product of one row replaces an element-wise op and a sum
+    return x.size == x.shape[-1] and on_cpu()
+
+
+def mean_square(x: mx.array) -> mx.array:
+    """``mean(x², axis=-1, keepdims=True)`` of float32 ``x``. One row of a power-of-two width is
+    a dot product on the CPU: one primitive, not a square and a sum, and the same sequential
+    sum (MLX's CPU sum and the reference BLAS both add term by term), times the exact 1/d."""
+    d = x.shape[-1]
+    if _one_row(x) and d & (d - 1) == 0:
+        row = x.reshape(1, d)
+        return (row @ row.T).reshape(*x.shape[:-1], 1) * (1.0 / d)
+    return mx.mean(mx.square(x), axis=-1, keepdims=True)
+
+
 @mx.compile
 def _rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     # the formula of mx.fast.rms_norm's own CPU fallback, in one compiled graph
     xf = x.astype(mx.float32)
-    xf = xf * mx.rsqrt(mx.mean(mx.square(xf), axis=-1, keepdims=True) + eps)
+    xf = xf * mx.rsqrt(mean_square(xf) + eps)
     return xf.astype(x.dtype) * weight
 
 
@@ -124,7 +140,7 @@ def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
 def _mixes(h: mx.array, fn: mx.array, norm_eps: float) -> mx.array:
     """Unweighted RMSNorm of the flattened streams, then the mixing projection."""
     flat = h.reshape(*h.shape[:-2], -1).astype(mx.float32)
-    inv = mx.rsqrt(mx.mean(mx.square(flat), axis=-1, keepdims=True) + norm_eps)
+    inv = mx.rsqrt(mean_square(flat) + norm_eps)
     return (flat @ fn.astype(mx.float32).T) * inv
 
 
@@ -170,7 +186,11 @@ def _pre_parts(h: mx.array, fn: mx.array, base: mx.array, scale: mx.array, eps: 
     z = _mixes(h, fn, norm_eps) * scale.astype(mx.float32)[_scale_index(m)] + base.astype(mx.float32)
     pre = mx.sigmoid(z[..., :m]) + eps
     post = 2.0 * mx.sigmoid(z[..., m : 2 * m])
-    x = mx.sum(pre[..., None] * h.astype(mx.float32), axis=-2)
+    hf = h.astype(mx.float32)
+    if _one_row(pre):  # one token: [1, M] @ [M, D], the same sum over i = 0.. (see hc_post)
+        x = (pre.reshape(1, m) @ hf.reshape(m, -1)).reshape(*h.shape[:-2], h.shape[-1])
+    else:
+        x = mx.sum(pre[..., None] * hf, axis=-2)
     return x, post, z[..., 2 * m :].reshape(*z.shape[:-1], m, m)
 
 
@@ -210,8 +230,14 @@ def hc_pre(
 def hc_post(y: mx.array, h: mx.array, post: mx.array, comb: mx.array) -> mx.array:
     """h_new[k] = post_k · y + Σ_i comb[i, k] · h[i]  (comb transposed: it is not symmetric).
     The M-term sum is one product over [..., i, k, D] and one reduction over i (in order i = 0..:
-    the sums of a term-by-term chain, bitwise), not M slices of comb and h: 8 primitives, not 19."""
-    mixed = mx.sum(comb[..., :, :, None] * h[..., :, None, :].astype(mx.float32), axis=-3)
+    the sums of a term-by-term chain, bitwise), not M slices of comb and h: 8 primitives, not 19.
+    One token on the CPU: the sum is the product comb^T @ h (the same sums: one primitive)."""
+    hf = h.astype(mx.float32)
+    m = h.shape[-2]
+    if _one_row(post):
+        mixed = (comb.reshape(m, m).T @ hf.reshape(m, -1)).reshape(hf.shape)
+    else:
+        mixed = mx.sum(comb[..., :, :, None] * hf[..., :, None, :], axis=-3)
     return post[..., None] * y[..., None, :].astype(mx.float32) + mixed
 
 

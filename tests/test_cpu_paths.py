@@ -74,6 +74,32 @@ def test_hc_pre_host_sinkhorn_equals_mlx_rounds(lead, iters, eps):
     assert not np.allclose(comb, comb[..., :1, :1])  # not a degenerate (uniform) matrix
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_token_products_equal_the_batch_sums(seed):
+    """On the CPU one token's RMS, HC pre collapse and HC post sums are products of one row (a
+    decode step's primitives): bit for bit the same token's element-wise sums inside a batch."""
+    m, d, n = 4, 256, 3
+    key = lambda i: mx.random.key(10 * seed + i)  # noqa: E731
+    h = mx.random.normal((1, n, m, d), key=key(0)) * 2
+    fn = mx.random.normal(((2 + m) * m, m * d), key=key(1)) * 0.1
+    base, scale = mx.random.normal(((2 + m) * m,), key=key(2)), mx.array([0.5, 1.5, 2.0])
+    y = mx.random.normal((1, n, d), key=key(3))
+    post, comb = mx.random.normal((1, n, m), key=key(4)), mx.random.normal((1, n, m, m), key=key(5))
+    norm = ops.RMSNorm(d, eps=1e-6)
+    norm.weight = mx.random.normal((d,), key=key(6))
+    batch = (*ops.hc_pre(h, fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6),
+             ops.hc_post(y, h, post, comb), norm(y))
+    for t in range(n):
+        tok = slice(t, t + 1)
+        one = (*ops.hc_pre(h[:, tok], fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6),
+               ops.hc_post(y[:, tok], h[:, tok], post[:, tok], comb[:, tok]), norm(y[:, tok]))
+        for a, b in zip(batch, one):
+            np.testing.assert_array_equal(np.asarray(a[:, tok]), np.asarray(b))
+    x = y[:, :1]
+    ref = np.mean(np.square(np.asarray(x, dtype=np.float64)), axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(ops.mean_square(x)), ref, rtol=1e-6)
+
+
 def test_mxfp8_projection_cpu_copy(monkeypatch):
     """On the CPU an mxfp8 projection computes on a float32 copy of its weight: the copy is the
     file's values exactly, made once, remade when the weight is replaced, not made past the
