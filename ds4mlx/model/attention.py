@@ -26,7 +26,7 @@ from .rope import apply_rope, host_positions, layer_frequencies, rope_tables, ro
 
 # Bound on the float32 score elements materialised per query block.
 _SCORE_BUDGET = 1 << 26
-# Fewest queries per block on the CPU (see Attention._attend_blocks).
+# Queries per prefill block on the CPU: at most max(this, 2 x window) (Attention._attend_blocks).
 _CPU_BLOCK = 32
 # Calls of up to this many tokens (decode, speculative verification) take the fused kernels.
 FUSED_MAX_TOKENS = 8
