@@ -1,6 +1,7 @@
 """The CPU paths of ops.py: RMSNorm and the MX-quantized matmul against independent references
-(mx.fast.rms_norm; numpy float64 on the format's own dequantizer), and the grouped projection
-of layers.QuantizedLinear against separate per-group modules."""
+(mx.fast.rms_norm; numpy float64 on the format's own dequantizer), the host Sinkhorn rounds of
+HC pre against the same rounds as MLX ops, and the grouped projection of layers.QuantizedLinear
+against separate per-group modules."""
 
 from __future__ import annotations
 
@@ -54,6 +55,84 @@ def test_mxfp8_matmul_matches_float64_reference(rows):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("lead", [(1, 1), (1, 37), (3, 2)])
+@pytest.mark.parametrize("iters,eps", [(20, 1e-6), (3, 1e-3), (1, 1e-6)])
+def test_hc_pre_host_sinkhorn_equals_mlx_rounds(lead, iters, eps):
+    """On the CPU, HC pre runs the Sinkhorn rounds in numpy: bit for bit the compiled MLX rounds
+    (the graph the GPU path runs)."""
+    m, d = 4, 64
+    h = mx.random.normal((*lead, m, d), key=mx.random.key(5)) * 2
+    fn = mx.random.normal(((2 + m) * m, m * d), key=mx.random.key(6)) * 0.3
+    base = mx.random.normal(((2 + m) * m,), key=mx.random.key(7))
+    scale = mx.array([0.5, 1.5, 2.0])
+    got = ops.hc_pre(h, fn, base, scale, iters=iters, eps=eps, norm_eps=1e-6)
+    ref = ops._hc_pre(h, fn, base, scale, iters=iters, eps=eps, norm_eps=1e-6)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and g.dtype == r.dtype == mx.float32
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    comb = np.asarray(got[2])
+    assert not np.allclose(comb, comb[..., :1, :1])  # not a degenerate (uniform) matrix
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_token_products_equal_the_batch_sums(seed):
+    """On the CPU one token's RMS, HC pre collapse and HC post sums are products of one row (a
+    decode step's primitives): bit for bit the same token's element-wise sums inside a batch."""
+    m, d, n = 4, 256, 3
+    key = lambda i: mx.random.key(10 * seed + i)  # noqa: E731
+    h = mx.random.normal((1, n, m, d), key=key(0)) * 2
+    fn = mx.random.normal(((2 + m) * m, m * d), key=key(1)) * 0.1
+    base, scale = mx.random.normal(((2 + m) * m,), key=key(2)), mx.array([0.5, 1.5, 2.0])
+    y = mx.random.normal((1, n, d), key=key(3))
+    post, comb = mx.random.normal((1, n, m), key=key(4)), mx.random.normal((1, n, m, m), key=key(5))
+    norm = ops.RMSNorm(d, eps=1e-6)
+    norm.weight = mx.random.normal((d,), key=key(6))
+    batch = (*ops.hc_pre(h, fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6),
+             ops.hc_post(y, h, post, comb), norm(y))
+    for t in range(n):
+        tok = slice(t, t + 1)
+        one = (*ops.hc_pre(h[:, tok], fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6),
+               ops.hc_post(y[:, tok], h[:, tok], post[:, tok], comb[:, tok]), norm(y[:, tok]))
+        for a, b in zip(batch, one):
+            np.testing.assert_array_equal(np.asarray(a[:, tok]), np.asarray(b))
+    x = y[:, :1]
+    ref = np.mean(np.square(np.asarray(x, dtype=np.float64)), axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(ops.mean_square(x)), ref, rtol=1e-6)
+
+
+def test_mxfp8_projection_cpu_copy(monkeypatch):
+    """On the CPU an mxfp8 projection computes on a float32 copy of its weight: the copy is the
+    file's values exactly, made once, remade when the weight is replaced, not made past the
+    budget (the quantized kernel then), and its bytes are counted while it lives."""
+    fmt = WeightFormat("mxfp8", bits=8, group_size=32)
+    codes, blocks, w64 = _fp8_weight(256, 192)
+    m = quantized_linear(192, 256, fmt)
+    m.weight, m.scales = fp8_to_mxfp8(codes, blocks)
+    before = ops._copy_bytes
+    dense = m.cpu_copy()
+    assert dense is not None and dense.dtype == mx.float32 and m.cpu_copy() is dense
+    np.testing.assert_array_equal(np.asarray(dense), w64.astype(np.float32))
+    assert ops._copy_bytes == before + 256 * 192 * 4
+    for rows in (1, 9):
+        x = mx.random.normal((rows, 192), key=mx.random.key(8))
+        ref = np.asarray(x, dtype=np.float64) @ w64.T
+        np.testing.assert_allclose(np.asarray(m(x)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    codes2, blocks2, w64b = _fp8_weight(256, 192, seed=2)
+    m.weight, m.scales = fp8_to_mxfp8(codes2, blocks2)  # a reload
+    x = mx.random.normal((1, 192), key=mx.random.key(9))
+    ref = np.asarray(x, dtype=np.float64) @ w64b.T
+    np.testing.assert_allclose(np.asarray(m(x)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert m.cpu_copy() is not dense and ops._copy_bytes == before + 256 * 192 * 4
+    del m, dense
+    assert ops._copy_bytes == before
+    monkeypatch.setattr(ops, "CPU_COPY_BUDGET", 0)
+    m = quantized_linear(192, 256, fmt)
+    m.weight, m.scales = fp8_to_mxfp8(codes, blocks)
+    assert m.cpu_copy() is None and ops._copy_bytes == before
+    ref = np.asarray(x, dtype=np.float64) @ w64.T
+    np.testing.assert_allclose(np.asarray(m(x)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_grouped_projection_equals_per_group_modules():
     groups, in_dim, rows = 2, 128, 96
     codes, blocks, _ = _fp8_weight(groups * rows, in_dim, seed=1)
@@ -82,7 +161,7 @@ def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypat
     from ds4mlx.model import attention, moe
 
     model, _ = load(str(tiny_ckpt), dtype=mx.float32)
-    traces = {"sinkhorn": 0, "router": 0, "attention": 0, "rotation": 0}
+    traces = {"hc_pre": 0, "router": 0, "attention": 0, "rotation": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -90,7 +169,7 @@ def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypat
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(ops, "sinkhorn", counted("sinkhorn", ops.sinkhorn))
+    monkeypatch.setattr(ops, "_pre_parts", counted("hc_pre", ops._pre_parts))
     monkeypatch.setattr(moe, "_scores", counted("router", moe._scores))
     monkeypatch.setattr(attention, "_one_out", counted("attention", attention._one_out))
     monkeypatch.setattr(attention, "rotate", counted("rotation", attention.rotate))
@@ -109,5 +188,5 @@ def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypat
     attention._one_window(mx.ones((1, 1, 3, 8)), mx.ones((1, 5, 8)), mx.array(5), mx.zeros((3,)), 0.5)
     attention._rotate_ops(mx.ones((1, 3, 2, 8)), mx.ones((1, 3, 8)), mx.arange(3), mx.ones((8,)),
                           mx.ones((8,)), 1e-6, 0)
-    assert traces == {**warm, "sinkhorn": warm["sinkhorn"] + 1, "router": warm["router"] + 1,
+    assert traces == {**warm, "hc_pre": warm["hc_pre"] + 1, "router": warm["router"] + 1,
                       "attention": warm["attention"] + 1, "rotation": warm["rotation"] + 2}

@@ -110,6 +110,18 @@ def test_hadamard_orthonormal_sylvester():
         qat.hadamard_matrix(96)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 16, 128), (2, 37, 64), (3, 2)])
+def test_hadamard_butterfly_equals_the_matrix(shape):
+    """The fast transform against the product with the orthonormal Sylvester matrix (float64)."""
+    x = mx.random.normal(shape, key=mx.random.key(3)) * 3
+    ref = np.asarray(x, dtype=np.float64) @ np.array(qat.hadamard_matrix(shape[-1]), dtype=np.float64)
+    got = qat.hadamard(x)
+    assert got.dtype == mx.float32 and got.shape == x.shape
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    with pytest.raises(ValueError):
+        qat.hadamard(mx.ones((2, 96)))
+
+
 def test_kv_fp8_leaves_rope_dims():
     x = mx.random.normal((2, 3, 512))
     y = qat.kv_fp8(x, 64)

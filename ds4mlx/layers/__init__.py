@@ -56,15 +56,26 @@ def _init_packed(module: nn.Module, input_dims: int, output_dims: int, fmt: Weig
 
 
 class QuantizedLinear(nn.QuantizedLinear):
-    """``nn.QuantizedLinear`` (same parameters) whose product is :func:`ds4mlx.ops.quantized_matmul`."""
+    """``nn.QuantizedLinear`` (same parameters) whose product is :func:`ds4mlx.ops.quantized_matmul`
+    (on the CPU, on the weight's :class:`ds4mlx.ops.CpuCopy` where it has one)."""
+
+    def cpu_copy(self) -> mx.array | None:
+        """The weight dequantized (float32), on the CPU within ``ops.CPU_COPY_BUDGET``; else None."""
+        copy = getattr(self, "_cpu_copy", None)
+        if copy is None:
+            copy = self._cpu_copy = ops.CpuCopy()
+        return copy.get(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                        bits=self.bits, mode=self.mode)
 
     def _matmul(self, x: mx.array, rows: slice | None = None) -> mx.array:
         w, scales, biases = self["weight"], self["scales"], self.get("biases")
+        dense = self.cpu_copy()
         if rows is not None:
             w, scales = w[rows], scales[rows]
             biases = None if biases is None else biases[rows]
+            dense = None if dense is None else dense[rows]
         return ops.quantized_matmul(x, w, scales, biases, group_size=self.group_size, bits=self.bits,
-                                    mode=self.mode)
+                                    mode=self.mode, dense=dense)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self._matmul(x)
@@ -73,6 +84,11 @@ class QuantizedLinear(nn.QuantizedLinear):
         """Block-diagonal use (the attention's grouped ``wo_a``): group g of ``x [..., G, in]``
         meets output rows ``g·R .. (g+1)·R``; returns ``[..., G, R]``."""
         r = self["weight"].shape[0] // groups
+        dense = self.cpu_copy()
+        if dense is not None:  # one batched product over the copy's [G, R, in] view
+            xg = x.reshape(-1, groups, x.shape[-1]).swapaxes(0, 1).astype(mx.float32)  # [G, N, in]
+            y = xg @ dense.reshape(groups, r, -1).swapaxes(-1, -2)  # [G, N, R]
+            return y.swapaxes(0, 1).reshape(*x.shape[:-1], r).astype(x.dtype)
         if x.size == groups * x.shape[-1] and self.get("biases") is None and ops.on_cpu():
             # one row per group (a decode step): one batched product over [G, R, in] views
             w, scales = _grouped_views(self["weight"], self["scales"], groups)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import kernels
+from .. import kernels, ops
 from ..config import ModelConfig
 from ..kernels import attention as fused
 from ..ops import RMSNorm
@@ -26,6 +26,8 @@ from .rope import apply_rope, host_positions, layer_frequencies, rope_tables, ro
 
 # Bound on the float32 score elements materialised per query block.
 _SCORE_BUDGET = 1 << 26
+# Queries per prefill block on the CPU: at most max(this, 2 x window) (Attention._attend_blocks).
+_CPU_BLOCK = 32
 # Calls of up to this many tokens (decode, speculative verification) take the fused kernels.
 FUSED_MAX_TOKENS = 8
 
@@ -363,7 +365,8 @@ class Attention(nn.Module):
         """One query (a decode step) through MLX ops, compiled whole at fixed shapes (no retrace
         as the context grows): ``window`` rows of ``keys`` from ``row0`` (the first n_prev + 1
         visible, the rest masked until the window fills), the compressed and indexer row buffers
-        whole (capacity, not row count), the counts of visible rows as arrays."""
+        in power-of-two prefixes (:func:`_rows_prefix`, not row count), the counts of visible
+        rows as arrays."""
         scale, w = self.config.softmax_scale, self.window
         kw = keys[:, row0:row0 + w]
         if kw.shape[1] < w:  # a buffer just built holds only the visible rows
@@ -373,10 +376,12 @@ class Attention(nn.Module):
         if state is None or state.n_rows == 0:
             return _one_window(q, kw, nw, self.attn_sink, scale)
         n = mx.array(state.n_rows, dtype=mx.int32)
+        comp = _rows_prefix(state.buffer, state.n_rows)
         if self.ratio == 4 and index_q is not None:
-            return _one_indexed(q, kw, nw, self.attn_sink, state.buffer, n, index_q, index_w,
-                                cache.indexer.buffer, scale, self.config.index_topk)
-        return _one_all(q, kw, nw, self.attn_sink, state.buffer, n, scale)
+            return _one_indexed(q, kw, nw, self.attn_sink, comp, n, index_q, index_w,
+                                _rows_prefix(cache.indexer.buffer, state.n_rows), scale,
+                                self.config.index_topk)
+        return _one_all(q, kw, nw, self.attn_sink, comp, n, scale)
 
     def _attend_blocks(self, q, positions, p0: int, keys, n_prev: int, comp, index_q, index_w,
                        index_keys):
@@ -395,6 +400,11 @@ class Attention(nn.Module):
             + self.config.index_n_heads * n_comp  # indexer scores
         )
         block = max(1, min(s, _SCORE_BUDGET // max(per_query, 1)))
+        if ops.on_cpu():
+            # each block scores its queries against block + window - 1 raw rows: on the CPU,
+            # where the products are the cost, blocks near the window's size skip most of the
+            # masked band (not on the GPU, where a block's launches cost more than its flops)
+            block = min(block, max(_CPU_BLOCK, 2 * self.window))
         outs = []
         for s0 in range(0, s, block):
             s1 = min(s, s0 + block)
@@ -423,7 +433,10 @@ class Attention(nn.Module):
         parts = [sw]
 
         kc = None
-        if comp is not None and comp.shape[1] > 0:
+        # only the rows the block's last query sees (row w is visible from position (w+1)·r - 1)
+        n_vis = 0 if comp is None else min(comp.shape[1], t1 // self.ratio)
+        if n_vis > 0:
+            comp = comp[:, :n_vis]
             if index is None:  # ratio 128: every visible row
                 kc = comp
                 sc = (qf @ kc.swapaxes(-1, -2)).reshape(b, s, h, -1) * scale
@@ -431,7 +444,7 @@ class Attention(nn.Module):
                 sc = mx.where(cmask[:, None, :], sc, -mx.inf)
             else:  # ratio 4: the indexer's choice per query
                 iq, iw, ikeys = index
-                idx, valid = self.indexer.select(iq, iw, ikeys, positions)
+                idx, valid = self.indexer.select(iq, iw, ikeys[:, :n_vis], positions)
                 kc = mx.take_along_axis(mx.expand_dims(comp, 1), idx[..., None], axis=2)  # [B, s, K, d]
                 sc = (q @ kc.swapaxes(-1, -2)) * scale  # [B, s, H, K]
                 sc = mx.where(valid[:, :, None, :], sc, -mx.inf)
@@ -467,6 +480,14 @@ def _rotate_ops(q, kv, positions, per_feature, sign, eps: float, fp8_rope_dims: 
 # visible compressed row; the indexer's top-k), each traced once per buffer capacity. The keys
 # are joined once, with a zero row whose score column carries the sink, so one product gives
 # every score and one the output.
+
+def _rows_prefix(buffer: mx.array, n: int) -> mx.array:
+    """The first rows of a row buffer [B, capacity, d] holding ``n`` used rows: a power of two
+    of them (at least 64), so a compiled step retraces once per doubling of the context and
+    scores at most twice the rows in use (not the whole capacity)."""
+    rows = max(64, 1 << max(n - 1, 0).bit_length())
+    return buffer if rows >= buffer.shape[1] else buffer[:, :rows]
+
 
 @functools.cache
 def _columns(lw: int, k: int) -> mx.array:

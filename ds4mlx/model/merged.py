@@ -69,6 +69,7 @@ class MergedLinear:
             start += n
         self._views = [tuple(m[k] for k in leaves) for m in self.modules]
         self.kind = _kind(first)
+        self._cpu_copy = ops.CpuCopy()  # of the merged weight (quantized kind, on the CPU)
 
     def holds(self, modules: list[nn.Module]) -> bool:
         """Whether this merge is of exactly ``modules`` (none replaced) and still current."""
@@ -113,9 +114,13 @@ class MergedLinear:
             bias = None
         elif kind == "quantized":
             q = self.modules[0]
+            biases = w.get("biases")
+            dense = self._cpu_copy.get(w["weight"], w["scales"], biases, group_size=q.group_size,
+                                       bits=q.bits, mode=q.mode)
             y = ops.quantized_matmul(x, w["weight"][:rows], w["scales"][:rows],
-                                     None if "biases" not in w else w["biases"][:rows],
-                                     group_size=q.group_size, bits=q.bits, mode=q.mode)
+                                     None if biases is None else biases[:rows],
+                                     group_size=q.group_size, bits=q.bits, mode=q.mode,
+                                     dense=None if dense is None else dense[:rows])
         else:
             y = self.modules[0]._matmul(x, w["weight"][:rows])
         if bias is not None:

@@ -61,17 +61,34 @@ def hadamard_matrix(n: int) -> mx.array:
 
 
 @functools.cache
-def _hadamard_constant(n: int) -> mx.array:
-    # built once per order: inline, its 3·log2(n) concatenations ran on every call
-    h = hadamard_matrix(n)
-    mx.eval(h)
-    return h
+def _second_of_pair() -> mx.array:
+    # [2, 1]: which element of a butterfly pair is the second (numpy-built: a trace constant)
+    return mx.array(np.array([[False], [True]]))
+
+
+@mx.compile
+def hadamard(x: mx.array) -> mx.array:
+    """``x @ hadamard_matrix(n)`` over the last axis (n a power of two) in float32, as the fast
+    Walsh-Hadamard transform: log2(n) butterfly stages (a, b) -> (a + b, a - b) at strides
+    1, 2, .., n/2, then the scale 1/sqrt(n), as the official graph's transform and the index_q
+    kernel do (bit for bit the kernel's sums; a matmul would cost n multiply-adds per feature)."""
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"Hadamard order {n} is not a power of two")
+    lead = x.shape[:-1]
+    x = x.astype(mx.float32)
+    st = 1
+    while st < n:
+        v = x.reshape(*lead, n // (2 * st), 2, st)
+        partner = v[..., ::-1, :]
+        x = mx.where(_second_of_pair(), partner - v, v + partner).reshape(*lead, n)
+        st *= 2
+    return x * (np.float32(1.0) / np.sqrt(np.float32(n)))
 
 
 def hadamard_fp4(x: mx.array) -> mx.array:
     """The indexer's rounding: Hadamard rotation of the whole last axis, then FP4 round trip."""
-    h = _hadamard_constant(x.shape[-1])
-    return fp4_roundtrip(x.astype(mx.float32) @ h).astype(x.dtype)
+    return fp4_roundtrip(hadamard(x)).astype(x.dtype)
 
 
 @mx.compile
