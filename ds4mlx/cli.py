@@ -414,7 +414,7 @@ def convert(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted MLX conversion.")] = False,
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, show_default=False,
-        help="GGUF: quantization worker processes (default: all cores).")] = None,
+        help="GGUF: quantization threads (default: all cores).")] = None,
     imatrix: Annotated[Optional[Path], typer.Option(
         "--imatrix", show_default=False,
         help="GGUF: llama.cpp importance matrix (.gguf or legacy .dat) for Q4_K/Q2_K/IQ2_XXS.")] = None,
