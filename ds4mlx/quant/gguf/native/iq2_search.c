@@ -20,12 +20,17 @@
 #define DEFINE_SEARCH(SUFFIX, W, U, ATTR)                                                       \
     typedef float vf##SUFFIX __attribute__((vector_size(4 * W)));                              \
     typedef int32_t vi##SUFFIX __attribute__((vector_size(4 * W)));                            \
-    /* h[p] for the 81 level patterns p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3 */     \
+    /* h[p] = ((t0[l0] + t1[l1]) + t2[l2]) + t3[l3] for the 81 level patterns                 \
+     * p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3, the partial sums of the first two and \
+     * three elements shared (the same additions in the same order: 117 instead of 243) */    \
     ATTR static void half_sums##SUFFIX(const vf##SUFFIX t[8][3][U], int j0, vf##SUFFIX h[81][U]) { \
+        vf##SUFFIX h2[9][U], h3[27][U];                                                        \
+        for (int p = 0; p < 9; p++)                                                            \
+            for (int u = 0; u < U; u++) h2[p][u] = t[j0][p % 3][u] + t[j0 + 1][p / 3][u];       \
+        for (int p = 0; p < 27; p++)                                                           \
+            for (int u = 0; u < U; u++) h3[p][u] = h2[p % 9][u] + t[j0 + 2][p / 9][u];          \
         for (int p = 0; p < 81; p++)                                                           \
-            for (int u = 0; u < U; u++)                                                        \
-                h[p][u] = ((t[j0][p % 3][u] + t[j0 + 1][p / 3 % 3][u]) + t[j0 + 2][p / 9 % 3][u]) + \
-                          t[j0 + 3][p / 27][u];                                                \
+            for (int u = 0; u < U; u++) h[p][u] = h3[p % 27][u] + t[j0 + 3][p / 27][u];         \
     }                                                                                          \
     /* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */ \
     ATTR static void search##SUFFIX(const float *lhs, const int64_t *rows, int64_t n_rows,     \
@@ -71,12 +76,15 @@ DEFINE_SEARCH(4, 4, 4, )
 
 #if defined(__x86_64__) && defined(__GNUC__)
 DEFINE_SEARCH(8, 8, 4, __attribute__((target("avx2"))))
+DEFINE_SEARCH(16, 16, 4, __attribute__((target("avx512f"))))
 
 static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const float *levels,
                    const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
-    static int avx2 = -1;
-    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2");
-    (avx2 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
+    static int avx2 = -1, avx512 = -1;
+    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2"), avx512 = __builtin_cpu_supports("avx512f");
+    /* 64 runs a pass with AVX-512 once there are enough to fill them (a lane's result does not
+     * depend on the width) */
+    (avx512 && n_rows > 32 ? search16 : avx2 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
 }
 #else
 #define search search4
@@ -90,20 +98,22 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
                     const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
                     const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows,
                     int64_t *out) {
+    typedef float r8 __attribute__((vector_size(32)));
+    typedef int32_t r8i __attribute__((vector_size(32)));
     const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
+    const r8i pow3 = {1, 3, 9, 27, 81, 243, 729, 2187};
     /* branch-free: whether a run needs the search is data, and mispredicted it costs more than
-     * the pattern itself */
+     * the pattern itself; a run's 8 elements are one vector */
     for (int64_t f = 0; f < n_steps; f++) {
         int64_t n_search = 0;
         for (int64_t r = 0; r < n_runs; r++) {
-            const float *yr = y + 8 * r, *wr = w + 8 * r;
             const float sr = s[r] * steps[f], t0 = sr * mid0, t1 = sr * mid1;
-            int positive = sr > 0;
-            int32_t pattern = 0, pow3 = 1;
-            for (int j = 0; j < 8; j++, pow3 *= 3) {
-                positive &= wr[j] > 0;
-                pattern += pow3 * ((yr[j] > t0) + (yr[j] > t1));
-            }
+            r8 yv, wv;
+            memcpy(&yv, y + 8 * r, sizeof yv);
+            memcpy(&wv, w + 8 * r, sizeof wv);
+            const r8i level = -((yv > t0) + (yv > t1)), pw = level * pow3, pos = wv > 0.0f;
+            const int32_t pattern = ((pw[0] + pw[1]) + (pw[2] + pw[3])) + ((pw[4] + pw[5]) + (pw[6] + pw[7]));
+            const int positive = (sr > 0) & ((pos[0] & pos[1] & pos[2] & pos[3] & pos[4] & pos[5] & pos[6] & pos[7]) != 0);
             const int64_t entry = entry_of_pattern[pattern];  /* (int16: the table stays in L1) */
             out[r * n_steps + f] = entry;
             rows[n_search] = r;
@@ -171,6 +181,22 @@ static inline int argmin_first(const float *c, int n, int stride) { /* np.argmin
 }
 
 static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates */
+    if (n == 32) { /* a maximum taken 8 lanes at a time is the same value unless the order can
+                      matter: a NaN (the first one's payload) or a maximum of ±0 (the first zero's
+                      sign); those take the loop below */
+        typedef float m8 __attribute__((vector_size(32)));
+        typedef int32_t m8i __attribute__((vector_size(32)));
+        m8 v[4];
+        memcpy(v, a, sizeof v);
+        m8i nan = (v[0] != v[0]) | (v[1] != v[1]) | (v[2] != v[2]) | (v[3] != v[3]);
+        m8 m01 = (m8)(((m8i)v[0] & (v[0] > v[1])) | ((m8i)v[1] & ~(v[0] > v[1])));
+        m8 m23 = (m8)(((m8i)v[2] & (v[2] > v[3])) | ((m8i)v[3] & ~(v[2] > v[3])));
+        m8 mm = (m8)(((m8i)m01 & (m01 > m23)) | ((m8i)m23 & ~(m01 > m23)));
+        float m = mm[0];
+        int any_nan = nan[0];
+        for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
+        if (!any_nan && m != 0.0f) return m;
+    }
     float m = a[0];
     for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
     return m;
