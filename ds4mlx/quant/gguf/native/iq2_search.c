@@ -12,6 +12,9 @@
  * within float rounding can choose differently. Ties go to the lowest index, as with argmin. */
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 /* The search over U·W runs side by side (each lane one run, so the lane count does not change a
  * result): U vectors of W lanes, 128-bit (SSE2, NEON) or on x86 256-bit with AVX2 where the CPU
@@ -113,7 +116,11 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
             memcpy(&wv, w + 8 * r, sizeof wv);
             const r8i level = -((yv > t0) + (yv > t1)), pw = level * pow3, pos = wv > 0.0f;
             const int32_t pattern = ((pw[0] + pw[1]) + (pw[2] + pw[3])) + ((pw[4] + pw[5]) + (pw[6] + pw[7]));
+#if defined(__AVX__)
+            const int positive = (sr > 0) & (_mm256_movemask_ps((__m256)pos) == 0xFF);
+#else
             const int positive = (sr > 0) & ((pos[0] & pos[1] & pos[2] & pos[3] & pos[4] & pos[5] & pos[6] & pos[7]) != 0);
+#endif
             const int64_t entry = entry_of_pattern[pattern];  /* (int16: the table stays in L1) */
             out[r * n_steps + f] = entry;
             rows[n_search] = r;
@@ -121,13 +128,13 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
         }
         for (int64_t k = 0; k < n_search; k++) {
             const int64_t r = rows[k];
-            const float *yr = y + 8 * r, *wr = w + 8 * r;
             const float sr = s[r] * steps[f];
-            float *a = lhs + 16 * r;
-            for (int j = 0; j < 8; j++) {
-                a[j] = -2.0f * wr[j] * yr[j];
-                a[8 + j] = wr[j] * sr;
-            }
+            r8 yv, wv;
+            memcpy(&yv, y + 8 * r, sizeof yv);
+            memcpy(&wv, w + 8 * r, sizeof wv);
+            const r8 a = (-2.0f * wv) * yv, b = wv * sr;
+            memcpy(lhs + 16 * r, &a, sizeof a);
+            memcpy(lhs + 16 * r + 8, &b, sizeof b);
         }
         search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
     }
@@ -148,16 +155,15 @@ static inline float dot8(const float *a, const float *b) {
     return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
 }
 
-/* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] */
+/* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] (grid2:
+ * the squares, exact in float32) */
 static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *cand, const float *grid,
-                        int64_t n_runs, int64_t n_cand, float *ca, float *cb) {
+                               const float *grid2, int64_t n_runs, int64_t n_cand, float *ca, float *cb) {
     for (int64_t r = 0; r < n_runs; r++) {
         for (int64_t f = 0; f < n_cand; f++) {
-            const float *g = grid + 8 * cand[r * n_cand + f];
-            float g2[8];
-            for (int j = 0; j < 8; j++) g2[j] = g[j] * g[j];
-            ca[r * n_cand + f] = dot8(wy + 8 * r, g);
-            cb[r * n_cand + f] = dot8(w + 8 * r, g2);
+            const int64_t e = cand[r * n_cand + f];
+            ca[r * n_cand + f] = dot8(wy + 8 * r, grid + 8 * e);
+            cb[r * n_cand + f] = dot8(w + 8 * r, grid2 + 8 * e);
         }
     }
 }
@@ -173,9 +179,11 @@ static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *c
 static inline int argmin_first(const float *c, int n, int stride) { /* np.argmin (NaN first) */
     int best = 0;
     float bc = c[0];
-    for (int f = 1; f < n; f++) {
+    for (int f = 1; f < n; f++) { /* branch-free: which one wins is data */
         const float v = c[f * stride];
-        if (bc == bc && (v < bc || v != v)) best = f, bc = v;
+        const int take = (bc == bc) & ((v < bc) | (v != v));
+        best = take ? f : best;
+        bc = take ? v : bc;
     }
     return best;
 }
@@ -268,6 +276,8 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
     float lhs[IQ2_BATCH * 32 * 16];
     uint32_t mask[IQ2_BATCH * 32];
     int64_t rows[IQ2_BATCH * 32], cand[IQ2_BATCH * 32 * 8];
+    float grid2[256 * 8];
+    for (int i = 0; i < 256 * 8; i++) grid2[i] = grid[i] * grid[i];
     for (int64_t b0 = 0; b0 < n_blocks; b0 += IQ2_BATCH) {
         const int nb = n_blocks - b0 < IQ2_BATCH ? (int)(n_blocks - b0) : IQ2_BATCH;
         for (int i = 0; i < nb; i++) {
@@ -282,7 +292,7 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
             float wy[256], ca_r[32 * 8], cb_r[32 * 8], ca[8 * 32], cb[8 * 32], cost[32], costs[8][8], s[8], sc[8];
             int32_t k[32];
             for (int j = 0; j < 256; j++) wy[j] = wb[j] * yb[j];
-            iq2_candidate_sums(wy, wb, cb_idx, grid, 32, n_steps, ca_r, cb_r);
+            iq2_candidate_sums(wy, wb, cb_idx, grid, grid2, 32, n_steps, ca_r, cb_r);
             for (int r = 0; r < 32; r++)
                 for (int f = 0; f < n_steps; f++) ca[32 * f + r] = ca_r[r * n_steps + f], cb[32 * f + r] = cb_r[r * n_steps + f];
             /* group scale: the best of the sweep, then least-squares refinements */
