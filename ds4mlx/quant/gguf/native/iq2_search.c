@@ -150,9 +150,17 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
 #endif
 
 static inline float dot8(const float *a, const float *b) {
+#if defined(__AVX__)
+    /* the same operations lane-wise: the 8 products, lane i's (p[i] + 0) + p[i + 4] */
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    const __m128 t = _mm_add_ps(_mm256_extractf128_ps(p, 1), _mm_add_ps(_mm256_castps256_ps128(p), _mm_setzero_ps()));
+    const __m128 u = _mm_add_ps(t, _mm_movehdup_ps(t)); /* t0 + t1, ., t2 + t3, . */
+    return 0.0f + (_mm_cvtss_f32(u) + _mm_cvtss_f32(_mm_movehl_ps(u, u)));
+#else
     float t[4];
     for (int i = 0; i < 4; i++) t[i] = MULADD(a[i + 4], b[i + 4], MULADD(a[i], b[i], 0.0f));
     return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
+#endif
 }
 
 /* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] (grid2:
@@ -255,7 +263,21 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
             odd ^= xr[j] < 0;
             c[j] = wr[j] * xr[j] * xr[j];
         }
-        const int cheapest = odd ? argmin_first(c, 8, 1) : -1;
+        int cheapest = -1;
+        if (odd) {
+#if defined(__AVX__)
+            /* without NaN the first least value is the first lane equal to the minimum */
+            const __m256 cv = _mm256_loadu_ps(c);
+            if (_mm256_movemask_ps(_mm256_cmp_ps(cv, cv, _CMP_UNORD_Q)) == 0) {
+                __m128 m = _mm_min_ps(_mm256_castps256_ps128(cv), _mm256_extractf128_ps(cv, 1));
+                m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+                m = _mm_min_ss(m, _mm_movehdup_ps(m));
+                const __m256 mv = _mm256_broadcastss_ps(m);
+                cheapest = __builtin_ctz(_mm256_movemask_ps(_mm256_cmp_ps(cv, mv, _CMP_EQ_OQ)));
+            } else
+#endif
+                cheapest = argmin_first(c, 8, 1);
+        }
         uint32_t m = 0;
         for (int j = 0; j < 8; j++) {
             const int flip = j == cheapest;
