@@ -364,6 +364,18 @@ static inline float round_half_away(float v) {
 }
 
 static inline float max_f(const float *a, int n) { /* np.max: NaN propagates */
+    if (n == 8 || n == 16) { /* lane-wise: the same value unless the order can matter (a NaN:
+                                the first one's payload; a maximum of ±0: the first zero's sign) */
+        v8 v0, v1;
+        memcpy(&v0, a, sizeof v0);
+        memcpy(&v1, a + (n - 8), sizeof v1); /* n == 8: the same vector twice */
+        const v8i nan = (v0 != v0) | (v1 != v1);
+        const v8 mm = sel8(v0 > v1, v0, v1);
+        float m = mm[0];
+        int any_nan = nan[0];
+        for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
+        if (!any_nan && m != 0.0f) return m;
+    }
     float m = a[0];
     for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
     return m;
