@@ -416,7 +416,7 @@ def convert(
         "by default the bytes are checked as handed to the disk).")] = False,
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, show_default=False,
-        help="GGUF: quantization worker processes (default: all cores).")] = None,
+        help="GGUF: quantization threads (default: all cores).")] = None,
     imatrix: Annotated[Optional[Path], typer.Option(
         "--imatrix", show_default=False,
         help="GGUF: llama.cpp importance matrix (.gguf or legacy .dat) for Q4_K/Q2_K/IQ2_XXS.")] = None,

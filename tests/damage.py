@@ -58,10 +58,10 @@ def env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 
 
-def cli_process(*args, **kw) -> subprocess.Popen:
+def cli_process(*args, extra_env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
     """``python -m ds4mlx ARGS`` in a session of its own (so what it leaves behind can be found)."""
     return subprocess.Popen([sys.executable, "-m", "ds4mlx", *map(os.fsencode, map(str, args))],
-                            env=env(), start_new_session=True, stdout=subprocess.PIPE,
+                            env={**env(), **(extra_env or {})}, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **kw)
 
 

@@ -95,7 +95,7 @@ def test_non_finite_weights_refused_at_load(tensor, at, data, named, demo_dir, t
 
 @pytest.mark.parametrize("to,tensor,at,data", [
     ("mlx", "layers.1.attn_norm.weight", 6, NAN_BF16),
-    ("gguf", "layers.4.ffn.experts.5.w2.scale", 9, b"\xff"),  # read by a worker process (--jobs 2)
+    ("gguf", "layers.4.ffn.experts.5.w2.scale", 9, b"\xff"),  # read by a conversion thread (--jobs 2)
 ])
 def test_convert_refuses_non_finite_source(to, tensor, at, data, demo_dir, tmp_path, capsys, monkeypatch):
     model = model_copy(demo_dir, tmp_path / "m", real=(shard_of(demo_dir, tensor).name,))

@@ -322,8 +322,9 @@ def test_gguf_logits(tiny_ckpt, ggufs, src_logits):
 
 
 def test_gguf_jobs_byte_identical(tiny_ckpt, ggufs, tmp_path, monkeypatch):
-    """Worker processes and row chunking change nothing: jobs=1 (this process, whole tensors)
-    and jobs=2 (two workers, dense tensors in 128-row chunks) write the same bytes."""
+    """Worker threads or processes and row chunking change nothing: jobs=1 (this thread, whole
+    tensors) and jobs=2 (two threads, or two worker processes as for numpy quantizers; dense
+    tensors in 128-row chunks) write the same bytes."""
     from ds4mlx.convert import gguf as convert_gguf
     from ds4mlx.io.hf import open_hf_checkpoint
 
@@ -337,7 +338,9 @@ def test_gguf_jobs_byte_identical(tiny_ckpt, ggufs, tmp_path, monkeypatch):
     chunked = [u.tensors[0][0] for u in units if len(u.items) > 1 and u.items[0].rows is not None]
     assert "output.weight" in chunked and any(u.items[0].heavy for u in units if u.tensors[0][0] in chunked)
     two = convert(tiny_ckpt, tmp_path / "two.gguf", to="gguf", preset="ds4-q2", progress=False, jobs=2)
-    assert one.read_bytes() == two.read_bytes() == ggufs["ds4-q2"].read_bytes()
+    monkeypatch.setattr(convert_gguf.gguf_quants, "compiled", lambda name: False)  # the process pool
+    procs = convert(tiny_ckpt, tmp_path / "procs.gguf", to="gguf", preset="ds4-q2", progress=False, jobs=2)
+    assert one.read_bytes() == two.read_bytes() == procs.read_bytes() == ggufs["ds4-q2"].read_bytes()
 
 
 def test_run_items_keeps_order_and_bounds_lookahead():

@@ -70,33 +70,47 @@ def test_sigterm_while_generating_is_a_clean_exit():
 
 
 
-def _convert_jobs_2(src: Path, out: Path) -> subprocess.Popen:
-    return cli_process("convert", src, out, "--to", "gguf", "--preset", "ds4-q4", "--jobs", "2")
+def _convert_jobs_2(src: Path, out: Path, processes: bool = True) -> subprocess.Popen:
+    """``convert --jobs 2``: with ``processes``, the compiled quantizers off, so that the numpy
+    recipe runs on worker processes (the compiled ones run on threads of the one process)."""
+    return cli_process("convert", src, out, "--to", "gguf", "--preset", "ds4-q4", "--jobs", "2",
+                       extra_env={"DS4MLX_QUANT_NATIVE": "0"} if processes else None)
 
 
-def _workers_writing(proc: subprocess.Popen, partial: Path) -> None:
-    wait_for(lambda: len(session_members(proc.pid)) >= 4 and partial.is_file()
-              and partial.stat().st_size > 1 << 20, what="workers writing")
+def _workers_writing(proc: subprocess.Popen, partial: Path, processes: bool = True, since: int = 0) -> None:
+    """Wait until the workers run (with ``processes``) and over 1 MiB is written to ``partial``
+    after ``since`` (``time.time_ns()``; not the file a killed run left)."""
+    def writing() -> bool:
+        try:
+            st = partial.stat()
+        except FileNotFoundError:
+            return False
+        return st.st_mtime_ns > since and st.st_size > 1 << 20
+
+    wait_for(lambda: (len(session_members(proc.pid)) >= 4 or not processes) and writing(), what="workers writing")
 
 
 @pytest.mark.slow
-def test_killed_gguf_conversion_leaves_nothing_running(demo_dir, tmp_path):
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_killed_gguf_conversion_leaves_nothing_running(demo_dir, tmp_path, processes):
     """``convert --jobs 2`` killed by SIGKILL (the out-of-memory killer's signal) while its
     workers work: no worker or resource tracker survives (the pipes close, so a caller waiting
     on them returns). The partial file stays, and does not block the rerun, which SIGTERM then
-    stops: with its cleanup, the partial file and lock removed, exit status 143."""
+    stops: with its cleanup, the partial file and lock removed, exit status 143. Both with
+    worker processes (numpy quantizers) and worker threads (compiled ones)."""
     before = tree_digest(demo_dir)
     out, partial = tmp_path / "out.gguf", tmp_path / "out.gguf.partial"
-    proc = _convert_jobs_2(demo_dir, out)
-    _workers_writing(proc, partial)
+    proc = _convert_jobs_2(demo_dir, out, processes)
+    _workers_writing(proc, partial, processes)
     proc.send_signal(signal.SIGKILL)
     code, out_text, err = finish(proc, timeout=180)  # would time out if a survivor held the pipes
     assert code == -signal.SIGKILL
     assert_none_left(proc.pid)
     assert partial.exists() and not out.exists()
 
-    proc = _convert_jobs_2(demo_dir, out)
-    _workers_writing(proc, partial)
+    since = time.time_ns()
+    proc = _convert_jobs_2(demo_dir, out, processes)
+    _workers_writing(proc, partial, processes, since)
     proc.send_signal(signal.SIGTERM)
     code, out_text, err = finish(proc, timeout=180)
     assert_none_left(proc.pid)

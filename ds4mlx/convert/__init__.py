@@ -64,9 +64,10 @@ def convert(
     i.e. attention and shared experts, as affine) ask for less. ``to="gguf"``: one ``.gguf``
     file in the ``deepseek4`` layout, types from ``preset`` (``ds4-q4``, ``ds4-q2``, ``mxfp4``).
     ``experts_per_token=K`` writes the K-expert variant (hash tables cut to K columns).
-    ``jobs``: GGUF quantization worker processes (default ``os.cpu_count()``; 1 quantizes in
-    this process); the file is byte-identical whatever the count. Workers are spawned, so a
-    script calling this needs the usual ``if __name__ == "__main__":`` guard.
+    ``jobs``: GGUF quantization threads (default ``os.cpu_count()``; 1 quantizes in this
+    thread); the file is byte-identical whatever the count. Without a C compiler the numpy
+    quantizers run on as many spawned worker processes instead, so a script calling this
+    needs the usual ``if __name__ == "__main__":`` guard.
     ``imatrix``: a llama.cpp importance matrix (GGUF or legacy ``.dat``) weighting the Q4_K,
     Q2_K and IQ2_XXS quantization error, per expert where it has per-expert entries.
     ``verify_disk``: MLX output re-read from disk to be checked (past the page cache, a third

@@ -16,10 +16,11 @@ every tensor:
 The MTP block is not written: ds4 loads it from a separate file, and llama.cpp refuses files
 with tensors it does not use.
 
-Quantization is the slow part (tens of M weights/s per core), so every tensor is planned as
-picklable ``EncodeJob``s (one per expert, or per row chunk of a dense tensor) that ``run_items``
-hands to ``--jobs`` worker processes and collects in plan order: the file is byte-identical for
-any job count, and only a bounded window of chunks is in flight.
+Quantization is the slow part (100-200 M weights/s per core compiled), so every tensor is
+planned as picklable ``EncodeJob``s (one per expert, or per row chunk of a dense tensor) that
+``run_items`` hands to ``--jobs`` threads (worker processes for a numpy quantizer) and collects
+in plan order: the file is byte-identical for any job count, and only a bounded window of
+chunks is in flight.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 @dataclass(frozen=True)
 class EncodeJob:
     """One output chunk: rows of one source weight in GGML type ``qtype``. Picklable, so a
-    worker process can read, dequantize and quantize it on its own."""
+    thread or a worker process can read, dequantize and quantize it on its own."""
 
     qtype: str
     fmt: WeightFormat  # the source's form: FLOAT | MXFP8 | MXFP4
@@ -295,29 +296,24 @@ def _stop_pool(pool, finished: bool) -> None:
 
 
 def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) -> Iterator[np.ndarray]:
-    """Every item's array, in order. With ``jobs > 1`` the heavy ``EncodeJob``s run on that many
-    worker processes (threads do not scale: the quantizers are many small numpy ops under the
-    GIL, measured 1.5x for Q4_K and 0.9x for IQ2_XXS on 2 threads), queued at most ``2 * jobs`` items ahead of the writer, so memory stays bounded and the
-    workers stay busy across tensor boundaries; cheap ``EncodeJob``s (reads and repacks) run on
-    ``jobs`` threads in the same window, overlapping the writer; hash tables run here.
-    """
+    """Every item's array, in order. With ``jobs > 1`` the ``EncodeJob``s run on ``jobs``
+    threads, queued at most ``2 * jobs`` items ahead of the writer, so memory stays bounded and
+    the threads stay busy across tensor boundaries while this one writes: file reads, the
+    whole-array numpy decodes and the compiled quantizers release the GIL. A type whose
+    quantizer is the numpy recipe (no C compiler: many small numpy ops under the GIL, measured
+    1.5x for Q4_K and 0.9x for IQ2_XXS on 2 threads) goes to ``jobs`` worker processes
+    instead. Hash tables run here."""
     if jobs <= 1:
         yield from map(run_item, items)
         return
-    import multiprocessing
     from collections import deque
-    from concurrent.futures import Future, ProcessPoolExecutor
-
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     window = 2 * jobs
     pool = threads = None
     pending: deque = deque()
-    # Workers inherit the environment when spawned (on demand, during the run): unless the user
-    # set them, cap each one's BLAS threads to its share of the cores, or the IQ2_XXS search's
-    # matmuls (multithreaded BLAS) oversubscribe the cores and the pool runs slower than one job.
-    unset = [k for k in BLAS_THREAD_VARS if k not in os.environ]
-    os.environ.update({k: str(max(1, (os.cpu_count() or 1) // jobs)) for k in unset})
+    threaded: dict[str, bool] = {}  # per type: whether its quantizer runs outside the GIL
+    unset: list[str] = []
 
     def resolve(x):
         return x.result() if isinstance(x, Future) else run_item(x)
@@ -326,13 +322,15 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     try:
         for item in items:
             if isinstance(item, EncodeJob) and item.heavy:
-                with _SpawnQuietly():  # creating the pool and a submit may start processes
-                    if pool is None:  # spawn: forking a process that holds MLX/Metal state is unsafe
-                        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                   initializer=_watch_parent, initargs=(os.getpid(),))
+                if item.qtype not in threaded:  # (builds and checks the compiled library here, once)
+                    threaded[item.qtype] = gguf_quants.compiled(item.qtype)
+            if isinstance(item, EncodeJob) and item.heavy and not threaded[item.qtype]:
+                if pool is None:
+                    pool, unset = _process_pool(jobs)
+                with _SpawnQuietly():  # a submit may start processes
                     item = pool.submit(encode, item)
-            elif isinstance(item, EncodeJob):  # reads and repacks: threads (the GIL is released
-                if threads is None:  # in file reads and large numpy ops), ahead of the writer
+            elif isinstance(item, EncodeJob):
+                if threads is None:
                     threads = ThreadPoolExecutor(jobs, thread_name_prefix="ds4mlx-encode")
                 item = threads.submit(encode, item)
             pending.append(item)
@@ -348,6 +346,23 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
             _stop_pool(pool, finished)
         for k in unset:
             os.environ.pop(k, None)
+
+
+def _process_pool(jobs: int):
+    """``jobs`` spawned worker processes (forking a process that holds MLX/Metal state is
+    unsafe), and the BLAS thread variables set for them (to unset after)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Workers inherit the environment when spawned (on demand, during the run): unless the user
+    # set them, cap each one's BLAS threads to its share of the cores, or the IQ2_XXS search's
+    # matmuls (multithreaded BLAS) oversubscribe the cores and the pool runs slower than one job.
+    unset = [k for k in BLAS_THREAD_VARS if k not in os.environ]
+    os.environ.update({k: str(max(1, (os.cpu_count() or 1) // jobs)) for k in unset})
+    with _SpawnQuietly():  # creating the pool may start processes
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_watch_parent, initargs=(os.getpid(),))
+    return pool, unset
 
 
 def gguf_plan(ckpt: HFCheckpoint, opts: Options, imatrix: Imatrix | None = None, *,
@@ -431,7 +446,7 @@ def write_stream(path: Path, config: dict[str, Any], units: list[GGUFUnit], toke
                  bar: Progress, jobs: int = 1,
                  extra_metadata: dict[str, tuple[Any, GGUFValueType]] | None = None) -> dict[str, int]:
     """Write the GGUF from the plan, each tensor's bytes as they are produced (by ``jobs``
-    worker processes, in plan order). Returns the CRC-32 of every tensor's data for the
+    threads or worker processes, in plan order). Returns the CRC-32 of every tensor's data for the
     verification pass."""
     entries = [TensorEntry(name, qtype, tuple(shape), u.nbytes) for u in units for name, qtype, shape in u.tensors]
     encoded = run_items((item for u in units for item in u.items), jobs)

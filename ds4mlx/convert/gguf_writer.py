@@ -5,7 +5,7 @@ gguf-py's ``GGUFWriter`` writes the header, the metadata and the tensor table. I
 tensor whole in memory for the data, so the data is streamed here instead, with gguf-py's
 padding (each tensor starts on the alignment, the file ends on it) and a CRC-32 of each tensor
 taken while writing, for the caller's verification pass. ``convert`` streams quantized chunks
-from worker processes; ``write_gguf`` takes arrays (tests, benchmarks, the logits recorder).
+from worker threads; ``write_gguf`` takes arrays (tests, benchmarks, the logits recorder).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Itera
         os.fsync(f.fileno())
     finally:
         if hasattr(chunks, "close"):
-            chunks.close()  # a generator that feeds worker processes stops them now, also on errors
+            chunks.close()  # a generator that feeds worker threads or processes stops them now, also on errors
         writer.close()
     return crcs
 

@@ -64,6 +64,14 @@ def get(name: str, tensor: str | None = None) -> Format:
     return fmt
 
 
+def compiled(name: str) -> bool:
+    """Whether the quantizer of ``name`` runs outside the GIL (compiled code, or a few
+    whole-array numpy passes), so that threads quantize side by side; False for a numpy recipe
+    of many small operations (worker processes scale where threads do not)."""
+    check = getattr(get(name), "compiled", None)
+    return bool(check is not None and check())
+
+
 def row_bytes(fmt: Format | str | int, n: int, tensor: str | None = None) -> int:
     """Bytes of a row of ``n`` weights in ``fmt`` (a format here, or any GGML type gguf-py knows
     by name or id), from gguf-py's ``GGML_QUANT_SIZES``."""
@@ -102,4 +110,4 @@ def non_finite_scales(fmt: Format, blocks: "mx.array") -> "mx.array":
     return bad
 
 
-__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "get", "non_finite_scales", "row_bytes", "row_weights"]
+__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "compiled", "get", "non_finite_scales", "row_bytes", "row_weights"]

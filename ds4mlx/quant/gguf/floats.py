@@ -51,7 +51,7 @@ def _format(name: str, ggml_type: GGMLQuantizationType, dequantize, quantize) ->
     block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
     return SimpleNamespace(
         NAME=name, GGML_TYPE=int(ggml_type), BLOCK_SIZE=block_size, BLOCK_BYTES=block_bytes,
-        dequantize=dequantize, quantize=quantize,
+        dequantize=dequantize, quantize=quantize, compiled=lambda: True,  # one numpy pass, GIL released
     )
 
 

@@ -186,6 +186,11 @@ def _native():
     return native.load_checked("iq2_search", _check_native)
 
 
+def compiled() -> bool:
+    """Whether :func:`quantize` runs the compiled recipe (which releases the GIL)."""
+    return _native() is not None
+
+
 def _check_native(lib) -> bool:
     rng = np.random.default_rng(0)
     xb = (rng.standard_t(3, size=(48, 256)) * 0.01).astype(np.float32)

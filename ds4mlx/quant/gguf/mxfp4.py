@@ -121,6 +121,11 @@ def _encode(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, E2M1_TABLE[codes]
 
 
+def compiled() -> bool:
+    """True: :func:`quantize` is a few whole-array numpy passes, which release the GIL."""
+    return True
+
+
 def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """float32 ``[..., n]`` (n a multiple of 32) -> MXFP4 bytes.
 

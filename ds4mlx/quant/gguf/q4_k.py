@@ -88,6 +88,11 @@ def numpy_chunk(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 KQUANT_NUMPY[NAME] = (numpy_chunk, SEARCH)
 
 
+def compiled() -> bool:
+    """Whether :func:`quantize` runs the compiled recipe (which releases the GIL)."""
+    return kquant_native() is not None
+
+
 def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """float32 ``[..., n]`` (n a multiple of 256) -> Q4_K bytes.
 

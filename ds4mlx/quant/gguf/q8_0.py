@@ -67,6 +67,11 @@ def _native():
     return native.load_checked("q8_0", _check_native)
 
 
+def compiled() -> bool:
+    """Whether :func:`quantize` runs the compiled kernel (which releases the GIL)."""
+    return _native() is not None
+
+
 def _check_native(lib) -> bool:
     rng = np.random.default_rng(0)
     xb = (rng.standard_t(3, size=(64, 32)) * 0.02).astype(np.float32)

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,8 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off"]
 _TUNE = (["-march=native"], [])
 _LIBS: dict[str, ctypes.CDLL | None] = {}
 _CHECKED: dict[str, ctypes.CDLL | None] = {}
+# conversion threads call the quantizers side by side: one build and one check per library
+_LOCK = threading.RLock()
 
 
 def _cache_dir() -> Path:
@@ -86,9 +89,12 @@ def _build(name: str) -> ctypes.CDLL | None:
 
 
 def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library ``native/<name>.c`` (built once per process), or None."""
+    """The compiled library ``native/<name>.c`` (built once per process), or None. Its calls
+    release the GIL (``ctypes.CDLL``), so threads quantize side by side."""
     if name not in _LIBS:
-        _LIBS[name] = _build(name)
+        with _LOCK:
+            if name not in _LIBS:
+                _LIBS[name] = _build(name)
     return _LIBS[name]
 
 
@@ -96,14 +102,16 @@ def load_checked(name: str, check: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL
     """:func:`load`, and the library only if ``check(lib)`` (it compares the kernel with the
     numpy path it replaces) holds, once per process; otherwise None, with a warning."""
     if name not in _CHECKED:
-        lib = load(name)
-        if lib is not None and not check(lib):
-            import warnings
+        with _LOCK:
+            if name not in _CHECKED:
+                lib = load(name)
+                if lib is not None and not check(lib):
+                    import warnings
 
-            warnings.warn(f"ds4mlx: the compiled {name} kernel does not match the numpy path on this "
-                          "platform; using numpy (slower)")
-            lib = None
-        _CHECKED[name] = lib
+                    warnings.warn(f"ds4mlx: the compiled {name} kernel does not match the numpy path on "
+                                  "this platform; using numpy (slower)")
+                    lib = None
+                _CHECKED[name] = lib
     return _CHECKED[name]
 
 

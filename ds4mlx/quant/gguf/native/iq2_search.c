@@ -12,6 +12,9 @@
  * within float rounding can choose differently. Ties go to the lowest index, as with argmin. */
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 /* The search over U·W runs side by side (each lane one run, so the lane count does not change a
  * result): U vectors of W lanes, 128-bit (SSE2, NEON) or on x86 256-bit with AVX2 where the CPU
@@ -20,12 +23,17 @@
 #define DEFINE_SEARCH(SUFFIX, W, U, ATTR)                                                       \
     typedef float vf##SUFFIX __attribute__((vector_size(4 * W)));                              \
     typedef int32_t vi##SUFFIX __attribute__((vector_size(4 * W)));                            \
-    /* h[p] for the 81 level patterns p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3 */     \
+    /* h[p] = ((t0[l0] + t1[l1]) + t2[l2]) + t3[l3] for the 81 level patterns                 \
+     * p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3, the partial sums of the first two and \
+     * three elements shared (the same additions in the same order: 117 instead of 243) */    \
     ATTR static void half_sums##SUFFIX(const vf##SUFFIX t[8][3][U], int j0, vf##SUFFIX h[81][U]) { \
+        vf##SUFFIX h2[9][U], h3[27][U];                                                        \
+        for (int p = 0; p < 9; p++)                                                            \
+            for (int u = 0; u < U; u++) h2[p][u] = t[j0][p % 3][u] + t[j0 + 1][p / 3][u];       \
+        for (int p = 0; p < 27; p++)                                                           \
+            for (int u = 0; u < U; u++) h3[p][u] = h2[p % 9][u] + t[j0 + 2][p / 9][u];          \
         for (int p = 0; p < 81; p++)                                                           \
-            for (int u = 0; u < U; u++)                                                        \
-                h[p][u] = ((t[j0][p % 3][u] + t[j0 + 1][p / 3 % 3][u]) + t[j0 + 2][p / 9 % 3][u]) + \
-                          t[j0 + 3][p / 27][u];                                                \
+            for (int u = 0; u < U; u++) h[p][u] = h3[p % 27][u] + t[j0 + 3][p / 27][u];         \
     }                                                                                          \
     /* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */ \
     ATTR static void search##SUFFIX(const float *lhs, const int64_t *rows, int64_t n_rows,     \
@@ -71,12 +79,15 @@ DEFINE_SEARCH(4, 4, 4, )
 
 #if defined(__x86_64__) && defined(__GNUC__)
 DEFINE_SEARCH(8, 8, 4, __attribute__((target("avx2"))))
+DEFINE_SEARCH(16, 16, 4, __attribute__((target("avx512f"))))
 
 static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const float *levels,
                    const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
-    static int avx2 = -1;
-    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2");
-    (avx2 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
+    static int avx2 = -1, avx512 = -1;
+    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2"), avx512 = __builtin_cpu_supports("avx512f");
+    /* 64 runs a pass with AVX-512 once there are enough to fill them (a lane's result does not
+     * depend on the width) */
+    (avx512 && n_rows > 32 ? search16 : avx2 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
 }
 #else
 #define search search4
@@ -90,20 +101,26 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
                     const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
                     const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows,
                     int64_t *out) {
+    typedef float r8 __attribute__((vector_size(32)));
+    typedef int32_t r8i __attribute__((vector_size(32)));
     const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
+    const r8i pow3 = {1, 3, 9, 27, 81, 243, 729, 2187};
     /* branch-free: whether a run needs the search is data, and mispredicted it costs more than
-     * the pattern itself */
+     * the pattern itself; a run's 8 elements are one vector */
     for (int64_t f = 0; f < n_steps; f++) {
         int64_t n_search = 0;
         for (int64_t r = 0; r < n_runs; r++) {
-            const float *yr = y + 8 * r, *wr = w + 8 * r;
             const float sr = s[r] * steps[f], t0 = sr * mid0, t1 = sr * mid1;
-            int positive = sr > 0;
-            int32_t pattern = 0, pow3 = 1;
-            for (int j = 0; j < 8; j++, pow3 *= 3) {
-                positive &= wr[j] > 0;
-                pattern += pow3 * ((yr[j] > t0) + (yr[j] > t1));
-            }
+            r8 yv, wv;
+            memcpy(&yv, y + 8 * r, sizeof yv);
+            memcpy(&wv, w + 8 * r, sizeof wv);
+            const r8i level = -((yv > t0) + (yv > t1)), pw = level * pow3, pos = wv > 0.0f;
+            const int32_t pattern = ((pw[0] + pw[1]) + (pw[2] + pw[3])) + ((pw[4] + pw[5]) + (pw[6] + pw[7]));
+#if defined(__AVX__)
+            const int positive = (sr > 0) & (_mm256_movemask_ps((__m256)pos) == 0xFF);
+#else
+            const int positive = (sr > 0) & ((pos[0] & pos[1] & pos[2] & pos[3] & pos[4] & pos[5] & pos[6] & pos[7]) != 0);
+#endif
             const int64_t entry = entry_of_pattern[pattern];  /* (int16: the table stays in L1) */
             out[r * n_steps + f] = entry;
             rows[n_search] = r;
@@ -111,13 +128,13 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
         }
         for (int64_t k = 0; k < n_search; k++) {
             const int64_t r = rows[k];
-            const float *yr = y + 8 * r, *wr = w + 8 * r;
             const float sr = s[r] * steps[f];
-            float *a = lhs + 16 * r;
-            for (int j = 0; j < 8; j++) {
-                a[j] = -2.0f * wr[j] * yr[j];
-                a[8 + j] = wr[j] * sr;
-            }
+            r8 yv, wv;
+            memcpy(&yv, y + 8 * r, sizeof yv);
+            memcpy(&wv, w + 8 * r, sizeof wv);
+            const r8 a = (-2.0f * wv) * yv, b = wv * sr;
+            memcpy(lhs + 16 * r, &a, sizeof a);
+            memcpy(lhs + 16 * r + 8, &b, sizeof b);
         }
         search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
     }
@@ -133,21 +150,28 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
 #endif
 
 static inline float dot8(const float *a, const float *b) {
+#if defined(__AVX__)
+    /* the same operations lane-wise: the 8 products, lane i's (p[i] + 0) + p[i + 4] */
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    const __m128 t = _mm_add_ps(_mm256_extractf128_ps(p, 1), _mm_add_ps(_mm256_castps256_ps128(p), _mm_setzero_ps()));
+    const __m128 u = _mm_add_ps(t, _mm_movehdup_ps(t)); /* t0 + t1, ., t2 + t3, . */
+    return 0.0f + (_mm_cvtss_f32(u) + _mm_cvtss_f32(_mm_movehl_ps(u, u)));
+#else
     float t[4];
     for (int i = 0; i < 4; i++) t[i] = MULADD(a[i + 4], b[i + 4], MULADD(a[i], b[i], 0.0f));
     return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
+#endif
 }
 
-/* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] */
+/* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] (grid2:
+ * the squares, exact in float32) */
 static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *cand, const float *grid,
-                        int64_t n_runs, int64_t n_cand, float *ca, float *cb) {
+                               const float *grid2, int64_t n_runs, int64_t n_cand, float *ca, float *cb) {
     for (int64_t r = 0; r < n_runs; r++) {
         for (int64_t f = 0; f < n_cand; f++) {
-            const float *g = grid + 8 * cand[r * n_cand + f];
-            float g2[8];
-            for (int j = 0; j < 8; j++) g2[j] = g[j] * g[j];
-            ca[r * n_cand + f] = dot8(wy + 8 * r, g);
-            cb[r * n_cand + f] = dot8(w + 8 * r, g2);
+            const int64_t e = cand[r * n_cand + f];
+            ca[r * n_cand + f] = dot8(wy + 8 * r, grid + 8 * e);
+            cb[r * n_cand + f] = dot8(w + 8 * r, grid2 + 8 * e);
         }
     }
 }
@@ -163,14 +187,32 @@ static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *c
 static inline int argmin_first(const float *c, int n, int stride) { /* np.argmin (NaN first) */
     int best = 0;
     float bc = c[0];
-    for (int f = 1; f < n; f++) {
+    for (int f = 1; f < n; f++) { /* branch-free: which one wins is data */
         const float v = c[f * stride];
-        if (bc == bc && (v < bc || v != v)) best = f, bc = v;
+        const int take = (bc == bc) & ((v < bc) | (v != v));
+        best = take ? f : best;
+        bc = take ? v : bc;
     }
     return best;
 }
 
 static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates */
+    if (n == 32) { /* a maximum taken 8 lanes at a time is the same value unless the order can
+                      matter: a NaN (the first one's payload) or a maximum of ±0 (the first zero's
+                      sign); those take the loop below */
+        typedef float m8 __attribute__((vector_size(32)));
+        typedef int32_t m8i __attribute__((vector_size(32)));
+        m8 v[4];
+        memcpy(v, a, sizeof v);
+        m8i nan = (v[0] != v[0]) | (v[1] != v[1]) | (v[2] != v[2]) | (v[3] != v[3]);
+        m8 m01 = (m8)(((m8i)v[0] & (v[0] > v[1])) | ((m8i)v[1] & ~(v[0] > v[1])));
+        m8 m23 = (m8)(((m8i)v[2] & (v[2] > v[3])) | ((m8i)v[3] & ~(v[2] > v[3])));
+        m8 mm = (m8)(((m8i)m01 & (m01 > m23)) | ((m8i)m23 & ~(m01 > m23)));
+        float m = mm[0];
+        int any_nan = nan[0];
+        for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
+        if (!any_nan && m != 0.0f) return m;
+    }
     float m = a[0];
     for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
     return m;
@@ -221,7 +263,21 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
             odd ^= xr[j] < 0;
             c[j] = wr[j] * xr[j] * xr[j];
         }
-        const int cheapest = odd ? argmin_first(c, 8, 1) : -1;
+        int cheapest = -1;
+        if (odd) {
+#if defined(__AVX__)
+            /* without NaN the first least value is the first lane equal to the minimum */
+            const __m256 cv = _mm256_loadu_ps(c);
+            if (_mm256_movemask_ps(_mm256_cmp_ps(cv, cv, _CMP_UNORD_Q)) == 0) {
+                __m128 m = _mm_min_ps(_mm256_castps256_ps128(cv), _mm256_extractf128_ps(cv, 1));
+                m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+                m = _mm_min_ss(m, _mm_movehdup_ps(m));
+                const __m256 mv = _mm256_broadcastss_ps(m);
+                cheapest = __builtin_ctz(_mm256_movemask_ps(_mm256_cmp_ps(cv, mv, _CMP_EQ_OQ)));
+            } else
+#endif
+                cheapest = argmin_first(c, 8, 1);
+        }
         uint32_t m = 0;
         for (int j = 0; j < 8; j++) {
             const int flip = j == cheapest;
@@ -242,6 +298,8 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
     float lhs[IQ2_BATCH * 32 * 16];
     uint32_t mask[IQ2_BATCH * 32];
     int64_t rows[IQ2_BATCH * 32], cand[IQ2_BATCH * 32 * 8];
+    float grid2[256 * 8];
+    for (int i = 0; i < 256 * 8; i++) grid2[i] = grid[i] * grid[i];
     for (int64_t b0 = 0; b0 < n_blocks; b0 += IQ2_BATCH) {
         const int nb = n_blocks - b0 < IQ2_BATCH ? (int)(n_blocks - b0) : IQ2_BATCH;
         for (int i = 0; i < nb; i++) {
@@ -256,7 +314,7 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
             float wy[256], ca_r[32 * 8], cb_r[32 * 8], ca[8 * 32], cb[8 * 32], cost[32], costs[8][8], s[8], sc[8];
             int32_t k[32];
             for (int j = 0; j < 256; j++) wy[j] = wb[j] * yb[j];
-            iq2_candidate_sums(wy, wb, cb_idx, grid, 32, n_steps, ca_r, cb_r);
+            iq2_candidate_sums(wy, wb, cb_idx, grid, grid2, 32, n_steps, ca_r, cb_r);
             for (int r = 0; r < 32; r++)
                 for (int f = 0; f < n_steps; f++) ca[32 * f + r] = ca_r[r * n_steps + f], cb[32 * f + r] = cb_r[r * n_steps + f];
             /* group scale: the best of the sweep, then least-squares refinements */

@@ -115,6 +115,17 @@ static inline v8l widen(v8i m) { return __builtin_convertvector(m, v8l); }
 static inline v8d splatd(double v) { return (v8d){v, v, v, v, v, v, v, v}; }
 static inline v8 splat8(float v) { return (v8){v, v, v, v, v, v, v, v}; }
 
+#if defined(__AVX__)
+#include <immintrin.h>
+/* one instruction each where AVX has them: rint (to nearest even, -0 kept, NaN quiet), floor,
+ * and np.clip(q, 0, nmax) as max(0, q) then min(nmax, q) (x86 max/min return the second
+ * operand when either is NaN and on equal operands, so NaN and -0 pass through as in numpy) */
+static inline v8 v8_rint(v8 v) { return (v8)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline v8 v8_floor(v8 v) { return (v8)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline v8 v8_clip(v8 q, float nmax) {
+    return (v8)_mm256_min_ps((__m256)splat8(nmax), _mm256_max_ps(_mm256_setzero_ps(), (__m256)q));
+}
+#else
 static inline v8 v8_rint(v8 v) { /* v_rint, 8 lanes */
     const v8i bits = (v8i)v, sign = bits & (v8i)splat8(-0.0f);
     const v8 a = (v8)(bits ^ sign);
@@ -123,10 +134,16 @@ static inline v8 v8_rint(v8 v) { /* v_rint, 8 lanes */
     return (v8)((((v8i)r & small) | ((v8i)a & ~small)) | sign);
 }
 
+static inline v8 v8_floor(v8 v) { /* floor_f, 8 lanes */
+    const v8 t = v8_rint(v);
+    return t - (v8)((v8i)splat8(1.0f) & (t > v));
+}
+
 static inline v8 v8_clip(v8 q, float nmax) { /* np.clip(q, 0, nmax): -0 and NaN pass through */
     q = (v8)((v8i)q & ~(q < 0.0f));
     return sel8(q > nmax, splat8(nmax), q);
 }
+#endif
 
 static inline v8d to_d(v8 v) { return __builtin_convertvector(v, v8d); }
 
@@ -187,7 +204,7 @@ static inline v8d pairwise8(const v8 *a, int n) {
  * steps [n_steps] the inverse-scale numerators, the plain min/max candidate's (nmax) first. */
 static void fit_rows8(const float *xr, const float *wr, int32_t n, float nmax, const double *steps,
                       int32_t n_steps, int32_t refine, float *scale_out, float *m_out) {
-    v8 x[32], w[32], wx[32], dx[32], q[32], q0[32], best_q[32];
+    v8 x[32], w[32], wx[32], dx[32], q[32], q0[32];
     for (int k = 0; k < n; k++)
         for (int r = 0; r < 8; r++) x[k][r] = xr[n * r + k], w[k][r] = wr[n * r + k];
     v8 mn = x[0], mx = x[0];
@@ -220,7 +237,6 @@ static void fit_rows8(const float *xr, const float *wr, int32_t n, float nmax, c
             memcpy(q0, q, sizeof(v8) * n);
             sl0 = sl, sxl0 = sxl, sl20 = sl2;
             best_scale = scale, best_b = b, best_err = err;
-            memcpy(best_q, q, sizeof(v8) * n);
             continue;
         }
         lsq8(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
@@ -229,8 +245,6 @@ static void fit_rows8(const float *xr, const float *wr, int32_t n, float nmax, c
         best_scale = seld(take, scale, best_scale);
         best_b = seld(take, b, best_b);
         best_err = seld(take, err, best_err);
-        const v8i t = __builtin_convertvector(take, v8i);
-        for (int k = 0; k < n; k++) best_q[k] = sel8(t, q[k], best_q[k]);
     }
     /* Polish: a round that does not improve leaves a lane's winner as it was, so every later
      * round would repeat it: the lane stops there (the same result as running them all), as
@@ -268,48 +282,58 @@ static void kquant_plain_weights(const float *x, int64_t n_rows, int32_t n, floa
     }
 }
 
-/* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n */
+/* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n
+ * (a multiple of 8), 8 lanes at a time */
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
 static void kquant_requantize(const float *x, const float *m, const float *inv, int64_t n_rows, int32_t n,
                               int32_t nmax_i, uint8_t *q) {
     const float nmax = (float)nmax_i;
-    const v4 half = {0.5f, 0.5f, 0.5f, 0.5f}, one = {1, 1, 1, 1};
     for (int64_t r = 0; r < n_rows; r++) {
-        const v4 mr = {m[r], m[r], m[r], m[r]}, ir = {inv[r], inv[r], inv[r], inv[r]};
-        for (int k = 0; k < n; k += 4) {
-            const v4 v = (vload(x + r * n + k) + mr) * ir + half;
-            v4 t = v_rint(v);
-            t = v_clip(t - (v4)((vi)one & (t > v)), nmax); /* floor */
-            const vi c = __builtin_convertvector((v4)((vi)t & (t == t)), vi); /* NaN: 0 */
-            for (int i = 0; i < 4; i++) q[r * n + k + i] = (uint8_t)c[i];
+        const v8 mr = splat8(m[r]), ir = splat8(inv[r]);
+        for (int k = 0; k < n; k += 8) {
+            v8 v;
+            memcpy(&v, x + r * n + k, sizeof v);
+            const v8 t = v8_clip(v8_floor((v + mr) * ir + 0.5f), nmax);
+            const v8i c = __builtin_convertvector((v8)((v8i)t & (t == t)), v8i); /* NaN: 0 */
+            const v8u8 b = __builtin_convertvector(c, v8u8);
+            memcpy(q + r * n + k, &b, sizeof b);
         }
     }
 }
 
-/* The sums of common.refit_super_scales for blocks of subs sub-blocks of n: per sub-block
- * Σ w q, Σ w q², Σ w q x, Σ w, Σ w x, and per block Σ w x² (numpy's three-operand einsum:
- * one float32 accumulator, element by element). */
-static void kquant_refit_sums(const float *x, const float *w, const uint8_t *q, int64_t n_blocks,
-                              int32_t subs, int32_t n, double *s_q, double *s_qq, double *s_qx,
-                              double *s_w, double *s_x, double *s_xx) {
+/* The per sub-block sums of common.refit_super_scales for one block of subs sub-blocks of n:
+ * Σ w q, Σ w q², Σ w q x, Σ w, Σ w x (the per-block Σ w x² is block_xx). */
+static void kquant_refit_sums(const float *x, const float *w, const uint8_t *q, int32_t subs, int32_t n,
+                              double *s_q, double *s_qq, double *s_qx, double *s_w, double *s_x) {
     float qf[128], wq[128];
-    for (int64_t b = 0; b < n_blocks; b++) {
-        float acc = 0.0f;
-        for (int32_t j = 0; j < subs; j++) {
-            const int64_t at = (b * subs + j) * n;
-            const float *xr = x + at, *wr = w + at;
-            for (int k = 0; k < n; k++) {
-                qf[k] = (float)q[at + k];
-                wq[k] = wr[k] * qf[k];
-                acc += (wr[k] * xr[k]) * xr[k];
-            }
-            s_q[b * subs + j] = pairwise_f64(wq, n);
-            s_qq[b * subs + j] = dot(wq, qf, n);
-            s_qx[b * subs + j] = dot(wq, xr, n);
-            s_w[b * subs + j] = pairwise_f64(wr, n);
-            s_x[b * subs + j] = dot(wr, xr, n);
+    for (int32_t j = 0; j < subs; j++) {
+        const int64_t at = (int64_t)j * n;
+        const float *xr = x + at, *wr = w + at;
+        for (int k = 0; k < n; k++) {
+            qf[k] = (float)q[at + k];
+            wq[k] = wr[k] * qf[k];
         }
-        s_xx[b] = 0.0f + acc;
+        s_q[j] = pairwise_f64(wq, n);
+        s_qq[j] = dot(wq, qf, n);
+        s_qx[j] = dot(wq, xr, n);
+        s_w[j] = pairwise_f64(wr, n);
+        s_x[j] = dot(wr, xr, n);
     }
+}
+
+#define KQ_BATCH 8 /* blocks whose Σ w x² chains run side by side */
+
+/* Σ w x² of each of KQ_BATCH blocks x[i], w[i] (256 values): numpy's three-operand einsum,
+ * one float32 accumulator element after element, a chain of 256 dependent additions; the
+ * blocks' chains are independent, so they run side by side (one lane each). */
+static void block_xx(const float *const x[KQ_BATCH], const float (*w)[256], double *s_xx) {
+    v8 acc = splat8(0.0f);
+    for (int k = 0; k < 256; k++) {
+        v8 xv, wv;
+        for (int i = 0; i < KQ_BATCH; i++) xv[i] = x[i][k], wv[i] = w[i][k];
+        acc += (wv * xv) * xv;
+    }
+    for (int i = 0; i < KQ_BATCH; i++) s_xx[i] = 0.0f + acc[i];
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -340,6 +364,18 @@ static inline float round_half_away(float v) {
 }
 
 static inline float max_f(const float *a, int n) { /* np.max: NaN propagates */
+    if (n == 8 || n == 16) { /* lane-wise: the same value unless the order can matter (a NaN:
+                                the first one's payload; a maximum of ±0: the first zero's sign) */
+        v8 v0, v1;
+        memcpy(&v0, a, sizeof v0);
+        memcpy(&v1, a + (n - 8), sizeof v1); /* n == 8: the same vector twice */
+        const v8i nan = (v0 != v0) | (v1 != v1);
+        const v8 mm = sel8(v0 > v1, v0, v1);
+        float m = mm[0];
+        int any_nan = nan[0];
+        for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
+        if (!any_nan && m != 0.0f) return m;
+    }
     float m = a[0];
     for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
     return m;
@@ -354,11 +390,12 @@ static void importance_block(const float *x, const float *qw, float sigma_factor
     for (int k = 0; k < 256; k++) w[k] = qw[k] * __builtin_sqrtf(sigma2 + x[k] * x[k]);
 }
 
-/* common.refit_super_scales for one block: the new (d, dmin) where they lower the error */
+/* common.refit_super_scales for one block (Σ w x² given): the new (d, dmin) where they lower
+ * the error */
 static void refit_super(const float *x, const float *w, const uint8_t *q, const float *ls,
-                        const float *lm, int32_t subs, int32_t sub, float *d, float *dmin) {
-    double s_q[16], s_qq[16], s_qx[16], s_w[16], s_x[16], s_xx, t[5][16];
-    kquant_refit_sums(x, w, q, 1, subs, sub, s_q, s_qq, s_qx, s_w, s_x, &s_xx);
+                        const float *lm, int32_t subs, int32_t sub, double s_xx, float *d, float *dmin) {
+    double s_q[16], s_qq[16], s_qx[16], s_w[16], s_x[16], t[5][16];
+    kquant_refit_sums(x, w, q, subs, sub, s_q, s_qq, s_qx, s_w, s_x);
     for (int j = 0; j < subs; j++) {
         const double a = ls[j], c = lm[j];
         t[0][j] = a * a * s_qq[j];
@@ -410,26 +447,45 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
     const int32_t sub = kind == 4 ? 32 : 16, subs = 256 / sub, nmax = kind == 4 ? 15 : 3;
     const float lmax = kind == 4 ? 63.0f : 15.0f;
     const int64_t block_bytes = kind == 4 ? 144 : 84;
-    for (int64_t b = 0; b < n_blocks; b++) {
-        const float *x = xb + 256 * b;
-        uint8_t *o = out + block_bytes * b;
-        float w[256], scale[16], m[16], ls[16], lm[16];
-        uint8_t q[256];
+    static const float zeros[256];
+    float w_batch[KQ_BATCH][256], d_batch[KQ_BATCH], dmin_batch[KQ_BATCH], ls_batch[KQ_BATCH][16],
+        lm_batch[KQ_BATCH][16];
+    uint8_t q_batch[KQ_BATCH][256];
+    for (int64_t b0 = 0; b0 < n_blocks; b0 += KQ_BATCH) {
+    const int nb = n_blocks - b0 < KQ_BATCH ? (int)(n_blocks - b0) : KQ_BATCH;
+    const float *x_at[KQ_BATCH];
+    double s_xx[KQ_BATCH];
+    for (int i = 0; i < KQ_BATCH; i++) { /* weights, sub-block (scale, min) fits, first codes */
+        if (i >= nb) { /* lanes past the last block: zeros */
+            x_at[i] = zeros;
+            memset(w_batch[i], 0, sizeof w_batch[i]);
+            continue;
+        }
+        const int64_t b = b0 + i;
+        const float *x = x_at[i] = xb + 256 * b;
+        float *w = w_batch[i], *ls = ls_batch[i], *lm = lm_batch[i], scale[16], m[16];
         if (qw != NULL)
             importance_block(x, qw + 256 * b, sigma_factor, w);
         else
             kquant_plain_weights(x, subs, sub, w);
         for (int j = 0; j < subs; j += 8)
             fit_rows8(x + sub * j, w + sub * j, sub, (float)nmax, steps, n_steps, refine, scale + j, m + j);
-        float d = f16_to_f32(f32_to_f16(max_f(scale, subs) / lmax));
-        float dmin = f16_to_f32(f32_to_f16(max_f(m, subs) / lmax));
+        const float d = f16_to_f32(f32_to_f16(max_f(scale, subs) / lmax));
+        const float dmin = f16_to_f32(f32_to_f16(max_f(m, subs) / lmax));
         const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
         for (int j = 0; j < subs; j++) {
             ls[j] = clip_f(round_half_away(scale[j] / dsafe), lmax);
             lm[j] = clip_f(round_half_away(m[j] / msafe), lmax);
         }
-        block_codes(x, d, dmin, ls, lm, subs, sub, nmax, q);
-        refit_super(x, w, q, ls, lm, subs, sub, &d, &dmin);
+        block_codes(x, d, dmin, ls, lm, subs, sub, nmax, q_batch[i]);
+        d_batch[i] = d, dmin_batch[i] = dmin;
+    }
+    block_xx(x_at, (const float (*)[256])w_batch, s_xx);
+    for (int i = 0; i < nb; i++) { /* super-scale refit, final codes, packing */
+        const float *x = x_at[i], *ls = ls_batch[i], *lm = lm_batch[i];
+        uint8_t *q = q_batch[i], *o = out + block_bytes * (b0 + i);
+        float d = d_batch[i], dmin = dmin_batch[i];
+        refit_super(x, w_batch[i], q, ls, lm, subs, sub, s_xx[i], &d, &dmin);
         block_codes(x, d, dmin, ls, lm, subs, sub, nmax, q);
         const uint16_t hd = f32_to_f16(d), hm = f32_to_f16(dmin);
         if (kind == 4) {
@@ -452,5 +508,6 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                 }
             o[80] = hd & 255, o[81] = hd >> 8, o[82] = hm & 255, o[83] = hm >> 8;
         }
+    }
     }
 }
