@@ -163,7 +163,12 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
         for shared in ("shared float32", "shared Q8_0"):
             assert any(line.startswith(f"{name} + shared") and "MXFP4-mlx" in line
                        and shared in line for line in out.splitlines()), (name, shared, out)
-    assert "all 44 kernel checks passed" in out
+    # the router's selection inside moe_gate_up_decode: with the format's kernels, and at the
+    # router's dims (top-6 of 8)
+    for variant in ("MXFP4-mlx", "router"):
+        assert any(line.startswith("moe_gate_up_decode + route") and variant in line
+                   for line in out.splitlines()), (variant, out)
+    assert "all 46 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):
@@ -216,7 +221,9 @@ def test_demo_model_with_a_broken_kernel_gives_the_ops_path_logits(demo, first_u
                  GATE_UP_WRITE.replace("= ds4_swiglu", "= 1.5f * ds4_swiglu"))
     got = model(tokens)
     lines = warnings_in(capfd.readouterr().err)
-    assert len(lines) == 1 and "kernel MXFP4-mlx (float32) switched off" in lines[0], lines
+    # the experts' variant, and the router's, whose check runs its selection inside that kernel
+    assert len(lines) == 2 and "kernel MXFP4-mlx (float32) switched off" in lines[0], lines
+    assert "kernel router (float32" in lines[1] and "moe_gate_up_decode + route" in lines[1], lines
     # hc_pre passed its check and still runs as a kernel: equal up to float32 rounding
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
 

@@ -16,9 +16,9 @@ import numpy as np
 from ..quant import gguf as gguf_formats
 from ..quant.codecs import MX_GROUP
 from . import attention, dispatch, hyper, moe, router
-from .source import dtype_name
+from .source import ROUTE_MAX_K, dtype_name
 
-CHECK_VERSION = 5  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 6  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -206,7 +206,36 @@ def _shared_fold_cases(v: str, fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, w
 
         out += [Case("moe_gate_up_decode + shared", f"shared {sf}, 1 token", gate_up),
                 Case("moe_down_decode + shared", f"shared {sf}, 1 token", down)]
-    return out
+    return out + [_routed_case(fmt, dt, min(k, e), e, w1, w3, x_scale)]
+
+
+def _routed_case(fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, x_scale: float,
+                 renormalize: bool = True) -> Case:
+    """moe_gate_up_decode selecting the token's experts itself (ROUTE), with the shared expert
+    in the activation dtype as the model runs it: mid, ids and route weights against the
+    router's twin and the gate/up twin (both sides sorted by expert id)."""
+    shared = moe.Shared((_acts((2 * _ROWS, _K_IN), 120, dt, 0.02), dtype_name(dt)),
+                        (_acts((_DOWN_ROWS, _ROWS), 121, dt, 0.02), dtype_name(dt)))
+
+    def run():
+        rng = np.random.default_rng(e + k)
+        x = _acts((1, _K_IN), 122, dt, x_scale)
+        route = router.Route(mx.array((rng.standard_normal((1, e)) * 4).astype(np.float32)),
+                             mx.array((rng.standard_normal(e) * 0.1).astype(np.float32)),
+                             k, renormalize, 1.5)
+        return (_routed_by_id(*moe.moe_gate_up_routed(x, w1, w3, fmt, route, 10.0, shared)),
+                _routed_by_id(*moe.moe_gate_up_routed_ops(x, w1, w3, fmt, route, 10.0, shared)))
+
+    return Case("moe_gate_up_decode + route", f"top-{k} of {e} picked in the kernel, shared "
+                f"{dtype_name(dt)}", run)
+
+
+def _routed_by_id(mid: mx.array, idx: mx.array, w: mx.array) -> list[mx.array]:
+    """(mid, ids, weights) with the routed slots in expert-id order (the shared slot last)."""
+    k = idx.shape[1]
+    order = mx.argsort(idx, axis=-1)
+    slots = mx.take_along_axis(mid[:, :k], order[..., None], axis=1)
+    return [mx.concatenate([slots, mid[:, k:]], axis=1), *_by_id(idx, w)]
 
 
 def _hc_cases(spec: Spec) -> list[Case]:
@@ -493,8 +522,13 @@ def _router_cases(spec: Spec) -> list[Case]:
             return _by_id(*router.router_topk(*args)), _by_id(*router.router_topk_ops(*args))
         return run
 
-    return [Case("router_topk", f"{n} token{'s' * (n > 1)}, top-{k} of {e}", run_for(n))
-            for n in (1, 3)]
+    out = [Case("router_topk", f"{n} token{'s' * (n > 1)}, top-{k} of {e}", run_for(n))
+           for n in (1, 3)]
+    if k <= ROUTE_MAX_K:  # the same selection inside the decode MoE kernel, at these dims
+        w1, w3 = (random_experts("Q8_0", e, _ROWS, _K_IN, seed) for seed in (4, 5))
+        out.append(_routed_case("Q8_0", mx.float32, k, e, w1, w3, 8.0 / (0.02 * _K_IN ** 0.5),
+                                bool(spec.renormalize)))
+    return out
 
 
 def _shared_cases(spec: Spec) -> list[Case]:
