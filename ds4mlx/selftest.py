@@ -85,7 +85,9 @@ def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
                      index_head_dim=config.index_head_dim),
                 spec(kernels.INDEXER, mx.float32, index_topk=config.index_topk),
                 spec(kernels.INDEXER, dtype, index_head_dim=config.index_head_dim,
-                     rope_dims=rd)]  # the queries (kernel index_q)
+                     rope_dims=rd),  # the queries (kernel index_q)
+                spec(kernels.INDEXER, dtype, index_heads=config.index_n_heads,
+                     index_head_dim=config.index_head_dim, rope_dims=rd)]  # both in one launch
     if any(not config.is_hash_layer(i) for i in main) or config.num_nextn_predict_layers:
         out.append(spec(kernels.ROUTER, mx.float32, n_experts=config.n_routed_experts,
                         experts_per_token=config.num_experts_per_tok,

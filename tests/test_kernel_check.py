@@ -155,7 +155,8 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     # and the fused kernels at the demo's dims
     for name, variant in (("attn_decode", "attention"), ("rope_rows", "rope_rows"),
                           ("indexer_scores", "indexer"), ("indexer_topk", "indexer"),
-                          ("index_q", "indexer"), ("router_topk", "router"),
+                          ("index_q", "indexer"), ("indexer_scores_q", "indexer"),
+                          ("router_topk", "router"),
                           ("comp_rows", "rope_rows")):
         assert (name, variant) in kernels_seen, out
     # the MXFP4-mlx cases include the decode kernels with the shared expert folded in
@@ -168,7 +169,7 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     for variant in ("MXFP4-mlx", "router"):
         assert any(line.startswith("moe_gate_up_decode + route") and variant in line
                    for line in out.splitlines()), (variant, out)
-    assert "all 46 kernel checks passed" in out
+    assert "all 48 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):

@@ -340,6 +340,8 @@ def _attention_cases(spec: Spec) -> list[Case]:
 
 def _indexer_cases(spec: Spec) -> list[Case]:
     out = []
+    if spec.index_heads and spec.index_head_dim and spec.rope_dims:  # scores making their queries
+        return _scores_q_cases(spec)
     if spec.index_heads and spec.index_head_dim:
         h, hd = spec.index_heads, spec.index_head_dim
 
@@ -370,6 +372,29 @@ def _indexer_cases(spec: Spec) -> list[Case]:
     if spec.index_head_dim and spec.rope_dims:
         out += _index_q_cases(spec)
     return out
+
+
+def _scores_q_cases(spec: Spec) -> list[Case]:
+    """indexer_scores_q: the queries' steps (index_q) inside the scores' launch, at the model's
+    heads and widths, keys in the queries' dtype; over two threadgroups of key passes."""
+    h, d, rd, dt = spec.index_heads, spec.index_head_dim, spec.rope_dims, spec.dtype
+    freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+    nk = attention.INDEX_THREADS // 8 * attention.INDEX_KEY_PASSES + _KEYS
+
+    def run_for(s: int, fp4: bool) -> Callable:
+        def run():
+            rng = np.random.default_rng(s + 7)
+            q = _acts((1, s, h, d), 130 + s, dt, 2.0)
+            w = mx.array(rng.standard_normal((1, s, h)).astype(np.float32)).astype(dt)
+            keys = _acts((1, nk, d), 131 + s, dt)
+            n_vis = mx.array(np.array([nk, 3, nk - 40][:s], np.int32))
+            iq = attention.IndexQueries(q, w, np.arange(70001, 70001 + s)[None], freqs, 0.125, fp4)
+            return ([attention.indexer_scores(iq, None, keys, n_vis)],
+                    [attention.indexer_scores_ops_q(iq, keys, n_vis)])
+        return run
+
+    return [Case("indexer_scores_q", f"{s} token{'s' * (s > 1)} x {h} heads, {nk} keys"
+                 f"{', Hadamard + FP4' * fp4}", run_for(s, fp4)) for s, fp4 in ((1, True), (3, False))]
 
 
 def _index_q_cases(spec: Spec) -> list[Case]:

@@ -8,6 +8,8 @@
 // DS4_ATTN_SG (simdgroups per threadgroup) is defined from Python. Exponentials are precise::,
 // so the weights match the twin's softmax(precise=True).
 
+#include "index_q.h"
+
 #define DS4_ATTN_TG (32 * DS4_ATTN_SG)
 
 METAL_FUNC float ds4_neg_inf() { return as_type<float>(0xff800000u); }
@@ -174,6 +176,63 @@ if (group == 0 && key < uint(NK)) {
   float sum = 0.0f;
   for (int g = 0; g < HG; ++g) sum += part[g * KT + t];  // head groups in order
   scores[ulong(bs) * uint(NK) + key] = int(key) < vis ? sum : ds4_neg_inf();
+}
+
+// @kernel indexer_scores_q
+// indexer_scores with kernel index_q's work in the same launch: x [B * S * H, HD] (QT) the
+// queries as projected, wr [B * S * H] (WT) the head weights as projected, pos [B * S] int32,
+// freqs [RD / 2] float32, wscale; keys, n_vis, S, NK and scores as in indexer_scores. Each
+// threadgroup first makes its token's H query rows itself (ds4_index_q_row, metal/index_q.h:
+// RoPE, with FP4 Hadamard + FP4; a simdgroup per row, the angles' cos / sin once per
+// threadgroup) into threadgroup memory as QS, which is exact: every value is already rounded to
+// QT, and with FP4 it is an e2m1 value (2 mantissa bits) times a power of two, so QS is QT, or
+// bfloat16 where QT is float32; and w_h = wr_h * wscale. Then it scores DS4_INDEX_KPT * KT keys
+// (KT = TG / HG per pass, as indexer_scores; the passes share the queries' cost).
+// Grid (TG * ceil(NK / (KT * KPT)), B * S), threadgroup (TG, 1, 1).
+const int HG = 8;
+const int KT = DS4_INDEX_TG / HG;
+const int DPL = HD / 32;
+threadgroup QS qs[H * HD];
+threadgroup float ws[H];
+threadgroup float cs[RD / 2];
+threadgroup float sn[RD / 2];
+threadgroup float part[DS4_INDEX_TG];
+uint bs = threadgroup_position_in_grid.y;
+uint b = bs / uint(S);
+uint s = bs % uint(S);
+uint t = thread_index_in_threadgroup;
+uint lane = thread_index_in_simdgroup;
+ds4_rope_table(float(pos[bs]), freqs, uint(RD / 2), t, DS4_INDEX_TG, cs, sn);
+threadgroup_barrier(mem_flags::mem_threadgroup);
+for (uint h = simdgroup_index_in_threadgroup; h < uint(H); h += DS4_INDEX_TG / 32) {
+  float v[DPL];
+  ds4_index_q_row<QT, HD, RD, FP4>(x + (ulong(bs) * uint(H) + h) * uint(HD), lane, cs, sn, v);
+  for (int j = 0; j < DPL; ++j) qs[h * uint(HD) + lane * uint(DPL) + j] = QS(v[j]);
+  if (lane == 0) ws[h] = float(wr[ulong(bs) * uint(H) + h]) * wscale;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+uint group = t / uint(KT);
+int vis = n_vis[s];
+for (uint pass = 0; pass < uint(DS4_INDEX_KPT); ++pass) {  // uniform: barriers inside
+  uint key = (threadgroup_position_in_grid.x * uint(DS4_INDEX_KPT) + pass) * uint(KT) +
+             t % uint(KT);
+  float total = 0.0f;
+  if (key < uint(NK) && int(key) < vis) {
+    ulong krow = (ulong(b) * uint(NK) + key) * uint(HD);
+    for (uint h = group; h < uint(H); h += HG) {
+      float dot = 0.0f;
+      for (int d = 0; d < HD; ++d) dot += float(qs[h * uint(HD) + uint(d)]) * float(keys[krow + d]);
+      total += ws[h] * max(dot, 0.0f);
+    }
+  }
+  part[t] = total;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (group == 0 && key < uint(NK)) {
+    float sum = 0.0f;
+    for (int g = 0; g < HG; ++g) sum += part[g * KT + t];  // head groups in order
+    scores[ulong(bs) * uint(NK) + key] = int(key) < vis ? sum : ds4_neg_inf();
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
 // @kernel indexer_topk
