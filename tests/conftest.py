@@ -13,6 +13,8 @@ from ds4mlx.synthetic import make_4expert, write_tiny_checkpoint
 # The tests compare kernels with their ops twins themselves; the first-use check would switch a
 # broken kernel off and hide it (tests of the check turn it back on).
 os.environ["DS4MLX_KERNEL_CHECK"] = "off"
+# Emulated launches start their threadgroups shuffled: a kernel must not depend on their order.
+os.environ.setdefault("DS4MLX_EMU_GROUPS", "shuffled")
 
 
 @pytest.fixture(autouse=True)

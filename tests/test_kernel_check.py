@@ -107,6 +107,24 @@ def test_compile_failure_is_switched_off_and_ops_serves(first_use, monkeypatch, 
         assert "KernelEmulationError" in lines[0] and "does not compile" in lines[0]
 
 
+def test_grid_sync_is_checked_once_and_switched_off_without_the_fence(first_use, monkeypatch,
+                                                                       capfd):
+    # passes and is recorded on a kernel backend with the fence
+    assert kernels.dispatch.grid_sync() and kernels.dispatch.grid_sync()
+    assert len(list(first_use.glob("kernel-checks/grid_sync-float32-*.json"))) == 1
+    assert warnings_in(capfd.readouterr().err) == []
+    # as on a Mac before macOS 15 (Metal 3.1): no atomic_thread_fence, the probe cannot compile
+    check.reset()
+    break_kernel(monkeypatch, "grid.metal", "grid_sum", "s = simd_sum(s);",
+                 "s = simd_sum(s); metal_3_1_has_no_fence();")
+    assert not kernels.dispatch.grid_sync() and not kernels.dispatch.grid_sync()
+    lines = warnings_in(capfd.readouterr().err)
+    assert len(lines) == 1 and "kernel grid_sync (float32) switched off" in lines[0], lines
+    assert "grid_sum failed" in lines[0]
+    kernels.set_backend("ops")
+    assert not kernels.dispatch.grid_sync()  # no kernels, no grid form
+
+
 def test_a_pass_is_recorded_and_later_runs_skip_the_check(first_use, monkeypatch):
     calls = []
     real = check.run_spec

@@ -267,3 +267,97 @@ def test_unset_simdgroup_matrix_and_scalar_constructor_are_not_zero():
     assert np.isnan(garbage).all()
     diag = np.asarray(run_sgm("sgm_diag", body="acc = simdgroup_float8x8(0.5f);"))
     np.testing.assert_array_equal(diag.reshape(2, 8, 8)[0], 0.5 * np.eye(8))
+
+
+# ------------------------------------------------------------------------- threadgroup order
+# The last-threadgroup pattern of metal/grid.h: each threadgroup of 32 lanes sums its chunk of
+# x into part[g]; one threadgroup then adds the parts. LAST picks that one, ORDER the order it
+# reads them in, RESET puts the counter back.
+GRID = """
+threadgroup uint last_flag[1];
+uint g = threadgroup_position_in_grid.x;
+uint groups = threadgroups_per_grid.x;
+uint t = thread_index_in_threadgroup;
+device atomic_uint* parts = (device atomic_uint*)part;
+device atomic_uint* cnt = (device atomic_uint*)counter;
+float s = simd_sum(x[g * 32 + t]);
+if (t == 0) ds4_grid_put(parts + g, s);
+LAST
+if (t == 0) {
+  float total = 0.0f;
+  for (uint c = 0; c < groups; ++c) total += ds4_grid_get(parts + ORDER);
+  out[0] = total;
+}
+RESET
+"""
+COUNTED = "if (!ds4_grid_last(cnt, groups, t, last_flag)) return;"
+RESET = "ds4_grid_reset(cnt, t);"
+
+
+def run_grid(name: str, x: mx.array, last: str = COUNTED, order: str = "c", reset: str = RESET,
+             counter: mx.array | None = None) -> mx.array:
+    from ds4mlx.kernels.source import METAL_DIR
+
+    header = (METAL_DIR / "grid.h").read_text().replace("#pragma once", "")
+    src = GRID.replace("LAST", last).replace("ORDER", order).replace("RESET", reset)
+    k = kernel_emu.metal_kernel(name=name, input_names=["x", "counter"],
+                                output_names=["out", "part"], source=src, header=header)
+    groups = x.size // 32
+    counter = mx.zeros((8,), dtype=mx.uint32) if counter is None else counter
+    return k(inputs=[x, counter], grid=(32 * groups, 1, 1), threadgroup=(32, 1, 1),
+             output_shapes=[(1,), (groups,)], output_dtypes=[mx.float32, mx.uint32])[0]
+
+
+def test_reading_other_threadgroups_results_without_the_counter_fails(monkeypatch):
+    # Broken: the threadgroup with the highest id adds the parts, as if it ran last; it does on
+    # one OS thread in forward order, not when the threadgroups start reversed or shuffled.
+    monkeypatch.setenv("DS4MLX_EMU_THREADS", "1")
+    monkeypatch.setenv("DS4MLX_EMU_GROUPS", "forward")
+    x = mx.array(np.random.default_rng(0).standard_normal(16 * 32).astype(np.float32))
+    with pytest.raises(KernelEmulationError, match="grid_uncounted: output out depends on the "
+                       "order the lanes or the threadgroups run in"):
+        run_grid("grid_uncounted", x, last="if (g != groups - 1) return;", reset="")
+    # fixed: counted in, on 2 OS threads (real atomics), the threadgroups shuffled
+    monkeypatch.setenv("DS4MLX_EMU_THREADS", "2")
+    monkeypatch.setenv("DS4MLX_EMU_GROUPS", "shuffled")
+    counter = mx.zeros((8,), dtype=mx.uint32)
+    for _ in range(3):  # the order check runs the first launch 3 times; then 2 more launches
+        got = run_grid("grid_counted", x, counter=counter)
+        np.testing.assert_allclose(np.asarray(got), [np.asarray(x).sum()], rtol=1e-5)
+    assert np.asarray(counter).tolist() == [0] * 8
+
+
+def test_summing_parts_in_the_order_they_arrive_fails(monkeypatch):
+    # Broken: the last threadgroup starts from its own part, so the float sum's order (and its
+    # rounding) depends on which one was last: 1e8 - 1e8 + 1 = 1, but 1 + 1e8 - 1e8 = 0.
+    monkeypatch.setenv("DS4MLX_EMU_GROUPS", "forward")
+    x = np.zeros(3 * 32, np.float32)
+    x[0], x[32], x[64] = 1e8, -1e8, 1.0
+    x = mx.array(x)
+    with pytest.raises(KernelEmulationError, match="grid_arrival: output out depends on the order"):
+        run_grid("grid_arrival", x, order="(g + c) % groups")
+    monkeypatch.setenv("DS4MLX_EMU_GROUPS", "shuffled")
+    assert np.asarray(run_grid("grid_fixed_order", x)).tolist() == [1.0]  # chunk order, exactly
+
+
+def test_a_counter_not_put_back_fails():
+    x = mx.ones((4 * 32,))
+    with pytest.raises(KernelEmulationError, match="grid_no_reset: the launch left input counter "
+                       "changed"):
+        run_grid("grid_no_reset", x, reset="")
+
+
+def test_atomic_functions_take_relaxed_order_only():
+    src = """
+device atomic_uint* c = (device atomic_uint*)x;
+uint seen = atomic_fetch_add_explicit(c, 1u, ORDER);
+atomic_fetch_sub_explicit(c, 1u, memory_order_relaxed);
+out[thread_position_in_grid.x] = float(seen);
+"""
+    with pytest.raises(KernelEmulationError, match="atomic_fetch_add_explicit: Metal's atomic "
+                       "functions take memory_order_relaxed only"):
+        run(src.replace("ORDER", "memory_order_seq_cst"), [mx.zeros((8,), dtype=mx.uint32)], 1,
+            tg=1, name="atomic_seq_cst")
+    ok = run(src.replace("ORDER", "memory_order_relaxed"), [mx.zeros((8,), dtype=mx.uint32)], 1,
+             tg=1, name="atomic_relaxed")
+    assert np.asarray(ok).tolist() == [0.0]

@@ -8,6 +8,7 @@
 - :mod:`.hyper`: the fused hyper-connection pre.
 - :mod:`.attention`: decode attention, the Lightning Indexer, RMS + RoPE + FP8 rows.
 - :mod:`.router`: MoE router selection.
+- :mod:`.grid`: the probe of the grid-synchronised (multi-threadgroup, one launch) form.
 - :mod:`.emu`: the CPU emulator that runs the Metal sources on Linux.
 
 This package is the one place that decides whether a kernel serves a call; the model's modules
@@ -16,9 +17,9 @@ call the entry points re-exported here.
 
 from __future__ import annotations
 
-from .dispatch import (ATTENTION, BACKENDS, HC_PRE, INDEXER, KERNEL_FORMATS, NAMED_VARIANTS,
-                       ROPE_ROWS, ROUTER, SHARED_DOWN, KernelInputError, backend, disable,
-                       disabled, enable, enabled, serves, set_backend)
+from .dispatch import (ATTENTION, BACKENDS, GRID_SYNC, HC_PRE, INDEXER, KERNEL_FORMATS,
+                       NAMED_VARIANTS, ROPE_ROWS, ROUTER, SHARED_DOWN, KernelInputError, backend,
+                       disable, disabled, enable, enabled, serves, set_backend)
 from .hyper import hc_pre, hc_pre_ops
 from .router import Route
 from .moe import (Packed, QuantWeight, Shared, dequantize, dequantize_ops, gather_qmm_native,
@@ -31,7 +32,8 @@ from . import check  # installs the first-use check in dispatch
 
 __all__ = [
     "check",
-    "ATTENTION", "BACKENDS", "HC_PRE", "INDEXER", "KERNEL_FORMATS", "NAMED_VARIANTS", "ROPE_ROWS",
+    "ATTENTION", "BACKENDS", "GRID_SYNC", "HC_PRE", "INDEXER", "KERNEL_FORMATS", "NAMED_VARIANTS",
+    "ROPE_ROWS",
     "ROUTER", "SHARED_DOWN", "KernelInputError", "Packed", "QuantWeight", "Shared", "backend", "dequantize",
     "dequantize_ops", "disable", "disabled", "enable", "enabled", "gather_qmm_native",
     "gather_qmm_native_ops", "gguf_matmul", "gguf_switch_matmul", "hc_pre", "hc_pre_ops",

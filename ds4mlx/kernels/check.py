@@ -37,8 +37,8 @@ import numpy as np
 
 from . import dispatch, moe, source
 
-from .check_cases import (CHECK_VERSION, KEY_DIMS, MLX_PAIR, TOLERANCE, Case, Spec, _twins,
-                          cases, dtype_name, install_twin, random_experts, twin)
+from .check_cases import (CHECK_VERSION, KEY_DIMS, MLX_PAIR, SYNC_USERS, TOLERANCE, Case, Spec,
+                          _twins, cases, dtype_name, install_twin, random_experts, twin)
 
 # what the check's users reach through this module (the cases live in check_cases)
 __all__ = ["CHECK_VERSION", "KEY_DIMS", "MLX_PAIR", "TOLERANCE", "Case", "Spec", "Result", "_twins", "cases",
@@ -163,6 +163,8 @@ def record_key(spec: Spec) -> str:
     variant and dtype, and a named variant's template dims (:data:`KEY_DIMS`). The MoE cases
     cover both placements of the ids whatever k, so a pass holds for every k and E."""
     dims = spec.dims_text()
+    if spec.variant in SYNC_USERS:  # their cases include the grid form only where it works
+        dims += f" grid_sync={dispatch.grid_sync()}"
     what = [str(CHECK_VERSION), dispatch.backend(), _device(), mx.__version__, _sources(), spec.variant,
             dtype_name(spec.dtype), dims, str(moe.DECODE_MAX_PAIRS)]
     return hashlib.sha256("\0".join(what).encode()).hexdigest()[:32]
@@ -200,7 +202,7 @@ def record(spec: Spec, results: list[Result]) -> None:
 # ----------------------------------------------------------------------------- first use
 _verdicts: dict[tuple, bool] = {}
 _failures: dict[str, str] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a variant's check may first ask GRID_SYNC's (grid_sync)
 
 
 def mode() -> str:

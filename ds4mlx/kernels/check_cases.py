@@ -15,7 +15,7 @@ import numpy as np
 
 from ..quant import gguf as gguf_formats
 from ..quant.codecs import MX_GROUP
-from . import attention, dispatch, hyper, moe, router
+from . import attention, dispatch, grid, hyper, moe, router
 from .source import ROUTE_MAX_K, dtype_name
 
 CHECK_VERSION = 6  # bump when the cases change, so recorded passes are redone
@@ -39,7 +39,11 @@ KEY_DIMS: dict[str, tuple[str, ...]] = {
     dispatch.ROPE_ROWS: ("head_dim", "rope_dims", "q_rank"),
     dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
     dispatch.SHARED_DOWN: (),  # every size is a run-time argument
+    dispatch.GRID_SYNC: (),  # the probe: whether the multi-threadgroup form works at all
 }
+# Variants whose check covers their grid-synchronised form as well when dispatch.grid_sync()
+# allows it (their record key says which forms were checked).
+SYNC_USERS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,8 @@ def cases(spec: Spec) -> list[Case]:
     """The kernel calls that make up ``spec``'s check."""
     named = {dispatch.HC_PRE: _hc_cases, dispatch.ATTENTION: _attention_cases,
              dispatch.INDEXER: _indexer_cases, dispatch.ROPE_ROWS: _rope_cases,
-             dispatch.ROUTER: _router_cases, dispatch.SHARED_DOWN: _shared_cases}
+             dispatch.ROUTER: _router_cases, dispatch.SHARED_DOWN: _shared_cases,
+             dispatch.GRID_SYNC: _grid_cases}
     return named.get(spec.variant, _moe_cases)(spec)
 
 
@@ -270,6 +275,23 @@ def _hc_cases(spec: Spec) -> list[Case]:
                  f"{', previous post and norm' * fused}{', float32 x' * (fused and n == 1)}",
                  run_for(n, fused))
             for n, fused in ((1, False), (3, False), (1, True), (2, True))]
+
+
+def _grid_cases(spec: Spec) -> list[Case]:
+    # several launches on one counter: a counter not put back breaks the next one
+    def run_for(shapes: tuple[tuple[int, int], ...]) -> Callable:
+        def run():
+            xs = [_acts(s, 60 + i, mx.float32) for i, s in enumerate(shapes)]
+            got = []
+            for x in xs:
+                got.append(grid.grid_sum(x))
+                mx.eval(got[-1])
+            return got, [grid.grid_sum_ops(x) for x in xs]
+        return run
+
+    return [Case("grid_sum", "1 row of 16 threadgroups, twice", run_for(((1, 1024), (1, 1024)))),
+            Case("grid_sum", "3 rows of 4 threadgroups (the last partial), then 1 of 1",
+                 run_for(((3, 200), (1, 40))))]
 
 
 def _attention_cases(spec: Spec) -> list[Case]:

@@ -4,9 +4,10 @@ The backend is chosen once, on first use, from ``DS4MLX_KERNELS`` and the defaul
 ``metal`` (the GPU kernels), ``ops`` (the twins: MLX ops with the same semantics) or ``emulate``
 (the same Metal sources compiled as C++ and run on the CPU by :mod:`ds4mlx.kernels.emu`).
 Default: ``metal`` when Metal is available and the default device is the GPU, else ``ops``.
-Single variants (a weight format's kernels, or a named kernel such as ``HC_PRE``) can be switched
-off with :func:`disable`, and each is checked against its twin on first use in a process
-(:mod:`ds4mlx.kernels.check`); a switched-off variant is served by its ops twin.
+Single variants (a weight format's kernels, or a named kernel such as ``HC_PRE``; ``GRID_SYNC``
+is the multi-threadgroup form of the kernels that have one, see :func:`grid_sync` and
+:func:`counter`) can be switched off with :func:`disable`, and each is checked against its twin
+on first use in a process (:mod:`ds4mlx.kernels.check`); a switched-off variant is served by its ops twin.
 
 Entry points call :func:`backend`, :func:`serves` and :func:`run` through this module's
 attributes, so a profiler can stand in for the launch (``scripts/decode_profile.py``).
@@ -19,6 +20,7 @@ import os
 from typing import Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from . import source
 from .source import KERNEL_FORMATS
@@ -30,7 +32,11 @@ INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
 ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
 ROUTER = "router"  # fused MoE router selection (kernels/router.py)
 SHARED_DOWN = "shared_down"  # shared expert's SwiGLU + down + routed sum (kernels/moe.py)
-NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER, SHARED_DOWN)  # not weight formats
+# The one-launch multi-threadgroup form of kernels (metal/grid.h; probe kernel in kernels/grid.py):
+# switched off, or failing its check (no Metal 3.2), they take their one-threadgroup form.
+GRID_SYNC = "grid_sync"
+NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER, SHARED_DOWN,
+                  GRID_SYNC)  # not weight formats
 
 
 class KernelInputError(ValueError):
@@ -109,6 +115,34 @@ def serves(fmt: str) -> bool:
 def first_use_ok(variant: str, dtype: mx.Dtype, **dims: int) -> bool:
     """The first-use check of ``variant`` at ``dtype`` (kernels/check.py); True once passed."""
     return _check is None or _check.passes(variant, dtype, **dims)
+
+
+def grid_sync() -> bool:
+    """Whether kernels may take their grid-synchronised form (several threadgroups in one
+    launch, the last to finish combining: metal/grid.h): on a kernel backend, unless
+    ``GRID_SYNC`` is switched off or its probe fails the first-use check (no Metal 3.2). Ask
+    it outside a check's forced run (which passes every variant): the check cases pick the
+    form explicitly."""
+    return backend() != "ops" and enabled(GRID_SYNC) and first_use_ok(GRID_SYNC, mx.float32)
+
+
+# Arrival counters of the grid-synchronised kernels, by call site. A persistent zeroed input
+# that the kernel's last threadgroup puts back to 0, rather than an output with init_value:
+# that would be a fill launch per call. MLX does not know the kernel writes it, so launches that
+# share one must be ordered by their data (each hc_pre reads what the previous layer produced).
+_counters: dict[str, mx.array] = {}
+
+
+def counter(key: str, n: int) -> mx.array:
+    """A uint32 array of zeros, at least ``n`` long (and 8: shorter inputs would be passed in
+    the `constant` space, which a kernel cannot write), the same one for every call with ``key``
+    (one per call site): a kernel casts it to ``device atomic_uint*``, one counter per row."""
+    have = _counters.get(key)
+    if have is None or have.size < n:
+        have = mx.array(np.zeros(max(n, 8, 0 if have is None else 2 * have.size), np.uint32))
+        mx.eval(have)
+        _counters[key] = have
+    return have
 
 
 class FirstUseCheck(Protocol):

@@ -22,10 +22,18 @@ Stricter than the GPU, so that what Metal would refuse or break fails here first
 - ``-pedantic-errors``: variable-length arrays and other GNU extensions are refused;
 - threadgroup memory is capped at Metal's 32 KB and filled with 0xFF bytes at the start of every
   threadgroup (metal/emu_runtime.h);
-- lane order: the first launch of each compiled kernel runs every threadgroup with its lanes
-  forward, reversed and shuffled, and the outputs must be byte-identical (a missing barrier
-  shows up as a difference); ``$DS4MLX_EMU_ORDERS`` = ``every`` checks every launch, ``off``
-  none;
+- lane and threadgroup order: the first launch of each compiled kernel runs every threadgroup
+  with its lanes forward, reversed and shuffled, the threadgroups started in the same three
+  orders, and the outputs must be byte-identical (a missing barrier, or a threadgroup that
+  reads another's results without the counter pattern of ``dispatch.counters``, or sums them
+  in arrival order, shows up as a difference); ``$DS4MLX_EMU_ORDERS`` = ``every`` checks every
+  launch, ``off`` none; ``$DS4MLX_EMU_GROUPS`` (``forward``, ``reversed``, ``shuffled``; the
+  tests run ``shuffled``) orders the threadgroups of the other launches;
+- inputs are read-only: a launch that leaves an input changed fails (a counter of the
+  "last threadgroup" pattern must be put back to 0; checked on every launch for inputs up to
+  64 KiB, on the order-checked ones for all);
+- atomics (atomic_int / atomic_uint, device or threadgroup): memory_order_relaxed only, as in
+  Metal; ordering comes from ``atomic_thread_fence`` (Metal 3.2);
 - fast math: ``fast::`` and unqualified transcendental functions are off by up to 4 ulp
   (metal/metal_compat.h), ``precise::`` is libm;
 - simdgroup matrices (``simdgroup_float8x8`` etc., metal/metal_compat.h): 8 x 8 fragments spread
@@ -279,8 +287,8 @@ def load_library(cpp: str, name: str) -> ctypes.CDLL:
         lib.ds4emu_launch.restype = ctypes.c_int
         lib.ds4emu_launch.argtypes = [
             ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong),
-            ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_longlong, ctypes.c_int,
-            ctypes.c_char_p, ctypes.c_int,
+                  ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_longlong, ctypes.c_int,
+            ctypes.c_int, ctypes.c_longlong, ctypes.c_char_p, ctypes.c_int,
         ]
         _LIBS[digest] = lib
         return lib
@@ -360,9 +368,10 @@ class EmulatedKernel:
         lines.append("}  // namespace")
         lines.append(
             'extern "C" int ds4emu_launch(void** args, const long long* grid, const long long* tg,'
-            " int workers, long long stack, int order, char* err, int errlen) {\n"
-            "  return mtlemu::launch(lane_entry, args, grid, tg, workers, stack, order, err, errlen);"
-            "\n}\n"
+            " int workers, long long stack, int order, int group_order, long long seed, char* err,"
+            " int errlen) {\n"
+            "  return mtlemu::launch(lane_entry, args, grid, tg, workers, stack, order,"
+            " group_order, seed, err, errlen);\n}\n"
         )
         return "\n".join(lines)
 
@@ -394,9 +403,12 @@ class EmulatedKernel:
         lib = load_library(cpp, cname)
 
         keep: list[np.ndarray] = []
-        for arr, (has_shape, has_strides, has_ndim) in zip(arrays, self.shape_infos):
+        given: list[tuple[str, np.ndarray]] = []  # the inputs proper (not the shape extras)
+        for in_name, arr, (has_shape, has_strides, has_ndim) in zip(
+                self.input_names, arrays, self.shape_infos):
             np_dtype = _dtype_info(arr.dtype, f"{name} input")[0]
             keep.append(_to_numpy(arr, np_dtype))
+            given.append((in_name, keep[-1]))
             if arr.ndim > 0:
                 if has_shape:
                     keep.append(np.array(arr.shape, dtype=np.int32))
@@ -405,7 +417,11 @@ class EmulatedKernel:
                     keep.append(np.ascontiguousarray(strides, dtype=np.int64))
                 if has_ndim:
                     keep.append(np.array(arr.ndim, dtype=np.int32))
-        def launch(order: str) -> list[np.ndarray]:
+        checked = _check_orders(cpp)
+
+        def launch(order: str, groups: str) -> list[np.ndarray]:
+            watched = [(n, b, b.copy()) for n, b in given
+                       if checked or b.nbytes <= _WATCH_BYTES]
             outs = []
             for shape, dtype in zip(output_shapes, output_dtypes):
                 np_dtype = _dtype_info(dtype, f"{name} output")[0]
@@ -420,19 +436,29 @@ class EmulatedKernel:
             err = ctypes.create_string_buffer(512)
             rc = lib.ds4emu_launch(ptrs, (ctypes.c_longlong * 3)(*grid),
                                    (ctypes.c_longlong * 3)(*threadgroup), _workers(),
-                                   _stack_size(), ORDERS[order], err, len(err))
+                                   _stack_size(), ORDERS[order], ORDERS[groups], _next_seed(),
+                                   err, len(err))
             if rc != 0:
                 raise KernelEmulationError(f"{name}: {err.value.decode(errors='replace')}")
+            for in_name, buf, before in watched:
+                if buf.tobytes() != before.tobytes():
+                    raise KernelEmulationError(
+                        f"{name}: the launch left input {in_name} changed (a kernel may write an "
+                        "input only as a counter it puts back to 0: kernels/dispatch.py counters)")
             return outs
 
-        outs = launch("forward")
-        if _check_orders(cpp):
+        first_groups = _group_order()
+        outs = launch("forward", first_groups)
+        if checked:
             for order in ("reversed", "shuffled"):
-                for out_name, a, b in zip(self.output_names, outs, launch(order)):
+                for out_name, a, b in zip(self.output_names, outs, launch(order, order)):
                     if a.tobytes() != b.tobytes():
                         raise KernelEmulationError(
-                            f"{name}: output {out_name} depends on the order the lanes run in "
-                            f"(forward vs {order}); a threadgroup_barrier is probably missing")
+                            f"{name}: output {out_name} depends on the order the lanes or the "
+                            f"threadgroups run in (lanes forward, threadgroups {first_groups} vs "
+                            f"both {order}); a threadgroup_barrier is probably missing, or a "
+                            "threadgroup reads another's results without the counter pattern "
+                            "(kernels/dispatch.py counters) or sums them in arrival order")
         results = []
         for buf, dtype in zip(outs, output_dtypes):
             out = mx.array(buf)
@@ -454,6 +480,25 @@ def _check_orders(cpp: str) -> bool:
             return False
         _ORDER_CHECKED.add(key)
         return True
+
+
+_WATCH_BYTES = 64 * 1024  # inputs up to this size are compared after every launch
+_seed = [0]
+
+
+def _next_seed() -> int:
+    # each launch shuffles its threadgroups differently (deterministic within a process)
+    with _LOCK:
+        _seed[0] += 1
+        return _seed[0]
+
+
+def _group_order() -> str:
+    order = os.environ.get("DS4MLX_EMU_GROUPS", "forward").strip().lower() or "forward"
+    if order not in ORDERS:
+        raise KernelEmulationError(f"DS4MLX_EMU_GROUPS={order!r}: expected one of "
+                                   f"{', '.join(ORDERS)}")
+    return order
 
 
 def _workers() -> int:

@@ -10,9 +10,10 @@
 //
 // Stricter than the GPU on purpose: threadgroup memory is an arena of Metal's 32 KB limit per
 // OS thread, filled with 0xFF bytes at the start of every threadgroup (a GPU does not zero it),
-// and the lanes of a threadgroup can be scheduled forward, reversed or shuffled (the harness
-// compares the results, so a kernel that depends on lane order, e.g. a missing barrier after a
-// lane-0 write, is caught).
+// and the lanes of a threadgroup can be scheduled forward, reversed or shuffled, and the
+// threadgroups started in those orders too (the harness compares the results, so a kernel that
+// depends on lane order, e.g. a missing barrier after a lane-0 write, or on threadgroup order,
+// e.g. reading another threadgroup's output without the counter pattern, is caught).
 #pragma once
 
 // Only C headers: every kernel compiles this file, and the C++ standard headers would double
@@ -419,8 +420,10 @@ struct Launch {
   long long total_groups;
   int max_lanes;
   size_t stack_size;
-  int order;       // ORDER_*
-  long long next;  // next threadgroup to run (atomic)
+  int order;        // ORDER_* of the lanes
+  int group_order;  // ORDER_* of the threadgroups
+  long long* perm;  // the shuffled threadgroup order (ORDER_SHUFFLE), else null
+  long long next;   // next threadgroup to run (atomic)
   int failed;      // atomic flag
 };
 
@@ -444,8 +447,9 @@ inline void run_worker(Worker& w) {
   const unsigned* tg = L.tg;
   const unsigned* groups = L.groups;
   for (;;) {
-    long long id = __atomic_fetch_add(&L.next, 1, __ATOMIC_SEQ_CST);
-    if (id >= L.total_groups || __atomic_load_n(&L.failed, __ATOMIC_SEQ_CST)) break;
+    long long k = __atomic_fetch_add(&L.next, 1, __ATOMIC_SEQ_CST);
+    if (k >= L.total_groups || __atomic_load_n(&L.failed, __ATOMIC_SEQ_CST)) break;
+    long long id = L.perm ? L.perm[k] : L.group_order == ORDER_REVERSE ? L.total_groups - 1 - k : k;
     unsigned gp[3] = {unsigned(id % groups[0]), unsigned((id / groups[0]) % groups[1]),
                       unsigned(id / ((long long)groups[0] * groups[1]))};
     unsigned size[3];
@@ -496,12 +500,34 @@ inline void* worker_main(void* w) {
   return nullptr;
 }
 
+// Threadgroup start order: forward, reversed, or a permutation (xorshift Fisher-Yates, seeded);
+// the GPU promises no order, so a kernel whose result depends on it must fail a comparison.
+inline long long* group_permutation(long long n, uint64_t seed) {
+  long long* p = static_cast<long long*>(malloc(size_t(n) * sizeof(long long)));
+  if (!p) return nullptr;
+  for (long long i = 0; i < n; ++i) p[i] = i;
+  uint64_t s = 0x9E3779B97F4A7C15ull ^ (seed + 1) * 0xBF58476D1CE4E5B9ull;
+  for (long long i = n - 1; i > 0; --i) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    long long j = (long long)(s % uint64_t(i + 1));
+    long long tmp = p[i];
+    p[i] = p[j];
+    p[j] = tmp;
+  }
+  return p;
+}
+
 // Dispatches grid[3] threads in threadgroups of tg[3] (clamped to the grid, as MLX does; edge
-// threadgroups are partial, as with dispatchThreads). Returns 0, or 1 with `err` filled.
+// threadgroups are partial, as with dispatchThreads), the lanes in `order` and the threadgroups
+// started in `group_order` (ORDER_*; `seed` picks the shuffle). Returns 0, or 1 with `err` filled.
 inline int launch(KernelFn fn, void* args, const long long* grid_in, const long long* tg_in,
-                  int workers, long long stack_size, int order, char* err, int errlen) {
+                  int workers, long long stack_size, int order, int group_order, long long seed,
+                  char* err, int errlen) {
   Launch L = {};
   L.order = order;
+  L.group_order = group_order;
   L.fn = fn;
   L.args = args;
   for (int d = 0; d < 3; ++d) {
@@ -516,6 +542,13 @@ inline int launch(KernelFn fn, void* args, const long long* grid_in, const long 
   if (L.total_groups == 0) return 0;
   if (workers < 1) workers = 1;
   if (workers > L.total_groups) workers = int(L.total_groups);
+  if (group_order == ORDER_SHUFFLE) {
+    L.perm = group_permutation(L.total_groups, uint64_t(seed));
+    if (!L.perm) {
+      snprintf(err, size_t(errlen), "out of memory for the threadgroup order");
+      return 1;
+    }
+  }
 
   Worker* ws = new Worker[workers];
   pthread_t* threads = new pthread_t[workers];
@@ -534,6 +567,7 @@ inline int launch(KernelFn fn, void* args, const long long* grid_in, const long 
     }
   delete[] ws;
   delete[] threads;
+  free(L.perm);
   return rc;
 }
 

@@ -4,7 +4,8 @@
 // The subset: address-space qualifiers (device, constant, thread, threadgroup), scalar types
 // incl. half and bfloat, 2/3/4-vectors, as_type, the math functions below, simd_sum / simd_max /
 // simd_min / simd_shuffle* / simd_broadcast / simd_prefix_*_sum, threadgroup_barrier,
-// simdgroup_barrier and the 8 x 8 simdgroup matrices (load, store, multiply(_accumulate)).
+// simdgroup_barrier, the 8 x 8 simdgroup matrices (load, store, multiply(_accumulate)), and
+// atomic_int / atomic_uint with the *_explicit functions and atomic_thread_fence (Metal 3.2).
 // Declare threadgroup arrays at kernel scope on a line of their own (`threadgroup float
 // tile[64];`): the harness turns those into storage in the threadgroup arena of emu_runtime.h
 // (32 KB, poisoned per threadgroup). Every lane of a threadgroup runs as a fiber, so barriers
@@ -273,6 +274,115 @@ enum class mem_flags : unsigned { mem_none = 0, mem_device = 1, mem_threadgroup 
 inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(unsigned(a) | unsigned(b)); }
 inline void threadgroup_barrier(mem_flags) { mtlemu::threadgroup_barrier(); }
 inline void simdgroup_barrier(mem_flags) { mtlemu::simd_exchange<int>(0, mtlemu::OP_BARRIER); }
+
+// ------------------------------------------------------------------------------- atomics
+// atomic_int / atomic_uint in device or threadgroup memory and atomic_thread_fence, as Metal
+// 3.2 has them: the atomic functions take memory_order_relaxed only (anything else stops the
+// lane with an error), ordering across threadgroups comes from atomic_thread_fence. Threadgroups
+// run on several OS threads, so these are real atomics; x86 orders memory more strongly than a
+// GPU, so a missing fence does not show here (see kernels/dispatch.py counters for the pattern).
+enum memory_order { memory_order_relaxed = 0, memory_order_seq_cst = 5 };
+enum thread_scope { thread_scope_thread = 0, thread_scope_threadgroup = 1, thread_scope_device = 2,
+                    thread_scope_simdgroup = 4 };
+template <typename T> struct atomic {
+  static_assert(std::is_same<T, int>::value || std::is_same<T, uint>::value,
+                "the emulator has atomic_int and atomic_uint");
+  T v_;
+};
+typedef atomic<int> atomic_int;
+typedef atomic<uint> atomic_uint;
+template <typename T> struct ds4emu_same { typedef T type; };  // operands do not deduce T
+#ifdef MTLEMU_ADDRESS_SPACES
+// type-checked only: declarations per address space Metal allows (device, threadgroup)
+#define DS4EMU_ATOMICS(SPACE)                                                                   \
+  template <typename T>                                                                         \
+  T atomic_load_explicit(const volatile SPACE atomic<T>* object, memory_order order);           \
+  template <typename T>                                                                         \
+  void atomic_store_explicit(volatile SPACE atomic<T>* object,                                  \
+                             typename ds4emu_same<T>::type desired, memory_order order);        \
+  template <typename T>                                                                         \
+  T atomic_exchange_explicit(volatile SPACE atomic<T>* object,                                  \
+                             typename ds4emu_same<T>::type desired, memory_order order);        \
+  template <typename T>                                                                         \
+  T atomic_fetch_add_explicit(volatile SPACE atomic<T>* object,                                 \
+                              typename ds4emu_same<T>::type operand, memory_order order);       \
+  template <typename T>                                                                         \
+  T atomic_fetch_sub_explicit(volatile SPACE atomic<T>* object,                                 \
+                              typename ds4emu_same<T>::type operand, memory_order order);       \
+  template <typename T>                                                                         \
+  T atomic_fetch_max_explicit(volatile SPACE atomic<T>* object,                                 \
+                              typename ds4emu_same<T>::type operand, memory_order order);       \
+  template <typename T>                                                                         \
+  T atomic_fetch_min_explicit(volatile SPACE atomic<T>* object,                                 \
+                              typename ds4emu_same<T>::type operand, memory_order order);
+DS4EMU_ATOMICS(device)
+DS4EMU_ATOMICS(threadgroup)
+#undef DS4EMU_ATOMICS
+void atomic_thread_fence(mem_flags flags, memory_order order,
+                         thread_scope scope = thread_scope_device);
+#else
+inline void ds4emu_relaxed(memory_order order, const char* what) {
+  if (order != memory_order_relaxed) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: Metal's atomic functions take memory_order_relaxed only "
+             "(order with atomic_thread_fence)", what);
+    mtlemu::lane_abort(msg);
+  }
+}
+template <typename T>
+inline T atomic_load_explicit(const volatile atomic<T>* object, memory_order order) {
+  ds4emu_relaxed(order, "atomic_load_explicit");
+  return __atomic_load_n(&object->v_, __ATOMIC_RELAXED);
+}
+template <typename T>
+inline void atomic_store_explicit(volatile atomic<T>* object, typename ds4emu_same<T>::type desired,
+                                  memory_order order) {
+  ds4emu_relaxed(order, "atomic_store_explicit");
+  __atomic_store_n(&object->v_, desired, __ATOMIC_RELAXED);
+}
+template <typename T>
+inline T atomic_exchange_explicit(volatile atomic<T>* object, typename ds4emu_same<T>::type desired,
+                                  memory_order order) {
+  ds4emu_relaxed(order, "atomic_exchange_explicit");
+  return __atomic_exchange_n(&object->v_, desired, __ATOMIC_RELAXED);
+}
+template <typename T>
+inline T atomic_fetch_add_explicit(volatile atomic<T>* object,
+                                   typename ds4emu_same<T>::type operand, memory_order order) {
+  ds4emu_relaxed(order, "atomic_fetch_add_explicit");
+  return __atomic_fetch_add(&object->v_, operand, __ATOMIC_RELAXED);
+}
+template <typename T>
+inline T atomic_fetch_sub_explicit(volatile atomic<T>* object,
+                                   typename ds4emu_same<T>::type operand, memory_order order) {
+  ds4emu_relaxed(order, "atomic_fetch_sub_explicit");
+  return __atomic_fetch_sub(&object->v_, operand, __ATOMIC_RELAXED);
+}
+template <typename T>
+inline T atomic_fetch_max_explicit(volatile atomic<T>* object,
+                                   typename ds4emu_same<T>::type operand, memory_order order) {
+  ds4emu_relaxed(order, "atomic_fetch_max_explicit");
+  T old = __atomic_load_n(&object->v_, __ATOMIC_RELAXED);
+  while (old < operand && !__atomic_compare_exchange_n(&object->v_, &old, operand, true,
+                                                       __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return old;
+}
+template <typename T>
+inline T atomic_fetch_min_explicit(volatile atomic<T>* object,
+                                   typename ds4emu_same<T>::type operand, memory_order order) {
+  ds4emu_relaxed(order, "atomic_fetch_min_explicit");
+  T old = __atomic_load_n(&object->v_, __ATOMIC_RELAXED);
+  while (operand < old && !__atomic_compare_exchange_n(&object->v_, &old, operand, true,
+                                                       __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return old;
+}
+// Metal 3.2's fence (MLX compiles with 3.2 from macOS 15); a full fence here.
+inline void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_scope_device) {
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+#endif
 
 // ------------------------------------------------------------------------------- simd
 // Reductions combine the active lanes pairwise (lanes i and i^16, then ^8, ..., ^1), the
