@@ -87,7 +87,11 @@ def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
                 spec(kernels.INDEXER, dtype, index_head_dim=config.index_head_dim,
                      rope_dims=rd),  # the queries (kernel index_q)
                 spec(kernels.INDEXER, dtype, index_heads=config.index_n_heads,
-                     index_head_dim=config.index_head_dim, rope_dims=rd)]  # both in one launch
+                     index_head_dim=config.index_head_dim, rope_dims=rd),  # both in one launch
+                spec(kernels.GRID_SYNC),  # whether the top-k may join them (the grid form)
+                spec(kernels.INDEXER, dtype, index_heads=config.index_n_heads,
+                     index_head_dim=config.index_head_dim, index_topk=config.index_topk,
+                     rope_dims=rd)]  # all three in one launch (no cases without the grid form)
     if any(not config.is_hash_layer(i) for i in main) or config.num_nextn_predict_layers:
         out.append(spec(kernels.ROUTER, mx.float32, n_experts=config.n_routed_experts,
                         experts_per_token=config.num_experts_per_tok,

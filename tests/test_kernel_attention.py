@@ -331,6 +331,46 @@ def test_indexer_scores_make_their_queries(path, b, s, h, d, nk, n_vis, fp4, dty
     assert np.abs(got[seen] - ref[seen]).max() <= 1e-5 * np.abs(ref[seen]).max()
 
 
+@pytest.mark.parametrize("b,s,h,d,nk,n_vis,k,fp4,dtype", [
+    (1, 1, 64, 128, 700, [690], 512, True, mx.bfloat16),  # Flash's indexer, one decode token
+    (1, 3, 5, 64, 300, [300, 4, 170], 8, False, mx.float32),  # a row seeing fewer than k keys
+    (2, 1, 3, 64, 129, [129], 40, True, mx.float16),
+])
+def test_indexer_pick_in_one_launch(path, b, s, h, d, nk, n_vis, k, fp4, dtype, monkeypatch):
+    """Kernel indexer_pick_q (queries, scores and the top-k in one launch: the last of a row's
+    threadgroups picks) gives exactly the two-launch path's picks and numpy's top-k of the twin
+    scores; its counter is back at zero, so the next call (other inputs) is right too."""
+    import ds4mlx.model.compressor  # noqa: F401 (installs the queries' ops twin)
+    from ds4mlx.model.rope import rope_frequencies
+
+    freqs = rope_frequencies(64, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
+    run = kernels.dispatch.run
+    for rep in range(2):
+        rng = np.random.default_rng(d + s + rep)
+        q = mx.array((rng.standard_normal((b, s, h, d)) * 2).astype(np.float32)).astype(dtype)
+        w = mx.array(rng.standard_normal((b, s, h)).astype(np.float32)).astype(dtype)
+        keys = mx.array(rng.standard_normal((b, nk, d)).astype(np.float32)).astype(dtype)
+        pos = np.arange(70000, 70000 + s)[None, :].repeat(b, 0)
+        vis = mx.array(np.array(n_vis, np.int32))
+        iq = fused.IndexQueries(q, w, pos, freqs, 0.0625, fp4)
+        launches = []
+
+        def counted(*args, **kwargs):
+            launches.append(args[1])
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(kernels.dispatch, "run", counted)
+        got = np.asarray(fused.indexer_pick(iq, keys, vis, k, grid=True))
+        assert launches == ["indexer_pick_q"]
+        two = np.asarray(fused.indexer_pick(iq, keys, vis, k, grid=False))
+        assert launches[1:] == ["indexer_scores_q", "indexer_topk"]
+        monkeypatch.setattr(kernels.dispatch, "run", run)
+        np.testing.assert_array_equal(got, two)
+        scores = on_ops(fused.indexer_scores_ops_q, iq, keys, vis)
+        np.testing.assert_array_equal(got, numpy_topk(scores, k))
+        assert not np.asarray(kernels.dispatch.counter("indexer_pick_q", b * s)).any()
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]],
                          ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}d{c[3]}p{c[4]}r{c[6]}")
 def test_decode_attention_with_rope_matches_model_ops(path, case):

@@ -174,6 +174,7 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     for name, variant in (("attn_decode", "attention"), ("rope_rows", "rope_rows"),
                           ("indexer_scores", "indexer"), ("indexer_topk", "indexer"),
                           ("index_q", "indexer"), ("indexer_scores_q", "indexer"),
+                          ("indexer_pick_q", "indexer"), ("grid_sum", "grid_sync"),
                           ("router_topk", "router"),
                           ("comp_rows", "rope_rows")):
         assert (name, variant) in kernels_seen, out
@@ -187,7 +188,7 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     for variant in ("MXFP4-mlx", "router"):
         assert any(line.startswith("moe_gate_up_decode + route") and variant in line
                    for line in out.splitlines()), (variant, out)
-    assert "all 48 kernel checks passed" in out
+    assert "all 52 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):
@@ -208,9 +209,10 @@ def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch,
     for a, b in ((0, 21), (21, 22)):  # a prefill and a decode step that picks compressed rows
         mx.eval(model(tokens[:, a:b], cache=cache))
     # every variant looked up its record
-    # indexer: scores, top-k, queries; rope_rows: alone (prefill) and with the q_norm rows
-    assert sorted(found) == ["MXFP4-mlx", "attention", "hc_pre", "indexer", "indexer", "indexer",
-                             "rope_rows", "rope_rows", "router"], found
+    # indexer: the queries (prefill), then queries, scores and top-k in one launch (decode, the
+    # grid form); rope_rows: alone (prefill) and with the q_norm rows
+    assert sorted(found) == ["MXFP4-mlx", "attention", "grid_sync", "hc_pre", "indexer",
+                             "indexer", "rope_rows", "rope_rows", "router"], found
     assert calls == [] and kernels.disabled() == {}
     check.reset()
 
@@ -288,5 +290,5 @@ def test_selftest_lists_what_the_model_dispatches(which, demo_dir, request, monk
     assert asked and listed == asked
     fused = {"hc_pre", "attention", "rope_rows", "router"}
     # the demo has ratio-4 layers (indexer); the 2-layer checkpoint's are ratio 0 and 128
-    expected = {"IQ2_XXS", "Q2_K"} if which == "q2" else {"MXFP4-mlx", "indexer"}
+    expected = {"IQ2_XXS", "Q2_K"} if which == "q2" else {"MXFP4-mlx", "indexer", "grid_sync"}
     assert {v for v, _, _ in listed} == expected | fused

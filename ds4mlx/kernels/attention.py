@@ -277,12 +277,13 @@ class IndexQueries:
         return twin(self.q, self.w, self.pos, self.freqs, wscale=self.wscale, fp4=self.fp4)
 
 
-def _query_store(dtype: mx.Dtype, fp4: bool, h: int, hd: int, rd: int) -> mx.Dtype | None:
+def _query_store(dtype: mx.Dtype, fp4: bool, h: int, hd: int, rd: int,
+                 extra: int = 0) -> mx.Dtype | None:
     """The dtype kernel ``indexer_scores_q`` keeps the queries in (threadgroup memory, 32 KB):
     their own when 16-bit, bfloat16 for float32 ones that went through FP4 (e2m1 values times
     a power of two, exact in bfloat16), else float32; None where that does not fit."""
     store = dtype if dtype.size == 2 else (mx.bfloat16 if fp4 else mx.float32)
-    need = h * hd * store.size + 4 * (h + rd + INDEX_THREADS)
+    need = h * hd * store.size + 4 * (h + rd + INDEX_THREADS) + extra
     return store if need <= 32768 else None
 
 
@@ -306,20 +307,65 @@ def _scores_with_queries(q: IndexQueries, keys: mx.array, n_vis: mx.array) -> mx
             and dispatch.serves(INDEXER) and dispatch.first_use_ok(
                 INDEXER, keys.dtype, index_heads=h, index_head_dim=hd, rope_dims=rd)):
         return indexer_scores(*q.compute(), keys, n_vis)
+    (scores,) = _launch_q("indexer_scores_q", q, keys, n_vis, store, {},
+                          {"scores": ((b, s, keys.shape[1]), mx.float32)}, [])
+    return scores
+
+
+def _launch_q(name: str, q: IndexQueries, keys: mx.array, n_vis: mx.array, store: mx.Dtype,
+              inputs: dict, outputs: dict, template: list):
+    """Kernel ``name`` (indexer_scores_q or indexer_pick_q) on the queries as projected."""
+    b, s, h, hd = q.q.shape
     rows, nk = b * s, keys.shape[1]
     p = np.broadcast_to(np.asarray(q.pos, dtype=np.int32), (b, s)).reshape(rows)
     per_tg = INDEX_THREADS // _INDEX_HEAD_GROUPS * INDEX_KEY_PASSES
-    (scores,) = dispatch.run(
-        "attention.metal", "indexer_scores_q",
+    return dispatch.run(
+        "attention.metal", name,
         {"x": q.q.reshape(rows * h, hd), "wr": device_array(q.w.reshape(rows * h)),
          "pos": mx.array(np.pad(p, (0, max(0, 8 - rows)))),
          "freqs": device_array(q.freqs.astype(mx.float32)), "wscale": float(q.wscale),
-         "keys": keys, "n_vis": n_vis.astype(mx.int32), "S": s, "NK": nk},
-        {"scores": ((b, s, nk), mx.float32)},
-        grid=(INDEX_THREADS * ceil_div(nk, per_tg), rows, 1), threadgroup=(INDEX_THREADS, 1, 1),
+         "keys": keys, "n_vis": n_vis.astype(mx.int32), "S": s, "NK": nk, **inputs},
+        outputs, grid=(INDEX_THREADS * ceil_div(nk, per_tg), rows, 1),
+        threadgroup=(INDEX_THREADS, 1, 1),
         template=[("T", keys.dtype), ("QT", q.q.dtype), ("WT", q.w.dtype), ("QS", store),
-                  ("H", h), ("HD", hd), ("RD", rd), ("FP4", bool(q.fp4))])
-    return scores
+                  ("H", h), ("HD", hd), ("RD", 2 * q.freqs.shape[0]), ("FP4", bool(q.fp4)),
+                  *template])
+
+
+# the top-k's threadgroup memory beside the queries' in indexer_pick_q (cnt, sums, flag)
+_PICK_BYTES = 4 * (INDEX_THREADS + INDEX_THREADS // 32 + 1)
+
+
+def indexer_pick_ops(q: IndexQueries, keys: mx.array, n_vis: mx.array, k: int) -> mx.array:
+    """Ops twin of :func:`indexer_pick`."""
+    return indexer_topk_ops(indexer_scores_ops_q(q, keys, n_vis), k)
+
+
+def indexer_pick(q: IndexQueries, keys: mx.array, n_vis: mx.array, k: int,
+                 grid: bool | None = None) -> mx.array:
+    """:func:`indexer_topk` of :func:`indexer_scores` on queries as projected: int32
+    ``[B, S, k]``. In one launch where the grid-synchronised form serves (``grid``; None:
+    :func:`ds4mlx.kernels.dispatch.grid_sync`): kernel ``indexer_pick_q``, whose threadgroups
+    score their keys and the last of a row's to finish picks its top-k (no threadgroup waits
+    for another); else the two launches (``indexer_scores_q``, ``indexer_topk``)."""
+    b, s, h, hd = q.q.shape
+    nk, rd = keys.shape[1], 2 * q.freqs.shape[0]
+    if not 1 <= k <= nk:
+        raise KernelInputError(f"indexer_pick: k={k} must be in 1..{nk}")
+    store = _query_store(q.q.dtype, q.fp4, h, hd, rd, _PICK_BYTES)
+    if (store is not None and q.q.dtype == keys.dtype and _fits_index_q(hd, rd) and keys.ndim == 3
+            and keys.shape[0] == b and keys.shape[2] == hd and tuple(n_vis.shape) == (s,)
+            and dispatch.serves(INDEXER)):
+        form = dispatch.grid_sync() if grid is None else grid
+        # this form's check is asked either way (it has no cases where the form cannot serve)
+        if dispatch.first_use_ok(INDEXER, keys.dtype, index_heads=h, index_head_dim=hd,
+                                 index_topk=k, rope_dims=rd) and form:
+            _, idx = _launch_q("indexer_pick_q", q, keys, n_vis, store,
+                               {"counter": dispatch.counter("indexer_pick_q", b * s)},
+                               {"part": ((b * s, nk), mx.uint32), "idx": ((b, s, k), mx.int32)},
+                               [("TOPK", k)])
+            return idx
+    return indexer_topk(indexer_scores(q, None, keys, n_vis), k)
 
 
 def indexer_topk_ops(scores: mx.array, k: int) -> mx.array:
@@ -345,7 +391,7 @@ def indexer_topk(scores: mx.array, k: int) -> mx.array:
     for x in lead:
         rows *= x
     (idx,) = dispatch.run("attention.metal", "indexer_topk",
-                 {"scores": scores.astype(mx.float32).reshape(rows, n), "N": n},
+                 {"scores": device_array(scores.astype(mx.float32).reshape(rows, n)), "N": n},
                  {"idx": ((rows, k), mx.int32)},
                  grid=(INDEX_THREADS, rows, 1), threadgroup=(INDEX_THREADS, 1, 1),
                  template=[("TOPK", k)])

@@ -18,7 +18,7 @@ from ..quant.codecs import MX_GROUP
 from . import attention, dispatch, grid, hyper, moe, router
 from .source import ROUTE_MAX_K, dtype_name
 
-CHECK_VERSION = 6  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 7  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -43,7 +43,7 @@ KEY_DIMS: dict[str, tuple[str, ...]] = {
 }
 # Variants whose check covers their grid-synchronised form as well when dispatch.grid_sync()
 # allows it (their record key says which forms were checked).
-SYNC_USERS: tuple[str, ...] = ()
+SYNC_USERS: tuple[str, ...] = (dispatch.INDEXER,)  # indexer_pick_q
 
 
 @dataclass(frozen=True)
@@ -363,6 +363,8 @@ def _attention_cases(spec: Spec) -> list[Case]:
 def _indexer_cases(spec: Spec) -> list[Case]:
     out = []
     if spec.index_heads and spec.index_head_dim and spec.rope_dims:  # scores making their queries
+        if spec.index_topk:  # and picking the top-k in the same launch (the grid form)
+            return _pick_q_cases(spec) if dispatch.grid_sync() else []
         return _scores_q_cases(spec)
     if spec.index_heads and spec.index_head_dim:
         h, hd = spec.index_heads, spec.index_head_dim
@@ -394,6 +396,38 @@ def _indexer_cases(spec: Spec) -> list[Case]:
     if spec.index_head_dim and spec.rope_dims:
         out += _index_q_cases(spec)
     return out
+
+
+def _pick_q_cases(spec: Spec) -> list[Case]:
+    """indexer_pick_q: queries, scores and the top-k in one launch (several threadgroups a row,
+    the last one picks), at the model's heads, widths and k; twice in a row on one counter."""
+    h, d, rd, dt, k = (spec.index_heads, spec.index_head_dim, spec.rope_dims, spec.dtype,
+                       spec.index_topk)
+    freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
+    nk = max(k + _KEYS, attention.INDEX_THREADS // 8 * attention.INDEX_KEY_PASSES + _KEYS)
+
+    def run_for(s: int, fp4: bool) -> Callable:
+        def run():
+            got, ref = [], []
+            for rep in range(2):
+                rng = np.random.default_rng(s + rep)
+                q = _acts((1, s, h, d), 140 + s + rep, dt, 2.0)
+                w = mx.array(rng.standard_normal((1, s, h)).astype(np.float32)).astype(dt)
+                keys = _acts((1, nk, d), 141 + s + rep, dt)
+                n_vis = mx.array(np.array([nk, k - 2, nk - 40][:s], np.int32))
+                iq = attention.IndexQueries(q, w, np.arange(70001, 70001 + s)[None], freqs,
+                                            0.125, fp4)
+                got.append(attention.indexer_pick(iq, keys, n_vis, k, grid=True))
+                mx.eval(got[-1])
+                # the twin's top-k on the kernel path's scores: ties and near-ties alike
+                scores = attention.indexer_scores(iq, None, keys, n_vis)
+                ref.append(attention.indexer_topk_ops(scores, k))
+            return got, ref
+        return run
+
+    return [Case("indexer_pick_q", f"{s} token{'s' * (s > 1)} x {h} heads, top-{k} of {nk} keys"
+                 f"{', Hadamard + FP4' * fp4}, twice", run_for(s, fp4))
+            for s, fp4 in ((1, True), (3, False))]
 
 
 def _scores_q_cases(spec: Spec) -> list[Case]:
