@@ -6,8 +6,11 @@ rows; its twin is the model's own ops, :meth:`ds4mlx.model.attention.Attention.r
 :func:`decode_attention` (window rows + compressed rows +
 sink, one pass, one online softmax, KV read in its storage dtype), :func:`indexer_scores`
 (Σ_h w_h·ReLU(q_h·k) over the indexer keys in storage, invisible keys -inf) and
-:func:`indexer_topk` (the top-k of each score row as ascending indices). Whether the kernel
-serves a call is :func:`ds4mlx.kernels.serves` of the variant ``ATTENTION`` / ``INDEXER``.
+:func:`indexer_topk` (the top-k of each score row as ascending indices); on the indexer's
+queries as projected (:class:`IndexQueries`), :func:`indexer_scores` makes them in its own
+launch and :func:`indexer_pick` adds the top-k to that launch (the grid form, metal/grid.h).
+Whether the kernel serves a call is :func:`ds4mlx.kernels.serves` of the variant ``ATTENTION`` /
+``INDEXER``.
 The per-query bounds are computed on the host from Python ints (:func:`query_bounds`), so
 they cost no launch.
 """
