@@ -293,6 +293,7 @@ def test_index_queries_match_model_ops(path, lead, d, fp4, dtype):
 
 @pytest.mark.parametrize("b,s,h,d,nk,n_vis,fp4,dtype", [
     (1, 1, 64, 128, 300, [290], True, mx.bfloat16),  # Flash's indexer, one decode token
+    (1, 1, 64, 128, 200, [200], False, mx.float32),  # float32 kept: 32 heads at a time
     (2, 2, 5, 64, 40, [40, 3], False, mx.float32),   # heads off the simdgroups, float32 kept
     (1, 3, 3, 64, 129, [129, 0, 100], True, mx.float16),  # a pass past the keys, none visible
 ])
@@ -333,6 +334,7 @@ def test_indexer_scores_make_their_queries(path, b, s, h, d, nk, n_vis, fp4, dty
 
 @pytest.mark.parametrize("b,s,h,d,nk,n_vis,k,fp4,dtype", [
     (1, 1, 64, 128, 700, [690], 512, True, mx.bfloat16),  # Flash's indexer, one decode token
+    (1, 2, 64, 128, 600, [600, 550], 512, False, mx.float32),  # float32 kept: 32 heads at a time
     (1, 3, 5, 64, 300, [300, 4, 170], 8, False, mx.float32),  # a row seeing fewer than k keys
     (2, 1, 3, 64, 129, [129], 40, True, mx.float16),
 ])

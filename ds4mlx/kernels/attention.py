@@ -281,13 +281,19 @@ class IndexQueries:
 
 
 def _query_store(dtype: mx.Dtype, fp4: bool, h: int, hd: int, rd: int,
-                 extra: int = 0) -> mx.Dtype | None:
-    """The dtype kernel ``indexer_scores_q`` keeps the queries in (threadgroup memory, 32 KB):
-    their own when 16-bit, bfloat16 for float32 ones that went through FP4 (e2m1 values times
-    a power of two, exact in bfloat16), else float32; None where that does not fit."""
+                 extra: int = 0) -> tuple[mx.Dtype, int] | None:
+    """(dtype, heads per block) in which kernels ``indexer_scores_q`` / ``indexer_pick_q`` keep
+    the queries (threadgroup memory, 32 KB): their own dtype when 16-bit, bfloat16 for float32
+    ones that went through FP4 (e2m1 values times a power of two, exact in bfloat16), else
+    float32; all ``h`` heads at once, or halves (multiples of 8: each thread's heads stay in
+    order) until they fit; None where nothing fits."""
     store = dtype if dtype.size == 2 else (mx.bfloat16 if fp4 else mx.float32)
-    need = h * hd * store.size + 4 * (h + rd + INDEX_THREADS) + extra
-    return store if need <= 32768 else None
+    hb = h
+    while hb * hd * store.size + 4 * (hb + rd + INDEX_THREADS) + extra > 32768:
+        if hb % 16:
+            return None
+        hb //= 2
+    return store, hb
 
 
 def indexer_scores_ops_q(q: IndexQueries, keys: mx.array, n_vis: mx.array) -> mx.array:
@@ -315,8 +321,8 @@ def _scores_with_queries(q: IndexQueries, keys: mx.array, n_vis: mx.array) -> mx
     return scores
 
 
-def _launch_q(name: str, q: IndexQueries, keys: mx.array, n_vis: mx.array, store: mx.Dtype,
-              inputs: dict, outputs: dict, template: list):
+def _launch_q(name: str, q: IndexQueries, keys: mx.array, n_vis: mx.array,
+              store: tuple[mx.Dtype, int], inputs: dict, outputs: dict, template: list):
     """Kernel ``name`` (indexer_scores_q or indexer_pick_q) on the queries as projected."""
     b, s, h, hd = q.q.shape
     rows, nk = b * s, keys.shape[1]
@@ -330,9 +336,9 @@ def _launch_q(name: str, q: IndexQueries, keys: mx.array, n_vis: mx.array, store
          "keys": keys, "n_vis": n_vis.astype(mx.int32), "S": s, "NK": nk, **inputs},
         outputs, grid=(INDEX_THREADS * ceil_div(nk, per_tg), rows, 1),
         threadgroup=(INDEX_THREADS, 1, 1),
-        template=[("T", keys.dtype), ("QT", q.q.dtype), ("WT", q.w.dtype), ("QS", store),
-                  ("H", h), ("HD", hd), ("RD", 2 * q.freqs.shape[0]), ("FP4", bool(q.fp4)),
-                  *template])
+        template=[("T", keys.dtype), ("QT", q.q.dtype), ("WT", q.w.dtype), ("QS", store[0]),
+                  ("H", h), ("HB", store[1]), ("HD", hd), ("RD", 2 * q.freqs.shape[0]),
+                  ("FP4", bool(q.fp4)), *template])
 
 
 # the top-k's threadgroup memory beside the queries' in indexer_pick_q (cnt, sums, flag)

@@ -130,32 +130,50 @@ METAL_FUNC void ds4_index_make_q(const device QT* x, const device WT* wr, float 
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
-// One pass of the scores with the queries in threadgroup memory (indexer_scores' sum for the
-// TG / 8 keys of the pass): thread t takes key `key` (its t % (TG / 8)) and the heads
-// t / (TG / 8), + 8, ...; returns the key's score (-inf past vis) in threads t < TG / 8. Every
-// thread calls (barriers); part: threadgroup scratch of TG floats.
-template <int H, int HD, typename KT, typename QS>
-METAL_FUNC float ds4_index_score(const device KT* keys, threadgroup const QS* qs,
-                                 threadgroup const float* ws, uint b, uint key, uint nk, int vis,
-                                 uint t, threadgroup float* part) {
+// The scores of a threadgroup's DS4_INDEX_KPT passes of TG / 8 keys (pass p: keys
+// (key0 + p) * TG / 8 + t % (TG / 8)) from one token's queries as projected, x [H, HD] (QT) and
+// wr [H] (WT): the queries made here HB heads at a time (ds4_index_make_q into qs [HB * HD],
+// ws [HB]; HB = H, or a multiple of 8 dividing H where H heads do not fit threadgroup memory).
+// Thread t takes its key and the heads t / (TG / 8), + 8, ... in ascending order across the
+// blocks, into one sum, so the scores are indexer_scores' exactly. out[p]: the key's score
+// (-inf past vis) in threads t < TG / 8. Every thread calls (barriers); part: TG floats.
+template <typename QT, typename WT, typename QS, int H, int HB, int HD, int RD, bool FP4,
+          typename KT>
+METAL_FUNC void ds4_index_passes(const device QT* x, const device WT* wr, float p,
+                                 const device float* freqs, float wscale, const device KT* keys,
+                                 uint b, uint key0, uint nk, int vis, uint t, threadgroup QS* qs,
+                                 threadgroup float* ws, threadgroup float* cs,
+                                 threadgroup float* sn, threadgroup float* part,
+                                 thread float* out) {
   const uint HG = 8, KT_ = DS4_INDEX_TG / 8;
   uint group = t / KT_;
-  float total = 0.0f;
-  if (key < nk && int(key) < vis) {
-    ulong krow = (ulong(b) * nk + key) * uint(HD);
-    for (uint h = group; h < uint(H); h += HG) {
-      float dot = 0.0f;
-      for (int d = 0; d < HD; ++d) dot += float(qs[h * uint(HD) + uint(d)]) * float(keys[krow + d]);
-      total += ws[h] * max(dot, 0.0f);
+  float total[DS4_INDEX_KPT];
+  for (int i = 0; i < DS4_INDEX_KPT; ++i) total[i] = 0.0f;
+  for (uint h0 = 0; h0 < uint(H); h0 += HB) {
+    if (h0 > 0) threadgroup_barrier(mem_flags::mem_threadgroup);  // the last block is read
+    ds4_index_make_q<QT, WT, QS, HB, HD, RD, FP4>(x + ulong(h0) * uint(HD), wr + h0, p, freqs,
+                                                  wscale, t, qs, ws, cs, sn);
+    for (uint pass = 0; pass < uint(DS4_INDEX_KPT); ++pass) {
+      uint key = (key0 + pass) * KT_ + t % KT_;
+      if (key >= nk || int(key) >= vis) continue;
+      ulong krow = (ulong(b) * nk + key) * uint(HD);
+      for (uint h = group; h < uint(HB); h += HG) {
+        float dot = 0.0f;
+        for (int d = 0; d < HD; ++d) dot += float(qs[h * uint(HD) + uint(d)]) * float(keys[krow + d]);
+        total[pass] += ws[h] * max(dot, 0.0f);
+      }
     }
   }
-  part[t] = total;
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  float sum = 0.0f;
-  if (group == 0)
-    for (uint g = 0; g < HG; ++g) sum += part[g * KT_ + t];  // head groups in order
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  return int(key) < vis ? sum : ds4_neg_inf();
+  for (uint pass = 0; pass < uint(DS4_INDEX_KPT); ++pass) {
+    uint key = (key0 + pass) * KT_ + t % KT_;
+    part[t] = total[pass];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float sum = 0.0f;
+    if (group == 0)
+      for (uint g = 0; g < HG; ++g) sum += part[g * KT_ + t];  // head groups in order
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[pass] = int(key) < vis ? sum : ds4_neg_inf();
+  }
 }
 
 // @kernel attn_decode
@@ -319,25 +337,25 @@ if (group == 0 && key < uint(NK)) {
 // indexer_scores with kernel index_q's work in the same launch: x [B * S * H, HD] (QT) the
 // queries as projected, wr [B * S * H] (WT) the head weights as projected, pos [B * S] int32,
 // freqs [RD / 2] float32, wscale; keys, n_vis, S, NK and scores as in indexer_scores. Each
-// threadgroup first makes its token's queries itself (ds4_index_make_q), then scores
-// DS4_INDEX_KPT * KT keys (KT = TG / HG per pass, as indexer_scores; the passes share the
-// queries' cost). Grid (TG * ceil(NK / (KT * KPT)), B * S), threadgroup (TG, 1, 1).
-threadgroup QS qs[H * HD];
-threadgroup float ws[H];
+// threadgroup makes its token's queries itself, HB heads at a time, and scores DS4_INDEX_KPT
+// passes of KT = TG / 8 keys (ds4_index_passes; the passes share the queries' cost). Grid
+// (TG * ceil(NK / (KT * KPT)), B * S), threadgroup (TG, 1, 1).
+threadgroup QS qs[HB * HD];
+threadgroup float ws[HB];
 threadgroup float cs[RD / 2];
 threadgroup float sn[RD / 2];
 threadgroup float part[DS4_INDEX_TG];
 uint bs = threadgroup_position_in_grid.y;
 uint t = thread_index_in_threadgroup;
-ds4_index_make_q<QT, WT, QS, H, HD, RD, FP4>(x + ulong(bs) * uint(H) * uint(HD),
-                                             wr + ulong(bs) * uint(H), float(pos[bs]), freqs,
-                                             wscale, t, qs, ws, cs, sn);
-for (uint pass = 0; pass < uint(DS4_INDEX_KPT); ++pass) {  // uniform: barriers inside
+float v[DS4_INDEX_KPT];
+ds4_index_passes<QT, WT, QS, H, HB, HD, RD, FP4>(
+    x + ulong(bs) * uint(H) * uint(HD), wr + ulong(bs) * uint(H), float(pos[bs]), freqs, wscale,
+    keys, bs / uint(S), threadgroup_position_in_grid.x * uint(DS4_INDEX_KPT), uint(NK),
+    n_vis[bs % uint(S)], t, qs, ws, cs, sn, part, v);
+for (uint pass = 0; pass < uint(DS4_INDEX_KPT); ++pass) {
   uint key = (threadgroup_position_in_grid.x * uint(DS4_INDEX_KPT) + pass) *
-             uint(DS4_INDEX_TG / 8) + t % uint(DS4_INDEX_TG / 8);
-  float v = ds4_index_score<H, HD>(keys, qs, ws, bs / uint(S), key, uint(NK), n_vis[bs % uint(S)],
-                                   t, part);
-  if (t < uint(DS4_INDEX_TG / 8) && key < uint(NK)) scores[ulong(bs) * uint(NK) + key] = v;
+             uint(DS4_INDEX_TG / 8) + t;
+  if (t < uint(DS4_INDEX_TG / 8) && key < uint(NK)) scores[ulong(bs) * uint(NK) + key] = v[pass];
 }
 
 // @kernel indexer_pick_q
@@ -347,8 +365,8 @@ for (uint pass = 0; pass < uint(DS4_INDEX_KPT); ++pass) {  // uniform: barriers 
 // (atomic stores: read by another threadgroup). The threadgroups of a token's row score their
 // keys; the last of them to finish (ds4_grid_last; none waits for another) runs the top-k over
 // the row's scores and puts the row's counter back to 0. Grid as indexer_scores_q.
-threadgroup QS qs[H * HD];
-threadgroup float ws[H];
+threadgroup QS qs[HB * HD];
+threadgroup float ws[HB];
 threadgroup float cs[RD / 2];
 threadgroup float sn[RD / 2];
 threadgroup float part_h[DS4_INDEX_TG];
@@ -358,15 +376,15 @@ threadgroup uint last_flag[1];
 uint bs = threadgroup_position_in_grid.y;
 uint t = thread_index_in_threadgroup;
 device atomic_uint* row_scores = (device atomic_uint*)part + ulong(bs) * uint(NK);
-ds4_index_make_q<QT, WT, QS, H, HD, RD, FP4>(x + ulong(bs) * uint(H) * uint(HD),
-                                             wr + ulong(bs) * uint(H), float(pos[bs]), freqs,
-                                             wscale, t, qs, ws, cs, sn);
-for (uint pass = 0; pass < uint(DS4_INDEX_KPT); ++pass) {  // uniform: barriers inside
+float v[DS4_INDEX_KPT];
+ds4_index_passes<QT, WT, QS, H, HB, HD, RD, FP4>(
+    x + ulong(bs) * uint(H) * uint(HD), wr + ulong(bs) * uint(H), float(pos[bs]), freqs, wscale,
+    keys, bs / uint(S), threadgroup_position_in_grid.x * uint(DS4_INDEX_KPT), uint(NK),
+    n_vis[bs % uint(S)], t, qs, ws, cs, sn, part_h, v);
+for (uint pass = 0; pass < uint(DS4_INDEX_KPT); ++pass) {
   uint key = (threadgroup_position_in_grid.x * uint(DS4_INDEX_KPT) + pass) *
-             uint(DS4_INDEX_TG / 8) + t % uint(DS4_INDEX_TG / 8);
-  float v = ds4_index_score<H, HD>(keys, qs, ws, bs / uint(S), key, uint(NK), n_vis[bs % uint(S)],
-                                   t, part_h);
-  if (t < uint(DS4_INDEX_TG / 8) && key < uint(NK)) ds4_grid_put(row_scores + key, v);
+             uint(DS4_INDEX_TG / 8) + t;
+  if (t < uint(DS4_INDEX_TG / 8) && key < uint(NK)) ds4_grid_put(row_scores + key, v[pass]);
 }
 device atomic_uint* arrived = (device atomic_uint*)counter + bs;
 if (!ds4_grid_last(arrived, threadgroups_per_grid.x, t, last_flag)) return;
