@@ -91,9 +91,18 @@ def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:
                      index_head_dim=config.index_head_dim),
                 spec(kernels.INDEXER, mx.float32, index_topk=config.index_topk),
                 spec(kernels.INDEXER, dtype, index_head_dim=config.index_head_dim,
-                     rope_dims=rd)]  # the queries (kernel index_q)
-    if config.hc_mult * config.hidden_size > HC_CHUNK:  # hc_pre at decode asks for its grid form
-        out += [spec(kernels.GRID_SYNC), spec(kernels.HC_PRE, mx.float32, grid=1, **dims)]
+                     rope_dims=rd),  # the queries (kernel index_q)
+                spec(kernels.INDEXER, dtype, index_heads=config.index_n_heads,
+                     index_head_dim=config.index_head_dim, rope_dims=rd)]  # both in one launch
+    grid = config.hc_mult * config.hidden_size > HC_CHUNK  # hc_pre at decode asks for its grid form
+    if indexed or grid:
+        out.append(spec(kernels.GRID_SYNC))  # whether the grid forms may serve
+    if grid:
+        out.append(spec(kernels.HC_PRE, mx.float32, grid=1, **dims))
+    if indexed:  # queries, scores and top-k in one launch (no cases without the grid form)
+        out.append(spec(kernels.INDEXER, dtype, index_heads=config.index_n_heads,
+                        index_head_dim=config.index_head_dim, index_topk=config.index_topk,
+                        rope_dims=rd))
     if any(not config.is_hash_layer(i) for i in main) or config.num_nextn_predict_layers:
         out.append(spec(kernels.ROUTER, mx.float32, n_experts=config.n_routed_experts,
                         experts_per_token=config.num_experts_per_tok,

@@ -158,7 +158,7 @@ def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypat
     only when MLX traces them: count the calls of helpers their bodies call (looked up as module
     globals at trace time). The window fills, ratio-4 rows are added: no retrace."""
     from ds4mlx.loader import load
-    from ds4mlx.model import attention, moe
+    from ds4mlx.model import attention, attention_one, moe
 
     model, _ = load(str(tiny_ckpt), dtype=mx.float32)
     traces = {"hc_pre": 0, "router": 0, "attention": 0, "rotation": 0}
@@ -171,7 +171,7 @@ def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypat
 
     monkeypatch.setattr(ops, "_pre_parts", counted("hc_pre", ops._pre_parts))
     monkeypatch.setattr(moe, "_scores", counted("router", moe._scores))
-    monkeypatch.setattr(attention, "_one_out", counted("attention", attention._one_out))
+    monkeypatch.setattr(attention_one, "_one_out", counted("attention", attention_one._one_out))
     monkeypatch.setattr(attention, "rotate", counted("rotation", attention.rotate))
     cache = model.make_cache()
     token = mx.argmax(model(mx.array([[5, 6, 7, 8, 9]]), cache=cache)[:, -1], axis=-1)
@@ -185,7 +185,7 @@ def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypat
     ops.hc_pre(mx.ones((1, 3, 4, 8)), mx.ones((24, 32)), mx.zeros((24,)), mx.ones((3,)),
                iters=3, eps=1e-6, norm_eps=1e-6)
     moe._biased_route(mx.ones((3, 24)), mx.ones((5, 24)), mx.zeros((5,)), 2, True, 1.0)
-    attention._one_window(mx.ones((1, 1, 3, 8)), mx.ones((1, 5, 8)), mx.array(5), mx.zeros((3,)), 0.5)
+    attention_one.one_window(mx.ones((1, 1, 3, 8)), mx.ones((1, 5, 8)), mx.array(5), mx.zeros((3,)), 0.5)
     attention._rotate_ops(mx.ones((1, 3, 2, 8)), mx.ones((1, 3, 8)), mx.arange(3), mx.ones((8,)),
                           mx.ones((8,)), 1e-6, 0)
     assert traces == {**warm, "hc_pre": warm["hc_pre"] + 1, "router": warm["router"] + 1,

@@ -89,25 +89,39 @@ def _profile_module():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ratio,recipe", [(4, "q4"), (128, "q4"), (0, "q4")])
-def test_real_shape_layer_emulated_equals_ops(ratio, recipe):
+@pytest.mark.parametrize("ratio,recipe,qat", [(4, "q4", False), (4, "q4", True), (128, "q4", False),
+                                              (0, "q4", False)])
+def test_real_shape_layer_emulated_equals_ops(ratio, recipe, qat, monkeypatch):
     """One Flash-width layer (64 heads x 512, window 128, indexer top-512 of 600 rows, Q4_K
     experts) decoding one token: the emulated Metal path against the ops path, the output and
     the state it leaves (the window rows and the compressors' unfinished windows, which the
-    fused kernels write)."""
+    fused kernels write). The indexer's queries, scores and top-k take one launch (with the QAT
+    rounding its FP4 queries are kept in bfloat16, without it in float32, 32 heads at a time);
+    the router's selection is made in the MoE kernel (no router_topk)."""
     prof = _profile_module()
     config = prof.flash_config(n_experts=8, top_k=6)
     layer = {0: 0, 4: 1, 128: 2}[ratio]
     blk = prof.build_layer(config, layer, recipe, mx.float32, seed=layer)
-    blk.attn.qat_rounding = False
+    blk.attn.qat_rounding = qat
     cache = prof.synth_state(config, ratio, 2400, mx.float32, seed=1)
     h = mx.array(np.random.default_rng(3).standard_normal((1, 1, 4, 4096)).astype(np.float32))
     toks = mx.array([[7]])
     outs, states = {}, {}
+    launches = []
+    run = kernels.dispatch.run
+
+    def counted(*args, **kwargs):
+        launches.append(args[1])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.dispatch, "run", counted)
     for backend in ("ops", "emulate"):
         c = cache.snapshot()
         outs[backend] = on(backend, lambda: np.array(blk(h, toks, c, mx.float32)))
         states[backend] = [np.array(a) for a in c.state if isinstance(a, mx.array)]
+    assert "router_topk" not in launches and launches.count("moe_gate_up_decode") == 1, launches
+    if ratio == 4:  # (float32 queries without FP4 are made 32 heads at a time)
+        assert "indexer_pick_q" in launches and "index_q" not in launches, launches
     assert rel_err(outs["emulate"], outs["ops"]) <= 1e-4
     for got, ref in zip(states["emulate"], states["ops"], strict=True):
         assert got.shape == ref.shape and rel_err(got, ref) <= 1e-4

@@ -291,6 +291,88 @@ def test_index_queries_match_model_ops(path, lead, d, fp4, dtype):
         assert rel_err(g, r) <= 1e-6
 
 
+@pytest.mark.parametrize("b,s,h,d,nk,n_vis,fp4,dtype", [
+    (1, 1, 64, 128, 300, [290], True, mx.bfloat16),  # Flash's indexer, one decode token
+    (1, 1, 64, 128, 200, [200], False, mx.float32),  # float32 kept: 32 heads at a time
+    (2, 2, 5, 64, 40, [40, 3], False, mx.float32),   # heads off the simdgroups, float32 kept
+    (1, 3, 3, 64, 129, [129, 0, 100], True, mx.float16),  # a pass past the keys, none visible
+])
+def test_indexer_scores_make_their_queries(path, b, s, h, d, nk, n_vis, fp4, dtype, monkeypatch):
+    """Kernel indexer_scores_q (index_q's steps inside the scores' launch) gives exactly the
+    scores of the two launches (index_q, then indexer_scores: the queries it keeps are exact in
+    16 bits) and the ops twins' scores, in one launch."""
+    from ds4mlx.model.compressor import index_queries_ops
+    from ds4mlx.model.rope import rope_frequencies
+
+    rng = np.random.default_rng(d + s)
+    q = mx.array((rng.standard_normal((b, s, h, d)) * 2).astype(np.float32)).astype(dtype)
+    w = mx.array(rng.standard_normal((b, s, h)).astype(np.float32)).astype(dtype)
+    keys = mx.array(rng.standard_normal((b, nk, d)).astype(np.float32)).astype(dtype)
+    freqs = rope_frequencies(32 if s == 3 else 64, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
+    pos = np.arange(70000, 70000 + s)[None, :].repeat(b, 0)
+    n_vis = mx.array(np.array(n_vis, np.int32))
+    iq = fused.IndexQueries(q, w, pos, freqs, 0.0625, fp4)
+    launches = []
+    run = kernels.dispatch.run
+
+    def counted(*args, **kwargs):
+        launches.append(args[1])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.dispatch, "run", counted)
+    got = np.asarray(fused.indexer_scores(iq, None, keys, n_vis))
+    assert launches == ["indexer_scores_q"]
+    two = np.asarray(fused.indexer_scores(*fused.index_queries(q, w, pos, freqs, wscale=0.0625,
+                                                               fp4=fp4), keys, n_vis))
+    np.testing.assert_array_equal(got, two)
+    ref = on_ops(fused.indexer_scores_ops, *index_queries_ops(q, w, pos, freqs, wscale=0.0625,
+                                                              fp4=fp4), keys, n_vis)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+    seen = np.isfinite(ref)
+    assert np.abs(got[seen] - ref[seen]).max() <= 1e-5 * np.abs(ref[seen]).max()
+
+
+@pytest.mark.parametrize("b,s,h,d,nk,n_vis,k,fp4,dtype", [
+    (1, 1, 64, 128, 700, [690], 512, True, mx.bfloat16),  # Flash's indexer, one decode token
+    (1, 2, 64, 128, 600, [600, 550], 512, False, mx.float32),  # float32 kept: 32 heads at a time
+    (1, 3, 5, 64, 300, [300, 4, 170], 8, False, mx.float32),  # a row seeing fewer than k keys
+    (2, 1, 3, 64, 129, [129], 40, True, mx.float16),
+])
+def test_indexer_pick_in_one_launch(path, b, s, h, d, nk, n_vis, k, fp4, dtype, monkeypatch):
+    """Kernel indexer_pick_q (queries, scores and the top-k in one launch: the last of a row's
+    threadgroups picks) gives exactly the two-launch path's picks and numpy's top-k of the twin
+    scores; its counter is back at zero, so the next call (other inputs) is right too."""
+    import ds4mlx.model.compressor  # noqa: F401 (installs the queries' ops twin)
+    from ds4mlx.model.rope import rope_frequencies
+
+    freqs = rope_frequencies(64, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
+    run = kernels.dispatch.run
+    for rep in range(2):
+        rng = np.random.default_rng(d + s + rep)
+        q = mx.array((rng.standard_normal((b, s, h, d)) * 2).astype(np.float32)).astype(dtype)
+        w = mx.array(rng.standard_normal((b, s, h)).astype(np.float32)).astype(dtype)
+        keys = mx.array(rng.standard_normal((b, nk, d)).astype(np.float32)).astype(dtype)
+        pos = np.arange(70000, 70000 + s)[None, :].repeat(b, 0)
+        vis = mx.array(np.array(n_vis, np.int32))
+        iq = fused.IndexQueries(q, w, pos, freqs, 0.0625, fp4)
+        launches = []
+
+        def counted(*args, **kwargs):
+            launches.append(args[1])
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(kernels.dispatch, "run", counted)
+        got = np.asarray(fused.indexer_pick(iq, keys, vis, k, grid=True))
+        assert launches == ["indexer_pick_q"]
+        two = np.asarray(fused.indexer_pick(iq, keys, vis, k, grid=False))
+        assert launches[1:] == ["indexer_scores_q", "indexer_topk"]
+        monkeypatch.setattr(kernels.dispatch, "run", run)
+        np.testing.assert_array_equal(got, two)
+        scores = on_ops(fused.indexer_scores_ops_q, iq, keys, vis)
+        np.testing.assert_array_equal(got, numpy_topk(scores, k))
+        assert not np.asarray(kernels.dispatch.counter("indexer_pick_q", b * s)).any()
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]],
                          ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}d{c[3]}p{c[4]}r{c[6]}")
 def test_decode_attention_with_rope_matches_model_ops(path, case):

@@ -288,7 +288,9 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     # and the fused kernels at the demo's dims
     for name, variant in (("attn_decode", "attention"), ("rope_rows", "rope_rows"),
                           ("indexer_scores", "indexer"), ("indexer_topk", "indexer"),
-                          ("index_q", "indexer"), ("router_topk", "router"),
+                          ("index_q", "indexer"), ("indexer_scores_q", "indexer"),
+                          ("indexer_pick_q", "indexer"), ("grid_sum", "grid_sync"),
+                          ("router_topk", "router"),
                           ("comp_rows", "rope_rows")):
         assert (name, variant) in kernels_seen, out
     # the MXFP4-mlx cases include the decode kernels with the shared expert folded in
@@ -296,7 +298,12 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
         for shared in ("shared float32", "shared Q8_0"):
             assert any(line.startswith(f"{name} + shared") and "MXFP4-mlx" in line
                        and shared in line for line in out.splitlines()), (name, shared, out)
-    assert "all 49 kernel checks passed" in out
+    # the router's selection inside moe_gate_up_decode: with the format's kernels, and at the
+    # router's dims (top-6 of 8)
+    for variant in ("MXFP4-mlx", "router"):
+        assert any(line.startswith("moe_gate_up_decode + route") and variant in line
+                   for line in out.splitlines()), (variant, out)
+    assert "all 55 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):
@@ -317,10 +324,11 @@ def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch,
     for a, b in ((0, 21), (21, 22)):  # a prefill and a decode step that picks compressed rows
         mx.eval(model(tokens[:, a:b], cache=cache))
     # every variant looked up its record
-    # indexer: scores, top-k, queries; rope_rows: alone (prefill) and with the q_norm rows
-    # hc_pre: the one-threadgroup form (prefill) and the grid form (decode), checked apart
+    # indexer: the queries (prefill), then queries, scores and top-k in one launch (decode, the
+    # grid form); rope_rows: alone (prefill) and with the q_norm rows; hc_pre: the
+    # one-threadgroup form (prefill) and the grid form (decode), checked apart
     assert sorted(found) == ["MXFP4-mlx", "attention", "grid_sync", "hc_pre", "hc_pre", "indexer",
-                             "indexer", "indexer", "rope_rows", "rope_rows", "router"], found
+                             "indexer", "rope_rows", "rope_rows", "router"], found
     assert calls == [] and kernels.disabled() == {}
     check.reset()
 
@@ -350,7 +358,9 @@ def test_demo_model_with_a_broken_kernel_gives_the_ops_path_logits(demo, first_u
                  GATE_UP_WRITE.replace("= ds4_swiglu", "= 1.5f * ds4_swiglu"))
     got = model(tokens)
     lines = warnings_in(capfd.readouterr().err)
-    assert len(lines) == 1 and "kernel MXFP4-mlx (float32) switched off" in lines[0], lines
+    # the experts' variant, and the router's, whose check runs its selection inside that kernel
+    assert len(lines) == 2 and "kernel MXFP4-mlx (float32) switched off" in lines[0], lines
+    assert "kernel router (float32" in lines[1] and "moe_gate_up_decode + route" in lines[1], lines
     # hc_pre passed its check and still runs as a kernel: equal up to float32 rounding
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
 
@@ -398,5 +408,5 @@ def test_selftest_lists_what_the_model_dispatches(which, demo_dir, request, monk
     assert asked and listed == asked
     fused = {"hc_pre", "grid_sync", "attention", "rope_rows", "router"}
     # the demo has ratio-4 layers (indexer); the 2-layer checkpoint's are ratio 0 and 128
-    expected = {"IQ2_XXS", "Q2_K"} if which == "q2" else {"MXFP4-mlx", "indexer"}
+    expected = {"IQ2_XXS", "Q2_K"} if which == "q2" else {"MXFP4-mlx", "indexer", "grid_sync"}
     assert {v for v, _, _ in listed} == expected | fused

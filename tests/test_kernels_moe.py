@@ -525,3 +525,87 @@ def test_folded_shared_expert_equals_the_modules(path, dtype, monkeypatch):
     moe.shared_experts.w2.weight = moe.shared_experts.w2.weight.astype(dtype)
     assert moe.shared_experts.fold_weights().down[0] is moe.shared_experts.w2.weight
     assert built == ["fold", "fold"]
+
+
+@pytest.mark.parametrize("fmt,e,k,renorm", [("Q8_0", 256, 6, True), ("IQ2_XXS", 300, 4, False),
+                                            ("MXFP4-mlx", 40, 6, True)])
+def test_router_selection_inside_the_gate_up_kernel(path, fmt, e, k, renorm):
+    """moe_gate_up_decode with ROUTE picks exactly router_topk's experts, in its order, with its
+    route weights (the same selection code), ties and the bias included; mid equals the kernel
+    on those ids, and the twins agree."""
+    from ds4mlx.kernels.router import Route, router_topk
+
+    f, k_in = 40, weight_k(fmt, 256, 64)
+    w1, w3 = random_experts(fmt, e, f, k_in, seed=60), random_experts(fmt, e, f, k_in, seed=61)
+    shared = kernels.Shared((shared_weight("float32", 2 * f, k_in, 62), "float32"),
+                            (shared_weight("float32", 37, f, 63), "float32"))
+    x = inputs_for(w1, fmt, 1, k_in, seed=64)
+    rng = np.random.default_rng(e)
+    logits = (rng.standard_normal((1, e)) * 4).astype(np.float32)
+    logits[0, 5:9] = logits[0, 3]  # equal scores: the lowest ids win ties
+    bias = (rng.standard_normal(e) * 0.1).astype(np.float32)
+    bias[5:9] = bias[3] + 5.0  # and they are picked
+    route = Route(mx.array(logits), mx.array(bias), k, renorm, 1.5)
+    mid, ids, rw = kernels.moe_gate_up_routed(x, w1, w3, fmt_name(fmt), route, 10.0, shared)
+    ref_ids, ref_w = router_topk(route.logits, route.bias, k, renorm, 1.5)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+    assert np.asarray(ids)[0, :4].tolist() == [5, 6, 7, 8]
+    np.testing.assert_array_equal(np.asarray(rw), np.asarray(ref_w))
+    plain = kernels.moe_gate_up(x, w1, w3, fmt_name(fmt), ref_ids, 10.0, False, shared)
+    np.testing.assert_array_equal(np.asarray(mid), np.asarray(plain))
+    t_mid, t_ids, t_w = kernels.moe_gate_up_routed_ops(x, w1, w3, fmt_name(fmt), route, 10.0, shared)
+    order = np.argsort(np.asarray(t_ids)[0])
+    mine = np.argsort(np.asarray(ids)[0])
+    np.testing.assert_array_equal(np.asarray(t_ids)[0, order], np.asarray(ids)[0, mine])
+    np.testing.assert_allclose(np.asarray(t_w)[0, order], np.asarray(rw)[0, mine], rtol=1e-6)
+    assert_close(mid[:, mx.array(mine)], t_mid[:, mx.array(order)])
+    assert_close(mid[:, k], t_mid[:, k])
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_moe_step_routes_inside_the_decode_kernels(path, dtype, monkeypatch):
+    """MoE.__call__ on one token of a score-routed layer: two launches (the router's selection
+    inside moe_gate_up_decode, no router_topk) and the result of the ops path (the model's
+    compiled router, the expert modules, the SharedExpert module); a hash-routed layer keeps
+    its table's ids (router_topk is not its selection either)."""
+    from ds4mlx.config import ModelConfig
+    from ds4mlx.layers.gguf import GGUFSwitchLinear
+    from ds4mlx.model.moe import MoE
+    from ds4mlx.synthetic import tiny_config
+
+    config = ModelConfig.from_hf(tiny_config(moe_intermediate_size=256, hidden_size=256,
+                                             n_routed_experts=12, experts_per_token=4,
+                                             num_hash_layers=1))
+    rng = np.random.default_rng(70)
+    for layer in (0, 5):  # hash-routed, score-routed
+        moe = MoE(config, layer=layer)
+        assert moe.gate.is_hash == (layer == 0)
+        e = config.n_routed_experts
+        for name, t, seed in (("w1", "IQ2_XXS", 71), ("w3", "IQ2_XXS", 72), ("w2", "Q2_K", 73)):
+            setattr(moe.experts, name, GGUFSwitchLinear.from_blocks(
+                random_experts(t, e, 256, 256, seed), get(t).GGML_TYPE, 256))
+        for m in (moe.shared_experts.w1, moe.shared_experts.w3, moe.shared_experts.w2):
+            m.weight = mx.array((rng.standard_normal(m.weight.shape) * 0.05).astype(np.float32)).astype(dtype)
+        moe.gate.weight = mx.array(rng.standard_normal((e, 256)).astype(np.float32) * 0.1)
+        if moe.gate.is_hash:
+            moe.gate.tid2eid = mx.array(rng.integers(0, e, (config.vocab_size, 4)).astype(np.int32))
+        else:
+            moe.gate.bias = mx.array(rng.standard_normal(e).astype(np.float32) * 0.1)
+        x = mx.array(rng.standard_normal((1, 1, 256)).astype(np.float32)).astype(dtype)
+        tokens = mx.array([[7]])
+        launches = []
+        run = kernels.dispatch.run
+
+        def counted(*args, **kwargs):
+            launches.append(args[1])
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(kernels.dispatch, "run", counted)
+        got = moe(x, tokens)
+        mx.eval(got)
+        monkeypatch.setattr(kernels.dispatch, "run", run)
+        assert launches == ["moe_gate_up_decode", "moe_down_decode"], launches
+        kernels.set_backend("ops")
+        ref = moe(x, tokens)
+        kernels.set_backend(path)
+        assert_close(got, ref, 1e-5 if dtype == mx.float32 else 2e-2)

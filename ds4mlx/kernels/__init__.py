@@ -24,10 +24,11 @@ from .dispatch import (ATTENTION, BACKENDS, GRID_SYNC, HC_PRE, INDEXER, KERNEL_F
                        disable, disabled, enable, enabled, serves, set_backend)
 from .hyper import hc_pre, hc_pre_ops
 from .matvec import gguf_matmul, matmul_ops, shared_down, shared_down_ops, shared_down_serves
+from .router import Route
 from .moe import (Packed, QuantWeight, Shared, dequantize, dequantize_ops, gather_qmm_native,
                   gather_qmm_native_ops, gguf_switch_matmul, moe_down, moe_down_ops, moe_experts,
-                  moe_experts_shared, moe_gate_up, moe_gate_up_ops, switch_matmul_ops,
-                  unpack_weight, variant_name)
+                  moe_experts_shared, moe_gate_up, moe_gate_up_ops, moe_gate_up_routed,
+                  moe_gate_up_routed_ops, switch_matmul_ops, unpack_weight, variant_name)
 from . import check  # installs the first-use check in dispatch
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "dequantize_ops", "disable", "disabled", "enable", "enabled", "gather_qmm_native",
     "gather_qmm_native_ops", "gguf_matmul", "gguf_switch_matmul", "hc_pre", "hc_pre_ops",
     "matmul_ops", "moe_down", "moe_down_ops", "moe_experts", "moe_experts_shared", "moe_gate_up", "moe_gate_up_ops",
+    "moe_gate_up_routed", "moe_gate_up_routed_ops", "Route",
     "serves", "set_backend", "shared_down", "shared_down_ops", "shared_down_serves",
     "switch_matmul_ops", "unpack_weight", "variant_name",
 ]

@@ -37,12 +37,12 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from . import dispatch, moe, source
-
+from . import check_attention, check_cases, dispatch, moe, source
 from .check_cases import (CHECK_VERSION, KEY_DIMS, MLX_PAIR, SYNC_USERS, TOLERANCE, Case, Spec,
-                          _twins, cases, dtype_name, install_twin, random_experts, twin)
+                          _twins, dtype_name, install_twin, random_experts, twin)
 
-# what the check's users reach through this module (the cases live in check_cases)
+# what the check's users reach through this module (the cases live in check_cases and, for the
+# fused attention kernels, check_attention)
 __all__ = ["CHECK_VERSION", "KEY_DIMS", "MLX_PAIR", "TOLERANCE", "Case", "Spec", "Result", "_twins", "cases",
            "dtype_name", "install_twin", "random_experts", "twin", "forcing", "run_case", "run_spec",
            "recorded", "record", "records_dir", "mode", "passes", "failures", "reset"]
@@ -77,6 +77,14 @@ class Result:
             return f"{self.kernel} failed: {self.error}"
         return f"{self.kernel} ({self.inputs}) is off by {self.rel_error:.3g} > {self.tolerance:g}"
 
+
+
+def cases(spec: Spec) -> list[Case]:
+    """The kernel calls that make up ``spec``'s check."""
+    named = {**check_cases.builders(), dispatch.ATTENTION: check_attention.attention_cases,
+             dispatch.INDEXER: check_attention.indexer_cases,
+             dispatch.ROPE_ROWS: check_attention.rope_cases}
+    return named.get(spec.variant, check_cases.moe_cases)(spec)
 
 
 # ----------------------------------------------------------------------------- running

@@ -2,7 +2,8 @@
 inputs, each pairing a kernel call (forced onto the kernel path by ``check``) with its ops twin.
 
 Split from ``check`` (which runs the cases, records passes and does the first-use check) so that
-each stays a readable size; ``check`` re-exports the names its users know it by.
+each stays a readable size; ``check`` re-exports the names its users know it by. The fused
+attention kernels' cases are in ``check_attention``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import numpy as np
 
 from ..quant import gguf as gguf_formats
 from ..quant.codecs import MX_GROUP
-from . import attention, dispatch, grid, hyper, matvec, moe, router
-from .source import dtype_name
+from . import dispatch, grid, hyper, matvec, moe, router
+from .source import ROUTE_MAX_K, dtype_name
 
-CHECK_VERSION = 7  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 8  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -46,7 +47,7 @@ KEY_DIMS: dict[str, tuple[str, ...]] = {
 # allows it (their record key says which forms were checked). A variant with the key dim
 # ``grid`` checks that form apart (grid=1, its own verdict): failing, it is switched off
 # alone and the one-threadgroup form (grid=None) serves.
-SYNC_USERS: tuple[str, ...] = (dispatch.HC_PRE,)
+SYNC_USERS: tuple[str, ...] = (dispatch.HC_PRE, dispatch.INDEXER)  # hc_pre's grid form, indexer_pick_q
 
 
 @dataclass(frozen=True)
@@ -128,13 +129,16 @@ def _placement(n_ids: int) -> str:
     return "constant" if n_ids < 8 else "device"  # MLX's rule for small inputs
 
 
-def cases(spec: Spec) -> list[Case]:
-    """The kernel calls that make up ``spec``'s check."""
-    named = {dispatch.HC_PRE: _hc_cases, dispatch.ATTENTION: _attention_cases,
-             dispatch.INDEXER: _indexer_cases, dispatch.ROPE_ROWS: _rope_cases,
-             dispatch.ROUTER: _router_cases, dispatch.SHARED_DOWN: _shared_cases,
-             dispatch.GRID_SYNC: _grid_cases}
-    return named.get(spec.variant, _moe_cases)(spec)
+def builders() -> dict[str, Callable[[Spec], list[Case]]]:
+    """The case builders of the named variants whose cases live here (the attention's are in
+    kernels/check_attention.py; ``check.cases`` joins them); a weight layout takes
+    :func:`moe_cases`."""
+    return {dispatch.HC_PRE: _hc_cases, dispatch.ROUTER: _router_cases,
+            dispatch.SHARED_DOWN: _shared_cases, dispatch.GRID_SYNC: _grid_cases}
+
+
+def moe_cases(spec: Spec) -> list[Case]:
+    return _moe_cases(spec)
 
 
 def _moe_cases(spec: Spec) -> list[Case]:
@@ -223,7 +227,36 @@ def _shared_fold_cases(v: str, fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, w
 
         out += [Case("moe_gate_up_decode + shared", f"shared {sf}, 1 token", gate_up),
                 Case("moe_down_decode + shared", f"shared {sf}, 1 token", down)]
-    return out
+    return out + [_routed_case(fmt, dt, min(k, e), e, w1, w3, x_scale)]
+
+
+def _routed_case(fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, x_scale: float,
+                 renormalize: bool = True) -> Case:
+    """moe_gate_up_decode selecting the token's experts itself (ROUTE), with the shared expert
+    in the activation dtype as the model runs it: mid, ids and route weights against the
+    router's twin and the gate/up twin (both sides sorted by expert id)."""
+    shared = moe.Shared((_acts((2 * _ROWS, _K_IN), 120, dt, 0.02), dtype_name(dt)),
+                        (_acts((_DOWN_ROWS, _ROWS), 121, dt, 0.02), dtype_name(dt)))
+
+    def run():
+        rng = np.random.default_rng(e + k)
+        x = _acts((1, _K_IN), 122, dt, x_scale)
+        route = router.Route(mx.array((rng.standard_normal((1, e)) * 4).astype(np.float32)),
+                             mx.array((rng.standard_normal(e) * 0.1).astype(np.float32)),
+                             k, renormalize, 1.5)
+        return (_routed_by_id(*moe.moe_gate_up_routed(x, w1, w3, fmt, route, 10.0, shared)),
+                _routed_by_id(*moe.moe_gate_up_routed_ops(x, w1, w3, fmt, route, 10.0, shared)))
+
+    return Case("moe_gate_up_decode + route", f"top-{k} of {e} picked in the kernel, shared "
+                f"{dtype_name(dt)}", run)
+
+
+def _routed_by_id(mid: mx.array, idx: mx.array, w: mx.array) -> list[mx.array]:
+    """(mid, ids, weights) with the routed slots in expert-id order (the shared slot last)."""
+    k = idx.shape[1]
+    order = mx.argsort(idx, axis=-1)
+    slots = mx.take_along_axis(mid[:, :k], order[..., None], axis=1)
+    return [mx.concatenate([slots, mid[:, k:]], axis=1), *_by_id(idx, w)]
 
 
 def _hc_cases(spec: Spec) -> list[Case]:
@@ -292,128 +325,6 @@ def _grid_cases(spec: Spec) -> list[Case]:
                  run_for(((3, 200), (1, 40))))]
 
 
-def _attention_cases(spec: Spec) -> list[Case]:
-    d, dt = spec.head_dim or 64, spec.dtype
-
-    def run_for(b: int, s: int, p0: int, ratio: int, n_rows: int, k: int,
-                write: bool = False) -> Callable:
-        def run():
-            rng = np.random.default_rng(p0 + s)
-            window = 16
-            n_prev = min(p0, window - 1)
-
-            def rand(*shape, scale=1.0):
-                return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
-
-            q, kw = rand(b, s, _HEADS, d), rand(b, n_prev + s, d, scale=0.2).astype(dt)
-            comp = rand(b, n_rows, d, scale=0.2).astype(dt) if ratio else None
-            idx = None
-            if k:
-                picks = np.stack([rng.permutation(n_rows)[:k] for _ in range(b * s)])
-                picks = picks.reshape(b, s, k)
-                picks[..., 0] = -1  # a padded slot is never read
-                idx = mx.array(picks.astype(np.int32))
-            bounds = attention.query_bounds(p0, s, p0 - n_prev, window, ratio)
-            args = (q, kw, comp, idx, bounds, rand(_HEADS), d ** -0.5)
-            if not write:
-                return [attention.decode_attention(*args)], [attention.decode_attention_ops(*args)]
-            # the call's rows apart, written by the kernel into a buffer with room past them
-            buf = mx.concatenate([kw[:, :n_prev], mx.ones((b, s + 3, d), dt)], axis=1)
-            w = (kw[:, n_prev:], n_prev)
-            return (list(attention.decode_attention(q, buf, *args[2:], write=w)),
-                    list(attention.decode_attention_ops(q, buf, *args[2:], write=w)))
-        return run
-
-    rd = spec.rope_dims
-    if rd:  # the projected queries in, RoPE and its inverse in the kernel, output in dtype
-        freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
-
-        def roped(s: int, p0: int, ratio: int, n_rows: int, k: int) -> Callable:
-            def run():
-                rng = np.random.default_rng(p0 + s)
-                window, n_prev = 16, min(p0, 15)
-                q = mx.array((rng.standard_normal((1, s, _HEADS, d)) * 3).astype(np.float32))
-                kw = mx.array((rng.standard_normal((1, n_prev + s, d)) * 0.2).astype(np.float32))
-                comp = mx.array((rng.standard_normal((1, n_rows, d)) * 0.2).astype(np.float32))
-                idx = None
-                if k:
-                    idx = mx.array(np.stack([rng.permutation(n_rows)[:k] for _ in range(s)])
-                                   .reshape(1, s, k).astype(np.int32))
-                bounds = attention.query_bounds(p0, s, p0 - n_prev, window, ratio)
-                args = (q.astype(dt), kw.astype(dt), comp.astype(dt) if ratio else None, idx,
-                        bounds, mx.array(rng.standard_normal(_HEADS).astype(np.float32)), d ** -0.5)
-                kwargs = dict(rope=(np.arange(p0, p0 + s), freqs, 1e-6), out_dtype=dt)
-                return ([attention.decode_attention(*args, **kwargs)],
-                        [attention.decode_attention_ops(*args, **kwargs)])
-            return run
-
-        return [Case("attn_decode", f"1 query, RoPE of {rd} dims in and out",
-                     roped(1, 70001, 0, 0, 0)),
-                Case("attn_decode", "2 queries, ratio 4 picks, RoPE", roped(2, 70, 4, 19, 5))]
-    # the buffers hold more compressed rows than the queries see, as a grown buffer does
-    return [Case("attn_decode", "1 query, window rows", run_for(1, 1, 5, 0, 0, 0)),
-            Case("attn_decode", f"3 queries, {_HEADS} heads, ratio 128", run_for(1, 3, 300, 128, 5, 0)),
-            Case("attn_decode", "2x2 queries, 5 of 19 picked", run_for(2, 2, 70, 4, 19, 5)),
-            Case("attn_decode", "2x2 queries, their rows written into the window",
-                 run_for(2, 2, 70, 4, 19, 5, write=True))]
-
-
-def _indexer_cases(spec: Spec) -> list[Case]:
-    out = []
-    if spec.index_heads and spec.index_head_dim:
-        h, hd = spec.index_heads, spec.index_head_dim
-
-        def scores(s: int, n_vis: list[int]) -> Callable:
-            def run():
-                rng = np.random.default_rng(s)
-                q = mx.array(rng.standard_normal((1, s, h, hd)).astype(np.float32))
-                w = mx.array(rng.standard_normal((1, s, h)).astype(np.float32))
-                keys = mx.array(rng.standard_normal((1, _KEYS, hd)).astype(np.float32))
-                args = (q, w, keys.astype(spec.dtype), mx.array(np.array(n_vis, np.int32)))
-                return [attention.indexer_scores(*args)], [attention.indexer_scores_ops(*args)]
-            return run
-
-        out += [Case("indexer_scores", f"1 query, {_KEYS} keys", scores(1, [_KEYS])),
-                Case("indexer_scores", f"3 queries, {_KEYS} keys", scores(3, [30, 0, _KEYS]))]
-    if spec.index_topk:
-        k = spec.index_topk
-
-        def topk():
-            n = k + _KEYS
-            rng = np.random.default_rng(k)
-            sc = rng.permutation(3 * n).astype(np.float32).reshape(3, n) / n - 1.5  # no ties
-            sc[0, max(1, k - 2):] = -np.inf  # a query that sees fewer than k keys
-            sc = mx.array(sc)
-            return [attention.indexer_topk(sc, k)], [attention.indexer_topk_ops(sc, k)]
-
-        out.append(Case("indexer_topk", f"3 rows of {k + _KEYS}, k={k}", topk))
-    if spec.index_head_dim and spec.rope_dims:
-        out += _index_q_cases(spec)
-    return out
-
-
-def _index_q_cases(spec: Spec) -> list[Case]:
-    d, rd, dt = spec.index_head_dim, spec.rope_dims, spec.dtype
-    freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
-
-    def run_for(s: int, fp4: bool) -> Callable:
-        def run():
-            twin = _twins.get("index_q")
-            if twin is None:
-                raise RuntimeError("index_q: no ops twin installed (import ds4mlx.model)")
-            rng = np.random.default_rng(s)
-            q = _acts((1, s, _HEADS, d), 90 + s, dt, 2.0)
-            w = mx.array(rng.standard_normal((1, s, _HEADS)).astype(np.float32)).astype(dt)
-            pos = np.arange(70001, 70001 + s)[None]  # far positions: an angle's rounding shows
-            args = (q, w, pos, freqs)
-            kw = dict(wscale=0.125, fp4=fp4)
-            return list(attention.index_queries(*args, **kw)), list(twin(*args, **kw))
-        return run
-
-    return [Case("index_q", f"{s} tokens x {_HEADS} heads{', Hadamard + FP4' * fp4}",
-                 run_for(s, fp4)) for s, fp4 in ((1, True), (3, False))]
-
-
 _twins = dispatch._twins  # the twins that live above the kernels (dispatch.install_twin)
 
 
@@ -426,107 +337,6 @@ def install_twin(variant: str, twin: Callable) -> None:
 def twin(name: str) -> Callable | None:
     """The ops twin installed for ``name`` (:func:`install_twin`), or None."""
     return dispatch.twin(name)
-
-
-def _rope_cases(spec: Spec) -> list[Case]:
-    d, rd, dt = spec.head_dim or 128, spec.rope_dims or 64, spec.dtype
-    fp8 = (d - rd) % attention.FP8_BLOCK == 0 and attention.FP8_BLOCK % (d // 32) == 0
-    freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
-    p0 = 70001  # far positions: an angle's rounding shows
-
-    def run_for(shape: tuple[int, ...], norm: int, fp8: bool, inverse: bool, x_dtype: mx.Dtype,
-                out_dtype: mx.Dtype) -> Callable:
-        def run():
-            twin = _twins.get(dispatch.ROPE_ROWS)
-            if twin is None:
-                raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
-            rng = np.random.default_rng(len(shape) + norm)
-            x = mx.array((rng.standard_normal((*shape, d)) * 3).astype(np.float32)).astype(x_dtype)
-            weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
-            pos = np.arange(p0, p0 + shape[1]).reshape(1, -1, *([1] * (len(shape) - 2)))
-            kw = dict(norm=norm, weight=weight, eps=1e-6, fp8=fp8, inverse=inverse,
-                      out_dtype=out_dtype)
-            got = attention.rope_rows(x, pos, freqs, **kw)
-            ref = twin(x, pos, freqs, rope_dims=rd, **kw)
-            return [_fp8_edges(got, ref, dt) if fp8 else got], [ref]
-        return run
-
-    out = [Case("rope_rows", f"q: 3 tokens x {_HEADS} heads, RMS",
-                run_for((1, 3, _HEADS), attention.NORM_PLAIN, False, False, dt, mx.float32)),
-           Case("rope_rows", "kv: 3 rows, weighted RMS" + ", FP8" * fp8,
-                run_for((1, 3), attention.NORM_WEIGHTED, fp8, False, dt, dt)),
-           Case("rope_rows", f"output: 3 x {_HEADS}, inverse",
-                run_for((1, 3, _HEADS), attention.NORM_NONE, False, True, mx.float32, dt)),
-           Case("rope_rows", f"indexer q: 3 x {_HEADS}",
-                run_for((1, 3, _HEADS), attention.NORM_NONE, False, False, dt, dt))]
-    if spec.q_rank:
-        dq = spec.q_rank
-
-        def with_q_norm():
-            from ..ops import RMSNorm  # the q_norm the kernel runs alongside
-
-            twin = _twins.get(dispatch.ROPE_ROWS)
-            if twin is None:
-                raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
-            rng = np.random.default_rng(dq)
-            x = _acts((1, 2, d), 95, dt, 3.0)
-            qr = _acts((1, 2, dq), 96, dt, 3.0)
-            weight = mx.array(rng.uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
-            norm = RMSNorm(dq, eps=1e-6)
-            norm.weight = mx.array(rng.uniform(0.5, 1.5, dq).astype(np.float32)).astype(dt)
-            pos = np.arange(p0, p0 + 2)[None]
-            kw = dict(norm=attention.NORM_WEIGHTED, weight=weight, eps=1e-6, fp8=False,
-                      inverse=False, out_dtype=dt)
-            got = attention.rope_rows(x, pos, freqs, q_norm=(qr, norm.weight), **kw)
-            return list(got), [twin(x, pos, freqs, rope_dims=rd, **kw), norm(qr)]
-
-        out.append(Case("rope_rows", f"kv: 2 rows, with q_norm rows of {dq}", with_q_norm))
-
-    def comp_args(two: bool) -> tuple:
-        # float32 compressor weights and buffers whatever the model's dtype (as the model keeps)
-        w = _acts((40 + (24 if two else 0), 70), 97, mx.float32, 70 ** -0.5)
-        bufs = [_acts((1, 4, 40), 98, mx.float32)] + ([_acts((1, 4, 24), 99, mx.float32)] if two else [])
-        return _acts((1, 1, 70), 100, mx.float32), w, _acts((w.shape[0],), 101, mx.float32), bufs, 2
-
-    def comp_alone(two: bool) -> Callable:
-        def run():
-            args = comp_args(two)
-            return attention.compress_rows(*args), attention.compress_rows_ops(*args)
-        return run
-
-    def comp_with_rows():
-        twin = _twins.get(dispatch.ROPE_ROWS)
-        if twin is None:
-            raise RuntimeError("rope_rows: no ops twin installed (import ds4mlx.model)")
-        x = _acts((1, 1, d), 102, dt, 3.0)
-        weight = mx.array(np.random.default_rng(d).uniform(0.5, 1.5, d).astype(np.float32)).astype(dt)
-        kw = dict(norm=attention.NORM_WEIGHTED, weight=weight, eps=1e-6, fp8=False, inverse=False,
-                  out_dtype=dt)
-        args = comp_args(True)
-        got = attention.rope_rows(x, np.array([[p0]]), freqs, comp=args, **kw)
-        return list(got), [twin(x, np.array([[p0]]), freqs, rope_dims=rd, **kw),
-                           *attention.compress_rows_ops(*args)]
-
-    out += [Case("comp_rows", "two compressors' rows of one token", comp_alone(True)),
-            Case("comp_rows", "one compressor's rows", comp_alone(False)),
-            Case("rope_rows", "kv: 1 row, with both compressors' rows", comp_with_rows)]
-    return out
-
-
-def _fp8_edges(got: mx.array, ref: mx.array, dtype: mx.Dtype) -> mx.array:
-    """``got`` with the values that sit one e4m3 step from ``ref`` taken from ``ref``, when they
-    are few: a value on an FP8 rounding edge lands on either side when its input differs in the
-    last bit (another summation order of the RMS; in bfloat16, one rounding of RMS x weight where
-    the ops round twice: about 1.5% of the values of random rows). More of them is an error."""
-    g, r = np.asarray(got.astype(mx.float32)), np.asarray(ref.astype(mx.float32))
-    if g.shape != r.shape:
-        return got
-    diff = np.abs(g - r)
-    off = diff > TOLERANCE.get(dtype, 2e-2) * max(float(np.abs(r).max()), 1e-30)
-    edge = off & (diff <= np.abs(r) / 8 * 1.01)
-    if off.sum() != edge.sum() or edge.mean() > (0.01 if dtype == mx.float32 else 0.05):
-        return got
-    return mx.array(np.where(edge, r, g)).astype(got.dtype)
 
 
 def _router_cases(spec: Spec) -> list[Case]:
@@ -542,8 +352,13 @@ def _router_cases(spec: Spec) -> list[Case]:
             return _by_id(*router.router_topk(*args)), _by_id(*router.router_topk_ops(*args))
         return run
 
-    return [Case("router_topk", f"{n} token{'s' * (n > 1)}, top-{k} of {e}", run_for(n))
-            for n in (1, 3)]
+    out = [Case("router_topk", f"{n} token{'s' * (n > 1)}, top-{k} of {e}", run_for(n))
+           for n in (1, 3)]
+    if k <= ROUTE_MAX_K:  # the same selection inside the decode MoE kernel, at these dims
+        w1, w3 = (random_experts("Q8_0", e, _ROWS, _K_IN, seed) for seed in (4, 5))
+        out.append(_routed_case("Q8_0", mx.float32, k, e, w1, w3, 8.0 / (0.02 * _K_IN ** 0.5),
+                                bool(spec.renormalize)))
+    return out
 
 
 def _shared_cases(spec: Spec) -> list[Case]:

@@ -32,6 +32,7 @@ from ..quant import gguf as _formats
 from ..quant.codecs import MX_GROUP
 from . import dispatch
 from .dispatch import KERNEL_FORMATS, KernelInputError, ceil_div, device_array
+from .router import Route
 from .source import (DECODE_ROWS, DECODE_ROWS_PER_TG, DECODE_THREADS, DENSE_LAYOUT,
                      DOWN_SIMDGROUPS, GGUF_MXFP4, LAYOUT, MLX_MXFP4, TILE, TILE_THREADS,
                      dtype_name)
@@ -87,6 +88,14 @@ def unpack_weight(w: QuantWeight, fmt: str, name: str = "w") -> Packed:
         raise KernelInputError(str(e)) from None
     layout = GGUF_MXFP4 if key == "MXFP4" else LAYOUT[key]
     return Packed(key, layout, w, _no_scales(), k)
+
+
+@functools.cache
+def _placeholder(dtype: mx.Dtype) -> mx.array:
+    """An input a kernel variant does not read (made once: no fill per call)."""
+    dummy = mx.zeros((8,), dtype=dtype)
+    mx.eval(dummy)
+    return dummy
 
 
 @functools.cache
@@ -409,18 +418,64 @@ def _gate_up_kernel(x: mx.array, p1: Packed, p3: Packed, f: int, indices: mx.arr
             raise KernelInputError("shared: the shared expert folds into the decode kernels only")
         order, eid = _sort_pairs(idx)
         return matmul_sorted(x, order // k, order, eid, p1, p3, f, limit).reshape(n, k, f)
+    return _gate_up_decode(x, p1, p3, ps, idx, None, limit)[0].reshape(n, k + (ps is not None), f)
+
+
+def _gate_up_decode(x: mx.array, p1: Packed, p3: Packed, ps: Packed | None, idx: mx.array | None,
+                    route: Route | None, limit: float | None) -> tuple[mx.array, mx.array, mx.array]:
+    """Kernel ``moe_gate_up_decode``: (mid ``[N * kk, F]``, ids ``[N * k]``, route weights
+    ``[N * k]``) with the experts of ``idx [N * k]``, or picked in the kernel by ``route``
+    (ids and weights are its outputs then, else not written)."""
+    n, f, e = x.shape[0], p1.q.shape[1], p1.q.shape[0]
+    k = route.k if route is not None else idx.size // n
     kk = k + (ps is not None)
     ws = ps or p1
-    (mid,) = dispatch.run("moe.metal", "moe_gate_up_decode",
-                          {"x": x, "w1": p1.q, "s1": device_array(p1.s), "w3": p3.q,
-                           "s3": device_array(p3.s), "idx": idx, "ws": ws.q,
-                           "ss": device_array(ws.s), "F": f, "K": p1.k, "k": k,
-                           "E": p1.q.shape[0], "limit": float(limit or 0.0)},
-                          {"mid": ((n * kk, f), mx.float32)},
-                          grid=(ceil_div(f, DECODE_ROWS_PER_TG) * DECODE_THREADS, n * kk, 1),
-                          threadgroup=(DECODE_THREADS, 1, 1),
-                          template=[("T", x.dtype), *_decode_templates(p1, ps)])
-    return mid.reshape(n, kk, f)
+    (mid, ids, rw) = dispatch.run(
+        "moe.metal", "moe_gate_up_decode",
+        {"x": x, "w1": p1.q, "s1": device_array(p1.s), "w3": p3.q, "s3": device_array(p3.s),
+         "idx": _placeholder(mx.uint32) if idx is None else idx, "ws": ws.q, "ss": device_array(ws.s),
+         "logits": _placeholder(mx.float32) if route is None else device_array(route.logits.astype(mx.float32)),
+         "bias": _placeholder(mx.float32) if route is None else device_array(route.bias.astype(mx.float32)),
+         "F": f, "K": p1.k, "k": k, "E": e, "limit": float(limit or 0.0),
+         "rscale": float(route.scale) if route is not None else 1.0},
+        {"mid": ((n * kk, f), mx.float32), "ids": ((n * k if route else 1,), mx.uint32),
+         "rw": ((n * k if route else 1,), mx.float32)},
+        grid=(ceil_div(f, DECODE_ROWS_PER_TG) * DECODE_THREADS, n * kk, 1),
+        threadgroup=(DECODE_THREADS, 1, 1),
+        template=[("T", x.dtype), *_decode_templates(p1, ps), ("ROUTE", route is not None),
+                  ("RE", e if route is not None else 1),
+                  ("RENORM", bool(route is not None and route.renormalize))])
+    return mid, ids, rw
+
+
+def moe_gate_up_routed_ops(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, route: Route,
+                           limit: float | None, shared: Shared | None = None):
+    """Ops twin of :func:`moe_gate_up_routed`: the router's twin, then :func:`moe_gate_up_ops`
+    (experts in argpartition's order, where the kernel lists them by score)."""
+    idx, w = route.ops()
+    return moe_gate_up_ops(x, w1, w3, fmt, idx, limit, shared), idx, w
+
+
+def moe_gate_up_routed(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, route: Route,
+                       limit: float | None, shared: Shared | None = None):
+    """:func:`moe_gate_up` on the decode kernel with the router's selection made inside it:
+    (mid ``[N, k (+1), F]``, ids ``[N, k]`` uint32 by descending biased score, route weights
+    ``[N, k]`` float32), the ids and weights exactly :func:`router_topk`'s. The kernel serves
+    only when ``route.folds()`` and the format's kernels do (else the twin's steps)."""
+    p1, p3 = unpack_weight(w1, fmt, "w1"), unpack_weight(w3, fmt, "w3")
+    n, e, k = x.shape[0], p1.q.shape[0], route.k
+    if tuple(route.logits.shape) != (n, e) or n * k > DECODE_MAX_PAIRS:
+        raise KernelInputError(f"route: logits {tuple(route.logits.shape)} must be [{n}, {e}] "
+                               f"(tokens, experts) with at most {DECODE_MAX_PAIRS} pairs")
+    f, _ = _check_experts(p1, "w1", x, "x", mx.zeros((n, k), mx.uint32))
+    if p3.q.shape != p1.q.shape or p3.layout != p1.layout:
+        raise KernelInputError(f"w3: shape {tuple(p3.q.shape)} differs from w1 {tuple(p1.q.shape)}")
+    ps = _check_shared(shared, 0, 2 * f, p1.k)
+    if not (dispatch.serves(fmt) and route.folds() and dispatch.first_use_ok(
+            variant_name(p1), x.dtype, experts_per_token=k, n_experts=e)):
+        return moe_gate_up_routed_ops(x, w1, w3, fmt, route, limit, shared)
+    mid, ids, rw = _gate_up_decode(x, p1, p3, ps, None, route, limit)
+    return mid.reshape(n, k + (ps is not None), f), ids.reshape(n, k), rw.reshape(n, k)
 
 
 def moe_down(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, weights: mx.array,
@@ -527,31 +582,46 @@ def moe_experts(x: mx.array, indices: mx.array, weights: mx.array, w1: Any, w3: 
     return moe_down(mid, down[0], down[1], indices, weights, out_dtype=x.dtype, grouped=grouped)
 
 
-def moe_experts_shared(x: mx.array, indices: mx.array, weights: mx.array, w1: Any, w3: Any,
-                       w2: Any, limit: float | None, shared: Shared) -> mx.array | None:
+def moe_experts_shared(x: mx.array, indices: mx.array | None, weights: mx.array | None, w1: Any,
+                       w3: Any, w2: Any, limit: float | None, shared: Shared,
+                       route: Route | None = None) -> mx.array | None:
     """Routed experts plus the shared expert of one decoded token in the two decode kernels
     (the shared expert one more slot of each, at weight 1): x ``[1, D]`` -> ``[1, D]`` in x's
-    dtype. ``None`` where that does not apply (several tokens, a projection or format the
-    kernels do not take, other dims): the caller runs the routed and shared experts apart."""
-    if x.shape[0] != 1 or indices.ndim != 2 or indices.shape[1] >= DECODE_MAX_PAIRS:
+    dtype. ``route`` instead of indices / weights: the router's selection, made inside
+    ``moe_gate_up_decode`` where :meth:`Route.folds` (no router launch), else by
+    :meth:`Route.select`. ``None`` where that does not apply (several tokens, a projection or
+    format the kernels do not take, other dims): the caller runs the routed and shared
+    experts apart."""
+    k = route.k if route is not None else indices.shape[-1]
+    if x.shape[0] != 1 or k >= DECODE_MAX_PAIRS or (route is None and indices.ndim != 2):
         return None
     gate, up, down = (_module_weight(m) for m in (w1, w3, w2))
     if gate is None or up is None or down is None or gate[1].upper() != up[1].upper():
         return None
     if not (dispatch.serves(gate[1]) and dispatch.serves(down[1]) and shared_folds(shared, x.dtype)):
         return None
+    n_experts = unpack_weight(gate[0], gate[1], "w1").q.shape[0]
+    routed = route is not None and route.logits.shape[-1] == n_experts and route.folds()
+    if route is not None and not routed:
+        indices, weights = route.select()
     # unpacked and checked once here (the shared expert's parts once per Shared), then the
-    # kernels without the entry points' checks
-    p1, p3, f = _gate_up_packed(x, gate[0], up[0], gate[1], indices)
+    # kernels without the entry points' checks (ids made in the kernel: checked for shape only)
+    ids_shape = mx.zeros((1, k), mx.uint32) if routed else indices
+    p1, p3, f = _gate_up_packed(x, gate[0], up[0], gate[1], ids_shape)
     p2 = unpack_weight(down[0], down[1], "w2")
     d = p2.q.shape[1]
     ps13, ps2 = shared.packed
     if (ps13.q.shape[0], ps13.k, ps2.q.shape[0], ps2.k, p2.k) != (2 * f, p1.k, d, f, f):
         return None  # e.g. a shared expert wider than the routed ones
-    if not (_kernel_serves(gate[1], p1, x.dtype, indices)
-            and _kernel_serves(down[1], p2, x.dtype, indices)):
+    if not (_kernel_serves(gate[1], p1, x.dtype, ids_shape)
+            and _kernel_serves(down[1], p2, x.dtype, ids_shape)):
         return None  # the routed experts' call sites pick their own paths
-    mid = _gate_up_kernel(x, p1, p3, f, indices, limit, False, ps13)
+    if routed:
+        mid, ids, rw = _gate_up_decode(x, p1, p3, ps13, None, route, limit)
+        indices, weights = ids.reshape(1, k), rw.reshape(1, k)
+        mid = mid.reshape(1, k + 1, f)
+    else:
+        mid = _gate_up_kernel(x, p1, p3, f, indices, limit, False, ps13)
     _check_down(mid, p2, indices, weights, True)
     return _down_kernel(mid, p2, d, indices, weights, x.dtype, False, ps2)
 

@@ -45,7 +45,11 @@ HC_THREADS = 256  # threads per threadgroup of hc_pre
 HC_CHUNK = 512
 ATTN_SIMDGROUPS = 4  # simdgroups per (token, head) of attn_decode; they split the keys
 INDEX_THREADS = 256  # threads per threadgroup of the indexer score kernel
+# indexer_scores_q (the queries made in the scores' launch): passes of INDEX_THREADS / 8 keys per
+# threadgroup, so that each threadgroup's copy of the queries' work serves 4 x 32 keys
+INDEX_KEY_PASSES = 4
 ROUTER_THREADS = 256  # threads per token of router_topk
+ROUTE_MAX_K = 32  # moe_gate_up_decode with ROUTE: experts per token it picks at most
 
 
 def _iq2xxs_grid_define() -> str:
@@ -67,7 +71,8 @@ def defines() -> str:
                   DS4_DOWN_SG=DOWN_SIMDGROUPS, DS4_MV_TOKENS=MATVEC_TOKENS, DS4_BM=TILE,
                   DS4_BN=TILE, DS4_BK=TILE_K, DS4_TG=TILE_THREADS, DS4_HC_TG=HC_THREADS,
                   DS4_HC_CHUNK=HC_CHUNK, DS4_ATTN_SG=ATTN_SIMDGROUPS, DS4_INDEX_TG=INDEX_THREADS,
-                  DS4_ROUTER_TG=ROUTER_THREADS)
+                  DS4_INDEX_KPT=INDEX_KEY_PASSES,
+                  DS4_ROUTER_TG=ROUTER_THREADS, DS4_ROUTE_MAX_K=ROUTE_MAX_K)
     # the QAT FP8 round trip's block and range (quant/codecs.py), for metal/rows.metal
     values.update(DS4_FP8_BLOCK=FP8_ACT_BLOCK, DS4_E4M3_MAX=f"{E4M3_MAX:.1f}f")
     # the indexer's Hadamard + FP4 rounding (model/qat.py hadamard_fp4), for index_q

@@ -8,8 +8,6 @@ output is rotated back, then a grouped low-rank projection (wo_a per group, wo_b
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -21,6 +19,7 @@ from ..ops import RMSNorm
 from ..state import BatchLayerCache, LayerCache, record_window
 from . import qat
 from .compressor import Compressor, Indexer
+from .attention_one import one_all, one_indexed, one_window
 from .merged import MergedLinear
 from .rope import apply_rope, host_positions, layer_frequencies, rope_tables, rotate
 
@@ -204,15 +203,18 @@ class Attention(nn.Module):
         # output, itself (two launches fewer)
         roped = self._fused_attention(pos.shape[1]) and fused.attention_rope_serves(
             dtype, self.head_dim, self.rope_dims)
-        q, kv, index_q = self._rotate(p, pos, positions, rotate_q=not roped)
+        q, kv, index_q = self._rotate(p, pos, positions, rotate_q=not roped, defer_index=True)
         o = self._attend_state(q, kv, p, index_q, cache, dtype, positions,
                                rope=(pos[0], dtype) if roped else None)
         return o if roped else self._unrotate(o, pos, positions, dtype)
 
-    def _rotate(self, p: "_Projected", pos: np.ndarray, positions: mx.array, rotate_q: bool = True):
+    def _rotate(self, p: "_Projected", pos: np.ndarray, positions: mx.array, rotate_q: bool = True,
+                defer_index: bool = False):
         """Normalised, rotated (and rounded) queries and KV rows, and indexer queries, of tokens
         at host positions ``pos`` [B, s] (``positions``: the same as ``host_positions``); the
-        queries as projected unless ``rotate_q``."""
+        queries as projected unless ``rotate_q``. With ``defer_index``, indexer queries that
+        kernel index_q would make stay undone (``kernels.attention.IndexQueries``, weights
+        with them): the fused scores make them in their own launch."""
         freqs = self._freqs
         rows = fused.rope_rows_serves(p.kv.dtype, self.head_dim, self.rope_dims)
         ops_q = rotate_q and not rows  # the ops path rotates q with the KV rows in one graph
@@ -243,10 +245,14 @@ class Attention(nn.Module):
         index_q = None
         if p.index_q is not None:  # lazy: computed only where a sequence has indexer keys
             iq = p.index_q[0]
-            if fused.index_queries_serves(iq.dtype, iq.shape[-1], self.rope_dims):
+            made = fused.IndexQueries(iq, p.index_w, pos, freqs, self.indexer.scale,
+                                      self.qat_rounding)
+            if defer_index and kernels.serves(kernels.INDEXER):
+                index_q = made  # the weights come with the queries
+                p.index_q = (iq, None)
+            elif fused.index_queries_serves(iq.dtype, iq.shape[-1], self.rope_dims):
                 # queries and head weights in one launch (the weights replace the ops' ones)
-                index_q, w = fused.index_queries(iq, p.index_w, pos, freqs,
-                                                 wscale=self.indexer.scale, fp4=self.qat_rounding)
+                index_q, w = made.compute()
                 p.index_q = (iq, w)
             else:
                 index_q = self.indexer.rotate_queries(iq, pos, positions, freqs,
@@ -303,6 +309,8 @@ class Attention(nn.Module):
                 index_q = None
             else:
                 index_w = p.index_q[1]
+        if isinstance(index_q, fused.IndexQueries) and not fused_attention:
+            index_q, index_w = index_q.compute()  # the ops paths take them made
 
         if fused_attention:
             o = self._attend_fused(q, p0, keys, row0, n_prev, cache, index_q, index_w, index_keys,
@@ -374,14 +382,14 @@ class Attention(nn.Module):
         nw = mx.array(n_prev + 1, dtype=mx.int32)
         state = cache.compressor
         if state is None or state.n_rows == 0:
-            return _one_window(q, kw, nw, self.attn_sink, scale)
+            return one_window(q, kw, nw, self.attn_sink, scale)
         n = mx.array(state.n_rows, dtype=mx.int32)
         comp = _rows_prefix(state.buffer, state.n_rows)
         if self.ratio == 4 and index_q is not None:
-            return _one_indexed(q, kw, nw, self.attn_sink, comp, n, index_q, index_w,
-                                _rows_prefix(cache.indexer.buffer, state.n_rows), scale,
-                                self.config.index_topk)
-        return _one_all(q, kw, nw, self.attn_sink, comp, n, scale)
+            return one_indexed(q, kw, nw, self.attn_sink, comp, n, index_q, index_w,
+                               _rows_prefix(cache.indexer.buffer, state.n_rows), scale,
+                               self.config.index_topk)
+        return one_all(q, kw, nw, self.attn_sink, comp, n, scale)
 
     def _attend_blocks(self, q, positions, p0: int, keys, n_prev: int, comp, index_q, index_w,
                        index_keys):
@@ -474,84 +482,12 @@ def _rotate_ops(q, kv, positions, per_feature, sign, eps: float, fp8_rope_dims: 
     return q, (qat.kv_fp8(kv, fp8_rope_dims) if fp8_rope_dims else kv)
 
 
-# ---------------------------------------------------------------------- one query, compiled
-# A decode step's attention on the ops path: the same scores, masks and softmax as
-# Attention._attend for one query of one sequence, as three compiled graphs (window only; every
-# visible compressed row; the indexer's top-k), each traced once per buffer capacity. The keys
-# are joined once, with a zero row whose score column carries the sink, so one product gives
-# every score and one the output.
-
 def _rows_prefix(buffer: mx.array, n: int) -> mx.array:
     """The first rows of a row buffer [B, capacity, d] holding ``n`` used rows: a power of two
-    of them (at least 64), so a compiled step retraces once per doubling of the context and
-    scores at most twice the rows in use (not the whole capacity)."""
+    of them (at least 64), so a compiled step (model/attention_one.py) retraces once per
+    doubling of the context and scores at most twice the rows in use (not the whole capacity)."""
     rows = max(64, 1 << max(n - 1, 0).bit_length())
     return buffer if rows >= buffer.shape[1] else buffer[:, :rows]
-
-
-@functools.cache
-def _columns(lw: int, k: int) -> mx.array:
-    """Per score column: j - lw for window key j, j for compressed key j, ``k`` for the sink
-    (numpy-built: a constant also inside a compiled trace). Parts of it: ``(0, n - 1)`` the rows
-    0..n-1, ``(lw, -1)`` the window's columns, ``(0, 0)`` a single 0."""
-    return mx.array(np.concatenate([np.arange(lw) - lw, np.arange(k + 1)]).astype(np.int32))
-
-
-def _visible(cols: mx.array, lw: int, nw: mx.array, n: mx.array | int) -> mx.array:
-    """The first ``nw`` of the ``lw`` window columns, compressed columns below ``n``."""
-    return mx.where(cols < 0, cols < nw - lw, cols < n)
-
-
-def _one_out(q, keys, sink, valid, is_sink, scale: float):
-    """Scores of q [1, 1, H, d] against ``keys`` [L, d] (last row zero), masked by ``valid``
-    and with the sink in the ``is_sink`` column, through one softmax → [1, 1, H, d]."""
-    _, _, h, d = q.shape
-    scores = (q.reshape(h, d) @ keys.T) * scale
-    logits = mx.where(is_sink, sink.astype(mx.float32)[:, None], mx.where(valid, scores, -mx.inf))
-    return (mx.softmax(logits, axis=-1, precise=True) @ keys).reshape(1, 1, h, d)
-
-
-@functools.cache
-def _zero_row(d: int) -> mx.array:
-    return mx.array(np.zeros((1, d), np.float32))
-
-
-def _rows2(x: mx.array) -> mx.array:
-    """[1, L, d] → [L, d] float32."""
-    return x.reshape(x.shape[1:]).astype(mx.float32)
-
-
-@mx.compile
-def _one_window(q, kw, nw, sink, scale: float):
-    lw = kw.shape[1]
-    cols = _columns(lw, 0)
-    keys = mx.concatenate([_rows2(kw), _zero_row(kw.shape[-1])])
-    return _one_out(q, keys, sink, _visible(cols, lw, nw, 0), cols == 0, scale)
-
-
-@mx.compile
-def _one_all(q, kw, nw, sink, comp, n, scale: float):
-    """Ratio 128: every visible row of the buffer ``comp`` [1, C, d] (rows < ``n``)."""
-    lw, c = kw.shape[1], comp.shape[1]
-    cols = _columns(lw, c)
-    keys = mx.concatenate([_rows2(kw), _rows2(comp), _zero_row(kw.shape[-1])])
-    return _one_out(q, keys, sink, _visible(cols, lw, nw, n), cols == c, scale)
-
-
-@mx.compile
-def _one_indexed(q, kw, nw, sink, comp, n, iq, iw, ikeys, scale: float, topk: int):
-    """Ratio 4: the Lightning Indexer's top-k of the visible rows (< ``n``) of the buffers
-    ``comp`` [1, C, d] and ``ikeys`` [1, C, dI]; queries iq [1, 1, h, dI], weights iw [1, 1, h]."""
-    c = comp.shape[1]
-    if c <= topk:  # every row is picked: no scores needed
-        return _one_all(q, kw, nw, sink, comp, n, scale)
-    lw, h = kw.shape[1], iq.shape[2]
-    scores = iq.reshape(h, -1) @ _rows2(ikeys).T  # [h, C]
-    scores = (mx.maximum(scores, 0.0) * iw.reshape(h, 1)).sum(axis=0)  # [C]
-    idx = mx.argpartition(mx.where(_columns(0, c - 1) < n, -scores, mx.inf), kth=topk - 1)[:topk]
-    keys = mx.concatenate([_rows2(kw), mx.take(_rows2(comp), idx, axis=0), _zero_row(kw.shape[-1])])
-    picked = mx.concatenate([_columns(lw, -1), idx.astype(mx.int32), _columns(0, 0) + c])
-    return _one_out(q, keys, sink, _visible(picked, lw, nw, n), _columns(lw, topk) == topk, scale)
 
 
 class _Projected:

@@ -153,7 +153,11 @@ class Indexer(nn.Module):
 
     def pick(self, q: mx.array, w: mx.array, keys: mx.array, n_vis) -> mx.array:
         """Top-k keys per query for the fused decode path: int32 [B, S, K], -1 where a query
-        sees fewer than K keys. ``keys`` stay in storage; ``n_vis`` [S]: keys each query sees."""
+        sees fewer than K keys. ``keys`` stay in storage; ``n_vis`` [S]: keys each query sees.
+        ``q`` may be the queries as projected (``kernels.attention.IndexQueries``, ``w`` None):
+        queries, scores and top-k then run in one launch where the kernels' grid form serves."""
+        if isinstance(q, fused.IndexQueries):
+            return fused.indexer_pick(q, keys, mx.array(n_vis), self.topk)
         scores = fused.indexer_scores(q, w, keys, mx.array(n_vis))
         return fused.indexer_topk(scores, self.topk)
 

@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .. import kernels
-from ..kernels.router import router_topk
+from ..kernels.router import Route
 from ..kernels.source import dtype_name
 from ..config import ModelConfig
 from ..layers.gguf import GGUFLinear
@@ -44,10 +44,19 @@ class Gate(nn.Module):
             if token_ids is None:
                 raise ValueError("hash-routed layer needs the token ids")
             return _hash_route(x, self.weight, self.tid2eid[token_ids][:, :k], self.renormalize, self.scale)
-        if kernels.serves(kernels.ROUTER):
-            logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-            return router_topk(logits, self.bias, k, self.renormalize, self.scale)
+        route = self.route(x)
+        if route is not None:
+            return route.select()
         return _biased_route(x, self.weight, self.bias, k, self.renormalize, self.scale)
+
+    def route(self, x: mx.array) -> Route | None:
+        """The selection of a score-routed layer as the router kernel takes it (the logits, the
+        bias, the top-k rule): made by the kernel, or inside the decode MoE kernels. None for a
+        hash-routed layer and where the router kernel does not serve."""
+        if self.is_hash or not kernels.serves(kernels.ROUTER):
+            return None
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        return Route(logits, self.bias, self.top_k, self.renormalize, self.scale)
 
 
 def _weights(scores: mx.array, idx: mx.array, renormalize: bool, scale: float) -> mx.array:
@@ -232,17 +241,27 @@ class MoE(nn.Module):
         """``x32``: x in float32 where the caller has it (the router's input: no cast)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        idx, w = self.gate(flat if x32 is None else x32.reshape(-1, shape[-1]),
-                           token_ids.reshape(-1))
-        folded = self._folded(flat, idx, w)
-        if folded is not None:
-            return folded.reshape(shape)
+        xr = flat if x32 is None else x32.reshape(-1, shape[-1])
+        # one decoded token of a score-routed layer: the decode MoE kernels select the experts
+        route = self.gate.route(xr) if flat.shape[0] == 1 else None
+        if route is not None:
+            folded = self._folded(flat, None, None, route)
+            if folded is not None:
+                return folded.reshape(shape)
+            idx, w = route.select()
+        else:
+            idx, w = self.gate(xr, token_ids.reshape(-1))
+            folded = self._folded(flat, idx, w)
+            if folded is not None:
+                return folded.reshape(shape)
         y = self.shared_experts(flat, add=self.experts(flat, idx, w))
         return y.reshape(shape)
 
-    def _folded(self, x: mx.array, idx: mx.array, w: mx.array) -> mx.array | None:
+    def _folded(self, x: mx.array, idx: mx.array | None, w: mx.array | None,
+                route: Route | None = None) -> mx.array | None:
         """One decoded token: the shared expert as one more slot of the routed experts' decode
-        kernels (two launches for both); None where the kernels do not take it."""
+        kernels (two launches for both; with ``route`` instead of idx / w, the router's
+        selection made inside them too); None where the kernels do not take it."""
         routed, shared = self.experts, self.shared_experts
         if x.shape[0] != 1 or kernels.dispatch.backend() == "ops" or routed.limit != shared.limit:
             return None
@@ -250,4 +269,4 @@ class MoE(nn.Module):
         if weights is None:
             return None
         return kernels.moe_experts_shared(x, idx, w, routed.w1, routed.w3, routed.w2, routed.limit,
-                                          weights)
+                                          weights, route)

@@ -12,6 +12,7 @@
 // Tile sizes (DS4_ROWS, DS4_SIMDGROUPS, DS4_DOWN_SG, DS4_MV_TOKENS, DS4_BM, DS4_BN, DS4_BK,
 // DS4_TG) are defined from Python, which sizes the grids with the same values.
 #include "quant.h"
+#include "route.h"
 
 // Decode: a simdgroup computes DS4_ROWS output rows of one (token, expert) pair; its lanes
 // stride over the row 32 weights at a time (QFmt<F>::dot32, metal/quant.h). A format's lookup
@@ -75,6 +76,11 @@ for (int i = 0; i < 8; ++i) out[ulong(row) * uint(K) + piece * 8 + i] = v[i];
 // each token. -> mid [N * kk, F] float32 = swiglu(W1 x, W3 x), kk = k + SHARED, pair
 // p = token * kk + slot. Grid (ceil(F / (ROWS * SIMDGROUPS)) * 32 * SIMDGROUPS, N * kk),
 // threadgroup (32 * SIMDGROUPS, 1, 1).
+// ROUTE: the router's selection in the kernel instead of idx: logits [N, RE] float32 (RE = E)
+// and bias [RE]; each threadgroup of a routed slot j picks the token's first j + 1 experts
+// itself (ds4_route_picks, as router_topk does: cheap next to its weight rows), and the first
+// threadgroup of slot k - 1 writes ids [N * k] uint32 and rw [N * k] float32 (the route
+// weights, RENORM, scaled by rscale) for moe_down_decode. Without ROUTE ids / rw are not written.
 threadgroup uint tab[QFmt<FMT>::TAB];
 threadgroup uint stab[(SHARED && SFMT != FMT) ? QFmt<SFMT>::TAB : 1];
 uint t = thread_index_in_threadgroup;
@@ -93,8 +99,21 @@ const device T* xt = x + ulong(tok) * uint(K);
 float acc[2 * DS4_ROWS];
 for (int r = 0; r < 2 * DS4_ROWS; ++r) acc[r] = 0.0f;
 bool bad_id = false;
+threadgroup float best_v[ROUTE ? DS4_SIMDGROUPS : 1];
+threadgroup uint best_i[ROUTE ? DS4_SIMDGROUPS : 1];
+threadgroup uint pick_id[ROUTE ? DS4_ROUTE_MAX_K : 1];
+threadgroup float pick_score[ROUTE ? DS4_ROUTE_MAX_K : 1];
+if (ROUTE && slot < uint(k)) {  // uniform over the threadgroup
+  ds4_route_picks<RE, 32 * DS4_SIMDGROUPS>(logits + ulong(tok) * uint(RE), bias, t, slot + 1,
+                                           best_v, best_i, pick_id, pick_score);
+  if (threadgroup_position_in_grid.x == 0 && slot + 1 == uint(k))
+    for (uint r = t; r < uint(k); r += 32 * DS4_SIMDGROUPS) {
+      ids[tok * uint(k) + r] = pick_id[r];
+      rw[tok * uint(k) + r] = ds4_route_weight(pick_score, uint(k), r, RENORM, rscale);
+    }
+}
 if (slot < uint(k)) {
-  uint e = idx[tok * uint(k) + slot];
+  uint e = ROUTE ? pick_id[slot] : idx[tok * uint(k) + slot];
   if (e >= uint(E)) {  // the same for the whole threadgroup: reads nothing, writes NaN
     bad_id = true;
   } else {

@@ -24,30 +24,7 @@ METAL_FUNC float ds4_e4m3(float v) {
   return v < 0.0f ? -r : r;
 }
 
-// 2^ceil(log2(x)) of a positive normal float, from the bits.
-METAL_FUNC float ds4_pow2_ceil(float x) {
-  uint u = as_type<uint>(x);
-  uint e = ((u >> 23) & 0xffu) + ((u & 0x7fffffu) != 0u ? 1u : 0u);
-  return as_type<float>(e << 23);
-}
-
-// 2^ceil(log2(a / 6)) for a positive normal float, exactly: the power of two p with
-// 6 * p >= a > 3 * p (fast-math division may be an ulp off; the products are exact).
-METAL_FUNC float ds4_fp4_scale(float a) {
-  float p = ds4_pow2_ceil(a / DS4_E2M1_MAX);
-  if (DS4_E2M1_MAX * 0.5f * p >= a) p *= 0.5f;
-  if (DS4_E2M1_MAX * p < a) p *= 2.0f;
-  return p;
-}
-
-// e2m1 rounding of |q| <= 6 (ties to the even code, as quant/codecs.py e2m1_round_mx).
-METAL_FUNC float ds4_e2m1(float q) {
-  float m = fabs(q);
-  int code = (m > 0.25f ? 1 : 0) + (m >= 0.75f ? 1 : 0) + (m > 1.25f ? 1 : 0) +
-             (m >= 1.75f ? 1 : 0) + (m > 2.5f ? 1 : 0) + (m >= 3.5f ? 1 : 0) + (m > 5.0f ? 1 : 0);
-  float r = code <= 4 ? 0.5f * float(code) : (code == 5 ? 3.0f : (code == 6 ? 4.0f : 6.0f));
-  return q < 0.0f ? -r : r;
-}
+#include "index_q.h"
 
 // Compressor rows (kernels comp_rows and rope_rows with COMP): feature f of x [K] . w[f] + bias[f]
 // (float32) by one simdgroup, written to row `row` of o0 [R, N0] (f < N0) or o1 [R, N1].
@@ -169,54 +146,17 @@ for (int j = 0; j < DPL; ++j) out[base + j] = OutT(v[j]);
 // float32 -> q [R, D] float32: RoPE of the last RD features (rounded to T), then with FP4 the
 // orthonormal Hadamard rotation of the row (in float32) and the e2m1 round trip in blocks of
 // DS4_MX_GROUP with power-of-two scales, rounded to T; w [R] float32 = wr * wscale.
-// Grid (32, R), threadgroup (32, 1, 1): a simdgroup per row, lane l owns the D / 32
-// features from l * D / 32 (D a power of two, 32..1024).
+// Grid (32, R), threadgroup (32, 1, 1): a simdgroup per row (ds4_index_q_row, metal/index_q.h).
 const int DPL = D / 32;
+threadgroup float cs[RD / 2];
+threadgroup float sn[RD / 2];
 uint row = threadgroup_position_in_grid.y;
 uint lane = thread_index_in_simdgroup;
-ulong base = ulong(row) * uint(D) + lane * uint(DPL);
+ds4_rope_table(float(pos[row]), freqs, uint(RD / 2), lane, 32, cs, sn);
+threadgroup_barrier(mem_flags::mem_threadgroup);
 float v[DPL];
-for (int j = 0; j < DPL; ++j) v[j] = float(x[base + j]);
-int first = int(lane) * DPL;
-if (first + DPL > D - RD) {  // RoPE lane
-  float p = float(pos[row]);
-  for (int j = 0; j < DPL; j += 2) {
-    if (first + j < D - RD) continue;
-    int k = (first + j - (D - RD)) / 2;
-    float angle = p * freqs[k];
-    float c = precise::cos(angle), sn = precise::sin(angle);
-    float x0 = v[j], x1 = v[j + 1];
-    v[j] = float(T(x0 * c - x1 * sn));
-    v[j + 1] = float(T(x0 * sn + x1 * c));
-  }
-}
-if (FP4) {
-  // fast Walsh-Hadamard transform: strides below DPL within a lane, the others across lanes
-  for (int st = 1; st < DPL; st *= 2)
-    for (int j = 0; j < DPL; ++j)
-      if ((j & st) == 0) {
-        float a = v[j], b = v[j + st];
-        v[j] = a + b;
-        v[j + st] = a - b;
-      }
-  for (int m = 1; m < 32; m *= 2)
-    for (int j = 0; j < DPL; ++j) {
-      float other = simd_shuffle_xor(v[j], ushort(m));
-      v[j] = (lane & uint(m)) ? other - v[j] : v[j] + other;
-    }
-  const float hscale = 1.0f / precise::sqrt(float(D));
-  float amax = 0.0f;
-  for (int j = 0; j < DPL; ++j) {
-    v[j] *= hscale;
-    amax = max(amax, fabs(v[j]));
-  }
-  for (int m = 1; m < DS4_MX_GROUP / DPL; m *= 2) amax = max(amax, simd_shuffle_xor(amax, ushort(m)));
-  float scale = ds4_fp4_scale(max(amax, DS4_E2M1_MAX * 1.1754943508222875e-38f));
-  for (int j = 0; j < DPL; ++j) {
-    float q = clamp(v[j] / scale, -DS4_E2M1_MAX, DS4_E2M1_MAX);
-    v[j] = float(T(ds4_e2m1(q) * scale));
-  }
-}
+ds4_index_q_row<T, D, RD, FP4>(x + ulong(row) * uint(D), lane, cs, sn, v);
+ulong base = ulong(row) * uint(D) + lane * uint(DPL);
 for (int j = 0; j < DPL; ++j) q[base + j] = v[j];
 if (lane == 0) w[row] = float(wr[row]) * wscale;
 
