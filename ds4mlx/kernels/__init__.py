@@ -4,7 +4,8 @@
   ``DS4MLX_KERNELS`` and the default device; variants switched off by hand or by the first-use
   check of :mod:`.check`) and the one launch site.
 - :mod:`.source`: the Metal sources with the constants they share with Python defined in.
-- :mod:`.moe`: dequantization, the routed-expert kernels and the expert call sites.
+- :mod:`.moe`: dequantization and the routed-expert kernels.
+- :mod:`.experts`: the call sites of the expert modules (which kernels serve a layer's experts).
 - :mod:`.matvec`: products of one weight: the dense GGUF projection (``GGUFLinear``'s call
   site) and ``shared_down``.
 - :mod:`.hyper`: the fused hyper-connection pre.
@@ -26,9 +27,10 @@ from .hyper import hc_pre, hc_pre_ops
 from .matvec import gguf_matmul, matmul_ops, shared_down, shared_down_ops, shared_down_serves
 from .router import Route
 from .moe import (Packed, QuantWeight, Shared, dequantize, dequantize_ops, gather_qmm_native,
-                  gather_qmm_native_ops, gguf_switch_matmul, moe_down, moe_down_ops, moe_experts,
-                  moe_experts_shared, moe_gate_up, moe_gate_up_ops, moe_gate_up_routed,
-                  moe_gate_up_routed_ops, switch_matmul_ops, unpack_weight, variant_name)
+                  gather_qmm_native_ops, moe_down, moe_down_ops, moe_gate_up, moe_gate_up_ops,
+                  moe_gate_up_routed, moe_gate_up_routed_ops, switch_matmul_ops, unpack_weight,
+                  variant_name)
+from .experts import gguf_switch_matmul, moe_experts, moe_experts_shared
 from . import check  # installs the first-use check in dispatch
 
 __all__ = [
