@@ -21,3 +21,17 @@ def path(request, monkeypatch):
     monkeypatch.setenv("DS4MLX_KERNELS", request.param)
     kernels.set_backend()
     return request.param
+
+
+def record_launches(monkeypatch) -> list[str]:
+    """The names of the kernels launched from now on (through the one launch site), in order;
+    the launches still run."""
+    names: list[str] = []
+    run = kernels.dispatch.run
+
+    def counted(*args, **kwargs):
+        names.append(args[1])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.dispatch, "run", counted)
+    return names

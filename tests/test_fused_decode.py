@@ -11,6 +11,7 @@ import pytest
 import ds4mlx
 from ds4mlx import kernels
 from ds4mlx.kernels import emu as kernel_emu
+from kernel_paths import record_launches
 
 pytestmark = pytest.mark.skipif(kernel_emu.compiler() is None,
                                 reason="no C++ compiler for the emulator")
@@ -107,14 +108,7 @@ def test_real_shape_layer_emulated_equals_ops(ratio, recipe, qat, monkeypatch):
     h = mx.array(np.random.default_rng(3).standard_normal((1, 1, 4, 4096)).astype(np.float32))
     toks = mx.array([[7]])
     outs, states = {}, {}
-    launches = []
-    run = kernels.dispatch.run
-
-    def counted(*args, **kwargs):
-        launches.append(args[1])
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(kernels.dispatch, "run", counted)
+    launches = record_launches(monkeypatch)
     for backend in ("ops", "emulate"):
         c = cache.snapshot()
         outs[backend] = on(backend, lambda: np.array(blk(h, toks, c, mx.float32)))

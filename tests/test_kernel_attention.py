@@ -10,7 +10,7 @@ import pytest
 from ds4mlx import kernels
 from ds4mlx.kernels import attention as fused
 
-from kernel_paths import path  # noqa: F401 (the kernel-path fixture the tests take)
+from kernel_paths import path, record_launches  # noqa: F401 (path: the kernel-path fixture the tests take)
 
 
 def on_ops(fn, *args, **kw):
@@ -312,14 +312,7 @@ def test_indexer_scores_make_their_queries(path, b, s, h, d, nk, n_vis, fp4, dty
     pos = np.arange(70000, 70000 + s)[None, :].repeat(b, 0)
     n_vis = mx.array(np.array(n_vis, np.int32))
     iq = fused.IndexQueries(q, w, pos, freqs, 0.0625, fp4)
-    launches = []
-    run = kernels.dispatch.run
-
-    def counted(*args, **kwargs):
-        launches.append(args[1])
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(kernels.dispatch, "run", counted)
+    launches = record_launches(monkeypatch)
     got = np.asarray(fused.indexer_scores(iq, None, keys, n_vis))
     assert launches == ["indexer_scores_q"]
     two = np.asarray(fused.indexer_scores(*fused.index_queries(q, w, pos, freqs, wscale=0.0625,

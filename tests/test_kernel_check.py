@@ -14,13 +14,9 @@ from ds4mlx import kernels
 from ds4mlx.cli import main
 from ds4mlx.kernels import check
 from ds4mlx.kernels import emu as kernel_emu
+from kernel_paths import PATHS
 
 NO_CXX = pytest.mark.skipif(kernel_emu.compiler() is None, reason="no C++ compiler")
-PATHS = [
-    pytest.param("emulate", marks=NO_CXX),
-    pytest.param("metal", marks=[pytest.mark.mac, pytest.mark.skipif(
-        not mx.metal.is_available(), reason="needs a Metal GPU")]),
-]
 
 GATE_UP_WRITE = "mid[ulong(pair) * uint(F) + row] = ds4_swiglu(gs, us, limit);"
 HC_WRITE = "x[ulong(tok) * uint(D) + d] = r;"

@@ -14,14 +14,10 @@ import pytest
 
 from ds4mlx.kernels import emu as kernel_emu
 from ds4mlx.kernels.emu import KernelEmulationError
+from kernel_paths import PATHS
 
 HAS_CXX = kernel_emu.compiler() is not None
 needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for the Metal emulator")
-PATHS = [
-    pytest.param("emulate", marks=needs_cxx),
-    pytest.param("metal", marks=[pytest.mark.mac, pytest.mark.skipif(
-        not mx.metal.is_available(), reason="needs a Metal GPU")]),
-]
 
 
 @pytest.fixture(params=PATHS)

@@ -16,23 +16,11 @@ import pytest
 from ds4mlx import kernels
 from ds4mlx.kernels import emu as kernel_emu
 from ds4mlx.quant.gguf import get
+from kernel_paths import path, record_launches  # noqa: F401 (path: the kernel-path fixture the tests take)
 
-PATHS = [
-    pytest.param("emulate", marks=pytest.mark.skipif(kernel_emu.compiler() is None,
-                                                     reason="no C++ compiler for the emulator")),
-    pytest.param("metal", marks=[pytest.mark.mac, pytest.mark.skipif(
-        not mx.metal.is_available(), reason="needs a Metal GPU")]),
-]
 # "MXFP4" = GGUF MXFP4 blocks; "MXFP4-mlx" = MLX mxfp4 (weight, scales)
 FORMATS = ["Q8_0", "Q4_K", "Q2_K", "IQ2_XXS", "MXFP4", "MXFP4-mlx"]
 REL = 1e-5
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("DS4MLX_KERNELS", request.param)
-    kernels.set_backend()
-    return request.param
 
 
 def fmt_name(fmt: str) -> str:
@@ -247,14 +235,7 @@ def test_call_site_groups_several_tokens_by_expert(path, monkeypatch):
     shapes = [(f, d), (f, d), (d, f)]
     w = [random_experts("Q4_K", e, o, i, seed=50 + j) for j, (o, i) in enumerate(shapes)]
     mods = [GGUFSwitchLinear.from_blocks(m, get("Q4_K").GGML_TYPE, 256) for m in w]
-    launched = []
-    run = kernels.dispatch.run
-
-    def counted(*args, **kwargs):
-        launched.append(args[1])
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(kernels.dispatch, "run", counted)
+    launched = record_launches(monkeypatch)
     for n, want in ((3, {"moe_matmul_sorted"}), (1, {"moe_gate_up_decode", "moe_down_decode"})):
         assert n * k <= kernels.moe.DECODE_MAX_PAIRS  # few pairs: the size alone would not group
         idx = mx.array(np.tile(np.arange(k, dtype=np.uint32), (n, 1)))  # all tokens: experts 0..k-1
@@ -593,14 +574,8 @@ def test_moe_step_routes_inside_the_decode_kernels(path, dtype, monkeypatch):
             moe.gate.bias = mx.array(rng.standard_normal(e).astype(np.float32) * 0.1)
         x = mx.array(rng.standard_normal((1, 1, 256)).astype(np.float32)).astype(dtype)
         tokens = mx.array([[7]])
-        launches = []
         run = kernels.dispatch.run
-
-        def counted(*args, **kwargs):
-            launches.append(args[1])
-            return run(*args, **kwargs)
-
-        monkeypatch.setattr(kernels.dispatch, "run", counted)
+        launches = record_launches(monkeypatch)
         got = moe(x, tokens)
         mx.eval(got)
         monkeypatch.setattr(kernels.dispatch, "run", run)
