@@ -1,8 +1,10 @@
 """ds4mlx against mlx-vlm's DeepSeek V4 model on the same tiny official-format checkpoint.
 
 Both load the checkpoint ``ds4mlx.synthetic.write_tiny_checkpoint`` writes (FP8 projections,
-FP4 experts, as the published Flash); both run the projections as MLX mxfp8 / mxfp4 quantized
-matmuls with float32 activations, top-6 experts. Per repetition each side prefills the same
+FP4 experts, as the published Flash) and run them with float32 activations, top-6 experts:
+mlx-vlm as MLX mxfp8 / mxfp4 quantized matmuls; ds4mlx the experts so too, but on the CPU the
+FP8 projections on an exact float32 copy of their weights (``ops.CpuCopy``, within
+``ops.CPU_COPY_BUDGET``: MLX's CPU mxfp8 matmul decodes every code in scalar code). Per repetition each side prefills the same
 ``--prompt`` random tokens in one call and then decodes ``--steps`` greedy tokens one at a
 time; the sides alternate within every repetition (interleaved, so load on the machine hits
 both alike) and the best time of each is kept. Printed: tokens/s of each side and the ratios
