@@ -91,10 +91,11 @@ def _profile_module():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ratio,recipe,qat", [(4, "q4", False), (4, "q4", True), (128, "q4", False),
-                                              (0, "q4", False)])
+                                              (0, "q4", False)] + [
+    (ratio, recipe, False) for recipe in ("q2", "mxfp4") for ratio in (0, 4, 128)])
 def test_real_shape_layer_emulated_equals_ops(ratio, recipe, qat, monkeypatch):
-    """One Flash-width layer (64 heads x 512, window 128, indexer top-512 of 600 rows, Q4_K
-    experts) decoding one token: the emulated Metal path against the ops path, the output and
+    """One Flash-width layer (64 heads x 512, window 128, indexer top-512 of 600 rows; experts
+    in each format: Q4_K, IQ2_XXS / Q2_K, MLX mxfp4) decoding one token: the emulated Metal path against the ops path, the output and
     the state it leaves (the window rows and the compressors' unfinished windows, which the
     fused kernels write). The indexer's queries, scores and top-k take one launch (with the QAT
     rounding its FP4 queries are kept in bfloat16, without it in float32, 32 heads at a time);
