@@ -10,16 +10,20 @@ from worker threads; ``write_gguf`` takes arrays (tests, benchmarks, the logits 
 
 from __future__ import annotations
 
+import io
 import os
-import zlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.gguf_writer import WriterState
 
+from ..io.direct import DirectWriter, open_read, scan
 from ..io import mlx_dir
+from ..io.mlx_dir import HEADER_SPAN, SpanCRCs
 from ..io.gguf import ARCH, gguf_metadata
 from ..io.gguf_file import INT_TYPES, PLAIN_DTYPES, GGUFError
 from ..quant import gguf as qgguf
@@ -46,8 +50,43 @@ def tensor_entry(name: str, qtype: str, shape: tuple[int, ...]) -> TensorEntry:
     return TensorEntry(name, qtype, shape, int(np.prod(shape[:-1], dtype=np.int64)) * row)
 
 
-def _padding(f, align: int) -> None:
-    mlx_dir.write_bytes(f, memoryview(b"\0" * (-f.tell() % align)))
+def _header_bytes(config: Any, entries: list[TensorEntry], tokenizer: Mapping[str, Any] | None, name: str,
+                  extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None) -> tuple[bytes, int]:
+    """gguf-py's header, metadata and tensor table, built in memory (the data goes to the disk
+    directly, so the file is written by one writer from the first byte), padded to the data
+    alignment; and that alignment."""
+    writer = GGUFWriter(None, ARCH)
+    writer.add_name(name)
+    for key, value, vtype in gguf_metadata(config):
+        if vtype == GGUFValueType.ARRAY:
+            writer.add_array(key, list(value))
+        else:
+            writer.add_key_value(key, value, vtype)
+    for key, (value, vtype) in (extra_metadata or {}).items():
+        writer.add_key_value(key, value, vtype)
+    if tokenizer:
+        from ..tokenizer import add_tokenizer_to_gguf
+
+        add_tokenizer_to_gguf(writer, dict(tokenizer))
+    for e in entries:  # a non-uint8 dtype makes the writer take ``shape`` as the value shape
+        writer.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=T[e.qtype])
+    writer.fout, writer.state = [io.BytesIO()], WriterState.EMPTY  # what opening a file would set
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    head = writer.fout[0].getvalue()
+    align = writer.data_alignment
+    writer.close()
+    return head + bytes(-len(head) % align), align
+
+
+def _spans(base: int, entries: list[TensorEntry], align: int) -> list[tuple[int, int, str]]:
+    """``(start, end, name)`` of every tensor's data in the file (each starts on ``align``)."""
+    out, pos = [], base
+    for e in entries:
+        out.append((pos, pos + e.nbytes, e.name))
+        pos += -(-e.nbytes // align) * align
+    return out
 
 
 def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Iterable[Iterable[np.ndarray]], *,
@@ -56,48 +95,90 @@ def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Itera
     """Write ``path``: metadata from ``config`` (HF dict or ``ModelConfig``), ``extra_metadata``
     ``{key: (value, type)}``, ``tokenizer`` (``ds4mlx.tokenizer.gguf_tokenizer_fields``), the
     table of ``entries``, then each entry's bytes from the matching item of ``data`` (an
-    iterable of chunks, concatenated). Returns every tensor's CRC-32."""
-    writer = GGUFWriter(str(path), ARCH)
+    iterable of chunks, concatenated), and verify it. Returns every tensor's CRC-32.
+
+    The file is written past the page cache (``io/direct.py``). Verification: each byte's CRC-32
+    is taken once as it is handed to the disk (on the writer's thread), and once as a reader
+    thread, following the writer, reads it back from the disk (past the cache where possible):
+    the disk must hold what was handed to it, header included; then the parsed tensor table
+    must place every tensor where its bytes went. The producer's chunks are not CRC'd: the
+    bytes handed to the disk are copies of them (a memcpy the byte counts bound)."""
     chunks = iter(data)
     try:
-        writer.add_name(name)
-        for key, value, vtype in gguf_metadata(config):
-            if vtype == GGUFValueType.ARRAY:
-                writer.add_array(key, list(value))
-            else:
-                writer.add_key_value(key, value, vtype)
-        for key, (value, vtype) in (extra_metadata or {}).items():
-            writer.add_key_value(key, value, vtype)
-        if tokenizer:
-            from ..tokenizer import add_tokenizer_to_gguf
-
-            add_tokenizer_to_gguf(writer, dict(tokenizer))
-        for e in entries:  # a non-uint8 dtype makes the writer take ``shape`` as the value shape
-            writer.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=T[e.qtype])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        f = writer.fout[0]
-        crcs = {}
-        for e in entries:
-            _padding(f, writer.data_alignment)
-            crc, done = 0, 0
-            for chunk in next(chunks):
-                buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
-                mlx_dir.write_bytes(f, buf)
-                crc = zlib.crc32(buf, crc)
-                done += len(buf)
-            if done != e.nbytes:
-                raise GGUFError(f"{path}: tensor {e.name!r} produced {done} bytes, expected {e.nbytes}")
-            crcs[e.name] = crc
-            _padding(f, writer.data_alignment)
-        f.flush()
-        os.fsync(f.fileno())
+        head, align = _header_bytes(config, entries, tokenizer, name, extra_metadata)
+        spans = [(0, len(head), HEADER_SPAN)] + _spans(len(head), entries, align)
+        size = spans[-1][1] + (-spans[-1][1] % align) if entries else len(head)
+        written, on_disk = SpanCRCs(spans), SpanCRCs(spans)
+        f = DirectWriter(path, written.feed)
+        try:
+            reader = _Follower(path, f, on_disk)
+        except BaseException:
+            f.discard()
+            raise
+        try:
+            mlx_dir.write_bytes(f, memoryview(head))
+            for (start, stop, _), e in zip(spans[1:], entries):
+                done = 0
+                for chunk in next(chunks):
+                    buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+                    mlx_dir.write_bytes(f, buf)
+                    done += len(buf)
+                if done != e.nbytes:
+                    raise GGUFError(f"{path}: tensor {e.name!r} produced {done} bytes, expected {e.nbytes}")
+                mlx_dir.write_bytes(f, memoryview(bytes(-stop % align)))
+            if f.tell() != size:
+                raise GGUFError(f"{path}: wrote {f.tell()} bytes, planned {size}")
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        finally:
+            f.discard()  # after an error: stops the writer thread (a no-op once closed)
+            reader.join()
+        crcs = written.result(path)
+        for start, stop, tensor in spans:
+            if reader.crcs.get(tensor) != crcs[tensor]:
+                what = "the header" if tensor == HEADER_SPAN else f"tensor {tensor!r}"
+                raise GGUFError(f"{path}: verification failed: {what} differs on disk from what was written")
+        _check_table(path, spans)
     finally:
         if hasattr(chunks, "close"):
             chunks.close()  # a generator that feeds worker threads or processes stops them now, also on errors
-        writer.close()
+    del crcs[HEADER_SPAN]
     return crcs
+
+
+class _Follower:
+    """Reads the file back from the disk on a thread as the writer completes it, CRC'ing spans."""
+
+    def __init__(self, path: Path, writer: DirectWriter, crcs: SpanCRCs):
+        self.path, self.writer, self.spans, self.error = path, writer, crcs, None
+        self.crcs: dict[str, int] = {}
+        self.opened = open_read(path)  # now: the caller renames the file once done
+        self.thread = threading.Thread(target=self._run, name="gguf-verify", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for offset, chunk in scan(self.path, opened=self.opened, ready=self.writer.wait_written):
+                self.spans.feed(offset, chunk)
+            if self.writer.finished:
+                self.crcs = self.spans.result(self.path)
+        except BaseException as e:  # reported by join
+            self.error = e
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None and self.writer.finished:
+            raise GGUFError(f"{self.path}: verification failed: {self.error}") from None
+
+
+def _check_table(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    from ..io.gguf_file import open_gguf
+
+    with open_gguf(path) as g:
+        placed = {n: (i.offset, i.offset + i.nbytes) for n, i in g.tensors.items()}
+    if placed != {n: (a, b) for a, b, n in spans[1:]}:
+        raise GGUFError(f"{path}: verification failed: the tensor table does not place the tensors where they were written")
 
 
 # --------------------------------------------------------------------------- from arrays
