@@ -45,8 +45,8 @@ from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
 from .gguf_writer import TensorEntry, stream_gguf
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish
-from .plan import (Logical, Stored, Unit, dequantize_stored, hash_table, hash_table_shape,
-                   logical_weights, read_stored, source_nbytes, stored)
+from .plan import (BufferPool, Logical, Stored, Unit, dequantize_stored, hash_table, hash_table_shape,
+                   logical_weights, read_pair, read_stored, source_nbytes, stored)
 
 PRESETS = ("ds4-q4", "ds4-q2", "mxfp4")
 DEFAULT_PRESET = "ds4-q4"
@@ -117,15 +117,21 @@ class EncodeJob:
         return self.qtype not in CHEAP_TYPES
 
 
+# Source reads go into reused buffers (fresh memory per read costs page faults and zeroing); the
+# decoders copy out of them, so only the bytes returned as stored need a fresh array.
+_POOL = BufferPool()
+
+
 def encode(job: EncodeJob) -> np.ndarray:
     """The GGML bytes (or stored values) of one job; rows are independent, so chunks concatenate
     to the whole tensor's bytes."""
     if job.qtype == "MXFP4" and job.fmt == MXFP4:  # same codes and scale bytes, nibbles reordered
-        return gguf_mxfp4.from_pairs(read_stored(job.weight, job.rows).view(np.uint8),
-                                     read_stored(job.scale, job.rows))
+        codes, scales = read_pair(job.weight, job.scale, _POOL) if job.rows is None else \
+            (read_stored(job.weight, job.rows, _POOL), read_stored(job.scale, job.rows, _POOL))
+        return gguf_mxfp4.from_pairs(codes.view(np.uint8), scales)
     if job.fmt == FLOAT and job.qtype == job.weight.dtype and job.qtype in ("BF16", "F16", "F32"):
         return read_stored(job.weight, job.rows)  # as stored
-    values = dequantize_stored(job.fmt, job.weight, job.scale, job.name, job.rows)
+    values = dequantize_stored(job.fmt, job.weight, job.scale, job.name, job.rows, _POOL)
     if job.qtype == "BF16":
         return _exact_bf16(values, job.name)
     fmt = gguf_quants.get(job.qtype, job.name)
