@@ -1,10 +1,10 @@
 """The one GGUF writer: a ``deepseek4`` file from a config (metadata as ``io/gguf.py`` defines
 it), an optional tokenizer, and tensors whose bytes arrive in chunks.
 
-gguf-py's ``GGUFWriter`` writes the header, the metadata and the tensor table. It wants every
-tensor whole in memory for the data, so the data is streamed here instead, with gguf-py's
-padding (each tensor starts on the alignment, the file ends on it) and a CRC-32 of each tensor
-taken while writing, for the caller's verification pass. ``convert`` streams quantized chunks
+gguf-py's ``GGUFWriter`` builds the header, the metadata and the tensor table (in memory). It
+wants every tensor whole in memory for the data, so the data is streamed here instead, with
+gguf-py's padding (each tensor starts on the alignment, the file ends on it), past the page
+cache (``io/direct.py``), and checked against the disk as it is written (``stream_gguf``). ``convert`` streams quantized chunks
 from worker threads; ``write_gguf`` takes arrays (tests, benchmarks, the logits recorder).
 """
 
