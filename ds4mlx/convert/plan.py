@@ -132,10 +132,15 @@ class BufferPool:
     def take(self, nbytes: int) -> np.ndarray:
         if hasattr(sys, "getrefcount"):
             with self.lock:
+                # the smallest free buffer that fits (a small read must not hold a large one);
+                # 2 references when free: the list's and getrefcount's argument
+                best = -1
                 for i in range(len(self.bufs)):
-                    # 2 references when free: the list's and getrefcount's argument
-                    if self.bufs[i].nbytes >= nbytes and sys.getrefcount(self.bufs[i]) == 2:
-                        return self.bufs[i][:nbytes]
+                    if self.bufs[i].nbytes >= nbytes and sys.getrefcount(self.bufs[i]) == 2 and \
+                            (best < 0 or self.bufs[i].nbytes < self.bufs[best].nbytes):
+                        best = i
+                if best >= 0:
+                    return self.bufs[best][:nbytes]
                 if len(self.bufs) < self.limit:
                     self.bufs.append(np.empty(max(nbytes, 1 << 20), np.uint8))
                     return self.bufs[-1][:nbytes]
@@ -223,10 +228,15 @@ def dequantize_stored(fmt: WeightFormat, weight: Stored, scale: Stored | None, n
         return dequant_fp8_np(raw, sc if sc is not None else read_stored(scale, srows, pool), name)
     if fmt == MXFP4:
         return dequant_fp4_np(raw, sc if sc is not None else read_stored(scale, rows, pool), name)
-    return float_values(raw, weight.dtype)
+    return float_values(raw, weight.dtype, pool)
 
 
-def float_values(raw: np.ndarray, dtype: str) -> np.ndarray:
+def float_values(raw: np.ndarray, dtype: str, pool: BufferPool | None = None) -> np.ndarray:
+    """float32 values of stored floats (into ``pool``'s buffers when given: a large BF16 tensor
+    decoded into fresh memory spent more time zeroing pages than shifting bits)."""
+    if dtype == "BF16" and pool is not None:  # bf16_decode's bits, in one pass, no fresh pages
+        out = pool.take(raw.size * 4).view(np.uint32).reshape(raw.shape)
+        return np.left_shift(raw, 16, out=out, dtype=np.uint32).view(np.float32)
     return bf16_decode(raw) if dtype == "BF16" else raw.astype(np.float32)
 
 
