@@ -269,9 +269,8 @@ def test_gguf_writer_same_bytes_both_ways_and_catches_a_bad_disk_write(tmp_path,
     ref.close()
     entries = [tensor_entry(n, "F32", a.shape) for n, a in arrays.items()]
     chunks = lambda: [[a[: len(a) // 2], a[len(a) // 2:]] for a in arrays.values()]  # noqa: E731
-    crcs = stream_gguf(tmp_path / "x.gguf", config, entries, chunks())
+    stream_gguf(tmp_path / "x.gguf", config, entries, chunks())
     assert (tmp_path / "x.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
-    assert crcs == {n: zlib.crc32(a.tobytes()) for n, a in arrays.items()}
     _flip_disk_writes(monkeypatch, 3)
     with pytest.raises(GGUFError, match="verification failed: tensor 'b' differs on disk"):
         stream_gguf(tmp_path / "y.gguf", config, entries, chunks())

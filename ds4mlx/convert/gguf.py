@@ -450,15 +450,14 @@ def tokenizer_fields(source: Path, vocab_size: int | None = None) -> dict[str, A
 
 def write_stream(path: Path, config: dict[str, Any], units: list[GGUFUnit], tokenizer: dict[str, Any] | None,
                  bar: Progress, jobs: int = 1,
-                 extra_metadata: dict[str, tuple[Any, GGUFValueType]] | None = None) -> dict[str, int]:
+                 extra_metadata: dict[str, tuple[Any, GGUFValueType]] | None = None) -> None:
     """Write the GGUF from the plan, each tensor's bytes as they are produced (by ``jobs``
-    threads or worker processes, in plan order), checked against the disk as it is written.
-    Returns the CRC-32 of every tensor's data."""
+    threads or worker processes, in plan order), checked against the disk as it is written."""
     entries = [TensorEntry(name, qtype, tuple(shape), u.nbytes) for u in units for name, qtype, shape in u.tensors]
     encoded = run_items((item for u in units for item in u.items), jobs)
     data = (bar.track(islice(encoded, len(u.items))) for u in units for _ in u.tensors)
     try:
-        return stream_gguf(path, config, entries, data, tokenizer=tokenizer, extra_metadata=extra_metadata)
+        stream_gguf(path, config, entries, data, tokenizer=tokenizer, extra_metadata=extra_metadata)
     except GGUFError as e:
         raise ConvertError(str(e)) from None
     finally:

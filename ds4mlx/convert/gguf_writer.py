@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -21,9 +20,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.gguf_writer import WriterState
 
-from ..io.direct import DirectWriter, open_read, scan
+from ..io.direct import DirectWriter, ReadBackError
 from ..io import mlx_dir
-from ..io.mlx_dir import HEADER_SPAN, SpanCRCs
 from ..io.gguf import ARCH, gguf_metadata
 from ..io.gguf_file import INT_TYPES, PLAIN_DTYPES, GGUFError
 from ..quant import gguf as qgguf
@@ -91,30 +89,24 @@ def _spans(base: int, entries: list[TensorEntry], align: int) -> list[tuple[int,
 
 def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Iterable[Iterable[np.ndarray]], *,
                 tokenizer: Mapping[str, Any] | None = None, name: str = DEFAULT_NAME,
-                extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None) -> dict[str, int]:
+                extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None) -> None:
     """Write ``path``: metadata from ``config`` (HF dict or ``ModelConfig``), ``extra_metadata``
     ``{key: (value, type)}``, ``tokenizer`` (``ds4mlx.tokenizer.gguf_tokenizer_fields``), the
     table of ``entries``, then each entry's bytes from the matching item of ``data`` (an
-    iterable of chunks, concatenated), and verify it. Returns every tensor's CRC-32.
+    iterable of chunks, concatenated), and verify it.
 
-    The file is written past the page cache (``io/direct.py``). Verification: each byte's CRC-32
-    is taken once as it is handed to the disk (on the writer's thread), and once as a reader
-    thread, following the writer, reads it back from the disk (past the cache where possible):
-    the disk must hold what was handed to it, header included; then the parsed tensor table
-    must place every tensor where its bytes went. The producer's chunks are not CRC'd: the
-    bytes handed to the disk are copies of them (a memcpy the byte counts bound)."""
+    The file is written past the page cache (``io/direct.py``), and verified as it goes: the
+    writer's thread reads every piece back from the disk (past the cache where possible) and
+    compares it with the bytes it handed over, header included. That catches what a disk or
+    file system can do to a write (lost, torn, misplaced, changed bytes) in one comparison of
+    the two copies: no checksum of either. Then the parsed tensor table must place every
+    tensor where its bytes went."""
     chunks = iter(data)
     try:
         head, align = _header_bytes(config, entries, tokenizer, name, extra_metadata)
-        spans = [(0, len(head), HEADER_SPAN)] + _spans(len(head), entries, align)
+        spans = [(0, len(head), "the header")] + _spans(len(head), entries, align)
         size = spans[-1][1] + (-spans[-1][1] % align) if entries else len(head)
-        written, on_disk = SpanCRCs(spans), SpanCRCs(spans)
-        f = DirectWriter(path, written.feed)
-        try:
-            reader = _Follower(path, f, on_disk)
-        except BaseException:
-            f.discard()
-            raise
+        f = DirectWriter(path, read_back=True)
         try:
             mlx_dir.write_bytes(f, memoryview(head))
             for (start, stop, _), e in zip(spans[1:], entries):
@@ -131,45 +123,16 @@ def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Itera
             f.flush()
             os.fsync(f.fileno())
             f.close()
+        except ReadBackError as err:
+            where = next((n if n == "the header" else f"tensor {n!r}" for a, b, n in spans if a <= err.offset < b),
+                         "the padding")
+            raise GGUFError(f"{path}: verification failed: {where} differs on disk from what was written") from None
         finally:
             f.discard()  # after an error: stops the writer thread (a no-op once closed)
-            reader.join()
-        crcs = written.result(path)
-        for start, stop, tensor in spans:
-            if reader.crcs.get(tensor) != crcs[tensor]:
-                what = "the header" if tensor == HEADER_SPAN else f"tensor {tensor!r}"
-                raise GGUFError(f"{path}: verification failed: {what} differs on disk from what was written")
         _check_table(path, spans)
     finally:
         if hasattr(chunks, "close"):
             chunks.close()  # a generator that feeds worker threads or processes stops them now, also on errors
-    del crcs[HEADER_SPAN]
-    return crcs
-
-
-class _Follower:
-    """Reads the file back from the disk on a thread as the writer completes it, CRC'ing spans."""
-
-    def __init__(self, path: Path, writer: DirectWriter, crcs: SpanCRCs):
-        self.path, self.writer, self.spans, self.error = path, writer, crcs, None
-        self.crcs: dict[str, int] = {}
-        self.opened = open_read(path)  # now: the caller renames the file once done
-        self.thread = threading.Thread(target=self._run, name="gguf-verify", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for offset, chunk in scan(self.path, opened=self.opened, ready=self.writer.wait_written):
-                self.spans.feed(offset, chunk)
-            if self.writer.finished:
-                self.crcs = self.spans.result(self.path)
-        except BaseException as e:  # reported by join
-            self.error = e
-
-    def join(self) -> None:
-        self.thread.join()
-        if self.error is not None and self.writer.finished:
-            raise GGUFError(f"{self.path}: verification failed: {self.error}") from None
 
 
 def _check_table(path: Path, spans: list[tuple[int, int, str]]) -> None:
