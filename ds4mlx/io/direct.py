@@ -7,8 +7,8 @@ Measured on this project's Linux VM: 0.20-0.30 GB/s that way, 2.2 GB/s with ``O_
 few reused buffers. ``DirectWriter`` stages the output in page-aligned 8 MiB buffers that a
 thread writes directly, so the disk is busy from the first byte and memory stays flat; ``scan``
 reads a file in order the same way (the verification re-reads what the disk holds, not the
-cache); ``read_back`` compares each written piece with the disk's copy on the writer's thread. Where ``O_DIRECT`` is missing (macOS) or refused (tmpfs, some network file systems),
-both fall back to ordinary buffered I/O: the same bytes, only slower.
+cache); ``read_back`` compares each written piece with the disk's copy on the writer's thread.
+Where ``O_DIRECT`` is missing (macOS) or refused (tmpfs, some network file systems), both fall back to ordinary buffered I/O: the same bytes, only slower.
 """
 
 from __future__ import annotations
