@@ -4,8 +4,9 @@ it), an optional tokenizer, and tensors whose bytes arrive in chunks.
 gguf-py's ``GGUFWriter`` builds the header, the metadata and the tensor table (in memory). It
 wants every tensor whole in memory for the data, so the data is streamed here instead, with
 gguf-py's padding (each tensor starts on the alignment, the file ends on it), past the page
-cache (``io/direct.py``), and checked against the disk as it is written (``stream_gguf``). ``convert`` streams quantized chunks
-from worker threads; ``write_gguf`` takes arrays (tests, benchmarks, the logits recorder).
+cache (``io/direct.py``), and checked against the disk as it is written (``stream_gguf``).
+``convert`` streams quantized chunks from worker threads; ``write_gguf`` takes arrays (tests,
+benchmarks, the logits recorder).
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def _check_table(path: Path, spans: list[tuple[int, int, str]]) -> None:
     with open_gguf(path) as g:
         placed = {n: (i.offset, i.offset + i.nbytes) for n, i in g.tensors.items()}
     if placed != {n: (a, b) for a, b, n in spans[1:]}:
-        raise GGUFError(f"{path}: verification failed: the tensor table does not place the tensors where they were written")
+        raise GGUFError(f"{path}: verification failed: the tensor table does not place the tensors "
+                        "where they were written")
 
 
 # --------------------------------------------------------------------------- from arrays

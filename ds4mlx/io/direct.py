@@ -8,7 +8,8 @@ few reused buffers. ``DirectWriter`` stages the output in page-aligned 8 MiB buf
 thread writes directly, so the disk is busy from the first byte and memory stays flat; ``scan``
 reads a file in order the same way (the verification re-reads what the disk holds, not the
 cache); ``read_back`` compares each written piece with the disk's copy on the writer's thread.
-Where ``O_DIRECT`` is missing (macOS) or refused (tmpfs, some network file systems), both fall back to ordinary buffered I/O: the same bytes, only slower.
+Where ``O_DIRECT`` is missing (macOS) or refused (tmpfs, some network file systems), both fall
+back to ordinary buffered I/O: the same bytes, only slower.
 """
 
 from __future__ import annotations
