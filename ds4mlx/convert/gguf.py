@@ -462,6 +462,7 @@ def write_stream(path: Path, config: dict[str, Any], units: list[GGUFUnit], toke
         raise ConvertError(str(e)) from None
     finally:
         encoded.close()  # stops the workers now, also on errors
+        _POOL.clear()  # the read buffers go with the conversion
 
 
 def verify_gguf(path: Path, units: list[Unit]) -> None:

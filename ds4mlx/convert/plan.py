@@ -147,6 +147,12 @@ class BufferPool:
         return np.empty(nbytes, np.uint8)
 
 
+    def clear(self) -> None:
+        """Forget every buffer (those in use live on until their last view goes)."""
+        with self.lock:
+            self.bufs.clear()
+
+
 def _read_bytes(path: Path, offset: int, count: int, pool: BufferPool | None) -> np.ndarray:
     """``count`` bytes from ``offset`` (fewer at the end of the file), into ``pool``'s buffers."""
     out = pool.take(count) if pool is not None else np.empty(count, np.uint8)
