@@ -241,3 +241,36 @@ def test_convert_verify_disk_same_bytes_and_catches_a_bad_disk_write(tiny_ckpt, 
     assert not (tmp_path / "c").exists()
     with pytest.raises(ConvertError, match="--verify-disk checks MLX output"):
         convert(tiny_ckpt, tmp_path / "d.gguf", to="gguf", preset="mxfp4", verify_disk=True, progress=False)
+
+
+def test_gguf_writer_same_bytes_both_ways_and_catches_a_bad_disk_write(tmp_path, mode, monkeypatch):
+    """The GGUF writer's file equals gguf-py's own (header, table, padded data) written direct
+    or buffered, and a byte changed between the staging buffer and the disk is caught."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    from ds4mlx.convert.gguf_writer import DEFAULT_NAME, GGUFError, stream_gguf, tensor_entry
+    from ds4mlx.io.gguf import ARCH, gguf_metadata
+    from ds4mlx.synthetic import tiny_config
+
+    config = tiny_config()
+    rng = np.random.default_rng(5)
+    arrays = {"a": rng.standard_normal((3, 50)).astype(np.float32),  # 600 bytes: padded
+              "b": rng.standard_normal((300, 256)).astype(np.float32),  # several staging buffers
+              "c": rng.standard_normal(7).astype(np.float32)}
+    ref = GGUFWriter(str(tmp_path / "ref.gguf"), ARCH)
+    ref.add_name(DEFAULT_NAME)
+    for key, value, vtype in gguf_metadata(config):
+        ref.add_array(key, list(value)) if vtype.name == "ARRAY" else ref.add_key_value(key, value, vtype)
+    for n, a in arrays.items():
+        ref.add_tensor(n, a, raw_dtype=GGMLQuantizationType.F32)
+    ref.write_header_to_file()
+    ref.write_kv_data_to_file()
+    ref.write_tensors_to_file()
+    ref.close()
+    entries = [tensor_entry(n, "F32", a.shape) for n, a in arrays.items()]
+    chunks = lambda: [[a[: len(a) // 2], a[len(a) // 2:]] for a in arrays.values()]  # noqa: E731
+    stream_gguf(tmp_path / "x.gguf", config, entries, chunks())
+    assert (tmp_path / "x.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+    _flip_disk_writes(monkeypatch, 3)
+    with pytest.raises(GGUFError, match="verification failed: tensor 'b' differs on disk"):
+        stream_gguf(tmp_path / "y.gguf", config, entries, chunks())

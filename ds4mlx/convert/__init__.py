@@ -11,7 +11,8 @@ The pipeline streams one logical weight at a time:
 3. **verify** — every output tensor's CRC-32, taken while writing, is compared with a re-read of
    the file (MLX output: with the bytes as handed to the disk, past the page cache, plus each
    shard's header and size read back; ``verify_disk`` re-reads every shard from disk while it is
-   written; ``io/direct.py``), and the result is opened with the matching reader;
+   written; GGUF output: each piece read back from disk as it is written and compared with the
+   bytes handed to the disk; ``io/direct.py``), and the result is opened with the matching reader;
 4. **publish** — output lives under ``OUTPUT.partial`` until the final rename, so an interrupted
    run never leaves something that looks complete. MLX output is written shard by shard with a
    journal, so ``resume=True`` continues after the last finished shard.

@@ -1,24 +1,27 @@
 """The one GGUF writer: a ``deepseek4`` file from a config (metadata as ``io/gguf.py`` defines
 it), an optional tokenizer, and tensors whose bytes arrive in chunks.
 
-gguf-py's ``GGUFWriter`` writes the header, the metadata and the tensor table. It wants every
-tensor whole in memory for the data, so the data is streamed here instead, with gguf-py's
-padding (each tensor starts on the alignment, the file ends on it) and a CRC-32 of each tensor
-taken while writing, for the caller's verification pass. ``convert`` streams quantized chunks
-from worker threads; ``write_gguf`` takes arrays (tests, benchmarks, the logits recorder).
+gguf-py's ``GGUFWriter`` builds the header, the metadata and the tensor table (in memory). It
+wants every tensor whole in memory for the data, so the data is streamed here instead, with
+gguf-py's padding (each tensor starts on the alignment, the file ends on it), past the page
+cache (``io/direct.py``), and checked against the disk as it is written (``stream_gguf``).
+``convert`` streams quantized chunks from worker threads; ``write_gguf`` takes arrays (tests,
+benchmarks, the logits recorder).
 """
 
 from __future__ import annotations
 
+import io
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.gguf_writer import WriterState
 
+from ..io.direct import DirectWriter, ReadBackError
 from ..io import mlx_dir
 from ..io.gguf import ARCH, gguf_metadata
 from ..io.gguf_file import INT_TYPES, PLAIN_DTYPES, GGUFError
@@ -46,58 +49,101 @@ def tensor_entry(name: str, qtype: str, shape: tuple[int, ...]) -> TensorEntry:
     return TensorEntry(name, qtype, shape, int(np.prod(shape[:-1], dtype=np.int64)) * row)
 
 
-def _padding(f, align: int) -> None:
-    mlx_dir.write_bytes(f, memoryview(b"\0" * (-f.tell() % align)))
+def _header_bytes(config: Any, entries: list[TensorEntry], tokenizer: Mapping[str, Any] | None, name: str,
+                  extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None) -> tuple[bytes, int]:
+    """gguf-py's header, metadata and tensor table, built in memory (the data goes to the disk
+    directly, so the file is written by one writer from the first byte), padded to the data
+    alignment; and that alignment."""
+    writer = GGUFWriter(None, ARCH)
+    writer.add_name(name)
+    for key, value, vtype in gguf_metadata(config):
+        if vtype == GGUFValueType.ARRAY:
+            writer.add_array(key, list(value))
+        else:
+            writer.add_key_value(key, value, vtype)
+    for key, (value, vtype) in (extra_metadata or {}).items():
+        writer.add_key_value(key, value, vtype)
+    if tokenizer:
+        from ..tokenizer import add_tokenizer_to_gguf
+
+        add_tokenizer_to_gguf(writer, dict(tokenizer))
+    for e in entries:  # a non-uint8 dtype makes the writer take ``shape`` as the value shape
+        writer.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=T[e.qtype])
+    writer.fout, writer.state = [io.BytesIO()], WriterState.EMPTY  # what opening a file would set
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    head = writer.fout[0].getvalue()
+    align = writer.data_alignment
+    writer.close()
+    return head + bytes(-len(head) % align), align
+
+
+def _spans(base: int, entries: list[TensorEntry], align: int) -> list[tuple[int, int, str]]:
+    """``(start, end, name)`` of every tensor's data in the file (each starts on ``align``)."""
+    out, pos = [], base
+    for e in entries:
+        out.append((pos, pos + e.nbytes, e.name))
+        pos += -(-e.nbytes // align) * align
+    return out
 
 
 def stream_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Iterable[Iterable[np.ndarray]], *,
                 tokenizer: Mapping[str, Any] | None = None, name: str = DEFAULT_NAME,
-                extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None) -> dict[str, int]:
+                extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None) -> None:
     """Write ``path``: metadata from ``config`` (HF dict or ``ModelConfig``), ``extra_metadata``
     ``{key: (value, type)}``, ``tokenizer`` (``ds4mlx.tokenizer.gguf_tokenizer_fields``), the
     table of ``entries``, then each entry's bytes from the matching item of ``data`` (an
-    iterable of chunks, concatenated). Returns every tensor's CRC-32."""
-    writer = GGUFWriter(str(path), ARCH)
+    iterable of chunks, concatenated), and verify it.
+
+    The file is written past the page cache (``io/direct.py``), and verified as it goes: the
+    writer's thread reads every piece back from the disk (past the cache where possible) and
+    compares it with the bytes it handed over, header included. That catches what a disk or
+    file system can do to a write (lost, torn, misplaced, changed bytes) in one comparison of
+    the two copies: no checksum of either. Then the parsed tensor table must place every
+    tensor where its bytes went."""
     chunks = iter(data)
     try:
-        writer.add_name(name)
-        for key, value, vtype in gguf_metadata(config):
-            if vtype == GGUFValueType.ARRAY:
-                writer.add_array(key, list(value))
-            else:
-                writer.add_key_value(key, value, vtype)
-        for key, (value, vtype) in (extra_metadata or {}).items():
-            writer.add_key_value(key, value, vtype)
-        if tokenizer:
-            from ..tokenizer import add_tokenizer_to_gguf
-
-            add_tokenizer_to_gguf(writer, dict(tokenizer))
-        for e in entries:  # a non-uint8 dtype makes the writer take ``shape`` as the value shape
-            writer.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=T[e.qtype])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        f = writer.fout[0]
-        crcs = {}
-        for e in entries:
-            _padding(f, writer.data_alignment)
-            crc, done = 0, 0
-            for chunk in next(chunks):
-                buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
-                mlx_dir.write_bytes(f, buf)
-                crc = zlib.crc32(buf, crc)
-                done += len(buf)
-            if done != e.nbytes:
-                raise GGUFError(f"{path}: tensor {e.name!r} produced {done} bytes, expected {e.nbytes}")
-            crcs[e.name] = crc
-            _padding(f, writer.data_alignment)
-        f.flush()
-        os.fsync(f.fileno())
+        head, align = _header_bytes(config, entries, tokenizer, name, extra_metadata)
+        spans = [(0, len(head), "the header")] + _spans(len(head), entries, align)
+        size = spans[-1][1] + (-spans[-1][1] % align) if entries else len(head)
+        f = DirectWriter(path, read_back=True)
+        try:
+            mlx_dir.write_bytes(f, memoryview(head))
+            for (start, stop, _), e in zip(spans[1:], entries):
+                done = 0
+                for chunk in next(chunks):
+                    buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+                    mlx_dir.write_bytes(f, buf)
+                    done += len(buf)
+                if done != e.nbytes:
+                    raise GGUFError(f"{path}: tensor {e.name!r} produced {done} bytes, expected {e.nbytes}")
+                mlx_dir.write_bytes(f, memoryview(bytes(-stop % align)))
+            if f.tell() != size:
+                raise GGUFError(f"{path}: wrote {f.tell()} bytes, planned {size}")
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        except ReadBackError as err:
+            where = next((n if n == "the header" else f"tensor {n!r}" for a, b, n in spans if a <= err.offset < b),
+                         "the padding")
+            raise GGUFError(f"{path}: verification failed: {where} differs on disk from what was written") from None
+        finally:
+            f.discard()  # after an error: stops the writer thread (a no-op once closed)
+        _check_table(path, spans)
     finally:
         if hasattr(chunks, "close"):
             chunks.close()  # a generator that feeds worker threads or processes stops them now, also on errors
-        writer.close()
-    return crcs
+
+
+def _check_table(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    from ..io.gguf_file import open_gguf
+
+    with open_gguf(path) as g:
+        placed = {n: (i.offset, i.offset + i.nbytes) for n, i in g.tensors.items()}
+    if placed != {n: (a, b) for a, b, n in spans[1:]}:
+        raise GGUFError(f"{path}: verification failed: the tensor table does not place the tensors "
+                        "where they were written")
 
 
 # --------------------------------------------------------------------------- from arrays

@@ -76,17 +76,26 @@ def _check_finite(s: Stored, raw: np.ndarray) -> None:
         raise ConvertError(f"{s.path}: tensor {s.name!r} holds {bad} NaN or Inf values; the source is damaged")
 
 
-def read_stored(s: Stored, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """The stored bits of a tensor (or of its rows ``[r0, r1)``) read into a fresh array."""
+def read_stored(s: Stored, rows: tuple[int, int] | None = None, pool: BufferPool | None = None) -> np.ndarray:
+    """The stored bits of a tensor (or of its rows ``[r0, r1)``): a fresh array, or a view of one
+    of ``pool``'s buffers (keep it only as long as needed)."""
     dtype = DTYPES[s.dtype]
     if rows is None:
         count = int(np.prod(s.shape, dtype=np.int64))
-        raw = np.fromfile(s.path, dtype=dtype, count=count, offset=s.offset).reshape(s.shape)
+        raw = np.fromfile(s.path, dtype=dtype, count=count, offset=s.offset).reshape(s.shape) if pool is None \
+            else _read_bytes(s.path, s.offset, count * dtype.itemsize, pool)
+        shape = s.shape
     else:
         r0, r1 = rows
         row = int(np.prod(s.shape[1:], dtype=np.int64))
+        shape = (r1 - r0,) + s.shape[1:]
         raw = np.fromfile(s.path, dtype=dtype, count=(r1 - r0) * row,
-                          offset=s.offset + r0 * row * dtype.itemsize).reshape((r1 - r0,) + s.shape[1:])
+                          offset=s.offset + r0 * row * dtype.itemsize).reshape(shape) if pool is None \
+            else _read_bytes(s.path, s.offset + r0 * row * dtype.itemsize, (r1 - r0) * row * dtype.itemsize, pool)
+    if pool is not None:
+        if raw.nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ConvertError(f"{s.path}: file ends inside tensor {s.name!r}; the source is truncated")
+        raw = raw.view(dtype).reshape(shape)
     _check_finite(s, raw)
     return raw
 
@@ -97,7 +106,7 @@ def read_pair(a: Stored, b: Stored, pool: BufferPool | None = None) -> tuple[np.
     ``pool``'s buffers when given (views of them: keep them only as long as needed)."""
     (lo, hi), (na, nb) = sorted((a, b), key=lambda t: t.offset), (_nbytes(a), _nbytes(b))
     if lo.path != hi.path or lo.offset + _nbytes(lo) != hi.offset:
-        return read_stored(a), read_stored(b)
+        return read_stored(a, pool=pool), read_stored(b, pool=pool)
     raw = _read_bytes(lo.path, lo.offset, na + nb, pool)
     out = []
     for t, n in ((a, na), (b, nb)):
@@ -123,14 +132,25 @@ class BufferPool:
     def take(self, nbytes: int) -> np.ndarray:
         if hasattr(sys, "getrefcount"):
             with self.lock:
+                # the smallest free buffer that fits (a small read must not hold a large one);
+                # 2 references when free: the list's and getrefcount's argument
+                best = -1
                 for i in range(len(self.bufs)):
-                    # 2 references when free: the list's and getrefcount's argument
-                    if self.bufs[i].nbytes >= nbytes and sys.getrefcount(self.bufs[i]) == 2:
-                        return self.bufs[i][:nbytes]
+                    if self.bufs[i].nbytes >= nbytes and sys.getrefcount(self.bufs[i]) == 2 and \
+                            (best < 0 or self.bufs[i].nbytes < self.bufs[best].nbytes):
+                        best = i
+                if best >= 0:
+                    return self.bufs[best][:nbytes]
                 if len(self.bufs) < self.limit:
                     self.bufs.append(np.empty(max(nbytes, 1 << 20), np.uint8))
                     return self.bufs[-1][:nbytes]
         return np.empty(nbytes, np.uint8)
+
+
+    def clear(self) -> None:
+        """Forget every buffer (those in use live on until their last view goes)."""
+        with self.lock:
+            self.bufs.clear()
 
 
 def _read_bytes(path: Path, offset: int, count: int, pool: BufferPool | None) -> np.ndarray:
@@ -199,21 +219,30 @@ def dequantize(ckpt: HFCheckpoint, lw: Logical, name: str) -> np.ndarray:
 
 
 def dequantize_stored(fmt: WeightFormat, weight: Stored, scale: Stored | None, name: str,
-                      rows: tuple[int, int] | None = None) -> np.ndarray:
+                      rows: tuple[int, int] | None = None, pool: BufferPool | None = None) -> np.ndarray:
     """``dequantize`` from file locations, optionally of rows ``[r0, r1)`` only (``r0`` a
-    multiple of the FP8 scale block, 128, for FP8 weights)."""
-    raw = read_stored(weight, rows)
+    multiple of the FP8 scale block, 128, for FP8 weights); the stored bits are read into
+    ``pool``'s buffers when given (a weight and its scale in one read when whole and adjacent)."""
+    if rows is None and scale is not None and pool is not None:
+        raw, sc = read_pair(weight, scale, pool)
+    else:
+        raw, sc = read_stored(weight, rows, pool), None
     if fmt == MXFP8:
         if rows is not None and rows[0] % FP8_WEIGHT_BLOCK:
             raise ValueError(f"{name}: FP8 rows must start on a {FP8_WEIGHT_BLOCK}-row scale block, got {rows[0]}")
         srows = None if rows is None else (rows[0] // FP8_WEIGHT_BLOCK, -(-rows[1] // FP8_WEIGHT_BLOCK))
-        return dequant_fp8_np(raw, read_stored(scale, srows), name)
+        return dequant_fp8_np(raw, sc if sc is not None else read_stored(scale, srows, pool), name)
     if fmt == MXFP4:
-        return dequant_fp4_np(raw, read_stored(scale, rows), name)
-    return float_values(raw, weight.dtype)
+        return dequant_fp4_np(raw, sc if sc is not None else read_stored(scale, rows, pool), name)
+    return float_values(raw, weight.dtype, pool)
 
 
-def float_values(raw: np.ndarray, dtype: str) -> np.ndarray:
+def float_values(raw: np.ndarray, dtype: str, pool: BufferPool | None = None) -> np.ndarray:
+    """float32 values of stored floats (into ``pool``'s buffers when given: a large BF16 tensor
+    decoded into fresh memory spent more time zeroing pages than shifting bits)."""
+    if dtype == "BF16" and pool is not None:  # bf16_decode's bits, in one pass, no fresh pages
+        out = pool.take(raw.size * 4).view(np.uint32).reshape(raw.shape)
+        return np.left_shift(raw, 16, out=out, dtype=np.uint32).view(np.float32)
     return bf16_decode(raw) if dtype == "BF16" else raw.astype(np.float32)
 
 
