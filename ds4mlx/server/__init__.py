@@ -54,6 +54,7 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, ctx: Op
 
     from .. import distributed
     from ..loader import load
+    from .common import STREAM_GRACE_S
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     split = distributed.launched()
@@ -86,7 +87,7 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, ctx: Op
             f"; speculative ({draft}, {num_draft_tokens} draft tokens)" if draft else "")
         try:
             server = _StoppingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=5))
+                                                    timeout_graceful_shutdown=STREAM_GRACE_S + 1))
             try:
                 server.run()
             except KeyboardInterrupt:  # Ctrl-C, raised again once uvicorn has shut down: a clean stop

@@ -12,13 +12,12 @@ import json
 import uuid
 from typing import Any, Optional
 
-from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ..generate import DEFAULT_MIN_P, check_text
 from . import params
-from .common import chat_job, job_events, read_json, run_job, sse
+from .common import chat_job, event_stream, job_events, read_json, run_job, sse
 from .channels import ChannelSplitter, parse_answer
 from .engine import Engine, Result
 from .openai_routes import forced_tool_text
@@ -262,6 +261,6 @@ def messages(engine: Engine, model_id: str):
                        "usage": {"output_tokens": result.completion_tokens}}, "message_delta")
             yield sse({"type": "message_stop"}, "message_stop")
 
-        return EventSourceResponse(events(), ping=15)
+        return event_stream(events())
 
     return handler

@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any, AsyncIterator, Optional
 
+from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -16,6 +17,13 @@ from .engine import Engine, Job, Result, tokenize_with_boundaries
 from .params import APIError
 
 log = logging.getLogger("ds4mlx.server")
+
+# On a shutdown signal sse-starlette cancels every open stream at its next poll of uvicorn's exit
+# flag (every 0.5 s), wherever the generator is: with a decode step slower than that the final
+# chunk and [DONE] were cut off. The engine already cancels each job within a token (stop_jobs),
+# so a stream gets this long to end by itself; below ``serve``'s graceful timeout, which is
+# ``STREAM_GRACE_S + 1``.
+STREAM_GRACE_S = 4.0
 
 
 def is_anthropic(request: Request) -> bool:
@@ -108,11 +116,14 @@ async def job_events(engine: Engine, job: Job) -> AsyncIterator[tuple[str, Any]]
         job.cancel.set()
 
 
-
-
 def sse(data: Any, event: Optional[str] = None) -> dict:
     """One server-sent event for sse-starlette (``data`` as compact JSON)."""
     out = {"data": data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))}
     if event is not None:
         out["event"] = event
     return out
+
+
+def event_stream(events: AsyncIterator[dict]) -> EventSourceResponse:
+    """The SSE response of a streamed request; at shutdown its job's end events still go out."""
+    return EventSourceResponse(events, ping=15, shutdown_grace_period=STREAM_GRACE_S)

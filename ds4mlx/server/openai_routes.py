@@ -11,14 +11,13 @@ import time
 import uuid
 from typing import Any, Optional
 
-from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .. import encoding
 from ..generate import DEFAULT_MIN_P, check_text
 from . import params
-from .common import chat_job, check_prompt, job_events, read_json, run_job, sse
+from .common import chat_job, check_prompt, event_stream, job_events, read_json, run_job, sse
 from .channels import ChannelSplitter, finish_reason_openai, parse_answer
 from .engine import Engine, Job, Result, tokenize_with_boundaries
 from .params import APIError
@@ -241,7 +240,7 @@ def chat_completions(engine: Engine, model_id: str):
                            "choices": [], "usage": usage(result)})
             yield sse("[DONE]")
 
-        return EventSourceResponse(events(), ping=15)
+        return event_stream(events())
 
     return handler
 
@@ -306,6 +305,6 @@ def completions(engine: Engine, model_id: str):
                 yield sse({**payload("", None), "choices": [], "usage": usage(result)})
             yield sse("[DONE]")
 
-        return EventSourceResponse(events(), ping=15)
+        return event_stream(events())
 
     return handler
