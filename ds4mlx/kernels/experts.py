@@ -70,21 +70,21 @@ def moe_experts_shared(x: mx.array, indices: mx.array | None, weights: mx.array 
         return None
     if not (dispatch.serves(gate[1]) and dispatch.serves(down[1]) and shared_folds(shared, x.dtype)):
         return None
-    n_experts = unpack_weight(gate[0], gate[1], "w1").q.shape[0]
-    routed = route is not None and route.logits.shape[-1] == n_experts and route.folds()
-    if route is not None and not routed:
-        indices, weights = route.select()
     # unpacked and checked once here (the shared expert's parts once per Shared), then the
-    # kernels without the entry points' checks (ids made in the kernel: checked for shape only)
-    ids_shape = mx.zeros((1, k), mx.uint32) if routed else indices
-    p1, p3, f = _gate_up_packed(x, gate[0], up[0], gate[1], ids_shape)
+    # kernels without the entry points' checks; ids a route will make: checked for shape only
+    checked = indices if route is None else mx.zeros((1, k), mx.uint32)
+    p1, p3, f = _gate_up_packed(x, gate[0], up[0], gate[1], checked)
     p2 = unpack_weight(down[0], down[1], "w2")
     d = p2.q.shape[1]
     ps13, ps2 = shared.packed
     if (ps13.q.shape[0], ps13.k, ps2.q.shape[0], ps2.k, p2.k) != (2 * f, p1.k, d, f, f):
         return None  # e.g. a shared expert wider than the routed ones
-    if not (_kernel_serves(gate[1], p1, x.dtype, ids_shape)
-            and _kernel_serves(down[1], p2, x.dtype, ids_shape)):
+    routed = route is not None and route.logits.shape[-1] == p1.q.shape[0] and route.folds()
+    if route is not None and not routed:
+        indices, weights = route.select()
+        checked = indices
+    if not (_kernel_serves(gate[1], p1, x.dtype, checked)
+            and _kernel_serves(down[1], p2, x.dtype, checked)):
         return None  # the routed experts' call sites pick their own paths
     if routed:
         mid, ids, rw = _gate_up_decode(x, p1, p3, ps13, None, route, limit)
