@@ -9,6 +9,7 @@ import pytest
 
 from ds4mlx import kernels
 from ds4mlx.kernels import attention as fused
+from ds4mlx.kernels import indexer as fused_indexer
 
 from kernel_paths import path, record_launches  # noqa: F401 (path: the kernel-path fixture the tests take)
 
@@ -165,8 +166,8 @@ def indexer_case(b, s, h, hd, nk, n_vis, dtype, seed):
 ])
 def test_indexer_scores_match_twin(path, b, s, h, hd, nk, n_vis, dtype):
     args = indexer_case(b, s, h, hd, nk, n_vis, dtype, seed=nk)
-    got = np.asarray(fused.indexer_scores(*args))
-    ref = on_ops(fused.indexer_scores_ops, *args)
+    got = np.asarray(fused_indexer.indexer_scores(*args))
+    ref = on_ops(fused_indexer.indexer_scores_ops, *args)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
     seen = np.isfinite(ref)
     if seen.any():
@@ -192,9 +193,9 @@ def test_indexer_topk_matches_numpy(path, rows, n, k):
     scores[-1, :3] = np.float32(7.0)   # ties at the top
     scores[1, 1:4] = -0.0               # zeros of both signs
     scores[1, 4:6] = 0.0
-    got = np.asarray(fused.indexer_topk(mx.array(scores), k))
+    got = np.asarray(fused_indexer.indexer_topk(mx.array(scores), k))
     np.testing.assert_array_equal(got, numpy_topk(scores, k))
-    twin = on_ops(fused.indexer_topk, mx.array(scores), k)
+    twin = on_ops(fused_indexer.indexer_topk, mx.array(scores), k)
     np.testing.assert_array_equal(twin[1:], got[1:])  # the twin pads the -inf row the same way
     np.testing.assert_array_equal(twin[0], got[0])
 
@@ -202,7 +203,7 @@ def test_indexer_topk_matches_numpy(path, rows, n, k):
 def test_indexer_topk_ties_keep_lowest_indices(path):
     scores = np.zeros((1, 40), np.float32)
     scores[0, [5, 30]] = 1.0
-    got = np.asarray(fused.indexer_topk(mx.array(scores), 6))
+    got = np.asarray(fused_indexer.indexer_topk(mx.array(scores), 6))
     np.testing.assert_array_equal(got[0], [0, 1, 2, 3, 5, 30])
 
 
@@ -212,7 +213,7 @@ def test_bad_shapes_are_named():
     with pytest.raises(kernels.KernelInputError, match="sink"):
         fused.decode_attention(q, kw, comp, idx, bounds, sink[:1], scale)
     with pytest.raises(kernels.KernelInputError, match="k=0"):
-        fused.indexer_topk(mx.zeros((2, 5)), 0)
+        fused_indexer.indexer_topk(mx.zeros((2, 5)), 0)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -259,12 +260,12 @@ def test_rope_rows_match_model_ops(path, shape, d, rd, norm, fp8, inverse, dtype
 def test_indexer_real_width(path):
     """Flash's indexer: 64 heads x 128 over 3000 bf16 keys (12k tokens), then its top-512."""
     args = indexer_case(1, 1, 64, 128, 3000, [2990], mx.bfloat16, seed=11)
-    got = np.asarray(fused.indexer_scores(*args))
-    ref = on_ops(fused.indexer_scores_ops, *args)
+    got = np.asarray(fused_indexer.indexer_scores(*args))
+    ref = on_ops(fused_indexer.indexer_scores_ops, *args)
     seen = np.isfinite(ref)
     assert np.array_equal(seen, np.isfinite(got))
     assert np.abs(got[seen] - ref[seen]).max() <= 1e-5 * np.abs(ref[seen]).max()
-    picks = np.asarray(fused.indexer_topk(mx.array(ref), 512))
+    picks = np.asarray(fused_indexer.indexer_topk(mx.array(ref), 512))
     np.testing.assert_array_equal(picks, numpy_topk(ref, 512))
 
 
@@ -284,7 +285,7 @@ def test_index_queries_match_model_ops(path, lead, d, fp4, dtype):
     w = mx.array(rng.standard_normal(lead).astype(np.float32)).astype(dtype)
     freqs = rope_frequencies(64, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
     pos = np.arange(70000, 70000 + lead[1])[None, :].repeat(lead[0], 0)
-    got = fused.index_queries(q, w, pos, freqs, wscale=0.0625, fp4=fp4)
+    got = fused_indexer.index_queries(q, w, pos, freqs, wscale=0.0625, fp4=fp4)
     ref = index_queries_ops(q, w, pos, freqs, wscale=0.0625, fp4=fp4)
     for g, r in zip(got, ref):
         assert g.dtype == mx.float32 and g.shape == r.shape
@@ -311,14 +312,14 @@ def test_indexer_scores_make_their_queries(path, b, s, h, d, nk, n_vis, fp4, dty
     freqs = rope_frequencies(32 if s == 3 else 64, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536})
     pos = np.arange(70000, 70000 + s)[None, :].repeat(b, 0)
     n_vis = mx.array(np.array(n_vis, np.int32))
-    iq = fused.IndexQueries(q, w, pos, freqs, 0.0625, fp4)
+    iq = fused_indexer.IndexQueries(q, w, pos, freqs, 0.0625, fp4)
     launches = record_launches(monkeypatch)
-    got = np.asarray(fused.indexer_scores(iq, None, keys, n_vis))
+    got = np.asarray(fused_indexer.indexer_scores(iq, None, keys, n_vis))
     assert launches == ["indexer_scores_q"]
-    two = np.asarray(fused.indexer_scores(*fused.index_queries(q, w, pos, freqs, wscale=0.0625,
+    two = np.asarray(fused_indexer.indexer_scores(*fused_indexer.index_queries(q, w, pos, freqs, wscale=0.0625,
                                                                fp4=fp4), keys, n_vis))
     np.testing.assert_array_equal(got, two)
-    ref = on_ops(fused.indexer_scores_ops, *index_queries_ops(q, w, pos, freqs, wscale=0.0625,
+    ref = on_ops(fused_indexer.indexer_scores_ops, *index_queries_ops(q, w, pos, freqs, wscale=0.0625,
                                                               fp4=fp4), keys, n_vis)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
     seen = np.isfinite(ref)
@@ -347,7 +348,7 @@ def test_indexer_pick_in_one_launch(path, b, s, h, d, nk, n_vis, k, fp4, dtype, 
         keys = mx.array(rng.standard_normal((b, nk, d)).astype(np.float32)).astype(dtype)
         pos = np.arange(70000, 70000 + s)[None, :].repeat(b, 0)
         vis = mx.array(np.array(n_vis, np.int32))
-        iq = fused.IndexQueries(q, w, pos, freqs, 0.0625, fp4)
+        iq = fused_indexer.IndexQueries(q, w, pos, freqs, 0.0625, fp4)
         launches = []
 
         def counted(*args, **kwargs):
@@ -355,13 +356,13 @@ def test_indexer_pick_in_one_launch(path, b, s, h, d, nk, n_vis, k, fp4, dtype, 
             return run(*args, **kwargs)
 
         monkeypatch.setattr(kernels.dispatch, "run", counted)
-        got = np.asarray(fused.indexer_pick(iq, keys, vis, k, grid=True))
+        got = np.asarray(fused_indexer.indexer_pick(iq, keys, vis, k, grid=True))
         assert launches == ["indexer_pick_q"]
-        two = np.asarray(fused.indexer_pick(iq, keys, vis, k, grid=False))
+        two = np.asarray(fused_indexer.indexer_pick(iq, keys, vis, k, grid=False))
         assert launches[1:] == ["indexer_scores_q", "indexer_topk"]
         monkeypatch.setattr(kernels.dispatch, "run", run)
         np.testing.assert_array_equal(got, two)
-        scores = on_ops(fused.indexer_scores_ops_q, iq, keys, vis)
+        scores = on_ops(fused_indexer.indexer_scores_ops_q, iq, keys, vis)
         np.testing.assert_array_equal(got, numpy_topk(scores, k))
         assert not np.asarray(kernels.dispatch.counter("indexer_pick_q", b * s)).any()
 

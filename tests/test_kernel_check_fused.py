@@ -13,6 +13,7 @@ import pytest
 from ds4mlx import kernels
 from ds4mlx.cli import main
 from ds4mlx.kernels import attention as fused
+from ds4mlx.kernels import indexer as fused_indexer
 from ds4mlx.kernels import check
 from ds4mlx.kernels.router import router_topk, router_topk_ops
 from ds4mlx.model.rope import rows_ops
@@ -75,10 +76,10 @@ def entry_call(kernel: str):
         return (lambda: fused.decode_attention(*args)), (lambda: fused.decode_attention_ops(*args))
     if kernel == "indexer_scores":
         args = (rand(1, 2, 16, 128), rand(1, 2, 16), rand(1, 9, 128), mx.array([8, 9]))
-        return (lambda: fused.indexer_scores(*args)), (lambda: fused.indexer_scores_ops(*args))
+        return (lambda: fused_indexer.indexer_scores(*args)), (lambda: fused_indexer.indexer_scores_ops(*args))
     if kernel == "indexer_topk":
         scores = mx.array(rng.permutation(30).astype(np.float32).reshape(2, 15))
-        return (lambda: fused.indexer_topk(scores, 4)), (lambda: fused.indexer_topk_ops(scores, 4))
+        return (lambda: fused_indexer.indexer_topk(scores, 4)), (lambda: fused_indexer.indexer_topk_ops(scores, 4))
     assert kernel == "router_topk"
     args = (rand(3, 8, scale=4.0), rand(8, scale=0.1), 6, True, 1.5)
     return (lambda: router_topk(*args)), (lambda: router_topk_ops(*args))

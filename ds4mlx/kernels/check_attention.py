@@ -1,4 +1,4 @@
-"""The check's cases of the fused attention kernels (kernels/attention.py): decode attention,
+"""The check's cases of the fused attention and indexer kernels (kernels/attention.py, kernels/indexer.py): decode attention,
 the Lightning Indexer (scores, top-k, queries, and their one-launch forms) and rope_rows with
 the compressor rows; the other variants' cases, the specs and the input helpers are in
 ``check_cases``, and ``check.cases`` picks a variant's builder.
@@ -11,7 +11,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from . import attention, dispatch
+from . import attention, dispatch, indexer
 from .check_cases import _HEADS, _KEYS, TOLERANCE, Case, Spec, _acts
 
 
@@ -97,7 +97,7 @@ def indexer_cases(spec: Spec) -> list[Case]:
                 w = mx.array(rng.standard_normal((1, s, h)).astype(np.float32))
                 keys = mx.array(rng.standard_normal((1, _KEYS, hd)).astype(np.float32))
                 args = (q, w, keys.astype(spec.dtype), mx.array(np.array(n_vis, np.int32)))
-                return [attention.indexer_scores(*args)], [attention.indexer_scores_ops(*args)]
+                return [indexer.indexer_scores(*args)], [indexer.indexer_scores_ops(*args)]
             return run
 
         out += [Case("indexer_scores", f"1 query, {_KEYS} keys", scores(1, [_KEYS])),
@@ -111,7 +111,7 @@ def indexer_cases(spec: Spec) -> list[Case]:
             sc = rng.permutation(3 * n).astype(np.float32).reshape(3, n) / n - 1.5  # no ties
             sc[0, max(1, k - 2):] = -np.inf  # a query that sees fewer than k keys
             sc = mx.array(sc)
-            return [attention.indexer_topk(sc, k)], [attention.indexer_topk_ops(sc, k)]
+            return [indexer.indexer_topk(sc, k)], [indexer.indexer_topk_ops(sc, k)]
 
         out.append(Case("indexer_topk", f"3 rows of {k + _KEYS}, k={k}", topk))
     if spec.index_head_dim and spec.rope_dims:
@@ -125,7 +125,7 @@ def _pick_q_cases(spec: Spec) -> list[Case]:
     h, d, rd, dt, k = (spec.index_heads, spec.index_head_dim, spec.rope_dims, spec.dtype,
                        spec.index_topk)
     freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
-    nk = max(k + _KEYS, attention.INDEX_THREADS // 8 * attention.INDEX_KEY_PASSES + _KEYS)
+    nk = max(k + _KEYS, indexer.INDEX_THREADS // 8 * indexer.INDEX_KEY_PASSES + _KEYS)
 
     def run_for(s: int, fp4: bool) -> Callable:
         def run():
@@ -136,13 +136,13 @@ def _pick_q_cases(spec: Spec) -> list[Case]:
                 w = mx.array(rng.standard_normal((1, s, h)).astype(np.float32)).astype(dt)
                 keys = _acts((1, nk, d), 141 + s + rep, dt)
                 n_vis = mx.array(np.array([nk, k - 2, nk - 40][:s], np.int32))
-                iq = attention.IndexQueries(q, w, np.arange(70001, 70001 + s)[None], freqs,
+                iq = indexer.IndexQueries(q, w, np.arange(70001, 70001 + s)[None], freqs,
                                             0.125, fp4)
-                got.append(attention.indexer_pick(iq, keys, n_vis, k, grid=True))
+                got.append(indexer.indexer_pick(iq, keys, n_vis, k, grid=True))
                 mx.eval(got[-1])
                 # the twin's top-k on the kernel path's scores: ties and near-ties alike
-                scores = attention.indexer_scores(iq, None, keys, n_vis)
-                ref.append(attention.indexer_topk_ops(scores, k))
+                scores = indexer.indexer_scores(iq, None, keys, n_vis)
+                ref.append(indexer.indexer_topk_ops(scores, k))
             return got, ref
         return run
 
@@ -156,7 +156,7 @@ def _scores_q_cases(spec: Spec) -> list[Case]:
     heads and widths, keys in the queries' dtype; over two threadgroups of key passes."""
     h, d, rd, dt = spec.index_heads, spec.index_head_dim, spec.rope_dims, spec.dtype
     freqs = mx.array((10000.0 ** (-np.arange(rd // 2) * 2.0 / rd)).astype(np.float32))
-    nk = attention.INDEX_THREADS // 8 * attention.INDEX_KEY_PASSES + _KEYS
+    nk = indexer.INDEX_THREADS // 8 * indexer.INDEX_KEY_PASSES + _KEYS
 
     def run_for(s: int, fp4: bool) -> Callable:
         def run():
@@ -165,9 +165,9 @@ def _scores_q_cases(spec: Spec) -> list[Case]:
             w = mx.array(rng.standard_normal((1, s, h)).astype(np.float32)).astype(dt)
             keys = _acts((1, nk, d), 131 + s, dt)
             n_vis = mx.array(np.array([nk, 3, nk - 40][:s], np.int32))
-            iq = attention.IndexQueries(q, w, np.arange(70001, 70001 + s)[None], freqs, 0.125, fp4)
-            return ([attention.indexer_scores(iq, None, keys, n_vis)],
-                    [attention.indexer_scores_ops_q(iq, keys, n_vis)])
+            iq = indexer.IndexQueries(q, w, np.arange(70001, 70001 + s)[None], freqs, 0.125, fp4)
+            return ([indexer.indexer_scores(iq, None, keys, n_vis)],
+                    [indexer.indexer_scores_ops_q(iq, keys, n_vis)])
         return run
 
     return [Case("indexer_scores_q", f"{s} token{'s' * (s > 1)} x {h} heads, {nk} keys"
@@ -189,7 +189,7 @@ def _index_q_cases(spec: Spec) -> list[Case]:
             pos = np.arange(70001, 70001 + s)[None]  # far positions: an angle's rounding shows
             args = (q, w, pos, freqs)
             kw = dict(wscale=0.125, fp4=fp4)
-            return list(attention.index_queries(*args, **kw)), list(twin(*args, **kw))
+            return list(indexer.index_queries(*args, **kw)), list(twin(*args, **kw))
         return run
 
     return [Case("index_q", f"{s} tokens x {_HEADS} heads{', Hadamard + FP4' * fp4}",

@@ -28,7 +28,7 @@ from .source import KERNEL_FORMATS
 BACKENDS = ("metal", "ops", "emulate")
 HC_PRE = "hc_pre"  # the variant name of the fused HC pre kernel
 ATTENTION = "attention"  # fused decode attention (kernels/attention.py)
-INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/attention.py)
+INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/indexer.py)
 ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
 ROUTER = "router"  # fused MoE router selection (kernels/router.py)
 SHARED_DOWN = "shared_down"  # shared expert's SwiGLU + down + routed sum (kernels/matvec.py)

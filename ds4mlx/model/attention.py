@@ -15,6 +15,7 @@ import numpy as np
 from .. import kernels, ops
 from ..config import ModelConfig
 from ..kernels import attention as fused
+from ..kernels import indexer as fused_indexer
 from ..ops import RMSNorm
 from ..state import BatchLayerCache, LayerCache, record_window
 from . import qat
@@ -213,7 +214,7 @@ class Attention(nn.Module):
         """Normalised, rotated (and rounded) queries and KV rows, and indexer queries, of tokens
         at host positions ``pos`` [B, s] (``positions``: the same as ``host_positions``); the
         queries as projected unless ``rotate_q``. With ``defer_index``, indexer queries that
-        kernel index_q would make stay undone (``kernels.attention.IndexQueries``, weights
+        kernel index_q would make stay undone (``kernels.indexer.IndexQueries``, weights
         with them): the fused scores make them in their own launch."""
         freqs = self._freqs
         rows = fused.rope_rows_serves(p.kv.dtype, self.head_dim, self.rope_dims)
@@ -245,12 +246,12 @@ class Attention(nn.Module):
         index_q = None
         if p.index_q is not None:  # lazy: computed only where a sequence has indexer keys
             iq = p.index_q[0]
-            made = fused.IndexQueries(iq, p.index_w, pos, freqs, self.indexer.scale,
+            made = fused_indexer.IndexQueries(iq, p.index_w, pos, freqs, self.indexer.scale,
                                       self.qat_rounding)
             if defer_index and kernels.serves(kernels.INDEXER):
                 index_q = made  # the weights come with the queries
                 p.index_q = (iq, None)
-            elif fused.index_queries_serves(iq.dtype, iq.shape[-1], self.rope_dims):
+            elif fused_indexer.index_queries_serves(iq.dtype, iq.shape[-1], self.rope_dims):
                 # queries and head weights in one launch (the weights replace the ops' ones)
                 index_q, w = made.compute()
                 p.index_q = (iq, w)
@@ -309,7 +310,7 @@ class Attention(nn.Module):
                 index_q = None
             else:
                 index_w = p.index_q[1]
-        if isinstance(index_q, fused.IndexQueries) and not fused_attention:
+        if isinstance(index_q, fused_indexer.IndexQueries) and not fused_attention:
             index_q, index_w = index_q.compute()  # the ops paths take them made
 
         if fused_attention:

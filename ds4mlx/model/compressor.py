@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..kernels import attention as fused
+from ..kernels import indexer as fused_indexer
 from ..kernels import check as _check
 from ..ops import RMSNorm
 from ..state import CompressorState, record_compressor
@@ -154,12 +155,12 @@ class Indexer(nn.Module):
     def pick(self, q: mx.array, w: mx.array, keys: mx.array, n_vis) -> mx.array:
         """Top-k keys per query for the fused decode path: int32 [B, S, K], -1 where a query
         sees fewer than K keys. ``keys`` stay in storage; ``n_vis`` [S]: keys each query sees.
-        ``q`` may be the queries as projected (``kernels.attention.IndexQueries``, ``w`` None):
+        ``q`` may be the queries as projected (``kernels.indexer.IndexQueries``, ``w`` None):
         queries, scores and top-k then run in one launch where the kernels' grid form serves."""
-        if isinstance(q, fused.IndexQueries):
-            return fused.indexer_pick(q, keys, mx.array(n_vis), self.topk)
-        scores = fused.indexer_scores(q, w, keys, mx.array(n_vis))
-        return fused.indexer_topk(scores, self.topk)
+        if isinstance(q, fused_indexer.IndexQueries):
+            return fused_indexer.indexer_pick(q, keys, mx.array(n_vis), self.topk)
+        scores = fused_indexer.indexer_scores(q, w, keys, mx.array(n_vis))
+        return fused_indexer.indexer_topk(scores, self.topk)
 
     def select(
         self, q: mx.array, w: mx.array, keys: mx.array, positions: mx.array
@@ -182,7 +183,7 @@ class Indexer(nn.Module):
 
 def index_queries_ops(q: mx.array, w: mx.array, pos, freqs: mx.array, *, wscale: float,
                       fp4: bool) -> tuple[mx.array, mx.array]:
-    """The model's ops for kernel ``index_q`` (``kernels.attention.index_queries``, same
+    """The model's ops for kernel ``index_q`` (``kernels.indexer.index_queries``, same
     arguments): RoPE of the indexer queries at host positions ``pos`` (one per token), the
     Hadamard + FP4 rounding with ``fp4``, float32; the head weights times ``wscale``."""
     positions = mx.array(np.asarray(pos, dtype=np.int32))
