@@ -74,6 +74,8 @@ class Shared:
 
 
 def _mlx_packed(part: SharedWeight, name: str) -> Packed:
+    """An mxfp8 / affine8 part as the kernels read it: the codes, scales and biases as bytes
+    (views of the module's arrays, no copy)."""
     w, fmt, scales, biases = part
     if w.dtype != mx.uint32 or w.ndim != 2 or scales is None or scales.ndim != 2:
         raise KernelInputError(f"{name}: {fmt} expects a uint32 weight [rows, K/4] and scales "
@@ -86,8 +88,7 @@ def _mlx_packed(part: SharedWeight, name: str) -> Packed:
         if scales.dtype != mx.uint8 or biases is not None:
             raise KernelInputError(f"{name}: mxfp8 expects uint8 E8M0 scales and no biases, got "
                                    f"{scales.dtype} scales")
-        s = scales
-        return Packed(fmt, MLX_MXFP8, mx.view(w, mx.uint8), s, k)
+        return Packed(fmt, MLX_MXFP8, mx.view(w, mx.uint8), scales, k)
     sname = dtype_name(scales.dtype)
     if (sname not in AFFINE8_LAYOUT or biases is None or biases.dtype != scales.dtype
             or biases.shape != scales.shape):
