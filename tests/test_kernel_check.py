@@ -289,9 +289,11 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
                           ("router_topk", "router"),
                           ("comp_rows", "rope_rows")):
         assert (name, variant) in kernels_seen, out
-    # the MXFP4-mlx cases include the decode kernels with the shared expert folded in
+    # the MXFP4-mlx cases include the decode kernels with the shared expert folded in, in each
+    # layout it may take (float rows, Q8_0 blocks, MLX mxfp8, affine 8-bit by scale dtype)
     for name in ("moe_gate_up_decode", "moe_down_decode"):
-        for shared in ("shared float32", "shared Q8_0"):
+        for shared in ("shared float32", "shared Q8_0", "shared mxfp8", "shared affine8 float16",
+                       "shared affine8 float32", "shared affine8 bfloat16"):
             assert any(line.startswith(f"{name} + shared") and "MXFP4-mlx" in line
                        and shared in line for line in out.splitlines()), (name, shared, out)
     # the router's selection inside moe_gate_up_decode: with the format's kernels, and at the
@@ -299,7 +301,7 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     for variant in ("MXFP4-mlx", "router"):
         assert any(line.startswith("moe_gate_up_decode + route") and variant in line
                    for line in out.splitlines()), (variant, out)
-    assert "all 55 kernel checks passed" in out
+    assert "all 63 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):

@@ -441,7 +441,7 @@ def test_shared_expert_folded_into_the_decode_kernels(path, fmt, shared_fmt):
     assert mid.shape == (1, k + 1, f)
     assert_close(mid, ref)
     assert_close(mid[:, :k], kernels.moe_gate_up_ops(x, w1, w3, fmt_name(fmt), idx, 10.0))
-    gu = np.asarray(kernels.moe.shared_dense(shared.gate_up))
+    gu = np.asarray(kernels.shared.shared_dense(shared.gate_up))
     g, u = np.split(np.asarray(x) @ gu.T, 2, axis=-1)
     g, u = np.minimum(g, 10.0), np.clip(u, -10.0, 10.0)
     own = g / (1 + np.exp(-g)) * u
@@ -449,7 +449,7 @@ def test_shared_expert_folded_into_the_decode_kernels(path, fmt, shared_fmt):
     y = kernels.moe_down(ref, w2, fmt_name(fmt), idx, rw, mx.float32, False, shared)
     assert_close(y, kernels.moe_down_ops(ref, w2, fmt_name(fmt), idx, rw, mx.float32, shared))
     routed = np.asarray(kernels.moe_down_ops(ref[:, :k], w2, fmt_name(fmt), idx, rw))
-    numpy = routed + np.asarray(ref[:, k]) @ np.asarray(kernels.moe.shared_dense(shared.down)).T
+    numpy = routed + np.asarray(ref[:, k]) @ np.asarray(kernels.shared.shared_dense(shared.down)).T
     assert np.abs(np.asarray(y) - numpy).max() <= 1e-5 * np.abs(numpy).max()
 
 
@@ -485,7 +485,7 @@ def test_folded_shared_expert_equals_the_modules(path, dtype, monkeypatch):
 
     monkeypatch.setattr(kernels.dispatch, "run", counting(kernels.dispatch.run, launches))
     monkeypatch.setattr(SharedExpert, "_build_fold", counting(SharedExpert._build_fold, built, "fold"))
-    monkeypatch.setattr(kernels.moe, "shared_packed", counting(kernels.moe.shared_packed, packed, "pack"))
+    monkeypatch.setattr(kernels.shared, "shared_packed", counting(kernels.shared.shared_packed, packed, "pack"))
     # several decode steps: each runs the two decode kernels alone, and the shared expert's
     # fold is built (and its weights packed and checked) on the first one only
     for step, (idx, w) in enumerate([([0, 3, 5, 2], [0.4, 0.9, 1.2, 0.3]),

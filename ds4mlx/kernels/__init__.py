@@ -5,6 +5,7 @@
   check of :mod:`.check`) and the one launch site.
 - :mod:`.source`: the Metal sources with the constants they share with Python defined in.
 - :mod:`.moe`: dequantization and the routed-expert kernels.
+- :mod:`.shared`: the shared expert as the decode MoE kernels take it (folded in).
 - :mod:`.experts`: the call sites of the expert modules (which kernels serve a layer's experts).
 - :mod:`.matvec`: products of one weight: the dense GGUF projection (``GGUFLinear``'s call
   site) and ``shared_down``.
@@ -26,10 +27,11 @@ from .dispatch import (ATTENTION, BACKENDS, GRID_SYNC, HC_PRE, INDEXER, KERNEL_F
 from .hyper import hc_pre, hc_pre_ops
 from .matvec import gguf_matmul, matmul_ops, shared_down, shared_down_ops, shared_down_serves
 from .router import Route
-from .moe import (Packed, QuantWeight, Shared, dequantize, dequantize_ops, gather_qmm_native,
+from .moe import (Packed, QuantWeight, dequantize, dequantize_ops, gather_qmm_native,
                   gather_qmm_native_ops, moe_down, moe_down_ops, moe_gate_up, moe_gate_up_ops,
                   moe_gate_up_routed, moe_gate_up_routed_ops, switch_matmul_ops, unpack_weight,
                   variant_name)
+from .shared import Shared, SharedWeight
 from .experts import gguf_switch_matmul, moe_experts, moe_experts_shared
 from . import check  # installs the first-use check in dispatch
 
@@ -37,7 +39,7 @@ __all__ = [
     "check",
     "ATTENTION", "BACKENDS", "GRID_SYNC", "HC_PRE", "INDEXER", "KERNEL_FORMATS", "NAMED_VARIANTS",
     "ROPE_ROWS",
-    "ROUTER", "SHARED_DOWN", "KernelInputError", "Packed", "QuantWeight", "Shared", "backend", "dequantize",
+    "ROUTER", "SHARED_DOWN", "KernelInputError", "Packed", "QuantWeight", "Shared", "SharedWeight", "backend", "dequantize",
     "dequantize_ops", "disable", "disabled", "enable", "enabled", "gather_qmm_native",
     "gather_qmm_native_ops", "gguf_matmul", "gguf_switch_matmul", "hc_pre", "hc_pre_ops",
     "matmul_ops", "moe_down", "moe_down_ops", "moe_experts", "moe_experts_shared", "moe_gate_up", "moe_gate_up_ops",

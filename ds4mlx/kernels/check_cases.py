@@ -15,11 +15,12 @@ import mlx.core as mx
 import numpy as np
 
 from ..quant import gguf as gguf_formats
+from ..quant.gguf import q8_0
 from ..quant.codecs import MX_GROUP
-from . import dispatch, grid, hyper, matvec, moe, router
+from . import dispatch, grid, hyper, matvec, moe, router, shared
 from .source import ROUTE_MAX_K, dtype_name
 
-CHECK_VERSION = 8  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 9  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -200,30 +201,75 @@ def _moe_cases(spec: Spec) -> list[Case]:
     return out
 
 
+# The shared-expert layouts the check folds into each routed variant's decode kernels (one
+# per layout of kernels/shared.py): the name of its cases and of shared_weight's recipe.
+SHARED_CASES = ("Q8_0", "mxfp8", "affine8 float16 (Q8_0 as loaded)",
+                "affine8 float32 (any biases)", "affine8 bfloat16 (any biases)")
+
+
+def shared_weight(recipe: str, rows: int, k_in: int, seed: int, dt: mx.Dtype) -> shared.SharedWeight:
+    """A shared-expert part ``[rows, k_in]`` of random weights in ``recipe`` (one of
+    ``SHARED_CASES``, or a float dtype name: rows in ``dt``), quantized by the format's own
+    quantizer: Q8_0 blocks (and their affine view, quant/gguf/q8_0.to_mlx_affine8, as GGUF
+    files load), ``mx.quantize`` for affine (its biases: not -128 scales); mxfp8: random codes
+    and scales (each E4M3 code, subnormals included)."""
+    x = np.random.default_rng(seed).standard_normal((rows, k_in)).astype(np.float32) * 0.02
+    if recipe == "Q8_0" or recipe.startswith("affine8 float16"):
+        blocks = random_experts("Q8_0", 1, rows, k_in, seed)[0]
+        if recipe == "Q8_0":
+            return shared.SharedWeight(blocks, "Q8_0")
+        return shared.SharedWeight(*_q8_affine(blocks, mx.float16))
+    if recipe == "mxfp8":
+        w, s = _mxfp8_codes(np.random.default_rng(seed), rows, k_in)
+        return shared.SharedWeight(w, "mxfp8", s)
+    if recipe.startswith("affine8"):
+        src = mx.array(x).astype(mx.bfloat16 if "bfloat16" in recipe else mx.float32)
+        w, s, b = mx.quantize(src, group_size=MX_GROUP, bits=8, mode="affine")
+        return shared.SharedWeight(w, "affine8", s, b)
+    return shared.SharedWeight(mx.array(x).astype(dt), recipe)
+
+
+def _mxfp8_codes(rng: np.random.Generator, rows: int, k_in: int) -> tuple[mx.array, mx.array]:
+    """MLX mxfp8 (weight, scales) of every finite E4M3 code: odd groups of 32 hold only
+    subnormals and the smallest normals (exponent field 0 or 1) under scales 2^7 larger, so
+    that they weigh in the products as much as the others; weights around 0.02."""
+    groups = k_in // MX_GROUP
+    low = (np.arange(groups) % 2 == 1)[None, :, None]
+    codes = rng.integers(0, 256, (rows, groups, MX_GROUP))
+    codes = np.where(low, codes & 0x8F, codes)  # exponent field 0..1 (bit 3: 0 or 1)
+    codes = np.where((codes & 0x7F) == 0x7F, codes ^ 1, codes)  # no NaN code
+    s = np.where(low[..., 0], rng.integers(124, 128, (rows, groups)),
+                 rng.integers(115, 119, (rows, groups)))
+    w = codes.astype(np.uint8).reshape(rows, k_in).view(np.uint32)
+    return mx.array(w), mx.array(s.astype(np.uint8))
+
+
+def _q8_affine(blocks: mx.array, scale_dtype: mx.Dtype) -> tuple:
+    w, s, b = q8_0.to_mlx_affine8(blocks, scale_dtype)
+    return w, "affine8", s, b
+
+
 def _shared_fold_cases(v: str, fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, w2,
                        x_scale: float) -> list[Case]:
     """The decode kernels with the shared expert as one more slot, in each format it may take
-    (moe.SHARED_FORMATS, and float rows in the activation dtype): one token, k ids."""
+    (``SHARED_CASES``: shared.SHARED_FORMATS in each of their layouts, and float rows in the
+    activation dtype): one token, k ids."""
     out = []
     kn = min(k, 7)
-    for sf in (dtype_name(dt), *moe.SHARED_FORMATS):
-        def weight(rows: int, k_in: int, seed: int) -> mx.array:
-            if sf in moe.SHARED_FORMATS:
-                return random_experts(sf, 1, rows, k_in, seed)[0]
-            return _acts((rows, k_in), seed, dt, 0.02)
+    for sf in (dtype_name(dt), *SHARED_CASES):
+        fold = shared.Shared(shared_weight(sf, 2 * _ROWS, _K_IN, 110, dt),
+                             shared_weight(sf, _DOWN_ROWS, _K_IN, 111, dt))
 
-        shared = moe.Shared((weight(2 * _ROWS, _K_IN, 110), sf), (weight(_DOWN_ROWS, _K_IN, 111), sf))
-
-        def gate_up(shared=shared):
+        def gate_up(fold=fold):
             x, idx = _acts((1, _K_IN), 112, dt, x_scale), _routes(1, kn, e, 113)
-            return ([moe.moe_gate_up(x, w1, w3, fmt, idx, 10.0, False, shared)],
-                    [moe.moe_gate_up_ops(x, w1, w3, fmt, idx, 10.0, shared)])
+            return ([moe.moe_gate_up(x, w1, w3, fmt, idx, 10.0, False, fold)],
+                    [moe.moe_gate_up_ops(x, w1, w3, fmt, idx, 10.0, fold)])
 
-        def down(shared=shared):
+        def down(fold=fold):
             mid, idx = _acts((1, kn + 1, _K_IN), 114, mx.float32, 4.0), _routes(1, kn, e, 115)
             rw = mx.array(np.random.default_rng(116).uniform(0.1, 1.5, (1, kn)).astype(np.float32))
-            return ([moe.moe_down(mid, w2, fmt, idx, rw, dt, False, shared)],
-                    [moe.moe_down_ops(mid, w2, fmt, idx, rw, dt, shared)])
+            return ([moe.moe_down(mid, w2, fmt, idx, rw, dt, False, fold)],
+                    [moe.moe_down_ops(mid, w2, fmt, idx, rw, dt, fold)])
 
         out += [Case("moe_gate_up_decode + shared", f"shared {sf}, 1 token", gate_up),
                 Case("moe_down_decode + shared", f"shared {sf}, 1 token", down)]
@@ -235,8 +281,8 @@ def _routed_case(fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, x_scale: float,
     """moe_gate_up_decode selecting the token's experts itself (ROUTE), with the shared expert
     in the activation dtype as the model runs it: mid, ids and route weights against the
     router's twin and the gate/up twin (both sides sorted by expert id)."""
-    shared = moe.Shared((_acts((2 * _ROWS, _K_IN), 120, dt, 0.02), dtype_name(dt)),
-                        (_acts((_DOWN_ROWS, _ROWS), 121, dt, 0.02), dtype_name(dt)))
+    fold = shared.Shared((_acts((2 * _ROWS, _K_IN), 120, dt, 0.02), dtype_name(dt)),
+                         (_acts((_DOWN_ROWS, _ROWS), 121, dt, 0.02), dtype_name(dt)))
 
     def run():
         rng = np.random.default_rng(e + k)
@@ -244,8 +290,8 @@ def _routed_case(fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, x_scale: float,
         route = router.Route(mx.array((rng.standard_normal((1, e)) * 4).astype(np.float32)),
                              mx.array((rng.standard_normal(e) * 0.1).astype(np.float32)),
                              k, renormalize, 1.5)
-        return (_routed_by_id(*moe.moe_gate_up_routed(x, w1, w3, fmt, route, 10.0, shared)),
-                _routed_by_id(*moe.moe_gate_up_routed_ops(x, w1, w3, fmt, route, 10.0, shared)))
+        return (_routed_by_id(*moe.moe_gate_up_routed(x, w1, w3, fmt, route, 10.0, fold)),
+                _routed_by_id(*moe.moe_gate_up_routed_ops(x, w1, w3, fmt, route, 10.0, fold)))
 
     return Case("moe_gate_up_decode + route", f"top-{k} of {e} picked in the kernel, shared "
                 f"{dtype_name(dt)}", run)

@@ -7,9 +7,10 @@ the pair ``(weight uint32 [E, rows, K/8], scales uint8 [E, rows, K/32])`` of MLX
 mode (official FP4 experts, and GGUF MXFP4 after its nibble reorder).
 
 The decode kernels can also take the layer's shared expert (same input x) as one more slot of
-each token, in its own format (``SHARED_FORMATS``: float rows in the activation dtype, or
-Q8_0 blocks): its gate | up rows in ``moe_gate_up_decode``, its down rows summed at weight 1 in
-``moe_down_decode``, so a decode step runs no separate shared-expert launches.
+each token, in its own format (:mod:`.shared`: float rows in the activation dtype, Q8_0
+blocks, MLX mxfp8 or affine 8-bit): its gate | up rows in ``moe_gate_up_decode``, its down rows
+summed at weight 1 in ``moe_down_decode``, so a decode step runs no separate shared-expert
+launches.
 
 Entry points (kernel | ops twin): :func:`dequantize`, :func:`moe_gate_up` (and
 :func:`moe_gate_up_routed`, the router's selection made in the kernel), :func:`moe_down`,
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Union
+from typing import Protocol, Union
 
 import mlx.core as mx
 import numpy as np
@@ -31,9 +32,8 @@ from ..quant.codecs import MX_GROUP
 from . import dispatch
 from .dispatch import KERNEL_FORMATS, KernelInputError, ceil_div, device_array
 from .router import Route
-from .source import (DECODE_ROWS, DECODE_ROWS_PER_TG, DECODE_THREADS, DENSE_LAYOUT,
-                     DOWN_SIMDGROUPS, GGUF_MXFP4, LAYOUT, MLX_MXFP4, TILE, TILE_THREADS,
-                     dtype_name)
+from .source import (DECODE_ROWS, DECODE_ROWS_PER_TG, DECODE_THREADS, DOWN_SIMDGROUPS,
+                     GGUF_MXFP4, LAYOUT, MLX_MXFP4, TILE, TILE_THREADS)
 
 QuantWeight = Union[mx.array, tuple]
 
@@ -51,13 +51,30 @@ class Packed:
     fmt: str  # format name
     layout: int  # DS4_* id of metal/quant.h
     q: mx.array  # packed bytes, uint8 [..., rows, row_bytes]
-    s: mx.array  # MLX mxfp4 scales [..., rows, K/32], else a dummy
+    s: mx.array  # MLX mxfp4 / mxfp8 scales [..., rows, K/32], affine's as bytes, else a dummy
     k: int  # inputs per row
+    b: mx.array | None = None  # an affine layout's biases as bytes (shape of s); else s
+
+    def __post_init__(self):
+        if self.b is None:
+            object.__setattr__(self, "b", self.s)
 
 
 def variant_name(p: Packed) -> str:
     """The check's name of a weight layout: the format, ``MXFP4-mlx`` for MLX mxfp4 pairs."""
     return "MXFP4-mlx" if p.layout == MLX_MXFP4 else p.fmt
+
+
+class Shared(Protocol):
+    """What the decode kernels and their twins need of a folded shared expert (the one
+    implementation, :class:`ds4mlx.kernels.shared.Shared`, lives above this module)."""
+
+    @property
+    def packed(self) -> tuple[Packed, Packed]:
+        """(gate | up ``[2F, K]``, down ``[D, F]``) as the kernels read them."""
+
+    def dense(self, part: int) -> mx.array:
+        """Float32 rows of part 0 (gate | up) or 1 (down): the twins' exact dequantization."""
 
 
 def unpack_weight(w: QuantWeight, fmt: str, name: str = "w") -> Packed:
@@ -108,62 +125,10 @@ def _gguf_format(name: str):
     return _formats.get(name)
 
 
-# GGUF formats a folded shared expert may take (besides float rows in the activation dtype):
-# the ones the first-use check runs the folded kernels with (kernels/check.py).
-SHARED_FORMATS = ("Q8_0",)
-
-
-@dataclass(frozen=True)
-class Shared:
-    """The layer's shared expert as the decode kernels take it: its gate | up rows ``[2F, K]``
-    and its down rows ``[D, F]``, each ``(weight, fmt)``: GGUF blocks ``uint8 [rows, bytes]``
-    with ``fmt`` a GGUF name, or float rows with ``fmt`` their dtype name (``"bfloat16"``)."""
-
-    gate_up: tuple[mx.array, str]
-    down: tuple[mx.array, str]
-
-    @functools.cached_property
-    def packed(self) -> tuple[Packed, Packed]:
-        """(gate | up, down) as the kernels read them, checked once per Shared (the model
-        builds one per layer)."""
-        return (shared_packed(*self.gate_up, "shared.gate_up"),
-                shared_packed(*self.down, "shared.down"))
-
-
-def shared_packed(w: mx.array, fmt: str, name: str) -> Packed:
-    """A shared-expert weight (float rows or GGUF blocks ``[rows, ·]``) as the kernels read it."""
-    if fmt in DENSE_LAYOUT:
-        if w.ndim != 2 or dtype_name(w.dtype) != fmt:
-            raise KernelInputError(f"{name}: expected {fmt} rows [rows, K], got {w.dtype}"
-                                   f"{tuple(w.shape)}")
-        return Packed(fmt, DENSE_LAYOUT[fmt], mx.view(w, mx.uint8), _no_scales(), w.shape[1])
-    p = unpack_weight(w, fmt, name)
-    if p.layout == MLX_MXFP4 or p.q.ndim != 2:
-        raise KernelInputError(f"{name}: expected GGUF blocks [rows, bytes], got {tuple(p.q.shape)}")
-    return p
-
-
-def shared_dense(weight: tuple[mx.array, str]) -> mx.array:
-    """Float32 rows of a shared-expert weight ``(w, fmt)`` (the ops twins' dequantization)."""
-    w, fmt = weight
-    return w.astype(mx.float32) if fmt in DENSE_LAYOUT else dequantize_ops(w, fmt)
-
-
-def shared_folds(shared: Shared, dtype: mx.Dtype) -> bool:
-    """Whether the decode kernels take ``shared`` with activations in ``dtype``: each part in
-    float rows of that dtype or in one of ``SHARED_FORMATS`` (the pairs the first-use check
-    covers), K a multiple of the kernels' 32-wide pieces."""
-    for w, fmt in (shared.gate_up, shared.down):
-        if not (fmt == dtype_name(dtype) or fmt in SHARED_FORMATS) or w.ndim != 2:
-            return False
-        if fmt in DENSE_LAYOUT and (w.shape[1] % 32 or dtype_name(w.dtype) != fmt):
-            return False
-    return True
-
-
 def _check_shared(shared: Shared | None, part: int, rows: int, k_in: int) -> Packed | None:
     """The Packed shared-expert weight of ``part`` (0: gate | up [rows, k_in], 1: down),
-    checked against the routed experts' dims."""
+    checked against the routed experts' dims (``shared``: a :class:`.shared.Shared`, which
+    packs and dequantizes its parts itself: this module does not import it)."""
     if shared is None:
         return None
     p = shared.packed[part]
@@ -321,7 +286,7 @@ def moe_gate_up_ops(x: mx.array, w1: QuantWeight, w3: QuantWeight, fmt: str, ind
     mid = _ops.clamped_swiglu(g, u, limit or 0.0)
     if shared is None:
         return mid
-    gu = x.astype(mx.float32) @ shared_dense(shared.gate_up).T
+    gu = x.astype(mx.float32) @ shared.dense(0).T
     f = gu.shape[-1] // 2
     own = _ops.clamped_swiglu(gu[:, :f], gu[:, f:], limit or 0.0)
     return mx.concatenate([mid, own[:, None, :]], axis=1)
@@ -336,7 +301,7 @@ def moe_down_ops(mid: mx.array, w2: QuantWeight, fmt: str, indices: mx.array, we
     y = _expert_rows_ops(rows, w2, fmt, indices.reshape(-1)).reshape(n, k, -1)
     out = mx.sum(weights.astype(mx.float32)[..., None] * y, axis=1)
     if shared is not None:
-        out = out + mid[:, k].astype(mx.float32) @ shared_dense(shared.down).T
+        out = out + mid[:, k].astype(mx.float32) @ shared.dense(1).T
     return out.astype(out_dtype)
 
 
@@ -432,6 +397,7 @@ def _gate_up_decode(x: mx.array, p1: Packed, p3: Packed, ps: Packed | None, idx:
         "moe.metal", "moe_gate_up_decode",
         {"x": x, "w1": p1.q, "s1": device_array(p1.s), "w3": p3.q, "s3": device_array(p3.s),
          "idx": _placeholder(mx.uint32) if idx is None else idx, "ws": ws.q, "ss": device_array(ws.s),
+         "sb": device_array(ws.b),
          "logits": _placeholder(mx.float32) if route is None else device_array(route.logits.astype(mx.float32)),
          "bias": _placeholder(mx.float32) if route is None else device_array(route.bias.astype(mx.float32)),
          "F": f, "K": p1.k, "k": k, "E": e, "limit": float(limit or 0.0),
@@ -528,7 +494,8 @@ def _down_kernel(mid: mx.array, p2: Packed, d: int, indices: mx.array, weights: 
     ws = ps or p2
     (y,) = dispatch.run("moe.metal", "moe_down_decode",
                         {"mid": rows, "w2": p2.q, "s2": device_array(p2.s), "idx": idx, "rw": rw,
-                         "ws": ws.q, "ss": device_array(ws.s), "D": d, "F": f, "k": k,
+                         "ws": ws.q, "ss": device_array(ws.s), "sb": device_array(ws.b),
+                         "D": d, "F": f, "k": k,
                          "E": p2.q.shape[0]},
                         {"y": ((n, d), out_dtype)},
                         grid=(ceil_div(d, DECODE_ROWS) * 32 * DOWN_SIMDGROUPS, n, 1),

@@ -24,6 +24,10 @@ LAYOUT = {"Q8_0": 0, "Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3}
 MLX_MXFP4, GGUF_MXFP4 = 4, 5
 # Float rows the decode kernels read beside packed experts (a folded shared expert), by dtype_name
 DENSE_LAYOUT = {"float32": 6, "float16": 7, "bfloat16": 8}
+# MLX's quantized modes a folded shared expert may take: mxfp8, and affine 8-bit group 32 by the
+# dtype_name of its scales and biases (metal/mxfp8.h, metal/affine8.h)
+MLX_MXFP8 = 9
+AFFINE8_LAYOUT = {"float32": 10, "float16": 11, "bfloat16": 12}
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
@@ -63,7 +67,9 @@ def defines() -> str:
     values = {f"DS4_{name}": v for name, v in LAYOUT.items()}
     values.update(DS4_MXFP4=MLX_MXFP4, DS4_MXFP4_GGUF=GGUF_MXFP4)
     values.update(DS4_F32=DENSE_LAYOUT["float32"], DS4_F16=DENSE_LAYOUT["float16"],
-                  DS4_BF16=DENSE_LAYOUT["bfloat16"])
+                  DS4_BF16=DENSE_LAYOUT["bfloat16"], DS4_MXFP8=MLX_MXFP8,
+                  DS4_AFF8_F32=AFFINE8_LAYOUT["float32"], DS4_AFF8_F16=AFFINE8_LAYOUT["float16"],
+                  DS4_AFF8_BF16=AFFINE8_LAYOUT["bfloat16"])
     for name in KERNEL_FORMATS:
         block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
         values[f"DS4_{name}_BLOCK"], values[f"DS4_{name}_BYTES"] = block, nbytes

@@ -104,12 +104,17 @@ class RoutedExperts(nn.Module):
         self.w2 = SwitchLinear(f, d, e, bias=False)
         self.limit = config.swiglu_limit
 
-    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        """x [N, D], idx/weights [N, k] → Σ_j weights_j · down_j(mid_j), [N, D]."""
+    def __call__(self, x: mx.array, idx: mx.array | None, weights: mx.array | None,
+                 route: Route | None = None) -> mx.array:
+        """x [N, D], idx/weights [N, k] → Σ_j weights_j · down_j(mid_j), [N, D]. ``route``
+        instead of idx / weights (one token): the selection left to the decode kernel."""
         if kernels.dispatch.backend() != "ops":  # under "ops" no kernel serves: skip the weight checks
-            fused = kernels.moe_experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit)
+            fused = kernels.moe_experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit,
+                                        route)
             if fused is not None:  # Metal (or emulated) kernels on the packed blocks
                 return fused
+        if route is not None:
+            idx, weights = route.select()
         n, k = idx.shape
         if n == 1 and all(type(m) is QuantizedSwitchLinear and "bias" not in m and m.get("biases") is None
                           for m in (self.w1, self.w3, self.w2)):
@@ -193,7 +198,8 @@ class SharedExpert(nn.Module):
     def fold_weights(self) -> kernels.Shared | None:
         """Its weights as the decode MoE kernels take them (gate | up merged, down), so that
         one decoded token runs it inside the routed experts' launches; None when its
-        projections are not plain float or GGUF ones (quantized, biased, wrapped).
+        projections are not plain float, GGUF, or MLX mxfp8 / affine 8-bit group 32 ones
+        (other quantizations, biased, wrapped).
 
         Built once: the weights are fixed after load. Only replacing a projection module
         (the imatrix recorder wraps them) builds it again."""
@@ -205,18 +211,12 @@ class SharedExpert(nn.Module):
         return fold
 
     def _build_fold(self) -> kernels.Shared | None:
+        # gate | up: the merged rows (MergedLinear concatenated them once at load, weights,
+        # scales and biases alike, and the modules keep views: nothing held twice)
         w13 = self.merge_projections()
-        if not w13.merged or w13.kind[0] not in ("dense", "gguf"):
-            return None
-        down = self.w2
-        if type(down) is nn.Linear and "bias" not in down:
-            dw = (down.weight, dtype_name(down.weight.dtype))
-        elif type(down) is GGUFLinear:
-            dw = (down.weight, down.type_name)
-        else:
-            return None
-        gu = w13.whole["weight"]
-        return kernels.Shared((gu, dtype_name(gu.dtype) if w13.kind[0] == "dense" else w13.kind[1]), dw)
+        gu = _fold_part(w13.modules[0], w13.whole) if w13.merged else None
+        dw = _fold_part(self.w2)
+        return None if gu is None or dw is None else kernels.Shared(gu, dw)
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         """The shared expert of ``x [N, D]``, plus ``add`` (the routed experts' sum) if given."""
@@ -228,6 +228,24 @@ class SharedExpert(nn.Module):
         gate, up = w13(x)
         y = self.w2(_swiglu_as(x.dtype)(gate, up, self.limit))
         return y if add is None else add + y
+
+
+def _fold_part(m: nn.Module, leaves: dict | None = None) -> kernels.SharedWeight | None:
+    """A projection's weight as the decode kernels take a shared-expert part (``leaves``:
+    its arrays, the merged ones of gate | up), None if they do not."""
+    if "bias" in m:
+        return None
+    leaves = leaves or {k: m.get(k) for k in ("weight", "scales", "biases")}
+    w = leaves["weight"]
+    if type(m) is nn.Linear:
+        return kernels.SharedWeight(w, dtype_name(w.dtype))
+    if type(m) is GGUFLinear:
+        return kernels.SharedWeight(w, m.type_name)
+    if isinstance(m, nn.QuantizedLinear):  # ours (layers.QuantizedLinear) and mlx's
+        fmt = kernels.shared.mlx_mode(m.group_size, m.bits, m.mode)
+        if fmt is not None:
+            return kernels.SharedWeight(w, fmt, leaves["scales"], leaves.get("biases"))
+    return None
 
 
 class MoE(nn.Module):
@@ -248,14 +266,13 @@ class MoE(nn.Module):
             folded = self._folded(flat, None, None, route)
             if folded is not None:
                 return folded.reshape(shape)
-            idx, w = route.select()
-        else:
-            idx, w = self.gate(xr, token_ids.reshape(-1))
-            folded = self._folded(flat, idx, w)
-            if folded is not None:
-                return folded.reshape(shape)
-        y = self.shared_experts(flat, add=self.experts(flat, idx, w))
-        return y.reshape(shape)
+            # the shared expert apart; the routed experts' kernel still selects (no router launch)
+            return self.shared_experts(flat, add=self.experts(flat, None, None, route)).reshape(shape)
+        idx, w = self.gate(xr, token_ids.reshape(-1))
+        folded = self._folded(flat, idx, w)
+        if folded is not None:
+            return folded.reshape(shape)
+        return self.shared_experts(flat, add=self.experts(flat, idx, w)).reshape(shape)
 
     def _folded(self, x: mx.array, idx: mx.array | None, w: mx.array | None,
                 route: Route | None = None) -> mx.array | None:

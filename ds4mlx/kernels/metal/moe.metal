@@ -22,12 +22,14 @@ METAL_FUNC float ds4_nan() { return as_type<float>(0x7fc00000u); }
 
 // acc[r] += W_a[ra + r] . x and, when NW = 2, acc[DS4_ROWS + r] += W_b[rb + r] . x for
 // r < nrows, over this lane's 32-wide pieces of x [K] (lane t of nt): the activations are
-// read and prepared once for all the rows.
+// read and prepared once for all the rows. ba / bb: the rows' biases (an affine layout's,
+// at the scales' offsets; the other layouts ignore them: pass the scales).
 template <int F, int NW, typename XT>
-METAL_FUNC void ds4_dot_rows(const device XT* x, uint K, uint t, uint nt,
-                             const device uint8_t* wa, const device uint8_t* sa, ulong ra,
-                             const device uint8_t* wb, const device uint8_t* sb, ulong rb,
-                             uint nrows, threadgroup const uint* tab, thread float* acc) {
+METAL_FUNC void ds4_dot_rows_b(const device XT* x, uint K, uint t, uint nt,
+                               const device uint8_t* wa, const device uint8_t* sa,
+                               const device uint8_t* ba, ulong ra, const device uint8_t* wb,
+                               const device uint8_t* sb, const device uint8_t* bb, ulong rb,
+                               uint nrows, threadgroup const uint* tab, thread float* acc) {
   ulong rbytes = QFmt<F>::row_bytes(K);
   ulong sbytes = QFmt<F>::scale_bytes(K);
   for (uint c = t * 32; c < K; c += nt * 32) {
@@ -38,12 +40,22 @@ METAL_FUNC void ds4_dot_rows(const device XT* x, uint K, uint t, uint nt,
     QFmt<F>::prep(c, xs);
     for (uint r = 0; r < uint(DS4_ROWS); ++r) {
       if (r >= nrows) break;
-      acc[r] += QFmt<F>::dot32(wa + (ra + r) * rbytes, sa + (ra + r) * sbytes, c, xs, tab);
+      acc[r] += ds4_qdot<F>::dot(wa + (ra + r) * rbytes, sa + (ra + r) * sbytes,
+                                 ba + (ra + r) * sbytes, c, xs, tab);
       if (NW == 2)
-        acc[DS4_ROWS + r] +=
-            QFmt<F>::dot32(wb + (rb + r) * rbytes, sb + (rb + r) * sbytes, c, xs, tab);
+        acc[DS4_ROWS + r] += ds4_qdot<F>::dot(wb + (rb + r) * rbytes, sb + (rb + r) * sbytes,
+                                              bb + (rb + r) * sbytes, c, xs, tab);
     }
   }
+}
+
+// ds4_dot_rows_b for the layouts without biases.
+template <int F, int NW, typename XT>
+METAL_FUNC void ds4_dot_rows(const device XT* x, uint K, uint t, uint nt,
+                             const device uint8_t* wa, const device uint8_t* sa, ulong ra,
+                             const device uint8_t* wb, const device uint8_t* sb, ulong rb,
+                             uint nrows, threadgroup const uint* tab, thread float* acc) {
+  ds4_dot_rows_b<F, NW, XT>(x, K, t, nt, wa, sa, sa, ra, wb, sb, sb, rb, nrows, tab, acc);
 }
 
 // silu(min(g, limit)) * clip(u, -limit, limit); limit <= 0 means no clamp.
@@ -72,8 +84,8 @@ for (int i = 0; i < 8; ++i) out[ulong(row) * uint(K) + piece * 8 + i] = v[i];
 
 // @kernel moe_gate_up_decode
 // x [N, K] (T), w1/w3 [E, F, .] with scales s1/s3, idx [N * k] uint32; with SHARED, the shared
-// expert ws [2F, .] in format SFMT (gate rows, then up rows; scales ss) rides along as slot k of
-// each token. -> mid [N * kk, F] float32 = swiglu(W1 x, W3 x), kk = k + SHARED, pair
+// expert ws [2F, .] in format SFMT (gate rows, then up rows; scales ss, biases sb: an affine
+// layout's, else the scales again) rides along as slot k of each token. -> mid [N * kk, F] float32 = swiglu(W1 x, W3 x), kk = k + SHARED, pair
 // p = token * kk + slot. Grid (ceil(F / (ROWS * SIMDGROUPS)) * 32 * SIMDGROUPS, N * kk),
 // threadgroup (32 * SIMDGROUPS, 1, 1).
 // ROUTE: the router's selection in the kernel instead of idx: logits [N, RE] float32 (RE = E)
@@ -122,8 +134,8 @@ if (slot < uint(k)) {
   }
 } else {
   threadgroup const uint* sp = SFMT == FMT ? tab : stab;
-  ds4_dot_rows<SFMT, 2>(xt, uint(K), lane, 32, ws, ss, ulong(row0), ws, ss,
-                        ulong(F) + row0, nrows, sp, acc);
+  ds4_dot_rows_b<SFMT, 2>(xt, uint(K), lane, 32, ws, ss, sb, ulong(row0), ws, ss, sb,
+                          ulong(F) + row0, nrows, sp, acc);
 }
 for (int r = 0; r < DS4_ROWS; ++r) {
   float gs = simd_sum(acc[r]);
@@ -137,7 +149,8 @@ for (int r = 0; r < DS4_ROWS; ++r) {
 
 // @kernel moe_down_decode
 // mid [N * kk, F] float32 (kk = k + SHARED), w2 [E, D, .] with scales s2, idx/rw [N * k]
-// (uint32 / float32); with SHARED, the shared expert's down ws [D, .] (SFMT, scales ss) takes
+// (uint32 / float32); with SHARED, the shared expert's down ws [D, .] (SFMT, scales ss, biases
+// sb) takes
 // slot k at weight 1. -> y [N, D] (OutT) = sum_j rw_j * W2[e_j] mid_j (+ Ws mid_k), in float32.
 // Grid (ceil(D / ROWS) * 32 * DOWN_SG, N), threadgroup (32 * DOWN_SG, 1, 1): the DOWN_SG
 // simdgroups of a threadgroup share its ROWS rows and split the token's slots (simdgroup s
@@ -175,7 +188,8 @@ for (uint j = sg; j < kk; j += DS4_DOWN_SG) {  // uniform over the simdgroup
                          nrows, tab, dot);
   } else {
     threadgroup const uint* sp = SFMT == FMT ? tab : stab;
-    ds4_dot_rows<SFMT, 1>(m, uint(F), lane, 32, ws, ss, ulong(row0), ws, ss, 0, nrows, sp, dot);
+    ds4_dot_rows_b<SFMT, 1>(m, uint(F), lane, 32, ws, ss, sb, ulong(row0), ws, ss, sb, 0, nrows,
+                            sp, dot);
   }
   for (int r = 0; r < DS4_ROWS; ++r) acc[r] += weight * simd_sum(dot[r]);
 }

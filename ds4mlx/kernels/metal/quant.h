@@ -20,6 +20,8 @@
 //                                in place as the format wants them, xs[32..33] their sums; done
 //                                once per 32 activations for all the rows that meet them;
 //   QFmt<F>::dot32(w, s, e, xs, tab) = sum_i W[e + i] x[e + i] for the row at w.
+// The kernels call it through ds4_qdot<F>::dot(w, s, b, e, xs, tab): b is the row's biases
+// (MLX affine, affine8.h: its QFmt has dot32b instead), which the other layouts ignore.
 // The summation order differs from the ops twin's (which dequantizes, then multiplies): scale
 // and min come out of the sum. In float32 that moves a result by a few ulp of the sum of |w x|
 // (the tests allow 1e-5 of the largest output).
@@ -27,15 +29,26 @@
 // Defined from Python (ds4mlx/kernels/source.py, the one home of each value): the layout ids
 // DS4_Q8_0, DS4_Q4_K, DS4_Q2_K, DS4_IQ2_XXS, DS4_MXFP4 (MLX mxfp4: uint32 codes + separate
 // E8M0 scales), DS4_MXFP4_GGUF (GGUF MXFP4 blocks), DS4_F32 / DS4_F16 / DS4_BF16 (float rows),
+// and, for a folded shared expert only, DS4_MXFP8 (MLX mxfp8) and DS4_AFF8_F32 / _F16 / _BF16
+// (MLX affine 8-bit, group 32, by the dtype of its scales and biases),
 // and per GGUF format DS4_<F>_BLOCK weights in DS4_<F>_BYTES bytes (gguf.GGML_QUANT_SIZES).
 // Row offsets are 64-bit: a stack of experts passes 2^32 bytes.
 //
 // Alignment of the wide loads (MLX buffers start 16-byte aligned, rows are whole blocks): Q8_0
 // (34-byte blocks) and IQ2_XXS (66) are 2-byte aligned: 16-bit loads; Q4_K (144) 16, Q2_K (84)
-// 4, MLX mxfp4 words 4: 32-bit loads; GGUF MXFP4 (17) is byte aligned: byte loads.
+// 4, MLX mxfp4 / mxfp8 / affine words 4: 32-bit loads; GGUF MXFP4 (17) is byte aligned: byte
+// loads.
 #pragma once
 
 template <int F> struct QFmt;
+
+// The dot of one row's 32 weights; specialized for the layouts with biases (affine8.h).
+template <int F> struct ds4_qdot {
+  static float dot(const device uint8_t* w, const device uint8_t* s, const device uint8_t*,
+                   uint e, thread const float* xs, threadgroup const uint* tab) {
+    return QFmt<F>::dot32(w, s, e, xs, tab);
+  }
+};
 
 METAL_FUNC float ds4_half_at(const device uint8_t* p) {
   return float(as_type<half>(ushort(uint(p[0]) | (uint(p[1]) << 8))));
@@ -75,3 +88,5 @@ METAL_FUNC void ds4_scale_byte_lanes(thread float* xs, float f) {
 #include "mxfp4.h"
 #include "mxfp4_gguf.h"
 #include "dense.h"
+#include "mxfp8.h"
+#include "affine8.h"
