@@ -294,7 +294,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         check_free_space(partial, total - done)
         bar = Progress(total, done, f"convert → {output.name}", progress)
         writer = None
-        # every shard is checked on a thread: a kept one re-read from disk, a new one as it is written
+        # kept shards are checked on a thread (header, and their CRCs where an older journal has
+        # them); new ones as they are written (ShardWriter), and with --verify-disk re-read
         from concurrent.futures import ThreadPoolExecutor
 
         verifier = ThreadPoolExecutor(2, thread_name_prefix="convert-verify")
@@ -305,7 +306,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
                 if name in state["done"]:
                     continue
                 writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries, verify=verify)
-                checks.append(verifier.submit(verify_written, writer))  # done as the writer finishes
+                if verify == "disk":
+                    checks.append(verifier.submit(verify_written, writer))  # done as the writer finishes
                 for tensor, chunks in split_tensors(read_ahead(tensor_chunks(shard_units), depth=4)):
                     writer.write_tensor(tensor, bar.track(chunks))
                 crcs = writer.finish()
@@ -324,6 +326,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
                 where = f"{len(state['done'])} of {len(shards)} shards are kept in {partial}: rerun with --resume to continue, or delete it"
             if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
                 raise ConvertError(f"{err}; {where}") from exc
+            if isinstance(exc, mlx_dir.MLXDirError):  # a shard failed its verification
+                raise ConvertError(f"{exc}; {where}") from None
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, SIGTERM (console.Terminated)
                 print(f"\nconversion interrupted; {where}", file=sys.stderr)
             raise
@@ -364,11 +368,17 @@ def verify_written(writer: mlx_dir.ShardWriter) -> None:
 
 
 def verify_shard(path: Path, entries: list[tuple], crcs: dict[str, int]) -> None:
-    """Re-read one shard: header as planned, each tensor's bytes as written."""
+    """A kept shard (its size was checked): header as planned; each tensor's bytes against the
+    CRCs the journal lists, where it lists any (``--verify-disk``, older journals). A shard
+    written with ``verify="written"`` was compared byte for byte as it went to the disk and its
+    header and size read back before the journal listed it; a CRC pass over it now could only
+    catch a change by something else between the runs, not worth reading every byte again."""
     with SafetensorsFile(path) as st:
         got = [(n, st.info(n).dtype, st.info(n).shape) for n in st.keys()]
     if sorted(got) != sorted((n, d, tuple(s)) for n, d, s in entries):
         raise ConvertError(f"{path}: verification failed: the header does not match the plan")
+    if not crcs:
+        return
     on_disk = mlx_dir.file_crcs(path, [n for n, _, _ in entries])
     for tensor, crc in crcs.items():
         if on_disk.get(tensor) != crc:
