@@ -286,6 +286,41 @@ def test_read_pair_matches_separate_reads(tmp_path):
         read_pair(sw, s_before)
 
 
+def test_read_chunks_joins_to_the_tensor_and_checks_every_piece(tmp_path, monkeypatch):
+    """As-stored tensors are read in pieces (memory at a piece, not the tensor): the pieces join
+    to the stored bytes, and a NaN in any piece (the block-wise check) or a cut file is refused
+    by name; the count of bad values equals numpy's over the whole tensor."""
+    from ds4mlx.convert import plan
+    from ds4mlx.convert.options import ConvertError
+
+    monkeypatch.setattr(plan, "_CHECK_BLOCK", 1 << 12)  # several blocks per piece
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 0x7F00, (300, 1000), dtype=np.uint16)  # finite BF16 bit patterns
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"\0" * 24 + bits.tobytes())
+    s = plan.Stored(path, 24, "BF16", bits.shape, "x.weight")
+    pool = plan.BufferPool()
+    pieces = [c.copy() for c in plan.read_chunks(s, pool, chunk_bytes=100_001)]
+    assert len(pieces) == 6 and all(c.dtype == np.uint16 and c.nbytes <= 100_001 for c in pieces)
+    assert np.concatenate(pieces).tobytes() == bits.tobytes()
+    bad = bits.copy().reshape(-1)
+    bad[[7, 250_000, 299_999]] = [0x7F80, 0xFFC1, 0x7FFF]  # +Inf, a NaN, a NaN: in the first and last pieces
+    path.write_bytes(b"\0" * 24 + bad.tobytes())
+    want = int(np.count_nonzero((bad & 0x7F80) == 0x7F80))
+    assert want == 3
+    with pytest.raises(ConvertError, match=rf"'x.weight' holds {want} NaN") as e:
+        for _ in plan.read_chunks(plan.Stored(path, 24, "BF16", (bad.size,), "x.weight"), pool, chunk_bytes=bad.nbytes):
+            pass
+    assert "holds 3" in str(e.value)
+    with pytest.raises(ConvertError, match="'x.weight' holds 2 NaN"):  # in later pieces only
+        for _ in plan.read_chunks(plan.Stored(path, 24 + 2 * 100_000, "BF16", (200_000,), "x.weight"), pool,
+                                  chunk_bytes=100_000):
+            pass
+    path.write_bytes(b"\0" * 24 + bits.tobytes()[:150_000])
+    with pytest.raises(ConvertError, match="'x.weight'.*truncated"):
+        list(plan.read_chunks(s, pool, chunk_bytes=100_000))
+
+
 def test_buffer_pool_reuses_only_buffers_nothing_refers_to():
     import gc
     import sys

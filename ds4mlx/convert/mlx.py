@@ -28,7 +28,7 @@ from ..quant.mx import fp8_to_mxfp8
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
 from .plan import (BufferPool, Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights,
-                   read_pair, read_tensor, source_nbytes, stored)
+                   read_chunks, read_pair, read_tensor, source_nbytes, stored)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -106,7 +106,8 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
             produce = lambda: iter([(lw.path, [hash_table(ckpt, lw.names[0], k)])])  # noqa: E731
         else:
             shape = lead + lw.shape
-            produce = lambda: iter([(lw.path, (read_tensor(ckpt, n) for n in lw.names))])  # noqa: E731
+            produce = lambda: iter([(lw.path, (c for n in lw.names  # noqa: E731
+                                               for c in read_chunks(stored(ckpt, n), pool or BufferPool())))])
         t = [(lw.path, lw.dtype, shape)]
         return Unit(t, produce, src_bytes, _st_nbytes(lw.dtype, shape)), FLOAT
 
