@@ -24,7 +24,7 @@ from ..io.json_file import read_json_object
 from ..io.safetensors import DTYPES, SafetensorsFile
 from ..names import is_routed_expert, scale_name
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_shapes
-from ..quant.mx import fp8_to_mxfp8
+from ..quant.mx import fp8_to_mxfp8_np
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
 from .plan import (BufferPool, Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights,
@@ -127,9 +127,9 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
     def packed(name: str) -> tuple[np.ndarray, ...]:
         if fmt == MXFP4:  # official FP4 bytes are already MLX mxfp4 (quant/mx.fp4_to_mxfp4)
             return read_tensor(ckpt, name).view(np.uint8), read_tensor(ckpt, scale_name(name))
-        if fmt == MXFP8:
-            w, s = fp8_to_mxfp8(read_tensor(ckpt, name), read_tensor(ckpt, scale_name(name)), name)
-            return np.array(w), np.array(s)
+        if fmt == MXFP8:  # the weight's bytes as read (a view of a read buffer), scales spread
+            w, s = read_pair(stored(ckpt, name), stored(ckpt, scale_name(name)), pool)
+            return fp8_to_mxfp8_np(w, s, name)
         return _mx_affine(dequantize(ckpt, lw, name), fmt)
 
     def produce():
