@@ -297,7 +297,11 @@ def main(argv: list[str] | None = None) -> None:
               f"imports alone {base_rss / 2**20:.0f} MiB; largest output tensor {largest / 2**20:.0f} MiB")
         keys = ("buffered", "direct", "copy")
         figures: dict[str, list[float]] = {k: [] for k in keys + ("this", "base", "this_cpu", "base_cpu")}
-        out_bytes = 0
+        out_bytes, identical = 0, []
+
+        def remove(path: Path) -> None:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
         for r in range(args.rounds):
             # a disk figure, a conversion, another disk figure, ...: all in the same minutes
             figures["buffered"].append(disk_write_speed(work, args.disk_gb))
@@ -306,25 +310,28 @@ def main(argv: list[str] | None = None) -> None:
             figures["this_cpu"].append(cpu)
             out_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
             figures["direct"].append(disk_write_speed(work, args.disk_gb, direct=True))
-            copy, copy_read, copy_write = disk_copy_speed(work, src_bytes)
-            figures["copy"].append(copy)
-            disk = {k: figures[k][-1] for k in keys}
-            line = (f"[{r + 1}/{args.rounds}] this: {seconds:.2f} s, {rate(out_bytes / seconds)} of output, CPU {cpu:.1f} s, "
-                    f"peak RSS {rss / 2**20:.0f} MiB"
-                    + (f" (quantization workers {worker_rss / 2**20:.0f} MiB each at most)"
-                       if worker_rss and args.to == "gguf" and args.jobs != 1 else "")
-                    + f" | disk: {rate(disk['buffered'])} buffered write, {rate(disk['direct'])} direct write, "
-                    f"{rate(copy)} copy (read {rate(copy_read)} + write {rate(copy_write)} at once)")
+            base_line = ""
             if args.baseline is not None:
-                shutil.rmtree(b_out, ignore_errors=True) if b_out.is_dir() else b_out.unlink(missing_ok=True)
                 b_seconds, b_total, b_rss, _, b_cpu = run_convert(args.baseline.resolve(), work / "src", b_out, args, preset)
                 figures["base"].append(b_seconds)
                 figures["base_cpu"].append(b_cpu)
-                line += (f" | baseline: {b_seconds:.2f} s, {rate(out_bytes / b_seconds)}, CPU {b_cpu:.1f} s, "
-                         f"peak RSS {b_rss / 2**20:.0f} MiB")
-            print(line, flush=True)
-            if r + 1 < args.rounds:
-                shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+                identical.append(same_output(out, b_out))
+                base_line = (f" | baseline: {b_seconds:.2f} s, {rate(out_bytes / b_seconds)}, CPU {b_cpu:.1f} s, "
+                             f"peak RSS {b_rss / 2**20:.0f} MiB")
+            last = r + 1 == args.rounds
+            if not (args.keep and last):  # the copy test needs twice the source's size free
+                remove(out)
+                remove(b_out)
+            copy, copy_read, copy_write = disk_copy_speed(work, src_bytes)
+            figures["copy"].append(copy)
+            disk = {k: figures[k][-1] for k in keys}
+            print(f"[{r + 1}/{args.rounds}] this: {seconds:.2f} s, {rate(out_bytes / seconds)} of output, CPU {cpu:.1f} s, "
+                  f"peak RSS {rss / 2**20:.0f} MiB"
+                  + (f" (quantization workers {worker_rss / 2**20:.0f} MiB each at most)"
+                     if worker_rss and args.to == "gguf" and args.jobs != 1 else "")
+                  + f" | disk: {rate(disk['buffered'])} buffered write, {rate(disk['direct'])} direct write, "
+                  f"{rate(copy)} copy (read {rate(copy_read)} + write {rate(copy_write)} at once)" + base_line,
+                  flush=True)
 
         disk = {k: median(figures[k]) for k in keys}
         seconds, cpu = median(figures["this"]), median(figures["this_cpu"])
@@ -342,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{rate((src_bytes + out_bytes) / seconds)} together")
         if args.baseline is not None:
             b_seconds, b_cpu = median(figures["base"]), median(figures["base_cpu"])
-            print(f"outputs byte-identical to the baseline's: {same_output(out, b_out)}")
+            print(f"outputs byte-identical to the baseline's: {all(identical)} (every round compared)")
             b_ratios = " / ".join(f"{out_bytes / b_seconds / disk[k]:.2f}x" for k in keys)
             print(f"baseline {args.baseline}: {b_seconds:.2f} s, {rate(out_bytes / b_seconds)} of output "
                   f"({b_ratios} of buffered / direct / copy), CPU {b_cpu:.1f} s; this checkout is "
