@@ -13,9 +13,16 @@ The page cache is dropped first when the system allows it. A quantization-heavy 
 how ``--jobs`` scales: ``--to gguf --preset ds4-q4 --size-gb 0.1 --experts 32 --jobs 1`` (then 2).
 ``--baseline DIR`` runs the same conversion of the same source with another checkout of ds4mlx
 (e.g. main) right after, prints both and their ratio (on a shared machine, figures taken
-minutes apart are not comparable) and whether the two outputs are byte-identical. The disk's write speed is measured in the same run (a file
-of ``--disk-gb`` GB written and fsynced, through the page cache and past it with ``O_DIRECT``)
-and each conversion's output rate is reported as a fraction of both.
+minutes apart are not comparable) and whether the two outputs are byte-identical.
+
+The disk is measured in the same run, next to each conversion: a sequential write of
+``--disk-gb`` GB through the page cache (fsync included) and past it (``O_DIRECT``), and the
+disk's copy speed: an ``O_DIRECT`` read of a file of the source's size while another of the same
+size is written ``O_DIRECT`` (fsync included), bytes per second each way. A conversion reads its
+source from the same disk it writes, so where reads and writes share the disk's bandwidth the
+copy speed, not the write speed, is its ceiling; each conversion's output rate is reported as a
+fraction of all three. ``--rounds N`` repeats disk figures and conversions interleaved (the disk
+is noisy) and prints the medians.
 """
 
 from __future__ import annotations
@@ -152,6 +159,67 @@ def disk_write_speed(directory: Path, size_gb: float, direct: bool = False) -> f
     return n * len(block) / seconds
 
 
+def _direct_fd(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
+    except OSError:  # a file system without O_DIRECT (tmpfs): buffered
+        return os.open(path, flags, 0o644)
+
+
+def disk_copy_speed(directory: Path, nbytes: int) -> tuple[float, float, float]:
+    """(bytes/s each way, read bytes/s, write bytes/s) of the disk copying: a file of ``nbytes``
+    read sequentially past the page cache on one thread while another of the same size is
+    written past it (fsync included) on another, 8 MiB transfers as the converter's writer
+    makes. The rate each way is the size over the wall time of both together: a conversion
+    reads its source and writes its output on the same disk, and this is its ceiling."""
+    import mmap
+    import threading
+
+    block = 8 << 20
+    n = max(1, nbytes // block)
+    buf = mmap.mmap(-1, block)
+    buf.write(np.random.default_rng(2).integers(0, 256, block, dtype=np.uint8).tobytes())
+    src, dst = directory / "disk-copy-src.bin", directory / "disk-copy-dst.bin"
+    fd = _direct_fd(src, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for i in range(n):
+            os.pwrite(fd, buf, i * block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    drop_caches()
+    took: dict[str, float] = {}
+
+    def read() -> None:
+        rbuf = mmap.mmap(-1, block)
+        rfd = _direct_fd(src, os.O_RDONLY)
+        t = time.perf_counter()
+        try:
+            for i in range(n):
+                os.preadv(rfd, [rbuf], i * block)
+        finally:
+            os.close(rfd)
+        took["read"] = time.perf_counter() - t
+
+    wfd = _direct_fd(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    reader = threading.Thread(target=read)
+    t = time.perf_counter()
+    reader.start()
+    try:
+        for i in range(n):
+            os.pwrite(wfd, buf, i * block)
+        os.fsync(wfd)
+        took["write"] = time.perf_counter() - t
+    finally:
+        os.close(wfd)
+        reader.join()
+    wall = time.perf_counter() - t
+    src.unlink()
+    dst.unlink()
+    size = n * block
+    return size / wall, size / took["read"], size / took["write"]
+
+
 def same_output(a: Path, b: Path) -> bool:
     """Whether two conversion outputs (a file, or a directory of files) hold the same bytes."""
     import filecmp
@@ -184,6 +252,10 @@ def run_convert(root: Path, src: Path, out: Path, args, preset: str | None
     return seconds, total, rss, worker_rss, cpu
 
 
+def median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-gb", type=float, default=3.0, help="approximate source size")
@@ -196,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the files")
     p.add_argument("--baseline", type=Path, default=None, help="another ds4mlx checkout to run side by side")
     p.add_argument("--disk-gb", type=float, default=2.0, help="size of the disk write-speed test file")
+    p.add_argument("--rounds", type=int, default=1, help="disk figures and conversions, interleaved, this many times")
     args = p.parse_args(argv)
 
     one = entries(bench_config(1, args.experts))
@@ -209,45 +282,78 @@ def main(argv: list[str] | None = None) -> None:
         src_bytes = write_source(work / "src", config)
         print(f"source: {layers} layers + MTP, {src_bytes / 1e9:.2f} GB, written in {time.time() - t0:.1f} s")
         out = work / ("out.gguf" if args.to == "gguf" else "out")
+        b_out = out.with_name("baseline-" + out.name)
         preset = args.preset or ("mxfp4" if args.to == "gguf" else None)
         root = Path(__file__).resolve().parents[1]
         cold = drop_caches()
-        seconds, total_seconds, rss, worker_rss, cpu = run_convert(root, work / "src", out, args, preset)
         base = subprocess.run([sys.executable, "-c", "import ds4mlx.convert, mlx.core, gguf; "
                                "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"],
                               check=True, capture_output=True, text=True, cwd=root)
         base_rss = int(base.stdout) * 1024
-        out_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
         largest = max(nbytes(d, s) for n, d, s in entries(config) if ".experts." in n) * config["n_routed_experts"]
         print(f"convert --to {args.to}{f' --preset {preset}' if preset else ''}"
               f"{f' --expert-bits {args.expert_bits}' if args.expert_bits else ''}"
-              f"{f' --jobs {args.jobs}' if args.jobs else ''}: {seconds:.1f} s "
-              f"({'cold' if cold else 'warm'} page cache; {total_seconds:.1f} s with Python start-up and imports)")
-        print(f"throughput: {rate(src_bytes / seconds)} of source, {rate(out_bytes / seconds)} "
-              f"of output ({out_bytes / 1e9:.2f} GB, incl. write + verification)")
-        print(f"CPU time: {cpu:.1f} s, workers included ({rate(src_bytes / cpu)} of source per CPU-second; "
-              "on a shared machine the steadier figure)")
-        print(f"peak RSS: {rss / 2**20:.0f} MiB (imports alone: {base_rss / 2**20:.0f} MiB; "
-              f"largest output tensor {largest / 2**20:.0f} MiB; source {src_bytes / 2**20:.0f} MiB)"
-              + (f"; quantization worker peak RSS {worker_rss / 2**20:.0f} MiB each at most"
-                 if worker_rss and args.to == "gguf" and args.jobs != 1 else ""))
-        disk = disk_write_speed(work, args.disk_gb)
-        disk_direct = disk_write_speed(work, args.disk_gb, direct=True)
-        print(f"disk write speed (sequential, fsync): {rate(disk)} buffered, {rate(disk_direct)} direct "
-              f"(O_DIRECT); conversion output at {out_bytes / seconds / disk:.2f}x / "
-              f"{out_bytes / seconds / disk_direct:.2f}x of them")
+              f"{f' --jobs {args.jobs}' if args.jobs else ''} ({'cold' if cold else 'warm'} page cache); "
+              f"imports alone {base_rss / 2**20:.0f} MiB; largest output tensor {largest / 2**20:.0f} MiB")
+        keys = ("buffered", "direct", "copy")
+        figures: dict[str, list[float]] = {k: [] for k in keys + ("this", "base", "this_cpu", "base_cpu")}
+        out_bytes, identical = 0, []
+
+        def remove(path: Path) -> None:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+        for r in range(args.rounds):
+            # a disk figure, a conversion, another disk figure, ...: all in the same minutes
+            figures["buffered"].append(disk_write_speed(work, args.disk_gb))
+            seconds, total_seconds, rss, worker_rss, cpu = run_convert(root, work / "src", out, args, preset)
+            figures["this"].append(seconds)
+            figures["this_cpu"].append(cpu)
+            out_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
+            figures["direct"].append(disk_write_speed(work, args.disk_gb, direct=True))
+            base_line = ""
+            if args.baseline is not None:
+                b_seconds, b_total, b_rss, _, b_cpu = run_convert(args.baseline.resolve(), work / "src", b_out, args, preset)
+                figures["base"].append(b_seconds)
+                figures["base_cpu"].append(b_cpu)
+                identical.append(same_output(out, b_out))
+                base_line = (f" | baseline: {b_seconds:.2f} s, {rate(out_bytes / b_seconds)}, CPU {b_cpu:.1f} s, "
+                             f"peak RSS {b_rss / 2**20:.0f} MiB")
+            last = r + 1 == args.rounds
+            if not (args.keep and last):  # the copy test needs twice the source's size free
+                remove(out)
+                remove(b_out)
+            copy, copy_read, copy_write = disk_copy_speed(work, src_bytes)
+            figures["copy"].append(copy)
+            disk = {k: figures[k][-1] for k in keys}
+            print(f"[{r + 1}/{args.rounds}] this: {seconds:.2f} s, {rate(out_bytes / seconds)} of output, CPU {cpu:.1f} s, "
+                  f"peak RSS {rss / 2**20:.0f} MiB"
+                  + (f" (quantization workers {worker_rss / 2**20:.0f} MiB each at most)"
+                     if worker_rss and args.to == "gguf" and args.jobs != 1 else "")
+                  + f" | disk: {rate(disk['buffered'])} buffered write, {rate(disk['direct'])} direct write, "
+                  f"{rate(copy)} copy (read {rate(copy_read)} + write {rate(copy_write)} at once)" + base_line,
+                  flush=True)
+
+        disk = {k: median(figures[k]) for k in keys}
+        seconds, cpu = median(figures["this"]), median(figures["this_cpu"])
+        what = "median of " + str(args.rounds) + " rounds" if args.rounds > 1 else "one round"
+        print(f"this checkout ({what}): {seconds:.2f} s, {rate(src_bytes / seconds)} of source, "
+              f"{rate(out_bytes / seconds)} of output ({out_bytes / 1e9:.2f} GB, incl. write + verification), "
+              f"CPU {cpu:.1f} s ({rate(src_bytes / cpu)} of source per CPU-second)")
+        print(f"disk ({what}): {rate(disk['buffered'])} buffered write, {rate(disk['direct'])} direct write, "
+              f"{rate(disk['copy'])} copy each way ({rate(2 * disk['copy'])} read + written); "
+              f"copy / direct write = {disk['copy'] / disk['direct']:.2f}")
+        ratios = " / ".join(f"{out_bytes / seconds / disk[k]:.2f}x" for k in keys)
+        print(f"conversion output vs buffered write / direct write / copy: {ratios}")
         if args.to == "mlx":  # source read + output written (its verification reads no more of the disk)
             print(f"disk traffic: {(src_bytes + out_bytes) / 1e9:.2f} GB read and written, "
                   f"{rate((src_bytes + out_bytes) / seconds)} together")
         if args.baseline is not None:
-            b_out = out.with_name("baseline-" + out.name)
-            b_seconds, b_total, b_rss, _, b_cpu = run_convert(args.baseline.resolve(), work / "src", b_out, args, preset)
-            print(f"outputs byte-identical to the baseline's: {same_output(out, b_out)}")
-            print(f"baseline {args.baseline}: {b_seconds:.1f} s ({b_total:.1f} s with start-up), "
-                  f"{rate(src_bytes / b_seconds)} of source, {rate(out_bytes / b_seconds)} of output "
-                  f"({out_bytes / b_seconds / disk:.2f}x / {out_bytes / b_seconds / disk_direct:.2f}x of the disk), "
-                  f"peak RSS {b_rss / 2**20:.0f} MiB, CPU {b_cpu:.1f} s; this checkout is {b_seconds / seconds:.2f}x "
-                  f"({b_total / total_seconds:.2f}x with start-up; {b_cpu / cpu:.2f}x by CPU time)")
+            b_seconds, b_cpu = median(figures["base"]), median(figures["base_cpu"])
+            print(f"outputs byte-identical to the baseline's: {all(identical)} (every round compared)")
+            b_ratios = " / ".join(f"{out_bytes / b_seconds / disk[k]:.2f}x" for k in keys)
+            print(f"baseline {args.baseline}: {b_seconds:.2f} s, {rate(out_bytes / b_seconds)} of output "
+                  f"({b_ratios} of buffered / direct / copy), CPU {b_cpu:.1f} s; this checkout is "
+                  f"{b_seconds / seconds:.2f}x ({b_cpu / cpu:.2f}x by CPU time)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

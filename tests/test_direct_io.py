@@ -52,6 +52,62 @@ def test_writer_writes_exactly_the_bytes(tmp_path, mode, total):
         w.write(b"x")
 
 
+@pytest.mark.parametrize("total", [1, 65536, 1_000_003])
+def test_writer_compares_each_piece_with_the_callers_arrays(tmp_path, mode, total, monkeypatch):
+    """compare=True: the file is the same, and a byte that is not the caller's is caught at its
+    offset, whatever the cause: altered on the way in, a chunk lost, or the caller's array
+    changed after ``write`` but before its bytes reached the disk (a buffer taken again early)."""
+    pieces = [np.frombuffer(p, np.uint8).copy() for p in _pieces(total, total)]
+    path = tmp_path / "out.bin"
+    w = direct.DirectWriter(path, compare=True)
+    for p in pieces:
+        w.expect(p)
+        w.write(p)
+    w.close()
+    joined = b"".join(p.tobytes() for p in pieces)
+    assert path.read_bytes() == joined
+
+    big = [p for p in pieces if len(p) > 10]
+    if not big:
+        return
+    at = next(i for i, p in enumerate(pieces) if len(p) > 10)
+    where = sum(len(p) for p in pieces[:at])
+
+    def run(change) -> direct.ReadBackError:
+        w = direct.DirectWriter(path, compare=True)
+        with pytest.raises(direct.ReadBackError) as e:
+            for i, p in enumerate(pieces):
+                w.expect(p)
+                change(w, i, p)
+            w.close()
+        w.discard()
+        return e.value
+
+    def altered(w, i, p):  # one byte flipped on its way in
+        q = p.copy()
+        if i == at:
+            q[5] ^= 0x10
+        w.write(q)
+
+    assert run(altered).offset == where + 5
+
+    def lost(w, i, p):  # a chunk that never arrives: the next ones are one chunk early
+        if i != at:
+            w.write(p)
+
+    assert run(lost).offset >= where
+
+    def reused(w, i, p):  # the caller's array changed once handed over, before the disk had it
+        w.write(p)
+        if i == at:
+            p[7] ^= 0x01
+
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 2 << 20)  # staged until close: no race with the thread
+    e = run(reused)
+    pieces[at][7] ^= 0x01
+    assert e.offset == where + 7 and "differ from the caller's" in str(e)
+
+
 def test_writer_falls_back_where_direct_io_is_refused(tmp_path, monkeypatch):
     """A file system that takes O_DIRECT at open but refuses the transfer (EINVAL): buffered."""
     monkeypatch.setattr(direct, "BUFFER_BYTES", 64 << 10)
@@ -132,10 +188,9 @@ def test_span_crcs_against_slices(tmp_path, mode):
         short.result(path)
 
 
-@pytest.mark.parametrize("check", ["disk", "written"])
-def test_shard_writer_verifies_what_reached_the_disk(tmp_path, mode, check):
+def test_shard_writer_verifies_what_reached_the_disk(tmp_path, mode):
     entries = [("a", "U8", (70_000,)), ("b", "F32", (3, 5000)), ("c", "U8", (0,))]
-    w = mlx_dir.ShardWriter(tmp_path / "s.safetensors", entries, verify=check)
+    w = mlx_dir.ShardWriter(tmp_path / "s.safetensors", entries, verify="disk")
     done: list = []
     t = threading.Thread(target=lambda: done.append(w.verify()))
     t.start()
@@ -150,6 +205,56 @@ def test_shard_writer_verifies_what_reached_the_disk(tmp_path, mode, check):
     assert done and done[0] == crcs == {"a": zlib.crc32(a.tobytes()), "b": zlib.crc32(b.tobytes()), "c": 0}
     raw = Path(tmp_path / "s.safetensors").read_bytes()
     assert raw.endswith(a.tobytes() + b.tobytes())
+
+
+def test_shard_writer_written_check_names_the_tensor(tmp_path, mode, monkeypatch):
+    """verify="written": the file holds the chunks' bytes; a byte altered between the converter's
+    chunk and the disk, or a chunk's buffer changed before it was written, fails the shard naming
+    the tensor; a header the disk does not hold fails it too."""
+    entries = [("a", "U8", (70_000,)), ("b", "F32", (3, 5000)), ("c", "U8", (0,))]
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, 70_000, dtype=np.uint8)
+    b = rng.standard_normal((3, 5000)).astype(np.float32)
+    path = tmp_path / "s.safetensors"
+
+    def write(w, after_a=lambda: None):
+        w.write_tensor("a", [a[:1000], a[1000:]])
+        after_a()
+        w.write_tensor("b", [b])
+        w.write_tensor("c", [])
+        return w.finish()
+
+    assert write(mlx_dir.ShardWriter(path, entries, verify="written")) == {}
+    assert path.read_bytes().endswith(a.tobytes() + b.tobytes())
+
+    real, calls = mlx_dir.write_bytes, [0]
+
+    def flip_third(f, data):  # the header, a[:1000], then a[1000:] altered
+        calls[0] += 1
+        if calls[0] == 3:
+            data = bytearray(data)
+            data[100] ^= 0xFF
+        real(f, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(mlx_dir, "write_bytes", flip_third)
+        w = mlx_dir.ShardWriter(path, entries, verify="written")
+        with pytest.raises(mlx_dir.MLXDirError, match=r"verification failed: tensor 'a' differs"):
+            write(w)
+        w.abort()
+
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 1 << 20)  # all staged until finish
+    b_before = b.copy()
+    w = mlx_dir.ShardWriter(path, entries, verify="written")
+    with pytest.raises(mlx_dir.MLXDirError, match=r"verification failed: tensor 'a' differs"):
+        write(w, after_a=lambda: a.__setitem__(2000, a[2000] ^ 1))  # reused before written
+    w.abort()
+    assert np.array_equal(b, b_before) and not path.exists()
+
+    real_pread = os.pread
+    monkeypatch.setattr(mlx_dir.os, "pread", lambda fd, n, off: b"x" + real_pread(fd, n, off)[1:])
+    with pytest.raises(mlx_dir.MLXDirError, match="the header does not match the plan"):
+        write(mlx_dir.ShardWriter(path, entries, verify="written"))
 
 
 def test_read_pair_matches_separate_reads(tmp_path):
@@ -179,6 +284,41 @@ def test_read_pair_matches_separate_reads(tmp_path):
     path.write_bytes(blob[: 13 + s.nbytes + 10])  # cut inside the weight
     with pytest.raises(ConvertError, match="'x.weight'.*truncated"):
         read_pair(sw, s_before)
+
+
+def test_read_chunks_joins_to_the_tensor_and_checks_every_piece(tmp_path, monkeypatch):
+    """As-stored tensors are read in pieces (memory at a piece, not the tensor): the pieces join
+    to the stored bytes, and a NaN in any piece (the block-wise check) or a cut file is refused
+    by name; the count of bad values equals numpy's over the whole tensor."""
+    from ds4mlx.convert import plan
+    from ds4mlx.convert.options import ConvertError
+
+    monkeypatch.setattr(plan, "_CHECK_BLOCK", 1 << 12)  # several blocks per piece
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 0x7F00, (300, 1000), dtype=np.uint16)  # finite BF16 bit patterns
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"\0" * 24 + bits.tobytes())
+    s = plan.Stored(path, 24, "BF16", bits.shape, "x.weight")
+    pool = plan.BufferPool()
+    pieces = [c.copy() for c in plan.read_chunks(s, pool, chunk_bytes=100_001)]
+    assert len(pieces) == 6 and all(c.dtype == np.uint16 and c.nbytes <= 100_001 for c in pieces)
+    assert np.concatenate(pieces).tobytes() == bits.tobytes()
+    bad = bits.copy().reshape(-1)
+    bad[[7, 250_000, 299_999]] = [0x7F80, 0xFFC1, 0x7FFF]  # +Inf, a NaN, a NaN: in the first and last pieces
+    path.write_bytes(b"\0" * 24 + bad.tobytes())
+    want = int(np.count_nonzero((bad & 0x7F80) == 0x7F80))
+    assert want == 3
+    with pytest.raises(ConvertError, match=rf"'x.weight' holds {want} NaN") as e:
+        for _ in plan.read_chunks(plan.Stored(path, 24, "BF16", (bad.size,), "x.weight"), pool, chunk_bytes=bad.nbytes):
+            pass
+    assert "holds 3" in str(e.value)
+    with pytest.raises(ConvertError, match="'x.weight' holds 2 NaN"):  # in later pieces only
+        for _ in plan.read_chunks(plan.Stored(path, 24 + 2 * 100_000, "BF16", (200_000,), "x.weight"), pool,
+                                  chunk_bytes=100_000):
+            pass
+    path.write_bytes(b"\0" * 24 + bits.tobytes()[:150_000])
+    with pytest.raises(ConvertError, match="'x.weight'.*truncated"):
+        list(plan.read_chunks(s, pool, chunk_bytes=100_000))
 
 
 def test_buffer_pool_reuses_only_buffers_nothing_refers_to():

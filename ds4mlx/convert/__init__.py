@@ -8,11 +8,12 @@ The pipeline streams one logical weight at a time:
 2. **stream** — each unit reads its source tensors with plain file reads (no long-lived memory
    map, so resident memory stays bounded by the largest unit), transforms them, and hands byte
    chunks to the writer; experts are read, transformed and written expert by expert;
-3. **verify** — every output tensor's CRC-32, taken while writing, is compared with a re-read of
-   the file (MLX output: with the bytes as handed to the disk, past the page cache, plus each
-   shard's header and size read back; ``verify_disk`` re-reads every shard from disk while it is
-   written; GGUF output: each piece read back from disk as it is written and compared with the
-   bytes handed to the disk; ``io/direct.py``), and the result is opened with the matching reader;
+3. **verify** — MLX output: every byte as handed to the disk is compared with the converter's
+   own chunk (one ``memcmp`` on the writer's thread), and each shard's header and size are read
+   back from the disk; ``verify_disk`` instead re-reads every shard from disk while it is written
+   against each tensor's CRC-32; GGUF output: each piece read back from disk as it is written and
+   compared with the bytes handed to the disk (``io/direct.py``); the result is then opened
+   with the matching reader;
 4. **publish** — output lives under ``OUTPUT.partial`` until the final rename, so an interrupted
    run never leaves something that looks complete. MLX output is written shard by shard with a
    journal, so ``resume=True`` continues after the last finished shard.

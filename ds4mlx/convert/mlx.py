@@ -24,11 +24,11 @@ from ..io.json_file import read_json_object
 from ..io.safetensors import DTYPES, SafetensorsFile
 from ..names import is_routed_expert, scale_name
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_shapes
-from ..quant.mx import fp8_to_mxfp8
+from ..quant.mx import fp8_to_mxfp8_np
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
 from .plan import (BufferPool, Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights,
-                   read_pair, read_tensor, source_nbytes, stored)
+                   read_chunks, read_pair, read_tensor, source_nbytes, stored)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -106,7 +106,8 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
             produce = lambda: iter([(lw.path, [hash_table(ckpt, lw.names[0], k)])])  # noqa: E731
         else:
             shape = lead + lw.shape
-            produce = lambda: iter([(lw.path, (read_tensor(ckpt, n) for n in lw.names))])  # noqa: E731
+            produce = lambda: iter([(lw.path, (c for n in lw.names  # noqa: E731
+                                               for c in read_chunks(stored(ckpt, n), pool or BufferPool())))])
         t = [(lw.path, lw.dtype, shape)]
         return Unit(t, produce, src_bytes, _st_nbytes(lw.dtype, shape)), FLOAT
 
@@ -126,9 +127,9 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
     def packed(name: str) -> tuple[np.ndarray, ...]:
         if fmt == MXFP4:  # official FP4 bytes are already MLX mxfp4 (quant/mx.fp4_to_mxfp4)
             return read_tensor(ckpt, name).view(np.uint8), read_tensor(ckpt, scale_name(name))
-        if fmt == MXFP8:
-            w, s = fp8_to_mxfp8(read_tensor(ckpt, name), read_tensor(ckpt, scale_name(name)), name)
-            return np.array(w), np.array(s)
+        if fmt == MXFP8:  # the weight's bytes as read (a view of a read buffer), scales spread
+            w, s = read_pair(stored(ckpt, name), stored(ckpt, scale_name(name)), pool)
+            return fp8_to_mxfp8_np(w, s, name)
         return _mx_affine(dequantize(ckpt, lw, name), fmt)
 
     def produce():
@@ -294,7 +295,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         check_free_space(partial, total - done)
         bar = Progress(total, done, f"convert → {output.name}", progress)
         writer = None
-        # every shard is checked on a thread: a kept one re-read from disk, a new one as it is written
+        # kept shards are checked on a thread (header, and their CRCs where an older journal has
+        # them); new ones as they are written (ShardWriter), and with --verify-disk re-read
         from concurrent.futures import ThreadPoolExecutor
 
         verifier = ThreadPoolExecutor(2, thread_name_prefix="convert-verify")
@@ -305,7 +307,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
                 if name in state["done"]:
                     continue
                 writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries, verify=verify)
-                checks.append(verifier.submit(verify_written, writer))  # done as the writer finishes
+                if verify == "disk":
+                    checks.append(verifier.submit(verify_written, writer))  # done as the writer finishes
                 for tensor, chunks in split_tensors(read_ahead(tensor_chunks(shard_units), depth=4)):
                     writer.write_tensor(tensor, bar.track(chunks))
                 crcs = writer.finish()
@@ -324,6 +327,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
                 where = f"{len(state['done'])} of {len(shards)} shards are kept in {partial}: rerun with --resume to continue, or delete it"
             if isinstance(exc, OSError) and (err := disk_full_error(exc, partial)):
                 raise ConvertError(f"{err}; {where}") from exc
+            if isinstance(exc, mlx_dir.MLXDirError):  # a shard failed its verification
+                raise ConvertError(f"{exc}; {where}") from None
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, SIGTERM (console.Terminated)
                 print(f"\nconversion interrupted; {where}", file=sys.stderr)
             raise
@@ -364,11 +369,17 @@ def verify_written(writer: mlx_dir.ShardWriter) -> None:
 
 
 def verify_shard(path: Path, entries: list[tuple], crcs: dict[str, int]) -> None:
-    """Re-read one shard: header as planned, each tensor's bytes as written."""
+    """A kept shard (its size was checked): header as planned; each tensor's bytes against the
+    CRCs the journal lists, where it lists any (``--verify-disk``, older journals). A shard
+    written with ``verify="written"`` was compared byte for byte as it went to the disk and its
+    header and size read back before the journal listed it; a CRC pass over it now could only
+    catch a change by something else between the runs, not worth reading every byte again."""
     with SafetensorsFile(path) as st:
         got = [(n, st.info(n).dtype, st.info(n).shape) for n in st.keys()]
     if sorted(got) != sorted((n, d, tuple(s)) for n, d, s in entries):
         raise ConvertError(f"{path}: verification failed: the header does not match the plan")
+    if not crcs:
+        return
     on_disk = mlx_dir.file_crcs(path, [n for n, _, _ in entries])
     for tensor, crc in crcs.items():
         if on_disk.get(tensor) != crc:

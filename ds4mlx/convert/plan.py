@@ -62,18 +62,70 @@ _NON_FINITE_BITS = {"BF16": (0x7F80, 0x7F80), "F8_E4M3": (0x7F, 0x7F), "F8_E8M0"
                     "F8_E5M2": (0x7C, 0x7C)}
 
 
+_CHECK_BLOCK = 1 << 18  # elements per block of the finiteness check
+_scratch = threading.local()  # per thread: the check's reused block buffers
+
+
+def _count_bits(raw: np.ndarray, mask: int, bits: int) -> int:
+    """How many elements have ``x & mask == bits``, block by block through reused buffers: the
+    whole-tensor temporaries were fresh memory, whose page zeroing cost more than the test."""
+    flat = raw.reshape(-1)
+    if flat.size <= _CHECK_BLOCK // 16:
+        return int(np.count_nonzero((flat & mask) == bits))
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None or bufs[0].dtype != flat.dtype:
+        bufs = _scratch.bufs = (np.empty(_CHECK_BLOCK, flat.dtype), np.empty(_CHECK_BLOCK, np.bool_))
+    masked, hit = bufs
+    bad = 0
+    for i in range(0, flat.size, _CHECK_BLOCK):
+        part = flat[i: i + _CHECK_BLOCK]
+        m, h = masked[: part.size], hit[: part.size]
+        np.bitwise_and(part, mask, out=m)
+        np.equal(m, bits, out=h)
+        bad += int(np.count_nonzero(h))
+    return bad
+
+
+def _non_finite(s: Stored, raw: np.ndarray) -> int:
+    """How many of ``raw``'s values (stored bits of ``s``) are NaN or Inf."""
+    if s.dtype in _NON_FINITE_BITS:
+        mask, bits = _NON_FINITE_BITS[s.dtype]
+        return _count_bits(raw, mask, bits)
+    if s.dtype in ("F16", "F32", "F64"):
+        return int(raw.size - np.count_nonzero(np.isfinite(raw)))
+    return 0
+
+
+def _damaged(s: Stored, bad: int) -> ConvertError:
+    return ConvertError(f"{s.path}: tensor {s.name!r} holds {bad} NaN or Inf values; the source is damaged")
+
+
 def _check_finite(s: Stored, raw: np.ndarray) -> None:
     """A source tensor holding NaN/Inf would be converted into a file that cannot work: stop
     here, naming it, before anything looks written (one vectorised pass per read)."""
-    if s.dtype in _NON_FINITE_BITS:
-        mask, bits = _NON_FINITE_BITS[s.dtype]
-        bad = int(np.count_nonzero((raw & mask) == bits))
-    elif s.dtype in ("F16", "F32", "F64"):
-        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
-    else:
-        return
-    if bad:
-        raise ConvertError(f"{s.path}: tensor {s.name!r} holds {bad} NaN or Inf values; the source is damaged")
+    if bad := _non_finite(s, raw):
+        raise _damaged(s, bad)
+
+
+def read_chunks(s: Stored, pool: BufferPool, chunk_bytes: int = 8 << 20) -> Iterator[np.ndarray]:
+    """A tensor's stored bits as flat pieces of at most ``chunk_bytes`` (whole elements), read
+    into ``pool``'s buffers and checked piece by piece: memory stays at a piece, not the tensor
+    (an embedding is a GB in the full model)."""
+    dtype = DTYPES[s.dtype]
+    total = _nbytes(s)
+    step = max(dtype.itemsize, chunk_bytes // dtype.itemsize * dtype.itemsize)
+    bad = 0
+    for start in range(0, total, step):
+        n = min(step, total - start)
+        raw = _read_bytes(s.path, s.offset + start, n, pool)
+        if raw.nbytes != n:
+            raise ConvertError(f"{s.path}: file ends inside tensor {s.name!r}; the source is truncated")
+        raw = raw.view(dtype)
+        bad += _non_finite(s, raw)
+        if not bad:
+            yield raw
+    if bad:  # counted to the end, so the message gives the tensor's count
+        raise _damaged(s, bad)
 
 
 def read_stored(s: Stored, rows: tuple[int, int] | None = None, pool: BufferPool | None = None) -> np.ndarray:

@@ -30,7 +30,7 @@ from ..config import check_hf_values
 from ..quant.formats import WeightFormat, packed_shapes
 from ..names import hf_to_internal, official_layout
 from .checks import check_expert_ids, hash_table_fits
-from .direct import DirectWriter, open_read, scan
+from .direct import DirectWriter, ReadBackError, open_read, scan
 from .json_file import read_json_object, read_weight_map
 from .safetensors import DTYPES, FLOAT_DTYPES, INT_DTYPES, SafetensorsFile, open_shards
 
@@ -256,8 +256,19 @@ HEADER_SPAN = "\0header"  # the header among the spans a shard's verification re
 
 class ShardWriter:
     """Stream one safetensors file whose header is known up front: tensors arrive in file order
-    as byte chunks; each tensor's CRC-32 is kept for the verification (``verify``: ``"written"``
-    or ``"disk"``, see :meth:`verify`). The file is written past the page cache (``io/direct.py``)."""
+    as byte chunks, written past the page cache (``io/direct.py``) and checked (``verify``):
+
+    - ``"written"``: every byte as handed to the disk is compared with the converter's own chunk
+      (``DirectWriter(compare=True)``: one ``memcmp`` on the writer's thread, no checksum), and
+      the header and the file's size are read back from the disk once it is synced. What it
+      catches: a byte the converter did not produce (a staging copy, an offset, a chunk lost,
+      repeated or altered on its way in), a chunk's buffer reused before its bytes were written,
+      a header or a file length the disk does not hold. Not the disk returning other bytes
+      later: that is ``"disk"``.
+    - ``"disk"``: each tensor's CRC-32 as produced, and the whole file re-read from the disk
+      (past the page cache where possible) following the writer (:meth:`verify`): a third more
+      disk traffic.
+    """
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, *, verify: str | None = None):
@@ -265,28 +276,44 @@ class ShardWriter:
         header, self.spans = safetensors_header(entries, metadata)
         self.header = header
         self.order = [name for name, _, _ in entries]
-        self.crc: dict[str, int] = {}
+        self.crc: dict[str, int] = {}  # "disk": each tensor's CRC-32 as produced
         self._next = 0
         if verify not in (None, "disk", "written"):
             raise ValueError(f"verify must be None, 'disk' or 'written', got {verify!r}")
         self.verify_mode = verify
         base = len(header)
         spans = [(0, base, HEADER_SPAN)] + [(base + a, base + b, n) for n, (a, b) in self.spans.items()]
-        self._crcs = SpanCRCs(spans) if verify else None
+        self._crcs = SpanCRCs(spans) if verify == "disk" else None
+        self._compare = verify == "written"
         # staged, written on a thread, past the page cache where possible
-        self._f = DirectWriter(self.path, self._crcs.feed if verify == "written" else None)
+        self._f = DirectWriter(self.path, compare=self._compare)
         self._lock = threading.Lock()
         # opened now: the file is renamed when done
-        self._reader = None if not verify else open_read(self.path) if verify == "disk" else \
-            (os.open(self.path, os.O_RDONLY), False)
-        write_bytes(self._f, memoryview(header))
+        self._reader = open_read(self.path) if verify == "disk" else None
+        self._put(memoryview(header))
 
     @property
     def nbytes(self) -> int:
         return max((end for _, end in self.spans.values()), default=0)
 
+    def _put(self, buf: memoryview) -> None:
+        if self._compare:
+            self._f.expect(buf)  # what the disk must get: this very chunk, as it is when written
+        try:
+            write_bytes(self._f, buf)
+        except ReadBackError as e:
+            raise self._differs(e) from None
+
+    def _differs(self, e: ReadBackError) -> MLXDirError:
+        """The verification's error for bytes at ``e.offset`` that are not what was meant."""
+        at = e.offset - len(self.header)
+        what = "the header" if at < 0 else next(
+            (f"tensor {n!r}" for n, (a, b) in self.spans.items() if a <= at < b), "the end of the file")
+        return MLXDirError(f"{self.path}: verification failed: {what} differs from what was written ({e.strerror})")
+
     def write_tensor(self, name: str, chunks: Iterable[np.ndarray]) -> int:
-        """Write one tensor from its byte chunks; returns the bytes written."""
+        """Write one tensor from its byte chunks; returns the bytes written. With
+        ``verify="written"`` the chunks' buffers must stay unchanged until written (held here)."""
         if self._next >= len(self.order) or self.order[self._next] != name:
             raise MLXDirError(f"{self.path}: tensor {name!r} written out of order")
         start, end = self.spans[name]
@@ -295,21 +322,38 @@ class ShardWriter:
             buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
             if done + len(buf) > end - start:
                 raise MLXDirError(f"{self.path}: tensor {name!r} got more than its {end - start} bytes")
-            write_bytes(self._f, buf)
-            crc = zlib.crc32(buf, crc)
+            self._put(buf)
+            if self._crcs is not None:
+                crc = zlib.crc32(buf, crc)
             done += len(buf)
         if done != end - start:
             raise MLXDirError(f"{self.path}: tensor {name!r} got {done} bytes, expected {end - start}")
-        self.crc[name] = crc
+        if self._crcs is not None:
+            self.crc[name] = crc
         self._next += 1
         return done
 
     def finish(self) -> dict[str, int]:
+        """Write the rest, sync and check (``"written"``); returns the CRCs (``"disk"``) or ``{}``."""
         if self._next != len(self.order):
             raise MLXDirError(f"{self.path}: tensor {self.order[self._next]!r} was never written")
-        self._f.flush()
+        try:
+            self._f.flush()
+        except ReadBackError as e:
+            raise self._differs(e) from None
         os.fsync(self._f.fileno())
         self._f.close()
+        if self._compare:  # the disk's header and length (a direct write leaves no cached copy)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                head, size = os.pread(fd, len(self.header), 0), os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if head != self.header:
+                raise MLXDirError(f"{self.path}: verification failed: the header does not match the plan")
+            if size != len(self.header) + self.nbytes:
+                raise MLXDirError(f"{self.path}: verification failed: the file holds {size} bytes, "
+                                  f"{len(self.header) + self.nbytes} were written")
         return self.crc
 
     def abort(self) -> None:
@@ -327,30 +371,16 @@ class ShardWriter:
         return reader
 
     def verify(self) -> dict[str, int]:
-        """Check the file against what was written (call once, on another thread; returns the
-        CRCs checked). ``verify="disk"``: re-read from disk as the writer goes on (past the page
-        cache where possible), header and every tensor. ``verify="written"``: the bytes as handed
-        to the disk, CRC'd on the writer's thread, and the header and size re-read from the file
-        once it is finished: no second pass over the disk (a third of its traffic)."""
+        """``verify="disk"``: re-read the file from disk as the writer goes on (past the page cache
+        where possible), header and every tensor, against the CRCs as produced (call once, on
+        another thread; returns the CRCs checked)."""
         reader = self._take_reader()
         if reader is None:
-            raise MLXDirError(f"{self.path}: nothing to verify (open with verify=..., verify once; not after abort)")
-        if self.verify_mode == "disk":
-            for offset, chunk in scan(self.path, opened=reader, ready=self._f.wait_written):
-                self._crcs.feed(offset, chunk)
-        else:
-            try:
-                self._f.wait_written(1 << 62)  # finished or given up
-                head = os.pread(reader[0], len(self.header), 0)
-                size = os.fstat(reader[0]).st_size
-            finally:
-                os.close(reader[0])
+            raise MLXDirError(f"{self.path}: nothing to verify (open with verify='disk', verify once; not after abort)")
+        for offset, chunk in scan(self.path, opened=reader, ready=self._f.wait_written):
+            self._crcs.feed(offset, chunk)
         if not self._f.finished:  # given up; the writer's error is the one to report
             raise MLXDirError(f"{self.path}: writing stopped before the file was finished")
-        if self.verify_mode == "written" and (head != self.header or size != self._crcs.end):
-            what = "the header does not match the plan" if head != self.header else \
-                f"the file holds {size} bytes, {self._crcs.end} were written"
-            raise MLXDirError(f"{self.path}: verification failed: {what}")
         on_disk = dict(self._crcs.result(self.path))
         if on_disk.pop(HEADER_SPAN) != zlib.crc32(self.header):
             raise MLXDirError(f"{self.path}: verification failed: the header does not match the plan")

@@ -171,6 +171,13 @@ def fp8_to_mxfp8(weight: np.ndarray, scale: np.ndarray, name: str = "weight"):
     """
     import mlx.core as mx
 
+    w, scales = fp8_to_mxfp8_np(weight, scale, name)
+    return mx.array(w), mx.array(scales)
+
+
+def fp8_to_mxfp8_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fp8_to_mxfp8` in numpy: ``w`` a uint32 view of ``weight``'s bytes (no copy when
+    ``weight`` is contiguous), ``scales`` a new uint8 array."""
     weight, scale = np.asarray(weight), np.asarray(scale)
     out_dim, in_dim = _check_fp8(weight, scale, name)
     if in_dim % MX_GROUP:
@@ -181,8 +188,7 @@ def fp8_to_mxfp8(weight: np.ndarray, scale: np.ndarray, name: str = "weight"):
     w = np.ascontiguousarray(weight).view(np.uint8).view(np.uint32)
     rows = np.arange(out_dim) // FP8_WEIGHT_BLOCK
     cols = (np.arange(in_dim // MX_GROUP) * MX_GROUP) // FP8_WEIGHT_BLOCK
-    scales = np.asarray(scale, dtype=np.uint8)[rows[:, None], cols[None, :]]
-    return mx.array(w), mx.array(scales)
+    return w, np.asarray(scale, dtype=np.uint8)[rows[:, None], cols[None, :]]
 
 
 def fp4_to_mxfp4(weight: np.ndarray, scale: np.ndarray, name: str = "weight"):
