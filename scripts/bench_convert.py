@@ -21,7 +21,9 @@ disk's copy speed: an ``O_DIRECT`` read of a file of the source's size while ano
 size is written ``O_DIRECT`` (fsync included), bytes per second each way. A conversion reads its
 source from the same disk it writes, so where reads and writes share the disk's bandwidth the
 copy speed, not the write speed, is its ceiling; each conversion's output rate is reported as a
-fraction of all three. ``--rounds N`` repeats disk figures and conversions interleaved (the disk
+fraction of all three. ``--source-dir DIR`` writes the source elsewhere (another disk, or
+``/dev/shm``): its reads then cost the output disk nothing, and the write speed is the ceiling.
+``--rounds N`` repeats disk figures and conversions interleaved (the disk
 is noisy) and prints the medians.
 """
 
@@ -265,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=None, help="GGUF quantization workers (default: all cores)")
     p.add_argument("--experts", type=int, default=128, help="routed experts per layer (at least 8)")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--source-dir", type=Path, default=None,
+                   help="write the source here (another device: the output disk only writes)")
     p.add_argument("--keep", action="store_true", help="keep the files")
     p.add_argument("--baseline", type=Path, default=None, help="another ds4mlx checkout to run side by side")
     p.add_argument("--disk-gb", type=float, default=2.0, help="size of the disk write-speed test file")
@@ -277,10 +281,14 @@ def main(argv: list[str] | None = None) -> None:
     layers = max(4, math.ceil((args.size_gb * 1e9 - fixed) / (per_layer * 1.0)))
     config = bench_config(layers, args.experts)
     work = Path(tempfile.mkdtemp(prefix="ds4mlx-bench-", dir=args.workdir))
+    src_home = work if args.source_dir is None else Path(
+        tempfile.mkdtemp(prefix="ds4mlx-bench-src-", dir=args.source_dir))
+    src = src_home / "src"
     try:
         t0 = time.time()
-        src_bytes = write_source(work / "src", config)
-        print(f"source: {layers} layers + MTP, {src_bytes / 1e9:.2f} GB, written in {time.time() - t0:.1f} s")
+        src_bytes = write_source(src, config)
+        print(f"source: {layers} layers + MTP, {src_bytes / 1e9:.2f} GB in {src_home}, written in "
+              f"{time.time() - t0:.1f} s")
         out = work / ("out.gguf" if args.to == "gguf" else "out")
         b_out = out.with_name("baseline-" + out.name)
         preset = args.preset or ("mxfp4" if args.to == "gguf" else None)
@@ -305,14 +313,14 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             # a disk figure, a conversion, another disk figure, ...: all in the same minutes
             figures["buffered"].append(disk_write_speed(work, args.disk_gb))
-            seconds, total_seconds, rss, worker_rss, cpu = run_convert(root, work / "src", out, args, preset)
+            seconds, total_seconds, rss, worker_rss, cpu = run_convert(root, src, out, args, preset)
             figures["this"].append(seconds)
             figures["this_cpu"].append(cpu)
             out_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
             figures["direct"].append(disk_write_speed(work, args.disk_gb, direct=True))
             base_line = ""
             if args.baseline is not None:
-                b_seconds, b_total, b_rss, _, b_cpu = run_convert(args.baseline.resolve(), work / "src", b_out, args, preset)
+                b_seconds, b_total, b_rss, _, b_cpu = run_convert(args.baseline.resolve(), src, b_out, args, preset)
                 figures["base"].append(b_seconds)
                 figures["base_cpu"].append(b_cpu)
                 identical.append(same_output(out, b_out))
@@ -357,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+            if src_home != work:
+                shutil.rmtree(src_home, ignore_errors=True)
         else:
             print(f"kept {work}")
 
