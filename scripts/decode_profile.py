@@ -611,6 +611,8 @@ def main() -> None:
     result = {
         "launches_per_layer_max": worst["launches"],
         "launches_per_layer_max_at": f"ratio {worst['ratio']} {worst['fmt']} ctx {worst['ctx']}",
+        "launches_per_layer_max_by_format": {f: max(r["launches"] for r in rows if r["fmt"] == f)
+                                             for f in args.formats},
         "launches_per_layer_max_before": max(r["before"] for r in rows),
         "ops_launches_per_layer_max": max(r["ops_launches"] for r in rows),
         "bytes_over_min_2k": over_min(2048),
