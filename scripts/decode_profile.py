@@ -47,8 +47,8 @@ state costs no prefill. For every layer it reports, for one decoded token:
 
 Then the whole 43-layer model (2 ratio-0, 21 ratio-4, 20 ratio-128 layers, head and embedding)
 and a bandwidth model: time per token = bytes / bandwidth + launches x ``--launch-us``. It
-assumes every layer of a kind costs what the measured one does (hash-routed layers as score
-layers: the router matrix is read either way), the embedding reads one row, the head one
+assumes every layer of a kind costs what the measured one does (Flash's 3 hash-routed layers
+counted as score-routed ones), the embedding reads one row, the head one
 matmul in the file's head format (Q8_0 -> affine 8-bit for q2 / q4, BF16 for mxfp4; its scale
 casts included), and no MTP block. The last line is one JSON object.
 

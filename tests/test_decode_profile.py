@@ -95,7 +95,8 @@ def _report(argv: list[str], capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-KEYS = {"launches_per_layer_max", "launches_per_layer_max_at", "launches_per_layer_max_by_format", "launches_per_layer_max_before",
+KEYS = {"launches_per_layer_max", "launches_per_layer_max_at", "launches_per_layer_max_by_format",
+        "launches_per_layer_max_before",
         "ops_launches_per_layer_max", "bytes_over_min_2k", "bytes_over_min_32k",
         "bytes_128k_over_2k", "tokens_per_s_m3_ultra", "tokens_per_s_m3_max",
         "tokens_per_s_m3_ultra_before", "launch_us", "dense", "gb_per_token"}
