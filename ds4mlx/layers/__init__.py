@@ -89,13 +89,17 @@ class QuantizedLinear(nn.QuantizedLinear):
             xg = x.reshape(-1, groups, x.shape[-1]).swapaxes(0, 1).astype(mx.float32)  # [G, N, in]
             y = xg @ dense.reshape(groups, r, -1).swapaxes(-1, -2)  # [G, N, R]
             return y.swapaxes(0, 1).reshape(*x.shape[:-1], r).astype(x.dtype)
-        if x.size == groups * x.shape[-1]:
-            # one row per group (a decode step): one batched product over [G, R, in] views (one
-            # launch on the GPU too, not one per group and a join)
+        one_row = x.size == groups * x.shape[-1]
+        if one_row or not ops.on_cpu():
+            # the groups as the batch of one product over [G, R, in] views, not one product per
+            # group and a join: a decode step's row; on the GPU also several rows (a batch of
+            # sequences, a speculative verification, a prefill), transposed to [G, N, in] (MLX
+            # makes them contiguous for the product: 3 launches at most, not 9)
             w, scales, biases = _grouped_views(self["weight"], self["scales"], self.get("biases"), groups)
-            y = mx.quantized_matmul(x.reshape(groups, 1, -1), w, scales, biases, transpose=True,
+            xg = x.reshape(groups, 1, -1) if one_row else x.reshape(-1, groups, x.shape[-1]).swapaxes(0, 1)
+            y = mx.quantized_matmul(xg, w, scales, biases, transpose=True,
                                     group_size=self.group_size, bits=self.bits, mode=self.mode)
-            return y.reshape(*x.shape[:-1], r)
+            return (y if one_row else y.swapaxes(0, 1)).reshape(*x.shape[:-1], r)
         return mx.stack([self._matmul(x[..., g, :], slice(g * r, (g + 1) * r)) for g in range(groups)],
                         axis=-2)
 
