@@ -120,6 +120,15 @@ def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def quiet_dropped_interrupts(unraisable) -> None:
+    """``sys.unraisablehook``: a KeyboardInterrupt that a finalizer dropped is not reported
+    (Python would print it with a traceback); :func:`interrupt` remembered it. Everything
+    else goes to Python's own hook."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def forget_interrupts() -> None:
     _pending_interrupt[0] = False
 

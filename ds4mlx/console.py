@@ -35,8 +35,9 @@ def restore_interrupts() -> None:
     """SIGINT as a KeyboardInterrupt again, if the early handler is still installed: through
     ``cli_output.interrupt``, which remembers one that a finalizer (``__del__``) dropped."""
     if signal.getsignal(signal.SIGINT) is _quit_early:
-        from .cli_output import interrupt
+        from .cli_output import interrupt, quiet_dropped_interrupts
 
+        sys.unraisablehook = quiet_dropped_interrupts
         signal.signal(signal.SIGINT, interrupt)
 
 

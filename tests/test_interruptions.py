@@ -23,6 +23,38 @@ from damage import (assert_none_left, cli_process, env, finish, one_line, run, s
 # ----------------------------------------------------------------------------- interruptions
 
 
+def test_an_interrupt_a_finalizer_dropped_is_not_reported_but_kept():
+    """Ctrl-C landing inside a ``__del__`` (a regex or MLX object freed while loading): Python
+    drops the KeyboardInterrupt and reports it with a traceback. The CLI's hook keeps that
+    quiet, the interrupt is raised again at the next checkpoint, and other errors in
+    finalizers are still reported."""
+    code = textwrap.dedent("""
+        import signal, sys
+        from ds4mlx import console, cli_output
+        signal.signal(signal.SIGINT, console._quit_early)
+        console.restore_interrupts()
+        class Freed:
+            def __init__(self, exc): self.exc = exc
+            def __del__(self): raise self.exc
+        try:
+            cli_output.interrupt(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pass
+        Freed(KeyboardInterrupt())  # dropped in __del__: quiet
+        Freed(ValueError("kept loud"))  # reported as usual
+        try:
+            cli_output.raise_pending_interrupt()
+        except KeyboardInterrupt:
+            print("raised again")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(),
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "raised again"
+    assert "KeyboardInterrupt" not in proc.stderr, proc.stderr
+    assert "ValueError: kept loud" in proc.stderr, proc.stderr
+
+
 def test_ctrl_c_at_any_moment_of_the_start():
     """SIGINT at growing delays after start: a quiet exit 130 each time once ds4mlx's entry
     point (``console.main``) runs. A signal that lands earlier, while the interpreter starts
