@@ -59,25 +59,23 @@ static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b))
 static inline vd seld(vl m, vd a, vd b) { return (vd)((m & (vl)a) | (~m & (vl)b)); }
 /* lanes 8h .. 8h + 7 of a float vector in float64, and back */
 static inline vd to_d(vf v, int h) {
-    v8 half;
-    memcpy(&half, (const float *)&v + 8 * h, sizeof half);
+    const v8 half = h ? __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
+                      : __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
     return __builtin_convertvector(half, vd);
 }
 static inline vf to_f(const vd v[2]) {
-    vf r;
     const v8 a = __builtin_convertvector(v[0], v8), b = __builtin_convertvector(v[1], v8);
-    memcpy(&r, &a, sizeof a);
-    memcpy((float *)&r + 8, &b, sizeof b);
-    return r;
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
-static inline int any_l(vl m0, vl m1) { /* whether a lane is set (an OR of the words) */
-    typedef int64_t v2l __attribute__((vector_size(16)));
-    v2l h[8];
-    memcpy(h, &m0, sizeof m0);
-    memcpy(h + 4, &m1, sizeof m1);
-    for (int s = 4; s > 0; s /= 2)
-        for (int i = 0; i < s; i++) h[i] |= h[i + s];
-    return (h[0][0] | h[0][1]) != 0;
+static inline int any_l(vl m0, vl m1) { /* whether a lane is set */
+    const vl m = m0 | m1;
+#if defined(KQ_AVX) && defined(__AVX512F__)
+    return _mm512_test_epi64_mask((__m512i)m, (__m512i)m) != 0;
+#else
+    int64_t any = 0;
+    for (int i = 0; i < 8; i++) any |= m[i];
+    return any != 0;
+#endif
 }
 
 static inline vf vmuladd(vf a, vf b, vf c) {
@@ -359,19 +357,49 @@ static inline float max_f(const float *a, int n) { /* np.max: NaN propagates */
     return m;
 }
 
-/* common.importance_weights for one super-block: qw·sqrt(f·mean(x²) + x²) */
-static void importance_block(const float *x, const float *qw, float sigma_factor, float *w) {
-    float sq[256];
-    for (int k = 0; k < 256; k++) sq[k] = x[k] * x[k];
-    const float mean = (0.0f + (pairwise_f32(sq, 128) + pairwise_f32(sq + 128, 128))) / 256.0f;
-    const float sigma2 = sigma_factor == 1.0f ? mean : sigma_factor * mean;
-    for (int k = 0; k < 256; k++) w[k] = qw[k] * __builtin_sqrtf(sigma2 + x[k] * x[k]);
+/* pairwise_f32 of x[0..127]², 8 at a time (the same 8 accumulators) */
+static inline float sum_sq128(const float *x) {
+    v8 r;
+    memcpy(&r, x, sizeof r);
+    r = r * r;
+    for (int i = 8; i < 128; i += 8) {
+        v8 v;
+        memcpy(&v, x + i, sizeof v);
+        r += v * v;
+    }
+    return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
 
-/* rows r = 0..KQ_W-1 of n floats at src + n·r -> lanes: out[k][r] */
+/* rows r = 0..KQ_W-1 of n floats at src + n·r -> lanes: out[k][r] (AVX-512: 16 x 16 transposes
+ * by unpacking pairs of rows, then pairs of pairs, then 128-bit quarters) */
 static void to_lanes(const float *src, int n, vf *out) {
+#if defined(KQ_AVX) && defined(__AVX512F__)
+    for (int k0 = 0; k0 < n; k0 += 16) {
+        __m512 r[16], t[16];
+        for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + n * i + k0);
+        for (int i = 0; i < 16; i += 2) { /* per quarter L: rows i, i+1 at elements 4L, 4L+1 / 4L+2, 4L+3 */
+            t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) { /* r[i + e]: per quarter L, rows i..i+3 at element 4L + e */
+            r[i] = (__m512)_mm512_unpacklo_pd((__m512d)t[i], (__m512d)t[i + 2]);
+            r[i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[i], (__m512d)t[i + 2]);
+            r[i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
+            r[i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
+        }
+        for (int e = 0; e < 4; e++) { /* quarters (rows 4g.., element 4L + e) to (element, rows) */
+            const __m512 u0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x44), u1 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xEE);
+            const __m512 u2 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x44), u3 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xEE);
+            out[k0 + e] = (vf)_mm512_shuffle_f32x4(u0, u2, 0x88);
+            out[k0 + 4 + e] = (vf)_mm512_shuffle_f32x4(u0, u2, 0xDD);
+            out[k0 + 8 + e] = (vf)_mm512_shuffle_f32x4(u1, u3, 0x88);
+            out[k0 + 12 + e] = (vf)_mm512_shuffle_f32x4(u1, u3, 0xDD);
+        }
+    }
+#else
     for (int r = 0; r < KQ_W; r++)
         for (int k = 0; k < n; k++) out[k][r] = src[n * r + k];
+#endif
 }
 
 /* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n
@@ -435,7 +463,7 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
     float d_b[KQ_BATCH], dmin_b[KQ_BATCH], ls_b[KQ_BATCH][16], lm_b[KQ_BATCH][16];
     double s_q[KQ_BATCH][16], s_qq[KQ_BATCH][16], s_qx[KQ_BATCH][16], s_w[KQ_BATCH][16], s_x[KQ_BATCH][16];
     vf wxx[KQ_BATCH][32]; /* per group (at most KQ_BATCH) */
-    float pad_x[KQ_W * 32], w_imp[2 * 256];
+    float pad_x[KQ_W * 32], pad_q[KQ_W * 32];
     for (int64_t b0 = 0; b0 < n_blocks; b0 += KQ_BATCH) {
         const int nb = n_blocks - b0 < KQ_BATCH ? (int)(n_blocks - b0) : KQ_BATCH;
         for (int g = 0; g * bpg < nb; g++) { /* group g: blocks b0 + bpg·g .. */
@@ -448,11 +476,22 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
             }
             vf x[32], w[32], wx[32], q[32], wq[32];
             to_lanes(xg, sub, x);
-            if (qw != NULL) {
-                memset(w_imp, 0, sizeof w_imp);
-                for (int i = 0; i < in_group; i++)
-                    importance_block(xb + 256 * (b0 + i0 + i), qw + 256 * (b0 + i0 + i), sigma_factor, w_imp + 256 * i);
-                to_lanes(w_imp, sub, w);
+            if (qw != NULL) { /* common.importance_weights: qw·sqrt(f·mean(x²) + x²), mean per block */
+                const float *qg = qw + 256 * (b0 + i0);
+                if (in_group < bpg) {
+                    memset(pad_q, 0, sizeof pad_q);
+                    memcpy(pad_q, qg, sizeof(float) * 256 * in_group);
+                    qg = pad_q;
+                }
+                vf qv[32], s2v;
+                to_lanes(qg, sub, qv);
+                for (int i = 0; i < bpg; i++) {
+                    const float *xi = xg + 256 * i;
+                    const float mean = (0.0f + (sum_sq128(xi) + sum_sq128(xi + 128))) / 256.0f;
+                    const float sigma2 = sigma_factor == 1.0f ? mean : sigma_factor * mean;
+                    for (int j = 0; j < subs; j++) s2v[subs * i + j] = sigma2;
+                }
+                for (int k = 0; k < sub; k++) w[k] = qv[k] * v_sqrt(s2v + x[k] * x[k]);
             } else { /* common.kquant_weights without importance: sqrt(mean(x²)) + |x| */
                 vf sq[32];
                 for (int k = 0; k < sub; k++) sq[k] = x[k] * x[k];
