@@ -12,14 +12,15 @@
  * within float rounding can choose differently. Ties go to the lowest index, as with argmin. */
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX__)
+#if (defined(__AVX__) || defined(__AVX512F__)) && !defined(DS4MLX_PORTABLE)
 #include <immintrin.h>
 #endif
 
 /* The search over U·W runs side by side (each lane one run, so the lane count does not change a
  * result): U vectors of W lanes, 128-bit (SSE2, NEON) or on x86 256-bit with AVX2 where the CPU
  * has it (chosen at run time). The U vectors are independent chains of compare-and-select, which
- * would otherwise wait on each other's latency. */
+ * would otherwise wait on each other's latency. The runs' lhs come as 16 columns (a[j], b[j] of
+ * run k at col[j][k], j < 16; padded to a multiple of W·U). */
 #define DEFINE_SEARCH(SUFFIX, W, U, ATTR)                                                       \
     typedef float vf##SUFFIX __attribute__((vector_size(4 * W)));                              \
     typedef int32_t vi##SUFFIX __attribute__((vector_size(4 * W)));                            \
@@ -35,25 +36,21 @@
         for (int p = 0; p < 81; p++)                                                           \
             for (int u = 0; u < U; u++) h[p][u] = h3[p % 27][u] + t[j0 + 3][p / 27][u];         \
     }                                                                                          \
-    /* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */ \
-    ATTR static void search##SUFFIX(const float *lhs, const int64_t *rows, int64_t n_rows,     \
+    /* best entries of the n_rows runs of the columns, into out[rows[k] * stride] */           \
+    ATTR static void search##SUFFIX(const float *const col[16], const int32_t *rows, int n_rows,\
                                     const float *levels, const int32_t *lo, const int32_t *hi, \
                                     int64_t *out, int64_t stride) {                            \
         typedef vf##SUFFIX vf;                                                                 \
         typedef vi##SUFFIX vi;                                                                 \
-        for (int64_t k0 = 0; k0 < n_rows; k0 += W * U) {                                       \
-            const int m = n_rows - k0 < W * U ? (int)(n_rows - k0) : W * U;                    \
-            float a[16][U][W];                                                                 \
-            for (int i = 0; i < W * U; i++)                                                    \
-                for (int j = 0; j < 16; j++)                                                   \
-                    a[j][i / W][i % W] = lhs[rows[k0 + (i < m ? i : 0)] * 16 + j];             \
+        for (int k0 = 0; k0 < n_rows; k0 += W * U) {                                           \
+            const int m = n_rows - k0 < W * U ? n_rows - k0 : W * U;                           \
             vf t[8][3][U], h_lo[81][U], h_hi[81][U], best[U];                                  \
             vi idx[U];                                                                         \
             for (int j = 0; j < 8; j++)                                                        \
                 for (int u = 0; u < U; u++) {                                                  \
                     vf aj, bj;                                                                 \
-                    memcpy(&aj, a[j][u], sizeof aj);                                           \
-                    memcpy(&bj, a[8 + j][u], sizeof bj);                                       \
+                    memcpy(&aj, col[j] + k0 + W * u, sizeof aj);                               \
+                    memcpy(&bj, col[8 + j] + k0 + W * u, sizeof bj);                           \
                     for (int l = 0; l < 3; l++) t[j][l][u] = aj * levels[l] + bj * (levels[l] * levels[l]); \
                 }                                                                              \
             half_sums##SUFFIX(t, 0, h_lo);                                                     \
@@ -77,66 +74,98 @@
 
 DEFINE_SEARCH(4, 4, 4, )
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(DS4MLX_PORTABLE)
 DEFINE_SEARCH(8, 8, 4, __attribute__((target("avx2"))))
 DEFINE_SEARCH(16, 16, 4, __attribute__((target("avx512f"))))
 
-static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const float *levels,
+static void search(const float *const col[16], const int32_t *rows, int n_rows, const float *levels,
                    const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
     static int avx2 = -1, avx512 = -1;
     if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2"), avx512 = __builtin_cpu_supports("avx512f");
     /* 64 runs a pass with AVX-512 once there are enough to fill them (a lane's result does not
      * depend on the width) */
-    (avx512 && n_rows > 32 ? search16 : avx2 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
+    (avx512 && n_rows > 32 ? search16 : avx2 ? search8 : search4)(col, rows, n_rows, levels, lo, hi, out, stride);
 }
 #else
 #define search search4
 #endif
 
+#define CAND_CHUNK 512 /* runs whose candidates are made together */
+#define CAND_PAD 64    /* the columns' padding: the widest search's W·U */
+
 /* The candidates of _candidate_entries: for runs y, w [n_runs][8] (|x| and error weights) with
  * group scale s[r], the best entry at each scale s[r] * steps[f], out [n_runs][n_steps]. Where
  * each element's nearest level (all weights positive, scale positive) forms a grid entry
- * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. */
+ * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. Runs go
+ * 16 at a time, one per lane (element j of the runs in one vector); the runs that need the
+ * search are packed into the search's columns (lhs, rows: the caller's scratch, unused). */
 void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_runs,
                     const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
-                    const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows,
+                    const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows_unused,
                     int64_t *out) {
-    typedef float r8 __attribute__((vector_size(32)));
-    typedef int32_t r8i __attribute__((vector_size(32)));
+    typedef float r16 __attribute__((vector_size(64)));
+    typedef int32_t r16i __attribute__((vector_size(64)));
+    (void)lhs, (void)rows_unused;
     const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
-    const r8i pow3 = {1, 3, 9, 27, 81, 243, 729, 2187};
-    /* branch-free: whether a run needs the search is data, and mispredicted it costs more than
-     * the pattern itself; a run's 8 elements are one vector */
-    for (int64_t f = 0; f < n_steps; f++) {
-        int64_t n_search = 0;
-        for (int64_t r = 0; r < n_runs; r++) {
-            const float sr = s[r] * steps[f], t0 = sr * mid0, t1 = sr * mid1;
-            r8 yv, wv;
-            memcpy(&yv, y + 8 * r, sizeof yv);
-            memcpy(&wv, w + 8 * r, sizeof wv);
-            const r8i level = -((yv > t0) + (yv > t1)), pw = level * pow3, pos = wv > 0.0f;
-            const int32_t pattern = ((pw[0] + pw[1]) + (pw[2] + pw[3])) + ((pw[4] + pw[5]) + (pw[6] + pw[7]));
-#if defined(__AVX__)
-            const int positive = (sr > 0) & (_mm256_movemask_ps((__m256)pos) == 0xFF);
+    static const int32_t pow3[8] = {1, 3, 9, 27, 81, 243, 729, 2187};
+    for (int64_t c0 = 0; c0 < n_runs; c0 += CAND_CHUNK) {
+        const int n = n_runs - c0 < CAND_CHUNK ? (int)(n_runs - c0) : CAND_CHUNK, nv = (n + 15) / 16;
+        r16 yv[CAND_CHUNK / 16][8], wv[CAND_CHUNK / 16][8], sv[CAND_CHUNK / 16];
+        r16i okw[CAND_CHUNK / 16]; /* all 8 weights positive */
+        for (int v = 0; v < nv; v++) { /* runs to lanes (past the last run: zeros) */
+            for (int i = 0; i < 16; i++) {
+                const int r = 16 * v + i;
+                for (int j = 0; j < 8; j++) {
+                    yv[v][j][i] = r < n ? y[8 * (c0 + r) + j] : 0.0f;
+                    wv[v][j][i] = r < n ? w[8 * (c0 + r) + j] : 0.0f;
+                }
+                sv[v][i] = r < n ? s[c0 + r] : 0.0f;
+            }
+            r16i ok = wv[v][0] > 0.0f;
+            for (int j = 1; j < 8; j++) ok &= wv[v][j] > 0.0f;
+            okw[v] = ok;
+        }
+        float colbuf[16][CAND_CHUNK + CAND_PAD];
+        const float *col[16];
+        for (int j = 0; j < 16; j++) col[j] = colbuf[j];
+        int32_t rows[CAND_CHUNK + 16];
+        for (int64_t f = 0; f < n_steps; f++) {
+            int ns = 0;
+            for (int v = 0; v < nv; v++) {
+                const r16 sr = sv[v] * steps[f], t0 = sr * mid0, t1 = sr * mid1;
+                r16i pattern = {0};
+                for (int j = 0; j < 8; j++) pattern += -((yv[v][j] > t0) + (yv[v][j] > t1)) * pow3[j];
+                const r16i positive = (sr > 0.0f) & okw[v];
+                uint32_t need = 0;
+                for (int i = 0; i < 16; i++) {
+                    const int r = 16 * v + i;
+                    const int64_t entry = entry_of_pattern[pattern[i]]; /* (int16: the table stays in L1) */
+                    if (r < n) out[(c0 + r) * n_steps + f] = entry;
+                    need |= (uint32_t)(r < n && !(positive[i] && entry >= 0)) << i;
+                }
+                if (!need) continue;
+                /* the search's lhs: a = (−2·w)·y, b = w·s, packed */
+                r16 ab[16];
+                for (int j = 0; j < 8; j++) ab[j] = (-2.0f * wv[v][j]) * yv[v][j], ab[8 + j] = wv[v][j] * sr;
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+                const __mmask16 mk = (__mmask16)need;
+                for (int j = 0; j < 16; j++)
+                    _mm512_storeu_ps(colbuf[j] + ns, _mm512_maskz_compress_ps(mk, (__m512)ab[j]));
+                const __m512i rv = _mm512_add_epi32(_mm512_set1_epi32(16 * v),
+                                                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+                _mm512_storeu_si512((void *)(rows + ns), _mm512_maskz_compress_epi32(mk, rv));
+                ns += __builtin_popcount(need);
 #else
-            const int positive = (sr > 0) & ((pos[0] & pos[1] & pos[2] & pos[3] & pos[4] & pos[5] & pos[6] & pos[7]) != 0);
+                for (int i = 0; i < 16; i++) { /* branch-free: whether a run needs the search is data */
+                    for (int j = 0; j < 16; j++) colbuf[j][ns] = ab[j][i];
+                    rows[ns] = 16 * v + i;
+                    ns += (need >> i) & 1;
+                }
 #endif
-            const int64_t entry = entry_of_pattern[pattern];  /* (int16: the table stays in L1) */
-            out[r * n_steps + f] = entry;
-            rows[n_search] = r;
-            n_search += !(positive & (entry >= 0));
+            }
+            for (int j = 0; j < 16; j++) memset(colbuf[j] + ns, 0, sizeof(float) * CAND_PAD);
+            search(col, rows, ns, levels, lo, hi, out + c0 * n_steps + f, n_steps);
         }
-        for (int64_t k = 0; k < n_search; k++) {
-            const int64_t r = rows[k];
-            const float sr = s[r] * steps[f];
-            r8 yv, wv;
-            memcpy(&yv, y + 8 * r, sizeof yv);
-            memcpy(&wv, w + 8 * r, sizeof wv);
-            const r8 a = (-2.0f * wv) * yv, b = wv * sr;
-            memcpy(lhs + 16 * r, &a, sizeof a);
-            memcpy(lhs + 16 * r + 8, &b, sizeof b);
-        }
-        search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
     }
 }
 
@@ -150,7 +179,7 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
 #endif
 
 static inline float dot8(const float *a, const float *b) {
-#if defined(__AVX__)
+#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
     /* the same operations lane-wise: the 8 products, lane i's (p[i] + 0) + p[i + 4] */
     const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
     const __m128 t = _mm_add_ps(_mm256_extractf128_ps(p, 1), _mm_add_ps(_mm256_castps256_ps128(p), _mm_setzero_ps()));
@@ -265,7 +294,7 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
         }
         int cheapest = -1;
         if (odd) {
-#if defined(__AVX__)
+#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
             /* without NaN the first least value is the first lane equal to the minimum */
             const __m256 cv = _mm256_loadu_ps(c);
             if (_mm256_movemask_ps(_mm256_cmp_ps(cv, cv, _CMP_UNORD_Q)) == 0) {
@@ -295,9 +324,8 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
                   const int32_t *lo, const int32_t *hi, const int16_t *entry_of_pattern, const float *grid,
                   uint8_t *out) {
     float w[IQ2_BATCH * 256], y[IQ2_BATCH * 256], s0[IQ2_BATCH * 8], s_run[IQ2_BATCH * 32];
-    float lhs[IQ2_BATCH * 32 * 16];
     uint32_t mask[IQ2_BATCH * 32];
-    int64_t rows[IQ2_BATCH * 32], cand[IQ2_BATCH * 32 * 8];
+    int64_t cand[IQ2_BATCH * 32 * 8];
     float grid2[256 * 8];
     for (int i = 0; i < 256 * 8; i++) grid2[i] = grid[i] * grid[i];
     for (int64_t b0 = 0; b0 < n_blocks; b0 += IQ2_BATCH) {
@@ -307,7 +335,7 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
                         y + 256 * i, mask + 32 * i, s0 + 8 * i);
             for (int r = 0; r < 32; r++) s_run[32 * i + r] = s0[8 * i + r / 4];
         }
-        iq2_candidates(y, w, s_run, 32 * nb, steps, n_steps, levels, lo, hi, entry_of_pattern, lhs, rows, cand);
+        iq2_candidates(y, w, s_run, 32 * nb, steps, n_steps, levels, lo, hi, entry_of_pattern, NULL, NULL, cand);
         for (int i = 0; i < nb; i++) {
             const float *wb = w + 256 * i, *yb = y + 256 * i, *sb0 = s0 + 8 * i;
             const int64_t *cb_idx = cand + 32 * n_steps * i;
