@@ -58,6 +58,15 @@ static inline vd splatd(double v) {
 static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 static inline vd seld(vl m, vd a, vd b) { return (vd)((m & (vl)a) | (~m & (vl)b)); }
 /* lanes 8h .. 8h + 7 of a float vector in float64, and back */
+#if defined(KQ_AVX) && defined(__AVX512F__) /* one conversion each (GCC splits the generic ones) */
+static inline vd to_d(vf v, int h) {
+    return (vd)_mm512_cvtps_pd(h ? _mm256_castpd_ps(_mm512_extractf64x4_pd((__m512d)v, 1)) : _mm512_castps512_ps256((__m512)v));
+}
+static inline vf to_f(const vd v[2]) {
+    return (vf)_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps((__m512d)v[0]))),
+                                  _mm256_castps_pd(_mm512_cvtpd_ps((__m512d)v[1])), 1);
+}
+#else
 static inline vd to_d(vf v, int h) {
     const v8 half = h ? __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
                       : __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -67,6 +76,7 @@ static inline vf to_f(const vd v[2]) {
     const v8 a = __builtin_convertvector(v[0], v8), b = __builtin_convertvector(v[1], v8);
     return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
+#endif
 static inline int any_l(vl m0, vl m1) { /* whether a lane is set */
     const vl m = m0 | m1;
 #if defined(KQ_AVX) && defined(__AVX512F__)
