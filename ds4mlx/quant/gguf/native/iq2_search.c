@@ -169,42 +169,6 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
     }
 }
 
-/* The candidate sums of iq2_xxs._quantize_chunk, bit for bit its numpy: numpy's float32 einsum
- * over 8 elements is 4 lanes, elements j and j+4 in lane j (multiply and add, fused on arm64 as numpy's NEON code does), lane sums
- * (l0 + l1) + (l2 + l3). */
-#if defined(__aarch64__)
-#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
-#else
-#define MULADD(a, b, c) ((a) * (b) + (c))
-#endif
-
-static inline float dot8(const float *a, const float *b) {
-#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
-    /* the same operations lane-wise: the 8 products, lane i's (p[i] + 0) + p[i + 4] */
-    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-    const __m128 t = _mm_add_ps(_mm256_extractf128_ps(p, 1), _mm_add_ps(_mm256_castps256_ps128(p), _mm_setzero_ps()));
-    const __m128 u = _mm_add_ps(t, _mm_movehdup_ps(t)); /* t0 + t1, ., t2 + t3, . */
-    return 0.0f + (_mm_cvtss_f32(u) + _mm_cvtss_f32(_mm_movehl_ps(u, u)));
-#else
-    float t[4];
-    for (int i = 0; i < 4; i++) t[i] = MULADD(a[i + 4], b[i + 4], MULADD(a[i], b[i], 0.0f));
-    return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
-#endif
-}
-
-/* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] (grid2:
- * the squares, exact in float32) */
-static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *cand, const float *grid,
-                               const float *grid2, int64_t n_runs, int64_t n_cand, float *ca, float *cb) {
-    for (int64_t r = 0; r < n_runs; r++) {
-        for (int64_t f = 0; f < n_cand; f++) {
-            const int64_t e = cand[r * n_cand + f];
-            ca[r * n_cand + f] = dot8(wy + 8 * r, grid + 8 * e);
-            cb[r * n_cand + f] = dot8(w + 8 * r, grid2 + 8 * e);
-        }
-    }
-}
-
 /* ------------------------------------------------------------------------------------------
  * The whole of iq2_xxs._quantize_chunk, block by block after a batched candidate search, every
  * step the numpy path's operation in its order (checked at first use against it). */
@@ -245,28 +209,6 @@ static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates *
     float m = a[0];
     for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
     return m;
-}
-
-static inline float sum4(const float *a, int stride) { /* a reduction over 4: one after the other */
-    return 0.0f + (((0.0f + a[0]) + a[stride]) + a[2 * stride]) + a[3 * stride];
-}
-
-/* per run of a block, the candidate f of least cost s·(s·cb − 2·ca) at its group's scale s[g]
- * (np.argmin: the first minimum, or the first NaN); ca, cb [n_cand][32], runs side by side */
-static void best_at(const float *s, const float *ca, const float *cb, int n_cand, int32_t *k, float *cost) {
-    float sr[32];
-    for (int r = 0; r < 32; r++) sr[r] = s[r / 4];
-    for (int r = 0; r < 32; r++) {
-        cost[r] = sr[r] * (sr[r] * cb[r] - 2.0f * ca[r]);
-        k[r] = 0;
-    }
-    for (int f = 1; f < n_cand; f++)
-        for (int r = 0; r < 32; r++) {
-            const float v = sr[r] * (sr[r] * cb[32 * f + r] - 2.0f * ca[32 * f + r]);
-            const int take = (cost[r] == cost[r]) & ((v < cost[r]) | (v != v));
-            cost[r] = take ? v : cost[r];
-            k[r] = take ? f : k[r];
-        }
 }
 
 /* error weights, signs (parity-corrected), targets y and the group scales s0 of one block */
@@ -318,6 +260,185 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
     for (int g = 0; g < 8; g++) s0[g] = max_nan(y + 32 * g, 32) / 43.0f;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * The per-group search of _quantize_chunk after the candidates, two blocks at a time in 16 lanes:
+ * lane 8·b + g is group g of block b, and vector u of a quantity holds run 4g + u of every lane
+ * (so a group's sums over its four runs are lane-wise). */
+typedef float lf __attribute__((vector_size(64)));
+typedef int32_t li __attribute__((vector_size(64)));
+
+#if defined(__aarch64__)
+#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define MULADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+static inline lf l_splat(float v) {
+    lf r;
+    for (int i = 0; i < 16; i++) r[i] = v;
+    return r;
+}
+static inline lf l_sel(li m, lf a, lf b) { return (lf)((m & (li)a) | (~m & (li)b)); }
+static inline li l_seli(li m, li a, li b) { return (m & a) | (~m & b); }
+static inline lf l_muladd(lf a, lf b, lf c) {
+#if defined(__aarch64__)
+    for (int i = 0; i < 16; i++) a[i] = MULADD(a[i], b[i], c[i]);
+    return a;
+#else
+    return a * b + c;
+#endif
+}
+static inline lf l_floor(lf v) { /* floor_f */
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+    return (lf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+    for (int i = 0; i < 16; i++) v[i] = floor_f(v[i]);
+    return v;
+#endif
+}
+
+/* numpy's float32 einsum over a run's 8 elements (dot8 of the earlier code, lane-wise): products
+ * of elements j and j + 4 in accumulator j (multiply and add, fused on arm64 as numpy's NEON code
+ * does), sums (l0 + l1) + (l2 + l3) */
+static inline lf l_dot8(const lf a[8], const lf b[8]) {
+    lf t[4];
+    for (int i = 0; i < 4; i++) t[i] = l_muladd(a[i + 4], b[i + 4], l_muladd(a[i], b[i], l_splat(0.0f)));
+    return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
+}
+
+/* per run, the candidate f of least cost s·(s·cb − 2·ca) at its group's scale s (np.argmin: the
+ * first minimum, or the first NaN); ca, cb [n_cand][4] */
+static inline void l_best(lf s, const lf ca[][4], const lf cb[][4], int n_cand, li k[4], lf cost[4]) {
+    for (int u = 0; u < 4; u++) {
+        lf c = s * (s * cb[0][u] - 2.0f * ca[0][u]);
+        li kk = {0};
+        for (int f = 1; f < n_cand; f++) {
+            const lf v = s * (s * cb[f][u] - 2.0f * ca[f][u]);
+            const li take = (c == c) & ((v < c) | (v != v));
+            c = l_sel(take, v, c);
+            kk = l_seli(take, (li){0} + f, kk);
+        }
+        k[u] = kk, cost[u] = c;
+    }
+}
+
+static inline lf l_sum4(const lf c[4]) { /* a reduction over 4: one after the other */
+    return 0.0f + (((0.0f + c[0]) + c[1]) + c[2]) + c[3];
+}
+
+/* a[k[u]][u] lane by lane */
+static inline lf l_pick(const lf a[][4], li k, int u, int n_cand) {
+    lf r = a[0][u];
+    for (int f = 1; f < n_cand; f++) r = l_sel(k == f, a[f][u], r);
+    return r;
+}
+
+/* the blocks b0 .. b0 + nb - 1 (nb <= 2) of the batch after the candidate search: group scales,
+ * super-scale, 4-bit scales, entries, packed into out */
+static void iq2_pair(const float *w, const float *y, const float *s0, const uint32_t *mask, const int64_t *cand,
+                     int nb, const float *steps, int32_t n_steps, const float *super_steps, int32_t n_super,
+                     int32_t refine, const float *grid, uint8_t *out) {
+    lf wy[4][8], wv[4][8], ca[8][4], cb[8][4], s0v;
+    for (int l = 0; l < 16; l++) { /* runs to lanes (a missing second block: zeros, entry 0) */
+        const int b = l / 8, g = l % 8, ok = b < nb;
+        s0v[l] = ok ? s0[8 * b + g] : 0.0f;
+        for (int u = 0; u < 4; u++)
+            for (int j = 0; j < 8; j++) {
+                const int at = 256 * b + 32 * g + 8 * u + j;
+                wv[u][j][l] = ok ? w[at] : 0.0f;
+                wy[u][j][l] = ok ? w[at] * y[at] : 0.0f;
+            }
+    }
+    /* A = Σ w·y·g and B = Σ w·g² of each candidate g (g² exact in float32) */
+    for (int u = 0; u < 4; u++)
+        for (int f = 0; f < n_steps; f++) {
+            li e;
+            for (int l = 0; l < 16; l++) e[l] = l / 8 < nb ? (int32_t)cand[(32 * (l / 8) + 4 * (l % 8) + u) * n_steps + f] : 0;
+            lf gv[8], g2[8];
+            for (int j = 0; j < 8; j++) {
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+                gv[j] = (lf)_mm512_i32gather_ps((__m512i)(e * 8 + j), grid, 4);
+#else
+                for (int l = 0; l < 16; l++) gv[j][l] = grid[8 * e[l] + j];
+#endif
+                g2[j] = gv[j] * gv[j];
+            }
+            ca[f][u] = l_dot8(wy[u], gv);
+            cb[f][u] = l_dot8(wv[u], g2);
+        }
+    /* group scale: the best of the sweep, then least-squares refinements */
+    li k[4];
+    lf cost[4], best_c = l_splat(0.0f), step = l_splat(steps[0]);
+    for (int f = 0; f < n_steps; f++) { /* argmin over f of the sums (the first minimum or NaN) */
+        l_best(s0v * steps[f], ca, cb, n_steps, k, cost);
+        const lf c = l_sum4(cost);
+        if (f == 0) {
+            best_c = c;
+            continue;
+        }
+        const li take = (best_c == best_c) & ((c < best_c) | (c != c));
+        best_c = l_sel(take, c, best_c);
+        step = l_sel(take, l_splat(steps[f]), step);
+    }
+    lf s = s0v * step;
+    for (int it = 0; it < refine; it++) {
+        l_best(s, ca, cb, n_steps, k, cost);
+        lf ta[4], tb[4];
+        for (int u = 0; u < 4; u++) ta[u] = l_pick(ca, k[u], u, n_steps), tb[u] = l_pick(cb, k[u], u, n_steps);
+        const lf sa = l_sum4(ta), sbb = l_sum4(tb);
+        const lf pos = l_sel(sa > 0, sa, l_sel(sa != sa, sa, l_splat(0.0f))); /* np.maximum(sa, 0) */
+        s = l_sel(sbb > 0, pos / l_sel(sbb > 0, sbb, l_splat(1.0f)), l_splat(0.0f));
+    }
+    /* super-scale D (fp16) and 4-bit group scales: s ≈ D·(2ls+1)/8; the best D candidate */
+    float dmax[2], best_total[2] = {0, 0};
+    for (int b = 0; b < nb; b++) {
+        float sg[8];
+        for (int g = 0; g < 8; g++) sg[g] = s[8 * b + g];
+        dmax[b] = max_nan(sg, 8) * 8.0f / 31.0f;
+    }
+    lf best_dd = l_splat(0.0f), best_ls = l_splat(0.0f);
+    li best_k[4] = {{0}};
+    for (int v = 0; v < n_super; v++) {
+        lf dd = l_splat(0.0f);
+        for (int b = 0; b < nb; b++) {
+            const float d = f16_to_f32(f32_to_f16(dmax[b] * super_steps[v]));
+            for (int g = 0; g < 8; g++) dd[8 * b + g] = d;
+        }
+        const lf safe = l_sel(dd > 0, dd, l_splat(1.0f));
+        const lf lv = l_floor((8.0f * s / safe - 1.0f) / 2.0f + 0.5f);
+        const lf ls = l_sel(lv < 0, l_splat(0.0f), l_sel(lv > 15, l_splat(15.0f), lv));
+        l_best(dd * (2.0f * ls + 1.0f) / 8.0f, ca, cb, n_steps, k, cost);
+        li take = {0};
+        for (int b = 0; b < nb; b++) {
+            float c[32];
+            for (int r = 0; r < 32; r++) c[r] = cost[r % 4][8 * b + r / 4];
+            const float total = pairwise_f32(c, 32);
+            if (v == 0 || total < best_total[b]) {
+                best_total[b] = total;
+                for (int g = 0; g < 8; g++) take[8 * b + g] = -1;
+            }
+        }
+        best_dd = l_sel(take, dd, best_dd);
+        best_ls = l_sel(take, ls, best_ls);
+        for (int u = 0; u < 4; u++) best_k[u] = l_seli(take, k[u], best_k[u]);
+    }
+    for (int b = 0; b < nb; b++) {
+        uint8_t *o = out + 66 * b;
+        const uint16_t hd = f32_to_f16(best_dd[8 * b]);
+        o[0] = hd & 255, o[1] = hd >> 8;
+        for (int g = 0; g < 8; g++) {
+            const int l = 8 * b + g;
+            uint32_t a = 0, bw = (uint32_t)(int)best_ls[l] << 28;
+            for (int u = 0; u < 4; u++) {
+                const int r = 4 * g + u;
+                a |= (uint32_t)cand[(32 * b + r) * n_steps + best_k[u][l]] << (8 * u);
+                bw |= (mask[32 * b + r] & 127u) << (7 * u);
+            }
+            for (int t = 0; t < 4; t++) o[2 + 8 * g + t] = (a >> (8 * t)) & 255, o[6 + 8 * g + t] = (bw >> (8 * t)) & 255;
+        }
+    }
+}
+
 /* xb [n_blocks][256], optional importance qw (same shape) -> IQ2_XXS blocks (66 bytes) in out */
 void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const float *steps, int32_t n_steps,
                   const float *super_steps, int32_t n_super, int32_t refine, const float *levels,
@@ -326,8 +447,6 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
     float w[IQ2_BATCH * 256], y[IQ2_BATCH * 256], s0[IQ2_BATCH * 8], s_run[IQ2_BATCH * 32];
     uint32_t mask[IQ2_BATCH * 32];
     int64_t cand[IQ2_BATCH * 32 * 8];
-    float grid2[256 * 8];
-    for (int i = 0; i < 256 * 8; i++) grid2[i] = grid[i] * grid[i];
     for (int64_t b0 = 0; b0 < n_blocks; b0 += IQ2_BATCH) {
         const int nb = n_blocks - b0 < IQ2_BATCH ? (int)(n_blocks - b0) : IQ2_BATCH;
         for (int i = 0; i < nb; i++) {
@@ -336,67 +455,8 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
             for (int r = 0; r < 32; r++) s_run[32 * i + r] = s0[8 * i + r / 4];
         }
         iq2_candidates(y, w, s_run, 32 * nb, steps, n_steps, levels, lo, hi, entry_of_pattern, NULL, NULL, cand);
-        for (int i = 0; i < nb; i++) {
-            const float *wb = w + 256 * i, *yb = y + 256 * i, *sb0 = s0 + 8 * i;
-            const int64_t *cb_idx = cand + 32 * n_steps * i;
-            float wy[256], ca_r[32 * 8], cb_r[32 * 8], ca[8 * 32], cb[8 * 32], cost[32], costs[8][8], s[8], sc[8];
-            int32_t k[32];
-            for (int j = 0; j < 256; j++) wy[j] = wb[j] * yb[j];
-            iq2_candidate_sums(wy, wb, cb_idx, grid, grid2, 32, n_steps, ca_r, cb_r);
-            for (int r = 0; r < 32; r++)
-                for (int f = 0; f < n_steps; f++) ca[32 * f + r] = ca_r[r * n_steps + f], cb[32 * f + r] = cb_r[r * n_steps + f];
-            /* group scale: the best of the sweep, then least-squares refinements */
-            for (int f = 0; f < n_steps; f++) {
-                for (int g = 0; g < 8; g++) sc[g] = sb0[g] * steps[f];
-                best_at(sc, ca, cb, n_steps, k, cost);
-                for (int g = 0; g < 8; g++) costs[f][g] = sum4(cost + 4 * g, 1);
-            }
-            for (int g = 0; g < 8; g++) s[g] = sb0[g] * steps[argmin_first(&costs[0][g], n_steps, 8)];
-            for (int it = 0; it < refine; it++) {
-                best_at(s, ca, cb, n_steps, k, cost);
-                for (int g = 0; g < 8; g++) {
-                    float ta[4], tb[4];
-                    for (int u = 0; u < 4; u++) {
-                        const int r = 4 * g + u;
-                        ta[u] = ca[32 * k[r] + r], tb[u] = cb[32 * k[r] + r];
-                    }
-                    const float sa = sum4(ta, 1), sbb = sum4(tb, 1);
-                    const float pos = sa > 0 ? sa : (sa != sa ? sa : 0.0f); /* np.maximum(sa, 0) */
-                    s[g] = sbb > 0 ? pos / sbb : 0.0f;
-                }
-            }
-            /* super-scale D (fp16) and 4-bit group scales: s ≈ D·(2ls+1)/8; the best D candidate */
-            const float dmax = max_nan(s, 8) * 8.0f / 31.0f;
-            float best_total = 0, best_dd = 0, best_ls[8], ls[8];
-            int32_t best_k[32];
-            for (int u = 0; u < n_super; u++) {
-                const float dd = f16_to_f32(f32_to_f16(dmax * super_steps[u]));
-                const float safe = dd > 0 ? dd : 1.0f;
-                for (int g = 0; g < 8; g++) {
-                    const float l = floor_f((8.0f * s[g] / safe - 1.0f) / 2.0f + 0.5f);
-                    ls[g] = l < 0 ? 0.0f : (l > 15 ? 15.0f : l);
-                    sc[g] = dd * (2.0f * ls[g] + 1.0f) / 8.0f;
-                }
-                best_at(sc, ca, cb, n_steps, k, cost);
-                const float total = pairwise_f32(cost, 32);
-                if (u == 0 || total < best_total) {
-                    best_total = total, best_dd = dd;
-                    memcpy(best_ls, ls, sizeof ls);
-                    memcpy(best_k, k, sizeof k);
-                }
-            }
-            uint8_t *o = out + 66 * (b0 + i);
-            const uint16_t hd = f32_to_f16(best_dd);
-            o[0] = hd & 255, o[1] = hd >> 8;
-            for (int g = 0; g < 8; g++) {
-                uint32_t a = 0, bw = (uint32_t)(int)best_ls[g] << 28;
-                for (int u = 0; u < 4; u++) {
-                    const int r = 4 * g + u;
-                    a |= (uint32_t)cb_idx[r * n_steps + best_k[r]] << (8 * u);
-                    bw |= (mask[32 * i + r] & 127u) << (7 * u);
-                }
-                for (int t = 0; t < 4; t++) o[2 + 8 * g + t] = (a >> (8 * t)) & 255, o[6 + 8 * g + t] = (bw >> (8 * t)) & 255;
-            }
-        }
+        for (int i = 0; i < nb; i += 2)
+            iq2_pair(w + 256 * i, y + 256 * i, s0 + 8 * i, mask + 32 * i, cand + 32 * n_steps * i, nb - i < 2 ? 1 : 2,
+                     steps, n_steps, super_steps, n_super, refine, grid, out + 66 * (b0 + i));
     }
 }
