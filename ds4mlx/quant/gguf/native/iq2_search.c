@@ -113,6 +113,19 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
         r16 yv[CAND_CHUNK / 16][8], wv[CAND_CHUNK / 16][8], sv[CAND_CHUNK / 16];
         r16i okw[CAND_CHUNK / 16]; /* all 8 weights positive */
         for (int v = 0; v < nv; v++) { /* runs to lanes (past the last run: zeros) */
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+            const int left = n - 16 * v;
+            const __mmask16 in = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+            const __m512i run8 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                    _mm512_set1_epi32(8));
+            const float *yr = y + 8 * (c0 + 16 * v), *wr = w + 8 * (c0 + 16 * v);
+            for (int j = 0; j < 8; j++) {
+                const __m512i at = _mm512_add_epi32(run8, _mm512_set1_epi32(j));
+                yv[v][j] = (r16)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, at, yr, 4);
+                wv[v][j] = (r16)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, at, wr, 4);
+            }
+            sv[v] = (r16)_mm512_maskz_loadu_ps(in, s + c0 + 16 * v);
+#else
             for (int i = 0; i < 16; i++) {
                 const int r = 16 * v + i;
                 for (int j = 0; j < 8; j++) {
@@ -121,6 +134,7 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
                 }
                 sv[v][i] = r < n ? s[c0 + r] : 0.0f;
             }
+#endif
             r16i ok = wv[v][0] > 0.0f;
             for (int j = 1; j < 8; j++) ok &= wv[v][j] > 0.0f;
             okw[v] = ok;
@@ -226,14 +240,21 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
             for (int k = 0; k < 32; k++) w[32 * g + k] = root + __builtin_fabsf(x[32 * g + k]);
         }
     }
-    for (int r = 0; r < 32; r++) {
+    typedef float p8 __attribute__((vector_size(32)));
+    typedef int32_t p8i __attribute__((vector_size(32)));
+    const p8i bit = {1, 2, 4, 8, 16, 32, 64, 128}, sign = (p8i){0} + INT32_MIN;
+    for (int r = 0; r < 32; r++) { /* one run's 8 elements a vector */
         const float *xr = x + 8 * r, *wr = w + 8 * r;
+        p8 xv, wv;
+        memcpy(&xv, xr, sizeof xv);
+        memcpy(&wv, wr, sizeof wv);
+        const p8i negv = xv < 0.0f;
+        const p8 cv8 = (wv * xv) * xv;
         float c[8];
-        int odd = 0;
-        for (int j = 0; j < 8; j++) {
-            odd ^= xr[j] < 0;
-            c[j] = wr[j] * xr[j] * xr[j];
-        }
+        memcpy(c, &cv8, sizeof c);
+        p8i nb = negv & bit;
+        const uint32_t neg = (uint32_t)(((nb[0] | nb[1]) | (nb[2] | nb[3])) | ((nb[4] | nb[5]) | (nb[6] | nb[7])));
+        const int odd = __builtin_popcount(neg) & 1;
         int cheapest = -1;
         if (odd) {
 #if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
@@ -249,13 +270,11 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
 #endif
                 cheapest = argmin_first(c, 8, 1);
         }
-        uint32_t m = 0;
-        for (int j = 0; j < 8; j++) {
-            const int flip = j == cheapest;
-            m |= (uint32_t)((xr[j] < 0) ^ flip) << j;
-            y[8 * r + j] = flip ? -__builtin_fabsf(xr[j]) : __builtin_fabsf(xr[j]);
-        }
-        mask[r] = m;
+        const uint32_t flip = odd ? 1u << cheapest : 0u;
+        mask[r] = neg ^ flip;
+        /* |x|, negated at the flipped element */
+        const p8 yv = (p8)(((p8i)xv & ~sign) | (((bit & ((p8i){0} + (int32_t)flip)) != 0) & sign));
+        memcpy(y + 8 * r, &yv, sizeof yv);
     }
     for (int g = 0; g < 8; g++) s0[g] = max_nan(y + 32 * g, 32) / 43.0f;
 }
@@ -337,7 +356,7 @@ static inline lf l_pick(const lf a[][4], li k, int u, int n_cand) {
  * super-scale, 4-bit scales, entries, packed into out */
 static void iq2_pair(const float *w, const float *y, const float *s0, const uint32_t *mask, const int64_t *cand,
                      int nb, const float *steps, int32_t n_steps, const float *super_steps, int32_t n_super,
-                     int32_t refine, const float *grid, uint8_t *out) {
+                     int32_t refine, const float *grid, const int32_t *codes, const float *levels4, uint8_t *out) {
     lf wy[4][8], wv[4][8], ca[8][4], cb[8][4], s0v;
     for (int l = 0; l < 16; l++) { /* runs to lanes (a missing second block: zeros, entry 0) */
         const int b = l / 8, g = l % 8, ok = b < nb;
@@ -355,14 +374,22 @@ static void iq2_pair(const float *w, const float *y, const float *s0, const uint
             li e;
             for (int l = 0; l < 16; l++) e[l] = l / 8 < nb ? (int32_t)cand[(32 * (l / 8) + 4 * (l % 8) + u) * n_steps + f] : 0;
             lf gv[8], g2[8];
-            for (int j = 0; j < 8; j++) {
 #if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
-                gv[j] = (lf)_mm512_i32gather_ps((__m512i)(e * 8 + j), grid, 4);
-#else
-                for (int l = 0; l < 16; l++) gv[j][l] = grid[8 * e[l] + j];
-#endif
+            /* element j of entry e: levels[(code[e] >> 2j) & 3] */
+            const __m512i code = _mm512_i32gather_epi32((__m512i)e, codes, 4);
+            const __m512 lv = _mm512_castps128_ps512(_mm_loadu_ps(levels4));
+            for (int j = 0; j < 8; j++) {
+                const __m512i l = _mm512_and_si512(_mm512_srli_epi32(code, 2 * j), _mm512_set1_epi32(3));
+                gv[j] = (lf)_mm512_permutexvar_ps(l, lv);
                 g2[j] = gv[j] * gv[j];
             }
+#else
+            (void)codes, (void)levels4;
+            for (int j = 0; j < 8; j++) {
+                for (int l = 0; l < 16; l++) gv[j][l] = grid[8 * e[l] + j];
+                g2[j] = gv[j] * gv[j];
+            }
+#endif
             ca[f][u] = l_dot8(wy[u], gv);
             cb[f][u] = l_dot8(wv[u], g2);
         }
@@ -447,6 +474,14 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
     float w[IQ2_BATCH * 256], y[IQ2_BATCH * 256], s0[IQ2_BATCH * 8], s_run[IQ2_BATCH * 32];
     uint32_t mask[IQ2_BATCH * 32];
     int64_t cand[IQ2_BATCH * 32 * 8];
+    /* each entry's levels, 2 bits an element (the grid's codes), and the levels padded to 4 */
+    int32_t codes[256];
+    const float levels4[4] = {levels[0], levels[1], levels[2], levels[2]};
+    for (int e = 0; e < 256; e++) {
+        codes[e] = 0;
+        for (int j = 0; j < 8; j++)
+            codes[e] |= ((grid[8 * e + j] == levels[1]) + 2 * (grid[8 * e + j] == levels[2])) << (2 * j);
+    }
     for (int64_t b0 = 0; b0 < n_blocks; b0 += IQ2_BATCH) {
         const int nb = n_blocks - b0 < IQ2_BATCH ? (int)(n_blocks - b0) : IQ2_BATCH;
         for (int i = 0; i < nb; i++) {
@@ -457,6 +492,6 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
         iq2_candidates(y, w, s_run, 32 * nb, steps, n_steps, levels, lo, hi, entry_of_pattern, NULL, NULL, cand);
         for (int i = 0; i < nb; i += 2)
             iq2_pair(w + 256 * i, y + 256 * i, s0 + 8 * i, mask + 32 * i, cand + 32 * n_steps * i, nb - i < 2 ? 1 : 2,
-                     steps, n_steps, super_steps, n_super, refine, grid, out + 66 * (b0 + i));
+                     steps, n_steps, super_steps, n_super, refine, grid, codes, levels4, out + 66 * (b0 + i));
     }
 }
