@@ -188,6 +188,7 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
  * step the numpy path's operation in its order (checked at first use against it). */
 
 #include "npyops.h"
+#include "transpose.h"
 
 #define IQ2_BATCH 16 /* blocks whose candidate searches share the vector lanes */
 
@@ -225,24 +226,44 @@ static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates *
     return m;
 }
 
+typedef float p8 __attribute__((vector_size(32)));
+typedef int32_t p8i __attribute__((vector_size(32)));
+
+/* pairwise_f32 of the m·8 values v[0..m) (m = 4 or 16), 8 at a time (its 8 accumulators) */
+static inline float sum_sq8(const p8 *v, int m) {
+    p8 r = v[0];
+    for (int i = 1; i < m; i++) r += v[i];
+    return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
+}
+
 /* error weights, signs (parity-corrected), targets y and the group scales s0 of one block */
 static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uint32_t *mask, float *s0) {
+    const p8i bit = {1, 2, 4, 8, 16, 32, 64, 128}, sign = (p8i){0} + INT32_MIN;
+    p8 xv8[32], sq8[32];
+    memcpy(xv8, x, sizeof xv8);
+    for (int k = 0; k < 32; k++) sq8[k] = xv8[k] * xv8[k];
     if (qw != NULL) { /* common.importance_weights, σ² factor 2 */
-        float sq[256];
-        for (int k = 0; k < 256; k++) sq[k] = x[k] * x[k];
-        const float sigma2 = 2.0f * ((0.0f + (pairwise_f32(sq, 128) + pairwise_f32(sq + 128, 128))) / 256.0f);
-        for (int k = 0; k < 256; k++) w[k] = qw[k] * __builtin_sqrtf(sigma2 + x[k] * x[k]);
+        const float sigma2 = 2.0f * ((0.0f + (sum_sq8(sq8, 16) + sum_sq8(sq8 + 16, 16))) / 256.0f);
+        for (int k = 0; k < 32; k++) {
+            p8 q, v = sigma2 + sq8[k];
+#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
+            v = (p8)_mm256_sqrt_ps((__m256)v);
+#else
+            for (int i = 0; i < 8; i++) v[i] = __builtin_sqrtf(v[i]);
+#endif
+            memcpy(&q, qw + 8 * k, sizeof q);
+            const p8 wv = q * v;
+            memcpy(w + 8 * k, &wv, sizeof wv);
+        }
     } else {
         for (int g = 0; g < 8; g++) {
-            float sq[32];
-            for (int k = 0; k < 32; k++) sq[k] = x[32 * g + k] * x[32 * g + k];
-            const float root = __builtin_sqrtf(pairwise_f32(sq, 32) / 32.0f);
-            for (int k = 0; k < 32; k++) w[32 * g + k] = root + __builtin_fabsf(x[32 * g + k]);
+            const float root = __builtin_sqrtf(sum_sq8(sq8 + 4 * g, 4) / 32.0f);
+            for (int k = 0; k < 4; k++) {
+                const p8 wv = root + (p8)((p8i)xv8[4 * g + k] & ~sign);
+                memcpy(w + 32 * g + 8 * k, &wv, sizeof wv);
+            }
         }
     }
-    typedef float p8 __attribute__((vector_size(32)));
-    typedef int32_t p8i __attribute__((vector_size(32)));
-    const p8i bit = {1, 2, 4, 8, 16, 32, 64, 128}, sign = (p8i){0} + INT32_MIN;
     for (int r = 0; r < 32; r++) { /* one run's 8 elements a vector */
         const float *xr = x + 8 * r, *wr = w + 8 * r;
         p8 xv, wv;
@@ -357,17 +378,20 @@ static inline lf l_pick(const lf a[][4], li k, int u, int n_cand) {
 static void iq2_pair(const float *w, const float *y, const float *s0, const uint32_t *mask, const int64_t *cand,
                      int nb, const float *steps, int32_t n_steps, const float *super_steps, int32_t n_super,
                      int32_t refine, const float *grid, const int32_t *codes, const float *levels4, uint8_t *out) {
-    lf wy[4][8], wv[4][8], ca[8][4], cb[8][4], s0v;
-    for (int l = 0; l < 16; l++) { /* runs to lanes (a missing second block: zeros, entry 0) */
-        const int b = l / 8, g = l % 8, ok = b < nb;
-        s0v[l] = ok ? s0[8 * b + g] : 0.0f;
-        for (int u = 0; u < 4; u++)
-            for (int j = 0; j < 8; j++) {
-                const int at = 256 * b + 32 * g + 8 * u + j;
-                wv[u][j][l] = ok ? w[at] : 0.0f;
-                wy[u][j][l] = ok ? w[at] * y[at] : 0.0f;
-            }
+    lf wy[4][8], wv[4][8], ca[8][4], cb[8][4], s0v, yv[4][8];
+    /* runs to lanes: lane l's group is the 32 floats at 32·l (a missing second block: zeros, entry 0) */
+    float pad[2][512];
+    const float *wp = w, *yp = y;
+    if (nb < 2) {
+        memset(pad, 0, sizeof pad);
+        memcpy(pad[0], w, sizeof(float) * 256), memcpy(pad[1], y, sizeof(float) * 256);
+        wp = pad[0], yp = pad[1];
     }
+    rows_to_lanes16(wp, 32, (float *)wv);
+    rows_to_lanes16(yp, 32, (float *)yv);
+    for (int u = 0; u < 4; u++)
+        for (int j = 0; j < 8; j++) wy[u][j] = wv[u][j] * yv[u][j];
+    for (int l = 0; l < 16; l++) s0v[l] = l / 8 < nb ? s0[l] : 0.0f;
     /* A = Σ w·y·g and B = Σ w·g² of each candidate g (g² exact in float32) */
     for (int u = 0; u < 4; u++)
         for (int f = 0; f < n_steps; f++) {

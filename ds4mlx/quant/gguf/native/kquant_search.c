@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "npyops.h"
+#include "transpose.h"
 
 #if !defined(DS4MLX_PORTABLE) && defined(__AVX__)
 #include <immintrin.h>
@@ -380,37 +381,8 @@ static inline float sum_sq128(const float *x) {
     return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
 
-/* rows r = 0..KQ_W-1 of n floats at src + n·r -> lanes: out[k][r] (AVX-512: 16 x 16 transposes
- * by unpacking pairs of rows, then pairs of pairs, then 128-bit quarters) */
-static void to_lanes(const float *src, int n, vf *out) {
-#if defined(KQ_AVX) && defined(__AVX512F__)
-    for (int k0 = 0; k0 < n; k0 += 16) {
-        __m512 r[16], t[16];
-        for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + n * i + k0);
-        for (int i = 0; i < 16; i += 2) { /* per quarter L: rows i, i+1 at elements 4L, 4L+1 / 4L+2, 4L+3 */
-            t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-            t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-        }
-        for (int i = 0; i < 16; i += 4) { /* r[i + e]: per quarter L, rows i..i+3 at element 4L + e */
-            r[i] = (__m512)_mm512_unpacklo_pd((__m512d)t[i], (__m512d)t[i + 2]);
-            r[i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[i], (__m512d)t[i + 2]);
-            r[i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
-            r[i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
-        }
-        for (int e = 0; e < 4; e++) { /* quarters (rows 4g.., element 4L + e) to (element, rows) */
-            const __m512 u0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x44), u1 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xEE);
-            const __m512 u2 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x44), u3 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xEE);
-            out[k0 + e] = (vf)_mm512_shuffle_f32x4(u0, u2, 0x88);
-            out[k0 + 4 + e] = (vf)_mm512_shuffle_f32x4(u0, u2, 0xDD);
-            out[k0 + 8 + e] = (vf)_mm512_shuffle_f32x4(u1, u3, 0x88);
-            out[k0 + 12 + e] = (vf)_mm512_shuffle_f32x4(u1, u3, 0xDD);
-        }
-    }
-#else
-    for (int r = 0; r < KQ_W; r++)
-        for (int k = 0; k < n; k++) out[k][r] = src[n * r + k];
-#endif
-}
+/* rows r = 0..KQ_W-1 of n floats at src + n·r -> lanes: out[k][r] */
+static inline void to_lanes(const float *src, int n, vf *out) { rows_to_lanes16(src, n, (float *)out); }
 
 /* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n
  * (a multiple of 8), 8 at a time */
