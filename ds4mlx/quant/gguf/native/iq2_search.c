@@ -108,6 +108,7 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
     (void)lhs, (void)rows_unused;
     const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
     static const int32_t pow3[8] = {1, 3, 9, 27, 81, 243, 729, 2187};
+    const r16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (int64_t c0 = 0; c0 < n_runs; c0 += CAND_CHUNK) {
         const int n = n_runs - c0 < CAND_CHUNK ? (int)(n_runs - c0) : CAND_CHUNK, nv = (n + 15) / 16;
         r16 yv[CAND_CHUNK / 16][8], wv[CAND_CHUNK / 16][8], sv[CAND_CHUNK / 16];
@@ -150,13 +151,20 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
                 r16i pattern = {0};
                 for (int j = 0; j < 8; j++) pattern += -((yv[v][j] > t0) + (yv[v][j] > t1)) * pow3[j];
                 const r16i positive = (sr > 0.0f) & okw[v];
+                int32_t pat[16], ent[16];
+                memcpy(pat, &pattern, sizeof pat);
+                for (int i = 0; i < 16; i++) ent[i] = entry_of_pattern[pat[i]]; /* (int16: the table stays in L1) */
+                const int m = n - 16 * v < 16 ? n - 16 * v : 16;
+                for (int i = 0; i < m; i++) out[(c0 + 16 * v + i) * n_steps + f] = ent[i];
+                r16i entv;
+                memcpy(&entv, ent, sizeof entv);
+                const r16i needv = ~(positive & (entv >= 0)) & (lane < m);
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+                const uint32_t need = _mm512_test_epi32_mask((__m512i)needv, (__m512i)needv);
+#else
                 uint32_t need = 0;
-                for (int i = 0; i < 16; i++) {
-                    const int r = 16 * v + i;
-                    const int64_t entry = entry_of_pattern[pattern[i]]; /* (int16: the table stays in L1) */
-                    if (r < n) out[(c0 + r) * n_steps + f] = entry;
-                    need |= (uint32_t)(r < n && !(positive[i] && entry >= 0)) << i;
-                }
+                for (int i = 0; i < 16; i++) need |= (uint32_t)(needv[i] != 0) << i;
+#endif
                 if (!need) continue;
                 /* the search's lhs: a = (−2·w)·y, b = w·s, packed */
                 r16 ab[16];
