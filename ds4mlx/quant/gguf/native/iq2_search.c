@@ -9,9 +9,16 @@
  * and over 4..7 for each of their 81 level patterns are built once, and each entry's cost is one
  * sum of two of them (lo[e], hi[e] name its patterns). Runs go 8 at a time through GCC/Clang
  * vector types. The sums round differently from the matrix product, so only costs equal to
- * within float rounding can choose differently. Ties go to the lowest index, as with argmin. */
+ * within float rounding can choose differently. Ties go to the lowest index, as with argmin.
+ * Built where the compiler targets AVX-512 (-DDS4MLX_PORTABLE: its lanes in plain C); elsewhere
+ * iq2_search8.h, the previous kernel. */
+#if !defined(__AVX512F__)
+#include "iq2_search8.h"
+#else
 #include <stdint.h>
 #include <string.h>
+
+#include "lanes.h"
 #if (defined(__AVX__) || defined(__AVX512F__)) && !defined(DS4MLX_PORTABLE)
 #include <immintrin.h>
 #endif
@@ -136,8 +143,9 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
                 sv[v][i] = r < n ? s[c0 + r] : 0.0f;
             }
 #endif
-            r16i ok = wv[v][0] > 0.0f;
-            for (int j = 1; j < 8; j++) ok &= wv[v][j] > 0.0f;
+            const r16 zero = {0};
+            r16i ok = f_gt(wv[v][0], zero);
+            for (int j = 1; j < 8; j++) ok &= f_gt(wv[v][j], zero);
             okw[v] = ok;
         }
         float colbuf[16][CAND_CHUNK + CAND_PAD];
@@ -149,8 +157,8 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
             for (int v = 0; v < nv; v++) {
                 const r16 sr = sv[v] * steps[f], t0 = sr * mid0, t1 = sr * mid1;
                 r16i pattern = {0};
-                for (int j = 0; j < 8; j++) pattern += -((yv[v][j] > t0) + (yv[v][j] > t1)) * pow3[j];
-                const r16i positive = (sr > 0.0f) & okw[v];
+                for (int j = 0; j < 8; j++) pattern += -(f_gt(yv[v][j], t0) + f_gt(yv[v][j], t1)) * pow3[j];
+                const r16i positive = f_gt(sr, (r16){0}) & okw[v];
                 int32_t pat[16], ent[16];
                 memcpy(pat, &pattern, sizeof pat);
                 for (int i = 0; i < 16; i++) ent[i] = entry_of_pattern[pat[i]]; /* (int16: the table stays in L1) */
@@ -158,7 +166,7 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
                 for (int i = 0; i < m; i++) out[(c0 + 16 * v + i) * n_steps + f] = ent[i];
                 r16i entv;
                 memcpy(&entv, ent, sizeof entv);
-                const r16i needv = ~(positive & (entv >= 0)) & (lane < m);
+                const r16i needv = ~(positive & i_ge(entv, (r16i){0})) & i_lt(lane, (r16i){0} + m);
 #if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
                 const uint32_t need = _mm512_test_epi32_mask((__m512i)needv, (__m512i)needv);
 #else
@@ -178,10 +186,10 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
                 _mm512_storeu_si512((void *)(rows + ns), _mm512_maskz_compress_epi32(mk, rv));
                 ns += __builtin_popcount(need);
 #else
-                for (int i = 0; i < 16; i++) { /* branch-free: whether a run needs the search is data */
+                for (uint32_t left = need; left; left &= left - 1) {
+                    const int i = __builtin_ctz(left);
                     for (int j = 0; j < 16; j++) colbuf[j][ns] = ab[j][i];
-                    rows[ns] = 16 * v + i;
-                    ns += (need >> i) & 1;
+                    rows[ns++] = 16 * v + i;
                 }
 #endif
             }
@@ -326,7 +334,7 @@ static inline lf l_splat(float v) {
     for (int i = 0; i < 16; i++) r[i] = v;
     return r;
 }
-static inline lf l_sel(li m, lf a, lf b) { return (lf)((m & (li)a) | (~m & (li)b)); }
+static inline lf l_sel(li m, lf a, lf b) { return sel_f(m, a, b); }
 static inline li l_seli(li m, li a, li b) { return (m & a) | (~m & b); }
 static inline lf l_muladd(lf a, lf b, lf c) {
 #if defined(__aarch64__)
@@ -362,7 +370,7 @@ static inline void l_best(lf s, const lf ca[][4], const lf cb[][4], int n_cand, 
         li kk = {0};
         for (int f = 1; f < n_cand; f++) {
             const lf v = s * (s * cb[f][u] - 2.0f * ca[f][u]);
-            const li take = (c == c) & ((v < c) | (v != v));
+            const li take = f_eq(c, c) & (f_lt(v, c) | f_ne(v, v));
             c = l_sel(take, v, c);
             kk = l_seli(take, (li){0} + f, kk);
         }
@@ -377,7 +385,7 @@ static inline lf l_sum4(const lf c[4]) { /* a reduction over 4: one after the ot
 /* a[k[u]][u] lane by lane */
 static inline lf l_pick(const lf a[][4], li k, int u, int n_cand) {
     lf r = a[0][u];
-    for (int f = 1; f < n_cand; f++) r = l_sel(k == f, a[f][u], r);
+    for (int f = 1; f < n_cand; f++) r = l_sel(i_eq(k, (li){0} + f), a[f][u], r);
     return r;
 }
 
@@ -416,9 +424,12 @@ static void iq2_pair(const float *w, const float *y, const float *s0, const uint
                 g2[j] = gv[j] * gv[j];
             }
 #else
-            (void)codes, (void)levels4;
+            (void)grid;
+            li code;
+            for (int l = 0; l < 16; l++) code[l] = codes[e[l]];
             for (int j = 0; j < 8; j++) {
-                for (int l = 0; l < 16; l++) gv[j][l] = grid[8 * e[l] + j];
+                const li l = (code >> (2 * j)) & 3;
+                gv[j] = l_sel(i_eq(l, (li){0}), l_splat(levels4[0]), l_sel(i_eq(l, (li){0} + 1), l_splat(levels4[1]), l_splat(levels4[2])));
                 g2[j] = gv[j] * gv[j];
             }
 #endif
@@ -435,7 +446,7 @@ static void iq2_pair(const float *w, const float *y, const float *s0, const uint
             best_c = c;
             continue;
         }
-        const li take = (best_c == best_c) & ((c < best_c) | (c != c));
+        const li take = f_eq(best_c, best_c) & (f_lt(c, best_c) | f_ne(c, c));
         best_c = l_sel(take, c, best_c);
         step = l_sel(take, l_splat(steps[f]), step);
     }
@@ -445,8 +456,9 @@ static void iq2_pair(const float *w, const float *y, const float *s0, const uint
         lf ta[4], tb[4];
         for (int u = 0; u < 4; u++) ta[u] = l_pick(ca, k[u], u, n_steps), tb[u] = l_pick(cb, k[u], u, n_steps);
         const lf sa = l_sum4(ta), sbb = l_sum4(tb);
-        const lf pos = l_sel(sa > 0, sa, l_sel(sa != sa, sa, l_splat(0.0f))); /* np.maximum(sa, 0) */
-        s = l_sel(sbb > 0, pos / l_sel(sbb > 0, sbb, l_splat(1.0f)), l_splat(0.0f));
+        const lf zero = l_splat(0.0f);
+        const lf pos = l_sel(f_gt(sa, zero), sa, l_sel(f_ne(sa, sa), sa, zero)); /* np.maximum(sa, 0) */
+        s = l_sel(f_gt(sbb, zero), pos / l_sel(f_gt(sbb, zero), sbb, l_splat(1.0f)), zero);
     }
     /* super-scale D (fp16) and 4-bit group scales: s ≈ D·(2ls+1)/8; the best D candidate */
     float dmax[2], best_total[2] = {0, 0};
@@ -463,9 +475,9 @@ static void iq2_pair(const float *w, const float *y, const float *s0, const uint
             const float d = f16_to_f32(f32_to_f16(dmax[b] * super_steps[v]));
             for (int g = 0; g < 8; g++) dd[8 * b + g] = d;
         }
-        const lf safe = l_sel(dd > 0, dd, l_splat(1.0f));
+        const lf safe = l_sel(f_gt(dd, l_splat(0.0f)), dd, l_splat(1.0f));
         const lf lv = l_floor((8.0f * s / safe - 1.0f) / 2.0f + 0.5f);
-        const lf ls = l_sel(lv < 0, l_splat(0.0f), l_sel(lv > 15, l_splat(15.0f), lv));
+        const lf ls = l_sel(f_lt(lv, l_splat(0.0f)), l_splat(0.0f), l_sel(f_gt(lv, l_splat(15.0f)), l_splat(15.0f), lv));
         l_best(dd * (2.0f * ls + 1.0f) / 8.0f, ca, cb, n_steps, k, cost);
         li take = {0};
         for (int b = 0; b < nb; b++) {
@@ -527,3 +539,4 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
                      steps, n_steps, super_steps, n_super, refine, grid, codes, levels4, out + 66 * (b0 + i));
     }
 }
+#endif

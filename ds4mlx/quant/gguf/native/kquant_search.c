@@ -14,21 +14,26 @@
  * native.load_checked compares it with the numpy path on random rows before first use.
  *
  * Sub-blocks run KQ_W at a time, one per lane of KQ_W-float vectors (GCC/Clang vector
- * extensions: AVX-512 or two AVX halves where built with them, NEON quarters on arm64, plain C
- * lanes with -DDS4MLX_PORTABLE): each lane performs numpy's operations for its sub-block in
+ * extensions with AVX-512 intrinsics; -DDS4MLX_PORTABLE: the same lanes in plain C). Built only
+ * where the compiler targets AVX-512; elsewhere kquant_search8.h, the previous kernel (8 rows a
+ * vector). Each lane performs numpy's operations for its sub-block in
  * numpy's order, so each gets numpy's bits, while the sub-blocks' dependency chains (sums,
  * divisions, the candidate choice) run side by side. A group of KQ_W sub-blocks is two Q4_K
  * blocks or one Q2_K block; everything per sub-block (weights, search, codes, refit sums) runs
  * in that layout, v[k] holding element k of every sub-block. */
+#if !defined(__AVX512F__)
+#include "kquant_search8.h"
+#else
 #include <stdint.h>
 #include <string.h>
 
 #include "npyops.h"
 #include "transpose.h"
+#include "lanes.h"
 
-#if !defined(DS4MLX_PORTABLE) && defined(__AVX__)
+#if !defined(DS4MLX_PORTABLE)
 #include <immintrin.h>
-#define KQ_AVX 1
+#define KQ_AVX 1 /* (AVX-512 here) */
 #endif
 
 #if defined(__aarch64__)
@@ -46,6 +51,7 @@ typedef int64_t vl __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
+
 static inline vf splat(float v) {
     vf r;
     for (int i = 0; i < KQ_W; i++) r[i] = v;
@@ -56,10 +62,10 @@ static inline vd splatd(double v) {
     for (int i = 0; i < 8; i++) r[i] = v;
     return r;
 }
-static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
-static inline vd seld(vl m, vd a, vd b) { return (vd)((m & (vl)a) | (~m & (vl)b)); }
+static inline vf sel(vi m, vf a, vf b) { return sel_f(m, a, b); }
+static inline vd seld(vl m, vd a, vd b) { return sel_d(m, a, b); }
 /* lanes 8h .. 8h + 7 of a float vector in float64, and back */
-#if defined(KQ_AVX) && defined(__AVX512F__) /* one conversion each (GCC splits the generic ones) */
+#if defined(KQ_AVX) /* one conversion each (GCC splits the generic ones) */
 static inline vd to_d(vf v, int h) {
     return (vd)_mm512_cvtps_pd(h ? _mm256_castpd_ps(_mm512_extractf64x4_pd((__m512d)v, 1)) : _mm512_castps512_ps256((__m512)v));
 }
@@ -80,7 +86,7 @@ static inline vf to_f(const vd v[2]) {
 #endif
 static inline int any_l(vl m0, vl m1) { /* whether a lane is set */
     const vl m = m0 | m1;
-#if defined(KQ_AVX) && defined(__AVX512F__)
+#if defined(KQ_AVX)
     return _mm512_test_epi64_mask((__m512i)m, (__m512i)m) != 0;
 #else
     int64_t any = 0;
@@ -103,52 +109,32 @@ static inline vf vmuladd(vf a, vf b, vf c) {
  * instruction each where AVX has them (np.clip as max(0, q) then min(nmax, q): x86 max/min return
  * the second operand when either is NaN and on equal operands, so NaN and -0 pass through as in
  * numpy), else lane by lane as npyops.h */
-#if defined(KQ_AVX) && defined(__AVX512F__)
+#if defined(KQ_AVX)
 static inline vf v_rint(vf v) { return (vf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf v_floor(vf v) { return (vf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
 static inline vf v_sqrt(vf v) { return (vf)_mm512_sqrt_ps((__m512)v); }
 static inline vf v_clip(vf q, float nmax) {
     return (vf)_mm512_min_ps((__m512)splat(nmax), _mm512_max_ps(_mm512_setzero_ps(), (__m512)q));
 }
-#elif defined(KQ_AVX)
-typedef union {
-    vf v;
-    __m256 h[2];
-} vf_halves;
-#define HALVES(EXPR)                    \
-    vf_halves u = {.v = v};             \
-    for (int i = 0; i < 2; i++) {       \
-        const __m256 a = u.h[i];        \
-        u.h[i] = (EXPR);                \
-    }                                   \
-    return u.v;
-static inline vf v_rint(vf v) { HALVES(_mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)) }
-static inline vf v_floor(vf v) { HALVES(_mm256_round_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)) }
-static inline vf v_sqrt(vf v) { HALVES(_mm256_sqrt_ps(a)) }
-static inline vf v_clip(vf v, float nmax) {
-    const __m256 top = _mm256_set1_ps(nmax);
-    HALVES(_mm256_min_ps(top, _mm256_max_ps(_mm256_setzero_ps(), a)))
-}
-#undef HALVES
 #else
 static inline vf v_rint(vf v) { /* rint_f, lane by lane */
     const vi bits = (vi)v, sign = bits & (vi)splat(-0.0f);
     const vf a = (vf)(bits ^ sign);
-    const vi small = a < 0x1p23f;
+    const vi small = f_lt(a, splat(0x1p23f));
     const vf r = (a + 0x1p23f) - 0x1p23f;
     return (vf)((((vi)r & small) | ((vi)a & ~small)) | sign);
 }
 static inline vf v_floor(vf v) { /* floor_f */
     const vf t = v_rint(v);
-    return t - (vf)((vi)splat(1.0f) & (t > v));
+    return t - (vf)((vi)splat(1.0f) & f_gt(t, v));
 }
 static inline vf v_sqrt(vf v) {
     for (int i = 0; i < KQ_W; i++) v[i] = __builtin_sqrtf(v[i]);
     return v;
 }
 static inline vf v_clip(vf q, float nmax) { /* np.clip(q, 0, nmax): -0 and NaN pass through */
-    q = (vf)((vi)q & ~(q < 0.0f));
-    return sel(q > nmax, splat(nmax), q);
+    q = (vf)((vi)q & ~f_lt(q, splat(0.0f)));
+    return sel(f_gt(q, splat(nmax)), splat(nmax), q);
 }
 #endif
 
@@ -214,13 +200,13 @@ static inline vd lsq_err(vd scale, vd b, vd sl, vd sxl, vd sl2, vd sw, vd sx) {
 static inline vl lsq(vd sl, vd sxl, vd sl2, vd sw, vd sx, vd *scale_out, vd *b_out) {
     const vd zero = splatd(0.0), one = splatd(1.0);
     const vd det = sw * sl2 - sl * sl;
-    const vl ok = det > 0;
+    const vl ok = d_gt(det, zero);
     const vd safe = seld(ok, det, one);
     vd scale = seld(ok, (sw * sxl - sx * sl) / safe, zero);
     vd b = seld(ok, (sl2 * sx - sl * sxl) / safe, zero);
     *scale_out = scale;
     *b_out = b;
-    return b > 0;
+    return d_gt(b, zero);
 }
 
 /* lsq's end: the lanes pos where b > 0 refit the scale alone with b = 0 (rare: a sub-block with
@@ -232,11 +218,11 @@ static inline void lsq_end(vl pos, int any_pos, vd sl, vd sxl, vd sl2, vd sw, vd
     const vd zero = splatd(0.0), one = splatd(1.0);
     vd scale = *scale_out, b = *b_out;
     if (any_pos) {
-        const vl l2 = sl2 > 0;
+        const vl l2 = d_gt(sl2, zero);
         scale = seld(pos, seld(l2, sxl / seld(l2, sl2, one), zero), scale);
         b = seld(pos, zero, b);
     }
-    scale = seld(scale <= 0, zero, scale); /* !(scale > 0) && !isnan(scale) */
+    scale = seld(d_le(scale, zero), zero, scale); /* !(scale > 0) && !isnan(scale) */
     *scale_out = scale;
     *b_out = b;
     *err_out = lsq_err(scale, b, sl, sxl, sl2, sw, sx);
@@ -250,11 +236,11 @@ static void fit_group(const vf *x, const vf *w, const vf *wx, const vd swr[2], c
     vf dx[32], q[32], q0[32];
     vf mn = x[0], mx = x[0];
     for (int k = 0; k < n; k++) {
-        mn = sel(x[k] < mn, x[k], mn);
-        mx = sel(x[k] > mx, x[k], mx);
+        mn = sel(f_lt(x[k], mn), x[k], mn);
+        mx = sel(f_gt(x[k], mx), x[k], mx);
     }
-    const vf l = sel(mn < 0, mn, splat(0.0f)), span = mx - l;
-    const vi flat = span <= 0;
+    const vf l = sel(f_lt(mn, splat(0.0f)), mn, splat(0.0f)), span = mx - l;
+    const vi flat = f_le(span, splat(0.0f));
     const vf sp = sel(flat, splat(1.0f), span);
     const vd spd[2] = {to_d(sp, 0), to_d(sp, 1)};
     for (int k = 0; k < n; k++) dx[k] = x[k] - l;
@@ -288,7 +274,7 @@ static void fit_group(const vf *x, const vf *w, const vf *wx, const vd swr[2], c
         for (int h = 0; h < 2; h++) {
             lsq_end(pos[h], any_pos, sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h], &err[h]);
             /* less(err, best_err): the first NaN wins */
-            const vl take = (best_err[h] == best_err[h]) & ((err[h] < best_err[h]) | (err[h] != err[h]));
+            const vl take = d_eq(best_err[h], best_err[h]) & (d_lt(err[h], best_err[h]) | d_ne(err[h], err[h]));
             best_scale[h] = seld(take, scale[h], best_scale[h]);
             best_b[h] = seld(take, b[h], best_b[h]);
             best_err[h] = seld(take, err[h], best_err[h]);
@@ -297,9 +283,10 @@ static void fit_group(const vf *x, const vf *w, const vf *wx, const vd swr[2], c
     /* Polish: a round that does not improve leaves a lane's winner as it was, so every later
      * round would repeat it: the lane stops there (the same result as running them all), as
      * it does at a zero scale. */
-    vl active[2] = {best_scale[0] > 0, best_scale[1] > 0};
+    const vd zero = splatd(0.0);
+    vl active[2] = {d_gt(best_scale[0], zero), d_gt(best_scale[1], zero)};
     for (int32_t i = 0; i < refine; i++) {
-        for (int h = 0; h < 2; h++) active[h] &= best_scale[h] > 0;
+        for (int h = 0; h < 2; h++) active[h] &= d_gt(best_scale[h], zero);
         if (!any_l(active[0], active[1])) break;
         const vf safe = to_f(best_scale), bf = to_f(best_b);
         for (int k = 0; k < n; k++) q[k] = v_clip(v_rint((x[k] - bf) / safe), nmax);
@@ -310,7 +297,7 @@ static void fit_group(const vf *x, const vf *w, const vf *wx, const vd swr[2], c
         const int any_pos = any_l(pos[0], pos[1]);
         for (int h = 0; h < 2; h++) {
             lsq_end(pos[h], any_pos, sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h], &err[h]);
-            const vl take = active[h] & (err[h] < best_err[h]);
+            const vl take = active[h] & d_lt(err[h], best_err[h]);
             best_scale[h] = seld(take, scale[h], best_scale[h]);
             best_b[h] = seld(take, b[h], best_b[h]);
             best_err[h] = seld(take, err[h], best_err[h]);
@@ -512,7 +499,7 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
             memcpy(&iv, inv, sizeof iv);
             for (int k = 0; k < sub; k++) {
                 const vf t = v_clip(v_floor((x[k] + mv) * iv + 0.5f), nmax);
-                q[k] = (vf)((vi)t & (t == t)) + 0.0f;
+                q[k] = (vf)((vi)t & f_eq(t, t)) + 0.0f;
                 wq[k] = w[k] * q[k];
                 wxx[g][k] = wx[k] * x[k];
             }
@@ -604,3 +591,4 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
         }
     }
 }
+#endif
