@@ -323,12 +323,6 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
 typedef float lf __attribute__((vector_size(64)));
 typedef int32_t li __attribute__((vector_size(64)));
 
-#if defined(__aarch64__)
-#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
-#else
-#define MULADD(a, b, c) ((a) * (b) + (c))
-#endif
-
 static inline lf l_splat(float v) {
     lf r;
     for (int i = 0; i < 16; i++) r[i] = v;
@@ -336,14 +330,7 @@ static inline lf l_splat(float v) {
 }
 static inline lf l_sel(li m, lf a, lf b) { return sel_f(m, a, b); }
 static inline li l_seli(li m, li a, li b) { return (m & a) | (~m & b); }
-static inline lf l_muladd(lf a, lf b, lf c) {
-#if defined(__aarch64__)
-    for (int i = 0; i < 16; i++) a[i] = MULADD(a[i], b[i], c[i]);
-    return a;
-#else
-    return a * b + c;
-#endif
-}
+static inline lf l_muladd(lf a, lf b, lf c) { return a * b + c; } /* (not fused: x86's numpy) */
 static inline lf l_floor(lf v) { /* floor_f */
 #if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
     return (lf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -353,9 +340,8 @@ static inline lf l_floor(lf v) { /* floor_f */
 #endif
 }
 
-/* numpy's float32 einsum over a run's 8 elements (dot8 of the earlier code, lane-wise): products
- * of elements j and j + 4 in accumulator j (multiply and add, fused on arm64 as numpy's NEON code
- * does), sums (l0 + l1) + (l2 + l3) */
+/* numpy's float32 einsum over a run's 8 elements, lane-wise: products of elements j and j + 4 in
+ * accumulator j, sums (l0 + l1) + (l2 + l3) */
 static inline lf l_dot8(const lf a[8], const lf b[8]) {
     lf t[4];
     for (int i = 0; i < 4; i++) t[i] = l_muladd(a[i + 4], b[i + 4], l_muladd(a[i], b[i], l_splat(0.0f)));

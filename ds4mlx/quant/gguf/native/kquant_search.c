@@ -6,7 +6,7 @@
  * It must give the numpy path's bits, so every operation is the one numpy performs:
  *  - the float32 sums Σ q·w, Σ q·wx, Σ q²·w are numpy's einsum inner loop (4 float lanes, 16
  *    elements per step, lane sums (l0 + l1) + (l2 + l3)); it multiplies and adds separately on
- *    x86 (SSE baseline) and fuses them on arm64 (NEON), hence MULADD;
+ *    x86 (SSE baseline; arm64 fuses them: kquant_search8.h);
  *  - the per-row algebra is float64, term by term in numpy's order (built with
  *    -ffp-contract=off, so nothing else is fused);
  *  - np.clip keeps -0 and NaN, np.maximum(s, 0) turns -0 into +0, argmin takes the first
@@ -34,12 +34,6 @@
 #if !defined(DS4MLX_PORTABLE)
 #include <immintrin.h>
 #define KQ_AVX 1 /* (AVX-512 here) */
-#endif
-
-#if defined(__aarch64__)
-#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
-#else
-#define MULADD(a, b, c) ((a) * (b) + (c))
 #endif
 
 #define KQ_W 16
@@ -95,15 +89,7 @@ static inline int any_l(vl m0, vl m1) { /* whether a lane is set */
 #endif
 }
 
-static inline vf vmuladd(vf a, vf b, vf c) {
-#if defined(__aarch64__)
-    vf r;
-    for (int i = 0; i < KQ_W; i++) r[i] = MULADD(a[i], b[i], c[i]);
-    return r;
-#else
-    return a * b + c;
-#endif
-}
+static inline vf vmuladd(vf a, vf b, vf c) { return a * b + c; } /* (not fused: x86's numpy) */
 
 /* rint (to nearest even, -0 kept, NaN quiet), floor, sqrt, and np.clip(q, 0, nmax): one
  * instruction each where AVX has them (np.clip as max(0, q) then min(nmax, q): x86 max/min return
