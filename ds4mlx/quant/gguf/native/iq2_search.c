@@ -292,8 +292,8 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
         p8i nb = negv & bit;
         const uint32_t neg = (uint32_t)(((nb[0] | nb[1]) | (nb[2] | nb[3])) | ((nb[4] | nb[5]) | (nb[6] | nb[7])));
         const int odd = __builtin_popcount(neg) & 1;
-        int cheapest = -1;
-        if (odd) {
+        int cheapest = 0;
+        { /* (for every run, branch-free: whether a run is odd is data) */
 #if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
             /* without NaN the first least value is the first lane equal to the minimum */
             const __m256 cv = _mm256_loadu_ps(c);
@@ -307,7 +307,7 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
 #endif
                 cheapest = argmin_first(c, 8, 1);
         }
-        const uint32_t flip = odd ? 1u << cheapest : 0u;
+        const uint32_t flip = (uint32_t)-odd & (1u << cheapest);
         mask[r] = neg ^ flip;
         /* |x|, negated at the flipped element */
         const p8 yv = (p8)(((p8i)xv & ~sign) | (((bit & ((p8i){0} + (int32_t)flip)) != 0) & sign));
@@ -470,10 +470,9 @@ static void iq2_pair(const float *w, const float *y, const float *s0, const uint
             float c[32];
             for (int r = 0; r < 32; r++) c[r] = cost[r % 4][8 * b + r / 4];
             const float total = pairwise_f32(c, 32);
-            if (v == 0 || total < best_total[b]) {
-                best_total[b] = total;
-                for (int g = 0; g < 8; g++) take[8 * b + g] = -1;
-            }
+            const int32_t better = -(int32_t)(v == 0 || total < best_total[b]); /* (branch-free: data) */
+            best_total[b] = better ? total : best_total[b];
+            for (int g = 0; g < 8; g++) take[8 * b + g] = better;
         }
         best_dd = l_sel(take, dd, best_dd);
         best_ls = l_sel(take, ls, best_ls);

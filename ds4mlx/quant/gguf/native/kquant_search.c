@@ -545,10 +545,9 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
             const float nef = f16_to_f32(f64_to_f16(clip_d(ne, 65504.0)));
 #define ERR(dd, ee) ((dd) * (dd) * saa + (ee) * (ee) * scc + s_xx - 2 * (dd) * (ee) * sac - 2 * (dd) * sax + 2 * (ee) * scx)
             const double dn = ndf, en = nef, d0 = d, e0 = dmin;
-            if ((ok || only_d) && ERR(dn, en) < ERR(d0, e0)) {
-                d = ndf;
-                dmin = nef;
-            }
+            const int better = (ok | only_d) & (ERR(dn, en) < ERR(d0, e0)); /* (branch-free: data) */
+            d = better ? ndf : d;
+            dmin = better ? nef : dmin;
 #undef ERR
             float mm[16], inv[16];
             code_steps(d, dmin, ls, lm, subs, mm, inv);
