@@ -38,10 +38,16 @@ def test_same_bytes_as_reference(name):
                 assert np.array_equal(new, old), (name, seed, imp is not None, int((new != old).sum()))
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q2_K"])
-def test_same_bytes_across_batches(name):
+@pytest.mark.parametrize("name", ["Q4_K", "Q2_K", "IQ2_XXS"])
+@pytest.mark.parametrize("native_chunk", [None, 96])
+def test_same_bytes_across_batches(name, native_chunk, monkeypatch):
     # 1100 super-blocks: several of the quantizers' batches (and a partial one), where the
-    # reference batches differently
+    # reference batches differently; the compiled ones also in batches of 96 (each written into
+    # its rows of the one output)
+    from ds4mlx.quant.gguf import iq2_xxs, q2_k, q4_k
+
+    if native_chunk is not None:
+        monkeypatch.setattr({"Q4_K": q4_k, "Q2_K": q2_k, "IQ2_XXS": iq2_xxs}[name], "_NATIVE_CHUNK_BLOCKS", native_chunk)
     x = np.random.default_rng(6).standard_normal((275, 1024), dtype=np.float32) * 0.02
     assert np.array_equal(fmts.get(name).quantize(x), reference.QUANTIZE[name](x))
 
