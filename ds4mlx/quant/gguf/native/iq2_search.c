@@ -7,7 +7,7 @@
  * error). numpy does this as a [runs, 16] x [16, 256] matrix product and an argmin over the
  * [runs, 256] table in memory. Here the cost is split by element: the sums over elements 0..3
  * and over 4..7 for each of their 81 level patterns are built once, and each entry's cost is one
- * sum of two of them (lo[e], hi[e] name its patterns). Runs go 8 at a time through GCC/Clang
+ * sum of two of them (lo[e], hi[e] name its patterns). Runs go 16 at a time through GCC/Clang
  * vector types. The sums round differently from the matrix product, so only costs equal to
  * within float rounding can choose differently. Ties go to the lowest index, as with argmin.
  * Built where the compiler targets AVX-512 (-DDS4MLX_PORTABLE: its lanes in plain C); elsewhere
@@ -105,7 +105,8 @@ static void search(const float *const col[16], const int32_t *rows, int n_rows, 
  * each element's nearest level (all weights positive, scale positive) forms a grid entry
  * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. Runs go
  * 16 at a time, one per lane (element j of the runs in one vector); the runs that need the
- * search are packed into the search's columns (lhs, rows: the caller's scratch, unused). */
+ * search are packed into the search's columns (lhs, rows: the previous kernel's scratch, unused
+ * here). */
 void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_runs,
                     const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
                     const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows_unused,
