@@ -38,10 +38,16 @@ def test_same_bytes_as_reference(name):
                 assert np.array_equal(new, old), (name, seed, imp is not None, int((new != old).sum()))
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q2_K"])
-def test_same_bytes_across_batches(name):
+@pytest.mark.parametrize("name", ["Q4_K", "Q2_K", "IQ2_XXS"])
+@pytest.mark.parametrize("native_chunk", [None, 96])
+def test_same_bytes_across_batches(name, native_chunk, monkeypatch):
     # 1100 super-blocks: several of the quantizers' batches (and a partial one), where the
-    # reference batches differently
+    # reference batches differently; the compiled ones also in batches of 96 (each written into
+    # its rows of the one output)
+    from ds4mlx.quant.gguf import iq2_xxs, q2_k, q4_k
+
+    if native_chunk is not None:
+        monkeypatch.setattr({"Q4_K": q4_k, "Q2_K": q2_k, "IQ2_XXS": iq2_xxs}[name], "_NATIVE_CHUNK_BLOCKS", native_chunk)
     x = np.random.default_rng(6).standard_normal((275, 1024), dtype=np.float32) * 0.02
     assert np.array_equal(fmts.get(name).quantize(x), reference.QUANTIZE[name](x))
 
@@ -138,6 +144,31 @@ def test_iq2_xxs_native_edge_cases():
             with np.errstate(all="ignore"):
                 want = iq2_xxs.numpy_chunk(x, weights, lib)
             assert np.array_equal(got, want), (float(np.abs(x).max()), weights is not None)
+
+
+def test_portable_c_path_same_bytes(monkeypatch):
+    # the kernels without their x86 intrinsics (DS4MLX_QUANT_PORTABLE=1: the generic vector code
+    # that arm64 and other CPUs compile) against the numpy recipes, with and without importance
+    from ds4mlx.quant.gguf import iq2_xxs
+
+    monkeypatch.setenv("DS4MLX_QUANT_PORTABLE", "1")
+    for name in ("kquant_search", "iq2_search"):
+        monkeypatch.delitem(native._LIBS, name, raising=False)
+        monkeypatch.delitem(native._CHECKED, name, raising=False)
+    kq = native.load("kquant_search")
+    assert kq is not None or pytest.skip("no C compiler here")
+    iq = native.load("iq2_search")
+    rng = np.random.default_rng(15)
+    for x in _edge_blocks(rng)[::3]:
+        imp = rng.gamma(0.3, size=x.shape).astype(np.float32) * (rng.random(x.shape) < 0.8)
+        for weights in (None, imp):
+            with np.errstate(all="ignore"):
+                for name in ("Q4_K", "Q2_K"):
+                    numpy_chunk, search = common.KQUANT_NUMPY[name]
+                    got = common.kquant_blocks(kq, name, x, weights, search)
+                    assert np.array_equal(got, numpy_chunk(x, weights)), (name, weights is not None)
+                got = iq2_xxs._compiled_chunk(iq, x, weights)
+                assert np.array_equal(got, iq2_xxs.numpy_chunk(x, weights, iq)), weights is not None
 
 
 def test_q8_0_native_and_numpy_agree():

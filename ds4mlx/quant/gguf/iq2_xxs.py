@@ -24,7 +24,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import native
-from .common import as_blocks, field_f16, flat_values, importance_weights, np_f16_bytes, quantize_in_chunks
+from .common import (as_blocks, field_f16, flat_values, importance_weights, np_f16_bytes, np_out_rows,
+                     quantize_in_chunks)
 
 NAME = "IQ2_XXS"
 GGML_TYPE = int(GGMLQuantizationType.IQ2_XXS)
@@ -202,10 +203,10 @@ def _check_native(lib) -> bool:
     return all(np.array_equal(numpy_chunk(xb, imp, lib), _compiled_chunk(lib, xb, imp)) for imp in (None, qw))
 
 
-def _compiled_chunk(lib, xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+def _compiled_chunk(lib, xb: np.ndarray, qw: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
     xc = np.ascontiguousarray(xb, dtype=np.float32)
     qc = None if qw is None else np.ascontiguousarray(qw, dtype=np.float32)
-    out = np.empty((xc.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    out = np_out_rows(out, xc.shape[0], BLOCK_BYTES)
     lib.iq2_quantize(native.ptr(xc), None if qc is None else native.ptr(qc), ctypes.c_int64(xc.shape[0]),
                      _ptr(_SCALE_STEPS), ctypes.c_int32(len(_SCALE_STEPS)), _ptr(_SUPER_STEPS),
                      ctypes.c_int32(len(_SUPER_STEPS)), ctypes.c_int32(_REFINE), _ptr(GRID_LEVELS),
@@ -293,5 +294,8 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     ``weights``: optional importance, broadcast to ``x`` (e.g. an imatrix ``[n]``), weighted
     as ``common.importance_weights``.
     """
-    chunk = _CHUNK_BLOCKS if _native() is None else _NATIVE_CHUNK_BLOCKS
-    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, chunk, _quantize_chunk)
+    lib = _native()
+    if lib is None:
+        return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk)
+    return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _NATIVE_CHUNK_BLOCKS,
+                              lambda xb, qw, out: _compiled_chunk(lib, xb, qw, out), block_bytes=BLOCK_BYTES)

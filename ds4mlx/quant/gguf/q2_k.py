@@ -76,4 +76,5 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     if lib is None:
         return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, numpy_chunk)
     return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _NATIVE_CHUNK_BLOCKS,
-                              lambda xb, qw: kquant_blocks(lib, NAME, xb, qw, SEARCH))
+                              lambda xb, qw, out: kquant_blocks(lib, NAME, xb, qw, SEARCH, out=out),
+                              block_bytes=BLOCK_BYTES)

@@ -2,6 +2,8 @@
 compiler (``$CC`` or ``cc``) and cached by source hash in ``$DS4MLX_QUANT_CACHE`` (default
 ``~/.cache/ds4mlx/quant``). Without a compiler, or with ``DS4MLX_QUANT_NATIVE=0``, :func:`load`
 returns None and the quantizers use their numpy path (same choices, slower).
+``DS4MLX_QUANT_PORTABLE=1`` builds them without their x86 intrinsics (``-DDS4MLX_PORTABLE``: the
+plain C vector-extension path other CPUs take; tests check that it gives the same bytes).
 
 numpy has no fused "matrix product then argmin" and MLX on the CPU is slower still for these
 shapes (measured), hence a few lines of C rather than a dependency.
@@ -64,9 +66,10 @@ def _build(name: str) -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         return None
+    flags = _FLAGS + (["-DDS4MLX_PORTABLE"] if os.environ.get("DS4MLX_QUANT_PORTABLE") == "1" else [])
     # the headers beside the sources are part of every build's identity
     sources = [(HERE / f"{name}.c").read_bytes()] + [h.read_bytes() for h in sorted(HERE.glob("*.h"))]
-    digest = hashlib.sha256(b"\0".join([*sources, cc.encode(), " ".join(_FLAGS).encode(),
+    digest = hashlib.sha256(b"\0".join([*sources, cc.encode(), " ".join(flags).encode(),
                                          _cpu_identity()])).hexdigest()[:24]
     lib = _cache_dir() / f"{name}-{digest}.so"
     if not lib.exists():
@@ -74,7 +77,7 @@ def _build(name: str) -> ctypes.CDLL | None:
         tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
         for tune in _TUNE:
             try:
-                subprocess.run([cc, *_FLAGS, *tune, "-o", str(tmp), str(HERE / f"{name}.c")], check=True,
+                subprocess.run([cc, *flags, *tune, "-o", str(tmp), str(HERE / f"{name}.c")], check=True,
                                capture_output=True, timeout=120)
                 os.replace(tmp, lib)
                 break

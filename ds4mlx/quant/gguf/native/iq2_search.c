@@ -7,19 +7,27 @@
  * error). numpy does this as a [runs, 16] x [16, 256] matrix product and an argmin over the
  * [runs, 256] table in memory. Here the cost is split by element: the sums over elements 0..3
  * and over 4..7 for each of their 81 level patterns are built once, and each entry's cost is one
- * sum of two of them (lo[e], hi[e] name its patterns). Runs go 8 at a time through GCC/Clang
+ * sum of two of them (lo[e], hi[e] name its patterns). Runs go 16 at a time through GCC/Clang
  * vector types. The sums round differently from the matrix product, so only costs equal to
- * within float rounding can choose differently. Ties go to the lowest index, as with argmin. */
+ * within float rounding can choose differently. Ties go to the lowest index, as with argmin.
+ * Built where the compiler targets AVX-512 (-DDS4MLX_PORTABLE: its lanes in plain C); elsewhere
+ * iq2_search8.h, the previous kernel. */
+#if !defined(__AVX512F__)
+#include "iq2_search8.h"
+#else
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX__)
+
+#include "lanes.h"
+#if (defined(__AVX__) || defined(__AVX512F__)) && !defined(DS4MLX_PORTABLE)
 #include <immintrin.h>
 #endif
 
 /* The search over U·W runs side by side (each lane one run, so the lane count does not change a
  * result): U vectors of W lanes, 128-bit (SSE2, NEON) or on x86 256-bit with AVX2 where the CPU
  * has it (chosen at run time). The U vectors are independent chains of compare-and-select, which
- * would otherwise wait on each other's latency. */
+ * would otherwise wait on each other's latency. The runs' lhs come as 16 columns (a[j], b[j] of
+ * run k at col[j][k], j < 16; padded to a multiple of W·U). */
 #define DEFINE_SEARCH(SUFFIX, W, U, ATTR)                                                       \
     typedef float vf##SUFFIX __attribute__((vector_size(4 * W)));                              \
     typedef int32_t vi##SUFFIX __attribute__((vector_size(4 * W)));                            \
@@ -35,25 +43,21 @@
         for (int p = 0; p < 81; p++)                                                           \
             for (int u = 0; u < U; u++) h[p][u] = h3[p % 27][u] + t[j0 + 3][p / 27][u];         \
     }                                                                                          \
-    /* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */ \
-    ATTR static void search##SUFFIX(const float *lhs, const int64_t *rows, int64_t n_rows,     \
+    /* best entries of the n_rows runs of the columns, into out[rows[k] * stride] */           \
+    ATTR static void search##SUFFIX(const float *const col[16], const int32_t *rows, int n_rows,\
                                     const float *levels, const int32_t *lo, const int32_t *hi, \
                                     int64_t *out, int64_t stride) {                            \
         typedef vf##SUFFIX vf;                                                                 \
         typedef vi##SUFFIX vi;                                                                 \
-        for (int64_t k0 = 0; k0 < n_rows; k0 += W * U) {                                       \
-            const int m = n_rows - k0 < W * U ? (int)(n_rows - k0) : W * U;                    \
-            float a[16][U][W];                                                                 \
-            for (int i = 0; i < W * U; i++)                                                    \
-                for (int j = 0; j < 16; j++)                                                   \
-                    a[j][i / W][i % W] = lhs[rows[k0 + (i < m ? i : 0)] * 16 + j];             \
+        for (int k0 = 0; k0 < n_rows; k0 += W * U) {                                           \
+            const int m = n_rows - k0 < W * U ? n_rows - k0 : W * U;                           \
             vf t[8][3][U], h_lo[81][U], h_hi[81][U], best[U];                                  \
             vi idx[U];                                                                         \
             for (int j = 0; j < 8; j++)                                                        \
                 for (int u = 0; u < U; u++) {                                                  \
                     vf aj, bj;                                                                 \
-                    memcpy(&aj, a[j][u], sizeof aj);                                           \
-                    memcpy(&bj, a[8 + j][u], sizeof bj);                                       \
+                    memcpy(&aj, col[j] + k0 + W * u, sizeof aj);                               \
+                    memcpy(&bj, col[8 + j] + k0 + W * u, sizeof bj);                           \
                     for (int l = 0; l < 3; l++) t[j][l][u] = aj * levels[l] + bj * (levels[l] * levels[l]); \
                 }                                                                              \
             half_sums##SUFFIX(t, 0, h_lo);                                                     \
@@ -77,101 +81,121 @@
 
 DEFINE_SEARCH(4, 4, 4, )
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(DS4MLX_PORTABLE)
 DEFINE_SEARCH(8, 8, 4, __attribute__((target("avx2"))))
 DEFINE_SEARCH(16, 16, 4, __attribute__((target("avx512f"))))
 
-static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const float *levels,
+static void search(const float *const col[16], const int32_t *rows, int n_rows, const float *levels,
                    const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
     static int avx2 = -1, avx512 = -1;
     if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2"), avx512 = __builtin_cpu_supports("avx512f");
     /* 64 runs a pass with AVX-512 once there are enough to fill them (a lane's result does not
      * depend on the width) */
-    (avx512 && n_rows > 32 ? search16 : avx2 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
+    (avx512 && n_rows > 32 ? search16 : avx2 ? search8 : search4)(col, rows, n_rows, levels, lo, hi, out, stride);
 }
 #else
 #define search search4
 #endif
 
+#define CAND_CHUNK 512 /* runs whose candidates are made together */
+#define CAND_PAD 64    /* the columns' padding: the widest search's W·U */
+
 /* The candidates of _candidate_entries: for runs y, w [n_runs][8] (|x| and error weights) with
  * group scale s[r], the best entry at each scale s[r] * steps[f], out [n_runs][n_steps]. Where
  * each element's nearest level (all weights positive, scale positive) forms a grid entry
- * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. */
+ * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. Runs go
+ * 16 at a time, one per lane (element j of the runs in one vector); the runs that need the
+ * search are packed into the search's columns (lhs, rows: the previous kernel's scratch, unused
+ * here). */
 void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_runs,
                     const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
-                    const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows,
+                    const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows_unused,
                     int64_t *out) {
-    typedef float r8 __attribute__((vector_size(32)));
-    typedef int32_t r8i __attribute__((vector_size(32)));
+    typedef float r16 __attribute__((vector_size(64)));
+    typedef int32_t r16i __attribute__((vector_size(64)));
+    (void)lhs, (void)rows_unused;
     const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
-    const r8i pow3 = {1, 3, 9, 27, 81, 243, 729, 2187};
-    /* branch-free: whether a run needs the search is data, and mispredicted it costs more than
-     * the pattern itself; a run's 8 elements are one vector */
-    for (int64_t f = 0; f < n_steps; f++) {
-        int64_t n_search = 0;
-        for (int64_t r = 0; r < n_runs; r++) {
-            const float sr = s[r] * steps[f], t0 = sr * mid0, t1 = sr * mid1;
-            r8 yv, wv;
-            memcpy(&yv, y + 8 * r, sizeof yv);
-            memcpy(&wv, w + 8 * r, sizeof wv);
-            const r8i level = -((yv > t0) + (yv > t1)), pw = level * pow3, pos = wv > 0.0f;
-            const int32_t pattern = ((pw[0] + pw[1]) + (pw[2] + pw[3])) + ((pw[4] + pw[5]) + (pw[6] + pw[7]));
-#if defined(__AVX__)
-            const int positive = (sr > 0) & (_mm256_movemask_ps((__m256)pos) == 0xFF);
+    static const int32_t pow3[8] = {1, 3, 9, 27, 81, 243, 729, 2187};
+    const r16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t c0 = 0; c0 < n_runs; c0 += CAND_CHUNK) {
+        const int n = n_runs - c0 < CAND_CHUNK ? (int)(n_runs - c0) : CAND_CHUNK, nv = (n + 15) / 16;
+        r16 yv[CAND_CHUNK / 16][8], wv[CAND_CHUNK / 16][8], sv[CAND_CHUNK / 16];
+        r16i okw[CAND_CHUNK / 16]; /* all 8 weights positive */
+        for (int v = 0; v < nv; v++) { /* runs to lanes (past the last run: zeros) */
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+            const int left = n - 16 * v;
+            const __mmask16 in = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+            const __m512i run8 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                    _mm512_set1_epi32(8));
+            const float *yr = y + 8 * (c0 + 16 * v), *wr = w + 8 * (c0 + 16 * v);
+            for (int j = 0; j < 8; j++) {
+                const __m512i at = _mm512_add_epi32(run8, _mm512_set1_epi32(j));
+                yv[v][j] = (r16)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, at, yr, 4);
+                wv[v][j] = (r16)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, at, wr, 4);
+            }
+            sv[v] = (r16)_mm512_maskz_loadu_ps(in, s + c0 + 16 * v);
 #else
-            const int positive = (sr > 0) & ((pos[0] & pos[1] & pos[2] & pos[3] & pos[4] & pos[5] & pos[6] & pos[7]) != 0);
+            for (int i = 0; i < 16; i++) {
+                const int r = 16 * v + i;
+                for (int j = 0; j < 8; j++) {
+                    yv[v][j][i] = r < n ? y[8 * (c0 + r) + j] : 0.0f;
+                    wv[v][j][i] = r < n ? w[8 * (c0 + r) + j] : 0.0f;
+                }
+                sv[v][i] = r < n ? s[c0 + r] : 0.0f;
+            }
 #endif
-            const int64_t entry = entry_of_pattern[pattern];  /* (int16: the table stays in L1) */
-            out[r * n_steps + f] = entry;
-            rows[n_search] = r;
-            n_search += !(positive & (entry >= 0));
+            const r16 zero = {0};
+            r16i ok = f_gt(wv[v][0], zero);
+            for (int j = 1; j < 8; j++) ok &= f_gt(wv[v][j], zero);
+            okw[v] = ok;
         }
-        for (int64_t k = 0; k < n_search; k++) {
-            const int64_t r = rows[k];
-            const float sr = s[r] * steps[f];
-            r8 yv, wv;
-            memcpy(&yv, y + 8 * r, sizeof yv);
-            memcpy(&wv, w + 8 * r, sizeof wv);
-            const r8 a = (-2.0f * wv) * yv, b = wv * sr;
-            memcpy(lhs + 16 * r, &a, sizeof a);
-            memcpy(lhs + 16 * r + 8, &b, sizeof b);
-        }
-        search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
-    }
-}
-
-/* The candidate sums of iq2_xxs._quantize_chunk, bit for bit its numpy: numpy's float32 einsum
- * over 8 elements is 4 lanes, elements j and j+4 in lane j (multiply and add, fused on arm64 as numpy's NEON code does), lane sums
- * (l0 + l1) + (l2 + l3). */
-#if defined(__aarch64__)
-#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
+        float colbuf[16][CAND_CHUNK + CAND_PAD];
+        const float *col[16];
+        for (int j = 0; j < 16; j++) col[j] = colbuf[j];
+        int32_t rows[CAND_CHUNK + 16];
+        for (int64_t f = 0; f < n_steps; f++) {
+            int ns = 0;
+            for (int v = 0; v < nv; v++) {
+                const r16 sr = sv[v] * steps[f], t0 = sr * mid0, t1 = sr * mid1;
+                r16i pattern = {0};
+                for (int j = 0; j < 8; j++) pattern += -(f_gt(yv[v][j], t0) + f_gt(yv[v][j], t1)) * pow3[j];
+                const r16i positive = f_gt(sr, (r16){0}) & okw[v];
+                int32_t pat[16], ent[16];
+                memcpy(pat, &pattern, sizeof pat);
+                for (int i = 0; i < 16; i++) ent[i] = entry_of_pattern[pat[i]]; /* (int16: the table stays in L1) */
+                const int m = n - 16 * v < 16 ? n - 16 * v : 16;
+                for (int i = 0; i < m; i++) out[(c0 + 16 * v + i) * n_steps + f] = ent[i];
+                r16i entv;
+                memcpy(&entv, ent, sizeof entv);
+                const r16i needv = ~(positive & i_ge(entv, (r16i){0})) & i_lt(lane, (r16i){0} + m);
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+                const uint32_t need = _mm512_test_epi32_mask((__m512i)needv, (__m512i)needv);
 #else
-#define MULADD(a, b, c) ((a) * (b) + (c))
+                uint32_t need = 0;
+                for (int i = 0; i < 16; i++) need |= (uint32_t)(needv[i] != 0) << i;
 #endif
-
-static inline float dot8(const float *a, const float *b) {
-#if defined(__AVX__)
-    /* the same operations lane-wise: the 8 products, lane i's (p[i] + 0) + p[i + 4] */
-    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-    const __m128 t = _mm_add_ps(_mm256_extractf128_ps(p, 1), _mm_add_ps(_mm256_castps256_ps128(p), _mm_setzero_ps()));
-    const __m128 u = _mm_add_ps(t, _mm_movehdup_ps(t)); /* t0 + t1, ., t2 + t3, . */
-    return 0.0f + (_mm_cvtss_f32(u) + _mm_cvtss_f32(_mm_movehl_ps(u, u)));
+                if (!need) continue;
+                /* the search's lhs: a = (−2·w)·y, b = w·s, packed */
+                r16 ab[16];
+                for (int j = 0; j < 8; j++) ab[j] = (-2.0f * wv[v][j]) * yv[v][j], ab[8 + j] = wv[v][j] * sr;
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+                const __mmask16 mk = (__mmask16)need;
+                for (int j = 0; j < 16; j++)
+                    _mm512_storeu_ps(colbuf[j] + ns, _mm512_maskz_compress_ps(mk, (__m512)ab[j]));
+                const __m512i rv = _mm512_add_epi32(_mm512_set1_epi32(16 * v),
+                                                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+                _mm512_storeu_si512((void *)(rows + ns), _mm512_maskz_compress_epi32(mk, rv));
+                ns += __builtin_popcount(need);
 #else
-    float t[4];
-    for (int i = 0; i < 4; i++) t[i] = MULADD(a[i + 4], b[i + 4], MULADD(a[i], b[i], 0.0f));
-    return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
+                for (uint32_t left = need; left; left &= left - 1) {
+                    const int i = __builtin_ctz(left);
+                    for (int j = 0; j < 16; j++) colbuf[j][ns] = ab[j][i];
+                    rows[ns++] = 16 * v + i;
+                }
 #endif
-}
-
-/* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] (grid2:
- * the squares, exact in float32) */
-static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *cand, const float *grid,
-                               const float *grid2, int64_t n_runs, int64_t n_cand, float *ca, float *cb) {
-    for (int64_t r = 0; r < n_runs; r++) {
-        for (int64_t f = 0; f < n_cand; f++) {
-            const int64_t e = cand[r * n_cand + f];
-            ca[r * n_cand + f] = dot8(wy + 8 * r, grid + 8 * e);
-            cb[r * n_cand + f] = dot8(w + 8 * r, grid2 + 8 * e);
+            }
+            for (int j = 0; j < 16; j++) memset(colbuf[j] + ns, 0, sizeof(float) * CAND_PAD);
+            search(col, rows, ns, levels, lo, hi, out + c0 * n_steps + f, n_steps);
         }
     }
 }
@@ -181,6 +205,7 @@ static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *c
  * step the numpy path's operation in its order (checked at first use against it). */
 
 #include "npyops.h"
+#include "transpose.h"
 
 #define IQ2_BATCH 16 /* blocks whose candidate searches share the vector lanes */
 
@@ -218,54 +243,59 @@ static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates *
     return m;
 }
 
-static inline float sum4(const float *a, int stride) { /* a reduction over 4: one after the other */
-    return 0.0f + (((0.0f + a[0]) + a[stride]) + a[2 * stride]) + a[3 * stride];
-}
+typedef float p8 __attribute__((vector_size(32)));
+typedef int32_t p8i __attribute__((vector_size(32)));
 
-/* per run of a block, the candidate f of least cost s·(s·cb − 2·ca) at its group's scale s[g]
- * (np.argmin: the first minimum, or the first NaN); ca, cb [n_cand][32], runs side by side */
-static void best_at(const float *s, const float *ca, const float *cb, int n_cand, int32_t *k, float *cost) {
-    float sr[32];
-    for (int r = 0; r < 32; r++) sr[r] = s[r / 4];
-    for (int r = 0; r < 32; r++) {
-        cost[r] = sr[r] * (sr[r] * cb[r] - 2.0f * ca[r]);
-        k[r] = 0;
-    }
-    for (int f = 1; f < n_cand; f++)
-        for (int r = 0; r < 32; r++) {
-            const float v = sr[r] * (sr[r] * cb[32 * f + r] - 2.0f * ca[32 * f + r]);
-            const int take = (cost[r] == cost[r]) & ((v < cost[r]) | (v != v));
-            cost[r] = take ? v : cost[r];
-            k[r] = take ? f : k[r];
-        }
+/* pairwise_f32 of the m·8 values v[0..m) (m = 4 or 16), 8 at a time (its 8 accumulators) */
+static inline float sum_sq8(const p8 *v, int m) {
+    p8 r = v[0];
+    for (int i = 1; i < m; i++) r += v[i];
+    return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
 
 /* error weights, signs (parity-corrected), targets y and the group scales s0 of one block */
 static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uint32_t *mask, float *s0) {
+    const p8i bit = {1, 2, 4, 8, 16, 32, 64, 128}, sign = (p8i){0} + INT32_MIN;
+    p8 xv8[32], sq8[32];
+    memcpy(xv8, x, sizeof xv8);
+    for (int k = 0; k < 32; k++) sq8[k] = xv8[k] * xv8[k];
     if (qw != NULL) { /* common.importance_weights, σ² factor 2 */
-        float sq[256];
-        for (int k = 0; k < 256; k++) sq[k] = x[k] * x[k];
-        const float sigma2 = 2.0f * ((0.0f + (pairwise_f32(sq, 128) + pairwise_f32(sq + 128, 128))) / 256.0f);
-        for (int k = 0; k < 256; k++) w[k] = qw[k] * __builtin_sqrtf(sigma2 + x[k] * x[k]);
+        const float sigma2 = 2.0f * ((0.0f + (sum_sq8(sq8, 16) + sum_sq8(sq8 + 16, 16))) / 256.0f);
+        for (int k = 0; k < 32; k++) {
+            p8 q, v = sigma2 + sq8[k];
+#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
+            v = (p8)_mm256_sqrt_ps((__m256)v);
+#else
+            for (int i = 0; i < 8; i++) v[i] = __builtin_sqrtf(v[i]);
+#endif
+            memcpy(&q, qw + 8 * k, sizeof q);
+            const p8 wv = q * v;
+            memcpy(w + 8 * k, &wv, sizeof wv);
+        }
     } else {
         for (int g = 0; g < 8; g++) {
-            float sq[32];
-            for (int k = 0; k < 32; k++) sq[k] = x[32 * g + k] * x[32 * g + k];
-            const float root = __builtin_sqrtf(pairwise_f32(sq, 32) / 32.0f);
-            for (int k = 0; k < 32; k++) w[32 * g + k] = root + __builtin_fabsf(x[32 * g + k]);
+            const float root = __builtin_sqrtf(sum_sq8(sq8 + 4 * g, 4) / 32.0f);
+            for (int k = 0; k < 4; k++) {
+                const p8 wv = root + (p8)((p8i)xv8[4 * g + k] & ~sign);
+                memcpy(w + 32 * g + 8 * k, &wv, sizeof wv);
+            }
         }
     }
-    for (int r = 0; r < 32; r++) {
+    for (int r = 0; r < 32; r++) { /* one run's 8 elements a vector */
         const float *xr = x + 8 * r, *wr = w + 8 * r;
+        p8 xv, wv;
+        memcpy(&xv, xr, sizeof xv);
+        memcpy(&wv, wr, sizeof wv);
+        const p8i negv = xv < 0.0f;
+        const p8 cv8 = (wv * xv) * xv;
         float c[8];
-        int odd = 0;
-        for (int j = 0; j < 8; j++) {
-            odd ^= xr[j] < 0;
-            c[j] = wr[j] * xr[j] * xr[j];
-        }
-        int cheapest = -1;
-        if (odd) {
-#if defined(__AVX__)
+        memcpy(c, &cv8, sizeof c);
+        p8i nb = negv & bit;
+        const uint32_t neg = (uint32_t)(((nb[0] | nb[1]) | (nb[2] | nb[3])) | ((nb[4] | nb[5]) | (nb[6] | nb[7])));
+        const int odd = __builtin_popcount(neg) & 1;
+        int cheapest = 0;
+        { /* (for every run, branch-free: whether a run is odd is data) */
+#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
             /* without NaN the first least value is the first lane equal to the minimum */
             const __m256 cv = _mm256_loadu_ps(c);
             if (_mm256_movemask_ps(_mm256_cmp_ps(cv, cv, _CMP_UNORD_Q)) == 0) {
@@ -278,15 +308,192 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
 #endif
                 cheapest = argmin_first(c, 8, 1);
         }
-        uint32_t m = 0;
-        for (int j = 0; j < 8; j++) {
-            const int flip = j == cheapest;
-            m |= (uint32_t)((xr[j] < 0) ^ flip) << j;
-            y[8 * r + j] = flip ? -__builtin_fabsf(xr[j]) : __builtin_fabsf(xr[j]);
-        }
-        mask[r] = m;
+        const uint32_t flip = (uint32_t)-odd & (1u << cheapest);
+        mask[r] = neg ^ flip;
+        /* |x|, negated at the flipped element */
+        const p8 yv = (p8)(((p8i)xv & ~sign) | (((bit & ((p8i){0} + (int32_t)flip)) != 0) & sign));
+        memcpy(y + 8 * r, &yv, sizeof yv);
     }
     for (int g = 0; g < 8; g++) s0[g] = max_nan(y + 32 * g, 32) / 43.0f;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The per-group search of _quantize_chunk after the candidates, two blocks at a time in 16 lanes:
+ * lane 8·b + g is group g of block b, and vector u of a quantity holds run 4g + u of every lane
+ * (so a group's sums over its four runs are lane-wise). */
+typedef float lf __attribute__((vector_size(64)));
+typedef int32_t li __attribute__((vector_size(64)));
+
+static inline lf l_splat(float v) {
+    lf r;
+    for (int i = 0; i < 16; i++) r[i] = v;
+    return r;
+}
+static inline lf l_sel(li m, lf a, lf b) { return sel_f(m, a, b); }
+static inline li l_seli(li m, li a, li b) { return (m & a) | (~m & b); }
+static inline lf l_muladd(lf a, lf b, lf c) { return a * b + c; } /* (not fused: x86's numpy) */
+static inline lf l_floor(lf v) { /* floor_f */
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+    return (lf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+    for (int i = 0; i < 16; i++) v[i] = floor_f(v[i]);
+    return v;
+#endif
+}
+
+/* numpy's float32 einsum over a run's 8 elements, lane-wise: products of elements j and j + 4 in
+ * accumulator j, sums (l0 + l1) + (l2 + l3) */
+static inline lf l_dot8(const lf a[8], const lf b[8]) {
+    lf t[4];
+    for (int i = 0; i < 4; i++) t[i] = l_muladd(a[i + 4], b[i + 4], l_muladd(a[i], b[i], l_splat(0.0f)));
+    return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
+}
+
+/* per run, the candidate f of least cost s·(s·cb − 2·ca) at its group's scale s (np.argmin: the
+ * first minimum, or the first NaN); ca, cb [n_cand][4] */
+static inline void l_best(lf s, const lf ca[][4], const lf cb[][4], int n_cand, li k[4], lf cost[4]) {
+    for (int u = 0; u < 4; u++) {
+        lf c = s * (s * cb[0][u] - 2.0f * ca[0][u]);
+        li kk = {0};
+        for (int f = 1; f < n_cand; f++) {
+            const lf v = s * (s * cb[f][u] - 2.0f * ca[f][u]);
+            const li take = f_eq(c, c) & (f_lt(v, c) | f_ne(v, v));
+            c = l_sel(take, v, c);
+            kk = l_seli(take, (li){0} + f, kk);
+        }
+        k[u] = kk, cost[u] = c;
+    }
+}
+
+static inline lf l_sum4(const lf c[4]) { /* a reduction over 4: one after the other */
+    return 0.0f + (((0.0f + c[0]) + c[1]) + c[2]) + c[3];
+}
+
+/* a[k[u]][u] lane by lane */
+static inline lf l_pick(const lf a[][4], li k, int u, int n_cand) {
+    lf r = a[0][u];
+    for (int f = 1; f < n_cand; f++) r = l_sel(i_eq(k, (li){0} + f), a[f][u], r);
+    return r;
+}
+
+/* the blocks b0 .. b0 + nb - 1 (nb <= 2) of the batch after the candidate search: group scales,
+ * super-scale, 4-bit scales, entries, packed into out */
+static void iq2_pair(const float *w, const float *y, const float *s0, const uint32_t *mask, const int64_t *cand,
+                     int nb, const float *steps, int32_t n_steps, const float *super_steps, int32_t n_super,
+                     int32_t refine, const float *grid, const int32_t *codes, const float *levels4, uint8_t *out) {
+    lf wy[4][8], wv[4][8], ca[8][4], cb[8][4], s0v, yv[4][8];
+    /* runs to lanes: lane l's group is the 32 floats at 32·l (a missing second block: zeros, entry 0) */
+    float pad[2][512];
+    const float *wp = w, *yp = y;
+    if (nb < 2) {
+        memset(pad, 0, sizeof pad);
+        memcpy(pad[0], w, sizeof(float) * 256), memcpy(pad[1], y, sizeof(float) * 256);
+        wp = pad[0], yp = pad[1];
+    }
+    rows_to_lanes16(wp, 32, (float *)wv);
+    rows_to_lanes16(yp, 32, (float *)yv);
+    for (int u = 0; u < 4; u++)
+        for (int j = 0; j < 8; j++) wy[u][j] = wv[u][j] * yv[u][j];
+    for (int l = 0; l < 16; l++) s0v[l] = l / 8 < nb ? s0[l] : 0.0f;
+    /* A = Σ w·y·g and B = Σ w·g² of each candidate g (g² exact in float32) */
+    for (int u = 0; u < 4; u++)
+        for (int f = 0; f < n_steps; f++) {
+            li e;
+            for (int l = 0; l < 16; l++) e[l] = l / 8 < nb ? (int32_t)cand[(32 * (l / 8) + 4 * (l % 8) + u) * n_steps + f] : 0;
+            lf gv[8], g2[8];
+#if defined(__AVX512F__) && !defined(DS4MLX_PORTABLE)
+            /* element j of entry e: levels[(code[e] >> 2j) & 3] */
+            const __m512i code = _mm512_i32gather_epi32((__m512i)e, codes, 4);
+            const __m512 lv = _mm512_castps128_ps512(_mm_loadu_ps(levels4));
+            for (int j = 0; j < 8; j++) {
+                const __m512i l = _mm512_and_si512(_mm512_srli_epi32(code, 2 * j), _mm512_set1_epi32(3));
+                gv[j] = (lf)_mm512_permutexvar_ps(l, lv);
+                g2[j] = gv[j] * gv[j];
+            }
+#else
+            (void)grid;
+            li code;
+            for (int l = 0; l < 16; l++) code[l] = codes[e[l]];
+            for (int j = 0; j < 8; j++) {
+                const li l = (code >> (2 * j)) & 3;
+                gv[j] = l_sel(i_eq(l, (li){0}), l_splat(levels4[0]), l_sel(i_eq(l, (li){0} + 1), l_splat(levels4[1]), l_splat(levels4[2])));
+                g2[j] = gv[j] * gv[j];
+            }
+#endif
+            ca[f][u] = l_dot8(wy[u], gv);
+            cb[f][u] = l_dot8(wv[u], g2);
+        }
+    /* group scale: the best of the sweep, then least-squares refinements */
+    li k[4];
+    lf cost[4], best_c = l_splat(0.0f), step = l_splat(steps[0]);
+    for (int f = 0; f < n_steps; f++) { /* argmin over f of the sums (the first minimum or NaN) */
+        l_best(s0v * steps[f], ca, cb, n_steps, k, cost);
+        const lf c = l_sum4(cost);
+        if (f == 0) {
+            best_c = c;
+            continue;
+        }
+        const li take = f_eq(best_c, best_c) & (f_lt(c, best_c) | f_ne(c, c));
+        best_c = l_sel(take, c, best_c);
+        step = l_sel(take, l_splat(steps[f]), step);
+    }
+    lf s = s0v * step;
+    for (int it = 0; it < refine; it++) {
+        l_best(s, ca, cb, n_steps, k, cost);
+        lf ta[4], tb[4];
+        for (int u = 0; u < 4; u++) ta[u] = l_pick(ca, k[u], u, n_steps), tb[u] = l_pick(cb, k[u], u, n_steps);
+        const lf sa = l_sum4(ta), sbb = l_sum4(tb);
+        const lf zero = l_splat(0.0f);
+        const lf pos = l_sel(f_gt(sa, zero), sa, l_sel(f_ne(sa, sa), sa, zero)); /* np.maximum(sa, 0) */
+        s = l_sel(f_gt(sbb, zero), pos / l_sel(f_gt(sbb, zero), sbb, l_splat(1.0f)), zero);
+    }
+    /* super-scale D (fp16) and 4-bit group scales: s ≈ D·(2ls+1)/8; the best D candidate */
+    float dmax[2], best_total[2] = {0, 0};
+    for (int b = 0; b < nb; b++) {
+        float sg[8];
+        for (int g = 0; g < 8; g++) sg[g] = s[8 * b + g];
+        dmax[b] = max_nan(sg, 8) * 8.0f / 31.0f;
+    }
+    lf best_dd = l_splat(0.0f), best_ls = l_splat(0.0f);
+    li best_k[4] = {{0}};
+    for (int v = 0; v < n_super; v++) {
+        lf dd = l_splat(0.0f);
+        for (int b = 0; b < nb; b++) {
+            const float d = f16_to_f32(f32_to_f16(dmax[b] * super_steps[v]));
+            for (int g = 0; g < 8; g++) dd[8 * b + g] = d;
+        }
+        const lf safe = l_sel(f_gt(dd, l_splat(0.0f)), dd, l_splat(1.0f));
+        const lf lv = l_floor((8.0f * s / safe - 1.0f) / 2.0f + 0.5f);
+        const lf ls = l_sel(f_lt(lv, l_splat(0.0f)), l_splat(0.0f), l_sel(f_gt(lv, l_splat(15.0f)), l_splat(15.0f), lv));
+        l_best(dd * (2.0f * ls + 1.0f) / 8.0f, ca, cb, n_steps, k, cost);
+        li take = {0};
+        for (int b = 0; b < nb; b++) {
+            float c[32];
+            for (int r = 0; r < 32; r++) c[r] = cost[r % 4][8 * b + r / 4];
+            const float total = pairwise_f32(c, 32);
+            const int32_t better = -(int32_t)(v == 0 || total < best_total[b]); /* (branch-free: data) */
+            best_total[b] = better ? total : best_total[b];
+            for (int g = 0; g < 8; g++) take[8 * b + g] = better;
+        }
+        best_dd = l_sel(take, dd, best_dd);
+        best_ls = l_sel(take, ls, best_ls);
+        for (int u = 0; u < 4; u++) best_k[u] = l_seli(take, k[u], best_k[u]);
+    }
+    for (int b = 0; b < nb; b++) {
+        uint8_t *o = out + 66 * b;
+        const uint16_t hd = f32_to_f16(best_dd[8 * b]);
+        o[0] = hd & 255, o[1] = hd >> 8;
+        for (int g = 0; g < 8; g++) {
+            const int l = 8 * b + g;
+            uint32_t a = 0, bw = (uint32_t)(int)best_ls[l] << 28;
+            for (int u = 0; u < 4; u++) {
+                const int r = 4 * g + u;
+                a |= (uint32_t)cand[(32 * b + r) * n_steps + best_k[u][l]] << (8 * u);
+                bw |= (mask[32 * b + r] & 127u) << (7 * u);
+            }
+            for (int t = 0; t < 4; t++) o[2 + 8 * g + t] = (a >> (8 * t)) & 255, o[6 + 8 * g + t] = (bw >> (8 * t)) & 255;
+        }
+    }
 }
 
 /* xb [n_blocks][256], optional importance qw (same shape) -> IQ2_XXS blocks (66 bytes) in out */
@@ -295,11 +502,16 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
                   const int32_t *lo, const int32_t *hi, const int16_t *entry_of_pattern, const float *grid,
                   uint8_t *out) {
     float w[IQ2_BATCH * 256], y[IQ2_BATCH * 256], s0[IQ2_BATCH * 8], s_run[IQ2_BATCH * 32];
-    float lhs[IQ2_BATCH * 32 * 16];
     uint32_t mask[IQ2_BATCH * 32];
-    int64_t rows[IQ2_BATCH * 32], cand[IQ2_BATCH * 32 * 8];
-    float grid2[256 * 8];
-    for (int i = 0; i < 256 * 8; i++) grid2[i] = grid[i] * grid[i];
+    int64_t cand[IQ2_BATCH * 32 * 8];
+    /* each entry's levels, 2 bits an element (the grid's codes), and the levels padded to 4 */
+    int32_t codes[256];
+    const float levels4[4] = {levels[0], levels[1], levels[2], levels[2]};
+    for (int e = 0; e < 256; e++) {
+        codes[e] = 0;
+        for (int j = 0; j < 8; j++)
+            codes[e] |= ((grid[8 * e + j] == levels[1]) + 2 * (grid[8 * e + j] == levels[2])) << (2 * j);
+    }
     for (int64_t b0 = 0; b0 < n_blocks; b0 += IQ2_BATCH) {
         const int nb = n_blocks - b0 < IQ2_BATCH ? (int)(n_blocks - b0) : IQ2_BATCH;
         for (int i = 0; i < nb; i++) {
@@ -307,68 +519,10 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
                         y + 256 * i, mask + 32 * i, s0 + 8 * i);
             for (int r = 0; r < 32; r++) s_run[32 * i + r] = s0[8 * i + r / 4];
         }
-        iq2_candidates(y, w, s_run, 32 * nb, steps, n_steps, levels, lo, hi, entry_of_pattern, lhs, rows, cand);
-        for (int i = 0; i < nb; i++) {
-            const float *wb = w + 256 * i, *yb = y + 256 * i, *sb0 = s0 + 8 * i;
-            const int64_t *cb_idx = cand + 32 * n_steps * i;
-            float wy[256], ca_r[32 * 8], cb_r[32 * 8], ca[8 * 32], cb[8 * 32], cost[32], costs[8][8], s[8], sc[8];
-            int32_t k[32];
-            for (int j = 0; j < 256; j++) wy[j] = wb[j] * yb[j];
-            iq2_candidate_sums(wy, wb, cb_idx, grid, grid2, 32, n_steps, ca_r, cb_r);
-            for (int r = 0; r < 32; r++)
-                for (int f = 0; f < n_steps; f++) ca[32 * f + r] = ca_r[r * n_steps + f], cb[32 * f + r] = cb_r[r * n_steps + f];
-            /* group scale: the best of the sweep, then least-squares refinements */
-            for (int f = 0; f < n_steps; f++) {
-                for (int g = 0; g < 8; g++) sc[g] = sb0[g] * steps[f];
-                best_at(sc, ca, cb, n_steps, k, cost);
-                for (int g = 0; g < 8; g++) costs[f][g] = sum4(cost + 4 * g, 1);
-            }
-            for (int g = 0; g < 8; g++) s[g] = sb0[g] * steps[argmin_first(&costs[0][g], n_steps, 8)];
-            for (int it = 0; it < refine; it++) {
-                best_at(s, ca, cb, n_steps, k, cost);
-                for (int g = 0; g < 8; g++) {
-                    float ta[4], tb[4];
-                    for (int u = 0; u < 4; u++) {
-                        const int r = 4 * g + u;
-                        ta[u] = ca[32 * k[r] + r], tb[u] = cb[32 * k[r] + r];
-                    }
-                    const float sa = sum4(ta, 1), sbb = sum4(tb, 1);
-                    const float pos = sa > 0 ? sa : (sa != sa ? sa : 0.0f); /* np.maximum(sa, 0) */
-                    s[g] = sbb > 0 ? pos / sbb : 0.0f;
-                }
-            }
-            /* super-scale D (fp16) and 4-bit group scales: s ≈ D·(2ls+1)/8; the best D candidate */
-            const float dmax = max_nan(s, 8) * 8.0f / 31.0f;
-            float best_total = 0, best_dd = 0, best_ls[8], ls[8];
-            int32_t best_k[32];
-            for (int u = 0; u < n_super; u++) {
-                const float dd = f16_to_f32(f32_to_f16(dmax * super_steps[u]));
-                const float safe = dd > 0 ? dd : 1.0f;
-                for (int g = 0; g < 8; g++) {
-                    const float l = floor_f((8.0f * s[g] / safe - 1.0f) / 2.0f + 0.5f);
-                    ls[g] = l < 0 ? 0.0f : (l > 15 ? 15.0f : l);
-                    sc[g] = dd * (2.0f * ls[g] + 1.0f) / 8.0f;
-                }
-                best_at(sc, ca, cb, n_steps, k, cost);
-                const float total = pairwise_f32(cost, 32);
-                if (u == 0 || total < best_total) {
-                    best_total = total, best_dd = dd;
-                    memcpy(best_ls, ls, sizeof ls);
-                    memcpy(best_k, k, sizeof k);
-                }
-            }
-            uint8_t *o = out + 66 * (b0 + i);
-            const uint16_t hd = f32_to_f16(best_dd);
-            o[0] = hd & 255, o[1] = hd >> 8;
-            for (int g = 0; g < 8; g++) {
-                uint32_t a = 0, bw = (uint32_t)(int)best_ls[g] << 28;
-                for (int u = 0; u < 4; u++) {
-                    const int r = 4 * g + u;
-                    a |= (uint32_t)cb_idx[r * n_steps + best_k[r]] << (8 * u);
-                    bw |= (mask[32 * i + r] & 127u) << (7 * u);
-                }
-                for (int t = 0; t < 4; t++) o[2 + 8 * g + t] = (a >> (8 * t)) & 255, o[6 + 8 * g + t] = (bw >> (8 * t)) & 255;
-            }
-        }
+        iq2_candidates(y, w, s_run, 32 * nb, steps, n_steps, levels, lo, hi, entry_of_pattern, NULL, NULL, cand);
+        for (int i = 0; i < nb; i += 2)
+            iq2_pair(w + 256 * i, y + 256 * i, s0 + 8 * i, mask + 32 * i, cand + 32 * n_steps * i, nb - i < 2 ? 1 : 2,
+                     steps, n_steps, super_steps, n_super, refine, grid, codes, levels4, out + 66 * (b0 + i));
     }
 }
+#endif

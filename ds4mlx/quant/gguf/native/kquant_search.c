@@ -1,345 +1,303 @@
-/* The K-quant (scale, min) search of common.fit_scale_min, row by row: for each row x, w [n]
- * (n a multiple of 16) and each candidate inverse scale, round the codes, fit (scale, b) by
- * weighted least squares, keep the lowest error; then polish the winner by re-rounding.
+/* The K-quant recipe of common.kquant_fit (Q4_K, Q2_K) and its packing, in C: per sub-block a
+ * (scale, min) search over candidate inverse scales (round the codes, fit (scale, b) by weighted
+ * least squares, keep the lowest error, polish the winner by re-rounding), the sub-block levels
+ * against fp16 super-scales, and the super-scale refit.
  *
  * It must give the numpy path's bits, so every operation is the one numpy performs:
  *  - the float32 sums Σ q·w, Σ q·wx, Σ q²·w are numpy's einsum inner loop (4 float lanes, 16
  *    elements per step, lane sums (l0 + l1) + (l2 + l3)); it multiplies and adds separately on
- *    x86 (SSE baseline) and fuses them on arm64 (NEON), hence MULADD;
+ *    x86 (SSE baseline; arm64 fuses them: kquant_search8.h);
  *  - the per-row algebra is float64, term by term in numpy's order (built with
  *    -ffp-contract=off, so nothing else is fused);
  *  - np.clip keeps -0 and NaN, np.maximum(s, 0) turns -0 into +0, argmin takes the first
  *    minimum (or the first NaN).
- * native.load_checked compares it with the numpy path on random rows before first use. */
-#include <math.h>
+ * native.load_checked compares it with the numpy path on random rows before first use.
+ *
+ * Sub-blocks run KQ_W at a time, one per lane of KQ_W-float vectors (GCC/Clang vector
+ * extensions with AVX-512 intrinsics; -DDS4MLX_PORTABLE: the same lanes in plain C). Built only
+ * where the compiler targets AVX-512; elsewhere kquant_search8.h, the previous kernel (8 rows a
+ * vector). Each lane performs numpy's operations for its sub-block in
+ * numpy's order, so each gets numpy's bits, while the sub-blocks' dependency chains (sums,
+ * divisions, the candidate choice) run side by side. A group of KQ_W sub-blocks is two Q4_K
+ * blocks or one Q2_K block; everything per sub-block (weights, search, codes, refit sums) runs
+ * in that layout, v[k] holding element k of every sub-block. */
+#if !defined(__AVX512F__)
+#include "kquant_search8.h"
+#else
 #include <stdint.h>
 #include <string.h>
 
 #include "npyops.h"
+#include "transpose.h"
+#include "lanes.h"
 
-typedef float v4 __attribute__((vector_size(16)));
-
-#if defined(__aarch64__)
-#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
-#else
-#define MULADD(a, b, c) ((a) * (b) + (c))
+#if !defined(DS4MLX_PORTABLE)
+#include <immintrin.h>
+#define KQ_AVX 1 /* (AVX-512 here) */
 #endif
 
-static inline v4 vmuladd(v4 a, v4 b, v4 c) {
-#if defined(__aarch64__)
-    v4 r;
-    for (int i = 0; i < 4; i++) r[i] = MULADD(a[i], b[i], c[i]);
-    return r;
-#else
-    return a * b + c;
-#endif
-}
-
-static inline v4 vload(const float *p) {
-    v4 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-typedef int32_t vi __attribute__((vector_size(16)));
-
-/* rint (to nearest even) on 4 lanes without libm: adding 2^23 to a magnitude below it leaves
- * the integer part, rounded to even; the sign goes back on after (so -0 stays -0) */
-static inline v4 v_rint(v4 v) {
-    const vi bits = (vi)v, sign = bits & (vi){INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN};
-    const v4 a = (v4)(bits ^ sign);
-    const vi small = a < 0x1p23f;
-    const v4 r = (a + 0x1p23f) - 0x1p23f;
-    return (v4)((((vi)r & small) | ((vi)a & ~small)) | sign);
-}
-
-/* np.clip(q, 0, nmax): -0 and NaN pass through */
-static inline v4 v_clip(v4 q, float nmax) {
-    const v4 top = {nmax, nmax, nmax, nmax};
-    q = (v4)((vi)q & ~(q < 0.0f));
-    const vi over = q > top;
-    return (v4)(((vi)q & ~over) | ((vi)top & over));
-}
-
-static inline void vstore(float *p, v4 v) { memcpy(p, &v, sizeof v); }
-
-/* numpy's float32 einsum of a row pair: Σ a[k]·b[k] */
-static inline float dot(const float *a, const float *b, int n) {
-    v4 acc = {0, 0, 0, 0};
-    for (int k = 0; k < n; k += 16) {
-        v4 ab3 = vmuladd(vload(a + k + 12), vload(b + k + 12), acc);
-        v4 ab2 = vmuladd(vload(a + k + 8), vload(b + k + 8), ab3);
-        v4 ab1 = vmuladd(vload(a + k + 4), vload(b + k + 4), ab2);
-        acc = vmuladd(vload(a + k), vload(b + k), ab1);
-    }
-    return 0.0f + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
-}
-
-/* numpy's pairwise sum (npyops.h) in float64, of float32 values */
-static inline double pairwise_f64(const float *a, int n) {
-    double r[8];
-    for (int j = 0; j < 8; j++) r[j] = a[j];
-    int i = 8;
-    for (; i < n - n % 8; i += 8)
-        for (int j = 0; j < 8; j++) r[j] += (double)a[i + j];
-    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; i++) res += (double)a[i];
-    return 0.0 + res;
-}
-
-/* ------------------------------------------------------------------------------------------
- * common.fit_scale_min for 8 rows at once, one row per lane of 8-float vectors (AVX2 where built
- * with it, two SSE halves otherwise): every lane performs numpy's operations for its row in
- * numpy's order, so each row gets numpy's bits, while the 8 rows' dependency chains (sums,
- * divisions, the candidate choice) run side by side (one row at a time was latency-bound:
- * 1.75x Q4_K, 2.1x Q2_K, measured). The einsum's 4 float lanes (lane i holds elements k + i,
- * k + 4 + i, ...) become 4 accumulator vectors over the rows. */
+#define KQ_W 16
+typedef float vf __attribute__((vector_size(4 * KQ_W)));
+typedef int32_t vi __attribute__((vector_size(4 * KQ_W)));
+/* float64 lanes 8 at a time (one AVX-512 register): wider generic vectors compile to poor code */
+typedef double vd __attribute__((vector_size(64)));
+typedef int64_t vl __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-typedef double v8d __attribute__((vector_size(64)));
-typedef int64_t v8l __attribute__((vector_size(64)));
 
-static inline v8 vmuladd8(v8 a, v8 b, v8 c) {
-#if defined(__aarch64__)
-    v8 r;
-    for (int i = 0; i < 8; i++) r[i] = MULADD(a[i], b[i], c[i]);
+
+static inline vf splat(float v) {
+    vf r;
+    for (int i = 0; i < KQ_W; i++) r[i] = v;
     return r;
+}
+static inline vd splatd(double v) {
+    vd r;
+    for (int i = 0; i < 8; i++) r[i] = v;
+    return r;
+}
+static inline vf sel(vi m, vf a, vf b) { return sel_f(m, a, b); }
+static inline vd seld(vl m, vd a, vd b) { return sel_d(m, a, b); }
+/* lanes 8h .. 8h + 7 of a float vector in float64, and back */
+#if defined(KQ_AVX) /* one conversion each (GCC splits the generic ones) */
+static inline vd to_d(vf v, int h) {
+    return (vd)_mm512_cvtps_pd(h ? _mm256_castpd_ps(_mm512_extractf64x4_pd((__m512d)v, 1)) : _mm512_castps512_ps256((__m512)v));
+}
+static inline vf to_f(const vd v[2]) {
+    return (vf)_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps((__m512d)v[0]))),
+                                  _mm256_castps_pd(_mm512_cvtpd_ps((__m512d)v[1])), 1);
+}
 #else
-    return a * b + c;
+static inline vd to_d(vf v, int h) {
+    const v8 half = h ? __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
+                      : __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    return __builtin_convertvector(half, vd);
+}
+static inline vf to_f(const vd v[2]) {
+    const v8 a = __builtin_convertvector(v[0], v8), b = __builtin_convertvector(v[1], v8);
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#endif
+static inline int any_l(vl m0, vl m1) { /* whether a lane is set */
+    const vl m = m0 | m1;
+#if defined(KQ_AVX)
+    return _mm512_test_epi64_mask((__m512i)m, (__m512i)m) != 0;
+#else
+    int64_t any = 0;
+    for (int i = 0; i < 8; i++) any |= m[i];
+    return any != 0;
 #endif
 }
 
-static inline v8 sel8(v8i m, v8 a, v8 b) { return (v8)((m & (v8i)a) | (~m & (v8i)b)); }
-static inline v8d seld(v8l m, v8d a, v8d b) { return (v8d)((m & (v8l)a) | (~m & (v8l)b)); }
-static inline v8l widen(v8i m) { return __builtin_convertvector(m, v8l); }
-static inline v8d splatd(double v) { return (v8d){v, v, v, v, v, v, v, v}; }
-static inline v8 splat8(float v) { return (v8){v, v, v, v, v, v, v, v}; }
+static inline vf vmuladd(vf a, vf b, vf c) { return a * b + c; } /* (not fused: x86's numpy) */
 
-#if defined(__AVX__)
-#include <immintrin.h>
-/* one instruction each where AVX has them: rint (to nearest even, -0 kept, NaN quiet), floor,
- * and np.clip(q, 0, nmax) as max(0, q) then min(nmax, q) (x86 max/min return the second
- * operand when either is NaN and on equal operands, so NaN and -0 pass through as in numpy) */
-static inline v8 v8_rint(v8 v) { return (v8)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline v8 v8_floor(v8 v) { return (v8)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
-static inline v8 v8_clip(v8 q, float nmax) {
-    return (v8)_mm256_min_ps((__m256)splat8(nmax), _mm256_max_ps(_mm256_setzero_ps(), (__m256)q));
+/* rint (to nearest even, -0 kept, NaN quiet), floor, sqrt, and np.clip(q, 0, nmax): one
+ * instruction each where AVX has them (np.clip as max(0, q) then min(nmax, q): x86 max/min return
+ * the second operand when either is NaN and on equal operands, so NaN and -0 pass through as in
+ * numpy), else lane by lane as npyops.h */
+#if defined(KQ_AVX)
+static inline vf v_rint(vf v) { return (vf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf v_floor(vf v) { return (vf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline vf v_sqrt(vf v) { return (vf)_mm512_sqrt_ps((__m512)v); }
+static inline vf v_clip(vf q, float nmax) {
+    return (vf)_mm512_min_ps((__m512)splat(nmax), _mm512_max_ps(_mm512_setzero_ps(), (__m512)q));
 }
 #else
-static inline v8 v8_rint(v8 v) { /* v_rint, 8 lanes */
-    const v8i bits = (v8i)v, sign = bits & (v8i)splat8(-0.0f);
-    const v8 a = (v8)(bits ^ sign);
-    const v8i small = a < 0x1p23f;
-    const v8 r = (a + 0x1p23f) - 0x1p23f;
-    return (v8)((((v8i)r & small) | ((v8i)a & ~small)) | sign);
+static inline vf v_rint(vf v) { /* rint_f, lane by lane */
+    const vi bits = (vi)v, sign = bits & (vi)splat(-0.0f);
+    const vf a = (vf)(bits ^ sign);
+    const vi small = f_lt(a, splat(0x1p23f));
+    const vf r = (a + 0x1p23f) - 0x1p23f;
+    return (vf)((((vi)r & small) | ((vi)a & ~small)) | sign);
 }
-
-static inline v8 v8_floor(v8 v) { /* floor_f, 8 lanes */
-    const v8 t = v8_rint(v);
-    return t - (v8)((v8i)splat8(1.0f) & (t > v));
+static inline vf v_floor(vf v) { /* floor_f */
+    const vf t = v_rint(v);
+    return t - (vf)((vi)splat(1.0f) & f_gt(t, v));
 }
-
-static inline v8 v8_clip(v8 q, float nmax) { /* np.clip(q, 0, nmax): -0 and NaN pass through */
-    q = (v8)((v8i)q & ~(q < 0.0f));
-    return sel8(q > nmax, splat8(nmax), q);
+static inline vf v_sqrt(vf v) {
+    for (int i = 0; i < KQ_W; i++) v[i] = __builtin_sqrtf(v[i]);
+    return v;
+}
+static inline vf v_clip(vf q, float nmax) { /* np.clip(q, 0, nmax): -0 and NaN pass through */
+    q = (vf)((vi)q & ~f_lt(q, splat(0.0f)));
+    return sel(f_gt(q, splat(nmax)), splat(nmax), q);
 }
 #endif
 
-static inline v8d to_d(v8 v) { return __builtin_convertvector(v, v8d); }
-
-/* the three einsum sums Σ q·w, Σ q·wx, Σ q²·w of 8 rows: q, w, wx [n][8] (numpy's order: see dot) */
-static inline void code_sums8(const v8 *q, const v8 *w, const v8 *wx, int n, v8d *sl, v8d *sxl,
-                              v8d *sl2) {
-    v8 a_l[4], a_xl[4], a_l2[4];
-    for (int i = 0; i < 4; i++) a_l[i] = a_xl[i] = a_l2[i] = splat8(0.0f);
+/* numpy's float32 einsum of row pairs, lane by lane: Σ a[k]·b[k] (4 accumulators, element k + i
+ * in accumulator i, 16 elements a step, sums (l0 + l1) + (l2 + l3)) */
+static inline vf dot_l(const vf *a, const vf *b, int n) {
+    vf acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = splat(0.0f);
     for (int k = 0; k < n; k += 16)
         for (int i = 0; i < 4; i++) {
             const int j = k + i;
-            a_l[i] = vmuladd8(q[j], w[j], vmuladd8(q[j + 4], w[j + 4],
-                     vmuladd8(q[j + 8], w[j + 8], vmuladd8(q[j + 12], w[j + 12], a_l[i]))));
-            a_xl[i] = vmuladd8(q[j], wx[j], vmuladd8(q[j + 4], wx[j + 4],
-                      vmuladd8(q[j + 8], wx[j + 8], vmuladd8(q[j + 12], wx[j + 12], a_xl[i]))));
-            a_l2[i] = vmuladd8(q[j] * q[j], w[j], vmuladd8(q[j + 4] * q[j + 4], w[j + 4],
-                      vmuladd8(q[j + 8] * q[j + 8], w[j + 8], vmuladd8(q[j + 12] * q[j + 12], w[j + 12], a_l2[i]))));
+            acc[i] = vmuladd(a[j], b[j], vmuladd(a[j + 4], b[j + 4],
+                     vmuladd(a[j + 8], b[j + 8], vmuladd(a[j + 12], b[j + 12], acc[i]))));
         }
-    *sl = to_d(0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3])));
-    *sxl = to_d(0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3])));
-    *sl2 = to_d(0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3])));
+    return 0.0f + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
 }
 
-static inline v8d lsq_err8(v8d scale, v8d b, v8d sl, v8d sxl, v8d sl2, v8d sw, v8d sx) {
+/* the three einsum sums Σ q·w, Σ q·wx, Σ q²·w (the order of dot_l, the three side by side) */
+static inline void code_sums(const vf *q, const vf *w, const vf *wx, int n, vd sl[2], vd sxl[2], vd sl2[2]) {
+    vf a_l[4], a_xl[4], a_l2[4];
+    for (int i = 0; i < 4; i++) a_l[i] = a_xl[i] = a_l2[i] = splat(0.0f);
+    for (int k = 0; k < n; k += 16)
+        for (int i = 0; i < 4; i++) {
+            const int j = k + i;
+            a_l[i] = vmuladd(q[j], w[j], vmuladd(q[j + 4], w[j + 4],
+                     vmuladd(q[j + 8], w[j + 8], vmuladd(q[j + 12], w[j + 12], a_l[i]))));
+            a_xl[i] = vmuladd(q[j], wx[j], vmuladd(q[j + 4], wx[j + 4],
+                      vmuladd(q[j + 8], wx[j + 8], vmuladd(q[j + 12], wx[j + 12], a_xl[i]))));
+            a_l2[i] = vmuladd(q[j] * q[j], w[j], vmuladd(q[j + 4] * q[j + 4], w[j + 4],
+                      vmuladd(q[j + 8] * q[j + 8], w[j + 8], vmuladd(q[j + 12] * q[j + 12], w[j + 12], a_l2[i]))));
+        }
+    const vf l = 0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3]));
+    const vf xl = 0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3]));
+    const vf l2 = 0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3]));
+    for (int h = 0; h < 2; h++) sl[h] = to_d(l, h), sxl[h] = to_d(xl, h), sl2[h] = to_d(l2, h);
+}
+
+/* numpy's pairwise sum (npyops.h) of n (a multiple of 8, 8..128) floats, lane by lane: in
+ * float32, and in float64 of float32 values */
+static inline vf pairwise_l(const vf *a, int n) {
+    vf r[8];
+    for (int j = 0; j < 8; j++) r[j] = a[j];
+    for (int i = 8; i < n; i += 8)
+        for (int j = 0; j < 8; j++) r[j] += a[i + j];
+    return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
+}
+static inline void pairwise_ld(const vf *a, int n, vd out[2]) {
+    for (int h = 0; h < 2; h++) {
+        vd r[8];
+        for (int j = 0; j < 8; j++) r[j] = to_d(a[j], h);
+        for (int i = 8; i < n; i += 8)
+            for (int j = 0; j < 8; j++) r[j] += to_d(a[i + j], h);
+        out[h] = 0.0 + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
+    }
+}
+
+static inline vd lsq_err(vd scale, vd b, vd sl, vd sxl, vd sl2, vd sw, vd sx) {
     return scale * scale * sl2 + b * b * sw + 2 * scale * b * sl - 2 * scale * sxl - 2 * b * sx;
 }
 
-/* the weighted least-squares (scale, b) of the codes and its error Σ w (scale·q + b − x)² − Σ w x²,
- * lane by lane, term by term numpy's float64 algebra (b > 0 refits the scale alone with b = 0;
- * np.maximum(scale, 0) turns -0 into +0 and keeps NaN) */
-static inline void lsq8(v8d sl, v8d sxl, v8d sl2, v8d sw, v8d sx, v8d *scale_out, v8d *b_out, v8d *err_out) {
-    const v8d zero = splatd(0.0), one = splatd(1.0);
-    const v8d det = sw * sl2 - sl * sl;
-    const v8l ok = det > 0;
-    const v8d safe = seld(ok, det, one);
-    v8d scale = seld(ok, (sw * sxl - sx * sl) / safe, zero);
-    v8d b = seld(ok, (sl2 * sx - sl * sxl) / safe, zero);
-    const v8l pos = b > 0;
-    const v8l l2 = sl2 > 0;
-    scale = seld(pos, seld(l2, sxl / seld(l2, sl2, one), zero), scale);
-    b = seld(pos, zero, b);
-    scale = seld(scale <= 0, zero, scale); /* !(scale > 0) && !isnan(scale) */
+/* the weighted least-squares (scale, b) of the codes, lane by lane, term by term numpy's float64
+ * algebra; returns the lanes where b > 0 (lsq_end refits those, and gives the error) */
+static inline vl lsq(vd sl, vd sxl, vd sl2, vd sw, vd sx, vd *scale_out, vd *b_out) {
+    const vd zero = splatd(0.0), one = splatd(1.0);
+    const vd det = sw * sl2 - sl * sl;
+    const vl ok = d_gt(det, zero);
+    const vd safe = seld(ok, det, one);
+    vd scale = seld(ok, (sw * sxl - sx * sl) / safe, zero);
+    vd b = seld(ok, (sl2 * sx - sl * sxl) / safe, zero);
     *scale_out = scale;
     *b_out = b;
-    *err_out = lsq_err8(scale, b, sl, sxl, sl2, sw, sx);
+    return d_gt(b, zero);
 }
 
-/* pairwise_f64 of 8 rows (n a multiple of 8, 8..128) */
-static inline v8d pairwise8(const v8 *a, int n) {
-    v8d r[8];
-    for (int j = 0; j < 8; j++) r[j] = to_d(a[j]);
-    for (int i = 8; i < n; i += 8)
-        for (int j = 0; j < 8; j++) r[j] += to_d(a[i + j]);
-    return 0.0 + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
-}
-
-/* Rows xr + n·r, wr + n·r (r = 0..7; n a multiple of 16, at most 32) of common.fit_scale_min;
- * steps [n_steps] the inverse-scale numerators, the plain min/max candidate's (nmax) first. */
-static void fit_rows8(const float *xr, const float *wr, int32_t n, float nmax, const double *steps,
-                      int32_t n_steps, int32_t refine, float *scale_out, float *m_out) {
-    v8 x[32], w[32], wx[32], dx[32], q[32], q0[32];
-    for (int k = 0; k < n; k++)
-        for (int r = 0; r < 8; r++) x[k][r] = xr[n * r + k], w[k][r] = wr[n * r + k];
-    v8 mn = x[0], mx = x[0];
-    for (int k = 0; k < n; k++) {
-        wx[k] = w[k] * x[k];
-        mn = sel8(x[k] < mn, x[k], mn);
-        mx = sel8(x[k] > mx, x[k], mx);
+/* lsq's end: the lanes pos where b > 0 refit the scale alone with b = 0 (rare: a sub-block with
+ * a positive minimum, so its division only then, any_pos: whether one of the group has one),
+ * np.maximum(scale, 0) turns -0 into +0 and keeps NaN; and the error
+ * Σ w (scale·q + b − x)² − Σ w x² */
+static inline void lsq_end(vl pos, int any_pos, vd sl, vd sxl, vd sl2, vd sw, vd sx, vd *scale_out, vd *b_out,
+                           vd *err_out) {
+    const vd zero = splatd(0.0), one = splatd(1.0);
+    vd scale = *scale_out, b = *b_out;
+    if (any_pos) {
+        const vl l2 = d_gt(sl2, zero);
+        scale = seld(pos, seld(l2, sxl / seld(l2, sl2, one), zero), scale);
+        b = seld(pos, zero, b);
     }
-    const v8 l = sel8(mn < 0, mn, splat8(0.0f)), span = mx - l;
-    const v8i flat = span <= 0;
-    const v8 sp = sel8(flat, splat8(1.0f), span);
-    const v8d swr = pairwise8(w, n), sxr = pairwise8(wx, n), spd = to_d(sp);
+    scale = seld(d_le(scale, zero), zero, scale); /* !(scale > 0) && !isnan(scale) */
+    *scale_out = scale;
+    *b_out = b;
+    *err_out = lsq_err(scale, b, sl, sxl, sl2, sw, sx);
+}
+
+/* common.fit_scale_min of the group's sub-blocks x, w [n] (n a multiple of 16, at most 32), with
+ * wx = w·x and the row sums sw = Σ w, sx = Σ w·x (pairwise, float64); steps [n_steps] the
+ * inverse-scale numerators, the plain min/max candidate's (nmax) first. */
+static void fit_group(const vf *x, const vf *w, const vf *wx, const vd swr[2], const vd sxr[2], int n,
+                      float nmax, const double *steps, int32_t n_steps, int32_t refine, vf *scale_out, vf *m_out) {
+    vf dx[32], q[32], q0[32];
+    vf mn = x[0], mx = x[0];
+    for (int k = 0; k < n; k++) {
+        mn = sel(f_lt(x[k], mn), x[k], mn);
+        mx = sel(f_gt(x[k], mx), x[k], mx);
+    }
+    const vf l = sel(f_lt(mn, splat(0.0f)), mn, splat(0.0f)), span = mx - l;
+    const vi flat = f_le(span, splat(0.0f));
+    const vf sp = sel(flat, splat(1.0f), span);
+    const vd spd[2] = {to_d(sp, 0), to_d(sp, 1)};
     for (int k = 0; k < n; k++) dx[k] = x[k] - l;
-    v8d sl, sxl, sl2, sl0 = splatd(0), sxl0 = sl0, sl20 = sl0;
-    v8d best_scale = sl0, best_b = sl0, best_err = sl0;
+    vd sl[2], sxl[2], sl2[2], sl0[2], sxl0[2], sl20[2];
+    vd best_scale[2] = {0}, best_b[2] = {0}, best_err[2] = {0}; /* (set by candidate 0) */
     for (int32_t c = 0; c < n_steps; c++) {
         if (c > 0 && steps[c] == steps[0]) {
-            memcpy(q, q0, sizeof(v8) * n);
-            sl = sl0, sxl = sxl0, sl2 = sl20;
+            memcpy(q, q0, sizeof(vf) * n);
+            for (int h = 0; h < 2; h++) sl[h] = sl0[h], sxl[h] = sxl0[h], sl2[h] = sl20[h];
         } else {
-            const v8 is = __builtin_convertvector(splatd(steps[c]) / spd, v8);
-            for (int k = 0; k < n; k++) q[k] = v8_clip(v8_rint(is * dx[k]), nmax);
-            code_sums8(q, w, wx, n, &sl, &sxl, &sl2);
+            const vd isd[2] = {splatd(steps[c]) / spd[0], splatd(steps[c]) / spd[1]};
+            const vf is = to_f(isd);
+            for (int k = 0; k < n; k++) q[k] = v_clip(v_rint(is * dx[k]), nmax);
+            code_sums(q, w, wx, n, sl, sxl, sl2);
         }
-        v8d scale, b, err;
         if (c == 0) {
-            scale = to_d(sp / nmax);
-            b = to_d(l);
-            err = lsq_err8(scale, b, sl, sxl, sl2, swr, sxr);
-            memcpy(q0, q, sizeof(v8) * n);
-            sl0 = sl, sxl0 = sxl, sl20 = sl2;
-            best_scale = scale, best_b = b, best_err = err;
+            const vf s0 = sp / nmax;
+            for (int h = 0; h < 2; h++) {
+                best_scale[h] = to_d(s0, h);
+                best_b[h] = to_d(l, h);
+                best_err[h] = lsq_err(best_scale[h], best_b[h], sl[h], sxl[h], sl2[h], swr[h], sxr[h]);
+                sl0[h] = sl[h], sxl0[h] = sxl[h], sl20[h] = sl2[h];
+            }
+            memcpy(q0, q, sizeof(vf) * n);
             continue;
         }
-        lsq8(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
-        /* less(err, best_err): the first NaN wins */
-        const v8l take = (best_err == best_err) & ((err < best_err) | (err != err));
-        best_scale = seld(take, scale, best_scale);
-        best_b = seld(take, b, best_b);
-        best_err = seld(take, err, best_err);
+        vd scale[2], b[2], err[2];
+        vl pos[2];
+        for (int h = 0; h < 2; h++) pos[h] = lsq(sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h]);
+        const int any_pos = any_l(pos[0], pos[1]);
+        for (int h = 0; h < 2; h++) {
+            lsq_end(pos[h], any_pos, sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h], &err[h]);
+            /* less(err, best_err): the first NaN wins */
+            const vl take = d_eq(best_err[h], best_err[h]) & (d_lt(err[h], best_err[h]) | d_ne(err[h], err[h]));
+            best_scale[h] = seld(take, scale[h], best_scale[h]);
+            best_b[h] = seld(take, b[h], best_b[h]);
+            best_err[h] = seld(take, err[h], best_err[h]);
+        }
     }
     /* Polish: a round that does not improve leaves a lane's winner as it was, so every later
      * round would repeat it: the lane stops there (the same result as running them all), as
      * it does at a zero scale. */
-    v8l active = best_scale > 0;
+    const vd zero = splatd(0.0);
+    vl active[2] = {d_gt(best_scale[0], zero), d_gt(best_scale[1], zero)};
     for (int32_t i = 0; i < refine; i++) {
-        active &= best_scale > 0;
-        int any = 0;
-        for (int r = 0; r < 8; r++) any |= active[r] != 0;
-        if (!any) break;
-        const v8 safe = __builtin_convertvector(best_scale, v8), bf = __builtin_convertvector(best_b, v8);
-        for (int k = 0; k < n; k++) q[k] = v8_clip(v8_rint((x[k] - bf) / safe), nmax);
-        code_sums8(q, w, wx, n, &sl, &sxl, &sl2);
-        v8d scale, b, err;
-        lsq8(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
-        const v8l take = active & (err < best_err);
-        best_scale = seld(take, scale, best_scale);
-        best_b = seld(take, b, best_b);
-        best_err = seld(take, err, best_err);
-        active = take;
-    }
-    const v8 so = __builtin_convertvector(best_scale, v8), mo = __builtin_convertvector(-best_b, v8);
-    const v8 s_out = sel8(flat, splat8(0.0f), so), m_o = sel8(flat, -l, mo);
-    for (int r = 0; r < 8; r++) scale_out[r] = s_out[r], m_out[r] = m_o[r];
-}
-
-/* common.kquant_weights without importance: w = sqrt(mean(x²)) + |x| per sub-block of n (8..128) */
-static void kquant_plain_weights(const float *x, int64_t n_rows, int32_t n, float *w) {
-    float sq[128];
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float *xr = x + r * n;
-        for (int k = 0; k < n; k++) sq[k] = xr[k] * xr[k];
-        const float root = __builtin_sqrtf((float)((double)pairwise_f32(sq, n) / (double)n));
-        for (int k = 0; k < n; k++) w[r * n + k] = root + __builtin_fabsf(xr[k]);
-    }
-}
-
-/* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n
- * (a multiple of 8), 8 lanes at a time */
-typedef uint8_t v8u8 __attribute__((vector_size(8)));
-static void kquant_requantize(const float *x, const float *m, const float *inv, int64_t n_rows, int32_t n,
-                              int32_t nmax_i, uint8_t *q) {
-    const float nmax = (float)nmax_i;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const v8 mr = splat8(m[r]), ir = splat8(inv[r]);
-        for (int k = 0; k < n; k += 8) {
-            v8 v;
-            memcpy(&v, x + r * n + k, sizeof v);
-            const v8 t = v8_clip(v8_floor((v + mr) * ir + 0.5f), nmax);
-            const v8i c = __builtin_convertvector((v8)((v8i)t & (t == t)), v8i); /* NaN: 0 */
-            const v8u8 b = __builtin_convertvector(c, v8u8);
-            memcpy(q + r * n + k, &b, sizeof b);
+        for (int h = 0; h < 2; h++) active[h] &= d_gt(best_scale[h], zero);
+        if (!any_l(active[0], active[1])) break;
+        const vf safe = to_f(best_scale), bf = to_f(best_b);
+        for (int k = 0; k < n; k++) q[k] = v_clip(v_rint((x[k] - bf) / safe), nmax);
+        code_sums(q, w, wx, n, sl, sxl, sl2);
+        vd scale[2], b[2], err[2];
+        vl pos[2];
+        for (int h = 0; h < 2; h++) pos[h] = lsq(sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h]);
+        const int any_pos = any_l(pos[0], pos[1]);
+        for (int h = 0; h < 2; h++) {
+            lsq_end(pos[h], any_pos, sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h], &err[h]);
+            const vl take = active[h] & d_lt(err[h], best_err[h]);
+            best_scale[h] = seld(take, scale[h], best_scale[h]);
+            best_b[h] = seld(take, b[h], best_b[h]);
+            best_err[h] = seld(take, err[h], best_err[h]);
+            active[h] = take;
         }
     }
-}
-
-/* The per sub-block sums of common.refit_super_scales for one block of subs sub-blocks of n:
- * Σ w q, Σ w q², Σ w q x, Σ w, Σ w x (the per-block Σ w x² is block_xx). */
-static void kquant_refit_sums(const float *x, const float *w, const uint8_t *q, int32_t subs, int32_t n,
-                              double *s_q, double *s_qq, double *s_qx, double *s_w, double *s_x) {
-    float qf[128], wq[128];
-    for (int32_t j = 0; j < subs; j++) {
-        const int64_t at = (int64_t)j * n;
-        const float *xr = x + at, *wr = w + at;
-        for (int k = 0; k < n; k++) {
-            qf[k] = (float)q[at + k];
-            wq[k] = wr[k] * qf[k];
-        }
-        s_q[j] = pairwise_f64(wq, n);
-        s_qq[j] = dot(wq, qf, n);
-        s_qx[j] = dot(wq, xr, n);
-        s_w[j] = pairwise_f64(wr, n);
-        s_x[j] = dot(wr, xr, n);
-    }
-}
-
-#define KQ_BATCH 8 /* blocks whose Σ w x² chains run side by side */
-
-/* Σ w x² of each of KQ_BATCH blocks x[i], w[i] (256 values): numpy's three-operand einsum,
- * one float32 accumulator element after element, a chain of 256 dependent additions; the
- * blocks' chains are independent, so they run side by side (one lane each). */
-static void block_xx(const float *const x[KQ_BATCH], const float (*w)[256], double *s_xx) {
-    v8 acc = splat8(0.0f);
-    for (int k = 0; k < 256; k++) {
-        v8 xv, wv;
-        for (int i = 0; i < KQ_BATCH; i++) xv[i] = x[i][k], wv[i] = w[i][k];
-        acc += (wv * xv) * xv;
-    }
-    for (int i = 0; i < KQ_BATCH; i++) s_xx[i] = 0.0f + acc[i];
+    const vd nb[2] = {-best_b[0], -best_b[1]};
+    *scale_out = sel(flat, splat(0.0f), to_f(best_scale));
+    *m_out = sel(flat, -l, to_f(nb));
 }
 
 /* ------------------------------------------------------------------------------------------
- * The whole per-block recipe of common.kquant_fit and the packing of q4_k / q2_k, one
- * super-block of 256 at a time, every step the numpy path's operation in its order. */
-
+ * The whole per-block recipe of common.kquant_fit and the packing of q4_k / q2_k, every step the
+ * numpy path's operation in its order. */
 
 /* numpy's pairwise float64 sum of 8 <= n <= 128 values (see pairwise_f32) */
 static inline double pairwise_d(const double *a, int n) {
@@ -366,11 +324,13 @@ static inline float round_half_away(float v) {
 static inline float max_f(const float *a, int n) { /* np.max: NaN propagates */
     if (n == 8 || n == 16) { /* lane-wise: the same value unless the order can matter (a NaN:
                                 the first one's payload; a maximum of ±0: the first zero's sign) */
+        typedef float v8 __attribute__((vector_size(32)));
+        typedef int32_t v8i __attribute__((vector_size(32)));
         v8 v0, v1;
         memcpy(&v0, a, sizeof v0);
         memcpy(&v1, a + (n - 8), sizeof v1); /* n == 8: the same vector twice */
-        const v8i nan = (v0 != v0) | (v1 != v1);
-        const v8 mm = sel8(v0 > v1, v0, v1);
+        const v8i nan = (v0 != v0) | (v1 != v1), gt = v0 > v1;
+        const v8 mm = (v8)((gt & (v8i)v0) | (~gt & (v8i)v1));
         float m = mm[0];
         int any_nan = nan[0];
         for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
@@ -381,133 +341,239 @@ static inline float max_f(const float *a, int n) { /* np.max: NaN propagates */
     return m;
 }
 
-/* common.importance_weights for one super-block: qw·sqrt(f·mean(x²) + x²) */
-static void importance_block(const float *x, const float *qw, float sigma_factor, float *w) {
-    float sq[256];
-    for (int k = 0; k < 256; k++) sq[k] = x[k] * x[k];
-    const float mean = (0.0f + (pairwise_f32(sq, 128) + pairwise_f32(sq + 128, 128))) / 256.0f;
-    const float sigma2 = sigma_factor == 1.0f ? mean : sigma_factor * mean;
-    for (int k = 0; k < 256; k++) w[k] = qw[k] * __builtin_sqrtf(sigma2 + x[k] * x[k]);
+/* pairwise_f32 of x[0..127]², 8 at a time (the same 8 accumulators) */
+static inline float sum_sq128(const float *x) {
+    v8 r;
+    memcpy(&r, x, sizeof r);
+    r = r * r;
+    for (int i = 8; i < 128; i += 8) {
+        v8 v;
+        memcpy(&v, x + i, sizeof v);
+        r += v * v;
+    }
+    return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
 
-/* common.refit_super_scales for one block (Σ w x² given): the new (d, dmin) where they lower
- * the error */
-static void refit_super(const float *x, const float *w, const uint8_t *q, const float *ls,
-                        const float *lm, int32_t subs, int32_t sub, double s_xx, float *d, float *dmin) {
-    double s_q[16], s_qq[16], s_qx[16], s_w[16], s_x[16], t[5][16];
-    kquant_refit_sums(x, w, q, subs, sub, s_q, s_qq, s_qx, s_w, s_x);
-    for (int j = 0; j < subs; j++) {
-        const double a = ls[j], c = lm[j];
-        t[0][j] = a * a * s_qq[j];
-        t[1][j] = c * c * s_w[j];
-        t[2][j] = a * c * s_q[j];
-        t[3][j] = a * s_qx[j];
-        t[4][j] = c * s_x[j];
+/* rows r = 0..KQ_W-1 of n floats at src + n·r -> lanes: out[k][r] */
+static inline void to_lanes(const float *src, int n, vf *out) { rows_to_lanes16(src, n, (float *)out); }
+
+/* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n
+ * (a multiple of 8), 8 at a time */
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+static inline v8 v8_floor(v8 v) {
+#if defined(KQ_AVX)
+    return (v8)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+    for (int i = 0; i < 8; i++) v[i] = floor_f(v[i]);
+    return v;
+#endif
+}
+static inline v8 v8_clip(v8 q, float nmax) {
+#if defined(KQ_AVX)
+    return (v8)_mm256_min_ps(_mm256_set1_ps(nmax), _mm256_max_ps(_mm256_setzero_ps(), (__m256)q));
+#else
+    for (int i = 0; i < 8; i++) q[i] = clip_f(q[i], nmax);
+    return q;
+#endif
+}
+static void kquant_requantize(const float *x, const float *m, const float *inv, int64_t n_rows, int32_t n,
+                              int32_t nmax_i, uint8_t *q) {
+    const float nmax = (float)nmax_i;
+    for (int64_t r = 0; r < n_rows; r++) {
+        v8 mr, ir;
+        for (int i = 0; i < 8; i++) mr[i] = m[r], ir[i] = inv[r];
+        for (int k = 0; k < n; k += 8) {
+            v8 v;
+            memcpy(&v, x + r * n + k, sizeof v);
+            const v8 t = v8_clip(v8_floor((v + mr) * ir + 0.5f), nmax);
+            const v8i c = __builtin_convertvector((v8)((v8i)t & (t == t)), v8i); /* NaN: 0 */
+            const v8u8 b = __builtin_convertvector(c, v8u8);
+            memcpy(q + r * n + k, &b, sizeof b);
+        }
     }
-    const double saa = pairwise_d(t[0], subs), scc = pairwise_d(t[1], subs), sac = pairwise_d(t[2], subs);
-    const double sax = pairwise_d(t[3], subs), scx = pairwise_d(t[4], subs);
-    const double det = saa * scc - sac * sac;
-    const double p = saa * scc, floor_ = (p != p || p >= 1e-30) ? p : 1e-30; /* np.maximum */
-    const int ok = det > 1e-30 * floor_;
-    const double safe = ok ? det : 1.0;
-    double nd = (sax * scc - scx * sac) / safe, ne = (sax * sac - scx * saa) / safe;
-    const int only_d = !ok && saa > 0;
-    if (only_d) {
-        nd = sax / saa;
-        ne = *dmin;
-    }
-    const float ndf = f16_to_f32(f64_to_f16(clip_d(nd, 65504.0)));
-    const float nef = f16_to_f32(f64_to_f16(clip_d(ne, 65504.0)));
-#define ERR(dd, ee) ((dd) * (dd) * saa + (ee) * (ee) * scc + s_xx - 2 * (dd) * (ee) * sac - 2 * (dd) * sax + 2 * (ee) * scx)
-    const double dn = ndf, en = nef, d0 = *d, e0 = *dmin;
-    if ((ok || only_d) && ERR(dn, en) < ERR(d0, e0)) {
-        *d = ndf;
-        *dmin = nef;
-    }
-#undef ERR
 }
 
-/* the codes of one block for (d, dmin) and the sub-block levels ls, lm */
-static void block_codes(const float *x, float d, float dmin, const float *ls, const float *lm,
-                        int32_t subs, int32_t sub, int32_t nmax, uint8_t *q) {
-    float mm[16], inv[16];
+/* requantize_codes' m and inv for (d, dmin) and the sub-block levels ls, lm */
+static inline void code_steps(float d, float dmin, const float *ls, const float *lm, int subs, float *mm, float *inv) {
     for (int j = 0; j < subs; j++) {
         const float sc = d * ls[j];
         mm[j] = dmin * lm[j];
         inv[j] = sc > 0 ? 1.0f / sc : 0.0f;
     }
-    kquant_requantize(x, mm, inv, subs, sub, nmax, q);
 }
+
+#define KQ_BATCH 16 /* blocks whose Σ w x² chains run side by side */
 
 /* xb [n_blocks][256] and optional importance qw (same shape) -> Q4_K (kind 4: sub-blocks of 32,
  * codes 0..15, 6-bit levels) or Q2_K (kind 2: 16, 0..3, 4-bit) blocks in out. */
 void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t kind,
                      const double *steps, int32_t n_steps, int32_t refine, float sigma_factor,
                      uint8_t *out) {
-    const int32_t sub = kind == 4 ? 32 : 16, subs = 256 / sub, nmax = kind == 4 ? 15 : 3;
-    const float lmax = kind == 4 ? 63.0f : 15.0f;
+    const int32_t sub = kind == 4 ? 32 : 16, subs = 256 / sub, nmax_i = kind == 4 ? 15 : 3;
+    const int bpg = KQ_W / subs; /* blocks per group */
+    const float nmax = (float)nmax_i, lmax = kind == 4 ? 63.0f : 15.0f;
     const int64_t block_bytes = kind == 4 ? 144 : 84;
-    static const float zeros[256];
-    float w_batch[KQ_BATCH][256], d_batch[KQ_BATCH], dmin_batch[KQ_BATCH], ls_batch[KQ_BATCH][16],
-        lm_batch[KQ_BATCH][16];
-    uint8_t q_batch[KQ_BATCH][256];
+    /* per block of the batch: the levels, super-scales, per sub-block sums of
+     * common._refit_sums, and w·x² in lanes (for Σ w x²) */
+    float d_b[KQ_BATCH], dmin_b[KQ_BATCH], ls_b[KQ_BATCH][16], lm_b[KQ_BATCH][16];
+    double s_q[KQ_BATCH][16], s_qq[KQ_BATCH][16], s_qx[KQ_BATCH][16], s_w[KQ_BATCH][16], s_x[KQ_BATCH][16];
+    vf wxx[KQ_BATCH][32]; /* per group (at most KQ_BATCH) */
+    float pad_x[KQ_W * 32], pad_q[KQ_W * 32];
     for (int64_t b0 = 0; b0 < n_blocks; b0 += KQ_BATCH) {
-    const int nb = n_blocks - b0 < KQ_BATCH ? (int)(n_blocks - b0) : KQ_BATCH;
-    const float *x_at[KQ_BATCH];
-    double s_xx[KQ_BATCH];
-    for (int i = 0; i < KQ_BATCH; i++) { /* weights, sub-block (scale, min) fits, first codes */
-        if (i >= nb) { /* lanes past the last block: zeros */
-            x_at[i] = zeros;
-            memset(w_batch[i], 0, sizeof w_batch[i]);
-            continue;
-        }
-        const int64_t b = b0 + i;
-        const float *x = x_at[i] = xb + 256 * b;
-        float *w = w_batch[i], *ls = ls_batch[i], *lm = lm_batch[i], scale[16], m[16];
-        if (qw != NULL)
-            importance_block(x, qw + 256 * b, sigma_factor, w);
-        else
-            kquant_plain_weights(x, subs, sub, w);
-        for (int j = 0; j < subs; j += 8)
-            fit_rows8(x + sub * j, w + sub * j, sub, (float)nmax, steps, n_steps, refine, scale + j, m + j);
-        const float d = f16_to_f32(f32_to_f16(max_f(scale, subs) / lmax));
-        const float dmin = f16_to_f32(f32_to_f16(max_f(m, subs) / lmax));
-        const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
-        for (int j = 0; j < subs; j++) {
-            ls[j] = clip_f(round_half_away(scale[j] / dsafe), lmax);
-            lm[j] = clip_f(round_half_away(m[j] / msafe), lmax);
-        }
-        block_codes(x, d, dmin, ls, lm, subs, sub, nmax, q_batch[i]);
-        d_batch[i] = d, dmin_batch[i] = dmin;
-    }
-    block_xx(x_at, (const float (*)[256])w_batch, s_xx);
-    for (int i = 0; i < nb; i++) { /* super-scale refit, final codes, packing */
-        const float *x = x_at[i], *ls = ls_batch[i], *lm = lm_batch[i];
-        uint8_t *q = q_batch[i], *o = out + block_bytes * (b0 + i);
-        float d = d_batch[i], dmin = dmin_batch[i];
-        refit_super(x, w_batch[i], q, ls, lm, subs, sub, s_xx[i], &d, &dmin);
-        block_codes(x, d, dmin, ls, lm, subs, sub, nmax, q);
-        const uint16_t hd = f32_to_f16(d), hm = f32_to_f16(dmin);
-        if (kind == 4) {
-            uint8_t sc[8], mn[8];
-            for (int j = 0; j < 8; j++) sc[j] = (uint8_t)(int)ls[j], mn[j] = (uint8_t)(int)lm[j];
-            o[0] = hd & 255, o[1] = hd >> 8, o[2] = hm & 255, o[3] = hm >> 8;
-            for (int j = 0; j < 4; j++) {
-                o[4 + j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
-                o[8 + j] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
-                o[12 + j] = (sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4);
+        const int nb = n_blocks - b0 < KQ_BATCH ? (int)(n_blocks - b0) : KQ_BATCH;
+        for (int g = 0; g * bpg < nb; g++) { /* group g: blocks b0 + bpg·g .. */
+            const int i0 = g * bpg, in_group = nb - i0 < bpg ? nb - i0 : bpg;
+            const float *xg = xb + 256 * (b0 + i0);
+            if (in_group < bpg) { /* lanes past the last block: zeros */
+                memset(pad_x, 0, sizeof pad_x);
+                memcpy(pad_x, xg, sizeof(float) * 256 * in_group);
+                xg = pad_x;
             }
-            for (int c = 0; c < 4; c++)
-                for (int l = 0; l < 32; l++) o[16 + 32 * c + l] = q[64 * c + l] | (q[64 * c + 32 + l] << 4);
-        } else {
-            for (int j = 0; j < 16; j++) o[j] = (uint8_t)(int)ls[j] | ((uint8_t)(int)lm[j] << 4);
-            for (int h = 0; h < 2; h++)
-                for (int l = 0; l < 32; l++) {
-                    const uint8_t *qh = q + 128 * h + l;
-                    o[16 + 32 * h + l] = qh[0] | (qh[32] << 2) | (qh[64] << 4) | (qh[96] << 6);
+            vf x[32], w[32], wx[32], q[32], wq[32];
+            to_lanes(xg, sub, x);
+            if (qw != NULL) { /* common.importance_weights: qw·sqrt(f·mean(x²) + x²), mean per block */
+                const float *qg = qw + 256 * (b0 + i0);
+                if (in_group < bpg) {
+                    memset(pad_q, 0, sizeof pad_q);
+                    memcpy(pad_q, qg, sizeof(float) * 256 * in_group);
+                    qg = pad_q;
                 }
-            o[80] = hd & 255, o[81] = hd >> 8, o[82] = hm & 255, o[83] = hm >> 8;
+                vf qv[32], s2v;
+                to_lanes(qg, sub, qv);
+                for (int i = 0; i < bpg; i++) {
+                    const float *xi = xg + 256 * i;
+                    const float mean = (0.0f + (sum_sq128(xi) + sum_sq128(xi + 128))) / 256.0f;
+                    const float sigma2 = sigma_factor == 1.0f ? mean : sigma_factor * mean;
+                    for (int j = 0; j < subs; j++) s2v[subs * i + j] = sigma2;
+                }
+                for (int k = 0; k < sub; k++) w[k] = qv[k] * v_sqrt(s2v + x[k] * x[k]);
+            } else { /* common.kquant_weights without importance: sqrt(mean(x²)) + |x| */
+                vf sq[32];
+                for (int k = 0; k < sub; k++) sq[k] = x[k] * x[k];
+                const vf ms = pairwise_l(sq, sub);
+                const vd mean[2] = {to_d(ms, 0) / (double)sub, to_d(ms, 1) / (double)sub};
+                const vf root = v_sqrt(to_f(mean));
+                for (int k = 0; k < sub; k++) w[k] = root + (vf)((vi)x[k] & ~(vi)splat(-0.0f));
+            }
+            for (int k = 0; k < sub; k++) wx[k] = w[k] * x[k];
+            vd swr[2], sxr[2];
+            pairwise_ld(w, sub, swr);
+            pairwise_ld(wx, sub, sxr);
+            vf scale_v, m_v;
+            fit_group(x, w, wx, swr, sxr, sub, nmax, steps, n_steps, refine, &scale_v, &m_v);
+            /* sub-block levels against the fp16 super-scales, first codes */
+            float scale[KQ_W], m[KQ_W], mm[KQ_W], inv[KQ_W];
+            memcpy(scale, &scale_v, sizeof scale);
+            memcpy(m, &m_v, sizeof m);
+            for (int i = 0; i < bpg; i++) {
+                const float *sc = scale + subs * i, *mi = m + subs * i;
+                float *ls = ls_b[i0 + i], *lm = lm_b[i0 + i];
+                const float d = f16_to_f32(f32_to_f16(max_f(sc, subs) / lmax));
+                const float dmin = f16_to_f32(f32_to_f16(max_f(mi, subs) / lmax));
+                const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
+                for (int j = 0; j < subs; j++) {
+                    ls[j] = clip_f(round_half_away(sc[j] / dsafe), lmax);
+                    lm[j] = clip_f(round_half_away(mi[j] / msafe), lmax);
+                }
+                code_steps(d, dmin, ls, lm, subs, mm + subs * i, inv + subs * i);
+                d_b[i0 + i] = d, dmin_b[i0 + i] = dmin;
+            }
+            /* the codes as common.requantize_codes makes them and the uint8 -> float32 of
+             * _refit_sums (NaN: 0, -0: +0), then its per sub-block sums */
+            vf mv, iv;
+            memcpy(&mv, mm, sizeof mv);
+            memcpy(&iv, inv, sizeof iv);
+            for (int k = 0; k < sub; k++) {
+                const vf t = v_clip(v_floor((x[k] + mv) * iv + 0.5f), nmax);
+                q[k] = (vf)((vi)t & f_eq(t, t)) + 0.0f;
+                wq[k] = w[k] * q[k];
+                wxx[g][k] = wx[k] * x[k];
+            }
+            vd s_wq[2];
+            pairwise_ld(wq, sub, s_wq);
+            float f_qq[KQ_W], f_qx[KQ_W], f_x[KQ_W];
+            const vf v_qq = dot_l(wq, q, sub), v_qx = dot_l(wq, x, sub), v_x = dot_l(w, x, sub);
+            memcpy(f_qq, &v_qq, sizeof f_qq);
+            memcpy(f_qx, &v_qx, sizeof f_qx);
+            memcpy(f_x, &v_x, sizeof f_x);
+            for (int i = 0; i < in_group; i++)
+                for (int j = 0; j < subs; j++) {
+                    const int r = subs * i + j;
+                    s_q[i0 + i][j] = s_wq[r / 8][r % 8], s_qq[i0 + i][j] = f_qq[r], s_qx[i0 + i][j] = f_qx[r];
+                    s_w[i0 + i][j] = swr[r / 8][r % 8], s_x[i0 + i][j] = f_x[r];
+                }
         }
-    }
+        /* Σ w x² per block: numpy's three-operand einsum, one float32 accumulator element after
+         * element, a chain of 256 dependent additions; the blocks' chains run side by side */
+        float acc[KQ_BATCH];
+        const float *at[KQ_BATCH];
+        for (int i = 0; i < KQ_BATCH; i++) {
+            acc[i] = 0.0f;
+            at[i] = (const float *)wxx[i < nb ? i / bpg : 0] + subs * (i < nb ? i % bpg : 0);
+        }
+        for (int j = 0; j < subs; j++)
+            for (int k = 0; k < sub; k++)
+                for (int i = 0; i < KQ_BATCH; i++) acc[i] += at[i][KQ_W * k + j];
+        for (int i = 0; i < nb; i++) { /* super-scale refit, final codes, packing */
+            const float *x = xb + 256 * (b0 + i), *ls = ls_b[i], *lm = lm_b[i];
+            uint8_t q[256], *o = out + block_bytes * (b0 + i);
+            float d = d_b[i], dmin = dmin_b[i];
+            /* common.refit_super_scales: the new (d, dmin) where they lower the error */
+            double t[5][16];
+            for (int j = 0; j < subs; j++) {
+                const double a = ls[j], c = lm[j];
+                t[0][j] = a * a * s_qq[i][j];
+                t[1][j] = c * c * s_w[i][j];
+                t[2][j] = a * c * s_q[i][j];
+                t[3][j] = a * s_qx[i][j];
+                t[4][j] = c * s_x[i][j];
+            }
+            const double saa = pairwise_d(t[0], subs), scc = pairwise_d(t[1], subs), sac = pairwise_d(t[2], subs);
+            const double sax = pairwise_d(t[3], subs), scx = pairwise_d(t[4], subs);
+            const double s_xx = 0.0f + acc[i];
+            const double det = saa * scc - sac * sac;
+            const double p = saa * scc, floor_ = (p != p || p >= 1e-30) ? p : 1e-30; /* np.maximum */
+            const int ok = det > 1e-30 * floor_;
+            const double safe = ok ? det : 1.0;
+            double nd = (sax * scc - scx * sac) / safe, ne = (sax * sac - scx * saa) / safe;
+            const int only_d = !ok && saa > 0;
+            if (only_d) {
+                nd = sax / saa;
+                ne = dmin;
+            }
+            const float ndf = f16_to_f32(f64_to_f16(clip_d(nd, 65504.0)));
+            const float nef = f16_to_f32(f64_to_f16(clip_d(ne, 65504.0)));
+#define ERR(dd, ee) ((dd) * (dd) * saa + (ee) * (ee) * scc + s_xx - 2 * (dd) * (ee) * sac - 2 * (dd) * sax + 2 * (ee) * scx)
+            const double dn = ndf, en = nef, d0 = d, e0 = dmin;
+            const int better = (ok | only_d) & (ERR(dn, en) < ERR(d0, e0)); /* (branch-free: data) */
+            d = better ? ndf : d;
+            dmin = better ? nef : dmin;
+#undef ERR
+            float mm[16], inv[16];
+            code_steps(d, dmin, ls, lm, subs, mm, inv);
+            kquant_requantize(x, mm, inv, subs, sub, nmax_i, q);
+            const uint16_t hd = f32_to_f16(d), hm = f32_to_f16(dmin);
+            if (kind == 4) {
+                uint8_t sc[8], mn[8];
+                for (int j = 0; j < 8; j++) sc[j] = (uint8_t)(int)ls[j], mn[j] = (uint8_t)(int)lm[j];
+                o[0] = hd & 255, o[1] = hd >> 8, o[2] = hm & 255, o[3] = hm >> 8;
+                for (int j = 0; j < 4; j++) {
+                    o[4 + j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+                    o[8 + j] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
+                    o[12 + j] = (sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4);
+                }
+                for (int c = 0; c < 4; c++)
+                    for (int l = 0; l < 32; l++) o[16 + 32 * c + l] = q[64 * c + l] | (q[64 * c + 32 + l] << 4);
+            } else {
+                for (int j = 0; j < 16; j++) o[j] = (uint8_t)(int)ls[j] | ((uint8_t)(int)lm[j] << 4);
+                for (int h = 0; h < 2; h++)
+                    for (int l = 0; l < 32; l++) {
+                        const uint8_t *qh = q + 128 * h + l;
+                        o[16 + 32 * h + l] = qh[0] | (qh[32] << 2) | (qh[64] << 4) | (qh[96] << 6);
+                    }
+                o[80] = hd & 255, o[81] = hd >> 8, o[82] = hm & 255, o[83] = hm >> 8;
+            }
+        }
     }
 }
+#endif

@@ -1,0 +1,376 @@
+/* Without AVX-512: the previous kernel, 8 rows a vector (the 16-lane kernel of iq2_search.c, compiled for
+ * AVX2 by GCC, turns its wide generic vectors into scalar code: 0.5-0.6x measured). */
+/* The IQ2_XXS codebook search (ds4mlx/quant/gguf/iq2_xxs.py): for each run of 8 weights, the
+ * codebook entry e of least cost
+ *
+ *     cost[e] = sum_j a[j] * g[e][j] + b[j] * g[e][j]^2,   g[e][j] in levels[0..2],
+ *
+ * with a = lhs[0..7], b = lhs[8..15] (the linear and quadratic parts of the weighted squared
+ * error). numpy does this as a [runs, 16] x [16, 256] matrix product and an argmin over the
+ * [runs, 256] table in memory. Here the cost is split by element: the sums over elements 0..3
+ * and over 4..7 for each of their 81 level patterns are built once, and each entry's cost is one
+ * sum of two of them (lo[e], hi[e] name its patterns). Runs go 8 at a time through GCC/Clang
+ * vector types. The sums round differently from the matrix product, so only costs equal to
+ * within float rounding can choose differently. Ties go to the lowest index, as with argmin. */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+/* The search over U·W runs side by side (each lane one run, so the lane count does not change a
+ * result): U vectors of W lanes, 128-bit (SSE2, NEON) or on x86 256-bit with AVX2 where the CPU
+ * has it (chosen at run time). The U vectors are independent chains of compare-and-select, which
+ * would otherwise wait on each other's latency. */
+#define DEFINE_SEARCH(SUFFIX, W, U, ATTR)                                                       \
+    typedef float vf##SUFFIX __attribute__((vector_size(4 * W)));                              \
+    typedef int32_t vi##SUFFIX __attribute__((vector_size(4 * W)));                            \
+    /* h[p] = ((t0[l0] + t1[l1]) + t2[l2]) + t3[l3] for the 81 level patterns                 \
+     * p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3, the partial sums of the first two and \
+     * three elements shared (the same additions in the same order: 117 instead of 243) */    \
+    ATTR static void half_sums##SUFFIX(const vf##SUFFIX t[8][3][U], int j0, vf##SUFFIX h[81][U]) { \
+        vf##SUFFIX h2[9][U], h3[27][U];                                                        \
+        for (int p = 0; p < 9; p++)                                                            \
+            for (int u = 0; u < U; u++) h2[p][u] = t[j0][p % 3][u] + t[j0 + 1][p / 3][u];       \
+        for (int p = 0; p < 27; p++)                                                           \
+            for (int u = 0; u < U; u++) h3[p][u] = h2[p % 9][u] + t[j0 + 2][p / 9][u];          \
+        for (int p = 0; p < 81; p++)                                                           \
+            for (int u = 0; u < U; u++) h[p][u] = h3[p % 27][u] + t[j0 + 3][p / 27][u];         \
+    }                                                                                          \
+    /* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */ \
+    ATTR static void search##SUFFIX(const float *lhs, const int64_t *rows, int64_t n_rows,     \
+                                    const float *levels, const int32_t *lo, const int32_t *hi, \
+                                    int64_t *out, int64_t stride) {                            \
+        typedef vf##SUFFIX vf;                                                                 \
+        typedef vi##SUFFIX vi;                                                                 \
+        for (int64_t k0 = 0; k0 < n_rows; k0 += W * U) {                                       \
+            const int m = n_rows - k0 < W * U ? (int)(n_rows - k0) : W * U;                    \
+            float a[16][U][W];                                                                 \
+            for (int i = 0; i < W * U; i++)                                                    \
+                for (int j = 0; j < 16; j++)                                                   \
+                    a[j][i / W][i % W] = lhs[rows[k0 + (i < m ? i : 0)] * 16 + j];             \
+            vf t[8][3][U], h_lo[81][U], h_hi[81][U], best[U];                                  \
+            vi idx[U];                                                                         \
+            for (int j = 0; j < 8; j++)                                                        \
+                for (int u = 0; u < U; u++) {                                                  \
+                    vf aj, bj;                                                                 \
+                    memcpy(&aj, a[j][u], sizeof aj);                                           \
+                    memcpy(&bj, a[8 + j][u], sizeof bj);                                       \
+                    for (int l = 0; l < 3; l++) t[j][l][u] = aj * levels[l] + bj * (levels[l] * levels[l]); \
+                }                                                                              \
+            half_sums##SUFFIX(t, 0, h_lo);                                                     \
+            half_sums##SUFFIX(t, 4, h_hi);                                                     \
+            for (int u = 0; u < U; u++) {                                                      \
+                best[u] = h_lo[lo[0]][u] + h_hi[hi[0]][u];                                     \
+                idx[u] = (vi){0};                                                              \
+            }                                                                                  \
+            for (int32_t e = 1; e < 256; e++) {                                                \
+                const vi ev = (vi){0} + e;                                                     \
+                for (int u = 0; u < U; u++) {                                                  \
+                    const vf c = h_lo[lo[e]][u] + h_hi[hi[e]][u];                              \
+                    const vi take = c < best[u];                                               \
+                    best[u] = (vf)(((vi)c & take) | ((vi)best[u] & ~take));                    \
+                    idx[u] = (ev & take) | (idx[u] & ~take);                                   \
+                }                                                                              \
+            }                                                                                  \
+            for (int i = 0; i < m; i++) out[rows[k0 + i] * stride] = idx[i / W][i % W];        \
+        }                                                                                      \
+    }
+
+DEFINE_SEARCH(4, 4, 4, )
+
+#if defined(__x86_64__) && defined(__GNUC__)
+DEFINE_SEARCH(8, 8, 4, __attribute__((target("avx2"))))
+DEFINE_SEARCH(16, 16, 4, __attribute__((target("avx512f"))))
+
+static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const float *levels,
+                   const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
+    static int avx2 = -1, avx512 = -1;
+    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2"), avx512 = __builtin_cpu_supports("avx512f");
+    /* 64 runs a pass with AVX-512 once there are enough to fill them (a lane's result does not
+     * depend on the width) */
+    (avx512 && n_rows > 32 ? search16 : avx2 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
+}
+#else
+#define search search4
+#endif
+
+/* The candidates of _candidate_entries: for runs y, w [n_runs][8] (|x| and error weights) with
+ * group scale s[r], the best entry at each scale s[r] * steps[f], out [n_runs][n_steps]. Where
+ * each element's nearest level (all weights positive, scale positive) forms a grid entry
+ * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. */
+void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_runs,
+                    const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
+                    const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows,
+                    int64_t *out) {
+    typedef float r8 __attribute__((vector_size(32)));
+    typedef int32_t r8i __attribute__((vector_size(32)));
+    const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
+    const r8i pow3 = {1, 3, 9, 27, 81, 243, 729, 2187};
+    /* branch-free: whether a run needs the search is data, and mispredicted it costs more than
+     * the pattern itself; a run's 8 elements are one vector */
+    for (int64_t f = 0; f < n_steps; f++) {
+        int64_t n_search = 0;
+        for (int64_t r = 0; r < n_runs; r++) {
+            const float sr = s[r] * steps[f], t0 = sr * mid0, t1 = sr * mid1;
+            r8 yv, wv;
+            memcpy(&yv, y + 8 * r, sizeof yv);
+            memcpy(&wv, w + 8 * r, sizeof wv);
+            const r8i level = -((yv > t0) + (yv > t1)), pw = level * pow3, pos = wv > 0.0f;
+            const int32_t pattern = ((pw[0] + pw[1]) + (pw[2] + pw[3])) + ((pw[4] + pw[5]) + (pw[6] + pw[7]));
+#if defined(__AVX__)
+            const int positive = (sr > 0) & (_mm256_movemask_ps((__m256)pos) == 0xFF);
+#else
+            const int positive = (sr > 0) & ((pos[0] & pos[1] & pos[2] & pos[3] & pos[4] & pos[5] & pos[6] & pos[7]) != 0);
+#endif
+            const int64_t entry = entry_of_pattern[pattern];  /* (int16: the table stays in L1) */
+            out[r * n_steps + f] = entry;
+            rows[n_search] = r;
+            n_search += !(positive & (entry >= 0));
+        }
+        for (int64_t k = 0; k < n_search; k++) {
+            const int64_t r = rows[k];
+            const float sr = s[r] * steps[f];
+            r8 yv, wv;
+            memcpy(&yv, y + 8 * r, sizeof yv);
+            memcpy(&wv, w + 8 * r, sizeof wv);
+            const r8 a = (-2.0f * wv) * yv, b = wv * sr;
+            memcpy(lhs + 16 * r, &a, sizeof a);
+            memcpy(lhs + 16 * r + 8, &b, sizeof b);
+        }
+        search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
+    }
+}
+
+/* The candidate sums of iq2_xxs._quantize_chunk, bit for bit its numpy: numpy's float32 einsum
+ * over 8 elements is 4 lanes, elements j and j+4 in lane j (multiply and add, fused on arm64 as numpy's NEON code does), lane sums
+ * (l0 + l1) + (l2 + l3). */
+#if defined(__aarch64__)
+#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define MULADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+static inline float dot8(const float *a, const float *b) {
+#if defined(__AVX__)
+    /* the same operations lane-wise: the 8 products, lane i's (p[i] + 0) + p[i + 4] */
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    const __m128 t = _mm_add_ps(_mm256_extractf128_ps(p, 1), _mm_add_ps(_mm256_castps256_ps128(p), _mm_setzero_ps()));
+    const __m128 u = _mm_add_ps(t, _mm_movehdup_ps(t)); /* t0 + t1, ., t2 + t3, . */
+    return 0.0f + (_mm_cvtss_f32(u) + _mm_cvtss_f32(_mm_movehl_ps(u, u)));
+#else
+    float t[4];
+    for (int i = 0; i < 4; i++) t[i] = MULADD(a[i + 4], b[i + 4], MULADD(a[i], b[i], 0.0f));
+    return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
+#endif
+}
+
+/* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] (grid2:
+ * the squares, exact in float32) */
+static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *cand, const float *grid,
+                               const float *grid2, int64_t n_runs, int64_t n_cand, float *ca, float *cb) {
+    for (int64_t r = 0; r < n_runs; r++) {
+        for (int64_t f = 0; f < n_cand; f++) {
+            const int64_t e = cand[r * n_cand + f];
+            ca[r * n_cand + f] = dot8(wy + 8 * r, grid + 8 * e);
+            cb[r * n_cand + f] = dot8(w + 8 * r, grid2 + 8 * e);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The whole of iq2_xxs._quantize_chunk, block by block after a batched candidate search, every
+ * step the numpy path's operation in its order (checked at first use against it). */
+
+#include "npyops.h"
+
+#define IQ2_BATCH 16 /* blocks whose candidate searches share the vector lanes */
+
+static inline int argmin_first(const float *c, int n, int stride) { /* np.argmin (NaN first) */
+    int best = 0;
+    float bc = c[0];
+    for (int f = 1; f < n; f++) { /* branch-free: which one wins is data */
+        const float v = c[f * stride];
+        const int take = (bc == bc) & ((v < bc) | (v != v));
+        best = take ? f : best;
+        bc = take ? v : bc;
+    }
+    return best;
+}
+
+static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates */
+    if (n == 32) { /* a maximum taken 8 lanes at a time is the same value unless the order can
+                      matter: a NaN (the first one's payload) or a maximum of ±0 (the first zero's
+                      sign); those take the loop below */
+        typedef float m8 __attribute__((vector_size(32)));
+        typedef int32_t m8i __attribute__((vector_size(32)));
+        m8 v[4];
+        memcpy(v, a, sizeof v);
+        m8i nan = (v[0] != v[0]) | (v[1] != v[1]) | (v[2] != v[2]) | (v[3] != v[3]);
+        m8 m01 = (m8)(((m8i)v[0] & (v[0] > v[1])) | ((m8i)v[1] & ~(v[0] > v[1])));
+        m8 m23 = (m8)(((m8i)v[2] & (v[2] > v[3])) | ((m8i)v[3] & ~(v[2] > v[3])));
+        m8 mm = (m8)(((m8i)m01 & (m01 > m23)) | ((m8i)m23 & ~(m01 > m23)));
+        float m = mm[0];
+        int any_nan = nan[0];
+        for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
+        if (!any_nan && m != 0.0f) return m;
+    }
+    float m = a[0];
+    for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
+    return m;
+}
+
+static inline float sum4(const float *a, int stride) { /* a reduction over 4: one after the other */
+    return 0.0f + (((0.0f + a[0]) + a[stride]) + a[2 * stride]) + a[3 * stride];
+}
+
+/* per run of a block, the candidate f of least cost s·(s·cb − 2·ca) at its group's scale s[g]
+ * (np.argmin: the first minimum, or the first NaN); ca, cb [n_cand][32], runs side by side */
+static void best_at(const float *s, const float *ca, const float *cb, int n_cand, int32_t *k, float *cost) {
+    float sr[32];
+    for (int r = 0; r < 32; r++) sr[r] = s[r / 4];
+    for (int r = 0; r < 32; r++) {
+        cost[r] = sr[r] * (sr[r] * cb[r] - 2.0f * ca[r]);
+        k[r] = 0;
+    }
+    for (int f = 1; f < n_cand; f++)
+        for (int r = 0; r < 32; r++) {
+            const float v = sr[r] * (sr[r] * cb[32 * f + r] - 2.0f * ca[32 * f + r]);
+            const int take = (cost[r] == cost[r]) & ((v < cost[r]) | (v != v));
+            cost[r] = take ? v : cost[r];
+            k[r] = take ? f : k[r];
+        }
+}
+
+/* error weights, signs (parity-corrected), targets y and the group scales s0 of one block */
+static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uint32_t *mask, float *s0) {
+    if (qw != NULL) { /* common.importance_weights, σ² factor 2 */
+        float sq[256];
+        for (int k = 0; k < 256; k++) sq[k] = x[k] * x[k];
+        const float sigma2 = 2.0f * ((0.0f + (pairwise_f32(sq, 128) + pairwise_f32(sq + 128, 128))) / 256.0f);
+        for (int k = 0; k < 256; k++) w[k] = qw[k] * __builtin_sqrtf(sigma2 + x[k] * x[k]);
+    } else {
+        for (int g = 0; g < 8; g++) {
+            float sq[32];
+            for (int k = 0; k < 32; k++) sq[k] = x[32 * g + k] * x[32 * g + k];
+            const float root = __builtin_sqrtf(pairwise_f32(sq, 32) / 32.0f);
+            for (int k = 0; k < 32; k++) w[32 * g + k] = root + __builtin_fabsf(x[32 * g + k]);
+        }
+    }
+    for (int r = 0; r < 32; r++) {
+        const float *xr = x + 8 * r, *wr = w + 8 * r;
+        float c[8];
+        int odd = 0;
+        for (int j = 0; j < 8; j++) {
+            odd ^= xr[j] < 0;
+            c[j] = wr[j] * xr[j] * xr[j];
+        }
+        int cheapest = -1;
+        if (odd) {
+#if defined(__AVX__)
+            /* without NaN the first least value is the first lane equal to the minimum */
+            const __m256 cv = _mm256_loadu_ps(c);
+            if (_mm256_movemask_ps(_mm256_cmp_ps(cv, cv, _CMP_UNORD_Q)) == 0) {
+                __m128 m = _mm_min_ps(_mm256_castps256_ps128(cv), _mm256_extractf128_ps(cv, 1));
+                m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+                m = _mm_min_ss(m, _mm_movehdup_ps(m));
+                const __m256 mv = _mm256_broadcastss_ps(m);
+                cheapest = __builtin_ctz(_mm256_movemask_ps(_mm256_cmp_ps(cv, mv, _CMP_EQ_OQ)));
+            } else
+#endif
+                cheapest = argmin_first(c, 8, 1);
+        }
+        uint32_t m = 0;
+        for (int j = 0; j < 8; j++) {
+            const int flip = j == cheapest;
+            m |= (uint32_t)((xr[j] < 0) ^ flip) << j;
+            y[8 * r + j] = flip ? -__builtin_fabsf(xr[j]) : __builtin_fabsf(xr[j]);
+        }
+        mask[r] = m;
+    }
+    for (int g = 0; g < 8; g++) s0[g] = max_nan(y + 32 * g, 32) / 43.0f;
+}
+
+/* xb [n_blocks][256], optional importance qw (same shape) -> IQ2_XXS blocks (66 bytes) in out */
+void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const float *steps, int32_t n_steps,
+                  const float *super_steps, int32_t n_super, int32_t refine, const float *levels,
+                  const int32_t *lo, const int32_t *hi, const int16_t *entry_of_pattern, const float *grid,
+                  uint8_t *out) {
+    float w[IQ2_BATCH * 256], y[IQ2_BATCH * 256], s0[IQ2_BATCH * 8], s_run[IQ2_BATCH * 32];
+    float lhs[IQ2_BATCH * 32 * 16];
+    uint32_t mask[IQ2_BATCH * 32];
+    int64_t rows[IQ2_BATCH * 32], cand[IQ2_BATCH * 32 * 8];
+    float grid2[256 * 8];
+    for (int i = 0; i < 256 * 8; i++) grid2[i] = grid[i] * grid[i];
+    for (int64_t b0 = 0; b0 < n_blocks; b0 += IQ2_BATCH) {
+        const int nb = n_blocks - b0 < IQ2_BATCH ? (int)(n_blocks - b0) : IQ2_BATCH;
+        for (int i = 0; i < nb; i++) {
+            iq2_prepare(xb + 256 * (b0 + i), qw == NULL ? NULL : qw + 256 * (b0 + i), w + 256 * i,
+                        y + 256 * i, mask + 32 * i, s0 + 8 * i);
+            for (int r = 0; r < 32; r++) s_run[32 * i + r] = s0[8 * i + r / 4];
+        }
+        iq2_candidates(y, w, s_run, 32 * nb, steps, n_steps, levels, lo, hi, entry_of_pattern, lhs, rows, cand);
+        for (int i = 0; i < nb; i++) {
+            const float *wb = w + 256 * i, *yb = y + 256 * i, *sb0 = s0 + 8 * i;
+            const int64_t *cb_idx = cand + 32 * n_steps * i;
+            float wy[256], ca_r[32 * 8], cb_r[32 * 8], ca[8 * 32], cb[8 * 32], cost[32], costs[8][8], s[8], sc[8];
+            int32_t k[32];
+            for (int j = 0; j < 256; j++) wy[j] = wb[j] * yb[j];
+            iq2_candidate_sums(wy, wb, cb_idx, grid, grid2, 32, n_steps, ca_r, cb_r);
+            for (int r = 0; r < 32; r++)
+                for (int f = 0; f < n_steps; f++) ca[32 * f + r] = ca_r[r * n_steps + f], cb[32 * f + r] = cb_r[r * n_steps + f];
+            /* group scale: the best of the sweep, then least-squares refinements */
+            for (int f = 0; f < n_steps; f++) {
+                for (int g = 0; g < 8; g++) sc[g] = sb0[g] * steps[f];
+                best_at(sc, ca, cb, n_steps, k, cost);
+                for (int g = 0; g < 8; g++) costs[f][g] = sum4(cost + 4 * g, 1);
+            }
+            for (int g = 0; g < 8; g++) s[g] = sb0[g] * steps[argmin_first(&costs[0][g], n_steps, 8)];
+            for (int it = 0; it < refine; it++) {
+                best_at(s, ca, cb, n_steps, k, cost);
+                for (int g = 0; g < 8; g++) {
+                    float ta[4], tb[4];
+                    for (int u = 0; u < 4; u++) {
+                        const int r = 4 * g + u;
+                        ta[u] = ca[32 * k[r] + r], tb[u] = cb[32 * k[r] + r];
+                    }
+                    const float sa = sum4(ta, 1), sbb = sum4(tb, 1);
+                    const float pos = sa > 0 ? sa : (sa != sa ? sa : 0.0f); /* np.maximum(sa, 0) */
+                    s[g] = sbb > 0 ? pos / sbb : 0.0f;
+                }
+            }
+            /* super-scale D (fp16) and 4-bit group scales: s ≈ D·(2ls+1)/8; the best D candidate */
+            const float dmax = max_nan(s, 8) * 8.0f / 31.0f;
+            float best_total = 0, best_dd = 0, best_ls[8], ls[8];
+            int32_t best_k[32];
+            for (int u = 0; u < n_super; u++) {
+                const float dd = f16_to_f32(f32_to_f16(dmax * super_steps[u]));
+                const float safe = dd > 0 ? dd : 1.0f;
+                for (int g = 0; g < 8; g++) {
+                    const float l = floor_f((8.0f * s[g] / safe - 1.0f) / 2.0f + 0.5f);
+                    ls[g] = l < 0 ? 0.0f : (l > 15 ? 15.0f : l);
+                    sc[g] = dd * (2.0f * ls[g] + 1.0f) / 8.0f;
+                }
+                best_at(sc, ca, cb, n_steps, k, cost);
+                const float total = pairwise_f32(cost, 32);
+                if (u == 0 || total < best_total) {
+                    best_total = total, best_dd = dd;
+                    memcpy(best_ls, ls, sizeof ls);
+                    memcpy(best_k, k, sizeof k);
+                }
+            }
+            uint8_t *o = out + 66 * (b0 + i);
+            const uint16_t hd = f32_to_f16(best_dd);
+            o[0] = hd & 255, o[1] = hd >> 8;
+            for (int g = 0; g < 8; g++) {
+                uint32_t a = 0, bw = (uint32_t)(int)best_ls[g] << 28;
+                for (int u = 0; u < 4; u++) {
+                    const int r = 4 * g + u;
+                    a |= (uint32_t)cb_idx[r * n_steps + best_k[r]] << (8 * u);
+                    bw |= (mask[32 * i + r] & 127u) << (7 * u);
+                }
+                for (int t = 0; t < 4; t++) o[2 + 8 * g + t] = (a >> (8 * t)) & 255, o[6 + 8 * g + t] = (bw >> (8 * t)) & 255;
+            }
+        }
+    }
+}
