@@ -27,8 +27,8 @@ from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_sh
 from ..quant.mx import fp8_to_mxfp8_np
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
-from .plan import (BufferPool, Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights,
-                   read_chunks, read_pair, read_tensor, source_nbytes, stored)
+from .plan import (BufferPool, Logical, Unit, dequantize, expert_groups, hash_table, hash_table_shape,
+                   logical_weights, read_chunks, read_experts, read_pair, read_tensor, source_nbytes, stored)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -134,16 +134,15 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
 
     def produce():
         if fmt == MXFP4:  # weights then scales, straight from the source (reads run ahead of writes)
-            scales: list[np.ndarray] = []  # each read with its weight, kept for the scales tensor
-
-            def weights() -> Iterator[np.ndarray]:
-                pair = lambda n: read_pair(stored(ckpt, n), stored(ckpt, scale_name(n)), pool)  # noqa: E731
-                for w, s in ordered_map(pair, lw.names):
-                    scales.append(s.copy())  # small; lets the read buffer go round again
-                    yield w.view(np.uint8)
-
-            yield tensors[0][0], weights()
-            yield tensors[1][0], iter(scales)
+            ws = [stored(ckpt, n) for n in lw.names]
+            ss = [stored(ckpt, scale_name(n)) for n in lw.names]
+            # each read with its weight, straight into the scales tensor's bytes
+            scales = np.empty(sum(_st_nbytes(s.dtype, s.shape) for s in ss), np.uint8)
+            starts = np.cumsum([0] + [_st_nbytes(s.dtype, s.shape) for s in ss])
+            group = lambda g: read_experts(ws[g], ss[g], pool or BufferPool(),  # noqa: E731
+                                           scales[starts[g.start]: starts[g.stop]])
+            yield tensors[0][0], ordered_map(group, expert_groups(ws))
+            yield tensors[1][0], iter([scales])
             return
         stash: list[tuple[np.ndarray, ...]] = []
 
