@@ -286,6 +286,51 @@ def test_read_pair_matches_separate_reads(tmp_path):
         read_pair(sw, s_before)
 
 
+def test_read_experts_joins_weights_and_scales(tmp_path, monkeypatch):
+    """Experts read in groups (one buffer of weights, scales straight into the scales tensor;
+    a scale after, before or away from its weight, and short reads that preadv must continue)
+    give the bytes read_stored gives one by one; a NaN scale and a cut file are refused by name."""
+    from ds4mlx.convert import plan
+    from ds4mlx.convert.options import ConvertError
+
+    rng = np.random.default_rng(5)
+    ws = [rng.integers(-128, 128, (4, 6), dtype=np.int8) for _ in range(5)]
+    ss = [rng.integers(100, 130, (4, 1), dtype=np.uint8) for _ in range(5)]
+    blob, wst, sst = bytearray(b"\x07" * 3), [], []
+    for e, (w, s) in enumerate(zip(ws, ss)):
+        order = e % 3  # 0: weight then scale; 1: scale then weight; 2: apart
+        for kind in ((("w", "s"), ("s", "w"), ("w", "pad", "s"))[order]):
+            if kind == "pad":
+                blob += b"\x09" * 7
+                continue
+            a = w if kind == "w" else s
+            (wst if kind == "w" else sst).append(plan.Stored(tmp_path / "e.bin", len(blob), "I8" if kind == "w" else
+                                                             "F8_E8M0", a.shape, f"e{e}.{'weight' if kind == 'w' else 'scale'}"))
+            blob += a.tobytes()
+    path = tmp_path / "e.bin"
+    path.write_bytes(bytes(blob))
+    real = plan.os.preadv
+    monkeypatch.setattr(plan.os, "preadv", lambda fd, views, off: real(fd, [v[: max(1, len(v) // 2)] for v in views[:1]], off))
+    groups = plan.expert_groups(wst, chunk_bytes=2 * ws[0].nbytes)
+    assert [(g.start, g.stop) for g in groups] == [(0, 2), (2, 4), (4, 5)]
+    pool, scales, got = plan.BufferPool(), np.empty(sum(s.nbytes for s in ss), np.uint8), []
+    at = 0
+    for g in groups:
+        n = sum(s.nbytes for s in ss[g])
+        got.append(plan.read_experts(wst[g], sst[g], pool, scales[at: at + n]).copy())
+        at += n
+    assert np.concatenate(got).tobytes() == b"".join(plan.read_stored(s).tobytes() for s in wst)
+    assert scales.tobytes() == b"".join(s.tobytes() for s in ss)
+    bad = bytearray(blob)
+    bad[sst[3].offset + 2] = 0xFF
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ConvertError, match="'e3.scale' holds 1 NaN"):
+        plan.read_experts(wst[2:4], sst[2:4], pool, scales[: 2 * ss[0].nbytes])
+    path.write_bytes(bytes(blob[: wst[1].offset + 5]))  # cut inside expert 1's weight
+    with pytest.raises(ConvertError, match="'e1.weight'.*truncated"):
+        plan.read_experts(wst[:2], sst[:2], pool, scales[: 2 * ss[0].nbytes])
+
+
 def test_read_chunks_joins_to_the_tensor_and_checks_every_piece(tmp_path, monkeypatch):
     """As-stored tensors are read in pieces (memory at a piece, not the tensor): the pieces join
     to the stored bytes, and a NaN in any piece (the block-wise check) or a cut file is refused
