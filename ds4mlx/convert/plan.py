@@ -196,9 +196,7 @@ _PREADV = hasattr(os, "preadv")
 
 def expert_groups(weights: list[Stored], chunk_bytes: int = 8 << 20) -> list[slice]:
     """Consecutive experts whose weights together take at most ``chunk_bytes`` (one expert at
-    least): each group is read into one buffer and handed on as one chunk, so the pipeline's
-    per-chunk costs (thread hand-offs, Python) are paid per 8 MiB, not per expert (0.5 MB each
-    in a small model: 16 times as many)."""
+    least): the steps in which a projection's experts are read ahead and their scales read."""
     groups, start, size = [], 0, 0
     for i, w in enumerate(weights):
         n = _nbytes(w)
@@ -211,42 +209,30 @@ def expert_groups(weights: list[Stored], chunk_bytes: int = 8 << 20) -> list[sli
     return groups
 
 
-def read_experts(weights: list[Stored], scales: list[Stored], pool: BufferPool, scales_out: np.ndarray
-                 ) -> np.ndarray:
-    """The stored bits of ``weights`` side by side in one of ``pool``'s buffers (a view of it is
-    returned: one output chunk), each read together with its scale into ``scales_out`` (flat
-    uint8, the scales' bytes side by side) in one ``preadv`` when the two are adjacent in the
-    file. Both are checked as :func:`read_stored` checks them."""
-    sizes = [_nbytes(w) for w in weights]
-    out = pool.take(sum(sizes))
-    fds: dict[Path, int] = {}
-    try:
-        pos, spos = 0, 0
-        for w, s, n in zip(weights, scales, sizes):
-            ns = _nbytes(s)
-            wv, sv = out[pos: pos + n], scales_out[spos: spos + ns]
-            for path in (w.path, s.path):
-                if path not in fds:
-                    fds[path] = os.open(path, os.O_RDONLY)
-            if s.path == w.path and w.offset + n == s.offset:
-                reads = [(((w, wv), (s, sv)), w.offset)]
-            elif s.path == w.path and s.offset + ns == w.offset:
-                reads = [(((s, sv), (w, wv)), s.offset)]
-            else:
-                reads = [(((w, wv),), w.offset), (((s, sv),), s.offset)]
-            for parts, at in reads:
-                got = _preadv_full(fds[parts[0][0].path], [memoryview(v) for _, v in parts], at)
-                for t, v in parts:  # the first tensor the file ends inside
-                    if got < len(v):
-                        raise ConvertError(f"{t.path}: file ends inside tensor {t.name!r}; the source is truncated")
-                    got -= len(v)
-            _check_finite(w, wv.view(DTYPES[w.dtype]))
-            _check_finite(s, sv.view(DTYPES[s.dtype]))
-            pos, spos = pos + n, spos + ns
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return out
+def read_into(tensors: list[Stored], out: np.ndarray, fds: dict[Path, int]) -> None:
+    """The stored bits of ``tensors`` side by side into ``out`` (flat uint8 of their sizes),
+    checked as :func:`read_stored` checks them (``fds``: open files by path, kept by the caller)."""
+    pos = 0
+    for t in tensors:
+        n = _nbytes(t)
+        if t.path not in fds:
+            fds[t.path] = os.open(t.path, os.O_RDONLY)
+        view = out[pos: pos + n]
+        if _preadv_full(fds[t.path], [memoryview(view)], t.offset) != n:
+            raise ConvertError(f"{t.path}: file ends inside tensor {t.name!r}; the source is truncated")
+        _check_finite(t, view.view(DTYPES[t.dtype]))
+        pos += n
+
+
+def will_need(tensors: list[Stored], fds: dict[Path, int]) -> None:
+    """Ask the system to start reading ``tensors`` into the page cache (no wait), where it can:
+    reads that come later find them there instead of waiting for the disk one by one."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for t in tensors:
+        if t.path not in fds:
+            fds[t.path] = os.open(t.path, os.O_RDONLY)
+        os.posix_fadvise(fds[t.path], t.offset, _nbytes(t), os.POSIX_FADV_WILLNEED)
 
 
 class BufferPool:

@@ -22,6 +22,7 @@ import mmap
 import os
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -148,6 +149,28 @@ class ReadBackError(OSError):
         self.offset = offset
 
 
+@dataclass(frozen=True)
+class SourceRange:
+    """Bytes of another file that go into the output as they are: ``DirectWriter.write_from``
+    reads them straight into its staging buffers (no copy through a buffer of the caller's)."""
+
+    path: str | os.PathLike
+    offset: int
+    nbytes: int
+    name: str = ""  # what they are, for messages (a tensor's name)
+
+    def __len__(self) -> int:  # bytes of output, as for a buffer
+        return self.nbytes
+
+
+class SourceEnded(ValueError):
+    """The file of a ``SourceRange`` ends before the range does."""
+
+    def __init__(self, src: SourceRange):
+        super().__init__(f"{src.path}: file ends inside {src.name or 'the bytes to copy'!r}")
+        self.source = src
+
+
 class DirectWriter:
     """A write-only binary file for one long sequential write: ``write`` copies into page-aligned
     staging buffers that a thread writes to disk (directly where possible) while the caller goes
@@ -164,7 +187,13 @@ class DirectWriter:
     that is not the caller's (a staging copy, an offset, a lost or repeated chunk, whatever
     altered the bytes on their way in) and a caller's array changed before its bytes reached the
     disk (a read buffer taken again too early); a difference is a ``ReadBackError``. It holds
-    the arrays until their bytes are written (``BUFFERS`` pieces behind the caller at most)."""
+    the arrays until their bytes are written (``BUFFERS`` pieces behind the caller at most).
+    ``write_from`` reads a ``SourceRange`` of another file straight into the staging buffers
+    (the one copy of those bytes on their way to the disk); with ``compare`` the thread then
+    compares what it wrote with the source file itself, through a mapping of it (another way
+    in than the read that staged them): what ``expect`` catches for the caller's arrays, a
+    staged byte that is not the source's (an offset, a read cut short, a range lost or repeated,
+    a staging buffer taken again too early), it catches for the source's bytes."""
 
     def __init__(self, path: str | os.PathLike, on_written: Callable[[int, memoryview], None] | None = None,
                  *, read_back: bool = False, compare: bool = False):
@@ -173,6 +202,9 @@ class DirectWriter:
         self._expected: collections.deque | None = collections.deque() if compare else None
         self._expected_head = 0  # bytes of the first expected array already compared (thread)
         self._expected_bytes = 0  # bytes handed to expect (caller)
+        self._sources: dict[str, int] = {}  # the thread's fds of the files write_from reads (compare)
+        self._read_fds: dict[str, int] = {}  # the caller's fds of those files (write_from)
+        self._scratch: mmap.mmap | None = None  # the thread's second read of them (compare)
         self._fd, self._direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self._verify = None  # (fd, direct, buffer) of the read-back
         if read_back:
@@ -258,15 +290,36 @@ class DirectWriter:
             if not todo:
                 raise ReadBackError(offset + done, "were written but never expected")
             head = todo[0]
-            take = min(len(head) - self._expected_head, len(staged) - done)
-            at = first_difference(staged[done: done + take], head[self._expected_head: self._expected_head + take])
-            if at >= 0:
-                raise ReadBackError(offset + done + at, "handed to the disk differ from the caller's")
+            size = head.nbytes if isinstance(head, SourceRange) else len(head)
+            take = min(size - self._expected_head, len(staged) - done)
+            if isinstance(head, SourceRange):
+                at = self._compare_source(staged[done: done + take], head, self._expected_head)
+                if at >= 0:
+                    raise ReadBackError(offset + done + at, f"handed to the disk differ from {head.path}'s")
+            else:
+                at = first_difference(staged[done: done + take], head[self._expected_head: self._expected_head + take])
+                if at >= 0:
+                    raise ReadBackError(offset + done + at, "handed to the disk differ from the caller's")
             done += take
             self._expected_head += take
-            if self._expected_head == len(head):
+            if self._expected_head == size:
                 todo.popleft()  # its bytes are all written: the caller's array may go
                 self._expected_head = 0
+
+    def _compare_source(self, staged: memoryview, src: SourceRange, skip: int) -> int:
+        """``staged`` against the bytes of ``src`` from ``skip`` on, read again from the file
+        into a reused buffer of the thread's (a second read, apart from the one that staged them:
+        mapping the file instead cost more, its page tables one 4 KiB page at a time)."""
+        key = os.fspath(src.path)
+        if key not in self._sources:
+            self._sources[key] = os.open(key, os.O_RDONLY)
+        if self._scratch is None:
+            self._scratch = mmap.mmap(-1, BUFFER_BYTES)
+        view = memoryview(self._scratch)[:len(staged)]
+        n = _read_full(self._sources[key], view, src.offset + skip)
+        if n < len(staged):
+            return n
+        return first_difference(staged, view)
 
     def _advance(self, on_disk: int, over: bool) -> None:
         with self._progress:
@@ -321,6 +374,36 @@ class DirectWriter:
                 self._hand_over(BUFFER_BYTES)
         return n
 
+    def write_from(self, src: SourceRange) -> int:
+        """Write ``src``'s bytes, read from its file straight into the staging buffers; returns
+        ``src.nbytes``. A file that ends first raises ``SourceEnded`` (the output is then
+        unusable: discard it). With ``compare`` the thread compares them, once written, with
+        the source file (no ``expect`` for them)."""
+        self._check()
+        if self._done:
+            raise ValueError(f"{self.name}: write after the file was completed")
+        key = os.fspath(src.path)
+        if key not in self._read_fds:
+            self._read_fds[key] = os.open(key, os.O_RDONLY)
+        fd = self._read_fds[key]
+        if self._expected is not None and src.nbytes:
+            self._expected.append(src)
+            self._expected_bytes += src.nbytes
+        done = 0
+        while done < src.nbytes:
+            if self._buf is None:
+                self._buf = self._free.get()
+                self._check()
+            take = min(src.nbytes - done, BUFFER_BYTES - self._fill)
+            got = _read_full(fd, memoryview(self._buf)[self._fill: self._fill + take], src.offset + done)
+            self._fill += got
+            done += got
+            if got < take:
+                raise SourceEnded(src)
+            if self._fill == BUFFER_BYTES:
+                self._hand_over(BUFFER_BYTES)
+        return done
+
     def flush(self) -> None:
         """Write everything staged and wait for it: the file is then whole (and complete)."""
         if not self._done:
@@ -367,4 +450,7 @@ class DirectWriter:
         if self._verify is not None:
             os.close(self._verify[0])
             self._verify = None
+        for fds in (self._sources, self._read_fds):
+            while fds:
+                os.close(fds.popitem()[1])
         self._advance(0, True)
