@@ -239,6 +239,14 @@ class DirectWriter:
         self._over = False  # finished or given up: no more bytes will come
         self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="direct-writer", daemon=True)
+        # the checks of a written piece (compare, read_back, on_written) on a thread of their
+        # own, so the disk is not idle while they run (one thread did both: the writes waited)
+        self._checks: queue.Queue | None = None
+        self._checker: threading.Thread | None = None
+        if compare or read_back or on_written is not None:
+            self._checks = queue.Queue()
+            self._checker = threading.Thread(target=self._run_checks, name="direct-check", daemon=True)
+            self._checker.start()
         self._thread.start()
 
     # --- the disk side (thread) ---
@@ -247,23 +255,48 @@ class DirectWriter:
         while True:
             item = self._todo.get()
             if item is None:
+                if self._checks is not None:
+                    self._checks.put(None)
                 return
             buf, length, real, offset = item
+            handed = False
             try:
                 if self._error is None:
                     self._pwrite(memoryview(buf)[:length], offset)
-                    if self._expected is not None:
-                        self._compare(memoryview(buf)[:real], offset)
-                    if self._verify is not None:
-                        self._read_back(memoryview(buf)[:length], offset)
-                    if self._on_written is not None:
-                        self._on_written(offset, memoryview(buf)[:real])
-                    if length == BUFFER_BYTES:  # a padded tail is not the file's yet (cut at flush)
-                        self._advance(offset + length, False)
+                    if self._checks is not None:  # the next piece goes to the disk meanwhile
+                        self._checks.put(item)
+                        handed = True
+                    else:
+                        self._written(buf, length, real, offset)
             except BaseException as e:  # handed to the writer's caller
                 self._error = e
             finally:
-                self._free.put(buf)
+                if not handed:
+                    self._free.put(buf)
+
+    def _run_checks(self) -> None:
+        while True:
+            item = self._checks.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    self._written(*item)
+            except BaseException as e:  # handed to the writer's caller
+                self._error = e
+            finally:
+                self._free.put(item[0])
+
+    def _written(self, buf, length: int, real: int, offset: int) -> None:
+        """What follows a piece's write, in file order: its checks, ``on_written``, progress."""
+        if self._expected is not None:
+            self._compare(memoryview(buf)[:real], offset)
+        if self._verify is not None:
+            self._read_back(memoryview(buf)[:length], offset)
+        if self._on_written is not None:
+            self._on_written(offset, memoryview(buf)[:real])
+        if length == BUFFER_BYTES:  # a padded tail is not the file's yet (cut at flush)
+            self._advance(offset + length, False)
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         while len(view):
@@ -426,7 +459,7 @@ class DirectWriter:
                 self._buf[self._fill: padded] = 0
                 self._hand_over(padded)
             self._todo.put(None)
-            self._thread.join()
+            self._join()
             self._check()
             if self._expected is not None and self._expected_bytes != size:  # the thread compared all it wrote
                 self._error = ReadBackError(size, f"end the file, {self._expected_bytes} bytes were expected")
@@ -448,13 +481,18 @@ class DirectWriter:
         finally:
             self.discard()
 
+    def _join(self) -> None:
+        self._thread.join()
+        if self._checker is not None:
+            self._checker.join()
+
     def discard(self) -> None:
         """Stop without writing what is staged and close (the caller removes the file)."""
         self._done = True
         if self._thread.is_alive():
             self._error = self._error or OSError(errno.ECANCELED, f"{self.name}: write abandoned")
             self._todo.put(None)
-            self._thread.join()
+        self._join()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
