@@ -73,7 +73,7 @@ def _count_bits(raw: np.ndarray, mask: int, bits: int) -> int:
     if flat.size <= _CHECK_BLOCK // 16:
         return int(np.count_nonzero((flat & mask) == bits))
     bufs = getattr(_scratch, "bufs", None)
-    if bufs is None or bufs[0].dtype != flat.dtype:
+    if bufs is None or bufs[0].dtype != flat.dtype or bufs[0].size < _CHECK_BLOCK:
         bufs = _scratch.bufs = (np.empty(_CHECK_BLOCK, flat.dtype), np.empty(_CHECK_BLOCK, np.bool_))
     masked, hit = bufs
     bad = 0
