@@ -201,8 +201,8 @@ class DirectWriter:
     the arrays until their bytes are written (``BUFFERS`` pieces behind the caller at most).
     ``write_from`` reads a ``SourceRange`` of another file straight into the staging buffers
     (the one copy of those bytes on their way to the disk); with ``compare`` the thread then
-    compares what it wrote with the source file itself, through a mapping of it (another way
-    in than the read that staged them): what ``expect`` catches for the caller's arrays, a
+    compares what it wrote with the source file itself, read again into a buffer of its own
+    (apart from the read that staged them): what ``expect`` catches for the caller's arrays, a
     staged byte that is not the source's (an offset, a read cut short, a range lost or repeated,
     a staging buffer taken again too early), it catches for the source's bytes."""
 
