@@ -264,7 +264,9 @@ class ShardWriter:
       the header and the file's size are read back from the disk once it is synced. What it
       catches: a byte the converter did not produce (a staging copy, an offset, a chunk lost,
       repeated or altered on its way in), a chunk's buffer reused before its bytes were written,
-      a header or a file length the disk does not hold. Not the disk returning other bytes
+      a header or a file length the disk does not hold. ``SourceRange`` chunks (a source file's
+      bytes as they are, read straight into the staging buffers) are compared, once written,
+      with a second read of the source file instead. Not the disk returning other bytes
       later: that is ``"disk"``.
     - ``"disk"``: each tensor's CRC-32 as produced, and the whole file re-read from the disk
       (past the page cache where possible) following the writer (:meth:`verify`): a third more
