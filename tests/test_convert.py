@@ -553,7 +553,8 @@ def test_verification_catches_a_corrupt_write(tiny_ckpt, tmp_path, monkeypatch):
 
     def corrupt(f, data):
         calls[0] += 1
-        if calls[0] == 40 and len(data) > 0:  # flip one byte on its way to disk
+        if calls[0] >= 40 and len(data) > 0 and isinstance(data, memoryview):  # flip one byte on its way to disk
+            calls[0] = -(1 << 30)  # once
             b = bytearray(data)
             b[0] ^= 0xFF
             data = memoryview(bytes(b))
@@ -563,6 +564,30 @@ def test_verification_catches_a_corrupt_write(tiny_ckpt, tmp_path, monkeypatch):
     with pytest.raises(ConvertError, match="verification failed"):
         convert(tiny_ckpt, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_verification_catches_a_wrong_staging_read(tiny_ckpt, tmp_path, monkeypatch):
+    """Expert weights are read from the source straight into the writer's buffers: a byte
+    staged wrong there (no array of the converter's holds them) is caught by the writer's
+    comparison with the source file."""
+    import threading
+
+    from ds4mlx.io import direct
+
+    real, calls = direct._read_full, [0]
+
+    def flip(fd, view, offset):
+        n = real(fd, view, offset)
+        if threading.current_thread() is threading.main_thread():  # the staging reads, not the thread's
+            calls[0] += 1
+            if calls[0] == 5:
+                view[n // 2] ^= 0x10
+        return n
+
+    monkeypatch.setattr(direct, "_read_full", flip)
+    with pytest.raises(ConvertError, match=r"verification failed: tensor 'layers\.\d+\.ffn\.experts\.w\d\.weight' differs"):
+        convert(tiny_ckpt, tmp_path / "out", progress=False)
+    assert calls[0] >= 5 and not (tmp_path / "out").exists()
 
 
 def test_progress_reports_bytes(tiny_ckpt, tmp_path, capsys):

@@ -286,6 +286,88 @@ def test_read_pair_matches_separate_reads(tmp_path):
         read_pair(sw, s_before)
 
 
+def test_read_into_joins_tensors_and_checks_them(tmp_path, monkeypatch):
+    """Scales read side by side into one array (short reads that preadv must continue) give the
+    bytes read_stored gives one by one; groups cut at the byte budget; a NaN scale and a cut
+    file are refused by name."""
+    from ds4mlx.convert import plan
+    from ds4mlx.convert.options import ConvertError
+
+    rng = np.random.default_rng(5)
+    ss = [rng.integers(100, 130, (4, 3), dtype=np.uint8) for _ in range(5)]
+    blob, sst = bytearray(b"\x07" * 3), []
+    for e, s in enumerate(ss):
+        sst.append(plan.Stored(tmp_path / "e.bin", len(blob), "F8_E8M0", s.shape, f"e{e}.scale"))
+        blob += s.tobytes() + b"\x09" * e
+    path = tmp_path / "e.bin"
+    path.write_bytes(bytes(blob))
+    real = plan.os.preadv
+    monkeypatch.setattr(plan.os, "preadv", lambda fd, views, off: real(fd, [v[: max(1, len(v) // 2)] for v in views[:1]], off))
+    groups = plan.expert_groups(sst, chunk_bytes=2 * ss[0].nbytes)
+    assert [(g.start, g.stop) for g in groups] == [(0, 2), (2, 4), (4, 5)]
+    out, fds = np.empty(sum(s.nbytes for s in ss), np.uint8), {}
+    plan.read_into(sst, out, fds)
+    assert out.tobytes() == b"".join(plan.read_stored(s).tobytes() for s in sst) == b"".join(s.tobytes() for s in ss)
+    for fd in fds.values():
+        plan.os.close(fd)
+    bad = bytearray(blob)
+    bad[sst[3].offset + 2] = 0xFF
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ConvertError, match="'e3.scale' holds 1 NaN"):
+        plan.read_into(sst, out, {})
+    path.write_bytes(bytes(blob[: sst[1].offset + 5]))  # cut inside e1
+    with pytest.raises(ConvertError, match="'e1.scale'.*truncated"):
+        plan.read_into(sst, out, {})
+
+
+def test_source_ranges_are_staged_and_compared_with_the_source(tmp_path, monkeypatch):
+    """A SourceRange is read straight into the staging buffers (across a buffer's end) and the
+    output holds the source's bytes; a staged byte that is not the source's (a read landing
+    wrong) is caught by the comparison with the source file, naming the tensor; a cut source
+    is refused by name."""
+    from ds4mlx.io import direct
+    from ds4mlx.io.direct import SourceRange
+
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 1 << 16)
+    rng = np.random.default_rng(9)
+    src = tmp_path / "src.bin"
+    data = rng.integers(0, 256, 300_000, dtype=np.uint8)
+    src.write_bytes(data.tobytes())
+    a = np.arange(1000, dtype=np.uint8)
+    entries = [("a", "U8", (1000,)), ("w", "U8", (150_000,))]
+    path = tmp_path / "out.safetensors"
+
+    def write(w):
+        w.write_tensor("a", [a])
+        w.write_tensor("w", [SourceRange(src, 7, 100_000, "w.0"), SourceRange(src, 200_001, 50_000, "w.1")])
+        return w.finish()
+
+    for verify in ("written", "disk", None):
+        w = mlx_dir.ShardWriter(path, entries, verify=verify)
+        write(w)
+        assert path.read_bytes().endswith(a.tobytes() + data[7:100_007].tobytes() + data[200_001:250_001].tobytes())
+
+    real = direct._read_full
+    calls = [0]
+
+    def misplaced(fd, view, offset):  # the 3rd staging read lands one byte off
+        calls[0] += 1
+        n = real(fd, view, offset + (calls[0] == 3))
+        return n
+
+    with monkeypatch.context() as m:
+        m.setattr(direct, "_read_full", misplaced)
+        w = mlx_dir.ShardWriter(path, entries, verify="written")
+        with pytest.raises(mlx_dir.MLXDirError, match=r"verification failed: tensor 'w' differs"):
+            write(w)
+        w.abort()
+    src.write_bytes(data[:220_000].tobytes())
+    w = mlx_dir.ShardWriter(path, entries, verify="written")
+    with pytest.raises(mlx_dir.MLXDirError, match=r"src.bin: file ends inside tensor 'w.1'"):
+        write(w)
+    w.abort()
+
+
 def test_read_chunks_joins_to_the_tensor_and_checks_every_piece(tmp_path, monkeypatch):
     """As-stored tensors are read in pieces (memory at a piece, not the tensor): the pieces join
     to the stored bytes, and a NaN in any piece (the block-wise check) or a cut file is refused

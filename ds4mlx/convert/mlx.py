@@ -14,11 +14,12 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..io import mlx_dir
+from ..io.direct import SourceRange
 from ..io.hf import HFCheckpoint
 from ..io.json_file import read_json_object
 from ..io.safetensors import DTYPES, SafetensorsFile
@@ -27,8 +28,9 @@ from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_sh
 from ..quant.mx import fp8_to_mxfp8_np
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
-from .plan import (BufferPool, Logical, Unit, dequantize, hash_table, hash_table_shape, logical_weights,
-                   read_chunks, read_pair, read_tensor, source_nbytes, stored)
+from .plan import (BufferPool, Logical, Unit, dequantize, expert_groups, hash_table, hash_table_shape,
+                   logical_weights, read_chunks, read_into, read_pair, read_tensor, source_nbytes, stored,
+                   will_need)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -54,30 +56,6 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
             shutil.copy2(f, dest / f.name)
             copied.append(f.name)
     return copied
-
-
-def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int | None = None) -> Iterator[Any]:
-    """``map(fn, items)`` on a few threads (numpy and file reads release the GIL), in order,
-    with at most ``workers + 1`` results alive at once so memory stays bounded."""
-    workers = workers or min(4, os.cpu_count() or 1)
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) > workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
 
 
 def _st_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -133,17 +111,31 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
         return _mx_affine(dequantize(ckpt, lw, name), fmt)
 
     def produce():
-        if fmt == MXFP4:  # weights then scales, straight from the source (reads run ahead of writes)
-            scales: list[np.ndarray] = []  # each read with its weight, kept for the scales tensor
+        if fmt == MXFP4:  # weights then scales, the weights straight from the source file
+            ws = [stored(ckpt, n) for n in lw.names]
+            ss = [stored(ckpt, scale_name(n)) for n in lw.names]
+            sizes = [_st_nbytes(s.dtype, s.shape) for s in ss]
+            starts = np.cumsum([0] + sizes)
+            scales = np.empty(starts[-1], np.uint8)  # read with their weights' group
 
-            def weights() -> Iterator[np.ndarray]:
-                pair = lambda n: read_pair(stored(ckpt, n), stored(ckpt, scale_name(n)), pool)  # noqa: E731
-                for w, s in ordered_map(pair, lw.names):
-                    scales.append(s.copy())  # small; lets the read buffer go round again
-                    yield w.view(np.uint8)
+            def weights() -> Iterator[SourceRange]:
+                # the writer reads each weight's bytes into its staging buffers (FP4 codes hold
+                # no NaN/Inf to check); a group ahead is asked of the disk meanwhile
+                groups, fds = expert_groups(ws), {}
+                try:
+                    will_need(ws[groups[0]] if groups else [], fds)
+                    for k, g in enumerate(groups):
+                        if k + 1 < len(groups):
+                            will_need(ws[groups[k + 1]], fds)
+                        read_into(ss[g], scales[starts[g.start]: starts[g.stop]], fds)
+                        yield from (SourceRange(w.path, w.offset, n, w.name) for w, n in
+                                    zip(ws[g], (_st_nbytes(w.dtype, w.shape) for w in ws[g])))
+                finally:
+                    for fd in fds.values():
+                        os.close(fd)
 
             yield tensors[0][0], weights()
-            yield tensors[1][0], iter(scales)
+            yield tensors[1][0], iter([scales])
             return
         stash: list[tuple[np.ndarray, ...]] = []
 

@@ -73,7 +73,7 @@ def _count_bits(raw: np.ndarray, mask: int, bits: int) -> int:
     if flat.size <= _CHECK_BLOCK // 16:
         return int(np.count_nonzero((flat & mask) == bits))
     bufs = getattr(_scratch, "bufs", None)
-    if bufs is None or bufs[0].dtype != flat.dtype or bufs[0].size != _CHECK_BLOCK:
+    if bufs is None or bufs[0].dtype != flat.dtype or bufs[0].size < _CHECK_BLOCK:
         bufs = _scratch.bufs = (np.empty(_CHECK_BLOCK, flat.dtype), np.empty(_CHECK_BLOCK, np.bool_))
     masked, hit = bufs
     bad = 0
@@ -168,6 +168,71 @@ def read_pair(a: Stored, b: Stored, pool: BufferPool | None = None) -> tuple[np.
         out.append(part.view(DTYPES[t.dtype]).reshape(t.shape))
         _check_finite(t, out[-1])
     return out[0], out[1]
+
+
+def _preadv_full(fd: int, views: list[memoryview], offset: int) -> int:
+    """Read the file from ``offset`` into ``views`` (one after the other) until they are full or
+    the file ends: one ``preadv`` for them all; the bytes read."""
+    done, want = 0, sum(len(v) for v in views)
+    while views:
+        if _PREADV:
+            n = os.preadv(fd, views, offset + done)
+        else:  # no preadv (older macOS): one read per view
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            n = os.readv(fd, views[:1])
+        if n == 0:
+            break
+        done += n
+        while views and n >= len(views[0]):  # drop the views filled, cut the one filled in part
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views = [views[0][n:]] + views[1:]
+    return min(done, want)
+
+
+_PREADV = hasattr(os, "preadv")
+
+
+def expert_groups(weights: list[Stored], chunk_bytes: int = 8 << 20) -> list[slice]:
+    """Consecutive experts whose weights together take at most ``chunk_bytes`` (one expert at
+    least): the steps in which a projection's experts are read ahead and their scales read."""
+    groups, start, size = [], 0, 0
+    for i, w in enumerate(weights):
+        n = _nbytes(w)
+        if i > start and size + n > chunk_bytes:
+            groups.append(slice(start, i))
+            start, size = i, 0
+        size += n
+    if weights:
+        groups.append(slice(start, len(weights)))
+    return groups
+
+
+def read_into(tensors: list[Stored], out: np.ndarray, fds: dict[Path, int]) -> None:
+    """The stored bits of ``tensors`` side by side into ``out`` (flat uint8 of their sizes),
+    checked as :func:`read_stored` checks them (``fds``: open files by path, kept by the caller)."""
+    pos = 0
+    for t in tensors:
+        n = _nbytes(t)
+        if t.path not in fds:
+            fds[t.path] = os.open(t.path, os.O_RDONLY)
+        view = out[pos: pos + n]
+        if _preadv_full(fds[t.path], [memoryview(view)], t.offset) != n:
+            raise ConvertError(f"{t.path}: file ends inside tensor {t.name!r}; the source is truncated")
+        _check_finite(t, view.view(DTYPES[t.dtype]))
+        pos += n
+
+
+def will_need(tensors: list[Stored], fds: dict[Path, int]) -> None:
+    """Ask the system to start reading ``tensors`` into the page cache (no wait), where it can:
+    reads that come later find them there instead of waiting for the disk one by one."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for t in tensors:
+        if t.path not in fds:
+            fds[t.path] = os.open(t.path, os.O_RDONLY)
+        os.posix_fadvise(fds[t.path], t.offset, _nbytes(t), os.POSIX_FADV_WILLNEED)
 
 
 class BufferPool:

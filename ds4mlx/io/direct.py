@@ -22,6 +22,7 @@ import mmap
 import os
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -51,11 +52,22 @@ def _drop_direct(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
-def aligned_empty(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 array of ``nbytes`` whose address is a multiple of ``ALIGN``."""
-    raw = np.empty(nbytes + ALIGN, np.uint8)
-    skip = -raw.ctypes.data % ALIGN
+def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
+    """An uninitialised uint8 array of ``nbytes`` whose address is a multiple of ``align``."""
+    raw = np.empty(nbytes + align, np.uint8)
+    skip = -raw.ctypes.data % align
     return raw[skip: skip + nbytes]
+
+
+_HUGE = 2 << 20  # a transparent huge page (x86-64, arm64 with 4 KiB pages)
+
+
+def staging_buffer() -> np.ndarray:
+    """A ``BUFFER_BYTES`` uint8 buffer on huge-page boundaries (numpy asks for transparent huge
+    pages on large arrays where the system has them): an ``O_DIRECT`` transfer pins its pages
+    and a read fills them, per 4 KiB page otherwise (measured: the pinning alone was 5 % of a
+    conversion's CPU from a RAM source)."""
+    return aligned_empty(BUFFER_BYTES, max(ALIGN, _HUGE if BUFFER_BYTES >= _HUGE else ALIGN))
 
 
 def _read_full(fd: int, view: memoryview, offset: int) -> int:
@@ -148,6 +160,28 @@ class ReadBackError(OSError):
         self.offset = offset
 
 
+@dataclass(frozen=True)
+class SourceRange:
+    """Bytes of another file that go into the output as they are: ``DirectWriter.write_from``
+    reads them straight into its staging buffers (no copy through a buffer of the caller's)."""
+
+    path: str | os.PathLike
+    offset: int
+    nbytes: int
+    name: str = ""  # what they are, for messages (a tensor's name)
+
+    def __len__(self) -> int:  # bytes of output, as for a buffer
+        return self.nbytes
+
+
+class SourceEnded(ValueError):
+    """The file of a ``SourceRange`` ends before the range does."""
+
+    def __init__(self, src: SourceRange):
+        super().__init__(f"{src.path}: file ends inside {src.name or 'the bytes to copy'!r}")
+        self.source = src
+
+
 class DirectWriter:
     """A write-only binary file for one long sequential write: ``write`` copies into page-aligned
     staging buffers that a thread writes to disk (directly where possible) while the caller goes
@@ -164,7 +198,13 @@ class DirectWriter:
     that is not the caller's (a staging copy, an offset, a lost or repeated chunk, whatever
     altered the bytes on their way in) and a caller's array changed before its bytes reached the
     disk (a read buffer taken again too early); a difference is a ``ReadBackError``. It holds
-    the arrays until their bytes are written (``BUFFERS`` pieces behind the caller at most)."""
+    the arrays until their bytes are written (``BUFFERS`` pieces behind the caller at most).
+    ``write_from`` reads a ``SourceRange`` of another file straight into the staging buffers
+    (the one copy of those bytes on their way to the disk); with ``compare`` the thread then
+    compares what it wrote with the source file itself, read again into a buffer of its own
+    (apart from the read that staged them): what ``expect`` catches for the caller's arrays, a
+    staged byte that is not the source's (an offset, a read cut short, a range lost or repeated,
+    a staging buffer taken again too early), it catches for the source's bytes."""
 
     def __init__(self, path: str | os.PathLike, on_written: Callable[[int, memoryview], None] | None = None,
                  *, read_back: bool = False, compare: bool = False):
@@ -173,6 +213,9 @@ class DirectWriter:
         self._expected: collections.deque | None = collections.deque() if compare else None
         self._expected_head = 0  # bytes of the first expected array already compared (thread)
         self._expected_bytes = 0  # bytes handed to expect (caller)
+        self._sources: dict[str, int] = {}  # the thread's fds of the files write_from reads (compare)
+        self._read_fds: dict[str, int] = {}  # the caller's fds of those files (write_from)
+        self._scratch: mmap.mmap | None = None  # the thread's second read of them (compare)
         self._fd, self._direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self._verify = None  # (fd, direct, buffer) of the read-back
         if read_back:
@@ -184,7 +227,7 @@ class DirectWriter:
             self._verify = [fd, direct, mmap.mmap(-1, BUFFER_BYTES)]
         self._free: queue.Queue = queue.Queue()
         for _ in range(BUFFERS):
-            self._free.put(mmap.mmap(-1, BUFFER_BYTES))  # page aligned, reused: no fresh pages per write
+            self._free.put(staging_buffer())  # reused: no fresh pages per write
         self._todo: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._buf: mmap.mmap | None = None
@@ -196,6 +239,14 @@ class DirectWriter:
         self._over = False  # finished or given up: no more bytes will come
         self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="direct-writer", daemon=True)
+        # the checks of a written piece (compare, read_back, on_written) on a thread of their
+        # own, so the disk is not idle while they run (one thread did both: the writes waited)
+        self._checks: queue.Queue | None = None
+        self._checker: threading.Thread | None = None
+        if compare or read_back or on_written is not None:
+            self._checks = queue.Queue()
+            self._checker = threading.Thread(target=self._run_checks, name="direct-check", daemon=True)
+            self._checker.start()
         self._thread.start()
 
     # --- the disk side (thread) ---
@@ -204,23 +255,48 @@ class DirectWriter:
         while True:
             item = self._todo.get()
             if item is None:
+                if self._checks is not None:
+                    self._checks.put(None)
                 return
             buf, length, real, offset = item
+            handed = False
             try:
                 if self._error is None:
                     self._pwrite(memoryview(buf)[:length], offset)
-                    if self._expected is not None:
-                        self._compare(memoryview(buf)[:real], offset)
-                    if self._verify is not None:
-                        self._read_back(memoryview(buf)[:length], offset)
-                    if self._on_written is not None:
-                        self._on_written(offset, memoryview(buf)[:real])
-                    if length == BUFFER_BYTES:  # a padded tail is not the file's yet (cut at flush)
-                        self._advance(offset + length, False)
+                    if self._checks is not None:  # the next piece goes to the disk meanwhile
+                        self._checks.put(item)
+                        handed = True
+                    else:
+                        self._written(buf, length, real, offset)
             except BaseException as e:  # handed to the writer's caller
                 self._error = e
             finally:
-                self._free.put(buf)
+                if not handed:
+                    self._free.put(buf)
+
+    def _run_checks(self) -> None:
+        while True:
+            item = self._checks.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    self._written(*item)
+            except BaseException as e:  # handed to the writer's caller
+                self._error = e
+            finally:
+                self._free.put(item[0])
+
+    def _written(self, buf, length: int, real: int, offset: int) -> None:
+        """What follows a piece's write, in file order: its checks, ``on_written``, progress."""
+        if self._expected is not None:
+            self._compare(memoryview(buf)[:real], offset)
+        if self._verify is not None:
+            self._read_back(memoryview(buf)[:length], offset)
+        if self._on_written is not None:
+            self._on_written(offset, memoryview(buf)[:real])
+        if length == BUFFER_BYTES:  # a padded tail is not the file's yet (cut at flush)
+            self._advance(offset + length, False)
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         while len(view):
@@ -258,15 +334,36 @@ class DirectWriter:
             if not todo:
                 raise ReadBackError(offset + done, "were written but never expected")
             head = todo[0]
-            take = min(len(head) - self._expected_head, len(staged) - done)
-            at = first_difference(staged[done: done + take], head[self._expected_head: self._expected_head + take])
-            if at >= 0:
-                raise ReadBackError(offset + done + at, "handed to the disk differ from the caller's")
+            size = head.nbytes if isinstance(head, SourceRange) else len(head)
+            take = min(size - self._expected_head, len(staged) - done)
+            if isinstance(head, SourceRange):
+                at = self._compare_source(staged[done: done + take], head, self._expected_head)
+                if at >= 0:
+                    raise ReadBackError(offset + done + at, f"handed to the disk differ from {head.path}'s")
+            else:
+                at = first_difference(staged[done: done + take], head[self._expected_head: self._expected_head + take])
+                if at >= 0:
+                    raise ReadBackError(offset + done + at, "handed to the disk differ from the caller's")
             done += take
             self._expected_head += take
-            if self._expected_head == len(head):
+            if self._expected_head == size:
                 todo.popleft()  # its bytes are all written: the caller's array may go
                 self._expected_head = 0
+
+    def _compare_source(self, staged: memoryview, src: SourceRange, skip: int) -> int:
+        """``staged`` against the bytes of ``src`` from ``skip`` on, read again from the file
+        into a reused buffer of the thread's (a second read, apart from the one that staged them:
+        mapping the file instead cost more, its page tables one 4 KiB page at a time)."""
+        key = os.fspath(src.path)
+        if key not in self._sources:
+            self._sources[key] = os.open(key, os.O_RDONLY)
+        if self._scratch is None:
+            self._scratch = staging_buffer()
+        view = memoryview(self._scratch)[:len(staged)]
+        n = _read_full(self._sources[key], view, src.offset + skip)
+        if n < len(staged):
+            return n
+        return first_difference(staged, view)
 
     def _advance(self, on_disk: int, over: bool) -> None:
         with self._progress:
@@ -321,6 +418,36 @@ class DirectWriter:
                 self._hand_over(BUFFER_BYTES)
         return n
 
+    def write_from(self, src: SourceRange) -> int:
+        """Write ``src``'s bytes, read from its file straight into the staging buffers; returns
+        ``src.nbytes``. A file that ends first raises ``SourceEnded`` (the output is then
+        unusable: discard it). With ``compare`` the thread compares them, once written, with
+        the source file (no ``expect`` for them)."""
+        self._check()
+        if self._done:
+            raise ValueError(f"{self.name}: write after the file was completed")
+        key = os.fspath(src.path)
+        if key not in self._read_fds:
+            self._read_fds[key] = os.open(key, os.O_RDONLY)
+        fd = self._read_fds[key]
+        if self._expected is not None and src.nbytes:
+            self._expected.append(src)
+            self._expected_bytes += src.nbytes
+        done = 0
+        while done < src.nbytes:
+            if self._buf is None:
+                self._buf = self._free.get()
+                self._check()
+            take = min(src.nbytes - done, BUFFER_BYTES - self._fill)
+            got = _read_full(fd, memoryview(self._buf)[self._fill: self._fill + take], src.offset + done)
+            self._fill += got
+            done += got
+            if got < take:
+                raise SourceEnded(src)
+            if self._fill == BUFFER_BYTES:
+                self._hand_over(BUFFER_BYTES)
+        return done
+
     def flush(self) -> None:
         """Write everything staged and wait for it: the file is then whole (and complete)."""
         if not self._done:
@@ -329,10 +456,10 @@ class DirectWriter:
             if self._buf is not None and self._fill:
                 # a direct write covers whole blocks: pad the tail, then cut the file back to size
                 padded = -(-self._fill // ALIGN) * ALIGN if self._direct else self._fill
-                self._buf[self._fill: padded] = bytes(padded - self._fill)
+                self._buf[self._fill: padded] = 0
                 self._hand_over(padded)
             self._todo.put(None)
-            self._thread.join()
+            self._join()
             self._check()
             if self._expected is not None and self._expected_bytes != size:  # the thread compared all it wrote
                 self._error = ReadBackError(size, f"end the file, {self._expected_bytes} bytes were expected")
@@ -354,17 +481,25 @@ class DirectWriter:
         finally:
             self.discard()
 
+    def _join(self) -> None:
+        self._thread.join()
+        if self._checker is not None:
+            self._checker.join()
+
     def discard(self) -> None:
         """Stop without writing what is staged and close (the caller removes the file)."""
         self._done = True
         if self._thread.is_alive():
             self._error = self._error or OSError(errno.ECANCELED, f"{self.name}: write abandoned")
             self._todo.put(None)
-            self._thread.join()
+        self._join()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         if self._verify is not None:
             os.close(self._verify[0])
             self._verify = None
+        for fds in (self._sources, self._read_fds):
+            while fds:
+                os.close(fds.popitem()[1])
         self._advance(0, True)

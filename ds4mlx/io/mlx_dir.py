@@ -30,7 +30,7 @@ from ..config import check_hf_values
 from ..quant.formats import WeightFormat, packed_shapes
 from ..names import hf_to_internal, official_layout
 from .checks import check_expert_ids, hash_table_fits
-from .direct import DirectWriter, ReadBackError, open_read, scan
+from .direct import DirectWriter, ReadBackError, SourceEnded, SourceRange, open_read, scan
 from .json_file import read_json_object, read_weight_map
 from .safetensors import DTYPES, FLOAT_DTYPES, INT_DTYPES, SafetensorsFile, open_shards
 
@@ -246,9 +246,10 @@ def safetensors_header(entries: Iterable[tuple[str, str, tuple[int, ...]]],
     return struct.pack("<Q", len(raw)) + raw, spans
 
 
-def write_bytes(f, data: memoryview) -> None:
-    """All output goes through here (one place to observe or simulate write failures)."""
-    f.write(data)
+def write_bytes(f, data: memoryview | SourceRange) -> None:
+    """All output goes through here (one place to observe or simulate write failures): bytes,
+    or a range of a source file read straight into the writer's buffers (``len`` is its size)."""
+    f.write_from(data) if isinstance(data, SourceRange) else f.write(data)
 
 
 HEADER_SPAN = "\0header"  # the header among the spans a shard's verification reads (no tensor has this name)
@@ -263,7 +264,9 @@ class ShardWriter:
       the header and the file's size are read back from the disk once it is synced. What it
       catches: a byte the converter did not produce (a staging copy, an offset, a chunk lost,
       repeated or altered on its way in), a chunk's buffer reused before its bytes were written,
-      a header or a file length the disk does not hold. Not the disk returning other bytes
+      a header or a file length the disk does not hold. ``SourceRange`` chunks (a source file's
+      bytes as they are, read straight into the staging buffers) are compared, once written,
+      with a second read of the source file instead. Not the disk returning other bytes
       later: that is ``"disk"``.
     - ``"disk"``: each tensor's CRC-32 as produced, and the whole file re-read from the disk
       (past the page cache where possible) following the writer (:meth:`verify`): a third more
@@ -304,6 +307,27 @@ class ShardWriter:
         except ReadBackError as e:
             raise self._differs(e) from None
 
+    def _put_source(self, src: SourceRange) -> None:
+        """``src``'s bytes, read straight into the writer's staging buffers (with "written" the
+        writer's thread compares them, once written, with the source file)."""
+        try:
+            write_bytes(self._f, src)
+        except ReadBackError as e:
+            raise self._differs(e) from None
+        except SourceEnded:
+            raise MLXDirError(f"{src.path}: file ends inside tensor {src.name!r}; the source is truncated") from None
+
+    @staticmethod
+    def _read_source(src: SourceRange) -> np.ndarray:
+        fd = os.open(src.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, src.nbytes, src.offset)
+        finally:
+            os.close(fd)
+        if len(data) != src.nbytes:
+            raise MLXDirError(f"{src.path}: file ends inside tensor {src.name!r}; the source is truncated")
+        return np.frombuffer(data, np.uint8)
+
     def _differs(self, e: ReadBackError) -> MLXDirError:
         """The verification's error for bytes at ``e.offset`` that are not what was meant."""
         at = e.offset - len(self.header)
@@ -311,14 +335,23 @@ class ShardWriter:
             (f"tensor {n!r}" for n, (a, b) in self.spans.items() if a <= at < b), "the end of the file")
         return MLXDirError(f"{self.path}: verification failed: {what} differs from what was written ({e.strerror})")
 
-    def write_tensor(self, name: str, chunks: Iterable[np.ndarray]) -> int:
-        """Write one tensor from its byte chunks; returns the bytes written. With
-        ``verify="written"`` the chunks' buffers must stay unchanged until written (held here)."""
+    def write_tensor(self, name: str, chunks: Iterable[np.ndarray | SourceRange]) -> int:
+        """Write one tensor from its byte chunks (arrays, or ``SourceRange``s: bytes of a source
+        file as they are); returns the bytes written. With ``verify="written"`` the arrays'
+        buffers must stay unchanged until written (held here)."""
         if self._next >= len(self.order) or self.order[self._next] != name:
             raise MLXDirError(f"{self.path}: tensor {name!r} written out of order")
         start, end = self.spans[name]
         crc, done = 0, 0
         for chunk in chunks:
+            if isinstance(chunk, SourceRange):
+                if done + chunk.nbytes > end - start:
+                    raise MLXDirError(f"{self.path}: tensor {name!r} got more than its {end - start} bytes")
+                if self._crcs is None:  # straight from the source file into the staging buffers
+                    self._put_source(chunk)
+                    done += chunk.nbytes
+                    continue
+                chunk = self._read_source(chunk)  # "disk": its CRC as produced
             buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
             if done + len(buf) > end - start:
                 raise MLXDirError(f"{self.path}: tensor {name!r} got more than its {end - start} bytes")
