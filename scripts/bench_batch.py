@@ -85,13 +85,13 @@ def flash_bytes(args) -> dict:
     gate_fmt, down_fmt = dp.RECIPES[args.format]
     d, f = config.hidden_size, config.moe_intermediate_size
     one_expert = 2 * dp.expert_bytes(gate_fmt, f, d) + dp.expert_bytes(down_fmt, d, f)
-    head = dp.FLASH_VOCAB * d * dtype.size
+    head = sum(dp.head_bytes(config, args.format, "file", dtype))  # as a real file holds it
     fused = {"attention", "indexer"}
     layers = {}
     for layer, ratio in enumerate((0, 4, 128)):
         blk = dp.build_layer(config, layer, args.format, dtype, seed=layer)
-        weights, _ = dp.weight_bytes(blk, config, args.format, args.top_k)
-        layers[ratio] = dict(dense=weights - args.top_k * one_expert,
+        weights, _, casts = dp.weight_bytes(blk, config, args.format, args.top_k, dtype)
+        layers[ratio] = dict(dense=weights + casts - args.top_k * one_expert,
                              state=dp.state_bytes(config, ratio, args.context, dtype.size, fused)["path"])
         del blk
     e, k = dp.FLASH_EXPERTS, args.top_k

@@ -2,10 +2,25 @@
 
 One decoder layer of each kind (ratio 0, 4, 128) at Flash's widths (hidden 4096, 64 heads x 512,
 q_lora 1024, o_groups 8 x o_lora 1024, indexer 64 x 128 with top-512, window 128, experts of
-2048, hc_mult 4) with random weights: dense projections in the activation dtype (bf16 by
-default), routed experts in one format (q2 = IQ2_XXS gate/up + Q2_K down, q4 = Q4_K,
-mxfp4 = MLX mxfp4). Only ``--experts`` experts are built (a decode token reads only the k it
-routes to); byte figures use Flash's 256. The decode state is synthesised at each context
+2048, hc_mult 4) with random weights, each tensor in the form a real file of the format loads
+into (``--dense file``, the default; ``file_formats``):
+
+* q2 / q4: a ds4-style GGUF (antirez/ds4's files and our ``convert --preset ds4-q2 / ds4-q4``,
+  which share ``names.DS4_GGUF_TYPES``): routed experts IQ2_XXS gate/up + Q2_K down (q2) or
+  Q4_K (q4), kept as GGUF blocks; the attention projections (wq_a, wq_b, wkv, wo_a, wo_b) and
+  the shared expert Q8_0, which the reader (``io/gguf.py``) turns into MLX affine 8-bit group
+  32 ``QuantizedLinear`` with float16 scales and biases (= -128 x scale), made here the same
+  way (``q8_0.quantize`` of random weights, then ``q8_0.to_mlx_affine8``); the compressors,
+  the indexer (its ``wq_b`` too), the router and the HC mixers F16, read as float; the head Q8_0.
+* mxfp4: an official safetensors checkpoint: FP8 projections (the attention's, the indexer's
+  ``wq_b``, the shared expert) as MLX ``mxfp8`` ``QuantizedLinear`` (``io/hf.py``), FP4 experts
+  as MLX ``mxfp4``, BF16 / F32 tensors as float; the head BF16.
+
+Float tensors are held as the loader holds them: float32 where the model keeps float32
+(``keeps_float32``: HC, sinks, APE, compressors, router), else the activation dtype.
+``--dense bf16`` builds every dense projection in the activation dtype instead (the build
+before real formats, for comparison). Only ``--experts`` experts are built (a decode token reads
+only the k it routes to); byte figures use Flash's 256. The decode state is synthesised at each context
 length (window rows, compressed rows, indexer keys, unfinished compressor windows), so a 128k
 state costs no prefill. For every layer it reports, for one decoded token:
 
@@ -20,17 +35,25 @@ state costs no prefill. For every layer it reports, for one decoded token:
   last layer's is counted with the head).
 * the same count on the ops path (the kernels' MLX twins); its host syncs (the GGUF experts'
   twin reads the routed ids) are counted as graph cuts, each segment once;
-* bytes read: weights (each parameter the layer reads, the router matrix for all 256 experts,
-  k routed experts in their packed format) plus the decode state the path reads, itemised from
-  the code (the float32 copies the ops path makes are counted as written once and read by each
-  op that reads them); the minimum reads every weight and the state it needs once, in storage;
+* bytes read: weights (each parameter the layer reads as held in memory: packed weights with
+  their scales and biases, the router matrix for all 256 experts, k routed experts in their
+  packed format) plus the decode state the path reads, itemised from the code (the float32
+  copies the ops path makes are counted as written once and read by each op that reads them);
+  where a quantized projection's float scales / biases differ from the activation dtype,
+  ``mx.quantized_matmul`` casts them to float32 on every call (bf16 activations with a GGUF's
+  float16 scales), counted as read, written in float32 and read again; the minimum reads every
+  weight and the state it needs once, as held in memory (no casts);
 * CPU time of the ops path (one evaluated step, best of ``--repeat``).
 
 Then the whole 43-layer model (2 ratio-0, 21 ratio-4, 20 ratio-128 layers, head and embedding)
-and a bandwidth model: time per token = bytes / bandwidth + launches x ``--launch-us``.
-The last line is one JSON object.
+and a bandwidth model: time per token = bytes / bandwidth + launches x ``--launch-us``. It
+assumes every layer of a kind costs what the measured one does (hash-routed layers as score
+layers: the router matrix is read either way), the embedding reads one row, the head one
+matmul in the file's head format (Q8_0 -> affine 8-bit for q2 / q4, BF16 for mxfp4; its scale
+casts included), and no MTP block. The last line is one JSON object.
 
 Usage: python scripts/decode_profile.py [--formats q2 q4 mxfp4] [--contexts 2048 32768 131072]
+       [--dense file|bf16]
 """
 
 from __future__ import annotations
@@ -53,9 +76,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds4mlx import kernels, ops  # noqa: E402
 from ds4mlx.config import ModelConfig  # noqa: E402
+from ds4mlx.layers import apply_formats  # noqa: E402
 from ds4mlx.layers.gguf import GGUFSwitchLinear  # noqa: E402
 from ds4mlx.model.transformer import Block, keeps_float32  # noqa: E402
-from ds4mlx.quant.gguf import get as gguf_format  # noqa: E402
+from ds4mlx.names import DS4_GGUF_TYPES, QUANTIZED_WEIGHTS, internal_to_gguf, official_layout  # noqa: E402
+from ds4mlx.quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine  # noqa: E402
+from ds4mlx.quant.gguf import get as gguf_format, q8_0  # noqa: E402
 from ds4mlx.state import LayerCache  # noqa: E402
 from ds4mlx.synthetic import default_compress_ratios, tiny_config  # noqa: E402
 
@@ -63,9 +89,9 @@ FLASH_EXPERTS, FLASH_LAYERS, FLASH_VOCAB = 256, 43, 129280
 RECIPES = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K"), "mxfp4": ("MXFP4", "MXFP4")}
 # the kernels the before/after columns switch
 DECODE_VARIANTS = ("attention", "indexer", "rope_rows", "router")
-# embedding gather, the last layer's HC post, HC head (one compiled function), final RMSNorm,
-# head matmul
-HEAD_LAUNCHES = 5
+# embedding gather, the last layer's HC post, HC head (one compiled function), final RMSNorm;
+# the head's product is counted from its graph (head_launches)
+HEAD_LAUNCHES = 4
 DEVICES = {"m3_ultra": 819e9, "m3_max": 400e9}
 VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "AsStrided",
          "View", "StopGradient", "Depends", "Flatten", "Unflatten"}
@@ -75,14 +101,70 @@ _NODE = re.compile(r'\{ (\d+) \[label ="([^"]+)"')
 _SCALE_FIELDS = {"IQ2_XXS": (0,), "Q2_K": (80, 82), "Q4_K": (0, 2)}
 
 
-def flash_config(n_experts: int, top_k: int) -> ModelConfig:
-    hf = tiny_config(num_layers=3, compress_ratios=[0, 4, 128], mtp=False, hidden_size=4096,
+def flash_hf(n_experts: int, top_k: int) -> dict:
+    """The HF config of three Flash-width layers (ratio 0, 4, 128)."""
+    return tiny_config(num_layers=3, compress_ratios=[0, 4, 128], mtp=False, hidden_size=4096,
                      num_attention_heads=64, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024,
                      o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128,
                      index_topk=512, sliding_window=128, n_routed_experts=n_experts,
                      moe_intermediate_size=2048, num_hash_layers=0, experts_per_token=top_k,
                      max_position_embeddings=1 << 20)
-    return ModelConfig.from_hf(hf)
+
+
+def flash_config(n_experts: int, top_k: int) -> ModelConfig:
+    return ModelConfig.from_hf(flash_hf(n_experts, top_k))
+
+
+# ----------------------------------------------------------------------------- formats
+GGUF_RECIPES = ("q2", "q4")  # ds4-style GGUF files; the others are official safetensors
+
+
+def file_formats(hf: dict, layer: int, recipe: str) -> dict[str, WeightFormat]:
+    """``{module path in the block: WeightFormat}`` of the dense projections of layer ``layer``
+    as the reader of a real file of ``recipe`` reports them (experts are built apart): a GGUF's
+    (q2 / q4) Q8_0 projections -> affine 8-bit group 32 (``io/gguf.py``: quantizable module,
+    ds4 type of the tensor from ``names.DS4_GGUF_TYPES``), an official checkpoint's FP8 / FP4
+    ones -> mxfp8 / mxfp4 (``io/hf.py``: storage from ``names.official_layout``); float else."""
+    prefix = f"layers.{layer}."
+    out: dict[str, WeightFormat] = {}
+    layout = None if recipe in GGUF_RECIPES else official_layout(hf)
+    for name in sorted(QUANTIZED_WEIGHTS):
+        if name.startswith("ffn.experts.") or name in ("e_proj.weight", "h_proj.weight"):
+            continue
+        path = prefix + name
+        if recipe in GGUF_RECIPES:
+            gguf_type = DS4_GGUF_TYPES[internal_to_gguf(path).split(".", 2)[2]]
+            fmt = affine(8, 32) if gguf_type == "Q8_0" else FLOAT
+        else:
+            spec = layout.get(path)
+            fmt = None if spec is None else {"fp8": MXFP8, "fp4": MXFP4}.get(spec.storage, FLOAT)
+            if spec is None:
+                continue  # not in this layer kind
+        if (name.startswith("attn.compressor.") and hf["compress_ratios"][layer] == 0) or (
+                name.startswith("attn.indexer.") and hf["compress_ratios"][layer] != 4):
+            continue
+        out[name[: -len(".weight")]] = fmt
+    return out
+
+
+def head_format(recipe: str) -> WeightFormat:
+    """The head's format in a real file: Q8_0 (ds4 GGUF) -> affine 8-bit, BF16 (official)."""
+    return affine(8, 32) if DS4_GGUF_TYPES["output.weight"] == "Q8_0" and recipe in GGUF_RECIPES else FLOAT
+
+
+def quantize_as(w: mx.array, fmt: WeightFormat) -> dict[str, mx.array]:
+    """The packed leaves of float ``w [out, in]`` in ``fmt`` as the loader holds them: affine 8
+    from Q8_0 blocks (``q8_0.to_mlx_affine8``, the GGUF reader's conversion and its scale
+    dtype choice), mxfp8 / mxfp4 by ``mx.quantize`` (the official FP8 -> mxfp8 view is exact,
+    so the layout is the same)."""
+    if fmt.kind == "affine":
+        blocks = q8_0.quantize(np.asarray(w.astype(mx.float32)))
+        d = blocks.reshape(-1, q8_0.BLOCK_BYTES)[:, :2].view("<f2")
+        scale_dtype = mx.float16 if q8_0.fits_fp16(d) else mx.float32
+        q, s, b = q8_0.to_mlx_affine8(mx.array(blocks), scale_dtype)
+        return {"weight": q, "scales": s, "biases": b}
+    q, s = mx.quantize(w.astype(mx.float32), group_size=fmt.group_size, bits=fmt.bits, mode=fmt.kind)[:2]
+    return {"weight": q, "scales": s}
 
 
 # ----------------------------------------------------------------------------- layer
@@ -107,7 +189,11 @@ def random_experts(fmt: str, n: int, rows: int, k_in: int, rng: np.random.Genera
     return m
 
 
-def build_layer(config: ModelConfig, layer: int, recipe: str, dtype, seed: int) -> Block:
+def build_layer(config: ModelConfig, layer: int, recipe: str, dtype, seed: int,
+                dense: str = "file", hf: dict | None = None) -> Block:
+    """Layer ``layer`` of ``config`` with random weights; ``dense="file"``: each dense projection
+    in the format a real ``recipe`` file loads it into (``file_formats``; ``hf``: the config's
+    HF dict, by default ``flash_hf`` of its expert counts), ``"bf16"``: in ``dtype``."""
     rng = np.random.default_rng(seed)
     blk = Block(config, layer)
     params = []
@@ -121,6 +207,18 @@ def build_layer(config: ModelConfig, layer: int, recipe: str, dtype, seed: int) 
             a = rng.standard_normal(v.shape, dtype=np.float32) / np.sqrt(fan)
         params.append((name, mx.array(a).astype(mx.float32 if keeps_float32(name) else dtype)))
     blk.update(tree_unflatten(params))
+    if dense == "file":
+        if hf is None:
+            hf = flash_hf(config.n_routed_experts, config.num_experts_per_tok)
+        formats = {p: f for p, f in file_formats(hf, layer, recipe).items() if f.kind != "float"}
+        packed = {p: quantize_as(_module(blk, p).weight, f) for p, f in formats.items()}
+        apply_formats(blk, formats)
+        for p, leaves in packed.items():
+            m = _module(blk, p)
+            for k, v in leaves.items():
+                m[k] = v
+    elif dense != "bf16":
+        raise ValueError(f"dense must be 'file' or 'bf16', not {dense!r}")
     gate_fmt, down_fmt = RECIPES[recipe]
     ex = blk.ffn.experts
     e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
@@ -130,6 +228,12 @@ def build_layer(config: ModelConfig, layer: int, recipe: str, dtype, seed: int) 
     # RoPE frequencies are computed once, on the first call; the count starts after that
     mx.eval(blk.parameters(), blk.attn._freqs)
     return blk
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = root[part]
+    return root
 
 
 def synth_state(config: ModelConfig, ratio: int, n_tokens: int, dtype, seed: int) -> LayerCache:
@@ -282,19 +386,73 @@ def expert_bytes(fmt: str, rows: int, k_in: int) -> int:
     return rows * k_in // mod.BLOCK_SIZE * mod.BLOCK_BYTES
 
 
-def weight_bytes(blk: Block, config: ModelConfig, recipe: str, top_k: int) -> tuple[int, int]:
-    """(weights every path reads, float32 expert copies the ops twins write and read)."""
+def scale_cast_bytes(m: nn.Module, dtype) -> int:
+    """Bytes a quantized projection's call moves beyond reading its float scales / biases once
+    when they are not in the activation dtype: ``mx.quantized_matmul`` promotes to float32, so
+    each call writes them in float32 and the product reads that copy."""
+    if not isinstance(m, nn.QuantizedLinear):
+        return 0
+    leaves = [a for a in (m.get("scales"), m.get("biases"))
+              if a is not None and mx.issubdtype(a.dtype, mx.floating)]
+    if not leaves or all(a.dtype == dtype for a in leaves):
+        return 0
+    return sum(2 * a.size * 4 for a in leaves)
+
+
+def weight_bytes(blk: Block, config: ModelConfig, recipe: str, top_k: int,
+                 dtype) -> tuple[int, int, int]:
+    """(weights every path reads, float32 expert copies the ops twins write and read, the
+    per-call scale casts of quantized projections: ``scale_cast_bytes``)."""
     dense = 0
     for name, v in tree_flatten(blk.parameters()):
         if ".experts." in name:
             continue
         dense += v.nbytes * (FLASH_EXPERTS // config.n_routed_experts
                              if name.startswith("ffn.gate.") else 1)
+    casts = sum(scale_cast_bytes(m, dtype) for _, m in blk.named_modules())
     gate_fmt, down_fmt = RECIPES[recipe]
     d, f = config.hidden_size, config.moe_intermediate_size
     routed = top_k * (2 * expert_bytes(gate_fmt, f, d) + expert_bytes(down_fmt, d, f))
     copies = 0 if gate_fmt == "MXFP4" else top_k * 3 * f * d * 4 * 2
-    return dense + routed, copies
+    return dense + routed, copies, casts
+
+
+def head_launches(config: ModelConfig, recipe: str, dense: str, dtype) -> int:
+    """``HEAD_LAUNCHES`` + the launches of the head's product and the logits' float32 cast on
+    the GPU's graph, in the head's format (a few rows: the graph does not depend on them)."""
+    fmt = head_format(recipe) if dense == "file" else FLOAT
+    d = config.hidden_size
+    w = mx.array(np.random.default_rng(0).standard_normal((64, d), dtype=np.float32) / np.sqrt(d))
+    head = nn.Linear(d, 64, bias=False)
+    head.weight = w.astype(dtype)
+    if fmt.kind != "float":
+        leaves = quantize_as(w, fmt)
+        head = apply_formats({"h": head}, {"h": fmt})["h"]
+        for k, v in leaves.items():
+            head[k] = v
+    x = mx.zeros((1, 1, d), dtype=dtype)
+    mx.eval(head.parameters(), x)
+    saved = ops.on_cpu
+    ops.on_cpu = lambda: False
+    try:
+        y = head(x).astype(mx.float32)
+    finally:
+        ops.on_cpu = saved
+    return HEAD_LAUNCHES + kernel_nodes(graph_nodes(y))
+
+
+def head_bytes(config: ModelConfig, recipe: str, dense: str, dtype) -> tuple[int, int]:
+    """(head weights as held: the matmul, the final norm, the HC head; its scale casts) of a
+    file of ``recipe`` (``head_format``); ``dense="bf16"``: the head in ``dtype``."""
+    v, d, b = FLASH_VOCAB, config.hidden_size, dtype.size
+    rest = d * b + 4 * 4 * d * 4  # final RMSNorm weight, HC head mixer (float32)
+    fmt = head_format(recipe) if dense == "file" else FLOAT
+    if fmt.kind != "affine":
+        return v * d * b + rest, 0
+    groups = v * d // fmt.group_size
+    scale_b = 2  # Q8_0's fp16 scales stay fp16 (q8_0.fits_fp16 for any real head)
+    casts = 0 if dtype == mx.float16 else 2 * 2 * groups * 4
+    return v * d * fmt.bits // 8 + 2 * groups * scale_b + rest, casts
 
 
 def state_bytes(config: ModelConfig, ratio: int, n: int, b: int, fused: set[str]) -> dict[str, int]:
@@ -344,6 +502,9 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8, help="experts built per layer")
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dense", default="file", choices=["file", "bf16"],
+                        help="dense projections as a real file of the format loads them (file), or "
+                             "all in the activation dtype (bf16: the build before real formats)")
     parser.add_argument("--repeat", type=int, default=2, help="ops-path timings (best of)")
     parser.add_argument("--no-time", action="store_true", help="skip the ops-path CPU timing")
     parser.add_argument("--no-ops", action="store_true",
@@ -355,9 +516,11 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(mx, args.dtype)
     b = dtype.size
-    config = flash_config(args.experts, args.top_k)
+    hf = flash_hf(args.experts, args.top_k)
+    config = ModelConfig.from_hf(hf)
     decode_variants = [v for v in DECODE_VARIANTS if v in getattr(kernels, "NAMED_VARIANTS", ())]
-    print(f"Flash decode step per layer, {args.dtype} activations, top-{args.top_k}. Metal "
+    print(f"Flash decode step per layer, {args.dtype} activations, top-{args.top_k}, dense "
+          f"projections {'as real files load them' if args.dense == 'file' else 'in ' + args.dtype}. Metal "
           f"path 'before': the decode kernels {decode_variants} switched off; 'after': on.")
     print(f"{'ratio':>5} {'fmt':>6} {'ctx':>7} {'launches before':>15} {'after':>5} {'ops':>4} "
           f"{'MiB before':>10} {'after':>7} {'min':>7} {'x min before':>12} {'after':>6} "
@@ -367,8 +530,8 @@ def main() -> None:
         for layer, ratio in enumerate((0, 4, 128)):
             if ratio not in args.ratios:
                 continue
-            blk = build_layer(config, layer, recipe, dtype, seed=layer)
-            weights, copies = weight_bytes(blk, config, recipe, args.top_k)
+            blk = build_layer(config, layer, recipe, dtype, seed=layer, dense=args.dense, hf=hf)
+            weights, copies, casts = weight_bytes(blk, config, recipe, args.top_k, dtype)
             for n in args.contexts:
                 cache = synth_state(config, ratio, n, dtype, seed=n)
                 for v in decode_variants:
@@ -385,10 +548,11 @@ def main() -> None:
                 sb_after = state_bytes(config, ratio, n, b, fused)
                 sb_before = state_bytes(config, ratio, n, b, set())
                 minimum = weights + sb_after["min"]
-                read_before, read_after = weights + sb_before["path"], weights + sb_after["path"]
+                read_before = weights + casts + sb_before["path"]
+                read_after = weights + casts + sb_after["path"]
                 timed = not (args.no_time or args.no_ops)
                 ms = 1e3 * time_ops_step(blk, cache, dtype, args.repeat) if timed else float("nan")
-                rows.append(dict(ratio=ratio, fmt=recipe, ctx=n, before=before, launches=after,
+                rows.append(dict(ratio=ratio, fmt=recipe, ctx=n, before=before, launches=after, casts=casts,
                                  ops_launches=ops, bytes_before=read_before, bytes=read_after,
                                  min=minimum, ops_bytes=read_before + copies, cpu_ms=ms))
                 mib = 2.0**20
@@ -407,20 +571,28 @@ def main() -> None:
     # whole model
     kinds = default_compress_ratios(FLASH_LAYERS, 0)
     per_kind = {r: kinds.count(r) for r in (0, 4, 128)}
-    head = FLASH_VOCAB * config.hidden_size * b + config.hidden_size * b + 4 * 4 * 4096 * 4
     summary = {}
-    print(f"\nWhole model ({FLASH_LAYERS} layers: {per_kind}), head {head / 2**20:.0f} MiB, "
-          f"{args.launch_us:g} us per launch:")
+    print(f"\nWhole model ({FLASH_LAYERS} layers: {per_kind}), {args.launch_us:g} us per launch:")
+    gb_per_token = {}
     for recipe in args.formats:
+        head_w, head_casts = head_bytes(config, recipe, args.dense, dtype)
+        head = head_w + head_casts
+        head_n = head_launches(config, recipe, args.dense, dtype)
+        print(f"  {recipe}: head {head_w / 2**20:.0f} MiB (+ {head_casts / 2**20:.0f} MiB of scale "
+              f"casts), {head_n} launches with the embedding, HC head and final norm")
         for n in args.contexts:
             sel = {r["ratio"]: r for r in rows if r["fmt"] == recipe and r["ctx"] == n}
             for when, lk, bk in (("before", "before", "bytes_before"),
                                  ("after", "launches", "bytes")):
-                launches = sum(per_kind[r] * sel[r][lk] for r in per_kind) + HEAD_LAUNCHES
+                launches = sum(per_kind[r] * sel[r][lk] for r in per_kind) + head_n
                 nbytes = sum(per_kind[r] * sel[r][bk] for r in per_kind) + head
                 tps = {dev: 1.0 / (nbytes / bw + launches * args.launch_us * 1e-6)
                        for dev, bw in DEVICES.items()}
                 summary[(when, recipe, n)] = dict(launches=launches, bytes=nbytes, **tps)
+                if when == "after" and n == min(args.contexts):
+                    casts = sum(per_kind[r] * sel[r]["casts"] for r in per_kind) + head_casts
+                    gb_per_token[recipe] = dict(ctx=n, read=round(nbytes / 1e9, 3),
+                                                scale_casts=round(casts / 1e9, 3))
                 print(f"  {when:>6} {recipe:>6} ctx {n:>7}: {launches:>6} launches, "
                       f"{nbytes / 2**30:6.2f} GiB, M3 Ultra {tps['m3_ultra']:5.1f} t/s, M3 Max "
                       f"{tps['m3_max']:5.1f} t/s (bandwidth only: {819e9 / nbytes:5.1f} / "
@@ -439,6 +611,8 @@ def main() -> None:
     result = {
         "launches_per_layer_max": worst["launches"],
         "launches_per_layer_max_at": f"ratio {worst['ratio']} {worst['fmt']} ctx {worst['ctx']}",
+        "launches_per_layer_max_by_format": {f: max(r["launches"] for r in rows if r["fmt"] == f)
+                                             for f in args.formats},
         "launches_per_layer_max_before": max(r["before"] for r in rows),
         "ops_launches_per_layer_max": max(r["ops_launches"] for r in rows),
         "bytes_over_min_2k": over_min(2048),
@@ -451,6 +625,8 @@ def main() -> None:
         "tokens_per_s_m3_ultra_before": round(min(s["m3_ultra"] for k, s in summary.items()
                                                   if k[0] == "before"), 2),
         "launch_us": args.launch_us,
+        "dense": args.dense,
+        "gb_per_token": gb_per_token,
     }
     print(json.dumps(result))
 

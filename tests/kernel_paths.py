@@ -35,3 +35,23 @@ def record_launches(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(kernels.dispatch, "run", counted)
     return names
+
+
+# Primitives that run no kernel (views); what decode_profile.py leaves out of a launch count.
+VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "AsStrided",
+         "View", "StopGradient", "Depends", "Flatten", "Unflatten"}
+
+
+def graph_primitives(*arrays: mx.array) -> list[str]:
+    """The primitives that run a kernel in the lazy graph of ``arrays`` (evaluated arrays are
+    leaves; views left out), one per node: the MLX launches evaluating them would make."""
+    import os
+    import re
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "g.dot")
+        mx.export_to_dot(path, *arrays)
+        with open(path) as f:
+            prims = re.findall(r'\{ \d+ \[label ="([^"]+)"', f.read())
+    return [p.split()[0] for p in prims if p.split()[0] not in VIEWS]

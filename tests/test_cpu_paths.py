@@ -153,6 +153,42 @@ def test_grouped_projection_equals_per_group_modules():
                                        rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["mxfp8", "affine"])
+def test_grouped_projection_of_one_row_is_one_launch_on_the_gpu_graph(kind, monkeypatch):
+    """A decode step's grouped wo_a as the GPU runs it (no CPU copy): one quantized matmul over
+    the groups as a batch, not one per group and a join; an official mxfp8 weight and a GGUF
+    Q8_0 one in its affine 8-bit view (biases), against float64 per group on the dequantized
+    weight (the format's own decoder)."""
+    from kernel_paths import graph_primitives
+
+    from ds4mlx.quant.gguf import q8_0
+
+    groups, in_dim, rows = 4, 128, 64
+    rng = np.random.default_rng(5)
+    if kind == "mxfp8":
+        codes, blocks, w64 = _fp8_weight(groups * rows, in_dim, seed=5)
+        leaves = dict(zip(("weight", "scales"), fp8_to_mxfp8(codes, blocks)))
+        fmt = WeightFormat("mxfp8", bits=8, group_size=32)
+    else:
+        q8 = q8_0.quantize(rng.normal(size=(groups * rows, in_dim)).astype(np.float32))
+        w64 = np.asarray(q8_0.dequantize(mx.array(q8)), dtype=np.float64).reshape(groups * rows, in_dim)
+        # float32 scales: the product's dtype is x's (float16 ones promote: see _notes/prof.md)
+        leaves = dict(zip(("weight", "scales", "biases"), q8_0.to_mlx_affine8(mx.array(q8), mx.float32)))
+        fmt = WeightFormat("affine", bits=8, group_size=32)
+    m = quantized_linear(in_dim, groups * rows, fmt)
+    for k, v in leaves.items():
+        m[k] = v
+    x = mx.random.normal((1, 1, groups, in_dim), key=mx.random.key(6))
+    mx.eval(m.parameters(), x)
+    monkeypatch.setattr(ops, "on_cpu", lambda: False)
+    y = m.grouped(x, groups)
+    assert graph_primitives(y) == ["QuantizedMatmul"]
+    assert y.shape == (1, 1, groups, rows) and y.dtype == mx.float32
+    xs = np.asarray(x, dtype=np.float64)[0, 0]
+    ref = np.stack([xs[g] @ w64[g * rows:(g + 1) * rows].T for g in range(groups)])
+    np.testing.assert_allclose(np.asarray(y)[0, 0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_compiled_steps_do_not_retrace_as_the_context_grows(tiny_ckpt, monkeypatch):
     """The compiled HC pre, router, one-query attention and rotation run their Python bodies
     only when MLX traces them: count the calls of helpers their bodies call (looked up as module

@@ -89,27 +89,31 @@ class QuantizedLinear(nn.QuantizedLinear):
             xg = x.reshape(-1, groups, x.shape[-1]).swapaxes(0, 1).astype(mx.float32)  # [G, N, in]
             y = xg @ dense.reshape(groups, r, -1).swapaxes(-1, -2)  # [G, N, R]
             return y.swapaxes(0, 1).reshape(*x.shape[:-1], r).astype(x.dtype)
-        if x.size == groups * x.shape[-1] and self.get("biases") is None and ops.on_cpu():
-            # one row per group (a decode step): one batched product over [G, R, in] views
-            w, scales = _grouped_views(self["weight"], self["scales"], groups)
-            y = mx.quantized_matmul(x.reshape(groups, 1, -1), w, scales, transpose=True,
+        if x.size == groups * x.shape[-1]:
+            # one row per group (a decode step): one batched product over [G, R, in] views (one
+            # launch on the GPU too, not one per group and a join)
+            w, scales, biases = _grouped_views(self["weight"], self["scales"], self.get("biases"), groups)
+            y = mx.quantized_matmul(x.reshape(groups, 1, -1), w, scales, biases, transpose=True,
                                     group_size=self.group_size, bits=self.bits, mode=self.mode)
             return y.reshape(*x.shape[:-1], r)
         return mx.stack([self._matmul(x[..., g, :], slice(g * r, (g + 1) * r)) for g in range(groups)],
                         axis=-2)
 
 
-# id(weight) -> (weight, its [G, R, in] view, the scales' view): kept so the id is not reused
-_GROUPED: dict[int, tuple[mx.array, mx.array, mx.array]] = {}
+# id(weight) -> (weight, its [G, R, in] view, the scales' and biases' views): kept so the id is
+# not reused
+_GROUPED: dict[int, tuple] = {}
 
 
-def _grouped_views(weight: mx.array, scales: mx.array, groups: int) -> tuple[mx.array, mx.array]:
+def _grouped_views(weight: mx.array, scales: mx.array, biases: mx.array | None,
+                   groups: int) -> tuple[mx.array, mx.array, mx.array | None]:
     entry = _GROUPED.get(id(weight))
-    if entry is None or entry[0] is not weight or entry[1].shape[0] != groups:
-        views = (weight.reshape(groups, -1, weight.shape[-1]), scales.reshape(groups, -1, scales.shape[-1]))
+    if (entry is None or entry[0] is not weight or entry[1].shape[0] != groups
+            or (entry[3] is None) != (biases is None)):
+        views = [a.reshape(groups, -1, a.shape[-1]) for a in (weight, scales, biases) if a is not None]
         mx.eval(views)
-        entry = _GROUPED[id(weight)] = (weight, *views)
-    return entry[1], entry[2]
+        entry = _GROUPED[id(weight)] = (weight, *views, *([None] if biases is None else []))
+    return entry[1], entry[2], entry[3]
 
 
 def quantized_linear(input_dims: int, output_dims: int, fmt: WeightFormat) -> QuantizedLinear:

@@ -5,8 +5,10 @@ indexer head weights all read the layer input, the two compressors' ``wkv``/``wg
 in float32, the shared expert's gate and up read the FFN input. :class:`MergedLinear`
 concatenates the rows of such projections once (the modules keep views of the merged weight, so
 nothing is held twice) and returns each part's output as a view of one product. A prefix of the
-parts can be asked for alone (rows not needed are not read). Projections that cannot share a
-matmul (other dtypes, quantization parameters or formats) run one by one, as before.
+parts can be asked for alone (rows not needed are not read). Where not all of them can share a
+matmul (other dtypes, quantization parameters or formats: a file's FP8 / Q8_0 ``wq_a`` and
+``wkv`` beside the indexer's BF16 / F16 head weights), each run of consecutive parts that can is
+merged on its own (``runs``) and the others run one by one.
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ class MergedLinear:
         # module that is not a plain projection, e.g. the imatrix recorder, need not say them)
         self.sizes = [self._rows(m) for m in self.modules] if self.merged else []
         self._views: list[tuple] = []
+        # (first, end, merge) of each run of >= 2 consecutive parts sharing a matmul, when not all do
+        self.runs: list[tuple[int, int, MergedLinear]] = []
         if self.merged:
             self._merge()
+        elif len(self.modules) > 2:
+            self._merge_runs()
 
     @staticmethod
     def _rows(m: nn.Module) -> int:
@@ -71,6 +77,28 @@ class MergedLinear:
         self.kind = _kind(first)
         self._cpu_copy = ops.CpuCopy()  # of the merged weight (quantized kind, on the CPU)
 
+    def _merge_runs(self) -> None:
+        kinds = [_kind(m) for m in self.modules]
+        start = 0
+        for i in range(1, len(kinds) + 1):
+            if i < len(kinds) and kinds[i] is not None and kinds[i] == kinds[start]:
+                continue
+            if i - start > 1:
+                self.runs.append((start, i, MergedLinear(self.modules[start:i])))
+            start = i
+
+    def _one_by_one(self, x: mx.array, parts: int) -> list[mx.array]:
+        """The first ``parts`` outputs, a merged run in one product."""
+        runs = {first: (end, merge) for first, end, merge in self.runs}
+        outs: list[mx.array] = []
+        i = 0
+        while i < parts:
+            end, merge = runs.get(i, (i + 1, None))
+            end = min(end, parts)
+            outs += [self.modules[i](x)] if merge is None else merge(x, parts=end - i)
+            i = end
+        return outs
+
     def holds(self, modules: list[nn.Module]) -> bool:
         """Whether this merge is of exactly ``modules`` (none replaced) and still current."""
         return (len(modules) == len(self.modules) and all(a is b for a, b in zip(modules, self.modules))
@@ -79,7 +107,7 @@ class MergedLinear:
     def current(self) -> bool:
         """False once a module's weights were replaced (a reload): the merge is stale."""
         if not self.merged:
-            return True
+            return all(merge.current() for _, _, merge in self.runs)
         leaves = [k for k in _LEAVES if k in self.whole]
         return all(all(m.get(k) is v for k, v in zip(leaves, views))
                    for m, views in zip(self.modules, self._views))
@@ -90,7 +118,7 @@ class MergedLinear:
         ``bias`` (broadcast to the product's leading shape, the width of all parts) is added."""
         parts = len(self.modules) if parts is None else parts
         if not self.merged or parts == 1:
-            outs = [m(x) for m in self.modules[:parts]]
+            outs = self._one_by_one(x, parts) if self.runs else [m(x) for m in self.modules[:parts]]
             if len(outs) > len(self.sizes):
                 self.sizes = [o.shape[-1] for o in outs]
             if bias is not None:
