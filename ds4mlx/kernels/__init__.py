@@ -26,7 +26,8 @@ from .dispatch import (ATTENTION, BACKENDS, GRID_SYNC, HC_PRE, INDEXER, KERNEL_F
                        NAMED_VARIANTS, ROPE_ROWS, ROUTER, SHARED_DOWN, DENSE_MATVEC, KernelInputError, backend,
                        disable, disabled, enable, enabled, serves, set_backend)
 from .hyper import hc_pre, hc_pre_ops
-from .matvec import (DenseWeights, dense_matvec, dense_matvec_ops, dense_matvec_serves, gguf_matmul,
+from .matvec import (DenseWeights, dense_matvec, dense_matvec_ops, dense_matvec_serves, dense_path,
+                     gguf_matmul,
                      matmul_ops, shared_down, shared_down_ops, shared_down_serves)
 from .router import Route
 from .moe import (Packed, QuantWeight, dequantize, dequantize_ops, gather_qmm_native,
@@ -42,7 +43,7 @@ __all__ = [
     "ATTENTION", "BACKENDS", "GRID_SYNC", "HC_PRE", "INDEXER", "KERNEL_FORMATS", "NAMED_VARIANTS",
     "ROPE_ROWS",
     "ROUTER", "SHARED_DOWN", "DENSE_MATVEC", "DenseWeights", "dense_matvec", "dense_matvec_ops",
-    "dense_matvec_serves", "KernelInputError", "Packed", "QuantWeight", "Shared", "SharedWeight", "backend", "dequantize",
+    "dense_matvec_serves", "dense_path", "KernelInputError", "Packed", "QuantWeight", "Shared", "SharedWeight", "backend", "dequantize",
     "dequantize_ops", "disable", "disabled", "enable", "enabled", "gather_qmm_native",
     "gather_qmm_native_ops", "gguf_matmul", "gguf_switch_matmul", "hc_pre", "hc_pre_ops",
     "matmul_ops", "moe_down", "moe_down_ops", "moe_experts", "moe_experts_shared", "moe_gate_up", "moe_gate_up_ops",

@@ -128,6 +128,14 @@ def dense_matvec_ops(x: mx.array, w: DenseWeights) -> mx.array:
     return (ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=-1)).astype(x.dtype)
 
 
+def dense_path() -> bool:
+    """Whether :func:`dense_matvec` may serve at all here: its variant on, on a kernel backend
+    off the CPU path (the emulator runs it; MLX on the CPU keeps its own products). Cheap:
+    callers ask it before building their :class:`DenseWeights`."""
+    return (dispatch.serves(dispatch.DENSE_MATVEC)
+            and (dispatch.backend() == "emulate" or not _ops.on_cpu()))
+
+
 def dense_matvec_serves(x: mx.array, w: DenseWeights) -> bool:
     """Whether :func:`dense_matvec` runs the kernel for ``x``: up to ``MATVEC_TOKENS`` rows on
     a kernel backend off the CPU path (the emulator runs it; MLX on the CPU keeps its own
@@ -135,8 +143,7 @@ def dense_matvec_serves(x: mx.array, w: DenseWeights) -> bool:
     n = x.size // x.shape[-1] if x.shape[-1] else 0
     if w.groups:
         n = x.size // (w.groups * w.packed[0].k) if w.packed else 0
-    return (1 <= n <= MATVEC_TOKENS and dispatch.serves(dispatch.DENSE_MATVEC)
-            and (dispatch.backend() == "emulate" or not _ops.on_cpu()) and w.fits(x)
+    return (1 <= n <= MATVEC_TOKENS and dense_path() and w.fits(x)
             and dispatch.first_use_ok(dispatch.DENSE_MATVEC, x.dtype))
 
 

@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels, ops
-from ..kernels.source import dtype_name
+from ..kernels.source import MATVEC_TOKENS, dtype_name
 from ..quant.formats import WeightFormat, gguf_kind, packed_shapes
 from . import gguf as _gguf
 
@@ -82,8 +82,9 @@ class QuantizedLinear(nn.QuantizedLinear):
         (kernels.dense_matvec_serves): affine 8-bit group 32 whose scales are not in x's dtype
         (MLX's product would cast x, scales and biases to float32 on every call and write
         float32); None elsewhere (MLX's product serves, one launch already)."""
-        if not decode_kernel_takes(self.mode, self.bits, self.group_size, self["scales"].dtype,
-                                   x.dtype):
+        rows = x.size // (x.shape[-1] * max(groups, 1))
+        if not (rows <= MATVEC_TOKENS and kernels.dense_path() and decode_kernel_takes(
+                self.mode, self.bits, self.group_size, self["scales"].dtype, x.dtype)):
             return None
         cache = self.__dict__.setdefault("_dense_weights", {})
         part = kernel_part(self)

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels, ops
+from ..kernels.source import MATVEC_TOKENS
 from ..layers import kernel_part
 from ..layers.gguf import GGUFLinear
 
@@ -195,6 +196,8 @@ class MergedLinear:
         written in x's dtype), where it serves: unlike parts (MLX would run one product each),
         or a merged affine weight whose scales are not in x's dtype (MLX's product would cast
         them to float32 on every call); None elsewhere."""
+        if x.size > MATVEC_TOKENS * x.shape[-1] or not kernels.dense_path():
+            return None  # more rows than a decode product, or the CPU path: MLX's products
         segs = self._segments(parts)
         if segs is None or (len(segs) == 1 and not (segs[0].fmt == "affine8"
                                                      and segs[0].scales.dtype != x.dtype)):
