@@ -69,7 +69,20 @@ def model_specs(source: str) -> list[check.Spec]:
     if any(t.name.endswith("shared_experts.w2.weight") and str(t.fmt).lower() in dense
            for t in tensors):
         fused.append(check.Spec(kernels.SHARED_DOWN, dtype))
+    if _dense_matvec_asked(config, tensors, dtype):
+        fused.append(check.Spec(kernels.DENSE_MATVEC, dtype))
     return specs + fused
+
+
+def _dense_matvec_asked(config, tensors, dtype: mx.Dtype) -> bool:
+    """Whether decode products go to ``dense_matvec`` (layers.decode_kernel_takes, model/merged.py):
+    a dense projection in affine 8 bits (GGUF Q8_0: float16 scales) under another activation
+    dtype, or a ratio-4 layer whose projections of one input mix formats (an official file's
+    FP8 attention beside the indexer's BF16 head weights)."""
+    dense = [t for t in tensors if t.kind not in _NOT_PROJECTIONS and t.kind != "routed experts"]
+    affine = any(t.fmt == "Q8_0" or str(t.fmt).startswith("affine 8-bit /32") for t in dense)
+    indexed = any(config.ratio(i) == 4 for i in range(config.num_hidden_layers))
+    return (affine and dtype != mx.float16) or (indexed and len({t.fmt for t in dense}) > 1)
 
 
 def _fused_specs(config, dtype: mx.Dtype, dims: dict) -> list[check.Spec]:

@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds4mlx import kernels, ops  # noqa: E402
 from ds4mlx.config import ModelConfig  # noqa: E402
-from ds4mlx.layers import apply_formats  # noqa: E402
+from ds4mlx.layers import apply_formats, decode_kernel_takes  # noqa: E402
 from ds4mlx.layers.gguf import GGUFSwitchLinear  # noqa: E402
 from ds4mlx.model.transformer import Block, keeps_float32  # noqa: E402
 from ds4mlx.names import DS4_GGUF_TYPES, QUANTIZED_WEIGHTS, internal_to_gguf, official_layout  # noqa: E402
@@ -390,8 +390,9 @@ def scale_cast_bytes(m: nn.Module, dtype) -> int:
     """Bytes a quantized projection's call moves beyond reading its float scales / biases once
     when they are not in the activation dtype: ``mx.quantized_matmul`` promotes to float32, so
     each call writes them in float32 and the product reads that copy."""
-    if not isinstance(m, nn.QuantizedLinear):
-        return 0
+    if not isinstance(m, nn.QuantizedLinear) or decode_kernel_takes(
+            m.mode, m.bits, m.group_size, m["scales"].dtype, dtype):
+        return 0  # the decode kernel reads them as held (kernels.dense_matvec)
     leaves = [a for a in (m.get("scales"), m.get("biases"))
               if a is not None and mx.issubdtype(a.dtype, mx.floating)]
     if not leaves or all(a.dtype == dtype for a in leaves):
@@ -432,13 +433,21 @@ def head_launches(config: ModelConfig, recipe: str, dense: str, dtype) -> int:
             head[k] = v
     x = mx.zeros((1, 1, d), dtype=dtype)
     mx.eval(head.parameters(), x)
-    saved = ops.on_cpu
-    ops.on_cpu = lambda: False
+    saved = ops.on_cpu, kernels.dispatch.run, kernels.dispatch.backend
+    check_mode = os.environ.get("DS4MLX_KERNEL_CHECK")
+    recorder = Recorder()
+    os.environ["DS4MLX_KERNEL_CHECK"] = "off"  # the recorder's outputs would fail the check
+    ops.on_cpu, kernels.dispatch.run, kernels.dispatch.backend = (
+        lambda: False, recorder, lambda: "metal")
     try:
         y = head(x).astype(mx.float32)
     finally:
-        ops.on_cpu = saved
-    return HEAD_LAUNCHES + kernel_nodes(graph_nodes(y))
+        ops.on_cpu, kernels.dispatch.run, kernels.dispatch.backend = saved
+        if check_mode is None:
+            os.environ.pop("DS4MLX_KERNEL_CHECK", None)
+        else:
+            os.environ["DS4MLX_KERNEL_CHECK"] = check_mode
+    return HEAD_LAUNCHES + len(recorder.launches) + kernel_nodes(graph_nodes(y))
 
 
 def head_bytes(config: ModelConfig, recipe: str, dense: str, dtype) -> tuple[int, int]:
@@ -451,7 +460,8 @@ def head_bytes(config: ModelConfig, recipe: str, dense: str, dtype) -> tuple[int
         return v * d * b + rest, 0
     groups = v * d // fmt.group_size
     scale_b = 2  # Q8_0's fp16 scales stay fp16 (q8_0.fits_fp16 for any real head)
-    casts = 0 if dtype == mx.float16 else 2 * 2 * groups * 4
+    kernel = decode_kernel_takes(fmt.kind, fmt.bits, fmt.group_size, mx.float16, dtype)
+    casts = 0 if dtype == mx.float16 or kernel else 2 * 2 * groups * 4
     return v * d * fmt.bits // 8 + 2 * groups * scale_b + rest, casts
 
 

@@ -123,6 +123,11 @@ def test_real_shape_layer_emulated_equals_ops(ratio, recipe, qat, dense, monkeyp
         assert "router_topk" not in launches, launches
     if ratio == 4:  # (float32 queries without FP4 are made 32 heads at a time)
         assert "indexer_pick_q" in launches and "index_q" not in launches, launches
+    # the decode kernel's dense products (kernels.dense_matvec): GGUF Q8_0 as affine with
+    # float16 scales: [wq_a | wkv (| indexer weights)], [wq_b (| indexer wq_b)], wo_a, wo_b;
+    # official: only the ratio-4 layer's FP8 [wq_a | wkv] beside the indexer's BF16 weights
+    want = 0 if dense == "bf16" else 4 if recipe != "mxfp4" else int(ratio == 4)
+    assert launches.count("gguf_matvec") == want, launches
     assert rel_err(outs["emulate"], outs["ops"]) <= 1e-4
     for got, ref in zip(states["emulate"], states["ops"], strict=True):
         assert got.shape == ref.shape and rel_err(got, ref) <= 1e-4

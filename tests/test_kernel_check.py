@@ -301,7 +301,12 @@ def test_selftest_on_the_demo_model(demo_dir, monkeypatch, capsys):
     for variant in ("MXFP4-mlx", "router"):
         assert any(line.startswith("moe_gate_up_decode + route") and variant in line
                    for line in out.splitlines()), (variant, out)
-    assert "all 63 kernel checks passed" in out
+    # dense_matvec (the decode step's FP8 [wq_a | wkv] beside the indexer's BF16 weights): one
+    # part in each layout, two unlike parts, the grouped form
+    for kernel in ("gguf_matvec ", "gguf_matvec two parts", "gguf_matvec grouped"):
+        assert any(line.startswith(kernel) and "dense_matvec" in line
+                   for line in out.splitlines()), (kernel, out)
+    assert "all 82 kernel checks passed" in out
 
 
 def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch, capsys):
@@ -325,8 +330,10 @@ def test_a_selftest_pass_spares_the_first_use_check(demo, demo_dir, monkeypatch,
     # indexer: the queries (prefill), then queries, scores and top-k in one launch (decode, the
     # grid form); rope_rows: alone (prefill) and with the q_norm rows; hc_pre: the
     # one-threadgroup form (prefill) and the grid form (decode), checked apart
-    assert sorted(found) == ["MXFP4-mlx", "attention", "grid_sync", "hc_pre", "hc_pre", "indexer",
-                             "indexer", "rope_rows", "rope_rows", "router"], found
+    # dense_matvec: the decode step's [wq_a | wkv] (FP8) beside the indexer's BF16 weights
+    assert sorted(found) == ["MXFP4-mlx", "attention", "dense_matvec", "grid_sync", "hc_pre",
+                             "hc_pre", "indexer", "indexer", "rope_rows", "rope_rows",
+                             "router"], found
     assert calls == [] and kernels.disabled() == {}
     check.reset()
 
@@ -404,7 +411,9 @@ def test_selftest_lists_what_the_model_dispatches(which, demo_dir, request, monk
         mx.eval(model(tokens[:, a:b], cache=cache))
     listed = {(s.variant, s.dtype, s.key()) for s in model_specs(str(source))}
     assert asked and listed == asked
-    fused = {"hc_pre", "grid_sync", "attention", "rope_rows", "router"}
+    # dense_matvec: the q2 file's Q8_0 projections (float16 scales, float32 x); the demo's FP8
+    # attention beside the indexer's BF16 head weights
+    fused = {"hc_pre", "grid_sync", "attention", "rope_rows", "router", "dense_matvec"}
     # the demo has ratio-4 layers (indexer); the 2-layer checkpoint's are ratio 0 and 128
     expected = {"IQ2_XXS", "Q2_K"} if which == "q2" else {"MXFP4-mlx", "indexer", "grid_sync"}
     assert {v for v, _, _ in listed} == expected | fused

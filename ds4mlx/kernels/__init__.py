@@ -8,7 +8,8 @@
 - :mod:`.shared`: the shared expert as the decode MoE kernels take it (folded in).
 - :mod:`.experts`: the call sites of the expert modules (which kernels serve a layer's experts).
 - :mod:`.matvec`: products of one weight: the dense GGUF projection (``GGUFLinear``'s call
-  site) and ``shared_down``.
+  site), a decoded token's dense projections in MLX modes / float rows (``dense_matvec``: one
+  or two unlike parts, grouped) and ``shared_down``.
 - :mod:`.hyper`: the fused hyper-connection pre.
 - :mod:`.attention`: decode attention, the Lightning Indexer, RMS + RoPE + FP8 rows.
 - :mod:`.router`: MoE router selection.
@@ -22,10 +23,12 @@ call the entry points re-exported here.
 from __future__ import annotations
 
 from .dispatch import (ATTENTION, BACKENDS, GRID_SYNC, HC_PRE, INDEXER, KERNEL_FORMATS,
-                       NAMED_VARIANTS, ROPE_ROWS, ROUTER, SHARED_DOWN, KernelInputError, backend,
+                       NAMED_VARIANTS, ROPE_ROWS, ROUTER, SHARED_DOWN, DENSE_MATVEC, KernelInputError, backend,
                        disable, disabled, enable, enabled, serves, set_backend)
 from .hyper import hc_pre, hc_pre_ops
-from .matvec import gguf_matmul, matmul_ops, shared_down, shared_down_ops, shared_down_serves
+from .matvec import (DenseWeights, dense_matvec, dense_matvec_ops, dense_matvec_serves, dense_path,
+                     gguf_matmul,
+                     matmul_ops, shared_down, shared_down_ops, shared_down_serves)
 from .router import Route
 from .moe import (Packed, QuantWeight, dequantize, dequantize_ops, gather_qmm_native,
                   gather_qmm_native_ops, moe_down, moe_down_ops, moe_gate_up, moe_gate_up_ops,
@@ -39,7 +42,8 @@ __all__ = [
     "check",
     "ATTENTION", "BACKENDS", "GRID_SYNC", "HC_PRE", "INDEXER", "KERNEL_FORMATS", "NAMED_VARIANTS",
     "ROPE_ROWS",
-    "ROUTER", "SHARED_DOWN", "KernelInputError", "Packed", "QuantWeight", "Shared", "SharedWeight", "backend", "dequantize",
+    "ROUTER", "SHARED_DOWN", "DENSE_MATVEC", "DenseWeights", "dense_matvec", "dense_matvec_ops",
+    "dense_matvec_serves", "dense_path", "KernelInputError", "Packed", "QuantWeight", "Shared", "SharedWeight", "backend", "dequantize",
     "dequantize_ops", "disable", "disabled", "enable", "enabled", "gather_qmm_native",
     "gather_qmm_native_ops", "gguf_matmul", "gguf_switch_matmul", "hc_pre", "hc_pre_ops",
     "matmul_ops", "moe_down", "moe_down_ops", "moe_experts", "moe_experts_shared", "moe_gate_up", "moe_gate_up_ops",

@@ -20,7 +20,7 @@ from ..quant.codecs import MX_GROUP
 from . import dispatch, grid, hyper, matvec, moe, router, shared
 from .source import ROUTE_MAX_K, dtype_name
 
-CHECK_VERSION = 9  # bump when the cases change, so recorded passes are redone
+CHECK_VERSION = 10  # bump when the cases change, so recorded passes are redone
 MLX_PAIR = "MXFP4-mlx"  # MLX mxfp4 (weight, scales) experts, as opposed to GGUF MXFP4 blocks
 # Max relative error allowed (max |kernel - twin| / max |twin|, over the finite values; integer
 # outputs such as indices must be equal). float32: the kernels call precise:: exp, log, sqrt,
@@ -42,6 +42,7 @@ KEY_DIMS: dict[str, tuple[str, ...]] = {
     dispatch.ROPE_ROWS: ("head_dim", "rope_dims", "q_rank"),
     dispatch.ROUTER: ("n_experts", "experts_per_token", "renormalize"),
     dispatch.SHARED_DOWN: (),  # every size is a run-time argument
+    dispatch.DENSE_MATVEC: (),  # every size is a run-time argument (layouts: template, all cased)
     dispatch.GRID_SYNC: (),  # the probe: whether the multi-threadgroup form works at all
 }
 # Variants whose check covers their grid-synchronised form as well when dispatch.grid_sync()
@@ -135,7 +136,8 @@ def builders() -> dict[str, Callable[[Spec], list[Case]]]:
     kernels/check_attention.py; ``check.cases`` joins them); a weight layout takes
     :func:`moe_cases`."""
     return {dispatch.HC_PRE: _hc_cases, dispatch.ROUTER: _router_cases,
-            dispatch.SHARED_DOWN: _shared_cases, dispatch.GRID_SYNC: _grid_cases}
+            dispatch.SHARED_DOWN: _shared_cases, dispatch.GRID_SYNC: _grid_cases,
+            dispatch.DENSE_MATVEC: _dense_matvec_cases}
 
 
 def moe_cases(spec: Spec) -> list[Case]:
@@ -274,6 +276,46 @@ def _shared_fold_cases(v: str, fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, w
         out += [Case("moe_gate_up_decode + shared", f"shared {sf}, 1 token", gate_up),
                 Case("moe_down_decode + shared", f"shared {sf}, 1 token", down)]
     return out + [_routed_case(fmt, dt, min(k, e), e, w1, w3, x_scale)]
+
+
+def _dense_part(recipe: str, rows: int, seed: int, dt: mx.Dtype) -> shared.SharedWeight:
+    """A part of a dense decode product: float rows of the dtype ``recipe`` names, else
+    :func:`shared_weight`'s quantized recipes."""
+    if recipe in ("float32", "float16", "bfloat16"):
+        w = np.random.default_rng(seed).standard_normal((rows, _K_IN)).astype(np.float32) * 0.02
+        return shared.SharedWeight(mx.array(w).astype(getattr(mx, recipe)), recipe)
+    return shared_weight(recipe, rows, _K_IN, seed, dt)
+
+
+def _dense_matvec_cases(spec: Spec) -> list[Case]:
+    """gguf_matvec as dense_matvec runs it (output in the activation dtype): one part in each
+    layout a decode projection loads into (MLX mxfp8, affine 8-bit in each scale dtype, float
+    rows of the activation dtype and others), 1 and MATVEC_TOKENS rows; two unlike parts as
+    real files merge them (Q8_0-as-affine | F16 or activation-dtype rows, mxfp8 | rows); the
+    grouped form (affine, mxfp8), against dense_matvec_ops."""
+    dt = spec.dtype
+    x_scale = 8.0 / (0.02 * _K_IN ** 0.5)
+    q8 = SHARED_CASES[2]
+    floats = list(dict.fromkeys((dtype_name(dt), "float32", "float16")))
+    singles = [*floats, "mxfp8", *SHARED_CASES[2:]]
+    pairs = [(q8, "float16"), (q8, dtype_name(dt)), ("mxfp8", dtype_name(dt))]
+
+    def case(recipes: tuple[str, ...], n: int, groups: int = 0) -> Callable:
+        def run():
+            rows = [_ROWS * max(groups, 1), _DOWN_ROWS][:len(recipes)]
+            w = matvec.DenseWeights([_dense_part(r, m, 130 + i, dt)
+                                     for i, (r, m) in enumerate(zip(recipes, rows))], groups)
+            shape = (n, groups, _K_IN) if groups else (n, _K_IN)
+            x = _acts(shape, 140 + n, dt, x_scale)
+            return [matvec.dense_matvec(x, w)], [matvec.dense_matvec_ops(x, w)]
+        return run
+
+    out = [Case("gguf_matvec", f"{r}, {n} row{'s' * (n > 1)}", case((r,), n))
+           for r in singles for n in (1, matvec.MATVEC_TOKENS)]
+    out += [Case("gguf_matvec two parts", f"{a} | {b}, 3 rows", case((a, b), 3)) for a, b in pairs]
+    out += [Case("gguf_matvec grouped", f"{r}, 2 groups, {n} rows", case((r,), n, 2))
+            for r in (q8, "mxfp8") for n in (1, 3)]
+    return out
 
 
 def _routed_case(fmt: str, dt: mx.Dtype, k: int, e: int, w1, w3, x_scale: float,

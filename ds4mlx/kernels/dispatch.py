@@ -32,10 +32,13 @@ INDEXER = "indexer"  # fused Lightning Indexer scores (kernels/indexer.py)
 ROPE_ROWS = "rope_rows"  # fused RMS + RoPE + FP8 rounding of attention rows (kernels/attention.py)
 ROUTER = "router"  # fused MoE router selection (kernels/router.py)
 SHARED_DOWN = "shared_down"  # shared expert's SwiGLU + down + routed sum (kernels/matvec.py)
+# a decoded token's dense projection in MLX mxfp8 / affine 8-bit or float rows, one or two unlike
+# parts, grouped, written in the activation dtype (kernels/matvec.py dense_matvec)
+DENSE_MATVEC = "dense_matvec"
 # The one-launch multi-threadgroup form of kernels (metal/grid.h; probe kernel in kernels/grid.py):
 # switched off, or failing its check (no Metal 3.2), they take their one-threadgroup form.
 GRID_SYNC = "grid_sync"
-NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER, SHARED_DOWN,
+NAMED_VARIANTS = (HC_PRE, ATTENTION, INDEXER, ROPE_ROWS, ROUTER, SHARED_DOWN, DENSE_MATVEC,
                   GRID_SYNC)  # not weight formats
 
 

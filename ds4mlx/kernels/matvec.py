@@ -13,9 +13,10 @@ import mlx.core as mx
 from .. import ops as _ops
 from ..quant import gguf as _formats
 from . import dispatch, moe
+from . import shared as _shared
 from .dispatch import KernelInputError, ceil_div, device_array
 from .moe import Packed, matmul_sorted, unpack_weight, variant_name
-from .source import DECODE_ROWS_PER_TG, DECODE_THREADS, MATVEC_TOKENS
+from .source import DECODE_ROWS, DECODE_ROWS_PER_TG, DECODE_THREADS, MATVEC_TOKENS
 
 
 def matmul_ops(x: mx.array, w: mx.array, fmt: str) -> mx.array:
@@ -30,16 +31,32 @@ def matmul_ops(x: mx.array, w: mx.array, fmt: str) -> mx.array:
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
-def gguf_matvec(x: mx.array, p: Packed) -> mx.array:
-    """Kernel ``gguf_matvec``: ``[N, out]`` float32 = ``x @ W.T`` for x ``[N, K]`` with
-    N <= ``MATVEC_TOKENS`` and one weight ``p`` ``[1, out, ·]`` (ops twin: :func:`matmul_ops`)."""
-    n, r = x.shape[0], p.q.shape[1]
+def gguf_matvec(x: mx.array, p: Packed, p2: Packed | None = None, *, rows_per_group: int = 0,
+                out_dtype: mx.Dtype | None = None) -> mx.array:
+    """Kernel ``gguf_matvec``: ``[N, out]`` (``out_dtype``, float32 by default) = ``x @ W.T``
+    for x ``[N, XK]`` with N <= ``MATVEC_TOKENS`` and a weight ``p`` ``[(1,) rows, ·]`` in any
+    layout of ``metal/quant.h``; ``p2``: a second weight whose rows follow (one product of
+    unlike parts); ``rows_per_group`` > 0: output row r reads x's input group r // that (x is
+    ``[N, G * K]``). Ops twins: :func:`matmul_ops`, :func:`dense_matvec_ops`."""
+    q = p.q if p.q.ndim == 2 else p.q[0]
+    n, r = x.shape[0], q.shape[0]
+    two = p2 is not None
+    q2 = (p2.q if p2.q.ndim == 2 else p2.q[0]) if two else q
+    r2 = q2.shape[0] if two else 0
+    if (two and r % DECODE_ROWS) or (rows_per_group and (rows_per_group % DECODE_ROWS or two)):
+        raise KernelInputError(f"gguf_matvec: {r} rows of part 1 / {rows_per_group} per group "
+                               f"must be multiples of {DECODE_ROWS} (one part: any)")
+    p2 = p2 if two else p
     (out,) = dispatch.run("moe.metal", "gguf_matvec",
-                          {"x": x, "w": p.q[0], "s": device_array(p.s), "N": n, "K": p.k, "R": r},
-                          {"out": ((n, r), mx.float32)},
-                          grid=(DECODE_THREADS, ceil_div(r, DECODE_ROWS_PER_TG), 1),
+                          {"x": x, "w": q, "s": device_array(p.s), "b": device_array(p.b),
+                           "w2": q2, "s2": device_array(p2.s), "b2": device_array(p2.b),
+                           "N": n, "K": p.k, "XK": x.shape[-1], "R": r, "R2": r2,
+                           "RG": rows_per_group},
+                          {"out": ((n, r + r2), out_dtype or mx.float32)},
+                          grid=(DECODE_THREADS, ceil_div(r + r2, DECODE_ROWS_PER_TG), 1),
                           threadgroup=(DECODE_THREADS, 1, 1),
-                          template=[("T", x.dtype), ("FMT", p.layout)])
+                          template=[("T", x.dtype), ("OutT", out_dtype or mx.float32),
+                                    ("FMT", p.layout), ("FMT2", p2.layout)])
     return out
 
 
@@ -53,13 +70,97 @@ def gguf_matmul(x: mx.array, weight: mx.array, *, fmt: str, input_dims: int,
         return matmul_ops(x, weight, fmt).astype(x.dtype)
     rows = x.reshape(-1, input_dims)
     n = rows.shape[0]
-    if n <= MATVEC_TOKENS:
-        out = gguf_matvec(rows, p)
+    if n <= MATVEC_TOKENS:  # written in x's dtype: no cast launch
+        return gguf_matvec(rows, p, out_dtype=x.dtype).reshape(*x.shape[:-1], output_dims)
     else:
         order = mx.arange(n, dtype=mx.uint32)
         out = matmul_sorted(rows, order, order, mx.zeros((n,), dtype=mx.uint32), p, None,
                             output_dims, None)
     return out.reshape(*x.shape[:-1], output_dims).astype(x.dtype)
+
+
+class DenseWeights:
+    """The parts of one decode product as :func:`dense_matvec` takes them: one or two
+    :class:`.shared.SharedWeight` (float rows, GGUF blocks, MLX ``mxfp8`` or ``affine8``) whose
+    output rows follow each other, or one weight used block-diagonally over ``groups`` input
+    groups (the attention's grouped ``wo_a``). Packed and checked once; ``arrays`` are the
+    arrays it was made of, for its owner to tell a stale one (a reload)."""
+
+    def __init__(self, parts: list[_shared.SharedWeight], groups: int = 0):
+        self.parts = [_shared.SharedWeight(*p) for p in parts]
+        self.groups = groups
+        self.arrays = [a for p in self.parts for a in p if isinstance(a, mx.array)]
+        self.rows = [p.weight.shape[0] for p in self.parts]
+        try:
+            self.packed = [_shared.shared_packed(p, f"part {i}") for i, p in enumerate(self.parts)]
+        except KernelInputError:
+            self.packed = None
+
+    def holds(self, arrays: list[mx.array]) -> bool:
+        return len(arrays) == len(self.arrays) and all(a is b for a, b in zip(arrays, self.arrays))
+
+    def fits(self, x: mx.array) -> bool:
+        """Whether the kernel takes these parts with input ``x`` (rows of its last dim)."""
+        p = self.packed
+        if p is None or not 1 <= len(p) <= 2 or any(q.q.ndim != 2 or q.k % 32 for q in p):
+            return False
+        if any(q.k != p[0].k for q in p):
+            return False
+        if self.groups:
+            r = self.rows[0]
+            return (len(p) == 1 and r % self.groups == 0 and (r // self.groups) % DECODE_ROWS == 0
+                    and x.ndim >= 2 and x.shape[-2] == self.groups and x.shape[-1] == p[0].k)
+        return x.shape[-1] == p[0].k and (len(p) == 1 or self.rows[0] % DECODE_ROWS == 0)
+
+
+def dense_matvec_ops(x: mx.array, w: DenseWeights) -> mx.array:
+    """Ops twin of :func:`dense_matvec`: x's rows times each part's exact float32 rows
+    (:func:`.shared.shared_dense`), in float32, side by side, cast once to x's dtype."""
+    xf = x.astype(mx.float32)
+    if w.groups:
+        g = w.groups
+        dense = _shared.shared_dense(w.parts[0])
+        r = dense.shape[0] // g
+        xg = xf.reshape(-1, g, xf.shape[-1]).swapaxes(0, 1)  # [G, N, K]
+        y = (xg @ dense.reshape(g, r, -1).swapaxes(-1, -2)).swapaxes(0, 1)  # [N, G, R / G]
+        return y.reshape(*x.shape[:-1], r).astype(x.dtype)
+    ys = [xf @ _shared.shared_dense(p).T for p in w.parts]
+    return (ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=-1)).astype(x.dtype)
+
+
+def dense_path() -> bool:
+    """Whether :func:`dense_matvec` may serve at all here: its variant on, on a kernel backend
+    off the CPU path (the emulator runs it; MLX on the CPU keeps its own products). Cheap:
+    callers ask it before building their :class:`DenseWeights`."""
+    return (dispatch.serves(dispatch.DENSE_MATVEC)
+            and (dispatch.backend() == "emulate" or not _ops.on_cpu()))
+
+
+def dense_matvec_serves(x: mx.array, w: DenseWeights) -> bool:
+    """Whether :func:`dense_matvec` runs the kernel for ``x``: up to ``MATVEC_TOKENS`` rows on
+    a kernel backend off the CPU path (the emulator runs it; MLX on the CPU keeps its own
+    products), parts the kernel takes, the variant's first-use check passed at x's dtype."""
+    n = x.size // x.shape[-1] if x.shape[-1] else 0
+    if w.groups:
+        n = x.size // (w.groups * w.packed[0].k) if w.packed else 0
+    return (1 <= n <= MATVEC_TOKENS and dense_path() and w.fits(x)
+            and dispatch.first_use_ok(dispatch.DENSE_MATVEC, x.dtype))
+
+
+def dense_matvec(x: mx.array, w: DenseWeights) -> mx.array:
+    """``x @ W.T`` of a decode product in one launch of ``gguf_matvec``, written in x's dtype:
+    x ``[..., K]`` -> ``[..., R1 + R2]`` for parts side by side, or for ``w.groups`` G: x
+    ``[..., G, K]`` -> ``[..., G, R / G]`` (group g meets rows g R / G .. (g + 1) R / G).
+    The caller asks :func:`dense_matvec_serves` first (else :func:`dense_matvec_ops`)."""
+    p = w.packed
+    if w.groups:
+        g = w.groups
+        rows = x.reshape(-1, g * p[0].k)
+        y = gguf_matvec(rows, p[0], rows_per_group=w.rows[0] // g, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], w.rows[0] // g)
+    rows = x.reshape(-1, x.shape[-1])
+    y = gguf_matvec(rows, p[0], p[1] if len(p) == 2 else None, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], sum(w.rows))
 
 
 SHARED_MAX_TOKENS = 8  # NT of shared_down: tokens per call (decode, a speculative verify)

@@ -25,7 +25,8 @@ from typing import Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import ops
+from .. import kernels, ops
+from ..kernels.source import MATVEC_TOKENS, dtype_name
 from ..quant.formats import WeightFormat, gguf_kind, packed_shapes
 from . import gguf as _gguf
 
@@ -55,6 +56,15 @@ def _init_packed(module: nn.Module, input_dims: int, output_dims: int, fmt: Weig
     module.freeze()
 
 
+def decode_kernel_takes(mode: str, bits: int, group_size: int, scales_dtype: mx.Dtype,
+                        x_dtype: mx.Dtype) -> bool:
+    """Whether a decoded token's product of one quantized projection goes to the decode kernel
+    (``kernels.dense_matvec``, where it serves) rather than ``mx.quantized_matmul``: affine
+    8-bit group 32 whose scales are not in x's dtype (MLX's product would cast x, scales and
+    biases to float32 on every call and write float32: GGUF Q8_0 under bfloat16)."""
+    return mode == "affine" and bits == 8 and group_size == 32 and scales_dtype != x_dtype
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """``nn.QuantizedLinear`` (same parameters) whose product is :func:`ds4mlx.ops.quantized_matmul`
     (on the CPU, on the weight's :class:`ds4mlx.ops.CpuCopy` where it has one)."""
@@ -67,7 +77,27 @@ class QuantizedLinear(nn.QuantizedLinear):
         return copy.get(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
                         bits=self.bits, mode=self.mode)
 
+    def dense_weights(self, x: mx.array, groups: int = 0) -> kernels.DenseWeights | None:
+        """This projection as the decode kernel ``dense_matvec`` takes it, where it serves x
+        (kernels.dense_matvec_serves): affine 8-bit group 32 whose scales are not in x's dtype
+        (MLX's product would cast x, scales and biases to float32 on every call and write
+        float32); None elsewhere (MLX's product serves, one launch already)."""
+        rows = x.size // (x.shape[-1] * max(groups, 1))
+        if not (rows <= MATVEC_TOKENS and kernels.dense_path() and decode_kernel_takes(
+                self.mode, self.bits, self.group_size, self["scales"].dtype, x.dtype)):
+            return None
+        cache = self.__dict__.setdefault("_dense_weights", {})
+        part = kernel_part(self)
+        w = cache.get(groups)
+        if w is None or not w.holds([a for a in part if isinstance(a, mx.array)]):
+            w = cache[groups] = kernels.DenseWeights([part], groups)
+        return w if kernels.dense_matvec_serves(x, w) else None
+
     def _matmul(self, x: mx.array, rows: slice | None = None) -> mx.array:
+        if rows is None:
+            kw = self.dense_weights(x)
+            if kw is not None:  # one launch, written in x's dtype
+                return kernels.dense_matvec(x, kw)
         w, scales, biases = self["weight"], self["scales"], self.get("biases")
         dense = self.cpu_copy()
         if rows is not None:
@@ -84,6 +114,9 @@ class QuantizedLinear(nn.QuantizedLinear):
         """Block-diagonal use (the attention's grouped ``wo_a``): group g of ``x [..., G, in]``
         meets output rows ``g·R .. (g+1)·R``; returns ``[..., G, R]``."""
         r = self["weight"].shape[0] // groups
+        kw = self.dense_weights(x, groups)
+        if kw is not None:  # one launch: output row r reads x's group r // R
+            return kernels.dense_matvec(x, kw)
         dense = self.cpu_copy()
         if dense is not None:  # one batched product over the copy's [G, R, in] view
             xg = x.reshape(-1, groups, x.shape[-1]).swapaxes(0, 1).astype(mx.float32)  # [G, N, in]
@@ -102,6 +135,25 @@ class QuantizedLinear(nn.QuantizedLinear):
             return (y if one_row else y.swapaxes(0, 1)).reshape(*x.shape[:-1], r)
         return mx.stack([self._matmul(x[..., g, :], slice(g * r, (g + 1) * r)) for g in range(groups)],
                         axis=-2)
+
+
+def kernel_part(m: nn.Module, leaves: dict | None = None) -> kernels.SharedWeight | None:
+    """A projection's weight as the decode kernels take a part (``leaves``: its arrays, e.g.
+    the merged ones of a ``MergedLinear`` run): float rows, GGUF blocks, MLX mxfp8 or affine
+    8-bit group 32; None for the others (a bias, other bits or groups, not a projection)."""
+    if "bias" in m:
+        return None
+    leaves = leaves or {k: m.get(k) for k in ("weight", "scales", "biases")}
+    w = leaves["weight"]
+    if type(m) is nn.Linear:
+        return kernels.SharedWeight(w, dtype_name(w.dtype))
+    if type(m) is _gguf.GGUFLinear:
+        return kernels.SharedWeight(w, m.type_name)
+    if isinstance(m, nn.QuantizedLinear):  # ours and mlx's
+        fmt = kernels.shared.mlx_mode(m.group_size, m.bits, m.mode)
+        if fmt is not None:
+            return kernels.SharedWeight(w, fmt, leaves["scales"], leaves.get("biases"))
+    return None
 
 
 # id(weight) -> (weight, its [G, R, in] view, the scales' and biases' views): kept so the id is

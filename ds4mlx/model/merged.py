@@ -16,7 +16,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import ops
+from .. import kernels, ops
+from ..kernels.source import MATVEC_TOKENS
+from ..layers import kernel_part
 from ..layers.gguf import GGUFLinear
 
 
@@ -52,6 +54,7 @@ class MergedLinear:
         self._views: list[tuple] = []
         # (first, end, merge) of each run of >= 2 consecutive parts sharing a matmul, when not all do
         self.runs: list[tuple[int, int, MergedLinear]] = []
+        self._dense: dict[int, kernels.DenseWeights] = {}  # the decode kernel's parts, by prefix
         if self.merged:
             self._merge()
         elif len(self.modules) > 2:
@@ -117,6 +120,10 @@ class MergedLinear:
         """The outputs of the first ``parts`` modules (all by default) for input ``x``;
         ``bias`` (broadcast to the product's leading shape, the width of all parts) is added."""
         parts = len(self.modules) if parts is None else parts
+        if not self.merged and parts > 1:
+            y = self._kernel_product(x, parts)
+            if y is not None:
+                return self._split(y if bias is None else y + bias[..., :y.shape[-1]], parts)
         if not self.merged or parts == 1:
             outs = self._one_by_one(x, parts) if self.runs else [m(x) for m in self.modules[:parts]]
             if len(outs) > len(self.sizes):
@@ -132,6 +139,9 @@ class MergedLinear:
         when merged)."""
         parts = len(self.modules) if parts is None else parts
         if not self.merged:
+            y = self._kernel_product(x, parts) if parts > 1 else None
+            if y is not None:
+                return y if bias is None else y + bias[..., :y.shape[-1]]
             return mx.concatenate(self(x, parts, bias), axis=-1)
         rows = sum(self.sizes[:parts])
         w = self.whole
@@ -140,6 +150,8 @@ class MergedLinear:
             wt = w["weight"][:rows].T
             y = x @ wt if bias is None else mx.addmm(bias[..., :rows], x, wt)
             bias = None
+        elif kind == "quantized" and (y := self._kernel_product(x, parts)) is not None:
+            pass
         elif kind == "quantized":
             q = self.modules[0]
             biases = w.get("biases")
@@ -154,6 +166,51 @@ class MergedLinear:
         if bias is not None:
             y = y + bias[..., :rows]
         return y
+
+    def _segments(self, parts: int) -> list[kernels.SharedWeight] | None:
+        """The first ``parts`` outputs as the decode kernel's parts: the merged weight, or each
+        merged run's and each lone module's; None where one has no kernel layout or the prefix
+        ends inside a merge."""
+        if self.merged:
+            if parts != len(self.modules):
+                return None
+            part = kernel_part(self.modules[0], self.whole)
+            return None if part is None else [part]
+        runs = {first: (end, merge) for first, end, merge in self.runs}
+        segs: list[kernels.SharedWeight] = []
+        i = 0
+        while i < parts:
+            end, merge = runs.get(i, (i + 1, None))
+            if end > parts:
+                return None
+            part = kernel_part(self.modules[i]) if merge is None else (
+                kernel_part(merge.modules[0], merge.whole) if merge.merged else None)
+            if part is None:
+                return None
+            segs.append(part)
+            i = end
+        return segs
+
+    def _kernel_product(self, x: mx.array, parts: int) -> mx.array | None:
+        """The first ``parts`` outputs side by side in one decode launch (kernels.dense_matvec,
+        written in x's dtype), where it serves: unlike parts (MLX would run one product each),
+        or a merged affine weight whose scales are not in x's dtype (MLX's product would cast
+        them to float32 on every call); None elsewhere."""
+        if x.size > MATVEC_TOKENS * x.shape[-1] or not kernels.dense_path():
+            return None  # more rows than a decode product, or the CPU path: MLX's products
+        segs = self._segments(parts)
+        if segs is None or (len(segs) == 1 and not (segs[0].fmt == "affine8"
+                                                     and segs[0].scales.dtype != x.dtype)):
+            return None
+        arrays = [a for p in segs for a in p if isinstance(a, mx.array)]
+        w = self._dense.get(parts)
+        if w is None or not w.holds(arrays):
+            w = self._dense[parts] = kernels.DenseWeights(segs)
+        if not kernels.dense_matvec_serves(x, w):
+            return None
+        if len(self.sizes) < parts:
+            self.sizes = [self._rows(m) for m in self.modules]
+        return kernels.dense_matvec(x, w)
 
     def offsets(self) -> list[int]:
         """Where each part starts in :meth:`product`'s last axis (and the end); unmerged, known

@@ -10,9 +10,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .. import kernels
 from ..kernels.router import Route
-from ..kernels.source import dtype_name
 from ..config import ModelConfig
-from ..layers.gguf import GGUFLinear
+from ..layers import kernel_part
 from ..ops import clamped_swiglu
 from .merged import MergedLinear
 
@@ -233,19 +232,7 @@ class SharedExpert(nn.Module):
 def _fold_part(m: nn.Module, leaves: dict | None = None) -> kernels.SharedWeight | None:
     """A projection's weight as the decode kernels take a shared-expert part (``leaves``:
     its arrays, the merged ones of gate | up), None if they do not."""
-    if "bias" in m:
-        return None
-    leaves = leaves or {k: m.get(k) for k in ("weight", "scales", "biases")}
-    w = leaves["weight"]
-    if type(m) is nn.Linear:
-        return kernels.SharedWeight(w, dtype_name(w.dtype))
-    if type(m) is GGUFLinear:
-        return kernels.SharedWeight(w, m.type_name)
-    if isinstance(m, nn.QuantizedLinear):  # ours (layers.QuantizedLinear) and mlx's
-        fmt = kernels.shared.mlx_mode(m.group_size, m.bits, m.mode)
-        if fmt is not None:
-            return kernels.SharedWeight(w, fmt, leaves["scales"], leaves.get("biases"))
-    return None
+    return kernel_part(m, leaves)
 
 
 class MoE(nn.Module):

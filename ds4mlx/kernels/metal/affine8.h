@@ -2,8 +2,8 @@
 // to_mlx_affine8; or an MLX dir converted with affine 8 bits): a row of K weights is K/4
 // little-endian uint32 words, element i in byte i%4 of word i/4, an unsigned code q; per 32
 // weights a scale s and a bias b in separate arrays of one dtype (float32, float16 or
-// bfloat16: DS4_AFF8_F32 / _F16 / _BF16), x = s * q + b. A shared-expert layout of the decode
-// kernels only (dot32 with the biases through ds4_qdot, no load8).
+// bfloat16: DS4_AFF8_F32 / _F16 / _BF16), x = s * q + b. A layout of the decode kernels only
+// (the shared slot, gguf_matvec: dot32 with the biases through ds4_qdot, no load8).
 // Decode dot: sum_i x_i (s q_i + b) = s sum_i (q_i - 128) x_i + (b + 128 s) sum_i x_i, so that
 // Q8_0's b = -128 s leaves the second term exactly 0 (no cancellation of two large sums) and
 // any other bias still holds. Per weight (counted from the code): one 32-bit load per 4 codes

@@ -1,6 +1,6 @@
 // Float weight rows (a dense projection the decode kernels read beside packed experts, e.g. the
 // shared expert folded into the routed launches): K values of float32, float16 or bfloat16.
-// Per weight: a load (bfloat16: one 32-bit load per two, a shift or mask) and an FMA.
+// Per weight: a load (16-bit ones: one 32-bit load per two, a shift or mask) and an FMA.
 #pragma once
 
 template <> struct QFmt<DS4_F32> : ds4_no_table {
@@ -28,9 +28,12 @@ template <> struct QFmt<DS4_F16> : ds4_no_table {
   static void prep(uint, thread float*) {}
   static float dot32(const device uint8_t* w, const device uint8_t*, uint e,
                      thread const float* xs, threadgroup const uint*) {
-    const device half* p = (const device half*)w + e;
+    const device uint* p = (const device uint*)w + e / 2;  // rows of 2K bytes: 4-byte aligned
     float acc = 0.0f;
-    for (int i = 0; i < 32; ++i) acc += float(p[i]) * xs[i];
+    for (int i = 0; i < 16; ++i) {
+      uint v = p[i];
+      acc += ds4_half_lo(v) * xs[2 * i] + ds4_half_hi(v) * xs[2 * i + 1];
+    }
     return acc;
   }
 };

@@ -203,29 +203,46 @@ if (t < nrows) {
 }
 
 // @kernel gguf_matvec
-// A dense projection at decode (GGUFLinear, 1 to DS4_MV_TOKENS tokens): x [N, K] (T), w [R, .]
-// (FMT, scales s) -> out [N, R] float32. A simdgroup computes DS4_ROWS rows for all N tokens,
-// its lanes striding over K 32 weights at a time: each weight is read once from memory (the
-// other tokens' passes hit the cache), where the prefill tile kernel would compute 32 rows of
-// pairs for one token. Grid (32 * SIMDGROUPS, ceil(R / (ROWS * SIMDGROUPS))), threadgroup
-// (32 * SIMDGROUPS, 1, 1).
+// A dense projection at decode (1 to DS4_MV_TOKENS tokens): x [N, XK] (T), w [R, .] (FMT:
+// GGUF blocks, MLX mxfp8 or affine 8-bit, float rows; scales s, biases b: an affine layout's,
+// else the scales again) and, when R2 > 0, a second weight w2 [R2, .] in its own layout FMT2
+// (s2, b2) whose rows follow: out [N, R + R2] (OutT) = x . W^T, in float32, rounded once to
+// OutT (a merged projection of unlike parts in one launch). RG > 0 (grouped, the attention's
+// wo_a): output row r reads input group r / RG, x row n at n * XK + (r / RG) * K; else x row n
+// at n * XK. With R2 > 0, R is a multiple of DS4_ROWS, and RG > 0 is one (a simdgroup's rows
+// lie in one part and one group: the launch checks it). A simdgroup computes DS4_ROWS rows for
+// all N tokens, its lanes striding over K 32 weights at a time: each weight is read once from
+// memory (the other tokens' passes hit the cache). Grid (32 * SIMDGROUPS, ceil((R + R2) /
+// (ROWS * SIMDGROUPS))), threadgroup (32 * SIMDGROUPS, 1, 1).
 threadgroup uint tab[QFmt<FMT>::TAB];
+threadgroup uint tab2[FMT2 != FMT ? QFmt<FMT2>::TAB : 1];
 uint t = thread_index_in_threadgroup;
 QFmt<FMT>::fill_tab(tab, t, 32 * DS4_SIMDGROUPS);
+if (FMT2 != FMT) QFmt<FMT2>::fill_tab(tab2, t, 32 * DS4_SIMDGROUPS);
 threadgroup_barrier(mem_flags::mem_threadgroup);
 uint lane = thread_index_in_simdgroup;
+uint rows = uint(R) + uint(R2);
 uint row0 = (threadgroup_position_in_grid.y * DS4_SIMDGROUPS + simdgroup_index_in_threadgroup) *
             DS4_ROWS;
-uint nrows = row0 < uint(R) ? min(uint(DS4_ROWS), uint(R) - row0) : 0u;
+uint nrows = row0 < rows ? min(uint(DS4_ROWS), rows - row0) : 0u;
+bool second = row0 >= uint(R);  // uniform over the simdgroup
+ulong xoff = uint(RG) > 0u ? ulong(row0 / uint(RG)) * uint(K) : 0ul;
+threadgroup const uint* tp2 = FMT2 == FMT ? tab : tab2;
 float acc[DS4_ROWS * DS4_MV_TOKENS];
 for (int i = 0; i < DS4_ROWS * DS4_MV_TOKENS; ++i) acc[i] = 0.0f;
-for (int n = 0; n < N; ++n)
-  ds4_dot_rows<FMT, 1>(x + ulong(n) * uint(K), uint(K), lane, 32, w, s, ulong(row0), w, s, 0,
-                       nrows, tab, acc + n * DS4_ROWS);
+for (int n = 0; n < N; ++n) {
+  const device T* xn = x + ulong(n) * uint(XK) + xoff;
+  if (second)
+    ds4_dot_rows_b<FMT2, 1>(xn, uint(K), lane, 32, w2, s2, b2, ulong(row0 - uint(R)), w2, s2, b2,
+                            0, nrows, tp2, acc + n * DS4_ROWS);
+  else
+    ds4_dot_rows_b<FMT, 1>(xn, uint(K), lane, 32, w, s, b, ulong(row0), w, s, b, 0, nrows, tab,
+                           acc + n * DS4_ROWS);
+}
 for (int n = 0; n < N; ++n)
   for (int r = 0; r < DS4_ROWS; ++r) {
     float v = simd_sum(acc[n * DS4_ROWS + r]);
-    if (lane == 0 && uint(r) < nrows) out[ulong(n) * uint(R) + row0 + uint(r)] = v;
+    if (lane == 0 && uint(r) < nrows) out[ulong(n) * rows + row0 + uint(r)] = OutT(v);
   }
 
 // @kernel moe_matmul_sorted

@@ -1,8 +1,8 @@
 // MLX mxfp8 (the official FP8 E4M3 weights with their E8M0 scales regrouped per 32 by
 // ds4mlx/quant/mx.py, exactly): a row of K weights is K/4 little-endian uint32 words, element i
 // in byte i%4 of word i/4, an E4M3 code; one E8M0 scale byte per 32 weights in a separate array.
-// x = e4m3(code) * 2^(s - 127) (ds4_e8m0 of mxfp4.h). A shared-expert layout of the decode
-// kernels only (dot32, no load8).
+// x = e4m3(code) * 2^(s - 127) (ds4_e8m0 of mxfp4.h). A layout of the decode kernels only (the
+// shared slot, gguf_matvec: dot32, no load8).
 // Decode dot (per weight, counted from the code): one 32-bit load per 4 codes, a shift, a mask,
 // a threadgroup read of the 256 E4M3 values (the table) and an FMA; the scale once per 32.
 #pragma once

@@ -29,8 +29,9 @@
 // Defined from Python (ds4mlx/kernels/source.py, the one home of each value): the layout ids
 // DS4_Q8_0, DS4_Q4_K, DS4_Q2_K, DS4_IQ2_XXS, DS4_MXFP4 (MLX mxfp4: uint32 codes + separate
 // E8M0 scales), DS4_MXFP4_GGUF (GGUF MXFP4 blocks), DS4_F32 / DS4_F16 / DS4_BF16 (float rows),
-// and, for a folded shared expert only, DS4_MXFP8 (MLX mxfp8) and DS4_AFF8_F32 / _F16 / _BF16
-// (MLX affine 8-bit, group 32, by the dtype of its scales and biases),
+// and, for the decode kernels' dot only (a folded shared expert, gguf_matvec's dense
+// projections), DS4_MXFP8 (MLX mxfp8) and DS4_AFF8_F32 / _F16 / _BF16 (MLX affine 8-bit,
+// group 32, by the dtype of its scales and biases),
 // and per GGUF format DS4_<F>_BLOCK weights in DS4_<F>_BYTES bytes (gguf.GGML_QUANT_SIZES).
 // Row offsets are 64-bit: a stack of experts passes 2^32 bytes.
 //
