@@ -6,12 +6,14 @@ residual streams per token): HC pre collapses the streams into one sublayer inpu
 HC post expands the sublayer output back; HC head collapses before the final norm.
 Everything here is float32: 20 Sinkhorn rounds with eps 1e-6 do not survive bf16.
 The steps are compiled: uncompiled, one HC pre launches ~140 tiny kernels, 86 times a token.
-On the CPU the Sinkhorn rounds run in numpy on the host (see :func:`sinkhorn_host`).
+On the CPU the Sinkhorn rounds run on the host (see :func:`sinkhorn_host`; compiled where
+:func:`ds4mlx.kernels.hyper.host_sinkhorn` finds a C compiler).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -216,14 +218,16 @@ def hc_pre(
     iters: int,
     eps: float,
     norm_eps: float,
+    host: Callable[[np.ndarray, int, float], np.ndarray] | None = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Collapse streams ``h`` [..., M, D] → (x [..., D] float32, post [..., M], comb [..., M, M]).
-    On the CPU the Sinkhorn rounds run on the host (:func:`sinkhorn_host`): this evaluates the
-    graph up to the comb logits."""
+    On the CPU the Sinkhorn rounds run on the host (``host``, same arguments and bits as
+    :func:`sinkhorn_host`, which serves by default): this evaluates the graph up to the comb
+    logits."""
     if not on_cpu():
         return _hc_pre(h, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
     x, post, c = _hc_pre_softmax(h, fn, base, scale, eps=eps, norm_eps=norm_eps)
-    return x, post, mx.array(sinkhorn_host(np.array(c), iters, eps))
+    return x, post, mx.array((host or sinkhorn_host)(np.array(c), iters, eps))
 
 
 @mx.compile

@@ -55,17 +55,28 @@ def test_mxfp8_matmul_matches_float64_reference(rows):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("host", ["numpy", "compiled"])
 @pytest.mark.parametrize("lead", [(1, 1), (1, 37), (3, 2)])
 @pytest.mark.parametrize("iters,eps", [(20, 1e-6), (3, 1e-3), (1, 1e-6)])
-def test_hc_pre_host_sinkhorn_equals_mlx_rounds(lead, iters, eps):
-    """On the CPU, HC pre runs the Sinkhorn rounds in numpy: bit for bit the compiled MLX rounds
-    (the graph the GPU path runs)."""
+def test_hc_pre_host_sinkhorn_equals_mlx_rounds(host, lead, iters, eps):
+    """On the CPU, HC pre runs the Sinkhorn rounds on the host, in numpy or compiled
+    (quant/gguf/native/sinkhorn.c, what the model's CPU path takes): bit for bit the compiled
+    MLX rounds (the graph the GPU path runs)."""
+    from ds4mlx.kernels import hyper
+    from ds4mlx.quant.gguf import native
+
+    rounds = None
+    if host == "compiled":  # the library as built, before the load-time check that guards it
+        lib = native.load("sinkhorn")
+        if lib is None:
+            pytest.skip("no C compiler: numpy serves")
+        rounds = hyper.compiled_rounds(lib)
     m, d = 4, 64
     h = mx.random.normal((*lead, m, d), key=mx.random.key(5)) * 2
     fn = mx.random.normal(((2 + m) * m, m * d), key=mx.random.key(6)) * 0.3
     base = mx.random.normal(((2 + m) * m,), key=mx.random.key(7))
     scale = mx.array([0.5, 1.5, 2.0])
-    got = ops.hc_pre(h, fn, base, scale, iters=iters, eps=eps, norm_eps=1e-6)
+    got = ops.hc_pre(h, fn, base, scale, iters=iters, eps=eps, norm_eps=1e-6, host=rounds)
     ref = ops._hc_pre(h, fn, base, scale, iters=iters, eps=eps, norm_eps=1e-6)
     for g, r in zip(got, ref):
         assert g.shape == r.shape and g.dtype == r.dtype == mx.float32

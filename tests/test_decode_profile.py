@@ -106,26 +106,17 @@ KEYS = {"launches_per_layer_max", "launches_per_layer_max_at", "launches_per_lay
 
 
 @pytest.mark.slow
-def test_report_keys_and_launch_bounds(capsys):
-    """Every layer kind at 32k, Metal path counted (no ops path, no timing): at most 12
-    launches a layer (issue 11's target) with dense projections in bf16 and as real files load
-    them, official (mxfp4: mxfp8 dense, the shared expert folded into the MoE kernels, the
-    indexer's BF16 head weights in wq_a | wkv's launch) and ds4 GGUF (q2: Q8_0 dense as affine
-    8-bit with float16 scales, read by the decode kernel as held: no scale casts, bytes within
-    10 % of the minimum)."""
-    args = ["--contexts", "32768", "--no-ops", "--no-time"]
-    bf16 = _report(["--formats", "mxfp4", "--dense", "bf16", *args], capsys)
-    assert set(bf16) == KEYS and bf16["dense"] == "bf16"
-    assert bf16["launches_per_layer_max"] <= 12, bf16
-    mx4 = _report(["--formats", "mxfp4", *args], capsys)
-    assert set(mx4) == KEYS and mx4["dense"] == "file"
-    assert mx4["launches_per_layer_max"] <= 12, mx4
-    assert mx4["launches_per_layer_max_by_format"] == {"mxfp4": mx4["launches_per_layer_max"]}
-    assert mx4["gb_per_token"]["mxfp4"]["scale_casts"] == 0
-    # mxfp8 dense projections read less than bf16 ones
-    assert mx4["gb_per_token"]["mxfp4"]["read"] < bf16["gb_per_token"]["mxfp4"]["read"]
-    q2 = _report(["--formats", "q2", *args], capsys)
-    assert q2["launches_per_layer_max_by_format"] == {"q2": q2["launches_per_layer_max"]}
-    assert q2["launches_per_layer_max"] <= 12, q2
-    assert q2["gb_per_token"]["q2"]["scale_casts"] == 0
-    assert q2["bytes_over_min_32k"] <= 1.1, q2
+@pytest.mark.parametrize("fmt", ["mxfp4", "q2"])
+def test_report_keys_and_launch_bounds(fmt, capsys):
+    """Every layer kind at 32k, Metal path counted (no ops path, no timing), dense projections
+    as real files load them: at most 12 launches a layer (issue 11's target), no scale casts,
+    bytes within 10 % of the minimum. Official (mxfp4: mxfp8 dense, the shared expert folded
+    into the MoE kernels, the indexer's BF16 head weights in wq_a | wkv's launch) and ds4 GGUF
+    (q2: Q8_0 dense as affine 8-bit with float16 scales, read by the decode kernel as held).
+    One format per test, so the two run side by side."""
+    r = _report(["--formats", fmt, "--contexts", "32768", "--no-ops", "--no-time"], capsys)
+    assert set(r) == KEYS and r["dense"] == "file"
+    assert r["launches_per_layer_max_by_format"] == {fmt: r["launches_per_layer_max"]}
+    assert r["launches_per_layer_max"] <= 12, r
+    assert r["gb_per_token"][fmt]["scale_casts"] == 0
+    assert r["bytes_over_min_32k"] <= 1.1, r

@@ -1,4 +1,5 @@
-"""Small C kernels for the quantizers' hot loops, compiled on first use with the system C
+"""Small C kernels for the quantizers' hot loops (and ``sinkhorn.c``, the CPU decode path's
+Sinkhorn rounds, :func:`ds4mlx.kernels.hyper.host_sinkhorn`), compiled on first use with the system C
 compiler (``$CC`` or ``cc``) and cached by source hash in ``$DS4MLX_QUANT_CACHE`` (default
 ``~/.cache/ds4mlx/quant``). Without a compiler, or with ``DS4MLX_QUANT_NATIVE=0``, :func:`load`
 returns None and the quantizers use their numpy path (same choices, slower).
