@@ -146,12 +146,15 @@ def test_iq2_xxs_native_edge_cases():
             assert np.array_equal(got, want), (float(np.abs(x).max()), weights is not None)
 
 
-def test_portable_c_path_same_bytes(monkeypatch):
+@pytest.mark.parametrize("build", ["DS4MLX_QUANT_PORTABLE=1", "DS4MLX_QUANT_TUNE=generic"])
+def test_portable_c_path_same_bytes(monkeypatch, build):
     # the kernels without their x86 intrinsics (DS4MLX_QUANT_PORTABLE=1: the generic vector code
-    # that arm64 and other CPUs compile) against the numpy recipes, with and without importance
+    # that arm64 and other CPUs compile), and built for the generic CPU (no -march=native: the
+    # 8-lane kernels of CPUs without AVX-512, Apple's among them), against the numpy recipes,
+    # with and without importance
     from ds4mlx.quant.gguf import iq2_xxs
 
-    monkeypatch.setenv("DS4MLX_QUANT_PORTABLE", "1")
+    monkeypatch.setenv(*build.split("="))
     for name in ("kquant_search", "iq2_search"):
         monkeypatch.delitem(native._LIBS, name, raising=False)
         monkeypatch.delitem(native._CHECKED, name, raising=False)

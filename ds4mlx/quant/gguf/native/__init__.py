@@ -3,6 +3,8 @@ Sinkhorn rounds, :func:`ds4mlx.kernels.hyper.host_sinkhorn`), compiled on first 
 compiler (``$CC`` or ``cc``) and cached by source hash in ``$DS4MLX_QUANT_CACHE`` (default
 ``~/.cache/ds4mlx/quant``). Without a compiler, or with ``DS4MLX_QUANT_NATIVE=0``, :func:`load`
 returns None and the quantizers use their numpy path (same choices, slower).
+``DS4MLX_QUANT_TUNE=generic`` builds them for the generic CPU of the target (no
+``-march=native``: on x86 the 8-lane kernels that CPUs without AVX-512 take).
 ``DS4MLX_QUANT_PORTABLE=1`` builds them without their x86 intrinsics (``-DDS4MLX_PORTABLE``: the
 plain C vector-extension path other CPUs take; tests check that it gives the same bytes).
 
@@ -68,15 +70,17 @@ def _build(name: str) -> ctypes.CDLL | None:
     if cc is None:
         return None
     flags = _FLAGS + (["-DDS4MLX_PORTABLE"] if os.environ.get("DS4MLX_QUANT_PORTABLE") == "1" else [])
+    # DS4MLX_QUANT_TUNE=generic: no -march=native, the code CPUs without AVX-512 run (tests)
+    tunes = _TUNE[1:] if os.environ.get("DS4MLX_QUANT_TUNE") == "generic" else _TUNE
     # the headers beside the sources are part of every build's identity
     sources = [(HERE / f"{name}.c").read_bytes()] + [h.read_bytes() for h in sorted(HERE.glob("*.h"))]
     digest = hashlib.sha256(b"\0".join([*sources, cc.encode(), " ".join(flags).encode(),
-                                         _cpu_identity()])).hexdigest()[:24]
+                                         repr(tunes).encode(), _cpu_identity()])).hexdigest()[:24]
     lib = _cache_dir() / f"{name}-{digest}.so"
     if not lib.exists():
         # build beside the target and rename: worker processes may build at the same time
         tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
-        for tune in _TUNE:
+        for tune in tunes:
             try:
                 subprocess.run([cc, *flags, *tune, "-o", str(tmp), str(HERE / f"{name}.c")], check=True,
                                capture_output=True, timeout=120)
