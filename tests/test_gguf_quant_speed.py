@@ -187,6 +187,52 @@ def test_q8_0_native_and_numpy_agree():
         assert np.array_equal(q8_0._compiled_blocks(lib, x), q8_0._numpy_blocks(x))
 
 
+def test_q8_0_into_given_output():
+    from ds4mlx.quant.gguf import q8_0
+
+    x = np.random.default_rng(3).standard_normal((5, 96)).astype(np.float32)
+    out = np.full((5, 3 * 34), 7, np.uint8)
+    assert q8_0.quantize(x, out=out) is out
+    assert np.array_equal(out, q8_0.quantize(x))
+    with pytest.raises(ValueError, match="Q8_0 output"):
+        q8_0.quantize(x, out=np.empty((5, 3 * 34 - 1), np.uint8))
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_f16_encode_matches_numpy(monkeypatch, portable):
+    # the compiled F16 encoder (F16C vectors, or the scalar C conversion with
+    # DS4MLX_QUANT_PORTABLE=1) against numpy's astype(float16): ties, overflow edge, subnormals,
+    # NaN payloads (in a vector and in the tail), and a wide random sample of bit patterns
+    import ctypes
+
+    from ds4mlx.quant.gguf import floats
+
+    if portable:
+        monkeypatch.setenv("DS4MLX_QUANT_PORTABLE", "1")
+        monkeypatch.setattr(native, "_LIBS", {})  # this build for this test only
+    lib = native.load("f16_encode")
+    assert lib is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(16)
+    bits = rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32)
+    x = np.concatenate([floats.f16_check_values(), bits.view(np.float32)])
+    got = np.empty(x.size, np.uint16)
+    lib.f16_encode(native.ptr(x), ctypes.c_int64(x.size), native.ptr(got))
+    with np.errstate(over="ignore"):
+        want = x.astype("<f2").view(np.uint16)
+    assert np.array_equal(got, want), np.flatnonzero(got != want)[:5]
+
+
+def test_f16_quantize_into_given_output():
+    from ds4mlx.quant.gguf import floats
+
+    x = np.random.default_rng(5).standard_normal((3, 4, 10)).astype(np.float32)
+    out = np.zeros((3, 4, 20), np.uint8)
+    assert floats.F16.quantize(x, out=out) is out
+    assert np.array_equal(out, x.astype("<f2").view(np.uint8).reshape(3, 4, 20))
+    with pytest.raises(ValueError, match="F16 output"):
+        floats.F16.quantize(x, out=np.zeros((3, 4, 10), np.uint8))
+
+
 def test_mxfp4_repack_native_and_numpy_agree(monkeypatch):
     from ds4mlx.quant.gguf import mxfp4
 

@@ -120,6 +120,9 @@ class EncodeJob:
 # Source reads go into reused buffers (fresh memory per read costs page faults and zeroing); the
 # decoders copy out of them, so only the bytes returned as stored need a fresh array.
 _POOL = BufferPool()
+# Types whose output bytes go into the pool too (held until the writer has copied them out):
+# F16 and Q8_0 write 1-2 bytes per weight, fresh memory per chunk otherwise.
+POOLED_OUTPUT = ("F16", "Q8_0")
 
 
 def encode(job: EncodeJob) -> np.ndarray:
@@ -135,6 +138,11 @@ def encode(job: EncodeJob) -> np.ndarray:
     if job.qtype == "BF16":
         return _exact_bf16(values, job.name)
     fmt = gguf_quants.get(job.qtype, job.name)
+    if job.qtype in POOLED_OUTPUT:  # bytes into a reused buffer (fresh pages cost zeroing)
+        row = gguf_quants.row_bytes(fmt, values.shape[-1], job.name)
+        lead = values.shape[:-1]
+        out = _POOL.take(int(np.prod(lead, dtype=np.int64)) * row).reshape(*lead, row)
+        return fmt.quantize(values, out=out)
     if job.importance is not None:
         return fmt.quantize(values, weights=job.importance)
     if job.qtype == "IQ2_XXS":  # ds4's importance without an imatrix: Σ row² per column (whole matrix)

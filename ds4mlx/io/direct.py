@@ -322,10 +322,10 @@ class DirectWriter:
                     raise
                 _drop_direct(fd)
                 self._verify[1] = direct = False
-        a, b = np.frombuffer(staged, np.uint8), np.frombuffer(view, np.uint8)[:n]
-        if n != len(staged) or not np.array_equal(a, b):
-            diff = np.flatnonzero(a[:n] != b)
-            raise ReadBackError(offset + (int(diff[0]) if diff.size else n))
+        # memcmp: no 8 MiB boolean temporaries (fresh pages) per piece, and off the GIL
+        at = first_difference(staged[:n], view[:n])
+        if at >= 0 or n != len(staged):
+            raise ReadBackError(offset + (at if at >= 0 else n))
 
     def _compare(self, staged: memoryview, offset: int) -> None:
         """``staged`` (written at ``offset``) against the expected arrays it holds, in order."""

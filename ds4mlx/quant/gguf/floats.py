@@ -14,6 +14,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..codecs import bf16_decode_mx, bf16_encode
+from . import native
 from .common import as_blocks
 
 
@@ -37,9 +38,63 @@ def _quantize_f32(x: np.ndarray) -> np.ndarray:
     return x.view(np.uint8).reshape(*x.shape[:-1], -1)
 
 
-def _quantize_f16(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype("<f2"))
-    return x.view(np.uint8).reshape(*x.shape[:-1], -1)
+def _quantize_f16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``[..., n]`` -> F16 bytes ``[..., 2n]`` (into ``out``, C-contiguous uint8 of that
+    shape, when given: the converter hands reused buffers, fresh ones cost page zeroing)."""
+    x = np.asarray(x, dtype=np.float32)
+    shape = (*x.shape[:-1], 2 * x.shape[-1]) if x.ndim else (2,)
+    if out is not None and (out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous):
+        raise ValueError(f"F16 output {out.shape} {out.dtype} is not C-contiguous uint8 {shape}")
+    lib = _f16_native()
+    if lib is None:
+        half = np.ascontiguousarray(x.astype("<f2")).view(np.uint8).reshape(shape)
+        if out is None:
+            return half
+        out[...] = half
+        return out
+    import ctypes
+
+    x = np.ascontiguousarray(x)
+    out = np.empty(shape, np.uint8) if out is None else out
+    lib.f16_encode(native.ptr(x), ctypes.c_int64(x.size), native.ptr(out))
+    return out
+
+
+def _f16_native():
+    """The compiled F16 encoder (``native/f16_encode.c``: F16C where there is one), or None;
+    checked against numpy's astype first."""
+    return native.load_checked("f16_encode", _check_f16)
+
+
+def _check_f16(lib) -> bool:
+    import ctypes
+
+    x = f16_check_values()
+    out = np.empty(x.size, np.uint16)
+    lib.f16_encode(native.ptr(x), ctypes.c_int64(x.size), native.ptr(out))
+    with np.errstate(over="ignore"):  # the overflow edge is among the values on purpose
+        return np.array_equal(out, x.astype("<f2").view(np.uint16))
+
+
+def f16_check_values() -> np.ndarray:
+    """float32 values where fp16 rounding is delicate: ties and the bits beside them at every
+    half exponent (normal and subnormal), the overflow edge, float32 subnormals, signed zeros,
+    infinities and NaNs with every payload kind (quiet, signalling, low bits only), among
+    random values of many magnitudes; odd length (a scalar tail)."""
+    rng = np.random.default_rng(0)
+    exps = np.arange(-26, 17, dtype=np.int64)
+    half_ulp = np.ldexp(1.0, np.maximum(exps - 10, -24) - 1)  # half an fp16 ulp at 2^e
+    base = np.ldexp(1.0, exps)[:, None] * (1 + rng.integers(0, 1024, (exps.size, 8)) / 1024)
+    ties = (base + half_ulp[:, None]).astype(np.float32).ravel()
+    bits = ties.view(np.uint32)
+    near = np.concatenate([bits - 1, bits, bits + 1]).view(np.float32)
+    special = np.array([0x0, 0x80000000, 0x1, 0x807fffff, 0x7f800000, 0xff800000, 0x7fc00000,
+                        0x7f800001, 0xff800001, 0x7f802000, 0x7fbfffff, 0xffc02001, 0x477fe000,
+                        0x477fefff, 0x477ff000, 0x477ff001, 0x47800000, 0x7f7fffff, 0x33000000,
+                        0x33000001, 0x387fe000, 0x387ff000, 0x38800000], np.uint32).view(np.float32)
+    rand = (rng.standard_normal(4096) * np.exp2(rng.uniform(-30, 20, 4096))).astype(np.float32)
+    x = np.concatenate([near, special, rand, -near, rand[:7]]).astype(np.float32)
+    return np.ascontiguousarray(x)
 
 
 def _quantize_bf16(x: np.ndarray) -> np.ndarray:

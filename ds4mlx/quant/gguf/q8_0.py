@@ -20,7 +20,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import native
-from .common import as_blocks, field_f16, flat_values, np_blocks, np_f16_bytes, np_out, round_half_away
+from .common import (as_blocks, field_f16, flat_values, np_blocks, np_f16_bytes, np_out, np_out_rows,
+                     round_half_away)
 
 NAME = "Q8_0"
 GGML_TYPE = int(GGMLQuantizationType.Q8_0)
@@ -37,13 +38,25 @@ def dequantize(blocks: mx.array) -> mx.array:
     return flat_values(qs * d)
 
 
-def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, weights: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """float32 ``[..., n]`` -> Q8_0 bytes. ``d = amax/127`` rounded to fp16, codes rounded
     against the stored ``d`` (so the fp16 rounding of the scale is not compounded).
-    ``weights`` is accepted for a uniform signature; 8-bit codes do not need it."""
+    ``weights`` is accepted for a uniform signature; 8-bit codes do not need it. ``out``: the
+    bytes go there (C-contiguous uint8 ``[..., n_blocks * 34]``; reused buffers, no fresh pages)."""
     xb, lead = np_blocks(x, BLOCK_SIZE, NAME)
+    shape = (*lead, np.shape(x)[-1] // BLOCK_SIZE * BLOCK_BYTES)
+    if out is not None and (out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous):
+        raise ValueError(f"Q8_0 output {out.shape} {out.dtype} is not C-contiguous uint8 {shape}")
+    rows = None if out is None else out.reshape(-1, BLOCK_BYTES)
     lib = _native()
-    return np_out(_numpy_blocks(xb) if lib is None else _compiled_blocks(lib, xb), lead)
+    if lib is None:
+        packed = _numpy_blocks(xb)
+        if out is None:
+            return np_out(packed, lead)
+        rows[...] = packed
+        return out
+    packed = _compiled_blocks(lib, xb, rows)
+    return np_out(packed, lead) if out is None else out
 
 
 def _numpy_blocks(xb: np.ndarray) -> np.ndarray:
@@ -53,11 +66,11 @@ def _numpy_blocks(xb: np.ndarray) -> np.ndarray:
     return np.concatenate([np_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
 
 
-def _compiled_blocks(lib, xb: np.ndarray) -> np.ndarray:
+def _compiled_blocks(lib, xb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     import ctypes
 
     xc = np.ascontiguousarray(xb, dtype=np.float32)
-    out = np.empty((xc.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    out = np_out_rows(out, xc.shape[0], BLOCK_BYTES)
     lib.q8_0_quantize(native.ptr(xc), ctypes.c_int64(xc.shape[0]), native.ptr(out))
     return out
 
