@@ -205,43 +205,10 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
  * step the numpy path's operation in its order (checked at first use against it). */
 
 #include "npyops.h"
+#include "search_common.h"
 #include "transpose.h"
 
 #define IQ2_BATCH 16 /* blocks whose candidate searches share the vector lanes */
-
-static inline int argmin_first(const float *c, int n, int stride) { /* np.argmin (NaN first) */
-    int best = 0;
-    float bc = c[0];
-    for (int f = 1; f < n; f++) { /* branch-free: which one wins is data */
-        const float v = c[f * stride];
-        const int take = (bc == bc) & ((v < bc) | (v != v));
-        best = take ? f : best;
-        bc = take ? v : bc;
-    }
-    return best;
-}
-
-static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates */
-    if (n == 32) { /* a maximum taken 8 lanes at a time is the same value unless the order can
-                      matter: a NaN (the first one's payload) or a maximum of ±0 (the first zero's
-                      sign); those take the loop below */
-        typedef float m8 __attribute__((vector_size(32)));
-        typedef int32_t m8i __attribute__((vector_size(32)));
-        m8 v[4];
-        memcpy(v, a, sizeof v);
-        m8i nan = (v[0] != v[0]) | (v[1] != v[1]) | (v[2] != v[2]) | (v[3] != v[3]);
-        m8 m01 = (m8)(((m8i)v[0] & (v[0] > v[1])) | ((m8i)v[1] & ~(v[0] > v[1])));
-        m8 m23 = (m8)(((m8i)v[2] & (v[2] > v[3])) | ((m8i)v[3] & ~(v[2] > v[3])));
-        m8 mm = (m8)(((m8i)m01 & (m01 > m23)) | ((m8i)m23 & ~(m01 > m23)));
-        float m = mm[0];
-        int any_nan = nan[0];
-        for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
-        if (!any_nan && m != 0.0f) return m;
-    }
-    float m = a[0];
-    for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
-    return m;
-}
 
 typedef float p8 __attribute__((vector_size(32)));
 typedef int32_t p8i __attribute__((vector_size(32)));

@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "npyops.h"
+#include "search_common.h"
 #include "transpose.h"
 #include "lanes.h"
 
@@ -299,48 +300,6 @@ static void fit_group(const vf *x, const vf *w, const vf *wx, const vd swr[2], c
  * The whole per-block recipe of common.kquant_fit and the packing of q4_k / q2_k, every step the
  * numpy path's operation in its order. */
 
-/* numpy's pairwise float64 sum of 8 <= n <= 128 values (see pairwise_f32) */
-static inline double pairwise_d(const double *a, int n) {
-    double r[8];
-    for (int j = 0; j < 8; j++) r[j] = a[j];
-    int i = 8;
-    for (; i < n - n % 8; i += 8)
-        for (int j = 0; j < 8; j++) r[j] += a[i + j];
-    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; i++) res += a[i];
-    return 0.0 + res;
-}
-
-/* np.clip(v, 0, top): -0 and NaN pass through */
-static inline float clip_f(float v, float top) { return v < 0 ? 0.0f : (v > top ? top : v); }
-static inline double clip_d(double v, double top) { return v < 0 ? 0.0 : (v > top ? top : v); }
-
-/* round_half_away: sign(v)·floor(|v| + 0.5) */
-static inline float round_half_away(float v) {
-    const float sign = v > 0 ? 1.0f : (v < 0 ? -1.0f : (v == 0 ? 0.0f : v));
-    return sign * floor_f(__builtin_fabsf(v) + 0.5f);
-}
-
-static inline float max_f(const float *a, int n) { /* np.max: NaN propagates */
-    if (n == 8 || n == 16) { /* lane-wise: the same value unless the order can matter (a NaN:
-                                the first one's payload; a maximum of ±0: the first zero's sign) */
-        typedef float v8 __attribute__((vector_size(32)));
-        typedef int32_t v8i __attribute__((vector_size(32)));
-        v8 v0, v1;
-        memcpy(&v0, a, sizeof v0);
-        memcpy(&v1, a + (n - 8), sizeof v1); /* n == 8: the same vector twice */
-        const v8i nan = (v0 != v0) | (v1 != v1), gt = v0 > v1;
-        const v8 mm = (v8)((gt & (v8i)v0) | (~gt & (v8i)v1));
-        float m = mm[0];
-        int any_nan = nan[0];
-        for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
-        if (!any_nan && m != 0.0f) return m;
-    }
-    float m = a[0];
-    for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
-    return m;
-}
-
 /* pairwise_f32 of x[0..127]², 8 at a time (the same 8 accumulators) */
 static inline float sum_sq128(const float *x) {
     v8 r;
@@ -468,8 +427,8 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
             for (int i = 0; i < bpg; i++) {
                 const float *sc = scale + subs * i, *mi = m + subs * i;
                 float *ls = ls_b[i0 + i], *lm = lm_b[i0 + i];
-                const float d = f16_to_f32(f32_to_f16(max_f(sc, subs) / lmax));
-                const float dmin = f16_to_f32(f32_to_f16(max_f(mi, subs) / lmax));
+                const float d = f16_to_f32(f32_to_f16(max_nan(sc, subs) / lmax));
+                const float dmin = f16_to_f32(f32_to_f16(max_nan(mi, subs) / lmax));
                 const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
                 for (int j = 0; j < subs; j++) {
                     ls[j] = clip_f(round_half_away(sc[j] / dsafe), lmax);
@@ -553,26 +512,7 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
             code_steps(d, dmin, ls, lm, subs, mm, inv);
             kquant_requantize(x, mm, inv, subs, sub, nmax_i, q);
             const uint16_t hd = f32_to_f16(d), hm = f32_to_f16(dmin);
-            if (kind == 4) {
-                uint8_t sc[8], mn[8];
-                for (int j = 0; j < 8; j++) sc[j] = (uint8_t)(int)ls[j], mn[j] = (uint8_t)(int)lm[j];
-                o[0] = hd & 255, o[1] = hd >> 8, o[2] = hm & 255, o[3] = hm >> 8;
-                for (int j = 0; j < 4; j++) {
-                    o[4 + j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
-                    o[8 + j] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
-                    o[12 + j] = (sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4);
-                }
-                for (int c = 0; c < 4; c++)
-                    for (int l = 0; l < 32; l++) o[16 + 32 * c + l] = q[64 * c + l] | (q[64 * c + 32 + l] << 4);
-            } else {
-                for (int j = 0; j < 16; j++) o[j] = (uint8_t)(int)ls[j] | ((uint8_t)(int)lm[j] << 4);
-                for (int h = 0; h < 2; h++)
-                    for (int l = 0; l < 32; l++) {
-                        const uint8_t *qh = q + 128 * h + l;
-                        o[16 + 32 * h + l] = qh[0] | (qh[32] << 2) | (qh[64] << 4) | (qh[96] << 6);
-                    }
-                o[80] = hd & 255, o[81] = hd >> 8, o[82] = hm & 255, o[83] = hm >> 8;
-            }
+            kquant_pack(kind, ls, lm, q, hd, hm, o);
         }
     }
 }

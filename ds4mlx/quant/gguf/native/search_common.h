@@ -1,0 +1,95 @@
+/* Scalar helpers that the 16-lane kernels (iq2_search.c, kquant_search.c) and the 8-row kernels
+ * they fall back to without AVX-512 (iq2_search8.h, kquant_search8.h) share: numpy's argmin,
+ * max, float64 pairwise sum, clip and rounding, step by step in its order, and the q4_k / q2_k
+ * block packing. Each build compiles one kernel of each pair, so these are defined once. */
+#ifndef DS4MLX_SEARCH_COMMON_H
+#define DS4MLX_SEARCH_COMMON_H
+#include <stdint.h>
+#include <string.h>
+
+#include "npyops.h"
+
+static inline int argmin_first(const float *c, int n, int stride) { /* np.argmin (NaN first) */
+    int best = 0;
+    float bc = c[0];
+    for (int f = 1; f < n; f++) { /* branch-free: which one wins is data */
+        const float v = c[f * stride];
+        const int take = (bc == bc) & ((v < bc) | (v != v));
+        best = take ? f : best;
+        bc = take ? v : bc;
+    }
+    return best;
+}
+
+static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates */
+    if (n == 8 || n == 16 || n == 32) { /* a maximum taken 8 lanes at a time is the same value
+                                           unless the order can matter: a NaN (the first one's
+                                           payload) or a maximum of ±0 (the first zero's sign);
+                                           those take the loop below */
+        typedef float m8 __attribute__((vector_size(32)));
+        typedef int32_t m8i __attribute__((vector_size(32)));
+        m8 v[4];
+        memcpy(v, a, sizeof(m8) * (n / 8));
+        for (int i = n / 8; i < 4; i++) v[i] = v[0]; /* (a repeat changes no maximum) */
+        m8i nan = (v[0] != v[0]) | (v[1] != v[1]) | (v[2] != v[2]) | (v[3] != v[3]);
+        m8 m01 = (m8)(((m8i)v[0] & (v[0] > v[1])) | ((m8i)v[1] & ~(v[0] > v[1])));
+        m8 m23 = (m8)(((m8i)v[2] & (v[2] > v[3])) | ((m8i)v[3] & ~(v[2] > v[3])));
+        m8 mm = (m8)(((m8i)m01 & (m01 > m23)) | ((m8i)m23 & ~(m01 > m23)));
+        float m = mm[0];
+        int any_nan = nan[0];
+        for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
+        if (!any_nan && m != 0.0f) return m;
+    }
+    float m = a[0];
+    for (int i = 1; i < n; i++) m = (m != m || m >= a[i]) ? m : a[i];
+    return m;
+}
+
+/* numpy's pairwise float64 sum of 8 <= n <= 128 values (see pairwise_f32) */
+static inline double pairwise_d(const double *a, int n) {
+    double r[8];
+    for (int j = 0; j < 8; j++) r[j] = a[j];
+    int i = 8;
+    for (; i < n - n % 8; i += 8)
+        for (int j = 0; j < 8; j++) r[j] += a[i + j];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; i++) res += a[i];
+    return 0.0 + res;
+}
+
+/* np.clip(v, 0, top): -0 and NaN pass through */
+static inline float clip_f(float v, float top) { return v < 0 ? 0.0f : (v > top ? top : v); }
+static inline double clip_d(double v, double top) { return v < 0 ? 0.0 : (v > top ? top : v); }
+
+/* round_half_away: sign(v)·floor(|v| + 0.5) */
+static inline float round_half_away(float v) {
+    const float sign = v > 0 ? 1.0f : (v < 0 ? -1.0f : (v == 0 ? 0.0f : v));
+    return sign * floor_f(__builtin_fabsf(v) + 0.5f);
+}
+
+/* one q4_k (kind 4: 144 bytes) or q2_k (84 bytes) super-block from its sub-block scales ls and
+ * mins lm (integers as floats), its codes q[256] and its fp16 super-scales hd, hm */
+static inline void kquant_pack(int kind, const float *ls, const float *lm, const uint8_t *q, uint16_t hd,
+                               uint16_t hm, uint8_t *o) {
+    if (kind == 4) {
+        uint8_t sc[8], mn[8];
+        for (int j = 0; j < 8; j++) sc[j] = (uint8_t)(int)ls[j], mn[j] = (uint8_t)(int)lm[j];
+        o[0] = hd & 255, o[1] = hd >> 8, o[2] = hm & 255, o[3] = hm >> 8;
+        for (int j = 0; j < 4; j++) {
+            o[4 + j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+            o[8 + j] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
+            o[12 + j] = (sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4);
+        }
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++) o[16 + 32 * c + l] = q[64 * c + l] | (q[64 * c + 32 + l] << 4);
+    } else {
+        for (int j = 0; j < 16; j++) o[j] = (uint8_t)(int)ls[j] | ((uint8_t)(int)lm[j] << 4);
+        for (int h = 0; h < 2; h++)
+            for (int l = 0; l < 32; l++) {
+                const uint8_t *qh = q + 128 * h + l;
+                o[16 + 32 * h + l] = qh[0] | (qh[32] << 2) | (qh[64] << 4) | (qh[96] << 6);
+            }
+        o[80] = hd & 255, o[81] = hd >> 8, o[82] = hm & 255, o[83] = hm >> 8;
+    }
+}
+#endif
