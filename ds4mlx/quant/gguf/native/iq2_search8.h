@@ -14,6 +14,8 @@
  * within float rounding can choose differently. Ties go to the lowest index, as with argmin. */
 #include <stdint.h>
 #include <string.h>
+
+#include "search_common.h"
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -23,20 +25,7 @@
  * has it (chosen at run time). The U vectors are independent chains of compare-and-select, which
  * would otherwise wait on each other's latency. */
 #define DEFINE_SEARCH(SUFFIX, W, U, ATTR)                                                       \
-    typedef float vf##SUFFIX __attribute__((vector_size(4 * W)));                              \
-    typedef int32_t vi##SUFFIX __attribute__((vector_size(4 * W)));                            \
-    /* h[p] = ((t0[l0] + t1[l1]) + t2[l2]) + t3[l3] for the 81 level patterns                 \
-     * p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3, the partial sums of the first two and \
-     * three elements shared (the same additions in the same order: 117 instead of 243) */    \
-    ATTR static void half_sums##SUFFIX(const vf##SUFFIX t[8][3][U], int j0, vf##SUFFIX h[81][U]) { \
-        vf##SUFFIX h2[9][U], h3[27][U];                                                        \
-        for (int p = 0; p < 9; p++)                                                            \
-            for (int u = 0; u < U; u++) h2[p][u] = t[j0][p % 3][u] + t[j0 + 1][p / 3][u];       \
-        for (int p = 0; p < 27; p++)                                                           \
-            for (int u = 0; u < U; u++) h3[p][u] = h2[p % 9][u] + t[j0 + 2][p / 9][u];          \
-        for (int p = 0; p < 81; p++)                                                           \
-            for (int u = 0; u < U; u++) h[p][u] = h3[p % 27][u] + t[j0 + 3][p / 27][u];         \
-    }                                                                                          \
+    DEFINE_GRID_ENTRY(SUFFIX, W, U, ATTR)                                                      \
     /* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */ \
     ATTR static void search##SUFFIX(const float *lhs, const int64_t *rows, int64_t n_rows,     \
                                     const float *levels, const int32_t *lo, const int32_t *hi, \
@@ -49,7 +38,7 @@
             for (int i = 0; i < W * U; i++)                                                    \
                 for (int j = 0; j < 16; j++)                                                   \
                     a[j][i / W][i % W] = lhs[rows[k0 + (i < m ? i : 0)] * 16 + j];             \
-            vf t[8][3][U], h_lo[81][U], h_hi[81][U], best[U];                                  \
+            vf t[8][3][U];                                                                     \
             vi idx[U];                                                                         \
             for (int j = 0; j < 8; j++)                                                        \
                 for (int u = 0; u < U; u++) {                                                  \
@@ -58,21 +47,7 @@
                     memcpy(&bj, a[8 + j][u], sizeof bj);                                       \
                     for (int l = 0; l < 3; l++) t[j][l][u] = aj * levels[l] + bj * (levels[l] * levels[l]); \
                 }                                                                              \
-            half_sums##SUFFIX(t, 0, h_lo);                                                     \
-            half_sums##SUFFIX(t, 4, h_hi);                                                     \
-            for (int u = 0; u < U; u++) {                                                      \
-                best[u] = h_lo[lo[0]][u] + h_hi[hi[0]][u];                                     \
-                idx[u] = (vi){0};                                                              \
-            }                                                                                  \
-            for (int32_t e = 1; e < 256; e++) {                                                \
-                const vi ev = (vi){0} + e;                                                     \
-                for (int u = 0; u < U; u++) {                                                  \
-                    const vf c = h_lo[lo[e]][u] + h_hi[hi[e]][u];                              \
-                    const vi take = c < best[u];                                               \
-                    best[u] = (vf)(((vi)c & take) | ((vi)best[u] & ~take));                    \
-                    idx[u] = (ev & take) | (idx[u] & ~take);                                   \
-                }                                                                              \
-            }                                                                                  \
+            best_entry##SUFFIX(t, lo, hi, idx);                                                \
             for (int i = 0; i < m; i++) out[rows[k0 + i] * stride] = idx[i / W][i % W];        \
         }                                                                                      \
     }
@@ -183,7 +158,6 @@ static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *c
  * step the numpy path's operation in its order (checked at first use against it). */
 
 #include "npyops.h"
-#include "search_common.h"
 
 #define IQ2_BATCH 16 /* blocks whose candidate searches share the vector lanes */
 

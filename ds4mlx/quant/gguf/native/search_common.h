@@ -1,7 +1,8 @@
-/* Scalar helpers that the 16-lane kernels (iq2_search.c, kquant_search.c) and the 8-row kernels
+/* Helpers that the 16-lane kernels (iq2_search.c, kquant_search.c) and the 8-row kernels
  * they fall back to without AVX-512 (iq2_search8.h, kquant_search8.h) share: numpy's argmin,
- * max, float64 pairwise sum, clip and rounding, step by step in its order, and the q4_k / q2_k
- * block packing. Each build compiles one kernel of each pair, so these are defined once. */
+ * max, float64 pairwise sum, clip and rounding, step by step in its order; the q4_k / q2_k block
+ * packing; the inner part of the IQ2_XXS grid search. Each build compiles one kernel of each
+ * pair (the other is behind #if !defined(__AVX512F__)), so these are defined once. */
 #ifndef DS4MLX_SEARCH_COMMON_H
 #define DS4MLX_SEARCH_COMMON_H
 #include <stdint.h>
@@ -92,4 +93,45 @@ static inline void kquant_pack(int kind, const float *ls, const float *lm, const
         o[80] = hd & 255, o[81] = hd >> 8, o[82] = hm & 255, o[83] = hm >> 8;
     }
 }
+
+/* IQ2_XXS: the part of the grid search that both kernels' DEFINE_SEARCH share, for U vectors
+ * of W lanes (vf##SUFFIX, vi##SUFFIX) */
+#define DEFINE_GRID_ENTRY(SUFFIX, W, U, ATTR)                                                  \
+    typedef float vf##SUFFIX __attribute__((vector_size(4 * W)));                              \
+    typedef int32_t vi##SUFFIX __attribute__((vector_size(4 * W)));                            \
+    /* h[p] = ((t0[l0] + t1[l1]) + t2[l2]) + t3[l3] for the 81 level patterns                  \
+     * p = l0 + 3 l1 + 9 l2 + 27 l3 of elements j0..j0+3, the partial sums of the first two and\
+     * three elements shared (the same additions in the same order: 117 instead of 243) */     \
+    ATTR static void half_sums##SUFFIX(const vf##SUFFIX t[8][3][U], int j0, vf##SUFFIX h[81][U]) {\
+        vf##SUFFIX h2[9][U], h3[27][U];                                                        \
+        for (int p = 0; p < 9; p++)                                                            \
+            for (int u = 0; u < U; u++) h2[p][u] = t[j0][p % 3][u] + t[j0 + 1][p / 3][u];      \
+        for (int p = 0; p < 27; p++)                                                           \
+            for (int u = 0; u < U; u++) h3[p][u] = h2[p % 9][u] + t[j0 + 2][p / 9][u];         \
+        for (int p = 0; p < 81; p++)                                                           \
+            for (int u = 0; u < U; u++) h[p][u] = h3[p % 27][u] + t[j0 + 3][p / 27][u];        \
+    }                                                                                          \
+    /* the least-cost entry of each lane (the first of equal costs), from its terms            \
+     * t[j][l] = a[j]·levels[l] + b[j]·levels[l]² */                                           \
+    ATTR static inline void best_entry##SUFFIX(const vf##SUFFIX t[8][3][U], const int32_t *lo, \
+                                               const int32_t *hi, vi##SUFFIX idx[U]) {         \
+        typedef vf##SUFFIX vf;                                                                 \
+        typedef vi##SUFFIX vi;                                                                 \
+        vf h_lo[81][U], h_hi[81][U], best[U];                                                  \
+        half_sums##SUFFIX(t, 0, h_lo);                                                         \
+        half_sums##SUFFIX(t, 4, h_hi);                                                         \
+        for (int u = 0; u < U; u++) {                                                          \
+            best[u] = h_lo[lo[0]][u] + h_hi[hi[0]][u];                                         \
+            idx[u] = (vi){0};                                                                  \
+        }                                                                                      \
+        for (int32_t e = 1; e < 256; e++) {                                                    \
+            const vi ev = (vi){0} + e;                                                         \
+            for (int u = 0; u < U; u++) {                                                      \
+                const vf c = h_lo[lo[e]][u] + h_hi[hi[e]][u];                                  \
+                const vi take = c < best[u];                                                   \
+                best[u] = (vf)(((vi)c & take) | ((vi)best[u] & ~take));                        \
+                idx[u] = (ev & take) | (idx[u] & ~take);                                       \
+            }                                                                                  \
+        }                                                                                      \
+    }
 #endif
