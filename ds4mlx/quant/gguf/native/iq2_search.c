@@ -233,21 +233,7 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
         p8i nb = negv & bit;
         const uint32_t neg = (uint32_t)(((nb[0] | nb[1]) | (nb[2] | nb[3])) | ((nb[4] | nb[5]) | (nb[6] | nb[7])));
         const int odd = __builtin_popcount(neg) & 1;
-        int cheapest = 0;
-        { /* (for every run, branch-free: whether a run is odd is data) */
-#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
-            /* without NaN the first least value is the first lane equal to the minimum */
-            const __m256 cv = _mm256_loadu_ps(c);
-            if (_mm256_movemask_ps(_mm256_cmp_ps(cv, cv, _CMP_UNORD_Q)) == 0) {
-                __m128 m = _mm_min_ps(_mm256_castps256_ps128(cv), _mm256_extractf128_ps(cv, 1));
-                m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-                m = _mm_min_ss(m, _mm_movehdup_ps(m));
-                const __m256 mv = _mm256_broadcastss_ps(m);
-                cheapest = __builtin_ctz(_mm256_movemask_ps(_mm256_cmp_ps(cv, mv, _CMP_EQ_OQ)));
-            } else
-#endif
-                cheapest = argmin_first(c, 8, 1);
-        }
+        const int cheapest = argmin8(c); /* (for every run, branch-free: whether a run is odd is data) */
         const uint32_t flip = (uint32_t)-odd & (1u << cheapest);
         mask[r] = neg ^ flip;
         /* |x|, negated at the flipped element */

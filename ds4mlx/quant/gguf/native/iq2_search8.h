@@ -207,20 +207,7 @@ static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uin
             c[j] = wr[j] * xr[j] * xr[j];
         }
         int cheapest = -1;
-        if (odd) {
-#if defined(__AVX__)
-            /* without NaN the first least value is the first lane equal to the minimum */
-            const __m256 cv = _mm256_loadu_ps(c);
-            if (_mm256_movemask_ps(_mm256_cmp_ps(cv, cv, _CMP_UNORD_Q)) == 0) {
-                __m128 m = _mm_min_ps(_mm256_castps256_ps128(cv), _mm256_extractf128_ps(cv, 1));
-                m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-                m = _mm_min_ss(m, _mm_movehdup_ps(m));
-                const __m256 mv = _mm256_broadcastss_ps(m);
-                cheapest = __builtin_ctz(_mm256_movemask_ps(_mm256_cmp_ps(cv, mv, _CMP_EQ_OQ)));
-            } else
-#endif
-                cheapest = argmin_first(c, 8, 1);
-        }
+        if (odd) cheapest = argmin8(c);
         uint32_t m = 0;
         for (int j = 0; j < 8; j++) {
             const int flip = j == cheapest;

@@ -215,6 +215,15 @@ static inline void lsq_end(vl pos, int any_pos, vd sl, vd sxl, vd sl2, vd sw, vd
     *err_out = lsq_err(scale, b, sl, sxl, sl2, sw, sx);
 }
 
+/* lsq then lsq_end on both halves of the lanes (any_pos: of all of them) */
+static inline void lsq_fit(const vd sl[2], const vd sxl[2], const vd sl2[2], const vd sw[2], const vd sx[2],
+                           vd scale[2], vd b[2], vd err[2]) {
+    vl pos[2];
+    for (int h = 0; h < 2; h++) pos[h] = lsq(sl[h], sxl[h], sl2[h], sw[h], sx[h], &scale[h], &b[h]);
+    const int any_pos = any_l(pos[0], pos[1]);
+    for (int h = 0; h < 2; h++) lsq_end(pos[h], any_pos, sl[h], sxl[h], sl2[h], sw[h], sx[h], &scale[h], &b[h], &err[h]);
+}
+
 /* common.fit_scale_min of the group's sub-blocks x, w [n] (n a multiple of 16, at most 32), with
  * wx = w·x and the row sums sw = Σ w, sx = Σ w·x (pairwise, float64); steps [n_steps] the
  * inverse-scale numerators, the plain min/max candidate's (nmax) first. */
@@ -255,11 +264,8 @@ static void fit_group(const vf *x, const vf *w, const vf *wx, const vd swr[2], c
             continue;
         }
         vd scale[2], b[2], err[2];
-        vl pos[2];
-        for (int h = 0; h < 2; h++) pos[h] = lsq(sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h]);
-        const int any_pos = any_l(pos[0], pos[1]);
+        lsq_fit(sl, sxl, sl2, swr, sxr, scale, b, err);
         for (int h = 0; h < 2; h++) {
-            lsq_end(pos[h], any_pos, sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h], &err[h]);
             /* less(err, best_err): the first NaN wins */
             const vl take = d_eq(best_err[h], best_err[h]) & (d_lt(err[h], best_err[h]) | d_ne(err[h], err[h]));
             best_scale[h] = seld(take, scale[h], best_scale[h]);
@@ -279,11 +285,8 @@ static void fit_group(const vf *x, const vf *w, const vf *wx, const vd swr[2], c
         for (int k = 0; k < n; k++) q[k] = v_clip(v_rint((x[k] - bf) / safe), nmax);
         code_sums(q, w, wx, n, sl, sxl, sl2);
         vd scale[2], b[2], err[2];
-        vl pos[2];
-        for (int h = 0; h < 2; h++) pos[h] = lsq(sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h]);
-        const int any_pos = any_l(pos[0], pos[1]);
+        lsq_fit(sl, sxl, sl2, swr, sxr, scale, b, err);
         for (int h = 0; h < 2; h++) {
-            lsq_end(pos[h], any_pos, sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale[h], &b[h], &err[h]);
             const vl take = active[h] & d_lt(err[h], best_err[h]);
             best_scale[h] = seld(take, scale[h], best_scale[h]);
             best_b[h] = seld(take, b[h], best_b[h]);

@@ -9,6 +9,9 @@
 #include <string.h>
 
 #include "npyops.h"
+#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
+#include <immintrin.h>
+#endif
 
 static inline int argmin_first(const float *c, int n, int stride) { /* np.argmin (NaN first) */
     int best = 0;
@@ -20,6 +23,22 @@ static inline int argmin_first(const float *c, int n, int stride) { /* np.argmin
         bc = take ? v : bc;
     }
     return best;
+}
+
+/* argmin_first of 8 values (IQ2_XXS: a run's element to flip) */
+static inline int argmin8(const float c[8]) {
+#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
+    /* without NaN the first least value is the first lane equal to the minimum */
+    const __m256 cv = _mm256_loadu_ps(c);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(cv, cv, _CMP_UNORD_Q)) == 0) {
+        __m128 m = _mm_min_ps(_mm256_castps256_ps128(cv), _mm256_extractf128_ps(cv, 1));
+        m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_min_ss(m, _mm_movehdup_ps(m));
+        const __m256 mv = _mm256_broadcastss_ps(m);
+        return __builtin_ctz(_mm256_movemask_ps(_mm256_cmp_ps(cv, mv, _CMP_EQ_OQ)));
+    }
+#endif
+    return argmin_first(c, 8, 1);
 }
 
 static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates */
