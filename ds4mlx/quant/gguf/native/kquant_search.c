@@ -480,37 +480,7 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
             const float *x = xb + 256 * (b0 + i), *ls = ls_b[i], *lm = lm_b[i];
             uint8_t q[256], *o = out + block_bytes * (b0 + i);
             float d = d_b[i], dmin = dmin_b[i];
-            /* common.refit_super_scales: the new (d, dmin) where they lower the error */
-            double t[5][16];
-            for (int j = 0; j < subs; j++) {
-                const double a = ls[j], c = lm[j];
-                t[0][j] = a * a * s_qq[i][j];
-                t[1][j] = c * c * s_w[i][j];
-                t[2][j] = a * c * s_q[i][j];
-                t[3][j] = a * s_qx[i][j];
-                t[4][j] = c * s_x[i][j];
-            }
-            const double saa = pairwise_d(t[0], subs), scc = pairwise_d(t[1], subs), sac = pairwise_d(t[2], subs);
-            const double sax = pairwise_d(t[3], subs), scx = pairwise_d(t[4], subs);
-            const double s_xx = 0.0f + acc[i];
-            const double det = saa * scc - sac * sac;
-            const double p = saa * scc, floor_ = (p != p || p >= 1e-30) ? p : 1e-30; /* np.maximum */
-            const int ok = det > 1e-30 * floor_;
-            const double safe = ok ? det : 1.0;
-            double nd = (sax * scc - scx * sac) / safe, ne = (sax * sac - scx * saa) / safe;
-            const int only_d = !ok && saa > 0;
-            if (only_d) {
-                nd = sax / saa;
-                ne = dmin;
-            }
-            const float ndf = f16_to_f32(f64_to_f16(clip_d(nd, 65504.0)));
-            const float nef = f16_to_f32(f64_to_f16(clip_d(ne, 65504.0)));
-#define ERR(dd, ee) ((dd) * (dd) * saa + (ee) * (ee) * scc + s_xx - 2 * (dd) * (ee) * sac - 2 * (dd) * sax + 2 * (ee) * scx)
-            const double dn = ndf, en = nef, d0 = d, e0 = dmin;
-            const int better = (ok | only_d) & (ERR(dn, en) < ERR(d0, e0)); /* (branch-free: data) */
-            d = better ? ndf : d;
-            dmin = better ? nef : dmin;
-#undef ERR
+            refit_super_scales(ls, lm, subs, s_q[i], s_qq[i], s_qx[i], s_w[i], s_x[i], 0.0f + acc[i], &d, &dmin);
             float mm[16], inv[16];
             code_steps(d, dmin, ls, lm, subs, mm, inv);
             kquant_requantize(x, mm, inv, subs, sub, nmax_i, q);

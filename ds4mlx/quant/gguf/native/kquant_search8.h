@@ -357,37 +357,9 @@ static void importance_block(const float *x, const float *qw, float sigma_factor
  * the error */
 static void refit_super(const float *x, const float *w, const uint8_t *q, const float *ls,
                         const float *lm, int32_t subs, int32_t sub, double s_xx, float *d, float *dmin) {
-    double s_q[16], s_qq[16], s_qx[16], s_w[16], s_x[16], t[5][16];
+    double s_q[16], s_qq[16], s_qx[16], s_w[16], s_x[16];
     kquant_refit_sums(x, w, q, subs, sub, s_q, s_qq, s_qx, s_w, s_x);
-    for (int j = 0; j < subs; j++) {
-        const double a = ls[j], c = lm[j];
-        t[0][j] = a * a * s_qq[j];
-        t[1][j] = c * c * s_w[j];
-        t[2][j] = a * c * s_q[j];
-        t[3][j] = a * s_qx[j];
-        t[4][j] = c * s_x[j];
-    }
-    const double saa = pairwise_d(t[0], subs), scc = pairwise_d(t[1], subs), sac = pairwise_d(t[2], subs);
-    const double sax = pairwise_d(t[3], subs), scx = pairwise_d(t[4], subs);
-    const double det = saa * scc - sac * sac;
-    const double p = saa * scc, floor_ = (p != p || p >= 1e-30) ? p : 1e-30; /* np.maximum */
-    const int ok = det > 1e-30 * floor_;
-    const double safe = ok ? det : 1.0;
-    double nd = (sax * scc - scx * sac) / safe, ne = (sax * sac - scx * saa) / safe;
-    const int only_d = !ok && saa > 0;
-    if (only_d) {
-        nd = sax / saa;
-        ne = *dmin;
-    }
-    const float ndf = f16_to_f32(f64_to_f16(clip_d(nd, 65504.0)));
-    const float nef = f16_to_f32(f64_to_f16(clip_d(ne, 65504.0)));
-#define ERR(dd, ee) ((dd) * (dd) * saa + (ee) * (ee) * scc + s_xx - 2 * (dd) * (ee) * sac - 2 * (dd) * sax + 2 * (ee) * scx)
-    const double dn = ndf, en = nef, d0 = *d, e0 = *dmin;
-    if ((ok || only_d) && ERR(dn, en) < ERR(d0, e0)) {
-        *d = ndf;
-        *dmin = nef;
-    }
-#undef ERR
+    refit_super_scales(ls, lm, subs, s_q, s_qq, s_qx, s_w, s_x, s_xx, d, dmin);
 }
 
 /* the codes of one block for (d, dmin) and the sub-block levels ls, lm */

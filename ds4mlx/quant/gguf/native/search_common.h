@@ -87,6 +87,42 @@ static inline float round_half_away(float v) {
     return sign * floor_f(__builtin_fabsf(v) + 0.5f);
 }
 
+/* common.refit_super_scales for one block, from the per sub-block sums Σ w q, Σ w q², Σ w q x,
+ * Σ w, Σ w x of its codes and Σ w x²: the new (d, dmin) where they lower the error */
+static inline void refit_super_scales(const float *ls, const float *lm, int subs, const double *s_q,
+                                      const double *s_qq, const double *s_qx, const double *s_w,
+                                      const double *s_x, double s_xx, float *d, float *dmin) {
+    double t[5][16];
+    for (int j = 0; j < subs; j++) {
+        const double a = ls[j], c = lm[j];
+        t[0][j] = a * a * s_qq[j];
+        t[1][j] = c * c * s_w[j];
+        t[2][j] = a * c * s_q[j];
+        t[3][j] = a * s_qx[j];
+        t[4][j] = c * s_x[j];
+    }
+    const double saa = pairwise_d(t[0], subs), scc = pairwise_d(t[1], subs), sac = pairwise_d(t[2], subs);
+    const double sax = pairwise_d(t[3], subs), scx = pairwise_d(t[4], subs);
+    const double det = saa * scc - sac * sac;
+    const double p = saa * scc, floor_ = (p != p || p >= 1e-30) ? p : 1e-30; /* np.maximum */
+    const int ok = det > 1e-30 * floor_;
+    const double safe = ok ? det : 1.0;
+    double nd = (sax * scc - scx * sac) / safe, ne = (sax * sac - scx * saa) / safe;
+    const int only_d = !ok && saa > 0;
+    if (only_d) {
+        nd = sax / saa;
+        ne = *dmin;
+    }
+    const float ndf = f16_to_f32(f64_to_f16(clip_d(nd, 65504.0)));
+    const float nef = f16_to_f32(f64_to_f16(clip_d(ne, 65504.0)));
+#define ERR(dd, ee) ((dd) * (dd) * saa + (ee) * (ee) * scc + s_xx - 2 * (dd) * (ee) * sac - 2 * (dd) * sax + 2 * (ee) * scx)
+    const double dn = ndf, en = nef, d0 = *d, e0 = *dmin;
+    const int better = (ok | only_d) & (ERR(dn, en) < ERR(d0, e0)); /* (branch-free: data) */
+    *d = better ? ndf : *d;
+    *dmin = better ? nef : *dmin;
+#undef ERR
+}
+
 /* one q4_k (kind 4: 144 bytes) or q2_k (84 bytes) super-block from its sub-block scales ls and
  * mins lm (integers as floats), its codes q[256] and its fp16 super-scales hd, hm */
 static inline void kquant_pack(int kind, const float *ls, const float *lm, const uint8_t *q, uint16_t hd,
