@@ -140,22 +140,10 @@ static inline vf dot_l(const vf *a, const vf *b, int n) {
 }
 
 /* the three einsum sums Σ q·w, Σ q·wx, Σ q²·w (the order of dot_l, the three side by side) */
+DEFINE_CODE_SUMS(code_sums_f, vf, vmuladd, splat(0.0f))
 static inline void code_sums(const vf *q, const vf *w, const vf *wx, int n, vd sl[2], vd sxl[2], vd sl2[2]) {
-    vf a_l[4], a_xl[4], a_l2[4];
-    for (int i = 0; i < 4; i++) a_l[i] = a_xl[i] = a_l2[i] = splat(0.0f);
-    for (int k = 0; k < n; k += 16)
-        for (int i = 0; i < 4; i++) {
-            const int j = k + i;
-            a_l[i] = vmuladd(q[j], w[j], vmuladd(q[j + 4], w[j + 4],
-                     vmuladd(q[j + 8], w[j + 8], vmuladd(q[j + 12], w[j + 12], a_l[i]))));
-            a_xl[i] = vmuladd(q[j], wx[j], vmuladd(q[j + 4], wx[j + 4],
-                      vmuladd(q[j + 8], wx[j + 8], vmuladd(q[j + 12], wx[j + 12], a_xl[i]))));
-            a_l2[i] = vmuladd(q[j] * q[j], w[j], vmuladd(q[j + 4] * q[j + 4], w[j + 4],
-                      vmuladd(q[j + 8] * q[j + 8], w[j + 8], vmuladd(q[j + 12] * q[j + 12], w[j + 12], a_l2[i]))));
-        }
-    const vf l = 0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3]));
-    const vf xl = 0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3]));
-    const vf l2 = 0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3]));
+    vf l, xl, l2;
+    code_sums_f(q, w, wx, n, &l, &xl, &l2);
     for (int h = 0; h < 2; h++) sl[h] = to_d(l, h), sxl[h] = to_d(xl, h), sl2[h] = to_d(l2, h);
 }
 

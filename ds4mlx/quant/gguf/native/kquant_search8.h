@@ -151,23 +151,14 @@ static inline v8 v8_clip(v8 q, float nmax) { /* np.clip(q, 0, nmax): -0 and NaN 
 static inline v8d to_d(v8 v) { return __builtin_convertvector(v, v8d); }
 
 /* the three einsum sums Σ q·w, Σ q·wx, Σ q²·w of 8 rows: q, w, wx [n][8] (numpy's order: see dot) */
+DEFINE_CODE_SUMS(code_sums8_f, v8, vmuladd8, splat8(0.0f))
 static inline void code_sums8(const v8 *q, const v8 *w, const v8 *wx, int n, v8d *sl, v8d *sxl,
                               v8d *sl2) {
-    v8 a_l[4], a_xl[4], a_l2[4];
-    for (int i = 0; i < 4; i++) a_l[i] = a_xl[i] = a_l2[i] = splat8(0.0f);
-    for (int k = 0; k < n; k += 16)
-        for (int i = 0; i < 4; i++) {
-            const int j = k + i;
-            a_l[i] = vmuladd8(q[j], w[j], vmuladd8(q[j + 4], w[j + 4],
-                     vmuladd8(q[j + 8], w[j + 8], vmuladd8(q[j + 12], w[j + 12], a_l[i]))));
-            a_xl[i] = vmuladd8(q[j], wx[j], vmuladd8(q[j + 4], wx[j + 4],
-                      vmuladd8(q[j + 8], wx[j + 8], vmuladd8(q[j + 12], wx[j + 12], a_xl[i]))));
-            a_l2[i] = vmuladd8(q[j] * q[j], w[j], vmuladd8(q[j + 4] * q[j + 4], w[j + 4],
-                      vmuladd8(q[j + 8] * q[j + 8], w[j + 8], vmuladd8(q[j + 12] * q[j + 12], w[j + 12], a_l2[i]))));
-        }
-    *sl = to_d(0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3])));
-    *sxl = to_d(0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3])));
-    *sl2 = to_d(0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3])));
+    v8 l, xl, l2;
+    code_sums8_f(q, w, wx, n, &l, &xl, &l2);
+    *sl = to_d(l);
+    *sxl = to_d(xl);
+    *sl2 = to_d(l2);
 }
 
 static inline v8d lsq_err8(v8d scale, v8d b, v8d sl, v8d sxl, v8d sl2, v8d sw, v8d sx) {

@@ -149,6 +149,29 @@ static inline void kquant_pack(int kind, const float *ls, const float *lm, const
     }
 }
 
+/* K-quants: NAME(q, w, wx, n, ...), the three einsum sums Σ q·w, Σ q·wx, Σ q²·w of rows side by
+ * side, lane by lane, for q, w, wx [n] vectors V (n a multiple of 16) in numpy's order: its
+ * einsum's 4 float lanes (lane i holds elements k + i, k + 4 + i, ...) as 4 accumulator vectors;
+ * MADD the vectors' multiply-add (ZERO: a vector of zeros) */
+#define DEFINE_CODE_SUMS(NAME, V, MADD, ZERO)                                                  \
+    static inline void NAME(const V *q, const V *w, const V *wx, int n, V *l, V *xl, V *l2) {  \
+        V a_l[4], a_xl[4], a_l2[4];                                                            \
+        for (int i = 0; i < 4; i++) a_l[i] = a_xl[i] = a_l2[i] = (ZERO);                       \
+        for (int k = 0; k < n; k += 16)                                                        \
+            for (int i = 0; i < 4; i++) {                                                      \
+                const int j = k + i;                                                           \
+                a_l[i] = MADD(q[j], w[j], MADD(q[j + 4], w[j + 4],                             \
+                         MADD(q[j + 8], w[j + 8], MADD(q[j + 12], w[j + 12], a_l[i]))));       \
+                a_xl[i] = MADD(q[j], wx[j], MADD(q[j + 4], wx[j + 4],                          \
+                          MADD(q[j + 8], wx[j + 8], MADD(q[j + 12], wx[j + 12], a_xl[i]))));   \
+                a_l2[i] = MADD(q[j] * q[j], w[j], MADD(q[j + 4] * q[j + 4], w[j + 4],          \
+                          MADD(q[j + 8] * q[j + 8], w[j + 8], MADD(q[j + 12] * q[j + 12], w[j + 12], a_l2[i])))); \
+            }                                                                                  \
+        *l = 0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3]));                                   \
+        *xl = 0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3]));                              \
+        *l2 = 0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3]));                              \
+    }
+
 /* IQ2_XXS: the part of the grid search that both kernels' DEFINE_SEARCH share, for U vectors
  * of W lanes (vf##SUFFIX, vi##SUFFIX) */
 #define DEFINE_GRID_ENTRY(SUFFIX, W, U, ATTR)                                                  \
