@@ -50,11 +50,13 @@ static inline float max_nan(const float *a, int n) { /* np.max: NaN propagates *
         typedef int32_t m8i __attribute__((vector_size(32)));
         m8 v[4];
         memcpy(v, a, sizeof(m8) * (n / 8));
-        for (int i = n / 8; i < 4; i++) v[i] = v[0]; /* (a repeat changes no maximum) */
-        m8i nan = (v[0] != v[0]) | (v[1] != v[1]) | (v[2] != v[2]) | (v[3] != v[3]);
-        m8 m01 = (m8)(((m8i)v[0] & (v[0] > v[1])) | ((m8i)v[1] & ~(v[0] > v[1])));
-        m8 m23 = (m8)(((m8i)v[2] & (v[2] > v[3])) | ((m8i)v[3] & ~(v[2] > v[3])));
-        m8 mm = (m8)(((m8i)m01 & (m01 > m23)) | ((m8i)m23 & ~(m01 > m23)));
+        m8i nan = v[0] != v[0];
+        m8 mm = v[0];
+        for (int i = 1; i < n / 8; i++) {
+            const m8i gt = mm > v[i];
+            nan |= v[i] != v[i];
+            mm = (m8)(((m8i)mm & gt) | ((m8i)v[i] & ~gt));
+        }
         float m = mm[0];
         int any_nan = nan[0];
         for (int i = 1; i < 8; i++) m = m >= mm[i] ? m : mm[i], any_nan |= nan[i];
