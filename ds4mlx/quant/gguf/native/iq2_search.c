@@ -61,11 +61,8 @@ DEFINE_SEARCH(16, 16, 4, __attribute__((target("avx512f"))))
 
 static void search(const float *const col[16], const int32_t *rows, int n_rows, const float *levels,
                    const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
-    static int avx2 = -1, avx512 = -1;
-    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2"), avx512 = __builtin_cpu_supports("avx512f");
-    /* 64 runs a pass with AVX-512 once there are enough to fill them (a lane's result does not
-     * depend on the width) */
-    (avx512 && n_rows > 32 ? search16 : avx2 ? search8 : search4)(col, rows, n_rows, levels, lo, hi, out, stride);
+    const int width = iq2_search_width(n_rows);
+    (width == 16 ? search16 : width == 8 ? search8 : search4)(col, rows, n_rows, levels, lo, hi, out, stride);
 }
 #else
 #define search search4

@@ -174,6 +174,16 @@ static inline void kquant_pack(int kind, const float *ls, const float *lm, const
         *l2 = 0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3]));                              \
     }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+/* the vector width (in floats) of the IQ2_XXS search this CPU runs for n_rows runs: with AVX-512
+ * 64 runs a pass once there are enough to fill them (a lane's result does not depend on the width) */
+static inline int iq2_search_width(int64_t n_rows) {
+    static int avx2 = -1, avx512 = -1;
+    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2"), avx512 = __builtin_cpu_supports("avx512f");
+    return avx512 && n_rows > 32 ? 16 : avx2 ? 8 : 4;
+}
+#endif
+
 /* IQ2_XXS: the part of the grid search that both kernels' DEFINE_SEARCH share, for U vectors
  * of W lanes (vf##SUFFIX, vi##SUFFIX) */
 #define DEFINE_GRID_ENTRY(SUFFIX, W, U, ATTR)                                                  \
