@@ -55,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Console-script entry point; returns the exit status."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored by the caller
         signal.signal(signal.SIGINT, _quit_early)
-    if __name__ == "__main__" or _run_as_command():
+    if _run_as_command():
         _keep_torch_out()
     from .cli import main as cli_main
 
@@ -69,8 +69,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run_as_command() -> bool:
-    # the console script or ``python -m ds4mlx`` (whose __main__ calls main()), not a test or
-    # program calling main() in its own process
+    # the console script, ``python -m ds4mlx`` or ``python -m ds4mlx.console`` (their __main__
+    # is in the package), not a test or program calling main() in its own process
     main_module = sys.modules.get("__main__")
     return getattr(main_module, "__package__", None) == "ds4mlx" or os.path.basename(
         sys.argv[0] if sys.argv else "") == "ds4mlx"

@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from .. import kernels, ops
 from ..kernels.source import MATVEC_TOKENS
-from ..layers import kernel_part
+from ..layers import decode_kernel_takes, kernel_part
 from ..layers.gguf import GGUFLinear
 
 
@@ -199,8 +199,11 @@ class MergedLinear:
         if x.size > MATVEC_TOKENS * x.shape[-1] or not kernels.dense_path():
             return None  # more rows than a decode product, or the CPU path: MLX's products
         segs = self._segments(parts)
-        if segs is None or (len(segs) == 1 and not (segs[0].fmt == "affine8"
-                                                     and segs[0].scales.dtype != x.dtype)):
+        if segs is None:
+            return None
+        q = self.modules[0]
+        if len(segs) == 1 and not (segs[0].scales is not None and decode_kernel_takes(
+                q.mode, q.bits, q.group_size, segs[0].scales.dtype, x.dtype)):
             return None
         arrays = [a for p in segs for a in p if isinstance(a, mx.array)]
         w = self._dense.get(parts)

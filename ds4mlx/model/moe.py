@@ -213,8 +213,8 @@ class SharedExpert(nn.Module):
         # gate | up: the merged rows (MergedLinear concatenated them once at load, weights,
         # scales and biases alike, and the modules keep views: nothing held twice)
         w13 = self.merge_projections()
-        gu = _fold_part(w13.modules[0], w13.whole) if w13.merged else None
-        dw = _fold_part(self.w2)
+        gu = kernel_part(w13.modules[0], w13.whole) if w13.merged else None
+        dw = kernel_part(self.w2)
         return None if gu is None or dw is None else kernels.Shared(gu, dw)
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
@@ -227,12 +227,6 @@ class SharedExpert(nn.Module):
         gate, up = w13(x)
         y = self.w2(_swiglu_as(x.dtype)(gate, up, self.limit))
         return y if add is None else add + y
-
-
-def _fold_part(m: nn.Module, leaves: dict | None = None) -> kernels.SharedWeight | None:
-    """A projection's weight as the decode kernels take a shared-expert part (``leaves``:
-    its arrays, the merged ones of gate | up), None if they do not."""
-    return kernel_part(m, leaves)
 
 
 class MoE(nn.Module):
