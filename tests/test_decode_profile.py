@@ -63,6 +63,7 @@ def test_file_formats_are_what_the_loader_makes_of_real_files(seams_sources, sou
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("flash_width")  # Flash-width layers: with the others (test_fused_decode)
 def test_build_layer_holds_the_file_formats():
     """A Flash-width layer as the profile builds it: each dense projection in its file format
     (GGUF: affine 8-bit with float16 scales and biases; official: mxfp8), or all float with
@@ -106,6 +107,7 @@ KEYS = {"launches_per_layer_max", "launches_per_layer_max_at", "launches_per_lay
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("flash_width")  # Flash-width layers: with the others (test_fused_decode)
 @pytest.mark.parametrize("fmt", ["mxfp4", "q2"])
 def test_report_keys_and_launch_bounds(fmt, capsys):
     """Every layer kind at 32k, Metal path counted (no ops path, no timing), dense projections
@@ -113,7 +115,7 @@ def test_report_keys_and_launch_bounds(fmt, capsys):
     bytes within 10 % of the minimum. Official (mxfp4: mxfp8 dense, the shared expert folded
     into the MoE kernels, the indexer's BF16 head weights in wq_a | wkv's launch) and ds4 GGUF
     (q2: Q8_0 dense as affine 8-bit with float16 scales, read by the decode kernel as held).
-    One format per test, so the two run side by side."""
+    One format per test."""
     r = _report(["--formats", fmt, "--contexts", "32768", "--no-ops", "--no-time"], capsys)
     assert set(r) == KEYS and r["dense"] == "file"
     assert r["launches_per_layer_max_by_format"] == {fmt: r["launches_per_layer_max"]}

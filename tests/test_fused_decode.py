@@ -90,6 +90,8 @@ def _profile_module():
 
 
 @pytest.mark.slow
+# Flash-width layers hold up to ~12 GB each: one worker runs them all, never two side by side
+@pytest.mark.xdist_group("flash_width")
 @pytest.mark.parametrize("ratio,recipe,qat,dense", [
     (4, "q4", False, "bf16"), (4, "q4", True, "bf16"), (4, "q4", False, "file"),
     (128, "q4", False, "file"), (0, "q4", False, "file")] + [
