@@ -3,6 +3,8 @@
 IQ2_XXS search gives the same bytes with its C kernel and with the numpy fallback, and the
 importance weighting's σ² factor is the one with the lower weighted error."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -146,11 +148,12 @@ def test_iq2_xxs_native_edge_cases():
             assert np.array_equal(got, want), (float(np.abs(x).max()), weights is not None)
 
 
-@pytest.mark.parametrize("build", ["DS4MLX_QUANT_PORTABLE=1", "DS4MLX_QUANT_TUNE=generic"])
+@pytest.mark.parametrize("build", ["DS4MLX_QUANT_PORTABLE=1", "DS4MLX_QUANT_TUNE=generic", "CC=cc"])
 def test_portable_c_path_same_bytes(monkeypatch, build):
     # the kernels without their x86 intrinsics (DS4MLX_QUANT_PORTABLE=1: the generic vector code
-    # that arm64 and other CPUs compile), and built for the generic CPU (no -march=native: the
-    # 8-lane kernels of CPUs without AVX-512, Apple's among them), against the numpy recipes,
+    # that arm64 and other CPUs compile), built for the generic CPU (no -march=native: the
+    # 8-lane kernels of CPUs without AVX-512, Apple's among them), and built by the system's
+    # cc (GCC on Linux) where clang, the default, is installed, against the numpy recipes,
     # with and without importance
     from ds4mlx.quant.gguf import iq2_xxs
 
@@ -255,6 +258,33 @@ def test_native_kernel_that_disagrees_is_not_used(monkeypatch):
     monkeypatch.delitem(native._CHECKED, "kquant_search")
     x = np.random.default_rng(3).standard_normal((4, 512), dtype=np.float32)
     assert np.array_equal(fmts.get("Q4_K").quantize(x), reference.QUANTIZE["Q4_K"](x))
+
+
+def test_compiler_order(monkeypatch, tmp_path):
+    # $CC alone when set; else plain clang, then versioned clangs newest first, then cc
+    for name in ("clang-9", "clang-17", "clang-15", "cc", "clang-tidy"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    assert [Path(c).name for c in native.compilers()] == ["clang-17", "clang-15", "clang-9", "cc"]
+    monkeypatch.setenv("CC", "clang-15")
+    assert [Path(c).name for c in native.compilers()] == ["clang-15"]
+    monkeypatch.setenv("CC", "no-such-cc")
+    assert native.compilers() == []
+
+
+def test_a_build_that_disagrees_gives_way_to_the_next_compiler(monkeypatch):
+    # a build failing its check against numpy is passed over for the next compiler's build
+    if len(native.compilers()) < 2:
+        pytest.skip("one C compiler here")
+    monkeypatch.delitem(native._CHECKED, "q8_0", raising=False)
+    first = native.load("q8_0")
+    assert first is not None
+    seen = []
+    lib = native.load_checked("q8_0", lambda lib: seen.append(lib._name) or lib._name != first._name)
+    assert lib is not None and lib._name != first._name and seen[0] == first._name
+    monkeypatch.delitem(native._CHECKED, "q8_0")
 
 
 def test_native_build_can_be_turned_off(monkeypatch):
