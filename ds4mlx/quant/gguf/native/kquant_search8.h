@@ -1,8 +1,11 @@
-/* Without AVX-512: the previous kernel, 8 rows a vector (the 16-lane kernel of kquant_search.c, compiled for
- * AVX2 by GCC, turns its wide generic vectors into scalar code: 0.5-0.6x measured). */
-/* The K-quant (scale, min) search of common.fit_scale_min, row by row: for each row x, w [n]
- * (n a multiple of 16) and each candidate inverse scale, round the codes, fit (scale, b) by
- * weighted least squares, keep the lowest error; then polish the winner by re-rounding.
+/* Without AVX-512: the K-quant kernel 8 sub-blocks a vector (the 16-lane kernel of
+ * kquant_search.c, compiled for AVX2, turns its 64-byte generic vectors into poor code: measured
+ * with clang on an AVX2 EPYC, Q4_K 0.7x and Q2_K 1.0-1.1x this kernel's speed; with GCC 0.5-0.6x).
+ *
+ * The recipe of common.kquant_fit and the packing of q4_k / q2_k, one super-block at a time:
+ * per sub-block a (scale, min) search over candidate inverse scales (round the codes, fit
+ * (scale, b) by weighted least squares, keep the lowest error, polish the winner by re-rounding),
+ * the sub-block levels against fp16 super-scales, and the super-scale refit.
  *
  * It must give the numpy path's bits, so every operation is the one numpy performs:
  *  - the float32 sums Σ q·w, Σ q·wx, Σ q²·w are numpy's einsum inner loop (4 float lanes, 16
@@ -12,15 +15,20 @@
  *    -ffp-contract=off, so nothing else is fused);
  *  - np.clip keeps -0 and NaN, np.maximum(s, 0) turns -0 into +0, argmin takes the first
  *    minimum (or the first NaN).
- * native.load_checked compares it with the numpy path on random rows before first use. */
-#include <math.h>
+ * native.load_checked compares it with the numpy path on random rows before first use.
+ *
+ * Layout: a block's 256 values as 32 vectors of 8 lanes, lane r of vector k element k of
+ * sub-block r (Q4_K: the block's 8 sub-blocks of 32; Q2_K: two groups of 8 sub-blocks of 16,
+ * vectors 16g + k). Each lane performs numpy's operations for its sub-block in numpy's order,
+ * so each gets numpy's bits, while the sub-blocks' dependency chains (sums, divisions, the
+ * candidate choice) run side by side (one row at a time was latency-bound: 1.75x Q4_K, 2.1x
+ * Q2_K, measured). Everything per sub-block (weights, search, codes, refit sums) runs in that
+ * layout; only the final codes and the packing take the rows as they are. */
 #include <stdint.h>
 #include <string.h>
 
 #include "npyops.h"
 #include "search_common.h"
-
-typedef float v4 __attribute__((vector_size(16)));
 
 #if defined(__aarch64__)
 #define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
@@ -28,75 +36,11 @@ typedef float v4 __attribute__((vector_size(16)));
 #define MULADD(a, b, c) ((a) * (b) + (c))
 #endif
 
-static inline v4 vmuladd(v4 a, v4 b, v4 c) {
-#if defined(__aarch64__)
-    v4 r;
-    for (int i = 0; i < 4; i++) r[i] = MULADD(a[i], b[i], c[i]);
-    return r;
-#else
-    return a * b + c;
+#if defined(__AVX__) && !defined(DS4MLX_PORTABLE)
+#include <immintrin.h>
+#define KQ8_AVX 1
 #endif
-}
 
-static inline v4 vload(const float *p) {
-    v4 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-typedef int32_t vi __attribute__((vector_size(16)));
-
-/* rint (to nearest even) on 4 lanes without libm: adding 2^23 to a magnitude below it leaves
- * the integer part, rounded to even; the sign goes back on after (so -0 stays -0) */
-static inline v4 v_rint(v4 v) {
-    const vi bits = (vi)v, sign = bits & (vi){INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN};
-    const v4 a = (v4)(bits ^ sign);
-    const vi small = a < 0x1p23f;
-    const v4 r = (a + 0x1p23f) - 0x1p23f;
-    return (v4)((((vi)r & small) | ((vi)a & ~small)) | sign);
-}
-
-/* np.clip(q, 0, nmax): -0 and NaN pass through */
-static inline v4 v_clip(v4 q, float nmax) {
-    const v4 top = {nmax, nmax, nmax, nmax};
-    q = (v4)((vi)q & ~(q < 0.0f));
-    const vi over = q > top;
-    return (v4)(((vi)q & ~over) | ((vi)top & over));
-}
-
-static inline void vstore(float *p, v4 v) { memcpy(p, &v, sizeof v); }
-
-/* numpy's float32 einsum of a row pair: Σ a[k]·b[k] */
-static inline float dot(const float *a, const float *b, int n) {
-    v4 acc = {0, 0, 0, 0};
-    for (int k = 0; k < n; k += 16) {
-        v4 ab3 = vmuladd(vload(a + k + 12), vload(b + k + 12), acc);
-        v4 ab2 = vmuladd(vload(a + k + 8), vload(b + k + 8), ab3);
-        v4 ab1 = vmuladd(vload(a + k + 4), vload(b + k + 4), ab2);
-        acc = vmuladd(vload(a + k), vload(b + k), ab1);
-    }
-    return 0.0f + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
-}
-
-/* numpy's pairwise sum (npyops.h) in float64, of float32 values */
-static inline double pairwise_f64(const float *a, int n) {
-    double r[8];
-    for (int j = 0; j < 8; j++) r[j] = a[j];
-    int i = 8;
-    for (; i < n - n % 8; i += 8)
-        for (int j = 0; j < 8; j++) r[j] += (double)a[i + j];
-    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; i++) res += (double)a[i];
-    return 0.0 + res;
-}
-
-/* ------------------------------------------------------------------------------------------
- * common.fit_scale_min for 8 rows at once, one row per lane of 8-float vectors (AVX2 where built
- * with it, two SSE halves otherwise): every lane performs numpy's operations for its row in
- * numpy's order, so each row gets numpy's bits, while the 8 rows' dependency chains (sums,
- * divisions, the candidate choice) run side by side (one row at a time was latency-bound:
- * 1.75x Q4_K, 2.1x Q2_K, measured). The einsum's 4 float lanes (lane i holds elements k + i,
- * k + 4 + i, ...) become 4 accumulator vectors over the rows. */
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
@@ -114,51 +58,120 @@ static inline v8 vmuladd8(v8 a, v8 b, v8 c) {
 
 static inline v8 sel8(v8i m, v8 a, v8 b) { return (v8)((m & (v8i)a) | (~m & (v8i)b)); }
 static inline v8d seld(v8l m, v8d a, v8d b) { return (v8d)((m & (v8l)a) | (~m & (v8l)b)); }
-static inline v8l widen(v8i m) { return __builtin_convertvector(m, v8l); }
 static inline v8d splatd(double v) { return (v8d){v, v, v, v, v, v, v, v}; }
 static inline v8 splat8(float v) { return (v8){v, v, v, v, v, v, v, v}; }
+static inline v8d to_d(v8 v) { return __builtin_convertvector(v, v8d); }
+static inline v8 to_f(v8d v) { return __builtin_convertvector(v, v8); }
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline int any8l(v8l m) { /* whether a lane is set */
+    int64_t any = 0;
+    for (int i = 0; i < 8; i++) any |= m[i];
+    return any != 0;
+}
 
-#if defined(__AVX__)
-#include <immintrin.h>
+#if defined(KQ8_AVX)
 /* one instruction each where AVX has them: rint (to nearest even, -0 kept, NaN quiet), floor,
- * and np.clip(q, 0, nmax) as max(0, q) then min(nmax, q) (x86 max/min return the second
+ * sqrt, and np.clip(q, 0, nmax) as max(0, q) then min(nmax, q) (x86 max/min return the second
  * operand when either is NaN and on equal operands, so NaN and -0 pass through as in numpy) */
 static inline v8 v8_rint(v8 v) { return (v8)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline v8 v8_floor(v8 v) { return (v8)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline v8 v8_sqrt(v8 v) { return (v8)_mm256_sqrt_ps((__m256)v); }
 static inline v8 v8_clip(v8 q, float nmax) {
     return (v8)_mm256_min_ps((__m256)splat8(nmax), _mm256_max_ps(_mm256_setzero_ps(), (__m256)q));
 }
 #else
-static inline v8 v8_rint(v8 v) { /* v_rint, 8 lanes */
+static inline v8 v8_rint(v8 v) { /* rint_f, 8 lanes */
     const v8i bits = (v8i)v, sign = bits & (v8i)splat8(-0.0f);
     const v8 a = (v8)(bits ^ sign);
     const v8i small = a < 0x1p23f;
     const v8 r = (a + 0x1p23f) - 0x1p23f;
     return (v8)((((v8i)r & small) | ((v8i)a & ~small)) | sign);
 }
-
 static inline v8 v8_floor(v8 v) { /* floor_f, 8 lanes */
     const v8 t = v8_rint(v);
     return t - (v8)((v8i)splat8(1.0f) & (t > v));
 }
-
+static inline v8 v8_sqrt(v8 v) {
+    for (int i = 0; i < 8; i++) v[i] = __builtin_sqrtf(v[i]);
+    return v;
+}
 static inline v8 v8_clip(v8 q, float nmax) { /* np.clip(q, 0, nmax): -0 and NaN pass through */
     q = (v8)((v8i)q & ~(q < 0.0f));
     return sel8(q > nmax, splat8(nmax), q);
 }
 #endif
 
-static inline v8d to_d(v8 v) { return __builtin_convertvector(v, v8d); }
+/* 8 x 8 transpose: m[i][j] -> m[j][i] (unpack pairs of rows, then pairs of pairs, then halves) */
+static inline void transpose8(v8 m[8]) {
+#if defined(__clang__) || __GNUC__ >= 12
+    v8 t[8], s[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shufflevector(m[i], m[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = __builtin_shufflevector(m[i], m[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; h++) {
+            s[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + 2 + h], 0, 1, 8, 9, 4, 5, 12, 13);
+            s[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + 2 + h], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int j = 0; j < 4; j++) {
+        m[j] = __builtin_shufflevector(s[j], s[4 + j], 0, 1, 2, 3, 8, 9, 10, 11);
+        m[4 + j] = __builtin_shufflevector(s[j], s[4 + j], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+#else
+    for (int i = 0; i < 8; i++)
+        for (int j = i + 1; j < 8; j++) {
+            const float t = m[i][j];
+            m[i][j] = m[j][i], m[j][i] = t;
+        }
+#endif
+}
 
-/* the three einsum sums Σ q·w, Σ q·wx, Σ q²·w of 8 rows: q, w, wx [n][8] (numpy's order: see dot) */
-DEFINE_CODE_SUMS(code_sums8_f, v8, vmuladd8, splat8(0.0f))
-static inline void code_sums8(const v8 *q, const v8 *w, const v8 *wx, int n, v8d *sl, v8d *sxl,
-                              v8d *sl2) {
-    v8 l, xl, l2;
-    code_sums8_f(q, w, wx, n, &l, &xl, &l2);
-    *sl = to_d(l);
-    *sxl = to_d(xl);
-    *sl2 = to_d(l2);
+/* rows r = 0..7 of n floats (n a multiple of 8) at src + n·r -> lanes: out[k][r] = src[n·r + k] */
+static inline void rows_to_lanes8(const float *src, int n, v8 *out) {
+    for (int k0 = 0; k0 < n; k0 += 8) {
+        v8 m[8];
+        for (int r = 0; r < 8; r++) m[r] = load8(src + n * r + k0);
+        transpose8(m);
+        memcpy(out + k0, m, sizeof m);
+    }
+}
+
+/* numpy's float32 einsum Σ a[k]·b[k] of 8 rows side by side, a, b [n][8] (n a multiple of 16):
+ * its 4 float lanes (lane i holds elements k + i, k + 4 + i, ...; each step adds elements
+ * k + 12 + i, k + 8 + i, k + 4 + i, k + i in that order) as 4 accumulator vectors, then
+ * (l0 + l1) + (l2 + l3) */
+static inline v8 dot8(const v8 *a, const v8 *b, int n) {
+    v8 acc[4] = {0};
+    for (int k = 0; k < n; k += 16)
+        for (int e = 12; e >= 0; e -= 4)
+            for (int i = 0; i < 4; i++) acc[i] = vmuladd8(a[k + e + i], b[k + e + i], acc[i]);
+    return 0.0f + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
+/* the three einsum sums Σ q·w, Σ q·wx, Σ q²·w (in dot8's order) of the codes of the search
+ * (polish = 0: q = clip(rint(a·v))) or of a polishing round (polish = 1: q = clip(rint((v − a) / b))),
+ * computed on the way rather than stored: the sums are the only use of a candidate's codes */
+static inline __attribute__((always_inline)) void code_sums8(int polish, const v8 *v, v8 a, v8 b, const v8 *w,
+                                                             const v8 *wx, int n, float nmax, v8d *sl, v8d *sxl,
+                                                             v8d *sl2) {
+    v8 a_l[4] = {0}, a_xl[4] = {0}, a_l2[4] = {0};
+    for (int k = 0; k < n; k += 16)
+        for (int e = 12; e >= 0; e -= 4)
+            for (int i = 0; i < 4; i++) {
+                const int j = k + e + i;
+                const v8 q = v8_clip(v8_rint(polish ? (v[j] - a) / b : a * v[j]), nmax);
+                a_l[i] = vmuladd8(q, w[j], a_l[i]);
+                a_xl[i] = vmuladd8(q, wx[j], a_xl[i]);
+                a_l2[i] = vmuladd8(q * q, w[j], a_l2[i]);
+            }
+    *sl = to_d(0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3])));
+    *sxl = to_d(0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3])));
+    *sl2 = to_d(0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3])));
 }
 
 static inline v8d lsq_err8(v8d scale, v8d b, v8d sl, v8d sxl, v8d sl2, v8d sw, v8d sx) {
@@ -166,7 +179,8 @@ static inline v8d lsq_err8(v8d scale, v8d b, v8d sl, v8d sxl, v8d sl2, v8d sw, v
 }
 
 /* the weighted least-squares (scale, b) of the codes and its error Σ w (scale·q + b − x)² − Σ w x²,
- * lane by lane, term by term numpy's float64 algebra (b > 0 refits the scale alone with b = 0;
+ * lane by lane, term by term numpy's float64 algebra (b > 0 refits the scale alone with b = 0:
+ * rare, a sub-block with a positive minimum, so that division only when a lane needs it;
  * np.maximum(scale, 0) turns -0 into +0 and keeps NaN) */
 static inline void lsq8(v8d sl, v8d sxl, v8d sl2, v8d sw, v8d sx, v8d *scale_out, v8d *b_out, v8d *err_out) {
     const v8d zero = splatd(0.0), one = splatd(1.0);
@@ -176,16 +190,26 @@ static inline void lsq8(v8d sl, v8d sxl, v8d sl2, v8d sw, v8d sx, v8d *scale_out
     v8d scale = seld(ok, (sw * sxl - sx * sl) / safe, zero);
     v8d b = seld(ok, (sl2 * sx - sl * sxl) / safe, zero);
     const v8l pos = b > 0;
-    const v8l l2 = sl2 > 0;
-    scale = seld(pos, seld(l2, sxl / seld(l2, sl2, one), zero), scale);
-    b = seld(pos, zero, b);
+    if (any8l(pos)) {
+        const v8l l2 = sl2 > 0;
+        scale = seld(pos, seld(l2, sxl / seld(l2, sl2, one), zero), scale);
+        b = seld(pos, zero, b);
+    }
     scale = seld(scale <= 0, zero, scale); /* !(scale > 0) && !isnan(scale) */
     *scale_out = scale;
     *b_out = b;
     *err_out = lsq_err8(scale, b, sl, sxl, sl2, sw, sx);
 }
 
-/* pairwise_f64 of 8 rows (n a multiple of 8, 8..128) */
+/* numpy's pairwise sum (npyops.h) of 8 rows (n a multiple of 8, 8..128): in float32, and in
+ * float64 of float32 values */
+static inline v8 pairwise8f(const v8 *a, int n) {
+    v8 r[8];
+    for (int j = 0; j < 8; j++) r[j] = a[j];
+    for (int i = 8; i < n; i += 8)
+        for (int j = 0; j < 8; j++) r[j] += a[i + j];
+    return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
+}
 static inline v8d pairwise8(const v8 *a, int n) {
     v8d r[8];
     for (int j = 0; j < 8; j++) r[j] = to_d(a[j]);
@@ -194,45 +218,39 @@ static inline v8d pairwise8(const v8 *a, int n) {
     return 0.0 + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
 
-/* Rows xr + n·r, wr + n·r (r = 0..7; n a multiple of 16, at most 32) of common.fit_scale_min;
- * steps [n_steps] the inverse-scale numerators, the plain min/max candidate's (nmax) first. */
-static void fit_rows8(const float *xr, const float *wr, int32_t n, float nmax, const double *steps,
-                      int32_t n_steps, int32_t refine, float *scale_out, float *m_out) {
-    v8 x[32], w[32], wx[32], dx[32], q[32], q0[32];
-    for (int k = 0; k < n; k++)
-        for (int r = 0; r < 8; r++) x[k][r] = xr[n * r + k], w[k][r] = wr[n * r + k];
+/* common.fit_scale_min of 8 sub-blocks in lanes: x, w, wx = w·x [n] (n a multiple of 16, at most
+ * 32) and the row sums swr = Σ w, sxr = Σ w·x (pairwise, float64); steps [n_steps] the
+ * inverse-scale numerators, the plain min/max candidate's (nmax) first. */
+static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, v8d swr, v8d sxr, int32_t n, float nmax,
+                       const double *steps, int32_t n_steps, int32_t refine, v8 *scale_out, v8 *m_out) {
+    v8 dx[32];
     v8 mn = x[0], mx = x[0];
     for (int k = 0; k < n; k++) {
-        wx[k] = w[k] * x[k];
         mn = sel8(x[k] < mn, x[k], mn);
         mx = sel8(x[k] > mx, x[k], mx);
     }
     const v8 l = sel8(mn < 0, mn, splat8(0.0f)), span = mx - l;
     const v8i flat = span <= 0;
     const v8 sp = sel8(flat, splat8(1.0f), span);
-    const v8d swr = pairwise8(w, n), sxr = pairwise8(wx, n), spd = to_d(sp);
+    const v8d spd = to_d(sp);
     for (int k = 0; k < n; k++) dx[k] = x[k] - l;
     v8d sl, sxl, sl2, sl0 = splatd(0), sxl0 = sl0, sl20 = sl0;
     v8d best_scale = sl0, best_b = sl0, best_err = sl0;
     for (int32_t c = 0; c < n_steps; c++) {
-        if (c > 0 && steps[c] == steps[0]) {
-            memcpy(q, q0, sizeof(v8) * n);
+        if (c > 0 && steps[c] == steps[0]) { /* the same codes as candidate 0 */
             sl = sl0, sxl = sxl0, sl2 = sl20;
         } else {
-            const v8 is = __builtin_convertvector(splatd(steps[c]) / spd, v8);
-            for (int k = 0; k < n; k++) q[k] = v8_clip(v8_rint(is * dx[k]), nmax);
-            code_sums8(q, w, wx, n, &sl, &sxl, &sl2);
+            const v8 is = to_f(splatd(steps[c]) / spd);
+            code_sums8(0, dx, is, is, w, wx, n, nmax, &sl, &sxl, &sl2);
         }
-        v8d scale, b, err;
         if (c == 0) {
-            scale = to_d(sp / nmax);
-            b = to_d(l);
-            err = lsq_err8(scale, b, sl, sxl, sl2, swr, sxr);
-            memcpy(q0, q, sizeof(v8) * n);
             sl0 = sl, sxl0 = sxl, sl20 = sl2;
-            best_scale = scale, best_b = b, best_err = err;
+            best_scale = to_d(sp / nmax);
+            best_b = to_d(l);
+            best_err = lsq_err8(best_scale, best_b, sl, sxl, sl2, swr, sxr);
             continue;
         }
+        v8d scale, b, err;
         lsq8(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
         /* less(err, best_err): the first NaN wins */
         const v8l take = (best_err == best_err) & ((err < best_err) | (err != err));
@@ -246,12 +264,9 @@ static void fit_rows8(const float *xr, const float *wr, int32_t n, float nmax, c
     v8l active = best_scale > 0;
     for (int32_t i = 0; i < refine; i++) {
         active &= best_scale > 0;
-        int any = 0;
-        for (int r = 0; r < 8; r++) any |= active[r] != 0;
-        if (!any) break;
-        const v8 safe = __builtin_convertvector(best_scale, v8), bf = __builtin_convertvector(best_b, v8);
-        for (int k = 0; k < n; k++) q[k] = v8_clip(v8_rint((x[k] - bf) / safe), nmax);
-        code_sums8(q, w, wx, n, &sl, &sxl, &sl2);
+        if (!any8l(active)) break;
+        const v8 safe = to_f(best_scale), bf = to_f(best_b);
+        code_sums8(1, x, bf, safe, w, wx, n, nmax, &sl, &sxl, &sl2);
         v8d scale, b, err;
         lsq8(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
         const v8l take = active & (err < best_err);
@@ -260,20 +275,8 @@ static void fit_rows8(const float *xr, const float *wr, int32_t n, float nmax, c
         best_err = seld(take, err, best_err);
         active = take;
     }
-    const v8 so = __builtin_convertvector(best_scale, v8), mo = __builtin_convertvector(-best_b, v8);
-    const v8 s_out = sel8(flat, splat8(0.0f), so), m_o = sel8(flat, -l, mo);
-    for (int r = 0; r < 8; r++) scale_out[r] = s_out[r], m_out[r] = m_o[r];
-}
-
-/* common.kquant_weights without importance: w = sqrt(mean(x²)) + |x| per sub-block of n (8..128) */
-static void kquant_plain_weights(const float *x, int64_t n_rows, int32_t n, float *w) {
-    float sq[128];
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float *xr = x + r * n;
-        for (int k = 0; k < n; k++) sq[k] = xr[k] * xr[k];
-        const float root = __builtin_sqrtf((float)((double)pairwise_f32(sq, n) / (double)n));
-        for (int k = 0; k < n; k++) w[r * n + k] = root + __builtin_fabsf(xr[k]);
-    }
+    *scale_out = sel8(flat, splat8(0.0f), to_f(best_scale));
+    *m_out = sel8(flat, -l, to_f(-best_b));
 }
 
 /* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n
@@ -285,9 +288,7 @@ static void kquant_requantize(const float *x, const float *m, const float *inv, 
     for (int64_t r = 0; r < n_rows; r++) {
         const v8 mr = splat8(m[r]), ir = splat8(inv[r]);
         for (int k = 0; k < n; k += 8) {
-            v8 v;
-            memcpy(&v, x + r * n + k, sizeof v);
-            const v8 t = v8_clip(v8_floor((v + mr) * ir + 0.5f), nmax);
+            const v8 t = v8_clip(v8_floor((load8(x + r * n + k) + mr) * ir + 0.5f), nmax);
             const v8i c = __builtin_convertvector((v8)((v8i)t & (t == t)), v8i); /* NaN: 0 */
             const v8u8 b = __builtin_convertvector(c, v8u8);
             memcpy(q + r * n + k, &b, sizeof b);
@@ -295,126 +296,129 @@ static void kquant_requantize(const float *x, const float *m, const float *inv, 
     }
 }
 
-/* The per sub-block sums of common.refit_super_scales for one block of subs sub-blocks of n:
- * Σ w q, Σ w q², Σ w q x, Σ w, Σ w x (the per-block Σ w x² is block_xx). */
-static void kquant_refit_sums(const float *x, const float *w, const uint8_t *q, int32_t subs, int32_t n,
-                              double *s_q, double *s_qq, double *s_qx, double *s_w, double *s_x) {
-    float qf[128], wq[128];
-    for (int32_t j = 0; j < subs; j++) {
-        const int64_t at = (int64_t)j * n;
-        const float *xr = x + at, *wr = w + at;
-        for (int k = 0; k < n; k++) {
-            qf[k] = (float)q[at + k];
-            wq[k] = wr[k] * qf[k];
-        }
-        s_q[j] = pairwise_f64(wq, n);
-        s_qq[j] = dot(wq, qf, n);
-        s_qx[j] = dot(wq, xr, n);
-        s_w[j] = pairwise_f64(wr, n);
-        s_x[j] = dot(wr, xr, n);
-    }
-}
-
-#define KQ_BATCH 8 /* blocks whose Σ w x² chains run side by side */
-
-/* Σ w x² of each of KQ_BATCH blocks x[i], w[i] (256 values): numpy's three-operand einsum,
- * one float32 accumulator element after element, a chain of 256 dependent additions; the
- * blocks' chains are independent, so they run side by side (one lane each). */
-static void block_xx(const float *const x[KQ_BATCH], const float (*w)[256], double *s_xx) {
-    v8 acc = splat8(0.0f);
-    for (int k = 0; k < 256; k++) {
-        v8 xv, wv;
-        for (int i = 0; i < KQ_BATCH; i++) xv[i] = x[i][k], wv[i] = w[i][k];
-        acc += (wv * xv) * xv;
-    }
-    for (int i = 0; i < KQ_BATCH; i++) s_xx[i] = 0.0f + acc[i];
-}
-
-/* ------------------------------------------------------------------------------------------
- * The whole per-block recipe of common.kquant_fit and the packing of q4_k / q2_k, one
- * super-block of 256 at a time, every step the numpy path's operation in its order. */
-
-
-/* common.importance_weights for one super-block: qw·sqrt(f·mean(x²) + x²) */
-static void importance_block(const float *x, const float *qw, float sigma_factor, float *w) {
-    float sq[256];
-    for (int k = 0; k < 256; k++) sq[k] = x[k] * x[k];
-    const float mean = (0.0f + (pairwise_f32(sq, 128) + pairwise_f32(sq + 128, 128))) / 256.0f;
-    const float sigma2 = sigma_factor == 1.0f ? mean : sigma_factor * mean;
-    for (int k = 0; k < 256; k++) w[k] = qw[k] * __builtin_sqrtf(sigma2 + x[k] * x[k]);
-}
-
-/* common.refit_super_scales for one block (Σ w x² given): the new (d, dmin) where they lower
- * the error */
-static void refit_super(const float *x, const float *w, const uint8_t *q, const float *ls,
-                        const float *lm, int32_t subs, int32_t sub, double s_xx, float *d, float *dmin) {
-    double s_q[16], s_qq[16], s_qx[16], s_w[16], s_x[16];
-    kquant_refit_sums(x, w, q, subs, sub, s_q, s_qq, s_qx, s_w, s_x);
-    refit_super_scales(ls, lm, subs, s_q, s_qq, s_qx, s_w, s_x, s_xx, d, dmin);
-}
-
-/* the codes of one block for (d, dmin) and the sub-block levels ls, lm */
-static void block_codes(const float *x, float d, float dmin, const float *ls, const float *lm,
-                        int32_t subs, int32_t sub, int32_t nmax, uint8_t *q) {
-    float mm[16], inv[16];
+/* requantize_codes' m and inv for (d, dmin) and the sub-block levels ls, lm */
+static inline void code_steps(float d, float dmin, const float *ls, const float *lm, int subs, float *mm,
+                              float *inv) {
     for (int j = 0; j < subs; j++) {
         const float sc = d * ls[j];
         mm[j] = dmin * lm[j];
         inv[j] = sc > 0 ? 1.0f / sc : 0.0f;
     }
-    kquant_requantize(x, mm, inv, subs, sub, nmax, q);
 }
+
+/* pairwise_f32 of x[0..127]², 8 at a time (the same 8 accumulators) */
+static inline float sum_sq128_8(const float *x) {
+    v8 r = load8(x);
+    r = r * r;
+    for (int i = 8; i < 128; i += 8) {
+        const v8 v = load8(x + i);
+        r += v * v;
+    }
+    return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
+}
+
+#define KQ_BATCH 8 /* blocks whose Σ w x² chains run side by side (one lane each) */
 
 /* xb [n_blocks][256] and optional importance qw (same shape) -> Q4_K (kind 4: sub-blocks of 32,
  * codes 0..15, 6-bit levels) or Q2_K (kind 2: 16, 0..3, 4-bit) blocks in out. */
 void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t kind,
                      const double *steps, int32_t n_steps, int32_t refine, float sigma_factor,
                      uint8_t *out) {
-    const int32_t sub = kind == 4 ? 32 : 16, subs = 256 / sub, nmax = kind == 4 ? 15 : 3;
-    const float lmax = kind == 4 ? 63.0f : 15.0f;
+    const int32_t sub = kind == 4 ? 32 : 16, subs = 256 / sub, nmax_i = kind == 4 ? 15 : 3;
+    const int groups = subs / 8; /* of 8 sub-blocks, one per lane */
+    const float nmax = (float)nmax_i, lmax = kind == 4 ? 63.0f : 15.0f;
     const int64_t block_bytes = kind == 4 ? 144 : 84;
-    static const float zeros[256];
-    float w_batch[KQ_BATCH][256], d_batch[KQ_BATCH], dmin_batch[KQ_BATCH], ls_batch[KQ_BATCH][16],
-        lm_batch[KQ_BATCH][16];
-    uint8_t q_batch[KQ_BATCH][256];
+    /* per block of the batch: the levels, super-scales, per sub-block sums of
+     * common._refit_sums, and w·x² in lanes (for Σ w x²) */
+    float d_b[KQ_BATCH], dmin_b[KQ_BATCH], ls_b[KQ_BATCH][16], lm_b[KQ_BATCH][16];
+    double s_q[KQ_BATCH][16], s_qq[KQ_BATCH][16], s_qx[KQ_BATCH][16], s_w[KQ_BATCH][16], s_x[KQ_BATCH][16];
+    v8 wxx[KQ_BATCH][32];
     for (int64_t b0 = 0; b0 < n_blocks; b0 += KQ_BATCH) {
-    const int nb = n_blocks - b0 < KQ_BATCH ? (int)(n_blocks - b0) : KQ_BATCH;
-    const float *x_at[KQ_BATCH];
-    double s_xx[KQ_BATCH];
-    for (int i = 0; i < KQ_BATCH; i++) { /* weights, sub-block (scale, min) fits, first codes */
-        if (i >= nb) { /* lanes past the last block: zeros */
-            x_at[i] = zeros;
-            memset(w_batch[i], 0, sizeof w_batch[i]);
-            continue;
+        const int nb = n_blocks - b0 < KQ_BATCH ? (int)(n_blocks - b0) : KQ_BATCH;
+        for (int i = 0; i < nb; i++) {
+            const float *xr = xb + 256 * (b0 + i);
+            v8 x[32], w[32], wx[32];
+            for (int g = 0; g < groups; g++) rows_to_lanes8(xr + 8 * sub * g, sub, x + sub * g);
+            if (qw != NULL) { /* common.importance_weights: qw·sqrt(f·mean(x²) + x²), mean per block */
+                v8 qv[32];
+                for (int g = 0; g < groups; g++) rows_to_lanes8(qw + 256 * (b0 + i) + 8 * sub * g, sub, qv + sub * g);
+                const float mean = (0.0f + (sum_sq128_8(xr) + sum_sq128_8(xr + 128))) / 256.0f;
+                const v8 s2 = splat8(sigma_factor == 1.0f ? mean : sigma_factor * mean);
+                for (int k = 0; k < 32; k++) w[k] = qv[k] * v8_sqrt(s2 + x[k] * x[k]);
+            } else { /* common.kquant_weights without importance: sqrt(mean(x²)) + |x| per sub-block */
+                for (int g = 0; g < groups; g++) {
+                    v8 sq[32];
+                    for (int k = 0; k < sub; k++) sq[k] = x[sub * g + k] * x[sub * g + k];
+                    const v8 root = v8_sqrt(to_f(to_d(pairwise8f(sq, sub)) / (double)sub));
+                    for (int k = 0; k < sub; k++)
+                        w[sub * g + k] = root + (v8)((v8i)x[sub * g + k] & ~(v8i)splat8(-0.0f));
+                }
+            }
+            for (int k = 0; k < 32; k++) wx[k] = w[k] * x[k];
+            v8d swr[2], sxr[2];
+            v8 scale_v[2], m_v[2];
+            for (int g = 0; g < groups; g++) {
+                swr[g] = pairwise8(w + sub * g, sub), sxr[g] = pairwise8(wx + sub * g, sub);
+                fit_lanes8(x + sub * g, w + sub * g, wx + sub * g, swr[g], sxr[g], sub, nmax, steps, n_steps, refine,
+                           &scale_v[g], &m_v[g]);
+            }
+            /* sub-block levels against the fp16 super-scales */
+            float scale[16], m[16], mm[16], inv[16], *ls = ls_b[i], *lm = lm_b[i];
+            memcpy(scale, scale_v, sizeof(float) * subs);
+            memcpy(m, m_v, sizeof(float) * subs);
+            const float d = f16_to_f32(f32_to_f16(max_nan(scale, subs) / lmax));
+            const float dmin = f16_to_f32(f32_to_f16(max_nan(m, subs) / lmax));
+            const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
+            for (int j = 0; j < subs; j++) {
+                ls[j] = clip_f(round_half_away(scale[j] / dsafe), lmax);
+                lm[j] = clip_f(round_half_away(m[j] / msafe), lmax);
+            }
+            code_steps(d, dmin, ls, lm, subs, mm, inv);
+            d_b[i] = d, dmin_b[i] = dmin;
+            /* the first codes as common.requantize_codes makes them and the uint8 -> float32 of
+             * _refit_sums (NaN: 0, -0: +0), then its per sub-block sums */
+            for (int g = 0; g < groups; g++) {
+                const v8 mv = load8(mm + 8 * g), iv = load8(inv + 8 * g);
+                const v8 *xg = x + sub * g, *wg = w + sub * g;
+                v8 q[32], wq[32];
+                for (int k = 0; k < sub; k++) {
+                    const v8 t = v8_clip(v8_floor((xg[k] + mv) * iv + 0.5f), nmax);
+                    q[k] = (v8)((v8i)t & (t == t)) + 0.0f;
+                    wq[k] = wg[k] * q[k];
+                    wxx[i][sub * g + k] = wx[sub * g + k] * xg[k];
+                }
+                const v8d v_q = pairwise8(wq, sub), v_qq = to_d(dot8(wq, q, sub)), v_qx = to_d(dot8(wq, xg, sub));
+                const v8d v_x = to_d(dot8(wg, xg, sub));
+                for (int r = 0; r < 8; r++) {
+                    const int j = 8 * g + r;
+                    s_q[i][j] = v_q[r], s_qq[i][j] = v_qq[r], s_qx[i][j] = v_qx[r];
+                    s_w[i][j] = swr[g][r], s_x[i][j] = v_x[r];
+                }
+            }
         }
-        const int64_t b = b0 + i;
-        const float *x = x_at[i] = xb + 256 * b;
-        float *w = w_batch[i], *ls = ls_batch[i], *lm = lm_batch[i], scale[16], m[16];
-        if (qw != NULL)
-            importance_block(x, qw + 256 * b, sigma_factor, w);
-        else
-            kquant_plain_weights(x, subs, sub, w);
-        for (int j = 0; j < subs; j += 8)
-            fit_rows8(x + sub * j, w + sub * j, sub, (float)nmax, steps, n_steps, refine, scale + j, m + j);
-        const float d = f16_to_f32(f32_to_f16(max_nan(scale, subs) / lmax));
-        const float dmin = f16_to_f32(f32_to_f16(max_nan(m, subs) / lmax));
-        const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
-        for (int j = 0; j < subs; j++) {
-            ls[j] = clip_f(round_half_away(scale[j] / dsafe), lmax);
-            lm[j] = clip_f(round_half_away(m[j] / msafe), lmax);
+        /* Σ w x² per block: numpy's three-operand einsum, one float32 accumulator element after
+         * element, a chain of 256 dependent additions; the blocks' chains run side by side, one
+         * lane each (8 x 8 transposes of the lanes of 8 blocks: element k of sub-block 8g + r
+         * of every block, in element order) */
+        for (int i = nb; i < KQ_BATCH; i++) memset(wxx[i], 0, sizeof wxx[i]);
+        v8 elems[256];
+        for (int g = 0; g < groups; g++)
+            for (int k = 0; k < sub; k++) {
+                v8 t[8];
+                for (int i = 0; i < KQ_BATCH; i++) t[i] = wxx[i][sub * g + k];
+                transpose8(t);
+                for (int r = 0; r < 8; r++) elems[(8 * g + r) * sub + k] = t[r];
+            }
+        v8 acc = splat8(0.0f);
+        for (int e = 0; e < 256; e++) acc += elems[e];
+        for (int i = 0; i < nb; i++) { /* super-scale refit, final codes, packing */
+            const float *x = xb + 256 * (b0 + i), *ls = ls_b[i], *lm = lm_b[i];
+            uint8_t q[256], *o = out + block_bytes * (b0 + i);
+            float d = d_b[i], dmin = dmin_b[i], mm[16], inv[16];
+            refit_super_scales(ls, lm, subs, s_q[i], s_qq[i], s_qx[i], s_w[i], s_x[i], 0.0f + acc[i], &d, &dmin);
+            code_steps(d, dmin, ls, lm, subs, mm, inv);
+            kquant_requantize(x, mm, inv, subs, sub, nmax_i, q);
+            kquant_pack(kind, ls, lm, q, f32_to_f16(d), f32_to_f16(dmin), o);
         }
-        block_codes(x, d, dmin, ls, lm, subs, sub, nmax, q_batch[i]);
-        d_batch[i] = d, dmin_batch[i] = dmin;
-    }
-    block_xx(x_at, (const float (*)[256])w_batch, s_xx);
-    for (int i = 0; i < nb; i++) { /* super-scale refit, final codes, packing */
-        const float *x = x_at[i], *ls = ls_batch[i], *lm = lm_batch[i];
-        uint8_t *q = q_batch[i], *o = out + block_bytes * (b0 + i);
-        float d = d_batch[i], dmin = dmin_batch[i];
-        refit_super(x, w_batch[i], q, ls, lm, subs, sub, s_xx[i], &d, &dmin);
-        block_codes(x, d, dmin, ls, lm, subs, sub, nmax, q);
-        const uint16_t hd = f32_to_f16(d), hm = f32_to_f16(dmin);
-        kquant_pack(kind, ls, lm, q, hd, hm, o);
-    }
     }
 }
