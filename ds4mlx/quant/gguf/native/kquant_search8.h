@@ -43,8 +43,11 @@
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-typedef double v8d __attribute__((vector_size(64)));
-typedef int64_t v8l __attribute__((vector_size(64)));
+typedef float v4 __attribute__((vector_size(16)));
+/* float64 lanes 4 at a time (two vectors for 8 lanes): GCC turns 64-byte generic vectors without
+ * AVX-512 into scalar code */
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
 
 static inline v8 vmuladd8(v8 a, v8 b, v8 c) {
 #if defined(__aarch64__)
@@ -57,19 +60,29 @@ static inline v8 vmuladd8(v8 a, v8 b, v8 c) {
 }
 
 static inline v8 sel8(v8i m, v8 a, v8 b) { return (v8)((m & (v8i)a) | (~m & (v8i)b)); }
-static inline v8d seld(v8l m, v8d a, v8d b) { return (v8d)((m & (v8l)a) | (~m & (v8l)b)); }
-static inline v8d splatd(double v) { return (v8d){v, v, v, v, v, v, v, v}; }
+static inline v4d seld(v4l m, v4d a, v4d b) { return (v4d)((m & (v4l)a) | (~m & (v4l)b)); }
+static inline v4d splatd(double v) { return (v4d){v, v, v, v}; }
 static inline v8 splat8(float v) { return (v8){v, v, v, v, v, v, v, v}; }
-static inline v8d to_d(v8 v) { return __builtin_convertvector(v, v8d); }
-static inline v8 to_f(v8d v) { return __builtin_convertvector(v, v8); }
+/* 8 floats to float64 (two halves of 4) and back */
+static inline void to_d(v8 v, v4d out[2]) {
+    v4 h[2];
+    memcpy(h, &v, sizeof v);
+    out[0] = __builtin_convertvector(h[0], v4d), out[1] = __builtin_convertvector(h[1], v4d);
+}
+static inline v8 to_f(const v4d v[2]) {
+    const v4 h[2] = {__builtin_convertvector(v[0], v4), __builtin_convertvector(v[1], v4)};
+    v8 r;
+    memcpy(&r, h, sizeof r);
+    return r;
+}
 static inline v8 load8(const float *p) {
     v8 v;
     memcpy(&v, p, sizeof v);
     return v;
 }
-static inline int any8l(v8l m) { /* whether a lane is set */
+static inline int any_l(v4l m) { /* whether a lane is set */
     int64_t any = 0;
-    for (int i = 0; i < 8; i++) any |= m[i];
+    for (int i = 0; i < 4; i++) any |= m[i];
     return any != 0;
 }
 
@@ -157,24 +170,29 @@ static inline v8 dot8(const v8 *a, const v8 *b, int n) {
  * (polish = 0: q = clip(rint(a·v))) or of a polishing round (polish = 1: q = clip(rint((v − a) / b))),
  * computed on the way rather than stored: the sums are the only use of a candidate's codes */
 static inline __attribute__((always_inline)) void code_sums8(int polish, const v8 *v, v8 a, v8 b, const v8 *w,
-                                                             const v8 *wx, int n, float nmax, v8d *sl, v8d *sxl,
-                                                             v8d *sl2) {
-    v8 a_l[4] = {0}, a_xl[4] = {0}, a_l2[4] = {0};
-    for (int k = 0; k < n; k += 16)
-        for (int e = 12; e >= 0; e -= 4)
-            for (int i = 0; i < 4; i++) {
-                const int j = k + e + i;
-                const v8 q = v8_clip(v8_rint(polish ? (v[j] - a) / b : a * v[j]), nmax);
-                a_l[i] = vmuladd8(q, w[j], a_l[i]);
-                a_xl[i] = vmuladd8(q, wx[j], a_xl[i]);
-                a_l2[i] = vmuladd8(q * q, w[j], a_l2[i]);
-            }
-    *sl = to_d(0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3])));
-    *sxl = to_d(0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3])));
-    *sl2 = to_d(0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3])));
+                                                             const v8 *wx, int n, float nmax, v4d sl[2], v4d sxl[2],
+                                                             v4d sl2[2]) {
+    v8 a_l[4], a_xl[4], a_l2[4];
+    /* two of the 4 einsum lanes at a time: 6 accumulators stay in registers (12 did not) */
+    for (int i0 = 0; i0 < 4; i0 += 2) {
+        v8 l[2] = {0}, xl[2] = {0}, l2[2] = {0};
+        for (int k = 0; k < n; k += 16)
+            for (int e = 12; e >= 0; e -= 4)
+                for (int i = 0; i < 2; i++) {
+                    const int j = k + e + i0 + i;
+                    const v8 q = v8_clip(v8_rint(polish ? (v[j] - a) / b : a * v[j]), nmax);
+                    l[i] = vmuladd8(q, w[j], l[i]);
+                    xl[i] = vmuladd8(q, wx[j], xl[i]);
+                    l2[i] = vmuladd8(q * q, w[j], l2[i]);
+                }
+        for (int i = 0; i < 2; i++) a_l[i0 + i] = l[i], a_xl[i0 + i] = xl[i], a_l2[i0 + i] = l2[i];
+    }
+    to_d(0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3])), sl);
+    to_d(0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3])), sxl);
+    to_d(0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3])), sl2);
 }
 
-static inline v8d lsq_err8(v8d scale, v8d b, v8d sl, v8d sxl, v8d sl2, v8d sw, v8d sx) {
+static inline v4d lsq_err(v4d scale, v4d b, v4d sl, v4d sxl, v4d sl2, v4d sw, v4d sx) {
     return scale * scale * sl2 + b * b * sw + 2 * scale * b * sl - 2 * scale * sxl - 2 * b * sx;
 }
 
@@ -182,23 +200,23 @@ static inline v8d lsq_err8(v8d scale, v8d b, v8d sl, v8d sxl, v8d sl2, v8d sw, v
  * lane by lane, term by term numpy's float64 algebra (b > 0 refits the scale alone with b = 0:
  * rare, a sub-block with a positive minimum, so that division only when a lane needs it;
  * np.maximum(scale, 0) turns -0 into +0 and keeps NaN) */
-static inline void lsq8(v8d sl, v8d sxl, v8d sl2, v8d sw, v8d sx, v8d *scale_out, v8d *b_out, v8d *err_out) {
-    const v8d zero = splatd(0.0), one = splatd(1.0);
-    const v8d det = sw * sl2 - sl * sl;
-    const v8l ok = det > 0;
-    const v8d safe = seld(ok, det, one);
-    v8d scale = seld(ok, (sw * sxl - sx * sl) / safe, zero);
-    v8d b = seld(ok, (sl2 * sx - sl * sxl) / safe, zero);
-    const v8l pos = b > 0;
-    if (any8l(pos)) {
-        const v8l l2 = sl2 > 0;
+static inline void lsq(v4d sl, v4d sxl, v4d sl2, v4d sw, v4d sx, v4d *scale_out, v4d *b_out, v4d *err_out) {
+    const v4d zero = splatd(0.0), one = splatd(1.0);
+    const v4d det = sw * sl2 - sl * sl;
+    const v4l ok = det > 0;
+    const v4d safe = seld(ok, det, one);
+    v4d scale = seld(ok, (sw * sxl - sx * sl) / safe, zero);
+    v4d b = seld(ok, (sl2 * sx - sl * sxl) / safe, zero);
+    const v4l pos = b > 0;
+    if (any_l(pos)) {
+        const v4l l2 = sl2 > 0;
         scale = seld(pos, seld(l2, sxl / seld(l2, sl2, one), zero), scale);
         b = seld(pos, zero, b);
     }
     scale = seld(scale <= 0, zero, scale); /* !(scale > 0) && !isnan(scale) */
     *scale_out = scale;
     *b_out = b;
-    *err_out = lsq_err8(scale, b, sl, sxl, sl2, sw, sx);
+    *err_out = lsq_err(scale, b, sl, sxl, sl2, sw, sx);
 }
 
 /* numpy's pairwise sum (npyops.h) of 8 rows (n a multiple of 8, 8..128): in float32, and in
@@ -210,19 +228,24 @@ static inline v8 pairwise8f(const v8 *a, int n) {
         for (int j = 0; j < 8; j++) r[j] += a[i + j];
     return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
-static inline v8d pairwise8(const v8 *a, int n) {
-    v8d r[8];
-    for (int j = 0; j < 8; j++) r[j] = to_d(a[j]);
+static inline void pairwise8(const v8 *a, int n, v4d out[2]) {
+    v4d r[8][2];
+    for (int j = 0; j < 8; j++) to_d(a[j], r[j]);
     for (int i = 8; i < n; i += 8)
-        for (int j = 0; j < 8; j++) r[j] += to_d(a[i + j]);
-    return 0.0 + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
+        for (int j = 0; j < 8; j++) {
+            v4d t[2];
+            to_d(a[i + j], t);
+            r[j][0] += t[0], r[j][1] += t[1];
+        }
+    for (int h = 0; h < 2; h++)
+        out[h] = 0.0 + (((r[0][h] + r[1][h]) + (r[2][h] + r[3][h])) + ((r[4][h] + r[5][h]) + (r[6][h] + r[7][h])));
 }
 
 /* common.fit_scale_min of 8 sub-blocks in lanes: x, w, wx = w·x [n] (n a multiple of 16, at most
  * 32) and the row sums swr = Σ w, sxr = Σ w·x (pairwise, float64); steps [n_steps] the
  * inverse-scale numerators, the plain min/max candidate's (nmax) first. */
-static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, v8d swr, v8d sxr, int32_t n, float nmax,
-                       const double *steps, int32_t n_steps, int32_t refine, v8 *scale_out, v8 *m_out) {
+static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[2], const v4d sxr[2], int32_t n,
+                       float nmax, const double *steps, int32_t n_steps, int32_t refine, v8 *scale_out, v8 *m_out) {
     v8 dx[32];
     v8 mn = x[0], mx = x[0];
     for (int k = 0; k < n; k++) {
@@ -232,51 +255,60 @@ static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, v8d swr, v8d sxr,
     const v8 l = sel8(mn < 0, mn, splat8(0.0f)), span = mx - l;
     const v8i flat = span <= 0;
     const v8 sp = sel8(flat, splat8(1.0f), span);
-    const v8d spd = to_d(sp);
+    v4d spd[2];
+    to_d(sp, spd);
     for (int k = 0; k < n; k++) dx[k] = x[k] - l;
-    v8d sl, sxl, sl2, sl0 = splatd(0), sxl0 = sl0, sl20 = sl0;
-    v8d best_scale = sl0, best_b = sl0, best_err = sl0;
+    v4d sl[2], sxl[2], sl2[2], sl0[2], sxl0[2], sl20[2];
+    v4d best_scale[2], best_b[2], best_err[2];
     for (int32_t c = 0; c < n_steps; c++) {
         if (c > 0 && steps[c] == steps[0]) { /* the same codes as candidate 0 */
-            sl = sl0, sxl = sxl0, sl2 = sl20;
+            for (int h = 0; h < 2; h++) sl[h] = sl0[h], sxl[h] = sxl0[h], sl2[h] = sl20[h];
         } else {
-            const v8 is = to_f(splatd(steps[c]) / spd);
-            code_sums8(0, dx, is, is, w, wx, n, nmax, &sl, &sxl, &sl2);
+            const v4d isd[2] = {splatd(steps[c]) / spd[0], splatd(steps[c]) / spd[1]};
+            const v8 is = to_f(isd);
+            code_sums8(0, dx, is, is, w, wx, n, nmax, sl, sxl, sl2);
         }
         if (c == 0) {
-            sl0 = sl, sxl0 = sxl, sl20 = sl2;
-            best_scale = to_d(sp / nmax);
-            best_b = to_d(l);
-            best_err = lsq_err8(best_scale, best_b, sl, sxl, sl2, swr, sxr);
+            to_d(sp / nmax, best_scale);
+            to_d(l, best_b);
+            for (int h = 0; h < 2; h++) {
+                sl0[h] = sl[h], sxl0[h] = sxl[h], sl20[h] = sl2[h];
+                best_err[h] = lsq_err(best_scale[h], best_b[h], sl[h], sxl[h], sl2[h], swr[h], sxr[h]);
+            }
             continue;
         }
-        v8d scale, b, err;
-        lsq8(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
-        /* less(err, best_err): the first NaN wins */
-        const v8l take = (best_err == best_err) & ((err < best_err) | (err != err));
-        best_scale = seld(take, scale, best_scale);
-        best_b = seld(take, b, best_b);
-        best_err = seld(take, err, best_err);
+        for (int h = 0; h < 2; h++) {
+            v4d scale, b, err;
+            lsq(sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale, &b, &err);
+            /* less(err, best_err): the first NaN wins */
+            const v4l take = (best_err[h] == best_err[h]) & ((err < best_err[h]) | (err != err));
+            best_scale[h] = seld(take, scale, best_scale[h]);
+            best_b[h] = seld(take, b, best_b[h]);
+            best_err[h] = seld(take, err, best_err[h]);
+        }
     }
     /* Polish: a round that does not improve leaves a lane's winner as it was, so every later
      * round would repeat it: the lane stops there (the same result as running them all), as
      * it does at a zero scale. */
-    v8l active = best_scale > 0;
+    v4l active[2] = {best_scale[0] > 0, best_scale[1] > 0};
     for (int32_t i = 0; i < refine; i++) {
-        active &= best_scale > 0;
-        if (!any8l(active)) break;
+        for (int h = 0; h < 2; h++) active[h] &= best_scale[h] > 0;
+        if (!any_l(active[0] | active[1])) break;
         const v8 safe = to_f(best_scale), bf = to_f(best_b);
-        code_sums8(1, x, bf, safe, w, wx, n, nmax, &sl, &sxl, &sl2);
-        v8d scale, b, err;
-        lsq8(sl, sxl, sl2, swr, sxr, &scale, &b, &err);
-        const v8l take = active & (err < best_err);
-        best_scale = seld(take, scale, best_scale);
-        best_b = seld(take, b, best_b);
-        best_err = seld(take, err, best_err);
-        active = take;
+        code_sums8(1, x, bf, safe, w, wx, n, nmax, sl, sxl, sl2);
+        for (int h = 0; h < 2; h++) {
+            v4d scale, b, err;
+            lsq(sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale, &b, &err);
+            const v4l take = active[h] & (err < best_err[h]);
+            best_scale[h] = seld(take, scale, best_scale[h]);
+            best_b[h] = seld(take, b, best_b[h]);
+            best_err[h] = seld(take, err, best_err[h]);
+            active[h] = take;
+        }
     }
+    const v4d nb[2] = {-best_b[0], -best_b[1]};
     *scale_out = sel8(flat, splat8(0.0f), to_f(best_scale));
-    *m_out = sel8(flat, -l, to_f(-best_b));
+    *m_out = sel8(flat, -l, to_f(nb));
 }
 
 /* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n
@@ -349,16 +381,19 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                 for (int g = 0; g < groups; g++) {
                     v8 sq[32];
                     for (int k = 0; k < sub; k++) sq[k] = x[sub * g + k] * x[sub * g + k];
-                    const v8 root = v8_sqrt(to_f(to_d(pairwise8f(sq, sub)) / (double)sub));
+                    v4d ms[2];
+                    to_d(pairwise8f(sq, sub), ms);
+                    const v4d mean[2] = {ms[0] / (double)sub, ms[1] / (double)sub};
+                    const v8 root = v8_sqrt(to_f(mean));
                     for (int k = 0; k < sub; k++)
                         w[sub * g + k] = root + (v8)((v8i)x[sub * g + k] & ~(v8i)splat8(-0.0f));
                 }
             }
             for (int k = 0; k < 32; k++) wx[k] = w[k] * x[k];
-            v8d swr[2], sxr[2];
+            v4d swr[2][2], sxr[2][2];
             v8 scale_v[2], m_v[2];
             for (int g = 0; g < groups; g++) {
-                swr[g] = pairwise8(w + sub * g, sub), sxr[g] = pairwise8(wx + sub * g, sub);
+                pairwise8(w + sub * g, sub, swr[g]), pairwise8(wx + sub * g, sub, sxr[g]);
                 fit_lanes8(x + sub * g, w + sub * g, wx + sub * g, swr[g], sxr[g], sub, nmax, steps, n_steps, refine,
                            &scale_v[g], &m_v[g]);
             }
@@ -387,12 +422,13 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                     wq[k] = wg[k] * q[k];
                     wxx[i][sub * g + k] = wx[sub * g + k] * xg[k];
                 }
-                const v8d v_q = pairwise8(wq, sub), v_qq = to_d(dot8(wq, q, sub)), v_qx = to_d(dot8(wq, xg, sub));
-                const v8d v_x = to_d(dot8(wg, xg, sub));
+                v4d v_q[2], v_qq[2], v_qx[2], v_x[2];
+                pairwise8(wq, sub, v_q);
+                to_d(dot8(wq, q, sub), v_qq), to_d(dot8(wq, xg, sub), v_qx), to_d(dot8(wg, xg, sub), v_x);
                 for (int r = 0; r < 8; r++) {
-                    const int j = 8 * g + r;
-                    s_q[i][j] = v_q[r], s_qq[i][j] = v_qq[r], s_qx[i][j] = v_qx[r];
-                    s_w[i][j] = swr[g][r], s_x[i][j] = v_x[r];
+                    const int j = 8 * g + r, h = r / 4;
+                    s_q[i][j] = v_q[h][r % 4], s_qq[i][j] = v_qq[h][r % 4], s_qx[i][j] = v_qx[h][r % 4];
+                    s_w[i][j] = swr[g][h][r % 4], s_x[i][j] = v_x[h][r % 4];
                 }
             }
         }
