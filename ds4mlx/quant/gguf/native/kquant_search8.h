@@ -96,6 +96,7 @@ static inline v8 v8_sqrt(v8 v) { return (v8)_mm256_sqrt_ps((__m256)v); }
 static inline v8 v8_clip(v8 q, float nmax) {
     return (v8)_mm256_min_ps((__m256)splat8(nmax), _mm256_max_ps(_mm256_setzero_ps(), (__m256)q));
 }
+static inline v8 v8_clip_top(v8 q, float nmax) { return (v8)_mm256_min_ps((__m256)splat8(nmax), (__m256)q); }
 #else
 static inline v8 v8_rint(v8 v) { /* rint_f, 8 lanes */
     const v8i bits = (v8i)v, sign = bits & (v8i)splat8(-0.0f);
@@ -116,7 +117,10 @@ static inline v8 v8_clip(v8 q, float nmax) { /* np.clip(q, 0, nmax): -0 and NaN 
     q = (v8)((v8i)q & ~(q < 0.0f));
     return sel8(q > nmax, splat8(nmax), q);
 }
+static inline v8 v8_clip_top(v8 q, float nmax) { return sel8(q > nmax, splat8(nmax), q); }
 #endif
+
+/* v8_clip where no lane is below 0 (a no-op there, also on -0 and NaN) */
 
 /* 8 x 8 transpose: m[i][j] -> m[j][i] (unpack pairs of rows, then pairs of pairs, then halves) */
 static inline void transpose8(v8 m[8]) {
@@ -168,8 +172,9 @@ static inline v8 dot8(const v8 *a, const v8 *b, int n) {
 
 /* the three einsum sums Σ q·w, Σ q·wx, Σ q²·w (in dot8's order) of the codes of the search
  * (polish = 0: q = clip(rint(a·v))) or of a polishing round (polish = 1: q = clip(rint((v − a) / b))),
- * computed on the way rather than stored: the sums are the only use of a candidate's codes */
-static inline __attribute__((always_inline)) void code_sums8(int polish, const v8 *v, v8 a, v8 b, const v8 *w,
+ * computed on the way rather than stored: the sums are the only use of a candidate's codes;
+ * nonneg: no lane's rint is below 0 (the clip at 0 is a no-op) */
+static inline __attribute__((always_inline)) void code_sums8(int polish, int nonneg, const v8 *v, v8 a, v8 b, const v8 *w,
                                                              const v8 *wx, int n, float nmax, v4d sl[2], v4d sxl[2],
                                                              v4d sl2[2]) {
     v8 a_l[4], a_xl[4], a_l2[4];
@@ -180,7 +185,8 @@ static inline __attribute__((always_inline)) void code_sums8(int polish, const v
             for (int e = 12; e >= 0; e -= 4)
                 for (int i = 0; i < 2; i++) {
                     const int j = k + e + i0 + i;
-                    const v8 q = v8_clip(v8_rint(polish ? (v[j] - a) / b : a * v[j]), nmax);
+                    const v8 r = v8_rint(polish ? (v[j] - a) / b : a * v[j]);
+                    const v8 q = nonneg ? v8_clip_top(r, nmax) : v8_clip(r, nmax);
                     l[i] = vmuladd8(q, w[j], l[i]);
                     xl[i] = vmuladd8(q, wx[j], xl[i]);
                     l2[i] = vmuladd8(q * q, w[j], l2[i]);
@@ -258,6 +264,10 @@ static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[2],
     v4d spd[2];
     to_d(sp, spd);
     for (int k = 0; k < n; k++) dx[k] = x[k] - l;
+    /* x − l ≥ 0 (or NaN) unless a lane's minimum is NaN (its first value: NaN is never less) */
+    v8i mn_nan = mn != mn;
+    int any_nan = 0;
+    for (int r = 0; r < 8; r++) any_nan |= mn_nan[r];
     v4d sl[2], sxl[2], sl2[2], sl0[2], sxl0[2], sl20[2];
     v4d best_scale[2], best_b[2], best_err[2];
     for (int32_t c = 0; c < n_steps; c++) {
@@ -266,7 +276,10 @@ static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[2],
         } else {
             const v4d isd[2] = {splatd(steps[c]) / spd[0], splatd(steps[c]) / spd[1]};
             const v8 is = to_f(isd);
-            code_sums8(0, dx, is, is, w, wx, n, nmax, sl, sxl, sl2);
+            if (!any_nan && steps[c] > 0) /* is > 0 or NaN: is·(x − l) ≥ 0 or NaN */
+                code_sums8(0, 1, dx, is, is, w, wx, n, nmax, sl, sxl, sl2);
+            else
+                code_sums8(0, 0, dx, is, is, w, wx, n, nmax, sl, sxl, sl2);
         }
         if (c == 0) {
             to_d(sp / nmax, best_scale);
@@ -295,7 +308,7 @@ static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[2],
         for (int h = 0; h < 2; h++) active[h] &= best_scale[h] > 0;
         if (!any_l(active[0] | active[1])) break;
         const v8 safe = to_f(best_scale), bf = to_f(best_b);
-        code_sums8(1, x, bf, safe, w, wx, n, nmax, sl, sxl, sl2);
+        code_sums8(1, 0, x, bf, safe, w, wx, n, nmax, sl, sxl, sl2);
         for (int h = 0; h < 2; h++) {
             v4d scale, b, err;
             lsq(sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale, &b, &err);
@@ -311,31 +324,46 @@ static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[2],
     *m_out = sel8(flat, -l, to_f(nb));
 }
 
-/* common.requantize_codes: q = clip(floor((x + m)·inv + 0.5), 0, nmax) per sub-block of n
- * (a multiple of 8), 8 lanes at a time */
-typedef uint8_t v8u8 __attribute__((vector_size(8)));
-static void kquant_requantize(const float *x, const float *m, const float *inv, int64_t n_rows, int32_t n,
-                              int32_t nmax_i, uint8_t *q) {
-    const float nmax = (float)nmax_i;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const v8 mr = splat8(m[r]), ir = splat8(inv[r]);
-        for (int k = 0; k < n; k += 8) {
-            const v8 t = v8_clip(v8_floor((load8(x + r * n + k) + mr) * ir + 0.5f), nmax);
-            const v8i c = __builtin_convertvector((v8)((v8i)t & (t == t)), v8i); /* NaN: 0 */
-            const v8u8 b = __builtin_convertvector(c, v8u8);
-            memcpy(q + r * n + k, &b, sizeof b);
-        }
-    }
+/* round_half_away (search_common.h), 8 lanes */
+static inline v8 v8_round_half_away(v8 v) {
+    const v8 sign = sel8(v > 0, splat8(1.0f), sel8(v < 0, splat8(-1.0f), sel8(v == 0, splat8(0.0f), v)));
+    return sign * v8_floor((v8)((v8i)v & ~(v8i)splat8(-0.0f)) + 0.5f);
 }
 
-/* requantize_codes' m and inv for (d, dmin) and the sub-block levels ls, lm */
-static inline void code_steps(float d, float dmin, const float *ls, const float *lm, int subs, float *mm,
-                              float *inv) {
-    for (int j = 0; j < subs; j++) {
-        const float sc = d * ls[j];
-        mm[j] = dmin * lm[j];
-        inv[j] = sc > 0 ? 1.0f / sc : 0.0f;
-    }
+/* requantize_codes' m and inv for (d, dmin) and 8 sub-blocks' levels ls, lm */
+static inline void code_steps8(float d, float dmin, v8 ls, v8 lm, v8 *mm, v8 *inv) {
+    const v8 sc = d * ls;
+    *mm = dmin * lm;
+    *inv = sel8(sc > 0, 1.0f / sc, splat8(0.0f));
+}
+
+/* common.requantize_codes: clip(floor((x + m)·inv + 0.5), 0, nmax) of 8 values of a sub-block
+ * (NaN: 0, as numpy's uint8 conversion here) */
+static inline v8i code8(const float *x, float m, float inv, float nmax) {
+    const v8 t = v8_clip(v8_floor((load8(x) + m) * inv + 0.5f), nmax);
+    return __builtin_convertvector((v8)((v8i)t & (t == t)), v8i);
+}
+
+/* the codes of one block (rows x[256]; m, inv per sub-block) packed as q4_k (kind 4) or q2_k
+ * (their bytes 16..143 / 16..79: see kquant_pack) */
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+static inline void pack_codes8(int kind, const float *x, const float *m, const float *inv, uint8_t *o) {
+    for (int c = 0; c < (kind == 4 ? 4 : 2); c++)
+        for (int l = 0; l < 32; l += 8) {
+            v8i b;
+            if (kind == 4) {
+                const int e = 64 * c + l, j = e / 32;
+                b = code8(x + e, m[j], inv[j], 15.0f) | (code8(x + e + 32, m[j + 1], inv[j + 1], 15.0f) << 4);
+            } else {
+                b = (v8i){0};
+                for (int s = 0; s < 4; s++) {
+                    const int e = 128 * c + 32 * s + l, j = e / 16;
+                    b |= code8(x + e, m[j], inv[j], 3.0f) << (2 * s);
+                }
+            }
+            const v8u8 bytes = __builtin_convertvector(b, v8u8);
+            memcpy(o + 16 + 32 * c + l, &bytes, sizeof bytes);
+        }
 }
 
 /* pairwise_f32 of x[0..127]², 8 at a time (the same 8 accumulators) */
@@ -398,22 +426,22 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                            &scale_v[g], &m_v[g]);
             }
             /* sub-block levels against the fp16 super-scales */
-            float scale[16], m[16], mm[16], inv[16], *ls = ls_b[i], *lm = lm_b[i];
-            memcpy(scale, scale_v, sizeof(float) * subs);
-            memcpy(m, m_v, sizeof(float) * subs);
-            const float d = f16_to_f32(f32_to_f16(max_nan(scale, subs) / lmax));
-            const float dmin = f16_to_f32(f32_to_f16(max_nan(m, subs) / lmax));
+            const float d = f16_to_f32(f32_to_f16(max_nan((const float *)scale_v, subs) / lmax));
+            const float dmin = f16_to_f32(f32_to_f16(max_nan((const float *)m_v, subs) / lmax));
             const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
-            for (int j = 0; j < subs; j++) {
-                ls[j] = clip_f(round_half_away(scale[j] / dsafe), lmax);
-                lm[j] = clip_f(round_half_away(m[j] / msafe), lmax);
+            v8 ls[2], lm[2], mm[2], inv[2];
+            for (int g = 0; g < groups; g++) {
+                ls[g] = v8_clip(v8_round_half_away(scale_v[g] / dsafe), lmax);
+                lm[g] = v8_clip(v8_round_half_away(m_v[g] / msafe), lmax);
+                code_steps8(d, dmin, ls[g], lm[g], &mm[g], &inv[g]);
             }
-            code_steps(d, dmin, ls, lm, subs, mm, inv);
+            memcpy(ls_b[i], ls, sizeof(float) * subs);
+            memcpy(lm_b[i], lm, sizeof(float) * subs);
             d_b[i] = d, dmin_b[i] = dmin;
             /* the first codes as common.requantize_codes makes them and the uint8 -> float32 of
              * _refit_sums (NaN: 0, -0: +0), then its per sub-block sums */
             for (int g = 0; g < groups; g++) {
-                const v8 mv = load8(mm + 8 * g), iv = load8(inv + 8 * g);
+                const v8 mv = mm[g], iv = inv[g];
                 const v8 *xg = x + sub * g, *wg = w + sub * g;
                 v8 q[32], wq[32];
                 for (int k = 0; k < sub; k++) {
@@ -448,13 +476,14 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
         v8 acc = splat8(0.0f);
         for (int e = 0; e < 256; e++) acc += elems[e];
         for (int i = 0; i < nb; i++) { /* super-scale refit, final codes, packing */
-            const float *x = xb + 256 * (b0 + i), *ls = ls_b[i], *lm = lm_b[i];
-            uint8_t q[256], *o = out + block_bytes * (b0 + i);
-            float d = d_b[i], dmin = dmin_b[i], mm[16], inv[16];
+            const float *ls = ls_b[i], *lm = lm_b[i];
+            uint8_t *o = out + block_bytes * (b0 + i);
+            float d = d_b[i], dmin = dmin_b[i];
             refit_super_scales(ls, lm, subs, s_q[i], s_qq[i], s_qx[i], s_w[i], s_x[i], 0.0f + acc[i], &d, &dmin);
-            code_steps(d, dmin, ls, lm, subs, mm, inv);
-            kquant_requantize(x, mm, inv, subs, sub, nmax_i, q);
-            kquant_pack(kind, ls, lm, q, f32_to_f16(d), f32_to_f16(dmin), o);
+            v8 mm[2], inv[2];
+            for (int g = 0; g < groups; g++) code_steps8(d, dmin, load8(ls + 8 * g), load8(lm + 8 * g), &mm[g], &inv[g]);
+            pack_codes8(kind, xb + 256 * (b0 + i), (const float *)mm, (const float *)inv, o);
+            kquant_pack_scales(kind, ls, lm, f32_to_f16(d), f32_to_f16(dmin), o);
         }
     }
 }

@@ -125,10 +125,10 @@ static inline void refit_super_scales(const float *ls, const float *lm, int subs
 #undef ERR
 }
 
-/* one q4_k (kind 4: 144 bytes) or q2_k (84 bytes) super-block from its sub-block scales ls and
- * mins lm (integers as floats), its codes q[256] and its fp16 super-scales hd, hm */
-static inline void kquant_pack(int kind, const float *ls, const float *lm, const uint8_t *q, uint16_t hd,
-                               uint16_t hm, uint8_t *o) {
+/* the fields of one q4_k (kind 4: 144 bytes) or q2_k (84 bytes) super-block but its codes, from
+ * its sub-block scales ls and mins lm (integers as floats) and its fp16 super-scales hd, hm */
+static inline void kquant_pack_scales(int kind, const float *ls, const float *lm, uint16_t hd, uint16_t hm,
+                                      uint8_t *o) {
     if (kind == 4) {
         uint8_t sc[8], mn[8];
         for (int j = 0; j < 8; j++) sc[j] = (uint8_t)(int)ls[j], mn[j] = (uint8_t)(int)lm[j];
@@ -138,16 +138,25 @@ static inline void kquant_pack(int kind, const float *ls, const float *lm, const
             o[8 + j] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
             o[12 + j] = (sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4);
         }
+    } else {
+        for (int j = 0; j < 16; j++) o[j] = (uint8_t)(int)ls[j] | ((uint8_t)(int)lm[j] << 4);
+        o[80] = hd & 255, o[81] = hd >> 8, o[82] = hm & 255, o[83] = hm >> 8;
+    }
+}
+
+/* the whole super-block: those fields and its codes q[256] */
+static inline void kquant_pack(int kind, const float *ls, const float *lm, const uint8_t *q, uint16_t hd,
+                               uint16_t hm, uint8_t *o) {
+    kquant_pack_scales(kind, ls, lm, hd, hm, o);
+    if (kind == 4) {
         for (int c = 0; c < 4; c++)
             for (int l = 0; l < 32; l++) o[16 + 32 * c + l] = q[64 * c + l] | (q[64 * c + 32 + l] << 4);
     } else {
-        for (int j = 0; j < 16; j++) o[j] = (uint8_t)(int)ls[j] | ((uint8_t)(int)lm[j] << 4);
         for (int h = 0; h < 2; h++)
             for (int l = 0; l < 32; l++) {
                 const uint8_t *qh = q + 128 * h + l;
                 o[16 + 32 * h + l] = qh[0] | (qh[32] << 2) | (qh[64] << 4) | (qh[96] << 6);
             }
-        o[80] = hd & 255, o[81] = hd >> 8, o[82] = hm & 255, o[83] = hm >> 8;
     }
 }
 
