@@ -97,6 +97,9 @@ static inline v8 v8_clip(v8 q, float nmax) {
     return (v8)_mm256_min_ps((__m256)splat8(nmax), _mm256_max_ps(_mm256_setzero_ps(), (__m256)q));
 }
 static inline v8 v8_clip_top(v8 q, float nmax) { return (v8)_mm256_min_ps((__m256)splat8(nmax), (__m256)q); }
+/* a < b ? a : b and a > b ? a : b, as minps / maxps are defined */
+static inline v8 v8_min(v8 a, v8 b) { return (v8)_mm256_min_ps((__m256)a, (__m256)b); }
+static inline v8 v8_max(v8 a, v8 b) { return (v8)_mm256_max_ps((__m256)a, (__m256)b); }
 #else
 static inline v8 v8_rint(v8 v) { /* rint_f, 8 lanes */
     const v8i bits = (v8i)v, sign = bits & (v8i)splat8(-0.0f);
@@ -118,6 +121,8 @@ static inline v8 v8_clip(v8 q, float nmax) { /* np.clip(q, 0, nmax): -0 and NaN 
     return sel8(q > nmax, splat8(nmax), q);
 }
 static inline v8 v8_clip_top(v8 q, float nmax) { return sel8(q > nmax, splat8(nmax), q); }
+static inline v8 v8_min(v8 a, v8 b) { return sel8(a < b, a, b); }
+static inline v8 v8_max(v8 a, v8 b) { return sel8(a > b, a, b); }
 #endif
 
 /* v8_clip where no lane is below 0 (a no-op there, also on -0 and NaN) */
@@ -254,11 +259,8 @@ static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[2],
                        float nmax, const double *steps, int32_t n_steps, int32_t refine, v8 *scale_out, v8 *m_out) {
     v8 dx[32];
     v8 mn = x[0], mx = x[0];
-    for (int k = 0; k < n; k++) {
-        mn = sel8(x[k] < mn, x[k], mn);
-        mx = sel8(x[k] > mx, x[k], mx);
-    }
-    const v8 l = sel8(mn < 0, mn, splat8(0.0f)), span = mx - l;
+    for (int k = 0; k < n; k++) mn = v8_min(x[k], mn), mx = v8_max(x[k], mx);
+    const v8 l = v8_min(mn, splat8(0.0f)), span = mx - l;
     const v8i flat = span <= 0;
     const v8 sp = sel8(flat, splat8(1.0f), span);
     v4d spd[2];
@@ -453,11 +455,9 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                 v4d v_q[2], v_qq[2], v_qx[2], v_x[2];
                 pairwise8(wq, sub, v_q);
                 to_d(dot8(wq, q, sub), v_qq), to_d(dot8(wq, xg, sub), v_qx), to_d(dot8(wg, xg, sub), v_x);
-                for (int r = 0; r < 8; r++) {
-                    const int j = 8 * g + r, h = r / 4;
-                    s_q[i][j] = v_q[h][r % 4], s_qq[i][j] = v_qq[h][r % 4], s_qx[i][j] = v_qx[h][r % 4];
-                    s_w[i][j] = swr[g][h][r % 4], s_x[i][j] = v_x[h][r % 4];
-                }
+                memcpy(s_q[i] + 8 * g, v_q, sizeof v_q), memcpy(s_qq[i] + 8 * g, v_qq, sizeof v_qq);
+                memcpy(s_qx[i] + 8 * g, v_qx, sizeof v_qx), memcpy(s_w[i] + 8 * g, swr[g], sizeof swr[g]);
+                memcpy(s_x[i] + 8 * g, v_x, sizeof v_x);
             }
         }
         /* Σ w x² per block: numpy's three-operand einsum, one float32 accumulator element after
