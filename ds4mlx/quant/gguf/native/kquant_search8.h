@@ -1,6 +1,7 @@
-/* Without AVX-512: the K-quant kernel 8 sub-blocks a vector (the 16-lane kernel of
- * kquant_search.c, compiled for AVX2, turns its 64-byte generic vectors into poor code: measured
- * with clang on an AVX2 EPYC, Q4_K 0.7x and Q2_K 1.0-1.1x this kernel's speed; with GCC 0.5-0.6x).
+/* Without AVX-512: the K-quant kernel 8 sub-blocks a vector, on every other CPU (AVX2, NEON,
+ * plain C). The 16-lane kernel of kquant_search.c built for these (-DDS4MLX_PORTABLE) is slower
+ * for both kinds: measured on an AVX2 EPYC with clang 16, Q4_K 134 vs 233 and Q2_K 120 vs 221
+ * M weights/s, so one kernel serves both here.
  *
  * The recipe of common.kquant_fit and the packing of q4_k / q2_k, one super-block at a time:
  * per sub-block a (scale, min) search over candidate inverse scales (round the codes, fit
