@@ -401,6 +401,11 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
         const int nb = n_blocks - b0 < KQ_BATCH ? (int)(n_blocks - b0) : KQ_BATCH;
         for (int i = 0; i < nb; i++) {
             const float *xr = xb + 256 * (b0 + i);
+            if (b0 + i + 2 < n_blocks) /* the block after next (1 KB, and its importance): from memory */
+                for (int c = 0; c < 1024; c += 64) {
+                    __builtin_prefetch((const char *)(xr + 512) + c);
+                    if (qw != NULL) __builtin_prefetch((const char *)(qw + 256 * (b0 + i) + 512) + c);
+                }
             v8 x[32], w[32], wx[32];
             for (int g = 0; g < groups; g++) rows_to_lanes8(xr + 8 * sub * g, sub, x + sub * g);
             if (qw != NULL) { /* common.importance_weights: qw·sqrt(f·mean(x²) + x²), mean per block */
