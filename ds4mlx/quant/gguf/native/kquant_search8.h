@@ -271,8 +271,8 @@ static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[2],
     v8i mn_nan = mn != mn;
     int any_nan = 0;
     for (int r = 0; r < 8; r++) any_nan |= mn_nan[r];
-    v4d sl[2], sxl[2], sl2[2], sl0[2], sxl0[2], sl20[2];
-    v4d best_scale[2], best_b[2], best_err[2];
+    v4d sl[2], sxl[2], sl2[2], sl0[2] = {0}, sxl0[2] = {0}, sl20[2] = {0};
+    v4d best_scale[2] = {0}, best_b[2] = {0}, best_err[2] = {0}; /* (set by candidate 0) */
     for (int32_t c = 0; c < n_steps; c++) {
         if (c > 0 && steps[c] == steps[0]) { /* the same codes as candidate 0 */
             for (int h = 0; h < 2; h++) sl[h] = sl0[h], sxl[h] = sxl0[h], sl2[h] = sl20[h];
