@@ -180,9 +180,9 @@ static inline v8 dot8(const v8 *a, const v8 *b, int n) {
  * (polish = 0: q = clip(rint(a·v))) or of a polishing round (polish = 1: q = clip(rint((v − a) / b))),
  * computed on the way rather than stored: the sums are the only use of a candidate's codes;
  * nonneg: no lane's rint is below 0 (the clip at 0 is a no-op) */
-static inline __attribute__((always_inline)) void code_sums8(int polish, int nonneg, const v8 *v, v8 a, v8 b, const v8 *w,
-                                                             const v8 *wx, int n, float nmax, v4d sl[2], v4d sxl[2],
-                                                             v4d sl2[2]) {
+static inline __attribute__((always_inline)) void code_sums8(int polish, int nonneg, const v8 *v, v8 a, v8 b,
+                                                             const v8 *w, const v8 *wx, int n, float nmax, v4d sl[2],
+                                                             v4d sxl[2], v4d sl2[2]) {
     v8 a_l[4], a_xl[4], a_l2[4];
     /* two of the 4 einsum lanes at a time: 6 accumulators stay in registers (12 did not) */
     for (int i0 = 0; i0 < 4; i0 += 2) {
@@ -253,78 +253,100 @@ static inline void pairwise8(const v8 *a, int n, v4d out[2]) {
         out[h] = 0.0 + (((r[0][h] + r[1][h]) + (r[2][h] + r[3][h])) + ((r[4][h] + r[5][h]) + (r[6][h] + r[7][h])));
 }
 
-/* common.fit_scale_min of 8 sub-blocks in lanes: x, w, wx = w·x [n] (n a multiple of 16, at most
- * 32) and the row sums swr = Σ w, sxr = Σ w·x (pairwise, float64); steps [n_steps] the
- * inverse-scale numerators, the plain min/max candidate's (nmax) first. */
-static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[2], const v4d sxr[2], int32_t n,
-                       float nmax, const double *steps, int32_t n_steps, int32_t refine, v8 *scale_out, v8 *m_out) {
-    v8 dx[32];
-    v8 mn = x[0], mx = x[0];
-    for (int k = 0; k < n; k++) mn = v8_min(x[k], mn), mx = v8_max(x[k], mx);
-    const v8 l = v8_min(mn, splat8(0.0f)), span = mx - l;
-    const v8i flat = span <= 0;
-    const v8 sp = sel8(flat, splat8(1.0f), span);
-    v4d spd[2];
-    to_d(sp, spd);
-    for (int k = 0; k < n; k++) dx[k] = x[k] - l;
-    /* x − l ≥ 0 (or NaN) unless a lane's minimum is NaN (its first value: NaN is never less) */
-    v8i mn_nan = mn != mn;
-    int any_nan = 0;
-    for (int r = 0; r < 8; r++) any_nan |= mn_nan[r];
-    v4d sl[2], sxl[2], sl2[2], sl0[2] = {0}, sxl0[2] = {0}, sl20[2] = {0};
-    v4d best_scale[2] = {0}, best_b[2] = {0}, best_err[2] = {0}; /* (set by candidate 0) */
-    for (int32_t c = 0; c < n_steps; c++) {
-        if (c > 0 && steps[c] == steps[0]) { /* the same codes as candidate 0 */
-            for (int h = 0; h < 2; h++) sl[h] = sl0[h], sxl[h] = sxl0[h], sl2[h] = sl20[h];
-        } else {
-            const v4d isd[2] = {splatd(steps[c]) / spd[0], splatd(steps[c]) / spd[1]};
-            const v8 is = to_f(isd);
-            if (!any_nan && steps[c] > 0) /* is > 0 or NaN: is·(x − l) ≥ 0 or NaN */
-                code_sums8(0, 1, dx, is, is, w, wx, n, nmax, sl, sxl, sl2);
-            else
-                code_sums8(0, 0, dx, is, is, w, wx, n, nmax, sl, sxl, sl2);
-        }
-        if (c == 0) {
-            to_d(sp / nmax, best_scale);
-            to_d(l, best_b);
-            for (int h = 0; h < 2; h++) {
-                sl0[h] = sl[h], sxl0[h] = sxl[h], sl20[h] = sl2[h];
-                best_err[h] = lsq_err(best_scale[h], best_b[h], sl[h], sxl[h], sl2[h], swr[h], sxr[h]);
-            }
-            continue;
-        }
-        for (int h = 0; h < 2; h++) {
-            v4d scale, b, err;
-            lsq(sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale, &b, &err);
-            /* less(err, best_err): the first NaN wins */
-            const v4l take = (best_err[h] == best_err[h]) & ((err < best_err[h]) | (err != err));
-            best_scale[h] = seld(take, scale, best_scale[h]);
-            best_b[h] = seld(take, b, best_b[h]);
-            best_err[h] = seld(take, err, best_err[h]);
-        }
+/* common.fit_scale_min of two groups of 8 sub-blocks in lanes, group u: x, w, wx = w·x [n] at
+ * v + n·u (n a multiple of 16, at most 32), and the row sums swr[u] = Σ w, sxr[u] = Σ w·x (pairwise,
+ * float64); steps [n_steps] the inverse-scale numerators, the plain min/max candidate's (nmax)
+ * first. Two groups side by side: the dependent chains of the least-squares fits and polishing
+ * rounds of one group overlap the other's. */
+static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[2][2], const v4d sxr[2][2], int32_t n,
+                       float nmax, const double *steps, int32_t n_steps, int32_t refine, v8 scale_out[2],
+                       v8 m_out[2]) {
+    v8 dx[2][32], l[2], sp[2];
+    v8i flat[2];
+    v4d spd[2][2];
+    int any_nan[2];
+    for (int u = 0; u < 2; u++) {
+        const v8 *xu = x + n * u;
+        v8 mn = xu[0], mx = xu[0];
+        for (int k = 0; k < n; k++) mn = v8_min(xu[k], mn), mx = v8_max(xu[k], mx);
+        l[u] = v8_min(mn, splat8(0.0f));
+        const v8 span = mx - l[u];
+        flat[u] = span <= 0;
+        sp[u] = sel8(flat[u], splat8(1.0f), span);
+        to_d(sp[u], spd[u]);
+        for (int k = 0; k < n; k++) dx[u][k] = xu[k] - l[u];
+        /* x − l ≥ 0 (or NaN) unless a lane's minimum is NaN (its first value: NaN is never less) */
+        const v8i mn_nan = mn != mn;
+        any_nan[u] = 0;
+        for (int r = 0; r < 8; r++) any_nan[u] |= mn_nan[r];
     }
+    v4d sl[2][2], sxl[2][2], sl2[2][2], sl0[2][2] = {{0}}, sxl0[2][2] = {{0}}, sl20[2][2] = {{0}};
+    v4d best_scale[2][2] = {{0}}, best_b[2][2] = {{0}}, best_err[2][2] = {{0}}; /* (set by candidate 0) */
+    for (int32_t c = 0; c < n_steps; c++)
+        for (int u = 0; u < 2; u++) {
+            if (c > 0 && steps[c] == steps[0]) { /* the same codes as candidate 0 */
+                for (int h = 0; h < 2; h++) sl[u][h] = sl0[u][h], sxl[u][h] = sxl0[u][h], sl2[u][h] = sl20[u][h];
+            } else {
+                const v4d isd[2] = {splatd(steps[c]) / spd[u][0], splatd(steps[c]) / spd[u][1]};
+                const v8 is = to_f(isd);
+                if (!any_nan[u] && steps[c] > 0) /* is > 0 or NaN: is·(x − l) ≥ 0 or NaN */
+                    code_sums8(0, 1, dx[u], is, is, w + n * u, wx + n * u, n, nmax, sl[u], sxl[u], sl2[u]);
+                else
+                    code_sums8(0, 0, dx[u], is, is, w + n * u, wx + n * u, n, nmax, sl[u], sxl[u], sl2[u]);
+            }
+            if (c == 0) {
+                to_d(sp[u] / nmax, best_scale[u]);
+                to_d(l[u], best_b[u]);
+                for (int h = 0; h < 2; h++) {
+                    sl0[u][h] = sl[u][h], sxl0[u][h] = sxl[u][h], sl20[u][h] = sl2[u][h];
+                    best_err[u][h] = lsq_err(best_scale[u][h], best_b[u][h], sl[u][h], sxl[u][h], sl2[u][h], swr[u][h],
+                                             sxr[u][h]);
+                }
+                continue;
+            }
+            for (int h = 0; h < 2; h++) {
+                v4d scale, b, err;
+                lsq(sl[u][h], sxl[u][h], sl2[u][h], swr[u][h], sxr[u][h], &scale, &b, &err);
+                /* less(err, best_err): the first NaN wins */
+                const v4l take = (best_err[u][h] == best_err[u][h]) & ((err < best_err[u][h]) | (err != err));
+                best_scale[u][h] = seld(take, scale, best_scale[u][h]);
+                best_b[u][h] = seld(take, b, best_b[u][h]);
+                best_err[u][h] = seld(take, err, best_err[u][h]);
+            }
+        }
     /* Polish: a round that does not improve leaves a lane's winner as it was, so every later
      * round would repeat it: the lane stops there (the same result as running them all), as
-     * it does at a zero scale. */
-    v4l active[2] = {best_scale[0] > 0, best_scale[1] > 0};
+     * it does at a zero scale; a group stops once all its lanes have. */
+    v4l active[2][2];
+    for (int u = 0; u < 2; u++)
+        for (int h = 0; h < 2; h++) active[u][h] = best_scale[u][h] > 0;
     for (int32_t i = 0; i < refine; i++) {
-        for (int h = 0; h < 2; h++) active[h] &= best_scale[h] > 0;
-        if (!any_l(active[0] | active[1])) break;
-        const v8 safe = to_f(best_scale), bf = to_f(best_b);
-        code_sums8(1, 0, x, bf, safe, w, wx, n, nmax, sl, sxl, sl2);
-        for (int h = 0; h < 2; h++) {
-            v4d scale, b, err;
-            lsq(sl[h], sxl[h], sl2[h], swr[h], sxr[h], &scale, &b, &err);
-            const v4l take = active[h] & (err < best_err[h]);
-            best_scale[h] = seld(take, scale, best_scale[h]);
-            best_b[h] = seld(take, b, best_b[h]);
-            best_err[h] = seld(take, err, best_err[h]);
-            active[h] = take;
+        int any[2];
+        for (int u = 0; u < 2; u++) {
+            for (int h = 0; h < 2; h++) active[u][h] &= best_scale[u][h] > 0;
+            any[u] = any_l(active[u][0] | active[u][1]);
+        }
+        if (!any[0] && !any[1]) break;
+        for (int u = 0; u < 2; u++) {
+            if (!any[u]) continue;
+            const v8 safe = to_f(best_scale[u]), bf = to_f(best_b[u]);
+            code_sums8(1, 0, x + n * u, bf, safe, w + n * u, wx + n * u, n, nmax, sl[u], sxl[u], sl2[u]);
+            for (int h = 0; h < 2; h++) {
+                v4d scale, b, err;
+                lsq(sl[u][h], sxl[u][h], sl2[u][h], swr[u][h], sxr[u][h], &scale, &b, &err);
+                const v4l take = active[u][h] & (err < best_err[u][h]);
+                best_scale[u][h] = seld(take, scale, best_scale[u][h]);
+                best_b[u][h] = seld(take, b, best_b[u][h]);
+                best_err[u][h] = seld(take, err, best_err[u][h]);
+                active[u][h] = take;
+            }
         }
     }
-    const v4d nb[2] = {-best_b[0], -best_b[1]};
-    *scale_out = sel8(flat, splat8(0.0f), to_f(best_scale));
-    *m_out = sel8(flat, -l, to_f(nb));
+    for (int u = 0; u < 2; u++) {
+        const v4d nb[2] = {-best_b[u][0], -best_b[u][1]};
+        scale_out[u] = sel8(flat[u], splat8(0.0f), to_f(best_scale[u]));
+        m_out[u] = sel8(flat[u], -l[u], to_f(nb));
+    }
 }
 
 /* round_half_away (search_common.h), 8 lanes */
@@ -389,7 +411,7 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                      const double *steps, int32_t n_steps, int32_t refine, float sigma_factor,
                      uint8_t *out) {
     const int32_t sub = kind == 4 ? 32 : 16, subs = 256 / sub, nmax_i = kind == 4 ? 15 : 3;
-    const int groups = subs / 8; /* of 8 sub-blocks, one per lane */
+    const int groups = subs / 8, pair = 2 / groups; /* groups of 8 sub-blocks (one per lane) a block */
     const float nmax = (float)nmax_i, lmax = kind == 4 ? 63.0f : 15.0f;
     const int64_t block_bytes = kind == 4 ? 144 : 84;
     /* per block of the batch: the levels, super-scales, per sub-block sums of
@@ -399,72 +421,86 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
     v8 wxx[KQ_BATCH][32];
     for (int64_t b0 = 0; b0 < n_blocks; b0 += KQ_BATCH) {
         const int nb = n_blocks - b0 < KQ_BATCH ? (int)(n_blocks - b0) : KQ_BATCH;
-        for (int i = 0; i < nb; i++) {
-            const float *xr = xb + 256 * (b0 + i);
-            if (b0 + i + 2 < n_blocks) /* the block after next (1 KB, and its importance): from memory */
-                for (int c = 0; c < 1024; c += 64) {
-                    __builtin_prefetch((const char *)(xr + 512) + c);
-                    if (qw != NULL) __builtin_prefetch((const char *)(qw + 256 * (b0 + i) + 512) + c);
+        /* Q4_K: two blocks at a time (one group each: see fit_lanes8), Q2_K one (two groups) */
+        for (int i0 = 0; i0 < nb; i0 += pair) {
+            v8 xs[64], ws[64], wxs[64];
+            for (int p = 0; p < pair; p++) {
+                const int i = i0 + p;
+                v8 *x = xs + 32 * p, *w = ws + 32 * p, *wx = wxs + 32 * p;
+                if (i >= nb) { /* past the last block: zeros */
+                    memset(x, 0, sizeof(v8) * 32), memset(w, 0, sizeof(v8) * 32), memset(wx, 0, sizeof(v8) * 32);
+                    continue;
                 }
-            v8 x[32], w[32], wx[32];
-            for (int g = 0; g < groups; g++) rows_to_lanes8(xr + 8 * sub * g, sub, x + sub * g);
-            if (qw != NULL) { /* common.importance_weights: qw·sqrt(f·mean(x²) + x²), mean per block */
-                v8 qv[32];
-                for (int g = 0; g < groups; g++) rows_to_lanes8(qw + 256 * (b0 + i) + 8 * sub * g, sub, qv + sub * g);
-                const float mean = (0.0f + (sum_sq128_8(xr) + sum_sq128_8(xr + 128))) / 256.0f;
-                const v8 s2 = splat8(sigma_factor == 1.0f ? mean : sigma_factor * mean);
-                for (int k = 0; k < 32; k++) w[k] = qv[k] * v8_sqrt(s2 + x[k] * x[k]);
-            } else { /* common.kquant_weights without importance: sqrt(mean(x²)) + |x| per sub-block */
+                const float *xr = xb + 256 * (b0 + i);
+                if (b0 + i + 2 < n_blocks) /* the block after next (1 KB, and its importance): from memory */
+                    for (int c = 0; c < 1024; c += 64) {
+                        __builtin_prefetch((const char *)(xr + 512) + c);
+                        if (qw != NULL) __builtin_prefetch((const char *)(qw + 256 * (b0 + i) + 512) + c);
+                    }
+                for (int g = 0; g < groups; g++) rows_to_lanes8(xr + 8 * sub * g, sub, x + sub * g);
+                if (qw != NULL) { /* common.importance_weights: qw·sqrt(f·mean(x²) + x²), mean per block */
+                    v8 qv[32];
+                    for (int g = 0; g < groups; g++)
+                        rows_to_lanes8(qw + 256 * (b0 + i) + 8 * sub * g, sub, qv + sub * g);
+                    const float mean = (0.0f + (sum_sq128_8(xr) + sum_sq128_8(xr + 128))) / 256.0f;
+                    const v8 s2 = splat8(sigma_factor == 1.0f ? mean : sigma_factor * mean);
+                    for (int k = 0; k < 32; k++) w[k] = qv[k] * v8_sqrt(s2 + x[k] * x[k]);
+                } else { /* common.kquant_weights without importance: sqrt(mean(x²)) + |x| per sub-block */
+                    for (int g = 0; g < groups; g++) {
+                        v8 sq[32];
+                        for (int k = 0; k < sub; k++) sq[k] = x[sub * g + k] * x[sub * g + k];
+                        v4d ms[2];
+                        to_d(pairwise8f(sq, sub), ms);
+                        const v4d mean[2] = {ms[0] / (double)sub, ms[1] / (double)sub};
+                        const v8 root = v8_sqrt(to_f(mean));
+                        for (int k = 0; k < sub; k++)
+                            w[sub * g + k] = root + (v8)((v8i)x[sub * g + k] & ~(v8i)splat8(-0.0f));
+                    }
+                }
+                for (int k = 0; k < 32; k++) wx[k] = w[k] * x[k];
+            }
+            v4d swr_u[2][2], sxr_u[2][2];
+            v8 scale_u[2], m_u[2];
+            for (int u = 0; u < 2; u++) pairwise8(ws + sub * u, sub, swr_u[u]), pairwise8(wxs + sub * u, sub, sxr_u[u]);
+            fit_lanes8(xs, ws, wxs, (const v4d(*)[2])swr_u, (const v4d(*)[2])sxr_u, sub, nmax, steps, n_steps, refine,
+                       scale_u, m_u);
+            for (int p = 0; p < pair && i0 + p < nb; p++) {
+                const int i = i0 + p;
+                const v8 *x = xs + 32 * p, *w = ws + 32 * p, *wx = wxs + 32 * p;
+                const v8 *scale_v = scale_u + groups * p, *m_v = m_u + groups * p;
+                const v4d(*swr)[2] = swr_u + groups * p;
+                /* sub-block levels against the fp16 super-scales */
+                const float d = f16_to_f32(f32_to_f16(max_nan((const float *)scale_v, subs) / lmax));
+                const float dmin = f16_to_f32(f32_to_f16(max_nan((const float *)m_v, subs) / lmax));
+                const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
+                v8 ls[2], lm[2], mm[2], inv[2];
                 for (int g = 0; g < groups; g++) {
-                    v8 sq[32];
-                    for (int k = 0; k < sub; k++) sq[k] = x[sub * g + k] * x[sub * g + k];
-                    v4d ms[2];
-                    to_d(pairwise8f(sq, sub), ms);
-                    const v4d mean[2] = {ms[0] / (double)sub, ms[1] / (double)sub};
-                    const v8 root = v8_sqrt(to_f(mean));
-                    for (int k = 0; k < sub; k++)
-                        w[sub * g + k] = root + (v8)((v8i)x[sub * g + k] & ~(v8i)splat8(-0.0f));
+                    ls[g] = v8_clip(v8_round_half_away(scale_v[g] / dsafe), lmax);
+                    lm[g] = v8_clip(v8_round_half_away(m_v[g] / msafe), lmax);
+                    code_steps8(d, dmin, ls[g], lm[g], &mm[g], &inv[g]);
                 }
-            }
-            for (int k = 0; k < 32; k++) wx[k] = w[k] * x[k];
-            v4d swr[2][2], sxr[2][2];
-            v8 scale_v[2], m_v[2];
-            for (int g = 0; g < groups; g++) {
-                pairwise8(w + sub * g, sub, swr[g]), pairwise8(wx + sub * g, sub, sxr[g]);
-                fit_lanes8(x + sub * g, w + sub * g, wx + sub * g, swr[g], sxr[g], sub, nmax, steps, n_steps, refine,
-                           &scale_v[g], &m_v[g]);
-            }
-            /* sub-block levels against the fp16 super-scales */
-            const float d = f16_to_f32(f32_to_f16(max_nan((const float *)scale_v, subs) / lmax));
-            const float dmin = f16_to_f32(f32_to_f16(max_nan((const float *)m_v, subs) / lmax));
-            const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
-            v8 ls[2], lm[2], mm[2], inv[2];
-            for (int g = 0; g < groups; g++) {
-                ls[g] = v8_clip(v8_round_half_away(scale_v[g] / dsafe), lmax);
-                lm[g] = v8_clip(v8_round_half_away(m_v[g] / msafe), lmax);
-                code_steps8(d, dmin, ls[g], lm[g], &mm[g], &inv[g]);
-            }
-            memcpy(ls_b[i], ls, sizeof(float) * subs);
-            memcpy(lm_b[i], lm, sizeof(float) * subs);
-            d_b[i] = d, dmin_b[i] = dmin;
-            /* the first codes as common.requantize_codes makes them and the uint8 -> float32 of
-             * _refit_sums (NaN: 0, -0: +0), then its per sub-block sums */
-            for (int g = 0; g < groups; g++) {
-                const v8 mv = mm[g], iv = inv[g];
-                const v8 *xg = x + sub * g, *wg = w + sub * g;
-                v8 q[32], wq[32];
-                for (int k = 0; k < sub; k++) {
-                    const v8 t = v8_clip(v8_floor((xg[k] + mv) * iv + 0.5f), nmax);
-                    q[k] = (v8)((v8i)t & (t == t)) + 0.0f;
-                    wq[k] = wg[k] * q[k];
-                    wxx[i][sub * g + k] = wx[sub * g + k] * xg[k];
+                memcpy(ls_b[i], ls, sizeof(float) * subs);
+                memcpy(lm_b[i], lm, sizeof(float) * subs);
+                d_b[i] = d, dmin_b[i] = dmin;
+                /* the first codes as common.requantize_codes makes them and the uint8 -> float32 of
+                 * _refit_sums (NaN: 0, -0: +0), then its per sub-block sums */
+                for (int g = 0; g < groups; g++) {
+                    const v8 mv = mm[g], iv = inv[g];
+                    const v8 *xg = x + sub * g, *wg = w + sub * g;
+                    v8 q[32], wq[32];
+                    for (int k = 0; k < sub; k++) {
+                        const v8 t = v8_clip(v8_floor((xg[k] + mv) * iv + 0.5f), nmax);
+                        q[k] = (v8)((v8i)t & (t == t)) + 0.0f;
+                        wq[k] = wg[k] * q[k];
+                        wxx[i][sub * g + k] = wx[sub * g + k] * xg[k];
+                    }
+                    v4d v_q[2], v_qq[2], v_qx[2], v_x[2];
+                    pairwise8(wq, sub, v_q);
+                    to_d(dot8(wq, q, sub), v_qq), to_d(dot8(wq, xg, sub), v_qx), to_d(dot8(wg, xg, sub), v_x);
+                    memcpy(s_q[i] + 8 * g, v_q, sizeof v_q), memcpy(s_qq[i] + 8 * g, v_qq, sizeof v_qq);
+                    memcpy(s_qx[i] + 8 * g, v_qx, sizeof v_qx), memcpy(s_w[i] + 8 * g, swr[g], sizeof swr[g]);
+                    memcpy(s_x[i] + 8 * g, v_x, sizeof v_x);
                 }
-                v4d v_q[2], v_qq[2], v_qx[2], v_x[2];
-                pairwise8(wq, sub, v_q);
-                to_d(dot8(wq, q, sub), v_qq), to_d(dot8(wq, xg, sub), v_qx), to_d(dot8(wg, xg, sub), v_x);
-                memcpy(s_q[i] + 8 * g, v_q, sizeof v_q), memcpy(s_qq[i] + 8 * g, v_qq, sizeof v_qq);
-                memcpy(s_qx[i] + 8 * g, v_qx, sizeof v_qx), memcpy(s_w[i] + 8 * g, swr[g], sizeof swr[g]);
-                memcpy(s_x[i] + 8 * g, v_x, sizeof v_x);
             }
         }
         /* Σ w x² per block: numpy's three-operand einsum, one float32 accumulator element after
@@ -488,9 +524,11 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
             const float *ls = ls_b[i], *lm = lm_b[i];
             uint8_t *o = out + block_bytes * (b0 + i);
             float d = d_b[i], dmin = dmin_b[i];
-            refit_super_scales(ls, lm, subs, s_q[i], s_qq[i], s_qx[i], s_w[i], s_x[i], 0.0f + acc[i / 8][i % 8], &d, &dmin);
+            refit_super_scales(ls, lm, subs, s_q[i], s_qq[i], s_qx[i], s_w[i], s_x[i], 0.0f + acc[i / 8][i % 8], &d,
+                               &dmin);
             v8 mm[2], inv[2];
-            for (int g = 0; g < groups; g++) code_steps8(d, dmin, load8(ls + 8 * g), load8(lm + 8 * g), &mm[g], &inv[g]);
+            for (int g = 0; g < groups; g++)
+                code_steps8(d, dmin, load8(ls + 8 * g), load8(lm + 8 * g), &mm[g], &inv[g]);
             pack_codes8(kind, xb + 256 * (b0 + i), (const float *)mm, (const float *)inv, o);
             kquant_pack_scales(kind, ls, lm, f32_to_f16(d), f32_to_f16(dmin), o);
         }
