@@ -282,10 +282,10 @@ static void fit_lanes8(const v8 *x, const v8 *w, const v8 *wx, const v4d swr[KQ_
         any_nan[u] = 0;
         for (int r = 0; r < 8; r++) any_nan[u] |= mn_nan[r];
     }
-    v4d sl[KQ_FIT][2], sxl[KQ_FIT][2], sl2[KQ_FIT][2], sl0[KQ_FIT][2] = {{0}}, sxl0[KQ_FIT][2] = {{0}},
-        sl20[KQ_FIT][2] = {{0}};
-    /* (set by candidate 0) */
-    v4d best_scale[KQ_FIT][2] = {{0}}, best_b[KQ_FIT][2] = {{0}}, best_err[KQ_FIT][2] = {{0}};
+    v4d sl[KQ_FIT][2], sxl[KQ_FIT][2], sl2[KQ_FIT][2], sl0[KQ_FIT][2], sxl0[KQ_FIT][2], sl20[KQ_FIT][2];
+    v4d best_scale[KQ_FIT][2], best_b[KQ_FIT][2], best_err[KQ_FIT][2];
+    memset(best_scale, 0, sizeof best_scale), memset(best_b, 0, sizeof best_b); /* (set by candidate 0) */
+    memset(best_err, 0, sizeof best_err);
     for (int32_t c = 0; c < n_steps; c++)
         for (int u = 0; u < KQ_FIT; u++) {
             if (c > 0 && steps[c] == steps[0]) { /* the same codes as candidate 0 */
