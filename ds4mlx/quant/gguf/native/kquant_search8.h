@@ -470,28 +470,33 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                 pairwise8(ws + sub * u, sub, swr_u[u]), pairwise8(wxs + sub * u, sub, sxr_u[u]);
             fit_lanes8(xs, ws, wxs, (const v4d(*)[2])swr_u, (const v4d(*)[2])sxr_u, sub, nmax, steps, n_steps, refine,
                        scale_u, m_u);
+            /* sub-block levels against the fp16 super-scales (the blocks' short dependent chains
+             * side by side), then the first codes */
+            v8 mm_u[KQ_FIT], inv_u[KQ_FIT];
             for (int p = 0; p < pair && i0 + p < nb; p++) {
                 const int i = i0 + p;
-                const v8 *x = xs + 32 * p, *w = ws + 32 * p, *wx = wxs + 32 * p;
                 const v8 *scale_v = scale_u + groups * p, *m_v = m_u + groups * p;
-                const v4d(*swr)[2] = swr_u + groups * p;
-                /* sub-block levels against the fp16 super-scales */
                 const float d = f16_to_f32(f32_to_f16(max_nan((const float *)scale_v, subs) / lmax));
                 const float dmin = f16_to_f32(f32_to_f16(max_nan((const float *)m_v, subs) / lmax));
                 const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
-                v8 ls[2], lm[2], mm[2], inv[2];
+                v8 ls[2], lm[2];
                 for (int g = 0; g < groups; g++) {
                     ls[g] = v8_clip(v8_round_half_away(scale_v[g] / dsafe), lmax);
                     lm[g] = v8_clip(v8_round_half_away(m_v[g] / msafe), lmax);
-                    code_steps8(d, dmin, ls[g], lm[g], &mm[g], &inv[g]);
+                    code_steps8(d, dmin, ls[g], lm[g], &mm_u[groups * p + g], &inv_u[groups * p + g]);
                 }
                 memcpy(ls_b[i], ls, sizeof(float) * subs);
                 memcpy(lm_b[i], lm, sizeof(float) * subs);
                 d_b[i] = d, dmin_b[i] = dmin;
+            }
+            for (int p = 0; p < pair && i0 + p < nb; p++) {
+                const int i = i0 + p;
+                const v8 *x = xs + 32 * p, *w = ws + 32 * p, *wx = wxs + 32 * p;
+                const v4d(*swr)[2] = swr_u + groups * p;
                 /* the first codes as common.requantize_codes makes them and the uint8 -> float32 of
                  * _refit_sums (NaN: 0, -0: +0), then its per sub-block sums */
                 for (int g = 0; g < groups; g++) {
-                    const v8 mv = mm[g], iv = inv[g];
+                    const v8 mv = mm_u[groups * p + g], iv = inv_u[groups * p + g];
                     const v8 *xg = x + sub * g, *wg = w + sub * g;
                     v8 q[32], wq[32];
                     for (int k = 0; k < sub; k++) {
