@@ -23,21 +23,27 @@
 /* The search over U·W runs side by side (each lane one run, so the lane count does not change a
  * result): U vectors of W lanes, 128-bit (SSE2, NEON) or on x86 256-bit with AVX2 where the CPU
  * has it (chosen at run time). The U vectors are independent chains of compare-and-select, which
- * would otherwise wait on each other's latency. */
+ * would otherwise wait on each other's latency. Each run's lhs, a = (−2·w)·y and b = w·(s·step),
+ * is made here from its y, w rows (the same products as _candidate_entries'). */
 #define DEFINE_SEARCH(SUFFIX, W, U, ATTR)                                                       \
     DEFINE_GRID_ENTRY(SUFFIX, W, U, ATTR)                                                      \
-    /* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */ \
-    ATTR static void search##SUFFIX(const float *lhs, const int64_t *rows, int64_t n_rows,     \
-                                    const float *levels, const int32_t *lo, const int32_t *hi, \
-                                    int64_t *out, int64_t stride) {                            \
+    /* best entries of the runs rows[0..n_rows) at scales s[r]·step, into out[rows[k] * stride] */ \
+    ATTR static void search##SUFFIX(const float *y, const float *w, const float *s, float step,\
+                                    const int64_t *rows, int64_t n_rows, const float *levels,  \
+                                    const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) { \
         typedef vf##SUFFIX vf;                                                                 \
         typedef vi##SUFFIX vi;                                                                 \
         for (int64_t k0 = 0; k0 < n_rows; k0 += W * U) {                                       \
             const int m = n_rows - k0 < W * U ? (int)(n_rows - k0) : W * U;                    \
             float a[16][U][W];                                                                 \
-            for (int i = 0; i < W * U; i++)                                                    \
-                for (int j = 0; j < 16; j++)                                                   \
-                    a[j][i / W][i % W] = lhs[rows[k0 + (i < m ? i : 0)] * 16 + j];             \
+            for (int i = 0; i < W * U; i++) {                                                  \
+                const int64_t r = rows[k0 + (i < m ? i : 0)];                                  \
+                const float sr = s[r] * step;                                                  \
+                for (int j = 0; j < 8; j++) {                                                  \
+                    a[j][i / W][i % W] = (-2.0f * w[8 * r + j]) * y[8 * r + j];                \
+                    a[8 + j][i / W][i % W] = w[8 * r + j] * sr;                                \
+                }                                                                              \
+            }                                                                                  \
             vf t[8][3][U];                                                                     \
             vi idx[U];                                                                         \
             for (int j = 0; j < 8; j++)                                                        \
@@ -55,13 +61,18 @@
 DEFINE_SEARCH(4, 4, 4, )
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#if defined(DS4MLX_PORTABLE)
 DEFINE_SEARCH(8, 8, 4, __attribute__((target("avx2"))))
+#else
+#include "iq2_search_avx2.h"
+#endif
 DEFINE_SEARCH(16, 16, 4, __attribute__((target("avx512f"))))
 
-static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const float *levels,
-                   const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
+static void search(const float *y, const float *w, const float *s, float step, const int64_t *rows,
+                   int64_t n_rows, const float *levels, const int32_t *lo, const int32_t *hi, int64_t *out,
+                   int64_t stride) {
     const int width = iq2_search_width(n_rows);
-    (width == 16 ? search16 : width == 8 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
+    (width == 16 ? search16 : width == 8 ? search8 : search4)(y, w, s, step, rows, n_rows, levels, lo, hi, out, stride);
 }
 #else
 #define search search4
@@ -70,13 +81,15 @@ static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const 
 /* The candidates of _candidate_entries: for runs y, w [n_runs][8] (|x| and error weights) with
  * group scale s[r], the best entry at each scale s[r] * steps[f], out [n_runs][n_steps]. Where
  * each element's nearest level (all weights positive, scale positive) forms a grid entry
- * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. */
+ * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed (lhs:
+ * unused here). */
 void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_runs,
                     const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
                     const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows,
                     int64_t *out) {
     typedef float r8 __attribute__((vector_size(32)));
     typedef int32_t r8i __attribute__((vector_size(32)));
+    (void)lhs;
     const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
     const r8i pow3 = {1, 3, 9, 27, 81, 243, 729, 2187};
     /* branch-free: whether a run needs the search is data, and mispredicted it costs more than
@@ -100,17 +113,7 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
             rows[n_search] = r;
             n_search += !(positive & (entry >= 0));
         }
-        for (int64_t k = 0; k < n_search; k++) {
-            const int64_t r = rows[k];
-            const float sr = s[r] * steps[f];
-            r8 yv, wv;
-            memcpy(&yv, y + 8 * r, sizeof yv);
-            memcpy(&wv, w + 8 * r, sizeof wv);
-            const r8 a = (-2.0f * wv) * yv, b = wv * sr;
-            memcpy(lhs + 16 * r, &a, sizeof a);
-            memcpy(lhs + 16 * r + 8, &b, sizeof b);
-        }
-        search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
+        search(y, w, s, steps[f], rows, n_search, levels, lo, hi, out + f, n_steps);
     }
 }
 

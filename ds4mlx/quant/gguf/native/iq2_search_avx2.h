@@ -1,0 +1,89 @@
+/* search8 of iq2_search8.h in AVX2 intrinsics (x86 without AVX-512, chosen at run time): the
+ * same operations in the same order as DEFINE_SEARCH(8, 8, 4), two places apart: a batch's y, w
+ * rows become its element columns by 8x8 transposes (not one float at a time), and the running
+ * minimum is one vminps and the index one vblendvps (GCC and Clang make both of the generic
+ * vectors' select three and/andn/or). vminps(c, best) is c < best ? c : best, the generic
+ * select exactly (a NaN c never taken, a -0 never replacing a +0). */
+#include <immintrin.h>
+
+#define IQ2_AVX2 __attribute__((target("avx2")))
+
+IQ2_AVX2 static inline void iq2_transpose8(__m256 r[8]) { /* rows r[i][j] -> r[j][i] */
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+        r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+    }
+}
+
+IQ2_AVX2 static void search8(const float *y, const float *w, const float *s, float step, const int64_t *rows,
+                             int64_t n_rows, const float *levels, const int32_t *lo, const int32_t *hi,
+                             int64_t *out, int64_t stride) {
+    enum { U = 4 };
+    const __m256 lv[3] = {_mm256_set1_ps(levels[0]), _mm256_set1_ps(levels[1]), _mm256_set1_ps(levels[2])};
+    const __m256 lv2[3] = {_mm256_set1_ps(levels[0] * levels[0]), _mm256_set1_ps(levels[1] * levels[1]),
+                           _mm256_set1_ps(levels[2] * levels[2])};
+    const __m256 m2 = _mm256_set1_ps(-2.0f);
+    for (int64_t k0 = 0; k0 < n_rows; k0 += 8 * U) {
+        const int m = n_rows - k0 < 8 * U ? (int)(n_rows - k0) : 8 * U;
+        __m256 t[8][3][U];
+        for (int u = 0; u < U; u++) {
+            __m256 yr[8], wr[8];
+            float sr[8];
+            for (int i = 0; i < 8; i++) {
+                const int64_t r = rows[k0 + (8 * u + i < m ? 8 * u + i : 0)];
+                yr[i] = _mm256_loadu_ps(y + 8 * r);
+                wr[i] = _mm256_loadu_ps(w + 8 * r);
+                sr[i] = s[r] * step;
+            }
+            iq2_transpose8(yr);
+            iq2_transpose8(wr);
+            const __m256 srv = _mm256_loadu_ps(sr);
+            for (int j = 0; j < 8; j++) {
+                const __m256 aj = _mm256_mul_ps(_mm256_mul_ps(m2, wr[j]), yr[j]), bj = _mm256_mul_ps(wr[j], srv);
+                for (int l = 0; l < 3; l++)
+                    t[j][l][u] = _mm256_add_ps(_mm256_mul_ps(aj, lv[l]), _mm256_mul_ps(bj, lv2[l]));
+            }
+        }
+        /* the 81 level patterns' sums of elements 0..3 and 4..7, as half_sums */
+        __m256 h[2][81][U];
+        for (int half = 0; half < 2; half++) {
+            const int j0 = 4 * half;
+            __m256 h2[9][U], h3[27][U];
+            for (int p = 0; p < 9; p++)
+                for (int u = 0; u < U; u++) h2[p][u] = _mm256_add_ps(t[j0][p % 3][u], t[j0 + 1][p / 3][u]);
+            for (int p = 0; p < 27; p++)
+                for (int u = 0; u < U; u++) h3[p][u] = _mm256_add_ps(h2[p % 9][u], t[j0 + 2][p / 9][u]);
+            for (int p = 0; p < 81; p++)
+                for (int u = 0; u < U; u++) h[half][p][u] = _mm256_add_ps(h3[p % 27][u], t[j0 + 3][p / 27][u]);
+        }
+        __m256 best[U], idx[U];
+        for (int u = 0; u < U; u++) {
+            best[u] = _mm256_add_ps(h[0][lo[0]][u], h[1][hi[0]][u]);
+            idx[u] = _mm256_setzero_ps();
+        }
+        for (int32_t e = 1; e < 256; e++) {
+            const __m256 ev = _mm256_castsi256_ps(_mm256_set1_epi32(e));
+            const __m256 *hl = h[0][lo[e]], *hh = h[1][hi[e]];
+            for (int u = 0; u < U; u++) {
+                const __m256 c = _mm256_add_ps(hl[u], hh[u]);
+                const __m256 take = _mm256_cmp_ps(c, best[u], _CMP_LT_OQ);
+                best[u] = _mm256_min_ps(c, best[u]);
+                idx[u] = _mm256_blendv_ps(idx[u], ev, take);
+            }
+        }
+        int32_t got[8 * U];
+        for (int u = 0; u < U; u++) _mm256_storeu_ps((float *)(got + 8 * u), idx[u]);
+        for (int i = 0; i < m; i++) out[rows[k0 + i] * stride] = got[i];
+    }
+}
