@@ -34,6 +34,10 @@ IQ2_AVX2 static void search8(const float *y, const float *w, const float *s, flo
     const __m256 lv2[3] = {_mm256_set1_ps(levels[0] * levels[0]), _mm256_set1_ps(levels[1] * levels[1]),
                            _mm256_set1_ps(levels[2] * levels[2])};
     const __m256 m2 = _mm256_set1_ps(-2.0f);
+    int32_t run_start[257], n_runs = 0; /* entries 1..255 in runs of equal hi[e] */
+    for (int32_t e = 1; e < 256; e++)
+        if (e == 1 || hi[e] != hi[e - 1]) run_start[n_runs++] = e;
+    run_start[n_runs] = 256;
     for (int64_t k0 = 0; k0 < n_rows; k0 += 8 * U) {
         const int m = n_rows - k0 < 8 * U ? (int)(n_rows - k0) : 8 * U;
         __m256 t[8][3][U];
@@ -55,31 +59,45 @@ IQ2_AVX2 static void search8(const float *y, const float *w, const float *s, flo
                     t[j][l][u] = _mm256_add_ps(_mm256_mul_ps(aj, lv[l]), _mm256_mul_ps(bj, lv2[l]));
             }
         }
-        /* the 81 level patterns' sums of elements 0..3 and 4..7, as half_sums */
-        __m256 h[2][81][U];
-        for (int half = 0; half < 2; half++) {
-            const int j0 = 4 * half;
-            __m256 h2[9][U], h3[27][U];
-            for (int p = 0; p < 9; p++)
-                for (int u = 0; u < U; u++) h2[p][u] = _mm256_add_ps(t[j0][p % 3][u], t[j0 + 1][p / 3][u]);
-            for (int p = 0; p < 27; p++)
-                for (int u = 0; u < U; u++) h3[p][u] = _mm256_add_ps(h2[p % 9][u], t[j0 + 2][p / 9][u]);
-            for (int p = 0; p < 81; p++)
-                for (int u = 0; u < U; u++) h[half][p][u] = _mm256_add_ps(h3[p % 27][u], t[j0 + 3][p / 27][u]);
+        /* half_sums' sums, vector by vector (the 9 sums of two elements in registers): of
+         * elements 0..3 all 81 patterns p = l0 + 3·l1 + 9·l2 + 27·l3, of elements 4..7 the 27
+         * sums of three (the fourth is added once per run of entries below) */
+        __m256 h_lo[81][U], h3_hi[27][U];
+        for (int u = 0; u < U; u++) {
+            __m256 h2[9];
+            for (int l1 = 0; l1 < 3; l1++)
+                for (int l0 = 0; l0 < 3; l0++) h2[3 * l1 + l0] = _mm256_add_ps(t[0][l0][u], t[1][l1][u]);
+            for (int l2 = 0; l2 < 3; l2++)
+                for (int p = 0; p < 9; p++) {
+                    const __m256 v = _mm256_add_ps(h2[p], t[2][l2][u]);
+                    for (int l3 = 0; l3 < 3; l3++) h_lo[27 * l3 + 9 * l2 + p][u] = _mm256_add_ps(v, t[3][l3][u]);
+                }
+            for (int l1 = 0; l1 < 3; l1++)
+                for (int l0 = 0; l0 < 3; l0++) h2[3 * l1 + l0] = _mm256_add_ps(t[4][l0][u], t[5][l1][u]);
+            for (int l2 = 0; l2 < 3; l2++)
+                for (int p = 0; p < 9; p++) h3_hi[9 * l2 + p][u] = _mm256_add_ps(h2[p], t[6][l2][u]);
         }
         __m256 best[U], idx[U];
         for (int u = 0; u < U; u++) {
-            best[u] = _mm256_add_ps(h[0][lo[0]][u], h[1][hi[0]][u]);
+            const __m256 hh0 = _mm256_add_ps(h3_hi[hi[0] % 27][u], t[7][hi[0] / 27][u]);
+            best[u] = _mm256_add_ps(h_lo[lo[0]][u], hh0);
             idx[u] = _mm256_setzero_ps();
         }
-        for (int32_t e = 1; e < 256; e++) {
-            const __m256 ev = _mm256_castsi256_ps(_mm256_set1_epi32(e));
-            const __m256 *hl = h[0][lo[e]], *hh = h[1][hi[e]];
-            for (int u = 0; u < U; u++) {
-                const __m256 c = _mm256_add_ps(hl[u], hh[u]);
-                const __m256 take = _mm256_cmp_ps(c, best[u], _CMP_LT_OQ);
-                best[u] = _mm256_min_ps(c, best[u]);
-                idx[u] = _mm256_blendv_ps(idx[u], ev, take);
+        /* entries in index order, in runs of one hi pattern (the grid's order makes 72 runs):
+         * a run's h_hi is made once, in registers */
+        for (int k = 0; k < n_runs; k++) {
+            const int q = hi[run_start[k]];
+            __m256 hh[U];
+            for (int u = 0; u < U; u++) hh[u] = _mm256_add_ps(h3_hi[q % 27][u], t[7][q / 27][u]);
+            for (int32_t e = run_start[k]; e < run_start[k + 1]; e++) {
+                const __m256 ev = _mm256_castsi256_ps(_mm256_set1_epi32(e));
+                const __m256 *hl = h_lo[lo[e]];
+                for (int u = 0; u < U; u++) {
+                    const __m256 c = _mm256_add_ps(hl[u], hh[u]);
+                    const __m256 take = _mm256_cmp_ps(c, best[u], _CMP_LT_OQ);
+                    best[u] = _mm256_min_ps(c, best[u]);
+                    idx[u] = _mm256_blendv_ps(idx[u], ev, take);
+                }
             }
         }
         int32_t got[8 * U];
