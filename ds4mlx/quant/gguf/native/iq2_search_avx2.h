@@ -40,6 +40,8 @@ IQ2_AVX2 static void search8(const float *y, const float *w, const float *s, flo
     for (int32_t e = 1; e < 256; e++)
         if (e == 1 || hi[e] != hi[e - 1]) run_start[n_runs++] = e;
     run_start[n_runs] = 256;
+    int32_t entry_id[256];
+    for (int32_t e = 0; e < 256; e++) entry_id[e] = e;
     for (int64_t k0 = 0; k0 < n_rows; k0 += 8 * U) {
         const int m = n_rows - k0 < 8 * U ? (int)(n_rows - k0) : 8 * U;
         __m256 t[8][3][U];
@@ -87,15 +89,12 @@ IQ2_AVX2 static void search8(const float *y, const float *w, const float *s, flo
         }
         /* entries in index order, in runs of one hi pattern (the grid's order makes 72 runs):
          * a run's h_hi is made once, in registers */
-        __m256i evi = _mm256_set1_epi32(1); /* e, lane by lane (the runs are consecutive) */
-        const __m256i one = _mm256_set1_epi32(1);
         for (int k = 0; k < n_runs; k++) {
             const int q = hi[run_start[k]];
             __m256 hh[U];
             for (int u = 0; u < U; u++) hh[u] = _mm256_add_ps(h3_hi[q % 27][u], t[7][q / 27][u]);
             for (int32_t e = run_start[k]; e < run_start[k + 1]; e++) {
-                const __m256 ev = _mm256_castsi256_ps(evi);
-                evi = _mm256_add_epi32(evi, one);
+                const __m256 ev = _mm256_broadcast_ss((const float *)(entry_id + e)); /* (a load: no register held) */
                 const __m256 *hl = h_lo[lo[e]];
                 for (int u = 0; u < U; u++) {
                     const __m256 c = _mm256_add_ps(hl[u], hh[u]);
