@@ -40,8 +40,8 @@ IQ2_AVX2 static void search8(const float *y, const float *w, const float *s, flo
     for (int32_t e = 1; e < 256; e++)
         if (e == 1 || hi[e] != hi[e - 1]) run_start[n_runs++] = e;
     run_start[n_runs] = 256;
-    int32_t entry_id[256];
-    for (int32_t e = 0; e < 256; e++) entry_id[e] = e;
+    float entry_id[256]; /* e's bits, as the index lanes hold it (a float array: no aliasing) */
+    for (int32_t e = 0; e < 256; e++) memcpy(entry_id + e, &e, sizeof e);
     for (int64_t k0 = 0; k0 < n_rows; k0 += 8 * U) {
         const int m = n_rows - k0 < 8 * U ? (int)(n_rows - k0) : 8 * U;
         __m256 t[8][3][U];
@@ -94,7 +94,7 @@ IQ2_AVX2 static void search8(const float *y, const float *w, const float *s, flo
             __m256 hh[U];
             for (int u = 0; u < U; u++) hh[u] = _mm256_add_ps(h3_hi[q % 27][u], t[7][q / 27][u]);
             for (int32_t e = run_start[k]; e < run_start[k + 1]; e++) {
-                const __m256 ev = _mm256_broadcast_ss((const float *)(entry_id + e)); /* (a load: no register held) */
+                const __m256 ev = _mm256_broadcast_ss(entry_id + e); /* (a load: no register held) */
                 const __m256 *hl = h_lo[lo[e]];
                 for (int u = 0; u < U; u++) {
                     const __m256 c = _mm256_add_ps(hl[u], hh[u]);
