@@ -23,21 +23,27 @@
 /* The search over U·W runs side by side (each lane one run, so the lane count does not change a
  * result): U vectors of W lanes, 128-bit (SSE2, NEON) or on x86 256-bit with AVX2 where the CPU
  * has it (chosen at run time). The U vectors are independent chains of compare-and-select, which
- * would otherwise wait on each other's latency. */
+ * would otherwise wait on each other's latency. Each run's lhs, a = (−2·w)·y and b = w·(s·step),
+ * is made here from its y, w rows (the same products as _candidate_entries'). */
 #define DEFINE_SEARCH(SUFFIX, W, U, ATTR)                                                       \
     DEFINE_GRID_ENTRY(SUFFIX, W, U, ATTR)                                                      \
-    /* best entries of the runs rows[0..n_rows) (their lhs rows), into out[rows[k] * stride] */ \
-    ATTR static void search##SUFFIX(const float *lhs, const int64_t *rows, int64_t n_rows,     \
-                                    const float *levels, const int32_t *lo, const int32_t *hi, \
-                                    int64_t *out, int64_t stride) {                            \
+    /* best entries of the runs rows[0..n_rows) at scales s[r]·step, into out[rows[k] * stride] */ \
+    ATTR static void search##SUFFIX(const float *y, const float *w, const float *s, float step,\
+                                    const int64_t *rows, int64_t n_rows, const float *levels,  \
+                                    const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) { \
         typedef vf##SUFFIX vf;                                                                 \
         typedef vi##SUFFIX vi;                                                                 \
         for (int64_t k0 = 0; k0 < n_rows; k0 += W * U) {                                       \
             const int m = n_rows - k0 < W * U ? (int)(n_rows - k0) : W * U;                    \
             float a[16][U][W];                                                                 \
-            for (int i = 0; i < W * U; i++)                                                    \
-                for (int j = 0; j < 16; j++)                                                   \
-                    a[j][i / W][i % W] = lhs[rows[k0 + (i < m ? i : 0)] * 16 + j];             \
+            for (int i = 0; i < W * U; i++) {                                                  \
+                const int64_t r = rows[k0 + (i < m ? i : 0)];                                  \
+                const float sr = s[r] * step;                                                  \
+                for (int j = 0; j < 8; j++) {                                                  \
+                    a[j][i / W][i % W] = (-2.0f * w[8 * r + j]) * y[8 * r + j];                \
+                    a[8 + j][i / W][i % W] = w[8 * r + j] * sr;                                \
+                }                                                                              \
+            }                                                                                  \
             vf t[8][3][U];                                                                     \
             vi idx[U];                                                                         \
             for (int j = 0; j < 8; j++)                                                        \
@@ -55,13 +61,18 @@
 DEFINE_SEARCH(4, 4, 4, )
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#if defined(DS4MLX_PORTABLE)
 DEFINE_SEARCH(8, 8, 4, __attribute__((target("avx2"))))
+#else
+#include "iq2_search_avx2.h"
+#endif
 DEFINE_SEARCH(16, 16, 4, __attribute__((target("avx512f"))))
 
-static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const float *levels,
-                   const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
+static void search(const float *y, const float *w, const float *s, float step, const int64_t *rows,
+                   int64_t n_rows, const float *levels, const int32_t *lo, const int32_t *hi, int64_t *out,
+                   int64_t stride) {
     const int width = iq2_search_width(n_rows);
-    (width == 16 ? search16 : width == 8 ? search8 : search4)(lhs, rows, n_rows, levels, lo, hi, out, stride);
+    (width == 16 ? search16 : width == 8 ? search8 : search4)(y, w, s, step, rows, n_rows, levels, lo, hi, out, stride);
 }
 #else
 #define search search4
@@ -70,13 +81,15 @@ static void search(const float *lhs, const int64_t *rows, int64_t n_rows, const 
 /* The candidates of _candidate_entries: for runs y, w [n_runs][8] (|x| and error weights) with
  * group scale s[r], the best entry at each scale s[r] * steps[f], out [n_runs][n_steps]. Where
  * each element's nearest level (all weights positive, scale positive) forms a grid entry
- * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed. */
+ * (entry_of_pattern[pattern] >= 0), that entry is the minimum and no search is needed (lhs:
+ * unused here). */
 void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_runs,
                     const float *steps, int64_t n_steps, const float *levels, const int32_t *lo,
                     const int32_t *hi, const int16_t *entry_of_pattern, float *lhs, int64_t *rows,
                     int64_t *out) {
     typedef float r8 __attribute__((vector_size(32)));
     typedef int32_t r8i __attribute__((vector_size(32)));
+    (void)lhs;
     const float mid0 = (levels[0] + levels[1]) / 2, mid1 = (levels[1] + levels[2]) / 2;
     const r8i pow3 = {1, 3, 9, 27, 81, 243, 729, 2187};
     /* branch-free: whether a run needs the search is data, and mispredicted it costs more than
@@ -100,17 +113,7 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
             rows[n_search] = r;
             n_search += !(positive & (entry >= 0));
         }
-        for (int64_t k = 0; k < n_search; k++) {
-            const int64_t r = rows[k];
-            const float sr = s[r] * steps[f];
-            r8 yv, wv;
-            memcpy(&yv, y + 8 * r, sizeof yv);
-            memcpy(&wv, w + 8 * r, sizeof wv);
-            const r8 a = (-2.0f * wv) * yv, b = wv * sr;
-            memcpy(lhs + 16 * r, &a, sizeof a);
-            memcpy(lhs + 16 * r + 8, &b, sizeof b);
-        }
-        search(lhs, rows, n_search, levels, lo, hi, out + f, n_steps);
+        search(y, w, s, steps[f], rows, n_search, levels, lo, hi, out + f, n_steps);
     }
 }
 
@@ -123,29 +126,62 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
 #define MULADD(a, b, c) ((a) * (b) + (c))
 #endif
 
-static inline float dot8(const float *a, const float *b) {
-#if defined(__AVX__)
-    /* the same operations lane-wise: the 8 products, lane i's (p[i] + 0) + p[i + 4] */
-    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-    const __m128 t = _mm_add_ps(_mm256_extractf128_ps(p, 1), _mm_add_ps(_mm256_castps256_ps128(p), _mm_setzero_ps()));
-    const __m128 u = _mm_add_ps(t, _mm_movehdup_ps(t)); /* t0 + t1, ., t2 + t3, . */
-    return 0.0f + (_mm_cvtss_f32(u) + _mm_cvtss_f32(_mm_movehl_ps(u, u)));
+#include "iq2_prepare.h" /* (and its 8-float vectors p8, p8i) */
+
+static inline p8 muladd8(p8 a, p8 b, p8 c) {
+#if defined(__aarch64__)
+    for (int i = 0; i < 8; i++) c[i] = MULADD(a[i], b[i], c[i]);
+    return c;
 #else
-    float t[4];
-    for (int i = 0; i < 4; i++) t[i] = MULADD(a[i + 4], b[i + 4], MULADD(a[i], b[i], 0.0f));
-    return 0.0f + ((t[0] + t[1]) + (t[2] + t[3]));
+    return a * b + c;
 #endif
 }
 
-/* ca[r][f] = Σ_j wy[r][j]·g[j], cb[r][f] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] (grid2:
- * the squares, exact in float32) */
-static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *cand, const float *grid,
-                               const float *grid2, int64_t n_runs, int64_t n_cand, float *ca, float *cb) {
-    for (int64_t r = 0; r < n_runs; r++) {
-        for (int64_t f = 0; f < n_cand; f++) {
-            const int64_t e = cand[r * n_cand + f];
-            ca[r * n_cand + f] = dot8(wy + 8 * r, grid + 8 * e);
-            cb[r * n_cand + f] = dot8(w + 8 * r, grid2 + 8 * e);
+/* 8 runs' rows (8 floats each, at src) to their element columns */
+static inline void transpose8(const float *src, p8 col[8]) {
+#if defined(__AVX2__) && !defined(DS4MLX_PORTABLE)
+    __m256 r[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + 8 * i);
+    iq2_transpose8(r);
+    memcpy(col, r, sizeof r);
+#else
+    for (int j = 0; j < 8; j++)
+        for (int i = 0; i < 8; i++) col[j][i] = src[8 * i + j];
+#endif
+}
+
+/* element j's level of 8 entries from their codes (2 bits an element), levels4 = levels, padded */
+static inline p8 level_of(p8i code, int j, const float *levels4) {
+#if defined(__AVX2__) && !defined(DS4MLX_PORTABLE)
+    return (p8)_mm256_permutevar_ps(_mm256_broadcast_ps((const __m128 *)levels4), (__m256i)(code >> (2 * j)));
+#else
+    const p8i l = (code >> (2 * j)) & 3;
+    p8 r;
+    for (int i = 0; i < 8; i++) r[i] = levels4[l[i]];
+    return r;
+#endif
+}
+
+/* ca[f][r] = Σ_j wy[r][j]·g[j], cb[f][r] = Σ_j w[r][j]·g[j]² for g = grid[cand[r][f]] of a
+ * block's 32 runs, 8 runs a vector (g² exact in float32) */
+static void iq2_candidate_sums(const float *wy, const float *w, const int64_t *cand, int n_cand,
+                               const int32_t *codes, const float *levels4, float *ca, float *cb) {
+    for (int v = 0; v < 4; v++) {
+        p8 wyc[8], wc[8];
+        transpose8(wy + 64 * v, wyc);
+        transpose8(w + 64 * v, wc);
+        for (int f = 0; f < n_cand; f++) {
+            p8i code;
+            for (int i = 0; i < 8; i++) code[i] = codes[cand[(8 * v + i) * n_cand + f]];
+            p8 ta[4], tb[4];
+            for (int i = 0; i < 4; i++) {
+                const p8 g = level_of(code, i, levels4), g4 = level_of(code, i + 4, levels4);
+                ta[i] = muladd8(wyc[i + 4], g4, muladd8(wyc[i], g, (p8){0}));
+                tb[i] = muladd8(wc[i + 4], g4 * g4, muladd8(wc[i], g * g, (p8){0}));
+            }
+            const p8 sa = 0.0f + ((ta[0] + ta[1]) + (ta[2] + ta[3])), sb = 0.0f + ((tb[0] + tb[1]) + (tb[2] + tb[3]));
+            memcpy(ca + 32 * f + 8 * v, &sa, sizeof sa);
+            memcpy(cb + 32 * f + 8 * v, &sb, sizeof sb);
         }
     }
 }
@@ -180,42 +216,6 @@ static void best_at(const float *s, const float *ca, const float *cb, int n_cand
         }
 }
 
-/* error weights, signs (parity-corrected), targets y and the group scales s0 of one block */
-static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uint32_t *mask, float *s0) {
-    if (qw != NULL) { /* common.importance_weights, σ² factor 2 */
-        float sq[256];
-        for (int k = 0; k < 256; k++) sq[k] = x[k] * x[k];
-        const float sigma2 = 2.0f * ((0.0f + (pairwise_f32(sq, 128) + pairwise_f32(sq + 128, 128))) / 256.0f);
-        for (int k = 0; k < 256; k++) w[k] = qw[k] * __builtin_sqrtf(sigma2 + x[k] * x[k]);
-    } else {
-        for (int g = 0; g < 8; g++) {
-            float sq[32];
-            for (int k = 0; k < 32; k++) sq[k] = x[32 * g + k] * x[32 * g + k];
-            const float root = __builtin_sqrtf(pairwise_f32(sq, 32) / 32.0f);
-            for (int k = 0; k < 32; k++) w[32 * g + k] = root + __builtin_fabsf(x[32 * g + k]);
-        }
-    }
-    for (int r = 0; r < 32; r++) {
-        const float *xr = x + 8 * r, *wr = w + 8 * r;
-        float c[8];
-        int odd = 0;
-        for (int j = 0; j < 8; j++) {
-            odd ^= xr[j] < 0;
-            c[j] = wr[j] * xr[j] * xr[j];
-        }
-        int cheapest = -1;
-        if (odd) cheapest = argmin8(c);
-        uint32_t m = 0;
-        for (int j = 0; j < 8; j++) {
-            const int flip = j == cheapest;
-            m |= (uint32_t)((xr[j] < 0) ^ flip) << j;
-            y[8 * r + j] = flip ? -__builtin_fabsf(xr[j]) : __builtin_fabsf(xr[j]);
-        }
-        mask[r] = m;
-    }
-    for (int g = 0; g < 8; g++) s0[g] = max_nan(y + 32 * g, 32) / 43.0f;
-}
-
 /* xb [n_blocks][256], optional importance qw (same shape) -> IQ2_XXS blocks (66 bytes) in out */
 void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const float *steps, int32_t n_steps,
                   const float *super_steps, int32_t n_super, int32_t refine, const float *levels,
@@ -225,8 +225,14 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
     float lhs[IQ2_BATCH * 32 * 16];
     uint32_t mask[IQ2_BATCH * 32];
     int64_t rows[IQ2_BATCH * 32], cand[IQ2_BATCH * 32 * 8];
-    float grid2[256 * 8];
-    for (int i = 0; i < 256 * 8; i++) grid2[i] = grid[i] * grid[i];
+    /* each entry's levels, 2 bits an element (the grid's codes), and the levels padded to 4 */
+    int32_t codes[256];
+    const float levels4[4] = {levels[0], levels[1], levels[2], levels[2]};
+    for (int e = 0; e < 256; e++) {
+        codes[e] = 0;
+        for (int j = 0; j < 8; j++)
+            codes[e] |= ((grid[8 * e + j] == levels[1]) + 2 * (grid[8 * e + j] == levels[2])) << (2 * j);
+    }
     for (int64_t b0 = 0; b0 < n_blocks; b0 += IQ2_BATCH) {
         const int nb = n_blocks - b0 < IQ2_BATCH ? (int)(n_blocks - b0) : IQ2_BATCH;
         for (int i = 0; i < nb; i++) {
@@ -238,12 +244,10 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
         for (int i = 0; i < nb; i++) {
             const float *wb = w + 256 * i, *yb = y + 256 * i, *sb0 = s0 + 8 * i;
             const int64_t *cb_idx = cand + 32 * n_steps * i;
-            float wy[256], ca_r[32 * 8], cb_r[32 * 8], ca[8 * 32], cb[8 * 32], cost[32], costs[8][8], s[8], sc[8];
+            float wy[256], ca[8 * 32], cb[8 * 32], cost[32], costs[8][8], s[8], sc[8];
             int32_t k[32];
             for (int j = 0; j < 256; j++) wy[j] = wb[j] * yb[j];
-            iq2_candidate_sums(wy, wb, cb_idx, grid, grid2, 32, n_steps, ca_r, cb_r);
-            for (int r = 0; r < 32; r++)
-                for (int f = 0; f < n_steps; f++) ca[32 * f + r] = ca_r[r * n_steps + f], cb[32 * f + r] = cb_r[r * n_steps + f];
+            iq2_candidate_sums(wy, wb, cb_idx, n_steps, codes, levels4, ca, cb);
             /* group scale: the best of the sweep, then least-squares refinements */
             for (int f = 0; f < n_steps; f++) {
                 for (int g = 0; g < 8; g++) sc[g] = sb0[g] * steps[f];
