@@ -29,14 +29,13 @@ import os
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 from gguf import GGUFValueType
 
 from ..io.hf import HFCheckpoint
 from ..io.gguf_file import GGUFError
-from ..io.imatrix import Imatrix, ImatrixError, expert_importance
 from ..names import DS4_GGUF_TYPES, internal_to_gguf, scale_name
 from ..quant import gguf as gguf_quants
 from ..quant.gguf import floats as gguf_floats
@@ -48,6 +47,9 @@ from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish
 from .plan import (BufferPool, Logical, Stored, Unit, dequantize_stored, hash_table, hash_table_shape,
                    logical_weights, read_pair, read_stored, source_nbytes, stored)
+
+if TYPE_CHECKING:
+    from ..io.imatrix import Imatrix
 
 PRESETS = ("ds4-q4", "ds4-q2", "mxfp4")
 DEFAULT_PRESET = "ds4-q4"
@@ -95,7 +97,7 @@ IMATRIX_TYPES = ("Q4_K", "Q2_K", "IQ2_XXS")
 CHEAP_TYPES = ("I32", "F32", "F16", "BF16", "MXFP4")
 # Dense tensors are encoded in row chunks of about this many weights (experts: one per job), so
 # large ones (the head, the embedding) spread over the workers and never sit whole in memory.
-CHUNK_WEIGHTS = 1 << 23
+CHUNK_WEIGHTS = 1 << 21
 ROW_ALIGN = FP8_WEIGHT_BLOCK  # chunks start on an FP8 scale block
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
@@ -183,6 +185,8 @@ def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None,
     qtype = tensor_type(preset, lw, name)
     importance = None
     if imatrix is not None and qtype in IMATRIX_TYPES:
+        from ..io.imatrix import ImatrixError, expert_importance  # (its import: 30 ms of every start-up)
+
         n_mat = len(lw.names) if lw.experts else 1
         try:
             importance = expert_importance(imatrix, name, n_mat, int(lw.shape[-1]))
