@@ -25,6 +25,7 @@ chunks is in flight.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from itertools import islice
@@ -99,6 +100,10 @@ CHEAP_TYPES = ("I32", "F32", "F16", "BF16", "MXFP4")
 # large ones (the head, the embedding) spread over the workers and never sit whole in memory.
 CHUNK_WEIGHTS = 1 << 21
 ROW_ALIGN = FP8_WEIGHT_BLOCK  # chunks start on an FP8 scale block
+# Items queued per job ahead of the writer: enough that the threads go on while the writer
+# waits for the disk or checks a file (2 per job left them idle within 0.1 s: an expert takes
+# ~20 ms), few enough that the finished chunks held stay a few dozen MB.
+WINDOW_PER_JOB = 8
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
@@ -148,7 +153,7 @@ def encode(job: EncodeJob) -> np.ndarray:
     if job.qtype in POOLED_OUTPUT:  # bytes into a reused buffer (fresh pages cost zeroing)
         row = gguf_quants.row_bytes(fmt, values.shape[-1], job.name)
         lead = values.shape[:-1]
-        out = _POOL.take(int(np.prod(lead, dtype=np.int64)) * row).reshape(*lead, row)
+        out = _POOL.take(math.prod(lead) * row).reshape(*lead, row)
         return fmt.quantize(values, out=out)
     if job.importance is not None:
         return fmt.quantize(values, weights=job.importance)
@@ -204,7 +209,7 @@ def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None,
             row = gguf_quants.row_bytes(fmt, shape[-1], name)
         except ValueError as e:
             raise ConvertError(f"{e} (preset {preset})") from None
-        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row
+        nbytes = math.prod(shape[:-1]) * row
 
         def job(src: str, rows: tuple[int, int] | None = None, i: int = 0) -> EncodeJob:
             scale = stored(ckpt, scale_name(src)) if lw.fmt in (MXFP8, MXFP4) else None
@@ -214,7 +219,7 @@ def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None,
         if lw.experts or len(lw.shape) < 2:
             items = [job(n, i=i) for i, n in enumerate(lw.names)]
         else:
-            items = [job(lw.names[0], r) for r in row_chunks(lw.shape[0], int(np.prod(lw.shape[1:])))]
+            items = [job(lw.names[0], r) for r in row_chunks(lw.shape[0], math.prod(lw.shape[1:]))]
 
     def produce():
         yield name, map(run_item, items)
@@ -320,7 +325,7 @@ def _stop_pool(pool, finished: bool) -> None:
 
 def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) -> Iterator[np.ndarray]:
     """Every item's array, in order. With ``jobs > 1`` the ``EncodeJob``s run on ``jobs``
-    threads, queued at most ``2 * jobs`` items ahead of the writer, so memory stays bounded and
+    threads, queued at most ``WINDOW_PER_JOB * jobs`` items ahead of the writer, so memory stays bounded and
     the threads stay busy across tensor boundaries while this one writes: file reads, the
     whole-array numpy decodes and the compiled quantizers release the GIL. A type whose
     quantizer is the numpy recipe (no C compiler: many small numpy ops under the GIL, measured
@@ -332,7 +337,7 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    window = 2 * jobs
+    window = WINDOW_PER_JOB * jobs
     pool = threads = None
     pending: deque = deque()
     threaded: dict[str, bool] = {}  # per type: whether its quantizer runs outside the GIL
@@ -476,6 +481,34 @@ class OutputFile:
     label: str = ""  # the progress bar's
 
 
+def _warm_up(items: list) -> None:
+    """Build and check the compiled kernels the plan uses on a thread of their own, in plan order:
+    each is checked against numpy at its first use (Q4_K's check takes 30-500 ms), which held
+    the writing thread, or a worker with every other worker waiting on the lock, while the
+    cores idled. A kernel still being checked when needed is waited for (one check each)."""
+    import threading
+
+    kinds, decoders = [], False
+    for item in items:
+        if isinstance(item, EncodeJob):
+            decoders = decoders or item.fmt in (MXFP4, MXFP8)
+            if item.heavy and item.qtype not in kinds:
+                kinds.append(item.qtype)
+
+    def run() -> None:
+        try:
+            if decoders:  # FP4 and FP8 share a library, checked at its first call
+                from ..quant.mx import dequant_fp4_np
+
+                dequant_fp4_np(np.zeros((1, 16), np.uint8), np.zeros((1, 1), np.uint8))
+            for kind in kinds:
+                gguf_quants.compiled(kind)
+        except Exception:  # the first use builds and checks again, and reports
+            pass
+
+    threading.Thread(target=run, name="ds4mlx-warm-up", daemon=True).start()
+
+
 def write_stream(path: Path, config: dict[str, Any], units: list[GGUFUnit], tokenizer: dict[str, Any] | None,
                  bar: Progress, jobs: int = 1,
                  extra_metadata: dict[str, tuple[Any, GGUFValueType]] | None = None) -> None:
@@ -492,6 +525,7 @@ def write_files(files: list[OutputFile], config: dict[str, Any], jobs: int = 1, 
     0.5-1 s per file on a busy disk. With ``verify``, each file's tensor table is checked too."""
     import threading
 
+    _warm_up([item for f in files for u in f.units for item in u.items])
     encoded = run_items((item for f in files for u in f.units for item in u.items), jobs)
     finishing: list[tuple[threading.Thread, list[BaseException]]] = []
 

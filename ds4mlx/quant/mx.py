@@ -82,13 +82,15 @@ def _check_fp4(weight: np.ndarray, scale: np.ndarray, name: str) -> None:
         )
 
 
-def dequant_fp8_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight") -> np.ndarray:
-    """``W[r, c] = e4m3(q[r, c]) · e8m0(s[r // 128, c // 128])`` in float32."""
+def dequant_fp8_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight", *,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """``W[r, c] = e4m3(q[r, c]) · e8m0(s[r // 128, c // 128])`` in float32 (into ``out``, a
+    C-contiguous float32 array of that shape, where given and compiled: reused memory)."""
     weight, scale = np.asarray(weight), np.asarray(scale)
     out_dim, in_dim = _check_fp8(weight, scale, name)
     lib = _fp4_native()  # the library has both decoders
     if lib is not None:
-        return _fp8_compiled(lib, weight, scale)
+        return _fp8_compiled(lib, weight, scale, out=out)
     return _fp8_numpy(weight, scale)
 
 
@@ -111,14 +113,16 @@ _FP4_PAIRS = np.stack([E2M1_TABLE[np.arange(256) & 0xF], E2M1_TABLE[np.arange(25
 _E8M0_VALUES = e8m0_decode(np.arange(256, dtype=np.uint8))
 
 
-def dequant_fp4_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight") -> np.ndarray:
+def dequant_fp4_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight", *,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """``W[..., r, c] = e2m1(code[..., r, c]) · e8m0(s[..., r, c // 32])`` in float32 (in C
-    where the compiled decoder builds: the same products, one pass instead of four)."""
+    where the compiled decoder builds: the same products, one pass instead of four; into
+    ``out``, a C-contiguous float32 array of that shape, where given: reused memory)."""
     weight, scale = np.asarray(weight), np.asarray(scale)
     _check_fp4(weight, scale, name)
     lib = _fp4_native()
     if lib is not None:
-        return _fp4_compiled(lib, weight, scale)
+        return _fp4_compiled(lib, weight, scale, out=out)
     return _fp4_numpy(weight, scale)
 
 
@@ -131,30 +135,39 @@ def _fp4_numpy(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return values.reshape(*weight.shape[:-1], 2 * weight.shape[-1])
 
 
-def _fp4_compiled(lib, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def _fp4_compiled(lib, weight: np.ndarray, scale: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     import ctypes
 
     from .gguf import native
 
     codes = np.ascontiguousarray(weight).view(np.uint8)
     sc = np.ascontiguousarray(scale, dtype=np.uint8)
-    out = np.empty((*weight.shape[:-1], 2 * weight.shape[-1]), dtype=np.float32)
+    out = _output(out, (*weight.shape[:-1], 2 * weight.shape[-1]))
     lib.fp4_decode(native.ptr(codes), native.ptr(sc), ctypes.c_int64(sc.size), native.ptr(_FP4_PAIRS),
                    native.ptr(_E8M0_VALUES), native.ptr(out))
     return out
 
 
-def _fp8_compiled(lib, weight: np.ndarray, scale: np.ndarray, block: int = FP8_WEIGHT_BLOCK) -> np.ndarray:
+def _fp8_compiled(lib, weight: np.ndarray, scale: np.ndarray, block: int = FP8_WEIGHT_BLOCK,
+                  out: np.ndarray | None = None) -> np.ndarray:
     import ctypes
 
     from .gguf import native
 
     codes = np.ascontiguousarray(weight).view(np.uint8)
     sc = np.ascontiguousarray(scale).view(np.uint8)
-    out = np.empty(codes.shape, dtype=np.float32)
+    out = _output(out, codes.shape)
     lib.fp8_decode(native.ptr(codes), native.ptr(sc), ctypes.c_int64(codes.shape[0]), ctypes.c_int64(codes.shape[1]),
                    ctypes.c_int64(block), native.ptr(E4M3_TABLE), native.ptr(_E8M0_VALUES),
                    native.ptr(out))
+    return out
+
+
+def _output(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"decoder output {out.shape} {out.dtype} is not C-contiguous float32 {tuple(shape)}")
     return out
 
 
