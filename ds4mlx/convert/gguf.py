@@ -47,7 +47,7 @@ from .gguf_writer import TensorEntry, begin_gguf
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish
 from .plan import (BufferPool, Logical, Stored, Unit, dequantize_stored, hash_table, hash_table_shape,
-                   logical_weights, read_pair, read_stored, source_nbytes, stored)
+                   logical_weights, read_pair, read_stored, source_nbytes, stored, will_need_rows)
 
 if TYPE_CHECKING:
     from ..io.imatrix import Imatrix
@@ -339,6 +339,7 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
 
     window = WINDOW_PER_JOB * jobs
     pool = threads = None
+    fds: dict = {}  # source files open for read-ahead advice
     pending: deque = deque()
     threaded: dict[str, bool] = {}  # per type: whether its quantizer runs outside the GIL
     unset: list[str] = []
@@ -349,6 +350,8 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     finished = False
     try:
         for item in items:
+            if isinstance(item, EncodeJob):  # its bytes read ahead while the window drains
+                _read_ahead(item, fds)
             if isinstance(item, EncodeJob) and item.heavy:
                 if item.qtype not in threaded:  # (builds and checks the compiled library here, once)
                     threaded[item.qtype] = gguf_quants.compiled(item.qtype)
@@ -374,6 +377,20 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
             _stop_pool(pool, finished)
         for k in unset:
             os.environ.pop(k, None)
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _read_ahead(job: EncodeJob, fds: dict) -> None:
+    """Ask the system to read a queued job's source bytes into the page cache now (no wait):
+    a job's reads are plain reads on its thread, which waited for the disk with the core idle
+    (a cold source: 0.3 GB/s here, a second and a half of a 0.44 GB conversion)."""
+    try:
+        will_need_rows(job.weight, job.rows, fds)
+        if job.scale is not None:
+            will_need_rows(job.scale, None, fds)  # (small: whole)
+    except OSError:  # advice only; the job's own read reports a real problem
+        pass
 
 
 def _process_pool(jobs: int):

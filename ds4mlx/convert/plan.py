@@ -236,6 +236,19 @@ def will_need(tensors: list[Stored], fds: dict[Path, int]) -> None:
         os.posix_fadvise(fds[t.path], t.offset, _nbytes(t), os.POSIX_FADV_WILLNEED)
 
 
+def will_need_rows(s: Stored, rows: tuple[int, int] | None, fds: dict[Path, int]) -> None:
+    """:func:`will_need` for rows ``[r0, r1)`` of ``s`` only (all of it when ``rows`` is None)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    if s.path not in fds:
+        fds[s.path] = os.open(s.path, os.O_RDONLY)
+    start, n = s.offset, _nbytes(s)
+    if rows is not None:
+        row = n // max(s.shape[0], 1)
+        start, n = s.offset + rows[0] * row, (rows[1] - rows[0]) * row
+    os.posix_fadvise(fds[s.path], start, n, os.POSIX_FADV_WILLNEED)
+
+
 class BufferPool:
     """Read buffers used again once nothing refers to them (by reference count: a view of a
     buffer keeps it, so none is reused while any chunk cut from it is alive). Fresh memory for
