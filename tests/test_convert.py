@@ -366,6 +366,25 @@ def test_gguf_jobs_byte_identical(tiny_ckpt, ggufs, tmp_path, monkeypatch):
     assert one.read_bytes() == two.read_bytes() == procs.read_bytes() == ggufs["ds4-q2"].read_bytes()
 
 
+def test_gguf_first_file_failing_its_checks_fails_the_conversion(tiny_ckpt, tmp_path, monkeypatch):
+    # the main file's last steps run on a thread while the MTP file is written: a failure there
+    # still fails the conversion, and neither file (nor a partial) is left
+    from ds4mlx.convert import gguf_writer
+
+    check = gguf_writer._check_table
+
+    def failing(path, spans):
+        if "MTP" not in path.name:
+            raise gguf_writer.GGUFError(f"{path}: verification failed: made up")
+        check(path, spans)
+
+    monkeypatch.setattr(gguf_writer, "_check_table", failing)
+    out = tmp_path / "x.gguf"
+    with pytest.raises(ConvertError, match="made up"):
+        convert(tiny_ckpt, out, to="gguf", preset="ds4-q4", progress=False, jobs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_run_items_keeps_order_and_bounds_lookahead():
     from ds4mlx.convert.gguf import WINDOW_PER_JOB, run_items
 
