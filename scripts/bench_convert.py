@@ -226,8 +226,10 @@ def same_output(a: Path, b: Path) -> bool:
     """Whether two conversion outputs (a file, or a directory of files) hold the same bytes."""
     import filecmp
 
-    if a.is_file():
-        return filecmp.cmp(a, b, shallow=False)
+    if a.is_file():  # a GGUF, and the MTP file beside it where there is one
+        mtp = [(x.with_name(f"{x.stem}-MTP.gguf")) for x in (a, b)]
+        return filecmp.cmp(a, b, shallow=False) and (
+            mtp[0].exists() == mtp[1].exists() and (not mtp[0].exists() or filecmp.cmp(*mtp, shallow=False)))
     names = sorted(f.name for f in a.iterdir())
     return names == sorted(f.name for f in b.iterdir()) and all(
         filecmp.cmp(a / n, b / n, shallow=False) for n in names)
@@ -248,8 +250,10 @@ def run_convert(root: Path, src: Path, out: Path, args, preset: str | None
     drop_caches()
     env = dict(os.environ, PYTHONPATH=str(root))
     t0 = time.time()
-    run = subprocess.run([sys.executable, "-c", call], check=True, capture_output=True, text=True, cwd=root, env=env)
+    run = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, cwd=root, env=env)
     total = time.time() - t0
+    if run.returncode:  # its own error, not only the exit status
+        sys.exit(f"the conversion by {root} failed ({run.returncode}):\n{run.stderr[-4000:]}")
     seconds, rss, worker_rss, cpu = (float(x) for x in run.stdout.split()[-4:])
     return seconds, total, rss, worker_rss, cpu
 
@@ -309,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def remove(path: Path) -> None:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            path.with_name(f"{path.stem}-MTP.gguf").unlink(missing_ok=True)  # a GGUF's MTP file
 
         for r in range(args.rounds):
             # a disk figure, a conversion, another disk figure, ...: all in the same minutes

@@ -288,6 +288,29 @@ def test_gguf_tensors_dequantize_to_the_source(tiny_ckpt, ggufs, preset):
         assert set(worst) == {"F32", "BF16", "MXFP4", "I32"}
 
 
+def test_gguf_f16_tensors_are_the_source_rounded(tiny_ckpt, ggufs):
+    # F16 tensors (BF16 sources converted in one C pass, FP8 ones decoded in C) hold exactly
+    # numpy's float16 rounding of the source values, decoded here by numpy alone
+    gguf = pytest.importorskip("gguf")
+    from ds4mlx.names import gguf_to_internal
+    from ds4mlx.quant.mx import _fp8_numpy
+
+    src = _tensors(tiny_ckpt)
+    seen = set()
+    for t in gguf.GGUFReader(ggufs["ds4-q4"]).tensors:
+        if t.tensor_type.name != "F16":
+            continue
+        name = gguf_to_internal(t.name)
+        dtype, bits = src[name]
+        if dtype == "F8_E4M3":
+            values = _fp8_numpy(bits, src[name[: -len("weight")] + "scale"][1])
+        else:
+            values = (bits.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else bits.astype(np.float32)
+        assert np.array_equal(np.asarray(t.data).view(np.uint16).reshape(-1), values.astype("<f2").view(np.uint16).reshape(-1)), t.name
+        seen.add(dtype)
+    assert {"BF16", "F8_E4M3"} <= seen
+
+
 @pytest.mark.parametrize("preset,gate,down", [("ds4-q4", "Q4_K", "Q4_K"), ("ds4-q2", "IQ2_XXS", "Q2_K")])
 def test_ds4_presets_match_ds4_layout(tiny_ckpt, ggufs, preset, gate, down):
     gguf = pytest.importorskip("gguf")
@@ -343,8 +366,27 @@ def test_gguf_jobs_byte_identical(tiny_ckpt, ggufs, tmp_path, monkeypatch):
     assert one.read_bytes() == two.read_bytes() == procs.read_bytes() == ggufs["ds4-q2"].read_bytes()
 
 
+def test_gguf_first_file_failing_its_checks_fails_the_conversion(tiny_ckpt, tmp_path, monkeypatch):
+    # the main file's last steps run on a thread while the MTP file is written: a failure there
+    # still fails the conversion, and neither file (nor a partial) is left
+    from ds4mlx.convert import gguf_writer
+
+    check = gguf_writer._check_table
+
+    def failing(path, spans):
+        if "MTP" not in path.name:
+            raise gguf_writer.GGUFError(f"{path}: verification failed: made up")
+        check(path, spans)
+
+    monkeypatch.setattr(gguf_writer, "_check_table", failing)
+    out = tmp_path / "x.gguf"
+    with pytest.raises(ConvertError, match="made up"):
+        convert(tiny_ckpt, out, to="gguf", preset="ds4-q4", progress=False, jobs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_run_items_keeps_order_and_bounds_lookahead():
-    from ds4mlx.convert.gguf import run_items
+    from ds4mlx.convert.gguf import WINDOW_PER_JOB, run_items
 
     pulled = []
 
@@ -355,7 +397,7 @@ def test_run_items_keeps_order_and_bounds_lookahead():
 
     stream = run_items(items(), jobs=3)
     first = next(stream)
-    assert first[0] == 0 and len(pulled) <= 2 * 3 + 1  # a bounded window, not the whole plan
+    assert first[0] == 0 and len(pulled) <= WINDOW_PER_JOB * 3 + 1 < 50  # a bounded window, not the whole plan
     assert [int(a[0]) for a in stream] == list(range(1, 50))
 
 

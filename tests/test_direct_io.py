@@ -465,6 +465,29 @@ def test_convert_verify_disk_same_bytes_and_catches_a_bad_disk_write(tiny_ckpt, 
         convert(tiny_ckpt, tmp_path / "d.gguf", to="gguf", preset="mxfp4", verify_disk=True, progress=False)
 
 
+def test_gguf_writer_syncs_behind_the_writer(tmp_path, monkeypatch):
+    """The written part is synced while the file is written (every SYNC_BYTES), not only by
+    the final fsync; the bytes are those of a write without it."""
+    from ds4mlx.convert import gguf_writer
+    from ds4mlx.convert.gguf_writer import stream_gguf, tensor_entry
+    from ds4mlx.synthetic import tiny_config
+
+    arrays = [np.random.default_rng(7).standard_normal((1024, 1024)).astype(np.float32) for _ in range(6)]
+    entries = [tensor_entry(f"t{i}", "F32", a.shape) for i, a in enumerate(arrays)]
+    stream_gguf(tmp_path / "plain.gguf", tiny_config(), entries, [[a] for a in arrays])
+    synced, real = [], os.fdatasync
+
+    def counting(fd):
+        synced.append(os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(gguf_writer, "SYNC_BYTES", 8 << 20)
+    monkeypatch.setattr(gguf_writer.os, "fdatasync", counting)
+    stream_gguf(tmp_path / "synced.gguf", tiny_config(), entries, [[a] for a in arrays])
+    assert len(synced) >= 2 and min(synced) < 24 << 20  # while 24 MiB were still to come
+    assert (tmp_path / "synced.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
+
+
 def test_gguf_writer_same_bytes_both_ways_and_catches_a_bad_disk_write(tmp_path, mode, monkeypatch):
     """The GGUF writer's file equals gguf-py's own (header, table, padded data) written direct
     or buffered, and a byte changed between the staging buffer and the disk is caught."""

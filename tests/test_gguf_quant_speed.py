@@ -225,6 +225,33 @@ def test_f16_encode_matches_numpy(monkeypatch, portable):
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:5]
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_f16_from_bf16_matches_numpy(monkeypatch, portable):
+    # BF16 bits -> F16 in one C pass against numpy's astype(float16) of their float32 values:
+    # every one of the 65536 BF16 values (NaNs among them), a scalar tail, a given output
+    import ctypes
+
+    from ds4mlx.quant.gguf import floats
+
+    if portable:
+        monkeypatch.setenv("DS4MLX_QUANT_PORTABLE", "1")
+        monkeypatch.setattr(native, "_LIBS", {})
+        monkeypatch.setattr(native, "_CHECKED", {})
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)[:-3].reshape(-1, 13)  # 65533: a tail of 5
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = (bits.astype(np.uint32) << 16).view(np.float32).astype("<f2").view(np.uint8)
+    out = np.zeros((bits.shape[0], 26), np.uint8)
+    assert floats.f16_from_bf16(bits, out) is out
+    assert np.array_equal(out, want.reshape(out.shape))
+    lib = native.load("f16_encode")  # the kernel itself (the call above may fall back to numpy)
+    assert lib is not None or pytest.skip("no C compiler here")
+    got = np.zeros(bits.size, np.uint16)
+    lib.f16_encode_bf16(native.ptr(bits), ctypes.c_int64(bits.size), native.ptr(got))
+    assert np.array_equal(got.view(np.uint8), want.reshape(-1))
+    with pytest.raises(ValueError, match="F16 output"):
+        floats.f16_from_bf16(bits, np.zeros((bits.shape[0], 13), np.uint8))
+
+
 def test_f16_quantize_into_given_output():
     from ds4mlx.quant.gguf import floats
 

@@ -223,3 +223,40 @@ def test_fp4_compiled_decoder_matches_numpy():
         want = qmx._fp4_numpy(packed.view(np.int8), scale)
     got = dequant_fp4_np(packed.view(np.int8), scale)
     assert got.shape == want.shape == (3, 64, 512) and got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_fp8_and_fp4_compiled_decoders_match_numpy(monkeypatch, portable):
+    """The compiled FP8 decoder gives numpy's bits (table value × block scale): every code under
+    every scale byte (254 overflows, 255 is NaN), whole and ragged 128-blocks, into a given
+    output; the FP4 one too, with its AVX2 permutes and in the scalar build
+    (DS4MLX_QUANT_PORTABLE=1)."""
+    from ds4mlx.quant import mx as qmx
+    from ds4mlx.quant.gguf import native
+
+    if portable:
+        monkeypatch.setenv("DS4MLX_QUANT_PORTABLE", "1")
+        monkeypatch.setattr(native, "_LIBS", {})  # this build for this test only
+    lib = native.load("fp4_decode")
+    assert lib is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(8)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for rows, cols in ((256, 384), (130, 300), (1, 129)):
+            codes = rng.integers(0, 256, size=(rows, cols), dtype=np.uint8)
+            scale = rng.integers(0, 256, size=(-(-rows // 128), -(-cols // 128)), dtype=np.uint8)
+            want = qmx._fp8_numpy(codes, scale)
+            out = np.full((rows, cols), 7.0, np.float32)
+            got = qmx._fp8_compiled(lib, codes, scale, out=out)
+            assert got is out and got.tobytes() == want.tobytes()
+        # every code with every scale byte: 17 × 17 blocks of 16 (the kernel takes the block size)
+        codes = ((np.arange(259)[:, None] * 16 + np.arange(261)[None, :]) % 256).astype(np.uint8)
+        scale = (np.arange(17 * 17) % 256).astype(np.uint8).reshape(17, 17)
+        want = E4M3_TABLE[codes] * e8m0_decode(scale)[np.arange(259)[:, None] // 16, np.arange(261)[None, :] // 16]
+        assert qmx._fp8_compiled(lib, codes, scale, 16).tobytes() == want.tobytes()
+        packed = rng.integers(0, 256, size=(4, 32, 48), dtype=np.uint8)
+        packed[0, 0, :] = np.arange(48)
+        fscale = rng.integers(0, 256, size=(4, 32, 3), dtype=np.uint8)
+        fscale[1].reshape(-1)[:96] = np.arange(96) + 160  # the overflowing ones and NaN
+        assert qmx._fp4_compiled(lib, packed, fscale).tobytes() == qmx._fp4_numpy(packed, fscale).tobytes()
+    with pytest.raises(ValueError, match="decoder output"):
+        qmx._fp8_compiled(lib, codes[:4, :4], scale[:1, :1], out=np.empty((4, 5), np.float32))

@@ -25,28 +25,32 @@ chunks is in flight.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 from gguf import GGUFValueType
 
 from ..io.hf import HFCheckpoint
 from ..io.gguf_file import GGUFError
-from ..io.imatrix import Imatrix, ImatrixError, expert_importance
 from ..names import DS4_GGUF_TYPES, internal_to_gguf, scale_name
 from ..quant import gguf as gguf_quants
+from ..quant.gguf import floats as gguf_floats
 from ..quant.gguf import mxfp4 as gguf_mxfp4
 from ..quant.codecs import FP8_WEIGHT_BLOCK, bf16_decode
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
-from .gguf_writer import TensorEntry, stream_gguf
+from .gguf_writer import TensorEntry, begin_gguf
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish
 from .plan import (BufferPool, Logical, Stored, Unit, dequantize_stored, hash_table, hash_table_shape,
-                   logical_weights, read_pair, read_stored, source_nbytes, stored)
+                   logical_weights, read_pair, read_stored, source_nbytes, stored, will_need_rows)
+
+if TYPE_CHECKING:
+    from ..io.imatrix import Imatrix
 
 PRESETS = ("ds4-q4", "ds4-q2", "mxfp4")
 DEFAULT_PRESET = "ds4-q4"
@@ -94,8 +98,12 @@ IMATRIX_TYPES = ("Q4_K", "Q2_K", "IQ2_XXS")
 CHEAP_TYPES = ("I32", "F32", "F16", "BF16", "MXFP4")
 # Dense tensors are encoded in row chunks of about this many weights (experts: one per job), so
 # large ones (the head, the embedding) spread over the workers and never sit whole in memory.
-CHUNK_WEIGHTS = 1 << 23
+CHUNK_WEIGHTS = 1 << 21
 ROW_ALIGN = FP8_WEIGHT_BLOCK  # chunks start on an FP8 scale block
+# Items queued per job ahead of the writer: enough that the threads go on while the writer
+# waits for the disk or checks a file (2 per job left them idle within 0.1 s: an expert takes
+# ~20 ms), few enough that the finished chunks held stay a few dozen MB.
+WINDOW_PER_JOB = 8
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
@@ -134,6 +142,10 @@ def encode(job: EncodeJob) -> np.ndarray:
         return gguf_mxfp4.from_pairs(codes.view(np.uint8), scales)
     if job.fmt == FLOAT and job.qtype == job.weight.dtype and job.qtype in ("BF16", "F16", "F32"):
         return read_stored(job.weight, job.rows)  # as stored
+    if job.fmt == FLOAT and job.weight.dtype == "BF16" and job.qtype == "F16":  # no float32 array between
+        bits = read_stored(job.weight, job.rows, _POOL)
+        out = _POOL.take(bits.nbytes).reshape(*bits.shape[:-1], 2 * bits.shape[-1])
+        return gguf_floats.f16_from_bf16(bits, out)
     values = dequantize_stored(job.fmt, job.weight, job.scale, job.name, job.rows, _POOL)
     if job.qtype == "BF16":
         return _exact_bf16(values, job.name)
@@ -141,7 +153,7 @@ def encode(job: EncodeJob) -> np.ndarray:
     if job.qtype in POOLED_OUTPUT:  # bytes into a reused buffer (fresh pages cost zeroing)
         row = gguf_quants.row_bytes(fmt, values.shape[-1], job.name)
         lead = values.shape[:-1]
-        out = _POOL.take(int(np.prod(lead, dtype=np.int64)) * row).reshape(*lead, row)
+        out = _POOL.take(math.prod(lead) * row).reshape(*lead, row)
         return fmt.quantize(values, out=out)
     if job.importance is not None:
         return fmt.quantize(values, weights=job.importance)
@@ -178,6 +190,8 @@ def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None,
     qtype = tensor_type(preset, lw, name)
     importance = None
     if imatrix is not None and qtype in IMATRIX_TYPES:
+        from ..io.imatrix import ImatrixError, expert_importance  # (its import: 30 ms of every start-up)
+
         n_mat = len(lw.names) if lw.experts else 1
         try:
             importance = expert_importance(imatrix, name, n_mat, int(lw.shape[-1]))
@@ -195,7 +209,7 @@ def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None,
             row = gguf_quants.row_bytes(fmt, shape[-1], name)
         except ValueError as e:
             raise ConvertError(f"{e} (preset {preset})") from None
-        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row
+        nbytes = math.prod(shape[:-1]) * row
 
         def job(src: str, rows: tuple[int, int] | None = None, i: int = 0) -> EncodeJob:
             scale = stored(ckpt, scale_name(src)) if lw.fmt in (MXFP8, MXFP4) else None
@@ -205,7 +219,7 @@ def gguf_unit(ckpt: HFCheckpoint, lw: Logical, preset: str, k: int | None,
         if lw.experts or len(lw.shape) < 2:
             items = [job(n, i=i) for i, n in enumerate(lw.names)]
         else:
-            items = [job(lw.names[0], r) for r in row_chunks(lw.shape[0], int(np.prod(lw.shape[1:])))]
+            items = [job(lw.names[0], r) for r in row_chunks(lw.shape[0], math.prod(lw.shape[1:]))]
 
     def produce():
         yield name, map(run_item, items)
@@ -311,7 +325,7 @@ def _stop_pool(pool, finished: bool) -> None:
 
 def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) -> Iterator[np.ndarray]:
     """Every item's array, in order. With ``jobs > 1`` the ``EncodeJob``s run on ``jobs``
-    threads, queued at most ``2 * jobs`` items ahead of the writer, so memory stays bounded and
+    threads, queued at most ``WINDOW_PER_JOB * jobs`` items ahead of the writer, so memory stays bounded and
     the threads stay busy across tensor boundaries while this one writes: file reads, the
     whole-array numpy decodes and the compiled quantizers release the GIL. A type whose
     quantizer is the numpy recipe (no C compiler: many small numpy ops under the GIL, measured
@@ -323,8 +337,9 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    window = 2 * jobs
+    window = WINDOW_PER_JOB * jobs
     pool = threads = None
+    fds: dict = {}  # source files open for read-ahead advice
     pending: deque = deque()
     threaded: dict[str, bool] = {}  # per type: whether its quantizer runs outside the GIL
     unset: list[str] = []
@@ -335,6 +350,8 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     finished = False
     try:
         for item in items:
+            if isinstance(item, EncodeJob):  # its bytes read ahead while the window drains
+                _read_ahead(item, fds)
             if isinstance(item, EncodeJob) and item.heavy:
                 if item.qtype not in threaded:  # (builds and checks the compiled library here, once)
                     threaded[item.qtype] = gguf_quants.compiled(item.qtype)
@@ -360,6 +377,20 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
             _stop_pool(pool, finished)
         for k in unset:
             os.environ.pop(k, None)
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _read_ahead(job: EncodeJob, fds: dict) -> None:
+    """Ask the system to read a queued job's source bytes into the page cache now (no wait):
+    a job's reads are plain reads on its thread, which waited for the disk with the core idle
+    (a cold source: 0.3 GB/s here, a second and a half of a 0.44 GB conversion)."""
+    try:
+        will_need_rows(job.weight, job.rows, fds)
+        if job.scale is not None:
+            will_need_rows(job.scale, None, fds)  # (small: whole)
+    except OSError:  # advice only; the job's own read reports a real problem
+        pass
 
 
 def _process_pool(jobs: int):
@@ -456,21 +487,106 @@ def tokenizer_fields(source: Path, vocab_size: int | None = None) -> dict[str, A
 # --------------------------------------------------------------------------- writing
 
 
+@dataclass
+class OutputFile:
+    """One GGUF of a conversion: where it is written, its plan, tokenizer and extra metadata."""
+
+    path: Path
+    units: list[GGUFUnit]
+    tokenizer: dict[str, Any] | None = None
+    metadata: dict[str, tuple[Any, GGUFValueType]] | None = None
+    label: str = ""  # the progress bar's
+
+
+def _warm_up(items: list) -> None:
+    """Build and check the compiled kernels the plan uses on a thread of their own, in plan order:
+    each is checked against numpy at its first use (Q4_K's check takes 30-500 ms), which held
+    the writing thread, or a worker with every other worker waiting on the lock, while the
+    cores idled. A kernel still being checked when needed is waited for (one check each)."""
+    import threading
+
+    kinds, decoders = [], False
+    for item in items:
+        if isinstance(item, EncodeJob):
+            decoders = decoders or item.fmt in (MXFP4, MXFP8)
+            if item.heavy and item.qtype not in kinds:
+                kinds.append(item.qtype)
+
+    def run() -> None:
+        try:
+            if decoders:  # FP4 and FP8 share a library, checked at its first call
+                from ..quant.mx import dequant_fp4_np
+
+                dequant_fp4_np(np.zeros((1, 16), np.uint8), np.zeros((1, 1), np.uint8))
+            for kind in kinds:
+                gguf_quants.compiled(kind)
+        except Exception:  # the first use builds and checks again, and reports
+            pass
+
+    threading.Thread(target=run, name="ds4mlx-warm-up", daemon=True).start()
+
+
 def write_stream(path: Path, config: dict[str, Any], units: list[GGUFUnit], tokenizer: dict[str, Any] | None,
                  bar: Progress, jobs: int = 1,
                  extra_metadata: dict[str, tuple[Any, GGUFValueType]] | None = None) -> None:
     """Write the GGUF from the plan, each tensor's bytes as they are produced (by ``jobs``
     threads or worker processes, in plan order), checked against the disk as it is written."""
-    entries = [TensorEntry(name, qtype, tuple(shape), u.nbytes) for u in units for name, qtype, shape in u.tensors]
-    encoded = run_items((item for u in units for item in u.items), jobs)
-    data = (bar.track(islice(encoded, len(u.items))) for u in units for _ in u.tensors)
+    write_files([OutputFile(path, units, tokenizer, extra_metadata)], config, jobs, bars=[bar], verify=False)
+
+
+def write_files(files: list[OutputFile], config: dict[str, Any], jobs: int = 1, *, progress: bool = False,
+                bars: list[Progress] | None = None, verify: bool = True) -> None:
+    """Write ``files`` one after the other from one stream of encode jobs. A file's last steps
+    (waiting for its last pieces to reach the disk and be read back, fsync, the table checks)
+    run on a thread while the next file is written: done in line they idled the cores for
+    0.5-1 s per file on a busy disk. With ``verify``, each file's tensor table is checked too."""
+    import threading
+
+    _warm_up([item for f in files for u in f.units for item in u.items])
+    encoded = run_items((item for f in files for u in f.units for item in u.items), jobs)
+    finishing: list[tuple[threading.Thread, list[BaseException]]] = []
+
+    def finish(written, f: OutputFile, errors: list[BaseException]) -> None:
+        try:
+            try:
+                written.finish()
+            except GGUFError as e:
+                raise ConvertError(str(e)) from None
+            if verify:
+                verify_gguf(f.path, f.units)
+        except BaseException as e:  # raised by the writing thread once joined
+            errors.append(e)
+
     try:
-        stream_gguf(path, config, entries, data, tokenizer=tokenizer, extra_metadata=extra_metadata)
-    except GGUFError as e:
-        raise ConvertError(str(e)) from None
+        for i, f in enumerate(files):
+            entries = [TensorEntry(name, qtype, tuple(shape), u.nbytes)
+                       for u in f.units for name, qtype, shape in u.tensors]
+            bar = bars[i] if bars is not None else Progress(sum(u.nbytes for u in f.units), 0, f.label, progress)
+            data = (bar.track(islice(encoded, len(u.items))) for u in f.units for _ in u.tensors)
+            try:
+                written = begin_gguf(f.path, config, entries, data, tokenizer=f.tokenizer, extra_metadata=f.metadata)
+            except GGUFError as e:
+                raise ConvertError(str(e)) from None
+            finally:
+                if bars is None:
+                    bar.close()
+            errors: list[BaseException] = []
+            if i + 1 < len(files):
+                t = threading.Thread(target=finish, args=(written, f, errors), name="gguf-finish", daemon=True)
+                t.start()
+                finishing.append((t, errors))
+            else:
+                finish(written, f, errors)
+                finishing.append((None, errors))
     finally:
         encoded.close()  # stops the workers now, also on errors
         _POOL.clear()  # the read buffers go with the conversion
+        for t, _ in finishing:
+            if t is not None:
+                t.join()
+    for _, errors in finishing:
+        if errors:
+            raise errors[0]
 
 
 def verify_gguf(path: Path, units: list[Unit]) -> None:
@@ -506,14 +622,11 @@ def convert_gguf(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *
         config = gguf_config(ckpt, opts)
         check_free_space(output.parent, sum(u.nbytes for _, units, _ in files for u in units))
         try:
-            for (out, units, tokenizer), partial in zip(files, partials):
-                meta = imatrix_metadata(imatrix, units) if imatrix is not None else None
-                bar = Progress(sum(u.nbytes for u in units), 0, f"convert → {out.name}", progress)
-                try:
-                    write_stream(partial, config, units, tokenizer, bar, jobs, meta)
-                finally:
-                    bar.close()
-                verify_gguf(partial, units)
+            write_files([OutputFile(partial, units, tokenizer,
+                                    imatrix_metadata(imatrix, units) if imatrix is not None else None,
+                                    f"convert → {out.name}")
+                         for (out, units, tokenizer), partial in zip(files, partials)],
+                        config, jobs, progress=progress)
         except BaseException as exc:
             for partial in partials:
                 partial.unlink(missing_ok=True)

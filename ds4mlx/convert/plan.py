@@ -7,6 +7,7 @@ read its own piece and resident memory stays bounded by the largest unit.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -52,9 +53,9 @@ class Stored:
 
 
 def stored(ckpt: HFCheckpoint, name: str) -> Stored:
-    shard = ckpt.weight_map[name]
-    info = ckpt.file(shard).info(name)
-    return Stored(ckpt.path / shard, info.start, info.dtype, tuple(info.shape), name)
+    f = ckpt.file(ckpt.weight_map[name])
+    info = f.info(name)
+    return Stored(f.path, info.start, info.dtype, tuple(info.shape), name)  # (the file's Path: one per shard)
 
 
 # Which stored bit patterns are NaN/Inf, per safetensors dtype (the dtypes read as unsigned ints)
@@ -133,19 +134,19 @@ def read_stored(s: Stored, rows: tuple[int, int] | None = None, pool: BufferPool
     of ``pool``'s buffers (keep it only as long as needed)."""
     dtype = DTYPES[s.dtype]
     if rows is None:
-        count = int(np.prod(s.shape, dtype=np.int64))
+        count = math.prod(s.shape)
         raw = np.fromfile(s.path, dtype=dtype, count=count, offset=s.offset).reshape(s.shape) if pool is None \
             else _read_bytes(s.path, s.offset, count * dtype.itemsize, pool)
         shape = s.shape
     else:
         r0, r1 = rows
-        row = int(np.prod(s.shape[1:], dtype=np.int64))
+        row = math.prod(s.shape[1:])
         shape = (r1 - r0,) + s.shape[1:]
         raw = np.fromfile(s.path, dtype=dtype, count=(r1 - r0) * row,
                           offset=s.offset + r0 * row * dtype.itemsize).reshape(shape) if pool is None \
             else _read_bytes(s.path, s.offset + r0 * row * dtype.itemsize, (r1 - r0) * row * dtype.itemsize, pool)
     if pool is not None:
-        if raw.nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        if raw.nbytes != math.prod(shape) * dtype.itemsize:
             raise ConvertError(f"{s.path}: file ends inside tensor {s.name!r}; the source is truncated")
         raw = raw.view(dtype).reshape(shape)
     _check_finite(s, raw)
@@ -235,6 +236,19 @@ def will_need(tensors: list[Stored], fds: dict[Path, int]) -> None:
         os.posix_fadvise(fds[t.path], t.offset, _nbytes(t), os.POSIX_FADV_WILLNEED)
 
 
+def will_need_rows(s: Stored, rows: tuple[int, int] | None, fds: dict[Path, int]) -> None:
+    """:func:`will_need` for rows ``[r0, r1)`` of ``s`` only (all of it when ``rows`` is None)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    if s.path not in fds:
+        fds[s.path] = os.open(s.path, os.O_RDONLY)
+    start, n = s.offset, _nbytes(s)
+    if rows is not None:
+        row = n // max(s.shape[0], 1)
+        start, n = s.offset + rows[0] * row, (rows[1] - rows[0]) * row
+    os.posix_fadvise(fds[s.path], start, n, os.POSIX_FADV_WILLNEED)
+
+
 class BufferPool:
     """Read buffers used again once nothing refers to them (by reference count: a view of a
     buffer keeps it, so none is reused while any chunk cut from it is alive). Fresh memory for
@@ -285,7 +299,7 @@ def _read_bytes(path: Path, offset: int, count: int, pool: BufferPool | None) ->
 
 
 def _nbytes(s: Stored) -> int:
-    return int(np.prod(s.shape, dtype=np.int64)) * DTYPES[s.dtype].itemsize
+    return math.prod(s.shape) * DTYPES[s.dtype].itemsize
 
 
 def read_tensor(ckpt: HFCheckpoint, name: str) -> np.ndarray:
@@ -344,13 +358,17 @@ def dequantize_stored(fmt: WeightFormat, weight: Stored, scale: Stored | None, n
         raw, sc = read_pair(weight, scale, pool)
     else:
         raw, sc = read_stored(weight, rows, pool), None
+    if fmt in (MXFP8, MXFP4):  # the values into the pool too (fresh pages cost zeroing)
+        out = None if pool is None else \
+            pool.take(4 * raw.size * (2 if fmt == MXFP4 else 1)).view(np.float32).reshape(
+                *raw.shape[:-1], raw.shape[-1] * (2 if fmt == MXFP4 else 1))
     if fmt == MXFP8:
         if rows is not None and rows[0] % FP8_WEIGHT_BLOCK:
             raise ValueError(f"{name}: FP8 rows must start on a {FP8_WEIGHT_BLOCK}-row scale block, got {rows[0]}")
         srows = None if rows is None else (rows[0] // FP8_WEIGHT_BLOCK, -(-rows[1] // FP8_WEIGHT_BLOCK))
-        return dequant_fp8_np(raw, sc if sc is not None else read_stored(scale, srows, pool), name)
+        return dequant_fp8_np(raw, sc if sc is not None else read_stored(scale, srows, pool), name, out=out)
     if fmt == MXFP4:
-        return dequant_fp4_np(raw, sc if sc is not None else read_stored(scale, rows, pool), name)
+        return dequant_fp4_np(raw, sc if sc is not None else read_stored(scale, rows, pool), name, out=out)
     return float_values(raw, weight.dtype, pool)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codecs import E2M1_TABLE, FP8_WEIGHT_BLOCK, MX_GROUP, e4m3_decode, e8m0_decode
+from .codecs import E2M1_TABLE, E4M3_TABLE, FP8_WEIGHT_BLOCK, MX_GROUP, e4m3_decode, e8m0_decode
 
 
 class QuantFormatError(ValueError):
@@ -82,10 +82,20 @@ def _check_fp4(weight: np.ndarray, scale: np.ndarray, name: str) -> None:
         )
 
 
-def dequant_fp8_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight") -> np.ndarray:
-    """``W[r, c] = e4m3(q[r, c]) · e8m0(s[r // 128, c // 128])`` in float32."""
+def dequant_fp8_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight", *,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """``W[r, c] = e4m3(q[r, c]) · e8m0(s[r // 128, c // 128])`` in float32 (into ``out``, a
+    C-contiguous float32 array of that shape, where given and compiled: reused memory)."""
     weight, scale = np.asarray(weight), np.asarray(scale)
     out_dim, in_dim = _check_fp8(weight, scale, name)
+    lib = _fp4_native()  # the library has both decoders
+    if lib is not None:
+        return _fp8_compiled(lib, weight, scale, out=out)
+    return _fp8_numpy(weight, scale)
+
+
+def _fp8_numpy(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    out_dim, in_dim = weight.shape
     s = e8m0_decode(scale)
     values = e4m3_decode(weight.view(np.uint8))
     b = FP8_WEIGHT_BLOCK
@@ -103,14 +113,16 @@ _FP4_PAIRS = np.stack([E2M1_TABLE[np.arange(256) & 0xF], E2M1_TABLE[np.arange(25
 _E8M0_VALUES = e8m0_decode(np.arange(256, dtype=np.uint8))
 
 
-def dequant_fp4_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight") -> np.ndarray:
+def dequant_fp4_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight", *,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """``W[..., r, c] = e2m1(code[..., r, c]) · e8m0(s[..., r, c // 32])`` in float32 (in C
-    where the compiled decoder builds: the same products, one pass instead of four)."""
+    where the compiled decoder builds: the same products, one pass instead of four; into
+    ``out``, a C-contiguous float32 array of that shape, where given: reused memory)."""
     weight, scale = np.asarray(weight), np.asarray(scale)
     _check_fp4(weight, scale, name)
     lib = _fp4_native()
     if lib is not None:
-        return _fp4_compiled(lib, weight, scale)
+        return _fp4_compiled(lib, weight, scale, out=out)
     return _fp4_numpy(weight, scale)
 
 
@@ -123,16 +135,39 @@ def _fp4_numpy(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return values.reshape(*weight.shape[:-1], 2 * weight.shape[-1])
 
 
-def _fp4_compiled(lib, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def _fp4_compiled(lib, weight: np.ndarray, scale: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     import ctypes
 
     from .gguf import native
 
     codes = np.ascontiguousarray(weight).view(np.uint8)
     sc = np.ascontiguousarray(scale, dtype=np.uint8)
-    out = np.empty((*weight.shape[:-1], 2 * weight.shape[-1]), dtype=np.float32)
+    out = _output(out, (*weight.shape[:-1], 2 * weight.shape[-1]))
     lib.fp4_decode(native.ptr(codes), native.ptr(sc), ctypes.c_int64(sc.size), native.ptr(_FP4_PAIRS),
                    native.ptr(_E8M0_VALUES), native.ptr(out))
+    return out
+
+
+def _fp8_compiled(lib, weight: np.ndarray, scale: np.ndarray, block: int = FP8_WEIGHT_BLOCK,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    import ctypes
+
+    from .gguf import native
+
+    codes = np.ascontiguousarray(weight).view(np.uint8)
+    sc = np.ascontiguousarray(scale).view(np.uint8)
+    out = _output(out, codes.shape)
+    lib.fp8_decode(native.ptr(codes), native.ptr(sc), ctypes.c_int64(codes.shape[0]), ctypes.c_int64(codes.shape[1]),
+                   ctypes.c_int64(block), native.ptr(E4M3_TABLE), native.ptr(_E8M0_VALUES),
+                   native.ptr(out))
+    return out
+
+
+def _output(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"decoder output {out.shape} {out.dtype} is not C-contiguous float32 {tuple(shape)}")
     return out
 
 
@@ -155,7 +190,18 @@ def _check_fp4_native(lib) -> bool:
     with np.errstate(over="ignore", invalid="ignore"):  # the largest scales overflow, as they may
         a = _fp4_numpy(codes, scales)
     b = _fp4_compiled(lib, codes, scales)
-    return a.tobytes() == b.tobytes()
+    # FP8: every code under every scale byte, with ragged edges: blocks of 16 (the kernel takes
+    # the block size; 128 would take 4M values for 256 blocks), then 128 on a small ragged matrix
+    fp8 = ((np.arange(16 * 16 + 3)[:, None] * 16 + np.arange(16 * 16 + 5)[None, :]) % 256).astype(np.uint8)
+    fp8_scales = (np.arange(17 * 17) % 256).astype(np.uint8).reshape(17, 17)
+    with np.errstate(over="ignore", invalid="ignore"):
+        c = E4M3_TABLE[fp8] * e8m0_decode(fp8_scales)[np.arange(fp8.shape[0])[:, None] // 16,
+                                                      np.arange(fp8.shape[1])[None, :] // 16]
+        small, small_scales = fp8[:130, :140], fp8_scales[:2, :2]
+        e = _fp8_numpy(small, small_scales)
+    d = _fp8_compiled(lib, fp8, fp8_scales, 16)
+    f = _fp8_compiled(lib, small, small_scales)
+    return a.tobytes() == b.tobytes() and c.tobytes() == d.tobytes() and e.tobytes() == f.tobytes()
 
 
 # --- exact MLX views -----------------------------------------------------------------------

@@ -65,8 +65,9 @@ def np_importance(weights: np.ndarray | None, x_shape: tuple[int, ...], block_si
     """Importance weights broadcast to ``x`` (e.g. an imatrix of shape ``[n]``), as blocks."""
     if weights is None:
         return None
-    w = np.broadcast_to(np.asarray(weights, dtype=np.float32), x_shape)
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
+    given = np.asarray(weights, dtype=np.float32)
+    w = np.broadcast_to(given, x_shape)
+    if not np.all(np.isfinite(given)) or np.any(given < 0):  # (before broadcasting: a row, not the matrix)
         raise ValueError(f"{name}: importance weights must be finite and non-negative")
     return np.ascontiguousarray(w).reshape(-1, block_size)
 

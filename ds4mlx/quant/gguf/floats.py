@@ -60,6 +60,25 @@ def _quantize_f16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def f16_from_bf16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """BF16 bits (uint16 ``[..., n]``) -> F16 bytes ``[..., 2n]``: ``_quantize_f16`` of their
+    float32 values, bit for bit, without the float32 array in between (into ``out`` as there)."""
+    lib = _f16_native()
+    if lib is None:
+        from ..codecs import bf16_decode
+
+        return _quantize_f16(bf16_decode(bits), out)
+    import ctypes
+
+    bits = np.ascontiguousarray(bits).view(np.uint16)
+    shape = (*bits.shape[:-1], 2 * bits.shape[-1]) if bits.ndim else (2,)
+    if out is not None and (out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous):
+        raise ValueError(f"F16 output {out.shape} {out.dtype} is not C-contiguous uint8 {shape}")
+    out = np.empty(shape, np.uint8) if out is None else out
+    lib.f16_encode_bf16(native.ptr(bits), ctypes.c_int64(bits.size), native.ptr(out))
+    return out
+
+
 def _f16_native():
     """The compiled F16 encoder (``native/f16_encode.c``: F16C where there is one), or None;
     checked against numpy's astype first."""
@@ -72,8 +91,14 @@ def _check_f16(lib) -> bool:
     x = f16_check_values()
     out = np.empty(x.size, np.uint16)
     lib.f16_encode(native.ptr(x), ctypes.c_int64(x.size), native.ptr(out))
-    with np.errstate(over="ignore"):  # the overflow edge is among the values on purpose
-        return np.array_equal(out, x.astype("<f2").view(np.uint16))
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow edge is among the values on purpose
+        if not np.array_equal(out, x.astype("<f2").view(np.uint16)):
+            return False
+        bf16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # every BF16 value, NaNs included
+        half = np.empty(bf16.size, np.uint16)
+        lib.f16_encode_bf16(native.ptr(bf16), ctypes.c_int64(bf16.size - 3), native.ptr(half))  # a scalar tail
+        want = (bf16.astype(np.uint32) << 16).view(np.float32).astype("<f2").view(np.uint16)
+        return np.array_equal(half[:-3], want[:-3])
 
 
 def f16_check_values() -> np.ndarray:
