@@ -12,19 +12,23 @@ GGUF quantization workers), next to the size of the largest output tensor.
 The page cache is dropped first when the system allows it. A quantization-heavy run that shows
 how ``--jobs`` scales: ``--to gguf --preset ds4-q4 --size-gb 0.1 --experts 32 --jobs 1`` (then 2).
 ``--baseline DIR`` runs the same conversion of the same source with another checkout of ds4mlx
-(e.g. main) right after, prints both and their ratio (on a shared machine, figures taken
-minutes apart are not comparable) and whether the two outputs are byte-identical.
+(e.g. main) in each round (the two take turns going first), prints both and their ratio (on a
+shared machine, figures taken minutes apart are not comparable) and whether the two outputs are
+byte-identical.
 
-The disk is measured in the same run, next to each conversion: a sequential write of
-``--disk-gb`` GB through the page cache (fsync included) and past it (``O_DIRECT``), and the
-disk's copy speed: an ``O_DIRECT`` read of a file of the source's size while another of the same
-size is written ``O_DIRECT`` (fsync included), bytes per second each way. A conversion reads its
-source from the same disk it writes, so where reads and writes share the disk's bandwidth the
-copy speed, not the write speed, is its ceiling; each conversion's output rate is reported as a
-fraction of all three. ``--source-dir DIR`` writes the source elsewhere (another disk, or
-``/dev/shm``): its reads then cost the output disk nothing, and the write speed is the ceiling.
-``--rounds N`` repeats disk figures and conversions interleaved (the disk
-is noisy) and prints the medians.
+The disk is measured in the same run, right before and right after each conversion: a
+sequential write past the page cache (``O_DIRECT``, fsync included) of ``--disk-gb`` GB (default:
+the source's size, about the output's: a virtual disk takes writes into its host's cache and
+drains it at its own pace, so the figure depends on the size), and once a round through the page
+cache. Each conversion's output rate is divided by the mean of the two direct writes around it;
+the median of those per-round ratios is the figure to quote (the disk's speed moved by up to 2x
+between two writes on the shared machine this was tuned on). A conversion reads its source from
+the disk it writes, so where reads and writes share the disk's bandwidth the copy speed, not the
+write speed, is its ceiling: each round also measures it (an ``O_DIRECT`` read of a file of the
+source's size while another of the same size is written, fsync included, bytes per second each
+way). ``--source-dir DIR`` writes the source elsewhere (another disk, or ``/dev/shm``): its reads
+then cost the output disk nothing, the direct write is the ceiling and the copy is not measured.
+``--rounds N`` repeats all of it (the disk is noisy) and prints the medians.
 """
 
 from __future__ import annotations
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="write the source here (another device: the output disk only writes)")
     p.add_argument("--keep", action="store_true", help="keep the files")
     p.add_argument("--baseline", type=Path, default=None, help="another ds4mlx checkout to run side by side")
-    p.add_argument("--disk-gb", type=float, default=2.0, help="size of the disk write-speed test file")
+    p.add_argument("--disk-gb", type=float, default=None,
+                   help="size of the disk write-speed test file (default: the conversion's output size)")
     p.add_argument("--rounds", type=int, default=1, help="disk figures and conversions, interleaved, this many times")
     args = p.parse_args(argv)
 
@@ -307,8 +312,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{f' --expert-bits {args.expert_bits}' if args.expert_bits else ''}"
               f"{f' --jobs {args.jobs}' if args.jobs else ''} ({'cold' if cold else 'warm'} page cache); "
               f"imports alone {base_rss / 2**20:.0f} MiB; largest output tensor {largest / 2**20:.0f} MiB")
-        keys = ("buffered", "direct", "copy")
-        figures: dict[str, list[float]] = {k: [] for k in keys + ("this", "base", "this_cpu", "base_cpu")}
+        same_disk = args.source_dir is None  # the copy speed is the ceiling only where the source shares the disk
+        disk_gb = args.disk_gb if args.disk_gb is not None else src_bytes / 1e9  # the disk's speed at the output's size
+        runs = [("this", root, out)] + ([("base", args.baseline.resolve(), b_out)] if args.baseline is not None else [])
+        figures: dict[str, list[float]] = {k: [] for k in ("buffered", "direct", "copy")}
+        conv = {who: {"seconds": [], "cpu": [], "rss": [], "ratio": []} for who, _, _ in runs}
+        speedup: list[float] = []  # baseline seconds / this checkout's, per round
         out_bytes, identical = 0, []
 
         def remove(path: Path) -> None:
@@ -316,57 +325,69 @@ def main(argv: list[str] | None = None) -> None:
             path.with_name(f"{path.stem}-MTP.gguf").unlink(missing_ok=True)  # a GGUF's MTP file
 
         for r in range(args.rounds):
-            # a disk figure, a conversion, another disk figure, ...: all in the same minutes
-            figures["buffered"].append(disk_write_speed(work, args.disk_gb))
-            seconds, total_seconds, rss, worker_rss, cpu = run_convert(root, src, out, args, preset)
-            figures["this"].append(seconds)
-            figures["this_cpu"].append(cpu)
-            out_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir()))
-            figures["direct"].append(disk_write_speed(work, args.disk_gb, direct=True))
-            base_line = ""
+            # the disk's write speed right before and right after each conversion (the disk is
+            # noisy: a figure taken minutes away says little); the two checkouts take turns first
+            figures["buffered"].append(disk_write_speed(work, disk_gb))
+            direct = [disk_write_speed(work, disk_gb, direct=True)]
+            line = []
+            for who, where, dest in (runs if r % 2 == 0 else runs[::-1]):
+                seconds, _, rss, worker_rss, cpu = run_convert(where, src, dest, args, preset)
+                out_bytes = sum(f.stat().st_size for f in ([dest] if dest.is_file() else dest.iterdir()))
+                direct.append(disk_write_speed(work, disk_gb, direct=True))
+                near = (direct[-2] + direct[-1]) / 2
+                c = conv[who]
+                c["seconds"].append(seconds)
+                c["cpu"].append(cpu)
+                c["rss"].append(rss)
+                c["ratio"].append(out_bytes / seconds / near)
+                line.append(f"{who}: {seconds:.2f} s, {rate(out_bytes / seconds)} of output = "
+                            f"{c['ratio'][-1]:.2f}x the direct write around it ({rate(direct[-2])}, {rate(direct[-1])}), "
+                            f"CPU {cpu:.1f} s, peak RSS {rss / 2**20:.0f} MiB"
+                            + (f" (quantization workers {worker_rss / 2**20:.0f} MiB each at most)"
+                               if worker_rss and args.to == "gguf" and args.jobs != 1 else ""))
+            figures["direct"] += direct
             if args.baseline is not None:
-                b_seconds, b_total, b_rss, _, b_cpu = run_convert(args.baseline.resolve(), src, b_out, args, preset)
-                figures["base"].append(b_seconds)
-                figures["base_cpu"].append(b_cpu)
                 identical.append(same_output(out, b_out))
-                base_line = (f" | baseline: {b_seconds:.2f} s, {rate(out_bytes / b_seconds)}, CPU {b_cpu:.1f} s, "
-                             f"peak RSS {b_rss / 2**20:.0f} MiB")
+                speedup.append(conv["base"]["seconds"][-1] / conv["this"]["seconds"][-1])
             last = r + 1 == args.rounds
             if not (args.keep and last):  # the copy test needs twice the source's size free
                 remove(out)
                 remove(b_out)
-            copy, copy_read, copy_write = disk_copy_speed(work, src_bytes)
-            figures["copy"].append(copy)
-            disk = {k: figures[k][-1] for k in keys}
-            print(f"[{r + 1}/{args.rounds}] this: {seconds:.2f} s, {rate(out_bytes / seconds)} of output, CPU {cpu:.1f} s, "
-                  f"peak RSS {rss / 2**20:.0f} MiB"
-                  + (f" (quantization workers {worker_rss / 2**20:.0f} MiB each at most)"
-                     if worker_rss and args.to == "gguf" and args.jobs != 1 else "")
-                  + f" | disk: {rate(disk['buffered'])} buffered write, {rate(disk['direct'])} direct write, "
-                  f"{rate(copy)} copy (read {rate(copy_read)} + write {rate(copy_write)} at once)" + base_line,
-                  flush=True)
+            disk = f"disk: {rate(figures['buffered'][-1])} buffered write"
+            if same_disk:
+                copy, copy_read, copy_write = disk_copy_speed(work, src_bytes)
+                figures["copy"].append(copy)
+                disk += f", {rate(copy)} copy (read {rate(copy_read)} + write {rate(copy_write)} at once)"
+            print(f"[{r + 1}/{args.rounds}] " + " | ".join(line) + " | " + disk, flush=True)
 
-        disk = {k: median(figures[k]) for k in keys}
-        seconds, cpu = median(figures["this"]), median(figures["this_cpu"])
         what = "median of " + str(args.rounds) + " rounds" if args.rounds > 1 else "one round"
-        print(f"this checkout ({what}): {seconds:.2f} s, {rate(src_bytes / seconds)} of source, "
-              f"{rate(out_bytes / seconds)} of output ({out_bytes / 1e9:.2f} GB, incl. write + verification), "
-              f"CPU {cpu:.1f} s ({rate(src_bytes / cpu)} of source per CPU-second)")
-        print(f"disk ({what}): {rate(disk['buffered'])} buffered write, {rate(disk['direct'])} direct write, "
-              f"{rate(disk['copy'])} copy each way ({rate(2 * disk['copy'])} read + written); "
-              f"copy / direct write = {disk['copy'] / disk['direct']:.2f}")
-        ratios = " / ".join(f"{out_bytes / seconds / disk[k]:.2f}x" for k in keys)
-        print(f"conversion output vs buffered write / direct write / copy: {ratios}")
+        d = {k: median(v) for k, v in figures.items() if v}
+        print(f"disk ({what}, {disk_gb:.2f} GB written each time): {rate(d['buffered'])} buffered write, "
+              f"{rate(d['direct'])} direct write (min {rate(min(figures['direct']))}, max {rate(max(figures['direct']))})"
+              + (f", {rate(d['copy'])} copy each way ({rate(2 * d['copy'])} read + written); copy / direct write = "
+                 f"{d['copy'] / d['direct']:.2f}" if same_disk else
+                 f"; source in {args.source_dir} (another device: the direct write is the ceiling)"))
+        for who, where, _ in runs:
+            c = conv[who]
+            seconds, cpu = median(c["seconds"]), median(c["cpu"])
+            name = "this checkout" if who == "this" else f"baseline {where}"
+            vs = [f"{median(c['ratio']):.2f}x the direct write next to it (median of the rounds' ratios)"]
+            vs.append(f"{out_bytes / seconds / d['buffered']:.2f}x buffered write")
+            if same_disk:
+                vs.append(f"{out_bytes / seconds / d['copy']:.2f}x copy")
+            print(f"{name} ({what}): {seconds:.2f} s, {rate(src_bytes / seconds)} of source, "
+                  f"{rate(out_bytes / seconds)} of output ({out_bytes / 1e9:.2f} GB, incl. write + verification) = "
+                  + ", ".join(vs) + f"; CPU {cpu:.1f} s ({rate(src_bytes / cpu)} of source per CPU-second); "
+                  f"peak RSS {max(c['rss']) / 2**20:.0f} MiB")
         if args.to == "mlx":  # source read + output written (its verification reads no more of the disk)
+            seconds = median(conv["this"]["seconds"])
             print(f"disk traffic: {(src_bytes + out_bytes) / 1e9:.2f} GB read and written, "
                   f"{rate((src_bytes + out_bytes) / seconds)} together")
         if args.baseline is not None:
-            b_seconds, b_cpu = median(figures["base"]), median(figures["base_cpu"])
             print(f"outputs byte-identical to the baseline's: {all(identical)} (every round compared)")
-            b_ratios = " / ".join(f"{out_bytes / b_seconds / disk[k]:.2f}x" for k in keys)
-            print(f"baseline {args.baseline}: {b_seconds:.2f} s, {rate(out_bytes / b_seconds)} of output "
-                  f"({b_ratios} of buffered / direct / copy), CPU {b_cpu:.1f} s; this checkout is "
-                  f"{b_seconds / seconds:.2f}x ({b_cpu / cpu:.2f}x by CPU time)")
+            b_cpu, cpu = median(conv["base"]["cpu"]), median(conv["this"]["cpu"])
+            print(f"this checkout vs baseline: {median(speedup):.2f}x faster (median of the rounds' ratios), "
+                  f"{b_cpu / cpu:.2f}x by CPU time")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -608,31 +608,92 @@ def test_verification_catches_a_corrupt_write(tiny_ckpt, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_verification_catches_a_wrong_staging_read(tiny_ckpt, tmp_path, monkeypatch):
-    """Expert weights are read from the source straight into the writer's buffers: a byte
-    staged wrong there (no array of the converter's holds them) is caught by the writer's
-    comparison with the source file."""
+@pytest.mark.parametrize("source,named", [
+    (".ffn.experts.", r"layers\.\d+\.ffn\.experts\.w\d\.weight"),  # FP4 codes
+    ("embed.weight", r"embed\.weight"),  # BF16 as stored
+    ("attn.wq_a.weight", r"layers\.\d+\.attn\.wq_a\.weight"),  # FP8 codes (mxfp8)
+])
+def test_verification_catches_a_wrong_staging_read(source, named, tiny_ckpt, tmp_path, monkeypatch):
+    """Bytes kept as they are (expert and FP8 codes, float weights) are read from the source
+    straight into the writer's buffers: a byte staged wrong there (no array of the converter's
+    holds them) is caught by the writer's comparison with the source file."""
     import threading
 
     from ds4mlx.io import direct
 
-    real, calls = direct._read_full, [0]
+    real, real_from, calls, current = direct._read_full, direct.DirectWriter.write_from, [0], [""]
+
+    def write_from(self, src):
+        current[0] = src.name
+        return real_from(self, src)
 
     def flip(fd, view, offset):
         n = real(fd, view, offset)
-        if threading.current_thread() is threading.main_thread():  # the staging reads, not the thread's
+        if threading.current_thread() is threading.main_thread() and source in current[0]:  # a staging read
             calls[0] += 1
-            if calls[0] == 5:
+            if calls[0] == 1:
                 view[n // 2] ^= 0x10
         return n
 
     monkeypatch.setattr(direct, "_read_full", flip)
-    with pytest.raises(ConvertError, match=r"verification failed: tensor 'layers\.\d+\.ffn\.experts\.w\d\.weight' differs"):
+    monkeypatch.setattr(direct.DirectWriter, "write_from", write_from)
+    with pytest.raises(ConvertError, match=rf"verification failed: tensor '{named}' differs"):
         convert(tiny_ckpt, tmp_path / "out", progress=False)
-    assert calls[0] >= 5 and not (tmp_path / "out").exists()
+    assert calls[0] >= 1 and not (tmp_path / "out").exists()
 
 
 def test_progress_reports_bytes(tiny_ckpt, tmp_path, capsys):
     convert(tiny_ckpt, tmp_path / "out", progress=True)
     err = capsys.readouterr().err
     assert "11.3M/11.3M" in err or "MB/s" in err or "B/s" in err
+
+
+_BAD = {"BF16": (np.uint16, 0xFFC0), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0xFF800000),
+        "F8_E4M3": (np.uint8, 0x7F), "F8_E5M2": (np.uint8, 0xFE), "F8_E8M0": (np.uint8, 0xFF)}
+
+
+def _finite(dtype: str, bits: np.ndarray) -> np.ndarray:
+    """Which values are finite, decoded the long way (the reference)."""
+    if dtype == "BF16":
+        return np.isfinite((bits.astype(np.uint32) << 16).view(np.float32))
+    if dtype == "F16":
+        return np.isfinite(bits.view(np.float16))
+    if dtype == "F32":
+        return np.isfinite(bits.view(np.float32))
+    if dtype == "F8_E4M3":  # e4m3fn: only S.1111.111 is NaN
+        return (bits & 0x7F) != 0x7F
+    if dtype == "F8_E5M2":  # exponent all ones: Inf or NaN
+        return (bits & 0x7C) != 0x7C
+    return bits != 0xFF  # E8M0: 0xFF is NaN
+
+
+@pytest.mark.parametrize("dtype", list(_BAD))
+def test_finite_check_of_staged_parts(dtype, tmp_path):
+    """``FiniteCheck`` (NaN/Inf in source bytes read straight into the staging buffers) refuses a
+    tensor exactly when a decoded value is not finite, whatever the cut of the parts it sees (a
+    value split between two parts included), and counts them over the whole tensor."""
+    from ds4mlx.convert.mlx import FiniteCheck
+    from ds4mlx.convert.plan import Stored
+
+    bits_t, bad = _BAD[dtype]
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, np.iinfo(bits_t).max, 40_001, dtype=bits_t, endpoint=True)
+    values[~_finite(dtype, values)] = 0
+    raw = values.view(np.uint8)
+    cuts = sorted(set(rng.integers(1, raw.size, 12).tolist()) | {1, 3})
+
+    def feed(data: np.ndarray) -> None:
+        path = tmp_path / f"{dtype}.bin"
+        path.write_bytes(data.tobytes())
+        check = FiniteCheck(Stored(path, 0, dtype, (values.size,), "t"))
+        for a, b in zip([0] + cuts, cuts + [raw.size]):
+            check(data[a:b].copy())  # each part its own buffer, as the staging buffers are
+
+    feed(raw)  # all finite: accepted
+    size = values.itemsize
+    for at in {0, 3 // size, cuts[5] // size, values.size - 1}:  # values cut in two where size > 1
+        broken = values.copy()
+        broken[at] = bad
+        assert (~_finite(dtype, broken)).sum() == 1
+        with pytest.raises(ConvertError, match=r"'t' holds 1 NaN or Inf values"):
+            feed(broken.view(np.uint8))

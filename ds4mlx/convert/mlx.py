@@ -10,26 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from ..io import mlx_dir
-from ..io.direct import SourceRange
+from ..io.direct import SourceRange, SourceRanges
 from ..io.hf import HFCheckpoint
 from ..io.json_file import read_json_object
 from ..io.safetensors import DTYPES, SafetensorsFile
 from ..names import is_routed_expert, scale_name
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_shapes
-from ..quant.mx import fp8_to_mxfp8_np
+from ..quant.mx import fp8_scales_to_mxfp8_np
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
-from .plan import (BufferPool, Logical, Unit, dequantize, expert_groups, hash_table, hash_table_shape,
-                   logical_weights, read_chunks, read_into, read_pair, read_tensor, source_nbytes, stored,
+from .plan import (BufferPool, Logical, Stored, Unit, dequantize, expert_groups, hash_table, hash_table_shape,
+                   logical_weights, read_chunks, read_into, read_stored, source_nbytes, stored,
                    will_need)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
@@ -59,7 +61,73 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
 
 
 def _st_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    return math.prod(shape) * DTYPES[dtype].itemsize
+
+
+# stored dtype -> (magnitude mask, smallest non-finite magnitude, bits): a value is NaN or Inf
+# exactly when its bits without the sign are at least the exponent field all ones (E8M0: 0xFF)
+_FINITE_LIMITS = {"BF16": (0x7FFF, 0x7F80, np.uint16), "F16": (0x7FFF, 0x7C00, np.uint16),
+                  "F32": (0x7FFFFFFF, 0x7F800000, np.uint32),
+                  "F64": (0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000, np.uint64),
+                  "F8_E4M3": (0x7F, 0x7F, np.uint8), "F8_E5M2": (0x7F, 0x7C, np.uint8), "F8_E8M0": (0xFF, 0xFF, np.uint8)}
+_BLOCK = 1 << 18  # bytes per step of the check: its temporary stays in the cache
+_scratch = threading.local()
+
+
+class FiniteCheck:
+    """``SourceRange.inspect`` for a source tensor read straight into the writer's staging
+    buffers: refuses NaN/Inf in each part as staged, before it can reach the disk (what
+    ``read_chunks`` refuses, without a read buffer or a copy). A value split between two parts
+    is put together; a hit is counted over the whole tensor for the message (``read_chunks``)."""
+
+    def __init__(self, s: Stored):
+        self.s = s
+        self.mask, self.limit, self.bits = _FINITE_LIMITS[s.dtype]
+        self.size = np.dtype(self.bits).itemsize
+        self.signed = self.mask != np.iinfo(self.bits).max  # E8M0 has no sign bit to mask
+        self.carry = b""  # the start of a value cut at the end of the last part
+
+    def __call__(self, part: np.ndarray) -> None:
+        if self.carry:
+            head = self.carry + bytes(part[: self.size - len(self.carry)])
+            part = part[self.size - len(self.carry):]
+            self.carry = head if len(head) < self.size else b""
+            if not self.carry:
+                self._scan(np.frombuffer(head, np.uint8))
+        whole = len(part) // self.size * self.size
+        self.carry += bytes(part[whole:])
+        self._scan(part[:whole])
+
+    def _scan(self, raw: np.ndarray) -> None:
+        values = raw.view(self.bits)
+        buf = getattr(_scratch, "buf", None)
+        if buf is None:
+            buf = _scratch.buf = np.empty(_BLOCK, np.uint8)
+        step = _BLOCK // self.size
+        for i in range(0, len(values), step):
+            block = values[i: i + step]
+            if self.signed:
+                block = np.bitwise_and(block, self.mask, out=buf[: block.nbytes].view(self.bits))
+            if len(block) and block.max() >= self.limit:
+                self.refuse()
+
+    def refuse(self) -> None:
+        for _ in read_chunks(self.s, BufferPool(1)):  # counts the tensor's NaN/Inf, raises
+            pass
+        raise ConvertError(f"{self.s.path}: tensor {self.s.name!r} holds NaN or Inf values; the source is damaged")
+
+
+def _with_scales(ws: list[Stored], ss: list[Stored], g: slice) -> list[Stored]:
+    """The weights of group ``g`` and their scales, each weight's scale after it (side by side
+    in the file, where ``will_need`` makes one request of the two)."""
+    return [t for w, s in zip(ws[g], ss[g]) for t in (w, s)]
+
+
+def _as_stored(s: Stored) -> SourceRange:
+    """A source tensor's bytes as they are, read straight into the writer's staging buffers,
+    checked there (``FiniteCheck``) where its dtype can hold NaN/Inf."""
+    check = FiniteCheck(s) if s.dtype in _FINITE_LIMITS else None
+    return SourceRange(s.path, s.offset, _st_nbytes(s.dtype, s.shape), s.name, check)
 
 
 def _mx_affine(values: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,10 +138,10 @@ def _mx_affine(values: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.nd
     return np.array(w), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16))
 
 
-def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | None,
-             pool: BufferPool | None = None) -> tuple[Unit, WeightFormat]:
-    """The MLX-directory unit of one logical weight (``target``: FLOAT keeps the source's form;
-    ``pool``: read buffers shared by the units of one conversion)."""
+def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | None) -> tuple[Unit, WeightFormat]:
+    """The MLX-directory unit of one logical weight (``target``: FLOAT keeps the source's form).
+    Bytes kept as they are (float weights, FP8 and FP4 codes) go as ``SourceRange``s, read
+    straight into the writer's staging buffers; what is computed (scales, affine) as arrays."""
     lead = (len(lw.names),) if lw.experts else ()
     src_bytes = source_nbytes(ckpt, lw.names)
     module = lw.module
@@ -84,8 +152,7 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
             produce = lambda: iter([(lw.path, [hash_table(ckpt, lw.names[0], k)])])  # noqa: E731
         else:
             shape = lead + lw.shape
-            produce = lambda: iter([(lw.path, (c for n in lw.names  # noqa: E731
-                                               for c in read_chunks(stored(ckpt, n), pool or BufferPool())))])
+            produce = lambda: iter([(lw.path, [SourceRanges(_as_stored(stored(ckpt, n)) for n in lw.names)])])  # noqa: E731
         t = [(lw.path, lw.dtype, shape)]
         return Unit(t, produce, src_bytes, _st_nbytes(lw.dtype, shape)), FLOAT
 
@@ -102,34 +169,26 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
         tensors.append((module + ".biases", "BF16", s_shape))
     nbytes = sum(_st_nbytes(d, s) for _, d, s in tensors)
 
-    def packed(name: str) -> tuple[np.ndarray, ...]:
-        if fmt == MXFP4:  # official FP4 bytes are already MLX mxfp4 (quant/mx.fp4_to_mxfp4)
-            return read_tensor(ckpt, name).view(np.uint8), read_tensor(ckpt, scale_name(name))
-        if fmt == MXFP8:  # the weight's bytes as read (a view of a read buffer), scales spread
-            w, s = read_pair(stored(ckpt, name), stored(ckpt, scale_name(name)), pool)
-            return fp8_to_mxfp8_np(w, s, name)
-        return _mx_affine(dequantize(ckpt, lw, name), fmt)
-
     def produce():
         if fmt == MXFP4:  # weights then scales, the weights straight from the source file
             ws = [stored(ckpt, n) for n in lw.names]
             ss = [stored(ckpt, scale_name(n)) for n in lw.names]
-            sizes = [_st_nbytes(s.dtype, s.shape) for s in ss]
-            starts = np.cumsum([0] + sizes)
-            scales = np.empty(starts[-1], np.uint8)  # read with their weights' group
+            starts = np.cumsum([0] + [_st_nbytes(s.dtype, s.shape) for s in ss])
+            scales = np.empty(starts[-1], np.uint8)  # read with their weights' group (small reads)
 
-            def weights() -> Iterator[SourceRange]:
+            def weights() -> Iterator[SourceRanges]:
                 # the writer reads each weight's bytes into its staging buffers (FP4 codes hold
-                # no NaN/Inf to check); a group ahead is asked of the disk meanwhile
+                # no NaN/Inf to check), a group of them per hand-over; the disk is asked for a
+                # group ahead meanwhile
                 groups, fds = expert_groups(ws), {}
                 try:
-                    will_need(ws[groups[0]] if groups else [], fds)
+                    will_need(_with_scales(ws, ss, groups[0]) if groups else [], fds)
                     for k, g in enumerate(groups):
                         if k + 1 < len(groups):
-                            will_need(ws[groups[k + 1]], fds)
+                            will_need(_with_scales(ws, ss, groups[k + 1]), fds)
                         read_into(ss[g], scales[starts[g.start]: starts[g.stop]], fds)
-                        yield from (SourceRange(w.path, w.offset, n, w.name) for w, n in
-                                    zip(ws[g], (_st_nbytes(w.dtype, w.shape) for w in ws[g])))
+                        yield SourceRanges(SourceRange(w.path, w.offset, _st_nbytes(w.dtype, w.shape), w.name)
+                                           for w in ws[g])
                 finally:
                     for fd in fds.values():
                         os.close(fd)
@@ -137,11 +196,23 @@ def mlx_unit(ckpt: HFCheckpoint, lw: Logical, target: WeightFormat, k: int | Non
             yield tensors[0][0], weights()
             yield tensors[1][0], iter([scales])
             return
+        if fmt == MXFP8:  # the codes as they are (checked as staged), the scales spread to 32-wide groups
+            spread: list[np.ndarray] = []
+
+            def codes() -> Iterator[SourceRange]:
+                for n in lw.names:
+                    w, s = stored(ckpt, n), stored(ckpt, scale_name(n))
+                    spread.append(fp8_scales_to_mxfp8_np(read_stored(s), w.shape, n))
+                    yield _as_stored(w)
+
+            yield tensors[0][0], codes()
+            yield tensors[1][0], iter(spread)
+            return
         stash: list[tuple[np.ndarray, ...]] = []
 
         def weights():
             for n in lw.names:
-                w, *rest = packed(n)
+                w, *rest = _mx_affine(dequantize(ckpt, lw, n), fmt)
                 stash.append(tuple(rest))
                 yield w
 
@@ -182,7 +253,6 @@ def split_tensors(stream: Iterator[tuple[str, np.ndarray | None]]) -> Iterator[t
 
 def mlx_plan(ckpt: HFCheckpoint, opts: Options) -> tuple[list[Unit], dict[str, WeightFormat]]:
     units, formats = [], {}
-    pool = BufferPool()  # one conversion's read buffers, gone with its units
     for lw in logical_weights(ckpt, include_mtp=opts.include_mtp):
         target = lw.fmt
         if lw.experts and opts.expert_bits is not None:
@@ -191,7 +261,7 @@ def mlx_plan(ckpt: HFCheckpoint, opts: Options) -> tuple[list[Unit], dict[str, W
             target = affine(opts.dense_bits, opts.group_size)
         if target.kind == "affine" and lw.shape[-1] % target.group_size:
             raise ConvertError(f"{lw.path}: input dimension {lw.shape[-1]} is not a multiple of --group-size {target.group_size}")
-        unit, fmt = mlx_unit(ckpt, lw, target, opts.experts_per_token, pool)
+        unit, fmt = mlx_unit(ckpt, lw, target, opts.experts_per_token)
         units.append(unit)
         if fmt != FLOAT:
             formats[lw.module] = fmt

@@ -55,7 +55,7 @@ class Stored:
 def stored(ckpt: HFCheckpoint, name: str) -> Stored:
     f = ckpt.file(ckpt.weight_map[name])
     info = f.info(name)
-    return Stored(f.path, info.start, info.dtype, tuple(info.shape), name)  # (the file's Path: one per shard)
+    return Stored(f.path, info.start, info.dtype, tuple(info.shape), name)  # the file's own path: no join per tensor
 
 
 # Which stored bit patterns are NaN/Inf, per safetensors dtype (the dtypes read as unsigned ints)
@@ -218,11 +218,18 @@ def read_into(tensors: list[Stored], out: np.ndarray, fds: dict[Path, int]) -> N
         n = _nbytes(t)
         if t.path not in fds:
             fds[t.path] = os.open(t.path, os.O_RDONLY)
-        view = out[pos: pos + n]
-        if _preadv_full(fds[t.path], [memoryview(view)], t.offset) != n:
+        if _preadv_full(fds[t.path], [memoryview(out[pos: pos + n])], t.offset) != n:
             raise ConvertError(f"{t.path}: file ends inside tensor {t.name!r}; the source is truncated")
-        _check_finite(t, view.view(DTYPES[t.dtype]))
         pos += n
+    # checked together where they share a dtype (a projection's scales: one pass, not one per
+    # expert); tensor by tensor to name the one that fails
+    same = all(t.dtype == tensors[0].dtype for t in tensors)
+    if tensors and same and not _non_finite(tensors[0], out[:pos].view(DTYPES[tensors[0].dtype])):
+        return
+    pos = 0
+    for t in tensors:
+        _check_finite(t, out[pos: pos + _nbytes(t)].view(DTYPES[t.dtype]))
+        pos += _nbytes(t)
 
 
 def will_need(tensors: list[Stored], fds: dict[Path, int]) -> None:
@@ -230,10 +237,16 @@ def will_need(tensors: list[Stored], fds: dict[Path, int]) -> None:
     reads that come later find them there instead of waiting for the disk one by one."""
     if not hasattr(os, "posix_fadvise"):
         return
+    spans: list[list] = []  # tensors that follow each other in a file: one call (a weight and its scale)
     for t in tensors:
-        if t.path not in fds:
-            fds[t.path] = os.open(t.path, os.O_RDONLY)
-        os.posix_fadvise(fds[t.path], t.offset, _nbytes(t), os.POSIX_FADV_WILLNEED)
+        if spans and spans[-1][0] == t.path and spans[-1][2] == t.offset:
+            spans[-1][2] += _nbytes(t)
+        else:
+            spans.append([t.path, t.offset, t.offset + _nbytes(t)])
+    for path, start, end in spans:
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fds[path], start, end - start, os.POSIX_FADV_WILLNEED)
 
 
 def will_need_rows(s: Stored, rows: tuple[int, int] | None, fds: dict[Path, int]) -> None:
@@ -299,7 +312,7 @@ def _read_bytes(path: Path, offset: int, count: int, pool: BufferPool | None) ->
 
 
 def _nbytes(s: Stored) -> int:
-    return math.prod(s.shape) * DTYPES[s.dtype].itemsize
+    return math.prod(s.shape) * DTYPES[s.dtype].itemsize  # np.prod costs microseconds per call
 
 
 def read_tensor(ckpt: HFCheckpoint, name: str) -> np.ndarray:

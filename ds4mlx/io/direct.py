@@ -30,6 +30,7 @@ import numpy as np
 ALIGN = 4096  # offsets, lengths and addresses of direct transfers: a multiple of any block size
 BUFFER_BYTES = 8 << 20  # one transfer: long sequential requests
 BUFFERS = 4  # staged output at most (memory stays at BUFFERS * BUFFER_BYTES)
+COMPARE_BYTES = 1 << 20  # a piece of the compare's second read of a source (stays in the cache)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _PREADV = hasattr(os, "preadv")
 
@@ -169,9 +170,22 @@ class SourceRange:
     offset: int
     nbytes: int
     name: str = ""  # what they are, for messages (a tensor's name)
+    # called with each part of the bytes as staged, in order (a uint8 array valid during the
+    # call only), before that part can reach the disk: a check of what was read (raising stops
+    # the write; the output is then unusable)
+    inspect: Callable[[np.ndarray], None] | None = None
 
     def __len__(self) -> int:  # bytes of output, as for a buffer
         return self.nbytes
+
+
+class SourceRanges(tuple):
+    """Several ``SourceRange``s handed on as one chunk: one hand-over between threads for a
+    group of small ranges (a projection's experts are ~0.5 MB each) instead of one per range."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self)
 
 
 class SourceEnded(ValueError):
@@ -215,7 +229,7 @@ class DirectWriter:
         self._expected_bytes = 0  # bytes handed to expect (caller)
         self._sources: dict[str, int] = {}  # the thread's fds of the files write_from reads (compare)
         self._read_fds: dict[str, int] = {}  # the caller's fds of those files (write_from)
-        self._scratch: mmap.mmap | None = None  # the thread's second read of them (compare)
+        self._scratch: np.ndarray | None = None  # the thread's second read of them (compare)
         self._fd, self._direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self._verify = None  # (fd, direct, buffer) of the read-back
         if read_back:
@@ -353,17 +367,28 @@ class DirectWriter:
     def _compare_source(self, staged: memoryview, src: SourceRange, skip: int) -> int:
         """``staged`` against the bytes of ``src`` from ``skip`` on, read again from the file
         into a reused buffer of the thread's (a second read, apart from the one that staged them:
-        mapping the file instead cost more, its page tables one 4 KiB page at a time)."""
+        mapping the file instead cost more, its page tables one 4 KiB page at a time), a
+        ``COMPARE_BYTES`` piece at a time: a piece stays in the cache between its read and its
+        comparison (measured 0.19 against 0.25 CPU-s/GB in whole 8 MiB reads)."""
         key = os.fspath(src.path)
-        if key not in self._sources:
-            self._sources[key] = os.open(key, os.O_RDONLY)
+        fd = self._sources.get(key)
+        if fd is None:
+            fd = self._sources[key] = os.open(key, os.O_RDONLY)
         if self._scratch is None:
-            self._scratch = staging_buffer()
-        view = memoryview(self._scratch)[:len(staged)]
-        n = _read_full(self._sources[key], view, src.offset + skip)
-        if n < len(staged):
-            return n
-        return first_difference(staged, view)
+            self._scratch = aligned_empty(COMPARE_BYTES)
+        piece = memoryview(self._scratch)
+        staged_u8 = np.frombuffer(staged, np.uint8)
+        done = 0
+        while done < len(staged):
+            n = min(COMPARE_BYTES, len(staged) - done)
+            got = _read_full(fd, piece[:n], src.offset + skip + done)
+            if got < n:
+                return done + got
+            at = first_difference(staged_u8[done: done + n], self._scratch[:n])
+            if at >= 0:
+                return done + at
+            done += n
+        return -1
 
     def _advance(self, on_disk: int, over: bool) -> None:
         with self._progress:
@@ -440,10 +465,12 @@ class DirectWriter:
                 self._check()
             take = min(src.nbytes - done, BUFFER_BYTES - self._fill)
             got = _read_full(fd, memoryview(self._buf)[self._fill: self._fill + take], src.offset + done)
-            self._fill += got
-            done += got
             if got < take:
                 raise SourceEnded(src)
+            if src.inspect is not None:
+                src.inspect(self._buf[self._fill: self._fill + got])
+            self._fill += got
+            done += got
             if self._fill == BUFFER_BYTES:
                 self._hand_over(BUFFER_BYTES)
         return done

@@ -180,7 +180,8 @@ def _classify(spec: TensorSpec, files, weight_map, path: Path) -> Entry:
     name = spec.name
     shard = weight_map[name]
     info = files[shard].info(name)
-    where = f"{path / shard}: {name}"
+    def where() -> str:  # only on an error: a path join per tensor adds up (tens of thousands)
+        return f"{path / shard}: {name}"
 
     def expect(shape, found, what=name):
         if tuple(found) != tuple(shape):
@@ -196,27 +197,27 @@ def _classify(spec: TensorSpec, files, weight_map, path: Path) -> Entry:
             expect(spec.shape, info.shape)
             expect(official_shapes("fp8", spec.shape)[1], scale_info.shape, scale)
             if in_dim % MX_GROUP:
-                raise CheckpointError(f"{where}: input dimension {in_dim} is not a multiple of {MX_GROUP}")
+                raise CheckpointError(f"{where()}: input dimension {in_dim} is not a multiple of {MX_GROUP}")
             return Entry(name, shard, MXFP8, weight_map[scale])
         if info.dtype in ("I8", "U8"):
             stored_shape, scale_shape = official_shapes("fp4", spec.shape)
             expect(stored_shape, info.shape)
             expect(scale_shape, scale_info.shape, scale)
             return Entry(name, shard, MXFP4, weight_map[scale])
-        raise CheckpointError(f"{where}: dtype {info.dtype} with a .scale tensor; expected F8_E4M3 or I8")
+        raise CheckpointError(f"{where()}: dtype {info.dtype} with a .scale tensor; expected F8_E4M3 or I8")
     if spec.storage == "i64":
         if info.dtype not in INT_DTYPES:
-            raise CheckpointError(f"{where}: dtype {info.dtype}, expected one of {INT_DTYPES}")
+            raise CheckpointError(f"{where()}: dtype {info.dtype}, expected one of {INT_DTYPES}")
         vocab, k = spec.shape
         if not hash_table_fits(info.shape, vocab, k):
             raise CheckpointError(
-                f"{where}: shape {info.shape}, expected ({vocab}, ≥{k}) "
+                f"{where()}: shape {info.shape}, expected ({vocab}, ≥{k}) "
                 f"(a row of num_experts_per_tok={k} expert ids per token)"
             )
         return Entry(name, shard, FLOAT)
     if info.dtype not in FLOAT_DTYPES:
         hint = " (a quantised weight without its .scale tensor?)" if spec.storage in ("fp8", "fp4") else ""
-        raise CheckpointError(f"{where}: dtype {info.dtype}, expected one of {FLOAT_DTYPES}{hint}")
+        raise CheckpointError(f"{where()}: dtype {info.dtype}, expected one of {FLOAT_DTYPES}{hint}")
     expect(spec.shape, info.shape)
     return Entry(name, shard, FLOAT)
 

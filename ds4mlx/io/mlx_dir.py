@@ -22,7 +22,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -30,7 +30,8 @@ from ..config import check_hf_values
 from ..quant.formats import WeightFormat, packed_shapes
 from ..names import hf_to_internal, official_layout
 from .checks import check_expert_ids, hash_table_fits
-from .direct import DirectWriter, ReadBackError, SourceEnded, SourceRange, open_read, scan
+from .direct import (BUFFER_BYTES, DirectWriter, ReadBackError, SourceEnded, SourceRange, SourceRanges, _read_full,
+                     open_read, scan)
 from .json_file import read_json_object, read_weight_map
 from .safetensors import DTYPES, FLOAT_DTYPES, INT_DTYPES, SafetensorsFile, open_shards
 
@@ -281,6 +282,7 @@ class ShardWriter:
         self.order = [name for name, _, _ in entries]
         self.crc: dict[str, int] = {}  # "disk": each tensor's CRC-32 as produced
         self._next = 0
+        self._piece: np.ndarray | None = None  # "disk": SourceRange bytes on their way in
         if verify not in (None, "disk", "written"):
             raise ValueError(f"verify must be None, 'disk' or 'written', got {verify!r}")
         self.verify_mode = verify
@@ -317,16 +319,27 @@ class ShardWriter:
         except SourceEnded:
             raise MLXDirError(f"{src.path}: file ends inside tensor {src.name!r}; the source is truncated") from None
 
-    @staticmethod
-    def _read_source(src: SourceRange) -> np.ndarray:
+    def _read_source(self, src: SourceRange) -> Iterator[np.ndarray]:
+        """(``"disk"``) ``src``'s bytes in pieces of at most ``BUFFER_BYTES``, read into one reused
+        buffer (each piece is copied into the staging buffers before the next is read), each
+        inspected as ``write_from`` inspects them: memory stays at a piece, whatever the tensor's size."""
+        want = min(src.nbytes, BUFFER_BYTES)
+        if self._piece is None or len(self._piece) < want:
+            self._piece = np.empty(want, np.uint8)
         fd = os.open(src.path, os.O_RDONLY)
         try:
-            data = os.pread(fd, src.nbytes, src.offset)
+            done = 0
+            while done < src.nbytes:
+                n = min(BUFFER_BYTES, src.nbytes - done)
+                piece = self._piece[:n]
+                if _read_full(fd, memoryview(piece), src.offset + done) != n:
+                    raise MLXDirError(f"{src.path}: file ends inside tensor {src.name!r}; the source is truncated")
+                if src.inspect is not None:
+                    src.inspect(piece)
+                yield piece
+                done += n
         finally:
             os.close(fd)
-        if len(data) != src.nbytes:
-            raise MLXDirError(f"{src.path}: file ends inside tensor {src.name!r}; the source is truncated")
-        return np.frombuffer(data, np.uint8)
 
     def _differs(self, e: ReadBackError) -> MLXDirError:
         """The verification's error for bytes at ``e.offset`` that are not what was meant."""
@@ -335,32 +348,38 @@ class ShardWriter:
             (f"tensor {n!r}" for n, (a, b) in self.spans.items() if a <= at < b), "the end of the file")
         return MLXDirError(f"{self.path}: verification failed: {what} differs from what was written ({e.strerror})")
 
-    def write_tensor(self, name: str, chunks: Iterable[np.ndarray | SourceRange]) -> int:
+    def write_tensor(self, name: str, chunks: Iterable[np.ndarray | SourceRange | SourceRanges]) -> int:
         """Write one tensor from its byte chunks (arrays, or ``SourceRange``s: bytes of a source
-        file as they are); returns the bytes written. With ``verify="written"`` the arrays'
+        file as they are, one or a group at a time); returns the bytes written. With ``verify="written"`` the arrays'
         buffers must stay unchanged until written (held here)."""
         if self._next >= len(self.order) or self.order[self._next] != name:
             raise MLXDirError(f"{self.path}: tensor {name!r} written out of order")
         start, end = self.spans[name]
+        size = end - start
         crc, done = 0, 0
         for chunk in chunks:
-            if isinstance(chunk, SourceRange):
-                if done + chunk.nbytes > end - start:
-                    raise MLXDirError(f"{self.path}: tensor {name!r} got more than its {end - start} bytes")
-                if self._crcs is None:  # straight from the source file into the staging buffers
-                    self._put_source(chunk)
-                    done += chunk.nbytes
+            for part in (chunk if isinstance(chunk, SourceRanges) else (chunk,)):
+                if isinstance(part, SourceRange):
+                    if done + part.nbytes > size:
+                        raise MLXDirError(f"{self.path}: tensor {name!r} got more than its {size} bytes")
+                    if self._crcs is None:  # straight from the source file into the staging buffers
+                        self._put_source(part)
+                        done += part.nbytes
+                        continue
+                    for piece in self._read_source(part):  # "disk": its CRC as produced
+                        self._put(memoryview(piece))
+                        crc = zlib.crc32(piece, crc)
+                    done += part.nbytes
                     continue
-                chunk = self._read_source(chunk)  # "disk": its CRC as produced
-            buf = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
-            if done + len(buf) > end - start:
-                raise MLXDirError(f"{self.path}: tensor {name!r} got more than its {end - start} bytes")
-            self._put(buf)
-            if self._crcs is not None:
-                crc = zlib.crc32(buf, crc)
-            done += len(buf)
-        if done != end - start:
-            raise MLXDirError(f"{self.path}: tensor {name!r} got {done} bytes, expected {end - start}")
+                buf = memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
+                if done + len(buf) > size:
+                    raise MLXDirError(f"{self.path}: tensor {name!r} got more than its {size} bytes")
+                self._put(buf)
+                if self._crcs is not None:
+                    crc = zlib.crc32(buf, crc)
+                done += len(buf)
+        if done != size:
+            raise MLXDirError(f"{self.path}: tensor {name!r} got {done} bytes, expected {size}")
         if self._crcs is not None:
             self.crc[name] = crc
         self._next += 1

@@ -13,6 +13,7 @@ copied until MLX needs its own buffer.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -117,28 +118,29 @@ class SafetensorsFile:
         self._mmap: mmap.mmap | None = None
 
     def _parse_entry(self, name: str, entry, data_start: int, blob_size: int) -> TensorInfo:
-        where = f"{self.path}: tensor {name!r}"
+        # called once per tensor of a checkpoint (tens of thousands): plain ints and math.prod,
+        # the message only on an error (np.prod per entry was most of a conversion's start-up)
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise SafetensorsError(f"{where}: header entry needs dtype, shape and data_offsets")
+            raise SafetensorsError(f"{self.path}: tensor {name!r}: header entry needs dtype, shape and data_offsets")
         dtype = entry["dtype"]
         if dtype not in DTYPES:
-            raise SafetensorsError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+            raise SafetensorsError(f"{self.path}: tensor {name!r}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
         shape = entry["shape"]
         offsets = entry["data_offsets"]
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise SafetensorsError(f"{where}: bad shape {shape!r}")
+            raise SafetensorsError(f"{self.path}: tensor {name!r}: bad shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise SafetensorsError(f"{where}: bad data_offsets {offsets!r}")
+            raise SafetensorsError(f"{self.path}: tensor {name!r}: bad data_offsets {offsets!r}")
         begin, end = offsets
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if begin < 0 or end - begin != nbytes:
             raise SafetensorsError(
-                f"{where}: data_offsets {offsets} span {end - begin} bytes, "
+                f"{self.path}: tensor {name!r}: data_offsets {offsets} span {end - begin} bytes, "
                 f"but {dtype} {shape} needs {nbytes}"
             )
         if end > blob_size:
             raise SafetensorsError(
-                f"{where}: data ends at byte {end} of the data section, which has only "
+                f"{self.path}: tensor {name!r}: data ends at byte {end} of the data section, which has only "
                 f"{blob_size} bytes (truncated file?)"
             )
         return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)

@@ -232,9 +232,27 @@ def fp8_to_mxfp8_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight")
             "it has no exact mxfp8 form"
         )
     w = np.ascontiguousarray(weight).view(np.uint8).view(np.uint32)
+    return w, fp8_scales_to_mxfp8_np(scale, weight.shape, name)
+
+
+def fp8_scales_to_mxfp8_np(scale: np.ndarray, weight_shape: tuple[int, ...], name: str = "weight") -> np.ndarray:
+    """The ``mxfp8`` scales (uint8 ``[out, in/32]``) of an FP8 weight of ``weight_shape`` from its
+    128×128-block E8M0 ``scale``: each block's byte for each of its 32-wide groups (the codes
+    themselves stay as they are; a converter that passes them on untouched needs only this)."""
+    scale = np.asarray(scale)
+    if len(weight_shape) != 2:
+        raise QuantFormatError(f"{name}: FP8 weight must be 2-D, got shape {tuple(weight_shape)}")
+    out_dim, in_dim = weight_shape
+    if tuple(scale.shape) != fp8_scale_shape(out_dim, in_dim):
+        raise QuantFormatError(f"{name}: FP8 scale shape {tuple(scale.shape)} does not match weight "
+                               f"{tuple(weight_shape)} (expected {fp8_scale_shape(out_dim, in_dim)} for "
+                               f"{FP8_WEIGHT_BLOCK}×{FP8_WEIGHT_BLOCK} blocks)")
+    if in_dim % MX_GROUP:
+        raise QuantFormatError(f"{name}: FP8 input dimension {in_dim} is not a multiple of {MX_GROUP}; "
+                               "it has no exact mxfp8 form")
     rows = np.arange(out_dim) // FP8_WEIGHT_BLOCK
     cols = (np.arange(in_dim // MX_GROUP) * MX_GROUP) // FP8_WEIGHT_BLOCK
-    return w, np.asarray(scale, dtype=np.uint8)[rows[:, None], cols[None, :]]
+    return np.asarray(scale, dtype=np.uint8)[rows[:, None], cols[None, :]]
 
 
 def fp4_to_mxfp4(weight: np.ndarray, scale: np.ndarray, name: str = "weight"):
