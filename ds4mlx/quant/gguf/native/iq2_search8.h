@@ -101,7 +101,7 @@ void iq2_candidates(const float *y, const float *w, const float *s, int64_t n_ru
             r8 yv, wv;
             memcpy(&yv, y + 8 * r, sizeof yv);
             memcpy(&wv, w + 8 * r, sizeof wv);
-            const r8i level = -((yv > t0) + (yv > t1)), pw = level * pow3, pos = wv > 0.0f;
+            const r8i pw = ((yv > t0) & pow3) + ((yv > t1) & pow3), pos = wv > 0.0f; /* level·3^j, no multiply */
             const int32_t pattern = ((pw[0] + pw[1]) + (pw[2] + pw[3])) + ((pw[4] + pw[5]) + (pw[6] + pw[7]));
 #if defined(__AVX__)
             const int positive = (sr > 0) & (_mm256_movemask_ps((__m256)pos) == 0xFF);
