@@ -18,9 +18,9 @@
  * where the compiler targets AVX-512; elsewhere kquant_search8.h (8 sub-blocks a vector). Each
  * lane performs numpy's operations for its sub-block in numpy's order, so each gets numpy's
  * bits, while the sub-blocks' dependency chains (sums, divisions, the candidate choice) run side
- * by side. A group of KQ_W sub-blocks is two Q4_K
- * blocks or one Q2_K block; everything per sub-block (weights, search, codes, refit sums) runs
- * in that layout, v[k] holding element k of every sub-block. */
+ * by side. A group of KQ_W sub-blocks is two Q4_K blocks or one Q2_K block; everything per
+ * sub-block (weights, search, codes, refit sums) runs in that layout, v[k] holding element k of
+ * every sub-block. */
 #if !defined(__AVX512F__)
 #include "kquant_search8.h"
 #else
