@@ -25,7 +25,8 @@ uses the ``deepseek4`` tensor names of ds4 and llama.cpp with a preset type tabl
 
 Modules: ``options`` (options, errors), ``plan`` (source tensors, logical weights, units),
 ``output`` (path checks, disk space, progress), ``mlx`` (MLX directories), ``gguf`` (presets,
-encode jobs, the streaming GGUF writer).
+the plan of encode jobs, the files), ``gguf_jobs`` (the jobs and the threads that run them),
+``gguf_writer`` (the streaming GGUF writer).
 """
 
 from __future__ import annotations
