@@ -21,6 +21,16 @@ static inline float sum_sq8(const p8 *v, int m) {
     return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
 
+/* each grid entry's 8 levels as 2-bit codes (0, 1, 2: which of levels[0..2] it is), element j
+ * at bits 2j */
+static void iq2_entry_codes(const float *grid, const float *levels, int32_t codes[256]) {
+    for (int e = 0; e < 256; e++) {
+        codes[e] = 0;
+        for (int j = 0; j < 8; j++)
+            codes[e] |= ((grid[8 * e + j] == levels[1]) + 2 * (grid[8 * e + j] == levels[2])) << (2 * j);
+    }
+}
+
 /* error weights, signs (parity-corrected), targets y and the group scales s0 of one block */
 static void iq2_prepare(const float *x, const float *qw, float *w, float *y, uint32_t *mask, float *s0) {
     const p8i bit = {1, 2, 4, 8, 16, 32, 64, 128}, sign = (p8i){0} + INT32_MIN;

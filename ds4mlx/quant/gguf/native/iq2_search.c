@@ -372,11 +372,7 @@ void iq2_quantize(const float *xb, const float *qw, int64_t n_blocks, const floa
     /* each entry's levels, 2 bits an element (the grid's codes), and the levels padded to 4 */
     int32_t codes[256];
     const float levels4[4] = {levels[0], levels[1], levels[2], levels[2]};
-    for (int e = 0; e < 256; e++) {
-        codes[e] = 0;
-        for (int j = 0; j < 8; j++)
-            codes[e] |= ((grid[8 * e + j] == levels[1]) + 2 * (grid[8 * e + j] == levels[2])) << (2 * j);
-    }
+    iq2_entry_codes(grid, levels, codes);
     for (int64_t b0 = 0; b0 < n_blocks; b0 += IQ2_BATCH) {
         const int nb = n_blocks - b0 < IQ2_BATCH ? (int)(n_blocks - b0) : IQ2_BATCH;
         for (int i = 0; i < nb; i++) {
