@@ -386,7 +386,7 @@ def test_gguf_first_file_failing_its_checks_fails_the_conversion(tiny_ckpt, tmp_
 
 
 def test_run_items_keeps_order_and_bounds_lookahead():
-    from ds4mlx.convert.gguf import WINDOW_PER_JOB, run_items
+    from ds4mlx.convert.gguf_jobs import WINDOW_PER_JOB, run_items
 
     pulled = []
 

@@ -159,7 +159,8 @@ def test_llama_cpp_layout_of_the_block(ckpt, official_mtp, tmp_path):
 
     from gguf import GGUFValueType
 
-    from ds4mlx.convert.gguf import gguf_config, gguf_plan, run_items
+    from ds4mlx.convert.gguf import gguf_config, gguf_plan
+    from ds4mlx.convert.gguf_jobs import run_items
     from ds4mlx.convert.gguf_writer import TensorEntry, stream_gguf
     from ds4mlx.convert.options import Options
     from ds4mlx.io.hf import open_hf_checkpoint

@@ -38,8 +38,7 @@ from ..names import DS4_GGUF_TYPES, internal_to_gguf, scale_name
 from ..quant import gguf as gguf_quants
 from ..quant.codecs import FP8_WEIGHT_BLOCK
 from ..quant.formats import MXFP4, MXFP8
-from .gguf_jobs import (_POOL, CHEAP_TYPES, WINDOW_PER_JOB, EncodeJob, _warm_up, encode,  # noqa: F401 (their home)
-                        run_item, run_items)
+from .gguf_jobs import _POOL, EncodeJob, _warm_up, run_item, run_items
 from .gguf_writer import TensorEntry, begin_gguf
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish
