@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,8 +30,8 @@ from ..quant.mx import fp8_scales_to_mxfp8_np
 from .options import ConvertError, Options
 from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
 from .plan import (BufferPool, Logical, Stored, Unit, dequantize, expert_groups, hash_table, hash_table_shape,
-                   logical_weights, read_chunks, read_into, read_stored, source_nbytes, stored,
-                   will_need)
+                   holds_non_finite, logical_weights, non_finite, read_chunks, read_into, read_stored,
+                   source_nbytes, stored, will_need)
 
 DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 STATE_FILE = ".ds4mlx-convert.json"
@@ -64,16 +63,6 @@ def _st_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * DTYPES[dtype].itemsize
 
 
-# stored dtype -> (magnitude mask, smallest non-finite magnitude, bits): a value is NaN or Inf
-# exactly when its bits without the sign are at least the exponent field all ones (E8M0: 0xFF)
-_FINITE_LIMITS = {"BF16": (0x7FFF, 0x7F80, np.uint16), "F16": (0x7FFF, 0x7C00, np.uint16),
-                  "F32": (0x7FFFFFFF, 0x7F800000, np.uint32),
-                  "F64": (0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000, np.uint64),
-                  "F8_E4M3": (0x7F, 0x7F, np.uint8), "F8_E5M2": (0x7F, 0x7C, np.uint8), "F8_E8M0": (0xFF, 0xFF, np.uint8)}
-_BLOCK = 1 << 18  # bytes per step of the check: its temporary stays in the cache
-_scratch = threading.local()
-
-
 class FiniteCheck:
     """``SourceRange.inspect`` for a source tensor read straight into the writer's staging
     buffers: refuses NaN/Inf in each part as staged, before it can reach the disk (what
@@ -82,9 +71,8 @@ class FiniteCheck:
 
     def __init__(self, s: Stored):
         self.s = s
-        self.mask, self.limit, self.bits = _FINITE_LIMITS[s.dtype]
-        self.size = np.dtype(self.bits).itemsize
-        self.signed = self.mask != np.iinfo(self.bits).max  # E8M0 has no sign bit to mask
+        self.dtype = DTYPES[s.dtype]
+        self.size = self.dtype.itemsize
         self.carry = b""  # the start of a value cut at the end of the last part
 
     def __call__(self, part: np.ndarray) -> None:
@@ -99,17 +87,8 @@ class FiniteCheck:
         self._scan(part[:whole])
 
     def _scan(self, raw: np.ndarray) -> None:
-        values = raw.view(self.bits)
-        buf = getattr(_scratch, "buf", None)
-        if buf is None:
-            buf = _scratch.buf = np.empty(_BLOCK, np.uint8)
-        step = _BLOCK // self.size
-        for i in range(0, len(values), step):
-            block = values[i: i + step]
-            if self.signed:
-                block = np.bitwise_and(block, self.mask, out=buf[: block.nbytes].view(self.bits))
-            if len(block) and block.max() >= self.limit:
-                self.refuse()
+        if non_finite(self.s, raw.view(self.dtype)):  # (the check ``read_chunks`` makes)
+            self.refuse()
 
     def refuse(self) -> None:
         for _ in read_chunks(self.s, BufferPool(1)):  # counts the tensor's NaN/Inf, raises
@@ -126,7 +105,7 @@ def _with_scales(ws: list[Stored], ss: list[Stored], g: slice) -> list[Stored]:
 def _as_stored(s: Stored) -> SourceRange:
     """A source tensor's bytes as they are, read straight into the writer's staging buffers,
     checked there (``FiniteCheck``) where its dtype can hold NaN/Inf."""
-    check = FiniteCheck(s) if s.dtype in _FINITE_LIMITS else None
+    check = FiniteCheck(s) if holds_non_finite(s.dtype) else None
     return SourceRange(s.path, s.offset, _st_nbytes(s.dtype, s.shape), s.name, check)
 
 

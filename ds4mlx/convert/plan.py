@@ -58,21 +58,23 @@ def stored(ckpt: HFCheckpoint, name: str) -> Stored:
     return Stored(f.path, info.start, info.dtype, tuple(info.shape), name)  # the file's own path: no join per tensor
 
 
-# Which stored bit patterns are NaN/Inf, per safetensors dtype (the dtypes read as unsigned ints)
-_NON_FINITE_BITS = {"BF16": (0x7F80, 0x7F80), "F8_E4M3": (0x7F, 0x7F), "F8_E8M0": (0xFF, 0xFF),
-                    "F8_E5M2": (0x7C, 0x7C)}
+# The dtypes read as unsigned ints whose NaN/Inf are exactly the values with all the bits of
+# this mask set (the exponent field; E4M3's NaN is S.1111.111, E8M0's 0xFF)
+_NON_FINITE_MASK = {"BF16": 0x7F80, "F8_E4M3": 0x7F, "F8_E8M0": 0xFF, "F8_E5M2": 0x7C}
 
 
 _CHECK_BLOCK = 1 << 18  # elements per block of the finiteness check
 _scratch = threading.local()  # per thread: the check's reused block buffers
 
 
-def _count_bits(raw: np.ndarray, mask: int, bits: int) -> int:
-    """How many elements have ``x & mask == bits``, block by block through reused buffers: the
-    whole-tensor temporaries were fresh memory, whose page zeroing cost more than the test."""
+def _count_bits(raw: np.ndarray, mask: int) -> int:
+    """How many elements have all the bits of ``mask`` set, block by block through reused
+    buffers (the whole-tensor temporaries were fresh memory, whose page zeroing cost more than
+    the test); a block whose masked maximum falls short of ``mask`` has none, so a finite
+    block costs two passes, not three."""
     flat = raw.reshape(-1)
     if flat.size <= _CHECK_BLOCK // 16:
-        return int(np.count_nonzero((flat & mask) == bits))
+        return int(np.count_nonzero((flat & mask) == mask))
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None or bufs[0].dtype != flat.dtype or bufs[0].size < _CHECK_BLOCK:
         bufs = _scratch.bufs = (np.empty(_CHECK_BLOCK, flat.dtype), np.empty(_CHECK_BLOCK, np.bool_))
@@ -82,17 +84,26 @@ def _count_bits(raw: np.ndarray, mask: int, bits: int) -> int:
         part = flat[i: i + _CHECK_BLOCK]
         m, h = masked[: part.size], hit[: part.size]
         np.bitwise_and(part, mask, out=m)
-        np.equal(m, bits, out=h)
+        if m.max() < mask:
+            continue
+        np.equal(m, mask, out=h)
         bad += int(np.count_nonzero(h))
     return bad
 
 
-def _non_finite(s: Stored, raw: np.ndarray) -> int:
-    """How many of ``raw``'s values (stored bits of ``s``) are NaN or Inf."""
-    if s.dtype in _NON_FINITE_BITS:
-        mask, bits = _NON_FINITE_BITS[s.dtype]
-        return _count_bits(raw, mask, bits)
-    if s.dtype in ("F16", "F32", "F64"):
+_NUMPY_FLOATS = ("F16", "F32", "F64")  # the dtypes numpy reads as floats (np.isfinite)
+
+
+def holds_non_finite(dtype: str) -> bool:
+    """Whether values of the safetensors ``dtype`` can be NaN or Inf."""
+    return dtype in _NON_FINITE_MASK or dtype in _NUMPY_FLOATS
+
+
+def non_finite(s: Stored, raw: np.ndarray) -> int:
+    """How many of ``raw``'s values (stored bits of ``s``, as ``DTYPES[s.dtype]``) are NaN or Inf."""
+    if s.dtype in _NON_FINITE_MASK:
+        return _count_bits(raw, _NON_FINITE_MASK[s.dtype])
+    if s.dtype in _NUMPY_FLOATS:
         return int(raw.size - np.count_nonzero(np.isfinite(raw)))
     return 0
 
@@ -104,7 +115,7 @@ def _damaged(s: Stored, bad: int) -> ConvertError:
 def _check_finite(s: Stored, raw: np.ndarray) -> None:
     """A source tensor holding NaN/Inf would be converted into a file that cannot work: stop
     here, naming it, before anything looks written (one vectorised pass per read)."""
-    if bad := _non_finite(s, raw):
+    if bad := non_finite(s, raw):
         raise _damaged(s, bad)
 
 
@@ -122,7 +133,7 @@ def read_chunks(s: Stored, pool: BufferPool, chunk_bytes: int = 8 << 20) -> Iter
         if raw.nbytes != n:
             raise ConvertError(f"{s.path}: file ends inside tensor {s.name!r}; the source is truncated")
         raw = raw.view(dtype)
-        bad += _non_finite(s, raw)
+        bad += non_finite(s, raw)
         if not bad:
             yield raw
     if bad:  # counted to the end, so the message gives the tensor's count
@@ -224,7 +235,7 @@ def read_into(tensors: list[Stored], out: np.ndarray, fds: dict[Path, int]) -> N
     # checked together where they share a dtype (a projection's scales: one pass, not one per
     # expert); tensor by tensor to name the one that fails
     same = all(t.dtype == tensors[0].dtype for t in tensors)
-    if tensors and same and not _non_finite(tensors[0], out[:pos].view(DTYPES[tensors[0].dtype])):
+    if tensors and same and not non_finite(tensors[0], out[:pos].view(DTYPES[tensors[0].dtype])):
         return
     pos = 0
     for t in tensors:
@@ -244,22 +255,24 @@ def will_need(tensors: list[Stored], fds: dict[Path, int]) -> None:
         else:
             spans.append([t.path, t.offset, t.offset + _nbytes(t)])
     for path, start, end in spans:
-        if path not in fds:
-            fds[path] = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fds[path], start, end - start, os.POSIX_FADV_WILLNEED)
+        _will_need_span(path, start, end - start, fds)
 
 
 def will_need_rows(s: Stored, rows: tuple[int, int] | None, fds: dict[Path, int]) -> None:
     """:func:`will_need` for rows ``[r0, r1)`` of ``s`` only (all of it when ``rows`` is None)."""
     if not hasattr(os, "posix_fadvise"):
         return
-    if s.path not in fds:
-        fds[s.path] = os.open(s.path, os.O_RDONLY)
     start, n = s.offset, _nbytes(s)
     if rows is not None:
         row = n // max(s.shape[0], 1)
         start, n = s.offset + rows[0] * row, (rows[1] - rows[0]) * row
-    os.posix_fadvise(fds[s.path], start, n, os.POSIX_FADV_WILLNEED)
+    _will_need_span(s.path, start, n, fds)
+
+
+def _will_need_span(path: Path, start: int, n: int, fds: dict[Path, int]) -> None:
+    if path not in fds:
+        fds[path] = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fds[path], start, n, os.POSIX_FADV_WILLNEED)
 
 
 class BufferPool:
