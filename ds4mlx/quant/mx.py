@@ -87,7 +87,7 @@ def dequant_fp8_np(weight: np.ndarray, scale: np.ndarray, name: str = "weight", 
     """``W[r, c] = e4m3(q[r, c]) · e8m0(s[r // 128, c // 128])`` in float32 (into ``out``, a
     C-contiguous float32 array of that shape, where given and compiled: reused memory)."""
     weight, scale = np.asarray(weight), np.asarray(scale)
-    out_dim, in_dim = _check_fp8(weight, scale, name)
+    _check_fp8(weight, scale, name)
     lib = _fp4_native()  # the library has both decoders
     if lib is not None:
         return _fp8_compiled(lib, weight, scale, out=out)
