@@ -214,6 +214,29 @@ def test_block_scale_check_agrees_with_gguf_py(qtype):
     got = np.array(qgguf.non_finite_scales(fmt, mx.array(blocks.reshape(1, -1)))).reshape(-1)
     assert expected.any() and not expected.all()
     assert np.array_equal(got, expected)
+    assert qgguf.count_non_finite_scales(fmt, blocks.reshape(1, -1)) == expected.sum()  # the numpy twin
+
+
+def test_convert_refuses_values_its_types_cannot_hold(demo_dir, tmp_path, capsys, monkeypatch):
+    """A finite source whose values overflow the output type (an expert scaled by 2^65: FP4
+    values ~2e20, past the fp16 scales of Q4_K) fails naming the tensor, and writes nothing,
+    instead of a file with NaN/Inf blocks."""
+    tensor = "layers.4.ffn.experts.5.w2.scale"
+    model = model_copy(demo_dir, tmp_path / "m", real=(shard_of(demo_dir, tensor).name,))
+    poke(model, tensor, 9, bytes([127 + 65]))  # one E8M0 scale: 2^65
+    before = tree_digest(model)
+    out = tmp_path / "out.gguf"
+    one_line(*run(capsys, monkeypatch, "convert", model, out, "--to", "gguf", "--preset", "ds4-q4", "--jobs", "2"),
+             "layers.4.ffn.experts.5.w2", "1 Q4_K block NaN or Inf", f"largest |value| {6 * 2.0**65:.3g}")
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert tree_digest(model) == before
+
+
+def test_f16_output_counts_its_overflowing_values():
+    from ds4mlx.quant import gguf as qgguf
+
+    x = np.array([[1.0, 7e4, -1e6, 65504.0]], np.float32)
+    assert qgguf.count_non_finite_scales(qgguf.get("F16"), qgguf.get("F16").quantize(x)) == 2
 
 
 def test_gguf_tokenizer_larger_than_vocabulary(good_gguf, demo_dir, tmp_path, capsys, monkeypatch):

@@ -72,11 +72,15 @@ def encode(job: EncodeJob) -> np.ndarray:
     if job.fmt == FLOAT and job.weight.dtype == "BF16" and job.qtype == "F16":  # no float32 array between
         bits = read_stored(job.weight, job.rows, _POOL)
         out = _POOL.take(bits.nbytes).reshape(*bits.shape[:-1], 2 * bits.shape[-1])
-        return gguf_floats.f16_from_bf16(bits, out)
+        return _finite(job, gguf_quants.get("F16"), gguf_floats.f16_from_bf16(bits, out), lambda: bf16_decode(bits))
     values = dequantize_stored(job.fmt, job.weight, job.scale, job.name, job.rows, _POOL)
     if job.qtype == "BF16":
         return _exact_bf16(values, job.name)
     fmt = gguf_quants.get(job.qtype, job.name)
+    return _finite(job, fmt, _quantize(job, fmt, values), lambda: values)
+
+
+def _quantize(job: EncodeJob, fmt, values: np.ndarray) -> np.ndarray:
     if job.qtype in POOLED_OUTPUT:  # bytes into a reused buffer (fresh pages cost zeroing)
         row = gguf_quants.row_bytes(fmt, values.shape[-1], job.name)
         lead = values.shape[:-1]
@@ -89,6 +93,20 @@ def encode(job: EncodeJob) -> np.ndarray:
             raise ValueError(f"{job.name}: IQ2_XXS importance needs the whole matrix, not rows {job.rows}")
         return fmt.quantize(values, weights=np.sum(values * values, axis=0))
     return fmt.quantize(values)
+
+
+def _finite(job: EncodeJob, fmt, packed: np.ndarray, values: Callable[[], np.ndarray]) -> np.ndarray:
+    """``packed``, refused where a block's fp16 scale (or an F16 value) came out NaN or Inf: a
+    finite source whose values the type cannot hold (fp16 tops out at 65504, so a K-quant's
+    scale overflows past roughly 1e6), which would load as a damaged file or turn into NaN."""
+    bad = gguf_quants.count_non_finite_scales(fmt, packed)
+    if bad:
+        top = float(np.max(np.abs(values())))
+        what = "value" if job.qtype == "F16" else "block"
+        raise ConvertError(f"{job.name}: {bad} {job.qtype} {what}{'s' * (bad > 1)} NaN or Inf from finite source values "
+                           f"(largest |value| {top:.3g}, past what {job.qtype} holds); "
+                           "this tensor needs a wider type")
+    return packed
 
 
 def _exact_bf16(values: np.ndarray, name: str) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_xxs, mxfp4, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
@@ -110,4 +111,19 @@ def non_finite_scales(fmt: Format, blocks: "mx.array") -> "mx.array":
     return bad
 
 
-__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "compiled", "get", "non_finite_scales", "row_bytes", "row_weights"]
+def count_non_finite_scales(fmt: Format, packed: np.ndarray) -> int:
+    """:func:`non_finite_scales` counted, on numpy bytes (uint8 ``[..., n_blocks*BLOCK_BYTES]``,
+    what a quantizer returns): the conversion's check of what it writes, in its worker threads
+    (no MLX there). F16 output counts its NaN/Inf values (each value its own "scale")."""
+    if fmt.NAME == "F16":
+        half = np.ascontiguousarray(packed).view(np.uint16)
+        return int(np.count_nonzero((half & 0x7C00) == 0x7C00))
+    b = np.ascontiguousarray(packed).reshape(-1, fmt.BLOCK_BYTES)
+    bad = np.zeros(len(b), dtype=bool)
+    for at in getattr(fmt, "SCALE_FIELDS", ()):
+        bad |= (b[:, at + 1] & 0x7C) == 0x7C  # the high byte's exponent bits, as above
+    return int(np.count_nonzero(bad))
+
+
+__all__ = ["FORMATS", "UnsupportedQuantType", "by_type", "compiled", "count_non_finite_scales", "get",
+           "non_finite_scales", "row_bytes", "row_weights"]
