@@ -232,11 +232,17 @@ def test_convert_refuses_values_its_types_cannot_hold(demo_dir, tmp_path, capsys
     assert tree_digest(model) == before
 
 
-def test_f16_output_counts_its_overflowing_values():
+def test_f16_output_overflow_is_refused():
+    """F16 output of values past 65504 (finite in the BF16 source) is refused, not written as Inf."""
+    from ds4mlx.convert import gguf_jobs
     from ds4mlx.quant import gguf as qgguf
 
-    x = np.array([[1.0, 7e4, -1e6, 65504.0]], np.float32)
-    assert qgguf.count_non_finite_scales(qgguf.get("F16"), qgguf.get("F16").quantize(x)) == 2
+    x = np.tile(np.array([1.0, 7e4, -1e6, 65504.0], np.float32), (4, 64))  # 2 of every 4 overflow
+    job = gguf_jobs.EncodeJob("F16", None, None, None, "t.weight")
+    f16 = qgguf.get("F16")
+    with pytest.raises(gguf_jobs.ConvertError, match=r"t.weight: 512 F16 values NaN or Inf .*largest \|value\| 1e\+06"):
+        gguf_jobs._finite(job, f16, f16.quantize(x), lambda: x)
+    assert gguf_jobs._finite(job, f16, f16.quantize(x[:, :1]), lambda: x) is not None
 
 
 def test_gguf_tokenizer_larger_than_vocabulary(good_gguf, demo_dir, tmp_path, capsys, monkeypatch):

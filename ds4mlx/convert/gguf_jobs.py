@@ -22,7 +22,8 @@ from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat
 from ..quant.gguf import floats as gguf_floats
 from ..quant.gguf import mxfp4 as gguf_mxfp4
 from .options import ConvertError
-from .plan import BufferPool, Stored, dequantize_stored, read_pair, read_stored, will_need_rows
+from .plan import (F16_NON_FINITE_MASK, BufferPool, Stored, count_bits, dequantize_stored, read_pair, read_stored,
+                   will_need_rows)
 
 
 # Output types cheap enough to produce in the writing process (no quantization search).
@@ -99,7 +100,10 @@ def _finite(job: EncodeJob, fmt, packed: np.ndarray, values: Callable[[], np.nda
     """``packed``, refused where a block's fp16 scale (or an F16 value) came out NaN or Inf: a
     finite source whose values the type cannot hold (fp16 tops out at 65504, so a K-quant's
     scale overflows past roughly 1e6), which would load as a damaged file or turn into NaN."""
-    bad = gguf_quants.count_non_finite_scales(fmt, packed)
+    if fmt.NAME == "F16":
+        bad = count_bits(np.ascontiguousarray(packed).view(np.uint16), F16_NON_FINITE_MASK)
+    else:
+        bad = gguf_quants.count_non_finite_scales(fmt, packed)
     if bad:
         top = float(np.max(np.abs(values())))
         what = "value" if job.qtype == "F16" else "block"

@@ -63,11 +63,13 @@ def stored(ckpt: HFCheckpoint, name: str) -> Stored:
 _NON_FINITE_MASK = {"BF16": 0x7F80, "F8_E4M3": 0x7F, "F8_E8M0": 0xFF, "F8_E5M2": 0x7C}
 
 
+F16_NON_FINITE_MASK = 0x7C00  # the same for fp16 bits (what an F16 output holds; F16 sources read as floats)
+
 _CHECK_BLOCK = 1 << 18  # elements per block of the finiteness check
 _scratch = threading.local()  # per thread: the check's reused block buffers
 
 
-def _count_bits(raw: np.ndarray, mask: int) -> int:
+def count_bits(raw: np.ndarray, mask: int) -> int:
     """How many elements have all the bits of ``mask`` set, block by block through reused
     buffers (the whole-tensor temporaries were fresh memory, whose page zeroing cost more than
     the test); a block whose masked maximum falls short of ``mask`` has none, so a finite
@@ -102,7 +104,7 @@ def holds_non_finite(dtype: str) -> bool:
 def non_finite(s: Stored, raw: np.ndarray) -> int:
     """How many of ``raw``'s values (stored bits of ``s``, as ``DTYPES[s.dtype]``) are NaN or Inf."""
     if s.dtype in _NON_FINITE_MASK:
-        return _count_bits(raw, _NON_FINITE_MASK[s.dtype])
+        return count_bits(raw, _NON_FINITE_MASK[s.dtype])
     if s.dtype in _NUMPY_FLOATS:
         return int(raw.size - np.count_nonzero(np.isfinite(raw)))
     return 0
