@@ -372,21 +372,22 @@ static inline vi code16(const float *x, float m, float inv, float nmax) {
     return __builtin_convertvector((vf)((vi)t & f_eq(t, t)), vi);
 }
 
-/* the codes of one block (rows x[256]; m, inv per sub-block) packed as q4_k (kind 4) or q2_k
- * (their bytes 16..143 / 16..79: see kquant_pack), 16 at a time */
+/* the codes of one block (rows x[256]; m[stride·j], inv[stride·j] of sub-block j) packed as
+ * q4_k (kind 4) or q2_k (their bytes 16..143 / 16..79: see kquant_pack), 16 at a time */
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
-static inline void pack_codes16(int kind, const float *x, const float *m, const float *inv, uint8_t *o) {
+static inline void pack_codes16(int kind, const float *x, const float *m, const float *inv, int stride, uint8_t *o) {
     for (int c = 0; c < (kind == 4 ? 4 : 2); c++)
         for (int l = 0; l < 32; l += 16) {
             vi b;
             if (kind == 4) {
                 const int e = 64 * c + l, j = e / 32;
-                b = code16(x + e, m[j], inv[j], 15.0f) | (code16(x + e + 32, m[j + 1], inv[j + 1], 15.0f) << 4);
+                b = code16(x + e, m[stride * j], inv[stride * j], 15.0f) |
+                    (code16(x + e + 32, m[stride * (j + 1)], inv[stride * (j + 1)], 15.0f) << 4);
             } else {
                 b = (vi){0};
                 for (int s = 0; s < 4; s++) {
                     const int e = 128 * c + 32 * s + l, j = e / 16;
-                    b |= code16(x + e, m[j], inv[j], 3.0f) << (2 * s);
+                    b |= code16(x + e, m[stride * j], inv[stride * j], 3.0f) << (2 * s);
                 }
             }
             const v16u8 bytes = __builtin_convertvector(b, v16u8);
@@ -394,16 +395,8 @@ static inline void pack_codes16(int kind, const float *x, const float *m, const 
         }
 }
 
-/* requantize_codes' m and inv for (d, dmin) and the sub-block levels ls, lm */
-static inline void code_steps(float d, float dmin, const float *ls, const float *lm, int subs, float *mm, float *inv) {
-    for (int j = 0; j < subs; j++) {
-        const float sc = d * ls[j];
-        mm[j] = dmin * lm[j];
-        inv[j] = sc > 0 ? 1.0f / sc : 0.0f;
-    }
-}
-
-#define KQ_BATCH 16 /* blocks whose Σ w x² chains run side by side */
+#define KQ_BATCH 16 /* blocks whose Σ w x² chains (and refits) run side by side */
+#include "kquant_blocks16.h"
 
 /* Σ w x² of each block of a batch from w·x² in lanes (wxx[g][k]: element k of the sub-blocks of
  * group g, the first n_groups set): numpy's three-operand einsum, one float32 accumulator element
@@ -451,11 +444,9 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
     const int bpg = KQ_W / subs; /* blocks per group */
     const float nmax = (float)nmax_i, lmax = kind == 4 ? 63.0f : 15.0f;
     const int64_t block_bytes = kind == 4 ? 144 : 84;
-    /* per block of the batch: the levels, super-scales, per sub-block sums of
-     * common._refit_sums, and w·x² in lanes (for Σ w x²) */
-    float d_b[KQ_BATCH], dmin_b[KQ_BATCH], ls_b[KQ_BATCH][16], lm_b[KQ_BATCH][16];
-    double s_q[KQ_BATCH][16], s_qq[KQ_BATCH][16], s_qx[KQ_BATCH][16], s_w[KQ_BATCH][16], s_x[KQ_BATCH][16];
-    vf wxx[KQ_BATCH][32]; /* per group (at most KQ_BATCH) */
+    kq_batch bt;
+    memset(&bt, 0, sizeof bt); /* (lanes past the last block of a batch: any values) */
+    vf wxx[KQ_BATCH][32]; /* w·x² per group (at most KQ_BATCH) */
     float pad_x[KQ_W * 32], pad_q[KQ_W * 32];
     for (int64_t b0 = 0; b0 < n_blocks; b0 += KQ_BATCH) {
         const int nb = n_blocks - b0 < KQ_BATCH ? (int)(n_blocks - b0) : KQ_BATCH;
@@ -520,27 +511,10 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                 const vd *swr = swr_u[u];
                 vf q[32], wq[32];
                 /* sub-block levels against the fp16 super-scales, first codes */
-                float scale[KQ_W], m[KQ_W], mm[KQ_W], inv[KQ_W];
-                memcpy(scale, &scale_u[u], sizeof scale);
-                memcpy(m, &m_u[u], sizeof m);
-                for (int i = 0; i < bpg; i++) {
-                    const float *sc = scale + subs * i, *mi = m + subs * i;
-                    float *ls = ls_b[i0 + i], *lm = lm_b[i0 + i];
-                    const float d = f16_to_f32(f32_to_f16(max_nan(sc, subs) / lmax));
-                    const float dmin = f16_to_f32(f32_to_f16(max_nan(mi, subs) / lmax));
-                    const float dsafe = d > 0 ? d : 1.0f, msafe = dmin > 0 ? dmin : 1.0f;
-                    for (int j = 0; j < subs; j++) {
-                        ls[j] = clip_f(round_half_away(sc[j] / dsafe), lmax);
-                        lm[j] = clip_f(round_half_away(mi[j] / msafe), lmax);
-                    }
-                    code_steps(d, dmin, ls, lm, subs, mm + subs * i, inv + subs * i);
-                    d_b[i0 + i] = d, dmin_b[i0 + i] = dmin;
-                }
+                vf mv, iv;
+                group_levels(scale_u[u], m_u[u], subs, i0, lmax, &bt, &mv, &iv);
                 /* the codes as common.requantize_codes makes them and the uint8 -> float32 of
                  * _refit_sums (NaN: 0, -0: +0), then its per sub-block sums */
-                vf mv, iv;
-                memcpy(&mv, mm, sizeof mv);
-                memcpy(&iv, inv, sizeof iv);
                 for (int k = 0; k < sub; k++) {
                     const vf t = v_clip(v_floor((x[k] + mv) * iv + 0.5f), nmax);
                     q[k] = (vf)((vi)t & f_eq(t, t)) + 0.0f;
@@ -557,23 +531,20 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                 for (int i = 0; i < in_group; i++)
                     for (int j = 0; j < subs; j++) {
                         const int r = subs * i + j;
-                        s_q[i0 + i][j] = s_wq[r / 8][r % 8], s_qq[i0 + i][j] = f_qq[r], s_qx[i0 + i][j] = f_qx[r];
-                        s_w[i0 + i][j] = swr[r / 8][r % 8], s_x[i0 + i][j] = f_x[r];
+                        bt.s_q[j][i0 + i] = s_wq[r / 8][r % 8], bt.s_qq[j][i0 + i] = f_qq[r];
+                        bt.s_qx[j][i0 + i] = f_qx[r], bt.s_w[j][i0 + i] = swr[r / 8][r % 8], bt.s_x[j][i0 + i] = f_x[r];
                     }
             }
         }
         float acc[KQ_BATCH];
         sum_wxx(wxx, sub, (nb + bpg - 1) / bpg, acc);
-        for (int i = 0; i < nb; i++) { /* super-scale refit, final codes, packing */
-            const float *ls = ls_b[i], *lm = lm_b[i];
-            uint8_t *o = out + block_bytes * (b0 + i);
-            float d = d_b[i], dmin = dmin_b[i];
-            refit_super_scales(ls, lm, subs, s_q[i], s_qq[i], s_qx[i], s_w[i], s_x[i], 0.0f + acc[i], &d, &dmin);
-            float mm[16], inv[16];
-            code_steps(d, dmin, ls, lm, subs, mm, inv);
-            pack_codes16(kind, xb + 256 * (b0 + i), mm, inv, o);
-            kquant_pack_scales(kind, ls, lm, f32_to_f16(d), f32_to_f16(dmin), o);
-        }
+        for (int i = 0; i < KQ_BATCH; i++) bt.s_xx[i] = 0.0f + acc[i];
+        refit_batch(&bt, subs);
+        for (int i = 0; i < nb; i++) /* final codes, packing */
+            pack_codes16(kind, xb + 256 * (b0 + i), bt.mm_t[0] + i, bt.inv_t[0] + i, KQ_BATCH, out + block_bytes * (b0 + i));
+        for (int i = 0; i < nb; i++)
+            kquant_pack_scales(kind, bt.ls[i], bt.lm[i], f32_to_f16(bt.d[i]), f32_to_f16(bt.dmin[i]),
+                               out + block_bytes * (b0 + i));
     }
 }
 #endif
