@@ -5,13 +5,11 @@
  * types and helpers it uses. */
 
 /* what the batch's blocks keep between the search and the packing: levels and super-scales,
- * the per sub-block sums of common._refit_sums and Σ w x² ([j][i]: sub-block j of block i, so
- * that the refit runs one block per lane) */
+ * the per sub-block sums of common._refit_sums and Σ w x² (sub-block j of block i at [i][j]) */
 typedef struct {
     float d[KQ_BATCH], dmin[KQ_BATCH], s_xx[KQ_BATCH];
-    float ls[KQ_BATCH][16], lm[KQ_BATCH][16];  /* per block (the packing) */
-    float ls_t[16][KQ_BATCH], lm_t[16][KQ_BATCH];
-    double s_q[16][KQ_BATCH], s_qq[16][KQ_BATCH], s_qx[16][KQ_BATCH], s_w[16][KQ_BATCH], s_x[16][KQ_BATCH];
+    float ls[KQ_BATCH][16], lm[KQ_BATCH][16];
+    double s_q[KQ_BATCH][16], s_qq[KQ_BATCH][16], s_qx[KQ_BATCH][16], s_w[KQ_BATCH][16], s_x[KQ_BATCH][16];
     float mm_t[16][KQ_BATCH], inv_t[16][KQ_BATCH]; /* requantize_codes' m, inv after the refit */
 } kq_batch;
 
@@ -54,7 +52,6 @@ static inline void group_levels(vf scale, vf m, int subs, int i0, float lmax, kq
     for (int i = 0; i < KQ_W / subs; i++) {
         memcpy(bt->ls[i0 + i], lsf + subs * i, sizeof(float) * subs);
         memcpy(bt->lm[i0 + i], lmf + subs * i, sizeof(float) * subs);
-        for (int j = 0; j < subs; j++) bt->ls_t[j][i0 + i] = lsf[subs * i + j], bt->lm_t[j][i0 + i] = lmf[subs * i + j];
     }
 }
 
@@ -67,6 +64,20 @@ static inline vd load_f_vd(const float *p) { /* 8 floats in float64 */
     v8 v;
     memcpy(&v, p, sizeof v);
     return __builtin_convertvector(v, vd);
+}
+
+/* out[j] = column j0 + j of rows o..o+7 of a [KQ_BATCH][16] table (float64 of floats where
+ * f), one row per lane */
+static inline void columns8(const double (*src)[16], const float (*f)[16], int o, int j0, vd out[8]) {
+#if defined(KQ_AVX)
+    __m512 m[8];
+    for (int r = 0; r < 8; r++) m[r] = (__m512)(f ? load_f_vd(f[o + r] + j0) : load_vd(src[o + r] + j0));
+    transpose8_pairs(m);
+    for (int j = 0; j < 8; j++) out[j] = (vd)m[j];
+#else
+    for (int j = 0; j < 8; j++)
+        for (int r = 0; r < 8; r++) out[j][r] = f ? (double)f[o + r][j0 + j] : src[o + r][j0 + j];
+#endif
 }
 
 /* pairwise_d (search_common.h) of t[0..n-1] (n 8 or 16), lane by lane */
@@ -84,13 +95,18 @@ static void refit_batch(kq_batch *bt, int subs) {
     const vd zero = splatd(0.0);
     for (int o = 0; o < KQ_BATCH; o += 8) {
         vd t[5][16];
-        for (int j = 0; j < subs; j++) {
-            const vd a = load_f_vd(bt->ls_t[j] + o), c = load_f_vd(bt->lm_t[j] + o);
-            t[0][j] = a * a * load_vd(bt->s_qq[j] + o);
-            t[1][j] = c * c * load_vd(bt->s_w[j] + o);
-            t[2][j] = a * c * load_vd(bt->s_q[j] + o);
-            t[3][j] = a * load_vd(bt->s_qx[j] + o);
-            t[4][j] = c * load_vd(bt->s_x[j] + o);
+        for (int j0 = 0; j0 < subs; j0 += 8) {
+            vd a[8], c[8], qq[8], w[8], q[8], qx[8], x[8];
+            columns8(NULL, bt->ls, o, j0, a), columns8(NULL, bt->lm, o, j0, c);
+            columns8(bt->s_qq, NULL, o, j0, qq), columns8(bt->s_w, NULL, o, j0, w);
+            columns8(bt->s_q, NULL, o, j0, q), columns8(bt->s_qx, NULL, o, j0, qx), columns8(bt->s_x, NULL, o, j0, x);
+            for (int j = 0; j < 8; j++) {
+                t[0][j0 + j] = a[j] * a[j] * qq[j];
+                t[1][j0 + j] = c[j] * c[j] * w[j];
+                t[2][j0 + j] = a[j] * c[j] * q[j];
+                t[3][j0 + j] = a[j] * qx[j];
+                t[4][j0 + j] = c[j] * x[j];
+            }
         }
         const vd saa = pairwise_vd(t[0], subs), scc = pairwise_vd(t[1], subs), sac = pairwise_vd(t[2], subs);
         const vd sax = pairwise_vd(t[3], subs), scx = pairwise_vd(t[4], subs);
@@ -119,8 +135,7 @@ static void refit_batch(kq_batch *bt, int subs) {
     memcpy(&dminv, bt->dmin, sizeof dminv);
     for (int j = 0; j < subs; j++) {
         vf ls, lm, mm, inv;
-        memcpy(&ls, bt->ls_t[j], sizeof ls);
-        memcpy(&lm, bt->lm_t[j], sizeof lm);
+        for (int i = 0; i < KQ_BATCH; i++) ls[i] = bt->ls[i][j], lm[i] = bt->lm[i][j];
         code_steps_v(dv, dminv, ls, lm, &mm, &inv);
         memcpy(bt->mm_t[j], &mm, sizeof mm);
         memcpy(bt->inv_t[j], &inv, sizeof inv);

@@ -521,19 +521,18 @@ void kquant_quantize(const float *xb, const float *qw, int64_t n_blocks, int32_t
                     wq[k] = w[k] * q[k];
                     wxx[g][k] = wx[k] * x[k];
                 }
-                vd s_wq[2];
+                vd s_wq[2], s_qq[2], s_qx[2], s_x[2];
                 pairwise_ld(wq, sub, s_wq);
-                float f_qq[KQ_W], f_qx[KQ_W], f_x[KQ_W];
                 const vf v_qq = dot_l(wq, q, sub), v_qx = dot_l(wq, x, sub), v_x = dot_l(w, x, sub);
-                memcpy(f_qq, &v_qq, sizeof f_qq);
-                memcpy(f_qx, &v_qx, sizeof f_qx);
-                memcpy(f_x, &v_x, sizeof f_x);
-                for (int i = 0; i < in_group; i++)
-                    for (int j = 0; j < subs; j++) {
-                        const int r = subs * i + j;
-                        bt.s_q[j][i0 + i] = s_wq[r / 8][r % 8], bt.s_qq[j][i0 + i] = f_qq[r];
-                        bt.s_qx[j][i0 + i] = f_qx[r], bt.s_w[j][i0 + i] = swr[r / 8][r % 8], bt.s_x[j][i0 + i] = f_x[r];
-                    }
+                for (int h = 0; h < 2; h++) s_qq[h] = to_d(v_qq, h), s_qx[h] = to_d(v_qx, h), s_x[h] = to_d(v_x, h);
+                for (int i = 0; i < in_group; i++) { /* (lanes subs·i .. of the group) */
+                    const size_t at = sizeof(double) * subs * i, size = sizeof(double) * subs;
+                    memcpy(bt.s_q[i0 + i], (const char *)s_wq + at, size);
+                    memcpy(bt.s_qq[i0 + i], (const char *)s_qq + at, size);
+                    memcpy(bt.s_qx[i0 + i], (const char *)s_qx + at, size);
+                    memcpy(bt.s_w[i0 + i], (const char *)swr + at, size);
+                    memcpy(bt.s_x[i0 + i], (const char *)s_x + at, size);
+                }
             }
         }
         float acc[KQ_BATCH];
