@@ -57,8 +57,15 @@ static inline vd splatd(double v) {
     for (int i = 0; i < 8; i++) r[i] = v;
     return r;
 }
+#if defined(KQ_AVX) && defined(__AVX512DQ__) && defined(__clang__)
+/* a blend by the lanes' sign bits, which clang takes from the comparison's mask register (+5 %,
+ * measured; GCC 12 builds the vector and converts it: 9 % slower than sel_f's and / or) */
+static inline vf sel(vi m, vf a, vf b) { return (vf)_mm512_mask_blend_ps(_mm512_movepi32_mask((__m512i)m), (__m512)b, (__m512)a); }
+static inline vd seld(vl m, vd a, vd b) { return (vd)_mm512_mask_blend_pd(_mm512_movepi64_mask((__m512i)m), (__m512d)b, (__m512d)a); }
+#else
 static inline vf sel(vi m, vf a, vf b) { return sel_f(m, a, b); }
 static inline vd seld(vl m, vd a, vd b) { return sel_d(m, a, b); }
+#endif
 /* lanes 8h .. 8h + 7 of a float vector in float64, and back */
 #if defined(KQ_AVX) /* one conversion each (GCC splits the generic ones) */
 static inline vd to_d(vf v, int h) {
@@ -186,12 +193,21 @@ static inline vf pairwise_l(const vf *a, int n) {
         for (int j = 0; j < 8; j++) r[j] += a[i + j];
     return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
+static inline vd half_d(const vf *a, int h) { /* to_d(*a, h), converted from memory (no shuffle) */
+    v8 v;
+    memcpy(&v, (const float *)a + 8 * h, sizeof v);
+#if defined(KQ_AVX)
+    return (vd)_mm512_cvtps_pd((__m256)v);
+#else
+    return __builtin_convertvector(v, vd);
+#endif
+}
 static inline void pairwise_ld(const vf *a, int n, vd out[2]) {
     for (int h = 0; h < 2; h++) {
         vd r[8];
-        for (int j = 0; j < 8; j++) r[j] = to_d(a[j], h);
+        for (int j = 0; j < 8; j++) r[j] = half_d(a + j, h);
         for (int i = 8; i < n; i += 8)
-            for (int j = 0; j < 8; j++) r[j] += to_d(a[i + j], h);
+            for (int j = 0; j < 8; j++) r[j] += half_d(a + i + j, h);
         out[h] = 0.0 + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
     }
 }
