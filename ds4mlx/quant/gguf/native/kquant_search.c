@@ -389,7 +389,7 @@ static inline vi code16(const float *x, float m, float inv, float nmax) {
 }
 
 /* the codes of one block (rows x[256]; m[stride·j], inv[stride·j] of sub-block j) packed as
- * q4_k (kind 4) or q2_k (their bytes 16..143 / 16..79: see kquant_pack), 16 at a time */
+ * q4_k (kind 4) or q2_k (their bytes 16..143 / 16..79: see search_common.h), 16 at a time */
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 static inline void pack_codes16(int kind, const float *x, const float *m, const float *inv, int stride, uint8_t *o) {
     for (int c = 0; c < (kind == 4 ? 4 : 2); c++)
