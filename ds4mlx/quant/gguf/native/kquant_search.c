@@ -121,6 +121,9 @@ static inline vf v_clip(vf q, float nmax) {
     return (vf)_mm512_min_ps((__m512)splat(nmax), _mm512_max_ps(_mm512_setzero_ps(), (__m512)q));
 }
 static inline vf v_clip_top(vf q, float nmax) { return (vf)_mm512_min_ps((__m512)splat(nmax), (__m512)q); }
+/* a < b ? a : b and a > b ? a : b, as minps / maxps are defined */
+static inline vf v_min(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
+static inline vf v_max(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 #else
 static inline vf v_rint(vf v) { /* rint_f, lane by lane */
     const vi bits = (vi)v, sign = bits & (vi)splat(-0.0f);
@@ -142,6 +145,8 @@ static inline vf v_clip(vf q, float nmax) { /* np.clip(q, 0, nmax): -0 and NaN p
     return sel(f_gt(q, splat(nmax)), splat(nmax), q);
 }
 static inline vf v_clip_top(vf q, float nmax) { return sel(f_gt(q, splat(nmax)), splat(nmax), q); }
+static inline vf v_min(vf a, vf b) { return sel(f_lt(a, b), a, b); }
+static inline vf v_max(vf a, vf b) { return sel(f_gt(a, b), a, b); }
 #endif
 /* (v_clip_top: v_clip where no lane is below 0, a no-op there, also on -0 and NaN) */
 
@@ -274,8 +279,8 @@ static void fit_groups(const vf x[KQ_FIT][32], const vf w[KQ_FIT][32], const vf 
     for (int u = 0; u < KQ_FIT; u++) {
         vf mn = x[u][0], mx = x[u][0];
         for (int k = 0; k < n; k++) {
-            mn = sel(f_lt(x[u][k], mn), x[u][k], mn);
-            mx = sel(f_gt(x[u][k], mx), x[u][k], mx);
+            mn = v_min(x[u][k], mn);
+            mx = v_max(x[u][k], mx);
         }
         l[u] = sel(f_lt(mn, splat(0.0f)), mn, splat(0.0f));
         const vf span = mx - l[u];
