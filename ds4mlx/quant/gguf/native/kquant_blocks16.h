@@ -124,7 +124,8 @@ static void refit_batch(kq_batch *bt, int subs) {
             nef[l] = f16_to_f32(f64_to_f16(clip_d(ne[l], 65504.0)));
         }
         const vd dn = load_f_vd(ndf), en = load_f_vd(nef), s_xx = load_f_vd(bt->s_xx + o);
-#define ERR(dd, ee) ((dd) * (dd) * saa + (ee) * (ee) * scc + s_xx - 2.0 * (dd) * (ee) * sac - 2.0 * (dd) * sax + 2.0 * (ee) * scx)
+#define ERR(dd, ee) \
+    ((dd) * (dd) * saa + (ee) * (ee) * scc + s_xx - 2.0 * (dd) * (ee) * sac - 2.0 * (dd) * sax + 2.0 * (ee) * scx)
         const vl better = (ok | only_d) & d_lt(ERR(dn, en), ERR(d0, e0));
 #undef ERR
         for (int l = 0; l < 8; l++)

@@ -1,4 +1,5 @@
-/* Rows to lanes for the kernels that run one row per lane of 16-float vectors. */
+/* Rows to lanes for the kernels that run one row per lane of 16-float vectors, and the
+ * in-register transposes it is made of (16 x 16 floats; 8 x 8 pairs, as float64 or two floats). */
 #ifndef DS4MLX_TRANSPOSE_H
 #define DS4MLX_TRANSPOSE_H
 #include <string.h>
@@ -10,8 +11,10 @@
  * in order */
 static inline void transpose_quarters(const __m512 t[8], __m512 out[8]) {
     for (int e = 0; e < 2; e++) {
-        const __m512 u0 = _mm512_shuffle_f32x4(t[e], t[2 + e], 0x44), u1 = _mm512_shuffle_f32x4(t[e], t[2 + e], 0xEE);
-        const __m512 u2 = _mm512_shuffle_f32x4(t[4 + e], t[6 + e], 0x44), u3 = _mm512_shuffle_f32x4(t[4 + e], t[6 + e], 0xEE);
+        const __m512 u0 = _mm512_shuffle_f32x4(t[e], t[2 + e], 0x44);
+        const __m512 u1 = _mm512_shuffle_f32x4(t[e], t[2 + e], 0xEE);
+        const __m512 u2 = _mm512_shuffle_f32x4(t[4 + e], t[6 + e], 0x44);
+        const __m512 u3 = _mm512_shuffle_f32x4(t[4 + e], t[6 + e], 0xEE);
         out[e] = _mm512_shuffle_f32x4(u0, u2, 0x88);
         out[2 + e] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
         out[4 + e] = _mm512_shuffle_f32x4(u1, u3, 0x88);
