@@ -100,6 +100,22 @@ def test_kquant_native_and_numpy_agree(name, monkeypatch):
         assert np.array_equal(with_c, without), (name, weights is not None, int((with_c != without).sum()))
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q2_K"])
+def test_kquant_native_partial_batches(name):
+    # block counts that leave the kernels' batches (16 blocks), groups (two Q4_K blocks a group)
+    # and pairs of groups fitted side by side partly empty, against the numpy recipe
+    lib = common.kquant_native()
+    assert lib is not None or pytest.skip("no C compiler here")
+    numpy_chunk, search = common.KQUANT_NUMPY[name]
+    rng = np.random.default_rng(16)
+    for n in (1, 2, 3, 5, 15, 17, 19, 30, 33):
+        x = (rng.standard_normal((n, 256)) * np.exp(rng.standard_normal((n, 1)))).astype(np.float32)
+        imp = rng.gamma(0.3, size=(n, 256)).astype(np.float32)
+        for weights in (None, imp):
+            got = common.kquant_blocks(lib, name, x, weights, search)
+            assert np.array_equal(got, numpy_chunk(x, weights)), (name, n, weights is not None)
+
+
 def _edge_blocks(rng) -> list[np.ndarray]:
     """Super-blocks [64, 256] that reach the recipes' corner cases: zeros, constant and sparse
     blocks, one-signed blocks, integer values (rounding ties), and magnitudes from subnormal

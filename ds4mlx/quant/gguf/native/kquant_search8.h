@@ -375,7 +375,7 @@ static inline v8i code8(const float *x, float m, float inv, float nmax) {
 }
 
 /* the codes of one block (rows x[256]; m, inv per sub-block) packed as q4_k (kind 4) or q2_k
- * (their bytes 16..143 / 16..79: see kquant_pack) */
+ * (their bytes 16..143 / 16..79: see search_common.h) */
 typedef uint8_t v8u8 __attribute__((vector_size(8)));
 static inline void pack_codes8(int kind, const float *x, const float *m, const float *inv, uint8_t *o) {
     for (int c = 0; c < (kind == 4 ? 4 : 2); c++)

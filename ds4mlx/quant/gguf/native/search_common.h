@@ -144,44 +144,10 @@ static inline void kquant_pack_scales(int kind, const float *ls, const float *lm
     }
 }
 
-/* the whole super-block: those fields and its codes q[256] */
-static inline void kquant_pack(int kind, const float *ls, const float *lm, const uint8_t *q, uint16_t hd,
-                               uint16_t hm, uint8_t *o) {
-    kquant_pack_scales(kind, ls, lm, hd, hm, o);
-    if (kind == 4) {
-        for (int c = 0; c < 4; c++)
-            for (int l = 0; l < 32; l++) o[16 + 32 * c + l] = q[64 * c + l] | (q[64 * c + 32 + l] << 4);
-    } else {
-        for (int h = 0; h < 2; h++)
-            for (int l = 0; l < 32; l++) {
-                const uint8_t *qh = q + 128 * h + l;
-                o[16 + 32 * h + l] = qh[0] | (qh[32] << 2) | (qh[64] << 4) | (qh[96] << 6);
-            }
-    }
-}
-
-/* K-quants: NAME(q, w, wx, n, ...), the three einsum sums Σ q·w, Σ q·wx, Σ q²·w of rows side by
- * side, lane by lane, for q, w, wx [n] vectors V (n a multiple of 16) in numpy's order: its
- * einsum's 4 float lanes (lane i holds elements k + i, k + 4 + i, ...) as 4 accumulator vectors;
- * MADD the vectors' multiply-add (ZERO: a vector of zeros) */
-#define DEFINE_CODE_SUMS(NAME, V, MADD, ZERO)                                                  \
-    static inline void NAME(const V *q, const V *w, const V *wx, int n, V *l, V *xl, V *l2) {  \
-        V a_l[4], a_xl[4], a_l2[4];                                                            \
-        for (int i = 0; i < 4; i++) a_l[i] = a_xl[i] = a_l2[i] = (ZERO);                       \
-        for (int k = 0; k < n; k += 16)                                                        \
-            for (int i = 0; i < 4; i++) {                                                      \
-                const int j = k + i;                                                           \
-                a_l[i] = MADD(q[j], w[j], MADD(q[j + 4], w[j + 4],                             \
-                         MADD(q[j + 8], w[j + 8], MADD(q[j + 12], w[j + 12], a_l[i]))));       \
-                a_xl[i] = MADD(q[j], wx[j], MADD(q[j + 4], wx[j + 4],                          \
-                          MADD(q[j + 8], wx[j + 8], MADD(q[j + 12], wx[j + 12], a_xl[i]))));   \
-                a_l2[i] = MADD(q[j] * q[j], w[j], MADD(q[j + 4] * q[j + 4], w[j + 4],          \
-                          MADD(q[j + 8] * q[j + 8], w[j + 8], MADD(q[j + 12] * q[j + 12], w[j + 12], a_l2[i])))); \
-            }                                                                                  \
-        *l = 0.0f + ((a_l[0] + a_l[1]) + (a_l[2] + a_l[3]));                                   \
-        *xl = 0.0f + ((a_xl[0] + a_xl[1]) + (a_xl[2] + a_xl[3]));                              \
-        *l2 = 0.0f + ((a_l2[0] + a_l2[1]) + (a_l2[2] + a_l2[3]));                              \
-    }
+/* and its codes q[256] (bytes 16..: the kernels' pack_codes8, pack_codes16): q4_k
+ * o[16 + 32c + l] = q[64c + l] | q[64c + 32 + l] << 4 (c < 4, l < 32); q2_k
+ * o[16 + 32h + l] = q[128h + l] | q[128h + 32 + l] << 2 | q[128h + 64 + l] << 4 | q[128h + 96 + l] << 6
+ * (h < 2) */
 
 #if defined(__x86_64__) && defined(__GNUC__)
 /* the vector width (in floats) of the IQ2_XXS search this CPU runs for n_rows runs: with AVX-512
