@@ -28,7 +28,7 @@ from ..names import is_routed_expert, scale_name
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_shapes
 from ..quant.mx import fp8_scales_to_mxfp8_np
 from .options import ConvertError, Options
-from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
+from .output import Progress, check_free_space, check_output, disk_full_error, gc_paused, publish, read_ahead
 from .plan import (BufferPool, Logical, Stored, Unit, dequantize, expert_groups, hash_table, hash_table_shape,
                    holds_non_finite, logical_weights, non_finite, read_chunks, read_into, read_stored,
                    source_nbytes, stored, will_need)
@@ -309,11 +309,12 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
     verifier = None
     partial, lock = check_output(ckpt.path, output, resume=resume, is_dir=True)
     try:
-        units, formats = mlx_plan(ckpt, opts)
-        shards = plan_shards(units, max_shard_bytes)
-        names = [mlx_dir.shard_name(i + 1, len(shards)) for i in range(len(shards))]
-        plan = [[t for u in s for t in u.tensors] for s in shards]
-        plan_id = hashlib.sha256(json.dumps([source_fingerprint(ckpt), opts.as_dict(), plan]).encode()).hexdigest()
+        with gc_paused():
+            units, formats = mlx_plan(ckpt, opts)
+            shards = plan_shards(units, max_shard_bytes)
+            names = [mlx_dir.shard_name(i + 1, len(shards)) for i in range(len(shards))]
+            plan = [[t for u in s for t in u.tensors] for s in shards]
+            plan_id = hashlib.sha256(json.dumps([source_fingerprint(ckpt), opts.as_dict(), plan]).encode()).hexdigest()
 
         state = {"plan_id": plan_id, "done": {}}
         if resume and partial.exists():
