@@ -5,7 +5,8 @@ leaves the disk idle until the kernel's dirty limits are reached, waits for all 
 and every byte takes a fresh cache page (on a VM with free-page reporting a host fault per page).
 Measured on this project's Linux VM: 0.20-0.30 GB/s that way, 2.2 GB/s with ``O_DIRECT`` from a
 few reused buffers. ``DirectWriter`` stages the output in page-aligned 8 MiB buffers that a
-thread writes directly, so the disk is busy from the first byte and memory stays flat; ``scan``
+thread writes directly (two in one write where both are staged), so the disk is busy from the
+first byte and memory stays flat; ``scan``
 reads a file in order the same way (the verification re-reads what the disk holds, not the
 cache); ``read_back`` compares each written piece with the disk's copy on the writer's thread;
 ``compare`` compares each piece, as handed to the disk, with the caller's own arrays (``expect``).
@@ -273,7 +274,7 @@ class DirectWriter:
 
     # --- the disk side (thread) ---
 
-    def _batch(self, item: tuple) -> tuple[list[tuple], tuple | None]:
+    def _batch(self, item: tuple) -> tuple[list[tuple], tuple | None | bool]:
         """``item`` and the pieces already staged after it that continue it, in the file and in
         the ring, ``WRITE_BUFFERS`` at most (none is waited for); and the item taken that does not
         continue them (``None``: the end), or ``False`` where none was."""
