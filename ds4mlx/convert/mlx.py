@@ -339,18 +339,28 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         writer = None
         # kept shards are checked on a thread (header, and their CRCs where an older journal has
         # them); new ones as they are written (ShardWriter), and with --verify-disk re-read
-        from concurrent.futures import ThreadPoolExecutor
+        checks: list = []
 
-        verifier = ThreadPoolExecutor(2, thread_name_prefix="convert-verify")
-        checks = [verifier.submit(verify_shard, partial / n, e, state["done"][n])
-                  for n, e in zip(names, plan) if n in state["done"]]
+        def check(fn, *args) -> None:
+            """``fn(*args)`` on the verifiers' threads; made at the first check (a conversion
+            from scratch checked as written has none: no pool, nor its import, ~12 ms)."""
+            nonlocal verifier
+            if verifier is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                verifier = ThreadPoolExecutor(2, thread_name_prefix="convert-verify")
+            checks.append(verifier.submit(fn, *args))
+
+        for n, e in zip(names, plan):
+            if n in state["done"]:
+                check(verify_shard, partial / n, e, state["done"][n])
         try:
             for shard_units, name, entries in zip(shards, names, plan):
                 if name in state["done"]:
                     continue
                 writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries, verify=verify)
                 if verify == "disk":
-                    checks.append(verifier.submit(verify_written, writer))  # done as the writer finishes
+                    check(verify_written, writer)  # done as the writer finishes
                 for tensor, chunks in split_tensors(read_ahead(tensor_chunks(shard_units), depth=4)):
                     writer.write_tensor(tensor, bar.track(chunks))
                 crcs = writer.finish()
@@ -376,8 +386,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
             raise
         bar.close()
 
-        for check in checks:
-            check.result()
+        for done_check in checks:
+            done_check.result()
         weight_map = {t: n for n, entries in zip(names, plan) for t, _, _ in entries}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         try:
