@@ -257,7 +257,7 @@ def open_hf_checkpoint(path: str | Path) -> HFCheckpoint:
 
     try:
         layout = official_layout(config)
-    except UnknownTensorName:  # a config it cannot lay out: the names are checked first all the same
+    except Exception:  # a config it cannot lay out: the names are checked first, and it raises after
         layout = None
     # the layout's names (and their scales) are official names: only the others need the check
     known = set() if layout is None else layout.keys() | {s.scale_name for s in layout.values() if s.scale_name}
