@@ -15,6 +15,7 @@ with what logical shapes and storage (``official_layout``).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
@@ -232,8 +233,32 @@ def _cfg(config: Mapping[str, Any], key: str, default: Any = None):
     return default
 
 
+# The config keys ``official_layout`` reads (a test holds it to them): the layouts of the last
+# few configs are kept by their values, so the output's config (the same model, other keys
+# changed) finds the source's
+LAYOUT_KEYS = ("hidden_size", "vocab_size", "q_lora_rank", "num_attention_heads", "head_dim", "o_groups",
+               "o_lora_rank", "n_routed_experts", "moe_intermediate_size", "n_shared_experts",
+               "num_experts_per_tok", "hc_mult", "index_n_heads", "index_head_dim", "num_hidden_layers",
+               "num_hash_layers", "num_nextn_predict_layers", "compress_ratios")
+_LAYOUTS: dict[str, dict[str, TensorSpec]] = {}
+
+
 def official_layout(config: Mapping[str, Any]) -> dict[str, TensorSpec]:
-    """Every tensor an official-format checkpoint holds for this HF config, in file order."""
+    """Every tensor an official-format checkpoint holds for this HF config, in file order (a
+    fresh dict each call; a conversion lays out its model three times, a real one has tens of
+    thousands of tensors, so the specs, immutable, are kept)."""
+    try:
+        key = json.dumps([[k, config[k]] for k in LAYOUT_KEYS if k in config])
+    except (TypeError, ValueError):  # not plain JSON values: laid out each time
+        return _official_layout(config)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) >= 4:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = _official_layout(config)
+    return dict(_LAYOUTS[key])
+
+
+def _official_layout(config: Mapping[str, Any]) -> dict[str, TensorSpec]:
     H = _cfg(config, "hidden_size")
     V = _cfg(config, "vocab_size")
     Q = _cfg(config, "q_lora_rank")

@@ -191,6 +191,105 @@ def test_name_table():
         gguf_to_internal("blk.0.attn_q.weight")
 
 
+def test_layout_names_are_official_and_the_layout_reads_only_its_keys():
+    """What the shortcuts of the start-up rest on: ``open_hf_checkpoint`` skips the name check
+    for the layout's names (and their scales), and layouts are kept by ``LAYOUT_KEYS``' values."""
+    from collections.abc import Mapping
+
+    from ds4mlx import names
+    from ds4mlx.synthetic import tiny_config
+
+    config = tiny_config()
+    layout = names.official_layout(config)
+    for spec in layout.values():
+        hf_to_internal(spec.name)
+        if spec.scale_name:
+            hf_to_internal(spec.scale_name)
+
+    class Reads(Mapping):  # records every key looked up
+        def __init__(self, d):
+            self.d, self.read = d, set()
+
+        def __getitem__(self, k):
+            self.read.add(k)
+            return self.d[k]
+
+        def __contains__(self, k):
+            self.read.add(k)
+            return k in self.d
+
+        def __iter__(self):
+            return iter(self.d)
+
+        def __len__(self):
+            return len(self.d)
+
+    seen = Reads(config)
+    assert names._official_layout(seen) == layout
+    assert seen.read <= set(names.LAYOUT_KEYS)
+    layout.clear()  # a caller's dict: the kept layout is not touched
+    assert names.official_layout(dict(config, quantization={"bits": 4})) == names._official_layout(config)
+    wider = dict(config, n_routed_experts=config["n_routed_experts"] + 1)
+    assert names.official_layout(wider) == names._official_layout(wider) != names._official_layout(config)
+
+
+def test_header_entries_fast_and_full_checks_agree(tmp_path):
+    """``_parse_entry``'s quick path for well-formed entries gives what the full checks
+    (``_check_entry``) give, and leaves every malformed entry to them."""
+    from ds4mlx.io.safetensors import write_safetensors
+
+    write_safetensors(tmp_path / "a.safetensors", {"x": ("F32", np.zeros((2, 3), np.float32))})
+    f = SafetensorsFile(tmp_path / "a.safetensors")
+    entries = [
+        {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+        {"dtype": "BF16", "shape": [], "data_offsets": [8, 10]},
+        {"dtype": "U8", "shape": [0, 5], "data_offsets": [4, 4]},
+        {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24], "extra": 1},
+        {"dtype": "F32", "shape": [True, 3], "data_offsets": [0, 12]},
+        {"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 24]},
+        {"dtype": "F32", "shape": [2.0, 3], "data_offsets": [0, 24]},
+        {"dtype": "F32", "shape": (2, 3), "data_offsets": [0, 24]},
+        {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]},
+        {"dtype": "F32", "shape": [2, 3], "data_offsets": [-4, 20]},
+        {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24, 1]},
+        {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24.0]},
+        {"dtype": "F32", "shape": [2, 30], "data_offsets": [0, 240]},
+        {"dtype": "F4", "shape": [2, 3], "data_offsets": [0, 24]},
+        {"dtype": ["F32"], "shape": [2, 3], "data_offsets": [0, 24]},
+        {"shape": [2, 3], "data_offsets": [0, 24]},
+        [1, 2, 3],
+    ]
+
+    def outcome(parse, entry):
+        try:
+            return parse("t", entry, 100, 200)
+        except (SafetensorsError, TypeError) as e:  # (a list as dtype: TypeError, as ever)
+            return type(e).__name__, str(e)
+
+    for entry in entries:
+        assert outcome(f._parse_entry, entry) == outcome(f._check_entry, entry), entry
+
+
+def test_every_expert_is_checked_not_only_the_first_of_its_shape(tiny_ckpt, tmp_path):
+    """The start-up checks each combination of shapes and dtypes once: an expert stored with
+    another shape than its siblings is still caught, and named."""
+    import struct
+
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "layers.1.ffn.experts.5.w1.weight"
+    raw = (bad / index[name]).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + n])
+    header[name]["shape"] = header[name]["shape"][::-1]  # the same bytes, the wrong shape
+    assert header[name]["shape"] != header[name]["shape"][::-1]
+    h = json.dumps(header).encode()
+    (bad / index[name]).write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+    with pytest.raises(CheckpointError, match=r"layers\.1\.ffn\.experts\.5\.w1\.weight has shape"):
+        open_hf_checkpoint(bad)
+
+
 def test_apply_formats_errors_name_the_module(tiny_ckpt):
     from ds4mlx.config import ModelConfig
     from ds4mlx.model.transformer import Model

@@ -37,6 +37,7 @@ from pathlib import Path
 from ..io.hf import open_hf_checkpoint
 from .mlx import DEFAULT_SHARD_BYTES, convert_mlx
 from .options import ConvertError, Options, OutputExistsError, check_options
+from .output import gc_paused
 from .plan import resolve_source
 
 __all__ = ["convert", "ConvertError", "OutputExistsError"]
@@ -80,7 +81,8 @@ def convert(
         raise ConvertError(f"--jobs must be a positive integer, got {jobs!r}")
     src = resolve_source(source)
     output = Path(output).expanduser()
-    ckpt = open_hf_checkpoint(src)
+    with gc_paused():
+        ckpt = open_hf_checkpoint(src)
     try:
         opts = Options(to, preset, experts_per_token, expert_bits, dense_bits, group_size, include_mtp)
         check_options(ckpt, opts)

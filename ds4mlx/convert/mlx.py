@@ -28,7 +28,7 @@ from ..names import is_routed_expert, scale_name
 from ..quant.formats import FLOAT, MXFP4, MXFP8, WeightFormat, affine, packed_shapes
 from ..quant.mx import fp8_scales_to_mxfp8_np
 from .options import ConvertError, Options
-from .output import Progress, check_free_space, check_output, disk_full_error, publish, read_ahead
+from .output import Progress, check_free_space, check_output, disk_full_error, gc_paused, publish, read_ahead
 from .plan import (BufferPool, Logical, Stored, Unit, dequantize, expert_groups, hash_table, hash_table_shape,
                    holds_non_finite, logical_weights, non_finite, read_chunks, read_into, read_stored,
                    source_nbytes, stored, will_need)
@@ -309,11 +309,12 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
     verifier = None
     partial, lock = check_output(ckpt.path, output, resume=resume, is_dir=True)
     try:
-        units, formats = mlx_plan(ckpt, opts)
-        shards = plan_shards(units, max_shard_bytes)
-        names = [mlx_dir.shard_name(i + 1, len(shards)) for i in range(len(shards))]
-        plan = [[t for u in s for t in u.tensors] for s in shards]
-        plan_id = hashlib.sha256(json.dumps([source_fingerprint(ckpt), opts.as_dict(), plan]).encode()).hexdigest()
+        with gc_paused():
+            units, formats = mlx_plan(ckpt, opts)
+            shards = plan_shards(units, max_shard_bytes)
+            names = [mlx_dir.shard_name(i + 1, len(shards)) for i in range(len(shards))]
+            plan = [[t for u in s for t in u.tensors] for s in shards]
+            plan_id = hashlib.sha256(json.dumps([source_fingerprint(ckpt), opts.as_dict(), plan]).encode()).hexdigest()
 
         state = {"plan_id": plan_id, "done": {}}
         if resume and partial.exists():
@@ -338,18 +339,28 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
         writer = None
         # kept shards are checked on a thread (header, and their CRCs where an older journal has
         # them); new ones as they are written (ShardWriter), and with --verify-disk re-read
-        from concurrent.futures import ThreadPoolExecutor
+        checks: list = []
 
-        verifier = ThreadPoolExecutor(2, thread_name_prefix="convert-verify")
-        checks = [verifier.submit(verify_shard, partial / n, e, state["done"][n])
-                  for n, e in zip(names, plan) if n in state["done"]]
+        def check(fn, *args) -> None:
+            """``fn(*args)`` on the verifiers' threads; made at the first check (a conversion
+            from scratch checked as written has none: no pool, nor its import, ~12 ms)."""
+            nonlocal verifier
+            if verifier is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                verifier = ThreadPoolExecutor(2, thread_name_prefix="convert-verify")
+            checks.append(verifier.submit(fn, *args))
+
+        for n, e in zip(names, plan):
+            if n in state["done"]:
+                check(verify_shard, partial / n, e, state["done"][n])
         try:
             for shard_units, name, entries in zip(shards, names, plan):
                 if name in state["done"]:
                     continue
                 writer = mlx_dir.ShardWriter(partial / (name + ".tmp"), entries, verify=verify)
                 if verify == "disk":
-                    checks.append(verifier.submit(verify_written, writer))  # done as the writer finishes
+                    check(verify_written, writer)  # done as the writer finishes
                 for tensor, chunks in split_tensors(read_ahead(tensor_chunks(shard_units), depth=4)):
                     writer.write_tensor(tensor, bar.track(chunks))
                 crcs = writer.finish()
@@ -375,8 +386,8 @@ def convert_mlx(ckpt: HFCheckpoint, source: str, output: Path, opts: Options, *,
             raise
         bar.close()
 
-        for check in checks:
-            check.result()
+        for done_check in checks:
+            done_check.result()
         weight_map = {t: n for n, entries in zip(names, plan) for t, _, _ in entries}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         try:

@@ -175,11 +175,33 @@ def _read_index(path: Path) -> dict[str, str]:
     raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
 
 
-def _classify(spec: TensorSpec, files, weight_map, path: Path) -> Entry:
-    """Check one expected weight's dtype/shape (and scale) and choose how it is held."""
+def _classify(spec: TensorSpec, files, weight_map, path: Path, seen: dict) -> Entry:
+    """Check one expected weight's dtype/shape (and scale) and choose how it is held. The
+    checks depend only on the spec's storage and shape and the stored dtypes and shapes:
+    ``seen`` keeps the format of each combination already checked (a checkpoint's experts,
+    tens of thousands of tensors, share a handful), so each is checked once."""
     name = spec.name
     shard = weight_map[name]
     info = files[shard].info(name)
+    scale, scale_shard, scale_info = None, None, None
+    if spec.storage in ("fp8", "fp4") and name.endswith(".weight"):
+        scale = scale_name(name)
+        scale_shard = weight_map.get(scale)
+        if scale_shard is not None:
+            scale_info = files[scale_shard].info(scale)
+    key = (spec.storage, spec.shape, info.dtype, info.shape,
+           None if scale_info is None else (scale_info.dtype, scale_info.shape))
+    fmt = seen.get(key)
+    if fmt is None:
+        fmt = seen[key] = _check_stored(spec, info, scale, scale_info, weight_map, path, shard)
+    return Entry(name, shard, fmt, scale_shard) if fmt in (MXFP8, MXFP4) else Entry(name, shard, fmt)
+
+
+def _check_stored(spec: TensorSpec, info, scale: str | None, scale_info, weight_map, path: Path,
+                  shard: str) -> WeightFormat:
+    """``_classify``'s checks: the format a weight is held in, or a ``CheckpointError``."""
+    name = spec.name
+
     def where() -> str:  # only on an error: a path join per tensor adds up (tens of thousands)
         return f"{path / shard}: {name}"
 
@@ -187,9 +209,7 @@ def _classify(spec: TensorSpec, files, weight_map, path: Path) -> Entry:
         if tuple(found) != tuple(shape):
             raise CheckpointError(f"{path / weight_map[what]}: {what} has shape {tuple(found)}, expected {tuple(shape)}")
 
-    scale = scale_name(name) if name.endswith(".weight") else None
-    if spec.storage in ("fp8", "fp4") and scale is not None and scale in weight_map:
-        scale_info = files[weight_map[scale]].info(scale)
+    if scale_info is not None:
         if scale_info.dtype != "F8_E8M0":
             raise CheckpointError(f"{path / weight_map[scale]}: {scale} has dtype {scale_info.dtype}, expected F8_E8M0")
         out_dim, in_dim = spec.shape
@@ -198,12 +218,12 @@ def _classify(spec: TensorSpec, files, weight_map, path: Path) -> Entry:
             expect(official_shapes("fp8", spec.shape)[1], scale_info.shape, scale)
             if in_dim % MX_GROUP:
                 raise CheckpointError(f"{where()}: input dimension {in_dim} is not a multiple of {MX_GROUP}")
-            return Entry(name, shard, MXFP8, weight_map[scale])
+            return MXFP8
         if info.dtype in ("I8", "U8"):
             stored_shape, scale_shape = official_shapes("fp4", spec.shape)
             expect(stored_shape, info.shape)
             expect(scale_shape, scale_info.shape, scale)
-            return Entry(name, shard, MXFP4, weight_map[scale])
+            return MXFP4
         raise CheckpointError(f"{where()}: dtype {info.dtype} with a .scale tensor; expected F8_E4M3 or I8")
     if spec.storage == "i64":
         if info.dtype not in INT_DTYPES:
@@ -214,12 +234,12 @@ def _classify(spec: TensorSpec, files, weight_map, path: Path) -> Entry:
                 f"{where()}: shape {info.shape}, expected ({vocab}, ≥{k}) "
                 f"(a row of num_experts_per_tok={k} expert ids per token)"
             )
-        return Entry(name, shard, FLOAT)
+        return FLOAT
     if info.dtype not in FLOAT_DTYPES:
         hint = " (a quantised weight without its .scale tensor?)" if spec.storage in ("fp8", "fp4") else ""
         raise CheckpointError(f"{where()}: dtype {info.dtype}, expected one of {FLOAT_DTYPES}{hint}")
     expect(spec.shape, info.shape)
-    return Entry(name, shard, FLOAT)
+    return FLOAT
 
 
 def open_hf_checkpoint(path: str | Path) -> HFCheckpoint:
@@ -235,13 +255,22 @@ def open_hf_checkpoint(path: str | Path) -> HFCheckpoint:
         if name not in files[shard]:
             raise CheckpointError(f"{path / shard}: the index lists tensor {name!r} in this shard, but it is not there")
 
+    try:
+        layout = official_layout(config)
+    except Exception:  # a config it cannot lay out: the names are checked first, and it raises after
+        layout = None
+    # the layout's names (and their scales) are official names: only the others need the check
+    known = set() if layout is None else layout.keys() | {s.scale_name for s in layout.values() if s.scale_name}
     for name in weight_map:
+        if name in known:
+            continue
         try:
             hf_to_internal(name)
         except UnknownTensorName as e:
             raise CheckpointError(f"{path / weight_map[name]}: {e}") from None
 
-    layout = official_layout(config)
+    if layout is None:
+        layout = official_layout(config)
     has_mtp = any(n.startswith("mtp.") for n in weight_map)
     if not has_mtp:  # converted without the MTP block: load the main model only
         layout = {n: s for n, s in layout.items() if not n.startswith("mtp.")}
@@ -260,7 +289,8 @@ def open_hf_checkpoint(path: str | Path) -> HFCheckpoint:
             f"config.json" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
         )
 
-    entries = {n: _classify(spec, files, weight_map, path) for n, spec in layout.items()}
+    seen: dict = {}
+    entries = {n: _classify(spec, files, weight_map, path, seen) for n, spec in layout.items()}
     _check_expert_formats(entries, path)
     return HFCheckpoint(path, config, weight_map, entries, has_mtp, files)
 
