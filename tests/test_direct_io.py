@@ -152,6 +152,53 @@ def test_write_error_surfaces_in_the_caller(tmp_path, mode, monkeypatch):
     w.wait_written(1 << 40)  # a reader following the file is released, not left waiting
 
 
+def test_writers_sharing_a_staging_pool_take_the_buffers_of_the_one_before(tmp_path, mode, monkeypatch):
+    """StagingPool: a writer takes its staging buffers as its writes need them and gives them all
+    back (the read-back's too) once complete, also after a failed write; the next writer takes
+    those instead of fresh ones, and each file holds exactly its own bytes."""
+    made = [0]
+    real = direct.staging_buffer
+
+    def counted():
+        made[0] += 1
+        return real()
+
+    monkeypatch.setattr(direct, "staging_buffer", counted)
+    pool = direct.StagingPool()
+    files = {"a": _pieces(1, 1_000_003), "b": _pieces(2, 5000), "c": _pieces(3, 700_000)}
+    for name, pieces in files.items():
+        w = direct.DirectWriter(tmp_path / name, read_back=True, staging=pool)
+        for p in pieces:
+            w.write(memoryview(p))
+        w.close()
+        if name == "a":  # a file of many buffers: all of them, and the read-back's
+            assert made[0] == direct.BUFFERS + 1
+        assert len(pool) == direct.BUFFERS + 1
+    assert made[0] == direct.BUFFERS + 1  # the later files made none
+    for name, pieces in files.items():
+        assert (tmp_path / name).read_bytes() == b"".join(pieces)
+
+    real_pwrite = os.pwrite
+
+    def failing(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct.os, "pwrite", failing)
+    w = direct.DirectWriter(tmp_path / "d", read_back=True, staging=pool)
+    with pytest.raises(OSError):
+        for p in files["a"]:
+            w.write(memoryview(p))
+        w.flush()
+    w.discard()
+    monkeypatch.setattr(direct.os, "pwrite", real_pwrite)
+    assert len(pool) == direct.BUFFERS + 1 and made[0] == direct.BUFFERS + 1
+
+    small = direct.DirectWriter(tmp_path / "e", staging=direct.StagingPool())  # a small file: one buffer
+    small.write(b"x" * 10)
+    small.close()
+    assert made[0] == direct.BUFFERS + 2 and (tmp_path / "e").read_bytes() == b"x" * 10
+
+
 def test_scan_follows_a_file_being_written(tmp_path, mode):
     pieces = _pieces(5, 2_000_000)
     data = b"".join(pieces)

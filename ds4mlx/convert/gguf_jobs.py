@@ -87,7 +87,10 @@ def encode(job: EncodeJob) -> np.ndarray:
     if job.qtype == "IQ2_XXS":  # ds4's importance without an imatrix: Σ row² per column (whole matrix)
         if job.rows is not None:
             raise ValueError(f"{job.name}: IQ2_XXS importance needs the whole matrix, not rows {job.rows}")
-        return fmt.quantize(values, weights=np.sum(values * values, axis=0))
+        squares = _POOL.take(values.nbytes).view(values.dtype).reshape(values.shape)  # (fresh pages cost zeroing)
+        importance = np.sum(np.multiply(values, values, out=squares), axis=0)
+        del squares  # free for the next job now, not after the quantizer's tens of ms
+        return fmt.quantize(values, weights=importance)
     return fmt.quantize(values)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import mmap
 import os
 import queue
 import threading
@@ -69,6 +68,30 @@ def staging_buffer() -> np.ndarray:
     and a read fills them, per 4 KiB page otherwise (measured: the pinning alone was 5 % of a
     conversion's CPU from a RAM source)."""
     return aligned_empty(BUFFER_BYTES, max(ALIGN, _HUGE if BUFFER_BYTES >= _HUGE else ALIGN))
+
+
+class StagingPool:
+    """Staging buffers handed from one ``DirectWriter`` to the next (a conversion's files, one
+    after another). Memory a process touches for the first time costs page zeroing and, on a VM
+    that gives free pages back to its host, a host fault per page: a second file's fresh 40 MiB
+    took 60-140 ms of the writing thread; taken from the file before, they cost nothing."""
+
+    def __init__(self) -> None:
+        self._bufs: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> np.ndarray:
+        with self._lock:
+            if self._bufs:
+                return self._bufs.pop()
+        return staging_buffer()
+
+    def give(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._bufs.append(buf)
+
+    def __len__(self) -> int:
+        return len(self._bufs)
 
 
 def _read_full(fd: int, view: memoryview, offset: int) -> int:
@@ -218,10 +241,12 @@ class DirectWriter:
     compares what it wrote with the source file itself, read again into a buffer of its own
     (apart from the read that staged them): what ``expect`` catches for the caller's arrays, a
     staged byte that is not the source's (an offset, a read cut short, a range lost or repeated,
-    a staging buffer taken again too early), it catches for the source's bytes."""
+    a staging buffer taken again too early), it catches for the source's bytes. ``staging``: a
+    ``StagingPool`` the buffers are taken from as they are first needed and given back to once
+    the file needs them no more (from ``flush`` on), for the next writer."""
 
     def __init__(self, path: str | os.PathLike, on_written: Callable[[int, memoryview], None] | None = None,
-                 *, read_back: bool = False, compare: bool = False):
+                 *, read_back: bool = False, compare: bool = False, staging: StagingPool | None = None):
         self.name = str(path)
         self._on_written = on_written  # (offset, bytes) of each piece once written, on the thread
         self._expected: collections.deque | None = collections.deque() if compare else None
@@ -238,13 +263,13 @@ class DirectWriter:
             except BaseException:
                 os.close(self._fd)
                 raise
-            self._verify = [fd, direct, mmap.mmap(-1, BUFFER_BYTES)]
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(BUFFERS):
-            self._free.put(staging_buffer())  # reused: no fresh pages per write
+            self._verify = [fd, direct, None]  # (its buffer taken at the first read-back)
+        self._staging = staging
+        self._free: queue.Queue = queue.Queue()  # reused: no fresh pages per write
+        self._made = 0  # staging buffers taken (BUFFERS at most), as the writes first need them
         self._todo: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._buf: mmap.mmap | None = None
+        self._buf: np.ndarray | None = None
         self._fill = 0  # bytes staged in _buf
         self._offset = 0  # file offset of _buf
         self._done = False
@@ -286,7 +311,7 @@ class DirectWriter:
                 self._error = e
             finally:
                 if not handed:
-                    self._free.put(buf)
+                    self._release(buf)
 
     def _run_checks(self) -> None:
         while True:
@@ -299,7 +324,46 @@ class DirectWriter:
             except BaseException as e:  # handed to the writer's caller
                 self._error = e
             finally:
-                self._free.put(item[0])
+                self._release(item[0])
+
+    def _take(self) -> np.ndarray:
+        return self._staging.take() if self._staging is not None else staging_buffer()
+
+    def _release(self, buf: np.ndarray) -> None:
+        """A staging buffer the disk side is done with: for the caller's next writes, or once
+        the file is complete (``_done``: none will come), for the pool's next writer."""
+        if self._done and self._staging is not None:
+            self._staging.give(buf)
+        else:
+            self._free.put(buf)
+
+    def _next_buffer(self) -> np.ndarray:
+        """A free staging buffer for the caller: a new one while fewer than ``BUFFERS`` exist
+        (a small file takes fewer), else the first the disk side gives back."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self._made < BUFFERS:
+            self._made += 1
+            return self._take()
+        return self._free.get()
+
+    def _give_back(self) -> None:
+        """(the disk side stopped) every staging buffer, the read-back's too, to the pool."""
+        if self._staging is None:
+            return
+        while True:
+            try:
+                self._staging.give(self._free.get_nowait())
+            except queue.Empty:
+                break
+        if self._buf is not None:
+            self._staging.give(self._buf)
+            self._buf = None
+        if self._verify is not None and self._verify[2] is not None:
+            self._staging.give(self._verify[2])
+            self._verify[2] = None
 
     def _written(self, buf, length: int, real: int, offset: int) -> None:
         """What follows a piece's write, in file order: its checks, ``on_written``, progress."""
@@ -326,6 +390,8 @@ class DirectWriter:
 
     def _read_back(self, staged: memoryview, offset: int) -> None:
         fd, direct, buf = self._verify
+        if buf is None:
+            buf = self._verify[2] = self._take()
         view = memoryview(buf)[:len(staged)]
         while True:
             try:
@@ -433,7 +499,7 @@ class DirectWriter:
         n = len(view)
         while len(view):
             if self._buf is None:
-                self._buf = self._free.get()
+                self._buf = self._next_buffer()
                 self._check()
             take = min(len(view), BUFFER_BYTES - self._fill)
             self._buf[self._fill: self._fill + take] = view[:take]
@@ -461,7 +527,7 @@ class DirectWriter:
         done = 0
         while done < src.nbytes:
             if self._buf is None:
-                self._buf = self._free.get()
+                self._buf = self._next_buffer()
                 self._check()
             take = min(src.nbytes - done, BUFFER_BYTES - self._fill)
             got = _read_full(fd, memoryview(self._buf)[self._fill: self._fill + take], src.offset + done)
@@ -487,6 +553,7 @@ class DirectWriter:
                 self._hand_over(padded)
             self._todo.put(None)
             self._join()
+            self._give_back()
             self._check()
             if self._expected is not None and self._expected_bytes != size:  # the thread compared all it wrote
                 self._error = ReadBackError(size, f"end the file, {self._expected_bytes} bytes were expected")
@@ -520,6 +587,7 @@ class DirectWriter:
             self._error = self._error or OSError(errno.ECANCELED, f"{self.name}: write abandoned")
             self._todo.put(None)
         self._join()
+        self._give_back()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
