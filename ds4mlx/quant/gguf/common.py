@@ -299,8 +299,7 @@ def quantize_in_chunks(x: np.ndarray, weights: np.ndarray | None, block_size: in
     ``block_bytes``, ``quantize_chunk(blocks, importance, out)`` writes each batch into its rows of
     one output instead (no second pass to reassemble them: 6-15 % of a compiled K-quant's time).
     ``out``: the bytes go there (C-contiguous uint8 ``[..., n_blocks * block_bytes]``) and it is
-    returned: reused buffers (a fresh output per call was a page fault per 4 KiB on threads,
-    whose malloc arenas give freed memory back to the system: 15 % more CPU for Q4_K)."""
+    returned (a conversion's reused buffers: no fresh pages per call)."""
     xb, lead = np_blocks(x, block_size, name)
     qw = np_importance(weights, np.shape(x), block_size, name)
     if block_bytes is not None:
