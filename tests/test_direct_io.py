@@ -152,6 +152,45 @@ def test_write_error_surfaces_in_the_caller(tmp_path, mode, monkeypatch):
     w.wait_written(1 << 40)  # a reader following the file is released, not left waiting
 
 
+def test_writers_sharing_a_staging_pool_take_the_buffers_of_the_one_before(tmp_path, mode, monkeypatch):
+    """StagingPool: a writer takes its ring (and read-back buffer) from the pool and gives them
+    back once complete, also after a failed write; the next writer takes those instead of fresh
+    ones, and each file holds exactly its own bytes."""
+    made = []
+    real = direct.staging_buffer
+
+    def counted(count: int = 1):
+        made.append(count)
+        return real(count)
+
+    monkeypatch.setattr(direct, "staging_buffer", counted)
+    pool = direct.StagingPool()
+    files = {"a": _pieces(1, 1_000_003), "b": _pieces(2, 5000), "c": _pieces(3, 700_000)}
+    for name, pieces in files.items():
+        w = direct.DirectWriter(tmp_path / name, read_back=True, staging=pool)
+        for p in pieces:
+            w.write(memoryview(p))
+        w.close()
+        assert sorted(made) == [1, direct.BUFFERS] and len(pool) == 2  # the ring and the read-back's
+    for name, pieces in files.items():
+        assert (tmp_path / name).read_bytes() == b"".join(pieces)
+
+    real_pwrite = os.pwrite
+
+    def failing(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct.os, "pwrite", failing)
+    w = direct.DirectWriter(tmp_path / "d", read_back=True, staging=pool)
+    with pytest.raises(OSError):
+        for p in files["a"]:
+            w.write(memoryview(p))
+        w.flush()
+    w.discard()
+    monkeypatch.setattr(direct.os, "pwrite", real_pwrite)
+    assert len(pool) == 2 and len(made) == 2
+
+
 def test_scan_follows_a_file_being_written(tmp_path, mode):
     pieces = _pieces(5, 2_000_000)
     data = b"".join(pieces)

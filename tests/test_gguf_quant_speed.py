@@ -217,6 +217,32 @@ def test_q8_0_into_given_output():
         q8_0.quantize(x, out=np.empty((5, 3 * 34 - 1), np.uint8))
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q2_K", "IQ2_XXS"])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_block_quantizers_into_given_output(name, compiled, monkeypatch):
+    """``out=``: the reference's bytes land in the given buffer (leading shape kept, every byte
+    written over a filled one), which is returned; a buffer of another shape is refused."""
+    from ds4mlx.quant.gguf import iq2_xxs, q2_k, q4_k
+
+    if not compiled:  # the numpy recipe (no C compiler)
+        monkeypatch.setattr(q4_k, "kquant_native", lambda: None)
+        monkeypatch.setattr(q2_k, "kquant_native", lambda: None)
+        monkeypatch.setattr(iq2_xxs, "_native", lambda: None)
+    elif not fmts.get(name).compiled():
+        pytest.skip("no C compiler here")
+    x, imp = _inputs(5, 6, 512)[1]
+    x = x.reshape(2, 3, 512)
+    row = fmts.row_bytes(fmts.get(name), 512, name)
+    out = np.full((2, 3, row), 0xA5, np.uint8)
+    assert fmts.get(name).quantize(x, weights=imp, out=out) is out
+    # (IQ2_XXS with importance may settle a near-tie otherwise than the reference: its own bytes)
+    want = fmts.get(name).quantize(x, weights=imp) if name == "IQ2_XXS" else \
+        reference.QUANTIZE[name](x.reshape(6, 512), weights=imp).reshape(2, 3, row)
+    assert np.array_equal(out, want)
+    with pytest.raises(ValueError, match=f"{name} output"):
+        fmts.get(name).quantize(x, out=np.empty((2, 3, row - 1), np.uint8))
+
+
 @pytest.mark.parametrize("portable", [False, True])
 def test_f16_encode_matches_numpy(monkeypatch, portable):
     # the compiled F16 encoder (F16C vectors, or the scalar C conversion with

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from gguf import GGUFValueType
 
+from ..io.direct import StagingPool
 from ..io.hf import HFCheckpoint
 from ..io.gguf_file import GGUFError
 from ..names import DS4_GGUF_TYPES, internal_to_gguf, scale_name
@@ -254,6 +255,7 @@ def write_files(files: list[OutputFile], config: dict[str, Any], jobs: int = 1, 
 
     _warm_up([item for f in files for u in f.units for item in u.items])
     encoded = run_items((item for f in files for u in f.units for item in u.items), jobs)
+    staging = StagingPool()  # the next file's writer takes the staging buffers of the one before
     finishing: list[tuple[threading.Thread, list[BaseException]]] = []
 
     def finish(written, f: OutputFile, errors: list[BaseException]) -> None:
@@ -274,7 +276,8 @@ def write_files(files: list[OutputFile], config: dict[str, Any], jobs: int = 1, 
             bar = bars[i] if bars is not None else Progress(sum(u.nbytes for u in f.units), 0, f.label, progress)
             data = (bar.track(islice(encoded, len(u.items))) for u in f.units for _ in u.tensors)
             try:
-                written = begin_gguf(f.path, config, entries, data, tokenizer=f.tokenizer, extra_metadata=f.metadata)
+                written = begin_gguf(f.path, config, entries, data, tokenizer=f.tokenizer, extra_metadata=f.metadata,
+                                     staging=staging)
             except GGUFError as e:
                 raise ConvertError(str(e)) from None
             finally:

@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.gguf_writer import WriterState
 
-from ..io.direct import DirectWriter, ReadBackError
+from ..io.direct import DirectWriter, ReadBackError, StagingPool
 from ..io import mlx_dir
 from ..io.gguf import ARCH, gguf_metadata
 from ..io.gguf_file import INT_TYPES, PLAIN_DTYPES, GGUFError
@@ -172,14 +172,17 @@ def _differs(path: Path, spans: list[tuple[int, int, str]], err: ReadBackError) 
 
 def begin_gguf(path: Path, config: Any, entries: list[TensorEntry], data: Iterable[Iterable[np.ndarray]], *,
                tokenizer: Mapping[str, Any] | None = None, name: str = DEFAULT_NAME,
-               extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None) -> WrittenGGUF:
-    """``stream_gguf`` up to the last byte handed to the writer; its ``finish`` does the rest."""
+               extra_metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None,
+               staging: StagingPool | None = None) -> WrittenGGUF:
+    """``stream_gguf`` up to the last byte handed to the writer; its ``finish`` does the rest.
+    ``staging``: the writer's buffers come from (and go back to) this pool, shared by the files
+    of one conversion."""
     chunks = iter(data)
     try:
         head, align = _header_bytes(config, entries, tokenizer, name, extra_metadata)
         spans = [(0, len(head), "the header")] + _spans(len(head), entries, align)
         size = spans[-1][1] + (-spans[-1][1] % align) if entries else len(head)
-        f = DirectWriter(path, read_back=True)
+        f = DirectWriter(path, read_back=True, staging=staging)
         sync = None
         try:
             sync = _SyncBehind(path, f)

@@ -315,6 +315,12 @@ class BufferPool:
 def _read_bytes(path: Path, offset: int, count: int, pool: BufferPool | None) -> np.ndarray:
     """``count`` bytes from ``offset`` (fewer at the end of the file), into ``pool``'s buffers."""
     out = pool.take(count) if pool is not None else np.empty(count, np.uint8)
+    if _PREADV:  # one preadv on a bare fd: no file object, no seek (600+ reads a conversion)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return out[:_preadv_full(fd, [memoryview(out)], offset)]
+        finally:
+            os.close(fd)
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
         view, done = memoryview(out), 0

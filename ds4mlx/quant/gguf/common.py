@@ -292,24 +292,41 @@ def refit_super_scales(x: np.ndarray, w: np.ndarray, q: np.ndarray, ls: np.ndarr
 
 
 def quantize_in_chunks(x: np.ndarray, weights: np.ndarray | None, block_size: int, name: str,
-                       chunk_blocks: int, quantize_chunk, block_bytes: int | None = None) -> np.ndarray:
+                       chunk_blocks: int, quantize_chunk, block_bytes: int | None = None,
+                       out: np.ndarray | None = None) -> np.ndarray:
     """Run ``quantize_chunk(blocks, importance)`` over batches of ``chunk_blocks`` blocks of ``x``
     (bounds the temporaries) and reassemble the bytes with ``x``'s leading shape. With
     ``block_bytes``, ``quantize_chunk(blocks, importance, out)`` writes each batch into its rows of
-    one output instead (no second pass to reassemble them: 6-15 % of a compiled K-quant's time)."""
+    one output instead (no second pass to reassemble them: 6-15 % of a compiled K-quant's time).
+    ``out``: the bytes go there (C-contiguous uint8 ``[..., n_blocks * block_bytes]``) and it is
+    returned (a conversion's reused buffers: no fresh pages per call)."""
     xb, lead = np_blocks(x, block_size, name)
     qw = np_importance(weights, np.shape(x), block_size, name)
     if block_bytes is not None:
-        packed = np.empty((xb.shape[0], block_bytes), dtype=np.uint8)
+        if out is None:
+            packed = np.empty((xb.shape[0], block_bytes), dtype=np.uint8)
+        else:
+            _check_out(out, (*lead, np.shape(x)[-1] // block_size * block_bytes), name)
+            packed = out.reshape(-1, block_bytes)
         for i in range(0, xb.shape[0], chunk_blocks):
             quantize_chunk(xb[i:i + chunk_blocks], None if qw is None else qw[i:i + chunk_blocks],
                            packed[i:i + chunk_blocks])
-        return np_out(packed, lead)
-    out = [
+        return np_out(packed, lead) if out is None else out
+    parts = [
         quantize_chunk(xb[i:i + chunk_blocks], None if qw is None else qw[i:i + chunk_blocks])
         for i in range(0, xb.shape[0], chunk_blocks)
     ]
-    return np_out(np.concatenate(out, axis=0), lead)
+    packed = np_out(np.concatenate(parts, axis=0), lead)
+    if out is None:
+        return packed
+    _check_out(out, packed.shape, name)
+    out[...] = packed
+    return out
+
+
+def _check_out(out: np.ndarray, shape: tuple[int, ...], name: str) -> None:
+    if out.shape != tuple(shape) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"{name} output {out.shape} {out.dtype} is not C-contiguous uint8 {tuple(shape)}")
 
 
 def kquant_fit(xb: np.ndarray, qw: np.ndarray | None, sub_size: int, nmax: int, lmax: int,

@@ -283,7 +283,7 @@ def numpy_chunk(xb: np.ndarray, qw: np.ndarray | None, search_lib=None) -> np.nd
     return np.concatenate([np_f16_bytes(dd), words.view(np.uint8)], axis=1)
 
 
-def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, weights: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """float32 ``[..., n]`` (n a multiple of 256) -> IQ2_XXS bytes.
 
     Per run of 8 the signs are fixed first (parity-corrected), then each group's scale is
@@ -292,10 +292,12 @@ def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     256-entry search at one of the sweep scales); finally the fp16 super-scale and the
     4-bit group scales are chosen among a few candidates by total error.
     ``weights``: optional importance, broadcast to ``x`` (e.g. an imatrix ``[n]``), weighted
-    as ``common.importance_weights``.
+    as ``common.importance_weights``. ``out``: the bytes go there (C-contiguous uint8
+    ``[..., n // 256 * 66]``) and it is returned.
     """
     lib = _native()
     if lib is None:
-        return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk)
+        return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, _quantize_chunk, out=out)
     return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _NATIVE_CHUNK_BLOCKS,
-                              lambda xb, qw, out: _compiled_chunk(lib, xb, qw, out), block_bytes=BLOCK_BYTES)
+                              lambda xb, qw, rows: _compiled_chunk(lib, xb, qw, rows), block_bytes=BLOCK_BYTES,
+                              out=out)

@@ -65,16 +65,17 @@ def compiled() -> bool:
     return kquant_native() is not None
 
 
-def quantize(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, weights: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """float32 ``[..., n]`` (n a multiple of 256) -> Q2_K bytes.
 
     Per 16-element sub-block a weighted least-squares (scale, min) search over candidate
     inverse scales, then 4-bit sub-block scales and mins against fp16 super-scales, which are
     re-fit once the codes are known. ``weights``: optional importance, broadcast to ``x``.
+    ``out``: the bytes go there (C-contiguous uint8 ``[..., n // 256 * 84]``) and it is returned.
     """
     lib = kquant_native()
     if lib is None:
-        return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, numpy_chunk)
+        return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _CHUNK_BLOCKS, numpy_chunk, out=out)
     return quantize_in_chunks(x, weights, BLOCK_SIZE, NAME, _NATIVE_CHUNK_BLOCKS,
-                              lambda xb, qw, out: kquant_blocks(lib, NAME, xb, qw, SEARCH, out=out),
-                              block_bytes=BLOCK_BYTES)
+                              lambda xb, qw, rows: kquant_blocks(lib, NAME, xb, qw, SEARCH, out=rows),
+                              block_bytes=BLOCK_BYTES, out=out)
