@@ -8,7 +8,8 @@ Writes an official-format checkpoint (FP8 dense + 128×128 E8M0 scales, packed F
 E8M0 per 32, BF16/F32 rest, sharded with an index) of about ``--size-gb`` GB, streamed shard by
 shard, then runs the conversion in a child process and reports its wall time, throughput (source
 GB/s and output GB/s) and peak resident memory (the child's ``VmHWM``, and the largest of its
-GGUF quantization workers), next to the size of the largest output tensor.
+largest child process: GGUF quantization workers where the quantizers run in processes, else
+the compiler building the kernels), next to the size of the largest output tensor.
 The page cache is dropped first when the system allows it. A quantization-heavy run that shows
 how ``--jobs`` scales: ``--to gguf --preset ds4-q4 --size-gb 0.1 --experts 32 --jobs 1`` (then 2).
 ``--baseline DIR`` runs the same conversion of the same source with another checkout of ds4mlx
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
                 line.append(f"{who}: {seconds:.2f} s, {rate(out_bytes / seconds)} of output = "
                             f"{c['ratio'][-1]:.2f}x the direct write around it ({rate(direct[-2])} {named[-2]}, {rate(direct[-1])} {named[-1]}), "
                             f"CPU {cpu:.1f} s, peak RSS {rss / 2**20:.0f} MiB"
-                            + (f" (quantization workers {worker_rss / 2**20:.0f} MiB each at most)"
+                            + (f" (child processes {worker_rss / 2**20:.0f} MiB each at most)"
                                if worker_rss and args.to == "gguf" and args.jobs != 1 else ""))
             figures["direct"] += direct
             if args.baseline is not None:
