@@ -7,8 +7,8 @@
 Writes an official-format checkpoint (FP8 dense + 128×128 E8M0 scales, packed FP4 experts +
 E8M0 per 32, BF16/F32 rest, sharded with an index) of about ``--size-gb`` GB, streamed shard by
 shard, then runs the conversion in a child process and reports its wall time, throughput (source
-GB/s and output GB/s) and peak resident memory (the child's ``VmHWM``, and the largest of its
-largest child process: GGUF quantization workers where the quantizers run in processes, else
+GB/s and output GB/s) and peak resident memory (the child's ``VmHWM``, and that of its largest
+child process: GGUF quantization workers where the quantizers run in processes, else
 the compiler building the kernels), next to the size of the largest output tensor.
 The page cache is dropped first when the system allows it. A quantization-heavy run that shows
 how ``--jobs`` scales: ``--to gguf --preset ds4-q4 --size-gb 0.1 --experts 32 --jobs 1`` (then 2).
