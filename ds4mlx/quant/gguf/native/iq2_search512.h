@@ -1,25 +1,27 @@
 /* search16 of iq2_search.c in AVX-512 intrinsics: the same entry for every run as DEFINE_SEARCH's
  * loop over the 256 costs h_lo[lo[e]] + h_hi[hi[e]] (the first least one), found with less work.
- * The grid's entries go in runs ("groups") of one hi pattern (72 in its order). Rounding is
- * monotone, so within a group the least cost is h_hi + (the least of its h_lo): one vminps an
- * entry instead of an add, a compare and two selects. The first group whose least cost is the
- * overall least holds the first entry of that cost (groups are ranges of indices), and a lane's
- * few entries in it are tried one by one. That holds where no sum overflows or is NaN: when
- * every term t is below 2^124 in magnitude (sums of 8 below 2^127); otherwise the vectors take
- * DEFINE_SEARCH's loop (best_entry16g). h_hi of a group is made from the sums over elements 4..6
- * once a group, so the partial sums held are 108 vectors a lane set, not 162 (they fit L1).
- * Measured on an AVX-512 EPYC, same bytes: IQ2_XXS as a whole 1.25x under Clang 16 (whose
- * DEFINE_SEARCH selects are three and/andn/or), 0.95x under GCC 12 (Clang is the default). */
+ * The entries go in groups of up to 4 consecutive ones with one hi pattern (the grid's order
+ * has runs of equal hi[e]: 72 of them, 103 groups). Rounding is monotone, so a group's least cost
+ * is its h_hi + the least of its h_lo: one vminps an entry instead of an add, a compare and two
+ * selects. The first group whose least cost is the overall least holds the first entry of that
+ * cost (groups are ranges of indices); each lane then tries its group's entries in one 4-lane
+ * gather (no branch on data). That holds where no sum overflows or is NaN: when every term t is
+ * below 2^124 in magnitude (sums of 8 below 2^127); otherwise the vectors take DEFINE_SEARCH's
+ * loop (best_entry16g). h_hi of a group is made from the sums over elements 4..6 once a group,
+ * so the partial sums held are 108 vectors a lane set, not 162 (they fit L1).
+ * Measured on an AVX-512 EPYC (Zen 5), same bytes: IQ2_XXS as a whole 1.4x under Clang 16 (the
+ * default; its DEFINE_SEARCH selects are three and/andn/or each), 1.1x under GCC 12. Groups of
+ * up to 8 with 8-lane gathers, or whole runs with 16-lane ones, were slower. */
 #include <immintrin.h>
 
 #define IQ2_512 __attribute__((target("avx512f")))
 
 IQ2_512 static void search16(const float *const col[16], const int32_t *rows, int n_rows, const float *levels,
                              const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
-    enum { U = 4 };
-    int32_t start[257], n_groups = 0; /* entries in groups of equal hi[e] */
+    enum { U = 4, G = 4 };
+    int32_t start[257], n_groups = 0; /* groups: entries of equal hi[e], G at most */
     for (int32_t e = 0; e < 256; e++)
-        if (e == 0 || hi[e] != hi[e - 1]) start[n_groups++] = e;
+        if (e == 0 || hi[e] != hi[e - 1] || e - start[n_groups - 1] == G) start[n_groups++] = e;
     start[n_groups] = 256;
     int32_t off[256]; /* where h_lo[lo[e]] starts, in floats (from h_lo[0][0]) */
     for (int32_t e = 0; e < 256; e++) off[e] = U * 16 * lo[e];
@@ -74,7 +76,7 @@ IQ2_512 static void search16(const float *const col[16], const int32_t *rows, in
                 __m512 mn[U];
                 for (int u = 0; u < U; u++) mn[u] = _mm512_load_ps(h_lo[lo[start[k]]][u]);
                 for (int32_t e = start[k] + 1; e < start[k + 1]; e++)
-                    for (int u = 0; u < U; u++) mn[u] = _mm512_min_ps(_mm512_load_ps(h_lo[lo[e]][u]), mn[u]);
+                    for (int u = 0; u < U; u++) mn[u] = _mm512_min_ps(mn[u], _mm512_load_ps(h_lo[lo[e]][u])); /* (no NaN: either order) */
                 for (int u = 0; u < U; u++) {
                     const __m512 hh = _mm512_add_ps(_mm512_load_ps(h3_hi[q % 27][u]), T(7, q / 27, u));
                     const __m512 c = _mm512_add_ps(mn[u], hh);
@@ -89,8 +91,7 @@ IQ2_512 static void search16(const float *const col[16], const int32_t *rows, in
                 }
             }
 #undef T
-            /* per lane, the first entry of its group whose cost is the least: the group's costs
-             * in that lane 16 at a time (a group is a range of entries) */
+            /* per lane, the first entry of its group whose cost is the least */
             float best_s[U][16], hh_s[U][16];
             int32_t grp_s[U][16];
             for (int u = 0; u < U; u++) {
@@ -98,25 +99,15 @@ IQ2_512 static void search16(const float *const col[16], const int32_t *rows, in
                 _mm512_storeu_si512(grp_s[u], grp[u]);
             }
             for (int i = 0; i < m; i++) {
-                const int k = grp_s[i / 16][i % 16], end = start[k + 1];
-                const __m512 hh = _mm512_set1_ps(hh_s[i / 16][i % 16]), b = _mm512_set1_ps(best_s[i / 16][i % 16]);
-                const __m512i at = _mm512_set1_epi32(i); /* h_lo[p][u][l] is float 16·U·p + 16·u + l */
-                int32_t e = start[k];
-                for (;; e += 16) {
-                    const __mmask16 in = end - e >= 16 ? 0xFFFF : (__mmask16)((1u << (end - e)) - 1);
-                    const __m512i p = _mm512_add_epi32(_mm512_maskz_loadu_epi32(in, off + e), at);
-                    const __m512 c = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, p, &h_lo[0][0][0], 4), hh);
-                    const __mmask16 hit = _mm512_mask_cmp_ps_mask(in, c, b, _CMP_EQ_OQ);
-                    if (hit) {
-                        e += __builtin_ctz(hit);
-                        break;
-                    }
-                    if (end - e <= 16) { /* (not reached: some entry has the group's cost) */
-                        e = end - 1;
-                        break;
-                    }
-                }
-                got[i] = e;
+                const int k = grp_s[i / 16][i % 16], e = start[k], n = start[k + 1] - e;
+                const __m128i in = _mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_set_epi32(3, 2, 1, 0));
+                /* h_lo[p][u][l] is float 16·U·p + 16·u + l, and i = 16·u + l */
+                const __m128i p = _mm_add_epi32(_mm_maskload_epi32(off + e, in), _mm_set1_epi32(i));
+                const __m128 c = _mm_add_ps(_mm_mask_i32gather_ps(_mm_setzero_ps(), &h_lo[0][0][0], p, _mm_castsi128_ps(in), 4),
+                                            _mm_set1_ps(hh_s[i / 16][i % 16]));
+                const unsigned hit = (unsigned)_mm_movemask_ps(_mm_cmpeq_ps(c, _mm_set1_ps(best_s[i / 16][i % 16])));
+                /* (or the last entry: not reached, one of them has the cost) */
+                got[i] = e + __builtin_ctz((hit & ((1u << n) - 1)) | (1u << (n - 1)));
             }
         }
         for (int i = 0; i < m; i++) out[rows[k0 + i] * stride] = got[i];
