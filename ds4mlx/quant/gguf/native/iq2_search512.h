@@ -71,6 +71,8 @@ IQ2_512 static void search16(const float *const col[16], const int32_t *rows, in
             }
             __m512 best[U], hh_best[U];
             __m512i grp[U];
+            for (int u = 0; u < U; u++) /* (group 0 takes over: every cost is finite) */
+                best[u] = _mm512_set1_ps(__builtin_inff()), hh_best[u] = _mm512_setzero_ps(), grp[u] = _mm512_setzero_si512();
             for (int k = 0; k < n_groups; k++) {
                 const int q = hi[start[k]];
                 __m512 mn[U];
@@ -80,14 +82,10 @@ IQ2_512 static void search16(const float *const col[16], const int32_t *rows, in
                 for (int u = 0; u < U; u++) {
                     const __m512 hh = _mm512_add_ps(_mm512_load_ps(h3_hi[q % 27][u]), T(7, q / 27, u));
                     const __m512 c = _mm512_add_ps(mn[u], hh);
-                    if (k == 0) {
-                        best[u] = c, hh_best[u] = hh, grp[u] = _mm512_setzero_si512();
-                    } else { /* the first group of least cost: c < best */
-                        const __mmask16 take = _mm512_cmp_ps_mask(c, best[u], _CMP_LT_OQ);
-                        grp[u] = _mm512_mask_mov_epi32(grp[u], take, _mm512_set1_epi32(k));
-                        hh_best[u] = _mm512_mask_mov_ps(hh_best[u], take, hh);
-                        best[u] = _mm512_min_ps(c, best[u]);
-                    }
+                    const __mmask16 take = _mm512_cmp_ps_mask(c, best[u], _CMP_LT_OQ); /* the first group of least cost */
+                    grp[u] = _mm512_mask_mov_epi32(grp[u], take, _mm512_set1_epi32(k));
+                    hh_best[u] = _mm512_mask_mov_ps(hh_best[u], take, hh);
+                    best[u] = _mm512_min_ps(c, best[u]);
                 }
             }
 #undef T
