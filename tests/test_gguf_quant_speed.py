@@ -164,6 +164,64 @@ def test_iq2_xxs_native_edge_cases():
             assert np.array_equal(got, want), (float(np.abs(x).max()), weights is not None)
 
 
+def _search_in_kernel_order(y: np.ndarray, w: np.ndarray, s_run: np.ndarray, step: float) -> np.ndarray:
+    """The C search's entries, from numpy float32 operations in the kernel's order: per run
+    t[j][l] = a_j·L_l + b_j·L_l², the sums over elements 0..3 and 4..7 of each level pattern
+    ((t0 + t1) + t2) + t3, an entry's cost h_lo + h_hi, the first of least cost (a NaN cost never
+    taken, as its compare-and-select)."""
+    from ds4mlx.quant.gguf import iq2_xxs
+
+    lv = iq2_xxs.GRID_LEVELS
+    a, b = (np.float32(-2.0) * w) * y, w * (s_run * np.float32(step))[:, None]
+    t = a[:, :, None] * lv + b[:, :, None] * (lv * lv)  # [n, 8, 3]
+    p = np.arange(81)
+
+    def half(j0: int) -> np.ndarray:
+        h2 = t[:, j0, p[:9] % 3] + t[:, j0 + 1, p[:9] // 3]
+        h3 = h2[:, p[:27] % 9] + t[:, j0 + 2, p[:27] // 9]
+        return h3[:, p % 27] + t[:, j0 + 3, p // 27]
+
+    cost = half(0)[:, iq2_xxs._LO_PATTERN] + half(4)[:, iq2_xxs._HI_PATTERN]
+    best, idx = cost[:, 0], np.zeros(len(cost), dtype=np.int64)
+    for e in range(1, 256):
+        take = cost[:, e] < best
+        best, idx = np.where(take, cost[:, e], best), np.where(take, e, idx)
+    return idx
+
+
+def test_iq2_xxs_native_search_same_entries_as_kernel_order():
+    # the 16-lane search (iq2_search512.h) finds the least cost by group minima, and terms of
+    # 2^124 and up take the plain loop: both against the costs added in numpy, on runs with
+    # exact ties (integer values), zero weights, skewed and huge magnitudes (infinite, NaN costs)
+    from ds4mlx.quant.gguf import iq2_xxs
+
+    lib = iq2_xxs._native()
+    assert lib is not None or pytest.skip("no C compiler here")
+    rng = np.random.default_rng(16)
+    n = 1100  # several 512-run chunks, most of each searched 64 runs at a time
+    for scale in (1e-20, 1.0, 1e12, 1e19, 1e21):
+        for kind in range(3):
+            y = [np.abs(rng.standard_normal((n, 8))), rng.integers(0, 4, (n, 8)).astype(float),
+                 np.abs(rng.standard_t(2, (n, 8))) * np.where(rng.random((n, 8)) < 0.1, -1, 1)][kind]
+            y = (y * scale).astype(np.float32)
+            w = (rng.gamma(0.5, size=(n, 8)) * (rng.random((n, 8)) < 0.9) * scale).astype(np.float32)
+            # a group scale per 4 runs (zero in some: those runs all search)
+            s0 = np.abs(y).reshape(-1, 32).max(axis=1) / 43.0 * rng.choice([0.0, 0.5, 1.0, 1.0, 1.0], n // 4)
+            s0 = s0.astype(np.float32)
+            s_run = np.repeat(s0, 4)
+            with np.errstate(all="ignore"):
+                got = iq2_xxs._candidate_entries(y.reshape(-1, 1, 4, 8), w.reshape(-1, 1, 4, 8), s0[:, None], lib)
+                got = got.reshape(n, -1)
+                for f, step in enumerate(iq2_xxs._SCALE_STEPS):
+                    s = s_run * step
+                    level = (y > (s[:, None] * iq2_xxs._MIDPOINTS[0])).astype(np.int64) + (y > (s[:, None] * iq2_xxs._MIDPOINTS[1]))
+                    direct = iq2_xxs._ENTRY_OF_PATTERN[level @ iq2_xxs._POW3]
+                    searched = (direct < 0) | ~np.all(w > 0, axis=1) | ~(s > 0)
+                    assert searched.sum() > 64
+                    want = _search_in_kernel_order(y, w, s_run, step)
+                    assert np.array_equal(got[searched, f], want[searched]), (scale, kind, f)
+
+
 @pytest.mark.parametrize("build", ["DS4MLX_QUANT_PORTABLE=1", "DS4MLX_QUANT_TUNE=generic", "CC=cc"])
 def test_portable_c_path_same_bytes(monkeypatch, build):
     # the kernels without their x86 intrinsics (DS4MLX_QUANT_PORTABLE=1: the generic vector code

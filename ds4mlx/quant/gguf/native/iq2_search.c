@@ -11,7 +11,7 @@
  * vector types. The sums round differently from the matrix product, so only costs equal to
  * within float rounding can choose differently. Ties go to the lowest index, as with argmin.
  * Built where the compiler targets AVX-512 (-DDS4MLX_PORTABLE: its lanes in plain C); elsewhere
- * iq2_search8.h, the previous kernel. */
+ * iq2_search8.h, the previous kernel. On x86 the 16-lane search is iq2_search512.h. */
 #if !defined(__AVX512F__)
 #include "iq2_search8.h"
 #else
@@ -57,7 +57,9 @@ DEFINE_SEARCH(4, 4, 4, )
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(DS4MLX_PORTABLE)
 DEFINE_SEARCH(8, 8, 4, __attribute__((target("avx2"))))
-DEFINE_SEARCH(16, 16, 4, __attribute__((target("avx512f"))))
+/* the loop over every entry, for the vectors that search16 cannot take (iq2_search512.h) */
+DEFINE_GRID_ENTRY(16g, 16, 4, __attribute__((target("avx512f"))))
+#include "iq2_search512.h"
 
 static void search(const float *const col[16], const int32_t *rows, int n_rows, const float *levels,
                    const int32_t *lo, const int32_t *hi, int64_t *out, int64_t stride) {
