@@ -2,7 +2,7 @@
 """Benchmark ``ds4mlx convert`` on a multi-GB synthetic checkpoint in the official format.
 
     python scripts/bench_convert.py [--size-gb 3] [--to mlx|gguf] [--preset mxfp4] [--jobs N]
-                                    [--experts 128] [--workdir DIR]
+                                    [--experts 128] [--flash-widths] [--workdir DIR]
 
 Writes an official-format checkpoint (FP8 dense + 128×128 E8M0 scales, packed FP4 experts +
 E8M0 per 32, BF16/F32 rest, sharded with an index) of about ``--size-gb`` GB, streamed shard by
@@ -65,8 +65,16 @@ from ds4mlx.synthetic import INDEX_FILE, tiny_config  # noqa: E402
 SHARD_BYTES = 1 << 30
 
 
-def bench_config(num_layers: int, n_experts: int = 128) -> dict:
-    """Flash's structure at reduced width: 1024 hidden, ``n_experts`` experts of 1024, 32k vocab."""
+def bench_config(num_layers: int, n_experts: int = 128, flash_widths: bool = False) -> dict:
+    """Flash's structure at reduced width: 1024 hidden, ``n_experts`` experts of 1024, 32k vocab;
+    ``flash_widths``: Flash's own widths (4096 hidden, 64 heads of 512, experts of 2048: a
+    tensor's size, so the per-tensor costs weigh per byte as in the real model; 32k vocab still,
+    so the layers are most of the bytes, as there)."""
+    if flash_widths:
+        return tiny_config(num_layers=num_layers, vocab_size=32768, hidden_size=4096, num_attention_heads=64,
+                           head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024, o_groups=8, o_lora_rank=1024,
+                           index_n_heads=64, index_head_dim=128, n_routed_experts=n_experts,
+                           moe_intermediate_size=2048, sliding_window=128)
     return tiny_config(num_layers=num_layers, vocab_size=32768, hidden_size=1024, num_attention_heads=8,
                        q_lora_rank=512, o_groups=4, o_lora_rank=256, index_n_heads=16,
                        n_routed_experts=n_experts, moe_intermediate_size=1024, sliding_window=128)
@@ -369,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expert-bits", type=int, default=None)
     p.add_argument("--jobs", type=int, default=None, help="GGUF quantization workers (default: all cores)")
     p.add_argument("--experts", type=int, default=128, help="routed experts per layer (at least 8)")
+    p.add_argument("--flash-widths", action="store_true",
+                   help="Flash's own tensor widths (fewer, larger tensors per GB, as in the real model)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--source-dir", type=Path, default=None,
                    help="write the source here (another device: the output disk only writes)")
@@ -379,11 +389,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="disk figures and conversions, interleaved, this many times")
     args = p.parse_args(argv)
 
-    one = entries(bench_config(1, args.experts))
+    one = entries(bench_config(1, args.experts, args.flash_widths))
     per_layer = sum(nbytes(d, s) for n, d, s in one if n.startswith("layers.0."))
     fixed = sum(nbytes(d, s) for _, d, s in one) - per_layer
     layers = max(4, math.ceil((args.size_gb * 1e9 - fixed) / (per_layer * 1.0)))
-    config = bench_config(layers, args.experts)
+    config = bench_config(layers, args.experts, args.flash_widths)
     work = Path(tempfile.mkdtemp(prefix="ds4mlx-bench-", dir=args.workdir))
     src_home = work if args.source_dir is None else Path(
         tempfile.mkdtemp(prefix="ds4mlx-bench-src-", dir=args.source_dir))
