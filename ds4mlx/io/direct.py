@@ -6,9 +6,8 @@ and every byte takes a fresh cache page (on a VM with free-page reporting a host
 Measured on this project's Linux VM: 0.20-0.30 GB/s that way, 2.2 GB/s with ``O_DIRECT`` from a
 few reused buffers. ``DirectWriter`` stages the output in page-aligned 8 MiB buffers that a
 thread writes directly (two in one write where both are staged), so the disk is busy from the
-first byte and memory stays flat; ``scan``
-reads a file in order the same way (the verification re-reads what the disk holds, not the
-cache); ``read_back`` compares each written piece with the disk's copy on the writer's thread;
+first byte and memory stays flat; ``scan`` reads a file in order the same way (the verification
+re-reads what the disk holds, not the cache); ``read_back`` compares each written piece with the disk's copy on the writer's thread;
 ``compare`` compares each piece, as handed to the disk, with the caller's own arrays (``expect``).
 Where ``O_DIRECT`` is missing (macOS) or refused (tmpfs, some network file systems), both fall
 back to ordinary buffered I/O: the same bytes, only slower.
@@ -76,11 +75,8 @@ def staging_buffer(count: int = 1) -> np.ndarray:
 
 
 class StagingPool:
-    """Staging memory handed from one ``DirectWriter`` to the next (a conversion's files, one
-    after another): a writer's ring and read-back buffer, by size. Memory a process touches for
-    the first time costs page zeroing and, on a VM that gives free pages back to its host, a host
-    fault per page: a second file's fresh 40 MiB took 60-140 ms of the writing thread; taken
-    from the file before, they cost nothing."""
+    """A writer's ring and read-back buffer (by size) handed to the next ``DirectWriter`` (a
+    conversion's files in turn): a second file's fresh 40 MiB cost 60-140 ms of page zeroing."""
 
     def __init__(self) -> None:
         self._held: list[np.ndarray] = []
