@@ -61,9 +61,8 @@ def stored(ckpt: HFCheckpoint, name: str) -> Stored:
 # The dtypes read as unsigned ints whose NaN/Inf are exactly the values with all the bits of
 # this mask set (the exponent field; E4M3's NaN is S.1111.111, E8M0's 0xFF)
 _NON_FINITE_MASK = {"BF16": 0x7F80, "F8_E4M3": 0x7F, "F8_E8M0": 0xFF, "F8_E5M2": 0x7C}
-
-
 F16_NON_FINITE_MASK = 0x7C00  # the same for fp16 bits (what an F16 output holds; F16 sources read as floats)
+
 
 _CHECK_BLOCK = 1 << 18  # elements per block of the finiteness check
 _scratch = threading.local()  # per thread: the check's reused block buffers

@@ -7,7 +7,8 @@ Measured on this project's Linux VM: 0.20-0.30 GB/s that way, 2.2 GB/s with ``O_
 few reused buffers. ``DirectWriter`` stages the output in page-aligned 8 MiB buffers that a
 thread writes directly (two in one write where both are staged), so the disk is busy from the
 first byte and memory stays flat; ``scan`` reads a file in order the same way (the verification
-re-reads what the disk holds, not the cache); ``read_back`` compares each written piece with the disk's copy on the writer's thread;
+re-reads what the disk holds, not the cache); ``read_back`` compares each written piece with the
+disk's copy on the writer's thread;
 ``compare`` compares each piece, as handed to the disk, with the caller's own arrays (``expect``).
 Where ``O_DIRECT`` is missing (macOS) or refused (tmpfs, some network file systems), both fall
 back to ordinary buffered I/O: the same bytes, only slower.
@@ -268,13 +269,12 @@ class DirectWriter:
                 os.close(self._fd)
                 raise
             self._verify = [fd, direct, None]  # (its buffer taken at the first read-back)
-        self._staging = staging
+        self._staging = staging if staging is not None else StagingPool()  # (a pool of its own: dropped with it)
         self._free: queue.Queue = queue.Queue()
         # reused (no fresh pages per write), one ring in memory: taken and given back in order,
         # consecutive pieces of the file are side by side and go to the disk in one write (its
         # pages are touched as the writes first need them: a small file touches one buffer's)
-        self._ring = staging.take(BUFFERS) if staging is not None else staging_buffer(BUFFERS)
-        self._size = BUFFER_BYTES
+        self._ring = self._staging.take(BUFFERS)
         for k in range(BUFFERS):
             self._free.put(self._ring[k * BUFFER_BYTES: (k + 1) * BUFFER_BYTES])
         self._todo: queue.Queue = queue.Queue()
@@ -305,7 +305,7 @@ class DirectWriter:
         the ring, ``WRITE_BUFFERS`` at most (none is waited for); and the item taken that does not
         continue them (``None``: the end), or ``False`` where none was."""
         batch = [item]
-        while item[1] == self._size and len(batch) < WRITE_BUFFERS:
+        while item[1] == BUFFER_BYTES and len(batch) < WRITE_BUFFERS:
             try:
                 nxt = self._todo.get_nowait()
             except queue.Empty:
@@ -366,7 +366,7 @@ class DirectWriter:
             self._read_back(memoryview(buf)[:length], offset)
         if self._on_written is not None:
             self._on_written(offset, memoryview(buf)[:real])
-        if length == self._size:  # a padded tail is not the file's yet (cut at flush)
+        if length == BUFFER_BYTES:  # a padded tail is not the file's yet (cut at flush)
             self._advance(offset + length, False)
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
@@ -384,7 +384,7 @@ class DirectWriter:
     def _read_back(self, staged: memoryview, offset: int) -> None:
         fd, direct, buf = self._verify
         if buf is None:
-            buf = self._verify[2] = self._staging.take() if self._staging is not None else staging_buffer()
+            buf = self._verify[2] = self._staging.take()
         view = memoryview(buf)[:len(staged)]
         while True:
             try:
@@ -575,7 +575,7 @@ class DirectWriter:
 
     def _give_back(self) -> None:
         """(the threads stopped) the ring and the read-back buffer, to the pool's next writer."""
-        if self._staging is not None and self._ring is not None:
+        if self._ring is not None:
             self._staging.give(self._ring)
             self._ring = self._buf = None
             if self._verify is not None and self._verify[2] is not None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..config import check_hf_values
 from ..quant.formats import WeightFormat, packed_shapes
-from ..names import hf_to_internal, official_layout
+from ..names import EXPERT_WEIGHT, hf_to_internal, official_layout
 from .checks import check_expert_ids, hash_table_fits
 from .direct import (BUFFER_BYTES, DirectWriter, ReadBackError, SourceEnded, SourceRange, SourceRanges, _read_full,
                      open_read, scan)
@@ -92,7 +92,8 @@ def expected_layout(config: dict[str, Any], formats: dict[str, WeightFormat],
     for name, spec in official_layout(config).items():
         if name.startswith("mtp.") and not include_mtp:
             continue
-        if ".ffn.experts." in name and not name.partition(".ffn.experts.")[2].startswith("0."):
+        expert_weight = EXPERT_WEIGHT.match(name)
+        if expert_weight and expert_weight.group(2) != "0":
             continue  # a routed expert past the first (tens of thousands): no name to work out
         path, expert = hf_to_internal(name)
         if expert not in (None, 0):
