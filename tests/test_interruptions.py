@@ -110,8 +110,11 @@ def _convert_jobs_2(src: Path, out: Path, processes: bool = True) -> subprocess.
 
 
 def _workers_writing(proc: subprocess.Popen, partial: Path, processes: bool = True, since: int = 0) -> None:
-    """Wait until the workers run (with ``processes``) and over 1 MiB is written to ``partial``
-    after ``since`` (``time.time_ns()``; not the file a killed run left)."""
+    """Run the conversion in 20 ms slices (SIGSTOP and SIGCONT to its process group) until the
+    workers run (with ``processes``) and over 1 MiB is written to ``partial`` after ``since``
+    (``time.time_ns()``; not the file a killed run left). It returns with the group stopped, so
+    that the caller's signal lands while the file is still partial: the compiled quantizers
+    convert the demo in a fraction of a second, faster than a poll can be sure to see it."""
     def writing() -> bool:
         try:
             st = partial.stat()
@@ -119,7 +122,23 @@ def _workers_writing(proc: subprocess.Popen, partial: Path, processes: bool = Tr
             return False
         return st.st_mtime_ns > since and st.st_size > 1 << 20
 
-    wait_for(lambda: (len(session_members(proc.pid)) >= 4 or not processes) and writing(), what="workers writing")
+    deadline = time.monotonic() + 90.0
+    os.killpg(proc.pid, signal.SIGSTOP)
+    while not ((len(session_members(proc.pid)) >= 4 or not processes) and writing()):
+        assert time.monotonic() < deadline and proc.poll() is None, "timed out waiting for workers writing"
+        os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGSTOP)
+
+
+def _signal_stopped(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the conversion that :func:`_workers_writing` left stopped, then let its
+    group run again (a SIGKILL ends the main process at once; its workers must see that)."""
+    proc.send_signal(sig)
+    try:
+        os.killpg(proc.pid, signal.SIGCONT)
+    except ProcessLookupError:  # the whole group already ended
+        pass
 
 
 @pytest.mark.slow
@@ -134,7 +153,7 @@ def test_killed_gguf_conversion_leaves_nothing_running(demo_dir, tmp_path, proce
     out, partial = tmp_path / "out.gguf", tmp_path / "out.gguf.partial"
     proc = _convert_jobs_2(demo_dir, out, processes)
     _workers_writing(proc, partial, processes)
-    proc.send_signal(signal.SIGKILL)
+    _signal_stopped(proc, signal.SIGKILL)
     code, out_text, err = finish(proc, timeout=180)  # would time out if a survivor held the pipes
     assert code == -signal.SIGKILL
     assert_none_left(proc.pid)
@@ -143,7 +162,7 @@ def test_killed_gguf_conversion_leaves_nothing_running(demo_dir, tmp_path, proce
     since = time.time_ns()
     proc = _convert_jobs_2(demo_dir, out, processes)
     _workers_writing(proc, partial, processes, since)
-    proc.send_signal(signal.SIGTERM)
+    _signal_stopped(proc, signal.SIGTERM)
     code, out_text, err = finish(proc, timeout=180)
     assert_none_left(proc.pid)
     assert code == 143, err
