@@ -217,6 +217,39 @@ def test_block_scale_check_agrees_with_gguf_py(qtype):
     assert qgguf.count_non_finite_scales(fmt, blocks.reshape(1, -1)) == expected.sum()  # the numpy twin
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F8_E4M3", "F8_E5M2", "F8_E8M0"])
+def test_non_finite_count_agrees_with_torch(dtype):
+    """The conversions' NaN/Inf count of stored bits (block by block, a block passed over when
+    its maxima say it holds none) is torch's count of the same bits as floats: random bits with
+    the hits of both signs planted sparsely (in a few blocks only), densely, and none at all."""
+    import torch
+
+    from ds4mlx.convert.plan import F16_NON_FINITE_MASK, _NON_FINITE_MASK, count_bits
+
+    as_torch = {"BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn,
+                "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu}[dtype]
+    mask = F16_NON_FINITE_MASK if dtype == "F16" else _NON_FINITE_MASK[dtype]
+    bits = np.uint16 if dtype in ("BF16", "F16") else np.uint8
+    rng = np.random.default_rng(3)
+    n = (3 << 18) + 12345  # several blocks of the check and a part of one
+    raw = rng.integers(0, np.iinfo(bits).max + 1, n, dtype=bits)
+    torch_bits = torch.int16 if bits is np.uint16 else torch.uint8
+
+    def reference(x: np.ndarray) -> int:
+        floats = torch.from_numpy(x.view(np.int16) if bits is np.uint16 else x).view(torch_bits).view(as_torch)
+        return int((~torch.isfinite(floats.float())).sum())
+
+    assert count_bits(raw, mask) == reference(raw) > 1000  # dense
+    clean = raw.copy()
+    clean[(clean & mask) == mask] &= ~np.array(1 << (mask.bit_length() - 1), bits)  # every hit made finite
+    assert count_bits(clean, mask) == reference(clean) == 0
+    sparse = clean.copy()
+    top = np.array(1 << (8 * sparse.itemsize - 1), bits)
+    for k, at in enumerate((5, (1 << 18) + 7, n - 1)):  # one positive, one negative, one at the end
+        sparse[at] = mask | (top if k % 2 else 0)
+    assert count_bits(sparse, mask) == reference(sparse) == 3
+
+
 def test_convert_refuses_values_its_types_cannot_hold(demo_dir, tmp_path, capsys, monkeypatch):
     """A finite source whose values overflow the output type (an expert scaled by 2^65: FP4
     values ~2e20, past the fp16 scales of Q4_K) fails naming the tensor, and writes nothing,

@@ -250,9 +250,14 @@ def fp8_scales_to_mxfp8_np(scale: np.ndarray, weight_shape: tuple[int, ...], nam
     if in_dim % MX_GROUP:
         raise QuantFormatError(f"{name}: FP8 input dimension {in_dim} is not a multiple of {MX_GROUP}; "
                                "it has no exact mxfp8 form")
-    rows = np.arange(out_dim) // FP8_WEIGHT_BLOCK
-    cols = (np.arange(in_dim // MX_GROUP) * MX_GROUP) // FP8_WEIGHT_BLOCK
-    return np.asarray(scale, dtype=np.uint8)[rows[:, None], cols[None, :]]
+    # each block's byte repeated over its rows and its groups: a broadcast copied once (an
+    # index array per axis took twice as long, measured)
+    blocks_out, blocks_in = scale.shape
+    per_block = FP8_WEIGHT_BLOCK // MX_GROUP
+    spread = np.broadcast_to(np.asarray(scale, dtype=np.uint8)[:, None, :, None],
+                             (blocks_out, FP8_WEIGHT_BLOCK, blocks_in, per_block))
+    return np.ascontiguousarray(spread.reshape(blocks_out * FP8_WEIGHT_BLOCK, blocks_in * per_block)
+                                [:out_dim, : in_dim // MX_GROUP])
 
 
 def fp4_to_mxfp4(weight: np.ndarray, scale: np.ndarray, name: str = "weight"):
