@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -399,6 +400,57 @@ def test_run_items_keeps_order_and_bounds_lookahead():
     first = next(stream)
     assert first[0] == 0 and len(pulled) <= WINDOW_PER_JOB * 3 + 1 < 50  # a bounded window, not the whole plan
     assert [int(a[0]) for a in stream] == list(range(1, 50))
+
+
+def test_read_ahead_goes_by_the_plan_within_its_bytes(monkeypatch, tmp_path):
+    """With the plan as a list, the jobs' source bytes are asked for in plan order, past the
+    window but never more than ``READ_AHEAD_BYTES`` beyond the jobs handed out; without a plan
+    (an iterator), each job as it comes. Counted by recording the advice."""
+    import threading
+
+    from ds4mlx.convert import gguf_jobs
+    from ds4mlx.convert.plan import Stored
+    from ds4mlx.quant.formats import FLOAT
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"")
+    mib = 1 << 20
+    jobs = [gguf_jobs.EncodeJob("Q8_0", FLOAT, Stored(src, k * 4 * mib, "U8", (4, mib)), None, f"t{k}")
+            for k in range(60)]  # 4 MiB each
+    advised, lock = [], threading.Lock()
+
+    def record(s, rows, fds):
+        with lock:
+            advised.append(s.offset // (4 * mib))
+
+    monkeypatch.setattr(gguf_jobs, "will_need_rows", record)
+
+    def settle(n: int) -> None:  # the thread advises up to n jobs, then waits
+        deadline = time.monotonic() + 10
+        while len(advised) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+
+    limit = gguf_jobs.READ_AHEAD_BYTES // (4 * mib)
+    advice = gguf_jobs._ReadAhead(jobs)
+    try:
+        settle(limit)
+        assert advised == list(range(limit))  # ahead of any job handed out, up to the limit
+        for k in range(5):
+            advice.queued(jobs[k])
+        settle(limit + 5)
+        assert advised == list(range(limit + 5))  # five more handed out: five more asked for
+    finally:
+        advice.close()
+    advised.clear()
+    advice = gguf_jobs._ReadAhead(None)
+    try:
+        for k in range(3):
+            advice.queued(jobs[k])
+        settle(3)
+        assert advised == [0, 1, 2]  # no plan: each job once it is handed out, nothing beyond
+    finally:
+        advice.close()
 
 
 def test_jobs_must_be_positive(tiny_ckpt, tmp_path):

@@ -254,7 +254,7 @@ def write_files(files: list[OutputFile], config: dict[str, Any], jobs: int = 1, 
     import threading
 
     _warm_up([item for f in files for u in f.units for item in u.items])
-    encoded = run_items((item for f in files for u in f.units for item in u.items), jobs)
+    encoded = run_items([item for f in files for u in f.units for item in u.items], jobs)  # (a list: read ahead by it)
     staging = StagingPool()  # the next file's writer takes the staging buffers of the one before
     finishing: list[tuple[threading.Thread, list[BaseException]]] = []
 

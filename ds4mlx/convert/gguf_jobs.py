@@ -4,7 +4,7 @@ them, ``write_files`` there writes what they give).
 Every tensor is planned as picklable ``EncodeJob``s (one per expert, or per row chunk of a dense
 tensor) that ``run_items`` hands to ``--jobs`` threads (worker processes for a numpy quantizer)
 and collects in plan order: the file is byte-identical for any job count, and only a bounded
-window of jobs is in flight, their source bytes read ahead as they are queued.
+window of jobs is in flight, their source bytes asked for up to 64 MiB ahead of them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..quant.gguf import floats as gguf_floats
 from ..quant.gguf import mxfp4 as gguf_mxfp4
 from .options import ConvertError
 from .plan import (F16_NON_FINITE_MASK, BufferPool, Stored, count_bits, dequantize_stored, read_pair, read_stored,
-                   will_need_rows)
+                   row_span, will_need_rows)
 
 
 # Output types cheap enough to produce in the writing process (no quantization search).
@@ -228,7 +228,8 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     whole-array numpy decodes and the compiled quantizers release the GIL. A type whose
     quantizer is the numpy recipe (no C compiler: many small numpy ops under the GIL, measured
     1.5x for Q4_K and 0.9x for IQ2_XXS on 2 threads) goes to ``jobs`` worker processes
-    instead. Hash tables run here."""
+    instead. Hash tables run here. The source bytes of a list's jobs are asked for ahead by the
+    list (``_ReadAhead``); another iterable's as its items come."""
     if jobs <= 1:
         yield from map(run_item, items)
         return
@@ -237,7 +238,8 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
 
     window = WINDOW_PER_JOB * jobs
     pool = threads = None
-    fds: dict = {}  # source files open for read-ahead advice
+    plan = [i for i in items if isinstance(i, EncodeJob)] if isinstance(items, (list, tuple)) else None
+    advice = _ReadAhead(plan)  # on a thread of its own
     pending: deque = deque()
     threaded: dict[str, bool] = {}  # per type: whether its quantizer runs outside the GIL
     unset: list[str] = []
@@ -248,8 +250,8 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
     finished = False
     try:
         for item in items:
-            if isinstance(item, EncodeJob):  # its bytes read ahead while the window drains
-                _read_ahead(item, fds)
+            if isinstance(item, EncodeJob):  # the bytes of the jobs after it asked for meanwhile
+                advice.queued(item)
             if isinstance(item, EncodeJob) and item.heavy:
                 if item.qtype not in threaded:  # (builds and checks the compiled library here, once)
                     threaded[item.qtype] = gguf_quants.compiled(item.qtype)
@@ -275,20 +277,81 @@ def run_items(items: Iterable[EncodeJob | Callable[[], np.ndarray]], jobs: int) 
             _stop_pool(pool, finished)
         for k in unset:
             os.environ.pop(k, None)
-        for fd in fds.values():
+        advice.close()
+
+
+READ_AHEAD_BYTES = 64 << 20  # source bytes asked for ahead of the jobs queued (page cache, not memory held)
+
+
+class _ReadAhead:
+    """Ask the system to read the jobs' source bytes into the page cache ahead of them: a job's
+    reads are plain reads on its thread, which waited for the disk with the core idle. It goes
+    by the plan, up to ``READ_AHEAD_BYTES`` past the last job queued (the window alone, a few MB
+    ahead, left a 0.8 GB conversion from a cold source waiting 2.3 s on reads on its threads),
+    on a thread of its own: ``posix_fadvise`` queues the reads itself and waits while the disk's
+    queue is full (0.57 s of a 3.5 s conversion on the thread that hands out the jobs)."""
+
+    def __init__(self, plan: list[EncodeJob] | None) -> None:
+        """``plan``: the jobs to come, in order; None: only those queued (advised as they are)."""
+        import itertools
+        import threading
+
+        self._known = plan is not None
+        self._jobs = list(plan or ())
+        self._ends = [0, *itertools.accumulate(_source_bytes(j) for j in self._jobs)]  # bytes before each job
+        self._queued = 0  # jobs handed out so far (by the caller)
+        self._over = False
+        self._moved = threading.Condition()
+        self._fds: dict = {}  # source files open for the advice
+        self._thread = threading.Thread(target=self._run, name="ds4mlx-read-ahead", daemon=True)
+        self._thread.start()
+
+    def queued(self, job: EncodeJob) -> None:
+        """``job`` handed out (the next of the plan, in order)."""
+        with self._moved:
+            if not self._known:
+                self._jobs.append(job)
+                self._ends.append(self._ends[-1] + _source_bytes(job))
+            self._queued += 1
+            self._moved.notify()
+
+    def _run(self) -> None:
+        given, ends = 0, self._ends  # jobs advised so far
+
+        def more() -> bool:  # a job left, and the bytes advised past the queued ones under the limit
+            return given < len(self._jobs) and ends[given] - ends[min(self._queued, given)] < READ_AHEAD_BYTES
+
+        while True:
+            with self._moved:
+                self._moved.wait_for(lambda: self._over or more())
+                if self._over:
+                    return
+                if self._known:  # the plan's jobs handed out already read for themselves
+                    given = max(given, self._queued)
+            if given >= len(self._jobs):
+                continue  # (waits for close)
+            job = self._jobs[given]
+            try:
+                will_need_rows(job.weight, job.rows, self._fds)
+                if job.scale is not None:
+                    will_need_rows(job.scale, None, self._fds)  # (small: whole)
+            except OSError:  # advice only; the job's own read reports a real problem
+                pass
+            given += 1
+
+    def close(self) -> None:
+        """Stop (the advice not given yet is dropped: after an error nothing more is read)."""
+        with self._moved:
+            self._over = True
+            self._moved.notify()
+        self._thread.join()
+        for fd in self._fds.values():
             os.close(fd)
+        self._fds.clear()
 
 
-def _read_ahead(job: EncodeJob, fds: dict) -> None:
-    """Ask the system to read a queued job's source bytes into the page cache now (no wait):
-    a job's reads are plain reads on its thread, which waited for the disk with the core idle
-    (a cold source: 0.3 GB/s here, a second and a half of a 0.44 GB conversion)."""
-    try:
-        will_need_rows(job.weight, job.rows, fds)
-        if job.scale is not None:
-            will_need_rows(job.scale, None, fds)  # (small: whole)
-    except OSError:  # advice only; the job's own read reports a real problem
-        pass
+def _source_bytes(job: EncodeJob) -> int:
+    return row_span(job.weight, job.rows)[1] + (row_span(job.scale, None)[1] if job.scale is not None else 0)
 
 
 def _process_pool(jobs: int):

@@ -264,15 +264,19 @@ def will_need(tensors: list[Stored], fds: dict[Path, int]) -> None:
         _will_need_span(path, start, end - start, fds)
 
 
-def will_need_rows(s: Stored, rows: tuple[int, int] | None, fds: dict[Path, int]) -> None:
-    """:func:`will_need` for rows ``[r0, r1)`` of ``s`` only (all of it when ``rows`` is None)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
+def row_span(s: Stored, rows: tuple[int, int] | None) -> tuple[int, int]:
+    """(file offset, bytes) of rows ``[r0, r1)`` of ``s`` (all of it when ``rows`` is None)."""
     start, n = s.offset, _nbytes(s)
     if rows is not None:
         row = n // max(s.shape[0], 1)
         start, n = s.offset + rows[0] * row, (rows[1] - rows[0]) * row
-    _will_need_span(s.path, start, n, fds)
+    return start, n
+
+
+def will_need_rows(s: Stored, rows: tuple[int, int] | None, fds: dict[Path, int]) -> None:
+    """:func:`will_need` for rows ``[r0, r1)`` of ``s`` only (all of it when ``rows`` is None)."""
+    if hasattr(os, "posix_fadvise"):
+        _will_need_span(s.path, *row_span(s, rows), fds)
 
 
 def _will_need_span(path: Path, start: int, n: int, fds: dict[Path, int]) -> None:
