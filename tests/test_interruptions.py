@@ -124,11 +124,15 @@ def _workers_writing(proc: subprocess.Popen, partial: Path, processes: bool = Tr
 
     deadline = time.monotonic() + 90.0
     os.killpg(proc.pid, signal.SIGSTOP)
-    while not ((len(session_members(proc.pid)) >= 4 or not processes) and writing()):
-        assert time.monotonic() < deadline and proc.poll() is None, "timed out waiting for workers writing"
-        os.killpg(proc.pid, signal.SIGCONT)
-        time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        while not ((len(session_members(proc.pid)) >= 4 or not processes) and writing()):
+            assert time.monotonic() < deadline and proc.poll() is None, "timed out waiting for workers writing"
+            os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGSTOP)
+    except BaseException:  # a failing wait leaves no stopped group behind
+        _signal_stopped(proc, signal.SIGKILL)
+        raise
 
 
 def _signal_stopped(proc: subprocess.Popen, sig: int) -> None:

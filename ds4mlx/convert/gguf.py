@@ -253,8 +253,9 @@ def write_files(files: list[OutputFile], config: dict[str, Any], jobs: int = 1, 
     0.5-1 s per file on a busy disk. With ``verify``, each file's tensor table is checked too."""
     import threading
 
-    _warm_up([item for f in files for u in f.units for item in u.items])
-    encoded = run_items([item for f in files for u in f.units for item in u.items], jobs)  # (a list: read ahead by it)
+    items = [item for f in files for u in f.units for item in u.items]
+    _warm_up(items)
+    encoded = run_items(items, jobs)  # (a list: its jobs' bytes are read ahead by it)
     staging = StagingPool()  # the next file's writer takes the staging buffers of the one before
     finishing: list[tuple[threading.Thread, list[BaseException]]] = []
 

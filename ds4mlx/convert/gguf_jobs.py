@@ -9,6 +9,7 @@ window of jobs is in flight, their source bytes asked for up to 64 MiB ahead of 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -293,12 +294,11 @@ class _ReadAhead:
 
     def __init__(self, plan: list[EncodeJob] | None) -> None:
         """``plan``: the jobs to come, in order; None: only those queued (advised as they are)."""
-        import itertools
         import threading
 
         self._known = plan is not None
         self._jobs = list(plan or ())
-        self._ends = [0, *itertools.accumulate(_source_bytes(j) for j in self._jobs)]  # bytes before each job
+        self._ends = [0]  # source bytes before each job (a plan's summed on the thread, not here)
         self._queued = 0  # jobs handed out so far (by the caller)
         self._over = False
         self._moved = threading.Condition()
@@ -316,6 +316,8 @@ class _ReadAhead:
             self._moved.notify()
 
     def _run(self) -> None:
+        if self._known:
+            self._ends += itertools.accumulate(_source_bytes(j) for j in self._jobs)
         given, ends = 0, self._ends  # jobs advised so far
 
         def more() -> bool:  # a job left, and the bytes advised past the queued ones under the limit
